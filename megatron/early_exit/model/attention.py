@@ -1,0 +1,91 @@
+"""Causal self-attention with grouped-query support, through scaled_dot_product_attention.
+
+Shape legend: b batch, s query length, t key length (cache + new), h hidden,
+nh query heads, ng query groups (kv heads), hd head dim.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from megatron.early_exit.config import ModelConfig
+from megatron.early_exit.model.rotary import apply_rotary
+
+
+class LayerKVCache(Protocol):
+    """What attention needs from a KV cache: store the new keys/values, return all of them."""
+
+    def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """k, v [b, ng, s, hd] for the new tokens -> keys, values [b, ng, t, hd] to attend to."""
+        ...
+
+
+class SelfAttention(nn.Module):
+    """linear_qkv -> RoPE -> SDPA -> linear_proj.
+
+    linear_qkv is fused in Megatron's grouped layout: for each query group its
+    (nh/ng) query heads, then its key head, then its value head. Tensor parallelism can
+    therefore shard the output rows contiguously by query group.
+    """
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.num_heads = config.num_attention_heads
+        self.num_groups = int(config.num_query_groups)
+        self.head_dim = config.head_dim
+        self.dropout = config.attention_dropout
+        qkv_out = (self.num_heads + 2 * self.num_groups) * self.head_dim
+        qkv_bias = config.add_bias_linear or config.add_qkv_bias
+        self.linear_qkv = nn.Linear(config.hidden_size, qkv_out, bias=qkv_bias)
+        self.linear_proj = nn.Linear(
+            self.num_heads * self.head_dim, config.hidden_size, bias=config.add_bias_linear
+        )
+
+    def split_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x [b, s, h] -> q [b, nh, s, hd], k and v [b, ng, s, hd] (local head counts under TP)."""
+        b, s, _ = x.shape
+        qkv = self.linear_qkv(x)
+        per_group = self.num_heads // self.num_groups
+        ng = qkv.shape[-1] // ((per_group + 2) * self.head_dim)  # local groups (TP shards them)
+        qkv = qkv.view(b, s, ng, per_group + 2, self.head_dim)
+        q = qkv[:, :, :, :per_group].reshape(b, s, ng * per_group, self.head_dim)
+        k = qkv[:, :, :, per_group]  # (b, s, ng, hd)
+        v = qkv[:, :, :, per_group + 1]
+        return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        rotary: tuple[torch.Tensor, torch.Tensor] | None = None,
+        attn_mask: torch.Tensor | None = None,
+        kv_cache: LayerKVCache | None = None,
+    ) -> torch.Tensor:
+        """x [b, s, h] -> [b, s, h].
+
+        Without a mask and a cache this is plain causal attention. With a cache, the caller
+        passes `attn_mask` [b, 1, s, t] (True = may attend) matching what the cache returns.
+        """
+        b, s, _ = x.shape
+        q, k, v = self.split_qkv(x)
+        if rotary is not None:
+            cos, sin = rotary
+            q = apply_rotary(q, cos, sin)
+            k = apply_rotary(k, cos, sin)
+        if kv_cache is not None:
+            k, v = kv_cache.update(k, v)
+        gqa = q.shape[1] != k.shape[1]
+        out = F.scaled_dot_product_attention(
+            q,
+            k,
+            v,
+            attn_mask=attn_mask,
+            dropout_p=self.dropout if self.training else 0.0,
+            is_causal=attn_mask is None and kv_cache is None,
+            enable_gqa=gqa,
+        )  # (b, nh, s, hd)
+        out = out.transpose(1, 2).reshape(b, s, -1)
+        return self.linear_proj(out)

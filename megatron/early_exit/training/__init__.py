@@ -1,0 +1,1 @@
+"""Losses, optimizer, LR schedule and the training loop."""

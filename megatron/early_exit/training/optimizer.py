@@ -1,0 +1,85 @@
+"""AdamW with Megatron's parameter groups and its learning-rate schedule."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Biases and norm weights get no weight decay (Megatron's rule); frozen params are left out."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        module = name.rsplit(".", 1)[0].rsplit(".", 1)[-1]
+        if name.endswith(".bias") or "norm" in module:
+            no_decay.append(p)
+        else:
+            decay.append(p)
+    groups = []
+    if decay:
+        groups.append({"params": decay, "weight_decay": weight_decay})
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0})
+    return groups
+
+
+def build_optimizer(model: nn.Module, args) -> torch.optim.Optimizer:
+    groups = param_groups(model, args.weight_decay)
+    if not groups:
+        raise ValueError("the model has no trainable parameters")
+    return torch.optim.AdamW(
+        groups, lr=args.lr, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_eps, foreach=True
+    )
+
+
+class LRScheduler:
+    """Linear warm-up from 0 to `lr` over `warmup_iters`, then decay to `min_lr` by
+    `decay_iters` (constant, linear or cosine), then `min_lr`. Stateless but for the step
+    count, so resuming restores it exactly."""
+
+    def __init__(self, optimizer, lr, min_lr, warmup_iters, decay_iters, style) -> None:
+        self.optimizer = optimizer
+        self.max_lr, self.min_lr = lr, min_lr
+        self.warmup_iters, self.decay_iters, self.style = warmup_iters, decay_iters, style
+        self.num_steps = 0
+        self._apply()
+
+    def lr_at(self, step: int) -> float:
+        if self.warmup_iters > 0 and step <= self.warmup_iters:
+            return self.max_lr * step / self.warmup_iters
+        if self.style == "constant":
+            return self.max_lr
+        if step >= self.decay_iters:
+            return self.min_lr
+        span = max(self.decay_iters - self.warmup_iters, 1)
+        frac = (step - self.warmup_iters) / span
+        if self.style == "linear":
+            coeff = 1.0 - frac
+        else:
+            coeff = 0.5 * (math.cos(math.pi * frac) + 1.0)
+        return self.min_lr + coeff * (self.max_lr - self.min_lr)
+
+    @property
+    def lr(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
+
+    def _apply(self) -> None:
+        # The lr used by update number k (1-based) is lr_at(k): warm-up never starts at 0.
+        value = self.lr_at(self.num_steps + 1)
+        for group in self.optimizer.param_groups:
+            group["lr"] = value
+
+    def step(self) -> None:
+        self.num_steps += 1
+        self._apply()
+
+    def state_dict(self) -> dict:
+        return {"num_steps": self.num_steps}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.num_steps = int(state["num_steps"])
+        self._apply()

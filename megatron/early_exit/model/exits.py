@@ -65,12 +65,15 @@ class ExitHead(nn.Module):
             h = self.norm(h)
         return h
 
-    def project(self, h: torch.Tensor, tied_weight: torch.Tensor | None) -> torch.Tensor:
-        """Exit hidden [b, s, h] -> logits [b, s, vocab], temperature applied."""
+    def project(self, h: torch.Tensor, tied_weight: torch.Tensor | None, ops=None) -> torch.Tensor:
+        """Exit hidden [b, s, h] -> logits [b, s, vocab], temperature applied.
+
+        `ops` is the model's HeadOps (vocab-parallel under TP); None means a plain matmul.
+        """
         weight = self.output_layer.weight if self.output_layer is not None else tied_weight
         if weight is None:
             raise RuntimeError(f"exit {self.layer_number} is tied but no embedding weight was given")
-        logits = torch.matmul(h, weight.t())
+        logits = ops.project(h, weight) if ops is not None else torch.matmul(h, weight.t())
         if self.temperature != 1.0:
             logits = logits / self.temperature
         return logits

@@ -86,6 +86,28 @@ def max_prob(logits: torch.Tensor) -> torch.Tensor:
         return torch.exp(lf.max(-1).values - torch.logsumexp(lf, -1))
 
 
+class HeadOps(nn.Module):
+    """The vocabulary-side operations of every head (final and exits), in one place.
+
+    Single device: a plain matmul and cross-entropy. Tensor parallelism replaces this
+    module with a vocab-parallel one (logits stay sharded over the vocabulary, the loss is
+    computed without gathering them), which is how TP is applied from outside the model.
+    """
+
+    def project(self, h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return torch.matmul(h, weight.t())  # (b, s, h) @ (h, V) -> (b, s, V)
+
+    def token_losses(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return token_losses(logits, labels)
+
+    def max_prob(self, logits: torch.Tensor) -> torch.Tensor:
+        return max_prob(logits)
+
+    def full_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        """Whatever `project` returned -> logits over the whole vocabulary."""
+        return logits
+
+
 class EarlyExitGPT(nn.Module):
     def __init__(
         self,
@@ -119,6 +141,7 @@ class EarlyExitGPT(nn.Module):
         self.output_layer = (
             nn.Linear(config.hidden_size, config.vocab_size, bias=False) if needs_output else None
         )
+        self.head_ops = HeadOps()
 
     # ----- weights -----------------------------------------------------------------------
 
@@ -190,22 +213,22 @@ class EarlyExitGPT(nn.Module):
                 self._exit(exit_head, h, rotary, labels, return_exit_confidences, out)
         out.hidden_states = h
         if self.post_process:
-            logits = torch.matmul(self.decoder.final_layernorm(h), self.output_weight().t())
+            logits = self.head_ops.project(self.decoder.final_layernorm(h), self.output_weight())
             if labels is None:
-                out.logits = logits
+                out.logits = self.head_ops.full_logits(logits)
             else:
-                out.loss = token_losses(logits, labels)
+                out.loss = self.head_ops.token_losses(logits, labels)
         return out
 
     def _exit(self, head, h, rotary, labels, want_conf, out: ModelOutput) -> None:
-        logits = head.project(head.hidden(h, rotary), self.tied_output_weight())
+        logits = head.project(head.hidden(h, rotary), self.tied_output_weight(), self.head_ops)
         n = head.layer_number
         if labels is None:
-            out.exit_logits[n] = logits
+            out.exit_logits[n] = self.head_ops.full_logits(logits)
             return
-        out.exit_losses[n] = token_losses(logits, labels)
+        out.exit_losses[n] = self.head_ops.token_losses(logits, labels)
         if want_conf:
-            out.exit_confidences[n] = max_prob(logits)
+            out.exit_confidences[n] = self.head_ops.max_prob(logits)
 
 
 def _stable_seed(seed: int, name: str) -> int:

@@ -1,0 +1,257 @@
+"""Tensor parallelism applied from outside the model (Megatron's sharding, gpt-fast's method).
+
+`apply_tensor_parallel(model, group)` swaps each Linear / Embedding of a built,
+initialised, single-device model for a module that holds only this rank's shard and
+inserts the collectives around it:
+
+- column-parallel (output rows sharded): QKV (by query group), MLP fc1 (gate and up
+  halves sharded separately under SwiGLU);
+- row-parallel (input columns sharded, outputs all-reduced): attention linear_proj, MLP fc2;
+- vocab-parallel: the word embedding, the output layer, every exit's output projection
+  and the cross-entropy of every head (logits are never gathered for the loss).
+
+The collectives are Megatron's conjugate pairs, each a small autograd Function:
+`copy_to` (forward identity, backward all-reduce) and `reduce_from` (forward all-reduce,
+backward identity); the replicated loss on every TP rank is then differentiated exactly
+once. At TP=1 nothing is swapped and nothing costs extra.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from megatron.early_exit.model.gpt import EarlyExitGPT, HeadOps
+
+
+class _CopyToTP(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous()
+        dist.all_reduce(grad, group=ctx.group)
+        return grad, None
+
+
+class _ReduceFromTP(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        x = x.contiguous()
+        dist.all_reduce(x, group=group)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+def copy_to(x: torch.Tensor, group) -> torch.Tensor:
+    return _CopyToTP.apply(x, group)
+
+
+def reduce_from(x: torch.Tensor, group) -> torch.Tensor:
+    return _ReduceFromTP.apply(x, group)
+
+
+def _shard_rows(t: torch.Tensor, rank: int, size: int) -> torch.Tensor:
+    return t.chunk(size, dim=0)[rank].clone()
+
+
+class ColumnParallelLinear(nn.Module):
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, group) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(weight)
+        self.bias = nn.Parameter(bias) if bias is not None else None
+        self.group = group
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(copy_to(x, self.group), self.weight, self.bias)
+
+
+class RowParallelLinear(nn.Module):
+    """Bias is replicated and added once, after the all-reduce."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, group) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(weight)
+        self.bias = nn.Parameter(bias) if bias is not None else None
+        self.group = group
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = reduce_from(F.linear(x, self.weight), self.group)
+        return y + self.bias if self.bias is not None else y
+
+
+class VocabParallelEmbedding(nn.Module):
+    def __init__(self, weight: torch.Tensor, vocab_start: int, group) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(weight)
+        self.vocab_start = vocab_start
+        self.group = group
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        local = ids - self.vocab_start
+        outside = (local < 0) | (local >= self.weight.shape[0])
+        h = F.embedding(local.masked_fill(outside, 0), self.weight)
+        h = h.masked_fill(outside.unsqueeze(-1), 0.0)
+        return reduce_from(h, self.group)
+
+
+class VocabParallelHeadOps(HeadOps):
+    """Heads whose logits stay sharded over the vocabulary: [b, s, V/tp] on each rank."""
+
+    def __init__(self, group, vocab_start: int) -> None:
+        super().__init__()
+        self.group = group
+        self.vocab_start = vocab_start
+
+    def project(self, h, weight):
+        return torch.matmul(copy_to(h, self.group), weight.t())
+
+    def token_losses(self, logits, labels):
+        # CE = logsumexp(all logits) - logit[label], each piece summed over the shards.
+        lf = logits.float()
+        with torch.no_grad():
+            gmax = lf.max(-1).values
+            dist.all_reduce(gmax, op=dist.ReduceOp.MAX, group=self.group)
+        sum_exp = reduce_from(torch.exp(lf - gmax.unsqueeze(-1)).sum(-1), self.group)
+        local = labels - self.vocab_start
+        inside = (local >= 0) & (local < lf.shape[-1])
+        picked = lf.gather(-1, local.clamp(0, lf.shape[-1] - 1).unsqueeze(-1)).squeeze(-1)
+        target = reduce_from(picked * inside, self.group)
+        return torch.log(sum_exp) + gmax - target
+
+    def max_prob(self, logits):
+        with torch.no_grad():
+            lf = logits.float()
+            gmax = lf.max(-1).values
+            dist.all_reduce(gmax, op=dist.ReduceOp.MAX, group=self.group)
+            sum_exp = torch.exp(lf - gmax.unsqueeze(-1)).sum(-1)
+            dist.all_reduce(sum_exp, group=self.group)
+            return 1.0 / sum_exp  # exp(max - max) / sum
+
+    def full_logits(self, logits):
+        parts = [torch.empty_like(logits) for _ in range(dist.get_world_size(self.group))]
+        dist.all_gather(parts, logits.contiguous(), group=self.group)
+        return torch.cat(parts, dim=-1)
+
+
+def _shard_qkv(lin: nn.Linear, num_groups: int, rank: int, size: int, group) -> ColumnParallelLinear:
+    # Rows are grouped by query group: [ng, (nh/ng + 2) * hd]; shard whole groups.
+    w = lin.weight.detach().view(num_groups, -1, lin.in_features)
+    w = w.chunk(size, dim=0)[rank].reshape(-1, lin.in_features).clone()
+    b = None
+    if lin.bias is not None:
+        b = lin.bias.detach().view(num_groups, -1).chunk(size, dim=0)[rank].reshape(-1).clone()
+    return ColumnParallelLinear(w, b, group)
+
+
+def _shard_fc1(lin: nn.Linear, swiglu: bool, rank: int, size: int, group) -> ColumnParallelLinear:
+    def pick(t):
+        if not swiglu:
+            return _shard_rows(t, rank, size)
+        gate, up = t.chunk(2, dim=0)
+        return torch.cat([_shard_rows(gate, rank, size), _shard_rows(up, rank, size)], dim=0)
+
+    bias = pick(lin.bias.detach()) if lin.bias is not None else None
+    return ColumnParallelLinear(pick(lin.weight.detach()), bias, group)
+
+
+def _shard_row_parallel(lin: nn.Linear, rank: int, size: int, group) -> RowParallelLinear:
+    w = lin.weight.detach().chunk(size, dim=1)[rank].clone()
+    b = lin.bias.detach().clone() if lin.bias is not None else None
+    return RowParallelLinear(w, b, group)
+
+
+def _parallelize_layer(layer, config, rank, size, group) -> None:
+    attn = layer.self_attention
+    attn.linear_qkv = _shard_qkv(attn.linear_qkv, config.num_query_groups, rank, size, group)
+    attn.linear_proj = _shard_row_parallel(attn.linear_proj, rank, size, group)
+    layer.mlp.linear_fc1 = _shard_fc1(layer.mlp.linear_fc1, config.swiglu, rank, size, group)
+    layer.mlp.linear_fc2 = _shard_row_parallel(layer.mlp.linear_fc2, rank, size, group)
+
+
+def apply_tensor_parallel(model: EarlyExitGPT, group) -> EarlyExitGPT:
+    """Shard `model` in place for this rank of `group`; returns it. Call after init/load."""
+    if group is None:
+        return model
+    rank, size = dist.get_rank(group), dist.get_world_size(group)
+    config = model.config
+    vocab_per_rank = config.vocab_size // size
+    vocab_start = rank * vocab_per_rank
+    for layer in model.decoder.layers.values():
+        _parallelize_layer(layer, config, rank, size, group)
+    for head in model.exits.values():
+        if head.block is not None:
+            _parallelize_layer(head.block, config, rank, size, group)
+        if head.mlp is not None:
+            head.mlp.linear_fc1 = _shard_fc1(head.mlp.linear_fc1, config.swiglu, rank, size, group)
+            head.mlp.linear_fc2 = _shard_row_parallel(head.mlp.linear_fc2, rank, size, group)
+        if head.output_layer is not None:
+            head.output_layer.weight = nn.Parameter(_shard_rows(head.output_layer.weight.detach(), rank, size))
+    if model.embedding is not None:
+        emb = model.embedding.word_embeddings
+        model.embedding.word_embeddings = VocabParallelEmbedding(
+            _shard_rows(emb.weight.detach(), rank, size), vocab_start, group
+        )
+    if model.output_layer is not None:
+        model.output_layer.weight = nn.Parameter(_shard_rows(model.output_layer.weight.detach(), rank, size))
+    model.head_ops = VocabParallelHeadOps(group, vocab_start)
+    return model
+
+
+def shard_spec(name: str, swiglu: bool) -> str:
+    """How the parameter called `name` is split over TP ranks, for gathering a full state
+    dict: 'qkv' (rows by query group), 'fc1' (rows, per half with SwiGLU), 'rows', 'cols'
+    or 'replicated'."""
+    if name.endswith("linear_qkv.weight") or name.endswith("linear_qkv.bias"):
+        return "qkv"
+    if name.endswith("linear_fc1.weight") or name.endswith("linear_fc1.bias"):
+        return "fc1_swiglu" if swiglu else "rows"
+    if name.endswith("linear_proj.weight") or name.endswith("linear_fc2.weight"):
+        return "cols"
+    if name.endswith("word_embeddings.weight") or name.endswith("output_layer.weight"):
+        return "rows"
+    return "replicated"
+
+
+def gather_full(name: str, local: torch.Tensor, config, group) -> torch.Tensor:
+    """Reassemble a parameter from its TP shards (inverse of the sharding above)."""
+    spec = shard_spec(name, config.swiglu)
+    if group is None or spec == "replicated":
+        return local
+    size = dist.get_world_size(group)
+    parts = [torch.empty_like(local) for _ in range(size)]
+    dist.all_gather(parts, local.contiguous(), group=group)
+    if spec == "cols":
+        return torch.cat(parts, dim=1)
+    if spec == "rows":
+        return torch.cat(parts, dim=0)
+    if spec == "fc1_swiglu":
+        halves = [p.chunk(2, dim=0) for p in parts]
+        return torch.cat([h[0] for h in halves] + [h[1] for h in halves], dim=0)
+    # qkv: each shard holds whole query groups, in order.
+    return torch.cat(parts, dim=0)
+
+
+def shard_full(name: str, full: torch.Tensor, config, rank: int, size: int) -> torch.Tensor:
+    """This rank's shard of a full parameter (used when loading a checkpoint under TP)."""
+    spec = shard_spec(name, config.swiglu)
+    if size == 1 or spec == "replicated":
+        return full
+    if spec == "cols":
+        return full.chunk(size, dim=1)[rank]
+    if spec == "rows":
+        return full.chunk(size, dim=0)[rank]
+    if spec == "fc1_swiglu":
+        gate, up = full.chunk(2, dim=0)
+        return torch.cat([gate.chunk(size, 0)[rank], up.chunk(size, 0)[rank]], dim=0)
+    ng = config.num_query_groups
+    tail = full.shape[1:]
+    return full.reshape(ng, -1, *tail).chunk(size, dim=0)[rank].reshape(-1, *tail)

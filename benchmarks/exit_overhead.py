@@ -85,7 +85,8 @@ def main() -> None:
     layers = ns.num_layers
     configs = {"no exits": [], "1 exit": [layers // 2], "2 exits": [layers // 4, layers // 2]}
     print(
-        f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, python {platform.python_version()}\n"
+        f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+        f"python {platform.python_version()}\n"
         f"model: {layers} layers, hidden {ns.hidden_size}, vocab {ns.vocab_size}, seq {ns.seq_length}, "
         f"micro batch {ns.micro_batch_size}, {'bf16' if ns.bf16 else 'fp32'}; exits are norm + tied output; "
         f"{ns.iters} timed iterations after {ns.warmup} warm-up"

@@ -12,7 +12,9 @@ from megatron.early_exit.training.optimizer import LRScheduler
 
 
 def test_linear_warmup_of_exit_weights():
-    cfg = ExitLossConfig(exit_layer_weight=[0.5, 1.0], exit_layer_weight_init=[0.0, 0.2], exit_layer_weight_warmup_iters=10)
+    cfg = ExitLossConfig(
+        exit_layer_weight=[0.5, 1.0], exit_layer_weight_init=[0.0, 0.2], exit_layer_weight_warmup_iters=10
+    )
     assert exit_weights_at(cfg, 0) == [0.0, 0.2]
     assert exit_weights_at(cfg, 5) == pytest.approx([0.25, 0.6])
     assert exit_weights_at(cfg, 10) == [0.5, 1.0]
@@ -21,7 +23,9 @@ def test_linear_warmup_of_exit_weights():
 
 def test_cosine_warmup_of_exit_weights():
     cfg = ExitLossConfig(
-        exit_layer_weight=[1.0], exit_layer_weight_init=[0.0], exit_layer_weight_warmup_iters=8,
+        exit_layer_weight=[1.0],
+        exit_layer_weight_init=[0.0],
+        exit_layer_weight_warmup_iters=8,
         exit_layer_weight_warmup_style="cosine",
     )
     for t in range(9):

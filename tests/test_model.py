@@ -113,7 +113,9 @@ def test_exit_logits_are_hand_computed_from_the_layer_hidden_state(family, pre_e
         head = model.exits[str(n)]
         h = hidden[n - 1] if pre_exit else hidden[n]  # input of layer n, or its output
         h = h + F.linear(
-            ref_mlp_act(model, F.linear(ref_norm(model, head.mlp_norm, h), head.mlp.linear_fc1.weight, head.mlp.linear_fc1.bias)),
+            ref_mlp_act(
+                model, F.linear(ref_norm(model, head.mlp_norm, h), head.mlp.linear_fc1.weight, head.mlp.linear_fc1.bias)
+            ),
             head.mlp.linear_fc2.weight,
             head.mlp.linear_fc2.bias,
         )
@@ -145,7 +147,9 @@ def test_exit_block_is_a_transformer_layer():
     hidden, _ = ref_forward(model, ids)
     head = model.exits["1"]
     h = ref_norm(model, head.norm, ref_layer(model, head.block, hidden[1]))
-    torch.testing.assert_close(model(ids).exit_logits[1], h @ model.embedding.word_embeddings.weight.t(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        model(ids).exit_logits[1], h @ model.embedding.word_embeddings.weight.t(), rtol=1e-5, atol=1e-5
+    )
 
 
 def test_losses_with_labels_are_per_token_cross_entropy():

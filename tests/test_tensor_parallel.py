@@ -7,15 +7,31 @@ from megatron.early_exit.config import ModelConfig
 from megatron.early_exit.model import EarlyExitGPT
 from tests.distributed import run_distributed
 
-LLAMA = dict(normalization="RMSNorm", swiglu=True, position_embedding_type="rope", add_bias_linear=False,
-             num_query_groups=2, untie_embeddings_and_output_weights=True)
+LLAMA = dict(
+    normalization="RMSNorm",
+    swiglu=True,
+    position_embedding_type="rope",
+    add_bias_linear=False,
+    num_query_groups=2,
+    untie_embeddings_and_output_weights=True,
+)
 GPT2 = dict()
 
 
 def build(family, untie_exits):
-    cfg = ModelConfig(num_layers=3, hidden_size=32, num_attention_heads=4, vocab_size=128, max_position_embeddings=16,
-                      ffn_hidden_size=64, exit_layer_nums=[1, 2], use_exit_norm=True, use_exit_mlp=True,
-                      untie_exit_output_weights=untie_exits, **family)
+    cfg = ModelConfig(
+        num_layers=3,
+        hidden_size=32,
+        num_attention_heads=4,
+        vocab_size=128,
+        max_position_embeddings=16,
+        ffn_hidden_size=64,
+        exit_layer_nums=[1, 2],
+        use_exit_norm=True,
+        use_exit_mlp=True,
+        untie_exit_output_weights=untie_exits,
+        **family,
+    )
     model = EarlyExitGPT(cfg)
     model.init_weights(seed=3)
     return model
@@ -30,8 +46,9 @@ def losses_and_grads(model, ids, labels):
 
 
 def _tp_worker(rank, world, family, untie_exits, ids, labels):
-    from megatron.early_exit.parallel.tensor_parallel import apply_tensor_parallel, gather_full
     import torch.distributed as dist
+
+    from megatron.early_exit.parallel.tensor_parallel import apply_tensor_parallel, gather_full
 
     model = build(family, untie_exits)
     group = dist.new_group(list(range(world)))

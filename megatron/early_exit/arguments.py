@@ -99,6 +99,16 @@ def _add_exit_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--exit-layer-weight-warmup-iters", type=int, default=0)
     g.add_argument("--exit-layer-weight-warmup-style", choices=["linear", "cosine"], default="linear")
     g.add_argument("--use-dynamic-exit-layer-weight", action="store_true")
+    g = p.add_argument_group("EE-Tuning (tune the exits of a loaded model, backbone frozen)")
+    g.add_argument("--tune-exit", action="store_true", help="train only exit parameters; needs --load")
+    g.add_argument("--tune-exit-pipeline-parallel-size", type=int, help="pipeline stages for tuning")
+    g.add_argument(
+        "--exit-loss-type",
+        choices=["ce", "kd", "ce+kd"],
+        default="ce",
+        help="cross-entropy, distillation from the final head, or both (tuning only)",
+    )
+    g.add_argument("--kd-temperature", type=float, default=1.0)
 
 
 def _add_training_args(p: argparse.ArgumentParser) -> None:
@@ -177,21 +187,35 @@ def _positive(args: argparse.Namespace, name: str) -> None:
         raise ValueError(f"--{name.replace('_', '-')} must be > 0, got {value}")
 
 
-def validate_args(args: argparse.Namespace, checkpoint_config: ModelConfig | None = None) -> None:
+def validate_args(
+    args: argparse.Namespace, checkpoint_config: ModelConfig | None = None, data_parallel_size: int = 1
+) -> None:
     """Check every flag; raise ValueError naming the first bad one. Fills derived defaults."""
-    for name in ("micro_batch_size", "global_batch_size", "train_iters", "log_interval", "eval_iters",
-                 "save_interval", "eval_interval", "num_layers", "hidden_size", "num_attention_heads",
-                 "seq_length", "tensor_model_parallel_size", "pipeline_model_parallel_size"):
+    for name in (
+        "micro_batch_size",
+        "global_batch_size",
+        "train_iters",
+        "log_interval",
+        "eval_iters",
+        "save_interval",
+        "num_layers",
+        "hidden_size",
+        "num_attention_heads",
+        "seq_length",
+        "tensor_model_parallel_size",
+        "pipeline_model_parallel_size",
+    ):
         _positive(args, name)
+    if args.eval_interval is not None and args.eval_interval < 0:
+        raise ValueError("--eval-interval must be >= 0 (0 disables evaluation)")
     if args.fp16:
         raise ValueError("--fp16 is not supported: use --bf16")
     if args.lr <= 0 or args.min_lr < 0 or args.min_lr > args.lr:
         raise ValueError(f"--lr must be > 0 and --min-lr in [0, lr], got {args.lr} and {args.min_lr}")
-    if args.tensor_model_parallel_size != 1 or args.pipeline_model_parallel_size != 1:
-        raise ValueError(
-            "--tensor-model-parallel-size/--pipeline-model-parallel-size > 1: 3D-parallel "
-            "training is not implemented in this release; use 1"
-        )
+    if args.sequence_parallel:
+        raise ValueError("--sequence-parallel is not implemented yet")
+    if args.use_distributed_optimizer:
+        raise ValueError("--use-distributed-optimizer is not implemented yet")
     if args.train_iters is None:
         raise ValueError("--train-iters is required")
     if args.seq_length is None:
@@ -199,11 +223,11 @@ def validate_args(args: argparse.Namespace, checkpoint_config: ModelConfig | Non
             raise ValueError("--seq-length is required")
         args.seq_length = checkpoint_config.max_position_embeddings
     if args.global_batch_size is None:
-        args.global_batch_size = args.micro_batch_size
-    if args.global_batch_size % args.micro_batch_size:
+        args.global_batch_size = args.micro_batch_size * data_parallel_size
+    if args.global_batch_size % (args.micro_batch_size * data_parallel_size):
         raise ValueError(
             f"--global-batch-size ({args.global_batch_size}) must be divisible by "
-            f"--micro-batch-size ({args.micro_batch_size}) x data-parallel size (1)"
+            f"--micro-batch-size ({args.micro_batch_size}) x data-parallel size ({data_parallel_size})"
         )
     if args.lr_warmup_fraction is not None:
         if not 0 <= args.lr_warmup_fraction <= 1:
@@ -215,6 +239,7 @@ def validate_args(args: argparse.Namespace, checkpoint_config: ModelConfig | Non
         raise ValueError("--save-interval needs --save DIR")
     _validate_data_args(args)
     _validate_exit_args(args, checkpoint_config)
+    _validate_tune_args(args, checkpoint_config)
 
 
 def _validate_data_args(args: argparse.Namespace) -> None:
@@ -255,6 +280,27 @@ def _validate_exit_args(args: argparse.Namespace, ckpt: ModelConfig | None) -> N
         raise ValueError("--use-dynamic-exit-layer-weight needs exits (--exit-layer-nums)")
     if (args.use_exit_norm or args.use_exit_mlp or args.use_exit_block or args.pre_exit) and n == 0:
         raise ValueError("exit options given but no --exit-layer-nums")
+
+
+def _validate_tune_args(args: argparse.Namespace, ckpt: ModelConfig | None) -> None:
+    if not args.tune_exit:
+        if args.exit_loss_type != "ce" or args.tune_exit_pipeline_parallel_size is not None:
+            raise ValueError("--exit-loss-type and --tune-exit-pipeline-parallel-size need --tune-exit")
+        return
+    if ckpt is None:
+        raise ValueError("--tune-exit needs --load DIR with a checkpoint (see tools/checkpoint/add_exits.py)")
+    if not ckpt.exit_layer_nums:
+        raise ValueError(
+            "--tune-exit: the checkpoint in --load has no exits; add them with tools/checkpoint/add_exits.py"
+        )
+    if args.kd_temperature <= 0:
+        raise ValueError("--kd-temperature must be > 0")
+    if args.tune_exit_pipeline_parallel_size is not None:
+        if args.tune_exit_pipeline_parallel_size < 1:
+            raise ValueError("--tune-exit-pipeline-parallel-size must be >= 1")
+        if args.pipeline_model_parallel_size not in (1, args.tune_exit_pipeline_parallel_size):
+            raise ValueError("--tune-exit-pipeline-parallel-size conflicts with --pipeline-model-parallel-size")
+        args.pipeline_model_parallel_size = args.tune_exit_pipeline_parallel_size
 
 
 def model_config_from_args(args: argparse.Namespace, vocab_size: int) -> ModelConfig:

@@ -76,41 +76,52 @@ def set_rng_state(state: dict[str, Any]) -> None:
 def save_checkpoint(
     save_dir: str,
     iteration: int,
-    model: torch.nn.Module,
+    model: torch.nn.Module | None,
     tokenizer,
     *,
-    optimizer: torch.optim.Optimizer | None = None,
+    weights: dict[str, torch.Tensor] | None = None,
+    model_config: ModelConfig | None = None,
+    optimizer_state: dict | None = None,
     scheduler=None,
     consumed_samples: int = 0,
     args: dict[str, Any] | None = None,
+    rng_states: list | None = None,
     extra_state: dict[str, Any] | None = None,
 ) -> str:
-    """Write iteration `iteration` atomically and point the marker at it; returns its path."""
+    """Write iteration `iteration` atomically and point the marker at it; returns its path.
+
+    Give either a single-device `model`, or the full `weights` + `model_config` gathered
+    from a parallel layout. `optimizer_state` is keyed by parameter name (see
+    parallel/state_dict.py) so that any layout can load it.
+    """
+    if model is not None:
+        weights = {k: v.detach() for k, v in model.named_parameters()}
+        model_config = model.config
     os.makedirs(save_dir, exist_ok=True)
     final = iteration_dir(save_dir, iteration)
     tmp = f"{final}.tmp-{os.getpid()}"
     if os.path.exists(tmp):
         shutil.rmtree(tmp)
     os.makedirs(tmp)
-    weights = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    weights = {k: v.detach().to("cpu").contiguous() for k, v in weights.items()}
     save_file(weights, os.path.join(tmp, MODEL_FILE), metadata={"format": FORMAT})
     tok_spec = tokenizer.save(os.path.join(tmp, "tokenizer")) if tokenizer is not None else None
     meta = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "iteration": iteration,
-        "model": model.config.to_dict(),
+        "model": model_config.to_dict(),
         "tokenizer": tok_spec,
         "consumed_train_samples": consumed_samples,
         "args": _jsonable(args or {}),
     }
     with open(os.path.join(tmp, CONFIG_FILE), "w") as f:
         json.dump(meta, f, indent=2)
-    if optimizer is not None:
-        torch.save(optimizer.state_dict(), os.path.join(tmp, OPTIM_FILE))
+    if optimizer_state is not None:
+        torch.save(optimizer_state, os.path.join(tmp, OPTIM_FILE))
     state = {
         "scheduler": scheduler.state_dict() if scheduler is not None else None,
-        "rng": rng_state(),
+        "rng": rng_states if rng_states is not None else [rng_state()],
         "consumed_train_samples": consumed_samples,
         "iteration": iteration,
         "extra": extra_state or {},
@@ -212,8 +223,7 @@ def load_weights_into(model: torch.nn.Module, weights: dict[str, torch.Tensor], 
     unexpected = [k for k in weights if k not in own]
     if strict and (missing or unexpected):
         raise ValueError(
-            f"--load: checkpoint {source} does not match the model: missing {missing[:5]}, "
-            f"unexpected {unexpected[:5]}"
+            f"--load: checkpoint {source} does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}"
         )
     for name, tensor in own.items():
         if name not in weights:
@@ -228,27 +238,28 @@ def load_weights_into(model: torch.nn.Module, weights: dict[str, torch.Tensor], 
     return missing
 
 
-def load_training_state(it_dir: str, optimizer=None, scheduler=None, load_rng: bool = True) -> dict[str, Any]:
-    """Restore optimizer, scheduler and RNG; returns the saved training state dict."""
+def load_training_state(it_dir: str) -> dict[str, Any]:
+    """The saved LR schedule, RNG states (one per rank) and data position."""
     state_path = os.path.join(it_dir, STATE_FILE)
     try:
-        state = torch.load(state_path, weights_only=True)
+        return torch.load(state_path, weights_only=True)
     except FileNotFoundError:
         raise ValueError(f"--load: missing {state_path} (use --finetune to load weights only)") from None
-    except Exception as e:  # a truncated or foreign pickle: name the file
+    except Exception as e:  # a truncated or foreign file: name it
         raise ValueError(f"--load: corrupt training state {state_path}: {e}") from None
-    if optimizer is not None:
-        optim_path = os.path.join(it_dir, OPTIM_FILE)
-        try:
-            optimizer.load_state_dict(torch.load(optim_path, weights_only=True))
-        except FileNotFoundError:
-            raise ValueError(f"--load: missing {optim_path} (use --no-load-optim)") from None
-        except Exception as e:
-            raise ValueError(f"--load: optimizer state {optim_path} does not fit: {e}") from None
-    if scheduler is not None and state.get("scheduler") is not None:
-        scheduler.load_state_dict(state["scheduler"])
-    if load_rng:
-        set_rng_state(state["rng"])
+
+
+def load_optimizer_file(it_dir: str) -> dict:
+    """The name-keyed optimizer state ({param name: {key: tensor}})."""
+    path = os.path.join(it_dir, OPTIM_FILE)
+    try:
+        state = torch.load(path, weights_only=True)
+    except FileNotFoundError:
+        raise ValueError(f"--load: missing {path} (use --no-load-optim)") from None
+    except Exception as e:
+        raise ValueError(f"--load: corrupt optimizer state {path}: {e}") from None
+    if not isinstance(state, dict):
+        raise ValueError(f"--load: corrupt optimizer state {path}: not a dict")
     return state
 
 

@@ -89,8 +89,7 @@ class ModelConfig:
             raise ValueError(f"--normalization must be LayerNorm or RMSNorm, got {self.normalization!r}")
         if self.position_embedding_type not in ("learned_absolute", "rope"):
             raise ValueError(
-                "--position-embedding-type must be learned_absolute or rope, "
-                f"got {self.position_embedding_type!r}"
+                f"--position-embedding-type must be learned_absolute or rope, got {self.position_embedding_type!r}"
             )
         if self.position_embedding_type == "rope" and self.head_dim % 2:
             raise ValueError("rotary embeddings need an even head dim (--kv-channels)")

@@ -41,9 +41,7 @@ class SelfAttention(nn.Module):
         qkv_out = (self.num_heads + 2 * self.num_groups) * self.head_dim
         qkv_bias = config.add_bias_linear or config.add_qkv_bias
         self.linear_qkv = nn.Linear(config.hidden_size, qkv_out, bias=qkv_bias)
-        self.linear_proj = nn.Linear(
-            self.num_heads * self.head_dim, config.hidden_size, bias=config.add_bias_linear
-        )
+        self.linear_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=config.add_bias_linear)
 
     def split_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x [b, s, h] -> q [b, nh, s, hd], k and v [b, ng, s, hd] (local head counts under TP)."""

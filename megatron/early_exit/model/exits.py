@@ -39,13 +39,9 @@ class ExitHead(nn.Module):
             self.mlp = MLP(config)
         else:
             self.mlp_norm = self.mlp = None
-        self.norm = (
-            build_norm(config.normalization, config.hidden_size, eps) if config.use_exit_norm else None
-        )
+        self.norm = build_norm(config.normalization, config.hidden_size, eps) if config.use_exit_norm else None
         self.output_layer = (
-            nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-            if config.untie_exit_output_weights
-            else None
+            nn.Linear(config.hidden_size, config.vocab_size, bias=False) if config.untie_exit_output_weights else None
         )
         self.confidence = nn.Linear(config.hidden_size, 1) if config.use_exit_confidence_head else None
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -42,15 +43,20 @@ class ModelOutput:
     exit_losses: dict[int, torch.Tensor] = field(default_factory=dict)
     exit_confidences: dict[int, torch.Tensor] = field(default_factory=dict)
     hidden_states: torch.Tensor | None = None  # output of the last layer this stage ran
+    deferred_exits: list = field(default_factory=list)  # [(layer, exit input)] not yet evaluated
+    rotary: tuple | None = None
 
 
 class Embedding(nn.Module):
-    def __init__(self, config: ModelConfig) -> None:
+    """Word (+ learned position) embeddings. `word_only` builds the copy of the word
+    embedding that a later pipeline stage holds for its tied output / exit heads."""
+
+    def __init__(self, config: ModelConfig, word_only: bool = False) -> None:
         super().__init__()
         self.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size)
         self.position_embeddings = (
             nn.Embedding(config.max_position_embeddings, config.hidden_size)
-            if config.position_embedding_type == "learned_absolute"
+            if config.position_embedding_type == "learned_absolute" and not word_only
             else None
         )
         self.dropout = config.hidden_dropout
@@ -67,9 +73,7 @@ class Decoder(nn.Module):
         super().__init__()
         self.layers = nn.ModuleDict({str(i): TransformerLayer(config) for i in layer_ids})
         self.final_layernorm = (
-            build_norm(config.normalization, config.hidden_size, config.norm_epsilon)
-            if post_process
-            else None
+            build_norm(config.normalization, config.hidden_size, config.norm_epsilon) if post_process else None
         )
 
 
@@ -107,6 +111,18 @@ class HeadOps(nn.Module):
         """Whatever `project` returned -> logits over the whole vocabulary."""
         return logits
 
+    def log_softmax(self, logits: torch.Tensor) -> torch.Tensor:
+        """Log-probabilities in fp32, in the same (possibly sharded) layout as `logits`."""
+        return torch.log_softmax(logits.float(), dim=-1)
+
+    def vocab_sum(self, x: torch.Tensor) -> torch.Tensor:
+        """Sum over the (possibly sharded) vocabulary dimension: [b, s, V] -> [b, s]."""
+        return x.sum(-1)
+
+    def argmax(self, logits: torch.Tensor) -> torch.Tensor:
+        """Index of the largest logit over the whole vocabulary: [b, s, V] -> [b, s]."""
+        return logits.argmax(-1)
+
 
 class EarlyExitGPT(nn.Module):
     def __init__(
@@ -125,7 +141,18 @@ class EarlyExitGPT(nn.Module):
         self.layer_ids = range(start, end)
         self.recompute_activations = False
 
-        self.embedding = Embedding(config) if pre_process else None
+        self.exit_layer_ids = [n for n in config.exit_layer_nums if n - 1 in self.layer_ids]
+        tied_exits = bool(self.exit_layer_ids) and not config.untie_exit_output_weights
+        tied_output = post_process and not config.untie_embeddings_and_output_weights
+        # Stages without the input embedding still hold a copy of the word embedding when a
+        # head of theirs is tied to it; the copies are kept equal by summing their gradients
+        # over the embedding group (as Megatron does).
+        if pre_process:
+            self.embedding = Embedding(config)
+        elif tied_exits or tied_output:
+            self.embedding = Embedding(config, word_only=True)
+        else:
+            self.embedding = None
         self.rotary = (
             RotaryEmbedding(config.head_dim, config.rotary_base, config.rope_scaling)
             if config.position_embedding_type == "rope"
@@ -134,13 +161,9 @@ class EarlyExitGPT(nn.Module):
         self.decoder = Decoder(config, self.layer_ids, post_process)
         # An exit at layer n (1-based) lives with layer index n-1, whether it reads the
         # layer's output (default) or its input (pre_exit).
-        self.exits = nn.ModuleDict(
-            {str(n): ExitHead(config, n) for n in config.exit_layer_nums if n - 1 in self.layer_ids}
-        )
+        self.exits = nn.ModuleDict({str(n): ExitHead(config, n) for n in self.exit_layer_ids})
         needs_output = post_process and config.untie_embeddings_and_output_weights
-        self.output_layer = (
-            nn.Linear(config.hidden_size, config.vocab_size, bias=False) if needs_output else None
-        )
+        self.output_layer = nn.Linear(config.hidden_size, config.vocab_size, bias=False) if needs_output else None
         self.head_ops = HeadOps()
 
     # ----- weights -----------------------------------------------------------------------
@@ -189,9 +212,17 @@ class EarlyExitGPT(nn.Module):
         labels: torch.Tensor | None = None,
         hidden_states: torch.Tensor | None = None,
         return_exit_confidences: bool = False,
-        compute_exits: bool = True,
+        defer_exits: bool = False,
+        frozen_backbone: bool = False,
+        compute_final: bool = True,
     ) -> ModelOutput:
-        """input_ids [b, s] (first stage) or hidden_states [b, s, h] (later stages)."""
+        """input_ids [b, s] (first stage) or hidden_states [b, s, h] (later stages).
+
+        defer_exits: do not evaluate exit heads now; remember their inputs in
+        `out.deferred_exits` for `compute_deferred_exits` (the pipeline schedule evaluates
+        them lazily, right before the stage's backward). frozen_backbone: run the layers
+        under no_grad and only the exit heads with gradients (EE-Tuning).
+        """
         if self.pre_process:
             b, s = input_ids.shape
             device = input_ids.device
@@ -200,19 +231,23 @@ class EarlyExitGPT(nn.Module):
             device = hidden_states.device
         if position_ids is None:
             position_ids = torch.arange(s, device=device).unsqueeze(0).expand(b, s)
-        h = self.embedding(input_ids, position_ids) if self.pre_process else hidden_states
-        rotary = self.rotary(position_ids) if self.rotary is not None else None
-
         out = ModelOutput()
+        with torch.no_grad() if frozen_backbone else nullcontext():
+            h = self.embedding(input_ids, position_ids) if self.pre_process else hidden_states
+            rotary = self.rotary(position_ids) if self.rotary is not None else None
+        out.rotary = rotary
         for i in self.layer_ids:
-            exit_head = self.exits[str(i + 1)] if compute_exits and str(i + 1) in self.exits else None
-            if exit_head is not None and self.config.pre_exit:
-                self._exit(exit_head, h, rotary, labels, return_exit_confidences, out)
-            h = self._run_layer(self.decoder.layers[str(i)], h, rotary)
-            if exit_head is not None and not self.config.pre_exit:
-                self._exit(exit_head, h, rotary, labels, return_exit_confidences, out)
+            n = i + 1
+            if n in self.exits_by_layer and self.config.pre_exit:
+                out.deferred_exits.append((n, h))
+            with torch.no_grad() if frozen_backbone else nullcontext():
+                h = self._run_layer(self.decoder.layers[str(i)], h, rotary)
+            if n in self.exits_by_layer and not self.config.pre_exit:
+                out.deferred_exits.append((n, h))
         out.hidden_states = h
-        if self.post_process:
+        if not defer_exits:
+            self.compute_deferred_exits(out, labels, return_exit_confidences)
+        if self.post_process and compute_final:
             logits = self.head_ops.project(self.decoder.final_layernorm(h), self.output_weight())
             if labels is None:
                 out.logits = self.head_ops.full_logits(logits)
@@ -220,15 +255,22 @@ class EarlyExitGPT(nn.Module):
                 out.loss = self.head_ops.token_losses(logits, labels)
         return out
 
-    def _exit(self, head, h, rotary, labels, want_conf, out: ModelOutput) -> None:
-        logits = head.project(head.hidden(h, rotary), self.tied_output_weight(), self.head_ops)
-        n = head.layer_number
-        if labels is None:
-            out.exit_logits[n] = self.head_ops.full_logits(logits)
-            return
-        out.exit_losses[n] = self.head_ops.token_losses(logits, labels)
-        if want_conf:
-            out.exit_confidences[n] = self.head_ops.max_prob(logits)
+    @property
+    def exits_by_layer(self) -> set[int]:
+        return set(self.exit_layer_ids)
+
+    def compute_deferred_exits(self, out: ModelOutput, labels=None, want_conf: bool = False) -> None:
+        """Evaluate the exit heads whose inputs `forward` remembered; fills exit logits or losses."""
+        for n, h in out.deferred_exits:
+            head = self.exits[str(n)]
+            logits = head.project(head.hidden(h, out.rotary), self.tied_output_weight(), self.head_ops)
+            if labels is None:
+                out.exit_logits[n] = self.head_ops.full_logits(logits)
+                continue
+            out.exit_losses[n] = self.head_ops.token_losses(logits, labels)
+            if want_conf:
+                out.exit_confidences[n] = self.head_ops.max_prob(logits)
+        out.deferred_exits = []
 
 
 def _stable_seed(seed: int, name: str) -> int:

@@ -136,6 +136,28 @@ class VocabParallelHeadOps(HeadOps):
             dist.all_reduce(sum_exp, group=self.group)
             return 1.0 / sum_exp  # exp(max - max) / sum
 
+    def log_softmax(self, logits):
+        lf = logits.float()
+        with torch.no_grad():
+            gmax = lf.max(-1, keepdim=True).values
+            dist.all_reduce(gmax, op=dist.ReduceOp.MAX, group=self.group)
+        lse = torch.log(reduce_from(torch.exp(lf - gmax).sum(-1, keepdim=True), self.group)) + gmax
+        return lf - lse
+
+    def vocab_sum(self, x):
+        return reduce_from(x.sum(-1), self.group)
+
+    def argmax(self, logits):
+        with torch.no_grad():
+            value, index = logits.float().max(-1)
+            size = dist.get_world_size(self.group)
+            values = [torch.empty_like(value) for _ in range(size)]
+            indices = [torch.empty_like(index) for _ in range(size)]
+            dist.all_gather(values, value.contiguous(), group=self.group)
+            dist.all_gather(indices, (index + self.vocab_start).contiguous(), group=self.group)
+            best = torch.stack(values).argmax(0)  # first shard wins ties, like a plain argmax
+            return torch.stack(indices).gather(0, best.unsqueeze(0)).squeeze(0)
+
     def full_logits(self, logits):
         parts = [torch.empty_like(logits) for _ in range(dist.get_world_size(self.group))]
         dist.all_gather(parts, logits.contiguous(), group=self.group)

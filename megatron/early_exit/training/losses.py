@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 
 from megatron.early_exit.config import ExitLossConfig
 from megatron.early_exit.model.gpt import ModelOutput
@@ -68,4 +69,61 @@ def combine_losses(
         total = term if total is None else total + term
     if total is None:
         raise RuntimeError("this stage produced no loss: it has neither exits nor the final head")
+    return total, parts
+
+
+def tuning_losses(
+    model,
+    out: ModelOutput,
+    labels: torch.Tensor,
+    loss_mask: torch.Tensor,
+    exit_weights: dict[int, float],
+    loss_type: str = "ce",
+    kd_temperature: float = 1.0,
+) -> tuple[torch.Tensor | None, dict[str, torch.Tensor]]:
+    """EE-Tuning objective of one stage's exits, the backbone frozen (DESIGN.md, EE-Tuning).
+
+    `out` comes from a forward with `defer_exits=True, frozen_backbone=True,
+    compute_final=False`. Each exit's loss is cross-entropy with the labels (`ce`),
+    distillation from the frozen final head (`kd`: T^2 * KL(final/T || exit/T) per token),
+    or their sum (`ce+kd`). Exits with a confidence head also train it, as a probe on the
+    exit's detached hidden state, with binary cross-entropy against "the exit's top token
+    equals the final head's". Logged per exit: its cross-entropy (`exit_<n> loss`), its
+    agreement with the final head, and the probe's loss.
+    """
+    ops = model.head_ops
+    needs_teacher = "kd" in loss_type or any(model.exits[str(n)].confidence is not None for n, _ in out.deferred_exits)
+    teacher_lp = teacher_top = None
+    if needs_teacher and out.deferred_exits:
+        if not model.post_process:
+            raise ValueError("--exit-loss-type kd and confidence heads need the final head on the exits' stage")
+        with torch.no_grad():
+            t_logits = ops.project(model.decoder.final_layernorm(out.hidden_states), model.output_weight())
+            teacher_lp = ops.log_softmax(t_logits / kd_temperature)
+            teacher_top = ops.argmax(t_logits)
+    total = None
+    parts: dict[str, torch.Tensor] = {}
+    for n, h in out.deferred_exits:
+        head = model.exits[str(n)]
+        hidden = head.hidden(h, out.rotary)
+        logits = head.project(hidden, model.tied_output_weight(), ops)
+        ce = ops.token_losses(logits, labels)
+        parts[f"exit_{n} loss"] = masked_mean(ce, loss_mask).detach()
+        per_token = ce if "ce" in loss_type.split("+") else torch.zeros_like(ce)
+        if "kd" in loss_type:
+            student_lp = ops.log_softmax(logits / kd_temperature)
+            kd = ops.vocab_sum(teacher_lp.exp() * (teacher_lp - student_lp)) * kd_temperature**2
+            parts[f"exit_{n} kd loss"] = masked_mean(kd, loss_mask).detach()
+            per_token = per_token + kd
+        term = exit_weights[n] * masked_mean(per_token, loss_mask)
+        if teacher_top is not None:
+            agree = (ops.argmax(logits.detach()) == teacher_top).float()
+            parts[f"exit_{n} agreement"] = masked_mean(agree, loss_mask)
+            if head.confidence is not None:
+                conf_logit = head.confidence_logit(hidden.detach())
+                bce = F.binary_cross_entropy_with_logits(conf_logit.float(), agree, reduction="none")
+                parts[f"exit_{n} confidence loss"] = masked_mean(bce, loss_mask).detach()
+                term = term + masked_mean(bce, loss_mask)
+        total = term if total is None else total + term
+    out.deferred_exits = []
     return total, parts

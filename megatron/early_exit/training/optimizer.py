@@ -27,9 +27,13 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return groups
 
 
-def build_optimizer(model: nn.Module, args) -> torch.optim.Optimizer:
+def build_optimizer(model: nn.Module, args, allow_empty: bool = False) -> torch.optim.Optimizer | None:
+    """AdamW over the trainable parameters; None for a stage with none (allowed when tuning
+    exits: a pipeline stage without exits has nothing to update, which must not crash)."""
     groups = param_groups(model, args.weight_decay)
     if not groups:
+        if allow_empty:
+            return None
         raise ValueError("the model has no trainable parameters")
     return torch.optim.AdamW(
         groups, lr=args.lr, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_eps, foreach=True
@@ -42,6 +46,7 @@ class LRScheduler:
     count, so resuming restores it exactly."""
 
     def __init__(self, optimizer, lr, min_lr, warmup_iters, decay_iters, style) -> None:
+        # optimizer may be None (a tuning stage without exits): the schedule still counts.
         self.optimizer = optimizer
         self.max_lr, self.min_lr = lr, min_lr
         self.warmup_iters, self.decay_iters, self.style = warmup_iters, decay_iters, style
@@ -65,13 +70,14 @@ class LRScheduler:
 
     @property
     def lr(self) -> float:
-        return self.optimizer.param_groups[0]["lr"]
+        return self.lr_at(self.num_steps + 1)
 
     def _apply(self) -> None:
         # The lr used by update number k (1-based) is lr_at(k): warm-up never starts at 0.
-        value = self.lr_at(self.num_steps + 1)
+        if self.optimizer is None:
+            return
         for group in self.optimizer.param_groups:
-            group["lr"] = value
+            group["lr"] = self.lr
 
     def step(self) -> None:
         self.num_steps += 1

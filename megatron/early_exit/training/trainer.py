@@ -28,16 +28,41 @@ from megatron.early_exit.arguments import (
 )
 from megatron.early_exit.config import ExitLossConfig
 from megatron.early_exit.model import EarlyExitGPT
-from megatron.early_exit.training.losses import combine_losses, exit_weights_at
+from megatron.early_exit.parallel.dims import ParallelDims, initialize
+from megatron.early_exit.parallel.grads import (
+    barrier,
+    build_embedding_group,
+    clip_grad_norm,
+    gather_rng_states,
+    reduce_loss_parts,
+    sync_gradients,
+)
+from megatron.early_exit.parallel.pipeline import StageSpec, exit_cost, head_cost, split_stages, stages_for
+from megatron.early_exit.parallel.state_dict import full_optimizer_state, full_state_dict, load_optimizer_state
+from megatron.early_exit.parallel.tensor_parallel import apply_tensor_parallel
+from megatron.early_exit.training.losses import exit_weights_at
 from megatron.early_exit.training.optimizer import LRScheduler, build_optimizer
+from megatron.early_exit.training.schedules import (
+    ScheduleContext,
+    TuneSettings,
+    forward_backward_1f1b,
+    forward_backward_tune,
+    forward_only,
+)
 
 
-def resolve_device(name: str) -> torch.device:
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    """'auto' is CUDA (this process's local GPU under torchrun) when available, else CPU."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"--device {name}: CUDA is not available on this machine")
-    return torch.device(name)
+    if name == "cuda":
+        name = f"cuda:{local_rank}"
+    device = torch.device(name)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    return device
 
 
 def set_seed(seed: int) -> None:
@@ -70,19 +95,34 @@ class TrainState:
 
 
 class Trainer:
-    """Holds what one run needs; `run()` trains and returns the TrainState."""
+    """Holds what one run needs on this rank; `run()` trains and returns the TrainState.
+
+    Single process and every TP x PP x DP layout go through the same code: this rank
+    builds only its pipeline stage, initialises it from the seed by parameter name (so
+    the full model is layout-independent), loads the full checkpoint weights it owns,
+    and only then applies tensor parallelism from outside.
+    """
 
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
         self.meta = ckpt.read_meta(args.load) if ckpt.has_checkpoint(args.load) else None
         if args.load and self.meta is None:
             raise ValueError(f"--load: no checkpoint in {args.load}")
-        validate_args(args, self.meta.model_config if self.meta else None)
-        self.device = resolve_device(args.device)
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        tune_pp = args.tune_exit_pipeline_parallel_size if args.tune_exit else None
+        dims = ParallelDims(world, args.tensor_model_parallel_size, tune_pp or args.pipeline_model_parallel_size)
+        validate_args(args, self.meta.model_config if self.meta else None, data_parallel_size=dims.dp)
+        self.device = resolve_device(args.device, int(os.environ.get("LOCAL_RANK", "0")))
+        self._build_tokenizer_and_config()
+        dims.validate_model(
+            self.config.num_layers, self.config.num_attention_heads, int(self.config.num_query_groups),
+            int(self.config.ffn_hidden_size), self.config.vocab_size,
+        )  # fmt: skip
+        self.pstate = initialize(dims.tp, dims.pp, self.device)
         set_seed(args.seed)
-        self._build_model_and_tokenizer()
-        self.loss_cfg: ExitLossConfig = exit_loss_config_from_args(args, self.model.config.num_exits)
-        self.optimizer = build_optimizer(self.model, args)
+        self._build_stage()
+        self.loss_cfg: ExitLossConfig = exit_loss_config_from_args(args, self.config.num_exits)
+        self.optimizer = build_optimizer(self.model, args, allow_empty=args.tune_exit)
         self.scheduler = LRScheduler(
             self.optimizer, args.lr, args.min_lr, args.lr_warmup_iters, args.lr_decay_iters, args.lr_decay_style
         )
@@ -90,40 +130,76 @@ class Trainer:
         if self.meta is not None and not args.finetune:
             self._resume()
         self._build_data()
-        self.autocast = (
-            torch.autocast(self.device.type, dtype=torch.bfloat16) if args.bf16 else nullcontext()
-        )
-        self.num_micro = args.global_batch_size // args.micro_batch_size
-        self.tb = self._tensorboard()
+        self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16) if args.bf16 else nullcontext()
+        self.num_micro = args.global_batch_size // (args.micro_batch_size * dims.dp)
+        self.is_logger = self.pstate.rank == 0
+        self.tb = self._tensorboard() if self.is_logger else None
 
     # ----- construction ------------------------------------------------------------------
 
-    def _build_model_and_tokenizer(self) -> None:
+    def _build_tokenizer_and_config(self) -> None:
         args = self.args
         if self.meta is not None:
             check_against_checkpoint(args, self.meta.model_config)
             self.tokenizer = ckpt.load_tokenizer_from(self.meta) or build_tokenizer_from_args(args)
-            config = self.meta.model_config
+            self.config = self.meta.model_config
         else:
             self.tokenizer = build_tokenizer_from_args(args)
-            config = model_config_from_args(args, self.tokenizer.vocab_size)
-        self.model = EarlyExitGPT(config)
-        self.model.init_weights(args.seed)
+            self.config = model_config_from_args(args, self.tokenizer.vocab_size)
+
+    def _tuning_layers(self) -> tuple[int, bool]:
+        """EE-Tuning builds layers only up to the last exit, unless distillation or a
+        confidence probe needs the final head's output: (layers to build, final head?)."""
+        c = self.config
+        needs_final = "kd" in self.args.exit_loss_type or c.use_exit_confidence_head
+        return (c.num_layers, True) if needs_final else (max(c.exit_layer_nums), False)
+
+    def _stage_specs(self):
+        if not self.args.tune_exit:
+            return stages_for(self.config, self.pstate.dims.pp)
+        layers, final = self._tuning_layers()
+        c = self.config
+        specs = split_stages(
+            layers, self.pstate.dims.pp, c.exit_layer_nums, exit_cost(c), head_cost(c) if final else 0.0
+        )
+        return [StageSpec(s.index, s.layer_range, s.pre_process, s.post_process and final) for s in specs]
+
+    def _build_stage(self) -> None:
+        ps = self.pstate
+        specs = self._stage_specs()
+        self.stage_spec = specs[ps.pp_rank]
+        self.model = EarlyExitGPT(
+            self.config, self.stage_spec.pre_process, self.stage_spec.post_process, self.stage_spec.layer_range
+        )
+        self.model.init_weights(self.args.seed)
         if self.meta is not None:
-            ckpt.load_weights_into(self.model, ckpt.read_weights(self.meta.directory), self.meta.directory)
-        self.model.recompute_activations = bool(args.recompute_activations or args.recompute_granularity)
+            missing = ckpt.load_weights_into(
+                self.model, ckpt.read_weights(self.meta.directory), self.meta.directory, strict=False
+            )
+            if missing:
+                raise ValueError(f"--load: checkpoint {self.meta.directory} lacks {missing[:5]}")
+        self.model.recompute_activations = bool(self.args.recompute_activations or self.args.recompute_granularity)
+        if self.args.tune_exit:
+            for name, p in self.model.named_parameters():
+                p.requires_grad_(name.startswith("exits."))
         self.model.to(self.device)
+        apply_tensor_parallel(self.model, ps.tp_group)
+        self.embedding_group = build_embedding_group(self.config, specs, ps)
 
     def _resume(self) -> None:
-        state = ckpt.load_training_state(
-            self.meta.directory,
-            optimizer=None if self.args.no_load_optim else self.optimizer,
-            scheduler=self.scheduler,
-            load_rng=not self.args.no_load_rng,
-        )
+        args = self.args
+        state = ckpt.load_training_state(self.meta.directory)
+        if not args.no_load_optim:
+            full = ckpt.load_optimizer_file(self.meta.directory)
+            load_optimizer_state(self.model, self.optimizer, full, self.pstate, self.meta.directory)
+        if state.get("scheduler") is not None:
+            self.scheduler.load_state_dict(state["scheduler"])
+        rngs = state.get("rng") or []
+        if not args.no_load_rng and len(rngs) == self.pstate.dims.world_size:
+            ckpt.set_rng_state(rngs[self.pstate.rank])
         self.state.iteration = int(state["iteration"])
         self.state.consumed_train_samples = int(state["consumed_train_samples"])
-        print(f"resumed from {self.meta.directory} at iteration {self.state.iteration}", flush=True)
+        self._print(f"resumed from {self.meta.directory} at iteration {self.state.iteration}")
 
     def _build_data(self) -> None:
         from megatron.early_exit.data import build_data_loader, build_datasets
@@ -131,7 +207,7 @@ class Trainer:
         args = self.args
         gbs = args.global_batch_size
         eval_samples = args.eval_iters * gbs
-        self.train_ds, self.valid_ds, _ = build_datasets(
+        kwargs = dict(
             tokenizer=self.tokenizer,
             seq_length=args.seq_length,
             seed=args.seed,
@@ -143,11 +219,20 @@ class Trainer:
             test_samples=eval_samples,
             data_cache_path=args.data_cache_path,
         )
+        # Rank 0 builds megatron-core's index caches first; the others then read them.
+        if self.pstate.rank == 0:
+            datasets = build_datasets(**kwargs)
+        barrier()
+        if self.pstate.rank != 0:
+            datasets = build_datasets(**kwargs)
+        self.train_ds, self.valid_ds, _ = datasets
         self.train_iter = iter(
             build_data_loader(
                 self.train_ds,
                 consumed_samples=self.state.consumed_train_samples,
                 micro_batch_size=args.micro_batch_size,
+                dp_rank=self.pstate.dp_rank,
+                dp_size=self.pstate.dims.dp,
                 num_workers=args.num_workers,
             )
         )
@@ -159,54 +244,55 @@ class Trainer:
 
         return SummaryWriter(log_dir=self.args.tensorboard_dir)
 
-    # ----- one step ----------------------------------------------------------------------
+    def _print(self, text: str) -> None:
+        if self.pstate.rank == 0:
+            print(text, flush=True)
 
-    def _forward_loss(self, batch, exit_weights):
-        tokens = batch["tokens"].to(self.device)
-        labels = batch["labels"].to(self.device)
-        loss_mask = batch["loss_mask"].to(self.device)
-        position_ids = batch["position_ids"].to(self.device)
-        with self.autocast:
-            out = self.model(
-                tokens,
-                position_ids=position_ids,
-                labels=labels,
-                return_exit_confidences=self.loss_cfg.use_dynamic_exit_layer_weight,
-            )
-        return combine_losses(
-            out, loss_mask, exit_weights, self.loss_cfg.final_layer_weight, self.loss_cfg.use_dynamic_exit_layer_weight
-        )
+    # ----- one step ----------------------------------------------------------------------
 
     def _exit_weights(self) -> dict[int, float]:
         weights = exit_weights_at(self.loss_cfg, self.state.iteration)
-        return dict(zip(self.model.config.exit_layer_nums, weights))
+        return dict(zip(self.config.exit_layer_nums, weights))
+
+    def _context(self) -> ScheduleContext:
+        a = self.args
+        return ScheduleContext(
+            model=self.model,
+            pstate=self.pstate,
+            loss_cfg=self.loss_cfg,
+            exit_weights=self._exit_weights(),
+            num_micro=self.num_micro,
+            activation_shape=(a.micro_batch_size, a.seq_length, self.config.hidden_size),
+            device=self.device,
+            autocast=self.autocast,
+        )
+
+    def _next_batches(self, iterator, count: int) -> list[dict]:
+        try:
+            return [next(iterator) for _ in range(count)]
+        except StopIteration:
+            raise RuntimeError("the data ran out before --train-iters") from None
 
     def train_step(self) -> dict[str, float]:
         """One optimizer update over a global batch; returns the mean loss of each head."""
         self.model.train()
-        self.optimizer.zero_grad(set_to_none=True)
-        weights = self._exit_weights()
-        sums: dict[str, float] = {}
-        for _ in range(self.num_micro):
-            try:
-                batch = next(self.train_iter)
-            except StopIteration:
-                raise RuntimeError("the training data ran out before --train-iters") from None
-            total, parts = self._forward_loss(batch, weights)
-            (total / self.num_micro).backward()
-            for k, v in parts.items():
-                sums[k] = sums.get(k, 0.0) + float(v) / self.num_micro
-        params = [p for p in self.model.parameters() if p.grad is not None]
-        if self.args.clip_grad > 0:
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, self.args.clip_grad)
+        self.model.zero_grad(set_to_none=True)
+        batches = self._next_batches(self.train_iter, self.num_micro)
+        if self.args.tune_exit:
+            tune = TuneSettings(self.args.exit_loss_type, self.args.kd_temperature)
+            parts = forward_backward_tune(self._context(), batches, tune)
         else:
-            grad_norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params]))
-        self.optimizer.step()
+            parts = forward_backward_1f1b(self._context(), batches)
+        sync_gradients(self.model, self.pstate, self.embedding_group)
+        grad_norm = clip_grad_norm(self.model, self.pstate, self.args.clip_grad)
+        if self.optimizer is not None:  # a tuning stage without exits has nothing to update
+            self.optimizer.step()
         self.scheduler.step()
         self.state.iteration += 1
         self.state.consumed_train_samples += self.args.global_batch_size
-        sums["grad norm"] = float(grad_norm)
-        return sums
+        parts = reduce_loss_parts(parts, self.pstate)
+        parts["grad norm"] = grad_norm
+        return parts
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
@@ -216,37 +302,45 @@ class Trainer:
         if self.valid_ds is None:
             return {}
         self.model.eval()
-        loader = build_data_loader(self.valid_ds, consumed_samples=0, micro_batch_size=self.args.micro_batch_size)
-        weights = self._exit_weights()
+        loader = iter(
+            build_data_loader(
+                self.valid_ds,
+                consumed_samples=0,
+                micro_batch_size=self.args.micro_batch_size,
+                dp_rank=self.pstate.dp_rank,
+                dp_size=self.pstate.dims.dp,
+            )
+        )
+        ctx = self._context()
         sums: dict[str, float] = {}
-        count = 0
-        for i, batch in enumerate(loader):
-            if i >= self.args.eval_iters * self.num_micro:
-                break
-            _, parts = self._forward_loss(batch, weights)
-            for k, v in parts.items():
-                sums[k] = sums.get(k, 0.0) + float(v)
-            count += 1
+        with torch.no_grad():
+            for _ in range(self.args.eval_iters):
+                batches = self._next_batches(loader, self.num_micro)
+                parts = forward_only(ctx, batches)
+                for k, v in parts.items():
+                    sums[k] = sums.get(k, 0.0) + v / self.args.eval_iters
         self.model.train()
-        return {k: v / max(count, 1) for k, v in sums.items()}
+        return reduce_loss_parts(sums, self.pstate)
 
     # ----- the loop ----------------------------------------------------------------------
 
     def run(self) -> TrainState:
         args = self.args
-        log = IntervalLog(args, self.model.config.exit_layer_nums, self.tb)
-        print(self.describe(), flush=True)
+        log = IntervalLog(args, self.tb) if self.is_logger else None
+        self._print(self.describe())
         while self.state.iteration < args.train_iters:
             parts = self.train_step()
             self.state.history.append({"iteration": self.state.iteration, **parts})
-            log.add(self.state.iteration, parts, self.scheduler.lr, args.global_batch_size * args.seq_length)
+            if log is not None:
+                log.add(self.state.iteration, parts, self.scheduler.lr, args.global_batch_size * args.seq_length)
             if args.eval_interval and self.state.iteration % args.eval_interval == 0:
                 self._log_eval()
             if args.save and args.save_interval and self.state.iteration % args.save_interval == 0:
                 self.save()
         if args.eval_interval and self.state.iteration % args.eval_interval != 0:
             self._log_eval()
-        if args.save and (not self.state.checkpoint or not self.state.checkpoint.endswith(f"{self.state.iteration:07d}")):
+        saved = self.state.checkpoint and self.state.checkpoint.endswith(f"{self.state.iteration:07d}")
+        if args.save and not saved:
             self.save()
         if self.tb is not None:
             self.tb.close()
@@ -258,33 +352,45 @@ class Trainer:
             return
         self.state.evals.append({"iteration": self.state.iteration, **result})
         body = " | ".join(f"{k}: {v:.6E}" for k, v in result.items())
-        print(f" validation loss at iteration {self.state.iteration} | {body}", flush=True)
+        self._print(f" validation loss at iteration {self.state.iteration} | {body}")
         if self.tb is not None:
             for k, v in result.items():
                 self.tb.add_scalar(f"validation/{k}", v, self.state.iteration)
 
     def save(self) -> None:
-        path = ckpt.save_checkpoint(
-            self.args.save,
-            self.state.iteration,
-            self.model,
-            self.tokenizer,
-            optimizer=self.optimizer,
-            scheduler=self.scheduler,
-            consumed_samples=self.state.consumed_train_samples,
-            args=vars(self.args),
-        )
-        self.state.checkpoint = path
-        print(f" saved checkpoint at iteration {self.state.iteration} to {path}", flush=True)
+        weights = full_state_dict(self.model, self.pstate)
+        optim = full_optimizer_state(self.model, self.optimizer, self.pstate)
+        if self.args.tune_exit and weights is not None:
+            # Tuning built only part of the model: the rest comes unchanged from --load.
+            weights = {**ckpt.read_weights(self.meta.directory), **weights}
+        rngs = gather_rng_states(self.pstate)
+        path = None
+        if self.pstate.rank == 0:
+            path = ckpt.save_checkpoint(
+                self.args.save,
+                self.state.iteration,
+                None,
+                self.tokenizer,
+                weights=weights,
+                model_config=self.config,
+                optimizer_state=optim,
+                scheduler=self.scheduler,
+                consumed_samples=self.state.consumed_train_samples,
+                args=vars(self.args),
+                rng_states=rngs,
+            )
+            print(f" saved checkpoint at iteration {self.state.iteration} to {path}", flush=True)
+        barrier()
+        self.state.checkpoint = path or ckpt.iteration_dir(self.args.save, self.state.iteration)
 
     def describe(self) -> str:
-        c = self.model.config
-        n = sum(p.numel() for p in self.model.parameters())
-        n_exit = sum(p.numel() for name, p in self.model.named_parameters() if "exit" in name)
+        c = self.config
+        d = self.pstate.dims
         return (
             f"model: {c.num_layers} layers, hidden {c.hidden_size}, heads {c.num_attention_heads}, "
-            f"vocab {c.vocab_size}, {n / 1e6:.2f}M parameters ({n_exit / 1e6:.2f}M in exits), "
-            f"exits after layers {c.exit_layer_nums or 'none'} | device {self.device} | "
+            f"vocab {c.vocab_size}, exits after layers {c.exit_layer_nums or 'none'} | "
+            f"stage 0 parameters: {sum(p.numel() for p in self.model.parameters()) / 1e6:.2f}M | "
+            f"layout TP{d.tp} x PP{d.pp} x DP{d.dp} | device {self.device} | "
             f"{'bf16 autocast' if self.args.bf16 else 'fp32'} | start iteration {self.state.iteration}"
         )
 
@@ -292,8 +398,8 @@ class Trainer:
 class IntervalLog:
     """Megatron-style log lines (averages over the interval), TensorBoard and JSON lines."""
 
-    def __init__(self, args, exit_layers, tb) -> None:
-        self.args, self.exit_layers, self.tb = args, exit_layers, tb
+    def __init__(self, args, tb) -> None:
+        self.args, self.tb = args, tb
         self.start = time.time()
         self.last = time.time()
         self.sums: dict[str, float] = {}
@@ -351,4 +457,7 @@ def main(argv: list[str] | None = None) -> TrainState:
     except ValueError as e:
         sys.stderr.write(f"error: {e}\n")
         sys.exit(2)
-    return trainer.run()
+    state = trainer.run()
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    return state

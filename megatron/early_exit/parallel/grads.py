@@ -1,0 +1,114 @@
+"""Gradient synchronisation, clipping and metric reduction across the parallel layout.
+
+Called once per global batch, after the schedule has accumulated every micro-batch:
+- DP: gradients averaged over the data-parallel group;
+- tied word-embedding copies (first stage, and any later stage whose output or exit
+  heads are tied to it) summed over the embedding group, so the copies stay identical;
+- the global gradient norm counts every distinct gradient once: TP shards all count,
+  TP-replicated tensors only on TP rank 0, embedding copies only on the first stage.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+
+from megatron.early_exit.parallel.dims import ParallelState
+from megatron.early_exit.parallel.pipeline import StageSpec, embedding_holders
+from megatron.early_exit.parallel.tensor_parallel import shard_spec
+
+EMBEDDING = "embedding.word_embeddings.weight"
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def build_embedding_group(config, specs: list[StageSpec], ps: ParallelState):
+    """The group of ranks (in this rank's pipeline) that hold a word-embedding copy, or
+    None if only one stage holds it. Collective: every rank creates every pipeline's group."""
+    holders = embedding_holders(config, specs)
+    if ps.dims.pp == 1 or len(holders) < 2:
+        return None
+    mine = None
+    for d in range(ps.dims.dp):
+        for t in range(ps.dims.tp):
+            ranks = [ps.dims.rank_of(p, d, t) for p in holders]
+            group = dist.new_group(ranks)
+            if ps.rank in ranks:
+                mine = group
+    return mine
+
+
+def sync_gradients(model: torch.nn.Module, ps: ParallelState, embedding_group) -> None:
+    params = [p for p in model.parameters() if p.grad is not None]
+    if ps.dp_group is not None:
+        for p in params:
+            dist.all_reduce(p.grad, group=ps.dp_group)
+            p.grad.div_(ps.dims.dp)
+    if embedding_group is not None:
+        for name, p in model.named_parameters():
+            if name == EMBEDDING and p.grad is not None:
+                dist.all_reduce(p.grad, group=embedding_group)
+
+
+def clip_grad_norm(model: torch.nn.Module, ps: ParallelState, max_norm: float) -> float:
+    """Global L2 norm of the gradients; scales them by min(1, max_norm / (norm + 1e-6)) when max_norm > 0."""
+    squares = []
+    for name, p in model.named_parameters():
+        if p.grad is None:
+            continue
+        if name == EMBEDDING and not model.pre_process:
+            continue  # a tied copy: the first stage counts it
+        if ps.tp_rank != 0 and shard_spec(name, model.config.swiglu) == "replicated":
+            continue
+        squares.append(p.grad.detach().float().pow(2).sum())
+    total = torch.stack(squares).sum() if squares else torch.zeros((), device=ps.device)
+    for group in (ps.tp_group, ps.pp_group):
+        if group is not None:
+            dist.all_reduce(total, group=group)
+    norm = math.sqrt(float(total))
+    if max_norm > 0:
+        coef = max_norm / (norm + 1e-6)
+        if coef < 1.0:
+            for p in model.parameters():
+                if p.grad is not None:
+                    p.grad.mul_(coef)
+    return norm
+
+
+def reduce_loss_parts(parts: dict[str, float], ps: ParallelState) -> dict[str, float]:
+    """Merge each stage's head losses (pipeline) and average them over data-parallel ranks."""
+    merged = dict(parts)
+    if ps.pp_group is not None:
+        gathered = [None] * ps.dims.pp
+        dist.all_gather_object(gathered, parts, group=ps.pp_group)
+        merged = {}
+        for g in gathered:
+            merged.update(g)
+    keys = sorted(merged, key=_head_order)
+    if ps.dp_group is not None and keys:
+        t = torch.tensor([merged[k] for k in keys], dtype=torch.float64)
+        dist.all_reduce(t, group=ps.dp_group)
+        merged = {k: float(v) / ps.dims.dp for k, v in zip(keys, t)}
+    return {k: merged[k] for k in keys}
+
+
+def _head_order(key: str):
+    if key.startswith("exit_"):
+        return (0, int(key.split("_")[1].split()[0]))
+    return (1, 0)
+
+
+def gather_rng_states(ps: ParallelState) -> list | None:
+    from megatron.early_exit.checkpointing import rng_state
+
+    mine = rng_state()
+    if not dist.is_initialized() or ps.dims.world_size == 1:
+        return [mine]
+    out = [None] * ps.dims.world_size if ps.rank == 0 else None
+    dist.gather_object(mine, out, dst=0)
+    return out

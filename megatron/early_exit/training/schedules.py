@@ -1,0 +1,218 @@
+"""Forward/backward schedules over the micro-batches of one global batch.
+
+**The auxiliary-loss trick (EE-LLM).** Stage s computes x_s and sends it on; later it
+receives g_s = dL/dx_s. Its own exits give weighted losses L_s. One backward of
+
+    L_s + sum(x_s * g_s)
+
+(done as `torch.autograd.backward([L_s, x_s], [None, g_s])`) gives every parameter of
+stage s its exact gradient of the whole objective, with no communication beyond the
+usual activations and gradients. Exit heads are evaluated lazily, right before the
+stage's backward of that micro-batch, so their logits are not held through the warm-up.
+
+**1F1B** (Megatron's non-interleaved schedule). Stage r of p runs
+`warmup = min(p - r - 1, m)` forward passes, then alternates one forward and one
+backward (steady state), then drains the remaining `warmup` backwards (cool-down).
+Sends and receives between neighbours are paired into one batched non-blocking
+exchange, which keeps the schedule deadlock-free. With p = 1 it reduces exactly to the
+no-pipelining schedule: forward then backward, micro-batch by micro-batch.
+
+Invariants: every micro-batch's loss is scaled by 1/m, so accumulated gradients equal
+one step over the global batch; gradients are synchronised by the caller, once.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+
+import torch
+
+from megatron.early_exit.config import ExitLossConfig
+from megatron.early_exit.parallel.dims import ParallelState
+from megatron.early_exit.parallel.pipeline import p2p
+from megatron.early_exit.training.losses import combine_losses
+
+
+@dataclass
+class ScheduleContext:
+    model: torch.nn.Module  # this rank's stage
+    pstate: ParallelState
+    loss_cfg: ExitLossConfig
+    exit_weights: dict[int, float]
+    num_micro: int
+    activation_shape: tuple[int, int, int]  # (micro batch, seq, hidden) sent between stages
+    device: torch.device
+    autocast: object = field(default_factory=nullcontext)
+    frozen_backbone: bool = False
+
+    def template(self) -> torch.Tensor:
+        return torch.empty(self.activation_shape, dtype=torch.float32, device=self.device)
+
+
+def _to_device(batch: dict, device) -> dict:
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def forward_step(ctx: ScheduleContext, batch: dict, x_in: torch.Tensor | None):
+    model = ctx.model
+    with ctx.autocast:
+        return model(
+            input_ids=batch["tokens"] if model.pre_process else None,
+            position_ids=batch["position_ids"],
+            labels=batch["labels"],
+            hidden_states=x_in,
+            defer_exits=True,
+            frozen_backbone=ctx.frozen_backbone,
+        )
+
+
+def backward_step(ctx: ScheduleContext, batch: dict, out, x_in, grad_out):
+    """Exit heads now (lazily), then one backward of L_s + sum(x_s * g_s)."""
+    dynamic = ctx.loss_cfg.use_dynamic_exit_layer_weight
+    with ctx.autocast:
+        ctx.model.compute_deferred_exits(out, batch["labels"], dynamic)
+    tensors, grads, parts = [], [], {}
+    if out.exit_losses or out.loss is not None:
+        total, parts = combine_losses(
+            out, batch["loss_mask"], ctx.exit_weights, ctx.loss_cfg.final_layer_weight, dynamic
+        )
+        tensors.append(total / ctx.num_micro)
+        grads.append(None)
+    if grad_out is not None:
+        tensors.append(out.hidden_states)
+        grads.append(grad_out.to(out.hidden_states.dtype))
+    if tensors and any(t.requires_grad for t in tensors):
+        torch.autograd.backward(tensors, grads)
+    grad_in = x_in.grad if x_in is not None and x_in.requires_grad else None
+    return grad_in, parts
+
+
+def _accumulate(sums: dict, parts: dict, num_micro: int) -> None:
+    for k, v in parts.items():
+        sums[k] = sums.get(k, 0.0) + float(v) / num_micro
+
+
+def forward_backward_1f1b(ctx: ScheduleContext, batches: list[dict]) -> dict[str, float]:
+    """Run the schedule over `batches` (this rank's micro-batches); returns the mean loss
+    of every head that lives on this stage."""
+    ps = ctx.pstate
+    m = len(batches)
+    batches = [_to_device(b, ctx.device) for b in batches]
+    prev = ps.stage_rank(ps.pp_rank - 1) if not ps.is_first_stage else None
+    nxt = ps.stage_rank(ps.pp_rank + 1) if not ps.is_last_stage else None
+    warmup = min(ps.dims.pp - ps.pp_rank - 1, m)
+    needs_input_grad = not ctx.frozen_backbone
+    inflight: deque = deque()
+    sums: dict[str, float] = {}
+
+    def receive_input(x):
+        if x is not None and needs_input_grad:
+            x.requires_grad_(True)
+        return x
+
+    def send_output(out):
+        return out.hidden_states.detach().float() if nxt is not None else None
+
+    # Warm-up: forwards only.
+    for k in range(warmup):
+        x = receive_input(p2p(None, None, ctx.template(), prev))
+        out = forward_step(ctx, batches[k], x)
+        p2p(send_output(out), nxt, None, None)
+        inflight.append((k, x, out))
+
+    # Steady state: one forward, one backward.
+    steady = m - warmup
+    x = receive_input(p2p(None, None, ctx.template(), prev)) if steady > 0 else None
+    for i in range(steady):
+        out = forward_step(ctx, batches[warmup + i], x)
+        inflight.append((warmup + i, x, out))
+        grad = p2p(send_output(out), nxt, ctx.template() if nxt is not None else None, nxt)
+        k, xb, outb = inflight.popleft()
+        grad_in, parts = backward_step(ctx, batches[k], outb, xb, grad)
+        _accumulate(sums, parts, m)
+        if i == steady - 1:
+            p2p(grad_in, prev, None, None)
+        else:
+            x = receive_input(p2p(grad_in, prev, ctx.template(), prev))
+
+    # Cool-down: the remaining backwards.
+    for _ in range(warmup):
+        grad = p2p(None, None, ctx.template(), nxt)
+        k, xb, outb = inflight.popleft()
+        grad_in, parts = backward_step(ctx, batches[k], outb, xb, grad)
+        _accumulate(sums, parts, m)
+        p2p(grad_in, prev, None, None)
+    return sums
+
+
+def forward_backward_no_pipelining(ctx: ScheduleContext, batches: list[dict]) -> dict[str, float]:
+    """Forward then backward, micro-batch by micro-batch (the 1F1B schedule at p = 1)."""
+    if ctx.pstate.dims.pp != 1:
+        raise ValueError("the no-pipelining schedule needs --pipeline-model-parallel-size 1")
+    return forward_backward_1f1b(ctx, batches)
+
+
+@torch.no_grad()
+def forward_only(ctx: ScheduleContext, batches: list[dict]) -> dict[str, float]:
+    """Evaluation: every micro-batch forward through the pipeline, every head's loss."""
+    ps = ctx.pstate
+    prev = ps.stage_rank(ps.pp_rank - 1) if not ps.is_first_stage else None
+    nxt = ps.stage_rank(ps.pp_rank + 1) if not ps.is_last_stage else None
+    sums: dict[str, float] = {}
+    for batch in batches:
+        batch = _to_device(batch, ctx.device)
+        x = p2p(None, None, ctx.template(), prev)
+        out = forward_step(ctx, batch, x)
+        p2p(out.hidden_states.float() if nxt is not None else None, nxt, None, None)
+        with ctx.autocast:
+            ctx.model.compute_deferred_exits(out, batch["labels"])
+        if out.exit_losses or out.loss is not None:
+            _, parts = combine_losses(out, batch["loss_mask"], ctx.exit_weights, ctx.loss_cfg.final_layer_weight)
+            _accumulate(sums, parts, len(batches))
+    return sums
+
+
+@dataclass
+class TuneSettings:
+    loss_type: str = "ce"
+    kd_temperature: float = 1.0
+
+
+def forward_backward_tune(ctx: ScheduleContext, batches: list[dict], tune: TuneSettings) -> dict[str, float]:
+    """EE-Tuning: the backbone runs forward only (no_grad); activations go forward and
+    nothing comes back. Each stage backpropagates its own exits' losses locally."""
+    from megatron.early_exit.training.losses import tuning_losses
+
+    ps = ctx.pstate
+    prev = ps.stage_rank(ps.pp_rank - 1) if not ps.is_first_stage else None
+    nxt = ps.stage_rank(ps.pp_rank + 1) if not ps.is_last_stage else None
+    sums: dict[str, float] = {}
+    for batch in batches:
+        batch = _to_device(batch, ctx.device)
+        x = p2p(None, None, ctx.template(), prev)
+        with ctx.autocast:
+            out = ctx.model(
+                input_ids=batch["tokens"] if ctx.model.pre_process else None,
+                position_ids=batch["position_ids"],
+                hidden_states=x,
+                defer_exits=True,
+                frozen_backbone=True,
+                compute_final=False,
+            )
+        p2p(out.hidden_states.float() if nxt is not None else None, nxt, None, None)
+        with ctx.autocast:
+            total, parts = tuning_losses(
+                ctx.model,
+                out,
+                batch["labels"],
+                batch["loss_mask"],
+                ctx.exit_weights,
+                tune.loss_type,
+                tune.kd_temperature,
+            )
+        if total is not None and total.requires_grad:
+            (total / len(batches)).backward()
+        _accumulate(sums, parts, len(batches))
+    return sums

@@ -157,6 +157,7 @@ def _add_checkpoint_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-load-optim", action="store_true")
     g.add_argument("--no-load-rng", action="store_true")
     g.add_argument("--finetune", action="store_true", help="load weights only; restart at iteration 0")
+    g.add_argument("--exit-interval", type=int, help="stop (and save) once the iteration is a multiple of N")
 
 
 def _add_logging_args(p: argparse.ArgumentParser) -> None:
@@ -214,8 +215,6 @@ def validate_args(
         raise ValueError(f"--lr must be > 0 and --min-lr in [0, lr], got {args.lr} and {args.min_lr}")
     if args.sequence_parallel:
         raise ValueError("--sequence-parallel is not implemented yet")
-    if args.use_distributed_optimizer:
-        raise ValueError("--use-distributed-optimizer is not implemented yet")
     if args.train_iters is None:
         raise ValueError("--train-iters is required")
     if args.seq_length is None:

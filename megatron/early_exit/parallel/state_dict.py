@@ -15,11 +15,12 @@ from megatron.early_exit.parallel.dims import ParallelState
 from megatron.early_exit.parallel.tensor_parallel import gather_full, shard_full
 
 
-def _gather_to_rank0(local: dict, pstate: ParallelState) -> dict | None:
-    """Merge dicts from one TP-rank-0, DP-rank-0 rank per stage onto global rank 0."""
+def _gather_to_rank0(local: dict, pstate: ParallelState, all_dp: bool = False) -> dict | None:
+    """Merge dicts from the TP-rank-0 ranks of every stage onto global rank 0: of DP rank 0
+    only (replicated data), or of every DP rank (`all_dp`: data sharded over DP, ZeRO)."""
     if pstate.dims.world_size == 1 or not dist.is_initialized():
         return local
-    contribute = pstate.dp_rank == 0 and pstate.tp_rank == 0
+    contribute = (all_dp or pstate.dp_rank == 0) and pstate.tp_rank == 0
     gathered = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
     dist.gather_object(local if contribute else {}, gathered, dst=0)
     if dist.get_rank() != 0:
@@ -41,9 +42,12 @@ def full_state_dict(model: torch.nn.Module, pstate: ParallelState) -> dict[str, 
 
 def full_optimizer_state(model, optimizer, pstate: ParallelState) -> dict | None:
     """Optimizer state keyed by parameter name, unsharded: {name: {key: tensor}}."""
+    from megatron.early_exit.training.optimizer import local_optimizer
+
     local = {}
+    opt = local_optimizer(optimizer) if optimizer is not None else None
     for name, p in model.named_parameters():
-        state = optimizer.state.get(p) if optimizer is not None else None
+        state = opt.state.get(p) if opt is not None else None
         if not state:
             continue
         entry = {}
@@ -52,17 +56,22 @@ def full_optimizer_state(model, optimizer, pstate: ParallelState) -> dict | None
                 value = gather_full(name, value.detach(), model.config, pstate.tp_group)
             entry[key] = value.detach().to("cpu") if torch.is_tensor(value) else value
         local[name] = entry
-    return _gather_to_rank0(local, pstate)
+    sharded = opt is not optimizer  # ZeRO: each DP rank holds the state of its own share
+    return _gather_to_rank0(local, pstate, all_dp=sharded)
 
 
 def load_optimizer_state(model, optimizer, full_state: dict, pstate: ParallelState, source: str) -> None:
     """Give each local parameter its slice of the saved state (any saved layout)."""
+    from megatron.early_exit.training.optimizer import local_optimizer
+
     if optimizer is None:
         return
+    opt = local_optimizer(optimizer)
+    owned = {id(p) for group in opt.param_groups for p in group["params"]}
     tp_rank = pstate.tp_rank
     tp = pstate.dims.tp
     for name, p in model.named_parameters():
-        if not p.requires_grad:
+        if not p.requires_grad or id(p) not in owned:
             continue
         if name not in full_state:
             raise ValueError(f"--load: optimizer state in {source} has no entry for {name} (use --no-load-optim)")
@@ -76,4 +85,4 @@ def load_optimizer_state(model, optimizer, full_state: dict, pstate: ParallelSta
             elif torch.is_tensor(value):
                 value = value.clone()
             entry[key] = value
-        optimizer.state[p] = entry
+        opt.state[p] = entry

@@ -27,7 +27,7 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return groups
 
 
-def build_optimizer(model: nn.Module, args, allow_empty: bool = False) -> torch.optim.Optimizer | None:
+def build_optimizer(model: nn.Module, args, allow_empty: bool = False, dp_group=None) -> torch.optim.Optimizer | None:
     """AdamW over the trainable parameters; None for a stage with none (allowed when tuning
     exits: a pipeline stage without exits has nothing to update, which must not crash)."""
     groups = param_groups(model, args.weight_decay)
@@ -35,9 +35,19 @@ def build_optimizer(model: nn.Module, args, allow_empty: bool = False) -> torch.
         if allow_empty:
             return None
         raise ValueError("the model has no trainable parameters")
-    return torch.optim.AdamW(
-        groups, lr=args.lr, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_eps, foreach=True
-    )
+    kwargs = dict(lr=args.lr, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_eps)
+    if dp_group is not None and getattr(args, "use_distributed_optimizer", False):
+        # ZeRO-1: each data-parallel rank keeps Adam state for its share of the parameters
+        # only, steps those, and broadcasts the updated values to the other replicas.
+        from torch.distributed.optim import ZeroRedundancyOptimizer
+
+        return ZeroRedundancyOptimizer(groups, optimizer_class=torch.optim.AdamW, process_group=dp_group, **kwargs)
+    return torch.optim.AdamW(groups, foreach=True, **kwargs)
+
+
+def local_optimizer(optimizer):
+    """The optimizer that holds this rank's state (ZeRO's inner one when sharded)."""
+    return getattr(optimizer, "optim", optimizer)
 
 
 class LRScheduler:

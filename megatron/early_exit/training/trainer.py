@@ -122,7 +122,7 @@ class Trainer:
         set_seed(args.seed)
         self._build_stage()
         self.loss_cfg: ExitLossConfig = exit_loss_config_from_args(args, self.config.num_exits)
-        self.optimizer = build_optimizer(self.model, args, allow_empty=args.tune_exit)
+        self.optimizer = build_optimizer(self.model, args, allow_empty=args.tune_exit, dp_group=self.pstate.dp_group)
         self.scheduler = LRScheduler(
             self.optimizer, args.lr, args.min_lr, args.lr_warmup_iters, args.lr_decay_iters, args.lr_decay_style
         )
@@ -337,6 +337,9 @@ class Trainer:
                 self._log_eval()
             if args.save and args.save_interval and self.state.iteration % args.save_interval == 0:
                 self.save()
+            if args.exit_interval and self.state.iteration % args.exit_interval == 0:
+                self._print(f" exiting at iteration {self.state.iteration} (--exit-interval)")
+                break
         if args.eval_interval and self.state.iteration % args.eval_interval != 0:
             self._log_eval()
         saved = self.state.checkpoint and self.state.checkpoint.endswith(f"{self.state.iteration:07d}")

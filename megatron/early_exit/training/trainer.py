@@ -127,7 +127,7 @@ class Trainer:
             self.optimizer, args.lr, args.min_lr, args.lr_warmup_iters, args.lr_decay_iters, args.lr_decay_style
         )
         self.state = TrainState()
-        if self.meta is not None and not args.finetune:
+        if self.meta is not None and not args.finetune and self._continues_run():
             self._resume()
         self._build_data()
         self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16) if args.bf16 else nullcontext()
@@ -182,9 +182,28 @@ class Trainer:
         if self.args.tune_exit:
             for name, p in self.model.named_parameters():
                 p.requires_grad_(name.startswith("exits."))
+            self._check_tunable()
         self.model.to(self.device)
         apply_tensor_parallel(self.model, ps.tp_group)
         self.embedding_group = build_embedding_group(self.config, specs, ps)
+
+    def _check_tunable(self) -> None:
+        count = torch.tensor(float(sum(p.numel() for p in self.model.parameters() if p.requires_grad)))
+        if torch.distributed.is_initialized():
+            torch.distributed.all_reduce(count)
+        if count.item() == 0:
+            raise ValueError(
+                "--tune-exit: the exits in --load have no parameters of their own (tied output only); "
+                "add exits with --use-exit-norm/--use-exit-mlp/--untie-exit-output-weights "
+                "(tools/checkpoint/add_exits.py)"
+            )
+
+    def _continues_run(self) -> bool:
+        """Resume the loaded run, or start a new one from its weights? EE-Tuning starts a
+        new run from a pretrained (or exits-added) model, and resumes only a tuning run."""
+        if not self.args.tune_exit:
+            return True
+        return bool(self.meta.args.get("tune_exit"))
 
     def _resume(self) -> None:
         args = self.args
@@ -431,7 +450,7 @@ class IntervalLog:
             "ms_per_iter": 1000 * elapsed / self.count,
             "elapsed_s": now - self.start,
         }
-        losses = " | ".join(f"{k}: {v:.6E}" for k, v in means.items() if k.endswith("loss"))
+        losses = " | ".join(f"{k}: {v:.6E}" for k, v in means.items() if k.endswith(("loss", "agreement")))
         total = int(now - self.start)
         print(
             f" iteration {iteration:8d}/{self.args.train_iters:8d} | "

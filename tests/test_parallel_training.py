@@ -55,12 +55,30 @@ def train(tmp_path, name, nproc, extra=(), base=BASE):
     return records, weights
 
 
+GPT2_BASE = [
+    a
+    for a in BASE
+    if a not in ("--normalization", "RMSNorm", "--swiglu", "--position-embedding-type", "rope", "--disable-bias-linear")
+]  # LayerNorm, GELU, learned positions, biases
+
+VARIANTS = {
+    "tied": (BASE, []),
+    "untied": (BASE, ["--untie-exit-output-weights"]),
+    "gpt2": (GPT2_BASE, ["--untie-embeddings-and-output-weights"]),
+}
+
+
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
-    return {
-        "tied": train(tmp_path_factory.mktemp("ref"), "tied", 1),
-        "untied": train(tmp_path_factory.mktemp("ref"), "untied", 1, ["--untie-exit-output-weights"]),
-    }
+    cache = {}
+
+    def get(variant):
+        if variant not in cache:
+            base, extra = VARIANTS[variant]
+            cache[variant] = train(tmp_path_factory.mktemp("ref"), variant, 1, extra, base)
+        return cache[variant]
+
+    return get
 
 
 def assert_same(run, ref):
@@ -85,14 +103,21 @@ LAYOUTS = {
     "tp2xpp2": (4, ["--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2"]),
     "dp2xpp2": (4, ["--pipeline-model-parallel-size", "2"]),
     "dp2xpp2-zero1": (4, ["--pipeline-model-parallel-size", "2", "--use-distributed-optimizer"]),
+    "tp2xpp2-sp": (
+        4,
+        ["--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2", "--sequence-parallel"],
+    ),
 }
 
+CASES = [(layout, "tied") for layout in LAYOUTS] + [
+    ("pp2", "untied"),
+    ("tp2xpp2", "untied"),
+    ("tp2xpp2-sp", "gpt2"),
+]
 
-@pytest.mark.parametrize("tie", ["tied", "untied"])
-@pytest.mark.parametrize("layout", list(LAYOUTS))
-def test_layout_equals_single_process(tmp_path, reference, layout, tie):
-    if tie == "untied" and layout not in ("pp2", "tp2xpp2"):
-        pytest.skip("untied exits are covered on pp2 and tp2xpp2 (suite time)")
+
+@pytest.mark.parametrize(("layout", "variant"), CASES)
+def test_layout_equals_single_process(tmp_path, reference, layout, variant):
     nproc, extra = LAYOUTS[layout]
-    extra = extra + (["--untie-exit-output-weights"] if tie == "untied" else [])
-    assert_same(train(tmp_path, layout, nproc, extra), reference[tie])
+    base, variant_extra = VARIANTS[variant]
+    assert_same(train(tmp_path, layout, nproc, extra + variant_extra, base), reference(variant))

@@ -214,7 +214,12 @@ def validate_args(
     if args.lr <= 0 or args.min_lr < 0 or args.min_lr > args.lr:
         raise ValueError(f"--lr must be > 0 and --min-lr in [0, lr], got {args.lr} and {args.min_lr}")
     if args.sequence_parallel:
-        raise ValueError("--sequence-parallel is not implemented yet")
+        if args.tensor_model_parallel_size == 1:
+            raise ValueError("--sequence-parallel needs --tensor-model-parallel-size > 1")
+        if args.seq_length is not None and args.seq_length % args.tensor_model_parallel_size:
+            raise ValueError("--sequence-parallel needs --seq-length divisible by --tensor-model-parallel-size")
+        if args.tune_exit:
+            raise ValueError("--sequence-parallel is not supported with --tune-exit")
     if args.train_iters is None:
         raise ValueError("--train-iters is required")
     if args.seq_length is None:

@@ -45,8 +45,8 @@ class SelfAttention(nn.Module):
 
     def split_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x [b, s, h] -> q [b, nh, s, hd], k and v [b, ng, s, hd] (local head counts under TP)."""
-        b, s, _ = x.shape
         qkv = self.linear_qkv(x)
+        b, s, _ = qkv.shape  # under sequence parallelism: the full sequence, gathered
         per_group = self.num_heads // self.num_groups
         ng = qkv.shape[-1] // ((per_group + 2) * self.head_dim)  # local groups (TP shards them)
         qkv = qkv.view(b, s, ng, per_group + 2, self.head_dim)
@@ -67,8 +67,8 @@ class SelfAttention(nn.Module):
         Without a mask and a cache this is plain causal attention. With a cache, the caller
         passes `attn_mask` [b, 1, s, t] (True = may attend) matching what the cache returns.
         """
-        b, s, _ = x.shape
         q, k, v = self.split_qkv(x)
+        b, _, s, _ = q.shape
         if rotary is not None:
             cos, sin = rotary
             q = apply_rotary(q, cos, sin)

@@ -45,6 +45,11 @@ def build_embedding_group(config, specs: list[StageSpec], ps: ParallelState):
 
 def sync_gradients(model: torch.nn.Module, ps: ParallelState, embedding_group) -> None:
     params = [p for p in model.parameters() if p.grad is not None]
+    if getattr(model, "sequence_parallel", False) and ps.tp_group is not None:
+        # Replicated weights (norms, row-parallel biases) saw only this rank's sequence chunk.
+        for name, p in model.named_parameters():
+            if p.grad is not None and shard_spec(name, model.config.swiglu) == "replicated":
+                dist.all_reduce(p.grad, group=ps.tp_group)
     if ps.dp_group is not None:
         for p in params:
             dist.all_reduce(p.grad, group=ps.dp_group)

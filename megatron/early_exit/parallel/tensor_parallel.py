@@ -51,6 +51,59 @@ class _ReduceFromTP(torch.autograd.Function):
         return grad, None
 
 
+def _all_gather_seq(x: torch.Tensor, group) -> torch.Tensor:
+    """[b, s/tp, h] on each rank -> [b, s, h] (sequence chunks in rank order)."""
+    size = dist.get_world_size(group)
+    x = x.transpose(0, 1).contiguous()  # (s/tp, b, h): gather along the leading dim
+    out = torch.empty((size * x.shape[0], *x.shape[1:]), dtype=x.dtype, device=x.device)
+    dist.all_gather_into_tensor(out, x, group=group)
+    return out.transpose(0, 1)
+
+
+def _reduce_scatter_seq(x: torch.Tensor, group) -> torch.Tensor:
+    """[b, s, h] partial sums on each rank -> this rank's summed chunk [b, s/tp, h]."""
+    size = dist.get_world_size(group)
+    x = x.transpose(0, 1).contiguous()
+    out = torch.empty((x.shape[0] // size, *x.shape[1:]), dtype=x.dtype, device=x.device)
+    dist.reduce_scatter_tensor(out, x, group=group)
+    return out.transpose(0, 1)
+
+
+class _GatherSeq(torch.autograd.Function):
+    """Sequence parallelism, entering a TP region: all-gather the sequence (backward:
+    reduce-scatter, since every rank's full-sequence gradient is a partial sum)."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return _all_gather_seq(x, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _reduce_scatter_seq(grad, ctx.group), None
+
+
+class _ReduceScatterSeq(torch.autograd.Function):
+    """Sequence parallelism, leaving a TP region: reduce-scatter (backward: all-gather)."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return _reduce_scatter_seq(x, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _all_gather_seq(grad, ctx.group), None
+
+
+def enter_tp(x: torch.Tensor, group, sequence_parallel: bool) -> torch.Tensor:
+    return _GatherSeq.apply(x, group) if sequence_parallel else _CopyToTP.apply(x, group)
+
+
+def leave_tp(x: torch.Tensor, group, sequence_parallel: bool) -> torch.Tensor:
+    return _ReduceScatterSeq.apply(x, group) if sequence_parallel else _ReduceFromTP.apply(x, group)
+
+
 def copy_to(x: torch.Tensor, group) -> torch.Tensor:
     return _CopyToTP.apply(x, group)
 
@@ -64,55 +117,68 @@ def _shard_rows(t: torch.Tensor, rank: int, size: int) -> torch.Tensor:
 
 
 class ColumnParallelLinear(nn.Module):
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, group) -> None:
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, group, sp: bool = False) -> None:
         super().__init__()
         self.weight = nn.Parameter(weight)
         self.bias = nn.Parameter(bias) if bias is not None else None
-        self.group = group
+        self.group, self.sp = group, sp
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(copy_to(x, self.group), self.weight, self.bias)
+        return F.linear(enter_tp(x, self.group, self.sp), self.weight, self.bias)
 
 
 class RowParallelLinear(nn.Module):
-    """Bias is replicated and added once, after the all-reduce."""
+    """Bias is replicated and added once, after the all-reduce (or reduce-scatter)."""
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, group) -> None:
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, group, sp: bool = False) -> None:
         super().__init__()
         self.weight = nn.Parameter(weight)
         self.bias = nn.Parameter(bias) if bias is not None else None
-        self.group = group
+        self.group, self.sp = group, sp
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = reduce_from(F.linear(x, self.weight), self.group)
+        y = leave_tp(F.linear(x, self.weight), self.group, self.sp)
         return y + self.bias if self.bias is not None else y
 
 
 class VocabParallelEmbedding(nn.Module):
-    def __init__(self, weight: torch.Tensor, vocab_start: int, group) -> None:
+    def __init__(self, weight: torch.Tensor, vocab_start: int, group, sp: bool = False) -> None:
         super().__init__()
         self.weight = nn.Parameter(weight)
         self.vocab_start = vocab_start
-        self.group = group
+        self.group, self.sp = group, sp
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         local = ids - self.vocab_start
         outside = (local < 0) | (local >= self.weight.shape[0])
         h = F.embedding(local.masked_fill(outside, 0), self.weight)
         h = h.masked_fill(outside.unsqueeze(-1), 0.0)
-        return reduce_from(h, self.group)
+        return leave_tp(h, self.group, self.sp)
+
+
+class SequenceChunkEmbedding(nn.Embedding):
+    """Learned position embeddings under sequence parallelism: this rank's sequence chunk."""
+
+    def __init__(self, weight: torch.Tensor, group) -> None:
+        super().__init__(weight.shape[0], weight.shape[1], _weight=weight)
+        self.group = group
+
+    def forward(self, position_ids: torch.Tensor) -> torch.Tensor:
+        chunk = position_ids.chunk(dist.get_world_size(self.group), dim=1)[dist.get_rank(self.group)]
+        return super().forward(chunk)
 
 
 class VocabParallelHeadOps(HeadOps):
     """Heads whose logits stay sharded over the vocabulary: [b, s, V/tp] on each rank."""
 
-    def __init__(self, group, vocab_start: int) -> None:
+    def __init__(self, group, vocab_start: int, sp: bool = False) -> None:
         super().__init__()
         self.group = group
         self.vocab_start = vocab_start
+        self.sp = sp
 
     def project(self, h, weight):
-        return torch.matmul(copy_to(h, self.group), weight.t())
+        return torch.matmul(enter_tp(h, self.group, self.sp), weight.t())
 
     def token_losses(self, logits, labels):
         # CE = logsumexp(all logits) - logit[label], each piece summed over the shards.
@@ -164,17 +230,17 @@ class VocabParallelHeadOps(HeadOps):
         return torch.cat(parts, dim=-1)
 
 
-def _shard_qkv(lin: nn.Linear, num_groups: int, rank: int, size: int, group) -> ColumnParallelLinear:
+def _shard_qkv(lin: nn.Linear, num_groups: int, rank: int, size: int, group, sp: bool) -> ColumnParallelLinear:
     # Rows are grouped by query group: [ng, (nh/ng + 2) * hd]; shard whole groups.
     w = lin.weight.detach().view(num_groups, -1, lin.in_features)
     w = w.chunk(size, dim=0)[rank].reshape(-1, lin.in_features).clone()
     b = None
     if lin.bias is not None:
         b = lin.bias.detach().view(num_groups, -1).chunk(size, dim=0)[rank].reshape(-1).clone()
-    return ColumnParallelLinear(w, b, group)
+    return ColumnParallelLinear(w, b, group, sp)
 
 
-def _shard_fc1(lin: nn.Linear, swiglu: bool, rank: int, size: int, group) -> ColumnParallelLinear:
+def _shard_fc1(lin: nn.Linear, swiglu: bool, rank: int, size: int, group, sp: bool) -> ColumnParallelLinear:
     def pick(t):
         if not swiglu:
             return _shard_rows(t, rank, size)
@@ -182,49 +248,63 @@ def _shard_fc1(lin: nn.Linear, swiglu: bool, rank: int, size: int, group) -> Col
         return torch.cat([_shard_rows(gate, rank, size), _shard_rows(up, rank, size)], dim=0)
 
     bias = pick(lin.bias.detach()) if lin.bias is not None else None
-    return ColumnParallelLinear(pick(lin.weight.detach()), bias, group)
+    return ColumnParallelLinear(pick(lin.weight.detach()), bias, group, sp)
 
 
-def _shard_row_parallel(lin: nn.Linear, rank: int, size: int, group) -> RowParallelLinear:
+def _shard_row_parallel(lin: nn.Linear, rank: int, size: int, group, sp: bool) -> RowParallelLinear:
     w = lin.weight.detach().chunk(size, dim=1)[rank].clone()
     b = lin.bias.detach().clone() if lin.bias is not None else None
-    return RowParallelLinear(w, b, group)
+    return RowParallelLinear(w, b, group, sp)
 
 
-def _parallelize_layer(layer, config, rank, size, group) -> None:
+def _parallelize_mlp(mlp, config, rank, size, group, sp) -> None:
+    mlp.linear_fc1 = _shard_fc1(mlp.linear_fc1, config.swiglu, rank, size, group, sp)
+    mlp.linear_fc2 = _shard_row_parallel(mlp.linear_fc2, rank, size, group, sp)
+
+
+def _parallelize_layer(layer, config, rank, size, group, sp) -> None:
     attn = layer.self_attention
-    attn.linear_qkv = _shard_qkv(attn.linear_qkv, config.num_query_groups, rank, size, group)
-    attn.linear_proj = _shard_row_parallel(attn.linear_proj, rank, size, group)
-    layer.mlp.linear_fc1 = _shard_fc1(layer.mlp.linear_fc1, config.swiglu, rank, size, group)
-    layer.mlp.linear_fc2 = _shard_row_parallel(layer.mlp.linear_fc2, rank, size, group)
+    attn.linear_qkv = _shard_qkv(attn.linear_qkv, config.num_query_groups, rank, size, group, sp)
+    attn.linear_proj = _shard_row_parallel(attn.linear_proj, rank, size, group, sp)
+    _parallelize_mlp(layer.mlp, config, rank, size, group, sp)
 
 
-def apply_tensor_parallel(model: EarlyExitGPT, group) -> EarlyExitGPT:
-    """Shard `model` in place for this rank of `group`; returns it. Call after init/load."""
+def apply_tensor_parallel(model: EarlyExitGPT, group, sequence_parallel: bool = False) -> EarlyExitGPT:
+    """Shard `model` in place for this rank of `group`; returns it. Call after init/load.
+
+    With `sequence_parallel`, activations outside the TP regions (norms, residuals, the
+    activations sent between pipeline stages) hold only this rank's 1/tp of the
+    sequence: all-reduces become reduce-scatters and the copies into a TP region become
+    all-gathers. The replicated (norm) weights then see only part of the sequence, so
+    their gradients are summed over TP afterwards (see parallel/grads.py).
+    """
     if group is None:
         return model
+    sp = sequence_parallel
     rank, size = dist.get_rank(group), dist.get_world_size(group)
     config = model.config
-    vocab_per_rank = config.vocab_size // size
-    vocab_start = rank * vocab_per_rank
+    vocab_start = rank * (config.vocab_size // size)
     for layer in model.decoder.layers.values():
-        _parallelize_layer(layer, config, rank, size, group)
+        _parallelize_layer(layer, config, rank, size, group, sp)
     for head in model.exits.values():
         if head.block is not None:
-            _parallelize_layer(head.block, config, rank, size, group)
+            _parallelize_layer(head.block, config, rank, size, group, sp)
         if head.mlp is not None:
-            head.mlp.linear_fc1 = _shard_fc1(head.mlp.linear_fc1, config.swiglu, rank, size, group)
-            head.mlp.linear_fc2 = _shard_row_parallel(head.mlp.linear_fc2, rank, size, group)
+            _parallelize_mlp(head.mlp, config, rank, size, group, sp)
         if head.output_layer is not None:
             head.output_layer.weight = nn.Parameter(_shard_rows(head.output_layer.weight.detach(), rank, size))
     if model.embedding is not None:
-        emb = model.embedding.word_embeddings
-        model.embedding.word_embeddings = VocabParallelEmbedding(
-            _shard_rows(emb.weight.detach(), rank, size), vocab_start, group
+        emb = model.embedding
+        input_embedding = model.pre_process
+        emb.word_embeddings = VocabParallelEmbedding(
+            _shard_rows(emb.word_embeddings.weight.detach(), rank, size), vocab_start, group, sp and input_embedding
         )
+        if sp and emb.position_embeddings is not None:
+            emb.position_embeddings = SequenceChunkEmbedding(emb.position_embeddings.weight.detach(), group)
     if model.output_layer is not None:
         model.output_layer.weight = nn.Parameter(_shard_rows(model.output_layer.weight.detach(), rank, size))
-    model.head_ops = VocabParallelHeadOps(group, vocab_start)
+    model.head_ops = VocabParallelHeadOps(group, vocab_start, sp)
+    model.sequence_parallel = sp
     return model
 
 

@@ -132,6 +132,7 @@ class Trainer:
         self._build_data()
         self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16) if args.bf16 else nullcontext()
         self.num_micro = args.global_batch_size // (args.micro_batch_size * dims.dp)
+        self.seq_shards = dims.tp if args.sequence_parallel else 1  # activations between stages
         self.is_logger = self.pstate.rank == 0
         self.tb = self._tensorboard() if self.is_logger else None
 
@@ -184,7 +185,7 @@ class Trainer:
                 p.requires_grad_(name.startswith("exits."))
             self._check_tunable()
         self.model.to(self.device)
-        apply_tensor_parallel(self.model, ps.tp_group)
+        apply_tensor_parallel(self.model, ps.tp_group, self.args.sequence_parallel)
         self.embedding_group = build_embedding_group(self.config, specs, ps)
 
     def _check_tunable(self) -> None:
@@ -281,7 +282,7 @@ class Trainer:
             loss_cfg=self.loss_cfg,
             exit_weights=self._exit_weights(),
             num_micro=self.num_micro,
-            activation_shape=(a.micro_batch_size, a.seq_length, self.config.hidden_size),
+            activation_shape=(a.micro_batch_size, a.seq_length // self.seq_shards, self.config.hidden_size),
             device=self.device,
             autocast=self.autocast,
         )

@@ -239,13 +239,8 @@ class Trainer:
             test_samples=eval_samples,
             data_cache_path=args.data_cache_path,
         )
-        # Rank 0 builds megatron-core's index caches first; the others then read them.
-        if self.pstate.rank == 0:
-            datasets = build_datasets(**kwargs)
-        barrier()
-        if self.pstate.rank != 0:
-            datasets = build_datasets(**kwargs)
-        self.train_ds, self.valid_ds, _ = datasets
+        # Collective: megatron-core builds its index caches on rank 0 first, then the others.
+        self.train_ds, self.valid_ds, _ = build_datasets(**kwargs)
         self.train_iter = iter(
             build_data_loader(
                 self.train_ds,

@@ -423,7 +423,10 @@ class IntervalLog:
         self.sums: dict[str, float] = {}
         self.count = 0
         self.tokens = 0
-        self.jsonl = open(args.log_jsonl, "a") if args.log_jsonl else None
+        self.jsonl = None
+        if args.log_jsonl:
+            os.makedirs(os.path.dirname(os.path.abspath(args.log_jsonl)), exist_ok=True)
+            self.jsonl = open(args.log_jsonl, "a")
 
     def add(self, iteration: int, parts: dict[str, float], lr: float, tokens: int) -> None:
         for k, v in parts.items():

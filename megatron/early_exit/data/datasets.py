@@ -11,6 +11,8 @@ import os
 import tempfile
 import warnings
 
+import torch
+
 
 class CoreTokenizerAdapter:
     """What megatron-core's datasets read from a tokenizer: vocab size, eod, identifiers."""
@@ -101,6 +103,10 @@ def build_datasets(
         prefixes, weights = parse_data_path(data_path or [])
         blend, cls = (prefixes, weights), gpt.GPTDataset
         cache = data_cache_path or os.path.join(os.path.dirname(os.path.abspath(prefixes[0])), "cache")
+        if len(prefixes) > 1 and not torch.distributed.is_initialized():
+            # megatron-core's blend cache asks torch.distributed for the rank on a cache miss;
+            # a single process builds its (cheap) indices in memory instead.
+            cache = None
     config = gpt.GPTDatasetConfig(
         random_seed=seed,
         sequence_length=seq_length,

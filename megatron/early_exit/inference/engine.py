@@ -364,7 +364,10 @@ class EarlyExitEngine:
         total = sum(len(r.tokens) for r in results)
         for r in results:
             if self.tokenizer is not None:
-                r.text = self.tokenizer.detokenize(r.tokens)
+                # Decode with the prompt so that word boundaries (e.g. SentencePiece's) come out right.
+                head = self.tokenizer.detokenize(r.prompt_tokens)
+                both = self.tokenizer.detokenize(r.prompt_tokens + r.tokens)
+                r.text = both[len(head) :] if both.startswith(head) else self.tokenizer.detokenize(r.tokens)
             layers = r.exit_layers
             r.stats = {
                 "tokens_per_sec": total / max(elapsed, 1e-9),

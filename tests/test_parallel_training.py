@@ -37,9 +37,11 @@ BASE = [
 ]  # fmt: skip
 
 
-def train(tmp_path, name, nproc, extra=(), base=BASE):
+def train(tmp_path, name, nproc, extra=(), base=BASE, with_stdout=False):
     out = tmp_path / name
-    args = [*base, *extra, "--save", str(out / "ckpt"), "--log-jsonl", str(out / "log.jsonl")]
+    args = [*base, *extra, "--log-jsonl", str(out / "log.jsonl")]
+    if "--save" not in extra:
+        args += ["--save", str(out / "ckpt")]
     if nproc == 1:
         cmd = [sys.executable, os.path.join(ROOT, "pretrain_early_exit_gpt.py"), *args]
     else:
@@ -51,6 +53,8 @@ def train(tmp_path, name, nproc, extra=(), base=BASE):
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    if with_stdout:
+        return records, proc.stdout
     weights = load_file(str(out / "ckpt" / "iter_0000005" / "model.safetensors"))
     return records, weights
 
@@ -121,3 +125,36 @@ def test_layout_equals_single_process(tmp_path, reference, layout, variant):
     nproc, extra = LAYOUTS[layout]
     base, variant_extra = VARIANTS[variant]
     assert_same(train(tmp_path, layout, nproc, extra + variant_extra, base), reference(variant))
+
+
+def test_replicated_parameters_stay_identical_across_ranks(tmp_path):
+    # DP replicas, TP-replicated norms and the tied word-embedding copies on both stages.
+    extra = ["--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2", "--check-replicated-params"]
+    _, stdout = train(tmp_path, "check", 4, extra, with_stdout=True)
+    assert "replicated parameters identical across ranks after every step" in stdout
+    _, stdout = train(
+        tmp_path, "check_dp", 4, ["--pipeline-model-parallel-size", "2", "--check-replicated-params"], with_stdout=True
+    )
+    assert "replicated parameters identical across ranks after every step" in stdout
+
+
+@pytest.mark.parametrize(
+    ("first", "second"), [("tp2xpp2", None), (None, "tp2xpp2")], ids=["tp2xpp2-to-1", "1-to-tp2xpp2"]
+)
+def test_checkpoint_resumes_under_another_layout(tmp_path, reference, first, second):
+    """Stop after 3 iterations under one layout, resume under another: iterations 4 and 5
+    give the single-process run's losses."""
+    ckpt = str(tmp_path / "ckpt")
+
+    def layout(name):
+        return LAYOUTS[name] if name else (1, [])
+
+    n1, e1 = layout(first)
+    train(tmp_path, "part1", n1, [*e1, "--exit-interval", "3", "--save", ckpt], with_stdout=True)
+    n2, e2 = layout(second)
+    records, stdout = train(tmp_path, "part2", n2, [*e2, "--load", ckpt, "--save", ckpt], with_stdout=True)
+    assert "resumed from" in stdout and [r["iteration"] for r in records] == [4, 5]
+    ref_records = reference("tied")[0]
+    for r, e in zip(records, ref_records[3:]):
+        for k in ("exit_1 loss", "exit_3 loss", "lm loss"):
+            assert r[k] == pytest.approx(e[k], rel=1e-5), (r["iteration"], k)

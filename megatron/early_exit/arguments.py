@@ -175,7 +175,18 @@ def _add_parallel_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--tensor-model-parallel-size", type=int, default=1)
     g.add_argument("--pipeline-model-parallel-size", type=int, default=1)
     g.add_argument("--sequence-parallel", action="store_true")
+    g.add_argument(
+        "--pipeline-split",
+        choices=["cost", "uniform"],
+        default="cost",
+        help="stage boundaries: balance layer + head costs (default), or equal layer counts (Megatron)",
+    )
     g.add_argument("--use-distributed-optimizer", action="store_true")
+    g.add_argument(
+        "--check-replicated-params",
+        action="store_true",
+        help="after every step, verify replicated parameters are bit-identical across ranks (debug)",
+    )
 
 
 def parse_args(argv: list[str] | None = None, prog: str | None = None) -> argparse.Namespace:

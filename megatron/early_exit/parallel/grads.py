@@ -117,3 +117,27 @@ def gather_rng_states(ps: ParallelState) -> list | None:
     out = [None] * ps.dims.world_size if ps.rank == 0 else None
     dist.gather_object(mine, out, dst=0)
     return out
+
+
+def check_replicated_params(model: torch.nn.Module, ps: ParallelState, embedding_group) -> int:
+    """Assert that every replicated parameter is bit-identical on all ranks that hold it:
+    DP replicas, TP ranks (for TP-replicated tensors) and the word-embedding copies of the
+    embedding group. Returns the number of tensors compared; raises RuntimeError naming
+    the first that differs."""
+    checked = 0
+    for name, p in model.named_parameters():
+        groups = [("data-parallel replicas", ps.dp_group)]
+        if shard_spec(name, model.config.swiglu) == "replicated":
+            groups.append(("tensor-parallel ranks", ps.tp_group))
+        if name == EMBEDDING:
+            groups.append(("embedding-group copies", embedding_group))
+        for what, group in groups:
+            if group is None:
+                continue
+            lo, hi = p.detach().clone(), p.detach().clone()
+            dist.all_reduce(lo, op=dist.ReduceOp.MIN, group=group)
+            dist.all_reduce(hi, op=dist.ReduceOp.MAX, group=group)
+            if not torch.equal(lo, hi):
+                raise RuntimeError(f"replicated parameter {name} differs across {what}")
+            checked += 1
+    return checked

@@ -32,6 +32,7 @@ from megatron.early_exit.parallel.dims import ParallelDims, initialize
 from megatron.early_exit.parallel.grads import (
     barrier,
     build_embedding_group,
+    check_replicated_params,
     clip_grad_norm,
     gather_rng_states,
     reduce_loss_parts,
@@ -157,7 +158,7 @@ class Trainer:
 
     def _stage_specs(self):
         if not self.args.tune_exit:
-            return stages_for(self.config, self.pstate.dims.pp)
+            return stages_for(self.config, self.pstate.dims.pp, uniform=self.args.pipeline_split == "uniform")
         layers, final = self._tuning_layers()
         c = self.config
         specs = split_stages(
@@ -305,6 +306,8 @@ class Trainer:
         self.scheduler.step()
         self.state.iteration += 1
         self.state.consumed_train_samples += self.args.global_batch_size
+        if self.args.check_replicated_params:
+            self.replicated_checked = check_replicated_params(self.model, self.pstate, self.embedding_group)
         parts = reduce_loss_parts(parts, self.pstate)
         parts["grad norm"] = grad_norm
         return parts
@@ -355,6 +358,11 @@ class Trainer:
             if args.exit_interval and self.state.iteration % args.exit_interval == 0:
                 self._print(f" exiting at iteration {self.state.iteration} (--exit-interval)")
                 break
+        if args.check_replicated_params and self.state.history:
+            self._print(
+                f" replicated parameters identical across ranks after every step "
+                f"({getattr(self, 'replicated_checked', 0)} comparisons per step on rank 0)"
+            )
         if args.eval_interval and self.state.iteration % args.eval_interval != 0:
             self._log_eval()
         saved = self.state.checkpoint and self.state.checkpoint.endswith(f"{self.state.iteration:07d}")

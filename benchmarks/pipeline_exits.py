@@ -128,7 +128,8 @@ def main() -> None:
     base = run(ns, [])
     ee = run(ns, [2, 4])
     print(
-        f"\n{'stage':6s} {'ms/iter no exits':>17s} {'with 2 exits':>13s} {'ratio':>6s} {'peak MiB':>9s} {'with exits':>11s} {'ratio':>6s}"
+        f"\n{'stage':6s} {'ms/iter no exits':>17s} {'with 2 exits':>13s} {'ratio':>6s} {'peak MiB':>9s} "
+        f"{'with exits':>11s} {'ratio':>6s}"
     )
     for a, b in zip(base, ee):
         print(

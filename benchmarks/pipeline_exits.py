@@ -2,9 +2,10 @@
 """Exit heads in a pipeline: do they cost anything? (EE-LLM: exits placed on early stages run
 in those stages' implicit bubbles, since the last stage also carries the final head.)
 
-Runs PP2 under torchrun (gloo, 1 thread per rank) twice, side by side: the same model
-without exits, and with two exits on the first stage; prints per-stage time per iteration
-and peak memory, and their ratios. Then it measures the per-layer and per-head forward /
+Runs PP2 under torchrun (gloo, 1 thread per rank), side by side: the same model without
+exits, with exits (`--exits`, default one after layer 2) on the first stage, and with those
+exits plus explicit-bubble filling (`--fill` extra micro-batches); prints per-stage time per
+iteration and peak memory, and their ratios. Then it measures the per-layer and per-head forward /
 backward costs in this process and asks the 1F1B simulator (benchmarks/pipeline_simulator.py)
 for the same runs, to check the simulator against the measurement.
 
@@ -43,6 +44,8 @@ def worker(ns) -> None:
             "--lr", "1e-4", "--eval-interval", "0", "--device", "cpu", "--pipeline-split", "uniform"]  # fmt: skip
     if ns.exits:
         argv += ["--exit-layer-nums", *map(str, ns.exits), "--use-exit-norm"]
+    if ns.fill:
+        argv += ["--fill-explicit-bubbles", "--num-fill-warmup-microbatches", str(ns.fill)]
     trainer = Trainer(parse_args(argv))
     for _ in range(ns.warmup):
         trainer.train_step()
@@ -59,10 +62,11 @@ def worker(ns) -> None:
     dist.destroy_process_group()
 
 
-def run(ns, exits) -> list[dict]:
+def run(ns, exits, fill=0) -> list[dict]:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", __file__, "--worker",
            "--iters", str(ns.iters), "--warmup", str(ns.warmup), "--micro-batches", str(ns.micro_batches),
-           "--micro-batch-size", str(ns.micro_batch_size), "--exits", *map(str, exits)]  # fmt: skip
+           "--micro-batch-size", str(ns.micro_batch_size), "--fill", str(fill),
+           "--exits", *map(str, exits)]  # fmt: skip
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
@@ -110,7 +114,8 @@ def measured_costs(ns) -> dict[str, float]:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    p.add_argument("--exits", type=int, nargs="*", default=[])
+    p.add_argument("--fill", type=int, default=1, help="fill micro-batches per iteration for the filling run")
+    p.add_argument("--exits", type=int, nargs="*", default=[2], help="exit layers of the with-exits run (stage 0)")
     p.add_argument("--iters", type=int, default=4)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--micro-batches", type=int, default=8)
@@ -126,9 +131,10 @@ def main() -> None:
         f"vocab 8000, seq 128, {ns.micro_batches} micro-batches of {ns.micro_batch_size}; exits: norm + tied head"
     )
     base = run(ns, [])
-    ee = run(ns, [2, 4])
+    ee = run(ns, ns.exits)
+    n_exits = len(ns.exits)
     print(
-        f"\n{'stage':6s} {'ms/iter no exits':>17s} {'with 2 exits':>13s} {'ratio':>6s} {'peak MiB':>9s} "
+        f"\n{'stage':6s} {'ms/iter no exits':>17s} {'with exits':>13s} {'ratio':>6s} {'peak MiB':>9s} "
         f"{'with exits':>11s} {'ratio':>6s}"
     )
     for a, b in zip(base, ee):
@@ -138,6 +144,15 @@ def main() -> None:
         )
     iter_base, iter_ee = max(r["ms"] for r in base), max(r["ms"] for r in ee)
     print(f"iteration time with exits on stage 0 / without: {iter_ee / iter_base:.3f}")
+    if ns.fill:
+        filled = run(ns, ns.exits, ns.fill)
+        iter_fill = max(r["ms"] for r in filled)
+        extra = ns.fill / ns.micro_batches
+        print(
+            f"with bubble filling ({ns.fill} extra micro-batch(es) for the exits, +{extra:.0%} exit training data): "
+            f"iteration {iter_fill / iter_ee:.3f}x the exits run, {iter_fill / iter_base:.3f}x no exits; "
+            f"peak memory stage 0 {filled[0]['peak_mib'] / ee[0]['peak_mib']:.3f}x"
+        )
 
     c = measured_costs(ns)
     print(
@@ -150,8 +165,8 @@ def main() -> None:
         s1 = StageCost(4 * c["layer_f"] + c["head_f"], 4 * c["layer_b"] + c["head_b"], 0.0)
         return simulate([s0, s1], ns.micro_batches)
 
-    pb, pe = predict(0), predict(2)
-    for label, pred, meas in (("no exits", pb, iter_base), ("2 exits", pe, iter_ee)):
+    pb, pe = predict(0), predict(n_exits)
+    for label, pred, meas in (("no exits", pb, iter_base), (f"{n_exits} exits", pe, iter_ee)):
         print(
             f"simulator {label:9s}: {pred['time']:.0f} ms predicted vs {meas:.0f} ms measured "
             f"({pred['time'] / meas - 1:+.1%}), bubble {pred['bubble']:.1%}"

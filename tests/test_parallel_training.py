@@ -69,6 +69,12 @@ VARIANTS = {
     "tied": (BASE, []),
     "untied": (BASE, ["--untie-exit-output-weights"]),
     "gpt2": (GPT2_BASE, ["--untie-embeddings-and-output-weights"]),
+    # Explicit-bubble filling: 2 extra micro-batches at the warm-up bubble, 1 after the cool-down,
+    # feeding only exit losses; the single process computes the same objective.
+    "fill": (
+        BASE,
+        ["--fill-explicit-bubbles", "--num-fill-warmup-microbatches", "2", "--num-fill-cooldown-microbatches", "1"],
+    ),
 }
 
 
@@ -117,6 +123,8 @@ CASES = [(layout, "tied") for layout in LAYOUTS] + [
     ("pp2", "untied"),
     ("tp2xpp2", "untied"),
     ("tp2xpp2-sp", "gpt2"),
+    ("pp2", "fill"),
+    ("pp4", "fill"),  # exits on stages 0 and 2: fill activations and gradients cross stages
 ]
 
 
@@ -125,6 +133,13 @@ def test_layout_equals_single_process(tmp_path, reference, layout, variant):
     nproc, extra = LAYOUTS[layout]
     base, variant_extra = VARIANTS[variant]
     assert_same(train(tmp_path, layout, nproc, extra + variant_extra, base), reference(variant))
+
+
+def test_bubble_filling_trains_the_exits_on_extra_data(reference):
+    fill, plain = reference("fill"), reference("tied")
+    assert fill[0][0]["lm loss"] == plain[0][0]["lm loss"]  # same first batch
+    moved = [k for k in plain[1] if not torch.equal(fill[1][k], plain[1][k])]
+    assert "exits.1.mlp.linear_fc1.weight" in moved and "decoder.layers.0.mlp.linear_fc1.weight" in moved
 
 
 def test_replicated_parameters_stay_identical_across_ranks(tmp_path):

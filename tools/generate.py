@@ -1,11 +1,15 @@
 #!/usr/bin/env python
 """Generate text from a checkpoint with early exit, and show where each token left the network.
 
-    python tools/generate.py --load runs/demo/checkpoints --prompt "Early exit" \
+    python tools/generate.py --load runs/demo/checkpoints --prompt "Early exit" \\
         --strategy early_exit --early-exit-thres 0.8 --max-new-tokens 48
 
-Several prompts (`--prompt` repeated, or `--prompts-file F.jsonl` with a "prompt" or "text"
-field per line) are decoded as one batch. `--json` prints one JSON object per prompt.
+Several prompts (`--prompt` repeated, or `--prompts-file F.jsonl` with a "prompt" or
+"text" field per line) are decoded as one batch. The default output shows each prompt's
+text, then every generated token with its exit layer and confidence, then a summary;
+`--json` prints one JSON object per prompt instead (text, tokens, exit_layers,
+confidences, tokens_per_sec, finish_reason, average_exit_layer, exit_share, ...).
+Errors are one line on stderr and exit code 2.
 """
 
 from __future__ import annotations
@@ -18,28 +22,37 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, no usage block
+        sys.stderr.write(f"error: {message}\n")
+        sys.exit(2)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = _Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--load", required=True, help="checkpoint directory (its tokenizer comes with it)")
-    p.add_argument("--prompt", action="append", default=[])
-    p.add_argument("--prompts-file")
+    p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
+    p.add_argument("--prompts-file", help='JSON lines with a "prompt" (or "text") field')
     p.add_argument("--strategy", choices=["full", "early_exit", "self_speculative"], default="early_exit")
-    p.add_argument("--early-exit-thres", type=float, default=0.8)
+    p.add_argument("--early-exit-thres", type=float, default=0.8, help="confidence needed to exit, in [0, 1]")
     p.add_argument("--exit-layers", type=int, nargs="+", help="exits allowed to fire (default: all)")
     p.add_argument("--min-exit-layer", type=int)
     p.add_argument("--measure", choices=["max_prob", "top2_margin", "entropy", "learned"], default="max_prob")
     p.add_argument("--num-draft-tokens", type=int, default=4)
-    p.add_argument("--draft-exit-layer", type=int)
+    p.add_argument("--draft-exit-layer", type=int, help="self_speculative: the drafting exit (default: deepest)")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int)
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p.add_argument("--stop-token-id", type=int, action="append", default=[], help="stop token id (repeatable)")
+    p.add_argument("--ignore-eos", action="store_true")
     p.add_argument("--add-bos", action="store_true")
+    p.add_argument("--logprobs", action="store_true", help="also report each token's log-probability")
     p.add_argument("--device", default="cpu")
     p.add_argument("--bf16", action="store_true")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="one JSON object per prompt")
     return p
 
 
@@ -50,14 +63,18 @@ def read_prompts(args) -> list[str]:
             raise ValueError(f"--prompts-file: no such file: {args.prompts_file}")
         with open(args.prompts_file, encoding="utf-8") as f:
             for n, line in enumerate(f, 1):
-                if line.strip():
-                    try:
-                        obj = json.loads(line)
-                        prompts.append(obj.get("prompt", obj.get("text")))
-                    except (json.JSONDecodeError, AttributeError):
-                        raise ValueError(f"--prompts-file {args.prompts_file}:{n}: not a JSON object") from None
-    if not prompts or any(not isinstance(p, str) for p in prompts):
-        raise ValueError("give --prompt TEXT or --prompts-file F.jsonl (with a 'prompt' field)")
+                if not line.strip():
+                    continue
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError:
+                    raise ValueError(f"--prompts-file {args.prompts_file}:{n}: not valid JSON") from None
+                text = obj.get("prompt", obj.get("text")) if isinstance(obj, dict) else obj
+                if not isinstance(text, str):
+                    raise ValueError(f'--prompts-file {args.prompts_file}:{n}: needs a "prompt" string')
+                prompts.append(text)
+    if not prompts:
+        raise ValueError("give --prompt TEXT or --prompts-file F.jsonl")
     return prompts
 
 
@@ -65,37 +82,78 @@ def run(args) -> None:
     import torch
 
     from megatron.early_exit import load_checkpoint
-    from megatron.early_exit.inference import EarlyExitEngine, GenerationSettings
+    from megatron.early_exit.inference import EarlyExitEngine, GenerationSettings, summarize
 
     prompts = read_prompts(args)
-    model, tok = load_checkpoint(args.load, device=args.device, dtype=torch.bfloat16 if args.bf16 else None)
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        raise ValueError(f"--device: unknown device {args.device!r}") from None
+    model, tok = load_checkpoint(args.load, device=device, dtype=torch.bfloat16 if args.bf16 else None)
     if tok is None:
         raise ValueError(f"--load {args.load}: the checkpoint has no tokenizer")
-    ids = [([tok.bos] if args.add_bos and tok.bos is not None else []) + tok.tokenize(p) for p in prompts]
+    bos = [tok.bos] if args.add_bos and tok.bos is not None else []
+    ids = [bos + tok.tokenize(p) for p in prompts]
+    for p, i in zip(prompts, ids):
+        if not i:
+            raise ValueError(f"--prompt {p!r}: tokenizes to nothing")
     settings = GenerationSettings(
         strategy=args.strategy, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
         top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop_strings=tuple(args.stop),
+        stop_token_ids=tuple(args.stop_token_id), ignore_eos=args.ignore_eos,
         early_exit_threshold=args.early_exit_thres,
         exit_layers=tuple(args.exit_layers) if args.exit_layers else None, min_exit_layer=args.min_exit_layer,
         measure=args.measure, num_draft_tokens=args.num_draft_tokens, draft_exit_layer=args.draft_exit_layer,
+        return_logprobs=args.logprobs,
     )  # fmt: skip
     results = EarlyExitEngine(model, tok).generate(ids, settings)
+    num_layers = model.config.num_layers
     for prompt, r in zip(prompts, results):
         if args.json:
-            print(json.dumps({
-                "prompt": prompt, "text": r.text, "tokens": r.tokens, "exit_layers": r.exit_layers,
-                "confidences": [round(c, 6) for c in r.confidences], "finish_reason": r.finish_reason,
-                "tokens_per_sec": r.stats["tokens_per_sec"], "average_exit_layer": r.stats["average_exit_layer"],
-                **({"acceptance_rate": r.stats["acceptance_rate"]} if "acceptance_rate" in r.stats else {}),
-            }))  # fmt: skip
-            continue
-        print(f"=== {prompt!r}\n{prompt}{r.text}\n--- token | exit layer | confidence")
-        for t, layer, c in zip(r.tokens, r.exit_layers, r.confidences):
-            print(f"{tok.detokenize([t])!r:>20} | {layer:2d} | {c:.3f}")
+            print(json.dumps(_as_json(prompt, r)))
+        else:
+            _print_text(prompt, r, tok, num_layers)
+    if not args.json:
+        s = summarize(results, num_layers)
+        line = (
+            f"=== batch of {len(results)}: {s['tokens']} tokens, {s['tokens_per_sec']:.1f} tokens/s, "
+            f"average exit layer {s['average_exit_layer']:.2f} of {num_layers}, "
+            f"{s['early_exit_share']:.0%} exited early"
+        )
+        if "acceptance_rate" in s:
+            line += f", acceptance rate {s['acceptance_rate']:.0%}"
+        print(line)
+
+
+def _as_json(prompt: str, r) -> dict:
+    row = {
+        "prompt": prompt,
+        "text": r.text,
+        "tokens": r.tokens,
+        "exit_layers": r.exit_layers,
+        "confidences": [round(c, 6) for c in r.confidences],
+        "finish_reason": r.finish_reason,
+        "tokens_per_sec": r.stats["tokens_per_sec"],
+        "average_exit_layer": r.stats["average_exit_layer"],
+        "exit_share": {str(k): v for k, v in r.stats["exit_share"].items()},
+    }
+    if r.logprobs is not None:
+        row["logprobs"] = r.logprobs
+    if "acceptance_rate" in r.stats:
+        row["acceptance_rate"] = r.stats["acceptance_rate"]
+    return row
+
+
+def _print_text(prompt: str, r, tok, num_layers: int) -> None:
+    print(f"=== {prompt!r}\n{prompt}{r.text}\n--- token | exit layer | confidence")
+    for t, layer, c in zip(r.tokens, r.exit_layers, r.confidences):
+        where = "final" if layer == num_layers else f"exit {layer}"
+        print(f"{tok.detokenize([t])!r:>20} | {where:>7} | {c:.3f}")
+    if r.tokens:
         share = ", ".join(f"layer {k}: {v:.0%}" for k, v in r.stats["exit_share"].items())
         print(
-            f"--- average exit layer {r.stats['average_exit_layer']:.2f} of {model.config.num_layers} "
-            f"({share}); {r.stats['tokens_per_sec']:.1f} tokens/s over the batch"
+            f"--- {len(r.tokens)} tokens ({r.finish_reason}); average exit layer "
+            f"{r.stats['average_exit_layer']:.2f} of {num_layers} ({share})"
         )
 
 
@@ -103,7 +161,7 @@ def main(argv=None) -> None:
     args = build_parser().parse_args(argv)
     try:
         run(args)
-    except ValueError as e:
+    except (ValueError, OSError) as e:
         sys.stderr.write(f"error: {e}\n")
         sys.exit(2)
 

@@ -1,16 +1,105 @@
-"""Early-exit generation: KV cache, batched per-sequence exits, self-speculation."""
+"""Early-exit generation: KV cache, batched per-sequence exits, self-speculation, telemetry.
 
+from megatron.early_exit.inference import generate
+results = generate(model, tokenizer, [tokenizer.tokenize("Hello")], strategy="early_exit",
+                   early_exit_threshold=0.8, max_new_tokens=32)
+results[0].text, results[0].exit_layers, results[0].confidences, results[0].stats
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from megatron.early_exit.inference.confidence import MEASURES
 from megatron.early_exit.inference.engine import (
     STRATEGIES,
+    DecodeState,
     EarlyExitEngine,
+    ExitPolicy,
     GenerationResult,
     GenerationSettings,
+    StepOutput,
+    summarize,
 )
 
 
-def generate(model, tokenizer, prompts, **settings):
-    """Decode `prompts` (lists of token ids) as one batch; keyword arguments are GenerationSettings fields."""
-    return EarlyExitEngine(model, tokenizer).generate(prompts, GenerationSettings(**settings))
+def generate(
+    model,
+    tokenizer,
+    prompts: list[list[int]],
+    *,
+    strategy: str = "full",
+    max_new_tokens: int = 32,
+    temperature: float = 0.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    seed: int | None = None,
+    stop_token_ids: Sequence[int] = (),
+    stop_strings: Sequence[str] = (),
+    ignore_eos: bool = False,
+    early_exit_threshold: float = 0.8,
+    exit_layers: Sequence[int] | None = None,
+    min_exit_layer: int | None = None,
+    measure: str = "max_prob",
+    num_draft_tokens: int = 4,
+    draft_exit_layer: int | None = None,
+    return_logprobs: bool = False,
+    profile: bool = False,
+) -> list[GenerationResult]:
+    """Decode `prompts` (lists of token ids, any lengths) as one batch; one result per prompt.
+
+    model: an `EarlyExitGPT` (any device, any dtype); tokenizer: gives `text`, EOS (its
+    `eod`) and stop strings, or None (token ids only; stop_strings are then ignored).
+
+    strategy:
+      "full": the final head for every token.
+      "early_exit": after each allowed exit, each running sequence whose confidence
+        (`measure`: max_prob, top2_margin, entropy, or learned = the exit's probe) reaches
+        `early_exit_threshold` takes that exit's token; the others go deeper. 1.0 never
+        exits early (same tokens as "full"), 0.0 always takes the first allowed exit.
+        `exit_layers` restricts which exits may fire, `min_exit_layer` drops shallower ones.
+        Skipped layers' K/V are recomputed exactly when a later token goes deeper.
+      "self_speculative": greedy only, lossless: draft up to `num_draft_tokens` from
+        `draft_exit_layer` (default: the deepest exit), verify with one pass of the deeper
+        layers, keep the agreeing prefix plus the final head's token.
+    Sampling: temperature 0 is greedy; otherwise top_k (0 = off) and top_p (1 = off) filter,
+    and `seed` makes it reproducible. A sequence ends at EOS (unless ignore_eos), at one of
+    `stop_token_ids`, when its text contains one of `stop_strings`, or after max_new_tokens;
+    each sequence of the batch ends on its own. `return_logprobs` fills `logprobs`;
+    `profile` adds the share of time spent in exit heads (synchronising the device).
+    Bad settings raise ValueError naming the setting.
+    """
+    settings = GenerationSettings(
+        strategy=strategy,
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        seed=seed,
+        stop_token_ids=tuple(stop_token_ids),
+        stop_strings=tuple(stop_strings),
+        ignore_eos=ignore_eos,
+        early_exit_threshold=early_exit_threshold,
+        exit_layers=tuple(exit_layers) if exit_layers is not None else None,
+        min_exit_layer=min_exit_layer,
+        measure=measure,
+        num_draft_tokens=num_draft_tokens,
+        draft_exit_layer=draft_exit_layer,
+        return_logprobs=return_logprobs,
+        profile=profile,
+    )
+    return EarlyExitEngine(model, tokenizer).generate(prompts, settings)
 
 
-__all__ = ["EarlyExitEngine", "GenerationResult", "GenerationSettings", "STRATEGIES", "generate"]
+__all__ = [
+    "MEASURES",
+    "STRATEGIES",
+    "DecodeState",
+    "EarlyExitEngine",
+    "ExitPolicy",
+    "GenerationResult",
+    "GenerationSettings",
+    "StepOutput",
+    "generate",
+    "summarize",
+]

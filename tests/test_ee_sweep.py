@@ -1,0 +1,73 @@
+"""The threshold sweep: ROUGE-L and the CSV/plots it writes."""
+
+import csv
+import json
+import os
+import sys
+
+import pytest
+
+from megatron.early_exit.checkpointing import save_checkpoint
+from megatron.early_exit.config import ModelConfig
+from megatron.early_exit.model import EarlyExitGPT
+from megatron.early_exit.tokenizer import build_tokenizer
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools", "eval"))
+from ee_sweep import main, rouge_l  # noqa: E402
+
+
+def test_rouge_l_is_lcs_f1():
+    assert rouge_l("the cat sat on the mat", "the cat sat on the mat") == 1.0
+    assert rouge_l("", "x") == 0.0
+    # LCS("a b c d", "a c d e") = "a c d" (3): P = R = 3/4.
+    assert rouge_l("a b c d", "a c d e") == pytest.approx(0.75)
+    assert rouge_l("A B", "a b") == 1.0
+
+
+def test_sweep_writes_csv_and_plots(tmp_path):
+    tok = build_tokenizer("GPT2BPETokenizer")
+    cfg = ModelConfig(
+        num_layers=3,
+        hidden_size=32,
+        num_attention_heads=4,
+        vocab_size=50304,
+        real_vocab_size=50257,
+        max_position_embeddings=256,
+        exit_layer_nums=[1],
+        use_exit_norm=True,
+    )
+    model = EarlyExitGPT(cfg)
+    model.init_weights(0)
+    save_checkpoint(str(tmp_path / "ck"), 0, model, tok)
+    data = tmp_path / "data.jsonl"
+    rows = [
+        {"abstract": "We study early exit in language models.", "challenge": "a", "approach": "b", "outcome": "c"},
+        {"abstract": "Exits save compute on easy tokens.", "challenge": "d", "approach": "e", "outcome": "f"},
+    ]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    main(
+        [
+            "--load",
+            str(tmp_path / "ck"),
+            "--data",
+            str(data),
+            "--output",
+            str(tmp_path / "out"),
+            "--thresholds",
+            "1.0",
+            "0.0",
+            "--max-new-tokens",
+            "4",
+            "--batch-size",
+            "2",
+        ]
+    )
+    with open(tmp_path / "out" / "sweep.csv") as f:
+        table = list(csv.DictReader(f))
+    assert [float(r["threshold"]) for r in table] == [1.0, 0.0]
+    full, zero = table
+    assert float(full["rougeL_vs_full"]) == 100.0 and float(full["token_agreement"]) == 1.0
+    assert float(full["average_exit_layer"]) == 3.0
+    assert json.loads(zero["exit_share"])["1"] > 0.5  # threshold 0: decode tokens leave at exit 1
+    pytest.importorskip("matplotlib")
+    assert {"speedup.png", "quality_vs_speedup.png", "exit_histogram.png"} <= set(os.listdir(tmp_path / "out"))

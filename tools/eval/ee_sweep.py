@@ -1,0 +1,186 @@
+#!/usr/bin/env python
+"""Speed vs quality of early exit: sweep the confidence threshold on a summarisation task.
+
+    python tools/eval/ee_sweep.py --load CKPT --output runs/sweep \
+        --thresholds 1.0 0.9 0.8 0.6 0.4 0.2 0.0 --num-examples 20
+
+For each threshold it decodes the aclsum test abstracts (a summary of each paper's abstract)
+as batches, and records: tokens/s and speedup over threshold 1.0 (= full decoding, since
+1.0 never exits), ROUGE-L F1 against the reference summary and against the full model's
+output, token agreement with full decoding (share of positions with the same token), the
+average exit layer and the share of tokens per exit. Writes `sweep.csv` and, when matplotlib
+is installed, `speedup.png`, `quality_vs_speedup.png` and `exit_histogram.png`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "tools"))
+
+
+def rouge_l(candidate: str, reference: str) -> float:
+    """ROUGE-L F1 over lower-cased whitespace tokens (longest common subsequence)."""
+    a, b = candidate.lower().split(), reference.lower().split()
+    if not a or not b:
+        return 0.0
+    prev = [0] * (len(b) + 1)
+    for x in a:
+        cur = [0]
+        for j, y in enumerate(b):
+            cur.append(prev[j] + 1 if x == y else max(prev[j + 1], cur[j]))
+        prev = cur
+    lcs = prev[-1]
+    if lcs == 0:
+        return 0.0
+    p, r = lcs / len(a), lcs / len(b)
+    return 2 * p * r / (p + r)
+
+
+def load_examples(path: str | None, n: int) -> list[dict]:
+    if path is None:
+        from prepare_aclsum_corpus import prepare_corpus
+
+        out = tempfile.mkdtemp(prefix="aclsum_")
+        prepare_corpus(out)
+        path = os.path.join(out, "test_summarization.jsonl")
+    if not os.path.isfile(path):
+        raise ValueError(f"--data: no such file: {path} (make it with tools/prepare_aclsum_corpus.py)")
+    with open(path, encoding="utf-8") as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    return rows[:n]
+
+
+def build_prompt(tokenizer, abstract: str, max_chars: int) -> list[int]:
+    text = abstract[:max_chars]
+    if getattr(tokenizer, "chat_template", None):
+        import jinja2
+
+        messages = [{"role": "user", "content": f"Summarize this abstract in one sentence:\n{text}"}]
+        rendered = jinja2.Template(tokenizer.chat_template).render(messages=messages, add_generation_prompt=True)
+        return tokenizer.tokenize(rendered)
+    return tokenizer.tokenize(f"Abstract: {text}\nSummary:")
+
+
+def sweep(args) -> list[dict]:
+    import torch
+
+    from megatron.early_exit import load_checkpoint
+    from megatron.early_exit.inference import generate
+
+    torch.manual_seed(0)
+    model, tok = load_checkpoint(args.load, device=args.device, dtype=torch.bfloat16 if args.bf16 else None)
+    examples = load_examples(args.data, args.num_examples)
+    prompts = [build_prompt(tok, ex["abstract"], args.max_prompt_chars) for ex in examples]
+    references = [" ".join(ex[k] for k in ("challenge", "approach", "outcome") if ex.get(k)) for ex in examples]
+    thresholds = sorted(set(args.thresholds) | {1.0}, reverse=True)
+    generate(model, tok, prompts[: args.batch_size], max_new_tokens=4)  # warm-up: first calls are slow
+    rows, full_texts, full_tokens, base_tps = [], None, None, None
+    for thr in thresholds:
+        texts, tokens, layers, elapsed, n_tok = [], [], [], 0.0, 0
+        for i in range(0, len(prompts), args.batch_size):
+            start = time.perf_counter()
+            res = generate(model, tok, prompts[i : i + args.batch_size], strategy="early_exit",
+                           early_exit_threshold=thr, measure=args.measure, max_new_tokens=args.max_new_tokens,
+                           stop_strings=("\n",))  # fmt: skip
+            elapsed += time.perf_counter() - start
+            for r in res:
+                texts.append(r.text.strip())
+                tokens.append(r.tokens)
+                layers += r.exit_layers
+                n_tok += len(r.tokens)
+        tps = n_tok / elapsed
+        if thr == 1.0:
+            full_texts, full_tokens, base_tps = texts, tokens, tps
+        agree = [sum(a == b for a, b in zip(t, f)) / max(len(f), 1) for t, f in zip(tokens, full_tokens)]
+        row = {
+            "threshold": thr,
+            "tokens_per_sec": round(tps, 2),
+            "speedup": round(tps / base_tps, 3),
+            "rougeL_reference": round(100 * sum(map(rouge_l, texts, references)) / len(texts), 2),
+            "rougeL_vs_full": round(100 * sum(map(rouge_l, texts, full_texts)) / len(texts), 2),
+            "token_agreement": round(sum(agree) / len(agree), 4),
+            "average_exit_layer": round(sum(layers) / len(layers), 3),
+            "exit_share": json.dumps({n: round(layers.count(n) / len(layers), 4) for n in sorted(set(layers))}),
+        }
+        rows.append(row)
+        print(" | ".join(f"{k} {v}" for k, v in row.items()), flush=True)
+    return rows
+
+
+def write_outputs(rows: list[dict], out: str, num_layers_hint: str) -> None:
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "sweep.csv"), "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: wrote sweep.csv only (pip install matplotlib for plots)")
+        return
+    thr = [r["threshold"] for r in rows]
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    ax.plot(thr, [r["speedup"] for r in rows], marker="o")
+    ax.set_xlabel("confidence threshold")
+    ax.set_ylabel("speedup over full decoding")
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "speedup.png"), dpi=120)
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    ax.plot([r["speedup"] for r in rows], [r["rougeL_reference"] for r in rows], marker="o", label="vs reference")
+    ax.plot([r["speedup"] for r in rows], [r["rougeL_vs_full"] for r in rows], marker="s", label="vs full model")
+    ax.set_xlabel("speedup")
+    ax.set_ylabel("ROUGE-L F1")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "quality_vs_speedup.png"), dpi=120)
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    width = 0.8 / len(rows)
+    for k, r in enumerate(rows):
+        share = {int(n): v for n, v in json.loads(r["exit_share"]).items()}
+        ax.bar([n + k * width for n in share], list(share.values()), width=width, label=f"{r['threshold']}")
+    ax.set_xlabel(f"exit layer ({num_layers_hint})")
+    ax.set_ylabel("share of tokens")
+    ax.legend(title="threshold", fontsize=7)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "exit_histogram.png"), dpi=120)
+    print(f"wrote {out}/sweep.csv and 3 plots")
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--load", required=True)
+    p.add_argument("--data", help="test_summarization.jsonl (default: prepared from the aclsum package)")
+    p.add_argument("--output", default="runs/ee_sweep")
+    p.add_argument("--thresholds", type=float, nargs="+", default=[1.0, 0.9, 0.8, 0.6, 0.4, 0.2, 0.0])
+    p.add_argument("--measure", default="max_prob", choices=["max_prob", "top2_margin", "entropy", "learned"])
+    p.add_argument("--num-examples", type=int, default=20)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--max-new-tokens", type=int, default=48)
+    p.add_argument("--max-prompt-chars", type=int, default=1200)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--bf16", action="store_true")
+    args = p.parse_args(argv)
+    if any(not 0.0 <= t <= 1.0 for t in args.thresholds):
+        p.error("--thresholds must lie in [0, 1]")
+    try:
+        rows = sweep(args)
+    except ValueError as e:
+        sys.stderr.write(f"error: {e}\n")
+        sys.exit(2)
+    write_outputs(rows, args.output, "final head = last")
+
+
+if __name__ == "__main__":
+    main()

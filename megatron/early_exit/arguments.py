@@ -284,13 +284,9 @@ def _validate_data_args(args: argparse.Namespace) -> None:
         path = getattr(args, flag)
         if path is not None and not os.path.exists(path):
             raise ValueError(f"--{flag.replace('_', '-')}: no such file: {path}")
-    parts = args.split.replace("/", ",").split(",")
-    try:
-        values = [float(x) for x in parts]
-    except ValueError:
-        raise ValueError(f"--split must be comma-separated numbers, got {args.split!r}") from None
-    if len(values) > 3 or any(v < 0 for v in values) or sum(values) <= 0:
-        raise ValueError(f"--split must be up to 3 non-negative numbers with a positive sum, got {args.split!r}")
+    from megatron.early_exit.data.datasets import validate_split
+
+    validate_split(args.split)
 
 
 def _validate_exit_args(args: argparse.Namespace, ckpt: ModelConfig | None) -> None:

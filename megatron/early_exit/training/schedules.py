@@ -56,16 +56,19 @@ def _to_device(batch: dict, device) -> dict:
     return {k: v.to(device) for k, v in batch.items()}
 
 
-def forward_step(ctx: ScheduleContext, batch: dict, x_in: torch.Tensor | None):
+def forward_step(ctx: ScheduleContext, batch: dict, x_in: torch.Tensor | None, exits_only: bool = False, frozen=None):
+    """This stage's forward of one micro-batch, exits deferred. `exits_only`: skip the final
+    head (bubble-filling and tuning micro-batches only feed exit losses)."""
     model = ctx.model
     with ctx.autocast:
         return model(
             input_ids=batch["tokens"] if model.pre_process else None,
             position_ids=batch["position_ids"],
-            labels=batch["labels"],
+            labels=None if exits_only else batch["labels"],
             hidden_states=x_in,
             defer_exits=True,
-            frozen_backbone=ctx.frozen_backbone,
+            frozen_backbone=ctx.frozen_backbone if frozen is None else frozen,
+            compute_final=not exits_only,
         )
 
 
@@ -182,14 +185,7 @@ def _fill_phase(ctx: ScheduleContext, fills: list[dict], num_micro: int) -> None
         x = p2p(None, None, ctx.template(), prev)
         if x is not None:
             x.requires_grad_(True)
-        with ctx.autocast:
-            out = model(
-                input_ids=batch["tokens"] if model.pre_process else None,
-                position_ids=batch["position_ids"],
-                hidden_states=x,
-                defer_exits=True,
-                compute_final=False,
-            )
+        out = forward_step(ctx, batch, x, exits_only=True)
         p2p(out.hidden_states.detach().float() if nxt is not None else None, nxt, None, None)
         done.append((batch, x, out))
     for batch, x, out in done:
@@ -253,15 +249,7 @@ def forward_backward_tune(ctx: ScheduleContext, batches: list[dict], tune: TuneS
     for batch in batches:
         batch = _to_device(batch, ctx.device)
         x = p2p(None, None, ctx.template(), prev)
-        with ctx.autocast:
-            out = ctx.model(
-                input_ids=batch["tokens"] if ctx.model.pre_process else None,
-                position_ids=batch["position_ids"],
-                hidden_states=x,
-                defer_exits=True,
-                frozen_backbone=True,
-                compute_final=False,
-            )
+        out = forward_step(ctx, batch, x, exits_only=True, frozen=True)
         p2p(out.hidden_states.float() if nxt is not None else None, nxt, None, None)
         with ctx.autocast:
             total, parts = tuning_losses(

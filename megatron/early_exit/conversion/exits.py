@@ -1,0 +1,162 @@
+"""EE-Tuning stage 1: add exit heads to a trained model.
+
+Copy initialisation (default) starts every new exit from the backbone's own tensors:
+
+- exit norm            <- the final norm (`decoder.final_layernorm`)
+- exit MLP + mlp_norm  <- the MLP and pre-MLP norm of the layer the exit sits on
+- exit block           <- the last transformer layer
+- untied exit output   <- the output layer (the word embedding when the output is tied)
+- confidence head      <- zeros (a probe with nothing to copy; sigmoid(0) = 0.5)
+
+so a norm exit after the last layer *is* the final head, and an MLP exit begins as one
+more MLP sub-block of its layer. `random_init` instead draws N(0, std) for weight
+matrices, ones for norm weights and zeros for biases (the confidence head stays zeros).
+
+Existing exits are kept unchanged. Structure flags (norm / MLP / block / untied output /
+confidence head) are global in `ModelConfig`, so when the model already has exits the
+new ones must use the same structure; flags left as None inherit it.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import torch
+
+from megatron.early_exit.config import ModelConfig
+from megatron.early_exit.conversion.common import ConversionError, build_model, model_weights
+
+STRUCTURE_FLAGS = {
+    "use_exit_norm": "--use-exit-norm",
+    "use_exit_mlp": "--use-exit-mlp",
+    "use_exit_block": "--use-exit-block",
+    "untie_exit_output_weights": "--untie-exit-output-weights",
+    "use_exit_confidence_head": "--use-exit-confidence-head",
+}
+
+
+def _is_norm(name: str) -> bool:
+    module = name.rsplit(".", 1)[0].rsplit(".", 1)[-1]
+    return "norm" in module
+
+
+def _random_tensor(name: str, like: torch.Tensor, std: float, gen: torch.Generator) -> torch.Tensor:
+    if ".confidence." in name or name.endswith(".bias"):
+        return torch.zeros_like(like)
+    if _is_norm(name):
+        return torch.ones_like(like)
+    return (torch.randn(like.shape, generator=gen) * std).to(like.dtype)
+
+
+def _copy_source(name: str, layer_number: int, config: ModelConfig) -> str | None:
+    """The backbone tensor a new exit tensor `exits.{n}.<rest>` is copied from (None: zeros)."""
+    rest = name.split(".", 2)[2]
+    if rest.startswith("norm."):
+        return "decoder.final_layernorm." + rest[len("norm.") :]
+    if rest.startswith("mlp_norm."):
+        return f"decoder.layers.{layer_number - 1}.pre_mlp_layernorm." + rest[len("mlp_norm.") :]
+    if rest.startswith("mlp."):
+        return f"decoder.layers.{layer_number - 1}.{rest}"
+    if rest.startswith("block."):
+        return f"decoder.layers.{config.num_layers - 1}." + rest[len("block.") :]
+    if rest == "output_layer.weight":
+        if config.untie_embeddings_and_output_weights:
+            return "output_layer.weight"
+        return "embedding.word_embeddings.weight"
+    if rest.startswith("confidence."):
+        return None
+    raise ConversionError(f"add_exits: do not know how to initialise {name}")
+
+
+def add_exits(
+    model,
+    layer_nums: list[int],
+    *,
+    use_exit_norm: bool | None = None,
+    use_exit_mlp: bool | None = None,
+    use_exit_block: bool | None = None,
+    untie_exit_output_weights: bool | None = None,
+    use_exit_confidence_head: bool | None = None,
+    random_init: bool = False,
+    init_method_std: float | None = None,
+    seed: int = 1234,
+    temperature: float = 1.0,
+):
+    """Return a new EarlyExitGPT: `model` plus exits after the given layers (1-based).
+
+    Raises ConversionError (naming the flag) for a layer out of range, a layer that already
+    has an exit, or structure flags that contradict the model's existing exits.
+    """
+    old: ModelConfig = model.config
+    if not layer_nums:
+        raise ConversionError("--add-exit-layer-nums: give at least one layer")
+    wanted = [int(n) for n in layer_nums]
+    for n in wanted:
+        if not 1 <= n <= old.num_layers:
+            raise ConversionError(f"--add-exit-layer-nums: layer {n} is outside 1..{old.num_layers}")
+        if n in old.exit_layer_nums:
+            raise ConversionError(f"--add-exit-layer-nums: layer {n} already has an exit")
+    if len(set(wanted)) != len(wanted):
+        raise ConversionError("--add-exit-layer-nums: a layer is given twice")
+    given = {
+        "use_exit_norm": use_exit_norm,
+        "use_exit_mlp": use_exit_mlp,
+        "use_exit_block": use_exit_block,
+        "untie_exit_output_weights": untie_exit_output_weights,
+        "use_exit_confidence_head": use_exit_confidence_head,
+    }
+    new = copy.deepcopy(old)
+    for key, value in given.items():
+        current = getattr(old, key)
+        if old.exit_layer_nums:
+            if value is not None and bool(value) != current:
+                raise ConversionError(
+                    f"{STRUCTURE_FLAGS[key]}: the model's existing exits (layers {old.exit_layer_nums}) have "
+                    f"{key}={current}; all exits share one structure"
+                )
+        else:
+            setattr(new, key, bool(value))
+    if old.untie_embeddings_and_output_weights and not new.untie_exit_output_weights:
+        warnings.warn(
+            "the model's output layer is untied but the exits are tied: they project with the input "
+            "embedding (pass --untie-exit-output-weights to copy the output layer instead)",
+            stacklevel=2,
+        )
+    temps = dict(zip(old.exit_layer_nums, old.exit_layer_temperature))
+    temps.update({n: float(temperature) for n in wanted})
+    new.exit_layer_nums = sorted(temps)
+    new.exit_layer_temperature = [temps[n] for n in new.exit_layer_nums]
+    std = float(init_method_std if init_method_std is not None else old.init_method_std)
+    if random_init and std <= 0:
+        raise ConversionError(f"--init-method-std must be > 0, got {std}")
+
+    weights = model_weights(model)
+    # Build the target model on the meta device only to learn the new exits' names and shapes.
+    from megatron.early_exit.model import EarlyExitGPT
+
+    try:
+        new.validate()
+        with torch.device("meta"):
+            shapes = {k: v for k, v in EarlyExitGPT(new).state_dict().items()}
+    except ValueError as e:
+        raise ConversionError(f"--add-exit-layer-nums: {e}") from None
+    gen = torch.Generator().manual_seed(seed)
+    dtype = next(iter(weights.values())).dtype
+    for name in sorted(shapes):  # sorted: the random draws do not depend on module order
+        if name in weights:
+            continue
+        n = int(name.split(".")[1])
+        if n not in wanted:
+            raise ConversionError(f"add_exits: existing exit tensor {name} is missing from the model")
+        like = torch.empty(shapes[name].shape, dtype=dtype)
+        if random_init:
+            weights[name] = _random_tensor(name, like, std, gen)
+            continue
+        src = _copy_source(name, n, old)
+        if src is None:
+            weights[name] = torch.zeros_like(like)
+        else:
+            weights[name] = weights[src].clone()
+    out = build_model(new, weights, "add_exits", dtype)
+    return out

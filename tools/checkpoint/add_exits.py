@@ -1,0 +1,105 @@
+#!/usr/bin/env python
+"""EE-Tuning stage 1: add exit heads to a checkpoint.
+
+    python tools/checkpoint/add_exits.py --load-dir ckpt/ --save-dir ckpt_exits/ \\
+        --add-exit-layer-nums 8 16 24 --use-exit-norm --use-exit-mlp
+
+Copy initialisation (default): exit norm <- final norm; exit MLP and its norm <- the MLP and
+pre-MLP norm of the exit's own layer; exit block <- the last layer; untied exit output <-
+the output layer (or the word embedding when tied); confidence head <- zeros.
+--random-init: norm weights ones, biases zeros, other matrices N(0, --init-method-std).
+Existing exits are kept (adding one at a layer that has an exit is an error); with existing
+exits the structure flags must match theirs. Saves our format (iteration 0, tokenizer kept).
+--load-dir may also be an HF directory or a .gguf file (converted on the way).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import warnings
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        description="Add exit heads to a checkpoint (EE-Tuning stage 1).",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__.split("\n\n", 2)[2],
+    )
+    p.add_argument("--load-dir", required=True, help="ee checkpoint, HF model directory or .gguf file")
+    p.add_argument("--save-dir", required=True, help="output ee checkpoint directory")
+    p.add_argument("--loader", choices=("ee", "hf", "gguf"), default=None, help="input format (default: detected)")
+    p.add_argument(
+        "--add-exit-layer-nums", type=int, nargs="+", required=True, help="1-based layers to add exits after"
+    )
+    flag = dict(action="store_true", default=None)
+    p.add_argument("--use-exit-norm", **flag, help="exit has a norm before its output projection")
+    p.add_argument("--use-exit-mlp", **flag, help="exit has a residual MLP")
+    p.add_argument("--use-exit-block", **flag, help="exit has a whole transformer layer")
+    p.add_argument("--untie-exit-output-weights", **flag, help="exit has its own output projection")
+    p.add_argument("--use-exit-confidence-head", **flag, help="exit has a learned confidence probe")
+    p.add_argument("--exit-layer-temperature", type=float, default=1.0, help="temperature of the new exits")
+    p.add_argument("--random-init", action="store_true", help="random instead of copy initialisation")
+    p.add_argument("--init-method-std", type=float, default=None, help="std of --random-init (default: the model's)")
+    p.add_argument("--seed", type=int, default=1234, help="seed for --random-init")
+    p.add_argument("--dtype", choices=("fp32", "bf16"), default=None, help="dtype of the saved weights (default: kept)")
+    return p
+
+
+def run(args: argparse.Namespace) -> str:
+    from megatron.early_exit.checkpointing import save_checkpoint
+    from megatron.early_exit.conversion import ConversionError, add_exits, load_model, parse_dtype
+
+    if os.path.abspath(args.save_dir) == os.path.abspath(args.load_dir):
+        raise ConversionError("--save-dir must differ from --load-dir")
+    if args.init_method_std is not None and not args.random_init:
+        raise ConversionError("--init-method-std only applies with --random-init")
+    model, tokenizer, _ = load_model(args.load_dir, args.loader)
+    before = list(model.config.exit_layer_nums)
+    model = add_exits(
+        model,
+        args.add_exit_layer_nums,
+        use_exit_norm=args.use_exit_norm,
+        use_exit_mlp=args.use_exit_mlp,
+        use_exit_block=args.use_exit_block,
+        untie_exit_output_weights=args.untie_exit_output_weights,
+        use_exit_confidence_head=args.use_exit_confidence_head,
+        random_init=args.random_init,
+        init_method_std=args.init_method_std,
+        seed=args.seed,
+        temperature=args.exit_layer_temperature,
+    )
+    dtype = parse_dtype(args.dtype)
+    if dtype is not None:
+        model = model.to(dtype)
+    c = model.config
+    record = {
+        "added_exit_layer_nums": sorted(args.add_exit_layer_nums),
+        "init": "random" if args.random_init else "copy",
+        "source": os.path.abspath(args.load_dir),
+    }
+    out = save_checkpoint(args.save_dir, 0, model, tokenizer, args=record)
+    structure = [k for k in ("norm", "mlp", "block") if getattr(c, f"use_exit_{k}")]
+    print(
+        f"exits {before} -> {c.exit_layer_nums} ({'+'.join(structure) or 'projection only'}, "
+        f"{'untied' if c.untie_exit_output_weights else 'tied'} output, "
+        f"{'random' if args.random_init else 'copy'} init); saved to {out}",
+        file=sys.stderr,
+    )
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    warnings.showwarning = lambda message, *a, **k: print(f"warning: {message}", file=sys.stderr)
+    try:
+        run(args)
+    except (ValueError, OSError) as e:
+        print(f"add_exits.py: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

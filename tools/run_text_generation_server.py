@@ -1,0 +1,186 @@
+#!/usr/bin/env python
+"""Serve an early-exit model over REST (Megatron's PUT /api and OpenAI-compatible endpoints).
+
+    python tools/run_text_generation_server.py --load runs/demo/checkpoints --port 5000
+    curl -X PUT localhost:5000/api -H 'Content-Type: application/json' \\
+        -d '{"prompts": ["Early exit"], "tokens_to_generate": 32, "temperature": 0, "use_early_exit": true,
+             "early_exit_thres": 0.8}'
+
+--load takes one of our checkpoints, a Hugging Face model directory or a GGUF file (converted
+on the fly). Endpoints: PUT /api, POST /v1/completions, POST /v1/chat/completions,
+GET /v1/models, GET /health, GET /metrics, GET /docs (OpenAPI). Requests that arrive
+together are decoded together (continuous batching, up to --max-batch-size sequences).
+
+Tensor parallelism: `torchrun --nproc-per-node N tools/run_text_generation_server.py
+--tensor-model-parallel-size N --load CKPT`: rank 0 serves HTTP and broadcasts every engine
+call, the other ranks replay them (--load must then be one of our checkpoints; convert HF/GGUF
+models first). Pipeline parallelism is not served: the pipeline engine runs its own
+generation loop, not the step API continuous batching needs.
+Errors in the arguments are one line on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+DEFAULT_MAX_SEQ = 2048  # the KV cache's length when the model allows more (memory grows with it)
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, no usage block
+        sys.stderr.write(f"error: {message}\n")
+        sys.exit(2)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--load", required=True, help="checkpoint directory, HF model directory or .gguf file")
+    p.add_argument("--loader", choices=("ee", "hf", "gguf"), help="format of --load (default: detected)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    p.add_argument("--port", type=int, default=5000)
+    p.add_argument("--api-key", default=os.environ.get("EE_SERVER_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' (default: $EE_SERVER_API_KEY, else none)")  # fmt: skip
+    p.add_argument("--model-name", help="the model id the OpenAI endpoints report (default: --load's name)")
+    p.add_argument("--max-batch-size", type=int, default=16, help="sequences decoded together")
+    p.add_argument("--max-queued-requests", type=int, default=64, help="waiting requests before answering 503")
+    p.add_argument("--max-seq-length", type=int, help=f"prompt + new tokens per sequence (default: the model's "
+                   f"positions, at most {DEFAULT_MAX_SEQ})")  # fmt: skip
+    p.add_argument("--max-prompt-tokens", type=int, help="default: --max-seq-length - 1")
+    p.add_argument("--max-new-tokens", type=int, default=1024, help="most tokens one request may ask for")
+    p.add_argument("--device", default="auto", help="auto (cuda:LOCAL_RANK if available, else cpu), cpu, cuda:0")
+    p.add_argument("--bf16", action="store_true", help="load the weights in bfloat16")
+    p.add_argument("--num-threads", type=int, help="torch CPU threads")
+    p.add_argument("--tensor-model-parallel-size", type=int, default=1)
+    p.add_argument("--pipeline-model-parallel-size", type=int, default=1)
+    p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    return p
+
+
+def check_args(args) -> None:
+    for name in ("max_batch_size", "max_queued_requests", "max_seq_length", "max_prompt_tokens", "max_new_tokens"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    if not 0 <= args.port < 65536:
+        raise ValueError(f"--port must be in 0..65535, got {args.port}")
+    if args.pipeline_model_parallel_size != 1:
+        raise ValueError(
+            "--pipeline-model-parallel-size: serving runs the whole model per rank; use tensor parallelism"
+        )
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world != args.tensor_model_parallel_size:
+        raise ValueError(
+            f"--tensor-model-parallel-size ({args.tensor_model_parallel_size}) must equal the number of "
+            f"processes ({world}): every rank serves one shard of the one model"
+        )
+
+
+def pick_device(name: str):
+    import torch
+
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        return torch.device("cpu")
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device: unknown device {name!r}") from None
+
+
+def load(args, device, tp: int):
+    """(model, tokenizer) on `device`, its vocabulary padded for `tp` shards."""
+    import torch
+
+    from megatron.early_exit.conversion import load_model
+
+    dtype = torch.bfloat16 if args.bf16 else None
+    model, tokenizer, _ = load_model(args.load, args.loader, dtype, tensor_parallel_size=tp)
+    if tokenizer is None:
+        raise ValueError(f"--load {args.load}: the checkpoint has no tokenizer")
+    return model.to(device).eval(), tokenizer
+
+
+def max_seq_length(args, model) -> int:
+    positions = model.config.max_position_embeddings
+    max_seq = args.max_seq_length or min(positions, DEFAULT_MAX_SEQ)
+    if max_seq > positions:
+        raise ValueError(f"--max-seq-length {max_seq} exceeds the model's {positions} positions")
+    return max_seq
+
+
+def build(args, model, tokenizer, driver):
+    """The scheduler and the app around a loaded model (rank 0)."""
+    from megatron.early_exit.inference.server import Context, Limits, Metrics, Scheduler, create_app
+
+    max_seq = max_seq_length(args, model)
+    limits = Limits(
+        max_prompt_tokens=args.max_prompt_tokens or max_seq - 1,
+        max_new_tokens=args.max_new_tokens,
+        max_seq_length=max_seq,
+        max_batch_size=args.max_batch_size,
+    )
+    metrics = Metrics(model.config.num_layers)
+    # +1: self-speculative verification may feed one position past the last kept token
+    scheduler = Scheduler(driver, args.max_batch_size, max_seq + 1, args.max_queued_requests, metrics)
+    name = args.model_name or os.path.basename(os.path.normpath(args.load))
+    ctx = Context(driver.engine, tokenizer, limits, name)
+    return scheduler, create_app(scheduler, ctx, metrics, args.api_key)
+
+
+def run(args) -> None:
+    import torch
+
+    from megatron.early_exit.inference import EarlyExitEngine
+    from megatron.early_exit.inference.server import EngineDriver, follow
+
+    check_args(args)
+    if args.num_threads:
+        torch.set_num_threads(args.num_threads)
+    device = pick_device(args.device)
+    tp = args.tensor_model_parallel_size
+    group = None
+    if tp > 1:  # every rank holds its TP shard (inference/parallel.py) and runs the same engine calls
+        from megatron.early_exit.inference.parallel import load_stage, make_engine
+        from megatron.early_exit.parallel.dims import initialize
+
+        pstate = initialize(tp, 1, device)
+        model, tokenizer, specs = load_stage(args.load, pstate, torch.bfloat16 if args.bf16 else None)
+        engine, group = make_engine(model, tokenizer, pstate, specs), pstate.tp_group
+    else:
+        model, tokenizer = load(args, device, tp)
+        engine = EarlyExitEngine(model, tokenizer)
+    if tokenizer is None:
+        raise ValueError(f"--load {args.load}: the checkpoint has no tokenizer")
+    max_seq_length(args, model)  # every rank checks, before followers start waiting for rank 0
+    driver = EngineDriver(engine, group=group)
+    if tp > 1 and torch.distributed.get_rank() != 0:
+        follow(driver)  # until rank 0 shuts down
+        return
+    scheduler, app = build(args, model, tokenizer, driver)
+    import uvicorn
+
+    scheduler.start()
+    try:
+        uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=3)
+    finally:
+        scheduler.stop()  # also releases the follower ranks
+
+
+def main(argv=None) -> None:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        run(args)
+    except (ValueError, OSError) as e:
+        sys.stderr.write(f"error: {e}\n")
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -10,6 +10,11 @@ text, then every generated token with its exit layer and confidence, then a summ
 `--json` prints one JSON object per prompt instead (text, tokens, exit_layers,
 confidences, tokens_per_sec, finish_reason, average_exit_layer, exit_share, ...).
 Errors are one line on stderr and exit code 2.
+
+Tensor and pipeline parallel (rank 0 prints, the others stay silent):
+
+    torchrun --nproc-per-node 2 tools/generate.py --load DIR --prompt "Early exit" \
+        --pipeline-model-parallel-size 2    # or --tensor-model-parallel-size 2
 """
 
 from __future__ import annotations
@@ -52,6 +57,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--logprobs", action="store_true", help="also report each token's log-probability")
     p.add_argument("--device", default="cpu")
     p.add_argument("--bf16", action="store_true")
+    p.add_argument("--tensor-model-parallel-size", type=int, default=1, help="under torchrun")
+    p.add_argument(
+        "--pipeline-model-parallel-size", type=int, default=1, help="under torchrun (early exit, EE-LLM style)"
+    )
     p.add_argument("--json", action="store_true", help="one JSON object per prompt")
     return p
 
@@ -81,15 +90,14 @@ def read_prompts(args) -> list[str]:
 def run(args) -> None:
     import torch
 
-    from megatron.early_exit import load_checkpoint
-    from megatron.early_exit.inference import EarlyExitEngine, GenerationSettings, summarize
+    from megatron.early_exit.inference import GenerationSettings, summarize
 
     prompts = read_prompts(args)
     try:
         device = torch.device(args.device)
     except RuntimeError:
         raise ValueError(f"--device: unknown device {args.device!r}") from None
-    model, tok = load_checkpoint(args.load, device=device, dtype=torch.bfloat16 if args.bf16 else None)
+    model, tok, engine, is_main = _load(args, device, torch.bfloat16 if args.bf16 else None)
     if tok is None:
         raise ValueError(f"--load {args.load}: the checkpoint has no tokenizer")
     bos = [tok.bos] if args.add_bos and tok.bos is not None else []
@@ -106,7 +114,9 @@ def run(args) -> None:
         measure=args.measure, num_draft_tokens=args.num_draft_tokens, draft_exit_layer=args.draft_exit_layer,
         return_logprobs=args.logprobs,
     )  # fmt: skip
-    results = EarlyExitEngine(model, tok).generate(ids, settings)
+    results = engine.generate(ids, settings)
+    if not is_main:
+        return
     num_layers = model.config.num_layers
     for prompt, r in zip(prompts, results):
         if args.json:
@@ -123,6 +133,23 @@ def run(args) -> None:
         if "acceptance_rate" in s:
             line += f", acceptance rate {s['acceptance_rate']:.0%}"
         print(line)
+
+
+def _load(args, device, dtype):
+    """(model, tokenizer, engine, prints?): the whole model on one device, or under torchrun this
+    rank's stage / TP shard, with the engine for that layout."""
+    from megatron.early_exit import load_checkpoint
+    from megatron.early_exit.inference import EarlyExitEngine
+    from megatron.early_exit.inference.parallel import load_stage, make_engine
+    from megatron.early_exit.parallel.dims import initialize
+
+    tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
+    if tp == pp == 1 and int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        model, tok = load_checkpoint(args.load, device=device, dtype=dtype)
+        return model, tok, EarlyExitEngine(model, tok), True
+    pstate = initialize(tp, pp, device)
+    model, tok, specs = load_stage(args.load, pstate, dtype)
+    return model, tok, make_engine(model, tok, pstate, specs), pstate.rank == 0
 
 
 def _as_json(prompt: str, r) -> dict:
@@ -162,8 +189,14 @@ def main(argv=None) -> None:
     try:
         run(args)
     except (ValueError, OSError) as e:
-        sys.stderr.write(f"error: {e}\n")
+        if os.environ.get("RANK", "0") == "0":  # every rank fails alike: one line
+            sys.stderr.write(f"error: {e}\n")
         sys.exit(2)
+    finally:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":

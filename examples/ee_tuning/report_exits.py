@@ -18,9 +18,16 @@ from megatron.early_exit import load_checkpoint  # noqa: E402
 from megatron.early_exit.data import build_data_loader, build_datasets  # noqa: E402
 
 
-@torch.no_grad()
 def report(load: str, data: str, samples: int, seq_length: int, label: str) -> dict:
     model, tok = load_checkpoint(load)
+    return evaluate_exits(model, tok, data, samples, seq_length, label)
+
+
+@torch.no_grad()
+def evaluate_exits(model, tok, data: str, samples: int, seq_length: int, label: str | None = None) -> dict:
+    """{exit layer: (validation loss, agreement with the final head)} on `samples` held-out sequences."""
+    was_training = model.training
+    model.eval()
     _, valid, _ = build_datasets(tokenizer=tok, seq_length=seq_length, seed=1234, data_path=[data],
                                  split="98,2,0", train_samples=1, valid_samples=samples, test_samples=0)  # fmt: skip
     sums, count = {}, 0
@@ -40,7 +47,10 @@ def report(load: str, data: str, samples: int, seq_length: int, label: str) -> d
             count += batch["tokens"].shape[0]
     steps = max(1, (count + 3) // 4)
     result = {n: (v[0] / steps, v[1] / steps) for n, v in sorted(sums.items())}
+    model.train(was_training)
     for n, (ce, agree) in result.items():
+        if label is None:
+            break
         print(f"{label}: exit after layer {n:2d}: validation loss {ce:.3f}, agreement with the final head {agree:.1%}")
     return result
 

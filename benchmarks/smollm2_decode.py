@@ -153,7 +153,7 @@ def run_setting(engine, prompts, batch: int, new_tokens: int, **kw):
     """Decode all prompts in batches; returns (tokens/s, texts, token lists, exit layers, results)."""
     texts, tokens, layers, results, elapsed = [], [], [], [], 0.0
     for i in range(0, len(prompts), batch):
-        settings = GenerationSettings(max_new_tokens=new_tokens, stop_strings=("\n",), **kw)
+        settings = GenerationSettings(max_new_tokens=new_tokens, stop_strings=("\n",), profile=True, **kw)
         start = time.perf_counter()
         res = engine.generate(prompts[i : i + batch], settings)
         elapsed += time.perf_counter() - start
@@ -182,7 +182,7 @@ def part2(args) -> None:
     full_ref = 100 * sum(map(rouge_l, full_texts, refs)) / len(refs)
     print(f"  full decoding: {full_tps:.1f} tokens/s, ROUGE-L vs reference {full_ref:.2f}")
     print(f"  {'setting':28s} {'tok/s':>6s} {'speedup':>8s} {'R-L ref':>8s} {'change':>7s} {'R-L full':>8s} "
-          f"{'agree':>6s} {'avg exit':>8s}  exits")  # fmt: skip
+          f"{'agree':>6s} {'avg exit':>8s} {'in exits':>8s}  exits")  # fmt: skip
     runs = [(f"max_prob @ {t:g}", dict(strategy="early_exit", early_exit_threshold=t)) for t in args.thresholds]
     if model.config.use_exit_confidence_head:
         runs += [(f"learned @ {t:g}", dict(strategy="early_exit", early_exit_threshold=t, measure="learned"))
@@ -197,12 +197,13 @@ def part2(args) -> None:
         agree = sum(sum(a == b for a, b in zip(t, f)) for t, f in zip(tokens, full_tokens))
         agree /= max(1, sum(map(len, full_tokens)))
         s = summarize(res, n)
+        in_exits = sum(r.stats.get("exit_time_share", 0.0) for r in res) / len(res)  # per call, averaged
         share = ", ".join(f"{k}:{v:.0%}" for k, v in s["exit_share"].items())
         extra = ""
         if kw["strategy"] == "self_speculative":
             extra = f"  acceptance {s.get('acceptance_rate', 0):.0%}, identical to full: {tokens == full_tokens}"
         print(f"  {name:28s} {tps:6.1f} {tps / full_tps:7.2f}x {rl:8.2f} {rl - full_ref:+7.2f} {rl_full:8.2f} "
-              f"{agree:6.0%} {sum(layers) / len(layers):8.2f}  {share}{extra}", flush=True)  # fmt: skip
+              f"{agree:6.0%} {sum(layers) / len(layers):8.2f} {in_exits:8.1%}  {share}{extra}", flush=True)  # fmt: skip
 
 
 def main() -> None:

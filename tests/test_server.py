@@ -83,17 +83,23 @@ def start_server(ckpt: str, *extra: str) -> tuple[subprocess.Popen, str]:
     cmd += ["--port", str(port), "--num-threads", "1", "--log-level", "warning", *extra]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 60
+    wait_healthy(proc, url, lambda: proc.stdout.read())
+    return proc, url
+
+
+def wait_healthy(proc: subprocess.Popen, url: str, output, timeout: float = 60) -> None:
+    """Until GET /health answers; `output()` gives the server's output when it exits first."""
+    deadline = time.time() + timeout
     while time.time() < deadline:
         if proc.poll() is not None:
-            raise AssertionError(f"server exited:\n{proc.stdout.read()}")
+            raise AssertionError(f"server exited:\n{output()}")
         try:
             if httpx.get(url + "/health", timeout=1).status_code == 200:
-                return proc, url
+                return
         except httpx.HTTPError:
             time.sleep(0.2)
     proc.kill()
-    raise AssertionError("server did not come up in 60 s")
+    raise AssertionError(f"server did not come up in {timeout:g} s")
 
 
 @pytest.fixture(scope="module")

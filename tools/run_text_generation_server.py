@@ -11,11 +11,14 @@ on the fly). Endpoints: PUT /api, POST /v1/completions, POST /v1/chat/completion
 GET /v1/models, GET /health, GET /metrics, GET /docs (OpenAPI). Requests that arrive
 together are decoded together (continuous batching, up to --max-batch-size sequences).
 
-Tensor parallelism: `torchrun --nproc-per-node N tools/run_text_generation_server.py
---tensor-model-parallel-size N --load CKPT`: rank 0 serves HTTP and broadcasts every engine
-call, the other ranks replay them (--load must then be one of our checkpoints; convert HF/GGUF
-models first). Pipeline parallelism is not served: the pipeline engine runs its own
-generation loop, not the step API continuous batching needs.
+Tensor and pipeline parallelism: `torchrun --nproc-per-node N tools/run_text_generation_server.py
+--load CKPT --tensor-model-parallel-size T --pipeline-model-parallel-size P` with N = T x P:
+rank 0 serves HTTP and broadcasts every engine call, the other ranks replay them (--load must
+then be one of our checkpoints; convert HF/GGUF models first). With P > 1 requests are decoded
+batch at a time (EE-LLM's pipeline early exit runs its own generation loop): requests with equal
+settings share a batch, new ones wait for the running batch, a streamed request gets its whole
+text when its batch ends, and self_speculative decoding, prompt scoring and top logprobs are
+refused (400). SIGINT or SIGTERM (to torchrun, or to rank 0) stops every rank.
 Errors in the arguments are one line on stderr and exit code 2.
 """
 
@@ -24,6 +27,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -68,15 +72,15 @@ def check_args(args) -> None:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
     if not 0 <= args.port < 65536:
         raise ValueError(f"--port must be in 0..65535, got {args.port}")
-    if args.pipeline_model_parallel_size != 1:
-        raise ValueError(
-            "--pipeline-model-parallel-size: serving runs the whole model per rank; use tensor parallelism"
-        )
+    for name in ("tensor_model_parallel_size", "pipeline_model_parallel_size"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world != args.tensor_model_parallel_size:
+    tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
+    if world != tp * pp:
         raise ValueError(
-            f"--tensor-model-parallel-size ({args.tensor_model_parallel_size}) must equal the number of "
-            f"processes ({world}): every rank serves one shard of the one model"
+            f"--tensor-model-parallel-size ({tp}) x --pipeline-model-parallel-size ({pp}) must equal the number "
+            f"of processes ({world}): the ranks serve one model together (no data parallelism)"
         )
 
 
@@ -115,8 +119,9 @@ def max_seq_length(args, model) -> int:
 
 
 def build(args, model, tokenizer, driver):
-    """The scheduler and the app around a loaded model (rank 0)."""
-    from megatron.early_exit.inference.server import Context, Limits, Metrics, Scheduler, create_app
+    """The scheduler and the app around a loaded model (rank 0): continuous batching over the
+    step API, or batch at a time for the pipeline engine (which has its own generation loop)."""
+    from megatron.early_exit.inference.server import BatchScheduler, Context, Limits, Metrics, Scheduler, create_app
 
     max_seq = max_seq_length(args, model)
     limits = Limits(
@@ -126,11 +131,30 @@ def build(args, model, tokenizer, driver):
         max_batch_size=args.max_batch_size,
     )
     metrics = Metrics(model.config.num_layers)
-    # +1: self-speculative verification may feed one position past the last kept token
-    scheduler = Scheduler(driver, args.max_batch_size, max_seq + 1, args.max_queued_requests, metrics)
+    batched = args.pipeline_model_parallel_size > 1
+    if batched:
+        scheduler = BatchScheduler(driver, args.max_batch_size, args.max_queued_requests, metrics)
+    else:  # +1: self-speculative verification may feed one position past the last kept token
+        scheduler = Scheduler(driver, args.max_batch_size, max_seq + 1, args.max_queued_requests, metrics)
     name = args.model_name or os.path.basename(os.path.normpath(args.load))
-    ctx = Context(driver.engine, tokenizer, limits, name)
+    ctx = Context(driver.engine, tokenizer, limits, name, batch_at_a_time=batched)
     return scheduler, create_app(scheduler, ctx, metrics, args.api_key)
+
+
+def load_parallel(args, device):
+    """(model, tokenizer, engine, broadcast group) for this rank's stage / TP shard: every rank
+    holds its part (inference/parallel.py) and makes the same engine calls."""
+    import torch
+
+    from megatron.early_exit.inference.parallel import load_stage, make_engine
+    from megatron.early_exit.parallel.dims import initialize
+
+    tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
+    pstate = initialize(tp, pp, device)
+    model, tokenizer, specs = load_stage(args.load, pstate, torch.bfloat16 if args.bf16 else None)
+    # Under PP every rank (each stage, each TP rank in it) takes part in `generate`: the world group.
+    group = pstate.tp_group if pp == 1 else None
+    return model, tokenizer, make_engine(model, tokenizer, pstate, specs), group
 
 
 def run(args) -> None:
@@ -143,33 +167,41 @@ def run(args) -> None:
     if args.num_threads:
         torch.set_num_threads(args.num_threads)
     device = pick_device(args.device)
-    tp = args.tensor_model_parallel_size
-    group = None
-    if tp > 1:  # every rank holds its TP shard (inference/parallel.py) and runs the same engine calls
-        from megatron.early_exit.inference.parallel import load_stage, make_engine
-        from megatron.early_exit.parallel.dims import initialize
-
-        pstate = initialize(tp, 1, device)
-        model, tokenizer, specs = load_stage(args.load, pstate, torch.bfloat16 if args.bf16 else None)
-        engine, group = make_engine(model, tokenizer, pstate, specs), pstate.tp_group
+    parallel = args.tensor_model_parallel_size * args.pipeline_model_parallel_size > 1
+    if parallel:
+        model, tokenizer, engine, group = load_parallel(args, device)
     else:
-        model, tokenizer = load(args, device, tp)
-        engine = EarlyExitEngine(model, tokenizer)
+        model, tokenizer = load(args, device, 1)
+        engine, group = EarlyExitEngine(model, tokenizer), None
     if tokenizer is None:
         raise ValueError(f"--load {args.load}: the checkpoint has no tokenizer")
     max_seq_length(args, model)  # every rank checks, before followers start waiting for rank 0
     driver = EngineDriver(engine, group=group)
-    if tp > 1 and torch.distributed.get_rank() != 0:
+    if parallel and torch.distributed.get_rank() != 0:
         follow(driver)  # until rank 0 shuts down
         return
-    scheduler, app = build(args, model, tokenizer, driver)
+    serve(args, model, tokenizer, driver)
+
+
+def serve(args, model, tokenizer, driver) -> None:
+    """Rank 0: HTTP until SIGINT/SIGTERM, then stop the scheduler, which releases the followers."""
     import uvicorn
 
-    scheduler.start()
+    scheduler, app = build(args, model, tokenizer, driver)
+    # uvicorn shuts down gracefully on SIGINT/SIGTERM and then re-raises the signal. Under the
+    # default SIGTERM action the process would die at once, skipping the `finally` below and
+    # leaving the followers waiting; make both signals an orderly exit instead.
     try:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, _exit_quietly)
+        scheduler.start()
         uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=3)
     finally:
         scheduler.stop()  # also releases the follower ranks
+
+
+def _exit_quietly(signum: int, frame) -> None:
+    raise SystemExit(0)
 
 
 def main(argv=None) -> None:
@@ -178,8 +210,14 @@ def main(argv=None) -> None:
     try:
         run(args)
     except (ValueError, OSError) as e:
-        sys.stderr.write(f"error: {e}\n")
+        if os.environ.get("RANK", "0") == "0":  # every rank fails alike: one line
+            sys.stderr.write(f"error: {e}\n")
         sys.exit(2)
+    finally:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":

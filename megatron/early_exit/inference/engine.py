@@ -26,6 +26,7 @@ Shape legend: B batch slots, A sequences in one pass, R rows per sequence in tha
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -438,12 +439,12 @@ class EarlyExitEngine:
         running = self._accept(self.prefill(state, dict(enumerate(prompts))), results, s, gen)
         while running:
             if s.strategy == "self_speculative":
-                running = self._speculate(state, running, results, s, counts)
+                running = self.speculate_round(state, running, results, s, counts)
             else:
                 out = self.decode_one_token(state, {b: results[b].tokens[-1] for b in running}, policy)
                 running = self._accept(out, results, s, gen)
         elapsed = _tick(self.device) - start
-        self._finish(results, s, elapsed, counts, state.exit_time)
+        self.finish_results(results, s, elapsed, counts, state.exit_time)
         return results
 
     def _accept(self, out: StepOutput, results, s: GenerationSettings, gen) -> list[int]:
@@ -452,19 +453,25 @@ class EarlyExitEngine:
         chosen = choose(torch.stack([out.logits[b] for b in seqs]), s.temperature, s.top_k, s.top_p, gen).tolist()
         running = []
         for a, b in enumerate(seqs):
-            self._append(results[b], chosen[a], out.exit_layer[b], out.confidence[b], out.logits[b])
-            if not self._stopped(results[b], s):
+            self.append_token(results[b], chosen[a], out.exit_layer[b], out.confidence[b], out.logits[b])
+            if not self.is_stopped(results[b], s):
                 running.append(b)
         return sorted(running)
 
-    def _append(self, r: GenerationResult, tok: int, layer: int, conf: float, logits: torch.Tensor) -> None:
+    # ----- per-sequence bookkeeping (public: the server's schedulers and the pipeline engine use it) --
+
+    def append_token(self, r: GenerationResult, tok: int, layer: int, conf: float, logits: torch.Tensor | None) -> None:
+        """Record one generated token in `r`: the token, the exit it left at, its confidence, and
+        (when `r` collects log-probabilities) its log-probability under `logits` [V]."""
         r.tokens.append(int(tok))
         r.exit_layers.append(int(layer))
         r.confidences.append(float(conf))
         if r.logprobs is not None:
             r.logprobs.append(float(torch.log_softmax(logits.float(), -1)[tok]))
 
-    def _stopped(self, r: GenerationResult, s: GenerationSettings) -> bool:
+    def is_stopped(self, r: GenerationResult, s: GenerationSettings) -> bool:
+        """Whether `r` is done after its newest token (EOS unless `ignore_eos`, a stop token, a stop
+        string, or `max_new_tokens`); sets its finish_reason and stopped_by when it is."""
         tok = r.tokens[-1]
         eos = self.tokenizer.eod if self.tokenizer is not None and not s.ignore_eos else None
         if tok in s.stop_token_ids or tok == eos:
@@ -481,8 +488,16 @@ class EarlyExitEngine:
             return True
         return False
 
-    def _speculate(self, state: DecodeState, running: list[int], results, s: GenerationSettings, counts) -> list[int]:
-        """One draft-and-verify round for every running sequence (greedy, lossless).
+    def speculate_round(
+        self,
+        state: DecodeState,
+        running: list[int],
+        results: Sequence[GenerationResult] | Mapping[int, GenerationResult],
+        s: GenerationSettings,
+        counts: Sequence[list[int]] | Mapping[int, list[int]],
+    ) -> list[int]:
+        """One draft-and-verify round for every running sequence (greedy, lossless); `results[b]`
+        and `counts[b]` ([drafted, accepted], updated) belong to slot b. Returns the slots still running.
 
         Draft: feed the last token, take the draft exit's greedy token, repeat (up to k, and
         never past a sequence's max_new_tokens); the drafts stop at the draft exit, so their
@@ -518,8 +533,8 @@ class EarlyExitEngine:
                 layer, conf = (draft_layer, draft_conf[b][j]) if j < ok else (self.num_layers, out.confidence[b])
                 if j == ok and ok < k:  # the correction: the final head's own distribution at that row
                     conf = float(torch.softmax(out.all_logits[b][j], -1).max())
-                self._append(r, final[j], layer, conf, out.all_logits[b][j])
-                if self._stopped(r, s):
+                self.append_token(r, final[j], layer, conf, out.all_logits[b][j])
+                if self.is_stopped(r, s):
                     break
             valid = start[b] + ok + 1  # K/V of the fed rows whose tokens were kept
             state.cache.truncate(b, valid)
@@ -530,10 +545,20 @@ class EarlyExitEngine:
                 still.append(b)
         return still
 
-    def _finish(self, results, s: GenerationSettings, elapsed: float, counts, exit_time: float) -> None:
+    def finish_results(
+        self,
+        results: list[GenerationResult],
+        s: GenerationSettings,
+        elapsed: float,
+        counts: list[list[int]],
+        exit_time: float,
+    ) -> None:
+        """Fill in each result's text and stats once decoding is over. `elapsed`: seconds the
+        batch took (tokens_per_sec counts every result's tokens over it); counts[b]: [drafted,
+        accepted] for self_speculative; exit_time: seconds spent in exits (with `profile`)."""
         total = sum(len(r.tokens) for r in results)
         for b, r in enumerate(results):
-            r.text = self._text(r) if self.tokenizer is not None else None
+            r.text = self.result_text(r) if self.tokenizer is not None else None
             layers = r.exit_layers
             r.stats = {
                 "strategy": s.strategy,
@@ -549,7 +574,9 @@ class EarlyExitEngine:
             if s.profile:
                 r.stats["exit_time_share"] = exit_time / max(elapsed, 1e-9)
 
-    def _text(self, r: GenerationResult) -> str:
+    def result_text(self, r: GenerationResult) -> str:
+        """The text of `r`'s tokens so far (needs a tokenizer): without a final stop token and cut
+        before a stop string."""
         toks = r.tokens[:-1] if isinstance(r.stopped_by, int) else r.tokens
         # Decode with the prompt so that word boundaries (e.g. SentencePiece's) come out right.
         head = self.tokenizer.detokenize(r.prompt_tokens)

@@ -171,7 +171,7 @@ class PipelineEngine(EarlyExitEngine):
             feed, step_policy = {b: [results[b].tokens[-1]] for b in running}, policy
         self._wait_sends()
         self._send_hop(torch.zeros(len(prompts), 2, dtype=torch.long), None)
-        self._finish(results, s, _tick(self.device) - start, [[0, 0] for _ in prompts], state.exit_time)
+        self.finish_results(results, s, _tick(self.device) - start, [[0, 0] for _ in prompts], state.exit_time)
 
     def _follow(self, state, batch: int, policy: ExitPolicy, with_logits: bool) -> None:
         """Stages 1..: take each step's rows from the previous stage, until the empty header."""
@@ -247,8 +247,8 @@ class PipelineEngine(EarlyExitEngine):
         running = []
         for b, tok in zip(order, tokens):
             d = decided[b]
-            self._append(results[b], tok, d.layer, d.confidence, d.logits)
-            if not self._stopped(results[b], s):
+            self.append_token(results[b], tok, d.layer, d.confidence, d.logits)
+            if not self.is_stopped(results[b], s):
                 running.append(b)
         return sorted(running)
 

@@ -27,7 +27,7 @@ from megatron.early_exit.inference.server import responses as fmt
 from megatron.early_exit.inference.server.errors import ApiError, from_validation
 from megatron.early_exit.inference.server.metrics import Metrics
 from megatron.early_exit.inference.server.requests import Context, chat_job, completion_job, megatron_job
-from megatron.early_exit.inference.server.scheduler import Event, Job, QueueFull, Scheduler
+from megatron.early_exit.inference.server.scheduler import BaseScheduler, Event, Job, QueueFull
 from megatron.early_exit.inference.server.schemas import ChatRequest, CompletionRequest, MegatronRequest
 
 log = logging.getLogger(__name__)
@@ -72,7 +72,7 @@ class _Gate:
 class _Server:
     """Glue between HTTP handlers and the scheduler thread."""
 
-    def __init__(self, scheduler: Scheduler, ctx: Context) -> None:
+    def __init__(self, scheduler: BaseScheduler, ctx: Context) -> None:
         self.scheduler, self.ctx = scheduler, ctx
 
     def submit(self, job: Job) -> asyncio.Queue:
@@ -158,7 +158,7 @@ async def _parse(request: Request, model: type[BaseModel]):
         raise from_validation(e) from None
 
 
-def create_app(scheduler: Scheduler, ctx: Context, metrics: Metrics, api_key: str | None = None) -> FastAPI:
+def create_app(scheduler: BaseScheduler, ctx: Context, metrics: Metrics, api_key: str | None = None) -> FastAPI:
     """The application; `scheduler` must be started (and is stopped by the caller)."""
     app = FastAPI(title="megatron-early-exit text generation", version=__version__)
     server = _Server(scheduler, ctx)

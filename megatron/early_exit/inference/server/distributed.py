@@ -7,24 +7,40 @@ broadcast as (op, args) with `broadcast_object_list`, then run; followers sit in
 receiving and running the same ops on their own `DecodeState` until "shutdown". Sampling,
 stop checks and HTTP stay on rank 0: the tokens they choose are inputs of the next call.
 
+Pipeline parallelism (`PipelineEngine`) has no step API: the batch scheduler makes one
+"generate" call per batch, broadcast over every rank (all stages, and TP ranks within them),
+and each rank runs its part of the pipeline's own generation loop.
+
 In one process (`group` None and world size 1) nothing is broadcast.
 
-Pipeline parallelism is not served: the engine runs all layers of one model replica per
-rank (see the server's --pipeline-model-parallel-size check).
+Stopping: followers leave SIGINT and SIGTERM to rank 0 while they follow. torchrun forwards a
+signal to every rank, and a follower that died at once could leave rank 0 blocked in an engine
+call with it; rank 0 instead finishes its iteration and broadcasts "shutdown".
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import signal
+import threading
+from collections.abc import Iterator
 
 import torch
 import torch.distributed as dist
 
-from megatron.early_exit.inference.engine import DecodeState, EarlyExitEngine, ExitPolicy, StepOutput
+from megatron.early_exit.inference.engine import (
+    DecodeState,
+    EarlyExitEngine,
+    ExitPolicy,
+    GenerationResult,
+    GenerationSettings,
+    StepOutput,
+)
 
 log = logging.getLogger(__name__)
 
-OPS = ("new_state", "prefill", "verify", "decode", "speculate", "reset", "shutdown")
+OPS = ("new_state", "prefill", "verify", "decode", "speculate", "reset", "generate", "shutdown")
 
 
 class EngineDriver:
@@ -55,6 +71,10 @@ class EngineDriver:
     def reset(self, slots: list[int]) -> None:
         self._call("reset", slots)
 
+    def generate(self, prompts: list[list[int]], settings: GenerationSettings) -> list[GenerationResult]:
+        """A whole batch through `engine.generate` (the batch scheduler's one op)."""
+        return self._call("generate", prompts, settings)
+
     def shutdown(self) -> None:
         if self.broadcasting:
             self._send("shutdown", ())
@@ -72,6 +92,8 @@ class EngineDriver:
 def apply(driver: EngineDriver, op: str, args: tuple):
     """Run one op on this rank's engine and state (the same code on the leader and followers)."""
     engine = driver.engine
+    if op == "generate":
+        return engine.generate(*args)
     if op == "new_state":
         driver.state = engine.new_state(*args)
         return None
@@ -84,7 +106,7 @@ def apply(driver: EngineDriver, op: str, args: tuple):
         return engine.decode_one_token(state, *args)
     if op == "speculate":
         slots, results, settings, counts = args
-        return engine._speculate(state, slots, results, settings, counts)
+        return engine.speculate_round(state, slots, results, settings, counts)
     if op == "reset":
         for b in args[0]:
             reset_slot(state, b)
@@ -106,17 +128,33 @@ def follow(driver: EngineDriver) -> int:
     A failing op is logged and skipped: the leader ran the same op on the same inputs, failed
     the same way, and carries on too."""
     ran = 0
-    while True:
-        box = [None]
-        dist.broadcast_object_list(box, src=driver.src, group=driver.group, device=_comm_device(driver.engine))
-        op, args = box[0]
-        if op == "shutdown":
-            return ran
-        try:
-            apply(driver, op, args)
-        except Exception:
-            log.exception("follower: op %s failed", op)
-        ran += 1
+    with _signals_left_to_leader():
+        while True:
+            box = [None]
+            dist.broadcast_object_list(box, src=driver.src, group=driver.group, device=_comm_device(driver.engine))
+            op, args = box[0]
+            if op == "shutdown":
+                return ran
+            try:
+                apply(driver, op, args)
+            except Exception:
+                log.exception("follower: op %s failed", op)
+            ran += 1
+
+
+@contextlib.contextmanager
+def _signals_left_to_leader() -> Iterator[None]:
+    """Ignore SIGINT/SIGTERM meanwhile (see the module docstring); if rank 0 dies instead, the
+    broadcast fails and this rank exits, and torchrun kills what is left after its grace period."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    saved = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
 
 
 def _comm_device(engine: EarlyExitEngine) -> torch.device | None:

@@ -24,12 +24,16 @@ class Limits:
 
 @dataclass
 class Context:
-    """What building a job needs: the engine (for its checks), its tokenizer, the limits."""
+    """What building a job needs: the engine (for its checks), its tokenizer, the limits.
+
+    batch_at_a_time: the engine decodes whole batches (pipeline parallel, `BatchScheduler`):
+    no prompt scoring and no top alternatives, which need logits its `generate` does not return."""
 
     engine: EarlyExitEngine
     tokenizer: object
     limits: Limits
     model_name: str
+    batch_at_a_time: bool = False
 
 
 # Engine setting names -> the fields that set them, per endpoint.
@@ -48,6 +52,7 @@ OPENAI_NAMES = {
     "measure": "early_exit.measure",
     "draft_exit_layer": "early_exit.draft_exit_layer",
     "self_speculative": "early_exit.mode",
+    "strategy": "early_exit.mode",
     "early_exit_threshold": "early_exit.threshold",
     "num_draft_tokens": "early_exit.num_draft_tokens",
     "max_new_tokens": "max_tokens",
@@ -204,6 +209,9 @@ def _job(
         )  # fmt: skip
     if settings.strategy == "self_speculative" and top_logprobs:
         raise ApiError(400, "logprobs: top alternatives are not available with self_speculative decoding", "logprobs")
+    if ctx.batch_at_a_time and (score_prompt or top_logprobs):
+        what = "prompt log-probabilities" if score_prompt else "top alternatives"
+        raise ApiError(400, f"logprobs: {what} are not available with pipeline parallelism", "logprobs")
     try:
         policy = ctx.engine.check(settings, prompts)
     except ValueError as e:

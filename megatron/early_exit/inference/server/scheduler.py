@@ -15,6 +15,10 @@ Every loop iteration:
 Sampling and stop checks run here on rank 0 only; every call that touches the engine's
 state goes through an `EngineDriver`, which under tensor parallelism broadcasts it so the
 other ranks replay it (`distributed.py`).
+
+`BaseScheduler` holds what does not depend on how decoding is driven (the queue, admission,
+cancellation, streaming and finishing a job); `Scheduler` is the continuous one above, and
+`batch_scheduler.BatchScheduler` serves engines that decode whole batches (pipeline parallel).
 """
 
 from __future__ import annotations
@@ -104,32 +108,38 @@ class _Seq:
         return self.job.results[self.index]
 
 
-class Scheduler:
-    """Owns the engine through `driver`; `submit` from any thread, results come back via `Job.sink`."""
+class BaseScheduler:
+    """What every scheduler shares: the bounded queue, admission from any thread, cancellation,
+    the worker thread that alone touches the engine (through `driver`), and how a finished or
+    failed job is reported (`Job.sink`). Subclasses decide what one worker iteration decodes."""
 
-    def __init__(self, driver: EngineDriver, max_batch_size: int, capacity: int, max_queued: int, metrics=None):
+    def __init__(self, driver: EngineDriver, max_batch_size: int, max_queued: int, metrics=None) -> None:
         self.driver, self.engine = driver, driver.engine
-        self.max_batch_size, self.capacity, self.max_queued = max_batch_size, capacity, max_queued
+        self.max_batch_size, self.max_queued = max_batch_size, max_queued
         self.metrics = metrics
-        self.slots: list[_Seq | None] = [None] * max_batch_size
         self.queue: deque[Job] = deque()
-        self.cond = threading.Condition()
+        self.cond = threading.Condition()  # re-entrant lock: helpers take it again
         self._stopping = False
         self._thread: threading.Thread | None = None
 
     # ----- the handler side ----------------------------------------------------------------
 
     def start(self) -> None:
-        self.driver.new_state(self.max_batch_size, self.capacity)
         self._thread = threading.Thread(target=self._loop, name="ee-scheduler", daemon=True)
         self._thread.start()
 
     def stop(self) -> None:
+        """End the worker after its current iteration, then release the follower ranks."""
         with self.cond:
             self._stopping = True
             self.cond.notify_all()
         if self._thread is not None:
             self._thread.join(timeout=30)
+            if self._thread.is_alive():
+                # Its engine call is still broadcasting or decoding: a "shutdown" broadcast now
+                # would interleave with that call's collectives. torchrun reaps the followers.
+                log.error("the scheduler is still decoding after 30 s; follower ranks are not released")
+                return
         self.driver.shutdown()
 
     def submit(self, job: Job) -> None:
@@ -154,38 +164,112 @@ class Scheduler:
     def load(self) -> tuple[int, int]:
         """(queued requests, running sequences)."""
         with self.cond:
-            return len(self.queue), sum(s is not None for s in self.slots)
+            return len(self.queue), self._running()
 
     # ----- the worker ----------------------------------------------------------------------
 
     def _loop(self) -> None:
         while True:
             with self.cond:
-                while not self._stopping and not self.queue and not any(self.slots):
+                while not self._stopping and not self.queue and not self._running():
                     self.cond.wait()
                 if self._stopping:
                     return
-                self._drop_cancelled()
+                for _ in self._drop_cancelled():
+                    self._count_cancelled()
                 admitted = self._take_admissible()
             try:
-                if admitted:
-                    self._admit(admitted)
-                self._step()
+                self._iterate(admitted)
             except Exception:  # a bug must not kill the server: log it, fail what was running
                 log.exception("scheduler iteration failed")
                 self._fail_all_running(RuntimeError("internal error while decoding; see the server log"))
 
-    def _drop_cancelled(self) -> None:
+    def _drop_cancelled(self) -> list[Job]:
+        """Forget cancelled jobs that are still queued; returns them (called under the lock)."""
         gone = [j for j in self.queue if j.cancelled]
         for j in gone:
             self.queue.remove(j)
+        return gone
+
+    def _count_cancelled(self) -> None:
+        if self.metrics is not None:
+            self.metrics.cancelled()
+
+    # Subclass hooks: what runs, what one iteration takes from the queue and decodes.
+    def _running(self) -> int:
+        """Sequences being decoded now (called under the lock)."""
+        raise NotImplementedError
+
+    def _take_admissible(self) -> list:
+        """Take from the queue what this iteration starts (called under the lock)."""
+        raise NotImplementedError
+
+    def _iterate(self, admitted: list) -> None:
+        """Decode: start the admitted work and advance what runs (outside the lock)."""
+        raise NotImplementedError
+
+    def _release(self, job: Job) -> None:
+        """Give back whatever a failed job held."""
+
+    # ----- results -------------------------------------------------------------------------
+
+    def _stream(self, job: Job, i: int) -> None:
+        r, start = job.results[i], job.streamed[i]
+        done = job.done[i]
+        text = self.engine.result_text(r) if done else _stable(self.engine.result_text(r), job.settings.stop_strings)
+        delta = text[len(job.sent[i]) :] if text.startswith(job.sent[i]) else ""
+        job.sent[i] += delta
+        job.streamed[i] = len(r.tokens)
+        if delta or len(r.tokens) > start:
+            job.sink(Event("delta", i, delta, r.tokens[start:], r.exit_layers[start:], r.confidences[start:]))
+
+    def _finish(self, job: Job) -> None:
+        job.finished = time.perf_counter()
+        elapsed = max(job.finished - job.started, 1e-9)
+        for i, r in enumerate(job.results):
+            self.engine.finish_results([r], job.settings, elapsed, [job.counts[i]], 0.0)
+        if self.metrics is not None:
+            self.metrics.job_finished(job)
+        job.sink(Event("done"))
+
+    def _fail(self, jobs: list[Job], error: Exception) -> None:
+        for job in jobs:
+            job.done = [True] * len(job.done)
+            self._release(job)
+            job.sink(Event("error", error=error))
+
+    def _fail_all_running(self, error: Exception) -> None:
+        raise NotImplementedError
+
+
+class Scheduler(BaseScheduler):
+    """Continuous batching over the engine's step API (see the module docstring); `capacity`:
+    positions per sequence in the one `DecodeState`."""
+
+    def __init__(self, driver: EngineDriver, max_batch_size: int, capacity: int, max_queued: int, metrics=None):
+        super().__init__(driver, max_batch_size, max_queued, metrics)
+        self.capacity = capacity
+        self.slots: list[_Seq | None] = [None] * max_batch_size
+
+    def start(self) -> None:
+        self.driver.new_state(self.max_batch_size, self.capacity)
+        super().start()
+
+    def _running(self) -> int:
+        return sum(s is not None for s in self.slots)
+
+    def _iterate(self, admitted: list[tuple[Job, list[int]]]) -> None:
+        if admitted:
+            self._admit(admitted)
+        self._step()
+
+    def _drop_cancelled(self) -> list[Job]:
+        gone = super()._drop_cancelled()
         freed = [b for b, s in enumerate(self.slots) if s is not None and s.job.cancelled]
         gone += list({id(self.slots[b].job): self.slots[b].job for b in freed}.values())
         if freed:
             self._free(freed)
-        for _ in gone:
-            if self.metrics is not None:
-                self.metrics.cancelled()
+        return gone
 
     def _take_admissible(self) -> list[tuple[Job, list[int]]]:
         free = [b for b, s in enumerate(self.slots) if s is None]
@@ -294,10 +378,10 @@ class Scheduler:
         for b, tok in zip(seqs, chosen.tolist()):
             i = self.slots[b].index
             r = job.results[i]
-            self.engine._append(r, tok, out.exit_layer[b], out.confidence[b], out.logits[b])
+            self.engine.append_token(r, tok, out.exit_layer[b], out.confidence[b], out.logits[b])
             if job.top_logprobs:
                 job.token_top[i].append(_top(torch.log_softmax(out.logits[b].float(), -1), job.top_logprobs))
-            if self.engine._stopped(r, s):
+            if self.engine.is_stopped(r, s):
                 job.done[i] = True
 
     def _speculate(self, job: Job) -> None:
@@ -332,31 +416,10 @@ class Scheduler:
         if all(job.done):
             self._finish(job)
 
-    def _stream(self, job: Job, i: int) -> None:
-        r, start = job.results[i], job.streamed[i]
-        text = self.engine._text(r) if job.done[i] else _stable(self.engine._text(r), job.settings.stop_strings)
-        delta = text[len(job.sent[i]) :] if text.startswith(job.sent[i]) else ""
-        job.sent[i] += delta
-        job.streamed[i] = len(r.tokens)
-        if delta or len(r.tokens) > start:
-            job.sink(Event("delta", i, delta, r.tokens[start:], r.exit_layers[start:], r.confidences[start:]))
-
-    def _finish(self, job: Job) -> None:
-        job.finished = time.perf_counter()
-        elapsed = max(job.finished - job.started, 1e-9)
-        for i, r in enumerate(job.results):
-            self.engine._finish([r], job.settings, elapsed, [job.counts[i]], 0.0)
-        if self.metrics is not None:
-            self.metrics.job_finished(job)
-        job.sink(Event("done"))
-
-    def _fail(self, jobs: list[Job], error: Exception) -> None:
-        for job in jobs:
-            slots = [b for b, s in enumerate(self.slots) if s is not None and s.job is job]
-            job.done = [True] * len(job.done)
-            if slots:
-                self._free(slots)
-            job.sink(Event("error", error=error))
+    def _release(self, job: Job) -> None:
+        slots = [b for b, s in enumerate(self.slots) if s is not None and s.job is job]
+        if slots:
+            self._free(slots)
 
     def _fail_all_running(self, error: Exception) -> None:
         jobs = {id(s.job): s.job for s in self.slots if s is not None}

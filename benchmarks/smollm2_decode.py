@@ -135,37 +135,22 @@ def part1(args, bandwidth: float) -> None:
         del hf, engine, model
 
 
-def summarise_prompts(tok, n: int, max_chars: int):
-    from ee_sweep import build_prompt, load_examples
-
-    examples = load_examples(args_data_path(), n)
-    prompts = [build_prompt(tok, ex["abstract"], max_chars) for ex in examples]
-    refs = [" ".join(ex[k] for k in ("challenge", "approach", "outcome") if ex.get(k)) for ex in examples]
-    return prompts, refs
-
-
-def args_data_path() -> str | None:
+def aclsum_test_path() -> str | None:
+    """The prepared test set if `make demo` / the examples made it, else None (ee_sweep prepares one)."""
     path = os.path.join(ROOT, "data", "aclsum", "test_summarization.jsonl")
     return path if os.path.isfile(path) else None
 
 
 def run_setting(engine, prompts, batch: int, new_tokens: int, **kw):
-    """Decode all prompts in batches; returns (tokens/s, texts, token lists, exit layers, results)."""
-    texts, tokens, layers, results, elapsed = [], [], [], [], 0.0
-    for i in range(0, len(prompts), batch):
-        settings = GenerationSettings(max_new_tokens=new_tokens, stop_strings=("\n",), profile=True, **kw)
-        start = time.perf_counter()
-        res = engine.generate(prompts[i : i + batch], settings)
-        elapsed += time.perf_counter() - start
-        results += res
-        texts += [r.text.strip() for r in res]
-        tokens += [r.tokens for r in res]
-        layers += [x for r in res for x in r.exit_layers]
-    return sum(map(len, tokens)) / elapsed, texts, tokens, layers, results
+    """One summarisation setting (one line per summary, exit time profiled); see ee_sweep.decode_all."""
+    from ee_sweep import decode_all
+
+    settings = GenerationSettings(max_new_tokens=new_tokens, stop_strings=("\n",), profile=True, **kw)
+    return decode_all(engine, prompts, batch, settings)
 
 
 def part2(args) -> None:
-    from ee_sweep import rouge_l
+    from ee_sweep import rouge_l, summarisation_task
 
     dtype = DTYPES[args.ee_dtype]
     model, tok = load_ours(args.load, dtype)
@@ -173,7 +158,7 @@ def part2(args) -> None:
         print("\n(no exits in this checkpoint: early-exit part skipped; give --load with a tuned checkpoint)")
         return
     engine = EarlyExitEngine(model, tok)
-    prompts, refs = summarise_prompts(tok, args.num_examples, args.max_prompt_chars)
+    prompts, refs = summarisation_task(tok, aclsum_test_path(), args.num_examples, args.max_prompt_chars)
     run_setting(engine, prompts[:1], 1, 4)  # warm-up
     n = model.config.num_layers
     print(f"\n== early exit on aclsum ({len(prompts)} abstracts -> one-sentence summaries, batch {args.ee_batch}, "

@@ -1,9 +1,11 @@
-"""Shared fixtures: the built-in corpus (from the aclsum package) prepared once per session."""
+"""Shared fixtures: the built-in corpus (from the aclsum package) prepared once per session, and
+one-thread decoding for modules of tiny models (`pytestmark = pytest.mark.usefixtures("one_thread")`)."""
 
 import os
 import sys
 
 import pytest
+import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "tools"))
@@ -26,3 +28,13 @@ def corpus_texts(corpus):
     with open(corpus / "train.jsonl") as f:
         docs = [json.loads(line)["text"] for line in f]
     return [p for d in docs[:20] for p in d.split("\n\n")][:300]
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models decode fastest on one thread (and do not fight other test processes);
+    the module's previous thread count comes back afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -25,12 +25,7 @@ NEW = 8
 BATCHES = (PROMPTS[:1], PROMPTS)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest.one_thread
 
 
 def mid_threshold(model) -> float:

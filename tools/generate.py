@@ -26,15 +26,11 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line, no usage block
-        sys.stderr.write(f"error: {message}\n")
-        sys.exit(2)
+from megatron.early_exit.arguments import OneLineErrorParser, run_tool  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = OneLineErrorParser(name_prog=False, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--load", required=True, help="checkpoint directory (its tokenizer comes with it)")
     p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
     p.add_argument("--prompts-file", help='JSON lines with a "prompt" (or "text") field')
@@ -186,17 +182,7 @@ def _print_text(prompt: str, r, tok, num_layers: int) -> None:
 
 def main(argv=None) -> None:
     args = build_parser().parse_args(argv)
-    try:
-        run(args)
-    except (ValueError, OSError) as e:
-        if os.environ.get("RANK", "0") == "0":  # every rank fails alike: one line
-            sys.stderr.write(f"error: {e}\n")
-        sys.exit(2)
-    finally:
-        import torch.distributed as dist
-
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    run_tool(run, args)
 
 
 if __name__ == "__main__":

@@ -32,17 +32,13 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from megatron.early_exit.arguments import OneLineErrorParser, run_tool  # noqa: E402
+
 DEFAULT_MAX_SEQ = 2048  # the KV cache's length when the model allows more (memory grows with it)
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line, no usage block
-        sys.stderr.write(f"error: {message}\n")
-        sys.exit(2)
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = OneLineErrorParser(name_prog=False, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--load", required=True, help="checkpoint directory, HF model directory or .gguf file")
     p.add_argument("--loader", choices=("ee", "hf", "gguf"), help="format of --load (default: detected)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
@@ -207,17 +203,7 @@ def _exit_quietly(signum: int, frame) -> None:
 def main(argv=None) -> None:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        run(args)
-    except (ValueError, OSError) as e:
-        if os.environ.get("RANK", "0") == "0":  # every rank fails alike: one line
-            sys.stderr.write(f"error: {e}\n")
-        sys.exit(2)
-    finally:
-        import torch.distributed as dist
-
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    run_tool(run, args)
 
 
 if __name__ == "__main__":

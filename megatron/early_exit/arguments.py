@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from collections.abc import Callable
 
 from megatron.early_exit.config import ExitLossConfig, ModelConfig, pad_vocab_size
 
@@ -41,16 +42,41 @@ MODEL_FLAGS = {
 }
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse, but a bad flag is one line on stderr and exit code 2 (no usage dump)."""
+class OneLineErrorParser(argparse.ArgumentParser):
+    """argparse, but a bad flag is one line on stderr and exit code 2 (no usage dump).
+
+    `name_prog`: start the line with the program's name (`prog: error: ...`) or not (`error: ...`).
+    """
+
+    def __init__(self, *args, name_prog: bool = True, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.name_prog = name_prog
 
     def error(self, message: str) -> None:  # type: ignore[override]
-        sys.stderr.write(f"{self.prog}: error: {message}\n")
+        prefix = f"{self.prog}: " if self.name_prog else ""
+        sys.stderr.write(f"{prefix}error: {message}\n")
         sys.exit(2)
 
 
+def run_tool(run: Callable[[argparse.Namespace], object], args: argparse.Namespace) -> None:
+    """A command-line tool's body, under torchrun or not: a ValueError or OSError becomes one
+    line on rank 0's stderr (every rank fails alike) and exit code 2; the process group, if
+    one was started, is torn down on the way out."""
+    try:
+        run(args)
+    except (ValueError, OSError) as e:
+        if os.environ.get("RANK", "0") == "0":
+            sys.stderr.write(f"error: {e}\n")
+        sys.exit(2)
+    finally:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
 def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
-    p = _Parser(prog=prog, description="Train an early-exit GPT (EE-LLM / EE-Tuning).")
+    p = OneLineErrorParser(prog=prog, description="Train an early-exit GPT (EE-LLM / EE-Tuning).")
     _add_model_args(p)
     _add_exit_args(p)
     _add_training_args(p)

@@ -70,34 +70,48 @@ def build_prompt(tokenizer, abstract: str, max_chars: int) -> list[int]:
     return tokenizer.tokenize(f"Abstract: {text}\nSummary:")
 
 
+def summarisation_task(tokenizer, path: str | None, n: int, max_chars: int) -> tuple[list[list[int]], list[str]]:
+    """The first n aclsum test abstracts as prompts, and their reference one-sentence summaries."""
+    examples = load_examples(path, n)
+    prompts = [build_prompt(tokenizer, ex["abstract"], max_chars) for ex in examples]
+    references = [" ".join(ex[k] for k in ("challenge", "approach", "outcome") if ex.get(k)) for ex in examples]
+    return prompts, references
+
+
+def decode_all(engine, prompts: list[list[int]], batch_size: int, settings) -> tuple:
+    """Decode `prompts` in batches of `batch_size` with one `GenerationSettings`.
+
+    Returns (generated tokens per second of decoding, stripped texts, token lists, the exit
+    layer of every generated token, the `GenerationResult`s)."""
+    texts, tokens, layers, results, elapsed = [], [], [], [], 0.0
+    for i in range(0, len(prompts), batch_size):
+        start = time.perf_counter()
+        res = engine.generate(prompts[i : i + batch_size], settings)
+        elapsed += time.perf_counter() - start
+        results += res
+        texts += [r.text.strip() for r in res]
+        tokens += [r.tokens for r in res]
+        layers += [x for r in res for x in r.exit_layers]
+    return sum(map(len, tokens)) / elapsed, texts, tokens, layers, results
+
+
 def sweep(args) -> list[dict]:
     import torch
 
     from megatron.early_exit import load_checkpoint
-    from megatron.early_exit.inference import generate
+    from megatron.early_exit.inference import EarlyExitEngine, GenerationSettings
 
     torch.manual_seed(0)
     model, tok = load_checkpoint(args.load, device=args.device, dtype=torch.bfloat16 if args.bf16 else None)
-    examples = load_examples(args.data, args.num_examples)
-    prompts = [build_prompt(tok, ex["abstract"], args.max_prompt_chars) for ex in examples]
-    references = [" ".join(ex[k] for k in ("challenge", "approach", "outcome") if ex.get(k)) for ex in examples]
+    engine = EarlyExitEngine(model, tok)
+    prompts, references = summarisation_task(tok, args.data, args.num_examples, args.max_prompt_chars)
     thresholds = sorted(set(args.thresholds) | {1.0}, reverse=True)
-    generate(model, tok, prompts[: args.batch_size], max_new_tokens=4)  # warm-up: first calls are slow
+    engine.generate(prompts[: args.batch_size], GenerationSettings(max_new_tokens=4))  # warm-up: first calls are slow
     rows, full_texts, full_tokens, base_tps = [], None, None, None
     for thr in thresholds:
-        texts, tokens, layers, elapsed, n_tok = [], [], [], 0.0, 0
-        for i in range(0, len(prompts), args.batch_size):
-            start = time.perf_counter()
-            res = generate(model, tok, prompts[i : i + args.batch_size], strategy="early_exit",
-                           early_exit_threshold=thr, measure=args.measure, max_new_tokens=args.max_new_tokens,
-                           stop_strings=("\n",))  # fmt: skip
-            elapsed += time.perf_counter() - start
-            for r in res:
-                texts.append(r.text.strip())
-                tokens.append(r.tokens)
-                layers += r.exit_layers
-                n_tok += len(r.tokens)
-        tps = n_tok / elapsed
+        settings = GenerationSettings(strategy="early_exit", early_exit_threshold=thr, measure=args.measure,
+                                      max_new_tokens=args.max_new_tokens, stop_strings=("\n",))  # fmt: skip
+        tps, texts, tokens, layers, _ = decode_all(engine, prompts, args.batch_size, settings)
         if thr == 1.0:
             full_texts, full_tokens, base_tps = texts, tokens, tps
         agree = [sum(a == b for a, b in zip(t, f)) / max(len(f), 1) for t, f in zip(tokens, full_tokens)]

@@ -140,16 +140,15 @@ def completion_chunks(ev: Event, job: Job, meta: Meta, n: int) -> list[dict]:
 
 
 def _completion_chunk(meta: Meta, i: int, text: str, finish: str | None, ee: dict | None) -> dict:
-    choice = {"index": i, "text": text, "finish_reason": finish, "logprobs": None}
+    return _chunk(meta, "text_completion", {"index": i, "text": text}, finish, ee)
+
+
+def _chunk(meta: Meta, kind: str, choice: dict, finish: str | None, ee: dict | None) -> dict:
+    """One SSE chunk of `kind` ("text_completion" or "chat.completion.chunk") with one choice."""
+    choice = {**choice, "finish_reason": finish, "logprobs": None}
     if ee is not None:
         choice["early_exit"] = ee
-    return {
-        "id": meta.id,
-        "object": "text_completion",
-        "created": meta.created,
-        "model": meta.model,
-        "choices": [choice],
-    }
+    return {"id": meta.id, "object": kind, "created": meta.created, "model": meta.model, "choices": [choice]}
 
 
 def _chunk_telemetry(ev: Event) -> dict:
@@ -219,13 +218,4 @@ def chat_chunks(ev: Event, job: Job, meta: Meta, n: int, started: set[int]) -> l
 
 
 def _chat_chunk(meta: Meta, i: int, delta: dict, finish: str | None, ee: dict | None) -> dict:
-    choice = {"index": i, "delta": delta, "finish_reason": finish, "logprobs": None}
-    if ee is not None:
-        choice["early_exit"] = ee
-    return {
-        "id": meta.id,
-        "object": "chat.completion.chunk",
-        "created": meta.created,
-        "model": meta.model,
-        "choices": [choice],
-    }
+    return _chunk(meta, "chat.completion.chunk", {"index": i, "delta": delta}, finish, ee)

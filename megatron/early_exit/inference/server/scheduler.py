@@ -26,6 +26,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from abc import ABC, abstractmethod
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -108,7 +109,7 @@ class _Seq:
         return self.job.results[self.index]
 
 
-class BaseScheduler:
+class BaseScheduler(ABC):
     """What every scheduler shares: the bounded queue, admission from any thread, cancellation,
     the worker thread that alone touches the engine (through `driver`), and how a finished or
     failed job is reported (`Job.sink`). Subclasses decide what one worker iteration decodes."""
@@ -196,19 +197,19 @@ class BaseScheduler:
             self.metrics.cancelled()
 
     # Subclass hooks: what runs, what one iteration takes from the queue and decodes.
+    @abstractmethod
     def _running(self) -> int:
         """Sequences being decoded now (called under the lock)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def _take_admissible(self) -> list:
         """Take from the queue what this iteration starts (called under the lock)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def _iterate(self, admitted: list) -> None:
         """Decode: start the admitted work and advance what runs (outside the lock)."""
-        raise NotImplementedError
 
-    def _release(self, job: Job) -> None:
+    def _release(self, job: Job) -> None:  # noqa: B027 (optional hook: batch jobs hold no slots)
         """Give back whatever a failed job held."""
 
     # ----- results -------------------------------------------------------------------------
@@ -238,8 +239,9 @@ class BaseScheduler:
             self._release(job)
             job.sink(Event("error", error=error))
 
+    @abstractmethod
     def _fail_all_running(self, error: Exception) -> None:
-        raise NotImplementedError
+        """Fail every running job after the engine raised mid-step."""
 
 
 class Scheduler(BaseScheduler):

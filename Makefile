@@ -48,7 +48,7 @@ demo: install $(DATA)/aclsum_text_document.bin
 	$(PY) tools/generate.py --load $(RUN)/checkpoints --prompt "In this paper, we propose" \
 		--strategy early_exit --early-exit-thres 0.1 --max-new-tokens 16
 	$(PY) benchmarks/decode_speed.py --load $(RUN)/checkpoints --dtypes fp32 --batch 1 --new-tokens 32 \
-		--thresholds 0.3 0.1 --repeats 1
+		--thresholds 0.3 0.1 --repeats 3
 	@echo "checkpoint: $(RUN)/checkpoints  (load with: from megatron.early_exit import load_checkpoint)"
 
 test: install

@@ -7,7 +7,7 @@ TORCH_SPEC ?= torch==2.13.0
 DATA ?= data/aclsum
 RUN ?= runs/demo
 
-.PHONY: install demo test lint format bench clean
+.PHONY: install demo test lint format bench gpu-check clean
 
 install: $(VENV)/.installed
 
@@ -64,6 +64,11 @@ format: install
 
 bench: install
 	$(PY) benchmarks/exit_overhead.py
+
+# Everything that needs a GPU (CUDA tests, decode and training benchmarks); skips cleanly without
+# one. On a CUDA machine: make install TORCH_SPEC=torch first.
+gpu-check: install
+	$(PY) benchmarks/gpu_check.py
 
 clean:
 	rm -rf $(RUN) .pytest_cache

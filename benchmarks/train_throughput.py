@@ -42,6 +42,7 @@ def our_trainer(a, exits: list[int]) -> Trainer:
         f"--global-batch-size {a.batch} --train-iters 1000000 --lr 1e-4 --clip-grad 1.0 "
         f"--log-interval 1000000 --eval-interval 0 --seed 0"
     ).split()
+    argv += ["--device", str(a.device)]
     if a.bf16:
         argv.append("--bf16")
     if exits:
@@ -62,11 +63,11 @@ class ReferenceLoop:
             tie_word_embeddings=True, attn_implementation="sdpa",
         )  # fmt: skip
         torch.manual_seed(0)
-        self.model = LlamaForCausalLM(cfg).train()
+        self.model = LlamaForCausalLM(cfg).to(a.device).train()
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-4, weight_decay=0.01)
-        self.autocast = torch.autocast("cpu", dtype=torch.bfloat16) if a.bf16 else nullcontext()
+        self.autocast = torch.autocast(a.device.type, dtype=torch.bfloat16) if a.bf16 else nullcontext()
         gen = torch.Generator().manual_seed(0)
-        self.ids = torch.randint(0, a.vocab, (a.batch, a.seq), generator=gen)
+        self.ids = torch.randint(0, a.vocab, (a.batch, a.seq), generator=gen).to(a.device)
 
     def train_step(self) -> float:
         self.opt.zero_grad(set_to_none=True)
@@ -78,11 +79,33 @@ class ReferenceLoop:
         return loss.detach().item()
 
 
-def time_steps(runner, steps: int) -> float:
+def time_steps(runner, steps: int, device: torch.device) -> float:
     start = time.perf_counter()
     for _ in range(steps):
         runner.train_step()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
     return (time.perf_counter() - start) / steps
+
+
+# Dense bf16 peak of common GPUs (TFLOP/s, no sparsity), for model FLOPs utilisation.
+PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0, "L4": 121.0}
+
+
+def peak_tflops(a) -> float | None:
+    if a.peak_tflops:
+        return a.peak_tflops
+    if a.device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(a.device)
+    return next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
+
+
+def flops_per_token(a) -> float:
+    """Training FLOPs per token of the model without exits (PaLM's count): 6 x parameters in
+    matrix products (layers and the tied head) + 12 x layers x hidden x sequence (attention)."""
+    layer = 4 * a.hidden * a.hidden + 3 * a.hidden * a.ffn
+    return 6 * (a.layers * layer + a.vocab * a.hidden) + 12 * a.layers * a.hidden * a.seq
 
 
 def main() -> None:
@@ -98,7 +121,12 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=3, help="steps per setting per round")
     p.add_argument("--rounds", type=int, default=3, help="alternating rounds; each setting's best counts")
     p.add_argument("--threads", type=int, default=os.cpu_count())
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    p.add_argument("--peak-tflops", type=float, help="the device's peak for MFU (known GPUs are looked up)")
     a = p.parse_args()
+    a.device = torch.device(a.device)
+    if a.device.type == "cuda" and not torch.cuda.is_available():
+        p.error(f"--device {a.device}: CUDA is not available on this machine")
     if min(a.steps, a.rounds, a.threads) < 1:
         p.error("--steps, --rounds and --threads must be >= 1")
     torch.set_num_threads(a.threads)
@@ -114,16 +142,18 @@ def main() -> None:
         f"tied; batch {a.batch} x {a.seq} tokens, {'bf16 autocast' if a.bf16 else 'fp32'}, AdamW + clip 1.0"
     )
     for runner in runners.values():  # warm-up: allocator, oneDNN primitives, optimizer state
-        time_steps(runner, 1)
+        time_steps(runner, 1, a.device)
     best = {name: float("inf") for name in runners}
     for _ in range(a.rounds):
         for name, runner in runners.items():
-            best[name] = min(best[name], time_steps(runner, a.steps))
+            best[name] = min(best[name], time_steps(runner, a.steps, a.device))
     tokens = a.batch * a.seq
     ref = best["transformers LlamaForCausalLM loop"]
-    print(f"\n  {'setting':40s} {'ms/step':>9s} {'tokens/s':>9s} {'vs transformers':>16s}")
+    peak = peak_tflops(a)
+    print(f"\n  {'setting':40s} {'ms/step':>9s} {'tokens/s':>9s} {'vs transformers':>16s} {'MFU':>6s}")
     for name, sec in best.items():
-        print(f"  {name:40s} {1000 * sec:9.1f} {tokens / sec:9.0f} {ref / sec:15.2f}x")
+        mfu = f"{tokens / sec * flops_per_token(a) / (peak * 1e12):6.1%}" if peak else f"{'-':>6s}"
+        print(f"  {name:40s} {1000 * sec:9.1f} {tokens / sec:9.0f} {ref / sec:15.2f}x {mfu}")
 
 
 if __name__ == "__main__":

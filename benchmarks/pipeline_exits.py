@@ -2,14 +2,18 @@
 """Exit heads in a pipeline: do they cost anything? (EE-LLM: exits placed on early stages run
 in those stages' implicit bubbles, since the last stage also carries the final head.)
 
-Runs PP2 under torchrun (gloo, 1 thread per rank), side by side: the same model without
-exits, with exits (`--exits`, default one after layer 2) on the first stage, and with those
-exits plus explicit-bubble filling (`--fill` extra micro-batches); prints per-stage time per
-iteration and peak memory, and their ratios. Then it measures the per-layer and per-head forward /
-backward costs in this process and asks the 1F1B simulator (benchmarks/pipeline_simulator.py)
-for the same runs, to check the simulator against the measurement.
+Runs PP2 and PP4 under torchrun (gloo, 1 thread per rank), side by side: the same model
+without exits, with exits (`--exits`, default one after layer 2) on the first stage, and with
+those exits plus explicit-bubble filling (`--fill` extra micro-batches); prints per-stage time
+per iteration and peak memory, and their ratios. Each run also calibrates the simulator
+(benchmarks/pipeline_simulator.py) on itself: every stage times its forward and backward
+steps through the schedule's own functions (so the fixed per-micro-batch overhead of Python,
+losses and autograd is in; shown against the per-layer and per-head costs measured in this
+process), and stages 0 and 1 time one activation message (ping-pong). The simulator, with
+the stages sharing this machine's cores, then predicts each run's iteration time.
 
-    python benchmarks/pipeline_exits.py            # ~2-3 minutes on 2 cores
+    python benchmarks/pipeline_exits.py                   # ~6 minutes on 2 cores
+    python benchmarks/pipeline_exits.py --pp-sizes 2      # PP2 only
 """
 
 from __future__ import annotations
@@ -39,7 +43,7 @@ def worker(ns) -> None:
     from megatron.early_exit.training.trainer import Trainer
 
     torch.set_num_threads(1)
-    argv = [*MODEL, "--pipeline-model-parallel-size", "2", "--micro-batch-size", str(ns.micro_batch_size),
+    argv = [*MODEL, "--pipeline-model-parallel-size", str(ns.pp), "--micro-batch-size", str(ns.micro_batch_size),
             "--global-batch-size", str(ns.micro_batch_size * ns.micro_batches), "--train-iters", "1000",
             "--lr", "1e-4", "--eval-interval", "0", "--device", "cpu", "--pipeline-split", "uniform"]  # fmt: skip
     if ns.exits:
@@ -49,12 +53,14 @@ def worker(ns) -> None:
     trainer = Trainer(parse_args(argv))
     for _ in range(ns.warmup):
         trainer.train_step()
+    calibration = calibrate(trainer, ns)
     dist.barrier()
     start = time.perf_counter()
     for _ in range(ns.iters):
         trainer.train_step()
     ms = 1000 * (time.perf_counter() - start) / ns.iters
-    mine = {"rank": dist.get_rank(), "ms": ms, "peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    mine = {"rank": dist.get_rank(), "ms": ms, "peak_mib": peak, **calibration}
     out = [None] * dist.get_world_size()
     dist.all_gather_object(out, mine)
     if dist.get_rank() == 0:
@@ -62,8 +68,61 @@ def worker(ns) -> None:
     dist.destroy_process_group()
 
 
-def run(ns, exits, fill=0) -> list[dict]:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", __file__, "--worker",
+def _time_ms(fn, n: int) -> float:
+    fn()
+    start = time.perf_counter()
+    for _ in range(n):
+        fn()
+    return 1000 * (time.perf_counter() - start) / n
+
+
+def calibrate(trainer, ns) -> dict[str, float]:
+    """The simulator's inputs, measured in the run itself: this stage's forward, backward
+    (exits included), and fill forward / backward per micro-batch, through the schedule's own
+    step functions (so Python, loss and autograd overheads are in), with `cores` stages
+    measuring at once (the load of the steady state); and the time of one activation-sized
+    message between stages 0 and 1 (ping-pong)."""
+    import torch
+    import torch.distributed as dist
+
+    from megatron.early_exit.parallel.pipeline import p2p
+    from megatron.early_exit.training.schedules import backward_step, forward_step
+
+    ctx, ps = trainer._context(), trainer.pstate
+    batch = {k: v.to(ctx.device) for k, v in trainer._next_batches(trainer.train_iter, 1)[0].items()}
+    x = None if ps.is_first_stage else torch.randn(ctx.activation_shape, requires_grad=True)
+    grad = None if ps.is_last_stage else torch.randn(ctx.activation_shape) * 1e-3
+
+    def fwd(exits_only=False):
+        return forward_step(ctx, batch, x, exits_only=exits_only)
+
+    out = {}
+    cores = min(os.cpu_count() or 1, ps.dims.pp)
+    for group in range(0, ps.dims.pp, cores):
+        if group <= ps.pp_rank < group + cores:
+            out["forward_ms"] = _time_ms(fwd, ns.calib_reps)
+            out["step_ms"] = _time_ms(lambda: backward_step(ctx, batch, fwd(), x, grad), ns.calib_reps)
+            out["fill_forward_ms"] = _time_ms(lambda: fwd(True), ns.calib_reps)
+            out["fill_step_ms"] = _time_ms(lambda: backward_step(ctx, batch, fwd(True), x, grad), ns.calib_reps)
+        dist.barrier()
+    trainer.model.zero_grad(set_to_none=True)
+    template = ctx.template()
+    start = time.perf_counter()
+    for _ in range(ns.calib_reps):  # stage 0 sends, stage 1 answers: two messages per round
+        if ps.pp_rank == 0:
+            p2p(template, ps.stage_rank(1), None, None)
+            p2p(None, None, template, ps.stage_rank(1))
+        elif ps.pp_rank == 1:
+            p2p(None, None, template, ps.stage_rank(0))
+            p2p(template, ps.stage_rank(0), None, None)
+    out["p2p_ms"] = 1000 * (time.perf_counter() - start) / (2 * ns.calib_reps)
+    dist.barrier()
+    return out
+
+
+def run(ns, exits, fill=0, pp=2) -> list[dict]:
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={pp}", __file__, "--worker",
+           "--pp", str(pp), "--calib-reps", str(ns.calib_reps),
            "--iters", str(ns.iters), "--warmup", str(ns.warmup), "--micro-batches", str(ns.micro_batches),
            "--micro-batch-size", str(ns.micro_batch_size), "--fill", str(fill),
            "--exits", *map(str, exits)]  # fmt: skip
@@ -111,65 +170,84 @@ def measured_costs(ns) -> dict[str, float]:
     return {"layer_f": layer_f, "layer_b": layer_fb - layer_f, "head_f": head_f, "head_b": head_fb - head_f}
 
 
+def predict(runs: list[dict], m: int, fill: int, exits: list[int], p2p_ms: float) -> dict[str, float]:
+    """The calibrated simulator for one measured run: per-stage costs and the message time
+    measured in that run, the stages sharing this machine's cores."""
+    from pipeline_simulator import StageCost, simulate
+
+    stages = [
+        StageCost(
+            r["forward_ms"], r["step_ms"], 0.0, fill_forward=r["fill_forward_ms"], fill_backward=r["fill_step_ms"]
+        )
+        for r in runs
+    ]
+    layers_per_stage = 8 // len(runs)
+    last_exit_stage = max((n - 1) // layers_per_stage for n in exits) if exits else -1
+    return simulate(stages, m, p2p_ms, cores=os.cpu_count(), fills=(fill, 0), last_exit_stage=last_exit_stage)
+
+
+def overhead_line(runs: list[dict], c: dict[str, float]) -> str:
+    """What the stage steps cost beyond their layers and heads: the fixed per-micro-batch overhead."""
+    n = 8 // len(runs)
+    first = runs[0]["forward_ms"] - n * c["layer_f"]
+    last = runs[-1]["forward_ms"] - n * c["layer_f"] - c["head_f"]
+    first_b = runs[0]["step_ms"] - runs[0]["forward_ms"] - n * c["layer_b"]
+    return (
+        f"per-micro-batch overhead beyond layers and heads: stage 0 forward {first:+.1f} ms, backward step "
+        f"{first_b:+.1f} ms; last stage forward {last:+.1f} ms; p2p {runs[0]['p2p_ms']:.2f} ms per message"
+    )
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--pp", type=int, default=2, help=argparse.SUPPRESS)
+    p.add_argument("--pp-sizes", type=int, nargs="+", default=[2, 4], help="pipeline sizes to run (8 layers)")
     p.add_argument("--fill", type=int, default=1, help="fill micro-batches per iteration for the filling run")
     p.add_argument("--exits", type=int, nargs="*", default=[2], help="exit layers of the with-exits run (stage 0)")
     p.add_argument("--iters", type=int, default=4)
     p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--calib-reps", type=int, default=5, help="repetitions of each calibration measurement")
     p.add_argument("--micro-batches", type=int, default=8)
     p.add_argument("--micro-batch-size", type=int, default=2)
     ns = p.parse_args()
     if ns.worker:
         worker(ns)
         return
-    from pipeline_simulator import StageCost, simulate
-
     print(
-        f"PP2 under torchrun on {os.cpu_count()} cores, 1 thread per rank; 8 layers (4 per stage), hidden 256, "
-        f"vocab 8000, seq 128, {ns.micro_batches} micro-batches of {ns.micro_batch_size}; exits: norm + tied head"
+        f"PP under torchrun on {os.cpu_count()} cores, 1 thread per rank; 8 layers, hidden 256, vocab 8000, "
+        f"seq 128, {ns.micro_batches} micro-batches of {ns.micro_batch_size}; exits {ns.exits}: norm + tied head"
     )
-    base = run(ns, [])
-    ee = run(ns, ns.exits)
-    n_exits = len(ns.exits)
-    print(
-        f"\n{'stage':6s} {'ms/iter no exits':>17s} {'with exits':>13s} {'ratio':>6s} {'peak MiB':>9s} "
-        f"{'with exits':>11s} {'ratio':>6s}"
-    )
-    for a, b in zip(base, ee):
-        print(
-            f"{a['rank']:<6d} {a['ms']:17.0f} {b['ms']:13.0f} {b['ms'] / a['ms']:6.3f} {a['peak_mib']:9.0f} "
-            f"{b['peak_mib']:11.0f} {b['peak_mib'] / a['peak_mib']:6.3f}"
-        )
-    iter_base, iter_ee = max(r["ms"] for r in base), max(r["ms"] for r in ee)
-    print(f"iteration time with exits on stage 0 / without: {iter_ee / iter_base:.3f}")
-    if ns.fill:
-        filled = run(ns, ns.exits, ns.fill)
-        iter_fill = max(r["ms"] for r in filled)
-        extra = ns.fill / ns.micro_batches
-        print(
-            f"with bubble filling ({ns.fill} extra micro-batch(es) for the exits, +{extra:.0%} exit training data): "
-            f"iteration {iter_fill / iter_ee:.3f}x the exits run, {iter_fill / iter_base:.3f}x no exits; "
-            f"peak memory stage 0 {filled[0]['peak_mib'] / ee[0]['peak_mib']:.3f}x"
-        )
-
     c = measured_costs(ns)
     print(
-        f"\nmeasured (1 thread, ms per micro-batch): layer fwd {c['layer_f']:.1f} bwd {c['layer_b']:.1f}; "
-        f"head fwd {c['head_f']:.1f} bwd {c['head_b']:.1f}"
+        f"measured in one process (1 thread, ms per micro-batch): layer fwd {c['layer_f']:.1f} bwd "
+        f"{c['layer_b']:.1f}; head fwd {c['head_f']:.1f} bwd {c['head_b']:.1f}"
     )
-
-    def predict(n_exits):
-        s0 = StageCost(4 * c["layer_f"], 4 * c["layer_b"], n_exits * (c["head_f"] + c["head_b"]))
-        s1 = StageCost(4 * c["layer_f"] + c["head_f"], 4 * c["layer_b"] + c["head_b"], 0.0)
-        return simulate([s0, s1], ns.micro_batches)
-
-    pb, pe = predict(0), predict(n_exits)
-    for label, pred, meas in (("no exits", pb, iter_base), (f"{n_exits} exits", pe, iter_ee)):
+    rows = []
+    for pp in ns.pp_sizes:
+        base = run(ns, [], pp=pp)
+        ee = run(ns, ns.exits, pp=pp)
+        print(f"\nPP{pp}: " + overhead_line(base, c))
+        head = f"{'stage':6s} {'ms/iter no exits':>17s} {'with exits':>11s} {'ratio':>6s} {'peak MiB':>9s}"
+        print(head + f" {'ratio':>6s}")
+        for a, b in zip(base, ee):
+            print(
+                f"{a['rank']:<6d} {a['ms']:17.0f} {b['ms']:11.0f} {b['ms'] / a['ms']:6.3f} {a['peak_mib']:9.0f} "
+                f"{b['peak_mib'] / a['peak_mib']:6.3f}"
+            )
+        cases = [("no exits", base, [], 0), (f"{len(ns.exits)} exit(s)", ee, ns.exits, 0)]
+        if ns.fill:
+            cases.append((f"exits + {ns.fill} fill", run(ns, ns.exits, ns.fill, pp=pp), ns.exits, ns.fill))
+        for label, runs, exits, fill in cases:
+            measured = max(r["ms"] for r in runs)
+            predicted = predict(runs, ns.micro_batches, fill, exits, runs[0]["p2p_ms"])["time"]
+            rows.append((pp, label, measured, predicted))
+    base_of = {pp: measured for pp, label, measured, _ in rows if label == "no exits"}
+    print(f"\n{'layout':6s} {'run':16s} {'measured ms':>11s} {'vs no exits':>11s} {'simulated':>9s} {'error':>7s}")
+    for pp, label, measured, predicted in rows:
         print(
-            f"simulator {label:9s}: {pred['time']:.0f} ms predicted vs {meas:.0f} ms measured "
-            f"({pred['time'] / meas - 1:+.1%}), bubble {pred['bubble']:.1%}"
+            f"PP{pp:<4d} {label:16s} {measured:11.0f} {measured / base_of[pp]:11.3f} {predicted:9.0f} "
+            f"{predicted / measured - 1:+7.1%}"
         )
 
 

@@ -29,50 +29,107 @@ class StageCost:
     forward: float  # one micro-batch's forward through the stage's layers (+ embedding / final head)
     backward: float  # its backward
     exit_work: float  # its exits: forward + backward, done right before the backward
+    overhead: float = 0.0  # fixed cost of every forward and every backward step (Python, losses, p2p set-up)
+    fill_forward: float = 0.0  # a bubble-filling micro-batch: forward without the final head
+    fill_backward: float = 0.0  # its backward, exits included
 
 
-def one_f_one_b_order(pp: int, rank: int, m: int) -> list[tuple[str, int]]:
+def one_f_one_b_order(pp: int, rank: int, m: int, fill_at: int = -1, warm_fills: int = 0, cool_fills: int = 0):
+    """This stage's ops in the order our schedule runs them (training/schedules.py): F/B of
+    regular micro-batches; for a filling stage, the warm-up fills (all forwards, then all
+    backwards) right after regular forward number `fill_at`, the cool-down fills at the end."""
     warmup = min(pp - rank - 1, m)
-    order = [("F", k) for k in range(warmup)]
+    fills_w = [("FF", j) for j in range(warm_fills)] + [("FB", j) for j in range(warm_fills)]
+    fills_c = [("FF", warm_fills + j) for j in range(cool_fills)] + [("FB", warm_fills + j) for j in range(cool_fills)]
+    order = []
+    for k in range(warmup):
+        order.append(("F", k))
+        if k + 1 == fill_at:
+            order += fills_w
     for i in range(m - warmup):
-        order += [("F", warmup + i), ("B", i)]
+        order.append(("F", warmup + i))
+        if warmup + i + 1 == fill_at:
+            order += fills_w
+        order.append(("B", i))
     order += [("B", k) for k in range(m - warmup, m)]
-    return order
+    return order + fills_c
 
 
-def simulate(stages: list[StageCost], m: int, p2p: float = 0.0) -> dict[str, float]:
-    """Event-driven 1F1B: each stage runs its ops in order; F(s, k) needs F(s-1, k), B(s, k)
-    needs B(s+1, k) (the last stage: its own F(s, k)), each plus a transfer time."""
+def _dependency(kind: str, r: int, k: int, last: int, done: dict) -> tuple[float | None, bool]:
+    """When the input of op (kind, r, k) exists, and whether it crosses a stage (a message).
+    `last`: the last stage this kind of micro-batch reaches (pp - 1, or the last exit stage for fills)."""
+    if kind in ("F", "FF"):
+        return (done.get((kind, r - 1, k)), True) if r > 0 else (0.0, False)
+    fwd = "F" if kind == "B" else "FF"
+    return (done.get((kind, r + 1, k)), True) if r < last else (done.get((fwd, r, k)), False)
+
+
+def simulate(
+    stages: list[StageCost],
+    m: int,
+    p2p: float = 0.0,
+    cores: int | None = None,
+    fills: tuple[int, int] = (0, 0),
+    last_exit_stage: int = -1,
+) -> dict[str, float]:
+    """Event-driven 1F1B over the stages' op orders: an op starts when its input exists
+    (plus `p2p` per message between stages) and its stage is free; `cores`: the stages share
+    that many cores (processor sharing: with n > cores stages computing, each runs at
+    cores / n speed; None = one device per stage). `fills`: warm-up and cool-down
+    bubble-filling micro-batches, run by stages 0..last_exit_stage."""
     pp = len(stages)
-    orders = [one_f_one_b_order(pp, r, m) for r in range(pp)]
+    warm, cool = fills
+    fill_at = min(pp - last_exit_stage, m) if warm and last_exit_stage >= 0 else -1
+    orders = [
+        one_f_one_b_order(pp, r, m, fill_at, warm, cool) if r <= last_exit_stage else one_f_one_b_order(pp, r, m)
+        for r in range(pp)
+    ]
     done: dict[tuple[str, int, int], float] = {}
-    clock = [0.0] * pp
-    busy = [0.0] * pp
-    pos = [0] * pp
+    pos, busy = [0] * pp, [0.0] * pp
+    free_at = [0.0] * pp  # when the stage finished its previous op
+    left: list[float | None] = [None] * pp  # work left in the running op
+    now = 0.0
     while any(pos[r] < len(orders[r]) for r in range(pp)):
-        progressed = False
+        ready = []  # (start time, stage) of ops whose input is known
         for r in range(pp):
             if pos[r] >= len(orders[r]):
                 continue
-            kind, k = orders[r][pos[r]]
-            if kind == "F":
-                dep = done.get(("F", r - 1, k)) if r > 0 else 0.0
-                cost = stages[r].forward
-            else:
-                dep = done.get(("B", r + 1, k)) if r < pp - 1 else done.get(("F", r, k))
-                cost = stages[r].backward + stages[r].exit_work
-            if dep is None:
+            if left[r] is not None:
+                ready.append((now, r))
                 continue
-            start = max(clock[r], dep + (p2p if (kind == "F" and r > 0) or (kind == "B" and r < pp - 1) else 0.0))
-            clock[r] = start + cost
-            busy[r] += cost
-            done[(kind, r, k)] = clock[r]
-            pos[r] += 1
-            progressed = True
-        if not progressed:
+            kind, k = orders[r][pos[r]]
+            dep, message = _dependency(kind, r, k, pp - 1 if kind in ("F", "B") else last_exit_stage, done)
+            if dep is not None:
+                ready.append((max(free_at[r], dep + (p2p if message else 0.0)), r))
+        if not ready:
             raise RuntimeError("schedule deadlock in the simulator")
-    total = max(clock)
-    return {"time": total, "bubble": 1.0 - sum(busy) / (pp * total), "busy": busy}
+        for start, r in ready:
+            if start <= now and left[r] is None:
+                left[r] = _op_cost(stages[r], orders[r][pos[r]][0])
+                busy[r] += left[r]
+        running = [r for r in range(pp) if left[r] is not None]
+        rate = 1.0 if cores is None or len(running) <= cores else cores / len(running)
+        events = [left[r] / rate for r in running] + [s - now for s, r in ready if left[r] is None and s > now]
+        step = min(events)
+        now += step
+        for r in running:
+            left[r] -= step * rate
+            if left[r] <= 1e-12:
+                kind, k = orders[r][pos[r]]
+                done[(kind, r, k)] = free_at[r] = now
+                left[r] = None
+                pos[r] += 1
+    return {"time": now, "bubble": 1.0 - sum(busy) / (pp * now), "busy": busy}
+
+
+def _op_cost(stage: StageCost, kind: str) -> float:
+    cost = {
+        "F": stage.forward,
+        "B": stage.backward + stage.exit_work,
+        "FF": stage.fill_forward,
+        "FB": stage.fill_backward,
+    }[kind]
+    return cost + stage.overhead
 
 
 def stage_costs(
@@ -108,25 +165,74 @@ PAPER = {
 }
 
 
-def paper_table(bwd_ratio: float) -> list[str]:
+@dataclass
+class GpuAssumptions:
+    """What the paper's table assumes, to turn the measured-on-CPU overhead and p2p terms
+    into layer units for GPU clusters (none of it measured here; change with the flags)."""
+
+    tflops: float = 150.0  # achieved bf16 matmul throughput per GPU (A100-class, ~50% of peak)
+    link_gbs: float = 25.0  # inter-stage bandwidth, GB/s (one InfiniBand HDR link)
+    latency_ms: float = 0.05  # per message, on top of bandwidth
+    overhead_ms: float = 0.3  # per forward or backward step of a stage (launches, Python, loss)
+    seq: int = 2048
+    micro_batch: int = 1
+
+    def layer_ms(self, hidden: int, ffn: int, swiglu: bool) -> float:
+        tokens = self.seq * self.micro_batch
+        matmul = 2 * tokens * (4 * hidden * hidden + (3 if swiglu else 2) * hidden * ffn)
+        attention = 4 * tokens * self.seq * hidden
+        return (matmul + attention) / (self.tflops * 1e9)
+
+    def p2p_ms(self, hidden: int) -> float:
+        return self.latency_ms + 2 * self.seq * self.micro_batch * hidden / (self.link_gbs * 1e6)  # bf16
+
+
+def paper_table(bwd_ratio: float, gpu: GpuAssumptions) -> list[str]:
     rows = [
         "| model | PP | micro-batches | iteration (no exits) | with exits | exit overhead | bubble (no exits) |"
         " bubble (exits) |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for name, (layers, hidden, ffn, vocab, exits) in PAPER.items():
-        head = head_cost_layers(hidden, vocab, ffn, name == "7B")
+        swiglu = name == "7B"
+        head = head_cost_layers(hidden, vocab, ffn, swiglu)
+        unit = gpu.layer_ms(hidden, ffn, swiglu)
+        p2p, overhead = gpu.p2p_ms(hidden) / unit, gpu.overhead_ms / unit
         for pp in (4, 8, 16):
             if layers % pp:
                 continue
             for m in (8, 32, 128):
-                base = simulate(stage_costs(layers, pp, [], head, head, bwd_ratio), m)
-                ee = simulate(stage_costs(layers, pp, exits, head, head, bwd_ratio), m)
+                runs = []
+                for ex in ([], exits):
+                    costs = stage_costs(layers, pp, ex, head, head, bwd_ratio)
+                    for c in costs:
+                        c.overhead = overhead
+                    runs.append(simulate(costs, m, p2p))
+                base, ee = runs
                 rows.append(
                     f"| {name} | {pp} | {m} | {base['time']:.0f} | {ee['time']:.0f} | "
                     f"{ee['time'] / base['time'] - 1:+.1%} | {base['bubble']:.1%} | {ee['bubble']:.1%} |"
                 )
     return rows
+
+
+def assumptions_text(bwd_ratio: float, gpu: GpuAssumptions) -> str:
+    units = []
+    for name, (_, hidden, ffn, _, _) in PAPER.items():
+        unit = gpu.layer_ms(hidden, ffn, name == "7B")
+        units.append(
+            f"{name}: one layer forward {unit:.2f} ms, p2p {gpu.p2p_ms(hidden) / unit:.3f} units, "
+            f"overhead {gpu.overhead_ms / unit:.3f} units per step"
+        )
+    return (
+        f"Simulated 1F1B, times in layer-forward units; backward/forward = {bwd_ratio}; exits are norm + "
+        f"vocabulary heads, evaluated lazily right before each backward; uniform layer split (the last stage also "
+        f"carries the final head); one device per stage. Calibrated terms, as on the measured CPU runs: a fixed "
+        f"overhead per forward and per backward step, and a transfer time per message between stages; for GPUs "
+        f"they are assumed: {gpu.tflops:g} TFLOPS achieved, {gpu.link_gbs:g} GB/s + {gpu.latency_ms:g} ms per "
+        f"message (bf16 activations, seq {gpu.seq}, micro-batch {gpu.micro_batch}), {gpu.overhead_ms:g} ms per "
+        f"step. " + "; ".join(units) + "."
+    )
 
 
 def main() -> None:
@@ -138,13 +244,14 @@ def main() -> None:
     p.add_argument("--exit-cost", type=float, default=1.0, help="one exit head, in layer-forward units")
     p.add_argument("--final-cost", type=float, default=1.0, help="the final head, in layer-forward units")
     p.add_argument("--backward-forward-ratio", type=float, default=2.0)
+    p.add_argument("--gpu-tflops", type=float, default=GpuAssumptions.tflops, help="paper table: achieved TFLOPS")
+    p.add_argument("--link-gbs", type=float, default=GpuAssumptions.link_gbs, help="paper table: GB/s between stages")
+    p.add_argument("--overhead-ms", type=float, default=GpuAssumptions.overhead_ms, help="paper table: ms per step")
     a = p.parse_args()
     if a.pp is None:
-        print(
-            "Simulated 1F1B, times in layer-forward units (backward/forward = "
-            f"{a.backward_forward_ratio}); exits are norm + vocabulary heads, evaluated lazily.\n"
-        )
-        print("\n".join(paper_table(a.backward_forward_ratio)))
+        gpu = GpuAssumptions(tflops=a.gpu_tflops, link_gbs=a.link_gbs, overhead_ms=a.overhead_ms)
+        print(assumptions_text(a.backward_forward_ratio, gpu) + "\n")
+        print("\n".join(paper_table(a.backward_forward_ratio, gpu)))
         return
     for label, exits in (("no exits", []), ("exits", a.exits)):
         costs = stage_costs(a.layers, a.pp, exits, a.exit_cost, a.final_cost, a.backward_forward_ratio)

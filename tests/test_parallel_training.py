@@ -113,6 +113,9 @@ LAYOUTS = {
     "tp2xpp2": (4, ["--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2"]),
     "dp2xpp2": (4, ["--pipeline-model-parallel-size", "2"]),
     "dp2xpp2-zero1": (4, ["--pipeline-model-parallel-size", "2", "--use-distributed-optimizer"]),
+    # Small buckets: several all-reduces per stage, some launched inside the last backward.
+    "dp2xpp2-buckets": (4, ["--pipeline-model-parallel-size", "2", "--ddp-bucket-size", "3000"]),
+    "dp2xpp2-fsdp2": (4, ["--pipeline-model-parallel-size", "2", "--use-torch-fsdp2"]),
     "tp2xpp2-sp": (
         4,
         ["--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2", "--sequence-parallel"],
@@ -154,7 +157,9 @@ def test_replicated_parameters_stay_identical_across_ranks(tmp_path):
 
 
 @pytest.mark.parametrize(
-    ("first", "second"), [("tp2xpp2", None), (None, "tp2xpp2")], ids=["tp2xpp2-to-1", "1-to-tp2xpp2"]
+    ("first", "second"),
+    [("tp2xpp2", None), (None, "tp2xpp2"), ("dp2xpp2-fsdp2", "tp2")],
+    ids=["tp2xpp2-to-1", "1-to-tp2xpp2", "fsdp2-to-tp2"],
 )
 def test_checkpoint_resumes_under_another_layout(tmp_path, reference, first, second):
     """Stop after 3 iterations under one layout, resume under another: iterations 4 and 5

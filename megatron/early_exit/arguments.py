@@ -225,6 +225,16 @@ def _add_parallel_args(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--use-distributed-optimizer", action="store_true")
     g.add_argument(
+        "--use-torch-fsdp2",
+        action="store_true",
+        help="data parallelism through FSDP2 fully_shard: parameters, gradients and optimizer state sharded over DP",
+    )
+    g.add_argument(
+        "--ddp-bucket-size",
+        type=int,
+        help="elements per data-parallel gradient all-reduce bucket (default: 25 MB worth)",
+    )
+    g.add_argument(
         "--check-replicated-params",
         action="store_true",
         help="after every step, verify replicated parameters are bit-identical across ranks (debug)",
@@ -273,6 +283,11 @@ def validate_args(
             raise ValueError("--sequence-parallel needs --seq-length divisible by --tensor-model-parallel-size")
         if args.tune_exit:
             raise ValueError("--sequence-parallel is not supported with --tune-exit")
+    if args.use_torch_fsdp2 and (args.use_distributed_optimizer or args.tune_exit):
+        raise ValueError(
+            "--use-torch-fsdp2 shards the optimizer itself and trains everything: drop "
+            + ("--use-distributed-optimizer" if args.use_distributed_optimizer else "--tune-exit")
+        )
     if args.train_iters is None:
         raise ValueError("--train-iters is required")
     if args.seq_length is None:

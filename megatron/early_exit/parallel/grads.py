@@ -1,7 +1,9 @@
 """Gradient synchronisation, clipping and metric reduction across the parallel layout.
 
 Called once per global batch, after the schedule has accumulated every micro-batch:
-- DP: gradients averaged over the data-parallel group;
+- DP: gradients averaged over the data-parallel group by the DP engine
+  (parallel/data_parallel.py: bucketed all-reduce overlapped with the last backward, or
+  FSDP2's reduce-scatter, which leaves each DP rank its shard of every gradient);
 - tied word-embedding copies (first stage, and any later stage whose output or exit
   heads are tied to it) summed over the embedding group, so the copies stay identical;
 - the global gradient norm counts every distinct gradient once: TP shards all count,
@@ -15,6 +17,7 @@ import math
 import torch
 import torch.distributed as dist
 
+from megatron.early_exit.parallel.data_parallel import local
 from megatron.early_exit.parallel.dims import ParallelState
 from megatron.early_exit.parallel.pipeline import StageSpec, embedding_holders
 from megatron.early_exit.parallel.tensor_parallel import shard_spec
@@ -43,25 +46,32 @@ def build_embedding_group(config, specs: list[StageSpec], ps: ParallelState):
     return mine
 
 
-def sync_gradients(model: torch.nn.Module, ps: ParallelState, embedding_group) -> None:
-    params = [p for p in model.parameters() if p.grad is not None]
+def sync_gradients(model: torch.nn.Module, ps: ParallelState, embedding_group, data_parallel=None) -> None:
+    """DP average (by the engine; without one, one blocking all-reduce per tensor: the old
+    sync, kept for benchmarks/data_parallel.py), then the sums over TP (sequence parallelism)
+    and the embedding group. All are linear, so their order does not matter; under FSDP2
+    they act on matching local shards."""
+    if data_parallel is not None:
+        data_parallel.finish()
+    elif ps.dp_group is not None:
+        for p in model.parameters():
+            if p.grad is not None:
+                dist.all_reduce(p.grad, group=ps.dp_group)
+                p.grad.div_(ps.dims.dp)
     if getattr(model, "sequence_parallel", False) and ps.tp_group is not None:
         # Replicated weights (norms, row-parallel biases) saw only this rank's sequence chunk.
         for name, p in model.named_parameters():
             if p.grad is not None and shard_spec(name, model.config.swiglu) == "replicated":
-                dist.all_reduce(p.grad, group=ps.tp_group)
-    if ps.dp_group is not None:
-        for p in params:
-            dist.all_reduce(p.grad, group=ps.dp_group)
-            p.grad.div_(ps.dims.dp)
+                dist.all_reduce(local(p.grad), group=ps.tp_group)
     if embedding_group is not None:
         for name, p in model.named_parameters():
             if name == EMBEDDING and p.grad is not None:
-                dist.all_reduce(p.grad, group=embedding_group)
+                dist.all_reduce(local(p.grad), group=embedding_group)
 
 
-def clip_grad_norm(model: torch.nn.Module, ps: ParallelState, max_norm: float) -> float:
-    """Global L2 norm of the gradients; scales them by min(1, max_norm / (norm + 1e-6)) when max_norm > 0."""
+def clip_grad_norm(model: torch.nn.Module, ps: ParallelState, max_norm: float, dp_sharded: bool = False) -> float:
+    """Global L2 norm of the gradients; scales them by min(1, max_norm / (norm + 1e-6)) when
+    max_norm > 0. `dp_sharded`: each DP rank holds a shard of every gradient (FSDP2)."""
     squares = []
     for name, p in model.named_parameters():
         if p.grad is None:
@@ -70,9 +80,9 @@ def clip_grad_norm(model: torch.nn.Module, ps: ParallelState, max_norm: float) -
             continue  # a tied copy: the first stage counts it
         if ps.tp_rank != 0 and shard_spec(name, model.config.swiglu) == "replicated":
             continue
-        squares.append(p.grad.detach().float().pow(2).sum())
+        squares.append(local(p.grad).detach().float().pow(2).sum())
     total = torch.stack(squares).sum() if squares else torch.zeros((), device=ps.device)
-    for group in (ps.tp_group, ps.pp_group):
+    for group in (ps.tp_group, ps.pp_group, ps.dp_group if dp_sharded else None):
         if group is not None:
             dist.all_reduce(total, group=group)
     norm = math.sqrt(float(total))
@@ -81,7 +91,7 @@ def clip_grad_norm(model: torch.nn.Module, ps: ParallelState, max_norm: float) -
         if coef < 1.0:
             for p in model.parameters():
                 if p.grad is not None:
-                    p.grad.mul_(coef)
+                    local(p.grad).mul_(coef)
     return norm
 
 
@@ -119,14 +129,16 @@ def gather_rng_states(ps: ParallelState) -> list | None:
     return out
 
 
-def check_replicated_params(model: torch.nn.Module, ps: ParallelState, embedding_group) -> int:
+def check_replicated_params(model: torch.nn.Module, ps: ParallelState, embedding_group, dp_sharded=False) -> int:
     """Assert that every replicated parameter is bit-identical on all ranks that hold it:
     DP replicas, TP ranks (for TP-replicated tensors) and the word-embedding copies of the
     embedding group. Returns the number of tensors compared; raises RuntimeError naming
-    the first that differs."""
+    the first that differs. Under FSDP2 (`dp_sharded`) DP ranks hold different shards, and
+    the TP and embedding-group copies are compared shard by shard."""
     checked = 0
     for name, p in model.named_parameters():
-        groups = [("data-parallel replicas", ps.dp_group)]
+        p = local(p)
+        groups = [("data-parallel replicas", None if dp_sharded else ps.dp_group)]
         if shard_spec(name, model.config.swiglu) == "replicated":
             groups.append(("tensor-parallel ranks", ps.tp_group))
         if name == EMBEDDING:

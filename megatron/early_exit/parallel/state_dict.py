@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from megatron.early_exit.parallel.data_parallel import full, reshard
 from megatron.early_exit.parallel.dims import ParallelState
 from megatron.early_exit.parallel.tensor_parallel import gather_full, shard_full
 
@@ -32,9 +33,11 @@ def _gather_to_rank0(local: dict, pstate: ParallelState, all_dp: bool = False) -
 
 
 def full_state_dict(model: torch.nn.Module, pstate: ParallelState) -> dict[str, torch.Tensor] | None:
-    """All parameters of the whole model on global rank 0 (None elsewhere), on the CPU."""
+    """All parameters of the whole model on global rank 0 (None elsewhere), on the CPU.
+    Collective: FSDP2 shards are gathered over DP first."""
+    reshard(model)
     local = {
-        name: gather_full(name, p.detach(), model.config, pstate.tp_group).to("cpu")
+        name: gather_full(name, full(p.detach()), model.config, pstate.tp_group).to("cpu")
         for name, p in model.named_parameters()
     }
     return _gather_to_rank0(local, pstate)
@@ -44,6 +47,7 @@ def full_optimizer_state(model, optimizer, pstate: ParallelState) -> dict | None
     """Optimizer state keyed by parameter name, unsharded: {name: {key: tensor}}."""
     from megatron.early_exit.training.optimizer import local_optimizer
 
+    reshard(model)  # FSDP2: the optimizer holds the sharded parameters
     local = {}
     opt = local_optimizer(optimizer) if optimizer is not None else None
     for name, p in model.named_parameters():
@@ -53,7 +57,7 @@ def full_optimizer_state(model, optimizer, pstate: ParallelState) -> dict | None
         entry = {}
         for key, value in state.items():
             if torch.is_tensor(value) and value.shape == p.shape and value.dim() > 0:
-                value = gather_full(name, value.detach(), model.config, pstate.tp_group)
+                value = gather_full(name, full(value.detach()), model.config, pstate.tp_group)
             entry[key] = value.detach().to("cpu") if torch.is_tensor(value) else value
         local[name] = entry
     sharded = opt is not optimizer  # ZeRO: each DP rank holds the state of its own share
@@ -66,6 +70,7 @@ def load_optimizer_state(model, optimizer, full_state: dict, pstate: ParallelSta
 
     if optimizer is None:
         return
+    reshard(model)
     opt = local_optimizer(optimizer)
     owned = {id(p) for group in opt.param_groups for p in group["params"]}
     tp_rank = pstate.tp_rank
@@ -81,8 +86,17 @@ def load_optimizer_state(model, optimizer, full_state: dict, pstate: ParallelSta
                 value = shard_full(name, value, model.config, tp_rank, tp)
                 if value.shape != p.shape:
                     raise ValueError(f"--load: optimizer state {key} of {name} in {source} does not fit the model")
-                value = value.to(device=p.device, dtype=torch.float32).clone()
+                value = _like(p, value.to(device=p.device, dtype=torch.float32).clone())
             elif torch.is_tensor(value):
                 value = value.clone()
             entry[key] = value
         opt.state[p] = entry
+
+
+def _like(p: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """`value` laid out as parameter `p` (FSDP2: this DP rank's shard, no communication)."""
+    if not hasattr(p, "device_mesh"):
+        return value
+    from torch.distributed.tensor import distribute_tensor
+
+    return distribute_tensor(value, p.device_mesh, p.placements, src_data_rank=None)

@@ -47,6 +47,8 @@ class ScheduleContext:
     autocast: object = field(default_factory=nullcontext)
     frozen_backbone: bool = False
     last_exit_stage: int = -1  # the last pipeline stage holding an exit (bubble filling)
+    grad_sync: object = None  # the data-parallel engine (parallel/data_parallel.py), if any
+    backwards_left: int = 0  # backward passes still to run in this batch on this rank
 
     def template(self) -> torch.Tensor:
         return torch.empty(self.activation_shape, dtype=torch.float32, device=self.device)
@@ -88,9 +90,19 @@ def backward_step(ctx: ScheduleContext, batch: dict, out, x_in, grad_out):
         tensors.append(out.hidden_states)
         grads.append(grad_out.to(out.hidden_states.dtype))
     if tensors and any(t.requires_grad for t in tensors):
-        torch.autograd.backward(tensors, grads)
+        _backward(ctx, tensors, grads)
     grad_in = x_in.grad if x_in is not None and x_in.requires_grad else None
     return grad_in, parts
+
+
+def _backward(ctx: ScheduleContext, tensors, grads) -> None:
+    """The last backward of the batch on this rank runs under the DP engine's
+    `last_backward()`, so gradient reduction overlaps it. Counted, not guessed: a backward
+    skipped (nothing requires grad) only loses the overlap, `finish()` still reduces."""
+    ctx.backwards_left -= 1
+    last = ctx.grad_sync is not None and ctx.backwards_left == 0
+    with ctx.grad_sync.last_backward() if last else nullcontext():
+        torch.autograd.backward(tensors, grads)
 
 
 def _accumulate(sums: dict, parts: dict, num_micro: int) -> None:
@@ -114,6 +126,7 @@ def forward_backward_1f1b(
     # Every filling stage runs its warm-up fills after the same number of regular forwards,
     # so neighbours agree on the order of messages: regular activations, then fill ones.
     fill_at = min(ps.dims.pp - ctx.last_exit_stage, m) if fills and len(fill_warmup) else -1
+    ctx.backwards_left = m + (len(fill_warmup) + len(fill_cooldown) if fills else 0)
     inflight: deque = deque()
     sums: dict[str, float] = {}
 
@@ -200,7 +213,7 @@ def _fill_phase(ctx: ScheduleContext, fills: list[dict], num_micro: int) -> None
         if grad is not None:
             tensors.append(out.hidden_states)
             grads.append(grad.to(out.hidden_states.dtype))
-        torch.autograd.backward(tensors, grads)
+        _backward(ctx, tensors, grads)
         p2p(x.grad if x is not None else None, prev, None, None)
 
 

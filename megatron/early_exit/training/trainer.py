@@ -28,6 +28,7 @@ from megatron.early_exit.arguments import (
 )
 from megatron.early_exit.config import ExitLossConfig
 from megatron.early_exit.model import EarlyExitGPT
+from megatron.early_exit.parallel.data_parallel import build_data_parallel
 from megatron.early_exit.parallel.dims import ParallelDims, initialize
 from megatron.early_exit.parallel.grads import (
     barrier,
@@ -128,6 +129,7 @@ class Trainer:
         self.pstate = initialize(dims.tp, dims.pp, self.device)
         set_seed(args.seed)
         self._build_stage()
+        self.data_parallel = build_data_parallel(self.model, self.pstate, args)  # before the optimizer: FSDP2
         self.loss_cfg: ExitLossConfig = exit_loss_config_from_args(args, self.config.num_exits)
         self.optimizer = build_optimizer(self.model, args, allow_empty=args.tune_exit, dp_group=self.pstate.dp_group)
         self.scheduler = LRScheduler(
@@ -293,6 +295,7 @@ class Trainer:
             device=self.device,
             autocast=self.autocast,
             last_exit_stage=self.last_exit_stage,
+            grad_sync=self.data_parallel,
         )
 
     def _next_batches(self, iterator, count: int) -> list[dict]:
@@ -315,15 +318,16 @@ class Trainer:
             n_cool = a.num_fill_cooldown_microbatches if a.fill_explicit_bubbles else 0
             fills = self._next_batches(self.train_iter, n_warm + n_cool)
             parts = forward_backward_1f1b(self._context(), batches, fills[:n_warm], fills[n_warm:])
-        sync_gradients(self.model, self.pstate, self.embedding_group)
-        grad_norm = clip_grad_norm(self.model, self.pstate, self.args.clip_grad)
+        sync_gradients(self.model, self.pstate, self.embedding_group, self.data_parallel)
+        sharded = getattr(self.data_parallel, "is_sharded", False)
+        grad_norm = clip_grad_norm(self.model, self.pstate, self.args.clip_grad, sharded)
         if self.optimizer is not None:  # a tuning stage without exits has nothing to update
             self.optimizer.step()
         self.scheduler.step()
         self.state.iteration += 1
         self.state.consumed_train_samples += self.samples_per_step
         if self.args.check_replicated_params:
-            self.replicated_checked = check_replicated_params(self.model, self.pstate, self.embedding_group)
+            self.replicated_checked = check_replicated_params(self.model, self.pstate, self.embedding_group, sharded)
         parts = reduce_loss_parts(parts, self.pstate)
         parts["grad norm"] = grad_norm
         return parts

@@ -9,8 +9,11 @@ per iteration and peak memory, and their ratios. Each run also calibrates the si
 (benchmarks/pipeline_simulator.py) on itself: every stage times its forward and backward
 steps through the schedule's own functions (so the fixed per-micro-batch overhead of Python,
 losses and autograd is in; shown against the per-layer and per-head costs measured in this
-process), and stages 0 and 1 time one activation message (ping-pong). The simulator, with
-the stages sharing this machine's cores, then predicts each run's iteration time.
+process), stages 0 and 1 time one activation message (ping-pong), and every rank times the
+part of an iteration spent outside the schedule (data, gradient sync, optimizer step). The
+simulator, with the stages sharing this machine's cores, then predicts each run's iteration
+time. Assumptions: a message costs its ping-pong time and no stage's CPU; stages computing
+at once share the cores evenly; costs measured with all cores busy hold throughout.
 
     python benchmarks/pipeline_exits.py                   # ~6 minutes on 2 cores
     python benchmarks/pipeline_exits.py --pp-sizes 2      # PP2 only
@@ -40,9 +43,19 @@ def worker(ns) -> None:
     import torch.distributed as dist
 
     from megatron.early_exit.arguments import parse_args
-    from megatron.early_exit.training.trainer import Trainer
+    from megatron.early_exit.training import trainer as trainer_module
 
     torch.set_num_threads(1)
+    schedule_ms = []  # the schedule's share of each iteration; the rest (data, sync, step) is the tail
+    schedule = trainer_module.forward_backward_1f1b
+
+    def timed_schedule(*args, **kwargs):
+        start = time.perf_counter()
+        result = schedule(*args, **kwargs)
+        schedule_ms.append(1000 * (time.perf_counter() - start))
+        return result
+
+    trainer_module.forward_backward_1f1b = timed_schedule
     argv = [*MODEL, "--pipeline-model-parallel-size", str(ns.pp), "--micro-batch-size", str(ns.micro_batch_size),
             "--global-batch-size", str(ns.micro_batch_size * ns.micro_batches), "--train-iters", "1000",
             "--lr", "1e-4", "--eval-interval", "0", "--device", "cpu", "--pipeline-split", "uniform"]  # fmt: skip
@@ -50,17 +63,19 @@ def worker(ns) -> None:
         argv += ["--exit-layer-nums", *map(str, ns.exits), "--use-exit-norm"]
     if ns.fill:
         argv += ["--fill-explicit-bubbles", "--num-fill-warmup-microbatches", str(ns.fill)]
-    trainer = Trainer(parse_args(argv))
+    trainer = trainer_module.Trainer(parse_args(argv))
     for _ in range(ns.warmup):
         trainer.train_step()
     calibration = calibrate(trainer, ns)
     dist.barrier()
+    schedule_ms.clear()
     start = time.perf_counter()
     for _ in range(ns.iters):
         trainer.train_step()
     ms = 1000 * (time.perf_counter() - start) / ns.iters
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    mine = {"rank": dist.get_rank(), "ms": ms, "peak_mib": peak, **calibration}
+    tail = ms - sum(schedule_ms) / len(schedule_ms)
+    mine = {"rank": dist.get_rank(), "ms": ms, "peak_mib": peak, "tail_ms": tail, **calibration}
     out = [None] * dist.get_world_size()
     dist.all_gather_object(out, mine)
     if dist.get_rank() == 0:
@@ -101,6 +116,7 @@ def calibrate(trainer, ns) -> dict[str, float]:
     for group in range(0, ps.dims.pp, cores):
         if group <= ps.pp_rank < group + cores:
             out["forward_ms"] = _time_ms(fwd, ns.calib_reps)
+            # forward + backward step (exits evaluated lazily inside, as in the schedule)
             out["step_ms"] = _time_ms(lambda: backward_step(ctx, batch, fwd(), x, grad), ns.calib_reps)
             out["fill_forward_ms"] = _time_ms(lambda: fwd(True), ns.calib_reps)
             out["fill_step_ms"] = _time_ms(lambda: backward_step(ctx, batch, fwd(True), x, grad), ns.calib_reps)
@@ -175,15 +191,24 @@ def predict(runs: list[dict], m: int, fill: int, exits: list[int], p2p_ms: float
     measured in that run, the stages sharing this machine's cores."""
     from pipeline_simulator import StageCost, simulate
 
+    # The step timings ran a forward each (a backward needs one): take it out.
     stages = [
         StageCost(
-            r["forward_ms"], r["step_ms"], 0.0, fill_forward=r["fill_forward_ms"], fill_backward=r["fill_step_ms"]
+            r["forward_ms"],
+            r["step_ms"] - r["forward_ms"],
+            0.0,
+            fill_forward=r["fill_forward_ms"],
+            fill_backward=r["fill_step_ms"] - r["fill_forward_ms"],
         )
         for r in runs
     ]
     layers_per_stage = 8 // len(runs)
     last_exit_stage = max((n - 1) // layers_per_stage for n in exits) if exits else -1
-    return simulate(stages, m, p2p_ms, cores=os.cpu_count(), fills=(fill, 0), last_exit_stage=last_exit_stage)
+    result = simulate(stages, m, p2p_ms, cores=os.cpu_count(), fills=(fill, 0), last_exit_stage=last_exit_stage)
+    # Outside the schedule (data, gradient sync and norm, optimizer step, loss logging): the
+    # least tail of any rank is the work itself; the others' include waiting for the slowest.
+    result["time"] += min(r["tail_ms"] for r in runs)
+    return result
 
 
 def overhead_line(runs: list[dict], c: dict[str, float]) -> str:
@@ -194,7 +219,8 @@ def overhead_line(runs: list[dict], c: dict[str, float]) -> str:
     first_b = runs[0]["step_ms"] - runs[0]["forward_ms"] - n * c["layer_b"]
     return (
         f"per-micro-batch overhead beyond layers and heads: stage 0 forward {first:+.1f} ms, backward step "
-        f"{first_b:+.1f} ms; last stage forward {last:+.1f} ms; p2p {runs[0]['p2p_ms']:.2f} ms per message"
+        f"{first_b:+.1f} ms; last stage forward {last:+.1f} ms; p2p {runs[0]['p2p_ms']:.2f} ms per message; "
+        f"per iteration outside the schedule {min(r['tail_ms'] for r in runs):.0f} ms"
     )
 
 

@@ -115,7 +115,11 @@ LAYOUTS = {
     "dp2xpp2-zero1": (4, ["--pipeline-model-parallel-size", "2", "--use-distributed-optimizer"]),
     # Small buckets: several all-reduces per stage, some launched inside the last backward.
     "dp2xpp2-buckets": (4, ["--pipeline-model-parallel-size", "2", "--ddp-bucket-size", "3000"]),
-    "dp2xpp2-fsdp2": (4, ["--pipeline-model-parallel-size", "2", "--use-torch-fsdp2"]),
+    # Evaluation between steps leaves FSDP2 gathered: training must not see stale gradients.
+    "dp2xpp2-fsdp2": (
+        4,
+        ["--pipeline-model-parallel-size", "2", "--use-torch-fsdp2", "--eval-interval", "2", "--eval-iters", "1"],
+    ),
     "tp2xpp2-sp": (
         4,
         ["--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2", "--sequence-parallel"],

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import warnings
 from contextlib import contextmanager
+from functools import partial
 
 import torch
 import torch.distributed as dist
@@ -140,6 +141,7 @@ class FSDP2:
         warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
         self.mesh = DeviceMesh.from_group(ps.dp_group, ps.device.type)
         self.model = fully_shard(model, mesh=self.mesh, reshard_after_forward=False)
+        self.model.zero_grad = partial(_zero_sharded_grads, self.model, self.model.zero_grad)
         self._accumulate_only()
 
     def _accumulate_only(self) -> None:
@@ -163,6 +165,14 @@ class FSDP2:
                 s._fsdp_param_group.post_backward()  # reduce-scatter, then reshard
         state._root_post_backward_final_callback()
         self._accumulate_only()
+
+
+def _zero_sharded_grads(model, zero_grad, set_to_none: bool = True) -> None:
+    """An evaluation forward leaves the stage gathered (no backward follows to reshard it), and
+    `zero_grad` would then clear the gathered copies, not the sharded parameters the optimizer
+    holds, whose stale gradients the next reduce-scatter would add to: reshard first."""
+    model.reshard()
+    zero_grad(set_to_none)
 
 
 def local(t: torch.Tensor) -> torch.Tensor:

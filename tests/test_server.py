@@ -298,7 +298,6 @@ def test_errors_name_the_field(server, client):
         ({"prompts": ["a"], "use_early_exit": "false"}, 422, "use_early_exit"),
         ({"prompts": []}, 422, "prompts"),
         ({"prompts": ["a"] * 129}, 422, "prompts"),
-        ({"prompts": ["a"] * 9}, 400, "prompts"),  # more than --max-batch-size
         ({"prompts": ["a"], "tokens_to_generate": 241}, 400, "tokens_to_generate"),
         ({"prompts": ["a"], "use_early_exit": True, "exit_layers": [7]}, 400, "exit_layers"),
         ({"prompts": ["a"], "early_exit_thres": 1.5}, 422, "early_exit_thres"),

@@ -320,7 +320,9 @@ def _add_openai_routes(app: FastAPI, server: _Server) -> None:
         meta = fmt.Meta(ctx.model_name, "cmpl", echo, body.logprobs, include)
         if body.stream:
             first = [fmt._completion_chunk(meta, i, t, None, None) for i, t in enumerate(echo) if t]
-            return server.stream(request, job, lambda ev: fmt.completion_chunks(ev, job, meta, body.n), first)
+            starts = [len(t) for t in echo] or [len(ctx.tokenizer.detokenize(p)) for p in job.prompts]
+            state = fmt.StreamState(ctx.tokenizer, job.prompts, starts)
+            return server.stream(request, job, lambda ev: fmt.completion_chunks(ev, job, meta, body.n, state), first)
         if not await server.wait(request, job):
             return Response(status_code=499)
         return JSONResponse(fmt.completion_response(job, meta, ctx.tokenizer, body.n))
@@ -332,8 +334,8 @@ def _add_openai_routes(app: FastAPI, server: _Server) -> None:
         top = (body.top_logprobs or 0) if body.logprobs else None
         meta = fmt.Meta(ctx.model_name, "chatcmpl", [], top, include)
         if body.stream:
-            started: set[int] = set()
-            return server.stream(request, job, lambda ev: fmt.chat_chunks(ev, job, meta, body.n, started), [])
+            state = fmt.StreamState(ctx.tokenizer, job.prompts, [0] * len(job.prompts))
+            return server.stream(request, job, lambda ev: fmt.chat_chunks(ev, job, meta, body.n, state), [])
         if not await server.wait(request, job):
             return Response(status_code=499)
         return JSONResponse(fmt.chat_response(job, meta, ctx.tokenizer, body.n))

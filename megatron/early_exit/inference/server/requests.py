@@ -55,7 +55,10 @@ class Context:
                 400, f"{name}: {len(text)} characters cannot fit in --max-prompt-tokens {most} (no token of this "
                 f"vocabulary stands for more than {cap // most} characters)", name,
             )  # fmt: skip
-        return self.tokenizer.tokenize(text)
+        try:
+            return self.tokenizer.tokenize(text)
+        except ValueError as e:  # e.g. NullTokenizer's text is whitespace-separated ids
+            raise ApiError(400, f"{name}: {e}", name) from None
 
 
 def max_token_chars(tokenizer) -> int | None:
@@ -121,7 +124,8 @@ def megatron_job(body: MegatronRequest, ctx: Context) -> Job:
         return_logprobs=body.logprobs,
     )
     names = {**MEGATRON_NAMES, "self_speculative": "use_early_exit"}
-    return _job(ctx, prompts, settings, names, "prompts", "tokens_to_generate", score_prompt=body.logprobs)
+    scored = body.logprobs and (body.echo_prompts or body.tokens_to_generate == 0)  # else logprobs of new tokens
+    return _job(ctx, prompts, settings, names, "prompts", "tokens_to_generate", score_prompt=scored)
 
 
 def completion_job(body: CompletionRequest, ctx: Context) -> Job:

@@ -51,13 +51,30 @@ def rss_mb(pid: int) -> float:
     return psutil.Process(pid).memory_info().rss / 2**20
 
 
-def watch_health(url: str, stop: threading.Event, latencies: list[float]) -> None:
-    with httpx.Client(base_url=url, timeout=5) as c:
-        while not stop.is_set():
-            t = time.perf_counter()
-            assert c.get("/health").status_code == 200
-            latencies.append(time.perf_counter() - t)
-            time.sleep(0.01)
+# Probes /health every 10 ms until stdin closes, then prints the latencies (JSON). A separate
+# process, so that the test's own sending of 8 MB does not delay the probes (one GIL).
+PROBE = """
+import json, sys, threading, time, httpx
+done = threading.Event()
+threading.Thread(target=lambda: (sys.stdin.read(), done.set()), daemon=True).start()
+out = []
+with httpx.Client(base_url=sys.argv[1], timeout=5) as c:
+    print("ready", flush=True)
+    while not done.is_set():
+        t = time.perf_counter()
+        assert c.get("/health").status_code == 200
+        out.append(time.perf_counter() - t)
+        time.sleep(0.01)
+print(json.dumps(out))
+"""
+
+
+def health_probe(url: str) -> subprocess.Popen:
+    proc = subprocess.Popen(
+        [sys.executable, "-c", PROBE, url], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    assert proc.stdout.readline().strip() == "ready"
+    return proc
 
 
 def test_huge_prompt_refused_while_health_answers(server):
@@ -71,21 +88,20 @@ def test_huge_prompt_refused_while_health_answers(server):
         api = json.dumps({"prompts": [big], "tokens_to_generate": 4}).encode()
         completion = json.dumps({"prompt": big, "max_tokens": 4}).encode()
         too_large = b'{"prompt": "' + b"a" * (17 << 20) + b'"}'
-        stop, latencies, answers = threading.Event(), [], []
-        watcher = threading.Thread(target=watch_health, args=(url, stop, latencies))
-        watcher.start()
+        answers, probe = [], health_probe(url)
         t = time.perf_counter()
         for _ in range(2):
             answers.append(c.put("/api", content=api))
             answers.append(c.post("/v1/completions", content=completion))
         refused_s = (time.perf_counter() - t) / 4
         too_big = c.post("/v1/completions", content=too_large)
-        stop.set()
-        watcher.join()
+        chunked = c.post("/v1/completions", content=iter([b" " * (1 << 20)] * 17))  # no Content-Length
+        latencies = json.loads(probe.communicate("", timeout=30)[0])
         after = rss_mb(proc.pid)
     for r, param in zip(answers, ["prompts[0]", "prompt"] * 2):
         assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text[:300]
-    assert too_big.status_code == 413 and too_big.json()["error"]["param"] == "body"
+    for r in (too_big, chunked):
+        assert r.status_code == 413 and r.json()["error"]["param"] == "body"
     print(f"8 MB prompt refused in {refused_s:.3f} s; /health max {max(latencies) * 1e3:.0f} ms over "
           f"{len(latencies)} probes; RSS {before:.0f} -> {after:.0f} MB")  # fmt: skip
     assert max(latencies) < 0.2
@@ -214,3 +230,20 @@ def test_server_start_errors_are_one_line(ckpt, tmp_path):
         out = run_server(*argv, "--num-threads", "1", env=env)
         assert out.returncode == 2 and out.stderr.startswith("error: " + flag), out.stderr
         assert out.stderr.count("\n") == 1 and "--load-dir" not in out.stderr, out.stderr
+
+
+def test_admission_counts_free_slots_as_room():
+    """Both schedulers, not started: 4 slots + 8 places take 12 one-prompt jobs; the 13th is 503."""
+    from megatron.early_exit.inference import ExitPolicy, GenerationSettings
+    from megatron.early_exit.inference.server import BatchScheduler, Job, QueueFull, Scheduler
+
+    class Driver:
+        engine = None
+
+    for scheduler in (Scheduler(Driver(), 4, 64, 8), BatchScheduler(Driver(), 4, 8)):
+        jobs = [Job([[1, 2]], GenerationSettings("full", 4, temperature=0.0), ExitPolicy()) for _ in range(13)]
+        for job in jobs[:12]:
+            scheduler.submit(job)
+        with pytest.raises(QueueFull):
+            scheduler.submit(jobs[12])
+        assert scheduler.load() == (12, 0)

@@ -15,7 +15,7 @@ import pytest
 httpx = pytest.importorskip("httpx")
 openai = pytest.importorskip("openai")
 
-from tests.test_server import build_checkpoint, start_server  # noqa: E402
+from tests.test_server import build_checkpoint, metric, start_server  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 PROMPTS = ["Early exit lets", "The quick brown fox", "easy tokens", "jumps"]
@@ -125,9 +125,11 @@ def test_add_bos_per_tokenizer_type():
 def test_forty_prompts_in_one_request(url):
     prompts = [PROMPTS[i % 4] for i in range(40)]
     alone = [put(url, prompts=[p], tokens_to_generate=4, temperature=0.0).json()["text"][0] for p in PROMPTS]
+    before = metric(url, "ee_generation_requests_total")
     r = put(url, prompts=prompts, tokens_to_generate=4, temperature=0.0)
     assert r.status_code == 200, r.text
     assert r.json()["text"] == [alone[i % 4] for i in range(40)]
+    assert metric(url, "ee_generation_requests_total") == before + 1  # one request, though 10 batches
     r = post(url, "/v1/completions", prompt=prompts, max_tokens=4, temperature=0.0)
     assert r.status_code == 200, r.text
     choices = r.json()["choices"]

@@ -195,6 +195,7 @@ def _split(job: Job, size: int) -> list[Job]:
         s = job.settings if job.settings.seed is None else replace(job.settings, seed=job.settings.seed + k)
         part = Job(job.prompts[start : start + size], s, job.policy, score_prompt=job.score_prompt,
                    top_logprobs=job.top_logprobs, stream=job.stream, logit_bias=job.logit_bias)  # fmt: skip
+        part.counts_as_request = start + size >= len(job.prompts)
         parts.append(part)
     return parts
 

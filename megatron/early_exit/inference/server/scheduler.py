@@ -75,6 +75,7 @@ class Job:
     top_logprobs: int = 0  # also keep the k most likely tokens at each position
     stream: bool = False
     logit_bias: dict[int, float] = field(default_factory=dict)  # added to the logits before choosing
+    counts_as_request: bool = True  # False for all but the last part of a request split into batches
     sink: Callable[[Event], None] = lambda event: None  # thread-safe delivery to the handler
     results: list[GenerationResult] = field(default_factory=list)
     prompt_logprobs: list[list[float | None]] = field(default_factory=list)

@@ -235,3 +235,14 @@ def test_bad_model_args_name_the_setting(ckpt):
         EarlyExitLM(load=ckpt[0], exit_layers="7")
     with pytest.raises(ValueError, match="load="):
         EarlyExitLM()
+
+
+def test_long_requests_keep_the_continuation_and_a_context_token():
+    from megatron.early_exit.eval.lm_eval_model import EarlyExitLM
+
+    lm = EarlyExitLM.__new__(EarlyExitLM)  # _fit needs only max_length
+    lm.max_length = 8
+    assert lm._fit([1, 2, 3, 4, 5, 6], [7, 8, 9]) == ([2, 3, 4, 5, 6], [7, 8, 9])
+    assert lm._fit([1, 2], list(range(10, 30))) == ([2], list(range(23, 30)))
+    with pytest.raises(ValueError, match="continuation"):
+        lm._fit([1], [])

@@ -35,9 +35,25 @@ needs_chromium = pytest.mark.skipif(
 )
 
 
+def sharpen_exits(ckpt: str, out: str) -> str:
+    """The same weights with exit temperatures below 1: a random model's exits are then sure of
+    some tokens and not others, so a sampled text leaves at a mix of layers (a readable screenshot)."""
+    from megatron.early_exit import load_checkpoint
+    from megatron.early_exit.checkpointing import save_checkpoint
+    from megatron.early_exit.config import ModelConfig
+    from megatron.early_exit.model import EarlyExitGPT
+
+    model, tok = load_checkpoint(ckpt)
+    sharp = EarlyExitGPT(ModelConfig(**{**model.config.to_dict(), "exit_layer_temperature": [0.1, 0.08, 0.06]}))
+    sharp.load_state_dict(model.state_dict())
+    save_checkpoint(out, 0, sharp, tok)
+    return out
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    ckpt = build_checkpoint(str(tmp_path_factory.mktemp("playground")))
+    tmp = tmp_path_factory.mktemp("playground")
+    ckpt = sharpen_exits(build_checkpoint(str(tmp)), str(tmp / "sharp"))
     proc, url = start_server(ckpt, "--api-key", API_KEY)
     yield url
     proc.terminate()
@@ -180,8 +196,11 @@ def test_generates_and_colours_tokens_by_exit_layer(server, browser, strategy, t
 
 @needs_chromium
 def test_screenshot(server, browser):
-    url = page_url(server, strategy="early_exit", threshold="0.3", prompt="Early exit lets easy tokens", max_tokens=48)
+    settings = {"strategy": "early_exit", "threshold": "0.5", "temperature": "1", "max_tokens": "48"}
+    url = page_url(server, prompt="Early exit lets easy tokens", **settings)
     browser.open(url, FINISHED)
+    layers = browser.evaluate("[...document.querySelectorAll('#output .tok')].map(s => s.dataset.layer).join(' ')")
+    assert len(layers.split()) == 48
     png = browser.screenshot()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 20_000  # a rendered page, not a blank one
     if os.access(os.path.dirname(SCREENSHOT), os.W_OK):

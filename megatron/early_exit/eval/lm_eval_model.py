@@ -83,7 +83,8 @@ class EarlyExitLM(TemplateLM):
             num_draft_tokens=int(num_draft_tokens),
         )
         self.engine.check(self.settings, [[tokenizer.eod]])  # bad exit settings fail here, naming the setting
-        self.batch_size = DEFAULT_BATCH if batch_size in (None, "auto") else int(str(batch_size).split(":")[0])
+        auto = batch_size is None or str(batch_size).startswith("auto")
+        self.batch_size = DEFAULT_BATCH if auto else int(batch_size)
         self.max_length = int(max_length or model.config.max_position_embeddings)
         self.max_gen_toks = int(max_gen_toks)
         self.exits: dict[str, Counter] = {k: Counter() for k in ("loglikelihood", "loglikelihood_rolling", "generate")}
@@ -121,10 +122,10 @@ class EarlyExitLM(TemplateLM):
 
     def _fit(self, ctx: list[int], cont: list[int]) -> tuple[list[int], list[int]]:
         """Drop the oldest context tokens so that context + continuation fit max_length."""
-        if not cont:
-            raise ValueError("loglikelihood: the continuation is empty")
-        whole = (ctx + cont)[-self.max_length :]
-        return whole[: len(whole) - len(cont)] or whole[:1], cont[-(self.max_length - 1) :]
+        if not cont or not ctx:
+            raise ValueError("loglikelihood: the context and the continuation need a token each")
+        cont = cont[-(self.max_length - 1) :]  # keeps at least one context token
+        return ctx[-(self.max_length - len(cont)) :], cont
 
     def _score(self, batch: list[tuple[list[int], list[int]]], kind: str) -> list[tuple[float, bool]]:
         if self.settings.strategy == "early_exit":

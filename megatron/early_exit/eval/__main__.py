@@ -10,5 +10,11 @@ from lm_eval.__main__ import cli_evaluate
 
 import megatron.early_exit.eval.lm_eval_model  # noqa: F401  (registers "megatron-ee")
 
-if __name__ == "__main__":
+
+def main() -> None:
+    """The `lm-eval-ee` console script."""
     cli_evaluate()
+
+
+if __name__ == "__main__":
+    main()

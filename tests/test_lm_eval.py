@@ -241,8 +241,41 @@ def test_long_requests_keep_the_continuation_and_a_context_token():
     from megatron.early_exit.eval.lm_eval_model import EarlyExitLM
 
     lm = EarlyExitLM.__new__(EarlyExitLM)  # _fit needs only max_length
-    lm.max_length = 8
-    assert lm._fit([1, 2, 3, 4, 5, 6], [7, 8, 9]) == ([2, 3, 4, 5, 6], [7, 8, 9])
-    assert lm._fit([1, 2], list(range(10, 30))) == ([2], list(range(23, 30)))
+    lm.max_length = 8  # 8 tokens fed: 9 in context + continuation (the last is only a target)
+    assert lm._fit([1, 2, 3, 4, 5, 6], [7, 8, 9]) == ([1, 2, 3, 4, 5, 6], [7, 8, 9])
+    assert lm._fit([0, 1, 2, 3, 4, 5, 6], [7, 8, 9]) == ([1, 2, 3, 4, 5, 6], [7, 8, 9])
+    assert lm._fit([1, 2], list(range(10, 30))) == ([2], list(range(22, 30)))
     with pytest.raises(ValueError, match="continuation"):
         lm._fit([1], [])
+
+
+@torch.no_grad()
+def test_rolling_windows_on_a_short_context_model(ckpt):
+    """A GPT-2-style model with 16 learned positions: a text of ~40 tokens is scored in disjoint
+    windows, each window equal to a plain forward over it; early exit at threshold 1.0 agrees."""
+    from types import SimpleNamespace
+
+    from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+
+    from megatron.early_exit import load_checkpoint
+    from megatron.early_exit.config import ModelConfig
+    from megatron.early_exit.eval.lm_eval_model import EarlyExitLM
+    from megatron.early_exit.model import EarlyExitGPT
+
+    _, tok = load_checkpoint(ckpt[0])
+    cfg = ModelConfig(num_layers=2, hidden_size=32, num_attention_heads=4, vocab_size=416, max_position_embeddings=16,
+                      exit_layer_nums=[1], real_vocab_size=tok.vocab_size)  # fmt: skip
+    model = EarlyExitGPT(cfg)
+    model.init_weights(1)
+    text = read_docs()[0]["outcome"]
+    ids = tok.tokenize(text)
+    want = 0.0
+    for ctx, cont in map(make_disjoint_window, get_rolling_token_windows(ids, tok.eod, 16, 1)):
+        window = ctx + cont  # up to 17 tokens: the last is only a target, 16 are fed
+        logp = torch.log_softmax(model(torch.tensor([window[:-1]])).logits[0, :, : tok.vocab_size].float(), -1)
+        want += sum(float(logp[len(ctx) + j - 1, t]) for j, t in enumerate(cont))
+    requests = [SimpleNamespace(args=(text,))]
+    for args in ({"strategy": "full"}, {"strategy": "early_exit", "threshold": 1.0}):
+        lm = EarlyExitLM(model=model, tokenizer=tok, batch_size=2, **args)
+        assert len(ids) > 32 and lm.loglikelihood_rolling(requests, disable_tqdm=True) == [pytest.approx(want, abs=TOL)]
+        assert lm.get_model_info()["early_exit"]["loglikelihood_rolling"]["tokens"] == len(ids)

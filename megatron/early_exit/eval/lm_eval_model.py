@@ -82,7 +82,8 @@ class EarlyExitLM(TemplateLM):
             draft_exit_layer=None if draft_exit_layer is None else int(draft_exit_layer),
             num_draft_tokens=int(num_draft_tokens),
         )
-        self.engine.check(self.settings, [[tokenizer.eod]])  # bad exit settings fail here, naming the setting
+        # bad exit settings fail here, naming the setting (lengths are checked per batch)
+        self.engine.check(_with(self.settings, max_new_tokens=0), [[tokenizer.eod]])
         auto = batch_size is None or str(batch_size).startswith("auto")
         self.batch_size = DEFAULT_BATCH if auto else int(batch_size)
         self.max_length = int(max_length or model.config.max_position_embeddings)
@@ -121,11 +122,12 @@ class EarlyExitLM(TemplateLM):
         return answers
 
     def _fit(self, ctx: list[int], cont: list[int]) -> tuple[list[int], list[int]]:
-        """Drop the oldest context tokens so that context + continuation fit max_length."""
+        """Keep the newest tokens so that what is fed, context + continuation without its last
+        token (only ever a target), fits max_length; at least one context token stays."""
         if not cont or not ctx:
             raise ValueError("loglikelihood: the context and the continuation need a token each")
-        cont = cont[-(self.max_length - 1) :]  # keeps at least one context token
-        return ctx[-(self.max_length - len(cont)) :], cont
+        cont = cont[-self.max_length :]
+        return ctx[-(self.max_length + 1 - len(cont)) :], cont
 
     def _score(self, batch: list[tuple[list[int], list[int]]], kind: str) -> list[tuple[float, bool]]:
         if self.settings.strategy == "early_exit":
@@ -144,13 +146,14 @@ class EarlyExitLM(TemplateLM):
     def _one_pass(self, batch) -> list[torch.Tensor]:
         """Final-head logits predicting each continuation token, every row in one pass: [(C, V)]."""
         state = self.engine.new_state(len(batch), max(len(c) + len(x) for c, x in batch))
-        out = self.engine.verify(state, {b: c + x for b, (c, x) in enumerate(batch)})
+        out = self.engine.verify(state, {b: (c + x)[:-1] for b, (c, x) in enumerate(batch)})
         return [out.all_logits[b][len(c) - 1 : len(c) + len(x) - 1] for b, (c, x) in enumerate(batch)]
 
     def _teacher_forced(self, batch) -> tuple[list[torch.Tensor], list[list[int]]]:
         """Prefill the contexts, then feed the continuations a token per step under the exit
         policy; the logits and exit layer each step produced for each continuation token."""
-        policy = self.engine.check(self.settings, [c + x for c, x in batch])
+        # max_new_tokens 0: the whole text is given (check() would reserve room for new tokens)
+        policy = self.engine.check(_with(self.settings, max_new_tokens=0), [(c + x)[:-1] for c, x in batch])
         state = self.engine.new_state(len(batch), max(len(c) + len(x) for c, x in batch))
         out = self.engine.prefill(state, {b: c for b, (c, _) in enumerate(batch)})
         logits: list[list[torch.Tensor]] = [[] for _ in batch]

@@ -28,6 +28,7 @@ from megatron.early_exit import __version__
 from megatron.early_exit.inference.server import responses as fmt
 from megatron.early_exit.inference.server.errors import ApiError, from_validation
 from megatron.early_exit.inference.server.metrics import Metrics
+from megatron.early_exit.inference.server.playground import add_playground
 from megatron.early_exit.inference.server.requests import Context, chat_job, completion_job, megatron_job
 from megatron.early_exit.inference.server.scheduler import BaseScheduler, Event, Job, QueueFull
 from megatron.early_exit.inference.server.schemas import ChatRequest, CompletionRequest, MegatronRequest
@@ -264,6 +265,7 @@ def create_app(
     _add_openai_routes(app, server)
     _add_service_routes(app, server, metrics)
     app.add_middleware(_Gate, api_key=api_key, metrics=metrics)
+    add_playground(app)  # GET /: the page; after the gate, so that ?api_key= reaches it as a header
     return app
 
 

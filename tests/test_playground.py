@@ -26,7 +26,8 @@ from tests.test_server import build_checkpoint, start_server  # noqa: E402
 
 CHROMIUM = "/usr/bin/chromium"
 API_KEY = "play-key"
-SCREENSHOT = "/work/playground.png"  # kept for people to look at, when /work exists
+# Kept for people to look at when PLAYGROUND_SCREENSHOT names a file (nothing is written otherwise).
+SCREENSHOT = os.environ.get("PLAYGROUND_SCREENSHOT")
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
          "--disable-background-networking", "--disable-component-update", "--disable-sync",
          "--disable-dev-shm-usage", "--window-size=1280,860"]  # fmt: skip
@@ -199,10 +200,12 @@ def test_screenshot(server, browser):
     settings = {"strategy": "early_exit", "threshold": "0.5", "temperature": "1", "max_tokens": "48"}
     url = page_url(server, prompt="Early exit lets easy tokens", **settings)
     browser.open(url, FINISHED)
+    assert browser.evaluate("document.body.dataset.status") == "done", browser.evaluate("$('error').textContent")
     layers = browser.evaluate("[...document.querySelectorAll('#output .tok')].map(s => s.dataset.layer).join(' ')")
-    assert len(layers.split()) == 48
+    # sampled without a seed: the model may draw its end-of-text token before 48 tokens
+    assert 1 <= len(layers.split()) <= 48
     png = browser.screenshot()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 20_000  # a rendered page, not a blank one
-    if os.access(os.path.dirname(SCREENSHOT), os.W_OK):
+    if SCREENSHOT:
         with open(SCREENSHOT, "wb") as f:
             f.write(png)

@@ -26,7 +26,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megatron.early_exit.arguments import OneLineErrorParser, run_tool  # noqa: E402
+from megatron.early_exit.arguments import GENERATE_RANGES, OneLineErrorParser, check_ranges, run_tool  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -88,11 +88,14 @@ def run(args) -> None:
 
     from megatron.early_exit.inference import GenerationSettings, summarize
 
+    check_ranges(args, GENERATE_RANGES)
     prompts = read_prompts(args)
     try:
         device = torch.device(args.device)
     except RuntimeError:
         raise ValueError(f"--device: unknown device {args.device!r}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {args.device}: CUDA is not available on this machine")
     model, tok, engine, is_main = _load(args, device, torch.bfloat16 if args.bf16 else None)
     if tok is None:
         raise ValueError(f"--load {args.load}: the checkpoint has no tokenizer")

@@ -263,7 +263,7 @@ def validate_args(
     """Check every flag; raise ValueError naming the first bad one. Fills derived defaults."""
     check_ranges(args)
     _validate_device(args.device)
-    _validate_output_paths(args)
+    validate_output_paths(args)
     if args.fp16:
         raise ValueError("--fp16 is not supported: use --bf16")
     if args.min_lr > args.lr:
@@ -334,11 +334,24 @@ def _flag(name: str) -> str:
     return "--" + name.replace("_", "-").replace("-opt-param-", "-opt_param-")
 
 
-def check_ranges(args: argparse.Namespace) -> None:
-    """Every numeric flag within its range (floats also finite); ValueError naming the first one outside."""
+# tools/generate.py's flags.
+GENERATE_RANGES = [
+    (("max_new_tokens", "num_draft_tokens", "min_exit_layer", "draft_exit_layer", "exit_layers",
+      "tensor_model_parallel_size", "pipeline_model_parallel_size"), lambda v: v > 0, "> 0"),
+    (("top_k", "stop_token_id"), lambda v: v >= 0, ">= 0"),
+    (("seed",), lambda v: 0 <= v < 2**63, "in [0, 2**63)"),
+    (("temperature",), lambda v: v >= 0, ">= 0 (finite; 0 is greedy)"),
+    (("top_p",), lambda v: 0 < v <= 1, "in (0, 1]"),
+    (("early_exit_thres",), lambda v: 0 <= v <= 1, "in [0, 1]"),
+]  # fmt: skip
+
+
+def check_ranges(args: argparse.Namespace, table: list | None = None) -> None:
+    """Every numeric flag within its range (floats also finite); ValueError naming the first one outside.
+    `table` defaults to the trainer's flags; tools pass their own (e.g. GENERATE_RANGES)."""
     import math
 
-    for names, ok, what in _INT_RANGES + _FLOAT_RANGES:
+    for names, ok, what in table if table is not None else _INT_RANGES + _FLOAT_RANGES:
         for name in names:
             value = getattr(args, name, None)
             for v in value if isinstance(value, list) else [value]:
@@ -379,7 +392,7 @@ def _check_writable_dir(flag: str, path: str) -> None:
         raise ValueError(f"{flag} {path}: {existing} is not writable")
 
 
-def _validate_output_paths(args: argparse.Namespace) -> None:
+def validate_output_paths(args: argparse.Namespace) -> None:
     """--save, --tensorboard-dir and --log-jsonl are usable before any work starts."""
     if args.save:
         _check_writable_dir("--save", args.save)

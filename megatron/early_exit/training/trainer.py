@@ -27,6 +27,7 @@ from megatron.early_exit.arguments import (
     exit_loss_config_from_args,
     model_config_from_args,
     validate_args,
+    validate_output_paths,
 )
 from megatron.early_exit.config import ExitLossConfig
 from megatron.early_exit.model import EarlyExitGPT
@@ -114,7 +115,19 @@ class Trainer:
 
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
+        try:
+            self._setup(args)
+        except BaseException:
+            self.close()  # a failed start keeps no lock
+            raise
+
+    def _setup(self, args: argparse.Namespace) -> None:
         self.rank0 = os.environ.get("RANK", "0") == "0"
+        validate_output_paths(args)
+        if args.save and self.rank0 and not args.dry_run:
+            # One run per save directory; taking the lock also clears dead runs' temporaries and puts
+            # back a checkpoint a crashed re-save had set aside, before --load reads it.
+            ckpt.lock_save_dir(args.save)
         self.meta = ckpt.read_meta(args.load) if ckpt.has_checkpoint(args.load) else None
         if args.load and self.meta is None:
             if not _auto_resume_dir(args):
@@ -139,8 +152,6 @@ class Trainer:
         )  # fmt: skip
         self._check_vocabulary()
         self._check_data()
-        if args.save and self.rank0 and not args.dry_run:
-            ckpt.lock_save_dir(args.save)  # one run per save directory; stale temporaries go
         self._install_signal_handler()
         self.pstate = initialize(dims.tp, dims.pp, self.device)
         set_seed(args.seed)
@@ -197,7 +208,7 @@ class Trainer:
 
     def close(self) -> None:
         """Release the save directory's lock (the process keeps it otherwise until it exits)."""
-        if self.args.save:
+        if self.args.save and not self.args.dry_run:
             ckpt.unlock_save_dir(self.args.save)
 
     def _build_tokenizer_and_config(self) -> None:

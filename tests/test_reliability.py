@@ -365,3 +365,14 @@ def test_a_tokenizer_beyond_the_loaded_models_vocabulary_is_refused(tmp_path, ca
     argv = ["--load", str(tmp_path / "m"), "--tune-exit", "--tokenizer-type", "NullTokenizer", "--vocab-size", "128"]
     code, err = run_main(capsys, *argv)
     assert code == 2 and "end-of-document id 128" in err and "vocabulary of 128" in err
+
+
+def test_a_full_disk_during_save_is_one_line_and_leaves_no_temporary(tmp_path, capsys, monkeypatch):
+    def full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    save = str(tmp_path / "ck")
+    monkeypatch.setattr(ckpt.torch, "save", full)
+    code, err = run_main(capsys, "--save", save)
+    assert code == 1 and len(err.splitlines()) == 1 and "No space left on device" in err
+    assert os.listdir(save) == [ckpt.LOCK_FILE]

@@ -322,6 +322,14 @@ def _set_aside(it_dir: str) -> str | None:
     return None
 
 
+def _live(it_dir: str) -> str:
+    """An `iter_N.old-PID` path that another rank's lock has meanwhile renamed back to `iter_N`."""
+    m = _TEMP.match(os.path.basename(it_dir))
+    if m and m.group(2) == "old" and not os.path.exists(it_dir):
+        return os.path.join(os.path.dirname(it_dir), m.group(1))
+    return it_dir
+
+
 def verify_file(it_dir: str, relpath: str) -> None:
     """Check one file of a checkpoint against its checksums.json (checkpoints saved before
     checksums existed have none and pass); a ValueError naming the file if it differs."""
@@ -378,6 +386,7 @@ def read_meta(path: str) -> CheckpointMeta:
 
 
 def read_weights(it_dir: str) -> dict[str, torch.Tensor]:
+    it_dir = _live(it_dir)
     path = os.path.join(it_dir, MODEL_FILE)
     if not os.path.exists(path):
         raise ValueError(f"--load: missing weights file {path}")
@@ -417,6 +426,7 @@ def load_weights_into(model: torch.nn.Module, weights: dict[str, torch.Tensor], 
 
 def load_training_state(it_dir: str) -> dict[str, Any]:
     """The saved LR schedule, RNG states (one per rank) and data position."""
+    it_dir = _live(it_dir)
     state_path = os.path.join(it_dir, STATE_FILE)
     verify_file(it_dir, STATE_FILE)
     try:
@@ -429,6 +439,7 @@ def load_training_state(it_dir: str) -> dict[str, Any]:
 
 def load_optimizer_file(it_dir: str) -> dict:
     """The name-keyed optimizer state ({param name: {key: tensor}})."""
+    it_dir = _live(it_dir)
     path = os.path.join(it_dir, OPTIM_FILE)
     verify_file(it_dir, OPTIM_FILE)
     try:

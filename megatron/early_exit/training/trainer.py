@@ -152,6 +152,8 @@ class Trainer:
         )  # fmt: skip
         self._check_vocabulary()
         self._check_data()
+        if self._resuming():
+            self._check_schedule(ckpt.load_training_state(self.meta.directory).get("scheduler"))
         self._install_signal_handler()
         self.pstate = initialize(dims.tp, dims.pp, self.device)
         set_seed(args.seed)
@@ -162,7 +164,7 @@ class Trainer:
             self.optimizer, args.lr, args.min_lr, args.lr_warmup_iters, args.lr_decay_iters, args.lr_decay_style
         )
         self.state = TrainState()
-        if self.meta is not None and not args.finetune and self._continues_run():
+        if self._resuming():
             self._resume()
         self._build_data()
         self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16) if args.bf16 else nullcontext()
@@ -278,6 +280,9 @@ class Trainer:
                 "(tools/checkpoint/add_exits.py)"
             )
 
+    def _resuming(self) -> bool:
+        return self.meta is not None and not self.args.finetune and self._continues_run()
+
     def _continues_run(self) -> bool:
         """Resume the loaded run, or start a new one from its weights? EE-Tuning starts a
         new run from a pretrained (or exits-added) model, and resumes only a tuning run."""
@@ -292,7 +297,8 @@ class Trainer:
             full = ckpt.load_optimizer_file(self.meta.directory)
             load_optimizer_state(self.model, self.optimizer, full, self.pstate, self.meta.directory)
         if state.get("scheduler") is not None:
-            self._restore_scheduler(state["scheduler"])
+            use_saved = args.use_checkpoint_opt_param_scheduler
+            self.scheduler.load_state_dict(state["scheduler"], use_saved_settings=use_saved)
         rngs = state.get("rng") or []
         if not args.no_load_rng and len(rngs) == self.pstate.dims.world_size:
             ckpt.set_rng_state(rngs[self.pstate.rank])
@@ -300,11 +306,14 @@ class Trainer:
         self.state.consumed_train_samples = int(state["consumed_train_samples"])
         self._print(f"resumed from {self.meta.directory} at iteration {self.state.iteration}")
 
-    def _restore_scheduler(self, saved: dict) -> None:
+    def _check_schedule(self, saved: dict | None) -> None:
         """Megatron's rule: a changed LR schedule (or global batch) needs
         --override-opt_param-scheduler (take the flags) or --use-checkpoint-opt_param-scheduler."""
         args = self.args
-        changed = self.scheduler.changed_settings(saved)
+        if saved is None:
+            return
+        flags = LRScheduler(None, args.lr, args.min_lr, args.lr_warmup_iters, args.lr_decay_iters, args.lr_decay_style)
+        changed = flags.changed_settings(saved)
         gbs = self.meta.args.get("global_batch_size")
         gbs_changed = gbs is not None and gbs != args.global_batch_size
         if gbs_changed:
@@ -320,7 +329,6 @@ class Trainer:
                 f"--global-batch-size {args.global_batch_size}: the checkpoint used {gbs}, and "
                 "--use-checkpoint-opt_param-scheduler keeps the saved schedule, not the batch size"
             )
-        self.scheduler.load_state_dict(saved, use_saved_settings=args.use_checkpoint_opt_param_scheduler)
 
     def _build_data(self) -> None:
         from megatron.early_exit.data import build_data_loader, build_datasets

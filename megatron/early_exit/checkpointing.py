@@ -8,6 +8,8 @@
         tokenizer/                           # the tokenizer's own files
         optimizer.pt                         # optimizer state (tensors only, weights_only load)
         training_state.pt                    # LR schedule, RNG states, consumed samples
+        checksums.json                       # SHA-256 of every file above, checked on load
+      .lock                                  # held (flock) by the one process writing SAVE
 
 Each iteration directory is written under a temporary name (`iter_N.tmp-PID`) and renamed
 when complete, and the marker is replaced atomically afterwards, so a crash never leaves a
@@ -50,6 +52,7 @@ STATE_FILE = "training_state.pt"
 CHECKSUM_FILE = "checksums.json"
 LOCK_FILE = ".lock"
 _TEMP = re.compile(r"^(iter_\d{7}|" + re.escape(MARKER) + r")\.(tmp|old)-(\d+)$")
+_VERIFIED: set[tuple] = set()  # (path, size, mtime, sha256) of files already checked in this process
 _HELD_LOCKS: dict[str, int] = {}  # realpath of a save directory -> the fd holding its flock
 
 
@@ -342,8 +345,31 @@ def verify_file(it_dir: str, relpath: str) -> None:
     except (OSError, json.JSONDecodeError, KeyError, AttributeError) as e:
         raise ValueError(f"--load: corrupt {sums_path}: {e}") from None
     path = os.path.join(it_dir, relpath)
-    if expected is not None and os.path.exists(path) and _sha256(path) != expected:
+    if expected is None or not os.path.exists(path):
+        return
+    st = os.stat(path)
+    key = (os.path.realpath(path), st.st_size, st.st_mtime_ns, expected)
+    if key in _VERIFIED:
+        return
+    if _sha256(path) != expected:
         raise ValueError(f"--load: {path} is corrupt: its SHA-256 differs from the one in {CHECKSUM_FILE}")
+    _VERIFIED.add(key)
+
+
+def verify_checkpoint(it_dir: str) -> None:
+    """Check every file listed in the directory's checksums.json (trainers do this before any work)."""
+    sums_path = os.path.join(it_dir, CHECKSUM_FILE)
+    if not os.path.exists(sums_path):
+        return
+    try:
+        with open(sums_path) as f:
+            names = list(json.load(f)["sha256"])
+    except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
+        raise ValueError(f"--load: corrupt {sums_path}: {e}") from None
+    for name in names:
+        if not os.path.exists(os.path.join(it_dir, name)):
+            raise ValueError(f"--load: {os.path.join(it_dir, name)} is missing (listed in {CHECKSUM_FILE})")
+        verify_file(it_dir, name)
 
 
 def has_checkpoint(path: str | None) -> bool:

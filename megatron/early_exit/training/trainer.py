@@ -129,6 +129,8 @@ class Trainer:
             # back a checkpoint a crashed re-save had set aside, before --load reads it.
             ckpt.lock_save_dir(args.save)
         self.meta = ckpt.read_meta(args.load) if ckpt.has_checkpoint(args.load) else None
+        if self.meta is not None:
+            ckpt.verify_checkpoint(self.meta.directory)  # every file, before any other check
         if args.load and self.meta is None:
             if not _auto_resume_dir(args):
                 raise ValueError(f"--load: no checkpoint in {args.load}")

@@ -22,11 +22,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megatron.early_exit.arguments import OneLineErrorParser, run_tool  # noqa: E402
+from megatron.early_exit.arguments import GENERATE_RANGES, OneLineErrorParser, check_ranges, run_tool  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -86,21 +87,57 @@ def read_prompts(args) -> list[str]:
 def run(args) -> None:
     import torch
 
-    from megatron.early_exit.inference import GenerationSettings, summarize
+    from megatron.early_exit.inference import GenerationSettings
 
+    check_ranges(args, GENERATE_RANGES)
     prompts = read_prompts(args)
     try:
         device = torch.device(args.device)
     except RuntimeError:
         raise ValueError(f"--device: unknown device {args.device!r}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {args.device}: CUDA is not available on this machine")
     model, tok, engine, is_main = _load(args, device, torch.bfloat16 if args.bf16 else None)
     if tok is None:
         raise ValueError(f"--load {args.load}: the checkpoint has no tokenizer")
     bos = [tok.bos] if args.add_bos and tok.bos is not None else []
-    ids = [bos + tok.tokenize(p) for p in prompts]
+    ids = [bos + _tokenize(tok, p) for p in prompts]
     for p, i in zip(prompts, ids):
         if not i:
             raise ValueError(f"--prompt {p!r}: tokenizes to nothing")
+    try:
+        results = _generate(args, engine, ids, GenerationSettings)
+    except ValueError as e:  # the engine names its settings: say which flag
+        raise ValueError(_as_flags(str(e))) from None
+    if not is_main:
+        return
+    _report(args, prompts, results, model, tok)
+
+
+# Engine setting names -> this tool's flags, for error messages.
+_FLAGS = {
+    "self_speculative": "--strategy self_speculative", "strategy": "--strategy", "measure": "--measure",
+    "early_exit_threshold": "--early-exit-thres", "min_exit_layer": "--min-exit-layer",
+    "exit_layers": "--exit-layers", "num_draft_tokens": "--num-draft-tokens",
+    "draft_exit_layer": "--draft-exit-layer", "max_new_tokens": "--max-new-tokens", "temperature": "--temperature",
+    "top_k": "--top-k", "top_p": "--top-p", "stop_strings": "--stop", "stop_token_ids": "--stop-token-id",
+    "prompts": "--prompt",
+}  # fmt: skip
+_FLAG_WORDS = re.compile(r"(?<![-\w])(" + "|".join(sorted(_FLAGS, key=len, reverse=True)) + r")\b")
+
+
+def _tokenize(tok, prompt: str) -> list[int]:
+    try:
+        return tok.tokenize(prompt)
+    except ValueError as e:
+        raise ValueError(f"--prompt {prompt!r}: {e}") from None
+
+
+def _as_flags(message: str) -> str:
+    return _FLAG_WORDS.sub(lambda m: _FLAGS[m.group(1)], message)
+
+
+def _generate(args, engine, ids, GenerationSettings):
     settings = GenerationSettings(
         strategy=args.strategy, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
         top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop_strings=tuple(args.stop),
@@ -110,9 +147,12 @@ def run(args) -> None:
         measure=args.measure, num_draft_tokens=args.num_draft_tokens, draft_exit_layer=args.draft_exit_layer,
         return_logprobs=args.logprobs,
     )  # fmt: skip
-    results = engine.generate(ids, settings)
-    if not is_main:
-        return
+    return engine.generate(ids, settings)
+
+
+def _report(args, prompts, results, model, tok) -> None:
+    from megatron.early_exit.inference import summarize
+
     num_layers = model.config.num_layers
     for prompt, r in zip(prompts, results):
         if args.json:

@@ -57,6 +57,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--iteration", type=int, default=None, help="iteration number for --saver ee (default: 0, or the source's)"
     )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="write into a --save-dir that is not empty (default: refuse, so an existing run is never replaced)",
+    )
     return p
 
 
@@ -74,7 +79,7 @@ def _target_flags(message: str) -> str:
 
 
 def convert(args: argparse.Namespace) -> str:
-    from megatron.early_exit.checkpointing import save_checkpoint
+    from megatron.early_exit.checkpointing import check_target, save_checkpoint
     from megatron.early_exit.conversion import ConversionError, export_hf, load_model, parse_dtype
     from megatron.early_exit.parallel.dims import ParallelDims
 
@@ -85,6 +90,7 @@ def convert(args: argparse.Namespace) -> str:
         raise ConversionError(_target_flags(str(e))) from None
     if os.path.abspath(args.save_dir) == os.path.abspath(args.load_dir):
         raise ConversionError("--save-dir must differ from --load-dir")
+    check_target(args.save_dir, args.overwrite)
     dtype = parse_dtype(args.dtype)
     start = time.time()
     model, tokenizer, iteration = load_model(args.load_dir, args.loader, tensor_parallel_size=tp)

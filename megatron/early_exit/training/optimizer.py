@@ -93,9 +93,30 @@ class LRScheduler:
         self.num_steps += 1
         self._apply()
 
-    def state_dict(self) -> dict:
-        return {"num_steps": self.num_steps}
+    SETTINGS = {
+        "max_lr": "--lr",
+        "min_lr": "--min-lr",
+        "warmup_iters": "--lr-warmup-iters",
+        "decay_iters": "--lr-decay-iters",
+        "style": "--lr-decay-style",
+    }
 
-    def load_state_dict(self, state: dict) -> None:
+    def state_dict(self) -> dict:
+        return {"num_steps": self.num_steps, **{k: getattr(self, k) for k in self.SETTINGS}}
+
+    def changed_settings(self, state: dict) -> list[str]:
+        """The schedule settings that differ from a saved state's: `--flag saved -> now` each."""
+        return [
+            f"{flag} {state[k]} -> {getattr(self, k)}"
+            for k, flag in self.SETTINGS.items()
+            if k in state and state[k] != getattr(self, k)
+        ]
+
+    def load_state_dict(self, state: dict, use_saved_settings: bool = False) -> None:
+        """Restore the step count; with `use_saved_settings`, also the saved lr, warm-up and decay."""
         self.num_steps = int(state["num_steps"])
+        if use_saved_settings:
+            for k in self.SETTINGS:
+                if k in state:
+                    setattr(self, k, state[k])
         self._apply()

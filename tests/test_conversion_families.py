@@ -23,6 +23,8 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 transformers = pytest.importorskip("transformers", reason="conversion tests need transformers (pip install .[hf])")
 gguf = pytest.importorskip("gguf", reason="GGUF tests need the gguf package (pip install gguf)")
 
+from megatron.early_exit import load_checkpoint  # noqa: E402
+from megatron.early_exit.checkpointing import save_checkpoint  # noqa: E402
 from megatron.early_exit.conversion import ConversionError, export_hf, load_gguf_model, load_hf_model  # noqa: E402
 from megatron.early_exit.conversion.gguf import llama3_from_factors  # noqa: E402
 from megatron.early_exit.conversion.tables import HF_LLAMA, permute_qk  # noqa: E402
@@ -124,6 +126,10 @@ def test_hf_family_import_export_parity(kind, tmp_path):
     assert back.config.to_dict() == model.config.to_dict()
     for name, t in model.state_dict().items():
         assert torch.equal(back.state_dict()[name], t), name
+    save_checkpoint(str(tmp_path / "ee"), 0, model, None)  # through our format: config (JSON) and weights
+    ours, _ = load_checkpoint(str(tmp_path / "ee"))
+    with torch.no_grad():
+        assert torch.equal(ours(ids).logits, model(ids).logits)
     print(f"\n{kind}: import max |dlogit| {imported:.2e}, export {exported:.2e}")
     if model.config.rope_scaling:  # the bound is not vacuous: without the scaling logits move far beyond it
         model.rotary = RotaryEmbedding(model.config.head_dim, model.config.rotary_base, None)
@@ -366,9 +372,6 @@ def _spm_vocab_writer(model_file):
 
 
 def test_gguf_sentencepiece_vocabulary(tmp_path, sp_model):
-    from megatron.early_exit import load_checkpoint
-    from megatron.early_exit.checkpointing import save_checkpoint
-
     sp, write = _spm_vocab_writer(sp_model)
     cfg = transformers.LlamaConfig(**COMMON, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2)
     hf_model = _hf_model(cfg)

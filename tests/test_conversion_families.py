@@ -27,7 +27,14 @@ from megatron.early_exit import load_checkpoint  # noqa: E402
 from megatron.early_exit.checkpointing import save_checkpoint  # noqa: E402
 from megatron.early_exit.conversion import ConversionError, export_hf, load_gguf_model, load_hf_model  # noqa: E402
 from megatron.early_exit.conversion.gguf import llama3_from_factors  # noqa: E402
-from megatron.early_exit.conversion.tables import HF_LLAMA, permute_qk  # noqa: E402
+from megatron.early_exit.conversion.tables import (  # noqa: E402
+    HF_GPT2,
+    HF_LLAMA,
+    gguf_table,
+    permute_qk,
+    to_ours,
+    to_theirs,
+)
 from megatron.early_exit.model.rotary import RotaryEmbedding, scaled_inv_freq  # noqa: E402
 
 VOCAB = 300  # not a multiple of 128: the import pads it, users see 300
@@ -135,6 +142,37 @@ def test_hf_family_import_export_parity(kind, tmp_path):
         model.rotary = RotaryEmbedding(model.config.head_dim, model.config.rotary_base, None)
         with torch.no_grad():
             assert _diff(model(ids).logits, ref) > 100 * TOL
+
+
+@pytest.mark.parametrize("table", ["hf_llama", "hf_gpt2", "gguf", "gguf_permuted"])
+def test_every_table_is_its_own_inverse(table):
+    """to_ours(to_theirs(w)) == w bit for bit, for every rule and op of every table."""
+    from megatron.early_exit.config import ModelConfig
+    from megatron.early_exit.model import EarlyExitGPT
+
+    llama = dict(normalization="RMSNorm", swiglu=True, position_embedding_type="rope", add_bias_linear=False)
+    shape = dict(num_layers=2, hidden_size=32, num_attention_heads=4, num_query_groups=2, max_position_embeddings=8)
+    config = ModelConfig(
+        **shape,
+        vocab_size=384,
+        real_vocab_size=VOCAB,
+        untie_embeddings_and_output_weights=True,
+        **({} if table == "hf_gpt2" else {**llama, "add_qkv_bias": True, "qk_layernorm": True}),
+    )
+    if table == "hf_gpt2":
+        config.num_query_groups = 4
+    tables = {"hf_llama": HF_LLAMA, "hf_gpt2": HF_GPT2, "gguf": gguf_table(False), "gguf_permuted": gguf_table(True)}
+    model = EarlyExitGPT(config)
+    model.init_weights(0)
+    with torch.no_grad():
+        model.embedding.word_embeddings.weight[VOCAB:] = 0  # padded rows: what an import creates
+        model.output_layer.weight[VOCAB:] = 0
+    weights = {k: v.detach() for k, v in model.state_dict().items()}
+    theirs = to_theirs(tables[table], config, weights)
+    back = to_ours(tables[table], config, lambda name, shape: theirs.pop(name))
+    assert not theirs and back.keys() == weights.keys()
+    for name, w in weights.items():
+        assert torch.equal(back[name], w), name
 
 
 def test_qk_norm_is_in_the_table():

@@ -199,6 +199,9 @@ GGUF_NAMES = {  # HF (in model.layers.{i}.) -> llama.cpp (in blk.{i}.)
     "self_attn.q_proj.weight": "attn_q.weight",
     "self_attn.k_proj.weight": "attn_k.weight",
     "self_attn.v_proj.weight": "attn_v.weight",
+    "self_attn.q_proj.bias": "attn_q.bias",
+    "self_attn.k_proj.bias": "attn_k.bias",
+    "self_attn.v_proj.bias": "attn_v.bias",
     "self_attn.q_norm.weight": "attn_q_norm.weight",
     "self_attn.k_norm.weight": "attn_k_norm.weight",
     "self_attn.o_proj.weight": "attn_output.weight",
@@ -332,6 +335,25 @@ def test_llama3_from_factors_recovers_parameters():
         if guess is None:  # fewer than two blended frequencies: kept as factors (still exact)
             continue
         assert torch.allclose(scaled_inv_freq(hd, base, guess)[0], scaled_inv_freq(hd, base, params)[0], rtol=1e-6)
+
+
+def test_gguf_qwen2_yarn(tmp_path):
+    """A Qwen2 YaRN model as llama.cpp's converter writes it: scaling type, factor, original context."""
+    hf_model = _hf_model(_configs()["qwen2_yarn"])
+
+    def vocab_and_yarn(w):
+        _write_null_vocab(w)
+        w.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+        w.add_rope_scaling_factor(4.0)
+        w.add_rope_scaling_orig_ctx_len(16)
+
+    _write_gguf(tmp_path / "y.gguf", "qwen2", hf_model, tokenizer=vocab_and_yarn)
+    model, _ = load_gguf_model(str(tmp_path / "y.gguf"))
+    assert model.config.rope_scaling["rope_type"] == "yarn"
+    with torch.no_grad():
+        diff = _diff(model(_ids()).logits, hf_model(_ids()).logits)
+    assert diff < TOL
+    print(f"\nqwen2 yarn GGUF: import max |dlogit| {diff:.2e}")
 
 
 def test_gguf_qwen3_qk_norm(tmp_path):

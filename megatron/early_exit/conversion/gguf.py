@@ -29,7 +29,7 @@ import torch
 from megatron.early_exit.config import ModelConfig
 from megatron.early_exit.conversion.common import ConversionError, build_model, padded_vocab
 from megatron.early_exit.conversion.tables import gguf_table, to_ours
-from megatron.early_exit.model.rotary import scaled_inv_freq
+from megatron.early_exit.model.rotary import scaled_inv_freq, yarn_attention_factor
 from megatron.early_exit.tokenizer.huggingface import HuggingFaceTokenizer
 from megatron.early_exit.tokenizer.sentencepiece import SentencePieceTokenizer
 
@@ -89,10 +89,30 @@ def _rope_scaling(f: _Fields, p: str) -> dict | None:
     kind = f.get(p + "rope.scaling.type")
     if kind in (None, "none"):
         return None
+    if kind == "yarn":
+        return _yarn_scaling(f, p)
     if kind != "linear":
-        raise ConversionError(f"{f.source}: unsupported rope scaling type {kind!r} (supported: linear)")
+        raise ConversionError(f"{f.source}: unsupported rope scaling type {kind!r} (supported: linear, yarn)")
     factor = float(f.get(p + "rope.scaling.factor", 1.0))
     return {"rope_type": "linear", "factor": factor} if factor != 1.0 else None
+
+
+def _yarn_scaling(f: _Fields, p: str) -> dict:
+    """What llama.cpp's converter writes for an HF YaRN config (factor, original context, betas),
+    read back as that config; its cos/sin multiplier is YaRN's default 0.1 ln(factor) + 1."""
+    for key in ("rope.scaling.attn_factor", "rope.scaling.yarn_attn_factor"):
+        if float(f.get(p + key, 1.0)) != 1.0:
+            raise ConversionError(f"{f.source}: {p + key} != 1 is not supported")
+    factor = float(f.need(p + "rope.scaling.factor"))
+    return {
+        "rope_type": "yarn",
+        "factor": factor,
+        "original_max_position_embeddings": int(f.need(p + "rope.scaling.original_context_length")),
+        "beta_fast": float(f.get(p + "rope.scaling.yarn_beta_fast", 32.0)),
+        "beta_slow": float(f.get(p + "rope.scaling.yarn_beta_slow", 1.0)),
+        "truncate": True,
+        "attention_factor": yarn_attention_factor({"factor": factor}),
+    }
 
 
 def _gguf_config(f: _Fields, arch: str, tied: bool, vocab_rows: int) -> ModelConfig:

@@ -174,6 +174,18 @@ def test_every_table_is_its_own_inverse(table):
         assert torch.equal(back[name], w), name
 
 
+def test_unsupported_variants_are_one_line_errors(tmp_path):
+    cfg = transformers.Qwen3Config(**COMMON, num_hidden_layers=1, num_attention_heads=4, attention_bias=True)
+    _hf_model(cfg).save_pretrained(tmp_path / "q3bias")
+    with pytest.raises(ConversionError, match=r"attention_bias=true \(bias on every projection\) is not supported"):
+        load_hf_model(str(tmp_path / "q3bias"))
+    cfg = transformers.LlamaConfig(**COMMON, num_hidden_layers=1, num_attention_heads=4)
+    cfg.rope_parameters = {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0}
+    _hf_model(cfg).save_pretrained(tmp_path / "dyn")
+    with pytest.raises(ConversionError, match="unsupported rope scaling type 'dynamic'"):
+        load_hf_model(str(tmp_path / "dyn"))
+
+
 def test_qk_norm_is_in_the_table():
     names = {r.theirs[0] for r in HF_LLAMA}
     assert "model.layers.{i}.self_attn.q_norm.weight" in names

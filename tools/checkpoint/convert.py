@@ -24,7 +24,7 @@ parallel layout, so no resharding happens here: --target-tensor-parallel-size an
 groups, FFN size and the padded vocabulary divisible by TP; at least PP layers), the
 vocabulary is padded to a multiple of 128 x TP as Megatron does, and the sizes are recorded
 in the checkpoint's args. HF export (--saver hf) writes a directory `transformers` loads as
-LlamaForCausalLM / Qwen2ForCausalLM / GPT2LMHeadModel, plus early_exit_heads.safetensors
+LlamaForCausalLM / Qwen2ForCausalLM / Qwen3ForCausalLM / GPT2LMHeadModel, plus early_exit_heads.safetensors
 and early_exit_config.json holding the exit heads, which `--loader hf` restores.
 """
 

@@ -31,10 +31,11 @@ from megatron.early_exit.model.rotary import RotaryEmbedding
 class ModelOutput:
     """What a forward pass returns.
 
-    Without labels: `logits` [b, s, V] from the final head and `exit_logits`
-    {layer_number: [b, s, V]}. With labels: per-token losses instead (`loss` [b, s] and
-    `exit_losses` {layer: [b, s]}), plus each exit's detached max-probability confidence
-    per token in `exit_confidences` when asked (dynamic exit-loss weights need it).
+    Without labels: `logits` [b, s, real V] from the final head and `exit_logits`
+    {layer_number: [b, s, real V]} (the tokenizer's vocabulary: padded rows cut off).
+    With labels: per-token losses instead (`loss` [b, s] and `exit_losses` {layer: [b, s]}),
+    plus each exit's detached max-probability confidence per token in `exit_confidences`
+    when asked (dynamic exit-loss weights need it).
     """
 
     logits: torch.Tensor | None = None
@@ -250,10 +251,17 @@ class EarlyExitGPT(nn.Module):
         if self.post_process and compute_final:
             logits = self.head_ops.project(self.decoder.final_layernorm(h), self.output_weight())
             if labels is None:
-                out.logits = self.head_ops.full_logits(logits)
+                out.logits = self.visible_logits(logits)
             else:
                 out.loss = self.head_ops.token_losses(logits, labels)
         return out
+
+    def visible_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        """Logits as callers see them: over the whole vocabulary, without the padded rows
+        (`config.real_vocab_size`), so a log-softmax over them normalises over real tokens only."""
+        full = self.head_ops.full_logits(logits)
+        real = self.config.real_vocab_size
+        return full[..., :real] if real and real < full.shape[-1] else full
 
     @property
     def exits_by_layer(self) -> set[int]:
@@ -265,7 +273,7 @@ class EarlyExitGPT(nn.Module):
             head = self.exits[str(n)]
             logits = head.project(head.hidden(h, out.rotary), self.tied_output_weight(), self.head_ops)
             if labels is None:
-                out.exit_logits[n] = self.head_ops.full_logits(logits)
+                out.exit_logits[n] = self.visible_logits(logits)
                 continue
             out.exit_losses[n] = self.head_ops.token_losses(logits, labels)
             if want_conf:

@@ -20,7 +20,7 @@ from collections import OrderedDict
 
 import regex
 
-from megatron.early_exit.tokenizer.base import Tokenizer, copy_into, in_vocab, require_file
+from megatron.early_exit.tokenizer.base import Tokenizer, copy_into, in_vocab, require_file, write_hf_config
 
 EOD_TOKEN = "<|endoftext|>"
 
@@ -206,8 +206,23 @@ class GPT2BPETokenizer(Tokenizer):
         return data.decode("utf-8", errors="replace")
 
     def save(self, directory: str) -> dict:
-        return {
+        spec = {
             "tokenizer_type": "GPT2BPETokenizer",
             "vocab_file": copy_into(directory, self.vocab_file, "vocab.json"),
             "merge_file": copy_into(directory, self.merge_file, "merges.txt"),
         }
+        # transformers' GPT2Tokenizer over the same two files: same pre-tokeniser, no BOS added.
+        eod = EOD_TOKEN
+        write_hf_config(
+            directory,
+            {
+                "tokenizer_class": "GPT2Tokenizer",
+                "bos_token": eod,
+                "eos_token": eod,
+                "unk_token": eod,
+                "add_prefix_space": False,
+                "add_bos_token": False,
+                "clean_up_tokenization_spaces": False,
+            },
+        )
+        return spec

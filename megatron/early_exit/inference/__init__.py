@@ -1,5 +1,10 @@
 """Early-exit generation: KV cache, batched per-sequence exits, self-speculation, telemetry.
 
+Modules: passes (KV cache rows, pending-state fill, exits at their depth), strategies/ (one
+unit per decoding strategy, registered by name), confidence (registered measures),
+acceptance (sampling, log-probabilities, stops, telemetry, incremental detokenization),
+engine (the loop), pipeline (EE-LLM's pipeline early exit), packed (CPU prepacked weights).
+
 from megatron.early_exit.inference import generate
 results = generate(model, tokenizer, [tokenizer.tokenize("Hello")], strategy="early_exit",
                    early_exit_threshold=0.8, max_new_tokens=32)
@@ -10,17 +15,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from megatron.early_exit.inference.confidence import MEASURES
-from megatron.early_exit.inference.engine import (
-    STRATEGIES,
-    DecodeState,
-    EarlyExitEngine,
-    ExitPolicy,
-    GenerationResult,
-    GenerationSettings,
-    StepOutput,
-    summarize,
-)
+from megatron.early_exit.inference.confidence import MEASURES, Measure, measure_names, register_measure
+from megatron.early_exit.inference.engine import EarlyExitEngine, summarize
+from megatron.early_exit.inference.passes import DecodeState, ExitPolicy, StepOutput
+from megatron.early_exit.inference.plugins import load_plugins
+from megatron.early_exit.inference.settings import GenerationResult, GenerationSettings
+from megatron.early_exit.inference.strategies import STRATEGIES, Strategy, register_strategy, strategy_names
 
 
 def generate(
@@ -99,7 +99,14 @@ __all__ = [
     "ExitPolicy",
     "GenerationResult",
     "GenerationSettings",
+    "Measure",
     "StepOutput",
+    "Strategy",
     "generate",
+    "load_plugins",
+    "measure_names",
+    "register_measure",
+    "register_strategy",
+    "strategy_names",
     "summarize",
 ]

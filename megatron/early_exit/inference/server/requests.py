@@ -8,10 +8,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from megatron.early_exit.inference.engine import EarlyExitEngine, GenerationSettings
+from megatron.early_exit.inference.engine import EarlyExitEngine
 from megatron.early_exit.inference.server.errors import ApiError, engine_error
 from megatron.early_exit.inference.server.scheduler import Job
 from megatron.early_exit.inference.server.schemas import ChatRequest, CompletionRequest, MegatronRequest
+from megatron.early_exit.inference.settings import GenerationSettings
+from megatron.early_exit.inference.strategies import STRATEGIES
 
 
 @dataclass
@@ -207,8 +209,11 @@ def _job(
             400, f"{new_field}: prompt ({longest} tokens) + {settings.max_new_tokens} new tokens exceed "
             f"--max-seq-length {lim.max_seq_length}", new_field,
         )  # fmt: skip
-    if settings.strategy == "self_speculative" and top_logprobs:
-        raise ApiError(400, "logprobs: top alternatives are not available with self_speculative decoding", "logprobs")
+    strategy = STRATEGIES.get(settings.strategy)
+    if strategy is not None and not strategy.shares_passes and top_logprobs:
+        raise ApiError(
+            400, f"logprobs: top alternatives are not available with {settings.strategy} decoding", "logprobs"
+        )
     if ctx.batch_at_a_time and (score_prompt or top_logprobs):
         what = "prompt log-probabilities" if score_prompt else "top alternatives"
         raise ApiError(400, f"logprobs: {what} are not available with pipeline parallelism", "logprobs")

@@ -69,25 +69,12 @@ def generate(
     `profile` adds the share of time spent in exit heads (synchronising the device).
     Bad settings raise ValueError naming the setting.
     """
-    settings = GenerationSettings(
-        strategy=strategy,
-        max_new_tokens=max_new_tokens,
-        temperature=temperature,
-        top_k=top_k,
-        top_p=top_p,
-        seed=seed,
-        stop_token_ids=tuple(stop_token_ids),
-        stop_strings=tuple(stop_strings),
-        ignore_eos=ignore_eos,
-        early_exit_threshold=early_exit_threshold,
-        exit_layers=tuple(exit_layers) if exit_layers is not None else None,
-        min_exit_layer=min_exit_layer,
-        measure=measure,
-        num_draft_tokens=num_draft_tokens,
-        draft_exit_layer=draft_exit_layer,
-        return_logprobs=return_logprobs,
-        profile=profile,
-    )
+    exits = tuple(exit_layers) if exit_layers is not None else None
+    settings = GenerationSettings(  # positional: the fields in their declared order
+        strategy, max_new_tokens, temperature, top_k, top_p, seed, tuple(stop_token_ids), tuple(stop_strings),
+        ignore_eos, early_exit_threshold, exits, min_exit_layer, measure, num_draft_tokens, draft_exit_layer,
+        return_logprobs, profile,
+    )  # fmt: skip
     return EarlyExitEngine(model, tokenizer).generate(prompts, settings)
 
 

@@ -51,11 +51,11 @@ def generate(
     model: an `EarlyExitGPT` (any device, any dtype); tokenizer: gives `text`, EOS (its
     `eod`) and stop strings, or None (token ids only; stop_strings are then ignored).
 
-    strategy:
+    strategy: a name in `STRATEGIES` (built in below; plugins register more):
       "full": the final head for every token.
       "early_exit": after each allowed exit, each running sequence whose confidence
-        (`measure`: max_prob, top2_margin, entropy, or learned = the exit's probe) reaches
-        `early_exit_threshold` takes that exit's token; the others go deeper. 1.0 never
+        (`measure`, a name in `MEASURES`: max_prob, top2_margin, entropy, or learned = the
+        exit's probe) reaches `early_exit_threshold` takes that exit's token; the others go deeper. 1.0 never
         exits early (same tokens as "full"), 0.0 always takes the first allowed exit.
         `exit_layers` restricts which exits may fire, `min_exit_layer` drops shallower ones.
         Skipped layers' K/V are recomputed exactly when a later token goes deeper.

@@ -39,9 +39,10 @@ class EarlyExitOptions(BaseModel):
 
     model_config = ConfigDict(strict=True, extra="forbid")
 
-    mode: str = "early_exit"  # one of early_exit_modes(), read from the strategy registry
+    # Names from the registries (checked below; the OpenAPI schema lists them as enums).
+    mode: str = Field("early_exit", json_schema_extra=lambda s: s.update(enum=list(early_exit_modes())))
     threshold: float = Field(0.8, ge=0.0, le=1.0)
-    measure: str = "max_prob"  # one of the registered confidence measures
+    measure: str = Field("max_prob", json_schema_extra=lambda s: s.update(enum=list(measure_names())))
     exit_layers: list[int] | None = Field(None, min_length=1, max_length=256)
     min_layer: int | None = Field(None, ge=1)
     num_draft_tokens: int = Field(4, ge=1, le=64)

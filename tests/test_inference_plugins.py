@@ -122,6 +122,26 @@ def test_toy_plugin_through_the_server(ckpt, toy):
         scheduler.stop()
 
 
+def test_toy_plugin_through_the_server_tool(ckpt, monkeypatch):
+    """tools/run_text_generation_server.py --plugin: the toy names work over HTTP."""
+    import httpx
+
+    from tests.test_server import start_server
+
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(ROOT), str(ROOT / "tests")]))
+    proc, url = start_server(ckpt, "--plugin", "ee_toy_plugin")
+    try:
+        ee = {"mode": "exit_at", "exit_layers": [2]}
+        body = {"prompt": "Early exit", "max_tokens": NEW, "temperature": 0, "early_exit": ee}
+        r = httpx.post(url + "/v1/completions", json=body, timeout=60)
+        assert r.status_code == 200, r.text
+        layers = r.json()["choices"][0]["early_exit"]["exit_layers"]
+        assert layers[0] == 4 and set(layers[1:]) == {2}  # the first token comes from the prefill
+    finally:
+        proc.terminate()
+        proc.wait(timeout=15)
+
+
 def test_streamed_text_is_incremental_and_equals_the_whole(ckpt):
     """The server's incremental detokenizer gives, chunk by chunk, the text decoded at the end."""
     from megatron.early_exit import load_checkpoint

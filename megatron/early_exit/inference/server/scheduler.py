@@ -350,9 +350,8 @@ class Scheduler(BaseScheduler):
     # ----- decoding ------------------------------------------------------------------------
 
     def _step(self) -> None:
-        """One decode step (or one speculation round) for every running sequence."""
-        groups: dict[tuple, dict[int, int]] = {}
-        policies: dict[tuple, ExitPolicy] = {}
+        """One decode step (or one strategy round, for jobs that do not share passes) per running sequence."""
+        groups: dict[ExitPolicy, dict[int, int]] = {}  # equal (frozen) policies share a pass
         own_rounds: dict[int, Job] = {}
         for b, seq in enumerate(self.slots):
             if seq is None or seq.job.done[seq.index] or seq.job.cancelled:
@@ -360,13 +359,11 @@ class Scheduler(BaseScheduler):
             if not seq.job.shares_passes:
                 own_rounds[id(seq.job)] = seq.job
                 continue
-            key = seq.job.policy  # frozen: equal policies share a pass
-            groups.setdefault(key, {})[b] = seq.result.tokens[-1]
-            policies[key] = key
-        for key, tokens in groups.items():
+            groups.setdefault(seq.job.policy, {})[b] = seq.result.tokens[-1]
+        for policy, tokens in groups.items():
             jobs = self._jobs_of(tokens)
             try:
-                out = self.driver.decode(tokens, policies[key])
+                out = self.driver.decode(tokens, policy)
             except Exception as e:
                 log.exception("decode step failed")
                 self._fail(list(jobs), e)

@@ -11,6 +11,11 @@ text, then every generated token with its exit layer and confidence, then a summ
 confidences, tokens_per_sec, finish_reason, average_exit_layer, exit_share, ...).
 Errors are one line on stderr and exit code 2.
 
+Strategies and confidence measures come from their registries; `--plugin MODULE`
+(repeatable) imports a module that registers more before the choices are made:
+
+    python tools/generate.py --plugin my_pkg.exit_at --strategy exit_at --load DIR --prompt "Hi"
+
 Tensor and pipeline parallel (rank 0 prints, the others stay silent):
 
     torchrun --nproc-per-node 2 tools/generate.py --load DIR --prompt "Early exit" \
@@ -31,15 +36,18 @@ from megatron.early_exit.arguments import GENERATE_RANGES, OneLineErrorParser, c
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from megatron.early_exit.inference import measure_names, strategy_names
+
     p = OneLineErrorParser(name_prog=False, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--load", required=True, help="checkpoint directory (its tokenizer comes with it)")
     p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
     p.add_argument("--prompts-file", help='JSON lines with a "prompt" (or "text") field')
-    p.add_argument("--strategy", choices=["full", "early_exit", "self_speculative"], default="early_exit")
+    p.add_argument("--plugin", action="append", default=[], help="import a registering module")
+    p.add_argument("--strategy", choices=strategy_names(), default="early_exit")
     p.add_argument("--early-exit-thres", type=float, default=0.8, help="confidence needed to exit, in [0, 1]")
     p.add_argument("--exit-layers", type=int, nargs="+", help="exits allowed to fire (default: all)")
     p.add_argument("--min-exit-layer", type=int)
-    p.add_argument("--measure", choices=["max_prob", "top2_margin", "entropy", "learned"], default="max_prob")
+    p.add_argument("--measure", choices=measure_names(), default="max_prob")
     p.add_argument("--num-draft-tokens", type=int, default=4)
     p.add_argument("--draft-exit-layer", type=int, help="self_speculative: the drafting exit (default: deepest)")
     p.add_argument("--max-new-tokens", type=int, default=64)
@@ -221,6 +229,9 @@ def _print_text(prompt: str, r, tok, num_layers: int) -> None:
 
 
 def main(argv=None) -> None:
+    from megatron.early_exit.inference.plugins import load_plugins_from_argv
+
+    run_tool(lambda _: load_plugins_from_argv(argv), None)  # before the choices are read
     args = build_parser().parse_args(argv)
     run_tool(run, args)
 

@@ -59,6 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = OneLineErrorParser(name_prog=False, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--load", required=True, help="checkpoint directory, HF model directory or .gguf file")
     p.add_argument("--loader", choices=("ee", "hf", "gguf"), help="format of --load (default: detected)")
+    p.add_argument("--plugin", action="append", default=[], help="import a module that registers strategies/measures")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
     p.add_argument("--port", type=int, default=5000)
     p.add_argument("--api-key", default=os.environ.get("EE_SERVER_API_KEY"),
@@ -209,9 +210,10 @@ def load_parallel(args, device):
 def run(args) -> None:
     import torch
 
-    from megatron.early_exit.inference import EarlyExitEngine
+    from megatron.early_exit.inference import EarlyExitEngine, load_plugins
     from megatron.early_exit.inference.server import EngineDriver, follow
 
+    load_plugins(args.plugin)  # on every rank, before any request names what they register
     check_args(args)
     if args.num_threads:
         torch.set_num_threads(args.num_threads)

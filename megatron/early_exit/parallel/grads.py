@@ -43,9 +43,11 @@ def build_embedding_group(config, specs: list[StageSpec], ps: ParallelState):
     return mine
 
 
-def sync_gradients(model: torch.nn.Module, ps: ParallelState, embedding_group) -> None:
+def sync_gradients(model: torch.nn.Module, ps: ParallelState, embedding_group, sequence_parallel: bool = False) -> None:
+    """Sum gradients once per global batch: replicated weights over TP under sequence parallelism
+    (`apply_tensor_parallel`'s flag), every weight over DP, tied embeddings over their group."""
     params = [p for p in model.parameters() if p.grad is not None]
-    if getattr(model, "sequence_parallel", False) and ps.tp_group is not None:
+    if sequence_parallel and ps.tp_group is not None:
         # Replicated weights (norms, row-parallel biases) saw only this rank's sequence chunk.
         for name, p in model.named_parameters():
             if p.grad is not None and shard_spec(name, model.config.swiglu) == "replicated":
@@ -108,10 +110,8 @@ def _head_order(key: str):
     return (1, 0)
 
 
-def gather_rng_states(ps: ParallelState) -> list | None:
-    from megatron.early_exit.checkpointing import rng_state
-
-    mine = rng_state()
+def gather_rng_states(ps: ParallelState, mine: dict) -> list | None:
+    """Every rank's RNG state `mine` (`checkpointing.rng_state()`), gathered on rank 0."""
     if not dist.is_initialized() or ps.dims.world_size == 1:
         return [mine]
     out = [None] * ps.dims.world_size if ps.rank == 0 else None

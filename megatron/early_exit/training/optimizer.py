@@ -45,11 +45,6 @@ def build_optimizer(model: nn.Module, args, allow_empty: bool = False, dp_group=
     return torch.optim.AdamW(groups, foreach=True, **kwargs)
 
 
-def local_optimizer(optimizer):
-    """The optimizer that holds this rank's state (ZeRO's inner one when sharded)."""
-    return getattr(optimizer, "optim", optimizer)
-
-
 class LRScheduler:
     """Linear warm-up from 0 to `lr` over `warmup_iters`, then decay to `min_lr` by
     `decay_iters` (constant, linear or cosine), then `min_lr`. Stateless but for the step

@@ -417,7 +417,7 @@ class Trainer:
             n_cool = a.num_fill_cooldown_microbatches if a.fill_explicit_bubbles else 0
             fills = self._next_batches(self.train_iter, n_warm + n_cool)
             parts = forward_backward_1f1b(self._context(), batches, fills[:n_warm], fills[n_warm:])
-        sync_gradients(self.model, self.pstate, self.embedding_group)
+        sync_gradients(self.model, self.pstate, self.embedding_group, self.args.sequence_parallel)
         grad_norm = clip_grad_norm(self.model, self.pstate, self.args.clip_grad)
         parts = reduce_loss_parts(parts, self.pstate)  # the same on every rank: all stop together
         self._check_finite({**parts, "grad norm": grad_norm})
@@ -557,7 +557,7 @@ class Trainer:
         if self.args.tune_exit and weights is not None:
             # Tuning built only part of the model: the rest comes unchanged from --load.
             weights = {**ckpt.read_weights(self.meta.directory), **weights}
-        rngs = gather_rng_states(self.pstate)
+        rngs = gather_rng_states(self.pstate, ckpt.rng_state())
         path = None
         if self.pstate.rank == 0:
             path = ckpt.save_checkpoint(

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import cached_property
 
-from megatron.early_exit.inference.engine import EarlyExitEngine, GenerationSettings
+from megatron.early_exit.inference.engine import EarlyExitEngine
 from megatron.early_exit.inference.server.errors import ApiError, engine_error
 from megatron.early_exit.inference.server.scheduler import Job
 from megatron.early_exit.inference.server.schemas import (
@@ -18,6 +18,8 @@ from megatron.early_exit.inference.server.schemas import (
     CompletionRequest,
     MegatronRequest,
 )
+from megatron.early_exit.inference.settings import GenerationSettings
+from megatron.early_exit.inference.strategies import STRATEGIES
 
 
 @dataclass
@@ -280,10 +282,14 @@ def _job(
             400, f"{new_field}: prompt ({longest} tokens) + {settings.max_new_tokens} new tokens exceed "
             f"--max-seq-length {lim.max_seq_length}", new_field,
         )  # fmt: skip
-    if settings.strategy == "self_speculative" and top_logprobs:
-        raise ApiError(400, "logprobs: top alternatives are not available with self_speculative decoding", "logprobs")
-    if logit_bias and (settings.strategy == "self_speculative" or ctx.batch_at_a_time):
-        what = "self_speculative decoding" if settings.strategy == "self_speculative" else "pipeline parallelism"
+    strategy = STRATEGIES.get(settings.strategy)
+    own_rounds = strategy is not None and not strategy.shares_passes
+    if own_rounds and top_logprobs:
+        raise ApiError(
+            400, f"logprobs: top alternatives are not available with {settings.strategy} decoding", "logprobs"
+        )
+    if logit_bias and (own_rounds or ctx.batch_at_a_time):
+        what = f"{settings.strategy} decoding" if own_rounds else "pipeline parallelism"
         raise ApiError(400, f"logit_bias: not available with {what}", "logit_bias")
     if ctx.batch_at_a_time and (score_prompt or top_logprobs):
         what = "prompt log-probabilities" if score_prompt else "top alternatives"

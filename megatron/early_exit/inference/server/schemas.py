@@ -17,11 +17,18 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from megatron.early_exit.inference.confidence import measure_names
+from megatron.early_exit.inference.strategies import strategy_names
 
 MAX_PROMPTS = 128  # Megatron's limit on prompts per PUT /api
 MAX_SEQUENCES = 512  # prompts x n of one request (split into batches of --max-batch-size)
-MEASURE = Literal["max_prob", "top2_margin", "entropy", "learned"]
+
+
+def early_exit_modes() -> tuple[str, ...]:
+    """`early_exit.mode` values: "off" (= full) and every other registered strategy."""
+    return ("off", *(n for n in strategy_names() if n != "full"))
 
 
 class _Body(BaseModel):
@@ -33,13 +40,28 @@ class EarlyExitOptions(BaseModel):
 
     model_config = ConfigDict(strict=True, extra="forbid")
 
-    mode: Literal["off", "early_exit", "self_speculative"] = "early_exit"
+    # Names from the registries (checked below; the OpenAPI schema lists them as enums).
+    mode: str = Field("early_exit", json_schema_extra=lambda s: s.update(enum=list(early_exit_modes())))
     threshold: float = Field(0.8, ge=0.0, le=1.0)
-    measure: MEASURE = "max_prob"
+    measure: str = Field("max_prob", json_schema_extra=lambda s: s.update(enum=list(measure_names())))
     exit_layers: list[int] | None = Field(None, min_length=1, max_length=256)
     min_layer: int | None = Field(None, ge=1)
     num_draft_tokens: int = Field(4, ge=1, le=64)
     draft_exit_layer: int | None = Field(None, ge=1)
+
+    @field_validator("mode")
+    @classmethod
+    def _known_mode(cls, v: str) -> str:
+        if v not in early_exit_modes():
+            raise ValueError(f"must be one of {', '.join(early_exit_modes())}, got {v!r}")
+        return v
+
+    @field_validator("measure")
+    @classmethod
+    def _known_measure(cls, v: str) -> str:
+        if v not in measure_names():
+            raise ValueError(f"must be one of {', '.join(measure_names())}, got {v!r}")
+        return v
 
 
 class MegatronRequest(_Body):

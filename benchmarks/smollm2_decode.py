@@ -25,7 +25,6 @@ import argparse
 import glob
 import importlib.util
 import os
-import platform
 import sys
 import time
 
@@ -33,8 +32,11 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 sys.path.insert(0, os.path.join(ROOT, "tools"))
 sys.path.insert(0, os.path.join(ROOT, "tools", "eval"))
+
+from decode_speed import cpu_model_name  # noqa: E402
 
 from megatron.early_exit.inference import EarlyExitEngine, GenerationSettings, summarize  # noqa: E402
 
@@ -74,13 +76,20 @@ def load_hf(dtype: torch.dtype):
     ).eval()
 
 
-def read_bandwidth() -> float:
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def read_bandwidth(device: torch.device) -> float:
     """Bytes/s of a plain streaming read of 1 GiB (best of 5): the roofline's denominator."""
-    x = torch.ones(256 * 1024 * 1024)
+    x = torch.ones(256 * 1024 * 1024, device=device)
     best = float("inf")
     for _ in range(5):
+        synchronize(device)
         start = time.perf_counter()
         x.sum()
+        synchronize(device)
         best = min(best, time.perf_counter() - start)
     return x.numel() * 4 / best
 
@@ -94,16 +103,18 @@ def bytes_per_step(model) -> int:
 def ours_tps(engine, prompts, new_tokens: int) -> tuple[float, list[list[int]]]:
     start = time.perf_counter()
     res = engine.generate(prompts, GenerationSettings(max_new_tokens=new_tokens, ignore_eos=True))
+    synchronize(engine.device)
     return len(prompts) * new_tokens / (time.perf_counter() - start), [r.tokens for r in res]
 
 
 @torch.no_grad()
 def hf_tps(hf, prompts, new_tokens: int) -> tuple[float, list[list[int]]]:
-    ids = torch.tensor(prompts)  # equal lengths: no padding needed
+    ids = torch.tensor(prompts, device=hf.device)  # equal lengths: no padding needed
     mask = torch.ones_like(ids)
     start = time.perf_counter()
     out = hf.generate(ids, attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
                       do_sample=False, pad_token_id=0)  # fmt: skip
+    synchronize(hf.device)
     return len(prompts) * new_tokens / (time.perf_counter() - start), out[:, ids.shape[1] :].tolist()
 
 
@@ -111,8 +122,8 @@ def part1(args, bandwidth: float) -> None:
     for name in args.dtypes:
         dtype = DTYPES[name]
         model, tok = load_ours(args.load, dtype)
-        engine = EarlyExitEngine(model, tok)
-        hf = load_hf(dtype)
+        engine = EarlyExitEngine(model.to(args.device), tok)
+        hf = load_hf(dtype).to(args.device)
         step_bytes = bytes_per_step(model)
         prompt = (tok.tokenize(TEXT) * 4)[: args.prompt_len]
         print(f"\n== {name}: weights read per decode step {step_bytes / 1e6:.0f} MB")
@@ -209,10 +220,15 @@ def main() -> None:
     p.add_argument("--learned-thresholds", type=float, nargs="+", default=[0.9, 0.8, 0.7])
     p.add_argument("--draft", type=int, default=4)
     p.add_argument("--threads", type=int, default=os.cpu_count())
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:N] (part 1; part 2 runs on the CPU)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    bandwidth = read_bandwidth()
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, {args.threads} threads, "
+    args.device = torch.device(args.device)
+    if args.device.type == "cuda" and not torch.cuda.is_available():
+        p.error(f"--device {args.device}: CUDA is not available on this machine")
+    bandwidth = read_bandwidth(args.device)
+    where = torch.cuda.get_device_name(args.device) if args.device.type == "cuda" else cpu_model_name()
+    print(f"machine: {where}, {os.cpu_count()} cores, {args.threads} threads, "
           f"torch {torch.__version__}; measured read bandwidth {bandwidth / 1e9:.1f} GB/s")  # fmt: skip
     print(f"decode: prompt {args.prompt_len} tokens, {args.new_tokens} new tokens, greedy, EOS ignored, "
           f"best of {args.repeats} alternating runs")  # fmt: skip

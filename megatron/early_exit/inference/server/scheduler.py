@@ -60,6 +60,8 @@ class Event:
     exit_layers: list[int] = field(default_factory=list)
     confidences: list[float] = field(default_factory=list)
     error: Exception | None = None
+    logprobs: list[float] = field(default_factory=list)  # of `tokens`, when the job asked for them
+    top: list[dict[int, float]] = field(default_factory=list)  # their top alternatives (top_logprobs)
 
 
 @dataclass(eq=False)  # identity semantics: jobs are dict keys
@@ -72,6 +74,8 @@ class Job:
     score_prompt: bool = False  # prompt logprobs wanted: prefill returns every row's logits
     top_logprobs: int = 0  # also keep the k most likely tokens at each position
     stream: bool = False
+    logit_bias: dict[int, float] = field(default_factory=dict)  # added to the logits before choosing
+    counts_as_request: bool = True  # False for all but the last part of a request split into batches
     sink: Callable[[Event], None] = lambda event: None  # thread-safe delivery to the handler
     results: list[GenerationResult] = field(default_factory=list)
     prompt_logprobs: list[list[float | None]] = field(default_factory=list)
@@ -143,17 +147,23 @@ class BaseScheduler(ABC):
                 return
         self.driver.shutdown()
 
-    def submit(self, job: Job) -> None:
-        if len(job.prompts) > self.max_batch_size:
-            raise ValueError(
-                f"prompts: {len(job.prompts)} prompts exceed the server's batch size {self.max_batch_size}"
-            )
+    def submit(self, job: Job, *more: Job) -> None:
+        """Queue `job` (and `more`, the other parts of one split request) together, or none."""
+        jobs = (job, *more)
+        for j in jobs:
+            if len(j.prompts) > self.max_batch_size:
+                raise ValueError(f"prompts: {len(j.prompts)} prompts exceed the batch size {self.max_batch_size}")
         with self.cond:
-            if len(self.queue) >= self.max_queued:
+            if self._waiting() >= self.max_queued:
                 raise QueueFull(f"the queue is full ({self.max_queued} waiting requests); retry later")
-            job.submitted = time.perf_counter()
-            self.queue.append(job)
+            for j in jobs:
+                j.submitted = time.perf_counter()
+                self.queue.append(j)
             self.cond.notify_all()
+
+    def _waiting(self) -> int:
+        """Queued jobs that must wait for running ones to finish (called under the lock)."""
+        return len(self.queue)
 
     def cancel(self, job: Job) -> None:
         """The client went away: forget the job (its slots free at the next iteration)."""
@@ -222,7 +232,9 @@ class BaseScheduler(ABC):
         job.sent[i] += delta
         job.streamed[i] = len(r.tokens)
         if delta or len(r.tokens) > start:
-            job.sink(Event("delta", i, delta, r.tokens[start:], r.exit_layers[start:], r.confidences[start:]))
+            ev = Event("delta", i, delta, r.tokens[start:], r.exit_layers[start:], r.confidences[start:])
+            ev.logprobs, ev.top = (r.logprobs or [])[start:], job.token_top[i][start:]
+            job.sink(ev)
 
     def _finish(self, job: Job) -> None:
         job.finished = time.perf_counter()
@@ -259,6 +271,15 @@ class Scheduler(BaseScheduler):
 
     def _running(self) -> int:
         return sum(s is not None for s in self.slots)
+
+    def _waiting(self) -> int:
+        """Jobs the next iteration admits into free slots are not waiting for room."""
+        free, admissible = sum(s is None for s in self.slots), 0
+        for job in self.queue:
+            if len(job.prompts) > free:
+                break
+            free, admissible = free - len(job.prompts), admissible + 1
+        return len(self.queue) - admissible
 
     def _iterate(self, admitted: list[tuple[Job, list[int]]]) -> None:
         if admitted:
@@ -376,7 +397,10 @@ class Scheduler(BaseScheduler):
         if not seqs:
             return
         s = job.settings
-        chosen = choose(torch.stack([out.logits[b] for b in seqs]), s.temperature, s.top_k, s.top_p, job.generator)
+        logits = torch.stack([out.logits[b] for b in seqs])  # (A, V)
+        if job.logit_bias:
+            logits = _biased(logits, job.logit_bias)
+        chosen = choose(logits, s.temperature, s.top_k, s.top_p, job.generator)
         for b, tok in zip(seqs, chosen.tolist()):
             i = self.slots[b].index
             r = job.results[i]
@@ -437,6 +461,13 @@ def _merge(outs: list[StepOutput]) -> StepOutput:
         for name in ("logits", "exit_layer", "confidence", "all_logits"):
             getattr(merged, name).update(getattr(o, name))
     return merged
+
+
+def _biased(logits: torch.Tensor, bias: dict[int, float]) -> torch.Tensor:
+    """OpenAI's logit_bias: add each id's bias to its logit (for choosing only)."""
+    ids = torch.tensor(list(bias), device=logits.device)
+    values = torch.tensor(list(bias.values()), device=logits.device, dtype=logits.dtype)
+    return logits.index_add(-1, ids, values.expand(logits.shape[0], -1))
 
 
 def _top(logp: torch.Tensor, k: int) -> dict[int, float]:

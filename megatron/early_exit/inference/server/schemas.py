@@ -15,11 +15,12 @@ fields inside `early_exit` are errors, since a typo there would silently change 
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 MAX_PROMPTS = 128  # Megatron's limit on prompts per PUT /api
+MAX_SEQUENCES = 512  # prompts x n of one request (split into batches of --max-batch-size)
 MEASURE = Literal["max_prob", "top2_margin", "entropy", "learned"]
 
 
@@ -44,9 +45,10 @@ class EarlyExitOptions(BaseModel):
 class MegatronRequest(_Body):
     """PUT /api. Defaults are Megatron's: temperature 1.0 with top_k 0 and top_p 0.0 samples
     from the whole distribution; `temperature: 0` (or `top_k: 1`) is greedy. top_p 0.0 means
-    off; top_k and top_p cannot both be set (Megatron's rule)."""
+    off; top_k and top_p cannot both be set (Megatron's rule). A string `prompts` is one
+    prompt; `exit_layers: []` means every exit (EE-LLM's client sends it)."""
 
-    prompts: list[str] = Field(min_length=1, max_length=MAX_PROMPTS)
+    prompts: list[str] | str
     tokens_to_generate: int = Field(64, ge=0)
     logprobs: bool = False
     temperature: float = Field(1.0, ge=0.0, le=100.0)
@@ -61,11 +63,17 @@ class MegatronRequest(_Body):
     # EE-LLM
     use_early_exit: bool = False
     early_exit_thres: float = Field(1.0, ge=0.0, le=1.0)
-    exit_layers: list[int] | None = Field(None, min_length=1, max_length=256)
+    exit_layers: list[int] | None = Field(None, max_length=256)
     print_max_prob: bool = False
 
     @model_validator(mode="after")
     def _one_filter(self) -> MegatronRequest:
+        if isinstance(self.prompts, str):
+            self.prompts = [self.prompts]
+        if not 1 <= len(self.prompts) <= MAX_PROMPTS:
+            raise ValueError(f"prompts: give 1..{MAX_PROMPTS} prompts")
+        if self.exit_layers == []:
+            self.exit_layers = None
         if self.top_k > 0 and self.top_p > 0.0:
             raise ValueError("top_p: cannot set both top_k and top_p (Megatron's rule); set one of them to 0")
         return self
@@ -94,6 +102,12 @@ class _OpenAIBody(_Body):
     ignore_eos: bool = False
     user: str | None = None
     early_exit: EarlyExitOptions | None = None
+    logit_bias: dict[str, float] | None = Field(None, max_length=1024)
+    # Not implemented: accepted by the schema only so that requests.py refuses them by name.
+    tools: Any = None
+    tool_choice: Any = None
+    functions: Any = None
+    response_format: Any = None
 
     @model_validator(mode="after")
     def _supported(self) -> _OpenAIBody:

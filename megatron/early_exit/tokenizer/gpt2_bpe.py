@@ -119,6 +119,8 @@ class GPT2BPETokenizer(Tokenizer):
             raise ValueError(
                 f"--merge-file {self.merge_file} does not fit --vocab-file {self.vocab_file}: {e}"
             ) from None
+        # Named `tok` as in HuggingFaceTokenizer: the server reads byte-level token bytes through it
+        # (inference/server/responses.py, token_bytes).
         self.tok = HFTokenizer(model)
         self.tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
         self.tok.decoder = decoders.ByteLevel()

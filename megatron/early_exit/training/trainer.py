@@ -498,7 +498,11 @@ def main(argv: list[str] | None = None) -> TrainState:
 
     args = parse_args(argv, prog=os.path.basename(sys.argv[0]) if argv is None else "pretrain_early_exit_gpt.py")
     try:
-        trainer = Trainer(args)
+        if args.exit_activation_cache:  # EE-Tuning from cached activations (training/cached_tuning.py)
+            from megatron.early_exit.training.cached_tuning import CachedTuner as cls
+        else:
+            cls = Trainer
+        trainer = cls(args)
     except ValueError as e:
         sys.stderr.write(f"error: {e}\n")
         sys.exit(2)

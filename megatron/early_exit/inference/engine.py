@@ -53,6 +53,7 @@ class GenerationSettings:
     stop_strings: tuple[str, ...] = ()
     ignore_eos: bool = False
     early_exit_threshold: float = 0.8
+    exit_thresholds: dict[int, float] | None = None  # per-exit thresholds (calibrated); override the above
     exit_layers: tuple[int, ...] | None = None
     min_exit_layer: int | None = None
     measure: str = "max_prob"
@@ -98,6 +99,10 @@ class ExitPolicy:
     threshold: float = 1.0
     measure: str = "max_prob"
     force: int | None = None  # this exit always fires (self-speculative drafting)
+    per_exit: dict[int, float] | None = None  # per-exit thresholds, overriding `threshold`
+
+    def threshold_of(self, n: int) -> float:
+        return self.per_exit.get(n, self.threshold) if self.per_exit else self.threshold
 
 
 @dataclass
@@ -296,7 +301,8 @@ class EarlyExitEngine:
     def _check_exit(self, state, n: int, rows: _Rows, has_new: set, policy: ExitPolicy, out: StepOutput) -> set[int]:
         """Exit n's decision for the newest token of each sequence in `rows`; returns who leaves."""
         forced = policy.force == n
-        if not forced and policy.threshold >= 1.0:
+        threshold = policy.threshold_of(n)
+        if not forced and threshold >= 1.0:
             return set()  # threshold 1.0 never exits: do not even evaluate the head
         cand = [a for a, b in enumerate(rows.seqs) if b in has_new]
         if not cand:
@@ -312,7 +318,7 @@ class EarlyExitEngine:
             hidden = head.hidden(last[:, None])  # (A, 1, h)
         if policy.measure == "learned" and not forced:
             conf = conf_measures.learned(head, hidden)  # (A,): no vocabulary projection for exits that stay
-            fire = (conf >= policy.threshold).nonzero().flatten().tolist()
+            fire = (conf >= threshold).nonzero().flatten().tolist()
             logits = None
             if fire:
                 sel = torch.tensor(fire, device=self.device)
@@ -320,7 +326,7 @@ class EarlyExitEngine:
         else:
             logits = self._vocab(head.project(hidden, model.tied_output_weight(), model.head_ops)[:, 0])  # (A, V)
             conf = conf_measures.from_logits(logits, "max_prob" if forced else policy.measure)
-            fire = list(range(len(cand))) if forced else (conf >= policy.threshold).nonzero().flatten().tolist()
+            fire = list(range(len(cand))) if forced else (conf >= threshold).nonzero().flatten().tolist()
             if len(fire) < len(cand):
                 logits = logits[torch.tensor(fire, dtype=torch.long, device=self.device)]
         conf_list = conf.tolist()
@@ -419,7 +425,9 @@ class EarlyExitEngine:
             )
         if s.strategy != "early_exit":
             return ExitPolicy()
-        return ExitPolicy(tuple(allowed), float(s.early_exit_threshold), s.measure)
+        if s.exit_thresholds and set(s.exit_thresholds) - set(self.exits):
+            raise ValueError(f"exit_thresholds: {sorted(s.exit_thresholds)} are not all exits of this model")
+        return ExitPolicy(tuple(allowed), float(s.early_exit_threshold), s.measure, per_exit=s.exit_thresholds)
 
     # ----- generation loop -----------------------------------------------------------------
 
@@ -596,6 +604,8 @@ def _check_values(s: GenerationSettings) -> None:
         raise ValueError(f"measure must be one of {', '.join(conf_measures.MEASURES)}, got {s.measure!r}")
     if not 0.0 <= s.early_exit_threshold <= 1.0:
         raise ValueError(f"early_exit_threshold must be in [0, 1], got {s.early_exit_threshold}")
+    if s.exit_thresholds and not all(0.0 <= t <= 1.0 for t in s.exit_thresholds.values()):
+        raise ValueError(f"exit_thresholds must be in [0, 1], got {s.exit_thresholds}")
     if s.max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0, got {s.max_new_tokens}")
     if s.temperature < 0:

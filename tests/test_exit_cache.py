@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+import math
 import os
 import subprocess
 import sys
@@ -14,7 +15,7 @@ from megatron.early_exit.checkpointing import save_checkpoint
 from megatron.early_exit.config import ModelConfig
 from megatron.early_exit.model import EarlyExitGPT
 from megatron.early_exit.tokenizer import build_tokenizer
-from megatron.early_exit.training.cached_tuning import CachedTuner, candidate_set, exit_log_probs
+from megatron.early_exit.training.cached_tuning import CachedTuner, cached_losses, candidate_columns, sample_negatives
 from megatron.early_exit.training.trainer import Trainer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -112,26 +113,45 @@ def test_cached_tuning_runs_epochs_and_validation_is_full_vocabulary(setup, tmp_
     assert {f"exit_{n} loss", f"exit_{n} kd loss", f"exit_{n} agreement"} <= set(after)
 
 
-def test_candidate_set_of_the_whole_vocabulary_is_the_full_softmax(setup):
+def test_candidate_columns_of_the_whole_vocabulary_are_the_full_softmax(setup):
+    """N = V negatives: every token's columns are the vocabulary once (its label and top-k
+    kept, their repeats among the negatives dropped, correction log 1 = 0): same loss, same gradients."""
+    _, ckpt, cache = setup
+    tuner = CachedTuner(parse_args([*TUNE, "--load", ckpt, "--exit-activation-cache", cache]))
+    batch = tuner.train_cache.batch([0, 1, 2])
+    batch["topk_ids"], batch["topk_logprobs"] = batch["topk_ids"][..., :4], batch["topk_logprobs"][..., :4]
+    weights = {n: 1.0 for n in tuner.config.exit_layer_nums}
+    results = []
+    for negatives in (None, sample_negatives(VOCAB, VOCAB, torch.Generator().manual_seed(0))):
+        tuner.model.zero_grad()
+        total, parts = cached_losses(tuner.model, batch, weights, "ce+kd", 2.0, negatives)
+        total.backward()
+        results.append((total.item(), parts, exit_grads(tuner.model)))
+    (full, p_full, g_full), (cand, p_cand, g_cand) = results
+    assert cand == pytest.approx(full, rel=1e-6) and full > 1.0
+    for k in p_full:
+        assert float(p_cand[k]) == pytest.approx(float(p_full[k]), rel=1e-5, abs=1e-7), k
+    for name in g_full:
+        assert torch.allclose(g_cand[name], g_full[name], rtol=1e-5, atol=1e-7), name
+
+
+def test_candidate_columns_with_sampled_negatives(setup):
     _, ckpt, cache = setup
     tuner = CachedTuner(parse_args([*TUNE, "--load", ckpt, "--exit-activation-cache", cache]))
     batch = tuner.train_cache.batch([0, 1])
     n = tuner.config.exit_layer_nums[0]
     head = tuner.model.exits[str(n)]
     hidden = head.hidden(batch["hidden"][n], tuner.model.rotary(torch.arange(16)[None]) if tuner.model.rotary else None)
-    gen = torch.Generator().manual_seed(0)
-    cand = candidate_set(batch["labels"], batch["topk_ids"][..., :2], VOCAB, VOCAB, gen)
-    assert torch.equal(cand[0], torch.arange(VOCAB)) and torch.all(cand[1] == 0)
-    full, _ = exit_log_probs(tuner.model, head, hidden)
-    sampled, cols = exit_log_probs(tuner.model, head, hidden, cand)
-    assert torch.allclose(sampled, full, atol=1e-6)
-    # a real candidate set: labels and top-k kept uncorrected, negatives shifted by -log(N/V)
-    ids, log_q = candidate_set(batch["labels"], batch["topk_ids"][..., :2], VOCAB, 8, gen)
-    fixed = torch.unique(torch.cat([batch["labels"].flatten(), batch["topk_ids"][..., :2].flatten()]))
-    assert torch.isin(fixed, ids).all() and len(ids) <= len(fixed) + 8
-    assert torch.allclose(log_q[~torch.isin(ids, fixed)], torch.tensor(-2.0794415))  # log(8 / 64)
-    _, cols = exit_log_probs(tuner.model, head, hidden, (ids, log_q))
-    assert torch.equal(cols(ids), torch.arange(len(ids)))
+    labels, topk = batch["labels"], batch["topk_ids"][..., :3]
+    negatives = sample_negatives(VOCAB, 8, torch.Generator().manual_seed(0))
+    cols = candidate_columns(tuner.model, head, hidden, labels, topk, negatives)
+    assert cols.logits.shape == (2, 16, 1 + 3 + 8) and torch.equal(cols.token_of(cols.label_col), labels)
+    assert torch.equal(cols.col_ids.gather(-1, cols.topk_col), topk)
+    finite = cols.bias[..., 4:][torch.isfinite(cols.bias[..., 4:])]
+    assert torch.allclose(finite, torch.tensor(-math.log(8 / VOCAB)))  # sampled: -log(N/V) = 2.079
+    # each token id appears at most once among a token's finite columns
+    ids = torch.where(torch.isfinite(cols.bias), cols.col_ids, -1 - torch.arange(12))
+    assert all(len(set(row.tolist())) == 12 for row in ids.view(-1, 12))
 
 
 def test_mismatched_cache_is_refused(setup, tmp_path):

@@ -12,13 +12,14 @@ Objectives match `losses.tuning_losses`:
   k = vocabulary size this is exactly the full-vocabulary distillation of `tuning_losses`;
 - `ce+kd`: both; confidence probes learn "the exit's top token equals the cached final top-1".
 
-`--exit-candidate-vocab N` replaces the vocabulary by a candidate set per micro-batch: every
-label, every cached top-k id, and N negatives drawn uniformly without replacement from the
-vocabulary, shared by the micro-batch. A candidate drawn only as a negative was included
-with probability N/V, so its logit is corrected by -log(N/V) (sampled softmax, Jean et al.
-2015); the labels and top-k are always included (correction log 1 = 0). With N = V the
-candidate loss equals the full one. The agreement a probe learns is then the exit's argmax
-over the candidates. Validation always projects onto the whole vocabulary.
+`--exit-candidate-vocab N` replaces the vocabulary by candidate columns (sampled softmax,
+Jean et al. 2015): each token scores its own label and its cached top-k (always included,
+correction log 1 = 0) and N negatives drawn uniformly without replacement from the vocabulary,
+shared by the micro-batch (one matmul); a negative was included with probability N/V, so its
+logit gets -log(N/V), and a negative equal to one of the token's own columns is dropped. With
+N = V the columns are the vocabulary exactly once and the loss is the full one. The head then
+costs (k + 1 + N) instead of V columns per token. The agreement a probe learns is the exit's
+argmax over its columns. Validation always projects onto the whole vocabulary.
 
 Epoch 0 reads the cache in stored order (megatron-core's dataset order: the same first
 batches as tuning through the backbone), later epochs a permutation seeded by (seed, epoch).
@@ -29,6 +30,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -58,79 +60,111 @@ def validate_cache_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--exit-activation-cache {args.exit_activation_cache}: no such directory")
 
 
-# ----- candidate set -------------------------------------------------------------------
+# ----- the exit's columns: the whole vocabulary or a candidate set ------------------------
 
 
-def candidate_set(labels, topk_ids, vocab_size: int, num_negatives: int, generator) -> tuple:
-    """(ids [m] sorted, log inclusion probability [m]): labels and top-k always, plus
-    `num_negatives` uniform negatives without replacement (inclusion probability N/V)."""
-    fixed = torch.unique(torch.cat([labels.flatten(), topk_ids.flatten()]))
-    n = min(num_negatives, vocab_size)
-    negatives = torch.randperm(vocab_size, generator=generator)[:n].to(fixed.device)
-    ids = torch.unique(torch.cat([fixed, negatives]))
-    log_q = torch.where(torch.isin(ids, fixed), 0.0, math.log(n / vocab_size))
-    return ids, log_q.float()
+@dataclass
+class ExitColumns:
+    """An exit's logits over some columns, and where the label and teacher top-k sit in them.
+
+    Whole vocabulary: column = token id. Candidate set: per token, its label and its top-k
+    (always included, bias 0), then the micro-batch's shared negatives (bias -log(N/V); -inf
+    where a negative repeats one of the token's own columns, so no token is counted twice).
+    """
+
+    logits: torch.Tensor  # [b, s, C], the exit's temperature applied
+    label_col: torch.Tensor  # [b, s]
+    topk_col: torch.Tensor  # [b, s, k]
+    bias: torch.Tensor | None = None  # [b, s, C], added after the kd temperature
+    col_ids: torch.Tensor | None = None  # [b, s, C] token id of each column (None: the column itself)
+
+    def log_probs(self, temperature: float = 1.0) -> torch.Tensor:
+        z = self.logits.float() if temperature == 1.0 else self.logits.float() / temperature
+        return torch.log_softmax(z if self.bias is None else z + self.bias, -1)
+
+    def token_of(self, cols: torch.Tensor) -> torch.Tensor:
+        return cols if self.col_ids is None else self.col_ids.gather(-1, cols.unsqueeze(-1)).squeeze(-1)
 
 
-def exit_log_probs(model, head, hidden, candidates=None, temperature: float = 1.0):
-    """The exit's log-softmax of logits / T: [b, s, V], or [b, s, m] over the candidates
-    (with the sampled-softmax correction), and a function mapping token ids to its columns."""
-    weight = head.output_layer.weight if head.output_layer is not None else model.tied_output_weight()
-    if candidates is None:
-        logits = head.project(hidden, weight)  # (b, s, h) @ (h, V)
-        return torch.log_softmax(logits.float() / temperature, -1), lambda ids: ids
-    ids, log_q = candidates
-    logits = torch.matmul(hidden, weight[ids].t()) / head.temperature  # (b, s, h) @ (h, m)
-    lp = torch.log_softmax(logits.float() / temperature - log_q, -1)
-    return lp, lambda tokens: torch.searchsorted(ids, tokens)
+def sample_negatives(vocab_size: int, num_negatives: int, generator) -> torch.Tensor:
+    """N distinct token ids drawn uniformly (each included with probability N/V), sorted."""
+    return torch.randperm(vocab_size, generator=generator)[: min(num_negatives, vocab_size)].sort().values
+
+
+def _exit_weight(model, head) -> torch.Tensor:
+    return head.output_layer.weight if head.output_layer is not None else model.tied_output_weight()
+
+
+def full_columns(model, head, hidden, labels, topk_ids) -> ExitColumns:
+    return ExitColumns(head.project(hidden, _exit_weight(model, head)), labels, topk_ids)  # (b, s, V)
+
+
+def candidate_columns(model, head, hidden, labels, topk_ids, negatives) -> ExitColumns:
+    """Columns [label, top-k..., negatives...] per token; see ExitColumns."""
+    weight, v, n = _exit_weight(model, head), model.config.vocab_size, negatives.numel()
+    pos_ids = torch.cat([labels.unsqueeze(-1), topk_ids], -1)  # (b, s, 1 + k)
+    pos = torch.einsum("bsh,bsph->bsp", hidden, weight[pos_ids].to(hidden.dtype))  # (b, s, 1 + k)
+    neg = torch.matmul(hidden, weight[negatives].t().to(hidden.dtype))  # (b, s, h) @ (h, N)
+    logits = torch.cat([pos, neg], -1)
+    if head.temperature != 1.0:
+        logits = logits / head.temperature
+    in_topk = topk_ids == labels.unsqueeze(-1)  # (b, s, k): the label is one of the top-k
+    label_col = torch.where(in_topk.any(-1), in_topk.float().argmax(-1) + 1, 0)
+    pos_bias = torch.zeros(pos_ids.shape, device=hidden.device)
+    pos_bias[..., 0] = torch.where(in_topk.any(-1), -math.inf, 0.0)  # counted once, in its top-k column
+    # a negative equal to one of this token's own columns: -inf (amin-scatter leaves the others)
+    idx = torch.searchsorted(negatives, pos_ids).clamp(max=n - 1)
+    hit = torch.where(negatives[idx] == pos_ids, -math.inf, math.inf)
+    neg_bias = torch.full(neg.shape, -math.log(n / v), device=hidden.device).scatter_reduce(-1, idx, hit, "amin")
+    col_ids = torch.cat([pos_ids, negatives.expand(*labels.shape, n)], -1)
+    k = topk_ids.shape[-1]
+    topk_col = torch.arange(1, k + 1, device=hidden.device).expand(topk_ids.shape)
+    return ExitColumns(logits, label_col, topk_col, torch.cat([pos_bias, neg_bias], -1), col_ids)
 
 
 # ----- the objective -------------------------------------------------------------------
 
 
-def _kd(lp_t, topk_lp, topk_cols, kd_temperature: float):
+def _kd(cols: ExitColumns, topk_lp, kd_temperature: float, lp=None):
     """T^2 * KL(teacher top-k renormalised || student) on the top-k: [b, s]."""
-    student = lp_t.gather(-1, topk_cols)  # (b, s, k)
+    lp = cols.log_probs(kd_temperature) if lp is None else lp
+    student = lp.gather(-1, cols.topk_col)  # (b, s, k)
     teacher = torch.log_softmax(topk_lp / kd_temperature, -1)
     return (teacher.exp() * (teacher - student)).sum(-1) * kd_temperature**2
 
 
-def exit_terms(model, n: int, batch: dict, rotary, loss_type: str, kd_t: float, candidates=None):
+def exit_terms(model, n: int, batch: dict, rotary, loss_type: str, kd_t: float, negatives=None):
     """One exit's per-token losses and logged parts from its cached input."""
     head = model.exits[str(n)]
     hidden = head.hidden(batch["hidden"][n].float(), rotary)
-    lp, cols = exit_log_probs(model, head, hidden, candidates)
-    mask = batch["loss_mask"]
-    ce = -lp.gather(-1, cols(batch["labels"]).unsqueeze(-1)).squeeze(-1)
+    args = (model, head, hidden, batch["labels"], batch["topk_ids"])
+    cols = full_columns(*args) if negatives is None else candidate_columns(*args, negatives)
+    lp, mask = cols.log_probs(), batch["loss_mask"]
+    ce = -lp.gather(-1, cols.label_col.unsqueeze(-1)).squeeze(-1)
     parts = {f"exit_{n} loss": masked_mean(ce, mask).detach()}
     per_token = ce if "ce" in loss_type.split("+") else torch.zeros_like(ce)
     if "kd" in loss_type:
-        lp_t = lp if kd_t == 1.0 else exit_log_probs(model, head, hidden, candidates, kd_t)[0]
-        kd = _kd(lp_t, batch["topk_logprobs"], cols(batch["topk_ids"]), kd_t)
+        kd = _kd(cols, batch["topk_logprobs"], kd_t, lp if kd_t == 1.0 else None)
         parts[f"exit_{n} kd loss"] = masked_mean(kd, mask).detach()
         per_token = per_token + kd
-    top = lp.detach().argmax(-1)
-    top = candidates[0][top] if candidates is not None else top
-    agree = (top == batch["topk_ids"][..., 0]).float()
+    agree = (cols.token_of(lp.detach().argmax(-1)) == batch["topk_ids"][..., 0]).float()
     parts[f"exit_{n} agreement"] = masked_mean(agree, mask)
     probe = None
     if head.confidence is not None:
-        bce = F.binary_cross_entropy_with_logits(
-            head.confidence_logit(hidden.detach()).float(), agree, reduction="none"
-        )
-        probe = masked_mean(bce, mask)
+        conf_logit = head.confidence_logit(hidden.detach()).float()
+        probe = masked_mean(F.binary_cross_entropy_with_logits(conf_logit, agree, reduction="none"), mask)
         parts[f"exit_{n} confidence loss"] = probe.detach()
     return masked_mean(per_token, mask), probe, parts
 
 
-def cached_losses(model, batch: dict, exit_weights: dict[int, float], loss_type: str, kd_t: float, candidates=None):
+def cached_losses(model, batch: dict, exit_weights: dict[int, float], loss_type: str, kd_t: float, negatives=None):
     """The tuning objective of every exit from one cached micro-batch: (total, parts)."""
     s = batch["labels"].shape[1]
     positions = torch.arange(s, device=batch["labels"].device).unsqueeze(0)
     rotary = model.rotary(positions) if model.rotary is not None else None
     total, parts = None, {}
     for n in model.exit_layer_numbers:
-        loss, probe, p = exit_terms(model, n, batch, rotary, loss_type, kd_t, candidates)
+        loss, probe, p = exit_terms(model, n, batch, rotary, loss_type, kd_t, negatives)
         term = exit_weights[n] * loss + (probe if probe is not None else 0.0)
         total = term if total is None else total + term
         parts.update(p)
@@ -176,13 +210,12 @@ class CachedTuner(Trainer):
         rows = [[self._row(start + i * mbs + j) for j in range(mbs)] for i in range(self.num_micro)]
         return [self.train_cache.batch(r, self.device) for r in rows]
 
-    def _candidates(self, batch: dict, micro: int):
+    def _negatives(self, micro: int) -> torch.Tensor | None:
+        """The micro-batch's shared negatives, seeded by (seed, iteration, micro-batch)."""
         if not self.args.exit_candidate_vocab:
             return None
         gen = torch.Generator().manual_seed(self.args.seed * 1_000_003 + self.state.iteration * 1009 + micro)
-        return candidate_set(
-            batch["labels"], batch["topk_ids"], self.config.vocab_size, self.args.exit_candidate_vocab, gen
-        )
+        return sample_negatives(self.config.vocab_size, self.args.exit_candidate_vocab, gen).to(self.device)
 
     def train_step(self) -> dict[str, float]:
         from megatron.early_exit.parallel.grads import clip_grad_norm
@@ -193,7 +226,7 @@ class CachedTuner(Trainer):
         for micro, batch in enumerate(self._micro_batches()):
             with self.autocast:
                 total, parts = cached_losses(
-                    self.model, batch, weights, a.exit_loss_type, a.kd_temperature, self._candidates(batch, micro)
+                    self.model, batch, weights, a.exit_loss_type, a.kd_temperature, self._negatives(micro)
                 )
             (total / self.num_micro).backward()
             for k, v in parts.items():

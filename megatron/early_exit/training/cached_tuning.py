@@ -189,6 +189,7 @@ class CachedTuner(Trainer):
         if not manifest["num_sequences"].get("train"):
             raise ValueError(f"--exit-activation-cache {directory}: the cache has no train split")
         self.manifest = manifest
+        self.args.seq_length = int(manifest["seq_length"])  # the cache's rows fix it (tokens/s in the log)
         exits, dtype = manifest["exits"], manifest["dtype"]
         self.train_cache = exit_cache.CachedSplit(os.path.join(directory, "train"), exits, dtype)
         has_valid = manifest["num_sequences"].get("valid")

@@ -168,5 +168,9 @@ def test_mismatched_cache_is_refused(setup, tmp_path):
     reseeded = make_checkpoint(tmp_path / "reseeded", shape, seed=1)
     with pytest.raises(ValueError, match="made from another model"):
         CachedTuner(parse_args([*TUNE, "--load", reseeded, "--exit-activation-cache", cache]))
+    for extra, message in ((["--mock-data"], "needs --exit-activation-cache"), ([], "must be >= 1")):
+        args = [*TUNE, "--load", ckpt, *extra, "--exit-candidate-vocab", "0" if not extra else "8"]
+        with pytest.raises(ValueError, match=message):
+            CachedTuner(parse_args(args + ([] if extra else ["--exit-activation-cache", cache])))
     manifest = json.load(open(os.path.join(cache, "manifest.json")))
     assert manifest["top_k"] == VOCAB and manifest["num_sequences"] == {"train": 4, "valid": 4}

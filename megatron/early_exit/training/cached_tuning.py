@@ -50,6 +50,8 @@ def validate_cache_args(args: argparse.Namespace) -> None:
         return
     if not args.tune_exit:
         raise ValueError("--exit-activation-cache needs --tune-exit")
+    if args.data_path or args.mock_data:
+        raise ValueError("--exit-activation-cache replaces --data-path/--mock-data: give only the cache")
     if args.exit_candidate_vocab is not None and args.exit_candidate_vocab < 1:
         raise ValueError(f"--exit-candidate-vocab must be >= 1, got {args.exit_candidate_vocab}")
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 or args.tensor_model_parallel_size > 1:

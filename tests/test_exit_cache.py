@@ -174,3 +174,16 @@ def test_mismatched_cache_is_refused(setup, tmp_path):
             CachedTuner(parse_args(args + ([] if extra else ["--exit-activation-cache", cache])))
     manifest = json.load(open(os.path.join(cache, "manifest.json")))
     assert manifest["top_k"] == VOCAB and manifest["num_sequences"] == {"train": 4, "valid": 4}
+
+
+def test_cached_tuning_resumes_exactly(setup, tmp_path):
+    """Stop at iteration 3 of 6 and resume: same losses as one uninterrupted run (epochs are
+    seeded permutations, negatives seeded by iteration, optimizer state restored)."""
+    _, ckpt, cache = setup
+    base = [*TUNE, "--exit-activation-cache", cache, "--exit-candidate-vocab", "8", "--train-iters", "6"]
+    whole = CachedTuner(parse_args([*base, "--load", ckpt])).run().history
+    CachedTuner(parse_args([*base, "--load", ckpt, "--save", str(tmp_path / "a"), "--exit-interval", "3"])).run()
+    rest = CachedTuner(parse_args([*base, "--load", str(tmp_path / "a"), "--save", str(tmp_path / "b")])).run().history
+    assert [h["iteration"] for h in rest] == [4, 5, 6]
+    for a, b in zip(whole[3:], rest):
+        assert b == pytest.approx(a, rel=1e-6), (a, b)

@@ -44,7 +44,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompts-file", help='JSON lines with a "prompt" (or "text") field')
     p.add_argument("--plugin", action="append", default=[], help="import a registering module")
     p.add_argument("--strategy", choices=strategy_names(), default="early_exit")
-    p.add_argument("--early-exit-thres", type=float, default=0.8, help="confidence needed to exit, in [0, 1]")
+    p.add_argument(
+        "--early-exit-thres", type=_threshold, default=0.8,
+        help="confidence needed to exit, in [0, 1]; auto: the checkpoint's calibrated per-exit thresholds and measure",
+    )  # fmt: skip
     p.add_argument("--exit-layers", type=int, nargs="+", help="exits allowed to fire (default: all)")
     p.add_argument("--min-exit-layer", type=int)
     p.add_argument("--measure", choices=measure_names(), default="max_prob")
@@ -68,6 +71,31 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--json", action="store_true", help="one JSON object per prompt")
     return p
+
+
+def _threshold(text: str) -> float | str:
+    if text == "auto":
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1] or auto, got {text!r}") from None
+
+
+def _calibrated(args) -> dict | None:
+    """--early-exit-thres auto: the record tools/eval/calibrate_thresholds.py wrote into the checkpoint."""
+    from megatron.early_exit.checkpointing import read_calibrated_thresholds
+
+    if args.early_exit_thres != "auto":
+        return None
+    if args.pipeline_model_parallel_size > 1:
+        raise ValueError("--early-exit-thres auto (per-exit thresholds) is not supported with pipeline parallelism")
+    record = read_calibrated_thresholds(args.load)
+    if record is None:
+        raise ValueError(
+            f"--early-exit-thres auto: {args.load} has no calibrated thresholds (tools/eval/calibrate_thresholds.py)"
+        )
+    return record
 
 
 def read_prompts(args) -> list[str]:
@@ -146,13 +174,16 @@ def _as_flags(message: str) -> str:
 
 
 def _generate(args, engine, ids, GenerationSettings):
+    auto = _calibrated(args)
     settings = GenerationSettings(
         strategy=args.strategy, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
         top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop_strings=tuple(args.stop),
         stop_token_ids=tuple(args.stop_token_id), ignore_eos=args.ignore_eos,
-        early_exit_threshold=args.early_exit_thres,
+        early_exit_threshold=1.0 if auto else args.early_exit_thres,
+        exit_thresholds=auto["thresholds"] if auto else None,
         exit_layers=tuple(args.exit_layers) if args.exit_layers else None, min_exit_layer=args.min_exit_layer,
-        measure=args.measure, num_draft_tokens=args.num_draft_tokens, draft_exit_layer=args.draft_exit_layer,
+        measure=auto["measure"] if auto else args.measure, num_draft_tokens=args.num_draft_tokens,
+        draft_exit_layer=args.draft_exit_layer,
         return_logprobs=args.logprobs,
     )  # fmt: skip
     return engine.generate(ids, settings)

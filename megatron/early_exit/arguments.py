@@ -151,6 +151,10 @@ def _add_exit_args(p: argparse.ArgumentParser) -> None:
         help="cross-entropy, distillation from the final head, or both (tuning only)",
     )
     g.add_argument("--kd-temperature", type=float, default=1.0)
+    g.add_argument("--exit-activation-cache", help="tune from this cache (tools/checkpoint/cache_exit_activations.py)")
+    g.add_argument(
+        "--exit-candidate-vocab", type=int, help="cached tuning: N sampled negatives instead of the vocabulary"
+    )
 
 
 def _add_training_args(p: argparse.ArgumentParser) -> None:
@@ -408,6 +412,10 @@ def validate_output_paths(args: argparse.Namespace) -> None:
 
 
 def _validate_data_args(args: argparse.Namespace) -> None:
+    if getattr(args, "exit_activation_cache", None) or getattr(args, "exit_candidate_vocab", None):
+        from megatron.early_exit.training.cached_tuning import validate_cache_args
+
+        return validate_cache_args(args)  # the cache replaces --data-path
     if args.mock_data and args.data_path:
         raise ValueError("--mock-data and --data-path are mutually exclusive")
     if not args.mock_data and not args.data_path:

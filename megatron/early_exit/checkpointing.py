@@ -54,6 +54,7 @@ LOCK_FILE = ".lock"
 _TEMP = re.compile(r"^(iter_\d{7}|" + re.escape(MARKER) + r")\.(tmp|old)-(\d+)$")
 _VERIFIED: set[tuple] = set()  # (path, size, mtime, sha256) of files already checked in this process
 _HELD_LOCKS: dict[str, int] = {}  # realpath of a save directory -> the fd holding its flock
+THRESHOLDS_FILE = "early_exit_thresholds.json"  # calibrated per-exit thresholds (tools/eval/calibrate_thresholds.py)
 
 
 def iteration_dir(save_dir: str, iteration: int) -> str:
@@ -491,6 +492,20 @@ def load_tokenizer_from(meta: CheckpointMeta):
     return load_tokenizer(os.path.join(meta.directory, "tokenizer"), meta.tokenizer_spec)
 
 
+def read_calibrated_thresholds(path: str) -> dict | None:
+    """The checkpoint's calibrated thresholds record ({"thresholds": {layer: t}, "measure", "delta",
+    "epsilon", ...}), or None when it has none."""
+    file = os.path.join(resolve_checkpoint_dir(path), THRESHOLDS_FILE)
+    if not os.path.exists(file):
+        return None
+    try:
+        with open(file) as f:
+            record = json.load(f)
+        return {**record, "thresholds": {int(k): float(v) for k, v in record["thresholds"].items()}}
+    except (OSError, json.JSONDecodeError, KeyError, AttributeError, ValueError) as e:
+        raise ValueError(f"--load: corrupt {file}: {e}") from None
+
+
 def load_checkpoint(path: str, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
     """Load any saved checkpoint onto one device for inference: returns (model, tokenizer).
 
@@ -505,6 +520,7 @@ def load_checkpoint(path: str, device: str | torch.device = "cpu", dtype: torch.
     load_weights_into(model, read_weights(meta.directory), meta.directory)
     model = model.to(device=device, dtype=dtype) if dtype is not None else model.to(device)
     model.eval()
+    model.calibrated_thresholds = read_calibrated_thresholds(meta.directory)  # None unless calibrated
     return model, load_tokenizer_from(meta)
 
 

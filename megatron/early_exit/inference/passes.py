@@ -41,6 +41,11 @@ class ExitPolicy:
     threshold: float = 1.0
     measure: str = "max_prob"
     force: int | None = None  # this exit always fires (self-speculative drafting)
+    per_exit: tuple[tuple[int, float], ...] = ()  # (exit, threshold) pairs overriding `threshold` (calibrated)
+
+    def threshold_of(self, n: int) -> float:
+        """Exit n's threshold: its own calibrated one where given, else the shared one."""
+        return dict(self.per_exit).get(n, self.threshold)
 
 
 @dataclass
@@ -173,7 +178,7 @@ class Passes:
 
     def exits_by_depth(self, policy: ExitPolicy) -> dict[int, list[int]]:
         """depth -> the exits `policy` evaluates there that this model holds."""
-        wanted = set(policy.allowed) if policy.threshold < 1.0 else set()
+        wanted = {n for n in policy.allowed if policy.threshold_of(n) < 1.0}
         by_depth: dict[int, list[int]] = {}
         for n in sorted(wanted | ({policy.force} if policy.force is not None else set())):
             if str(n) in self.model.exits:
@@ -255,9 +260,9 @@ class Passes:
     def check_exit(self, state, n: int, rows: Rows, has_new: set, policy: ExitPolicy, out: StepOutput) -> set[int]:
         """Exit n's decision for the newest token of each sequence in `rows` that is in `has_new`;
         records the leavers in `out` and returns them."""
-        forced = policy.force == n
+        forced, threshold = policy.force == n, policy.threshold_of(n)
         cand = [a for a, b in enumerate(rows.seqs) if b in has_new]
-        if not cand or (not forced and policy.threshold >= 1.0):
+        if not cand or (not forced and threshold >= 1.0):
             return set()  # threshold 1.0 never exits: do not even evaluate the head
         start = tick(self.device) if self.profile else 0.0
         head, seqs = self.model.exits[str(n)], [rows.seqs[a] for a in cand]
@@ -266,12 +271,12 @@ class Passes:
         if measure.needs_vocab:
             logits = self.exit_logits(head, hidden)  # (A, V)
             conf = measure.from_logits(logits)
-            fire = list(range(len(cand))) if forced else (conf >= policy.threshold).nonzero().flatten().tolist()
+            fire = list(range(len(cand))) if forced else (conf >= threshold).nonzero().flatten().tolist()
             if len(fire) < len(cand):
                 logits = logits[torch.tensor(fire, dtype=torch.long, device=self.device)]
         else:  # no vocabulary projection for the exits that stay
             conf = measure.from_hidden(head, hidden)
-            fire = (conf >= policy.threshold).nonzero().flatten().tolist()
+            fire = (conf >= threshold).nonzero().flatten().tolist()
             logits = self.exit_logits(head, hidden[torch.tensor(fire, device=self.device)]) if fire else None
         conf_list = conf.tolist()
         for j, a in enumerate(fire):  # logits row j belongs to candidate a

@@ -102,7 +102,7 @@ class PipelineEngine(EarlyExitEngine):
         if k == len(self.specs) - 1:
             return True
         start, end = self.specs[k].layer_range
-        return policy.threshold < 1.0 and any(start < n <= end for n in policy.allowed)
+        return any(start < n <= end and policy.threshold_of(n) < 1.0 for n in policy.allowed)
 
     # ----- generation ----------------------------------------------------------------------
 

@@ -21,6 +21,7 @@ class GenerationSettings:
     stop_strings: tuple[str, ...] = ()
     ignore_eos: bool = False
     early_exit_threshold: float = 0.8
+    exit_thresholds: dict[int, float] | None = None  # per-exit thresholds (calibrated); override the above
     exit_layers: tuple[int, ...] | None = None
     min_exit_layer: int | None = None
     measure: str = "max_prob"
@@ -80,6 +81,8 @@ def check_values(s: GenerationSettings, strategies) -> None:
         raise ValueError(f"measure must be one of {', '.join(MEASURES)}, got {s.measure!r}")
     if not 0.0 <= s.early_exit_threshold <= 1.0:
         raise ValueError(f"early_exit_threshold must be in [0, 1], got {s.early_exit_threshold}")
+    if s.exit_thresholds and not all(0.0 <= t <= 1.0 for t in s.exit_thresholds.values()):
+        raise ValueError(f"exit_thresholds must be in [0, 1], got {s.exit_thresholds}")
     if s.max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0, got {s.max_new_tokens}")
     if s.temperature < 0:

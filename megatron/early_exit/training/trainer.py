@@ -651,7 +651,11 @@ def main(argv: list[str] | None = None) -> TrainState:
     args = parse_args(argv, prog=os.path.basename(sys.argv[0]) if argv is None else "pretrain_early_exit_gpt.py")
     trainer = None
     try:
-        trainer = Trainer(args)
+        if args.exit_activation_cache:  # EE-Tuning from cached activations (training/cached_tuning.py)
+            from megatron.early_exit.training.cached_tuning import CachedTuner as cls
+        else:
+            cls = Trainer
+        trainer = cls(args)
         return trainer.run()
     except (ValueError, OSError) as e:  # a flag, a path or a checkpoint: found before training
         _fail(e, 2 if trainer is None else 1)

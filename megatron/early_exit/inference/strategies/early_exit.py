@@ -14,4 +14,8 @@ class EarlyExit(Strategy):
     def policy(self, engine, s, allowed: list[int]) -> ExitPolicy:
         if get_measure(s.measure).needs_probe:
             engine.check_probes(allowed, s.measure)
-        return ExitPolicy(tuple(allowed), float(s.early_exit_threshold), s.measure)
+        per_exit = s.exit_thresholds or {}
+        if set(per_exit) - set(engine.exits):
+            raise ValueError(f"exit_thresholds: {sorted(per_exit)} are not all exits of this model")
+        pairs = tuple(sorted((int(n), float(t)) for n, t in per_exit.items()))
+        return ExitPolicy(tuple(allowed), float(s.early_exit_threshold), s.measure, per_exit=pairs)

@@ -346,7 +346,7 @@ GENERATE_RANGES = [
     (("seed",), lambda v: 0 <= v < 2**63, "in [0, 2**63)"),
     (("temperature",), lambda v: v >= 0, ">= 0 (finite; 0 is greedy)"),
     (("top_p",), lambda v: 0 < v <= 1, "in (0, 1]"),
-    (("early_exit_thres",), lambda v: 0 <= v <= 1, "in [0, 1]"),
+    (("early_exit_thres",), lambda v: v == "auto" or 0 <= v <= 1, "in [0, 1] or auto"),
 ]  # fmt: skip
 
 

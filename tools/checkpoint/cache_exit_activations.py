@@ -74,6 +74,7 @@ def cache_split(model, dataset, writer, a, desc: str) -> None:
     from tqdm import tqdm
 
     from megatron.early_exit.data import build_data_loader
+    from megatron.early_exit.model.gpt import ModelOutput
 
     total = writer.arrays["labels"].shape[0]
     loader = build_data_loader(dataset, consumed_samples=0, micro_batch_size=1)
@@ -85,9 +86,12 @@ def cache_split(model, dataset, writer, a, desc: str) -> None:
         if len(pending) == a.micro_batch_size or writer.rows + len(pending) == total:
             batch = {k: torch.cat([p[k] for p in pending]).to(a.device) for k in pending[0]}
             with autocast:
-                out = model(batch["tokens"], batch["position_ids"], defer_exits=True)
+                h, rotary = model.embed_input(batch["tokens"], batch["position_ids"], None)
+                h, exit_inputs = model.run_layers(h, rotary)  # each exit's input, heads not run
+                out = ModelOutput()
+                model.final_head(out, h)
             top_lp, top_ids = torch.log_softmax(out.logits.float(), -1).topk(a.top_k, dim=-1)  # [b, s, k]
-            writer.write(dict(out.deferred_exits), top_lp, top_ids, batch["labels"], batch["loss_mask"])
+            writer.write(dict(exit_inputs), top_lp, top_ids, batch["labels"], batch["loss_mask"])
             bar.update(len(pending))
             pending = []
         if writer.rows == total:

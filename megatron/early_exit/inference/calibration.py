@@ -30,6 +30,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from megatron.early_exit.inference import confidence as conf_measures
+from megatron.early_exit.model.gpt import ModelOutput
 
 
 @dataclass
@@ -50,18 +51,21 @@ def teacher_forced_scores(model, chunks: torch.Tensor, measure: str, batch_size:
     vocab = model.config.real_vocab_size or model.config.vocab_size
     conf, agree = [], []
     for start in range(0, chunks.shape[0], batch_size):
-        out = model(chunks[start : start + batch_size], defer_exits=True)
-        final_top = out.logits[..., :vocab].argmax(-1)  # (b, s)
+        h, rotary = model.embed_input(chunks[start : start + batch_size], None, None)
+        h, exit_inputs = model.run_layers(h, rotary)  # exits evaluated here, not by the model
+        final = ModelOutput()
+        model.final_head(final, h)
+        final_top = final.logits[..., :vocab].argmax(-1)  # (b, s)
         c_b, a_b = [], []
-        for n, h in out.deferred_exits:
+        for n, x in exit_inputs:
             head = model.exits[str(n)]
-            hidden = head.hidden(h, out.rotary)
+            hidden = head.hidden(x, rotary)
             logits = head.project(hidden, model.tied_output_weight(), model.head_ops)[..., :vocab]  # (b, s, V)
             a_b.append(logits.argmax(-1) == final_top)
             if measure == "learned":
                 c_b.append(torch.sigmoid(head.confidence_logit(hidden).float()))
             else:
-                c_b.append(conf_measures.from_logits(logits.flatten(0, 1), measure).view(final_top.shape))
+                c_b.append(conf_measures.get_measure(measure).from_logits(logits.flatten(0, 1)).view(final_top.shape))
         conf.append(torch.stack(c_b, -1).float().cpu())
         agree.append(torch.stack(a_b, -1).cpu())
     return ExitScores(list(model.exit_layer_numbers), torch.cat(conf), torch.cat(agree))

@@ -21,7 +21,6 @@ class GenerationSettings:
     stop_strings: tuple[str, ...] = ()
     ignore_eos: bool = False
     early_exit_threshold: float = 0.8
-    exit_thresholds: dict[int, float] | None = None  # per-exit thresholds (calibrated); override the above
     exit_layers: tuple[int, ...] | None = None
     min_exit_layer: int | None = None
     measure: str = "max_prob"
@@ -29,6 +28,7 @@ class GenerationSettings:
     draft_exit_layer: int | None = None
     return_logprobs: bool = False
     profile: bool = False
+    exit_thresholds: dict[int, float] | None = None  # per-exit thresholds (calibrated); override early_exit_threshold
 
 
 @dataclass

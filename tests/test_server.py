@@ -170,13 +170,16 @@ def test_put_api_equals_generate_cli(server, ckpt, name):
     assert out["text"] == [w["text"] for w in want]
     assert out["exit_layers"] == [w["exit_layers"] for w in want]
     assert {"segments", "confidences", "request_time"} <= set(out) and "max_probs" not in out
-    for p, lp, w in zip(PROMPTS, out["logprobs"], want):
-        # Megatron: one logprob per token after the first, prompt and generation
-        assert len(lp) == len(w["tokens"]) + len(out_tokens(server, p)) - 1
-        assert lp[-NEW:] == pytest.approx(w["logprobs"], abs=1e-4)
+    for lp, segments, w in zip(out["logprobs"], out["segments"], want):
+        # EE-LLM: without the prompt echoed, one logprob per generated segment
+        assert len(lp) == len(segments) == len(w["tokens"])
+        assert lp == pytest.approx(w["logprobs"], abs=1e-4)
     echoed = put_api(server, prompts=PROMPTS[:1], tokens_to_generate=NEW, temperature=0, echo_prompts=True,
-                     print_max_prob=True, **fields).json()  # fmt: skip
+                     print_max_prob=True, logprobs=True, **fields).json()  # fmt: skip
     assert echoed["text"] == [PROMPTS[0] + want[0]["text"]] and echoed["max_probs"] == echoed["confidences"][:1]
+    # Megatron: with the prompt, one logprob per token after the first, prompt and generation
+    assert len(echoed["logprobs"][0]) == len(want[0]["tokens"]) + len(out_tokens(server, PROMPTS[0])) - 1
+    assert echoed["logprobs"][0][-NEW:] == pytest.approx(want[0]["logprobs"], abs=1e-4)
 
 
 def out_tokens(url: str, prompt: str) -> list:
@@ -298,7 +301,6 @@ def test_errors_name_the_field(server, client):
         ({"prompts": ["a"], "use_early_exit": "false"}, 422, "use_early_exit"),
         ({"prompts": []}, 422, "prompts"),
         ({"prompts": ["a"] * 129}, 422, "prompts"),
-        ({"prompts": ["a"] * 9}, 400, "prompts"),  # more than --max-batch-size
         ({"prompts": ["a"], "tokens_to_generate": 241}, 400, "tokens_to_generate"),
         ({"prompts": ["a"], "use_early_exit": True, "exit_layers": [7]}, 400, "exit_layers"),
         ({"prompts": ["a"], "early_exit_thres": 1.5}, 422, "early_exit_thres"),

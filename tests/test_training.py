@@ -180,7 +180,7 @@ def test_load_checkpoint_api(tmp_path):
     model, tok = load_checkpoint(str(tmp_path / "ck"))
     ids = torch.tensor([tok.tokenize("1 2 3 4 5")])
     out = model(ids)
-    assert out.logits.shape == (1, 5, 128) and list(out.exit_logits) == [1]
+    assert out.logits.shape == (1, 5, 65) and list(out.exit_logits) == [1]
     assert not model.training and tok.eod == 64
 
 

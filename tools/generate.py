@@ -11,6 +11,11 @@ text, then every generated token with its exit layer and confidence, then a summ
 confidences, tokens_per_sec, finish_reason, average_exit_layer, exit_share, ...).
 Errors are one line on stderr and exit code 2.
 
+Strategies and confidence measures come from their registries; `--plugin MODULE`
+(repeatable) imports a module that registers more before the choices are made:
+
+    python tools/generate.py --plugin my_pkg.exit_at --strategy exit_at --load DIR --prompt "Hi"
+
 Tensor and pipeline parallel (rank 0 prints, the others stay silent):
 
     torchrun --nproc-per-node 2 tools/generate.py --load DIR --prompt "Early exit" \
@@ -22,23 +27,30 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megatron.early_exit.arguments import OneLineErrorParser, run_tool  # noqa: E402
+from megatron.early_exit.arguments import GENERATE_RANGES, OneLineErrorParser, check_ranges, run_tool  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from megatron.early_exit.inference import measure_names, strategy_names
+
     p = OneLineErrorParser(name_prog=False, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--load", required=True, help="checkpoint directory (its tokenizer comes with it)")
     p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
     p.add_argument("--prompts-file", help='JSON lines with a "prompt" (or "text") field')
-    p.add_argument("--strategy", choices=["full", "early_exit", "self_speculative"], default="early_exit")
-    p.add_argument("--early-exit-thres", type=float, default=0.8, help="confidence needed to exit, in [0, 1]")
+    p.add_argument("--plugin", action="append", default=[], help="import a registering module")
+    p.add_argument("--strategy", choices=strategy_names(), default="early_exit")
+    p.add_argument(
+        "--early-exit-thres", type=_threshold, default=0.8,
+        help="confidence needed to exit, in [0, 1]; auto: the checkpoint's calibrated per-exit thresholds and measure",
+    )  # fmt: skip
     p.add_argument("--exit-layers", type=int, nargs="+", help="exits allowed to fire (default: all)")
     p.add_argument("--min-exit-layer", type=int)
-    p.add_argument("--measure", choices=["max_prob", "top2_margin", "entropy", "learned"], default="max_prob")
+    p.add_argument("--measure", choices=measure_names(), default="max_prob")
     p.add_argument("--num-draft-tokens", type=int, default=4)
     p.add_argument("--draft-exit-layer", type=int, help="self_speculative: the drafting exit (default: deepest)")
     p.add_argument("--max-new-tokens", type=int, default=64)
@@ -59,6 +71,31 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--json", action="store_true", help="one JSON object per prompt")
     return p
+
+
+def _threshold(text: str) -> float | str:
+    if text == "auto":
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1] or auto, got {text!r}") from None
+
+
+def _calibrated(args) -> dict | None:
+    """--early-exit-thres auto: the record tools/eval/calibrate_thresholds.py wrote into the checkpoint."""
+    from megatron.early_exit.checkpointing import read_calibrated_thresholds
+
+    if args.early_exit_thres != "auto":
+        return None
+    if args.pipeline_model_parallel_size > 1:
+        raise ValueError("--early-exit-thres auto (per-exit thresholds) is not supported with pipeline parallelism")
+    record = read_calibrated_thresholds(args.load)
+    if record is None:
+        raise ValueError(
+            f"--early-exit-thres auto: {args.load} has no calibrated thresholds (tools/eval/calibrate_thresholds.py)"
+        )
+    return record
 
 
 def read_prompts(args) -> list[str]:
@@ -86,33 +123,77 @@ def read_prompts(args) -> list[str]:
 def run(args) -> None:
     import torch
 
-    from megatron.early_exit.inference import GenerationSettings, summarize
+    from megatron.early_exit.inference import GenerationSettings
 
+    check_ranges(args, GENERATE_RANGES)
     prompts = read_prompts(args)
     try:
         device = torch.device(args.device)
     except RuntimeError:
         raise ValueError(f"--device: unknown device {args.device!r}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {args.device}: CUDA is not available on this machine")
     model, tok, engine, is_main = _load(args, device, torch.bfloat16 if args.bf16 else None)
     if tok is None:
         raise ValueError(f"--load {args.load}: the checkpoint has no tokenizer")
     bos = [tok.bos] if args.add_bos and tok.bos is not None else []
-    ids = [bos + tok.tokenize(p) for p in prompts]
+    ids = [bos + _tokenize(tok, p) for p in prompts]
     for p, i in zip(prompts, ids):
         if not i:
             raise ValueError(f"--prompt {p!r}: tokenizes to nothing")
+    try:
+        results = _generate(args, engine, ids, GenerationSettings)
+    except ValueError as e:  # the engine names its settings: say which flag
+        raise ValueError(_as_flags(str(e))) from None
+    if not is_main:
+        return
+    _report(args, prompts, results, model, tok)
+
+
+# Engine setting names -> this tool's flags, for error messages.
+_FLAGS = {
+    "self_speculative": "--strategy self_speculative", "strategy": "--strategy", "measure": "--measure",
+    "early_exit_threshold": "--early-exit-thres", "min_exit_layer": "--min-exit-layer",
+    "exit_layers": "--exit-layers", "num_draft_tokens": "--num-draft-tokens",
+    "draft_exit_layer": "--draft-exit-layer", "max_new_tokens": "--max-new-tokens", "temperature": "--temperature",
+    "top_k": "--top-k", "top_p": "--top-p", "stop_strings": "--stop", "stop_token_ids": "--stop-token-id",
+    "prompts": "--prompt",
+}  # fmt: skip
+_FLAG_WORDS = re.compile(r"(?<![-\w])(" + "|".join(sorted(_FLAGS, key=len, reverse=True)) + r")\b")
+
+
+def _tokenize(tok, prompt: str) -> list[int]:
+    try:
+        return tok.tokenize(prompt)
+    except ValueError as e:
+        raise ValueError(f"--prompt {prompt!r}: {e}") from None
+
+
+def _as_flags(message: str) -> str:
+    """Prefix the engine's message with the flag its setting comes from: `--exit-layers: exit_layers: ...`."""
+    m = _FLAG_WORDS.search(message)
+    return f"{_FLAGS[m.group(1)]}: {message}" if m else message
+
+
+def _generate(args, engine, ids, GenerationSettings):
+    auto = _calibrated(args)
     settings = GenerationSettings(
         strategy=args.strategy, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
         top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop_strings=tuple(args.stop),
         stop_token_ids=tuple(args.stop_token_id), ignore_eos=args.ignore_eos,
-        early_exit_threshold=args.early_exit_thres,
+        early_exit_threshold=1.0 if auto else args.early_exit_thres,
+        exit_thresholds=auto["thresholds"] if auto else None,
         exit_layers=tuple(args.exit_layers) if args.exit_layers else None, min_exit_layer=args.min_exit_layer,
-        measure=args.measure, num_draft_tokens=args.num_draft_tokens, draft_exit_layer=args.draft_exit_layer,
+        measure=auto["measure"] if auto else args.measure, num_draft_tokens=args.num_draft_tokens,
+        draft_exit_layer=args.draft_exit_layer,
         return_logprobs=args.logprobs,
     )  # fmt: skip
-    results = engine.generate(ids, settings)
-    if not is_main:
-        return
+    return engine.generate(ids, settings)
+
+
+def _report(args, prompts, results, model, tok) -> None:
+    from megatron.early_exit.inference import summarize
+
     num_layers = model.config.num_layers
     for prompt, r in zip(prompts, results):
         if args.json:
@@ -181,6 +262,9 @@ def _print_text(prompt: str, r, tok, num_layers: int) -> None:
 
 
 def main(argv=None) -> None:
+    from megatron.early_exit.inference.plugins import load_plugins_from_argv
+
+    run_tool(lambda _: load_plugins_from_argv(argv), None)  # before the choices are read
     args = build_parser().parse_args(argv)
     run_tool(run, args)
 

@@ -5,7 +5,11 @@
         --tokenizer-type GPT2BPETokenizer --append-eod --workers 2
 
 writes `data/corpus_text_document.{bin,idx}` (one document per jsonl line; `--json-keys`
-selects the fields, default `text`), readable by `--data-path data/corpus_text_document`.
+selects the fields, default `text`), readable by `--data-path data/corpus_text_document`, and
+beside them `data/corpus_text_document.tokenizer.json`: the tokenizer that made them (type,
+vocabulary size, end-of-document id, fingerprint) and the document and token counts, which
+training checks against its own tokenizer. Errors name `file:line`; a failed run leaves no
+partial output.
 """
 
 from __future__ import annotations
@@ -43,7 +47,10 @@ def _encode(item: tuple[int, str]) -> tuple[int, dict[str, list[int]] | str, int
     for key in _KEYS:
         if not isinstance(doc, dict) or key not in doc or not isinstance(doc[key], str):
             return lineno, f"no string field {key!r}", len(line)
-        ids = _TOKENIZER.tokenize(doc[key])
+        try:
+            ids = _TOKENIZER.tokenize(doc[key])
+        except Exception as e:  # a tokenizer's own failure: report the line, not a traceback
+            return lineno, f"the tokenizer failed on field {key!r}: {type(e).__name__}: {e}", len(line)
         if _APPEND_EOD:
             ids.append(_TOKENIZER.eod)
         out[key] = ids
@@ -51,15 +58,18 @@ def _encode(item: tuple[int, str]) -> tuple[int, dict[str, list[int]] | str, int
 
 
 def _lines(path: str):
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{path}:{lineno}: not valid UTF-8 (byte {e.start})") from None
             if line.strip():
                 yield lineno, line
 
 
 def preprocess(args: argparse.Namespace) -> list[str]:
     import numpy as np
-    import torch
 
     from megatron.early_exit.data.datasets import import_core_datasets
     from megatron.early_exit.tokenizer import build_tokenizer
@@ -71,16 +81,39 @@ def preprocess(args: argparse.Namespace) -> list[str]:
         tokenizer_model=args.tokenizer_model,
         vocab_size=args.vocab_size,
     )
-    vocab_size = build_tokenizer(**tok_args).vocab_size  # fail fast on a bad tokenizer flag
+    tokenizer = build_tokenizer(**tok_args)  # fail fast on a bad tokenizer flag
+    vocab_size = tokenizer.vocab_size
     import_core_datasets()
     from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder, get_bin_path, get_idx_path
 
     dtype = np.uint16 if vocab_size < 65500 else np.int32
     os.makedirs(os.path.dirname(os.path.abspath(args.output_prefix)), exist_ok=True)
     prefixes = {k: f"{args.output_prefix}_{k}_document" for k in args.json_keys}
-    builders = {k: IndexedDatasetBuilder(get_bin_path(p) + ".tmp", dtype=dtype) for k, p in prefixes.items()}
+    tmp = {k: get_bin_path(p) + ".tmp" for k, p in prefixes.items()}
+    builders = {k: IndexedDatasetBuilder(tmp[k], dtype=dtype) for k in prefixes}
+    try:
+        docs, tokens, largest = _fill(args, builders, tok_args)
+        if docs == 0:
+            raise ValueError(f"--input {args.input}: no documents (the file has no non-blank lines)")
+        outputs = _finish(prefixes, builders, tmp, tokenizer, docs, tokens, largest)
+    except BaseException:
+        for k, p in prefixes.items():
+            for path in (tmp[k], get_idx_path(p) + ".tmp"):
+                if os.path.exists(path):
+                    os.remove(path)
+        raise
+    print(f"done: {docs} documents, {sum(tokens.values())} tokens -> " + ", ".join(f"{p}.bin/.idx" for p in outputs))
+    return outputs
+
+
+def _fill(args, builders, tok_args) -> tuple[int, dict[str, int], dict[str, int]]:
+    """Tokenize every line into the builders: (documents, tokens per key, largest id per key)."""
+    import torch
+
     start = time.time()
-    docs = tokens = nbytes = 0
+    docs = nbytes = 0
+    tokens = dict.fromkeys(builders, 0)
+    largest = dict.fromkeys(builders, -1)
     init = (tok_args, args.json_keys, args.append_eod)
     if args.workers > 1:
         pool = multiprocessing.Pool(args.workers, initializer=_init_worker, initargs=init)
@@ -95,7 +128,8 @@ def preprocess(args: argparse.Namespace) -> list[str]:
                 raise ValueError(f"{args.input}:{lineno}: {encoded}")
             for key, ids in encoded.items():
                 builders[key].add_document(torch.tensor(ids, dtype=torch.long), [len(ids)])
-                tokens += len(ids)
+                tokens[key] += len(ids)
+                largest[key] = max([largest[key], *ids])
             docs += 1
             nbytes += size
             if docs % args.log_interval == 0:
@@ -107,16 +141,24 @@ def preprocess(args: argparse.Namespace) -> list[str]:
     finally:
         if pool is not None:
             pool.terminate()
+    return docs, tokens, largest
+
+
+def _finish(prefixes, builders, tmp, tokenizer, docs, tokens, largest) -> list[str]:
+    """Write each index, rename the .bin/.idx pair into place, and write the tokenizer sidecar."""
+    from megatron.core.datasets.indexed_dataset import get_bin_path, get_idx_path
+
+    from megatron.early_exit.data.checks import tokenizer_info, write_sidecar
+
+    description = tokenizer_info(tokenizer)
     outputs = []
     for key, builder in builders.items():
         prefix = prefixes[key]
-        builder.finalize(get_idx_path(prefix))
-        os.replace(get_bin_path(prefix) + ".tmp", get_bin_path(prefix))
+        builder.finalize(get_idx_path(prefix) + ".tmp")
+        os.replace(tmp[key], get_bin_path(prefix))
+        os.replace(get_idx_path(prefix) + ".tmp", get_idx_path(prefix))
+        write_sidecar(prefix, description, docs, tokens[key], largest[key])
         outputs.append(prefix)
-    elapsed = time.time() - start
-    print(
-        f"done: {docs} documents, {tokens} tokens in {elapsed:.1f}s -> " + ", ".join(f"{p}.bin/.idx" for p in outputs)
-    )
     return outputs
 
 

@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import signal
 import sys
 
@@ -37,10 +38,28 @@ from megatron.early_exit.arguments import OneLineErrorParser, run_tool  # noqa: 
 DEFAULT_MAX_SEQ = 2048  # the KV cache's length when the model allows more (memory grows with it)
 
 
+# Upper bounds that keep a typo from allocating the machine away (the KV cache is
+# batch x sequence x layers) or from hanging the start; generous for real use.
+RANGES = {
+    "max_batch_size": (1, 1024),
+    "max_queued_requests": (1, 1_000_000),
+    "max_seq_length": (2, 1_048_576),
+    "max_prompt_tokens": (1, 1_048_576),
+    "max_new_tokens": (1, 1_048_576),
+    "max_body_bytes": (1024, 1 << 31),
+    "num_threads": (1, 1024),
+    "port": (0, 65535),
+    "tensor_model_parallel_size": (1, 1024),
+    "pipeline_model_parallel_size": (1, 1024),
+}
+DEFAULT_MAX_BODY = 16 << 20  # bytes; 128 prompts of 2048 tokens as JSON are ~2 MB
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = OneLineErrorParser(name_prog=False, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--load", required=True, help="checkpoint directory, HF model directory or .gguf file")
     p.add_argument("--loader", choices=("ee", "hf", "gguf"), help="format of --load (default: detected)")
+    p.add_argument("--plugin", action="append", default=[], help="import a module that registers strategies/measures")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
     p.add_argument("--port", type=int, default=5000)
     p.add_argument("--api-key", default=os.environ.get("EE_SERVER_API_KEY"),
@@ -52,6 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
                    f"positions, at most {DEFAULT_MAX_SEQ})")  # fmt: skip
     p.add_argument("--max-prompt-tokens", type=int, help="default: --max-seq-length - 1")
     p.add_argument("--max-new-tokens", type=int, default=1024, help="most tokens one request may ask for")
+    p.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY, help="largest request body (413 above)")
     p.add_argument("--device", default="auto", help="auto (cuda:LOCAL_RANK if available, else cpu), cpu, cuda:0")
     p.add_argument("--bf16", action="store_true", help="load the weights in bfloat16")
     p.add_argument("--num-threads", type=int, help="torch CPU threads")
@@ -62,15 +82,30 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def check_args(args) -> None:
-    for name in ("max_batch_size", "max_queued_requests", "max_seq_length", "max_prompt_tokens", "max_new_tokens"):
+    """Every flag's range, before anything is loaded; a ValueError names the flag."""
+    for name, (low, high) in RANGES.items():
         value = getattr(args, name)
-        if value is not None and value < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
-    if not 0 <= args.port < 65536:
-        raise ValueError(f"--port must be in 0..65535, got {args.port}")
-    for name in ("tensor_model_parallel_size", "pipeline_model_parallel_size"):
-        if getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+        if value is not None and not low <= value <= high:
+            raise ValueError(f"--{name.replace('_', '-')} must be in {low}..{high}, got {value}")
+    if args.api_key is not None and not args.api_key.strip():
+        raise ValueError("--api-key is empty (or $EE_SERVER_API_KEY is set but empty): give a key or unset it")
+    if args.model_name is not None and not args.model_name.strip():
+        raise ValueError("--model-name is empty")
+    if not args.load.strip():
+        raise ValueError("--load is empty")
+    if not re.fullmatch(r"auto|cpu|cuda(:\d{1,3})?", args.device):
+        raise ValueError(f"--device must be auto, cpu, cuda or cuda:N, got {args.device!r}")
+    if args.max_seq_length is not None and args.max_prompt_tokens is not None:
+        check_prompt_room(args.max_prompt_tokens, args.max_seq_length)
+    _check_world(args)
+
+
+def check_prompt_room(max_prompt: int, max_seq: int) -> None:
+    if max_prompt > max_seq:
+        raise ValueError(f"--max-prompt-tokens {max_prompt} exceeds --max-seq-length {max_seq}")
+
+
+def _check_world(args) -> None:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
     if world != tp * pp:
@@ -80,6 +115,18 @@ def check_args(args) -> None:
         )
 
 
+def validate(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse and range-check the flags without loading anything: a bad flag is one line on
+    stderr and exit code 2 (what `main` does before loading)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        check_args(args)
+    except ValueError as e:
+        parser.error(str(e))
+    return args
+
+
 def pick_device(name: str):
     import torch
 
@@ -87,10 +134,12 @@ def pick_device(name: str):
         if torch.cuda.is_available():
             return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         return torch.device("cpu")
-    try:
-        return torch.device(name)
-    except RuntimeError:
-        raise ValueError(f"--device: unknown device {name!r}") from None
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: CUDA is not available on this machine")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ValueError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA devices")
+    return device
 
 
 def load(args, device, tp: int):
@@ -100,7 +149,10 @@ def load(args, device, tp: int):
     from megatron.early_exit.conversion import load_model
 
     dtype = torch.bfloat16 if args.bf16 else None
-    model, tokenizer, _ = load_model(args.load, args.loader, dtype, tensor_parallel_size=tp)
+    try:
+        model, tokenizer, _ = load_model(args.load, args.loader, dtype, tensor_parallel_size=tp)
+    except ValueError as e:  # the converters name their own tool's flag (--load-dir)
+        raise ValueError(str(e).replace("--load-dir", "--load")) from None
     if tokenizer is None:
         raise ValueError(f"--load {args.load}: the checkpoint has no tokenizer")
     return model.to(device).eval(), tokenizer
@@ -111,6 +163,8 @@ def max_seq_length(args, model) -> int:
     max_seq = args.max_seq_length or min(positions, DEFAULT_MAX_SEQ)
     if max_seq > positions:
         raise ValueError(f"--max-seq-length {max_seq} exceeds the model's {positions} positions")
+    if args.max_prompt_tokens is not None:
+        check_prompt_room(args.max_prompt_tokens, max_seq)
     return max_seq
 
 
@@ -134,7 +188,7 @@ def build(args, model, tokenizer, driver):
         scheduler = Scheduler(driver, args.max_batch_size, max_seq + 1, args.max_queued_requests, metrics)
     name = args.model_name or os.path.basename(os.path.normpath(args.load))
     ctx = Context(driver.engine, tokenizer, limits, name, batch_at_a_time=batched)
-    return scheduler, create_app(scheduler, ctx, metrics, args.api_key)
+    return scheduler, create_app(scheduler, ctx, metrics, args.api_key, args.max_body_bytes)
 
 
 def load_parallel(args, device):
@@ -156,9 +210,10 @@ def load_parallel(args, device):
 def run(args) -> None:
     import torch
 
-    from megatron.early_exit.inference import EarlyExitEngine
+    from megatron.early_exit.inference import EarlyExitEngine, load_plugins
     from megatron.early_exit.inference.server import EngineDriver, follow
 
+    load_plugins(args.plugin)  # on every rank, before any request names what they register
     check_args(args)
     if args.num_threads:
         torch.set_num_threads(args.num_threads)
@@ -201,7 +256,7 @@ def _exit_quietly(signum: int, frame) -> None:
 
 
 def main(argv=None) -> None:
-    args = build_parser().parse_args(argv)
+    args = validate(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     run_tool(run, args)
 

@@ -43,7 +43,7 @@ def ask_api(client, args, prompt: str) -> str:
     r = client.put("/api", json=body)
     out = r.json()
     if r.status_code != 200:
-        return f"error {r.status_code}: {out['error']['message']}"
+        return f"error {r.status_code}: {out.get('message') or out['error']['message']}"  # Megatron's shape or ours
     layers = out["exit_layers"][0]
     text = prompt + out["text"][0]
     if args.show_exits:

@@ -7,10 +7,11 @@ cd "$(dirname "$0")/../.."
 NNODES=${NNODES:-4}; NODE_RANK=${NODE_RANK:-0}; GPUS=${GPUS_PER_NODE:-8}
 MASTER_ADDR=${MASTER_ADDR:-127.0.0.1}; MASTER_PORT=${MASTER_PORT:-29500}
 TP=${TP:-4}; PP=${PP:-4}
+SP=""; [ "$TP" -gt 1 ] && SP=--sequence-parallel  # sequence parallelism needs TP > 1
 torchrun --nnodes "$NNODES" --node-rank "$NODE_RANK" --nproc-per-node "$GPUS" \
     --rdzv-backend c10d --rdzv-endpoint "$MASTER_ADDR:$MASTER_PORT" \
     pretrain_early_exit_gpt.py \
-    --tensor-model-parallel-size "$TP" --pipeline-model-parallel-size "$PP" --sequence-parallel \
+    --tensor-model-parallel-size "$TP" --pipeline-model-parallel-size "$PP" $SP \
     --num-layers 32 --hidden-size 4096 --num-attention-heads 32 --ffn-hidden-size 11008 \
     --seq-length 2048 --max-position-embeddings 2048 --normalization RMSNorm --swiglu \
     --position-embedding-type rope --disable-bias-linear --untie-embeddings-and-output-weights \

@@ -19,7 +19,11 @@ from megatron.early_exit.data import build_data_loader, build_datasets  # noqa: 
 
 
 def report(load: str, data: str, samples: int, seq_length: int, label: str) -> dict:
+    from megatron.early_exit.data.checks import check_data_paths
+
     model, tok = load_checkpoint(load)
+    for warning in check_data_paths([data], tok, model.config.vocab_size):  # the tokenizer that made --data
+        print(warning, file=sys.stderr)
     return evaluate_exits(model, tok, data, samples, seq_length, label)
 
 
@@ -63,7 +67,11 @@ def main() -> None:
     p.add_argument("--seq-length", type=int, default=256)
     p.add_argument("--label", default="exits")
     a = p.parse_args()
-    report(a.load, a.data, a.samples, a.seq_length, a.label)
+    try:
+        report(a.load, a.data, a.samples, a.seq_length, a.label)
+    except ValueError as e:
+        sys.stderr.write(f"error: {e}\n")
+        sys.exit(2)
 
 
 if __name__ == "__main__":

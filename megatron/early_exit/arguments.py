@@ -151,6 +151,10 @@ def _add_exit_args(p: argparse.ArgumentParser) -> None:
         help="cross-entropy, distillation from the final head, or both (tuning only)",
     )
     g.add_argument("--kd-temperature", type=float, default=1.0)
+    g.add_argument("--exit-activation-cache", help="tune from this cache (tools/checkpoint/cache_exit_activations.py)")
+    g.add_argument(
+        "--exit-candidate-vocab", type=int, help="cached tuning: N sampled negatives instead of the vocabulary"
+    )
 
 
 def _add_training_args(p: argparse.ArgumentParser) -> None:
@@ -200,6 +204,22 @@ def _add_checkpoint_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-load-rng", action="store_true")
     g.add_argument("--finetune", action="store_true", help="load weights only; restart at iteration 0")
     g.add_argument("--exit-interval", type=int, help="stop (and save) once the iteration is a multiple of N")
+    g.add_argument(
+        "--exit-signal-handler",
+        action="store_true",
+        help="on SIGTERM/SIGINT, finish the current iteration, save (every rank agrees) and exit 0",
+    )
+    g.add_argument(
+        "--override-opt_param-scheduler",
+        action="store_true",
+        help="on resume, take the LR schedule (--lr, --min-lr, warm-up, decay) from the flags, not the checkpoint",
+    )
+    g.add_argument(
+        "--use-checkpoint-opt_param-scheduler",
+        action="store_true",
+        help="on resume, take the LR schedule from the checkpoint, whatever the flags say",
+    )
+    g.add_argument("--dry-run", action="store_true", help="check and build everything, then stop before iteration 1")
 
 
 def _add_logging_args(p: argparse.ArgumentParser) -> None:
@@ -255,27 +275,15 @@ def validate_args(
     args: argparse.Namespace, checkpoint_config: ModelConfig | None = None, data_parallel_size: int = 1
 ) -> None:
     """Check every flag; raise ValueError naming the first bad one. Fills derived defaults."""
-    for name in (
-        "micro_batch_size",
-        "global_batch_size",
-        "train_iters",
-        "log_interval",
-        "eval_iters",
-        "save_interval",
-        "num_layers",
-        "hidden_size",
-        "num_attention_heads",
-        "seq_length",
-        "tensor_model_parallel_size",
-        "pipeline_model_parallel_size",
-    ):
-        _positive(args, name)
-    if args.eval_interval is not None and args.eval_interval < 0:
-        raise ValueError("--eval-interval must be >= 0 (0 disables evaluation)")
+    check_ranges(args)
+    _validate_device(args.device)
+    validate_output_paths(args)
     if args.fp16:
         raise ValueError("--fp16 is not supported: use --bf16")
-    if args.lr <= 0 or args.min_lr < 0 or args.min_lr > args.lr:
-        raise ValueError(f"--lr must be > 0 and --min-lr in [0, lr], got {args.lr} and {args.min_lr}")
+    if args.min_lr > args.lr:
+        raise ValueError(f"--min-lr ({args.min_lr}) must not exceed --lr ({args.lr})")
+    if args.override_opt_param_scheduler and args.use_checkpoint_opt_param_scheduler:
+        raise ValueError("--override-opt_param-scheduler and --use-checkpoint-opt_param-scheduler exclude each other")
     if args.sequence_parallel:
         if args.tensor_model_parallel_size == 1:
             raise ValueError("--sequence-parallel needs --tensor-model-parallel-size > 1")
@@ -302,8 +310,6 @@ def validate_args(
             f"--micro-batch-size ({args.micro_batch_size}) x data-parallel size ({data_parallel_size})"
         )
     if args.lr_warmup_fraction is not None:
-        if not 0 <= args.lr_warmup_fraction <= 1:
-            raise ValueError("--lr-warmup-fraction must be in [0, 1]")
         args.lr_warmup_iters = int(args.lr_warmup_fraction * args.train_iters)
     if args.lr_decay_iters is None:
         args.lr_decay_iters = args.train_iters
@@ -314,7 +320,127 @@ def validate_args(
     _validate_tune_args(args, checkpoint_config)
 
 
+# Every numeric flag's range, checked in one place: (flags, test, what the test means).
+_INT_RANGES = [
+    (
+        ("micro_batch_size", "global_batch_size", "train_iters", "log_interval", "eval_iters", "save_interval",
+         "num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups", "kv_channels",
+         "seq_length", "max_position_embeddings", "make_vocab_size_divisible_by", "vocab_size", "exit_interval",
+         "tensor_model_parallel_size", "pipeline_model_parallel_size", "tune_exit_pipeline_parallel_size",
+         "lr_decay_iters"),
+        lambda v: v > 0,
+        "> 0",
+    ),
+    (
+        ("eval_interval", "lr_warmup_iters", "exit_layer_weight_warmup_iters", "num_workers",
+         "num_fill_warmup_microbatches", "num_fill_cooldown_microbatches"),
+        lambda v: v >= 0,
+        ">= 0",
+    ),
+    (("seed",), lambda v: 0 <= v < 2**63, "in [0, 2**63)"),
+]  # fmt: skip
+_FLOAT_RANGES = [
+    (("lr", "norm_epsilon", "rotary_base", "init_method_std", "adam_eps", "kd_temperature"), lambda v: v > 0, "> 0"),
+    (("min_lr", "weight_decay", "clip_grad"), lambda v: v >= 0, ">= 0 (finite)"),
+    (("hidden_dropout", "attention_dropout", "adam_beta1", "adam_beta2"), lambda v: 0 <= v < 1, "in [0, 1)"),
+    (("lr_warmup_fraction",), lambda v: 0 <= v <= 1, "in [0, 1]"),
+    (("exit_layer_weight", "exit_layer_weight_init"), lambda v: v >= 0, ">= 0 (finite)"),
+    (("exit_layer_temperature",), lambda v: v > 0, "> 0 (finite)"),
+]
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-").replace("-opt-param-", "-opt_param-")
+
+
+# tools/generate.py's flags.
+GENERATE_RANGES = [
+    (
+        (
+            "max_new_tokens",
+            "num_draft_tokens",
+            "min_exit_layer",
+            "draft_exit_layer",
+            "exit_layers",
+            "tensor_model_parallel_size",
+            "pipeline_model_parallel_size",
+        ),
+        lambda v: v > 0,
+        "> 0",
+    ),
+    (("top_k", "stop_token_id"), lambda v: v >= 0, ">= 0"),
+    (("seed",), lambda v: 0 <= v < 2**63, "in [0, 2**63)"),
+    (("temperature",), lambda v: v >= 0, ">= 0 (finite; 0 is greedy)"),
+    (("top_p",), lambda v: 0 < v <= 1, "in (0, 1]"),
+]  # fmt: skip  (the engine checks the rest: --early-exit-thres, --exit-layers against the model)
+
+
+def check_ranges(args: argparse.Namespace, table: list | None = None) -> None:
+    """Every numeric flag within its range (floats also finite); ValueError naming the first one outside.
+    `table` defaults to the trainer's flags; tools pass their own (e.g. GENERATE_RANGES)."""
+    import math
+
+    for names, ok, what in table if table is not None else _INT_RANGES + _FLOAT_RANGES:
+        for name in names:
+            value = getattr(args, name, None)
+            for v in value if isinstance(value, list) else [value]:
+                if v is None:
+                    continue
+                if isinstance(v, float) and not math.isfinite(v) or not ok(v):
+                    raise ValueError(f"{_flag(name)} must be {what}, got {v}")
+
+
+def _validate_device(name: str) -> None:
+    import torch
+
+    if name == "auto":
+        return
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device: unknown device {name!r} (cpu, cuda, cuda:N or auto)") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device {name}: only cpu, cuda, cuda:N and auto are supported")
+
+
+def _nearest_existing(path: str) -> str:
+    path = os.path.abspath(path)
+    while not os.path.exists(path):
+        path = os.path.dirname(path)
+    return path
+
+
+def _check_writable_dir(flag: str, path: str) -> None:
+    """`path` is, or can be created as, a writable directory."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ValueError(f"{flag} {path}: exists and is not a directory")
+    existing = _nearest_existing(path)
+    if not os.path.isdir(existing):
+        raise ValueError(f"{flag} {path}: cannot be created, {existing} is not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"{flag} {path}: {existing} is not writable")
+
+
+def validate_output_paths(args: argparse.Namespace) -> None:
+    """--save, --tensorboard-dir and --log-jsonl are usable before any work starts."""
+    if args.save:
+        _check_writable_dir("--save", args.save)
+    if args.tensorboard_dir:
+        _check_writable_dir("--tensorboard-dir", args.tensorboard_dir)
+    if args.log_jsonl:
+        path = args.log_jsonl
+        if os.path.isdir(path):
+            raise ValueError(f"--log-jsonl {path}: is a directory")
+        if os.path.exists(path) and not os.access(path, os.W_OK):
+            raise ValueError(f"--log-jsonl {path}: not writable")
+        _check_writable_dir("--log-jsonl", os.path.dirname(os.path.abspath(path)))
+
+
 def _validate_data_args(args: argparse.Namespace) -> None:
+    if getattr(args, "exit_activation_cache", None) or getattr(args, "exit_candidate_vocab", None):
+        from megatron.early_exit.training.cached_tuning import validate_cache_args
+
+        return validate_cache_args(args)  # the cache replaces --data-path
     if args.mock_data and args.data_path:
         raise ValueError("--mock-data and --data-path are mutually exclusive")
     if not args.mock_data and not args.data_path:
@@ -340,8 +466,6 @@ def _validate_exit_args(args: argparse.Namespace, ckpt: ModelConfig | None) -> N
                 f"--{flag.replace('_', '-')} has {len(values)} values but there are {n} exits "
                 f"(--exit-layer-nums {' '.join(map(str, nums)) or '<none>'})"
             )
-    if args.exit_layer_weight_warmup_iters < 0:
-        raise ValueError("--exit-layer-weight-warmup-iters must be >= 0")
     if args.exit_layer_weight_init is not None and args.exit_layer_weight_warmup_iters == 0:
         raise ValueError("--exit-layer-weight-init needs --exit-layer-weight-warmup-iters > 0")
     if args.fill_explicit_bubbles:
@@ -349,8 +473,6 @@ def _validate_exit_args(args: argparse.Namespace, ckpt: ModelConfig | None) -> N
             raise ValueError("--fill-explicit-bubbles needs exits (--exit-layer-nums)")
         if args.num_fill_warmup_microbatches is None:
             args.num_fill_warmup_microbatches = 1
-        if args.num_fill_warmup_microbatches < 0 or args.num_fill_cooldown_microbatches < 0:
-            raise ValueError("--num-fill-warmup-microbatches/--num-fill-cooldown-microbatches must be >= 0")
     elif args.num_fill_warmup_microbatches or args.num_fill_cooldown_microbatches:
         raise ValueError("--num-fill-warmup-microbatches/--num-fill-cooldown-microbatches need --fill-explicit-bubbles")
     if args.use_dynamic_exit_layer_weight and n == 0:
@@ -370,11 +492,7 @@ def _validate_tune_args(args: argparse.Namespace, ckpt: ModelConfig | None) -> N
         raise ValueError(
             "--tune-exit: the checkpoint in --load has no exits; add them with tools/checkpoint/add_exits.py"
         )
-    if args.kd_temperature <= 0:
-        raise ValueError("--kd-temperature must be > 0")
     if args.tune_exit_pipeline_parallel_size is not None:
-        if args.tune_exit_pipeline_parallel_size < 1:
-            raise ValueError("--tune-exit-pipeline-parallel-size must be >= 1")
         if args.pipeline_model_parallel_size not in (1, args.tune_exit_pipeline_parallel_size):
             raise ValueError("--tune-exit-pipeline-parallel-size conflicts with --pipeline-model-parallel-size")
         args.pipeline_model_parallel_size = args.tune_exit_pipeline_parallel_size
@@ -385,6 +503,11 @@ def model_config_from_args(args: argparse.Namespace, vocab_size: int) -> ModelCo
     for name in ("num_layers", "hidden_size", "num_attention_heads"):
         if getattr(args, name) is None:
             raise ValueError(f"--{name.replace('_', '-')} is required when not loading a checkpoint")
+    if args.kv_channels is None and args.hidden_size % args.num_attention_heads:
+        raise ValueError(
+            f"--hidden-size ({args.hidden_size}) must be divisible by --num-attention-heads "
+            f"({args.num_attention_heads}), or give --kv-channels"
+        )
     llama = args.normalization == "RMSNorm"
     cfg = ModelConfig(
         num_layers=args.num_layers,

@@ -8,18 +8,30 @@
         tokenizer/                           # the tokenizer's own files
         optimizer.pt                         # optimizer state (tensors only, weights_only load)
         training_state.pt                    # LR schedule, RNG states, consumed samples
+        checksums.json                       # SHA-256 of every file above, checked on load
+      .lock                                  # held (flock) by the one process writing SAVE
 
-Each iteration directory is written under a temporary name and renamed when complete,
-and the marker is replaced atomically afterwards, so a crash never leaves a half-written
-checkpoint as the latest one, and nothing saved before is touched.
+Each iteration directory is written under a temporary name (`iter_N.tmp-PID`) and renamed
+when complete, and the marker is replaced atomically afterwards, so a crash never leaves a
+half-written checkpoint as the latest one. Re-saving an iteration that exists first renames
+the old directory aside (`iter_N.old-PID`) and removes it only after the new one is in place;
+a crash in between leaves the old one, which loading finds and renames back. Every file's
+SHA-256 is listed in `checksums.json` and verified when the file is read. One process at a
+time writes a save directory (`.lock`, an flock); stale temporaries of dead processes are
+removed when the lock is taken.
 """
 
 from __future__ import annotations
 
+import errno
+import fcntl
+import hashlib
 import json
 import os
 import random
+import re
 import shutil
+import signal
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,6 +49,12 @@ MODEL_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 OPTIM_FILE = "optimizer.pt"
 STATE_FILE = "training_state.pt"
+CHECKSUM_FILE = "checksums.json"
+LOCK_FILE = ".lock"
+_TEMP = re.compile(r"^(iter_\d{7}|" + re.escape(MARKER) + r")\.(tmp|old)-(\d+)$")
+_VERIFIED: set[tuple] = set()  # (path, size, mtime, sha256) of files already checked in this process
+_HELD_LOCKS: dict[str, int] = {}  # realpath of a save directory -> the fd holding its flock
+THRESHOLDS_FILE = "early_exit_thresholds.json"  # calibrated per-exit thresholds (tools/eval/calibrate_thresholds.py)
 
 
 def iteration_dir(save_dir: str, iteration: int) -> str:
@@ -86,20 +104,36 @@ def save_checkpoint(
     consumed_samples: int = 0,
     args: dict[str, Any] | None = None,
     rng_states: list | None = None,
-    extra_state: dict[str, Any] | None = None,
 ) -> str:
     """Write iteration `iteration` atomically and point the marker at it; returns its path.
 
     Give either a single-device `model`, or the full `weights` + `model_config` gathered
     from a parallel layout. `optimizer_state` is keyed by parameter name (see
-    parallel/state_dict.py) so that any layout can load it.
+    parallel/state_dict.py) so that any layout can load it. Takes the save directory's lock
+    for the duration unless this process already holds it (the trainer holds it for its run).
     """
     if model is not None:
         weights = {k: v.detach() for k, v in model.named_parameters()}
         model_config = model.config
-    os.makedirs(save_dir, exist_ok=True)
-    final = iteration_dir(save_dir, iteration)
-    tmp = f"{final}.tmp-{os.getpid()}"
+    held = os.path.realpath(save_dir) in _HELD_LOCKS
+    lock_save_dir(save_dir)
+    try:
+        tmp = f"{iteration_dir(save_dir, iteration)}.tmp-{os.getpid()}"
+        try:
+            _write_files(tmp, iteration, weights, model_config, tokenizer, optimizer_state, scheduler,
+                         consumed_samples, args, rng_states)  # fmt: skip
+        except BaseException as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if isinstance(e, OSError):
+                raise ValueError(f"--save: could not write checkpoint {tmp}: {e.strerror or e}") from None
+            raise
+        return _publish(save_dir, iteration, tmp)
+    finally:
+        if not held:
+            unlock_save_dir(save_dir)
+
+
+def _write_files(tmp, iteration, weights, model_config, tokenizer, optimizer_state, scheduler, consumed, args, rngs):
     if os.path.exists(tmp):
         shutil.rmtree(tmp)
     os.makedirs(tmp)
@@ -112,7 +146,7 @@ def save_checkpoint(
         "iteration": iteration,
         "model": model_config.to_dict(),
         "tokenizer": tok_spec,
-        "consumed_train_samples": consumed_samples,
+        "consumed_train_samples": consumed,
         "args": _jsonable(args or {}),
     }
     with open(os.path.join(tmp, CONFIG_FILE), "w") as f:
@@ -121,17 +155,134 @@ def save_checkpoint(
         torch.save(optimizer_state, os.path.join(tmp, OPTIM_FILE))
     state = {
         "scheduler": scheduler.state_dict() if scheduler is not None else None,
-        "rng": rng_states if rng_states is not None else [rng_state()],
-        "consumed_train_samples": consumed_samples,
+        "rng": rngs if rngs is not None else [rng_state()],
+        "consumed_train_samples": consumed,
         "iteration": iteration,
-        "extra": extra_state or {},
     }
     torch.save(state, os.path.join(tmp, STATE_FILE))
-    if os.path.exists(final):  # re-saving the same iteration: replace it
-        shutil.rmtree(final)
+    _seal(tmp)
+
+
+def _seal(directory: str) -> None:
+    """Give every file the umask's ordinary mode, fsync it, and list its SHA-256 in checksums.json."""
+    umask = os.umask(0)
+    os.umask(umask)
+    sums = {}
+    for root, dirs, files in os.walk(directory):
+        for d in dirs:
+            os.chmod(os.path.join(root, d), 0o777 & ~umask)
+        for name in files:
+            path = os.path.join(root, name)
+            os.chmod(path, 0o666 & ~umask)
+            sums[os.path.relpath(path, directory)] = _sha256(path, sync=True)
+    path = os.path.join(directory, CHECKSUM_FILE)
+    with open(path, "w") as f:
+        json.dump({"sha256": dict(sorted(sums.items()))}, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.chmod(path, 0o666 & ~umask)
+
+
+def _sha256(path: str, sync: bool = False) -> str:
+    with open(path, "rb") as f:
+        digest = hashlib.file_digest(f, "sha256").hexdigest()
+        if sync:
+            os.fsync(f.fileno())
+    return digest
+
+
+def _publish(save_dir: str, iteration: int, tmp: str) -> str:
+    """Rename the complete temporary directory into place, then move the marker. An existing
+    directory of the same iteration is renamed aside first and removed only afterwards."""
+    final = iteration_dir(save_dir, iteration)
+    old = None
+    if os.path.exists(final):
+        old = f"{final}.old-{os.getpid()}"
+        os.rename(final, old)
+    _crash_point("before-rename")
     os.rename(tmp, final)
+    _fsync_dir(save_dir)
     _atomic_write_text(os.path.join(save_dir, MARKER), f"{iteration}\n")
+    _crash_point("before-cleanup")
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def _crash_point(name: str) -> None:
+    """Fault injection for the crash tests: MEGATRON_EE_CRASH_AT=<name> kills this process here."""
+    if os.environ.get("MEGATRON_EE_CRASH_AT") == name:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def lock_save_dir(save_dir: str) -> None:
+    """Take the save directory's lock for this process until `unlock_save_dir` (or exit), then
+    remove stale temporaries; a ValueError naming the holder if another process has it."""
+    key = os.path.realpath(save_dir)
+    if key in _HELD_LOCKS:
+        return
+    os.makedirs(save_dir, exist_ok=True)
+    fd = os.open(os.path.join(save_dir, LOCK_FILE), os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+        os.close(fd)
+        if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            raise
+        raise ValueError(
+            f"--save {save_dir} is in use by another process (pid {holder}): one run per directory"
+        ) from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    _HELD_LOCKS[key] = fd
+    clean_stale(save_dir)
+
+
+def unlock_save_dir(save_dir: str) -> None:
+    fd = _HELD_LOCKS.pop(os.path.realpath(save_dir), None)
+    if fd is not None:
+        os.close(fd)  # closing the descriptor releases the flock
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return False  # this process is not writing it now: a leftover of an earlier save
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def clean_stale(save_dir: str) -> list[str]:
+    """Remove the temporaries of dead processes (and this one's); an `iter_N.old-PID` whose
+    `iter_N` is missing (a crash between a re-save's renames) is renamed back instead.
+    Returns what was removed or restored."""
+    done = []
+    for name in sorted(os.listdir(save_dir)):
+        m = _TEMP.match(name)
+        if m is None or _pid_alive(int(m.group(3))):
+            continue
+        path, final = os.path.join(save_dir, name), os.path.join(save_dir, m.group(1))
+        if m.group(2) == "old" and not os.path.exists(final):
+            os.rename(path, final)
+        elif os.path.isdir(path):
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            os.remove(path)
+        done.append(name)
+    return done
 
 
 def _jsonable(d: dict[str, Any]) -> dict[str, Any]:
@@ -159,8 +310,67 @@ def resolve_checkpoint_dir(path: str) -> str:
         raise ValueError(f"--load: corrupt marker {marker}: {text!r} is not an iteration number")
     it_dir = iteration_dir(path, int(text))
     if not os.path.isdir(it_dir):
-        raise ValueError(f"--load: {marker} points to {it_dir}, which does not exist")
+        aside = _set_aside(it_dir)
+        if aside is None:
+            raise ValueError(f"--load: {marker} points to {it_dir}, which does not exist")
+        return aside  # a re-save crashed between its renames: the previous copy is intact
     return it_dir
+
+
+def _set_aside(it_dir: str) -> str | None:
+    parent, base = os.path.split(it_dir)
+    for name in sorted(os.listdir(parent)):
+        m = _TEMP.match(name)
+        if m and m.group(1) == base and m.group(2) == "old":
+            return os.path.join(parent, name)
+    return None
+
+
+def _live(it_dir: str) -> str:
+    """An `iter_N.old-PID` path that another rank's lock has meanwhile renamed back to `iter_N`."""
+    m = _TEMP.match(os.path.basename(it_dir))
+    if m and m.group(2) == "old" and not os.path.exists(it_dir):
+        return os.path.join(os.path.dirname(it_dir), m.group(1))
+    return it_dir
+
+
+def verify_file(it_dir: str, relpath: str) -> None:
+    """Check one file of a checkpoint against its checksums.json (checkpoints saved before
+    checksums existed have none and pass); a ValueError naming the file if it differs."""
+    sums_path = os.path.join(it_dir, CHECKSUM_FILE)
+    if not os.path.exists(sums_path):
+        return
+    try:
+        with open(sums_path) as f:
+            expected = json.load(f)["sha256"].get(relpath)
+    except (OSError, json.JSONDecodeError, KeyError, AttributeError) as e:
+        raise ValueError(f"--load: corrupt {sums_path}: {e}") from None
+    path = os.path.join(it_dir, relpath)
+    if expected is None or not os.path.exists(path):
+        return
+    st = os.stat(path)
+    key = (os.path.realpath(path), st.st_size, st.st_mtime_ns, expected)
+    if key in _VERIFIED:
+        return
+    if _sha256(path) != expected:
+        raise ValueError(f"--load: {path} is corrupt: its SHA-256 differs from the one in {CHECKSUM_FILE}")
+    _VERIFIED.add(key)
+
+
+def verify_checkpoint(it_dir: str) -> None:
+    """Check every file listed in the directory's checksums.json (trainers do this before any work)."""
+    sums_path = os.path.join(it_dir, CHECKSUM_FILE)
+    if not os.path.exists(sums_path):
+        return
+    try:
+        with open(sums_path) as f:
+            names = list(json.load(f)["sha256"])
+    except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
+        raise ValueError(f"--load: corrupt {sums_path}: {e}") from None
+    for name in names:
+        if not os.path.exists(os.path.join(it_dir, name)):
+            raise ValueError(f"--load: {os.path.join(it_dir, name)} is missing (listed in {CHECKSUM_FILE})")
+        verify_file(it_dir, name)
 
 
 def has_checkpoint(path: str | None) -> bool:
@@ -182,6 +392,7 @@ class CheckpointMeta:
 def read_meta(path: str) -> CheckpointMeta:
     it_dir = resolve_checkpoint_dir(path)
     cfg_path = os.path.join(it_dir, CONFIG_FILE)
+    verify_file(it_dir, CONFIG_FILE)
     try:
         with open(cfg_path) as f:
             meta = json.load(f)
@@ -202,9 +413,11 @@ def read_meta(path: str) -> CheckpointMeta:
 
 
 def read_weights(it_dir: str) -> dict[str, torch.Tensor]:
+    it_dir = _live(it_dir)
     path = os.path.join(it_dir, MODEL_FILE)
     if not os.path.exists(path):
         raise ValueError(f"--load: missing weights file {path}")
+    verify_file(it_dir, MODEL_FILE)
     try:
         return load_file(path)
     except (SafetensorError, OSError, ValueError) as e:
@@ -240,7 +453,9 @@ def load_weights_into(model: torch.nn.Module, weights: dict[str, torch.Tensor], 
 
 def load_training_state(it_dir: str) -> dict[str, Any]:
     """The saved LR schedule, RNG states (one per rank) and data position."""
+    it_dir = _live(it_dir)
     state_path = os.path.join(it_dir, STATE_FILE)
+    verify_file(it_dir, STATE_FILE)
     try:
         return torch.load(state_path, weights_only=True)
     except FileNotFoundError:
@@ -251,7 +466,9 @@ def load_training_state(it_dir: str) -> dict[str, Any]:
 
 def load_optimizer_file(it_dir: str) -> dict:
     """The name-keyed optimizer state ({param name: {key: tensor}})."""
+    it_dir = _live(it_dir)
     path = os.path.join(it_dir, OPTIM_FILE)
+    verify_file(it_dir, OPTIM_FILE)
     try:
         state = torch.load(path, weights_only=True)
     except FileNotFoundError:
@@ -268,7 +485,25 @@ def load_tokenizer_from(meta: CheckpointMeta):
 
     if meta.tokenizer_spec is None:
         return None
+    tok_dir = os.path.join(meta.directory, "tokenizer")
+    for root, _, files in os.walk(tok_dir):
+        for name in files:
+            verify_file(meta.directory, os.path.relpath(os.path.join(root, name), meta.directory))
     return load_tokenizer(os.path.join(meta.directory, "tokenizer"), meta.tokenizer_spec)
+
+
+def read_calibrated_thresholds(path: str) -> dict | None:
+    """The checkpoint's calibrated thresholds record ({"thresholds": {layer: t}, "measure", "delta",
+    "epsilon", ...}), or None when it has none."""
+    file = os.path.join(resolve_checkpoint_dir(path), THRESHOLDS_FILE)
+    if not os.path.exists(file):
+        return None
+    try:
+        with open(file) as f:
+            record = json.load(f)
+        return {**record, "thresholds": {int(k): float(v) for k, v in record["thresholds"].items()}}
+    except (OSError, json.JSONDecodeError, KeyError, AttributeError, ValueError) as e:
+        raise ValueError(f"--load: corrupt {file}: {e}") from None
 
 
 def load_checkpoint(path: str, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
@@ -285,4 +520,14 @@ def load_checkpoint(path: str, device: str | torch.device = "cpu", dtype: torch.
     load_weights_into(model, read_weights(meta.directory), meta.directory)
     model = model.to(device=device, dtype=dtype) if dtype is not None else model.to(device)
     model.eval()
+    model.calibrated_thresholds = read_calibrated_thresholds(meta.directory)  # None unless calibrated
     return model, load_tokenizer_from(meta)
+
+
+def check_target(save_dir: str, overwrite: bool) -> None:
+    """Conversion tools write only into an absent or empty --save-dir unless told to --overwrite,
+    so converting into an existing run never moves its marker or replaces its checkpoints."""
+    if os.path.exists(save_dir) and not os.path.isdir(save_dir):
+        raise ValueError(f"--save-dir {save_dir}: exists and is not a directory")
+    if os.path.isdir(save_dir) and os.listdir(save_dir) and not overwrite:
+        raise ValueError(f"--save-dir {save_dir} is not empty (give --overwrite to write into it anyway)")

@@ -34,14 +34,15 @@ class ModelConfig:
     swiglu: bool = False  # SwiGLU MLP; otherwise GELU (tanh approximation off)
     position_embedding_type: str = "learned_absolute"  # or "rope"
     rotary_base: float = 10000.0
-    rope_scaling: dict[str, Any] | None = None  # Llama-3 style {"factor", "low_freq_factor", ...}
+    rope_scaling: dict[str, Any] | None = None  # {"rope_type": linear|llama3|yarn|freq_factors, ...}: rotary.py
     add_bias_linear: bool = True
     add_qkv_bias: bool = False  # Qwen2: bias on QKV only (used when add_bias_linear is False)
+    qk_layernorm: bool = False  # Qwen3: a norm over the head dim on every query and key head
     untie_embeddings_and_output_weights: bool = False
     init_method_std: float = 0.02
     hidden_dropout: float = 0.0
     attention_dropout: float = 0.0
-    real_vocab_size: int | None = None  # tokenizer's size before padding (informational)
+    real_vocab_size: int | None = None  # tokenizer's size before padding; logits users see have it
 
     # Exit heads. Layer numbers are 1-based: exit i sits after layer i (before it with pre_exit).
     exit_layer_nums: list[int] = field(default_factory=list)
@@ -93,6 +94,10 @@ class ModelConfig:
             )
         if self.position_embedding_type == "rope" and self.head_dim % 2:
             raise ValueError("rotary embeddings need an even head dim (--kv-channels)")
+        if self.rope_scaling:
+            from megatron.early_exit.model.rotary import scaled_inv_freq
+
+            scaled_inv_freq(self.head_dim, self.rotary_base, self.rope_scaling)  # ValueError naming the problem
         seen = set()
         for n in self.exit_layer_nums:
             if not 1 <= n <= self.num_layers:

@@ -44,17 +44,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--init-method-std", type=float, default=None, help="std of --random-init (default: the model's)")
     p.add_argument("--seed", type=int, default=1234, help="seed for --random-init")
     p.add_argument("--dtype", choices=("fp32", "bf16"), default=None, help="dtype of the saved weights (default: kept)")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="write into a --save-dir that is not empty (default: refuse, so an existing run is never replaced)",
+    )
     return p
 
 
 def run(args: argparse.Namespace) -> str:
-    from megatron.early_exit.checkpointing import save_checkpoint
+    from megatron.early_exit.checkpointing import check_target, save_checkpoint
     from megatron.early_exit.conversion import ConversionError, add_exits, load_model, parse_dtype
 
     if os.path.abspath(args.save_dir) == os.path.abspath(args.load_dir):
         raise ConversionError("--save-dir must differ from --load-dir")
     if args.init_method_std is not None and not args.random_init:
         raise ConversionError("--init-method-std only applies with --random-init")
+    check_target(args.save_dir, args.overwrite)
     model, tokenizer, _ = load_model(args.load_dir, args.loader)
     before = list(model.config.exit_layer_nums)
     model = add_exits(

@@ -24,7 +24,7 @@ parallel layout, so no resharding happens here: --target-tensor-parallel-size an
 groups, FFN size and the padded vocabulary divisible by TP; at least PP layers), the
 vocabulary is padded to a multiple of 128 x TP as Megatron does, and the sizes are recorded
 in the checkpoint's args. HF export (--saver hf) writes a directory `transformers` loads as
-LlamaForCausalLM / Qwen2ForCausalLM / GPT2LMHeadModel, plus early_exit_heads.safetensors
+LlamaForCausalLM / Qwen2ForCausalLM / Qwen3ForCausalLM / GPT2LMHeadModel, plus early_exit_heads.safetensors
 and early_exit_config.json holding the exit heads, which `--loader hf` restores.
 """
 
@@ -57,6 +57,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--iteration", type=int, default=None, help="iteration number for --saver ee (default: 0, or the source's)"
     )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="write into a --save-dir that is not empty (default: refuse, so an existing run is never replaced)",
+    )
     return p
 
 
@@ -74,7 +79,7 @@ def _target_flags(message: str) -> str:
 
 
 def convert(args: argparse.Namespace) -> str:
-    from megatron.early_exit.checkpointing import save_checkpoint
+    from megatron.early_exit.checkpointing import check_target, save_checkpoint
     from megatron.early_exit.conversion import ConversionError, export_hf, load_model, parse_dtype
     from megatron.early_exit.parallel.dims import ParallelDims
 
@@ -85,6 +90,7 @@ def convert(args: argparse.Namespace) -> str:
         raise ConversionError(_target_flags(str(e))) from None
     if os.path.abspath(args.save_dir) == os.path.abspath(args.load_dir):
         raise ConversionError("--save-dir must differ from --load-dir")
+    check_target(args.save_dir, args.overwrite)
     dtype = parse_dtype(args.dtype)
     start = time.time()
     model, tokenizer, iteration = load_model(args.load_dir, args.loader, tensor_parallel_size=tp)

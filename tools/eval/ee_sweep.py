@@ -173,12 +173,21 @@ def write_outputs(rows: list[dict], out: str, num_layers_hint: str) -> None:
 
 
 def main(argv=None) -> None:
+    from megatron.early_exit.inference import measure_names
+    from megatron.early_exit.inference.plugins import load_plugins_from_argv
+
+    try:
+        load_plugins_from_argv(argv)  # plugins may register measures
+    except ValueError as e:
+        sys.stderr.write(f"error: {e}\n")
+        sys.exit(2)
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--load", required=True)
     p.add_argument("--data", help="test_summarization.jsonl (default: prepared from the aclsum package)")
     p.add_argument("--output", default="runs/ee_sweep")
     p.add_argument("--thresholds", type=float, nargs="+", default=[1.0, 0.9, 0.8, 0.6, 0.4, 0.2, 0.0])
-    p.add_argument("--measure", default="max_prob", choices=["max_prob", "top2_margin", "entropy", "learned"])
+    p.add_argument("--plugin", action="append", default=[], help="import a module that registers measures")
+    p.add_argument("--measure", default="max_prob", choices=measure_names())
     p.add_argument("--num-examples", type=int, default=20)
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--max-new-tokens", type=int, default=48)

@@ -8,8 +8,6 @@ matrix (GPT-2's c_attn); `fuse_qkv` / `split_qkv` move between the two.
 
 from __future__ import annotations
 
-import os
-
 import torch
 
 from megatron.early_exit.config import ModelConfig, pad_vocab_size
@@ -123,17 +121,3 @@ def build_model(config: ModelConfig, weights: dict[str, torch.Tensor], source: s
 
 def model_weights(model) -> dict[str, torch.Tensor]:
     return {k: v.detach() for k, v in model.state_dict().items()}
-
-
-def find_single(directory: str, suffix: str, flag: str) -> str:
-    """The one file ending in `suffix` inside `directory` (or `directory` itself if it is one)."""
-    if os.path.isfile(directory):
-        return directory
-    if not os.path.isdir(directory):
-        raise ConversionError(f"{flag}: no such file or directory: {directory}")
-    found = sorted(f for f in os.listdir(directory) if f.endswith(suffix))
-    if not found:
-        raise ConversionError(f"{flag}: no *{suffix} file in {directory}")
-    if len(found) > 1:
-        raise ConversionError(f"{flag}: several *{suffix} files in {directory} ({', '.join(found)}); name one")
-    return os.path.join(directory, found[0])

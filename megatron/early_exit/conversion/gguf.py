@@ -3,17 +3,21 @@
 Tensors are dequantised with `gguf.quants.dequantize` (F32, F16, BF16, Q4_0/Q4_1/Q8_0/K-quants
 ...). llama.cpp's converter stores a Llama's Q and K projections with the rows of each head
 permuted from HF's rotate-half order into interleaved (real, imaginary) pairs, because
-llama.cpp's Llama RoPE rotates adjacent pairs; we undo that permutation. Qwen2 GGUFs are
-stored unpermuted (llama.cpp rotates them NeoX-style).
+llama.cpp's Llama RoPE rotates adjacent pairs; we undo that permutation. Qwen2 and Qwen3
+GGUFs are stored unpermuted (llama.cpp rotates them NeoX-style). Names go through the same
+table as export would (`tables.gguf_table`). A `rope_freqs` tensor (Llama 3.1) becomes the
+llama3 rope scaling it encodes, or per-frequency factors when it encodes none.
 
-The tokenizer is rebuilt as an HF `tokenizers` BPE from the `tokenizer.ggml.*` fields
-(gpt2-style byte-level BPE: tokens, merges, special ids, pre-tokeniser by name) with the
-file's chat template, and wrapped as our HuggingFaceTokenizer.
+The tokenizer is rebuilt from the `tokenizer.ggml.*` fields with the file's chat template:
+a gpt2-style byte-level BPE (tokens, merges, special ids, pre-tokeniser by name) as an HF
+`tokenizers` BPE wrapped as our HuggingFaceTokenizer, or a "llama" SentencePiece vocabulary
+(pieces, scores, types) as the SentencePiece model it was converted from.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -23,10 +27,13 @@ import numpy as np
 import torch
 
 from megatron.early_exit.config import ModelConfig
-from megatron.early_exit.conversion.common import ConversionError, build_model, fuse_qkv, pad_rows, padded_vocab
+from megatron.early_exit.conversion.common import ConversionError, build_model, padded_vocab
+from megatron.early_exit.conversion.tables import gguf_table, to_ours
+from megatron.early_exit.model.rotary import scaled_inv_freq, yarn_attention_factor
 from megatron.early_exit.tokenizer.huggingface import HuggingFaceTokenizer
+from megatron.early_exit.tokenizer.sentencepiece import SentencePieceTokenizer
 
-SUPPORTED_ARCHS = ("llama", "qwen2")
+SUPPORTED_ARCHS = ("llama", "qwen2", "qwen3")
 # GGUF token types (llama.cpp): 1 normal, 2 unknown, 3 control, 4 user-defined, 5 unused, 6 byte.
 CONTROL, USER_DEFINED = 3, 4
 # Pre-tokeniser regexes, by llama.cpp's `tokenizer.ggml.pre` name (public facts).
@@ -60,24 +67,6 @@ def find_gguf_file(path: str) -> str:
     return os.path.join(path, found[0])
 
 
-def unpermute_qk(w: torch.Tensor, n_heads: int) -> torch.Tensor:
-    """Undo llama.cpp's per-head row permutation (interleaved pairs -> rotate-half halves).
-
-    llama.cpp's converter maps each head's rows [x_0 .. x_{d/2-1} | y_0 .. y_{d/2-1}] to
-    [x_0, y_0, x_1, y_1, ...]; this maps them back. Works for weights and biases.
-    """
-    rows = w.shape[0]
-    hd = rows // n_heads
-    return w.reshape(n_heads, hd // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape).contiguous()
-
-
-def permute_qk(w: torch.Tensor, n_heads: int) -> torch.Tensor:
-    """llama.cpp's permutation (rotate-half -> interleaved pairs); the inverse of `unpermute_qk`."""
-    rows = w.shape[0]
-    hd = rows // n_heads
-    return w.reshape(n_heads, 2, hd // 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape).contiguous()
-
-
 class _Fields:
     def __init__(self, reader, source: str) -> None:
         self.reader = reader
@@ -96,6 +85,36 @@ class _Fields:
         return value
 
 
+def _rope_scaling(f: _Fields, p: str) -> dict | None:
+    kind = f.get(p + "rope.scaling.type")
+    if kind in (None, "none"):
+        return None
+    if kind == "yarn":
+        return _yarn_scaling(f, p)
+    if kind != "linear":
+        raise ConversionError(f"{f.source}: unsupported rope scaling type {kind!r} (supported: linear, yarn)")
+    factor = float(f.get(p + "rope.scaling.factor", 1.0))
+    return {"rope_type": "linear", "factor": factor} if factor != 1.0 else None
+
+
+def _yarn_scaling(f: _Fields, p: str) -> dict:
+    """What llama.cpp's converter writes for an HF YaRN config (factor, original context, betas),
+    read back as that config; its cos/sin multiplier is YaRN's default 0.1 ln(factor) + 1."""
+    for key in ("rope.scaling.attn_factor", "rope.scaling.yarn_attn_factor"):
+        if float(f.get(p + key, 1.0)) != 1.0:
+            raise ConversionError(f"{f.source}: {p + key} != 1 is not supported")
+    factor = float(f.need(p + "rope.scaling.factor"))
+    return {
+        "rope_type": "yarn",
+        "factor": factor,
+        "original_max_position_embeddings": int(f.need(p + "rope.scaling.original_context_length")),
+        "beta_fast": float(f.get(p + "rope.scaling.yarn_beta_fast", 32.0)),
+        "beta_slow": float(f.get(p + "rope.scaling.yarn_beta_slow", 1.0)),
+        "truncate": True,
+        "attention_factor": yarn_attention_factor({"factor": factor}),
+    }
+
+
 def _gguf_config(f: _Fields, arch: str, tied: bool, vocab_rows: int) -> ModelConfig:
     p = arch + "."
     hidden = int(f.need(p + "embedding_length"))
@@ -105,13 +124,6 @@ def _gguf_config(f: _Fields, arch: str, tied: bool, vocab_rows: int) -> ModelCon
     rope_dim = int(f.get(p + "rope.dimension_count", hd))
     if rope_dim != hd:
         raise ConversionError(f"{f.source}: partial rotary embeddings (rope.dimension_count {rope_dim}) not supported")
-    scaling = None
-    kind = f.get(p + "rope.scaling.type")
-    if kind not in (None, "none"):
-        if kind != "linear":
-            raise ConversionError(f"{f.source}: unsupported rope scaling type {kind!r} (supported: linear)")
-        factor = float(f.get(p + "rope.scaling.factor", 1.0))
-        scaling = {"rope_type": "linear", "factor": factor} if factor != 1.0 else None
     return ModelConfig(
         num_layers=int(f.need(p + "block_count")),
         hidden_size=hidden,
@@ -126,12 +138,55 @@ def _gguf_config(f: _Fields, arch: str, tied: bool, vocab_rows: int) -> ModelCon
         swiglu=True,
         position_embedding_type="rope",
         rotary_base=float(f.get(p + "rope.freq_base", 10000.0)),
-        rope_scaling=scaling,
+        rope_scaling=_rope_scaling(f, p),
         add_bias_linear=False,
         add_qkv_bias=arch == "qwen2",
+        qk_layernorm=arch == "qwen3",
         untie_embeddings_and_output_weights=not tied,
         real_vocab_size=vocab_rows,
     )
+
+
+def llama3_from_factors(factors: list[float], head_dim: int, base: float) -> dict | None:
+    """The Llama-3.1 rope_scaling that yields these per-frequency divisors, or None if none does.
+
+    llama.cpp stores Llama-3.1 scaling as divisors f_i = inv_freq_i / scaled_i: 1 for short
+    wavelengths, `factor` for long ones, and 1 / ((1 - s) / factor + s) between, with s linear
+    in 1 / wavelength. Two blended frequencies fix that line; its parameters are only defined
+    up to a common scale, so original_max_position_embeddings is set to Llama-3.1's 8192.
+    """
+    inv_freq, _ = scaled_inv_freq(head_dim, base, None)
+    f = torch.tensor(factors, dtype=torch.float64)
+    factor = float(f.max())
+    mid = [i for i in range(len(factors)) if 1 + 1e-6 < factors[i] < factor * (1 - 1e-6)]
+    if factor <= 1 or len(mid) < 2:
+        return None
+    inv_wavelen = inv_freq / (2 * math.pi)
+    smooth = (1 / f - 1 / factor) / (1 - 1 / factor)  # s at each frequency
+    i, j = mid[0], mid[-1]
+    slope = float((smooth[j] - smooth[i]) / (inv_wavelen[j] - inv_wavelen[i]))  # old / (high - low)
+    offset = float(slope * inv_wavelen[i] - smooth[i])  # low / (high - low)
+    old = 8192.0
+    low, high = old * offset / slope, old * (1 + offset) / slope
+    guess = {
+        "rope_type": "llama3",
+        "factor": factor,
+        "low_freq_factor": low,
+        "high_freq_factor": high,
+        "original_max_position_embeddings": int(old),
+    }
+    again = inv_freq / scaled_inv_freq(head_dim, base, guess)[0]
+    return guess if torch.allclose(again, f, rtol=1e-5, atol=0) else None
+
+
+def _rope_freqs(factors: torch.Tensor, c: ModelConfig, source: str) -> dict:
+    """GGUF's `rope_freqs` tensor (per-frequency divisors) -> our rope_scaling."""
+    if c.rope_scaling:
+        raise ConversionError(f"{source}: rope_freqs together with rope scaling metadata is not supported")
+    values = [float(x) for x in factors.flatten()]
+    if len(values) != c.head_dim // 2:
+        raise ConversionError(f"{source}: rope_freqs has {len(values)} values, expected {c.head_dim // 2}")
+    return llama3_from_factors(values, c.head_dim, c.rotary_base) or {"rope_type": "freq_factors", "factors": values}
 
 
 def read_gguf(path: str, tensor_parallel_size: int = 1) -> tuple[ModelConfig, dict[str, torch.Tensor], _Fields]:
@@ -147,8 +202,6 @@ def read_gguf(path: str, tensor_parallel_size: int = 1) -> tuple[ModelConfig, di
     if arch not in SUPPORTED_ARCHS:
         raise ConversionError(f"{file}: unsupported architecture {arch!r} (supported: {', '.join(SUPPORTED_ARCHS)})")
     tensors = {t.name: t for t in reader.tensors}
-    if "rope_freqs.weight" in tensors:
-        raise ConversionError(f"{file}: per-frequency rope factors (rope_freqs, Llama-3.1 scaling) are not supported")
 
     def take(name: str, shape: tuple[int, ...]) -> torch.Tensor:
         t = tensors.pop(name, None)
@@ -159,52 +212,25 @@ def read_gguf(path: str, tensor_parallel_size: int = 1) -> tuple[ModelConfig, di
         except NotImplementedError as e:
             raise ConversionError(f"{file}: {name}: cannot dequantize {t.tensor_type.name}: {e}") from None
         arr = np.ascontiguousarray(arr, dtype=np.float32).reshape(tuple(int(x) for x in reversed(t.shape.tolist())))
-        if arr.shape != shape:
-            raise ConversionError(f"{file}: {name} has shape {arr.shape}, expected {shape}")
+        if arr.shape != tuple(shape):
+            raise ConversionError(f"{file}: {name} has shape {arr.shape}, expected {tuple(shape)}")
         return torch.from_numpy(arr.copy())
 
     if "token_embd.weight" not in tensors:
         raise ConversionError(f"{file}: missing tensor token_embd.weight")
     vocab_rows = int(tensors["token_embd.weight"].shape.tolist()[1])
-    tied = "output.weight" not in tensors
-    c = _gguf_config(f, arch, tied, vocab_rows)
+    c = _gguf_config(f, arch, "output.weight" not in tensors, vocab_rows)
     c.vocab_size = padded_vocab(vocab_rows, tensor_parallel_size)
+    if "rope_freqs.weight" in tensors:
+        c.rope_scaling = _rope_freqs(take("rope_freqs.weight", (c.head_dim // 2,)), c, file)
     try:
         c.validate()
     except ValueError as e:
         raise ConversionError(f"{file}: unsupported model configuration: {e}") from None
-    h, nh, ng, hd, ffn = c.hidden_size, c.num_attention_heads, int(c.num_query_groups), c.head_dim, c.ffn_hidden_size
-    permuted = arch == "llama"
-    w = {"embedding.word_embeddings.weight": take("token_embd.weight", (vocab_rows, h))}
-    for i in range(c.num_layers):
-        src, dst = f"blk.{i}.", f"decoder.layers.{i}."
-        w[dst + "input_layernorm.weight"] = take(src + "attn_norm.weight", (h,))
-        q = take(src + "attn_q.weight", (nh * hd, h))
-        k = take(src + "attn_k.weight", (ng * hd, h))
-        v = take(src + "attn_v.weight", (ng * hd, h))
-        if permuted:
-            q, k = unpermute_qk(q, nh), unpermute_qk(k, ng)
-        w[dst + "self_attention.linear_qkv.weight"] = fuse_qkv(q, k, v, nh, ng, hd)
-        if c.add_qkv_bias:
-            qb = take(src + "attn_q.bias", (nh * hd,))
-            kb = take(src + "attn_k.bias", (ng * hd,))
-            vb = take(src + "attn_v.bias", (ng * hd,))
-            w[dst + "self_attention.linear_qkv.bias"] = fuse_qkv(qb, kb, vb, nh, ng, hd)
-        w[dst + "self_attention.linear_proj.weight"] = take(src + "attn_output.weight", (h, nh * hd))
-        w[dst + "pre_mlp_layernorm.weight"] = take(src + "ffn_norm.weight", (h,))
-        gate = take(src + "ffn_gate.weight", (ffn, h))
-        up = take(src + "ffn_up.weight", (ffn, h))
-        w[dst + "mlp.linear_fc1.weight"] = torch.cat((gate, up), dim=0)
-        w[dst + "mlp.linear_fc2.weight"] = take(src + "ffn_down.weight", (h, ffn))
-    w["decoder.final_layernorm.weight"] = take("output_norm.weight", (h,))
-    if not tied:
-        w["output_layer.weight"] = take("output.weight", (vocab_rows, h))
+    w = to_ours(gguf_table(permuted_qk=arch == "llama"), c, take)
     if tensors:
         left = sorted(tensors)
         raise ConversionError(f"{file}: unexpected tensors {left[:5]} (an architecture variant we do not support)")
-    for name in ("embedding.word_embeddings.weight", "output_layer.weight"):
-        if name in w:
-            w[name] = pad_rows(w[name], c.vocab_size)
     return c, w, f
 
 
@@ -258,7 +284,71 @@ def _pre_tokenizer(name: str | None, source: str):
     return pre_tokenizers.ByteLevel(add_prefix_space=False)
 
 
-def gguf_tokenizer(f: _Fields) -> GGUFTokenizer | None:
+class GGUFSentencePieceTokenizer(SentencePieceTokenizer):
+    """A SentencePieceTokenizer over a model rebuilt in memory from GGUF metadata; saves as
+    tokenizer.model, which loads back as a plain SentencePieceTokenizer."""
+
+    def __init__(self, model_proto: bytes, chat_template: str | None = None) -> None:
+        tmp = tempfile.mkdtemp(prefix="ee-gguf-spm-")
+        try:
+            path = os.path.join(tmp, "tokenizer.model")
+            with open(path, "wb") as out:
+                out.write(model_proto)
+            super().__init__(path)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        self._proto = model_proto
+        self.chat_template = chat_template
+
+    def save(self, directory: str) -> dict:
+        os.makedirs(directory, exist_ok=True)
+        with open(os.path.join(directory, "tokenizer.model"), "wb") as out:
+            out.write(self._proto)
+        self.model_file = os.path.join(directory, "tokenizer.model")
+        return super().save(directory)
+
+
+def _spm_proto(f: _Fields) -> bytes:
+    """llama.cpp's "llama" vocabulary (SentencePiece pieces, scores, types) -> a SentencePiece
+    BPE ModelProto, as the tokenizer.model it was converted from (GGUF and SentencePiece number
+    piece types alike: 1 normal, 2 unknown, 3 control, 4 user-defined, 5 unused, 6 byte)."""
+    from sentencepiece import sentencepiece_model_pb2 as pb
+
+    tokens = f.need("tokenizer.ggml.tokens")
+    scores = f.get("tokenizer.ggml.scores") or [0.0] * len(tokens)
+    types = f.get("tokenizer.ggml.token_type") or [1] * len(tokens)
+    if not len(tokens) == len(scores) == len(types):
+        raise ConversionError(f"{f.source}: tokenizer.ggml tokens, scores and token_type differ in length")
+    m = pb.ModelProto()
+    for piece, score, kind in zip(tokens, scores, types):
+        m.pieces.add(piece=piece, score=float(score), type=int(kind))
+    m.trainer_spec.model_type = pb.TrainerSpec.BPE
+    m.trainer_spec.byte_fallback = 6 in types
+    m.trainer_spec.unk_id = int(f.get("tokenizer.ggml.unknown_token_id", 0))
+    m.trainer_spec.bos_id = int(f.get("tokenizer.ggml.bos_token_id", -1))
+    m.trainer_spec.eos_id = int(f.get("tokenizer.ggml.eos_token_id", -1))
+    m.trainer_spec.pad_id = int(f.get("tokenizer.ggml.padding_token_id", -1))
+    m.normalizer_spec.name = "identity"
+    m.normalizer_spec.add_dummy_prefix = bool(f.get("tokenizer.ggml.add_space_prefix", True))
+    m.normalizer_spec.remove_extra_whitespaces = False
+    m.normalizer_spec.escape_whitespaces = True
+    return m.SerializeToString()
+
+
+def sentencepiece_tokenizer(f: _Fields) -> GGUFSentencePieceTokenizer | None:
+    """Our tokenizer for a GGUF "llama" (SentencePiece) vocabulary (None, with a warning, without protobuf)."""
+    try:
+        proto = _spm_proto(f)
+    except ImportError:
+        warnings.warn(f"{f.source}: rebuilding a SentencePiece tokenizer needs protobuf", stacklevel=3)
+        return None
+    try:
+        return GGUFSentencePieceTokenizer(proto, f.get("tokenizer.chat_template"))
+    except ValueError as e:
+        raise ConversionError(f"{f.source}: cannot rebuild its SentencePiece tokenizer: {e}") from None
+
+
+def gguf_tokenizer(f: _Fields) -> GGUFTokenizer | SentencePieceTokenizer | None:
     """Our tokenizer from the GGUF's `tokenizer.ggml.*` fields (None, with a warning, when unsupported)."""
     from tokenizers import AddedToken, Tokenizer, decoders, models
 
@@ -266,8 +356,13 @@ def gguf_tokenizer(f: _Fields) -> GGUFTokenizer | None:
     if model is None:
         warnings.warn(f"{f.source}: no tokenizer in the file", stacklevel=2)
         return None
+    if model == "llama":
+        return sentencepiece_tokenizer(f)
     if model != "gpt2":
-        warnings.warn(f"{f.source}: tokenizer model {model!r} is not supported (only gpt2-style BPE)", stacklevel=2)
+        warnings.warn(
+            f"{f.source}: tokenizer model {model!r} is not supported (gpt2-style BPE and llama SentencePiece)",
+            stacklevel=2,
+        )
         return None
     tokens = f.need("tokenizer.ggml.tokens")
     merges = f.need("tokenizer.ggml.merges")

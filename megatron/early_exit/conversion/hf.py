@@ -2,14 +2,17 @@
 
 Import: a directory with `config.json` and weights (`model.safetensors`, sharded
 safetensors with an index, or `pytorch_model.bin` read with `weights_only=True`) of a
-Llama, Mistral or Qwen2 model (RMSNorm, SwiGLU, RoPE, GQA; Qwen2 has a bias on Q/K/V
-only) or a GPT-2 model (LayerNorm, tanh-GELU, learned positions, biases; its Conv1D
-weights are stored [in, out], so they are transposed). The tokenizer comes from
+Llama, Mistral, Qwen2 or Qwen3 model (RMSNorm, SwiGLU, RoPE with linear / llama3 / yarn
+scaling, GQA; Qwen2 has a bias on Q/K/V only, Qwen3 a QK-norm)
+or a GPT-2 model (LayerNorm, tanh-GELU, learned positions, biases; its Conv1D weights are
+stored [in, out], so they are transposed). The tokenizer comes from
 `tokenizer.json`, or `vocab.json` + `merges.txt` (GPT-2), or `tokenizer.model`.
 
 Export: the inverse, loadable by `transformers` as LlamaForCausalLM (Qwen2ForCausalLM when
-the model has Q/K/V biases, GPT2LMHeadModel for GPT-2 style models), with the vocabulary
-unpadded. Exit heads (which no HF class knows about) go beside it in
+the model has Q/K/V biases, Qwen3ForCausalLM with QK-norm, GPT2LMHeadModel for GPT-2 style
+models), with the vocabulary unpadded. Tensor names go both ways through one table per
+family (`tables.py`); `FAMILIES` below adds what tells the families apart. Exit heads
+(which no HF class knows about) go beside it in
 `early_exit_heads.safetensors`, and our full `ModelConfig` in `early_exit_config.json`, so
 importing our own export restores the exits bit for bit.
 """
@@ -19,6 +22,7 @@ from __future__ import annotations
 import json
 import os
 import warnings
+from dataclasses import dataclass, field
 
 import torch
 from safetensors import SafetensorError
@@ -28,20 +32,47 @@ from megatron.early_exit.config import ModelConfig
 from megatron.early_exit.conversion.common import (
     ConversionError,
     build_model,
-    fuse_qkv,
     is_vocab_tensor,
     model_weights,
     pad_rows,
     padded_vocab,
-    split_qkv,
 )
+from megatron.early_exit.conversion.tables import HF_GPT2, HF_LLAMA, Rule, check_table_covers, to_ours, to_theirs
+from megatron.early_exit.model.rotary import yarn_attention_factor
 
 EXIT_HEADS_FILE = "early_exit_heads.safetensors"
 EXIT_CONFIG_FILE = "early_exit_config.json"
 PADDING_PREFIX = "vocab_padding."
-LLAMA_TYPES = ("llama", "mistral", "qwen2")
+LLAMA_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 GPT2_GELUS = ("gelu_new", "gelu_pytorch_tanh")
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq", ".attn.bias", ".attn.masked_bias")
+
+
+@dataclass(frozen=True)
+class HFFamily:
+    """One transformers family: its class, its name table, and what tells it apart."""
+
+    architecture: str
+    table: tuple[Rule, ...]
+    qkv_bias: bool = False  # bias on Q/K/V only
+    qk_norm: bool = False  # per-head RMSNorm on q and k
+    export_config: dict = field(default_factory=dict)  # fixed config.json keys on export
+
+
+FAMILIES = {
+    "llama": HFFamily("LlamaForCausalLM", HF_LLAMA, export_config={"attention_bias": False, "mlp_bias": False}),
+    "mistral": HFFamily("MistralForCausalLM", HF_LLAMA, export_config={"sliding_window": None}),
+    "qwen2": HFFamily(
+        "Qwen2ForCausalLM", HF_LLAMA, qkv_bias=True, export_config={"use_sliding_window": False, "sliding_window": None}
+    ),
+    "qwen3": HFFamily(
+        "Qwen3ForCausalLM",
+        HF_LLAMA,
+        qk_norm=True,
+        export_config={"attention_bias": False, "use_sliding_window": False, "sliding_window": None},
+    ),
+    "gpt2": HFFamily("GPT2LMHeadModel", HF_GPT2),
+}
 
 # ----------------------------------------------------------------------------------------
 # reading HF files
@@ -187,7 +218,30 @@ def _rope_settings(hf: dict, source: str) -> tuple[float, dict | None]:
         if missing:
             raise ConversionError(f"{source}: llama3 rope_scaling lacks {missing}")
         return theta, {"rope_type": "llama3", **{k: scaling[k] for k in keys}}
-    raise ConversionError(f"{source}: unsupported rope scaling type {kind!r} (supported: linear, llama3)")
+    if kind == "yarn":
+        return theta, _yarn_settings(hf, scaling)
+    raise ConversionError(f"{source}: unsupported rope scaling type {kind!r} (supported: linear, llama3, yarn)")
+
+
+def _yarn_settings(hf: dict, scaling: dict) -> dict:
+    """transformers' YaRN defaults made explicit, so our config and an export need no defaults."""
+    old_ctx = int(
+        hf.get("original_max_position_embeddings")  # Phi-3 style: outside the scaling dict, and preferred
+        or scaling.get("original_max_position_embeddings")
+        or hf.get("max_position_embeddings", 2048)
+    )
+    factor = scaling.get("factor") or hf.get("max_position_embeddings", old_ctx) / old_ctx
+    out = {
+        "rope_type": "yarn",
+        "factor": float(factor),
+        "original_max_position_embeddings": old_ctx,
+        "beta_fast": float(scaling.get("beta_fast") or 32),
+        "beta_slow": float(scaling.get("beta_slow") or 1),
+        "truncate": bool(scaling.get("truncate", True)),
+    }
+    given = {k: scaling.get(k) for k in ("attention_factor", "mscale", "mscale_all_dim")}
+    out["attention_factor"] = yarn_attention_factor({**given, "factor": out["factor"]})
+    return out
 
 
 def _llama_config(hf: dict, kind: str, source: str) -> ModelConfig:
@@ -199,7 +253,7 @@ def _llama_config(hf: dict, kind: str, source: str) -> ModelConfig:
         raise ConversionError(f"{source}: attention_bias=true (bias on every projection) is not supported")
     if float(hf.get("partial_rotary_factor", 1.0)) != 1.0:
         raise ConversionError(f"{source}: partial_rotary_factor != 1 is not supported")
-    if kind == "qwen2" and hf.get("use_sliding_window"):
+    if kind in ("qwen2", "qwen3") and hf.get("use_sliding_window"):
         warnings.warn(
             f"{source}: sliding-window attention is ignored (exact for sequences up to the window)", stacklevel=3
         )
@@ -229,7 +283,8 @@ def _llama_config(hf: dict, kind: str, source: str) -> ModelConfig:
             rotary_base=theta,
             rope_scaling=scaling,
             add_bias_linear=False,
-            add_qkv_bias=kind == "qwen2",
+            add_qkv_bias=FAMILIES[kind].qkv_bias,
+            qk_layernorm=FAMILIES[kind].qk_norm,
             untie_embeddings_and_output_weights=not hf.get("tie_word_embeddings", False),
             init_method_std=float(hf.get("initializer_range", 0.02)),
             real_vocab_size=real_vocab,
@@ -267,74 +322,11 @@ def _gpt2_config(hf: dict, source: str) -> ModelConfig:
         raise ConversionError(f"{source}: config.json lacks {e.args[0]!r}") from None
 
 
-def _llama_weights(c: ModelConfig, t: _Tensors) -> dict[str, torch.Tensor]:
-    h, nh, ng, hd, ffn = c.hidden_size, c.num_attention_heads, int(c.num_query_groups), c.head_dim, c.ffn_hidden_size
-    real = int(c.real_vocab_size)
-    out = {"embedding.word_embeddings.weight": t.take("model.embed_tokens.weight", (real, h))}
-    for i in range(c.num_layers):
-        src, dst = f"model.layers.{i}.", f"decoder.layers.{i}."
-        out[dst + "input_layernorm.weight"] = t.take(src + "input_layernorm.weight", (h,))
-        q = t.take(src + "self_attn.q_proj.weight", (nh * hd, h))
-        k = t.take(src + "self_attn.k_proj.weight", (ng * hd, h))
-        v = t.take(src + "self_attn.v_proj.weight", (ng * hd, h))
-        out[dst + "self_attention.linear_qkv.weight"] = fuse_qkv(q, k, v, nh, ng, hd)
-        if c.add_qkv_bias:
-            qb = t.take(src + "self_attn.q_proj.bias", (nh * hd,))
-            kb = t.take(src + "self_attn.k_proj.bias", (ng * hd,))
-            vb = t.take(src + "self_attn.v_proj.bias", (ng * hd,))
-            out[dst + "self_attention.linear_qkv.bias"] = fuse_qkv(qb, kb, vb, nh, ng, hd)
-        out[dst + "self_attention.linear_proj.weight"] = t.take(src + "self_attn.o_proj.weight", (h, nh * hd))
-        out[dst + "pre_mlp_layernorm.weight"] = t.take(src + "post_attention_layernorm.weight", (h,))
-        gate = t.take(src + "mlp.gate_proj.weight", (ffn, h))
-        up = t.take(src + "mlp.up_proj.weight", (ffn, h))
-        out[dst + "mlp.linear_fc1.weight"] = torch.cat((gate, up), dim=0)
-        out[dst + "mlp.linear_fc2.weight"] = t.take(src + "mlp.down_proj.weight", (h, ffn))
-    out["decoder.final_layernorm.weight"] = t.take("model.norm.weight", (h,))
-    if c.untie_embeddings_and_output_weights:
-        out["output_layer.weight"] = t.take("lm_head.weight", (real, h))
-    else:
-        t.drop("lm_head.weight")  # some tied checkpoints store the shared matrix twice
-    return out
-
-
-def _gpt2_weights(c: ModelConfig, t: _Tensors) -> dict[str, torch.Tensor]:
-    h, nh, hd, ffn = c.hidden_size, c.num_attention_heads, c.head_dim, c.ffn_hidden_size
-    real = int(c.real_vocab_size)
-    out = {
-        "embedding.word_embeddings.weight": t.take("wte.weight", (real, h)),
-        "embedding.position_embeddings.weight": t.take("wpe.weight", (c.max_position_embeddings, h)),
-    }
-    for i in range(c.num_layers):
-        src, dst = f"h.{i}.", f"decoder.layers.{i}."
-        for ours, theirs in (("input_layernorm", "ln_1"), ("pre_mlp_layernorm", "ln_2")):
-            out[f"{dst}{ours}.weight"] = t.take(f"{src}{theirs}.weight", (h,))
-            out[f"{dst}{ours}.bias"] = t.take(f"{src}{theirs}.bias", (h,))
-        # Conv1D keeps weights as [in, out]: transpose to nn.Linear's [out, in].
-        qkv = t.take(src + "attn.c_attn.weight", (h, 3 * nh * hd)).t()
-        qkv_b = t.take(src + "attn.c_attn.bias", (3 * nh * hd,))
-        out[dst + "self_attention.linear_qkv.weight"] = fuse_qkv(*qkv.chunk(3, dim=0), nh, nh, hd)
-        out[dst + "self_attention.linear_qkv.bias"] = fuse_qkv(*qkv_b.chunk(3, dim=0), nh, nh, hd)
-        out[dst + "self_attention.linear_proj.weight"] = t.take(src + "attn.c_proj.weight", (nh * hd, h)).t()
-        out[dst + "self_attention.linear_proj.bias"] = t.take(src + "attn.c_proj.bias", (h,))
-        out[dst + "mlp.linear_fc1.weight"] = t.take(src + "mlp.c_fc.weight", (h, ffn)).t()
-        out[dst + "mlp.linear_fc1.bias"] = t.take(src + "mlp.c_fc.bias", (ffn,))
-        out[dst + "mlp.linear_fc2.weight"] = t.take(src + "mlp.c_proj.weight", (ffn, h)).t()
-        out[dst + "mlp.linear_fc2.bias"] = t.take(src + "mlp.c_proj.bias", (h,))
-    out["decoder.final_layernorm.weight"] = t.take("ln_f.weight", (h,))
-    out["decoder.final_layernorm.bias"] = t.take("ln_f.bias", (h,))
-    if c.untie_embeddings_and_output_weights:
-        out["output_layer.weight"] = t.take("lm_head.weight", (real, h))
-    else:
-        t.drop("lm_head.weight")
-    return {k: v.contiguous() for k, v in out.items()}
-
-
 def _normalise_names(state: dict[str, torch.Tensor], kind: str) -> dict[str, torch.Tensor]:
-    """One naming per family: LlamaModel saves lack 'model.', GPT2LMHeadModel saves add 'transformer.'."""
-    if kind == "gpt2":
-        return {k.removeprefix("transformer."): v for k, v in state.items()}
-    if "model.embed_tokens.weight" not in state and "embed_tokens.weight" in state:
-        return {(k if k == "lm_head.weight" else "model." + k): v for k, v in state.items()}
+    """One naming per family: bare LlamaModel / GPT2Model saves lack the 'model.' / 'transformer.' prefix."""
+    prefix, probe = ("transformer.", "wte.weight") if kind == "gpt2" else ("model.", "embed_tokens.weight")
+    if prefix + probe not in state and probe in state:
+        return {(k if k == "lm_head.weight" else prefix + k): v for k, v in state.items()}
     return state
 
 
@@ -348,13 +340,12 @@ def hf_to_ee(
         config.validate()
     except ValueError as e:
         raise ConversionError(f"{source}: unsupported model configuration: {e}") from None
-    tensors = _Tensors(_normalise_names(state, kind), source)
-    weights = _gpt2_weights(config, tensors) if kind == "gpt2" else _llama_weights(config, tensors)
-    tensors.check_consumed()
     config.vocab_size = padded_vocab(int(config.real_vocab_size), tensor_parallel_size)
-    for name in list(weights):
-        if is_vocab_tensor(name):
-            weights[name] = pad_rows(weights[name], config.vocab_size)
+    tensors = _Tensors(_normalise_names(state, kind), source)
+    if not config.untie_embeddings_and_output_weights:
+        tensors.drop("lm_head.weight")  # some tied checkpoints store the shared matrix twice
+    weights = to_ours(FAMILIES[kind].table, config, tensors.take)
+    tensors.check_consumed()
     return config, weights
 
 
@@ -414,7 +405,7 @@ def load_hf_model(path: str, dtype: torch.dtype | None = None, tensor_parallel_s
 
 
 def hf_family(config: ModelConfig) -> str:
-    """Which HF class can hold this model: 'llama', 'qwen2' or 'gpt2' (ConversionError if none)."""
+    """Which HF family can hold this model (a key of FAMILIES; ConversionError if none)."""
     llama_like = (
         config.normalization == "RMSNorm"
         and config.swiglu
@@ -422,12 +413,17 @@ def hf_family(config: ModelConfig) -> str:
         and not config.add_bias_linear
     )
     if llama_like:
-        return "qwen2" if config.add_qkv_bias else "llama"
+        for name in ("llama", "qwen2", "qwen3"):
+            fam = FAMILIES[name]
+            if (fam.qkv_bias, fam.qk_norm) == (bool(config.add_qkv_bias), bool(config.qk_layernorm)):
+                return name
+        raise ConversionError("--saver hf: Q/K/V biases together with QK-norm: no transformers class holds both")
     gpt2_like = (
         config.normalization == "LayerNorm"
         and not config.swiglu
         and config.position_embedding_type == "learned_absolute"
         and config.add_bias_linear
+        and not config.qk_layernorm
         and config.num_query_groups == config.num_attention_heads
         and config.head_dim * config.num_attention_heads == config.hidden_size
     )
@@ -439,36 +435,33 @@ def hf_family(config: ModelConfig) -> str:
     )
 
 
-def _hf_config(config: ModelConfig, family: str, tokenizer, dtype: torch.dtype) -> dict:
-    real = int(config.real_vocab_size or config.vocab_size)
-    dtype_name = str(dtype).removeprefix("torch.")
-    eos = tokenizer.eod if tokenizer is not None else None
-    bos = tokenizer.bos if tokenizer is not None else None
-    if family == "gpt2":
-        return {
-            "architectures": ["GPT2LMHeadModel"],
-            "model_type": "gpt2",
-            "vocab_size": real,
-            "n_positions": config.max_position_embeddings,
-            "n_embd": config.hidden_size,
-            "n_layer": config.num_layers,
-            "n_head": config.num_attention_heads,
-            "n_inner": config.ffn_hidden_size,
-            "activation_function": "gelu_new",
-            "layer_norm_epsilon": config.norm_epsilon,
-            "resid_pdrop": config.hidden_dropout,
-            "embd_pdrop": config.hidden_dropout,
-            "attn_pdrop": config.attention_dropout,
-            "initializer_range": config.init_method_std,
-            "tie_word_embeddings": not config.untie_embeddings_and_output_weights,
-            "bos_token_id": bos if bos is not None else eos,
-            "eos_token_id": eos,
-            "torch_dtype": dtype_name,
-        }
-    out = {
-        "architectures": ["Qwen2ForCausalLM" if family == "qwen2" else "LlamaForCausalLM"],
-        "model_type": family,
-        "vocab_size": real,
+def _hf_rope_scaling(config: ModelConfig) -> dict | None:
+    scaling = dict(config.rope_scaling) if config.rope_scaling else None
+    if scaling and scaling.get("rope_type") == "freq_factors":
+        raise ConversionError(
+            "--saver hf: per-frequency rope factors (a GGUF rope_freqs tensor that is not Llama-3.1 "
+            "scaling) have no transformers equivalent"
+        )
+    return scaling
+
+
+def _gpt2_hf_config(config: ModelConfig) -> dict:
+    return {
+        "n_positions": config.max_position_embeddings,
+        "n_embd": config.hidden_size,
+        "n_layer": config.num_layers,
+        "n_head": config.num_attention_heads,
+        "n_inner": config.ffn_hidden_size,
+        "activation_function": "gelu_new",
+        "layer_norm_epsilon": config.norm_epsilon,
+        "resid_pdrop": config.hidden_dropout,
+        "embd_pdrop": config.hidden_dropout,
+        "attn_pdrop": config.attention_dropout,
+    }
+
+
+def _llama_hf_config(config: ModelConfig) -> dict:
+    return {
         "hidden_size": config.hidden_size,
         "intermediate_size": config.ffn_hidden_size,
         "num_hidden_layers": config.num_layers,
@@ -479,19 +472,29 @@ def _hf_config(config: ModelConfig, family: str, tokenizer, dtype: torch.dtype) 
         "max_position_embeddings": config.max_position_embeddings,
         "rms_norm_eps": config.norm_epsilon,
         "rope_theta": config.rotary_base,
-        "rope_scaling": dict(config.rope_scaling) if config.rope_scaling else None,
-        "tie_word_embeddings": not config.untie_embeddings_and_output_weights,
+        "rope_scaling": _hf_rope_scaling(config),
         "attention_dropout": config.attention_dropout,
+    }
+
+
+def _hf_config(config: ModelConfig, family: str, tokenizer, dtype: torch.dtype) -> dict:
+    fam = FAMILIES[family]
+    eos = tokenizer.eod if tokenizer is not None else None
+    bos = tokenizer.bos if tokenizer is not None else None
+    if family == "gpt2" and bos is None:
+        bos = eos
+    return {
+        "architectures": [fam.architecture],
+        "model_type": family,
+        "vocab_size": int(config.real_vocab_size or config.vocab_size),
+        **(_gpt2_hf_config(config) if family == "gpt2" else _llama_hf_config(config)),
+        **fam.export_config,
+        "tie_word_embeddings": not config.untie_embeddings_and_output_weights,
         "initializer_range": config.init_method_std,
         "bos_token_id": bos,
         "eos_token_id": eos,
-        "torch_dtype": dtype_name,
+        "torch_dtype": str(dtype).removeprefix("torch."),
     }
-    if family == "llama":
-        out.update(attention_bias=False, mlp_bias=False)
-    else:
-        out.update(use_sliding_window=False, sliding_window=None)
-    return out
 
 
 def ee_to_hf(config: ModelConfig, weights: dict[str, torch.Tensor]) -> tuple[str, dict, dict]:
@@ -502,80 +505,19 @@ def ee_to_hf(config: ModelConfig, weights: dict[str, torch.Tensor]) -> tuple[str
     """
     family = hf_family(config)
     real = int(config.real_vocab_size or config.vocab_size)
-    nh, ng, hd = config.num_attention_heads, int(config.num_query_groups), config.head_dim
-    w = weights
-    out: dict[str, torch.Tensor] = {}
-    extras: dict[str, torch.Tensor] = {k: v for k, v in w.items() if k.startswith("exits.")}
-    for name, tensor in w.items():
+    extras: dict[str, torch.Tensor] = {k: v.contiguous() for k, v in weights.items() if k.startswith("exits.")}
+    for name, tensor in weights.items():
         if is_vocab_tensor(name) and not name.startswith("exits.") and tensor.shape[0] > real:
             if torch.count_nonzero(tensor[real:]):
-                extras[PADDING_PREFIX + name] = tensor[real:]
-
-    def vocab(name):
-        return w[name][:real]
-
-    if family == "gpt2":
-        p = "transformer."
-        out[p + "wte.weight"] = vocab("embedding.word_embeddings.weight")
-        out[p + "wpe.weight"] = w["embedding.position_embeddings.weight"]
-        for i in range(config.num_layers):
-            src, dst = f"decoder.layers.{i}.", f"{p}h.{i}."
-            for ours, theirs in (("input_layernorm", "ln_1"), ("pre_mlp_layernorm", "ln_2")):
-                out[f"{dst}{theirs}.weight"] = w[f"{src}{ours}.weight"]
-                out[f"{dst}{theirs}.bias"] = w[f"{src}{ours}.bias"]
-            q, k, v = split_qkv(w[src + "self_attention.linear_qkv.weight"], nh, nh, hd)
-            out[dst + "attn.c_attn.weight"] = torch.cat((q, k, v), dim=0).t()
-            qb, kb, vb = split_qkv(w[src + "self_attention.linear_qkv.bias"], nh, nh, hd)
-            out[dst + "attn.c_attn.bias"] = torch.cat((qb, kb, vb), dim=0)
-            out[dst + "attn.c_proj.weight"] = w[src + "self_attention.linear_proj.weight"].t()
-            out[dst + "attn.c_proj.bias"] = w[src + "self_attention.linear_proj.bias"]
-            out[dst + "mlp.c_fc.weight"] = w[src + "mlp.linear_fc1.weight"].t()
-            out[dst + "mlp.c_fc.bias"] = w[src + "mlp.linear_fc1.bias"]
-            out[dst + "mlp.c_proj.weight"] = w[src + "mlp.linear_fc2.weight"].t()
-            out[dst + "mlp.c_proj.bias"] = w[src + "mlp.linear_fc2.bias"]
-        out[p + "ln_f.weight"] = w["decoder.final_layernorm.weight"]
-        out[p + "ln_f.bias"] = w["decoder.final_layernorm.bias"]
-    else:
-        ffn = int(config.ffn_hidden_size)
-        out["model.embed_tokens.weight"] = vocab("embedding.word_embeddings.weight")
-        for i in range(config.num_layers):
-            src, dst = f"decoder.layers.{i}.", f"model.layers.{i}."
-            out[dst + "input_layernorm.weight"] = w[src + "input_layernorm.weight"]
-            q, k, v = split_qkv(w[src + "self_attention.linear_qkv.weight"], nh, ng, hd)
-            out[dst + "self_attn.q_proj.weight"] = q
-            out[dst + "self_attn.k_proj.weight"] = k
-            out[dst + "self_attn.v_proj.weight"] = v
-            if config.add_qkv_bias:
-                qb, kb, vb = split_qkv(w[src + "self_attention.linear_qkv.bias"], nh, ng, hd)
-                out[dst + "self_attn.q_proj.bias"] = qb
-                out[dst + "self_attn.k_proj.bias"] = kb
-                out[dst + "self_attn.v_proj.bias"] = vb
-            out[dst + "self_attn.o_proj.weight"] = w[src + "self_attention.linear_proj.weight"]
-            out[dst + "post_attention_layernorm.weight"] = w[src + "pre_mlp_layernorm.weight"]
-            fc1 = w[src + "mlp.linear_fc1.weight"]
-            out[dst + "mlp.gate_proj.weight"] = fc1[:ffn]
-            out[dst + "mlp.up_proj.weight"] = fc1[ffn:]
-            out[dst + "mlp.down_proj.weight"] = w[src + "mlp.linear_fc2.weight"]
-        out["model.norm.weight"] = w["decoder.final_layernorm.weight"]
-    if config.untie_embeddings_and_output_weights:
-        out["lm_head.weight"] = vocab("output_layer.weight")
-    return family, {k: v.contiguous() for k, v in out.items()}, {k: v.contiguous() for k, v in extras.items()}
+                extras[PADDING_PREFIX + name] = tensor[real:].contiguous()
+    table = FAMILIES[family].table
+    check_table_covers(table, config)
+    return family, to_theirs(table, config, weights), extras
 
 
 def _save_tokenizer(tokenizer, out_dir: str) -> None:
-    if tokenizer is None:
-        return
-    tokenizer.save(out_dir)
-    cfg_path = os.path.join(out_dir, "tokenizer_config.json")
-    if os.path.isfile(cfg_path):
-        return
-    from megatron.early_exit.tokenizer.gpt2_bpe import GPT2BPETokenizer
-
-    if isinstance(tokenizer, GPT2BPETokenizer):
-        eod = "<|endoftext|>"
-        cfg = {"tokenizer_class": "GPT2Tokenizer", "bos_token": eod, "eos_token": eod, "unk_token": eod}
-        with open(cfg_path, "w") as f:
-            json.dump(cfg, f, indent=2)
+    if tokenizer is not None:
+        tokenizer.save(out_dir)  # its files and a tokenizer_config.json for AutoTokenizer
 
 
 def export_hf(model, tokenizer, out_dir: str, dtype: torch.dtype | None = None) -> str:

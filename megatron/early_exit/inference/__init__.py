@@ -1,5 +1,10 @@
 """Early-exit generation: KV cache, batched per-sequence exits, self-speculation, telemetry.
 
+Modules: passes (KV cache rows, pending-state fill, exits at their depth), strategies/ (one
+unit per decoding strategy, registered by name), confidence (registered measures),
+acceptance (sampling, log-probabilities, stops, telemetry, incremental detokenization),
+engine (the loop), pipeline (EE-LLM's pipeline early exit), packed (CPU prepacked weights).
+
 from megatron.early_exit.inference import generate
 results = generate(model, tokenizer, [tokenizer.tokenize("Hello")], strategy="early_exit",
                    early_exit_threshold=0.8, max_new_tokens=32)
@@ -10,17 +15,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from megatron.early_exit.inference.confidence import MEASURES
-from megatron.early_exit.inference.engine import (
-    STRATEGIES,
-    DecodeState,
-    EarlyExitEngine,
-    ExitPolicy,
-    GenerationResult,
-    GenerationSettings,
-    StepOutput,
-    summarize,
-)
+from megatron.early_exit.inference.confidence import MEASURES, Measure, measure_names, register_measure
+from megatron.early_exit.inference.engine import EarlyExitEngine, summarize
+from megatron.early_exit.inference.passes import DecodeState, ExitPolicy, StepOutput
+from megatron.early_exit.inference.plugins import load_plugins
+from megatron.early_exit.inference.settings import GenerationResult, GenerationSettings
+from megatron.early_exit.inference.strategies import STRATEGIES, Strategy, register_strategy, strategy_names
 
 
 def generate(
@@ -51,11 +51,11 @@ def generate(
     model: an `EarlyExitGPT` (any device, any dtype); tokenizer: gives `text`, EOS (its
     `eod`) and stop strings, or None (token ids only; stop_strings are then ignored).
 
-    strategy:
+    strategy: a name in `STRATEGIES` (built in below; plugins register more):
       "full": the final head for every token.
       "early_exit": after each allowed exit, each running sequence whose confidence
-        (`measure`: max_prob, top2_margin, entropy, or learned = the exit's probe) reaches
-        `early_exit_threshold` takes that exit's token; the others go deeper. 1.0 never
+        (`measure`, a name in `MEASURES`: max_prob, top2_margin, entropy, or learned = the
+        exit's probe) reaches `early_exit_threshold` takes that exit's token; the others go deeper. 1.0 never
         exits early (same tokens as "full"), 0.0 always takes the first allowed exit.
         `exit_layers` restricts which exits may fire, `min_exit_layer` drops shallower ones.
         Skipped layers' K/V are recomputed exactly when a later token goes deeper.
@@ -69,25 +69,12 @@ def generate(
     `profile` adds the share of time spent in exit heads (synchronising the device).
     Bad settings raise ValueError naming the setting.
     """
-    settings = GenerationSettings(
-        strategy=strategy,
-        max_new_tokens=max_new_tokens,
-        temperature=temperature,
-        top_k=top_k,
-        top_p=top_p,
-        seed=seed,
-        stop_token_ids=tuple(stop_token_ids),
-        stop_strings=tuple(stop_strings),
-        ignore_eos=ignore_eos,
-        early_exit_threshold=early_exit_threshold,
-        exit_layers=tuple(exit_layers) if exit_layers is not None else None,
-        min_exit_layer=min_exit_layer,
-        measure=measure,
-        num_draft_tokens=num_draft_tokens,
-        draft_exit_layer=draft_exit_layer,
-        return_logprobs=return_logprobs,
-        profile=profile,
-    )
+    exits = tuple(exit_layers) if exit_layers is not None else None
+    settings = GenerationSettings(  # positional: the fields in their declared order
+        strategy, max_new_tokens, temperature, top_k, top_p, seed, tuple(stop_token_ids), tuple(stop_strings),
+        ignore_eos, early_exit_threshold, exits, min_exit_layer, measure, num_draft_tokens, draft_exit_layer,
+        return_logprobs, profile,
+    )  # fmt: skip
     return EarlyExitEngine(model, tokenizer).generate(prompts, settings)
 
 
@@ -99,7 +86,14 @@ __all__ = [
     "ExitPolicy",
     "GenerationResult",
     "GenerationSettings",
+    "Measure",
     "StepOutput",
+    "Strategy",
     "generate",
+    "load_plugins",
+    "measure_names",
+    "register_measure",
+    "register_strategy",
+    "strategy_names",
     "summarize",
 ]

@@ -8,15 +8,18 @@ same product on weights reordered once into oneDNN's blocked layout
 streams 20-32 GB/s. The results agree to fp32 round-off. `transformers` runs `nn.Linear`,
 i.e. the slow kernel.
 
-`enable_packed_weights(model)` makes every plain `nn.Linear` of the model, and its
-single-device `HeadOps.project` (the final head and every exit's vocabulary projection),
-use packed copies whenever autograd is off and the input is a CPU tensor of the weight's
-dtype; anything else (training, CUDA, autocast mixes) takes the ordinary path, so the model
-trains, saves and loads exactly as before. Packed copies are made lazily, kept per weight
-tensor and remade when the weight changes (its data pointer or version counter moves: an
-optimizer step, `load_state_dict`, `.to()`). They cost one extra copy of the packed
-weights' memory; `disable_packed_weights(model)` drops them. Tensor-parallel modules are
-left alone (their collectives live in their own forward).
+`PackedWeights(model)` is the explicit, reversible wrapper the engine uses: while it is
+entered (`with packed:`), every plain `nn.Linear` of the model, and its single-device
+`HeadOps.project` (the final head and every exit's vocabulary projection), use packed
+copies whenever autograd is off and the input is a CPU tensor of the weight's dtype;
+anything else (training, CUDA, autocast mixes) takes the ordinary path. On leaving, the
+modules are as they were: the caller's model object is only changed while a pass runs.
+`enable_packed_weights(model)` asks for the same routing permanently (in place, until
+`disable_packed_weights(model)`); the model still trains, saves and loads exactly as before.
+Packed copies are made lazily, kept per weight tensor and remade when the weight changes
+(its data pointer or version counter moves: an optimizer step, `load_state_dict`, `.to()`).
+They cost one extra copy of the packed weights' memory; `disable_packed_weights(model)`
+drops them. Tensor-parallel modules are left alone (their collectives live in their own forward).
 """
 
 from __future__ import annotations
@@ -62,16 +65,51 @@ def enable_packed_weights(model: nn.Module) -> bool:
     """
     if getattr(model, _MARK, False):
         return True
-    p = next(model.parameters(), None)
-    if p is None or p.device.type != "cpu" or p.dtype not in _DTYPES or not packing_available():
+    if not _packable(model):
         return False
-    for m in model.modules():
-        if type(m) is nn.Linear:
-            m.forward = types.MethodType(_packed_linear_forward, m)
-        elif type(m) is HeadOps:
-            m.project = types.MethodType(_packed_project, m)
+    for m, name, hook in _hooks(model):
+        m.__dict__[name] = hook
     object.__setattr__(model, _MARK, True)
     return True
+
+
+class PackedWeights:
+    """Packed kernels for `model` while entered (re-entrant); a no-op where they are unavailable
+    or the caller already enabled them in place. The hooks are made once, here."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model, self.depth = model, 0
+        self.available = _packable(model)
+        self.hooks = _hooks(model) if self.available else []
+
+    def __enter__(self) -> PackedWeights:
+        if self.depth == 0 and not getattr(self.model, _MARK, False):
+            for m, name, hook in self.hooks:
+                m.__dict__[name] = hook
+        self.depth += 1
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.depth -= 1
+        if self.depth == 0 and not getattr(self.model, _MARK, False):
+            for m, name, _ in self.hooks:
+                m.__dict__.pop(name, None)
+
+
+def _packable(model: nn.Module) -> bool:
+    p = next(model.parameters(), None)
+    return p is not None and p.device.type == "cpu" and p.dtype in _DTYPES and packing_available()
+
+
+def _hooks(model: nn.Module) -> list[tuple[nn.Module, str, object]]:
+    """(module, attribute, bound packed method) for every plain Linear and single-device head."""
+    hooks = []
+    for m in model.modules():
+        if type(m) is nn.Linear:
+            hooks.append((m, "forward", types.MethodType(_packed_linear_forward, m)))
+        elif type(m) is HeadOps:
+            hooks.append((m, "project", types.MethodType(_packed_project, m)))
+    return hooks
 
 
 def disable_packed_weights(model: nn.Module) -> None:

@@ -2,7 +2,7 @@
 
 Tensor parallelism needs nothing of its own at decode time: `EarlyExitEngine` runs on a
 TP-sharded model (`parallel.tensor_parallel.apply_tensor_parallel`) as it is. Its KV cache
-holds this rank's query groups only (`engine.local_kv_groups`), and every head's logits are
+holds this rank's query groups only (`passes.local_kv_groups`), and every head's logits are
 all-gathered over TP before confidence and sampling (`HeadOps.full_logits`, the identity on
 one device), while `learned` probes are replicated. Every input a decision depends on is then
 the same on every TP rank, so every TP rank that makes the same engine calls with the same

@@ -1,8 +1,11 @@
 """Pipeline-parallel early-exit decoding (EE-LLM's method, DESIGN.md section 6), batched.
 
 Every rank holds one stage (the same `EarlyExitGPT` with the modules it does not own absent,
-optionally TP-sharded) and runs `PipelineEngine.generate` with the same arguments. One
-decode step, for the running sequences of the batch:
+optionally TP-sharded) and runs `PipelineEngine.generate` with the same arguments. The
+engine composes the pass machinery (`passes.Passes` over this stage's layers) and runs the
+ordinary decode loop (`engine.decode_loop`: strategies `full` and `early_exit`, and the one
+token-acceptance path) on stage 0, whose `prefill` / `decode_one_token` are the pipelined
+step below; the other stages follow. One decode step, for the running sequences of the batch:
 
 - stage 0 embeds the newest tokens and runs its layers; every stage evaluates its own exits
   for the sequences still undecided and decides the tokens of those whose exit fires;
@@ -41,23 +44,15 @@ Shape legend: B batch slots, A sequences in a message, R rows per sequence, h hi
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
-from megatron.early_exit.inference.engine import (
-    DecodeState,
-    EarlyExitEngine,
-    ExitPolicy,
-    GenerationResult,
-    GenerationSettings,
-    StepOutput,
-    _Rows,
-    _tick,
-)
-from megatron.early_exit.inference.kv_cache import KVCache
-from megatron.early_exit.inference.sampling import choose, make_generator
+from megatron.early_exit.inference.engine import EarlyExitEngine, decode_loop, new_results
+from megatron.early_exit.inference.passes import DecodeState, ExitPolicy, Rows, StepOutput
+from megatron.early_exit.inference.settings import GenerationResult, GenerationSettings
+from megatron.early_exit.inference.strategies import STRATEGIES, get_strategy
 from megatron.early_exit.parallel.dims import ParallelState
 from megatron.early_exit.parallel.pipeline import StageSpec
 
@@ -68,7 +63,7 @@ _HOP, _HIDDEN, _RECORD, _LOGITS = 0, 1, 2, 3  # message tags, one channel each
 class _Decision:
     layer: int
     confidence: float
-    token: int | None  # greedy token (None when stage 0 samples from `logits`)
+    token: int  # greedy token
     logits: torch.Tensor | None  # [V], when sampling or log-probabilities need them
 
 
@@ -76,54 +71,38 @@ class PipelineEngine(EarlyExitEngine):
     """Early-exit decoding with the model split into pipeline stages; one instance per rank.
 
     model: this rank's stage (see `inference.parallel.build_stage`); specs: every stage's
-    `StageSpec`, the same on all ranks. Strategies "full" and "early_exit".
+    `StageSpec`, the same on all ranks. Strategies registered with `pipeline = True`.
     """
 
     def __init__(self, model, pstate: ParallelState, specs: list[StageSpec], tokenizer=None) -> None:
-        super().__init__(model, tokenizer)
+        super().__init__(model, tokenizer, layer_range=specs[pstate.pp_rank].layer_range)
         self.pstate, self.specs = pstate, specs
         self.stage = pstate.pp_rank
-        self.start, self.end = specs[self.stage].layer_range
         self.ranks = pstate.pp_group_ranks  # global rank of each stage
+        self.with_logits = False  # this call's steps send logits (sampling or log-probabilities)
         self._sends: list = []
-
-    # ----- per-stage pieces of the engine --------------------------------------------------
 
     def new_state(self, batch: int, capacity: int) -> DecodeState:
         """K/V for this stage's layers only; no pending states (every row runs every layer)."""
-        c, layers = self.config, self.end - self.start
-        cache = KVCache(layers, batch, capacity, self.kv_groups, c.head_dim, self.dtype, self.device)
-        state = DecodeState(
-            cache, torch.zeros(batch, 0, c.hidden_size, dtype=self.dtype, device=self.device), [0] * batch
-        )
-        if self.block_slots:
-            e = len(self.block_slots)
-            state.exit_cache = KVCache(e, batch, capacity, self.kv_groups, c.head_dim, self.dtype, self.device)
-            state.exit_inputs = torch.zeros(e, batch, capacity + 1, c.hidden_size, dtype=self.dtype, device=self.device)
-        return state
-
-    def _run_layer(self, i: int, rows: _Rows, cache: KVCache, memo: dict) -> torch.Tensor:
-        index, rotary = self._layout(cache, rows.seqs, rows.lo, rows.n, memo)
-        layer = self.model.decoder.layers[str(i)]
-        return layer(rows.x, rotary, index.attn_mask, cache.layer(i - self.start, index))
+        return self.passes.new_state(batch, capacity, pending=False)
 
     def check(self, s: GenerationSettings, prompts: list[list[int]]) -> ExitPolicy:
         """The engine's checks, answered from the config alone (a stage lacks other stages'
         exits), so every rank raises the same error before any message is sent."""
-        if s.strategy == "self_speculative":
-            raise ValueError("strategy: self_speculative is not supported with pipeline parallelism (use TP)")
-        learned = s.measure == "learned"
-        if learned and s.strategy == "early_exit" and not self.config.use_exit_confidence_head:
-            raise ValueError("measure 'learned' needs confidence probes; this model's exits have none")
-        policy = super().check(replace(s, measure="max_prob") if learned else s, prompts)
-        return replace(policy, measure=s.measure)
+        if s.strategy in STRATEGIES and not get_strategy(s.strategy).pipeline:
+            raise ValueError(f"strategy: {s.strategy} is not supported with pipeline parallelism (use TP)")
+        return super().check(s, prompts)
+
+    def check_probes(self, allowed: list[int], measure: str) -> None:
+        if not self.config.use_exit_confidence_head:
+            raise ValueError(f"measure '{measure}' needs confidence probes; this model's exits have none")
 
     def _decides(self, k: int, policy: ExitPolicy) -> bool:
         """Can stage k decide tokens in a step under `policy`? (Then it sends stage 0 a record.)"""
         if k == len(self.specs) - 1:
             return True
         start, end = self.specs[k].layer_range
-        return policy.threshold < 1.0 and any(start < n <= end for n in policy.allowed)
+        return any(start < n <= end and policy.threshold_of(n) < 1.0 for n in policy.allowed)
 
     # ----- generation ----------------------------------------------------------------------
 
@@ -138,42 +117,56 @@ class PipelineEngine(EarlyExitEngine):
         """`generate`, also returning this stage's decode state (its K/V cache) for inspection."""
         s = settings or GenerationSettings()
         policy = self.check(s, prompts)
-        self._profile = s.profile
-        results = [GenerationResult(prompt_tokens=list(p), logprobs=[] if s.return_logprobs else None) for p in prompts]
+        self.passes.profile = s.profile
+        results = new_results(prompts, s)
         if s.max_new_tokens == 0:
             return results, None
         state = self.new_state(len(prompts), max(len(p) for p in prompts) + s.max_new_tokens + 1)
-        with_logits = s.temperature > 0 or s.return_logprobs
-        if self.stage == 0:
-            self._lead(state, prompts, results, s, policy, with_logits)
-        else:
-            self._follow(state, len(prompts), policy, with_logits)
+        self.with_logits = s.temperature > 0 or s.return_logprobs
+        with self.packed:
+            if self.stage == 0:
+                elapsed, counts = decode_loop(self, state, prompts, results, s, policy)
+                self._wait_sends()
+                self._send_hop(torch.zeros(len(prompts), 2, dtype=torch.long), None)  # the end
+                self.acceptance.finish(results, s, elapsed, counts, state.exit_time)
+            else:
+                self._follow(state, len(prompts), policy)
         self._wait_sends()
         box = [results]
         if self.pstate.pp_group is not None:
             dist.broadcast_object_list(box, src=self.ranks[0], group=self.pstate.pp_group)
         return box[0], state
 
-    def _lead(self, state, prompts, results, s: GenerationSettings, policy: ExitPolicy, with_logits: bool) -> None:
-        """Stage 0: feed tokens, collect each step's decisions, apply stops; then tell the others to end."""
-        gen = make_generator(s.seed)
-        start = _tick(self.device)
-        feed, step_policy = dict(enumerate(prompts)), ExitPolicy()  # the prefill never exits
-        while feed:
-            rows = self._embed(state, feed)  # rows in slot order
-            decided = self._stage_pass(state, rows, set(feed), step_policy, with_logits)
-            for k in range(1, len(self.specs)):
-                if len(decided) == len(feed):
-                    break
-                if self._decides(k, step_policy):
-                    decided.update(self._recv_record(k, len(prompts), with_logits))
-            running = self._take(decided, results, s, gen)
-            feed, step_policy = {b: [results[b].tokens[-1]] for b in running}, policy
-        self._wait_sends()
-        self._send_hop(torch.zeros(len(prompts), 2, dtype=torch.long), None)
-        self.finish_results(results, s, _tick(self.device) - start, [[0, 0] for _ in prompts], state.exit_time)
+    # ----- stage 0's step functions (what `decode_loop` calls) -----------------------------
 
-    def _follow(self, state, batch: int, policy: ExitPolicy, with_logits: bool) -> None:
+    def prefill(self, state: DecodeState, prompts: dict[int, list[int]]) -> StepOutput:
+        return self._lead_step(state, prompts, ExitPolicy())  # the prefill never exits
+
+    def decode_one_token(self, state: DecodeState, tokens: dict[int, int], policy: ExitPolicy) -> StepOutput:
+        return self._lead_step(state, {b: [t] for b, t in tokens.items()}, policy)
+
+    def verify(self, state: DecodeState, tokens: dict[int, list[int]]) -> StepOutput:
+        raise ValueError("verify: not available with pipeline parallelism")
+
+    def _lead_step(self, state: DecodeState, feed: dict[int, list[int]], policy: ExitPolicy) -> StepOutput:
+        """Stage 0: embed and run the step, then collect every stage's decisions; returns them in
+        one process's order (shallowest exit first, then by slot)."""
+        rows = self.passes.embed(state, feed)  # rows in slot order
+        decided = self._stage_pass(state, rows, set(feed), policy)
+        for k in range(1, len(self.specs)):
+            if len(decided) == len(feed):
+                break
+            if self._decides(k, policy):
+                decided.update(self._recv_record(k, len(state.fed)))
+        out = StepOutput()
+        for b in sorted(decided, key=lambda b: (decided[b].layer, b)):
+            d = decided[b]
+            out.exit_layer[b], out.confidence[b], out.tokens[b] = d.layer, d.confidence, d.token
+            if d.logits is not None:
+                out.logits[b] = d.logits
+        return out
+
+    def _follow(self, state, batch: int, policy: ExitPolicy) -> None:
         """Stages 1..: take each step's rows from the previous stage, until the empty header."""
         step_policy = ExitPolicy()
         while True:
@@ -184,96 +177,68 @@ class PipelineEngine(EarlyExitEngine):
                 return
             rows = self._recv_rows(state, header)
             undecided = {b for b in rows.seqs if int(header[b, 1])}
-            self._stage_pass(state, rows, undecided, step_policy, with_logits)
+            self._stage_pass(state, rows, undecided, step_policy)
             step_policy = policy
 
-    def _stage_pass(self, state, rows: _Rows, undecided: set[int], policy: ExitPolicy, with_logits: bool) -> dict:
+    def _stage_pass(self, state, rows: Rows, undecided: set[int], policy: ExitPolicy) -> dict:
         """This stage's layers over `rows`, its exits for the undecided, the final head on the last
         stage; reports decisions (stage 0 keeps them: returned) and passes every row on."""
         self._wait_sends()  # the previous step's messages: received by now or soon, never cyclically
-        out, memo, undecided = StepOutput(), {}, set(undecided)
-        by_depth = self._local_exits(policy)
-        last_depth = max(by_depth, default=self.start)
+        p, out, memo, undecided = self.passes, StepOutput(), {}, set(undecided)
+        by_depth = p.exits_by_depth(policy)
+        last_depth = max(by_depth, default=p.start)
         report = self.stage > 0 and bool(undecided) and self._decides(self.stage, policy)
-        for d in range(self.start, self.end + 1):
-            if d > self.start:
-                rows.x = self._run_layer(d - 1, rows, state.cache, memo)
-                for a, b in enumerate(rows.seqs):
-                    state.cache.filled[d - 1 - self.start, b] = rows.lo[a] + rows.n[a]
-            self._record_block_inputs(state, d, rows)
+        for d in range(p.start, p.end + 1):
+            if d > p.start:
+                p.advance(state, d - 1, rows, memo)
+            p.record_block_inputs(state, d, rows)
             for n in by_depth.get(d, []):
-                undecided -= self._check_exit(state, n, rows, undecided, policy, out)
+                undecided -= p.check_exit(state, n, rows, undecided, policy, out)
             if report and not self._is_last() and (not undecided or d >= last_depth):
-                self._send_record(out, len(state.fed), with_logits)  # stage 0 may go on before our layers end
+                self._send_record(out, len(state.fed))  # stage 0 may go on before our layers end
                 report = False
         if self._is_last():
-            self._final_head(_subset(rows, undecided), False, out)
+            p.final_head(rows.subset(undecided), False, out)
             if report:
-                self._send_record(out, len(state.fed), with_logits)
+                self._send_record(out, len(state.fed))
         else:
             self._send_hop(_header(rows, undecided, len(state.fed)), rows.x)
-        return self._decisions(out, with_logits)
+        return self._decisions(out)
 
-    def _local_exits(self, policy: ExitPolicy) -> dict[int, list[int]]:
-        """depth -> this stage's exits that may fire there (none at threshold 1.0, as in one process)."""
-        if policy.threshold >= 1.0:
-            return {}
-        by_depth: dict[int, list[int]] = {}
-        for n in sorted(set(policy.allowed)):
-            if str(n) in self.model.exits:
-                by_depth.setdefault(self.depth(n), []).append(n)
-        return by_depth
-
-    def _decisions(self, out: StepOutput, with_logits: bool) -> dict[int, _Decision]:
+    def _decisions(self, out: StepOutput) -> dict[int, _Decision]:
         return {
             b: _Decision(
                 out.exit_layer[b],
                 out.confidence[b],
                 int(logits.argmax()),  # = `choose` at temperature 0
-                logits if with_logits else None,
+                logits if self.with_logits else None,
             )
             for b, logits in out.logits.items()
         }
 
-    def _take(self, decided: dict[int, _Decision], results, s: GenerationSettings, gen) -> list[int]:
-        """Append each sequence's token (sampled here, in one process's order: shallowest exit first,
-        then by slot, so a seed gives the same draws); returns the slots still running."""
-        order = sorted(decided, key=lambda b: (decided[b].layer, b))
-        if s.temperature > 0:
-            stacked = torch.stack([decided[b].logits for b in order])  # (A, V)
-            tokens = choose(stacked, s.temperature, s.top_k, s.top_p, gen).tolist()
-        else:
-            tokens = [decided[b].token for b in order]
-        running = []
-        for b, tok in zip(order, tokens):
-            d = decided[b]
-            self.append_token(results[b], tok, d.layer, d.confidence, d.logits)
-            if not self.is_stopped(results[b], s):
-                running.append(b)
-        return sorted(running)
-
     # ----- messages ------------------------------------------------------------------------
 
-    def _send_record(self, out: StepOutput, batch: int, with_logits: bool) -> None:
+    def _send_record(self, out: StepOutput, batch: int) -> None:
         """To stage 0: [B, 3] float64 (exit layer or 0, confidence, greedy token); then the decided
         rows' logits [k, V] in slot order when sampling or log-probabilities need them."""
-        decisions = self._decisions(out, with_logits)
+        decisions = self._decisions(out)
         record = torch.zeros(batch, 3, dtype=torch.float64)
         for b, d in decisions.items():
             record[b] = torch.tensor([d.layer, d.confidence, d.token], dtype=torch.float64)
         self._isend(record.to(self.device), 0, _RECORD)
-        if with_logits and decisions:
+        if self.with_logits and decisions:
             self._isend(torch.stack([decisions[b].logits for b in sorted(decisions)]), 0, _LOGITS)  # (k, V)
 
-    def _recv_record(self, k: int, batch: int, with_logits: bool) -> dict[int, _Decision]:
+    def _recv_record(self, k: int, batch: int) -> dict[int, _Decision]:
         record = self._recv(torch.empty(batch, 3, dtype=torch.float64), k, _RECORD).cpu()
         slots = [b for b in range(batch) if record[b, 0] > 0]
         logits = None
-        if with_logits and slots:
-            buf = torch.empty(len(slots), self.vocab, dtype=torch.float32)
-            logits = self._recv(buf, k, _LOGITS)  # (k, V)
+        if self.with_logits and slots:
+            logits = self._recv(torch.empty(len(slots), self.vocab, dtype=torch.float32), k, _LOGITS)  # (k, V)
         return {
-            b: _Decision(int(record[b, 0]), float(record[b, 1]), int(record[b, 2]), logits[j] if with_logits else None)
+            b: _Decision(
+                int(record[b, 0]), float(record[b, 1]), int(record[b, 2]), None if logits is None else logits[j]
+            )
             for j, b in enumerate(slots)
         }
 
@@ -284,7 +249,7 @@ class PipelineEngine(EarlyExitEngine):
         if x is not None:
             self._isend(x, self.stage + 1, _HIDDEN)  # (A, R, h)
 
-    def _recv_rows(self, state: DecodeState, header: torch.Tensor) -> _Rows:
+    def _recv_rows(self, state: DecodeState, header: torch.Tensor) -> Rows:
         n = header[:, 0].tolist()
         seqs = [b for b in range(len(n)) if n[b] > 0]
         lo = [state.fed[b] for b in seqs]
@@ -292,7 +257,7 @@ class PipelineEngine(EarlyExitEngine):
             state.fed[b] += n[b]
         buf = torch.empty(len(seqs), max(n), self.config.hidden_size, dtype=self.dtype)
         x = self._recv(buf, self.stage - 1, _HIDDEN)  # (A, R, h)
-        return _Rows(seqs, lo, [n[b] for b in seqs], x)
+        return Rows(seqs, lo, [n[b] for b in seqs], x)
 
     def _isend(self, t: torch.Tensor, k: int, tag: int) -> None:
         t = t.contiguous()
@@ -312,12 +277,7 @@ class PipelineEngine(EarlyExitEngine):
         return self.stage == len(self.specs) - 1
 
 
-def _subset(rows: _Rows, keep: set[int]) -> _Rows:
-    idx = [a for a, b in enumerate(rows.seqs) if b in keep]
-    return _Rows([rows.seqs[a] for a in idx], [rows.lo[a] for a in idx], [rows.n[a] for a in idx], rows.x[idx])
-
-
-def _header(rows: _Rows, undecided: set[int], batch: int) -> torch.Tensor:
+def _header(rows: Rows, undecided: set[int], batch: int) -> torch.Tensor:
     """[B, 2] int64: rows this step per slot (0 = not in it), and 1 where still undecided."""
     header = torch.zeros(batch, 2, dtype=torch.long)
     for a, b in enumerate(rows.seqs):

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from megatron.early_exit.config import ModelConfig
+from megatron.early_exit.model.norm import build_norm
 from megatron.early_exit.model.rotary import apply_rotary
 
 
@@ -25,7 +26,10 @@ class LayerKVCache(Protocol):
 
 
 class SelfAttention(nn.Module):
-    """linear_qkv -> RoPE -> SDPA -> linear_proj.
+    """linear_qkv -> [QK-norm] -> RoPE -> SDPA -> linear_proj.
+
+    QK-norm (Qwen3, `qk_layernorm`): one norm over the head dim, shared by every query head
+    (`q_layernorm`) and one by every key head (`k_layernorm`), applied before RoPE.
 
     linear_qkv is fused in Megatron's grouped layout: for each query group its
     (nh/ng) query heads, then its key head, then its value head. Tensor parallelism can
@@ -42,6 +46,11 @@ class SelfAttention(nn.Module):
         qkv_bias = config.add_bias_linear or config.add_qkv_bias
         self.linear_qkv = nn.Linear(config.hidden_size, qkv_out, bias=qkv_bias)
         self.linear_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=config.add_bias_linear)
+        if config.qk_layernorm:
+            self.q_layernorm = build_norm(config.normalization, self.head_dim, config.norm_epsilon)
+            self.k_layernorm = build_norm(config.normalization, self.head_dim, config.norm_epsilon)
+        else:
+            self.q_layernorm = self.k_layernorm = None
 
     def split_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x [b, s, h] -> q [b, nh, s, hd], k and v [b, ng, s, hd] (local head counts under TP)."""
@@ -69,6 +78,8 @@ class SelfAttention(nn.Module):
         """
         q, k, v = self.split_qkv(x)
         b, _, s, _ = q.shape
+        if self.q_layernorm is not None:
+            q, k = self.q_layernorm(q), self.k_layernorm(k)  # over hd, per head
         if rotary is not None:
             cos, sin = rotary
             q = apply_rotary(q, cos, sin)

@@ -28,6 +28,9 @@ from megatron.early_exit.model.norm import build_norm
 
 
 class ExitHead(nn.Module):
+    """One exit: `hidden` (norm / MLP / block) then `project` (the vocabulary projection); no
+    `forward`, since callers decide whether and for which rows the projection runs."""
+
     def __init__(self, config: ModelConfig, layer_number: int) -> None:
         super().__init__()
         self.layer_number = layer_number
@@ -79,6 +82,3 @@ class ExitHead(nn.Module):
         if self.confidence is None:
             raise RuntimeError(f"exit {self.layer_number} has no confidence head")
         return self.confidence(h.to(self.confidence.weight.dtype)).squeeze(-1)
-
-    def forward(self, h, tied_weight=None, rotary=None):
-        return self.project(self.hidden(h, rotary), tied_weight)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import math
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -31,10 +30,11 @@ from megatron.early_exit.model.rotary import RotaryEmbedding
 class ModelOutput:
     """What a forward pass returns.
 
-    Without labels: `logits` [b, s, V] from the final head and `exit_logits`
-    {layer_number: [b, s, V]}. With labels: per-token losses instead (`loss` [b, s] and
-    `exit_losses` {layer: [b, s]}), plus each exit's detached max-probability confidence
-    per token in `exit_confidences` when asked (dynamic exit-loss weights need it).
+    Without labels: `logits` [b, s, real V] from the final head and `exit_logits`
+    {layer_number: [b, s, real V]} (the tokenizer's vocabulary: padded rows cut off).
+    With labels: per-token losses instead (`loss` [b, s] and `exit_losses` {layer: [b, s]}),
+    plus each exit's detached max-probability confidence per token in `exit_confidences`
+    when asked (dynamic exit-loss weights need it).
     """
 
     logits: torch.Tensor | None = None
@@ -43,8 +43,6 @@ class ModelOutput:
     exit_losses: dict[int, torch.Tensor] = field(default_factory=dict)
     exit_confidences: dict[int, torch.Tensor] = field(default_factory=dict)
     hidden_states: torch.Tensor | None = None  # output of the last layer this stage ran
-    deferred_exits: list = field(default_factory=list)  # [(layer, exit input)] not yet evaluated
-    rotary: tuple | None = None
 
 
 class Embedding(nn.Module):
@@ -212,17 +210,23 @@ class EarlyExitGPT(nn.Module):
         labels: torch.Tensor | None = None,
         hidden_states: torch.Tensor | None = None,
         return_exit_confidences: bool = False,
-        defer_exits: bool = False,
-        frozen_backbone: bool = False,
         compute_final: bool = True,
     ) -> ModelOutput:
         """input_ids [b, s] (first stage) or hidden_states [b, s, h] (later stages).
+        compute_final: False skips the final head (`out.hidden_states` is still there)."""
+        h, rotary = self.embed_input(input_ids, position_ids, hidden_states)
+        h, exit_inputs = self.run_layers(h, rotary)
+        out = ModelOutput(hidden_states=h)
+        self.evaluate_exits(out, exit_inputs, rotary, labels, return_exit_confidences)
+        if self.post_process and compute_final:
+            self.final_head(out, h, labels)
+        return out
 
-        defer_exits: do not evaluate exit heads now; remember their inputs in
-        `out.deferred_exits` for `compute_deferred_exits` (the pipeline schedule evaluates
-        them lazily, right before the stage's backward). frozen_backbone: run the layers
-        under no_grad and only the exit heads with gradients (EE-Tuning).
-        """
+    def embed_input(
+        self, input_ids: torch.Tensor | None, position_ids: torch.Tensor | None, hidden_states: torch.Tensor | None
+    ) -> tuple[torch.Tensor, tuple | None]:
+        """The first layer's input [b, s, h] (embedded ids, or a previous stage's hidden states)
+        and the rotary tables for `position_ids` (default 0..s-1)."""
         if self.pre_process:
             b, s = input_ids.shape
             device = input_ids.device
@@ -231,46 +235,51 @@ class EarlyExitGPT(nn.Module):
             device = hidden_states.device
         if position_ids is None:
             position_ids = torch.arange(s, device=device).unsqueeze(0).expand(b, s)
-        out = ModelOutput()
-        with torch.no_grad() if frozen_backbone else nullcontext():
-            h = self.embedding(input_ids, position_ids) if self.pre_process else hidden_states
-            rotary = self.rotary(position_ids) if self.rotary is not None else None
-        out.rotary = rotary
+        h = self.embedding(input_ids, position_ids) if self.pre_process else hidden_states
+        return h, self.rotary(position_ids) if self.rotary is not None else None
+
+    def run_layers(self, h: torch.Tensor, rotary) -> tuple[torch.Tensor, list[tuple[int, torch.Tensor]]]:
+        """This stage's layers over h; returns their output and [(exit layer, exit input)]."""
+        exit_inputs = []
         for i in self.layer_ids:
             n = i + 1
             if n in self.exits_by_layer and self.config.pre_exit:
-                out.deferred_exits.append((n, h))
-            with torch.no_grad() if frozen_backbone else nullcontext():
-                h = self._run_layer(self.decoder.layers[str(i)], h, rotary)
+                exit_inputs.append((n, h))
+            h = self._run_layer(self.decoder.layers[str(i)], h, rotary)
             if n in self.exits_by_layer and not self.config.pre_exit:
-                out.deferred_exits.append((n, h))
-        out.hidden_states = h
-        if not defer_exits:
-            self.compute_deferred_exits(out, labels, return_exit_confidences)
-        if self.post_process and compute_final:
-            logits = self.head_ops.project(self.decoder.final_layernorm(h), self.output_weight())
-            if labels is None:
-                out.logits = self.head_ops.full_logits(logits)
-            else:
-                out.loss = self.head_ops.token_losses(logits, labels)
-        return out
+                exit_inputs.append((n, h))
+        return h, exit_inputs
+
+    def final_head(self, out: ModelOutput, h: torch.Tensor, labels: torch.Tensor | None = None) -> None:
+        """The final head on h: `out.logits`, or per-token `out.loss` with labels."""
+        logits = self.head_ops.project(self.decoder.final_layernorm(h), self.output_weight())
+        if labels is None:
+            out.logits = self.visible_logits(logits)
+        else:
+            out.loss = self.head_ops.token_losses(logits, labels)
+
+    def visible_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        """Logits as callers see them: over the whole vocabulary, without the padded rows
+        (`config.real_vocab_size`), so a log-softmax over them normalises over real tokens only."""
+        full = self.head_ops.full_logits(logits)
+        real = self.config.real_vocab_size
+        return full[..., :real] if real and real < full.shape[-1] else full
 
     @property
     def exits_by_layer(self) -> set[int]:
         return set(self.exit_layer_ids)
 
-    def compute_deferred_exits(self, out: ModelOutput, labels=None, want_conf: bool = False) -> None:
-        """Evaluate the exit heads whose inputs `forward` remembered; fills exit logits or losses."""
-        for n, h in out.deferred_exits:
+    def evaluate_exits(self, out: ModelOutput, exit_inputs, rotary, labels=None, want_conf: bool = False) -> None:
+        """The exit heads on their inputs [(layer, h)]; fills exit logits, or losses with labels."""
+        for n, h in exit_inputs:
             head = self.exits[str(n)]
-            logits = head.project(head.hidden(h, out.rotary), self.tied_output_weight(), self.head_ops)
+            logits = head.project(head.hidden(h, rotary), self.tied_output_weight(), self.head_ops)
             if labels is None:
-                out.exit_logits[n] = self.head_ops.full_logits(logits)
+                out.exit_logits[n] = self.visible_logits(logits)
                 continue
             out.exit_losses[n] = self.head_ops.token_losses(logits, labels)
             if want_conf:
                 out.exit_confidences[n] = self.head_ops.max_prob(logits)
-        out.deferred_exits = []
 
 
 def _stable_seed(seed: int, name: str) -> int:

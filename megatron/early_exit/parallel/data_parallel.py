@@ -142,6 +142,10 @@ class FSDP2:
         self.mesh = DeviceMesh.from_group(ps.dp_group, ps.device.type)
         self.model = fully_shard(model, mesh=self.mesh, reshard_after_forward=False)
         self.model.zero_grad = partial(_zero_sharded_grads, self.model, self.model.zero_grad)
+        # The schedules call the stage's pieces (embed_input first, then run_layers, the heads),
+        # not its forward, so FSDP2's forward hook never gathers it: gather by hand, once per
+        # batch (a no-op while gathered).
+        self.model.embed_input = partial(_gather_then, self.model, self.model.embed_input)
         self._accumulate_only()
 
     def _accumulate_only(self) -> None:
@@ -173,6 +177,14 @@ def _zero_sharded_grads(model, zero_grad, set_to_none: bool = True) -> None:
     holds, whose stale gradients the next reduce-scatter would add to: reshard first."""
     model.reshard()
     zero_grad(set_to_none)
+
+
+def _gather_then(model, method, *args, **kwargs):
+    from torch.distributed.fsdp import fully_shard
+
+    fully_shard.state(model)._lazy_init()  # what the first forward would do
+    model.unshard()
+    return method(*args, **kwargs)
 
 
 def local(t: torch.Tensor) -> torch.Tensor:

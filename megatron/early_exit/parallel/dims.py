@@ -55,12 +55,6 @@ class ParallelDims:
     def rank_of(self, pp_rank: int, dp_rank: int, tp_rank: int) -> int:
         return (pp_rank * self.dp + dp_rank) * self.tp + tp_rank
 
-    def tp_ranks(self, pp_rank: int, dp_rank: int) -> list[int]:
-        return [self.rank_of(pp_rank, dp_rank, t) for t in range(self.tp)]
-
-    def dp_ranks(self, pp_rank: int, tp_rank: int) -> list[int]:
-        return [self.rank_of(pp_rank, d, tp_rank) for d in range(self.dp)]
-
     def pp_ranks(self, dp_rank: int, tp_rank: int) -> list[int]:
         return [self.rank_of(p, dp_rank, tp_rank) for p in range(self.pp)]
 

@@ -46,11 +46,14 @@ def build_embedding_group(config, specs: list[StageSpec], ps: ParallelState):
     return mine
 
 
-def sync_gradients(model: torch.nn.Module, ps: ParallelState, embedding_group, data_parallel=None) -> None:
+def sync_gradients(
+    model: torch.nn.Module, ps: ParallelState, embedding_group, sequence_parallel: bool = False, data_parallel=None
+) -> None:
     """DP average (by the engine; without one, one blocking all-reduce per tensor: the old
-    sync, kept for benchmarks/data_parallel.py), then the sums over TP (sequence parallelism)
-    and the embedding group. All are linear, so their order does not matter; under FSDP2
-    they act on matching local shards."""
+    sync, kept for benchmarks/data_parallel.py), then the sums over TP of replicated weights
+    under sequence parallelism (`apply_tensor_parallel`'s flag) and over the embedding group.
+    All are linear, so their order does not matter; under FSDP2 they act on matching local
+    shards."""
     if data_parallel is not None:
         data_parallel.finish()
     elif ps.dp_group is not None:
@@ -58,7 +61,7 @@ def sync_gradients(model: torch.nn.Module, ps: ParallelState, embedding_group, d
             if p.grad is not None:
                 dist.all_reduce(p.grad, group=ps.dp_group)
                 p.grad.div_(ps.dims.dp)
-    if getattr(model, "sequence_parallel", False) and ps.tp_group is not None:
+    if sequence_parallel and ps.tp_group is not None:
         # Replicated weights (norms, row-parallel biases) saw only this rank's sequence chunk.
         for name, p in model.named_parameters():
             if p.grad is not None and shard_spec(name, model.config.swiglu) == "replicated":
@@ -118,10 +121,8 @@ def _head_order(key: str):
     return (1, 0)
 
 
-def gather_rng_states(ps: ParallelState) -> list | None:
-    from megatron.early_exit.checkpointing import rng_state
-
-    mine = rng_state()
+def gather_rng_states(ps: ParallelState, mine: dict) -> list | None:
+    """Every rank's RNG state `mine` (`checkpointing.rng_state()`), gathered on rank 0."""
     if not dist.is_initialized() or ps.dims.world_size == 1:
         return [mine]
     out = [None] * ps.dims.world_size if ps.rank == 0 else None

@@ -43,10 +43,13 @@ def full_state_dict(model: torch.nn.Module, pstate: ParallelState) -> dict[str, 
     return _gather_to_rank0(local, pstate)
 
 
+def local_optimizer(optimizer):
+    """The optimizer that holds this rank's state (ZeRO's inner one when sharded)."""
+    return getattr(optimizer, "optim", optimizer)
+
+
 def full_optimizer_state(model, optimizer, pstate: ParallelState) -> dict | None:
     """Optimizer state keyed by parameter name, unsharded: {name: {key: tensor}}."""
-    from megatron.early_exit.training.optimizer import local_optimizer
-
     reshard(model)  # FSDP2: the optimizer holds the sharded parameters
     local = {}
     opt = local_optimizer(optimizer) if optimizer is not None else None
@@ -66,8 +69,6 @@ def full_optimizer_state(model, optimizer, pstate: ParallelState) -> dict | None
 
 def load_optimizer_state(model, optimizer, full_state: dict, pstate: ParallelState, source: str) -> None:
     """Give each local parameter its slice of the saved state (any saved layout)."""
-    from megatron.early_exit.training.optimizer import local_optimizer
-
     if optimizer is None:
         return
     reshard(model)

@@ -11,7 +11,7 @@ inserts the collectives around it:
   and the cross-entropy of every head (logits are never gathered for the loss).
 
 The collectives are Megatron's conjugate pairs, each a small autograd Function:
-`copy_to` (forward identity, backward all-reduce) and `reduce_from` (forward all-reduce,
+`_CopyToTP` (forward identity, backward all-reduce) and `reduce_from` (forward all-reduce,
 backward identity); the replicated loss on every TP rank is then differentiated exactly
 once. At TP=1 nothing is swapped and nothing costs extra.
 """
@@ -102,10 +102,6 @@ def enter_tp(x: torch.Tensor, group, sequence_parallel: bool) -> torch.Tensor:
 
 def leave_tp(x: torch.Tensor, group, sequence_parallel: bool) -> torch.Tensor:
     return _ReduceScatterSeq.apply(x, group) if sequence_parallel else _ReduceFromTP.apply(x, group)
-
-
-def copy_to(x: torch.Tensor, group) -> torch.Tensor:
-    return _CopyToTP.apply(x, group)
 
 
 def reduce_from(x: torch.Tensor, group) -> torch.Tensor:
@@ -304,7 +300,6 @@ def apply_tensor_parallel(model: EarlyExitGPT, group, sequence_parallel: bool = 
     if model.output_layer is not None:
         model.output_layer.weight = nn.Parameter(_shard_rows(model.output_layer.weight.detach(), rank, size))
     model.head_ops = VocabParallelHeadOps(group, vocab_start, sp)
-    model.sequence_parallel = sp
     return model
 
 

@@ -17,7 +17,6 @@ from megatron.early_exit.tokenizer.base import Tokenizer
 from megatron.early_exit.tokenizer.gpt2_bpe import default_gpt2_files
 
 TOKENIZER_TYPES = ("GPT2BPETokenizer", "SentencePieceTokenizer", "HuggingFaceTokenizer", "NullTokenizer")
-TYPES = TOKENIZER_TYPES  # shorter alias
 
 
 def build_tokenizer(

@@ -6,9 +6,13 @@ so code written against Megatron's tokenizers reads the same here.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from abc import ABC, abstractmethod
+
+#: What `transformers.AutoTokenizer.from_pretrained` reads to pick a tokenizer class.
+HF_CONFIG_FILE = "tokenizer_config.json"
 
 
 class Tokenizer(ABC):
@@ -70,6 +74,17 @@ def copy_into(directory: str, source: str, name: str) -> str:
     if os.path.abspath(source) != os.path.abspath(target):
         shutil.copyfile(source, target)
     return name
+
+
+def write_hf_config(directory: str, config: dict) -> None:
+    """Write `tokenizer_config.json` so `transformers.AutoTokenizer` can load `directory`
+    (None values left out); an existing one (copied from the source) is kept."""
+    path = os.path.join(directory, HF_CONFIG_FILE)
+    if os.path.isfile(path):
+        return
+    os.makedirs(directory, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump({k: v for k, v in config.items() if v is not None}, f, indent=2, ensure_ascii=False)
 
 
 def in_vocab(ids, size: int) -> list[int]:

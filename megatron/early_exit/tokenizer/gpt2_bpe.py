@@ -1,14 +1,18 @@
-"""GPT-2's byte-level BPE, written from the published algorithm (Radford et al., 2019).
+"""GPT-2's byte-level BPE (Radford et al., 2019), run by the `tokenizers` library (Rust).
 
-1. Pre-tokenise: the text is cut into pieces by GPT-2's regular expression (contractions,
-   optionally space-prefixed runs of letters / digits / other symbols, whitespace runs).
-2. Bytes to symbols: each piece's UTF-8 bytes become printable unicode characters through a
-   fixed bijection, so every possible byte has a symbol and no text is ever out of vocabulary.
-3. Merge: the adjacent symbol pair with the lowest rank in merges.txt is fused everywhere in
-   the piece (left to right, non-overlapping), repeatedly, until no adjacent pair is ranked.
-4. The final symbols are looked up in vocab.json.
+The library's `Tokenizer` is assembled here from a GPT-2 style vocab.json + merges.txt, the
+pieces GPT-2 itself uses:
 
-Pieces repeat a lot in natural text, so step 3 sits behind a bounded LRU cache.
+1. Pre-tokenise (`pre_tokenizers.ByteLevel`, GPT-2's regular expression, no prefix space): the
+   text is cut into contractions, optionally space-prefixed runs of letters / digits / other
+   symbols, and whitespace runs; each piece's UTF-8 bytes become printable characters through
+   GPT-2's byte -> character bijection, so no text is ever out of vocabulary.
+2. Merge (`models.BPE`): the ranked pairs of merges.txt are applied to each piece; the final
+   symbols are looked up in vocab.json.
+3. Decode (`decoders.ByteLevel`): tokens back to bytes, invalid UTF-8 replaced by U+FFFD.
+
+No added tokens are registered, so "<|endoftext|>" in text is plain text, as in GPT-2's own
+encoder; the eod id is appended by the callers that want it.
 """
 
 from __future__ import annotations
@@ -16,19 +20,13 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-from collections import OrderedDict
 
-import regex
+from tokenizers import Tokenizer as HFTokenizer
+from tokenizers import decoders, models, pre_tokenizers
 
-from megatron.early_exit.tokenizer.base import Tokenizer, copy_into, in_vocab, require_file
+from megatron.early_exit.tokenizer.base import Tokenizer, copy_into, in_vocab, require_file, write_hf_config
 
 EOD_TOKEN = "<|endoftext|>"
-
-# GPT-2's pre-tokenisation pattern. `\s+(?!\S)` leaves the last space of a whitespace run to
-# prefix the following word, which is why " world" is one token.
-GPT2_PATTERN = regex.compile(r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+""")
-
-CACHE_SIZE = 1 << 16
 
 
 def bytes_to_unicode() -> dict[int, str]:
@@ -36,7 +34,8 @@ def bytes_to_unicode() -> dict[int, str]:
 
     The 188 bytes that are printable Latin-1 characters ('!'..'~', '¡'..'¬', '®'..'ÿ') stand for
     themselves; the other 68 (controls, space, DEL, NBSP, soft hyphen, ...) are given the code
-    points 256, 257, ... in increasing byte order.
+    points 256, 257, ... in increasing byte order. The library applies it internally; the
+    server uses this table to report a byte-level token's raw bytes.
     """
     printable = set(range(0x21, 0x7F)) | set(range(0xA1, 0xAD)) | set(range(0xAE, 0x100))
     table: dict[int, str] = {}
@@ -67,25 +66,6 @@ def default_gpt2_files() -> tuple[str, str]:
     )
 
 
-class _LRUCache:
-    """A small least-recently-used map (piece -> ids)."""
-
-    def __init__(self, capacity: int) -> None:
-        self.capacity = capacity
-        self.data: OrderedDict[str, tuple[int, ...]] = OrderedDict()
-
-    def get(self, key: str) -> tuple[int, ...] | None:
-        value = self.data.get(key)
-        if value is not None:
-            self.data.move_to_end(key)
-        return value
-
-    def put(self, key: str, value: tuple[int, ...]) -> None:
-        self.data[key] = value
-        if len(self.data) > self.capacity:
-            self.data.popitem(last=False)
-
-
 def _read_vocab(vocab_file: str) -> dict[str, int]:
     try:
         with open(vocab_file, encoding="utf-8") as f:
@@ -97,7 +77,8 @@ def _read_vocab(vocab_file: str) -> dict[str, int]:
     return vocab
 
 
-def _read_merges(merge_file: str) -> dict[tuple[str, str], int]:
+def _read_merges(merge_file: str) -> list[tuple[str, str]]:
+    """The merge pairs in rank order (a repeated pair keeps its first rank)."""
     try:
         with open(merge_file, encoding="utf-8") as f:
             lines = f.read().split("\n")
@@ -114,7 +95,7 @@ def _read_merges(merge_file: str) -> dict[tuple[str, str], int]:
         if len(parts) != 2:
             raise ValueError(f"--merge-file {merge_file}: line {lineno} is not 'left right': {line!r}")
         ranks.setdefault((parts[0], parts[1]), len(ranks))
-    return ranks
+    return list(ranks)
 
 
 class GPT2BPETokenizer(Tokenizer):
@@ -123,32 +104,35 @@ class GPT2BPETokenizer(Tokenizer):
     def __init__(self, vocab_file: str, merge_file: str) -> None:
         self.vocab_file = require_file(vocab_file, "--vocab-file", "GPT2BPETokenizer needs vocab.json")
         self.merge_file = require_file(merge_file, "--merge-file", "GPT2BPETokenizer needs merges.txt")
-        self.encoder = _read_vocab(self.vocab_file)
-        self.bpe_ranks = _read_merges(self.merge_file)
-        if EOD_TOKEN not in self.encoder:
+        # Read in Python first so a malformed file is reported with its flag (and line).
+        vocab = _read_vocab(self.vocab_file)
+        merges = _read_merges(self.merge_file)
+        if EOD_TOKEN not in vocab:
             raise ValueError(f"--vocab-file {self.vocab_file}: no {EOD_TOKEN} token")
-        self.decoder = {i: token for token, i in self.encoder.items()}
-        self.byte_encoder = bytes_to_unicode()
-        self.byte_decoder = {char: byte for byte, char in self.byte_encoder.items()}
-        # Each id's bytes, for detokenize. Characters outside the byte alphabet (hand-added
-        # tokens in a custom vocabulary) stand for their own UTF-8 encoding.
-        self.token_bytes = {
-            i: b"".join(bytes([self.byte_decoder[c]]) if c in self.byte_decoder else c.encode() for c in token)
-            for i, token in self.decoder.items()
-        }
-        self._vocab_size = max(len(self.encoder), max(self.encoder.values()) + 1)
-        self._eod = self.encoder[EOD_TOKEN]
-        self._cache = _LRUCache(CACHE_SIZE)
+        # Without every byte symbol the library would silently drop the bytes it cannot spell.
+        missing = [c for c in pre_tokenizers.ByteLevel.alphabet() if c not in vocab]
+        if missing:
+            raise ValueError(f"--vocab-file {self.vocab_file} lacks the byte symbols {''.join(sorted(missing))!r}")
+        try:
+            model = models.BPE(vocab, merges)
+        except Exception as e:  # the library's own check: a merge result missing from the vocab
+            raise ValueError(
+                f"--merge-file {self.merge_file} does not fit --vocab-file {self.vocab_file}: {e}"
+            ) from None
+        # Named `tok` as in HuggingFaceTokenizer: the server reads byte-level token bytes through it
+        # (inference/server/responses.py, token_bytes).
+        self.tok = HFTokenizer(model)
+        self.tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+        self.tok.decoder = decoders.ByteLevel()
+        self._vocab_size = max(len(vocab), max(vocab.values()) + 1)
+        self._eod = vocab[EOD_TOKEN]
 
-    # The cache is a per-process speed-up: leave it out of pickles (worker pools).
+    # Worker pools pickle the tokenizer: send the two paths and rebuild from the files.
     def __getstate__(self) -> dict:
-        state = self.__dict__.copy()
-        state["_cache"] = None
-        return state
+        return {"vocab_file": self.vocab_file, "merge_file": self.merge_file}
 
     def __setstate__(self, state: dict) -> None:
-        self.__dict__.update(state)
-        self._cache = _LRUCache(CACHE_SIZE)
+        self.__init__(state["vocab_file"], state["merge_file"])
 
     @property
     def vocab_size(self) -> int:
@@ -158,56 +142,30 @@ class GPT2BPETokenizer(Tokenizer):
     def eod(self) -> int:
         return self._eod
 
-    def bpe(self, symbols: str) -> list[str]:
-        """Apply the merges to one pre-tokenised piece (already mapped to byte symbols)."""
-        ranks = self.bpe_ranks
-        word = list(symbols)
-        while len(word) > 1:
-            best, best_rank = None, None
-            for pair in zip(word, word[1:]):
-                rank = ranks.get(pair)
-                if rank is not None and (best_rank is None or rank < best_rank):
-                    best, best_rank = pair, rank
-            if best is None:
-                break
-            left, right = best
-            merged: list[str] = []
-            i, n = 0, len(word)
-            while i < n:
-                if i + 1 < n and word[i] == left and word[i + 1] == right:
-                    merged.append(left + right)
-                    i += 2
-                else:
-                    merged.append(word[i])
-                    i += 1
-            word = merged
-        return word
-
-    def _encode_piece(self, piece: str) -> tuple[int, ...]:
-        ids = self._cache.get(piece)
-        if ids is None:
-            symbols = "".join(self.byte_encoder[b] for b in piece.encode("utf-8"))
-            try:
-                ids = tuple(self.encoder[s] for s in self.bpe(symbols))
-            except KeyError as e:
-                raise ValueError(f"--vocab-file {self.vocab_file} lacks the BPE symbol {e.args[0]!r}") from None
-            self._cache.put(piece, ids)
-        return ids
-
     def tokenize(self, text: str) -> list[int]:
-        ids: list[int] = []
-        for piece in GPT2_PATTERN.findall(text):
-            ids.extend(self._encode_piece(piece))
-        return ids
+        return self.tok.encode(text, add_special_tokens=False).ids
 
     def detokenize(self, ids: list[int]) -> str:
-        table = self.token_bytes
-        data = b"".join(table[i] for i in in_vocab(ids, self._vocab_size) if i in table)
-        return data.decode("utf-8", errors="replace")
+        return self.tok.decode(in_vocab(ids, self._vocab_size), skip_special_tokens=False)
 
     def save(self, directory: str) -> dict:
-        return {
+        spec = {
             "tokenizer_type": "GPT2BPETokenizer",
             "vocab_file": copy_into(directory, self.vocab_file, "vocab.json"),
             "merge_file": copy_into(directory, self.merge_file, "merges.txt"),
         }
+        # transformers' GPT2Tokenizer over the same two files: same pre-tokeniser, no BOS added.
+        eod = EOD_TOKEN
+        write_hf_config(
+            directory,
+            {
+                "tokenizer_class": "GPT2Tokenizer",
+                "bos_token": eod,
+                "eos_token": eod,
+                "unk_token": eod,
+                "add_prefix_space": False,
+                "add_bos_token": False,
+                "clean_up_tokenization_spaces": False,
+            },
+        )
+        return spec

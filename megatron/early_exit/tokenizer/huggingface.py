@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import os
 
-from megatron.early_exit.tokenizer.base import Tokenizer, copy_into, in_vocab
+from megatron.early_exit.tokenizer.base import Tokenizer, copy_into, in_vocab, write_hf_config
 
 EOS_CANDIDATES = ("<|endoftext|>", "</s>", "<|im_end|>", "<|eot_id|>", "<|end_of_text|>", "<eos>")
 BOS_CANDIDATES = ("<s>", "<|begin_of_text|>", "<bos>")
@@ -136,4 +136,15 @@ class HuggingFaceTokenizer(Tokenizer):
         }
         for f in self.companion_files:
             copy_into(directory, f, os.path.basename(f))
+        bos = self.tok.id_to_token(self._bos) if self._bos is not None else None
+        write_hf_config(  # only when the source had none
+            directory,
+            {
+                "tokenizer_class": "PreTrainedTokenizerFast",
+                "eos_token": self.tok.id_to_token(self._eod),
+                "bos_token": bos,
+                "chat_template": self.chat_template,
+                "clean_up_tokenization_spaces": False,
+            },
+        )
         return spec

@@ -83,8 +83,8 @@ def tuning_losses(
 ) -> tuple[torch.Tensor | None, dict[str, torch.Tensor]]:
     """EE-Tuning objective of one stage's exits, the backbone frozen (DESIGN.md, EE-Tuning).
 
-    `out` comes from a forward with `defer_exits=True, frozen_backbone=True,
-    compute_final=False`. Each exit's loss is cross-entropy with the labels (`ce`),
+    `out` comes from `schedules.stage_forward` with the backbone frozen and no final head.
+    Each exit's loss is cross-entropy with the labels (`ce`),
     distillation from the frozen final head (`kd`: T^2 * KL(final/T || exit/T) per token),
     or their sum (`ce+kd`). Exits with a confidence head also train it, as a probe on the
     exit's detached hidden state, with binary cross-entropy against "the exit's top token

@@ -45,11 +45,6 @@ def build_optimizer(model: nn.Module, args, allow_empty: bool = False, dp_group=
     return torch.optim.AdamW(groups, foreach=True, **kwargs)
 
 
-def local_optimizer(optimizer):
-    """The optimizer that holds this rank's state (ZeRO's inner one when sharded)."""
-    return getattr(optimizer, "optim", optimizer)
-
-
 class LRScheduler:
     """Linear warm-up from 0 to `lr` over `warmup_iters`, then decay to `min_lr` by
     `decay_iters` (constant, linear or cosine), then `min_lr`. Stateless but for the step
@@ -93,9 +88,30 @@ class LRScheduler:
         self.num_steps += 1
         self._apply()
 
-    def state_dict(self) -> dict:
-        return {"num_steps": self.num_steps}
+    SETTINGS = {
+        "max_lr": "--lr",
+        "min_lr": "--min-lr",
+        "warmup_iters": "--lr-warmup-iters",
+        "decay_iters": "--lr-decay-iters",
+        "style": "--lr-decay-style",
+    }
 
-    def load_state_dict(self, state: dict) -> None:
+    def state_dict(self) -> dict:
+        return {"num_steps": self.num_steps, **{k: getattr(self, k) for k in self.SETTINGS}}
+
+    def changed_settings(self, state: dict) -> list[str]:
+        """The schedule settings that differ from a saved state's: `--flag saved -> now` each."""
+        return [
+            f"{flag} {state[k]} -> {getattr(self, k)}"
+            for k, flag in self.SETTINGS.items()
+            if k in state and state[k] != getattr(self, k)
+        ]
+
+    def load_state_dict(self, state: dict, use_saved_settings: bool = False) -> None:
+        """Restore the step count; with `use_saved_settings`, also the saved lr, warm-up and decay."""
         self.num_steps = int(state["num_steps"])
+        if use_saved_settings:
+            for k in self.SETTINGS:
+                if k in state:
+                    setattr(self, k, state[k])
         self._apply()

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 import torch
 
 from megatron.early_exit.config import ExitLossConfig
+from megatron.early_exit.model.gpt import ModelOutput
 from megatron.early_exit.parallel.dims import ParallelState
 from megatron.early_exit.parallel.pipeline import p2p
 from megatron.early_exit.training.losses import combine_losses
@@ -58,27 +59,46 @@ def _to_device(batch: dict, device) -> dict:
     return {k: v.to(device) for k, v in batch.items()}
 
 
+@dataclass
+class StageOutput(ModelOutput):
+    """A stage's forward with its exits not yet evaluated: their inputs wait in `deferred_exits`."""
+
+    deferred_exits: list = field(default_factory=list)  # [(layer, exit input)]
+    rotary: tuple | None = None
+
+
+def stage_forward(model, batch: dict, x_in, labels, frozen_backbone: bool, compute_final: bool) -> StageOutput:
+    """The model's forward with the exits deferred (`compute_deferred_exits` evaluates them);
+    `frozen_backbone`: embedding and layers under no_grad (EE-Tuning)."""
+    with torch.no_grad() if frozen_backbone else nullcontext():
+        ids = batch["tokens"] if model.pre_process else None
+        h, rotary = model.embed_input(ids, batch["position_ids"], x_in)
+        h, exit_inputs = model.run_layers(h, rotary)
+    out = StageOutput(hidden_states=h, deferred_exits=exit_inputs, rotary=rotary)
+    if model.post_process and compute_final:
+        model.final_head(out, h, labels)
+    return out
+
+
+def compute_deferred_exits(model, out: StageOutput, labels=None, want_conf: bool = False) -> None:
+    """Evaluate the exit heads whose inputs `stage_forward` kept; fills exit logits or losses."""
+    model.evaluate_exits(out, out.deferred_exits, out.rotary, labels, want_conf)
+    out.deferred_exits = []
+
+
 def forward_step(ctx: ScheduleContext, batch: dict, x_in: torch.Tensor | None, exits_only: bool = False, frozen=None):
     """This stage's forward of one micro-batch, exits deferred. `exits_only`: skip the final
     head (bubble-filling and tuning micro-batches only feed exit losses)."""
-    model = ctx.model
+    frozen = ctx.frozen_backbone if frozen is None else frozen
     with ctx.autocast:
-        return model(
-            input_ids=batch["tokens"] if model.pre_process else None,
-            position_ids=batch["position_ids"],
-            labels=None if exits_only else batch["labels"],
-            hidden_states=x_in,
-            defer_exits=True,
-            frozen_backbone=ctx.frozen_backbone if frozen is None else frozen,
-            compute_final=not exits_only,
-        )
+        return stage_forward(ctx.model, batch, x_in, None if exits_only else batch["labels"], frozen, not exits_only)
 
 
 def backward_step(ctx: ScheduleContext, batch: dict, out, x_in, grad_out):
     """Exit heads now (lazily), then one backward of L_s + sum(x_s * g_s)."""
     dynamic = ctx.loss_cfg.use_dynamic_exit_layer_weight
     with ctx.autocast:
-        ctx.model.compute_deferred_exits(out, batch["labels"], dynamic)
+        compute_deferred_exits(ctx.model, out, batch["labels"], dynamic)
     tensors, grads, parts = [], [], {}
     if out.exit_losses or out.loss is not None:
         total, parts = combine_losses(
@@ -204,7 +224,7 @@ def _fill_phase(ctx: ScheduleContext, fills: list[dict], num_micro: int) -> None
     for batch, x, out in done:
         grad = p2p(None, None, ctx.template(), nxt) if nxt is not None else None
         with ctx.autocast:
-            model.compute_deferred_exits(out, batch["labels"], dynamic)
+            compute_deferred_exits(model, out, batch["labels"], dynamic)
         tensors, grads = [], []
         if out.exit_losses:
             total, _ = combine_losses(out, batch["loss_mask"], ctx.exit_weights, 0.0, dynamic)
@@ -215,13 +235,6 @@ def _fill_phase(ctx: ScheduleContext, fills: list[dict], num_micro: int) -> None
             grads.append(grad.to(out.hidden_states.dtype))
         _backward(ctx, tensors, grads)
         p2p(x.grad if x is not None else None, prev, None, None)
-
-
-def forward_backward_no_pipelining(ctx: ScheduleContext, batches: list[dict]) -> dict[str, float]:
-    """Forward then backward, micro-batch by micro-batch (the 1F1B schedule at p = 1)."""
-    if ctx.pstate.dims.pp != 1:
-        raise ValueError("the no-pipelining schedule needs --pipeline-model-parallel-size 1")
-    return forward_backward_1f1b(ctx, batches)
 
 
 @torch.no_grad()
@@ -237,7 +250,7 @@ def forward_only(ctx: ScheduleContext, batches: list[dict]) -> dict[str, float]:
         out = forward_step(ctx, batch, x)
         p2p(out.hidden_states.float() if nxt is not None else None, nxt, None, None)
         with ctx.autocast:
-            ctx.model.compute_deferred_exits(out, batch["labels"])
+            compute_deferred_exits(ctx.model, out, batch["labels"])
         if out.exit_losses or out.loss is not None:
             _, parts = combine_losses(out, batch["loss_mask"], ctx.exit_weights, ctx.loss_cfg.final_layer_weight)
             _accumulate(sums, parts, len(batches))

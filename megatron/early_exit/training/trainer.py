@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import random
+import signal
 import sys
 import time
 from contextlib import nullcontext
@@ -25,6 +27,7 @@ from megatron.early_exit.arguments import (
     exit_loss_config_from_args,
     model_config_from_args,
     validate_args,
+    validate_output_paths,
 )
 from megatron.early_exit.config import ExitLossConfig
 from megatron.early_exit.model import EarlyExitGPT
@@ -87,6 +90,11 @@ def build_tokenizer_from_args(args: argparse.Namespace):
     )
 
 
+class TrainingStopped(Exception):
+    """Training cannot go on (a non-finite loss, the data ran out, a checkpoint cannot be written):
+    main() prints its message as one line and exits 1."""
+
+
 @dataclass
 class TrainState:
     iteration: int = 0
@@ -94,6 +102,7 @@ class TrainState:
     history: list[dict[str, float]] = field(default_factory=list)  # per-iteration losses
     evals: list[dict[str, float]] = field(default_factory=list)
     checkpoint: str | None = None
+    stopped_by_signal: bool = False
 
 
 class Trainer:
@@ -107,9 +116,27 @@ class Trainer:
 
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
+        try:
+            self._setup(args)
+        except BaseException:
+            self.close()  # a failed start keeps no lock
+            raise
+
+    def _setup(self, args: argparse.Namespace) -> None:
+        self.rank0 = os.environ.get("RANK", "0") == "0"
+        validate_output_paths(args)
+        if args.save and self.rank0 and not args.dry_run:
+            # One run per save directory; taking the lock also clears dead runs' temporaries and puts
+            # back a checkpoint a crashed re-save had set aside, before --load reads it.
+            ckpt.lock_save_dir(args.save)
         self.meta = ckpt.read_meta(args.load) if ckpt.has_checkpoint(args.load) else None
+        if self.meta is not None:
+            ckpt.verify_checkpoint(self.meta.directory)  # every file, before any other check
         if args.load and self.meta is None:
-            raise ValueError(f"--load: no checkpoint in {args.load}")
+            if not _auto_resume_dir(args):
+                raise ValueError(f"--load: no checkpoint in {args.load}")
+            if self.rank0:
+                print(f" no checkpoint in {args.load} yet (--load = --save): starting from scratch", flush=True)
         world = int(os.environ.get("WORLD_SIZE", "1"))
         tune_pp = args.tune_exit_pipeline_parallel_size if args.tune_exit else None
         dims = ParallelDims(world, args.tensor_model_parallel_size, tune_pp or args.pipeline_model_parallel_size)
@@ -126,6 +153,11 @@ class Trainer:
             self.config.num_layers, self.config.num_attention_heads, int(self.config.num_query_groups),
             int(self.config.ffn_hidden_size), self.config.vocab_size,
         )  # fmt: skip
+        self._check_vocabulary()
+        self._check_data()
+        if self._resuming():
+            self._check_schedule(ckpt.load_training_state(self.meta.directory).get("scheduler"))
+        self._install_signal_handler()
         self.pstate = initialize(dims.tp, dims.pp, self.device)
         set_seed(args.seed)
         self._build_stage()
@@ -136,15 +168,54 @@ class Trainer:
             self.optimizer, args.lr, args.min_lr, args.lr_warmup_iters, args.lr_decay_iters, args.lr_decay_style
         )
         self.state = TrainState()
-        if self.meta is not None and not args.finetune and self._continues_run():
+        if self._resuming():
             self._resume()
         self._build_data()
         self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16) if args.bf16 else nullcontext()
         self.seq_shards = dims.tp if args.sequence_parallel else 1  # activations between stages
         self.is_logger = self.pstate.rank == 0
-        self.tb = self._tensorboard() if self.is_logger else None
+        self.tb = self._tensorboard() if self.is_logger and not args.dry_run else None
 
     # ----- construction ------------------------------------------------------------------
+
+    def _check_vocabulary(self) -> None:
+        """Every id the tokenizer makes (its end-of-document id included) must index the embedding."""
+        tok, rows = self.tokenizer, self.config.vocab_size
+        if max(tok.vocab_size - 1, tok.eod) >= rows:
+            source = "the tokenizer" if self.meta is None else f"the tokenizer for {self.meta.directory}"
+            raise ValueError(
+                f"--tokenizer-type: {source} ({type(tok).__name__}, vocabulary {tok.vocab_size}, end-of-document "
+                f"id {tok.eod}) does not fit the model's vocabulary of {rows}"
+            )
+
+    def _check_data(self) -> None:
+        """Every --data-path prefix: sizes consistent, made by this run's tokenizer, ids within the model."""
+        if self.args.mock_data or not self.args.data_path:
+            return
+        from megatron.early_exit.data import parse_data_path
+        from megatron.early_exit.data.checks import check_data_paths
+
+        prefixes, _ = parse_data_path(self.args.data_path)
+        for warning in check_data_paths(prefixes, self.tokenizer, self.config.vocab_size):
+            if self.rank0:
+                print(warning, file=sys.stderr, flush=True)
+
+    def _install_signal_handler(self) -> None:
+        """--exit-signal-handler: SIGTERM/SIGINT only set a flag; the loop saves and stops after the iteration."""
+        self.signal_received: int | None = None
+        if not self.args.exit_signal_handler:
+            return
+
+        def handler(signum, frame):
+            self.signal_received = signum
+
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, handler)
+
+    def close(self) -> None:
+        """Release the save directory's lock (the process keeps it otherwise until it exits)."""
+        if self.args.save and not self.args.dry_run:
+            ckpt.unlock_save_dir(self.args.save)
 
     def _build_tokenizer_and_config(self) -> None:
         args = self.args
@@ -213,6 +284,9 @@ class Trainer:
                 "(tools/checkpoint/add_exits.py)"
             )
 
+    def _resuming(self) -> bool:
+        return self.meta is not None and not self.args.finetune and self._continues_run()
+
     def _continues_run(self) -> bool:
         """Resume the loaded run, or start a new one from its weights? EE-Tuning starts a
         new run from a pretrained (or exits-added) model, and resumes only a tuning run."""
@@ -227,13 +301,38 @@ class Trainer:
             full = ckpt.load_optimizer_file(self.meta.directory)
             load_optimizer_state(self.model, self.optimizer, full, self.pstate, self.meta.directory)
         if state.get("scheduler") is not None:
-            self.scheduler.load_state_dict(state["scheduler"])
+            use_saved = args.use_checkpoint_opt_param_scheduler
+            self.scheduler.load_state_dict(state["scheduler"], use_saved_settings=use_saved)
         rngs = state.get("rng") or []
         if not args.no_load_rng and len(rngs) == self.pstate.dims.world_size:
             ckpt.set_rng_state(rngs[self.pstate.rank])
         self.state.iteration = int(state["iteration"])
         self.state.consumed_train_samples = int(state["consumed_train_samples"])
         self._print(f"resumed from {self.meta.directory} at iteration {self.state.iteration}")
+
+    def _check_schedule(self, saved: dict | None) -> None:
+        """Megatron's rule: a changed LR schedule (or global batch) needs
+        --override-opt_param-scheduler (take the flags) or --use-checkpoint-opt_param-scheduler."""
+        args = self.args
+        if saved is None:
+            return
+        flags = LRScheduler(None, args.lr, args.min_lr, args.lr_warmup_iters, args.lr_decay_iters, args.lr_decay_style)
+        changed = flags.changed_settings(saved)
+        gbs = self.meta.args.get("global_batch_size")
+        gbs_changed = gbs is not None and gbs != args.global_batch_size
+        if gbs_changed:
+            changed.append(f"--global-batch-size {gbs} -> {args.global_batch_size}")
+        if changed and not (args.override_opt_param_scheduler or args.use_checkpoint_opt_param_scheduler):
+            raise ValueError(
+                f"--load {self.meta.directory}: the schedule differs from the checkpoint's ({'; '.join(changed)}); "
+                "give --override-opt_param-scheduler to use the new values or --use-checkpoint-opt_param-scheduler "
+                "to keep the saved ones"
+            )
+        if gbs_changed and args.use_checkpoint_opt_param_scheduler:
+            raise ValueError(
+                f"--global-batch-size {args.global_batch_size}: the checkpoint used {gbs}, and "
+                "--use-checkpoint-opt_param-scheduler keeps the saved schedule, not the batch size"
+            )
 
     def _build_data(self) -> None:
         from megatron.early_exit.data import build_data_loader, build_datasets
@@ -302,7 +401,10 @@ class Trainer:
         try:
             return [next(iterator) for _ in range(count)]
         except StopIteration:
-            raise RuntimeError("the data ran out before --train-iters") from None
+            raise TrainingStopped(
+                f"the data ran out at iteration {self.state.iteration + 1}, "
+                f"before --train-iters {self.args.train_iters}"
+            ) from None
 
     def train_step(self) -> dict[str, float]:
         """One optimizer update over a global batch; returns the mean loss of each head."""
@@ -318,9 +420,11 @@ class Trainer:
             n_cool = a.num_fill_cooldown_microbatches if a.fill_explicit_bubbles else 0
             fills = self._next_batches(self.train_iter, n_warm + n_cool)
             parts = forward_backward_1f1b(self._context(), batches, fills[:n_warm], fills[n_warm:])
-        sync_gradients(self.model, self.pstate, self.embedding_group, self.data_parallel)
+        sync_gradients(self.model, self.pstate, self.embedding_group, self.args.sequence_parallel, self.data_parallel)
         sharded = getattr(self.data_parallel, "is_sharded", False)
         grad_norm = clip_grad_norm(self.model, self.pstate, self.args.clip_grad, sharded)
+        parts = reduce_loss_parts(parts, self.pstate)  # the same on every rank: all stop together
+        self._check_finite({**parts, "grad norm": grad_norm})
         if self.optimizer is not None:  # a tuning stage without exits has nothing to update
             self.optimizer.step()
         self.scheduler.step()
@@ -328,9 +432,36 @@ class Trainer:
         self.state.consumed_train_samples += self.samples_per_step
         if self.args.check_replicated_params:
             self.replicated_checked = check_replicated_params(self.model, self.pstate, self.embedding_group, sharded)
-        parts = reduce_loss_parts(parts, self.pstate)
         parts["grad norm"] = grad_norm
         return parts
+
+    def _check_finite(self, values: dict[str, float]) -> None:
+        """Stop before the update when a loss or the gradient norm is NaN or infinite."""
+        bad = [(k, v) for k, v in values.items() if not math.isfinite(v)]
+        if bad:
+            name, value = bad[0]
+            raise TrainingStopped(
+                f"non-finite {name} ({value}) at iteration {self.state.iteration + 1}: training stopped before the "
+                f"update, nothing saved (last checkpoint: {self.state.checkpoint or self._loaded_from()})"
+            )
+
+    def _loaded_from(self) -> str:
+        return self.meta.directory if self.meta is not None else "none"
+
+    def _weights_finite(self) -> bool:
+        bad = torch.tensor(float(any(not torch.isfinite(p).all() for p in self.model.parameters())))
+        if torch.distributed.is_initialized():
+            torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)
+        return bad.item() == 0
+
+    def _stop_requested(self) -> bool:
+        """Has any rank received SIGTERM/SIGINT (--exit-signal-handler)? Every rank gets the same answer."""
+        if not self.args.exit_signal_handler:
+            return False
+        flag = torch.tensor(0.0 if self.signal_received is None else 1.0)
+        if torch.distributed.is_initialized():
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        return flag.item() > 0
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
@@ -363,9 +494,20 @@ class Trainer:
     # ----- the loop ----------------------------------------------------------------------
 
     def run(self) -> TrainState:
+        try:
+            return self._run()
+        finally:
+            if self.tb is not None:
+                self.tb.close()
+            self.close()
+
+    def _run(self) -> TrainState:
         args = self.args
-        log = IntervalLog(args, self.tb) if self.is_logger else None
         self._print(self.describe())
+        if args.dry_run:
+            self._print(f" dry run: everything built and checked; stopping before iteration {self.state.iteration + 1}")
+            return self.state
+        log = IntervalLog(args, self.tb) if self.is_logger else None
         while self.state.iteration < args.train_iters:
             parts = self.train_step()
             self.state.history.append({"iteration": self.state.iteration, **parts})
@@ -378,18 +520,23 @@ class Trainer:
             if args.exit_interval and self.state.iteration % args.exit_interval == 0:
                 self._print(f" exiting at iteration {self.state.iteration} (--exit-interval)")
                 break
+            if self._stop_requested():
+                self.state.stopped_by_signal = True
+                break
         if args.check_replicated_params and self.state.history:
             self._print(
                 f" replicated parameters identical across ranks after every step "
                 f"({getattr(self, 'replicated_checked', 0)} comparisons per step on rank 0)"
             )
-        if args.eval_interval and self.state.iteration % args.eval_interval != 0:
+        if args.eval_interval and self.state.iteration % args.eval_interval != 0 and not self.state.stopped_by_signal:
             self._log_eval()
         saved = self.state.checkpoint and self.state.checkpoint.endswith(f"{self.state.iteration:07d}")
         if args.save and not saved:
             self.save()
-        if self.tb is not None:
-            self.tb.close()
+        if self.state.stopped_by_signal:
+            name = signal.Signals(self.signal_received).name if self.signal_received else "a signal (on another rank)"
+            where = f", checkpoint saved to {self.state.checkpoint}" if args.save else " (no --save: nothing saved)"
+            self._print(f" {name} received: stopped after iteration {self.state.iteration}{where}")
         return self.state
 
     def _log_eval(self) -> None:
@@ -404,12 +551,17 @@ class Trainer:
                 self.tb.add_scalar(f"validation/{k}", v, self.state.iteration)
 
     def save(self) -> None:
+        if not self._weights_finite():
+            raise TrainingStopped(
+                f"non-finite weights at iteration {self.state.iteration}: not saved "
+                f"(last checkpoint: {self.state.checkpoint or self._loaded_from()})"
+            )
         weights = full_state_dict(self.model, self.pstate)
         optim = full_optimizer_state(self.model, self.optimizer, self.pstate)
         if self.args.tune_exit and weights is not None:
             # Tuning built only part of the model: the rest comes unchanged from --load.
             weights = {**ckpt.read_weights(self.meta.directory), **weights}
-        rngs = gather_rng_states(self.pstate)
+        rngs = gather_rng_states(self.pstate, ckpt.rng_state())
         path = None
         if self.pstate.rank == 0:
             path = ckpt.save_checkpoint(
@@ -501,12 +653,41 @@ def main(argv: list[str] | None = None) -> TrainState:
     from megatron.early_exit.arguments import parse_args
 
     args = parse_args(argv, prog=os.path.basename(sys.argv[0]) if argv is None else "pretrain_early_exit_gpt.py")
+    trainer = None
     try:
-        trainer = Trainer(args)
-    except ValueError as e:
-        sys.stderr.write(f"error: {e}\n")
-        sys.exit(2)
-    state = trainer.run()
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
-    return state
+        if args.exit_activation_cache:  # EE-Tuning from cached activations (training/cached_tuning.py)
+            from megatron.early_exit.training.cached_tuning import CachedTuner as cls
+        else:
+            cls = Trainer
+        trainer = cls(args)
+        return trainer.run()
+    except (ValueError, OSError) as e:  # a flag, a path or a checkpoint: found before training
+        _fail(e, 2 if trainer is None else 1)
+    except TrainingStopped as e:
+        _fail(e, 1)
+    except KeyboardInterrupt:
+        it = trainer.state.iteration if trainer is not None else 0
+        _fail(
+            f"interrupted at iteration {it}; nothing saved since the last checkpoint (--exit-signal-handler saves)", 130
+        )
+    finally:
+        if trainer is not None:
+            trainer.close()
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+def _fail(message, code: int) -> None:
+    if os.environ.get("RANK", "0") == "0":
+        sys.stderr.write(f"error: {message}\n")
+    sys.exit(code)
+
+
+def _auto_resume_dir(args: argparse.Namespace) -> bool:
+    """`--load D --save D` with D absent or holding no checkpoint starts from scratch (Megatron's
+    auto-resume); any other --load without a checkpoint is an error."""
+    if args.tune_exit or not args.save:
+        return False
+    if os.path.realpath(args.load) != os.path.realpath(args.save):
+        return False
+    return not os.path.exists(args.load) or (os.path.isdir(args.load) and not ckpt.has_checkpoint(args.load))

@@ -42,6 +42,12 @@ class BatchScheduler(BaseScheduler):
     def _running(self) -> int:
         return sum(len(j.prompts) for j in self.batch)
 
+    def _waiting(self) -> int:
+        """With no batch running, the jobs of the next one are not waiting for room."""
+        if self.batch:
+            return len(self.queue)
+        return len(self.queue) - len(take_batch(deque(self.queue), self.max_batch_size))
+
     def _take_admissible(self) -> list[Job]:
         self.batch = take_batch(self.queue, self.max_batch_size)
         return self.batch

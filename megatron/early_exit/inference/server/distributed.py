@@ -29,18 +29,13 @@ from collections.abc import Iterator
 import torch
 import torch.distributed as dist
 
-from megatron.early_exit.inference.engine import (
-    DecodeState,
-    EarlyExitEngine,
-    ExitPolicy,
-    GenerationResult,
-    GenerationSettings,
-    StepOutput,
-)
+from megatron.early_exit.inference.engine import EarlyExitEngine
+from megatron.early_exit.inference.passes import DecodeState, ExitPolicy, StepOutput
+from megatron.early_exit.inference.settings import GenerationResult, GenerationSettings
 
 log = logging.getLogger(__name__)
 
-OPS = ("new_state", "prefill", "verify", "decode", "speculate", "reset", "generate", "shutdown")
+OPS = ("new_state", "prefill", "verify", "decode", "round", "reset", "generate", "shutdown")
 
 
 class EngineDriver:
@@ -65,8 +60,9 @@ class EngineDriver:
     def decode(self, tokens: dict[int, int], policy: ExitPolicy) -> StepOutput:
         return self._call("decode", tokens, policy)
 
-    def speculate(self, slots: list[int], results: dict, settings, counts: dict) -> list[int]:
-        return self._call("speculate", slots, results, settings, counts)
+    def round(self, slots: list[int], results: dict, settings, counts: dict) -> list[int]:
+        """One round of the settings' strategy (those that do not share passes) for `slots`."""
+        return self._call("round", slots, results, settings, counts)
 
     def reset(self, slots: list[int]) -> None:
         self._call("reset", slots)
@@ -104,22 +100,13 @@ def apply(driver: EngineDriver, op: str, args: tuple):
         return engine.verify(state, *args)
     if op == "decode":
         return engine.decode_one_token(state, *args)
-    if op == "speculate":
-        slots, results, settings, counts = args
-        return engine.speculate_round(state, slots, results, settings, counts)
+    if op == "round":
+        return engine.run_round(state, *args)
     if op == "reset":
         for b in args[0]:
-            reset_slot(state, b)
+            state.reset(b)
         return None
     raise ValueError(f"unknown engine op {op!r}; expected one of {', '.join(OPS)}")
-
-
-def reset_slot(state: DecodeState, b: int) -> None:
-    """Forget everything slot b held, so a new sequence can start there at position 0."""
-    state.cache.truncate(b, 0)
-    if state.exit_cache is not None:
-        state.exit_cache.truncate(b, 0)
-    state.fed[b] = 0
 
 
 def follow(driver: EngineDriver) -> int:

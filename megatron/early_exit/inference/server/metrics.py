@@ -39,8 +39,9 @@ class Metrics:
         now = time.perf_counter()
         generated = sum(len(r.tokens) for r in job.results)
         with self.lock:
-            self.jobs += 1
-            self.job_seconds += job.finished - job.submitted
+            if job.counts_as_request:  # a request split into batches counts once, at its last part
+                self.jobs += 1
+                self.job_seconds += job.finished - job.submitted
             self.prompt_tokens += sum(len(p) for p in job.prompts)
             self.generated_tokens += generated
             for r in job.results:

@@ -7,11 +7,19 @@ as an `ApiError` naming the field in the endpoint's own vocabulary.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
-from megatron.early_exit.inference.engine import EarlyExitEngine, GenerationSettings
+from megatron.early_exit.inference.engine import EarlyExitEngine
 from megatron.early_exit.inference.server.errors import ApiError, engine_error
 from megatron.early_exit.inference.server.scheduler import Job
-from megatron.early_exit.inference.server.schemas import ChatRequest, CompletionRequest, MegatronRequest
+from megatron.early_exit.inference.server.schemas import (
+    MAX_SEQUENCES,
+    ChatRequest,
+    CompletionRequest,
+    MegatronRequest,
+)
+from megatron.early_exit.inference.settings import GenerationSettings
+from megatron.early_exit.inference.strategies import STRATEGIES
 
 
 @dataclass
@@ -34,6 +42,37 @@ class Context:
     limits: Limits
     model_name: str
     batch_at_a_time: bool = False
+
+    @cached_property
+    def max_prompt_chars(self) -> int | None:
+        """The longest text that could fit in --max-prompt-tokens: longer ones are refused
+        before tokenizing (an 8 MB prompt would hold a worker for seconds)."""
+        per_token = max_token_chars(self.tokenizer)
+        return None if per_token is None else per_token * self.limits.max_prompt_tokens
+
+    def tokenize(self, text: str, name: str) -> list[int]:
+        cap, most = self.max_prompt_chars, self.limits.max_prompt_tokens
+        if cap is not None and len(text) > cap:
+            raise ApiError(
+                400, f"{name}: {len(text)} characters cannot fit in --max-prompt-tokens {most} (no token of this "
+                f"vocabulary stands for more than {cap // most} characters)", name,
+            )  # fmt: skip
+        try:
+            return self.tokenizer.tokenize(text)
+        except ValueError as e:  # e.g. NullTokenizer's text is whitespace-separated ids
+            raise ApiError(400, f"{name}: {e}", name) from None
+
+
+def max_token_chars(tokenizer) -> int | None:
+    """An upper bound on the characters one token stands for (a token string's length bounds
+    its text: one symbol per byte or per character), or None when it cannot be told."""
+    if isinstance(getattr(tokenizer, "encoder", None), dict):  # GPT-2 BPE: vocab.json symbols
+        return max(map(len, tokenizer.encoder))
+    if hasattr(tokenizer, "tok"):  # Hugging Face tokenizers
+        return max(map(len, tokenizer.tok.get_vocab(with_added_tokens=True)), default=None)
+    if hasattr(tokenizer, "sp"):  # SentencePiece pieces (byte pieces <0xNN> are longer than their text)
+        return max(len(tokenizer.sp.IdToPiece(i)) for i in range(tokenizer.sp.GetPieceSize()))
+    return None
 
 
 # Engine setting names -> the fields that set them, per endpoint.
@@ -64,15 +103,20 @@ OPENAI_NAMES = {
 
 def megatron_job(body: MegatronRequest, ctx: Context) -> Job:
     tok = ctx.tokenizer
-    bos = [tok.bos] if body.add_BOS and tok.bos is not None else []
-    prompts = [bos + tok.tokenize(p) for p in body.prompts]
+    # Megatron prepends the end-of-document id (GPT-2 has no BOS); tokenizers with a BOS get it.
+    bos = [tok.bos if tok.bos is not None else tok.eod] if body.add_BOS else []
+    for j, p in enumerate(body.prompts):
+        if not p and not body.add_BOS:
+            raise ApiError(400, f"prompts[{j}] is empty: an empty prompt needs add_BOS: true", "prompts")
+    prompts = [bos + ctx.tokenize(p, f"prompts[{j}]") for j, p in enumerate(body.prompts)]
+    greedy = body.top_k == 1  # EE-LLM's client asks for greedy decoding this way
     stops = ("\n\n",) if body.stop_on_double_eol else ()
     stops += ("\n",) if body.stop_on_eol else ()
     settings = GenerationSettings(
         strategy="early_exit" if body.use_early_exit else "full",
         max_new_tokens=body.tokens_to_generate,
-        temperature=body.temperature,
-        top_k=body.top_k,
+        temperature=0.0 if greedy else body.temperature,
+        top_k=0 if greedy else body.top_k,
         top_p=body.top_p if body.top_p > 0.0 else 1.0,  # Megatron's 0.0 means "off"
         seed=body.random_seed,
         stop_token_ids=(body.stop_token,) if body.stop_token is not None else (),
@@ -82,15 +126,17 @@ def megatron_job(body: MegatronRequest, ctx: Context) -> Job:
         return_logprobs=body.logprobs,
     )
     names = {**MEGATRON_NAMES, "self_speculative": "use_early_exit"}
-    return _job(ctx, prompts, settings, names, "prompts", "tokens_to_generate", score_prompt=body.logprobs)
+    scored = body.logprobs and (body.echo_prompts or body.tokens_to_generate == 0)  # else logprobs of new tokens
+    return _job(ctx, prompts, settings, names, "prompts", "tokens_to_generate", score_prompt=scored)
 
 
 def completion_job(body: CompletionRequest, ctx: Context) -> Job:
+    check_openai(body, ctx)
     p = body.prompt
     if isinstance(p, str):
-        prompts = [ctx.tokenizer.tokenize(p)]
+        prompts = [ctx.tokenize(p, "prompt")]
     elif isinstance(p[0], str):
-        prompts = [ctx.tokenizer.tokenize(x) for x in p]
+        prompts = [ctx.tokenize(x, f"prompt[{j}]") for j, x in enumerate(p)]
     elif isinstance(p[0], int):
         prompts = [list(p)]
     else:
@@ -110,21 +156,51 @@ def completion_job(body: CompletionRequest, ctx: Context) -> Job:
         score_prompt=scored,
         top_logprobs=top,
         stream=body.stream,
+        logit_bias=logit_bias(body, ctx),
     )
 
 
 def chat_job(body: ChatRequest, ctx: Context) -> tuple[Job, str]:
     """The job and the rendered prompt text."""
+    check_openai(body, ctx)
     text = render_chat(ctx.tokenizer, [{"role": m.role, "content": m.text()} for m in body.messages])
-    ids = ctx.tokenizer.tokenize(text)
+    ids = ctx.tokenize(text, "messages")
     room = ctx.limits.max_seq_length - len(ids)
     asked = body.max_completion_tokens or body.max_tokens
     max_new = asked if asked is not None else max(1, min(ctx.limits.max_new_tokens, room))
     settings = _openai_settings(body, max_new, body.logprobs)
     prompts = [ids] * body.n
     top = body.top_logprobs or 0
-    job = _job(ctx, prompts, settings, OPENAI_NAMES, "messages", "max_tokens", top_logprobs=top, stream=body.stream)
+    bias = logit_bias(body, ctx)
+    job = _job(ctx, prompts, settings, OPENAI_NAMES, "messages", "max_tokens", top_logprobs=top, stream=body.stream,
+               logit_bias=bias)  # fmt: skip
     return job, text
+
+
+def check_openai(body, ctx: Context) -> None:
+    """Our model's name (404 otherwise, as vLLM answers), and no field we do not implement."""
+    if body.model is not None and body.model != ctx.model_name:
+        raise ApiError(404, f"model: the model `{body.model}` does not exist (this server serves "
+                       f"`{ctx.model_name}`)", "model", "not_found_error")  # fmt: skip
+    for name in ("tools", "tool_choice", "functions"):
+        if getattr(body, name) not in (None, []):
+            raise ApiError(400, f"{name}: tool calling is not supported by this server", name)
+    fmt = body.response_format
+    if fmt is not None and fmt != {"type": "text"}:
+        raise ApiError(400, 'response_format: only {"type": "text"} is supported', "response_format")
+
+
+def logit_bias(body, ctx: Context) -> dict[int, float]:
+    """OpenAI's {"token id": bias in -100..100} as {id: bias}."""
+    out = {}
+    for key, value in (body.logit_bias or {}).items():
+        if not key.isdigit() or int(key) >= ctx.tokenizer.vocab_size:
+            raise ApiError(400, f"logit_bias: {key!r} is not a token id of this model "
+                           f"(0..{ctx.tokenizer.vocab_size - 1})", "logit_bias")  # fmt: skip
+        if not -100.0 <= value <= 100.0:
+            raise ApiError(400, f"logit_bias: the bias of {key} must be in -100..100, got {value}", "logit_bias")
+        out[int(key)] = value
+    return out
 
 
 def render_chat(tokenizer, messages: list[dict]) -> str:
@@ -186,14 +262,13 @@ def _job(
     score_prompt: bool = False,
     top_logprobs: int = 0,
     stream: bool = False,
+    logit_bias: dict[int, float] | None = None,
 ) -> Job:
-    """Check limits and the engine's own rules, then make the job."""
+    """Check limits and the engine's own rules, then make the job (the server splits one with
+    more sequences than --max-batch-size into batches)."""
     lim = ctx.limits
-    if len(prompts) > lim.max_batch_size:
-        raise ApiError(
-            400, f"{prompt_field}: {len(prompts)} sequences exceed the server's --max-batch-size {lim.max_batch_size}",
-            "n" if prompt_field != "prompts" and len(set(map(tuple, prompts))) < len(prompts) else prompt_field,
-        )  # fmt: skip
+    if len(prompts) > MAX_SEQUENCES:
+        raise ApiError(400, f"n: {len(prompts)} sequences (prompts x n) exceed {MAX_SEQUENCES} per request", "n")
     for p in prompts:
         if len(p) > lim.max_prompt_tokens:
             raise ApiError(400, f"{prompt_field}: {len(p)} tokens exceed --max-prompt-tokens {lim.max_prompt_tokens}",
@@ -207,8 +282,15 @@ def _job(
             400, f"{new_field}: prompt ({longest} tokens) + {settings.max_new_tokens} new tokens exceed "
             f"--max-seq-length {lim.max_seq_length}", new_field,
         )  # fmt: skip
-    if settings.strategy == "self_speculative" and top_logprobs:
-        raise ApiError(400, "logprobs: top alternatives are not available with self_speculative decoding", "logprobs")
+    strategy = STRATEGIES.get(settings.strategy)
+    own_rounds = strategy is not None and not strategy.shares_passes
+    if own_rounds and top_logprobs:
+        raise ApiError(
+            400, f"logprobs: top alternatives are not available with {settings.strategy} decoding", "logprobs"
+        )
+    if logit_bias and (own_rounds or ctx.batch_at_a_time):
+        what = f"{settings.strategy} decoding" if own_rounds else "pipeline parallelism"
+        raise ApiError(400, f"logit_bias: not available with {what}", "logit_bias")
     if ctx.batch_at_a_time and (score_prompt or top_logprobs):
         what = "prompt log-probabilities" if score_prompt else "top alternatives"
         raise ApiError(400, f"logprobs: {what} are not available with pipeline parallelism", "logprobs")
@@ -216,4 +298,5 @@ def _job(
         policy = ctx.engine.check(settings, prompts)
     except ValueError as e:
         raise engine_error(e, {**names, "prompts": prompt_field}, prompt_field) from None
-    return Job(prompts, settings, policy, score_prompt=score_prompt, top_logprobs=top_logprobs, stream=stream)
+    return Job(prompts, settings, policy, score_prompt=score_prompt, top_logprobs=top_logprobs, stream=stream,
+               logit_bias=logit_bias or {})  # fmt: skip

@@ -5,12 +5,16 @@ Every loop iteration:
   2. admit queued jobs, oldest first, while all of a job's sequences fit into free slots of
      the one `DecodeState` (a job is admitted whole, so a seeded job samples exactly as
      `generate` would), and prefill them together in one pass;
-  3. one decode step for every running sequence: sequences whose jobs share an exit policy
+  3. one decode step for every running sequence: sequences whose jobs' strategies share
+     passes (`Strategy.shares_passes`: full, early_exit) and whose exit policies are equal
      share one `decode_one_token` pass (each sequence still exits on its own); different
      policies take one pass each over the same cache, since a pass only touches the slots it
-     is given; each self-speculative job runs one draft-and-verify round;
-  4. choose tokens per job (its own generator, consumed in the order `generate` consumes
-     it), stream what is new, retire finished sequences (their slots are reset and reused).
+     is given; every other job runs its strategy's own round (self_speculative: one
+     draft-and-verify round);
+  4. take tokens per job through the one acceptance path (`Acceptance.accept`, with the job's
+     own generator, consumed in the order `generate` consumes it), stream what is new
+     (incrementally detokenized: a step costs in proportion to its new tokens), retire
+     finished sequences (their slots are reset and reused).
 
 Sampling and stop checks run here on rank 0 only; every call that touches the engine's
 state goes through an `EngineDriver`, which under tensor parallelism broadcasts it so the
@@ -33,14 +37,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from megatron.early_exit.inference.engine import (
-    ExitPolicy,
-    GenerationResult,
-    GenerationSettings,
-    StepOutput,
-)
-from megatron.early_exit.inference.sampling import choose, make_generator
+from megatron.early_exit.inference.passes import ExitPolicy, StepOutput
+from megatron.early_exit.inference.sampling import make_generator
 from megatron.early_exit.inference.server.distributed import EngineDriver
+from megatron.early_exit.inference.settings import GenerationResult, GenerationSettings, TextState
+from megatron.early_exit.inference.strategies import get_strategy
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +61,8 @@ class Event:
     exit_layers: list[int] = field(default_factory=list)
     confidences: list[float] = field(default_factory=list)
     error: Exception | None = None
+    logprobs: list[float] = field(default_factory=list)  # of `tokens`, when the job asked for them
+    top: list[dict[int, float]] = field(default_factory=list)  # their top alternatives (top_logprobs)
 
 
 @dataclass(eq=False)  # identity semantics: jobs are dict keys
@@ -72,6 +75,8 @@ class Job:
     score_prompt: bool = False  # prompt logprobs wanted: prefill returns every row's logits
     top_logprobs: int = 0  # also keep the k most likely tokens at each position
     stream: bool = False
+    logit_bias: dict[int, float] = field(default_factory=dict)  # added to the logits before choosing
+    counts_as_request: bool = True  # False for all but the last part of a request split into batches
     sink: Callable[[Event], None] = lambda event: None  # thread-safe delivery to the handler
     results: list[GenerationResult] = field(default_factory=list)
     prompt_logprobs: list[list[float | None]] = field(default_factory=list)
@@ -91,12 +96,13 @@ class Job:
         self.token_top, self.counts = [[] for _ in range(n)], [[0, 0] for _ in range(n)]
         self.generator = make_generator(self.settings.seed)
         self.sent = [""] * n  # text streamed so far, per sequence
+        self.texts: list[TextState | None] = [None] * n  # incremental detokenization, per streamed sequence
         self.streamed = [0] * n  # tokens streamed so far, per sequence
         self.done = [False] * n
 
     @property
-    def speculative(self) -> bool:
-        return self.settings.strategy == "self_speculative"
+    def shares_passes(self) -> bool:
+        return get_strategy(self.settings.strategy).shares_passes
 
 
 @dataclass
@@ -143,17 +149,23 @@ class BaseScheduler(ABC):
                 return
         self.driver.shutdown()
 
-    def submit(self, job: Job) -> None:
-        if len(job.prompts) > self.max_batch_size:
-            raise ValueError(
-                f"prompts: {len(job.prompts)} prompts exceed the server's batch size {self.max_batch_size}"
-            )
+    def submit(self, job: Job, *more: Job) -> None:
+        """Queue `job` (and `more`, the other parts of one split request) together, or none."""
+        jobs = (job, *more)
+        for j in jobs:
+            if len(j.prompts) > self.max_batch_size:
+                raise ValueError(f"prompts: {len(j.prompts)} prompts exceed the batch size {self.max_batch_size}")
         with self.cond:
-            if len(self.queue) >= self.max_queued:
+            if self._waiting() >= self.max_queued:
                 raise QueueFull(f"the queue is full ({self.max_queued} waiting requests); retry later")
-            job.submitted = time.perf_counter()
-            self.queue.append(job)
+            for j in jobs:
+                j.submitted = time.perf_counter()
+                self.queue.append(j)
             self.cond.notify_all()
+
+    def _waiting(self) -> int:
+        """Queued jobs that must wait for running ones to finish (called under the lock)."""
+        return len(self.queue)
 
     def cancel(self, job: Job) -> None:
         """The client went away: forget the job (its slots free at the next iteration)."""
@@ -216,19 +228,35 @@ class BaseScheduler(ABC):
 
     def _stream(self, job: Job, i: int) -> None:
         r, start = job.results[i], job.streamed[i]
-        done = job.done[i]
-        text = self.engine.result_text(r) if done else _stable(self.engine.result_text(r), job.settings.stop_strings)
-        delta = text[len(job.sent[i]) :] if text.startswith(job.sent[i]) else ""
+        if job.done[i]:  # the final text, once: without a stop token, cut before a stop string
+            text = self.engine.acceptance.text(r)
+            delta = text[len(job.sent[i]) :] if text.startswith(job.sent[i]) else ""
+        else:
+            delta = self._new_text(job, i)
         job.sent[i] += delta
         job.streamed[i] = len(r.tokens)
         if delta or len(r.tokens) > start:
-            job.sink(Event("delta", i, delta, r.tokens[start:], r.exit_layers[start:], r.confidences[start:]))
+            ev = Event("delta", i, delta, r.tokens[start:], r.exit_layers[start:], r.confidences[start:])
+            ev.logprobs, ev.top = (r.logprobs or [])[start:], job.token_top[i][start:]
+            job.sink(ev)
+
+    def _new_text(self, job: Job, i: int) -> str:
+        """The text of sequence i that became stable since the last chunk (cost: the new tokens)."""
+        r, detok = job.results[i], self.engine.acceptance.detok
+        if job.texts[i] is None:
+            job.texts[i] = detok.start(r.prompt_tokens)
+        st = job.texts[i]
+        detok.feed(st, r.tokens[len(st.ids) - len(r.prompt_tokens) :])
+        sent = len(job.sent[i])
+        cut = _stable_end(st.text, job.settings.stop_strings, sent)
+        return st.text[sent:cut] if cut > sent else ""
 
     def _finish(self, job: Job) -> None:
         job.finished = time.perf_counter()
         elapsed = max(job.finished - job.started, 1e-9)
+        drafts = get_strategy(job.settings.strategy).drafts
         for i, r in enumerate(job.results):
-            self.engine.finish_results([r], job.settings, elapsed, [job.counts[i]], 0.0)
+            self.engine.acceptance.finish([r], job.settings, elapsed, [job.counts[i]], 0.0, drafts)
         if self.metrics is not None:
             self.metrics.job_finished(job)
         job.sink(Event("done"))
@@ -259,6 +287,15 @@ class Scheduler(BaseScheduler):
 
     def _running(self) -> int:
         return sum(s is not None for s in self.slots)
+
+    def _waiting(self) -> int:
+        """Jobs the next iteration admits into free slots are not waiting for room."""
+        free, admissible = sum(s is None for s in self.slots), 0
+        for job in self.queue:
+            if len(job.prompts) > free:
+                break
+            free, admissible = free - len(job.prompts), admissible + 1
+        return len(self.queue) - admissible
 
     def _iterate(self, admitted: list[tuple[Job, list[int]]]) -> None:
         if admitted:
@@ -334,24 +371,20 @@ class Scheduler(BaseScheduler):
     # ----- decoding ------------------------------------------------------------------------
 
     def _step(self) -> None:
-        """One decode step (or one speculation round) for every running sequence."""
-        groups: dict[tuple, dict[int, int]] = {}
-        policies: dict[tuple, ExitPolicy] = {}
-        speculative: dict[int, Job] = {}
+        """One decode step (or one strategy round, for jobs that do not share passes) per running sequence."""
+        groups: dict[ExitPolicy, dict[int, int]] = {}  # equal (frozen) policies share a pass
+        own_rounds: dict[int, Job] = {}
         for b, seq in enumerate(self.slots):
             if seq is None or seq.job.done[seq.index] or seq.job.cancelled:
                 continue
-            if seq.job.speculative:
-                speculative[id(seq.job)] = seq.job
+            if not seq.job.shares_passes:
+                own_rounds[id(seq.job)] = seq.job
                 continue
-            p = seq.job.policy
-            key = (p.allowed, p.threshold, p.measure)
-            groups.setdefault(key, {})[b] = seq.result.tokens[-1]
-            policies[key] = p
-        for key, tokens in groups.items():
+            groups.setdefault(seq.job.policy, {})[b] = seq.result.tokens[-1]
+        for policy, tokens in groups.items():
             jobs = self._jobs_of(tokens)
             try:
-                out = self.driver.decode(tokens, policies[key])
+                out = self.driver.decode(tokens, policy)
             except Exception as e:
                 log.exception("decode step failed")
                 self._fail(list(jobs), e)
@@ -359,8 +392,8 @@ class Scheduler(BaseScheduler):
             for job, slots in jobs.items():
                 self._accept(job, slots, out)
                 self._after_step(job, slots)
-        for job in speculative.values():
-            self._speculate(job)
+        for job in own_rounds.values():
+            self._round(job)
 
     def _jobs_of(self, slots) -> dict[Job, list[int]]:
         jobs: dict[Job, list[int]] = {}
@@ -369,24 +402,21 @@ class Scheduler(BaseScheduler):
         return jobs
 
     def _accept(self, job: Job, slots: list[int], out: StepOutput) -> None:
-        """Choose the job's next tokens the way `EarlyExitEngine.generate` does: one draw over
+        """Take the job's next tokens through the acceptance path `generate` uses: one draw over
         its sequences in the order the pass produced them (exit order), from its own generator."""
         mine = set(slots)
-        seqs = [b for b in out.logits if b in mine]
-        if not seqs:
-            return
-        s = job.settings
-        chosen = choose(torch.stack([out.logits[b] for b in seqs]), s.temperature, s.top_k, s.top_p, job.generator)
-        for b, tok in zip(seqs, chosen.tolist()):
-            i = self.slots[b].index
-            r = job.results[i]
-            self.engine.append_token(r, tok, out.exit_layer[b], out.confidence[b], out.logits[b])
+        seqs = [b for b in out.order() if b in mine]
+        index = {b: self.slots[b].index for b in seqs}
+        results = {b: job.results[i] for b, i in index.items()}
+        running = self.engine.acceptance.accept(out, results, job.settings, job.generator, seqs, job.logit_bias)
+        for b, i in index.items():
             if job.top_logprobs:
                 job.token_top[i].append(_top(torch.log_softmax(out.logits[b].float(), -1), job.top_logprobs))
-            if self.engine.is_stopped(r, s):
+            if b not in running:
                 job.done[i] = True
 
-    def _speculate(self, job: Job) -> None:
+    def _round(self, job: Job) -> None:
+        """The job's strategy's own round (on every rank) for its running sequences."""
         slots = [
             b for b, seq in enumerate(self.slots) if seq is not None and seq.job is job and not job.done[seq.index]
         ]
@@ -394,9 +424,9 @@ class Scheduler(BaseScheduler):
         results = {b: job.results[i] for b, i in index.items()}
         counts = {b: job.counts[i] for b, i in index.items()}
         try:
-            still = set(self.driver.speculate(slots, results, job.settings, counts))
+            still = set(self.driver.round(slots, results, job.settings, counts))
         except Exception as e:
-            log.exception("speculation round failed")
+            log.exception("decoding round failed")
             self._fail([job], e)
             return
         for b, i in index.items():
@@ -445,12 +475,12 @@ def _top(logp: torch.Tensor, k: int) -> dict[int, float]:
     return dict(zip(ids.tolist(), values.tolist()))
 
 
-def _stable(text: str, stops: tuple[str, ...]) -> str:
-    """The part of a running sequence's text that later tokens cannot change: without a
-    trailing broken UTF-8 character, and without a tail that could be the start of a stop
-    string (the final text is cut before a stop string)."""
+def _stable_end(text: str, stops: tuple[str, ...], floor: int) -> int:
+    """How much of a running sequence's (incrementally decoded) text later tokens cannot change:
+    without a trailing broken UTF-8 character, and without a tail that could be the start of a
+    stop string (the final text is cut before a stop string). Looks back no further than `floor`."""
     end = len(text)
-    while end and text[end - 1] == "\ufffd":
+    while end > floor and text[end - 1] == "\ufffd":
         end -= 1
     cut = end
     for stop in stops:
@@ -458,4 +488,4 @@ def _stable(text: str, stops: tuple[str, ...]) -> str:
             if text[end - n : end] == stop[:n]:
                 cut = min(cut, end - n)
                 break
-    return text[:cut]
+    return cut

@@ -15,12 +15,20 @@ fields inside `early_exit` are errors, since a typo there would silently change 
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from megatron.early_exit.inference.confidence import measure_names
+from megatron.early_exit.inference.strategies import strategy_names
 
 MAX_PROMPTS = 128  # Megatron's limit on prompts per PUT /api
-MEASURE = Literal["max_prob", "top2_margin", "entropy", "learned"]
+MAX_SEQUENCES = 512  # prompts x n of one request (split into batches of --max-batch-size)
+
+
+def early_exit_modes() -> tuple[str, ...]:
+    """`early_exit.mode` values: "off" (= full) and every other registered strategy."""
+    return ("off", *(n for n in strategy_names() if n != "full"))
 
 
 class _Body(BaseModel):
@@ -32,21 +40,37 @@ class EarlyExitOptions(BaseModel):
 
     model_config = ConfigDict(strict=True, extra="forbid")
 
-    mode: Literal["off", "early_exit", "self_speculative"] = "early_exit"
+    # Names from the registries (checked below; the OpenAPI schema lists them as enums).
+    mode: str = Field("early_exit", json_schema_extra=lambda s: s.update(enum=list(early_exit_modes())))
     threshold: float = Field(0.8, ge=0.0, le=1.0)
-    measure: MEASURE = "max_prob"
+    measure: str = Field("max_prob", json_schema_extra=lambda s: s.update(enum=list(measure_names())))
     exit_layers: list[int] | None = Field(None, min_length=1, max_length=256)
     min_layer: int | None = Field(None, ge=1)
     num_draft_tokens: int = Field(4, ge=1, le=64)
     draft_exit_layer: int | None = Field(None, ge=1)
 
+    @field_validator("mode")
+    @classmethod
+    def _known_mode(cls, v: str) -> str:
+        if v not in early_exit_modes():
+            raise ValueError(f"must be one of {', '.join(early_exit_modes())}, got {v!r}")
+        return v
+
+    @field_validator("measure")
+    @classmethod
+    def _known_measure(cls, v: str) -> str:
+        if v not in measure_names():
+            raise ValueError(f"must be one of {', '.join(measure_names())}, got {v!r}")
+        return v
+
 
 class MegatronRequest(_Body):
     """PUT /api. Defaults are Megatron's: temperature 1.0 with top_k 0 and top_p 0.0 samples
     from the whole distribution; `temperature: 0` (or `top_k: 1`) is greedy. top_p 0.0 means
-    off; top_k and top_p cannot both be set (Megatron's rule)."""
+    off; top_k and top_p cannot both be set (Megatron's rule). A string `prompts` is one
+    prompt; `exit_layers: []` means every exit (EE-LLM's client sends it)."""
 
-    prompts: list[str] = Field(min_length=1, max_length=MAX_PROMPTS)
+    prompts: list[str] | str
     tokens_to_generate: int = Field(64, ge=0)
     logprobs: bool = False
     temperature: float = Field(1.0, ge=0.0, le=100.0)
@@ -61,11 +85,17 @@ class MegatronRequest(_Body):
     # EE-LLM
     use_early_exit: bool = False
     early_exit_thres: float = Field(1.0, ge=0.0, le=1.0)
-    exit_layers: list[int] | None = Field(None, min_length=1, max_length=256)
+    exit_layers: list[int] | None = Field(None, max_length=256)
     print_max_prob: bool = False
 
     @model_validator(mode="after")
     def _one_filter(self) -> MegatronRequest:
+        if isinstance(self.prompts, str):
+            self.prompts = [self.prompts]
+        if not 1 <= len(self.prompts) <= MAX_PROMPTS:
+            raise ValueError(f"prompts: give 1..{MAX_PROMPTS} prompts")
+        if self.exit_layers == []:
+            self.exit_layers = None
         if self.top_k > 0 and self.top_p > 0.0:
             raise ValueError("top_p: cannot set both top_k and top_p (Megatron's rule); set one of them to 0")
         return self
@@ -94,6 +124,12 @@ class _OpenAIBody(_Body):
     ignore_eos: bool = False
     user: str | None = None
     early_exit: EarlyExitOptions | None = None
+    logit_bias: dict[str, float] | None = Field(None, max_length=1024)
+    # Not implemented: accepted by the schema only so that requests.py refuses them by name.
+    tools: Any = None
+    tool_choice: Any = None
+    functions: Any = None
+    response_format: Any = None
 
     @model_validator(mode="after")
     def _supported(self) -> _OpenAIBody:

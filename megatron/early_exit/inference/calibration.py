@@ -1,0 +1,173 @@
+"""Per-exit thresholds with a statistical guarantee: CALM's Learn-Then-Test calibration.
+
+CALM (Schuster et al., arXiv 2207.07061) calibrates early exit with Learn-Then-Test (LTT,
+Angelopoulos et al., arXiv 2110.01052). Here the loss of a token is 1 when the early-exit
+decision (the first exit whose confidence >= its threshold, else the final head) emits a
+token other than the final head's top-1, teacher-forced on held-out text. Text is cut into
+chunks of equal length; a chunk's loss is its tokens' mean disagreement, in [0, 1], and
+the chunks are **assumed i.i.d.** (exchangeable: the calibration and test chunks are random
+splits of one pool). The risk R(t) is the expected chunk loss = the expected token share.
+
+Guarantee: with probability >= 1 - epsilon over the calibration chunks, R(t_hat) <= delta.
+
+- **Path.** Threshold vectors t(lambda_0) ... t(lambda_m), conservative to aggressive, fixed
+  before testing: `quantile`: t_e(lambda) = the (1 - lambda) quantile of exit e's confidence
+  on a separate fitting part of the chunks (each exit alone would fire on a share lambda);
+  `shared`: t_e(lambda) = 1 - lambda for every exit (CALM's single threshold).
+  lambda_0 = 0 gives thresholds 1.0: nothing exits (the engine never fires at 1.0), risk 0.
+- **p-values.** Hoeffding-Bentkus (LTT, section 3) for losses bounded in [0, 1]:
+  p = min(exp(-n h1(min(R_hat, delta), delta)), e * P(Binomial(n, delta) <= ceil(n R_hat))).
+- **Fixed-sequence testing.** Test H_j: R(t_j) > delta for j = 1, 2, ... in path order and
+  stop at the first p-value > epsilon; every earlier hypothesis is rejected with
+  family-wise error <= epsilon; the most aggressive rejected vector is returned.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+
+from megatron.early_exit.inference import confidence as conf_measures
+from megatron.early_exit.model.gpt import ModelOutput
+
+
+@dataclass
+class ExitScores:
+    """Teacher-forced per-token facts of C chunks of L tokens and E exits (in layer order)."""
+
+    exits: list[int]
+    confidence: torch.Tensor  # [C, L, E] fp32: each exit's confidence in its token
+    agree: torch.Tensor  # [C, L, E] bool: the exit's top-1 equals the final head's
+
+    def select(self, chunks: torch.Tensor) -> ExitScores:
+        return ExitScores(self.exits, self.confidence[chunks], self.agree[chunks])
+
+
+@torch.no_grad()
+def teacher_forced_scores(model, chunks: torch.Tensor, measure: str, batch_size: int = 8) -> ExitScores:
+    """Run the full model over token chunks [C, L] once; each exit's confidence and agreement."""
+    vocab = model.config.real_vocab_size or model.config.vocab_size
+    conf, agree = [], []
+    for start in range(0, chunks.shape[0], batch_size):
+        h, rotary = model.embed_input(chunks[start : start + batch_size], None, None)
+        h, exit_inputs = model.run_layers(h, rotary)  # exits evaluated here, not by the model
+        final = ModelOutput()
+        model.final_head(final, h)
+        final_top = final.logits[..., :vocab].argmax(-1)  # (b, s)
+        c_b, a_b = [], []
+        for n, x in exit_inputs:
+            head = model.exits[str(n)]
+            hidden = head.hidden(x, rotary)
+            logits = head.project(hidden, model.tied_output_weight(), model.head_ops)[..., :vocab]  # (b, s, V)
+            a_b.append(logits.argmax(-1) == final_top)
+            if measure == "learned":
+                c_b.append(torch.sigmoid(head.confidence_logit(hidden).float()))
+            else:
+                c_b.append(conf_measures.get_measure(measure).from_logits(logits.flatten(0, 1)).view(final_top.shape))
+        conf.append(torch.stack(c_b, -1).float().cpu())
+        agree.append(torch.stack(a_b, -1).cpu())
+    return ExitScores(list(model.exit_layer_numbers), torch.cat(conf), torch.cat(agree))
+
+
+def chunk_losses(scores: ExitScores, thresholds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per chunk: share of tokens whose early-exit token differs from the final head's, and
+    share of tokens that exit early. thresholds [E]; >= 1.0 never fires (as in the engine)."""
+    fire = (scores.confidence >= thresholds) & (thresholds < 1.0)  # (C, L, E)
+    first = fire & (fire.cumsum(-1) == 1)  # the first exit that fires decides
+    wrong = (first & ~scores.agree).any(-1).float()  # (C, L)
+    return wrong.mean(-1), fire.any(-1).float().mean(-1)
+
+
+def threshold_path(fit: ExitScores | None, num_exits: int, kind: str, steps: int) -> torch.Tensor:
+    """[steps, E] threshold vectors from conservative (row 0: all 1.0) to aggressive."""
+    lambdas = torch.linspace(0.0, 1.0, steps)
+    if kind == "shared":
+        return (1.0 - lambdas)[:, None].expand(steps, num_exits).clone()
+    if kind != "quantile":
+        raise ValueError(f"--path must be quantile or shared, got {kind!r}")
+    conf = fit.confidence.reshape(-1, num_exits)  # (tokens, E)
+    path = torch.quantile(conf, (1.0 - lambdas).clamp(0.0, 1.0), dim=0)  # (steps, E)
+    path[0] = 1.0
+    return path
+
+
+def _h1(a: float, b: float) -> float:
+    """Binary KL divergence kl(a || b)."""
+    first = a * math.log(a / b) if a > 0 else 0.0
+    return first + (1 - a) * math.log((1 - a) / (1 - b))
+
+
+def binomial_cdf(k: int, n: int, p: float) -> float:
+    """P(Binomial(n, p) <= k), summed in log space."""
+    if k >= n:
+        return 1.0
+    if k < 0:
+        return 0.0
+    logs = [
+        math.lgamma(n + 1) - math.lgamma(i + 1) - math.lgamma(n - i + 1) + i * math.log(p) + (n - i) * math.log1p(-p)
+        for i in range(k + 1)
+    ]
+    top = max(logs)
+    return min(1.0, math.exp(top) * sum(math.exp(x - top) for x in logs))
+
+
+def hoeffding_bentkus_p_value(risk_hat: float, n: int, delta: float) -> float:
+    """LTT's p-value for H: R > delta from n i.i.d. losses in [0, 1] with mean risk_hat."""
+    hoeffding = math.exp(-n * _h1(min(risk_hat, delta), delta))
+    bentkus = math.e * binomial_cdf(math.ceil(n * risk_hat - 1e-9), n, delta)
+    return min(1.0, hoeffding, bentkus)
+
+
+@dataclass
+class Calibration:
+    """The chosen thresholds and what the calibration saw."""
+
+    exits: list[int]
+    thresholds: list[float]
+    lambda_index: int  # 0: nothing may exit
+    risk: float  # disagreement on the tested calibration chunks
+    exit_share: float  # share of their tokens that exit early
+    p_value: float
+    num_test_chunks: int
+    num_fit_chunks: int
+
+    def as_dict(self) -> dict:
+        d = asdict(self)
+        d["thresholds"] = {str(e): t for e, t in zip(self.exits, self.thresholds)}
+        return d
+
+
+def fixed_sequence_test(scores: ExitScores, path: torch.Tensor, delta: float, epsilon: float) -> tuple[int, float]:
+    """Index of the last path entry whose null (risk > delta) is rejected, and its p-value."""
+    n = scores.confidence.shape[0]
+    best, best_p = 0, 0.0
+    for j in range(1, path.shape[0]):
+        p = hoeffding_bentkus_p_value(float(chunk_losses(scores, path[j])[0].mean()), n, delta)
+        if p > epsilon:
+            break
+        best, best_p = j, p
+    return best, best_p
+
+
+def calibrate(
+    scores: ExitScores, delta: float, epsilon: float, path: str = "quantile", steps: int = 101,
+    fit_fraction: float = 0.3, seed: int = 0,
+) -> Calibration:  # fmt: skip
+    """Learn-Then-Test over `scores`' chunks: the quantile path is fit on a random
+    `fit_fraction` of them and tested on the rest (the shared path uses them all)."""
+    if not (0 < delta < 1 and 0 < epsilon < 1):
+        raise ValueError(f"--delta and --epsilon must be in (0, 1), got {delta} and {epsilon}")
+    c = scores.confidence.shape[0]
+    order = torch.randperm(c, generator=torch.Generator().manual_seed(seed))
+    num_fit = int(round(c * fit_fraction)) if path == "quantile" else 0
+    if path == "quantile" and not 0 < num_fit < c:
+        raise ValueError(f"--fit-fraction {fit_fraction} leaves no chunks to fit the path or to test it ({c} chunks)")
+    fit, test = scores.select(order[:num_fit]), scores.select(order[num_fit:])
+    thresholds = threshold_path(fit, len(scores.exits), path, steps)
+    j, p = fixed_sequence_test(test, thresholds, delta, epsilon)
+    risk, share = chunk_losses(test, thresholds[j])
+    return Calibration(
+        scores.exits, thresholds[j].tolist(), j, float(risk.mean()), float(share.mean()), p, c - num_fit, num_fit
+    )

@@ -1,0 +1,344 @@
+"""The pass machinery: KV cache, rows, pending-state fill, exits evaluated at their depth.
+
+One *pass* pushes, for every sequence in it, the rows that lack K/V at each layer through
+that layer. At layer i the rows of sequence b are its positions [filled[i, b], end), where
+`end` is how far depth i reaches: the states of earlier tokens that exited after exactly i
+layers ("pending", remembered at their exit depth), then the rows carried up from layer
+i-1 (which end with the newest token). This is EE-LLM's KV recomputation: a deeper layer's
+missing K/V are computed from exactly the input the full model would have given it, the
+next time a token of that sequence goes deeper, inside the same batched pass. Every
+sequence has its own positions (starting at 0) and its own number of rows; rows are
+right-padded to the longest in the pass and the padding is masked out.
+
+An exit at layer n reads the hidden state after `depth(n)` layers: n, or n - 1 with
+`pre_exit`. An exit with its own transformer block (`use_exit_block`) keeps its own KV
+cache; its inputs are recorded as rows pass its depth and the block catches up lazily, only
+when the exit is evaluated.
+
+`Passes` runs a model's layers [start, end) (all of them, or one pipeline stage's); nothing
+here knows about strategies, sampling or stopping.
+
+Shape legend: B batch slots, A sequences in one pass, R rows per sequence in that pass
+(padded), T cache capacity, h hidden, V vocabulary (real, unpadded).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from megatron.early_exit.inference.confidence import get_measure, max_prob
+from megatron.early_exit.inference.kv_cache import KVCache, RowIndex
+
+
+@dataclass(frozen=True)
+class ExitPolicy:
+    """Which exits a pass evaluates and when they fire. The default runs the full model."""
+
+    allowed: tuple[int, ...] = ()  # exit layer numbers that may fire
+    threshold: float = 1.0
+    measure: str = "max_prob"
+    force: int | None = None  # this exit always fires (self-speculative drafting)
+    per_exit: tuple[tuple[int, float], ...] = ()  # (exit, threshold) pairs overriding `threshold` (calibrated)
+
+    def threshold_of(self, n: int) -> float:
+        """Exit n's threshold: its own calibrated one where given, else the shared one."""
+        return dict(self.per_exit).get(n, self.threshold)
+
+
+@dataclass
+class StepOutput:
+    """What one pass produced for each sequence b that got a token out of it, in the order the
+    pass produced them (shallowest exit first, then by slot): token acceptance samples in it."""
+
+    logits: dict[int, torch.Tensor] = field(default_factory=dict)  # b -> [V] logits of the newest token
+    exit_layer: dict[int, int] = field(default_factory=dict)
+    confidence: dict[int, float] = field(default_factory=dict)
+    all_logits: dict[int, torch.Tensor] = field(default_factory=dict)  # b -> [R, V] final logits of every row
+    tokens: dict[int, int] = field(default_factory=dict)  # b -> greedy token, where no logits came (pipeline)
+
+    def order(self) -> list[int]:
+        return list(self.exit_layer)
+
+
+@dataclass
+class DecodeState:
+    """Per-batch state: the caches and how far each sequence has been fed."""
+
+    cache: KVCache
+    pending: torch.Tensor  # [B, T+1, h]: hidden state of each early-exited position at its exit depth
+    fed: list[int]  # positions 0..fed-1 of sequence b have been embedded
+    exit_cache: KVCache | None = None  # one "layer" per exit with a transformer block
+    exit_inputs: torch.Tensor | None = None  # [E, B, T+1, h] block inputs per position
+    exit_time: float = 0.0
+
+    def reset(self, b: int, length: int = 0) -> None:
+        """Forget slot b's K/V at positions >= length (0: the slot is free for a new sequence)."""
+        self.cache.truncate(b, length)
+        if self.exit_cache is not None:
+            self.exit_cache.truncate(b, length)
+        self.fed[b] = length
+
+
+@dataclass
+class Rows:
+    """A pass's rows at some depth: sequence b = seqs[a] has rows x[a, :n[a]] at positions lo[a]..lo[a]+n[a]-1."""
+
+    seqs: list[int]
+    lo: list[int]
+    n: list[int]
+    x: torch.Tensor  # (A, R, h)
+
+    def subset(self, keep) -> Rows:
+        """The rows of the sequences in `keep`, padding trimmed to the longest kept."""
+        idx = [a for a, b in enumerate(self.seqs) if b in keep]
+        n = [self.n[a] for a in idx]
+        return Rows([self.seqs[a] for a in idx], [self.lo[a] for a in idx], n, self.x[idx, : max(n, default=1)])
+
+
+def tick(device: torch.device) -> float:
+    """A wall-clock reading after the device has finished its queued work."""
+    if device.type != "cpu" and hasattr(torch, "accelerator"):
+        torch.accelerator.synchronize(device)
+    return time.perf_counter()
+
+
+def local_kv_groups(model) -> int:
+    """K/V heads this model's attention holds: every query group, or this rank's share when
+    tensor parallelism sharded the QKV projection (found the way `split_qkv` finds it)."""
+    attn = model.decoder.layers[str(model.layer_ids[0])].self_attention
+    rows_per_group = (attn.num_heads // attn.num_groups + 2) * attn.head_dim
+    return attn.linear_qkv.weight.shape[0] // rows_per_group
+
+
+class Passes:
+    """Pushes rows through a model's layers [start, end) with a KV cache; evaluates exits."""
+
+    def __init__(self, model, layer_range: tuple[int, int] | None = None) -> None:
+        self.model, self.config = model, model.config
+        self.num_layers = self.config.num_layers
+        self.start, self.end = layer_range or (0, self.num_layers)
+        self.vocab = self.config.real_vocab_size or self.config.vocab_size
+        p = next(model.parameters())
+        self.device, self.dtype = p.device, p.dtype
+        self.exits = list(self.config.exit_layer_nums)
+        # Exits with a transformer block that this model holds (all of them, or a pipeline stage's own).
+        own = model.exit_layer_numbers
+        self.block_slots = {n: s for s, n in enumerate(n for n in own if model.exits[str(n)].block is not None)}
+        self.kv_groups = local_kv_groups(model)
+        self.profile = False
+
+    def depth(self, n: int) -> int:
+        """How many layers run before exit n reads the hidden state."""
+        return n - 1 if self.config.pre_exit else n
+
+    def new_state(self, batch: int, capacity: int, pending: bool = True) -> DecodeState:
+        """Caches for `batch` sequences of up to `capacity` positions; `pending`: room for the
+        hidden states of early-exited positions (none on a pipeline stage)."""
+        c, groups, kw = self.config, self.kv_groups, dict(dtype=self.dtype, device=self.device)
+        cache = KVCache(self.end - self.start, batch, capacity, groups, c.head_dim, **kw)
+        state = DecodeState(cache, torch.zeros(batch, capacity + 1 if pending else 0, c.hidden_size, **kw), [0] * batch)
+        if self.block_slots:
+            e = len(self.block_slots)
+            state.exit_cache = KVCache(e, batch, capacity, groups, c.head_dim, **kw)
+            state.exit_inputs = torch.zeros(e, batch, capacity + 1, c.hidden_size, **kw)
+        return state
+
+    # ----- the single-device pass ----------------------------------------------------------
+
+    @torch.no_grad()
+    def run(
+        self, state: DecodeState, new_tokens: dict[int, list[int]], policy: ExitPolicy, all_rows=False
+    ) -> StepOutput:
+        """Feed `new_tokens` (b -> ids, [] for none) through every layer, pending rows catching up;
+        exits fire under `policy`; the final head on what is left (every row with `all_rows`)."""
+        out = StepOutput()
+        rows = self.embed(state, new_tokens)
+        has_new = {b for b, t in new_tokens.items() if t}
+        active = list(new_tokens)
+        by_depth = self.exits_by_depth(policy)
+        memo: dict[tuple, tuple] = {}  # one RowIndex (+ rotary) per distinct layout of this pass
+        for d in range(self.num_layers + 1):
+            if d > 0:
+                rows = self.gather(state, d - 1, rows, active)
+                if rows is None:
+                    return out
+                self.advance(state, d - 1, rows, memo)
+            self.record_block_inputs(state, d, rows)
+            for n in by_depth.get(d, []):
+                fired = self.check_exit(state, n, rows, has_new, policy, out)
+                if fired:
+                    self.remember_pending(state, rows, fired)
+                    active = [b for b in active if b not in fired]
+                    rows = rows.subset(set(rows.seqs) - fired)  # the layout has R = max(n): trim it too
+        self.final_head(rows, all_rows, out)
+        return out
+
+    def exits_by_depth(self, policy: ExitPolicy) -> dict[int, list[int]]:
+        """depth -> the exits `policy` evaluates there that this model holds."""
+        wanted = {n for n in policy.allowed if policy.threshold_of(n) < 1.0}
+        by_depth: dict[int, list[int]] = {}
+        for n in sorted(wanted | ({policy.force} if policy.force is not None else set())):
+            if str(n) in self.model.exits:
+                by_depth.setdefault(self.depth(n), []).append(n)
+        return by_depth
+
+    def embed(self, state: DecodeState, new_tokens: dict[int, list[int]]) -> Rows:
+        seqs = [b for b, t in new_tokens.items() if t]
+        lo = [state.fed[b] for b in seqs]
+        n = [len(new_tokens[b]) for b in seqs]
+        r = max(n, default=1)
+        ids = torch.zeros(len(seqs), r, dtype=torch.long)
+        pos = torch.zeros(len(seqs), r, dtype=torch.long)
+        for a, b in enumerate(seqs):
+            ids[a, : n[a]] = torch.tensor(new_tokens[b])
+            pos[a, : n[a]] = torch.arange(lo[a], lo[a] + n[a])
+            state.fed[b] += n[a]
+        x = self.model.embedding(ids.to(self.device), pos.to(self.device))  # (A, R, h)
+        return Rows(seqs, lo, n, x)
+
+    def gather(self, state: DecodeState, i: int, rows: Rows, active: list[int]) -> Rows | None:
+        """The rows layer i must process: pending states at depth i, then the carried rows."""
+        filled = state.cache.filled
+        carried = {b: a for a, b in enumerate(rows.seqs)}
+        seqs, los, parts, same = [], [], [], True
+        for b in active:
+            lo = int(filled[i, b])
+            end = state.fed[b] if i == 0 else int(filled[i - 1, b])
+            if end <= lo:
+                continue
+            a = carried.get(b)
+            c_lo = rows.lo[a] if a is not None else end
+            piece = []
+            if c_lo > lo:  # positions that exited after exactly i layers: recompute them now
+                piece.append(state.pending[b, lo:c_lo])
+                same = False
+            if a is not None:
+                piece.append(rows.x[a, : rows.n[a]])
+            seqs.append(b)
+            los.append(lo)
+            parts.append(piece)
+        if not seqs:
+            return None
+        if same and seqs == rows.seqs:
+            return rows  # the usual decode step: nothing pending, nobody left
+        n = [sum(p.shape[0] for p in piece) for piece in parts]
+        x = rows.x.new_zeros(len(seqs), max(n), rows.x.shape[-1])  # (A, R, h)
+        for a, piece in enumerate(parts):
+            x[a, : n[a]] = torch.cat(piece) if len(piece) > 1 else piece[0]
+        return Rows(seqs, los, n, x)
+
+    def layout(self, cache: KVCache, seqs: list[int], lo: list[int], n: list[int], memo: dict) -> tuple:
+        key = (id(cache), tuple(seqs), tuple(lo), tuple(n))
+        if key not in memo:
+            index = RowIndex(seqs, lo, n, cache, self.device)
+            rotary = self.model.rotary(index.positions) if self.model.rotary is not None else None
+            memo[key] = (index, rotary)
+        return memo[key]
+
+    def advance(self, state: DecodeState, i: int, rows: Rows, memo: dict) -> None:
+        """Layer i (global number) over `rows`, in place; their K/V are then filled at layer i."""
+        cache = state.cache
+        index, rotary = self.layout(cache, rows.seqs, rows.lo, rows.n, memo)
+        layer = self.model.decoder.layers[str(i)]
+        rows.x = layer(rows.x, rotary, index.attn_mask, cache.layer(i - self.start, index))
+        for a, b in enumerate(rows.seqs):
+            cache.filled[i - self.start, b] = rows.lo[a] + rows.n[a]
+
+    # ----- exits ---------------------------------------------------------------------------
+
+    def record_block_inputs(self, state: DecodeState, d: int, rows: Rows) -> None:
+        """Exits with a transformer block need their input at every position: keep it as it passes."""
+        for n, slot in self.block_slots.items():
+            if self.depth(n) != d:
+                continue
+            for a, b in enumerate(rows.seqs):
+                state.exit_inputs[slot, b, rows.lo[a] : rows.lo[a] + rows.n[a]] = rows.x[a, : rows.n[a]]
+
+    def check_exit(self, state, n: int, rows: Rows, has_new: set, policy: ExitPolicy, out: StepOutput) -> set[int]:
+        """Exit n's decision for the newest token of each sequence in `rows` that is in `has_new`;
+        records the leavers in `out` and returns them."""
+        forced, threshold = policy.force == n, policy.threshold_of(n)
+        cand = [a for a, b in enumerate(rows.seqs) if b in has_new]
+        if not cand or (not forced and threshold >= 1.0):
+            return set()  # threshold 1.0 never exits: do not even evaluate the head
+        start = tick(self.device) if self.profile else 0.0
+        head, seqs = self.model.exits[str(n)], [rows.seqs[a] for a in cand]
+        hidden = self.exit_hidden(state, n, head, rows, cand)  # (A, 1, h)
+        measure = get_measure("max_prob" if forced else policy.measure)
+        if measure.needs_vocab:
+            logits = self.exit_logits(head, hidden)  # (A, V)
+            conf = measure.from_logits(logits)
+            fire = list(range(len(cand))) if forced else (conf >= threshold).nonzero().flatten().tolist()
+            if len(fire) < len(cand):
+                logits = logits[torch.tensor(fire, dtype=torch.long, device=self.device)]
+        else:  # no vocabulary projection for the exits that stay
+            conf = measure.from_hidden(head, hidden)
+            fire = (conf >= threshold).nonzero().flatten().tolist()
+            logits = self.exit_logits(head, hidden[torch.tensor(fire, device=self.device)]) if fire else None
+        conf_list = conf.tolist()
+        for j, a in enumerate(fire):  # logits row j belongs to candidate a
+            b = seqs[a]
+            out.logits[b], out.exit_layer[b], out.confidence[b] = logits[j], n, conf_list[a]
+        if self.profile:
+            state.exit_time += tick(self.device) - start
+        return {seqs[a] for a in fire}
+
+    def exit_hidden(self, state, n: int, head, rows: Rows, cand: list[int]) -> torch.Tensor:
+        """Exit n's hidden state [A, 1, h] at the newest row of each candidate `rows` index."""
+        if head.block is not None:
+            return self.block_exit_hidden(state, n, head, [rows.seqs[a] for a in cand])
+        idx = torch.tensor(cand, device=self.device)
+        last = rows.x[idx, torch.tensor([rows.n[a] - 1 for a in cand], device=self.device)]  # (A, h)
+        return head.hidden(last[:, None])
+
+    def exit_logits(self, head, hidden: torch.Tensor) -> torch.Tensor:
+        """Exit hidden [A, 1, h] -> whole-vocabulary logits [A, V] in fp32."""
+        m = self.model
+        return self.vocab_logits(head.project(hidden, m.tied_output_weight(), m.head_ops)[:, 0])
+
+    def block_exit_hidden(self, state: DecodeState, n: int, head, seqs: list[int]) -> torch.Tensor:
+        """Bring exit n's own block cache up to each sequence's newest token; its hidden there [A, 1, h]."""
+        slot, cache = self.block_slots[n], state.exit_cache
+        lo = [int(cache.filled[slot, b]) for b in seqs]
+        cnt = [state.fed[b] - lo[a] for a, b in enumerate(seqs)]
+        x = state.exit_inputs.new_zeros(len(seqs), max(cnt), self.config.hidden_size)  # (A, R, h)
+        for a, b in enumerate(seqs):
+            x[a, : cnt[a]] = state.exit_inputs[slot, b, lo[a] : state.fed[b]]
+        index, rotary = self.layout(cache, seqs, lo, cnt, {})
+        h = head.hidden(x, rotary, index.attn_mask, cache.layer(slot, index))  # (A, R, h)
+        for b in seqs:
+            cache.filled[slot, b] = state.fed[b]
+        last = torch.tensor([c - 1 for c in cnt], device=self.device)
+        return h[torch.arange(len(seqs), device=self.device), last][:, None]
+
+    def remember_pending(self, state: DecodeState, rows: Rows, fired: set[int]) -> None:
+        """Rows that stop here keep their hidden state: the deeper layers' input, for later."""
+        for a, b in enumerate(rows.seqs):
+            if b in fired:
+                state.pending[b, rows.lo[a] : rows.lo[a] + rows.n[a]] = rows.x[a, : rows.n[a]]
+
+    def final_head(self, rows: Rows, all_rows: bool, out: StepOutput) -> None:
+        """The final head's token for every sequence in `rows` (max_prob confidence)."""
+        if not rows.seqs:
+            return
+        m = self.model
+        if all_rows:
+            logits = self.vocab_logits(m.head_ops.project(m.decoder.final_layernorm(rows.x), m.output_weight()))
+            for a, b in enumerate(rows.seqs):
+                out.all_logits[b] = logits[a, : rows.n[a]]  # logits: (A, R, V)
+            last = torch.stack([logits[a, rows.n[a] - 1] for a in range(len(rows.seqs))])
+        else:
+            idx = torch.arange(len(rows.seqs), device=self.device)
+            h = rows.x[idx, torch.tensor(rows.n, device=self.device) - 1]  # (A, h): only the newest rows
+            last = self.vocab_logits(m.head_ops.project(m.decoder.final_layernorm(h), m.output_weight()))  # (A, V)
+        conf = max_prob(last).tolist()
+        for a, b in enumerate(rows.seqs):
+            out.logits[b], out.exit_layer[b], out.confidence[b] = last[a], self.num_layers, conf[a]
+
+    def vocab_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        """Whole-vocabulary logits (the head ops all-gather the shards under TP; identity
+        on one device), without the padded entries (never tokens), in fp32."""
+        return self.model.head_ops.full_logits(logits)[..., : self.vocab].float()

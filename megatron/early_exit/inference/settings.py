@@ -1,0 +1,97 @@
+"""What a generation call asks for (`GenerationSettings`) and what it returns (`GenerationResult`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from megatron.early_exit.inference.confidence import MEASURES
+
+
+@dataclass
+class GenerationSettings:
+    """Everything one `generate` call can be asked for (see `generate` for the meaning)."""
+
+    strategy: str = "full"
+    max_new_tokens: int = 32
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop_token_ids: tuple[int, ...] = ()
+    stop_strings: tuple[str, ...] = ()
+    ignore_eos: bool = False
+    early_exit_threshold: float = 0.8
+    exit_layers: tuple[int, ...] | None = None
+    min_exit_layer: int | None = None
+    measure: str = "max_prob"
+    num_draft_tokens: int = 4
+    draft_exit_layer: int | None = None
+    return_logprobs: bool = False
+    profile: bool = False
+    exit_thresholds: dict[int, float] | None = None  # per-exit thresholds (calibrated); override early_exit_threshold
+
+
+@dataclass
+class TextState:
+    """Incremental detokenization of one sequence (vLLM's detokenizer): `ids` decoded so far,
+    `text` the stable part, `tail` the part a later token may still change (a split character);
+    `prefix`/`read` offsets into `ids`: each step decodes only ids[prefix:]."""
+
+    ids: list[int] = field(default_factory=list)
+    text: str = ""
+    tail: str = ""
+    prefix: int = 0
+    read: int = 0
+
+
+@dataclass
+class GenerationResult:
+    """One prompt's output. Lists have one entry per generated token.
+
+    exit_layers: the exit each token left at (its layer number; num_layers = the final head).
+    confidences: the confidence of the head that produced the token (the chosen measure for
+    an exit, max probability for the final head and for self-speculative drafts).
+    logprobs: log-probability of each token under the distribution it was chosen from (the
+    final head's for self-speculative, whose output is the final model's); None unless asked.
+    finish_reason: "stop" (EOS, a stop token or a stop string) or "length"; stopped_by
+    says which. text: the generated text (None without a tokenizer), without a final EOS or
+    stop token and cut before a stop string; `tokens` keep everything generated.
+    stats: tokens_per_sec (the whole batch's throughput), elapsed_s, average_exit_layer,
+    exit_share {layer: share of this sequence's tokens}, early_exit_share, and for
+    self_speculative drafted, accepted and acceptance_rate; exit_time_share with `profile`.
+    """
+
+    prompt_tokens: list[int]
+    tokens: list[int] = field(default_factory=list)
+    exit_layers: list[int] = field(default_factory=list)
+    confidences: list[float] = field(default_factory=list)
+    logprobs: list[float] | None = None
+    text: str | None = None
+    finish_reason: str = "length"
+    stopped_by: int | str | None = None
+    stats: dict = field(default_factory=dict)
+    stop_text: TextState | None = field(default=None, repr=False, compare=False)  # for stop strings
+
+
+def check_values(s: GenerationSettings, strategies) -> None:
+    """Raise ValueError naming the first setting out of range; `strategies`: the registry."""
+    if s.strategy not in strategies:
+        raise ValueError(f"strategy must be one of {', '.join(strategies)}, got {s.strategy!r}")
+    if s.measure not in MEASURES:
+        raise ValueError(f"measure must be one of {', '.join(MEASURES)}, got {s.measure!r}")
+    if not 0.0 <= s.early_exit_threshold <= 1.0:
+        raise ValueError(f"early_exit_threshold must be in [0, 1], got {s.early_exit_threshold}")
+    if s.exit_thresholds and not all(0.0 <= t <= 1.0 for t in s.exit_thresholds.values()):
+        raise ValueError(f"exit_thresholds must be in [0, 1], got {s.exit_thresholds}")
+    if s.max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, got {s.max_new_tokens}")
+    if s.temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {s.temperature}")
+    if s.top_k < 0:
+        raise ValueError(f"top_k must be >= 0 (0 = off), got {s.top_k}")
+    if not 0.0 < s.top_p <= 1.0:
+        raise ValueError(f"top_p must be in (0, 1], got {s.top_p}")
+    if s.num_draft_tokens < 1:
+        raise ValueError(f"num_draft_tokens must be >= 1, got {s.num_draft_tokens}")
+    if any(not isinstance(x, str) or not x for x in s.stop_strings):
+        raise ValueError("stop_strings must be non-empty strings")

@@ -1,0 +1,261 @@
+"""EE-Tuning from cached activations (`--tune-exit --exit-activation-cache DIR`).
+
+The backbone is frozen, so what it feeds the exits never changes: `tools/checkpoint/
+cache_exit_activations.py` stores each exit's input and the final head's top-k once
+(`exit_cache.py`), and this trainer runs only the exit heads, for as many epochs as asked.
+Objectives match `losses.tuning_losses`:
+
+- `ce`: cross-entropy of the exit with the labels;
+- `kd`: T^2 * sum_{i in top-k} q_i (log q_i - log p_i), where q is the teacher's cached top-k
+  **renormalised over the top-k** (softmax of log-prob / T over those k tokens) and p is the
+  exit's softmax(logits / T) over the whole vocabulary (or its candidate-set estimate). With
+  k = vocabulary size this is exactly the full-vocabulary distillation of `tuning_losses`;
+- `ce+kd`: both; confidence probes learn "the exit's top token equals the cached final top-1".
+
+`--exit-candidate-vocab N` replaces the vocabulary by candidate columns (sampled softmax,
+Jean et al. 2015): each token scores its own label and its cached top-k (always included,
+correction log 1 = 0) and N negatives drawn uniformly without replacement from the vocabulary,
+shared by the micro-batch (one matmul); a negative was included with probability N/V, so its
+logit gets -log(N/V), and a negative equal to one of the token's own columns is dropped. With
+N = V the columns are the vocabulary exactly once and the loss is the full one. The head then
+costs (k + 1 + N) instead of V columns per token. The agreement a probe learns is the exit's
+argmax over its columns. Validation always projects onto the whole vocabulary.
+
+Epoch 0 reads the cache in stored order (megatron-core's dataset order: the same first
+batches as tuning through the backbone), later epochs a permutation seeded by (seed, epoch).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from megatron.early_exit import checkpointing as ckpt
+from megatron.early_exit.training import exit_cache
+from megatron.early_exit.training.losses import masked_mean
+from megatron.early_exit.training.trainer import Trainer
+
+
+def validate_cache_args(args: argparse.Namespace) -> None:
+    """The cached-tuning flags (called from arguments.validate_args)."""
+    if args.exit_candidate_vocab and not args.exit_activation_cache:
+        raise ValueError("--exit-candidate-vocab needs --exit-activation-cache DIR")
+    if not args.exit_activation_cache:
+        return
+    if not args.tune_exit:
+        raise ValueError("--exit-activation-cache needs --tune-exit")
+    if args.data_path or args.mock_data:
+        raise ValueError("--exit-activation-cache replaces --data-path/--mock-data: give only the cache")
+    if args.exit_candidate_vocab is not None and args.exit_candidate_vocab < 1:
+        raise ValueError(f"--exit-candidate-vocab must be >= 1, got {args.exit_candidate_vocab}")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 or args.tensor_model_parallel_size > 1:
+        raise ValueError("--exit-activation-cache runs in one process (no torchrun, no tensor parallelism)")
+    if args.tune_exit_pipeline_parallel_size not in (None, 1) or args.pipeline_model_parallel_size > 1:
+        raise ValueError("--exit-activation-cache runs in one process (no pipeline parallelism)")
+    if not os.path.isdir(args.exit_activation_cache):
+        raise ValueError(f"--exit-activation-cache {args.exit_activation_cache}: no such directory")
+
+
+# ----- the exit's columns: the whole vocabulary or a candidate set ------------------------
+
+
+@dataclass
+class ExitColumns:
+    """An exit's logits over some columns, and where the label and teacher top-k sit in them.
+
+    Whole vocabulary: column = token id. Candidate set: per token, its label and its top-k
+    (always included, bias 0), then the micro-batch's shared negatives (bias -log(N/V); -inf
+    where a negative repeats one of the token's own columns, so no token is counted twice).
+    """
+
+    logits: torch.Tensor  # [b, s, C], the exit's temperature applied
+    label_col: torch.Tensor  # [b, s]
+    topk_col: torch.Tensor  # [b, s, k]
+    bias: torch.Tensor | None = None  # [b, s, C], added after the kd temperature
+    col_ids: torch.Tensor | None = None  # [b, s, C] token id of each column (None: the column itself)
+
+    def log_probs(self, temperature: float = 1.0) -> torch.Tensor:
+        z = self.logits.float() if temperature == 1.0 else self.logits.float() / temperature
+        return torch.log_softmax(z if self.bias is None else z + self.bias, -1)
+
+    def token_of(self, cols: torch.Tensor) -> torch.Tensor:
+        return cols if self.col_ids is None else self.col_ids.gather(-1, cols.unsqueeze(-1)).squeeze(-1)
+
+
+def sample_negatives(vocab_size: int, num_negatives: int, generator) -> torch.Tensor:
+    """N distinct token ids drawn uniformly (each included with probability N/V), sorted."""
+    return torch.randperm(vocab_size, generator=generator)[: min(num_negatives, vocab_size)].sort().values
+
+
+def _exit_weight(model, head) -> torch.Tensor:
+    return head.output_layer.weight if head.output_layer is not None else model.tied_output_weight()
+
+
+def full_columns(model, head, hidden, labels, topk_ids) -> ExitColumns:
+    return ExitColumns(head.project(hidden, _exit_weight(model, head)), labels, topk_ids)  # (b, s, V)
+
+
+def candidate_columns(model, head, hidden, labels, topk_ids, negatives) -> ExitColumns:
+    """Columns [label, top-k..., negatives...] per token; see ExitColumns."""
+    weight, v, n = _exit_weight(model, head), model.config.vocab_size, negatives.numel()
+    pos_ids = torch.cat([labels.unsqueeze(-1), topk_ids], -1)  # (b, s, 1 + k)
+    pos = torch.einsum("bsh,bsph->bsp", hidden, weight[pos_ids].to(hidden.dtype))  # (b, s, 1 + k)
+    neg = torch.matmul(hidden, weight[negatives].t().to(hidden.dtype))  # (b, s, h) @ (h, N)
+    logits = torch.cat([pos, neg], -1)
+    if head.temperature != 1.0:
+        logits = logits / head.temperature
+    in_topk = topk_ids == labels.unsqueeze(-1)  # (b, s, k): the label is one of the top-k
+    label_col = torch.where(in_topk.any(-1), in_topk.float().argmax(-1) + 1, 0)
+    pos_bias = torch.zeros(pos_ids.shape, device=hidden.device)
+    pos_bias[..., 0] = torch.where(in_topk.any(-1), -math.inf, 0.0)  # counted once, in its top-k column
+    # a negative equal to one of this token's own columns: -inf (amin-scatter leaves the others)
+    idx = torch.searchsorted(negatives, pos_ids).clamp(max=n - 1)
+    hit = torch.where(negatives[idx] == pos_ids, -math.inf, math.inf)
+    neg_bias = torch.full(neg.shape, -math.log(n / v), device=hidden.device).scatter_reduce(-1, idx, hit, "amin")
+    col_ids = torch.cat([pos_ids, negatives.expand(*labels.shape, n)], -1)
+    k = topk_ids.shape[-1]
+    topk_col = torch.arange(1, k + 1, device=hidden.device).expand(topk_ids.shape)
+    return ExitColumns(logits, label_col, topk_col, torch.cat([pos_bias, neg_bias], -1), col_ids)
+
+
+# ----- the objective -------------------------------------------------------------------
+
+
+def _kd(cols: ExitColumns, topk_lp, kd_temperature: float, lp=None):
+    """T^2 * KL(teacher top-k renormalised || student) on the top-k: [b, s]."""
+    lp = cols.log_probs(kd_temperature) if lp is None else lp
+    student = lp.gather(-1, cols.topk_col)  # (b, s, k)
+    teacher = torch.log_softmax(topk_lp / kd_temperature, -1)
+    return (teacher.exp() * (teacher - student)).sum(-1) * kd_temperature**2
+
+
+def exit_terms(model, n: int, batch: dict, rotary, loss_type: str, kd_t: float, negatives=None):
+    """One exit's per-token losses and logged parts from its cached input."""
+    head = model.exits[str(n)]
+    hidden = head.hidden(batch["hidden"][n].float(), rotary)
+    args = (model, head, hidden, batch["labels"], batch["topk_ids"])
+    cols = full_columns(*args) if negatives is None else candidate_columns(*args, negatives)
+    lp, mask = cols.log_probs(), batch["loss_mask"]
+    ce = -lp.gather(-1, cols.label_col.unsqueeze(-1)).squeeze(-1)
+    parts = {f"exit_{n} loss": masked_mean(ce, mask).detach()}
+    per_token = ce if "ce" in loss_type.split("+") else torch.zeros_like(ce)
+    if "kd" in loss_type:
+        kd = _kd(cols, batch["topk_logprobs"], kd_t, lp if kd_t == 1.0 else None)
+        parts[f"exit_{n} kd loss"] = masked_mean(kd, mask).detach()
+        per_token = per_token + kd
+    agree = (cols.token_of(lp.detach().argmax(-1)) == batch["topk_ids"][..., 0]).float()
+    parts[f"exit_{n} agreement"] = masked_mean(agree, mask)
+    probe = None
+    if head.confidence is not None:
+        conf_logit = head.confidence_logit(hidden.detach()).float()
+        probe = masked_mean(F.binary_cross_entropy_with_logits(conf_logit, agree, reduction="none"), mask)
+        parts[f"exit_{n} confidence loss"] = probe.detach()
+    return masked_mean(per_token, mask), probe, parts
+
+
+def cached_losses(model, batch: dict, exit_weights: dict[int, float], loss_type: str, kd_t: float, negatives=None):
+    """The tuning objective of every exit from one cached micro-batch: (total, parts)."""
+    s = batch["labels"].shape[1]
+    positions = torch.arange(s, device=batch["labels"].device).unsqueeze(0)
+    rotary = model.rotary(positions) if model.rotary is not None else None
+    total, parts = None, {}
+    for n in model.exit_layer_numbers:
+        loss, probe, p = exit_terms(model, n, batch, rotary, loss_type, kd_t, negatives)
+        term = exit_weights[n] * loss + (probe if probe is not None else 0.0)
+        total = term if total is None else total + term
+        parts.update(p)
+    return total, parts
+
+
+# ----- the trainer ---------------------------------------------------------------------
+
+
+class CachedTuner(Trainer):
+    """`Trainer` for `--tune-exit --exit-activation-cache DIR`: same optimizer, schedule,
+    logging and checkpoints; the micro-batches come from the cache and only exits run."""
+
+    def _tuning_layers(self) -> tuple[int, bool]:
+        return max(self.config.exit_layer_nums), False  # the layers are loaded, never run
+
+    def _build_data(self) -> None:
+        directory = self.args.exit_activation_cache
+        manifest = exit_cache.read_manifest(directory)
+        fingerprint = exit_cache.backbone_fingerprint(self.config, ckpt.read_weights(self.meta.directory))
+        exit_cache.check_manifest(directory, manifest, self.config, fingerprint)
+        if not manifest["num_sequences"].get("train"):
+            raise ValueError(f"--exit-activation-cache {directory}: the cache has no train split")
+        self.manifest = manifest
+        self.args.seq_length = int(manifest["seq_length"])  # the cache's rows fix it (tokens/s in the log)
+        exits, dtype = manifest["exits"], manifest["dtype"]
+        self.train_cache = exit_cache.CachedSplit(os.path.join(directory, "train"), exits, dtype)
+        has_valid = manifest["num_sequences"].get("valid")
+        self.valid_cache = exit_cache.CachedSplit(os.path.join(directory, "valid"), exits, dtype) if has_valid else None
+        self._orders: dict[int, np.ndarray] = {}
+
+    def _row(self, sample: int) -> int:
+        """Global sample number -> cache row: stored order in epoch 0, then seeded permutations."""
+        n = len(self.train_cache)
+        epoch, pos = divmod(sample, n)
+        if epoch == 0:
+            return pos
+        if epoch not in self._orders:
+            self._orders = {epoch: np.random.default_rng([self.args.seed, epoch]).permutation(n)}
+        return int(self._orders[epoch][pos])
+
+    def _micro_batches(self) -> list[dict]:
+        mbs, start = self.args.micro_batch_size, self.state.consumed_train_samples
+        rows = [[self._row(start + i * mbs + j) for j in range(mbs)] for i in range(self.num_micro)]
+        return [self.train_cache.batch(r, self.device) for r in rows]
+
+    def _negatives(self, micro: int) -> torch.Tensor | None:
+        """The micro-batch's shared negatives, seeded by (seed, iteration, micro-batch)."""
+        if not self.args.exit_candidate_vocab:
+            return None
+        gen = torch.Generator().manual_seed(self.args.seed * 1_000_003 + self.state.iteration * 1009 + micro)
+        return sample_negatives(self.config.vocab_size, self.args.exit_candidate_vocab, gen).to(self.device)
+
+    def train_step(self) -> dict[str, float]:
+        from megatron.early_exit.parallel.grads import clip_grad_norm
+
+        self.model.train()
+        self.model.zero_grad(set_to_none=True)
+        a, weights, sums = self.args, self._exit_weights(), {}
+        for micro, batch in enumerate(self._micro_batches()):
+            with self.autocast:
+                total, parts = cached_losses(
+                    self.model, batch, weights, a.exit_loss_type, a.kd_temperature, self._negatives(micro)
+                )
+            (total / self.num_micro).backward()
+            for k, v in parts.items():
+                sums[k] = sums.get(k, 0.0) + float(v) / self.num_micro
+        sums["grad norm"] = clip_grad_norm(self.model, self.pstate, a.clip_grad)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.state.iteration += 1
+        self.state.consumed_train_samples += self.samples_per_step
+        return sums
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Mean of every exit's full-vocabulary losses and agreement over the cached validation
+        split (at most --eval-iters global batches)."""
+        if self.valid_cache is None:
+            return {}
+        self.model.eval()
+        mbs = self.args.micro_batch_size
+        count = min(len(self.valid_cache), self.args.eval_iters * self.args.global_batch_size) // mbs
+        sums: dict[str, float] = {}
+        for i in range(count):
+            batch = self.valid_cache.batch(range(i * mbs, (i + 1) * mbs), self.device)
+            with self.autocast:
+                _, parts = cached_losses(self.model, batch, self._exit_weights(), "ce+kd", self.args.kd_temperature)
+            for k, v in parts.items():
+                sums[k] = sums.get(k, 0.0) + float(v) / count
+        self.model.train()
+        return sums

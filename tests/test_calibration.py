@@ -1,0 +1,124 @@
+"""Calibrated thresholds (CALM / Learn-Then-Test): p-values, the guarantee over random splits,
+the tool writing into the checkpoint, and `--early-exit-thres auto` decoding with them."""
+
+import importlib.util
+import json
+import math
+import os
+
+import pytest
+import torch
+
+from megatron.early_exit import load_checkpoint
+from megatron.early_exit.checkpointing import save_checkpoint
+from megatron.early_exit.config import ModelConfig
+from megatron.early_exit.inference import EarlyExitEngine, GenerationSettings
+from megatron.early_exit.inference.calibration import (
+    binomial_cdf,
+    calibrate,
+    chunk_losses,
+    hoeffding_bentkus_p_value,
+    teacher_forced_scores,
+    threshold_path,
+)
+from megatron.early_exit.model import EarlyExitGPT
+from megatron.early_exit.tokenizer import build_tokenizer
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DELTA, EPSILON, SPLITS = 0.05, 0.1, 20
+
+
+def tiny_model(seed: int = 0) -> EarlyExitGPT:
+    # init std 0.1: exits agree with the final head on 35-62% of random tokens, and confident
+    # tokens agree more often, so calibrated thresholds let ~10% of tokens exit
+    cfg = ModelConfig(num_layers=4, hidden_size=32, num_attention_heads=4, vocab_size=64, max_position_embeddings=64,
+                      init_method_std=0.1, exit_layer_nums=[1, 2, 3], use_exit_norm=True)  # fmt: skip
+    model = EarlyExitGPT(cfg)
+    model.init_weights(seed)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def scores():
+    chunks = torch.randint(0, 64, (400, 32), generator=torch.Generator().manual_seed(1))
+    return teacher_forced_scores(tiny_model(), chunks, "max_prob", batch_size=50)
+
+
+def test_binomial_cdf_and_hoeffding_bentkus_p_value():
+    assert binomial_cdf(2, 10, 0.3) == pytest.approx(0.3827827864, rel=1e-9)  # scipy.stats.binom.cdf(2, 10, .3)
+    assert binomial_cdf(10, 10, 0.3) == 1.0 and binomial_cdf(-1, 10, 0.3) == 0.0
+    # R_hat = 0 over 100 chunks: Hoeffding gives (1 - delta)^n, Bentkus e times that
+    assert hoeffding_bentkus_p_value(0.0, 100, 0.05) == pytest.approx(0.95**100, rel=1e-9)
+    # the smaller bound wins (values from scipy.stats.binom): Hoeffding exp(-n kl(R_hat || delta)) here ...
+    assert hoeffding_bentkus_p_value(0.03, 100, 0.05) == pytest.approx(0.6135892441, rel=1e-9)
+    # ... Bentkus e * P(Bin(400, .05) <= 8) there (Hoeffding: 0.00777)
+    assert hoeffding_bentkus_p_value(0.02, 400, 0.05) == pytest.approx(0.0046653093254, rel=1e-9)
+    assert binomial_cdf(8, 400, 0.05) == pytest.approx(0.0046653093254 / math.e, rel=1e-9)
+    assert hoeffding_bentkus_p_value(0.06, 100, 0.05) == 1.0  # above delta: no evidence at all
+
+
+def test_threshold_paths_go_from_never_to_always(scores):
+    path = threshold_path(scores, 3, "quantile", 11)
+    assert torch.all(path[0] == 1.0) and torch.all(path[1:].diff(dim=0) <= 0)
+    risk, share = chunk_losses(scores, path[0])
+    assert risk.sum() == 0 and share.sum() == 0
+    risk, share = chunk_losses(scores, path[-1])  # every token leaves at exit 1
+    assert share.mean() == 1.0 and risk.mean() == pytest.approx(1 - scores.agree[..., 0].float().mean().item())
+    assert torch.allclose(threshold_path(None, 3, "shared", 5)[:, 1], torch.tensor([1.0, 0.75, 0.5, 0.25, 0.0]))
+
+
+def test_guarantee_holds_over_random_splits(scores):
+    """20 random calibration/test halves: the realised test disagreement exceeds delta in at most
+    epsilon of them, while thresholds let tokens exit; a naive choice (largest path entry whose
+    calibration disagreement is <= delta) fails the same check, so the check can fail."""
+    exceed, naive_exceed, shares = 0, 0, []
+    for seed in range(SPLITS):
+        order = torch.randperm(400, generator=torch.Generator().manual_seed(100 + seed))
+        calib, test = scores.select(order[:200]), scores.select(order[200:])
+        cal = calibrate(calib, DELTA, EPSILON, path="quantile", seed=seed)
+        risk, share = chunk_losses(test, torch.tensor(cal.thresholds))
+        exceed += int(risk.mean() > DELTA)
+        shares.append(float(share.mean()))
+        assert cal.lambda_index > 0 and cal.p_value <= EPSILON
+        path = threshold_path(calib, 3, "quantile", 101)
+        ok = [j for j in range(101) if chunk_losses(calib, path[j])[0].mean() <= DELTA]
+        naive_exceed += int(chunk_losses(test, path[max(ok)])[0].mean() > DELTA)
+    assert exceed <= EPSILON * SPLITS, exceed  # measured: 0 of 20 (disagreement 0.014 on average)
+    assert min(shares) > 0.03 and sum(shares) / SPLITS > 0.05, shares  # measured: 8.8-10.3% of tokens exit
+    assert naive_exceed > EPSILON * SPLITS, naive_exceed  # measured: 5 of 20
+
+
+def _tool(name: str, path: str):
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, path))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_tool_writes_thresholds_that_generate_auto_uses(tmp_path, capsys):
+    ckpt = tmp_path / "ck"
+    save_checkpoint(str(ckpt), 0, tiny_model(), build_tokenizer("NullTokenizer", vocab_size=63))
+    gen = torch.Generator().manual_seed(2)
+    texts = [" ".join(map(str, torch.randint(0, 63, (96,), generator=gen).tolist())) for _ in range(120)]
+    (tmp_path / "held_out.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    argv = f"--load {ckpt} --delta {DELTA} --epsilon {EPSILON} --input {tmp_path / 'held_out.jsonl'} --seq-length 32"
+    _tool("calibrate_thresholds", "tools/eval/calibrate_thresholds.py").main(argv.split())
+    record = json.loads((ckpt / "iter_0000000" / "early_exit_thresholds.json").read_text())
+    assert record["delta"] == DELTA and record["epsilon"] == EPSILON and record["measure"] == "max_prob"
+    assert record["calibration_data"]["num_chunks"] == 256 and record["lambda_index"] > 0
+    card = (ckpt / "iter_0000000" / "README.md").read_text()
+    assert "Calibrated early-exit thresholds" in card and "held_out.jsonl" in card
+    model, tok = load_checkpoint(str(ckpt))
+    assert model.calibrated_thresholds["thresholds"] == {int(k): v for k, v in record["thresholds"].items()}
+    capsys.readouterr()
+    _tool("generate", "tools/generate.py").main(
+        ["--load", str(ckpt), "--prompt", "1 2 3 4", "--early-exit-thres", "auto", "--max-new-tokens", "24", "--json"]
+    )
+    out = json.loads(capsys.readouterr().out)
+    assert len(out["tokens"]) == 24 and set(out["exit_layers"]) <= {1, 2, 3, 4}
+    # the engine honours per-exit thresholds: only exit 2 may fire, and it always does (the first
+    # token comes from the prompt's pass through the whole model)
+    engine = EarlyExitEngine(model, tok)
+    s = GenerationSettings(strategy="early_exit", max_new_tokens=8, exit_thresholds={1: 1.0, 2: 0.0, 3: 1.0})
+    assert engine.generate([[1, 2, 3]], s)[0].exit_layers == [4] + [2] * 7

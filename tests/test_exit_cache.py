@@ -1,0 +1,189 @@
+"""EE-Tuning from cached activations equals EE-Tuning through the frozen backbone (fp32)."""
+
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from megatron.early_exit.arguments import parse_args
+from megatron.early_exit.checkpointing import save_checkpoint
+from megatron.early_exit.config import ModelConfig
+from megatron.early_exit.model import EarlyExitGPT
+from megatron.early_exit.tokenizer import build_tokenizer
+from megatron.early_exit.training.cached_tuning import CachedTuner, cached_losses, candidate_columns, sample_negatives
+from megatron.early_exit.training.trainer import Trainer
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+VOCAB = 64
+SHAPES = {
+    # GPT-2 style, norm + MLP exits with confidence probes
+    "mlp": dict(exit_layer_nums=[1, 3], use_exit_norm=True, use_exit_mlp=True, use_exit_confidence_head=True),
+    # Llama style (RoPE), exits with a whole transformer block: they attend over the cached sequence
+    "block": dict(
+        exit_layer_nums=[2],
+        use_exit_norm=True,
+        use_exit_block=True,
+        normalization="RMSNorm",
+        swiglu=True,
+        position_embedding_type="rope",
+        add_bias_linear=False,
+        num_query_groups=2,
+    ),  # fmt: skip
+}
+TUNE = (
+    "--tune-exit --micro-batch-size 2 --global-batch-size 4 --seq-length 16 --train-iters 3 --eval-iters 1 "
+    "--lr 1e-3 --clip-grad 0 --log-interval 1 --eval-interval 0 --seed 3 --device cpu"
+).split()
+
+
+def _tool():
+    path = os.path.join(ROOT, "tools", "checkpoint", "cache_exit_activations.py")
+    spec = importlib.util.spec_from_file_location("cache_exit_activations", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def make_checkpoint(path, shape: str, seed: int = 0) -> str:
+    # init std 0.3: peaked teacher distributions, so kd is a real loss (with 0.02 it is ~1e-4)
+    cfg = ModelConfig(num_layers=4, hidden_size=32, num_attention_heads=4, vocab_size=VOCAB, max_position_embeddings=16,
+                      init_method_std=0.3, **SHAPES[shape])  # fmt: skip
+    model = EarlyExitGPT(cfg)
+    model.init_weights(seed)
+    save_checkpoint(str(path), 0, model, build_tokenizer("NullTokenizer", vocab_size=VOCAB - 1))
+    return str(path)
+
+
+def make_cache(ckpt: str, out, top_k: int = VOCAB, samples: int = 4) -> str:
+    argv = f"--load {ckpt} --mock-data --output {out} --seq-length 16 --num-samples {samples} --num-valid-samples 4 "
+    argv += f"--top-k {top_k} --dtype fp32 --seed 3 --micro-batch-size 3 --no-progress-bar"
+    _tool().main(argv.split())
+    return str(out)
+
+
+def exit_grads(model) -> dict[str, torch.Tensor]:
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.fixture(scope="module", params=sorted(SHAPES))
+def setup(request, tmp_path_factory):
+    root = tmp_path_factory.mktemp(request.param)
+    ckpt = make_checkpoint(root / "ck", request.param)
+    return request.param, ckpt, make_cache(ckpt, root / "cache")
+
+
+@pytest.mark.parametrize("loss_type", ["ce", "kd", "ce+kd"])
+def test_cached_tuning_equals_tuning_through_backbone(setup, loss_type):
+    _, ckpt, cache = setup
+    common = [*TUNE, "--load", ckpt, "--exit-loss-type", loss_type]
+    live = Trainer(parse_args([*common, "--mock-data"]))
+    cached = CachedTuner(parse_args([*common, "--exit-activation-cache", cache]))
+    a, b = live.train_step(), cached.train_step()
+    exits = live.config.exit_layer_nums
+    for n in exits:
+        # fp32, same inputs: the two paths differ only in matmul batching (round-off)
+        assert b[f"exit_{n} loss"] == pytest.approx(a[f"exit_{n} loss"], rel=1e-6, abs=1e-6)
+        if "kd" in loss_type:
+            assert b[f"exit_{n} kd loss"] == pytest.approx(a[f"exit_{n} kd loss"], rel=1e-5, abs=1e-6)
+    assert a[f"exit_{exits[0]} loss"] > 1.0  # a real loss, not an empty batch
+    ga, gb = exit_grads(live.model), exit_grads(cached.model)
+    assert sorted(ga) == sorted(gb) and all(n.startswith("exits.") for n in ga) and len(ga) >= 6
+    for name in ga:
+        assert torch.allclose(gb[name], ga[name], rtol=1e-5, atol=1e-7), name  # measured: <= 7e-7 relative
+        assert ga[name].abs().sum() > 0, name
+
+
+def test_cached_tuning_runs_epochs_and_validation_is_full_vocabulary(setup, tmp_path):
+    _, ckpt, cache = setup
+    argv = [*TUNE, "--load", ckpt, "--exit-activation-cache", cache, "--exit-loss-type", "ce+kd", "--save",
+            str(tmp_path / "tuned"), "--train-iters", "6", "--exit-candidate-vocab", "8", "--lr", "1e-2"]  # fmt: skip
+    tuner = CachedTuner(parse_args(argv))
+    before = tuner.evaluate()
+    state = tuner.run()  # 6 iterations over a 4-sequence cache: 6 epochs
+    after = tuner.evaluate()
+    assert state.consumed_train_samples == 24 and os.path.isdir(state.checkpoint)
+    n = tuner.config.exit_layer_nums[0]
+    assert after[f"exit_{n} loss"] < before[f"exit_{n} loss"]
+    assert {f"exit_{n} loss", f"exit_{n} kd loss", f"exit_{n} agreement"} <= set(after)
+
+
+def test_candidate_columns_of_the_whole_vocabulary_are_the_full_softmax(setup):
+    """N = V negatives: every token's columns are the vocabulary once (its label and top-k
+    kept, their repeats among the negatives dropped, correction log 1 = 0): same loss, same gradients."""
+    _, ckpt, cache = setup
+    tuner = CachedTuner(parse_args([*TUNE, "--load", ckpt, "--exit-activation-cache", cache]))
+    batch = tuner.train_cache.batch([0, 1, 2])
+    batch["topk_ids"], batch["topk_logprobs"] = batch["topk_ids"][..., :4], batch["topk_logprobs"][..., :4]
+    weights = {n: 1.0 for n in tuner.config.exit_layer_nums}
+    results = []
+    for negatives in (None, sample_negatives(VOCAB, VOCAB, torch.Generator().manual_seed(0))):
+        tuner.model.zero_grad()
+        total, parts = cached_losses(tuner.model, batch, weights, "ce+kd", 2.0, negatives)
+        total.backward()
+        results.append((total.item(), parts, exit_grads(tuner.model)))
+    (full, p_full, g_full), (cand, p_cand, g_cand) = results
+    assert cand == pytest.approx(full, rel=1e-6) and full > 1.0
+    for k in p_full:
+        assert float(p_cand[k]) == pytest.approx(float(p_full[k]), rel=1e-5, abs=1e-7), k
+    for name in g_full:
+        assert torch.allclose(g_cand[name], g_full[name], rtol=1e-5, atol=1e-7), name
+
+
+def test_candidate_columns_with_sampled_negatives(setup):
+    _, ckpt, cache = setup
+    tuner = CachedTuner(parse_args([*TUNE, "--load", ckpt, "--exit-activation-cache", cache]))
+    batch = tuner.train_cache.batch([0, 1])
+    n = tuner.config.exit_layer_nums[0]
+    head = tuner.model.exits[str(n)]
+    hidden = head.hidden(batch["hidden"][n], tuner.model.rotary(torch.arange(16)[None]) if tuner.model.rotary else None)
+    labels, topk = batch["labels"], batch["topk_ids"][..., :3]
+    negatives = sample_negatives(VOCAB, 8, torch.Generator().manual_seed(0))
+    cols = candidate_columns(tuner.model, head, hidden, labels, topk, negatives)
+    assert cols.logits.shape == (2, 16, 1 + 3 + 8) and torch.equal(cols.token_of(cols.label_col), labels)
+    assert torch.equal(cols.col_ids.gather(-1, cols.topk_col), topk)
+    finite = cols.bias[..., 4:][torch.isfinite(cols.bias[..., 4:])]
+    assert torch.allclose(finite, torch.tensor(-math.log(8 / VOCAB)))  # sampled: -log(N/V) = 2.079
+    # each token id appears at most once among a token's finite columns
+    ids = torch.where(torch.isfinite(cols.bias), cols.col_ids, -1 - torch.arange(12))
+    assert all(len(set(row.tolist())) == 12 for row in ids.view(-1, 12))
+
+
+def test_mismatched_cache_is_refused(setup, tmp_path):
+    shape, ckpt, cache = setup
+    other = make_checkpoint(tmp_path / "other", "block" if shape == "mlp" else "mlp", seed=0)
+    proc = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "pretrain_early_exit_gpt.py"), *TUNE, "--load", other,
+         "--exit-activation-cache", cache],
+        capture_output=True, text=True, cwd=ROOT,
+    )  # fmt: skip
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+    assert f"--exit-activation-cache {cache}" in proc.stderr and "do not match" in proc.stderr
+    # same exits, other backbone weights: the fingerprint differs
+    reseeded = make_checkpoint(tmp_path / "reseeded", shape, seed=1)
+    with pytest.raises(ValueError, match="made from another model"):
+        CachedTuner(parse_args([*TUNE, "--load", reseeded, "--exit-activation-cache", cache]))
+    for extra, message in ((["--mock-data"], "needs --exit-activation-cache"), ([], "must be >= 1")):
+        args = [*TUNE, "--load", ckpt, *extra, "--exit-candidate-vocab", "0" if not extra else "8"]
+        with pytest.raises(ValueError, match=message):
+            CachedTuner(parse_args(args + ([] if extra else ["--exit-activation-cache", cache])))
+    manifest = json.load(open(os.path.join(cache, "manifest.json")))
+    assert manifest["top_k"] == VOCAB and manifest["num_sequences"] == {"train": 4, "valid": 4}
+
+
+def test_cached_tuning_resumes_exactly(setup, tmp_path):
+    """Stop at iteration 3 of 6 and resume: same losses as one uninterrupted run (epochs are
+    seeded permutations, negatives seeded by iteration, optimizer state restored)."""
+    _, ckpt, cache = setup
+    base = [*TUNE, "--exit-activation-cache", cache, "--exit-candidate-vocab", "8", "--train-iters", "6"]
+    whole = CachedTuner(parse_args([*base, "--load", ckpt])).run().history
+    CachedTuner(parse_args([*base, "--load", ckpt, "--save", str(tmp_path / "a"), "--exit-interval", "3"])).run()
+    rest = CachedTuner(parse_args([*base, "--load", str(tmp_path / "a"), "--save", str(tmp_path / "b")])).run().history
+    assert [h["iteration"] for h in rest] == [4, 5, 6]
+    for a, b in zip(whole[3:], rest):
+        assert b == pytest.approx(a, rel=1e-6), (a, b)

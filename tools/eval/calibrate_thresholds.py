@@ -1,0 +1,165 @@
+#!/usr/bin/env python
+"""Calibrate per-exit early-exit thresholds with CALM's Learn-Then-Test guarantee.
+
+    python tools/eval/calibrate_thresholds.py --load CKPT --delta 0.05 --epsilon 0.1 \\
+        --data-path data/aclsum/smollm2_text_document --split 98,2,0 --measure max_prob
+
+On held-out text (the validation split of `--data-path` under `--split`, or `--input`
+JSON lines with a "text" field), teacher-forced, it picks thresholds such that, with
+probability >= 1 - epsilon, the early-exit decision (the first exit whose confidence >= its
+threshold) disagrees with the final head's top-1 on at most delta of tokens. The text is
+cut into `--seq-length` chunks, taken as i.i.d.; Hoeffding-Bentkus p-values on per-chunk
+disagreement, fixed-sequence testing along a path of threshold vectors (details:
+megatron/early_exit/inference/calibration.py). The thresholds, delta, epsilon, the measure
+and the calibration data are written into the checkpoint (`early_exit_thresholds.json` and a
+section of its README.md model card); `tools/generate.py --early-exit-thres auto` uses them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+
+from megatron.early_exit.arguments import OneLineErrorParser, run_tool  # noqa: E402
+from megatron.early_exit.inference import calibration  # noqa: E402
+
+CARD_START, CARD_END = "<!-- calibrated-thresholds -->", "<!-- /calibrated-thresholds -->"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = OneLineErrorParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--load", required=True, help="checkpoint with exits (the thresholds are written into it)")
+    p.add_argument(
+        "--delta", type=float, required=True, help="tolerated share of tokens that differ from the final head"
+    )
+    p.add_argument("--epsilon", type=float, required=True, help="allowed probability that the guarantee fails")
+    p.add_argument("--data-path", nargs="+", help="Megatron .bin/.idx prefix: its --split validation part is used")
+    p.add_argument("--split", default="98,2,0")
+    p.add_argument("--input", help='held-out JSON lines with a "text" field (instead of --data-path)')
+    p.add_argument("--measure", choices=["max_prob", "top2_margin", "entropy", "learned"], default="max_prob")
+    p.add_argument("--seq-length", type=int, default=128, help="tokens per chunk (default 128)")
+    p.add_argument("--num-chunks", type=int, default=256, help="chunks of held-out text (default 256)")
+    p.add_argument("--path", choices=["quantile", "shared"], default="quantile", help="threshold path (see the module)")
+    p.add_argument("--steps", type=int, default=101, help="threshold vectors on the path")
+    p.add_argument("--fit-fraction", type=float, default=0.3, help="quantile path: share of chunks that fit it")
+    p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--bf16", action="store_true")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dry-run", action="store_true", help="print the thresholds, write nothing")
+    return p
+
+
+def chunks_from_jsonl(path: str, tok, length: int, count: int) -> torch.Tensor:
+    ids: list[int] = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    ids += tok.tokenize(json.loads(line)["text"]) + [tok.eod]
+                except (json.JSONDecodeError, KeyError, TypeError):
+                    raise ValueError(f'--input {path}:{n}: needs a JSON object with a "text" string') from None
+            if len(ids) >= length * count:
+                break
+    usable = min(count, len(ids) // length)
+    return torch.tensor(ids[: usable * length]).view(usable, length)
+
+
+def chunks_from_corpus(a, tok) -> torch.Tensor:
+    from megatron.early_exit.data import build_datasets
+
+    _, valid, _ = build_datasets(
+        tokenizer=tok, seq_length=a.seq_length, seed=a.seed, data_path=a.data_path, split=a.split,
+        train_samples=0, valid_samples=a.num_chunks, test_samples=0,
+    )  # fmt: skip
+    if valid is None:
+        raise ValueError(f"--split {a.split}: no validation part of --data-path to calibrate on")
+    count = min(a.num_chunks, len(valid))
+    return torch.stack([torch.as_tensor(valid[i]["tokens"]) for i in range(count)]).long()
+
+
+def load_chunks(a, tok) -> torch.Tensor:
+    if bool(a.input) == bool(a.data_path):
+        raise ValueError("give exactly one of --data-path PREFIX and --input F.jsonl")
+    if a.input and not os.path.isfile(a.input):
+        raise ValueError(f"--input: no such file: {a.input}")
+    chunks = chunks_from_jsonl(a.input, tok, a.seq_length, a.num_chunks) if a.input else chunks_from_corpus(a, tok)
+    if chunks.shape[0] < 20:
+        raise ValueError(f"--input/--data-path: only {chunks.shape[0]} chunks of {a.seq_length} tokens; need >= 20")
+    return chunks
+
+
+def model_card(record: dict) -> str:
+    thresholds = ", ".join(f"exit {k}: {v:.4f}" for k, v in record["thresholds"].items())
+    data = record["calibration_data"]
+    return (
+        f"{CARD_START}\n## Calibrated early-exit thresholds\n\n"
+        f"- thresholds ({record['measure']}): {thresholds}\n"
+        f"- guarantee: with probability >= {1 - record['epsilon']:g}, at most {record['delta']:g} of tokens differ "
+        f"from the final head's top-1 (teacher-forced; Learn-Then-Test, {record['method']})\n"
+        f"- calibration data: {data['source']}, {data['num_chunks']} chunks x {data['chunk_length']} tokens "
+        f"({record['num_fit_chunks']} fit the path, {record['num_test_chunks']} tested)\n"
+        f"- on the tested chunks: disagreement {record['risk']:.4f}, early-exit share {record['exit_share']:.4f}, "
+        f"p-value {record['p_value']:.4g}\n"
+        f"- use: `tools/generate.py --load CKPT --early-exit-thres auto`; made {record['created']}\n{CARD_END}\n"
+    )
+
+
+def write_into_checkpoint(directory: str, record: dict) -> None:
+    from megatron.early_exit.checkpointing import THRESHOLDS_FILE
+
+    tmp = os.path.join(directory, THRESHOLDS_FILE + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(record, f, indent=2)
+    os.replace(tmp, os.path.join(directory, THRESHOLDS_FILE))
+    readme = os.path.join(directory, "README.md")
+    text = open(readme).read() if os.path.exists(readme) else ""
+    if CARD_START in text and CARD_END in text:  # replace the previous calibration's section
+        head, rest = text.split(CARD_START, 1)
+        text = head + rest.split(CARD_END, 1)[1].lstrip("\n")
+    with open(readme, "w") as f:
+        f.write(text + ("\n" if text and not text.endswith("\n") else "") + model_card(record))
+
+
+def run(a: argparse.Namespace) -> dict:
+    from megatron.early_exit import load_checkpoint
+    from megatron.early_exit.checkpointing import resolve_checkpoint_dir
+
+    directory = resolve_checkpoint_dir(a.load)
+    model, tok = load_checkpoint(a.load, device=a.device, dtype=torch.bfloat16 if a.bf16 else None)
+    if not model.config.exit_layer_nums:
+        raise ValueError(f"--load {a.load}: the checkpoint has no exits")
+    if a.measure == "learned" and any(h.confidence is None for h in model.exits.values()):
+        raise ValueError(
+            "--measure learned needs confidence probes on every exit (add_exits.py --use-exit-confidence-head)"
+        )
+    chunks = load_chunks(a, tok).to(a.device)
+    scores = calibration.teacher_forced_scores(model, chunks, a.measure, a.batch_size)
+    cal = calibration.calibrate(scores, a.delta, a.epsilon, a.path, a.steps, a.fit_fraction, a.seed)
+    record = {
+        **cal.as_dict(), "measure": a.measure, "delta": a.delta, "epsilon": a.epsilon,
+        "method": f"Hoeffding-Bentkus p-values on i.i.d. per-chunk disagreement, fixed-sequence testing, {a.path} path",
+        "calibration_data": {"source": a.input or " ".join(a.data_path) + f" (split {a.split}, validation part)",
+                             "num_chunks": int(chunks.shape[0]), "chunk_length": a.seq_length, "seed": a.seed},
+        "created": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+    }  # fmt: skip
+    print(json.dumps({k: record[k] for k in ("thresholds", "risk", "exit_share", "p_value", "lambda_index")}))
+    if not a.dry_run:
+        write_into_checkpoint(directory, record)
+        print(f"wrote {directory}/early_exit_thresholds.json and its README.md model card")
+    return record
+
+
+def main(argv: list[str] | None = None) -> None:
+    run_tool(run, build_parser().parse_args(argv))
+
+
+if __name__ == "__main__":
+    main()

@@ -7,7 +7,8 @@
 
 Prints the measured costs (per layer fitted and timed alone, fixed per step, final head, each
 exit's checks and the extra row), what an exit check that does not fire costs as a share of
-one layer (learned probe vs max_prob), then predicted vs measured time per token for full
+one layer (learned probe vs max_prob; the probe reads the exit's hidden state, so it includes
+the exit's norm and MLP where it has them), then predicted vs measured time per token for full
 decoding and for "every token leaves at exit k" (early_exit, exit_layers=(k,), threshold
 0.0) for each exit: the model fits `layer` and `fixed` through these, so their ratio checks
 that step time is linear in the layers run with the timed heads and checks on top (target
@@ -40,14 +41,21 @@ def print_costs(c: cm.DecodeCosts) -> None:
         f"{c.layer_direct * ms:.3f} alone | fixed {c.fixed * ms:.3f} | final head {c.head * ms:.3f} | "
         f"extra row per layer {c.row * ms:.4f}"
     )
-    print(f"  {'exit':>5s} {'depth':>6s} {'probe':>8s} {'max_prob':>9s} {'project':>8s}  non-firing check / layer")
+    print(
+        f"  {'exit':>5s} {'depth':>6s} {'probe':>8s} {'max_prob':>9s} {'project':>8s}  "
+        "a check that does not fire, as a share of one layer (fitted / alone)"
+    )
+
+    def share(t: float) -> str:
+        return f"{t / c.layer:.1%} / {t / c.layer_direct:.1%}"
+
     for n in c.depth:
         probe = c.probe.get(n)
-        share = f"learned {probe / c.layer_direct:.1%}, " if probe is not None else ""
+        learned = f"learned {share(probe)}, " if probe is not None else ""
         p_ms = f"{probe * ms:8.3f}" if probe is not None else f"{'-':>8s}"
         print(
             f"  {n:5d} {c.depth[n]:6d} {p_ms} {c.vocab[n] * ms:9.3f} {c.project[n] * ms:8.3f}  "
-            f"{share}max_prob {c.vocab[n] / c.layer_direct:.1%}"
+            f"{learned}max_prob {share(c.vocab[n])}"
         )
 
 

@@ -16,7 +16,10 @@ through the engine's own code (`Passes`, prepacked weights entered as in decodin
   vocab[n]      exit n's hidden state, vocabulary projection and max_prob (a max_prob check);
   project[n]    exit n's vocabulary projection alone (what a firing `learned` check adds);
   row           one more row per sequence through one layer (pending-state fill, and the
-                drafted rows self-speculative verification pushes through the deeper layers).
+                drafted rows self-speculative verification pushes through the deeper layers):
+                timed through the engine's pending path, steps alternating "leave at the
+                first exit" and full depth against steps of each kind alone; with no exits,
+                one layer with extra rows against one without;
 
 `predict` turns a batch's `GenerationResult.exit_layers` back into its decode steps (step t
 fed every sequence's token t-1; it reached the depth of exit_layers[t]) and prices each step;
@@ -186,6 +189,25 @@ def piece_times(engine, prompts: list[list[int]], repeats: int, extra_rows: int 
         return best_times(fns, p.device, repeats)
 
 
+def fill_time(engine, prompts: list[list[int]], policy, steps: int, repeats: int) -> float:
+    """Seconds that recomputing one pending row per sequence adds to a decode step, through the
+    engine's own pending path: steps alternating `policy` (every token leaves at one exit) and
+    full depth, against the mean of steps of each kind alone (prefill included in all three)."""
+    full, pairs = type(policy)(), max(steps // 2, 1)
+
+    def run(kinds) -> None:
+        state = engine.new_state(len(prompts), max(map(len, prompts)) + 2 * pairs + 2)
+        engine.prefill(state, dict(enumerate(prompts)))
+        for j in range(2 * pairs):
+            engine.decode_one_token(state, dict.fromkeys(range(len(prompts)), 1), kinds[j % len(kinds)])
+
+    best = best_times(
+        {"alt": lambda: run([policy, full]), "exit": lambda: run([policy]), "full": lambda: run([full])},
+        engine.device, repeats,
+    )  # fmt: skip
+    return max(best["alt"] - (best["exit"] + best["full"]) / 2, 0.0) / pairs
+
+
 def fit_line(points: list[tuple[float, float]]) -> tuple[float, float]:
     """Least-squares (slope, intercept) through (x, y) points with at least two distinct x."""
     mx = sum(x for x, _ in points) / len(points)
@@ -226,6 +248,10 @@ def measure_costs(
     for n in p.exits:
         policy = engine.check(settings[f"exit {n}"], prompts)
         points.append((depth[n], measured[f"exit {n}"] - costs.check(n, get_measure(policy.measure).needs_vocab, True)))
+    if p.exits:  # the row cost through the engine's pending path (gather, layout, mask), not a layer alone
+        n = min(p.exits)
+        per_step = fill_time(engine, prompts, engine.check(settings[f"exit {n}"], prompts), steps, repeats)
+        costs.row = per_step / (p.num_layers - depth[n])
     if len({x for x, _ in points}) > 1:
         costs.layer, costs.fixed = fit_line(points)
     else:  # no exits: the directly timed layer, the rest is fixed

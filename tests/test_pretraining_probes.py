@@ -3,10 +3,14 @@ no other gradient, and their own gradient is non-zero."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from megatron.early_exit.arguments import parse_args
 from megatron.early_exit.training.trainer import Trainer
+from tests.test_parallel_training import BASE, LAYOUTS, train
+
+PROBES = ["--use-exit-confidence-head"]
 
 SMALL = (
     "--mock-data --tokenizer-type NullTokenizer --vocab-size 64 --num-layers 4 --hidden-size 32 "
@@ -36,3 +40,27 @@ def test_probes_change_no_other_gradient():
             assert parts[key] == value, key
     for n in (1, 3):
         assert 0.0 < parts[f"exit_{n} confidence loss"] < 2.0  # BCE near ln 2 at initialisation
+
+
+@pytest.fixture(scope="module")
+def probe_reference(tmp_path_factory):
+    return train(tmp_path_factory.mktemp("ref"), "single", 1, PROBES, BASE)
+
+
+@pytest.mark.parametrize("layout", ["pp2", "tp2"])
+def test_probe_training_is_layout_invariant(tmp_path, probe_reference, layout):
+    """The probes' target ("exit's top-1 is the label") is local to the exit's stage and, under
+    TP, a vocab-parallel argmax: every layout trains them alike. Tolerances as in
+    test_parallel_training (fp32 round-off of sharded sums; Adam's sign-sized steps)."""
+    nproc, extra = LAYOUTS[layout]
+    records, weights = train(tmp_path, layout, nproc, extra + PROBES, BASE)
+    ref_records, ref_weights = probe_reference
+    assert len(records) == len(ref_records) == 5
+    for r, e in zip(records, ref_records):
+        assert "exit_1 confidence loss" in e and "exit_3 confidence loss" in e
+        for k in (k for k in e if k.endswith("loss")):
+            assert r[k] == pytest.approx(e[k], rel=1e-5), (r["iteration"], k)
+    assert weights.keys() == ref_weights.keys()
+    assert "exits.1.confidence.weight" in weights
+    for name in ref_weights:
+        torch.testing.assert_close(weights[name], ref_weights[name], rtol=1e-4, atol=5e-5, msg=name)

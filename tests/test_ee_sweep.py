@@ -24,7 +24,8 @@ def test_rouge_l_is_lcs_f1():
     assert rouge_l("A B", "a b") == 1.0
 
 
-def test_sweep_writes_csv_and_plots(tmp_path):
+@pytest.mark.parametrize("batch_size", [2, 1])
+def test_sweep_writes_csv_and_plots(tmp_path, batch_size):
     tok = build_tokenizer("GPT2BPETokenizer")
     cfg = ModelConfig(
         num_layers=3,
@@ -59,7 +60,7 @@ def test_sweep_writes_csv_and_plots(tmp_path):
             "--max-new-tokens",
             "4",
             "--batch-size",
-            "2",
+            str(batch_size),
         ]
     )
     with open(tmp_path / "out" / "sweep.csv") as f:
@@ -69,5 +70,9 @@ def test_sweep_writes_csv_and_plots(tmp_path):
     assert float(full["rougeL_vs_full"]) == 100.0 and float(full["token_agreement"]) == 1.0
     assert float(full["average_exit_layer"]) == 3.0
     assert json.loads(zero["exit_share"])["1"] > 0.5  # threshold 0: decode tokens leave at exit 1
+    # The cost model's columns: full decoding is its own ideal; efficiency = achieved / ideal.
+    assert float(full["ideal_speedup"]) == 1.0
+    for r in table:
+        assert float(r["efficiency"]) == pytest.approx(float(r["speedup"]) / float(r["ideal_speedup"]), abs=2e-3)
     pytest.importorskip("matplotlib")
     assert {"speedup.png", "quality_vs_speedup.png", "exit_histogram.png"} <= set(os.listdir(tmp_path / "out"))

@@ -149,7 +149,8 @@ def test_mixed_exits_match_an_uncached_model(model_and_ref):
     mixed = 0
     for q in (0.3, 0.5, 0.7):
         thr = float(conf.quantile(q))
-        res = generate(model, None, PROMPTS, strategy="early_exit", early_exit_threshold=thr, max_new_tokens=NEW)
+        res = generate(model, None, PROMPTS, strategy="early_exit", early_exit_threshold=thr, max_new_tokens=NEW,
+                       measure="max_prob")  # fmt: skip
         for p, r in zip(PROMPTS, res):
             for j, (tok, layer) in enumerate(zip(r.tokens, r.exit_layers)):
                 want, prob = reference_token(model, p + r.tokens[:j], layer, with_confidence=True)

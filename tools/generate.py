@@ -50,7 +50,10 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     p.add_argument("--exit-layers", type=int, nargs="+", help="exits allowed to fire (default: all)")
     p.add_argument("--min-exit-layer", type=int)
-    p.add_argument("--measure", choices=measure_names(), default="max_prob")
+    p.add_argument(
+        "--measure", choices=measure_names(), default=None,
+        help="confidence measure (default: learned when the checkpoint's exits have probes, else max_prob)",
+    )  # fmt: skip
     p.add_argument("--num-draft-tokens", type=int, default=4)
     p.add_argument("--draft-exit-layer", type=int, help="self_speculative: the drafting exit (default: deepest)")
     p.add_argument("--max-new-tokens", type=int, default=64)

@@ -39,6 +39,7 @@ MODEL_FLAGS = {
     "use_exit_mlp": "--use-exit-mlp",
     "use_exit_block": "--use-exit-block",
     "untie_exit_output_weights": "--untie-exit-output-weights",
+    "use_exit_confidence_head": "--use-exit-confidence-head",
 }
 
 
@@ -125,6 +126,20 @@ def _add_exit_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--exit-layer-weight-warmup-iters", type=int, default=0)
     g.add_argument("--exit-layer-weight-warmup-style", choices=["linear", "cosine"], default="linear")
     g.add_argument("--use-dynamic-exit-layer-weight", action="store_true")
+    g.add_argument(
+        "--use-exit-confidence-head",
+        action="store_true",
+        default=None,
+        help="each exit gets a confidence probe, trained (detached) to predict that its top-1 is the label",
+    )
+    g = p.add_argument_group("LayerSkip (arXiv 2404.16710)")
+    g.add_argument(
+        "--layer-dropout-max", type=float, default=0.0, help="last layer's skip rate; rises as e^(l ln2/(L-1)) - 1"
+    )
+    g.add_argument("--layer-dropout-curriculum", choices=["none", "linear"], default="none")
+    g.add_argument("--layer-dropout-warmup-iters", type=int, default=0, help="linear: iterations to reach the rate")
+    g.add_argument("--exit-loss-curriculum", choices=["none", "rotational"], default="none")
+    g.add_argument("--exit-loss-rotation-size", type=int, default=1, help="rotational: exits trained per iteration")
     g.add_argument(
         "--fill-explicit-bubbles",
         action="store_true",
@@ -333,11 +348,12 @@ _INT_RANGES = [
     ),
     (
         ("eval_interval", "lr_warmup_iters", "exit_layer_weight_warmup_iters", "num_workers",
-         "num_fill_warmup_microbatches", "num_fill_cooldown_microbatches"),
+         "num_fill_warmup_microbatches", "num_fill_cooldown_microbatches", "layer_dropout_warmup_iters"),
         lambda v: v >= 0,
         ">= 0",
     ),
     (("seed",), lambda v: 0 <= v < 2**63, "in [0, 2**63)"),
+    (("exit_loss_rotation_size",), lambda v: v > 0, "> 0"),
 ]  # fmt: skip
 _FLOAT_RANGES = [
     (("lr", "norm_epsilon", "rotary_base", "init_method_std", "adam_eps", "kd_temperature"), lambda v: v > 0, "> 0"),
@@ -346,6 +362,7 @@ _FLOAT_RANGES = [
     (("lr_warmup_fraction",), lambda v: 0 <= v <= 1, "in [0, 1]"),
     (("exit_layer_weight", "exit_layer_weight_init"), lambda v: v >= 0, ">= 0 (finite)"),
     (("exit_layer_temperature",), lambda v: v > 0, "> 0 (finite)"),
+    (("layer_dropout_max",), lambda v: 0 <= v < 1, "in [0, 1)"),
 ]
 
 
@@ -479,6 +496,12 @@ def _validate_exit_args(args: argparse.Namespace, ckpt: ModelConfig | None) -> N
         raise ValueError("--use-dynamic-exit-layer-weight needs exits (--exit-layer-nums)")
     if (args.use_exit_norm or args.use_exit_mlp or args.use_exit_block or args.pre_exit) and n == 0:
         raise ValueError("exit options given but no --exit-layer-nums")
+    if getattr(args, "layer_dropout_max", 0.0) and args.tune_exit:
+        raise ValueError("--layer-dropout-max trains the backbone: not with --tune-exit")
+    if getattr(args, "layer_dropout_curriculum", "none") == "linear" and not args.layer_dropout_warmup_iters:
+        raise ValueError("--layer-dropout-curriculum linear needs --layer-dropout-warmup-iters > 0")
+    if getattr(args, "exit_loss_curriculum", "none") == "rotational" and n == 0:
+        raise ValueError("--exit-loss-curriculum rotational needs exits (--exit-layer-nums)")
 
 
 def _validate_tune_args(args: argparse.Namespace, ckpt: ModelConfig | None) -> None:
@@ -536,6 +559,7 @@ def model_config_from_args(args: argparse.Namespace, vocab_size: int) -> ModelCo
         use_exit_block=bool(args.use_exit_block),
         untie_exit_output_weights=bool(args.untie_exit_output_weights),
         exit_layer_temperature=args.exit_layer_temperature or [],
+        use_exit_confidence_head=bool(args.use_exit_confidence_head),
     )
     cfg.validate()
     if args.seq_length > cfg.max_position_embeddings:

@@ -2,14 +2,19 @@
 """Speed vs quality of early exit: sweep the confidence threshold on a summarisation task.
 
     python tools/eval/ee_sweep.py --load CKPT --output runs/sweep \
-        --thresholds 1.0 0.9 0.8 0.6 0.4 0.2 0.0 --num-examples 20
+        --thresholds 1.0 0.9 0.8 0.6 0.4 0.2 0.0 --num-examples 20 --batch-size 1 --repeats 3
 
 For each threshold it decodes the aclsum test abstracts (a summary of each paper's abstract)
 as batches, and records: tokens/s and speedup over threshold 1.0 (= full decoding, since
-1.0 never exits), ROUGE-L F1 against the reference summary and against the full model's
-output, token agreement with full decoding (share of positions with the same token), the
-average exit layer and the share of tokens per exit. Writes `sweep.csv` and, when matplotlib
-is installed, `speedup.png`, `quality_vs_speedup.png` and `exit_histogram.png`.
+1.0 never exits), the ideal speedup the row's exit distribution allows (the cost model,
+`megatron/early_exit/inference/cost_model.py`, measured on this machine at this batch size
+and dtype before the sweep; prefill counted in both) and the engine efficiency (achieved /
+ideal: low ideal = weak exits, low efficiency = engine overhead), ROUGE-L F1 against the
+reference summary and against the full model's output, token agreement with full decoding
+(share of positions with the same token), the average exit layer and the share of tokens per
+exit. Writes `sweep.csv` and, when matplotlib is installed, `speedup.png`,
+`quality_vs_speedup.png` and `exit_histogram.png`. --repeats N alternates the thresholds in N
+rounds and keeps each row's best; the measure defaults to learned where the exits have probes.
 """
 
 from __future__ import annotations
@@ -25,6 +30,8 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "tools"))
+
+from megatron.early_exit.inference import cost_model  # noqa: E402
 
 
 def rouge_l(candidate: str, reference: str) -> float:
@@ -95,6 +102,40 @@ def decode_all(engine, prompts: list[list[int]], batch_size: int, settings) -> t
     return sum(map(len, tokens)) / elapsed, texts, tokens, layers, results
 
 
+def prefill_seconds(engine, prompts: list[list[int]], batch_size: int, settings) -> float:
+    """Time of the prefills alone (one token per prompt), batch by batch: the same in every row."""
+    from dataclasses import replace
+
+    one = replace(settings, max_new_tokens=1)
+    return sum(cost_model.best_times({"p": lambda i=i: engine.generate(prompts[i : i + batch_size], one)},
+                                     engine.device, 2)["p"] for i in range(0, len(prompts), batch_size))  # fmt: skip
+
+
+def ideal_of(engine, costs, results: list, batch_size: int, settings, prefill_s: float) -> float:
+    """The ideal speedup of one row: its exit telemetry priced by the cost model."""
+    from megatron.early_exit.inference.confidence import get_measure
+
+    policy = engine.check(settings, [r.prompt_tokens for r in results[:1]])
+    evaluated = [n for n in policy.allowed if policy.threshold_of(n) < 1.0]
+    batches = [results[i : i + batch_size] for i in range(0, len(results), batch_size)]
+    return cost_model.ideal_speedup(batches, costs, evaluated, get_measure(policy.measure).needs_vocab, prefill_s)
+
+
+def timed_rows(engine, prompts, thresholds, args) -> dict:
+    """threshold -> decode_all's output, best tokens/s of --repeats rounds that alternate thresholds."""
+    from megatron.early_exit.inference import GenerationSettings
+
+    best: dict = {}
+    for _ in range(args.repeats):
+        for thr in thresholds:
+            settings = GenerationSettings(strategy="early_exit", early_exit_threshold=thr, measure=args.measure,
+                                          max_new_tokens=args.max_new_tokens, stop_strings=("\n",))  # fmt: skip
+            out = decode_all(engine, prompts, args.batch_size, settings)
+            if thr not in best or out[0] > best[thr][1][0]:
+                best[thr] = (settings, out)
+    return best
+
+
 def sweep(args) -> list[dict]:
     import torch
 
@@ -107,18 +148,21 @@ def sweep(args) -> list[dict]:
     prompts, references = summarisation_task(tok, args.data, args.num_examples, args.max_prompt_chars)
     thresholds = sorted(set(args.thresholds) | {1.0}, reverse=True)
     engine.generate(prompts[: args.batch_size], GenerationSettings(max_new_tokens=4))  # warm-up: first calls are slow
-    rows, full_texts, full_tokens, base_tps = [], None, None, None
+    costs, _ = cost_model.measure_costs(engine, prompts[: args.batch_size], args.measure, args.cost_steps, 3)
+    best = timed_rows(engine, prompts, thresholds, args)
+    prefill_s = prefill_seconds(engine, prompts, args.batch_size, best[1.0][0])
+    _, (base_tps, full_texts, full_tokens, _, _) = best[1.0]
+    rows = []
     for thr in thresholds:
-        settings = GenerationSettings(strategy="early_exit", early_exit_threshold=thr, measure=args.measure,
-                                      max_new_tokens=args.max_new_tokens, stop_strings=("\n",))  # fmt: skip
-        tps, texts, tokens, layers, _ = decode_all(engine, prompts, args.batch_size, settings)
-        if thr == 1.0:
-            full_texts, full_tokens, base_tps = texts, tokens, tps
+        settings, (tps, texts, tokens, layers, results) = best[thr]
         agree = [sum(a == b for a, b in zip(t, f)) / max(len(f), 1) for t, f in zip(tokens, full_tokens)]
+        ideal = ideal_of(engine, costs, results, args.batch_size, settings, prefill_s)
         row = {
             "threshold": thr,
             "tokens_per_sec": round(tps, 2),
             "speedup": round(tps / base_tps, 3),
+            "ideal_speedup": round(ideal, 3),
+            "efficiency": round(tps / base_tps / ideal, 3),
             "rougeL_reference": round(100 * sum(map(rouge_l, texts, references)) / len(texts), 2),
             "rougeL_vs_full": round(100 * sum(map(rouge_l, texts, full_texts)) / len(texts), 2),
             "token_agreement": round(sum(agree) / len(agree), 4),
@@ -187,14 +231,19 @@ def main(argv=None) -> None:
     p.add_argument("--output", default="runs/ee_sweep")
     p.add_argument("--thresholds", type=float, nargs="+", default=[1.0, 0.9, 0.8, 0.6, 0.4, 0.2, 0.0])
     p.add_argument("--plugin", action="append", default=[], help="import a module that registers measures")
-    p.add_argument("--measure", default="max_prob", choices=measure_names())
+    p.add_argument("--measure", choices=measure_names(),
+                   help="exit measure (default: learned where the exits have probes, else max_prob)")  # fmt: skip
     p.add_argument("--num-examples", type=int, default=20)
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--max-new-tokens", type=int, default=48)
     p.add_argument("--max-prompt-chars", type=int, default=1200)
     p.add_argument("--device", default="cpu")
     p.add_argument("--bf16", action="store_true")
+    p.add_argument("--repeats", type=int, default=1, help="rounds alternating the thresholds; each row's best counts")
+    p.add_argument("--cost-steps", type=int, default=16, help="decode steps per cost-model timing")
     args = p.parse_args(argv)
+    if args.batch_size < 1 or args.repeats < 1 or args.cost_steps < 1:
+        p.error("--batch-size, --repeats and --cost-steps must be >= 1")
     if any(not 0.0 <= t <= 1.0 for t in args.thresholds):
         p.error("--thresholds must lie in [0, 1]")
     try:

@@ -55,7 +55,7 @@ class EarlyExitLM(TemplateLM):
         load: str | None = None,
         strategy: str = "early_exit",
         threshold: float = 0.8,
-        measure: str = "max_prob",
+        measure: str | None = None,  # None: learned where the exits have probes, else max_prob
         exit_layers: str | int | None = None,
         draft_exit_layer: int | None = None,
         num_draft_tokens: int = 4,

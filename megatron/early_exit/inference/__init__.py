@@ -40,7 +40,7 @@ def generate(
     early_exit_threshold: float = 0.8,
     exit_layers: Sequence[int] | None = None,
     min_exit_layer: int | None = None,
-    measure: str = "max_prob",
+    measure: str | None = None,
     num_draft_tokens: int = 4,
     draft_exit_layer: int | None = None,
     return_logprobs: bool = False,
@@ -55,7 +55,8 @@ def generate(
       "full": the final head for every token.
       "early_exit": after each allowed exit, each running sequence whose confidence
         (`measure`, a name in `MEASURES`: max_prob, top2_margin, entropy, or learned = the
-        exit's probe) reaches `early_exit_threshold` takes that exit's token; the others go deeper. 1.0 never
+        exit's probe; default: learned when the exits carry probes, else max_prob) reaches
+        `early_exit_threshold` takes that exit's token; the others go deeper. 1.0 never
         exits early (same tokens as "full"), 0.0 always takes the first allowed exit.
         `exit_layers` restricts which exits may fire, `min_exit_layer` drops shallower ones.
         Skipped layers' K/V are recomputed exactly when a later token goes deeper.

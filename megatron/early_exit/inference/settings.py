@@ -23,7 +23,7 @@ class GenerationSettings:
     early_exit_threshold: float = 0.8
     exit_layers: tuple[int, ...] | None = None
     min_exit_layer: int | None = None
-    measure: str = "max_prob"
+    measure: str | None = None  # None: `default_measure` (learned where the exits carry probes)
     num_draft_tokens: int = 4
     draft_exit_layer: int | None = None
     return_logprobs: bool = False
@@ -73,11 +73,18 @@ class GenerationResult:
     stop_text: TextState | None = field(default=None, repr=False, compare=False)  # for stop strings
 
 
+def default_measure(config) -> str:
+    """The measure early exit decides with when a request names none: `learned` when the
+    model's exits carry confidence probes (an exit that does not fire then costs no vocabulary
+    projection), else `max_prob`. An explicit measure is always kept."""
+    return "learned" if getattr(config, "use_exit_confidence_head", False) else "max_prob"
+
+
 def check_values(s: GenerationSettings, strategies) -> None:
     """Raise ValueError naming the first setting out of range; `strategies`: the registry."""
     if s.strategy not in strategies:
         raise ValueError(f"strategy must be one of {', '.join(strategies)}, got {s.strategy!r}")
-    if s.measure not in MEASURES:
+    if s.measure is not None and s.measure not in MEASURES:
         raise ValueError(f"measure must be one of {', '.join(MEASURES)}, got {s.measure!r}")
     if not 0.0 <= s.early_exit_threshold <= 1.0:
         raise ValueError(f"early_exit_threshold must be in [0, 1], got {s.early_exit_threshold}")

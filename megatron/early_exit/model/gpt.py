@@ -238,14 +238,18 @@ class EarlyExitGPT(nn.Module):
         h = self.embedding(input_ids, position_ids) if self.pre_process else hidden_states
         return h, self.rotary(position_ids) if self.rotary is not None else None
 
-    def run_layers(self, h: torch.Tensor, rotary) -> tuple[torch.Tensor, list[tuple[int, torch.Tensor]]]:
-        """This stage's layers over h; returns their output and [(exit layer, exit input)]."""
+    def run_layers(
+        self, h: torch.Tensor, rotary, skip: frozenset[int] = frozenset()
+    ) -> tuple[torch.Tensor, list[tuple[int, torch.Tensor]]]:
+        """This stage's layers over h; returns their output and [(exit layer, exit input)].
+        `skip`: 0-based layers left out, each the identity on h (layer dropout, chosen by the trainer)."""
         exit_inputs = []
         for i in self.layer_ids:
             n = i + 1
             if n in self.exits_by_layer and self.config.pre_exit:
                 exit_inputs.append((n, h))
-            h = self._run_layer(self.decoder.layers[str(i)], h, rotary)
+            if i not in skip:
+                h = self._run_layer(self.decoder.layers[str(i)], h, rotary)
             if n in self.exits_by_layer and not self.config.pre_exit:
                 exit_inputs.append((n, h))
         return h, exit_inputs

@@ -81,6 +81,7 @@ class GradReducer:
             self.buckets.append(_Bucket(current))
         self.bucket_of = {id(p): b for b in self.buckets for p in b.params}
         self.armed = False
+        self.next_bucket = 0
         for p in params:
             p.register_post_accumulate_grad_hook(self._on_grad)
 
@@ -96,8 +97,14 @@ class GradReducer:
         if bucket.handle is not None:
             raise RuntimeError("a gradient arrived after its bucket was reduced (more than one last backward)")
         bucket.ready.add(id(p))
-        if len(bucket.ready) == len(bucket.params):
-            self._launch(bucket)
+        # Buckets launch in index order only, so every DP rank issues the same sequence of
+        # all-reduces even when their last backwards differ (layer dropout draws per rank).
+        while self.next_bucket < len(self.buckets):
+            b = self.buckets[self.next_bucket]
+            if len(b.ready) < len(b.params):
+                break
+            self._launch(b)
+            self.next_bucket += 1
 
     def _launch(self, bucket: _Bucket) -> None:
         # The gradients move into one flat buffer and become views of it, so the reduction
@@ -116,15 +123,14 @@ class GradReducer:
 
     def finish(self) -> None:
         """Reduce the buckets the last backward did not complete, wait for all, leave the mean."""
-        for bucket in self.buckets:
-            if bucket.handle is None:
-                self._launch(bucket)
+        for bucket in self.buckets[self.next_bucket :]:
+            self._launch(bucket)
         for bucket in self.buckets:
             if bucket.handle:
                 bucket.handle.wait()
                 bucket.flat.div_(self.world)  # the gradients are views of it
             bucket.ready, bucket.flat, bucket.handle = set(), None, None
-        self.armed = False
+        self.armed, self.next_bucket = False, 0
 
 
 class FSDP2:

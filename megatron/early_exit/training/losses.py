@@ -7,6 +7,16 @@ each CE masked and averaged over tokens. w_i(t) moves from `--exit-layer-weight-
 `--use-dynamic-exit-layer-weight`, each token's exit loss is further scaled by that exit's
 detached confidence (max softmax probability), so an exit spends its capacity on tokens it
 can already nearly decide.
+
+`--exit-loss-curriculum rotational` (LayerSkip, arXiv 2404.16710): at iteration t only the K =
+`--exit-loss-rotation-size` exits {(t*K + j) mod E : j < K} keep their weight; the others get
+weight 0 (their losses are still computed and logged, their heads get zero gradient).
+
+Confidence probes in pretraining (`--use-exit-confidence-head`): each exit's probe is trained
+with binary cross-entropy, on the exit's *detached* hidden state (so it changes no other
+gradient), to predict "the exit's top-1 token is the label". That target is local to the
+exit's pipeline stage and the same in every layout; EE-Tuning's probes instead predict
+agreement with the final head, which the tuning stage has at hand (`tuning_losses`).
 """
 
 from __future__ import annotations
@@ -33,6 +43,14 @@ def exit_weights_at(cfg: ExitLossConfig, iteration: int) -> list[float]:
     return [a + (b - a) * frac for a, b in zip(init, final)]
 
 
+def rotational_exit_weights(weights: list[float], iteration: int, rotation_size: int) -> list[float]:
+    """`weights` with all but the exits scheduled at `iteration` set to 0: exits
+    {(iteration * K + j) mod E : j < K}, K = `rotation_size` (K >= E keeps them all)."""
+    e = len(weights)
+    scheduled = {(iteration * rotation_size + j) % e for j in range(min(rotation_size, e))} if e else set()
+    return [w if i in scheduled else 0.0 for i, w in enumerate(weights)]
+
+
 def masked_mean(per_token: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
     """Average of per-token values over the tokens whose mask is 1: [b, s] -> scalar."""
     mask = loss_mask.to(per_token.dtype)
@@ -45,11 +63,14 @@ def combine_losses(
     exit_weights: dict[int, float],
     final_weight: float,
     dynamic: bool = False,
+    probe_losses: dict[int, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Weighted objective and each head's own (unweighted, detached) masked-mean loss.
 
     Returns (total, parts) where parts has "lm loss" for the final head (when this stage
-    has it) and "exit_<layer> loss" for each exit on this stage.
+    has it) and "exit_<layer> loss" for each exit on this stage. `probe_losses` (per-token
+    confidence-probe BCE per exit) are added with weight 1 and logged as
+    "exit_<layer> confidence loss"; they reach only the probes' own parameters.
     """
     total = None
     parts: dict[str, torch.Tensor] = {}
@@ -61,6 +82,10 @@ def combine_losses(
         else:
             weighted = mean
         term = exit_weights[layer] * weighted
+        if probe_losses and layer in probe_losses:
+            probe = masked_mean(probe_losses[layer], loss_mask)
+            parts[f"exit_{layer} confidence loss"] = probe.detach()
+            term = term + probe
         total = term if total is None else total + term
     if out.loss is not None:
         mean = masked_mean(out.loss, loss_mask)
@@ -70,6 +95,28 @@ def combine_losses(
     if total is None:
         raise RuntimeError("this stage produced no loss: it has neither exits nor the final head")
     return total, parts
+
+
+def evaluate_exits_with_probes(
+    model, out: ModelOutput, exit_inputs, rotary, labels: torch.Tensor, want_conf: bool = False
+) -> dict[int, torch.Tensor]:
+    """`model.evaluate_exits` with labels (same per-token losses and confidences into `out`),
+    plus each confidence probe's per-token BCE [b, s] against "exit's top-1 == label",
+    computed on the exit's detached hidden state: {layer: BCE} for exits with a probe."""
+    ops = model.head_ops
+    probes: dict[int, torch.Tensor] = {}
+    for n, h in exit_inputs:
+        head = model.exits[str(n)]
+        hidden = head.hidden(h, rotary)
+        logits = head.project(hidden, model.tied_output_weight(), ops)
+        out.exit_losses[n] = ops.token_losses(logits, labels)
+        if want_conf:
+            out.exit_confidences[n] = ops.max_prob(logits)
+        if head.confidence is not None:
+            correct = (ops.argmax(logits.detach()) == labels).float()
+            conf_logit = head.confidence_logit(hidden.detach())
+            probes[n] = F.binary_cross_entropy_with_logits(conf_logit.float(), correct, reduction="none")
+    return probes
 
 
 def tuning_losses(

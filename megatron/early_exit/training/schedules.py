@@ -19,6 +19,11 @@ no-pipelining schedule: forward then backward, micro-batch by micro-batch.
 
 Invariants: every micro-batch's loss is scaled by 1/m, so accumulated gradients equal
 one step over the global batch; gradients are synchronised by the caller, once.
+
+**LayerSkip in training** (`ScheduleContext.layer_dropout`): each training micro-batch
+skips the layers `training.layer_dropout` draws for (iteration, global micro-batch index,
+layer); evaluation and frozen-backbone tuning never skip. **Confidence probes**: exits with a
+probe also train it, on the exit's detached hidden state (`losses.evaluate_exits_with_probes`).
 """
 
 from __future__ import annotations
@@ -33,7 +38,8 @@ from megatron.early_exit.config import ExitLossConfig
 from megatron.early_exit.model.gpt import ModelOutput
 from megatron.early_exit.parallel.dims import ParallelState
 from megatron.early_exit.parallel.pipeline import p2p
-from megatron.early_exit.training.losses import combine_losses
+from megatron.early_exit.training.layer_dropout import LayerDropout
+from megatron.early_exit.training.losses import combine_losses, evaluate_exits_with_probes
 
 
 @dataclass
@@ -50,6 +56,8 @@ class ScheduleContext:
     last_exit_stage: int = -1  # the last pipeline stage holding an exit (bubble filling)
     grad_sync: object = None  # the data-parallel engine (parallel/data_parallel.py), if any
     backwards_left: int = 0  # backward passes still to run in this batch on this rank
+    layer_dropout: LayerDropout | None = None
+    iteration: int = 0  # 0-based count of completed updates (seeds layer dropout)
 
     def template(self) -> torch.Tensor:
         return torch.empty(self.activation_shape, dtype=torch.float32, device=self.device)
@@ -65,44 +73,74 @@ class StageOutput(ModelOutput):
 
     deferred_exits: list = field(default_factory=list)  # [(layer, exit input)]
     rotary: tuple | None = None
+    probe_losses: dict = field(default_factory=dict)  # {layer: per-token probe BCE [b, s]}
 
 
-def stage_forward(model, batch: dict, x_in, labels, frozen_backbone: bool, compute_final: bool) -> StageOutput:
+def stage_forward(
+    model, batch: dict, x_in, labels, frozen_backbone: bool, compute_final: bool, skip: frozenset[int] = frozenset()
+) -> StageOutput:
     """The model's forward with the exits deferred (`compute_deferred_exits` evaluates them);
-    `frozen_backbone`: embedding and layers under no_grad (EE-Tuning)."""
+    `frozen_backbone`: embedding and layers under no_grad (EE-Tuning); `skip`: layers dropped."""
     with torch.no_grad() if frozen_backbone else nullcontext():
         ids = batch["tokens"] if model.pre_process else None
         h, rotary = model.embed_input(ids, batch["position_ids"], x_in)
-        h, exit_inputs = model.run_layers(h, rotary)
+        h, exit_inputs = model.run_layers(h, rotary, skip)
     out = StageOutput(hidden_states=h, deferred_exits=exit_inputs, rotary=rotary)
     if model.post_process and compute_final:
         model.final_head(out, h, labels)
     return out
 
 
-def compute_deferred_exits(model, out: StageOutput, labels=None, want_conf: bool = False) -> None:
-    """Evaluate the exit heads whose inputs `stage_forward` kept; fills exit logits or losses."""
-    model.evaluate_exits(out, out.deferred_exits, out.rotary, labels, want_conf)
+def compute_deferred_exits(model, out: StageOutput, labels=None, want_conf: bool = False, probes: bool = False) -> None:
+    """Evaluate the exit heads whose inputs `stage_forward` kept; fills exit logits or losses.
+    `probes` (with labels): also each confidence probe's per-token loss, in `out.probe_losses`."""
+    if probes and labels is not None:
+        out.probe_losses = evaluate_exits_with_probes(model, out, out.deferred_exits, out.rotary, labels, want_conf)
+    else:
+        model.evaluate_exits(out, out.deferred_exits, out.rotary, labels, want_conf)
     out.deferred_exits = []
 
 
-def forward_step(ctx: ScheduleContext, batch: dict, x_in: torch.Tensor | None, exits_only: bool = False, frozen=None):
-    """This stage's forward of one micro-batch, exits deferred. `exits_only`: skip the final
-    head (bubble-filling and tuning micro-batches only feed exit losses)."""
+def has_probes(model) -> bool:
+    return any(head.confidence is not None for head in model.exits.values())
+
+
+def skipped_layers(ctx: ScheduleContext, micro: int, frozen: bool) -> frozenset[int]:
+    """The layers this stage skips for its `micro`-th micro-batch: only when training."""
+    ld = ctx.layer_dropout
+    if ld is None or frozen or not (ctx.model.training and torch.is_grad_enabled()):
+        return frozenset()
+    ps = ctx.pstate
+    return ld.skipped(ctx.iteration, micro * ps.dims.dp + ps.dp_rank, ctx.model.layer_ids)
+
+
+def forward_step(
+    ctx: ScheduleContext,
+    batch: dict,
+    x_in: torch.Tensor | None,
+    exits_only: bool = False,
+    frozen=None,
+    micro: int = 0,
+):
+    """This stage's forward of one micro-batch (this rank's `micro`-th of the iteration, fills
+    counted after the regular ones), exits deferred. `exits_only`: skip the final head
+    (bubble-filling and tuning micro-batches only feed exit losses)."""
     frozen = ctx.frozen_backbone if frozen is None else frozen
+    skip = skipped_layers(ctx, micro, frozen)
+    labels = None if exits_only else batch["labels"]
     with ctx.autocast:
-        return stage_forward(ctx.model, batch, x_in, None if exits_only else batch["labels"], frozen, not exits_only)
+        return stage_forward(ctx.model, batch, x_in, labels, frozen, not exits_only, skip)
 
 
 def backward_step(ctx: ScheduleContext, batch: dict, out, x_in, grad_out):
     """Exit heads now (lazily), then one backward of L_s + sum(x_s * g_s)."""
     dynamic = ctx.loss_cfg.use_dynamic_exit_layer_weight
     with ctx.autocast:
-        compute_deferred_exits(ctx.model, out, batch["labels"], dynamic)
+        compute_deferred_exits(ctx.model, out, batch["labels"], dynamic, has_probes(ctx.model))
     tensors, grads, parts = [], [], {}
     if out.exit_losses or out.loss is not None:
         total, parts = combine_losses(
-            out, batch["loss_mask"], ctx.exit_weights, ctx.loss_cfg.final_layer_weight, dynamic
+            out, batch["loss_mask"], ctx.exit_weights, ctx.loss_cfg.final_layer_weight, dynamic, out.probe_losses
         )
         tensors.append(total / ctx.num_micro)
         grads.append(None)
@@ -161,21 +199,21 @@ def forward_backward_1f1b(
     # Warm-up: forwards only.
     for k in range(warmup):
         x = receive_input(p2p(None, None, ctx.template(), prev))
-        out = forward_step(ctx, batches[k], x)
+        out = forward_step(ctx, batches[k], x, micro=k)
         p2p(send_output(out), nxt, None, None)
         inflight.append((k, x, out))
         if k + 1 == fill_at:
-            _fill_phase(ctx, fill_warmup, m)
+            _fill_phase(ctx, fill_warmup, m, m)
 
     # Steady state: one forward, one backward.
     steady = m - warmup
     x = receive_input(p2p(None, None, ctx.template(), prev)) if steady > 0 else None
     for i in range(steady):
-        out = forward_step(ctx, batches[warmup + i], x)
+        out = forward_step(ctx, batches[warmup + i], x, micro=warmup + i)
         inflight.append((warmup + i, x, out))
         if warmup + i + 1 == fill_at:  # fills go between this send and the next receive
             p2p(send_output(out), nxt, None, None)
-            _fill_phase(ctx, fill_warmup, m)
+            _fill_phase(ctx, fill_warmup, m, m)
             grad = p2p(None, None, ctx.template() if nxt is not None else None, nxt)
         else:
             grad = p2p(send_output(out), nxt, ctx.template() if nxt is not None else None, nxt)
@@ -195,39 +233,40 @@ def forward_backward_1f1b(
         _accumulate(sums, parts, m)
         p2p(grad_in, prev, None, None)
     if fills and len(fill_cooldown):
-        _fill_phase(ctx, fill_cooldown, m)
+        _fill_phase(ctx, fill_cooldown, m, m + len(fill_warmup))
     return sums
 
 
-def _fill_phase(ctx: ScheduleContext, fills: list[dict], num_micro: int) -> None:
+def _fill_phase(ctx: ScheduleContext, fills: list[dict], num_micro: int, first_micro: int) -> None:
     """Explicit-bubble filling (EE-LLM): extra micro-batches that only feed exit losses.
 
     They run through stages 0..S (S = the last stage holding an exit) and no further:
     forward through each stage, then the backward of those stages' weighted exit losses
     (plus the auxiliary term for the stages before S), each scaled by 1/m like a regular
     micro-batch. The final head never sees them. Their losses train the exits (and the
-    layers below them) and are not logged.
+    layers below them) and are not logged. `first_micro`: the first fill's micro-batch index
+    (after the regular ones, and after the warm-up fills for the cool-down ones).
     """
     ps = ctx.pstate
     prev = ps.stage_rank(ps.pp_rank - 1) if not ps.is_first_stage else None
     nxt = ps.stage_rank(ps.pp_rank + 1) if ps.pp_rank < ctx.last_exit_stage else None
     model, dynamic = ctx.model, ctx.loss_cfg.use_dynamic_exit_layer_weight
     done = []
-    for batch in fills:
+    for j, batch in enumerate(fills):
         batch = _to_device(batch, ctx.device)
         x = p2p(None, None, ctx.template(), prev)
         if x is not None:
             x.requires_grad_(True)
-        out = forward_step(ctx, batch, x, exits_only=True)
+        out = forward_step(ctx, batch, x, exits_only=True, micro=first_micro + j)
         p2p(out.hidden_states.detach().float() if nxt is not None else None, nxt, None, None)
         done.append((batch, x, out))
     for batch, x, out in done:
         grad = p2p(None, None, ctx.template(), nxt) if nxt is not None else None
         with ctx.autocast:
-            compute_deferred_exits(model, out, batch["labels"], dynamic)
+            compute_deferred_exits(model, out, batch["labels"], dynamic, has_probes(model))
         tensors, grads = [], []
         if out.exit_losses:
-            total, _ = combine_losses(out, batch["loss_mask"], ctx.exit_weights, 0.0, dynamic)
+            total, _ = combine_losses(out, batch["loss_mask"], ctx.exit_weights, 0.0, dynamic, out.probe_losses)
             tensors.append(total / num_micro)
             grads.append(None)
         if grad is not None:

@@ -45,7 +45,8 @@ from megatron.early_exit.parallel.grads import (
 from megatron.early_exit.parallel.pipeline import StageSpec, exit_cost, head_cost, split_stages, stages_for
 from megatron.early_exit.parallel.state_dict import full_optimizer_state, full_state_dict, load_optimizer_state
 from megatron.early_exit.parallel.tensor_parallel import apply_tensor_parallel
-from megatron.early_exit.training.losses import exit_weights_at
+from megatron.early_exit.training.layer_dropout import LayerDropout, fill_missing_grads
+from megatron.early_exit.training.losses import exit_weights_at, rotational_exit_weights
 from megatron.early_exit.training.optimizer import LRScheduler, build_optimizer
 from megatron.early_exit.training.schedules import (
     ScheduleContext,
@@ -380,7 +381,21 @@ class Trainer:
 
     def _exit_weights(self) -> dict[int, float]:
         weights = exit_weights_at(self.loss_cfg, self.state.iteration)
+        if self.args.exit_loss_curriculum == "rotational":
+            weights = rotational_exit_weights(weights, self.state.iteration, self.args.exit_loss_rotation_size)
         return dict(zip(self.config.exit_layer_nums, weights))
+
+    def _layer_dropout(self) -> LayerDropout | None:
+        a = self.args
+        if not a.layer_dropout_max:
+            return None
+        return LayerDropout(
+            a.layer_dropout_max,
+            self.config.num_layers,
+            a.seed,
+            a.layer_dropout_curriculum,
+            a.layer_dropout_warmup_iters,
+        )
 
     def _context(self) -> ScheduleContext:
         a = self.args
@@ -395,6 +410,8 @@ class Trainer:
             autocast=self.autocast,
             last_exit_stage=self.last_exit_stage,
             grad_sync=self.data_parallel,
+            layer_dropout=self._layer_dropout(),
+            iteration=self.state.iteration,
         )
 
     def _next_batches(self, iterator, count: int) -> list[dict]:
@@ -420,6 +437,8 @@ class Trainer:
             n_cool = a.num_fill_cooldown_microbatches if a.fill_explicit_bubbles else 0
             fills = self._next_batches(self.train_iter, n_warm + n_cool)
             parts = forward_backward_1f1b(self._context(), batches, fills[:n_warm], fills[n_warm:])
+            if a.layer_dropout_max:
+                fill_missing_grads(self.model)  # a layer every micro-batch skipped: zero, on every rank alike
         sync_gradients(self.model, self.pstate, self.embedding_group, self.args.sequence_parallel, self.data_parallel)
         sharded = getattr(self.data_parallel, "is_sharded", False)
         grad_norm = clip_grad_norm(self.model, self.pstate, self.args.clip_grad, sharded)

@@ -43,7 +43,8 @@ class EarlyExitOptions(BaseModel):
     # Names from the registries (checked below; the OpenAPI schema lists them as enums).
     mode: str = Field("early_exit", json_schema_extra=lambda s: s.update(enum=list(early_exit_modes())))
     threshold: float = Field(0.8, ge=0.0, le=1.0)
-    measure: str = Field("max_prob", json_schema_extra=lambda s: s.update(enum=list(measure_names())))
+    # None: learned where the model's exits carry confidence probes, else max_prob (`default_measure`).
+    measure: str | None = Field(None, json_schema_extra=lambda s: s.update(enum=list(measure_names())))
     exit_layers: list[int] | None = Field(None, min_length=1, max_length=256)
     min_layer: int | None = Field(None, ge=1)
     num_draft_tokens: int = Field(4, ge=1, le=64)
@@ -58,8 +59,8 @@ class EarlyExitOptions(BaseModel):
 
     @field_validator("measure")
     @classmethod
-    def _known_measure(cls, v: str) -> str:
-        if v not in measure_names():
+    def _known_measure(cls, v: str | None) -> str | None:
+        if v is not None and v not in measure_names():
             raise ValueError(f"must be one of {', '.join(measure_names())}, got {v!r}")
         return v
 

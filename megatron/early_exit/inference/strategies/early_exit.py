@@ -1,9 +1,11 @@
 """`early_exit`: after each allowed exit, each sequence whose confidence reaches the threshold
-takes that exit's token; the others go deeper (per sequence; pending K/V are filled later by
+takes that exit's token (measure: the request's, else `default_measure`: learned where the
+exits carry probes, else max_prob); the others go deeper (per sequence; pending K/V are filled later by
 the pass machinery). On the pipeline engine this is EE-LLM's pipeline early exit."""
 
 from megatron.early_exit.inference.confidence import get_measure
 from megatron.early_exit.inference.passes import ExitPolicy
+from megatron.early_exit.inference.settings import default_measure
 from megatron.early_exit.inference.strategies.base import Strategy
 
 
@@ -12,10 +14,11 @@ class EarlyExit(Strategy):
     pipeline = True
 
     def policy(self, engine, s, allowed: list[int]) -> ExitPolicy:
-        if get_measure(s.measure).needs_probe:
-            engine.check_probes(allowed, s.measure)
+        measure = s.measure if s.measure is not None else default_measure(engine.config)
+        if get_measure(measure).needs_probe:
+            engine.check_probes(allowed, measure)
         per_exit = s.exit_thresholds or {}
         if set(per_exit) - set(engine.exits):
             raise ValueError(f"exit_thresholds: {sorted(per_exit)} are not all exits of this model")
         pairs = tuple(sorted((int(n), float(t)) for n, t in per_exit.items()))
-        return ExitPolicy(tuple(allowed), float(s.early_exit_threshold), s.measure, per_exit=pairs)
+        return ExitPolicy(tuple(allowed), float(s.early_exit_threshold), measure, per_exit=pairs)

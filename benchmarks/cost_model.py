@@ -1,0 +1,130 @@
+#!/usr/bin/env python
+"""The cost model of early-exit decoding against the clock (`inference/cost_model.py`).
+
+    python benchmarks/cost_model.py                              # random SmolLM2-135M-shaped model, fp32, batch 1
+    python benchmarks/cost_model.py --dtype bf16 --batch 4
+    python benchmarks/cost_model.py --load runs/demo/checkpoints --measure max_prob
+
+Prints the measured costs (per layer fitted and timed alone, fixed per step, final head, each
+exit's checks and the extra row), what an exit check that does not fire costs as a share of
+one layer (learned probe vs max_prob; the probe reads the exit's hidden state, so it includes
+the exit's norm and MLP where it has them), then predicted vs measured time per token for full
+decoding and for "every token leaves at exit k" (early_exit, exit_layers=(k,), threshold
+0.0) for each exit: the model fits `layer` and `fixed` through these, so their ratio checks
+that step time is linear in the layers run with the timed heads and checks on top (target
+within 10%). Last, a run that mixes exits and pending-state fill (threshold --mixed-threshold,
+all exits), priced from its own exit telemetry: a check the fit did not see.
+
+Every timing warms up, alternates the settings it compares and keeps the best of --repeats.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks.decode_speed import DTYPES, cpu_model_name, smollm2_shaped  # noqa: E402
+from megatron.early_exit.inference import EarlyExitEngine, GenerationSettings  # noqa: E402
+from megatron.early_exit.inference import cost_model as cm  # noqa: E402
+from megatron.early_exit.inference.confidence import get_measure  # noqa: E402
+
+
+def print_costs(c: cm.DecodeCosts) -> None:
+    ms = 1e3
+    print(
+        f"\ncosts per decode step of batch {c.batch} (ms): layer {c.layer * ms:.3f} fitted, "
+        f"{c.layer_direct * ms:.3f} alone | fixed {c.fixed * ms:.3f} | final head {c.head * ms:.3f} | "
+        f"extra row per layer {c.row * ms:.4f}"
+    )
+    print(
+        f"  {'exit':>5s} {'depth':>6s} {'probe':>8s} {'max_prob':>9s} {'project':>8s}  "
+        "a check that does not fire, as a share of one layer (fitted / alone)"
+    )
+
+    def share(t: float) -> str:
+        return f"{t / c.layer:.1%} / {t / c.layer_direct:.1%}"
+
+    for n in c.depth:
+        probe = c.probe.get(n)
+        learned = f"learned {share(probe)}, " if probe is not None else ""
+        p_ms = f"{probe * ms:8.3f}" if probe is not None else f"{'-':>8s}"
+        print(
+            f"  {n:5d} {c.depth[n]:6d} {p_ms} {c.vocab[n] * ms:9.3f} {c.project[n] * ms:8.3f}  "
+            f"{learned}max_prob {share(c.vocab[n])}"
+        )
+
+
+def check_against_clock(engine, prompts, costs: cm.DecodeCosts, measured: dict, measure) -> None:
+    batch = len(prompts)
+    print(f"\n  {'setting':10s} {'predicted':>10s} {'measured':>10s} {'ratio':>7s}  (ms per token)")
+    for name, s in cm.exit_settings(engine, measure).items():
+        needs_vocab = get_measure(engine.check(s, prompts).measure).needs_vocab
+        pred, real = cm.predicted_step(costs, name, needs_vocab) / batch, measured[name] / batch
+        flag = "" if abs(pred / real - 1) <= 0.10 else "  (outside 10%)"
+        print(f"  {name:10s} {pred * 1e3:10.3f} {real * 1e3:10.3f} {pred / real:7.3f}{flag}")
+
+
+def check_mixed_run(engine, prompts, costs: cm.DecodeCosts, args) -> None:
+    """A run the fit did not see: exits mixed, pending rows filled later."""
+    s = GenerationSettings(strategy="early_exit", early_exit_threshold=args.mixed_threshold, measure=args.measure)
+    real = cm.step_times(engine, prompts, {"mixed": s}, args.steps, args.repeats)["mixed"]
+    long = engine.generate(prompts, GenerationSettings(**{**s.__dict__, "max_new_tokens": 1 + args.steps}))
+    policy = engine.check(s, prompts)
+    needs_vocab = get_measure(policy.measure).needs_vocab
+    pred = cm.predict(long, costs, policy.allowed, needs_vocab) / args.steps
+    layers = [x for r in long for x in r.exit_layers[1:]]
+    share = ", ".join(f"{n}:{layers.count(n) / len(layers):.0%}" for n in sorted(set(layers)))
+    print(
+        f"  mixed @ {args.mixed_threshold:g} ({policy.measure}; exits {share}): "
+        f"predicted {pred / len(prompts) * 1e3:.3f}, measured {real / len(prompts) * 1e3:.3f} ms per token, "
+        f"ratio {pred / real:.3f}; ideal speedup {cm.ideal_speedup([long], costs, policy.allowed, needs_vocab):.2f}x"
+    )
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--load", help="a checkpoint (default: the random SmolLM2-shaped model)")
+    p.add_argument("--dtype", choices=list(DTYPES), default="fp32")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--prompt-len", type=int, default=64)
+    p.add_argument("--steps", type=int, default=32, help="decode steps timed per setting")
+    p.add_argument("--repeats", type=int, default=5, help="alternating rounds; the best counts")
+    p.add_argument("--measure", help="exit measure (default: learned where the exits have probes, else max_prob)")
+    p.add_argument("--mixed-threshold", type=float, default=0.5)
+    p.add_argument("--threads", type=int, default=os.cpu_count())
+    p.add_argument("--device", default="cpu")
+    args = p.parse_args()
+    if args.repeats < 1 or args.steps < 1 or args.batch < 1:
+        p.error("--repeats, --steps and --batch must be >= 1")
+    torch.set_num_threads(args.threads)
+    if args.load:
+        from megatron.early_exit import load_checkpoint
+
+        model, tok = load_checkpoint(args.load)
+    else:
+        model, tok = smollm2_shaped()
+    model = model.to(device=args.device, dtype=DTYPES[args.dtype]).eval()
+    engine = EarlyExitEngine(model, tok)
+    c = model.config
+    print(
+        f"machine: {cpu_model_name()}, {os.cpu_count()} CPU cores, {args.threads} threads, torch {torch.__version__}\n"
+        f"model: {args.load or 'random SmolLM2-135M shape'}: {c.num_layers} layers, hidden {c.hidden_size}, "
+        f"vocab {c.vocab_size}, exits {c.exit_layer_nums}; {args.dtype}, batch {args.batch}, prompt {args.prompt_len}, "
+        f"{args.steps} steps, best of {args.repeats} alternating rounds"
+    )
+    gen = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(0, engine.vocab, (args.prompt_len,), generator=gen).tolist() for _ in range(args.batch)]
+    costs, measured = cm.measure_costs(engine, prompts, args.measure, args.steps, args.repeats)
+    print_costs(costs)
+    check_against_clock(engine, prompts, costs, measured, args.measure)
+    if c.exit_layer_nums:
+        check_mixed_run(engine, prompts, costs, args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,267 @@
+"""The cost model of early-exit decoding (DESIGN.md section 6): what a decode step costs, and
+the ideal speedup a run's exit distribution allows.
+
+Early exit is worth exactly what it saves: per token, the layers skipped minus the checks and
+the extra rows it adds. `measure_costs` times, on this machine at one batch size and dtype and
+through the engine's own code (`Passes`, prepacked weights entered as in decoding):
+
+  layer, fixed  one decoder layer over the batch's newest rows, and everything a decode step
+                does once (embedding, row bookkeeping, acceptance, Python): fitted by least
+                squares through (layers run, step time minus heads and checks) over timed decode
+                steps of full decoding and of "every token leaves at exit k" for each exit;
+  layer_direct  one layer timed alone (`Passes.advance`), to compare with the fitted `layer`;
+  head          the final norm and head projection for the batch's newest rows;
+  probe[n]      exit n's hidden state and the learned probe: a check with no vocabulary
+                projection (what an exit that does not fire costs under `learned`);
+  vocab[n]      exit n's hidden state, vocabulary projection and max_prob (a max_prob check);
+  project[n]    exit n's vocabulary projection alone (what a firing `learned` check adds);
+  row           one more row per sequence through one layer (pending-state fill, and the
+                drafted rows self-speculative verification pushes through the deeper layers):
+                timed through the engine's pending path, steps alternating "leave at the
+                first exit" and full depth against steps of each kind alone; with no exits,
+                one layer with extra rows against one without;
+
+`predict` turns a batch's `GenerationResult.exit_layers` back into its decode steps (step t
+fed every sequence's token t-1; it reached the depth of exit_layers[t]) and prices each step;
+`ideal_speedup` compares that with the same tokens decoded in full. Batches are taken as
+memory-bound: a layer costs the same for any number of sequences up to the measured batch.
+Exits with their own transformer block are not modelled.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+
+import torch
+
+from megatron.early_exit.inference.confidence import get_measure, learned, max_prob
+from megatron.early_exit.inference.passes import Rows, StepOutput, tick
+from megatron.early_exit.inference.settings import GenerationResult, GenerationSettings
+
+
+@dataclass
+class DecodeCosts:
+    """Seconds per decode step of a batch (see the module docstring for each term)."""
+
+    num_layers: int
+    depth: dict[int, int]  # exit -> layers run before it reads the hidden state
+    layer: float
+    fixed: float
+    head: float
+    probe: dict[int, float] = field(default_factory=dict)
+    vocab: dict[int, float] = field(default_factory=dict)
+    project: dict[int, float] = field(default_factory=dict)
+    row: float = 0.0
+    layer_direct: float = 0.0
+    batch: int = 1
+
+    def reach(self, exit_layer: int) -> int:
+        """Layers a token that left at `exit_layer` ran (the final head: all of them)."""
+        return self.num_layers if exit_layer >= self.num_layers else self.depth[exit_layer]
+
+    def check(self, n: int, needs_vocab: bool, fired: bool) -> float:
+        """One evaluation of exit n for the batch."""
+        if needs_vocab:
+            return self.vocab[n]
+        return self.probe[n] + (self.project[n] if fired else 0.0)
+
+    def step(self, exits: Sequence[int], evaluated: Sequence[int], needs_vocab: bool, extra_rows: int = 0) -> float:
+        """One decode step whose sequences left at `exits`, evaluating the exits in `evaluated`
+        (sorted; those the policy checks) while rows remain, with `extra_rows` row-layers of fill."""
+        t = self.fixed + max(self.reach(e) for e in exits) * self.layer + extra_rows * self.row
+        left = list(exits)
+        for n in evaluated:
+            if not any(e >= n for e in left):
+                break  # every sequence has left: no deeper exit runs
+            t += self.check(n, needs_vocab, n in left)
+            left = [e for e in left if e != n]
+        return t + (self.head if any(e >= self.num_layers for e in exits) else 0.0)
+
+
+def fill_rows(reached: list[int], depth: int) -> list[int]:
+    """One sequence's new position goes `depth` layers deep: the earlier positions still short
+    of it (`reached`, their depths, updated in place) are recomputed alongside it. Returns the
+    extra rows at each layer 0..depth-1."""
+    extra = [0] * depth
+    for j, r in enumerate(reached):
+        for i in range(r, depth):
+            extra[i] += 1
+        reached[j] = max(r, depth)
+    reached.append(depth)
+    return extra
+
+
+def predict(
+    results: Sequence[GenerationResult], costs: DecodeCosts, evaluated: Sequence[int], needs_vocab: bool
+) -> float:
+    """Predicted decode time (prefill excluded) of one `early_exit` or `full` batch from its
+    exit telemetry. `evaluated`: the exits the policy checks (none for full decoding)."""
+    reached: list[list[int]] = [[] for _ in results]
+    total = 0.0
+    for t in range(1, max(len(r.exit_layers) for r in results)):
+        live = [b for b, r in enumerate(results) if len(r.exit_layers) > t]
+        exits = [results[b].exit_layers[t] for b in live]
+        per_layer = [fill_rows(reached[b], costs.reach(e)) for b, e in zip(live, exits)]
+        extra = [max(rows[i] if i < len(rows) else 0 for rows in per_layer) for i in range(costs.num_layers)]
+        total += costs.step(exits, sorted(evaluated), needs_vocab, sum(extra))
+    return total
+
+
+def ideal_speedup(
+    batches: Sequence[Sequence[GenerationResult]],
+    costs: DecodeCosts,
+    evaluated: Sequence[int],
+    needs_vocab: bool,
+    prefill_s: float = 0.0,
+) -> float:
+    """Full decoding's predicted time over the run's, for the same tokens: what the run's exit
+    distribution is worth if the engine added nothing beyond the measured costs. `prefill_s`:
+    the batches' prefill time (the same in both), so that the ratio is that of whole calls."""
+    final = costs.num_layers
+    run = sum(predict(b, costs, evaluated, needs_vocab) for b in batches)
+    full_batches = [[replace(r, exit_layers=[final] * len(r.exit_layers)) for r in b] for b in batches]
+    full = sum(predict(b, costs, (), True) for b in full_batches)
+    return (prefill_s + full) / (prefill_s + run)
+
+
+# ----- measuring on this machine -----------------------------------------------------------
+
+
+def best_times(fns: dict[str, Callable[[], object]], device: torch.device, repeats: int = 5) -> dict[str, float]:
+    """Each function's best time of `repeats` rounds, after one warm-up call each; every round
+    runs every function once, in turn, so that a neighbour's load slows all of them alike."""
+    for fn in fns.values():
+        fn()
+    best = dict.fromkeys(fns, math.inf)
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = tick(device)
+            fn()
+            best[name] = min(best[name], tick(device) - start)
+    return best
+
+
+def step_times(engine, prompts, settings: dict[str, GenerationSettings], steps: int, repeats: int) -> dict[str, float]:
+    """Seconds per decode step of each setting: generate `1 + steps` tokens minus generate 1
+    (prefill only), EOS ignored, best of `repeats` alternating rounds each."""
+    fns = {}
+    for name, s in settings.items():
+        for tag, new in (("short", 1), ("long", 1 + steps)):
+            one = replace(s, max_new_tokens=new, ignore_eos=True, stop_strings=(), stop_token_ids=())
+            fns[f"{name}/{tag}"] = lambda one=one: engine.generate(prompts, one)
+    best = best_times(fns, engine.device, repeats)
+    return {name: (best[f"{name}/long"] - best[f"{name}/short"]) / steps for name in settings}
+
+
+@torch.no_grad()
+def piece_times(engine, prompts: list[list[int]], repeats: int, extra_rows: int = 4) -> dict:
+    """The final head, each exit's checks, one layer alone and one with `extra_rows` more rows
+    per sequence, for the newest position after the prompts (K/V of the prompts in the cache)."""
+    p, batch = engine.passes, len(prompts)
+    if p.block_slots:
+        raise ValueError("cost model: exits with their own transformer block are not modelled")
+    state = engine.new_state(batch, max(map(len, prompts)) + extra_rows + 2)
+    engine.prefill(state, dict(enumerate(prompts)))
+    gen = torch.Generator().manual_seed(0)
+    lo = [state.fed[b] for b in range(batch)]
+
+    def rows(n: int) -> Rows:
+        x = torch.randn(batch, n, p.config.hidden_size, generator=gen).to(p.device, p.dtype)  # (B, n, h)
+        return Rows(list(range(batch)), lo, [n] * batch, x)
+
+    one, more, mid, memo = rows(1), rows(1 + extra_rows), p.start + (p.end - p.start) // 2, {}
+    cand = list(range(batch))
+    fns = {
+        "head": lambda: p.final_head(one, False, StepOutput()),
+        "layer": lambda: p.advance(state, mid, replace(one), memo),
+        "layer+rows": lambda: p.advance(state, mid, replace(more), memo),
+    }
+    for n in p.exits:
+        head = p.model.exits[str(n)]
+        hidden = p.exit_hidden(state, n, head, one, cand)  # (B, 1, h)
+        fns[f"vocab/{n}"] = lambda n=n, h=head: max_prob(p.exit_logits(h, p.exit_hidden(state, n, h, one, cand)))
+        fns[f"project/{n}"] = lambda h=head, x=hidden: p.exit_logits(h, x)
+        if head.confidence is not None:
+            fns[f"probe/{n}"] = lambda n=n, h=head: learned(h, p.exit_hidden(state, n, h, one, cand))
+    with engine.packed:
+        return best_times(fns, p.device, repeats)
+
+
+def fill_time(engine, prompts: list[list[int]], policy, steps: int, repeats: int) -> float:
+    """Seconds that recomputing one pending row per sequence adds to a decode step, through the
+    engine's own pending path: steps alternating `policy` (every token leaves at one exit) and
+    full depth, against the mean of steps of each kind alone (prefill included in all three)."""
+    full, pairs = type(policy)(), max(steps // 2, 1)
+
+    def run(kinds) -> None:
+        state = engine.new_state(len(prompts), max(map(len, prompts)) + 2 * pairs + 2)
+        engine.prefill(state, dict(enumerate(prompts)))
+        for j in range(2 * pairs):
+            engine.decode_one_token(state, dict.fromkeys(range(len(prompts)), 1), kinds[j % len(kinds)])
+
+    best = best_times(
+        {"alt": lambda: run([policy, full]), "exit": lambda: run([policy]), "full": lambda: run([full])},
+        engine.device, repeats,
+    )  # fmt: skip
+    return max(best["alt"] - (best["exit"] + best["full"]) / 2, 0.0) / pairs
+
+
+def fit_line(points: list[tuple[float, float]]) -> tuple[float, float]:
+    """Least-squares (slope, intercept) through (x, y) points with at least two distinct x."""
+    mx = sum(x for x, _ in points) / len(points)
+    my = sum(y for _, y in points) / len(points)
+    slope = sum((x - mx) * (y - my) for x, y in points) / sum((x - mx) ** 2 for x, _ in points)
+    return slope, my - slope * mx
+
+
+def exit_settings(engine, measure: str | None) -> dict[str, GenerationSettings]:
+    """Full decoding and, for each exit, every token leaving there (threshold 0.0)."""
+    out = {"full": GenerationSettings(strategy="full")}
+    for n in engine.exits:
+        out[f"exit {n}"] = GenerationSettings(
+            strategy="early_exit", early_exit_threshold=0.0, exit_layers=(n,), measure=measure
+        )
+    return out
+
+
+def measure_costs(
+    engine, prompts: list[list[int]], measure: str | None = None, steps: int = 16, repeats: int = 5
+) -> tuple[DecodeCosts, dict[str, float]]:
+    """Measure a `DecodeCosts` at batch len(prompts) and the engine's dtype; also returns the
+    measured seconds per decode step of each of `exit_settings` (the fit's data, for checking)."""
+    p, extra = engine.passes, 4
+    pieces = piece_times(engine, prompts, repeats, extra)
+    settings = exit_settings(engine, measure)
+    measured = step_times(engine, prompts, settings, steps, repeats)
+    depth = {n: p.depth(n) for n in p.exits}
+    costs = DecodeCosts(
+        p.num_layers, depth, pieces["layer"], 0.0, pieces["head"],
+        probe={n: pieces[f"probe/{n}"] for n in p.exits if f"probe/{n}" in pieces},
+        vocab={n: pieces[f"vocab/{n}"] for n in p.exits},
+        project={n: pieces[f"project/{n}"] for n in p.exits},
+        row=max(pieces["layer+rows"] - pieces["layer"], 0.0) / extra,
+        layer_direct=pieces["layer"], batch=len(prompts),
+    )  # fmt: skip
+    points = [(p.num_layers, measured["full"] - costs.head)]
+    for n in p.exits:
+        policy = engine.check(settings[f"exit {n}"], prompts)
+        points.append((depth[n], measured[f"exit {n}"] - costs.check(n, get_measure(policy.measure).needs_vocab, True)))
+    if p.exits:  # the row cost through the engine's pending path (gather, layout, mask), not a layer alone
+        n = min(p.exits)
+        per_step = fill_time(engine, prompts, engine.check(settings[f"exit {n}"], prompts), steps, repeats)
+        costs.row = per_step / (p.num_layers - depth[n])
+    if len({x for x, _ in points}) > 1:
+        costs.layer, costs.fixed = fit_line(points)
+    else:  # no exits: the directly timed layer, the rest is fixed
+        costs.fixed = points[0][1] - p.num_layers * costs.layer
+    return costs, measured
+
+
+def predicted_step(costs: DecodeCosts, name: str, needs_vocab: bool) -> float:
+    """The model's seconds per decode step for one of `exit_settings`."""
+    if name == "full":
+        return costs.step([costs.num_layers], (), True)
+    n = int(name.split()[1])
+    return costs.step([n] * costs.batch, (n,), needs_vocab)

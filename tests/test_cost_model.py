@@ -1,0 +1,95 @@
+"""The cost model's arithmetic on synthetic costs, its measurement on a tiny model, and the
+default-measure rule (learned where the exits carry confidence probes, else max_prob)."""
+
+import pytest
+
+from megatron.early_exit.config import ModelConfig
+from megatron.early_exit.inference import EarlyExitEngine, GenerationSettings
+from megatron.early_exit.inference import cost_model as cm
+from megatron.early_exit.inference.server.schemas import EarlyExitOptions
+from megatron.early_exit.inference.settings import GenerationResult
+from megatron.early_exit.model import EarlyExitGPT
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest.one_thread
+
+
+def synthetic() -> cm.DecodeCosts:
+    """10 layers, one exit after 4 of them; round numbers so each step's cost is checkable by hand."""
+    return cm.DecodeCosts(
+        num_layers=10, depth={4: 4}, layer=1.0, fixed=2.0, head=1.0,
+        probe={4: 0.1}, vocab={4: 0.5}, project={4: 0.3}, row=0.2,
+    )  # fmt: skip
+
+
+def test_fill_rows_counts_the_layers_pending_positions_catch_up():
+    reached = []
+    assert cm.fill_rows(reached, 4) == [0] * 4
+    assert cm.fill_rows(reached, 10) == [0] * 4 + [1] * 6  # the exited position runs layers 4..9
+    assert cm.fill_rows(reached, 4) == [0] * 4 and reached == [10, 10, 4]
+
+
+def test_ideal_speedup_of_a_known_distribution():
+    costs = synthetic()
+    # The first token comes from the prefill; then exit 4, the final head, exit 4, exit 4.
+    run = [GenerationResult(prompt_tokens=[1], exit_layers=[10, 4, 10, 4, 4])]
+    # learned: a step leaving at 4 costs 2 + 4 + 0.1 + 0.3 = 6.4; the step that goes deep costs
+    # 2 + 10 layers + 6 pending row-layers * 0.2 + a non-firing probe 0.1 + the head 1 = 14.3.
+    assert cm.predict(run, costs, [4], needs_vocab=False) == pytest.approx(3 * 6.4 + 14.3)
+    # max_prob: every check costs the projection, 0.5, fired or not.
+    assert cm.predict(run, costs, [4], needs_vocab=True) == pytest.approx(3 * 6.5 + 14.7)
+    full = 4 * (2 + 10 + 1)
+    assert cm.ideal_speedup([run], costs, [4], False) == pytest.approx(full / 33.5)
+    assert cm.ideal_speedup([run], costs, [4], False, prefill_s=10.0) == pytest.approx((full + 10) / 43.5)
+    assert cm.ideal_speedup([run], costs, [], True) == pytest.approx(full / cm.predict(run, costs, [], True))
+
+
+def test_a_batch_step_costs_its_deepest_sequence():
+    costs = synthetic()
+    # Step 1: one sequence leaves at 4, the other goes on: 10 layers, one check that fires, the head.
+    batch = [GenerationResult([1], exit_layers=[10, 4]), GenerationResult([1], exit_layers=[10, 10])]
+    assert cm.predict(batch, costs, [4], False) == pytest.approx(2 + 10 + 0.4 + 1)
+    # Every sequence gone at 4: no head, no deeper layers; a sequence that stopped drops out.
+    batch = [GenerationResult([1], exit_layers=[10, 4, 4]), GenerationResult([1], exit_layers=[10, 4])]
+    assert cm.predict(batch, costs, [4], False) == pytest.approx(2 * 6.4)
+    assert cm.predicted_step(costs, "exit 4", True) == pytest.approx(6.5)
+    assert cm.predicted_step(costs, "full", True) == pytest.approx(13.0)
+
+
+def test_fit_line_recovers_slope_and_intercept():
+    assert cm.fit_line([(30, 3.5), (8, 1.3), (15, 2.0)]) == pytest.approx((0.1, 0.5))
+
+
+def tiny(probes: bool) -> EarlyExitGPT:
+    cfg = ModelConfig(
+        num_layers=4, hidden_size=32, num_attention_heads=4, vocab_size=64, max_position_embeddings=64,
+        exit_layer_nums=[1, 2], use_exit_norm=True, use_exit_confidence_head=probes,
+    )  # fmt: skip
+    model = EarlyExitGPT(cfg)
+    model.init_weights(0)
+    return model.eval()
+
+
+def test_measure_costs_on_a_tiny_model():
+    engine = EarlyExitEngine(tiny(probes=True))
+    costs, measured = cm.measure_costs(engine, [[1, 2, 3], [4, 5, 6]], steps=2, repeats=1)
+    assert set(measured) == {"full", "exit 1", "exit 2"}
+    assert set(costs.probe) == set(costs.vocab) == set(costs.project) == {1, 2}
+    assert costs.batch == 2 and costs.head > 0 and costs.layer_direct > 0 and costs.row >= 0
+    # The fit goes through full decoding and the exits: its prediction is finite for each.
+    assert all(abs(cm.predicted_step(costs, name, False)) < float("inf") for name in measured)
+
+
+@pytest.mark.parametrize("probes, want", [(True, "learned"), (False, "max_prob")])
+def test_default_measure_follows_the_probes(probes, want):
+    engine = EarlyExitEngine(tiny(probes))
+    assert engine.check(GenerationSettings(strategy="early_exit"), [[1, 2]]).measure == want
+    for explicit in ("max_prob", "entropy"):  # an explicit measure always wins
+        assert engine.check(GenerationSettings(strategy="early_exit", measure=explicit), [[1, 2]]).measure == explicit
+
+
+def test_default_measure_in_generate_and_the_server():
+    engine = EarlyExitEngine(tiny(probes=True))
+    res = engine.generate([[1, 2, 3]], GenerationSettings(strategy="early_exit", early_exit_threshold=0.0))
+    assert res[0].exit_layers[1:] == [1] * (len(res[0].exit_layers) - 1)  # learned at 0.0 fires at the first exit
+    assert EarlyExitOptions().measure is None  # the server leaves the choice to the engine
+    assert EarlyExitOptions(measure="max_prob").measure == "max_prob"

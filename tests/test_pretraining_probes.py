@@ -1,0 +1,66 @@
+"""Confidence probes in pretraining: trained on the exits' detached hidden states, they change
+no other gradient, and their own gradient is non-zero."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from megatron.early_exit.arguments import parse_args
+from megatron.early_exit.training.trainer import Trainer
+from tests.test_parallel_training import BASE, LAYOUTS, train
+
+PROBES = ["--use-exit-confidence-head"]
+
+SMALL = (
+    "--mock-data --tokenizer-type NullTokenizer --vocab-size 64 --num-layers 4 --hidden-size 32 "
+    "--num-attention-heads 4 --seq-length 16 --micro-batch-size 2 --global-batch-size 4 --train-iters 1 "
+    "--lr 3e-3 --log-interval 100 --eval-interval 0 --seed 5 --device cpu --clip-grad 0 "
+    "--exit-layer-nums 1 3 --exit-layer-weight 0.5 0.8 --use-exit-norm --use-exit-mlp"
+).split()  # --clip-grad 0: the probes' gradients would otherwise change the clipping factor
+
+
+def one_step(*extra):
+    trainer = Trainer(parse_args([*SMALL, *extra]))
+    state = trainer.run()
+    return trainer.model, state.history[-1]
+
+
+def test_probes_change_no_other_gradient():
+    plain, plain_parts = one_step()
+    probed, parts = one_step("--use-exit-confidence-head")
+    grads = {n: p.grad for n, p in probed.named_parameters()}
+    for name, p in plain.named_parameters():
+        assert torch.equal(p.grad, grads.pop(name)), name  # bit-identical: the probe input is detached
+    assert sorted(grads) == [f"exits.{n}.confidence.{w}" for n in (1, 3) for w in ("bias", "weight")]
+    for name, g in grads.items():
+        assert g is not None and torch.count_nonzero(g) > 0, name
+    for key, value in plain_parts.items():
+        if key != "grad norm":
+            assert parts[key] == value, key
+    for n in (1, 3):
+        assert 0.0 < parts[f"exit_{n} confidence loss"] < 2.0  # BCE near ln 2 at initialisation
+
+
+@pytest.fixture(scope="module")
+def probe_reference(tmp_path_factory):
+    return train(tmp_path_factory.mktemp("ref"), "single", 1, PROBES, BASE)
+
+
+@pytest.mark.parametrize("layout", ["pp2", "tp2"])
+def test_probe_training_is_layout_invariant(tmp_path, probe_reference, layout):
+    """The probes' target ("exit's top-1 is the label") is local to the exit's stage and, under
+    TP, a vocab-parallel argmax: every layout trains them alike. Tolerances as in
+    test_parallel_training (fp32 round-off of sharded sums; Adam's sign-sized steps)."""
+    nproc, extra = LAYOUTS[layout]
+    records, weights = train(tmp_path, layout, nproc, extra + PROBES, BASE)
+    ref_records, ref_weights = probe_reference
+    assert len(records) == len(ref_records) == 5
+    for r, e in zip(records, ref_records):
+        assert "exit_1 confidence loss" in e and "exit_3 confidence loss" in e
+        for k in (k for k in e if k.endswith("loss")):
+            assert r[k] == pytest.approx(e[k], rel=1e-5), (r["iteration"], k)
+    assert weights.keys() == ref_weights.keys()
+    assert "exits.1.confidence.weight" in weights
+    for name in ref_weights:
+        torch.testing.assert_close(weights[name], ref_weights[name], rtol=1e-4, atol=5e-5, msg=name)

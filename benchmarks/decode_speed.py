@@ -89,7 +89,8 @@ def timed_alternating(engine, prompts, runs: list[tuple[str, GenerationSettings]
 
 def settings_to_run(args, config) -> list[tuple[str, dict]]:
     runs = [
-        (f"early_exit max_prob @ {t:g}", dict(strategy="early_exit", early_exit_threshold=t)) for t in args.thresholds
+        (f"early_exit max_prob @ {t:g}", dict(strategy="early_exit", early_exit_threshold=t, measure="max_prob"))
+        for t in args.thresholds
     ]
     if config.use_exit_confidence_head:
         runs += [

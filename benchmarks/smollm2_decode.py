@@ -179,7 +179,8 @@ def part2(args) -> None:
     print(f"  full decoding: {full_tps:.1f} tokens/s, ROUGE-L vs reference {full_ref:.2f}")
     print(f"  {'setting':28s} {'tok/s':>6s} {'speedup':>8s} {'R-L ref':>8s} {'change':>7s} {'R-L full':>8s} "
           f"{'agree':>6s} {'avg exit':>8s} {'in exits':>8s}  exits")  # fmt: skip
-    runs = [(f"max_prob @ {t:g}", dict(strategy="early_exit", early_exit_threshold=t)) for t in args.thresholds]
+    max_prob = dict(strategy="early_exit", measure="max_prob")
+    runs = [(f"max_prob @ {t:g}", dict(max_prob, early_exit_threshold=t)) for t in args.thresholds]
     if model.config.use_exit_confidence_head:
         runs += [(f"learned @ {t:g}", dict(strategy="early_exit", early_exit_threshold=t, measure="learned"))
                  for t in args.learned_thresholds]  # fmt: skip

@@ -126,7 +126,7 @@ def test_toy_plugin_through_the_server_tool(ckpt, monkeypatch):
     """tools/run_text_generation_server.py --plugin: the toy names work over HTTP."""
     import httpx
 
-    from tests.test_server import start_server
+    from tests.test_server import start_server, stop_server
 
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(ROOT), str(ROOT / "tests")]))
     proc, url = start_server(ckpt, "--plugin", "ee_toy_plugin")
@@ -138,8 +138,7 @@ def test_toy_plugin_through_the_server_tool(ckpt, monkeypatch):
         layers = r.json()["choices"][0]["early_exit"]["exit_layers"]
         assert layers[0] == 4 and set(layers[1:]) == {2}  # the first token comes from the prefill
     finally:
-        proc.terminate()
-        proc.wait(timeout=15)
+        stop_server(proc)
 
 
 def test_streamed_text_is_incremental_and_equals_the_whole(ckpt):

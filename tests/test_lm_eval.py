@@ -19,7 +19,7 @@ lm_eval = pytest.importorskip("lm_eval", reason="lm-evaluation-harness is not in
 pytest.importorskip("tenacity", reason="lm-eval's API models need lm_eval[api]")
 pytest.importorskip("fastapi")
 
-from tests.test_server import start_server  # noqa: E402
+from tests.test_server import start_server, stop_server  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TASKS_DIR = os.path.join(ROOT, "tools", "eval", "lm_eval_tasks")
@@ -134,8 +134,7 @@ def test_in_process_equals_local_completions_against_the_server(ckpt, in_process
                 "huggingface", "max_length": 513, "max_retries": 1, "num_concurrent": 1}  # fmt: skip
         remote = evaluate("local-completions", args)
     finally:
-        proc.terminate()
-        proc.wait(timeout=15)
+        stop_server(proc)
     mc, ppl = scores(in_process, "aclsum_mini_mc"), scores(in_process, "aclsum_mini_ppl")
     print("\nlm-eval aclsum_mini_mc (6 docs x 3 choices), in process:", json.dumps(mc))
     print("local-completions:", json.dumps(scores(remote, "aclsum_mini_mc")))

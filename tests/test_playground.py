@@ -22,7 +22,7 @@ import pytest
 httpx = pytest.importorskip("httpx")
 pytest.importorskip("fastapi")
 
-from tests.test_server import build_checkpoint, start_server  # noqa: E402
+from tests.test_server import build_checkpoint, start_server, stop_server  # noqa: E402
 
 CHROMIUM = "/usr/bin/chromium"
 API_KEY = "play-key"
@@ -57,8 +57,7 @@ def server(tmp_path_factory):
     ckpt = sharpen_exits(build_checkpoint(str(tmp)), str(tmp / "sharp"))
     proc, url = start_server(ckpt, "--api-key", API_KEY)
     yield url
-    proc.terminate()
-    proc.wait(timeout=15)
+    stop_server(proc)
 
 
 class Chromium:

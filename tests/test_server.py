@@ -87,6 +87,15 @@ def start_server(ckpt: str, *extra: str) -> tuple[subprocess.Popen, str]:
     return proc, url
 
 
+def stop_server(proc: subprocess.Popen) -> None:
+    """Terminate a server started by `start_server`; kill it if it has not exited within 15 s."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
 def wait_healthy(proc: subprocess.Popen, url: str, output, timeout: float = 60) -> None:
     """Until GET /health answers; `output()` gives the server's output when it exits first."""
     deadline = time.time() + timeout
@@ -113,11 +122,7 @@ def server(ckpt):
     proc, url = start_server(ckpt, "--api-key", API_KEY, "--max-batch-size", "8", "--max-new-tokens", "240",
                              "--max-queued-requests", "32")  # fmt: skip
     yield url
-    proc.terminate()
-    try:
-        proc.wait(timeout=15)
-    except subprocess.TimeoutExpired:
-        proc.kill()
+    stop_server(proc)
 
 
 @pytest.fixture(scope="module")
@@ -343,8 +348,7 @@ def test_full_queue_answers_503(ckpt):
         assert sorted(results)[0] == 200 and 503 in results
         assert httpx.post(url + "/v1/completions", json={**body, "max_tokens": 2}).status_code == 200
     finally:
-        proc.terminate()
-        proc.wait(timeout=15)
+        stop_server(proc)
 
 
 def _replay_worker(rank: int, world: int) -> dict:

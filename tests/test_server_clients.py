@@ -8,14 +8,13 @@ One server with `--max-batch-size 4`, so that 40 prompts are split into 10 batch
 from __future__ import annotations
 
 import json
-import subprocess
 
 import pytest
 
 httpx = pytest.importorskip("httpx")
 openai = pytest.importorskip("openai")
 
-from tests.test_server import build_checkpoint, metric, start_server  # noqa: E402
+from tests.test_server import build_checkpoint, metric, start_server, stop_server  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 PROMPTS = ["Early exit lets", "The quick brown fox", "easy tokens", "jumps"]
@@ -31,11 +30,7 @@ def ckpt(tmp_path_factory):
 def url(ckpt):
     proc, url = start_server(ckpt, "--max-batch-size", "4", "--max-new-tokens", "64", "--max-queued-requests", "4")
     yield url
-    proc.terminate()
-    try:
-        proc.wait(timeout=15)
-    except subprocess.TimeoutExpired:
-        proc.kill()
+    stop_server(proc)
 
 
 @pytest.fixture(scope="module")

@@ -24,7 +24,7 @@ hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from tests.test_server import ROOT, build_checkpoint, start_server  # noqa: E402
+from tests.test_server import ROOT, build_checkpoint, start_server, stop_server  # noqa: E402
 
 KEY = "reliability-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -40,11 +40,7 @@ def ckpt(tmp_path_factory):
 def server(ckpt):
     proc, url = start_server(ckpt, "--max-batch-size", "4", "--max-queued-requests", "8", "--api-key", KEY)
     yield proc, url
-    proc.terminate()
-    try:
-        proc.wait(timeout=15)
-    except subprocess.TimeoutExpired:
-        proc.kill()
+    stop_server(proc)
 
 
 def rss_mb(pid: int) -> float:

@@ -9,7 +9,6 @@ model-dependent checks (exit layers, lengths, batch size) are reached.
 from __future__ import annotations
 
 import json
-import subprocess
 
 import pytest
 
@@ -18,7 +17,7 @@ hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from tests.test_server import build_checkpoint, start_server  # noqa: E402
+from tests.test_server import build_checkpoint, start_server, stop_server  # noqa: E402
 
 API_FIELDS = [
     "prompts", "tokens_to_generate", "logprobs", "temperature", "top_k", "top_p", "add_BOS", "stop_token",
@@ -65,11 +64,7 @@ def server(tmp_path_factory):
     proc, url = start_server(ckpt, "--max-new-tokens", "4", "--max-seq-length", "48", "--max-batch-size", "4")
     with httpx.Client(base_url=url, timeout=30) as c:
         yield c
-    proc.terminate()
-    try:
-        proc.wait(timeout=15)
-    except subprocess.TimeoutExpired:
-        proc.kill()
+    stop_server(proc)
 
 
 def check(r: httpx.Response) -> None:

@@ -45,7 +45,10 @@ class ExitPolicy:
 
     def threshold_of(self, n: int) -> float:
         """Exit n's threshold: its own calibrated one where given, else the shared one."""
-        return dict(self.per_exit).get(n, self.threshold)
+        for layer, threshold in self.per_exit:  # a few pairs at most: no dict built per check
+            if layer == n:
+                return threshold
+        return self.threshold
 
 
 @dataclass

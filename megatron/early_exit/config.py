@@ -53,6 +53,10 @@ class ModelConfig:
     untie_exit_output_weights: bool = False
     exit_layer_temperature: list[float] = field(default_factory=list)  # one per exit; 1.0 default
     use_exit_confidence_head: bool = False  # a linear probe predicting "exit agrees with final"
+    # What the probe reads: "exit" = the exit's hidden state (after its MLP/block and norm);
+    # "backbone" = the backbone's hidden state at the exit's depth through the probe's own
+    # norm, so that an exit that does not fire costs one norm and one dot product.
+    exit_confidence_input: str = "exit"
 
     def __post_init__(self) -> None:
         if self.ffn_hidden_size is None:
@@ -107,6 +111,8 @@ class ModelConfig:
             seen.add(n)
         if self.exit_layer_nums != sorted(self.exit_layer_nums):
             raise ValueError("--exit-layer-nums must be in increasing order")
+        if self.exit_confidence_input not in ("exit", "backbone"):
+            raise ValueError(f"--exit-confidence-input must be exit or backbone, got {self.exit_confidence_input!r}")
         if len(self.exit_layer_temperature) != len(self.exit_layer_nums):
             raise ValueError(
                 f"--exit-layer-temperature has {len(self.exit_layer_temperature)} values for "

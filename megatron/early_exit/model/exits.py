@@ -11,9 +11,11 @@ the final head, and an MLP exit copied from its layer's own MLP starts as "one m
 sub-block" of the backbone. W is the word embedding (tied, default) or the exit's own
 `output_layer` (`--untie-exit-output-weights`).
 
-An optional confidence head (a linear probe on the exit's hidden state, trained to predict
-whether the exit's top token equals the final head's) lets decoding decide to exit without
-computing the vocabulary projection at all.
+An optional confidence head (a linear probe, trained to predict whether the exit's top token
+equals the final head's) lets decoding decide to exit without computing the vocabulary
+projection at all. It reads the exit's hidden state, or (`exit_confidence_input="backbone"`)
+the backbone's hidden state through its own norm, so that a check that does not fire skips
+the exit's MLP too.
 """
 
 from __future__ import annotations
@@ -47,6 +49,8 @@ class ExitHead(nn.Module):
             nn.Linear(config.hidden_size, config.vocab_size, bias=False) if config.untie_exit_output_weights else None
         )
         self.confidence = nn.Linear(config.hidden_size, 1) if config.use_exit_confidence_head else None
+        self.probe_reads_backbone = config.use_exit_confidence_head and config.exit_confidence_input == "backbone"
+        self.confidence_norm = build_norm(config.normalization, config.hidden_size, eps) if self.probe_reads_backbone else None
 
     def hidden(
         self,
@@ -82,3 +86,11 @@ class ExitHead(nn.Module):
         if self.confidence is None:
             raise RuntimeError(f"exit {self.layer_number} has no confidence head")
         return self.confidence(h.to(self.confidence.weight.dtype)).squeeze(-1)
+
+    def probe_input(self, backbone: torch.Tensor, exit_hidden: torch.Tensor | None = None) -> torch.Tensor:
+        """What the confidence head reads, given the backbone's hidden state [b, s, h] at the
+        exit's depth: its own norm of it (`exit_confidence_input="backbone"`), or the exit's
+        hidden state (`exit_hidden` where the caller already has it)."""
+        if self.probe_reads_backbone:
+            return self.confidence_norm(backbone)
+        return exit_hidden if exit_hidden is not None else self.hidden(backbone)

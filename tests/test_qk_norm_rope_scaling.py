@@ -64,6 +64,41 @@ def test_tp2_forward_equals_single_process():
         torch.testing.assert_close(exit_logits, out.exit_logits[1], rtol=1e-5, atol=1e-5)
 
 
+def _tp_grads(rank, world, ids):
+    import torch.distributed as dist
+
+    from megatron.early_exit.parallel.dims import ParallelDims, ParallelState
+    from megatron.early_exit.parallel.grads import sync_gradients
+    from megatron.early_exit.parallel.tensor_parallel import apply_tensor_parallel
+
+    torch.manual_seed(0)
+    model = build().train()
+    group = dist.new_group(list(range(world)))
+    apply_tensor_parallel(model, group)
+    out = model(ids[:, :-1], labels=ids[:, 1:])
+    (out.loss.mean() + out.exit_losses[1].mean()).backward()
+    ps = ParallelState(ParallelDims(world, world, 1), rank, 0, 0, rank, group, None, None, [rank], torch.device("cpu"))
+    sync_gradients(model, ps, None)
+    return {n: p.grad.clone() for n, p in model.named_parameters() if "layernorm" in n}
+
+
+def test_tp2_qk_norm_gradients_equal_single_process():
+    """Each TP rank holds half of the heads, so its QK-norm gradient is half of the sum: the
+    TP all-reduce of those replicated weights must make it whole (without SP too)."""
+    ids = torch.randint(0, 100, (2, 21), generator=torch.Generator().manual_seed(1))
+    torch.manual_seed(0)
+    ref = build().train()
+    out = ref(ids[:, :-1], labels=ids[:, 1:])
+    (out.loss.mean() + out.exit_losses[1].mean()).backward()
+    expected = {n: p.grad for n, p in ref.named_parameters() if "layernorm" in n}
+    assert any(".q_layernorm." in n for n in expected)
+    for grads in run_distributed(_tp_grads, 2, ids):
+        assert grads.keys() == expected.keys()
+        for name, g in grads.items():
+            # fp32; sharded matmuls and the all-reduce sum in another order: round-off only
+            torch.testing.assert_close(g, expected[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
 def test_cached_decoding_equals_full_forward():
     from megatron.early_exit.inference import generate
 

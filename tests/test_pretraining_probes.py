@@ -115,3 +115,17 @@ def test_backbone_probe_loss_falls():
         losses = [h[f"exit_{n} confidence loss"] for h in history if f"exit_{n} confidence loss" in h]
         assert len(losses) == 25
         assert losses[-1] < 0.5 * losses[0], (n, losses[0], losses[-1])
+
+
+def test_exit_confidence_input_flag(tmp_path):
+    with pytest.raises(ValueError, match="--exit-confidence-input needs --use-exit-confidence-head"):
+        Trainer(parse_args([*SMALL, "--exit-confidence-input", "backbone"]))
+    with pytest.raises(SystemExit):
+        parse_args([*SMALL, *PROBES, "--exit-confidence-input", "hidden"])
+    trainer = Trainer(parse_args([*SMALL, *BACKBONE, "--save", str(tmp_path / "ck")]))
+    assert trainer.config.exit_confidence_input == "backbone"
+    trainer.run()
+    resumed = Trainer(parse_args([*SMALL, "--load", str(tmp_path / "ck")]))
+    assert resumed.model.exits["1"].probe_reads_backbone  # from the checkpoint's config
+    with pytest.raises(ValueError, match="--exit-confidence-input exit does not match the checkpoint"):
+        Trainer(parse_args([*SMALL, *PROBES, "--exit-confidence-input", "exit", "--load", str(tmp_path / "ck")]))

@@ -136,9 +136,9 @@ def tuning_losses(
     Each exit's loss is cross-entropy with the labels (`ce`),
     distillation from the frozen final head (`kd`: T^2 * KL(final/T || exit/T) per token),
     or their sum (`ce+kd`). Exits with a confidence head also train it, as a probe on its
-    detached input (`probe_input`: exit or backbone hidden state), with binary cross-entropy against "the exit's top token
-    equals the final head's". Logged per exit: its cross-entropy (`exit_<n> loss`), its
-    agreement with the final head, and the probe's loss.
+    detached input (`probe_input`: exit or backbone hidden state), with binary cross-entropy
+    against "the exit's top token equals the final head's". Logged per exit: its
+    cross-entropy (`exit_<n> loss`), its agreement with the final head, and the probe's loss.
     """
     ops = model.head_ops
     needs_teacher = "kd" in loss_type or any(model.exits[str(n)].confidence is not None for n, _ in out.deferred_exits)

@@ -129,3 +129,21 @@ def test_exit_confidence_input_flag(tmp_path):
     assert resumed.model.exits["1"].probe_reads_backbone  # from the checkpoint's config
     with pytest.raises(ValueError, match="--exit-confidence-input exit does not match the checkpoint"):
         Trainer(parse_args([*SMALL, *PROBES, "--exit-confidence-input", "exit", "--load", str(tmp_path / "ck")]))
+
+
+@pytest.mark.parametrize("layout", ["tp2", "pp2"])
+def test_backbone_probe_training_is_layout_invariant(tmp_path, layout):
+    """Backbone-mode probes (and their norm, a replicated weight under TP) train alike in every
+    layout; tolerances as above."""
+    ref_records, ref_weights = train(tmp_path, "single", 1, BACKBONE, BASE)
+    nproc, extra = LAYOUTS[layout]
+    records, weights = train(tmp_path, layout, nproc, extra + BACKBONE, BASE)
+    assert len(records) == len(ref_records) == 5
+    for r, e in zip(records, ref_records):
+        assert "exit_1 confidence loss" in e and "exit_3 confidence loss" in e
+        for k in (k for k in e if k.endswith("loss")):
+            assert r[k] == pytest.approx(e[k], rel=1e-5), (r["iteration"], k)
+    assert "exits.1.confidence_norm.weight" in weights and weights.keys() == ref_weights.keys()
+    assert not torch.equal(weights["exits.1.confidence_norm.weight"], torch.ones(32))  # it trained
+    for name in ref_weights:
+        torch.testing.assert_close(weights[name], ref_weights[name], rtol=1e-4, atol=5e-5, msg=name)

@@ -99,6 +99,7 @@ def run(args: argparse.Namespace) -> str:
     print(
         f"exits {before} -> {c.exit_layer_nums} ({'+'.join(structure) or 'projection only'}, "
         f"{'untied' if c.untie_exit_output_weights else 'tied'} output, "
+        f"{f'probes read the {c.exit_confidence_input} state, ' if c.use_exit_confidence_head else ''}"
         f"{'random' if args.random_init else 'copy'} init); saved to {out}",
         file=sys.stderr,
     )

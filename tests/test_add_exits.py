@@ -181,3 +181,63 @@ def test_add_exits_cli(tmp_path, capsys):
         == 2
     )
     assert "nope" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("llama", [True, False], ids=["llama", "gpt2"])
+def test_backbone_probe_norm_copies_the_final_norm_and_round_trips(tmp_path, llama):
+    """--exit-confidence-input backbone: the config says so, each exit gets a probe norm copied
+    from the final norm (bias too, for LayerNorm), and our checkpoint and the HF export both
+    bring back the config and every probe tensor bit-exact."""
+    from megatron.early_exit.conversion import export_hf, load_hf_model
+
+    model = _model(untied=False, llama=llama)
+    new = add_exits(
+        model, [1, 2], use_exit_norm=True, use_exit_mlp=True, use_exit_confidence_head=True,
+        exit_confidence_input="backbone",
+    )  # fmt: skip
+    assert new.config.exit_confidence_input == "backbone"
+    w, s = new.state_dict(), model.state_dict()
+    leaves = ["weight"] + ([] if llama else ["bias"])
+    for n in (1, 2):
+        assert new.exits[str(n)].probe_reads_backbone
+        for leaf in leaves:
+            assert torch.equal(w[f"exits.{n}.confidence_norm.{leaf}"], s[f"decoder.final_layernorm.{leaf}"])
+    with torch.no_grad():  # trained-looking probes, so a round trip that dropped them would show
+        for n in (1, 2):
+            new.exits[str(n)].confidence_norm.weight.mul_(torch.linspace(0.5, 1.5, 32))
+            new.exits[str(n)].confidence.weight.normal_(0, 0.1, generator=torch.Generator().manual_seed(n))
+    save_checkpoint(str(tmp_path / "ck"), 0, new, None)
+    export_hf(new, None, str(tmp_path / "hf"))
+    for back in (load_checkpoint(str(tmp_path / "ck"))[0], load_hf_model(str(tmp_path / "hf"))[0]):
+        assert back.config.to_dict() == new.config.to_dict()
+        b = back.state_dict()
+        assert b.keys() == new.state_dict().keys()
+        for name, tensor in new.state_dict().items():
+            assert torch.equal(b[name], tensor), name
+
+
+def test_exit_confidence_input_flag_errors():
+    model = _model(untied=False)
+    with pytest.raises(ConversionError, match="needs --use-exit-confidence-head"):
+        add_exits(model, [1], use_exit_norm=True, exit_confidence_input="backbone")
+    with pytest.raises(ConversionError, match="must be exit or backbone"):
+        add_exits(model, [1], use_exit_confidence_head=True, exit_confidence_input="hidden")
+    probed = add_exits(model, [2], use_exit_confidence_head=True, exit_confidence_input="backbone")
+    with pytest.raises(ConversionError, match="exit_confidence_input='backbone'"):
+        add_exits(probed, [1], exit_confidence_input="exit")
+    more = add_exits(probed, [1])  # inherited
+    assert more.config.exit_confidence_input == "backbone" and more.exits["1"].confidence_norm is not None
+    default = add_exits(model, [1], use_exit_confidence_head=True)
+    assert default.config.exit_confidence_input == "exit" and default.exits["1"].confidence_norm is None
+
+
+def test_add_exits_cli_backbone_probes(tmp_path):
+    import add_exits as cli
+
+    src, dst = str(tmp_path / "src"), str(tmp_path / "dst")
+    save_checkpoint(src, 0, _model(untied=False), None)
+    argv = ["--load-dir", src, "--save-dir", dst, "--add-exit-layer-nums", "2", "--use-exit-norm", "--use-exit-mlp"]
+    assert cli.main([*argv, "--use-exit-confidence-head", "--exit-confidence-input", "backbone"]) == 0
+    loaded, _ = load_checkpoint(dst)
+    assert loaded.config.exit_confidence_input == "backbone"
+    assert torch.equal(loaded.exits["2"].confidence_norm.weight, loaded.decoder.final_layernorm.weight)

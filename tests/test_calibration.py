@@ -16,7 +16,9 @@ from megatron.early_exit.inference import EarlyExitEngine, GenerationSettings
 from megatron.early_exit.inference.calibration import (
     binomial_cdf,
     calibrate,
+    check_splits,
     chunk_losses,
+    exit_shares,
     hoeffding_bentkus_p_value,
     teacher_forced_scores,
     threshold_path,
@@ -89,6 +91,53 @@ def test_guarantee_holds_over_random_splits(scores):
     assert naive_exceed > EPSILON * SPLITS, naive_exceed  # measured: 5 of 20
 
 
+def test_check_splits_holds_and_lets_tokens_leave(scores):
+    """check_splits: 20 random calibration/test halves; the realised test disagreement exceeds
+    delta in at most epsilon of them, and the thresholds are not trivial (tokens leave)."""
+    check = check_splits(scores, DELTA, EPSILON, SPLITS, test_fraction=0.5, seed=100)
+    assert len(check.splits) == SPLITS and check.exits == [1, 2, 3]
+    assert check.violations <= EPSILON * SPLITS and check.holds, check.violations  # measured: 0 of 20 (max 0.019)
+    for r in check.splits:
+        assert r.lambda_index > 0 and min(r.thresholds) < 1.0
+        assert len(r.exit_shares) == 3 and 0.0 <= sum(r.exit_shares) <= 1.0
+    mean_share = sum(sum(r.exit_shares) for r in check.splits) / SPLITS
+    assert mean_share > 0.05, mean_share  # measured: 10% (8.9-11.5% per split) of test tokens exit early
+    d = check.as_dict()
+    assert d["violations"] == check.violations and d["num_splits"] == SPLITS and len(d["splits"]) == SPLITS
+    # split 0 by hand: same permutation, calibrate on the other half, disagreement on the test half
+    order = torch.randperm(400, generator=torch.Generator().manual_seed(100))
+    calib, test = scores.select(order[200:]), scores.select(order[:200])
+    cal = calibrate(calib, DELTA, EPSILON, seed=100)
+    risk, share = chunk_losses(test, torch.tensor(cal.thresholds))
+    assert check.splits[0].thresholds == cal.thresholds
+    assert check.splits[0].test_risk == pytest.approx(float(risk.mean()), abs=1e-7)
+    assert sum(check.splits[0].exit_shares) == pytest.approx(float(share.mean()), abs=1e-6)
+
+
+def test_check_splits_catches_a_choice_without_the_guarantee(scores, monkeypatch):
+    """The check can fail: with calibration replaced by the naive choice (the most aggressive path
+    entry whose calibration disagreement is <= delta), more than epsilon of the splits exceed delta."""
+    from megatron.early_exit.inference import calibration as module
+
+    def naive(calib, delta, epsilon, path, steps, fit_fraction, seed):
+        thresholds = threshold_path(calib, 3, "quantile", 101)
+        j = max(j for j in range(101) if chunk_losses(calib, thresholds[j])[0].mean() <= delta)
+        return module.Calibration(calib.exits, thresholds[j].tolist(), j, 0.0, 0.0, 0.0, 0, 0)
+
+    monkeypatch.setattr(module, "calibrate", naive)
+    check = check_splits(scores, DELTA, EPSILON, SPLITS, seed=100)
+    assert check.violations > EPSILON * SPLITS and not check.holds, check.violations  # measured: 5 of 20
+
+
+def test_exit_shares_count_the_first_exit_that_fires(scores):
+    thresholds = torch.tensor([1.0, 0.0, 0.0])  # exit 1 never fires; exit 2 always does first
+    assert exit_shares(scores, thresholds) == [0.0, 1.0, 0.0]
+    with pytest.raises(ValueError, match="--check-splits must be >= 1"):
+        check_splits(scores, DELTA, EPSILON, 0)
+    with pytest.raises(ValueError, match="test fraction 1.0 leaves no chunks"):
+        check_splits(scores, DELTA, EPSILON, 2, test_fraction=1.0)
+
+
 def _tool(name: str, path: str):
     spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, path))
     module = importlib.util.module_from_spec(spec)
@@ -103,12 +152,21 @@ def test_tool_writes_thresholds_that_generate_auto_uses(tmp_path, capsys):
     texts = [" ".join(map(str, torch.randint(0, 63, (96,), generator=gen).tolist())) for _ in range(120)]
     (tmp_path / "held_out.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
     argv = f"--load {ckpt} --delta {DELTA} --epsilon {EPSILON} --input {tmp_path / 'held_out.jsonl'} --seq-length 32"
-    _tool("calibrate_thresholds", "tools/eval/calibrate_thresholds.py").main(argv.split())
+    capsys.readouterr()
+    _tool("calibrate_thresholds", "tools/eval/calibrate_thresholds.py").main([*argv.split(), "--check-splits", "4"])
+    printed = capsys.readouterr().out.splitlines()
+    assert [line.split(":")[0] for line in printed[1:6]] == [f"split {i:>3}" for i in range(4)] + ["split check"]
+    assert "random calibration/test splits" in printed[5] and "epsilon 0.1:" in printed[5]
     record = json.loads((ckpt / "iter_0000000" / "early_exit_thresholds.json").read_text())
+    check = record["split_check"]
+    assert check["num_splits"] == 4 and len(check["splits"]) == 4 and check["test_fraction"] == 0.5
+    assert check["violations"] == sum(s["test_risk"] > DELTA for s in check["splits"])
+    assert f"{check['violations']} of 4 random calibration/test splits" in printed[5]
     assert record["delta"] == DELTA and record["epsilon"] == EPSILON and record["measure"] == "max_prob"
     assert record["calibration_data"]["num_chunks"] == 256 and record["lambda_index"] > 0
     card = (ckpt / "iter_0000000" / "README.md").read_text()
     assert "Calibrated early-exit thresholds" in card and "held_out.jsonl" in card
+    assert f"- checked over random splits: {check['violations']} of 4 random calibration/test splits" in card
     model, tok = load_checkpoint(str(ckpt))
     assert model.calibrated_thresholds["thresholds"] == {int(k): v for k, v in record["thresholds"].items()}
     capsys.readouterr()
@@ -122,3 +180,26 @@ def test_tool_writes_thresholds_that_generate_auto_uses(tmp_path, capsys):
     engine = EarlyExitEngine(model, tok)
     s = GenerationSettings(strategy="early_exit", max_new_tokens=8, exit_thresholds={1: 1.0, 2: 0.0, 3: 1.0})
     assert engine.generate([[1, 2, 3]], s)[0].exit_layers == [4] + [2] * 7
+
+
+def test_learned_scores_read_what_the_probe_reads():
+    """--measure learned: exit-mode probes score the exit's hidden state, backbone-mode probes
+    their own norm of the backbone state at the exit's depth (as training and decoding do)."""
+    chunks = torch.randint(0, 64, (6, 16), generator=torch.Generator().manual_seed(4))
+    for mode in ("exit", "backbone"):
+        cfg = ModelConfig(num_layers=4, hidden_size=32, num_attention_heads=4, vocab_size=64,
+                          max_position_embeddings=64, init_method_std=0.1, exit_layer_nums=[1, 3], use_exit_norm=True,
+                          use_exit_mlp=True, use_exit_confidence_head=True, exit_confidence_input=mode)  # fmt: skip
+        model = EarlyExitGPT(cfg)
+        model.init_weights(5)
+        model.eval()
+        got = teacher_forced_scores(model, chunks, "learned", batch_size=4).confidence  # (C, L, E)
+        with torch.no_grad():
+            h, rotary = model.embed_input(chunks, None, None)
+            _, inputs = model.run_layers(h, rotary)
+            for e, (n, x) in enumerate(inputs):
+                head = model.exits[str(n)]
+                probe_in = head.confidence_norm(x) if mode == "backbone" else head.hidden(x, rotary)
+                want = torch.sigmoid(head.confidence(probe_in).squeeze(-1))
+                assert torch.allclose(got[..., e], want, rtol=1e-6, atol=1e-7), (mode, n)
+                assert got[..., e].std() > 1e-3  # the probe's score varies with its input

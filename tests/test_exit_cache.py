@@ -9,6 +9,7 @@ import sys
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from megatron.early_exit.arguments import parse_args
 from megatron.early_exit.checkpointing import save_checkpoint
@@ -50,10 +51,10 @@ def _tool():
     return module
 
 
-def make_checkpoint(path, shape: str, seed: int = 0) -> str:
+def make_checkpoint(path, shape: str, seed: int = 0, **extra) -> str:
     # init std 0.3: peaked teacher distributions, so kd is a real loss (with 0.02 it is ~1e-4)
     cfg = ModelConfig(num_layers=4, hidden_size=32, num_attention_heads=4, vocab_size=VOCAB, max_position_embeddings=16,
-                      init_method_std=0.3, **SHAPES[shape])  # fmt: skip
+                      init_method_std=0.3, **{**SHAPES[shape], **extra})  # fmt: skip
     model = EarlyExitGPT(cfg)
     model.init_weights(seed)
     save_checkpoint(str(path), 0, model, build_tokenizer("NullTokenizer", vocab_size=VOCAB - 1))
@@ -187,3 +188,46 @@ def test_cached_tuning_resumes_exactly(setup, tmp_path):
     assert [h["iteration"] for h in rest] == [4, 5, 6]
     for a, b in zip(whole[3:], rest):
         assert b == pytest.approx(a, rel=1e-6), (a, b)
+
+
+@torch.no_grad()
+def _backbone_probe_loss(tuner, n: int, micro_batches) -> float:
+    """BCE of confidence(confidence_norm(cached input)) against "exit's top-1 == cached final
+    top-1", averaged over the micro-batches as the trainer logs it (GPT-2 style: no rotary)."""
+    head, total = tuner.model.exits[str(n)], 0.0
+    for rows in micro_batches:
+        batch = tuner.train_cache.batch(rows)
+        x = batch["hidden"][n].float()
+        logits = head.project(head.hidden(x), tuner.model.tied_output_weight())
+        agree = (logits.argmax(-1) == batch["topk_ids"][..., 0]).float()
+        bce = F.binary_cross_entropy_with_logits(
+            head.confidence(head.confidence_norm(x)).squeeze(-1), agree, reduction="none"
+        )
+        mask = batch["loss_mask"].float()
+        total += float((bce * mask).sum() / mask.sum()) / len(micro_batches)
+    return total
+
+
+def test_cached_tuning_trains_backbone_probes_as_tuning_through_the_backbone(tmp_path):
+    """--exit-confidence-input backbone: the cache holds each exit's input, which is the backbone
+    state the probe reads, so the first step's probe loss and every exit gradient (the probe's
+    norm included) equal tuning through the frozen backbone."""
+    ckpt = make_checkpoint(tmp_path / "ck", "mlp", exit_confidence_input="backbone")
+    cache = make_cache(ckpt, tmp_path / "cache")
+    common = [*TUNE, "--load", ckpt, "--exit-loss-type", "ce+kd"]
+    live = Trainer(parse_args([*common, "--mock-data"]))
+    cached = CachedTuner(parse_args([*common, "--exit-activation-cache", cache]))
+    assert live.model.exits["1"].probe_reads_backbone and cached.model.exits["1"].probe_reads_backbone
+    by_hand = {n: _backbone_probe_loss(cached, n, [[0, 1], [2, 3]]) for n in (1, 3)}
+    a, b = live.train_step(), cached.train_step()
+    for n in live.config.exit_layer_nums:
+        assert a[f"exit_{n} confidence loss"] > 0.1  # a real loss
+        assert b[f"exit_{n} confidence loss"] == pytest.approx(by_hand[n], rel=1e-6)
+        for key in (f"exit_{n} loss", f"exit_{n} confidence loss", f"exit_{n} agreement"):
+            assert b[key] == pytest.approx(a[key], rel=1e-6, abs=1e-6), key
+    ga, gb = exit_grads(live.model), exit_grads(cached.model)
+    assert sorted(ga) == sorted(gb) and all(n.startswith("exits.") for n in ga)
+    assert {f"exits.{n}.confidence_norm.weight" for n in (1, 3)} <= set(ga)
+    for name in ga:
+        assert torch.allclose(gb[name], ga[name], rtol=1e-5, atol=1e-7), name
+        assert ga[name].abs().sum() > 0, name

@@ -40,6 +40,7 @@ MODEL_FLAGS = {
     "use_exit_block": "--use-exit-block",
     "untie_exit_output_weights": "--untie-exit-output-weights",
     "use_exit_confidence_head": "--use-exit-confidence-head",
+    "exit_confidence_input": "--exit-confidence-input",
 }
 
 
@@ -131,6 +132,13 @@ def _add_exit_args(p: argparse.ArgumentParser) -> None:
         action="store_true",
         default=None,
         help="each exit gets a confidence probe, trained (detached) to predict that its top-1 is the label",
+    )
+    g.add_argument(
+        "--exit-confidence-input",
+        choices=["exit", "backbone"],
+        default=None,
+        help="what the probe reads: the exit's hidden state (default) or, through its own norm, the "
+        "backbone's at the exit's depth (a check that does not fire then skips the exit's MLP)",
     )
     g = p.add_argument_group("LayerSkip (arXiv 2404.16710)")
     g.add_argument(
@@ -496,6 +504,9 @@ def _validate_exit_args(args: argparse.Namespace, ckpt: ModelConfig | None) -> N
         raise ValueError("--use-dynamic-exit-layer-weight needs exits (--exit-layer-nums)")
     if (args.use_exit_norm or args.use_exit_mlp or args.use_exit_block or args.pre_exit) and n == 0:
         raise ValueError("exit options given but no --exit-layer-nums")
+    probes = args.use_exit_confidence_head or (ckpt is not None and ckpt.use_exit_confidence_head)
+    if args.exit_confidence_input is not None and not probes:
+        raise ValueError("--exit-confidence-input needs --use-exit-confidence-head")
     if getattr(args, "layer_dropout_max", 0.0) and args.tune_exit:
         raise ValueError("--layer-dropout-max trains the backbone: not with --tune-exit")
     if getattr(args, "layer_dropout_curriculum", "none") == "linear" and not args.layer_dropout_warmup_iters:
@@ -560,6 +571,7 @@ def model_config_from_args(args: argparse.Namespace, vocab_size: int) -> ModelCo
         untie_exit_output_weights=bool(args.untie_exit_output_weights),
         exit_layer_temperature=args.exit_layer_temperature or [],
         use_exit_confidence_head=bool(args.use_exit_confidence_head),
+        exit_confidence_input=args.exit_confidence_input or "exit",
     )
     cfg.validate()
     if args.seq_length > cfg.max_position_embeddings:

@@ -6,7 +6,8 @@
 
 Copy initialisation (default): exit norm <- final norm; exit MLP and its norm <- the MLP and
 pre-MLP norm of the exit's own layer; exit block <- the last layer; untied exit output <-
-the output layer (or the word embedding when tied); confidence head <- zeros.
+the output layer (or the word embedding when tied); confidence head <- zeros; the probe norm of
+--exit-confidence-input backbone <- the final norm.
 --random-init: norm weights ones, biases zeros, other matrices N(0, --init-method-std).
 Existing exits are kept (adding one at a layer that has an exit is an error); with existing
 exits the structure flags must match theirs. Saves our format (iteration 0, tokenizer kept).
@@ -39,6 +40,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--use-exit-block", **flag, help="exit has a whole transformer layer")
     p.add_argument("--untie-exit-output-weights", **flag, help="exit has its own output projection")
     p.add_argument("--use-exit-confidence-head", **flag, help="exit has a learned confidence probe")
+    p.add_argument(
+        "--exit-confidence-input",
+        choices=("exit", "backbone"),
+        default=None,
+        help="what the probe reads: the exit's hidden state (default) or the backbone's through the "
+        "probe's own norm (copied from the final norm)",
+    )
     p.add_argument("--exit-layer-temperature", type=float, default=1.0, help="temperature of the new exits")
     p.add_argument("--random-init", action="store_true", help="random instead of copy initialisation")
     p.add_argument("--init-method-std", type=float, default=None, help="std of --random-init (default: the model's)")
@@ -71,6 +79,7 @@ def run(args: argparse.Namespace) -> str:
         use_exit_block=args.use_exit_block,
         untie_exit_output_weights=args.untie_exit_output_weights,
         use_exit_confidence_head=args.use_exit_confidence_head,
+        exit_confidence_input=args.exit_confidence_input,
         random_init=args.random_init,
         init_method_std=args.init_method_std,
         seed=args.seed,
@@ -90,6 +99,7 @@ def run(args: argparse.Namespace) -> str:
     print(
         f"exits {before} -> {c.exit_layer_nums} ({'+'.join(structure) or 'projection only'}, "
         f"{'untied' if c.untie_exit_output_weights else 'tied'} output, "
+        f"{f'probes read the {c.exit_confidence_input} state, ' if c.use_exit_confidence_head else ''}"
         f"{'random' if args.random_init else 'copy'} init); saved to {out}",
         file=sys.stderr,
     )

@@ -13,6 +13,12 @@ disagreement, fixed-sequence testing along a path of threshold vectors (details:
 megatron/early_exit/inference/calibration.py). The thresholds, delta, epsilon, the measure
 and the calibration data are written into the checkpoint (`early_exit_thresholds.json` and a
 section of its README.md model card); `tools/generate.py --early-exit-thres auto` uses them.
+
+`--check-splits N` then tests the guarantee itself: it calibrates again on N random
+calibration/test splits of the chunks and prints, per split, the thresholds, the realised
+disagreement on the test chunks and the share of tokens leaving at each exit, and in a summary
+the share of splits whose disagreement exceeds delta, to compare with epsilon. The result
+goes into the record and the model card.
 """
 
 from __future__ import annotations
@@ -53,6 +59,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--bf16", action="store_true")
     p.add_argument("--device", default="cpu")
+    p.add_argument(
+        "--check-splits",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also calibrate on N random calibration/test splits of the chunks and report how often the "
+        "realised test disagreement exceeds delta, against epsilon (default 0: off)",
+    )
+    p.add_argument(
+        "--check-test-fraction", type=float, default=0.5, help="--check-splits: share of chunks held out for testing"
+    )
     p.add_argument("--dry-run", action="store_true", help="print the thresholds, write nothing")
     return p
 
@@ -108,7 +125,42 @@ def model_card(record: dict) -> str:
         f"({record['num_fit_chunks']} fit the path, {record['num_test_chunks']} tested)\n"
         f"- on the tested chunks: disagreement {record['risk']:.4f}, early-exit share {record['exit_share']:.4f}, "
         f"p-value {record['p_value']:.4g}\n"
+        f"{_card_split_check(record.get('split_check'))}"
         f"- use: `tools/generate.py --load CKPT --early-exit-thres auto`; made {record['created']}\n{CARD_END}\n"
+    )
+
+
+def _card_split_check(d: dict | None) -> str:
+    if d is None:
+        return ""
+    return (
+        f"- checked over random splits: {split_summary(d)[len('split check: ') :]} "
+        f"({100 * d['test_fraction']:g}% of the chunks tested in each split)\n"
+    )
+
+
+def split_lines(check: calibration.SplitCheck) -> list[str]:
+    """One line per split and a summary line (`--check-splits`)."""
+    lines = []
+    for i, r in enumerate(check.splits):
+        thresholds = ", ".join(f"{e}: {t:.4f}" for e, t in zip(check.exits, r.thresholds))
+        leave = ", ".join(f"exit {e} {100 * x:.1f}%" for e, x in zip(check.exits, r.exit_shares))
+        lines.append(
+            f"split {i:>3}: thresholds {{{thresholds}}} | test disagreement {r.test_risk:.4f}"
+            f"{' > delta' if r.violates(check.delta) else ''} | leaving at {leave}, "
+            f"final {100 * (1 - sum(r.exit_shares)):.1f}%"
+        )
+    lines.append(split_summary(check.as_dict()))
+    return lines
+
+
+def split_summary(d: dict) -> str:
+    verdict = "holds" if d["holds"] else "FAILS"
+    return (
+        f"split check: {d['violations']} of {d['num_splits']} random calibration/test splits "
+        f"({100 * d['violation_share']:.1f}%) exceed delta {d['delta']:g} in realised test disagreement "
+        f"(mean {d['mean_test_risk']:.4f}, max {d['max_test_risk']:.4f}; {100 * d['mean_exit_share']:.1f}% of "
+        f"tokens exit early); epsilon {d['epsilon']:g}: {verdict}"
     )
 
 
@@ -132,6 +184,8 @@ def run(a: argparse.Namespace) -> dict:
     from megatron.early_exit import load_checkpoint
     from megatron.early_exit.checkpointing import resolve_checkpoint_dir
 
+    if a.check_splits < 0:
+        raise ValueError(f"--check-splits must be >= 0, got {a.check_splits}")
     directory = resolve_checkpoint_dir(a.load)
     model, tok = load_checkpoint(a.load, device=a.device, dtype=torch.bfloat16 if a.bf16 else None)
     if not model.config.exit_layer_nums:
@@ -151,6 +205,12 @@ def run(a: argparse.Namespace) -> dict:
         "created": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
     }  # fmt: skip
     print(json.dumps({k: record[k] for k in ("thresholds", "risk", "exit_share", "p_value", "lambda_index")}))
+    if a.check_splits:
+        check = calibration.check_splits(
+            scores, a.delta, a.epsilon, a.check_splits, a.check_test_fraction, a.path, a.steps, a.fit_fraction, a.seed
+        )
+        print("\n".join(split_lines(check)))
+        record["split_check"] = check.as_dict()
     if not a.dry_run:
         write_into_checkpoint(directory, record)
         print(f"wrote {directory}/early_exit_thresholds.json and its README.md model card")

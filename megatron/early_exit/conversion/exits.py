@@ -7,10 +7,18 @@ Copy initialisation (default) starts every new exit from the backbone's own tens
 - exit block           <- the last transformer layer
 - untied exit output   <- the output layer (the word embedding when the output is tied)
 - confidence head      <- zeros (a probe with nothing to copy; sigmoid(0) = 0.5)
+- probe norm           <- the final norm (`confidence_norm`, `exit_confidence_input="backbone"`)
 
 so a norm exit after the last layer *is* the final head, and an MLP exit begins as one
 more MLP sub-block of its layer. `random_init` instead draws N(0, std) for weight
 matrices, ones for norm weights and zeros for biases (the confidence head stays zeros).
+
+The probe norm copies the final norm, like the exit norm, because the backbone's hidden state
+is the final norm's kind of input: its per-feature scales already damp the residual stream's
+few very large features, which an all-ones norm would hand to the probe undamped. For an exit
+that is a copied norm alone, a backbone-mode probe then starts reading exactly what an
+exit-mode probe reads. (The probe's weights start at zero, so the norm only shapes how the
+probe learns, not its first outputs.)
 
 Existing exits are kept unchanged. Structure flags (norm / MLP / block / untied output /
 confidence head) are global in `ModelConfig`, so when the model already has exits the
@@ -54,6 +62,8 @@ def _copy_source(name: str, layer_number: int, config: ModelConfig) -> str | Non
     rest = name.split(".", 2)[2]
     if rest.startswith("norm."):
         return "decoder.final_layernorm." + rest[len("norm.") :]
+    if rest.startswith("confidence_norm."):
+        return "decoder.final_layernorm." + rest[len("confidence_norm.") :]
     if rest.startswith("mlp_norm."):
         return f"decoder.layers.{layer_number - 1}.pre_mlp_layernorm." + rest[len("mlp_norm.") :]
     if rest.startswith("mlp."):
@@ -69,6 +79,22 @@ def _copy_source(name: str, layer_number: int, config: ModelConfig) -> str | Non
     raise ConversionError(f"add_exits: do not know how to initialise {name}")
 
 
+def _set_probe_input(old: ModelConfig, new: ModelConfig, probe_input: str | None) -> None:
+    """`--exit-confidence-input` onto `new` (None: keep the model's); one value for all exits."""
+    if probe_input is None:
+        return
+    if probe_input not in ("exit", "backbone"):
+        raise ConversionError(f"--exit-confidence-input must be exit or backbone, got {probe_input!r}")
+    if old.exit_layer_nums and probe_input != old.exit_confidence_input:
+        raise ConversionError(
+            f"--exit-confidence-input: the model's existing exits (layers {old.exit_layer_nums}) have "
+            f"exit_confidence_input={old.exit_confidence_input!r}; all exits share one structure"
+        )
+    if probe_input == "backbone" and not new.use_exit_confidence_head:
+        raise ConversionError("--exit-confidence-input backbone needs --use-exit-confidence-head")
+    new.exit_confidence_input = probe_input
+
+
 def add_exits(
     model,
     layer_nums: list[int],
@@ -78,6 +104,7 @@ def add_exits(
     use_exit_block: bool | None = None,
     untie_exit_output_weights: bool | None = None,
     use_exit_confidence_head: bool | None = None,
+    exit_confidence_input: str | None = None,
     random_init: bool = False,
     init_method_std: float | None = None,
     seed: int = 1234,
@@ -117,6 +144,7 @@ def add_exits(
                 )
         else:
             setattr(new, key, bool(value))
+    _set_probe_input(old, new, exit_confidence_input)
     if old.untie_embeddings_and_output_weights and not new.untie_exit_output_weights:
         warnings.warn(
             "the model's output layer is untied but the exits are tied: they project with the input "

@@ -63,7 +63,7 @@ def teacher_forced_scores(model, chunks: torch.Tensor, measure: str, batch_size:
             logits = head.project(hidden, model.tied_output_weight(), model.head_ops)[..., :vocab]  # (b, s, V)
             a_b.append(logits.argmax(-1) == final_top)
             if measure == "learned":
-                c_b.append(torch.sigmoid(head.confidence_logit(hidden).float()))
+                c_b.append(torch.sigmoid(head.confidence_logit(head.probe_input(x, hidden)).float()))
             else:
                 c_b.append(conf_measures.get_measure(measure).from_logits(logits.flatten(0, 1)).view(final_top.shape))
         conf.append(torch.stack(c_b, -1).float().cpu())
@@ -171,3 +171,84 @@ def calibrate(
     return Calibration(
         scores.exits, thresholds[j].tolist(), j, float(risk.mean()), float(share.mean()), p, c - num_fit, num_fit
     )
+
+
+# ----- checking the guarantee over random splits (issue 12: "calibration holds") ---------
+
+
+def exit_shares(scores: ExitScores, thresholds: torch.Tensor) -> list[float]:
+    """Share of all tokens whose early-exit decision is made at each exit (the rest reach the
+    final head); same rule as `chunk_losses`."""
+    fire = (scores.confidence >= thresholds) & (thresholds < 1.0)  # (C, L, E)
+    first = fire & (fire.cumsum(-1) == 1)
+    return first.float().mean(dim=(0, 1)).tolist()
+
+
+@dataclass
+class SplitResult:
+    """One random calibration/test split: what calibration chose and what the test half saw."""
+
+    thresholds: list[float]
+    lambda_index: int
+    test_risk: float  # realised disagreement with the final head on the test chunks' tokens
+    exit_shares: list[float]  # share of test tokens leaving at each exit
+
+    def violates(self, delta: float) -> bool:
+        return self.test_risk > delta
+
+
+@dataclass
+class SplitCheck:
+    """`check_splits`' result: the guarantee holds empirically when the share of splits whose
+    realised disagreement exceeds delta is at most epsilon."""
+
+    exits: list[int]
+    delta: float
+    epsilon: float
+    test_fraction: float
+    splits: list[SplitResult]
+
+    @property
+    def violations(self) -> int:
+        return sum(s.violates(self.delta) for s in self.splits)
+
+    @property
+    def violation_share(self) -> float:
+        return self.violations / len(self.splits)
+
+    @property
+    def holds(self) -> bool:
+        return self.violation_share <= self.epsilon
+
+    def as_dict(self) -> dict:
+        risks = [s.test_risk for s in self.splits]
+        return {
+            "num_splits": len(self.splits), "test_fraction": self.test_fraction, "violations": self.violations,
+            "violation_share": self.violation_share, "epsilon": self.epsilon, "delta": self.delta,
+            "holds": self.holds, "mean_test_risk": sum(risks) / len(risks), "max_test_risk": max(risks),
+            "mean_exit_share": sum(sum(s.exit_shares) for s in self.splits) / len(self.splits),
+            "splits": [asdict(s) for s in self.splits],
+        }  # fmt: skip
+
+
+def check_splits(
+    scores: ExitScores, delta: float, epsilon: float, num_splits: int, test_fraction: float = 0.5,
+    path: str = "quantile", steps: int = 101, fit_fraction: float = 0.3, seed: int = 0,
+) -> SplitCheck:  # fmt: skip
+    """Calibrate on `num_splits` random calibration/test splits of the chunks (split i seeded
+    by seed + i) and measure each choice's realised disagreement on its test chunks."""
+    c = scores.confidence.shape[0]
+    num_test = int(round(c * test_fraction))
+    if num_splits < 1:
+        raise ValueError(f"--check-splits must be >= 1, got {num_splits}")
+    if not 0 < num_test < c:
+        raise ValueError(f"test fraction {test_fraction} leaves no chunks to calibrate on or to test ({c} chunks)")
+    results = []
+    for i in range(num_splits):
+        order = torch.randperm(c, generator=torch.Generator().manual_seed(seed + i))
+        calib, test = scores.select(order[num_test:]), scores.select(order[:num_test])
+        cal = calibrate(calib, delta, epsilon, path, steps, fit_fraction, seed + i)
+        thresholds = torch.tensor(cal.thresholds)
+        risk, _ = chunk_losses(test, thresholds)
+        results.append(SplitResult(cal.thresholds, cal.lambda_index, float(risk.mean()), exit_shares(test, thresholds)))
+    return SplitCheck(list(scores.exits), delta, epsilon, test_fraction, results)

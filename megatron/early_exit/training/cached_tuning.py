@@ -138,7 +138,8 @@ def _kd(cols: ExitColumns, topk_lp, kd_temperature: float, lp=None):
 def exit_terms(model, n: int, batch: dict, rotary, loss_type: str, kd_t: float, negatives=None):
     """One exit's per-token losses and logged parts from its cached input."""
     head = model.exits[str(n)]
-    hidden = head.hidden(batch["hidden"][n].float(), rotary)
+    backbone = batch["hidden"][n].float()  # the exit's cached input: the backbone at its depth
+    hidden = head.hidden(backbone, rotary)
     args = (model, head, hidden, batch["labels"], batch["topk_ids"])
     cols = full_columns(*args) if negatives is None else candidate_columns(*args, negatives)
     lp, mask = cols.log_probs(), batch["loss_mask"]
@@ -153,7 +154,7 @@ def exit_terms(model, n: int, batch: dict, rotary, loss_type: str, kd_t: float, 
     parts[f"exit_{n} agreement"] = masked_mean(agree, mask)
     probe = None
     if head.confidence is not None:
-        conf_logit = head.confidence_logit(hidden.detach()).float()
+        conf_logit = head.confidence_logit(head.probe_input(backbone, hidden.detach())).float()
         probe = masked_mean(F.binary_cross_entropy_with_logits(conf_logit, agree, reduction="none"), mask)
         parts[f"exit_{n} confidence loss"] = probe.detach()
     return masked_mean(per_token, mask), probe, parts

@@ -13,8 +13,10 @@ can already nearly decide.
 weight 0 (their losses are still computed and logged, their heads get zero gradient).
 
 Confidence probes in pretraining (`--use-exit-confidence-head`): each exit's probe is trained
-with binary cross-entropy, on the exit's *detached* hidden state (so it changes no other
-gradient), to predict "the exit's top-1 token is the label". That target is local to the
+with binary cross-entropy, on its *detached* input (so it changes no other gradient), to
+predict "the exit's top-1 token is the label". Its input is `ExitHead.probe_input`: the exit's
+hidden state, or (`--exit-confidence-input backbone`) the probe's own norm of the backbone's
+hidden state at the exit's depth, the same input calibration and decoding give it. That target is local to the
 exit's pipeline stage and the same in every layout; EE-Tuning's probes instead predict
 agreement with the final head, which the tuning stage has at hand (`tuning_losses`).
 """
@@ -102,7 +104,7 @@ def evaluate_exits_with_probes(
 ) -> dict[int, torch.Tensor]:
     """`model.evaluate_exits` with labels (same per-token losses and confidences into `out`),
     plus each confidence probe's per-token BCE [b, s] against "exit's top-1 == label",
-    computed on the exit's detached hidden state: {layer: BCE} for exits with a probe."""
+    computed on its detached input (`probe_input`): {layer: BCE} for exits with a probe."""
     ops = model.head_ops
     probes: dict[int, torch.Tensor] = {}
     for n, h in exit_inputs:
@@ -114,7 +116,7 @@ def evaluate_exits_with_probes(
             out.exit_confidences[n] = ops.max_prob(logits)
         if head.confidence is not None:
             correct = (ops.argmax(logits.detach()) == labels).float()
-            conf_logit = head.confidence_logit(hidden.detach())
+            conf_logit = head.confidence_logit(head.probe_input(h.detach(), hidden.detach()))
             probes[n] = F.binary_cross_entropy_with_logits(conf_logit.float(), correct, reduction="none")
     return probes
 
@@ -133,10 +135,10 @@ def tuning_losses(
     `out` comes from `schedules.stage_forward` with the backbone frozen and no final head.
     Each exit's loss is cross-entropy with the labels (`ce`),
     distillation from the frozen final head (`kd`: T^2 * KL(final/T || exit/T) per token),
-    or their sum (`ce+kd`). Exits with a confidence head also train it, as a probe on the
-    exit's detached hidden state, with binary cross-entropy against "the exit's top token
-    equals the final head's". Logged per exit: its cross-entropy (`exit_<n> loss`), its
-    agreement with the final head, and the probe's loss.
+    or their sum (`ce+kd`). Exits with a confidence head also train it, as a probe on its
+    detached input (`probe_input`: exit or backbone hidden state), with binary cross-entropy
+    against "the exit's top token equals the final head's". Logged per exit: its
+    cross-entropy (`exit_<n> loss`), its agreement with the final head, and the probe's loss.
     """
     ops = model.head_ops
     needs_teacher = "kd" in loss_type or any(model.exits[str(n)].confidence is not None for n, _ in out.deferred_exits)
@@ -167,7 +169,7 @@ def tuning_losses(
             agree = (ops.argmax(logits.detach()) == teacher_top).float()
             parts[f"exit_{n} agreement"] = masked_mean(agree, loss_mask)
             if head.confidence is not None:
-                conf_logit = head.confidence_logit(hidden.detach())
+                conf_logit = head.confidence_logit(head.probe_input(h.detach(), hidden.detach()))
                 bce = F.binary_cross_entropy_with_logits(conf_logit.float(), agree, reduction="none")
                 parts[f"exit_{n} confidence loss"] = masked_mean(bce, loss_mask).detach()
                 term = term + masked_mean(bce, loss_mask)

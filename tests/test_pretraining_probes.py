@@ -131,10 +131,12 @@ def test_exit_confidence_input_flag(tmp_path):
         Trainer(parse_args([*SMALL, *PROBES, "--exit-confidence-input", "exit", "--load", str(tmp_path / "ck")]))
 
 
-@pytest.mark.parametrize("layout", ["tp2", "pp2"])
+@pytest.mark.parametrize("layout", ["tp2"])
 def test_backbone_probe_training_is_layout_invariant(tmp_path, layout):
-    """Backbone-mode probes (and their norm, a replicated weight under TP) train alike in every
-    layout; tolerances as above."""
+    """Backbone-mode probes (and their norm, a replicated weight under TP) train alike under TP;
+    tolerances as above. (PP2 passed too, 06:37 UTC, but a stage's exits only ever see that
+    stage's own backbone state, which the exit-mode PP2 test above covers; one layout keeps the
+    suite's torchrun time down.)"""
     ref_records, ref_weights = train(tmp_path, "single", 1, BACKBONE, BASE)
     nproc, extra = LAYOUTS[layout]
     records, weights = train(tmp_path, layout, nproc, extra + BACKBONE, BASE)

@@ -50,7 +50,8 @@ class ExitHead(nn.Module):
         )
         self.confidence = nn.Linear(config.hidden_size, 1) if config.use_exit_confidence_head else None
         self.probe_reads_backbone = config.use_exit_confidence_head and config.exit_confidence_input == "backbone"
-        self.confidence_norm = build_norm(config.normalization, config.hidden_size, eps) if self.probe_reads_backbone else None
+        reads_backbone = self.probe_reads_backbone
+        self.confidence_norm = build_norm(config.normalization, config.hidden_size, eps) if reads_backbone else None
 
     def hidden(
         self,

@@ -126,7 +126,8 @@ def _fsdp2_in_1f1b_order(rank, world, per_layer):
     ps = types.SimpleNamespace(dp_group=dist.group.WORLD, device=torch.device("cpu"))
     engine = FSDP2(model, ps, per_layer=per_layer)
     layers = list(model.decoder.layers.values())
-    units = [isinstance(layer, FSDPModule) and fully_shard.state(layer) is not fully_shard.state(model) for layer in layers]
+    root_state = fully_shard.state(model)
+    units = [isinstance(layer, FSDPModule) and fully_shard.state(layer) is not root_state for layer in layers]
     m = 3  # the last micro-batch feeds the exit only (a fill micro-batch): its backward skips layers 1, 2
     fwds = [_gpt_forward(model, rank, k) for k in range(m)]  # warm-up: forwards only
     gathered_in_warmup = _gathered(model)
@@ -163,9 +164,7 @@ def test_fsdp2_shards_each_layer_and_reduces_once():
 
 def test_fsdp2_one_unit_keeps_the_stage_gathered():
     # The contrast that makes the per-layer test meaningful: one unit gathers everything at once.
-    for units, gathered, root_numel, total, held, gathered_after, grads, ref in run_distributed(
-        _fsdp2_in_1f1b_order, 2, False
-    ):
+    for units, gathered, _, total, held, gathered_after, grads, ref in run_distributed(_fsdp2_in_1f1b_order, 2, False):
         assert units == [False, False, False] and gathered == total
         assert gathered_after == 0 and abs(held / total - 0.5) < 0.01
         for name in ref:

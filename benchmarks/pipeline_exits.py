@@ -138,9 +138,10 @@ def _time_ms(fn, n: int) -> float:
 def calibrate(trainer, ns) -> dict[str, float]:
     """The simulator's inputs, measured in the run itself: this stage's forward, backward
     (exits included), and fill forward / backward per micro-batch, through the schedule's own
-    step functions (so Python, loss and autograd overheads are in), with `cores` stages
-    measuring at once (the load of the steady state); and the time of one activation-sized
-    message between stages 0 and 1 (ping-pong)."""
+    step functions (so Python, loss and autograd overheads are in), with as many stages
+    measuring at once as there are cores (a core each); with more stages than cores, the work
+    all of them get done at once (the sharing efficiency); and the time of one activation-sized
+    message between stages 0 and 1 (ping-pong), idle and while the other stages compute."""
     import torch
     import torch.distributed as dist
 

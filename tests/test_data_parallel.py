@@ -113,7 +113,7 @@ def _gathered(model) -> int:
     return sum(p.numel() for p in model.parameters() if not hasattr(p, "to_local"))
 
 
-def _fsdp2_in_1f1b_order(rank, world, per_layer):
+def _fsdp2_in_1f1b_order(rank, world, per_layer, recompute=False):
     import types
 
     from torch.distributed.fsdp import FSDPModule, fully_shard
@@ -121,6 +121,7 @@ def _fsdp2_in_1f1b_order(rank, world, per_layer):
     from megatron.early_exit.parallel.data_parallel import FSDP2, local
 
     model = _tiny_gpt()
+    model.recompute_activations = recompute  # backward reruns each layer's forward: FSDP2 regathers it
     total = sum(p.numel() for p in model.parameters())
     root_numel = total - sum(p.numel() for p in model.decoder.layers.parameters())
     ps = types.SimpleNamespace(dp_group=dist.group.WORLD, device=torch.device("cpu"))
@@ -167,5 +168,12 @@ def test_fsdp2_one_unit_keeps_the_stage_gathered():
     for units, gathered, _, total, held, gathered_after, grads, ref in run_distributed(_fsdp2_in_1f1b_order, 2, False):
         assert units == [False, False, False] and gathered == total
         assert gathered_after == 0 and abs(held / total - 0.5) < 0.01
+        for name in ref:
+            torch.testing.assert_close(grads[name], ref[name], rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_fsdp2_per_layer_with_activation_recompute():
+    for units, gathered, root_numel, *_, grads, ref in run_distributed(_fsdp2_in_1f1b_order, 2, True, True):
+        assert units == [True, True, True] and gathered == root_numel
         for name in ref:
             torch.testing.assert_close(grads[name], ref[name], rtol=1e-5, atol=1e-7, msg=name)

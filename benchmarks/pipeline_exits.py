@@ -200,20 +200,17 @@ def _all_at_once(step, step_ms: float, reps: int, pp: int) -> tuple[float, float
 
 def _ping_pong(template, ps, reps: int, load=None) -> float:
     """ms per activation message between stages 0 and 1 (two per round); with `load`, the
-    other stages run it meanwhile, until stage 0 tells them the ping-pong is over."""
-    import torch
+    other stages run it meanwhile, until stage 0 posts in the rendezvous store that the
+    ping-pong is over (gloo's irecv never reports completion to a poll, so not a message)."""
     import torch.distributed as dist
 
     from megatron.early_exit.parallel.pipeline import p2p
 
+    store = dist.distributed_c10d._get_default_store()
     dist.barrier()
     if ps.pp_rank > 1:
-        if load is not None:
-            stop = torch.zeros(1)
-            request = dist.irecv(stop, src=ps.stage_rank(0))
-            while not request.is_completed():
-                load()
-            request.wait()
+        while load is not None and not store.check(["ping_pong_done"]):
+            load()
         return 0.0
     start = time.perf_counter()
     for _ in range(reps):  # stage 0 sends, stage 1 answers: two messages per round
@@ -225,8 +222,7 @@ def _ping_pong(template, ps, reps: int, load=None) -> float:
             p2p(template, ps.stage_rank(0), None, None)
     ms = 1000 * (time.perf_counter() - start) / (2 * reps)
     if load is not None and ps.pp_rank == 0:
-        for r in range(2, ps.dims.pp):
-            dist.send(torch.ones(1), dst=ps.stage_rank(r))
+        store.set("ping_pong_done", "1")
     return ms
 
 

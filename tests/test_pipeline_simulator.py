@@ -109,3 +109,41 @@ def test_sharing_efficiency_from_the_all_at_once_measurement(monkeypatch):
     runs = [{"shared_work_ms": 100.0, "shared_wall_ms": 240.0 + i} for i in range(4)]
     assert pipeline_exits.sharing_efficiency(runs) == pytest.approx(400 / (2 * 243))  # slowest wall
     assert pipeline_exits.sharing_efficiency([{}, {}]) == 1.0  # never outnumbered the cores
+
+
+def _calibration_protocol(rank, world):
+    """benchmarks/pipeline_exits.py's loaded ping-pong and all-at-once measurement on 4 gloo
+    processes, with a toy step: both must end (the loaders stop when stage 0 says so)."""
+    import time
+    import types
+
+    import pipeline_exits
+    import torch
+
+    from megatron.early_exit.parallel.pipeline import p2p
+
+    pipeline_exits.CORES = 2
+    ps = types.SimpleNamespace(pp_rank=rank, dims=types.SimpleNamespace(pp=world), stage_rank=lambda r: r)
+    steps = []
+
+    def step():
+        time.sleep(0.002)
+        steps.append(1)
+
+    template = torch.zeros(4, 8)
+    idle = pipeline_exits._ping_pong(template, ps, 3)
+    loaded = pipeline_exits._ping_pong(template, ps, 3, load=step)
+    loads = len(steps)
+    work, wall = pipeline_exits._all_at_once(step, 2.0, 3, world)
+    p2p(None, None, None, None)  # still in step with each other: a barrier-free no-op
+    return idle, loaded, loads, work, wall
+
+
+def test_calibration_protocol_ends_and_measures():
+    from tests.distributed import run_distributed
+
+    results = run_distributed(_calibration_protocol, 4)
+    assert all(r[0] > 0 and r[1] > 0 for r in results[:2]) and results[2][:2] == (0.0, 0.0)
+    assert all(r[2] > 0 for r in results[2:]) and all(r[2] == 0 for r in results[:2])  # only stages 2, 3 load
+    for _, _, _, work, wall in results:
+        assert work >= 2.0 and wall >= 3 * 2.0 * 4 / 2 * 0.9  # ran for the budget: reps x step x pp / cores

@@ -1,16 +1,22 @@
 #!/usr/bin/env python
 """Data parallelism: the old hand-written sync vs the bucketed, overlapped reducer (the
-default) vs FSDP2 (`--use-torch-fsdp2`), side by side.
+default) vs FSDP2 (`--use-torch-fsdp2`) with one unit per stage and with one unit per layer,
+side by side.
 
-Runs DP2 under torchrun (gloo, 1 thread per rank) three times on the same model and batch:
+Runs DP2 under torchrun (gloo, 1 thread per rank) four times on the same model and batch:
 - `legacy`: after the whole schedule, one blocking all-reduce per parameter (the sync this
   project had before; kept here only, for the comparison);
 - `bucketed`: gradients in ~25 MB buckets, each all-reduced asynchronously as soon as the last
   backward has produced it, so the reduction overlaps the rest of that backward;
-- `fsdp2`: `fully_shard` over DP: one reduce-scatter per batch, parameters between steps,
-  gradients and Adam state sharded.
+- `fsdp2-unit`: `fully_shard` over DP with the whole stage as one unit (what `--use-torch-fsdp2`
+  did before): gathered at the first forward and kept through the schedule, one reduce-scatter
+  per batch; parameters between steps, gradients after it and Adam state sharded;
+- `fsdp2`: `--use-torch-fsdp2` as it is now: one unit per layer, each gathered for its forward
+  and again for its backward, so only a layer or two are whole at a time.
 It prints iteration time per rank and the peak resident memory per rank (above the process's
-resident memory before the model was built), with ratios against `legacy`.
+resident memory before the model was built; glibc's mmap threshold fixed so that freed tensors
+leave the resident set), with ratios against `legacy`, and the peak of the
+FSDP2 modes against the bucketed reducer (no sharding).
 
     python benchmarks/data_parallel.py                 # ~3 minutes on 2 cores
     python benchmarks/data_parallel.py --hidden-size 768 --num-layers 12   # reduction more visible
@@ -32,7 +38,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-MODES = ("legacy", "bucketed", "fsdp2")
+MODES = ("legacy", "bucketed", "fsdp2-unit", "fsdp2")
 
 
 def _model_args(ns) -> list[str]:
@@ -68,10 +74,14 @@ def worker(ns) -> None:
     argv = [*_model_args(ns), "--micro-batch-size", str(ns.micro_batch_size),
             "--global-batch-size", str(2 * ns.micro_batch_size * ns.micro_batches), "--train-iters", "1000",
             "--lr", "1e-4", "--eval-interval", "0", "--device", "cpu"]  # fmt: skip
-    if ns.mode == "fsdp2":
+    if ns.mode.startswith("fsdp2"):
         argv.append("--use-torch-fsdp2")
     if ns.mode == "legacy":  # no DP engine: sync_gradients falls back to the per-tensor all-reduce
         trainer_module.build_data_parallel = lambda *a: None
+    if ns.mode == "fsdp2-unit":
+        from megatron.early_exit.parallel.data_parallel import FSDP2
+
+        trainer_module.build_data_parallel = lambda model, ps, args: FSDP2(model, ps, per_layer=False)
     trainer = trainer_module.Trainer(parse_args(argv))
     for _ in range(ns.warmup):
         trainer.train_step()
@@ -96,7 +106,10 @@ def run(ns, mode: str) -> list[dict]:
            "--micro-batch-size", str(ns.micro_batch_size), "--num-layers", str(ns.num_layers),
            "--hidden-size", str(ns.hidden_size), "--seq-length", str(ns.seq_length),
            "--vocab-size", str(ns.vocab_size)]  # fmt: skip
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+    # A fixed mmap threshold: glibc otherwise raises it after the first large free and serves
+    # later tensors from its heap, which it rarely gives back, so the resident peak would track
+    # the allocator's history rather than the live tensors (FSDP2 frees and regathers layers).
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT, MALLOC_MMAP_THRESHOLD_="131072")
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
     if proc.returncode or not lines:
@@ -128,20 +141,23 @@ def main() -> None:
         f"{params / 1e6:.1f}M parameters ({4 * params / 2**20:.0f} MiB of fp32 gradients to reduce); "
         f"{ns.micro_batches} micro-batches of {ns.micro_batch_size} per rank; {ns.iters} timed iterations\n"
     )
-    print(f"{'mode':9s} {'rank':>4s} {'ms/iter':>9s} {'vs legacy':>10s} {'peak MiB':>9s} {'vs legacy':>10s}")
+    print(f"{'mode':10s} {'rank':>4s} {'ms/iter':>9s} {'vs legacy':>10s} {'peak MiB':>9s} {'vs legacy':>10s}")
     for mode in MODES:
         for r, ref in zip(results[mode], results["legacy"]):
             print(
-                f"{mode:9s} {r['rank']:4d} {r['ms']:9.0f} {r['ms'] / ref['ms']:10.3f} {r['peak_mib']:9.0f} "
+                f"{mode:10s} {r['rank']:4d} {r['ms']:9.0f} {r['ms'] / ref['ms']:10.3f} {r['peak_mib']:9.0f} "
                 f"{r['peak_mib'] / ref['peak_mib']:10.3f}"
             )
     iteration = {mode: max(r["ms"] for r in results[mode]) for mode in MODES}
     peak = {mode: max(r["peak_mib"] for r in results[mode]) for mode in MODES}
-    print(
-        f"\niteration: bucketed {iteration['bucketed'] / iteration['legacy']:.3f}x legacy, "
-        f"fsdp2 {iteration['fsdp2'] / iteration['legacy']:.3f}x; peak memory per rank: fsdp2 "
-        f"{peak['fsdp2'] / peak['bucketed']:.3f}x bucketed ({peak['fsdp2'] - peak['bucketed']:+.0f} MiB)"
-    )
+    print("\niteration vs legacy: " + ", ".join(f"{m} {iteration[m] / iteration['legacy']:.3f}x" for m in MODES[1:]))
+    for mode in ("fsdp2-unit", "fsdp2"):
+        print(
+            f"peak memory per rank, {mode}: {peak[mode] / peak['bucketed']:.3f}x bucketed "
+            f"({peak[mode] - peak['bucketed']:+.0f} MiB)"
+        )
+    print(f"fsdp2 per layer vs one unit: peak {peak['fsdp2'] / peak['fsdp2-unit']:.3f}x, "
+          f"iteration {iteration['fsdp2'] / iteration['fsdp2-unit']:.3f}x")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -6,14 +6,27 @@ Runs PP2 and PP4 under torchrun (gloo, 1 thread per rank), side by side: the sam
 without exits, with exits (`--exits`, default one after layer 2) on the first stage, and with
 those exits plus explicit-bubble filling (`--fill` extra micro-batches); prints per-stage time
 per iteration and peak memory, and their ratios. Each run also calibrates the simulator
-(benchmarks/pipeline_simulator.py) on itself: every stage times its forward and backward
-steps through the schedule's own functions (so the fixed per-micro-batch overhead of Python,
-losses and autograd is in; shown against the per-layer and per-head costs measured in this
-process), stages 0 and 1 time one activation message (ping-pong), and every rank times the
-part of an iteration spent outside the schedule (data, gradient sync, optimizer step). The
-simulator, with the stages sharing this machine's cores, then predicts each run's iteration
-time. Assumptions: a message costs its ping-pong time and no stage's CPU; stages computing
-at once share the cores evenly; costs measured with all cores busy hold throughout.
+(benchmarks/pipeline_simulator.py) on itself, before its timed iterations:
+- every stage times its forward and backward steps (regular and bubble-filling) through the
+  schedule's own functions (so the fixed per-micro-batch overhead of Python, losses and
+  autograd is in; shown against the per-layer and per-head costs measured in this process),
+  as many stages at once as there are cores (each with a core of its own);
+- when the stages outnumber the cores, all stages run those steps at once for a while: the
+  work done against the cores' capacity is the efficiency of processor sharing (context
+  switches, caches shared by processes), which the simulator applies whenever more stages
+  compute than there are cores;
+- stages 0 and 1 time one activation message (ping-pong), idle, and again while the other
+  stages compute (a receiver then waits for a core); the simulator charges the loaded time
+  to a message sent while the other stages keep every core busy;
+- every rank times the part of an iteration spent outside the schedule (data, gradient
+  sync, optimizer step).
+The simulator then predicts each run's iteration time. Next to it, a replay: the same
+simulation fed with the op times each stage recorded inside its own timed schedule (said so:
+these come from the very iterations being predicted; they include whatever contention the
+run met, so the replay has no sharing model). Replay right and prediction wrong means the
+calibrated op costs are off (the per-stage ratios in-schedule / calibrated show which);
+replay wrong too means the schedule model is. Cores are the ones this process may run on
+(`taskset -c 0,1 python ...` gives a 2-core run on a bigger machine).
 
     python benchmarks/pipeline_exits.py                   # ~6 minutes on 2 cores
     python benchmarks/pipeline_exits.py --pp-sizes 2      # PP2 only
@@ -31,6 +44,7 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+CORES = len(os.sched_getaffinity(0))  # what taskset allows, not the machine's count
 
 MODEL = ["--num-layers", "8", "--hidden-size", "256", "--num-attention-heads", "8", "--seq-length", "128",
          "--normalization", "RMSNorm", "--swiglu", "--position-embedding-type", "rope", "--disable-bias-linear",
@@ -56,6 +70,7 @@ def worker(ns) -> None:
         return result
 
     trainer_module.forward_backward_1f1b = timed_schedule
+    op_ms = record_op_times()
     argv = [*MODEL, "--pipeline-model-parallel-size", str(ns.pp), "--micro-batch-size", str(ns.micro_batch_size),
             "--global-batch-size", str(ns.micro_batch_size * ns.micro_batches), "--train-iters", "1000",
             "--lr", "1e-4", "--eval-interval", "0", "--device", "cpu", "--pipeline-split", "uniform"]  # fmt: skip
@@ -69,18 +84,47 @@ def worker(ns) -> None:
     calibration = calibrate(trainer, ns)
     dist.barrier()
     schedule_ms.clear()
+    op_ms.clear()
     start = time.perf_counter()
     for _ in range(ns.iters):
         trainer.train_step()
     ms = 1000 * (time.perf_counter() - start) / ns.iters
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     tail = ms - sum(schedule_ms) / len(schedule_ms)
-    mine = {"rank": dist.get_rank(), "ms": ms, "peak_mib": peak, "tail_ms": tail, **calibration}
+    ops = {f"sched_{kind}": (total / n, n / ns.iters) for kind, (total, n) in op_ms.items()}
+    mine = {"rank": dist.get_rank(), "ms": ms, "peak_mib": peak, "tail_ms": tail, **calibration, **ops}
     out = [None] * dist.get_world_size()
     dist.all_gather_object(out, mine)
     if dist.get_rank() == 0:
         print("RESULT " + json.dumps(out), flush=True)
     dist.destroy_process_group()
+
+
+def record_op_times() -> dict[str, list[float]]:
+    """Time the schedule's steps as it runs them: {kind: [total ms, count]} for regular
+    forwards F and backward steps B, fill forwards FF, whole fill phases (forwards, backwards
+    and their messages) and p2p calls (transfer and waiting)."""
+    from megatron.early_exit.training import schedules
+
+    times: dict[str, list[float]] = {}
+
+    def timed(kind_of, fn):
+        def wrapper(*args, **kwargs):
+            start = time.perf_counter()
+            result = fn(*args, **kwargs)
+            entry = times.setdefault(kind_of(args, kwargs), [0.0, 0])
+            entry[0] += 1000 * (time.perf_counter() - start)
+            entry[1] += len(args[1]) if fn is fill_phase else 1
+            return result
+
+        return wrapper
+
+    fill_phase = schedules._fill_phase
+    schedules.forward_step = timed(lambda a, k: "FF" if k.get("exits_only") else "F", schedules.forward_step)
+    schedules.backward_step = timed(lambda a, k: "B", schedules.backward_step)
+    schedules._fill_phase = timed(lambda a, k: "fill", fill_phase)
+    schedules.p2p = timed(lambda a, k: "p2p", schedules.p2p)
+    return times
 
 
 def _time_ms(fn, n: int) -> float:
@@ -94,13 +138,13 @@ def _time_ms(fn, n: int) -> float:
 def calibrate(trainer, ns) -> dict[str, float]:
     """The simulator's inputs, measured in the run itself: this stage's forward, backward
     (exits included), and fill forward / backward per micro-batch, through the schedule's own
-    step functions (so Python, loss and autograd overheads are in), with `cores` stages
-    measuring at once (the load of the steady state); and the time of one activation-sized
-    message between stages 0 and 1 (ping-pong)."""
+    step functions (so Python, loss and autograd overheads are in), with as many stages
+    measuring at once as there are cores (a core each); with more stages than cores, the work
+    all of them get done at once (the sharing efficiency); and the time of one activation-sized
+    message between stages 0 and 1 (ping-pong), idle and while the other stages compute."""
     import torch
     import torch.distributed as dist
 
-    from megatron.early_exit.parallel.pipeline import p2p
     from megatron.early_exit.training.schedules import backward_step, forward_step
 
     ctx, ps = trainer._context(), trainer.pstate
@@ -111,29 +155,75 @@ def calibrate(trainer, ns) -> dict[str, float]:
     def fwd(exits_only=False):
         return forward_step(ctx, batch, x, exits_only=exits_only)
 
+    def step():
+        backward_step(ctx, batch, fwd(), x, grad)
+
     out = {}
-    cores = min(os.cpu_count() or 1, ps.dims.pp)
+    cores = min(CORES, ps.dims.pp)
     for group in range(0, ps.dims.pp, cores):
         if group <= ps.pp_rank < group + cores:
             out["forward_ms"] = _time_ms(fwd, ns.calib_reps)
             # forward + backward step (exits evaluated lazily inside, as in the schedule)
-            out["step_ms"] = _time_ms(lambda: backward_step(ctx, batch, fwd(), x, grad), ns.calib_reps)
+            out["step_ms"] = _time_ms(step, ns.calib_reps)
             out["fill_forward_ms"] = _time_ms(lambda: fwd(True), ns.calib_reps)
             out["fill_step_ms"] = _time_ms(lambda: backward_step(ctx, batch, fwd(True), x, grad), ns.calib_reps)
         dist.barrier()
+    if ps.dims.pp > CORES:
+        out["shared_work_ms"], out["shared_wall_ms"] = _all_at_once(step, out["step_ms"], ns.calib_reps, ps.dims.pp)
     trainer.model.zero_grad(set_to_none=True)
-    template = ctx.template()
+    out["p2p_ms"] = _ping_pong(ctx.template(), ps, ns.calib_reps)
+    out["p2p_loaded_ms"] = _ping_pong(ctx.template(), ps, ns.calib_reps, load=step) if ps.dims.pp > 2 else out["p2p_ms"]
+    trainer.model.zero_grad(set_to_none=True)
+    dist.barrier()
+    return out
+
+
+def _all_at_once(step, step_ms: float, reps: int, pp: int) -> tuple[float, float]:
+    """Every stage runs its steps at once, for about `reps` steps' worth of time at the
+    cores-shared speed: (CPU work done, in ms of the step measured with a core of its own;
+    wall ms). Summed over stages, work / (cores x wall) is the efficiency of the sharing."""
+    import torch
+    import torch.distributed as dist
+
+    longest = torch.tensor([step_ms])
+    dist.all_reduce(longest, op=dist.ReduceOp.MAX)
+    budget = reps * float(longest) * pp / CORES / 1000  # seconds: every stage busy throughout
+    dist.barrier()
+    start, done = time.perf_counter(), 0
+    while time.perf_counter() - start < budget:
+        step()
+        done += 1
+    wall = 1000 * (time.perf_counter() - start)
+    dist.barrier()
+    return done * step_ms, wall
+
+
+def _ping_pong(template, ps, reps: int, load=None) -> float:
+    """ms per activation message between stages 0 and 1 (two per round); with `load`, the
+    other stages run it meanwhile, until stage 0 posts in the rendezvous store that the
+    ping-pong is over (gloo's irecv never reports completion to a poll, so not a message)."""
+    import torch.distributed as dist
+
+    from megatron.early_exit.parallel.pipeline import p2p
+
+    store = dist.distributed_c10d._get_default_store()
+    dist.barrier()
+    if ps.pp_rank > 1:
+        while load is not None and not store.check(["ping_pong_done"]):
+            load()
+        return 0.0
     start = time.perf_counter()
-    for _ in range(ns.calib_reps):  # stage 0 sends, stage 1 answers: two messages per round
+    for _ in range(reps):  # stage 0 sends, stage 1 answers: two messages per round
         if ps.pp_rank == 0:
             p2p(template, ps.stage_rank(1), None, None)
             p2p(None, None, template, ps.stage_rank(1))
-        elif ps.pp_rank == 1:
+        else:
             p2p(None, None, template, ps.stage_rank(0))
             p2p(template, ps.stage_rank(0), None, None)
-    out["p2p_ms"] = 1000 * (time.perf_counter() - start) / (2 * ns.calib_reps)
-    dist.barrier()
-    return out
+    ms = 1000 * (time.perf_counter() - start) / (2 * reps)
+    if load is not None and ps.pp_rank == 0:
+        store.set("ping_pong_done", "1")
+    return ms
 
 
 def run(ns, exits, fill=0, pp=2) -> list[dict]:
@@ -186,29 +276,67 @@ def measured_costs(ns) -> dict[str, float]:
     return {"layer_f": layer_f, "layer_b": layer_fb - layer_f, "head_f": head_f, "head_b": head_fb - head_f}
 
 
-def predict(runs: list[dict], m: int, fill: int, exits: list[int], p2p_ms: float) -> dict[str, float]:
-    """The calibrated simulator for one measured run: per-stage costs and the message time
-    measured in that run, the stages sharing this machine's cores."""
+def sharing_efficiency(runs: list[dict]) -> float:
+    """Work done / capacity used while all stages computed at once (1.0 when they never
+    outnumbered the cores)."""
+    if "shared_work_ms" not in runs[0]:
+        return 1.0
+    wall = max(r["shared_wall_ms"] for r in runs)
+    return sum(r["shared_work_ms"] for r in runs) / (min(CORES, len(runs)) * wall)
+
+
+def predict(runs: list[dict], m: int, fill: int, exits: list[int], replay: bool = False) -> dict[str, float]:
+    """The calibrated simulator for one measured run: per-stage costs, sharing efficiency and
+    message times measured in that run, the stages sharing this machine's cores. `replay`:
+    the op times each stage recorded inside its timed schedule instead (contention included,
+    so one device per stage), for telling op-cost errors from schedule-model errors."""
     from pipeline_simulator import StageCost, simulate
 
-    # The step timings ran a forward each (a backward needs one): take it out.
-    stages = [
-        StageCost(
-            r["forward_ms"],
-            r["step_ms"] - r["forward_ms"],
-            0.0,
-            fill_forward=r["fill_forward_ms"],
-            fill_backward=r["fill_step_ms"] - r["fill_forward_ms"],
-        )
-        for r in runs
-    ]
+    if replay:
+        stages = [_replayed_costs(r) for r in runs]
+    else:
+        # The step timings ran a forward each (a backward needs one): take it out.
+        stages = [
+            StageCost(
+                r["forward_ms"],
+                r["step_ms"] - r["forward_ms"],
+                0.0,
+                fill_forward=r["fill_forward_ms"],
+                fill_backward=r["fill_step_ms"] - r["fill_forward_ms"],
+            )
+            for r in runs
+        ]
     layers_per_stage = 8 // len(runs)
     last_exit_stage = max((n - 1) // layers_per_stage for n in exits) if exits else -1
-    result = simulate(stages, m, p2p_ms, cores=os.cpu_count(), fills=(fill, 0), last_exit_stage=last_exit_stage)
+    shared = {"cores": CORES, "sharing": sharing_efficiency(runs), "p2p_loaded": runs[0]["p2p_loaded_ms"]}
+    shared = {} if replay else shared
+    result = simulate(stages, m, runs[0]["p2p_ms"], fills=(fill, 0), last_exit_stage=last_exit_stage, **shared)
     # Outside the schedule (data, gradient sync and norm, optimizer step, loss logging): the
     # least tail of any rank is the work itself; the others' include waiting for the slowest.
     result["time"] += min(r["tail_ms"] for r in runs)
     return result
+
+
+def _replayed_costs(r: dict):
+    """A stage's mean op times inside its timed schedule (fill backward: the fill phase less
+    its forwards, per fill micro-batch, fill messages included)."""
+    from pipeline_simulator import StageCost
+
+    f, b = r["sched_F"][0], r["sched_B"][0]
+    if "sched_fill" not in r:
+        return StageCost(f, b, 0.0)
+    (ff, n_ff), (phase, n_fill) = r["sched_FF"], r["sched_fill"]
+    return StageCost(f, b, 0.0, fill_forward=ff, fill_backward=(phase * n_fill - ff * n_ff) / n_fill)
+
+
+def op_ratio_line(runs: list[dict]) -> str:
+    """Per stage, mean op time inside the schedule / calibrated: above 1, the run met
+    contention (or cold caches) the calibration did not."""
+    parts = []
+    for i, r in enumerate(runs):
+        f, b = r["sched_F"][0] / r["forward_ms"], r["sched_B"][0] / (r["step_ms"] - r["forward_ms"])
+        parts.append(f"stage {i} F {f:.2f} B {b:.2f}")
+    return "in schedule / calibrated: " + ", ".join(parts)
 
 
 def overhead_line(runs: list[dict], c: dict[str, float]) -> str:
@@ -241,7 +369,7 @@ def main() -> None:
         worker(ns)
         return
     print(
-        f"PP under torchrun on {os.cpu_count()} cores, 1 thread per rank; 8 layers, hidden 256, vocab 8000, "
+        f"PP under torchrun on {CORES} cores, 1 thread per rank; 8 layers, hidden 256, vocab 8000, "
         f"seq 128, {ns.micro_batches} micro-batches of {ns.micro_batch_size}; exits {ns.exits}: norm + tied head"
     )
     c = measured_costs(ns)
@@ -266,14 +394,22 @@ def main() -> None:
             cases.append((f"exits + {ns.fill} fill", run(ns, ns.exits, ns.fill, pp=pp), ns.exits, ns.fill))
         for label, runs, exits, fill in cases:
             measured = max(r["ms"] for r in runs)
-            predicted = predict(runs, ns.micro_batches, fill, exits, runs[0]["p2p_ms"])["time"]
-            rows.append((pp, label, measured, predicted))
-    base_of = {pp: measured for pp, label, measured, _ in rows if label == "no exits"}
-    print(f"\n{'layout':6s} {'run':16s} {'measured ms':>11s} {'vs no exits':>11s} {'simulated':>9s} {'error':>7s}")
-    for pp, label, measured, predicted in rows:
+            predicted = predict(runs, ns.micro_batches, fill, exits)["time"]
+            replayed = predict(runs, ns.micro_batches, fill, exits, replay=True)["time"]
+            rows.append((pp, label, measured, predicted, replayed))
+            print(
+                f"{label}: sharing efficiency {sharing_efficiency(runs):.3f}, p2p idle {runs[0]['p2p_ms']:.2f} ms / "
+                f"loaded {runs[0]['p2p_loaded_ms']:.2f} ms; " + op_ratio_line(runs)
+            )
+    base_of = {row[0]: row[2] for row in rows if row[1] == "no exits"}
+    print(
+        f"\n{'layout':6s} {'run':16s} {'measured ms':>11s} {'vs no exits':>11s} {'simulated':>9s} {'error':>7s} "
+        f"{'replay':>7s} {'error':>7s}"
+    )
+    for pp, label, measured, predicted, replayed in rows:
         print(
             f"PP{pp:<4d} {label:16s} {measured:11.0f} {measured / base_of[pp]:11.3f} {predicted:9.0f} "
-            f"{predicted / measured - 1:+7.1%}"
+            f"{predicted / measured - 1:+7.1%} {replayed:7.0f} {replayed / measured - 1:+7.1%}"
         )
 
 

@@ -55,13 +55,25 @@ def one_f_one_b_order(pp: int, rank: int, m: int, fill_at: int = -1, warm_fills:
     return order + fills_c
 
 
-def _dependency(kind: str, r: int, k: int, last: int, done: dict) -> tuple[float | None, bool]:
-    """When the input of op (kind, r, k) exists, and whether it crosses a stage (a message).
+def _producer(kind: str, r: int, k: int, last: int) -> tuple[tuple[str, int, int], bool]:
+    """The op whose result op (kind, r, k) consumes, and whether it crosses a stage (a message).
     `last`: the last stage this kind of micro-batch reaches (pp - 1, or the last exit stage for fills)."""
     if kind in ("F", "FF"):
-        return (done.get((kind, r - 1, k)), True) if r > 0 else (0.0, False)
+        return ((kind, r - 1, k), True) if r > 0 else (("start", 0, 0), False)
     fwd = "F" if kind == "B" else "FF"
-    return (done.get((kind, r + 1, k)), True) if r < last else (done.get((fwd, r, k)), False)
+    return ((kind, r + 1, k), True) if r < last else ((fwd, r, k), False)
+
+
+def share_rate(running: int, cores: int | None, pp: int, sharing: float = 1.0) -> float:
+    """Speed of each of `running` computing stages on `cores` cores (1.0 = a core of its own).
+    Processor sharing: cores / running once the stages outnumber the cores, times the
+    efficiency of that sharing; `sharing` is the efficiency with all `pp` stages computing
+    (measured by the run: context switches and caches shared between processes cost), taken
+    linearly from 1.0 at `cores` running stages to `sharing` at `pp`."""
+    if cores is None or running <= cores:
+        return 1.0
+    efficiency = 1.0 - (1.0 - sharing) * (running - cores) / max(pp - cores, 1)
+    return cores / running * efficiency
 
 
 def simulate(
@@ -71,11 +83,14 @@ def simulate(
     cores: int | None = None,
     fills: tuple[int, int] = (0, 0),
     last_exit_stage: int = -1,
+    sharing: float = 1.0,
+    p2p_loaded: float | None = None,
 ) -> dict[str, float]:
     """Event-driven 1F1B over the stages' op orders: an op starts when its input exists
-    (plus `p2p` per message between stages) and its stage is free; `cores`: the stages share
-    that many cores (processor sharing: with n > cores stages computing, each runs at
-    cores / n speed; None = one device per stage). `fills`: warm-up and cool-down
+    (plus a message time between stages) and its stage is free; `cores`: the stages share
+    that many cores (processor sharing, see `share_rate`; None = one device per stage).
+    A message costs `p2p`, or `p2p_loaded` when it leaves while the other stages keep every
+    core busy (its receiver then waits for a core too). `fills`: warm-up and cool-down
     bubble-filling micro-batches, run by stages 0..last_exit_stage."""
     pp = len(stages)
     warm, cool = fills
@@ -84,7 +99,9 @@ def simulate(
         one_f_one_b_order(pp, r, m, fill_at, warm, cool) if r <= last_exit_stage else one_f_one_b_order(pp, r, m)
         for r in range(pp)
     ]
-    done: dict[tuple[str, int, int], float] = {}
+    loaded = p2p if p2p_loaded is None else p2p_loaded
+    done: dict[tuple[str, int, int], float] = {("start", 0, 0): 0.0}
+    message: dict[tuple[str, int, int], float] = {}  # the time of the message each op sends
     pos, busy = [0] * pp, [0.0] * pp
     free_at = [0.0] * pp  # when the stage finished its previous op
     left: list[float | None] = [None] * pp  # work left in the running op
@@ -98,9 +115,9 @@ def simulate(
                 ready.append((now, r))
                 continue
             kind, k = orders[r][pos[r]]
-            dep, message = _dependency(kind, r, k, pp - 1 if kind in ("F", "B") else last_exit_stage, done)
-            if dep is not None:
-                ready.append((max(free_at[r], dep + (p2p if message else 0.0)), r))
+            key, crosses = _producer(kind, r, k, pp - 1 if kind in ("F", "B") else last_exit_stage)
+            if key in done:
+                ready.append((max(free_at[r], done[key] + (message[key] if crosses else 0.0)), r))
         if not ready:
             raise RuntimeError("schedule deadlock in the simulator")
         for start, r in ready:
@@ -108,17 +125,22 @@ def simulate(
                 left[r] = _op_cost(stages[r], orders[r][pos[r]][0])
                 busy[r] += left[r]
         running = [r for r in range(pp) if left[r] is not None]
-        rate = 1.0 if cores is None or len(running) <= cores else cores / len(running)
+        rate = share_rate(len(running), cores, pp, sharing)
         events = [left[r] / rate for r in running] + [s - now for s, r in ready if left[r] is None and s > now]
         step = min(events)
         now += step
+        finished = []
         for r in running:
             left[r] -= step * rate
             if left[r] <= 1e-12:
-                kind, k = orders[r][pos[r]]
-                done[(kind, r, k)] = free_at[r] = now
-                left[r] = None
-                pos[r] += 1
+                finished.append(r)
+        still = len(running) - len(finished)
+        for r in finished:
+            kind, k = orders[r][pos[r]]
+            done[(kind, r, k)] = free_at[r] = now
+            message[(kind, r, k)] = loaded if cores is not None and still >= cores else p2p
+            left[r] = None
+            pos[r] += 1
     return {"time": now, "bubble": 1.0 - sum(busy) / (pp * now), "busy": busy}
 
 

@@ -13,12 +13,27 @@ which would then reduce partial sums. `GradReducer` is what Megatron's DDP does 
 a hook after each parameter's gradient accumulation counts it ready, and a bucket's async
 all-reduce starts as soon as all its parameters are ready, during the last backward only.
 
-**FSDP2 under the pipeline** (what `torch.distributed.pipelining` does): parameters are
-gathered at the first forward and stay gathered through the schedule
-(`reshard_after_forward=False`, no reshard or reduce after each backward), so the lazily
-evaluated exit heads see full weights; `finish()` runs FSDP2's post-backward by hand once:
-one reduce-scatter of the accumulated gradients, then reshard. Gradients, parameters
-between steps and the optimizer state are sharded over DP.
+**FSDP2 under the pipeline: one unit per layer.** Each transformer layer is its own
+`fully_shard` unit, then the stage root holds the rest (embedding, exit heads, final norm and
+output layer), so at most a layer or two are gathered at a time (the one running and the one
+backward prefetches) and a rank holds 1/DP of every layer between uses.
+- Layers: `reshard_after_forward=True` and reshard after every backward. Under 1F1B a
+  micro-batch's forward and backward of a layer are far apart (warm-up forwards pile up), so
+  keeping a layer gathered from its forward to its backward would hold every layer gathered
+  through the steady state, i.e. no saving; the price is an all-gather per layer for each
+  forward and each backward (ZeRO-3's traffic: 2 x micro-batches gathers per layer).
+  torchtitan's PP keeps layers gathered instead (`reshard_after_forward=False`), trading
+  memory for traffic; here memory is the point of choosing FSDP2 over the reducer.
+- Root: gathered once per batch and kept until `finish()` (`reshard_after_forward=False`,
+  no reshard after backward). Its word embedding is the tied projection of every exit and of
+  the final head, which run outside any module's forward (exits lazily, right before their
+  micro-batch's backward), so FSDP2's hooks could not gather it at the right moments anyway.
+- Gradients: backwards accumulate full (unsharded) gradients without communication
+  (`set_requires_gradient_sync(False)`); `finish()` runs FSDP2's post-backward by hand for
+  every unit in registration order, the same order on every DP rank (a rank's last backward
+  may touch other units than another's: exit-only fill micro-batches), so the reduce-scatters
+  always pair up: one reduce-scatter per unit and batch, then reshard. Gradients after the
+  reduction, parameters between steps and the optimizer state are sharded over DP.
 """
 
 from __future__ import annotations
@@ -39,7 +54,7 @@ def build_data_parallel(model: torch.nn.Module, ps: ParallelState, args):
     if ps.dp_group is None:
         return None
     if fsdp:
-        return FSDP2(model, ps)
+        return FSDP2(model, ps, per_layer=not getattr(args, "layer_dropout_max", 0.0))
     elements = getattr(args, "ddp_bucket_size", None)
     bucket_bytes = elements * 4 if elements else 25 * 2**20  # fp32 gradients
     return GradReducer(model, ps.dp_group, ps.dims.dp, bucket_bytes)
@@ -134,11 +149,16 @@ class GradReducer:
 
 
 class FSDP2:
-    """`fully_shard` over the DP group, its gradient sync driven by hand (see the module doc)."""
+    """`fully_shard` over the DP group, its gradient sync driven by hand (see the module doc).
+
+    `per_layer` (default): one FSDP unit per transformer layer, then the stage root (embedding,
+    exits, final norm and head); False: the whole stage as one unit (kept for the benchmark).
+    Layer dropout draws its skipped layers per DP rank, and a layer one rank skips would leave
+    the other rank's all-gather without a partner, so with it the stage is one unit."""
 
     is_sharded = True
 
-    def __init__(self, model: torch.nn.Module, ps: ParallelState) -> None:
+    def __init__(self, model: torch.nn.Module, ps: ParallelState, per_layer: bool = True) -> None:
         from torch.distributed.device_mesh import DeviceMesh
         from torch.distributed.fsdp import fully_shard
 
@@ -146,24 +166,39 @@ class FSDP2:
         # sends detached copies), which is what this warning, printed every forward, is about.
         warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
         self.mesh = DeviceMesh.from_group(ps.dp_group, ps.device.type)
+        layers = list(model.decoder.layers.values()) if per_layer else []
+        for layer in layers:
+            fully_shard(layer, mesh=self.mesh, reshard_after_forward=True)
+        self.layers = layers
         self.model = fully_shard(model, mesh=self.mesh, reshard_after_forward=False)
+        # Backward gathers layer i-1 while layer i runs; layer 0 names the root (gathered
+        # anyway, so a no-op) instead of FSDP2's default guess from the forward order, which
+        # under 1F1B is the last layer of another micro-batch.
+        for i, layer in enumerate(layers):
+            layer.set_modules_to_backward_prefetch([layers[i - 1] if i else self.model])
         self.model.zero_grad = partial(_zero_sharded_grads, self.model, self.model.zero_grad)
         # The schedules call the stage's pieces (embed_input first, then run_layers, the heads),
-        # not its forward, so FSDP2's forward hook never gathers it: gather by hand, once per
-        # batch (a no-op while gathered).
+        # not its forward, so FSDP2's forward hook never gathers the root: gather it by hand,
+        # once per batch (a no-op while gathered). The layers' own hooks gather each layer.
         self.model.embed_input = partial(_gather_then, self.model, self.model.embed_input)
         self._accumulate_only()
 
     def _accumulate_only(self) -> None:
+        """Backwards accumulate full gradients; no collective until finish(). Layers reshard
+        after each backward (regathered for the next use); the root stays gathered."""
         self.model.set_requires_gradient_sync(False)
-        self.model.set_reshard_after_backward(False)
+        self.model.set_reshard_after_backward(True)
+        self.model.set_reshard_after_backward(False, recurse=False)
         self.model.set_is_last_backward(False)
 
     @contextmanager
     def last_backward(self):
-        yield  # the reduce-scatter runs once, in finish()
+        yield  # the reduce-scatters run in finish(), in one order on every DP rank
 
     def finish(self) -> None:
+        """FSDP2's post-backward, by hand, for every unit in registration order (the same on
+        every DP rank, whatever each rank's last backward touched): reduce-scatter the
+        accumulated gradients, then reshard."""
         from torch.distributed.fsdp import fully_shard
 
         self.model.set_requires_gradient_sync(True)
@@ -171,8 +206,8 @@ class FSDP2:
         self.model.set_is_last_backward(True)
         state = fully_shard.state(self.model)
         for s in state._state_ctx.all_states:
-            if s._fsdp_param_group is not None:
-                s._fsdp_param_group.post_backward()  # reduce-scatter, then reshard
+            for group in s._fsdp_param_groups:
+                group.post_backward()  # reduce-scatter, then reshard
         state._root_post_backward_final_callback()
         self._accumulate_only()
 
@@ -181,7 +216,7 @@ def _zero_sharded_grads(model, zero_grad, set_to_none: bool = True) -> None:
     """An evaluation forward leaves the stage gathered (no backward follows to reshard it), and
     `zero_grad` would then clear the gathered copies, not the sharded parameters the optimizer
     holds, whose stale gradients the next reduce-scatter would add to: reshard first."""
-    model.reshard()
+    reshard(model)
     zero_grad(set_to_none)
 
 
@@ -205,6 +240,8 @@ def full(t: torch.Tensor) -> torch.Tensor:
 
 def reshard(model: torch.nn.Module) -> None:
     """Put an FSDP2 stage back into its sharded state (a forward leaves it gathered), so that
-    its parameters are the ones the optimizer holds; a no-op for anything else."""
-    if hasattr(model, "reshard") and hasattr(model, "set_requires_gradient_sync"):
-        model.reshard()
+    its parameters are the ones the optimizer holds; a no-op for anything else. Every unit:
+    FSDP2's own `reshard` is not recursive."""
+    for module in model.modules():
+        if hasattr(module, "reshard") and hasattr(module, "set_requires_gradient_sync"):
+            module.reshard()

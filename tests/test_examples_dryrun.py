@@ -5,6 +5,7 @@ tokenizer, model and data for their world size, as every rank would before its p
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -51,6 +52,29 @@ def record_commands(script, env, tmp_path):
         else:
             current.append(line)
     return calls
+
+
+def load_tool(path: str):
+    """A tool or example script under ROOT as a module (they are scripts, not a package)."""
+    spec = importlib.util.spec_from_file_location(os.path.basename(path)[:-3], os.path.join(ROOT, path))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+# Tools the examples call whose flags are checked too: each recorded call is parsed by the tool's
+# own parser; the activation cache is built for real (tiny), since the tuning command reads it.
+PARSED_TOOLS = ("tools/eval/calibrate_thresholds.py", "examples/ee_tuning/demo_generate.py")
+RUN_TOOLS = ("tools/checkpoint/cache_exit_activations.py",)
+
+
+def check_tool_calls(calls) -> None:
+    for call in calls:
+        script = call[1] if len(call) > 1 else ""
+        if script in PARSED_TOOLS:
+            load_tool(script).build_parser().parse_args(call[2:])
+        elif script in RUN_TOOLS:
+            load_tool(script).main(call[2:])
 
 
 def training_commands(calls):
@@ -131,8 +155,12 @@ def test_example_scripts_pass_the_trainers_checks(script, data, tmp_path, monkey
     if "cpu_" in script:
         env["DATA"] = data["aclsum"]
     if "ee_tuning" in script:
-        env.update(DATA=data["aclsum"], RUN=data["tune"])
-    commands = training_commands(record_commands(script, env, tmp_path))
+        run = tmp_path / "tune"  # the demo writes its activation cache there
+        shutil.copytree(data["tune"], run)
+        env.update(DATA=data["aclsum"], RUN=str(run), CACHE_TOKENS="1024", TUNE_ITERS="3")
+    calls = record_commands(script, env, tmp_path)
+    check_tool_calls(calls)
+    commands = training_commands(calls)
     assert commands, f"{script} runs no training command"
     for world, argv in commands:
         if world == 1:

@@ -168,3 +168,37 @@ def test_example_scripts_pass_the_trainers_checks(script, data, tmp_path, monkey
             assert state.iteration == 0
         else:
             check_multi_process([*argv, "--dry-run"], world, monkeypatch)
+
+
+def test_demo_generate_marks_each_tokens_exit_and_times_every_way(data, corpus, capsys):
+    """The demo's last step on a tiny checkpoint (exits after layers 1 and 2 of 4, no probes, so
+    max_prob): threshold 0 sends every early-exit token out at layer 1; full decoding's line is
+    the engine's own greedy text, unmarked; self-speculation reproduces it; three speed rows."""
+    from megatron.early_exit import load_checkpoint
+    from megatron.early_exit.inference import EarlyExitEngine, GenerationSettings
+
+    demo = load_tool("examples/ee_tuning/demo_generate.py")
+    load = os.path.join(data["tune"], "with_exits")
+    demo.main(["--load", load, "--data", str(corpus), "--num-prompts", "1", "--max-new-tokens", "6",
+               "--repeats", "1", "--threshold", "0", "--dtype", "fp32", "--threads", "1"])  # fmt: skip
+    out = capsys.readouterr().out.splitlines()
+    from ee_sweep import build_prompt, load_examples  # on sys.path once the demo is loaded
+
+    model, tok = load_checkpoint(load)
+    ids = build_prompt(tok, load_examples(os.path.join(corpus, "test_summarization.jsonl"), 1)[0]["abstract"], 700)
+    settings = GenerationSettings(max_new_tokens=6, stop_strings=("\n",))
+    full = EarlyExitEngine(model, tok).generate([ids], settings)[0]
+    speed = out.index(next(x for x in out if x.startswith("=== speed")))
+    heads = [i for i, line in enumerate(out[:speed]) if line.startswith("  ") and not line.startswith("   ")]
+    texts = {out[i].split("(")[0].strip(): out[i + 1].strip() for i in heads}
+    assert texts["full"] == "".join(tok.detokenize([t]) for t in full.tokens).replace("\n", "⏎").strip()
+    # the first token comes from the prefill, through every layer; each later one leaves at layer 1
+    pieces = texts["early_exit"].split("₁")
+    assert len(pieces) == len(full.tokens) and pieces[-1] == "", texts["early_exit"]
+    assert any("identical to full decoding: True" in line for line in out)
+    rows = [line.split() for line in out[speed + 1 :]]
+    assert [r[0] for r in rows] == ["full", "early_exit", "self_speculative"] and rows[0][3] == "1.00x"
+    assert all(float(r[1]) > 0 for r in rows)
+    fake = type("R", (), {"tokens": full.tokens[:2], "exit_layers": [2, 4]})
+    first, second = (tok.detokenize([t]).replace("\n", "⏎") for t in full.tokens[:2])
+    assert demo.annotated(tok, fake, 4) == (first + "₂" + second).strip()

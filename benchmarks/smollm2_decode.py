@@ -187,7 +187,8 @@ def part2(args) -> None:
     drafts = [e for e in model.config.exit_layer_nums if e < n]
     runs += [(f"self_speculative exit {d} k={args.draft}", dict(strategy="self_speculative", draft_exit_layer=d,
               num_draft_tokens=args.draft)) for d in drafts]  # fmt: skip
-    runs += [("self_speculative auto", dict(strategy="self_speculative", draft_exit_layer="auto", num_draft_tokens="auto"))]
+    auto = dict(strategy="self_speculative", draft_exit_layer="auto", num_draft_tokens="auto")
+    runs += [("self_speculative auto", auto)]  # the controller picks exit and length each round
     for name, kw in runs:
         tps, texts, tokens, layers, res = run_setting(engine, prompts, args.ee_batch, args.new_tokens, **kw)
         rl = 100 * sum(map(rouge_l, texts, refs)) / len(refs)

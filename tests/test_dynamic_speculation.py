@@ -220,3 +220,26 @@ def test_early_stop_learns_from_confidence():
     assert ctl.draft_ok(2, 0.95) > 0.9 and ctl.draft_ok(2, 0.1) < 0.1
     assert ctl.keep_drafting(plan, 0.95) and not ctl.keep_drafting(plan, 0.1)
     assert DraftController(COSTS, stop_early=False).keep_drafting(plan, 0.1)
+
+
+def test_costs_from_config_price_a_smollm2_shape():
+    from megatron.early_exit.inference.strategies.draft_control import FIXED_LAYERS, costs_from_config
+
+    cfg = ModelConfig(
+        num_layers=30, hidden_size=576, ffn_hidden_size=1536, num_attention_heads=9, num_query_groups=3,
+        vocab_size=49152, max_position_embeddings=2048, swiglu=True, normalization="RMSNorm",
+        position_embedding_type="rope", exit_layer_nums=[8, 22], use_exit_mlp=True, use_exit_norm=True,
+    )  # fmt: skip
+    layer = 576 * (9 + 6) * 64 + 9 * 64 * 576 + 3 * 576 * 1536  # qkv + proj + swiglu MLP
+    head = 49152 * 576 / layer  # ~8 layers: the DESIGN's measured fact
+    assert 7.5 < head < 8.5
+    costs = costs_from_config(cfg, {8: 8, 22: 22})
+    full = FIXED_LAYERS + 30 + head
+    assert costs.draft[8] == pytest.approx((FIXED_LAYERS + 8 + 3 * 576 * 1536 / layer + head) / full)
+    assert costs.draft[8] < costs.draft[22] < 1.0
+    assert costs.row[22] < costs.row[8]  # fewer layers above the deeper exit
+    # Agreement like the tuned SmolLM2's (31-48%) never pays with these costs: plain decoding.
+    ctl = DraftController(costs)
+    for n in (8, 22):
+        ctl.stats[n].accepted, ctl.stats[n].rejected, ctl.stats[n].idle = 480.0, 520.0, 0
+    assert ctl.plan([8, 22], list(range(1, MAX_DRAFT + 1))).exit is None

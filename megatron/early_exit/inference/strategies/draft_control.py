@@ -12,18 +12,19 @@ tokens per unit; when nothing beats 1, it decodes plainly, so a bad exit costs (
 
 Acceptance. Per exit, Beta counts of accepted / rejected drafts, every count decayed by
 `decay` per observed draft, so the estimate follows a change within ~1 / (1 - decay) drafts
-(a round rejected at its first draft observes one). Only the drafts up to the first rejection are observed; that is exactly what a
-geometric acceptance model needs. An exit that has not drafted for `interval[n]` rounds drafts
-one token (exploration), so a recovered exit is found again; intervals are set so that
-exploring costs about `explore_share` of decoding time even when every try is rejected.
+(a round rejected at its first draft observes one). Only the drafts up to the first rejection
+are observed; that is exactly what a geometric acceptance model needs. An exit that has not
+drafted for `interval[n]` rounds drafts one token (exploration), so a recovered exit is found
+again; intervals are set so that exploring costs about `explore_share` of decoding time even
+when every try is rejected.
 
 Early stop. Per exit and max-probability bin, Beta counts of whether a draft with that
-confidence was accepted (prior: the bin's middle, i.e. a calibrated head). A sequence stops
+confidence was accepted (prior: one draft at the bin's middle, as from a calibrated head). A sequence stops
 drafting within a round when P(its newest draft is accepted) * a_n, the chance that one more
 draft adds a token, is worth less than that draft's cost at the round's planned rate.
 
-Costs come from a measured `cost_model.DecodeCosts` when one is given, else from parameter
-counts (decoding is memory-bound: a pass costs the bytes of the weights it reads), with the
+Costs come from a measured `cost_model.DecodeCosts` when one is given, else from the config's
+weight counts (decoding is memory-bound: a pass costs the bytes of the weights it reads), with the
 documented defaults `FIXED_LAYERS` and `ROW_SHARE`. Nothing here reads a clock: the same
 tokens give the same decisions on every rank (tensor parallelism) and in tests.
 """
@@ -56,24 +57,23 @@ def expected_tokens(a: float, g: int) -> float:
     return float(g + 1) if a >= 1.0 else (1.0 - a ** (g + 1)) / (1.0 - a)
 
 
-def _numel(module) -> int:
-    return sum(p.numel() for p in module.parameters()) if module is not None else 0
+def weight_counts(c) -> tuple[float, float, float]:
+    """(one layer, its MLP, the vocabulary projection): weights each pass reads, from the config
+    alone, so that every tensor-parallel layout and the single process price passes alike."""
+    h, d = c.hidden_size, c.head_dim
+    attn = h * (c.num_attention_heads + 2 * c.num_query_groups) * d + c.num_attention_heads * d * h
+    mlp = h * c.ffn_hidden_size * (3 if c.swiglu else 2)
+    return float(attn + mlp), float(mlp), float(c.vocab_size * h)
 
 
-def costs_from_params(model, depth: dict[int, int]) -> DraftCosts:
-    """Relative costs from the weights each pass reads: layers, exit heads (their projection:
-    own or the tied embedding), the final norm and head; `depth[n]`: layers before exit n."""
-    layers = [_numel(model.decoder.layers[k]) for k in sorted(model.decoder.layers, key=int)]
-    unit = sum(layers) / len(layers)
-    head = (model.output_weight().numel() + _numel(model.decoder.final_layernorm)) / unit
-    full = FIXED_LAYERS + len(layers) + head
-    draft, row = {}, {}
-    for n, d in depth.items():
-        ex = model.exits[str(n)]
-        proj = 0 if ex.output_layer is not None else model.tied_output_weight().numel()
-        exit_cost = (_numel(ex) + proj) / unit
-        draft[n] = (FIXED_LAYERS + d + exit_cost) / full
-        row[n] = ROW_SHARE * (len(layers) - d + head) / full
+def costs_from_config(c, depth: dict[int, int]) -> DraftCosts:
+    """Relative costs from the weights each pass reads: layers, an exit's head (its MLP or block
+    and its projection) and the final head; `depth[n]`: layers before exit n."""
+    layer, mlp, vocab = weight_counts(c)
+    exit_cost = (vocab + (mlp if c.use_exit_mlp else 0.0) + (layer if c.use_exit_block else 0.0)) / layer
+    full = FIXED_LAYERS + c.num_layers + vocab / layer
+    draft = {n: (FIXED_LAYERS + d + exit_cost) / full for n, d in depth.items()}
+    row = {n: ROW_SHARE * (c.num_layers - d + vocab / layer) / full for n, d in depth.items()}
     return DraftCosts(draft, row)
 
 

@@ -11,7 +11,7 @@ when its draft's confidence says another draft does not pay. Whatever is drafted
 token is the final head's greedy token, so the output equals full greedy decoding.
 
 One controller per engine (it learns across calls); a measured `cost_model.DecodeCosts` set as
-`engine.decode_costs` replaces the parameter-count cost model.
+`engine.decode_costs` replaces the weight-count cost model.
 """
 
 from __future__ import annotations
@@ -26,8 +26,8 @@ from megatron.early_exit.inference.strategies.draft_control import (
     MAX_DRAFT,
     DraftController,
     Plan,
+    costs_from_config,
     costs_from_measured,
-    costs_from_params,
 )
 
 AUTO = "auto"
@@ -43,7 +43,7 @@ def controller_for(engine) -> DraftController:
         if measured is not None:
             costs = costs_from_measured(measured, depth)
         else:
-            costs = costs_from_params(engine.passes.model, depth)
+            costs = costs_from_config(engine.config, depth)
         held = (measured, DraftController(costs))
         _CONTROLLERS[engine] = held
     return held[1]

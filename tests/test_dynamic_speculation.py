@@ -279,3 +279,23 @@ def test_ee_sweep_writes_a_self_speculative_row(tmp_path):
     assert spec["rougeL_reference"] == full["rougeL_reference"]  # lossless: the full model's text
     assert 0.0 <= float(spec["acceptance_rate"]) <= 1.0 and 0.0 <= float(spec["plain_share"]) <= 1.0
     assert set(json.loads(spec["draft_exits"])) <= {"1"}
+
+
+def test_api_early_exit_object_takes_auto():
+    from pydantic import ValidationError
+
+    from megatron.early_exit.inference.server.errors import from_validation
+    from megatron.early_exit.inference.server.schemas import EarlyExitOptions
+
+    ee = EarlyExitOptions(mode="self_speculative")
+    assert (ee.draft_exit_layer, ee.num_draft_tokens) == ("auto", "auto")
+    ee = EarlyExitOptions.model_validate({"num_draft_tokens": 3, "draft_exit_layer": None})
+    assert (ee.draft_exit_layer, ee.num_draft_tokens) == (None, 3)
+    for body, field in (
+        ({"num_draft_tokens": "many"}, "num_draft_tokens"),
+        ({"draft_exit_layer": 0}, "draft_exit_layer"),
+    ):
+        with pytest.raises(ValidationError) as e:
+            EarlyExitOptions.model_validate(body)
+        err = from_validation(e.value)
+        assert err.status == 422 and err.param == field, (err.status, err.param)

@@ -49,6 +49,15 @@ def controller_for(engine) -> DraftController:
     return held[1]
 
 
+def candidates(engine, allowed: list[int]) -> list[int]:
+    """The exits "auto" may draft from: below the last layer and allowed by the request."""
+    drafts = engine.draft_exits()
+    cands = [n for n in drafts if n in allowed]
+    if not cands:
+        raise ValueError(f"exit_layers: draft_exit_layer auto needs an allowed exit among {drafts}")
+    return cands
+
+
 def is_dynamic(s) -> bool:
     return s.draft_exit_layer == AUTO or s.num_draft_tokens == AUTO
 
@@ -59,8 +68,7 @@ class SelfSpeculative(Strategy):
     drafts = True
 
     def policy(self, engine, s, allowed: list[int]) -> ExitPolicy:
-        """force: the fixed draft exit (with "auto": the deepest candidate); allowed: the
-        candidate draft exits (never evaluated by a pass: the threshold stays 1.0)."""
+        """force: the fixed draft exit (with "auto": the deepest candidate, `candidates`)."""
         if s.temperature > 0:
             raise ValueError("self_speculative decoding is greedy only: use temperature 0")
         if not engine.exits:
@@ -69,16 +77,12 @@ class SelfSpeculative(Strategy):
         if not drafts:
             raise ValueError("self_speculative needs an exit below the last layer to draft from")
         if s.draft_exit_layer == AUTO:
-            cands = [n for n in drafts if n in allowed]
-            if not cands:
-                raise ValueError(f"exit_layers: draft_exit_layer auto needs an allowed exit among {drafts}")
-            return ExitPolicy(allowed=tuple(cands), force=max(cands))
+            return ExitPolicy(force=max(candidates(engine, allowed)))
         if s.draft_exit_layer is not None and s.draft_exit_layer not in drafts:
             raise ValueError(
                 f"draft_exit_layer: {s.draft_exit_layer} is not an exit below the last layer (choose from {drafts})"
             )
-        force = s.draft_exit_layer if s.draft_exit_layer is not None else max(drafts)
-        return ExitPolicy(allowed=(force,), force=force)
+        return ExitPolicy(force=s.draft_exit_layer if s.draft_exit_layer is not None else max(drafts))
 
     def plan(self, engine, batch: Batch) -> tuple[Plan, DraftController | None]:
         """This round's draft exit and length: fixed, or the controller's choice."""
@@ -86,7 +90,7 @@ class SelfSpeculative(Strategy):
         if not is_dynamic(s):
             return Plan(policy.force, s.num_draft_tokens, 0.0), None
         ctl = controller_for(engine)
-        exits = list(policy.allowed) if s.draft_exit_layer == AUTO else [policy.force]
+        exits = candidates(engine, engine.allowed_exits(s)) if s.draft_exit_layer == AUTO else [policy.force]
         lengths = list(range(1, MAX_DRAFT + 1)) if s.num_draft_tokens == AUTO else [s.num_draft_tokens]
         return ctl.plan(exits, lengths), ctl
 

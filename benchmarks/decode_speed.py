@@ -101,7 +101,8 @@ def settings_to_run(args, config) -> list[tuple[str, dict]]:
         (f"self_speculative exit {d} k={args.draft}", dict(strategy="self_speculative", draft_exit_layer=d))
         for d in config.exit_layer_nums[-2:]
     ]
-    return runs
+    auto = dict(strategy="self_speculative", draft_exit_layer="auto", num_draft_tokens="auto")
+    return runs + [("self_speculative auto", auto)]  # the controller picks exit and length each round
 
 
 def bench_batch(engine, tok, batch: int, args) -> None:

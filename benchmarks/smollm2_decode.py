@@ -187,6 +187,8 @@ def part2(args) -> None:
     drafts = [e for e in model.config.exit_layer_nums if e < n]
     runs += [(f"self_speculative exit {d} k={args.draft}", dict(strategy="self_speculative", draft_exit_layer=d,
               num_draft_tokens=args.draft)) for d in drafts]  # fmt: skip
+    auto = dict(strategy="self_speculative", draft_exit_layer="auto", num_draft_tokens="auto")
+    runs += [("self_speculative auto", auto)]  # the controller picks exit and length each round
     for name, kw in runs:
         tps, texts, tokens, layers, res = run_setting(engine, prompts, args.ee_batch, args.new_tokens, **kw)
         rl = 100 * sum(map(rouge_l, texts, refs)) / len(refs)
@@ -199,6 +201,8 @@ def part2(args) -> None:
         extra = ""
         if kw["strategy"] == "self_speculative":
             extra = f"  acceptance {s.get('acceptance_rate', 0):.0%}, identical to full: {tokens == full_tokens}"
+            plain = [r.stats.get("plain_share") for r in res if "plain_share" in r.stats]
+            extra += f", plain rounds {sum(plain) / len(plain):.0%}" if plain else ""
         print(f"  {name:28s} {tps:6.1f} {tps / full_tps:7.2f}x {rl:8.2f} {rl - full_ref:+7.2f} {rl_full:8.2f} "
               f"{agree:6.0%} {sum(layers) / len(layers):8.2f} {in_exits:8.1%}  {share}{extra}", flush=True)  # fmt: skip
 

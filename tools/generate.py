@@ -54,8 +54,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--measure", choices=measure_names(), default=None,
         help="confidence measure (default: learned when the checkpoint's exits have probes, else max_prob)",
     )  # fmt: skip
-    p.add_argument("--num-draft-tokens", type=int, default=4)
-    p.add_argument("--draft-exit-layer", type=int, help="self_speculative: the drafting exit (default: deepest)")
+    p.add_argument(
+        "--num-draft-tokens", type=_int_or_auto, default="auto",
+        help="self_speculative: tokens drafted per round, or auto (chosen each round from measured acceptance)",
+    )  # fmt: skip
+    p.add_argument(
+        "--draft-exit-layer", type=_int_or_auto, default="auto",
+        help="self_speculative: the drafting exit, or auto (chosen each round; plain steps when no draft pays)",
+    )  # fmt: skip
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--top-k", type=int, default=0)
@@ -74,6 +80,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--json", action="store_true", help="one JSON object per prompt")
     return p
+
+
+def _int_or_auto(text: str) -> int | str:
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer or auto, got {text!r}") from None
 
 
 def _threshold(text: str) -> float | str:
@@ -212,6 +227,10 @@ def _report(args, prompts, results, model, tok) -> None:
         )
         if "acceptance_rate" in s:
             line += f", acceptance rate {s['acceptance_rate']:.0%}"
+        rounds = [r.stats["draft_lengths"] for r in results if "draft_lengths" in r.stats]
+        if rounds:  # self_speculative: how often drafting paid (auto falls back to plain steps)
+            plain = sum(x.get(0, 0) for x in rounds) / max(sum(sum(x.values()) for x in rounds), 1)
+            line += f", plain rounds {plain:.0%}"
         print(line)
 
 

@@ -409,7 +409,7 @@ def check_ranges(args: argparse.Namespace, table: list | None = None) -> None:
         for name in names:
             value = getattr(args, name, None)
             for v in value if isinstance(value, list) else [value]:
-                if v is None:
+                if v is None or v == "auto":  # a word some flags take (checked where it is read)
                     continue
                 if isinstance(v, float) and not math.isfinite(v) or not ok(v):
                     raise ValueError(f"{_flag(name)} must be {what}, got {v}")

@@ -13,8 +13,10 @@ ideal: low ideal = weak exits, low efficiency = engine overhead), ROUGE-L F1 aga
 reference summary and against the full model's output, token agreement with full decoding
 (share of positions with the same token), the average exit layer and the share of tokens per
 exit. Writes `sweep.csv` and, when matplotlib is installed, `speedup.png`,
-`quality_vs_speedup.png` and `exit_histogram.png`. --repeats N alternates the thresholds in N
-rounds and keeps each row's best; the measure defaults to learned where the exits have probes.
+`quality_vs_speedup.png` and `exit_histogram.png`; with --self-speculative also
+`self_speculative.csv` (dynamic self-speculation: speed, acceptance, share of plain rounds).
+--repeats N alternates the thresholds in N rounds and keeps each row's best; the measure
+defaults to learned where the exits have probes.
 """
 
 from __future__ import annotations
@@ -171,7 +173,47 @@ def sweep(args) -> list[dict]:
         }
         rows.append(row)
         print(" | ".join(f"{k} {v}" for k, v in row.items()), flush=True)
+    if args.self_speculative:  # its own file: not a threshold row
+        write_speculative(speculative_row(engine, prompts, references, args, base_tps, full_tokens), args.output)
     return rows
+
+
+def speculative_row(engine, prompts, references, args, base_tps: float, full_tokens: list) -> dict:
+    """Dynamic self-speculation (draft exit and length "auto") on the same prompts: lossless, so
+    its quality is the full model's; speed, acceptance and how often it decoded plainly."""
+    from megatron.early_exit.inference import GenerationSettings
+
+    s = GenerationSettings(strategy="self_speculative", max_new_tokens=args.max_new_tokens, stop_strings=("\n",))
+    best = None
+    for _ in range(args.repeats):
+        out = decode_all(engine, prompts, args.batch_size, s)
+        best = out if best is None or out[0] > best[0] else best
+    tps, texts, tokens, _, results = best
+    rounds = [r.stats["draft_lengths"] for r in results]
+    exits: dict = {}
+    for r in results:
+        for n, k in r.stats["draft_exits"].items():
+            exits[n] = exits.get(n, 0) + k
+    drafted = sum(r.stats["drafted"] for r in results)
+    return {
+        "setting": "self_speculative auto",
+        "tokens_per_sec": round(tps, 2),
+        "speedup": round(tps / base_tps, 3),
+        "rougeL_reference": round(100 * sum(map(rouge_l, texts, references)) / len(texts), 2),
+        "identical_to_full": tokens == full_tokens,
+        "acceptance_rate": round(sum(r.stats["accepted"] for r in results) / max(drafted, 1), 4),
+        "plain_share": round(sum(x.get(0, 0) for x in rounds) / max(sum(sum(x.values()) for x in rounds), 1), 4),
+        "draft_exits": json.dumps(dict(sorted(exits.items()))),
+    }
+
+
+def write_speculative(row: dict, out: str) -> None:
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "self_speculative.csv"), "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(row))
+        writer.writeheader()
+        writer.writerow(row)
+    print(" | ".join(f"{k} {v}" for k, v in row.items()), flush=True)
 
 
 def write_outputs(rows: list[dict], out: str, num_layers_hint: str) -> None:
@@ -241,6 +283,8 @@ def main(argv=None) -> None:
     p.add_argument("--bf16", action="store_true")
     p.add_argument("--repeats", type=int, default=1, help="rounds alternating the thresholds; each row's best counts")
     p.add_argument("--cost-steps", type=int, default=16, help="decode steps per cost-model timing")
+    p.add_argument("--self-speculative", action="store_true",
+                   help="also dynamic self-speculation (draft exit/length auto): self_speculative.csv")  # fmt: skip
     args = p.parse_args(argv)
     if args.batch_size < 1 or args.repeats < 1 or args.cost_steps < 1:
         p.error("--batch-size, --repeats and --cost-steps must be >= 1")

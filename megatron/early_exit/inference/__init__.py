@@ -41,8 +41,8 @@ def generate(
     exit_layers: Sequence[int] | None = None,
     min_exit_layer: int | None = None,
     measure: str | None = None,
-    num_draft_tokens: int = 4,
-    draft_exit_layer: int | None = None,
+    num_draft_tokens: int | str = "auto",
+    draft_exit_layer: int | str | None = "auto",
     return_logprobs: bool = False,
     profile: bool = False,
 ) -> list[GenerationResult]:
@@ -61,8 +61,10 @@ def generate(
         `exit_layers` restricts which exits may fire, `min_exit_layer` drops shallower ones.
         Skipped layers' K/V are recomputed exactly when a later token goes deeper.
       "self_speculative": greedy only, lossless: draft up to `num_draft_tokens` from
-        `draft_exit_layer` (default: the deepest exit), verify with one pass of the deeper
-        layers, keep the agreeing prefix plus the final head's token.
+        `draft_exit_layer` (None: the deepest exit), verify with one pass of the deeper
+        layers, keep the agreeing prefix plus the final head's token. "auto" (the default
+        for both) chooses the exit and length each round from measured acceptance and the
+        cost model, and decodes plainly when no draft pays.
     Sampling: temperature 0 is greedy; otherwise top_k (0 = off) and top_p (1 = off) filter,
     and `seed` makes it reproducible. A sequence ends at EOS (unless ignore_eos), at one of
     `stop_token_ids`, when its text contains one of `stop_strings`, or after max_new_tokens;

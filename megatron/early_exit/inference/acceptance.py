@@ -167,7 +167,7 @@ class Acceptance:
     ) -> None:
         """Fill in each result's text and stats once decoding is over. `elapsed`: seconds the
         batch took (tokens_per_sec counts every result's tokens over it); counts[b]: [drafted,
-        accepted], reported when the strategy `drafts`; exit_time: seconds spent in exits (with
+        accepted(, a dict of more stats)], reported when the strategy `drafts`; exit_time: seconds spent in exits (with
         `profile`)."""
         total = sum(len(r.tokens) for r in results)
         for b, r in enumerate(results):
@@ -183,7 +183,8 @@ class Acceptance:
                 "early_exit_share": sum(x < self.num_layers for x in layers) / len(layers) if layers else 0.0,
             }
             if drafts:
-                drafted, accepted = counts[b]
+                drafted, accepted = counts[b][:2]
                 r.stats.update(drafted=drafted, accepted=accepted, acceptance_rate=accepted / max(drafted, 1))
+                r.stats.update(counts[b][2] if len(counts[b]) > 2 else {})  # the strategy's own telemetry
             if s.profile:
                 r.stats["exit_time_share"] = exit_time / max(elapsed, 1e-9)

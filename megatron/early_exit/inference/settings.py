@@ -24,8 +24,8 @@ class GenerationSettings:
     exit_layers: tuple[int, ...] | None = None
     min_exit_layer: int | None = None
     measure: str | None = None  # None: `default_measure` (learned where the exits carry probes)
-    num_draft_tokens: int = 4
-    draft_exit_layer: int | None = None
+    num_draft_tokens: int | str = "auto"  # self_speculative: tokens drafted per round, or "auto" (0..MAX_DRAFT, online)
+    draft_exit_layer: int | str | None = "auto"  # self_speculative: the drafting exit, None = the deepest, or "auto"
     return_logprobs: bool = False
     profile: bool = False
     exit_thresholds: dict[int, float] | None = None  # per-exit thresholds (calibrated); override early_exit_threshold
@@ -58,7 +58,9 @@ class GenerationResult:
     stop token and cut before a stop string; `tokens` keep everything generated.
     stats: tokens_per_sec (the whole batch's throughput), elapsed_s, average_exit_layer,
     exit_share {layer: share of this sequence's tokens}, early_exit_share, and for
-    self_speculative drafted, accepted and acceptance_rate; exit_time_share with `profile`.
+    self_speculative drafted, accepted, acceptance_rate, draft_exits {exit: rounds drafted
+    from it}, draft_lengths {g: rounds with g drafts, 0 = a plain step} and plain_share (the
+    share of rounds with none); exit_time_share with `profile`.
     """
 
     prompt_tokens: list[int]
@@ -98,7 +100,9 @@ def check_values(s: GenerationSettings, strategies) -> None:
         raise ValueError(f"top_k must be >= 0 (0 = off), got {s.top_k}")
     if not 0.0 < s.top_p <= 1.0:
         raise ValueError(f"top_p must be in (0, 1], got {s.top_p}")
-    if s.num_draft_tokens < 1:
-        raise ValueError(f"num_draft_tokens must be >= 1, got {s.num_draft_tokens}")
+    if s.num_draft_tokens != "auto" and (not isinstance(s.num_draft_tokens, int) or s.num_draft_tokens < 1):
+        raise ValueError(f"num_draft_tokens must be an integer >= 1 or 'auto', got {s.num_draft_tokens!r}")
+    if s.draft_exit_layer not in (None, "auto") and not isinstance(s.draft_exit_layer, int):
+        raise ValueError(f"draft_exit_layer must be an exit layer, None or 'auto', got {s.draft_exit_layer!r}")
     if any(not isinstance(x, str) or not x for x in s.stop_strings):
         raise ValueError("stop_strings must be non-empty strings")

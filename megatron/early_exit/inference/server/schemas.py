@@ -15,7 +15,7 @@ fields inside `early_exit` are errors, since a typo there would silently change 
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -47,8 +47,9 @@ class EarlyExitOptions(BaseModel):
     measure: str | None = Field(None, json_schema_extra=lambda s: s.update(enum=list(measure_names())))
     exit_layers: list[int] | None = Field(None, min_length=1, max_length=256)
     min_layer: int | None = Field(None, ge=1)
-    num_draft_tokens: int = Field(4, ge=1, le=64)
-    draft_exit_layer: int | None = Field(None, ge=1)
+    # self_speculative: "auto" chooses each round from measured acceptance (plain steps when no draft pays).
+    num_draft_tokens: Annotated[int, Field(ge=1, le=64)] | Literal["auto"] = "auto"
+    draft_exit_layer: Annotated[int, Field(ge=1)] | Literal["auto"] | None = "auto"  # None: the deepest exit
 
     @field_validator("mode")
     @classmethod

@@ -1,11 +1,65 @@
-"""`self_speculative`: greedy and lossless. Draft up to k tokens from an exit, verify them with
+"""`self_speculative`: greedy and lossless. Draft up to g tokens from an exit, verify them with
 one pass of the deeper layers (which reuse the drafts' pending states), keep the longest
-agreeing prefix plus the final head's own token, and roll the caches back past it."""
+agreeing prefix plus the final head's own token, and roll the caches back past it.
+
+The draft exit and length are fixed (`draft_exit_layer`: an exit, None = the deepest;
+`num_draft_tokens`: k) or chosen each round by `draft_control.DraftController` ("auto", the
+default for either): from every verify round's acceptance and the cost model, the exit and
+length with the most expected tokens per unit of time, or g = 0 (a plain full step: the
+verify pass with nothing drafted) when no draft pays; a sequence also stops drafting early
+when its draft's confidence says another draft does not pay. Whatever is drafted, every kept
+token is the final head's greedy token, so the output equals full greedy decoding.
+
+One controller per engine (it learns across calls); a measured `cost_model.DecodeCosts` set as
+`engine.decode_costs` replaces the weight-count cost model.
+"""
+
+from __future__ import annotations
+
+import weakref
 
 import torch
 
 from megatron.early_exit.inference.passes import ExitPolicy
 from megatron.early_exit.inference.strategies.base import Batch, Strategy
+from megatron.early_exit.inference.strategies.draft_control import (
+    MAX_DRAFT,
+    DraftController,
+    Plan,
+    costs_from_config,
+    costs_from_measured,
+)
+
+AUTO = "auto"
+_CONTROLLERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # engine -> (costs source, controller)
+
+
+def controller_for(engine) -> DraftController:
+    """The engine's controller, rebuilt when the engine's measured costs change."""
+    measured = getattr(engine, "decode_costs", None)
+    held = _CONTROLLERS.get(engine)
+    if held is None or held[0] is not measured:
+        depth = {n: engine.depth(n) for n in engine.draft_exits()}
+        if measured is not None:
+            costs = costs_from_measured(measured, depth)
+        else:
+            costs = costs_from_config(engine.config, depth)
+        held = (measured, DraftController(costs))
+        _CONTROLLERS[engine] = held
+    return held[1]
+
+
+def candidates(engine, allowed: list[int]) -> list[int]:
+    """The exits "auto" may draft from: below the last layer and allowed by the request."""
+    drafts = engine.draft_exits()
+    cands = [n for n in drafts if n in allowed]
+    if not cands:
+        raise ValueError(f"exit_layers: draft_exit_layer auto needs an allowed exit among {drafts}")
+    return cands
+
+
+def is_dynamic(s) -> bool:
+    return s.draft_exit_layer == AUTO or s.num_draft_tokens == AUTO
 
 
 class SelfSpeculative(Strategy):
@@ -14,6 +68,7 @@ class SelfSpeculative(Strategy):
     drafts = True
 
     def policy(self, engine, s, allowed: list[int]) -> ExitPolicy:
+        """force: the fixed draft exit (with "auto": the deepest candidate, `candidates`)."""
         if s.temperature > 0:
             raise ValueError("self_speculative decoding is greedy only: use temperature 0")
         if not engine.exits:
@@ -21,39 +76,69 @@ class SelfSpeculative(Strategy):
         drafts = engine.draft_exits()
         if not drafts:
             raise ValueError("self_speculative needs an exit below the last layer to draft from")
+        if s.draft_exit_layer == AUTO:
+            return ExitPolicy(force=max(candidates(engine, allowed)))
         if s.draft_exit_layer is not None and s.draft_exit_layer not in drafts:
             raise ValueError(
                 f"draft_exit_layer: {s.draft_exit_layer} is not an exit below the last layer (choose from {drafts})"
             )
         return ExitPolicy(force=s.draft_exit_layer if s.draft_exit_layer is not None else max(drafts))
 
+    def plan(self, engine, batch: Batch) -> tuple[Plan, DraftController | None]:
+        """This round's draft exit and length: fixed, or the controller's choice."""
+        s, policy = batch.settings, batch.policy
+        if not is_dynamic(s):
+            return Plan(policy.force, s.num_draft_tokens, 0.0), None
+        ctl = controller_for(engine)
+        exits = candidates(engine, engine.allowed_exits(s)) if s.draft_exit_layer == AUTO else [policy.force]
+        lengths = list(range(1, MAX_DRAFT + 1)) if s.num_draft_tokens == AUTO else [s.num_draft_tokens]
+        return ctl.plan(exits, lengths), ctl
+
     def round(self, engine, state, running: list[int], batch: Batch) -> list[int]:
-        """Draft (feed the last token, take the draft exit's greedy token, up to k and never past
-        max_new_tokens), verify (feed the last draft, every drafted row through the deeper
-        layers), keep the agreeing prefix."""
+        """Draft (feed the last token, take the draft exit's greedy token, up to g and never a
+        token that could not be kept), verify (feed the last draft, every drafted row through
+        the deeper layers), keep the agreeing prefix, and tell the controller what agreed."""
         s, results = batch.settings, batch.results
+        plan, ctl = self.plan(engine, batch)
         start = {b: state.fed[b] for b in running}  # position of the first token fed this round
-        budget = {b: min(s.num_draft_tokens, s.max_new_tokens - len(results[b].tokens)) for b in running}
-        last = {b: results[b].tokens[-1] for b in running}
-        drafts: dict[int, list[int]] = {b: [] for b in running}
-        confs: dict[int, list[float]] = {b: [] for b in running}
-        for j in range(max(budget.values())):
-            out = engine.decode_one_token(state, {b: last[b] for b in running if budget[b] > j}, batch.policy)
-            for b, logits in out.logits.items():
-                last[b] = int(logits.argmax())
-                drafts[b].append(last[b])
-                confs[b].append(out.confidence[b])
+        drafts, confs, last = self.draft(engine, state, running, batch, plan, ctl)
         out = engine.verify(state, {b: [last[b]] for b in running})
-        still = []
+        still, observed = [], []
         for b in running:
-            ok = self.keep(engine, out, b, drafts[b], confs[b], batch)
+            ok = self.keep(engine, out, b, drafts[b], confs[b], batch, plan.exit)
+            if drafts[b]:
+                observed.append((confs[b], ok))
+            record(batch.counts[b], plan.exit, len(drafts[b]))
             state.reset(b, start[b] + ok + 1)  # K/V of the fed rows whose tokens were kept
             r = results[b]
             if r.finish_reason != "stop" and len(r.tokens) < s.max_new_tokens:
                 still.append(b)
+        if ctl is not None and observed:
+            ctl.update(plan.exit, observed)
         return still
 
-    def keep(self, engine, out, b: int, drafts: list[int], confs: list[float], batch: Batch) -> int:
+    def draft(self, engine, state, running: list[int], batch: Batch, plan: Plan, ctl) -> tuple[dict, dict, dict]:
+        """Up to plan.length draft tokens per sequence from plan.exit; (drafts, confidences, last token)."""
+        s, results = batch.settings, batch.results
+        budget = {b: min(plan.length, s.max_new_tokens - len(results[b].tokens) - 1) for b in running}
+        last = {b: results[b].tokens[-1] for b in running}
+        drafts: dict[int, list[int]] = {b: [] for b in running}
+        confs: dict[int, list[float]] = {b: [] for b in running}
+        policy = batch.policy if plan.exit == batch.policy.force else ExitPolicy(force=plan.exit)
+        for j in range(max(budget.values(), default=0)):
+            feed = {b: last[b] for b in running if budget[b] > j}
+            if not feed:
+                break
+            out = engine.decode_one_token(state, feed, policy)
+            for b, logits in out.logits.items():
+                last[b] = int(logits.argmax())
+                drafts[b].append(last[b])
+                confs[b].append(out.confidence[b])
+                if ctl is not None and not ctl.keep_drafting(plan, out.confidence[b]):
+                    budget[b] = j + 1
+        return drafts, confs, last
+
+    def keep(self, engine, out, b: int, drafts: list[int], confs: list[float], batch: Batch, layer) -> int:
         """Append slot b's agreeing drafts and the final head's token; returns how many drafts agreed."""
         final = out.all_logits[b].argmax(-1).tolist()  # the final head's token after each fed row
         k, ok = len(drafts), 0
@@ -61,7 +146,7 @@ class SelfSpeculative(Strategy):
             ok += 1
         batch.counts[b][0] += k
         batch.counts[b][1] += ok
-        r, acc, layer = batch.results[b], engine.acceptance, batch.policy.force
+        r, acc = batch.results[b], engine.acceptance
         for j in range(ok + 1):
             exit_layer, conf = (layer, confs[j]) if j < ok else (engine.num_layers, out.confidence[b])
             if j == ok and ok < k:  # the correction: the final head's own distribution at that row
@@ -70,3 +155,15 @@ class SelfSpeculative(Strategy):
             if acc.stopped(r, batch.settings):
                 break
         return ok
+
+
+def record(counts: list, exit_layer: int | None, length: int) -> None:
+    """Telemetry in slot b's counts ([drafted, accepted, extra stats]): rounds per draft exit,
+    rounds per draft length (0: a plain full step) and the share of plain rounds."""
+    if len(counts) < 3:
+        counts.append({"draft_exits": {}, "draft_lengths": {}, "plain_share": 0.0})
+    t = counts[2]
+    t["draft_lengths"][length] = t["draft_lengths"].get(length, 0) + 1
+    if length:
+        t["draft_exits"][exit_layer] = t["draft_exits"].get(exit_layer, 0) + 1
+    t["plain_share"] = t["draft_lengths"].get(0, 0) / sum(t["draft_lengths"].values())

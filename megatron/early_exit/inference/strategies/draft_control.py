@@ -1,0 +1,184 @@
+"""The online controller of dynamic self-speculation: which exit to draft from and how many
+tokens to draft, chosen each round from measured acceptance and a cost model (after DEL,
+arXiv 2504.05598).
+
+Model. Drafting g tokens from exit n, each accepted with probability a_n independently (the
+verify pass keeps the agreeing prefix, then the final head's own token), a round yields
+E[tokens] = 1 + a + ... + a^g = (1 - a^(g+1)) / (1 - a) tokens and costs, in units of one full
+decode step, g * draft[n] (a pass that stops at exit n) + 1 + g * row[n] (the verify pass: a
+full step plus the g drafted rows through the layers above exit n and the head). g = 0 is a
+plain full step: 1 token for 1 unit. The controller picks the (n, g) with the most expected
+tokens per unit; when nothing beats 1, it decodes plainly, so a bad exit costs (almost) nothing.
+
+Acceptance. Per exit, Beta counts of accepted / rejected drafts, every count decayed by
+`decay` per observed draft, so the estimate follows a change within ~1 / (1 - decay) drafts
+(a round rejected at its first draft observes one). Only the drafts up to the first rejection
+are observed; that is exactly what a geometric acceptance model needs. An exit that has not
+drafted for `interval[n]` rounds drafts one token (exploration), so a recovered exit is found
+again; intervals are set so that exploring costs about `explore_share` of decoding time even
+when every try is rejected.
+
+Early stop. Per exit and max-probability bin, Beta counts of whether a draft with that
+confidence was accepted (prior: one draft at the bin's middle, as from a calibrated head). A sequence stops
+drafting within a round when P(its newest draft is accepted) * a_n, the chance that one more
+draft adds a token, is worth less than that draft's cost at the round's planned rate.
+
+Costs come from a measured `cost_model.DecodeCosts` when one is given, else from the config's
+weight counts (decoding is memory-bound: a pass costs the bytes of the weights it reads), with the
+documented defaults `FIXED_LAYERS` and `ROW_SHARE`. Nothing here reads a clock: the same
+tokens give the same decisions on every rank (tensor parallelism) and in tests.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+FIXED_LAYERS = 1.0  # what a step does once (embedding, bookkeeping, Python), in layers' worth of time
+ROW_SHARE = 0.1  # one more row through a weight matrix, as a share of reading it (memory-bound decode)
+MAX_DRAFT = 8  # the longest draft "auto" considers
+BINS = 4  # max-probability bins for the early stop
+
+
+@dataclass
+class DraftCosts:
+    """Costs in units of one full decode step. draft[n]: one token drafted at exit n (layers up
+    to it, its head); row[n]: one more drafted row in the verify pass (layers above n, head)."""
+
+    draft: dict[int, float]
+    row: dict[int, float]
+
+    def round_time(self, n: int, g: int) -> float:
+        return 1.0 if g == 0 else g * self.draft[n] + 1.0 + g * self.row[n]
+
+
+def expected_tokens(a: float, g: int) -> float:
+    """Tokens a round of g drafts yields with per-draft acceptance a: (1 - a^(g+1)) / (1 - a)."""
+    return float(g + 1) if a >= 1.0 else (1.0 - a ** (g + 1)) / (1.0 - a)
+
+
+def weight_counts(c) -> tuple[float, float, float]:
+    """(one layer, its MLP, the vocabulary projection): weights each pass reads, from the config
+    alone, so that every tensor-parallel layout and the single process price passes alike."""
+    h, d = c.hidden_size, c.head_dim
+    attn = h * (c.num_attention_heads + 2 * c.num_query_groups) * d + c.num_attention_heads * d * h
+    mlp = h * c.ffn_hidden_size * (3 if c.swiglu else 2)
+    return float(attn + mlp), float(mlp), float(c.vocab_size * h)
+
+
+def costs_from_config(c, depth: dict[int, int]) -> DraftCosts:
+    """Relative costs from the weights each pass reads: layers, an exit's head (its MLP or block
+    and its projection) and the final head; `depth[n]`: layers before exit n."""
+    layer, mlp, vocab = weight_counts(c)
+    exit_cost = (vocab + (mlp if c.use_exit_mlp else 0.0) + (layer if c.use_exit_block else 0.0)) / layer
+    full = FIXED_LAYERS + c.num_layers + vocab / layer
+    draft = {n: (FIXED_LAYERS + d + exit_cost) / full for n, d in depth.items()}
+    row = {n: ROW_SHARE * (c.num_layers - d + vocab / layer) / full for n, d in depth.items()}
+    return DraftCosts(draft, row)
+
+
+def costs_from_measured(c, depth: dict[int, int]) -> DraftCosts:
+    """Relative costs from a measured `cost_model.DecodeCosts` (its row cost per row and layer;
+    the extra head rows at ROW_SHARE of the head)."""
+    full = c.fixed + c.num_layers * c.layer + c.head
+    draft = {n: (c.fixed + d * c.layer + c.vocab.get(n, c.head)) / full for n, d in depth.items()}
+    row = {n: ((c.num_layers - d) * c.row + ROW_SHARE * c.head) / full for n, d in depth.items()}
+    return DraftCosts(draft, row)
+
+
+@dataclass
+class ExitStats:
+    """One exit's decayed acceptance counts, confidence bins and rounds since it last drafted."""
+
+    accepted: float = 0.0
+    rejected: float = 0.0
+    idle: int = 0
+    bins: list[list[float]] = field(default_factory=lambda: [[0.0, 0.0] for _ in range(BINS)])
+
+
+@dataclass
+class Plan:
+    exit: int | None  # None: a plain full step
+    length: int
+    rate: float  # expected tokens per unit of time
+    explore: bool = False
+
+
+class DraftController:
+    """Chooses (draft exit, draft length) each round; learns from every verify round."""
+
+    def __init__(
+        self, costs: DraftCosts, decay: float = 0.93, prior: tuple[float, float] = (1.0, 1.0),
+        explore_share: float = 0.05, stop_early: bool = True,
+    ) -> None:  # fmt: skip
+        self.costs, self.decay, self.prior = costs, decay, prior
+        self.explore_share, self.stop_early = explore_share, stop_early
+        self.stats = {n: ExitStats() for n in costs.draft}
+        for n, st in self.stats.items():
+            st.idle = self.interval(n, len(self.stats))  # every exit is tried once at the start
+
+    def interval(self, n: int, num_exits: int) -> int:
+        """Rounds between exploratory drafts from exit n: a rejected try costs draft + row."""
+        extra = self.costs.draft[n] + self.costs.row[n]
+        return max(1, math.ceil(num_exits * extra / self.explore_share))
+
+    def acceptance(self, n: int) -> float:
+        st, (pa, pr) = self.stats[n], self.prior
+        return (st.accepted + pa) / (st.accepted + st.rejected + pa + pr)
+
+    def rate(self, n: int, g: int) -> float:
+        return expected_tokens(self.acceptance(n), g) / self.costs.round_time(n, g)
+
+    def plan(self, exits: list[int], lengths: list[int]) -> Plan:
+        """The best (exit, length) among `exits` x `lengths` (lengths > 0), or a plain step when
+        none beats it; an exit overdue for exploration drafts one token (the shortest length)."""
+        due = [n for n in exits if self.stats[n].idle >= self.interval(n, len(exits))]
+        for n in exits:
+            self.stats[n].idle += 1
+        if due:
+            n = max(due, key=lambda m: self.stats[m].idle)
+            self.stats[n].idle = 0
+            return Plan(n, min(lengths), self.rate(n, min(lengths)), explore=True)
+        best = Plan(None, 0, 1.0)
+        for n in exits:
+            for g in lengths:
+                r = self.rate(n, g)
+                if r > best.rate + 1e-9:
+                    best = Plan(n, g, r)
+        if best.exit is not None:
+            self.stats[best.exit].idle = 0
+        return best
+
+    def update(self, n: int, rounds: list[tuple[list[float], int]]) -> None:
+        """Learn from one verify round of exit n: per sequence, its drafts' confidences and how
+        many of them agreed. Observed: drafts up to and including the first rejection."""
+        st = self.stats[n]
+        d = self.decay ** sum(min(ok + 1, len(confs)) for confs, ok in rounds)  # one decay per observation
+        st.accepted *= d
+        st.rejected *= d
+        for b in st.bins:
+            b[0] *= d
+            b[1] *= d
+        for confs, ok in rounds:
+            st.accepted += ok
+            st.rejected += 1 if ok < len(confs) else 0
+            for j, conf in enumerate(confs[: ok + 1]):
+                st.bins[self.bin(conf)][0 if j < ok else 1] += 1.0
+
+    def bin(self, conf: float) -> int:
+        return min(int(conf * BINS), BINS - 1)
+
+    def draft_ok(self, n: int, conf: float) -> float:
+        """P(a draft of exit n with max-probability `conf` is accepted): prior, one draft at the bin middle."""
+        k = self.bin(conf)
+        acc, rej = self.stats[n].bins[k]
+        mid = (k + 0.5) / BINS
+        return (acc + mid) / (acc + rej + 1)
+
+    def keep_drafting(self, plan: Plan, conf: float) -> bool:
+        """Whether a sequence whose newest draft has confidence `conf` should draft another."""
+        if not self.stop_early or plan.explore or plan.exit is None:
+            return True
+        n = plan.exit
+        gain = self.draft_ok(n, conf) * self.acceptance(n)
+        return gain >= plan.rate * (self.costs.draft[n] + self.costs.row[n])

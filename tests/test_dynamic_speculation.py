@@ -1,0 +1,301 @@
+"""Dynamic self-speculation (`draft_exit_layer` / `num_draft_tokens` "auto"): lossless against
+full greedy decoding in fp32 at batch 1 and 4, on a model whose exit equals its final head
+(drafts always agree: the controller must draft long) and on one whose exits are random
+(drafts almost never agree: it must fall back to plain steps); and the controller alone on
+synthetic acceptance: it picks what the formula says and follows a change of acceptance.
+"""
+
+import pytest
+import torch
+
+from megatron.early_exit.config import ModelConfig
+from megatron.early_exit.inference import EarlyExitEngine, GenerationSettings, generate
+from megatron.early_exit.inference.strategies.draft_control import (
+    MAX_DRAFT,
+    DraftController,
+    DraftCosts,
+    expected_tokens,
+)
+from megatron.early_exit.model import EarlyExitGPT
+
+PROMPTS = [[1, 2, 3, 4, 5], [7, 8], [9, 10, 11, 12, 13, 14, 15], [3]]
+NEW = 40
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest.one_thread
+
+
+def build(good: bool) -> EarlyExitGPT:
+    """6 layers, exits at 1 and 3. good: layers 2..6 add nothing (output projections zeroed)
+    and exit 1 is a copy of the final norm on the tied head, so its logits are the final
+    head's. bad: untied exits with large random projections (they disagree ~63/64 of the time)."""
+    cfg = ModelConfig(
+        num_layers=6, hidden_size=32, num_attention_heads=4, vocab_size=64, max_position_embeddings=128,
+        normalization="RMSNorm", swiglu=True, position_embedding_type="rope", add_bias_linear=False,
+        exit_layer_nums=[1, 3], use_exit_norm=True, untie_exit_output_weights=not good,
+    )  # fmt: skip
+    model = EarlyExitGPT(cfg)
+    model.init_weights(5)
+    with torch.no_grad():
+        if good:
+            for i in range(1, 6):
+                layer = model.decoder.layers[str(i)]
+                layer.self_attention.linear_proj.weight.zero_()
+                layer.mlp.linear_fc2.weight.zero_()
+            model.exits["1"].norm.load_state_dict(model.decoder.final_layernorm.state_dict())
+        else:
+            gen = torch.Generator().manual_seed(0)
+            for n in ("1", "3"):
+                w = model.exits[n].output_layer.weight
+                w.copy_(torch.randn(w.shape, generator=gen) * 3.0)
+    return model.eval()
+
+
+@torch.no_grad()
+def naive_greedy(model, prompt, n):
+    ids = list(prompt)
+    for _ in range(n):
+        ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
+    return ids[len(prompt) :]
+
+
+@pytest.fixture(scope="module", params=["good", "bad"])
+def case(request):
+    model = build(request.param == "good")
+    return request.param, model, [naive_greedy(model, p, NEW) for p in PROMPTS]
+
+
+def test_defaults_are_auto():
+    s = GenerationSettings()
+    assert (s.draft_exit_layer, s.num_draft_tokens) == ("auto", "auto")
+
+
+@pytest.mark.parametrize("batch", [1, 4])
+def test_auto_equals_full_greedy_and_adapts(case, batch):
+    kind, model, ref = case
+    res = generate(model, None, PROMPTS[:batch], strategy="self_speculative", max_new_tokens=NEW, ignore_eos=True)
+    assert [r.tokens for r in res] == ref[:batch]
+    for r in res:
+        st = r.stats
+        assert sum(st["draft_lengths"].values()) == sum(st["draft_exits"].values()) + st["draft_lengths"].get(0, 0)
+        if kind == "good":
+            assert st["acceptance_rate"] > 0.95
+            assert st["plain_share"] < 0.1
+            assert st["draft_exits"].get(1, 0) > st["draft_exits"].get(3, 0)  # the cheaper exit wins
+            assert st["drafted"] / sum(st["draft_exits"].values()) > 2.5  # long drafts (they grow with the evidence)
+            assert len(r.tokens) / sum(st["draft_lengths"].values()) > 3  # > 3 tokens per verify pass
+        else:
+            assert st["acceptance_rate"] < 0.2
+            assert st["plain_share"] > 0.75  # falls back to plain full steps
+
+
+def test_fixed_settings_keep_their_exit_and_length(case):
+    _, model, ref = case
+    res = generate(
+        model, None, PROMPTS, strategy="self_speculative", max_new_tokens=NEW, ignore_eos=True,
+        draft_exit_layer=3, num_draft_tokens=2,
+    )  # fmt: skip
+    assert [r.tokens for r in res] == ref
+    for r in res:
+        assert set(r.stats["draft_exits"]) == {3} and set(r.stats["draft_lengths"]) <= {0, 1, 2}
+        assert r.stats["plain_share"] < 0.1  # only the last round of a sequence may have no room to draft
+
+
+def test_auto_length_with_a_fixed_exit_and_exit_layers(case):
+    kind, model, ref = case
+    for kw in (dict(draft_exit_layer=3), dict(exit_layers=(3,))):
+        res = generate(model, None, PROMPTS[:2], strategy="self_speculative", max_new_tokens=NEW, ignore_eos=True, **kw)
+        assert [r.tokens for r in res] == ref[:2]
+        assert all(set(r.stats["draft_exits"]) <= {3} for r in res)
+
+
+def test_bad_draft_settings_are_named():
+    model = build(True)
+    for kw, name in (
+        (dict(num_draft_tokens="many"), "num_draft_tokens"),
+        (dict(num_draft_tokens=0), "num_draft_tokens"),
+        (dict(draft_exit_layer="deep"), "draft_exit_layer"),
+        (dict(draft_exit_layer=6), "draft_exit_layer"),
+        (dict(exit_layers=(6,)), "exit_layers"),
+    ):
+        with pytest.raises(ValueError, match=name):
+            generate(model, None, PROMPTS[:1], strategy="self_speculative", max_new_tokens=4, **kw)
+
+
+def test_engine_controller_persists_and_takes_measured_costs():
+    from megatron.early_exit.inference.cost_model import DecodeCosts
+    from megatron.early_exit.inference.strategies.self_speculative import controller_for
+
+    engine = EarlyExitEngine(build(False))
+    s = GenerationSettings("self_speculative", NEW, ignore_eos=True)
+    engine.generate(PROMPTS[:1], s)
+    ctl = controller_for(engine)
+    assert ctl.acceptance(1) < 0.3 and ctl.acceptance(3) < 0.5  # learned, and kept for the next call
+    before = ctl.stats[1].rejected
+    engine.generate(PROMPTS[:1], s)
+    assert controller_for(engine) is ctl
+    assert ctl.stats[1].rejected != before
+    # A measured cost model replaces the parameter count: layer 1, fixed 2, head 3 (full step 2 + 6 + 3 = 11).
+    engine.decode_costs = DecodeCosts(6, {1: 1, 3: 3}, layer=1.0, fixed=2.0, head=3.0, vocab={1: 3.0, 3: 3.0}, row=0.1)
+    measured = controller_for(engine)
+    assert measured is not ctl
+    assert measured.costs.draft[1] == pytest.approx((2 + 1 + 3) / 11)
+    assert measured.costs.row[3] == pytest.approx((3 * 0.1 + 0.1 * 3) / 11)
+
+
+# ----- the controller alone ------------------------------------------------------------------
+
+COSTS = DraftCosts(draft={2: 0.2, 6: 0.6}, row={2: 0.02, 6: 0.01})
+
+
+def best_by_formula(a: dict[int, float]) -> tuple[int | None, int]:
+    best, plan = 1.0, (None, 0)
+    for n in COSTS.draft:
+        for g in range(1, MAX_DRAFT + 1):
+            rate = expected_tokens(a[n], g) / COSTS.round_time(n, g)
+            if rate > best + 1e-9:
+                best, plan = rate, (n, g)
+    return plan
+
+
+def feed(ctl: DraftController, n: int, g: int, a: float, rounds: int = 1) -> None:
+    """`rounds` verify rounds of exit n whose agreeing prefix is the expected one for acceptance a."""
+    ok = min(g, round(a * g))
+    for _ in range(rounds):
+        ctl.update(n, [([0.9] * g, ok)])
+
+
+def test_expected_tokens_and_round_time():
+    assert expected_tokens(0.5, 0) == 1.0
+    assert expected_tokens(0.5, 2) == pytest.approx(1.75)
+    assert expected_tokens(1.0, 4) == 5.0
+    assert COSTS.round_time(2, 0) == 1.0
+    assert COSTS.round_time(2, 3) == pytest.approx(3 * 0.2 + 1.0 + 3 * 0.02)
+
+
+def test_controller_picks_what_the_formula_says():
+    ctl = DraftController(COSTS, explore_share=1e-9)  # exploration far apart
+    for st in ctl.stats.values():
+        st.idle = 0
+    ctl.stats[2].accepted, ctl.stats[2].rejected = 80.0, 20.0  # a ~0.8 at the shallow exit
+    ctl.stats[6].accepted, ctl.stats[6].rejected = 98.0, 2.0  # ~0.97 at the deep one
+    a = {n: ctl.acceptance(n) for n in COSTS.draft}
+    plan = ctl.plan([2, 6], list(range(1, MAX_DRAFT + 1)))
+    assert (plan.exit, plan.length) == best_by_formula(a)
+    assert plan.exit == 2 and 3 <= plan.length <= MAX_DRAFT
+    assert plan.rate == pytest.approx(expected_tokens(a[2], plan.length) / COSTS.round_time(2, plan.length))
+    ctl.stats[2].accepted, ctl.stats[2].rejected = 5.0, 95.0  # shallow exit now bad: the deep one
+    plan = ctl.plan([2, 6], list(range(1, MAX_DRAFT + 1)))
+    assert plan.exit == 6 and (plan.exit, plan.length) == best_by_formula({n: ctl.acceptance(n) for n in COSTS.draft})
+    ctl.stats[6].accepted, ctl.stats[6].rejected = 20.0, 80.0  # both bad: a plain step
+    assert ctl.plan([2, 6], list(range(1, MAX_DRAFT + 1))).exit is None
+
+
+def test_controller_falls_back_explores_and_recovers():
+    ctl = DraftController(COSTS, explore_share=0.01)
+    every = ctl.interval(2, 1)  # rounds between exploratory drafts
+    assert every == 22  # ceil((0.2 + 0.02) / 0.01)
+    lengths = list(range(1, MAX_DRAFT + 1))
+    trace = []
+    for phase_a in (0.9, 0.0, 0.9):
+        picks = []
+        for _ in range(200):
+            plan = ctl.plan([2], lengths)
+            if plan.exit is not None:
+                feed(ctl, 2, plan.length, phase_a)
+            picks.append(plan.length)
+        trace.append(picks)
+    good, bad, again = trace
+    assert sum(g >= 4 for g in good[20:]) > 170  # drafts long while acceptance is high
+    assert sum(g == 0 for g in bad[50:]) > 140  # then falls back to plain steps
+    assert 150 // every - 1 <= sum(g > 0 for g in bad[50:]) <= 150 // every + 1  # but for exploratory tries
+    assert sum(g >= 4 for g in again[100:]) > 90  # and finds the exit again when it recovers
+
+
+def test_early_stop_learns_from_confidence():
+    ctl = DraftController(COSTS)
+    plan = ctl.plan([2], [4])
+    plan.explore = False
+    for _ in range(30):  # confident drafts agree, unsure ones do not
+        ctl.update(2, [([0.95, 0.95, 0.1], 2)])
+    assert ctl.draft_ok(2, 0.95) > 0.9 and ctl.draft_ok(2, 0.1) < 0.1
+    assert ctl.keep_drafting(plan, 0.95) and not ctl.keep_drafting(plan, 0.1)
+    assert DraftController(COSTS, stop_early=False).keep_drafting(plan, 0.1)
+
+
+def test_costs_from_config_price_a_smollm2_shape():
+    from megatron.early_exit.inference.strategies.draft_control import FIXED_LAYERS, costs_from_config
+
+    cfg = ModelConfig(
+        num_layers=30, hidden_size=576, ffn_hidden_size=1536, num_attention_heads=9, num_query_groups=3,
+        vocab_size=49152, max_position_embeddings=2048, swiglu=True, normalization="RMSNorm",
+        position_embedding_type="rope", exit_layer_nums=[8, 22], use_exit_mlp=True, use_exit_norm=True,
+    )  # fmt: skip
+    layer = 576 * (9 + 6) * 64 + 9 * 64 * 576 + 3 * 576 * 1536  # qkv + proj + swiglu MLP
+    head = 49152 * 576 / layer  # ~8 layers: the DESIGN's measured fact
+    assert 7.5 < head < 8.5
+    costs = costs_from_config(cfg, {8: 8, 22: 22})
+    full = FIXED_LAYERS + 30 + head
+    assert costs.draft[8] == pytest.approx((FIXED_LAYERS + 8 + 3 * 576 * 1536 / layer + head) / full)
+    assert costs.draft[8] < costs.draft[22] < 1.0
+    assert costs.row[22] < costs.row[8]  # fewer layers above the deeper exit
+    # Agreement like the tuned SmolLM2's (31-48%) never pays with these costs: plain decoding.
+    ctl = DraftController(costs)
+    for n in (8, 22):
+        ctl.stats[n].accepted, ctl.stats[n].rejected, ctl.stats[n].idle = 480.0, 520.0, 0
+    assert ctl.plan([8, 22], list(range(1, MAX_DRAFT + 1))).exit is None
+
+
+def test_ee_sweep_writes_a_self_speculative_row(tmp_path):
+    import csv
+    import json
+    import os
+    import sys
+
+    from megatron.early_exit.checkpointing import save_checkpoint
+    from megatron.early_exit.tokenizer import build_tokenizer
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools", "eval"))
+    from ee_sweep import main
+
+    tok = build_tokenizer("GPT2BPETokenizer")
+    cfg = ModelConfig(
+        num_layers=3, hidden_size=32, num_attention_heads=4, vocab_size=50304, real_vocab_size=50257,
+        max_position_embeddings=256, exit_layer_nums=[1], use_exit_norm=True,
+    )  # fmt: skip
+    model = EarlyExitGPT(cfg)
+    model.init_weights(0)
+    save_checkpoint(str(tmp_path / "ck"), 0, model, tok)
+    data = tmp_path / "data.jsonl"
+    row = {"abstract": "We study early exit in language models.", "challenge": "a", "approach": "b", "outcome": "c"}
+    data.write_text(json.dumps(row) + "\n")
+    out = tmp_path / "out"
+    main(["--load", str(tmp_path / "ck"), "--data", str(data), "--output", str(out), "--thresholds", "1.0",
+          "--max-new-tokens", "6", "--batch-size", "1", "--cost-steps", "2", "--self-speculative"])  # fmt: skip
+    with open(out / "self_speculative.csv") as f:
+        (spec,) = list(csv.DictReader(f))
+    with open(out / "sweep.csv") as f:
+        (full,) = list(csv.DictReader(f))
+    assert spec["setting"] == "self_speculative auto" and spec["identical_to_full"] == "True"
+    assert spec["rougeL_reference"] == full["rougeL_reference"]  # lossless: the full model's text
+    assert 0.0 <= float(spec["acceptance_rate"]) <= 1.0 and 0.0 <= float(spec["plain_share"]) <= 1.0
+    assert set(json.loads(spec["draft_exits"])) <= {"1"}
+
+
+def test_api_early_exit_object_takes_auto():
+    from pydantic import ValidationError
+
+    from megatron.early_exit.inference.server.errors import from_validation
+    from megatron.early_exit.inference.server.schemas import EarlyExitOptions
+
+    ee = EarlyExitOptions(mode="self_speculative")
+    assert (ee.draft_exit_layer, ee.num_draft_tokens) == ("auto", "auto")
+    ee = EarlyExitOptions.model_validate({"num_draft_tokens": 3, "draft_exit_layer": None})
+    assert (ee.draft_exit_layer, ee.num_draft_tokens) == (None, 3)
+    for body, field in (
+        ({"num_draft_tokens": "many"}, "num_draft_tokens"),
+        ({"draft_exit_layer": 0}, "draft_exit_layer"),
+    ):
+        with pytest.raises(ValidationError) as e:
+            EarlyExitOptions.model_validate(body)
+        err = from_validation(e.value)
+        assert err.status == 422 and err.param == field, (err.status, err.param)

@@ -17,9 +17,10 @@ weights, so its numbers show costs, not a trained model's behaviour: no max_prob
 reaches a real threshold (rows at 0.9 / 0.5 show what checking exits that do not fire
 costs), threshold 0.0 shows the ceiling (every token leaves at the first exit), the random
 learned probe at 0.5 fires for most tokens and decides without any vocabulary projection
-for the exits that stay (each early_exit row once per --exit-policies: exact evaluates every
-exit for every token, cost_aware only where leaving saves time at the batch size), and self-speculative acceptance is meaningless (with tied random weights
-every head mostly repeats the input token, so drafts agree). Measure a trained checkpoint
+for the exits that stay, and self-speculative acceptance is meaningless (with tied random weights
+every head mostly repeats the input token, so drafts agree). Each early_exit row runs once per
+--exit-policies: exact evaluates every exit for every token, cost_aware only where leaving
+saves time at the batch size. Measure a trained checkpoint
 for real speedups.
 """
 
@@ -93,7 +94,10 @@ def settings_to_run(args, config) -> list[tuple[str, dict]]:
     if config.use_exit_confidence_head:
         measures += [("learned", t) for t in args.learned_thresholds]
     runs = [
-        (f"early_exit {m} @ {t:g} {pol}", dict(strategy="early_exit", early_exit_threshold=t, measure=m, exit_policy=pol))
+        (
+            f"early_exit {m} @ {t:g} {pol}",
+            dict(strategy="early_exit", early_exit_threshold=t, measure=m, exit_policy=pol),
+        )
         for m, t in measures
         for pol in args.exit_policies
     ]

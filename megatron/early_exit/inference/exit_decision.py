@@ -40,6 +40,7 @@ from megatron.early_exit.inference.confidence import get_measure
 EXIT_POLICIES = ("exact", "cost_aware")
 REFRESH = 32  # a skipped exit is evaluated once in this many passes (its chance can recover)
 DECAY = 0.9  # weight of the past in the running chance
+TOLERANCE = 1e-9  # a saving within this share of a layer is a tie: the rows stay (toward full decoding)
 
 
 @dataclass(frozen=True)
@@ -115,7 +116,11 @@ def measure_exit_costs(passes, batch: int = 8, repeats: int = 3) -> ExitCosts:
 
 def distributed() -> bool:
     """Several processes decode together: their decisions must not depend on their own clocks."""
-    return torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
+    return (
+        torch.distributed.is_available()
+        and torch.distributed.is_initialized()
+        and torch.distributed.get_world_size() > 1
+    )
 
 
 @dataclass
@@ -158,7 +163,8 @@ class ExitDecider:
         """(a): `fires` (indices into `cand`) leave together where that pays, else nobody does.
         Under t(r) = a + b*r the saving is linear in the leavers but for the whole pass ending,
         so the firing set or nothing is the best choice among its subsets."""
-        leave = fires if fires and self.net_saving(passes, n, rows, [cand[j] for j in fires], policy.measure) > 0 else []
+        net = self.net_saving(passes, n, rows, [cand[j] for j in fires], policy.measure) if fires else 0.0
+        leave = fires if net > TOLERANCE * self.costs_for(passes).layer(1) else []  # a tie (round-off) stays
         key = (n, policy.measure, policy.threshold_of(n), len(cand))
         self.chance[key] = DECAY * self.chance.get(key, 1.0) + (1 - DECAY) * float(bool(leave))
         return leave

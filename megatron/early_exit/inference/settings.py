@@ -91,7 +91,11 @@ def calibrated_settings(record: dict | None, where: str) -> dict:
     names the input that asked, for the error when the checkpoint has none."""
     if record is None:
         raise ValueError(f"{where}: this checkpoint has no calibrated thresholds (tools/eval/calibrate_thresholds.py)")
-    return {"early_exit_threshold": 1.0, "exit_thresholds": dict(record["thresholds"]), "measure": record.get("measure")}
+    return {
+        "early_exit_threshold": 1.0,
+        "exit_thresholds": dict(record["thresholds"]),
+        "measure": record.get("measure"),
+    }
 
 
 def check_values(s: GenerationSettings, strategies) -> None:

@@ -268,7 +268,7 @@ class Passes:
         forced, threshold = policy.force == n, policy.threshold_of(n)
         cand = [a for a, b in enumerate(rows.seqs) if b in has_new]
         if not cand or (not forced and threshold >= 1.0) or not worth_checking(self, n, rows, cand, policy):
-            return set()  # threshold 1.0 never exits: do not even evaluate the head
+            return set()  # threshold 1.0 never exits, cost_aware skips a check that cannot pay: no head
         start = tick(self.device) if self.profile else 0.0
         head, seqs = self.model.exits[str(n)], [rows.seqs[a] for a in cand]
         hidden = self.exit_hidden(state, n, head, rows, cand)  # (A, 1, h)

@@ -170,7 +170,11 @@ def main() -> None:
                 )
     finally:
         proc.terminate()
-        proc.wait(timeout=30)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:  # a loaded machine: stop it outright
+            proc.kill()
+            proc.wait()
 
 
 if __name__ == "__main__":

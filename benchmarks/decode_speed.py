@@ -18,7 +18,9 @@ reaches a real threshold (rows at 0.9 / 0.5 show what checking exits that do not
 costs), threshold 0.0 shows the ceiling (every token leaves at the first exit), the random
 learned probe at 0.5 fires for most tokens and decides without any vocabulary projection
 for the exits that stay, and self-speculative acceptance is meaningless (with tied random weights
-every head mostly repeats the input token, so drafts agree). Measure a trained checkpoint
+every head mostly repeats the input token, so drafts agree). Each early_exit row runs once per
+--exit-policies: exact evaluates every exit for every token, cost_aware only where leaving
+saves time at the batch size. Measure a trained checkpoint
 for real speedups.
 """
 
@@ -88,15 +90,17 @@ def timed_alternating(engine, prompts, runs: list[tuple[str, GenerationSettings]
 
 
 def settings_to_run(args, config) -> list[tuple[str, dict]]:
-    runs = [
-        (f"early_exit max_prob @ {t:g}", dict(strategy="early_exit", early_exit_threshold=t, measure="max_prob"))
-        for t in args.thresholds
-    ]
+    measures = [("max_prob", t) for t in args.thresholds]
     if config.use_exit_confidence_head:
-        runs += [
-            (f"early_exit learned @ {t:g}", dict(strategy="early_exit", early_exit_threshold=t, measure="learned"))
-            for t in args.learned_thresholds
-        ]
+        measures += [("learned", t) for t in args.learned_thresholds]
+    runs = [
+        (
+            f"early_exit {m} @ {t:g} {pol}",
+            dict(strategy="early_exit", early_exit_threshold=t, measure=m, exit_policy=pol),
+        )
+        for m, t in measures
+        for pol in args.exit_policies
+    ]
     runs += [
         (f"self_speculative exit {d} k={args.draft}", dict(strategy="self_speculative", draft_exit_layer=d))
         for d in config.exit_layer_nums[-2:]
@@ -119,7 +123,7 @@ def bench_batch(engine, tok, batch: int, args) -> None:
     full, fs = measured["full"]
     rounds = f"best of {args.repeats} alternating rounds"
     print(f"\n  batch {batch}: full decoding {fs['tokens_per_sec']:.1f} tokens/s ({rounds})")
-    head = f"  {'setting':32s} {'tokens/s':>9s} {'vs full':>8s} {'exited':>7s} {'avg exit':>9s}"
+    head = f"  {'setting':42s} {'tokens/s':>9s} {'vs full':>8s} {'exited':>7s} {'avg exit':>9s}"
     print(head + f" {'= full':>7s} {'exit time':>10s} {'accept':>7s}  exits")
     for name, _ in runs[1:]:
         res, s = measured[name]
@@ -127,7 +131,7 @@ def bench_batch(engine, tok, batch: int, args) -> None:
         share = ", ".join(f"{n}:{v:.0%}" for n, v in s["exit_share"].items())
         accept = f"{s['acceptance_rate']:7.0%}" if "acceptance_rate" in s else f"{'':7s}"
         print(
-            f"  {name:32s} {s['tokens_per_sec']:9.1f} {s['tokens_per_sec'] / fs['tokens_per_sec']:7.2f}x "
+            f"  {name:42s} {s['tokens_per_sec']:9.1f} {s['tokens_per_sec'] / fs['tokens_per_sec']:7.2f}x "
             f"{s['early_exit_share']:7.0%} {s['average_exit_layer']:9.2f} {same:7.0%} "
             f"{s.get('exit_time_share', 0.0):10.1%} {accept}  {share}"
         )
@@ -154,6 +158,8 @@ def main() -> None:
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--thresholds", type=float, nargs="+", default=[0.9, 0.5, 0.0])
     p.add_argument("--learned-thresholds", type=float, nargs="+", default=[0.9, 0.5])
+    p.add_argument("--exit-policies", nargs="+", choices=("exact", "cost_aware"), default=["exact", "cost_aware"],
+                   help="early_exit rows for each exit policy")  # fmt: skip
     p.add_argument("--draft", type=int, default=4, help="self_speculative: tokens drafted per round")
     p.add_argument("--repeats", type=int, default=3, help="alternating timed rounds; each setting's best counts")
     p.add_argument("--device", default="cpu")

@@ -39,7 +39,7 @@ def mid_threshold(model) -> float:
 
 
 def cases(model, tp: bool) -> list[tuple[list[list[int]], GenerationSettings]]:
-    ee = dict(strategy="early_exit", max_new_tokens=NEW)
+    ee = dict(strategy="early_exit", max_new_tokens=NEW, exit_policy="exact")  # per-token exits, as the reference
     settings = [
         GenerationSettings(strategy="full", max_new_tokens=NEW),
         GenerationSettings(early_exit_threshold=1.0, **ee),
@@ -133,7 +133,10 @@ def check_pipeline(family, pp, tp=1):
     model = make(family)
     case_list = cases(model, tp=False)
     want = reference(model, case_list)
-    kv_case = (PROMPTS, GenerationSettings("early_exit", max_new_tokens=NEW, early_exit_threshold=0.0))
+    kv_case = (
+        PROMPTS,
+        GenerationSettings("early_exit", max_new_tokens=NEW, early_exit_threshold=0.0, exit_policy="exact"),
+    )
     ranks = run_distributed(_pp_worker, pp * tp, family, case_list, kv_case, tp)
     for outs, _, _ in ranks:
         for (prompts, s), got, ref in zip(case_list, outs, want):
@@ -175,7 +178,9 @@ def test_pipeline_rejects_self_speculative():
     with pytest.raises(ValueError, match="self_speculative"):
         engine.generate(PROMPTS, GenerationSettings("self_speculative"))
     # One stage is the whole model: the pipeline engine then decodes like the plain one.
-    s = GenerationSettings("early_exit", max_new_tokens=NEW, early_exit_threshold=mid_threshold(model))
+    s = GenerationSettings(
+        "early_exit", max_new_tokens=NEW, early_exit_threshold=mid_threshold(model), exit_policy="exact"
+    )
     assert_equal_decoding(summary(engine.generate(PROMPTS, s)), reference(model, [(PROMPTS, s)])[0], "pp1")
 
 
@@ -189,7 +194,7 @@ def test_generate_cli_under_torchrun_tp2(tmp_path):
     model = make("llama")
     save_checkpoint(str(tmp_path / "ck"), 0, model, NullTokenizer(63))
     args = ["--load", str(tmp_path / "ck"), "--prompt", "1 2 3", "--prompt", "5 6", "--max-new-tokens", "5"]
-    args += ["--strategy", "early_exit", "--early-exit-thres", "0", "--json"]
+    args += ["--strategy", "early_exit", "--early-exit-thres", "0", "--exit-policy", "exact", "--json"]
     single = subprocess.run([sys.executable, "tools/generate.py", *args], capture_output=True, text=True, cwd=ROOT)
     assert single.returncode == 0, single.stderr
     run = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port())]

@@ -55,6 +55,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="confidence measure (default: learned when the checkpoint's exits have probes, else max_prob)",
     )  # fmt: skip
     p.add_argument(
+        "--exit-policy", choices=("exact", "cost_aware"), default="cost_aware",
+        help="early_exit: cost_aware lets tokens leave only where that saves time at this batch size and skips "
+        "exits that rarely pay; exact evaluates every allowed exit for every token",
+    )  # fmt: skip
+    p.add_argument(
         "--num-draft-tokens", type=_int_or_auto, default="auto",
         help="self_speculative: tokens drafted per round, or auto (chosen each round from measured acceptance)",
     )  # fmt: skip
@@ -103,17 +108,13 @@ def _threshold(text: str) -> float | str:
 def _calibrated(args) -> dict | None:
     """--early-exit-thres auto: the record tools/eval/calibrate_thresholds.py wrote into the checkpoint."""
     from megatron.early_exit.checkpointing import read_calibrated_thresholds
+    from megatron.early_exit.inference.settings import calibrated_settings
 
     if args.early_exit_thres != "auto":
         return None
     if args.pipeline_model_parallel_size > 1:
         raise ValueError("--early-exit-thres auto (per-exit thresholds) is not supported with pipeline parallelism")
-    record = read_calibrated_thresholds(args.load)
-    if record is None:
-        raise ValueError(
-            f"--early-exit-thres auto: {args.load} has no calibrated thresholds (tools/eval/calibrate_thresholds.py)"
-        )
-    return record
+    return calibrated_settings(read_calibrated_thresholds(args.load), f"--early-exit-thres auto: {args.load}")
 
 
 def read_prompts(args) -> list[str]:
@@ -175,7 +176,7 @@ _FLAGS = {
     "exit_layers": "--exit-layers", "num_draft_tokens": "--num-draft-tokens",
     "draft_exit_layer": "--draft-exit-layer", "max_new_tokens": "--max-new-tokens", "temperature": "--temperature",
     "top_k": "--top-k", "top_p": "--top-p", "stop_strings": "--stop", "stop_token_ids": "--stop-token-id",
-    "prompts": "--prompt",
+    "prompts": "--prompt", "exit_policy": "--exit-policy",
 }  # fmt: skip
 _FLAG_WORDS = re.compile(r"(?<![-\w])(" + "|".join(sorted(_FLAGS, key=len, reverse=True)) + r")\b")
 
@@ -199,12 +200,10 @@ def _generate(args, engine, ids, GenerationSettings):
         strategy=args.strategy, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
         top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop_strings=tuple(args.stop),
         stop_token_ids=tuple(args.stop_token_id), ignore_eos=args.ignore_eos,
-        early_exit_threshold=1.0 if auto else args.early_exit_thres,
-        exit_thresholds=auto["thresholds"] if auto else None,
         exit_layers=tuple(args.exit_layers) if args.exit_layers else None, min_exit_layer=args.min_exit_layer,
-        measure=auto["measure"] if auto else args.measure, num_draft_tokens=args.num_draft_tokens,
-        draft_exit_layer=args.draft_exit_layer,
-        return_logprobs=args.logprobs,
+        num_draft_tokens=args.num_draft_tokens, draft_exit_layer=args.draft_exit_layer,
+        return_logprobs=args.logprobs, exit_policy=args.exit_policy,
+        **(auto or {"early_exit_threshold": args.early_exit_thres, "measure": args.measure}),
     )  # fmt: skip
     return engine.generate(ids, settings)
 

@@ -17,6 +17,7 @@ exit. Writes `sweep.csv` and, when matplotlib is installed, `speedup.png`,
 `self_speculative.csv` (dynamic self-speculation: speed, acceptance, share of plain rounds).
 --repeats N alternates the thresholds in N rounds and keeps each row's best; the measure
 defaults to learned where the exits have probes.
+--exit-policy exact cost_aware gives rows for each policy (the `exit_policy` column).
 """
 
 from __future__ import annotations
@@ -124,17 +125,19 @@ def ideal_of(engine, costs, results: list, batch_size: int, settings, prefill_s:
 
 
 def timed_rows(engine, prompts, thresholds, args) -> dict:
-    """threshold -> decode_all's output, best tokens/s of --repeats rounds that alternate thresholds."""
+    """(exit policy, threshold) -> decode_all's output, best tokens/s of --repeats rounds that
+    alternate the rows."""
     from megatron.early_exit.inference import GenerationSettings
 
     best: dict = {}
     for _ in range(args.repeats):
-        for thr in thresholds:
-            settings = GenerationSettings(strategy="early_exit", early_exit_threshold=thr, measure=args.measure,
-                                          max_new_tokens=args.max_new_tokens, stop_strings=("\n",))  # fmt: skip
+        for key in [(pol, thr) for pol in args.exit_policy for thr in thresholds]:
+            settings = GenerationSettings(strategy="early_exit", early_exit_threshold=key[1], measure=args.measure,
+                                          max_new_tokens=args.max_new_tokens, stop_strings=("\n",),
+                                          exit_policy=key[0])  # fmt: skip
             out = decode_all(engine, prompts, args.batch_size, settings)
-            if thr not in best or out[0] > best[thr][1][0]:
-                best[thr] = (settings, out)
+            if key not in best or out[0] > best[key][1][0]:
+                best[key] = (settings, out)
     return best
 
 
@@ -152,14 +155,15 @@ def sweep(args) -> list[dict]:
     engine.generate(prompts[: args.batch_size], GenerationSettings(max_new_tokens=4))  # warm-up: first calls are slow
     costs, _ = cost_model.measure_costs(engine, prompts[: args.batch_size], args.measure, args.cost_steps, 3)
     best = timed_rows(engine, prompts, thresholds, args)
-    prefill_s = prefill_seconds(engine, prompts, args.batch_size, best[1.0][0])
-    _, (base_tps, full_texts, full_tokens, _, _) = best[1.0]
+    base = (args.exit_policy[0], 1.0)  # threshold 1.0 never evaluates an exit: full decoding under any policy
+    prefill_s = prefill_seconds(engine, prompts, args.batch_size, best[base][0])
+    _, (base_tps, full_texts, full_tokens, _, _) = best[base]
     rows = []
-    for thr in thresholds:
-        settings, (tps, texts, tokens, layers, results) = best[thr]
+    for (policy, thr), (settings, (tps, texts, tokens, layers, results)) in best.items():
         agree = [sum(a == b for a, b in zip(t, f)) / max(len(f), 1) for t, f in zip(tokens, full_tokens)]
         ideal = ideal_of(engine, costs, results, args.batch_size, settings, prefill_s)
         row = {
+            "exit_policy": policy,
             "threshold": thr,
             "tokens_per_sec": round(tps, 2),
             "speedup": round(tps / base_tps, 3),
@@ -230,11 +234,13 @@ def write_outputs(rows: list[dict], out: str, num_layers_hint: str) -> None:
     except ImportError:
         print("matplotlib is not installed: wrote sweep.csv only (pip install matplotlib for plots)")
         return
-    thr = [r["threshold"] for r in rows]
     fig, ax = plt.subplots(figsize=(5, 3.5))
-    ax.plot(thr, [r["speedup"] for r in rows], marker="o")
+    for policy in dict.fromkeys(r["exit_policy"] for r in rows):  # one line per exit policy
+        mine = [r for r in rows if r["exit_policy"] == policy]
+        ax.plot([r["threshold"] for r in mine], [r["speedup"] for r in mine], marker="o", label=policy)
     ax.set_xlabel("confidence threshold")
     ax.set_ylabel("speedup over full decoding")
+    ax.legend(title="exit policy", fontsize=7)
     fig.tight_layout()
     fig.savefig(os.path.join(out, "speedup.png"), dpi=120)
     fig, ax = plt.subplots(figsize=(5, 3.5))
@@ -275,6 +281,9 @@ def main(argv=None) -> None:
     p.add_argument("--plugin", action="append", default=[], help="import a module that registers measures")
     p.add_argument("--measure", choices=measure_names(),
                    help="exit measure (default: learned where the exits have probes, else max_prob)")  # fmt: skip
+    p.add_argument("--exit-policy", nargs="+", choices=("exact", "cost_aware"), default=["cost_aware"],
+                   help="rows for each exit policy (cost_aware: tokens leave only where that saves time at the batch "
+                   "size; exact: every allowed exit for every token)")  # fmt: skip
     p.add_argument("--num-examples", type=int, default=20)
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--max-new-tokens", type=int, default=48)

@@ -45,6 +45,7 @@ def generate(
     draft_exit_layer: int | str | None = "auto",
     return_logprobs: bool = False,
     profile: bool = False,
+    exit_policy: str = "cost_aware",
 ) -> list[GenerationResult]:
     """Decode `prompts` (lists of token ids, any lengths) as one batch; one result per prompt.
 
@@ -60,6 +61,9 @@ def generate(
         exits early (same tokens as "full"), 0.0 always takes the first allowed exit.
         `exit_layers` restricts which exits may fire, `min_exit_layer` drops shallower ones.
         Skipped layers' K/V are recomputed exactly when a later token goes deeper.
+        `exit_policy` "cost_aware" (default) lets tokens leave only where that saves time at
+        the batch size and skips exits that rarely pay; "exact" evaluates every allowed exit
+        for every token (inference/exit_decision.py).
       "self_speculative": greedy only, lossless: draft up to `num_draft_tokens` from
         `draft_exit_layer` (None: the deepest exit), verify with one pass of the deeper
         layers, keep the agreeing prefix plus the final head's token. "auto" (the default
@@ -76,7 +80,7 @@ def generate(
     settings = GenerationSettings(  # positional: the fields in their declared order
         strategy, max_new_tokens, temperature, top_k, top_p, seed, tuple(stop_token_ids), tuple(stop_strings),
         ignore_eos, early_exit_threshold, exits, min_exit_layer, measure, num_draft_tokens, draft_exit_layer,
-        return_logprobs, profile,
+        return_logprobs, profile, exit_policy=exit_policy,
     )  # fmt: skip
     return EarlyExitEngine(model, tokenizer).generate(prompts, settings)
 

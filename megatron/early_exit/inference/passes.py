@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 import torch
 
 from megatron.early_exit.inference.confidence import get_measure, max_prob
+from megatron.early_exit.inference.exit_decision import decide, worth_checking
 from megatron.early_exit.inference.kv_cache import KVCache, RowIndex
 
 
@@ -42,6 +43,7 @@ class ExitPolicy:
     measure: str = "max_prob"
     force: int | None = None  # this exit always fires (self-speculative drafting)
     per_exit: tuple[tuple[int, float], ...] = ()  # (exit, threshold) pairs overriding `threshold` (calibrated)
+    mode: str = "exact"  # exact: every allowed exit, every row; cost_aware: where leaving pays (exit_decision.py)
 
     def threshold_of(self, n: int) -> float:
         """Exit n's threshold: its own calibrated one where given, else the shared one."""
@@ -265,8 +267,8 @@ class Passes:
         records the leavers in `out` and returns them."""
         forced, threshold = policy.force == n, policy.threshold_of(n)
         cand = [a for a, b in enumerate(rows.seqs) if b in has_new]
-        if not cand or (not forced and threshold >= 1.0):
-            return set()  # threshold 1.0 never exits: do not even evaluate the head
+        if not cand or (not forced and threshold >= 1.0) or not worth_checking(self, n, rows, cand, policy):
+            return set()  # threshold 1.0 never exits, cost_aware skips a check that cannot pay: no head
         start = tick(self.device) if self.profile else 0.0
         head, seqs = self.model.exits[str(n)], [rows.seqs[a] for a in cand]
         hidden = self.exit_hidden(state, n, head, rows, cand)  # (A, 1, h)
@@ -274,12 +276,12 @@ class Passes:
         if measure.needs_vocab:
             logits = self.exit_logits(head, hidden)  # (A, V)
             conf = measure.from_logits(logits)
-            fire = list(range(len(cand))) if forced else (conf >= threshold).nonzero().flatten().tolist()
+            fire = list(range(len(cand))) if forced else decide(self, n, conf >= threshold, rows, cand, policy)
             if len(fire) < len(cand):
                 logits = logits[torch.tensor(fire, dtype=torch.long, device=self.device)]
         else:  # no vocabulary projection for the exits that stay
             conf = measure.from_hidden(head, hidden)
-            fire = (conf >= threshold).nonzero().flatten().tolist()
+            fire = decide(self, n, conf >= threshold, rows, cand, policy)
             logits = self.exit_logits(head, hidden[torch.tensor(fire, device=self.device)]) if fire else None
         conf_list = conf.tolist()
         for j, a in enumerate(fire):  # logits row j belongs to candidate a

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from megatron.early_exit.inference.confidence import MEASURES
+from megatron.early_exit.inference.exit_decision import EXIT_POLICIES
 
 
 @dataclass
@@ -29,6 +30,10 @@ class GenerationSettings:
     return_logprobs: bool = False
     profile: bool = False
     exit_thresholds: dict[int, float] | None = None  # per-exit thresholds (calibrated); override early_exit_threshold
+    # early_exit: "cost_aware" lets rows leave only where that saves time at this batch size and
+    # skips exits that rarely pay (inference/exit_decision.py); "exact" evaluates every allowed exit
+    # for every row (what equality tests against full decoding use).
+    exit_policy: str = "cost_aware"
 
 
 @dataclass
@@ -82,12 +87,27 @@ def default_measure(config) -> str:
     return "learned" if getattr(config, "use_exit_confidence_head", False) else "max_prob"
 
 
+def calibrated_settings(record: dict | None, where: str) -> dict:
+    """`GenerationSettings` fields for a checkpoint's calibrated thresholds ("threshold auto":
+    the record tools/eval/calibrate_thresholds.py wrote, `model.calibrated_thresholds`); `where`
+    names the input that asked, for the error when the checkpoint has none."""
+    if record is None:
+        raise ValueError(f"{where}: this checkpoint has no calibrated thresholds (tools/eval/calibrate_thresholds.py)")
+    return {
+        "early_exit_threshold": 1.0,
+        "exit_thresholds": dict(record["thresholds"]),
+        "measure": record.get("measure"),
+    }
+
+
 def check_values(s: GenerationSettings, strategies) -> None:
     """Raise ValueError naming the first setting out of range; `strategies`: the registry."""
     if s.strategy not in strategies:
         raise ValueError(f"strategy must be one of {', '.join(strategies)}, got {s.strategy!r}")
     if s.measure is not None and s.measure not in MEASURES:
         raise ValueError(f"measure must be one of {', '.join(MEASURES)}, got {s.measure!r}")
+    if s.exit_policy not in EXIT_POLICIES:
+        raise ValueError(f"exit_policy must be one of {', '.join(EXIT_POLICIES)}, got {s.exit_policy!r}")
     if not 0.0 <= s.early_exit_threshold <= 1.0:
         raise ValueError(f"early_exit_threshold must be in [0, 1], got {s.early_exit_threshold}")
     if s.exit_thresholds and not all(0.0 <= t <= 1.0 for t in s.exit_thresholds.values()):

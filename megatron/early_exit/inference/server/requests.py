@@ -18,7 +18,7 @@ from megatron.early_exit.inference.server.schemas import (
     CompletionRequest,
     MegatronRequest,
 )
-from megatron.early_exit.inference.settings import GenerationSettings
+from megatron.early_exit.inference.settings import GenerationSettings, calibrated_settings
 from megatron.early_exit.inference.strategies import STRATEGIES
 
 
@@ -79,6 +79,8 @@ def max_token_chars(tokenizer) -> int | None:
 MEGATRON_NAMES = {
     "exit_layers": "exit_layers",
     "early_exit_threshold": "early_exit_thres",
+    "exit_thresholds": "early_exit_thres",
+    "exit_policy": "exit_policy",
     "max_new_tokens": "tokens_to_generate",
     "prompts": "prompts",
     "temperature": "temperature",
@@ -93,6 +95,8 @@ OPENAI_NAMES = {
     "self_speculative": "early_exit.mode",
     "strategy": "early_exit.mode",
     "early_exit_threshold": "early_exit.threshold",
+    "exit_thresholds": "early_exit.threshold",
+    "exit_policy": "early_exit.exit_policy",
     "num_draft_tokens": "early_exit.num_draft_tokens",
     "max_new_tokens": "max_tokens",
     "temperature": "temperature",
@@ -121,9 +125,10 @@ def megatron_job(body: MegatronRequest, ctx: Context) -> Job:
         seed=body.random_seed,
         stop_token_ids=(body.stop_token,) if body.stop_token is not None else (),
         stop_strings=stops,
-        early_exit_threshold=body.early_exit_thres,
         exit_layers=tuple(body.exit_layers) if body.exit_layers is not None else None,
         return_logprobs=body.logprobs,
+        **threshold_fields(ctx, body.early_exit_thres, None, "early_exit_thres"),
+        **({"exit_policy": body.exit_policy} if body.exit_policy is not None else {}),
     )
     names = {**MEGATRON_NAMES, "self_speculative": "use_early_exit"}
     scored = body.logprobs and (body.echo_prompts or body.tokens_to_generate == 0)  # else logprobs of new tokens
@@ -143,7 +148,7 @@ def completion_job(body: CompletionRequest, ctx: Context) -> Job:
         prompts = [list(x) for x in p]
     max_new = body.max_tokens if body.max_tokens is not None else 16
     top = body.logprobs or 0
-    settings = _openai_settings(body, max_new, body.logprobs is not None)
+    settings = _openai_settings(body, max_new, body.logprobs is not None, ctx)
     prompts = [x for x in prompts for _ in range(body.n)]
     scored = body.echo and body.logprobs is not None  # lm-eval's loglikelihood: score the given text
     return _job(
@@ -168,7 +173,7 @@ def chat_job(body: ChatRequest, ctx: Context) -> tuple[Job, str]:
     room = ctx.limits.max_seq_length - len(ids)
     asked = body.max_completion_tokens or body.max_tokens
     max_new = asked if asked is not None else max(1, min(ctx.limits.max_new_tokens, room))
-    settings = _openai_settings(body, max_new, body.logprobs)
+    settings = _openai_settings(body, max_new, body.logprobs, ctx)
     prompts = [ids] * body.n
     top = body.top_logprobs or 0
     bias = logit_bias(body, ctx)
@@ -225,14 +230,32 @@ def render_chat(tokenizer, messages: list[dict]) -> str:
         raise ApiError(400, f"messages: the chat template rejected them: {e}", "messages") from None
 
 
-def _openai_settings(body, max_new: int, logprobs: bool) -> GenerationSettings:
+def threshold_fields(ctx: Context, threshold: float | str, measure: str | None, name: str) -> dict:
+    """GenerationSettings fields of a threshold: a number, or "auto": the checkpoint's calibrated
+    per-exit thresholds and their measure (the code path of tools/generate.py --early-exit-thres auto)."""
+    if threshold != "auto":
+        return {"early_exit_threshold": threshold, "measure": measure}
+    if ctx.batch_at_a_time:
+        raise ApiError(400, f"{name}: auto (per-exit thresholds) is not available with pipeline parallelism", name)
+    try:
+        fields = calibrated_settings(getattr(ctx.engine.model, "calibrated_thresholds", None), f"{name}: auto")
+    except ValueError as e:
+        raise ApiError(400, str(e), name) from None
+    if measure is not None and measure != fields["measure"]:
+        field = name.rsplit(".", 1)[0] + ".measure"
+        raise ApiError(400, f"{field}: the calibrated thresholds are for measure {fields['measure']!r}, "
+                       f"got {measure!r}", field)  # fmt: skip
+    return fields
+
+
+def _openai_settings(body, max_new: int, logprobs: bool, ctx: Context) -> GenerationSettings:
     ee = body.early_exit
     mode = ee.mode if ee is not None else "off"
     kw = {}
     if ee is not None:
         kw = dict(
-            early_exit_threshold=ee.threshold,
-            measure=ee.measure,
+            **threshold_fields(ctx, ee.threshold, ee.measure, "early_exit.threshold"),
+            **({"exit_policy": ee.exit_policy} if ee.exit_policy is not None else {}),
             exit_layers=tuple(ee.exit_layers) if ee.exit_layers is not None else None,
             min_exit_layer=ee.min_layer,
             num_draft_tokens=ee.num_draft_tokens,

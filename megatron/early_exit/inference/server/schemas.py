@@ -20,6 +20,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from megatron.early_exit.inference.confidence import measure_names
+from megatron.early_exit.inference.exit_decision import EXIT_POLICIES
 from megatron.early_exit.inference.strategies import strategy_names
 
 MAX_PROMPTS = 128  # Megatron's limit on prompts per PUT /api
@@ -35,6 +36,15 @@ class _Body(BaseModel):
     model_config = ConfigDict(strict=True, extra="ignore")
 
 
+def threshold_value(v: float | str) -> float | str:
+    """A confidence threshold: a number in [0, 1], or "auto" (calibrated per-exit thresholds)."""
+    if isinstance(v, str) and v != "auto":
+        raise ValueError(f'must be a number in [0, 1] or "auto", got {v!r}')
+    if not isinstance(v, str) and not 0.0 <= v <= 1.0:
+        raise ValueError(f"must be in [0, 1], got {v}")
+    return v
+
+
 class EarlyExitOptions(BaseModel):
     """The `early_exit` object of the OpenAI endpoints (DESIGN.md section 6 for the meaning)."""
 
@@ -42,7 +52,7 @@ class EarlyExitOptions(BaseModel):
 
     # Names from the registries (checked below; the OpenAPI schema lists them as enums).
     mode: str = Field("early_exit", json_schema_extra=lambda s: s.update(enum=list(early_exit_modes())))
-    threshold: float = Field(0.8, ge=0.0, le=1.0)
+    threshold: float | str = Field(0.8)  # "auto": the checkpoint's calibrated per-exit thresholds
     # None: learned where the model's exits carry confidence probes, else max_prob (`default_measure`).
     measure: str | None = Field(None, json_schema_extra=lambda s: s.update(enum=list(measure_names())))
     exit_layers: list[int] | None = Field(None, min_length=1, max_length=256)
@@ -50,6 +60,13 @@ class EarlyExitOptions(BaseModel):
     # self_speculative: "auto" chooses each round from measured acceptance (plain steps when no draft pays).
     num_draft_tokens: Annotated[int, Field(ge=1, le=64)] | Literal["auto"] = "auto"
     draft_exit_layer: Annotated[int, Field(ge=1)] | Literal["auto"] | None = "auto"  # None: the deepest exit
+    # None: GenerationSettings' default (cost_aware); checked against the engine's names (a 400).
+    exit_policy: str | None = Field(None, json_schema_extra=lambda s: s.update(enum=list(EXIT_POLICIES)))
+
+    @field_validator("threshold")
+    @classmethod
+    def _threshold(cls, v: float | str) -> float | str:
+        return threshold_value(v)
 
     @field_validator("mode")
     @classmethod
@@ -86,9 +103,15 @@ class MegatronRequest(_Body):
     echo_prompts: bool = False
     # EE-LLM
     use_early_exit: bool = False
-    early_exit_thres: float = Field(1.0, ge=0.0, le=1.0)
+    early_exit_thres: float | str = Field(1.0)  # "auto": the checkpoint's calibrated per-exit thresholds
     exit_layers: list[int] | None = Field(None, max_length=256)
     print_max_prob: bool = False
+    exit_policy: str | None = Field(None, json_schema_extra=lambda s: s.update(enum=list(EXIT_POLICIES)))
+
+    @field_validator("early_exit_thres")
+    @classmethod
+    def _threshold(cls, v: float | str) -> float | str:
+        return threshold_value(v)
 
     @model_validator(mode="after")
     def _one_filter(self) -> MegatronRequest:

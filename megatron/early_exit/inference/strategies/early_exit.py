@@ -1,7 +1,9 @@
 """`early_exit`: after each allowed exit, each sequence whose confidence reaches the threshold
 takes that exit's token (measure: the request's, else `default_measure`: learned where the
 exits carry probes, else max_prob); the others go deeper (per sequence; pending K/V are filled later by
-the pass machinery). On the pipeline engine this is EE-LLM's pipeline early exit."""
+the pass machinery). `exit_policy` cost_aware lets them leave only where that saves time at the
+pass's size (inference/exit_decision.py). On the pipeline engine this is EE-LLM's pipeline early
+exit, always exact."""
 
 from megatron.early_exit.inference.confidence import get_measure
 from megatron.early_exit.inference.passes import ExitPolicy
@@ -21,4 +23,6 @@ class EarlyExit(Strategy):
         if set(per_exit) - set(engine.exits):
             raise ValueError(f"exit_thresholds: {sorted(per_exit)} are not all exits of this model")
         pairs = tuple(sorted((int(n), float(t)) for n, t in per_exit.items()))
-        return ExitPolicy(tuple(allowed), float(s.early_exit_threshold), measure, per_exit=pairs)
+        # The pipeline engine pays no recompute (later stages fill K/V) and frees stage 0 with each exit: exact.
+        mode = "exact" if getattr(engine, "specs", None) is not None else s.exit_policy
+        return ExitPolicy(tuple(allowed), float(s.early_exit_threshold), measure, per_exit=pairs, mode=mode)

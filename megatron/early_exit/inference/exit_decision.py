@@ -1,0 +1,193 @@
+"""Which rows leave at an exit, and whether an exit is worth evaluating at all (DESIGN.md section 6,
+"Batches"): the `cost_aware` exit policy.
+
+Decoding at small batch is memory-bound: one layer over r rows costs t(r) = a + b*r with a
+(reading the layer's weights) much larger than b (one row's arithmetic). A row that leaves at
+exit n while others go on saves b per remaining layer, and the next time a token of its
+sequence goes deeper its state is recomputed through those layers: `row` per layer, about b
+or more. So a leaver pays only when the whole pass ends (everyone leaves: the remaining layers
+and the final head are not run at all), or where b exceeds the recompute (a cost model that
+says so). Rows that do not leave go on to the next exit or the final head, so the output can
+only move toward full decoding's.
+
+`exact` (the policy every equality test uses) lets each row whose confidence reaches the
+threshold leave; `cost_aware`:
+  (a) lets the rows that would fire leave together only where the time their leaving saves
+      over the remaining layers exceeds their later recompute (`net_saving`); else none leaves;
+  (b) skips evaluating exit n where the running chance that its evaluation lets rows leave
+      (an exponential average per engine, exit, pass size and threshold) times that saving is
+      below the check's own cost; a skipped exit is still evaluated every `REFRESH`-th time so
+      that the average can recover.
+
+Regrouping sequences by exit depth into separate passes is not done: a second group reads the
+shared layers' weights again (d*a), against (L - d)*b*k saved for k rows: see the README.
+
+Costs come from `ExitCosts`: measured once per engine on first use (a few layer, head and
+check timings at batch 1 and 8, inside the engine's packed weights), taken from a fitted
+`cost_model.DecodeCosts` (`ExitCosts.from_cost_model`), or, where several processes decode
+together (tensor or pipeline parallelism, whose ranks must take the same decisions), derived
+from the parameter counts alone. Set `passes.exit_decider = ExitDecider(costs)` to fix them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from megatron.early_exit.inference.confidence import get_measure
+
+EXIT_POLICIES = ("exact", "cost_aware")
+REFRESH = 32  # a skipped exit is evaluated once in this many passes (its chance can recover)
+DECAY = 0.9  # weight of the past in the running chance
+TOLERANCE = 1e-9  # a saving within this share of a layer is a tie: the rows stay (toward full decoding)
+
+
+@dataclass(frozen=True)
+class ExitCosts:
+    """Seconds (or any one unit) of the pieces a decision weighs."""
+
+    layer_fixed: float  # a: one layer's cost that does not depend on the rows (weights read)
+    layer_row: float  # b: what each row adds to one layer
+    row: float  # one row recomputed later through one layer (pending fill)
+    head: float  # a vocabulary projection (final head, or an exit's for its leavers)
+    vocab: float  # a check that projects onto the vocabulary (max_prob, entropy, ...)
+    probe: float  # a check that reads the exit's hidden state alone (learned)
+
+    def layer(self, rows: int) -> float:
+        """One layer over `rows` rows (none: not run)."""
+        return self.layer_fixed + self.layer_row * rows if rows > 0 else 0.0
+
+    def check(self, needs_vocab: bool) -> float:
+        return self.vocab if needs_vocab else self.probe
+
+    @classmethod
+    def from_cost_model(cls, c) -> ExitCosts:
+        """From a fitted `cost_model.DecodeCosts` (measured at batch c.batch; its `row` is one
+        more row per sequence through one layer, i.e. c.batch rows)."""
+        per_row = c.row / max(c.batch, 1)
+        vocab = sum(c.vocab.values()) / len(c.vocab) if c.vocab else c.head
+        probe = sum(c.probe.values()) / len(c.probe) if c.probe else vocab
+        return cls(max(c.layer - per_row * c.batch, 0.0), per_row, per_row, c.head, vocab, probe)
+
+    @classmethod
+    def from_parameters(cls, passes) -> ExitCosts:
+        """Deterministic costs from parameter counts (every rank derives the same): a layer's
+        weights read, a row 1/32 of it, a projection its matrix, a probe 1/50 of a layer."""
+        layer = sum(p.numel() for p in passes.model.decoder.layers[str(passes.start)].parameters())
+        head = float(passes.vocab * passes.config.hidden_size)
+        return cls(float(layer), layer / 32, layer / 32, head, head, layer / 50)
+
+
+@torch.no_grad()
+def measure_exit_costs(passes, batch: int = 8, repeats: int = 3) -> ExitCosts:
+    """Time one layer over 1 and `batch` rows and over `batch` sequences of 2 rows, the final
+    head, and one check of the first exit of each kind, best of `repeats` (a few ms on CPU)."""
+    from megatron.early_exit.inference.confidence import learned, max_prob
+    from megatron.early_exit.inference.cost_model import best_times
+    from megatron.early_exit.inference.passes import Rows, StepOutput
+
+    state, h = passes.new_state(batch, 4), passes.config.hidden_size
+    x = torch.randn(batch, 2, h, generator=torch.Generator().manual_seed(0)).to(passes.device, passes.dtype)
+
+    def rows(a: int, r: int) -> Rows:
+        return Rows(list(range(a)), [0] * a, [r] * a, x[:a, :r].clone())  # (a, r, h)
+
+    one, i, memo = rows(1, 1), passes.start, {}
+    fns = {
+        "one": lambda: passes.advance(state, i, rows(1, 1), memo),
+        "many": lambda: passes.advance(state, i, rows(batch, 1), memo),
+        "two": lambda: passes.advance(state, i, rows(batch, 2), memo),
+        "head": lambda: passes.final_head(one, False, StepOutput()),
+    }
+    plain = [n for n in passes.exits if str(n) in passes.model.exits and n not in passes.block_slots]
+    if plain:
+        n, head = plain[0], passes.model.exits[str(plain[0])]
+        hidden = lambda: passes.exit_hidden(state, n, head, one, [0])  # noqa: E731
+        fns["vocab"] = lambda: max_prob(passes.exit_logits(head, hidden()))
+        if head.confidence is not None:
+            fns["probe"] = lambda: learned(head, hidden())
+    t = best_times(fns, passes.device, repeats)
+    b = max(t["many"] - t["one"], 0.0) / (batch - 1)
+    row = max((t["two"] - t["many"]) / batch, b)  # a recomputed row rides a pass as one more row, at least b
+    vocab = t.get("vocab", t["head"])
+    return ExitCosts(max(t["one"] - b, 0.0), b, row, t["head"], vocab, t.get("probe", vocab))
+
+
+def distributed() -> bool:
+    """Several processes decode together: their decisions must not depend on their own clocks."""
+    return (
+        torch.distributed.is_available()
+        and torch.distributed.is_initialized()
+        and torch.distributed.get_world_size() > 1
+    )
+
+
+@dataclass
+class ExitDecider:
+    """One engine's costs and, per (exit, measure, threshold, candidates), the running chance
+    that evaluating the exit lets rows leave; `skipped` counts passes since the last evaluation."""
+
+    costs: ExitCosts | None = None
+    chance: dict[tuple, float] = field(default_factory=dict)
+    skipped: dict[tuple, int] = field(default_factory=dict)
+
+    def costs_for(self, passes) -> ExitCosts:
+        if self.costs is None:
+            self.costs = ExitCosts.from_parameters(passes) if distributed() else measure_exit_costs(passes)
+        return self.costs
+
+    def net_saving(self, passes, n: int, rows, leaving: list[int], measure: str) -> float:
+        """Time saved if the sequences at `rows` indices `leaving` leave at exit n, less their
+        later recompute (and, for a measure without the projection, the leavers' projection)."""
+        c, m = self.costs_for(passes), passes.num_layers - passes.depth(n)
+        total, gone = sum(rows.n), sum(rows.n[a] for a in leaving)
+        saved = m * (c.layer(total) - c.layer(total - gone)) + (c.head if gone == total else 0.0)
+        projection = 0.0 if get_measure(measure).needs_vocab else c.head
+        return saved - gone * m * c.row - projection
+
+    def worth_checking(self, passes, n: int, rows, cand: list[int], policy) -> bool:
+        """(b): evaluate exit n only where its chance of paying times the saving beats the check."""
+        key = (n, policy.measure, policy.threshold_of(n), len(cand))
+        c = self.costs_for(passes)
+        expected = self.chance.get(key, 1.0) * self.net_saving(passes, n, rows, cand, policy.measure)
+        if expected > c.check(get_measure(policy.measure).needs_vocab):
+            return True
+        self.skipped[key] = self.skipped.get(key, 0) + 1
+        if self.skipped[key] >= REFRESH:  # look again now and then: the chance may have changed
+            self.skipped[key] = 0
+            return True
+        return False
+
+    def choose(self, passes, n: int, fires: list[int], rows, cand: list[int], policy) -> list[int]:
+        """(a): `fires` (indices into `cand`) leave together where that pays, else nobody does.
+        Under t(r) = a + b*r the saving is linear in the leavers but for the whole pass ending,
+        so the firing set or nothing is the best choice among its subsets."""
+        net = self.net_saving(passes, n, rows, [cand[j] for j in fires], policy.measure) if fires else 0.0
+        leave = fires if net > TOLERANCE * self.costs_for(passes).layer(1) else []  # a tie (round-off) stays
+        key = (n, policy.measure, policy.threshold_of(n), len(cand))
+        self.chance[key] = DECAY * self.chance.get(key, 1.0) + (1 - DECAY) * float(bool(leave))
+        return leave
+
+
+def decider_of(passes) -> ExitDecider:
+    """The engine's decider (made on first use)."""
+    if getattr(passes, "exit_decider", None) is None:
+        passes.exit_decider = ExitDecider()
+    return passes.exit_decider
+
+
+def worth_checking(passes, n: int, rows, cand: list[int], policy) -> bool:
+    """Whether check_exit evaluates exit n at all: always under `exact` and for a forced exit."""
+    if policy.mode == "exact" or policy.force == n:
+        return True
+    return decider_of(passes).worth_checking(passes, n, rows, cand, policy)
+
+
+def decide(passes, n: int, fire: torch.Tensor, rows, cand: list[int], policy) -> list[int]:
+    """The candidates (indices into `cand`) that leave at exit n, from `fire` ([A] bool: the
+    confidence reached the threshold): all of them under `exact`, else `ExitDecider.choose`."""
+    fires = fire.nonzero().flatten().tolist()
+    if policy.mode == "exact":
+        return fires
+    return decider_of(passes).choose(passes, n, fires, rows, cand, policy)

@@ -1,0 +1,165 @@
+"""Cost-aware exits (`exit_policy`): leave only where the pass's saving beats the leavers' later
+recompute, skip exits whose chance of paying is below the check's cost; `exact` unchanged.
+
+Costs are fixed (`passes.exit_decider = ExitDecider(costs)`) so that decisions do not depend on
+this machine's clock; the expected tokens come from an uncached model (`model(ids).exit_logits`)
+and the rule written out again here, not from the engine.
+"""
+
+import pytest
+import torch
+
+from megatron.early_exit.inference import EarlyExitEngine, GenerationSettings
+from megatron.early_exit.inference.confidence import MEASURES, Measure, register_measure
+from megatron.early_exit.inference.cost_model import DecodeCosts
+from megatron.early_exit.inference.exit_decision import REFRESH, ExitCosts, ExitDecider, measure_exit_costs
+from tests.test_inference import make
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest.one_thread
+
+PROMPTS = [[1, 2, 3, 4, 5], [7, 8], [9, 10, 11, 12, 13, 14, 15], [3]]
+NEW = 8
+# Memory-bound: a layer costs 1.0 for any few rows, a row 0.01, a recomputed row as much.
+MEMORY_BOUND = ExitCosts(layer_fixed=1.0, layer_row=0.01, row=0.01, head=1.0, vocab=0.0, probe=0.0)
+# Compute-bound: each row costs more than its later recompute, so any leaver pays.
+COMPUTE_BOUND = ExitCosts(layer_fixed=0.0, layer_row=1.0, row=0.1, head=0.5, vocab=0.0, probe=0.0)
+
+
+def engine_with(model, costs: ExitCosts) -> EarlyExitEngine:
+    engine = EarlyExitEngine(model)
+    engine.passes.exit_decider = ExitDecider(costs)
+    return engine
+
+
+def run(engine, prompts, **kw):
+    s = GenerationSettings(strategy="early_exit", max_new_tokens=NEW, ignore_eos=True, **kw)
+    out = engine.generate(prompts, s)
+    return [r.tokens for r in out], [r.exit_layers for r in out]
+
+
+@pytest.fixture(scope="module")
+def model():
+    return make("llama")
+
+
+@pytest.fixture
+def even_token():
+    """A measure that fires for some rows and not others: confidence 1 where the exit's greedy
+    token is not a multiple of 5 (on this model: some passes where all fire, some split)."""
+    register_measure(Measure("not_fifth", from_logits=lambda logits: (logits.argmax(-1) % 5 != 0).float()))
+    yield "not_fifth"
+    MEASURES.pop("not_fifth")
+
+
+@torch.no_grad()
+def expected_all_or_nothing(model, prompts, exits, fires):
+    """Greedy decoding where, at each exit in turn, the live sequences leave together if every one
+    of them fires (`fires(logits [V]) -> bool`), else all go deeper; uncached model, no engine."""
+    ids = [list(p) for p in prompts]
+    tokens, layers = [[] for _ in prompts], [[] for _ in prompts]
+    for step in range(NEW):
+        outs = [model(torch.tensor([x])) for x in ids]
+        heads = [(n, [o.exit_logits[n][0, -1] for o in outs]) for n in exits] if step else []  # prefill: no exits
+        heads.append((model.config.num_layers, [o.logits[0, -1] for o in outs]))
+        for n, logits in heads:
+            if n == model.config.num_layers or all(fires(x) for x in logits):
+                for b, x in enumerate(logits):
+                    tokens[b].append(int(x.argmax()))
+                    layers[b].append(n)
+                    ids[b].append(tokens[b][-1])
+                break
+    return tokens, layers
+
+
+def test_threshold_one_under_cost_aware_equals_full_decoding(model):
+    engine = EarlyExitEngine(model)  # costs measured on this machine: the rule never runs at 1.0
+    full = engine.generate(PROMPTS, GenerationSettings(strategy="full", max_new_tokens=NEW, ignore_eos=True))
+    tokens, layers = run(engine, PROMPTS, early_exit_threshold=1.0, exit_policy="cost_aware")
+    assert tokens == [r.tokens for r in full]
+    assert layers == [[4] * NEW] * len(PROMPTS)
+
+
+def test_batch_one_every_check_firing_equals_exact(model):
+    """At batch 1 a pass that ends at the first exit saves its remaining layers: every leaver pays."""
+    for prompt in PROMPTS:
+        exact = run(engine_with(model, MEMORY_BOUND), [prompt], early_exit_threshold=0.0, exit_policy="exact")
+        aware = run(engine_with(model, MEMORY_BOUND), [prompt], early_exit_threshold=0.0, exit_policy="cost_aware")
+        assert aware == exact
+        assert aware[1][0] == [4] + [1] * (NEW - 1)
+
+
+def test_batch_four_memory_bound_lets_all_or_none_leave(model, even_token):
+    exits = [2, 3]
+    kw = dict(early_exit_threshold=0.5, measure=even_token, exit_layers=tuple(exits))
+    tokens, layers = run(engine_with(model, MEMORY_BOUND), PROMPTS, exit_policy="cost_aware", **kw)
+    want = expected_all_or_nothing(model, PROMPTS, exits, lambda x: int(x.argmax()) % 5 != 0)
+    assert {2, 4} <= {x for seq in want[1] for x in seq}  # passes that ended at exit 2, and some that did not
+    assert (tokens, layers) == want
+    for step in range(NEW):  # every pass ended at one depth for every sequence
+        assert len({layers[b][step] for b in range(len(PROMPTS))}) == 1
+    # exact lets the firing rows leave alone: the test's measure does split the batch
+    _, exact_layers = run(engine_with(model, MEMORY_BOUND), PROMPTS, exit_policy="exact", **kw)
+    assert any(len({exact_layers[b][t] for b in range(len(PROMPTS))}) > 1 for t in range(NEW))
+
+
+def test_compute_bound_lets_a_subset_leave_as_exact_does(model, even_token):
+    """Where a row costs more than its later recompute, leaving pays for any subset: cost_aware = exact."""
+    kw = dict(early_exit_threshold=0.5, measure=even_token, exit_layers=(2, 3))
+    exact = run(engine_with(model, COMPUTE_BOUND), PROMPTS, exit_policy="exact", **kw)
+    assert run(engine_with(model, COMPUTE_BOUND), PROMPTS, exit_policy="cost_aware", **kw) == exact
+
+
+def test_exact_is_unchanged_by_costs(model):
+    """`exact` evaluates every allowed exit for every row whatever the costs say."""
+    kw = dict(early_exit_threshold=0.0, exit_layers=(2,), exit_policy="exact")
+    costly = ExitCosts(1.0, 0.01, 100.0, 1.0, 1e9, 1e9)  # nothing would pay
+    assert run(engine_with(model, costly), PROMPTS, **kw) == run(engine_with(model, MEMORY_BOUND), PROMPTS, **kw)
+    assert run(engine_with(model, costly), PROMPTS, **kw)[1] == [[4] + [2] * (NEW - 1)] * len(PROMPTS)
+
+
+def test_a_check_dearer_than_its_saving_is_skipped(model):
+    """Threshold 0 would always fire, but the check costs more than the pass could save: the exit
+    is not evaluated (full decoding's tokens) until the REFRESH-th pass looks again."""
+    costly_check = ExitCosts(1.0, 0.01, 0.01, 1.0, vocab=1e6, probe=1e6)
+    engine = engine_with(model, costly_check)
+    full = engine.generate(PROMPTS[:1], GenerationSettings(strategy="full", max_new_tokens=NEW, ignore_eos=True))
+    tokens, layers = run(engine, PROMPTS[:1], early_exit_threshold=0.0, exit_layers=(1,), measure="max_prob")
+    assert tokens == [full[0].tokens] and layers == [[4] * NEW]
+    decider = engine.passes.exit_decider
+    assert decider.skipped[(1, "max_prob", 0.0, 1)] == NEW - 1  # one skip per decode step
+
+
+def test_the_chance_of_paying_falls_and_recovers(model):
+    """The running chance: misses lower it until the exit is skipped; a refresh evaluation that
+    pays raises it again until the exit is evaluated every pass."""
+    engine = engine_with(model, ExitCosts(1.0, 0.01, 0.01, 0.0, vocab=1.0, probe=1.0))
+    p, decider = engine.passes, engine.passes.exit_decider
+    from megatron.early_exit.inference.passes import ExitPolicy, Rows
+
+    rows = Rows([0, 1], [0, 0], [1, 1], torch.zeros(2, 1, 32))
+    policy = ExitPolicy((2,), 0.5, "max_prob", mode="cost_aware")
+    key, saving = (2, "max_prob", 0.5, 2), decider.net_saving(p, 2, rows, [0, 1], "max_prob")
+    assert saving == pytest.approx(2 * (1.0 + 0.02) - 2 * 2 * 0.01)  # 2 layers left, 2 rows recomputed later
+    misses = 0
+    while decider.worth_checking(p, 2, rows, [0, 1], policy):
+        assert decider.choose(p, 2, [0], rows, [0, 1], policy) == []  # one of two rows: nobody leaves
+        misses += 1
+    assert decider.chance[key] * saving <= 1.0 < decider.chance[key] / 0.9 * saving and misses > 1
+    skips = 1 + sum(not decider.worth_checking(p, 2, rows, [0, 1], policy) for _ in range(REFRESH - 1))
+    assert skips == REFRESH - 1  # ... and the REFRESH-th pass evaluates
+    for _ in range(20):  # every row fires from now on: the chance climbs back
+        assert decider.choose(p, 2, [0, 1], rows, [0, 1], policy) == [0, 1]
+    assert decider.worth_checking(p, 2, rows, [0, 1], policy)
+
+
+def test_costs_from_the_cost_model_and_measured():
+    c = DecodeCosts(num_layers=4, depth={1: 1}, layer=1.0, fixed=0.5, head=2.0, vocab={1: 0.3}, project={1: 2.0},
+                    probe={1: 0.05}, row=0.4, batch=4)  # fmt: skip
+    assert ExitCosts.from_cost_model(c) == ExitCosts(0.6, 0.1, 0.1, 2.0, 0.3, 0.05)
+    measured = measure_exit_costs(EarlyExitEngine(make("llama")).passes, batch=4, repeats=1)
+    assert measured.layer_fixed > 0 and measured.row >= measured.layer_row >= 0 and measured.vocab > 0
+
+
+def test_bad_exit_policy_raises(model):
+    with pytest.raises(ValueError, match="exit_policy must be one of exact, cost_aware, got 'fast'"):
+        run(EarlyExitEngine(model), PROMPTS[:1], exit_policy="fast")

@@ -24,7 +24,9 @@ Shape legend: B batch slots, A sequences in one pass, R rows per sequence in tha
 
 from __future__ import annotations
 
+import functools
 import time
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -109,6 +111,11 @@ def tick(device: torch.device) -> float:
     return time.perf_counter()
 
 
+def run_layer(layer, x, rotary, attn_mask, view) -> torch.Tensor:
+    """One layer's decode call (what `Passes.enable_compile` compiles)."""
+    return layer(x, rotary, attn_mask, view)
+
+
 def local_kv_groups(model) -> int:
     """K/V heads this model's attention holds: every query group, or this rank's share when
     tensor parallelism sharded the QKV projection (found the way `split_qkv` finds it)."""
@@ -134,6 +141,7 @@ class Passes:
         self.kv_groups = local_kv_groups(model)
         self.profile = False
         self.fast = True  # False: every pass takes the exact (general) path, uniform decode steps too
+        self.compiled = None  # `enable_compile`: the compiled layer call of uniform steps
 
     def depth(self, n: int) -> int:
         """How many layers run before exit n reads the hidden state."""
@@ -234,8 +242,27 @@ class Passes:
         return x
 
     def layer_fn(self, i: int):
-        """What runs layer i in a uniform step: the module, or its compiled decode call."""
-        return self.model.decoder.layers[str(i)]
+        """What runs layer i in a uniform step: the module, or the compiled decode call."""
+        layer = self.model.decoder.layers[str(i)]
+        if self.compiled is None:
+            return layer
+        return functools.partial(self.compiled_layer, layer)
+
+    def enable_compile(self) -> None:
+        """Run uniform decode steps' layers through `torch.compile` (inductor; CPU too). One
+        function serves every layer (modules are inlined, their weights are graph inputs), the
+        cache position and length are dynamic, so graphs are made once per batch size and mask
+        kind (lengths equal or not), not per step or per layer."""
+        self.compiled = torch.compile(run_layer, dynamic=True)
+
+    def compiled_layer(self, layer, x, rotary, attn_mask, view) -> torch.Tensor:
+        """The compiled call; where compilation fails, one warning line and eager from then on."""
+        try:
+            return self.compiled(layer, x, rotary, attn_mask, view)
+        except Exception as e:  # inductor raises many kinds (missing compiler, lowering errors)
+            warnings.warn(f"torch.compile failed ({type(e).__name__}: {str(e).splitlines()[0][:200]}); decoding eagerly")
+            self.compiled = None
+            return layer(x, rotary, attn_mask, view)  # rewrites the same K/V: idempotent
 
     def exits_by_depth(self, policy: ExitPolicy) -> dict[int, list[int]]:
         """depth -> the exits `policy` evaluates there that this model holds."""

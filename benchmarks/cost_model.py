@@ -118,7 +118,7 @@ def main() -> None:
         "--probe-input", choices=["exit", "backbone"], default="backbone",
         help="what the built-in model's probes read (backbone: both inputs' check costs are printed)",
     )  # fmt: skip
-    p.add_argument("--no-exact", action="store_true", help="skip measuring the exact path (fast path off) for comparison")
+    p.add_argument("--no-exact", action="store_true", help="skip timing the exact path (fast path off) to compare")
     args = p.parse_args()
     if args.repeats < 1 or args.steps < 1 or args.batch < 1:
         p.error("--repeats, --steps and --batch must be >= 1")

@@ -26,23 +26,40 @@ BASE = dict(
 FAMILIES = {
     # GQA (2 groups of 2 heads), norm+MLP exits with probes on the exit's hidden state
     "llama_exit_probe": dict(
-        num_query_groups=2, exit_layer_nums=[1, 2, 3], use_exit_norm=True, use_exit_mlp=True,
+        num_query_groups=2,
+        exit_layer_nums=[1, 2, 3],
+        use_exit_norm=True,
+        use_exit_mlp=True,
         use_exit_confidence_head=True,
     ),
     # probes reading the backbone through their own norm
     "llama_backbone_probe": dict(
-        num_query_groups=2, exit_layer_nums=[1, 2, 3], use_exit_norm=True, use_exit_mlp=True,
-        use_exit_confidence_head=True, exit_confidence_input="backbone",
+        num_query_groups=2,
+        exit_layer_nums=[1, 2, 3],
+        use_exit_norm=True,
+        use_exit_mlp=True,
+        use_exit_confidence_head=True,
+        exit_confidence_input="backbone",
     ),
     # exits before their layer with their own transformer block (own KV cache), MHA
     "pre_exit_block": dict(
-        num_query_groups=4, exit_layer_nums=[1, 3], pre_exit=True, use_exit_block=True, use_exit_norm=True,
-        use_exit_confidence_head=True, exit_confidence_input="backbone",
+        num_query_groups=4,
+        exit_layer_nums=[1, 3],
+        pre_exit=True,
+        use_exit_block=True,
+        use_exit_norm=True,
+        use_exit_confidence_head=True,
+        exit_confidence_input="backbone",
     ),
     # GPT-2 style: learned positions, LayerNorm, GELU, biases, no probes (max_prob)
     "gpt2": dict(
-        normalization="LayerNorm", swiglu=False, position_embedding_type="learned_absolute", add_bias_linear=True,
-        exit_layer_nums=[1, 2, 3], use_exit_norm=True, use_exit_mlp=True,
+        normalization="LayerNorm",
+        swiglu=False,
+        position_embedding_type="learned_absolute",
+        add_bias_linear=True,
+        exit_layer_nums=[1, 2, 3],
+        use_exit_norm=True,
+        use_exit_mlp=True,
     ),
 }
 PROMPTS = {1: [[5, 9, 2, 7]], 4: [[1, 2, 3, 4, 5], [7, 8], [9, 10, 11, 12, 13, 14, 15], [3]]}
@@ -194,7 +211,8 @@ def test_compile_failure_falls_back_to_eager_with_one_warning(monkeypatch):
     monkeypatch.setattr(torch, "compile", lambda fn, **kw: broken)  # (importing dynamo costs seconds)
     engine = EarlyExitEngine(model, compile=True)
     assert engine.passes.compiled is broken and not engine.packed_weights
-    with pytest.warns(UserWarning, match=r"torch.compile failed \(RuntimeError: no C\+\+ compiler\); decoding eagerly") as w:
+    message = r"torch.compile failed \(RuntimeError: no C\+\+ compiler\); decoding eagerly"
+    with pytest.warns(UserWarning, match=message) as w:
         got = [r.tokens for r in engine.generate(PROMPTS[4], s)]
     assert len(w) == 1 and engine.passes.compiled is None
     assert got == expected

@@ -260,7 +260,8 @@ class Passes:
         try:
             return self.compiled(layer, x, rotary, attn_mask, view)
         except Exception as e:  # inductor raises many kinds (missing compiler, lowering errors)
-            warnings.warn(f"torch.compile failed ({type(e).__name__}: {str(e).splitlines()[0][:200]}); decoding eagerly")
+            first = str(e).splitlines()[0][:200] if str(e) else ""
+            warnings.warn(f"torch.compile failed ({type(e).__name__}: {first}); decoding eagerly", stacklevel=2)
             self.compiled = None
             return layer(x, rotary, attn_mask, view)  # rewrites the same K/V: idempotent
 

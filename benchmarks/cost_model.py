@@ -6,9 +6,11 @@
     python benchmarks/cost_model.py --load runs/demo/checkpoints --measure max_prob
 
 Prints the measured costs (per layer fitted and timed alone, fixed per step, final head, each
-exit's checks and the extra row), what an exit check that does not fire costs as a share of
-one layer (learned probe vs max_prob; the probe reads the exit's hidden state, so it includes
-the exit's norm and MLP where it has them), then predicted vs measured time per token for full
+exit's checks and the extra row), with the uniform decode fast path off (exact path) and on
+side by side (`--no-exact`: on only); what an exit check that does not fire costs as a share of
+one layer (learned probe vs max_prob; a probe reading the exit's hidden state includes the
+exit's norm and MLP, one reading the backbone (`--probe-input backbone`, the default for the
+built-in model) only its own norm, and both are printed), then predicted vs measured time per token for full
 decoding and for "every token leaves at exit k" (early_exit, exit_layers=(k,), threshold
 0.0) for each exit: the model fits `layer` and `fixed` through these, so their ratio checks
 that step time is linear in the layers run with the timed heads and checks on top (target
@@ -34,6 +36,18 @@ from megatron.early_exit.inference import cost_model as cm  # noqa: E402
 from megatron.early_exit.inference.confidence import get_measure  # noqa: E402
 
 
+def print_fast_vs_exact(exact: cm.DecodeCosts, fast: cm.DecodeCosts) -> None:
+    """The step's fixed cost and the per-layer cost with the uniform decode fast path off and on."""
+    ms = 1e3
+    print(f"\n  {'(ms per decode step)':24s} {'exact path':>11s} {'fast path':>10s} {'fast/exact':>11s}")
+    for name in ("fixed", "layer", "layer_direct", "head"):
+        a, b = getattr(exact, name), getattr(fast, name)
+        ratio = f"{b / a:11.3f}" if a > 0 else f"{'-':>11s}"
+        print(f"  {name:24s} {a * ms:11.3f} {b * ms:10.3f} {ratio}")
+    full_a, full_b = cm.predicted_step(exact, "full", True), cm.predicted_step(fast, "full", True)
+    print(f"  {'full step (predicted)':24s} {full_a * ms:11.3f} {full_b * ms:10.3f} {full_b / full_a:11.3f}")
+
+
 def print_costs(c: cm.DecodeCosts) -> None:
     ms = 1e3
     print(
@@ -52,6 +66,8 @@ def print_costs(c: cm.DecodeCosts) -> None:
     for n in c.depth:
         probe = c.probe.get(n)
         learned = f"learned {share(probe)}, " if probe is not None else ""
+        if n in c.fire_hidden:  # the probe reads the backbone: also show it reading the exit's hidden state
+            learned = f"learned on backbone {share(probe)}, on exit hidden {share(c.probe_exit[n])}, "
         p_ms = f"{probe * ms:8.3f}" if probe is not None else f"{'-':>8s}"
         print(
             f"  {n:5d} {c.depth[n]:6d} {p_ms} {c.vocab[n] * ms:9.3f} {c.project[n] * ms:8.3f}  "
@@ -98,6 +114,11 @@ def main() -> None:
     p.add_argument("--mixed-threshold", type=float, default=0.5)
     p.add_argument("--threads", type=int, default=os.cpu_count())
     p.add_argument("--device", default="cpu")
+    p.add_argument(
+        "--probe-input", choices=["exit", "backbone"], default="backbone",
+        help="what the built-in model's probes read (backbone: both inputs' check costs are printed)",
+    )  # fmt: skip
+    p.add_argument("--no-exact", action="store_true", help="skip timing the exact path (fast path off) to compare")
     args = p.parse_args()
     if args.repeats < 1 or args.steps < 1 or args.batch < 1:
         p.error("--repeats, --steps and --batch must be >= 1")
@@ -107,7 +128,7 @@ def main() -> None:
 
         model, tok = load_checkpoint(args.load)
     else:
-        model, tok = smollm2_shaped()
+        model, tok = smollm2_shaped(args.probe_input)
     model = model.to(device=args.device, dtype=DTYPES[args.dtype]).eval()
     engine = EarlyExitEngine(model, tok)
     c = model.config
@@ -119,7 +140,13 @@ def main() -> None:
     )
     gen = torch.Generator().manual_seed(0)
     prompts = [torch.randint(0, engine.vocab, (args.prompt_len,), generator=gen).tolist() for _ in range(args.batch)]
+    if not args.no_exact:
+        engine.passes.fast = False
+        exact, _ = cm.measure_costs(engine, prompts, args.measure, args.steps, args.repeats)
+        engine.passes.fast = True
     costs, measured = cm.measure_costs(engine, prompts, args.measure, args.steps, args.repeats)
+    if not args.no_exact:
+        print_fast_vs_exact(exact, costs)
     print_costs(costs)
     check_against_clock(engine, prompts, costs, measured, args.measure)
     if c.exit_layer_nums:

@@ -42,7 +42,7 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 TEXT = "In this paper we propose a new method for early exit in large language models and show that it"
 
 
-def smollm2_shaped():
+def smollm2_shaped(probe_input: str = "exit"):
     from megatron.early_exit.config import ModelConfig
     from megatron.early_exit.model import EarlyExitGPT
 
@@ -50,7 +50,7 @@ def smollm2_shaped():
         num_layers=30, hidden_size=576, num_attention_heads=9, num_query_groups=3, ffn_hidden_size=1536,
         vocab_size=49152, max_position_embeddings=8192, normalization="RMSNorm", swiglu=True,
         position_embedding_type="rope", rotary_base=100000.0, add_bias_linear=False, exit_layer_nums=[8, 15, 22],
-        use_exit_norm=True, use_exit_mlp=True, use_exit_confidence_head=True,
+        use_exit_norm=True, use_exit_mlp=True, use_exit_confidence_head=True, exit_confidence_input=probe_input,
     )  # fmt: skip
     model = EarlyExitGPT(cfg)
     model.init_weights(0)

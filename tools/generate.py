@@ -68,6 +68,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="self_speculative: the drafting exit, or auto (chosen each round; plain steps when no draft pays)",
     )  # fmt: skip
     p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument(
+        "--compile", action="store_true",
+        help="run decode steps' layers through torch.compile (one device; falls back to eager with a warning)",
+    )  # fmt: skip
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--top-p", type=float, default=1.0)
@@ -244,7 +248,7 @@ def _load(args, device, dtype):
     tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
     if tp == pp == 1 and int(os.environ.get("WORLD_SIZE", "1")) == 1:
         model, tok = load_checkpoint(args.load, device=device, dtype=dtype)
-        return model, tok, EarlyExitEngine(model, tok), True
+        return model, tok, EarlyExitEngine(model, tok, compile=args.compile), True
     pstate = initialize(tp, pp, device)
     model, tok, specs = load_stage(args.load, pstate, dtype)
     return model, tok, make_engine(model, tok, pstate, specs), pstate.rank == 0

@@ -13,7 +13,9 @@ what makes an exit that does not fire nearly free).
 - top2_margin: p1 - p2, the gap between the two most likely tokens.
 - entropy: 1 - H(p) / log V: 1 for a one-hot distribution, 0 for the uniform one.
 - learned: sigmoid of the exit's confidence probe (a linear layer on the exit's hidden
-  state trained to predict "this exit's token equals the final head's"); needs probes.
+  state, or on the backbone's through the probe's own norm with `exit_confidence_input=
+  "backbone"`, trained to predict "this exit's token equals the final head's"); needs probes.
+  Reading the backbone, a check that does not fire costs one norm and one dot product.
 
 A new measure is one `register_measure(Measure(...))` call in any imported module (for the
 command-line tools: `--plugin MODULE`).
@@ -34,13 +36,17 @@ import torch
 class Measure:
     """One confidence measure. `from_logits`: logits [A, V] -> confidence [A] (fp32), required
     when `needs_vocab`; `from_hidden`: (exit head, exit hidden [A, 1, h]) -> confidence [A],
-    required otherwise. `needs_probe`: the exits must carry confidence probes."""
+    required otherwise. `needs_probe`: the exits must carry confidence probes. `from_backbone`:
+    (exit head, backbone row at the exit's depth [A, 1, h]) -> confidence [A], used instead of
+    `from_hidden` for exits whose probe reads the backbone (`head.probe_reads_backbone`), so
+    the exit's own layers run only for the rows that fire."""
 
     name: str
     needs_vocab: bool = True
     from_logits: Callable[[torch.Tensor], torch.Tensor] | None = None
     from_hidden: Callable[[object, torch.Tensor], torch.Tensor] | None = None
     needs_probe: bool = False
+    from_backbone: Callable[[object, torch.Tensor], torch.Tensor] | None = None
 
 
 MEASURES: dict[str, Measure] = {}
@@ -87,11 +93,20 @@ def entropy(logits: torch.Tensor) -> torch.Tensor:
 
 
 def learned(head, exit_hidden: torch.Tensor) -> torch.Tensor:
-    """The exit's probe: exit hidden [A, 1, h] -> P(exit agrees with the final head) [A] in fp32."""
+    """The exit's probe: exit hidden [A, 1, h] -> P(exit agrees with the final head) [A] in fp32
+    (exits whose probe reads the exit's hidden state, `exit_confidence_input="exit"`)."""
     return torch.sigmoid(head.confidence_logit(exit_hidden)[:, 0].float())
+
+
+def learned_from_backbone(head, backbone: torch.Tensor) -> torch.Tensor:
+    """The exit's probe on the backbone row [A, 1, h] at its depth, through the probe's own norm
+    (`exit_confidence_input="backbone"`) -> P(exit agrees with the final head) [A] in fp32."""
+    return torch.sigmoid(head.confidence_logit(head.probe_input(backbone))[:, 0].float())
 
 
 register_measure(Measure("max_prob", from_logits=max_prob))
 register_measure(Measure("top2_margin", from_logits=top2_margin))
 register_measure(Measure("entropy", from_logits=entropy))
-register_measure(Measure("learned", needs_vocab=False, from_hidden=learned, needs_probe=True))
+register_measure(
+    Measure("learned", needs_vocab=False, from_hidden=learned, needs_probe=True, from_backbone=learned_from_backbone)
+)

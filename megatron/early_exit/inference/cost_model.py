@@ -11,8 +11,13 @@ through the engine's own code (`Passes`, prepacked weights entered as in decodin
                 steps of full decoding and of "every token leaves at exit k" for each exit;
   layer_direct  one layer timed alone (`Passes.advance`), to compare with the fitted `layer`;
   head          the final norm and head projection for the batch's newest rows;
-  probe[n]      exit n's hidden state and the learned probe: a check with no vocabulary
-                projection (what an exit that does not fire costs under `learned`);
+  probe[n]      the learned probe as the exit evaluates it: on the exit's hidden state (so its
+                norm and MLP included), or on the backbone row through the probe's own norm
+                (`exit_confidence_input="backbone"`): what an exit that does not fire costs;
+  probe_exit[n] the probe on the exit's hidden state, whichever input the probe reads (to
+                compare the two inputs on one model);
+  fire_hidden[n] exit n's hidden state (its norm, MLP), where the probe reads the backbone:
+                then a firing check adds it before the projection;
   vocab[n]      exit n's hidden state, vocabulary projection and max_prob (a max_prob check);
   project[n]    exit n's vocabulary projection alone (what a firing `learned` check adds);
   row           one more row per sequence through one layer (pending-state fill, and the
@@ -36,7 +41,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from megatron.early_exit.inference.confidence import get_measure, learned, max_prob
+from megatron.early_exit.inference.confidence import get_measure, learned, learned_from_backbone, max_prob
 from megatron.early_exit.inference.passes import Rows, StepOutput, tick
 from megatron.early_exit.inference.settings import GenerationResult, GenerationSettings
 
@@ -56,6 +61,8 @@ class DecodeCosts:
     row: float = 0.0
     layer_direct: float = 0.0
     batch: int = 1
+    fire_hidden: dict[int, float] = field(default_factory=dict)  # exit's own layers, run only when it fires
+    probe_exit: dict[int, float] = field(default_factory=dict)  # the probe on the exit's hidden state
 
     def reach(self, exit_layer: int) -> int:
         """Layers a token that left at `exit_layer` ran (the final head: all of them)."""
@@ -65,7 +72,7 @@ class DecodeCosts:
         """One evaluation of exit n for the batch."""
         if needs_vocab:
             return self.vocab[n]
-        return self.probe[n] + (self.project[n] if fired else 0.0)
+        return self.probe[n] + (self.project[n] + self.fire_hidden.get(n, 0.0) if fired else 0.0)
 
     def step(self, exits: Sequence[int], evaluated: Sequence[int], needs_vocab: bool, extra_rows: int = 0) -> float:
         """One decode step whose sequences left at `exits`, evaluating the exits in `evaluated`
@@ -184,7 +191,10 @@ def piece_times(engine, prompts: list[list[int]], repeats: int, extra_rows: int 
         fns[f"vocab/{n}"] = lambda n=n, h=head: max_prob(p.exit_logits(h, p.exit_hidden(state, n, h, one, cand)))
         fns[f"project/{n}"] = lambda h=head, x=hidden: p.exit_logits(h, x)
         if head.confidence is not None:
-            fns[f"probe/{n}"] = lambda n=n, h=head: learned(h, p.exit_hidden(state, n, h, one, cand))
+            fns[f"probe_exit/{n}"] = lambda n=n, h=head: learned(h, p.exit_hidden(state, n, h, one, cand))
+        if head.confidence is not None and head.probe_reads_backbone:
+            fns[f"probe/{n}"] = lambda h=head: learned_from_backbone(h, p.newest_rows(one, cand))
+            fns[f"hidden/{n}"] = lambda n=n, h=head: p.exit_hidden(state, n, h, one, cand)
     with engine.packed:
         return best_times(fns, p.device, repeats)
 
@@ -238,7 +248,9 @@ def measure_costs(
     depth = {n: p.depth(n) for n in p.exits}
     costs = DecodeCosts(
         p.num_layers, depth, pieces["layer"], 0.0, pieces["head"],
-        probe={n: pieces[f"probe/{n}"] for n in p.exits if f"probe/{n}" in pieces},
+        probe={n: pieces.get(f"probe/{n}", pieces[f"probe_exit/{n}"]) for n in p.exits if f"probe_exit/{n}" in pieces},
+        probe_exit={n: pieces[f"probe_exit/{n}"] for n in p.exits if f"probe_exit/{n}" in pieces},
+        fire_hidden={n: pieces[f"hidden/{n}"] for n in p.exits if f"hidden/{n}" in pieces},
         vocab={n: pieces[f"vocab/{n}"] for n in p.exits},
         project={n: pieces[f"project/{n}"] for n in p.exits},
         row=max(pieces["layer+rows"] - pieces["layer"], 0.0) / extra,

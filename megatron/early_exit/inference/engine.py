@@ -39,14 +39,21 @@ class _NoPacking:
 class EarlyExitEngine:
     """Decoding for one `EarlyExitGPT` on one device. Not thread-safe: one batch at a time."""
 
-    def __init__(self, model, tokenizer=None, packed_weights: bool = True, layer_range=None) -> None:
+    def __init__(
+        self, model, tokenizer=None, packed_weights: bool = True, layer_range=None, compile: bool = False
+    ) -> None:
         """packed_weights: on CPU, run Linears and heads on oneDNN-prepacked weights while decoding
         (`inference/packed.py`: 2-3x the weight bandwidth of `F.linear` at decode sizes).
-        layer_range: the layers this model holds (a pipeline stage's), default all."""
+        layer_range: the layers this model holds (a pipeline stage's), default all.
+        compile: run the layers of uniform decode steps through `torch.compile` (opt-in; inductor
+        makes its own kernels, so the prepacked weights are not used then); if compilation fails,
+        one warning and eager decoding."""
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.passes = Passes(model, layer_range)
-        self.packed = PackedWeights(model) if packed_weights else _NoPacking()
+        if compile:
+            self.passes.enable_compile()
+        self.packed = PackedWeights(model) if packed_weights and not compile else _NoPacking()
         self.packed_weights = self.packed.available
         p = self.passes
         self.config, self.num_layers, self.vocab = p.config, p.num_layers, p.vocab

@@ -87,3 +87,58 @@ class LayerView:
         if r.whole_batch:
             return kc[:, :, : r.span], vc[:, :, : r.span]  # (A, ng, span, hd) views
         return kc[r.batch_idx, :, : r.span], vc[r.batch_idx, :, : r.span]
+
+
+class DecodeIndex:
+    """The uniform decode step's layout: sequence b = seqs[a] gets exactly one new row, at
+    position pos[a], and every earlier position of it has K/V at every layer (nothing pending).
+
+    Each row's query attends to keys 0..pos[a] of its own slot, so no causal mask is needed:
+    when every position is the same the keys are a plain slice and SDPA runs without a mask;
+    otherwise one (A, 1, 1, span) mask hides each shorter sequence's unfilled tail. Built once
+    per step (and once more for the sequences left after an exit fires), shared by every layer.
+    """
+
+    def __init__(self, seqs: list[int], pos: list[int], cache: KVCache, device: torch.device) -> None:
+        a = len(seqs)
+        self.seqs, self.pos = seqs, pos
+        self.span = max(pos) + 1  # keys 0..span-1
+        self.same = min(pos) == self.span - 1
+        first = seqs[0]
+        self.contiguous = list(seqs) == list(range(first, first + a))
+        self.batch_slice = slice(first, first + a)  # used where `contiguous`: views, not copies
+        self.filled_b = np.asarray(seqs, dtype=np.int64)
+        self.filled_end = np.asarray(pos, dtype=np.int64) + 1
+        pos_t = torch.tensor(pos, dtype=torch.long)
+        self.positions = pos_t.view(a, 1).to(device)  # (A, 1)
+        self.batch_idx = torch.tensor(seqs, dtype=torch.long).to(device)
+        self.pos_idx = None if self.same else self.positions.view(a)
+        if self.same:
+            self.attn_mask = None
+        else:
+            keys = torch.arange(self.span)
+            self.attn_mask = (keys[None] <= pos_t[:, None]).view(a, 1, 1, self.span).to(device)  # (A, 1, 1, span)
+
+    def layer(self, cache: KVCache, index: int) -> DecodeView:
+        return DecodeView(cache, index, self)
+
+
+class DecodeView:
+    """`LayerView` for a `DecodeIndex`: slice writes and slice reads wherever the layout allows."""
+
+    def __init__(self, cache: KVCache, index: int, rows: DecodeIndex) -> None:
+        self.cache, self.index, self.rows = cache, index, rows
+
+    def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # k, v: (A, ng, 1, hd)
+        r = self.rows
+        kc, vc = self.cache.k[self.index], self.cache.v[self.index]  # (B, ng, T+1, hd)
+        b = r.batch_slice if r.contiguous else r.batch_idx
+        if r.same:
+            p = r.pos[0]
+            kc[b, :, p : p + 1] = k.to(kc.dtype)
+            vc[b, :, p : p + 1] = v.to(vc.dtype)
+        else:  # advanced indices split by a slice: the indexed dims come first, (A, ng, hd)
+            kc[r.batch_idx, :, r.pos_idx] = k[:, :, 0].to(kc.dtype)
+            vc[r.batch_idx, :, r.pos_idx] = v[:, :, 0].to(vc.dtype)
+        return kc[b, :, : r.span], vc[b, :, : r.span]  # (A, ng, span, hd): views where contiguous

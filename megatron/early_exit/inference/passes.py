@@ -24,14 +24,17 @@ Shape legend: B batch slots, A sequences in one pass, R rows per sequence in tha
 
 from __future__ import annotations
 
+import functools
 import time
+import warnings
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from megatron.early_exit.inference.confidence import get_measure, max_prob
 from megatron.early_exit.inference.exit_decision import decide, worth_checking
-from megatron.early_exit.inference.kv_cache import KVCache, RowIndex
+from megatron.early_exit.inference.kv_cache import DecodeIndex, KVCache, RowIndex
 
 
 @dataclass(frozen=True)
@@ -110,6 +113,11 @@ def tick(device: torch.device) -> float:
     return time.perf_counter()
 
 
+def run_layer(layer, x, rotary, attn_mask, view) -> torch.Tensor:
+    """One layer's decode call (what `Passes.enable_compile` compiles)."""
+    return layer(x, rotary, attn_mask, view)
+
+
 def local_kv_groups(model) -> int:
     """K/V heads this model's attention holds: every query group, or this rank's share when
     tensor parallelism sharded the QKV projection (found the way `split_qkv` finds it)."""
@@ -134,6 +142,8 @@ class Passes:
         self.block_slots = {n: s for s, n in enumerate(n for n in own if model.exits[str(n)].block is not None)}
         self.kv_groups = local_kv_groups(model)
         self.profile = False
+        self.fast = True  # False: every pass takes the exact (general) path, uniform decode steps too
+        self.compiled = None  # `enable_compile`: the compiled layer call of uniform steps
 
     def depth(self, n: int) -> int:
         """How many layers run before exit n reads the hidden state."""
@@ -159,6 +169,8 @@ class Passes:
     ) -> StepOutput:
         """Feed `new_tokens` (b -> ids, [] for none) through every layer, pending rows catching up;
         exits fire under `policy`; the final head on what is left (every row with `all_rows`)."""
+        if self.fast and not all_rows and self.is_uniform(state, new_tokens):
+            return self.run_uniform(state, new_tokens, policy)
         out = StepOutput()
         rows = self.embed(state, new_tokens)
         has_new = {b for b, t in new_tokens.items() if t}
@@ -180,6 +192,80 @@ class Passes:
                     rows = rows.subset(set(rows.seqs) - fired)  # the layout has R = max(n): trim it too
         self.final_head(rows, all_rows, out)
         return out
+
+    def is_uniform(self, state: DecodeState, new_tokens: dict[int, list[int]]) -> bool:
+        """The usual decode step: every sequence of the pass gets exactly one new token and has
+        K/V at every layer for all its earlier positions (nothing pending)."""
+        if not new_tokens or any(len(t) != 1 for t in new_tokens.values()):
+            return False
+        seqs = list(new_tokens)
+        fed = np.asarray([state.fed[b] for b in seqs], dtype=np.int64)
+        return bool((state.cache.filled[:, seqs] == fed).all())
+
+    def run_uniform(self, state: DecodeState, new_tokens: dict[int, list[int]], policy: ExitPolicy) -> StepOutput:
+        """`run` for a uniform step (`is_uniform`): one row per sequence, so no gathering, one
+        layout and one rotary per step (again only after an exit fires), no causal mask (none at
+        all where every sequence has the same length), K/V written and read by slicing, fill
+        counts set with one array write per layer. Same rows, same K/V, same exits as `run`."""
+        out = StepOutput()
+        seqs = list(new_tokens)
+        pos = [state.fed[b] for b in seqs]
+        for b in seqs:
+            state.fed[b] += 1
+        ids = torch.tensor([t[0] for t in new_tokens.values()], dtype=torch.long).view(-1, 1)
+        index, rotary = self.uniform_layout(state, seqs, pos)
+        rows = Rows(seqs, pos, [1] * len(seqs), self.model.embedding(ids.to(self.device), index.positions))  # (A, 1, h)
+        by_depth, has_new = self.exits_by_depth(policy), set(seqs)
+        for d in range(self.num_layers + 1):
+            if d > 0:
+                rows.x = self.decode_layer(state, d - 1, rows.x, rotary, index)
+            self.record_block_inputs(state, d, rows)
+            for n in by_depth.get(d, []):
+                fired = self.check_exit(state, n, rows, has_new, policy, out)
+                if fired:
+                    self.remember_pending(state, rows, fired)
+                    rows = rows.subset(set(rows.seqs) - fired)
+                    if not rows.seqs:
+                        return out
+                    index, rotary = self.uniform_layout(state, rows.seqs, rows.lo)
+        self.final_head(rows, False, out)
+        return out
+
+    def uniform_layout(self, state: DecodeState, seqs: list[int], pos: list[int]) -> tuple:
+        """The `DecodeIndex` of one row per sequence at `pos`, and its rotary angles."""
+        index = DecodeIndex(seqs, pos, state.cache, self.device)
+        return index, self.model.rotary(index.positions) if self.model.rotary is not None else None
+
+    def decode_layer(self, state: DecodeState, i: int, x: torch.Tensor, rotary, index: DecodeIndex) -> torch.Tensor:
+        """Layer i (global number) over one row per sequence x (A, 1, h); fills their K/V there."""
+        layer = self.layer_fn(i)
+        x = layer(x, rotary, index.attn_mask, index.layer(state.cache, i - self.start))
+        state.cache.filled[i - self.start, index.filled_b] = index.filled_end
+        return x
+
+    def layer_fn(self, i: int):
+        """What runs layer i in a uniform step: the module, or the compiled decode call."""
+        layer = self.model.decoder.layers[str(i)]
+        if self.compiled is None:
+            return layer
+        return functools.partial(self.compiled_layer, layer)
+
+    def enable_compile(self) -> None:
+        """Run uniform decode steps' layers through `torch.compile` (inductor; CPU too). One
+        function serves every layer (modules are inlined, their weights are graph inputs), the
+        cache position and length are dynamic, so graphs are made once per batch size and mask
+        kind (lengths equal or not), not per step or per layer."""
+        self.compiled = torch.compile(run_layer, dynamic=True)
+
+    def compiled_layer(self, layer, x, rotary, attn_mask, view) -> torch.Tensor:
+        """The compiled call; where compilation fails, one warning line and eager from then on."""
+        try:
+            return self.compiled(layer, x, rotary, attn_mask, view)
+        except Exception as e:  # inductor raises many kinds (missing compiler, lowering errors)
+            first = str(e).splitlines()[0][:200] if str(e) else ""
+            warnings.warn(f"torch.compile failed ({type(e).__name__}: {first}); decoding eagerly", stacklevel=2)
+            self.compiled = None
+            return layer(x, rotary, attn_mask, view)  # rewrites the same K/V: idempotent
 
     def exits_by_depth(self, policy: ExitPolicy) -> dict[int, list[int]]:
         """depth -> the exits `policy` evaluates there that this model holds."""
@@ -271,15 +357,22 @@ class Passes:
             return set()  # threshold 1.0 never exits, cost_aware skips a check that cannot pay: no head
         start = tick(self.device) if self.profile else 0.0
         head, seqs = self.model.exits[str(n)], [rows.seqs[a] for a in cand]
-        hidden = self.exit_hidden(state, n, head, rows, cand)  # (A, 1, h)
         measure = get_measure("max_prob" if forced else policy.measure)
-        if measure.needs_vocab:
+        if not measure.needs_vocab and measure.from_backbone is not None and head.probe_reads_backbone:
+            # The probe reads the backbone row: the exit's own layers and projection only for leavers.
+            conf = measure.from_backbone(head, self.newest_rows(rows, cand))
+            fire = decide(self, n, conf >= threshold, rows, cand, policy)
+            leavers = [cand[j] for j in fire]
+            logits = self.exit_logits(head, self.exit_hidden(state, n, head, rows, leavers)) if fire else None
+        elif measure.needs_vocab:
+            hidden = self.exit_hidden(state, n, head, rows, cand)  # (A, 1, h)
             logits = self.exit_logits(head, hidden)  # (A, V)
             conf = measure.from_logits(logits)
             fire = list(range(len(cand))) if forced else decide(self, n, conf >= threshold, rows, cand, policy)
             if len(fire) < len(cand):
                 logits = logits[torch.tensor(fire, dtype=torch.long, device=self.device)]
         else:  # no vocabulary projection for the exits that stay
+            hidden = self.exit_hidden(state, n, head, rows, cand)  # (A, 1, h)
             conf = measure.from_hidden(head, hidden)
             fire = decide(self, n, conf >= threshold, rows, cand, policy)
             logits = self.exit_logits(head, hidden[torch.tensor(fire, device=self.device)]) if fire else None
@@ -295,9 +388,14 @@ class Passes:
         """Exit n's hidden state [A, 1, h] at the newest row of each candidate `rows` index."""
         if head.block is not None:
             return self.block_exit_hidden(state, n, head, [rows.seqs[a] for a in cand])
+        return head.hidden(self.newest_rows(rows, cand))
+
+    def newest_rows(self, rows: Rows, cand: list[int]) -> torch.Tensor:
+        """The newest row [A, 1, h] of each candidate `rows` index (the backbone at this depth)."""
+        if all(rows.n[a] == 1 for a in cand):  # one row per sequence (decode): a slice where possible
+            return rows.x[:, :1] if len(cand) == len(rows.seqs) else rows.x[torch.tensor(cand, device=self.device), :1]
         idx = torch.tensor(cand, device=self.device)
-        last = rows.x[idx, torch.tensor([rows.n[a] - 1 for a in cand], device=self.device)]  # (A, h)
-        return head.hidden(last[:, None])
+        return rows.x[idx, torch.tensor([rows.n[a] - 1 for a in cand], device=self.device)][:, None]  # (A, 1, h)
 
     def exit_logits(self, head, hidden: torch.Tensor) -> torch.Tensor:
         """Exit hidden [A, 1, h] -> whole-vocabulary logits [A, V] in fp32."""
@@ -336,8 +434,7 @@ class Passes:
                 out.all_logits[b] = logits[a, : rows.n[a]]  # logits: (A, R, V)
             last = torch.stack([logits[a, rows.n[a] - 1] for a in range(len(rows.seqs))])
         else:
-            idx = torch.arange(len(rows.seqs), device=self.device)
-            h = rows.x[idx, torch.tensor(rows.n, device=self.device) - 1]  # (A, h): only the newest rows
+            h = self.newest_rows(rows, list(range(len(rows.seqs))))[:, 0]  # (A, h): only the newest rows
             last = self.vocab_logits(m.head_ops.project(m.decoder.final_layernorm(h), m.output_weight()))  # (A, V)
         conf = max_prob(last).tolist()
         for a, b in enumerate(rows.seqs):

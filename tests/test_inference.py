@@ -215,7 +215,9 @@ def test_per_sequence_decisions_equal_decoding_alone():
             float(model(torch.tensor([p + f])).exit_logits[2][0, -1].softmax(-1).max()) for p, f in zip(PROMPTS, first)
         ]
     mid = (sorted(conf)[1] + sorted(conf)[2]) / 2  # two sequences exit at the first step, two go on
-    s = GenerationSettings(strategy="early_exit", early_exit_threshold=mid, exit_layers=(2,), max_new_tokens=NEW)
+    s = GenerationSettings(
+        strategy="early_exit", early_exit_threshold=mid, exit_layers=(2,), max_new_tokens=NEW, exit_policy="exact"
+    )  # exact: per-sequence decisions (cost_aware lets a batch leave all together or not at all)
     batched = engine.generate(PROMPTS, s)
     assert {r.exit_layers[1] for r in batched} == {2, 4}  # both decisions in one batched step
     for p, r in zip(PROMPTS, batched):

@@ -34,9 +34,20 @@ python pretrain_early_exit_gpt.py \
     --lr 1.5e-3 --min-lr 1.5e-4 --lr-warmup-iters 60 --lr-decay-style cosine --clip-grad 1.0 --weight-decay 0.1 \
     --bf16 --log-interval 20 --eval-interval 200 --eval-iters 10 \
     --save "$RUN/checkpoints" --save-interval 200 --log-jsonl "$RUN/log.jsonl" --tensorboard-dir "$RUN/tb" "$@"
+# Pretraining's probes learn "exit's top-1 == the label"; an exit decision needs "== the final
+# head's". A short EE-Tuning pass from cached activations (backbone frozen; ~5 minutes) retargets
+# them (and distils the exits' norms toward the final head).
+python tools/checkpoint/cache_exit_activations.py --load "$RUN/checkpoints" --data-path "$DATA/aclsum_text_document" \
+    --split 98,2,0 --seq-length 256 --max-tokens 600000 --num-valid-samples 64 --top-k 16 --dtype bf16 --bf16 \
+    --output "$RUN/cache" --no-progress-bar
+python pretrain_early_exit_gpt.py --load "$RUN/checkpoints" --finetune --tune-exit --exit-activation-cache "$RUN/cache" \
+    --exit-loss-type ce+kd --micro-batch-size 16 --global-batch-size 16 --train-iters 146 \
+    --lr 1e-3 --min-lr 1e-4 --lr-warmup-iters 10 --lr-decay-style cosine \
+    --bf16 --log-interval 25 --eval-interval 146 --eval-iters 4 --save "$RUN/tuned" --save-interval 146 \
+    --log-jsonl "$RUN/tune_log.jsonl"
 # Thresholds with CALM's guarantee (disagreement with full decoding <= 5% with probability >= 90%),
 # written into the checkpoint for `--early-exit-thres auto`.
-python tools/eval/calibrate_thresholds.py --load "$RUN/checkpoints" --delta 0.05 --epsilon 0.1 \
+python tools/eval/calibrate_thresholds.py --load "$RUN/tuned" --delta 0.05 --epsilon 0.1 \
     --data-path "$DATA/aclsum_text_document" --split 98,2,0 --measure learned --bf16 --check-splits 20
-python tools/eval/ee_sweep.py --load "$RUN/checkpoints" --data "$DATA/test_summarization.jsonl" \
+python tools/eval/ee_sweep.py --load "$RUN/tuned" --data "$DATA/test_summarization.jsonl" \
     --output "$RUN/sweep" --num-examples 40 --bf16

@@ -74,7 +74,17 @@ def ckpt(tmp_path_factory):
 
 def cli(ckpt, *args):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")])}
-    cmd = [sys.executable, str(ROOT / "tools" / "generate.py"), "--load", ckpt, "--json", "--prompt", "Early exit"]
+    cmd = [
+        sys.executable,
+        str(ROOT / "tools" / "generate.py"),
+        "--load",
+        ckpt,
+        "--json",
+        "--prompt",
+        "Early exit",
+        "--exit-policy",
+        "exact",
+    ]  # every token that fires leaves (cost_aware may skip a check that cannot pay)
     out = subprocess.run([*cmd, "--max-new-tokens", str(NEW), *args], capture_output=True, text=True, env=env)
     assert out.returncode == 0, out.stderr
     return json.loads(out.stdout.splitlines()[0])

@@ -25,7 +25,7 @@ GGUF=$(python -c "import importlib.util, glob, os; s = importlib.util.find_spec(
 print(glob.glob(os.path.join(list(s.submodule_search_locations)[0], '**', '*.gguf'), recursive=True)[0])")
 mkdir -p "$RUN"
 [ -d "$RUN/base" ] || python tools/checkpoint/convert.py --loader gguf --load-dir "$GGUF" --save-dir "$RUN/base"
-[ -d "$RUN/exits" ] || python tools/checkpoint/add_exits.py --load-dir "$RUN/base" --save-dir "$RUN/exits" \
+[ -d "$RUN/with_exits" ] || python tools/checkpoint/add_exits.py --load-dir "$RUN/base" --save-dir "$RUN/with_exits" \
     --add-exit-layer-nums 8 15 22 --use-exit-norm --use-exit-mlp --use-exit-confidence-head \
     --exit-confidence-input backbone
 [ -f "$DATA/train.jsonl" ] || python tools/prepare_aclsum_corpus.py --output "$DATA"
@@ -33,11 +33,11 @@ TOK=$(ls "$RUN"/base/iter_*/tokenizer/tokenizer.json | head -n 1)
 [ -f "$DATA/smollm2_text_document.bin" ] || python tools/preprocess_data.py --input "$DATA/train.jsonl" \
     --output-prefix "$DATA/smollm2" --tokenizer-type HuggingFaceTokenizer --tokenizer-model "$TOK" \
     --append-eod --workers 2
-[ -f "$RUN/cache/manifest.json" ] || python tools/checkpoint/cache_exit_activations.py --load "$RUN/exits" \
+[ -f "$RUN/cache/manifest.json" ] || python tools/checkpoint/cache_exit_activations.py --load "$RUN/with_exits" \
     --data-path "$DATA/smollm2_text_document" --split 98,2,0 --seq-length 256 --max-tokens 1700000 \
     --num-valid-samples 64 --top-k 16 --dtype bf16 --bf16 --output "$RUN/cache"
-python examples/ee_tuning/report_exits.py --load "$RUN/exits" --data "$DATA/smollm2_text_document" --samples 64 --label before
-python pretrain_early_exit_gpt.py --load "$RUN/exits" --tune-exit --exit-activation-cache "$RUN/cache" \
+python examples/ee_tuning/report_exits.py --load "$RUN/with_exits" --data "$DATA/smollm2_text_document" --samples 64 --label before
+python pretrain_early_exit_gpt.py --load "$RUN/with_exits" --tune-exit --exit-activation-cache "$RUN/cache" \
     --exit-loss-type ce+kd --exit-candidate-vocab 2048 \
     --micro-batch-size 16 --global-batch-size 16 --train-iters $((2 * EPOCH_ITERS)) \
     --lr 1e-3 --min-lr 1e-4 --lr-warmup-iters 20 --lr-decay-style cosine \

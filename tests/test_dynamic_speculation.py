@@ -17,6 +17,7 @@ from megatron.early_exit.inference.strategies.draft_control import (
     expected_tokens,
 )
 from megatron.early_exit.model import EarlyExitGPT
+from tests.test_inference import naive_greedy
 
 PROMPTS = [[1, 2, 3, 4, 5], [7, 8], [9, 10, 11, 12, 13, 14, 15], [3]]
 NEW = 40
@@ -48,14 +49,6 @@ def build(good: bool) -> EarlyExitGPT:
                 w = model.exits[n].output_layer.weight
                 w.copy_(torch.randn(w.shape, generator=gen) * 3.0)
     return model.eval()
-
-
-@torch.no_grad()
-def naive_greedy(model, prompt, n):
-    ids = list(prompt)
-    for _ in range(n):
-        ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
-    return ids[len(prompt) :]
 
 
 @pytest.fixture(scope="module", params=["good", "bad"])

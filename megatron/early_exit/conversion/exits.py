@@ -95,6 +95,76 @@ def _set_probe_input(old: ModelConfig, new: ModelConfig, probe_input: str | None
     new.exit_confidence_input = probe_input
 
 
+def _check_layers(old: ModelConfig, layer_nums: list[int]) -> list[int]:
+    """The requested exit layers as ints, or ConversionError naming --add-exit-layer-nums."""
+    if not layer_nums:
+        raise ConversionError("--add-exit-layer-nums: give at least one layer")
+    wanted = [int(n) for n in layer_nums]
+    for n in wanted:
+        if not 1 <= n <= old.num_layers:
+            raise ConversionError(f"--add-exit-layer-nums: layer {n} is outside 1..{old.num_layers}")
+        if n in old.exit_layer_nums:
+            raise ConversionError(f"--add-exit-layer-nums: layer {n} already has an exit")
+    if len(set(wanted)) != len(wanted):
+        raise ConversionError("--add-exit-layer-nums: a layer is given twice")
+    return wanted
+
+
+def _new_config(old: ModelConfig, wanted: list[int], given: dict, probe_input: str | None, temperature: float):
+    """`old` with the new exits: structure flags from `given` (None: keep), which must match the
+    model's existing exits; the new exits' temperature."""
+    new = copy.deepcopy(old)
+    for key, value in given.items():
+        current = getattr(old, key)
+        if old.exit_layer_nums:
+            if value is not None and bool(value) != current:
+                raise ConversionError(
+                    f"{STRUCTURE_FLAGS[key]}: the model's existing exits (layers {old.exit_layer_nums}) have "
+                    f"{key}={current}; all exits share one structure"
+                )
+        else:
+            setattr(new, key, bool(value))
+    _set_probe_input(old, new, probe_input)
+    if old.untie_embeddings_and_output_weights and not new.untie_exit_output_weights:
+        warnings.warn(
+            "the model's output layer is untied but the exits are tied: they project with the input "
+            "embedding (pass --untie-exit-output-weights to copy the output layer instead)",
+            stacklevel=3,
+        )
+    temps = dict(zip(old.exit_layer_nums, old.exit_layer_temperature))
+    temps.update({n: float(temperature) for n in wanted})
+    new.exit_layer_nums = sorted(temps)
+    new.exit_layer_temperature = [temps[n] for n in new.exit_layer_nums]
+    return new
+
+
+def _init_new_exits(weights: dict, new: ModelConfig, old: ModelConfig, wanted, random_init: bool, std, seed) -> None:
+    """Add the new exits' tensors to `weights`: copies of their source (zeros for the probe's
+    linear), or random draws with `random_init`."""
+    from megatron.early_exit.model import EarlyExitGPT
+
+    try:  # the target model on the meta device, only to learn the new exits' names and shapes
+        new.validate()
+        with torch.device("meta"):
+            shapes = {k: v for k, v in EarlyExitGPT(new).state_dict().items()}
+    except ValueError as e:
+        raise ConversionError(f"--add-exit-layer-nums: {e}") from None
+    gen = torch.Generator().manual_seed(seed)
+    dtype = next(iter(weights.values())).dtype
+    for name in sorted(shapes):  # sorted: the random draws do not depend on module order
+        if name in weights:
+            continue
+        n = int(name.split(".")[1])
+        if n not in wanted:
+            raise ConversionError(f"add_exits: existing exit tensor {name} is missing from the model")
+        like = torch.empty(shapes[name].shape, dtype=dtype)
+        if random_init:
+            weights[name] = _random_tensor(name, like, std, gen)
+            continue
+        src = _copy_source(name, n, old)
+        weights[name] = torch.zeros_like(like) if src is None else weights[src].clone()
+
+
 def add_exits(
     model,
     layer_nums: list[int],
@@ -116,16 +186,7 @@ def add_exits(
     has an exit, or structure flags that contradict the model's existing exits.
     """
     old: ModelConfig = model.config
-    if not layer_nums:
-        raise ConversionError("--add-exit-layer-nums: give at least one layer")
-    wanted = [int(n) for n in layer_nums]
-    for n in wanted:
-        if not 1 <= n <= old.num_layers:
-            raise ConversionError(f"--add-exit-layer-nums: layer {n} is outside 1..{old.num_layers}")
-        if n in old.exit_layer_nums:
-            raise ConversionError(f"--add-exit-layer-nums: layer {n} already has an exit")
-    if len(set(wanted)) != len(wanted):
-        raise ConversionError("--add-exit-layer-nums: a layer is given twice")
+    wanted = _check_layers(old, layer_nums)
     given = {
         "use_exit_norm": use_exit_norm,
         "use_exit_mlp": use_exit_mlp,
@@ -133,58 +194,10 @@ def add_exits(
         "untie_exit_output_weights": untie_exit_output_weights,
         "use_exit_confidence_head": use_exit_confidence_head,
     }
-    new = copy.deepcopy(old)
-    for key, value in given.items():
-        current = getattr(old, key)
-        if old.exit_layer_nums:
-            if value is not None and bool(value) != current:
-                raise ConversionError(
-                    f"{STRUCTURE_FLAGS[key]}: the model's existing exits (layers {old.exit_layer_nums}) have "
-                    f"{key}={current}; all exits share one structure"
-                )
-        else:
-            setattr(new, key, bool(value))
-    _set_probe_input(old, new, exit_confidence_input)
-    if old.untie_embeddings_and_output_weights and not new.untie_exit_output_weights:
-        warnings.warn(
-            "the model's output layer is untied but the exits are tied: they project with the input "
-            "embedding (pass --untie-exit-output-weights to copy the output layer instead)",
-            stacklevel=2,
-        )
-    temps = dict(zip(old.exit_layer_nums, old.exit_layer_temperature))
-    temps.update({n: float(temperature) for n in wanted})
-    new.exit_layer_nums = sorted(temps)
-    new.exit_layer_temperature = [temps[n] for n in new.exit_layer_nums]
+    new = _new_config(old, wanted, given, exit_confidence_input, temperature)
     std = float(init_method_std if init_method_std is not None else old.init_method_std)
     if random_init and std <= 0:
         raise ConversionError(f"--init-method-std must be > 0, got {std}")
-
     weights = model_weights(model)
-    # Build the target model on the meta device only to learn the new exits' names and shapes.
-    from megatron.early_exit.model import EarlyExitGPT
-
-    try:
-        new.validate()
-        with torch.device("meta"):
-            shapes = {k: v for k, v in EarlyExitGPT(new).state_dict().items()}
-    except ValueError as e:
-        raise ConversionError(f"--add-exit-layer-nums: {e}") from None
-    gen = torch.Generator().manual_seed(seed)
-    dtype = next(iter(weights.values())).dtype
-    for name in sorted(shapes):  # sorted: the random draws do not depend on module order
-        if name in weights:
-            continue
-        n = int(name.split(".")[1])
-        if n not in wanted:
-            raise ConversionError(f"add_exits: existing exit tensor {name} is missing from the model")
-        like = torch.empty(shapes[name].shape, dtype=dtype)
-        if random_init:
-            weights[name] = _random_tensor(name, like, std, gen)
-            continue
-        src = _copy_source(name, n, old)
-        if src is None:
-            weights[name] = torch.zeros_like(like)
-        else:
-            weights[name] = weights[src].clone()
-    out = build_model(new, weights, "add_exits", dtype)
-    return out
+    _init_new_exits(weights, new, old, wanted, random_init, std, seed)
+    return build_model(new, weights, "add_exits", next(iter(weights.values())).dtype)

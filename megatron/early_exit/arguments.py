@@ -81,6 +81,8 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     p = OneLineErrorParser(prog=prog, description="Train an early-exit GPT (EE-LLM / EE-Tuning).")
     _add_model_args(p)
     _add_exit_args(p)
+    _add_layerskip_args(p)
+    _add_tuning_args(p)
     _add_training_args(p)
     _add_data_args(p)
     _add_checkpoint_args(p)
@@ -140,6 +142,9 @@ def _add_exit_args(p: argparse.ArgumentParser) -> None:
         help="what the probe reads: the exit's hidden state (default) or, through its own norm, the "
         "backbone's at the exit's depth (a check that does not fire then skips the exit's MLP)",
     )
+
+
+def _add_layerskip_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("LayerSkip (arXiv 2404.16710)")
     g.add_argument(
         "--layer-dropout-max", type=float, default=0.0, help="last layer's skip rate; rises as e^(l ln2/(L-1)) - 1"
@@ -164,6 +169,9 @@ def _add_exit_args(p: argparse.ArgumentParser) -> None:
         default=0,
         help="extra micro-batches per iteration run after the cool-down",
     )
+
+
+def _add_tuning_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("EE-Tuning (tune the exits of a loaded model, backbone frozen)")
     g.add_argument("--tune-exit", action="store_true", help="train only exit parameters; needs --load")
     g.add_argument("--tune-exit-pipeline-parallel-size", type=int, help="pipeline stages for tuning")

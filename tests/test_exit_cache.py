@@ -155,6 +155,39 @@ def test_candidate_columns_with_sampled_negatives(setup):
     assert all(len(set(row.tolist())) == 12 for row in ids.view(-1, 12))
 
 
+def test_candidate_columns_token_of_and_frozen_weight_copy(setup):
+    """token_of maps every column (own and shared) to its token id without the [b, s, C] id
+    table; under bf16 autocast the columns come from one bf16 copy of the frozen tied weight,
+    equal to casting the gathered rows (the old way), and the copy is remade when the weight
+    changes in place."""
+    from megatron.early_exit.training import cached_tuning as ct
+
+    _, ckpt, cache = setup
+    tuner = CachedTuner(parse_args([*TUNE, "--load", ckpt, "--exit-activation-cache", cache]))
+    batch, model = tuner.train_cache.batch([0, 1]), tuner.model
+    n = tuner.config.exit_layer_nums[0]
+    head = model.exits[str(n)]
+    hidden = head.hidden(batch["hidden"][n], model.rotary(torch.arange(16)[None]) if model.rotary else None)
+    labels, topk = batch["labels"], batch["topk_ids"][..., :3]
+    negatives = sample_negatives(VOCAB, 8, torch.Generator().manual_seed(0))
+    weight = ct._exit_weight(model, head)
+    weight.requires_grad_(False)  # frozen, as in tuning (the backbone's tied embedding)
+    cols = candidate_columns(model, head, hidden, labels, topk, negatives)
+    every = torch.arange(12).expand(2, 16, 12)
+    assert torch.equal(torch.stack([cols.token_of(every[..., c]) for c in range(12)], -1), cols.col_ids)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = candidate_columns(model, head, hidden, labels, topk, negatives).logits
+        pos_ids = torch.cat([labels.unsqueeze(-1), topk], -1)
+        pos = torch.einsum("bsh,bsph->bsp", hidden, weight[pos_ids])  # autocast casts the fp32 rows
+        want = torch.cat([pos, torch.matmul(hidden, weight[negatives].t())], -1)
+        assert torch.equal(got, want)
+        copy = ct._weight_in(weight, torch.bfloat16)
+        assert copy.dtype == torch.bfloat16 and ct._weight_in(weight, torch.bfloat16) is copy
+        with torch.no_grad():
+            weight.mul_(2.0)
+        assert torch.equal(ct._weight_in(weight, torch.bfloat16), weight.to(torch.bfloat16))
+
+
 def test_mismatched_cache_is_refused(setup, tmp_path):
     shape, ckpt, cache = setup
     other = make_checkpoint(tmp_path / "other", "block" if shape == "mlp" else "mlp", seed=0)

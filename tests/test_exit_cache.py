@@ -4,6 +4,7 @@ import importlib.util
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 
@@ -208,6 +209,33 @@ def test_mismatched_cache_is_refused(setup, tmp_path):
             CachedTuner(parse_args(args + ([] if extra else ["--exit-activation-cache", cache])))
     manifest = json.load(open(os.path.join(cache, "manifest.json")))
     assert manifest["top_k"] == VOCAB and manifest["num_sequences"] == {"train": 4, "valid": 4}
+
+
+def test_one_cache_tunes_heads_of_any_structure(setup, tmp_path):
+    """The fingerprint covers the backbone, not the heads: the same backbone with other exit
+    heads (block and probe toggled, norm-only) tunes from the cache; a cache written with the
+    first format's fingerprint (which hashed the head fields) is still accepted."""
+    from megatron.early_exit.training import exit_cache
+
+    shape, ckpt, cache = setup
+    heads = {**SHAPES[shape], "use_exit_mlp": False, "use_exit_confidence_head": True,
+             "exit_confidence_input": "backbone", "use_exit_block": not SHAPES[shape].get("use_exit_block", False)}  # fmt: skip
+    other = make_checkpoint(tmp_path / "other_heads", "mlp", seed=0, **heads)
+    tuner = CachedTuner(parse_args([*TUNE, "--load", other, "--exit-activation-cache", cache]))
+    assert tuner.config.use_exit_block == heads["use_exit_block"]
+    from megatron.early_exit import checkpointing
+
+    same = CachedTuner(parse_args([*TUNE, "--load", ckpt, "--exit-activation-cache", cache]))
+    new, legacy = exit_cache.backbone_fingerprints(same.config, checkpointing.read_weights(same.meta.directory))
+    assert new != legacy and json.load(open(os.path.join(cache, "manifest.json")))["fingerprint"] == new
+    old = tmp_path / "old_cache"
+    shutil.copytree(cache, old)
+    manifest = json.load(open(old / "manifest.json"))
+    json.dump({**manifest, "fingerprint": legacy}, open(old / "manifest.json", "w"))
+    CachedTuner(parse_args([*TUNE, "--load", ckpt, "--exit-activation-cache", str(old)]))
+    json.dump({**manifest, "fingerprint": "0" * 64}, open(old / "manifest.json", "w"))
+    with pytest.raises(ValueError, match="made from another model"):
+        CachedTuner(parse_args([*TUNE, "--load", ckpt, "--exit-activation-cache", str(old)]))
 
 
 def test_cached_tuning_resumes_exactly(setup, tmp_path):

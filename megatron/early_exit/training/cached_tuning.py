@@ -220,7 +220,7 @@ class CachedTuner(Trainer):
     def _build_data(self) -> None:
         directory = self.args.exit_activation_cache
         manifest = exit_cache.read_manifest(directory)
-        fingerprint = exit_cache.backbone_fingerprint(self.config, ckpt.read_weights(self.meta.directory))
+        fingerprint = exit_cache.backbone_fingerprints(self.config, ckpt.read_weights(self.meta.directory))
         exit_cache.check_manifest(directory, manifest, self.config, fingerprint)
         if not manifest["num_sequences"].get("train"):
             raise ValueError(f"--exit-activation-cache {directory}: the cache has no train split")

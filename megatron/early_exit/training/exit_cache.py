@@ -33,17 +33,42 @@ STORAGE = {"bf16": np.int16, "fp16": np.float16, "fp32": np.float32}
 TORCH_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
-def backbone_fingerprint(config, weights: dict[str, torch.Tensor]) -> str:
-    """sha256 of the model config (minus exit-only fields) and every non-exit weight."""
-    cfg = {k: v for k, v in config.to_dict().items() if k != "exit_layer_temperature"}
-    h = hashlib.sha256(json.dumps(cfg, sort_keys=True).encode())
+# Fields that shape only the exit heads: a cache holds the backbone's states at the exits'
+# depths (checked against `exit_layer_nums` and `pre_exit` on their own), so heads of any
+# structure can be tuned from one cache.
+EXIT_HEAD_FIELDS = (
+    "use_exit_norm",
+    "use_exit_mlp",
+    "use_exit_block",
+    "untie_exit_output_weights",
+    "exit_layer_temperature",
+    "use_exit_confidence_head",
+    "exit_confidence_input",
+)
+
+
+def backbone_fingerprints(config, weights: dict[str, torch.Tensor]) -> tuple[str, str]:
+    """sha256 of the model config and every non-exit weight: (this format's, without the
+    exit-head fields; the first format's, which hashed them too and only left out the exit
+    temperatures). Caches written before the change carry the second."""
+    cfg = config.to_dict()
+    hashes = [
+        hashlib.sha256(json.dumps({k: v for k, v in cfg.items() if k not in skip}, sort_keys=True).encode())
+        for skip in (EXIT_HEAD_FIELDS, ("exit_layer_temperature",))
+    ]
     for name in sorted(weights):
         if name.startswith("exits."):
             continue
         t = weights[name].detach().cpu().contiguous()
-        h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()
+        for h in hashes:
+            h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
+            h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return hashes[0].hexdigest(), hashes[1].hexdigest()
+
+
+def backbone_fingerprint(config, weights: dict[str, torch.Tensor]) -> str:
+    """The fingerprint a new cache records (see `backbone_fingerprints`)."""
+    return backbone_fingerprints(config, weights)[0]
 
 
 def to_storage(t: torch.Tensor, dtype: str) -> np.ndarray:
@@ -150,17 +175,19 @@ def read_manifest(directory: str) -> dict:
     return manifest
 
 
-def check_manifest(directory: str, manifest: dict, config, fingerprint: str) -> None:
-    """Refuse (one line naming DIR) a cache made from another backbone or other exits."""
+def check_manifest(directory: str, manifest: dict, config, fingerprint: str | tuple[str, ...]) -> None:
+    """Refuse (one line naming DIR) a cache made from another backbone or other exits.
+    `fingerprint`: the checkpoint's, or every form of it a cache may carry."""
+    accepted = (fingerprint,) if isinstance(fingerprint, str) else tuple(fingerprint)
     exits = [int(e) for e in manifest["exits"]]
     if exits != list(config.exit_layer_nums) or bool(manifest["pre_exit"]) != config.pre_exit:
         raise ValueError(
             f"--exit-activation-cache {directory}: cached exits {exits} (pre_exit={manifest['pre_exit']}) "
             f"do not match the checkpoint's {config.exit_layer_nums} (pre_exit={config.pre_exit})"
         )
-    if manifest["fingerprint"] != fingerprint:
+    if manifest["fingerprint"] not in accepted:
         raise ValueError(
             f"--exit-activation-cache {directory}: made from another model (backbone fingerprint "
-            f"{manifest['fingerprint'][:12]} != the checkpoint's {fingerprint[:12]}); rebuild it with "
+            f"{manifest['fingerprint'][:12]} != the checkpoint's {accepted[0][:12]}); rebuild it with "
             "tools/checkpoint/cache_exit_activations.py"
         )

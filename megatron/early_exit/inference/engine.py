@@ -4,9 +4,9 @@ The engine composes three pieces, each written once:
   - `passes.Passes`: the KV cache, rows, pending-state fill and exits at their depth;
   - a strategy from `strategies.STRATEGIES` (its exit policy and one round of decoding);
   - `acceptance.Acceptance`: sampling, log-probabilities, stops and telemetry.
-Its step functions (`prefill`, `decode_one_token`, `verify`) are what strategies and the
-server's scheduler are written with; `generate` is the loop: prefill, accept, then the
-strategy's rounds until every sequence has stopped.
+Its step functions (`prefill`, `decode_one_token`, `verify`; `score` for prompt scoring) are
+what strategies and the server's scheduler are written with; `generate` is the loop: prefill,
+accept, then the strategy's rounds until every sequence has stopped.
 
 Prepacked CPU weights (`packed.PackedWeights`) are entered around each step only, so the
 caller's model is left as it was between calls.
@@ -22,6 +22,7 @@ from megatron.early_exit.inference.acceptance import Acceptance
 from megatron.early_exit.inference.packed import PackedWeights
 from megatron.early_exit.inference.passes import DecodeState, ExitPolicy, Passes, StepOutput, tick
 from megatron.early_exit.inference.sampling import make_generator
+from megatron.early_exit.inference.scoring import score
 from megatron.early_exit.inference.settings import GenerationResult, GenerationSettings, check_values
 from megatron.early_exit.inference.strategies import STRATEGIES, Batch, get_strategy
 
@@ -88,6 +89,12 @@ class EarlyExitEngine:
         logits of all those rows in `all_logits` (self-speculative verification)."""
         with self.packed:
             return self.passes.run(state, tokens, ExitPolicy(), all_rows=True)
+
+    def score(self, state: DecodeState, prompts: dict[int, list[int]], policy: ExitPolicy) -> StepOutput:
+        """A prefill that also scores every prompt row as early exit under `policy` would decode
+        there (`scoring.score`): per-row logits in `all_logits`, layers in `row_exit_layer`."""
+        with self.packed:
+            return score(self.passes, state, prompts, policy)
 
     def run_round(
         self,

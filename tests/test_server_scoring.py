@@ -174,7 +174,7 @@ def test_engine_scores_block_exits_and_probe_measures(variant):
     want = [next((n for n in (1, 2, 3) if conf[n][j] >= threshold), LAYERS) for j in range(len(ids))]
     assert got.row_exit_layer[0] == want and len(set(want)) >= 2
     rows = [out.logits[0, j] if n == LAYERS else out.exit_logits[n][0, j] for j, n in enumerate(want)]
-    torch.testing.assert_close(got.all_logits[0], torch.stack(rows).float(), atol=ATOL, rtol=0)
+    assert float((got.all_logits[0] - torch.stack(rows).float()).abs().max()) < ATOL
 
 
 def _backbone_states(model, ids: list[int]) -> dict[int, torch.Tensor]:
@@ -182,3 +182,23 @@ def _backbone_states(model, ids: list[int]) -> dict[int, torch.Tensor]:
     h, rotary = model.embed_input(torch.tensor([ids]), torch.arange(len(ids))[None], None)
     _, exit_inputs = model.run_layers(h, rotary, frozenset())
     return {n: x[0] for n, x in exit_inputs}
+
+
+def test_values_that_were_silently_ignored_are_400s(served):
+    """Found while doing the above: each was accepted and then changed nothing."""
+    client, model, tok = served
+    body = {"prompt": TEXT, "max_tokens": 0, "echo": True, "logprobs": 0, "stream": True}
+    r = client.post("/v1/completions", json=body)  # the scores were never sent
+    assert r.status_code == 400 and r.json()["error"]["param"] == "stream", r.text
+    assert client.post("/v1/completions", json={**body, "logprobs": None}).status_code == 200  # echo alone streams
+    ee = {"prompt": TEXT, "max_tokens": 2, "early_exit": {"threshold": 0.0, "min_layer": 4}}
+    r = client.post("/v1/completions", json=ee)  # every exit below layer 4: decoded as full
+    assert r.status_code == 400 and r.json()["error"]["param"] == "early_exit.min_layer", r.text
+    assert r.json()["error"]["message"].startswith("min_exit_layer 4: no allowed exit at or above it")
+    ee["early_exit"]["min_layer"] = 3
+    assert client.post("/v1/completions", json=ee).json()["choices"][0]["early_exit"]["exit_layers"] == [LAYERS, 3]
+    api = {"prompts": [TEXT], "tokens_to_generate": 2, "stop_token": tok.vocab_size}  # never generated: never stops
+    r = client.put("/api", json=api)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "stop_token", r.text
+    assert f"[{tok.vocab_size}] are not token ids of this model (0..{tok.vocab_size - 1})" in r.json()["message"]
+    assert client.put("/api", json={**api, "stop_token": tok.vocab_size - 1}).status_code == 200

@@ -117,6 +117,9 @@ class EarlyExitEngine:
         """Raise ValueError naming the bad setting; returns the exit policy of decode steps."""
         check_values(s, STRATEGIES)
         check_prompts(prompts, self.config.vocab_size)
+        outside = [t for t in s.stop_token_ids if not 0 <= t < self.vocab]
+        if outside:  # never generated: the stop would silently never happen
+            raise ValueError(f"stop_token_ids: {outside} are not token ids of this model (0..{self.vocab - 1})")
         policy = get_strategy(s.strategy).policy(self, s, self.allowed_exits(s))
         c, longest = self.config, max(len(p) for p in prompts)
         if c.position_embedding_type == "learned_absolute" and longest + s.max_new_tokens > c.max_position_embeddings:

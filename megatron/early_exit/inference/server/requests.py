@@ -82,6 +82,7 @@ MEGATRON_NAMES = {
     "exit_thresholds": "early_exit_thres",
     "exit_policy": "exit_policy",
     "max_new_tokens": "tokens_to_generate",
+    "stop_token_ids": "stop_token",
     "prompts": "prompts",
     "temperature": "temperature",
     "top_k": "top_k",
@@ -156,6 +157,9 @@ def completion_job(body: CompletionRequest, ctx: Context) -> Job:
     if scored and body.early_exit is not None:
         policy = body.early_exit.exit_policy
         check_scoring_policy(policy, settings.strategy, "early_exit.exit_policy", "echo with logprobs")
+    if scored and body.stream:  # the echoed prompt goes out before it is scored: its logprobs would be lost
+        raise ApiError(400, "stream: prompt log-probabilities (echo with logprobs) are not streamed; set stream "
+                       "false", "stream")  # fmt: skip
     return _job(
         ctx,
         prompts,

@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from megatron.early_exit.inference import EarlyExitEngine, GenerationSettings
+from megatron.early_exit.inference.passes import ExitPolicy
 from tests.distributed import free_port, run_distributed
 from tests.test_inference import PROMPTS, full_kv, make
 
@@ -57,6 +58,16 @@ def cases(model, tp: bool) -> list[tuple[list[list[int]], GenerationSettings]]:
     return [(prompts, s) for s in settings for prompts in BATCHES]
 
 
+SCORED = PROMPTS[2] + PROMPTS[0] + PROMPTS[2]  # a prompt scored row by row (the server's prompt scoring)
+
+
+def scored_rows(engine, threshold: float):
+    """`engine.score` of SCORED under early exit (exact rule) at `threshold`: each row's layer and logits."""
+    policy = ExitPolicy(tuple(engine.exits), threshold, "max_prob")
+    out = engine.score(engine.new_state(1, len(SCORED) + 1), {0: SCORED}, policy)
+    return out.row_exit_layer[0], out.all_logits[0]
+
+
 def summary(results):
     return [(r.tokens, r.exit_layers, r.confidences, r.logprobs) for r in results]
 
@@ -87,7 +98,7 @@ def _tp_worker(rank, world, family, case_list):
     engine = make_engine(model, None, pstate, specs)
     outs = [summary(engine.generate(p, s)) for p, s in case_list]
     state = engine.new_state(2, 8)
-    return outs, tuple(state.cache.k.shape)
+    return outs, tuple(state.cache.k.shape), scored_rows(engine, case_list[6][1].early_exit_threshold)
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
@@ -97,8 +108,12 @@ def test_tp2_decoding_equals_one_process(family):
     want = reference(model, case_list)
     mid = case_list[6][1]
     assert any(len(set(r[1][1:])) > 1 for r in want[6] + want[7]), mid  # the mid threshold mixes exits
+    want_layers, want_logits = scored_rows(EarlyExitEngine(model), mid.early_exit_threshold)
+    assert len(set(want_layers)) > 1
     ranks = run_distributed(_tp_worker, 2, family, case_list)
-    for outs, kv_shape in ranks:
+    for outs, kv_shape, (layers, logits) in ranks:
+        assert layers == want_layers  # prompt scoring: every row's exit, as one process
+        torch.testing.assert_close(logits, want_logits, rtol=1e-4, atol=1e-4)
         groups = model.config.num_query_groups // 2
         assert kv_shape == (4, 2, groups, 9, model.config.head_dim)  # this rank's query groups only
         for (prompts, s), got, ref in zip(case_list, outs, want):

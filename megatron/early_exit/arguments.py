@@ -156,7 +156,8 @@ def _add_layerskip_args(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--fill-explicit-bubbles",
         action="store_true",
-        help="train exits on extra micro-batches run in pipeline bubbles (EE-LLM)",
+        help="train exits on extra micro-batches run in pipeline bubbles (EE-LLM); with one stage they run "
+        "in sequence (the objective PP runs are checked against); not with --tune-exit",
     )
     g.add_argument(
         "--num-fill-warmup-microbatches",
@@ -502,10 +503,7 @@ def _validate_exit_args(args: argparse.Namespace, ckpt: ModelConfig | None) -> N
     if args.exit_layer_weight_init is not None and args.exit_layer_weight_warmup_iters == 0:
         raise ValueError("--exit-layer-weight-init needs --exit-layer-weight-warmup-iters > 0")
     if args.fill_explicit_bubbles:
-        if n == 0:
-            raise ValueError("--fill-explicit-bubbles needs exits (--exit-layer-nums)")
-        if args.num_fill_warmup_microbatches is None:
-            args.num_fill_warmup_microbatches = 1
+        _validate_fill_args(args, n)
     elif args.num_fill_warmup_microbatches or args.num_fill_cooldown_microbatches:
         raise ValueError("--num-fill-warmup-microbatches/--num-fill-cooldown-microbatches need --fill-explicit-bubbles")
     if args.use_dynamic_exit_layer_weight and n == 0:
@@ -521,6 +519,24 @@ def _validate_exit_args(args: argparse.Namespace, ckpt: ModelConfig | None) -> N
         raise ValueError("--layer-dropout-curriculum linear needs --layer-dropout-warmup-iters > 0")
     if getattr(args, "exit_loss_curriculum", "none") == "rotational" and n == 0:
         raise ValueError("--exit-loss-curriculum rotational needs exits (--exit-layer-nums)")
+
+
+def _validate_fill_args(args: argparse.Namespace, num_exits: int) -> None:
+    """--fill-explicit-bubbles: the 1F1B schedule runs the fills (one stage runs them in sequence,
+    the objective the pipelined runs are checked against); the EE-Tuning schedule never does."""
+    if num_exits == 0:
+        raise ValueError("--fill-explicit-bubbles needs exits (--exit-layer-nums)")
+    if args.tune_exit:
+        raise ValueError(
+            "--fill-explicit-bubbles does nothing with --tune-exit (its forward-only schedule runs no fills)"
+        )
+    if args.num_fill_warmup_microbatches is None:
+        args.num_fill_warmup_microbatches = 1
+    if args.num_fill_warmup_microbatches == 0 and args.num_fill_cooldown_microbatches == 0:
+        raise ValueError(
+            "--fill-explicit-bubbles with --num-fill-warmup-microbatches 0 and --num-fill-cooldown-microbatches 0 "
+            "fills nothing"
+        )
 
 
 def _validate_tune_args(args: argparse.Namespace, ckpt: ModelConfig | None) -> None:

@@ -4,9 +4,9 @@ The engine composes three pieces, each written once:
   - `passes.Passes`: the KV cache, rows, pending-state fill and exits at their depth;
   - a strategy from `strategies.STRATEGIES` (its exit policy and one round of decoding);
   - `acceptance.Acceptance`: sampling, log-probabilities, stops and telemetry.
-Its step functions (`prefill`, `decode_one_token`, `verify`) are what strategies and the
-server's scheduler are written with; `generate` is the loop: prefill, accept, then the
-strategy's rounds until every sequence has stopped.
+Its step functions (`prefill`, `decode_one_token`, `verify`; `score` for prompt scoring) are
+what strategies and the server's scheduler are written with; `generate` is the loop: prefill,
+accept, then the strategy's rounds until every sequence has stopped.
 
 Prepacked CPU weights (`packed.PackedWeights`) are entered around each step only, so the
 caller's model is left as it was between calls.
@@ -22,6 +22,7 @@ from megatron.early_exit.inference.acceptance import Acceptance
 from megatron.early_exit.inference.packed import PackedWeights
 from megatron.early_exit.inference.passes import DecodeState, ExitPolicy, Passes, StepOutput, tick
 from megatron.early_exit.inference.sampling import make_generator
+from megatron.early_exit.inference.scoring import score
 from megatron.early_exit.inference.settings import GenerationResult, GenerationSettings, check_values
 from megatron.early_exit.inference.strategies import STRATEGIES, Batch, get_strategy
 
@@ -89,6 +90,12 @@ class EarlyExitEngine:
         with self.packed:
             return self.passes.run(state, tokens, ExitPolicy(), all_rows=True)
 
+    def score(self, state: DecodeState, prompts: dict[int, list[int]], policy: ExitPolicy) -> StepOutput:
+        """A prefill that also scores every prompt row as early exit under `policy` would decode
+        there (`scoring.score`): per-row logits in `all_logits`, layers in `row_exit_layer`."""
+        with self.packed:
+            return score(self.passes, state, prompts, policy)
+
     def run_round(
         self,
         state: DecodeState,
@@ -110,6 +117,9 @@ class EarlyExitEngine:
         """Raise ValueError naming the bad setting; returns the exit policy of decode steps."""
         check_values(s, STRATEGIES)
         check_prompts(prompts, self.config.vocab_size)
+        outside = [t for t in s.stop_token_ids if not 0 <= t < self.vocab]
+        if outside:  # never generated: the stop would silently never happen
+            raise ValueError(f"stop_token_ids: {outside} are not token ids of this model (0..{self.vocab - 1})")
         policy = get_strategy(s.strategy).policy(self, s, self.allowed_exits(s))
         c, longest = self.config, max(len(p) for p in prompts)
         if c.position_embedding_type == "learned_absolute" and longest + s.max_new_tokens > c.max_position_embeddings:

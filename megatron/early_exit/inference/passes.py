@@ -66,6 +66,7 @@ class StepOutput:
     confidence: dict[int, float] = field(default_factory=dict)
     all_logits: dict[int, torch.Tensor] = field(default_factory=dict)  # b -> [R, V] final logits of every row
     tokens: dict[int, int] = field(default_factory=dict)  # b -> greedy token, where no logits came (pipeline)
+    row_exit_layer: dict[int, list[int]] = field(default_factory=dict)  # b -> layer per new row (scoring.py)
 
     def order(self) -> list[int]:
         return list(self.exit_layer)
@@ -165,10 +166,11 @@ class Passes:
 
     @torch.no_grad()
     def run(
-        self, state: DecodeState, new_tokens: dict[int, list[int]], policy: ExitPolicy, all_rows=False
+        self, state: DecodeState, new_tokens: dict[int, list[int]], policy: ExitPolicy, all_rows=False, scores=None
     ) -> StepOutput:
         """Feed `new_tokens` (b -> ids, [] for none) through every layer, pending rows catching up;
-        exits fire under `policy`; the final head on what is left (every row with `all_rows`)."""
+        exits fire under `policy`; the final head on what is left (every row with `all_rows`).
+        `scores` (a `scoring.RowScores`, with `all_rows`): evaluates its exits on every new row."""
         if self.fast and not all_rows and self.is_uniform(state, new_tokens):
             return self.run_uniform(state, new_tokens, policy)
         out = StepOutput()
@@ -184,6 +186,8 @@ class Passes:
                     return out
                 self.advance(state, d - 1, rows, memo)
             self.record_block_inputs(state, d, rows)
+            if scores is not None:
+                scores.at_depth(self, state, d, rows)
             for n in by_depth.get(d, []):
                 fired = self.check_exit(state, n, rows, has_new, policy, out)
                 if fired:
@@ -404,6 +408,13 @@ class Passes:
 
     def block_exit_hidden(self, state: DecodeState, n: int, head, seqs: list[int]) -> torch.Tensor:
         """Bring exit n's own block cache up to each sequence's newest token; its hidden there [A, 1, h]."""
+        h, cnt = self.block_catch_up(state, n, head, seqs)
+        last = torch.tensor([c - 1 for c in cnt], device=self.device)
+        return h[torch.arange(len(seqs), device=self.device), last][:, None]
+
+    def block_catch_up(self, state: DecodeState, n: int, head, seqs: list[int]) -> tuple[torch.Tensor, list[int]]:
+        """Bring exit n's own block cache up to each sequence's newest token: its hidden states
+        (A, R, h) at the positions caught up, cnt[a] of them for seqs[a] (the newest last)."""
         slot, cache = self.block_slots[n], state.exit_cache
         lo = [int(cache.filled[slot, b]) for b in seqs]
         cnt = [state.fed[b] - lo[a] for a, b in enumerate(seqs)]
@@ -414,8 +425,7 @@ class Passes:
         h = head.hidden(x, rotary, index.attn_mask, cache.layer(slot, index))  # (A, R, h)
         for b in seqs:
             cache.filled[slot, b] = state.fed[b]
-        last = torch.tensor([c - 1 for c in cnt], device=self.device)
-        return h[torch.arange(len(seqs), device=self.device), last][:, None]
+        return h, cnt
 
     def remember_pending(self, state: DecodeState, rows: Rows, fired: set[int]) -> None:
         """Rows that stop here keep their hidden state: the deeper layers' input, for later."""

@@ -168,6 +168,45 @@ def _accumulate(sums: dict, parts: dict, num_micro: int) -> None:
         sums[k] = sums.get(k, 0.0) + float(v) / num_micro
 
 
+@dataclass
+class _Run:
+    """One rank's state through one 1F1B batch: its neighbours, the micro-batches whose
+    backward is still due (oldest first) and the running loss sums."""
+
+    ctx: ScheduleContext
+    batches: list[dict]
+    prev: int | None  # the previous stage's rank (None on the first stage)
+    nxt: int | None  # the next stage's rank (None on the last stage)
+    fill_warmup: list[dict]
+    fill_at: int  # run the warm-up fills after this many regular forwards (-1: none)
+    inflight: deque = field(default_factory=deque)  # [(micro, x_in, StageOutput)]
+    sums: dict = field(default_factory=dict)
+
+    def receive_input(self, x):
+        if x is not None and not self.ctx.frozen_backbone:
+            x.requires_grad_(True)
+        return x
+
+    def output_to_send(self, out):
+        return out.hidden_states.detach().float() if self.nxt is not None else None
+
+    def forward(self, k: int, x):
+        out = forward_step(self.ctx, self.batches[k], x, micro=k)
+        self.inflight.append((k, x, out))
+        return out
+
+    def backward_oldest(self, grad):
+        """The backward of the oldest micro-batch in flight; returns dL/d(its input)."""
+        k, xb, outb = self.inflight.popleft()
+        grad_in, parts = backward_step(self.ctx, self.batches[k], outb, xb, grad)
+        _accumulate(self.sums, parts, len(self.batches))
+        return grad_in
+
+    def fill_warmup_after(self, forwards_done: int) -> bool:
+        """Whether the warm-up fills go right after this many regular forwards."""
+        return forwards_done == self.fill_at
+
+
 def forward_backward_1f1b(
     ctx: ScheduleContext, batches: list[dict], fill_warmup: list[dict] = (), fill_cooldown: list[dict] = ()
 ) -> dict[str, float]:
@@ -176,65 +215,66 @@ def forward_backward_1f1b(
     micro-batches of explicit-bubble filling (see `_fill_phase`)."""
     ps = ctx.pstate
     m = len(batches)
-    batches = [_to_device(b, ctx.device) for b in batches]
-    prev = ps.stage_rank(ps.pp_rank - 1) if not ps.is_first_stage else None
-    nxt = ps.stage_rank(ps.pp_rank + 1) if not ps.is_last_stage else None
     warmup = min(ps.dims.pp - ps.pp_rank - 1, m)
     fills = ps.pp_rank <= ctx.last_exit_stage and (len(fill_warmup) or len(fill_cooldown))
     # Every filling stage runs its warm-up fills after the same number of regular forwards,
     # so neighbours agree on the order of messages: regular activations, then fill ones.
     fill_at = min(ps.dims.pp - ctx.last_exit_stage, m) if fills and len(fill_warmup) else -1
     ctx.backwards_left = m + (len(fill_warmup) + len(fill_cooldown) if fills else 0)
-    inflight: deque = deque()
-    sums: dict[str, float] = {}
-
-    def receive_input(x):
-        if x is not None and not ctx.frozen_backbone:
-            x.requires_grad_(True)
-        return x
-
-    def send_output(out):
-        return out.hidden_states.detach().float() if nxt is not None else None
-
-    # Warm-up: forwards only.
-    for k in range(warmup):
-        x = receive_input(p2p(None, None, ctx.template(), prev))
-        out = forward_step(ctx, batches[k], x, micro=k)
-        p2p(send_output(out), nxt, None, None)
-        inflight.append((k, x, out))
-        if k + 1 == fill_at:
-            _fill_phase(ctx, fill_warmup, m, m)
-
-    # Steady state: one forward, one backward.
-    steady = m - warmup
-    x = receive_input(p2p(None, None, ctx.template(), prev)) if steady > 0 else None
-    for i in range(steady):
-        out = forward_step(ctx, batches[warmup + i], x, micro=warmup + i)
-        inflight.append((warmup + i, x, out))
-        if warmup + i + 1 == fill_at:  # fills go between this send and the next receive
-            p2p(send_output(out), nxt, None, None)
-            _fill_phase(ctx, fill_warmup, m, m)
-            grad = p2p(None, None, ctx.template() if nxt is not None else None, nxt)
-        else:
-            grad = p2p(send_output(out), nxt, ctx.template() if nxt is not None else None, nxt)
-        k, xb, outb = inflight.popleft()
-        grad_in, parts = backward_step(ctx, batches[k], outb, xb, grad)
-        _accumulate(sums, parts, m)
-        if i == steady - 1:
-            p2p(grad_in, prev, None, None)
-        else:
-            x = receive_input(p2p(grad_in, prev, ctx.template(), prev))
-
-    # Cool-down: the remaining backwards.
-    for _ in range(warmup):
-        grad = p2p(None, None, ctx.template(), nxt)
-        k, xb, outb = inflight.popleft()
-        grad_in, parts = backward_step(ctx, batches[k], outb, xb, grad)
-        _accumulate(sums, parts, m)
-        p2p(grad_in, prev, None, None)
+    run = _Run(
+        ctx,
+        [_to_device(b, ctx.device) for b in batches],
+        ps.stage_rank(ps.pp_rank - 1) if not ps.is_first_stage else None,
+        ps.stage_rank(ps.pp_rank + 1) if not ps.is_last_stage else None,
+        fill_warmup,
+        fill_at,
+    )
+    _warmup(run, warmup)
+    _steady(run, warmup)
+    _cooldown(run, warmup)
     if fills and len(fill_cooldown):
         _fill_phase(ctx, fill_cooldown, m, m + len(fill_warmup))
-    return sums
+    return run.sums
+
+
+def _warmup(run: _Run, warmup: int) -> None:
+    """Forwards only: micro-batches 0..warmup-1 go down the pipeline, none comes back yet."""
+    ctx = run.ctx
+    for k in range(warmup):
+        x = run.receive_input(p2p(None, None, ctx.template(), run.prev))
+        out = run.forward(k, x)
+        p2p(run.output_to_send(out), run.nxt, None, None)
+        if run.fill_warmup_after(k + 1):
+            _fill_phase(ctx, run.fill_warmup, len(run.batches), len(run.batches))
+
+
+def _steady(run: _Run, warmup: int) -> None:
+    """One forward (micro-batch warmup + i), then one backward (the oldest in flight).
+    Each send is paired with the next receive in one exchange (see `p2p`)."""
+    ctx, m = run.ctx, len(run.batches)
+    steady = m - warmup
+    x = run.receive_input(p2p(None, None, ctx.template(), run.prev)) if steady > 0 else None
+    for i in range(steady):
+        out = run.forward(warmup + i, x)
+        grad_like = ctx.template() if run.nxt is not None else None
+        if run.fill_warmup_after(warmup + i + 1):  # fills go between this send and the next receive
+            p2p(run.output_to_send(out), run.nxt, None, None)
+            _fill_phase(ctx, run.fill_warmup, m, m)
+            grad = p2p(None, None, grad_like, run.nxt)
+        else:
+            grad = p2p(run.output_to_send(out), run.nxt, grad_like, run.nxt)
+        grad_in = run.backward_oldest(grad)
+        if i == steady - 1:
+            p2p(grad_in, run.prev, None, None)
+        else:
+            x = run.receive_input(p2p(grad_in, run.prev, ctx.template(), run.prev))
+
+
+def _cooldown(run: _Run, warmup: int) -> None:
+    """The `warmup` backwards still in flight, oldest first."""
+    for _ in range(warmup):
+        grad = p2p(None, None, run.ctx.template(), run.nxt)
+        p2p(run.backward_oldest(grad), run.prev, None, None)
 
 
 def _fill_phase(ctx: ScheduleContext, fills: list[dict], num_micro: int, first_micro: int) -> None:

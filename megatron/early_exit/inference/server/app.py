@@ -206,7 +206,7 @@ def _gather(job: Job, parts: list[Job]) -> None:
     """The parts' results, in order, as the whole job's."""
     if parts == [job]:
         return
-    for name in ("results", "prompt_logprobs", "prompt_top", "token_top", "counts"):
+    for name in ("results", "prompt_logprobs", "prompt_top", "prompt_exit_layers", "token_top", "counts"):
         setattr(job, name, [x for part in parts for x in getattr(part, name)])
     job.started = min(p.started for p in parts)
     job.finished = max(p.finished for p in parts)

@@ -35,7 +35,7 @@ from megatron.early_exit.inference.settings import GenerationResult, GenerationS
 
 log = logging.getLogger(__name__)
 
-OPS = ("new_state", "prefill", "verify", "decode", "round", "reset", "generate", "shutdown")
+OPS = ("new_state", "prefill", "verify", "score", "decode", "round", "reset", "generate", "shutdown")
 
 
 class EngineDriver:
@@ -56,6 +56,10 @@ class EngineDriver:
 
     def verify(self, tokens: dict[int, list[int]]) -> StepOutput:
         return self._call("verify", tokens)
+
+    def score(self, prompts: dict[int, list[int]], policy: ExitPolicy) -> StepOutput:
+        """Prefill `prompts`, each row scored where early exit under `policy` leaves (`engine.score`)."""
+        return self._call("score", prompts, policy)
 
     def decode(self, tokens: dict[int, int], policy: ExitPolicy) -> StepOutput:
         return self._call("decode", tokens, policy)
@@ -98,6 +102,8 @@ def apply(driver: EngineDriver, op: str, args: tuple):
         return engine.prefill(state, *args)
     if op == "verify":
         return engine.verify(state, *args)
+    if op == "score":
+        return engine.score(state, *args)
     if op == "decode":
         return engine.decode_one_token(state, *args)
     if op == "round":

@@ -19,7 +19,7 @@ from megatron.early_exit.inference.server.schemas import (
     MegatronRequest,
 )
 from megatron.early_exit.inference.settings import GenerationSettings, calibrated_settings
-from megatron.early_exit.inference.strategies import STRATEGIES
+from megatron.early_exit.inference.strategies import STRATEGIES, get_strategy
 
 
 @dataclass
@@ -82,6 +82,7 @@ MEGATRON_NAMES = {
     "exit_thresholds": "early_exit_thres",
     "exit_policy": "exit_policy",
     "max_new_tokens": "tokens_to_generate",
+    "stop_token_ids": "stop_token",
     "prompts": "prompts",
     "temperature": "temperature",
     "top_k": "top_k",
@@ -132,6 +133,8 @@ def megatron_job(body: MegatronRequest, ctx: Context) -> Job:
     )
     names = {**MEGATRON_NAMES, "self_speculative": "use_early_exit"}
     scored = body.logprobs and (body.echo_prompts or body.tokens_to_generate == 0)  # else logprobs of new tokens
+    if scored:
+        check_scoring_policy(body.exit_policy, settings.strategy, "exit_policy", "logprobs with echo_prompts")
     return _job(ctx, prompts, settings, names, "prompts", "tokens_to_generate", score_prompt=scored)
 
 
@@ -151,6 +154,12 @@ def completion_job(body: CompletionRequest, ctx: Context) -> Job:
     settings = _openai_settings(body, max_new, body.logprobs is not None, ctx)
     prompts = [x for x in prompts for _ in range(body.n)]
     scored = body.echo and body.logprobs is not None  # lm-eval's loglikelihood: score the given text
+    if scored and body.early_exit is not None:
+        policy = body.early_exit.exit_policy
+        check_scoring_policy(policy, settings.strategy, "early_exit.exit_policy", "echo with logprobs")
+    if scored and body.stream:  # the echoed prompt goes out before it is scored: its logprobs would be lost
+        raise ApiError(400, "stream: prompt log-probabilities (echo with logprobs) are not streamed; set stream "
+                       "false", "stream")  # fmt: skip
     return _job(
         ctx,
         prompts,
@@ -180,6 +189,16 @@ def chat_job(body: ChatRequest, ctx: Context) -> tuple[Job, str]:
     job = _job(ctx, prompts, settings, OPENAI_NAMES, "messages", "max_tokens", top_logprobs=top, stream=body.stream,
                logit_bias=bias)  # fmt: skip
     return job, text
+
+
+def check_scoring_policy(exit_policy: str | None, strategy: str, field: str, scoring: str) -> None:
+    """Prompt scoring takes each prompt token's exit by the `exact` rule (inference/scoring.py);
+    an explicit `cost_aware`, which decides per pass from the batch, conflicts with it."""
+    if exit_policy == "cost_aware" and strategy != "full" and get_strategy(strategy).shares_passes:
+        raise ApiError(
+            400, f"{field}: cost_aware conflicts with prompt scoring ({scoring}), which takes each prompt token's "
+            f"exit by the exact rule: give {field} exact or leave it out", field,
+        )  # fmt: skip
 
 
 def check_openai(body, ctx: Context) -> None:

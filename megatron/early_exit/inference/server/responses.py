@@ -134,7 +134,9 @@ def usage(job: Job, n: int) -> dict:
 def megatron_response(job: Job, body, tokenizer, elapsed: float) -> dict:
     """Megatron's {text, segments, logprobs} plus EE-LLM's per-token exit layers and confidences.
     With the prompt echoed (or nothing generated) segments cover prompt + generation and
-    logprobs every token after the first (Megatron's); otherwise both cover the generation."""
+    logprobs every token after the first (Megatron's); otherwise both cover the generation.
+    Scored prompts (logprobs with the prompt echoed) also get `prompt_exit_layers`: the layer
+    each scored prompt token's logprob came from, as early exit would decode there."""
     echo = echoes_prompt(body)
     texts, segments, logprobs = [], [], []
     for i, r in enumerate(job.results):
@@ -153,6 +155,8 @@ def megatron_response(job: Job, body, tokenizer, elapsed: float) -> dict:
         "finish_reasons": [r.finish_reason for r in job.results],
         "request_time": elapsed,
     }
+    if job.score_prompt:  # aligned with the prompt part of logprobs (from the second prompt token)
+        out["prompt_exit_layers"] = [layers[1:] for layers in job.prompt_exit_layers]
     if body.print_max_prob:
         out["max_probs"] = out["confidences"]  # /api always measures max_prob
     return out
@@ -174,6 +178,8 @@ def completion_response(job: Job, meta: Meta, tokenizer, n: int) -> dict:
         if meta.logprobs is not None:
             choice["logprobs"] = _legacy_logprobs(job, i, meta, tokenizer)
         choice["early_exit"] = telemetry(job, i)
+        if job.score_prompt:  # aligned with logprobs.token_logprobs' prompt part (the first: null)
+            choice["early_exit"]["prompt_exit_layers"] = job.prompt_exit_layers[i]
         choices.append(choice)
     return {
         "id": meta.id,

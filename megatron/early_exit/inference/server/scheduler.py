@@ -81,6 +81,7 @@ class Job:
     results: list[GenerationResult] = field(default_factory=list)
     prompt_logprobs: list[list[float | None]] = field(default_factory=list)
     prompt_top: list[list[dict[int, float]]] = field(default_factory=list)
+    prompt_exit_layers: list[list[int | None]] = field(default_factory=list)  # the layer each scored token came from
     token_top: list[list[dict[int, float]]] = field(default_factory=list)
     submitted: float = 0.0
     started: float = 0.0
@@ -93,6 +94,7 @@ class Job:
         logprobs = [] if self.settings.return_logprobs else None
         self.results = [GenerationResult(list(p), logprobs=None if logprobs is None else []) for p in self.prompts]
         self.prompt_logprobs, self.prompt_top = [[] for _ in range(n)], [[] for _ in range(n)]
+        self.prompt_exit_layers = [[] for _ in range(n)]
         self.token_top, self.counts = [[] for _ in range(n)], [[0, 0] for _ in range(n)]
         self.generator = make_generator(self.settings.seed)
         self.sent = [""] * n  # text streamed so far, per sequence
@@ -103,6 +105,13 @@ class Job:
     @property
     def shares_passes(self) -> bool:
         return get_strategy(self.settings.strategy).shares_passes
+
+    @property
+    def score_policy(self) -> ExitPolicy:
+        """The exits prompt scoring evaluates: the decode steps' own (scored by the `exact` rule,
+        scoring.py); none for strategies with their own rounds (self_speculative outputs the
+        final head's tokens)."""
+        return self.policy if self.shares_passes else ExitPolicy()
 
 
 @dataclass
@@ -331,18 +340,21 @@ class Scheduler(BaseScheduler):
     # ----- admission: prefill --------------------------------------------------------------
 
     def _admit(self, admitted: list[tuple[Job, list[int]]]) -> None:
+        """Prefill the admitted jobs: one pass for those that do not score their prompt, one per
+        distinct scoring policy for those that do; then score, and accept each first token."""
         now = time.perf_counter()
-        plain, scored = {}, {}
+        passes: dict = {None: {}}  # scoring policy (None: plain prefill) -> {slot: prompt}
         for job, slots in admitted:
             job.started = now
+            key = job.score_policy if job.score_prompt else None
             for i, b in enumerate(slots):
-                (scored if job.score_prompt else plain)[b] = job.prompts[i]
+                passes.setdefault(key, {})[b] = job.prompts[i]
         outs = []
-        for prompts, call in ((plain, self.driver.prefill), (scored, self.driver.verify)):
+        for policy, prompts in passes.items():
             if not prompts:
                 continue
             try:
-                outs.append(call(prompts))
+                outs.append(self.driver.prefill(prompts) if policy is None else self.driver.score(prompts, policy))
             except Exception as e:  # fail only the jobs of this pass
                 log.exception("prefill failed")
                 self._fail([job for job, slots in admitted if slots[0] in prompts], e)
@@ -359,12 +371,14 @@ class Scheduler(BaseScheduler):
             self._after_step(job, slots)
 
     def _score_prompt(self, job: Job, slots: list[int], out: StepOutput) -> None:
-        """Log-probability of each prompt token given the ones before it (the first has none)."""
+        """Log-probability of each prompt token given the ones before it (the first has none),
+        from the logits of the exit that row leaves at (`engine.score`), and that exit's layer."""
         for i, b in enumerate(slots):
             logp = torch.log_softmax(out.all_logits[b].float(), -1)  # (R, V)
             ids = torch.tensor(job.prompts[i][1:], device=logp.device)
             picked = logp[:-1].gather(-1, ids[:, None])[:, 0].tolist() if len(ids) else []
             job.prompt_logprobs[i] = [None, *picked]
+            job.prompt_exit_layers[i] = [None, *out.row_exit_layer[b][:-1]]
             if job.top_logprobs:
                 job.prompt_top[i] = [{}] + [_top(row, job.top_logprobs) for row in logp[:-1]]
 
@@ -464,7 +478,7 @@ class Scheduler(BaseScheduler):
 def _merge(outs: list[StepOutput]) -> StepOutput:
     merged = StepOutput()
     for o in outs:
-        for name in ("logits", "exit_layer", "confidence", "all_logits"):
+        for name in ("logits", "exit_layer", "confidence", "all_logits", "row_exit_layer"):
             getattr(merged, name).update(getattr(o, name))
     return merged
 

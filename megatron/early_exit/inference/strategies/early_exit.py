@@ -16,6 +16,11 @@ class EarlyExit(Strategy):
     pipeline = True
 
     def policy(self, engine, s, allowed: list[int]) -> ExitPolicy:
+        if not allowed and engine.exits and s.min_exit_layer is not None:  # else it decodes as `full`, silently
+            raise ValueError(
+                f"min_exit_layer {s.min_exit_layer}: no allowed exit at or above it (this model's exits: "
+                f"{', '.join(map(str, engine.exits))}), so no token could leave early"
+            )
         measure = s.measure if s.measure is not None else default_measure(engine.config)
         if get_measure(measure).needs_probe:
             engine.check_probes(allowed, measure)

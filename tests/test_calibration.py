@@ -20,8 +20,10 @@ from megatron.early_exit.inference.calibration import (
     chunk_losses,
     exit_shares,
     hoeffding_bentkus_p_value,
+    p_value,
     teacher_forced_scores,
     threshold_path,
+    wsr_p_value,
 )
 from megatron.early_exit.model import EarlyExitGPT
 from megatron.early_exit.tokenizer import build_tokenizer
@@ -58,6 +60,42 @@ def test_binomial_cdf_and_hoeffding_bentkus_p_value():
     assert hoeffding_bentkus_p_value(0.02, 400, 0.05) == pytest.approx(0.0046653093254, rel=1e-9)
     assert binomial_cdf(8, 400, 0.05) == pytest.approx(0.0046653093254 / math.e, rel=1e-9)
     assert hoeffding_bentkus_p_value(0.06, 100, 0.05) == 1.0  # above delta: no evidence at all
+
+
+def test_wsr_p_value_by_hand_and_its_errors():
+    # all losses 0: every bet is the cap 1 (the running variance only shrinks), so the wealth is
+    # (1 + delta)^n and p = 1.05^-10; Hoeffding-Bentkus gives 0.95^10 on the same losses
+    assert wsr_p_value(torch.zeros(10), 0.05, 0.1) == pytest.approx(1.05**-10, rel=1e-12)
+    assert p_value("hb", torch.zeros(10), 0.05, 0.1) == pytest.approx(0.95**10, rel=1e-12)
+    assert wsr_p_value(torch.ones(50), 0.05, 0.1) == 1.0  # all wrong: the wealth only shrinks
+    with pytest.raises(ValueError, match="--bound must be one of hb, wsr, got 'ltt'"):
+        p_value("ltt", torch.zeros(10), 0.05, 0.1)
+
+
+def _chunk_risks(n: int, risk: float, tokens: int, draws: int, seed: int) -> torch.Tensor:
+    """[draws, n] chunk losses: the share of `tokens` i.i.d. Bernoulli(risk) tokens in each chunk."""
+    gen = torch.Generator().manual_seed(seed)
+    return (torch.rand(draws, n, tokens, generator=gen) < risk).float().mean(-1)
+
+
+@pytest.mark.parametrize("tokens", [1, 32])
+def test_wsr_rejects_a_true_null_at_most_epsilon_of_the_time(tokens):
+    """Losses whose true risk is exactly delta (the hardest null), 1000 draws of 200 chunks:
+    p <= epsilon in at most epsilon of them (plus 3 binomial standard errors: 0.028)."""
+    risks = _chunk_risks(200, DELTA, tokens, 1000, seed=tokens)
+    rejected = sum(wsr_p_value(r, DELTA, EPSILON) <= EPSILON for r in risks)
+    assert rejected <= 1000 * EPSILON + 3 * (1000 * EPSILON * (1 - EPSILON)) ** 0.5, rejected  # measured: 92 (Bernoulli tokens), 0 (32-token chunks)
+
+
+def test_wsr_is_tighter_than_hoeffding_bentkus_on_low_variance_chunks():
+    """200 chunks of 32 tokens at true risk 0.035 (chunk losses vary little): WSR proves risk <=
+    0.05 in most draws, Hoeffding-Bentkus (which assumes the worst variance) in few."""
+    risks = _chunk_risks(200, 0.035, 32, 100, seed=7)
+    wsr = [wsr_p_value(r, DELTA, EPSILON) for r in risks]
+    hb = [p_value("hb", r, DELTA, EPSILON) for r in risks]
+    assert sum(p <= EPSILON for p in wsr) >= 70, wsr  # measured: 86
+    assert sum(p <= EPSILON for p in hb) <= 30, hb  # measured: 0
+    assert sum(w < h for w, h in zip(wsr, hb)) >= 90  # measured: 100
 
 
 def test_threshold_paths_go_from_never_to_always(scores):
@@ -119,7 +157,7 @@ def test_check_splits_catches_a_choice_without_the_guarantee(scores, monkeypatch
     entry whose calibration disagreement is <= delta), more than epsilon of the splits exceed delta."""
     from megatron.early_exit.inference import calibration as module
 
-    def naive(calib, delta, epsilon, path, steps, fit_fraction, seed):
+    def naive(calib, delta, epsilon, path, steps, fit_fraction, seed, bound):
         thresholds = threshold_path(calib, 3, "quantile", 101)
         j = max(j for j in range(101) if chunk_losses(calib, thresholds[j])[0].mean() <= delta)
         return module.Calibration(calib.exits, thresholds[j].tolist(), j, 0.0, 0.0, 0.0, 0, 0)
@@ -163,6 +201,7 @@ def test_tool_writes_thresholds_that_generate_auto_uses(tmp_path, capsys):
     assert check["violations"] == sum(s["test_risk"] > DELTA for s in check["splits"])
     assert f"{check['violations']} of 4 random calibration/test splits" in printed[5]
     assert record["delta"] == DELTA and record["epsilon"] == EPSILON and record["measure"] == "max_prob"
+    assert record["bound"] == "wsr" and record["method"].startswith("Waudby-Smith-Ramdas betting p-values")
     assert record["calibration_data"]["num_chunks"] == 256 and record["lambda_index"] > 0
     card = (ckpt / "iter_0000000" / "README.md").read_text()
     assert "Calibrated early-exit thresholds" in card and "held_out.jsonl" in card

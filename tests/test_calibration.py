@@ -14,6 +14,7 @@ from megatron.early_exit.checkpointing import save_checkpoint
 from megatron.early_exit.config import ModelConfig
 from megatron.early_exit.inference import EarlyExitEngine, GenerationSettings
 from megatron.early_exit.inference.calibration import (
+    ExitScores,
     binomial_cdf,
     calibrate,
     check_splits,
@@ -21,6 +22,7 @@ from megatron.early_exit.inference.calibration import (
     exit_shares,
     hoeffding_bentkus_p_value,
     p_value,
+    single_exit_ceilings,
     teacher_forced_scores,
     threshold_path,
     wsr_p_value,
@@ -84,7 +86,8 @@ def test_wsr_rejects_a_true_null_at_most_epsilon_of_the_time(tokens):
     p <= epsilon in at most epsilon of them (plus 3 binomial standard errors: 0.028)."""
     risks = _chunk_risks(200, DELTA, tokens, 1000, seed=tokens)
     rejected = sum(wsr_p_value(r, DELTA, EPSILON) <= EPSILON for r in risks)
-    assert rejected <= 1000 * EPSILON + 3 * (1000 * EPSILON * (1 - EPSILON)) ** 0.5, rejected  # measured: 92 (Bernoulli tokens), 0 (32-token chunks)
+    # measured: 92 (Bernoulli tokens: WSR is near-exact there), 0 (32-token chunks)
+    assert rejected <= 1000 * EPSILON + 3 * (1000 * EPSILON * (1 - EPSILON)) ** 0.5, rejected
 
 
 def test_wsr_is_tighter_than_hoeffding_bentkus_on_low_variance_chunks():
@@ -176,6 +179,18 @@ def test_exit_shares_count_the_first_exit_that_fires(scores):
         check_splits(scores, DELTA, EPSILON, 0)
     with pytest.raises(ValueError, match="test fraction 1.0 leaves no chunks"):
         check_splits(scores, DELTA, EPSILON, 2, test_fraction=1.0)
+
+
+def test_single_exit_ceilings_by_hand():
+    """10 tokens at one exit, 6 agree; by confidence: A A W A A W A W A W (A agrees, W does not).
+    delta 0.1 (one wrong token of 10): oracle 6/10 + 0.1; ranked: the first 5 hold 1 wrong token."""
+    agree = torch.tensor([1, 1, 0, 1, 1, 0, 1, 0, 1, 0], dtype=torch.bool)
+    conf = torch.linspace(1.0, 0.1, 10)
+    s = ExitScores([3], conf.view(2, 5, 1), agree.view(2, 5, 1))
+    assert single_exit_ceilings(s, 0, 0.1) == pytest.approx((0.7, 0.5))
+    assert single_exit_ceilings(s, 0, 0.0) == pytest.approx((0.6, 0.2))
+    reversed_ = ExitScores([3], conf.flip(0).view(2, 5, 1), agree.view(2, 5, 1))  # the least sure first: W
+    assert single_exit_ceilings(reversed_, 0, 0.0) == pytest.approx((0.6, 0.0))
 
 
 def _tool(name: str, path: str):

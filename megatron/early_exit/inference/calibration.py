@@ -213,6 +213,19 @@ def calibrate(
     )
 
 
+def single_exit_ceilings(scores: ExitScores, exit_index: int, delta: float) -> tuple[float, float]:
+    """Where the share of tokens leaving at one exit (the others off) is lost, without any bound:
+    (oracle, ranked). Oracle: a perfect probe sends every agreeing token and delta of all tokens
+    more; ranked: the most confident tokens by `scores` whose disagreement is <= delta of all."""
+    conf = scores.confidence[..., exit_index].flatten()  # (tokens,)
+    agree = scores.agree[..., exit_index].flatten()
+    agree_share = float(agree.float().mean())
+    oracle = min(1.0, agree_share + delta)
+    wrong = (~agree[conf.argsort(descending=True, stable=True)]).float().cumsum(0) / conf.numel()  # (tokens,)
+    ranked = float((wrong <= delta + 1e-12).nonzero().max() + 1) / conf.numel() if wrong[0] <= delta else 0.0
+    return oracle, ranked
+
+
 # ----- checking the guarantee over random splits (issue 12: "calibration holds") ---------
 
 

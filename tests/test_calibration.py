@@ -14,14 +14,18 @@ from megatron.early_exit.checkpointing import save_checkpoint
 from megatron.early_exit.config import ModelConfig
 from megatron.early_exit.inference import EarlyExitEngine, GenerationSettings
 from megatron.early_exit.inference.calibration import (
+    ExitScores,
     binomial_cdf,
     calibrate,
     check_splits,
     chunk_losses,
     exit_shares,
     hoeffding_bentkus_p_value,
+    p_value,
+    single_exit_ceilings,
     teacher_forced_scores,
     threshold_path,
+    wsr_p_value,
 )
 from megatron.early_exit.model import EarlyExitGPT
 from megatron.early_exit.tokenizer import build_tokenizer
@@ -60,6 +64,43 @@ def test_binomial_cdf_and_hoeffding_bentkus_p_value():
     assert hoeffding_bentkus_p_value(0.06, 100, 0.05) == 1.0  # above delta: no evidence at all
 
 
+def test_wsr_p_value_by_hand_and_its_errors():
+    # all losses 0: every bet is the cap 1 (the running variance only shrinks), so the wealth is
+    # (1 + delta)^n and p = 1.05^-10; Hoeffding-Bentkus gives 0.95^10 on the same losses
+    assert wsr_p_value(torch.zeros(10), 0.05, 0.1) == pytest.approx(1.05**-10, rel=1e-12)
+    assert p_value("hb", torch.zeros(10), 0.05, 0.1) == pytest.approx(0.95**10, rel=1e-12)
+    assert wsr_p_value(torch.ones(50), 0.05, 0.1) == 1.0  # all wrong: the wealth only shrinks
+    with pytest.raises(ValueError, match="--bound must be one of hb, wsr, got 'ltt'"):
+        p_value("ltt", torch.zeros(10), 0.05, 0.1)
+
+
+def _chunk_risks(n: int, risk: float, tokens: int, draws: int, seed: int) -> torch.Tensor:
+    """[draws, n] chunk losses: the share of `tokens` i.i.d. Bernoulli(risk) tokens in each chunk."""
+    gen = torch.Generator().manual_seed(seed)
+    return (torch.rand(draws, n, tokens, generator=gen) < risk).float().mean(-1)
+
+
+@pytest.mark.parametrize("tokens", [1, 32])
+def test_wsr_rejects_a_true_null_at_most_epsilon_of_the_time(tokens):
+    """Losses whose true risk is exactly delta (the hardest null), 1000 draws of 200 chunks:
+    p <= epsilon in at most epsilon of them (plus 3 binomial standard errors: 0.028)."""
+    risks = _chunk_risks(200, DELTA, tokens, 1000, seed=tokens)
+    rejected = sum(wsr_p_value(r, DELTA, EPSILON) <= EPSILON for r in risks)
+    # measured: 92 (Bernoulli tokens: WSR is near-exact there), 0 (32-token chunks)
+    assert rejected <= 1000 * EPSILON + 3 * (1000 * EPSILON * (1 - EPSILON)) ** 0.5, rejected
+
+
+def test_wsr_is_tighter_than_hoeffding_bentkus_on_low_variance_chunks():
+    """200 chunks of 32 tokens at true risk 0.035 (chunk losses vary little): WSR proves risk <=
+    0.05 in most draws, Hoeffding-Bentkus (which assumes the worst variance) in few."""
+    risks = _chunk_risks(200, 0.035, 32, 100, seed=7)
+    wsr = [wsr_p_value(r, DELTA, EPSILON) for r in risks]
+    hb = [p_value("hb", r, DELTA, EPSILON) for r in risks]
+    assert sum(p <= EPSILON for p in wsr) >= 70, wsr  # measured: 86
+    assert sum(p <= EPSILON for p in hb) <= 30, hb  # measured: 0
+    assert sum(w < h for w, h in zip(wsr, hb)) >= 90  # measured: 100
+
+
 def test_threshold_paths_go_from_never_to_always(scores):
     path = threshold_path(scores, 3, "quantile", 11)
     assert torch.all(path[0] == 1.0) and torch.all(path[1:].diff(dim=0) <= 0)
@@ -86,28 +127,30 @@ def test_guarantee_holds_over_random_splits(scores):
         path = threshold_path(calib, 3, "quantile", 101)
         ok = [j for j in range(101) if chunk_losses(calib, path[j])[0].mean() <= DELTA]
         naive_exceed += int(chunk_losses(test, path[max(ok)])[0].mean() > DELTA)
-    assert exceed <= EPSILON * SPLITS, exceed  # measured: 0 of 20 (disagreement 0.014 on average)
-    assert min(shares) > 0.03 and sum(shares) / SPLITS > 0.05, shares  # measured: 8.8-10.3% of tokens exit
+    assert exceed <= EPSILON * SPLITS, exceed  # measured: 0 of 20 (disagreement 0.031 on average; HB: 0.014)
+    assert min(shares) > 0.03 and sum(shares) / SPLITS > 0.05, shares  # measured: 13.7-17.5% exit (HB: 8.8-11.7%)
     assert naive_exceed > EPSILON * SPLITS, naive_exceed  # measured: 5 of 20
 
 
-def test_check_splits_holds_and_lets_tokens_leave(scores):
+@pytest.mark.parametrize("bound", ["wsr", "hb"])
+def test_check_splits_holds_and_lets_tokens_leave(scores, bound):
     """check_splits: 20 random calibration/test halves; the realised test disagreement exceeds
     delta in at most epsilon of them, and the thresholds are not trivial (tokens leave)."""
-    check = check_splits(scores, DELTA, EPSILON, SPLITS, test_fraction=0.5, seed=100)
+    check = check_splits(scores, DELTA, EPSILON, SPLITS, test_fraction=0.5, seed=100, bound=bound)
     assert len(check.splits) == SPLITS and check.exits == [1, 2, 3]
-    assert check.violations <= EPSILON * SPLITS and check.holds, check.violations  # measured: 0 of 20 (max 0.019)
+    # measured: 0 of 20 for both (max disagreement WSR 0.037, HB 0.019)
+    assert check.violations <= EPSILON * SPLITS and check.holds, check.violations
     for r in check.splits:
         assert r.lambda_index > 0 and min(r.thresholds) < 1.0
         assert len(r.exit_shares) == 3 and 0.0 <= sum(r.exit_shares) <= 1.0
     mean_share = sum(sum(r.exit_shares) for r in check.splits) / SPLITS
-    assert mean_share > 0.05, mean_share  # measured: 10% (8.9-11.5% per split) of test tokens exit early
+    assert mean_share > 0.05, mean_share  # measured: WSR 15.4% (13.8-17.4% per split), HB 10.0% (8.9-11.5%)
     d = check.as_dict()
     assert d["violations"] == check.violations and d["num_splits"] == SPLITS and len(d["splits"]) == SPLITS
     # split 0 by hand: same permutation, calibrate on the other half, disagreement on the test half
     order = torch.randperm(400, generator=torch.Generator().manual_seed(100))
     calib, test = scores.select(order[200:]), scores.select(order[:200])
-    cal = calibrate(calib, DELTA, EPSILON, seed=100)
+    cal = calibrate(calib, DELTA, EPSILON, seed=100, bound=bound)
     risk, share = chunk_losses(test, torch.tensor(cal.thresholds))
     assert check.splits[0].thresholds == cal.thresholds
     assert check.splits[0].test_risk == pytest.approx(float(risk.mean()), abs=1e-7)
@@ -119,7 +162,7 @@ def test_check_splits_catches_a_choice_without_the_guarantee(scores, monkeypatch
     entry whose calibration disagreement is <= delta), more than epsilon of the splits exceed delta."""
     from megatron.early_exit.inference import calibration as module
 
-    def naive(calib, delta, epsilon, path, steps, fit_fraction, seed):
+    def naive(calib, delta, epsilon, path, steps, fit_fraction, seed, bound):
         thresholds = threshold_path(calib, 3, "quantile", 101)
         j = max(j for j in range(101) if chunk_losses(calib, thresholds[j])[0].mean() <= delta)
         return module.Calibration(calib.exits, thresholds[j].tolist(), j, 0.0, 0.0, 0.0, 0, 0)
@@ -136,6 +179,18 @@ def test_exit_shares_count_the_first_exit_that_fires(scores):
         check_splits(scores, DELTA, EPSILON, 0)
     with pytest.raises(ValueError, match="test fraction 1.0 leaves no chunks"):
         check_splits(scores, DELTA, EPSILON, 2, test_fraction=1.0)
+
+
+def test_single_exit_ceilings_by_hand():
+    """10 tokens at one exit, 6 agree; by confidence: A A W A A W A W A W (A agrees, W does not).
+    delta 0.1 (one wrong token of 10): oracle 6/10 + 0.1; ranked: the first 5 hold 1 wrong token."""
+    agree = torch.tensor([1, 1, 0, 1, 1, 0, 1, 0, 1, 0], dtype=torch.bool)
+    conf = torch.linspace(1.0, 0.1, 10)
+    s = ExitScores([3], conf.view(2, 5, 1), agree.view(2, 5, 1))
+    assert single_exit_ceilings(s, 0, 0.1) == pytest.approx((0.7, 0.5))
+    assert single_exit_ceilings(s, 0, 0.0) == pytest.approx((0.6, 0.2))
+    reversed_ = ExitScores([3], conf.flip(0).view(2, 5, 1), agree.view(2, 5, 1))  # the least sure first: W
+    assert single_exit_ceilings(reversed_, 0, 0.0) == pytest.approx((0.6, 0.0))
 
 
 def _tool(name: str, path: str):
@@ -163,6 +218,7 @@ def test_tool_writes_thresholds_that_generate_auto_uses(tmp_path, capsys):
     assert check["violations"] == sum(s["test_risk"] > DELTA for s in check["splits"])
     assert f"{check['violations']} of 4 random calibration/test splits" in printed[5]
     assert record["delta"] == DELTA and record["epsilon"] == EPSILON and record["measure"] == "max_prob"
+    assert record["bound"] == "wsr" and record["method"].startswith("Waudby-Smith-Ramdas betting p-values")
     assert record["calibration_data"]["num_chunks"] == 256 and record["lambda_index"] > 0
     card = (ckpt / "iter_0000000" / "README.md").read_text()
     assert "Calibrated early-exit thresholds" in card and "held_out.jsonl" in card

@@ -8,8 +8,9 @@ On held-out text (the validation split of `--data-path` under `--split`, or `--i
 JSON lines with a "text" field), teacher-forced, it picks thresholds such that, with
 probability >= 1 - epsilon, the early-exit decision (the first exit whose confidence >= its
 threshold) disagrees with the final head's top-1 on at most delta of tokens. The text is
-cut into `--seq-length` chunks, taken as i.i.d.; Hoeffding-Bentkus p-values on per-chunk
-disagreement, fixed-sequence testing along a path of threshold vectors (details:
+cut into `--seq-length` chunks, taken as i.i.d.; p-values on per-chunk disagreement
+(`--bound`: Waudby-Smith-Ramdas betting, or Hoeffding-Bentkus), fixed-sequence testing along a
+path of threshold vectors (details:
 megatron/early_exit/inference/calibration.py). The thresholds, delta, epsilon, the measure
 and the calibration data are written into the checkpoint (`early_exit_thresholds.json` and a
 section of its README.md model card); `tools/generate.py --early-exit-thres auto` uses them.
@@ -53,6 +54,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seq-length", type=int, default=128, help="tokens per chunk (default 128)")
     p.add_argument("--num-chunks", type=int, default=256, help="chunks of held-out text (default 256)")
     p.add_argument("--path", choices=["quantile", "shared"], default="quantile", help="threshold path (see the module)")
+    p.add_argument(
+        "--bound", choices=list(calibration.BOUNDS), default="wsr",
+        help="p-values: wsr (Waudby-Smith-Ramdas betting, variance-adaptive; default) or hb (Hoeffding-Bentkus)",
+    )  # fmt: skip
     p.add_argument("--steps", type=int, default=101, help="threshold vectors on the path")
     p.add_argument("--fit-fraction", type=float, default=0.3, help="quantile path: share of chunks that fit it")
     p.add_argument("--seed", type=int, default=1234)
@@ -90,15 +95,20 @@ def chunks_from_jsonl(path: str, tok, length: int, count: int) -> torch.Tensor:
 
 
 def chunks_from_corpus(a, tok) -> torch.Tensor:
+    """The first --num-chunks chunks of one epoch of the validation part: asking megatron-core
+    for more samples than one epoch holds would repeat its text (overlapping chunks, not i.i.d.)."""
     from megatron.early_exit.data import build_datasets
 
+    # asked for 1 sample, megatron-core builds exactly one epoch (165 chunks of 128 tokens on aclsum)
     _, valid, _ = build_datasets(
         tokenizer=tok, seq_length=a.seq_length, seed=a.seed, data_path=a.data_path, split=a.split,
-        train_samples=0, valid_samples=a.num_chunks, test_samples=0,
+        train_samples=0, valid_samples=1, test_samples=0,
     )  # fmt: skip
     if valid is None:
         raise ValueError(f"--split {a.split}: no validation part of --data-path to calibrate on")
     count = min(a.num_chunks, len(valid))
+    if count < a.num_chunks:
+        print(f"--num-chunks {a.num_chunks}: the validation part holds {count} chunks of {a.seq_length} tokens")
     return torch.stack([torch.as_tensor(valid[i]["tokens"]) for i in range(count)]).long()
 
 
@@ -196,10 +206,12 @@ def run(a: argparse.Namespace) -> dict:
         )
     chunks = load_chunks(a, tok).to(a.device)
     scores = calibration.teacher_forced_scores(model, chunks, a.measure, a.batch_size)
-    cal = calibration.calibrate(scores, a.delta, a.epsilon, a.path, a.steps, a.fit_fraction, a.seed)
+    cal = calibration.calibrate(scores, a.delta, a.epsilon, a.path, a.steps, a.fit_fraction, a.seed, a.bound)
     record = {
         **cal.as_dict(), "measure": a.measure, "delta": a.delta, "epsilon": a.epsilon,
-        "method": f"Hoeffding-Bentkus p-values on i.i.d. per-chunk disagreement, fixed-sequence testing, {a.path} path",
+        "bound": a.bound,
+        "method": f"{calibration.BOUNDS[a.bound]} p-values on i.i.d. per-chunk disagreement, fixed-sequence testing, "
+                  f"{a.path} path",
         "calibration_data": {"source": a.input or " ".join(a.data_path) + f" (split {a.split}, validation part)",
                              "num_chunks": int(chunks.shape[0]), "chunk_length": a.seq_length, "seed": a.seed},
         "created": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
@@ -207,8 +219,9 @@ def run(a: argparse.Namespace) -> dict:
     print(json.dumps({k: record[k] for k in ("thresholds", "risk", "exit_share", "p_value", "lambda_index")}))
     if a.check_splits:
         check = calibration.check_splits(
-            scores, a.delta, a.epsilon, a.check_splits, a.check_test_fraction, a.path, a.steps, a.fit_fraction, a.seed
-        )
+            scores, a.delta, a.epsilon, a.check_splits, a.check_test_fraction, a.path, a.steps, a.fit_fraction, a.seed,
+            a.bound,
+        )  # fmt: skip
         print("\n".join(split_lines(check)))
         record["split_check"] = check.as_dict()
     if not a.dry_run:

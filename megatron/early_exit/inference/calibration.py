@@ -15,7 +15,12 @@ Guarantee: with probability >= 1 - epsilon over the calibration chunks, R(t_hat)
   on a separate fitting part of the chunks (each exit alone would fire on a share lambda);
   `shared`: t_e(lambda) = 1 - lambda for every exit (CALM's single threshold).
   lambda_0 = 0 gives thresholds 1.0: nothing exits (the engine never fires at 1.0), risk 0.
-- **p-values.** Hoeffding-Bentkus (LTT, section 3) for losses bounded in [0, 1]:
+- **p-values** (`bound`), one method per calibration (the smaller of two valid p-values is
+  not a valid p-value), both for i.i.d. losses in [0, 1]:
+  `wsr` (default): Waudby-Smith & Ramdas's betting p-value (LTT appendix B), which adapts to
+  the losses' variance: per-chunk disagreement varies little, so it proves a risk much closer
+  to delta than Hoeffding-Bentkus from the same chunks;
+  `hb`: Hoeffding-Bentkus (LTT, section 3), worst-case variance:
   p = min(exp(-n h1(min(R_hat, delta), delta)), e * P(Binomial(n, delta) <= ceil(n R_hat))).
 - **Fixed-sequence testing.** Test H_j: R(t_j) > delta for j = 1, 2, ... in path order and
   stop at the first p-value > epsilon; every earlier hypothesis is rejected with
@@ -120,6 +125,40 @@ def hoeffding_bentkus_p_value(risk_hat: float, n: int, delta: float) -> float:
     return min(1.0, hoeffding, bentkus)
 
 
+def wsr_p_value(losses: torch.Tensor, delta: float, epsilon: float) -> float:
+    """Waudby-Smith & Ramdas's betting p-value for H: R >= delta from i.i.d. losses in [0, 1],
+    in their (random) order; LTT appendix B with RCPS's bets (Bates et al., arXiv 2101.02703).
+
+    Wealth K_i = prod_{j <= i} (1 - nu_j (L_j - delta)) is a non-negative supermartingale under
+    H when each bet nu_j in [0, 1] depends on L_1..L_{j-1} only, so p = 1 / max_i K_i is valid
+    (Ville). The bets grow as the running variance shrinks: low-variance losses well below
+    delta make the wealth grow fast, where Hoeffding-Bentkus assumes the worst variance."""
+    x = losses.double().flatten()  # (n,)
+    n = x.numel()
+    i = torch.arange(1, n + 1, dtype=torch.float64)
+    mu = (0.5 + x.cumsum(0)) / (i + 1)  # mu_hat_i after i losses
+    var = (0.25 + ((x - mu) ** 2).cumsum(0)) / (i + 1)  # sigma_hat^2_i
+    prev_var = torch.cat([torch.tensor([0.25], dtype=torch.float64), var[:-1]])  # sigma_hat^2_{i-1}
+    nu = torch.sqrt(2 * math.log(1 / epsilon) / (n * prev_var)).clamp(max=1.0)
+    log_wealth = torch.log1p(-nu * (x - delta)).cumsum(0)  # nu <= 1 keeps 1 - nu (L - delta) >= delta > 0
+    return min(1.0, math.exp(-float(log_wealth.max())))
+
+
+BOUNDS = {
+    "hb": "Hoeffding-Bentkus",
+    "wsr": "Waudby-Smith-Ramdas betting",
+}
+
+
+def p_value(bound: str, losses: torch.Tensor, delta: float, epsilon: float) -> float:
+    """The p-value for H: R > delta from per-chunk losses [n] by `bound` (one of BOUNDS)."""
+    if bound == "hb":
+        return hoeffding_bentkus_p_value(float(losses.mean()), losses.numel(), delta)
+    if bound == "wsr":
+        return wsr_p_value(losses, delta, epsilon)
+    raise ValueError(f"--bound must be one of {', '.join(BOUNDS)}, got {bound!r}")
+
+
 @dataclass
 class Calibration:
     """The chosen thresholds and what the calibration saw."""
@@ -139,12 +178,13 @@ class Calibration:
         return d
 
 
-def fixed_sequence_test(scores: ExitScores, path: torch.Tensor, delta: float, epsilon: float) -> tuple[int, float]:
+def fixed_sequence_test(
+    scores: ExitScores, path: torch.Tensor, delta: float, epsilon: float, bound: str = "wsr"
+) -> tuple[int, float]:
     """Index of the last path entry whose null (risk > delta) is rejected, and its p-value."""
-    n = scores.confidence.shape[0]
     best, best_p = 0, 0.0
     for j in range(1, path.shape[0]):
-        p = hoeffding_bentkus_p_value(float(chunk_losses(scores, path[j])[0].mean()), n, delta)
+        p = p_value(bound, chunk_losses(scores, path[j])[0], delta, epsilon)
         if p > epsilon:
             break
         best, best_p = j, p
@@ -153,7 +193,7 @@ def fixed_sequence_test(scores: ExitScores, path: torch.Tensor, delta: float, ep
 
 def calibrate(
     scores: ExitScores, delta: float, epsilon: float, path: str = "quantile", steps: int = 101,
-    fit_fraction: float = 0.3, seed: int = 0,
+    fit_fraction: float = 0.3, seed: int = 0, bound: str = "wsr",
 ) -> Calibration:  # fmt: skip
     """Learn-Then-Test over `scores`' chunks: the quantile path is fit on a random
     `fit_fraction` of them and tested on the rest (the shared path uses them all)."""
@@ -166,11 +206,24 @@ def calibrate(
         raise ValueError(f"--fit-fraction {fit_fraction} leaves no chunks to fit the path or to test it ({c} chunks)")
     fit, test = scores.select(order[:num_fit]), scores.select(order[num_fit:])
     thresholds = threshold_path(fit, len(scores.exits), path, steps)
-    j, p = fixed_sequence_test(test, thresholds, delta, epsilon)
+    j, p = fixed_sequence_test(test, thresholds, delta, epsilon, bound)
     risk, share = chunk_losses(test, thresholds[j])
     return Calibration(
         scores.exits, thresholds[j].tolist(), j, float(risk.mean()), float(share.mean()), p, c - num_fit, num_fit
     )
+
+
+def single_exit_ceilings(scores: ExitScores, exit_index: int, delta: float) -> tuple[float, float]:
+    """Where the share of tokens leaving at one exit (the others off) is lost, without any bound:
+    (oracle, ranked). Oracle: a perfect probe sends every agreeing token and delta of all tokens
+    more; ranked: the most confident tokens by `scores` whose disagreement is <= delta of all."""
+    conf = scores.confidence[..., exit_index].flatten()  # (tokens,)
+    agree = scores.agree[..., exit_index].flatten()
+    agree_share = float(agree.float().mean())
+    oracle = min(1.0, agree_share + delta)
+    wrong = (~agree[conf.argsort(descending=True, stable=True)]).float().cumsum(0) / conf.numel()  # (tokens,)
+    ranked = float((wrong <= delta + 1e-12).nonzero().max() + 1) / conf.numel() if wrong[0] <= delta else 0.0
+    return oracle, ranked
 
 
 # ----- checking the guarantee over random splits (issue 12: "calibration holds") ---------
@@ -233,7 +286,7 @@ class SplitCheck:
 
 def check_splits(
     scores: ExitScores, delta: float, epsilon: float, num_splits: int, test_fraction: float = 0.5,
-    path: str = "quantile", steps: int = 101, fit_fraction: float = 0.3, seed: int = 0,
+    path: str = "quantile", steps: int = 101, fit_fraction: float = 0.3, seed: int = 0, bound: str = "wsr",
 ) -> SplitCheck:  # fmt: skip
     """Calibrate on `num_splits` random calibration/test splits of the chunks (split i seeded
     by seed + i) and measure each choice's realised disagreement on its test chunks."""
@@ -247,7 +300,7 @@ def check_splits(
     for i in range(num_splits):
         order = torch.randperm(c, generator=torch.Generator().manual_seed(seed + i))
         calib, test = scores.select(order[num_test:]), scores.select(order[:num_test])
-        cal = calibrate(calib, delta, epsilon, path, steps, fit_fraction, seed + i)
+        cal = calibrate(calib, delta, epsilon, path, steps, fit_fraction, seed + i, bound)
         thresholds = torch.tensor(cal.thresholds)
         risk, _ = chunk_losses(test, thresholds)
         results.append(SplitResult(cal.thresholds, cal.lambda_index, float(risk.mean()), exit_shares(test, thresholds)))

@@ -77,7 +77,7 @@ def test_every_kernel_computes_f_linear(dtype, rows):
 
 def test_choice_is_measured_once_per_shape_dtype_rows_bucket_and_threads(monkeypatch):
     calls = []
-    monkeypatch.setattr(kernels, "pick", lambda funcs, weights: calls.append(sorted(funcs)) or "transposed")
+    monkeypatch.setattr(kernels, "pick", lambda funcs, weights, clock: calls.append(sorted(funcs)) or "transposed")
     w = torch.randn(24, 16)
     kernels.register([w])
     with torch.no_grad():
@@ -92,7 +92,7 @@ def test_choice_is_measured_once_per_shape_dtype_rows_bucket_and_threads(monkeyp
 
 
 def test_unchosen_copies_are_dropped(monkeypatch):
-    monkeypatch.setattr(kernels, "pick", lambda funcs, weights: [f(w) for f in funcs.values() for w in weights] and "plain")
+    monkeypatch.setattr(kernels, "pick", lambda funcs, weights, clock: [f(w) for f in funcs.values() for w in weights] and "plain")
     w = torch.randn(24, 16)
     kernels.register([w])
     with torch.no_grad():

@@ -7,8 +7,8 @@ rows: on an AMD EPYC (avx512_bf16) oneDNN's prepacked weights streamed 20-32 GB/
 vocabulary head. No kernel is right everywhere, so none is assumed: the first product of
 each (weight shape, dtype, rows bucket, threads) times every applicable kernel on the model's
 own weights of that shape (each weight of the group once per round, so that the weights
-stream from memory as in decoding, not from cache), alternating, best of `ROUNDS`, and keeps
-the fastest for the rest of the process.
+stream from memory as in decoding, not from cache), alternating, best of `ROUNDS` (CPU time
+with one thread, wall time with more), and keeps the fastest for the rest of the process.
 
 Kernels (all compute `F.linear(x, W, b)`; fp32 results differ by summation-order round-off):
   plain       `F.linear` (MKL / the default BLAS);
@@ -169,8 +169,11 @@ def _measure(weight: torch.Tensor, rows: int) -> str:
     weights = group if any(w is weight for w in group) else [weight]
     x = torch.randn(rows, weight.shape[1], generator=torch.Generator().manual_seed(0)).to(weight.dtype)
     funcs = {k: (lambda f: lambda w: f(x, w, None))(_FUNCS[k]) for k in candidates(rows)}
+    # One thread: CPU time, robust to a shared machine; more: wall time (CPU time would count
+    # every thread's share and so favour kernels that do not parallelise).
+    clock = time.process_time if torch.get_num_threads() == 1 else time.perf_counter
     with torch.no_grad():
-        return pick(funcs, weights)
+        return pick(funcs, weights, clock=clock)
 
 
 def pick(

@@ -44,6 +44,14 @@ def test_pick_chooses_the_faster_of_two_fakes_in_either_order():
     assert kernels.pick(funcs, weights, clock=clock) == "fast"
 
 
+def test_pick_keeps_the_reference_unless_another_is_clearly_faster():
+    weights = [torch.zeros(2, 2)]
+    funcs, clock = fake_clock_kernels({"plain": 1.0, "copy": 0.97})  # 3% faster: within the margin
+    assert kernels.pick(funcs, weights, clock=clock, margin=0.05) == "plain"
+    funcs, clock = fake_clock_kernels({"plain": 1.0, "copy": 0.9})
+    assert kernels.pick(funcs, weights, clock=clock, margin=0.05) == "copy"
+
+
 def test_pick_runs_each_kernel_on_every_weight_each_round_and_ignores_the_warm_up():
     seen = []
     now = [0.0]

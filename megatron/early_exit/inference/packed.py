@@ -19,7 +19,8 @@ modules are as they were: the caller's model object is only changed while a pass
 Packed (or transposed) copies are made lazily, kept per weight tensor and remade when the
 weight changes (its data pointer or version counter moves: an optimizer step,
 `load_state_dict`, `.to()`). They cost one extra copy of the chosen weights' memory;
-`disable_packed_weights(model)` drops them. Tensor-parallel modules are left alone (their collectives live in their own forward).
+`disable_packed_weights(model)` drops them. Tensor-parallel modules are left alone (their
+collectives live in their own forward).
 """
 
 from __future__ import annotations
@@ -42,8 +43,9 @@ def enable_packed_weights(model: nn.Module) -> bool:
     """Route the model's plain Linears and single-device heads through packed weights.
 
     Idempotent; returns whether the fast path is on (False where the model does not live on
-    the CPU in fp32/bf16). The kernels are chosen as `EE_LINEAR_KERNEL` says (default: measured). The hooks are bound methods, so a
-    `copy.deepcopy` of the model binds them to the copy, which packs its own weights.
+    the CPU in fp32/bf16). The kernels are chosen as `EE_LINEAR_KERNEL` says (default:
+    measured). The hooks are bound methods, so a `copy.deepcopy` of the model binds them to
+    the copy, which packs its own weights.
     """
     if getattr(model, _MARK, False):
         return True

@@ -43,7 +43,7 @@ sys.path.insert(0, os.path.join(ROOT, "tools", "eval"))
 from decode_speed import cpu_model_name  # noqa: E402
 
 from megatron.early_exit.inference import EarlyExitEngine, GenerationSettings, summarize  # noqa: E402
-from megatron.early_exit.inference.kernels import KERNELS  # noqa: E402
+from megatron.early_exit.inference.kernels import KERNELS, choices  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 TEXT = "In this paper we propose a new method for early exit in large language models and show that it"
@@ -158,6 +158,10 @@ def compare_at(args, engines: dict, hf, prompts: list[list[int]], roof: float) -
             t, ours_tokens = ours_tps(engine, prompts, args.new_tokens)
             ours[k] = max(ours[k], t)
             same[k] &= ours_tokens == hf_tokens
+    if "auto" in engines:
+        dtype = engines["auto"].dtype
+        chosen = [f"{sh} rows<={top or 'any'}: {k}" for (sh, dt, top, _), k in choices().items() if dt == dtype]
+        print("  auto chose: " + ", ".join(chosen))
     for k in engines:
         print(f"  {len(prompts):5d} {k:>10s} {ours[k]:11.1f} {theirs:9.1f} {ours[k] / theirs:7.2f}x {roof:9.1f} "
               f"{ours[k] / roof:8.0%}  {'yes' if same[k] else 'NO (see note)'}", flush=True)  # fmt: skip

@@ -231,6 +231,11 @@ def forget(weights: Iterable[torch.Tensor]) -> None:
         _DERIVED.pop(id(w), None)
 
 
+def choices() -> dict[tuple, str]:
+    """The measured choices so far: (shape, dtype, rows bucket (None: more), threads) -> kernel."""
+    return dict(_CHOICE)
+
+
 def clear_choices() -> None:
     """Forget every measured choice (tests; or after the machine's load changed a lot)."""
     _CHOICE.clear()

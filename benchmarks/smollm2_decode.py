@@ -10,6 +10,10 @@ given with --load was converted from it, and the script checks that both produce
 greedy tokens), greedy, EOS ignored, prefill included, at each --batch, in each --dtype. The
 two are timed alternately, best of --repeats (the machine may be shared). The ceiling is the
 bandwidth roofline: batch x measured read bandwidth / bytes of weights read per step.
+`--kernels auto packed plain ...` runs one engine per CPU matmul kernel setting
+(`inference/kernels.py`; auto = measured per weight shape) in the same alternation;
+`--clock cpu --threads 1` counts this process's CPU time instead of wall time (robust on a
+shared machine; the roofline then assumes one thread's read bandwidth).
 
 Part 2 (a checkpoint with exits): the aclsum test abstracts summarised in one sentence
 (the chat template), at batch --ee-batch: for each threshold, tokens/s and speedup over our
@@ -39,6 +43,7 @@ sys.path.insert(0, os.path.join(ROOT, "tools", "eval"))
 from decode_speed import cpu_model_name  # noqa: E402
 
 from megatron.early_exit.inference import EarlyExitEngine, GenerationSettings, summarize  # noqa: E402
+from megatron.early_exit.inference.kernels import KERNELS, choices  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 TEXT = "In this paper we propose a new method for early exit in large language models and show that it"
@@ -100,50 +105,66 @@ def bytes_per_step(model) -> int:
     return sum(p.numel() * p.element_size() for n, p in model.named_parameters() if "exits." not in n)
 
 
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+clock = time.perf_counter  # --clock: cpu = this process's CPU time (robust on a shared machine at 1 thread)
+
+
 def ours_tps(engine, prompts, new_tokens: int) -> tuple[float, list[list[int]]]:
-    start = time.perf_counter()
+    start = clock()
     res = engine.generate(prompts, GenerationSettings(max_new_tokens=new_tokens, ignore_eos=True))
     synchronize(engine.device)
-    return len(prompts) * new_tokens / (time.perf_counter() - start), [r.tokens for r in res]
+    return len(prompts) * new_tokens / (clock() - start), [r.tokens for r in res]
 
 
 @torch.no_grad()
 def hf_tps(hf, prompts, new_tokens: int) -> tuple[float, list[list[int]]]:
     ids = torch.tensor(prompts, device=hf.device)  # equal lengths: no padding needed
     mask = torch.ones_like(ids)
-    start = time.perf_counter()
+    start = clock()
     out = hf.generate(ids, attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
                       do_sample=False, pad_token_id=0)  # fmt: skip
     synchronize(hf.device)
-    return len(prompts) * new_tokens / (time.perf_counter() - start), out[:, ids.shape[1] :].tolist()
+    return len(prompts) * new_tokens / (clock() - start), out[:, ids.shape[1] :].tolist()
 
 
 def part1(args, bandwidth: float) -> None:
     for name in args.dtypes:
         dtype = DTYPES[name]
         model, tok = load_ours(args.load, dtype)
-        engine = EarlyExitEngine(model.to(args.device), tok)
+        model = model.to(args.device)
+        engines = {k: EarlyExitEngine(model, tok, linear_kernel=k) for k in args.kernels}
         hf = load_hf(dtype).to(args.device)
         step_bytes = bytes_per_step(model)
         prompt = (tok.tokenize(TEXT) * 4)[: args.prompt_len]
         print(f"\n== {name}: weights read per decode step {step_bytes / 1e6:.0f} MB")
-        print(f"  {'batch':>5s} {'ours tok/s':>11s} {'HF tok/s':>9s} {'ours/HF':>8s} {'roofline':>9s} "
+        print(f"  {'batch':>5s} {'kernels':>10s} {'ours tok/s':>11s} {'HF tok/s':>9s} {'ours/HF':>8s} {'roofline':>9s} "
               f"{'ours/roof':>9s}  same tokens")  # fmt: skip
         for batch in args.batch:
-            prompts = [prompt] * batch
-            ours_tps(engine, prompts, 4)  # warm-up (first calls build kernels)
-            hf_tps(hf, prompts, 4)
-            ours, theirs, same = 0.0, 0.0, True
-            for _ in range(args.repeats):  # alternate: both see the same machine load
-                t, ours_tokens = ours_tps(engine, prompts, args.new_tokens)
-                ours = max(ours, t)
-                t, hf_tokens = hf_tps(hf, prompts, args.new_tokens)
-                theirs = max(theirs, t)
-                same &= ours_tokens == hf_tokens
-            roof = batch * bandwidth / step_bytes
-            print(f"  {batch:5d} {ours:11.1f} {theirs:9.1f} {ours / theirs:7.2f}x {roof:9.1f} {ours / roof:8.0%}  "
-                  f"{'yes' if same else 'NO (see note)'}", flush=True)  # fmt: skip
-        del hf, engine, model
+            compare_at(args, engines, hf, [prompt] * batch, batch * bandwidth / step_bytes)
+        del hf, engines, model
+
+
+def compare_at(args, engines: dict, hf, prompts: list[list[int]], roof: float) -> None:
+    """One batch size: every engine (one per --kernels setting) and HF, alternated, best of --repeats."""
+    for engine in engines.values():
+        ours_tps(engine, prompts, 4)  # warm-up (first calls choose and build kernels)
+    hf_tps(hf, prompts, 4)
+    ours, same = dict.fromkeys(engines, 0.0), dict.fromkeys(engines, True)
+    theirs = 0.0
+    for _ in range(args.repeats):  # alternate: all see the same machine load
+        t, hf_tokens = hf_tps(hf, prompts, args.new_tokens)
+        theirs = max(theirs, t)
+        for k, engine in engines.items():
+            t, ours_tokens = ours_tps(engine, prompts, args.new_tokens)
+            ours[k] = max(ours[k], t)
+            same[k] &= ours_tokens == hf_tokens
+    if "auto" in engines:
+        dtype = engines["auto"].dtype
+        chosen = [f"{sh} rows<={top or 'any'}: {k}" for (sh, dt, top, _), k in choices().items() if dt == dtype]
+        print("  auto chose: " + ", ".join(chosen))
+    for k in engines:
+        print(f"  {len(prompts):5d} {k:>10s} {ours[k]:11.1f} {theirs:9.1f} {ours[k] / theirs:7.2f}x {roof:9.1f} "
+              f"{ours[k] / roof:8.0%}  {'yes' if same[k] else 'NO (see note)'}", flush=True)  # fmt: skip
 
 
 def aclsum_test_path() -> str | None:
@@ -226,8 +247,14 @@ def main() -> None:
     p.add_argument("--draft", type=int, default=4)
     p.add_argument("--threads", type=int, default=os.cpu_count())
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N] (part 1; part 2 runs on the CPU)")
+    p.add_argument("--kernels", nargs="+", default=["auto"], choices=["auto", *KERNELS],
+                   help="part 1: one engine per CPU matmul kernel setting (auto: measured per shape)")  # fmt: skip
+    p.add_argument("--clock", choices=list(CLOCKS), default="wall",
+                   help="wall time, or this process's CPU time (use with --threads 1 on a shared machine)")  # fmt: skip
     args = p.parse_args()
     torch.set_num_threads(args.threads)
+    global clock
+    clock = CLOCKS[args.clock]
     args.device = torch.device(args.device)
     if args.device.type == "cuda" and not torch.cuda.is_available():
         p.error(f"--device {args.device}: CUDA is not available on this machine")
@@ -236,7 +263,7 @@ def main() -> None:
     print(f"machine: {where}, {os.cpu_count()} cores, {args.threads} threads, "
           f"torch {torch.__version__}; measured read bandwidth {bandwidth / 1e9:.1f} GB/s")  # fmt: skip
     print(f"decode: prompt {args.prompt_len} tokens, {args.new_tokens} new tokens, greedy, EOS ignored, "
-          f"best of {args.repeats} alternating runs")  # fmt: skip
+          f"best of {args.repeats} alternating runs, {args.clock} time")  # fmt: skip
     if not args.skip_hf:
         part1(args, bandwidth)
     if not args.skip_early_exit:

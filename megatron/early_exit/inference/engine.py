@@ -8,7 +8,7 @@ Its step functions (`prefill`, `decode_one_token`, `verify`; `score` for prompt 
 what strategies and the server's scheduler are written with; `generate` is the loop: prefill,
 accept, then the strategy's rounds until every sequence has stopped.
 
-Prepacked CPU weights (`packed.PackedWeights`) are entered around each step only, so the
+CPU kernel choice (`packed.PackedWeights`) is entered around each step only, so the
 caller's model is left as it was between calls.
 """
 
@@ -41,10 +41,18 @@ class EarlyExitEngine:
     """Decoding for one `EarlyExitGPT` on one device. Not thread-safe: one batch at a time."""
 
     def __init__(
-        self, model, tokenizer=None, packed_weights: bool = True, layer_range=None, compile: bool = False
+        self,
+        model,
+        tokenizer=None,
+        packed_weights: bool = True,
+        layer_range=None,
+        compile: bool = False,
+        linear_kernel: str = "auto",
     ) -> None:
-        """packed_weights: on CPU, run Linears and heads on oneDNN-prepacked weights while decoding
-        (`inference/packed.py`: 2-3x the weight bandwidth of `F.linear` at decode sizes).
+        """packed_weights: on CPU, run Linears and heads on the kernel measured fastest per weight
+        shape, dtype and rows while decoding (`inference/kernels.py`: oneDNN-prepacked weights,
+        `F.linear`, `torch.mv`, ...; 2-3x the weight bandwidth of `F.linear` on some CPUs).
+        linear_kernel: 'auto' (measure; `EE_LINEAR_KERNEL` may force one) or a kernel name to force.
         layer_range: the layers this model holds (a pipeline stage's), default all.
         compile: run the layers of uniform decode steps through `torch.compile` (opt-in; inductor
         makes its own kernels, so the prepacked weights are not used then); if compilation fails,
@@ -54,7 +62,7 @@ class EarlyExitEngine:
         self.passes = Passes(model, layer_range)
         if compile:
             self.passes.enable_compile()
-        self.packed = PackedWeights(model) if packed_weights and not compile else _NoPacking()
+        self.packed = PackedWeights(model, linear_kernel) if packed_weights and not compile else _NoPacking()
         self.packed_weights = self.packed.available
         p = self.passes
         self.config, self.num_layers, self.vocab = p.config, p.num_layers, p.vocab

@@ -1,0 +1,241 @@
+"""Which CPU kernel each decode-time matrix product uses, chosen by measuring on this machine.
+
+The fastest kernel for `x @ W.T` at decode sizes depends on the CPU, the dtype and the number of
+rows: on an AMD EPYC (avx512_bf16) oneDNN's prepacked weights streamed 20-32 GB/s where
+`F.linear` streamed 8-13; on an Intel Xeon (AMX) the packed fp32 kernel was slower than
+`F.linear` for one row, while in bf16 it was faster, and `torch.mv` beat both on the bf16
+vocabulary head. No kernel is right everywhere, so none is assumed: the first product of
+each (weight shape, dtype, rows bucket, threads) times every applicable kernel on the model's
+own weights of that shape (each weight of the group once per round, so that the weights
+stream from memory as in decoding, not from cache), alternating, best of `ROUNDS` (CPU time
+with one thread, wall time with more), and keeps the fastest for the rest of the process.
+
+Kernels (all compute `F.linear(x, W, b)`; fp32 results differ by summation-order round-off):
+  plain       `F.linear` (MKL / the default BLAS);
+  packed      oneDNN on a copy of W reordered once into its blocked layout;
+  mv          `torch.mv` / `torch.addmv` (one row only);
+  transposed  `torch.matmul(x, Wt)` on a contiguous copy of W.T.
+`packed` and `transposed` keep one extra copy of the weight, made lazily and remade when the
+weight changes; copies of kernels that were not chosen are dropped after the choice.
+
+`EE_LINEAR_KERNEL=<kernel>` (or `EarlyExitEngine(linear_kernel=...)`) forces one kernel for
+every shape (a one-row-only kernel falls back to `plain` for more rows); `auto` (the default)
+measures.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import time
+import weakref
+from collections.abc import Callable, Iterable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+KERNELS = ("plain", "packed", "mv", "transposed")
+ENV = "EE_LINEAR_KERNEL"
+ROUNDS = 3
+MARGIN = 0.05  # another kernel must beat `plain` by 5% (timings on a shared machine vary more)
+# Rows of x (all leading dimensions) -> (bucket, rows the bucket is measured with).
+_BUCKETS = ((1, 1), (16, 8))
+_MANY_ROWS = (None, 32)
+
+# id(weight) -> {kind: (weakref to weight, data_ptr, version, derived copy)}; an entry is dropped
+# when its weight dies. Kept outside the modules: packed copies are opaque oneDNN tensors that
+# cannot be deep-copied or pickled.
+_DERIVED: dict[int, dict[str, tuple]] = {}
+# (shape, dtype) -> {id(weight): weakref}: the weights a choice is measured on.
+_GROUPS: dict[tuple, dict[int, weakref.ref]] = {}
+# (shape, dtype, bucket, threads) -> kernel name.
+_CHOICE: dict[tuple, str] = {}
+_forced: list[str] = []  # stack of engine-level overrides (innermost last)
+
+
+@functools.cache
+def packing_available() -> bool:
+    """Whether this torch build has the oneDNN ops of the `packed` kernel."""
+    ops = getattr(torch.ops, "mkldnn", None)
+    try:
+        return (
+            torch.backends.mkldnn.is_available()
+            and hasattr(ops, "_reorder_linear_weight")
+            and hasattr(ops, "_linear_pointwise")
+        )
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def check_kernel(name: str, what: str = "linear_kernel") -> str:
+    """`name` if it is 'auto' or a known kernel; ValueError naming `what` otherwise."""
+    if name != "auto" and name not in KERNELS:
+        raise ValueError(f"{what}: unknown kernel {name!r}; choose auto or one of {', '.join(KERNELS)}")
+    if name == "packed" and not packing_available():
+        raise ValueError(f"{what}: 'packed' needs oneDNN, which this torch build lacks")
+    return name
+
+
+def _derived(weight: torch.Tensor, kind: str) -> torch.Tensor:
+    """The cached `kind` copy of `weight`, remade when the weight changed (pointer or version)."""
+    key, stamp = id(weight), (weight.data_ptr(), weight._version)
+    copies = _DERIVED.get(key)
+    if copies is None or _stale_owner(copies, weight):
+        copies = _DERIVED[key] = {}
+        weakref.finalize(weight, _DERIVED.pop, key, None)
+    hit = copies.get(kind)
+    if hit is None or hit[1:3] != stamp:
+        w = weight.detach()
+        made = torch.ops.mkldnn._reorder_linear_weight(w) if kind == "packed" else w.t().contiguous()
+        hit = copies[kind] = (weakref.ref(weight), *stamp, made)
+    return hit[3]
+
+
+def _stale_owner(copies: dict, weight: torch.Tensor) -> bool:
+    return any(v[0]() is not weight for v in copies.values())
+
+
+def _plain(x, weight, bias):
+    return F.linear(x, weight, bias)
+
+
+def _packed(x, weight, bias):
+    return torch.ops.mkldnn._linear_pointwise(x, _derived(weight, "packed"), bias, "none", [], "")
+
+
+def _mv(x, weight, bias):
+    v = x.reshape(-1)  # (in,): one row
+    y = torch.mv(weight, v) if bias is None else torch.addmv(bias, weight, v)
+    return y.view(*x.shape[:-1], weight.shape[0])
+
+
+def _transposed(x, weight, bias):
+    y = torch.matmul(x, _derived(weight, "transposed"))  # (..., in) @ (in, out)
+    return y if bias is None else y.add_(bias)
+
+
+_FUNCS: dict[str, Callable] = {"plain": _plain, "packed": _packed, "mv": _mv, "transposed": _transposed}
+
+
+def _bucket(rows: int) -> tuple[int | None, int]:
+    for top, measured in _BUCKETS:
+        if rows <= top:
+            return top, measured
+    return _MANY_ROWS
+
+
+def candidates(rows: int) -> list[str]:
+    """The kernels that apply to `rows` rows on this build."""
+    names = [k for k in KERNELS if k != "packed" or packing_available()]
+    return names if rows == 1 else [k for k in names if k != "mv"]
+
+
+def register(weights: Iterable[torch.Tensor]) -> None:
+    """Make `weights` the group a choice for their shape is measured on (a model's Linears)."""
+    for w in weights:
+        group = _GROUPS.setdefault((tuple(w.shape), w.dtype), {})
+        if id(w) not in group:
+            group[id(w)] = weakref.ref(w)
+            weakref.finalize(w, group.pop, id(w), None)
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """`F.linear(x, weight, bias)` with the kernel chosen for this shape, dtype, rows and threads.
+    The caller checks that a fast kernel applies (CPU, no autograd, one dtype)."""
+    rows = x.numel() // x.shape[-1]
+    name = kernel_for(weight, rows)
+    if name == "mv" and rows != 1:
+        name = "plain"
+    return _FUNCS[name](x, weight, bias)
+
+
+def kernel_for(weight: torch.Tensor, rows: int) -> str:
+    """The kernel for `weight` against `rows` rows: forced, cached, or measured now."""
+    if _forced and _forced[-1] != "auto":
+        return _forced[-1]  # checked when forced
+    env = os.environ.get(ENV, "auto")
+    if env != "auto":
+        return check_kernel(env, ENV)
+    bucket, measured_rows = _bucket(rows)
+    key = (tuple(weight.shape), weight.dtype, bucket, torch.get_num_threads())
+    name = _CHOICE.get(key)
+    if name is None:
+        name = _CHOICE[key] = _measure(weight, measured_rows)
+        _drop_unchosen(key[:2])
+    return name
+
+
+def _measure(weight: torch.Tensor, rows: int) -> str:
+    group = [w for w in (r() for r in _GROUPS.get((tuple(weight.shape), weight.dtype), {}).values()) if w is not None]
+    weights = group if any(w is weight for w in group) else [weight]
+    x = torch.randn(rows, weight.shape[1], generator=torch.Generator().manual_seed(0)).to(weight.dtype)
+    funcs = {k: (lambda f: lambda w: f(x, w, None))(_FUNCS[k]) for k in candidates(rows)}
+    # One thread: CPU time, robust to a shared machine; more: wall time (CPU time would count
+    # every thread's share and so favour kernels that do not parallelise).
+    clock = time.process_time if torch.get_num_threads() == 1 else time.perf_counter
+    with torch.no_grad():
+        return pick(funcs, weights, clock=clock)
+
+
+def pick(
+    funcs: dict[str, Callable[[torch.Tensor], object]],
+    weights: Sequence[torch.Tensor],
+    rounds: int = ROUNDS,
+    clock: Callable[[], float] = time.perf_counter,
+    margin: float = MARGIN,
+) -> str:
+    """The name of the fastest of `funcs` (each run once per weight per round, best round
+    counts, kernels alternated so that each sees the same machine load). The first (the
+    reference, `plain`: no weight copy) stays unless another is faster by more than `margin`
+    (a share of its time): a copy of the weights is only worth a clear gain, not noise.
+    One unmeasured round first warms each up (and makes its weight copies)."""
+    best = dict.fromkeys(funcs, float("inf"))
+    for r in range(rounds + 1):
+        for name, f in funcs.items():
+            start = clock()
+            for w in weights:
+                f(w)
+            if r > 0:
+                best[name] = min(best[name], clock() - start)
+    first, fastest = next(iter(funcs)), min(funcs, key=lambda k: best[k])
+    return fastest if best[fastest] < (1 - margin) * best[first] else first
+
+
+def _drop_unchosen(shape_dtype: tuple) -> None:
+    """Free the weight copies of kernels no bucket of this (shape, dtype) chose."""
+    keep = {k for key, k in _CHOICE.items() if key[:2] == shape_dtype}
+    for r in _GROUPS.get(shape_dtype, {}).values():
+        w = r()
+        copies = _DERIVED.get(id(w)) if w is not None else None
+        for kind in [k for k in (copies or {}) if k not in keep]:
+            del copies[kind]
+
+
+class forced_kernel:
+    """Within the block, every product uses `name` ('auto': measure, or the env var's choice)."""
+
+    def __init__(self, name: str) -> None:
+        self.name = check_kernel(name)
+
+    def __enter__(self) -> forced_kernel:
+        _forced.append(self.name)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        _forced.pop()
+
+
+def forget(weights: Iterable[torch.Tensor]) -> None:
+    """Drop the weight copies of `weights` (their choices stay: they are per shape)."""
+    for w in weights:
+        _DERIVED.pop(id(w), None)
+
+
+def choices() -> dict[tuple, str]:
+    """The measured choices so far: (shape, dtype, rows bucket (None: more), threads) -> kernel."""
+    return dict(_CHOICE)
+
+
+def clear_choices() -> None:
+    """Forget every measured choice (tests; or after the machine's load changed a lot)."""
+    _CHOICE.clear()

@@ -1,0 +1,140 @@
+"""The CPU kernel selector (`inference/kernels.py`): it picks the measured-faster kernel, caches
+the choice per (shape, dtype, rows bucket, threads), and every kernel decodes the same tokens.
+
+Tolerances: the kernels sum in different orders, so fp32 results differ by round-off
+(~1e-6 relative on these sizes; 1e-5 leaves room); greedy tokens must be identical.
+"""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from megatron.early_exit.inference import EarlyExitEngine, GenerationSettings, kernels
+from tests.test_packed import tiny
+
+
+@pytest.fixture(autouse=True)
+def fresh_choices(monkeypatch):
+    monkeypatch.delenv(kernels.ENV, raising=False)
+    kernels.clear_choices()
+    yield
+    kernels.clear_choices()
+
+
+def fake_clock_kernels(costs: dict[str, float]):
+    """Kernels that advance a fake clock by their cost per call: timing without a real machine."""
+    now = [0.0]
+
+    def make(cost):
+        def run(_w):
+            now[0] += cost
+
+        return run
+
+    return {k: make(c) for k, c in costs.items()}, lambda: now[0]
+
+
+def test_pick_chooses_the_faster_of_two_fakes_in_either_order():
+    weights = [torch.zeros(2, 2)] * 3
+    funcs, clock = fake_clock_kernels({"slow": 2.0, "fast": 1.0})
+    assert kernels.pick(funcs, weights, clock=clock) == "fast"
+    funcs, clock = fake_clock_kernels({"fast": 1.0, "slow": 2.0})
+    assert kernels.pick(funcs, weights, clock=clock) == "fast"
+
+
+def test_pick_keeps_the_reference_unless_another_is_clearly_faster():
+    weights = [torch.zeros(2, 2)]
+    funcs, clock = fake_clock_kernels({"plain": 1.0, "copy": 0.97})  # 3% faster: within the margin
+    assert kernels.pick(funcs, weights, clock=clock, margin=0.05) == "plain"
+    funcs, clock = fake_clock_kernels({"plain": 1.0, "copy": 0.9})
+    assert kernels.pick(funcs, weights, clock=clock, margin=0.05) == "copy"
+
+
+def test_pick_runs_each_kernel_on_every_weight_each_round_and_ignores_the_warm_up():
+    seen = []
+    now = [0.0]
+
+    def first(w):
+        seen.append(w)
+        now[0] += 5.0 if len(seen) <= 2 else 1.0  # slow only while warming up
+
+    def second(_w):
+        now[0] += 2.0
+
+    weights = [torch.zeros(1), torch.ones(1)]
+    assert kernels.pick({"a": first, "b": second}, weights, rounds=2, clock=lambda: now[0]) == "a"
+    assert len(seen) == 2 * 3  # 2 weights x (warm-up + 2 rounds)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [1, 5, 40])
+def test_every_kernel_computes_f_linear(dtype, rows):
+    g = torch.Generator().manual_seed(rows)
+    w, b = torch.randn(48, 32, generator=g).to(dtype), torch.randn(48, generator=g).to(dtype)
+    x = torch.randn(1, rows, 32, generator=g).to(dtype)
+    ref = F.linear(x.float(), w.float(), b.float())
+    tol = 1e-5 if dtype == torch.float32 else 3e-2  # bf16: rounding of the output (8 mantissa bits)
+    for name in kernels.candidates(rows):
+        with kernels.forced_kernel(name), torch.no_grad():
+            out = kernels.linear(x, w, b)
+        assert out.shape == (1, rows, 48) and out.dtype == dtype, name
+        torch.testing.assert_close(out.float(), ref, rtol=tol, atol=tol, msg=name)
+
+
+def test_choice_is_measured_once_per_shape_dtype_rows_bucket_and_threads(monkeypatch):
+    calls = []
+    monkeypatch.setattr(kernels, "pick", lambda funcs, weights, clock: calls.append(sorted(funcs)) or "transposed")
+    w = torch.randn(24, 16)
+    kernels.register([w])
+    with torch.no_grad():
+        for rows in (1, 1, 3, 8, 12, 100, 200):
+            x = torch.randn(rows, 16)
+            torch.testing.assert_close(kernels.linear(x, w), F.linear(x, w), rtol=1e-5, atol=1e-5)
+    # buckets: 1 row (mv allowed), 2-16 rows, more: three measurements, not seven
+    assert len(calls) == 3 and "mv" in calls[0] and "mv" not in calls[1] and "mv" not in calls[2]
+    assert kernels.kernel_for(w, 1) == "transposed"
+    kernels.kernel_for(w.to(torch.bfloat16), 1)  # another dtype: measured again
+    assert len(calls) == 4
+
+
+def test_unchosen_copies_are_dropped(monkeypatch):
+    def run_all_then_plain(funcs, weights, clock):
+        for f in funcs.values():
+            for w in weights:
+                f(w)
+        return "plain"
+
+    monkeypatch.setattr(kernels, "pick", run_all_then_plain)
+    w = torch.randn(24, 16)
+    kernels.register([w])
+    with torch.no_grad():
+        kernels.linear(torch.randn(1, 16), w)
+    assert not kernels._DERIVED.get(id(w))  # packed and transposed copies were made, then freed
+
+
+def test_forcing_a_bad_kernel_names_the_culprit(monkeypatch):
+    with pytest.raises(ValueError, match="linear_kernel: unknown kernel 'fast'"):
+        EarlyExitEngine(tiny(), linear_kernel="fast")
+    monkeypatch.setenv(kernels.ENV, "gemv")
+    with pytest.raises(ValueError, match="EE_LINEAR_KERNEL: unknown kernel 'gemv'"):
+        EarlyExitEngine(tiny()).generate([[1, 2]], GenerationSettings(max_new_tokens=1))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_forced_kernels_and_auto_decode_the_tokens_of_plain_f_linear(dtype, monkeypatch):
+    model = tiny().to(dtype)
+    prompts = [[1, 2, 3, 4], [5, 6], [7, 8, 9, 10, 11, 12]]
+    settings = GenerationSettings(max_new_tokens=8, ignore_eos=True, return_logprobs=True)
+    ref = EarlyExitEngine(copy.deepcopy(model), packed_weights=False).generate(prompts, settings)
+    single = EarlyExitEngine(copy.deepcopy(model), packed_weights=False).generate(prompts[:1], settings)
+    tol = 1e-5 if dtype == torch.float32 else 5e-2  # fp32 round-off; bf16 output rounding
+    for name in ("auto", *kernels.candidates(1)):
+        engine = EarlyExitEngine(model, linear_kernel=name)
+        for got, want in ((engine.generate(prompts, settings), ref), (engine.generate(prompts[:1], settings), single)):
+            assert [r.tokens for r in got] == [r.tokens for r in want], name
+            for p, q in zip(got, want):
+                torch.testing.assert_close(torch.tensor(p.logprobs), torch.tensor(q.logprobs), rtol=tol, atol=tol)
+    monkeypatch.setenv(kernels.ENV, "plain")  # the environment forces where the engine says auto
+    assert [r.tokens for r in EarlyExitEngine(model).generate(prompts, settings)] == [r.tokens for r in ref]

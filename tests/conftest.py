@@ -10,6 +10,12 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "tools"))
 
+# Tests compare tokens and logits across runs and processes: nothing they compute may depend
+# on timings. The CPU matrix-product kernel is chosen by timing it (inference/kernels.py), so
+# the suite fixes it (tests of the choice and of each kernel set their own); subprocesses
+# (torchrun, tools) inherit it.
+os.environ.setdefault("EE_LINEAR_KERNEL", "plain")
+
 
 @pytest.fixture(scope="session")
 def corpus(tmp_path_factory):

@@ -17,6 +17,12 @@ from megatron.early_exit.model import EarlyExitGPT
 pytestmark = pytest.mark.skipif(not packing_available(), reason="this torch build lacks oneDNN")
 
 
+@pytest.fixture(autouse=True)
+def packed_kernel(monkeypatch):
+    """These tests are about the packed kernels: force them (the suite's default is plain F.linear)."""
+    monkeypatch.setenv("EE_LINEAR_KERNEL", "packed")
+
+
 def tiny(**kw):
     cfg = ModelConfig(num_layers=3, hidden_size=64, num_attention_heads=4, num_query_groups=2, ffn_hidden_size=128,
                       vocab_size=96, max_position_embeddings=64, normalization="RMSNorm", swiglu=True,

@@ -84,7 +84,7 @@ def measure_exit_costs(passes, batch: int = 8, repeats: int = 3) -> ExitCosts:
     """Time one layer over 1 and `batch` rows and over `batch` sequences of 2 rows, the final
     head, and one check of the first exit of each kind, best of `repeats` (a few ms on CPU)."""
     from megatron.early_exit.inference.confidence import learned, max_prob
-    from megatron.early_exit.inference.cost_model import best_times
+    from megatron.early_exit.inference.cost_model import best_times, cpu_clock
     from megatron.early_exit.inference.passes import Rows, StepOutput
 
     state, h = passes.new_state(batch, 4), passes.config.hidden_size
@@ -107,7 +107,7 @@ def measure_exit_costs(passes, batch: int = 8, repeats: int = 3) -> ExitCosts:
         fns["vocab"] = lambda: max_prob(passes.exit_logits(head, hidden()))
         if head.confidence is not None:
             fns["probe"] = lambda: learned(head, hidden())
-    t = best_times(fns, passes.device, repeats)
+    t = best_times(fns, passes.device, repeats, cpu_clock(passes.device))
     b = max(t["many"] - t["one"], 0.0) / (batch - 1)
     row = max((t["two"] - t["many"]) / batch, b)  # a recomputed row rides a pass as one more row, at least b
     vocab = t.get("vocab", t["head"])

@@ -182,9 +182,13 @@ def main() -> None:
     p.add_argument("--early-exit-only", action="store_true", help="no self_speculative rows")
     p.add_argument("--draft", type=int, default=4, help="self_speculative: tokens drafted per round")
     p.add_argument("--repeats", type=int, default=3, help="alternating timed rounds; each setting's best counts")
-    p.add_argument("--clock", choices=("cpu", "wall"), default=None,
-                   help="tokens per CPU second of this process (default on a CPU device: a loaded machine's "
-                   "waits do not count; use with --threads 1) or per wall second (default on an accelerator)")
+    p.add_argument(
+        "--clock",
+        choices=("cpu", "wall"),
+        default=None,
+        help="tokens per CPU second of this process (default on a CPU device: a loaded machine's "
+        "waits do not count; use with --threads 1) or per wall second (default on an accelerator)",
+    )
     p.add_argument("--same-prompt", action="store_true", help="the same prompt in every slot (default: distinct)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=os.cpu_count())

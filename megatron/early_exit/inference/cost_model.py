@@ -146,7 +146,10 @@ def cpu_clock(device: torch.device) -> Callable[[], float]:
 
 
 def best_times(
-    fns: dict[str, Callable[[], object]], device: torch.device, repeats: int = 5, clock: Callable[[], float] | None = None
+    fns: dict[str, Callable[[], object]],
+    device: torch.device,
+    repeats: int = 5,
+    clock: Callable[[], float] | None = None,
 ) -> dict[str, float]:
     """Each function's best time of `repeats` rounds, after one warm-up call each; every round
     runs every function once, in turn, so that a neighbour's load slows all of them alike.

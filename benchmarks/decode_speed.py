@@ -22,6 +22,13 @@ every head mostly repeats the input token, so drafts agree). Each early_exit row
 --exit-policies: exact evaluates every exit for every token, cost_aware only where leaving
 saves time at the batch size. Measure a trained checkpoint
 for real speedups.
+
+On a CPU device tokens/s are tokens per CPU second of this process (`--clock cpu`, whole
+`generate` calls): on a machine other processes load, wall-clock figures measured the load
+(a batch-16 run of 51 CPU seconds took 12 minutes of wall time here, and its wall-clock ratios
+were 0.64-0.81x where CPU time says 0.93-1.06x); pass `--threads 1` so that CPU time is work,
+not threads spinning. Each slot gets its own prompt (a window STRIDE tokens further into the
+text; `--same-prompt` for one prompt in every slot, under which all slots fire together).
 """
 
 from __future__ import annotations

@@ -112,8 +112,8 @@ def measure_exit_costs(passes, batch: int = 8, repeats: int = 5) -> ExitCosts:
 
     b = slope("layer")
     row = max((t["two"] - t[f"layer/{batch}"]) / batch, b)  # a recomputed row rides a pass as one more row, at least b
-    kinds = [k if f"{k}/1" in t else "head" for k in ("vocab", "probe")]
-    vocab, probe = kinds[0], kinds[1] if kinds[1] != "head" else kinds[0]
+    vocab = "vocab" if "vocab/1" in t else "head"  # no plain exit: a check priced as a projection
+    probe = "probe" if "probe/1" in t else vocab
     return ExitCosts(
         max(t["layer/1"] - b, 0.0), b, row, t["head/1"], t[f"{vocab}/1"], t[f"{probe}/1"],
         head_row=slope("head"), vocab_row=slope(vocab), probe_row=slope(probe),

@@ -85,7 +85,9 @@ def warm_up(engine, prompts, settings) -> None:
     engine.generate(prompts, GenerationSettings(**{**settings.__dict__, "max_new_tokens": 8}))
 
 
-def timed_alternating(engine, prompts, runs: list[tuple[str, GenerationSettings]], repeats: int, clock: str) -> dict:
+def timed_alternating(
+    engine, prompts, runs: list[tuple[str, GenerationSettings]], repeats: int, clock: str = "wall"
+) -> dict:
     """Every setting warmed up, then `repeats` rounds that each run every setting once, in turn.
 
     Alternating the settings inside each round means a neighbour that loads the machine for a

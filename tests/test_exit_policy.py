@@ -171,6 +171,21 @@ def test_the_running_chance_becomes_an_exponential_average():
     assert decider.seen[(2, "max_prob", 0.5, 4)] == 29 and (2, "max_prob", 0.5, 1) not in decider.chance
 
 
+def test_a_new_pass_size_starts_from_the_largest_smaller_ones_chance():
+    from megatron.early_exit.inference.passes import ExitPolicy
+
+    decider, policy = ExitDecider(MEMORY_BOUND), ExitPolicy((2,), 0.5, "max_prob", mode="cost_aware")
+    assert decider.chance_of((2, "max_prob", 0.5, 4)) == 1.0  # nothing seen: optimistic
+    for _ in range(3):
+        decider.record(2, policy, 2, False)  # pass size 2: 1/4
+    decider.record(2, policy, 5, True)  # pass size 5, first evaluation: size 2's chance as its prior
+    assert decider.chance[(2, "max_prob", 0.5, 5)] == pytest.approx(0.5 * 0.25 + 0.5)  # prior 1/4, one hit, weight 1/2
+    assert decider.chance_of((2, "max_prob", 0.5, 4)) == pytest.approx(0.25)  # from size 2, not 5
+    assert decider.chance_of((2, "max_prob", 0.5, 16)) == pytest.approx(0.625)  # from size 5
+    assert decider.chance_of((2, "max_prob", 0.5, 1)) == 1.0  # no smaller size seen
+    assert decider.chance_of((3, "max_prob", 0.5, 4)) == 1.0 and decider.chance_of((2, "max_prob", 0.9, 4)) == 1.0
+
+
 def test_a_check_is_priced_at_the_pass_size(model):
     """A vocabulary check of 4 rows costs 4x one row's here: with the same chance and saving, the
     pass of one sequence evaluates the exit, the pass of four skips it."""

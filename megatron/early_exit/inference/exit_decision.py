@@ -17,7 +17,8 @@ threshold leave; `cost_aware`:
   (b) skips evaluating exit n where the running chance that its evaluation lets rows leave
       (per engine, exit, pass size and threshold: the mean of the evaluations so far, an
       optimistic 1.0 counted as one of them, then, after 1/(1 - DECAY) of them, an exponential
-      average) times that saving is below the check's own cost at the pass's size; a skipped
+      average; a pass size not yet evaluated starts from the largest smaller one's chance)
+      times that saving is below the check's own cost at the pass's size; a skipped
       exit is still evaluated every `REFRESH`-th time so that the average can recover. An
       exit that never fires is thus evaluated about saving/check times, then once in REFRESH
       passes: its overhead tends to check/REFRESH per pass (max_prob on the CPU reference model
@@ -187,7 +188,7 @@ class ExitDecider:
         check over the pass's candidates; else skip, but look again every REFRESH-th pass."""
         key = (n, policy.measure, policy.threshold_of(n), len(cand))
         cost = self.costs_for(passes).check(get_measure(policy.measure).needs_vocab, len(cand))
-        if self.chance.get(key, 1.0) * self.net_saving(passes, n, rows, cand, policy.measure) > cost:
+        if self.chance_of(key) * self.net_saving(passes, n, rows, cand, policy.measure) > cost:
             return True
         self.skipped[key] = self.skipped.get(key, 0) + 1
         if self.skipped[key] >= REFRESH:  # look again now and then: the chance may have changed
@@ -211,7 +212,17 @@ class ExitDecider:
         key = (n, policy.measure, policy.threshold_of(n), candidates)
         k = self.seen[key] = self.seen.get(key, 0) + 1
         weight = max(1.0 / (k + 1), 1 - DECAY)
-        self.chance[key] = (1 - weight) * self.chance.get(key, 1.0) + weight * float(paid)
+        self.chance[key] = (1 - weight) * self.chance_of(key) + weight * float(paid)
+
+    def chance_of(self, key: tuple) -> float:
+        """The running chance of `key`; where this pass size has no evaluations yet, that of the
+        largest smaller pass size of the same exit, measure and threshold that has (where leaving
+        takes every row, more rows fire together less often), else 1.0. A server's pass sizes
+        come and go with its requests: each new size need not learn again what smaller ones did."""
+        if key in self.chance:
+            return self.chance[key]
+        smaller = [k[3] for k in self.chance if k[:3] == key[:3] and k[3] < key[3]]
+        return self.chance[(*key[:3], max(smaller))] if smaller else 1.0
 
 
 def decider_of(passes) -> ExitDecider:

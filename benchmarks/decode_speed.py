@@ -25,8 +25,9 @@ for real speedups.
 
 On a CPU device tokens/s are tokens per CPU second of this process (`--clock cpu`, whole
 `generate` calls): on a machine other processes load, wall-clock figures measured the load
-(a batch-16 run of 51 CPU seconds took 12 minutes of wall time here, and its wall-clock ratios
-were 0.64-0.81x where CPU time says 0.93-1.06x); pass `--threads 1` so that CPU time is work,
+(a batch-16 run of 51 CPU seconds took 10 minutes of wall time here; in two such runs settings
+under which no token left ran at 0.64x to 1.29x full decoding by the wall clock, 0.93x to 1.06x
+by CPU time, and CPU time is still noisy by a few percent); pass `--threads 1` so that CPU time is work,
 not threads spinning. Each slot gets its own prompt (a window STRIDE tokens further into the
 text; `--same-prompt` for one prompt in every slot, under which all slots fire together).
 """

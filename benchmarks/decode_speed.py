@@ -22,6 +22,14 @@ every head mostly repeats the input token, so drafts agree). Each early_exit row
 --exit-policies: exact evaluates every exit for every token, cost_aware only where leaving
 saves time at the batch size. Measure a trained checkpoint
 for real speedups.
+
+On a CPU device tokens/s are tokens per CPU second of this process (`--clock cpu`, whole
+`generate` calls): on a machine other processes load, wall-clock figures measured the load
+(a batch-16 run of 51 CPU seconds took 10 minutes of wall time here; in two such runs settings
+under which no token left ran at 0.64x to 1.29x full decoding by the wall clock, 0.93x to 1.06x
+by CPU time, and CPU time is still noisy by a few percent); pass `--threads 1` so that CPU time is work,
+not threads spinning. Each slot gets its own prompt (a window STRIDE tokens further into the
+text; `--same-prompt` for one prompt in every slot, under which all slots fire together).
 """
 
 from __future__ import annotations
@@ -31,6 +39,7 @@ import copy
 import os
 import platform
 import sys
+import time
 
 import torch
 
@@ -39,7 +48,14 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from megatron.early_exit.inference import EarlyExitEngine, GenerationSettings, summarize  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-TEXT = "In this paper we propose a new method for early exit in large language models and show that it"
+TEXT = (
+    "In this paper we propose a new method for early exit in large language models and show that it "
+    "reduces the cost of decoding. We train exits jointly with the backbone on a summarization corpus. "
+    "The results show that most tokens can leave after a few layers without changing the output. "
+    "Large language models are expensive at inference time because every token runs every layer. "
+    "A pipeline-parallel schedule fills the bubbles with partial passes that feed the exit losses."
+)
+STRIDE = 7  # slot b's prompt starts STRIDE * b tokens into the text: distinct prompts, distinct exits
 
 
 def smollm2_shaped(probe_input: str = "exit"):
@@ -70,20 +86,28 @@ def warm_up(engine, prompts, settings) -> None:
     engine.generate(prompts, GenerationSettings(**{**settings.__dict__, "max_new_tokens": 8}))
 
 
-def timed_alternating(engine, prompts, runs: list[tuple[str, GenerationSettings]], repeats: int) -> dict:
+def timed_alternating(
+    engine, prompts, runs: list[tuple[str, GenerationSettings]], repeats: int, clock: str = "wall"
+) -> dict:
     """Every setting warmed up, then `repeats` rounds that each run every setting once, in turn.
 
     Alternating the settings inside each round means a neighbour that loads the machine for a
     while slows all of them alike, so the ratios stay honest; the best round of each counts.
-    Returns {name: (results, summary)}.
+    `clock` "cpu": tokens per CPU second of this process (whole `generate` calls, prefill
+    included), which waiting for a core that other processes hold does not inflate; "wall": the
+    engine's own tokens/s. Returns {name: (results, summary)}.
     """
     for _, settings in runs:
         warm_up(engine, prompts, settings)
     best: dict = {}
     for _ in range(repeats):
         for name, settings in runs:
+            start = time.process_time()
             res = engine.generate(prompts, settings)
+            cpu = time.process_time() - start
             s = summarize(res, engine.num_layers)
+            if clock == "cpu":
+                s["tokens_per_sec"] = s["tokens"] / max(cpu, 1e-9)
             if name not in best or s["tokens_per_sec"] > best[name][1]["tokens_per_sec"]:
                 best[name] = (res, s)
     return best
@@ -101,6 +125,8 @@ def settings_to_run(args, config) -> list[tuple[str, dict]]:
         for m, t in measures
         for pol in args.exit_policies
     ]
+    if args.early_exit_only:
+        return runs
     runs += [
         (f"self_speculative exit {d} k={args.draft}", dict(strategy="self_speculative", draft_exit_layer=d))
         for d in config.exit_layer_nums[-2:]
@@ -112,16 +138,19 @@ def settings_to_run(args, config) -> list[tuple[str, dict]]:
 def bench_batch(engine, tok, batch: int, args) -> None:
     vocab = engine.vocab
     if tok is not None:  # real text where there is a tokenizer: confidence depends on it
-        prompt = (tok.tokenize(TEXT) * 8)[: args.prompt_len]
+        text = tok.tokenize(TEXT) * (2 + STRIDE * batch // len(tok.tokenize(TEXT)))
+        prompts = [text[STRIDE * b : STRIDE * b + args.prompt_len] for b in range(batch)]
     else:
-        prompt = torch.randint(0, vocab, (args.prompt_len,), generator=torch.Generator().manual_seed(0)).tolist()
-    prompts = [prompt] * batch
+        gen = torch.Generator().manual_seed(0)
+        prompts = torch.randint(0, vocab, (batch, args.prompt_len), generator=gen).tolist()
+    if args.same_prompt:  # every slot decodes the first prompt (the benchmark's old setting)
+        prompts = [prompts[0]] * batch
     common = dict(max_new_tokens=args.new_tokens, ignore_eos=True, profile=True, num_draft_tokens=args.draft)
     runs = [("full", GenerationSettings(strategy="full", **common))]
     runs += [(name, GenerationSettings(**{**common, **kw})) for name, kw in settings_to_run(args, engine.config)]
-    measured = timed_alternating(engine, prompts, runs, args.repeats)
+    measured = timed_alternating(engine, prompts, runs, args.repeats, args.clock)
     full, fs = measured["full"]
-    rounds = f"best of {args.repeats} alternating rounds"
+    rounds = f"best of {args.repeats} alternating rounds, {args.clock} clock"
     print(f"\n  batch {batch}: full decoding {fs['tokens_per_sec']:.1f} tokens/s ({rounds})")
     head = f"  {'setting':42s} {'tokens/s':>9s} {'vs full':>8s} {'exited':>7s} {'avg exit':>9s}"
     print(head + f" {'= full':>7s} {'exit time':>10s} {'accept':>7s}  exits")
@@ -160,8 +189,17 @@ def main() -> None:
     p.add_argument("--learned-thresholds", type=float, nargs="+", default=[0.9, 0.5])
     p.add_argument("--exit-policies", nargs="+", choices=("exact", "cost_aware"), default=["exact", "cost_aware"],
                    help="early_exit rows for each exit policy")  # fmt: skip
+    p.add_argument("--early-exit-only", action="store_true", help="no self_speculative rows")
     p.add_argument("--draft", type=int, default=4, help="self_speculative: tokens drafted per round")
     p.add_argument("--repeats", type=int, default=3, help="alternating timed rounds; each setting's best counts")
+    p.add_argument(
+        "--clock",
+        choices=("cpu", "wall"),
+        default=None,
+        help="tokens per CPU second of this process (default on a CPU device: a loaded machine's "
+        "waits do not count; use with --threads 1) or per wall second (default on an accelerator)",
+    )
+    p.add_argument("--same-prompt", action="store_true", help="the same prompt in every slot (default: distinct)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=os.cpu_count())
     args = p.parse_args()
@@ -169,6 +207,7 @@ def main() -> None:
         p.error("--repeats must be >= 1")
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    args.clock = args.clock or ("cpu" if device.type == "cpu" else "wall")
     base_model, tok = load(args)
     c = base_model.config
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_model_name()
@@ -177,7 +216,8 @@ def main() -> None:
         f"torch {torch.__version__}\n"
         f"model: {'random SmolLM2-135M shape' if not args.load else args.load}: {c.num_layers} layers, "
         f"hidden {c.hidden_size}, vocab {c.vocab_size}, exits {c.exit_layer_nums}\n"
-        f"settings: prompt {args.prompt_len} tokens, {args.new_tokens} new tokens, greedy, EOS ignored"
+        f"settings: prompt {args.prompt_len} tokens ({'the same' if args.same_prompt else 'distinct'} in every slot), "
+        f"{args.new_tokens} new tokens, greedy, EOS ignored, {args.clock} clock"
     )
     for name in args.dtypes:
         model = copy.deepcopy(base_model).to(device=device, dtype=DTYPES[name]).eval()

@@ -130,9 +130,9 @@ def test_a_check_dearer_than_its_saving_is_skipped(model):
 
 
 def test_the_chance_of_paying_falls_and_recovers(model):
-    """The running chance: misses lower it until the exit is skipped; a refresh evaluation that
-    pays raises it again until the exit is evaluated every pass."""
-    engine = engine_with(model, ExitCosts(1.0, 0.01, 0.01, 0.0, vocab=1.0, probe=1.0))
+    """The running chance: misses lower it (the mean of the outcomes and a prior 1.0) until the
+    exit is skipped; a refresh evaluation that pays raises it again until it is evaluated every pass."""
+    engine = engine_with(model, ExitCosts(1.0, 0.01, 0.01, 0.0, vocab=0.3, probe=0.3))
     p, decider = engine.passes, engine.passes.exit_decider
     from megatron.early_exit.inference.passes import ExitPolicy, Rows
 
@@ -144,12 +144,63 @@ def test_the_chance_of_paying_falls_and_recovers(model):
     while decider.worth_checking(p, 2, rows, [0, 1], policy):
         assert decider.choose(p, 2, [0], rows, [0, 1], policy) == []  # one of two rows: nobody leaves
         misses += 1
-    assert decider.chance[key] * saving <= 1.0 < decider.chance[key] / 0.9 * saving and misses > 1
+        assert decider.chance[key] == pytest.approx(1 / (misses + 1))  # the prior 1.0 and `misses` zeros
+    assert misses == 6  # 2.0 / 6 > 0.3 >= 2.0 / 7: skipped after saving/check evaluations
     skips = 1 + sum(not decider.worth_checking(p, 2, rows, [0, 1], policy) for _ in range(REFRESH - 1))
     assert skips == REFRESH - 1  # ... and the REFRESH-th pass evaluates
+    assert decider.choose(p, 2, [0, 1], rows, [0, 1], policy) == [0, 1]  # the refresh finds every row firing
+    assert decider.chance[key] == pytest.approx(2 / 8)  # the mean of the prior, 6 misses and this one
     for _ in range(20):  # every row fires from now on: the chance climbs back
         assert decider.choose(p, 2, [0, 1], rows, [0, 1], policy) == [0, 1]
     assert decider.worth_checking(p, 2, rows, [0, 1], policy)
+
+
+def test_the_running_chance_becomes_an_exponential_average():
+    """Outcome k enters with weight 1/(k+1) until that falls to 1 - DECAY, then with 1 - DECAY."""
+    from megatron.early_exit.inference.exit_decision import DECAY
+    from megatron.early_exit.inference.passes import ExitPolicy
+
+    decider, policy = ExitDecider(MEMORY_BOUND), ExitPolicy((2,), 0.5, "max_prob", mode="cost_aware")
+    want = 1.0
+    for k in range(1, 30):
+        paid = k % 3 == 0
+        decider.record(2, policy, 4, paid)
+        weight = max(1 / (k + 1), 1 - DECAY)
+        want = (1 - weight) * want + weight * paid
+        assert decider.chance[(2, "max_prob", 0.5, 4)] == pytest.approx(want, abs=1e-12)
+    assert decider.seen[(2, "max_prob", 0.5, 4)] == 29 and (2, "max_prob", 0.5, 1) not in decider.chance
+
+
+def test_a_new_pass_size_starts_from_the_largest_smaller_ones_chance():
+    from megatron.early_exit.inference.passes import ExitPolicy
+
+    decider, policy = ExitDecider(MEMORY_BOUND), ExitPolicy((2,), 0.5, "max_prob", mode="cost_aware")
+    assert decider.chance_of((2, "max_prob", 0.5, 4)) == 1.0  # nothing seen: optimistic
+    for _ in range(3):
+        decider.record(2, policy, 2, False)  # pass size 2: 1/4
+    decider.record(2, policy, 5, True)  # pass size 5, first evaluation: size 2's chance as its prior
+    assert decider.chance[(2, "max_prob", 0.5, 5)] == pytest.approx(0.5 * 0.25 + 0.5)  # prior 1/4, one hit, weight 1/2
+    assert decider.chance_of((2, "max_prob", 0.5, 4)) == pytest.approx(0.25)  # from size 2, not 5
+    assert decider.chance_of((2, "max_prob", 0.5, 16)) == pytest.approx(0.625)  # from size 5
+    assert decider.chance_of((2, "max_prob", 0.5, 1)) == 1.0  # no smaller size seen
+    assert decider.chance_of((3, "max_prob", 0.5, 4)) == 1.0 and decider.chance_of((2, "max_prob", 0.9, 4)) == 1.0
+
+
+def test_a_check_is_priced_at_the_pass_size(model):
+    """A vocabulary check of 4 rows costs 4x one row's here: with the same chance and saving, the
+    pass of one sequence evaluates the exit, the pass of four skips it."""
+    costs = ExitCosts(1.0, 0.0, 0.0, 0.0, vocab=0.5, probe=0.5, vocab_row=0.5)
+    assert costs.check(True, 1) == 0.5 and costs.check(True, 4) == 2.0 and costs.check(False, 4) == 0.5
+    engine = engine_with(model, costs)
+    p, decider = engine.passes, engine.passes.exit_decider
+    from megatron.early_exit.inference.passes import ExitPolicy, Rows
+
+    policy = ExitPolicy((2,), 0.5, "max_prob", mode="cost_aware")
+    one, four = (Rows(list(range(a)), [0] * a, [1] * a, torch.zeros(a, 1, 32)) for a in (1, 4))
+    assert decider.net_saving(p, 2, one, [0], "max_prob") == decider.net_saving(p, 2, four, [0, 1, 2, 3], "max_prob")
+    assert decider.net_saving(p, 2, four, [0, 1, 2, 3], "max_prob") == pytest.approx(2.0)  # 2 layers of a = 1
+    assert decider.worth_checking(p, 2, one, [0], policy)  # 2.0 > 0.5
+    assert not decider.worth_checking(p, 2, four, [0, 1, 2, 3], policy)  # 2.0 <= 2.0: a tie is skipped
 
 
 def test_costs_from_the_cost_model_and_measured():

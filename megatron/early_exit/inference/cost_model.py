@@ -35,7 +35,9 @@ Exits with their own transformer block are not modelled.
 
 from __future__ import annotations
 
+import functools
 import math
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 
@@ -136,17 +138,31 @@ def ideal_speedup(
 # ----- measuring on this machine -----------------------------------------------------------
 
 
-def best_times(fns: dict[str, Callable[[], object]], device: torch.device, repeats: int = 5) -> dict[str, float]:
+def cpu_clock(device: torch.device) -> Callable[[], float]:
+    """This process's CPU seconds on a CPU device (time spent waiting for a core shared with
+    other processes does not count, so a loaded machine's figures stay comparable); else `tick`
+    (the wall clock after the device's queued work)."""
+    return time.process_time if device.type == "cpu" else functools.partial(tick, device)
+
+
+def best_times(
+    fns: dict[str, Callable[[], object]],
+    device: torch.device,
+    repeats: int = 5,
+    clock: Callable[[], float] | None = None,
+) -> dict[str, float]:
     """Each function's best time of `repeats` rounds, after one warm-up call each; every round
-    runs every function once, in turn, so that a neighbour's load slows all of them alike."""
+    runs every function once, in turn, so that a neighbour's load slows all of them alike.
+    `clock`: what reads the time (default: the wall clock, `tick`)."""
+    clock = clock or functools.partial(tick, device)
     for fn in fns.values():
         fn()
     best = dict.fromkeys(fns, math.inf)
     for _ in range(repeats):
         for name, fn in fns.items():
-            start = tick(device)
+            start = clock()
             fn()
-            best[name] = min(best[name], tick(device) - start)
+            best[name] = min(best[name], clock() - start)
     return best
 
 

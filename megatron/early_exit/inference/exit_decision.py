@@ -15,15 +15,22 @@ threshold leave; `cost_aware`:
   (a) lets the rows that would fire leave together only where the time their leaving saves
       over the remaining layers exceeds their later recompute (`net_saving`); else none leaves;
   (b) skips evaluating exit n where the running chance that its evaluation lets rows leave
-      (an exponential average per engine, exit, pass size and threshold) times that saving is
-      below the check's own cost; a skipped exit is still evaluated every `REFRESH`-th time so
-      that the average can recover.
+      (per engine, exit, pass size and threshold: the mean of the evaluations so far, an
+      optimistic 1.0 counted as one of them, then, after 1/(1 - DECAY) of them, an exponential
+      average; a pass size not yet evaluated starts from the largest smaller one's chance)
+      times that saving is below the check's own cost at the pass's size; a skipped
+      exit is still evaluated every `REFRESH`-th time so that the average can recover. An
+      exit that never fires is thus evaluated about saving/check times, then once in REFRESH
+      passes: its overhead tends to check/REFRESH per pass (max_prob on the CPU reference model
+      at batch 16: ~0.3% of a step per exit).
 
 Regrouping sequences by exit depth into separate passes is not done: a second group reads the
 shared layers' weights again (d*a), against (L - d)*b*k saved for k rows: see the README.
 
 Costs come from `ExitCosts`: measured once per engine on first use (a few layer, head and
-check timings at batch 1 and 8, inside the engine's packed weights), taken from a fitted
+check timings at batch 1 and 8, inside the engine's packed weights, in CPU seconds on a CPU:
+wall-clock timings on a loaded machine once gave a layer no fixed cost at all, after which no
+row ever left), taken from a fitted
 `cost_model.DecodeCosts` (`ExitCosts.from_cost_model`), or, where several processes decode
 together (tensor or pipeline parallelism, whose ranks must take the same decisions), derived
 from the parameter counts alone. Set `passes.exit_decider = ExitDecider(costs)` to fix them.
@@ -50,21 +57,33 @@ class ExitCosts:
     layer_fixed: float  # a: one layer's cost that does not depend on the rows (weights read)
     layer_row: float  # b: what each row adds to one layer
     row: float  # one row recomputed later through one layer (pending fill)
-    head: float  # a vocabulary projection (final head, or an exit's for its leavers)
-    vocab: float  # a check that projects onto the vocabulary (max_prob, entropy, ...)
-    probe: float  # a check that reads the exit's hidden state alone (learned)
+    head: float  # a vocabulary projection of one row (final head, or an exit's for its leavers)
+    vocab: float  # a check of one row that projects onto the vocabulary (max_prob, entropy, ...)
+    probe: float  # a check of one row that reads the exit's hidden state alone (learned)
+    head_row: float = 0.0  # what each further row adds to `head`
+    vocab_row: float = 0.0  # ... to `vocab`
+    probe_row: float = 0.0  # ... to `probe`
 
     def layer(self, rows: int) -> float:
         """One layer over `rows` rows (none: not run)."""
         return self.layer_fixed + self.layer_row * rows if rows > 0 else 0.0
 
-    def check(self, needs_vocab: bool) -> float:
-        return self.vocab if needs_vocab else self.probe
+    def check(self, needs_vocab: bool, rows: int = 1) -> float:
+        """One exit check over `rows` rows."""
+        if needs_vocab:
+            return self.vocab + self.vocab_row * max(rows - 1, 0)
+        return self.probe + self.probe_row * max(rows - 1, 0)
+
+    def projection(self, rows: int) -> float:
+        """A vocabulary projection of `rows` rows (none: not run)."""
+        return self.head + self.head_row * (rows - 1) if rows > 0 else 0.0
 
     @classmethod
     def from_cost_model(cls, c) -> ExitCosts:
         """From a fitted `cost_model.DecodeCosts` (measured at batch c.batch; its `row` is one
-        more row per sequence through one layer, i.e. c.batch rows)."""
+        more row per sequence through one layer, i.e. c.batch rows). Its head and checks are of
+        the whole batch: taken for any pass size, which overprices checks of smaller passes
+        (they are then skipped sooner, never later)."""
         per_row = c.row / max(c.batch, 1)
         vocab = sum(c.vocab.values()) / len(c.vocab) if c.vocab else c.head
         probe = sum(c.probe.values()) / len(c.probe) if c.probe else vocab
@@ -80,11 +99,32 @@ class ExitCosts:
 
 
 @torch.no_grad()
-def measure_exit_costs(passes, batch: int = 8, repeats: int = 3) -> ExitCosts:
+def measure_exit_costs(passes, batch: int = 8, repeats: int = 5) -> ExitCosts:
     """Time one layer over 1 and `batch` rows and over `batch` sequences of 2 rows, the final
-    head, and one check of the first exit of each kind, best of `repeats` (a few ms on CPU)."""
+    head and one check of the first exit of each kind over 1 and `batch` rows, best of `repeats`
+    (CPU seconds on a CPU device; some ms)."""
+    from megatron.early_exit.inference.cost_model import best_times, cpu_clock
+
+    fns = cost_probes(passes, batch)
+    t = best_times(fns, passes.device, repeats, cpu_clock(passes.device))
+
+    def slope(name: str) -> float:  # what each row past the first adds
+        return max(t[f"{name}/{batch}"] - t[f"{name}/1"], 0.0) / (batch - 1)
+
+    b = slope("layer")
+    row = max((t["two"] - t[f"layer/{batch}"]) / batch, b)  # a recomputed row rides a pass as one more row, at least b
+    vocab = "vocab" if "vocab/1" in t else "head"  # no plain exit: a check priced as a projection
+    probe = "probe" if "probe/1" in t else vocab
+    return ExitCosts(
+        max(t["layer/1"] - b, 0.0), b, row, t["head/1"], t[f"{vocab}/1"], t[f"{probe}/1"],
+        head_row=slope("head"), vocab_row=slope(vocab), probe_row=slope(probe),
+    )  # fmt: skip
+
+
+def cost_probes(passes, batch: int) -> dict:
+    """The calls `measure_exit_costs` times: "layer/r", "head/r", "vocab/r", "probe/r" over r in
+    (1, batch) rows (the checks where an exit without a block has them), "two": 2 rows each."""
     from megatron.early_exit.inference.confidence import learned, max_prob
-    from megatron.early_exit.inference.cost_model import best_times
     from megatron.early_exit.inference.passes import Rows, StepOutput
 
     state, h = passes.new_state(batch, 4), passes.config.hidden_size
@@ -93,25 +133,20 @@ def measure_exit_costs(passes, batch: int = 8, repeats: int = 3) -> ExitCosts:
     def rows(a: int, r: int) -> Rows:
         return Rows(list(range(a)), [0] * a, [r] * a, x[:a, :r].clone())  # (a, r, h)
 
-    one, i, memo = rows(1, 1), passes.start, {}
-    fns = {
-        "one": lambda: passes.advance(state, i, rows(1, 1), memo),
-        "many": lambda: passes.advance(state, i, rows(batch, 1), memo),
-        "two": lambda: passes.advance(state, i, rows(batch, 2), memo),
-        "head": lambda: passes.final_head(one, False, StepOutput()),
-    }
+    i, memo = passes.start, {}
+    fns = {"two": lambda: passes.advance(state, i, rows(batch, 2), memo)}
     plain = [n for n in passes.exits if str(n) in passes.model.exits and n not in passes.block_slots]
-    if plain:
-        n, head = plain[0], passes.model.exits[str(plain[0])]
-        hidden = lambda: passes.exit_hidden(state, n, head, one, [0])  # noqa: E731
-        fns["vocab"] = lambda: max_prob(passes.exit_logits(head, hidden()))
+    head = passes.model.exits[str(plain[0])] if plain else None
+    for a in (1, batch):
+        fns[f"layer/{a}"] = lambda a=a: passes.advance(state, i, rows(a, 1), memo)
+        fns[f"head/{a}"] = lambda a=a: passes.final_head(rows(a, 1), False, StepOutput())
+        if head is None:
+            continue
+        hidden = lambda a=a: passes.exit_hidden(state, plain[0], head, rows(a, 1), list(range(a)))  # noqa: E731
+        fns[f"vocab/{a}"] = lambda hidden=hidden: max_prob(passes.exit_logits(head, hidden()))
         if head.confidence is not None:
-            fns["probe"] = lambda: learned(head, hidden())
-    t = best_times(fns, passes.device, repeats)
-    b = max(t["many"] - t["one"], 0.0) / (batch - 1)
-    row = max((t["two"] - t["many"]) / batch, b)  # a recomputed row rides a pass as one more row, at least b
-    vocab = t.get("vocab", t["head"])
-    return ExitCosts(max(t["one"] - b, 0.0), b, row, t["head"], vocab, t.get("probe", vocab))
+            fns[f"probe/{a}"] = lambda hidden=hidden: learned(head, hidden())
+    return fns
 
 
 def distributed() -> bool:
@@ -126,10 +161,12 @@ def distributed() -> bool:
 @dataclass
 class ExitDecider:
     """One engine's costs and, per (exit, measure, threshold, candidates), the running chance
-    that evaluating the exit lets rows leave; `skipped` counts passes since the last evaluation."""
+    that evaluating the exit lets rows leave (`seen`: evaluations that went into it), and
+    `skipped`: passes since the last evaluation."""
 
     costs: ExitCosts | None = None
     chance: dict[tuple, float] = field(default_factory=dict)
+    seen: dict[tuple, int] = field(default_factory=dict)
     skipped: dict[tuple, int] = field(default_factory=dict)
 
     def costs_for(self, passes) -> ExitCosts:
@@ -142,16 +179,16 @@ class ExitDecider:
         later recompute (and, for a measure without the projection, the leavers' projection)."""
         c, m = self.costs_for(passes), passes.num_layers - passes.depth(n)
         total, gone = sum(rows.n), sum(rows.n[a] for a in leaving)
-        saved = m * (c.layer(total) - c.layer(total - gone)) + (c.head if gone == total else 0.0)
-        projection = 0.0 if get_measure(measure).needs_vocab else c.head
+        saved = m * (c.layer(total) - c.layer(total - gone)) + (c.projection(len(rows.seqs)) if gone == total else 0.0)
+        projection = 0.0 if get_measure(measure).needs_vocab else c.projection(len(leaving))
         return saved - gone * m * c.row - projection
 
     def worth_checking(self, passes, n: int, rows, cand: list[int], policy) -> bool:
-        """(b): evaluate exit n only where its chance of paying times the saving beats the check."""
+        """(b): evaluate exit n only where its chance of paying times the saving beats the
+        check over the pass's candidates; else skip, but look again every REFRESH-th pass."""
         key = (n, policy.measure, policy.threshold_of(n), len(cand))
-        c = self.costs_for(passes)
-        expected = self.chance.get(key, 1.0) * self.net_saving(passes, n, rows, cand, policy.measure)
-        if expected > c.check(get_measure(policy.measure).needs_vocab):
+        cost = self.costs_for(passes).check(get_measure(policy.measure).needs_vocab, len(cand))
+        if self.chance_of(key) * self.net_saving(passes, n, rows, cand, policy.measure) > cost:
             return True
         self.skipped[key] = self.skipped.get(key, 0) + 1
         if self.skipped[key] >= REFRESH:  # look again now and then: the chance may have changed
@@ -165,9 +202,27 @@ class ExitDecider:
         so the firing set or nothing is the best choice among its subsets."""
         net = self.net_saving(passes, n, rows, [cand[j] for j in fires], policy.measure) if fires else 0.0
         leave = fires if net > TOLERANCE * self.costs_for(passes).layer(1) else []  # a tie (round-off) stays
-        key = (n, policy.measure, policy.threshold_of(n), len(cand))
-        self.chance[key] = DECAY * self.chance.get(key, 1.0) + (1 - DECAY) * float(bool(leave))
+        self.record(n, policy, len(cand), bool(leave))
         return leave
+
+    def record(self, n: int, policy, candidates: int, paid: bool) -> None:
+        """One evaluation's outcome into the running chance: the mean of the outcomes so far and
+        a prior 1.0 (so that an exit that never pays is skipped after ~saving/check evaluations,
+        not ~log(check/saving)/log(DECAY)), an exponential average with weight DECAY from then on."""
+        key = (n, policy.measure, policy.threshold_of(n), candidates)
+        k = self.seen[key] = self.seen.get(key, 0) + 1
+        weight = max(1.0 / (k + 1), 1 - DECAY)
+        self.chance[key] = (1 - weight) * self.chance_of(key) + weight * float(paid)
+
+    def chance_of(self, key: tuple) -> float:
+        """The running chance of `key`; where this pass size has no evaluations yet, that of the
+        largest smaller pass size of the same exit, measure and threshold that has (where leaving
+        takes every row, more rows fire together less often), else 1.0. A server's pass sizes
+        come and go with its requests: each new size need not learn again what smaller ones did."""
+        if key in self.chance:
+            return self.chance[key]
+        smaller = [k[3] for k in self.chance if k[:3] == key[:3] and k[3] < key[3]]
+        return self.chance[(*key[:3], max(smaller))] if smaller else 1.0
 
 
 def decider_of(passes) -> ExitDecider:

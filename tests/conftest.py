@@ -15,6 +15,8 @@ sys.path.insert(0, os.path.join(ROOT, "tools"))
 # the suite fixes it (tests of the choice and of each kernel set their own); subprocesses
 # (torchrun, tools) inherit it.
 os.environ.setdefault("EE_LINEAR_KERNEL", "plain")
+# Likewise the cost-aware exit policy's decisions: from parameter counts, not timings.
+os.environ.setdefault("EE_EXIT_COSTS", "parameters")
 
 
 @pytest.fixture(scope="session")

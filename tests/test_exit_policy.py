@@ -214,3 +214,16 @@ def test_costs_from_the_cost_model_and_measured():
 def test_bad_exit_policy_raises(model):
     with pytest.raises(ValueError, match="exit_policy must be one of exact, cost_aware, got 'fast'"):
         run(EarlyExitEngine(model), PROMPTS[:1], exit_policy="fast")
+
+
+def test_exit_costs_source_follows_the_environment(monkeypatch):
+    """EE_EXIT_COSTS=parameters (the suite's setting) gives the parameter-count costs, so decisions
+    never depend on timings; a bad value names the variable."""
+    from megatron.early_exit.inference import exit_decision
+
+    passes = EarlyExitEngine(make("llama")).passes
+    monkeypatch.setenv("EE_EXIT_COSTS", "parameters")
+    assert ExitDecider().costs_for(passes) == ExitCosts.from_parameters(passes)
+    monkeypatch.setenv("EE_EXIT_COSTS", "timed")
+    with pytest.raises(ValueError, match="EE_EXIT_COSTS='timed'"):
+        exit_decision.costs_from_parameters()

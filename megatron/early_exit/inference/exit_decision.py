@@ -33,11 +33,14 @@ wall-clock timings on a loaded machine once gave a layer no fixed cost at all, a
 row ever left), taken from a fitted
 `cost_model.DecodeCosts` (`ExitCosts.from_cost_model`), or, where several processes decode
 together (tensor or pipeline parallelism, whose ranks must take the same decisions), derived
-from the parameter counts alone. Set `passes.exit_decider = ExitDecider(costs)` to fix them.
+from the parameter counts alone (also wherever `EE_EXIT_COSTS=parameters`: decisions that do
+not depend on the clock, as the test suite asks). Set `passes.exit_decider = ExitDecider(costs)`
+to fix them.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
 import torch
@@ -149,6 +152,19 @@ def cost_probes(passes, batch: int) -> dict:
     return fns
 
 
+COSTS_ENV = "EE_EXIT_COSTS"  # "measured" (default) or "parameters": deterministic decisions
+
+
+def costs_from_parameters() -> bool:
+    """Whether decisions use costs derived from parameter counts instead of timings: always where
+    several processes decode together, and wherever `EE_EXIT_COSTS=parameters` asks for
+    decisions that do not depend on the clock (the test suite; reproducible runs)."""
+    choice = os.environ.get(COSTS_ENV, "measured")
+    if choice not in ("measured", "parameters"):
+        raise ValueError(f"{COSTS_ENV}={choice!r}: expected 'measured' or 'parameters'")
+    return choice == "parameters" or distributed()
+
+
 def distributed() -> bool:
     """Several processes decode together: their decisions must not depend on their own clocks."""
     return (
@@ -171,7 +187,7 @@ class ExitDecider:
 
     def costs_for(self, passes) -> ExitCosts:
         if self.costs is None:
-            self.costs = ExitCosts.from_parameters(passes) if distributed() else measure_exit_costs(passes)
+            self.costs = ExitCosts.from_parameters(passes) if costs_from_parameters() else measure_exit_costs(passes)
         return self.costs
 
     def net_saving(self, passes, n: int, rows, leaving: list[int], measure: str) -> float:

@@ -218,8 +218,9 @@ def test_one_cache_tunes_heads_of_any_structure(setup, tmp_path):
     from megatron.early_exit.training import exit_cache
 
     shape, ckpt, cache = setup
+    block = not SHAPES[shape].get("use_exit_block", False)
     heads = {**SHAPES[shape], "use_exit_mlp": False, "use_exit_confidence_head": True,
-             "exit_confidence_input": "backbone", "use_exit_block": not SHAPES[shape].get("use_exit_block", False)}  # fmt: skip
+             "exit_confidence_input": "backbone", "use_exit_block": block}  # fmt: skip
     other = make_checkpoint(tmp_path / "other_heads", "mlp", seed=0, **heads)
     tuner = CachedTuner(parse_args([*TUNE, "--load", other, "--exit-activation-cache", cache]))
     assert tuner.config.use_exit_block == heads["use_exit_block"]

@@ -115,6 +115,7 @@ def rounds(stats: dict) -> str:
     """', drafting from exit 22 (5 rounds), 3 rounds without a draft' from self-speculation's telemetry."""
     exits = stats.get("draft_exits") or {}
     plain = (stats.get("draft_lengths") or {}).get(0, 0)
+
     def rounds_of(k: int) -> str:
         return f"{k} round" + ("s" if k != 1 else "")
 
@@ -135,7 +136,8 @@ def show(tok, prompt_text: str, results: dict, ways, num_layers: int) -> None:
             note += f"; {same} of {len(full)} tokens as full decoding"
         if name == "self_speculative":
             same = "yes" if r.tokens == full else "no (bf16: the verify pass rounds rows together, near-ties flip)"
-            note = f"{r.stats.get('acceptance_rate', 0.0):.0%} of drafted tokens accepted{rounds(r.stats)}; identical to full: {same}"
+            accepted = f"{r.stats.get('acceptance_rate', 0.0):.0%} of drafted tokens accepted"
+            note = f"{accepted}{rounds(r.stats)}; identical to full: {same}"
         print(f"  {name:17s}({how})\n    {annotated(tok, r, num_layers)}")
         if name != "full":
             print(f"    [{note}]")

@@ -7,7 +7,7 @@ TORCH_SPEC ?= torch==2.13.0
 DATA ?= data/aclsum
 RUN ?= runs/demo
 
-.PHONY: install demo test lint format bench gpu-check clean
+.PHONY: install demo test test-quick lint format bench gpu-check clean
 
 install: $(VENV)/.installed
 
@@ -56,6 +56,10 @@ demo: install $(DATA)/aclsum_text_document.bin
 
 test: install
 	$(PY) -m pytest -q tests
+
+# The suite without the multi-process equivalence tests (marked slow), for quick iterations.
+test-quick: install
+	$(PY) -m pytest -q -m "not slow" tests
 
 lint: install
 	$(PY) -m ruff check .

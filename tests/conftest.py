@@ -46,3 +46,28 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+# `pytest -m "not slow"` (`make test-quick`): the suite without the equivalence tests that
+# launch several processes (torchrun / spawn: parallel layouts against one process, parallel
+# decoding and serving) and the real-model parity check. `make test` (and CI) runs them all.
+SLOW_MODULES = {
+    "test_parallel_training",
+    "test_server_parallel",
+    "test_signal_pp2",
+    "test_data_parallel",
+    "test_parallel_inference",
+    "test_tensor_parallel",
+}
+SLOW_TESTS = {
+    "test_smollm2_gguf_matches_transformers",
+    "test_backbone_probe_training_is_layout_invariant",
+    "test_probe_training_is_layout_invariant",
+}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        module = item.module.__name__.rsplit(".", 1)[-1] if item.module else ""
+        if module in SLOW_MODULES or item.originalname in SLOW_TESTS:
+            item.add_marker(pytest.mark.slow)

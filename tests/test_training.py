@@ -27,13 +27,13 @@ ISSUE_CMD = (
 ).split()
 
 
-def run_cli(*args, check=True):
+def run_cli(*args, check=True, threads=2):
     proc = subprocess.run(
         [sys.executable, SCRIPT, *args],
         capture_output=True,
         text=True,
         cwd=ROOT,
-        env=dict(os.environ, OMP_NUM_THREADS="2"),
+        env=dict(os.environ, OMP_NUM_THREADS=str(threads)),
     )
     if check:
         assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
@@ -58,11 +58,15 @@ def test_issue_command_trains_and_losses_fall(tmp_path):
 
 
 def test_stop_and_resume_equals_straight_run(tmp_path):
+    # One thread: the weights must be bitwise equal, and with two threads some CPU kernels'
+    # reduction order varies from run to run (the weights after 30 steps then differed in the
+    # last bits in 1 of 4 runs on the 2-core machine, with every loss still equal to 1e-6).
     base = [*ISSUE_CMD, "--log-interval", "1", "--eval-interval", "0", "--use-exit-norm"]
-    run_cli(*base, "--save", str(tmp_path / "straight"), "--log-jsonl", str(tmp_path / "straight.jsonl"))
+    run_cli(*base, "--save", str(tmp_path / "straight"), "--log-jsonl", str(tmp_path / "straight.jsonl"), threads=1)
     run_cli(
-        *base, "--exit-interval", "15", "--save", str(tmp_path / "resumed"), "--log-jsonl", str(tmp_path / "r.jsonl")
-    )
+        *base, "--exit-interval", "15", "--save", str(tmp_path / "resumed"), "--log-jsonl", str(tmp_path / "r.jsonl"),
+        threads=1,
+    )  # fmt: skip
     assert open(tmp_path / "resumed" / "latest_checkpointed_iteration.txt").read().strip() == "15"
     proc = run_cli(
         *base,
@@ -72,6 +76,7 @@ def test_stop_and_resume_equals_straight_run(tmp_path):
         str(tmp_path / "resumed"),
         "--log-jsonl",
         str(tmp_path / "r.jsonl"),
+        threads=1,
     )
     assert "resumed from" in proc.stdout and "at iteration 15" in proc.stdout
     straight, resumed = records(tmp_path / "straight.jsonl"), records(tmp_path / "r.jsonl")

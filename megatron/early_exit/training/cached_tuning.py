@@ -220,7 +220,10 @@ class CachedTuner(Trainer):
     def _build_data(self) -> None:
         directory = self.args.exit_activation_cache
         manifest = exit_cache.read_manifest(directory)
-        fingerprint = exit_cache.backbone_fingerprints(self.config, ckpt.read_weights(self.meta.directory))
+        weights = ckpt.read_weights(self.meta.directory)
+        fingerprint = exit_cache.backbone_fingerprint(self.config, weights)
+        if manifest.get("fingerprint") != fingerprint:  # a cache of the first format carries the older form
+            fingerprint = (fingerprint, exit_cache.backbone_fingerprint(self.config, weights, legacy=True))
         exit_cache.check_manifest(directory, manifest, self.config, fingerprint)
         if not manifest["num_sequences"].get("train"):
             raise ValueError(f"--exit-activation-cache {directory}: the cache has no train split")

@@ -47,28 +47,25 @@ EXIT_HEAD_FIELDS = (
 )
 
 
-def backbone_fingerprints(config, weights: dict[str, torch.Tensor]) -> tuple[str, str]:
-    """sha256 of the model config and every non-exit weight: (this format's, without the
-    exit-head fields; the first format's, which hashed them too and only left out the exit
-    temperatures). Caches written before the change carry the second."""
-    cfg = config.to_dict()
-    hashes = [
-        hashlib.sha256(json.dumps({k: v for k, v in cfg.items() if k not in skip}, sort_keys=True).encode())
-        for skip in (EXIT_HEAD_FIELDS, ("exit_layer_temperature",))
-    ]
+def backbone_fingerprint(config, weights: dict[str, torch.Tensor], legacy: bool = False) -> str:
+    """sha256 of the model config without the exit-head fields and of every non-exit weight.
+    `legacy`: the first format's, which hashed the head fields too (only the exit temperatures
+    left out); caches written before the change carry it."""
+    skip = ("exit_layer_temperature",) if legacy else EXIT_HEAD_FIELDS
+    cfg = {k: v for k, v in config.to_dict().items() if k not in skip}
+    h = hashlib.sha256(json.dumps(cfg, sort_keys=True).encode())
     for name in sorted(weights):
         if name.startswith("exits."):
             continue
         t = weights[name].detach().cpu().contiguous()
-        for h in hashes:
-            h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
-            h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return hashes[0].hexdigest(), hashes[1].hexdigest()
+        h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
 
 
-def backbone_fingerprint(config, weights: dict[str, torch.Tensor]) -> str:
-    """The fingerprint a new cache records (see `backbone_fingerprints`)."""
-    return backbone_fingerprints(config, weights)[0]
+def backbone_fingerprints(config, weights: dict[str, torch.Tensor]) -> tuple[str, str]:
+    """(this format's fingerprint, the first format's)."""
+    return backbone_fingerprint(config, weights), backbone_fingerprint(config, weights, legacy=True)
 
 
 def to_storage(t: torch.Tensor, dtype: str) -> np.ndarray:

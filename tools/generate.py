@@ -91,22 +91,22 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _int_or_auto(text: str) -> int | str:
-    if text == "auto":
-        return text
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer or auto, got {text!r}") from None
+def _or_auto(cast, expected: str):
+    """An argparse type: "auto", or `text` through `cast` (an error naming what was expected)."""
+
+    def parse(text: str):
+        if text == "auto":
+            return text
+        try:
+            return cast(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {expected} or auto, got {text!r}") from None
+
+    return parse
 
 
-def _threshold(text: str) -> float | str:
-    if text == "auto":
-        return text
-    try:
-        return float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1] or auto, got {text!r}") from None
+_int_or_auto = _or_auto(int, "an integer")
+_threshold = _or_auto(float, "a number in [0, 1]")
 
 
 def _calibrated(args) -> dict | None:

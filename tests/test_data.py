@@ -163,3 +163,21 @@ def test_errors_name_the_flag(tmp_path, prefixes, gpt2):
         text=True,
     )
     assert proc.returncode == 2 and f"{bad}:2" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_core_datasets_import_without_the_core_package_init():
+    # A fresh process: the datasets load without running megatron/core/__init__.py (its
+    # transformer stack and torch.compile wrappers); a later import of megatron.core and of
+    # names its __init__ defines still works.
+    code = (
+        "import sys\n"
+        "from megatron.early_exit.data.datasets import import_core_datasets\n"
+        "builder, gpt = import_core_datasets()\n"
+        "print('megatron.core.transformer' in sys.modules, 'torch._dynamo' in sys.modules)\n"
+        "import megatron.core\n"
+        "from megatron.core import ModelParallelConfig, parallel_state, tensor_parallel\n"
+        "print(megatron.core.datasets.gpt_dataset is gpt, parallel_state is sys.modules['megatron.core.parallel_state'])\n"
+        "print(ModelParallelConfig.__module__, tensor_parallel.__name__)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["False", "False", "True", "True", "megatron.core.model_parallel_config", "megatron.core.tensor_parallel"]

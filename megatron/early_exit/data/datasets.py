@@ -1,14 +1,18 @@
 """Train/valid/test GPT datasets through megatron-core (.bin/.idx, blends, splits, mock).
 
 megatron.core is imported lazily: importing it costs seconds and prints warnings about
-optional CUDA libraries, which this CPU-first project does not need.
+optional CUDA libraries, which this CPU-first project does not need. Its datasets are
+imported without running `megatron/core/__init__.py` where that works (`import_core_datasets`).
 """
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
+import sys
 import tempfile
+import types
 import warnings
 
 import torch
@@ -23,11 +27,60 @@ class CoreTokenizerAdapter:
         self.unique_identifiers = {"class": type(tokenizer).__name__, "vocab_size": tokenizer.vocab_size}
 
 
+def _import_datasets():
+    from megatron.core.datasets import blended_megatron_dataset_builder as builder
+    from megatron.core.datasets import gpt_dataset
+
+    return builder, gpt_dataset
+
+
+class _LazyCorePackage(types.ModuleType):
+    """`megatron.core` before its `__init__` has run. A submodule is taken from `sys.modules`
+    where it is (being) imported, as Python does for a circular import, and is otherwise left to
+    the import system (`from megatron.core import config` imports it); the first other
+    attribute it lacks runs the real `__init__` in it, once."""
+
+    def __getattr__(self, name: str):
+        submodule = f"{self.__name__}.{name}"
+        if submodule in sys.modules:
+            return sys.modules[submodule]
+        if name.startswith("__") or self.__dict__.get("_initialising") or importlib.util.find_spec(submodule):
+            raise AttributeError(name)
+        self._initialising = True
+        self.__spec__.loader.exec_module(self)
+        return getattr(self, name)
+
+
+def _import_datasets_light():
+    """megatron-core's datasets without running its package `__init__`, which imports the
+    whole transformer stack and wraps ~24 functions in torch.compile (1.5-2 s of every
+    process's start on a 2-core CPU; the datasets use none of it). `megatron.core` is a
+    `_LazyCorePackage` until something asks it for more; `parallel_state` loads first (it and
+    `utils` import each other, the order the real `__init__` takes too)."""
+    spec = importlib.util.find_spec("megatron.core")
+    package = _LazyCorePackage("megatron.core")
+    package.__spec__, package.__path__, package.__file__ = spec, list(spec.submodule_search_locations), spec.origin
+    package.__package__, package.__loader__ = "megatron.core", spec.loader
+    sys.modules["megatron.core"] = package
+    setattr(sys.modules["megatron"], "core", package)
+    importlib.import_module("megatron.core.parallel_state")
+    return _import_datasets()
+
+
 def import_core_datasets():
+    """megatron-core's dataset builder and GPT dataset modules (the light import where
+    megatron.core is not loaded yet and it works, else the plain one)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        from megatron.core.datasets import blended_megatron_dataset_builder as builder
-        from megatron.core.datasets import gpt_dataset
+        if "megatron.core" in sys.modules:
+            builder, gpt_dataset = _import_datasets()
+        else:
+            try:
+                builder, gpt_dataset = _import_datasets_light()
+            except Exception:  # another megatron-core layout: drop what loaded, import it whole
+                for name in [n for n in sys.modules if n == "megatron.core" or n.startswith("megatron.core.")]:
+                    del sys.modules[name]
+                builder, gpt_dataset = _import_datasets()
     for name in ("megatron.core", "megatron.core.datasets"):
         logging.getLogger(name).setLevel(logging.WARNING)
     return builder, gpt_dataset

@@ -5,11 +5,16 @@
         --data-path data/aclsum/smollm2_text_document --bf16           # SmolLM2, exits 8/15/22
     python benchmarks/cached_tuning.py --load TINY_CKPT --mock-data --seq-length 16 --cache-samples 16
 
-Same machine, same exits, one run, in this order: (1) `--tune-exit --exit-loss-type ce+kd`
-through the frozen backbone, `--steps` timed steps after one warm-up step; (2) the one-off
-cost of caching `--cache-samples` sequences (`tools/checkpoint/cache_exit_activations.py`,
-top-k `--top-k`); (3) one cached ce+kd epoch over the whole cache with the full vocabulary,
-and (4) with `--exit-candidate-vocab` sampled negatives. Prints tokens/s and the ratios.
+Same machine, same exits, one run. First the one-off cost of caching `--cache-samples`
+sequences (`tools/checkpoint/cache_exit_activations.py`, top-k `--top-k`). Then three tuners,
+each warmed up by one step: (1) `--tune-exit --exit-loss-type ce+kd` through the frozen
+backbone, (2) ce+kd from the cache with the full vocabulary, (3) the same with
+`--exit-candidate-vocab` sampled negatives. They run in `--rounds` alternating rounds (in one
+round: `--steps` steps of (1), then `--cached-steps` steps of (2) and of (3); the cached
+tuners run on through further epochs of the cache), so a host whose speed drifts over minutes slows every side
+alike. Prints each side's median tokens/s over the rounds and the median, min and max of the
+per-round ratios to (1). `--clock cpu` times CPU seconds of this process (all its threads)
+instead of the wall clock, for a machine that other processes load.
 """
 
 from __future__ import annotations
@@ -17,7 +22,6 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -27,6 +31,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from benchmarks.decode_speed import cpu_model_name  # noqa: E402
 from megatron.early_exit.arguments import parse_args  # noqa: E402
 from megatron.early_exit.training.cached_tuning import CachedTuner  # noqa: E402
 from megatron.early_exit.training.trainer import Trainer  # noqa: E402
@@ -41,13 +46,27 @@ def cache_tool():
     return module
 
 
-def timed_steps(trainer, steps: int) -> float:
-    """Seconds per step after one warm-up step."""
-    trainer.train_step()
-    start = time.perf_counter()
+def timed_steps(trainer, steps: int, clock) -> float:
+    """Seconds per step over `steps` steps."""
+    start = clock()
     for _ in range(steps):
         trainer.train_step()
-    return (time.perf_counter() - start) / steps
+    return (clock() - start) / steps
+
+
+def median(xs: list[float]) -> float:
+    xs = sorted(xs)
+    return (xs[(len(xs) - 1) // 2] + xs[len(xs) // 2]) / 2
+
+
+def alternating(tuners: dict, steps: dict[str, int], rounds: int, clock) -> dict[str, list[float]]:
+    """Seconds per step of each tuner in each of `rounds` rounds, the tuners in turn."""
+    times = {name: [] for name in tuners}
+    for r in range(rounds):
+        for name, tuner in tuners.items():
+            times[name].append(timed_steps(tuner, steps[name], clock))
+        print(f"round {r + 1}/{rounds}: " + ", ".join(f"{n} {t[-1]:.3f} s/step" for n, t in times.items()), flush=True)
+    return times
 
 
 def common_args(a) -> list[str]:
@@ -79,41 +98,57 @@ def parse() -> argparse.Namespace:
     p.add_argument("--seq-length", type=int, default=256)
     p.add_argument("--micro-batch-size", type=int, default=4)
     p.add_argument("--global-batch-size", type=int, default=8)
-    p.add_argument("--steps", type=int, default=3, help="timed steps of tuning through the backbone")
-    p.add_argument("--cache-samples", type=int, default=256, help="sequences cached (one cached epoch)")
+    p.add_argument("--steps", type=int, default=2, help="steps through the backbone per round")
+    p.add_argument("--cached-steps", type=int, default=8, help="at least this many cached steps per round")
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--clock", choices=("wall", "cpu"), default="wall")
+    p.add_argument("--cache-samples", type=int, default=256, help="sequences cached")
     p.add_argument("--top-k", type=int, default=16)
     p.add_argument("--exit-candidate-vocab", type=int, default=2048)
     p.add_argument("--bf16", action="store_true", help="bf16 autocast everywhere, bf16 cache")
     a = p.parse_args()
     if bool(a.mock_data) == bool(a.data_path):
         p.error("give exactly one of --data-path and --mock-data")
-    if a.cache_samples < 2 * a.global_batch_size:
-        p.error("--cache-samples must be at least 2 global batches (one warms up)")
+    if a.cache_samples < a.global_batch_size:
+        p.error("--cache-samples must be at least one global batch")
+    if min(a.steps, a.cached_steps, a.rounds) < 1:
+        p.error("--steps, --cached-steps and --rounds must be at least 1")
     return a
 
 
 def main() -> None:
     a = parse()
+    clock = time.process_time if a.clock == "cpu" else time.perf_counter
     common, data = common_args(a)
     tokens_per_step = a.global_batch_size * a.seq_length
-    live_s = timed_steps(Trainer(parse_args([*common, *data])), a.steps)
     out = tempfile.mkdtemp(prefix="exit_cache_")
     cache_s = make_cache(a, out)
-    epoch_steps = a.cache_samples // a.global_batch_size - 1  # after the warm-up step
-    full_s = timed_steps(CachedTuner(parse_args([*common, "--exit-activation-cache", out])), epoch_steps)
     cand = ["--exit-activation-cache", out, "--exit-candidate-vocab", str(a.exit_candidate_vocab)]
-    cand_s = timed_steps(CachedTuner(parse_args([*common, *cand])), epoch_steps)
-    live, full, sampled = (tokens_per_step / s for s in (live_s, full_s, cand_s))
+    tuners = {
+        "backbone": Trainer(parse_args([*common, *data])),
+        "cached full": CachedTuner(parse_args([*common, "--exit-activation-cache", out])),
+        "cached candidates": CachedTuner(parse_args([*common, *cand])),
+    }
+    for tuner in tuners.values():
+        tuner.train_step()  # warm-up
+    steps = {"backbone": a.steps, "cached full": a.cached_steps, "cached candidates": a.cached_steps}
+    times = alternating(tuners, steps, a.rounds, clock)
     print(
-        f"machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
-        f"{torch.get_num_threads()} threads; {a.load}; micro-batch {a.micro_batch_size} x {a.seq_length}, "
-        f"global batch {a.global_batch_size}, {'bf16' if a.bf16 else 'fp32'}"
+        f"machine: {cpu_model_name()}, {os.cpu_count()} cores, torch "
+        f"{torch.__version__}, {torch.get_num_threads()} threads, {a.clock} clock; {a.load}; micro-batch "
+        f"{a.micro_batch_size} x {a.seq_length}, global batch {a.global_batch_size}, {'bf16' if a.bf16 else 'fp32'}"
     )
-    print(f"tuning through the backbone (ce+kd):   {live:10.0f} tokens/s")
-    print(f"caching {a.cache_samples} sequences (one-off):  {a.cache_samples * a.seq_length / cache_s:10.0f} tokens/s")
-    print(f"cached epoch, full vocabulary:         {full:10.0f} tokens/s  ({full / live:.1f}x)")
-    print(f"cached epoch, {a.exit_candidate_vocab} sampled negatives: {sampled:7.0f} tokens/s  ({sampled / live:.1f}x)")
-    print(f"ratio cached (candidates) / backbone: {sampled / live:.1f}x (target >= 20x)")
+    print(f"caching {a.cache_samples} sequences (one-off): {a.cache_samples * a.seq_length / cache_s:10.0f} tokens/s")
+    live = [tokens_per_step / t for t in times["backbone"]]
+    for name in tuners:
+        tps = [tokens_per_step / t for t in times[name]]
+        ratios = [x / y for x, y in zip(tps, live)]
+        print(
+            f"{name:18s} {median(tps):8.0f} tokens/s (median of {a.rounds} rounds)  "
+            f"ratio to backbone: median {median(ratios):.1f}x, min {min(ratios):.1f}x, max {max(ratios):.1f}x"
+        )
+    ratio = median([x / y for x, y in zip(times["backbone"], times["cached candidates"])])
+    print(f"cached (candidates) / backbone: {ratio:.1f}x (median of per-round ratios; target >= 20x)")
 
 
 if __name__ == "__main__":

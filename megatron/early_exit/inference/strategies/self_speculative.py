@@ -44,9 +44,17 @@ def controller_for(engine) -> DraftController:
             costs = costs_from_measured(measured, depth)
         else:
             costs = costs_from_config(engine.config, depth)
-        held = (measured, DraftController(costs))
+        held = (measured, DraftController(costs, agreement=calibrated_agreement(engine)))
         _CONTROLLERS[engine] = held
     return held[1]
+
+
+def calibrated_agreement(engine) -> dict[int, float] | None:
+    """Each exit's agreement with the final head from the checkpoint's calibration record
+    (`model.calibrated_thresholds`), the controller's warm start; None without one, or for a
+    record written before agreement was recorded."""
+    record = getattr(getattr(engine, "model", None), "calibrated_thresholds", None)
+    return (record or {}).get("agreement")
 
 
 def candidates(engine, allowed: list[int]) -> list[int]:

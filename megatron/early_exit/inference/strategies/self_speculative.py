@@ -110,7 +110,7 @@ class SelfSpeculative(Strategy):
         plan, ctl = self.plan(engine, batch)
         start = {b: state.fed[b] for b in running}  # position of the first token fed this round
         drafts, confs, last = self.draft(engine, state, running, batch, plan, ctl)
-        out = engine.verify(state, {b: [last[b]] for b in running})
+        out = verify(engine, state, last, drafted=any(drafts.values()))
         still, observed = [], []
         for b in running:
             ok = self.keep(engine, out, b, drafts[b], confs[b], batch, plan.exit)
@@ -163,6 +163,19 @@ class SelfSpeculative(Strategy):
             if acc.stopped(r, batch.settings):
                 break
         return ok
+
+
+def verify(engine, state, last: dict[int, int], drafted: bool):
+    """The verify pass: every drafted row and `last` through the remaining layers, the final
+    head on each row (`all_logits`). A round that drafted nothing is a plain decode step: it
+    takes full decoding's uniform fast path (the general pass, which gathers rows and builds a
+    causal layout per layer, cost 1.4x a full step on SmolLM2 at batch 1), same logits."""
+    if drafted:
+        return engine.verify(state, {b: [t] for b, t in last.items()})
+    out = engine.decode_one_token(state, last, ExitPolicy())
+    for b, logits in out.logits.items():
+        out.all_logits[b] = logits[None]  # (1, V): the one fed row
+    return out
 
 
 def record(counts: list, exit_layer: int | None, length: int) -> None:

@@ -18,6 +18,13 @@ drafted for `interval[n]` rounds drafts one token (exploration), so a recovered 
 again; intervals are set so that exploring costs about `explore_share` of decoding time even
 when every try is rejected.
 
+Warm start. Where the checkpoint's calibration record (`early_exit_thresholds.json`) holds each
+exit's top-1 agreement with the final head, the counts start at WARM_DRAFTS drafts accepted at
+that rate instead of trying every exit at once: an exit that pays drafts from the first round,
+and one that does not is first tried after its interval, which such a prior lengthens (exploring
+it costs WARM_EXPLORE_SHARE of the time instead of `explore_share`). Without the record (or one
+written before agreement was recorded), every exit is tried once at the start.
+
 Early stop. Per exit and max-probability bin, Beta counts of whether a draft with that
 confidence was accepted (prior: one draft at the bin's middle, as from a calibrated head). A sequence stops
 drafting within a round when P(its newest draft is accepted) * a_n, the chance that one more

@@ -10,8 +10,10 @@ verify pass with nothing drafted) when no draft pays; a sequence also stops draf
 when its draft's confidence says another draft does not pay. Whatever is drafted, every kept
 token is the final head's greedy token, so the output equals full greedy decoding.
 
-One controller per engine (it learns across calls); a measured `cost_model.DecodeCosts` set as
-`engine.decode_costs` replaces the weight-count cost model.
+One controller per engine (it learns across calls), warm-started from the checkpoint's
+calibrated per-exit agreement where it has one (`model.calibrated_thresholds["agreement"]`); a
+measured `cost_model.DecodeCosts` set as `engine.decode_costs` replaces the weight-count cost
+model. A round that drafts nothing is a plain decode step on full decoding's fast path.
 """
 
 from __future__ import annotations

@@ -225,6 +225,9 @@ def test_tool_writes_thresholds_that_generate_auto_uses(tmp_path, capsys):
     assert f"- checked over random splits: {check['violations']} of 4 random calibration/test splits" in card
     model, tok = load_checkpoint(str(ckpt))
     assert model.calibrated_thresholds["thresholds"] == {int(k): v for k, v in record["thresholds"].items()}
+    agreement = model.calibrated_thresholds["agreement"]  # self-speculation's warm start
+    assert sorted(agreement) == record["exits"] and all(0.0 <= v <= 1.0 for v in agreement.values())
+    assert "top-1 agreement with the final head" in card
     capsys.readouterr()
     _tool("generate", "tools/generate.py").main(
         ["--load", str(ckpt), "--prompt", "1 2 3 4", "--early-exit-thres", "auto", "--max-new-tokens", "24", "--json"]

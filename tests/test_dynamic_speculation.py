@@ -12,6 +12,7 @@ from megatron.early_exit.config import ModelConfig
 from megatron.early_exit.inference import EarlyExitEngine, GenerationSettings, generate
 from megatron.early_exit.inference.strategies.draft_control import (
     MAX_DRAFT,
+    WARM_EXPLORE_SHARE,
     DraftController,
     DraftCosts,
     expected_tokens,
@@ -292,3 +293,101 @@ def test_api_early_exit_object_takes_auto():
             EarlyExitOptions.model_validate(body)
         err = from_validation(e.value)
         assert err.status == 422 and err.param == field, (err.status, err.param)
+
+
+# ----- warm start from the checkpoint's calibration record -------------------------------------
+
+
+def run_plans(ctl: DraftController, a: dict[int, float], rounds: int) -> list:
+    """`rounds` plans over exits 2 and 6, each verify round fed the expected prefix for a[exit]."""
+    plans = []
+    for _ in range(rounds):
+        plan = ctl.plan([2, 6], list(range(1, MAX_DRAFT + 1)))
+        if plan.exit is not None:
+            feed(ctl, plan.exit, plan.length, a[plan.exit])
+        plans.append(plan)
+    return plans
+
+
+def test_warm_start_drafts_from_round_one_and_skips_bad_exits():
+    a = {2: 0.9, 6: 0.2}  # the shallow exit pays (rate ~3.3 at g = 8), the deep one never does
+    cold = run_plans(DraftController(COSTS), a, 200)
+    assert [(p.exit, p.length, p.explore) for p in cold[:2]] == [(6, 1, True), (2, 1, True)]  # tries each first
+    warm_ctl = DraftController(COSTS, agreement=a)
+    assert warm_ctl.acceptance(2) == pytest.approx((4 * 0.9 + 1) / 6)  # WARM_DRAFTS = 4 drafts + the Beta(1, 1) prior
+    first = warm_ctl.plan([2, 6], list(range(1, MAX_DRAFT + 1)))
+    assert (first.exit, first.explore) == (2, False) and first.length >= 3  # drafts long from round one
+    assert (first.exit, first.length) == best_by_formula({n: warm_ctl.acceptance(n) for n in COSTS.draft})
+    warm = run_plans(DraftController(COSTS, agreement=a), a, 200)
+    deep = [i for i, p in enumerate(warm) if p.exit == 6]
+    every = warm_ctl.interval(6, 2)  # ceil(2 * (0.6 + 0.01) / WARM_EXPLORE_SHARE 0.02) = 61 rounds
+    assert every == 61 and all(warm[i].explore and warm[i].length == 1 for i in deep)
+    assert deep == list(range(every, 200, every + 1))  # once every interval + 1 rounds, never at the start
+    cold_deep = [i for i, p in enumerate(cold) if p.exit == 6]
+    assert cold_deep == list(range(0, 200, 26))  # the cold start tries it at once, then every 25 + 1 rounds
+    assert sum(p.length for p in warm if p.exit == 2) > sum(p.length for p in cold if p.exit == 2)
+
+
+def test_warm_start_with_low_agreement_decodes_plainly_within_the_budget():
+    a = {2: 0.05, 6: 0.05}
+    ctl = DraftController(COSTS, agreement=a)
+    plans = run_plans(ctl, a, 300)
+    first_draft = min(i for i, p in enumerate(plans) if p.exit is not None)
+    assert first_draft == ctl.interval(2, 2) == 22  # ceil(2 * 0.22 / 0.02): plain until exit 2 is due
+    assert all(p.explore for p in plans if p.exit is not None)  # never a chosen draft
+    spent = sum(COSTS.draft[p.exit] + COSTS.row[p.exit] for p in plans if p.exit is not None)
+    assert spent / len(plans) <= WARM_EXPLORE_SHARE  # exploring costs at most its share of the time (0.05 cold)
+    with pytest.raises(ValueError, match="agreement of exit 2"):
+        DraftController(COSTS, agreement={2: 1.5})
+
+
+@pytest.mark.parametrize("batch", [1, 4])
+def test_warm_start_equals_full_greedy_in_fp32(case, batch):
+    """With the calibration record's agreement on the model, self-speculation still equals
+    full greedy decoding exactly (fp32, `naive_greedy`), and it changes the drafts: the good
+    model drafts from exit 1 only (exit 3 is not tried), the bad one decodes plainly where a
+    cold start tries each exit at once and then every 15 / 25 rounds."""
+    kind, model, ref = case
+    settings = GenerationSettings("self_speculative", NEW, ignore_eos=True)
+    used = {}
+    for warm in (False, True):
+        model.calibrated_thresholds = {"thresholds": {1: 1.0, 3: 1.0}}  # a record without agreement: cold
+        if warm:
+            share = 1.0 if kind == "good" else 0.0
+            model.calibrated_thresholds["agreement"] = {1: share, 3: share}
+        res = EarlyExitEngine(model).generate(PROMPTS[:batch], settings)
+        assert [r.tokens for r in res] == ref[:batch]
+        used[warm] = [r.stats["draft_exits"] for r in res]
+    del model.calibrated_thresholds
+    # measured (every slot alike): good cold {1: 9, 3: 1} at batch 1 ({1: 6, 3: 1} at 4), warm {1: 8} ({1: 6});
+    # bad cold {1: 3, 3: 2} (tries at rounds 0, 15, 30 and 1, 26), warm {}: exit 1's warm interval,
+    # 2 * 0.37 / WARM_EXPLORE_SHARE = 38 rounds, ends where the 40th token leaves no room for a draft
+    for cold, warm in zip(used[False], used[True]):
+        assert cold.get(3) and 3 not in warm if kind == "good" else cold == {1: 3, 3: 2} and warm == {}
+        assert sum(warm.values()) < sum(cold.values())  # good: fewer, longer rounds; bad: no tries
+
+
+def test_thresholds_file_with_and_without_agreement_loads(tmp_path):
+    """A record written before agreement was recorded still loads (cold start: every exit tried
+    at once); one with it gives the controller its warm counts, keyed by exit layer."""
+    import json
+
+    from megatron.early_exit import load_checkpoint
+    from megatron.early_exit.checkpointing import THRESHOLDS_FILE, save_checkpoint
+    from megatron.early_exit.inference.strategies.draft_control import WARM_DRAFTS
+    from megatron.early_exit.inference.strategies.self_speculative import controller_for
+
+    save_checkpoint(str(tmp_path), 0, build(True), None)
+    record = {"exits": [1, 3], "thresholds": {"1": 0.8, "3": 0.9}, "measure": "max_prob", "delta": 0.1}
+    file = tmp_path / "iter_0000000" / THRESHOLDS_FILE
+    controllers = []
+    for agreement in (None, {"1": 0.75, "3": 0.5}):
+        file.write_text(json.dumps(record if agreement is None else {**record, "agreement": agreement}))
+        model, _ = load_checkpoint(str(tmp_path))
+        assert model.calibrated_thresholds["thresholds"] == {1: 0.8, 3: 0.9}
+        controllers.append(controller_for(EarlyExitEngine(model)))
+    old, new = controllers
+    assert model.calibrated_thresholds["agreement"] == {1: 0.75, 3: 0.5}
+    assert all(old.stats[n].idle == old.interval(n, 2) and old.stats[n].accepted == 0.0 for n in (1, 3))
+    assert (new.stats[1].accepted, new.stats[1].rejected) == (0.75 * WARM_DRAFTS, 0.25 * WARM_DRAFTS)
+    assert new.stats[3].idle == 0  # no try at the start: the record stands in for it

@@ -494,14 +494,19 @@ def load_tokenizer_from(meta: CheckpointMeta):
 
 def read_calibrated_thresholds(path: str) -> dict | None:
     """The checkpoint's calibrated thresholds record ({"thresholds": {layer: t}, "measure", "delta",
-    "epsilon", ...}), or None when it has none."""
+    "epsilon", "agreement": {layer: share}, ...}), or None when it has none. "agreement" (each
+    exit's top-1 agreement with the final head on the calibration text) is absent from records
+    written before it existed; readers treat it as optional."""
     file = os.path.join(resolve_checkpoint_dir(path), THRESHOLDS_FILE)
     if not os.path.exists(file):
         return None
     try:
         with open(file) as f:
             record = json.load(f)
-        return {**record, "thresholds": {int(k): float(v) for k, v in record["thresholds"].items()}}
+        out = {**record, "thresholds": {int(k): float(v) for k, v in record["thresholds"].items()}}
+        if "agreement" in record:
+            out["agreement"] = {int(k): float(v) for k, v in record["agreement"].items()}
+        return out
     except (OSError, json.JSONDecodeError, KeyError, AttributeError, ValueError) as e:
         raise ValueError(f"--load: corrupt {file}: {e}") from None
 

@@ -11,8 +11,9 @@ threshold) disagrees with the final head's top-1 on at most delta of tokens. The
 cut into `--seq-length` chunks, taken as i.i.d.; p-values on per-chunk disagreement
 (`--bound`: Waudby-Smith-Ramdas betting, or Hoeffding-Bentkus), fixed-sequence testing along a
 path of threshold vectors (details:
-megatron/early_exit/inference/calibration.py). The thresholds, delta, epsilon, the measure
-and the calibration data are written into the checkpoint (`early_exit_thresholds.json` and a
+megatron/early_exit/inference/calibration.py). The thresholds, delta, epsilon, the measure,
+each exit's top-1 agreement with the final head (self-speculative decoding's warm start) and
+the calibration data are written into the checkpoint (`early_exit_thresholds.json` and a
 section of its README.md model card); `tools/generate.py --early-exit-thres auto` uses them.
 
 `--check-splits N` then tests the guarantee itself: it calibrates again on N random
@@ -136,8 +137,16 @@ def model_card(record: dict) -> str:
         f"- on the tested chunks: disagreement {record['risk']:.4f}, early-exit share {record['exit_share']:.4f}, "
         f"p-value {record['p_value']:.4g}\n"
         f"{_card_split_check(record.get('split_check'))}"
+        f"{_card_agreement(record.get('agreement'))}"
         f"- use: `tools/generate.py --load CKPT --early-exit-thres auto`; made {record['created']}\n{CARD_END}\n"
     )
+
+
+def _card_agreement(agreement: dict | None) -> str:
+    if not agreement:  # records written before agreement was recorded
+        return ""
+    shares = ", ".join(f"exit {k}: {100 * v:.1f}%" for k, v in agreement.items())
+    return f"- top-1 agreement with the final head (each exit alone; self-speculation's warm start): {shares}\n"
 
 
 def _card_split_check(d: dict | None) -> str:
@@ -207,8 +216,9 @@ def run(a: argparse.Namespace) -> dict:
     chunks = load_chunks(a, tok).to(a.device)
     scores = calibration.teacher_forced_scores(model, chunks, a.measure, a.batch_size)
     cal = calibration.calibrate(scores, a.delta, a.epsilon, a.path, a.steps, a.fit_fraction, a.seed, a.bound)
+    agreement = {str(e): share for e, share in calibration.exit_agreement(scores).items()}
     record = {
-        **cal.as_dict(), "measure": a.measure, "delta": a.delta, "epsilon": a.epsilon,
+        **cal.as_dict(), "measure": a.measure, "delta": a.delta, "epsilon": a.epsilon, "agreement": agreement,
         "bound": a.bound,
         "method": f"{calibration.BOUNDS[a.bound]} p-values on i.i.d. per-chunk disagreement, fixed-sequence testing, "
                   f"{a.path} path",
@@ -216,7 +226,8 @@ def run(a: argparse.Namespace) -> dict:
                              "num_chunks": int(chunks.shape[0]), "chunk_length": a.seq_length, "seed": a.seed},
         "created": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
     }  # fmt: skip
-    print(json.dumps({k: record[k] for k in ("thresholds", "risk", "exit_share", "p_value", "lambda_index")}))
+    shown = ("thresholds", "risk", "exit_share", "p_value", "lambda_index", "agreement")
+    print(json.dumps({k: record[k] for k in shown}))
     if a.check_splits:
         check = calibration.check_splits(
             scores, a.delta, a.epsilon, a.check_splits, a.check_test_fraction, a.path, a.steps, a.fit_fraction, a.seed,

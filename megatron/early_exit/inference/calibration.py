@@ -76,6 +76,13 @@ def teacher_forced_scores(model, chunks: torch.Tensor, measure: str, batch_size:
     return ExitScores(list(model.exit_layer_numbers), torch.cat(conf), torch.cat(agree))
 
 
+def exit_agreement(scores: ExitScores) -> dict[int, float]:
+    """Per exit, the share of tokens whose top-1 is the final head's (each exit alone, all
+    chunks): the acceptance a draft from it starts with in self-speculative decoding."""
+    share = scores.agree.float().mean(dim=(0, 1))  # (E,)
+    return {e: float(share[i]) for i, e in enumerate(scores.exits)}
+
+
 def chunk_losses(scores: ExitScores, thresholds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per chunk: share of tokens whose early-exit token differs from the final head's, and
     share of tokens that exit early. thresholds [E]; >= 1.0 never fires (as in the engine)."""

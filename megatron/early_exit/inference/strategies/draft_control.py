@@ -18,6 +18,13 @@ drafted for `interval[n]` rounds drafts one token (exploration), so a recovered 
 again; intervals are set so that exploring costs about `explore_share` of decoding time even
 when every try is rejected.
 
+Warm start. Where the checkpoint's calibration record (`early_exit_thresholds.json`) holds each
+exit's top-1 agreement with the final head, the counts start at WARM_DRAFTS drafts accepted at
+that rate instead of trying every exit at once: an exit that pays drafts from the first round,
+and one that does not is first tried after its interval, which such a prior lengthens (exploring
+it costs WARM_EXPLORE_SHARE of the time instead of `explore_share`). Without the record (or one
+written before agreement was recorded), every exit is tried once at the start.
+
 Early stop. Per exit and max-probability bin, Beta counts of whether a draft with that
 confidence was accepted (prior: one draft at the bin's middle, as from a calibrated head). A sequence stops
 drafting within a round when P(its newest draft is accepted) * a_n, the chance that one more
@@ -38,6 +45,8 @@ FIXED_LAYERS = 1.0  # what a step does once (embedding, bookkeeping, Python), in
 ROW_SHARE = 0.1  # one more row through a weight matrix, as a share of reading it (memory-bound decode)
 MAX_DRAFT = 8  # the longest draft "auto" considers
 BINS = 4  # max-probability bins for the early stop
+WARM_DRAFTS = 4.0  # what a calibration record's agreement is worth, in observed drafts
+WARM_EXPLORE_SHARE = 0.02  # exploration budget of an exit whose acceptance the calibration record gave
 
 
 @dataclass
@@ -109,18 +118,33 @@ class DraftController:
 
     def __init__(
         self, costs: DraftCosts, decay: float = 0.93, prior: tuple[float, float] = (1.0, 1.0),
-        explore_share: float = 0.05, stop_early: bool = True,
+        explore_share: float = 0.05, stop_early: bool = True, agreement: dict[int, float] | None = None,
     ) -> None:  # fmt: skip
         self.costs, self.decay, self.prior = costs, decay, prior
         self.explore_share, self.stop_early = explore_share, stop_early
         self.stats = {n: ExitStats() for n in costs.draft}
+        self.share = {n: explore_share for n in costs.draft}  # per exit: a warm start lowers it
         for n, st in self.stats.items():
             st.idle = self.interval(n, len(self.stats))  # every exit is tried once at the start
+        self.warm_start(agreement or {})
+
+    def warm_start(self, agreement: dict[int, float]) -> None:
+        """Start exit n's counts at WARM_DRAFTS drafts accepted at `agreement[n]` (its top-1
+        agreement with the final head on the calibration text) instead of trying it at once:
+        an exit that pays drafts from the first round, one that does not waits its interval,
+        which a prior makes longer: exploring it may cost WARM_EXPLORE_SHARE of the time."""
+        for n, share in agreement.items():
+            if n in self.stats:
+                if not 0.0 <= share <= 1.0:
+                    raise ValueError(f"agreement of exit {n}: {share} is not a share in [0, 1]")
+                st = self.stats[n]
+                st.accepted, st.rejected, st.idle = WARM_DRAFTS * share, WARM_DRAFTS * (1.0 - share), 0
+                self.share[n] = min(self.explore_share, WARM_EXPLORE_SHARE)
 
     def interval(self, n: int, num_exits: int) -> int:
         """Rounds between exploratory drafts from exit n: a rejected try costs draft + row."""
         extra = self.costs.draft[n] + self.costs.row[n]
-        return max(1, math.ceil(num_exits * extra / self.explore_share))
+        return max(1, math.ceil(num_exits * extra / self.share[n]))
 
     def acceptance(self, n: int) -> float:
         st, (pa, pr) = self.stats[n], self.prior

@@ -10,8 +10,10 @@ verify pass with nothing drafted) when no draft pays; a sequence also stops draf
 when its draft's confidence says another draft does not pay. Whatever is drafted, every kept
 token is the final head's greedy token, so the output equals full greedy decoding.
 
-One controller per engine (it learns across calls); a measured `cost_model.DecodeCosts` set as
-`engine.decode_costs` replaces the weight-count cost model.
+One controller per engine (it learns across calls), warm-started from the checkpoint's
+calibrated per-exit agreement where it has one (`model.calibrated_thresholds["agreement"]`); a
+measured `cost_model.DecodeCosts` set as `engine.decode_costs` replaces the weight-count cost
+model. A round that drafts nothing is a plain decode step on full decoding's fast path.
 """
 
 from __future__ import annotations
@@ -44,9 +46,17 @@ def controller_for(engine) -> DraftController:
             costs = costs_from_measured(measured, depth)
         else:
             costs = costs_from_config(engine.config, depth)
-        held = (measured, DraftController(costs))
+        held = (measured, DraftController(costs, agreement=calibrated_agreement(engine)))
         _CONTROLLERS[engine] = held
     return held[1]
+
+
+def calibrated_agreement(engine) -> dict[int, float] | None:
+    """Each exit's agreement with the final head from the checkpoint's calibration record
+    (`model.calibrated_thresholds`), the controller's warm start; None without one, or for a
+    record written before agreement was recorded."""
+    record = getattr(getattr(engine, "model", None), "calibrated_thresholds", None)
+    return (record or {}).get("agreement")
 
 
 def candidates(engine, allowed: list[int]) -> list[int]:
@@ -102,7 +112,7 @@ class SelfSpeculative(Strategy):
         plan, ctl = self.plan(engine, batch)
         start = {b: state.fed[b] for b in running}  # position of the first token fed this round
         drafts, confs, last = self.draft(engine, state, running, batch, plan, ctl)
-        out = engine.verify(state, {b: [last[b]] for b in running})
+        out = verify(engine, state, last, drafted=any(drafts.values()))
         still, observed = [], []
         for b in running:
             ok = self.keep(engine, out, b, drafts[b], confs[b], batch, plan.exit)
@@ -155,6 +165,19 @@ class SelfSpeculative(Strategy):
             if acc.stopped(r, batch.settings):
                 break
         return ok
+
+
+def verify(engine, state, last: dict[int, int], drafted: bool):
+    """The verify pass: every drafted row and `last` through the remaining layers, the final
+    head on each row (`all_logits`). A round that drafted nothing is a plain decode step: it
+    takes full decoding's uniform fast path (the general pass, which gathers rows and builds a
+    causal layout per layer, cost 1.4x a full step on SmolLM2 at batch 1), same logits."""
+    if drafted:
+        return engine.verify(state, {b: [t] for b, t in last.items()})
+    out = engine.decode_one_token(state, last, ExitPolicy())
+    for b, logits in out.logits.items():
+        out.all_logits[b] = logits[None]  # (1, V): the one fed row
+    return out
 
 
 def record(counts: list, exit_layer: int | None, length: int) -> None:

@@ -18,10 +18,11 @@ The row norms are computed once, in fp64, and scaled by 1.001 for the rounding o
 own arithmetic; a bf16 model's reference rounds its output to bf16 too, which adds u |z^_i|.
 With E_i the bound of row i, rows whose z~_i + E_i reaches max_j (z~_j - E_j) are the only ones
 that can hold the maximum (SmolLM2: median 5, at most ~30 of 49152); their logits are
-computed in the model's dtype (a gathered copy of those rows), and the largest is *certified* when it beats every other candidate by more than both
-rows' reference rounding bands (2 gamma ||w|| ||h||, plus the output rounding in bf16): then
-every fp32-accumulating kernel's argmax is that row. Otherwise (a near-tie within round-off,
-non-finite values, or over a quarter of the rows left) the logits are computed in full and `torch.argmax` decides, ties
+computed in the model's dtype (a gathered copy of those rows), and the largest is *certified*
+when it beats every other candidate by more than both rows' reference rounding bands
+(2 gamma ||w|| ||h||, plus the output rounding in bf16): then every fp32-accumulating kernel's
+argmax is that row. Otherwise (a near-tie within round-off, non-finite values, or over a
+quarter of the rows left) the logits are computed in full and `torch.argmax` decides, ties
 to the lowest index, so the token always equals `argmax(F.linear(h, W))`.
 
 Measured on the Intel Xeon here (1 thread, CPU time, loaded machine): the 49152 x 576 head at

@@ -12,6 +12,8 @@ two are timed alternately, best of --repeats (the machine may be shared). The ce
 bandwidth roofline: batch x measured read bandwidth / bytes of weights read per step.
 `--kernels auto packed plain ...` runs one engine per CPU matmul kernel setting
 (`inference/kernels.py`; auto = measured per weight shape) in the same alternation;
+`--heads full int8` runs one engine per final-head setting (`inference/greedy_head.py`: the
+certified int8 argmax, or the whole fp32 logits) likewise;
 `--clock cpu --threads 1` counts this process's CPU time instead of wall time (robust on a
 shared machine; the roofline then assumes one thread's read bandwidth).
 
@@ -43,6 +45,7 @@ sys.path.insert(0, os.path.join(ROOT, "tools", "eval"))
 from decode_speed import cpu_model_name  # noqa: E402
 
 from megatron.early_exit.inference import EarlyExitEngine, GenerationSettings, summarize  # noqa: E402
+from megatron.early_exit.inference.greedy_head import HEADS  # noqa: E402
 from megatron.early_exit.inference.kernels import KERNELS, choices  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -132,12 +135,16 @@ def part1(args, bandwidth: float) -> None:
         dtype = DTYPES[name]
         model, tok = load_ours(args.load, dtype)
         model = model.to(args.device)
-        engines = {k: EarlyExitEngine(model, tok, linear_kernel=k) for k in args.kernels}
+        engines = {
+            (k if len(args.heads) == 1 else f"{k}+{h}"): EarlyExitEngine(model, tok, linear_kernel=k, head=h)
+            for k in args.kernels
+            for h in args.heads
+        }
         hf = load_hf(dtype).to(args.device)
         step_bytes = bytes_per_step(model)
         prompt = (tok.tokenize(TEXT) * 4)[: args.prompt_len]
         print(f"\n== {name}: weights read per decode step {step_bytes / 1e6:.0f} MB")
-        print(f"  {'batch':>5s} {'kernels':>10s} {'ours tok/s':>11s} {'HF tok/s':>9s} {'ours/HF':>8s} {'roofline':>9s} "
+        print(f"  {'batch':>5s} {'kernels':>14s} {'ours tok/s':>11s} {'HF tok/s':>9s} {'ours/HF':>8s} {'roofline':>9s} "
               f"{'ours/roof':>9s}  same tokens")  # fmt: skip
         for batch in args.batch:
             compare_at(args, engines, hf, [prompt] * batch, batch * bandwidth / step_bytes)
@@ -158,12 +165,13 @@ def compare_at(args, engines: dict, hf, prompts: list[list[int]], roof: float) -
             t, ours_tokens = ours_tps(engine, prompts, args.new_tokens)
             ours[k] = max(ours[k], t)
             same[k] &= ours_tokens == hf_tokens
-    if "auto" in engines:
-        dtype = engines["auto"].dtype
+    auto = [e for k, e in engines.items() if k.split("+")[0] == "auto"]
+    if auto:
+        dtype = auto[0].dtype
         chosen = [f"{sh} rows<={top or 'any'}: {k}" for (sh, dt, top, _), k in choices().items() if dt == dtype]
         print("  auto chose: " + ", ".join(chosen))
     for k in engines:
-        print(f"  {len(prompts):5d} {k:>10s} {ours[k]:11.1f} {theirs:9.1f} {ours[k] / theirs:7.2f}x {roof:9.1f} "
+        print(f"  {len(prompts):5d} {k:>14s} {ours[k]:11.1f} {theirs:9.1f} {ours[k] / theirs:7.2f}x {roof:9.1f} "
               f"{ours[k] / roof:8.0%}  {'yes' if same[k] else 'NO (see note)'}", flush=True)  # fmt: skip
 
 
@@ -249,6 +257,8 @@ def main() -> None:
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N] (part 1; part 2 runs on the CPU)")
     p.add_argument("--kernels", nargs="+", default=["auto"], choices=["auto", *KERNELS],
                    help="part 1: one engine per CPU matmul kernel setting (auto: measured per shape)")  # fmt: skip
+    p.add_argument("--heads", nargs="+", default=["auto"], choices=list(HEADS),
+                   help="final head of greedy requests: auto/int8 = certified int8 argmax, full = fp32 logits")  # fmt: skip
     p.add_argument("--clock", choices=list(CLOCKS), default="wall",
                    help="wall time, or this process's CPU time (use with --threads 1 on a shared machine)")  # fmt: skip
     args = p.parse_args()

@@ -6,6 +6,7 @@ Tolerances: the kernels sum in different orders, so fp32 results differ by round
 """
 
 import copy
+import time
 
 import pytest
 import torch
@@ -85,7 +86,7 @@ def test_every_kernel_computes_f_linear(dtype, rows):
 
 def test_choice_is_measured_once_per_shape_dtype_rows_bucket_and_threads(monkeypatch):
     calls = []
-    monkeypatch.setattr(kernels, "pick", lambda funcs, weights, clock: calls.append(sorted(funcs)) or "transposed")
+    monkeypatch.setattr(kernels, "pick", lambda funcs, weights, **kw: calls.append(sorted(funcs)) or "transposed")
     w = torch.randn(24, 16)
     kernels.register([w])
     with torch.no_grad():
@@ -99,8 +100,27 @@ def test_choice_is_measured_once_per_shape_dtype_rows_bucket_and_threads(monkeyp
     assert len(calls) == 4
 
 
+def test_more_threads_time_more_rounds_at_a_wider_margin(monkeypatch):
+    """Wall-clock timing (> 1 thread) is noisier than one thread's CPU time: more alternations,
+    and a kernel must beat plain by more to replace it."""
+    seen = []
+    monkeypatch.setattr(kernels, "pick", lambda funcs, weights, **kw: seen.append(kw) or "plain")
+    monkeypatch.setattr(kernels, "_CHOICE", {})
+    w = torch.randn(24, 16)
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            with torch.no_grad():
+                kernels.linear(torch.randn(1, 16), w)
+    finally:
+        torch.set_num_threads(before)
+    assert seen[0] == {"clock": time.process_time}
+    assert seen[1] == {"clock": time.perf_counter, "rounds": 3 * kernels.ROUNDS, "margin": 2 * kernels.MARGIN}
+
+
 def test_unchosen_copies_are_dropped(monkeypatch):
-    def run_all_then_plain(funcs, weights, clock):
+    def run_all_then_plain(funcs, weights, **kw):
         for f in funcs.values():
             for w in weights:
                 f(w)

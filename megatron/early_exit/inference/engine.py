@@ -18,6 +18,7 @@ from collections.abc import Mapping
 
 import torch
 
+from megatron.early_exit.inference import greedy_head
 from megatron.early_exit.inference.acceptance import Acceptance
 from megatron.early_exit.inference.packed import PackedWeights
 from megatron.early_exit.inference.passes import DecodeState, ExitPolicy, Passes, StepOutput, tick
@@ -25,6 +26,7 @@ from megatron.early_exit.inference.sampling import make_generator
 from megatron.early_exit.inference.scoring import score
 from megatron.early_exit.inference.settings import GenerationResult, GenerationSettings, check_values
 from megatron.early_exit.inference.strategies import STRATEGIES, Batch, get_strategy
+from megatron.early_exit.model.gpt import HeadOps
 
 
 class _NoPacking:
@@ -48,11 +50,17 @@ class EarlyExitEngine:
         layer_range=None,
         compile: bool = False,
         linear_kernel: str = "auto",
+        head: str = "auto",
     ) -> None:
         """packed_weights: on CPU, run Linears and heads on the kernel measured fastest per weight
         shape, dtype and rows while decoding (`inference/kernels.py`: oneDNN-prepacked weights,
         `F.linear`, `torch.mv`, ...; 2-3x the weight bandwidth of `F.linear` on some CPUs).
         linear_kernel: 'auto' (measure; `EE_LINEAR_KERNEL` may force one) or a kernel name to force.
+        head: the final head of requests that need only its token (greedy, no log-probabilities,
+        strategies whose round is one pass: full, early_exit): 'auto' (the certified int8 argmax of
+        `inference/greedy_head.py` for heads of >= 4M weights on the CPU; `EE_GREEDY_HEAD` may force
+        one), 'int8' (it for any size) or 'full' (the whole fp32 logits always). Tokens are the
+        same either way; the final head's confidence then comes from near-exact logits.
         layer_range: the layers this model holds (a pipeline stage's), default all.
         compile: run the layers of uniform decode steps through `torch.compile` (opt-in; inductor
         makes its own kernels, so the prepacked weights are not used then); if compilation fails,
@@ -68,6 +76,7 @@ class EarlyExitEngine:
         self.config, self.num_layers, self.vocab = p.config, p.num_layers, p.vocab
         self.device, self.dtype, self.exits = p.device, p.dtype, p.exits
         self.acceptance = Acceptance(tokenizer, self.num_layers)
+        self.head = greedy_head.check_head(head)
 
     def depth(self, n: int) -> int:
         """How many layers run before exit n reads the hidden state."""
@@ -149,6 +158,17 @@ class EarlyExitEngine:
             allowed = [n for n in allowed if n >= s.min_exit_layer]
         return allowed
 
+    def argmax_only(self, s: GenerationSettings) -> bool:
+        """Whether a request needs nothing of the final head but its token: greedy, no
+        log-probabilities, a strategy whose round is one pass and an accept, one device, CPU."""
+        return (
+            s.temperature <= 0
+            and not s.return_logprobs
+            and get_strategy(s.strategy).shares_passes
+            and type(self.model.head_ops) is HeadOps
+            and self.packed_weights
+        )
+
     def check_probes(self, allowed: list[int], measure: str) -> None:
         """A measure that reads confidence probes needs them on every allowed exit."""
         missing = [n for n in allowed if self.model.exits[str(n)].confidence is None]
@@ -167,8 +187,12 @@ class EarlyExitEngine:
             return results
         state = self.new_state(len(prompts), max(len(p) for p in prompts) + s.max_new_tokens + 1)
         self.passes.profile = s.profile
-        with self.packed:
-            elapsed, counts = decode_loop(self, state, prompts, results, s, policy)
+        self.passes.argmax_head = self.head if self.argmax_only(s) else "full"
+        try:
+            with self.packed:
+                elapsed, counts = decode_loop(self, state, prompts, results, s, policy)
+        finally:  # the server's own step calls keep the whole logits
+            self.passes.argmax_head = "full"
         self.acceptance.finish(results, s, elapsed, counts, state.exit_time, get_strategy(s.strategy).drafts)
         return results
 

@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from megatron.early_exit.inference import greedy_head
 from megatron.early_exit.inference.confidence import get_measure, max_prob
 from megatron.early_exit.inference.exit_decision import decide, worth_checking
 from megatron.early_exit.inference.kv_cache import DecodeIndex, KVCache, RowIndex
@@ -145,6 +146,9 @@ class Passes:
         self.profile = False
         self.fast = True  # False: every pass takes the exact (general) path, uniform decode steps too
         self.compiled = None  # `enable_compile`: the compiled layer call of uniform steps
+        # 'full': the final head's whole logits; 'auto' / 'int8': where only the token is needed,
+        # the certified argmax of greedy_head.py (the engine sets it per request).
+        self.argmax_head = "full"
 
     def depth(self, n: int) -> int:
         """How many layers run before exit n reads the hidden state."""
@@ -445,10 +449,24 @@ class Passes:
             last = torch.stack([logits[a, rows.n[a] - 1] for a in range(len(rows.seqs))])
         else:
             h = self.newest_rows(rows, list(range(len(rows.seqs))))[:, 0]  # (A, h): only the newest rows
-            last = self.vocab_logits(m.head_ops.project(m.decoder.final_layernorm(h), m.output_weight()))  # (A, V)
+            h = m.decoder.final_layernorm(h)
+            if self.argmax_head != "full" and greedy_head.wants_int8(m.output_weight(), self.argmax_head):
+                return self.final_tokens(rows, h, out)
+            last = self.vocab_logits(m.head_ops.project(h, m.output_weight()))  # (A, V)
         conf = max_prob(last).tolist()
         for a, b in enumerate(rows.seqs):
             out.logits[b], out.exit_layer[b], out.confidence[b] = last[a], self.num_layers, conf[a]
+
+    def final_tokens(self, rows: Rows, h: torch.Tensor, out: StepOutput) -> None:
+        """The final head's greedy token for each sequence (`out.tokens`, no logits) from the
+        certified int8 argmax on h [A, h]; confidence from its near-exact logits."""
+        m, weight = self.model, self.model.output_weight()
+        head = greedy_head.int8_head(weight, self.vocab)
+        full = lambda x: self.vocab_logits(m.head_ops.project(x, weight))  # noqa: E731 (the plain path)
+        tokens, logits = greedy_head.certified_argmax(h, weight[: self.vocab], head, full)
+        conf = max_prob(logits).tolist()
+        for a, (b, t) in enumerate(zip(rows.seqs, tokens.tolist())):
+            out.tokens[b], out.exit_layer[b], out.confidence[b] = t, self.num_layers, conf[a]
 
     def vocab_logits(self, logits: torch.Tensor) -> torch.Tensor:
         """Whole-vocabulary logits (the head ops all-gather the shards under TP; identity

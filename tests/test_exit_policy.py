@@ -299,3 +299,14 @@ def test_exit_costs_source_follows_the_environment(monkeypatch):
     monkeypatch.setenv("EE_EXIT_COSTS", "timed")
     with pytest.raises(ValueError, match="EE_EXIT_COSTS='timed'"):
         exit_decision.costs_from_parameters()
+
+
+def test_an_engine_makes_its_exit_costs_once(monkeypatch, model):
+    """`exit_costs()` (a server calls it at start-up) makes the decider's costs; a later cost_aware
+    request uses them, not new ones."""
+    monkeypatch.setenv("EE_EXIT_COSTS", "parameters")
+    engine = EarlyExitEngine(model)
+    costs = engine.exit_costs()
+    assert costs == ExitCosts.from_parameters(engine.passes) and engine.passes.exit_decider.costs is costs
+    run(engine, PROMPTS[:2], early_exit_threshold=0.5, exit_policy="cost_aware")
+    assert engine.passes.exit_decider.costs is costs and engine.exit_costs() is costs

@@ -19,6 +19,7 @@ from collections.abc import Mapping
 import torch
 
 from megatron.early_exit.inference.acceptance import Acceptance
+from megatron.early_exit.inference.exit_decision import ExitCosts, decider_of
 from megatron.early_exit.inference.packed import PackedWeights
 from megatron.early_exit.inference.passes import DecodeState, ExitPolicy, Passes, StepOutput, tick
 from megatron.early_exit.inference.sampling import make_generator
@@ -148,6 +149,12 @@ class EarlyExitEngine:
                 raise ValueError(f"min_exit_layer must be in 1..{self.num_layers}, got {s.min_exit_layer}")
             allowed = [n for n in allowed if n >= s.min_exit_layer]
         return allowed
+
+    def exit_costs(self) -> ExitCosts:
+        """The `cost_aware` policy's costs, measured (some tenths of a CPU second) or derived now
+        if not yet: a server calls this at start-up, so its first cost_aware request does not pay it."""
+        with self.packed:
+            return decider_of(self.passes).costs_for(self.passes)
 
     def check_probes(self, allowed: list[int], measure: str) -> None:
         """A measure that reads confidence probes needs them on every allowed exit."""

@@ -35,7 +35,8 @@ threshold leave; `cost_aware`:
 Regrouping sequences by exit depth into separate passes is not done: a second group reads the
 shared layers' weights again (d*a), against (L - d)*b*k saved for k rows: see the README.
 
-Costs come from `ExitCosts`: measured once per engine on first use (a few layer, head and
+Costs come from `ExitCosts`: measured once per engine on first use or when a server starts
+(`EarlyExitEngine.exit_costs`; a few layer, head and
 check timings at batch 1 and 8, inside the engine's packed weights, in CPU seconds on a CPU:
 wall-clock timings on a loaded machine once gave a layer no fixed cost at all, after which no
 row ever left), taken from a fitted

@@ -29,7 +29,10 @@ process instead (whole `generate` calls): wall-clock figures there measure the l
 (a batch-16 run of 51 CPU seconds took 10 minutes of wall time here; in two such runs settings
 under which no token left ran at 0.64x to 1.29x full decoding by the wall clock, 0.93x to 1.06x
 by CPU time, and CPU time is still noisy by a few percent); pass `--threads 1` so that CPU time is work,
-not threads spinning. Each slot gets its own prompt (a window STRIDE tokens further into the
+not threads spinning. Besides each setting's best round (tokens/s, "vs full"), the "paired vs full"
+column gives the median [min, max] over the --repeats rounds of its ratio to full decoding in the
+same round (full runs right before the others in every round): steadier than the best round on a
+loaded machine; use --repeats 10 or more. Each slot gets its own prompt (a window STRIDE tokens further into the
 text; `--same-prompt` for one prompt in every slot, under which all slots fire together).
 """
 
@@ -39,6 +42,7 @@ import argparse
 import copy
 import os
 import platform
+import statistics
 import sys
 import time
 
@@ -96,11 +100,13 @@ def timed_alternating(
     while slows all of them alike, so the ratios stay honest; the best round of each counts.
     `clock` "cpu": tokens per CPU second of this process (whole `generate` calls, prefill
     included), which waiting for a core that other processes hold does not inflate; "wall": the
-    engine's own tokens/s. Returns {name: (results, summary)}.
+    engine's own tokens/s. Returns {name: (results, summary)}: the best round's, its summary's
+    "rounds" holding every round's tokens/s (for ratios paired by round: `paired_ratios`).
     """
     for _, settings in runs:
         warm_up(engine, prompts, settings)
     best: dict = {}
+    rates: dict = {name: [] for name, _ in runs}
     for _ in range(repeats):
         for name, settings in runs:
             start = time.process_time()
@@ -109,9 +115,18 @@ def timed_alternating(
             s = summarize(res, engine.num_layers)
             if clock == "cpu":
                 s["tokens_per_sec"] = s["tokens"] / max(cpu, 1e-9)
+            rates[name].append(s["tokens_per_sec"])
             if name not in best or s["tokens_per_sec"] > best[name][1]["tokens_per_sec"]:
                 best[name] = (res, s)
+    for name, (_, s) in best.items():
+        s["rounds"] = rates[name]
     return best
+
+
+def paired_ratios(summary: dict, base: dict) -> str:
+    """Median [min, max] over rounds of a setting's tokens/s over the base setting's in the same round."""
+    r = [a / b for a, b in zip(summary["rounds"], base["rounds"])]
+    return f"{statistics.median(r):.2f}x [{min(r):.2f}, {max(r):.2f}]"
 
 
 def settings_to_run(args, config) -> list[tuple[str, dict]]:
@@ -151,10 +166,10 @@ def bench_batch(engine, tok, batch: int, args) -> None:
     runs += [(name, GenerationSettings(**{**common, **kw})) for name, kw in settings_to_run(args, engine.config)]
     measured = timed_alternating(engine, prompts, runs, args.repeats, args.clock)
     full, fs = measured["full"]
-    rounds = f"best of {args.repeats} alternating rounds, {args.clock} clock"
+    rounds = f"best of {args.repeats} alternating rounds, {args.clock} clock; paired: per-round ratios"
     print(f"\n  batch {batch}: full decoding {fs['tokens_per_sec']:.1f} tokens/s ({rounds})")
     head = f"  {'setting':42s} {'tokens/s':>9s} {'vs full':>8s} {'exited':>7s} {'avg exit':>9s}"
-    print(head + f" {'= full':>7s} {'exit time':>10s} {'accept':>7s}  exits")
+    print(head + f" {'= full':>7s} {'exit time':>10s} {'accept':>7s}  {'paired vs full':19s}  exits")
     for name, _ in runs[1:]:
         res, s = measured[name]
         same = sum(a == b for r, f in zip(res, full) for a, b in zip(r.tokens, f.tokens)) / max(fs["tokens"], 1)
@@ -163,7 +178,7 @@ def bench_batch(engine, tok, batch: int, args) -> None:
         print(
             f"  {name:42s} {s['tokens_per_sec']:9.1f} {s['tokens_per_sec'] / fs['tokens_per_sec']:7.2f}x "
             f"{s['early_exit_share']:7.0%} {s['average_exit_layer']:9.2f} {same:7.0%} "
-            f"{s.get('exit_time_share', 0.0):10.1%} {accept}  {share}"
+            f"{s.get('exit_time_share', 0.0):10.1%} {accept}  {paired_ratios(s, fs):19s}  {share}"
         )
 
 
@@ -192,7 +207,8 @@ def main() -> None:
                    help="early_exit rows for each exit policy")  # fmt: skip
     p.add_argument("--early-exit-only", action="store_true", help="no self_speculative rows")
     p.add_argument("--draft", type=int, default=4, help="self_speculative: tokens drafted per round")
-    p.add_argument("--repeats", type=int, default=3, help="alternating timed rounds; each setting's best counts")
+    p.add_argument("--repeats", type=int, default=3, help="alternating timed rounds: each setting's best, and the "
+                   "median [min, max] of its per-round ratios to full")  # fmt: skip
     p.add_argument(
         "--clock",
         choices=("cpu", "wall"),

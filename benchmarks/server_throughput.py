@@ -15,11 +15,16 @@ one client's tokens/s; early exit on >= 0.97x off.
 
 On a machine that other processes load, wall-clock tokens/s swing with their load; the 'tok/cpu s'
 column (tokens per CPU second of the server process, from /proc: what the server itself spent)
-does not, and `--rounds` > 1 runs every setting once per round, in turn, keeping each one's best
-round. A small configuration for such a machine:
+does not. `--rounds` > 1 runs every setting once per round (early exit off first, then the
+policies, their order reversed every other round) and prints each setting's best round, then per early-exit
+setting the median, min and max over the rounds of its ratio to early exit off in the same round
+(paired: a neighbour's load that slows one round slows both sides of its ratio; use >= 10 rounds).
+Every setting is warmed up first (one short request), so one-off costs (weight packing, cost_aware's
+cost measurement where the server has not done it at start-up) are not timed. A small
+configuration for such a machine:
 
     python benchmarks/server_throughput.py --load runs/ee_aclsum/tuned --bf16 --num-threads 1 \
-        --clients 16 --requests-per-client 1 --max-tokens 32 --rounds 3 --exit-policies cost_aware
+        --clients 16 --requests-per-client 1 --max-tokens 32 --rounds 10 --exit-policies cost_aware
 """
 
 from __future__ import annotations
@@ -159,18 +164,46 @@ def early_exit_body(args, policy: str) -> dict:
     return {"threshold": args.threshold, "exit_policy": policy, **({"measure": args.measure} if args.measure else {})}
 
 
-def best_rounds(url: str, settings: list, args, pid: int) -> dict:
-    """{(label, clients): the best of `args.rounds` rounds by tokens per server CPU second (by
-    tokens/s where /proc is missing)}; each round runs every setting once, in turn."""
-    best: dict = {}
-    for _ in range(args.rounds):
-        for label, ee in settings:
-            for c in args.clients:
-                m = run_clients(url, c, args, ee, pid)
-                key = "tokens_per_cpu_sec" if not math.isnan(m["tokens_per_cpu_sec"]) else "tokens_per_sec"
-                if (label, c) not in best or m[key] > best[label, c][key]:
-                    best[label, c] = m
-    return best
+def timed_rounds(url: str, settings: list, args, pid: int) -> dict:
+    """{(label, clients): [one measurement per round]}; each round runs every setting once at each
+    number of clients, off first (the order of the others reversed every other round), so that
+    each early-exit measurement has an early-exit-off one taken just before it (paired)."""
+    rounds: dict = {}
+    for r in range(args.rounds):
+        on = settings[1:] if r % 2 == 0 else settings[:0:-1]
+        for c in args.clients:
+            for label, ee in [settings[0], *on]:
+                rounds.setdefault((label, c), []).append(run_clients(url, c, args, ee, pid))
+    return rounds
+
+
+def clock_key(m: dict) -> str:
+    """Tokens per server CPU second, or per wall second where /proc is missing."""
+    return "tokens_per_cpu_sec" if not math.isnan(m["tokens_per_cpu_sec"]) else "tokens_per_sec"
+
+
+def best_of(rounds: dict) -> dict:
+    """{(label, clients): its best round, by `clock_key`}."""
+    return {k: max(ms, key=lambda m: m[clock_key(m)]) for k, ms in rounds.items()}
+
+
+def paired_ratios(rounds: dict, label: str, clients: int, key: str) -> list[float]:
+    """Per round: `label`'s `key` over early exit off's in the same round."""
+    return [m[key] / off[key] for m, off in zip(rounds[label, clients], rounds["off", clients])]
+
+
+def print_paired(rounds: dict, labels: list[str], clients: list[int]) -> None:
+    """Per early-exit setting: the median, min and max over rounds of its ratio to off in the same round."""
+    n = len(rounds["off", clients[0]])
+    print(f"\npaired: per round, early exit on / off in the same round; median [min, max] of {n} rounds")
+    print(f"{'early exit':>28} | clients | tok/cpu s vs off         | tokens/s vs off")
+    for c in clients:
+        for label in labels:
+            cells = []
+            for key in ("tokens_per_cpu_sec", "tokens_per_sec"):
+                r = paired_ratios(rounds, label, c, key)
+                cells.append(f"{statistics.median(r):5.2f}x [{min(r):4.2f}, {max(r):4.2f}]")
+            print(f"{label:>28} | {c:>7} | {cells[0]:<24} | {cells[1]}", flush=True)
 
 
 def print_row(label: str, clients: int, m: dict, one: dict, off: dict) -> None:
@@ -198,7 +231,8 @@ def main() -> None:
                    "where the exits carry probes, else max_prob)")  # fmt: skip
     p.add_argument("--bf16", action="store_true", help="serve in bfloat16")
     p.add_argument("--num-threads", type=int, help="the server's torch CPU threads (default: its own default)")
-    p.add_argument("--rounds", type=int, default=1, help="alternating rounds of every setting; the best counts")
+    p.add_argument("--rounds", type=int, default=1, help="alternating rounds of every setting: the best of "
+                   "them, and (> 1) the median, min and max of the per-round ratios to off")  # fmt: skip
     p.add_argument("--exit-policies", nargs="+", choices=("exact", "cost_aware"), default=["exact", "cost_aware"],
                    help="early exit 'on' rows for each exit policy")  # fmt: skip
     args = p.parse_args()
@@ -215,11 +249,16 @@ def main() -> None:
         for pol in args.exit_policies
     ]
     try:
-        run_clients(url, 1, argparse.Namespace(**{**vars(args), "requests_per_client": 1, "max_tokens": 4}), None)
-        best = best_rounds(url, settings, args, proc.pid)
+        short = argparse.Namespace(**{**vars(args), "requests_per_client": 1, "max_tokens": 4})
+        for _, ee in settings:  # warm-up: a policy's first use (cost_aware's cost measurement) is not timed
+            run_clients(url, 1, short, ee)
+        rounds = timed_rounds(url, settings, args, proc.pid)
+        best = best_of(rounds)
         for c in args.clients:
             for label, _ in settings:
                 print_row(label, c, best[label, c], best[label, args.clients[0]], best["off", c])
+        if args.rounds > 1:
+            print_paired(rounds, [label for label, _ in settings[1:]], args.clients)
     finally:
         proc.terminate()
         try:

@@ -156,34 +156,106 @@ def test_the_chance_of_paying_falls_and_recovers(model):
 
 
 def test_the_running_chance_becomes_an_exponential_average():
-    """Outcome k enters with weight 1/(k+1) until that falls to 1 - DECAY, then with 1 - DECAY."""
+    """Outcome k enters with weight 1/(k+1) until that falls to 1 - DECAY, then with 1 - DECAY; the
+    shared firing rate counts rows the same way (the prior: one fired row; the past decays by
+    DECAY from the 1/(1 - DECAY)-th evaluation on)."""
     from megatron.early_exit.inference.exit_decision import DECAY
     from megatron.early_exit.inference.passes import ExitPolicy
 
     decider, policy = ExitDecider(MEMORY_BOUND), ExitPolicy((2,), 0.5, "max_prob", mode="cost_aware")
-    want = 1.0
+    want, fired, rows = 1.0, 1.0, 1.0
     for k in range(1, 30):
         paid = k % 3 == 0
-        decider.record(2, policy, 4, paid)
+        decider.record(2, policy, 4, 4 if paid else k % 2, paid)
         weight = max(1 / (k + 1), 1 - DECAY)
         want = (1 - weight) * want + weight * paid
+        past = DECAY if k > 10 else 1.0
+        fired, rows = past * fired + (4 if paid else k % 2), past * rows + 4
         assert decider.chance[(2, "max_prob", 0.5, 4)] == pytest.approx(want, abs=1e-12)
+        assert decider.firing_rate((2, "max_prob", 0.5)) == pytest.approx(fired / rows, abs=1e-12)
     assert decider.seen[(2, "max_prob", 0.5, 4)] == 29 and (2, "max_prob", 0.5, 1) not in decider.chance
 
 
-def test_a_new_pass_size_starts_from_the_largest_smaller_ones_chance():
+def test_a_new_pass_size_starts_from_the_largest_smaller_ones_chance_and_the_firing_rate():
     from megatron.early_exit.inference.passes import ExitPolicy
 
     decider, policy = ExitDecider(MEMORY_BOUND), ExitPolicy((2,), 0.5, "max_prob", mode="cost_aware")
     assert decider.chance_of((2, "max_prob", 0.5, 4)) == 1.0  # nothing seen: optimistic
     for _ in range(3):
-        decider.record(2, policy, 2, False)  # pass size 2: 1/4
-    decider.record(2, policy, 5, True)  # pass size 5, first evaluation: size 2's chance as its prior
+        decider.record(2, policy, 2, 1, False)  # pass size 2, one of two rows fires: chance 1/4
+    assert decider.firing_rate((2, "max_prob", 0.5)) == pytest.approx(4 / 7)  # the prior row and 3 of 6
+    decider.record(2, policy, 5, 5, True)  # pass size 5, first evaluation: size 2's chance as its prior
     assert decider.chance[(2, "max_prob", 0.5, 5)] == pytest.approx(0.5 * 0.25 + 0.5)  # prior 1/4, one hit, weight 1/2
+    assert decider.firing_rate((2, "max_prob", 0.5)) == pytest.approx(9 / 12)
     assert decider.chance_of((2, "max_prob", 0.5, 4)) == pytest.approx(0.25)  # from size 2, not 5
     assert decider.chance_of((2, "max_prob", 0.5, 16)) == pytest.approx(0.625)  # from size 5
-    assert decider.chance_of((2, "max_prob", 0.5, 1)) == 1.0  # no smaller size seen
+    assert decider.chance_of((2, "max_prob", 0.5, 1)) == pytest.approx(0.75)  # no smaller size: the rate's bound
+    assert decider.chance_of((2, "max_prob", 0.5, 2), alone=True) == pytest.approx(0.25)  # min(1/4, 2 * 3/4)
     assert decider.chance_of((3, "max_prob", 0.5, 4)) == 1.0 and decider.chance_of((2, "max_prob", 0.9, 4)) == 1.0
+
+
+# A vocabulary check costs 0.3 whatever the rows; leaving at exit 2 of 4 saves ~3.0 at any size.
+CHECKED = ExitCosts(1.0, 0.01, 0.01, 1.0, vocab=0.3, probe=0.3)
+
+
+def pass_of(k: int):
+    from megatron.early_exit.inference.passes import Rows
+
+    return Rows(list(range(k)), [0] * k, [1] * k, torch.zeros(k, 1, 32)), list(range(k))
+
+
+def test_rows_that_do_not_fire_at_one_size_skip_the_exit_at_new_sizes(model):
+    """After one evaluation of 16 rows none of which fires, the shared rate (1/17) prices every
+    size's chance: 16 is skipped from then on (the per-size mean alone needed 9 misses), and
+    sizes never evaluated (15, a shrinking server pass; 1) are skipped at once."""
+    from megatron.early_exit.inference.passes import ExitPolicy
+
+    engine = engine_with(model, CHECKED)
+    p, decider = engine.passes, engine.passes.exit_decider
+    policy = ExitPolicy((2,), 0.5, "max_prob", mode="cost_aware")
+    rows, cand = pass_of(16)
+    assert decider.net_saving(p, 2, rows, cand, "max_prob") == pytest.approx(2 * 1.16 + 1.0 - 16 * 2 * 0.01)
+    assert decider.worth_checking(p, 2, rows, cand, policy)  # nothing seen: evaluated
+    assert decider.choose(p, 2, [], rows, cand, policy) == []
+    assert decider.chance[(2, "max_prob", 0.5, 16)] == pytest.approx(0.5)  # the size's own mean: not yet
+    assert not decider.worth_checking(p, 2, rows, cand, policy)  # 3.0 / 17 < 0.3
+    for k in (15, 1):
+        assert not decider.worth_checking(p, 2, *pass_of(k), policy)
+    assert set(decider.seen) == {(2, "max_prob", 0.5, 16)}
+
+
+def test_a_size_whose_rows_fire_keeps_being_evaluated(model):
+    """Every row of a 16-row pass fires, every time: the whole pass leaves at exit 2 each time, the
+    exit is evaluated at every pass (no skip), and a new size (15) is evaluated too."""
+    from megatron.early_exit.inference.passes import ExitPolicy
+
+    engine = engine_with(model, CHECKED)
+    p, decider = engine.passes, engine.passes.exit_decider
+    policy = ExitPolicy((2,), 0.5, "max_prob", mode="cost_aware")
+    rows, cand = pass_of(16)
+    for _ in range(3 * REFRESH):
+        assert decider.worth_checking(p, 2, rows, cand, policy)
+        assert decider.choose(p, 2, cand, rows, cand, policy) == cand
+    assert decider.firing_rate((2, "max_prob", 0.5)) == 1.0 and decider.chance[(2, "max_prob", 0.5, 16)] == 1.0
+    assert decider.skipped == {}
+    assert decider.worth_checking(p, 2, *pass_of(15), policy)
+
+
+def test_a_server_like_shrinking_batch_reuses_what_the_larger_one_learned(model):
+    """Decoding 4 sequences where max_prob 0.9 never fires, then 3 on the same engine: the exit is
+    evaluated at size 4 until the rows' firing rate (1/13 after 3 passes) prices it below its check,
+    and never at size 3 (before the shared rate, size 3 started again from 1.0); tokens as full."""
+    engine = engine_with(model, CHECKED)
+    kw = dict(early_exit_threshold=0.9, measure="max_prob", exit_layers=(2,), exit_policy="cost_aware")
+    for prompts in (PROMPTS, PROMPTS[:3]):
+        full = engine.generate(prompts, GenerationSettings(strategy="full", max_new_tokens=NEW, ignore_eos=True))
+        assert run(engine, prompts, **kw) == ([r.tokens for r in full], [[4] * NEW] * len(prompts))
+    _, exact_layers = run(engine_with(model, CHECKED), PROMPTS, **{**kw, "exit_policy": "exact"})
+    assert exact_layers == [[4] * NEW] * len(PROMPTS)  # no row ever fires at 0.9 on this model
+    decider = engine.passes.exit_decider
+    assert decider.seen == {(2, "max_prob", 0.9, 4): 3}
+    assert decider.skipped == {(2, "max_prob", 0.9, 4): NEW - 1 - 3, (2, "max_prob", 0.9, 3): NEW - 1}
+    assert decider.firing_rate((2, "max_prob", 0.9)) == pytest.approx(1 / 13)
 
 
 def test_a_check_is_priced_at_the_pass_size(model):
@@ -227,3 +299,14 @@ def test_exit_costs_source_follows_the_environment(monkeypatch):
     monkeypatch.setenv("EE_EXIT_COSTS", "timed")
     with pytest.raises(ValueError, match="EE_EXIT_COSTS='timed'"):
         exit_decision.costs_from_parameters()
+
+
+def test_an_engine_makes_its_exit_costs_once(monkeypatch, model):
+    """`exit_costs()` (a server calls it at start-up) makes the decider's costs; a later cost_aware
+    request uses them, not new ones."""
+    monkeypatch.setenv("EE_EXIT_COSTS", "parameters")
+    engine = EarlyExitEngine(model)
+    costs = engine.exit_costs()
+    assert costs == ExitCosts.from_parameters(engine.passes) and engine.passes.exit_decider.costs is costs
+    run(engine, PROMPTS[:2], early_exit_threshold=0.5, exit_policy="cost_aware")
+    assert engine.passes.exit_decider.costs is costs and engine.exit_costs() is costs

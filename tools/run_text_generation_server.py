@@ -224,6 +224,7 @@ def run(args) -> None:
     else:
         model, tokenizer = load(args, device, 1)
         engine, group = EarlyExitEngine(model, tokenizer), None
+        engine.exit_costs()  # cost_aware's cost measurement now, not in the first request that uses it
     if tokenizer is None:
         raise ValueError(f"--load {args.load}: the checkpoint has no tokenizer")
     max_seq_length(args, model)  # every rank checks, before followers start waiting for rank 0

@@ -20,6 +20,7 @@ import torch
 
 from megatron.early_exit.inference import greedy_head
 from megatron.early_exit.inference.acceptance import Acceptance
+from megatron.early_exit.inference.exit_decision import ExitCosts, decider_of
 from megatron.early_exit.inference.packed import PackedWeights
 from megatron.early_exit.inference.passes import DecodeState, ExitPolicy, Passes, StepOutput, tick
 from megatron.early_exit.inference.sampling import make_generator
@@ -168,6 +169,12 @@ class EarlyExitEngine:
             and type(self.model.head_ops) is HeadOps
             and self.packed_weights
         )
+
+    def exit_costs(self) -> ExitCosts:
+        """The `cost_aware` policy's costs, measured (some tenths of a CPU second) or derived now
+        if not yet: a server calls this at start-up, so its first cost_aware request does not pay it."""
+        with self.packed:
+            return decider_of(self.passes).costs_for(self.passes)
 
     def check_probes(self, allowed: list[int], measure: str) -> None:
         """A measure that reads confidence probes needs them on every allowed exit."""

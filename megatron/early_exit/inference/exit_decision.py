@@ -14,20 +14,29 @@ only move toward full decoding's.
 threshold leave; `cost_aware`:
   (a) lets the rows that would fire leave together only where the time their leaving saves
       over the remaining layers exceeds their later recompute (`net_saving`); else none leaves;
-  (b) skips evaluating exit n where the running chance that its evaluation lets rows leave
-      (per engine, exit, pass size and threshold: the mean of the evaluations so far, an
+  (b) skips evaluating exit n where the chance that its evaluation lets rows leave times
+      that saving is below the check's own cost at the pass's size; a skipped exit is still
+      evaluated every `REFRESH`-th time so that the chance can recover. The chance (per engine,
+      exit, measure, threshold and pass size k) is the smaller of two running estimates: this
+      size's share of evaluations that let rows leave (the mean of the evaluations so far, an
       optimistic 1.0 counted as one of them, then, after 1/(1 - DECAY) of them, an exponential
-      average; a pass size not yet evaluated starts from the largest smaller one's chance)
-      times that saving is below the check's own cost at the pass's size; a skipped
-      exit is still evaluated every `REFRESH`-th time so that the average can recover. An
-      exit that never fires is thus evaluated about saving/check times, then once in REFRESH
-      passes: its overhead tends to check/REFRESH per pass (max_prob on the CPU reference model
+      average; a size not evaluated yet starts from the largest smaller one's), and a bound from
+      the per-row firing rate p that all sizes share (rows that reached the threshold over rows
+      evaluated, an optimistic one fired row as prior, averaged the same way): where only the
+      whole pass ending pays, P(all k rows fire) <= p whatever their correlation. In continuous
+      batching pass sizes come and go with the requests (a server's passes shrink as requests
+      finish): a size seen for the first time starts from what the others learned (after one
+      evaluation of 16 rows none of which fired, p = 1/17: every size whose saving is under
+      17 checks skips the exit). An exit
+      that never fires is thus evaluated a few times in all, then once in REFRESH passes per
+      size: its overhead tends to check/REFRESH per pass (max_prob on the CPU reference model
       at batch 16: ~0.3% of a step per exit).
 
 Regrouping sequences by exit depth into separate passes is not done: a second group reads the
 shared layers' weights again (d*a), against (L - d)*b*k saved for k rows: see the README.
 
-Costs come from `ExitCosts`: measured once per engine on first use (a few layer, head and
+Costs come from `ExitCosts`: measured once per engine on first use or when a server starts
+(`EarlyExitEngine.exit_costs`; a few layer, head and
 check timings at batch 1 and 8, inside the engine's packed weights, in CPU seconds on a CPU:
 wall-clock timings on a loaded machine once gave a layer no fixed cost at all, after which no
 row ever left), taken from a fitted
@@ -50,6 +59,7 @@ from megatron.early_exit.inference.confidence import get_measure
 EXIT_POLICIES = ("exact", "cost_aware")
 REFRESH = 32  # a skipped exit is evaluated once in this many passes (its chance can recover)
 DECAY = 0.9  # weight of the past in the running chance
+MEAN_EVALUATIONS = round(1 / (1 - DECAY))  # the firing rate: a plain mean of this many evaluations, then decays
 TOLERANCE = 1e-9  # a saving within this share of a layer is a tie: the rows stay (toward full decoding)
 
 
@@ -176,14 +186,18 @@ def distributed() -> bool:
 
 @dataclass
 class ExitDecider:
-    """One engine's costs and, per (exit, measure, threshold, candidates), the running chance
-    that evaluating the exit lets rows leave (`seen`: evaluations that went into it), and
-    `skipped`: passes since the last evaluation."""
+    """One engine's costs; per (exit, measure, threshold, candidates) the running chance that
+    evaluating the exit lets rows leave (`seen`: evaluations that went into it) and `skipped`:
+    passes since the last evaluation; per (exit, measure, threshold) the running per-row firing
+    rate shared by every pass size (`fired` / `rows`, `evaluated`: evaluations that went into it)."""
 
     costs: ExitCosts | None = None
     chance: dict[tuple, float] = field(default_factory=dict)
     seen: dict[tuple, int] = field(default_factory=dict)
     skipped: dict[tuple, int] = field(default_factory=dict)
+    fired: dict[tuple, float] = field(default_factory=dict)
+    rows: dict[tuple, float] = field(default_factory=dict)
+    evaluated: dict[tuple, int] = field(default_factory=dict)
 
     def costs_for(self, passes) -> ExitCosts:
         if self.costs is None:
@@ -204,7 +218,9 @@ class ExitDecider:
         check over the pass's candidates; else skip, but look again every REFRESH-th pass."""
         key = (n, policy.measure, policy.threshold_of(n), len(cand))
         cost = self.costs_for(passes).check(get_measure(policy.measure).needs_vocab, len(cand))
-        if self.chance_of(key) * self.net_saving(passes, n, rows, cand, policy.measure) > cost:
+        saving = self.net_saving(passes, n, rows, cand, policy.measure)
+        alone = len(cand) > 1 and self.pays(passes, self.net_saving(passes, n, rows, cand[:1], policy.measure))
+        if self.chance_of(key, alone) * saving > cost:
             return True
         self.skipped[key] = self.skipped.get(key, 0) + 1
         if self.skipped[key] >= REFRESH:  # look again now and then: the chance may have changed
@@ -217,24 +233,51 @@ class ExitDecider:
         Under t(r) = a + b*r the saving is linear in the leavers but for the whole pass ending,
         so the firing set or nothing is the best choice among its subsets."""
         net = self.net_saving(passes, n, rows, [cand[j] for j in fires], policy.measure) if fires else 0.0
-        leave = fires if net > TOLERANCE * self.costs_for(passes).layer(1) else []  # a tie (round-off) stays
-        self.record(n, policy, len(cand), bool(leave))
+        leave = fires if self.pays(passes, net) else []
+        self.record(n, policy, len(cand), len(fires), bool(leave))
         return leave
 
-    def record(self, n: int, policy, candidates: int, paid: bool) -> None:
-        """One evaluation's outcome into the running chance: the mean of the outcomes so far and
-        a prior 1.0 (so that an exit that never pays is skipped after ~saving/check evaluations,
-        not ~log(check/saving)/log(DECAY)), an exponential average with weight DECAY from then on."""
-        key = (n, policy.measure, policy.threshold_of(n), candidates)
+    def pays(self, passes, net: float) -> bool:
+        """Whether a net saving is one: a tie (round-off) stays, toward full decoding."""
+        return net > TOLERANCE * self.costs_for(passes).layer(1)
+
+    def record(self, n: int, policy, candidates: int, fired: int, paid: bool) -> None:
+        """One evaluation of `candidates` rows, `fired` of them reaching the threshold, into the
+        running chance of this pass size and the running firing rate of every size: the mean of
+        the outcomes so far and an optimistic prior (a chance of 1.0; one row that fired), so that
+        an exit that never pays is skipped after ~saving/check evaluations, not
+        ~log(check/saving)/log(DECAY); an exponential average with weight DECAY from then on."""
+        shared = (n, policy.measure, policy.threshold_of(n))
+        key = (*shared, candidates)
         k = self.seen[key] = self.seen.get(key, 0) + 1
         weight = max(1.0 / (k + 1), 1 - DECAY)
-        self.chance[key] = (1 - weight) * self.chance_of(key) + weight * float(paid)
+        self.chance[key] = (1 - weight) * self.own_chance(key) + weight * float(paid)
+        past = DECAY if self.evaluated.get(shared, 0) >= MEAN_EVALUATIONS else 1.0
+        self.evaluated[shared] = self.evaluated.get(shared, 0) + 1
+        self.fired[shared] = past * self.fired.get(shared, 1.0) + fired
+        self.rows[shared] = past * self.rows.get(shared, 1.0) + candidates
 
-    def chance_of(self, key: tuple) -> float:
-        """The running chance of `key`; where this pass size has no evaluations yet, that of the
+    def firing_rate(self, shared: tuple) -> float:
+        """The running share of evaluated rows (all pass sizes) whose confidence reached the
+        threshold at (exit, measure, threshold); 1.0 before any evaluation."""
+        return self.fired.get(shared, 1.0) / self.rows.get(shared, 1.0)
+
+    def chance_of(self, key: tuple, alone: bool = False) -> float:
+        """The chance that evaluating `key`'s exit at its pass size k lets rows leave: the smaller
+        of this size's running chance (`own_chance`) and a bound from the firing rate p that every
+        size shares. Where only the whole pass ending pays, rows leave only if all k fire, and
+        P(all k fire) <= P(one given row fires) = p however the rows' firing is correlated (p^k
+        if they were independent, which rows of one batch often are not: lower would skip too
+        soon); where one leaver pays `alone`, rows leave if any fires: P <= min(1, k*p) (the
+        union bound). So a pass size a server sees for the first time (they come and go with
+        its requests) starts from what the other sizes learned, not from 1.0."""
+        rate = self.firing_rate(key[:3])
+        return min(self.own_chance(key), min(1.0, key[3] * rate) if alone else rate)
+
+    def own_chance(self, key: tuple) -> float:
+        """The running chance of `key`'s pass size; where it has no evaluations yet, that of the
         largest smaller pass size of the same exit, measure and threshold that has (where leaving
-        takes every row, more rows fire together less often), else 1.0. A server's pass sizes
-        come and go with its requests: each new size need not learn again what smaller ones did."""
+        takes every row, more rows fire together less often), else 1.0."""
         if key in self.chance:
             return self.chance[key]
         smaller = [k[3] for k in self.chance if k[:3] == key[:3] and k[3] < key[3]]

@@ -89,10 +89,11 @@ def test_add_exits_starts_an_mlp_probe_at_one_half_and_able_to_learn():
     whose exits have probes is refused, naming the flag."""
     model = _model(untied=False)
     for random_init in (False, True):
-        new = add_exits(model, [1, 2], use_exit_norm=True, use_exit_confidence_head=True,
-                        exit_confidence_hidden_size=64, random_init=random_init, init_method_std=0.05 if random_init else None)  # fmt: skip
-        w = new.state_dict()
         std = 0.05 if random_init else model.config.init_method_std
+        new = add_exits(model, [1, 2], use_exit_norm=True, use_exit_confidence_head=True,
+                        exit_confidence_hidden_size=64, random_init=random_init,
+                        init_method_std=std if random_init else None)  # fmt: skip
+        w = new.state_dict()
         for n in (1, 2):
             fc_in = w[f"exits.{n}.confidence.fc_in.weight"]
             assert abs(fc_in.std().item() / std - 1) < 0.1  # 2,048 draws: the std within ~3 sigma
@@ -153,7 +154,8 @@ def test_add_exits_cli_replace_probes(tmp_path, capsys):
     src, dst = str(tmp_path / "src"), str(tmp_path / "dst")
     model = _model(untied=False, exits=(2,), use_exit_norm=True, use_exit_confidence_head=True)
     save_checkpoint(src, 0, model, None)
-    assert cli.main(["--load-dir", src, "--save-dir", dst, "--replace-probes", "--exit-confidence-hidden-size", "8"]) == 0
+    argv = ["--load-dir", src, "--save-dir", dst, "--replace-probes", "--exit-confidence-hidden-size", "8"]
+    assert cli.main(argv) == 0
     assert "MLP (8) probes" in capsys.readouterr().err
     loaded, _ = load_checkpoint(dst)
     assert loaded.config.exit_confidence_hidden_size == 8 and loaded.exits["2"].confidence.fc_in.weight.shape == (8, 32)

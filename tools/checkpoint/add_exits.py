@@ -38,9 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--load-dir", required=True, help="ee checkpoint, HF model directory or .gguf file")
     p.add_argument("--save-dir", required=True, help="output ee checkpoint directory")
     p.add_argument("--loader", choices=("ee", "hf", "gguf"), default=None, help="input format (default: detected)")
-    p.add_argument(
-        "--add-exit-layer-nums", type=int, nargs="+", default=None, help="1-based layers to add exits after"
-    )
+    p.add_argument("--add-exit-layer-nums", type=int, nargs="+", default=None, help="1-based layers to add exits after")
     flag = dict(action="store_true", default=None)
     p.add_argument("--use-exit-norm", **flag, help="exit has a norm before its output projection")
     p.add_argument("--use-exit-mlp", **flag, help="exit has a residual MLP")

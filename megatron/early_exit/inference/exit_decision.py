@@ -99,8 +99,8 @@ class ExitCosts:
         least 1/50 of a layer (a linear probe's few weights cost a call's overhead)."""
         layer = sum(p.numel() for p in passes.model.decoder.layers[str(passes.start)].parameters())
         head = float(passes.vocab * passes.config.hidden_size)
-        h, k = passes.config.hidden_size, passes.config.exit_confidence_hidden_size  # from the config: same on every stage
-        probe = (h + 2) * k + 1 if k else h + 1
+        c = passes.config  # the probe's size from the config: the same on every pipeline stage
+        probe = (c.hidden_size + 2) * c.exit_confidence_hidden_size + 1 if c.exit_confidence_hidden_size else 0
         return cls(float(layer), layer / 32, layer / 32, head, head, max(layer / 50, float(probe)))
 
 

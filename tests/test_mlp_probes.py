@@ -235,3 +235,13 @@ def test_cached_tuning_trains_mlp_probes_as_tuning_through_the_backbone(tmp_path
     for name in ga:
         assert torch.allclose(gb[name], ga[name], rtol=1e-5, atol=1e-7), name  # as test_exit_cache
         assert ga[name].abs().sum() > 0, name
+
+
+def test_tensor_parallelism_keeps_mlp_probes_replicated():
+    """The probe's layers are not the backbone MLP's: TP leaves them whole on every rank, and
+    gathering a full state dict does not concatenate them (`shard_spec`)."""
+    from megatron.early_exit.parallel.tensor_parallel import shard_spec
+
+    for name in ("exits.3.confidence.fc_in.weight", "exits.3.confidence.fc_out.weight", "exits.3.confidence.weight"):
+        assert shard_spec(name, swiglu=True) == "replicated", name
+    assert shard_spec("exits.3.mlp.linear_fc1.weight", swiglu=False) == "rows"  # the exit's own MLP is sharded

@@ -34,7 +34,8 @@ from megatron.early_exit.model.norm import build_norm
 class ConfidenceMLP(nn.Module):
     """The MLP probe: Linear(h, k) -> GELU -> Linear(k, 1). GELU (exact), not the model's
     SwiGLU: the probe is one small map to a logit, and a gated first layer would double its
-    cost for no gain measured. Replicated under tensor parallelism, like the linear probe."""
+    cost (whether it ranks better was not measured). Replicated under tensor parallelism, like
+    the linear probe."""
 
     def __init__(self, hidden_size: int, probe_hidden_size: int) -> None:
         super().__init__()

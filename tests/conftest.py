@@ -63,6 +63,7 @@ SLOW_TESTS = {
     "test_smollm2_gguf_matches_transformers",
     "test_backbone_probe_training_is_layout_invariant",
     "test_probe_training_is_layout_invariant",
+    "test_mlp_probe_training_is_layout_invariant",
 }
 
 

@@ -49,6 +49,33 @@ def test_probes_change_no_other_gradient():
         assert 0.0 < parts[f"exit_{n} confidence loss"] < 2.0  # BCE near ln 2 at initialisation
 
 
+MLP = ["--use-exit-confidence-head", "--exit-confidence-hidden-size", "8"]
+MLP_LEAVES = tuple(f"confidence.{m}.{leaf}" for m in ("fc_in", "fc_out") for leaf in ("bias", "weight"))
+
+
+def test_mlp_probes_change_no_other_gradient():
+    """--exit-confidence-hidden-size 8: the probe is Linear -> GELU -> Linear on the detached
+    exit state; every other gradient is bit-identical to a run without probes."""
+    plain, plain_parts = one_step()
+    probed, parts = one_step(*MLP)
+    assert_only_probes_differ(plain, plain_parts, probed, parts, MLP_LEAVES)
+    assert probed.exits["1"].confidence.fc_in.weight.shape == (8, 32)
+    for n in (1, 3):
+        assert 0.0 < parts[f"exit_{n} confidence loss"] < 2.0
+
+
+def test_exit_confidence_hidden_size_flag(tmp_path):
+    with pytest.raises(ValueError, match="--exit-confidence-hidden-size needs --use-exit-confidence-head"):
+        Trainer(parse_args([*SMALL, "--exit-confidence-hidden-size", "8"]))
+    with pytest.raises(ValueError, match="--exit-confidence-hidden-size must be in 0..65536, got -1"):
+        Trainer(parse_args([*SMALL, *PROBES, "--exit-confidence-hidden-size", "-1"]))
+    Trainer(parse_args([*SMALL, *MLP, "--save", str(tmp_path / "ck")])).run()
+    resumed = Trainer(parse_args([*SMALL, "--load", str(tmp_path / "ck")]))
+    assert resumed.config.exit_confidence_hidden_size == 8  # from the checkpoint's config
+    with pytest.raises(ValueError, match="--exit-confidence-hidden-size 4 does not match the checkpoint"):
+        Trainer(parse_args([*SMALL, *PROBES, "--exit-confidence-hidden-size", "4", "--load", str(tmp_path / "ck")]))
+
+
 @pytest.fixture(scope="module")
 def probe_reference(tmp_path_factory):
     return train(tmp_path_factory.mktemp("ref"), "single", 1, PROBES, BASE)
@@ -146,5 +173,21 @@ def test_backbone_probe_training_is_layout_invariant(tmp_path, layout):
             assert r[k] == pytest.approx(e[k], rel=1e-5), (r["iteration"], k)
     assert "exits.1.confidence_norm.weight" in weights and weights.keys() == ref_weights.keys()
     assert not torch.equal(weights["exits.1.confidence_norm.weight"], torch.ones(32))  # it trained
+    for name in ref_weights:
+        torch.testing.assert_close(weights[name], ref_weights[name], rtol=1e-4, atol=5e-5, msg=name)
+
+
+def test_mlp_probe_training_is_layout_invariant(tmp_path):
+    """MLP probes are replicated under TP (not sharded like the backbone's MLPs): TP2 trains
+    them as one process does; tolerances as above."""
+    ref_records, ref_weights = train(tmp_path, "single", 1, MLP, BASE)
+    nproc, extra = LAYOUTS["tp2"]
+    records, weights = train(tmp_path, "tp2", nproc, extra + MLP, BASE)
+    assert len(records) == len(ref_records) == 5
+    for r, e in zip(records, ref_records):
+        assert "exit_1 confidence loss" in e and "exit_3 confidence loss" in e
+        for k in (k for k in e if k.endswith("loss")):
+            assert r[k] == pytest.approx(e[k], rel=1e-5), (r["iteration"], k)
+    assert weights.keys() == ref_weights.keys() and "exits.1.confidence.fc_in.weight" in weights
     for name in ref_weights:
         torch.testing.assert_close(weights[name], ref_weights[name], rtol=1e-4, atol=5e-5, msg=name)

@@ -41,6 +41,7 @@ MODEL_FLAGS = {
     "untie_exit_output_weights": "--untie-exit-output-weights",
     "use_exit_confidence_head": "--use-exit-confidence-head",
     "exit_confidence_input": "--exit-confidence-input",
+    "exit_confidence_hidden_size": "--exit-confidence-hidden-size",
 }
 
 
@@ -141,6 +142,12 @@ def _add_exit_args(p: argparse.ArgumentParser) -> None:
         default=None,
         help="what the probe reads: the exit's hidden state (default) or, through its own norm, the "
         "backbone's at the exit's depth (a check that does not fire then skips the exit's MLP)",
+    )
+    g.add_argument(
+        "--exit-confidence-hidden-size",
+        type=int,
+        default=None,
+        help="0 (default): the probe is one linear map; k > 0: Linear(hidden, k) -> GELU -> Linear(k, 1)",
     )
 
 
@@ -513,6 +520,11 @@ def _validate_exit_args(args: argparse.Namespace, ckpt: ModelConfig | None) -> N
     probes = args.use_exit_confidence_head or (ckpt is not None and ckpt.use_exit_confidence_head)
     if args.exit_confidence_input is not None and not probes:
         raise ValueError("--exit-confidence-input needs --use-exit-confidence-head")
+    k = args.exit_confidence_hidden_size
+    if k is not None and not 0 <= k <= 65536:
+        raise ValueError(f"--exit-confidence-hidden-size must be in 0..65536, got {k}")
+    if k and not probes:
+        raise ValueError("--exit-confidence-hidden-size needs --use-exit-confidence-head")
     if getattr(args, "layer_dropout_max", 0.0) and args.tune_exit:
         raise ValueError("--layer-dropout-max trains the backbone: not with --tune-exit")
     if getattr(args, "layer_dropout_curriculum", "none") == "linear" and not args.layer_dropout_warmup_iters:
@@ -596,6 +608,7 @@ def model_config_from_args(args: argparse.Namespace, vocab_size: int) -> ModelCo
         exit_layer_temperature=args.exit_layer_temperature or [],
         use_exit_confidence_head=bool(args.use_exit_confidence_head),
         exit_confidence_input=args.exit_confidence_input or "exit",
+        exit_confidence_hidden_size=args.exit_confidence_hidden_size or 0,
     )
     cfg.validate()
     if args.seq_length > cfg.max_position_embeddings:

@@ -6,12 +6,18 @@ Copy initialisation (default) starts every new exit from the backbone's own tens
 - exit MLP + mlp_norm  <- the MLP and pre-MLP norm of the layer the exit sits on
 - exit block           <- the last transformer layer
 - untied exit output   <- the output layer (the word embedding when the output is tied)
-- confidence head      <- zeros (a probe with nothing to copy; sigmoid(0) = 0.5)
+- confidence head      <- zeros (a probe with nothing to copy; sigmoid(0) = 0.5); an MLP probe
+                          (`exit_confidence_hidden_size` k > 0) draws its first layer from
+                          N(0, std) and zeros its last, so it too starts at 0.5 yet can learn
+                          (an all-zero MLP has no gradient)
 - probe norm           <- the final norm (`confidence_norm`, `exit_confidence_input="backbone"`)
 
 so a norm exit after the last layer *is* the final head, and an MLP exit begins as one
 more MLP sub-block of its layer. `random_init` instead draws N(0, std) for weight
-matrices, ones for norm weights and zeros for biases (the confidence head stays zeros).
+matrices, ones for norm weights and zeros for biases (the confidence head as above).
+
+`replace_probes` gives every existing exit a fresh probe of another shape (say an MLP
+probe for a model pretrained with linear ones); the rest of the model is kept bit for bit.
 
 The probe norm copies the final norm, like the exit norm, because the backbone's hidden state
 is the final norm's kind of input: its per-feature scales already damp the residual stream's
@@ -28,6 +34,7 @@ new ones must use the same structure; flags left as None inherit it.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import warnings
 
 import torch
@@ -49,16 +56,26 @@ def _is_norm(name: str) -> bool:
     return "norm" in module
 
 
+def _probe_tensor(name: str, like: torch.Tensor, std: float, gen: torch.Generator) -> torch.Tensor:
+    """A new probe tensor: N(0, std) for an MLP probe's first matrix, zeros for the rest, so
+    every new probe starts at sigmoid(0) = 0.5."""
+    if name.endswith(".confidence.fc_in.weight"):
+        return (torch.randn(like.shape, generator=gen) * std).to(like.dtype)
+    return torch.zeros_like(like)
+
+
 def _random_tensor(name: str, like: torch.Tensor, std: float, gen: torch.Generator) -> torch.Tensor:
-    if ".confidence." in name or name.endswith(".bias"):
+    if ".confidence." in name:
+        return _probe_tensor(name, like, std, gen)
+    if name.endswith(".bias"):
         return torch.zeros_like(like)
     if _is_norm(name):
         return torch.ones_like(like)
     return (torch.randn(like.shape, generator=gen) * std).to(like.dtype)
 
 
-def _copy_source(name: str, layer_number: int, config: ModelConfig) -> str | None:
-    """The backbone tensor a new exit tensor `exits.{n}.<rest>` is copied from (None: zeros)."""
+def _copy_source(name: str, layer_number: int, config: ModelConfig) -> str:
+    """The backbone tensor a new exit tensor `exits.{n}.<rest>` is copied from (probes aside)."""
     rest = name.split(".", 2)[2]
     if rest.startswith("norm."):
         return "decoder.final_layernorm." + rest[len("norm.") :]
@@ -74,8 +91,6 @@ def _copy_source(name: str, layer_number: int, config: ModelConfig) -> str | Non
         if config.untie_embeddings_and_output_weights:
             return "output_layer.weight"
         return "embedding.word_embeddings.weight"
-    if rest.startswith("confidence."):
-        return None
     raise ConversionError(f"add_exits: do not know how to initialise {name}")
 
 
@@ -95,6 +110,23 @@ def _set_probe_input(old: ModelConfig, new: ModelConfig, probe_input: str | None
     new.exit_confidence_input = probe_input
 
 
+def _set_probe_size(old: ModelConfig, new: ModelConfig, size: int | None) -> None:
+    """`--exit-confidence-hidden-size` onto `new` (None: keep the model's); one value for all exits."""
+    if size is None:
+        return
+    if not 0 <= size <= 65536:
+        raise ConversionError(f"--exit-confidence-hidden-size must be in 0..65536, got {size}")
+    if old.exit_layer_nums and size != old.exit_confidence_hidden_size:
+        raise ConversionError(
+            f"--exit-confidence-hidden-size: the model's existing exits (layers {old.exit_layer_nums}) have "
+            f"exit_confidence_hidden_size={old.exit_confidence_hidden_size}; all exits share one structure "
+            "(--replace-probes gives every exit a new probe)"
+        )
+    if size and not new.use_exit_confidence_head:
+        raise ConversionError("--exit-confidence-hidden-size needs --use-exit-confidence-head")
+    new.exit_confidence_hidden_size = size
+
+
 def _check_layers(old: ModelConfig, layer_nums: list[int]) -> list[int]:
     """The requested exit layers as ints, or ConversionError naming --add-exit-layer-nums."""
     if not layer_nums:
@@ -110,9 +142,10 @@ def _check_layers(old: ModelConfig, layer_nums: list[int]) -> list[int]:
     return wanted
 
 
-def _new_config(old: ModelConfig, wanted: list[int], given: dict, probe_input: str | None, temperature: float):
-    """`old` with the new exits: structure flags from `given` (None: keep), which must match the
-    model's existing exits; the new exits' temperature."""
+def _new_config(old: ModelConfig, wanted: list[int], given: dict, probe: tuple, temperature: float):
+    """`old` with the new exits: structure flags from `given` and the probe's (input, hidden
+    size) from `probe` (None: keep), which must match the model's existing exits; the new
+    exits' temperature."""
     new = copy.deepcopy(old)
     for key, value in given.items():
         current = getattr(old, key)
@@ -124,7 +157,8 @@ def _new_config(old: ModelConfig, wanted: list[int], given: dict, probe_input: s
                 )
         else:
             setattr(new, key, bool(value))
-    _set_probe_input(old, new, probe_input)
+    _set_probe_input(old, new, probe[0])
+    _set_probe_size(old, new, probe[1])
     if old.untie_embeddings_and_output_weights and not new.untie_exit_output_weights:
         warnings.warn(
             "the model's output layer is untied but the exits are tied: they project with the input "
@@ -161,6 +195,9 @@ def _init_new_exits(weights: dict, new: ModelConfig, old: ModelConfig, wanted, r
         if random_init:
             weights[name] = _random_tensor(name, like, std, gen)
             continue
+        if ".confidence." in name:
+            weights[name] = _probe_tensor(name, like, std, gen)
+            continue
         src = _copy_source(name, n, old)
         weights[name] = torch.zeros_like(like) if src is None else weights[src].clone()
 
@@ -175,6 +212,7 @@ def add_exits(
     untie_exit_output_weights: bool | None = None,
     use_exit_confidence_head: bool | None = None,
     exit_confidence_input: str | None = None,
+    exit_confidence_hidden_size: int | None = None,
     random_init: bool = False,
     init_method_std: float | None = None,
     seed: int = 1234,
@@ -194,10 +232,38 @@ def add_exits(
         "untie_exit_output_weights": untie_exit_output_weights,
         "use_exit_confidence_head": use_exit_confidence_head,
     }
-    new = _new_config(old, wanted, given, exit_confidence_input, temperature)
+    probe = (exit_confidence_input, exit_confidence_hidden_size)
+    new = _new_config(old, wanted, given, probe, temperature)
     std = float(init_method_std if init_method_std is not None else old.init_method_std)
-    if random_init and std <= 0:
+    if (random_init or new.exit_confidence_hidden_size) and std <= 0:
         raise ConversionError(f"--init-method-std must be > 0, got {std}")
     weights = model_weights(model)
     _init_new_exits(weights, new, old, wanted, random_init, std, seed)
     return build_model(new, weights, "add_exits", next(iter(weights.values())).dtype)
+
+
+def replace_probes(
+    model,
+    exit_confidence_hidden_size: int,
+    *,
+    exit_confidence_input: str | None = None,
+    init_method_std: float | None = None,
+    seed: int = 1234,
+):
+    """Return a new EarlyExitGPT: `model` with every exit's confidence probe (and probe norm)
+    replaced by a new one of the given shape, initialised as `add_exits` initialises probes;
+    every other tensor is kept. The model must already have exits."""
+    old: ModelConfig = model.config
+    if not old.exit_layer_nums:
+        raise ConversionError("--replace-probes: the model has no exits (add them with --add-exit-layer-nums)")
+    new = copy.deepcopy(old)
+    new.use_exit_confidence_head = True
+    bare = dataclasses.replace(old, exit_layer_nums=[], exit_layer_temperature=[])  # no exits to agree with
+    _set_probe_input(bare, new, exit_confidence_input)
+    _set_probe_size(bare, new, exit_confidence_hidden_size)
+    std = float(init_method_std if init_method_std is not None else old.init_method_std)
+    if std <= 0:
+        raise ConversionError(f"--init-method-std must be > 0, got {std}")
+    weights = {k: v for k, v in model_weights(model).items() if ".confidence" not in k}
+    _init_new_exits(weights, new, old, list(old.exit_layer_nums), False, std, seed)
+    return build_model(new, weights, "replace_probes", next(iter(weights.values())).dtype)

@@ -105,10 +105,13 @@ class ExitCosts:
     @classmethod
     def from_parameters(cls, passes) -> ExitCosts:
         """Deterministic costs from parameter counts (every rank derives the same): a layer's
-        weights read, a row 1/32 of it, a projection its matrix, a probe 1/50 of a layer."""
+        weights read, a row 1/32 of it, a projection its matrix, a probe its weights but at
+        least 1/50 of a layer (a linear probe's few weights cost a call's overhead)."""
         layer = sum(p.numel() for p in passes.model.decoder.layers[str(passes.start)].parameters())
         head = float(passes.vocab * passes.config.hidden_size)
-        return cls(float(layer), layer / 32, layer / 32, head, head, layer / 50)
+        c = passes.config  # the probe's size from the config: the same on every pipeline stage
+        probe = (c.hidden_size + 2) * c.exit_confidence_hidden_size + 1 if c.exit_confidence_hidden_size else 0
+        return cls(float(layer), layer / 32, layer / 32, head, head, max(layer / 50, float(probe)))
 
 
 @torch.no_grad()

@@ -11,9 +11,10 @@ the final head, and an MLP exit copied from its layer's own MLP starts as "one m
 sub-block" of the backbone. W is the word embedding (tied, default) or the exit's own
 `output_layer` (`--untie-exit-output-weights`).
 
-An optional confidence head (a linear probe, trained to predict whether the exit's top token
-equals the final head's) lets decoding decide to exit without computing the vocabulary
-projection at all. It reads the exit's hidden state, or (`exit_confidence_input="backbone"`)
+An optional confidence head (a probe trained to predict whether the exit's top token equals
+the final head's: a linear one, or with `exit_confidence_hidden_size` k > 0 the MLP
+Linear(h, k) -> GELU -> Linear(k, 1)) lets decoding decide to exit without computing the
+vocabulary projection at all. It reads the exit's hidden state, or (`exit_confidence_input="backbone"`)
 the backbone's hidden state through its own norm, so that a check that does not fire skips
 the exit's MLP too.
 """
@@ -21,12 +22,37 @@ the exit's MLP too.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from megatron.early_exit.config import ModelConfig
 from megatron.early_exit.model.layer import TransformerLayer
 from megatron.early_exit.model.mlp import MLP
 from megatron.early_exit.model.norm import build_norm
+
+
+class ConfidenceMLP(nn.Module):
+    """The MLP probe: Linear(h, k) -> GELU -> Linear(k, 1). GELU (exact), not the model's
+    SwiGLU: the probe is one small map to a logit, and a gated first layer would double its
+    cost (whether it ranks better was not measured). Replicated under tensor parallelism, like
+    the linear probe."""
+
+    def __init__(self, hidden_size: int, probe_hidden_size: int) -> None:
+        super().__init__()
+        self.fc_in = nn.Linear(hidden_size, probe_hidden_size)
+        self.fc_out = nn.Linear(probe_hidden_size, 1)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.fc_out(F.gelu(self.fc_in(h)))  # [..., h] -> [..., k] -> [..., 1]
+
+
+def build_probe(config: ModelConfig) -> nn.Module | None:
+    """The exit's confidence probe: None, a Linear(h, 1), or a ConfidenceMLP."""
+    if not config.use_exit_confidence_head:
+        return None
+    if config.exit_confidence_hidden_size:
+        return ConfidenceMLP(config.hidden_size, config.exit_confidence_hidden_size)
+    return nn.Linear(config.hidden_size, 1)
 
 
 class ExitHead(nn.Module):
@@ -48,7 +74,7 @@ class ExitHead(nn.Module):
         self.output_layer = (
             nn.Linear(config.hidden_size, config.vocab_size, bias=False) if config.untie_exit_output_weights else None
         )
-        self.confidence = nn.Linear(config.hidden_size, 1) if config.use_exit_confidence_head else None
+        self.confidence = build_probe(config)
         self.probe_reads_backbone = config.use_exit_confidence_head and config.exit_confidence_input == "backbone"
         reads_backbone = self.probe_reads_backbone
         self.confidence_norm = build_norm(config.normalization, config.hidden_size, eps) if reads_backbone else None
@@ -86,7 +112,8 @@ class ExitHead(nn.Module):
         """Exit hidden [b, s, h] -> [b, s] logit of P(exit agrees with the final head)."""
         if self.confidence is None:
             raise RuntimeError(f"exit {self.layer_number} has no confidence head")
-        return self.confidence(h.to(self.confidence.weight.dtype)).squeeze(-1)
+        dtype = next(self.confidence.parameters()).dtype
+        return self.confidence(h.to(dtype)).squeeze(-1)
 
     def probe_input(self, backbone: torch.Tensor, exit_hidden: torch.Tensor | None = None) -> torch.Tensor:
         """What the confidence head reads, given the backbone's hidden state [b, s, h] at the

@@ -306,7 +306,9 @@ def apply_tensor_parallel(model: EarlyExitGPT, group, sequence_parallel: bool = 
 def shard_spec(name: str, swiglu: bool) -> str:
     """How the parameter called `name` is split over TP ranks, for gathering a full state
     dict: 'qkv' (rows by query group), 'fc1' (rows, per half with SwiGLU), 'rows', 'cols'
-    or 'replicated'."""
+    or 'replicated' (the exits' confidence probes among them, linear or MLP)."""
+    if ".confidence." in name:
+        return "replicated"
     if name.endswith("linear_qkv.weight") or name.endswith("linear_qkv.bias"):
         return "qkv"
     if name.endswith("linear_fc1.weight") or name.endswith("linear_fc1.bias"):

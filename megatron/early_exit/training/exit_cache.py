@@ -44,14 +44,16 @@ EXIT_HEAD_FIELDS = (
     "exit_layer_temperature",
     "use_exit_confidence_head",
     "exit_confidence_input",
+    "exit_confidence_hidden_size",
 )
 
 
 def backbone_fingerprint(config, weights: dict[str, torch.Tensor], legacy: bool = False) -> str:
     """sha256 of the model config without the exit-head fields and of every non-exit weight.
     `legacy`: the first format's, which hashed the head fields too (only the exit temperatures
-    left out); caches written before the change carry it."""
-    skip = ("exit_layer_temperature",) if legacy else EXIT_HEAD_FIELDS
+    left out, and the probe's hidden size, which came later); caches written before the change
+    carry it."""
+    skip = ("exit_layer_temperature", "exit_confidence_hidden_size") if legacy else EXIT_HEAD_FIELDS
     cfg = {k: v for k, v in config.to_dict().items() if k not in skip}
     h = hashlib.sha256(json.dumps(cfg, sort_keys=True).encode())
     for name in sorted(weights):

@@ -258,7 +258,7 @@ def main() -> None:
     p.add_argument("--kernels", nargs="+", default=["auto"], choices=["auto", *KERNELS],
                    help="part 1: one engine per CPU matmul kernel setting (auto: measured per shape)")  # fmt: skip
     p.add_argument("--heads", nargs="+", default=["auto"], choices=list(HEADS),
-                   help="greedy requests' final head: auto/int8 = certified int8 argmax, full = all logits")  # fmt: skip
+                   help="greedy requests' final head: auto/int8 = certified int8 argmax, full = logits")  # fmt: skip
     p.add_argument("--clock", choices=list(CLOCKS), default="wall",
                    help="wall time, or this process's CPU time (use with --threads 1 on a shared machine)")  # fmt: skip
     args = p.parse_args()

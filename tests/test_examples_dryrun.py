@@ -66,6 +66,9 @@ def load_tool(path: str):
 # own parser; the activation cache is built for real (tiny), since the tuning command reads it.
 PARSED_TOOLS = ("tools/eval/calibrate_thresholds.py", "examples/ee_tuning/demo_generate.py")
 RUN_TOOLS = ("tools/checkpoint/cache_exit_activations.py",)
+# Run where the call rewrites a checkpoint the stand-ins provide (new probes on pretraining's
+# checkpoint); parsed elsewhere (adding exits to a real model needs its weights).
+RUN_WITH_FLAG = {"tools/checkpoint/add_exits.py": "--replace-probes"}
 
 
 def check_tool_calls(calls) -> None:
@@ -73,8 +76,10 @@ def check_tool_calls(calls) -> None:
         script = call[1] if len(call) > 1 else ""
         if script in PARSED_TOOLS:
             load_tool(script).build_parser().parse_args(call[2:])
-        elif script in RUN_TOOLS:
+        elif script in RUN_TOOLS or RUN_WITH_FLAG.get(script) in call:
             load_tool(script).main(call[2:])
+        elif script in RUN_WITH_FLAG:
+            load_tool(script).build_parser().parse_args(call[2:])
 
 
 def training_commands(calls):

@@ -48,11 +48,12 @@ from __future__ import annotations
 
 import math
 import os
-import weakref
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+from megatron.early_exit.derived import DerivedCopies
 
 HEADS = ("auto", "int8", "full")
 ENV = "EE_GREEDY_HEAD"
@@ -63,8 +64,8 @@ U_BF16 = 2.0**-8
 U_FP32 = 2.0**-24
 SAFETY = 1.001  # covers the rounding of the bound's own fp32 arithmetic
 _DTYPES = (torch.float32, torch.bfloat16)
-# id(weight) -> Int8Head, dropped with its weight.
-_CACHE: dict[int, Int8Head] = {}
+# The Int8Head of each head weight (`derived.py`: remade when the weight changes, dropped with it).
+_CACHE = DerivedCopies()
 
 
 def check_head(name: str, what: str = "head") -> str:
@@ -93,7 +94,6 @@ class Int8Head:
     slack: torch.Tensor  # (V,) fp32: SAFETY (||w_i - w~_i|| + gamma ||w_i||), times ||h|| in the bound
     qnorms: torch.Tensor  # (V,) fp32: SAFETY ||w~_i||, times ||h - h~|| + 2 gamma ||h~|| in the bound
     norms: torch.Tensor  # (V,) fp32 ||w_i||: the candidates' rounding bands
-    stamp: tuple[int, int]  # the weight's (data_ptr, version) when quantized
 
 
 def quantize(weight: torch.Tensor) -> Int8Head:
@@ -111,7 +111,6 @@ def quantize(weight: torch.Tensor) -> Int8Head:
         slack=(SAFETY * ((w - deq).norm(dim=1) + gamma(w.shape[1]) * norms)).float(),
         qnorms=(SAFETY * deq.norm(dim=1)).float(),
         norms=norms.float(),
-        stamp=(weight.data_ptr(), weight._version),
     )
 
 
@@ -119,18 +118,13 @@ def int8_head(weight: torch.Tensor, rows: int | None = None) -> Int8Head:
     """The cached int8 copy of `weight[:rows]` (the real vocabulary; default all rows), remade
     when the weight changed (pointer or version)."""
     rows = weight.shape[0] if rows is None else rows
-    hit = _CACHE.get(id(weight))
-    if hit is None or hit.stamp != (weight.data_ptr(), weight._version) or hit.q.shape[0] != rows:
-        if hit is None:
-            weakref.finalize(weight, _CACHE.pop, id(weight), None)
-        hit = _CACHE[id(weight)] = quantize(weight[:rows])
-    return hit
+    return _CACHE.get(weight, ("int8", rows), lambda w: quantize(w[:rows]))
 
 
 def forget(weights) -> None:
     """Drop the int8 copies of `weights`."""
     for w in weights:
-        _CACHE.pop(id(w), None)
+        _CACHE.drop(w)
 
 
 def wants_int8(weight: torch.Tensor, head: str) -> bool:

@@ -35,6 +35,8 @@ from collections.abc import Callable, Iterable, Sequence
 import torch
 import torch.nn.functional as F
 
+from megatron.early_exit.derived import DerivedCopies
+
 KERNELS = ("plain", "packed", "mv", "transposed")
 ENV = "EE_LINEAR_KERNEL"
 ROUNDS = 3
@@ -44,10 +46,9 @@ MANY_THREAD_ROUNDS, MANY_THREAD_MARGIN = 3 * ROUNDS, 2 * MARGIN  # wall-clock ti
 _BUCKETS = ((1, 1), (16, 8))
 _MANY_ROWS = (None, 32)
 
-# id(weight) -> {kind: (weakref to weight, data_ptr, version, derived copy)}; an entry is dropped
-# when its weight dies. Kept outside the modules: packed copies are opaque oneDNN tensors that
-# cannot be deep-copied or pickled.
-_DERIVED: dict[int, dict[str, tuple]] = {}
+# The packed and transposed copies of weights (`derived.py`: remade when a weight changes,
+# dropped when it dies; packed copies are opaque oneDNN tensors, kept outside the modules).
+_DERIVED = DerivedCopies()
 # (shape, dtype) -> {id(weight): weakref}: the weights a choice is measured on.
 _GROUPS: dict[tuple, dict[int, weakref.ref]] = {}
 # (shape, dtype, bucket, threads) -> kernel name.
@@ -79,22 +80,14 @@ def check_kernel(name: str, what: str = "linear_kernel") -> str:
 
 
 def _derived(weight: torch.Tensor, kind: str) -> torch.Tensor:
-    """The cached `kind` copy of `weight`, remade when the weight changed (pointer or version)."""
-    key, stamp = id(weight), (weight.data_ptr(), weight._version)
-    copies = _DERIVED.get(key)
-    if copies is None or _stale_owner(copies, weight):
-        copies = _DERIVED[key] = {}
-        weakref.finalize(weight, _DERIVED.pop, key, None)
-    hit = copies.get(kind)
-    if hit is None or hit[1:3] != stamp:
-        w = weight.detach()
-        made = torch.ops.mkldnn._reorder_linear_weight(w) if kind == "packed" else w.t().contiguous()
-        hit = copies[kind] = (weakref.ref(weight), *stamp, made)
-    return hit[3]
+    """The cached `kind` copy of `weight` ("packed" or "transposed")."""
+    return _DERIVED.get(weight, kind, _MAKE[kind])
 
 
-def _stale_owner(copies: dict, weight: torch.Tensor) -> bool:
-    return any(v[0]() is not weight for v in copies.values())
+_MAKE: dict[str, Callable] = {
+    "packed": lambda w: torch.ops.mkldnn._reorder_linear_weight(w),
+    "transposed": lambda w: w.t().contiguous(),
+}
 
 
 def _plain(x, weight, bias):
@@ -212,9 +205,8 @@ def _drop_unchosen(shape_dtype: tuple) -> None:
     keep = {k for key, k in _CHOICE.items() if key[:2] == shape_dtype}
     for r in _GROUPS.get(shape_dtype, {}).values():
         w = r()
-        copies = _DERIVED.get(id(w)) if w is not None else None
-        for kind in [k for k in (copies or {}) if k not in keep]:
-            del copies[kind]
+        if w is not None:
+            _DERIVED.drop(w, [k for k in _DERIVED.kinds(w) if k not in keep])
 
 
 class forced_kernel:
@@ -234,7 +226,7 @@ class forced_kernel:
 def forget(weights: Iterable[torch.Tensor]) -> None:
     """Drop the weight copies of `weights` (their choices stay: they are per shape)."""
     for w in weights:
-        _DERIVED.pop(id(w), None)
+        _DERIVED.drop(w)
 
 
 def choices() -> dict[tuple, str]:

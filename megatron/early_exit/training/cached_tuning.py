@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from megatron.early_exit import checkpointing as ckpt
+from megatron.early_exit.derived import DerivedCopies
 from megatron.early_exit.training import exit_cache
 from megatron.early_exit.training.losses import masked_mean
 from megatron.early_exit.training.trainer import Trainer
@@ -110,22 +111,17 @@ def _exit_weight(model, head) -> torch.Tensor:
     return head.output_layer.weight if head.output_layer is not None else model.tied_output_weight()
 
 
-# id(weight) -> (data_ptr, version, dtype, copy): a frozen vocabulary weight in the compute
-# dtype, made once instead of casting the rows gathered for every micro-batch (the gather and
-# its cast were a third of a cached step). Remade when the weight changes; never for a weight
-# that trains (its gradient must flow through the gather).
-_FROZEN_COPIES: dict[int, tuple] = {}
+# A frozen vocabulary weight in the compute dtype, made once instead of casting the rows
+# gathered for every micro-batch (the gather and its cast were a third of a cached step);
+# `derived.py` remakes it when the weight changes and drops it with the weight. Never for a
+# weight that trains (its gradient must flow through the gather).
+_FROZEN_COPIES = DerivedCopies()
 
 
 def _weight_in(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     if weight.dtype == dtype or weight.requires_grad:
         return weight
-    key, stamp = id(weight), (weight.data_ptr(), weight._version, dtype)
-    hit = _FROZEN_COPIES.get(key)
-    if hit is None or hit[0] != stamp:
-        _FROZEN_COPIES.clear()  # one model tunes at a time: keep one copy per weight at most
-        hit = _FROZEN_COPIES[key] = (stamp, weight.detach().to(dtype))
-    return hit[1]
+    return _FROZEN_COPIES.get(weight, dtype, lambda w: w.to(dtype))
 
 
 def full_columns(model, head, hidden, labels, topk_ids) -> ExitColumns:

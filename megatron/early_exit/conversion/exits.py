@@ -65,8 +65,6 @@ def _probe_tensor(name: str, like: torch.Tensor, std: float, gen: torch.Generato
 
 
 def _random_tensor(name: str, like: torch.Tensor, std: float, gen: torch.Generator) -> torch.Tensor:
-    if ".confidence." in name:
-        return _probe_tensor(name, like, std, gen)
     if name.endswith(".bias"):
         return torch.zeros_like(like)
     if _is_norm(name):
@@ -192,14 +190,12 @@ def _init_new_exits(weights: dict, new: ModelConfig, old: ModelConfig, wanted, r
         if n not in wanted:
             raise ConversionError(f"add_exits: existing exit tensor {name} is missing from the model")
         like = torch.empty(shapes[name].shape, dtype=dtype)
-        if random_init:
-            weights[name] = _random_tensor(name, like, std, gen)
-            continue
-        if ".confidence." in name:
+        if ".confidence." in name:  # a probe: the same under copy and random initialisation
             weights[name] = _probe_tensor(name, like, std, gen)
-            continue
-        src = _copy_source(name, n, old)
-        weights[name] = torch.zeros_like(like) if src is None else weights[src].clone()
+        elif random_init:
+            weights[name] = _random_tensor(name, like, std, gen)
+        else:
+            weights[name] = weights[_copy_source(name, n, old)].clone()
 
 
 def add_exits(

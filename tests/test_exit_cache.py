@@ -227,7 +227,8 @@ def test_one_cache_tunes_heads_of_any_structure(setup, tmp_path):
     from megatron.early_exit import checkpointing
 
     same = CachedTuner(parse_args([*TUNE, "--load", ckpt, "--exit-activation-cache", cache]))
-    new, legacy = exit_cache.backbone_fingerprints(same.config, checkpointing.read_weights(same.meta.directory))
+    weights = checkpointing.read_weights(same.meta.directory)
+    new, legacy = (exit_cache.backbone_fingerprint(same.config, weights, legacy=v) for v in (False, True))
     assert new != legacy and json.load(open(os.path.join(cache, "manifest.json")))["fingerprint"] == new
     old = tmp_path / "old_cache"
     shutil.copytree(cache, old)

@@ -65,11 +65,6 @@ def backbone_fingerprint(config, weights: dict[str, torch.Tensor], legacy: bool 
     return h.hexdigest()
 
 
-def backbone_fingerprints(config, weights: dict[str, torch.Tensor]) -> tuple[str, str]:
-    """(this format's fingerprint, the first format's)."""
-    return backbone_fingerprint(config, weights), backbone_fingerprint(config, weights, legacy=True)
-
-
 def to_storage(t: torch.Tensor, dtype: str) -> np.ndarray:
     """A tensor -> numpy array in the cache's storage dtype (bf16 as int16 bits)."""
     t = t.detach().to("cpu", TORCH_DTYPES[dtype]).contiguous()

@@ -192,14 +192,15 @@ class ExitDecider:
     """One engine's costs; per (exit, measure, threshold, candidates) the running chance that
     evaluating the exit lets rows leave (`seen`: evaluations that went into it) and `skipped`:
     passes since the last evaluation; per (exit, measure, threshold) the running per-row firing
-    rate shared by every pass size (`fired` / `rows`, `evaluated`: evaluations that went into it)."""
+    rate shared by every pass size (`rows_fired` / `rows_seen`, `evaluated`: evaluations that went
+    into it)."""
 
     costs: ExitCosts | None = None
     chance: dict[tuple, float] = field(default_factory=dict)
     seen: dict[tuple, int] = field(default_factory=dict)
     skipped: dict[tuple, int] = field(default_factory=dict)
-    fired: dict[tuple, float] = field(default_factory=dict)
-    rows: dict[tuple, float] = field(default_factory=dict)
+    rows_fired: dict[tuple, float] = field(default_factory=dict)
+    rows_seen: dict[tuple, float] = field(default_factory=dict)
     evaluated: dict[tuple, int] = field(default_factory=dict)
 
     def costs_for(self, passes) -> ExitCosts:
@@ -257,13 +258,13 @@ class ExitDecider:
         self.chance[key] = (1 - weight) * self.own_chance(key) + weight * float(paid)
         past = DECAY if self.evaluated.get(shared, 0) >= MEAN_EVALUATIONS else 1.0
         self.evaluated[shared] = self.evaluated.get(shared, 0) + 1
-        self.fired[shared] = past * self.fired.get(shared, 1.0) + fired
-        self.rows[shared] = past * self.rows.get(shared, 1.0) + candidates
+        self.rows_fired[shared] = past * self.rows_fired.get(shared, 1.0) + fired
+        self.rows_seen[shared] = past * self.rows_seen.get(shared, 1.0) + candidates
 
     def firing_rate(self, shared: tuple) -> float:
         """The running share of evaluated rows (all pass sizes) whose confidence reached the
         threshold at (exit, measure, threshold); 1.0 before any evaluation."""
-        return self.fired.get(shared, 1.0) / self.rows.get(shared, 1.0)
+        return self.rows_fired.get(shared, 1.0) / self.rows_seen.get(shared, 1.0)
 
     def chance_of(self, key: tuple, alone: bool = False) -> float:
         """The chance that evaluating `key`'s exit at its pass size k lets rows leave: the smaller

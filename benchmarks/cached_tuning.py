@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -52,11 +53,6 @@ def timed_steps(trainer, steps: int, clock) -> float:
     for _ in range(steps):
         trainer.train_step()
     return (clock() - start) / steps
-
-
-def median(xs: list[float]) -> float:
-    xs = sorted(xs)
-    return (xs[(len(xs) - 1) // 2] + xs[len(xs) // 2]) / 2
 
 
 def alternating(tuners: dict, steps: dict[str, int], rounds: int, clock) -> dict[str, list[float]]:
@@ -140,14 +136,15 @@ def main() -> None:
     )
     print(f"caching {a.cache_samples} sequences (one-off): {a.cache_samples * a.seq_length / cache_s:10.0f} tokens/s")
     live = [tokens_per_step / t for t in times["backbone"]]
+    ratios = {}
     for name in tuners:
         tps = [tokens_per_step / t for t in times[name]]
-        ratios = [x / y for x, y in zip(tps, live)]
+        r = ratios[name] = [x / y for x, y in zip(tps, live)]
         print(
-            f"{name:18s} {median(tps):8.0f} tokens/s (median of {a.rounds} rounds)  "
-            f"ratio to backbone: median {median(ratios):.1f}x, min {min(ratios):.1f}x, max {max(ratios):.1f}x"
+            f"{name:18s} {statistics.median(tps):8.0f} tokens/s (median of {a.rounds} rounds)  "
+            f"ratio to backbone: median {statistics.median(r):.1f}x, min {min(r):.1f}x, max {max(r):.1f}x"
         )
-    ratio = median([x / y for x, y in zip(times["backbone"], times["cached candidates"])])
+    ratio = statistics.median(ratios["cached candidates"])
     print(f"cached (candidates) / backbone: {ratio:.1f}x (median of per-round ratios; target >= 20x)")
 
 

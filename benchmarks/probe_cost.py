@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Cost of a confidence check as a share of one decoder layer, batch 1, one thread, CPU time.
 
-    python benchmarks/probe_cost.py runs/ee_aclsum/tuned runs/ee_aclsum/tuned_mlp   # linear, then MLP probes
+    python benchmarks/probe_cost.py LINEAR_PROBE_CKPT MLP_PROBE_CKPT
 
 Uses the decoder's own cost probes (`exit_decision.cost_probes`: "layer/1" = one layer's decode
 step for one row, "probe/1" = exit hidden state (its norm) + the probe, as decoding runs it) and
@@ -19,6 +19,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from megatron.early_exit import load_checkpoint  # noqa: E402
 from megatron.early_exit.inference import EarlyExitEngine  # noqa: E402
+from megatron.early_exit.inference.cost_model import best_times  # noqa: E402
 from megatron.early_exit.inference.exit_decision import cost_probes  # noqa: E402
 
 torch.set_num_threads(1)
@@ -26,16 +27,9 @@ ROUNDS, INNER = 30, 50
 
 
 def timed(fns):
-    for f in fns.values():
-        f()
-    best = dict.fromkeys(fns, float("inf"))
-    for _ in range(ROUNDS):
-        for k, f in fns.items():
-            t = time.process_time()
-            for _ in range(INNER):
-                f()
-            best[k] = min(best[k], (time.process_time() - t) / INNER)
-    return best
+    """Each function's best time per call: best of ROUNDS alternating rounds of INNER calls."""
+    batched = {k: (lambda f=f: [f() for _ in range(INNER)]) for k, f in fns.items()}
+    return {k: t / INNER for k, t in best_times(batched, torch.device("cpu"), ROUNDS, time.process_time).items()}
 
 
 @torch.no_grad()

@@ -15,7 +15,10 @@ what makes an exit that does not fire nearly free).
 - learned: sigmoid of the exit's confidence probe (a linear layer on the exit's hidden
   state, or on the backbone's through the probe's own norm with `exit_confidence_input=
   "backbone"`, trained to predict "this exit's token equals the final head's"); needs probes.
-  Reading the backbone, a check that does not fire costs one norm and one dot product.
+  Where the probe reads a norm of the backbone row (the backbone through the probe's norm, or
+  an exit that is only a norm), decoding runs it fused (`fused_check.py`): the norm folded into
+  the probe, the logit compared with logit(threshold); a check that does not fire costs one
+  product and one per-row reduction.
 
 A new measure is one `register_measure(Measure(...))` call in any imported module (for the
 command-line tools: `--plugin MODULE`).
@@ -39,7 +42,9 @@ class Measure:
     required otherwise. `needs_probe`: the exits must carry confidence probes. `from_backbone`:
     (exit head, backbone row at the exit's depth [A, 1, h]) -> confidence [A], used instead of
     `from_hidden` for exits whose probe reads the backbone (`head.probe_reads_backbone`), so
-    the exit's own layers run only for the rows that fire."""
+    the exit's own layers run only for the rows that fire. `probe_logit`: the confidence is
+    sigmoid(the exit probe's logit) of the probe's input, so decoding may compute that logit
+    with the fused check (`fused_check.py`) and compare it with logit(threshold) instead."""
 
     name: str
     needs_vocab: bool = True
@@ -47,6 +52,7 @@ class Measure:
     from_hidden: Callable[[object, torch.Tensor], torch.Tensor] | None = None
     needs_probe: bool = False
     from_backbone: Callable[[object, torch.Tensor], torch.Tensor] | None = None
+    probe_logit: bool = False
 
 
 MEASURES: dict[str, Measure] = {}
@@ -108,5 +114,12 @@ register_measure(Measure("max_prob", from_logits=max_prob))
 register_measure(Measure("top2_margin", from_logits=top2_margin))
 register_measure(Measure("entropy", from_logits=entropy))
 register_measure(
-    Measure("learned", needs_vocab=False, from_hidden=learned, needs_probe=True, from_backbone=learned_from_backbone)
+    Measure(
+        "learned",
+        needs_vocab=False,
+        from_hidden=learned,
+        needs_probe=True,
+        from_backbone=learned_from_backbone,
+        probe_logit=True,
+    )
 )

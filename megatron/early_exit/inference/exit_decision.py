@@ -49,6 +49,7 @@ to fix them.
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass, field
 
@@ -139,9 +140,13 @@ def measure_exit_costs(passes, batch: int = 8, repeats: int = 5) -> ExitCosts:
 
 def cost_probes(passes, batch: int) -> dict:
     """The calls `measure_exit_costs` times: "layer/r", "head/r", "vocab/r", "probe/r" over r in
-    (1, batch) rows (the checks where an exit without a block has them), "two": 2 rows each."""
-    from megatron.early_exit.inference.confidence import learned, max_prob
-    from megatron.early_exit.inference.passes import Rows, StepOutput
+    (1, batch) rows (the checks where an exit without a block has them; "probe/r": the learned
+    check as `Passes.probe_check` runs it, none of the rows firing), "two": 2 rows each."""
+    from megatron.early_exit.inference.confidence import max_prob
+    from megatron.early_exit.inference.passes import ExitPolicy, Rows, StepOutput
+
+    learned = get_measure("learned")
+    never = ExitPolicy(threshold=2.0, measure="learned")  # a threshold no confidence reaches
 
     state, h = passes.new_state(batch, 4), passes.config.hidden_size
     x = torch.randn(batch, 2, h, generator=torch.Generator().manual_seed(0)).to(passes.device, passes.dtype)
@@ -160,8 +165,9 @@ def cost_probes(passes, batch: int) -> dict:
             continue
         hidden = lambda a=a: passes.exit_hidden(state, plain[0], head, rows(a, 1), list(range(a)))  # noqa: E731
         fns[f"vocab/{a}"] = lambda hidden=hidden: max_prob(passes.exit_logits(head, hidden()))
-        if head.confidence is not None:
-            fns[f"probe/{a}"] = lambda hidden=hidden: learned(head, hidden())
+        if head.confidence is not None:  # as decoding runs it (fused where it folds), no row firing
+            check = functools.partial(passes.probe_check, state, plain[0], head)
+            fns[f"probe/{a}"] = lambda a=a, check=check: check(rows(a, 1), list(range(a)), never, learned)
     return fns
 
 
@@ -302,10 +308,10 @@ def worth_checking(passes, n: int, rows, cand: list[int], policy) -> bool:
     return decider_of(passes).worth_checking(passes, n, rows, cand, policy)
 
 
-def decide(passes, n: int, fire: torch.Tensor, rows, cand: list[int], policy) -> list[int]:
-    """The candidates (indices into `cand`) that leave at exit n, from `fire` ([A] bool: the
-    confidence reached the threshold): all of them under `exact`, else `ExitDecider.choose`."""
-    fires = fire.nonzero().flatten().tolist()
+def decide(passes, n: int, fire: torch.Tensor | list[bool], rows, cand: list[int], policy) -> list[int]:
+    """The candidates (indices into `cand`) that leave at exit n, from `fire` ([A] bool tensor or
+    list: the confidence reached the threshold): all of them under `exact`, else `ExitDecider.choose`."""
+    fires = [j for j, f in enumerate(fire.tolist() if isinstance(fire, torch.Tensor) else fire) if f]
     if policy.mode == "exact":
         return fires
     return decider_of(passes).choose(passes, n, fires, rows, cand, policy)

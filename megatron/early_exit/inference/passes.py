@@ -35,6 +35,7 @@ import torch
 from megatron.early_exit.inference import greedy_head
 from megatron.early_exit.inference.confidence import get_measure, max_prob
 from megatron.early_exit.inference.exit_decision import decide, worth_checking
+from megatron.early_exit.inference.fused_check import folded_probe, logit_threshold
 from megatron.early_exit.inference.kv_cache import DecodeIndex, KVCache, RowIndex
 
 
@@ -145,6 +146,7 @@ class Passes:
         self.kv_groups = local_kv_groups(model)
         self.profile = False
         self.fast = True  # False: every pass takes the exact (general) path, uniform decode steps too
+        self.fused_checks = True  # False: learned checks through the probe modules (`fused_check.py`)
         self.compiled = None  # `enable_compile`: the compiled layer call of uniform steps
         # 'full': the final head's whole logits; 'auto' / 'int8': where only the token is needed,
         # the certified argmax of greedy_head.py (the engine sets it per request).
@@ -366,31 +368,52 @@ class Passes:
         start = tick(self.device) if self.profile else 0.0
         head, seqs = self.model.exits[str(n)], [rows.seqs[a] for a in cand]
         measure = get_measure("max_prob" if forced else policy.measure)
-        if not measure.needs_vocab and measure.from_backbone is not None and head.probe_reads_backbone:
-            # The probe reads the backbone row: the exit's own layers and projection only for leavers.
-            conf = measure.from_backbone(head, self.newest_rows(rows, cand))
-            fire = decide(self, n, conf >= threshold, rows, cand, policy)
-            leavers = [cand[j] for j in fire]
-            logits = self.exit_logits(head, self.exit_hidden(state, n, head, rows, leavers)) if fire else None
-        elif measure.needs_vocab:
-            hidden = self.exit_hidden(state, n, head, rows, cand)  # (A, 1, h)
-            logits = self.exit_logits(head, hidden)  # (A, V)
-            conf = measure.from_logits(logits)
-            fire = list(range(len(cand))) if forced else decide(self, n, conf >= threshold, rows, cand, policy)
-            if len(fire) < len(cand):
-                logits = logits[torch.tensor(fire, dtype=torch.long, device=self.device)]
+        if measure.needs_vocab:
+            fire, conf, logits = self.vocab_check(state, n, head, rows, cand, policy, measure, forced)
         else:  # no vocabulary projection for the exits that stay
-            hidden = self.exit_hidden(state, n, head, rows, cand)  # (A, 1, h)
-            conf = measure.from_hidden(head, hidden)
-            fire = decide(self, n, conf >= threshold, rows, cand, policy)
-            logits = self.exit_logits(head, hidden[torch.tensor(fire, device=self.device)]) if fire else None
-        conf_list = conf.tolist()
-        for j, a in enumerate(fire):  # logits row j belongs to candidate a
+            fire, conf, logits = self.probe_check(state, n, head, rows, cand, policy, measure)
+        for j, a in enumerate(fire):  # logits row j and conf[j] belong to candidate a
             b = seqs[a]
-            out.logits[b], out.exit_layer[b], out.confidence[b] = logits[j], n, conf_list[a]
+            out.logits[b], out.exit_layer[b], out.confidence[b] = logits[j], n, conf[j]
         if self.profile:
             state.exit_time += tick(self.device) - start
         return {seqs[a] for a in fire}
+
+    def vocab_check(self, state, n: int, head, rows: Rows, cand: list[int], policy, measure, forced: bool) -> tuple:
+        """A check on the exit's logits: (leavers as `cand` indices, their confidences, their
+        logits [F, V])."""
+        hidden = self.exit_hidden(state, n, head, rows, cand)  # (A, 1, h)
+        logits = self.exit_logits(head, hidden)  # (A, V)
+        conf = measure.from_logits(logits)
+        fire = list(range(len(cand))) if forced else decide(self, n, conf >= policy.threshold_of(n), rows, cand, policy)
+        if len(fire) < len(cand):
+            logits = logits[torch.tensor(fire, dtype=torch.long, device=self.device)]
+        conf = conf.tolist()
+        return fire, [conf[a] for a in fire], logits
+
+    def probe_check(self, state, n: int, head, rows: Rows, cand: list[int], policy, measure) -> tuple:
+        """A check on the exit's hidden state or the backbone row alone, the projection only for
+        the leavers: (leavers as `cand` indices, their confidences, their logits [F, V] or None).
+        The fused check where the probe can be folded (`fused_check.py`), else the measure's."""
+        threshold = policy.threshold_of(n)
+        folded = folded_probe(head) if measure.probe_logit and self.fused_checks else None
+        if folded is not None:  # the exit's own layers only for the leavers, as below
+            logit, bound = folded.logit(self.newest_rows(rows, cand)[:, 0]), logit_threshold(threshold)  # (A,) fp32
+            fire = decide(self, n, [z >= bound for z in logit.tolist()], rows, cand, policy)
+            conf = torch.sigmoid(logit[fire]).tolist() if fire else []
+            hidden = self.exit_hidden(state, n, head, rows, [cand[j] for j in fire]) if fire else None
+        elif measure.from_backbone is not None and head.probe_reads_backbone:
+            c = measure.from_backbone(head, self.newest_rows(rows, cand))  # (A,)
+            fire = decide(self, n, c >= threshold, rows, cand, policy)
+            conf = c[fire].tolist()
+            hidden = self.exit_hidden(state, n, head, rows, [cand[j] for j in fire]) if fire else None
+        else:
+            hidden = self.exit_hidden(state, n, head, rows, cand)  # (A, 1, h)
+            c = measure.from_hidden(head, hidden)
+            fire = decide(self, n, c >= threshold, rows, cand, policy)
+            conf = c[fire].tolist()
+            hidden = hidden[torch.tensor(fire, dtype=torch.long, device=self.device)] if fire else None
+        return fire, conf, self.exit_logits(head, hidden) if fire else None
 
     def exit_hidden(self, state, n: int, head, rows: Rows, cand: list[int]) -> torch.Tensor:
         """Exit n's hidden state [A, 1, h] at the newest row of each candidate `rows` index."""

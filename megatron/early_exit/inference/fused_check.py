@@ -108,8 +108,11 @@ def folded_probe(head) -> FoldedProbe | None:
     through the modules (a dozen attribute lookups: as much as the check's arithmetic)."""
     probe, norm = head.confidence, probe_norm(head)
     last = _LAST.get(head)
-    if last is not None and last[0] is probe and last[1] is norm and all(
-        t.data_ptr() == ptr and t._version == version for t, ptr, version in last[2]
+    if (
+        last is not None
+        and last[0] is probe
+        and last[1] is norm
+        and all(t.data_ptr() == ptr and t._version == version for t, ptr, version in last[2])
     ):
         return last[3]
     folded, tensors = _find(probe, norm)

@@ -11,9 +11,10 @@ through the engine's own code (`Passes`, prepacked weights entered as in decodin
                 steps of full decoding and of "every token leaves at exit k" for each exit;
   layer_direct  one layer timed alone (`Passes.advance`), to compare with the fitted `layer`;
   head          the final norm and head projection for the batch's newest rows;
-  probe[n]      the learned probe as the exit evaluates it: on the exit's hidden state (so its
-                norm and MLP included), or on the backbone row through the probe's own norm
-                (`exit_confidence_input="backbone"`): what an exit that does not fire costs;
+  probe[n]      the learned check as the exit evaluates it (`Passes.probe_check`, firing for no
+                row): fused where the probe reads a norm of the backbone row (`fused_check.py`),
+                else the probe on the exit's hidden state (its norm and MLP included): what an
+                exit that does not fire costs;
   probe_exit[n] the probe on the exit's hidden state, whichever input the probe reads (to
                 compare the two inputs on one model);
   fire_hidden[n] exit n's hidden state (its norm, MLP), where the probe reads the backbone:
@@ -43,8 +44,8 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from megatron.early_exit.inference.confidence import get_measure, learned, learned_from_backbone, max_prob
-from megatron.early_exit.inference.passes import Rows, StepOutput, tick
+from megatron.early_exit.inference.confidence import get_measure, learned, max_prob
+from megatron.early_exit.inference.passes import ExitPolicy, Rows, StepOutput, tick
 from megatron.early_exit.inference.settings import GenerationResult, GenerationSettings
 
 
@@ -195,6 +196,7 @@ def piece_times(engine, prompts: list[list[int]], repeats: int, extra_rows: int 
         return Rows(list(range(batch)), lo, [n] * batch, x)
 
     one, more, mid, memo = rows(1), rows(1 + extra_rows), p.start + (p.end - p.start) // 2, {}
+    learned_measure, never = get_measure("learned"), ExitPolicy(threshold=2.0, measure="learned")  # fires for none
     cand = list(range(batch))
     fns = {
         "head": lambda: p.final_head(one, False, StepOutput()),
@@ -208,8 +210,8 @@ def piece_times(engine, prompts: list[list[int]], repeats: int, extra_rows: int 
         fns[f"project/{n}"] = lambda h=head, x=hidden: p.exit_logits(h, x)
         if head.confidence is not None:
             fns[f"probe_exit/{n}"] = lambda n=n, h=head: learned(h, p.exit_hidden(state, n, h, one, cand))
+            fns[f"probe/{n}"] = lambda n=n, h=head: p.probe_check(state, n, h, one, cand, never, learned_measure)
         if head.confidence is not None and head.probe_reads_backbone:
-            fns[f"probe/{n}"] = lambda h=head: learned_from_backbone(h, p.newest_rows(one, cand))
             fns[f"hidden/{n}"] = lambda n=n, h=head: p.exit_hidden(state, n, h, one, cand)
     with engine.packed:
         return best_times(fns, p.device, repeats)
@@ -264,7 +266,7 @@ def measure_costs(
     depth = {n: p.depth(n) for n in p.exits}
     costs = DecodeCosts(
         p.num_layers, depth, pieces["layer"], 0.0, pieces["head"],
-        probe={n: pieces.get(f"probe/{n}", pieces[f"probe_exit/{n}"]) for n in p.exits if f"probe_exit/{n}" in pieces},
+        probe={n: pieces[f"probe/{n}"] for n in p.exits if f"probe/{n}" in pieces},
         probe_exit={n: pieces[f"probe_exit/{n}"] for n in p.exits if f"probe_exit/{n}" in pieces},
         fire_hidden={n: pieces[f"hidden/{n}"] for n in p.exits if f"hidden/{n}" in pieces},
         vocab={n: pieces[f"vocab/{n}"] for n in p.exits},

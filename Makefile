@@ -46,8 +46,8 @@ demo: install $(DATA)/aclsum_text_document.bin
 		--exit-layer-nums 2 4 --exit-layer-weight 0.3 0.5 --use-exit-norm \
 		--micro-batch-size 8 --global-batch-size 16 --train-iters 100 \
 		--lr 2e-3 --min-lr 2e-4 --lr-warmup-iters 10 --lr-decay-style cosine --clip-grad 1.0 \
-		--bf16 --log-interval 10 --eval-interval 50 --eval-iters 4 \
-		--save $(RUN)/checkpoints --save-interval 50 \
+		--bf16 --log-interval 10 --eval-interval 100 --eval-iters 4 \
+		--save $(RUN)/checkpoints --save-interval 100 \
 		--tensorboard-dir $(RUN)/tensorboard --log-jsonl $(RUN)/log.jsonl
 	$(PY) tools/generate.py --load $(RUN)/checkpoints --prompt "In this paper, we propose" \
 		--strategy early_exit --early-exit-thres 0.1 --max-new-tokens 16

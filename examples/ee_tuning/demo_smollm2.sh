@@ -24,13 +24,12 @@ GGUF=$(python -c "import importlib.util, glob, os; s = importlib.util.find_spec(
 print(glob.glob(os.path.join(list(s.submodule_search_locations)[0], '**', '*.gguf'), recursive=True)[0])")
 mkdir -p "$RUN"
 stage "SmolLM2-135M-Instruct from its GGUF, exits added after layers 8, 15 and 22"
-have "$RUN/base" || python tools/checkpoint/convert.py --loader gguf --load-dir "$GGUF" --save-dir "$RUN/base"
-have "$RUN/with_exits" || python tools/checkpoint/add_exits.py --load-dir "$RUN/base" --save-dir "$RUN/with_exits" \
+# add_exits.py reads the GGUF itself (converted on the way): one process, one checkpoint written
+have "$RUN/with_exits" || python tools/checkpoint/add_exits.py --loader gguf --load-dir "$GGUF" --save-dir "$RUN/with_exits" \
     --add-exit-layer-nums 8 15 22 --use-exit-norm --use-exit-mlp --use-exit-confidence-head --exit-confidence-input backbone
-TOK=$(ls "$RUN"/base/iter_*/tokenizer/tokenizer.json | head -n 1)
 have "$DATA/smollm2_text_document.bin" || python tools/preprocess_data.py --input "$DATA/train.jsonl" \
-    --output-prefix "$DATA/smollm2" --tokenizer-type HuggingFaceTokenizer --tokenizer-model "$TOK" \
-    --append-eod --workers 2
+    --output-prefix "$DATA/smollm2" --tokenizer-type HuggingFaceTokenizer \
+    --tokenizer-model "$(ls "$RUN"/with_exits/iter_*/tokenizer/tokenizer.json | head -n 1)" --append-eod --workers 2
 
 stage "the frozen backbone over $CACHE_TOKENS tokens of aclsum, cached for the exits"
 have "$RUN/cache/manifest.json" || python tools/checkpoint/cache_exit_activations.py --load "$RUN/with_exits" \
@@ -48,10 +47,8 @@ have "$RUN/tuned/latest_checkpointed_iteration.txt" || python pretrain_early_exi
     --save "$RUN/tuned" --save-interval "$TUNE_ITERS" --log-jsonl "$RUN/tune_log.jsonl"
 
 stage "each exit's agreement with the final head on held-out text, before and after tuning"
-python examples/ee_tuning/report_exits.py --load "$RUN/with_exits" --data "$DATA/smollm2_text_document" \
-    --samples 8 --label before
-python examples/ee_tuning/report_exits.py --load "$RUN/tuned" --data "$DATA/smollm2_text_document" \
-    --samples 8 --label after
+python examples/ee_tuning/report_exits.py --load "$RUN/with_exits" "$RUN/tuned" --label before after \
+    --data "$DATA/smollm2_text_document" --samples 8
 
 stage "per-exit thresholds: at most 20% of tokens differ from the final head's (Learn-Then-Test)"
 have "$RUN/tuned/iter_*/early_exit_thresholds.json" || python tools/eval/calibrate_thresholds.py --load "$RUN/tuned" \

@@ -15,8 +15,8 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 RUN=${RUN:-runs/demo_smollm2}
 DATA=${DATA:-data/aclsum}
-CACHE_TOKENS=${CACHE_TOKENS:-131072}  # 512 sequences of 256: ~2.7 minutes of backbone
-TUNE_ITERS=${TUNE_ITERS:-160}         # 160 x 2,048 tokens (2.5 epochs of the cache): ~2.4 minutes
+CACHE_TOKENS=${CACHE_TOKENS:-24576}  # 96 sequences of 256
+TUNE_ITERS=${TUNE_ITERS:-64}         # 64 x 2,048 tokens (5.3 epochs of the cache)
 stage() { echo; echo "=== [demo, ${SECONDS}s] $*"; }
 have() { compgen -G "$1" >/dev/null && echo "(skipped: $1 exists)"; }  # a step's output is there
 
@@ -34,7 +34,7 @@ have "$DATA/smollm2_text_document.bin" || python tools/preprocess_data.py --inpu
 stage "the frozen backbone over $CACHE_TOKENS tokens of aclsum, cached for the exits"
 have "$RUN/cache/manifest.json" || python tools/checkpoint/cache_exit_activations.py --load "$RUN/with_exits" \
     --data-path "$DATA/smollm2_text_document" --split 98,2,0 --seq-length 256 --max-tokens "$CACHE_TOKENS" \
-    --num-valid-samples 16 --top-k 16 --dtype bf16 --bf16 --micro-batch-size 4 --output "$RUN/cache" \
+    --top-k 16 --dtype bf16 --bf16 --micro-batch-size 4 --output "$RUN/cache" \
     --no-progress-bar
 
 stage "EE-Tuning of the exits from the cache ($TUNE_ITERS steps; backbone frozen and not run)"
@@ -43,7 +43,7 @@ have "$RUN/tuned/latest_checkpointed_iteration.txt" || python pretrain_early_exi
     --exit-loss-type ce+kd --exit-candidate-vocab 2048 \
     --micro-batch-size 4 --global-batch-size 8 --train-iters "$TUNE_ITERS" \
     --lr 2e-3 --min-lr 2e-4 --lr-warmup-iters 10 --lr-decay-style cosine --clip-grad 1.0 \
-    --bf16 --log-interval 25 --eval-interval "$TUNE_ITERS" --eval-iters 2 \
+    --bf16 --log-interval 16 --eval-interval 0 \
     --save "$RUN/tuned" --save-interval "$TUNE_ITERS" --log-jsonl "$RUN/tune_log.jsonl"
 
 stage "each exit's agreement with the final head on held-out text, before and after tuning"

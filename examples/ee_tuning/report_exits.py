@@ -62,14 +62,18 @@ def evaluate_exits(model, tok, data: str, samples: int, seq_length: int, label: 
     return result
 
 
-def main(argv: list[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--load", required=True, nargs="+", help="one or more checkpoints, reported in turn")
     p.add_argument("--data", required=True)
     p.add_argument("--samples", type=int, default=16)
     p.add_argument("--seq-length", type=int, default=256)
     p.add_argument("--label", nargs="+", default=["exits"], help="one per --load (default: 'exits' for one)")
-    a = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    a = build_parser().parse_args(argv)
     try:
         if len(a.label) != len(a.load):
             raise ValueError(f"--label: {len(a.label)} labels for {len(a.load)} checkpoints in --load")

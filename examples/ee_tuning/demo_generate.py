@@ -49,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = OneLineErrorParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--load", required=True, help="checkpoint with (tuned) exits")
     p.add_argument("--data", default="data/aclsum", help="folder with test_summarization.jsonl")
-    p.add_argument("--num-prompts", type=int, default=2)
+    p.add_argument("--num-prompts", type=int, default=3)
     p.add_argument("--max-prompt-chars", type=int, default=700, help="abstracts are cut to this length")
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--threshold", type=float, default=0.8, help="early exit without calibrated thresholds")

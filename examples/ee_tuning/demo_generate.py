@@ -21,9 +21,10 @@ a token without one went through every layer.
   final head accepted.
 The first token always comes from the prompt's pass through every layer.
 
-Speed: benchmarks/decode_speed.py's harness (each setting warmed up, then --repeats rounds that
-run every setting in turn; the best round of each counts), prompt by prompt at batch 1; tokens/s
-over the whole call, prefill included. Whatever the ratio, it is printed as measured.
+Speed: benchmarks/decode_speed.py's harness (--repeats rounds that run every setting in turn;
+the best round of each counts), prompt by prompt at batch 1, after the generations shown, which
+warm every setting up; tokens/s over the whole call, prefill included. Whatever the ratio, it is
+printed as measured.
 """
 
 from __future__ import annotations
@@ -153,7 +154,8 @@ def speed(engine, prompts, ways, a: argparse.Namespace, common: dict) -> None:
     tokens = {name: 0 for name, _, _ in ways}
     seconds = dict.fromkeys(tokens, 0.0)
     for ids in prompts:
-        for name, (res, s) in timed_alternating(engine, [ids], runs, a.repeats).items():
+        # the generations shown ran every setting on every prompt: they were the warm-up
+        for name, (res, s) in timed_alternating(engine, [ids], runs, a.repeats, warm=False).items():
             tokens[name] += s["tokens"]
             seconds[name] += res[0].stats["elapsed_s"]
     full = tokens["full"] / seconds["full"]

@@ -1,7 +1,10 @@
 #!/usr/bin/env python
 """Each exit's validation loss and top-1 agreement with the final head, on held-out text.
 
-python examples/ee_tuning/report_exits.py --load CKPT --data PREFIX [--samples 16]
+python examples/ee_tuning/report_exits.py --load CKPT [CKPT ...] --data PREFIX [--samples 16] [--label L ...]
+
+Several checkpoints (e.g. before and after tuning, `--label before after`) are reported by one
+process: the demo pays for Python, torch and the data pipeline once.
 """
 
 from __future__ import annotations
@@ -59,16 +62,23 @@ def evaluate_exits(model, tok, data: str, samples: int, seq_length: int, label: 
     return result
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--load", required=True)
+    p.add_argument("--load", required=True, nargs="+", help="one or more checkpoints, reported in turn")
     p.add_argument("--data", required=True)
     p.add_argument("--samples", type=int, default=16)
     p.add_argument("--seq-length", type=int, default=256)
-    p.add_argument("--label", default="exits")
-    a = p.parse_args()
+    p.add_argument("--label", nargs="+", default=["exits"], help="one per --load (default: 'exits' for one)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    a = build_parser().parse_args(argv)
     try:
-        report(a.load, a.data, a.samples, a.seq_length, a.label)
+        if len(a.label) != len(a.load):
+            raise ValueError(f"--label: {len(a.label)} labels for {len(a.load)} checkpoints in --load")
+        for load, label in zip(a.load, a.label):
+            report(load, a.data, a.samples, a.seq_length, label)
     except ValueError as e:
         sys.stderr.write(f"error: {e}\n")
         sys.exit(2)

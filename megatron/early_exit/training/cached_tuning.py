@@ -12,14 +12,23 @@ Objectives match `losses.tuning_losses`:
   k = vocabulary size this is exactly the full-vocabulary distillation of `tuning_losses`;
 - `ce+kd`: both; confidence probes learn "the exit's top token equals the cached final top-1".
 
-`--exit-candidate-vocab N` replaces the vocabulary by candidate columns (sampled softmax,
-Jean et al. 2015): each token scores its own label and its cached top-k (always included,
-correction log 1 = 0) and N negatives drawn uniformly without replacement from the vocabulary,
-shared by the micro-batch (one matmul); a negative was included with probability N/V, so its
-logit gets -log(N/V), and a negative equal to one of the token's own columns is dropped. With
-N = V the columns are the vocabulary exactly once and the loss is the full one. The head then
-costs (k + 1 + N) instead of V columns per token. The agreement a probe learns is the exit's
-argmax over its columns. Validation always projects onto the whole vocabulary.
+`--exit-candidate-vocab N` replaces the vocabulary by one candidate set per micro-batch
+(sampled softmax, Jean et al. 2015), scored by every token of it with one product
+`h @ W[C]^T` -> [tokens, |C|]: C is P, the distinct labels and cached top-k ids of all the
+micro-batch's tokens, then m = min(N, V - |P|) negatives drawn uniformly without replacement
+from the V - |P| ids outside P. CE and KD read their columns by position (an id -> column map
+built once per micro-batch); no id is a column twice, so no per-token masking is needed.
+The correction: given the micro-batch, every id of P is a column with probability 1 (a
+token's own label and top-k, and the other tokens' ones alike), so its logit keeps log 1 = 0:
+the other tokens' positives are exact terms of the token's partition function, not samples.
+An id outside P is a column with probability m / (V - |P|), so a negative's logit gets
+-log(m / (V - |P|)) (added after any temperature). Then sum_C exp(z + correction) is an
+unbiased estimate of the full sum_V exp(z) for every token. With m = V - |P| the columns are
+the vocabulary exactly once and the loss is the full one. The agreement a probe learns is
+"the cached top-1 has the exit's largest logit over C" (uncorrected logits; a tie counts as
+agreement). A micro-batch of 4 x 256 SmolLM2 tokens with top-16 has |P| ~ 2,400-3,000, so with
+N = 2048 a token scores ~5,000 columns (the per-token sets it replaced: 17 + 2048). Validation
+always projects onto the whole vocabulary.
 
 Epoch 0 reads the cache in stored order (megatron-core's dataset order: the same first
 batches as tuning through the backbone), later epochs a permutation seeded by (seed, epoch).

@@ -173,7 +173,8 @@ def _kd(raw, cols: Columns, topk_lp, kd_temperature: float, student):
     logits; `student`: its log-probs of the top-k at T = 1 (reused). The correction is added
     after the temperature: it weighs exp(z / T) of a sampled column, not z."""
     if kd_temperature != 1.0:
-        z = raw.float() / kd_temperature if cols.bias is None else raw / kd_temperature + cols.bias
+        z = raw.float() / kd_temperature
+        z = z if cols.bias is None else z + cols.bias
         student = torch.log_softmax(z, -1).gather(-1, cols.topk_col)  # (b, s, k)
     teacher = torch.log_softmax(topk_lp / kd_temperature, -1)
     return (teacher.exp() * (teacher - student)).sum(-1) * kd_temperature**2

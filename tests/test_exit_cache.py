@@ -17,7 +17,7 @@ from megatron.early_exit.checkpointing import save_checkpoint
 from megatron.early_exit.config import ModelConfig
 from megatron.early_exit.model import EarlyExitGPT
 from megatron.early_exit.tokenizer import build_tokenizer
-from megatron.early_exit.training.cached_tuning import CachedTuner, cached_losses, candidate_columns, sample_negatives
+from megatron.early_exit.training.cached_tuning import CachedTuner, cached_losses, candidate_set
 from megatron.early_exit.training.trainer import Trainer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -115,18 +115,20 @@ def test_cached_tuning_runs_epochs_and_validation_is_full_vocabulary(setup, tmp_
     assert {f"exit_{n} loss", f"exit_{n} kd loss", f"exit_{n} agreement"} <= set(after)
 
 
-def test_candidate_columns_of_the_whole_vocabulary_are_the_full_softmax(setup):
-    """N = V negatives: every token's columns are the vocabulary once (its label and top-k
-    kept, their repeats among the negatives dropped, correction log 1 = 0): same loss, same gradients."""
+def test_candidate_set_of_the_whole_vocabulary_is_the_full_softmax(setup):
+    """N >= V - |P| negatives: the columns are the vocabulary once (the batch's labels and top-k,
+    then every other id), no correction: same loss, same gradients as the whole vocabulary."""
     _, ckpt, cache = setup
     tuner = CachedTuner(parse_args([*TUNE, "--load", ckpt, "--exit-activation-cache", cache]))
     batch = tuner.train_cache.batch([0, 1, 2])
     batch["topk_ids"], batch["topk_logprobs"] = batch["topk_ids"][..., :4], batch["topk_logprobs"][..., :4]
     weights = {n: 1.0 for n in tuner.config.exit_layer_nums}
+    cols = candidate_set(batch["labels"], batch["topk_ids"], VOCAB, VOCAB, torch.Generator().manual_seed(0))
+    assert cols.bias is None and sorted(cols.ids.tolist()) == list(range(VOCAB))
     results = []
-    for negatives in (None, sample_negatives(VOCAB, VOCAB, torch.Generator().manual_seed(0))):
+    for c in (None, cols):
         tuner.model.zero_grad()
-        total, parts = cached_losses(tuner.model, batch, weights, "ce+kd", 2.0, negatives)
+        total, parts = cached_losses(tuner.model, batch, weights, "ce+kd", 2.0, c)
         total.backward()
         results.append((total.item(), parts, exit_grads(tuner.model)))
     (full, p_full, g_full), (cand, p_cand, g_cand) = results
@@ -137,30 +139,74 @@ def test_candidate_columns_of_the_whole_vocabulary_are_the_full_softmax(setup):
         assert torch.allclose(g_cand[name], g_full[name], rtol=1e-5, atol=1e-7), name
 
 
-def test_candidate_columns_with_sampled_negatives(setup):
+def test_candidate_set_is_the_union_of_positives_and_distinct_negatives():
+    """Duplicates (a label in its own top-k, ids shared by tokens) appear once; the negatives
+    are drawn outside the positives, each with correction -log(m / (V - |P|))."""
+    labels = torch.tensor([[5, 5, 7, 9]])
+    topk = torch.tensor([[[5, 1], [1, 2], [7, 5], [3, 1]]])  # label 5 in its top-k, 1 and 5 repeated
+    cols = candidate_set(labels, topk, 20, 6, torch.Generator().manual_seed(0))
+    assert cols.ids[: cols.num_positives].tolist() == [1, 2, 3, 5, 7, 9]
+    negatives = cols.ids[cols.num_positives :].tolist()
+    assert len(negatives) == 6 and len(set(cols.ids.tolist())) == 12 and not set(negatives) & {1, 2, 3, 5, 7, 9}
+    assert torch.equal(cols.ids[cols.label_col], labels) and torch.equal(cols.ids[cols.topk_col], topk)
+    assert torch.equal(cols.bias[:6], torch.zeros(6))
+    assert torch.allclose(cols.bias[6:], torch.tensor(-math.log(6 / 14)))  # 14 ids outside P: +0.847
+    # more negatives asked than ids outside P: all of them, no correction
+    every = candidate_set(labels, topk, 20, 100, torch.Generator().manual_seed(0))
+    assert every.bias is None and sorted(every.ids.tolist()) == list(range(20))
+
+
+def _reference_losses(model, batch, cols, loss_type, kd_t):
+    """The candidate-set objective spelled out token by token from the full-vocabulary logits:
+    log Z_t = log(sum_{j in P} e^{z_j} + (V - |P|) / m * sum_{j in negatives} e^{z_j})."""
+    positives, negatives = cols.ids[: cols.num_positives], cols.ids[cols.num_positives :]
+    scale = (VOCAB - positives.numel()) / negatives.numel()
+    rotary = model.rotary(torch.arange(16)[None]) if model.rotary is not None else None
+    total = 0.0
+    for n in model.exit_layer_numbers:
+        head = model.exits[str(n)]
+        logits = head.project(head.hidden(batch["hidden"][n].float(), rotary), model.tied_output_weight())
+        per_token, mask = [], batch["loss_mask"].flatten()
+        for t, z in enumerate(logits.reshape(-1, VOCAB)):
+            b, s = divmod(t, 16)
+            log_z = lambda zz: torch.log(zz[positives].exp().sum() + scale * zz[negatives].exp().sum())  # noqa: E731
+            ce = log_z(z) - z[batch["labels"][b, s]]
+            q = torch.softmax(batch["topk_logprobs"][b, s] / kd_t, -1)
+            student = z[batch["topk_ids"][b, s]] / kd_t - log_z(z / kd_t)
+            kd = (q * (q.log() - student)).sum() * kd_t**2
+            per_token.append(ce * ("ce" in loss_type.split("+")) + kd * ("kd" in loss_type))
+        total = total + (torch.stack(per_token) * mask).sum() / mask.sum()
+    return total
+
+
+@pytest.mark.parametrize("loss_type,kd_t", [("ce+kd", 1.0), ("kd", 2.0), ("ce", 1.0)])
+def test_candidate_set_loss_equals_the_reference(setup, loss_type, kd_t):
+    """fp32: the one-matmul candidate objective = the per-token reference (loss and every exit
+    gradient); they differ only in summation order (tolerance 1e-5 relative)."""
     _, ckpt, cache = setup
     tuner = CachedTuner(parse_args([*TUNE, "--load", ckpt, "--exit-activation-cache", cache]))
-    batch = tuner.train_cache.batch([0, 1])
-    n = tuner.config.exit_layer_nums[0]
-    head = tuner.model.exits[str(n)]
-    hidden = head.hidden(batch["hidden"][n], tuner.model.rotary(torch.arange(16)[None]) if tuner.model.rotary else None)
-    labels, topk = batch["labels"], batch["topk_ids"][..., :3]
-    negatives = sample_negatives(VOCAB, 8, torch.Generator().manual_seed(0))
-    cols = candidate_columns(tuner.model, head, hidden, labels, topk, negatives)
-    assert cols.logits.shape == (2, 16, 1 + 3 + 8) and torch.equal(cols.token_of(cols.label_col), labels)
-    assert torch.equal(cols.col_ids.gather(-1, cols.topk_col), topk)
-    finite = cols.bias[..., 4:][torch.isfinite(cols.bias[..., 4:])]
-    assert torch.allclose(finite, torch.tensor(-math.log(8 / VOCAB)))  # sampled: -log(N/V) = 2.079
-    # each token id appears at most once among a token's finite columns
-    ids = torch.where(torch.isfinite(cols.bias), cols.col_ids, -1 - torch.arange(12))
-    assert all(len(set(row.tolist())) == 12 for row in ids.view(-1, 12))
+    model, batch = tuner.model, tuner.train_cache.batch([0, 1])
+    batch["topk_ids"], batch["topk_logprobs"] = batch["topk_ids"][..., :3], batch["topk_logprobs"][..., :3]
+    cols = candidate_set(batch["labels"], batch["topk_ids"], VOCAB, 8, torch.Generator().manual_seed(1))
+    assert cols.bias is not None and cols.num_positives + 8 < VOCAB  # a real sample, not the vocabulary
+    model.zero_grad()
+    want = _reference_losses(model, batch, cols, loss_type, kd_t)
+    want.backward()
+    g_want = exit_grads(model)
+    model.zero_grad()
+    no_probes = {n: 1.0 for n in model.exit_layer_numbers}
+    got, parts = cached_losses(model, batch, no_probes, loss_type, kd_t, cols)
+    probes = sum(float(v) for k, v in parts.items() if "confidence" in k)
+    assert float(got.detach()) - probes == pytest.approx(float(want), rel=1e-5) and float(want.detach()) > 0.5
+    got.backward()
+    for name, g in g_want.items():
+        assert torch.allclose(model.get_parameter(name).grad, g, rtol=1e-5, atol=1e-7), name
 
 
-def test_candidate_columns_token_of_and_frozen_weight_copy(setup):
-    """token_of maps every column (own and shared) to its token id without the [b, s, C] id
-    table; under bf16 autocast the columns come from one bf16 copy of the frozen tied weight,
-    equal to casting the gathered rows (the old way), and the copy is remade when the weight
-    changes in place."""
+def test_candidate_rows_from_the_frozen_weight_copy(setup):
+    """Under bf16 autocast the columns' rows come from one bf16 copy of the frozen tied weight,
+    equal to casting the gathered rows; the exits share one gather per micro-batch, remade
+    when the weight changes in place; agreement is "the cached top-1 has the exit's max logit"."""
     from megatron.early_exit.training import cached_tuning as ct
 
     _, ckpt, cache = setup
@@ -169,24 +215,19 @@ def test_candidate_columns_token_of_and_frozen_weight_copy(setup):
     n = tuner.config.exit_layer_nums[0]
     head = model.exits[str(n)]
     hidden = head.hidden(batch["hidden"][n], model.rotary(torch.arange(16)[None]) if model.rotary else None)
-    labels, topk = batch["labels"], batch["topk_ids"][..., :3]
-    negatives = sample_negatives(VOCAB, 8, torch.Generator().manual_seed(0))
+    cols = candidate_set(batch["labels"], batch["topk_ids"][..., :3], VOCAB, 8, torch.Generator().manual_seed(0))
     weight = ct._exit_weight(model, head)
     weight.requires_grad_(False)  # frozen, as in tuning (the backbone's tied embedding)
-    cols = candidate_columns(model, head, hidden, labels, topk, negatives)
-    every = torch.arange(12).expand(2, 16, 12)
-    assert torch.equal(torch.stack([cols.token_of(every[..., c]) for c in range(12)], -1), cols.col_ids)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        got = candidate_columns(model, head, hidden, labels, topk, negatives).logits
-        pos_ids = torch.cat([labels.unsqueeze(-1), topk], -1)
-        pos = torch.einsum("bsh,bsph->bsp", hidden, weight[pos_ids])  # autocast casts the fp32 rows
-        want = torch.cat([pos, torch.matmul(hidden, weight[negatives].t())], -1)
-        assert torch.equal(got, want)
-        copy = ct._weight_in(weight, torch.bfloat16)
-        assert copy.dtype == torch.bfloat16 and ct._weight_in(weight, torch.bfloat16) is copy
+        got = ct.exit_logits(model, head, hidden, cols)
+        assert torch.equal(got, torch.matmul(hidden, weight[cols.ids].t()))  # autocast casts the fp32 rows
+        rows = cols.rows(weight, torch.bfloat16)
+        assert rows.dtype == torch.bfloat16 and cols.rows(weight, torch.bfloat16) is rows
         with torch.no_grad():
             weight.mul_(2.0)
-        assert torch.equal(ct._weight_in(weight, torch.bfloat16), weight.to(torch.bfloat16))
+        assert torch.equal(cols.rows(weight, torch.bfloat16), weight[cols.ids].to(torch.bfloat16))
+    z = got.float() + cols.bias
+    assert torch.equal(cols.raw_max(z), got.float().amax(-1))  # the correction taken back out
 
 
 def test_mismatched_cache_is_refused(setup, tmp_path):

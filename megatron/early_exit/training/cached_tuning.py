@@ -12,14 +12,23 @@ Objectives match `losses.tuning_losses`:
   k = vocabulary size this is exactly the full-vocabulary distillation of `tuning_losses`;
 - `ce+kd`: both; confidence probes learn "the exit's top token equals the cached final top-1".
 
-`--exit-candidate-vocab N` replaces the vocabulary by candidate columns (sampled softmax,
-Jean et al. 2015): each token scores its own label and its cached top-k (always included,
-correction log 1 = 0) and N negatives drawn uniformly without replacement from the vocabulary,
-shared by the micro-batch (one matmul); a negative was included with probability N/V, so its
-logit gets -log(N/V), and a negative equal to one of the token's own columns is dropped. With
-N = V the columns are the vocabulary exactly once and the loss is the full one. The head then
-costs (k + 1 + N) instead of V columns per token. The agreement a probe learns is the exit's
-argmax over its columns. Validation always projects onto the whole vocabulary.
+`--exit-candidate-vocab N` replaces the vocabulary by one candidate set per micro-batch
+(sampled softmax, Jean et al. 2015), scored by every token of it with one product
+`h @ W[C]^T` -> [tokens, |C|]: C is P, the distinct labels and cached top-k ids of all the
+micro-batch's tokens, then m = min(N, V - |P|) negatives drawn uniformly without replacement
+from the V - |P| ids outside P. CE and KD read their columns by position (an id -> column map
+built once per micro-batch); no id is a column twice, so no per-token masking is needed.
+The correction: given the micro-batch, every id of P is a column with probability 1 (a
+token's own label and top-k, and the other tokens' ones alike), so its logit keeps log 1 = 0:
+the other tokens' positives are exact terms of the token's partition function, not samples.
+An id outside P is a column with probability m / (V - |P|), so a negative's logit gets
+-log(m / (V - |P|)) (added after any temperature). Then sum_C exp(z + correction) is an
+unbiased estimate of the full sum_V exp(z) for every token. With m = V - |P| the columns are
+the vocabulary exactly once and the loss is the full one. The agreement a probe learns is
+"the cached top-1 has the exit's largest logit over C" (uncorrected logits; a tie counts as
+agreement). A micro-batch of 4 x 256 SmolLM2 tokens with top-16 has |P| ~ 2,400-3,000, so with
+N = 2048 a token scores ~5,000 columns (the per-token sets it replaced: 17 + 2048). Validation
+always projects onto the whole vocabulary.
 
 Epoch 0 reads the cache in stored order (megatron-core's dataset order: the same first
 batches as tuning through the backbone), later epochs a permutation seeded by (seed, epoch).
@@ -30,7 +39,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -63,48 +72,68 @@ def validate_cache_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--exit-activation-cache {args.exit_activation_cache}: no such directory")
 
 
-# ----- the exit's columns: the whole vocabulary or a candidate set ------------------------
+# ----- the exit's columns: the whole vocabulary or the micro-batch's candidate set ----------
 
 
 @dataclass
-class ExitColumns:
-    """An exit's logits over some columns, and where the label and teacher top-k sit in them.
+class Columns:
+    """The vocabulary columns a micro-batch's exits score, and where its labels and top-k sit.
 
-    Whole vocabulary: column = token id. Candidate set: per token, its label and its top-k
-    (always included, bias 0), then the micro-batch's shared negatives (bias -log(N/V); -inf
-    where a negative repeats one of the token's own columns, so no token is counted twice).
+    Whole vocabulary (`ids` None): column = token id. Candidate set (`candidate_set`): the
+    distinct ids `ids` [C], shared by every token of the micro-batch, with a correction `bias`
+    [C] added to the logits (None where none is needed); `label_col` / `topk_col` give each
+    token's label and cached top-k as positions in `ids`.
     """
 
-    logits: torch.Tensor  # [b, s, C], the exit's temperature applied
     label_col: torch.Tensor  # [b, s]
     topk_col: torch.Tensor  # [b, s, k]
-    bias: torch.Tensor | None = None  # [b, s, C], added after the kd temperature
-    pos_ids: torch.Tensor | None = None  # [b, s, 1 + k] token ids of each token's own columns
-    negatives: torch.Tensor | None = None  # [N] token ids of the shared columns after them
+    ids: torch.Tensor | None = None  # [C] token id of each column: the positives P, then the negatives
+    bias: torch.Tensor | None = None  # [C] fp32, 0 on the positives, -log(m / (V - |P|)) on the negatives
+    num_positives: int = 0
+    _rows: dict = field(default_factory=dict, repr=False)  # frozen weight rows, shared by the exits
 
-    def log_probs(self, temperature: float = 1.0) -> torch.Tensor:
-        z = self.logits.float() if temperature == 1.0 else self.logits.float() / temperature
-        return torch.log_softmax(z if self.bias is None else z + self.bias, -1)
+    def rows(self, weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """The columns' rows of the vocabulary weight [C, h] in `dtype`; gathered once per
+        micro-batch for a frozen weight (the tied embedding every exit shares)."""
+        if weight.requires_grad:  # trains: the gather stays in the graph
+            return weight.index_select(0, self.ids).to(dtype)
+        key = (id(weight), weight._version, dtype)
+        if key not in self._rows:
+            self._rows = {key: _weight_in(weight, dtype).index_select(0, self.ids)}
+        return self._rows[key]
 
-    def token_of(self, cols: torch.Tensor) -> torch.Tensor:
-        """Column index [b, s] -> token id (without materialising every column's id)."""
-        if self.pos_ids is None:
-            return cols
-        p = self.pos_ids.shape[-1]
-        own = self.pos_ids.gather(-1, cols.clamp(max=p - 1).unsqueeze(-1)).squeeze(-1)
-        return torch.where(cols < p, own, self.negatives[(cols - p).clamp(min=0)])
-
-    @property
-    def col_ids(self) -> torch.Tensor | None:
-        """[b, s, C] token id of each column (None: the column is the token id)."""
-        if self.pos_ids is None:
-            return None
-        return torch.cat([self.pos_ids, self.negatives.expand(*self.pos_ids.shape[:-1], -1)], -1)
+    def raw_max(self, z: torch.Tensor) -> torch.Tensor:
+        """Max over the columns of the logits without the correction [b, s], from corrected `z`."""
+        if self.bias is None:
+            return z.amax(-1)
+        top_neg = z[..., self.num_positives :].amax(-1) - self.bias[-1]
+        return torch.maximum(z[..., : self.num_positives].amax(-1), top_neg)
 
 
-def sample_negatives(vocab_size: int, num_negatives: int, generator) -> torch.Tensor:
-    """N distinct token ids drawn uniformly (each included with probability N/V), sorted."""
-    return torch.randperm(vocab_size, generator=generator)[: min(num_negatives, vocab_size)].sort().values
+def whole_vocabulary(batch: dict) -> Columns:
+    return Columns(batch["labels"], batch["topk_ids"])
+
+
+def candidate_set(labels, topk_ids, vocab_size: int, num_negatives: int, generator) -> Columns:
+    """The micro-batch's columns: P, the distinct labels and cached top-k ids of all its tokens,
+    then m = min(N, V - |P|) negatives drawn uniformly without replacement from the ids outside P
+    (`generator`: a CPU torch.Generator). See the module docstring for the correction."""
+    device = labels.device
+    positives = torch.unique(torch.cat([labels.flatten(), topk_ids.flatten()]))  # sorted, each id once
+    free = vocab_size - positives.numel()
+    m = min(num_negatives, free)
+    outside = torch.ones(vocab_size, dtype=torch.bool)
+    outside[positives.cpu()] = False
+    order = torch.randperm(vocab_size, generator=generator)
+    negatives = order[outside[order]][:m].to(device)
+    ids = torch.cat([positives, negatives])
+    bias = None
+    if 0 < m < free:  # m = V - |P|: every id is a column once, no correction (the full softmax)
+        correction = torch.full((m,), -math.log(m / free), device=device)
+        bias = torch.cat([torch.zeros(positives.numel(), device=device), correction])
+    position = torch.empty(vocab_size, dtype=torch.long, device=device)
+    position[ids] = torch.arange(ids.numel(), device=device)
+    return Columns(position[labels], position[topk_ids], ids, bias, positives.numel())
 
 
 def _exit_weight(model, head) -> torch.Tensor:
@@ -124,62 +153,51 @@ def _weight_in(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return _FROZEN_COPIES.get(weight, dtype, lambda w: w.to(dtype))
 
 
-def full_columns(model, head, hidden, labels, topk_ids) -> ExitColumns:
-    return ExitColumns(head.project(hidden, _exit_weight(model, head)), labels, topk_ids)  # (b, s, V)
-
-
-def candidate_columns(model, head, hidden, labels, topk_ids, negatives) -> ExitColumns:
-    """Columns [label, top-k..., negatives...] per token; see ExitColumns."""
-    weight, v, n = _exit_weight(model, head), model.config.vocab_size, negatives.numel()
+def exit_logits(model, head, hidden, cols: Columns) -> torch.Tensor:
+    """The exit's logits over the columns [b, s, C] (the exit's temperature applied, no
+    correction), in the products' dtype: one matmul with the columns' rows of the weight."""
+    weight = _exit_weight(model, head)
+    if cols.ids is None:
+        return head.project(hidden, weight)
     kind = hidden.device.type  # the products' dtype: autocast's where it is on
     dtype = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else hidden.dtype
-    weight = _weight_in(weight, dtype)
-    pos_ids = torch.cat([labels.unsqueeze(-1), topk_ids], -1)  # (b, s, 1 + k)
-    pos = torch.einsum("bsh,bsph->bsp", hidden, weight[pos_ids].to(dtype))  # (b, s, 1 + k)
-    neg = torch.matmul(hidden, weight[negatives].t().to(dtype))  # (b, s, h) @ (h, N)
-    logits = torch.cat([pos, neg], -1)
-    if head.temperature != 1.0:
-        logits = logits / head.temperature
-    in_topk = topk_ids == labels.unsqueeze(-1)  # (b, s, k): the label is one of the top-k
-    label_col = torch.where(in_topk.any(-1), in_topk.float().argmax(-1) + 1, 0)
-    pos_bias = torch.zeros(pos_ids.shape, device=hidden.device)
-    pos_bias[..., 0] = torch.where(in_topk.any(-1), -math.inf, 0.0)  # counted once, in its top-k column
-    # a negative equal to one of this token's own columns: -inf (amin-scatter leaves the others)
-    idx = torch.searchsorted(negatives, pos_ids).clamp(max=n - 1)
-    hit = torch.where(negatives[idx] == pos_ids, -math.inf, math.inf)
-    neg_bias = torch.full(neg.shape, -math.log(n / v), device=hidden.device).scatter_reduce(-1, idx, hit, "amin")
-    k = topk_ids.shape[-1]
-    topk_col = torch.arange(1, k + 1, device=hidden.device).expand(topk_ids.shape)
-    return ExitColumns(logits, label_col, topk_col, torch.cat([pos_bias, neg_bias], -1), pos_ids, negatives)
+    logits = torch.matmul(hidden, cols.rows(weight, dtype).t())
+    return logits / head.temperature if head.temperature != 1.0 else logits
 
 
 # ----- the objective -------------------------------------------------------------------
 
 
-def _kd(cols: ExitColumns, topk_lp, kd_temperature: float, lp=None):
-    """T^2 * KL(teacher top-k renormalised || student) on the top-k: [b, s]."""
-    lp = cols.log_probs(kd_temperature) if lp is None else lp
-    student = lp.gather(-1, cols.topk_col)  # (b, s, k)
+def _kd(raw, cols: Columns, topk_lp, kd_temperature: float, student):
+    """T^2 * KL(teacher top-k renormalised || student) on the top-k: [b, s]. `raw`: the exit's
+    logits; `student`: its log-probs of the top-k at T = 1 (reused). The correction is added
+    after the temperature: it weighs exp(z / T) of a sampled column, not z."""
+    if kd_temperature != 1.0:
+        z = raw.float() / kd_temperature
+        z = z if cols.bias is None else z + cols.bias
+        student = torch.log_softmax(z, -1).gather(-1, cols.topk_col)  # (b, s, k)
     teacher = torch.log_softmax(topk_lp / kd_temperature, -1)
     return (teacher.exp() * (teacher - student)).sum(-1) * kd_temperature**2
 
 
-def exit_terms(model, n: int, batch: dict, rotary, loss_type: str, kd_t: float, negatives=None):
+def exit_terms(model, n: int, batch: dict, rotary, loss_type: str, kd_t: float, cols: Columns):
     """One exit's per-token losses and logged parts from its cached input."""
     head = model.exits[str(n)]
     backbone = batch["hidden"][n].float()  # the exit's cached input: the backbone at its depth
     hidden = head.hidden(backbone, rotary)
-    args = (model, head, hidden, batch["labels"], batch["topk_ids"])
-    cols = full_columns(*args) if negatives is None else candidate_columns(*args, negatives)
-    lp, mask = cols.log_probs(), batch["loss_mask"]
-    ce = -lp.gather(-1, cols.label_col.unsqueeze(-1)).squeeze(-1)
+    raw = exit_logits(model, head, hidden, cols)
+    z = raw.float() if cols.bias is None else raw + cols.bias  # fp32 either way (one pass)
+    own = torch.cat([cols.label_col.unsqueeze(-1), cols.topk_col], -1)  # (b, s, 1 + k): one gather
+    lp, mask = torch.log_softmax(z, -1).gather(-1, own), batch["loss_mask"]
+    ce = -lp[..., 0]
     parts = {f"exit_{n} loss": masked_mean(ce, mask).detach()}
     per_token = ce if "ce" in loss_type.split("+") else torch.zeros_like(ce)
     if "kd" in loss_type:
-        kd = _kd(cols, batch["topk_logprobs"], kd_t, lp if kd_t == 1.0 else None)
+        kd = _kd(raw, cols, batch["topk_logprobs"], kd_t, lp[..., 1:])
         parts[f"exit_{n} kd loss"] = masked_mean(kd, mask).detach()
         per_token = per_token + kd
-    agree = (cols.token_of(lp.detach().argmax(-1)) == batch["topk_ids"][..., 0]).float()
+    with torch.no_grad():  # the exit's top token is the cached top-1 (its logit, uncorrected, is the max)
+        agree = (z.gather(-1, cols.topk_col[..., :1]).squeeze(-1) >= cols.raw_max(z)).float()
     parts[f"exit_{n} agreement"] = masked_mean(agree, mask)
     probe = None
     if head.confidence is not None:
@@ -189,14 +207,16 @@ def exit_terms(model, n: int, batch: dict, rotary, loss_type: str, kd_t: float, 
     return masked_mean(per_token, mask), probe, parts
 
 
-def cached_losses(model, batch: dict, exit_weights: dict[int, float], loss_type: str, kd_t: float, negatives=None):
-    """The tuning objective of every exit from one cached micro-batch: (total, parts)."""
+def cached_losses(model, batch: dict, exit_weights: dict[int, float], loss_type: str, kd_t: float, cols=None):
+    """The tuning objective of every exit from one cached micro-batch: (total, parts).
+    `cols`: the micro-batch's candidate set (`candidate_set`), None for the whole vocabulary."""
+    cols = whole_vocabulary(batch) if cols is None else cols
     s = batch["labels"].shape[1]
     positions = torch.arange(s, device=batch["labels"].device).unsqueeze(0)
     rotary = model.rotary(positions) if model.rotary is not None else None
     total, parts = None, {}
     for n in model.exit_layer_numbers:
-        loss, probe, p = exit_terms(model, n, batch, rotary, loss_type, kd_t, negatives)
+        loss, probe, p = exit_terms(model, n, batch, rotary, loss_type, kd_t, cols)
         term = exit_weights[n] * loss + (probe if probe is not None else 0.0)
         total = term if total is None else total + term
         parts.update(p)
@@ -246,12 +266,12 @@ class CachedTuner(Trainer):
         rows = [[self._row(start + i * mbs + j) for j in range(mbs)] for i in range(self.num_micro)]
         return [self.train_cache.batch(r, self.device) for r in rows]
 
-    def _negatives(self, micro: int) -> torch.Tensor | None:
-        """The micro-batch's shared negatives, seeded by (seed, iteration, micro-batch)."""
+    def _columns(self, micro: int, batch: dict) -> Columns | None:
+        """The micro-batch's candidate set, its negatives seeded by (seed, iteration, micro-batch)."""
         if not self.args.exit_candidate_vocab:
             return None
         gen = torch.Generator().manual_seed(self.args.seed * 1_000_003 + self.state.iteration * 1009 + micro)
-        return sample_negatives(self.config.vocab_size, self.args.exit_candidate_vocab, gen).to(self.device)
+        return candidate_set(batch["labels"], batch["topk_ids"], self.config.vocab_size, self.args.exit_candidate_vocab, gen)
 
     def train_step(self) -> dict[str, float]:
         from megatron.early_exit.parallel.grads import clip_grad_norm
@@ -262,7 +282,7 @@ class CachedTuner(Trainer):
         for micro, batch in enumerate(self._micro_batches()):
             with self.autocast:
                 total, parts = cached_losses(
-                    self.model, batch, weights, a.exit_loss_type, a.kd_temperature, self._negatives(micro)
+                    self.model, batch, weights, a.exit_loss_type, a.kd_temperature, self._columns(micro, batch)
                 )
             (total / self.num_micro).backward()
             for k, v in parts.items():

@@ -271,7 +271,8 @@ class CachedTuner(Trainer):
         if not self.args.exit_candidate_vocab:
             return None
         gen = torch.Generator().manual_seed(self.args.seed * 1_000_003 + self.state.iteration * 1009 + micro)
-        return candidate_set(batch["labels"], batch["topk_ids"], self.config.vocab_size, self.args.exit_candidate_vocab, gen)
+        labels, topk = batch["labels"], batch["topk_ids"]
+        return candidate_set(labels, topk, self.config.vocab_size, self.args.exit_candidate_vocab, gen)
 
     def train_step(self) -> dict[str, float]:
         from megatron.early_exit.parallel.grads import clip_grad_norm

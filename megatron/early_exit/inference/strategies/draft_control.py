@@ -52,13 +52,16 @@ WARM_EXPLORE_SHARE = 0.02  # exploration budget of an exit whose acceptance the 
 @dataclass
 class DraftCosts:
     """Costs in units of one full decode step. draft[n]: one token drafted at exit n (layers up
-    to it, its head); row[n]: one more drafted row in the verify pass (layers above n, head)."""
+    to it, its head); row[n]: one more drafted row in the verify pass (layers above n, head);
+    base[n]: what a round drafting from exit n costs besides (its verify pass with no drafted
+    row; a full step, 1.0, where not given: the weight-count model)."""
 
     draft: dict[int, float]
     row: dict[int, float]
+    base: dict[int, float] = field(default_factory=dict)
 
     def round_time(self, n: int, g: int) -> float:
-        return 1.0 if g == 0 else g * self.draft[n] + 1.0 + g * self.row[n]
+        return 1.0 if g == 0 else g * self.draft[n] + self.base.get(n, 1.0) + g * self.row[n]
 
 
 def expected_tokens(a: float, g: int) -> float:

@@ -194,7 +194,7 @@ def test_self_speculation_with_the_int8_head_equals_full_greedy(monkeypatch, goo
     assert [r.tokens for r in got] == want
     assert sum(int(w.sum()) for w in wins) > 10  # tokens the int8 head certified (no full-product fallback)
     plain = sum(r.stats["draft_lengths"].get(0, 0) for r in got)
-    assert rows and (plain > 0 or good)  # verify passes (also exploring drafts) and, where drafts disagree, plain rounds
+    assert rows and (plain > 0 or good)  # verify passes (exploring drafts too); plain rounds where drafts disagree
     assert engine.passes.argmax_head == "full"
 
 

@@ -66,7 +66,7 @@ class StepOutput:
     exit_layer: dict[int, int] = field(default_factory=dict)
     confidence: dict[int, float] = field(default_factory=dict)
     all_logits: dict[int, torch.Tensor] = field(default_factory=dict)  # b -> [R, V] final logits of every row
-    tokens: dict[int, int] = field(default_factory=dict)  # b -> greedy token, where no logits came (pipeline, int8 head)
+    tokens: dict[int, int] = field(default_factory=dict)  # b -> greedy token where no logits came (pipeline, int8)
     # b -> the final head's greedy token of every row, where the int8 head made them (`all_logits`
     # then holds its near-exact logits: the candidates' exact values, the others within the bound)
     all_tokens: dict[int, list[int]] = field(default_factory=dict)

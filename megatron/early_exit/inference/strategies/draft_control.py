@@ -30,10 +30,12 @@ confidence was accepted (prior: one draft at the bin's middle, as from a calibra
 drafting within a round when P(its newest draft is accepted) * a_n, the chance that one more
 draft adds a token, is worth less than that draft's cost at the round's planned rate.
 
-Costs come from a measured `cost_model.DecodeCosts` when one is given, else from the config's
-weight counts (decoding is memory-bound: a pass costs the bytes of the weights it reads), with the
-documented defaults `FIXED_LAYERS` and `ROW_SHARE`. Nothing here reads a clock: the same
-tokens give the same decisions on every rank (tensor parallelism) and in tests.
+Costs (`DraftCosts`) come from rounds timed on this machine (`draft_costs.py`: a round's base
+cost besides its drafts is measured too), from a measured `cost_model.DecodeCosts`, or from the
+config's weight counts (decoding is memory-bound: a pass costs the bytes of the weights it reads),
+with the documented defaults `FIXED_LAYERS` and `ROW_SHARE`; `self_speculative.draft_costs_for`
+chooses. Nothing here reads a clock: with the same costs, the same tokens give the same
+decisions on every rank (tensor parallelism, which prices from weight counts) and in tests.
 """
 
 from __future__ import annotations

@@ -11,9 +11,13 @@ when its draft's confidence says another draft does not pay. Whatever is drafted
 token is the final head's greedy token, so the output equals full greedy decoding.
 
 One controller per engine (it learns across calls), warm-started from the checkpoint's
-calibrated per-exit agreement where it has one (`model.calibrated_thresholds["agreement"]`); a
-measured `cost_model.DecodeCosts` set as `engine.decode_costs` replaces the weight-count cost
-model. A round that drafts nothing is a plain decode step on full decoding's fast path.
+calibrated per-exit agreement where it has one (`model.calibrated_thresholds["agreement"]`); its
+costs are rounds timed on first use at the batch size being decoded (`draft_costs.py`), the
+config's weight counts where decisions must not depend on the clock, or a measured
+`cost_model.DecodeCosts` set as `engine.decode_costs` (`draft_costs_for`). A round that drafts
+nothing is a plain decode step on full decoding's fast path; on a greedy request without
+log-probabilities its verify passes take the final head's tokens from the engine's certified
+int8 head where it uses one (`token_only`).
 """
 
 from __future__ import annotations
@@ -25,7 +29,6 @@ import torch
 from megatron.early_exit.inference.exit_decision import costs_from_parameters
 from megatron.early_exit.inference.passes import ExitPolicy
 from megatron.early_exit.inference.strategies.base import Batch, Strategy
-from megatron.early_exit.inference.strategies.draft_costs import measure_draft_costs
 from megatron.early_exit.inference.strategies.draft_control import (
     MAX_DRAFT,
     DraftController,
@@ -34,6 +37,7 @@ from megatron.early_exit.inference.strategies.draft_control import (
     costs_from_config,
     costs_from_measured,
 )
+from megatron.early_exit.inference.strategies.draft_costs import measure_draft_costs
 
 AUTO = "auto"
 _CONTROLLERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # engine -> controller

@@ -212,7 +212,6 @@ def run(args) -> None:
 
     from megatron.early_exit.inference import EarlyExitEngine, load_plugins
     from megatron.early_exit.inference.server import EngineDriver, follow
-    from megatron.early_exit.inference.strategies.self_speculative import draft_costs_for
 
     load_plugins(args.plugin)  # on every rank, before any request names what they register
     check_args(args)
@@ -226,8 +225,6 @@ def run(args) -> None:
         model, tokenizer = load(args, device, 1)
         engine, group = EarlyExitEngine(model, tokenizer), None
         engine.exit_costs()  # cost_aware's cost measurement now, not in the first request that uses it
-        if engine.draft_exits():  # likewise self-speculation's round costs, at batch 1 (other sizes on first use)
-            draft_costs_for(engine, 1, 128)
     if tokenizer is None:
         raise ValueError(f"--load {args.load}: the checkpoint has no tokenizer")
     max_seq_length(args, model)  # every rank checks, before followers start waiting for rank 0

@@ -131,7 +131,7 @@ def test_engine_controller_persists_and_takes_measured_costs():
     # A measured cost model replaces the parameter count: layer 1, fixed 2, head 3 (full step 2 + 6 + 3 = 11).
     engine.decode_costs = DecodeCosts(6, {1: 1, 3: 3}, layer=1.0, fixed=2.0, head=3.0, vocab={1: 3.0, 3: 3.0}, row=0.1)
     measured = controller_for(engine)
-    assert measured is not ctl
+    assert measured is ctl and ctl.stats[1].rejected > 0  # new costs, the acceptance learned so far kept
     assert measured.costs.draft[1] == pytest.approx((2 + 1 + 3) / 11)
     assert measured.costs.row[3] == pytest.approx((3 * 0.1 + 0.1 * 3) / 11)
 
@@ -203,6 +203,52 @@ def test_controller_falls_back_explores_and_recovers():
     assert sum(g == 0 for g in bad[50:]) > 140  # then falls back to plain steps
     assert 150 // every - 1 <= sum(g > 0 for g in bad[50:]) <= 150 // every + 1  # but for exploratory tries
     assert sum(g >= 4 for g in again[100:]) > 90  # and finds the exit again when it recovers
+
+
+def test_controller_decides_with_measured_round_costs():
+    """Costs as `draft_costs` measures them (a round's base besides its drafts): the CPU
+    reference model's case, acceptance 0.82 from exit 6. A draft priced at 0.65 of a step and a
+    full step's verify: 1 draft, 1.07 tokens per step (2: 1.04); at the clock's 0.40 with a verify
+    of 1.05 steps, 2 drafts give (1 + .82 + .82^2) / (2 * 0.45 + 1.05) = 1.28 (1: 1.22, 3: 1.27)."""
+    lengths = list(range(1, MAX_DRAFT + 1))
+
+    def planned(costs: DraftCosts) -> tuple:
+        ctl = DraftController(costs, explore_share=1e-9)
+        ctl.stats[6].accepted, ctl.stats[6].rejected, ctl.stats[6].idle = 83.0, 17.0, 0
+        ctl.stats[3].accepted, ctl.stats[3].rejected, ctl.stats[3].idle = 10.0, 90.0, 0
+        plan = ctl.plan([3, 6], lengths)
+        return plan.exit, plan.length, plan.rate
+
+    assert planned(DraftCosts({3: 0.4, 6: 0.65}, {3: 0.07, 6: 0.05}))[:2] == (6, 1)
+    exit_, length, rate = planned(DraftCosts({3: 0.3, 6: 0.40}, {3: 0.07, 6: 0.05}, base={3: 1.05, 6: 1.05}))
+    a = 84.0 / 102.0  # the Beta(1, 1) prior's posterior mean
+    assert (exit_, length) == (6, 2)
+    assert rate == pytest.approx(expected_tokens(a, 2) / (2 * 0.45 + 1.05))
+    # A verify pass that costs more than a step by itself (base 1.6) moves the best length up to 3.
+    assert planned(DraftCosts({3: 0.3, 6: 0.40}, {3: 0.07, 6: 0.05}, base={3: 1.6, 6: 1.6}))[:2] == (6, 3)
+
+
+def test_measured_draft_costs_come_from_timed_rounds(monkeypatch):
+    """`measure_draft_costs` fits the rounds' ratios to a plain round; the controller takes them on
+    first use where costs may come from the clock, once per batch-size bucket."""
+    from megatron.early_exit.inference.strategies import self_speculative as ss
+    from megatron.early_exit.inference.strategies.draft_costs import costs_of, measure_draft_costs
+
+    t = {f"{k} {n}/{g}": v for n in (1, 3) for k, g, v in
+         (("draft", 1, 0.5), ("draft", 4, 1.7), ("round", 1, 1.6), ("round", 4, 3.4))}  # fmt: skip
+    c = costs_of(t, [1, 3])
+    assert (c.draft[3], c.row[3], c.base[3]) == pytest.approx((0.4, 0.2, 1.0))
+    engine = EarlyExitEngine(build(True))
+    costs, ratios = measure_draft_costs(engine, 2, 9, repeats=1)
+    assert set(ratios) == {f"{k} {n}/{g}" for k in ("round", "draft") for n in (1, 3) for g in (1, 4)}
+    assert all(v > 0 for v in ratios.values()) and set(costs.base) == {1, 3}
+    calls = []
+    monkeypatch.setattr(ss, "measure_draft_costs", lambda e, b, n: calls.append((b, n)) or (c, {}))
+    monkeypatch.setenv("EE_EXIT_COSTS", "measured")
+    res = engine.generate(PROMPTS[:3], GenerationSettings("self_speculative", 8, ignore_eos=True))
+    assert calls[0] == (4, 7)  # 3 sequences: the bucket of 4, the longest prompt
+    assert {b for b, _ in calls} <= {1, 2, 4} and ss.controller_for(engine, 4).costs is c
+    assert [r.tokens for r in res] == [naive_greedy(engine.model, p, 8) for p in PROMPTS[:3]]
 
 
 def test_early_stop_learns_from_confidence():

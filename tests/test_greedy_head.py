@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from megatron.early_exit.config import ModelConfig
-from megatron.early_exit.inference import EarlyExitEngine, GenerationSettings
+from megatron.early_exit.inference import EarlyExitEngine, ExitPolicy, GenerationSettings
 from megatron.early_exit.inference import greedy_head as gh
 from megatron.early_exit.model import EarlyExitGPT
 
@@ -152,3 +152,93 @@ def test_auto_is_off_for_small_heads_and_the_env_var_forces_it(monkeypatch):
     monkeypatch.setenv(gh.ENV, "bogus")
     with pytest.raises(ValueError, match="EE_GREEDY_HEAD"):
         EarlyExitEngine(model).generate(PROMPTS[:1], GenerationSettings(max_new_tokens=4))
+
+
+def drafting(good: bool):
+    """tiny() with exits that draft well (good: layers 2-3 add nothing and exit 1 reads the final
+    norm on the tied head, so drafts agree) or with random untied exits (drafts rarely agree)."""
+    cfg = ModelConfig(num_layers=3, hidden_size=64, num_attention_heads=4, num_query_groups=2, ffn_hidden_size=128,
+                      vocab_size=512, max_position_embeddings=96, normalization="RMSNorm", swiglu=True,
+                      position_embedding_type="rope", add_bias_linear=False, exit_layer_nums=[1, 2],
+                      use_exit_norm=True, untie_exit_output_weights=not good)  # fmt: skip
+    model = EarlyExitGPT(cfg)
+    model.init_weights(0)
+    with torch.no_grad():
+        for i in (1, 2) if good else ():
+            model.decoder.layers[str(i)].self_attention.linear_proj.weight.zero_()
+            model.decoder.layers[str(i)].mlp.linear_fc2.weight.zero_()
+        if good:
+            model.exits["1"].norm.load_state_dict(model.decoder.final_layernorm.state_dict())
+    return model.eval()
+
+
+@pytest.mark.parametrize("good", [True, False])
+@pytest.mark.parametrize("batch", [1, 4])
+def test_self_speculation_with_the_int8_head_equals_full_greedy(monkeypatch, good, batch):
+    """Lossless with the int8 head on the verify pass (drafted rows) and on plain rounds: the
+    same tokens as full greedy decoding with the full head, and the int8 head really decided
+    (certified) tokens of both kinds of round."""
+    from megatron.early_exit.inference.passes import Passes
+
+    model, prompts = drafting(good), PROMPTS[:batch]
+    full = GenerationSettings(strategy="full", max_new_tokens=24, ignore_eos=True)
+    want = [r.tokens for r in EarlyExitEngine(model, head="full").generate(prompts, full)]
+    s = GenerationSettings(strategy="self_speculative", max_new_tokens=24, ignore_eos=True)
+    assert [r.tokens for r in EarlyExitEngine(model, head="full").generate(prompts, s)] == want
+    rows, real = [], Passes.final_row_tokens
+    monkeypatch.setattr(Passes, "final_row_tokens", lambda self, r, x, out: rows.append(1) or real(self, r, x, out))
+    wins, certified = [], gh.certified
+    monkeypatch.setattr(gh, "certified", lambda *a: wins.append(certified(*a)) or wins[-1])
+    engine = EarlyExitEngine(model, head="int8")
+    got = engine.generate(prompts, s)
+    assert [r.tokens for r in got] == want
+    assert sum(int(w.sum()) for w in wins) > 10  # tokens the int8 head certified (no full-product fallback)
+    plain = sum(r.stats["draft_lengths"].get(0, 0) for r in got)
+    assert rows and (plain > 0 or good)  # verify passes (exploring drafts too); plain rounds where drafts disagree
+    assert engine.passes.argmax_head == "full"
+
+
+def serve_jobs(engine, jobs) -> None:
+    """Run `jobs` together through the server's continuous-batching scheduler; wait for all."""
+    import threading
+
+    from megatron.early_exit.inference.server import EngineDriver, Scheduler
+
+    done = threading.Semaphore(0)
+    scheduler = Scheduler(EngineDriver(engine), max_batch_size=8, capacity=64, max_queued=8)
+    for job in jobs:
+        job.sink = lambda event: done.release() if event.kind in ("done", "error") else None
+    scheduler.start()
+    try:
+        scheduler.submit(*jobs)
+        for _ in jobs:
+            assert done.acquire(timeout=120)
+    finally:
+        scheduler.stop()
+
+
+def test_server_greedy_steps_take_the_int8_head_and_keep_their_tokens(monkeypatch):
+    """The server's greedy requests (full, early_exit sharing a pass, self_speculative rounds)
+    decode the same tokens with the int8 head as `generate` with the full head; a request with
+    log-probabilities, top alternatives or sampling in the same pass keeps the full logits."""
+    from megatron.early_exit.inference.server import Job
+
+    model = drafting(True)
+    greedy = [GenerationSettings(strategy=k, max_new_tokens=12, ignore_eos=True, early_exit_threshold=0.9,
+                                 exit_policy="exact") for k in ("full", "early_exit", "self_speculative")]  # fmt: skip
+    want = [EarlyExitEngine(model, head="full").generate(PROMPTS[:2], s) for s in greedy]
+    engine = EarlyExitEngine(model, head="int8")
+    calls = spy(monkeypatch)
+    jobs = [Job([list(p) for p in PROMPTS[:2]], s, engine.check(s, PROMPTS[:2])) for s in greedy]
+    serve_jobs(engine, jobs)
+    for job, w in zip(jobs, want):
+        assert [r.tokens for r in job.results] == [r.tokens for r in w]
+        assert [r.exit_layers for r in job.results] == [r.exit_layers for r in w]
+    assert len(calls) >= 12  # the int8 head decided the steps (prefills keep the full head)
+    calls.clear()
+    s = greedy[0]
+    mixed = [Job([PROMPTS[0]], s, ExitPolicy(), top_logprobs=2), Job([PROMPTS[1]], s, ExitPolicy())]
+    serve_jobs(engine, mixed)
+    assert not calls  # one pass for both: the top alternatives need the logits
+    assert [mixed[0].results[0].tokens, mixed[1].results[0].tokens] == [r.tokens for r in want[0]]
+    assert all(len(t) == 2 for t in mixed[0].token_top[0])

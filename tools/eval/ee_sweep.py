@@ -208,7 +208,17 @@ def speculative_row(engine, prompts, references, args, base_tps: float, full_tok
         "acceptance_rate": round(sum(r.stats["accepted"] for r in results) / max(drafted, 1), 4),
         "plain_share": round(sum(x.get(0, 0) for x in rounds) / max(sum(sum(x.values()) for x in rounds), 1), 4),
         "draft_exits": json.dumps(dict(sorted(exits.items()))),
+        "draft_costs": json.dumps(draft_costs_of(engine, args.batch_size)),
     }
+
+
+def draft_costs_of(engine, batch_size: int) -> dict:
+    """The controller's costs per exit (units of a plain step: a draft, a verified row, a round's
+    base), as it priced this run's rounds (`strategies/self_speculative.draft_costs_for`)."""
+    from megatron.early_exit.inference.strategies.self_speculative import batch_bucket, draft_costs_for
+
+    c = draft_costs_for(engine, batch_bucket(batch_size), 1)  # measured during the run: the cached costs
+    return {n: [round(c.draft[n], 3), round(c.row[n], 3), round(c.base.get(n, 1.0), 3)] for n in c.draft}
 
 
 def write_speculative(row: dict, out: str) -> None:

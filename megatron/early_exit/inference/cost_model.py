@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import functools
 import math
+import statistics
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
@@ -165,6 +166,32 @@ def best_times(
             fn()
             best[name] = min(best[name], clock() - start)
     return best
+
+
+def paired_ratios(
+    fns: dict[str, Callable[[], object]],
+    unit: Callable[[], object],
+    device: torch.device,
+    repeats: int = 5,
+    clock: Callable[[], float] | None = None,
+) -> dict[str, float]:
+    """Each function's time over `unit`'s, the two timed back to back: the median over `repeats`
+    rounds (each runs every function once, in turn, after one warm-up call each). On a machine
+    shared with other work, whose load changes over seconds, a ratio of neighbours in time
+    drifts far less than either time (best-of times of one 12-layer step ranged 1-3x there)."""
+    clock = clock or functools.partial(tick, device)
+    unit()
+    for fn in fns.values():
+        fn()
+    ratios: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = clock()
+            unit()
+            mid = clock()
+            fn()
+            ratios[name].append((clock() - mid) / max(mid - start, 1e-12))
+    return {name: statistics.median(r) for name, r in ratios.items()}
 
 
 def step_times(engine, prompts, settings: dict[str, GenerationSettings], steps: int, repeats: int) -> dict[str, float]:

@@ -14,7 +14,8 @@ caller's model is left as it was between calls.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import contextlib
+from collections.abc import Iterator, Mapping
 
 import torch
 
@@ -97,9 +98,16 @@ class EarlyExitEngine:
         with self.packed:
             return self.passes.run(state, prompts, ExitPolicy())
 
-    def decode_one_token(self, state: DecodeState, tokens: dict[int, int], policy: ExitPolicy) -> StepOutput:
-        """Feed one token per sequence; each goes as deep as `policy` lets it (pending rows catch up)."""
-        with self.packed:
+    def decode_one_token(
+        self, state: DecodeState, tokens: dict[int, int], policy: ExitPolicy, argmax: bool | None = None
+    ) -> StepOutput:
+        """Feed one token per sequence; each goes as deep as `policy` lets it (pending rows catch up).
+        argmax: True when the caller needs only greedy tokens of the final head (the server's
+        greedy steps: `greedy_head`), False for its logits; None keeps the current choice."""
+        if argmax is None:
+            with self.packed:
+                return self.passes.run(state, {b: [t] for b, t in tokens.items()}, policy)
+        with self.packed, self.greedy_head(argmax):
             return self.passes.run(state, {b: [t] for b, t in tokens.items()}, policy)
 
     def verify(self, state: DecodeState, tokens: dict[int, list[int]]) -> StepOutput:
@@ -126,7 +134,7 @@ class EarlyExitEngine:
         do not share passes); `results[b]`, `counts[b]` belong to slot b."""
         strategy = get_strategy(s.strategy)
         batch = Batch(s, strategy.policy(self, s, self.allowed_exits(s)), results, counts)
-        with self.packed:
+        with self.packed, self.greedy_head(self.argmax_only(s)):
             return strategy.round(self, state, running, batch)
 
     # ----- validation ----------------------------------------------------------------------
@@ -161,14 +169,27 @@ class EarlyExitEngine:
 
     def argmax_only(self, s: GenerationSettings) -> bool:
         """Whether a request needs nothing of the final head but its token: greedy, no
-        log-probabilities, a strategy whose round is one pass and an accept, one device, CPU."""
+        log-probabilities, a strategy whose round is one pass and an accept or that reads only
+        tokens (`Strategy.token_only`: self_speculative's verify), one device, CPU."""
+        strategy = get_strategy(s.strategy)
         return (
             s.temperature <= 0
             and not s.return_logprobs
-            and get_strategy(s.strategy).shares_passes
+            and (strategy.shares_passes or strategy.token_only)
             and type(self.model.head_ops) is HeadOps
             and self.packed_weights
         )
+
+    @contextlib.contextmanager
+    def greedy_head(self, on: bool) -> Iterator[None]:
+        """Passes meanwhile take the final head's tokens from `head` (the certified int8 argmax
+        where it applies: `out.tokens`, `out.all_tokens`) when `on`, else the whole logits; the
+        whole logits again afterwards (the server's other step calls keep them)."""
+        self.passes.argmax_head = self.head if on else "full"
+        try:
+            yield
+        finally:
+            self.passes.argmax_head = "full"
 
     def exit_costs(self) -> ExitCosts:
         """The `cost_aware` policy's costs, measured (some tenths of a CPU second) or derived now
@@ -194,12 +215,8 @@ class EarlyExitEngine:
             return results
         state = self.new_state(len(prompts), max(len(p) for p in prompts) + s.max_new_tokens + 1)
         self.passes.profile = s.profile
-        self.passes.argmax_head = self.head if self.argmax_only(s) else "full"
-        try:
-            with self.packed:
-                elapsed, counts = decode_loop(self, state, prompts, results, s, policy)
-        finally:  # the server's own step calls keep the whole logits
-            self.passes.argmax_head = "full"
+        with self.packed, self.greedy_head(self.argmax_only(s)):
+            elapsed, counts = decode_loop(self, state, prompts, results, s, policy)
         self.acceptance.finish(results, s, elapsed, counts, state.exit_time, get_strategy(s.strategy).drafts)
         return results
 

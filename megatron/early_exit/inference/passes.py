@@ -67,7 +67,10 @@ class StepOutput:
     exit_layer: dict[int, int] = field(default_factory=dict)
     confidence: dict[int, float] = field(default_factory=dict)
     all_logits: dict[int, torch.Tensor] = field(default_factory=dict)  # b -> [R, V] final logits of every row
-    tokens: dict[int, int] = field(default_factory=dict)  # b -> greedy token, where no logits came (pipeline)
+    tokens: dict[int, int] = field(default_factory=dict)  # b -> greedy token where no logits came (pipeline, int8)
+    # b -> the final head's greedy token of every row, where the int8 head made them (`all_logits`
+    # then holds its near-exact logits: the candidates' exact values, the others within the bound)
+    all_tokens: dict[int, list[int]] = field(default_factory=dict)
     row_exit_layer: dict[int, list[int]] = field(default_factory=dict)  # b -> layer per new row (scoring.py)
 
     def order(self) -> list[int]:
@@ -177,7 +180,7 @@ class Passes:
         """Feed `new_tokens` (b -> ids, [] for none) through every layer, pending rows catching up;
         exits fire under `policy`; the final head on what is left (every row with `all_rows`).
         `scores` (a `scoring.RowScores`, with `all_rows`): evaluates its exits on every new row."""
-        if self.fast and not all_rows and self.is_uniform(state, new_tokens):
+        if self.fast and not all_rows and self.is_uniform(state, new_tokens, policy):
             return self.run_uniform(state, new_tokens, policy)
         out = StepOutput()
         rows = self.embed(state, new_tokens)
@@ -203,14 +206,17 @@ class Passes:
         self.final_head(rows, all_rows, out)
         return out
 
-    def is_uniform(self, state: DecodeState, new_tokens: dict[int, list[int]]) -> bool:
+    def is_uniform(self, state: DecodeState, new_tokens: dict[int, list[int]], policy: ExitPolicy) -> bool:
         """The usual decode step: every sequence of the pass gets exactly one new token and has
-        K/V at every layer for all its earlier positions (nothing pending)."""
+        K/V for all its earlier positions at every layer the pass can reach (nothing pending
+        there): all of them, or those below a forced exit (self-speculative drafts: earlier
+        drafts left at that exit too, so the deeper layers lack their K/V until the verify)."""
         if not new_tokens or any(len(t) != 1 for t in new_tokens.values()):
             return False
         seqs = list(new_tokens)
         fed = np.asarray([state.fed[b] for b in seqs], dtype=np.int64)
-        return bool((state.cache.filled[:, seqs] == fed).all())
+        reach = self.end if policy.force is None else min(self.depth(policy.force), self.end)
+        return bool((state.cache.filled[: max(reach - self.start, 0), seqs] == fed).all())
 
     def run_uniform(self, state: DecodeState, new_tokens: dict[int, list[int]], policy: ExitPolicy) -> StepOutput:
         """`run` for a uniform step (`is_uniform`): one row per sequence, so no gathering, one
@@ -461,35 +467,59 @@ class Passes:
                 state.pending[b, rows.lo[a] : rows.lo[a] + rows.n[a]] = rows.x[a, : rows.n[a]]
 
     def final_head(self, rows: Rows, all_rows: bool, out: StepOutput) -> None:
-        """The final head's token for every sequence in `rows` (max_prob confidence)."""
+        """The final head's token for every sequence in `rows` (max_prob confidence); with
+        `all_rows`, every row's logits too (and tokens, where the int8 head made them)."""
         if not rows.seqs:
             return
         m = self.model
         if all_rows:
-            logits = self.vocab_logits(m.head_ops.project(m.decoder.final_layernorm(rows.x), m.output_weight()))
+            x = m.decoder.final_layernorm(rows.x)  # (A, R, h)
+            if self.int8_head():
+                return self.final_row_tokens(rows, x, out)
+            logits = self.vocab_logits(m.head_ops.project(x, m.output_weight()))
             for a, b in enumerate(rows.seqs):
                 out.all_logits[b] = logits[a, : rows.n[a]]  # logits: (A, R, V)
             last = torch.stack([logits[a, rows.n[a] - 1] for a in range(len(rows.seqs))])
         else:
             h = self.newest_rows(rows, list(range(len(rows.seqs))))[:, 0]  # (A, h): only the newest rows
             h = m.decoder.final_layernorm(h)
-            if self.argmax_head != "full" and greedy_head.wants_int8(m.output_weight(), self.argmax_head):
+            if self.int8_head():
                 return self.final_tokens(rows, h, out)
             last = self.vocab_logits(m.head_ops.project(h, m.output_weight()))  # (A, V)
         conf = max_prob(last).tolist()
         for a, b in enumerate(rows.seqs):
             out.logits[b], out.exit_layer[b], out.confidence[b] = last[a], self.num_layers, conf[a]
 
-    def final_tokens(self, rows: Rows, h: torch.Tensor, out: StepOutput) -> None:
-        """The final head's greedy token for each sequence (`out.tokens`, no logits) from the
-        certified int8 argmax on h [A, h]; confidence from its near-exact logits."""
+    def int8_head(self) -> bool:
+        """Whether this pass takes the final head's tokens from the certified int8 argmax."""
+        return self.argmax_head != "full" and greedy_head.wants_int8(self.model.output_weight(), self.argmax_head)
+
+    def certified_tokens(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """h [N, h] (after the final norm) -> (greedy tokens [N], near-exact logits [N, V] fp32)."""
         m, weight = self.model, self.model.output_weight()
         head = greedy_head.int8_head(weight, self.vocab)
         full = lambda x: self.vocab_logits(m.head_ops.project(x, weight))  # noqa: E731 (the plain path)
-        tokens, logits = greedy_head.certified_argmax(h, weight[: self.vocab], head, full)
+        return greedy_head.certified_argmax(h, weight[: self.vocab], head, full)
+
+    def final_tokens(self, rows: Rows, h: torch.Tensor, out: StepOutput) -> None:
+        """The final head's greedy token for each sequence (`out.tokens`, no logits) from the
+        certified int8 argmax on h [A, h]; confidence from its near-exact logits."""
+        tokens, logits = self.certified_tokens(h)
         conf = max_prob(logits).tolist()
         for a, (b, t) in enumerate(zip(rows.seqs, tokens.tolist())):
             out.tokens[b], out.exit_layer[b], out.confidence[b] = t, self.num_layers, conf[a]
+
+    def final_row_tokens(self, rows: Rows, x: torch.Tensor, out: StepOutput) -> None:
+        """`final_tokens` for every row of x [A, R, h] (a verify pass): `all_tokens` and the
+        near-exact `all_logits` per sequence, the newest row's token in `tokens`."""
+        h = torch.cat([x[a, : rows.n[a]] for a in range(len(rows.seqs))])  # (N, h): the real rows, no padding
+        tokens, logits = self.certified_tokens(h)
+        conf, tokens = max_prob(logits).tolist(), tokens.tolist()
+        end = 0
+        for a, b in enumerate(rows.seqs):
+            start, end = end, end + rows.n[a]
+            out.all_tokens[b], out.all_logits[b] = tokens[start:end], logits[start:end]
+            out.tokens[b], out.exit_layer[b], out.confidence[b] = tokens[end - 1], self.num_layers, conf[end - 1]
 
     def vocab_logits(self, logits: torch.Tensor) -> torch.Tensor:
         """Whole-vocabulary logits (the head ops all-gather the shards under TP; identity

@@ -61,8 +61,9 @@ class EngineDriver:
         """Prefill `prompts`, each row scored where early exit under `policy` leaves (`engine.score`)."""
         return self._call("score", prompts, policy)
 
-    def decode(self, tokens: dict[int, int], policy: ExitPolicy) -> StepOutput:
-        return self._call("decode", tokens, policy)
+    def decode(self, tokens: dict[int, int], policy: ExitPolicy, argmax: bool = False) -> StepOutput:
+        """One decode step; `argmax`: only greedy tokens are read (the engine may use its int8 head)."""
+        return self._call("decode", tokens, policy, argmax)
 
     def round(self, slots: list[int], results: dict, settings, counts: dict) -> list[int]:
         """One round of the settings' strategy (those that do not share passes) for `slots`."""

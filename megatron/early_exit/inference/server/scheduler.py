@@ -398,7 +398,7 @@ class Scheduler(BaseScheduler):
         for policy, tokens in groups.items():
             jobs = self._jobs_of(tokens)
             try:
-                out = self.driver.decode(tokens, policy)
+                out = self.driver.decode(tokens, policy, all(map(self._argmax_only, jobs)))
             except Exception as e:
                 log.exception("decode step failed")
                 self._fail(list(jobs), e)
@@ -408,6 +408,11 @@ class Scheduler(BaseScheduler):
                 self._after_step(job, slots)
         for job in own_rounds.values():
             self._round(job)
+
+    def _argmax_only(self, job: Job) -> bool:
+        """Whether the job reads nothing of the final head but its greedy token (no top
+        alternatives, no logit bias): its steps may take the engine's int8 head."""
+        return self.engine.argmax_only(job.settings) and not job.top_logprobs and not job.logit_bias
 
     def _jobs_of(self, slots) -> dict[Job, list[int]]:
         jobs: dict[Job, list[int]] = {}
@@ -478,7 +483,7 @@ class Scheduler(BaseScheduler):
 def _merge(outs: list[StepOutput]) -> StepOutput:
     merged = StepOutput()
     for o in outs:
-        for name in ("logits", "exit_layer", "confidence", "all_logits", "row_exit_layer"):
+        for name in ("logits", "exit_layer", "confidence", "all_logits", "row_exit_layer", "tokens", "all_tokens"):
             getattr(merged, name).update(getattr(o, name))
     return merged
 

@@ -48,6 +48,9 @@ class Strategy:
     pipeline: ClassVar[bool] = False  # runs on the pipeline engine
     shares_passes: ClassVar[bool] = True  # a round = one decode_one_token(policy) + accept
     drafts: ClassVar[bool] = False  # reports drafted / accepted counts
+    # A round of a greedy request without log-probabilities reads only the final head's tokens
+    # (`out.tokens` / `out.all_tokens` where no logits came): the engine may use the int8 head.
+    token_only: ClassVar[bool] = False
 
     def policy(self, engine, s: GenerationSettings, allowed: list[int]) -> ExitPolicy:
         """Check the settings this strategy reads (ValueError naming one); the passes' policy.

@@ -30,10 +30,12 @@ confidence was accepted (prior: one draft at the bin's middle, as from a calibra
 drafting within a round when P(its newest draft is accepted) * a_n, the chance that one more
 draft adds a token, is worth less than that draft's cost at the round's planned rate.
 
-Costs come from a measured `cost_model.DecodeCosts` when one is given, else from the config's
-weight counts (decoding is memory-bound: a pass costs the bytes of the weights it reads), with the
-documented defaults `FIXED_LAYERS` and `ROW_SHARE`. Nothing here reads a clock: the same
-tokens give the same decisions on every rank (tensor parallelism) and in tests.
+Costs (`DraftCosts`) come from rounds timed on this machine (`draft_costs.py`: a round's base
+cost besides its drafts is measured too), from a measured `cost_model.DecodeCosts`, or from the
+config's weight counts (decoding is memory-bound: a pass costs the bytes of the weights it reads),
+with the documented defaults `FIXED_LAYERS` and `ROW_SHARE`; `self_speculative.draft_costs_for`
+chooses. Nothing here reads a clock: with the same costs, the same tokens give the same
+decisions on every rank (tensor parallelism, which prices from weight counts) and in tests.
 """
 
 from __future__ import annotations
@@ -52,13 +54,16 @@ WARM_EXPLORE_SHARE = 0.02  # exploration budget of an exit whose acceptance the 
 @dataclass
 class DraftCosts:
     """Costs in units of one full decode step. draft[n]: one token drafted at exit n (layers up
-    to it, its head); row[n]: one more drafted row in the verify pass (layers above n, head)."""
+    to it, its head); row[n]: one more drafted row in the verify pass (layers above n, head);
+    base[n]: what a round drafting from exit n costs besides (its verify pass with no drafted
+    row; a full step, 1.0, where not given: the weight-count model)."""
 
     draft: dict[int, float]
     row: dict[int, float]
+    base: dict[int, float] = field(default_factory=dict)
 
     def round_time(self, n: int, g: int) -> float:
-        return 1.0 if g == 0 else g * self.draft[n] + 1.0 + g * self.row[n]
+        return 1.0 if g == 0 else g * self.draft[n] + self.base.get(n, 1.0) + g * self.row[n]
 
 
 def expected_tokens(a: float, g: int) -> float:

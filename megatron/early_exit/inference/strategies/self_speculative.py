@@ -11,9 +11,13 @@ when its draft's confidence says another draft does not pay. Whatever is drafted
 token is the final head's greedy token, so the output equals full greedy decoding.
 
 One controller per engine (it learns across calls), warm-started from the checkpoint's
-calibrated per-exit agreement where it has one (`model.calibrated_thresholds["agreement"]`); a
-measured `cost_model.DecodeCosts` set as `engine.decode_costs` replaces the weight-count cost
-model. A round that drafts nothing is a plain decode step on full decoding's fast path.
+calibrated per-exit agreement where it has one (`model.calibrated_thresholds["agreement"]`); its
+costs are rounds timed on first use at the batch size being decoded (`draft_costs.py`), the
+config's weight counts where decisions must not depend on the clock, or a measured
+`cost_model.DecodeCosts` set as `engine.decode_costs` (`draft_costs_for`). A round that drafts
+nothing is a plain decode step on full decoding's fast path; on a greedy request without
+log-probabilities its verify passes take the final head's tokens from the engine's certified
+int8 head where it uses one (`token_only`).
 """
 
 from __future__ import annotations
@@ -22,33 +26,63 @@ import weakref
 
 import torch
 
+from megatron.early_exit.inference.exit_decision import costs_from_parameters
 from megatron.early_exit.inference.passes import ExitPolicy
 from megatron.early_exit.inference.strategies.base import Batch, Strategy
 from megatron.early_exit.inference.strategies.draft_control import (
     MAX_DRAFT,
     DraftController,
+    DraftCosts,
     Plan,
     costs_from_config,
     costs_from_measured,
 )
+from megatron.early_exit.inference.strategies.draft_costs import measure_draft_costs
 
 AUTO = "auto"
-_CONTROLLERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # engine -> (costs source, controller)
+_CONTROLLERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # engine -> controller
 
 
-def controller_for(engine) -> DraftController:
-    """The engine's controller, rebuilt when the engine's measured costs change."""
+def controller_for(engine, batch: int = 1, context: int = 1) -> DraftController:
+    """The engine's controller, its costs those of `draft_costs_for` (what it learned is kept
+    when they change: another batch size, a measured `engine.decode_costs` set)."""
+    costs = draft_costs_for(engine, batch, context)
+    ctl = _CONTROLLERS.get(engine)
+    if ctl is None:
+        ctl = _CONTROLLERS[engine] = DraftController(costs, agreement=calibrated_agreement(engine))
+    ctl.costs = costs
+    return ctl
+
+
+def batch_bucket(running: int) -> int:
+    """The batch size whose costs price a round of `running` sequences: the next power of two
+    (a shrinking batch is then timed a few times, not once per size)."""
+    return 1 << max(running - 1, 0).bit_length()
+
+
+def draft_costs_for(engine, batch: int, context: int) -> DraftCosts:
+    """The controller's costs at `batch` sequences: from a measured `cost_model.DecodeCosts` set as
+    `engine.decode_costs`; from the config's weight counts where decisions must not depend on
+    the clock (`costs_from_parameters`); else rounds timed on first use at this batch size and
+    the running context length (`draft_costs.measure_draft_costs`), kept for the engine's life."""
+    cache = engine.__dict__.setdefault("draft_costs", {})  # source -> DraftCosts (looked up every round)
     measured = getattr(engine, "decode_costs", None)
-    held = _CONTROLLERS.get(engine)
-    if held is None or held[0] is not measured:
-        depth = {n: engine.depth(n) for n in engine.draft_exits()}
-        if measured is not None:
-            costs = costs_from_measured(measured, depth)
+    if measured is not None:
+        held = cache.get("decode_costs")
+        if held is None or held[0] is not measured:
+            held = cache["decode_costs"] = (measured, costs_from_measured(measured, draft_depths(engine)))
+        return held[1]
+    key = "parameters" if costs_from_parameters() else batch
+    if key not in cache:
+        if key == "parameters":
+            cache[key] = costs_from_config(engine.config, draft_depths(engine))
         else:
-            costs = costs_from_config(engine.config, depth)
-        held = (measured, DraftController(costs, agreement=calibrated_agreement(engine)))
-        _CONTROLLERS[engine] = held
-    return held[1]
+            cache[key] = measure_draft_costs(engine, batch, context)[0]
+    return cache[key]
+
+
+def draft_depths(engine) -> dict[int, int]:
+    return {n: engine.depth(n) for n in engine.draft_exits()}
 
 
 def calibrated_agreement(engine) -> dict[int, float] | None:
@@ -76,6 +110,7 @@ class SelfSpeculative(Strategy):
     name = "self_speculative"
     shares_passes = False
     drafts = True
+    token_only = True  # the verify keeps drafts by the final head's greedy tokens alone
 
     def policy(self, engine, s, allowed: list[int]) -> ExitPolicy:
         """force: the fixed draft exit (with "auto": the deepest candidate, `candidates`)."""
@@ -94,12 +129,13 @@ class SelfSpeculative(Strategy):
             )
         return ExitPolicy(force=s.draft_exit_layer if s.draft_exit_layer is not None else max(drafts))
 
-    def plan(self, engine, batch: Batch) -> tuple[Plan, DraftController | None]:
+    def plan(self, engine, batch: Batch, running: list[int]) -> tuple[Plan, DraftController | None]:
         """This round's draft exit and length: fixed, or the controller's choice."""
         s, policy = batch.settings, batch.policy
         if not is_dynamic(s):
             return Plan(policy.force, s.num_draft_tokens, 0.0), None
-        ctl = controller_for(engine)
+        context = max(len(batch.results[b].prompt_tokens) for b in running)
+        ctl = controller_for(engine, batch_bucket(len(running)), context)
         exits = candidates(engine, engine.allowed_exits(s)) if s.draft_exit_layer == AUTO else [policy.force]
         lengths = list(range(1, MAX_DRAFT + 1)) if s.num_draft_tokens == AUTO else [s.num_draft_tokens]
         return ctl.plan(exits, lengths), ctl
@@ -108,8 +144,12 @@ class SelfSpeculative(Strategy):
         """Draft (feed the last token, take the draft exit's greedy token, up to g and never a
         token that could not be kept), verify (feed the last draft, every drafted row through
         the deeper layers), keep the agreeing prefix, and tell the controller what agreed."""
+        plan, ctl = self.plan(engine, batch, running)
+        return self.run_plan(engine, state, running, batch, plan, ctl)
+
+    def run_plan(self, engine, state, running: list[int], batch: Batch, plan: Plan, ctl) -> list[int]:
+        """`round` with its plan made (`draft_costs` times rounds of chosen plans through it)."""
         s, results = batch.settings, batch.results
-        plan, ctl = self.plan(engine, batch)
         start = {b: state.fed[b] for b in running}  # position of the first token fed this round
         drafts, confs, last = self.draft(engine, state, running, batch, plan, ctl)
         out = verify(engine, state, last, drafted=any(drafts.values()))
@@ -150,7 +190,7 @@ class SelfSpeculative(Strategy):
 
     def keep(self, engine, out, b: int, drafts: list[int], confs: list[float], batch: Batch, layer) -> int:
         """Append slot b's agreeing drafts and the final head's token; returns how many drafts agreed."""
-        final = out.all_logits[b].argmax(-1).tolist()  # the final head's token after each fed row
+        final = final_tokens(out, b)  # the final head's token after each fed row
         k, ok = len(drafts), 0
         while ok < k and final[ok] == drafts[ok]:
             ok += 1
@@ -161,7 +201,7 @@ class SelfSpeculative(Strategy):
             exit_layer, conf = (layer, confs[j]) if j < ok else (engine.num_layers, out.confidence[b])
             if j == ok and ok < k:  # the correction: the final head's own distribution at that row
                 conf = float(torch.softmax(out.all_logits[b][j], -1).max())
-            acc.append(r, final[j], exit_layer, conf, out.all_logits[b][j])
+            acc.append(r, final[j], exit_layer, conf, out.all_logits[b][j] if b in out.all_logits else None)
             if acc.stopped(r, batch.settings):
                 break
         return ok
@@ -169,15 +209,25 @@ class SelfSpeculative(Strategy):
 
 def verify(engine, state, last: dict[int, int], drafted: bool):
     """The verify pass: every drafted row and `last` through the remaining layers, the final
-    head on each row (`all_logits`). A round that drafted nothing is a plain decode step: it
+    head on each row (`all_logits`; on a greedy request, `all_tokens` from the certified int8
+    head where the engine uses it). A round that drafted nothing is a plain decode step: it
     takes full decoding's uniform fast path (the general pass, which gathers rows and builds a
-    causal layout per layer, cost 1.4x a full step on SmolLM2 at batch 1), same logits."""
+    causal layout per layer, cost 1.4x a full step on SmolLM2 at batch 1), same tokens."""
     if drafted:
         return engine.verify(state, {b: [t] for b, t in last.items()})
     out = engine.decode_one_token(state, last, ExitPolicy())
     for b, logits in out.logits.items():
         out.all_logits[b] = logits[None]  # (1, V): the one fed row
+    for b, token in out.tokens.items():  # the int8 head: a token, no logits
+        out.all_tokens[b] = [token]
     return out
+
+
+def final_tokens(out, b: int) -> list[int]:
+    """The final head's greedy token after each row slot b fed to the verify pass."""
+    if b in out.all_tokens:
+        return out.all_tokens[b]
+    return out.all_logits[b].argmax(-1).tolist()
 
 
 def record(counts: list, exit_layer: int | None, length: int) -> None:

@@ -19,8 +19,8 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 RUN=${RUN:-runs/demo_smollm2}
 DATA=${DATA:-data/aclsum}
-CACHE_TOKENS=${CACHE_TOKENS:-24576}  # 96 sequences of 256: ~30 s of backbone
-TUNE_ITERS=${TUNE_ITERS:-64}         # 64 x 2,048 tokens (5.3 epochs of the cache): ~60 s
+CACHE_TOKENS=${CACHE_TOKENS:-49152}  # 192 sequences of 256
+TUNE_ITERS=${TUNE_ITERS:-96}         # 96 x 2,048 tokens (4 epochs of the cache)
 stage() { echo; echo "=== [demo, ${SECONDS}s] $*"; }
 have() { compgen -G "$1" >/dev/null && echo "(skipped: $1 exists)"; }  # a step's output is there
 

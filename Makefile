@@ -28,7 +28,7 @@ $(DATA)/aclsum_text_document.bin: $(DATA)/train.jsonl
 		--tokenizer-type SentencePieceTokenizer --tokenizer-model $(DATA)/tokenizer.model \
 		--append-eod --workers 2
 
-# ~8 minutes on 2 quiet CPU cores (projected; README "The demo"), in two parts.
+# ~8 minutes on 2 quiet CPU cores (README "The demo"), in two parts.
 # Part 1 (~4 minutes), the main job: a 6-layer Llama-style model (hidden 256, 8k vocabulary) with
 # exits after layers 2 and 4, pretrained for 100 iterations on 2 CPU cores in bf16 (evaluated and
 # saved once, at the end), then generating with early exit (each token's exit layer printed; 100

@@ -41,6 +41,7 @@ from megatron.early_exit.inference.strategies.draft_costs import measure_draft_c
 
 AUTO = "auto"
 _CONTROLLERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # engine -> controller
+_COSTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # engine -> {source: DraftCosts}
 
 
 def controller_for(engine, batch: int = 1, context: int = 1) -> DraftController:
@@ -65,7 +66,7 @@ def draft_costs_for(engine, batch: int, context: int) -> DraftCosts:
     `engine.decode_costs`; from the config's weight counts where decisions must not depend on
     the clock (`costs_from_parameters`); else rounds timed on first use at this batch size and
     the running context length (`draft_costs.measure_draft_costs`), kept for the engine's life."""
-    cache = engine.__dict__.setdefault("draft_costs", {})  # source -> DraftCosts (looked up every round)
+    cache = _COSTS.setdefault(engine, {})  # source -> DraftCosts (looked up every round)
     measured = getattr(engine, "decode_costs", None)
     if measured is not None:
         held = cache.get("decode_costs")

@@ -6,16 +6,17 @@
     python benchmarks/cost_model.py --load runs/demo/checkpoints --measure max_prob
 
 Prints the measured costs (per layer fitted and timed alone, fixed per step, final head, each
-exit's checks and the extra row), with the uniform decode fast path off (exact path) and on
-side by side (`--no-exact`: on only); what an exit check that does not fire costs as a share of
-one layer (learned probe vs max_prob; a probe reading the exit's hidden state includes the
-exit's norm and MLP, one reading the backbone (`--probe-input backbone`, the default for the
-built-in model) only its own norm, and both are printed), then predicted vs measured time per token for full
-decoding and for "every token leaves at exit k" (early_exit, exit_layers=(k,), threshold
-0.0) for each exit: the model fits `layer` and `fixed` through these, so their ratio checks
-that step time is linear in the layers run with the timed heads and checks on top (target
-within 10%). Last, a run that mixes exits and pending-state fill (threshold --mixed-threshold,
-all exits), priced from its own exit telemetry: a check the fit did not see.
+exit's checks, a layer that fills pending rows and each further row), with the uniform decode
+fast path off (exact path) and on side by side (`--no-exact`: on only); what an exit check
+that does not fire costs as a share of one layer (learned probe vs max_prob; a probe reading
+the exit's hidden state includes the exit's norm and MLP, one reading the backbone
+(`--probe-input backbone`, the default for the built-in model) only its own norm, and both are
+printed), then predicted vs measured time per token for full decoding and for "every token
+leaves at exit k" (early_exit, exit_layers=(k,), threshold 0.0) for each exit: the model fits
+`layer` and `fixed` through these, so their ratio checks that step time is linear in the
+layers run with the timed heads and checks on top (target within 10%). Last, a run that mixes
+exits and pending-state fill (threshold --mixed-threshold, all exits), priced from its own
+exit telemetry: a check the fit did not see.
 
 Every timing warms up, alternates the settings it compares and keeps the best of --repeats.
 """
@@ -53,7 +54,7 @@ def print_costs(c: cm.DecodeCosts) -> None:
     print(
         f"\ncosts per decode step of batch {c.batch} (ms): layer {c.layer * ms:.3f} fitted, "
         f"{c.layer_direct * ms:.3f} alone | fixed {c.fixed * ms:.3f} | final head {c.head * ms:.3f} | "
-        f"extra row per layer {c.row * ms:.4f}"
+        f"pending layer {c.pend * ms:.4f}, each further row per layer {c.row * ms:.4f}"
     )
     print(
         f"  {'exit':>5s} {'depth':>6s} {'probe':>8s} {'max_prob':>9s} {'project':>8s}  "

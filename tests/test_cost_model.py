@@ -17,7 +17,7 @@ def synthetic() -> cm.DecodeCosts:
     """10 layers, one exit after 4 of them; round numbers so each step's cost is checkable by hand."""
     return cm.DecodeCosts(
         num_layers=10, depth={4: 4}, layer=1.0, fixed=2.0, head=1.0,
-        probe={4: 0.1}, vocab={4: 0.5}, project={4: 0.3}, row=0.2,
+        probe={4: 0.1}, vocab={4: 0.5}, project={4: 0.3}, row=0.05, pend=0.2,
     )  # fmt: skip
 
 
@@ -33,7 +33,7 @@ def test_ideal_speedup_of_a_known_distribution():
     # The first token comes from the prefill; then exit 4, the final head, exit 4, exit 4.
     run = [GenerationResult(prompt_tokens=[1], exit_layers=[10, 4, 10, 4, 4])]
     # learned: a step leaving at 4 costs 2 + 4 + 0.1 + 0.3 = 6.4; the step that goes deep costs
-    # 2 + 10 layers + 6 pending row-layers * 0.2 + a non-firing probe 0.1 + the head 1 = 14.3.
+    # 2 + 10 layers + 6 pending layers of one row, 0.2 each, + a non-firing probe 0.1 + the head 1 = 14.3.
     assert cm.predict(run, costs, [4], needs_vocab=False) == pytest.approx(3 * 6.4 + 14.3)
     # max_prob: every check costs the projection, 0.5, fired or not.
     assert cm.predict(run, costs, [4], needs_vocab=True) == pytest.approx(3 * 6.5 + 14.7)
@@ -41,6 +41,19 @@ def test_ideal_speedup_of_a_known_distribution():
     assert cm.ideal_speedup([run], costs, [4], False) == pytest.approx(full / 33.5)
     assert cm.ideal_speedup([run], costs, [4], False, prefill_s=10.0) == pytest.approx((full + 10) / 43.5)
     assert cm.ideal_speedup([run], costs, [], True) == pytest.approx(full / cm.predict(run, costs, [], True))
+
+
+def test_several_pending_rows_cost_a_pending_layer_and_a_row_each_beyond_the_first():
+    costs = synthetic()
+    assert costs.fill([0, 0, 1, 2, 3]) == pytest.approx(3 * 0.2 + (0 + 1 + 2) * 0.05)
+    # Two tokens leave at 4, then one goes deep: layers 4..9 each fill 2 pending rows, 0.2 + 0.05.
+    run = [GenerationResult(prompt_tokens=[1], exit_layers=[10, 4, 4, 10])]
+    assert cm.predict(run, costs, [4], needs_vocab=False) == pytest.approx(2 * 6.4 + 2 + 10 + 6 * 0.25 + 0.1 + 1)
+    # In a batch, rows are padded to the longest: the other sequence's one pending row rides along.
+    batch = [run[0], GenerationResult([1], exit_layers=[10, 10, 4, 10])]
+    assert cm.predict(batch, costs, [4], False) == pytest.approx(
+        (2 + 10 + 0.4 + 1) + 6.4 + (2 + 10 + 6 * 0.25 + 0.1 + 1)
+    )
 
 
 def test_a_batch_step_costs_its_deepest_sequence():

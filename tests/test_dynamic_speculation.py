@@ -129,11 +129,14 @@ def test_engine_controller_persists_and_takes_measured_costs():
     assert controller_for(engine) is ctl
     assert ctl.stats[1].rejected != before
     # A measured cost model replaces the parameter count: layer 1, fixed 2, head 3 (full step 2 + 6 + 3 = 11).
-    engine.decode_costs = DecodeCosts(6, {1: 1, 3: 3}, layer=1.0, fixed=2.0, head=3.0, vocab={1: 3.0, 3: 3.0}, row=0.1)
+    engine.decode_costs = DecodeCosts(
+        6, {1: 1, 3: 3}, layer=1.0, fixed=2.0, head=3.0, vocab={1: 3.0, 3: 3.0}, row=0.1, pend=0.2
+    )  # fmt: skip
     measured = controller_for(engine)
     assert measured is ctl and ctl.stats[1].rejected > 0  # new costs, the acceptance learned so far kept
     assert measured.costs.draft[1] == pytest.approx((2 + 1 + 3) / 11)
     assert measured.costs.row[3] == pytest.approx((3 * 0.1 + 0.1 * 3) / 11)
+    assert measured.costs.base[3] == pytest.approx(1 + 3 * 0.2 / 11)  # 3 layers above exit 3 on the pending path
 
 
 # ----- the controller alone ------------------------------------------------------------------

@@ -6,6 +6,8 @@ this machine's clock; the expected tokens come from an uncached model (`model(id
 and the rule written out again here, not from the engine.
 """
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -279,6 +281,8 @@ def test_costs_from_the_cost_model_and_measured():
     c = DecodeCosts(num_layers=4, depth={1: 1}, layer=1.0, fixed=0.5, head=2.0, vocab={1: 0.3}, project={1: 2.0},
                     probe={1: 0.05}, row=0.4, batch=4)  # fmt: skip
     assert ExitCosts.from_cost_model(c) == ExitCosts(0.6, 0.1, 0.1, 2.0, 0.3, 0.05)
+    # A pending layer dearer than a row (the general path's work): a recomputed row costs its share.
+    assert ExitCosts.from_cost_model(replace(c, pend=2.0)) == ExitCosts(0.6, 0.1, 0.5, 2.0, 0.3, 0.05)
     measured = measure_exit_costs(EarlyExitEngine(make("llama")).passes, batch=4, repeats=1)
     assert measured.layer_fixed > 0 and measured.row >= measured.layer_row >= 0 and measured.vocab > 0
 

@@ -10,6 +10,7 @@ across steps where an early-exited token's pending state is recomputed by the ex
 import itertools
 import os
 
+import numpy as np
 import pytest
 import torch
 
@@ -236,3 +237,28 @@ def test_compiled_layers_give_the_same_greedy_tokens_without_recompiling_every_s
     graphs = counters["stats"]["unique_graphs"]
     engine.generate(PROMPTS[4], GenerationSettings(max_new_tokens=24))  # longer: new positions and lengths
     assert counters["stats"]["unique_graphs"] == graphs  # no graph per step, layer or length
+
+
+@torch.no_grad()
+def test_a_step_after_an_early_exit_runs_uniformly_up_to_the_pending_layer():
+    model = make("llama_exit_probe")
+    engine = EarlyExitEngine(model)
+    p, prompts = engine.passes, PROMPTS[4]
+    state = engine.new_state(len(prompts), 32)
+    out = engine.prefill(state, dict(enumerate(prompts)))
+    tokens = lambda out: {b: [int(out.logits[b].argmax())] for b in range(len(prompts))}  # noqa: E731
+    assert p.uniform_layers(state, tokens(out)) == model.config.num_layers  # nothing pending anywhere
+    assert p.uniform_layers(state, {0: [1, 2], 1: [3]}) == 0  # two rows for one sequence: not a decode step
+    # Sequence 2 leaves at exit 2 (depth 2): its newest position lacks K/V at layers 2 and 3.
+    out = engine.decode_one_token(state, {b: t[0] for b, t in tokens(out).items()}, ExitPolicy(allowed=(2,), force=2))
+    assert set(out.exit_layer.values()) == {2}
+    assert p.uniform_layers(state, tokens(out)) == 2
+    assert p.uniform_layers(state, {b: t for b, t in tokens(out).items() if b != 2}) == 2  # everyone exited there
+    # The next full step: uniform through layers 0-1, the pending rows filled from layer 2 on.
+    calls = []
+    uniform = p.run_uniform
+    p.run_uniform = lambda *a, **k: (calls.append(a[3]), uniform(*a, **k))[1]
+    out = engine.decode_one_token(state, {b: t[0] for b, t in tokens(out).items()}, ExitPolicy())
+    assert calls == [2] and set(out.exit_layer.values()) == {model.config.num_layers}
+    assert (state.cache.filled == np.asarray(state.fed)[None, :]).all()  # every layer caught up
+    assert p.uniform_layers(state, tokens(out)) == model.config.num_layers

@@ -21,11 +21,14 @@ through the engine's own code (`Passes`, prepacked weights entered as in decodin
                 then a firing check adds it before the projection;
   vocab[n]      exit n's hidden state, vocabulary projection and max_prob (a max_prob check);
   project[n]    exit n's vocabulary projection alone (what a firing `learned` check adds);
-  row           one more row per sequence through one layer (pending-state fill, and the
-                drafted rows self-speculative verification pushes through the deeper layers):
-                timed through the engine's pending path, steps alternating "leave at the
-                first exit" and full depth against steps of each kind alone; with no exits,
-                one layer with extra rows against one without;
+  pend          a layer where the pass fills pending rows (one row per sequence beyond the
+                newest): the general path's gather, layout and mask there, and the row. Timed
+                through the engine's own pending path: steps alternating "leave at the first
+                exit" and full depth against steps of each kind alone (a decode step runs
+                uniformly up to the first layer with pending rows, `Passes.run`);
+  row           each further row per sequence through one layer (several pending positions,
+                and the drafted rows self-speculative verification pushes through the deeper
+                layers): one layer over 1 + 4 rows against 1 row, through the same path;
 
 `predict` turns a batch's `GenerationResult.exit_layers` back into its decode steps (step t
 fed every sequence's token t-1; it reached the depth of exit_layers[t]) and prices each step;
@@ -67,6 +70,7 @@ class DecodeCosts:
     batch: int = 1
     fire_hidden: dict[int, float] = field(default_factory=dict)  # exit's own layers, run only when it fires
     probe_exit: dict[int, float] = field(default_factory=dict)  # the probe on the exit's hidden state
+    pend: float = 0.0  # a layer that fills pending rows: its first extra row and the general path's work there
 
     def reach(self, exit_layer: int) -> int:
         """Layers a token that left at `exit_layer` ran (the final head: all of them)."""
@@ -78,10 +82,15 @@ class DecodeCosts:
             return self.vocab[n]
         return self.probe[n] + (self.project[n] + self.fire_hidden.get(n, 0.0) if fired else 0.0)
 
-    def step(self, exits: Sequence[int], evaluated: Sequence[int], needs_vocab: bool, extra_rows: int = 0) -> float:
+    def fill(self, extra: Sequence[int]) -> float:
+        """Pending-state fill: `extra[i]` more rows per sequence at layer i (the most of any
+        sequence of the pass: rows are padded to the longest)."""
+        return sum(self.pend + (k - 1) * self.row for k in extra if k > 0)
+
+    def step(self, exits: Sequence[int], evaluated: Sequence[int], needs_vocab: bool, extra: Sequence[int] = ()):
         """One decode step whose sequences left at `exits`, evaluating the exits in `evaluated`
-        (sorted; those the policy checks) while rows remain, with `extra_rows` row-layers of fill."""
-        t = self.fixed + max(self.reach(e) for e in exits) * self.layer + extra_rows * self.row
+        (sorted; those the policy checks) while rows remain, filling `extra` rows per layer."""
+        t = self.fixed + max(self.reach(e) for e in exits) * self.layer + self.fill(extra)
         left = list(exits)
         for n in evaluated:
             if not any(e >= n for e in left):
@@ -116,7 +125,7 @@ def predict(
         exits = [results[b].exit_layers[t] for b in live]
         per_layer = [fill_rows(reached[b], costs.reach(e)) for b, e in zip(live, exits)]
         extra = [max(rows[i] if i < len(rows) else 0 for rows in per_layer) for i in range(costs.num_layers)]
-        total += costs.step(exits, sorted(evaluated), needs_vocab, sum(extra))
+        total += costs.step(exits, sorted(evaluated), needs_vocab, extra)
     return total
 
 
@@ -305,10 +314,10 @@ def measure_costs(
     for n in p.exits:
         policy = engine.check(settings[f"exit {n}"], prompts)
         points.append((depth[n], measured[f"exit {n}"] - costs.check(n, get_measure(policy.measure).needs_vocab, True)))
-    if p.exits:  # the row cost through the engine's pending path (gather, layout, mask), not a layer alone
+    if p.exits:  # a pending layer through the engine's own path (gather, layout, mask), not a layer alone
         n = min(p.exits)
         per_step = fill_time(engine, prompts, engine.check(settings[f"exit {n}"], prompts), steps, repeats)
-        costs.row = per_step / (p.num_layers - depth[n])
+        costs.pend = per_step / (p.num_layers - depth[n])
     if len({x for x, _ in points}) > 1:
         costs.layer, costs.fixed = fit_line(points)
     else:  # no exits: the directly timed layer, the rest is fixed

@@ -95,13 +95,16 @@ class ExitCosts:
     @classmethod
     def from_cost_model(cls, c) -> ExitCosts:
         """From a fitted `cost_model.DecodeCosts` (measured at batch c.batch; its `row` is one
-        more row per sequence through one layer, i.e. c.batch rows). Its head and checks are of
-        the whole batch: taken for any pass size, which overprices checks of smaller passes
-        (they are then skipped sooner, never later)."""
-        per_row = c.row / max(c.batch, 1)
+        more row per sequence through one layer, i.e. c.batch rows, and its `pend` a layer
+        filling one pending row per sequence: a recomputed row costs the larger share). Its head
+        and checks are of the whole batch: taken for any pass size, which overprices checks of
+        smaller passes (they are then skipped sooner, never later)."""
+        batch = max(c.batch, 1)
+        per_row = c.row / batch
         vocab = sum(c.vocab.values()) / len(c.vocab) if c.vocab else c.head
         probe = sum(c.probe.values()) / len(c.probe) if c.probe else vocab
-        return cls(max(c.layer - per_row * c.batch, 0.0), per_row, per_row, c.head, vocab, probe)
+        recompute = max(per_row, c.pend / batch)
+        return cls(max(c.layer - per_row * batch, 0.0), per_row, recompute, c.head, vocab, probe)
 
     @classmethod
     def from_parameters(cls, passes) -> ExitCosts:

@@ -179,16 +179,23 @@ class Passes:
     ) -> StepOutput:
         """Feed `new_tokens` (b -> ids, [] for none) through every layer, pending rows catching up;
         exits fire under `policy`; the final head on what is left (every row with `all_rows`).
-        `scores` (a `scoring.RowScores`, with `all_rows`): evaluates its exits on every new row."""
-        if self.fast and not all_rows and self.is_uniform(state, new_tokens, policy):
-            return self.run_uniform(state, new_tokens, policy)
+        `scores` (a `scoring.RowScores`, with `all_rows`): evaluates its exits on every new row.
+        A decode step (one new token per sequence) runs uniformly (`run_uniform`) up to the first
+        layer where some sequence of the pass has pending rows, and the general way from there."""
         out = StepOutput()
-        rows = self.embed(state, new_tokens)
-        has_new = {b for b, t in new_tokens.items() if t}
-        active = list(new_tokens)
         by_depth = self.exits_by_depth(policy)
+        clean = self.uniform_layers(state, new_tokens) if self.fast and not all_rows else 0
+        if clean > 0:
+            rows = self.run_uniform(state, new_tokens, policy, clean, by_depth, out)
+            if rows is None:
+                return out
+            first = clean + 1  # layers [0, clean) and the exits at depth <= clean are done
+        else:
+            rows, first = self.embed(state, new_tokens), 0
+        has_new = {b for b, t in new_tokens.items() if t}
+        active = [b for b in new_tokens if b in rows.seqs or b not in has_new]  # those that left stay out
         memo: dict[tuple, tuple] = {}  # one RowIndex (+ rotary) per distinct layout of this pass
-        for d in range(self.num_layers + 1):
+        for d in range(first, self.num_layers + 1):
             if d > 0:
                 rows = self.gather(state, d - 1, rows, active)
                 if rows is None:
@@ -206,24 +213,26 @@ class Passes:
         self.final_head(rows, all_rows, out)
         return out
 
-    def is_uniform(self, state: DecodeState, new_tokens: dict[int, list[int]], policy: ExitPolicy) -> bool:
-        """The usual decode step: every sequence of the pass gets exactly one new token and has
-        K/V for all its earlier positions at every layer the pass can reach (nothing pending
-        there): all of them, or those below a forced exit (self-speculative drafts: earlier
-        drafts left at that exit too, so the deeper layers lack their K/V until the verify)."""
+    def uniform_layers(self, state: DecodeState, new_tokens: dict[int, list[int]]) -> int:
+        """How many layers from the first a decode step can run uniformly: every sequence of the
+        pass gets exactly one new token, and has K/V for all its earlier positions at each of
+        these layers (nothing pending there). 0 where the step is not a decode step."""
         if not new_tokens or any(len(t) != 1 for t in new_tokens.values()):
-            return False
+            return 0
         seqs = list(new_tokens)
         fed = np.asarray([state.fed[b] for b in seqs], dtype=np.int64)
-        reach = self.end if policy.force is None else min(self.depth(policy.force), self.end)
-        return bool((state.cache.filled[: max(reach - self.start, 0), seqs] == fed).all())
+        ok = (state.cache.filled[: self.end - self.start, seqs] == fed).all(axis=1)  # per layer
+        return int(ok.argmin()) if not ok.all() else len(ok)
 
-    def run_uniform(self, state: DecodeState, new_tokens: dict[int, list[int]], policy: ExitPolicy) -> StepOutput:
-        """`run` for a uniform step (`is_uniform`): one row per sequence, so no gathering, one
-        layout and one rotary per step (again only after an exit fires), no causal mask (none at
-        all where every sequence has the same length), K/V written and read by slicing, fill
-        counts set with one array write per layer. Same rows, same K/V, same exits as `run`."""
-        out = StepOutput()
+    def run_uniform(
+        self, state: DecodeState, new_tokens: dict[int, list[int]], policy: ExitPolicy, layers: int, by_depth, out
+    ) -> Rows | None:
+        """`run` for the first `layers` layers of a decode step (`uniform_layers`) and the exits
+        at depth <= `layers`: one row per sequence, so no gathering, one layout and one rotary
+        per step (again only after an exit fires), no causal mask (none at all where every
+        sequence has the same length), K/V written and read by slicing, fill counts set with one
+        array write per layer. Same rows, same K/V, same exits as `run`. Returns the rows still
+        going (None: every sequence has its token, the final head's too where `layers` is all)."""
         seqs = list(new_tokens)
         pos = [state.fed[b] for b in seqs]
         for b in seqs:
@@ -231,8 +240,8 @@ class Passes:
         ids = torch.tensor([t[0] for t in new_tokens.values()], dtype=torch.long).view(-1, 1)
         index, rotary = self.uniform_layout(state, seqs, pos)
         rows = Rows(seqs, pos, [1] * len(seqs), self.model.embedding(ids.to(self.device), index.positions))  # (A, 1, h)
-        by_depth, has_new = self.exits_by_depth(policy), set(seqs)
-        for d in range(self.num_layers + 1):
+        has_new = set(seqs)
+        for d in range(layers + 1):
             if d > 0:
                 rows.x = self.decode_layer(state, d - 1, rows.x, rotary, index)
             self.record_block_inputs(state, d, rows)
@@ -242,10 +251,12 @@ class Passes:
                     self.remember_pending(state, rows, fired)
                     rows = rows.subset(set(rows.seqs) - fired)
                     if not rows.seqs:
-                        return out
+                        return None
                     index, rotary = self.uniform_layout(state, rows.seqs, rows.lo)
+        if layers < self.num_layers:
+            return rows
         self.final_head(rows, False, out)
-        return out
+        return None
 
     def uniform_layout(self, state: DecodeState, seqs: list[int], pos: list[int]) -> tuple:
         """The `DecodeIndex` of one row per sequence at `pos`, and its rotary angles."""

@@ -92,12 +92,14 @@ def costs_from_config(c, depth: dict[int, int]) -> DraftCosts:
 
 
 def costs_from_measured(c, depth: dict[int, int]) -> DraftCosts:
-    """Relative costs from a measured `cost_model.DecodeCosts` (its row cost per row and layer;
-    the extra head rows at ROW_SHARE of the head)."""
+    """Relative costs from a measured `cost_model.DecodeCosts`: a drafted row costs its `row`
+    per layer above the exit, and ROW_SHARE of the head; a round's verify pass is a full step
+    whose layers above the exit take the pending path (`pend` each)."""
     full = c.fixed + c.num_layers * c.layer + c.head
     draft = {n: (c.fixed + d * c.layer + c.vocab.get(n, c.head)) / full for n, d in depth.items()}
     row = {n: ((c.num_layers - d) * c.row + ROW_SHARE * c.head) / full for n, d in depth.items()}
-    return DraftCosts(draft, row)
+    base = {n: 1.0 + (c.num_layers - d) * c.pend / full for n, d in depth.items()}
+    return DraftCosts(draft, row, base)
 
 
 @dataclass

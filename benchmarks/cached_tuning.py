@@ -100,7 +100,7 @@ def parse() -> argparse.Namespace:
     p.add_argument("--clock", choices=("wall", "cpu"), default="wall")
     p.add_argument("--cache-samples", type=int, default=256, help="sequences cached")
     p.add_argument("--top-k", type=int, default=16)
-    p.add_argument("--exit-candidate-vocab", type=int, default=2048)
+    p.add_argument("--exit-candidate-vocab", type=int, default=512, help="negatives (tune_smollm2.sh uses 512)")
     p.add_argument("--bf16", action="store_true", help="bf16 autocast everywhere, bf16 cache")
     a = p.parse_args()
     if bool(a.mock_data) == bool(a.data_path):

@@ -44,9 +44,9 @@ have "$RUN/cache/manifest.json" || python tools/checkpoint/cache_exit_activation
 stage "EE-Tuning of the exits from the cache ($TUNE_ITERS steps; backbone frozen and not run)"
 have "$RUN/tuned/latest_checkpointed_iteration.txt" || python pretrain_early_exit_gpt.py \
     --load "$RUN/with_exits" --tune-exit --exit-activation-cache "$RUN/cache" \
-    --exit-loss-type ce+kd --exit-candidate-vocab 2048 \
+    --exit-loss-type kd --exit-candidate-vocab 512 \
     --micro-batch-size 4 --global-batch-size 8 --train-iters "$TUNE_ITERS" \
-    --lr 2e-3 --min-lr 2e-4 --lr-warmup-iters 10 --lr-decay-style cosine --clip-grad 1.0 \
+    --lr 3e-3 --min-lr 2e-4 --lr-warmup-iters 10 --lr-decay-style cosine --clip-grad 1.0 \
     --bf16 --log-interval 16 --eval-interval 0 \
     --save "$RUN/tuned" --save-interval "$TUNE_ITERS" --log-jsonl "$RUN/tune_log.jsonl"
 

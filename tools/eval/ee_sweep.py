@@ -15,9 +15,10 @@ reference summary and against the full model's output, token agreement with full
 exit. Writes `sweep.csv` and, when matplotlib is installed, `speedup.png`,
 `quality_vs_speedup.png` and `exit_histogram.png`; with --self-speculative also
 `self_speculative.csv` (dynamic self-speculation: speed, acceptance, share of plain rounds).
-Every row (and self-speculation) is timed right after a run of full decoding on the same
-prompts, --repeats times: its speedup is the median of these paired ratios (tokens_per_sec is
-its best run); every setting first decodes one batch untimed. The measure defaults to learned
+Every row (and self-speculation) is timed batch by batch, each batch right after full decoding
+of the same batch, --repeats times: its speedup is the median of these paired ratios
+(tokens_per_sec is its best run; --clock cpu times CPU seconds); every setting first decodes
+one batch untimed. The measure defaults to learned
 where the exits have probes.
 --exit-policy exact cost_aware gives rows for each policy (the `exit_policy` column).
 """
@@ -90,20 +91,29 @@ def summarisation_task(tokenizer, path: str | None, n: int, max_chars: int) -> t
     return prompts, references
 
 
-def decode_all(engine, prompts: list[list[int]], batch_size: int, settings) -> tuple:
+def decode_all(engine, prompts: list[list[int]], batch_size: int, settings, clock=time.perf_counter) -> tuple:
     """Decode `prompts` in batches of `batch_size` with one `GenerationSettings`.
 
     Returns (generated tokens per second of decoding, stripped texts, token lists, the exit
     layer of every generated token, the `GenerationResult`s)."""
-    texts, tokens, layers, results, elapsed = [], [], [], [], 0.0
-    for i in range(0, len(prompts), batch_size):
-        start = time.perf_counter()
-        res = engine.generate(prompts[i : i + batch_size], settings)
-        elapsed += time.perf_counter() - start
-        results += res
-        texts += [r.text.strip() for r in res]
-        tokens += [r.tokens for r in res]
-        layers += [x for r in res for x in r.exit_layers]
+    return summarise([decode_batch(engine, prompts[i : i + batch_size], settings, clock)
+                      for i in range(0, len(prompts), batch_size)])  # fmt: skip
+
+
+def decode_batch(engine, prompts: list[list[int]], settings, clock) -> tuple:
+    """(seconds by `clock`, `GenerationResult`s) of one `generate` call."""
+    start = clock()
+    res = engine.generate(prompts, settings)
+    return clock() - start, res
+
+
+def summarise(batches: list[tuple]) -> tuple:
+    """`decode_all`'s output from its batches' (seconds, results)."""
+    results = [r for _, res in batches for r in res]
+    elapsed = sum(t for t, _ in batches)
+    tokens = [r.tokens for r in results]
+    texts = [r.text.strip() for r in results]
+    layers = [x for r in results for x in r.exit_layers]
     return sum(map(len, tokens)) / elapsed, texts, tokens, layers, results
 
 
@@ -127,18 +137,21 @@ def ideal_of(engine, costs, results: list, batch_size: int, settings, prefill_s:
 
 
 def paired_runs(engine, prompts, args, settings, full) -> tuple:
-    """`settings` decoded --repeats times, each right after full decoding (`full`) on the same
-    prompts: (its best `decode_all` output, its median tokens/s over the full run's just before,
-    the best full run's output). A ratio of neighbours in time drifts far less than either
-    figure on a machine whose load or clock changes over seconds, and no setting is always the
-    first of a round."""
+    """`settings` decoded --repeats times over the prompts, each batch right after full decoding
+    (`full`) of the same batch: (its best `decode_all`-style output, the median over repeats of
+    its tokens/s over the full runs' interleaved with it, the best full output). A ratio of
+    neighbours seconds apart drifts far less than either figure on a machine whose speed changes
+    over seconds, and no setting is always the first of a round."""
     import statistics
 
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
     best = base = None
     ratios = []
     for _ in range(args.repeats):
-        ref = decode_all(engine, prompts, args.batch_size, full)
-        out = decode_all(engine, prompts, args.batch_size, settings)
+        pairs = [(decode_batch(engine, prompts[i : i + args.batch_size], full, clock),
+                  decode_batch(engine, prompts[i : i + args.batch_size], settings, clock))
+                 for i in range(0, len(prompts), args.batch_size)]  # fmt: skip
+        ref, out = summarise([p[0] for p in pairs]), summarise([p[1] for p in pairs])
         ratios.append(out[0] / ref[0])
         best = out if best is None or out[0] > best[0] else best
         base = ref if base is None or ref[0] > base[0] else base
@@ -328,6 +341,9 @@ def main(argv=None) -> None:
     p.add_argument("--repeats", type=int, default=1,
                    help="runs of each row, each paired with a full-decoding run; the median ratio counts")  # fmt: skip
     p.add_argument("--cost-steps", type=int, default=16, help="decode steps per cost-model timing")
+    p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                   help="what times the rows: the wall clock, or this process's CPU seconds (all its threads), "
+                   "for a machine whose speed other tenants change")  # fmt: skip
     p.add_argument("--self-speculative", action="store_true",
                    help="also dynamic self-speculation (draft exit/length auto): self_speculative.csv")  # fmt: skip
     args = p.parse_args(argv)

@@ -32,7 +32,9 @@ by CPU time, and CPU time is still noisy by a few percent); pass `--threads 1` s
 not threads spinning. Besides each setting's best round (tokens/s, "vs full"), the "paired vs full"
 column gives the median [min, max] over the --repeats rounds of its ratio to full decoding in the
 same round (full runs right before the others in every round): steadier than the best round on a
-loaded machine; use --repeats 10 or more. Each slot gets its own prompt (a window STRIDE tokens further into the
+loaded machine; use --repeats 10 or more. A second full-decoding row, "full again (control)",
+runs right after the first: its paired ratio is what neighbours in time differ by with nothing
+changed. Each slot gets its own prompt (a window STRIDE tokens further into the
 text; `--same-prompt` for one prompt in every slot, under which all slots fire together).
 """
 
@@ -165,6 +167,8 @@ def bench_batch(engine, tok, batch: int, args) -> None:
         prompts = [prompts[0]] * batch
     common = dict(max_new_tokens=args.new_tokens, ignore_eos=True, profile=True, num_draft_tokens=args.draft)
     runs = [("full", GenerationSettings(strategy="full", **common))]
+    # full decoding once more, right after: its paired ratio is this machine's noise between neighbours
+    runs += [("full again (control)", GenerationSettings(strategy="full", **common))]
     runs += [(name, GenerationSettings(**{**common, **kw})) for name, kw in settings_to_run(args, engine.config)]
     measured = timed_alternating(engine, prompts, runs, args.repeats, args.clock)
     full, fs = measured["full"]

@@ -18,8 +18,7 @@ exit. Writes `sweep.csv` and, when matplotlib is installed, `speedup.png`,
 Every row (and self-speculation) is timed batch by batch, each batch right after full decoding
 of the same batch, --repeats times: its speedup is the median of these paired ratios
 (tokens_per_sec is its best run; --clock cpu times CPU seconds); every setting first decodes
-one batch untimed. The measure defaults to learned
-where the exits have probes.
+one batch untimed. The measure defaults to learned where the exits have probes.
 --exit-policy exact cost_aware gives rows for each policy (the `exit_policy` column).
 """
 
@@ -91,12 +90,12 @@ def summarisation_task(tokenizer, path: str | None, n: int, max_chars: int) -> t
     return prompts, references
 
 
-def decode_all(engine, prompts: list[list[int]], batch_size: int, settings, clock=time.perf_counter) -> tuple:
+def decode_all(engine, prompts: list[list[int]], batch_size: int, settings) -> tuple:
     """Decode `prompts` in batches of `batch_size` with one `GenerationSettings`.
 
     Returns (generated tokens per second of decoding, stripped texts, token lists, the exit
     layer of every generated token, the `GenerationResult`s)."""
-    return summarise([decode_batch(engine, prompts[i : i + batch_size], settings, clock)
+    return summarise([decode_batch(engine, prompts[i : i + batch_size], settings, time.perf_counter)
                       for i in range(0, len(prompts), batch_size)])  # fmt: skip
 
 
@@ -139,14 +138,13 @@ def ideal_of(engine, costs, results: list, batch_size: int, settings, prefill_s:
 def paired_runs(engine, prompts, args, settings, full) -> tuple:
     """`settings` decoded --repeats times over the prompts, each batch right after full decoding
     (`full`) of the same batch: (its best `decode_all`-style output, the median over repeats of
-    its tokens/s over the full runs' interleaved with it, the best full output). A ratio of
+    its tokens/s over the full runs' interleaved with it). A ratio of
     neighbours seconds apart drifts far less than either figure on a machine whose speed changes
     over seconds, and no setting is always the first of a round."""
     import statistics
 
     clock = time.process_time if args.clock == "cpu" else time.perf_counter
-    best = base = None
-    ratios = []
+    best, ratios = None, []
     for _ in range(args.repeats):
         pairs = [(decode_batch(engine, prompts[i : i + args.batch_size], full, clock),
                   decode_batch(engine, prompts[i : i + args.batch_size], settings, clock))
@@ -154,13 +152,12 @@ def paired_runs(engine, prompts, args, settings, full) -> tuple:
         ref, out = summarise([p[0] for p in pairs]), summarise([p[1] for p in pairs])
         ratios.append(out[0] / ref[0])
         best = out if best is None or out[0] > best[0] else best
-        base = ref if base is None or ref[0] > base[0] else base
-    return best, statistics.median(ratios), base
+    return best, statistics.median(ratios)
 
 
 def timed_rows(engine, prompts, thresholds, args) -> dict:
     """(exit policy, threshold) -> (settings, best `decode_all` output, speedup: the median of
-    its ratios to the full decoding run timed just before it, `paired_runs`). Every setting first
+    its ratios to full decoding timed batch by batch beside it, `paired_runs`). Every setting first
     decodes the first batch once, untimed: kernel choices, packed weights and the exit policy's
     costs are made on first use, and would otherwise be timed in whichever row came first. The
     threshold-1.0 row is full decoding timed against itself: its speedup reads the noise."""
@@ -176,7 +173,7 @@ def timed_rows(engine, prompts, thresholds, args) -> dict:
         engine.generate(prompts[: args.batch_size], settings)
     timed = {}
     for key, settings in rows.items():
-        out, speedup, _ = paired_runs(engine, prompts, args, settings, full)
+        out, speedup = paired_runs(engine, prompts, args, settings, full)
         timed[key] = (settings, out, speedup)
     return timed
 
@@ -230,7 +227,7 @@ def speculative_row(engine, prompts, references, args, full, full_tokens: list) 
 
     s = GenerationSettings(strategy="self_speculative", max_new_tokens=args.max_new_tokens, stop_strings=("\n",))
     engine.generate(prompts[: args.batch_size], s)  # its draft costs are timed on first use: not in the figure
-    (tps, texts, tokens, _, results), speedup, _ = paired_runs(engine, prompts, args, s, full)
+    (tps, texts, tokens, _, results), speedup = paired_runs(engine, prompts, args, s, full)
     rounds = [r.stats["draft_lengths"] for r in results]
     exits: dict = {}
     for r in results:

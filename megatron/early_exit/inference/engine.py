@@ -104,10 +104,8 @@ class EarlyExitEngine:
         """Feed one token per sequence; each goes as deep as `policy` lets it (pending rows catch up).
         argmax: True when the caller needs only greedy tokens of the final head (the server's
         greedy steps: `greedy_head`), False for its logits; None keeps the current choice."""
-        if argmax is None:
-            with self.packed:
-                return self.passes.run(state, {b: [t] for b, t in tokens.items()}, policy)
-        with self.packed, self.greedy_head(argmax):
+        head = contextlib.nullcontext() if argmax is None else self.greedy_head(argmax)
+        with self.packed, head:
             return self.passes.run(state, {b: [t] for b, t in tokens.items()}, policy)
 
     def verify(self, state: DecodeState, tokens: dict[int, list[int]]) -> StepOutput:

@@ -189,11 +189,10 @@ class Passes:
             rows = self.run_uniform(state, new_tokens, policy, clean, by_depth, out)
             if rows is None:
                 return out
-            first = clean + 1  # layers [0, clean) and the exits at depth <= clean are done
+            first, active = clean + 1, list(rows.seqs)  # layers [0, clean) and exits at depth <= clean done
         else:
-            rows, first = self.embed(state, new_tokens), 0
+            rows, first, active = self.embed(state, new_tokens), 0, list(new_tokens)
         has_new = {b for b, t in new_tokens.items() if t}
-        active = [b for b in new_tokens if b in rows.seqs or b not in has_new]  # those that left stay out
         memo: dict[tuple, tuple] = {}  # one RowIndex (+ rotary) per distinct layout of this pass
         for d in range(first, self.num_layers + 1):
             if d > 0:

@@ -335,3 +335,30 @@ def test_cached_tuning_trains_backbone_probes_as_tuning_through_the_backbone(tmp
     for name in ga:
         assert torch.allclose(gb[name], ga[name], rtol=1e-5, atol=1e-7), name
         assert ga[name].abs().sum() > 0, name
+
+
+def test_cached_tuner_uses_fused_adamw_with_the_foreach_update(setup):
+    """The cached tuner steps torch's fused AdamW (one kernel); the update is foreach AdamW's."""
+    import argparse
+
+    from megatron.early_exit.training.optimizer import build_optimizer
+
+    _, ckpt, cache = setup
+    tuner = CachedTuner(parse_args([*TUNE, "--load", ckpt, "--exit-activation-cache", cache]))
+    assert tuner.optimizer.defaults["fused"] and not Trainer.fused_optimizer
+    args = argparse.Namespace(lr=1e-2, adam_beta1=0.9, adam_beta2=0.95, adam_eps=1e-8, weight_decay=0.1)
+    torch.manual_seed(0)
+    models = [torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.LayerNorm(16)) for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    start = [p.detach().clone() for p in models[0].parameters()]
+    opts = [build_optimizer(models[0], args), build_optimizer(models[1], args, fused=True)]
+    assert not opts[0].defaults["fused"] and opts[1].defaults["fused"]
+    for step in range(3):
+        x = torch.randn(4, 8, generator=torch.Generator().manual_seed(step))
+        for model, opt in zip(models, opts):
+            opt.zero_grad()
+            model(x).pow(2).sum().backward()
+            opt.step()
+    for a, b, a0 in zip(models[0].parameters(), models[1].parameters(), start):
+        assert torch.allclose(a, b, rtol=1e-6, atol=1e-7)  # fp32: the two kernels order the same update differently
+        assert (a - a0).abs().max() > 1e-3  # three steps at lr 1e-2 moved every parameter

@@ -228,7 +228,11 @@ def cached_losses(model, batch: dict, exit_weights: dict[int, float], loss_type:
 
 class CachedTuner(Trainer):
     """`Trainer` for `--tune-exit --exit-activation-cache DIR`: same optimizer, schedule,
-    logging and checkpoints; the micro-batches come from the cache and only exits run."""
+    logging and checkpoints; the micro-batches come from the cache and only exits run.
+    AdamW is torch's fused kernel: with the backbone gone, foreach AdamW over the exits'
+    parameters was ~6% of a cached step (one process, so no layout has to match it)."""
+
+    fused_optimizer = True
 
     def _tuning_layers(self) -> tuple[int, bool]:
         return max(self.config.exit_layer_nums), False  # the layers are loaded, never run

@@ -27,9 +27,14 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return groups
 
 
-def build_optimizer(model: nn.Module, args, allow_empty: bool = False, dp_group=None) -> torch.optim.Optimizer | None:
+def build_optimizer(
+    model: nn.Module, args, allow_empty: bool = False, dp_group=None, fused: bool = False
+) -> torch.optim.Optimizer | None:
     """AdamW over the trainable parameters; None for a stage with none (allowed when tuning
-    exits: a pipeline stage without exits has nothing to update, which must not crash)."""
+    exits: a pipeline stage without exits has nothing to update, which must not crash).
+    `fused`: torch's one-kernel AdamW (the same update; ~5x faster than foreach for the few
+    million parameters of exits on the CPU), where every trainable parameter is a float tensor
+    on one CPU or CUDA device; else foreach."""
     groups = param_groups(model, args.weight_decay)
     if not groups:
         if allow_empty:
@@ -42,6 +47,10 @@ def build_optimizer(model: nn.Module, args, allow_empty: bool = False, dp_group=
         from torch.distributed.optim import ZeroRedundancyOptimizer
 
         return ZeroRedundancyOptimizer(groups, optimizer_class=torch.optim.AdamW, process_group=dp_group, **kwargs)
+    params = [p for g in groups for p in g["params"]]
+    if fused and len({p.device for p in params}) == 1 and params[0].device.type in ("cpu", "cuda"):
+        if all(p.dtype in (torch.float32, torch.bfloat16, torch.float16) for p in params):
+            return torch.optim.AdamW(groups, fused=True, **kwargs)
     return torch.optim.AdamW(groups, foreach=True, **kwargs)
 
 

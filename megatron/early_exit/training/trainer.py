@@ -115,6 +115,8 @@ class Trainer:
     and only then applies tensor parallelism from outside.
     """
 
+    fused_optimizer = False  # torch's fused AdamW (`build_optimizer`); the cached tuner's one process sets it
+
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
         try:
@@ -164,7 +166,9 @@ class Trainer:
         self._build_stage()
         self.data_parallel = build_data_parallel(self.model, self.pstate, args)  # before the optimizer: FSDP2
         self.loss_cfg: ExitLossConfig = exit_loss_config_from_args(args, self.config.num_exits)
-        self.optimizer = build_optimizer(self.model, args, allow_empty=args.tune_exit, dp_group=self.pstate.dp_group)
+        self.optimizer = build_optimizer(
+            self.model, args, allow_empty=args.tune_exit, dp_group=self.pstate.dp_group, fused=self.fused_optimizer
+        )
         self.scheduler = LRScheduler(
             self.optimizer, args.lr, args.min_lr, args.lr_warmup_iters, args.lr_decay_iters, args.lr_decay_style
         )

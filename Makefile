@@ -46,7 +46,7 @@ demo: install $(DATA)/aclsum_text_document.bin
 		--normalization RMSNorm --swiglu --ffn-hidden-size 704 --position-embedding-type rope \
 		--disable-bias-linear \
 		--exit-layer-nums 2 4 --exit-layer-weight 0.3 0.5 --use-exit-norm \
-		--micro-batch-size 8 --global-batch-size 16 --train-iters 100 \
+		--micro-batch-size 8 --global-batch-size 8 --train-iters 100 \
 		--lr 2e-3 --min-lr 2e-4 --lr-warmup-iters 10 --lr-decay-style cosine --clip-grad 1.0 \
 		--bf16 --log-interval 10 --eval-interval 100 --eval-iters 4 \
 		--save $(RUN)/checkpoints --save-interval 100 \

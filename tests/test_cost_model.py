@@ -43,6 +43,34 @@ def test_ideal_speedup_of_a_known_distribution():
     assert cm.ideal_speedup([run], costs, [], True) == pytest.approx(full / cm.predict(run, costs, [], True))
 
 
+def test_explain_prices_each_timed_step_by_its_kind():
+    costs = synthetic()
+    run = [GenerationResult(prompt_tokens=[1], exit_layers=[10, 4, 10, 4, 4])]
+    steps = cm.predicted_steps(run, costs, [4], needs_vocab=False)
+    assert steps == [("exit 4", pytest.approx(6.4)), ("full depth + fill", pytest.approx(14.3)),
+                     ("exit 4", pytest.approx(6.4)), ("exit 4", pytest.approx(6.4))]  # fmt: skip
+    kinds = cm.explain([(run, [7.0, 15.0, 6.0, 6.5])], costs, [4], False)
+    assert set(kinds) == {"exit 4", "full depth + fill"}
+    assert kinds["exit 4"].steps == 3 and kinds["exit 4"].measured == pytest.approx(19.5)
+    assert kinds["exit 4"].predicted == pytest.approx(3 * 6.4)
+    assert (kinds["full depth + fill"].measured, kinds["full depth + fill"].predicted) == (15.0, pytest.approx(14.3))
+    with pytest.raises(ValueError, match="3 timed decode steps for 4"):
+        cm.explain([(run, [1.0, 1.0, 1.0])], costs, [4], False)
+
+
+def test_step_clock_times_each_decode_step_of_a_generate_call():
+    model = EarlyExitGPT(ModelConfig(num_layers=2, hidden_size=16, num_attention_heads=2, vocab_size=32,
+                                     max_position_embeddings=32, exit_layer_nums=[1]))  # fmt: skip
+    model.init_weights(0)
+    engine = EarlyExitEngine(model)
+    with cm.StepClock(engine) as clock:
+        res = engine.generate([[1, 2, 3]], GenerationSettings(max_new_tokens=5, ignore_eos=True))
+    assert len(clock.seconds) == len(res[0].exit_layers) - 1 == 4 and min(clock.seconds) > 0
+    assert "decode_one_token" not in vars(engine)  # the method again once the clock is left
+    engine.generate([[1, 2, 3]], GenerationSettings(max_new_tokens=2))
+    assert len(clock.seconds) == 4
+
+
 def test_several_pending_rows_cost_a_pending_layer_and_a_row_each_beyond_the_first():
     costs = synthetic()
     assert costs.fill([0, 0, 1, 2, 3]) == pytest.approx(3 * 0.2 + (0 + 1 + 2) * 0.05)

@@ -61,6 +61,7 @@ def test_sweep_writes_csv_and_plots(tmp_path, batch_size):
             "4",
             "--batch-size",
             str(batch_size),
+            "--explain",
         ]
     )
     with open(tmp_path / "out" / "sweep.csv") as f:
@@ -74,5 +75,11 @@ def test_sweep_writes_csv_and_plots(tmp_path, batch_size):
     assert float(full["ideal_speedup"]) == 1.0
     for r in table:
         assert float(r["efficiency"]) == pytest.approx(float(r["speedup"]) / float(r["ideal_speedup"]), abs=2e-3)
+    # --explain: the 0.0 row's decode steps, each timed and priced, by kind (4 tokens: at most 3 steps a batch).
+    with open(tmp_path / "out" / "explain.csv") as f:
+        kinds = list(csv.DictReader(f))
+    assert kinds and {r["kind"] for r in kinds} <= {"exit 1", "exit 1 + fill", "full depth", "full depth + fill"}
+    assert all(float(r["threshold"]) == 0.0 and float(r["measured_ms"]) > 0 < float(r["predicted_ms"]) for r in kinds)
+    assert 1 <= sum(int(r["steps"]) for r in kinds) <= 3 * (2 // batch_size)
     pytest.importorskip("matplotlib")
     assert {"speedup.png", "quality_vs_speedup.png", "exit_histogram.png"} <= set(os.listdir(tmp_path / "out"))

@@ -20,6 +20,10 @@ of the same batch, --repeats times: its speedup is the median of these paired ra
 (tokens_per_sec is its best run; --clock cpu times CPU seconds); every setting first decodes
 one batch untimed. The measure defaults to learned where the exits have probes.
 --exit-policy exact cost_aware gives rows for each policy (the `exit_policy` column).
+--explain decodes every row once more with each decode step timed and priced by the cost
+model, and writes `explain.csv`: per step kind (how deep its deepest sequence went, and whether
+it filled pending rows) the steps, measured and predicted ms per step, and the kind's share of
+the row's efficiency gap (`explain_rows`).
 """
 
 from __future__ import annotations
@@ -125,14 +129,61 @@ def prefill_seconds(engine, prompts: list[list[int]], batch_size: int, settings)
                                      engine.device, 2)["p"] for i in range(0, len(prompts), batch_size))  # fmt: skip
 
 
-def ideal_of(engine, costs, results: list, batch_size: int, settings, prefill_s: float) -> float:
-    """The ideal speedup of one row: its exit telemetry priced by the cost model."""
+def policy_terms(engine, settings, prompt: list[int]) -> tuple[list[int], bool]:
+    """What the cost model prices of a row's exit policy: the exits it evaluates, and whether
+    its measure needs the vocabulary projection."""
     from megatron.early_exit.inference.confidence import get_measure
 
-    policy = engine.check(settings, [r.prompt_tokens for r in results[:1]])
-    evaluated = [n for n in policy.allowed if policy.threshold_of(n) < 1.0]
+    policy = engine.check(settings, [prompt])
+    return [n for n in policy.allowed if policy.threshold_of(n) < 1.0], get_measure(policy.measure).needs_vocab
+
+
+def ideal_of(engine, costs, results: list, batch_size: int, settings, prefill_s: float) -> float:
+    """The ideal speedup of one row: its exit telemetry priced by the cost model."""
+    evaluated, needs_vocab = policy_terms(engine, settings, results[0].prompt_tokens)
     batches = [results[i : i + batch_size] for i in range(0, len(results), batch_size)]
-    return cost_model.ideal_speedup(batches, costs, evaluated, get_measure(policy.measure).needs_vocab, prefill_s)
+    return cost_model.ideal_speedup(batches, costs, evaluated, needs_vocab, prefill_s)
+
+
+def explain_rows(engine, prompts, args, timed: dict, costs) -> list[dict]:
+    """`--explain`: where each row's efficiency gap sits. Every batch is decoded once more, right
+    after full decoding of the same batch, each decode step timed (`cost_model.StepClock`) and
+    priced from its telemetry (`cost_model.explain`). `host` is full decoding's measured time
+    over its predicted time (the machine's speed now against the cost model's measurement); a
+    step kind's `excess_share` is its measured time less `host` times its predicted time, as a
+    share of the row's measured decode time. The row's measured/predicted over `host` is about
+    1 / efficiency; the kinds with the largest excess are what the cost model misses."""
+    from megatron.early_exit.inference.cost_model import StepClock, explain
+
+    full = timed[(args.exit_policy[0], 1.0)][0]
+    out = []
+    for (policy, thr), (settings, _, _) in timed.items():
+        if thr >= 1.0:
+            continue
+        evaluated, needs_vocab = policy_terms(engine, settings, prompts[0])
+        runs, full_runs = [], []
+        for i in range(0, len(prompts), args.batch_size):
+            batch = prompts[i : i + args.batch_size]
+            for setting, into in ((full, full_runs), (settings, runs)):
+                with StepClock(engine) as clock:
+                    results = engine.generate(batch, setting)
+                into.append((results, clock.seconds))
+        base = explain(full_runs, costs, (), True)
+        host = sum(k.measured for k in base.values()) / max(sum(k.predicted for k in base.values()), 1e-12)
+        kinds = explain(runs, costs, evaluated, needs_vocab)
+        total = sum(k.measured for k in kinds.values())
+        ratio = total / max(host * sum(k.predicted for k in kinds.values()), 1e-12)
+        order = sorted(kinds, key=lambda kind: host * kinds[kind].predicted - kinds[kind].measured)
+        rows = [{"exit_policy": policy, "threshold": thr, "kind": kind, "steps": kinds[kind].steps,
+                 "measured_ms": round(1e3 * kinds[kind].measured / kinds[kind].steps, 3),
+                 "predicted_ms": round(1e3 * host * kinds[kind].predicted / kinds[kind].steps, 3),
+                 "excess_share": round((kinds[kind].measured - host * kinds[kind].predicted) / total, 4)}
+                for kind in order]  # fmt: skip
+        worst = ", ".join(f"{r['kind']} {100 * r['excess_share']:+.1f}%" for r in rows[:3])
+        print(f"explain {policy} {thr}: host {host:.3f} x the cost model's full step; measured/predicted "
+              f"{ratio:.3f} after it (~1/efficiency); largest excess: {worst}", flush=True)  # fmt: skip
+        out += rows
+    return out
 
 
 def paired_runs(engine, prompts, args, settings, full) -> tuple:
@@ -214,6 +265,8 @@ def sweep(args) -> list[dict]:
         }
         rows.append(row)
         print(" | ".join(f"{k} {v}" for k, v in row.items()), flush=True)
+    if args.explain:
+        write_csv(explain_rows(engine, prompts, args, timed, costs), args.output, "explain.csv")
     if args.self_speculative:  # its own file: not a threshold row
         write_speculative(speculative_row(engine, prompts, references, args, full_settings, full_tokens), args.output)
     return rows
@@ -254,6 +307,16 @@ def draft_costs_of(engine, batch_size: int) -> dict:
 
     c = draft_costs_for(engine, batch_bucket(batch_size), 1)  # measured during the run: the cached costs
     return {n: [round(c.draft[n], 3), round(c.row[n], 3), round(c.base.get(n, 1.0), 3)] for n in c.draft}
+
+
+def write_csv(rows: list[dict], out: str, name: str) -> None:
+    if not rows:
+        return
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, name), "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
 
 
 def write_speculative(row: dict, out: str) -> None:
@@ -341,6 +404,9 @@ def main(argv=None) -> None:
     p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                    help="what times the rows: the wall clock, or this process's CPU seconds (all its threads), "
                    "for a machine whose speed other tenants change")  # fmt: skip
+    p.add_argument("--explain", action="store_true",
+                   help="also decode every row once more with each decode step timed and priced: where its "
+                   "efficiency gap sits, by step kind (explain.csv)")  # fmt: skip
     p.add_argument("--self-speculative", action="store_true",
                    help="also dynamic self-speculation (draft exit/length auto): self_speculative.csv")  # fmt: skip
     args = p.parse_args(argv)

@@ -118,15 +118,82 @@ def predict(
 ) -> float:
     """Predicted decode time (prefill excluded) of one `early_exit` or `full` batch from its
     exit telemetry. `evaluated`: the exits the policy checks (none for full decoding)."""
+    return sum(t for _, t in predicted_steps(results, costs, evaluated, needs_vocab))
+
+
+def predicted_steps(
+    results: Sequence[GenerationResult], costs: DecodeCosts, evaluated: Sequence[int], needs_vocab: bool
+) -> list[tuple[str, float]]:
+    """Each decode step of one batch, in order (step t fed every live sequence's token t-1): its
+    kind (`step_kind`) and predicted seconds."""
     reached: list[list[int]] = [[] for _ in results]
-    total = 0.0
+    steps = []
     for t in range(1, max(len(r.exit_layers) for r in results)):
         live = [b for b, r in enumerate(results) if len(r.exit_layers) > t]
         exits = [results[b].exit_layers[t] for b in live]
         per_layer = [fill_rows(reached[b], costs.reach(e)) for b, e in zip(live, exits)]
         extra = [max(rows[i] if i < len(rows) else 0 for rows in per_layer) for i in range(costs.num_layers)]
-        total += costs.step(exits, sorted(evaluated), needs_vocab, extra)
-    return total
+        kind = step_kind(max(exits), costs.num_layers, any(extra))
+        steps.append((kind, costs.step(exits, sorted(evaluated), needs_vocab, extra)))
+    return steps
+
+
+def step_kind(deepest: int, num_layers: int, fills: bool) -> str:
+    """A decode step's kind: how deep its deepest sequence went, and whether it filled pending rows."""
+    depth = "full depth" if deepest >= num_layers else f"exit {deepest}"
+    return depth + (" + fill" if fills else "")
+
+
+class StepClock:
+    """Times every `decode_one_token` call of `engine` while entered (wall clock after the
+    device's queued work): `seconds` in call order, one per decode step of a `shares_passes`
+    strategy (`early_exit`, `full`)."""
+
+    def __init__(self, engine) -> None:
+        self.engine, self.seconds = engine, []
+
+    def __enter__(self) -> StepClock:
+        step, device = self.engine.decode_one_token, self.engine.device
+
+        def timed(*args, **kwargs):
+            start = tick(device)
+            out = step(*args, **kwargs)
+            self.seconds.append(tick(device) - start)
+            return out
+
+        self.engine.decode_one_token = timed  # an instance attribute over the method
+        return self
+
+    def __exit__(self, *exc) -> None:
+        del self.engine.decode_one_token
+
+
+@dataclass
+class KindTimes:
+    """One step kind of a run: its steps, their measured and predicted seconds."""
+
+    steps: int = 0
+    measured: float = 0.0
+    predicted: float = 0.0
+
+
+def explain(
+    batches: Sequence[tuple[Sequence[GenerationResult], Sequence[float]]],
+    costs: DecodeCosts,
+    evaluated: Sequence[int],
+    needs_vocab: bool,
+) -> dict[str, KindTimes]:
+    """Where a run's time goes against the cost model: per step kind (`step_kind`), the steps and
+    their measured (`StepClock`) and predicted seconds, over `batches` of (results, step seconds)."""
+    kinds: dict[str, KindTimes] = {}
+    for results, seconds in batches:
+        steps = predicted_steps(results, costs, evaluated, needs_vocab)
+        if len(steps) != len(seconds):
+            raise ValueError(f"explain: {len(seconds)} timed decode steps for {len(steps)} in the telemetry")
+        for (kind, predicted), measured in zip(steps, seconds):
+            k = kinds.setdefault(kind, KindTimes())
+            k.steps, k.measured, k.predicted = k.steps + 1, k.measured + measured, k.predicted + predicted
+    return kinds
 
 
 def ideal_speedup(

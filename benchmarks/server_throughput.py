@@ -10,8 +10,9 @@ server runs on loopback in a subprocess; each client sends --requests-per-client
 of --max-tokens tokens one after another (EOS ignored, so every request costs the same).
 Prints, per setting: generated tokens/s, its ratio to one client, p50/p95 request latency,
 the ratio to early exit off at the same number of clients, and the average exit layer the server
-reports; early exit 'on' once per --exit-policies (exact, cost_aware). Targets: 16 clients >= 4x
-one client's tokens/s; early exit on >= 0.97x off.
+reports; early exit 'on' once per --exit-policies (exact, cost_aware), and a control row, "off again
+(control)": early exit off timed again like an 'on' setting, so its ratio to off reads the noise
+between neighbours in time. Targets: 16 clients >= 4x one client's tokens/s; early exit on >= 0.97x off.
 
 On a machine that other processes load, wall-clock tokens/s swing with their load; the 'tok/cpu s'
 column (tokens per CPU second of the server process, from /proc: what the server itself spent)
@@ -159,6 +160,9 @@ def run_clients(url: str, clients: int, args, early_exit: dict | None, pid: int 
     }
 
 
+CONTROL = "off again (control)"
+
+
 def early_exit_body(args, policy: str) -> dict:
     """The request's `early_exit` object for early exit 'on' under `policy`."""
     return {"threshold": args.threshold, "exit_policy": policy, **({"measure": args.measure} if args.measure else {})}
@@ -248,6 +252,7 @@ def main() -> None:
         (f"on {pol} ({args.measure or 'default'} {args.threshold:g})", early_exit_body(args, pol))
         for pol in args.exit_policies
     ]
+    settings.append((CONTROL, None))  # early exit off again, paired with off like the others: the noise
     try:
         short = argparse.Namespace(**{**vars(args), "requests_per_client": 1, "max_tokens": 4})
         for _, ee in settings:  # warm-up: a policy's first use (cost_aware's cost measurement) is not timed

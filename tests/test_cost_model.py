@@ -71,6 +71,32 @@ def test_step_clock_times_each_decode_step_of_a_generate_call():
     assert len(clock.seconds) == 4
 
 
+def test_a_replayed_step_computes_the_same_step_each_time():
+    """`fill_time` times one step again and again from a saved state: after a step whose tokens
+    left at exit 1, a full step fills their pending rows, and every replay gives the same logits
+    and fill counts as decoding it once from scratch."""
+    import torch
+
+    from megatron.early_exit.inference.passes import ExitPolicy
+
+    model = EarlyExitGPT(ModelConfig(num_layers=3, hidden_size=16, num_attention_heads=2, vocab_size=32,
+                                     max_position_embeddings=32, exit_layer_nums=[1]))  # fmt: skip
+    model.init_weights(0)
+    engine = EarlyExitEngine(model)
+    prompts, leave, full = [[1, 2, 3], [4, 5]], ExitPolicy(threshold=0.0, allowed=(1,), mode="exact"), ExitPolicy()
+    step = cm.replayed_step(engine, prompts, leave, full)
+    once = engine.new_state(2, 8)
+    engine.prefill(once, dict(enumerate(prompts)))
+    assert set(engine.decode_one_token(once, {0: 1, 1: 1}, leave).exit_layer.values()) == {1}
+    expected = engine.decode_one_token(once, {0: 1, 1: 1}, full)
+    for _ in range(3):
+        out = step()
+        assert set(out.exit_layer.values()) == {3}
+        for b in (0, 1):
+            torch.testing.assert_close(out.logits[b], expected.logits[b], rtol=0, atol=0)
+    assert cm.fill_time(engine, prompts, leave, steps=2, repeats=1) >= 0.0
+
+
 def test_several_pending_rows_cost_a_pending_layer_and_a_row_each_beyond_the_first():
     costs = synthetic()
     assert costs.fill([0, 0, 1, 2, 3]) == pytest.approx(3 * 0.2 + (0 + 1 + 2) * 0.05)

@@ -23,9 +23,10 @@ through the engine's own code (`Passes`, prepacked weights entered as in decodin
   project[n]    exit n's vocabulary projection alone (what a firing `learned` check adds);
   pend          a layer where the pass fills pending rows (one row per sequence beyond the
                 newest): the general path's gather, layout and mask there, and the row. Timed
-                through the engine's own pending path: steps alternating "leave at the first
-                exit" and full depth against steps of each kind alone (a decode step runs
-                uniformly up to the first layer with pending rows, `Passes.run`);
+                through the engine's own pending path (`fill_time`): a full-depth step after a
+                step that left at the first exit against one after a full-depth step, each
+                replayed from a saved state, back to back, median of the differences (a decode
+                step runs uniformly up to the first layer with pending rows, `Passes.run`);
   row           each further row per sequence through one layer (several pending positions,
                 and the drafted rows self-speculative verification pushes through the deeper
                 layers): one layer over 1 + 4 rows against 1 row, through the same path;
@@ -322,21 +323,42 @@ def piece_times(engine, prompts: list[list[int]], repeats: int, extra_rows: int 
 
 def fill_time(engine, prompts: list[list[int]], policy, steps: int, repeats: int) -> float:
     """Seconds that recomputing one pending row per sequence adds to a decode step, through the
-    engine's own pending path: steps alternating `policy` (every token leaves at one exit) and
-    full depth, against the mean of steps of each kind alone (prefill included in all three)."""
-    full, pairs = type(policy)(), max(steps // 2, 1)
+    engine's own pending path: a full-depth decode step right after a step whose tokens all left
+    under `policy` (one exit, threshold 0: their rows pending above it), against a full-depth step
+    after a full-depth step (nothing pending). Each is one step timed alone from a saved state
+    (the cache's fill counts and the positions fed are restored before every call; the step
+    rewrites the same K/V), the two back to back; the median of `steps * repeats` differences.
+    A difference of whole runs (prefill and many steps each) once read 0 on a noisy host."""
+    full = type(policy)()
+    fill, plain = replayed_step(engine, prompts, policy, full), replayed_step(engine, prompts, full, full)
+    fill(), plain()  # warm-up: the pending path's kernels and layouts
+    diffs = []
+    for _ in range(max(steps * repeats, 1)):
+        start = tick(engine.device)
+        plain()
+        mid = tick(engine.device)
+        fill()
+        diffs.append((tick(engine.device) - mid) - (mid - start))
+    return max(statistics.median(diffs), 0.0)
 
-    def run(kinds) -> None:
-        state = engine.new_state(len(prompts), max(map(len, prompts)) + 2 * pairs + 2)
-        engine.prefill(state, dict(enumerate(prompts)))
-        for j in range(2 * pairs):
-            engine.decode_one_token(state, dict.fromkeys(range(len(prompts)), 1), kinds[j % len(kinds)])
 
-    best = best_times(
-        {"alt": lambda: run([policy, full]), "exit": lambda: run([policy]), "full": lambda: run([full])},
-        engine.device, repeats,
-    )  # fmt: skip
-    return max(best["alt"] - (best["exit"] + best["full"]) / 2, 0.0) / pairs
+def replayed_step(engine, prompts: list[list[int]], first, then) -> Callable[[], StepOutput]:
+    """A decode step under `then` that can be run again and again from the same state: the
+    prompts prefilled and one step decoded under `first` (token 1 for every sequence), then the
+    cache's fill counts and the positions fed saved; each call restores them and decodes token 1
+    again (it rewrites the same K/V, so every call computes the same step)."""
+    batch = dict.fromkeys(range(len(prompts)), 1)
+    state = engine.new_state(len(prompts), max(map(len, prompts)) + 4)
+    engine.prefill(state, dict(enumerate(prompts)))
+    engine.decode_one_token(state, batch, first)
+    filled, fed = state.cache.filled.copy(), list(state.fed)
+
+    def step() -> StepOutput:
+        state.cache.filled[...] = filled
+        state.fed[:] = fed
+        return engine.decode_one_token(state, batch, then)
+
+    return step
 
 
 def fit_line(points: list[tuple[float, float]]) -> tuple[float, float]:
@@ -384,7 +406,7 @@ def measure_costs(
     if p.exits:  # a pending layer through the engine's own path (gather, layout, mask), not a layer alone
         n = min(p.exits)
         per_step = fill_time(engine, prompts, engine.check(settings[f"exit {n}"], prompts), steps, repeats)
-        costs.pend = per_step / (p.num_layers - depth[n])
+        costs.pend = per_step / (p.num_layers - depth[n])  # one pending row per sequence in each layer above n
     if len({x for x, _ in points}) > 1:
         costs.layer, costs.fixed = fit_line(points)
     else:  # no exits: the directly timed layer, the rest is fixed

@@ -229,8 +229,10 @@ def cached_losses(model, batch: dict, exit_weights: dict[int, float], loss_type:
 class CachedTuner(Trainer):
     """`Trainer` for `--tune-exit --exit-activation-cache DIR`: same optimizer, schedule,
     logging and checkpoints; the micro-batches come from the cache and only exits run.
-    AdamW is torch's fused kernel: with the backbone gone, foreach AdamW over the exits'
-    parameters was ~6% of a cached step (one process, so no layout has to match it)."""
+    AdamW is torch's fused kernel (one process, so no layout has to match it): one pass over
+    each parameter instead of several. For SmolLM2's three MLP exits alone the optimizer step
+    took 8 ms against 41 ms with foreach, within the noise of a ~0.5 s step; it matters where the
+    exits own their output projections (3 x 28M more parameters to step)."""
 
     fused_optimizer = True
 

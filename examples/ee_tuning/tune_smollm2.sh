@@ -31,7 +31,7 @@ GGUF=$(python -c "import importlib.util, glob, os; s = importlib.util.find_spec(
 print(glob.glob(os.path.join(list(s.submodule_search_locations)[0], '**', '*.gguf'), recursive=True)[0])")
 mkdir -p "$RUN"
 [ -d "$RUN/base" ] || python tools/checkpoint/convert.py --loader gguf --load-dir "$GGUF" --save-dir "$RUN/base"
-EXITS=$RUN/with_exits_untied
+EXITS=$RUN/with_exits
 [ -d "$EXITS" ] || python tools/checkpoint/add_exits.py --load-dir "$RUN/base" --save-dir "$EXITS" \
     --add-exit-layer-nums 8 15 22 --use-exit-norm --use-exit-mlp --use-exit-confidence-head \
     --exit-confidence-input backbone --untie-exit-output-weights

@@ -320,20 +320,12 @@ def write_csv(rows: list[dict], out: str, name: str) -> None:
 
 
 def write_speculative(row: dict, out: str) -> None:
-    os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, "self_speculative.csv"), "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(row))
-        writer.writeheader()
-        writer.writerow(row)
+    write_csv([row], out, "self_speculative.csv")
     print(" | ".join(f"{k} {v}" for k, v in row.items()), flush=True)
 
 
 def write_outputs(rows: list[dict], out: str, num_layers_hint: str) -> None:
-    os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, "sweep.csv"), "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    write_csv(rows, out, "sweep.csv")
     try:
         import matplotlib
 

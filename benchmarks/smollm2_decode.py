@@ -13,7 +13,8 @@ bandwidth roofline: batch x measured read bandwidth / bytes of weights read per 
 `--kernels auto packed plain ...` runs one engine per CPU matmul kernel setting
 (`inference/kernels.py`; auto = measured per weight shape) in the same alternation;
 `--heads full int8` runs one engine per final-head setting (`inference/greedy_head.py`: the
-certified int8 argmax, or the whole fp32 logits) likewise;
+certified int8 argmax, or the whole fp32 logits) likewise, and `--lean lean modules` one with
+the uniform steps' layers as `inference/lean.py` runs them and one through the modules;
 `--clock cpu --threads 1` counts this process's CPU time instead of wall time (robust on a
 shared machine; the roofline then assumes one thread's read bandwidth).
 
@@ -136,9 +137,12 @@ def part1(args, bandwidth: float) -> None:
         model, tok = load_ours(args.load, dtype)
         model = model.to(args.device)
         engines = {
-            (k if len(args.heads) == 1 else f"{k}+{h}"): EarlyExitEngine(model, tok, linear_kernel=k, head=h)
+            "+".join([k] + [h] * (len(args.heads) > 1) + [lean] * (len(args.lean) > 1)): EarlyExitEngine(
+                model, tok, linear_kernel=k, head=h, lean=lean == "lean"
+            )
             for k in args.kernels
             for h in args.heads
+            for lean in args.lean
         }
         hf = load_hf(dtype).to(args.device)
         step_bytes = bytes_per_step(model)
@@ -259,6 +263,8 @@ def main() -> None:
                    help="part 1: one engine per CPU matmul kernel setting (auto: measured per shape)")  # fmt: skip
     p.add_argument("--heads", nargs="+", default=["auto"], choices=list(HEADS),
                    help="greedy requests' final head: auto/int8 = certified int8 argmax, full = logits")  # fmt: skip
+    p.add_argument("--lean", nargs="+", default=["lean"], choices=["lean", "modules"],
+                   help="uniform decode steps' layers: lean (inference/lean.py) or the modules")  # fmt: skip
     p.add_argument("--clock", choices=list(CLOCKS), default="wall",
                    help="wall time, or this process's CPU time (use with --threads 1 on a shared machine)")  # fmt: skip
     args = p.parse_args()

@@ -43,6 +43,20 @@ def test_ideal_speedup_of_a_known_distribution():
     assert cm.ideal_speedup([run], costs, [], True) == pytest.approx(full / cm.predict(run, costs, [], True))
 
 
+def test_ideal_speedup_against_full_decodings_own_lengths_at_batch_2():
+    costs = synthetic()
+    # One batch of two sequences; early exit: every decode step leaves at 4 (6.4 each, as above),
+    # the second sequence ends after 2 tokens, the first after 4: 3 steps, 6 tokens.
+    run = [GenerationResult(prompt_tokens=[1], exit_layers=[10, 4, 4, 4]),
+           GenerationResult(prompt_tokens=[2], exit_layers=[10, 4])]  # fmt: skip
+    # Full decoding of the same prompts ended both sequences after 3 tokens: 2 steps of 13, 6 tokens.
+    full = [GenerationResult(prompt_tokens=[1], exit_layers=[10] * 3),
+            GenerationResult(prompt_tokens=[2], exit_layers=[10] * 3)]  # fmt: skip
+    assert cm.ideal_speedup([run], costs, [4], False, full=[full]) == pytest.approx((6 / 19.2) / (6 / 26))
+    # Against the run's own lengths decoded in full (3 steps of 13, the last two for one row):
+    assert cm.ideal_speedup([run], costs, [4], False) == pytest.approx(39 / 19.2)
+
+
 def test_explain_prices_each_timed_step_by_its_kind():
     costs = synthetic()
     run = [GenerationResult(prompt_tokens=[1], exit_layers=[10, 4, 10, 4, 4])]

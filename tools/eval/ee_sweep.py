@@ -138,11 +138,13 @@ def policy_terms(engine, settings, prompt: list[int]) -> tuple[list[int], bool]:
     return [n for n in policy.allowed if policy.threshold_of(n) < 1.0], get_measure(policy.measure).needs_vocab
 
 
-def ideal_of(engine, costs, results: list, batch_size: int, settings, prefill_s: float) -> float:
-    """The ideal speedup of one row: its exit telemetry priced by the cost model."""
+def ideal_of(engine, costs, results: list, batch_size: int, settings, prefill_s: float, full=None) -> float:
+    """The ideal speedup of one row: its exit telemetry priced by the cost model, against full
+    decoding's telemetry `full` (its results; None: the row's tokens decoded in full)."""
     evaluated, needs_vocab = policy_terms(engine, settings, results[0].prompt_tokens)
     batches = [results[i : i + batch_size] for i in range(0, len(results), batch_size)]
-    return cost_model.ideal_speedup(batches, costs, evaluated, needs_vocab, prefill_s)
+    reference = None if full is None else [full[i : i + batch_size] for i in range(0, len(full), batch_size)]
+    return cost_model.ideal_speedup(batches, costs, evaluated, needs_vocab, prefill_s, reference)
 
 
 def explain_rows(engine, prompts, args, timed: dict, costs) -> list[dict]:
@@ -244,12 +246,12 @@ def sweep(args) -> list[dict]:
     costs, _ = cost_model.measure_costs(engine, prompts[: args.batch_size], args.measure, args.cost_steps, 3)
     timed = timed_rows(engine, prompts, thresholds, args)
     base = (args.exit_policy[0], 1.0)
-    full_settings, (_, full_texts, full_tokens, _, _), _ = timed[base]
+    full_settings, (_, full_texts, full_tokens, _, full_results), _ = timed[base]
     prefill_s = prefill_seconds(engine, prompts, args.batch_size, full_settings)
     rows = []
     for (policy, thr), (settings, (tps, texts, tokens, layers, results), speedup) in timed.items():
         agree = [sum(a == b for a, b in zip(t, f)) / max(len(f), 1) for t, f in zip(tokens, full_tokens)]
-        ideal = ideal_of(engine, costs, results, args.batch_size, settings, prefill_s)
+        ideal = ideal_of(engine, costs, results, args.batch_size, settings, prefill_s, full_results)
         row = {
             "exit_policy": policy,
             "threshold": thr,
@@ -257,6 +259,9 @@ def sweep(args) -> list[dict]:
             "speedup": round(speedup, 3),
             "ideal_speedup": round(ideal, 3),
             "efficiency": round(speedup / ideal, 3),
+            # the row's tokens decoded in full as the reference: differs from ideal_speedup where a
+            # batch's sequences end at different steps (batch > 1), not at batch 1
+            "ideal_same_lengths": round(ideal_of(engine, costs, results, args.batch_size, settings, prefill_s), 3),
             "rougeL_reference": round(100 * sum(map(rouge_l, texts, references)) / len(texts), 2),
             "rougeL_vs_full": round(100 * sum(map(rouge_l, texts, full_texts)) / len(texts), 2),
             "token_agreement": round(sum(agree) / len(agree), 4),

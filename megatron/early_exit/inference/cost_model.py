@@ -203,15 +203,26 @@ def ideal_speedup(
     evaluated: Sequence[int],
     needs_vocab: bool,
     prefill_s: float = 0.0,
+    full: Sequence[Sequence[GenerationResult]] | None = None,
 ) -> float:
-    """Full decoding's predicted time over the run's, for the same tokens: what the run's exit
-    distribution is worth if the engine added nothing beyond the measured costs. `prefill_s`:
-    the batches' prefill time (the same in both), so that the ratio is that of whole calls."""
+    """What the run's exit distribution is worth if the engine added nothing beyond the
+    measured costs: its predicted tokens/s over full decoding's. `full`: full decoding's own
+    batches (its tokens, its lengths), the run a measured speedup is taken against; None: the
+    run's tokens decoded in full (the same lengths). The two differ where a batch's sequences
+    end at different steps: a batch decodes until its longest sequence ends, fewer rows per step
+    from then on, so the run's and full decoding's lengths weigh in at batch > 1.
+    `prefill_s`: the batches' prefill time (the same in both)."""
     final = costs.num_layers
-    run = sum(predict(b, costs, evaluated, needs_vocab) for b in batches)
-    full_batches = [[replace(r, exit_layers=[final] * len(r.exit_layers)) for r in b] for b in batches]
-    full = sum(predict(b, costs, (), True) for b in full_batches)
-    return (prefill_s + full) / (prefill_s + run)
+    run = prefill_s + sum(predict(b, costs, evaluated, needs_vocab) for b in batches)
+    if full is None:
+        full = [[replace(r, exit_layers=[final] * len(r.exit_layers)) for r in b] for b in batches]
+    reference = prefill_s + sum(predict(b, costs, (), True) for b in full)
+    return (generated(batches) / run) / (generated(full) / reference)
+
+
+def generated(batches: Sequence[Sequence[GenerationResult]]) -> int:
+    """Tokens generated over `batches` (what tokens/s counts): one exit layer each."""
+    return sum(len(r.exit_layers) for b in batches for r in b)
 
 
 # ----- measuring on this machine -----------------------------------------------------------

@@ -22,6 +22,7 @@ import torch
 from megatron.early_exit.inference import greedy_head
 from megatron.early_exit.inference.acceptance import Acceptance
 from megatron.early_exit.inference.exit_decision import ExitCosts, decider_of
+from megatron.early_exit.inference.lean import LeanKernels
 from megatron.early_exit.inference.packed import PackedWeights
 from megatron.early_exit.inference.passes import DecodeState, ExitPolicy, Passes, StepOutput, tick
 from megatron.early_exit.inference.sampling import make_generator
@@ -53,6 +54,7 @@ class EarlyExitEngine:
         compile: bool = False,
         linear_kernel: str = "auto",
         head: str = "auto",
+        lean: bool = True,
     ) -> None:
         """packed_weights: on CPU, run Linears and heads on the kernel measured fastest per weight
         shape, dtype and rows while decoding (`inference/kernels.py`: oneDNN-prepacked weights,
@@ -64,6 +66,8 @@ class EarlyExitEngine:
         one), 'int8' (it for any size) or 'full' (the whole fp32 logits always). Tokens are the
         same either way; the final head's confidence then comes from near-exact logits.
         layer_range: the layers this model holds (a pipeline stage's), default all.
+        lean: run the supported layers of uniform decode steps as `lean.LeanLayer` (the modules'
+        arithmetic in fewer tensor operations: the same numbers); False: through the modules.
         compile: run the layers of uniform decode steps through `torch.compile` (opt-in; inductor
         makes its own kernels, so the prepacked weights are not used then); if compilation fails,
         one warning and eager decoding."""
@@ -74,6 +78,8 @@ class EarlyExitEngine:
             self.passes.enable_compile()
         self.packed = PackedWeights(model, linear_kernel) if packed_weights and not compile else _NoPacking()
         self.packed_weights = self.packed.available
+        self.passes.lean = lean
+        self.passes.lean_kernels = LeanKernels(packed=self.packed.available)  # lean layers: the same kernels
         p = self.passes
         self.config, self.num_layers, self.vocab = p.config, p.num_layers, p.vocab
         self.device, self.dtype, self.exits = p.device, p.dtype, p.exits

@@ -137,11 +137,14 @@ def register(weights: Iterable[torch.Tensor]) -> None:
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """`F.linear(x, weight, bias)` with the kernel chosen for this shape, dtype, rows and threads.
     The caller checks that a fast kernel applies (CPU, no autograd, one dtype)."""
-    rows = x.numel() // x.shape[-1]
+    return linear_func(weight, x.numel() // x.shape[-1])(x, weight, bias)
+
+
+def linear_func(weight: torch.Tensor, rows: int) -> Callable:
+    """The function (x, weight, bias) of the kernel chosen for `weight` against `rows` rows
+    (`lean.LeanKernels` looks it up once per decode step)."""
     name = kernel_for(weight, rows)
-    if name == "mv" and rows != 1:
-        name = "plain"
-    return _FUNCS[name](x, weight, bias)
+    return _FUNCS["plain" if name == "mv" and rows != 1 else name]
 
 
 def kernel_for(weight: torch.Tensor, rows: int) -> str:

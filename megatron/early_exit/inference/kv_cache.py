@@ -113,14 +113,41 @@ class DecodeIndex:
         self.positions = pos_t.view(a, 1).to(device)  # (A, 1)
         self.batch_idx = torch.tensor(seqs, dtype=torch.long).to(device)
         self.pos_idx = None if self.same else self.positions.view(a)
+        self.views: tuple | None = None  # (cache, `step_views`) where `same` and `contiguous`
         if self.same:
             self.attn_mask = None
         else:
             keys = torch.arange(self.span)
             self.attn_mask = (keys[None] <= pos_t[:, None]).view(a, 1, 1, self.span).to(device)  # (A, 1, 1, span)
 
-    def layer(self, cache: KVCache, index: int) -> DecodeView:
+    def layer(self, cache: KVCache, index: int) -> DecodeView | SliceView:
+        if self.same and self.contiguous:
+            if self.views is None or self.views[0] is not cache:
+                self.views = (cache, *step_views(cache, self.batch_slice, self.pos[0]))
+            return SliceView(self.views, index)
         return DecodeView(cache, index, self)
+
+
+def step_views(cache: KVCache, b: slice, p: int) -> tuple[torch.Tensor, ...]:
+    """Views over every layer of one uniform step whose sequences are the slots `b`, all at
+    position p: where K and V are written (L, A, ng, 1, hd), and what is read (L, A, ng, p+1, hd)."""
+    k, v = cache.k[:, b], cache.v[:, b]
+    return k[:, :, :, p : p + 1], v[:, :, :, p : p + 1], k[:, :, :, : p + 1], v[:, :, :, : p + 1]
+
+
+class SliceView:
+    """`DecodeView` where every sequence of the step is at the same position and the slots are
+    contiguous: one view per layer of the step's views (`step_views`), three operations a layer."""
+
+    def __init__(self, views: tuple, index: int) -> None:
+        self.views, self.index = views, index
+
+    def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # k, v: (A, ng, 1, hd)
+        _, kw, vw, kr, vr = self.views
+        kw[self.index].copy_(k)
+        vw[self.index].copy_(v)
+        return kr[self.index], vr[self.index]  # (A, ng, span, hd) views
 
 
 class DecodeView:

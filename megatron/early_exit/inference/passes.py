@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from megatron.early_exit.inference import greedy_head
+from megatron.early_exit.inference import greedy_head, lean
 from megatron.early_exit.inference.confidence import get_measure, max_prob
 from megatron.early_exit.inference.exit_decision import decide, worth_checking
 from megatron.early_exit.inference.fused_check import folded_probe, logit_threshold
@@ -151,6 +151,11 @@ class Passes:
         self.fast = True  # False: every pass takes the exact (general) path, uniform decode steps too
         self.fused_checks = True  # False: learned checks through the probe modules (`fused_check.py`)
         self.compiled = None  # `enable_compile`: the compiled layer call of uniform steps
+        # Uniform steps run supported layers as `lean.LeanLayer` (the modules' arithmetic, fewer
+        # operations); False: through the modules. `lean_kernels`: their products' kernels.
+        self.lean = True
+        self.lean_layers: dict[int, lean.LeanLayer | None] = {}
+        self.lean_kernels = lean.LeanKernels(packed=False)
         # 'full': the final head's whole logits; 'auto' / 'int8': where only the token is needed,
         # the certified argmax of greedy_head.py (the engine sets it per request).
         self.argmax_head = "full"
@@ -258,16 +263,32 @@ class Passes:
         return None
 
     def uniform_layout(self, state: DecodeState, seqs: list[int], pos: list[int]) -> tuple:
-        """The `DecodeIndex` of one row per sequence at `pos`, and its rotary angles."""
+        """The `DecodeIndex` of one row per sequence at `pos`, and its rotary angles (cos, sin,
+        and for lean layers sin with its first half negated: `lean.signed_sine`)."""
         index = DecodeIndex(seqs, pos, state.cache, self.device)
-        return index, self.model.rotary(index.positions) if self.model.rotary is not None else None
+        if self.model.rotary is None:
+            return index, None
+        cos, sin = self.model.rotary(index.positions)
+        self.lean_kernels.reset()  # kernels are looked up again each step (a forced one may have changed)
+        return index, (cos, sin, lean.signed_sine(sin) if self.lean and self.compiled is None else None)
 
     def decode_layer(self, state: DecodeState, i: int, x: torch.Tensor, rotary, index: DecodeIndex) -> torch.Tensor:
         """Layer i (global number) over one row per sequence x (A, 1, h); fills their K/V there."""
-        layer = self.layer_fn(i)
-        x = layer(x, rotary, index.attn_mask, index.layer(state.cache, i - self.start))
+        view = index.layer(state.cache, i - self.start)
+        fast = self.lean_layer(i) if rotary is not None and rotary[2] is not None else None
+        if fast is not None and not fast.hooked():
+            x = fast(x, rotary[0], rotary[2], index.attn_mask, view, self.lean_kernels)
+        else:
+            x = self.layer_fn(i)(x, rotary and rotary[:2], index.attn_mask, view)
         state.cache.filled[i - self.start, index.filled_b] = index.filled_end
         return x
+
+    def lean_layer(self, i: int) -> lean.LeanLayer | None:
+        """Layer i as a `lean.LeanLayer` where it is supported (made once), else None."""
+        if i not in self.lean_layers:
+            layer = self.model.decoder.layers[str(i)]
+            self.lean_layers[i] = lean.LeanLayer(layer) if lean.supports(layer) else None
+        return self.lean_layers[i]
 
     def layer_fn(self, i: int):
         """What runs layer i in a uniform step: the module, or the compiled decode call."""

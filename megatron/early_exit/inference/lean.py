@@ -1,0 +1,128 @@
+"""The uniform decode step's layers in as few tensor operations as possible.
+
+A decode step at small batch streams every weight once, and on a CPU what a layer does besides
+its four products costs more than their arithmetic suggests: each operation pays the
+dispatcher and the interpreter, and pays them cold, because the product before it has just
+pushed the layer's megabytes through the caches. Measured on the Intel Xeon (2 threads, fp32):
+a tensor view costs 1 us in a warm loop and 16 us right after a 3072x576 product, an RMSNorm
+13 us and 86 us. Module calls, `F.dropout` in eval, the grouped-query reshape copy of the
+query heads, the kernel dispatch of `packed.packed_linear` and rotate-half's `cat` and `neg`
+are such operations: SmolLM2-135M ran ~150 of them per layer.
+
+`LeanLayer` runs one Llama-style layer (RMSNorm, rotary positions, grouped-query attention,
+SwiGLU, no biases) over one row per sequence with the modules' arithmetic, in their order, so
+that it gives the same numbers and the same K/V (`tests/test_lean.py`), with fewer operations:
+  - q and k heads rotated together, as a view of the fused QKV product; rotate-half as a roll
+    times a sine whose first half is negated (the same products and sums: -a*s == a*(-s));
+  - the query heads of each group attend as that group's rows, straight from the product's
+    view (no reshape copy), as `SelfAttention.one_query_attention` does;
+  - the products on the kernels `packed.PackedWeights` would choose (`kernels.linear`, looked
+    up once per step and weight shape, `LeanKernels`), without per-call checks: the pass runs
+    without autograd on the CPU in the weights' dtype, which `supports` checks once;
+  - no dtype casts where the model is fp32 (the norms' and rotation's fp32 math is its own).
+Anything else (biases, QK-norm, LayerNorm, GELU, tensor-parallel modules) runs the modules, and
+so does a layer with a forward hook on it or inside it (the hook sees the calls it expects).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from megatron.early_exit.inference import kernels
+from megatron.early_exit.model.layer import TransformerLayer
+from megatron.early_exit.model.norm import RMSNorm
+
+
+def supports(layer: nn.Module) -> bool:
+    """Whether `LeanLayer` can run `layer` with the modules' arithmetic."""
+    if type(layer) is not TransformerLayer:
+        return False
+    attn, mlp = layer.self_attention, layer.mlp
+    linears = (attn.linear_qkv, attn.linear_proj, mlp.linear_fc1, mlp.linear_fc2)
+    return (
+        type(layer.input_layernorm) is RMSNorm
+        and type(layer.pre_mlp_layernorm) is RMSNorm
+        and attn.q_layernorm is None
+        and mlp.swiglu
+        and all(type(m) is nn.Linear and m.bias is None for m in linears)
+        and attn.num_heads % attn.num_groups == 0
+        and attn.linear_qkv.weight.shape[0] == (attn.num_heads + 2 * attn.num_groups) * attn.head_dim
+    )
+
+
+def signed_sine(sin: torch.Tensor) -> torch.Tensor:
+    """sin [.., hd] with its first half negated: rotate_half(x) * sin == x.roll(hd/2) * this."""
+    half = sin.shape[-1] // 2
+    return torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
+
+
+class LeanKernels:
+    """The product function for each weight shape at one batch size, looked up once per step:
+    where the engine's packed kernels are on (CPU, fp32 or bf16, no autograd), the kernel
+    `PackedWeights` would run (`kernels.linear_func`: forced, cached or measured now), else `F.linear`."""
+
+    def __init__(self, packed: bool) -> None:
+        self.packed = packed
+        self.funcs: dict[tuple, object] = {}
+
+    def reset(self) -> None:
+        self.funcs.clear()
+
+    def __call__(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """x (A, in) -> (A, out)."""
+        key = (weight.shape, x.shape[0])
+        f = self.funcs.get(key)
+        if f is None:
+            f = self.funcs[key] = kernels.linear_func(weight, x.shape[0]) if self.packed else F.linear
+        return f(x, weight, None)
+
+
+class LeanLayer:
+    """One supported layer's weights, read once; `__call__` is its decode step."""
+
+    def __init__(self, layer: TransformerLayer) -> None:
+        attn, mlp = layer.self_attention, layer.mlp
+        self.w_in, self.eps_in = layer.input_layernorm.weight, layer.input_layernorm.eps
+        self.w_mid, self.eps_mid = layer.pre_mlp_layernorm.weight, layer.pre_mlp_layernorm.eps
+        self.qkv, self.proj = attn.linear_qkv.weight, attn.linear_proj.weight
+        self.fc1, self.fc2 = mlp.linear_fc1.weight, mlp.linear_fc2.weight
+        self.groups, self.per = attn.num_groups, attn.num_heads // attn.num_groups
+        self.head_dim, self.ffn = attn.head_dim, mlp.linear_fc2.weight.shape[1]
+        self.fp32 = self.qkv.dtype == torch.float32
+        self.modules = list(layer.modules())
+
+    def hooked(self) -> bool:
+        """Whether a forward hook watches the layer or a module in it (or every module): then the
+        modules run, so that the hook sees their calls."""
+        from torch.nn.modules import module
+
+        if module._global_forward_hooks or module._global_forward_pre_hooks:
+            return True
+        return any(m._forward_hooks or m._forward_pre_hooks for m in self.modules)
+
+    def norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        """`RMSNorm.forward`, the same operations (no casts in fp32, where they are identities)."""
+        if self.fp32:
+            return weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
+        x32 = x.float()
+        return weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+    def __call__(self, x, cos, sin_signed, attn_mask, view, linear: LeanKernels) -> torch.Tensor:
+        """x (A, 1, h) -> (A, 1, h); K/V written through `view` (a `kv_cache.DecodeView`).
+        cos, sin_signed: (A, 1, 1, hd) fp32 (`signed_sine`); attn_mask as the modules take it."""
+        a, g, per, hd = x.shape[0], self.groups, self.per, self.head_dim
+        x = x.view(a, -1)  # (A, h): 2-D products take no reshapes around them
+        qkv = linear(self.norm(x, self.w_in, self.eps_in), self.qkv).view(a, g, per + 2, hd)  # per group: q heads, k, v
+        qk = qkv[:, :, : per + 1]
+        if self.fp32:
+            qk = qk * cos + qk.roll(hd // 2, -1) * sin_signed  # (A, g, per + 1, hd)
+        else:
+            q32 = qk.float()
+            qk = (q32 * cos + q32.roll(hd // 2, -1) * sin_signed).to(x.dtype)
+        keys, values = view.update(qk[:, :, per:], qkv[:, :, per + 1 :])  # (A, g, span, hd)
+        out = F.scaled_dot_product_attention(qk[:, :, :per], keys, values, attn_mask=attn_mask)  # (A, g, per, hd)
+        x = x + linear(out.reshape(a, g * per * hd), self.proj)
+        h = linear(self.norm(x, self.w_mid, self.eps_mid), self.fc1)  # (A, 2 ffn)
+        return (x + linear(F.silu(h[:, : self.ffn]) * h[:, self.ffn :], self.fc2)).view(a, 1, -1)

@@ -1,0 +1,128 @@
+"""Lean layers (`inference/lean.py`) against the modules on the uniform decode path.
+
+`LeanLayer` promises the modules' arithmetic in their order, only fewer operations around it,
+so decoding with it must give bit-identical logits, exit decisions and K/V (no tolerance), in
+fp32 and bf16, with every sequence at one position (the slice views of `kv_cache.SliceView`)
+and at ragged positions (the masked `DecodeView`), and across steps where early-exited rows
+are recomputed. Layers it does not support run the modules.
+"""
+
+import pytest
+import torch
+
+from megatron.early_exit.config import ModelConfig
+from megatron.early_exit.inference import EarlyExitEngine, ExitPolicy, lean
+from megatron.early_exit.model import EarlyExitGPT
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest.one_thread
+
+LLAMA = dict(
+    num_layers=4, hidden_size=64, num_attention_heads=4, num_query_groups=2, vocab_size=96,
+    max_position_embeddings=64, normalization="RMSNorm", swiglu=True, position_embedding_type="rope",
+    add_bias_linear=False, exit_layer_nums=[1, 2, 3], use_exit_norm=True, use_exit_confidence_head=True,
+)  # fmt: skip
+PROMPTS = {1: [[5, 9, 2, 7]], 4: [[1, 2, 3, 4, 5], [7, 8], [9, 10, 11, 12, 13, 14, 15], [3]]}
+
+
+def make(dtype=torch.float32, **over) -> EarlyExitGPT:
+    model = EarlyExitGPT(ModelConfig(**{**LLAMA, **over}))
+    model.init_weights(11)
+    return model.to(dtype).eval()
+
+
+@torch.no_grad()
+def decode(model, prompts, policies, use_lean: bool, steps: int = 10, packed: bool = True):
+    """Greedy steps through the engine's step functions; (logits and exits per step, state, lean layer calls)."""
+    engine = EarlyExitEngine(model, packed_weights=packed)
+    engine.passes.lean = use_lean
+    calls = [0]
+
+    class Counted:  # a LeanLayer that counts its calls
+        def __init__(self, layer):
+            self.layer, self.hooked = layer, layer.hooked
+
+        def __call__(self, *a):
+            calls[0] += 1
+            return self.layer(*a)
+
+    for i in range(model.config.num_layers):
+        layer = engine.passes.lean_layer(i)
+        if layer is not None:
+            engine.passes.lean_layers[i] = Counted(layer)
+    state = engine.new_state(len(prompts), max(map(len, prompts)) + steps + 2)
+    out = engine.prefill(state, dict(enumerate(prompts)))
+    trace = []
+    for j in range(steps):
+        tokens = {b: int(out.logits[b].argmax()) for b in range(len(prompts))}
+        out = engine.decode_one_token(state, tokens, policies[j % len(policies)])
+        trace.append((tokens, dict(out.exit_layer), {b: out.logits[b].clone() for b in out.logits}))
+    return trace, state, calls[0]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("batch", [1, 4])
+def test_lean_layers_give_the_modules_numbers_bit_for_bit(dtype, batch):
+    model = make(dtype)
+    prompts = PROMPTS[batch]
+    # Exits that split the batch alternate with full-depth steps (pending rows recomputed).
+    policies = [ExitPolicy(allowed=(1, 2, 3), threshold=0.5, measure="learned"), ExitPolicy()]
+    ref, s_ref, n_ref = decode(model, prompts, policies, use_lean=False)
+    got, s_got, n_got = decode(model, prompts, policies, use_lean=True)
+    assert n_ref == 0 and n_got > 0
+    for (t_ref, e_ref, l_ref), (t_got, e_got, l_got) in zip(ref, got):
+        assert t_got == t_ref and e_got == e_ref
+        assert l_got.keys() == l_ref.keys()
+        for b in l_ref:
+            assert torch.equal(l_got[b], l_ref[b])  # the same operations: no tolerance
+    assert (s_got.cache.filled == s_ref.cache.filled).all()
+    assert torch.equal(s_got.cache.k, s_ref.cache.k) and torch.equal(s_got.cache.v, s_ref.cache.v)
+    assert len({e for _, exits, _ in ref for e in exits.values()}) > 1  # some tokens left early
+
+
+def test_lean_layers_with_plain_products_and_multi_head_attention():
+    model = make(num_query_groups=4)  # one query head per group: plain multi-head attention
+    policies = [ExitPolicy()]
+    ref, s_ref, _ = decode(model, PROMPTS[4], policies, use_lean=False, packed=False)
+    got, s_got, n = decode(model, PROMPTS[4], policies, use_lean=True, packed=False)
+    assert n > 0
+    assert [t for t, _, _ in got] == [t for t, _, _ in ref]
+    assert all(torch.equal(g[2][b], r[2][b]) for g, r in zip(got, ref) for b in r[2])
+    assert torch.equal(s_got.cache.k, s_ref.cache.k)
+
+
+@pytest.mark.parametrize(
+    "over",
+    [
+        dict(normalization="LayerNorm", swiglu=False, position_embedding_type="learned_absolute", add_bias_linear=True),
+        dict(qk_layernorm=True),
+        dict(add_qkv_bias=True),
+    ],
+    ids=["gpt2", "qk_norm", "qkv_bias"],
+)
+def test_layers_lean_does_not_support_run_the_modules(over):
+    model = make(**over)
+    engine = EarlyExitEngine(model)
+    assert all(engine.passes.lean_layer(i) is None for i in range(model.config.num_layers))
+    assert not lean.supports(model.decoder.layers["0"])
+    _, _, n = decode(model, PROMPTS[4], [ExitPolicy()], use_lean=True, steps=3)
+    assert n == 0
+
+
+def test_a_forward_hook_sees_its_module_called_on_uniform_steps():
+    model = make()
+    seen = []
+    handle = model.decoder.layers["2"].mlp.register_forward_hook(lambda m, a, y: seen.append(y.shape))
+    _, _, n = decode(model, PROMPTS[1], [ExitPolicy()], use_lean=True, steps=3)
+    assert len(seen) == 1 + 3 and n == 3 * 3  # prefill and each step; the other three layers lean
+    handle.remove()
+    seen.clear()
+    _, _, n = decode(model, PROMPTS[1], [ExitPolicy()], use_lean=True, steps=3)
+    assert seen == [] and n == 3 * 4
+
+
+def test_signed_sine_turns_a_roll_into_rotate_half():
+    torch.manual_seed(0)
+    x, angle = torch.randn(3, 2, 8), torch.randn(3, 1, 4)
+    sin = torch.cat((angle, angle), -1).sin()
+    rotate_half = torch.cat((-x[..., 4:], x[..., :4]), -1)
+    assert torch.equal(x.roll(4, -1) * lean.signed_sine(sin), rotate_half * sin)

@@ -174,3 +174,20 @@ def test_default_measure_in_generate_and_the_server():
     assert res[0].exit_layers[1:] == [1] * (len(res[0].exit_layers) - 1)  # learned at 0.0 fires at the first exit
     assert EarlyExitOptions().measure is None  # the server leaves the choice to the engine
     assert EarlyExitOptions(measure="max_prob").measure == "max_prob"
+
+
+def test_regrouping_simulation_prices_passes_by_the_rows_they_run():
+    import importlib.util
+    import os
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "regrouping.py")
+    spec = importlib.util.spec_from_file_location("regrouping", path)
+    sim = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sim)
+    # Every token leaves after 1 of 3 layers: a pass of 2 rows runs 1 layer, a + 2b, for 2 tokens.
+    assert sim.simulate([1, 3], [1.0, 0.0], 2, 5, 0.25) == pytest.approx(1.5 / 2)
+    assert sim.simulate([1, 3], [0.0, 1.0], 2, 5, 0.25) == pytest.approx(3 * 1.5 / 2)  # every token deep
+    # Half the tokens go deep: parking the deep row where the other leaves (a rule no pass of 2
+    # rows satisfies, until it has waited 9 passes) makes the batch slower than lock step.
+    mixed = [sim.simulate([1, 3], [0.5, 0.5], 2, 40, 0.0, rule, seed=3) for rule in (None, (3, 9))]
+    assert mixed[1] > mixed[0]  # parked rows wait, the batch ends with its slowest sequence

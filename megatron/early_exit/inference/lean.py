@@ -1,4 +1,4 @@
-"""The uniform decode step's layers in as few tensor operations as possible.
+"""Decoding's layers in as few tensor operations as possible.
 
 A decode step at small batch streams every weight once, and on a CPU what a layer does besides
 its four products costs more than their arithmetic suggests: each operation pays the
@@ -10,15 +10,18 @@ query heads, the kernel dispatch of `packed.packed_linear` and rotate-half's `ca
 are such operations: SmolLM2-135M ran ~150 of them per layer.
 
 `LeanLayer` runs one Llama-style layer (RMSNorm, rotary positions, grouped-query attention,
-SwiGLU, no biases) over one row per sequence with the modules' arithmetic, in their order, so
-that it gives the same numbers and the same K/V (`tests/test_lean.py`), with fewer operations:
+SwiGLU, no biases) over one row per sequence (`__call__`: uniform decode steps,
+`Passes.decode_layer`) or R rows per sequence (`rows`: prefills, pending-row fills, verification;
+`Passes.advance`) with the modules' arithmetic, in their order, so that it gives the same numbers
+and the same K/V (`tests/test_lean.py`: bit for bit on the CPU, where SDPA's kernel computes a
+query head's rows the same whichever rows share its call), with fewer operations:
   - q and k heads rotated together, as a view of the fused QKV product; rotate-half as a roll
     times a sine whose first half is negated (the same products and sums: -a*s == a*(-s));
   - the query heads of each group attend as that group's rows, straight from the product's
     view (no reshape copy), as `SelfAttention.one_query_attention` does;
-  - the products on the kernels `packed.PackedWeights` would choose (`kernels.linear`, looked
-    up once per step and weight shape, `LeanKernels`), without per-call checks: the pass runs
-    without autograd on the CPU in the weights' dtype, which `supports` checks once;
+  - the products on the kernels `packed.PackedWeights` would choose (`kernels.linear`), looked
+    up once per pass and weight shape (`LeanKernels`), without its per-call checks (a pass runs
+    without autograd in the weights' dtype); `F.linear` where the engine's packing is off;
   - no dtype casts where the model is fp32 (the norms' and rotation's fp32 math is its own).
 Anything else (biases, QK-norm, LayerNorm, GELU, tensor-parallel modules) runs the modules, and
 so does a layer with a forward hook on it or inside it (the hook sees the calls it expects).
@@ -126,3 +129,37 @@ class LeanLayer:
         x = x + linear(out.reshape(a, g * per * hd), self.proj)
         h = linear(self.norm(x, self.w_mid, self.eps_mid), self.fc1)  # (A, 2 ffn)
         return (x + linear(F.silu(h[:, : self.ffn]) * h[:, self.ffn :], self.fc2)).view(a, 1, -1)
+
+    def rows(self, x, cos, sin_signed, attn_mask, view, linear: LeanKernels) -> torch.Tensor:
+        """The general pass (`Passes.advance`): x (A, R, h) -> (A, R, h), R rows per sequence
+        (pending rows, drafts to verify, prompts), K/V written through `view` (a
+        `kv_cache.LayerView`). cos, sin_signed: (A, R, 1, 1, hd) fp32 (`rows_tables`);
+        attn_mask: (A, 1, per * R, span), the layout's mask once per query head of a group.
+        The query heads of a group attend as that group's per * R rows, as in `__call__`."""
+        a, r, g, per, hd = x.shape[0], x.shape[1], self.groups, self.per, self.head_dim
+        x = x.view(a * r, -1)  # (A R, h)
+        qkv = linear(self.norm(x, self.w_in, self.eps_in), self.qkv).view(a, r, g, per + 2, hd)
+        qk = qkv[:, :, :, : per + 1]
+        if self.fp32:
+            qk = qk * cos + qk.roll(hd // 2, -1) * sin_signed  # (A, R, g, per + 1, hd)
+        else:
+            q32 = qk.float()
+            qk = (q32 * cos + q32.roll(hd // 2, -1) * sin_signed).to(x.dtype)
+        keys, values = view.update(qk[:, :, :, per].transpose(1, 2), qkv[:, :, :, per + 1].transpose(1, 2))
+        q = qk[:, :, :, :per].permute(0, 2, 3, 1, 4).reshape(a, g, per * r, hd)  # group rows: (head, row)
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=attn_mask)  # (A, g, per R, hd)
+        out = out.view(a, g, per, r, hd).permute(0, 3, 1, 2, 4).reshape(a * r, g * per * hd)  # heads in order
+        x = x + linear(out, self.proj)
+        h = linear(self.norm(x, self.w_mid, self.eps_mid), self.fc1)  # (A R, 2 ffn)
+        return (x + linear(F.silu(h[:, : self.ffn]) * h[:, self.ffn :], self.fc2)).view(a, r, -1)
+
+
+def rows_tables(index, rotary: tuple, per: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`LeanLayer.rows`' angles and mask for a `kv_cache.RowIndex` and its rotary (cos, sin)
+    (A, 1, R, hd): made once per layout (kept on the index)."""
+    if getattr(index, "lean_tables", None) is None or index.lean_tables[0] != per:
+        cos, sin = rotary
+        a, _, r, hd = cos.shape
+        mask = index.attn_mask.repeat(1, 1, per, 1)  # (A, 1, per R, span): row p R + j is row j's
+        index.lean_tables = (per, cos.view(a, r, 1, 1, hd), signed_sine(sin).view(a, r, 1, 1, hd), mask)
+    return index.lean_tables[1:]

@@ -188,6 +188,7 @@ class Passes:
         A decode step (one new token per sequence) runs uniformly (`run_uniform`) up to the first
         layer where some sequence of the pass has pending rows, and the general way from there."""
         out = StepOutput()
+        self.lean_kernels.reset()  # lean layers look their kernels up again each pass (one may be forced now)
         by_depth = self.exits_by_depth(policy)
         clean = self.uniform_layers(state, new_tokens) if self.fast and not all_rows else 0
         if clean > 0:
@@ -269,7 +270,6 @@ class Passes:
         if self.model.rotary is None:
             return index, None
         cos, sin = self.model.rotary(index.positions)
-        self.lean_kernels.reset()  # kernels are looked up again each step (a forced one may have changed)
         return index, (cos, sin, lean.signed_sine(sin) if self.lean and self.compiled is None else None)
 
     def decode_layer(self, state: DecodeState, i: int, x: torch.Tensor, rotary, index: DecodeIndex) -> torch.Tensor:
@@ -380,8 +380,13 @@ class Passes:
         """Layer i (global number) over `rows`, in place; their K/V are then filled at layer i."""
         cache = state.cache
         index, rotary = self.layout(cache, rows.seqs, rows.lo, rows.n, memo)
-        layer = self.model.decoder.layers[str(i)]
-        rows.x = layer(rows.x, rotary, index.attn_mask, cache.layer(i - self.start, index))
+        view = cache.layer(i - self.start, index)
+        fast = self.lean_layer(i) if self.lean and self.compiled is None and rotary is not None else None
+        if fast is not None and not fast.hooked():
+            cos, sin_signed, mask = lean.rows_tables(index, rotary, fast.per)
+            rows.x = fast.rows(rows.x, cos, sin_signed, mask, view, self.lean_kernels)
+        else:
+            rows.x = self.model.decoder.layers[str(i)](rows.x, rotary, index.attn_mask, view)
         for a, b in enumerate(rows.seqs):
             cache.filled[i - self.start, b] = rows.lo[a] + rows.n[a]
 

@@ -14,7 +14,7 @@ bandwidth roofline: batch x measured read bandwidth / bytes of weights read per 
 (`inference/kernels.py`; auto = measured per weight shape) in the same alternation;
 `--heads full int8` runs one engine per final-head setting (`inference/greedy_head.py`: the
 certified int8 argmax, or the whole fp32 logits) likewise, and `--lean lean modules` one with
-the uniform steps' layers as `inference/lean.py` runs them and one through the modules;
+the layers as `inference/lean.py` runs them and one through the modules;
 `--clock cpu --threads 1` counts this process's CPU time instead of wall time (robust on a
 shared machine; the roofline then assumes one thread's read bandwidth).
 
@@ -264,7 +264,7 @@ def main() -> None:
     p.add_argument("--heads", nargs="+", default=["auto"], choices=list(HEADS),
                    help="greedy requests' final head: auto/int8 = certified int8 argmax, full = logits")  # fmt: skip
     p.add_argument("--lean", nargs="+", default=["lean"], choices=["lean", "modules"],
-                   help="uniform decode steps' layers: lean (inference/lean.py) or the modules")  # fmt: skip
+                   help="decoding's layers: lean (inference/lean.py) or the modules")  # fmt: skip
     p.add_argument("--clock", choices=list(CLOCKS), default="wall",
                    help="wall time, or this process's CPU time (use with --threads 1 on a shared machine)")  # fmt: skip
     args = p.parse_args()

@@ -87,14 +87,22 @@ def decode(model, prompts, policies: list[ExitPolicy], fast: bool, steps: int = 
         return uniform(*a, **k)
 
     engine.passes.run_uniform = counted
+    trace, state = greedy_steps(engine, prompts, policies, steps)
+    return trace, state, calls["uniform"]
+
+
+def greedy_steps(engine, prompts, policies: list[ExitPolicy], steps: int, logits: bool = False):
+    """Prefill, then `steps` greedy decode steps, step j under policies[j % len]: (per step the
+    tokens fed and the exit layers, and with `logits` each sequence's logits; the state)."""
     state = engine.new_state(len(prompts), max(map(len, prompts)) + steps + 2)
     out = engine.prefill(state, dict(enumerate(prompts)))
     trace = []
     for j in range(steps):
         tokens = {b: int(out.logits[b].argmax()) for b in range(len(prompts))}
         out = engine.decode_one_token(state, tokens, policies[j % len(policies)])
-        trace.append((tokens, dict(out.exit_layer)))
-    return trace, state, calls["uniform"]
+        seen = {b: out.logits[b].clone() for b in out.logits}
+        trace.append((tokens, dict(out.exit_layer), seen) if logits else (tokens, dict(out.exit_layer)))
+    return trace, state
 
 
 def filled_kv(state):

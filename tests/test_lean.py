@@ -1,4 +1,4 @@
-"""Lean layers (`inference/lean.py`) against the modules on the uniform decode path.
+"""Lean layers (`inference/lean.py`) against the modules, in decode steps and general passes.
 
 `LeanLayer` promises the modules' arithmetic in their order, only fewer operations around it,
 so decoding with it must give bit-identical logits, exit decisions and K/V (no tolerance), in
@@ -14,6 +14,7 @@ import torch
 from megatron.early_exit.config import ModelConfig
 from megatron.early_exit.inference import EarlyExitEngine, ExitPolicy, lean
 from megatron.early_exit.model import EarlyExitGPT
+from tests.test_fast_path import greedy_steps
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest.one_thread
 
@@ -40,7 +41,7 @@ def decode(model, prompts, policies, use_lean: bool, steps: int = 10, packed: bo
 
     class Counted:  # a LeanLayer that counts its calls
         def __init__(self, layer):
-            self.layer, self.hooked, self.per = layer, layer.hooked, layer.per
+            self.layer, self.hooked = layer, layer.hooked
 
         def __call__(self, *a):
             calls[0] += 1
@@ -54,13 +55,7 @@ def decode(model, prompts, policies, use_lean: bool, steps: int = 10, packed: bo
         layer = engine.passes.lean_layer(i)
         if layer is not None:
             engine.passes.lean_layers[i] = Counted(layer)
-    state = engine.new_state(len(prompts), max(map(len, prompts)) + steps + 2)
-    out = engine.prefill(state, dict(enumerate(prompts)))
-    trace = []
-    for j in range(steps):
-        tokens = {b: int(out.logits[b].argmax()) for b in range(len(prompts))}
-        out = engine.decode_one_token(state, tokens, policies[j % len(policies)])
-        trace.append((tokens, dict(out.exit_layer), {b: out.logits[b].clone() for b in out.logits}))
+    trace, state = greedy_steps(engine, prompts, policies, steps, logits=True)
     return trace, state, calls
 
 
@@ -82,6 +77,22 @@ def test_lean_layers_give_the_modules_numbers_bit_for_bit(dtype, batch):
     assert (s_got.cache.filled == s_ref.cache.filled).all()
     assert torch.equal(s_got.cache.k, s_ref.cache.k) and torch.equal(s_got.cache.v, s_ref.cache.v)
     assert len({e for _, exits, _ in ref for e in exits.values()}) > 1  # some tokens left early
+
+
+@torch.no_grad()
+def test_prefills_of_every_short_length_match_the_modules():
+    # Head dim 64, 3 query heads in one group: SDPA rounds a group's heads taken as its rows
+    # differently from `enable_gqa` at some short lengths, so the general pass must make the
+    # modules' own call at each length.
+    model = make(hidden_size=192, num_attention_heads=3, num_query_groups=1)
+    for n in range(1, 7):
+        prompt = [(7 * j + 3) % 96 for j in range(n)]
+        got = {}
+        for use_lean in (False, True):
+            engine = EarlyExitEngine(model, lean=use_lean)
+            state = engine.new_state(1, 8)
+            got[use_lean] = (engine.prefill(state, {0: prompt}).logits[0], state.cache.k.clone())
+        assert torch.equal(got[True][0], got[False][0]) and torch.equal(got[True][1], got[False][1]), n
 
 
 def test_lean_layers_with_plain_products_and_multi_head_attention():

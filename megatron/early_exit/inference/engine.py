@@ -66,8 +66,8 @@ class EarlyExitEngine:
         one), 'int8' (it for any size) or 'full' (the whole fp32 logits always). Tokens are the
         same either way; the final head's confidence then comes from near-exact logits.
         layer_range: the layers this model holds (a pipeline stage's), default all.
-        lean: run the supported layers of uniform decode steps as `lean.LeanLayer` (the modules'
-        arithmetic in fewer tensor operations: the same numbers); False: through the modules.
+        lean: run the supported layers as `lean.LeanLayer` in every pass (the modules' arithmetic
+        in fewer tensor operations: the same numbers); False: through the modules.
         compile: run the layers of uniform decode steps through `torch.compile` (opt-in; inductor
         makes its own kernels, so the prepacked weights are not used then); if compilation fails,
         one warning and eager decoding."""

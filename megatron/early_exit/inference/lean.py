@@ -12,13 +12,13 @@ are such operations: SmolLM2-135M ran ~150 of them per layer.
 `LeanLayer` runs one Llama-style layer (RMSNorm, rotary positions, grouped-query attention,
 SwiGLU, no biases) over one row per sequence (`__call__`: uniform decode steps,
 `Passes.decode_layer`) or R rows per sequence (`rows`: prefills, pending-row fills, verification;
-`Passes.advance`) with the modules' arithmetic, in their order, so that it gives the same numbers
-and the same K/V (`tests/test_lean.py`: bit for bit on the CPU, where SDPA's kernel computes a
-query head's rows the same whichever rows share its call), with fewer operations:
+`Passes.advance`) with the modules' arithmetic, in their order (attention through the same SDPA
+call the modules make), so that it gives the same numbers and the same K/V bit for bit
+(`tests/test_lean.py`), with fewer operations:
   - q and k heads rotated together, as a view of the fused QKV product; rotate-half as a roll
     times a sine whose first half is negated (the same products and sums: -a*s == a*(-s));
-  - the query heads of each group attend as that group's rows, straight from the product's
-    view (no reshape copy), as `SelfAttention.one_query_attention` does;
+  - in decode steps the query heads of each group attend as that group's rows, straight from
+    the product's view (no reshape copy), as `SelfAttention.one_query_attention` does;
   - the products on the kernels `packed.PackedWeights` would choose (`kernels.linear`), looked
     up once per pass and weight shape (`LeanKernels`), without its per-call checks (a pass runs
     without autograd in the weights' dtype); `F.linear` where the engine's packing is off;
@@ -32,6 +32,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules import module
 
 from megatron.early_exit.inference import kernels
 from megatron.early_exit.model.layer import TransformerLayer
@@ -83,7 +84,7 @@ class LeanKernels:
 
 
 class LeanLayer:
-    """One supported layer's weights, read once; `__call__` is its decode step."""
+    """One supported layer's weights, read once; `__call__` is its decode step, `rows` its general pass."""
 
     def __init__(self, layer: TransformerLayer) -> None:
         attn, mlp = layer.self_attention, layer.mlp
@@ -99,8 +100,6 @@ class LeanLayer:
     def hooked(self) -> bool:
         """Whether a forward hook watches the layer or a module in it (or every module): then the
         modules run, so that the hook sees their calls."""
-        from torch.nn.modules import module
-
         if module._global_forward_hooks or module._global_forward_pre_hooks:
             return True
         return any(m._forward_hooks or m._forward_pre_hooks for m in self.modules)
@@ -112,54 +111,60 @@ class LeanLayer:
         x32 = x.float()
         return weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
 
+    def rotated_qkv(self, x, cos, sin_signed, linear: LeanKernels) -> tuple[torch.Tensor, torch.Tensor]:
+        """x (N, h) -> (qk, qkv): the QKV product of the normed rows viewed (N, g, per + 2, hd)
+        (per group: its query heads, key, value) and its q and k heads rotated (N, g, per + 1, hd),
+        as `apply_rotary` does (in fp32, cast back). cos, sin_signed broadcast against (N, g, ., hd)."""
+        g, per, hd = self.groups, self.per, self.head_dim
+        qkv = linear(self.norm(x, self.w_in, self.eps_in), self.qkv).view(*cos.shape[:-3], g, per + 2, hd)
+        qk = qkv[..., : per + 1, :]
+        if self.fp32:
+            return qk * cos + qk.roll(hd // 2, -1) * sin_signed, qkv
+        q32 = qk.float()
+        return (q32 * cos + q32.roll(hd // 2, -1) * sin_signed).to(x.dtype), qkv
+
+    def finish(self, x: torch.Tensor, out: torch.Tensor, linear: LeanKernels) -> torch.Tensor:
+        """x (N, h) plus the attention's output projected from out (N, heads x hd), then plus
+        the SwiGLU MLP of the normed result: the layer's output (N, h)."""
+        x = x + linear(out, self.proj)
+        h = linear(self.norm(x, self.w_mid, self.eps_mid), self.fc1)  # (N, 2 ffn)
+        return x + linear(F.silu(h[:, : self.ffn]) * h[:, self.ffn :], self.fc2)
+
     def __call__(self, x, cos, sin_signed, attn_mask, view, linear: LeanKernels) -> torch.Tensor:
         """x (A, 1, h) -> (A, 1, h); K/V written through `view` (a `kv_cache.DecodeView`).
         cos, sin_signed: (A, 1, 1, hd) fp32 (`signed_sine`); attn_mask as the modules take it."""
-        a, g, per, hd = x.shape[0], self.groups, self.per, self.head_dim
+        a, per = x.shape[0], self.per
         x = x.view(a, -1)  # (A, h): 2-D products take no reshapes around them
-        qkv = linear(self.norm(x, self.w_in, self.eps_in), self.qkv).view(a, g, per + 2, hd)  # per group: q heads, k, v
-        qk = qkv[:, :, : per + 1]
-        if self.fp32:
-            qk = qk * cos + qk.roll(hd // 2, -1) * sin_signed  # (A, g, per + 1, hd)
-        else:
-            q32 = qk.float()
-            qk = (q32 * cos + q32.roll(hd // 2, -1) * sin_signed).to(x.dtype)
+        qk, qkv = self.rotated_qkv(x, cos, sin_signed, linear)  # (A, g, per + 1, hd), (A, g, per + 2, hd)
         keys, values = view.update(qk[:, :, per:], qkv[:, :, per + 1 :])  # (A, g, span, hd)
         out = F.scaled_dot_product_attention(qk[:, :, :per], keys, values, attn_mask=attn_mask)  # (A, g, per, hd)
-        x = x + linear(out.reshape(a, g * per * hd), self.proj)
-        h = linear(self.norm(x, self.w_mid, self.eps_mid), self.fc1)  # (A, 2 ffn)
-        return (x + linear(F.silu(h[:, : self.ffn]) * h[:, self.ffn :], self.fc2)).view(a, 1, -1)
+        return self.finish(x, out.reshape(a, -1), linear).view(a, 1, -1)
 
     def rows(self, x, cos, sin_signed, attn_mask, view, linear: LeanKernels) -> torch.Tensor:
         """The general pass (`Passes.advance`): x (A, R, h) -> (A, R, h), R rows per sequence
         (pending rows, drafts to verify, prompts), K/V written through `view` (a
-        `kv_cache.LayerView`). cos, sin_signed: (A, R, 1, 1, hd) fp32 (`rows_tables`);
-        attn_mask: (A, 1, per * R, span), the layout's mask once per query head of a group.
-        The query heads of a group attend as that group's per * R rows, as in `__call__`."""
+        `kv_cache.LayerView`). cos, sin_signed: (A, R, 1, 1, hd) fp32 (`rows_tables`); attn_mask
+        (A, 1, R, span). Attention is the call `SelfAttention.forward` makes: at R = 1 a group's
+        query heads attend as its rows (`one_query_attention`), else every head with `enable_gqa`
+        (SDPA can round the two layouts differently, so the layout follows the modules')."""
         a, r, g, per, hd = x.shape[0], x.shape[1], self.groups, self.per, self.head_dim
         x = x.view(a * r, -1)  # (A R, h)
-        qkv = linear(self.norm(x, self.w_in, self.eps_in), self.qkv).view(a, r, g, per + 2, hd)
-        qk = qkv[:, :, :, : per + 1]
-        if self.fp32:
-            qk = qk * cos + qk.roll(hd // 2, -1) * sin_signed  # (A, R, g, per + 1, hd)
-        else:
-            q32 = qk.float()
-            qk = (q32 * cos + q32.roll(hd // 2, -1) * sin_signed).to(x.dtype)
+        qk, qkv = self.rotated_qkv(x, cos, sin_signed, linear)  # (A, R, g, per + 1, hd), (A, R, g, per + 2, hd)
         keys, values = view.update(qk[:, :, :, per].transpose(1, 2), qkv[:, :, :, per + 1].transpose(1, 2))
-        q = qk[:, :, :, :per].permute(0, 2, 3, 1, 4).reshape(a, g, per * r, hd)  # group rows: (head, row)
-        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=attn_mask)  # (A, g, per R, hd)
-        out = out.view(a, g, per, r, hd).permute(0, 3, 1, 2, 4).reshape(a * r, g * per * hd)  # heads in order
-        x = x + linear(out, self.proj)
-        h = linear(self.norm(x, self.w_mid, self.eps_mid), self.fc1)  # (A R, 2 ffn)
-        return (x + linear(F.silu(h[:, : self.ffn]) * h[:, self.ffn :], self.fc2)).view(a, r, -1)
+        if r == 1 and per > 1:  # (A, g, per, hd)
+            out = F.scaled_dot_product_attention(qk[:, 0, :, :per], keys, values, attn_mask=attn_mask)
+        else:
+            q = qk[:, :, :, :per].reshape(a, r, g * per, hd).transpose(1, 2)  # (A, heads, R, hd)
+            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=attn_mask, enable_gqa=per > 1)
+            out = out.transpose(1, 2)  # (A, R, heads, hd)
+        return self.finish(x, out.reshape(a * r, g * per * hd), linear).view(a, r, -1)
 
 
-def rows_tables(index, rotary: tuple, per: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """`LeanLayer.rows`' angles and mask for a `kv_cache.RowIndex` and its rotary (cos, sin)
-    (A, 1, R, hd): made once per layout (kept on the index)."""
-    if getattr(index, "lean_tables", None) is None or index.lean_tables[0] != per:
+def rows_tables(index, rotary: tuple) -> tuple[torch.Tensor, torch.Tensor]:
+    """`LeanLayer.rows`' angles for a `kv_cache.RowIndex` and its rotary (cos, sin) (A, 1, R, hd),
+    viewed (A, R, 1, 1, hd): made once per layout (kept on the index)."""
+    if getattr(index, "lean_tables", None) is None:
         cos, sin = rotary
         a, _, r, hd = cos.shape
-        mask = index.attn_mask.repeat(1, 1, per, 1)  # (A, 1, per R, span): row p R + j is row j's
-        index.lean_tables = (per, cos.view(a, r, 1, 1, hd), signed_sine(sin).view(a, r, 1, 1, hd), mask)
-    return index.lean_tables[1:]
+        index.lean_tables = (cos.view(a, r, 1, 1, hd), signed_sine(sin).view(a, r, 1, 1, hd))
+    return index.lean_tables

@@ -151,8 +151,8 @@ class Passes:
         self.fast = True  # False: every pass takes the exact (general) path, uniform decode steps too
         self.fused_checks = True  # False: learned checks through the probe modules (`fused_check.py`)
         self.compiled = None  # `enable_compile`: the compiled layer call of uniform steps
-        # Uniform steps run supported layers as `lean.LeanLayer` (the modules' arithmetic, fewer
-        # operations); False: through the modules. `lean_kernels`: their products' kernels.
+        # Passes run supported layers as `lean.LeanLayer` (the modules' arithmetic, fewer
+        # operations; `lean_for`); False: through the modules. `lean_kernels`: their products' kernels.
         self.lean = True
         self.lean_layers: dict[int, lean.LeanLayer | None] = {}
         self.lean_kernels = lean.LeanKernels(packed=False)
@@ -270,18 +270,28 @@ class Passes:
         if self.model.rotary is None:
             return index, None
         cos, sin = self.model.rotary(index.positions)
-        return index, (cos, sin, lean.signed_sine(sin) if self.lean and self.compiled is None else None)
+        return index, (cos, sin, lean.signed_sine(sin) if self.lean_on() else None)
 
     def decode_layer(self, state: DecodeState, i: int, x: torch.Tensor, rotary, index: DecodeIndex) -> torch.Tensor:
         """Layer i (global number) over one row per sequence x (A, 1, h); fills their K/V there."""
         view = index.layer(state.cache, i - self.start)
-        fast = self.lean_layer(i) if rotary is not None and rotary[2] is not None else None
-        if fast is not None and not fast.hooked():
+        fast = self.lean_for(i)
+        if fast is not None and rotary[2] is not None:  # none: compilation fell back during this step
             x = fast(x, rotary[0], rotary[2], index.attn_mask, view, self.lean_kernels)
         else:
             x = self.layer_fn(i)(x, rotary and rotary[:2], index.attn_mask, view)
         state.cache.filled[i - self.start, index.filled_b] = index.filled_end
         return x
+
+    def lean_on(self) -> bool:
+        """Whether passes may run lean layers: asked for, not compiled, rotary positions."""
+        return self.lean and self.compiled is None and self.model.rotary is not None
+
+    def lean_for(self, i: int) -> lean.LeanLayer | None:
+        """What runs layer i in this pass if not its module: its `lean.LeanLayer` where lean
+        layers are on, it is supported and no forward hook watches it; else None."""
+        fast = self.lean_layer(i) if self.lean_on() else None
+        return fast if fast is not None and not fast.hooked() else None
 
     def lean_layer(self, i: int) -> lean.LeanLayer | None:
         """Layer i as a `lean.LeanLayer` where it is supported (made once), else None."""
@@ -381,10 +391,10 @@ class Passes:
         cache = state.cache
         index, rotary = self.layout(cache, rows.seqs, rows.lo, rows.n, memo)
         view = cache.layer(i - self.start, index)
-        fast = self.lean_layer(i) if self.lean and self.compiled is None and rotary is not None else None
-        if fast is not None and not fast.hooked():
-            cos, sin_signed, mask = lean.rows_tables(index, rotary, fast.per)
-            rows.x = fast.rows(rows.x, cos, sin_signed, mask, view, self.lean_kernels)
+        fast = self.lean_for(i)
+        if fast is not None:
+            cos, sin_signed = lean.rows_tables(index, rotary)
+            rows.x = fast.rows(rows.x, cos, sin_signed, index.attn_mask, view, self.lean_kernels)
         else:
             rows.x = self.model.decoder.layers[str(i)](rows.x, rotary, index.attn_mask, view)
         for a, b in enumerate(rows.seqs):

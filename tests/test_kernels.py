@@ -100,6 +100,18 @@ def test_choice_is_measured_once_per_shape_dtype_rows_bucket_and_threads(monkeyp
     assert len(calls) == 4
 
 
+def test_the_reference_kernel_is_plain_in_fp32_and_packed_in_bf16(monkeypatch):
+    """`pick` keeps its first kernel unless another clearly beats it: plain (no weight copy) in
+    fp32, oneDNN's packed layout in bf16 (where it decoded faster on both CPUs measured)."""
+    firsts = []
+    monkeypatch.setattr(kernels, "pick", lambda funcs, weights, **kw: firsts.append(next(iter(funcs))) or "plain")
+    with torch.no_grad():
+        for dtype in (torch.float32, torch.bfloat16):
+            kernels.linear(torch.randn(1, 16).to(dtype), torch.randn(24, 16).to(dtype))
+    assert firsts == ["plain", "packed" if kernels.packing_available() else "plain"]
+    assert kernels.reference(torch.float16) == ("packed" if kernels.packing_available() else "plain")
+
+
 def test_more_threads_time_more_rounds_at_a_wider_margin(monkeypatch):
     """Wall-clock timing (> 1 thread) is noisier than one thread's CPU time: more alternations,
     and a kernel must beat plain by more to replace it."""

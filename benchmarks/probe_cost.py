@@ -3,6 +3,7 @@
 CPU time: the fused check (`inference/fused_check.py`) against the probe modules' path.
 
     python benchmarks/probe_cost.py CKPT [CKPT ...] [--dtype fp32 bf16] [--rounds 30] [--inner 50]
+    python benchmarks/probe_cost.py          # a random SmolLM2-shaped model, linear probes on the backbone
 
 Per checkpoint and dtype, with the decoder's own cost probes (`exit_decision.cost_probes`:
 "layer/1" = one layer's decode step for one row; "probe/1" = the learned check of the first
@@ -11,6 +12,14 @@ fused check), timed on two engines over the same model, one with `fused_checks` 
 path: the norm, the probe, a sigmoid); also the bare probe module on a random row and the
 vocabulary check (max_prob). Alternating rounds, best of R, each call repeated N times; CPU time
 (`time.process_time`), so a loaded machine's figures stay comparable.
+
+"in a step": what the check adds where decoding runs it, between the layer before the exit and
+the one after, in a uniform decode step (`Passes.decode_layer`, lean layers): "layer pair" runs
+the two layers, "pair + check exact/cost_aware" the two with the check between (as
+`Passes.probe_check` runs it under that exit policy, no row firing), so the difference includes
+what the next layer takes from the check (an RMSNorm probe's `lean.scaled_rows`) and what each
+call costs right after a layer has streamed its weights through the caches. Its share is printed
+against one layer (half the pair): the issue's "a non-firing exit check costs <= 5% of a layer".
 """
 
 import argparse
@@ -24,8 +33,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from megatron.early_exit import load_checkpoint  # noqa: E402
 from megatron.early_exit.inference import EarlyExitEngine  # noqa: E402
+from megatron.early_exit.inference.confidence import get_measure  # noqa: E402
 from megatron.early_exit.inference.cost_model import best_times  # noqa: E402
 from megatron.early_exit.inference.exit_decision import cost_probes  # noqa: E402
+from megatron.early_exit.inference.passes import ExitPolicy, Rows  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -36,9 +47,40 @@ def timed(fns: dict, rounds: int, inner: int) -> dict:
     return {k: t / inner for k, t in best_times(batched, torch.device("cpu"), rounds, time.process_time).items()}
 
 
-def calls(path: str, dtype: torch.dtype) -> dict:
-    """The timed calls of one checkpoint in one dtype."""
-    model, tok = load_checkpoint(path)
+def in_a_step(engine, n: int, dtype: torch.dtype) -> dict:
+    """The layer before exit n and the one after in a uniform decode step, without and with the
+    exit's learned check between them (exact and cost_aware; a threshold no confidence reaches)."""
+    p, h, prompt = engine.passes, engine.model.config.hidden_size, list(range(1, 17))
+    state = engine.new_state(1, len(prompt) + 2)
+    engine.prefill(state, {0: prompt})
+    index, rotary = p.uniform_layout(state, [0], [len(prompt)])
+    x0, d = torch.randn(1, 1, h, generator=torch.Generator().manual_seed(0)).to(dtype), p.depth(n)
+    head, learned = engine.model.exits[str(n)], get_measure("learned")
+
+    def pair(mode: str | None):
+        with engine.packed:  # the products' kernels as decoding runs them
+            x = p.decode_layer(state, d - 1, x0, rotary, index)  # rewrites the same position's K/V each call
+            if mode is not None:
+                never = ExitPolicy(allowed=(n,), threshold=2.0, measure="learned", mode=mode)
+                p.probe_check(state, n, head, Rows([0], [len(prompt)], [1], x), [0], never, learned)
+            return p.decode_layer(state, d, x, rotary, index)
+
+    checks = {f"pair + check {m}": lambda m=m: pair(m) for m in ("exact", "cost_aware")}
+    return {"layer pair": lambda: pair(None), **checks}
+
+
+def builtin(dtype: torch.dtype):
+    """The random SmolLM2-shaped model of the cost model's benchmark, linear probes on the backbone."""
+    from benchmarks.decode_speed import smollm2_shaped
+
+    model, _ = smollm2_shaped("backbone")
+    return model, None
+
+
+def calls(path: str | None, dtype: torch.dtype) -> tuple[dict, dict]:
+    """The timed calls of one checkpoint (None: the built-in model) in one dtype: the pieces, and
+    the layer pair with and without the check (`in_a_step`: timed in their own alternation)."""
+    model, tok = load_checkpoint(path) if path else builtin(dtype)
     model = model.to(dtype=dtype).eval()
     fused, plain = EarlyExitEngine(model, tok).passes, EarlyExitEngine(model, tok).passes
     plain.fused_checks = False
@@ -47,18 +89,20 @@ def calls(path: str, dtype: torch.dtype) -> dict:
         raise SystemExit(f"{path}: no exit without a block has a confidence probe")
     head = next(model.exits[str(n)] for n in fused.exits if model.exits[str(n)].confidence is not None)
     x = torch.randn(1, 1, model.config.hidden_size, dtype=dtype)
+    n = next(n for n in fused.exits if model.exits[str(n)].confidence is not None)
     return {
         "layer": probes["layer/1"],
         "check fused": probes["probe/1"],
         "check plain": plain_probes["probe/1"],
         "probe module": lambda: head.confidence_logit(x),
         "vocab check": probes["vocab/1"],
-    }
+    }, in_a_step(EarlyExitEngine(model, tok), n, dtype)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[1], formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("checkpoints", nargs="+", help="checkpoint directories whose exits carry confidence probes")
+    p.add_argument("checkpoints", nargs="*", help="checkpoint directories whose exits carry confidence probes "
+                   "(none: a random SmolLM2-shaped model)")  # fmt: skip
     p.add_argument("--dtype", nargs="+", choices=list(DTYPES), default=list(DTYPES))
     p.add_argument("--rounds", type=int, default=30, help="alternating rounds (best counts)")
     p.add_argument("--inner", type=int, default=50, help="calls per round")
@@ -70,12 +114,20 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     torch.set_num_threads(1)
     for name in args.dtype:
-        for path in args.checkpoints:
-            t = timed(calls(path, DTYPES[name]), args.rounds, args.inner)
-            print(f"{path} {name}: layer {t['layer'] * 1e6:.1f} us")
+        for path in args.checkpoints or [None]:
+            with torch.no_grad():
+                pieces, step = calls(path, DTYPES[name])
+                t = timed(pieces, args.rounds, args.inner)
+                t.update(timed(step, args.rounds, args.inner))
+            print(f"{path or 'built-in SmolLM2 shape'} {name}: layer {t['layer'] * 1e6:.1f} us")
             for k, v in t.items():
-                print(f"  {k:14s} {v * 1e6:8.1f} us  {v / t['layer'] * 100:6.2f}% of a layer")
+                print(f"  {k:22s} {v * 1e6:8.1f} us  {v / t['layer'] * 100:6.2f}% of a layer")
             print(f"  fused / plain check: {t['check fused'] / t['check plain']:.3f}")
+            one = t["layer pair"] / 2
+            for mode in ("exact", "cost_aware"):
+                extra = t[f"pair + check {mode}"] - t["layer pair"]
+                print(f"  in a step, {mode}: the check adds {extra * 1e6:.1f} us = {extra / one:.1%} of a layer "
+                      f"({one * 1e6:.1f} us in the pair)")  # fmt: skip
 
 
 if __name__ == "__main__":

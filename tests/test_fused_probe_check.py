@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from megatron.early_exit.inference import EarlyExitEngine, GenerationSettings
+from megatron.early_exit.inference import EarlyExitEngine, GenerationSettings, lean
 from megatron.early_exit.inference.fused_check import folded_probe, logit_threshold
 from tests.test_add_exits import _model
 from tests.test_inference import PROMPTS, naive_greedy
@@ -56,6 +56,10 @@ def test_fused_logit_equals_the_modules(llama, k, probe_input, batch):
             want, got = _module_logit(head, x), folded.logit(x)
             assert got.dtype == torch.float32 and got.shape == (batch,)
             torch.testing.assert_close(got, want, rtol=1e-5, atol=2e-5)
+            if llama:  # from the RMSNorm's rows before its gain, as a decode step shares them with the next layer
+                scaled = folded.logit_of_scaled(lean.scaled_rows(x, folded.norm_eps))
+                assert scaled.shape == (batch,)
+                torch.testing.assert_close(scaled, want, rtol=1e-5, atol=2e-5)
             no_norm_weights = head.confidence(torch.nn.functional.normalize(x, dim=-1) * math.sqrt(32))[:, 0]
             assert (no_norm_weights - want).abs().max() > 1e-2, "the norm's weights must matter here"
 
@@ -95,6 +99,22 @@ def test_folded_copy_is_remade_when_a_weight_changes():
         head.confidence = torch.nn.Linear(32, 1)
         torch.testing.assert_close(folded_probe(head).logit(x), _module_logit(head, x), rtol=1e-5, atol=2e-5)
     assert (before - _module_logit(head, x)).abs().max() > 1e-2
+
+
+def test_one_engine_decodes_with_weights_changed_between_calls():
+    """The engine looks each folded probe up once per decode state (`DecodeState.folded`): a
+    weight changed between two `generate` calls is seen by the second, as on a new engine."""
+    model = _probe_model(True, 16, "backbone")
+    engine = EarlyExitEngine(model, None)
+    settings = GenerationSettings(strategy="early_exit", max_new_tokens=NEW, early_exit_threshold=0.5,
+                                  measure="learned", exit_policy="exact")  # fmt: skip
+    before = engine.generate([PROMPTS[0]], settings)[0].exit_layers
+    with torch.no_grad():
+        model.exits["1"].confidence.fc_out.bias.add_(-100.0 if 1 in before else 100.0)  # never / always fires
+    after = engine.generate([PROMPTS[0]], settings)[0]
+    assert after.exit_layers != before
+    assert after.tokens == EarlyExitEngine(model, None).generate([PROMPTS[0]], settings)[0].tokens
+    assert (1 in after.exit_layers) == (1 not in before)
 
 
 def test_logit_threshold():

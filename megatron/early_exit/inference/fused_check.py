@@ -22,6 +22,12 @@ took 3.7 us in fp32 and 31 us in bf16), the row is converted once. Where a row f
 hidden state is computed by the exit itself, as before, for its projection, so tokens change
 only where a logit lies within rounding (fp32: ~1e-6 relative) of the threshold.
 
+In a decode step whose rows all reach the check, an RMSNorm probe reads `lean.scaled_rows` (x r
+in fp32, the norm before its gain: `logit_of_scaled`, one product with W' / sqrt(h)), and
+`Passes.folded_logit` keeps them for the next lean layer, whose input norm makes the same rows
+where its eps is the probe norm's: a check that does not fire then costs that layer one product,
+a list of floats and the decision (measured in `benchmarks/probe_cost.py`, "in a step").
+
 A probe reading an exit with an MLP or a block, or any probe or norm of another type, cannot be
 folded: `folded_probe` returns None and decoding takes the module path (`confidence.learned`).
 
@@ -62,6 +68,8 @@ class FoldedProbe:
     center: torch.Tensor | None  # [k]: -W' 1 (LayerNorm only): mu * center is the mean's share
     out_weight: torch.Tensor | None  # [k]: fc_out's weight / sqrt(2) (MLP probe only)
     out_bias: torch.Tensor | None  # [1]
+    norm_eps: float = 0.0  # the norm's own eps (RMSNorm: what `logit_of_scaled`'s rows were made with)
+    scaled_weight_t: torch.Tensor | None = None  # RMSNorm: weight_t / sqrt(h), for `logit_of_scaled`
 
     def logit(self, x: torch.Tensor) -> torch.Tensor:
         """Rows x [A, h], any float dtype -> the probe's logit [A] in fp32."""
@@ -77,6 +85,18 @@ class FoldedProbe:
             v = v.add_(self.bias)
         if not mlp:
             return v
+        return self.finish(v)
+
+    def logit_of_scaled(self, scaled: torch.Tensor) -> torch.Tensor:
+        """The RMSNorm probe's logit [A] from the norm's rows before its gain, fp32 [A, h]
+        (`lean.scaled_rows(x, self.norm_eps)`: the next layer's input norm makes the same rows
+        where its eps is the same, so the check costs one product where the layer takes them)."""
+        if self.out_weight is None:
+            return torch.addmv(self.bias, scaled, self.scaled_weight_t)
+        return self.finish(torch.addmm(self.bias, scaled, self.scaled_weight_t))
+
+    def finish(self, v: torch.Tensor) -> torch.Tensor:
+        """The MLP probe's first layer's output (A, k) (scaled by 1/sqrt(2)) -> its logit (A,)."""
         v = torch.addcmul(v, v, torch.erf(v))  # (A, k): sqrt(2) * GELU(sqrt(2) v), the factor in out_weight
         return torch.addmv(self.out_bias, v, self.out_weight)
 
@@ -150,12 +170,17 @@ def _fold(weight, kind, eps, bias, gain, shift, out_weight=None, out_bias=None) 
     if gain is not None:
         w = w * gain.detach().float()
     center = -w.sum(-1) if kind == "layer" else None  # (k,)
+    unit, norm_eps = w, float(eps)  # RMSNorm: the weight for rows already scaled (`logit_of_scaled`)
     if kind == "rms":  # mean(x^2) = |x|^2 / h: the 1/h leaves the per-row reduction
         w, eps = w * math.sqrt(w.shape[1]), eps * w.shape[1]
     eps = torch.tensor(float(eps))
     if out_weight is None:
-        return FoldedProbe(kind, eps, w[0].contiguous(), b, center, None, None)
+        scaled = unit[0].contiguous() if kind == "rms" else None
+        return FoldedProbe(kind, eps, w[0].contiguous(), b, center, None, None, norm_eps, scaled)
     s = math.sqrt(0.5)  # GELU(v) = v/2 (1 + erf(v/sqrt2)) = (1/sqrt2) * u (1 + erf(u)), u = v/sqrt2
     center = center * s if center is not None else None
     out = out_weight.detach().float()[0] * s  # (k,)
-    return FoldedProbe(kind, eps, (w * s).t().contiguous(), b * s, center, out, out_bias.detach().float())
+    scaled = (unit * s).t().contiguous() if kind == "rms" else None
+    return FoldedProbe(
+        kind, eps, (w * s).t().contiguous(), b * s, center, out, out_bias.detach().float(), norm_eps, scaled
+    )

@@ -56,6 +56,15 @@ def supports(layer: nn.Module) -> bool:
     )
 
 
+def scaled_rows(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm's rows before its gain, in fp32: x * rsqrt(mean(x^2) + eps), x as fp32, the
+    operations of `RMSNorm.forward` (its result is `weight * this`, cast back in 16-bit dtypes).
+    An exit check whose probe reads the row through an RMSNorm of the same eps reads these too
+    (`fused_check.FoldedProbe.logit_of_scaled`), and the next layer then takes them as made."""
+    x32 = x if x.dtype == torch.float32 else x.float()  # `float()` is an identity in fp32, but a call
+    return x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+
+
 def signed_sine(sin: torch.Tensor) -> torch.Tensor:
     """sin [.., hd] with its first half negated: rotate_half(x) * sin == x.roll(hd/2) * this."""
     half = sin.shape[-1] // 2
@@ -104,19 +113,19 @@ class LeanLayer:
             return True
         return any(m._forward_hooks or m._forward_pre_hooks for m in self.modules)
 
-    def norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-        """`RMSNorm.forward`, the same operations (no casts in fp32, where they are identities)."""
-        if self.fp32:
-            return weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
-        x32 = x.float()
-        return weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+    def norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float, scaled: torch.Tensor | None = None):
+        """`RMSNorm.forward`, the same operations (no casts in fp32, where they are identities);
+        `scaled`: `scaled_rows(x, eps)` made already (an exit's check read it: `Passes.shared_scale`)."""
+        scaled = scaled_rows(x, eps) if scaled is None else scaled
+        return weight * scaled if self.fp32 else weight * scaled.to(x.dtype)
 
-    def rotated_qkv(self, x, cos, sin_signed, linear: LeanKernels) -> tuple[torch.Tensor, torch.Tensor]:
+    def rotated_qkv(self, x, cos, sin_signed, linear: LeanKernels, scaled=None) -> tuple[torch.Tensor, torch.Tensor]:
         """x (N, h) -> (qk, qkv): the QKV product of the normed rows viewed (N, g, per + 2, hd)
         (per group: its query heads, key, value) and its q and k heads rotated (N, g, per + 1, hd),
-        as `apply_rotary` does (in fp32, cast back). cos, sin_signed broadcast against (N, g, ., hd)."""
+        as `apply_rotary` does (in fp32, cast back). cos, sin_signed broadcast against (N, g, ., hd).
+        `scaled`: the input norm's `scaled_rows` of x where an exit check made them."""
         g, per, hd = self.groups, self.per, self.head_dim
-        qkv = linear(self.norm(x, self.w_in, self.eps_in), self.qkv).view(*cos.shape[:-3], g, per + 2, hd)
+        qkv = linear(self.norm(x, self.w_in, self.eps_in, scaled), self.qkv).view(*cos.shape[:-3], g, per + 2, hd)
         qk = qkv[..., : per + 1, :]
         if self.fp32:
             return qk * cos + qk.roll(hd // 2, -1) * sin_signed, qkv
@@ -130,12 +139,13 @@ class LeanLayer:
         h = linear(self.norm(x, self.w_mid, self.eps_mid), self.fc1)  # (N, 2 ffn)
         return x + linear(F.silu(h[:, : self.ffn]) * h[:, self.ffn :], self.fc2)
 
-    def __call__(self, x, cos, sin_signed, attn_mask, view, linear: LeanKernels) -> torch.Tensor:
+    def __call__(self, x, cos, sin_signed, attn_mask, view, linear: LeanKernels, scaled=None) -> torch.Tensor:
         """x (A, 1, h) -> (A, 1, h); K/V written through `view` (a `kv_cache.DecodeView`).
-        cos, sin_signed: (A, 1, 1, hd) fp32 (`signed_sine`); attn_mask as the modules take it."""
+        cos, sin_signed: (A, 1, 1, hd) fp32 (`signed_sine`); attn_mask as the modules take it;
+        scaled (A, h) fp32: `scaled_rows(x, self.eps_in)` where an exit's check made them already."""
         a, per = x.shape[0], self.per
         x = x.view(a, -1)  # (A, h): 2-D products take no reshapes around them
-        qk, qkv = self.rotated_qkv(x, cos, sin_signed, linear)  # (A, g, per + 1, hd), (A, g, per + 2, hd)
+        qk, qkv = self.rotated_qkv(x, cos, sin_signed, linear, scaled)  # (A, g, per + 1, hd), (A, g, per + 2, hd)
         keys, values = view.update(qk[:, :, per:], qkv[:, :, per + 1 :])  # (A, g, span, hd)
         out = F.scaled_dot_product_attention(qk[:, :, :per], keys, values, attn_mask=attn_mask)  # (A, g, per, hd)
         return self.finish(x, out.reshape(a, -1), linear).view(a, 1, -1)

@@ -87,6 +87,10 @@ class DecodeState:
     exit_cache: KVCache | None = None  # one "layer" per exit with a transformer block
     exit_inputs: torch.Tensor | None = None  # [E, B, T+1, h] block inputs per position
     exit_time: float = 0.0
+    # id(exit head) -> its folded probe or None (`fused_check.folded_probe`), looked up once per
+    # state: checking that the probe's tensors are unchanged costs ~17 us right after a layer, a
+    # third of a fused check; weights are not changed in the middle of a decode.
+    folded: dict[int, object] = field(default_factory=dict)
 
     def reset(self, b: int, length: int = 0) -> None:
         """Forget slot b's K/V at positions >= length (0: the slot is free for a new sequence)."""
@@ -156,6 +160,10 @@ class Passes:
         self.lean = True
         self.lean_layers: dict[int, lean.LeanLayer | None] = {}
         self.lean_kernels = lean.LeanKernels(packed=False)
+        # (rows.x, scaled): the newest exit check's `lean.scaled_rows` of a uniform step's rows,
+        # which the next lean layer takes for its input norm (`shared_scale`, `decode_layer`).
+        self.scaled: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.scaled_eps = 0.0
         # 'full': the final head's whole logits; 'auto' / 'int8': where only the token is needed,
         # the certified argmax of greedy_head.py (the engine sets it per request).
         self.argmax_head = "full"
@@ -189,6 +197,7 @@ class Passes:
         layer where some sequence of the pass has pending rows, and the general way from there."""
         out = StepOutput()
         self.lean_kernels.reset()  # lean layers look their kernels up again each pass (one may be forced now)
+        self.scaled = None
         by_depth = self.exits_by_depth(policy)
         clean = self.uniform_layers(state, new_tokens) if self.fast and not all_rows else 0
         if clean > 0:
@@ -277,7 +286,9 @@ class Passes:
         view = index.layer(state.cache, i - self.start)
         fast = self.lean_for(i)
         if fast is not None and rotary[2] is not None:  # none: compilation fell back during this step
-            x = fast(x, rotary[0], rotary[2], index.attn_mask, view, self.lean_kernels)
+            scaled, self.scaled = self.scaled, None
+            scaled = scaled[1] if scaled is not None and scaled[0] is x and fast.eps_in == self.scaled_eps else None
+            x = fast(x, rotary[0], rotary[2], index.attn_mask, view, self.lean_kernels, scaled)
         else:
             x = self.layer_fn(i)(x, rotary and rotary[:2], index.attn_mask, view)
         state.cache.filled[i - self.start, index.filled_b] = index.filled_end
@@ -448,9 +459,9 @@ class Passes:
         the leavers: (leavers as `cand` indices, their confidences, their logits [F, V] or None).
         The fused check where the probe can be folded (`fused_check.py`), else the measure's."""
         threshold = policy.threshold_of(n)
-        folded = folded_probe(head) if measure.probe_logit and self.fused_checks else None
+        folded = self.folded_probe(state, head) if measure.probe_logit and self.fused_checks else None
         if folded is not None:  # the exit's own layers only for the leavers, as below
-            logit, bound = folded.logit(self.newest_rows(rows, cand)[:, 0]), logit_threshold(threshold)  # (A,) fp32
+            logit, bound = self.folded_logit(folded, rows, cand), logit_threshold(threshold)  # (A,) fp32
             fire = decide(self, n, [z >= bound for z in logit.tolist()], rows, cand, policy)
             conf = torch.sigmoid(logit[fire]).tolist() if fire else []
             hidden = self.exit_hidden(state, n, head, rows, [cand[j] for j in fire]) if fire else None
@@ -466,6 +477,25 @@ class Passes:
             conf = c[fire].tolist()
             hidden = hidden[torch.tensor(fire, dtype=torch.long, device=self.device)] if fire else None
         return fire, conf, self.exit_logits(head, hidden) if fire else None
+
+    def folded_probe(self, state: DecodeState, head):
+        """`fused_check.folded_probe(head)`, looked up once per decode state (`DecodeState.folded`)."""
+        key = id(head)
+        if key not in state.folded:
+            state.folded[key] = folded_probe(head)
+        return state.folded[key]
+
+    def folded_logit(self, folded, rows: Rows, cand: list[int]) -> torch.Tensor:
+        """The folded probe's logit (A,) fp32 for the newest row of each candidate. Where the probe
+        reads an RMSNorm of one row per sequence (a decode step) and every row is a candidate,
+        through `lean.scaled_rows`: the rows are kept (`self.scaled`) for the next lean layer,
+        whose input norm makes the same ones where its eps is the probe norm's, so that a check
+        that does not fire costs that layer one product and a few scalar operations."""
+        if folded.norm != "rms" or len(cand) != len(rows.seqs) or rows.x.shape[1] != 1:
+            return folded.logit(self.newest_rows(rows, cand)[:, 0])  # (A, h)
+        scaled = lean.scaled_rows(rows.x.view(len(cand), -1), folded.norm_eps)  # (A, h) fp32
+        self.scaled, self.scaled_eps = (rows.x, scaled), folded.norm_eps
+        return folded.logit_of_scaled(scaled)
 
     def exit_hidden(self, state, n: int, head, rows: Rows, cand: list[int]) -> torch.Tensor:
         """Exit n's hidden state [A, 1, h] at the newest row of each candidate `rows` index."""

@@ -211,6 +211,7 @@ class ExitDecider:
     rows_fired: dict[tuple, float] = field(default_factory=dict)
     rows_seen: dict[tuple, float] = field(default_factory=dict)
     evaluated: dict[tuple, int] = field(default_factory=dict)
+    terms: dict[tuple, tuple] = field(default_factory=dict)  # pass shape -> `worth_checking`'s (cost, saving, alone)
 
     def costs_for(self, passes) -> ExitCosts:
         if self.costs is None:
@@ -230,9 +231,18 @@ class ExitDecider:
         """(b): evaluate exit n only where its chance of paying times the saving beats the
         check over the pass's candidates; else skip, but look again every REFRESH-th pass."""
         key = (n, policy.measure, policy.threshold_of(n), len(cand))
-        cost = self.costs_for(passes).check(get_measure(policy.measure).needs_vocab, len(cand))
-        saving = self.net_saving(passes, n, rows, cand, policy.measure)
-        alone = len(cand) > 1 and self.pays(passes, self.net_saving(passes, n, rows, cand[:1], policy.measure))
+        costs = self.costs_for(passes)
+        # The cost and saving terms depend on the pass's shape only: worked out once per shape
+        # (a decode step asks the same every step, and right after a layer each term's Python
+        # costs microseconds: the skip path cost a third of a layer's 5% budget).
+        shape = (n, policy.measure, id(costs), len(rows.seqs), tuple(rows.n), tuple(cand))
+        terms = self.terms.get(shape)
+        if terms is None:
+            cost = costs.check(get_measure(policy.measure).needs_vocab, len(cand))
+            saving = self.net_saving(passes, n, rows, cand, policy.measure)
+            alone = len(cand) > 1 and self.pays(passes, self.net_saving(passes, n, rows, cand[:1], policy.measure))
+            terms = self.terms[shape] = (cost, saving, alone)
+        cost, saving, alone = terms
         if self.chance_of(key, alone) * saving > cost:
             return True
         self.skipped[key] = self.skipped.get(key, 0) + 1

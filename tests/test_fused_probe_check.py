@@ -102,7 +102,7 @@ def test_folded_copy_is_remade_when_a_weight_changes():
 
 
 def test_one_engine_decodes_with_weights_changed_between_calls():
-    """The engine looks each folded probe up once per decode state (`DecodeState.folded`): a
+    """The engine looks each folded probe up once per decode state (`DecodeState.memo`): a
     weight changed between two `generate` calls is seen by the second, as on a new engine."""
     model = _probe_model(True, 16, "backbone")
     engine = EarlyExitEngine(model, None)

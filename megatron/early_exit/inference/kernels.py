@@ -9,8 +9,8 @@ each (weight shape, dtype, rows bucket, threads) times every applicable kernel o
 own weights of that shape (each weight of the group once per round, so that the weights
 stream from memory as in decoding, not from cache), alternating, best of `ROUNDS` (CPU time
 with one thread; with more, wall time over `MANY_THREAD_ROUNDS` at a wider margin), and keeps
-the fastest for the rest of the process. Another kernel must beat the dtype's reference by the
-margin: `plain` in fp32, `packed` in bf16 and fp16 (`reference`).
+the fastest for the rest of the process. In bf16 and fp16 it takes `packed` without timing
+where oneDNN is available (`unmeasured`: timed alone, shapes misled the choice).
 
 Kernels (all compute `F.linear(x, W, b)`; fp32 results differ by summation-order round-off):
   plain       `F.linear` (MKL / the default BLAS);
@@ -120,17 +120,17 @@ def _bucket(rows: int) -> tuple[int | None, int]:
     return _MANY_ROWS
 
 
-def reference(dtype: torch.dtype) -> str:
-    """The kernel another must clearly beat (`pick`'s margin) to be chosen for `dtype`: `plain`,
-    except in 16-bit float dtypes where oneDNN is available: `packed`. Timed alone, one shape at a
-    time, bf16 `plain` and `packed` came within the margin of each other on the Intel Xeon (60-66 us
-    for 960x576 at one row, 2 threads), so noise kept `plain`; in decoding, where every product
-    follows other work, all-`packed` decoded SmolLM2 at 38.2 tokens/s against 32.2 all-`plain` and
-    33.9 for the shapes' mixed choice, and on the AMD EPYC packed bf16 streamed 20-32 GB/s against
-    `F.linear`'s 8-13."""
+def unmeasured(dtype: torch.dtype) -> str | None:
+    """The kernel `auto` takes for `dtype` without timing: `packed` in 16-bit float dtypes where
+    oneDNN is available, else None (measured). In bf16, timing one shape alone misleads: on the
+    Intel Xeon (2 threads) `plain` and `packed` came within the margin of each other (60-66 us for
+    960x576 at one row) and runs picked different mixes (once `plain` for 576x576 by more than the
+    margin), while in decoding, where every product follows other work, all-`packed` SmolLM2 ran
+    38.2 tokens/s against 32.2 all-`plain` and 33.9 and 34.3 for two measured mixes; on the AMD
+    EPYC packed bf16 streamed 20-32 GB/s against `F.linear`'s 8-13."""
     if dtype in (torch.bfloat16, torch.float16) and packing_available():
         return "packed"
-    return "plain"
+    return None
 
 
 def candidates(rows: int) -> list[str]:
@@ -180,10 +180,11 @@ def kernel_for(weight: torch.Tensor, rows: int) -> str:
 def _measure(weight: torch.Tensor, rows: int) -> str:
     group = [w for w in (r() for r in _GROUPS.get((tuple(weight.shape), weight.dtype), {}).values()) if w is not None]
     weights = group if any(w is weight for w in group) else [weight]
+    fixed = unmeasured(weight.dtype)
+    if fixed is not None:
+        return fixed
     x = torch.randn(rows, weight.shape[1], generator=torch.Generator().manual_seed(0)).to(weight.dtype)
-    ref = reference(weight.dtype)
-    names = [ref] + [k for k in candidates(rows) if k != ref]
-    funcs = {k: (lambda f: lambda w: f(x, w, None))(_FUNCS[k]) for k in names}
+    funcs = {k: (lambda f: lambda w: f(x, w, None))(_FUNCS[k]) for k in candidates(rows)}
     # One thread: CPU time, robust to a shared machine. More: wall time (CPU time would count
     # every thread's share and so favour kernels that do not parallelise), which other processes
     # disturb: three times the rounds and twice the margin, so that a kernel replaces `plain` only
@@ -204,9 +205,8 @@ def pick(
 ) -> str:
     """The name of the fastest of `funcs` (each run once per weight per round, best round
     counts, kernels alternated so that each sees the same machine load). The first (the
-    reference: `reference(dtype)`) stays unless another is faster by more than `margin` (a share
-    of its time): switching kernels (and, from `plain`, copying the weights) takes a clear gain,
-    not noise.
+    reference, `plain`: no weight copy) stays unless another is faster by more than `margin`
+    (a share of its time): a copy of the weights is only worth a clear gain, not noise.
     One unmeasured round first warms each up (and makes its weight copies)."""
     best = dict.fromkeys(funcs, float("inf"))
     for r in range(rounds + 1):

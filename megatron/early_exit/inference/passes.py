@@ -87,10 +87,12 @@ class DecodeState:
     exit_cache: KVCache | None = None  # one "layer" per exit with a transformer block
     exit_inputs: torch.Tensor | None = None  # [E, B, T+1, h] block inputs per position
     exit_time: float = 0.0
-    # id(exit head) -> its folded probe or None (`fused_check.folded_probe`), looked up once per
-    # state: checking that the probe's tensors are unchanged costs ~17 us right after a layer, a
-    # third of a fused check; weights are not changed in the middle of a decode.
-    folded: dict[int, object] = field(default_factory=dict)
+    # What exit checks look up once per state: ("head", n) -> exit n's module, ("folded", id(head))
+    # -> its folded probe or None (`fused_check.folded_probe`). Right after a layer has streamed
+    # its weights through the caches, checking that a probe's tensors are unchanged costs ~17 us
+    # and finding a module in the model ~9 us, together half a fused check; modules and weights
+    # are not changed in the middle of a decode (a new `generate` call sees any change).
+    memo: dict[tuple, object] = field(default_factory=dict)
 
     def reset(self, b: int, length: int = 0) -> None:
         """Forget slot b's K/V at positions >= length (0: the slot is free for a new sequence)."""
@@ -429,7 +431,7 @@ class Passes:
         if not cand or (not forced and threshold >= 1.0) or not worth_checking(self, n, rows, cand, policy):
             return set()  # threshold 1.0 never exits, cost_aware skips a check that cannot pay: no head
         start = tick(self.device) if self.profile else 0.0
-        head, seqs = self.model.exits[str(n)], [rows.seqs[a] for a in cand]
+        head, seqs = self.exit_head(state, n), [rows.seqs[a] for a in cand]
         measure = get_measure("max_prob" if forced else policy.measure)
         if measure.needs_vocab:
             fire, conf, logits = self.vocab_check(state, n, head, rows, cand, policy, measure, forced)
@@ -479,11 +481,18 @@ class Passes:
         return fire, conf, self.exit_logits(head, hidden) if fire else None
 
     def folded_probe(self, state: DecodeState, head):
-        """`fused_check.folded_probe(head)`, looked up once per decode state (`DecodeState.folded`)."""
-        key = id(head)
-        if key not in state.folded:
-            state.folded[key] = folded_probe(head)
-        return state.folded[key]
+        """`fused_check.folded_probe(head)`, looked up once per decode state (`DecodeState.memo`)."""
+        key = ("folded", id(head))
+        if key not in state.memo:
+            state.memo[key] = folded_probe(head)
+        return state.memo[key]
+
+    def exit_head(self, state: DecodeState, n: int):
+        """Exit n's module, looked up once per decode state (`DecodeState.memo`)."""
+        key = ("head", n)
+        if key not in state.memo:
+            state.memo[key] = self.model.exits[str(n)]
+        return state.memo[key]
 
     def folded_logit(self, folded, rows: Rows, cand: list[int]) -> torch.Tensor:
         """The folded probe's logit (A,) fp32 for the newest row of each candidate. Where the probe

@@ -11,6 +11,7 @@ import torch
 from megatron.early_exit.config import ModelConfig
 from megatron.early_exit.inference import EarlyExitEngine, GenerationSettings, generate
 from megatron.early_exit.inference.strategies.draft_control import (
+    MAX_BACKOFF,
     MAX_DRAFT,
     WARM_EXPLORE_SHARE,
     DraftController,
@@ -124,10 +125,10 @@ def test_engine_controller_persists_and_takes_measured_costs():
     engine.generate(PROMPTS[:1], s)
     ctl = controller_for(engine)
     assert ctl.acceptance(1) < 0.3 and ctl.acceptance(3) < 0.5  # learned, and kept for the next call
-    before = ctl.stats[1].rejected
+    before = (ctl.stats[1].rejected, ctl.stats[1].idle)
     engine.generate(PROMPTS[:1], s)
     assert controller_for(engine) is ctl
-    assert ctl.stats[1].rejected != before
+    assert (ctl.stats[1].rejected, ctl.stats[1].idle) != before  # it went on counting (and learning)
     # A measured cost model replaces the parameter count: layer 1, fixed 2, head 3 (full step 2 + 6 + 3 = 11).
     engine.decode_costs = DecodeCosts(
         6, {1: 1, 3: 3}, layer=1.0, fixed=2.0, head=3.0, vocab={1: 3.0, 3: 3.0}, row=0.1, pend=0.2
@@ -204,8 +205,29 @@ def test_controller_falls_back_explores_and_recovers():
     good, bad, again = trace
     assert sum(g >= 4 for g in good[20:]) > 170  # drafts long while acceptance is high
     assert sum(g == 0 for g in bad[50:]) > 140  # then falls back to plain steps
-    assert 150 // every - 1 <= sum(g > 0 for g in bad[50:]) <= 150 // every + 1  # but for exploratory tries
+    # but for exploratory tries, each failed one doubling the interval up to MAX_BACKOFF times
+    assert 150 // (MAX_BACKOFF * every + 1) <= sum(g > 0 for g in bad[50:]) <= 150 // (MAX_BACKOFF * every) + 1
     assert sum(g >= 4 for g in again[100:]) > 90  # and finds the exit again when it recovers
+
+
+def test_failed_exploration_backs_off_and_an_accepted_draft_resets_it():
+    """Each exploratory try that accepts nothing doubles the exit's interval, up to MAX_BACKOFF;
+    a rejected round the controller chose (not a try) leaves it; an accepted draft resets it."""
+    ctl = DraftController(COSTS, explore_share=0.01)
+    ctl.stats[2].rejected = 20.0  # a bad exit: it drafts only to explore
+    every = ctl.interval(2, 1)
+    seen = []
+    for _ in range(20 * every):
+        plan = ctl.plan([2], [1])
+        if plan.exit is not None:
+            assert plan.explore
+            feed(ctl, 2, 1, 0.0)
+            seen.append(ctl.interval(2, 1) // every)
+    assert seen[:4] == [2, MAX_BACKOFF, MAX_BACKOFF, MAX_BACKOFF]
+    ctl.update(2, [([0.9], 0)])  # a chosen round rejected: no change
+    assert ctl.interval(2, 1) == MAX_BACKOFF * every
+    ctl.update(2, [([0.9, 0.9], 1), ([0.9], 0)])  # one sequence's draft accepted
+    assert ctl.interval(2, 1) == every
 
 
 def test_controller_decides_with_measured_round_costs():
@@ -371,18 +393,21 @@ def test_warm_start_drafts_from_round_one_and_skips_bad_exits():
     deep = [i for i, p in enumerate(warm) if p.exit == 6]
     every = warm_ctl.interval(6, 2)  # ceil(2 * (0.6 + 0.01) / WARM_EXPLORE_SHARE 0.02) = 61 rounds
     assert every == 61 and all(warm[i].explore and warm[i].length == 1 for i in deep)
-    assert deep == list(range(every, 200, every + 1))  # once every interval + 1 rounds, never at the start
+    assert deep == [every, every + 2 * every + 1]  # never at the start; each failed try doubles the interval
     cold_deep = [i for i, p in enumerate(cold) if p.exit == 6]
-    assert cold_deep == list(range(0, 200, 26))  # the cold start tries it at once, then every 25 + 1 rounds
+    # The cold start tries it at once; then intervals ceil(2 * 0.61 * 2 / 0.05) = 49, then 4x: 98 (+ 1 each)
+    assert cold_deep == [0, 49 + 1, 49 + 1 + 98 + 1]
     assert sum(p.length for p in warm if p.exit == 2) > sum(p.length for p in cold if p.exit == 2)
 
 
 def test_warm_start_with_low_agreement_decodes_plainly_within_the_budget():
     a = {2: 0.05, 6: 0.05}
     ctl = DraftController(COSTS, agreement=a)
+    every = ctl.interval(2, 2)
     plans = run_plans(ctl, a, 300)
     first_draft = min(i for i, p in enumerate(plans) if p.exit is not None)
-    assert first_draft == ctl.interval(2, 2) == 22  # ceil(2 * 0.22 / 0.02): plain until exit 2 is due
+    assert first_draft == every == 22  # ceil(2 * 0.22 / 0.02): plain until exit 2 is due
+    assert ctl.interval(2, 2) == MAX_BACKOFF * every  # its failed tries stretched the interval
     assert all(p.explore for p in plans if p.exit is not None)  # never a chosen draft
     spent = sum(COSTS.draft[p.exit] + COSTS.row[p.exit] for p in plans if p.exit is not None)
     assert spent / len(plans) <= WARM_EXPLORE_SHARE  # exploring costs at most its share of the time (0.05 cold)
@@ -409,10 +434,11 @@ def test_warm_start_equals_full_greedy_in_fp32(case, batch):
         used[warm] = [r.stats["draft_exits"] for r in res]
     del model.calibrated_thresholds
     # measured (every slot alike): good cold {1: 9, 3: 1} at batch 1 ({1: 6, 3: 1} at 4), warm {1: 8} ({1: 6});
-    # bad cold {1: 3, 3: 2} (tries at rounds 0, 15, 30 and 1, 26), warm {}: exit 1's warm interval,
+    # bad cold {1: 2, 3: 1} (exit 1 tried at round 0, then, its try failed, after twice its 14-round
+    # interval; exit 3 at round 1, then not within 2 x 25 rounds), warm {}: exit 1's warm interval,
     # 2 * 0.37 / WARM_EXPLORE_SHARE = 38 rounds, ends where the 40th token leaves no room for a draft
     for cold, warm in zip(used[False], used[True]):
-        assert cold.get(3) and 3 not in warm if kind == "good" else cold == {1: 3, 3: 2} and warm == {}
+        assert cold.get(3) and 3 not in warm if kind == "good" else cold == {1: 2, 3: 1} and warm == {}
         assert sum(warm.values()) < sum(cold.values())  # good: fewer, longer rounds; bad: no tries
 
 

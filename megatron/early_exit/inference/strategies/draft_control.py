@@ -174,6 +174,7 @@ class DraftController:
         due = [n for n in exits if self.stats[n].idle >= self.interval(n, len(exits))]
         for n in exits:
             self.stats[n].idle += 1
+            self.stats[n].exploring = False  # a try whose round never reached `update` is forgotten
         if due:
             n = max(due, key=lambda m: self.stats[m].idle)
             self.stats[n].idle, self.stats[n].exploring = 0, True

@@ -18,13 +18,14 @@ the one after, in a uniform decode step (`Passes.decode_layer`, lean layers): "l
 the two layers, "pair + check exact/cost_aware" the two with the check between (as
 `Passes.probe_check` runs it under that exit policy, no row firing), so the difference includes
 what the next layer takes from the check (an RMSNorm probe's `lean.scaled_rows`) and what each
-call costs right after a layer has streamed its weights through the caches. Its share is printed
-against one layer (half the pair): the issue's "a non-firing exit check costs <= 5% of a layer".
+call costs right after a layer has streamed its weights through the caches. Each "pair + check"
+call is timed right after a pair (`cost_model.paired_ratios`, median of rounds x inner: a difference
+of ~5% of the pair drowns in best-of timings); the ratio less one, times the pair's best time, is
+printed as a share of one layer (half the pair): the issue's "a non-firing check costs <= 5% of a layer".
 """
 
 import argparse
 import os
-import statistics
 import sys
 import time
 
@@ -34,7 +35,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from megatron.early_exit import load_checkpoint  # noqa: E402
 from megatron.early_exit.inference import EarlyExitEngine  # noqa: E402
-from megatron.early_exit.inference.cost_model import best_times  # noqa: E402
+from megatron.early_exit.inference.cost_model import best_times, paired_ratios  # noqa: E402
 from megatron.early_exit.inference.exit_decision import cost_probes  # noqa: E402
 from megatron.early_exit.inference.passes import ExitPolicy, Rows, StepOutput  # noqa: E402
 
@@ -71,26 +72,7 @@ def in_a_step(engine, n: int, dtype: torch.dtype) -> dict:
     return {"layer pair": lambda: pair(None), **checks}
 
 
-def paired_extra(step: dict, rounds: int, inner: int) -> dict:
-    """Median over rounds x inner of what each "pair + check" call took beyond the "layer pair"
-    call just before it (CPU time, order rotated each round): a difference of ~5% of the pair
-    drowns in best-of timings of a shared machine, a paired one does not."""
-    names, extra = list(step), {k: [] for k in step if k != "layer pair"}
-    for fn in step.values():
-        fn()  # warm-up
-    for r in range(rounds):
-        for _ in range(inner):
-            t = {}
-            for k in names[r % len(names) :] + names[: r % len(names)]:
-                start = time.process_time_ns()
-                step[k]()
-                t[k] = time.process_time_ns() - start
-            for k in extra:
-                extra[k].append(t[k] - t["layer pair"])
-    return {k: statistics.median(v) * 1e-9 for k, v in extra.items()}
-
-
-def builtin(dtype: torch.dtype):
+def builtin():
     """The random SmolLM2-shaped model of the cost model's benchmark, linear probes on the backbone."""
     from benchmarks.decode_speed import smollm2_shaped
 
@@ -101,16 +83,15 @@ def builtin(dtype: torch.dtype):
 def calls(path: str | None, dtype: torch.dtype) -> tuple[dict, dict]:
     """The timed calls of one checkpoint (None: the built-in model) in one dtype: the pieces, and
     the layer pair with and without the check (`in_a_step`: timed in their own alternation)."""
-    model, tok = load_checkpoint(path) if path else builtin(dtype)
+    model, tok = load_checkpoint(path) if path else builtin()
     model = model.to(dtype=dtype).eval()
     fused, plain = EarlyExitEngine(model, tok).passes, EarlyExitEngine(model, tok).passes
     plain.fused_checks = False
     probes, plain_probes = cost_probes(fused, 1), cost_probes(plain, 1)
     if "probe/1" not in probes:
         raise SystemExit(f"{path}: no exit without a block has a confidence probe")
-    head = next(model.exits[str(n)] for n in fused.exits if model.exits[str(n)].confidence is not None)
-    x = torch.randn(1, 1, model.config.hidden_size, dtype=dtype)
     n = next(n for n in fused.exits if model.exits[str(n)].confidence is not None)
+    head, x = model.exits[str(n)], torch.randn(1, 1, model.config.hidden_size, dtype=dtype)
     return {
         "layer": probes["layer/1"],
         "check fused": probes["probe/1"],
@@ -139,17 +120,19 @@ def main(argv=None) -> None:
             with torch.no_grad():
                 pieces, step = calls(path, DTYPES[name])
                 t = timed(pieces, args.rounds, args.inner)
-                t["layer pair"] = timed({"layer pair": step["layer pair"]}, args.rounds, args.inner)["layer pair"]
-                extra = paired_extra(step, args.rounds, args.inner)
+                pair = step.pop("layer pair")
+                t["layer pair"] = timed({"layer pair": pair}, args.rounds, args.inner)["layer pair"]
+                # each "pair + check" over the pair run just before it, median of rounds x inner
+                ratio = paired_ratios(step, pair, torch.device("cpu"), args.rounds * args.inner, time.process_time)
             print(f"{path or 'built-in SmolLM2 shape'} {name}: layer {t['layer'] * 1e6:.1f} us")
             for k, v in t.items():
                 print(f"  {k:22s} {v * 1e6:8.1f} us  {v / t['layer'] * 100:6.2f}% of a layer")
             print(f"  fused / plain check: {t['check fused'] / t['check plain']:.3f}")
             one = t["layer pair"] / 2
             for mode in ("exact", "cost_aware"):
-                e = extra[f"pair + check {mode}"]
+                e = (ratio[f"pair + check {mode}"] - 1) * t["layer pair"]
                 print(f"  in a step, {mode}: the check adds {e * 1e6:.1f} us = {e / one:.1%} of a layer "
-                      f"({one * 1e6:.1f} us in the pair; median of paired differences)")  # fmt: skip
+                      f"({one * 1e6:.1f} us in the pair; median of paired ratios)")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -212,6 +212,7 @@ class ExitDecider:
     rows_seen: dict[tuple, float] = field(default_factory=dict)
     evaluated: dict[tuple, int] = field(default_factory=dict)
     terms: dict[tuple, tuple] = field(default_factory=dict)  # pass shape -> `worth_checking`'s (cost, saving, alone)
+    terms_costs: ExitCosts | None = None  # the costs `terms` were worked out from
 
     def costs_for(self, passes) -> ExitCosts:
         if self.costs is None:
@@ -232,10 +233,14 @@ class ExitDecider:
         check over the pass's candidates; else skip, but look again every REFRESH-th pass."""
         key = (n, policy.measure, policy.threshold_of(n), len(cand))
         costs = self.costs_for(passes)
-        # The cost and saving terms depend on the pass's shape only: worked out once per shape
-        # (a decode step asks the same every step, and right after a layer each term's Python
-        # costs microseconds: the skip path cost a third of a layer's 5% budget).
-        shape = (n, policy.measure, id(costs), len(rows.seqs), tuple(rows.n), tuple(cand))
+        if self.terms_costs is not costs:
+            self.terms, self.terms_costs = {}, costs
+        # The cost and saving terms depend on the pass's shape only (what `net_saving` and the
+        # check read: sequences, rows in all, rows of the candidates and of the first, candidates),
+        # worked out once per shape: a decode step asks the same every step, and right after a
+        # layer each term's Python costs microseconds (the skip path cost a third of a layer's 5%).
+        gone = sum(rows.n[a] for a in cand)
+        shape = (n, policy.measure, len(rows.seqs), sum(rows.n), gone, rows.n[cand[0]], len(cand))
         terms = self.terms.get(shape)
         if terms is None:
             cost = costs.check(get_measure(policy.measure).needs_vocab, len(cand))

@@ -196,9 +196,7 @@ def _measure(weight: torch.Tensor, rows: int) -> str:
     wide = ref != "plain"  # `packed` in 16-bit dtypes: a wider margin (`SIXTEEN_BIT_MARGIN`)
     with torch.no_grad():
         if torch.get_num_threads() == 1:
-            if wide:
-                return pick(funcs, weights, clock=time.process_time, margin=SIXTEEN_BIT_MARGIN)
-            return pick(funcs, weights, clock=time.process_time)
+            return pick(funcs, weights, clock=time.process_time, **({"margin": SIXTEEN_BIT_MARGIN} if wide else {}))
         margin = max(MANY_THREAD_MARGIN, SIXTEEN_BIT_MARGIN) if wide else MANY_THREAD_MARGIN
         return pick(funcs, weights, clock=time.perf_counter, rounds=MANY_THREAD_ROUNDS, margin=margin)
 

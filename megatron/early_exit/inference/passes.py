@@ -94,6 +94,12 @@ class DecodeState:
     # are not changed in the middle of a decode (a new `generate` call sees any change).
     memo: dict[tuple, object] = field(default_factory=dict)
 
+    def remembered(self, key: tuple, make):
+        """`memo[key]`, made by `make()` the first time."""
+        if key not in self.memo:
+            self.memo[key] = make()
+        return self.memo[key]
+
     def reset(self, b: int, length: int = 0) -> None:
         """Forget slot b's K/V at positions >= length (0: the slot is free for a new sequence)."""
         self.cache.truncate(b, length)
@@ -162,10 +168,9 @@ class Passes:
         self.lean = True
         self.lean_layers: dict[int, lean.LeanLayer | None] = {}
         self.lean_kernels = lean.LeanKernels(packed=False)
-        # (rows.x, scaled): the newest exit check's `lean.scaled_rows` of a uniform step's rows,
-        # which the next lean layer takes for its input norm (`shared_scale`, `decode_layer`).
-        self.scaled: tuple[torch.Tensor, torch.Tensor] | None = None
-        self.scaled_eps = 0.0
+        # (rows.x, scaled, eps): the newest exit check's `lean.scaled_rows` of a uniform step's
+        # rows, which the next lean layer takes for its input norm (`folded_logit`, `decode_layer`).
+        self.scaled: tuple[torch.Tensor, torch.Tensor, float] | None = None
         # 'full': the final head's whole logits; 'auto' / 'int8': where only the token is needed,
         # the certified argmax of greedy_head.py (the engine sets it per request).
         self.argmax_head = "full"
@@ -288,8 +293,8 @@ class Passes:
         view = index.layer(state.cache, i - self.start)
         fast = self.lean_for(i)
         if fast is not None and rotary[2] is not None:  # none: compilation fell back during this step
-            scaled, self.scaled = self.scaled, None
-            scaled = scaled[1] if scaled is not None and scaled[0] is x and fast.eps_in == self.scaled_eps else None
+            made, self.scaled = self.scaled, None
+            scaled = made[1] if made is not None and made[0] is x and made[2] == fast.eps_in else None
             x = fast(x, rotary[0], rotary[2], index.attn_mask, view, self.lean_kernels, scaled)
         else:
             x = self.layer_fn(i)(x, rotary and rotary[:2], index.attn_mask, view)
@@ -481,18 +486,12 @@ class Passes:
         return fire, conf, self.exit_logits(head, hidden) if fire else None
 
     def folded_probe(self, state: DecodeState, head):
-        """`fused_check.folded_probe(head)`, looked up once per decode state (`DecodeState.memo`)."""
-        key = ("folded", id(head))
-        if key not in state.memo:
-            state.memo[key] = folded_probe(head)
-        return state.memo[key]
+        """`fused_check.folded_probe(head)`, looked up once per decode state."""
+        return state.remembered(("folded", id(head)), lambda: folded_probe(head))
 
     def exit_head(self, state: DecodeState, n: int):
-        """Exit n's module, looked up once per decode state (`DecodeState.memo`)."""
-        key = ("head", n)
-        if key not in state.memo:
-            state.memo[key] = self.model.exits[str(n)]
-        return state.memo[key]
+        """Exit n's module, looked up once per decode state."""
+        return state.remembered(("head", n), lambda: self.model.exits[str(n)])
 
     def folded_logit(self, folded, rows: Rows, cand: list[int]) -> torch.Tensor:
         """The folded probe's logit (A,) fp32 for the newest row of each candidate. Where the probe
@@ -503,7 +502,7 @@ class Passes:
         if folded.norm != "rms" or len(cand) != len(rows.seqs) or rows.x.shape[1] != 1:
             return folded.logit(self.newest_rows(rows, cand)[:, 0])  # (A, h)
         scaled = lean.scaled_rows(rows.x.view(len(cand), -1), folded.norm_eps)  # (A, h) fp32
-        self.scaled, self.scaled_eps = (rows.x, scaled), folded.norm_eps
+        self.scaled = (rows.x, scaled, folded.norm_eps)
         return folded.logit_of_scaled(scaled)
 
     def exit_hidden(self, state, n: int, head, rows: Rows, cand: list[int]) -> torch.Tensor:

@@ -99,8 +99,12 @@ def decode_all(engine, prompts: list[list[int]], batch_size: int, settings) -> t
 
     Returns (generated tokens per second of decoding, stripped texts, token lists, the exit
     layer of every generated token, the `GenerationResult`s)."""
-    return summarise([decode_batch(engine, prompts[i : i + batch_size], settings, time.perf_counter)
-                      for i in range(0, len(prompts), batch_size)])  # fmt: skip
+    return summarise([decode_batch(engine, b, settings, time.perf_counter) for b in in_batches(prompts, batch_size)])
+
+
+def in_batches(items: list, size: int) -> list[list]:
+    """`items` in consecutive batches of `size` (the last may be shorter)."""
+    return [items[i : i + size] for i in range(0, len(items), size)]
 
 
 def decode_batch(engine, prompts: list[list[int]], settings, clock) -> tuple:
@@ -125,8 +129,8 @@ def prefill_seconds(engine, prompts: list[list[int]], batch_size: int, settings)
     from dataclasses import replace
 
     one = replace(settings, max_new_tokens=1)
-    return sum(cost_model.best_times({"p": lambda i=i: engine.generate(prompts[i : i + batch_size], one)},
-                                     engine.device, 2)["p"] for i in range(0, len(prompts), batch_size))  # fmt: skip
+    return sum(cost_model.best_times({"p": lambda b=b: engine.generate(b, one)}, engine.device, 2)["p"]
+               for b in in_batches(prompts, batch_size))  # fmt: skip
 
 
 def policy_terms(engine, settings, prompt: list[int]) -> tuple[list[int], bool]:
@@ -142,8 +146,7 @@ def ideal_of(engine, costs, results: list, batch_size: int, settings, prefill_s:
     """The ideal speedup of one row: its exit telemetry priced by the cost model, against full
     decoding's telemetry `full` (its results; None: the row's tokens decoded in full)."""
     evaluated, needs_vocab = policy_terms(engine, settings, results[0].prompt_tokens)
-    batches = [results[i : i + batch_size] for i in range(0, len(results), batch_size)]
-    reference = None if full is None else [full[i : i + batch_size] for i in range(0, len(full), batch_size)]
+    batches, reference = in_batches(results, batch_size), None if full is None else in_batches(full, batch_size)
     return cost_model.ideal_speedup(batches, costs, evaluated, needs_vocab, prefill_s, reference)
 
 
@@ -164,8 +167,7 @@ def explain_rows(engine, prompts, args, timed: dict, costs) -> list[dict]:
             continue
         evaluated, needs_vocab = policy_terms(engine, settings, prompts[0])
         runs, full_runs = [], []
-        for i in range(0, len(prompts), args.batch_size):
-            batch = prompts[i : i + args.batch_size]
+        for batch in in_batches(prompts, args.batch_size):
             for setting, into in ((full, full_runs), (settings, runs)):
                 with StepClock(engine) as clock:
                     results = engine.generate(batch, setting)
@@ -199,9 +201,8 @@ def paired_runs(engine, prompts, args, settings, full) -> tuple:
     clock = time.process_time if args.clock == "cpu" else time.perf_counter
     best, ratios = None, []
     for _ in range(args.repeats):
-        pairs = [(decode_batch(engine, prompts[i : i + args.batch_size], full, clock),
-                  decode_batch(engine, prompts[i : i + args.batch_size], settings, clock))
-                 for i in range(0, len(prompts), args.batch_size)]  # fmt: skip
+        pairs = [(decode_batch(engine, batch, full, clock), decode_batch(engine, batch, settings, clock))
+                 for batch in in_batches(prompts, args.batch_size)]  # fmt: skip
         ref, out = summarise([p[0] for p in pairs]), summarise([p[1] for p in pairs])
         ratios.append(out[0] / ref[0])
         best = out if best is None or out[0] > best[0] else best

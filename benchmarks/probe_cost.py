@@ -4,6 +4,7 @@ CPU time: the fused check (`inference/fused_check.py`) against the probe modules
 
     python benchmarks/probe_cost.py CKPT [CKPT ...] [--dtype fp32 bf16] [--rounds 30] [--inner 50]
     python benchmarks/probe_cost.py          # a random SmolLM2-shaped model, linear probes on the backbone
+    python benchmarks/probe_cost.py --builtin smollm2 cpu-ref-mlp cpu-ref-linear   # random models of both shapes
 
 Per checkpoint and dtype, with the decoder's own cost probes (`exit_decision.cost_probes`:
 "layer/1" = one layer's decode step for one row; "probe/1" = the learned check of the first
@@ -72,18 +73,35 @@ def in_a_step(engine, n: int, dtype: torch.dtype) -> dict:
     return {"layer pair": lambda: pair(None), **checks}
 
 
-def builtin():
-    """The random SmolLM2-shaped model of the cost model's benchmark, linear probes on the backbone."""
+def builtin(name: str):
+    """A random model: "smollm2" the SmolLM2 shape of the cost model's benchmark, linear probes on
+    the backbone; "cpu-ref-mlp" / "cpu-ref-linear" the CPU reference model's shape
+    (`examples/ee_training/cpu_pretrain_aclsum.sh`: 12 layers, hidden 384, 6 heads, norm-only exits
+    at 3 and 6 read by probes 384-128-1 / 384-1)."""
     from benchmarks.decode_speed import smollm2_shaped
+    from megatron.early_exit.config import ModelConfig
+    from megatron.early_exit.model import EarlyExitGPT
 
-    model, _ = smollm2_shaped("backbone")
+    if name == "smollm2":
+        return smollm2_shaped("backbone")
+    cfg = ModelConfig(
+        num_layers=12, hidden_size=384, num_attention_heads=6, ffn_hidden_size=1024, vocab_size=8000,
+        max_position_embeddings=256, normalization="RMSNorm", swiglu=True, position_embedding_type="rope",
+        add_bias_linear=False, exit_layer_nums=[3, 6], use_exit_norm=True, use_exit_confidence_head=True,
+        exit_confidence_hidden_size=128 if name == "cpu-ref-mlp" else 0,
+    )  # fmt: skip
+    model = EarlyExitGPT(cfg)
+    model.init_weights(0)
     return model, None
 
 
-def calls(path: str | None, dtype: torch.dtype) -> tuple[dict, dict]:
-    """The timed calls of one checkpoint (None: the built-in model) in one dtype: the pieces, and
-    the layer pair with and without the check (`in_a_step`: timed in their own alternation)."""
-    model, tok = load_checkpoint(path) if path else builtin()
+BUILTINS = ("smollm2", "cpu-ref-mlp", "cpu-ref-linear")
+
+
+def calls(path: str, dtype: torch.dtype) -> tuple[dict, dict]:
+    """The timed calls of one checkpoint (or "builtin:NAME": a random model) in one dtype: the
+    pieces, and the layer pair with and without the check (`in_a_step`: in their own alternation)."""
+    model, tok = builtin(path[8:]) if path.startswith("builtin:") else load_checkpoint(path)
     model = model.to(dtype=dtype).eval()
     fused, plain = EarlyExitEngine(model, tok).passes, EarlyExitEngine(model, tok).passes
     plain.fused_checks = False
@@ -105,6 +123,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[1], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("checkpoints", nargs="*", help="checkpoint directories whose exits carry confidence probes "
                    "(none: a random SmolLM2-shaped model)")  # fmt: skip
+    p.add_argument("--builtin", nargs="+", choices=BUILTINS, default=[],
+                   help="random models of these shapes (besides the checkpoints)")  # fmt: skip
     p.add_argument("--dtype", nargs="+", choices=list(DTYPES), default=list(DTYPES))
     p.add_argument("--rounds", type=int, default=30, help="alternating rounds (best counts)")
     p.add_argument("--inner", type=int, default=50, help="calls per round")
@@ -116,7 +136,8 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     torch.set_num_threads(1)
     for name in args.dtype:
-        for path in args.checkpoints or [None]:
+        builtins = [f"builtin:{b}" for b in args.builtin]
+        for path in args.checkpoints + builtins or ["builtin:smollm2"]:
             with torch.no_grad():
                 pieces, step = calls(path, DTYPES[name])
                 t = timed(pieces, args.rounds, args.inner)
@@ -124,7 +145,7 @@ def main(argv=None) -> None:
                 t["layer pair"] = timed({"layer pair": pair}, args.rounds, args.inner)["layer pair"]
                 # each "pair + check" over the pair run just before it, median of rounds x inner
                 ratio = paired_ratios(step, pair, torch.device("cpu"), args.rounds * args.inner, time.process_time)
-            print(f"{path or 'built-in SmolLM2 shape'} {name}: layer {t['layer'] * 1e6:.1f} us")
+            print(f"{path} {name}: layer {t['layer'] * 1e6:.1f} us")
             for k, v in t.items():
                 print(f"  {k:22s} {v * 1e6:8.1f} us  {v / t['layer'] * 100:6.2f}% of a layer")
             print(f"  fused / plain check: {t['check fused'] / t['check plain']:.3f}")

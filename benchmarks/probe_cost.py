@@ -39,6 +39,7 @@ from megatron.early_exit.inference import EarlyExitEngine  # noqa: E402
 from megatron.early_exit.inference.cost_model import best_times, paired_ratios  # noqa: E402
 from megatron.early_exit.inference.exit_decision import cost_probes  # noqa: E402
 from megatron.early_exit.inference.passes import ExitPolicy, Rows, StepOutput  # noqa: E402
+from megatron.early_exit.inference.uniform_check import uniform_checks  # noqa: E402
 
 NEVER = 1.0 - 1e-9  # a threshold (< 1, so the check runs) that no probe's sigmoid reaches in fp32
 
@@ -60,12 +61,17 @@ def in_a_step(engine, n: int, dtype: torch.dtype) -> dict:
     index, rotary = p.uniform_layout(state, [0], [len(prompt)])
     x0, d = torch.randn(1, 1, h, generator=torch.Generator().manual_seed(0)).to(dtype), p.depth(n)
 
+    never = {m: ExitPolicy(allowed=(n,), threshold=NEVER, measure="learned", mode=m) for m in ("exact", "cost_aware")}
+    by_depth = {m: p.exits_by_depth(policy) for m, policy in never.items()}
+
     def pair(mode: str | None):
         with engine.packed:  # the products' kernels as decoding runs them
             x = p.decode_layer(state, d - 1, x0, rotary, index)  # rewrites the same position's K/V each call
-            if mode is not None:  # as `Passes.run_uniform` checks: cost_aware may skip (`worth_checking`)
-                never = ExitPolicy(allowed=(n,), threshold=NEVER, measure="learned", mode=mode)
-                if p.check_exit(state, n, Rows([0], [len(prompt)], [1], x), {0}, never, StepOutput()):
+            if mode is not None:  # as `Passes.run_uniform` checks (once a step, the checks' lookup)
+                policy, rows = never[mode], Rows([0], [len(prompt)], [1], x)
+                check = uniform_checks(p, state, policy, by_depth[mode])[n]
+                fired = check(rows, StepOutput()) if check else p.check_exit(state, n, rows, {0}, policy, StepOutput())
+                if fired:
                     raise SystemExit(f"exit {n}'s probe reached threshold {NEVER}: the check is meant not to fire")
             return p.decode_layer(state, d, x, rotary, index)
 

@@ -213,6 +213,9 @@ class ExitDecider:
     evaluated: dict[tuple, int] = field(default_factory=dict)
     terms: dict[tuple, tuple] = field(default_factory=dict)  # pass shape -> `worth_checking`'s (cost, saving, alone)
     terms_costs: ExitCosts | None = None  # the costs `terms` were worked out from
+    # Counts `record` calls: `verdict` reads nothing else that changes (with the costs), so its
+    # answer for a pass shape holds while this and `costs` do (`uniform_check.UniformCheck`).
+    version: int = 0
 
     def costs_for(self, passes) -> ExitCosts:
         if self.costs is None:
@@ -231,6 +234,20 @@ class ExitDecider:
     def worth_checking(self, passes, n: int, rows, cand: list[int], policy) -> bool:
         """(b): evaluate exit n only where its chance of paying times the saving beats the
         check over the pass's candidates; else skip, but look again every REFRESH-th pass."""
+        key, worth = self.verdict(passes, n, rows, cand, policy)
+        return worth or self.skip(key)
+
+    def skip(self, key: tuple) -> bool:
+        """A pass that `verdict` says not to evaluate exit n in: counted; True (evaluate after
+        all) every REFRESH-th time, so that the chance can recover."""
+        skipped = self.skipped.get(key, 0) + 1
+        self.skipped[key] = 0 if skipped >= REFRESH else skipped
+        return skipped >= REFRESH
+
+    def verdict(self, passes, n: int, rows, cand: list[int], policy) -> tuple[tuple, bool]:
+        """(the chance's key, whether the chance of paying times the saving beats the check):
+        `worth_checking` before its skip count. Depends on the pass's shape, the costs and what
+        `record` has counted (`version`) only."""
         key = (n, policy.measure, policy.threshold_of(n), len(cand))
         costs = self.costs_for(passes)
         if self.terms_costs is not costs:
@@ -248,13 +265,7 @@ class ExitDecider:
             alone = len(cand) > 1 and self.pays(passes, self.net_saving(passes, n, rows, cand[:1], policy.measure))
             terms = self.terms[shape] = (cost, saving, alone)
         cost, saving, alone = terms
-        if self.chance_of(key, alone) * saving > cost:
-            return True
-        self.skipped[key] = self.skipped.get(key, 0) + 1
-        if self.skipped[key] >= REFRESH:  # look again now and then: the chance may have changed
-            self.skipped[key] = 0
-            return True
-        return False
+        return key, self.chance_of(key, alone) * saving > cost
 
     def choose(self, passes, n: int, fires: list[int], rows, cand: list[int], policy) -> list[int]:
         """(a): `fires` (indices into `cand`) leave together where that pays, else nobody does.
@@ -277,6 +288,7 @@ class ExitDecider:
         ~log(check/saving)/log(DECAY); an exponential average with weight DECAY from then on."""
         shared = (n, policy.measure, policy.threshold_of(n))
         key = (*shared, candidates)
+        self.version += 1
         k = self.seen[key] = self.seen.get(key, 0) + 1
         weight = max(1.0 / (k + 1), 1 - DECAY)
         self.chance[key] = (1 - weight) * self.own_chance(key) + weight * float(paid)

@@ -37,6 +37,7 @@ from megatron.early_exit.inference.confidence import get_measure, max_prob
 from megatron.early_exit.inference.exit_decision import decide, worth_checking
 from megatron.early_exit.inference.fused_check import folded_probe, logit_threshold
 from megatron.early_exit.inference.kv_cache import DecodeIndex, KVCache, RowIndex
+from megatron.early_exit.inference.uniform_check import uniform_checks
 
 
 @dataclass(frozen=True)
@@ -261,13 +262,14 @@ class Passes:
         ids = torch.tensor([t[0] for t in new_tokens.values()], dtype=torch.long).view(-1, 1)
         index, rotary = self.uniform_layout(state, seqs, pos)
         rows = Rows(seqs, pos, [1] * len(seqs), self.model.embedding(ids.to(self.device), index.positions))  # (A, 1, h)
-        has_new = set(seqs)
+        has_new, checks = set(seqs), uniform_checks(self, state, policy, by_depth)
         for d in range(layers + 1):
             if d > 0:
                 rows.x = self.decode_layer(state, d - 1, rows.x, rotary, index)
             self.record_block_inputs(state, d, rows)
             for n in by_depth.get(d, []):
-                fired = self.check_exit(state, n, rows, has_new, policy, out)
+                check = checks[n]  # every row is a candidate: the learned check in one call where it applies
+                fired = check(rows, out) if check is not None else self.check_exit(state, n, rows, has_new, policy, out)
                 if fired:
                     self.remember_pending(state, rows, fired)
                     rows = rows.subset(set(rows.seqs) - fired)
@@ -442,11 +444,18 @@ class Passes:
             fire, conf, logits = self.vocab_check(state, n, head, rows, cand, policy, measure, forced)
         else:  # no vocabulary projection for the exits that stay
             fire, conf, logits = self.probe_check(state, n, head, rows, cand, policy, measure)
-        for j, a in enumerate(fire):  # logits row j and conf[j] belong to candidate a
-            b = seqs[a]
-            out.logits[b], out.exit_layer[b], out.confidence[b] = logits[j], n, conf[j]
+        leavers = self.record_leavers(n, seqs, fire, conf, logits, out)
         if self.profile:
             state.exit_time += tick(self.device) - start
+        return leavers
+
+    @staticmethod
+    def record_leavers(n: int, seqs: list[int], fire: list[int], conf: list[float], logits, out) -> set[int]:
+        """Candidates `fire` (indices into `seqs`) leave at exit n with confidences `conf` and
+        logits [F, V] (row j, conf[j]: candidate fire[j]): recorded in `out`; their sequences."""
+        for j, a in enumerate(fire):
+            b = seqs[a]
+            out.logits[b], out.exit_layer[b], out.confidence[b] = logits[j], n, conf[j]
         return {seqs[a] for a in fire}
 
     def vocab_check(self, state, n: int, head, rows: Rows, cand: list[int], policy, measure, forced: bool) -> tuple:

@@ -1,0 +1,113 @@
+"""An exit's learned check in a uniform decode step, in one call.
+
+In a uniform decode step (`Passes.run_uniform`: one new row per sequence, every row a candidate
+at every exit) most checks of a learned probe do not fire, and what such a check costs is what
+every exit adds to every step. After the fused check (`fused_check.py`) and the norm shared with
+the next layer, its arithmetic is one product and a list of floats; what was left was the
+general path's Python: `Passes.check_exit` -> `worth_checking` -> `probe_check` ->
+`folded_logit` -> `decide`, with the policy's threshold looked up three times, the candidates
+listed, the exit's module and folded probe looked up, the threshold's logit worked out, about
+fifteen calls, each paid cold right after a layer has streamed its weights through the caches.
+Measured in a step (`benchmarks/probe_cost.py`, SmolLM2's shape, AMD EPYC, 1 thread, fp32): the
+general path added ~53 us to a layer pair, its product and list alone ~16 us.
+
+`UniformCheck` is that check with everything that does not change during a decode worked out
+once per decode state and policy (`uniform_checks`): the exit's module and folded probe, the
+threshold's logit, the candidates of each pass size, and under `cost_aware` the decider's
+verdict for each pass size, kept while the decider has recorded nothing new
+(`ExitDecider.version`), so that a skipped check costs a counter. Its arithmetic and decisions
+are the general path's: the same `lean.scaled_rows` (kept for the next lean layer), the same
+product, the same comparison against logit(threshold), the same `ExitDecider` calls where rows
+fire or the check runs under `cost_aware`; where rows fire, their exit hidden states and
+projections are made as `Passes.probe_check` makes them. So tokens, K/V and the decider's
+counts equal the general path's (`tests/test_uniform_check.py`).
+
+It applies where the general path would take the fused check with the norm shared: a learned
+measure (`probe_logit`), fused checks on, a folded probe reading an RMSNorm, no forced exit, no
+profiling; elsewhere `uniform_checks` gives None and the general path runs.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from megatron.early_exit.inference import lean
+from megatron.early_exit.inference.confidence import get_measure
+from megatron.early_exit.inference.exit_decision import decider_of
+from megatron.early_exit.inference.fused_check import logit_threshold
+
+
+class UniformCheck:
+    """Exit n's learned check over the rows of a uniform decode step (`__call__`)."""
+
+    def __init__(self, passes, state, n: int, policy, folded) -> None:
+        self.passes, self.state, self.n, self.policy = passes, state, n, policy
+        self.head = passes.exit_head(state, n)
+        self.folded, self.eps = folded, folded.norm_eps
+        self.weight, self.bias, self.mlp = folded.scaled_weight_t, folded.bias, folded.out_weight is not None
+        self.bound = logit_threshold(policy.threshold_of(n))
+        self.exact = policy.mode == "exact"
+        self.cands: dict[int, list[int]] = {}  # pass size A -> [0, A): every row is a candidate
+        # pass size A -> (decider, its version, its costs, the chance's key, the verdict)
+        self.verdicts: dict[int, tuple] = {}
+
+    def __call__(self, rows, out) -> set[int]:
+        """The sequences of `rows` (A, 1, h) that leave at exit n (recorded in `out`, as
+        `Passes.check_exit` records them); the check's scaled rows kept in `passes.scaled`."""
+        x, p = rows.x, self.passes
+        a = x.shape[0]
+        cand = self.cands.get(a)
+        if cand is None:
+            cand = self.cands[a] = list(range(a))
+        if not self.exact and not self.worth(rows, a, cand):
+            return set()
+        scaled = lean.scaled_rows(x.view(a, -1), self.eps)  # (A, h) fp32
+        p.scaled = (x, scaled, self.eps)
+        if self.mlp:
+            logit = self.folded.finish(torch.addmm(self.bias, scaled, self.weight))  # (A,)
+        else:
+            logit = torch.addmv(self.bias, scaled, self.weight)  # (A,)
+        bound = self.bound
+        fire = [j for j, z in enumerate(logit.tolist()) if z >= bound]
+        if not self.exact:
+            fire = decider_of(p).choose(p, self.n, fire, rows, cand, self.policy)
+        if not fire:
+            return set()
+        return self.leave(rows, fire, logit, out)
+
+    def worth(self, rows, a: int, cand: list[int]) -> bool:
+        """`ExitDecider.worth_checking`, its verdict kept per pass size while the decider has
+        recorded nothing since and its costs are the same."""
+        decider = decider_of(self.passes)
+        kept = self.verdicts.get(a)
+        if kept is None or kept[0] is not decider or kept[1] != decider.version or kept[2] is not decider.costs:
+            key, worth = decider.verdict(self.passes, self.n, rows, cand, self.policy)
+            kept = self.verdicts[a] = (decider, decider.version, decider.costs, key, worth)
+        return kept[4] or decider.skip(kept[3])
+
+    def leave(self, rows, fire: list[int], logit: torch.Tensor, out) -> set[int]:
+        """The rows `fire` leave: their confidences, exit hidden states and projections, as
+        `Passes.probe_check` makes them, recorded as `Passes.check_exit` records them."""
+        p, n = self.passes, self.n
+        conf = torch.sigmoid(logit[fire]).tolist()
+        hidden = p.exit_hidden(self.state, n, self.head, rows, fire)
+        return p.record_leavers(n, rows.seqs, fire, conf, p.exit_logits(self.head, hidden), out)
+
+
+def uniform_checks(passes, state, policy, by_depth: dict[int, list[int]]) -> dict[int, UniformCheck | None]:
+    """exit n -> its `UniformCheck` under `policy` (None where the general path must run), made
+    once per decode state, policy and setting of the passes' fused checks and profiling."""
+    key = ("uniform checks", policy, passes.fused_checks, passes.profile)
+    return state.remembered(key, lambda: _make(passes, state, policy, by_depth))
+
+
+def _make(passes, state, policy, by_depth) -> dict[int, UniformCheck | None]:
+    measure = get_measure(policy.measure)
+    checks: dict[int, UniformCheck | None] = {}
+    for n in (n for exits in by_depth.values() for n in exits):
+        folded = None
+        if measure.probe_logit and passes.fused_checks and policy.force != n and not passes.profile:
+            folded = passes.folded_probe(state, passes.exit_head(state, n))
+        usable = folded is not None and folded.norm == "rms" and policy.threshold_of(n) < 1.0
+        checks[n] = UniformCheck(passes, state, n, policy, folded) if usable else None
+    return checks

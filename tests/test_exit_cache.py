@@ -360,5 +360,9 @@ def test_cached_tuner_uses_fused_adamw_with_the_foreach_update(setup):
             model(x).pow(2).sum().backward()
             opt.step()
     for a, b, a0 in zip(models[0].parameters(), models[1].parameters(), start):
-        assert torch.allclose(a, b, rtol=1e-6, atol=1e-7)  # fp32: the two kernels order the same update differently
+        # fp32: the two kernels order the same update differently (sqrt(v), bias corrections, the
+        # division by sqrt(v) + eps); where a gradient is near eps the ratio is ill-conditioned and
+        # an AMD EPYC (Zen 5) moved a weight by 4.8e-7 in three steps (an Intel Xeon by < 1e-7).
+        # A wrong lr, beta or decay moves weights by ~1e-3 (three steps of lr 1e-2, below): 2e-6 keeps that visible.
+        assert torch.allclose(a, b, rtol=1e-6, atol=2e-6)
         assert (a - a0).abs().max() > 1e-3  # three steps at lr 1e-2 moved every parameter

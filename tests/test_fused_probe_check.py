@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from megatron.early_exit.inference import EarlyExitEngine, GenerationSettings, lean
-from megatron.early_exit.inference.fused_check import folded_probe, logit_threshold
+from megatron.early_exit.inference.fused_check import folded_probe, logit_threshold, sigmoid
 from tests.test_add_exits import _model
 from tests.test_inference import PROMPTS, naive_greedy
 
@@ -60,6 +60,11 @@ def test_fused_logit_equals_the_modules(llama, k, probe_input, batch):
                 scaled = folded.logit_of_scaled(lean.scaled_rows(x, folded.norm_eps))
                 assert scaled.shape == (batch,)
                 torch.testing.assert_close(scaled, want, rtol=1e-5, atol=2e-5)
+                # as floats less the linear probe's bias (one row: a dot product, more: mv)
+                scores = folded.scores_of_scaled(lean.scaled_rows(x, folded.norm_eps))
+                assert folded.shift == (float(head.confidence.bias[0]) if k == 0 else 0.0)
+                got = torch.tensor([z + folded.shift for z in scores], dtype=torch.float64)
+                torch.testing.assert_close(got, want.double(), rtol=1e-5, atol=2e-5)
             no_norm_weights = head.confidence(torch.nn.functional.normalize(x, dim=-1) * math.sqrt(32))[:, 0]
             assert (no_norm_weights - want).abs().max() > 1e-2, "the norm's weights must matter here"
 
@@ -115,6 +120,14 @@ def test_one_engine_decodes_with_weights_changed_between_calls():
     assert after.exit_layers != before
     assert after.tokens == EarlyExitEngine(model, None).generate([PROMPTS[0]], settings)[0].tokens
     assert (1 in after.exit_layers) == (1 not in before)
+
+
+def test_sigmoid_of_a_float():
+    """A leaver's confidence: torch's sigmoid to double precision, and no overflow at any logit
+    (a threshold of 0 lets logits of any size fire)."""
+    for z in (-30.0, -2.5, 0.0, 0.7, 12.0):
+        assert sigmoid(z) == pytest.approx(torch.sigmoid(torch.tensor(z, dtype=torch.float64)).item(), rel=1e-12)
+    assert sigmoid(-1e6) == 0.0 and sigmoid(1e6) == 1.0
 
 
 def test_logit_threshold():

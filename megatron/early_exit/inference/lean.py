@@ -115,7 +115,7 @@ class LeanLayer:
 
     def norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float, scaled: torch.Tensor | None = None):
         """`RMSNorm.forward`, the same operations (no casts in fp32, where they are identities);
-        `scaled`: `scaled_rows(x, eps)` made already (an exit's check read it: `Passes.folded_logit`)."""
+        `scaled`: `scaled_rows(x, eps)` made already (an exit's check read it: `Passes.folded_scores`)."""
         scaled = scaled_rows(x, eps) if scaled is None else scaled
         return weight * scaled if self.fp32 else weight * scaled.to(x.dtype)
 

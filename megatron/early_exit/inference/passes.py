@@ -35,7 +35,7 @@ import torch
 from megatron.early_exit.inference import greedy_head, lean
 from megatron.early_exit.inference.confidence import get_measure, max_prob
 from megatron.early_exit.inference.exit_decision import decide, worth_checking
-from megatron.early_exit.inference.fused_check import folded_probe, logit_threshold
+from megatron.early_exit.inference.fused_check import folded_probe, logit_threshold, sigmoid
 from megatron.early_exit.inference.kv_cache import DecodeIndex, KVCache, RowIndex
 from megatron.early_exit.inference.uniform_check import uniform_checks
 
@@ -170,7 +170,7 @@ class Passes:
         self.lean_layers: dict[int, lean.LeanLayer | None] = {}
         self.lean_kernels = lean.LeanKernels(packed=False)
         # (rows.x, scaled, eps): the newest exit check's `lean.scaled_rows` of a uniform step's
-        # rows, which the next lean layer takes for its input norm (`folded_logit`, `decode_layer`).
+        # rows, which the next lean layer takes for its input norm (`folded_scores`, `decode_layer`).
         self.scaled: tuple[torch.Tensor, torch.Tensor, float] | None = None
         # 'full': the final head's whole logits; 'auto' / 'int8': where only the token is needed,
         # the certified argmax of greedy_head.py (the engine sets it per request).
@@ -477,9 +477,10 @@ class Passes:
         threshold = policy.threshold_of(n)
         folded = self.folded_probe(state, head) if measure.probe_logit and self.fused_checks else None
         if folded is not None:  # the exit's own layers only for the leavers, as below
-            logit, bound = self.folded_logit(folded, rows, cand), logit_threshold(threshold)  # (A,) fp32
-            fire = decide(self, n, [z >= bound for z in logit.tolist()], rows, cand, policy)
-            conf = torch.sigmoid(logit[fire]).tolist() if fire else []
+            scores, shift = self.folded_scores(folded, rows, cand)  # logits less shift, as floats
+            bound = logit_threshold(threshold) - shift
+            fire = decide(self, n, [z >= bound for z in scores], rows, cand, policy)
+            conf = [sigmoid(scores[j] + shift) for j in fire]
             hidden = self.exit_hidden(state, n, head, rows, [cand[j] for j in fire]) if fire else None
         elif measure.from_backbone is not None and head.probe_reads_backbone:
             c = measure.from_backbone(head, self.newest_rows(rows, cand))  # (A,)
@@ -502,17 +503,18 @@ class Passes:
         """Exit n's module, looked up once per decode state."""
         return state.remembered(("head", n), lambda: self.model.exits[str(n)])
 
-    def folded_logit(self, folded, rows: Rows, cand: list[int]) -> torch.Tensor:
-        """The folded probe's logit (A,) fp32 for the newest row of each candidate. Where the probe
-        reads an RMSNorm of one row per sequence (a decode step) and every row is a candidate,
-        through `lean.scaled_rows`: the rows are kept (`self.scaled`) for the next lean layer,
-        whose input norm makes the same ones where its eps is the probe norm's, so that a check
-        that does not fire costs that layer one product and a few scalar operations."""
+    def folded_scores(self, folded, rows: Rows, cand: list[int]) -> tuple[list[float], float]:
+        """(scores, shift): the folded probe's logit of the newest row of each candidate, less
+        shift, as floats (fp32 arithmetic). Where the probe reads an RMSNorm of one row per
+        sequence (a decode step) and every row is a candidate, through `lean.scaled_rows`: the
+        rows are kept (`self.scaled`) for the next lean layer, whose input norm makes the same
+        ones where its eps is the probe norm's, so that a check that does not fire costs that
+        layer one product and its value (`FoldedProbe.scores_of_scaled`)."""
         if folded.norm != "rms" or len(cand) != len(rows.seqs) or rows.x.shape[1] != 1:
-            return folded.logit(self.newest_rows(rows, cand)[:, 0])  # (A, h)
+            return folded.logit(self.newest_rows(rows, cand)[:, 0]).tolist(), 0.0  # (A, h) rows
         scaled = lean.scaled_rows(rows.x.view(len(cand), -1), folded.norm_eps)  # (A, h) fp32
         self.scaled = (rows.x, scaled, folded.norm_eps)
-        return folded.logit_of_scaled(scaled)
+        return folded.scores_of_scaled(scaled), folded.shift
 
     def exit_hidden(self, state, n: int, head, rows: Rows, cand: list[int]) -> torch.Tensor:
         """Exit n's hidden state [A, 1, h] at the newest row of each candidate `rows` index."""

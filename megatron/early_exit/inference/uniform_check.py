@@ -5,7 +5,7 @@ at every exit) most checks of a learned probe do not fire, and what such a check
 every exit adds to every step. After the fused check (`fused_check.py`) and the norm shared with
 the next layer, its arithmetic is one product and a list of floats; what was left was the
 general path's Python: `Passes.check_exit` -> `worth_checking` -> `probe_check` ->
-`folded_logit` -> `decide`, with the policy's threshold looked up three times, the candidates
+`folded_scores` -> `decide`, with the policy's threshold looked up three times, the candidates
 listed, the exit's module and folded probe looked up, the threshold's logit worked out, about
 fifteen calls, each paid cold right after a layer has streamed its weights through the caches.
 Measured in a step (`benchmarks/probe_cost.py`, SmolLM2's shape, AMD EPYC, 1 thread, fp32): the
@@ -29,12 +29,10 @@ profiling; elsewhere `uniform_checks` gives None and the general path runs.
 
 from __future__ import annotations
 
-import torch
-
 from megatron.early_exit.inference import lean
 from megatron.early_exit.inference.confidence import get_measure
 from megatron.early_exit.inference.exit_decision import decider_of
-from megatron.early_exit.inference.fused_check import logit_threshold
+from megatron.early_exit.inference.fused_check import logit_threshold, sigmoid
 
 
 class UniformCheck:
@@ -43,9 +41,8 @@ class UniformCheck:
     def __init__(self, passes, state, n: int, policy, folded) -> None:
         self.passes, self.state, self.n, self.policy = passes, state, n, policy
         self.head = passes.exit_head(state, n)
-        self.folded, self.eps = folded, folded.norm_eps
-        self.weight, self.bias, self.mlp = folded.scaled_weight_t, folded.bias, folded.out_weight is not None
-        self.bound = logit_threshold(policy.threshold_of(n))
+        self.folded, self.eps, self.shift = folded, folded.norm_eps, folded.shift
+        self.bound = logit_threshold(policy.threshold_of(n)) - folded.shift  # scores leave the shift out
         self.exact = policy.mode == "exact"
         self.cands: dict[int, list[int]] = {}  # pass size A -> [0, A): every row is a candidate
         # pass size A -> (decider, its version, its costs, the chance's key, the verdict)
@@ -63,17 +60,13 @@ class UniformCheck:
             return set()
         scaled = lean.scaled_rows(x.view(a, -1), self.eps)  # (A, h) fp32
         p.scaled = (x, scaled, self.eps)
-        if self.mlp:
-            logit = self.folded.finish(torch.addmm(self.bias, scaled, self.weight))  # (A,)
-        else:
-            logit = torch.addmv(self.bias, scaled, self.weight)  # (A,)
-        bound = self.bound
-        fire = [j for j, z in enumerate(logit.tolist()) if z >= bound]
+        scores, bound = self.folded.scores_of_scaled(scaled), self.bound
+        fire = [j for j, z in enumerate(scores) if z >= bound]
         if not self.exact:
             fire = decider_of(p).choose(p, self.n, fire, rows, cand, self.policy)
         if not fire:
             return set()
-        return self.leave(rows, fire, logit, out)
+        return self.leave(rows, fire, scores, out)
 
     def worth(self, rows, a: int, cand: list[int]) -> bool:
         """`ExitDecider.worth_checking`, its verdict kept per pass size while the decider has
@@ -85,11 +78,11 @@ class UniformCheck:
             kept = self.verdicts[a] = (decider, decider.version, decider.costs, key, worth)
         return kept[4] or decider.skip(kept[3])
 
-    def leave(self, rows, fire: list[int], logit: torch.Tensor, out) -> set[int]:
+    def leave(self, rows, fire: list[int], scores: list[float], out) -> set[int]:
         """The rows `fire` leave: their confidences, exit hidden states and projections, as
         `Passes.probe_check` makes them, recorded as `Passes.check_exit` records them."""
         p, n = self.passes, self.n
-        conf = torch.sigmoid(logit[fire]).tolist()
+        conf = [sigmoid(scores[j] + self.shift) for j in fire]
         hidden = p.exit_hidden(self.state, n, self.head, rows, fire)
         return p.record_leavers(n, rows.seqs, fire, conf, p.exit_logits(self.head, hidden), out)
 

@@ -94,3 +94,23 @@ def test_it_applies_only_where_the_general_path_takes_the_fused_check():
     assert 2 not in per_exit and made.keys() - per_exit.keys() == {2}  # not evaluated at all
     layer_norm = make(normalization="LayerNorm")
     assert set(checks(layer_norm, learned).values()) == {None}
+
+
+def test_a_long_lived_state_keeps_the_latest_policies_only():
+    """A server decodes every request in one state: policies with thresholds of their own come and
+    go, and the checks kept for them stay KEPT_POLICIES at most (the latest), each made again
+    when its policy comes back."""
+    engine = EarlyExitEngine(make())
+    p, state = engine.passes, engine.new_state(1, 8)
+
+    def checks(threshold):
+        policy = ExitPolicy(allowed=(1, 2, 3), threshold=threshold, measure="learned")
+        return uniform_check.uniform_checks(p, state, policy, p.exits_by_depth(policy))
+
+    first = checks(0.5)
+    assert checks(0.5) is first  # made once while kept
+    for j in range(3 * uniform_check.KEPT_POLICIES):
+        checks(0.6 + j * 1e-3)
+    assert len(state.memo[("uniform checks",)]) == uniform_check.KEPT_POLICIES
+    again = checks(0.5)
+    assert again is not first and again.keys() == first.keys()

@@ -29,6 +29,8 @@ profiling; elsewhere `uniform_checks` gives None and the general path runs.
 
 from __future__ import annotations
 
+from collections import OrderedDict
+
 from megatron.early_exit.inference import lean
 from megatron.early_exit.inference.confidence import get_measure
 from megatron.early_exit.inference.exit_decision import decider_of
@@ -87,11 +89,21 @@ class UniformCheck:
         return p.record_leavers(n, rows.seqs, fire, conf, p.exit_logits(self.head, hidden), out)
 
 
+KEPT_POLICIES = 16  # a server's one decode state sees every request's policy: the latest this many are kept
+
+
 def uniform_checks(passes, state, policy, by_depth: dict[int, list[int]]) -> dict[int, UniformCheck | None]:
     """exit n -> its `UniformCheck` under `policy` (None where the general path must run), made
-    once per decode state, policy and setting of the passes' fused checks and profiling."""
-    key = ("uniform checks", policy, passes.fused_checks, passes.profile)
-    return state.remembered(key, lambda: _make(passes, state, policy, by_depth))
+    once per decode state, policy and setting of the passes' fused checks and profiling (the
+    latest KEPT_POLICIES of them: requests with thresholds of their own must not grow it)."""
+    kept = state.remembered(("uniform checks",), OrderedDict)
+    key = (policy, passes.fused_checks, passes.profile)
+    checks = kept.get(key)
+    if checks is None:
+        checks = kept[key] = _make(passes, state, policy, by_depth)
+        if len(kept) > KEPT_POLICIES:
+            kept.popitem(last=False)
+    return checks
 
 
 def _make(passes, state, policy, by_depth) -> dict[int, UniformCheck | None]:

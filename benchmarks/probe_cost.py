@@ -8,16 +8,17 @@ CPU time: the fused check (`inference/fused_check.py`) against the probe modules
 
 Per checkpoint and dtype, with the decoder's own cost probes (`exit_decision.cost_probes`:
 "layer/1" = one layer's decode step for one row; "probe/1" = the learned check of the first
-exit without a block as `Passes.probe_check` runs it, no row firing: its norm and probe, or the
-fused check), timed on two engines over the same model, one with `fused_checks` off (the module
-path: the norm, the probe, a sigmoid); also the bare probe module on a random row and the
+exit without a block as a decode step runs it, no row firing: the fused check, in one call where
+the probe reads an RMSNorm (`inference/uniform_check.py`), or its norm and probe), timed on two
+engines over the same model, one with `fused_checks` off (the module path: the norm, the probe,
+a sigmoid); also the bare probe module on a random row and the
 vocabulary check (max_prob). Alternating rounds, best of R, each call repeated N times; CPU time
 (`time.process_time`), so a loaded machine's figures stay comparable.
 
 "in a step": what the check adds where decoding runs it, between the layer before the exit and
 the one after, in a uniform decode step (`Passes.decode_layer`, lean layers): "layer pair" runs
 the two layers, "pair + check exact/cost_aware" the two with the check between (as
-`Passes.probe_check` runs it under that exit policy, no row firing), so the difference includes
+`Passes.run_uniform` runs it under that exit policy, no row firing), so the difference includes
 what the next layer takes from the check (an RMSNorm probe's `lean.scaled_rows`) and what each
 call costs right after a layer has streamed its weights through the caches. Each "pair + check"
 call is timed right after a pair (`cost_model.paired_ratios`, median of rounds x inner: a difference

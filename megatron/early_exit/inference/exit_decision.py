@@ -144,9 +144,10 @@ def measure_exit_costs(passes, batch: int = 8, repeats: int = 5) -> ExitCosts:
 def cost_probes(passes, batch: int) -> dict:
     """The calls `measure_exit_costs` times: "layer/r", "head/r", "vocab/r", "probe/r" over r in
     (1, batch) rows (the checks where an exit without a block has them; "probe/r": the learned
-    check as `Passes.probe_check` runs it, none of the rows firing), "two": 2 rows each."""
+    check as a decode step runs it, none of the rows firing), "two": 2 rows each."""
     from megatron.early_exit.inference.confidence import max_prob
     from megatron.early_exit.inference.passes import ExitPolicy, Rows, StepOutput
+    from megatron.early_exit.inference.uniform_check import UniformCheck
 
     learned = get_measure("learned")
     never = ExitPolicy(threshold=2.0, measure="learned")  # a threshold no confidence reaches
@@ -168,7 +169,15 @@ def cost_probes(passes, batch: int) -> dict:
             continue
         hidden = lambda a=a: passes.exit_hidden(state, plain[0], head, rows(a, 1), list(range(a)))  # noqa: E731
         fns[f"vocab/{a}"] = lambda hidden=hidden: max_prob(passes.exit_logits(head, hidden()))
-        if head.confidence is not None:  # as decoding runs it (fused where it folds), no row firing
+        if head.confidence is None:
+            continue
+        # as a decode step runs it, no row firing: in one call where it applies (`uniform_check`),
+        # else `probe_check` (fused where the probe folds)
+        folded = passes.folded_probe(state, head) if passes.fused_checks else None
+        if folded is not None and folded.norm == "rms":
+            check = UniformCheck(passes, state, plain[0], never, folded)
+            fns[f"probe/{a}"] = lambda a=a, check=check: check(rows(a, 1), StepOutput())
+        else:
             check = functools.partial(passes.probe_check, state, plain[0], head)
             fns[f"probe/{a}"] = lambda a=a, check=check: check(rows(a, 1), list(range(a)), never, learned)
     return fns

@@ -44,7 +44,7 @@ def _module_logit(head, x: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("llama", [True, False], ids=["RMSNorm", "LayerNorm"])
 def test_fused_logit_equals_the_modules(llama, k, probe_input, batch):
     """fp32: the same sums in another order (the gain applied to W instead of x, the norm's scale
-    after the product instead of before, GELU through erf written out): each a dot product of
+    after the product instead of before, the last bias added in double): each a dot product of
     h = 32 terms of magnitude <= ~5, whose fp32 round-off is <= h * 2^-24 * sum|terms| ~ 1e-5 in
     the worst case, ~1e-6 in practice; 2e-5 absolute (+ 1e-5 relative) allows it and nothing more:
     a gain, shift or eps left out moves these logits by 1e-2 or more (checked below)."""
@@ -62,7 +62,8 @@ def test_fused_logit_equals_the_modules(llama, k, probe_input, batch):
                 torch.testing.assert_close(scaled, want, rtol=1e-5, atol=2e-5)
                 # as floats less the linear probe's bias (one row: a dot product, more: mv)
                 scores = folded.scores_of_scaled(lean.scaled_rows(x, folded.norm_eps))
-                assert folded.shift == (float(head.confidence.bias[0]) if k == 0 else 0.0)
+                last = head.confidence.bias if k == 0 else head.confidence.fc_out.bias
+                assert folded.shift == float(last[0])
                 got = torch.tensor([z + folded.shift for z in scores], dtype=torch.float64)
                 torch.testing.assert_close(got, want.double(), rtol=1e-5, atol=2e-5)
             no_norm_weights = head.confidence(torch.nn.functional.normalize(x, dim=-1) * math.sqrt(32))[:, 0]

@@ -14,8 +14,7 @@ W' = W * g), and its per-row scale r moves after the product:
     no norm    W x + b                            (an exit with neither norm nor MLP)
 
 so the check is one product of x, one per-row reduction, a scale, and for the MLP probe an
-exact GELU (as u * (1 + erf(u)) with u = v / sqrt(2), the 1/sqrt(2) folded into W' and b, the
-remaining 1/sqrt(2) into fc_out's weight) and fc_out. No normed vector is made and no sigmoid
+exact GELU (torch's, as the module's) and fc_out. No normed vector is made and no sigmoid
 is applied: sigmoid(z) >= t is z >= logit(t). The check runs in fp32 whatever the model's dtype
 (its weights are a few hundred KB: on the Intel Xeon of the README a [1,384]x[384,128] product
 took 3.7 us in fp32 and 31 us in bf16), the row is converted once. Where a row fires, the exit's
@@ -42,6 +41,7 @@ import weakref
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from megatron.early_exit.derived import DerivedCopies
@@ -64,14 +64,14 @@ class FoldedProbe:
 
     norm: str  # "rms", "layer" or "none"
     eps: torch.Tensor  # 0-dim: the norm's eps, times h for RMSNorm (see `logit`)
-    weight_t: torch.Tensor  # [h, k] ([h]: linear probe): (W * g)^T, * sqrt(h) for RMSNorm, / sqrt(2) for MLP
-    bias: torch.Tensor  # [k]: b (+ W beta for LayerNorm), / sqrt(2) for the MLP probe
+    weight_t: torch.Tensor  # [h, k] ([h]: linear probe): (W * g)^T, * sqrt(h) for RMSNorm
+    bias: torch.Tensor  # [k]: b (+ W beta for LayerNorm)
     center: torch.Tensor | None  # [k]: -W' 1 (LayerNorm only): mu * center is the mean's share
-    out_weight: torch.Tensor | None  # [k]: fc_out's weight / sqrt(2) (MLP probe only)
+    out_weight: torch.Tensor | None  # [k]: fc_out's weight (MLP probe only)
     out_bias: torch.Tensor | None  # [1]
     norm_eps: float = 0.0  # the norm's own eps (RMSNorm: what `logit_of_scaled`'s rows were made with)
     scaled_weight_t: torch.Tensor | None = None  # RMSNorm: weight_t / sqrt(h), for `logit_of_scaled`
-    shift: float = 0.0  # what `scores_of_scaled` leaves out of the logit: the linear probe's bias (MLP: 0)
+    shift: float = 0.0  # what `scores_of_scaled` leaves out of the logit: the last bias (linear probe's, fc_out's)
 
     def logit(self, x: torch.Tensor) -> torch.Tensor:
         """Rows x [A, h], any float dtype -> the probe's logit [A] in fp32."""
@@ -99,19 +99,20 @@ class FoldedProbe:
 
     def scores_of_scaled(self, scaled: torch.Tensor) -> list[float]:
         """`logit_of_scaled` as floats, less `shift`: a row fires where its score reaches
-        logit(threshold) - shift. The linear probe's score is its product alone, and for one row
-        (batch 1) a dot product and its value: two operations, the fewest a check can pay (in a
-        SmolLM2 decode step on an AMD EPYC, fp32, 15 us against addmv and a list's 25)."""
+        logit(threshold) - shift. The last product's bias moves into the bound, and for one row
+        (batch 1) the last product is a dot product and its value: the linear probe's check is two
+        operations, the fewest a check can pay (in a SmolLM2 decode step on an AMD EPYC, fp32,
+        ~15 us against addmv and a list's ~25), the MLP probe's four."""
+        v, w = scaled, self.scaled_weight_t
         if self.out_weight is not None:
-            return self.logit_of_scaled(scaled).tolist()
-        if scaled.shape[0] == 1:
-            return [torch.dot(scaled.view(-1), self.scaled_weight_t).item()]
-        return torch.mv(scaled, self.scaled_weight_t).tolist()
+            v, w = F.gelu(torch.addmm(self.bias, scaled, w)), self.out_weight  # (A, k)
+        if v.shape[0] == 1:
+            return [torch.dot(v.view(-1), w).item()]
+        return torch.mv(v, w).tolist()
 
     def finish(self, v: torch.Tensor) -> torch.Tensor:
-        """The MLP probe's first layer's output (A, k) (scaled by 1/sqrt(2)) -> its logit (A,)."""
-        v = torch.addcmul(v, v, torch.erf(v))  # (A, k): sqrt(2) * GELU(sqrt(2) v), the factor in out_weight
-        return torch.addmv(self.out_bias, v, self.out_weight)
+        """The MLP probe's first layer's output (A, k) -> its logit (A,)."""
+        return torch.addmv(self.out_bias, F.gelu(v), self.out_weight)
 
 
 def sigmoid(z: float) -> float:
@@ -195,10 +196,6 @@ def _fold(weight, kind, eps, bias, gain, shift, out_weight=None, out_bias=None) 
     if out_weight is None:
         scaled = unit[0].contiguous() if kind == "rms" else None
         return FoldedProbe(kind, eps, w[0].contiguous(), b, center, None, None, norm_eps, scaled, float(b[0]))
-    s = math.sqrt(0.5)  # GELU(v) = v/2 (1 + erf(v/sqrt2)) = (1/sqrt2) * u (1 + erf(u)), u = v/sqrt2
-    center = center * s if center is not None else None
-    out = out_weight.detach().float()[0] * s  # (k,)
-    scaled = (unit * s).t().contiguous() if kind == "rms" else None
-    return FoldedProbe(
-        kind, eps, (w * s).t().contiguous(), b * s, center, out, out_bias.detach().float(), norm_eps, scaled
-    )
+    out, out_b = out_weight.detach().float()[0].contiguous(), out_bias.detach().float()  # (k,), (1,)
+    scaled = unit.t().contiguous() if kind == "rms" else None
+    return FoldedProbe(kind, eps, w.t().contiguous(), b, center, out, out_b, norm_eps, scaled, float(out_b[0]))

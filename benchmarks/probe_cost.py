@@ -69,9 +69,9 @@ def in_a_step(engine, n: int, dtype: torch.dtype) -> dict:
         with engine.packed:  # the products' kernels as decoding runs them
             x = p.decode_layer(state, d - 1, x0, rotary, index)  # rewrites the same position's K/V each call
             if mode is not None:  # as `Passes.run_uniform` checks (once a step, the checks' lookup)
-                policy, rows = never[mode], Rows([0], [len(prompt)], [1], x)
+                policy, rows, out = never[mode], Rows([0], [len(prompt)], [1], x), StepOutput()
                 check = uniform_checks(p, state, policy, by_depth[mode])[n]
-                fired = check(rows, StepOutput()) if check else p.check_exit(state, n, rows, {0}, policy, StepOutput())
+                fired = check(state, rows, out) if check else p.check_exit(state, n, rows, {0}, policy, out)
                 if fired:
                     raise SystemExit(f"exit {n}'s probe reached threshold {NEVER}: the check is meant not to fire")
             return p.decode_layer(state, d, x, rotary, index)

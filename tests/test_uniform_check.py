@@ -27,9 +27,9 @@ def decode(model, prompts, policies, uniform: bool, monkeypatch, steps: int):
     calls = [0]
     real = uniform_check.UniformCheck.__call__
 
-    def counted(self, rows, out):
+    def counted(self, state, rows, out):
         calls[0] += 1
-        return real(self, rows, out)
+        return real(self, state, rows, out)
 
     with monkeypatch.context() as m:
         m.setattr(uniform_check.UniformCheck, "__call__", counted)
@@ -114,3 +114,23 @@ def test_a_long_lived_state_keeps_the_latest_policies_only():
     assert len(state.memo[("uniform checks",)]) == uniform_check.KEPT_POLICIES
     again = checks(0.5)
     assert again is not first and again.keys() == first.keys()
+
+
+def test_a_finished_decode_state_is_freed_without_the_garbage_collector():
+    """A decode state keeps its uniform checks; they must not keep it (a cycle would hold a
+    finished decode's caches until the collector's next full pass)."""
+    import gc
+    import weakref
+
+    engine = EarlyExitEngine(make())
+    policy = ExitPolicy(allowed=(1, 2, 3), threshold=0.5, measure="learned")
+    state = engine.new_state(1, 8)
+    checks = uniform_check.uniform_checks(engine.passes, state, policy, engine.passes.exits_by_depth(policy))
+    assert any(c is not None for c in checks.values())
+    gone = weakref.ref(state)
+    gc.disable()
+    try:
+        del state, checks
+        assert gone() is None
+    finally:
+        gc.enable()

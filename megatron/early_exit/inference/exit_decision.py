@@ -175,8 +175,8 @@ def cost_probes(passes, batch: int) -> dict:
         # else `probe_check` (fused where the probe folds)
         folded = passes.folded_probe(state, head) if passes.fused_checks else None
         if folded is not None and folded.norm == "rms":
-            check = UniformCheck(passes, state, plain[0], never, folded)
-            fns[f"probe/{a}"] = lambda a=a, check=check: check(rows(a, 1), StepOutput())
+            check = UniformCheck(passes, plain[0], never, head, folded)
+            fns[f"probe/{a}"] = lambda a=a, check=check: check(state, rows(a, 1), StepOutput())
         else:
             check = functools.partial(passes.probe_check, state, plain[0], head)
             fns[f"probe/{a}"] = lambda a=a, check=check: check(rows(a, 1), list(range(a)), never, learned)

@@ -269,7 +269,7 @@ class Passes:
             self.record_block_inputs(state, d, rows)
             for n in by_depth.get(d, []):
                 check = checks[n]  # every row is a candidate: the learned check in one call where it applies
-                fired = check(rows, out) if check is not None else self.check_exit(state, n, rows, has_new, policy, out)
+                fired = check(state, rows, out) if check else self.check_exit(state, n, rows, has_new, policy, out)
                 if fired:
                     self.remember_pending(state, rows, fired)
                     rows = rows.subset(set(rows.seqs) - fired)

@@ -40,9 +40,10 @@ from megatron.early_exit.inference.fused_check import logit_threshold, sigmoid
 class UniformCheck:
     """Exit n's learned check over the rows of a uniform decode step (`__call__`)."""
 
-    def __init__(self, passes, state, n: int, policy, folded) -> None:
-        self.passes, self.state, self.n, self.policy = passes, state, n, policy
-        self.head = passes.exit_head(state, n)
+    def __init__(self, passes, n: int, policy, head, folded) -> None:
+        # No decode state kept: the state keeps its checks (`uniform_checks`), and a cycle would
+        # hold a finished decode's caches until the garbage collector's next full pass.
+        self.passes, self.n, self.policy, self.head = passes, n, policy, head
         self.folded, self.eps, self.shift = folded, folded.norm_eps, folded.shift
         self.bound = logit_threshold(policy.threshold_of(n)) - folded.shift  # scores leave the shift out
         self.exact = policy.mode == "exact"
@@ -50,9 +51,10 @@ class UniformCheck:
         # pass size A -> (decider, its version, its costs, the chance's key, the verdict)
         self.verdicts: dict[int, tuple] = {}
 
-    def __call__(self, rows, out) -> set[int]:
-        """The sequences of `rows` (A, 1, h) that leave at exit n (recorded in `out`, as
-        `Passes.check_exit` records them); the check's scaled rows kept in `passes.scaled`."""
+    def __call__(self, state, rows, out) -> set[int]:
+        """The sequences of `rows` (A, 1, h) of decode state `state` that leave at exit n
+        (recorded in `out`, as `Passes.check_exit` records them); the check's scaled rows kept
+        in `passes.scaled`."""
         x, p = rows.x, self.passes
         a = x.shape[0]
         cand = self.cands.get(a)
@@ -68,7 +70,7 @@ class UniformCheck:
             fire = decider_of(p).choose(p, self.n, fire, rows, cand, self.policy)
         if not fire:
             return set()
-        return self.leave(rows, fire, scores, out)
+        return self.leave(state, rows, fire, scores, out)
 
     def worth(self, rows, a: int, cand: list[int]) -> bool:
         """`ExitDecider.worth_checking`, its verdict kept per pass size while the decider has
@@ -80,12 +82,12 @@ class UniformCheck:
             kept = self.verdicts[a] = (decider, decider.version, decider.costs, key, worth)
         return kept[4] or decider.skip(kept[3])
 
-    def leave(self, rows, fire: list[int], scores: list[float], out) -> set[int]:
+    def leave(self, state, rows, fire: list[int], scores: list[float], out) -> set[int]:
         """The rows `fire` leave: their confidences, exit hidden states and projections, as
         `Passes.probe_check` makes them, recorded as `Passes.check_exit` records them."""
         p, n = self.passes, self.n
         conf = [sigmoid(scores[j] + self.shift) for j in fire]
-        hidden = p.exit_hidden(self.state, n, self.head, rows, fire)
+        hidden = p.exit_hidden(state, n, self.head, rows, fire)
         return p.record_leavers(n, rows.seqs, fire, conf, p.exit_logits(self.head, hidden), out)
 
 
@@ -110,9 +112,9 @@ def _make(passes, state, policy, by_depth) -> dict[int, UniformCheck | None]:
     measure = get_measure(policy.measure)
     checks: dict[int, UniformCheck | None] = {}
     for n in (n for exits in by_depth.values() for n in exits):
-        folded = None
+        folded, head = None, passes.exit_head(state, n)
         if measure.probe_logit and passes.fused_checks and policy.force != n and not passes.profile:
-            folded = passes.folded_probe(state, passes.exit_head(state, n))
+            folded = passes.folded_probe(state, head)
         usable = folded is not None and folded.norm == "rms" and policy.threshold_of(n) < 1.0
-        checks[n] = UniformCheck(passes, state, n, policy, folded) if usable else None
+        checks[n] = UniformCheck(passes, n, policy, head, folded) if usable else None
     return checks

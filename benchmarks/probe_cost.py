@@ -68,8 +68,9 @@ def in_a_step(engine, n: int, dtype: torch.dtype) -> dict:
     def pair(mode: str | None):
         with engine.packed:  # the products' kernels as decoding runs them
             x = p.decode_layer(state, d - 1, x0, rotary, index)  # rewrites the same position's K/V each call
+            rows, out = Rows([0], [len(prompt)], [1], x), StepOutput()  # a step makes these with or without exits
             if mode is not None:  # as `Passes.run_uniform` checks (once a step, the checks' lookup)
-                policy, rows, out = never[mode], Rows([0], [len(prompt)], [1], x), StepOutput()
+                policy = never[mode]
                 check = uniform_checks(p, state, policy, by_depth[mode])[n]
                 fired = check(state, rows, out) if check else p.check_exit(state, n, rows, {0}, policy, out)
                 if fired:

@@ -89,7 +89,8 @@ class DecodeState:
     exit_inputs: torch.Tensor | None = None  # [E, B, T+1, h] block inputs per position
     exit_time: float = 0.0
     # What exit checks look up once per state: ("head", n) -> exit n's module, ("folded", id(head))
-    # -> its folded probe or None (`fused_check.folded_probe`). Right after a layer has streamed
+    # -> its folded probe or None (`fused_check.folded_probe`), ("uniform checks",) -> the checks
+    # of uniform decode steps per policy (`uniform_check.uniform_checks`). Right after a layer has streamed
     # its weights through the caches, checking that a probe's tensors are unchanged costs ~17 us
     # and finding a module in the model ~9 us, together half a fused check; modules and weights
     # are not changed in the middle of a decode (a new `generate` call sees any change).

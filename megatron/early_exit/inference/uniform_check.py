@@ -98,7 +98,7 @@ def uniform_checks(passes, state, policy, by_depth: dict[int, list[int]]) -> dic
     """exit n -> its `UniformCheck` under `policy` (None where the general path must run), made
     once per decode state, policy and setting of the passes' fused checks and profiling (the
     latest KEPT_POLICIES of them: requests with thresholds of their own must not grow it)."""
-    last = state.memo.get("uniform checks, last")  # a decode's steps pass the same policy object:
+    last = state.memo.get(("uniform checks", "last"))  # a decode's steps pass the same policy object:
     if last is not None and last[0] is policy and last[1] is passes.fused_checks and last[2] is passes.profile:
         return last[3]  # found by identity, without hashing the policy (~5 us a step right after a layer)
     kept = state.remembered(("uniform checks",), OrderedDict)
@@ -108,7 +108,7 @@ def uniform_checks(passes, state, policy, by_depth: dict[int, list[int]]) -> dic
         checks = kept[key] = _make(passes, state, policy, by_depth)
         if len(kept) > KEPT_POLICIES:
             kept.popitem(last=False)
-    state.memo["uniform checks, last"] = (policy, passes.fused_checks, passes.profile, checks)
+    state.memo[("uniform checks", "last")] = (policy, passes.fused_checks, passes.profile, checks)
     return checks
 
 

@@ -147,7 +147,7 @@ def cost_probes(passes, batch: int) -> dict:
     check as a decode step runs it, none of the rows firing), "two": 2 rows each."""
     from megatron.early_exit.inference.confidence import max_prob
     from megatron.early_exit.inference.passes import ExitPolicy, Rows, StepOutput
-    from megatron.early_exit.inference.uniform_check import UniformCheck
+    from megatron.early_exit.inference.uniform_check import UniformCheck, applies
 
     learned = get_measure("learned")
     never = ExitPolicy(threshold=2.0, measure="learned")  # a threshold no confidence reaches
@@ -174,7 +174,7 @@ def cost_probes(passes, batch: int) -> dict:
         # as a decode step runs it, no row firing: in one call where it applies (`uniform_check`),
         # else `probe_check` (fused where the probe folds)
         folded = passes.folded_probe(state, head) if passes.fused_checks else None
-        if folded is not None and folded.norm == "rms":
+        if applies(folded):
             check = UniformCheck(passes, plain[0], never, head, folded)
             fns[f"probe/{a}"] = lambda a=a, check=check: check(state, rows(a, 1), StepOutput())
         else:

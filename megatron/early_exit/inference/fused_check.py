@@ -22,10 +22,10 @@ hidden state is computed by the exit itself, as before, for its projection, so t
 only where a logit lies within rounding (fp32: ~1e-6 relative) of the threshold.
 
 In a decode step whose rows all reach the check, an RMSNorm probe reads `lean.scaled_rows` (x r
-in fp32, the norm before its gain: `logit_of_scaled`, one product with W' / sqrt(h)), and
+in fp32, the norm before its gain: `scores_of_scaled`, one product with W' / sqrt(h)), and
 `Passes.folded_scores` keeps them for the next lean layer, whose input norm makes the same rows
 where its eps is the probe norm's: a check that does not fire then costs that layer one product,
-its value and the decision (`scores_of_scaled`: the linear probe's bias moved into the bound;
+its value and the decision (the last product's bias moved into the bound;
 measured in `benchmarks/probe_cost.py`, "in a step").
 
 A probe reading an exit with an MLP or a block, or any probe or norm of another type, cannot be
@@ -69,8 +69,8 @@ class FoldedProbe:
     center: torch.Tensor | None  # [k]: -W' 1 (LayerNorm only): mu * center is the mean's share
     out_weight: torch.Tensor | None  # [k]: fc_out's weight (MLP probe only)
     out_bias: torch.Tensor | None  # [1]
-    norm_eps: float = 0.0  # the norm's own eps (RMSNorm: what `logit_of_scaled`'s rows were made with)
-    scaled_weight_t: torch.Tensor | None = None  # RMSNorm: weight_t / sqrt(h), for `logit_of_scaled`
+    norm_eps: float = 0.0  # the norm's own eps (RMSNorm: what `scores_of_scaled`'s rows were made with)
+    scaled_weight_t: torch.Tensor | None = None  # RMSNorm: weight_t / sqrt(h), for `scores_of_scaled`
     shift: float = 0.0  # what `scores_of_scaled` leaves out of the logit: the last bias (linear probe's, fc_out's)
 
     def logit(self, x: torch.Tensor) -> torch.Tensor:
@@ -89,17 +89,12 @@ class FoldedProbe:
             return v
         return self.finish(v)
 
-    def logit_of_scaled(self, scaled: torch.Tensor) -> torch.Tensor:
-        """The RMSNorm probe's logit [A] from the norm's rows before its gain, fp32 [A, h]
-        (`lean.scaled_rows(x, self.norm_eps)`: the next layer's input norm makes the same rows
-        where its eps is the same, so the check costs one product where the layer takes them)."""
-        if self.out_weight is None:
-            return torch.addmv(self.bias, scaled, self.scaled_weight_t)
-        return self.finish(torch.addmm(self.bias, scaled, self.scaled_weight_t))
-
     def scores_of_scaled(self, scaled: torch.Tensor) -> list[float]:
-        """`logit_of_scaled` as floats, less `shift`: a row fires where its score reaches
-        logit(threshold) - shift. The last product's bias moves into the bound, and for one row
+        """The RMSNorm probe's logit of each row, less `shift`, as floats, from the norm's rows
+        before its gain, fp32 [A, h] (`lean.scaled_rows(x, self.norm_eps)`: the next layer's input
+        norm makes the same rows where its eps is the same, so the check costs its product where
+        the layer takes them). A row fires where its score reaches logit(threshold) - shift.
+        The last product's bias moves into the bound, and for one row
         (batch 1) the last product is a dot product and its value: the linear probe's check is two
         operations, the fewest a check can pay (in a SmolLM2 decode step on an AMD EPYC, fp32,
         ~15 us against addmv and a list's ~25), the MLP probe's four."""
@@ -189,7 +184,7 @@ def _fold(weight, kind, eps, bias, gain, shift, out_weight=None, out_bias=None) 
     if gain is not None:
         w = w * gain.detach().float()
     center = -w.sum(-1) if kind == "layer" else None  # (k,)
-    unit, norm_eps = w, float(eps)  # RMSNorm: the weight for rows already scaled (`logit_of_scaled`)
+    unit, norm_eps = w, float(eps)  # RMSNorm: the weight for rows already scaled (`scores_of_scaled`)
     if kind == "rms":  # mean(x^2) = |x|^2 / h: the 1/h leaves the per-row reduction
         w, eps = w * math.sqrt(w.shape[1]), eps * w.shape[1]
     eps = torch.tensor(float(eps))

@@ -60,7 +60,7 @@ def scaled_rows(x: torch.Tensor, eps: float) -> torch.Tensor:
     """RMSNorm's rows before its gain, in fp32: x * rsqrt(mean(x^2) + eps), x as fp32, the
     operations of `RMSNorm.forward` (its result is `weight * this`, cast back in 16-bit dtypes).
     An exit check whose probe reads the row through an RMSNorm of the same eps reads these too
-    (`fused_check.FoldedProbe.logit_of_scaled`), and the next layer then takes them as made."""
+    (`fused_check.FoldedProbe.scores_of_scaled`), and the next layer then takes them as made."""
     x32 = x if x.dtype == torch.float32 else x.float()  # `float()` is an identity in fp32, but a call
     return x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
 

@@ -513,9 +513,14 @@ class Passes:
         layer one product and its value (`FoldedProbe.scores_of_scaled`)."""
         if folded.norm != "rms" or len(cand) != len(rows.seqs) or rows.x.shape[1] != 1:
             return folded.logit(self.newest_rows(rows, cand)[:, 0]).tolist(), 0.0  # (A, h) rows
-        scaled = lean.scaled_rows(rows.x.view(len(cand), -1), folded.norm_eps)  # (A, h) fp32
-        self.scaled = (rows.x, scaled, folded.norm_eps)
-        return folded.scores_of_scaled(scaled), folded.shift
+        return self.shared_norm_scores(folded, rows.x), folded.shift
+
+    def shared_norm_scores(self, folded, x: torch.Tensor) -> list[float]:
+        """An RMSNorm probe's scores (`FoldedProbe.scores_of_scaled`) of one row per sequence x
+        (A, 1, h), through `lean.scaled_rows`, which are kept (`self.scaled`) for the next lean layer."""
+        scaled = lean.scaled_rows(x.view(x.shape[0], -1), folded.norm_eps)  # (A, h) fp32
+        self.scaled = (x, scaled, folded.norm_eps)
+        return folded.scores_of_scaled(scaled)
 
     def exit_hidden(self, state, n: int, head, rows: Rows, cand: list[int]) -> torch.Tensor:
         """Exit n's hidden state [A, 1, h] at the newest row of each candidate `rows` index."""

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 from collections import OrderedDict
 
-from megatron.early_exit.inference import lean
 from megatron.early_exit.inference.confidence import get_measure
 from megatron.early_exit.inference.exit_decision import decider_of
 from megatron.early_exit.inference.fused_check import logit_threshold, sigmoid
@@ -44,7 +43,7 @@ class UniformCheck:
         # No decode state kept: the state keeps its checks (`uniform_checks`), and a cycle would
         # hold a finished decode's caches until the garbage collector's next full pass.
         self.passes, self.n, self.policy, self.head = passes, n, policy, head
-        self.folded, self.eps, self.shift = folded, folded.norm_eps, folded.shift
+        self.folded, self.shift = folded, folded.shift
         self.bound = logit_threshold(policy.threshold_of(n)) - folded.shift  # scores leave the shift out
         self.exact = policy.mode == "exact"
         self.cands: dict[int, list[int]] = {}  # pass size A -> [0, A): every row is a candidate
@@ -55,16 +54,13 @@ class UniformCheck:
         """The sequences of `rows` (A, 1, h) of decode state `state` that leave at exit n
         (recorded in `out`, as `Passes.check_exit` records them); the check's scaled rows kept
         in `passes.scaled`."""
-        x, p = rows.x, self.passes
-        a = x.shape[0]
+        p, a = self.passes, rows.x.shape[0]
         cand = self.cands.get(a)
         if cand is None:
             cand = self.cands[a] = list(range(a))
         if not self.exact and not self.worth(rows, a, cand):
             return set()
-        scaled = lean.scaled_rows(x.view(a, -1), self.eps)  # (A, h) fp32
-        p.scaled = (x, scaled, self.eps)
-        scores, bound = self.folded.scores_of_scaled(scaled), self.bound
+        scores, bound = p.shared_norm_scores(self.folded, rows.x), self.bound
         fire = [j for j, z in enumerate(scores) if z >= bound]
         if not self.exact:
             fire = decider_of(p).choose(p, self.n, fire, rows, cand, self.policy)
@@ -119,6 +115,12 @@ def _make(passes, state, policy, by_depth) -> dict[int, UniformCheck | None]:
         folded, head = None, passes.exit_head(state, n)
         if measure.probe_logit and passes.fused_checks and policy.force != n and not passes.profile:
             folded = passes.folded_probe(state, head)
-        usable = folded is not None and folded.norm == "rms" and policy.threshold_of(n) < 1.0
+        usable = applies(folded) and policy.threshold_of(n) < 1.0
         checks[n] = UniformCheck(passes, n, policy, head, folded) if usable else None
     return checks
+
+
+def applies(folded) -> bool:
+    """Whether a uniform step's check of a probe folded as `folded` (None: not foldable) runs in
+    one call: the probe reads an RMSNorm, whose rows the next layer shares."""
+    return folded is not None and folded.norm == "rms"

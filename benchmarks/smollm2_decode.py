@@ -112,7 +112,6 @@ def bytes_per_step(model) -> int:
 
 
 CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
-bandwidth_seen = 1.0  # the read bandwidth measured at the start (bytes/s): the roofline's
 clock = time.perf_counter  # --clock: cpu = this process's CPU time (robust on a shared machine at 1 thread)
 
 
@@ -154,12 +153,14 @@ def part1(args, bandwidth: float) -> None:
         print(f"  {'batch':>5s} {'kernels':>14s} {'ours tok/s':>11s} {'HF tok/s':>9s} {'ours/HF':>8s} {'roofline':>9s} "
               f"{'ours/roof':>9s}  same tokens")  # fmt: skip
         for batch in args.batch:
-            compare_at(args, engines, hf, [prompt] * batch, batch * bandwidth / step_bytes)
+            compare_at(args, engines, hf, [prompt] * batch, bandwidth, step_bytes)
         del hf, engines, model
 
 
-def compare_at(args, engines: dict, hf, prompts: list[list[int]], roof: float) -> None:
-    """One batch size: every engine (one per --kernels setting) and HF, alternated, best of --repeats."""
+def compare_at(args, engines: dict, hf, prompts: list[list[int]], bandwidth: float, step_bytes: int) -> None:
+    """One batch size: every engine (one per --kernels setting) and HF, alternated, best of --repeats;
+    the roofline: the read `bandwidth` (bytes/s) over `step_bytes` a step, times the batch."""
+    roof = len(prompts) * bandwidth / step_bytes
     for engine in engines.values():
         ours_tps(engine, prompts, 4)  # warm-up (first calls choose and build kernels)
     hf_tps(hf, prompts, 4)
@@ -184,7 +185,7 @@ def compare_at(args, engines: dict, hf, prompts: list[list[int]], roof: float) -
     seconds, nbytes = layer_products(engines[first], len(prompts), args.repeats)
     step = len(prompts) / ours[first]
     print(f"        what bounds {first}: the layers' products alone take {seconds * 1e3:.2f} ms a step on its "
-          f"kernels ({nbytes / seconds / 1e9:.1f} GB/s, {nbytes / seconds / bandwidth_seen:.0%} of the read "
+          f"kernels ({nbytes / seconds / 1e9:.1f} GB/s, {nbytes / seconds / bandwidth:.0%} of the read "
           f"bandwidth), {seconds / step:.0%} of its whole step ({step * 1e3:.2f} ms: head, attention, norms "
           f"and the engine's own work the rest)", flush=True)  # fmt: skip
 
@@ -308,8 +309,7 @@ def main() -> None:
     args.device = torch.device(args.device)
     if args.device.type == "cuda" and not torch.cuda.is_available():
         p.error(f"--device {args.device}: CUDA is not available on this machine")
-    global bandwidth_seen
-    bandwidth = bandwidth_seen = read_bandwidth(args.device)
+    bandwidth = read_bandwidth(args.device)
     where = torch.cuda.get_device_name(args.device) if args.device.type == "cuda" else cpu_model_name()
     print(f"machine: {where}, {os.cpu_count()} cores, {args.threads} threads, "
           f"torch {torch.__version__}; measured read bandwidth {bandwidth / 1e9:.1f} GB/s")  # fmt: skip

@@ -60,6 +60,17 @@ def decode(model, prompts, policies, use_lean: bool, steps: int = 10, packed: bo
     return trace, state, calls
 
 
+def assert_same_steps(ref, got, s_ref, s_got) -> None:
+    """Two `greedy_steps` traces with logits: the same tokens fed, exits and logits bit for bit
+    (the same operations: no tolerance), and the same fill counts in their states."""
+    for (t_ref, e_ref, l_ref), (t_got, e_got, l_got) in zip(ref, got, strict=True):
+        assert t_got == t_ref and e_got == e_ref
+        assert l_got.keys() == l_ref.keys()
+        for b in l_ref:
+            assert torch.equal(l_got[b], l_ref[b])
+    assert (s_got.cache.filled == s_ref.cache.filled).all()
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("batch", [1, 4])
 def test_lean_layers_give_the_modules_numbers_bit_for_bit(dtype, batch):
@@ -74,12 +85,7 @@ def test_lean_layers_give_the_modules_numbers_bit_for_bit(dtype, batch):
     # Lean on uniform steps and on general passes; in steps where no row left at an exit, the
     # next layer's input norm took the rows the exit's check had made (`lean.scaled_rows`).
     assert n_ref == [0, 0, 0] and min(n_got) > 0
-    for (t_ref, e_ref, l_ref), (t_got, e_got, l_got) in zip(ref, got):
-        assert t_got == t_ref and e_got == e_ref
-        assert l_got.keys() == l_ref.keys()
-        for b in l_ref:
-            assert torch.equal(l_got[b], l_ref[b])  # the same operations: no tolerance
-    assert (s_got.cache.filled == s_ref.cache.filled).all()
+    assert_same_steps(ref, got, s_ref, s_got)
     assert torch.equal(s_got.cache.k, s_ref.cache.k) and torch.equal(s_got.cache.v, s_ref.cache.v)
     assert len({e for _, exits, _ in ref for e in exits.values()}) > 1  # some tokens left early
 

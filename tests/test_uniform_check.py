@@ -14,7 +14,7 @@ import torch
 from megatron.early_exit.inference import EarlyExitEngine, ExitPolicy, passes, uniform_check
 from megatron.early_exit.inference.exit_decision import REFRESH
 from tests.test_fast_path import filled_kv, greedy_steps
-from tests.test_lean import PROMPTS, make
+from tests.test_lean import PROMPTS, assert_same_steps, make
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest.one_thread
 
@@ -54,12 +54,7 @@ def test_uniform_checks_equal_the_general_path(mode, dtype, batch, monkeypatch):
     ref, s_ref, d_ref, n_ref = decode(model, prompts, policies, False, monkeypatch, len(policies))
     got, s_got, d_got, n_got = decode(model, prompts, policies, True, monkeypatch, len(policies))
     assert n_ref == 0 and n_got > 0
-    for (t_ref, e_ref, l_ref), (t_got, e_got, l_got) in zip(ref, got):
-        assert t_got == t_ref and e_got == e_ref
-        assert l_got.keys() == l_ref.keys()
-        for b in l_ref:
-            assert torch.equal(l_got[b], l_ref[b])  # the same operations: no tolerance
-    assert (s_got.cache.filled == s_ref.cache.filled).all()
+    assert_same_steps(ref, got, s_ref, s_got)
     for a, b in zip(filled_kv(s_got), filled_kv(s_ref)):
         assert torch.equal(a, b)
     assert len({e for _, exits, _ in ref for e in exits.values()}) > 1  # some tokens left early

@@ -191,3 +191,19 @@ def test_regrouping_simulation_prices_passes_by_the_rows_they_run():
     # rows satisfies, until it has waited 9 passes) makes the batch slower than lock step.
     mixed = [sim.simulate([1, 3], [0.5, 0.5], 2, 40, 0.0, rule, seed=3) for rule in (None, (3, 9))]
     assert mixed[1] > mixed[0]  # parked rows wait, the batch ends with its slowest sequence
+
+
+def test_rounds_are_priced_in_cpu_seconds_on_one_thread_and_by_the_wall_clock_on_more():
+    import time
+
+    import torch
+
+    cpu, threads = torch.device("cpu"), torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert cm.work_clock(cpu) is time.process_time  # robust to a shared machine
+        torch.set_num_threads(2)
+        assert cm.work_clock(cpu) is time.perf_counter  # CPU time would count the threads' spinning
+    finally:
+        torch.set_num_threads(threads)
+    assert cm.cpu_clock(cpu) is time.process_time

@@ -270,3 +270,84 @@ def test_a_step_after_an_early_exit_runs_uniformly_up_to_the_pending_layer():
     assert calls == [2] and set(out.exit_layer.values()) == {model.config.num_layers}
     assert (state.cache.filled == np.asarray(state.fed)[None, :]).all()  # every layer caught up
     assert p.uniform_layers(state, tokens(out)) == model.config.num_layers
+
+
+@torch.no_grad()
+def verify_rounds(model, prompts, fast: bool, exit_layer: int, drafts: int, rounds: int = 5):
+    """Greedy self-speculative rounds through the step functions (fixed draft exit and length),
+    the drafts kept whatever the verify says and the final head's tokens fed next: per round the
+    drafts, each verified row's final logits and tokens; the state; how many passes started uniformly."""
+    engine = EarlyExitEngine(model)
+    engine.passes.fast = fast
+    calls = []
+    uniform = engine.passes.run_uniform
+    engine.passes.run_uniform = lambda *a, **k: (calls.append(a[3]), uniform(*a, **k))[1]
+    state = engine.new_state(len(prompts), max(map(len, prompts)) + rounds * (drafts + 1) + 2)
+    out = engine.prefill(state, dict(enumerate(prompts)))
+    last = {b: int(out.logits[b].argmax()) for b in range(len(prompts))}
+    trace = []
+    for _ in range(rounds):
+        drafted = {b: [] for b in last}
+        for _ in range(drafts):
+            out = engine.decode_one_token(state, last, ExitPolicy(force=exit_layer))
+            last = {b: int(out.logits[b].argmax()) for b in out.logits}
+            for b, t in last.items():
+                drafted[b].append(t)
+        out = engine.verify(state, {b: [t] for b, t in last.items()})
+        trace.append((drafted, {b: out.all_logits[b].clone() for b in out.all_logits}))
+        last = {b: int(out.all_logits[b][-1].argmax()) for b in out.all_logits}
+    return trace, state, calls
+
+
+@pytest.mark.parametrize("family", ["llama_exit_probe", "pre_exit_block", "gpt2"])
+@pytest.mark.parametrize("batch", [1, 4])
+def test_verify_pass_runs_uniformly_up_to_the_draft_exit_and_matches_the_exact_path(family, batch):
+    # A verify pass feeds the newest draft alone; the drafted rows have K/V up to the draft
+    # exit's depth. It now takes the uniform path there (the drafted rows join after), and must
+    # give the exact path's logits for every verified row, and its K/V.
+    model = make(family)
+    exit_layer = max(model.config.exit_layer_nums)  # the deepest: a prefix of 2-3 layers
+    depth = exit_layer - 1 if model.config.pre_exit else exit_layer
+    exact, s_exact, c_exact = verify_rounds(model, PROMPTS[batch], fast=False, exit_layer=exit_layer, drafts=2)
+    fast, s_fast, c_fast = verify_rounds(model, PROMPTS[batch], fast=True, exit_layer=exit_layer, drafts=2)
+    assert c_exact == [] and depth in c_fast  # the verify passes' uniform prefix: the draft exit's depth
+    for (d_fast, l_fast), (d_exact, l_exact) in zip(fast, exact, strict=True):
+        assert d_fast == d_exact
+        assert l_fast.keys() == l_exact.keys()
+        for b in l_fast:
+            assert l_fast[b].shape == (3, model.config.vocab_size)  # the fed draft and the two before it
+            # fp32; the two paths order a few sums differently (masked vs unmasked attention)
+            torch.testing.assert_close(l_fast[b], l_exact[b], rtol=1e-5, atol=1e-5)
+    assert (s_fast.cache.filled == s_exact.cache.filled).all() and s_fast.fed == s_exact.fed
+    for got, want in zip(filled_kv(s_fast), filled_kv(s_exact), strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_a_block_of_rows_is_written_and_read_by_slicing_as_the_padded_layout_would():
+    # RowIndex of contiguous slots with the same positions (a verify pass, a one-sequence fill):
+    # the causal mask, positions and K/V writes must be those of the general (padded) layout.
+    from megatron.early_exit.inference.kv_cache import KVCache, RowIndex
+
+    def index(cache, seqs, lo, n, block):
+        idx = RowIndex(seqs, lo, n, cache, torch.device("cpu"))
+        assert (idx.block is not None) == block
+        return idx
+
+    cache = KVCache(1, 3, 16, 2, 4, torch.float32, torch.device("cpu"))
+    block = index(cache, [1, 2], [5, 5], [3, 3], True)
+    assert block.positions.tolist() == [[5, 6, 7], [5, 6, 7]] and block.span == 8
+    want = torch.tensor([[j <= 5 + i for j in range(8)] for i in range(3)])  # key j for the row at 5 + i
+    assert torch.equal(block.attn_mask, want.expand(2, 1, 3, 8))
+    padded = index(cache, [1, 2], [5, 5], [3, 2], False)  # one row short: the padded layout
+    assert torch.equal(padded.attn_mask[0], want[None])
+    index(cache, [0, 2], [5, 5], [3, 3], False)  # slots not contiguous
+    index(cache, [1, 2], [4, 5], [3, 3], False)  # positions differ
+    k, v = torch.randn(2, 2, 3, 4), torch.randn(2, 2, 3, 4)  # (A, ng, R, hd)
+    keys, values = cache.layer(0, block).update(k, v)
+    assert keys.shape == (2, 2, 8, 4) and keys.data_ptr() == cache.k[0, 1].data_ptr()  # a view: no copy
+    assert torch.equal(cache.k[0, 1:3, :, 5:8], k) and torch.equal(cache.v[0, 1:3, :, 5:8], v)
+    assert torch.equal(keys[:, :, 5:], k) and torch.equal(values, cache.v[0, 1:3, :, :8])
+    general = KVCache(1, 3, 16, 2, 4, torch.float32, torch.device("cpu"))
+    index(general, [1, 2], [5, 5], [3, 2], False)
+    general.layer(0, RowIndex([1], [5], [3], general, torch.device("cpu"))).update(k[:1], v[:1])
+    assert torch.equal(general.k[0, 1], cache.k[0, 1])  # a one-sequence block writes what the slices do

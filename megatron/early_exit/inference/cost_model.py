@@ -235,6 +235,18 @@ def cpu_clock(device: torch.device) -> Callable[[], float]:
     return time.process_time if device.type == "cpu" else functools.partial(tick, device)
 
 
+def work_clock(device: torch.device) -> Callable[[], float]:
+    """What self-speculative rounds are priced by (`draft_costs`). On a CPU running one thread,
+    `cpu_clock` (robust to a shared machine). With more threads, the wall clock: CPU time then
+    counts every thread's share of a product and the idle threads' spinning between products as
+    work, so it misprices a round's serial Python against its parallel products (the CPU reference
+    model, bf16, 2 threads, AMD EPYC: a verify round's fixed cost read 0.73-1.39 plain rounds in
+    CPU time over three measurements in one process, 1.18-1.21 by the wall clock)."""
+    if device.type == "cpu" and torch.get_num_threads() > 1:
+        return time.perf_counter
+    return cpu_clock(device)
+
+
 def best_times(
     fns: dict[str, Callable[[], object]],
     device: torch.device,

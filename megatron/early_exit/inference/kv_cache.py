@@ -56,16 +56,27 @@ class RowIndex:
 
     def __init__(self, seqs: list[int], lo: list[int], n: list[int], cache: KVCache, device: torch.device) -> None:
         r = max(n)
+        # Contiguous slots, every one with the same rows (a verify pass, one sequence's fill):
+        # K/V are written and read by slicing (`LayerView.update`), as the uniform step does.
+        first = seqs[0]
+        same = min(lo) == max(lo) and min(n) == r and list(seqs) == list(range(first, first + len(seqs)))
+        self.block = (slice(first, first + len(seqs)), lo[0], lo[0] + r) if same else None
+        a = len(seqs)
+        self.batch_idx = torch.tensor(seqs).to(device)
+        self.whole_batch = list(seqs) == list(range(cache.batch))  # every slot, in order: keys by slicing
+        if same:  # one causal block at the same positions in every slot: no padding, fewer operations
+            self.span = lo[0] + r
+            self.positions = torch.arange(lo[0], self.span).expand(a, r).to(device)
+            mask = torch.ones(r, self.span, dtype=torch.bool).tril(lo[0])  # key j <= lo + i
+            self.attn_mask = mask.expand(a, 1, r, self.span).to(device)  # (A, 1, R, span)
+            return
         steps = torch.arange(r)
         pos = torch.tensor(lo)[:, None] + steps[None]  # (A, R)
         valid = steps[None] < torch.tensor(n)[:, None]
         self.positions = torch.where(valid, pos, torch.zeros_like(pos)).to(device)
-        self.batch_idx = torch.tensor(seqs).to(device)
         self.write_pos = torch.where(valid, pos, torch.full_like(pos, cache.capacity)).to(device)  # padding: scratch
-        self.write_b = self.batch_idx[:, None].expand(len(seqs), r)  # (A, R)
-        self.span = max(a + b for a, b in zip(lo, n))  # keys 0..span-1
-        # Every slot, in order: read keys by slicing (a view) instead of gathering a copy.
-        self.whole_batch = list(seqs) == list(range(cache.batch))
+        self.write_b = self.batch_idx[:, None].expand(a, r)  # (A, R)
+        self.span = max(x + y for x, y in zip(lo, n))  # keys 0..span-1
         keys = torch.arange(self.span)
         mask = (keys[None, None, :] <= pos[:, :, None]) & valid[:, :, None]  # (A, R, span)
         mask[:, :, 0] |= ~valid  # padding rows attend to one key: no all-masked softmax rows
@@ -82,6 +93,11 @@ class LayerView:
         # k, v: (A, ng, R, hd); the indexed write takes rows as (A, R, ng, hd)
         r = self.rows
         kc, vc = self.cache.k[self.index], self.cache.v[self.index]  # (B, ng, T+1, hd)
+        if r.block is not None:  # the same positions in contiguous slots: slices, no indexed copies
+            b, lo, end = r.block
+            kc[b, :, lo:end] = k.to(kc.dtype)
+            vc[b, :, lo:end] = v.to(vc.dtype)
+            return kc[b, :, : r.span], vc[b, :, : r.span]  # (A, ng, span, hd) views
         kc[r.write_b, :, r.write_pos] = k.transpose(1, 2).to(kc.dtype)
         vc[r.write_b, :, r.write_pos] = v.transpose(1, 2).to(vc.dtype)
         if r.whole_batch:

@@ -203,12 +203,17 @@ class Passes:
         exits fire under `policy`; the final head on what is left (every row with `all_rows`).
         `scores` (a `scoring.RowScores`, with `all_rows`): evaluates its exits on every new row.
         A decode step (one new token per sequence) runs uniformly (`run_uniform`) up to the first
-        layer where some sequence of the pass has pending rows, and the general way from there."""
+        layer where some sequence of the pass has pending rows, and the general way from there;
+        so does a verify pass (`all_rows`: the newest draft alone up to the draft exit, then the
+        drafted rows join it), which takes the general path throughout only where nothing is
+        pending at all (its final head must see every row)."""
         out = StepOutput()
         self.lean_kernels.reset()  # lean layers look their kernels up again each pass (one may be forced now)
         self.scaled = None
         by_depth = self.exits_by_depth(policy)
-        clean = self.uniform_layers(state, new_tokens) if self.fast and not all_rows else 0
+        clean = self.uniform_layers(state, new_tokens) if self.fast and scores is None else 0
+        if all_rows and clean >= self.num_layers:
+            clean = 0  # nothing pending: `run_uniform` would end with the newest rows' head only
         if clean > 0:
             rows = self.run_uniform(state, new_tokens, policy, clean, by_depth, out)
             if rows is None:

@@ -6,7 +6,8 @@ reference model (12 layers, exits 3/6, bf16, batch 1) cost 0.59 of a step where 
 said about 0.4, and rounds that would have paid were not drafted. Here rounds are timed
 through the strategy's own code (`SelfSpeculative.run_plan`: drafting, the verify pass,
 keeping the agreeing prefix, rolling the caches back) at the batch size, dtype and context
-length being decoded, in CPU seconds on a CPU (`cost_model.cpu_clock`), each timed right
+length being decoded, by `cost_model.work_clock` (CPU seconds on a CPU running one thread, else
+the wall clock), each timed right
 after a plain round and taken as its ratio to it, the median of `repeats` such pairs
 (`cost_model.paired_ratios`):
 
@@ -25,7 +26,7 @@ from __future__ import annotations
 
 import torch
 
-from megatron.early_exit.inference.cost_model import cpu_clock, fit_line, paired_ratios
+from megatron.early_exit.inference.cost_model import fit_line, paired_ratios, work_clock
 from megatron.early_exit.inference.passes import ExitPolicy
 from megatron.early_exit.inference.settings import GenerationResult, GenerationSettings
 from megatron.early_exit.inference.strategies.base import Batch
@@ -68,7 +69,7 @@ def measure_draft_costs(engine, batch: int, context: int, repeats: int = 3) -> t
         for g in LENGTHS:
             fns[f"round {n}/{g}"] = timed(Plan(n, g, 1.0))
             fns[f"draft {n}/{g}"] = timed(Plan(n, g, 1.0), drafts_only=True)
-    t = paired_ratios(fns, timed(Plan(None, 0, 1.0)), engine.device, repeats, cpu_clock(engine.device))
+    t = paired_ratios(fns, timed(Plan(None, 0, 1.0)), engine.device, repeats, work_clock(engine.device))
     return costs_of(t, exits), t
 
 

@@ -19,6 +19,7 @@ from megatron.early_exit.inference.calibration import (
     calibrate,
     check_splits,
     chunk_losses,
+    draft_vocabulary,
     exit_shares,
     hoeffding_bentkus_p_value,
     p_value,
@@ -208,7 +209,8 @@ def test_tool_writes_thresholds_that_generate_auto_uses(tmp_path, capsys):
     (tmp_path / "held_out.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
     argv = f"--load {ckpt} --delta {DELTA} --epsilon {EPSILON} --input {tmp_path / 'held_out.jsonl'} --seq-length 32"
     capsys.readouterr()
-    _tool("calibrate_thresholds", "tools/eval/calibrate_thresholds.py").main([*argv.split(), "--check-splits", "4"])
+    tool = _tool("calibrate_thresholds", "tools/eval/calibrate_thresholds.py")
+    tool.main([*argv.split(), "--check-splits", "4", "--draft-vocab-coverage", "0.8"])
     printed = capsys.readouterr().out.splitlines()
     assert [line.split(":")[0] for line in printed[1:6]] == [f"split {i:>3}" for i in range(4)] + ["split check"]
     assert "random calibration/test splits" in printed[5] and "epsilon 0.1:" in printed[5]
@@ -228,6 +230,14 @@ def test_tool_writes_thresholds_that_generate_auto_uses(tmp_path, capsys):
     agreement = model.calibrated_thresholds["agreement"]  # self-speculation's warm start
     assert sorted(agreement) == record["exits"] and all(0.0 <= v <= 1.0 for v in agreement.values())
     assert "top-1 agreement with the final head" in card
+    # the draft vocabulary: a random tiny model's top-1 tokens spread wide (80% of them: 25 of 64)
+    drafts = record["draft_vocabulary"]
+    assert drafts["coverage"] >= 0.8 and drafts["target"] == 0.8 and drafts["num_tokens"] == 256 * 32
+    assert drafts["tokens"] == sorted(drafts["tokens"]) and len(drafts["tokens"]) <= 32
+    assert f"draft vocabulary: {len(drafts['tokens'])} of 64 tokens make up" in printed[6]
+    assert f"self-speculative drafts project onto {len(drafts['tokens'])} tokens" in card
+    assert model.calibrated_thresholds["draft_vocabulary"]["tokens"] == drafts["tokens"]
+    assert EarlyExitEngine(model).passes.draft_vocab.tolist() == drafts["tokens"]
     capsys.readouterr()
     _tool("generate", "tools/generate.py").main(
         ["--load", str(ckpt), "--prompt", "1 2 3 4", "--early-exit-thres", "auto", "--max-new-tokens", "24", "--json"]
@@ -262,3 +272,26 @@ def test_learned_scores_read_what_the_probe_reads():
                 want = torch.sigmoid(head.confidence(probe_in).squeeze(-1))
                 assert torch.allclose(got[..., e], want, rtol=1e-6, atol=1e-7), (mode, n)
                 assert got[..., e].std() > 1e-3  # the probe's score varies with its input
+
+
+def test_draft_vocabulary_is_the_fewest_most_frequent_final_tokens():
+    final = torch.tensor([[5, 5, 5, 5, 2, 2, 2, 9, 9, 1], [5, 5, 2, 9, 7, 7, 3, 3, 3, 3]])  # 20 tokens
+    s = ExitScores([1], torch.zeros(2, 10, 1), torch.zeros(2, 10, 1, dtype=torch.bool), final)
+    # counts: 5 x6, 2 x4, 3 x4, 9 x3, 7 x2, 1 x1; ties by the lower id (2 before 3)
+    assert draft_vocabulary(s, 20, 0.3)["tokens"] == [5]
+    d = draft_vocabulary(s, 20, 0.5)
+    assert d == {"tokens": [2, 5], "coverage": 0.5, "target": 0.5, "num_tokens": 20}
+    assert draft_vocabulary(s, 20, 0.51)["tokens"] == [2, 3, 5]
+    assert draft_vocabulary(s, 20, 1.0)["tokens"] == [1, 2, 3, 5, 7, 9]
+    assert draft_vocabulary(s, 10, 1.0) is None  # 6 of 10: over half the vocabulary saves too little
+    with pytest.raises(ValueError, match="coverage must be in"):
+        draft_vocabulary(s, 20, 0.0)
+    with pytest.raises(ValueError, match="needs the final head's tokens"):
+        draft_vocabulary(ExitScores([1], s.confidence, s.agree), 20, 0.5)
+
+
+def test_teacher_forced_scores_record_the_final_heads_tokens(scores):
+    chunks = torch.randint(0, 64, (400, 32), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = tiny_model()(chunks[:3]).logits.argmax(-1)
+    assert torch.equal(scores.final[:3], want) and scores.select(torch.tensor([2])).final.shape == (1, 32)

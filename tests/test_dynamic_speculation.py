@@ -308,6 +308,13 @@ def test_costs_from_config_price_a_smollm2_shape():
     for n in (8, 22):
         ctl.stats[n].accepted, ctl.stats[n].rejected, ctl.stats[n].idle = 480.0, 520.0, 0
     assert ctl.plan([8, 22], list(range(1, MAX_DRAFT + 1))).exit is None
+    # A draft vocabulary of 4096 tokens: a draft's projection reads 1/12 of the head's weights,
+    # and at 48% agreement a draft from exit 8 now pays (what the calibration record's buys).
+    small = costs_from_config(cfg, {8: 8, 22: 22}, draft_vocab=4096)
+    assert small.draft[8] == pytest.approx((FIXED_LAYERS + 8 + 3 * 576 * 1536 / layer + head / 12) / full)
+    assert small.row == costs.row
+    ctl.costs = small
+    assert ctl.plan([8, 22], list(range(1, MAX_DRAFT + 1))).exit == 8
 
 
 def test_ee_sweep_writes_a_self_speculative_row(tmp_path):
@@ -466,3 +473,75 @@ def test_thresholds_file_with_and_without_agreement_loads(tmp_path):
     assert all(old.stats[n].idle == old.interval(n, 2) and old.stats[n].accepted == 0.0 for n in (1, 3))
     assert (new.stats[1].accepted, new.stats[1].rejected) == (0.75 * WARM_DRAFTS, 0.25 * WARM_DRAFTS)
     assert new.stats[3].idle == 0  # no try at the start: the record stands in for it
+
+
+@pytest.mark.parametrize("batch", [1, 4])
+def test_drafts_from_a_draft_vocabulary_stay_lossless_and_project_onto_it_alone(case, batch):
+    """With a draft vocabulary (the calibration record's), a draft's logits are the exit's own on
+    those tokens and -inf elsewhere, and self-speculation still equals full greedy decoding (fp32).
+    The good model's drafts are the final head's tokens: those outside the vocabulary are now
+    rejected, so acceptance falls by about the share of such tokens, and only that far."""
+    from megatron.early_exit.inference import ExitPolicy
+
+    kind, model, ref = case
+    seen = sorted({t for r in ref[:batch] for t in r})
+    vocab = sorted(set(range(64)) - set(seen[: max(len(seen) // 2, 1)]))  # without half of what full decoding emits
+    settings = GenerationSettings("self_speculative", NEW, ignore_eos=True, draft_exit_layer=1, num_draft_tokens=2)
+    stats = {}
+    for drafts in (None, vocab):
+        model.calibrated_thresholds = {"thresholds": {1: 1.0, 3: 1.0}}
+        if drafts is not None:
+            model.calibrated_thresholds["draft_vocabulary"] = {"tokens": drafts}
+        engine = EarlyExitEngine(model)
+        assert (engine.passes.draft_vocab is None) == (drafts is None)
+        res = engine.generate(PROMPTS[:batch], settings)
+        assert [r.tokens for r in res] == ref[:batch]
+        stats[drafts is None] = sum(r.stats["accepted"] for r in res), sum(r.stats["drafted"] for r in res)
+    del model.calibrated_thresholds
+    if kind == "good":  # every draft agreed; now only those inside the vocabulary can
+        assert stats[True][0] == stats[True][1] and stats[False][0] < stats[False][1]
+    # a draft step's logits: the exit's own values on the vocabulary's tokens, -inf elsewhere
+    state = engine.new_state(batch, 16)
+    engine.prefill(state, {b: PROMPTS[b] for b in range(batch)})
+    hidden = {}
+    head = model.exits["1"]
+    hook = head.norm.register_forward_hook(lambda m, i, o: hidden.setdefault("h", o))
+    try:
+        out = engine.decode_one_token(state, {b: 5 for b in range(batch)}, ExitPolicy(force=1))
+    finally:
+        hook.remove()
+    with torch.no_grad():
+        full = head.project(hidden["h"], model.tied_output_weight(), model.head_ops)[:, 0]  # (A, V)
+    ids = torch.tensor(vocab)
+    for a, b in enumerate(sorted(out.logits)):
+        got = out.logits[b]
+        assert torch.isinf(got).sum() == got.numel() - len(vocab) and (got[ids] > float("-inf")).all()
+        torch.testing.assert_close(got[ids], full[a, ids])  # the same product on fewer rows (fp32)
+        assert int(got.argmax()) == vocab[int(full[a, ids].argmax())]
+
+
+def test_a_draft_vocabulary_outside_the_model_is_named_and_one_can_turn_it_off():
+    model = build(True)
+    model.calibrated_thresholds = {"thresholds": {1: 1.0}, "draft_vocabulary": {"tokens": [3, 64]}}
+    with pytest.raises(ValueError, match=r"draft_vocabulary: token ids must lie in 0\.\.63"):
+        EarlyExitEngine(model)
+    assert EarlyExitEngine(model, draft_vocabulary=False).passes.draft_vocab is None
+
+
+def test_a_corrupt_draft_vocabulary_in_the_record_is_named(tmp_path):
+    import json
+
+    from megatron.early_exit import load_checkpoint
+    from megatron.early_exit.checkpointing import THRESHOLDS_FILE, save_checkpoint
+
+    save_checkpoint(str(tmp_path), 0, build(True), None)
+    file = tmp_path / "iter_0000000" / THRESHOLDS_FILE
+    record = {"thresholds": {"1": 0.8}}
+    for bad in ({"tokens": []}, {"tokens": [1, "2"]}, {"tokens": [-1]}, {"size": 3}, [1, 2]):
+        file.write_text(json.dumps({**record, "draft_vocabulary": bad}))
+        with pytest.raises(ValueError, match=f"--load: corrupt {file}"):
+            load_checkpoint(str(tmp_path))
+    file.write_text(json.dumps({**record, "draft_vocabulary": {"tokens": [9, 2, 9], "coverage": 0.99}}))
+    model, _ = load_checkpoint(str(tmp_path))
+    assert model.calibrated_thresholds["draft_vocabulary"] == {"tokens": [2, 9], "coverage": 0.99}
+    assert EarlyExitEngine(model).passes.draft_vocab.tolist() == [2, 9]

@@ -495,8 +495,9 @@ def load_tokenizer_from(meta: CheckpointMeta):
 def read_calibrated_thresholds(path: str) -> dict | None:
     """The checkpoint's calibrated thresholds record ({"thresholds": {layer: t}, "measure", "delta",
     "epsilon", "agreement": {layer: share}, ...}), or None when it has none. "agreement" (each
-    exit's top-1 agreement with the final head on the calibration text) is absent from records
-    written before it existed; readers treat it as optional."""
+    exit's top-1 agreement with the final head on the calibration text) and "draft_vocabulary"
+    ({"tokens": ascending ids, "coverage", ...}: `calibration.draft_vocabulary`) are absent from
+    records written before they existed; readers treat them as optional."""
     file = os.path.join(resolve_checkpoint_dir(path), THRESHOLDS_FILE)
     if not os.path.exists(file):
         return None
@@ -506,8 +507,13 @@ def read_calibrated_thresholds(path: str) -> dict | None:
         out = {**record, "thresholds": {int(k): float(v) for k, v in record["thresholds"].items()}}
         if "agreement" in record:
             out["agreement"] = {int(k): float(v) for k, v in record["agreement"].items()}
+        if "draft_vocabulary" in record:
+            tokens = record["draft_vocabulary"]["tokens"]
+            if not tokens or not all(type(t) is int and t >= 0 for t in tokens):
+                raise ValueError("draft_vocabulary.tokens is not a list of token ids")
+            out["draft_vocabulary"] = {**record["draft_vocabulary"], "tokens": sorted(set(tokens))}
         return out
-    except (OSError, json.JSONDecodeError, KeyError, AttributeError, ValueError) as e:
+    except (OSError, json.JSONDecodeError, KeyError, AttributeError, ValueError, TypeError) as e:
         raise ValueError(f"--load: corrupt {file}: {e}") from None
 
 

@@ -12,9 +12,11 @@ cut into `--seq-length` chunks, taken as i.i.d.; p-values on per-chunk disagreem
 (`--bound`: Waudby-Smith-Ramdas betting, or Hoeffding-Bentkus), fixed-sequence testing along a
 path of threshold vectors (details:
 megatron/early_exit/inference/calibration.py). The thresholds, delta, epsilon, the measure,
-each exit's top-1 agreement with the final head (self-speculative decoding's warm start) and
-the calibration data are written into the checkpoint (`early_exit_thresholds.json` and a
-section of its README.md model card); `tools/generate.py --early-exit-thres auto` uses them.
+each exit's top-1 agreement with the final head (self-speculative decoding's warm start), the
+draft vocabulary (the fewest tokens that make up `--draft-vocab-coverage` of the final head's
+top-1 tokens on that text: self-speculative drafts project onto them alone) and the calibration
+data are written into the checkpoint (`early_exit_thresholds.json` and a section of its
+README.md model card); `tools/generate.py --early-exit-thres auto` uses them.
 
 `--check-splits N` then tests the guarantee itself: it calibrates again on N random
 calibration/test splits of the chunks and prints, per split, the thresholds, the realised
@@ -76,6 +78,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--check-test-fraction", type=float, default=0.5, help="--check-splits: share of chunks held out for testing"
     )
+    p.add_argument(
+        "--draft-vocab-coverage", type=float, default=0.995, metavar="SHARE",
+        help="also record the fewest tokens that make up SHARE of the final head's top-1 tokens on this text "
+        "(self-speculative drafts then project onto them alone; default 0.995; 0: none)",
+    )  # fmt: skip
     p.add_argument("--dry-run", action="store_true", help="print the thresholds, write nothing")
     return p
 
@@ -138,7 +145,26 @@ def model_card(record: dict) -> str:
         f"p-value {record['p_value']:.4g}\n"
         f"{_card_split_check(record.get('split_check'))}"
         f"{_card_agreement(record.get('agreement'))}"
+        f"{_card_draft_vocabulary(record.get('draft_vocabulary'))}"
         f"- use: `tools/generate.py --load CKPT --early-exit-thres auto`; made {record['created']}\n{CARD_END}\n"
+    )
+
+
+def draft_vocabulary_line(drafts: dict | None, vocab: int, target: float) -> str:
+    if drafts is None:
+        return f"draft vocabulary: none ({100 * target:g}% of the final head's tokens take over half of {vocab})"
+    return (
+        f"draft vocabulary: {len(drafts['tokens'])} of {vocab} tokens make up {100 * drafts['coverage']:.2f}% of the "
+        f"final head's top-1 tokens on the calibration text ({drafts['num_tokens']} tokens)"
+    )
+
+
+def _card_draft_vocabulary(drafts: dict | None) -> str:
+    if not drafts:
+        return ""
+    return (
+        f"- self-speculative drafts project onto {len(drafts['tokens'])} tokens, {100 * drafts['coverage']:.2f}% of "
+        f"the final head's top-1 tokens on the calibration text\n"
     )
 
 
@@ -205,6 +231,8 @@ def run(a: argparse.Namespace) -> dict:
 
     if a.check_splits < 0:
         raise ValueError(f"--check-splits must be >= 0, got {a.check_splits}")
+    if not 0.0 <= a.draft_vocab_coverage <= 1.0:
+        raise ValueError(f"--draft-vocab-coverage must be a share in [0, 1], got {a.draft_vocab_coverage}")
     directory = resolve_checkpoint_dir(a.load)
     model, tok = load_checkpoint(a.load, device=a.device, dtype=torch.bfloat16 if a.bf16 else None)
     if not model.config.exit_layer_nums:
@@ -235,6 +263,12 @@ def run(a: argparse.Namespace) -> dict:
         )  # fmt: skip
         print("\n".join(split_lines(check)))
         record["split_check"] = check.as_dict()
+    if a.draft_vocab_coverage > 0:
+        vocab = model.config.real_vocab_size or model.config.vocab_size
+        drafts = calibration.draft_vocabulary(scores, vocab, a.draft_vocab_coverage)
+        print(draft_vocabulary_line(drafts, vocab, a.draft_vocab_coverage))
+        if drafts is not None:
+            record["draft_vocabulary"] = drafts
     if not a.dry_run:
         write_into_checkpoint(directory, record)
         print(f"wrote {directory}/early_exit_thresholds.json and its README.md model card")

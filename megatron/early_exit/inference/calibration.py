@@ -45,22 +45,25 @@ class ExitScores:
     exits: list[int]
     confidence: torch.Tensor  # [C, L, E] fp32: each exit's confidence in its token
     agree: torch.Tensor  # [C, L, E] bool: the exit's top-1 equals the final head's
+    final: torch.Tensor | None = None  # [C, L] long: the final head's top-1 (`draft_vocabulary`)
 
     def select(self, chunks: torch.Tensor) -> ExitScores:
-        return ExitScores(self.exits, self.confidence[chunks], self.agree[chunks])
+        final = self.final[chunks] if self.final is not None else None
+        return ExitScores(self.exits, self.confidence[chunks], self.agree[chunks], final)
 
 
 @torch.no_grad()
 def teacher_forced_scores(model, chunks: torch.Tensor, measure: str, batch_size: int = 8) -> ExitScores:
     """Run the full model over token chunks [C, L] once; each exit's confidence and agreement."""
     vocab = model.config.real_vocab_size or model.config.vocab_size
-    conf, agree = [], []
+    conf, agree, tops = [], [], []
     for start in range(0, chunks.shape[0], batch_size):
         h, rotary = model.embed_input(chunks[start : start + batch_size], None, None)
         h, exit_inputs = model.run_layers(h, rotary)  # exits evaluated here, not by the model
         final = ModelOutput()
         model.final_head(final, h)
         final_top = final.logits[..., :vocab].argmax(-1)  # (b, s)
+        tops.append(final_top.cpu())
         c_b, a_b = [], []
         for n, x in exit_inputs:
             head = model.exits[str(n)]
@@ -73,7 +76,30 @@ def teacher_forced_scores(model, chunks: torch.Tensor, measure: str, batch_size:
                 c_b.append(conf_measures.get_measure(measure).from_logits(logits.flatten(0, 1)).view(final_top.shape))
         conf.append(torch.stack(c_b, -1).float().cpu())
         agree.append(torch.stack(a_b, -1).cpu())
-    return ExitScores(list(model.exit_layer_numbers), torch.cat(conf), torch.cat(agree))
+    return ExitScores(list(model.exit_layer_numbers), torch.cat(conf), torch.cat(agree), torch.cat(tops))
+
+
+def draft_vocabulary(scores: ExitScores, vocab: int, coverage: float) -> dict | None:
+    """The fewest tokens that make up `coverage` of the final head's top-1 tokens on the
+    calibration text, most frequent first (ties by token id): {"tokens" (ascending ids),
+    "coverage" (the share they make up), "target", "num_tokens" (counted)}. Self-speculative
+    drafts project onto these rows of the exit's head alone: a draft the final head could keep
+    is lost only where its token lies outside them (at most 1 - coverage of tokens, on text like
+    this), and a draft's projection reads len(tokens) / vocab of the head's weights. None where
+    that would be more than half the vocabulary (it would save too little to be worth a miss)."""
+    if not 0.0 < coverage <= 1.0:
+        raise ValueError(f"draft vocabulary coverage must be in (0, 1], got {coverage}")
+    if scores.final is None:
+        raise ValueError("draft_vocabulary needs the final head's tokens (teacher_forced_scores records them)")
+    counts = torch.bincount(scores.final.flatten(), minlength=vocab)[:vocab]
+    total = int(counts.sum())
+    order = torch.sort(counts, descending=True, stable=True).indices  # ties: the lower id first
+    covered = counts[order].cumsum(0)  # (V,) tokens covered by the k + 1 most frequent
+    k = min(int(torch.searchsorted(covered, coverage * total - 1e-9)) + 1, vocab)
+    if total == 0 or k > vocab // 2:
+        return None
+    tokens = sorted(order[:k].tolist())
+    return {"tokens": tokens, "coverage": int(covered[k - 1]) / total, "target": coverage, "num_tokens": total}
 
 
 def exit_agreement(scores: ExitScores) -> dict[int, float]:

@@ -55,6 +55,7 @@ class EarlyExitEngine:
         linear_kernel: str = "auto",
         head: str = "auto",
         lean: bool = True,
+        draft_vocabulary: bool = True,
     ) -> None:
         """packed_weights: on CPU, run Linears and heads on the kernel measured fastest per weight
         shape, dtype and rows while decoding (`inference/kernels.py`: oneDNN-prepacked weights,
@@ -70,7 +71,10 @@ class EarlyExitEngine:
         in fewer tensor operations: the same numbers); False: through the modules.
         compile: run the layers of uniform decode steps through `torch.compile` (opt-in; inductor
         makes its own kernels, so the prepacked weights are not used then); if compilation fails,
-        one warning and eager decoding."""
+        one warning and eager decoding.
+        draft_vocabulary: self-speculative drafts project onto the draft vocabulary of the
+        checkpoint's calibration record where it has one (`calibration.draft_vocabulary`; one
+        device); False: onto the whole vocabulary always. Either way the output is the final head's."""
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.passes = Passes(model, layer_range)
@@ -85,6 +89,20 @@ class EarlyExitEngine:
         self.device, self.dtype, self.exits = p.device, p.dtype, p.exits
         self.acceptance = Acceptance(tokenizer, self.num_layers)
         self.head = greedy_head.check_head(head)
+        if draft_vocabulary:
+            self.use_draft_vocabulary(recorded_draft_vocabulary(model))
+
+    def use_draft_vocabulary(self, tokens: list[int] | None) -> None:
+        """Self-speculative drafts project onto `tokens` alone (None: the whole vocabulary); only
+        where the heads run on one device (a tensor-parallel head's rows are sharded)."""
+        if tokens is None or type(self.model.head_ops) is not HeadOps:
+            self.passes.draft_vocab = None
+            return
+        if not tokens:
+            raise ValueError("draft_vocabulary: no tokens")
+        if min(tokens) < 0 or max(tokens) >= self.vocab:
+            raise ValueError(f"draft_vocabulary: token ids must lie in 0..{self.vocab - 1} (another model's record?)")
+        self.passes.draft_vocab = torch.tensor(sorted(set(tokens)), dtype=torch.long, device=self.device)
 
     def depth(self, n: int) -> int:
         """How many layers run before exit n reads the hidden state."""
@@ -238,6 +256,13 @@ def decode_loop(engine, state, prompts, results, s: GenerationSettings, policy: 
     while running:
         running = strategy.round(engine, state, running, batch)
     return tick(engine.device) - start, counts
+
+
+def recorded_draft_vocabulary(model) -> list[int] | None:
+    """The draft vocabulary's tokens in the model's calibration record (`load_checkpoint` puts it
+    in `model.calibrated_thresholds`), or None."""
+    record = getattr(model, "calibrated_thresholds", None) or {}
+    return (record.get("draft_vocabulary") or {}).get("tokens")
 
 
 def new_results(prompts: list[list[int]], s: GenerationSettings) -> list[GenerationResult]:

@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from megatron.early_exit.derived import DerivedCopies
 from megatron.early_exit.inference import greedy_head, lean
 from megatron.early_exit.inference.confidence import get_measure, max_prob
 from megatron.early_exit.inference.exit_decision import decide, worth_checking
@@ -176,6 +177,10 @@ class Passes:
         # 'full': the final head's whole logits; 'auto' / 'int8': where only the token is needed,
         # the certified argmax of greedy_head.py (the engine sets it per request).
         self.argmax_head = "full"
+        # Ascending token ids a forced exit (a self-speculative draft) projects onto alone, or
+        # None: the whole vocabulary (`draft_logits`; the engine sets it from the calibration record).
+        self.draft_vocab: torch.Tensor | None = None
+        self.draft_weights = DerivedCopies()  # exit weight -> its draft vocabulary's rows
 
     def depth(self, n: int) -> int:
         """How many layers run before exit n reads the hidden state."""
@@ -468,7 +473,8 @@ class Passes:
         """A check on the exit's logits: (leavers as `cand` indices, their confidences, their
         logits [F, V])."""
         hidden = self.exit_hidden(state, n, head, rows, cand)  # (A, 1, h)
-        logits = self.exit_logits(head, hidden)  # (A, V)
+        drafting = forced and self.draft_vocab is not None
+        logits = self.draft_logits(head, hidden) if drafting else self.exit_logits(head, hidden)  # (A, V)
         conf = measure.from_logits(logits)
         fire = list(range(len(cand))) if forced else decide(self, n, conf >= policy.threshold_of(n), rows, cand, policy)
         if len(fire) < len(cand):
@@ -544,6 +550,21 @@ class Passes:
         """Exit hidden [A, 1, h] -> whole-vocabulary logits [A, V] in fp32."""
         m = self.model
         return self.vocab_logits(head.project(hidden, m.tied_output_weight(), m.head_ops)[:, 0])
+
+    def draft_logits(self, head, hidden: torch.Tensor) -> torch.Tensor:
+        """A draft's logits [A, V] in fp32 from exit hidden [A, 1, h]: the projection onto the
+        draft vocabulary's rows alone (`self.draft_vocab`; their copy is made once per weight),
+        -inf at every other token, so that its argmax and max-probability are those over the
+        draft vocabulary. The verify pass keeps a draft only where it is the final head's token,
+        so drafts from part of the vocabulary lose nothing but the drafts whose token lies outside it."""
+        m, ids = self.model, self.draft_vocab
+        weight = head.output_layer.weight if head.output_layer is not None else m.tied_output_weight()
+        rows = self.draft_weights.get(weight, ("draft vocabulary", id(ids)), lambda w: w.index_select(0, ids))
+        part = m.head_ops.project(hidden, rows)[:, 0].float()  # (A, K)
+        if head.temperature != 1.0:
+            part = part / head.temperature  # as `ExitHead.project`
+        logits = part.new_full((part.shape[0], self.vocab), float("-inf"))
+        return logits.index_copy_(1, ids, part)
 
     def block_exit_hidden(self, state: DecodeState, n: int, head, seqs: list[int]) -> torch.Tensor:
         """Bring exit n's own block cache up to each sequence's newest token; its hidden there [A, 1, h]."""

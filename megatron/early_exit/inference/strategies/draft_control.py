@@ -85,11 +85,13 @@ def weight_counts(c) -> tuple[float, float, float]:
     return float(attn + mlp), float(mlp), float(c.vocab_size * h)
 
 
-def costs_from_config(c, depth: dict[int, int]) -> DraftCosts:
+def costs_from_config(c, depth: dict[int, int], draft_vocab: int | None = None) -> DraftCosts:
     """Relative costs from the weights each pass reads: layers, an exit's head (its MLP or block
-    and its projection) and the final head; `depth[n]`: layers before exit n."""
+    and its projection: onto `draft_vocab` tokens where drafts have a draft vocabulary) and the
+    final head; `depth[n]`: layers before exit n."""
     layer, mlp, vocab = weight_counts(c)
-    exit_cost = (vocab + (mlp if c.use_exit_mlp else 0.0) + (layer if c.use_exit_block else 0.0)) / layer
+    drafted = vocab if draft_vocab is None else vocab * draft_vocab / c.vocab_size
+    exit_cost = (drafted + (mlp if c.use_exit_mlp else 0.0) + (layer if c.use_exit_block else 0.0)) / layer
     full = FIXED_LAYERS + c.num_layers + vocab / layer
     draft = {n: (FIXED_LAYERS + d + exit_cost) / full for n, d in depth.items()}
     row = {n: ROW_SHARE * (c.num_layers - d + vocab / layer) / full for n, d in depth.items()}

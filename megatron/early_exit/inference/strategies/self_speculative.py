@@ -76,7 +76,8 @@ def draft_costs_for(engine, batch: int, context: int) -> DraftCosts:
     key = "parameters" if costs_from_parameters() else batch
     if key not in cache:
         if key == "parameters":
-            cache[key] = costs_from_config(engine.config, draft_depths(engine))
+            drafts = getattr(getattr(engine, "passes", None), "draft_vocab", None)  # a pipeline engine has none
+            cache[key] = costs_from_config(engine.config, draft_depths(engine), None if drafts is None else len(drafts))
         else:
             cache[key] = measure_draft_costs(engine, batch, context)[0]
     return cache[key]

@@ -216,7 +216,7 @@ def test_candidate_rows_from_the_frozen_weight_copy(setup):
     head = model.exits[str(n)]
     hidden = head.hidden(batch["hidden"][n], model.rotary(torch.arange(16)[None]) if model.rotary else None)
     cols = candidate_set(batch["labels"], batch["topk_ids"][..., :3], VOCAB, 8, torch.Generator().manual_seed(0))
-    weight = ct._exit_weight(model, head)
+    weight = head.output_weight(model.tied_output_weight())
     weight.requires_grad_(False)  # frozen, as in tuning (the backbone's tied embedding)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         got = ct.exit_logits(model, head, hidden, cols)

@@ -62,14 +62,14 @@ class RowIndex:
         same = min(lo) == max(lo) and min(n) == r and list(seqs) == list(range(first, first + len(seqs)))
         self.block = (slice(first, first + len(seqs)), lo[0], lo[0] + r) if same else None
         a = len(seqs)
-        self.batch_idx = torch.tensor(seqs).to(device)
-        self.whole_batch = list(seqs) == list(range(cache.batch))  # every slot, in order: keys by slicing
         if same:  # one causal block at the same positions in every slot: no padding, fewer operations
             self.span = lo[0] + r
             self.positions = torch.arange(lo[0], self.span).expand(a, r).to(device)
             mask = torch.ones(r, self.span, dtype=torch.bool).tril(lo[0])  # key j <= lo + i
             self.attn_mask = mask.expand(a, 1, r, self.span).to(device)  # (A, 1, R, span)
             return
+        self.batch_idx = torch.tensor(seqs).to(device)
+        self.whole_batch = list(seqs) == list(range(cache.batch))  # every slot, in order: keys by slicing
         steps = torch.arange(r)
         pos = torch.tensor(lo)[:, None] + steps[None]  # (A, R)
         valid = steps[None] < torch.tensor(n)[:, None]

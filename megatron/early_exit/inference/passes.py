@@ -558,11 +558,9 @@ class Passes:
         draft vocabulary. The verify pass keeps a draft only where it is the final head's token,
         so drafts from part of the vocabulary lose nothing but the drafts whose token lies outside it."""
         m, ids = self.model, self.draft_vocab
-        weight = head.output_layer.weight if head.output_layer is not None else m.tied_output_weight()
+        weight = head.output_weight(m.tied_output_weight())
         rows = self.draft_weights.get(weight, ("draft vocabulary", id(ids)), lambda w: w.index_select(0, ids))
-        part = m.head_ops.project(hidden, rows)[:, 0].float()  # (A, K)
-        if head.temperature != 1.0:
-            part = part / head.temperature  # as `ExitHead.project`
+        part = head.project_onto(hidden, rows, m.head_ops)[:, 0].float()  # (A, K)
         logits = part.new_full((part.shape[0], self.vocab), float("-inf"))
         return logits.index_copy_(1, ids, part)
 

@@ -100,9 +100,18 @@ class ExitHead(nn.Module):
 
         `ops` is the model's HeadOps (vocab-parallel under TP); None means a plain matmul.
         """
+        return self.project_onto(h, self.output_weight(tied_weight), ops)
+
+    def output_weight(self, tied_weight: torch.Tensor | None) -> torch.Tensor:
+        """The projection's weight [vocab, h]: the exit's own (untied) or the tied one."""
         weight = self.output_layer.weight if self.output_layer is not None else tied_weight
         if weight is None:
             raise RuntimeError(f"exit {self.layer_number} is tied but no embedding weight was given")
+        return weight
+
+    def project_onto(self, h: torch.Tensor, weight: torch.Tensor, ops=None) -> torch.Tensor:
+        """Exit hidden [b, s, h] -> logits [b, s, rows] on `weight`'s rows (the output weight, or
+        some of its rows: a draft vocabulary's), temperature applied."""
         logits = ops.project(h, weight) if ops is not None else torch.matmul(h, weight.t())
         if self.temperature != 1.0:
             logits = logits / self.temperature

@@ -136,10 +136,6 @@ def candidate_set(labels, topk_ids, vocab_size: int, num_negatives: int, generat
     return Columns(position[labels], position[topk_ids], ids, bias, positives.numel())
 
 
-def _exit_weight(model, head) -> torch.Tensor:
-    return head.output_layer.weight if head.output_layer is not None else model.tied_output_weight()
-
-
 # A frozen vocabulary weight in the compute dtype, made once instead of casting the rows
 # gathered for every micro-batch (the gather and its cast were a third of a cached step);
 # `derived.py` remakes it when the weight changes and drops it with the weight. Never for a
@@ -156,13 +152,12 @@ def _weight_in(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 def exit_logits(model, head, hidden, cols: Columns) -> torch.Tensor:
     """The exit's logits over the columns [b, s, C] (the exit's temperature applied, no
     correction), in the products' dtype: one matmul with the columns' rows of the weight."""
-    weight = _exit_weight(model, head)
+    weight = head.output_weight(model.tied_output_weight())
     if cols.ids is None:
-        return head.project(hidden, weight)
+        return head.project_onto(hidden, weight)
     kind = hidden.device.type  # the products' dtype: autocast's where it is on
     dtype = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else hidden.dtype
-    logits = torch.matmul(hidden, cols.rows(weight, dtype).t())
-    return logits / head.temperature if head.temperature != 1.0 else logits
+    return head.project_onto(hidden, cols.rows(weight, dtype))
 
 
 # ----- the objective -------------------------------------------------------------------

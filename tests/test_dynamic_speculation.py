@@ -5,6 +5,8 @@ full greedy decoding in fp32 at batch 1 and 4, on a model whose exit equals its 
 synthetic acceptance: it picks what the formula says and follows a change of acceptance.
 """
 
+import math
+
 import pytest
 import torch
 
@@ -263,6 +265,9 @@ def test_measured_draft_costs_come_from_timed_rounds(monkeypatch):
          (("draft", 1, 0.5), ("draft", 4, 1.7), ("round", 1, 1.6), ("round", 4, 3.4))}  # fmt: skip
     c = costs_of(t, [1, 3])
     assert (c.draft[3], c.row[3], c.base[3]) == pytest.approx((0.4, 0.2, 1.0))
+    t.update({"round 3/1": 1.4, "round 3/4": 3.2})  # a fitted base of 0.8: below a plain step, noise
+    c = costs_of(t, [1, 3])
+    assert (c.draft[3], c.row[3], c.base[3]) == pytest.approx((0.4, (0.4 + 4 * 2.2) / 17 - 0.4, 1.0))
     engine = EarlyExitEngine(build(True))
     costs, ratios = measure_draft_costs(engine, 2, 9, repeats=1)
     assert set(ratios) == {f"{k} {n}/{g}" for k in ("round", "draft") for n in (1, 3) for g in (1, 4)}
@@ -277,14 +282,38 @@ def test_measured_draft_costs_come_from_timed_rounds(monkeypatch):
 
 
 def test_early_stop_learns_from_confidence():
+    """Per max-probability bin the controller learns how often a draft is accepted (prior: the
+    exit's acceptance); a sequence drafts on while P(its drafts so far are accepted) * a_n, the
+    chance that one more adds a token, pays for the draft at the plan's rate."""
     ctl = DraftController(COSTS)
     plan = ctl.plan([2], [4])
     plan.explore = False
+    a = ctl.acceptance(2)
+    assert ctl.draft_ok(2, 0.3) == pytest.approx(a)  # no draft seen in the bin: the prior alone
     for _ in range(30):  # confident drafts agree, unsure ones do not
         ctl.update(2, [([0.95, 0.95, 0.1], 2)])
-    assert ctl.draft_ok(2, 0.95) > 0.9 and ctl.draft_ok(2, 0.1) < 0.1
-    assert ctl.keep_drafting(plan, 0.95) and not ctl.keep_drafting(plan, 0.1)
-    assert DraftController(COSTS, stop_early=False).keep_drafting(plan, 0.1)
+    a = ctl.acceptance(2)
+    assert ctl.draft_ok(2, 0.95) > 0.95 and ctl.draft_ok(2, 0.1) < 0.05
+    acc, rej = ctl.stats[2].bins[0]
+    assert ctl.draft_ok(2, 0.1) == pytest.approx((acc + a) / (acc + rej + 1))
+    threshold = plan.rate * (COSTS.draft[2] + COSTS.row[2])
+    for confs in ([0.95], [0.95, 0.95], [0.1], [0.95, 0.1], [0.95] * 40):
+        gain = a * math.prod(ctl.draft_ok(2, c) for c in confs)
+        assert ctl.keep_drafting(plan, confs) == (gain >= threshold)
+    assert ctl.keep_drafting(plan, [0.95, 0.95]) and not ctl.keep_drafting(plan, [0.95, 0.1])
+    assert DraftController(COSTS, stop_early=False).keep_drafting(plan, [0.1])
+
+
+def test_early_stop_plans_drafts_up_to_the_longest_length():
+    """With the early stop on, a chosen plan caps its drafts at the longest length allowed (the
+    stop ends them); without it, or exploring, at its own length."""
+    ctl = DraftController(COSTS, agreement={2: 0.8, 6: 0.9})
+    plan = ctl.plan([2, 6], list(range(1, 6)))
+    assert not plan.explore and plan.exit is not None and plan.length < 5 and plan.cap == 5
+    fixed = DraftController(COSTS, stop_early=False, agreement={2: 0.8, 6: 0.9}).plan([2, 6], list(range(1, 6)))
+    assert (fixed.exit, fixed.length) == (plan.exit, plan.length) and fixed.cap == fixed.length
+    cold = DraftController(COSTS).plan([2, 6], [3, 4])
+    assert cold.explore and cold.length == cold.cap == 3
 
 
 def test_costs_from_config_price_a_smollm2_shape():

@@ -14,6 +14,9 @@ after a plain round and taken as its ratio to it, the median of `repeats` such p
   plain      a round that drafts nothing (a plain decode step and its bookkeeping): the unit;
   draft[n]   one draft step at exit n: the slope of g drafts alone over g in LENGTHS;
   base[n]    a round's cost that does not grow with g (the verify pass's own, 1 row deep);
+             at least 1: the verify pass runs its newest row through every layer as a plain
+             step does, and more (a fit below 1 is noise: 0.69 once, with row 0.22; the
+             slope is then fitted through base 1);
   row[n]     what one more drafted row adds to the verify pass: the slope of whole rounds
              over g in LENGTHS, less draft[n].
 
@@ -78,8 +81,11 @@ def costs_of(t: dict[str, float], exits: list[int]) -> DraftCosts:
     draft, row, base = {}, {}, {}
     for n in exits:
         slope, _ = fit_line([(g, t[f"draft {n}/{g}"]) for g in LENGTHS])
-        per_g, fixed = fit_line([(g, t[f"round {n}/{g}"]) for g in LENGTHS])
+        rounds = [(g, t[f"round {n}/{g}"]) for g in LENGTHS]
+        per_g, fixed = fit_line(rounds)
+        if fixed < 1.0:  # least squares through (0, 1)
+            fixed, per_g = 1.0, sum(g * (r - 1.0) for g, r in rounds) / sum(g * g for g, _ in rounds)
         draft[n] = max(slope, 0.0)
         row[n] = max(per_g - slope, 0.0)
-        base[n] = max(fixed, 0.0)
+        base[n] = fixed
     return DraftCosts(draft, row, base)

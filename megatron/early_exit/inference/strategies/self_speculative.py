@@ -170,9 +170,10 @@ class SelfSpeculative(Strategy):
         return still
 
     def draft(self, engine, state, running: list[int], batch: Batch, plan: Plan, ctl) -> tuple[dict, dict, dict]:
-        """Up to plan.length draft tokens per sequence from plan.exit; (drafts, confidences, last token)."""
+        """Up to plan.cap draft tokens per sequence from plan.exit, fewer where the controller's
+        early stop says another does not pay; (drafts, confidences, last token)."""
         s, results = batch.settings, batch.results
-        budget = {b: min(plan.length, s.max_new_tokens - len(results[b].tokens) - 1) for b in running}
+        budget = {b: min(plan.cap, s.max_new_tokens - len(results[b].tokens) - 1) for b in running}
         last = {b: results[b].tokens[-1] for b in running}
         drafts: dict[int, list[int]] = {b: [] for b in running}
         confs: dict[int, list[float]] = {b: [] for b in running}
@@ -186,7 +187,7 @@ class SelfSpeculative(Strategy):
                 last[b] = int(logits.argmax())
                 drafts[b].append(last[b])
                 confs[b].append(out.confidence[b])
-                if ctl is not None and not ctl.keep_drafting(plan, out.confidence[b]):
+                if ctl is not None and not ctl.keep_drafting(plan, confs[b]):
                     budget[b] = j + 1
         return drafts, confs, last
 

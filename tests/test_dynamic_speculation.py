@@ -268,6 +268,11 @@ def test_measured_draft_costs_come_from_timed_rounds(monkeypatch):
     t.update({"round 3/1": 1.4, "round 3/4": 3.2})  # a fitted base of 0.8: below a plain step, noise
     c = costs_of(t, [1, 3])
     assert (c.draft[3], c.row[3], c.base[3]) == pytest.approx((0.4, (0.4 + 4 * 2.2) / 17 - 0.4, 1.0))
+    t.update({"round 3/1": 1.8, "round 3/4": 3.6})  # base 1.2 at exit 3, 1.0 at exit 1: one base, 1.1
+    c = costs_of(t, [1, 3])
+    assert c.base == pytest.approx({1: 1.1, 3: 1.1})
+    assert c.row[3] == pytest.approx((0.7 + 4 * 2.5) / 17 - 0.4)
+    assert c.row[1] == pytest.approx((0.5 + 4 * 2.3) / 17 - 0.4)
     engine = EarlyExitEngine(build(True))
     costs, ratios = measure_draft_costs(engine, 2, 9, repeats=1)
     assert set(ratios) == {f"{k} {n}/{g}" for k in ("round", "draft") for n in (1, 3) for g in (1, 4)}
@@ -478,6 +483,20 @@ def test_warm_start_equals_full_greedy_in_fp32(case, batch):
         assert sum(warm.values()) < sum(cold.values())  # good: fewer, longer rounds; bad: no tries
 
 
+def test_warm_prior_outlasts_a_run_of_rejections():
+    """The record's drafts stay in the prior while observed counts decay: after a run of
+    rejections a warm exit's acceptance is the counts plus that prior, above a cold one's."""
+    warm, cold = DraftController(COSTS, agreement={2: 0.9}), DraftController(COSTS)
+    for ctl in (warm, cold):
+        for _ in range(60):
+            ctl.update(2, [([0.5], 0)])
+    rejected = sum(0.93**k for k in range(60))  # one decay per observed draft
+    assert warm.stats[2].rejected == pytest.approx(rejected) == cold.stats[2].rejected
+    assert warm.acceptance(2) == pytest.approx((1 + 3.6) / (rejected + 6))  # Beta(1, 1) + 4 drafts at 0.9
+    assert cold.acceptance(2) == pytest.approx(1 / (rejected + 2))
+    assert cold.acceptance(2) < warm.acceptance(2)
+
+
 def test_thresholds_file_with_and_without_agreement_loads(tmp_path):
     """A record written before agreement was recorded still loads (cold start: every exit tried
     at once); one with it gives the controller its warm counts, keyed by exit layer."""
@@ -500,7 +519,7 @@ def test_thresholds_file_with_and_without_agreement_loads(tmp_path):
     old, new = controllers
     assert model.calibrated_thresholds["agreement"] == {1: 0.75, 3: 0.5}
     assert all(old.stats[n].idle == old.interval(n, 2) and old.stats[n].accepted == 0.0 for n in (1, 3))
-    assert (new.stats[1].accepted, new.stats[1].rejected) == (0.75 * WARM_DRAFTS, 0.25 * WARM_DRAFTS)
+    assert new.priors[1] == (1 + 0.75 * WARM_DRAFTS, 1 + 0.25 * WARM_DRAFTS) and new.stats[1].accepted == 0.0
     assert new.stats[3].idle == 0  # no try at the start: the record stands in for it
 
 

@@ -7,18 +7,22 @@ said about 0.4, and rounds that would have paid were not drafted. Here rounds ar
 through the strategy's own code (`SelfSpeculative.run_plan`: drafting, the verify pass,
 keeping the agreeing prefix, rolling the caches back) at the batch size, dtype and context
 length being decoded, by `cost_model.work_clock` (CPU seconds on a CPU running one thread, else
-the wall clock), each timed right
-after a plain round and taken as its ratio to it, the median of `repeats` such pairs
-(`cost_model.paired_ratios`):
+the wall clock): each its best time of `repeats` rounds that run every kind in turn
+(`cost_model.best_times`), taken as a ratio to the plain round's best. Best times, because a
+quiet machine's interruptions only add time and the fit below amplifies noise: measured four
+times in one process (CPU reference model, bf16, 2 threads), the median of 3 paired ratios gave
+a verify round's fixed cost (base) from exit 6 of 1.00-1.41 and from exit 3 1.10-1.19 (and 11 pairs
+1.08-1.37 and 1.00-1.27), the best of 11 rounds 1.04-1.14 and 1.14-1.17; a base read 0.3 too high
+made the controller decode 80% of rounds plainly (1.10x instead of 1.3x).
 
   plain      a round that drafts nothing (a plain decode step and its bookkeeping): the unit;
   draft[n]   one draft step at exit n: the slope of g drafts alone over g in LENGTHS;
   base[n]    a round's cost that does not grow with g (the verify pass's own, 1 row deep);
              at least 1: the verify pass runs its newest row through every layer as a plain
-             step does, and more (a fit below 1 is noise: 0.69 once, with row 0.22; the
-             slope is then fitted through base 1);
+             step does, and more (a fit below 1 is noise: 0.69 once, with row 0.22); one for
+             every exit, their fits' mean (`costs_of`);
   row[n]     what one more drafted row adds to the verify pass: the slope of whole rounds
-             over g in LENGTHS, less draft[n].
+             over g in LENGTHS through (0, base), less draft[n].
 
 Measured once per engine and batch size on first use (some tenths of a second to seconds),
 except where decisions must not depend on the clock (`exit_decision.costs_from_parameters`:
@@ -29,7 +33,7 @@ from __future__ import annotations
 
 import torch
 
-from megatron.early_exit.inference.cost_model import fit_line, paired_ratios, work_clock
+from megatron.early_exit.inference.cost_model import best_times, fit_line, work_clock
 from megatron.early_exit.inference.passes import ExitPolicy
 from megatron.early_exit.inference.settings import GenerationResult, GenerationSettings
 from megatron.early_exit.inference.strategies.base import Batch
@@ -39,7 +43,7 @@ LENGTHS = (1, 4)  # draft lengths timed per exit (rounds are linear in g: see th
 
 
 @torch.no_grad()
-def measure_draft_costs(engine, batch: int, context: int, repeats: int = 3) -> tuple[DraftCosts, dict[str, float]]:
+def measure_draft_costs(engine, batch: int, context: int, repeats: int = 11) -> tuple[DraftCosts, dict[str, float]]:
     """`DraftCosts` of `batch` sequences `context` tokens long on `engine`; also the timed ratios
     to the plain round ("round n/g", "draft n/g") for reports."""
     from megatron.early_exit.inference.strategies import get_strategy
@@ -72,20 +76,27 @@ def measure_draft_costs(engine, batch: int, context: int, repeats: int = 3) -> t
         for g in LENGTHS:
             fns[f"round {n}/{g}"] = timed(Plan(n, g, 1.0))
             fns[f"draft {n}/{g}"] = timed(Plan(n, g, 1.0), drafts_only=True)
-    t = paired_ratios(fns, timed(Plan(None, 0, 1.0)), engine.device, repeats, work_clock(engine.device))
+    fns["plain"] = timed(Plan(None, 0, 1.0))
+    best = best_times(fns, engine.device, repeats, work_clock(engine.device))
+    unit = best.pop("plain")
+    t = {name: v / unit for name, v in best.items()}
     return costs_of(t, exits), t
 
 
 def costs_of(t: dict[str, float], exits: list[int]) -> DraftCosts:
-    """Fit `DraftCosts` from timed ratios to the plain round (see `measure_draft_costs`)."""
-    draft, row, base = {}, {}, {}
+    """Fit `DraftCosts` from timed ratios to the plain round (see `measure_draft_costs`). One base
+    for every exit, the mean of their fits (each at least 1), and each exit's row fitted through
+    it: the verify passes after drafts from different exits differ by the general path's overhead
+    on the layers between them (~0.015 of a step per layer, CPU reference model, bf16), less than
+    the fits' spread (exit 3's base read 0.1-0.2 above exit 6's, and then the controller drafted
+    from exit 6: 1.25x where exit 3 gave 1.31-1.39x)."""
+    draft, fitted = {}, {}
     for n in exits:
-        slope, _ = fit_line([(g, t[f"draft {n}/{g}"]) for g in LENGTHS])
-        rounds = [(g, t[f"round {n}/{g}"]) for g in LENGTHS]
-        per_g, fixed = fit_line(rounds)
-        if fixed < 1.0:  # least squares through (0, 1)
-            fixed, per_g = 1.0, sum(g * (r - 1.0) for g, r in rounds) / sum(g * g for g, _ in rounds)
-        draft[n] = max(slope, 0.0)
-        row[n] = max(per_g - slope, 0.0)
-        base[n] = fixed
-    return DraftCosts(draft, row, base)
+        draft[n] = max(fit_line([(g, t[f"draft {n}/{g}"]) for g in LENGTHS])[0], 0.0)
+        fitted[n] = max(fit_line([(g, t[f"round {n}/{g}"]) for g in LENGTHS])[1], 1.0)  # below 1: noise
+    base = sum(fitted.values()) / len(fitted)
+    row = {}
+    for n in exits:  # least squares through (0, base)
+        per_g = sum(g * (t[f"round {n}/{g}"] - base) for g in LENGTHS) / sum(g * g for g in LENGTHS)
+        row[n] = max(per_g - draft[n], 0.0)
+    return DraftCosts(draft, row, dict.fromkeys(exits, base))

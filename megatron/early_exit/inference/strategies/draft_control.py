@@ -35,8 +35,9 @@ written before agreement was recorded), every exit is tried once at the start.
 
 Early stop. Per exit and max-probability bin, Beta counts of whether a draft with that
 confidence was accepted (prior: one draft at the exit's acceptance). A
-round's plan caps its length (`Plan.limit`): the planned length g where drafts never stop early,
-else the longest length allowed, and each sequence's drafts then stop where one more does not pay:
+round's plan caps its length (`Plan.limit`): the planned length g where drafts never stop early or
+several sequences decode (a draft step costs a batch about as much for one of them as for all),
+else the longest length allowed; each sequence's drafts stop where one more does not pay:
 a further draft adds a token only where every draft so far is accepted and it is too, with
 probability P(drafts so far accepted | their confidences) * a_n (the product of their bins'
 acceptance, then the exit's), and it costs draft[n] + row[n] at the round's planned rate. A
@@ -190,7 +191,7 @@ class DraftController:
     def rate(self, n: int, g: int) -> float:
         return expected_tokens(self.acceptance(n), g) / self.costs.round_time(n, g)
 
-    def plan(self, exits: list[int], lengths: list[int]) -> Plan:
+    def plan(self, exits: list[int], lengths: list[int], batch: int = 1) -> Plan:
         """The best (exit, length) among `exits` x `lengths` (lengths > 0), or a plain step when
         none beats it; an exit overdue for exploration drafts one token (the shortest length)."""
         due = [n for n in exits if self.stats[n].idle >= self.interval(n, len(exits))]
@@ -209,8 +210,10 @@ class DraftController:
                     best = Plan(n, g, r)
         if best.exit is not None:
             self.stats[best.exit].idle = 0
-            if self.stop_early:
-                best.limit = max(lengths)  # the early stop ends each sequence's drafts
+            if self.stop_early and batch == 1:
+                # the early stop ends the drafts; in a batch a draft step costs about as much for
+                # one sequence as for all, so one that drafts on holds the round up: g caps there
+                best.limit = max(lengths)
         return best
 
     def update(self, n: int, rounds: list[tuple[list[float], int]]) -> None:

@@ -49,8 +49,10 @@ def measure_draft_costs(engine, batch: int, context: int, repeats: int = 11) -> 
     from megatron.early_exit.inference.strategies import get_strategy
 
     strategy, exits = get_strategy("self_speculative"), engine.draft_exits()
-    prompts = [[(7 * j + 3 * b) % engine.vocab for j in range(max(context, 1))] for b in range(batch)]
-    state = engine.new_state(batch, max(context, 1) + 2 * max(LENGTHS) + 4)
+    # each sequence its own length, as in a batch of real prompts (equal ones would take the block
+    # layout's slicing, which such a batch's verify passes rarely get)
+    prompts = [[(7 * j + 3 * b) % engine.vocab for j in range(max(context - b, 1))] for b in range(batch)]
+    state = engine.new_state(batch, max(context, 1) + 2 * max(LENGTHS) + 4)  # the longest prompt's room
     with engine.packed:
         engine.prefill(state, dict(enumerate(prompts)))
     fed = list(state.fed)

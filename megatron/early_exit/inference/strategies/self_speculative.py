@@ -140,7 +140,7 @@ class SelfSpeculative(Strategy):
         ctl = controller_for(engine, batch_bucket(len(running)), context)
         exits = candidates(engine, engine.allowed_exits(s)) if s.draft_exit_layer == AUTO else [policy.force]
         lengths = list(range(1, MAX_DRAFT + 1)) if s.num_draft_tokens == AUTO else [s.num_draft_tokens]
-        return ctl.plan(exits, lengths), ctl
+        return ctl.plan(exits, lengths, len(running)), ctl
 
     def round(self, engine, state, running: list[int], batch: Batch) -> list[int]:
         """Draft (feed the last token, take the draft exit's greedy token, up to g and never a

@@ -1,0 +1,158 @@
+#!/usr/bin/env python
+"""Self-speculative drafting policies replayed along full decoding's own tokens: what each would
+gain at a set of round costs, without the clock's noise.
+
+    python benchmarks/draft_policy.py --load runs/ee_aclsum/tuned --num-examples 40
+    python benchmarks/draft_policy.py --load runs/ee_tuning_smollm2/tuned --num-examples 20 --costs parameters
+
+Full decoding summarises --num-examples aclsum abstracts (the sweep's prompts); the model then
+reads each prompt and its summary once (teacher-forced), which gives, at every generated
+position, each exit's greedy token's agreement with the final head's and its max-probability
+(over the whole vocabulary: a draft vocabulary's renormalised one is a little higher). Since
+every kept token is the final head's, a self-speculative run visits exactly these positions, so
+a round's outcome follows from them: drafts up to the first disagreement are kept, plus the
+final head's token.
+
+Each policy is replayed at the same costs (`DraftCosts`, in plain decode steps): the engine's
+controller (`draft_control.DraftController`, warm-started from the checkpoint's calibration
+record where it has agreement) with its early stop and without it (the geometric plan's g), and
+fixed (exit, g) pairs. A round costs g * draft[n] + base[n] + g * row[n]; a plain round 1. The
+costs are timed rounds at batch 1 (`draft_costs.measure_draft_costs`, --costs measured, the
+default) or the config's weight counts (--costs parameters). Printed per policy: tokens per
+unit of time (the speedup over full decoding the policy would reach at these costs, nothing
+else counted), tokens and drafts per round, share of plain rounds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "tools"))
+sys.path.insert(0, os.path.join(ROOT, "tools", "eval"))
+
+from megatron.early_exit import load_checkpoint  # noqa: E402
+from megatron.early_exit.inference import EarlyExitEngine, GenerationSettings  # noqa: E402
+from megatron.early_exit.inference.calibration import teacher_forced_scores  # noqa: E402
+from megatron.early_exit.inference.strategies import self_speculative as ss  # noqa: E402
+from megatron.early_exit.inference.strategies.draft_control import (  # noqa: E402
+    MAX_DRAFT,
+    DraftController,
+    costs_from_config,
+)
+from megatron.early_exit.inference.strategies.draft_costs import measure_draft_costs  # noqa: E402
+
+
+def trajectories(engine, model, prompts: list[list[int]], new_tokens: int) -> list[tuple[list, list]]:
+    """Per prompt: (agree, conf), each [position][exit], along full decoding's greedy summary."""
+    out = []
+    for prompt, r in zip(prompts, engine.generate(prompts, GenerationSettings("full", max_new_tokens=new_tokens))):
+        if not r.tokens:
+            continue
+        scores = teacher_forced_scores(model, torch.tensor([prompt + r.tokens]), "max_prob", 1)
+        span = slice(len(prompt) - 1, len(prompt) - 1 + len(r.tokens))  # rows predicting the summary
+        out.append((scores.agree[0, span].tolist(), scores.confidence[0, span].tolist()))
+    return out
+
+
+def replay(paths, exits: list[int], costs, choose) -> dict:
+    """Run `choose(position facts) -> (exit, drafts kept)` round by round along every path;
+    `choose` returns the exit and how many drafts it made (0: a plain round)."""
+    tokens = time = rounds = drafted = plain = 0.0
+    for agree, conf in paths:
+        i = 0
+        while i < len(agree):
+            n, g, learn = choose(agree, conf, i)
+            rounds += 1
+            if g == 0:
+                tokens, time, plain, i = tokens + 1, time + 1.0, plain + 1, i + 1
+                continue
+            e = exits.index(n)
+            ok = 0
+            while ok < g and agree[i + ok][e]:
+                ok += 1
+            time += costs.round_time(n, g)
+            tokens, drafted, i = tokens + ok + 1, drafted + g, i + ok + 1
+            if learn is not None:
+                learn(n, [conf[i - ok - 1 + j][e] for j in range(g)], ok)
+    return {"rate": tokens / time, "tokens/round": tokens / rounds, "drafts/round": drafted / rounds,
+            "plain": plain / rounds}  # fmt: skip
+
+
+def controller_policy(exits: list[int], costs, agreement, stop_early: bool):
+    ctl = DraftController(costs, stop_early=stop_early, agreement=agreement)
+    lengths = list(range(1, MAX_DRAFT + 1))
+
+    def choose(agree, conf, i):
+        plan = ctl.plan(exits, lengths)
+        if plan.exit is None:
+            return None, 0, None
+        e, confs = exits.index(plan.exit), []
+        for j in range(min(plan.cap, len(agree) - i - 1)):  # room for the final head's token
+            confs.append(conf[i + j][e])
+            if not ctl.keep_drafting(plan, confs):
+                break
+        return plan.exit, len(confs), lambda n, c, ok: ctl.update(n, [(c, ok)])
+
+    return choose
+
+
+def fixed_policy(exit_layer: int, g: int):
+    return lambda agree, conf, i: (exit_layer, min(g, len(agree) - i - 1), None)
+
+
+def main(argv=None) -> None:
+    from ee_sweep import summarisation_task
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--load", required=True)
+    p.add_argument("--data", help="test_summarization.jsonl (default: prepared from the aclsum package)")
+    p.add_argument("--num-examples", type=int, default=40)
+    p.add_argument("--max-new-tokens", type=int, default=48)
+    p.add_argument("--costs", choices=("measured", "parameters"), default="measured")
+    p.add_argument("--bf16", action="store_true", help="decode and time in bf16")
+    args = p.parse_args(argv)
+
+    model, tokenizer = load_checkpoint(args.load)
+    if args.bf16:
+        model = model.to(torch.bfloat16)
+    engine = EarlyExitEngine(model)
+    exits = engine.draft_exits()
+    if not exits:
+        raise SystemExit(f"--load: {args.load} has no exit below the last layer to draft from")
+    prompts, _ = summarisation_task(tokenizer, args.data, args.num_examples, 1200)
+    context = max(map(len, prompts))
+    if args.costs == "measured":
+        costs = measure_draft_costs(engine, 1, context)[0]
+    else:
+        drafts = engine.passes.draft_vocab
+        costs = costs_from_config(model.config, ss.draft_depths(engine), None if drafts is None else len(drafts))
+    parts = [
+        f"exit {n}: draft {costs.draft[n]:.3f} row {costs.row[n]:.3f} base {costs.base.get(n, 1.0):.3f}" for n in exits
+    ]
+    print(f"costs ({args.costs}, plain decode steps): " + ", ".join(parts))
+    paths = trajectories(engine, model, prompts, args.max_new_tokens)
+    agree = torch.tensor([a for path, _ in paths for a in path], dtype=torch.float).mean(0).tolist()
+    print(f"{sum(len(a) for a, _ in paths)} positions; agreement " + ", ".join(
+        f"exit {n} {a:.1%}" for n, a in zip(exits, agree)))  # fmt: skip
+    agreement = ss.calibrated_agreement(engine)
+    policies = {
+        "controller, early stop": controller_policy(exits, costs, agreement, True),
+        "controller, geometric g": controller_policy(exits, costs, agreement, False),
+    }
+    for n in exits:
+        for g in (1, 2, 3, 4):
+            policies[f"fixed exit {n}, g {g}"] = fixed_policy(n, g)
+    print(f"{'policy':28s} {'rate':>6s} {'tokens/round':>13s} {'drafts/round':>13s} {'plain':>6s}")
+    for name, choose in policies.items():
+        r = replay(paths, exits, costs, choose)
+        print(f"{name:28s} {r['rate']:6.3f} {r['tokens/round']:13.2f} {r['drafts/round']:13.2f} {r['plain']:6.1%}")
+
+
+if __name__ == "__main__":
+    main()

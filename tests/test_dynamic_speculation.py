@@ -310,13 +310,15 @@ def test_early_stop_learns_from_confidence():
 
 
 def test_early_stop_plans_drafts_up_to_the_longest_length():
-    """With the early stop on, a chosen plan caps its drafts at the longest length allowed (the
-    stop ends them); without it, or exploring, at its own length."""
+    """With the early stop on, a chosen plan at batch 1 caps its drafts at the longest length
+    allowed (the stop ends them); without it, in a batch, or exploring, at its own length."""
     ctl = DraftController(COSTS, agreement={2: 0.8, 6: 0.9})
     plan = ctl.plan([2, 6], list(range(1, 6)))
     assert not plan.explore and plan.exit is not None and plan.length < 5 and plan.cap == 5
     fixed = DraftController(COSTS, stop_early=False, agreement={2: 0.8, 6: 0.9}).plan([2, 6], list(range(1, 6)))
     assert (fixed.exit, fixed.length) == (plan.exit, plan.length) and fixed.cap == fixed.length
+    batched = DraftController(COSTS, agreement={2: 0.8, 6: 0.9}).plan([2, 6], list(range(1, 6)), batch=4)
+    assert (batched.exit, batched.length) == (plan.exit, plan.length) and batched.cap == batched.length
     cold = DraftController(COSTS).plan([2, 6], [3, 4])
     assert cold.explore and cold.length == cold.cap == 3
 

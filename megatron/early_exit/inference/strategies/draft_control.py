@@ -44,7 +44,8 @@ acceptance, then the exit's), and it costs draft[n] + row[n] at the round's plan
 geometric plan alone drafts the same g tokens after a sure draft as after an unsure one; on the
 CPU reference model (exit 3 at 77% agreement on its summaries: 57% below max-probability 0.1,
 86% at 0.2-0.3, over 90% from 0.3), simulated along full decoding's own tokens, the stop lifts
-a round's expected tokens per unit of time from 1.28 (geometric g) to 1.36-1.38; BINS = 8
+a round's expected tokens per unit of time from 1.28 (geometric g) to 1.35-1.38 at round costs
+timed then (`benchmarks/draft_policy.py` replays it); BINS = 8
 because at 4 the lowest bin mixed drafts accepted 57% and 86% of the time.
 
 Costs (`DraftCosts`) come from rounds timed on this machine (`draft_costs.py`: a round's base
@@ -193,7 +194,9 @@ class DraftController:
 
     def plan(self, exits: list[int], lengths: list[int], batch: int = 1) -> Plan:
         """The best (exit, length) among `exits` x `lengths` (lengths > 0), or a plain step when
-        none beats it; an exit overdue for exploration drafts one token (the shortest length)."""
+        none beats it; an exit overdue for exploration drafts one token (the shortest length).
+        `batch`: sequences decoding this round; at 1 (with the early stop) a chosen plan's drafts
+        go up to the longest length (`Plan.limit`), the stop ending them."""
         due = [n for n in exits if self.stats[n].idle >= self.interval(n, len(exits))]
         for n in exits:
             self.stats[n].idle += 1

@@ -11,7 +11,7 @@ the wall clock): each its best time of `repeats` rounds that run every kind in t
 (`cost_model.best_times`), taken as a ratio to the plain round's best. Best times, because a
 quiet machine's interruptions only add time and the fit below amplifies noise: measured four
 times in one process (CPU reference model, bf16, 2 threads), the median of 3 paired ratios gave
-a verify round's fixed cost (base) from exit 6 of 1.00-1.41 and from exit 3 1.10-1.19 (and 11 pairs
+a verify round's fixed cost (base) from exit 6 of 1.00-1.41 and from exit 3 1.00-1.19 (and 11 pairs
 1.08-1.37 and 1.00-1.27), the best of 11 rounds 1.04-1.14 and 1.14-1.17; a base read 0.3 too high
 made the controller decode 80% of rounds plainly (1.10x instead of 1.3x).
 
@@ -91,7 +91,7 @@ def costs_of(t: dict[str, float], exits: list[int]) -> DraftCosts:
     it: the verify passes after drafts from different exits differ by the general path's overhead
     on the layers between them (~0.015 of a step per layer, CPU reference model, bf16), less than
     the fits' spread (exit 3's base read 0.1-0.2 above exit 6's, and then the controller drafted
-    from exit 6: 1.25x where exit 3 gave 1.31-1.39x)."""
+    from exit 6: 1.25-1.28x where exit 3 gave 1.31-1.39x)."""
     draft, fitted = {}, {}
     for n in exits:
         draft[n] = max(fit_line([(g, t[f"draft {n}/{g}"]) for g in LENGTHS])[0], 0.0)

@@ -86,7 +86,9 @@ def main() -> None:
     costs, ratios = measure_draft_costs(engine, 1, args.context, args.repeats)
     print("timed (ratio to a plain round):", {k: round(v, 3) for k, v in ratios.items()})
     depth = {n: engine.depth(n) for n in engine.draft_exits()}
-    for name, c in (("measured", costs), ("weight counts", costs_from_config(engine.config, depth))):
+    drafts = engine.passes.draft_vocab  # weight counts price a draft vocabulary's projection too
+    counted = costs_from_config(engine.config, depth, None if drafts is None else len(drafts))
+    for name, c in (("measured", costs), ("weight counts", counted)):
         print(
             f"{name:14s}",
             " | ".join(

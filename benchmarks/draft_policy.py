@@ -40,11 +40,7 @@ from megatron.early_exit import load_checkpoint  # noqa: E402
 from megatron.early_exit.inference import EarlyExitEngine, GenerationSettings  # noqa: E402
 from megatron.early_exit.inference.calibration import teacher_forced_scores  # noqa: E402
 from megatron.early_exit.inference.strategies import self_speculative as ss  # noqa: E402
-from megatron.early_exit.inference.strategies.draft_control import (  # noqa: E402
-    MAX_DRAFT,
-    DraftController,
-    costs_from_config,
-)
+from megatron.early_exit.inference.strategies.draft_control import MAX_DRAFT, DraftController  # noqa: E402
 from megatron.early_exit.inference.strategies.draft_costs import measure_draft_costs  # noqa: E402
 
 
@@ -130,8 +126,7 @@ def main(argv=None) -> None:
     if args.costs == "measured":
         costs = measure_draft_costs(engine, 1, context)[0]
     else:
-        drafts = engine.passes.draft_vocab
-        costs = costs_from_config(model.config, ss.draft_depths(engine), None if drafts is None else len(drafts))
+        costs = ss.weight_count_costs(engine)
     parts = [
         f"exit {n}: draft {costs.draft[n]:.3f} row {costs.row[n]:.3f} base {costs.base.get(n, 1.0):.3f}" for n in exits
     ]

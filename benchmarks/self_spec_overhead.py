@@ -11,7 +11,7 @@
    nothing costs beyond the step (planning, bookkeeping, the verify wrapper).
 2. The draft costs the controller uses (`strategies/draft_costs.py`: rounds of 1 and 4 drafts
    from each exit, and the drafts alone, each as a ratio to a plain round) next to the
-   weight-count model's (`draft_control.costs_from_config`).
+   weight-count model's (`self_speculative.weight_count_costs`).
 
 CPU seconds of this process (`time.process_time`), one thread; a prompt of --context tokens.
 """
@@ -33,7 +33,6 @@ from megatron.early_exit.inference import EarlyExitEngine, GenerationSettings  #
 from megatron.early_exit.inference.settings import GenerationResult  # noqa: E402
 from megatron.early_exit.inference.strategies import Batch, get_strategy  # noqa: E402
 from megatron.early_exit.inference.strategies import self_speculative as ss  # noqa: E402
-from megatron.early_exit.inference.strategies.draft_control import costs_from_config  # noqa: E402
 from megatron.early_exit.inference.strategies.draft_costs import measure_draft_costs  # noqa: E402
 
 
@@ -85,10 +84,7 @@ def main() -> None:
           f"over {len(r)} rounds")  # fmt: skip
     costs, ratios = measure_draft_costs(engine, 1, args.context, args.repeats)
     print("timed (ratio to a plain round):", {k: round(v, 3) for k, v in ratios.items()})
-    depth = {n: engine.depth(n) for n in engine.draft_exits()}
-    drafts = engine.passes.draft_vocab  # weight counts price a draft vocabulary's projection too
-    counted = costs_from_config(engine.config, depth, None if drafts is None else len(drafts))
-    for name, c in (("measured", costs), ("weight counts", counted)):
+    for name, c in (("measured", costs), ("weight counts", ss.weight_count_costs(engine))):
         print(
             f"{name:14s}",
             " | ".join(

@@ -156,7 +156,7 @@ class DraftController:
         explore_share: float = 0.05, stop_early: bool = True, agreement: dict[int, float] | None = None,
         bin_decay: float = 0.995,
     ) -> None:  # fmt: skip
-        self.costs, self.decay, self.bin_decay, self.prior = costs, decay, bin_decay, prior
+        self.costs, self.decay, self.bin_decay = costs, decay, bin_decay
         self.explore_share, self.stop_early = explore_share, stop_early
         self.stats = {n: ExitStats() for n in costs.draft}
         self.priors = dict.fromkeys(costs.draft, prior)  # per exit: a warm start adds the record's drafts

@@ -76,11 +76,17 @@ def draft_costs_for(engine, batch: int, context: int) -> DraftCosts:
     key = "parameters" if costs_from_parameters() else batch
     if key not in cache:
         if key == "parameters":
-            drafts = getattr(getattr(engine, "passes", None), "draft_vocab", None)  # a pipeline engine has none
-            cache[key] = costs_from_config(engine.config, draft_depths(engine), None if drafts is None else len(drafts))
+            cache[key] = weight_count_costs(engine)
         else:
             cache[key] = measure_draft_costs(engine, batch, context)[0]
     return cache[key]
+
+
+def weight_count_costs(engine) -> DraftCosts:
+    """`costs_from_config` for the engine's draft exits, a draft vocabulary's projection priced
+    where the engine drafts onto one."""
+    drafts = getattr(getattr(engine, "passes", None), "draft_vocab", None)  # a pipeline engine has none
+    return costs_from_config(engine.config, draft_depths(engine), None if drafts is None else len(drafts))
 
 
 def draft_depths(engine) -> dict[int, int]:

@@ -14,6 +14,7 @@ import torch
 from megatron.early_exit.config import ModelConfig
 from megatron.early_exit.inference import EarlyExitEngine, ExitPolicy, lean
 from megatron.early_exit.model import EarlyExitGPT
+from megatron.early_exit.model.attention import group_rows_attention
 from tests.test_fast_path import greedy_steps
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest.one_thread
@@ -106,8 +107,11 @@ def test_prefills_of_every_short_length_match_the_modules():
         assert torch.equal(got[True][0], got[False][0]) and torch.equal(got[True][1], got[False][1]), n
 
 
-def test_lean_layers_with_plain_products_and_multi_head_attention():
-    model = make(num_query_groups=4)  # one query head per group: plain multi-head attention
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_lean_layers_with_plain_products_and_multi_head_attention(dtype):
+    # One query head per group: plain multi-head attention; in bf16 on the CPU each decode
+    # step's single query row goes through `group_rows_attention` twice over, in both paths.
+    model = make(dtype, num_query_groups=4)
     policies = [ExitPolicy()]
     ref, s_ref, _ = decode(model, PROMPTS[4], policies, use_lean=False, packed=False)
     got, s_got, n = decode(model, PROMPTS[4], policies, use_lean=True, packed=False)
@@ -153,3 +157,24 @@ def test_signed_sine_turns_a_roll_into_rotate_half():
     sin = torch.cat((angle, angle), -1).sin()
     rotate_half = torch.cat((-x[..., 4:], x[..., :4]), -1)
     assert torch.equal(x.roll(4, -1) * lean.signed_sine(sin), rotate_half * sin)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("keys", [1, 37, 300])
+def test_group_rows_attention_attends_each_row_on_its_own(dtype, keys):
+    # A single query row in bf16 goes in twice (SDPA's faster CPU path): what it relies on is
+    # that SDPA attends each query row on its own, so the row's result does not depend on the
+    # row beside it; checked against a call with another row beside it (fp32 keeps one row,
+    # whose kernel differs from the two-row one by round-off), and against fp32 attention of
+    # the same inputs (bf16 keeps 8 mantissa bits: 2^-7 relative).
+    g = torch.Generator().manual_seed(keys)
+    q, other = (torch.randn(2, 3, 1, 64, generator=g).to(dtype) for _ in range(2))
+    k, v = (torch.randn(2, 3, keys, 64, generator=g).to(dtype) for _ in range(2))
+    mask = torch.ones(2, 1, 1, keys, dtype=torch.bool)
+    mask[1, ..., : keys // 2] = False  # the second sequence is shorter (left positions masked)
+    got = group_rows_attention(q, k, v, mask)
+    beside = torch.nn.functional.scaled_dot_product_attention(torch.cat([q, other], 2), k, v, attn_mask=mask)
+    assert got.shape == (2, 3, 1, 64)
+    assert torch.equal(got, beside[:, :, :1]) or dtype == torch.float32
+    ref = torch.nn.functional.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask)
+    torch.testing.assert_close(got.float(), ref, rtol=0, atol=2e-2 if dtype == torch.bfloat16 else 1e-6)

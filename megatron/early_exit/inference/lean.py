@@ -35,6 +35,7 @@ from torch import nn
 from torch.nn.modules import module
 
 from megatron.early_exit.inference import kernels
+from megatron.early_exit.model.attention import group_rows_attention
 from megatron.early_exit.model.layer import TransformerLayer
 from megatron.early_exit.model.norm import RMSNorm
 
@@ -147,7 +148,7 @@ class LeanLayer:
         x = x.view(a, -1)  # (A, h): 2-D products take no reshapes around them
         qk, qkv = self.rotated_qkv(x, cos, sin_signed, linear, scaled)  # (A, g, per + 1, hd), (A, g, per + 2, hd)
         keys, values = view.update(qk[:, :, per:], qkv[:, :, per + 1 :])  # (A, g, span, hd)
-        out = F.scaled_dot_product_attention(qk[:, :, :per], keys, values, attn_mask=attn_mask)  # (A, g, per, hd)
+        out = group_rows_attention(qk[:, :, :per], keys, values, attn_mask)  # (A, g, per, hd)
         return self.finish(x, out.reshape(a, -1), linear).view(a, 1, -1)
 
     def rows(self, x, cos, sin_signed, attn_mask, view, linear: LeanKernels) -> torch.Tensor:
@@ -155,14 +156,15 @@ class LeanLayer:
         (pending rows, drafts to verify, prompts), K/V written through `view` (a
         `kv_cache.LayerView`). cos, sin_signed: (A, R, 1, 1, hd) fp32 (`rows_tables`); attn_mask
         (A, 1, R, span). Attention is the call `SelfAttention.forward` makes: at R = 1 a group's
-        query heads attend as its rows (`one_query_attention`), else every head with `enable_gqa`
-        (SDPA can round the two layouts differently, so the layout follows the modules')."""
+        query heads attend as its rows (`one_query_attention`, `group_rows_attention`), else every
+        head with `enable_gqa` (SDPA can round the two layouts differently, so the layout follows
+        the modules')."""
         a, r, g, per, hd = x.shape[0], x.shape[1], self.groups, self.per, self.head_dim
         x = x.view(a * r, -1)  # (A R, h)
         qk, qkv = self.rotated_qkv(x, cos, sin_signed, linear)  # (A, R, g, per + 1, hd), (A, R, g, per + 2, hd)
         keys, values = view.update(qk[:, :, :, per].transpose(1, 2), qkv[:, :, :, per + 1].transpose(1, 2))
-        if r == 1 and per > 1:  # (A, g, per, hd)
-            out = F.scaled_dot_product_attention(qk[:, 0, :, :per], keys, values, attn_mask=attn_mask)
+        if r == 1:  # (A, g, per, hd)
+            out = group_rows_attention(qk[:, 0, :, :per], keys, values, attn_mask)
         else:
             q = qk[:, :, :, :per].reshape(a, r, g * per, hd).transpose(1, 2)  # (A, heads, R, hd)
             out = F.scaled_dot_product_attention(q, keys, values, attn_mask=attn_mask, enable_gqa=per > 1)

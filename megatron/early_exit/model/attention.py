@@ -17,6 +17,25 @@ from megatron.early_exit.model.norm import build_norm
 from megatron.early_exit.model.rotary import apply_rotary
 
 
+def group_rows_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None
+) -> torch.Tensor:
+    """SDPA of query rows that need no causal mask among themselves: q [b, ng, r, hd] (each
+    K/V group's r query rows: its query heads at one position, decoding), k/v [b, ng, t, hd]
+    -> [b, ng, r, hd]; `attn_mask` [b, 1, 1, t] (or None) broadcasts over the rows.
+
+    On the CPU in bf16, PyTorch's SDPA takes a slow path for a single query row: measured on
+    the AMD EPYC (torch 2.13, 2 threads, 6 groups of 64), 76 us at 300 keys and 268 us at 1,024
+    against 27 and 70 us for two rows, 3x at batch 4 too (`benchmarks/decode_attention.py`);
+    fp16 shows no such gap, and fp32's single row is the fast one. There a single row goes in
+    twice and the first result is kept: each query row is attended on its own, so it is the
+    same arithmetic (equal, or equal to round-off where the kernel blocks the keys differently)."""
+    if q.shape[2] == 1 and q.dtype == torch.bfloat16 and q.device.type == "cpu":
+        twice = torch.cat((q, q), dim=2)  # contiguous: an expanded view (stride 0) ran ~1.5x slower
+        return F.scaled_dot_product_attention(twice, k, v, attn_mask=attn_mask)[:, :, :1]
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+
+
 class LayerKVCache(Protocol):
     """What attention needs from a KV cache: store the new keys/values, return all of them."""
 
@@ -87,7 +106,7 @@ class SelfAttention(nn.Module):
         if kv_cache is not None:
             k, v = kv_cache.update(k, v)
         gqa = q.shape[1] != k.shape[1]
-        if kv_cache is not None and s == 1 and gqa and not self.training:
+        if kv_cache is not None and s == 1 and not self.training:
             return self.linear_proj(self.one_query_attention(q, k, v, attn_mask))
         out = F.scaled_dot_product_attention(
             q,
@@ -104,13 +123,13 @@ class SelfAttention(nn.Module):
     def one_query_attention(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None
     ) -> torch.Tensor:
-        """Decoding one token with grouped-query attention: q [b, nh, 1, hd], k/v [b, ng, t, hd]
-        -> [b, 1, nh * hd]. The query heads of one group share its K/V and a single query row
-        needs no causal mask, so they go in as that group's rows (q viewed [b, ng, nh/ng, hd]):
+        """Decoding one token: q [b, nh, 1, hd], k/v [b, ng, t, hd] -> [b, 1, nh * hd]. The query
+        heads of one group share its K/V and a single query row needs no causal mask, so they go
+        in as that group's rows (q viewed [b, ng, nh/ng, hd]; one row each without grouping):
         plain SDPA without `enable_gqa`, whose CPU path expands K/V per query head (3-4x slower
-        at decode sizes). The same dot products, so the same result to round-off. `attn_mask`
-        [b, 1, 1, t] (or None) broadcasts over the group's rows."""
+        at decode sizes), through `group_rows_attention`. The same dot products, so the same
+        result to round-off. `attn_mask` [b, 1, 1, t] (or None) broadcasts over the group's rows."""
         b, nh, _, hd = q.shape
         ng = k.shape[1]
-        out = F.scaled_dot_product_attention(q.view(b, ng, nh // ng, hd), k, v, attn_mask=attn_mask)
+        out = group_rows_attention(q.view(b, ng, nh // ng, hd), k, v, attn_mask)
         return out.reshape(b, 1, nh * hd)  # heads stay in order: group-major, as linear_qkv lays them out

@@ -351,3 +351,44 @@ def test_a_block_of_rows_is_written_and_read_by_slicing_as_the_padded_layout_wou
     index(general, [1, 2], [5, 5], [3, 2], False)
     general.layer(0, RowIndex([1], [5], [3], general, torch.device("cpu"))).update(k[:1], v[:1])
     assert torch.equal(general.k[0, 1], cache.k[0, 1])  # a one-sequence block writes what the slices do
+
+
+@pytest.mark.parametrize(
+    "scaling", [None, {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16}]
+)
+def test_rotary_tables_give_the_modules_angles_bit_for_bit(scaling):
+    # Passes read the rotary angles from tables the module made once (`Passes.rotary_tables`):
+    # at every position, in the uniform step's slice layout and the general pass's indexed one,
+    # after the tables grow past their first 256 positions, with the attention scaling yarn
+    # multiplies in: the module's own numbers.
+    model = EarlyExitGPT(ModelConfig(**{**BASE, **FAMILIES["llama_exit_probe"], "rope_scaling": scaling}))
+    model.init_weights(3)
+    passes = EarlyExitEngine(model.eval()).passes
+    positions = torch.tensor([[0, 1, 2, 255], [7, 31, 63, 64]])
+    cos, sin, signed = passes.rotary_at(positions, top=256, signed=True)
+    ref_cos, ref_sin = model.rotary(positions)
+    assert torch.equal(cos, ref_cos) and torch.equal(sin, ref_sin) and passes.rope_tables[0].shape[0] == 256
+    half = cos.shape[-1] // 2
+    assert torch.equal(signed[..., :half], -ref_sin[..., :half]) and torch.equal(
+        signed[..., half:], ref_sin[..., half:]
+    )
+    far = torch.tensor([[256, 300, 1000]])
+    cos, sin, none = passes.rotary_at(far, top=1001)
+    assert none is None and passes.rope_tables[0].shape[0] == 1024  # made again, larger
+    assert torch.equal(cos, model.rotary(far)[0]) and torch.equal(sin, model.rotary(far)[1])
+    views = passes.rotary_tables(1001)[3]  # what a uniform step at one position slices
+    assert torch.equal(views[0][300:301][:, :, 0], model.rotary(torch.tensor([[300]]))[0][0])
+
+
+def test_uniform_steps_embed_by_lookup_unless_a_hook_watches_the_embedding():
+    model = make("llama_exit_probe")
+    ref, s_ref, _ = decode(model, PROMPTS[4], [ExitPolicy()], fast=False, steps=4)
+    got, s_got, n = decode(model, PROMPTS[4], [ExitPolicy()], fast=True, steps=4)
+    assert n == 4 and got == ref and torch.equal(filled_kv(s_got)[0], filled_kv(s_ref)[0])
+    seen = []
+    handle = model.embedding.word_embeddings.register_forward_hook(lambda m, i, o: seen.append(tuple(o.shape)))
+    try:
+        hooked, _, _ = decode(model, PROMPTS[4], [ExitPolicy()], fast=True, steps=4)
+    finally:
+        handle.remove()
+    assert hooked == ref and seen[0] == (4, 7, 32) and seen[1:] == [(4, 1, 32)] * 4  # the prefill, then each step

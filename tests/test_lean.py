@@ -24,7 +24,11 @@ LLAMA = dict(
     max_position_embeddings=64, normalization="RMSNorm", swiglu=True, position_embedding_type="rope",
     add_bias_linear=False, exit_layer_nums=[1, 2, 3], use_exit_norm=True, use_exit_confidence_head=True,
 )  # fmt: skip
-PROMPTS = {1: [[5, 9, 2, 7]], 4: [[1, 2, 3, 4, 5], [7, 8], [9, 10, 11, 12, 13, 14, 15], [3]]}
+PROMPTS = {
+    1: [[5, 9, 2, 7]],
+    2: [[5, 9, 2, 7], [8, 1, 6, 3]],  # every sequence at one position: the steps' sliced layouts
+    4: [[1, 2, 3, 4, 5], [7, 8], [9, 10, 11, 12, 13, 14, 15], [3]],
+}
 
 
 def make(dtype=torch.float32, **over) -> EarlyExitGPT:
@@ -73,7 +77,7 @@ def assert_same_steps(ref, got, s_ref, s_got) -> None:
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("batch", [1, 4])
+@pytest.mark.parametrize("batch", [1, 2, 4])
 def test_lean_layers_give_the_modules_numbers_bit_for_bit(dtype, batch):
     model = make(dtype)
     prompts = PROMPTS[batch]

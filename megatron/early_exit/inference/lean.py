@@ -120,13 +120,14 @@ class LeanLayer:
         scaled = scaled_rows(x, eps) if scaled is None else scaled
         return weight * scaled if self.fp32 else weight * scaled.to(x.dtype)
 
-    def rotated_qkv(self, x, cos, sin_signed, linear: LeanKernels, scaled=None) -> tuple[torch.Tensor, torch.Tensor]:
-        """x (N, h) -> (qk, qkv): the QKV product of the normed rows viewed (N, g, per + 2, hd)
-        (per group: its query heads, key, value) and its q and k heads rotated (N, g, per + 1, hd),
-        as `apply_rotary` does (in fp32, cast back). cos, sin_signed broadcast against (N, g, ., hd).
-        `scaled`: the input norm's `scaled_rows` of x where an exit check made them."""
+    def rotated_qkv(self, x, lead: tuple, cos, sin_signed, linear: LeanKernels, scaled=None) -> tuple:
+        """x (N, h) -> (qk, qkv): the QKV product of the normed rows viewed (*lead, g, per + 2, hd)
+        (lead: (A,) or (A, R), N rows in all; per group: its query heads, key, value) and its q
+        and k heads rotated (*lead, g, per + 1, hd), as `apply_rotary` does (in fp32, cast back).
+        cos, sin_signed broadcast against them. `scaled`: the input norm's `scaled_rows` of x
+        where an exit check made them."""
         g, per, hd = self.groups, self.per, self.head_dim
-        qkv = linear(self.norm(x, self.w_in, self.eps_in, scaled), self.qkv).view(*cos.shape[:-3], g, per + 2, hd)
+        qkv = linear(self.norm(x, self.w_in, self.eps_in, scaled), self.qkv).view(*lead, g, per + 2, hd)
         qk = qkv[..., : per + 1, :]
         if self.fp32:
             return qk * cos + qk.roll(hd // 2, -1) * sin_signed, qkv
@@ -142,11 +143,11 @@ class LeanLayer:
 
     def __call__(self, x, cos, sin_signed, attn_mask, view, linear: LeanKernels, scaled=None) -> torch.Tensor:
         """x (A, 1, h) -> (A, 1, h); K/V written through `view` (a `kv_cache.DecodeView`).
-        cos, sin_signed: (A, 1, 1, hd) fp32 (`signed_sine`); attn_mask as the modules take it;
+        cos, sin_signed: (A or 1, 1, 1, hd) fp32 (`signed_sine`); attn_mask as the modules take it;
         scaled (A, h) fp32: `scaled_rows(x, self.eps_in)` where an exit's check made them already."""
         a, per = x.shape[0], self.per
         x = x.view(a, -1)  # (A, h): 2-D products take no reshapes around them
-        qk, qkv = self.rotated_qkv(x, cos, sin_signed, linear, scaled)  # (A, g, per + 1, hd), (A, g, per + 2, hd)
+        qk, qkv = self.rotated_qkv(x, (a,), cos, sin_signed, linear, scaled)  # (A, g, per + 1, hd), (A, g, per + 2, hd)
         keys, values = view.update(qk[:, :, per:], qkv[:, :, per + 1 :])  # (A, g, span, hd)
         out = group_rows_attention(qk[:, :, :per], keys, values, attn_mask)  # (A, g, per, hd)
         return self.finish(x, out.reshape(a, -1), linear).view(a, 1, -1)
@@ -161,7 +162,7 @@ class LeanLayer:
         the modules')."""
         a, r, g, per, hd = x.shape[0], x.shape[1], self.groups, self.per, self.head_dim
         x = x.view(a * r, -1)  # (A R, h)
-        qk, qkv = self.rotated_qkv(x, cos, sin_signed, linear)  # (A, R, g, per + 1, hd), (A, R, g, per + 2, hd)
+        qk, qkv = self.rotated_qkv(x, (a, r), cos, sin_signed, linear)  # (A, R, g, per + 1, hd), (A, R, g, per + 2, hd)
         keys, values = view.update(qk[:, :, :, per].transpose(1, 2), qkv[:, :, :, per + 1].transpose(1, 2))
         if r == 1:  # (A, g, per, hd)
             out = group_rows_attention(qk[:, 0, :, :per], keys, values, attn_mask)

@@ -31,6 +31,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+import torch.nn.functional as F
+from torch.nn.modules import module
 
 from megatron.early_exit.derived import DerivedCopies
 from megatron.early_exit.inference import greedy_head, lean
@@ -39,6 +41,7 @@ from megatron.early_exit.inference.exit_decision import decide, worth_checking
 from megatron.early_exit.inference.fused_check import folded_probe, logit_threshold, sigmoid
 from megatron.early_exit.inference.kv_cache import DecodeIndex, KVCache, RowIndex
 from megatron.early_exit.inference.uniform_check import uniform_checks
+from megatron.early_exit.model.gpt import Embedding
 
 
 @dataclass(frozen=True)
@@ -181,6 +184,9 @@ class Passes:
         # None: the whole vocabulary (`draft_logits`; the engine sets it from the calibration record).
         self.draft_vocab: torch.Tensor | None = None
         self.draft_weights = DerivedCopies()  # exit weight -> its draft vocabulary's rows
+        # The model's rotary angles at positions 0..n-1: (cos, sin, sin with its first half
+        # negated) [n, hd] fp32, and these viewed [n, 1, 1, hd], made once (`rotary_tables`).
+        self.rope_tables: tuple | None = None
 
     def depth(self, n: int) -> int:
         """How many layers run before exit n reads the hidden state."""
@@ -252,9 +258,13 @@ class Passes:
         these layers (nothing pending there). 0 where the step is not a decode step."""
         if not new_tokens or any(len(t) != 1 for t in new_tokens.values()):
             return 0
+        filled, layers = state.cache.filled, self.end - self.start
+        last = filled[layers - 1]  # a layer never holds more positions than the one below it,
+        if all(last[b] == state.fed[b] for b in new_tokens):  # so the last one filled: all are
+            return layers
         seqs = list(new_tokens)
         fed = np.asarray([state.fed[b] for b in seqs], dtype=np.int64)
-        ok = (state.cache.filled[: self.end - self.start, seqs] == fed).all(axis=1)  # per layer
+        ok = (filled[:layers, seqs] == fed).all(axis=1)  # per layer
         return int(ok.argmin()) if not ok.all() else len(ok)
 
     def run_uniform(
@@ -272,7 +282,7 @@ class Passes:
             state.fed[b] += 1
         ids = torch.tensor([t[0] for t in new_tokens.values()], dtype=torch.long).view(-1, 1)
         index, rotary = self.uniform_layout(state, seqs, pos)
-        rows = Rows(seqs, pos, [1] * len(seqs), self.model.embedding(ids.to(self.device), index.positions))  # (A, 1, h)
+        rows = Rows(seqs, pos, [1] * len(seqs), self.embed_ids(ids.to(self.device), index.positions))  # (A, 1, h)
         has_new, checks = set(seqs), uniform_checks(self, state, policy, by_depth)
         for d in range(layers + 1):
             if d > 0:
@@ -283,9 +293,9 @@ class Passes:
                 fired = check(state, rows, out) if check else self.check_exit(state, n, rows, has_new, policy, out)
                 if fired:
                     self.remember_pending(state, rows, fired)
+                    if len(fired) == len(rows.seqs):
+                        return None  # every sequence has its token (a draft step ends here)
                     rows = rows.subset(set(rows.seqs) - fired)
-                    if not rows.seqs:
-                        return None
                     index, rotary = self.uniform_layout(state, rows.seqs, rows.lo)
         if layers < self.num_layers:
             return rows
@@ -298,8 +308,48 @@ class Passes:
         index = DecodeIndex(seqs, pos, state.cache, self.device)
         if self.model.rotary is None:
             return index, None
-        cos, sin = self.model.rotary(index.positions)
-        return index, (cos, sin, lean.signed_sine(sin) if self.lean_on() else None)
+        if index.same:  # every sequence at one position: a slice of each table, (1, 1, 1, hd), broadcast
+            p, (cos, sin, neg) = pos[0], self.rotary_tables(pos[0] + 1)[3]
+            return index, (cos[p : p + 1], sin[p : p + 1], neg[p : p + 1] if self.lean_on() else None)
+        return index, self.rotary_at(index.positions, max(pos) + 1, signed=self.lean_on())
+
+    def rotary_at(self, positions: torch.Tensor, top: int, signed: bool = False) -> tuple:
+        """The model's rotary angles at `positions` [A, S] (each below `top`): cos, sin
+        [A, 1, S, hd] fp32, then with `signed` sin with its first half negated
+        (`lean.signed_sine`), else None. Read from tables the model's rotary made once for
+        positions 0..n-1 (n a power of two, made again larger when a position reaches it): a
+        step's angles then cost an index each instead of the module's ~8 operations (~25-40 us
+        a step on the CPU), and every pass, uniform or general, reads the same numbers."""
+        cos, sin, neg = self.rotary_tables(top)[:3]
+        return cos[positions][:, None], sin[positions][:, None], neg[positions][:, None] if signed else None
+
+    def rotary_tables(self, top: int) -> tuple:
+        """`rope_tables`, made (again) where they end below position `top`: (cos, sin, signed
+        sine) [n, hd], then the same three viewed [n, 1, 1, hd]."""
+        tables = self.rope_tables
+        if tables is None or tables[0].shape[0] < top:
+            n = 1 << max(top - 1, 255).bit_length()
+            cos, sin = self.model.rotary(torch.arange(n, device=self.device)[None])  # (1, 1, n, hd)
+            flat = (cos[0, 0], sin[0, 0], lean.signed_sine(sin[0, 0]))
+            tables = self.rope_tables = (*flat, tuple(t.view(n, 1, 1, -1) for t in flat))
+        return tables
+
+    def embed_ids(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """`model.embedding(ids, positions)`; where it is a plain word embedding alone (rotary
+        positions, no dropout at decode time, not a tensor-parallel shard) and no forward hook
+        watches it, its lookup alone (the same numbers, without two module calls and a dropout
+        call: ~10 us a step)."""
+        emb = self.model.embedding
+        plain = type(emb) is Embedding and type(emb.word_embeddings) is torch.nn.Embedding
+        if not plain or emb.position_embeddings is not None or emb.training or self.embedding_hooked():
+            return emb(ids, positions)
+        return F.embedding(ids, emb.word_embeddings.weight)
+
+    def embedding_hooked(self) -> bool:
+        emb = self.model.embedding
+        if module._global_forward_hooks or module._global_forward_pre_hooks:
+            return True
+        return any(m._forward_hooks or m._forward_pre_hooks for m in (emb, emb.word_embeddings))
 
     def decode_layer(self, state: DecodeState, i: int, x: torch.Tensor, rotary, index: DecodeIndex) -> torch.Tensor:
         """Layer i (global number) over one row per sequence x (A, 1, h); fills their K/V there."""
@@ -413,7 +463,8 @@ class Passes:
         key = (id(cache), tuple(seqs), tuple(lo), tuple(n))
         if key not in memo:
             index = RowIndex(seqs, lo, n, cache, self.device)
-            rotary = self.model.rotary(index.positions) if self.model.rotary is not None else None
+            top = max(a + b for a, b in zip(lo, n))
+            rotary = self.rotary_at(index.positions, top)[:2] if self.model.rotary is not None else None
             memo[key] = (index, rotary)
         return memo[key]
 
@@ -473,9 +524,12 @@ class Passes:
         """A check on the exit's logits: (leavers as `cand` indices, their confidences, their
         logits [F, V])."""
         hidden = self.exit_hidden(state, n, head, rows, cand)  # (A, 1, h)
-        drafting = forced and self.draft_vocab is not None
-        logits = self.draft_logits(head, hidden) if drafting else self.exit_logits(head, hidden)  # (A, V)
-        conf = measure.from_logits(logits)
+        if forced and self.draft_vocab is not None:  # max-probability over the K drafted logits:
+            logits, part = self.draft_logits(head, hidden, parts=True)  # the others are -inf
+            conf = measure.from_logits(part)
+        else:
+            logits = self.exit_logits(head, hidden)  # (A, V)
+            conf = measure.from_logits(logits)
         fire = list(range(len(cand))) if forced else decide(self, n, conf >= policy.threshold_of(n), rows, cand, policy)
         if len(fire) < len(cand):
             logits = logits[torch.tensor(fire, dtype=torch.long, device=self.device)]
@@ -551,18 +605,19 @@ class Passes:
         m = self.model
         return self.vocab_logits(head.project(hidden, m.tied_output_weight(), m.head_ops)[:, 0])
 
-    def draft_logits(self, head, hidden: torch.Tensor) -> torch.Tensor:
+    def draft_logits(self, head, hidden: torch.Tensor, parts: bool = False):
         """A draft's logits [A, V] in fp32 from exit hidden [A, 1, h]: the projection onto the
         draft vocabulary's rows alone (`self.draft_vocab`; their copy is made once per weight),
         -inf at every other token, so that its argmax and max-probability are those over the
         draft vocabulary. The verify pass keeps a draft only where it is the final head's token,
-        so drafts from part of the vocabulary lose nothing but the drafts whose token lies outside it."""
+        so drafts from part of the vocabulary lose nothing but the drafts whose token lies outside it.
+        `parts`: (logits, the draft vocabulary's own logits [A, K] fp32)."""
         m, ids = self.model, self.draft_vocab
         weight = head.output_weight(m.tied_output_weight())
         rows = self.draft_weights.get(weight, ("draft vocabulary", id(ids)), lambda w: w.index_select(0, ids))
         part = head.project_onto(hidden, rows, m.head_ops)[:, 0].float()  # (A, K)
-        logits = part.new_full((part.shape[0], self.vocab), float("-inf"))
-        return logits.index_copy_(1, ids, part)
+        logits = part.new_full((part.shape[0], self.vocab), float("-inf")).index_copy_(1, ids, part)
+        return (logits, part) if parts else logits
 
     def block_exit_hidden(self, state: DecodeState, n: int, head, seqs: list[int]) -> torch.Tensor:
         """Bring exit n's own block cache up to each sequence's newest token; its hidden there [A, 1, h]."""

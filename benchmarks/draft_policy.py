@@ -16,7 +16,10 @@ final head's token.
 Each policy is replayed at the same costs (`DraftCosts`, in plain decode steps): the engine's
 controller (`draft_control.DraftController`, warm-started from the checkpoint's calibration
 record where it has agreement) with its early stop and without it (the geometric plan's g), and
-fixed (exit, g) pairs. A round costs g * draft[n] + base[n] + g * row[n]; a plain round 1. The
+fixed (exit, g) pairs. A round costs g * draft[n] + base[n] + g * row[n]; a plain round 1, and
+--observe-cost more where it reads an exit's token on the way (`Plan.observe`; the controller
+without it: "plain rounds blind", as before it observed). --passes replays the prompts that many
+times in a row with one controller, as an engine's controller learns across calls. The
 costs are timed rounds at batch 1 (`draft_costs.measure_draft_costs`, --costs measured, the
 default) or the config's weight counts (--costs parameters). Printed per policy: tokens per
 unit of time (the speedup over full decoding the policy would reach at these costs, nothing
@@ -56,17 +59,19 @@ def trajectories(engine, model, prompts: list[list[int]], new_tokens: int) -> li
     return out
 
 
-def replay(paths, exits: list[int], costs, choose) -> dict:
-    """Run `choose(position facts) -> (exit, drafts kept)` round by round along every path;
-    `choose` returns the exit and how many drafts it made (0: a plain round)."""
+def replay(paths, exits: list[int], costs, choose, observe_cost: float = 0.0, passes: int = 1) -> dict:
+    """Run `choose(position facts) -> (exit, drafts kept)` round by round along every path
+    (`passes` times over); `choose` returns the exit and how many drafts it made (0: a plain
+    round, the exit it observed or None)."""
     tokens = time = rounds = drafted = plain = 0.0
-    for agree, conf in paths:
+    for agree, conf in paths * passes:
         i = 0
         while i < len(agree):
             n, g, learn = choose(agree, conf, i)
             rounds += 1
             if g == 0:
-                tokens, time, plain, i = tokens + 1, time + 1.0, plain + 1, i + 1
+                time += 1.0 + (observe_cost if n is not None else 0.0)
+                tokens, plain, i = tokens + 1, plain + 1, i + 1
                 continue
             e = exits.index(n)
             ok = 0
@@ -80,14 +85,18 @@ def replay(paths, exits: list[int], costs, choose) -> dict:
             "plain": plain / rounds}  # fmt: skip
 
 
-def controller_policy(exits: list[int], costs, agreement, stop_early: bool):
+def controller_policy(exits: list[int], costs, agreement, stop_early: bool, observe: bool = True):
     ctl = DraftController(costs, stop_early=stop_early, agreement=agreement)
     lengths = list(range(1, MAX_DRAFT + 1))
 
     def choose(agree, conf, i):
         plan = ctl.plan(exits, lengths)
         if plan.exit is None:
-            return None, 0, None
+            n = plan.observe if observe else None
+            if n is not None:  # the plain round reads exit n's token: one observation
+                e = exits.index(n)
+                ctl.update(n, [([conf[i][e]], int(agree[i][e]))])
+            return n, 0, None
         e, confs = exits.index(plan.exit), []
         for j in range(min(plan.cap, len(agree) - i - 1)):  # room for the final head's token
             confs.append(conf[i + j][e])
@@ -112,6 +121,14 @@ def main(argv=None) -> None:
     p.add_argument("--max-new-tokens", type=int, default=48)
     p.add_argument("--costs", choices=("measured", "parameters"), default="measured")
     p.add_argument("--bf16", action="store_true", help="decode and time in bf16")
+    p.add_argument(
+        "--observe-cost",
+        type=float,
+        default=0.03,
+        help="what reading an exit's token costs a plain round, in plain steps (the draft check: "
+        "~0.03 on the CPU reference model)",
+    )
+    p.add_argument("--passes", type=int, default=1, help="replay the prompts this many times with one controller")
     args = p.parse_args(argv)
 
     model, tokenizer = load_checkpoint(args.load)
@@ -139,13 +156,14 @@ def main(argv=None) -> None:
     policies = {
         "controller, early stop": controller_policy(exits, costs, agreement, True),
         "controller, geometric g": controller_policy(exits, costs, agreement, False),
+        "controller, plain rounds blind": controller_policy(exits, costs, agreement, True, observe=False),
     }
     for n in exits:
         for g in (1, 2, 3, 4):
             policies[f"fixed exit {n}, g {g}"] = fixed_policy(n, g)
     print(f"{'policy':28s} {'rate':>6s} {'tokens/round':>13s} {'drafts/round':>13s} {'plain':>6s}")
     for name, choose in policies.items():
-        r = replay(paths, exits, costs, choose)
+        r = replay(paths, exits, costs, choose, args.observe_cost, args.passes)
         print(f"{name:28s} {r['rate']:6.3f} {r['tokens/round']:13.2f} {r['drafts/round']:13.2f} {r['plain']:6.1%}")
 
 

@@ -15,6 +15,7 @@ from megatron.early_exit.inference import EarlyExitEngine, GenerationSettings, g
 from megatron.early_exit.inference.strategies.draft_control import (
     MAX_BACKOFF,
     MAX_DRAFT,
+    OBSERVE_NEAR,
     WARM_EXPLORE_SHARE,
     DraftController,
     DraftCosts,
@@ -595,3 +596,60 @@ def test_a_corrupt_draft_vocabulary_in_the_record_is_named(tmp_path):
     model, _ = load_checkpoint(str(tmp_path))
     assert model.calibrated_thresholds["draft_vocabulary"] == {"tokens": [2, 9], "coverage": 0.99}
     assert EarlyExitEngine(model).passes.draft_vocab.tolist() == [2, 9]
+
+
+def test_a_plain_round_near_paying_observes_its_exit_and_learns_from_it():
+    """A plain plan whose best exit comes within OBSERVE_NEAR of paying reads that exit (one far
+    from paying: none); each observation teaches the controller as a one-draft round would, so
+    after a run of rejections the exit drafts again as soon as its tokens agree, not after its
+    exploration interval. Round costs as timed on the CPU reference model's exit 3."""
+    costs = DraftCosts(draft={2: 0.3}, row={2: 0.05}, base={2: 1.15})
+    ctl = DraftController(costs, agreement={2: 0.76})
+    lengths = list(range(1, MAX_DRAFT + 1))
+    for _ in range(5):  # a hard stretch: exit 2's drafts rejected
+        ctl.update(2, [([0.5], 0)])
+    plan = ctl.plan([2], lengths)
+    near = max(ctl.rate(2, g) for g in lengths)
+    assert plan.exit is None and OBSERVE_NEAR <= near < 1.0 and plan.observe == 2
+    assert ctl.interval(2, 1) == 18  # exploration alone: ceil(0.35 / WARM_EXPLORE_SHARE 0.02) rounds
+    observed = 0
+    while plan.exit is None and observed < 10:  # the text gets easy again: each observed token agrees
+        ctl.update(2, [([0.9], 1)])
+        observed += 1
+        plan = ctl.plan([2], lengths)
+    assert (plan.exit, plan.explore, observed) == (2, False, 2)
+    hopeless = DraftController(costs, agreement={2: 0.05})
+    plan = hopeless.plan([2], lengths)
+    assert plan.exit is None and plan.observe is None  # no check paid for an exit far from paying
+
+
+@pytest.mark.parametrize("batch", [1, 4])
+def test_observing_a_plain_step_reads_the_draft_and_keeps_full_decodings_token(case, batch):
+    """`ExitPolicy(observe=(n,))`: the step's tokens, exits and logits are full decoding's, and
+    each sequence's guess is exit n's greedy token and max-probability, those a draft from n at
+    the same position has; a plain round of self-speculation feeds them to the controller."""
+    from megatron.early_exit.inference import ExitPolicy
+    from megatron.early_exit.inference.strategies.self_speculative import observations
+
+    _, model, _ = case
+    engine = EarlyExitEngine(model)
+    outs = {}
+    for name, policy in (
+        ("plain", ExitPolicy()),
+        ("observe", ExitPolicy(observe=(1,))),
+        ("draft", ExitPolicy(force=1)),
+    ):
+        state = engine.new_state(batch, 16)
+        engine.prefill(state, {b: PROMPTS[b] for b in range(batch)})
+        outs[name] = engine.decode_one_token(state, {b: 5 for b in range(batch)}, policy)
+    plain, seen, draft = outs["plain"], outs["observe"], outs["draft"]
+    assert seen.exit_layer == plain.exit_layer == dict.fromkeys(range(batch), 6) and not plain.guesses
+    assert all(torch.equal(seen.logits[b], plain.logits[b]) for b in range(batch))
+    for b in range(batch):
+        n, token, conf = seen.guesses[b]
+        assert (n, token) == (1, int(draft.logits[b].argmax())) and conf == pytest.approx(draft.confidence[b])
+    for b in range(batch):  # what the strategy's plain round passes on: as the final head's token
+        seen.all_logits[b] = seen.logits[b][None]
+    agree = [int(seen.guesses[b][1] == int(plain.logits[b].argmax())) for b in range(batch)]
+    assert observations(seen, 1) == [([seen.guesses[b][2]], agree[b]) for b in range(batch)]
+    assert observations(seen, 3) == []

@@ -54,6 +54,10 @@ class ExitPolicy:
     force: int | None = None  # this exit always fires (self-speculative drafting)
     per_exit: tuple[tuple[int, float], ...] = ()  # (exit, threshold) pairs overriding `threshold` (calibrated)
     mode: str = "exact"  # exact: every allowed exit, every row; cost_aware: where leaving pays (exit_decision.py)
+    # Exits whose greedy token and max-probability are recorded for every new row's sequence
+    # (`StepOutput.guesses`), never firing: a plain round of dynamic self-speculation observes
+    # its draft exit's agreement with the final head (`draft_control.Plan.observe`).
+    observe: tuple[int, ...] = ()
 
     def threshold_of(self, n: int) -> float:
         """Exit n's threshold: its own calibrated one where given, else the shared one."""
@@ -77,6 +81,7 @@ class StepOutput:
     # then holds its near-exact logits: the candidates' exact values, the others within the bound)
     all_tokens: dict[int, list[int]] = field(default_factory=dict)
     row_exit_layer: dict[int, list[int]] = field(default_factory=dict)  # b -> layer per new row (scoring.py)
+    guesses: dict[int, tuple[int, int, float]] = field(default_factory=dict)  # b -> (exit, token, max-prob): `observe`
 
     def order(self) -> list[int]:
         return list(self.exit_layer)
@@ -407,7 +412,7 @@ class Passes:
 
     def exits_by_depth(self, policy: ExitPolicy) -> dict[int, list[int]]:
         """depth -> the exits `policy` evaluates there that this model holds."""
-        wanted = {n for n in policy.allowed if policy.threshold_of(n) < 1.0}
+        wanted = {n for n in policy.allowed if policy.threshold_of(n) < 1.0} | set(policy.observe)
         by_depth: dict[int, list[int]] = {}
         for n in sorted(wanted | ({policy.force} if policy.force is not None else set())):
             if str(n) in self.model.exits:
@@ -497,6 +502,9 @@ class Passes:
         records the leavers in `out` and returns them."""
         forced, threshold = policy.force == n, policy.threshold_of(n)
         cand = [a for a, b in enumerate(rows.seqs) if b in has_new]
+        if cand and n in policy.observe and not forced:
+            self.observe_exit(state, n, rows, cand, out)
+            return set()
         if not cand or (not forced and threshold >= 1.0) or not worth_checking(self, n, rows, cand, policy):
             return set()  # threshold 1.0 never exits, cost_aware skips a check that cannot pay: no head
         start = tick(self.device) if self.profile else 0.0
@@ -510,6 +518,21 @@ class Passes:
         if self.profile:
             state.exit_time += tick(self.device) - start
         return leavers
+
+    def observe_exit(self, state, n: int, rows: Rows, cand: list[int], out: StepOutput) -> None:
+        """Exit n's greedy token and max-probability for each candidate's newest row, recorded
+        in `out.guesses` (the row goes on): what a draft from n would have been, over the draft
+        vocabulary where the passes draft onto one."""
+        head = self.exit_head(state, n)
+        hidden = self.exit_hidden(state, n, head, rows, cand)  # (A, 1, h)
+        if self.draft_vocab is not None:
+            _, part = self.draft_logits(head, hidden, parts=True)  # (A, K)
+            tokens = self.draft_vocab[part.argmax(-1)]
+        else:
+            part = self.exit_logits(head, hidden)  # (A, V)
+            tokens = part.argmax(-1)
+        for a, t, c in zip(cand, tokens.tolist(), max_prob(part).tolist()):
+            out.guesses[rows.seqs[a]] = (n, t, c)
 
     @staticmethod
     def record_leavers(n: int, seqs: list[int], fire: list[int], conf: list[float], logits, out) -> set[int]:

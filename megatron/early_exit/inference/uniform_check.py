@@ -115,7 +115,7 @@ def _make(passes, state, policy, by_depth) -> dict[int, UniformCheck | None]:
         folded, head = None, passes.exit_head(state, n)
         if measure.probe_logit and passes.fused_checks and policy.force != n and not passes.profile:
             folded = passes.folded_probe(state, head)
-        usable = applies(folded) and policy.threshold_of(n) < 1.0
+        usable = applies(folded) and policy.threshold_of(n) < 1.0 and n not in policy.observe
         checks[n] = UniformCheck(passes, n, policy, head, folded) if usable else None
     return checks
 

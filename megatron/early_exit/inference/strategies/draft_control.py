@@ -22,6 +22,15 @@ agree, exploring then costs explore_share / MAX_BACKOFF, so lossless decoding st
 full decoding instead of the whole budget (the demo's SmolLM2 read 0.976x at a 2% budget), and a
 recovered exit is still found within MAX_BACKOFF intervals.
 
+Observing plain rounds. A plain round drafts nothing, so it used to teach nothing: after a
+stretch of rejections left an exit just below paying, decoding stayed plain until the exit's
+exploration was due, after the stretch had passed (CPU reference model, bf16: 32-36 plain rounds
+in a row, most of one abstract, in about one process in three, with exit 3 estimated at 0.50
+where its plan needed 0.51). A plain round whose best plan comes within OBSERVE_NEAR of paying
+now reads that exit's greedy token on the way (`Plan.observe`, `ExitPolicy.observe`: the exit's
+check, ~0.03 of a step, and no draft) and learns from it as from a round that drafted that one
+token; exits far from paying (the tuned SmolLM2's) are left to exploration, at no such cost.
+
 Warm start. Where the checkpoint's calibration record (`early_exit_thresholds.json`) holds each
 exit's top-1 agreement with the final head, that exit's prior holds WARM_DRAFTS drafts accepted
 at that rate besides Beta(1, 1), instead of trying every exit at once: an exit that pays drafts
@@ -68,6 +77,7 @@ BINS = 8  # max-probability bins for the early stop (equal widths)
 WARM_DRAFTS = 4.0  # what a calibration record's agreement is worth, in observed drafts
 WARM_EXPLORE_SHARE = 0.02  # exploration budget of an exit whose acceptance the calibration record gave
 MAX_BACKOFF = 4  # failed exploratory tries stretch an exit's interval up to this many times
+OBSERVE_NEAR = 0.9  # a plain round observes the exit whose best plan reaches this rate (1.0 pays)
 
 
 @dataclass
@@ -142,6 +152,7 @@ class Plan:
     rate: float  # expected tokens per unit of time
     explore: bool = False
     limit: int | None = None  # the most drafts a sequence takes this round (None: `length`); the stop may take fewer
+    observe: int | None = None  # a plain round: the exit whose greedy token it reads and learns from
 
     @property
     def cap(self) -> int:
@@ -205,13 +216,17 @@ class DraftController:
             n = max(due, key=lambda m: self.stats[m].idle)
             self.stats[n].idle, self.stats[n].exploring = 0, True
             return Plan(n, min(lengths), self.rate(n, min(lengths)), explore=True)  # cap: one draft
-        best = Plan(None, 0, 1.0)
+        best, near = Plan(None, 0, 1.0), (None, OBSERVE_NEAR)
         for n in exits:
             for g in lengths:
                 r = self.rate(n, g)
                 if r > best.rate + 1e-9:
                     best = Plan(n, g, r)
-        if best.exit is not None:
+                if r >= near[1]:
+                    near = (n, r)
+        if best.exit is None:
+            best.observe = near[0]  # an exit near paying: its agreement read on the way (cost: its check)
+        else:
             self.stats[best.exit].idle = 0
             if self.stop_early and batch == 1:
                 # the early stop ends the drafts; in a batch a draft step costs about as much for

@@ -160,7 +160,11 @@ class SelfSpeculative(Strategy):
         s, results = batch.settings, batch.results
         start = {b: state.fed[b] for b in running}  # position of the first token fed this round
         drafts, confs, last = self.draft(engine, state, running, batch, plan, ctl)
-        out = verify(engine, state, last, drafted=any(drafts.values()))
+        out = verify(engine, state, last, drafted=any(drafts.values()), observe=plan.observe)
+        if ctl is not None and plan.observe is not None:
+            seen = observations(out, plan.observe)
+            if seen:
+                ctl.update(plan.observe, seen)
         still, observed = [], []
         for b in running:
             ok = self.keep(engine, out, b, drafts[b], confs[b], batch, plan.exit)
@@ -216,20 +220,32 @@ class SelfSpeculative(Strategy):
         return ok
 
 
-def verify(engine, state, last: dict[int, int], drafted: bool):
+def verify(engine, state, last: dict[int, int], drafted: bool, observe: int | None = None):
     """The verify pass: every drafted row and `last` through the remaining layers, the final
     head on each row (`all_logits`; on a greedy request, `all_tokens` from the certified int8
     head where the engine uses it). A round that drafted nothing is a plain decode step: it
     takes full decoding's uniform fast path (the general pass, which gathers rows and builds a
-    causal layout per layer, cost 1.4x a full step on SmolLM2 at batch 1), same tokens."""
+    causal layout per layer, cost 1.4x a full step on SmolLM2 at batch 1), same tokens; with
+    `observe`, that exit's greedy token is read on the way (`ExitPolicy.observe`)."""
     if drafted:
         return engine.verify(state, {b: [t] for b, t in last.items()})
-    out = engine.decode_one_token(state, last, ExitPolicy())
+    out = engine.decode_one_token(state, last, ExitPolicy(observe=(observe,)) if observe is not None else ExitPolicy())
     for b, logits in out.logits.items():
         out.all_logits[b] = logits[None]  # (1, V): the one fed row
     for b, token in out.tokens.items():  # the int8 head: a token, no logits
         out.all_tokens[b] = [token]
     return out
+
+
+def observations(out, n: int) -> list[tuple[list[float], int]]:
+    """A plain round's observations of exit n for the controller, one per sequence whose guess
+    the pass recorded: ([its max-probability], 1 if it is the final head's token else 0), as
+    a round that drafted that one token would have told it."""
+    seen = []
+    for b, (exit_layer, token, conf) in out.guesses.items():
+        if exit_layer == n and b in out.exit_layer:
+            seen.append(([conf], int(token == final_tokens(out, b)[0])))
+    return seen
 
 
 def final_tokens(out, b: int) -> list[int]:

@@ -127,6 +127,7 @@ class Rows:
     lo: list[int]
     n: list[int]
     x: torch.Tensor  # (A, R, h)
+    layout: tuple | None = None  # (RowIndex, rotary) of these rows in the pass's cache, once looked up (`advance`)
 
     def subset(self, keep) -> Rows:
         """The rows of the sequences in `keep`, padding trimmed to the longest kept."""
@@ -267,6 +268,9 @@ class Passes:
         last = filled[layers - 1]  # a layer never holds more positions than the one below it,
         if all(last[b] == state.fed[b] for b in new_tokens):  # so the last one filled: all are
             return layers
+        if len(new_tokens) == 1:  # one sequence: its column, no fancy indexing
+            b = next(iter(new_tokens))
+            return int((filled[:layers, b] == state.fed[b]).argmin())  # the last layer is not filled
         seqs = list(new_tokens)
         fed = np.asarray([state.fed[b] for b in seqs], dtype=np.int64)
         ok = (filled[:layers, seqs] == fed).all(axis=1)  # per layer
@@ -459,6 +463,8 @@ class Passes:
         if same and seqs == rows.seqs:
             return rows  # the usual decode step: nothing pending, nobody left
         n = [sum(p.shape[0] for p in piece) for piece in parts]
+        if min(n) == max(n):  # no padding (one sequence, a verify pass): one stacking copy
+            return Rows(seqs, los, n, torch.stack([torch.cat(p) if len(p) > 1 else p[0] for p in parts]))
         x = rows.x.new_zeros(len(seqs), max(n), rows.x.shape[-1])  # (A, R, h)
         for a, piece in enumerate(parts):
             x[a, : n[a]] = torch.cat(piece) if len(piece) > 1 else piece[0]
@@ -467,16 +473,22 @@ class Passes:
     def layout(self, cache: KVCache, seqs: list[int], lo: list[int], n: list[int], memo: dict) -> tuple:
         key = (id(cache), tuple(seqs), tuple(lo), tuple(n))
         if key not in memo:
-            index = RowIndex(seqs, lo, n, cache, self.device)
-            top = max(a + b for a, b in zip(lo, n))
-            rotary = self.rotary_at(index.positions, top)[:2] if self.model.rotary is not None else None
+            index, rotary = RowIndex(seqs, lo, n, cache, self.device), None
+            if self.model.rotary is not None:
+                cos, sin, neg = self.rotary_at(index.positions, max(a + b for a, b in zip(lo, n)), self.lean_on())
+                rotary = (cos, sin)
+                if neg is not None:  # what `lean.rows_tables` would make from them: the tables' own
+                    a, _, r, hd = cos.shape
+                    index.lean_tables = (cos.view(a, r, 1, 1, hd), neg.view(a, r, 1, 1, hd))
             memo[key] = (index, rotary)
         return memo[key]
 
     def advance(self, state: DecodeState, i: int, rows: Rows, memo: dict) -> None:
         """Layer i (global number) over `rows`, in place; their K/V are then filled at layer i."""
         cache = state.cache
-        index, rotary = self.layout(cache, rows.seqs, rows.lo, rows.n, memo)
+        if rows.layout is None:  # the same rows go on through every layer until an exit or a gather changes them
+            rows.layout = self.layout(cache, rows.seqs, rows.lo, rows.n, memo)
+        index, rotary = rows.layout
         view = cache.layer(i - self.start, index)
         fast = self.lean_for(i)
         if fast is not None:

@@ -16,6 +16,7 @@ from megatron.early_exit.inference.strategies.draft_control import (
     MAX_BACKOFF,
     MAX_DRAFT,
     OBSERVE_NEAR,
+    OBSERVE_WINDOW,
     WARM_EXPLORE_SHARE,
     DraftController,
     DraftCosts,
@@ -599,13 +600,15 @@ def test_a_corrupt_draft_vocabulary_in_the_record_is_named(tmp_path):
 
 
 def test_a_plain_round_near_paying_observes_its_exit_and_learns_from_it():
-    """A plain plan whose best exit comes within OBSERVE_NEAR of paying reads that exit (one far
-    from paying: none); each observation teaches the controller as a one-draft round would, so
-    after a run of rejections the exit drafts again as soon as its tokens agree, not after its
-    exploration interval. Round costs as timed on the CPU reference model's exit 3."""
+    """A plain plan whose best exit comes within OBSERVE_NEAR of paying, and was chosen within
+    OBSERVE_WINDOW rounds, reads that exit (one far from paying, or not chosen lately: none); each
+    observation teaches the controller as a one-draft round would, so after a run of rejections
+    the exit drafts again as soon as its tokens agree, not after its exploration interval. Round
+    costs as timed on the CPU reference model's exit 3."""
     costs = DraftCosts(draft={2: 0.3}, row={2: 0.05}, base={2: 1.15})
     ctl = DraftController(costs, agreement={2: 0.76})
     lengths = list(range(1, MAX_DRAFT + 1))
+    assert ctl.plan([2], lengths).exit == 2  # the calibration record's agreement pays: chosen
     for _ in range(5):  # a hard stretch: exit 2's drafts rejected
         ctl.update(2, [([0.5], 0)])
     plan = ctl.plan([2], lengths)
@@ -621,6 +624,15 @@ def test_a_plain_round_near_paying_observes_its_exit_and_learns_from_it():
     hopeless = DraftController(costs, agreement={2: 0.05})
     plan = hopeless.plan([2], lengths)
     assert plan.exit is None and plan.observe is None  # no check paid for an exit far from paying
+    never = DraftController(costs, agreement={2: 0.49})  # near paying from the start, never chosen
+    plan = never.plan([2], lengths)
+    assert plan.exit is None and plan.rate >= OBSERVE_NEAR > 0 and plan.observe is None
+    for _ in range(5):
+        ctl.update(2, [([0.5], 0)])  # exit 2 of the first controller, stalled again
+    plans = [ctl.plan([2], lengths) for _ in range(OBSERVE_WINDOW + 6)]  # k-th plan: chosen k rounds ago
+    plain = [(k, p.observe) for k, p in enumerate(plans, 1) if p.exit is None]
+    assert {o for k, o in plain if k <= OBSERVE_WINDOW} == {2} and any(k > OBSERVE_WINDOW for k, _ in plain)
+    assert all(o is None for k, o in plain if k > OBSERVE_WINDOW)  # chosen too long ago: left to exploration
 
 
 @pytest.mark.parametrize("batch", [1, 4])

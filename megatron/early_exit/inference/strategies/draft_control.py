@@ -27,10 +27,12 @@ stretch of rejections left an exit just below paying, decoding stayed plain unti
 exploration was due, after the stretch had passed (CPU reference model, bf16, 12 abstracts: 105
 to 168 plain rounds in a pass in 3 of 6 processes, 32-36 in a row within one abstract, with exit
 3 estimated at 0.50 where its plan needed 0.51; with observing, at most 33 in a pass). A plain
-round whose best plan comes within OBSERVE_NEAR of paying now reads that exit's greedy token on
-the way (`Plan.observe`, `ExitPolicy.observe`: the exit's check, ~0.03 of a step, and no draft)
-and learns from it as from a round that drafted that one token; exits far from paying (the tuned
-SmolLM2's) are left to exploration, at no such cost.
+round whose best plan comes within OBSERVE_NEAR of paying, from an exit a plan chose within the
+last OBSERVE_WINDOW rounds, now reads that exit's greedy token on the way (`Plan.observe`,
+`ExitPolicy.observe`: the exit's check, ~0.03 of a step, and no draft) and learns from it as from
+a round that drafted that one token. Exits no plan chose lately are left to exploration, at no
+such cost: the demo's SmolLM2, whose exit 8 settles just above OBSERVE_NEAR without ever paying,
+would otherwise pay the check on every plain round.
 
 Warm start. Where the checkpoint's calibration record (`early_exit_thresholds.json`) holds each
 exit's top-1 agreement with the final head, that exit's prior holds WARM_DRAFTS drafts accepted
@@ -79,6 +81,7 @@ WARM_DRAFTS = 4.0  # what a calibration record's agreement is worth, in observed
 WARM_EXPLORE_SHARE = 0.02  # exploration budget of an exit whose acceptance the calibration record gave
 MAX_BACKOFF = 4  # failed exploratory tries stretch an exit's interval up to this many times
 OBSERVE_NEAR = 0.9  # a plain round observes the exit whose best plan reaches this rate (1.0 pays)
+OBSERVE_WINDOW = 64  # ... and that a plan chose within this many rounds
 
 
 @dataclass
@@ -143,6 +146,7 @@ class ExitStats:
     idle: int = 0
     backoff: int = 1  # the interval's multiple: doubled by each failed exploratory try, up to MAX_BACKOFF
     exploring: bool = False  # the exit's last plan was an exploratory try (its update is due)
+    chosen_ago: int = 1 << 30  # rounds since a plan (not an exploratory try) last drafted from the exit
     bins: list[list[float]] = field(default_factory=lambda: [[0.0, 0.0] for _ in range(BINS)])
 
 
@@ -212,6 +216,7 @@ class DraftController:
         due = [n for n in exits if self.stats[n].idle >= self.interval(n, len(exits))]
         for n in exits:
             self.stats[n].idle += 1
+            self.stats[n].chosen_ago += 1
             self.stats[n].exploring = False  # a try whose round never reached `update` is forgotten
         if due:
             n = max(due, key=lambda m: self.stats[m].idle)
@@ -223,12 +228,12 @@ class DraftController:
                 r = self.rate(n, g)
                 if r > best.rate + 1e-9:
                     best = Plan(n, g, r)
-                if r >= near[1]:
+                if r >= near[1] and self.stats[n].chosen_ago <= OBSERVE_WINDOW:
                     near = (n, r)
         if best.exit is None:
             best.observe = near[0]  # an exit near paying: its agreement read on the way (cost: its check)
         else:
-            self.stats[best.exit].idle = 0
+            self.stats[best.exit].idle = self.stats[best.exit].chosen_ago = 0
             if self.stop_early and batch == 1:
                 # the early stop ends the drafts; in a batch a draft step costs about as much for
                 # one sequence as for all, so one that drafts on holds the round up: g caps there

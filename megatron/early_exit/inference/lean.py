@@ -110,9 +110,7 @@ class LeanLayer:
     def hooked(self) -> bool:
         """Whether a forward hook watches the layer or a module in it (or every module): then the
         modules run, so that the hook sees their calls."""
-        if module._global_forward_hooks or module._global_forward_pre_hooks:
-            return True
-        return any(m._forward_hooks or m._forward_pre_hooks for m in self.modules)
+        return watched(self.modules)
 
     def norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float, scaled: torch.Tensor | None = None):
         """`RMSNorm.forward`, the same operations (no casts in fp32, where they are identities);
@@ -173,11 +171,16 @@ class LeanLayer:
         return self.finish(x, out.reshape(a * r, g * per * hd), linear).view(a, r, -1)
 
 
-def rows_tables(index, rotary: tuple) -> tuple[torch.Tensor, torch.Tensor]:
-    """`LeanLayer.rows`' angles for a `kv_cache.RowIndex` and its rotary (cos, sin) (A, 1, R, hd),
-    viewed (A, R, 1, 1, hd): made once per layout (kept on the index)."""
-    if getattr(index, "lean_tables", None) is None:
-        cos, sin = rotary
-        a, _, r, hd = cos.shape
-        index.lean_tables = (cos.view(a, r, 1, 1, hd), signed_sine(sin).view(a, r, 1, 1, hd))
-    return index.lean_tables
+def watched(modules) -> bool:
+    """Whether a forward hook watches any of `modules` (or every module): code that replaces their
+    calls must then run them, so that the hook sees the calls it expects."""
+    if module._global_forward_hooks or module._global_forward_pre_hooks:
+        return True
+    return any(m._forward_hooks or m._forward_pre_hooks for m in modules)
+
+
+def rows_tables(cos: torch.Tensor, sin_signed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`LeanLayer.rows`' angles from a layout's rotary cos and signed sine (A, 1, R, hd): both
+    viewed (A, R, 1, 1, hd) (`Passes.layout` makes them once per layout)."""
+    a, _, r, hd = cos.shape
+    return cos.view(a, r, 1, 1, hd), sin_signed.view(a, r, 1, 1, hd)

@@ -32,7 +32,6 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.nn.modules import module
 
 from megatron.early_exit.derived import DerivedCopies
 from megatron.early_exit.inference import greedy_head, lean
@@ -356,9 +355,7 @@ class Passes:
 
     def embedding_hooked(self) -> bool:
         emb = self.model.embedding
-        if module._global_forward_hooks or module._global_forward_pre_hooks:
-            return True
-        return any(m._forward_hooks or m._forward_pre_hooks for m in (emb, emb.word_embeddings))
+        return lean.watched((emb, emb.word_embeddings))
 
     def decode_layer(self, state: DecodeState, i: int, x: torch.Tensor, rotary, index: DecodeIndex) -> torch.Tensor:
         """Layer i (global number) over one row per sequence x (A, 1, h); fills their K/V there."""
@@ -474,12 +471,9 @@ class Passes:
         key = (id(cache), tuple(seqs), tuple(lo), tuple(n))
         if key not in memo:
             index, rotary = RowIndex(seqs, lo, n, cache, self.device), None
-            if self.model.rotary is not None:
-                cos, sin, neg = self.rotary_at(index.positions, max(a + b for a, b in zip(lo, n)), self.lean_on())
-                rotary = (cos, sin)
-                if neg is not None:  # what `lean.rows_tables` would make from them: the tables' own
-                    a, _, r, hd = cos.shape
-                    index.lean_tables = (cos.view(a, r, 1, 1, hd), neg.view(a, r, 1, 1, hd))
+            if self.model.rotary is not None:  # the lean layers' angles too (`lean.rows_tables`)
+                cos, sin, neg = self.rotary_at(index.positions, max(a + b for a, b in zip(lo, n)), signed=True)
+                rotary, index.lean_tables = (cos, sin), lean.rows_tables(cos, neg)
             memo[key] = (index, rotary)
         return memo[key]
 
@@ -492,7 +486,7 @@ class Passes:
         view = cache.layer(i - self.start, index)
         fast = self.lean_for(i)
         if fast is not None:
-            cos, sin_signed = lean.rows_tables(index, rotary)
+            cos, sin_signed = index.lean_tables
             rows.x = fast.rows(rows.x, cos, sin_signed, index.attn_mask, view, self.lean_kernels)
         else:
             rows.x = self.model.decoder.layers[str(i)](rows.x, rotary, index.attn_mask, view)

@@ -96,11 +96,14 @@ def test_lean_layers_give_the_modules_numbers_bit_for_bit(dtype, batch):
 
 
 @torch.no_grad()
-def test_prefills_of_every_short_length_match_the_modules():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("groups", [1, 3])
+def test_prefills_of_every_short_length_match_the_modules(dtype, groups):
     # Head dim 64, 3 query heads in one group: SDPA rounds a group's heads taken as its rows
     # differently from `enable_gqa` at some short lengths, so the general pass must make the
-    # modules' own call at each length.
-    model = make(hidden_size=192, num_attention_heads=3, num_query_groups=1)
+    # modules' own call at each length. One head per group: the general pass hands SDPA its
+    # queries as a strided view of the QKV product, the modules a tensor of their own.
+    model = make(dtype, hidden_size=192, num_attention_heads=3, num_query_groups=groups)
     for n in range(1, 7):
         prompt = [(7 * j + 3) % 96 for j in range(n)]
         got = {}

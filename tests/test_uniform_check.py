@@ -66,8 +66,9 @@ def test_uniform_checks_equal_the_general_path(mode, dtype, batch, monkeypatch):
 
 
 def test_it_applies_only_where_the_general_path_takes_the_fused_check():
-    """None (the general path) for a vocabulary measure, a forced exit, fused checks off,
-    profiling, a probe reading a LayerNorm, and an exit whose threshold never fires."""
+    """None (the general path) for a vocabulary measure, fused checks off, profiling, a probe
+    reading a LayerNorm, and an exit whose threshold never fires; a forced exit has its
+    `DraftCheck` (not under profiling)."""
     learned = ExitPolicy(allowed=(1, 2, 3), threshold=0.5, measure="learned")
 
     def checks(model, policy, **passes_settings):
@@ -82,7 +83,8 @@ def test_it_applies_only_where_the_general_path_takes_the_fused_check():
     made = checks(model, learned)
     assert set(made) == {1, 2, 3} and all(isinstance(c, uniform_check.UniformCheck) for c in made.values())
     assert set(checks(model, dataclasses.replace(learned, measure="max_prob")).values()) == {None}
-    assert checks(model, dataclasses.replace(learned, force=2))[2] is None
+    assert isinstance(checks(model, dataclasses.replace(learned, force=2))[2], uniform_check.DraftCheck)
+    assert checks(model, dataclasses.replace(learned, force=2), profile=True)[2] is None
     assert set(checks(model, learned, fused_checks=False).values()) == {None}
     assert set(checks(model, learned, profile=True).values()) == {None}
     per_exit = checks(model, dataclasses.replace(learned, per_exit=((2, 1.0),)))
@@ -129,3 +131,66 @@ def test_a_finished_decode_state_is_freed_without_the_garbage_collector():
         assert gone() is None
     finally:
         gc.enable()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("draft_vocab", [False, True])
+@pytest.mark.parametrize("exit_mlp", [False, True])
+def test_a_draft_check_gives_the_general_paths_numbers(dtype, draft_vocab, exit_mlp, monkeypatch):
+    """Self-speculative draft steps (a forced exit) through `DraftCheck`, the exit's RMSNorm as
+    `lean.rms_norm` and the draft projection on the lean kernels, against the general path with
+    modules throughout (`check_exit`, `head.hidden`, `head.project_onto`; lean layers off, which
+    give the modules' numbers bit for bit): the same logits, confidences and exits bit for bit,
+    with a draft vocabulary and without, for a norm-only exit and one with an MLP (module path)."""
+    model = make(dtype, use_exit_mlp=exit_mlp)
+    with torch.no_grad():  # gains away from 1, where products with them round
+        for name, w in model.named_parameters():
+            if "norm" in name:
+                w.copy_(torch.rand(w.shape, generator=torch.Generator().manual_seed(len(name))) + 0.5)
+    policies = [ExitPolicy(force=2), ExitPolicy(force=2), ExitPolicy(force=3), ExitPolicy()]
+    calls = [0]
+    real = uniform_check.DraftCheck.__call__
+
+    def counted(self, state, rows, out):
+        calls[0] += 1
+        return real(self, state, rows, out)
+
+    @torch.no_grad()
+    def run(general: bool):
+        engine = EarlyExitEngine(model)
+        p = engine.passes
+        if draft_vocab:
+            p.draft_vocab = torch.tensor([0, 3, 4, 9, 17, 30, 31, 50, 64, 77, 95])
+        if general:
+            p.lean = False
+            p.profile = True  # no `DraftCheck`: `check_exit` for the forced exit
+        prompts = PROMPTS[4]
+        state = engine.new_state(len(prompts), max(map(len, prompts)) + 14)
+        out = engine.prefill(state, dict(enumerate(prompts)))
+        trace = []
+        for j in range(12):
+            tokens = {b: int(out.logits[b].argmax()) for b in range(len(prompts))}
+            out = engine.decode_one_token(state, tokens, policies[j % len(policies)])
+            trace.append(
+                (tokens, dict(out.exit_layer), dict(out.confidence), {b: v.clone() for b, v in out.logits.items()})
+            )
+        return trace
+
+    ref = run(general=True)
+    with monkeypatch.context() as m:
+        m.setattr(uniform_check.DraftCheck, "__call__", counted)
+        got = run(general=False)
+    assert calls[0] > 0
+    for (t_ref, e_ref, c_ref, l_ref), (t_got, e_got, c_got, l_got) in zip(ref, got, strict=True):
+        assert t_got == t_ref and e_got == e_ref and c_got == c_ref
+        for b in l_ref:
+            assert torch.equal(l_got[b], l_ref[b])
+    drafted = [e for _, exits, _, _ in ref for e in exits.values()]
+    assert drafted.count(2) >= 8 and drafted.count(3) >= 4  # the forced exits drafted
+    if draft_vocab:  # drafts over the draft vocabulary alone
+        assert all(
+            int(v.argmax()) in {0, 3, 4, 9, 17, 30, 31, 50, 64, 77, 95}
+            for _, e, _, logits in ref
+            for b, v in logits.items()
+            if e[b] < 4
+        )

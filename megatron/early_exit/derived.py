@@ -26,8 +26,13 @@ class DerivedCopies:
 
     def get(self, weight: torch.Tensor, kind: Hashable, make: Callable[[torch.Tensor], Any]) -> Any:
         """The `kind` copy of `weight`, made by `make(weight.detach())` if missing or stale."""
-        key, stamp = id(weight), (weight.data_ptr(), weight._version)
+        key = id(weight)
         copies = self._copies.get(key)
+        hit = copies.get(kind) if copies is not None else None
+        # The usual case first, in few operations: every decode-time product asks (~2 us saved each).
+        if hit is not None and hit[0]() is weight and hit[1] == weight.data_ptr() and hit[2] == weight._version:
+            return hit[3]
+        stamp = (weight.data_ptr(), weight._version)
         if copies is None or any(entry[0]() is not weight for entry in copies.values()):
             copies = self._copies[key] = {}  # new, or another tensor that reuses a dead one's id
             weakref.finalize(weight, self._copies.pop, key, None)

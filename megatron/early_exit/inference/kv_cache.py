@@ -16,6 +16,8 @@ them back with `truncate`.
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import torch
 
@@ -67,6 +69,7 @@ class RowIndex:
             self.positions = torch.arange(lo[0], self.span).expand(a, r).to(device)
             mask = torch.ones(r, self.span, dtype=torch.bool).tril(lo[0])  # key j <= lo + i
             self.attn_mask = mask.expand(a, 1, r, self.span).to(device)  # (A, 1, R, span)
+            self.views: tuple | None = None  # (cache, `block_views`): made on the first layer's update
             return
         self.batch_idx = torch.tensor(seqs).to(device)
         self.whole_batch = list(seqs) == list(range(cache.batch))  # every slot, in order: keys by slicing
@@ -92,12 +95,14 @@ class LayerView:
     def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # k, v: (A, ng, R, hd); the indexed write takes rows as (A, R, ng, hd)
         r = self.rows
-        kc, vc = self.cache.k[self.index], self.cache.v[self.index]  # (B, ng, T+1, hd)
         if r.block is not None:  # the same positions in contiguous slots: slices, no indexed copies
-            b, lo, end = r.block
-            kc[b, :, lo:end] = k.to(kc.dtype)
-            vc[b, :, lo:end] = v.to(vc.dtype)
-            return kc[b, :, : r.span], vc[b, :, : r.span]  # (A, ng, span, hd) views
+            if r.views is None or r.views[0] is not self.cache:
+                r.views = (self.cache, *block_views(self.cache, *r.block, r.span))
+            _, kw, vw, kr, vr = r.views
+            kw[self.index].copy_(k)
+            vw[self.index].copy_(v)
+            return kr[self.index], vr[self.index]  # (A, ng, span, hd) views
+        kc, vc = self.cache.k[self.index], self.cache.v[self.index]  # (B, ng, T+1, hd)
         kc[r.write_b, :, r.write_pos] = k.transpose(1, 2).to(kc.dtype)
         vc[r.write_b, :, r.write_pos] = v.transpose(1, 2).to(vc.dtype)
         if r.whole_batch:
@@ -117,24 +122,39 @@ class DecodeIndex:
 
     def __init__(self, seqs: list[int], pos: list[int], cache: KVCache, device: torch.device) -> None:
         a = len(seqs)
-        self.seqs, self.pos = seqs, pos
+        self.seqs, self.pos, self.device = seqs, pos, device
         self.span = max(pos) + 1  # keys 0..span-1
         self.same = min(pos) == self.span - 1
         first = seqs[0]
         self.contiguous = list(seqs) == list(range(first, first + a))
         self.batch_slice = slice(first, first + a)  # used where `contiguous`: views, not copies
-        self.filled_b = np.asarray(seqs, dtype=np.int64)
-        self.filled_end = np.asarray(pos, dtype=np.int64) + 1
-        pos_t = torch.tensor(pos, dtype=torch.long)
-        self.positions = pos_t.view(a, 1).to(device)  # (A, 1)
-        self.batch_idx = torch.tensor(seqs, dtype=torch.long).to(device)
-        self.pos_idx = None if self.same else self.positions.view(a)
+        # Each layer's fill counts after the step (`Passes.decode_layer`): one numpy assignment,
+        # of a number to a slice where the layout allows.
+        self.filled_b = self.batch_slice if self.contiguous else np.asarray(seqs, dtype=np.int64)
+        self.filled_end = self.span if self.same else np.asarray(pos, dtype=np.int64) + 1
         self.views: tuple | None = None  # (cache, `step_views`) where `same` and `contiguous`
         if self.same:
             self.attn_mask = None
         else:
             keys = torch.arange(self.span)
+            pos_t = torch.tensor(pos, dtype=torch.long)
             self.attn_mask = (keys[None] <= pos_t[:, None]).view(a, 1, 1, self.span).to(device)  # (A, 1, 1, span)
+
+    # Index tensors, made where a step needs them (most uniform steps need none: ~10 us a step).
+    @functools.cached_property
+    def positions(self) -> torch.Tensor:
+        """(A, 1) long: each row's position."""
+        return torch.tensor(self.pos, dtype=torch.long).view(len(self.pos), 1).to(self.device)
+
+    @functools.cached_property
+    def batch_idx(self) -> torch.Tensor:
+        """(A,) long: each row's slot."""
+        return torch.tensor(self.seqs, dtype=torch.long).to(self.device)
+
+    @functools.cached_property
+    def pos_idx(self) -> torch.Tensor | None:
+        """(A,) long: each row's position where they differ, else None."""
+        return None if self.same else self.positions.view(len(self.pos))
 
     def layer(self, cache: KVCache, index: int) -> DecodeView | SliceView:
         if self.same and self.contiguous:
@@ -142,6 +162,14 @@ class DecodeIndex:
                 self.views = (cache, *step_views(cache, self.batch_slice, self.pos[0]))
             return SliceView(self.views, index)
         return DecodeView(cache, index, self)
+
+
+def block_views(cache: KVCache, b: slice, lo: int, end: int, span: int) -> tuple[torch.Tensor, ...]:
+    """Views over every layer of a pass whose rows are one causal block at positions lo..end-1 in
+    the slots `b` (`RowIndex.block`): where K and V are written (L, A, ng, R, hd), and what is
+    read (L, A, ng, span, hd): a layer's update is then two copies and two views."""
+    k, v = cache.k[:, b], cache.v[:, b]
+    return k[:, :, :, lo:end], v[:, :, :, lo:end], k[:, :, :, :span], v[:, :, :, :span]
 
 
 def step_views(cache: KVCache, b: slice, p: int) -> tuple[torch.Tensor, ...]:

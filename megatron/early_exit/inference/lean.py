@@ -66,6 +66,21 @@ def scaled_rows(x: torch.Tensor, eps: float) -> torch.Tensor:
     return x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
 
 
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """`RMSNorm.forward` of x with gain `weight`, the same operations (no casts in fp32, where
+    they are identities), without the module call (an exit's norm: `Passes.exit_hidden`)."""
+    scaled = scaled_rows(x, eps)
+    return weight * scaled if x.dtype == torch.float32 else weight * scaled.to(x.dtype)
+
+
+def exit_norm(head: nn.Module) -> RMSNorm | None:
+    """An exit's RMSNorm where the exit's hidden state is that norm of its input alone (no
+    block, no MLP: `EarlyExit.hidden`), else None."""
+    norm = getattr(head, "norm", None)
+    plain = getattr(head, "block", None) is None and getattr(head, "mlp", None) is None
+    return norm if plain and type(norm) is RMSNorm else None
+
+
 def signed_sine(sin: torch.Tensor) -> torch.Tensor:
     """sin [.., hd] with its first half negated: rotate_half(x) * sin == x.roll(hd/2) * this."""
     half = sin.shape[-1] // 2
@@ -105,16 +120,17 @@ class LeanLayer:
         self.groups, self.per = attn.num_groups, attn.num_heads // attn.num_groups
         self.head_dim, self.ffn = attn.head_dim, mlp.linear_fc2.weight.shape[1]
         self.fp32 = self.qkv.dtype == torch.float32
-        self.modules = list(layer.modules())
+        # Its modules' hook dicts (registering a hook adds to them in place), checked every step.
+        self.hooks = hook_dicts(layer.modules())
 
     def hooked(self) -> bool:
         """Whether a forward hook watches the layer or a module in it (or every module): then the
         modules run, so that the hook sees their calls."""
-        return watched(self.modules)
+        return bool(module._global_forward_hooks or module._global_forward_pre_hooks) or any(self.hooks)
 
     def norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float, scaled: torch.Tensor | None = None):
-        """`RMSNorm.forward`, the same operations (no casts in fp32, where they are identities);
-        `scaled`: `scaled_rows(x, eps)` made already (an exit's check read it: `Passes.folded_scores`)."""
+        """`rms_norm`; `scaled`: `scaled_rows(x, eps)` made already (an exit's check read it:
+        `Passes.folded_scores`)."""
         scaled = scaled_rows(x, eps) if scaled is None else scaled
         return weight * scaled if self.fp32 else weight * scaled.to(x.dtype)
 
@@ -165,10 +181,16 @@ class LeanLayer:
         if r == 1:  # (A, g, per, hd)
             out = group_rows_attention(qk[:, 0, :, :per], keys, values, attn_mask)
         else:
-            q = qk[:, :, :, :per].reshape(a, r, g * per, hd).transpose(1, 2)  # (A, heads, R, hd)
+            # (A, heads, R, hd); one head per group: a view (SDPA reads the strides), else one copy
+            q = (qk[:, :, :, 0] if per == 1 else qk[:, :, :, :per].reshape(a, r, g * per, hd)).transpose(1, 2)
             out = F.scaled_dot_product_attention(q, keys, values, attn_mask=attn_mask, enable_gqa=per > 1)
             out = out.transpose(1, 2)  # (A, R, heads, hd)
         return self.finish(x, out.reshape(a * r, g * per * hd), linear).view(a, r, -1)
+
+
+def hook_dicts(modules) -> tuple[dict, ...]:
+    """The forward and forward-pre hook dicts of `modules`: any of them non-empty means a hook."""
+    return tuple(d for m in modules for d in (m._forward_hooks, m._forward_pre_hooks))
 
 
 def watched(modules) -> bool:

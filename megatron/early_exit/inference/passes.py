@@ -40,7 +40,8 @@ from megatron.early_exit.inference.exit_decision import decide, worth_checking
 from megatron.early_exit.inference.fused_check import folded_probe, logit_threshold, sigmoid
 from megatron.early_exit.inference.kv_cache import DecodeIndex, KVCache, RowIndex
 from megatron.early_exit.inference.uniform_check import uniform_checks
-from megatron.early_exit.model.gpt import Embedding
+from megatron.early_exit.model.gpt import Embedding, HeadOps
+from megatron.early_exit.model.norm import RMSNorm
 
 
 @dataclass(frozen=True)
@@ -192,6 +193,7 @@ class Passes:
         # The model's rotary angles at positions 0..n-1: (cos, sin, sin with its first half
         # negated) [n, hd] fp32, and these viewed [n, 1, 1, hd], made once (`rotary_tables`).
         self.rope_tables: tuple | None = None
+        self.depth_memo: dict[ExitPolicy, dict[int, list[int]]] = {}  # `exits_by_depth`
 
     def depth(self, n: int) -> int:
         """How many layers run before exit n reads the hidden state."""
@@ -290,7 +292,7 @@ class Passes:
             state.fed[b] += 1
         ids = torch.tensor([t[0] for t in new_tokens.values()], dtype=torch.long).view(-1, 1)
         index, rotary = self.uniform_layout(state, seqs, pos)
-        rows = Rows(seqs, pos, [1] * len(seqs), self.embed_ids(ids.to(self.device), index.positions))  # (A, 1, h)
+        rows = Rows(seqs, pos, [1] * len(seqs), self.embed_ids(ids.to(self.device), index))  # (A, 1, h)
         has_new, checks = set(seqs), uniform_checks(self, state, policy, by_depth)
         for d in range(layers + 1):
             if d > 0:
@@ -342,15 +344,15 @@ class Passes:
             tables = self.rope_tables = (*flat, tuple(t.view(n, 1, 1, -1) for t in flat))
         return tables
 
-    def embed_ids(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """`model.embedding(ids, positions)`; where it is a plain word embedding alone (rotary
+    def embed_ids(self, ids: torch.Tensor, index: DecodeIndex) -> torch.Tensor:
+        """`model.embedding(ids, index.positions)`; where it is a plain word embedding alone (rotary
         positions, no dropout at decode time, not a tensor-parallel shard) and no forward hook
         watches it, its lookup alone (the same numbers, without two module calls and a dropout
         call: ~10 us a step)."""
         emb = self.model.embedding
         plain = type(emb) is Embedding and type(emb.word_embeddings) is torch.nn.Embedding
         if not plain or emb.position_embeddings is not None or emb.training or self.embedding_hooked():
-            return emb(ids, positions)
+            return emb(ids, index.positions)
         return F.embedding(ids, emb.word_embeddings.weight)
 
     def embedding_hooked(self) -> bool:
@@ -412,7 +414,16 @@ class Passes:
             return layer(x, rotary, attn_mask, view)  # rewrites the same K/V: idempotent
 
     def exits_by_depth(self, policy: ExitPolicy) -> dict[int, list[int]]:
-        """depth -> the exits `policy` evaluates there that this model holds."""
+        """depth -> the exits `policy` evaluates there that this model holds (worked out once per
+        policy: a server's requests bring a few; read, never changed, by the passes)."""
+        by_depth = self.depth_memo.get(policy)
+        if by_depth is None:
+            if len(self.depth_memo) >= 64:
+                self.depth_memo.clear()
+            by_depth = self.depth_memo[policy] = self.find_exits_by_depth(policy)
+        return by_depth
+
+    def find_exits_by_depth(self, policy: ExitPolicy) -> dict[int, list[int]]:
         wanted = {n for n in policy.allowed if policy.threshold_of(n) < 1.0} | set(policy.observe)
         by_depth: dict[int, list[int]] = {}
         for n in sorted(wanted | ({policy.force} if policy.force is not None else set())):
@@ -472,7 +483,11 @@ class Passes:
         if key not in memo:
             index, rotary = RowIndex(seqs, lo, n, cache, self.device), None
             if self.model.rotary is not None:  # the lean layers' angles too (`lean.rows_tables`)
-                cos, sin, neg = self.rotary_at(index.positions, max(a + b for a, b in zip(lo, n)), signed=True)
+                if index.block is not None:  # one block of positions lo..end-1: slices of the tables, (1, 1, R, hd)
+                    _, start, end = index.block
+                    cos, sin, neg = (t[start:end][None, None] for t in self.rotary_tables(end)[:3])
+                else:
+                    cos, sin, neg = self.rotary_at(index.positions, max(a + b for a, b in zip(lo, n)), signed=True)
                 rotary, index.lean_tables = (cos, sin), lean.rows_tables(cos, neg)
             memo[key] = (index, rotary)
         return memo[key]
@@ -490,6 +505,9 @@ class Passes:
             rows.x = fast.rows(rows.x, cos, sin_signed, index.attn_mask, view, self.lean_kernels)
         else:
             rows.x = self.model.decoder.layers[str(i)](rows.x, rotary, index.attn_mask, view)
+        if index.block is not None:  # contiguous slots, one end
+            cache.filled[i - self.start, index.block[0]] = index.span
+            return
         for a, b in enumerate(rows.seqs):
             cache.filled[i - self.start, b] = rows.lo[a] + rows.n[a]
 
@@ -620,7 +638,16 @@ class Passes:
         """Exit n's hidden state [A, 1, h] at the newest row of each candidate `rows` index."""
         if head.block is not None:
             return self.block_exit_hidden(state, n, head, [rows.seqs[a] for a in cand])
+        norm = self.lean_exit_norm(state, head)
+        if norm is not None:  # the exit is its RMSNorm alone: the norm's operations, no module calls
+            return lean.rms_norm(self.newest_rows(rows, cand), norm.weight, norm.eps)
         return head.hidden(self.newest_rows(rows, cand))
+
+    def lean_exit_norm(self, state: DecodeState, head):
+        """Exit `head`'s RMSNorm where its hidden state is that norm of the backbone row alone (no
+        block, no MLP), lean layers are on and no forward hook watches the norm; else None."""
+        norm = state.remembered(("exit norm", id(head)), lambda: lean.exit_norm(head))
+        return norm if norm is not None and self.lean and not lean.watched((norm,)) else None
 
     def newest_rows(self, rows: Rows, cand: list[int]) -> torch.Tensor:
         """The newest row [A, 1, h] of each candidate `rows` index (the backbone at this depth)."""
@@ -644,7 +671,12 @@ class Passes:
         m, ids = self.model, self.draft_vocab
         weight = head.output_weight(m.tied_output_weight())
         rows = self.draft_weights.get(weight, ("draft vocabulary", id(ids)), lambda w: w.index_select(0, ids))
-        part = head.project_onto(hidden, rows, m.head_ops)[:, 0].float()  # (A, K)
+        if self.lean and self.lean_kernels.packed and type(m.head_ops) is HeadOps:
+            # the kernel the head's packed projection would run (`packed.packed_linear`), looked up once a pass
+            part = self.lean_kernels(hidden.reshape(hidden.shape[0], -1), rows)  # (A, K)
+            part = (part if head.temperature == 1.0 else part / head.temperature).float()
+        else:
+            part = head.project_onto(hidden, rows, m.head_ops)[:, 0].float()  # (A, K)
         logits = part.new_full((part.shape[0], self.vocab), float("-inf")).index_copy_(1, ids, part)
         return (logits, part) if parts else logits
 
@@ -682,7 +714,7 @@ class Passes:
             return
         m = self.model
         if all_rows:
-            x = m.decoder.final_layernorm(rows.x)  # (A, R, h)
+            x = self.final_norm(rows.x)  # (A, R, h)
             if self.int8_head():
                 return self.final_row_tokens(rows, x, out)
             logits = self.vocab_logits(m.head_ops.project(x, m.output_weight()))
@@ -691,13 +723,21 @@ class Passes:
             last = torch.stack([logits[a, rows.n[a] - 1] for a in range(len(rows.seqs))])
         else:
             h = self.newest_rows(rows, list(range(len(rows.seqs))))[:, 0]  # (A, h): only the newest rows
-            h = m.decoder.final_layernorm(h)
+            h = self.final_norm(h)
             if self.int8_head():
                 return self.final_tokens(rows, h, out)
             last = self.vocab_logits(m.head_ops.project(h, m.output_weight()))  # (A, V)
         conf = max_prob(last).tolist()
         for a, b in enumerate(rows.seqs):
             out.logits[b], out.exit_layer[b], out.confidence[b] = last[a], self.num_layers, conf[a]
+
+    def final_norm(self, x: torch.Tensor) -> torch.Tensor:
+        """The final layer norm of x; an RMSNorm that no forward hook watches as `lean.rms_norm`
+        where lean layers are on (the same operations, no module call)."""
+        norm = self.model.decoder.final_layernorm
+        if self.lean and type(norm) is RMSNorm and not lean.watched((norm,)):
+            return lean.rms_norm(x, norm.weight, norm.eps)
+        return norm(x)
 
     def int8_head(self) -> bool:
         """Whether this pass takes the final head's tokens from the certified int8 argmax."""

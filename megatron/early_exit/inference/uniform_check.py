@@ -87,11 +87,39 @@ class UniformCheck:
         return p.record_leavers(n, rows.seqs, fire, conf, p.exit_logits(self.head, hidden), out)
 
 
+class DraftCheck:
+    """A forced exit's check in a uniform decode step (a self-speculative draft): every row leaves
+    at exit n with the exit's logits over the draft vocabulary (`Passes.draft_logits`; the whole
+    vocabulary without one) and their max-probability, the numbers `Passes.vocab_check` makes for
+    a forced exit, without the general path's Python around them (`Passes.check_exit`: the
+    candidates, the policy's and the measure's lookups, `worth_checking`, `decide`)."""
+
+    def __init__(self, passes, n: int, head) -> None:
+        self.passes, self.n, self.head = passes, n, head
+        self.conf = get_measure("max_prob").from_logits
+
+    def __call__(self, state, rows, out) -> set[int]:
+        """Every sequence of `rows` (A, 1, h): recorded in `out` as leaving at exit n."""
+        p, n, seqs = self.passes, self.n, rows.seqs
+        hidden = p.exit_hidden(state, n, self.head, rows, list(range(len(seqs))))  # (A, 1, h)
+        if p.draft_vocab is not None:
+            logits, part = p.draft_logits(self.head, hidden, parts=True)
+            conf = self.conf(part).tolist()
+        else:
+            logits = p.exit_logits(self.head, hidden)
+            conf = self.conf(logits).tolist()
+        for a, b in enumerate(seqs):
+            out.logits[b], out.exit_layer[b], out.confidence[b] = logits[a], n, conf[a]
+        return set(seqs)
+
+
+Check = UniformCheck | DraftCheck
 KEPT_POLICIES = 16  # a server's one decode state sees every request's policy: the latest this many are kept
 
 
-def uniform_checks(passes, state, policy, by_depth: dict[int, list[int]]) -> dict[int, UniformCheck | None]:
-    """exit n -> its `UniformCheck` under `policy` (None where the general path must run), made
+def uniform_checks(passes, state, policy, by_depth: dict[int, list[int]]) -> dict[int, Check | None]:
+    """exit n -> its `UniformCheck` under `policy`, or `DraftCheck` where `policy` forces it (None
+    where the general path must run), made
     once per decode state, policy and setting of the passes' fused checks and profiling (the
     latest KEPT_POLICIES of them: requests with thresholds of their own must not grow it)."""
     last = state.memo.get(("uniform checks", "last"))  # a decode's steps pass the same policy object:
@@ -108,7 +136,7 @@ def uniform_checks(passes, state, policy, by_depth: dict[int, list[int]]) -> dic
     return checks
 
 
-def _make(passes, state, policy, by_depth) -> dict[int, UniformCheck | None]:
+def _make(passes, state, policy, by_depth) -> dict[int, Check | None]:
     measure = get_measure(policy.measure)
     checks: dict[int, UniformCheck | None] = {}
     for n in (n for exits in by_depth.values() for n in exits):
@@ -117,6 +145,8 @@ def _make(passes, state, policy, by_depth) -> dict[int, UniformCheck | None]:
             folded = passes.folded_probe(state, head)
         usable = applies(folded) and policy.threshold_of(n) < 1.0 and n not in policy.observe
         checks[n] = UniformCheck(passes, n, policy, head, folded) if usable else None
+        if policy.force == n and not passes.profile:
+            checks[n] = DraftCheck(passes, n, head)
     return checks
 
 

@@ -17,9 +17,12 @@ Each policy is replayed at the same costs (`DraftCosts`, in plain decode steps):
 controller (`draft_control.DraftController`, warm-started from the checkpoint's calibration
 record where it has agreement) with its early stop and without it (the geometric plan's g), and
 fixed (exit, g) pairs. A round costs g * draft[n] + base[n] + g * row[n]; a plain round 1, and
---observe-cost more where it reads an exit's token on the way (`Plan.observe`; the controller
-without it: "plain rounds blind", as before it observed). --passes replays the prompts that many
-times in a row with one controller, as an engine's controller learns across calls. The
+--observe-cost more where it reads an exit's token on the way (`Plan.observe`: a plain round's,
+or a shallower exit's on a drafting round's first step; "plain rounds obs.": the former alone,
+"observing none": neither). --passes replays the prompts that many times in a row with one controller,
+as an engine's controller learns across calls; --orders replays them from that many starting
+prompts, each with a fresh controller (where a run of rejections leaves the controller depends
+on the order the text comes in), and prints the mean rate with its range. The
 costs are timed rounds at batch 1 (`draft_costs.measure_draft_costs`, --costs measured, the
 default) or the config's weight counts (--costs parameters). Printed per policy: tokens per
 unit of time (the speedup over full decoding the policy would reach at these costs, nothing
@@ -60,14 +63,15 @@ def trajectories(engine, model, prompts: list[list[int]], new_tokens: int) -> li
 
 
 def replay(paths, exits: list[int], costs, choose, observe_cost: float = 0.0, passes: int = 1) -> dict:
-    """Run `choose(position facts) -> (exit, drafts kept)` round by round along every path
-    (`passes` times over); `choose` returns the exit and how many drafts it made (0: a plain
-    round, the exit it observed or None)."""
+    """Run `choose(position facts) -> (exit, drafts, learn, observed)` round by round along every
+    path (`passes` times over); `choose` returns the exit and how many drafts it made (0: a plain
+    round, the exit it observed or None), what learns from the round, and whether a drafting
+    round read another exit's token on its first draft step (`Plan.observe`: --observe-cost)."""
     tokens = time = rounds = drafted = plain = 0.0
     for agree, conf in paths * passes:
         i = 0
         while i < len(agree):
-            n, g, learn = choose(agree, conf, i)
+            n, g, learn, observed = choose(agree, conf, i)
             rounds += 1
             if g == 0:
                 time += 1.0 + (observe_cost if n is not None else 0.0)
@@ -77,7 +81,7 @@ def replay(paths, exits: list[int], costs, choose, observe_cost: float = 0.0, pa
             ok = 0
             while ok < g and agree[i + ok][e]:
                 ok += 1
-            time += costs.round_time(n, g)
+            time += costs.round_time(n, g) + (observe_cost if observed else 0.0)
             tokens, drafted, i = tokens + ok + 1, drafted + g, i + ok + 1
             if learn is not None:
                 learn(n, [conf[i - ok - 1 + j][e] for j in range(g)], ok)
@@ -85,30 +89,38 @@ def replay(paths, exits: list[int], costs, choose, observe_cost: float = 0.0, pa
             "plain": plain / rounds}  # fmt: skip
 
 
-def controller_policy(exits: list[int], costs, agreement, stop_early: bool, observe: bool = True):
+def controller_policy(exits: list[int], costs, agreement, stop_early: bool, observe: str = "all"):
+    """The engine's controller; `observe`: "all" (as it decodes), "plain" (plain rounds alone: a
+    drafting round reads no shallower exit, as before it did) or "none" (as before plain rounds
+    observed)."""
     ctl = DraftController(costs, stop_early=stop_early, agreement=agreement)
     lengths = list(range(1, MAX_DRAFT + 1))
 
+    def look(n, agree, conf, i) -> None:  # exit n's token at position i read on the way: one observation
+        e = exits.index(n)
+        ctl.update(n, [([conf[i][e]], int(agree[i][e]))])
+
     def choose(agree, conf, i):
         plan = ctl.plan(exits, lengths)
+        n = plan.observe if observe == "all" or (observe == "plain" and plan.exit is None) else None
         if plan.exit is None:
-            n = plan.observe if observe else None
-            if n is not None:  # the plain round reads exit n's token: one observation
-                e = exits.index(n)
-                ctl.update(n, [([conf[i][e]], int(agree[i][e]))])
-            return n, 0, None
+            if n is not None:
+                look(n, agree, conf, i)
+            return n, 0, None, False
         e, confs = exits.index(plan.exit), []
         for j in range(min(plan.cap, len(agree) - i - 1)):  # room for the final head's token
             confs.append(conf[i + j][e])
             if not ctl.keep_drafting(plan, confs):
                 break
-        return plan.exit, len(confs), lambda n, c, ok: ctl.update(n, [(c, ok)])
+        if n is not None and confs:  # learnt after the verify pass, before the draft exit (`run_plan`)
+            look(n, agree, conf, i)
+        return plan.exit, len(confs), lambda m, c, ok: ctl.update(m, [(c, ok)]), n is not None and bool(confs)
 
     return choose
 
 
 def fixed_policy(exit_layer: int, g: int):
-    return lambda agree, conf, i: (exit_layer, min(g, len(agree) - i - 1), None)
+    return lambda agree, conf, i: (exit_layer, min(g, len(agree) - i - 1), None, False)
 
 
 def main(argv=None) -> None:
@@ -124,11 +136,18 @@ def main(argv=None) -> None:
     p.add_argument(
         "--observe-cost",
         type=float,
-        default=0.03,
-        help="what reading an exit's token costs a plain round, in plain steps (the draft check: "
-        "~0.03 on the CPU reference model)",
+        default=0.025,
+        help="what reading an exit's token costs a round, in plain steps (the draft check: "
+        "~0.02-0.03 on the CPU reference model)",
     )
     p.add_argument("--passes", type=int, default=1, help="replay the prompts this many times with one controller")
+    p.add_argument(
+        "--orders",
+        type=int,
+        default=1,
+        help="replay from this many starting prompts (rotations of their order), each with a fresh "
+        "controller; printed: the mean rate, its min and max",
+    )
     args = p.parse_args(argv)
 
     model, tokenizer = load_checkpoint(args.load)
@@ -153,18 +172,27 @@ def main(argv=None) -> None:
     print(f"{sum(len(a) for a, _ in paths)} positions; agreement " + ", ".join(
         f"exit {n} {a:.1%}" for n, a in zip(exits, agree)))  # fmt: skip
     agreement = ss.calibrated_agreement(engine)
-    policies = {
-        "controller, early stop": controller_policy(exits, costs, agreement, True),
-        "controller, geometric g": controller_policy(exits, costs, agreement, False),
-        "controller, plain rounds blind": controller_policy(exits, costs, agreement, True, observe=False),
+    policies = {  # name -> a fresh policy (the controllers learn as they go)
+        "controller, early stop": lambda: controller_policy(exits, costs, agreement, True),
+        "controller, geometric g": lambda: controller_policy(exits, costs, agreement, False),
+        "controller, plain rounds obs.": lambda: controller_policy(exits, costs, agreement, True, observe="plain"),
+        "controller, observing none": lambda: controller_policy(exits, costs, agreement, True, observe="none"),
     }
     for n in exits:
         for g in (1, 2, 3, 4):
-            policies[f"fixed exit {n}, g {g}"] = fixed_policy(n, g)
-    print(f"{'policy':28s} {'rate':>6s} {'tokens/round':>13s} {'drafts/round':>13s} {'plain':>6s}")
-    for name, choose in policies.items():
-        r = replay(paths, exits, costs, choose, args.observe_cost, args.passes)
-        print(f"{name:28s} {r['rate']:6.3f} {r['tokens/round']:13.2f} {r['drafts/round']:13.2f} {r['plain']:6.1%}")
+            policies[f"fixed exit {n}, g {g}"] = lambda n=n, g=g: fixed_policy(n, g)
+    starts = [k * len(paths) // args.orders for k in range(args.orders)]
+    orders = [paths[k:] + paths[:k] for k in starts]
+    head = ("policy", "rate", "min", "max", "tokens/round", "drafts/round", "plain")
+    print(f"{head[0]:28s} {head[1]:>6s} {head[2]:>6s} {head[3]:>6s} {head[4]:>13s} {head[5]:>13s} {head[6]:>6s}")
+    for name, make in policies.items():
+        runs = [replay(order, exits, costs, make(), args.observe_cost, args.passes) for order in orders]
+        mean = {k: sum(r[k] for r in runs) / len(runs) for k in runs[0]}
+        low, high = min(r["rate"] for r in runs), max(r["rate"] for r in runs)
+        print(
+            f"{name:28s} {mean['rate']:6.3f} {low:6.3f} {high:6.3f} {mean['tokens/round']:13.2f} "
+            f"{mean['drafts/round']:13.2f} {mean['plain']:6.1%}"
+        )
 
 
 if __name__ == "__main__":

@@ -665,3 +665,69 @@ def test_observing_a_plain_step_reads_the_draft_and_keeps_full_decodings_token(c
     agree = [int(seen.guesses[b][1] == int(plain.logits[b].argmax())) for b in range(batch)]
     assert observations(seen, 1) == [([seen.guesses[b][2]], agree[b]) for b in range(batch)]
     assert observations(seen, 3) == []
+
+
+def test_a_deeper_plan_reads_a_shallower_exit_near_its_rate_and_unsticks():
+    """After a run of rejections leaves the shallow exit below the deep one, plans from the deep
+    exit read the shallow one on their first draft step while its best plan comes within
+    OBSERVE_NEAR of theirs (not a hopeless one, and not a deeper one); its agreeing tokens bring
+    the plans back to it in a few rounds, where exploration alone takes its interval. Costs as
+    timed on the CPU reference model (exits 3 and 6: here 2 and 6)."""
+    costs = DraftCosts(draft={2: 0.27, 6: 0.49}, row={2: 0.01, 6: 0.01}, base={2: 1.13, 6: 1.13})
+    ctl = DraftController(costs, agreement={2: 0.76, 6: 0.88})
+    lengths = list(range(1, MAX_DRAFT + 1))
+    plan = ctl.plan([2, 6], lengths)
+    assert plan.exit == 2 and plan.observe is None  # the cheap exit pays most: nothing shallower to read
+    for _ in range(4):  # a hard stretch for exit 2
+        ctl.update(2, [([0.3, 0.3], 0)])
+    plan = ctl.plan([2, 6], lengths)
+    near = max(ctl.rate(2, g) for g in lengths)
+    assert plan.exit == 6 and OBSERVE_NEAR * plan.rate <= near < plan.rate and plan.observe == 2
+    assert ctl.interval(2, 2) >= 28  # exploration alone: ~2 x 0.28 / WARM_EXPLORE_SHARE 0.02 rounds
+    rounds = 0
+    while plan.exit == 6 and rounds < 10:  # the text gets easy again: exit 2's token read agrees
+        ctl.update(2, [([0.9], 1)])
+        ctl.update(6, [([0.9, 0.9, 0.9], 2)])  # exit 6's round goes on as before
+        rounds += 1
+        plan = ctl.plan([2, 6], lengths)
+    assert (plan.exit, plan.explore) == (2, False) and rounds <= 4
+    hopeless = DraftController(costs, agreement={2: 0.05, 6: 0.88})
+    plan = hopeless.plan([2, 6], lengths)
+    assert plan.exit == 6 and plan.observe is None  # no check paid for an exit far from paying
+
+
+@pytest.mark.parametrize("batch", [1, 4])
+def test_a_round_reading_a_shallower_exit_stays_lossless_and_teaches_the_controller(case, batch, monkeypatch):
+    """Rounds that draft from exit 3 and read exit 1 on the way (every plan forced so): the
+    tokens are full greedy decoding's, and the controller learns exit 1's agreement from them,
+    one observation per sequence and round: exit 1 of the good model is the final head (every
+    observation agrees), the bad model's random exits almost never agree."""
+    from megatron.early_exit.inference.strategies import draft_control
+    from megatron.early_exit.inference.strategies.draft_control import Plan
+
+    kind, model, ref = case
+    monkeypatch.setattr(
+        draft_control.DraftController, "plan", lambda self, exits, lengths, batch=1: Plan(3, 2, 1.2, observe=1)
+    )
+    seen = []
+    update = draft_control.DraftController.update
+
+    def recorded(self, n, rounds):
+        if n == 1:
+            seen.append(rounds)
+        return update(self, n, rounds)
+
+    monkeypatch.setattr(draft_control.DraftController, "update", recorded)
+    res = generate(model, None, PROMPTS[:batch], strategy="self_speculative", max_new_tokens=NEW, ignore_eos=True)
+    assert [r.tokens for r in res] == ref[:batch]
+    assert all(set(r.stats["draft_exits"]) == {3} for r in res)
+    observed = [ok for rounds in seen for confs, ok in rounds]
+    assert all(len(confs) == 1 for rounds in seen for confs, _ in rounds)
+    # one per sequence and round: on the first draft step, or on the plain step of a round with
+    # no room to draft (a sequence's last)
+    rounds = sum(r.stats["draft_exits"][3] + r.stats["draft_lengths"].get(0, 0) for r in res)
+    assert len(observed) == rounds and len(observed) > sum(r.stats["draft_lengths"].get(0, 0) for r in res)
+    if kind == "good":
+        assert all(observed)
+    else:
+        assert sum(observed) < 0.2 * len(observed)

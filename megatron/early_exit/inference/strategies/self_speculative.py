@@ -159,10 +159,11 @@ class SelfSpeculative(Strategy):
         """`round` with its plan made (`draft_costs` times rounds of chosen plans through it)."""
         s, results = batch.settings, batch.results
         start = {b: state.fed[b] for b in running}  # position of the first token fed this round
-        drafts, confs, last = self.draft(engine, state, running, batch, plan, ctl)
-        out = verify(engine, state, last, drafted=any(drafts.values()), observe=plan.observe)
+        drafts, confs, last, guesses = self.draft(engine, state, running, batch, plan, ctl)
+        drafted = any(drafts.values())
+        out = verify(engine, state, last, drafted=drafted, observe=None if drafted else plan.observe)
         if ctl is not None and plan.observe is not None:
-            seen = observations(out, plan.observe)
+            seen = observations(out, plan.observe, guesses if drafted else None)
             if seen:
                 ctl.update(plan.observe, seen)
         still, observed = [], []
@@ -179,27 +180,33 @@ class SelfSpeculative(Strategy):
             ctl.update(plan.exit, observed)
         return still
 
-    def draft(self, engine, state, running: list[int], batch: Batch, plan: Plan, ctl) -> tuple[dict, dict, dict]:
+    def draft(self, engine, state, running: list[int], batch: Batch, plan: Plan, ctl) -> tuple[dict, dict, dict, dict]:
         """Up to plan.cap draft tokens per sequence from plan.exit, fewer where the controller's
-        early stop says another does not pay; (drafts, confidences, last token)."""
+        early stop says another does not pay; (drafts, confidences, last token, the first draft
+        step's `StepOutput.guesses`: exit plan.observe's token there, where the plan reads one)."""
         s, results = batch.settings, batch.results
         budget = {b: min(plan.cap, s.max_new_tokens - len(results[b].tokens) - 1) for b in running}
         last = {b: results[b].tokens[-1] for b in running}
         drafts: dict[int, list[int]] = {b: [] for b in running}
         confs: dict[int, list[float]] = {b: [] for b in running}
         policy = batch.policy if plan.exit == batch.policy.force else ExitPolicy(force=plan.exit)
+        guesses: dict = {}
         for j in range(max(budget.values(), default=0)):
             feed = {b: last[b] for b in running if budget[b] > j}
             if not feed:
                 break
-            out = engine.decode_one_token(state, feed, policy)
+            if j == 0 and plan.observe is not None:  # a shallower exit read on the way up
+                out = engine.decode_one_token(state, feed, ExitPolicy(force=plan.exit, observe=(plan.observe,)))
+                guesses = out.guesses
+            else:
+                out = engine.decode_one_token(state, feed, policy)
             for b, logits in out.logits.items():
                 last[b] = int(logits.argmax())
                 drafts[b].append(last[b])
                 confs[b].append(out.confidence[b])
                 if ctl is not None and not ctl.keep_drafting(plan, confs[b]):
                     budget[b] = j + 1
-        return drafts, confs, last
+        return drafts, confs, last, guesses
 
     def keep(self, engine, out, b: int, drafts: list[int], confs: list[float], batch: Batch, layer) -> int:
         """Append slot b's agreeing drafts and the final head's token; returns how many drafts agreed."""
@@ -237,12 +244,13 @@ def verify(engine, state, last: dict[int, int], drafted: bool, observe: int | No
     return out
 
 
-def observations(out, n: int) -> list[tuple[list[float], int]]:
-    """A plain round's observations of exit n for the controller, one per sequence whose guess
-    the pass recorded: ([its max-probability], 1 if it is the final head's token else 0), as
-    a round that drafted that one token would have told it."""
+def observations(out, n: int, guesses: dict | None = None) -> list[tuple[list[float], int]]:
+    """A round's observations of exit n for the controller, one per sequence with a guess: ([its
+    max-probability], 1 if it is the final head's token after the round's first fed row else 0),
+    as a round that drafted that one token would have told it. The guesses (`StepOutput.guesses`)
+    are `out`'s (a plain round) or a drafting round's first draft step's (the same position)."""
     seen = []
-    for b, (exit_layer, token, conf) in out.guesses.items():
+    for b, (exit_layer, token, conf) in (out.guesses if guesses is None else guesses).items():
         if exit_layer == n and b in out.exit_layer:
             seen.append(([conf], int(token == final_tokens(out, b)[0])))
     return seen

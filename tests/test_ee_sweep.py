@@ -83,3 +83,16 @@ def test_sweep_writes_csv_and_plots(tmp_path, batch_size):
     assert 1 <= sum(int(r["steps"]) for r in kinds) <= 3 * (2 // batch_size)
     pytest.importorskip("matplotlib")
     assert {"speedup.png", "quality_vs_speedup.png", "exit_histogram.png"} <= set(os.listdir(tmp_path / "out"))
+
+
+def test_self_speculation_is_warmed_at_every_batch_bucket_it_can_meet():
+    """A batch shrinks as its sequences stop, and self-speculation times its draft costs on first
+    use at each batch bucket (~1 s each): the sweep's untimed warm-up meets every bucket a batch of
+    its size can reach, so none is timed inside a paired run."""
+    from ee_sweep import warm_sizes
+
+    from megatron.early_exit.inference.strategies.self_speculative import batch_bucket
+
+    for size in range(1, 18):
+        reachable = {batch_bucket(running) for running in range(1, size + 1)}
+        assert {batch_bucket(s) for s in warm_sizes(size)} == reachable and warm_sizes(size)[0] == size

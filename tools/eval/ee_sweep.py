@@ -278,6 +278,12 @@ def sweep(args) -> list[dict]:
     return rows
 
 
+def warm_sizes(batch_size: int) -> list[int]:
+    """Batch sizes whose first rounds time self-speculation's draft costs at every bucket a batch of
+    `batch_size` shrinks through: batch_size, then the powers of two below it, largest first."""
+    return [batch_size] + [1 << k for k in reversed(range(max(batch_size - 1, 0).bit_length())) if 1 << k < batch_size]
+
+
 def speculative_row(engine, prompts, references, args, full, full_tokens: list) -> dict:
     """Dynamic self-speculation (draft exit and length "auto") on the same prompts: lossless, so
     its quality is the full model's; speed (paired with full decoding, `paired_runs`),
@@ -285,7 +291,10 @@ def speculative_row(engine, prompts, references, args, full, full_tokens: list) 
     from megatron.early_exit.inference import GenerationSettings
 
     s = GenerationSettings(strategy="self_speculative", max_new_tokens=args.max_new_tokens, stop_strings=("\n",))
-    engine.generate(prompts[: args.batch_size], s)  # its draft costs are timed on first use: not in the figure
+    # Its draft costs are timed on first use at each batch bucket (`self_speculative.batch_bucket`:
+    # a batch shrinks as its sequences stop), ~1 s each: once per bucket here, not in the figure.
+    for size in warm_sizes(args.batch_size):
+        engine.generate(prompts[:size], s)
     (tps, texts, tokens, _, results), speedup = paired_runs(engine, prompts, args, s, full)
     rounds = [r.stats["draft_lengths"] for r in results]
     exits: dict = {}

@@ -38,13 +38,15 @@ Observing under a deeper draft. A round that drafts from a deeper exit passes th
 ones on its way up; the controller learned about a shallower exit only from its own rounds, so
 after a run of rejections left it below a deeper exit, it was tried again only by exploration (a
 one-token try every ~30 rounds, each failure doubling the interval), and decoding stayed on the
-dearer exit: one sweep of the CPU reference model drafted 132 of 134 rounds from exit 6 (1.26x),
-where runs on exit 3 reach 1.4x; replayed along full decoding's tokens from 8 starting prompts,
-3 passes each, such runs read 1.39-1.48 (exit 6 in up to 47% of rounds). Where a shallower
-exit's best plan comes within OBSERVE_NEAR of the chosen plan's rate, the round's first draft
-step reads its greedy token on the way (`Plan.observe`; its check, ~0.01 of a round) and the
-controller learns from it as from a one-draft round: the same replays read 1.45-1.47, exit 6 in
-5-10% of rounds.
+dearer exit: one sweep of the CPU reference model (bf16) drafted 132 of 134 rounds from exit 6
+(1.26x) and one in fp32 84 of 142 (1.28x), where runs on exit 3 read 1.4x and more. Where a
+shallower exit's best plan comes within OBSERVE_NEAR of the chosen plan's rate, the round's first
+draft step reads its greedy token on the way (`Plan.observe`; its check, ~0.01 of a round) and the
+controller learns from it as from a one-draft round. Replayed along full decoding's tokens from
+8 starting prompts, 3 passes each (`benchmarks/draft_policy.py --orders 8 --passes 3`, costs
+timed per run), the worst start rose from 1.426 to 1.470 and from 1.482 to 1.509 (means 1.470 ->
+1.480, 1.511 -> 1.517); the sweeps since have drafted from exit 6 in 2-7% of rounds. No window
+as for plain rounds: the exit is stale precisely because no plan chose it lately.
 
 Warm start. Where the checkpoint's calibration record (`early_exit_thresholds.json`) holds each
 exit's top-1 agreement with the final head, that exit's prior holds WARM_DRAFTS drafts accepted

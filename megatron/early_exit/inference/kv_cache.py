@@ -40,8 +40,13 @@ class KVCache:
         self.batch = batch
         self.filled = np.zeros((num_layers, batch), dtype=np.int64)  # host bookkeeping: cheap scalar access
 
-    def layer(self, index: int, rows: RowIndex) -> LayerView:
-        """The object attention calls `update` on for one pass of layer `index`."""
+    def layer(self, index: int, rows: RowIndex) -> LayerView | SliceView:
+        """The object attention calls `update` on for one pass of layer `index`: views of every
+        layer made once a pass where the rows are one block (`RowIndex.block`), else indexed."""
+        if rows.block is not None:
+            if rows.views is None or rows.views[0] is not self:
+                rows.views = (self, *block_views(self, *rows.block, rows.span))
+            return SliceView(rows.views, index)
         return LayerView(self, index, rows)
 
     def truncate(self, b: int, length: int) -> None:
@@ -59,14 +64,18 @@ class RowIndex:
     def __init__(self, seqs: list[int], lo: list[int], n: list[int], cache: KVCache, device: torch.device) -> None:
         r = max(n)
         # Contiguous slots, every one with the same rows (a verify pass, one sequence's fill):
-        # K/V are written and read by slicing (`LayerView.update`), as the uniform step does.
+        # K/V are written and read through views of every layer (`KVCache.layer`), as the
+        # uniform step does.
         first = seqs[0]
         same = min(lo) == max(lo) and min(n) == r and list(seqs) == list(range(first, first + len(seqs)))
         self.block = (slice(first, first + len(seqs)), lo[0], lo[0] + r) if same else None
+        self.device = device
         a = len(seqs)
+        # Each layer's fill counts after the pass (`Passes.advance`): one numpy assignment.
+        self.filled_b = self.block[0] if same else np.asarray(seqs, dtype=np.int64)
+        self.filled_end = lo[0] + r if same else np.asarray(lo, dtype=np.int64) + np.asarray(n, dtype=np.int64)
         if same:  # one causal block at the same positions in every slot: no padding, fewer operations
             self.span = lo[0] + r
-            self.positions = torch.arange(lo[0], self.span).expand(a, r).to(device)
             mask = torch.ones(r, self.span, dtype=torch.bool).tril(lo[0])  # key j <= lo + i
             self.attn_mask = mask.expand(a, 1, r, self.span).to(device)  # (A, 1, R, span)
             self.views: tuple | None = None  # (cache, `block_views`): made on the first layer's update
@@ -85,6 +94,13 @@ class RowIndex:
         mask[:, :, 0] |= ~valid  # padding rows attend to one key: no all-masked softmax rows
         self.attn_mask = mask[:, None].to(device)  # (A, 1, R, span)
 
+    @functools.cached_property
+    def positions(self) -> torch.Tensor:
+        """(A, R) long: each row's position. Made in the constructor where rows are padded; for
+        a block only where asked (its rotary angles are slices of the tables: `Passes.layout`)."""
+        b, lo, end = self.block
+        return torch.arange(lo, end).expand(b.stop - b.start, end - lo).to(self.device)
+
 
 class LayerView:
     """Writes a pass's new K/V at their positions and returns keys/values 0..span-1 to attend to."""
@@ -95,13 +111,6 @@ class LayerView:
     def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # k, v: (A, ng, R, hd); the indexed write takes rows as (A, R, ng, hd)
         r = self.rows
-        if r.block is not None:  # the same positions in contiguous slots: slices, no indexed copies
-            if r.views is None or r.views[0] is not self.cache:
-                r.views = (self.cache, *block_views(self.cache, *r.block, r.span))
-            _, kw, vw, kr, vr = r.views
-            kw[self.index].copy_(k)
-            vw[self.index].copy_(v)
-            return kr[self.index], vr[self.index]  # (A, ng, span, hd) views
         kc, vc = self.cache.k[self.index], self.cache.v[self.index]  # (B, ng, T+1, hd)
         kc[r.write_b, :, r.write_pos] = k.transpose(1, 2).to(kc.dtype)
         vc[r.write_b, :, r.write_pos] = v.transpose(1, 2).to(vc.dtype)
@@ -132,7 +141,7 @@ class DecodeIndex:
         # of a number to a slice where the layout allows.
         self.filled_b = self.batch_slice if self.contiguous else np.asarray(seqs, dtype=np.int64)
         self.filled_end = self.span if self.same else np.asarray(pos, dtype=np.int64) + 1
-        self.views: tuple | None = None  # (cache, `step_views`) where `same` and `contiguous`
+        self.views: tuple | None = None  # (cache, `block_views`) where `same` and `contiguous`
         if self.same:
             self.attn_mask = None
         else:
@@ -159,35 +168,30 @@ class DecodeIndex:
     def layer(self, cache: KVCache, index: int) -> DecodeView | SliceView:
         if self.same and self.contiguous:
             if self.views is None or self.views[0] is not cache:
-                self.views = (cache, *step_views(cache, self.batch_slice, self.pos[0]))
+                p = self.pos[0]
+                self.views = (cache, *block_views(cache, self.batch_slice, p, p + 1, p + 1))
             return SliceView(self.views, index)
         return DecodeView(cache, index, self)
 
 
 def block_views(cache: KVCache, b: slice, lo: int, end: int, span: int) -> tuple[torch.Tensor, ...]:
     """Views over every layer of a pass whose rows are one causal block at positions lo..end-1 in
-    the slots `b` (`RowIndex.block`): where K and V are written (L, A, ng, R, hd), and what is
-    read (L, A, ng, span, hd): a layer's update is then two copies and two views."""
+    the slots `b` (`RowIndex.block`; a uniform step: one position, p..p): where K and V are written
+    (L, A, ng, R, hd), and what is read (L, A, ng, span, hd)."""
     k, v = cache.k[:, b], cache.v[:, b]
     return k[:, :, :, lo:end], v[:, :, :, lo:end], k[:, :, :, :span], v[:, :, :, :span]
 
 
-def step_views(cache: KVCache, b: slice, p: int) -> tuple[torch.Tensor, ...]:
-    """Views over every layer of one uniform step whose sequences are the slots `b`, all at
-    position p: where K and V are written (L, A, ng, 1, hd), and what is read (L, A, ng, p+1, hd)."""
-    k, v = cache.k[:, b], cache.v[:, b]
-    return k[:, :, :, p : p + 1], v[:, :, :, p : p + 1], k[:, :, :, : p + 1], v[:, :, :, : p + 1]
-
-
 class SliceView:
-    """`DecodeView` where every sequence of the step is at the same position and the slots are
-    contiguous: one view per layer of the step's views (`step_views`), three operations a layer."""
+    """One layer's update through views of every layer made once (`block_views`): a uniform step
+    whose sequences are contiguous slots at one position (`DecodeIndex.layer`), or a pass whose
+    rows are one block (`KVCache.layer`); two copies and two views a layer."""
 
     def __init__(self, views: tuple, index: int) -> None:
         self.views, self.index = views, index
 
     def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        # k, v: (A, ng, 1, hd)
+        # k, v: (A, ng, R, hd)
         _, kw, vw, kr, vr = self.views
         kw[self.index].copy_(k)
         vw[self.index].copy_(v)

@@ -66,10 +66,12 @@ def scaled_rows(x: torch.Tensor, eps: float) -> torch.Tensor:
     return x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, scaled: torch.Tensor | None = None) -> torch.Tensor:
     """`RMSNorm.forward` of x with gain `weight`, the same operations (no casts in fp32, where
-    they are identities), without the module call (an exit's norm: `Passes.exit_hidden`)."""
-    scaled = scaled_rows(x, eps)
+    they are identities), without the module call (the lean layers', an exit's and the final
+    norm: `Passes.norm`); `scaled`: `scaled_rows(x, eps)` made already (an exit's check read it:
+    `Passes.folded_scores`)."""
+    scaled = scaled_rows(x, eps) if scaled is None else scaled
     return weight * scaled if x.dtype == torch.float32 else weight * scaled.to(x.dtype)
 
 
@@ -126,13 +128,7 @@ class LeanLayer:
     def hooked(self) -> bool:
         """Whether a forward hook watches the layer or a module in it (or every module): then the
         modules run, so that the hook sees their calls."""
-        return bool(module._global_forward_hooks or module._global_forward_pre_hooks) or any(self.hooks)
-
-    def norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float, scaled: torch.Tensor | None = None):
-        """`rms_norm`; `scaled`: `scaled_rows(x, eps)` made already (an exit's check read it:
-        `Passes.folded_scores`)."""
-        scaled = scaled_rows(x, eps) if scaled is None else scaled
-        return weight * scaled if self.fp32 else weight * scaled.to(x.dtype)
+        return hooks_set(self.hooks)
 
     def rotated_qkv(self, x, lead: tuple, cos, sin_signed, linear: LeanKernels, scaled=None) -> tuple:
         """x (N, h) -> (qk, qkv): the QKV product of the normed rows viewed (*lead, g, per + 2, hd)
@@ -141,7 +137,7 @@ class LeanLayer:
         cos, sin_signed broadcast against them. `scaled`: the input norm's `scaled_rows` of x
         where an exit check made them."""
         g, per, hd = self.groups, self.per, self.head_dim
-        qkv = linear(self.norm(x, self.w_in, self.eps_in, scaled), self.qkv).view(*lead, g, per + 2, hd)
+        qkv = linear(rms_norm(x, self.w_in, self.eps_in, scaled), self.qkv).view(*lead, g, per + 2, hd)
         qk = qkv[..., : per + 1, :]
         if self.fp32:
             return qk * cos + qk.roll(hd // 2, -1) * sin_signed, qkv
@@ -152,7 +148,7 @@ class LeanLayer:
         """x (N, h) plus the attention's output projected from out (N, heads x hd), then plus
         the SwiGLU MLP of the normed result: the layer's output (N, h)."""
         x = x + linear(out, self.proj)
-        h = linear(self.norm(x, self.w_mid, self.eps_mid), self.fc1)  # (N, 2 ffn)
+        h = linear(rms_norm(x, self.w_mid, self.eps_mid), self.fc1)  # (N, 2 ffn)
         return x + linear(F.silu(h[:, : self.ffn]) * h[:, self.ffn :], self.fc2)
 
     def __call__(self, x, cos, sin_signed, attn_mask, view, linear: LeanKernels, scaled=None) -> torch.Tensor:
@@ -169,7 +165,7 @@ class LeanLayer:
     def rows(self, x, cos, sin_signed, attn_mask, view, linear: LeanKernels) -> torch.Tensor:
         """The general pass (`Passes.advance`): x (A, R, h) -> (A, R, h), R rows per sequence
         (pending rows, drafts to verify, prompts), K/V written through `view` (a
-        `kv_cache.LayerView`). cos, sin_signed: (A, R, 1, 1, hd) fp32 (`rows_tables`); attn_mask
+        `KVCache.layer`'s view). cos, sin_signed: (A, R, 1, 1, hd) fp32 (`rows_tables`); attn_mask
         (A, 1, R, span). Attention is the call `SelfAttention.forward` makes: at R = 1 a group's
         query heads attend as its rows (`one_query_attention`, `group_rows_attention`), else every
         head with `enable_gqa` (SDPA can round the two layouts differently, so the layout follows
@@ -193,12 +189,15 @@ def hook_dicts(modules) -> tuple[dict, ...]:
     return tuple(d for m in modules for d in (m._forward_hooks, m._forward_pre_hooks))
 
 
+def hooks_set(dicts: tuple[dict, ...]) -> bool:
+    """Whether a forward hook is set for every module, or in one of `dicts` (`hook_dicts`)."""
+    return bool(module._global_forward_hooks or module._global_forward_pre_hooks) or any(dicts)
+
+
 def watched(modules) -> bool:
     """Whether a forward hook watches any of `modules` (or every module): code that replaces their
     calls must then run them, so that the hook sees the calls it expects."""
-    if module._global_forward_hooks or module._global_forward_pre_hooks:
-        return True
-    return any(m._forward_hooks or m._forward_pre_hooks for m in modules)
+    return hooks_set(hook_dicts(modules))
 
 
 def rows_tables(cos: torch.Tensor, sin_signed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

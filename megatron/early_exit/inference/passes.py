@@ -505,11 +505,7 @@ class Passes:
             rows.x = fast.rows(rows.x, cos, sin_signed, index.attn_mask, view, self.lean_kernels)
         else:
             rows.x = self.model.decoder.layers[str(i)](rows.x, rotary, index.attn_mask, view)
-        if index.block is not None:  # contiguous slots, one end
-            cache.filled[i - self.start, index.block[0]] = index.span
-            return
-        for a, b in enumerate(rows.seqs):
-            cache.filled[i - self.start, b] = rows.lo[a] + rows.n[a]
+        cache.filled[i - self.start, index.filled_b] = index.filled_end
 
     # ----- exits ---------------------------------------------------------------------------
 
@@ -638,16 +634,10 @@ class Passes:
         """Exit n's hidden state [A, 1, h] at the newest row of each candidate `rows` index."""
         if head.block is not None:
             return self.block_exit_hidden(state, n, head, [rows.seqs[a] for a in cand])
-        norm = self.lean_exit_norm(state, head)
-        if norm is not None:  # the exit is its RMSNorm alone: the norm's operations, no module calls
-            return lean.rms_norm(self.newest_rows(rows, cand), norm.weight, norm.eps)
-        return head.hidden(self.newest_rows(rows, cand))
-
-    def lean_exit_norm(self, state: DecodeState, head):
-        """Exit `head`'s RMSNorm where its hidden state is that norm of the backbone row alone (no
-        block, no MLP), lean layers are on and no forward hook watches the norm; else None."""
         norm = state.remembered(("exit norm", id(head)), lambda: lean.exit_norm(head))
-        return norm if norm is not None and self.lean and not lean.watched((norm,)) else None
+        if norm is not None:  # the exit is its RMSNorm alone
+            return self.norm(norm, self.newest_rows(rows, cand))
+        return head.hidden(self.newest_rows(rows, cand))
 
     def newest_rows(self, rows: Rows, cand: list[int]) -> torch.Tensor:
         """The newest row [A, 1, h] of each candidate `rows` index (the backbone at this depth)."""
@@ -714,7 +704,7 @@ class Passes:
             return
         m = self.model
         if all_rows:
-            x = self.final_norm(rows.x)  # (A, R, h)
+            x = self.norm(m.decoder.final_layernorm, rows.x)  # (A, R, h)
             if self.int8_head():
                 return self.final_row_tokens(rows, x, out)
             logits = self.vocab_logits(m.head_ops.project(x, m.output_weight()))
@@ -723,7 +713,7 @@ class Passes:
             last = torch.stack([logits[a, rows.n[a] - 1] for a in range(len(rows.seqs))])
         else:
             h = self.newest_rows(rows, list(range(len(rows.seqs))))[:, 0]  # (A, h): only the newest rows
-            h = self.final_norm(h)
+            h = self.norm(m.decoder.final_layernorm, h)
             if self.int8_head():
                 return self.final_tokens(rows, h, out)
             last = self.vocab_logits(m.head_ops.project(h, m.output_weight()))  # (A, V)
@@ -731,10 +721,9 @@ class Passes:
         for a, b in enumerate(rows.seqs):
             out.logits[b], out.exit_layer[b], out.confidence[b] = last[a], self.num_layers, conf[a]
 
-    def final_norm(self, x: torch.Tensor) -> torch.Tensor:
-        """The final layer norm of x; an RMSNorm that no forward hook watches as `lean.rms_norm`
-        where lean layers are on (the same operations, no module call)."""
-        norm = self.model.decoder.final_layernorm
+    def norm(self, norm, x: torch.Tensor) -> torch.Tensor:
+        """`norm(x)` (the final norm, or an exit that is its norm alone); an RMSNorm that no forward
+        hook watches as `lean.rms_norm` where lean layers are on (the same operations, no module call)."""
         if self.lean and type(norm) is RMSNorm and not lean.watched((norm,)):
             return lean.rms_norm(x, norm.weight, norm.eps)
         return norm(x)

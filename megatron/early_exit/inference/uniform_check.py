@@ -138,15 +138,16 @@ def uniform_checks(passes, state, policy, by_depth: dict[int, list[int]]) -> dic
 
 def _make(passes, state, policy, by_depth) -> dict[int, Check | None]:
     measure = get_measure(policy.measure)
-    checks: dict[int, UniformCheck | None] = {}
+    checks: dict[int, Check | None] = {}
     for n in (n for exits in by_depth.values() for n in exits):
         folded, head = None, passes.exit_head(state, n)
-        if measure.probe_logit and passes.fused_checks and policy.force != n and not passes.profile:
+        if policy.force == n:
+            checks[n] = None if passes.profile else DraftCheck(passes, n, head)
+            continue
+        if measure.probe_logit and passes.fused_checks and not passes.profile:
             folded = passes.folded_probe(state, head)
         usable = applies(folded) and policy.threshold_of(n) < 1.0 and n not in policy.observe
         checks[n] = UniformCheck(passes, n, policy, head, folded) if usable else None
-        if policy.force == n and not passes.profile:
-            checks[n] = DraftCheck(passes, n, head)
     return checks
 
 

@@ -241,3 +241,48 @@ def test_add_exits_cli_backbone_probes(tmp_path):
     loaded, _ = load_checkpoint(dst)
     assert loaded.config.exit_confidence_input == "backbone"
     assert torch.equal(loaded.exits["2"].confidence_norm.weight, loaded.decoder.final_layernorm.weight)
+
+
+@pytest.mark.parametrize("untied_output", [False, True], ids=["tied-model", "untied-model"])
+def test_untie_exits_copies_the_shared_projection_and_keeps_the_outputs(tmp_path, capsys, untied_output):
+    """--untie-exits: every exit gets an output layer of its own, a copy of the projection it
+    shared (the word embedding, also beside an untied output layer); every logit, exit and final, stays
+    bit for bit, and every other tensor too. Refused without exits, with untied exits, and
+    beside --add-exit-layer-nums (one-line errors, exit code 2)."""
+    import add_exits as cli
+
+    from megatron.early_exit.tokenizer import build_tokenizer
+
+    model = _model(untied=untied_output, exits=(1, 2), use_exit_norm=True)
+    src, dst = str(tmp_path / "src"), str(tmp_path / "dst")
+    save_checkpoint(src, 5, model, build_tokenizer("NullTokenizer", vocab_size=100))
+    assert cli.main(["--load-dir", src, "--save-dir", dst, "--untie-exits"]) == 0
+    loaded, _ = load_checkpoint(dst)
+    assert loaded.config.untie_exit_output_weights and loaded.config.exit_layer_nums == [1, 2]
+    shared = model.embedding.word_embeddings.weight  # what tied exits project with, output layer untied or not
+    before, after = model.state_dict(), loaded.state_dict()
+    for n in (1, 2):
+        w = after.pop(f"exits.{n}.output_layer.weight")
+        assert torch.equal(w, shared) and w.data_ptr() != after["embedding.word_embeddings.weight"].data_ptr()
+    assert set(after) == set(before) and all(torch.equal(after[k], before[k]) for k in before)
+    with torch.no_grad():
+        a, b = model(_ids()), loaded(_ids())
+    assert torch.equal(a.logits, b.logits) and all(torch.equal(a.exit_logits[n], b.exit_logits[n]) for n in (1, 2))
+    # the exits' projections are now their own: changing one leaves the final head alone
+    with torch.no_grad():
+        loaded.exits["1"].output_layer.weight.mul_(2.0)
+        c = loaded(_ids())
+    assert torch.equal(c.logits, a.logits) and not torch.equal(c.exit_logits[1], a.exit_logits[1])
+    capsys.readouterr()
+    for args, words in (
+        (["--load-dir", dst, "--save-dir", str(tmp_path / "x"), "--untie-exits"], "already have their own"),
+        (["--load-dir", src, "--save-dir", str(tmp_path / "y"), "--untie-exits", "--add-exit-layer-nums", "3"],
+         "--untie-exit-output-weights"),
+    ):  # fmt: skip
+        assert cli.main(args) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and words in err
+    bare = str(tmp_path / "bare")
+    save_checkpoint(bare, 5, _model(untied=untied_output), build_tokenizer("NullTokenizer", vocab_size=100))
+    assert cli.main(["--load-dir", bare, "--save-dir", str(tmp_path / "z"), "--untie-exits"]) == 2
+    assert "has no exits" in capsys.readouterr().err

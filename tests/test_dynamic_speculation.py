@@ -275,10 +275,14 @@ def test_measured_draft_costs_come_from_timed_rounds(monkeypatch):
     assert c.base == pytest.approx({1: 1.1, 3: 1.1})
     assert c.row[3] == pytest.approx((0.7 + 4 * 2.5) / 17 - 0.4)
     assert c.row[1] == pytest.approx((0.5 + 4 * 2.3) / 17 - 0.4)
+    assert c.alt == c.alt_base == {}  # no alternative rounds timed
+    t.update({"alt 3/1": 1.8 + 0.15, "alt 3/4": 3.6 + 0.3, "alt 1/1": 1.6, "alt 1/4": 3.4})
+    c = costs_of(t, [1, 3])  # what g alternatives add: 0.1 + 0.05 g at exit 3; nothing (not below 0) at exit 1
+    assert (c.alt[3], c.alt_base[3], c.alt[1], c.alt_base[1]) == pytest.approx((0.05, 0.1, 0.0, 0.0))
     engine = EarlyExitEngine(build(True))
     costs, ratios = measure_draft_costs(engine, 2, 9, repeats=1)
-    assert set(ratios) == {f"{k} {n}/{g}" for k in ("round", "draft") for n in (1, 3) for g in (1, 4)}
-    assert all(v > 0 for v in ratios.values()) and set(costs.base) == {1, 3}
+    assert set(ratios) == {f"{k} {n}/{g}" for k in ("round", "draft", "alt") for n in (1, 3) for g in (1, 4)}
+    assert all(v > 0 for v in ratios.values()) and set(costs.base) == set(costs.alt) == set(costs.alt_base) == {1, 3}
     calls = []
     monkeypatch.setattr(ss, "measure_draft_costs", lambda e, b, n: calls.append((b, n)) or (c, {}))
     monkeypatch.setenv("EE_EXIT_COSTS", "measured")
@@ -380,15 +384,19 @@ def test_ee_sweep_writes_a_self_speculative_row(tmp_path):
     data.write_text(json.dumps(row) + "\n")
     out = tmp_path / "out"
     main(["--load", str(tmp_path / "ck"), "--data", str(data), "--output", str(out), "--thresholds", "1.0",
-          "--max-new-tokens", "6", "--batch-size", "1", "--cost-steps", "2", "--self-speculative"])  # fmt: skip
+          "--max-new-tokens", "6", "--batch-size", "1", "--cost-steps", "2", "--self-speculative",
+          "--draft-alternatives", "both"])  # fmt: skip
     with open(out / "self_speculative.csv") as f:
-        (spec,) = list(csv.DictReader(f))
+        spec, off = list(csv.DictReader(f))
     with open(out / "sweep.csv") as f:
         (full,) = list(csv.DictReader(f))
-    assert spec["setting"] == "self_speculative auto" and spec["identical_to_full"] == "True"
+    assert spec["setting"] == "self_speculative auto, alternatives" and spec["identical_to_full"] == "True"
+    assert off["setting"] == "self_speculative auto" and off["identical_to_full"] == "True"
+    assert off["alternatives_kept"] == "0" and int(spec["alternatives_kept"]) >= 0
     assert spec["rougeL_reference"] == full["rougeL_reference"]  # lossless: the full model's text
     assert 0.0 <= float(spec["acceptance_rate"]) <= 1.0 and 0.0 <= float(spec["plain_share"]) <= 1.0
     assert set(json.loads(spec["draft_exits"])) <= {"1"}
+    assert all(len(v) == 5 for v in json.loads(spec["draft_costs"]).values())  # draft, row, base, alt row, alt base
 
 
 def test_api_early_exit_object_takes_auto():
@@ -706,9 +714,8 @@ def test_a_round_reading_a_shallower_exit_stays_lossless_and_teaches_the_control
     from megatron.early_exit.inference.strategies.draft_control import Plan
 
     kind, model, ref = case
-    monkeypatch.setattr(
-        draft_control.DraftController, "plan", lambda self, exits, lengths, batch=1: Plan(3, 2, 1.2, observe=1)
-    )
+    forced = lambda self, exits, lengths, batch=1, alternatives=False: Plan(3, 2, 1.2, observe=1)  # noqa: E731
+    monkeypatch.setattr(draft_control.DraftController, "plan", forced)
     seen = []
     update = draft_control.DraftController.update
 

@@ -162,7 +162,7 @@ def test_add_exits_cli_replace_probes(tmp_path, capsys):
     assert torch.equal(loaded.exits["2"].norm.weight, model.exits["2"].norm.weight)
     assert cli.main(["--load-dir", src, "--save-dir", str(tmp_path / "x")]) == 2
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "give --add-exit-layer-nums, --replace-probes or both" in err
+    assert len(err.splitlines()) == 1 and "--replace-probes, --untie-exits or several" in err
 
 
 def _decoding_model() -> EarlyExitGPT:

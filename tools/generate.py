@@ -67,6 +67,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--draft-exit-layer", type=_int_or_auto, default="auto",
         help="self_speculative: the drafting exit, or auto (chosen each round; plain steps when no draft pays)",
     )  # fmt: skip
+    p.add_argument(
+        "--draft-alternatives", action="store_true",
+        help="self_speculative: verify each draft's second choice too (a row of its own; see GenerationSettings)",
+    )  # fmt: skip
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument(
         "--compile", action="store_true",
@@ -206,7 +210,7 @@ def _generate(args, engine, ids, GenerationSettings):
         stop_token_ids=tuple(args.stop_token_id), ignore_eos=args.ignore_eos,
         exit_layers=tuple(args.exit_layers) if args.exit_layers else None, min_exit_layer=args.min_exit_layer,
         num_draft_tokens=args.num_draft_tokens, draft_exit_layer=args.draft_exit_layer,
-        return_logprobs=args.logprobs, exit_policy=args.exit_policy,
+        return_logprobs=args.logprobs, exit_policy=args.exit_policy, draft_alternatives=args.draft_alternatives,
         **(auto or {"early_exit_threshold": args.early_exit_thres, "measure": args.measure}),
     )  # fmt: skip
     return engine.generate(ids, settings)

@@ -19,6 +19,10 @@ exits the structure flags must match theirs. Saves our format (iteration 0, toke
 
     python tools/checkpoint/add_exits.py --load-dir ckpt/ --save-dir ckpt_mlp/ \
         --replace-probes --exit-confidence-hidden-size 128
+
+--untie-exits gives every existing exit an output projection of its own, copied from the one it
+shares (the model's outputs are unchanged until tuning moves it; then distil it from the final
+head: `--exit-loss-type kd`).
 """
 
 from __future__ import annotations
@@ -63,6 +67,11 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="give every exit (existing and new) a new probe of the shape the probe flags ask for",
     )
+    p.add_argument(
+        "--untie-exits",
+        action="store_true",
+        help="give every existing exit an output projection of its own, copied from the one it shares",
+    )
     p.add_argument("--exit-layer-temperature", type=float, default=1.0, help="temperature of the new exits")
     p.add_argument("--random-init", action="store_true", help="random instead of copy initialisation")
     p.add_argument("--init-method-std", type=float, default=None, help="std of --random-init (default: the model's)")
@@ -78,14 +87,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> str:
     from megatron.early_exit.checkpointing import check_target, save_checkpoint
-    from megatron.early_exit.conversion import ConversionError, load_model, parse_dtype, replace_probes
+    from megatron.early_exit.conversion import ConversionError, load_model, parse_dtype, replace_probes, untie_exits
 
     if os.path.abspath(args.save_dir) == os.path.abspath(args.load_dir):
         raise ConversionError("--save-dir must differ from --load-dir")
     if args.init_method_std is not None and not (args.random_init or args.exit_confidence_hidden_size):
         raise ConversionError("--init-method-std only applies with --random-init or --exit-confidence-hidden-size")
-    if not args.add_exit_layer_nums and not args.replace_probes:
-        raise ConversionError("give --add-exit-layer-nums, --replace-probes or both")
+    if not args.add_exit_layer_nums and not args.replace_probes and not args.untie_exits:
+        raise ConversionError("give --add-exit-layer-nums, --replace-probes, --untie-exits or several")
+    if args.untie_exits and args.add_exit_layer_nums:
+        raise ConversionError("--untie-exits unties existing exits: add new ones with --untie-exit-output-weights")
     check_target(args.save_dir, args.overwrite)
     model, tokenizer, _ = load_model(args.load_dir, args.loader)
     before = list(model.config.exit_layer_nums)
@@ -99,12 +110,15 @@ def run(args: argparse.Namespace) -> str:
             init_method_std=args.init_method_std,
             seed=args.seed,
         )
+    if args.untie_exits:
+        model = untie_exits(model)
     dtype = parse_dtype(args.dtype)
     if dtype is not None:
         model = model.to(dtype)
     record = {
         "added_exit_layer_nums": sorted(args.add_exit_layer_nums or []),
         "replaced_probes": bool(args.replace_probes),
+        "untied_exits": bool(args.untie_exits),
         "init": "random" if args.random_init else "copy",
         "source": os.path.abspath(args.load_dir),
     }

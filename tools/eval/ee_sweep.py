@@ -273,8 +273,10 @@ def sweep(args) -> list[dict]:
         print(" | ".join(f"{k} {v}" for k, v in row.items()), flush=True)
     if args.explain:
         write_csv(explain_rows(engine, prompts, args, timed, costs), args.output, "explain.csv")
-    if args.self_speculative:  # its own file: not a threshold row
-        write_speculative(speculative_row(engine, prompts, references, args, full_settings, full_tokens), args.output)
+    if args.self_speculative:  # its own file: not threshold rows
+        ways = {"on": [True], "off": [False], "both": [True, False]}[args.draft_alternatives]
+        spec = [speculative_row(engine, prompts, references, args, full_settings, full_tokens, w) for w in ways]
+        write_speculative(spec, args.output)
     return rows
 
 
@@ -284,13 +286,16 @@ def warm_sizes(batch_size: int) -> list[int]:
     return [batch_size] + [1 << k for k in reversed(range(max(batch_size - 1, 0).bit_length())) if 1 << k < batch_size]
 
 
-def speculative_row(engine, prompts, references, args, full, full_tokens: list) -> dict:
+def speculative_row(engine, prompts, references, args, full, full_tokens: list, alternatives: bool = False) -> dict:
     """Dynamic self-speculation (draft exit and length "auto") on the same prompts: lossless, so
     its quality is the full model's; speed (paired with full decoding, `paired_runs`),
-    acceptance and how often it decoded plainly."""
+    acceptance, how often it decoded plainly and how many alternative drafts it kept."""
     from megatron.early_exit.inference import GenerationSettings
 
-    s = GenerationSettings(strategy="self_speculative", max_new_tokens=args.max_new_tokens, stop_strings=("\n",))
+    s = GenerationSettings(
+        strategy="self_speculative", max_new_tokens=args.max_new_tokens, stop_strings=("\n",),
+        draft_alternatives=alternatives,
+    )  # fmt: skip
     # Its draft costs are timed on first use at each batch bucket (`self_speculative.batch_bucket`:
     # a batch shrinks as its sequences stop), ~1 s each: once per bucket here, not in the figure.
     for size in warm_sizes(args.batch_size):
@@ -303,7 +308,7 @@ def speculative_row(engine, prompts, references, args, full, full_tokens: list) 
             exits[n] = exits.get(n, 0) + k
     drafted = sum(r.stats["drafted"] for r in results)
     return {
-        "setting": "self_speculative auto",
+        "setting": "self_speculative auto" + (", alternatives" if alternatives else ""),
         "tokens_per_sec": round(tps, 2),
         "speedup": round(speedup, 3),
         "rougeL_reference": round(100 * sum(map(rouge_l, texts, references)) / len(texts), 2),
@@ -311,17 +316,22 @@ def speculative_row(engine, prompts, references, args, full, full_tokens: list) 
         "acceptance_rate": round(sum(r.stats["accepted"] for r in results) / max(drafted, 1), 4),
         "plain_share": round(sum(x.get(0, 0) for x in rounds) / max(sum(sum(x.values()) for x in rounds), 1), 4),
         "draft_exits": json.dumps(dict(sorted(exits.items()))),
+        "alternatives_kept": sum(r.stats.get("alternatives_kept", 0) for r in results),
         "draft_costs": json.dumps(draft_costs_of(engine, args.batch_size)),
     }
 
 
 def draft_costs_of(engine, batch_size: int) -> dict:
     """The controller's costs per exit (units of a plain step: a draft, a verified row, a round's
-    base), as it priced this run's rounds (`strategies/self_speculative.draft_costs_for`)."""
+    base, an alternative's row and a verify pass's fixed cost with alternatives), as it priced
+    this run's rounds (`strategies/self_speculative.draft_costs_for`)."""
     from megatron.early_exit.inference.strategies.self_speculative import batch_bucket, draft_costs_for
 
     c = draft_costs_for(engine, batch_bucket(batch_size), 1)  # measured during the run: the cached costs
-    return {n: [round(c.draft[n], 3), round(c.row[n], 3), round(c.base.get(n, 1.0), 3)] for n in c.draft}
+    return {
+        n: [round(x, 3) for x in (c.draft[n], c.row[n], c.base.get(n, 1.0), c.alt_row(n), c.alt_base.get(n, 0.0))]
+        for n in c.draft
+    }
 
 
 def write_csv(rows: list[dict], out: str, name: str) -> None:
@@ -334,9 +344,10 @@ def write_csv(rows: list[dict], out: str, name: str) -> None:
         writer.writerows(rows)
 
 
-def write_speculative(row: dict, out: str) -> None:
-    write_csv([row], out, "self_speculative.csv")
-    print(" | ".join(f"{k} {v}" for k, v in row.items()), flush=True)
+def write_speculative(rows: list[dict], out: str) -> None:
+    write_csv(rows, out, "self_speculative.csv")
+    for row in rows:
+        print(" | ".join(f"{k} {v}" for k, v in row.items()), flush=True)
 
 
 def write_outputs(rows: list[dict], out: str, num_layers_hint: str) -> None:
@@ -414,8 +425,13 @@ def main(argv=None) -> None:
     p.add_argument("--explain", action="store_true",
                    help="also decode every row once more with each decode step timed and priced: where its "
                    "efficiency gap sits, by step kind (explain.csv)")  # fmt: skip
-    p.add_argument("--self-speculative", action="store_true",
-                   help="also dynamic self-speculation (draft exit/length auto): self_speculative.csv")  # fmt: skip
+    p.add_argument(
+        "--self-speculative",
+        action="store_true",
+        help="also dynamic self-speculation (draft exit/length auto): self_speculative.csv",
+    )
+    p.add_argument("--draft-alternatives", choices=("on", "off", "both"), default="off",
+                   help="with alternative drafts, without (the default), or both, side by side")  # fmt: skip
     args = p.parse_args(argv)
     if args.batch_size < 1 or args.repeats < 1 or args.cost_steps < 1:
         p.error("--batch-size, --repeats and --cost-steps must be >= 1")

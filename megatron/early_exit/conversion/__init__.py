@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 
 from megatron.early_exit.conversion.common import ConversionError, parse_dtype
-from megatron.early_exit.conversion.exits import add_exits, replace_probes
+from megatron.early_exit.conversion.exits import add_exits, replace_probes, untie_exits
 from megatron.early_exit.conversion.gguf import load_gguf_model
 from megatron.early_exit.conversion.hf import export_hf, load_hf_model
 
@@ -83,6 +83,7 @@ __all__ = [
     "ConversionError",
     "add_exits",
     "replace_probes",
+    "untie_exits",
     "detect_format",
     "export_hf",
     "load_gguf_model",

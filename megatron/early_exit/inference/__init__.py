@@ -46,6 +46,7 @@ def generate(
     return_logprobs: bool = False,
     profile: bool = False,
     exit_policy: str = "cost_aware",
+    draft_alternatives: bool = False,
 ) -> list[GenerationResult]:
     """Decode `prompts` (lists of token ids, any lengths) as one batch; one result per prompt.
 
@@ -68,19 +69,18 @@ def generate(
         `draft_exit_layer` (None: the deepest exit), verify with one pass of the deeper
         layers, keep the agreeing prefix plus the final head's token. "auto" (the default
         for both) chooses the exit and length each round from measured acceptance and the
-        cost model, and decodes plainly when no draft pays.
+        cost model, and decodes plainly when no draft pays; `draft_alternatives`: see `GenerationSettings`.
     Sampling: temperature 0 is greedy; otherwise top_k (0 = off) and top_p (1 = off) filter,
     and `seed` makes it reproducible. A sequence ends at EOS (unless ignore_eos), at one of
     `stop_token_ids`, when its text contains one of `stop_strings`, or after max_new_tokens;
     each sequence of the batch ends on its own. `return_logprobs` fills `logprobs`;
-    `profile` adds the share of time spent in exit heads (synchronising the device).
-    Bad settings raise ValueError naming the setting.
-    """
+    `profile` adds the share of time spent in exit heads (synchronising the device). Bad
+    settings raise ValueError naming the setting."""
     exits = tuple(exit_layers) if exit_layers is not None else None
     settings = GenerationSettings(  # positional: the fields in their declared order
         strategy, max_new_tokens, temperature, top_k, top_p, seed, tuple(stop_token_ids), tuple(stop_strings),
         ignore_eos, early_exit_threshold, exits, min_exit_layer, measure, num_draft_tokens, draft_exit_layer,
-        return_logprobs, profile, exit_policy=exit_policy,
+        return_logprobs, profile, exit_policy=exit_policy, draft_alternatives=draft_alternatives,
     )  # fmt: skip
     return EarlyExitEngine(model, tokenizer).generate(prompts, settings)
 

@@ -29,6 +29,7 @@ from megatron.early_exit.inference.sampling import make_generator
 from megatron.early_exit.inference.scoring import score
 from megatron.early_exit.inference.settings import GenerationResult, GenerationSettings, check_values
 from megatron.early_exit.inference.strategies import STRATEGIES, Batch, get_strategy
+from megatron.early_exit.inference.strategies.draft_control import MAX_DRAFT
 from megatron.early_exit.model.gpt import HeadOps
 
 
@@ -132,11 +133,19 @@ class EarlyExitEngine:
         with self.packed, head:
             return self.passes.run(state, {b: [t] for b, t in tokens.items()}, policy)
 
-    def verify(self, state: DecodeState, tokens: dict[int, list[int]]) -> StepOutput:
+    def verify(self, state: DecodeState, tokens: dict[int, list[int]], branch: dict | None = None) -> StepOutput:
         """Run every pending row (and `tokens`, fed whole) through the remaining layers; final
-        logits of all those rows in `all_logits` (self-speculative verification)."""
+        logits of all those rows in `all_logits` (self-speculative verification). `branch`
+        (b -> backs): the last len(backs) of `tokens[b]` are alternative drafts (`Passes.run`,
+        `can_branch`)."""
         with self.packed:
-            return self.passes.run(state, tokens, ExitPolicy(), all_rows=True)
+            return self.passes.run(state, tokens, ExitPolicy(), all_rows=True, branch=branch)
+
+    @property
+    def can_branch(self) -> bool:
+        """Whether verify passes take alternative drafts: not with exits that hold a transformer
+        block (their inputs and K/V are kept per position, and an alternative shares one)."""
+        return not self.passes.block_slots
 
     def score(self, state: DecodeState, prompts: dict[int, list[int]], policy: ExitPolicy) -> StepOutput:
         """A prefill that also scores every prompt row as early exit under `policy` would decode
@@ -235,7 +244,9 @@ class EarlyExitEngine:
         results = new_results(prompts, s)
         if s.max_new_tokens == 0:
             return results
-        state = self.new_state(len(prompts), max(len(p) for p in prompts) + s.max_new_tokens + 1)
+        # room for a verify pass's alternative drafts past the last position (`self_speculative`)
+        extra = MAX_DRAFT if get_strategy(s.strategy).drafts else 0
+        state = self.new_state(len(prompts), max(len(p) for p in prompts) + s.max_new_tokens + 1 + extra)
         self.passes.profile = s.profile
         with self.packed, self.greedy_head(self.argmax_only(s)):
             elapsed, counts = decode_loop(self, state, prompts, results, s, policy)

@@ -49,6 +49,12 @@ class KVCache:
             return SliceView(rows.views, index)
         return LayerView(self, index, rows)
 
+    def move(self, b: int, src: int, dst: int) -> None:
+        """Copy sequence b's K/V at index src to index dst at every layer (a kept alternative
+        draft into its position: `RowIndex.branched`)."""
+        self.k[:, b, :, dst] = self.k[:, b, :, src]
+        self.v[:, b, :, dst] = self.v[:, b, :, src]
+
     def truncate(self, b: int, length: int) -> None:
         """Forget K/V at positions >= length of sequence b, at every layer (speculation rollback)."""
         self.filled[:, b] = np.minimum(self.filled[:, b], length)
@@ -61,8 +67,14 @@ class RowIndex:
     that sees the same layout.
     """
 
-    def __init__(self, seqs: list[int], lo: list[int], n: list[int], cache: KVCache, device: torch.device) -> None:
+    def __init__(
+        self, seqs: list[int], lo: list[int], n: list[int], cache: KVCache, device: torch.device,
+        branch: list[tuple[int, ...]] | None = None,
+    ) -> None:  # fmt: skip
         r = max(n)
+        if branch is not None and any(branch):  # alternative drafts: their own positions and keys
+            self.branched(seqs, lo, n, cache, device, branch)
+            return
         # Contiguous slots, every one with the same rows (a verify pass, one sequence's fill):
         # K/V are written and read through views of every layer (`KVCache.layer`), as the
         # uniform step does.
@@ -94,10 +106,48 @@ class RowIndex:
         mask[:, :, 0] |= ~valid  # padding rows attend to one key: no all-masked softmax rows
         self.attn_mask = mask[:, None].to(device)  # (A, 1, R, span)
 
+    def branched(self, seqs, lo, n, cache: KVCache, device, branch: list[tuple[int, ...]]) -> None:
+        """A verify pass with alternative drafts (`self_speculative`: a draft exit's second choice
+        at a drafted position): sequence seqs[a]'s last m = len(branch[a]) rows are alternatives, each
+        standing for a position of the drafted chain before them. The row at cache index i = E + t
+        (E: the chain's end, t = 0..m-1) stands for position E - branch[a][t] (`Passes.run`): it
+        attends to the keys before that position and to itself, and nothing attends to it (every
+        other row is before it or is another alternative). Its K/V stay at index i until the
+        strategy keeps it (`KVCache.move`). Built on the host (numpy), two tensors sent."""
+        a, r = len(seqs), max(n)
+        first = seqs[0]
+        same = min(lo) == max(lo) and min(n) == r and list(seqs) == list(range(first, first + a))
+        self.block = (slice(first, first + a), lo[0], lo[0] + r) if same else None
+        self.device = device
+        self.filled_b = self.block[0] if same else np.asarray(seqs, dtype=np.int64)
+        self.filled_end = np.asarray(lo, dtype=np.int64) + np.asarray(n, dtype=np.int64)
+        idx = np.asarray(lo, dtype=np.int64)[:, None] + np.arange(r)[None]  # (A, R) cache indices
+        valid = np.arange(r)[None] < np.asarray(n)[:, None]
+        pos = idx.copy()
+        for x, backs in enumerate(branch):
+            end = lo[x] + n[x] - len(backs)  # the chain's end
+            for t, back in enumerate(backs):
+                pos[x, n[x] - len(backs) + t] = end - back
+        pos[~valid] = 0
+        self.span = max(x + y for x, y in zip(lo, n))
+        keys = np.arange(self.span)
+        mask = ((keys[None, None] < pos[:, :, None]) | (keys[None, None] == idx[:, :, None])) & valid[:, :, None]
+        mask[:, :, 0] |= ~valid  # padding rows attend to one key: no all-masked softmax rows
+        self.positions = torch.from_numpy(pos).to(device)
+        self.attn_mask = torch.from_numpy(mask[:, None]).to(device)  # (A, 1, R, span)
+        if same:
+            self.views = None
+            return
+        self.batch_idx = torch.tensor(seqs).to(device)
+        self.whole_batch = list(seqs) == list(range(cache.batch))
+        self.write_pos = torch.from_numpy(np.where(valid, idx, cache.capacity)).to(device)
+        self.write_b = self.batch_idx[:, None].expand(a, r)
+
     @functools.cached_property
     def positions(self) -> torch.Tensor:
-        """(A, R) long: each row's position. Made in the constructor where rows are padded; for
-        a block only where asked (its rotary angles are slices of the tables: `Passes.layout`)."""
+        """(A, R) long: each row's position. Made in the constructor where rows are padded or
+        branch (`branched`); for a block only where asked (its rotary angles are slices of the
+        tables: `Passes.layout`)."""
         b, lo, end = self.block
         return torch.arange(lo, end).expand(b.stop - b.start, end - lo).to(self.device)
 

@@ -194,6 +194,7 @@ class Passes:
         # negated) [n, hd] fp32, and these viewed [n, 1, 1, hd], made once (`rotary_tables`).
         self.rope_tables: tuple | None = None
         self.depth_memo: dict[ExitPolicy, dict[int, list[int]]] = {}  # `exits_by_depth`
+        self.branch: dict[int, tuple[int, ...]] | None = None  # the running verify pass's alternative drafts (`run`)
 
     def depth(self, n: int) -> int:
         """How many layers run before exit n reads the hidden state."""
@@ -215,8 +216,9 @@ class Passes:
 
     @torch.no_grad()
     def run(
-        self, state: DecodeState, new_tokens: dict[int, list[int]], policy: ExitPolicy, all_rows=False, scores=None
-    ) -> StepOutput:
+        self, state: DecodeState, new_tokens: dict[int, list[int]], policy: ExitPolicy, all_rows=False, scores=None,
+        branch: dict[int, tuple[int, ...]] | None = None,
+    ) -> StepOutput:  # fmt: skip
         """Feed `new_tokens` (b -> ids, [] for none) through every layer, pending rows catching up;
         exits fire under `policy`; the final head on what is left (every row with `all_rows`).
         `scores` (a `scoring.RowScores`, with `all_rows`): evaluates its exits on every new row.
@@ -224,8 +226,11 @@ class Passes:
         layer where some sequence of the pass has pending rows, and the general way from there;
         so does a verify pass (`all_rows`: the newest draft alone up to the draft exit, then the
         drafted rows join it), which takes the general path throughout only where nothing is
-        pending at all (its final head must see every row)."""
+        pending at all (its final head must see every row). `branch` (b -> backs, a verify pass):
+        the last len(backs) of b's new tokens are alternative drafts, the t-th standing for the
+        position backs[t] before the end of b's drafted chain (`kv_cache.RowIndex.branched`)."""
         out = StepOutput()
+        self.branch = branch or None
         self.lean_kernels.reset()  # lean layers look their kernels up again each pass (one may be forced now)
         self.scaled = None
         by_depth = self.exits_by_depth(policy)
@@ -350,10 +355,15 @@ class Passes:
         watches it, its lookup alone (the same numbers, without two module calls and a dropout
         call: ~10 us a step)."""
         emb = self.model.embedding
-        plain = type(emb) is Embedding and type(emb.word_embeddings) is torch.nn.Embedding
-        if not plain or emb.position_embeddings is not None or emb.training or self.embedding_hooked():
+        if not self.plain_embedding():
             return emb(ids, index.positions)
         return F.embedding(ids, emb.word_embeddings.weight)
+
+    def plain_embedding(self) -> bool:
+        """Whether the embedding is a plain word embedding alone (`embed_ids`)."""
+        emb = self.model.embedding
+        plain = type(emb) is Embedding and type(emb.word_embeddings) is torch.nn.Embedding
+        return plain and emb.position_embeddings is None and not emb.training and not self.embedding_hooked()
 
     def embedding_hooked(self) -> bool:
         emb = self.model.embedding
@@ -436,14 +446,21 @@ class Passes:
         lo = [state.fed[b] for b in seqs]
         n = [len(new_tokens[b]) for b in seqs]
         r = max(n, default=1)
-        ids = torch.zeros(len(seqs), r, dtype=torch.long)
-        pos = torch.zeros(len(seqs), r, dtype=torch.long)
+        ids, pos = [], []  # host lists, one tensor each
         for a, b in enumerate(seqs):
-            ids[a, : n[a]] = torch.tensor(new_tokens[b])
-            pos[a, : n[a]] = torch.arange(lo[a], lo[a] + n[a])
+            pad = [0] * (r - n[a])
+            ids.append(list(new_tokens[b]) + pad)
+            p = list(range(lo[a], lo[a] + n[a]))
+            backs = self.branch.get(b, ()) if self.branch else ()
+            if backs:  # alternative drafts stand for positions of the drafted chain before them
+                end = lo[a] + n[a] - len(backs)
+                p[n[a] - len(backs) :] = [end - back for back in backs]
+            pos.append(p + pad)
             state.fed[b] += n[a]
-        x = self.model.embedding(ids.to(self.device), pos.to(self.device))  # (A, R, h)
-        return Rows(seqs, lo, n, x)
+        ids_t = torch.tensor(ids, dtype=torch.long).to(self.device)
+        if self.plain_embedding():  # rotary positions: the word embedding's lookup alone (`embed_ids`)
+            return Rows(seqs, lo, n, F.embedding(ids_t, self.model.embedding.word_embeddings.weight))
+        return Rows(seqs, lo, n, self.model.embedding(ids_t, torch.tensor(pos, dtype=torch.long).to(self.device)))
 
     def gather(self, state: DecodeState, i: int, rows: Rows, active: list[int]) -> Rows | None:
         """The rows layer i must process: pending states at depth i, then the carried rows."""
@@ -481,9 +498,11 @@ class Passes:
     def layout(self, cache: KVCache, seqs: list[int], lo: list[int], n: list[int], memo: dict) -> tuple:
         key = (id(cache), tuple(seqs), tuple(lo), tuple(n))
         if key not in memo:
-            index, rotary = RowIndex(seqs, lo, n, cache, self.device), None
+            branch = [self.branch.get(b, ()) for b in seqs] if self.branch else None
+            index, rotary = RowIndex(seqs, lo, n, cache, self.device, branch), None
             if self.model.rotary is not None:  # the lean layers' angles too (`lean.rows_tables`)
-                if index.block is not None:  # one block of positions lo..end-1: slices of the tables, (1, 1, R, hd)
+                if index.block is not None and not (branch and any(branch)):
+                    # one block of positions lo..end-1: slices of the tables, (1, 1, R, hd)
                     _, start, end = index.block
                     cos, sin, neg = (t[start:end][None, None] for t in self.rotary_tables(end)[:3])
                 else:

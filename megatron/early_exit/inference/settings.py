@@ -34,6 +34,13 @@ class GenerationSettings:
     # skips exits that rarely pay (inference/exit_decision.py); "exact" evaluates every allowed exit
     # for every row (what equality tests against full decoding use).
     exit_policy: str = "cost_aware"
+    # self_speculative: each draft's second choice is verified too (a row of its own in the verify
+    # pass), and where the first rejected draft's alternative is the final head's token, that row's
+    # token is kept as well ("auto" plans: the alternatives worth their row). Off by default: on the
+    # CPU reference model (bf16, batch 1) it kept a token in ~1 of 3 rounds yet read 0.99-1.01x of
+    # self-speculation without it (a verify pass's extra rows and layouts cost about what they add),
+    # and its extra rows change bf16 rounding (fp32: the same tokens).
+    draft_alternatives: bool = False
 
 
 @dataclass
@@ -122,6 +129,8 @@ def check_values(s: GenerationSettings, strategies) -> None:
         raise ValueError(f"top_p must be in (0, 1], got {s.top_p}")
     if s.num_draft_tokens != "auto" and (not isinstance(s.num_draft_tokens, int) or s.num_draft_tokens < 1):
         raise ValueError(f"num_draft_tokens must be an integer >= 1 or 'auto', got {s.num_draft_tokens!r}")
+    if not isinstance(s.draft_alternatives, bool):
+        raise ValueError(f"draft_alternatives must be true or false, got {s.draft_alternatives!r}")
     if s.draft_exit_layer not in (None, "auto") and not isinstance(s.draft_exit_layer, int):
         raise ValueError(f"draft_exit_layer must be an exit layer, None or 'auto', got {s.draft_exit_layer!r}")
     if any(not isinstance(x, str) or not x for x in s.stop_strings):

@@ -99,6 +99,7 @@ OPENAI_NAMES = {
     "exit_thresholds": "early_exit.threshold",
     "exit_policy": "early_exit.exit_policy",
     "num_draft_tokens": "early_exit.num_draft_tokens",
+    "draft_alternatives": "early_exit.draft_alternatives",
     "max_new_tokens": "max_tokens",
     "temperature": "temperature",
     "top_k": "top_k",
@@ -279,6 +280,7 @@ def _openai_settings(body, max_new: int, logprobs: bool, ctx: Context) -> Genera
             min_exit_layer=ee.min_layer,
             num_draft_tokens=ee.num_draft_tokens,
             draft_exit_layer=ee.draft_exit_layer,
+            draft_alternatives=ee.draft_alternatives,
         )
     return GenerationSettings(
         strategy={"off": "full"}.get(mode, mode),

@@ -60,6 +60,7 @@ class EarlyExitOptions(BaseModel):
     # self_speculative: "auto" chooses each round from measured acceptance (plain steps when no draft pays).
     num_draft_tokens: Annotated[int, Field(ge=1, le=64)] | Literal["auto"] = "auto"
     draft_exit_layer: Annotated[int, Field(ge=1)] | Literal["auto"] | None = "auto"  # None: the deepest exit
+    draft_alternatives: bool = False  # self_speculative: verify drafts' second choices too (`GenerationSettings`)
     # None: GenerationSettings' default (cost_aware); checked against the engine's names (a 400).
     exit_policy: str | None = Field(None, json_schema_extra=lambda s: s.update(enum=list(EXIT_POLICIES)))
 

@@ -96,6 +96,7 @@ WARM_EXPLORE_SHARE = 0.02  # exploration budget of an exit whose acceptance the 
 MAX_BACKOFF = 4  # failed exploratory tries stretch an exit's interval up to this many times
 OBSERVE_NEAR = 0.9  # a plain round observes the exit whose best plan reaches this rate (1.0 pays)
 OBSERVE_WINDOW = 64  # ... and that a plan chose within this many rounds
+ALT_ROWS = 2.0  # an alternative draft's verify row, in drafted rows (it also runs the layers below the exit)
 
 
 @dataclass
@@ -108,6 +109,14 @@ class DraftCosts:
     draft: dict[int, float]
     row: dict[int, float]
     base: dict[int, float] = field(default_factory=dict)
+    # alt[n]: one alternative draft's row in the verify pass (through every layer and the head;
+    # where not given, ALT_ROWS drafted rows' worth); alt_base[n]: what a verify pass with any
+    # alternative costs besides (its layouts, the layers below the exit on the general path)
+    alt: dict[int, float] = field(default_factory=dict)
+    alt_base: dict[int, float] = field(default_factory=dict)
+
+    def alt_row(self, n: int) -> float:
+        return self.alt.get(n, ALT_ROWS * self.row[n])
 
     def round_time(self, n: int, g: int) -> float:
         return 1.0 if g == 0 else g * self.draft[n] + self.base.get(n, 1.0) + g * self.row[n]
@@ -162,6 +171,8 @@ class ExitStats:
     exploring: bool = False  # the exit's last plan was an exploratory try (its update is due)
     chosen_ago: int = 1 << 30  # rounds since a plan (not an exploratory try) last drafted from the exit
     bins: list[list[float]] = field(default_factory=lambda: [[0.0, 0.0] for _ in range(BINS)])
+    caught: float = 0.0  # decayed count of rejections whose alternative draft was the final head's token
+    missed: float = 0.0  # ... and of those whose alternative was not
 
 
 @dataclass
@@ -174,6 +185,9 @@ class Plan:
     # The exit whose greedy token the round reads and learns from: a plain round's on its step, a
     # drafting round's (a shallower exit than the draft's) on its first draft step.
     observe: int | None = None
+    # Each draft's second choice goes to the verify pass too (`RowIndex.branched`): where the
+    # first rejected draft's alternative is the final head's token, its row's token is kept as well.
+    alternatives: bool = False
 
     @property
     def cap(self) -> int:
@@ -224,11 +238,43 @@ class DraftController:
     def rate(self, n: int, g: int) -> float:
         return expected_tokens(self.acceptance(n), g) / self.costs.round_time(n, g)
 
-    def plan(self, exits: list[int], lengths: list[int], batch: int = 1) -> Plan:
+    def caught_share(self, n: int) -> float:
+        """P(a rejected draft's alternative is the final head's token): decayed counts and a
+        Beta(1, 1) prior (an alternative row costs ~0.01 of a step: trying them is cheap)."""
+        st = self.stats[n]
+        return (st.caught + 1.0) / (st.caught + st.missed + 2.0)
+
+    def worth_verifying(self, plan: Plan, confs: list[float]) -> list[int]:
+        """The drafts (indices) whose alternative is worth a verify row: it adds a token where the
+        drafts before it are accepted, it is rejected, and the alternative is the final head's
+        token, P = prod(draft_ok before) * (1 - draft_ok) * `caught_share`, against its row's
+        cost at the plan's rate."""
+        n, keep, before, net = plan.exit, [], 1.0, 0.0
+        cost = plan.rate * self.costs.alt_row(n)
+        caught = self.caught_share(n)
+        for j, conf in enumerate(confs):
+            ok = self.draft_ok(n, conf)
+            gain = before * (1.0 - ok) * caught
+            if gain >= cost:
+                keep.append(j)
+                net += gain - cost
+            before *= ok
+        return keep if net >= plan.rate * self.costs.alt_base.get(n, 0.0) else []  # and the pass's fixed part
+
+    def update_alternatives(self, n: int, caught: list[int]) -> None:
+        """Learn from one verify round's rejections that had alternatives: 1 where it was kept."""
+        st, d = self.stats[n], self.decay ** len(caught)
+        st.caught = st.caught * d + sum(caught)
+        st.missed = st.missed * d + len(caught) - sum(caught)
+
+    def plan(self, exits: list[int], lengths: list[int], batch: int = 1, alternatives: bool = False) -> Plan:
         """The best (exit, length) among `exits` x `lengths` (lengths > 0), or a plain step when
         none beats it; an exit overdue for exploration drafts one token (the shortest length).
         `batch`: sequences decoding this round; at 1 (with the early stop) a chosen plan's drafts
-        go up to the longest length (`Plan.limit`), the stop ending them."""
+        go up to the longest length (`Plan.limit`), the stop ending them. `alternatives`: a drafting
+        plan may verify drafts' second choices too (`Plan.alternatives`): which, each round, is
+        `worth_verifying`'s choice; plans are chosen without them (what they add is small, and an
+        exit must pay on its own drafts)."""
         due = [n for n in exits if self.stats[n].idle >= self.interval(n, len(exits))]
         for n in exits:
             self.stats[n].idle += 1
@@ -251,6 +297,7 @@ class DraftController:
             best.observe = near[0]  # an exit near paying: its agreement read on the way (cost: its check)
             return best
         self.stats[best.exit].idle = self.stats[best.exit].chosen_ago = 0
+        best.alternatives = alternatives  # which drafts' alternatives are verified: `worth_verifying`
         if self.stop_early and batch == 1:
             # the early stop ends the drafts; in a batch a draft step costs about as much for
             # one sequence as for all, so one that drafts on holds the round up: g caps there
@@ -299,7 +346,11 @@ class DraftController:
         if not self.stop_early or plan.explore or plan.exit is None:
             return True
         n = plan.exit
-        gain = self.acceptance(n)
+        before = 1.0
         for conf in confs:
-            gain *= self.draft_ok(n, conf)
+            before *= self.draft_ok(n, conf)
+        a = self.acceptance(n)
+        gain = before * a
+        if plan.alternatives:  # rejected, it may still add a token (its alternative's), where that pays its row
+            gain += max(before * (1.0 - a) * self.caught_share(n) - plan.rate * self.costs.alt_row(n), 0.0)
         return gain >= plan.rate * (self.costs.draft[n] + self.costs.row[n])

@@ -74,10 +74,13 @@ def measure_draft_costs(engine, batch: int, context: int, repeats: int = 11) -> 
         return run
 
     fns = {}
+    branch = getattr(engine, "can_branch", False)
     for n in exits:
         for g in LENGTHS:
             fns[f"round {n}/{g}"] = timed(Plan(n, g, 1.0))
             fns[f"draft {n}/{g}"] = timed(Plan(n, g, 1.0), drafts_only=True)
+            if branch:  # every draft's alternative verified (no controller: all of them)
+                fns[f"alt {n}/{g}"] = timed(Plan(n, g, 1.0, alternatives=True))
     fns["plain"] = timed(Plan(None, 0, 1.0))
     best = best_times(fns, engine.device, repeats, work_clock(engine.device))
     unit = best.pop("plain")
@@ -97,8 +100,11 @@ def costs_of(t: dict[str, float], exits: list[int]) -> DraftCosts:
         draft[n] = max(fit_line([(g, t[f"draft {n}/{g}"]) for g in LENGTHS])[0], 0.0)
         fitted[n] = max(fit_line([(g, t[f"round {n}/{g}"]) for g in LENGTHS])[1], 1.0)  # below 1: noise
     base = sum(fitted.values()) / len(fitted)
-    row = {}
+    row, alt, alt_base = {}, {}, {}
     for n in exits:  # least squares through (0, base)
         per_g = sum(g * (t[f"round {n}/{g}"] - base) for g in LENGTHS) / sum(g * g for g in LENGTHS)
         row[n] = max(per_g - draft[n], 0.0)
-    return DraftCosts(draft, row, dict.fromkeys(exits, base))
+        if f"alt {n}/{LENGTHS[0]}" in t:  # what g alternatives add to a round of g drafts
+            slope, fixed = fit_line([(g, t[f"alt {n}/{g}"] - t[f"round {n}/{g}"]) for g in LENGTHS])
+            alt[n], alt_base[n] = max(slope, 0.0), max(fixed, 0.0)
+    return DraftCosts(draft, row, dict.fromkeys(exits, base), alt, alt_base)

@@ -140,13 +140,14 @@ class SelfSpeculative(Strategy):
     def plan(self, engine, batch: Batch, running: list[int]) -> tuple[Plan, DraftController | None]:
         """This round's draft exit and length: fixed, or the controller's choice."""
         s, policy = batch.settings, batch.policy
+        alternatives = s.draft_alternatives and getattr(engine, "can_branch", False)
         if not is_dynamic(s):
-            return Plan(policy.force, s.num_draft_tokens, 0.0), None
+            return Plan(policy.force, s.num_draft_tokens, 0.0, alternatives=alternatives), None
         context = max(len(batch.results[b].prompt_tokens) for b in running)
         ctl = controller_for(engine, batch_bucket(len(running)), context)
         exits = candidates(engine, engine.allowed_exits(s)) if s.draft_exit_layer == AUTO else [policy.force]
         lengths = list(range(1, MAX_DRAFT + 1)) if s.num_draft_tokens == AUTO else [s.num_draft_tokens]
-        return ctl.plan(exits, lengths, len(running)), ctl
+        return ctl.plan(exits, lengths, len(running), alternatives), ctl
 
     def round(self, engine, state, running: list[int], batch: Batch) -> list[int]:
         """Draft (feed the last token, take the draft exit's greedy token, up to g and never a
@@ -159,31 +160,43 @@ class SelfSpeculative(Strategy):
         """`round` with its plan made (`draft_costs` times rounds of chosen plans through it)."""
         s, results = batch.settings, batch.results
         start = {b: state.fed[b] for b in running}  # position of the first token fed this round
-        drafts, confs, last, guesses = self.draft(engine, state, running, batch, plan, ctl)
+        drafts, confs, last, guesses, alts = self.draft(engine, state, running, batch, plan, ctl)
         drafted = any(drafts.values())
-        out = verify(engine, state, last, drafted=drafted, observe=None if drafted else plan.observe)
+        if ctl is not None and plan.alternatives:  # those whose chance of a token pays for their row
+            alts = {b: {j: a[j] for j in ctl.worth_verifying(plan, confs[b])} for b, a in alts.items()}
+        alts = {b: a for b, a in alts.items() if a and state.fed[b] + 1 + len(a) <= state.cache.capacity}  # room
+        out = verify(engine, state, last, drafted, None if drafted else plan.observe, alts, drafts)
         if ctl is not None and plan.observe is not None:
             seen = observations(out, plan.observe, guesses if drafted else None)
             if seen:
                 ctl.update(plan.observe, seen)
-        still, observed = [], []
+        still, observed, tried = [], [], []
         for b in running:
-            ok = self.keep(engine, out, b, drafts[b], confs[b], batch, plan.exit)
+            k = len(drafts[b])
+            ok, alt = self.keep(engine, out, b, drafts[b], confs[b], batch, plan.exit, alts.get(b))
             if drafts[b]:
                 observed.append((confs[b], ok))
-            record(batch.counts[b], plan.exit, len(drafts[b]))
-            state.reset(b, start[b] + ok + 1)  # K/V of the fed rows whose tokens were kept
+            if ok in alts.get(b, ()) and ok < k:  # a rejection its alternative could catch
+                tried.append(alt)
+            record(batch.counts[b], plan.exit, len(drafts[b]), alt)
+            if alt:  # the kept alternative's K/V into its position, after the kept drafts
+                state.cache.move(b, start[b] + k + 1 + list(alts[b]).index(ok), start[b] + ok + 1)
+            state.reset(b, start[b] + ok + 1 + alt)  # K/V of the fed rows whose tokens were kept
             r = results[b]
             if r.finish_reason != "stop" and len(r.tokens) < s.max_new_tokens:
                 still.append(b)
         if ctl is not None and observed:
             ctl.update(plan.exit, observed)
+        if ctl is not None and tried:
+            ctl.update_alternatives(plan.exit, tried)
         return still
 
-    def draft(self, engine, state, running: list[int], batch: Batch, plan: Plan, ctl) -> tuple[dict, dict, dict, dict]:
+    def draft(self, engine, state, running: list[int], batch: Batch, plan: Plan, ctl) -> tuple[dict, ...]:
         """Up to plan.cap draft tokens per sequence from plan.exit, fewer where the controller's
         early stop says another does not pay; (drafts, confidences, last token, the first draft
-        step's `StepOutput.guesses`: exit plan.observe's token there, where the plan reads one)."""
+        step's `StepOutput.guesses`: exit plan.observe's token there, where the plan reads one,
+        and per sequence {draft index: the exit's second choice there} where `plan.alternatives`
+        and the engine takes them, else {})."""
         s, results = batch.settings, batch.results
         budget = {b: min(plan.cap, s.max_new_tokens - len(results[b].tokens) - 1) for b in running}
         last = {b: results[b].tokens[-1] for b in running}
@@ -191,6 +204,8 @@ class SelfSpeculative(Strategy):
         confs: dict[int, list[float]] = {b: [] for b in running}
         policy = batch.policy if plan.exit == batch.policy.force else ExitPolicy(force=plan.exit)
         guesses: dict = {}
+        second = plan.alternatives and getattr(engine, "can_branch", False)
+        alts: dict[int, dict[int, int]] = {b: {} for b in running}  # b -> {draft index: second choice}
         for j in range(max(budget.values(), default=0)):
             feed = {b: last[b] for b in running if budget[b] > j}
             if not feed:
@@ -201,39 +216,53 @@ class SelfSpeculative(Strategy):
             else:
                 out = engine.decode_one_token(state, feed, policy)
             for b, logits in out.logits.items():
-                last[b] = int(logits.argmax())
+                if second:
+                    last[b], alts[b][j] = logits.topk(2).indices.tolist()
+                else:
+                    last[b] = int(logits.argmax())
                 drafts[b].append(last[b])
                 confs[b].append(out.confidence[b])
                 if ctl is not None and not ctl.keep_drafting(plan, confs[b]):
                     budget[b] = j + 1
-        return drafts, confs, last, guesses
+        return drafts, confs, last, guesses, alts
 
-    def keep(self, engine, out, b: int, drafts: list[int], confs: list[float], batch: Batch, layer) -> int:
-        """Append slot b's agreeing drafts and the final head's token; returns how many drafts agreed."""
-        final = final_tokens(out, b)  # the final head's token after each fed row
+    def keep(
+        self, engine, out, b: int, drafts: list[int], confs: list[float], batch: Batch, layer, alts=None
+    ) -> tuple[int, int]:
+        """Append slot b's agreeing drafts and the final head's token; where the first rejected
+        draft's alternative (`alts`) is that token, the final head's token after the alternative's
+        row too. Returns (how many drafts agreed, 1 if an alternative was kept else 0)."""
+        final = final_tokens(out, b)  # the final head's token after each fed row, then each alternative's
         k, ok = len(drafts), 0
         while ok < k and final[ok] == drafts[ok]:
             ok += 1
         batch.counts[b][0] += k
         batch.counts[b][1] += ok
         r, acc = batch.results[b], engine.acceptance
-        for j in range(ok + 1):
-            exit_layer, conf = (layer, confs[j]) if j < ok else (engine.num_layers, out.confidence[b])
-            if j == ok and ok < k:  # the correction: the final head's own distribution at that row
+        rows = list(range(ok + 1))  # the rows whose final-head tokens are kept
+        alt = int(bool(alts) and ok < k and alts.get(ok) == final[ok])
+        if alt:  # the alternative at the rejected position is the final head's token: its row's token follows
+            rows.append(k + 1 + list(alts).index(ok))
+        for i, j in enumerate(rows):
+            exit_layer, conf = (layer, confs[j]) if i < ok else (engine.num_layers, out.confidence[b])
+            if i >= ok and j < len(final) - 1:  # not the pass's newest row: the final head's distribution there
                 conf = float(torch.softmax(out.all_logits[b][j], -1).max())
             acc.append(r, final[j], exit_layer, conf, out.all_logits[b][j] if b in out.all_logits else None)
             if acc.stopped(r, batch.settings):
-                break
-        return ok
+                return ok, alt if i == len(rows) - 1 else 0  # the alternative is kept if its token is
+        return ok, alt
 
 
-def verify(engine, state, last: dict[int, int], drafted: bool, observe: int | None = None):
+def verify(engine, state, last: dict[int, int], drafted: bool, observe: int | None = None, alts=None, drafts=None):
     """The verify pass: every drafted row and `last` through the remaining layers, the final
     head on each row (`all_logits`; on a greedy request, `all_tokens` from the certified int8
     head where the engine uses it). A round that drafted nothing is a plain decode step: it
     takes full decoding's uniform fast path (the general pass, which gathers rows and builds a
     causal layout per layer, cost 1.4x a full step on SmolLM2 at batch 1), same tokens; with
     `observe`, that exit's greedy token is read on the way (`ExitPolicy.observe`)."""
+    if drafted and alts:  # alternative drafts after each sequence's newest draft (`RowIndex.branched`)
+        branch = {b: tuple(len(drafts[b]) - j for j in alts.get(b, {})) for b in last}  # draft j: k - j before the end
+        return engine.verify(state, {b: [t, *alts.get(b, {}).values()] for b, t in last.items()}, branch=branch)
     if drafted:
         return engine.verify(state, {b: [t] for b, t in last.items()})
     out = engine.decode_one_token(state, last, ExitPolicy(observe=(observe,)) if observe is not None else ExitPolicy())
@@ -263,12 +292,14 @@ def final_tokens(out, b: int) -> list[int]:
     return out.all_logits[b].argmax(-1).tolist()
 
 
-def record(counts: list, exit_layer: int | None, length: int) -> None:
+def record(counts: list, exit_layer: int | None, length: int, alt: int = 0) -> None:
     """Telemetry in slot b's counts ([drafted, accepted, extra stats]): rounds per draft exit,
-    rounds per draft length (0: a plain full step) and the share of plain rounds."""
+    rounds per draft length (0: a plain full step), the share of plain rounds and the alternative
+    drafts kept."""
     if len(counts) < 3:
-        counts.append({"draft_exits": {}, "draft_lengths": {}, "plain_share": 0.0})
+        counts.append({"draft_exits": {}, "draft_lengths": {}, "plain_share": 0.0, "alternatives_kept": 0})
     t = counts[2]
+    t["alternatives_kept"] += alt
     t["draft_lengths"][length] = t["draft_lengths"].get(length, 0) + 1
     if length:
         t["draft_exits"][exit_layer] = t["draft_exits"].get(exit_layer, 0) + 1

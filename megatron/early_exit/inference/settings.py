@@ -37,7 +37,7 @@ class GenerationSettings:
     # self_speculative: each draft's second choice is verified too (a row of its own in the verify
     # pass), and where the first rejected draft's alternative is the final head's token, that row's
     # token is kept as well ("auto" plans: the alternatives worth their row). Off by default: on the
-    # CPU reference model (bf16, batch 1) it kept a token in ~1 of 3 rounds yet read 0.99-1.01x of
+    # CPU reference model (batch 1) it kept a token in ~1 of 3 rounds yet read 0.99-1.03x of
     # self-speculation without it (a verify pass's extra rows and layouts cost about what they add),
     # and its extra rows change bf16 rounding (fp32: the same tokens).
     draft_alternatives: bool = False

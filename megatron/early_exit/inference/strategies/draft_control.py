@@ -74,6 +74,17 @@ a round's expected tokens per unit of time from 1.28 (geometric g) to 1.35-1.38 
 timed then (`benchmarks/draft_policy.py` replays it); BINS = 8
 because at 4 the lowest bin mixed drafts accepted 57% and 86% of the time.
 
+Alternative drafts (`Plan.alternatives`, `GenerationSettings.draft_alternatives`, off by default).
+A draft's second choice can go to the verify pass as a row of its own; where the first rejected
+draft's alternative is the final head's token, the round keeps one token more. Per round and
+sequence the controller verifies the alternatives whose expected token, P(drafts before it
+accepted) * P(it rejected) * P(an alternative catches a rejection) (decayed counts, `caught_share`),
+pays for its row (`DraftCosts.alt`) at the plan's rate, and only if together they pay for the
+pass's fixed part (`alt_base`); plans themselves are chosen without them. On the CPU reference
+model (exit 3: 81% agreement, its second choice right at 55-62% of its rejections) about one
+round in three kept a token, and self-speculation read 0.99-1.03x of itself without them: the
+extra rows and layouts cost about what they bring on this CPU.
+
 Costs (`DraftCosts`) come from rounds timed on this machine (`draft_costs.py`: a round's base
 cost besides its drafts is measured too), from a measured `cost_model.DecodeCosts`, or from the
 config's weight counts (decoding is memory-bound: a pass costs the bytes of the weights it reads),
@@ -240,7 +251,7 @@ class DraftController:
 
     def caught_share(self, n: int) -> float:
         """P(a rejected draft's alternative is the final head's token): decayed counts and a
-        Beta(1, 1) prior (an alternative row costs ~0.01 of a step: trying them is cheap)."""
+        Beta(1, 1) prior (the first rejections with alternatives correct it)."""
         st = self.stats[n]
         return (st.caught + 1.0) / (st.caught + st.missed + 2.0)
 

@@ -1,5 +1,5 @@
 """Alternative drafts in self-speculation (`draft_alternatives`): each draft's second choice goes
-to the verify pass as a row of its own (`kv_cache.RowIndex.branched`), and where the first
+to the verify pass as a row of its own (`kv_cache.RowIndex`, `row_positions`), and where the first
 rejected draft's alternative is the final head's token, that row's token is kept too.
 
 Checked: the branched layout's positions and mask, number for number; a verify pass with
@@ -78,7 +78,7 @@ def test_branched_layout_positions_and_mask():
     want[5, :8] = True  # position 8: keys 0..7, and itself at index 10
     want[5, 10] = True
     assert np.array_equal(mask.numpy(), want)
-    assert idx.filled_end.tolist() == [11]
+    assert np.all(idx.filled_end == 11)  # every layer filled to the last alternative's index
     # two sequences, padded: the second has no alternative (plain causal rows)
     idx = RowIndex([0, 2], [3, 7], [3, 2], cache, torch.device("cpu"), [(1,), ()])
     assert idx.block is None

@@ -245,7 +245,7 @@ class EarlyExitEngine:
         if s.max_new_tokens == 0:
             return results
         # room for a verify pass's alternative drafts past the last position (`self_speculative`)
-        extra = MAX_DRAFT if get_strategy(s.strategy).drafts else 0
+        extra = MAX_DRAFT if s.draft_alternatives and get_strategy(s.strategy).drafts else 0
         state = self.new_state(len(prompts), max(len(p) for p in prompts) + s.max_new_tokens + 1 + extra)
         self.passes.profile = s.profile
         with self.packed, self.greedy_head(self.argmax_only(s)):

@@ -51,7 +51,7 @@ class KVCache:
 
     def move(self, b: int, src: int, dst: int) -> None:
         """Copy sequence b's K/V at index src to index dst at every layer (a kept alternative
-        draft into its position: `RowIndex.branched`)."""
+        draft into its position: `RowIndex`)."""
         self.k[:, b, :, dst] = self.k[:, b, :, src]
         self.v[:, b, :, dst] = self.v[:, b, :, src]
 
@@ -60,93 +60,78 @@ class KVCache:
         self.filled[:, b] = np.minimum(self.filled[:, b], length)
 
 
+def row_positions(lo: int, n: int, backs: tuple[int, ...] = ()) -> list[int]:
+    """The positions of one sequence's n rows at cache indices lo..lo+n-1: the indices, except
+    that the last len(backs) rows are alternative drafts (`self_speculative`: a draft exit's
+    second choice), the t-th standing for the position backs[t] before the end of the drafted
+    chain ahead of them (`RowIndex`, `Passes.embed`)."""
+    pos = list(range(lo, lo + n))
+    if backs:
+        end = lo + n - len(backs)  # the chain's end
+        pos[n - len(backs) :] = [end - back for back in backs]
+    return pos
+
+
 class RowIndex:
     """Where the rows of one pass live: sequence b = seqs[a] has n[a] rows at positions
     lo[a]..lo[a]+n[a]-1; rows are right-padded to R = max(n). Built once per distinct layout
     of a pass (from host lists, so nothing waits for the device) and shared by every layer
     that sees the same layout.
+
+    `branch` (a verify pass with alternative drafts): seqs[a]'s last len(branch[a]) rows are
+    alternatives, each at its own cache index after the drafted chain but standing for a position
+    of it (`row_positions`): it attends to the keys before that position and to itself, and
+    nothing attends to it (every other row is before it or is another alternative). Its K/V stay
+    at its index until the strategy keeps it (`KVCache.move`).
     """
 
     def __init__(
         self, seqs: list[int], lo: list[int], n: list[int], cache: KVCache, device: torch.device,
         branch: list[tuple[int, ...]] | None = None,
     ) -> None:  # fmt: skip
-        r = max(n)
-        if branch is not None and any(branch):  # alternative drafts: their own positions and keys
-            self.branched(seqs, lo, n, cache, device, branch)
-            return
+        r, a = max(n), len(seqs)
         # Contiguous slots, every one with the same rows (a verify pass, one sequence's fill):
         # K/V are written and read through views of every layer (`KVCache.layer`), as the
         # uniform step does.
         first = seqs[0]
-        same = min(lo) == max(lo) and min(n) == r and list(seqs) == list(range(first, first + len(seqs)))
-        self.block = (slice(first, first + len(seqs)), lo[0], lo[0] + r) if same else None
+        same = min(lo) == max(lo) and min(n) == r and list(seqs) == list(range(first, first + a))
+        self.block = (slice(first, first + a), lo[0], lo[0] + r) if same else None
         self.device = device
-        a = len(seqs)
+        self.alternatives = branch is not None and any(branch)  # rows whose positions are not their indices
         # Each layer's fill counts after the pass (`Passes.advance`): one numpy assignment.
         self.filled_b = self.block[0] if same else np.asarray(seqs, dtype=np.int64)
         self.filled_end = lo[0] + r if same else np.asarray(lo, dtype=np.int64) + np.asarray(n, dtype=np.int64)
-        if same:  # one causal block at the same positions in every slot: no padding, fewer operations
+        if same and not self.alternatives:  # one causal block at the same positions in every slot: fewer operations
             self.span = lo[0] + r
             mask = torch.ones(r, self.span, dtype=torch.bool).tril(lo[0])  # key j <= lo + i
             self.attn_mask = mask.expand(a, 1, r, self.span).to(device)  # (A, 1, R, span)
             self.views: tuple | None = None  # (cache, `block_views`): made on the first layer's update
             return
-        self.batch_idx = torch.tensor(seqs).to(device)
-        self.whole_batch = list(seqs) == list(range(cache.batch))  # every slot, in order: keys by slicing
-        steps = torch.arange(r)
-        pos = torch.tensor(lo)[:, None] + steps[None]  # (A, R)
-        valid = steps[None] < torch.tensor(n)[:, None]
-        self.positions = torch.where(valid, pos, torch.zeros_like(pos)).to(device)
-        self.write_pos = torch.where(valid, pos, torch.full_like(pos, cache.capacity)).to(device)  # padding: scratch
-        self.write_b = self.batch_idx[:, None].expand(a, r)  # (A, R)
-        self.span = max(x + y for x, y in zip(lo, n))  # keys 0..span-1
-        keys = torch.arange(self.span)
-        mask = (keys[None, None, :] <= pos[:, :, None]) & valid[:, :, None]  # (A, R, span)
-        mask[:, :, 0] |= ~valid  # padding rows attend to one key: no all-masked softmax rows
-        self.attn_mask = mask[:, None].to(device)  # (A, 1, R, span)
-
-    def branched(self, seqs, lo, n, cache: KVCache, device, branch: list[tuple[int, ...]]) -> None:
-        """A verify pass with alternative drafts (`self_speculative`: a draft exit's second choice
-        at a drafted position): sequence seqs[a]'s last m = len(branch[a]) rows are alternatives, each
-        standing for a position of the drafted chain before them. The row at cache index i = E + t
-        (E: the chain's end, t = 0..m-1) stands for position E - branch[a][t] (`Passes.run`): it
-        attends to the keys before that position and to itself, and nothing attends to it (every
-        other row is before it or is another alternative). Its K/V stay at index i until the
-        strategy keeps it (`KVCache.move`). Built on the host (numpy), two tensors sent."""
-        a, r = len(seqs), max(n)
-        first = seqs[0]
-        same = min(lo) == max(lo) and min(n) == r and list(seqs) == list(range(first, first + a))
-        self.block = (slice(first, first + a), lo[0], lo[0] + r) if same else None
-        self.device = device
-        self.filled_b = self.block[0] if same else np.asarray(seqs, dtype=np.int64)
-        self.filled_end = np.asarray(lo, dtype=np.int64) + np.asarray(n, dtype=np.int64)
+        # Padded rows or alternatives: each row's index, position and keys, built on the host.
         idx = np.asarray(lo, dtype=np.int64)[:, None] + np.arange(r)[None]  # (A, R) cache indices
         valid = np.arange(r)[None] < np.asarray(n)[:, None]
-        pos = idx.copy()
-        for x, backs in enumerate(branch):
-            end = lo[x] + n[x] - len(backs)  # the chain's end
-            for t, back in enumerate(backs):
-                pos[x, n[x] - len(backs) + t] = end - back
-        pos[~valid] = 0
-        self.span = max(x + y for x, y in zip(lo, n))
-        keys = np.arange(self.span)
-        mask = ((keys[None, None] < pos[:, :, None]) | (keys[None, None] == idx[:, :, None])) & valid[:, :, None]
-        mask[:, :, 0] |= ~valid  # padding rows attend to one key: no all-masked softmax rows
+        pos = np.zeros((a, r), dtype=np.int64)  # padding rows: position 0
+        for x in range(a):
+            pos[x, : n[x]] = row_positions(lo[x], n[x], branch[x] if self.alternatives else ())
         self.positions = torch.from_numpy(pos).to(device)
+        self.span = max(x + y for x, y in zip(lo, n))  # keys 0..span-1
+        keys = np.arange(self.span)[None, None]
+        # before the row's position, or the row itself (a chain row: key <= its index)
+        mask = ((keys < pos[:, :, None]) | (keys == idx[:, :, None])) & valid[:, :, None]  # (A, R, span)
+        mask[:, :, 0] |= ~valid  # padding rows attend to one key: no all-masked softmax rows
         self.attn_mask = torch.from_numpy(mask[:, None]).to(device)  # (A, 1, R, span)
-        if same:
+        if same:  # alternatives in one block: K/V through the block's views, as above
             self.views = None
             return
         self.batch_idx = torch.tensor(seqs).to(device)
-        self.whole_batch = list(seqs) == list(range(cache.batch))
-        self.write_pos = torch.from_numpy(np.where(valid, idx, cache.capacity)).to(device)
-        self.write_b = self.batch_idx[:, None].expand(a, r)
+        self.whole_batch = list(seqs) == list(range(cache.batch))  # every slot, in order: keys by slicing
+        self.write_pos = torch.from_numpy(np.where(valid, idx, cache.capacity)).to(device)  # padding: scratch
+        self.write_b = self.batch_idx[:, None].expand(a, r)  # (A, R)
 
     @functools.cached_property
     def positions(self) -> torch.Tensor:
         """(A, R) long: each row's position. Made in the constructor where rows are padded or
-        branch (`branched`); for a block only where asked (its rotary angles are slices of the
+        alternatives; for a plain block only where asked (its rotary angles are slices of the
         tables: `Passes.layout`)."""
         b, lo, end = self.block
         return torch.arange(lo, end).expand(b.stop - b.start, end - lo).to(self.device)

@@ -38,7 +38,7 @@ from megatron.early_exit.inference import greedy_head, lean
 from megatron.early_exit.inference.confidence import get_measure, max_prob
 from megatron.early_exit.inference.exit_decision import decide, worth_checking
 from megatron.early_exit.inference.fused_check import folded_probe, logit_threshold, sigmoid
-from megatron.early_exit.inference.kv_cache import DecodeIndex, KVCache, RowIndex
+from megatron.early_exit.inference.kv_cache import DecodeIndex, KVCache, RowIndex, row_positions
 from megatron.early_exit.inference.uniform_check import uniform_checks
 from megatron.early_exit.model.gpt import Embedding, HeadOps
 from megatron.early_exit.model.norm import RMSNorm
@@ -228,7 +228,7 @@ class Passes:
         drafted rows join it), which takes the general path throughout only where nothing is
         pending at all (its final head must see every row). `branch` (b -> backs, a verify pass):
         the last len(backs) of b's new tokens are alternative drafts, the t-th standing for the
-        position backs[t] before the end of b's drafted chain (`kv_cache.RowIndex.branched`)."""
+        position backs[t] before the end of b's drafted chain (`kv_cache.row_positions`)."""
         out = StepOutput()
         self.branch = branch or None
         self.lean_kernels.reset()  # lean layers look their kernels up again each pass (one may be forced now)
@@ -446,21 +446,15 @@ class Passes:
         lo = [state.fed[b] for b in seqs]
         n = [len(new_tokens[b]) for b in seqs]
         r = max(n, default=1)
-        ids, pos = [], []  # host lists, one tensor each
         for a, b in enumerate(seqs):
-            pad = [0] * (r - n[a])
-            ids.append(list(new_tokens[b]) + pad)
-            p = list(range(lo[a], lo[a] + n[a]))
-            backs = self.branch.get(b, ()) if self.branch else ()
-            if backs:  # alternative drafts stand for positions of the drafted chain before them
-                end = lo[a] + n[a] - len(backs)
-                p[n[a] - len(backs) :] = [end - back for back in backs]
-            pos.append(p + pad)
             state.fed[b] += n[a]
-        ids_t = torch.tensor(ids, dtype=torch.long).to(self.device)
+        ids = torch.tensor([list(new_tokens[b]) + [0] * (r - k) for b, k in zip(seqs, n)], dtype=torch.long)
+        ids = ids.to(self.device)  # (A, R), right-padded
         if self.plain_embedding():  # rotary positions: the word embedding's lookup alone (`embed_ids`)
-            return Rows(seqs, lo, n, F.embedding(ids_t, self.model.embedding.word_embeddings.weight))
-        return Rows(seqs, lo, n, self.model.embedding(ids_t, torch.tensor(pos, dtype=torch.long).to(self.device)))
+            return Rows(seqs, lo, n, F.embedding(ids, self.model.embedding.word_embeddings.weight))
+        backs = [self.branch.get(b, ()) if self.branch else () for b in seqs]  # alternative drafts
+        pos = [row_positions(x, k, back) + [0] * (r - k) for x, k, back in zip(lo, n, backs)]
+        return Rows(seqs, lo, n, self.model.embedding(ids, torch.tensor(pos, dtype=torch.long).to(self.device)))
 
     def gather(self, state: DecodeState, i: int, rows: Rows, active: list[int]) -> Rows | None:
         """The rows layer i must process: pending states at depth i, then the carried rows."""
@@ -501,7 +495,7 @@ class Passes:
             branch = [self.branch.get(b, ()) for b in seqs] if self.branch else None
             index, rotary = RowIndex(seqs, lo, n, cache, self.device, branch), None
             if self.model.rotary is not None:  # the lean layers' angles too (`lean.rows_tables`)
-                if index.block is not None and not (branch and any(branch)):
+                if index.block is not None and not index.alternatives:
                     # one block of positions lo..end-1: slices of the tables, (1, 1, R, hd)
                     _, start, end = index.block
                     cos, sin, neg = (t[start:end][None, None] for t in self.rotary_tables(end)[:3])

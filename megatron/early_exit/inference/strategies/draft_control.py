@@ -196,7 +196,7 @@ class Plan:
     # The exit whose greedy token the round reads and learns from: a plain round's on its step, a
     # drafting round's (a shallower exit than the draft's) on its first draft step.
     observe: int | None = None
-    # Each draft's second choice goes to the verify pass too (`RowIndex.branched`): where the
+    # Each draft's second choice goes to the verify pass too (`kv_cache.RowIndex`): where the
     # first rejected draft's alternative is the final head's token, its row's token is kept as well.
     alternatives: bool = False
 
@@ -261,16 +261,21 @@ class DraftController:
         token, P = prod(draft_ok before) * (1 - draft_ok) * `caught_share`, against its row's
         cost at the plan's rate."""
         n, keep, before, net = plan.exit, [], 1.0, 0.0
-        cost = plan.rate * self.costs.alt_row(n)
-        caught = self.caught_share(n)
         for j, conf in enumerate(confs):
             ok = self.draft_ok(n, conf)
-            gain = before * (1.0 - ok) * caught
-            if gain >= cost:
+            value = self.alternative_value(plan, before, ok)
+            if value >= 0.0:
                 keep.append(j)
-                net += gain - cost
+                net += value
             before *= ok
         return keep if net >= plan.rate * self.costs.alt_base.get(n, 0.0) else []  # and the pass's fixed part
+
+    def alternative_value(self, plan: Plan, before: float, ok: float) -> float:
+        """What verifying a draft's alternative is worth, in tokens, where the drafts before it are
+        all accepted with probability `before` and it is with probability `ok`: the chance that
+        it adds a token, before * (1 - ok) * `caught_share`, less its row's cost at the plan's rate."""
+        n = plan.exit
+        return before * (1.0 - ok) * self.caught_share(n) - plan.rate * self.costs.alt_row(n)
 
     def update_alternatives(self, n: int, caught: list[int]) -> None:
         """Learn from one verify round's rejections that had alternatives: 1 where it was kept."""
@@ -363,5 +368,5 @@ class DraftController:
         a = self.acceptance(n)
         gain = before * a
         if plan.alternatives:  # rejected, it may still add a token (its alternative's), where that pays its row
-            gain += max(before * (1.0 - a) * self.caught_share(n) - plan.rate * self.costs.alt_row(n), 0.0)
+            gain += max(self.alternative_value(plan, before, a), 0.0)
         return gain >= plan.rate * (self.costs.draft[n] + self.costs.row[n])

@@ -172,16 +172,16 @@ class SelfSpeculative(Strategy):
                 ctl.update(plan.observe, seen)
         still, observed, tried = [], [], []
         for b in running:
-            k = len(drafts[b])
-            ok, alt = self.keep(engine, out, b, drafts[b], confs[b], batch, plan.exit, alts.get(b))
+            ok, row = self.keep(engine, out, b, drafts[b], confs[b], batch, plan.exit, alts.get(b))
+            kept = int(row > 0)
             if drafts[b]:
                 observed.append((confs[b], ok))
-            if ok in alts.get(b, ()) and ok < k:  # a rejection its alternative could catch
-                tried.append(alt)
-            record(batch.counts[b], plan.exit, len(drafts[b]), alt)
-            if alt:  # the kept alternative's K/V into its position, after the kept drafts
-                state.cache.move(b, start[b] + k + 1 + list(alts[b]).index(ok), start[b] + ok + 1)
-            state.reset(b, start[b] + ok + 1 + alt)  # K/V of the fed rows whose tokens were kept
+            if ok in alts.get(b, ()):  # a rejection its alternative could catch
+                tried.append(kept)
+            record(batch.counts[b], plan.exit, len(drafts[b]), kept)
+            if row:  # the kept alternative's K/V (the pass's row `row`: index start + row) into its position
+                state.cache.move(b, start[b] + row, start[b] + ok + 1)
+            state.reset(b, start[b] + ok + 1 + kept)  # K/V of the fed rows whose tokens were kept
             r = results[b]
             if r.finish_reason != "stop" and len(r.tokens) < s.max_new_tokens:
                 still.append(b)
@@ -195,8 +195,8 @@ class SelfSpeculative(Strategy):
         """Up to plan.cap draft tokens per sequence from plan.exit, fewer where the controller's
         early stop says another does not pay; (drafts, confidences, last token, the first draft
         step's `StepOutput.guesses`: exit plan.observe's token there, where the plan reads one,
-        and per sequence {draft index: the exit's second choice there} where `plan.alternatives`
-        and the engine takes them, else {})."""
+        and per sequence {draft index: the exit's second choice there} where `plan.alternatives`,
+        else {})."""
         s, results = batch.settings, batch.results
         budget = {b: min(plan.cap, s.max_new_tokens - len(results[b].tokens) - 1) for b in running}
         last = {b: results[b].tokens[-1] for b in running}
@@ -204,7 +204,6 @@ class SelfSpeculative(Strategy):
         confs: dict[int, list[float]] = {b: [] for b in running}
         policy = batch.policy if plan.exit == batch.policy.force else ExitPolicy(force=plan.exit)
         guesses: dict = {}
-        second = plan.alternatives and getattr(engine, "can_branch", False)
         alts: dict[int, dict[int, int]] = {b: {} for b in running}  # b -> {draft index: second choice}
         for j in range(max(budget.values(), default=0)):
             feed = {b: last[b] for b in running if budget[b] > j}
@@ -216,7 +215,7 @@ class SelfSpeculative(Strategy):
             else:
                 out = engine.decode_one_token(state, feed, policy)
             for b, logits in out.logits.items():
-                if second:
+                if plan.alternatives:
                     last[b], alts[b][j] = logits.topk(2).indices.tolist()
                 else:
                     last[b] = int(logits.argmax())
@@ -231,7 +230,8 @@ class SelfSpeculative(Strategy):
     ) -> tuple[int, int]:
         """Append slot b's agreeing drafts and the final head's token; where the first rejected
         draft's alternative (`alts`) is that token, the final head's token after the alternative's
-        row too. Returns (how many drafts agreed, 1 if an alternative was kept else 0)."""
+        row too. Returns (how many drafts agreed, the kept alternative's row in the pass, or 0:
+        the fed rows are the drafted chain's k + 1, then the alternatives in `alts`' order)."""
         final = final_tokens(out, b)  # the final head's token after each fed row, then each alternative's
         k, ok = len(drafts), 0
         while ok < k and final[ok] == drafts[ok]:
@@ -239,10 +239,9 @@ class SelfSpeculative(Strategy):
         batch.counts[b][0] += k
         batch.counts[b][1] += ok
         r, acc = batch.results[b], engine.acceptance
-        rows = list(range(ok + 1))  # the rows whose final-head tokens are kept
-        alt = int(bool(alts) and ok < k and alts.get(ok) == final[ok])
-        if alt:  # the alternative at the rejected position is the final head's token: its row's token follows
-            rows.append(k + 1 + list(alts).index(ok))
+        # the alternative at the rejected position is the final head's token: its row's token follows
+        alt = k + 1 + list(alts).index(ok) if alts and alts.get(ok) == final[ok] else 0
+        rows = list(range(ok + 1)) + ([alt] if alt else [])  # the rows whose final-head tokens are kept
         for i, j in enumerate(rows):
             exit_layer, conf = (layer, confs[j]) if i < ok else (engine.num_layers, out.confidence[b])
             if i >= ok and j < len(final) - 1:  # not the pass's newest row: the final head's distribution there
@@ -260,7 +259,7 @@ def verify(engine, state, last: dict[int, int], drafted: bool, observe: int | No
     takes full decoding's uniform fast path (the general pass, which gathers rows and builds a
     causal layout per layer, cost 1.4x a full step on SmolLM2 at batch 1), same tokens; with
     `observe`, that exit's greedy token is read on the way (`ExitPolicy.observe`)."""
-    if drafted and alts:  # alternative drafts after each sequence's newest draft (`RowIndex.branched`)
+    if drafted and alts:  # alternative drafts after each sequence's newest draft (`kv_cache.RowIndex`)
         branch = {b: tuple(len(drafts[b]) - j for j in alts.get(b, {})) for b in last}  # draft j: k - j before the end
         return engine.verify(state, {b: [t, *alts.get(b, {}).values()] for b, t in last.items()}, branch=branch)
     if drafted:

@@ -5,7 +5,8 @@
         --tokenizer-type GPT2BPETokenizer --append-eod --workers 2
 
 writes `data/corpus_text_document.{bin,idx}` (one document per jsonl line; `--json-keys`
-selects the fields, default `text`), readable by `--data-path data/corpus_text_document`, and
+selects the fields, default `text`; a field holding a list of token ids is taken as they are,
+checked against the vocabulary), readable by `--data-path data/corpus_text_document`, and
 beside them `data/corpus_text_document.tokenizer.json`: the tokenizer that made them (type,
 vocabulary size, end-of-document id, fingerprint) and the document and token counts, which
 training checks against its own tokenizer. Errors name `file:line`; a failed run leaves no
@@ -45,12 +46,19 @@ def _encode(item: tuple[int, str]) -> tuple[int, dict[str, list[int]] | str, int
         return lineno, f"invalid JSON ({e.msg})", len(line)
     out = {}
     for key in _KEYS:
-        if not isinstance(doc, dict) or key not in doc or not isinstance(doc[key], str):
-            return lineno, f"no string field {key!r}", len(line)
-        try:
-            ids = _TOKENIZER.tokenize(doc[key])
-        except Exception as e:  # a tokenizer's own failure: report the line, not a traceback
-            return lineno, f"the tokenizer failed on field {key!r}: {type(e).__name__}: {e}", len(line)
+        value = doc.get(key) if isinstance(doc, dict) else None
+        if isinstance(value, list):  # already token ids (tools/make_distillation_corpus.py): taken as they are
+            vocab = _TOKENIZER.vocab_size
+            if not value or not all(type(i) is int and 0 <= i < vocab for i in value):
+                return lineno, f"field {key!r} is not a non-empty list of token ids in 0..{vocab - 1}", len(line)
+            ids = list(value)
+        elif not isinstance(value, str):
+            return lineno, f"no string field {key!r} (nor a list of token ids)", len(line)
+        else:
+            try:
+                ids = _TOKENIZER.tokenize(value)
+            except Exception as e:  # a tokenizer's own failure: report the line, not a traceback
+                return lineno, f"the tokenizer failed on field {key!r}: {type(e).__name__}: {e}", len(line)
         if _APPEND_EOD:
             ids.append(_TOKENIZER.eod)
         out[key] = ids

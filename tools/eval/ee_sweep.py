@@ -75,15 +75,20 @@ def load_examples(path: str | None, n: int) -> list[dict]:
     return rows[:n]
 
 
-def build_prompt(tokenizer, abstract: str, max_chars: int) -> list[int]:
-    text = abstract[:max_chars]
+def prompt_text(tokenizer, text: str, kind: str = "abstract") -> str:
+    """The one-sentence summary request for `text` (an abstract, or another `kind` of text such as
+    a passage: `tools/make_distillation_corpus.py`), in the tokenizer's chat template where it
+    has one, else as "Abstract: ...\\nSummary:"."""
     if getattr(tokenizer, "chat_template", None):
         import jinja2
 
-        messages = [{"role": "user", "content": f"Summarize this abstract in one sentence:\n{text}"}]
-        rendered = jinja2.Template(tokenizer.chat_template).render(messages=messages, add_generation_prompt=True)
-        return tokenizer.tokenize(rendered)
-    return tokenizer.tokenize(f"Abstract: {text}\nSummary:")
+        messages = [{"role": "user", "content": f"Summarize this {kind} in one sentence:\n{text}"}]
+        return jinja2.Template(tokenizer.chat_template).render(messages=messages, add_generation_prompt=True)
+    return f"{kind.capitalize()}: {text}\nSummary:"
+
+
+def build_prompt(tokenizer, abstract: str, max_chars: int) -> list[int]:
+    return tokenizer.tokenize(prompt_text(tokenizer, abstract[:max_chars]))
 
 
 def summarisation_task(tokenizer, path: str | None, n: int, max_chars: int) -> tuple[list[list[int]], list[str]]:

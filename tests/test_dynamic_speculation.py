@@ -13,6 +13,8 @@ import torch
 from megatron.early_exit.config import ModelConfig
 from megatron.early_exit.inference import EarlyExitEngine, GenerationSettings, generate
 from megatron.early_exit.inference.strategies.draft_control import (
+    LOOP_DECAY,
+    LOOP_PRIOR,
     MAX_BACKOFF,
     MAX_DRAFT,
     OBSERVE_NEAR,
@@ -20,6 +22,8 @@ from megatron.early_exit.inference.strategies.draft_control import (
     WARM_EXPLORE_SHARE,
     DraftController,
     DraftCosts,
+    LoopClock,
+    Plan,
     expected_tokens,
 )
 from megatron.early_exit.model import EarlyExitGPT
@@ -738,3 +742,84 @@ def test_a_round_reading_a_shallower_exit_stays_lossless_and_teaches_the_control
         assert all(observed)
     else:
         assert sum(observed) < 0.2 * len(observed)
+
+
+# ----- the loop's own clock ------------------------------------------------------------------
+
+
+def test_the_loop_clock_prices_drafting_rounds_against_plain_ones():
+    """`LoopClock`: a drafting round's wall time over (plain round's x its predicted units), a
+    decayed mean that starts from LOOP_PRIOR rounds of 1.0 (decaying too); nothing before a plain round is
+    timed (no unit), and each batch bucket on its own."""
+    clock = LoopClock()
+    clock.record(1, 2, 1.5, 3.0)  # no plain round yet: no unit, nothing learned
+    assert clock.factor(1, 2) == 1.0
+    clock.record(1, None, 1.0, 2.0)  # a plain round: 2 s
+    clock.record(1, 2, 1.5, 3.6)  # predicted 1.5 plain rounds (3.0 s), took 3.6 s: 1.2x
+    d = LOOP_DECAY
+    assert clock.factor(1, 2) == pytest.approx((d * LOOP_PRIOR + 1.2) / (d * LOOP_PRIOR + 1.0))
+    assert clock.factor(1, 6) == 1.0 and clock.factor(4, 2) == 1.0  # other exits, other buckets
+    for _ in range(200):
+        clock.record(1, 2, 1.5, 3.6)
+    assert clock.factor(1, 2) == pytest.approx(1.2, abs=1e-3)  # the prior fades: the loop's own ratio
+    clock.record(1, None, 1.0, 4.0)  # plain rounds slow down: the unit follows them (decayed mean)
+    assert clock.plain[1] == pytest.approx(LOOP_DECAY * 2.0 + (1 - LOOP_DECAY) * 4.0)
+
+
+def test_rounds_dearer_in_the_loop_turn_a_marginal_exit_plain_and_leave_the_early_stop_alone():
+    """An exit that pays by its timed costs (a = 0.3 at draft 0.25, base 1.0: 1.3 / 1.26 = 1.03)
+    but whose rounds take 1.15x what those costs say in the loop does not (0.90): the plan is a
+    plain round. A plan that still pays has its rate divided by the factor, and the early stop
+    and the alternatives weigh their costs at rate x factor: they decide as without the clock."""
+    costs = DraftCosts(draft={2: 0.25}, row={2: 0.01}, base={2: 1.0})
+    ctl = DraftController(costs, explore_share=1e-9)
+    ctl.stats[2].accepted, ctl.stats[2].rejected, ctl.stats[2].idle = 29.0, 69.0, 0  # a = 0.3
+    assert ctl.plan([2], [1]).exit == 2  # by the timed costs: drafts
+    ctl.use_loop_clock()
+    ctl.timed(Plan(None, 0, 1.0), 1, 0.010)  # a plain round: 10 ms
+    for _ in range(100):  # drafting rounds of one draft: predicted 1.26 plain rounds, take 1.15x that
+        ctl.timed(Plan(2, 1, 1.0, drafted=1), 1, 0.010 * costs.round_time(2, 1) * 1.15)
+    ctl.stats[2].idle = 0
+    assert ctl.factor(2) == pytest.approx(1.15, abs=1e-3)
+    assert ctl.plan([2], [1]).exit is None  # 1.3 / (1.26 * 1.15) < 1
+    ctl.stats[2].accepted, ctl.stats[2].rejected = 89.0, 9.0  # a = 0.9: pays even so
+    plan = ctl.plan([2], list(range(1, MAX_DRAFT + 1)))
+    assert plan.exit == 2
+    assert ctl.factor(2) == pytest.approx(1.15, abs=1e-3)
+    timed_rate = expected_tokens(0.9, plan.length) / costs.round_time(2, plan.length)
+    assert plan.rate == pytest.approx(timed_rate / ctl.factor(2))
+    plain = DraftController(costs, explore_share=1e-9)
+    plain.stats[2] = ctl.stats[2]
+    twin = plain.plan([2], list(range(1, MAX_DRAFT + 1)))
+    for confs in ([0.9], [0.9, 0.5], [0.9, 0.5, 0.2], [0.3] * 5):
+        assert ctl.keep_drafting(plan, confs) == plain.keep_drafting(twin, confs)
+    assert ctl.worth_verifying(plan, [0.9, 0.4]) == plain.worth_verifying(twin, [0.9, 0.4])
+    # A round that drafted nothing (the plan's drafts had no room) is timed as a plain round.
+    ctl.timed(Plan(2, 1, 1.0, drafted=0), 1, 0.020)
+    assert ctl.loop.plain[1] == pytest.approx(LOOP_DECAY * 0.010 + (1 - LOOP_DECAY) * 0.020)
+
+
+def test_the_engine_controller_times_its_rounds_only_where_its_costs_are_timed(monkeypatch):
+    """Decisions must not depend on the clock where the costs come from the parameters (the test
+    suite, several processes) or from a measured cost model: no loop clock there; with timed
+    costs the engine's controller has one and every round of a decode is timed into it."""
+    from megatron.early_exit.inference.strategies import self_speculative as ss
+
+    engine = EarlyExitEngine(build(True))
+    s = GenerationSettings("self_speculative", 12, ignore_eos=True)
+    engine.generate(PROMPTS[:1], s)
+    assert ss.controller_for(engine).loop is None  # EE_EXIT_COSTS=parameters (conftest)
+    monkeypatch.setenv("EE_EXIT_COSTS", "measured")
+    timed = DraftCosts(draft={1: 0.3, 3: 0.6}, row={1: 0.02, 3: 0.02}, base={1: 1.05, 3: 1.05})
+    monkeypatch.setattr(ss, "measure_draft_costs", lambda engine, batch, context: (timed, {}))
+    other = EarlyExitEngine(build(True))
+    rounds = []
+    real = DraftController.timed
+    monkeypatch.setattr(
+        DraftController, "timed", lambda self, plan, b, t: rounds.append((plan.exit, b, t)) or real(self, plan, b, t)
+    )
+    (r,) = other.generate(PROMPTS[:1], s)
+    ctl = ss.controller_for(other)
+    assert ctl.loop is not None and ctl.costs is timed
+    assert len(rounds) == sum(r.stats["draft_lengths"].values()) > 0  # every round of the decode, timed
+    assert all(b == 1 and t > 0 for _, b, t in rounds)

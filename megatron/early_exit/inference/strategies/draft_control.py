@@ -108,6 +108,8 @@ MAX_BACKOFF = 4  # failed exploratory tries stretch an exit's interval up to thi
 OBSERVE_NEAR = 0.9  # a plain round observes the exit whose best plan reaches this rate (1.0 pays)
 OBSERVE_WINDOW = 64  # ... and that a plan chose within this many rounds
 ALT_ROWS = 2.0  # an alternative draft's verify row, in drafted rows (it also runs the layers below the exit)
+LOOP_DECAY = 0.9  # per timed drafting round: the loop's clock follows the host within ~10 of them
+LOOP_PRIOR = 4.0  # drafting rounds' worth of "the timed costs hold in the loop" (factor 1) before its own
 
 
 @dataclass
@@ -186,6 +188,44 @@ class ExitStats:
     missed: float = 0.0  # ... and of those whose alternative was not
 
 
+class LoopClock:
+    """What rounds cost in the decode loop itself, against what `DraftCosts` says they cost.
+
+    `draft_costs` times rounds in isolation and keeps each kind's best time; in the loop the same
+    rounds cost more, and not alike: on the CPU reference model (bf16, batch 1) a draft step from
+    exit 3 took 0.328 of a plain step in the loop against 0.24-0.285 timed, a verify pass 1.21
+    against 1.10-1.15. Where an exit is far from paying that moves nothing (replayed at either
+    set of costs the CPU reference's controller reads 1.41), but where it is near, the timed costs
+    keep it drafting at a loss: the tuned SmolLM2 drafted 107 rounds from exit 8 at 25% acceptance
+    with a timed draft of 0.246 and a base of 1.02 and read 0.86x full decoding. Each round's wall
+    time is recorded per batch bucket: plain rounds' (a decayed mean: the unit) and, per exit, each
+    drafting round's ratio to what its costs predict in that unit (a decayed mean starting from
+    LOOP_PRIOR rounds of 1.0, which decay with the rest); `factor` scales the exit's predicted
+    round time. Like with like: drafting rounds against plain rounds of the same loop, so the
+    host's speed cancels; no plain round timed yet (an exit that always pays), no correction."""
+
+    def __init__(self) -> None:
+        self.plain: dict[int, float] = {}  # batch bucket -> decayed mean seconds of a plain round
+        self.excess: dict[tuple[int, int], tuple[float, float]] = {}  # (bucket, exit) -> (sum, weight)
+
+    def factor(self, bucket: int, n: int) -> float:
+        total, weight = self.excess.get((bucket, n), (LOOP_PRIOR, LOOP_PRIOR))
+        return total / weight
+
+    def record(self, bucket: int, n: int | None, predicted: float, seconds: float) -> None:
+        """One round's wall time: a plain round's (`n` None) or a drafting round's from exit n whose
+        costs predicted `predicted` plain rounds."""
+        if n is None:
+            last = self.plain.get(bucket)
+            self.plain[bucket] = seconds if last is None else LOOP_DECAY * last + (1.0 - LOOP_DECAY) * seconds
+            return
+        unit = self.plain.get(bucket)
+        if unit is None or predicted <= 0.0:
+            return
+        total, weight = self.excess.get((bucket, n), (LOOP_PRIOR, LOOP_PRIOR))  # the prior decays with the rest
+        self.excess[(bucket, n)] = (LOOP_DECAY * total + seconds / (unit * predicted), LOOP_DECAY * weight + 1.0)
+
+
 @dataclass
 class Plan:
     exit: int | None  # None: a plain full step
@@ -199,6 +239,7 @@ class Plan:
     # Each draft's second choice goes to the verify pass too (`kv_cache.RowIndex`): where the
     # first rejected draft's alternative is the final head's token, its row's token is kept as well.
     alternatives: bool = False
+    drafted: int = 0  # set by the round: the most drafts a sequence took (what the loop clock prices)
 
     @property
     def cap(self) -> int:
@@ -216,6 +257,8 @@ class DraftController:
         self.costs, self.decay, self.bin_decay = costs, decay, bin_decay
         self.explore_share, self.stop_early = explore_share, stop_early
         self.stats = {n: ExitStats() for n in costs.draft}
+        self.loop: LoopClock | None = None  # `use_loop_clock`: rounds' own wall times correct the costs
+        self.bucket = 1  # the batch bucket whose loop clock prices plans (`plan`)
         self.priors = dict.fromkeys(costs.draft, prior)  # per exit: a warm start adds the record's drafts
         self.share = {n: explore_share for n in costs.draft}  # per exit: a warm start lowers it
         for n, st in self.stats.items():
@@ -247,7 +290,26 @@ class DraftController:
         return (st.accepted + pa) / (st.accepted + st.rejected + pa + pr)
 
     def rate(self, n: int, g: int) -> float:
-        return expected_tokens(self.acceptance(n), g) / self.costs.round_time(n, g)
+        return expected_tokens(self.acceptance(n), g) / (self.costs.round_time(n, g) * self.factor(n))
+
+    def factor(self, n: int) -> float:
+        """How much dearer exit n's rounds are in the loop than its costs say (`LoopClock`; 1
+        without it). A plan's rate carries it; the early stop and the alternatives weigh their
+        costs at that rate times it, so that they decide as without it: the loop clock moves
+        the choice between drafting and a plain round, and between exits, alone."""
+        return 1.0 if self.loop is None else self.loop.factor(self.bucket, n)
+
+    def use_loop_clock(self) -> None:
+        """Price plans with the loop's own round times too (`LoopClock`); off by default (a
+        replay, and decisions that must not depend on the clock)."""
+        if self.loop is None:
+            self.loop = LoopClock()
+
+    def timed(self, plan: Plan, batch: int, seconds: float) -> None:
+        """A round of `plan` (drafted `plan.drafted`) took `seconds` at `batch` sequences."""
+        if self.loop is not None:
+            n = plan.exit if plan.drafted else None
+            self.loop.record(batch, n, self.costs.round_time(n, plan.drafted) if n is not None else 1.0, seconds)
 
     def caught_share(self, n: int) -> float:
         """P(a rejected draft's alternative is the final head's token): decayed counts and a
@@ -268,14 +330,14 @@ class DraftController:
                 keep.append(j)
                 net += value
             before *= ok
-        return keep if net >= plan.rate * self.costs.alt_base.get(n, 0.0) else []  # and the pass's fixed part
+        return keep if net >= plan.rate * self.factor(n) * self.costs.alt_base.get(n, 0.0) else []  # and the fixed part
 
     def alternative_value(self, plan: Plan, before: float, ok: float) -> float:
         """What verifying a draft's alternative is worth, in tokens, where the drafts before it are
         all accepted with probability `before` and it is with probability `ok`: the chance that
         it adds a token, before * (1 - ok) * `caught_share`, less its row's cost at the plan's rate."""
         n = plan.exit
-        return before * (1.0 - ok) * self.caught_share(n) - plan.rate * self.costs.alt_row(n)
+        return before * (1.0 - ok) * self.caught_share(n) - plan.rate * self.factor(n) * self.costs.alt_row(n)
 
     def update_alternatives(self, n: int, caught: list[int]) -> None:
         """Learn from one verify round's rejections that had alternatives: 1 where it was kept."""
@@ -291,6 +353,7 @@ class DraftController:
         plan may verify drafts' second choices too (`Plan.alternatives`): which, each round, is
         `worth_verifying`'s choice; plans are chosen without them (what they add is small, and an
         exit must pay on its own drafts)."""
+        self.bucket = 1 << max(batch - 1, 0).bit_length()  # the loop clock's bucket (`self_speculative.batch_bucket`)
         due = [n for n in exits if self.stats[n].idle >= self.interval(n, len(exits))]
         for n in exits:
             self.stats[n].idle += 1
@@ -369,4 +432,4 @@ class DraftController:
         gain = before * a
         if plan.alternatives:  # rejected, it may still add a token (its alternative's), where that pays its row
             gain += max(self.alternative_value(plan, before, a), 0.0)
-        return gain >= plan.rate * (self.costs.draft[n] + self.costs.row[n])
+        return gain >= plan.rate * self.factor(n) * (self.costs.draft[n] + self.costs.row[n])

@@ -22,6 +22,7 @@ int8 head where it uses one (`token_only`).
 
 from __future__ import annotations
 
+import time
 import weakref
 
 import torch
@@ -51,6 +52,8 @@ def controller_for(engine, batch: int = 1, context: int = 1) -> DraftController:
     ctl = _CONTROLLERS.get(engine)
     if ctl is None:
         ctl = _CONTROLLERS[engine] = DraftController(costs, agreement=calibrated_agreement(engine))
+        if getattr(engine, "decode_costs", None) is None and not costs_from_parameters():
+            ctl.use_loop_clock()  # timed costs: the loop's own round times correct them (`LoopClock`)
     ctl.costs = costs
     return ctl
 
@@ -154,7 +157,12 @@ class SelfSpeculative(Strategy):
         token that could not be kept), verify (feed the last draft, every drafted row through
         the deeper layers), keep the agreeing prefix, and tell the controller what agreed."""
         plan, ctl = self.plan(engine, batch, running)
-        return self.run_plan(engine, state, running, batch, plan, ctl)
+        if ctl is None or ctl.loop is None:
+            return self.run_plan(engine, state, running, batch, plan, ctl)
+        start = time.perf_counter()
+        still = self.run_plan(engine, state, running, batch, plan, ctl)
+        ctl.timed(plan, batch_bucket(len(running)), time.perf_counter() - start)  # the loop's own clock
+        return still
 
     def run_plan(self, engine, state, running: list[int], batch: Batch, plan: Plan, ctl) -> list[int]:
         """`round` with its plan made (`draft_costs` times rounds of chosen plans through it)."""
@@ -162,6 +170,7 @@ class SelfSpeculative(Strategy):
         start = {b: state.fed[b] for b in running}  # position of the first token fed this round
         drafts, confs, last, guesses, alts = self.draft(engine, state, running, batch, plan, ctl)
         drafted = any(drafts.values())
+        plan.drafted = max(map(len, drafts.values()), default=0)
         if ctl is not None and plan.alternatives:  # those whose chance of a token pays for their row
             alts = {b: {j: a[j] for j in ctl.worth_verifying(plan, confs[b])} for b, a in alts.items()}
         alts = {b: a for b, a in alts.items() if a and state.fed[b] + 1 + len(a) <= state.cache.capacity}  # room

@@ -15,6 +15,7 @@ from megatron.early_exit.data.checks import read_index
 from megatron.early_exit.inference import EarlyExitEngine, GenerationSettings
 from megatron.early_exit.model import EarlyExitGPT
 from megatron.early_exit.tokenizer import build_tokenizer
+from tests.test_data_sidecar import preprocess  # a tool's exit code, as the sidecar tests run it
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -91,15 +92,10 @@ def test_passages_join_paragraphs_up_to_the_limit():
 
 
 def test_preprocess_takes_the_token_ids_as_they_are(written, tmp_path):
-    import preprocess_data
-
     path, records = written
     prefix = tmp_path / "distill"
-    with pytest.raises(SystemExit) as e:
-        preprocess_data.main(["--input", str(path), "--output-prefix", str(prefix), "--json-keys", "tokens",
-                              "--tokenizer-type", "GPT2BPETokenizer"])  # fmt: skip
-        raise SystemExit(0)
-    assert e.value.code == 0
+    argv = ["--input", str(path), "--output-prefix", str(prefix), "--json-keys", "tokens"]
+    assert preprocess(*argv, "--tokenizer-type", "GPT2BPETokenizer") == 0
     from megatron.core.datasets.indexed_dataset import IndexedDataset
 
     ds = IndexedDataset(str(prefix) + "_tokens_document")
@@ -110,15 +106,12 @@ def test_preprocess_takes_the_token_ids_as_they_are(written, tmp_path):
 
 
 def test_preprocess_refuses_ids_outside_the_vocabulary_naming_the_line(tmp_path, capsys):
-    import preprocess_data
-
     src = tmp_path / "in.jsonl"
     src.write_text('{"tokens": [1, 2]}\n{"tokens": [3, 11]}\n')
-    with pytest.raises(SystemExit) as e:
-        preprocess_data.main(["--input", str(src), "--output-prefix", str(tmp_path / "o"), "--json-keys", "tokens",
-                              "--tokenizer-type", "NullTokenizer", "--vocab-size", "10"])  # fmt: skip
+    argv = ["--input", str(src), "--output-prefix", str(tmp_path / "o"), "--json-keys", "tokens"]
+    code = preprocess(*argv, "--tokenizer-type", "NullTokenizer", "--vocab-size", "10")
     err = capsys.readouterr().err.strip()
-    assert e.value.code == 2 and f"{src}:2:" in err and "token ids in 0..10" in err
+    assert code == 2 and f"{src}:2:" in err and "token ids in 0..10" in err
     assert sorted(os.listdir(tmp_path)) == ["in.jsonl"]
 
 

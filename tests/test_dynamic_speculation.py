@@ -776,9 +776,9 @@ def test_rounds_dearer_in_the_loop_turn_a_marginal_exit_plain_and_leave_the_earl
     ctl.stats[2].accepted, ctl.stats[2].rejected, ctl.stats[2].idle = 29.0, 69.0, 0  # a = 0.3
     assert ctl.plan([2], [1]).exit == 2  # by the timed costs: drafts
     ctl.use_loop_clock()
-    ctl.timed(Plan(None, 0, 1.0), 1, 0.010)  # a plain round: 10 ms
+    ctl.timed(Plan(None, 0, 1.0), 0.010)  # a plain round: 10 ms
     for _ in range(100):  # drafting rounds of one draft: predicted 1.26 plain rounds, take 1.15x that
-        ctl.timed(Plan(2, 1, 1.0, drafted=1), 1, 0.010 * costs.round_time(2, 1) * 1.15)
+        ctl.timed(Plan(2, 1, 1.0, drafted=1), 0.010 * costs.round_time(2, 1) * 1.15)
     ctl.stats[2].idle = 0
     assert ctl.factor(2) == pytest.approx(1.15, abs=1e-3)
     assert ctl.plan([2], [1]).exit is None  # 1.3 / (1.26 * 1.15) < 1
@@ -795,7 +795,7 @@ def test_rounds_dearer_in_the_loop_turn_a_marginal_exit_plain_and_leave_the_earl
         assert ctl.keep_drafting(plan, confs) == plain.keep_drafting(twin, confs)
     assert ctl.worth_verifying(plan, [0.9, 0.4]) == plain.worth_verifying(twin, [0.9, 0.4])
     # A round that drafted nothing (the plan's drafts had no room) is timed as a plain round.
-    ctl.timed(Plan(2, 1, 1.0, drafted=0), 1, 0.020)
+    ctl.timed(Plan(2, 1, 1.0, drafted=0), 0.020)
     assert ctl.loop.plain[1] == pytest.approx(LOOP_DECAY * 0.010 + (1 - LOOP_DECAY) * 0.020)
 
 
@@ -815,9 +815,12 @@ def test_the_engine_controller_times_its_rounds_only_where_its_costs_are_timed(m
     other = EarlyExitEngine(build(True))
     rounds = []
     real = DraftController.timed
-    monkeypatch.setattr(
-        DraftController, "timed", lambda self, plan, b, t: rounds.append((plan.exit, b, t)) or real(self, plan, b, t)
-    )
+
+    def record_round(self, plan, seconds):
+        rounds.append((plan.exit, self.bucket, seconds))
+        real(self, plan, seconds)
+
+    monkeypatch.setattr(DraftController, "timed", record_round)
     (r,) = other.generate(PROMPTS[:1], s)
     ctl = ss.controller_for(other)
     assert ctl.loop is not None and ctl.costs is timed

@@ -15,7 +15,7 @@ text they are used on: prompts from aclsum papers outside the test split (whose 
 `tools/eval/ee_sweep.py`'s prompts), each answered by full greedy decoding (the final head's
 tokens, which drafts are checked against; --one-line: up to the first newline, where the sweep
 stops too). From each paper: its abstract in the sweep's own
-prompt (`ee_sweep.build_prompt`), then passages of its body (consecutive paragraphs joined up to
+prompt (`ee_sweep.prompt_text`), then passages of its body (consecutive paragraphs joined up to
 --max-prompt-chars) asked for the same one-sentence summary; papers are visited in turn so
 that --max-prompts takes a little of every paper.
 
@@ -103,14 +103,6 @@ def interleave(papers: list[list[dict]], limit: int | None) -> list[dict]:
     return out if limit is None else out[:limit]
 
 
-def prompt_text(tokenizer, item: dict) -> str:
-    """The prompt as text: the sweep's summarisation prompt for an abstract (`ee_sweep`), the
-    same request for a passage; in the tokenizer's chat template where it has one."""
-    from ee_sweep import prompt_text as sweep_prompt
-
-    return sweep_prompt(tokenizer, item["content"], "passage" if item["source"] == "passage" else "abstract")
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = OneLineErrorParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--load", required=True, help="checkpoint whose final head answers (the one whose exits are tuned)")
@@ -131,6 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> None:
     import torch
+    from ee_sweep import prompt_text
     from prepare_aclsum_corpus import aclsum_dir
 
     from megatron.early_exit import load_checkpoint
@@ -155,7 +148,7 @@ def run(args: argparse.Namespace) -> None:
     engine = EarlyExitEngine(model, tokenizer)
     stops = ("\n",) if args.one_line else ()
     settings = GenerationSettings("full", max_new_tokens=args.max_new_tokens, stop_strings=stops)
-    texts = [prompt_text(tokenizer, item) for item in items]
+    texts = [prompt_text(tokenizer, item["content"], item["source"]) for item in items]  # the sweep's request
     print(f"{len(items)} prompts from {len({i['paper'] for i in items})} papers ({', '.join(args.splits)})", flush=True)
     start, generated = time.time(), 0
     tmp = args.output + ".tmp"

@@ -226,6 +226,12 @@ class LoopClock:
         self.excess[(bucket, n)] = (LOOP_DECAY * total + seconds / (unit * predicted), LOOP_DECAY * weight + 1.0)
 
 
+def batch_bucket(running: int) -> int:
+    """The batch size whose costs price a round of `running` sequences: the next power of two
+    (a shrinking batch is then timed a few times, not once per size)."""
+    return 1 << max(running - 1, 0).bit_length()
+
+
 @dataclass
 class Plan:
     exit: int | None  # None: a plain full step
@@ -258,7 +264,7 @@ class DraftController:
         self.explore_share, self.stop_early = explore_share, stop_early
         self.stats = {n: ExitStats() for n in costs.draft}
         self.loop: LoopClock | None = None  # `use_loop_clock`: rounds' own wall times correct the costs
-        self.bucket = 1  # the batch bucket whose loop clock prices plans (`plan`)
+        self.bucket = 1  # the batch bucket of the latest plan (`plan`): its loop clock prices and times it
         self.priors = dict.fromkeys(costs.draft, prior)  # per exit: a warm start adds the record's drafts
         self.share = {n: explore_share for n in costs.draft}  # per exit: a warm start lowers it
         for n, st in self.stats.items():
@@ -305,11 +311,11 @@ class DraftController:
         if self.loop is None:
             self.loop = LoopClock()
 
-    def timed(self, plan: Plan, batch: int, seconds: float) -> None:
-        """A round of `plan` (drafted `plan.drafted`) took `seconds` at `batch` sequences."""
+    def timed(self, plan: Plan, seconds: float) -> None:
+        """A round of `plan` (drafted `plan.drafted`, at the bucket `plan` was made at) took `seconds`."""
         if self.loop is not None:
             n = plan.exit if plan.drafted else None
-            self.loop.record(batch, n, self.costs.round_time(n, plan.drafted) if n is not None else 1.0, seconds)
+            self.loop.record(self.bucket, n, self.costs.round_time(n, plan.drafted) if n is not None else 1.0, seconds)
 
     def caught_share(self, n: int) -> float:
         """P(a rejected draft's alternative is the final head's token): decayed counts and a
@@ -353,7 +359,7 @@ class DraftController:
         plan may verify drafts' second choices too (`Plan.alternatives`): which, each round, is
         `worth_verifying`'s choice; plans are chosen without them (what they add is small, and an
         exit must pay on its own drafts)."""
-        self.bucket = 1 << max(batch - 1, 0).bit_length()  # the loop clock's bucket (`self_speculative.batch_bucket`)
+        self.bucket = batch_bucket(batch)  # the loop clock's bucket: its plans priced, its round timed
         due = [n for n in exits if self.stats[n].idle >= self.interval(n, len(exits))]
         for n in exits:
             self.stats[n].idle += 1

@@ -35,6 +35,7 @@ from megatron.early_exit.inference.strategies.draft_control import (
     DraftController,
     DraftCosts,
     Plan,
+    batch_bucket,
     costs_from_config,
     costs_from_measured,
 )
@@ -56,12 +57,6 @@ def controller_for(engine, batch: int = 1, context: int = 1) -> DraftController:
             ctl.use_loop_clock()  # timed costs: the loop's own round times correct them (`LoopClock`)
     ctl.costs = costs
     return ctl
-
-
-def batch_bucket(running: int) -> int:
-    """The batch size whose costs price a round of `running` sequences: the next power of two
-    (a shrinking batch is then timed a few times, not once per size)."""
-    return 1 << max(running - 1, 0).bit_length()
 
 
 def draft_costs_for(engine, batch: int, context: int) -> DraftCosts:
@@ -161,7 +156,7 @@ class SelfSpeculative(Strategy):
             return self.run_plan(engine, state, running, batch, plan, ctl)
         start = time.perf_counter()
         still = self.run_plan(engine, state, running, batch, plan, ctl)
-        ctl.timed(plan, batch_bucket(len(running)), time.perf_counter() - start)  # the loop's own clock
+        ctl.timed(plan, time.perf_counter() - start)  # the loop's own clock
         return still
 
     def run_plan(self, engine, state, running: list[int], batch: Batch, plan: Plan, ctl) -> list[int]:

@@ -288,7 +288,7 @@ def test_measured_draft_costs_come_from_timed_rounds(monkeypatch):
     assert set(ratios) == {f"{k} {n}/{g}" for k in ("round", "draft", "alt") for n in (1, 3) for g in (1, 4)}
     assert all(v > 0 for v in ratios.values()) and set(costs.base) == set(costs.alt) == set(costs.alt_base) == {1, 3}
     calls = []
-    monkeypatch.setattr(ss, "measure_draft_costs", lambda e, b, n: calls.append((b, n)) or (c, {}))
+    monkeypatch.setattr(ss, "measure_draft_costs", lambda e, b, n, lookup=False: calls.append((b, n)) or (c, {}))
     monkeypatch.setenv("EE_EXIT_COSTS", "measured")
     res = engine.generate(PROMPTS[:3], GenerationSettings("self_speculative", 8, ignore_eos=True))
     assert calls[0] == (4, 7)  # 3 sequences: the bucket of 4, the longest prompt
@@ -811,7 +811,7 @@ def test_the_engine_controller_times_its_rounds_only_where_its_costs_are_timed(m
     assert ss.controller_for(engine).loop is None  # EE_EXIT_COSTS=parameters (conftest)
     monkeypatch.setenv("EE_EXIT_COSTS", "measured")
     timed = DraftCosts(draft={1: 0.3, 3: 0.6}, row={1: 0.02, 3: 0.02}, base={1: 1.05, 3: 1.05})
-    monkeypatch.setattr(ss, "measure_draft_costs", lambda engine, batch, context: (timed, {}))
+    monkeypatch.setattr(ss, "measure_draft_costs", lambda engine, batch, context, lookup=False: (timed, {}))
     other = EarlyExitEngine(build(True))
     rounds = []
     real = DraftController.timed

@@ -71,6 +71,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--draft-alternatives", action="store_true",
         help="self_speculative: verify each draft's second choice too (a row of its own; see GenerationSettings)",
     )  # fmt: skip
+    p.add_argument(
+        "--prompt-lookup-max", type=int, default=0, metavar="N",
+        help="self_speculative: also draft from the context (the tokens after the first occurrence of its "
+        "last n <= N tokens; prompt lookup, not early exit); 0 (default): off",
+    )  # fmt: skip
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument(
         "--compile", action="store_true",
@@ -184,7 +189,7 @@ _FLAGS = {
     "exit_layers": "--exit-layers", "num_draft_tokens": "--num-draft-tokens",
     "draft_exit_layer": "--draft-exit-layer", "max_new_tokens": "--max-new-tokens", "temperature": "--temperature",
     "top_k": "--top-k", "top_p": "--top-p", "stop_strings": "--stop", "stop_token_ids": "--stop-token-id",
-    "prompts": "--prompt", "exit_policy": "--exit-policy",
+    "prompts": "--prompt", "exit_policy": "--exit-policy", "prompt_lookup_max": "--prompt-lookup-max",
 }  # fmt: skip
 _FLAG_WORDS = re.compile(r"(?<![-\w])(" + "|".join(sorted(_FLAGS, key=len, reverse=True)) + r")\b")
 
@@ -211,6 +216,7 @@ def _generate(args, engine, ids, GenerationSettings):
         exit_layers=tuple(args.exit_layers) if args.exit_layers else None, min_exit_layer=args.min_exit_layer,
         num_draft_tokens=args.num_draft_tokens, draft_exit_layer=args.draft_exit_layer,
         return_logprobs=args.logprobs, exit_policy=args.exit_policy, draft_alternatives=args.draft_alternatives,
+        prompt_lookup_max=args.prompt_lookup_max,
         **(auto or {"early_exit_threshold": args.early_exit_thres, "measure": args.measure}),
     )  # fmt: skip
     return engine.generate(ids, settings)

@@ -281,6 +281,10 @@ def sweep(args) -> list[dict]:
     if args.self_speculative:  # its own file: not threshold rows
         ways = {"on": [True], "off": [False], "both": [True, False]}[args.draft_alternatives]
         spec = [speculative_row(engine, prompts, references, args, full_settings, full_tokens, w) for w in ways]
+        if args.prompt_lookup:  # the context as a draft source too: not early exit, a row of its own
+            lookup = args.prompt_lookup
+            for w in ways:
+                spec.append(speculative_row(engine, prompts, references, args, full_settings, full_tokens, w, lookup))
         write_speculative(spec, args.output)
     return rows
 
@@ -291,15 +295,18 @@ def warm_sizes(batch_size: int) -> list[int]:
     return [batch_size] + [1 << k for k in reversed(range(max(batch_size - 1, 0).bit_length())) if 1 << k < batch_size]
 
 
-def speculative_row(engine, prompts, references, args, full, full_tokens: list, alternatives: bool = False) -> dict:
+def speculative_row(
+    engine, prompts, references, args, full, full_tokens: list, alternatives: bool = False, lookup: int = 0
+) -> dict:
     """Dynamic self-speculation (draft exit and length "auto") on the same prompts: lossless, so
     its quality is the full model's; speed (paired with full decoding, `paired_runs`),
-    acceptance, how often it decoded plainly and how many alternative drafts it kept."""
+    acceptance, how often it decoded plainly and how many alternative drafts it kept. `lookup`:
+    drafts from the context too (`prompt_lookup_max`; "draft_exits" counts its rounds as exit 0)."""
     from megatron.early_exit.inference import GenerationSettings
 
     s = GenerationSettings(
         strategy="self_speculative", max_new_tokens=args.max_new_tokens, stop_strings=("\n",),
-        draft_alternatives=alternatives,
+        draft_alternatives=alternatives, prompt_lookup_max=lookup,
     )  # fmt: skip
     # Its draft costs are timed on first use at each batch bucket (`self_speculative.batch_bucket`:
     # a batch shrinks as its sequences stop), ~1 s each: once per bucket here, not in the figure.
@@ -313,7 +320,9 @@ def speculative_row(engine, prompts, references, args, full, full_tokens: list, 
             exits[n] = exits.get(n, 0) + k
     drafted = sum(r.stats["drafted"] for r in results)
     return {
-        "setting": "self_speculative auto" + (", alternatives" if alternatives else ""),
+        "setting": "self_speculative auto"
+        + (", alternatives" if alternatives else "")
+        + (f", prompt lookup {lookup} (not early exit)" if lookup else ""),
         "tokens_per_sec": round(tps, 2),
         "speedup": round(speedup, 3),
         "rougeL_reference": round(100 * sum(map(rouge_l, texts, references)) / len(texts), 2),
@@ -322,17 +331,17 @@ def speculative_row(engine, prompts, references, args, full, full_tokens: list, 
         "plain_share": round(sum(x.get(0, 0) for x in rounds) / max(sum(sum(x.values()) for x in rounds), 1), 4),
         "draft_exits": json.dumps(dict(sorted(exits.items()))),
         "alternatives_kept": sum(r.stats.get("alternatives_kept", 0) for r in results),
-        "draft_costs": json.dumps(draft_costs_of(engine, args.batch_size)),
+        "draft_costs": json.dumps(draft_costs_of(engine, args.batch_size, lookup > 0)),
     }
 
 
-def draft_costs_of(engine, batch_size: int) -> dict:
+def draft_costs_of(engine, batch_size: int, lookup: bool = False) -> dict:
     """The controller's costs per exit (units of a plain step: a draft, a verified row, a round's
     base, an alternative's row and a verify pass's fixed cost with alternatives), as it priced
     this run's rounds (`strategies/self_speculative.draft_costs_for`)."""
     from megatron.early_exit.inference.strategies.self_speculative import batch_bucket, draft_costs_for
 
-    c = draft_costs_for(engine, batch_bucket(batch_size), 1)  # measured during the run: the cached costs
+    c = draft_costs_for(engine, batch_bucket(batch_size), 1, lookup)  # measured during the run: the cached costs
     return {
         n: [round(x, 3) for x in (c.draft[n], c.row[n], c.base.get(n, 1.0), c.alt_row(n), c.alt_base.get(n, 0.0))]
         for n in c.draft
@@ -437,9 +446,14 @@ def main(argv=None) -> None:
     )
     p.add_argument("--draft-alternatives", choices=("on", "off", "both"), default="off",
                    help="with alternative drafts, without (the default), or both, side by side")  # fmt: skip
+    p.add_argument("--prompt-lookup", type=int, default=0, metavar="N",
+                   help="with --self-speculative, also a row drafting from the context too (n-grams up to N; "
+                   "not early exit: reported apart)")  # fmt: skip
     args = p.parse_args(argv)
     if args.batch_size < 1 or args.repeats < 1 or args.cost_steps < 1:
         p.error("--batch-size, --repeats and --cost-steps must be >= 1")
+    if args.prompt_lookup < 0 or (args.prompt_lookup and not args.self_speculative):
+        p.error("--prompt-lookup must be >= 0 and needs --self-speculative")
     if any(not 0.0 <= t <= 1.0 for t in args.thresholds):
         p.error("--thresholds must lie in [0, 1]")
     try:

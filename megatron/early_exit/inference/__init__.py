@@ -24,10 +24,7 @@ from megatron.early_exit.inference.strategies import STRATEGIES, Strategy, regis
 
 
 def generate(
-    model,
-    tokenizer,
-    prompts: list[list[int]],
-    *,
+    model, tokenizer, prompts: list[list[int]], *,
     strategy: str = "full",
     max_new_tokens: int = 32,
     temperature: float = 0.0,
@@ -47,7 +44,8 @@ def generate(
     profile: bool = False,
     exit_policy: str = "cost_aware",
     draft_alternatives: bool = False,
-) -> list[GenerationResult]:
+    prompt_lookup_max: int = 0,
+) -> list[GenerationResult]:  # fmt: skip
     """Decode `prompts` (lists of token ids, any lengths) as one batch; one result per prompt.
 
     model: an `EarlyExitGPT` (any device, any dtype); tokenizer: gives `text`, EOS (its
@@ -66,10 +64,11 @@ def generate(
         the batch size and skips exits that rarely pay; "exact" evaluates every allowed exit
         for every token (inference/exit_decision.py).
       "self_speculative": greedy only, lossless: draft up to `num_draft_tokens` from
-        `draft_exit_layer` (None: the deepest exit), verify with one pass of the deeper
-        layers, keep the agreeing prefix plus the final head's token. "auto" (the default
+        `draft_exit_layer` (None: the deepest exit), verify with one pass of the deeper layers,
+        keep the agreeing prefix plus the final head's token. "auto" (the default
         for both) chooses the exit and length each round from measured acceptance and the
-        cost model, and decodes plainly when no draft pays; `draft_alternatives`: see `GenerationSettings`.
+        cost model, and decodes plainly when no draft pays; `draft_alternatives` and
+        `prompt_lookup_max` (drafts from the context too: not early exit): see `GenerationSettings`.
     Sampling: temperature 0 is greedy; otherwise top_k (0 = off) and top_p (1 = off) filter,
     and `seed` makes it reproducible. A sequence ends at EOS (unless ignore_eos), at one of
     `stop_token_ids`, when its text contains one of `stop_strings`, or after max_new_tokens;
@@ -81,7 +80,7 @@ def generate(
         strategy, max_new_tokens, temperature, top_k, top_p, seed, tuple(stop_token_ids), tuple(stop_strings),
         ignore_eos, early_exit_threshold, exits, min_exit_layer, measure, num_draft_tokens, draft_exit_layer,
         return_logprobs, profile, exit_policy=exit_policy, draft_alternatives=draft_alternatives,
-    )  # fmt: skip
+        prompt_lookup_max=prompt_lookup_max)  # fmt: skip
     return EarlyExitEngine(model, tokenizer).generate(prompts, settings)
 
 

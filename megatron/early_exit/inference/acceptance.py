@@ -172,7 +172,7 @@ class Acceptance:
         total = sum(len(r.tokens) for r in results)
         for b, r in enumerate(results):
             r.text = self.text(r) if self.tokenizer is not None else None
-            r.stop_text = None
+            r.stop_text, r.lookup_text = None, ""
             layers = r.exit_layers
             r.stats = {
                 "strategy": s.strategy,

@@ -41,6 +41,10 @@ class GenerationSettings:
     # self-speculation without it (a verify pass's extra rows and layouts cost about what they add),
     # and its extra rows change bf16 rounding (fp32: the same tokens).
     draft_alternatives: bool = False
+    # self_speculative with draft_exit_layer "auto": also draft from the context itself (`lookup`:
+    # the tokens after the first occurrence of its last n <= prompt_lookup_max tokens), a
+    # source the controller weighs against the exits each round. 0: off. Not early exit.
+    prompt_lookup_max: int = 0
 
 
 @dataclass
@@ -85,6 +89,9 @@ class GenerationResult:
     stopped_by: int | str | None = None
     stats: dict = field(default_factory=dict)
     stop_text: TextState | None = field(default=None, repr=False, compare=False)  # for stop strings
+    # prompt_lookup_max: the context so far as `lookup.as_text` gives it, extended as tokens come
+    # (joining a 4,000-token context anew took 117 us a round, the search in it 7 us)
+    lookup_text: str = field(default="", repr=False, compare=False)
 
 
 def default_measure(config) -> str:
@@ -131,6 +138,13 @@ def check_values(s: GenerationSettings, strategies) -> None:
         raise ValueError(f"num_draft_tokens must be an integer >= 1 or 'auto', got {s.num_draft_tokens!r}")
     if not isinstance(s.draft_alternatives, bool):
         raise ValueError(f"draft_alternatives must be true or false, got {s.draft_alternatives!r}")
+    if isinstance(s.prompt_lookup_max, bool) or not isinstance(s.prompt_lookup_max, int) or s.prompt_lookup_max < 0:
+        raise ValueError(f"prompt_lookup_max must be an integer >= 0 (0 = off), got {s.prompt_lookup_max!r}")
+    planned = "auto" in (s.draft_exit_layer, s.num_draft_tokens)  # the controller weighs the sources
+    if s.prompt_lookup_max and (s.strategy != "self_speculative" or not planned):
+        raise ValueError(
+            "prompt_lookup_max: drafts from the context need strategy self_speculative with an 'auto' exit or length"
+        )
     if s.draft_exit_layer not in (None, "auto") and not isinstance(s.draft_exit_layer, int):
         raise ValueError(f"draft_exit_layer must be an exit layer, None or 'auto', got {s.draft_exit_layer!r}")
     if any(not isinstance(x, str) or not x for x in s.stop_strings):

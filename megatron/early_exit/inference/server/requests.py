@@ -100,6 +100,7 @@ OPENAI_NAMES = {
     "exit_policy": "early_exit.exit_policy",
     "num_draft_tokens": "early_exit.num_draft_tokens",
     "draft_alternatives": "early_exit.draft_alternatives",
+    "prompt_lookup_max": "early_exit.prompt_lookup_max",
     "max_new_tokens": "max_tokens",
     "temperature": "temperature",
     "top_k": "top_k",
@@ -281,6 +282,7 @@ def _openai_settings(body, max_new: int, logprobs: bool, ctx: Context) -> Genera
             num_draft_tokens=ee.num_draft_tokens,
             draft_exit_layer=ee.draft_exit_layer,
             draft_alternatives=ee.draft_alternatives,
+            prompt_lookup_max=ee.prompt_lookup_max,
         )
     return GenerationSettings(
         strategy={"off": "full"}.get(mode, mode),

@@ -61,6 +61,8 @@ class EarlyExitOptions(BaseModel):
     num_draft_tokens: Annotated[int, Field(ge=1, le=64)] | Literal["auto"] = "auto"
     draft_exit_layer: Annotated[int, Field(ge=1)] | Literal["auto"] | None = "auto"  # None: the deepest exit
     draft_alternatives: bool = False  # self_speculative: verify drafts' second choices too (`GenerationSettings`)
+    # self_speculative: also draft from the context, n-grams up to this long (0: off; not early exit)
+    prompt_lookup_max: int = Field(0, ge=0, le=16)
     # None: GenerationSettings' default (cost_aware); checked against the engine's names (a 400).
     exit_policy: str | None = Field(None, json_schema_extra=lambda s: s.update(enum=list(EXIT_POLICIES)))
 

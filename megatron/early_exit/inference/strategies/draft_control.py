@@ -85,6 +85,14 @@ model (exit 3: 81% agreement, its second choice right at 55-62% of its rejection
 round in three kept a token, and self-speculation read 0.99-1.03x of itself without them: the
 extra rows and layouts cost about what they bring on this CPU.
 
+Drafts from the context (`LOOKUP`, key 0: `lookup.py`, asked for by `prompt_lookup_max`). The
+tokens after an earlier occurrence of the context's last n tokens are a source with no draft step
+(draft[0] = 0) whose verify rows run every layer; `plan` prices it per round from each running
+sequence's proposal, at its match length's bin (its confidence is n / (max + 1)) and its length,
+a sequence without a proposal gaining the final head's token alone, and picks it where it beats
+every exit's plan and the plain step. It is never explored: every round that does not draft from
+it observes its proposal's first token against the final head's (`update`, one draft's worth).
+
 Costs (`DraftCosts`) come from rounds timed on this machine (`draft_costs.py`: a round's base
 cost besides its drafts is measured too), from a measured `cost_model.DecodeCosts`, or from the
 config's weight counts (decoding is memory-bound: a pass costs the bytes of the weights it reads),
@@ -97,6 +105,8 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+
+from megatron.early_exit.inference.lookup import LOOKUP
 
 FIXED_LAYERS = 1.0  # what a step does once (embedding, bookkeeping, Python), in layers' worth of time
 ROW_SHARE = 0.1  # one more row through a weight matrix, as a share of reading it (memory-bound decode)
@@ -149,25 +159,31 @@ def weight_counts(c) -> tuple[float, float, float]:
     return float(attn + mlp), float(mlp), float(c.vocab_size * h)
 
 
-def costs_from_config(c, depth: dict[int, int], draft_vocab: int | None = None) -> DraftCosts:
+def costs_from_config(c, depth: dict[int, int], draft_vocab: int | None = None, lookup: bool = False) -> DraftCosts:
     """Relative costs from the weights each pass reads: layers, an exit's head (its MLP or block
     and its projection: onto `draft_vocab` tokens where drafts have a draft vocabulary) and the
-    final head; `depth[n]`: layers before exit n."""
+    final head; `depth[n]`: layers before exit n. `lookup`: drafts from the context too (key
+    `LOOKUP`: no draft step, each row through every layer)."""
     layer, mlp, vocab = weight_counts(c)
     drafted = vocab if draft_vocab is None else vocab * draft_vocab / c.vocab_size
     exit_cost = (drafted + (mlp if c.use_exit_mlp else 0.0) + (layer if c.use_exit_block else 0.0)) / layer
     full = FIXED_LAYERS + c.num_layers + vocab / layer
     draft = {n: (FIXED_LAYERS + d + exit_cost) / full for n, d in depth.items()}
     row = {n: ROW_SHARE * (c.num_layers - d + vocab / layer) / full for n, d in depth.items()}
+    if lookup:
+        draft[LOOKUP], row[LOOKUP] = 0.0, ROW_SHARE * (c.num_layers + vocab / layer) / full
     return DraftCosts(draft, row)
 
 
-def costs_from_measured(c, depth: dict[int, int]) -> DraftCosts:
+def costs_from_measured(c, depth: dict[int, int], lookup: bool = False) -> DraftCosts:
     """Relative costs from a measured `cost_model.DecodeCosts`: a drafted row costs its `row`
     per layer above the exit, and ROW_SHARE of the head; a round's verify pass is a full step
-    whose layers above the exit take the pending path (`pend` each)."""
+    whose layers above the exit take the pending path (`pend` each). `lookup`: as `costs_from_config`."""
     full = c.fixed + c.num_layers * c.layer + c.head
+    depth = {**depth, LOOKUP: 0} if lookup else depth
     draft = {n: (c.fixed + d * c.layer + c.vocab.get(n, c.head)) / full for n, d in depth.items()}
+    if lookup:
+        draft[LOOKUP] = 0.0  # no draft step
     row = {n: ((c.num_layers - d) * c.row + ROW_SHARE * c.head) / full for n, d in depth.items()}
     base = {n: 1.0 + (c.num_layers - d) * c.pend / full for n, d in depth.items()}
     return DraftCosts(draft, row, base)
@@ -246,6 +262,9 @@ class Plan:
     # first rejected draft's alternative is the final head's token, its row's token is kept as well.
     alternatives: bool = False
     drafted: int = 0  # set by the round: the most drafts a sequence took (what the loop clock prices)
+    # Per sequence, its proposal from the context (`lookup.propose`: tokens, match length), where
+    # the request drafts from it: what a `LOOKUP` plan drafts, and what other rounds observe.
+    proposals: dict[int, tuple[list[int], int]] | None = None
 
     @property
     def cap(self) -> int:
@@ -260,8 +279,9 @@ class DraftController:
         explore_share: float = 0.05, stop_early: bool = True, agreement: dict[int, float] | None = None,
         bin_decay: float = 0.995,
     ) -> None:  # fmt: skip
-        self.costs, self.decay, self.bin_decay = costs, decay, bin_decay
+        self.decay, self.bin_decay, self.prior = decay, bin_decay, prior
         self.explore_share, self.stop_early = explore_share, stop_early
+        self._costs = costs
         self.stats = {n: ExitStats() for n in costs.draft}
         self.loop: LoopClock | None = None  # `use_loop_clock`: rounds' own wall times correct the costs
         self.bucket = 1  # the batch bucket of the latest plan (`plan`): its loop clock prices and times it
@@ -270,6 +290,20 @@ class DraftController:
         for n, st in self.stats.items():
             st.idle = self.interval(n, len(self.stats))  # every exit is tried once at the start
         self.warm_start(agreement or {})
+
+    @property
+    def costs(self) -> DraftCosts:
+        return self._costs
+
+    @costs.setter
+    def costs(self, costs: DraftCosts) -> None:
+        """New costs (another batch size, a measured set); a source they price that the controller
+        has not met yet (the context's drafts, `LOOKUP`, asked for by a later request) starts
+        fresh, observed from its first round on (`observe_lookup`), never explored."""
+        self._costs = costs
+        for n in costs.draft:
+            if n not in self.stats:
+                self.stats[n], self.priors[n], self.share[n] = ExitStats(), self.prior, self.explore_share
 
     def warm_start(self, agreement: dict[int, float]) -> None:
         """Add WARM_DRAFTS drafts accepted at `agreement[n]` (exit n's top-1 agreement with the
@@ -351,14 +385,27 @@ class DraftController:
         st.caught = st.caught * d + sum(caught)
         st.missed = st.missed * d + len(caught) - sum(caught)
 
-    def plan(self, exits: list[int], lengths: list[int], batch: int = 1, alternatives: bool = False) -> Plan:
+    def lookup_rate(self, lookup: list[tuple[float, int]], g: int) -> float:
+        """Expected tokens per unit of time of a round drafting up to g tokens from the context,
+        where each running sequence's proposal has confidence and length `lookup[b]` (length 0: no
+        proposal; that sequence gains the final head's token alone)."""
+        tokens = sum(expected_tokens(self.draft_ok(LOOKUP, c), min(g, k)) if k else 1.0 for c, k in lookup)
+        g = min(g, max(k for _, k in lookup))
+        return tokens / len(lookup) / (self.costs.round_time(LOOKUP, g) * self.factor(LOOKUP))
+
+    def plan(
+        self, exits: list[int], lengths: list[int], batch: int = 1, alternatives: bool = False,
+        lookup: list[tuple[float, int]] | None = None,
+    ) -> Plan:  # fmt: skip
         """The best (exit, length) among `exits` x `lengths` (lengths > 0), or a plain step when
         none beats it; an exit overdue for exploration drafts one token (the shortest length).
         `batch`: sequences decoding this round; at 1 (with the early stop) a chosen plan's drafts
         go up to the longest length (`Plan.limit`), the stop ending them. `alternatives`: a drafting
         plan may verify drafts' second choices too (`Plan.alternatives`): which, each round, is
         `worth_verifying`'s choice; plans are chosen without them (what they add is small, and an
-        exit must pay on its own drafts)."""
+        exit must pay on its own drafts). `lookup`: per running sequence, its proposal from the
+        context (`lookup.propose`) as (confidence, length), where the request drafts from it too:
+        a candidate source beside the exits, priced at its proposals' per-bin acceptance."""
         self.bucket = batch_bucket(batch)  # the loop clock's bucket: its plans priced, its round timed
         due = [n for n in exits if self.stats[n].idle >= self.interval(n, len(exits))]
         for n in exits:
@@ -378,6 +425,11 @@ class DraftController:
                     best = Plan(n, g, r)
                 if r >= near[1] and self.stats[n].chosen_ago <= OBSERVE_WINDOW:
                     near = (n, r)
+        if lookup and LOOKUP in self.stats and any(k for _, k in lookup):
+            for g in lengths:
+                r = self.lookup_rate(lookup, g)
+                if r > best.rate + 1e-9:
+                    best = Plan(LOOKUP, g, r)
         if best.exit is None:
             best.observe = near[0]  # an exit near paying: its agreement read on the way (cost: its check)
             return best
@@ -434,7 +486,8 @@ class DraftController:
         before = 1.0
         for conf in confs:
             before *= self.draft_ok(n, conf)
-        a = self.acceptance(n)
+        # a draft from the context shares its proposal's confidence (its match length) with the next
+        a = self.draft_ok(n, confs[-1]) if n == LOOKUP and confs else self.acceptance(n)
         gain = before * a
         if plan.alternatives:  # rejected, it may still add a token (its alternative's), where that pays its row
             gain += max(self.alternative_value(plan, before, a), 0.0)

@@ -34,24 +34,30 @@ from __future__ import annotations
 import torch
 
 from megatron.early_exit.inference.cost_model import best_times, fit_line, work_clock
+from megatron.early_exit.inference.lookup import LOOKUP
 from megatron.early_exit.inference.passes import ExitPolicy
 from megatron.early_exit.inference.settings import GenerationResult, GenerationSettings
 from megatron.early_exit.inference.strategies.base import Batch
 from megatron.early_exit.inference.strategies.draft_control import DraftCosts, Plan
 
 LENGTHS = (1, 4)  # draft lengths timed per exit (rounds are linear in g: see the module docstring)
+PERIOD = 16  # the timing prompts repeat with this period (drafts from the context find proposals)
 
 
 @torch.no_grad()
-def measure_draft_costs(engine, batch: int, context: int, repeats: int = 11) -> tuple[DraftCosts, dict[str, float]]:
+def measure_draft_costs(
+    engine, batch: int, context: int, repeats: int = 11, lookup: bool = False
+) -> tuple[DraftCosts, dict[str, float]]:
     """`DraftCosts` of `batch` sequences `context` tokens long on `engine`; also the timed ratios
-    to the plain round ("round n/g", "draft n/g") for reports."""
+    to the plain round ("round n/g", "draft n/g") for reports. `lookup`: rounds drafting from the
+    context timed too (key `LOOKUP`; the prompts repeat every PERIOD tokens, so that each finds
+    a proposal of every length timed)."""
     from megatron.early_exit.inference.strategies import get_strategy
 
     strategy, exits = get_strategy("self_speculative"), engine.draft_exits()
     # each sequence its own length, as in a batch of real prompts (equal ones would take the block
     # layout's slicing, which such a batch's verify passes rarely get)
-    prompts = [[(7 * j + 3 * b) % engine.vocab for j in range(max(context - b, 1))] for b in range(batch)]
+    prompts = [[(7 * (j % PERIOD) + 3 * b) % engine.vocab for j in range(max(context - b, 1))] for b in range(batch)]
     state = engine.new_state(batch, max(context, 1) + 2 * max(LENGTHS) + 4)  # the longest prompt's room
     with engine.packed:
         engine.prefill(state, dict(enumerate(prompts)))
@@ -60,7 +66,7 @@ def measure_draft_costs(engine, batch: int, context: int, repeats: int = 11) -> 
     def timed(plan: Plan, drafts_only: bool = False):
         def run() -> None:
             results = {b: GenerationResult(prompts[b], tokens=[prompts[b][-1]]) for b in range(batch)}
-            s = GenerationSettings("self_speculative", max_new_tokens=1 << 20, ignore_eos=True)
+            s = GenerationSettings("self_speculative", max_new_tokens=1 << 20, ignore_eos=True, prompt_lookup_max=3)
             job = Batch(s, ExitPolicy(), results, {b: [0, 0] for b in range(batch)})  # draft() forces plan.exit
             running = list(range(batch))
             with engine.packed:
@@ -81,11 +87,17 @@ def measure_draft_costs(engine, batch: int, context: int, repeats: int = 11) -> 
             fns[f"draft {n}/{g}"] = timed(Plan(n, g, 1.0), drafts_only=True)
             if branch:  # every draft's alternative verified (no controller: all of them)
                 fns[f"alt {n}/{g}"] = timed(Plan(n, g, 1.0, alternatives=True))
+    for g in LENGTHS if lookup else ():
+        fns[f"round {LOOKUP}/{g}"] = timed(Plan(LOOKUP, g, 1.0))
     fns["plain"] = timed(Plan(None, 0, 1.0))
     best = best_times(fns, engine.device, repeats, work_clock(engine.device))
     unit = best.pop("plain")
     t = {name: v / unit for name, v in best.items()}
-    return costs_of(t, exits), t
+    costs = costs_of(t, exits)
+    if lookup:  # no draft step; its verify pass runs every row through every layer: its own line
+        row, base = fit_line([(g, t[f"round {LOOKUP}/{g}"]) for g in LENGTHS])
+        costs.draft[LOOKUP], costs.row[LOOKUP], costs.base[LOOKUP] = 0.0, max(row, 0.0), max(base, 1.0)
+    return costs, t
 
 
 def costs_of(t: dict[str, float], exits: list[int]) -> DraftCosts:

@@ -27,7 +27,9 @@ import weakref
 
 import torch
 
+from megatron.early_exit.inference import lookup as context_lookup
 from megatron.early_exit.inference.exit_decision import costs_from_parameters
+from megatron.early_exit.inference.lookup import LOOKUP
 from megatron.early_exit.inference.passes import ExitPolicy
 from megatron.early_exit.inference.strategies.base import Batch, Strategy
 from megatron.early_exit.inference.strategies.draft_control import (
@@ -46,10 +48,11 @@ _CONTROLLERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # engine 
 _COSTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # engine -> {source: DraftCosts}
 
 
-def controller_for(engine, batch: int = 1, context: int = 1) -> DraftController:
+def controller_for(engine, batch: int = 1, context: int = 1, lookup: bool = False) -> DraftController:
     """The engine's controller, its costs those of `draft_costs_for` (what it learned is kept
-    when they change: another batch size, a measured `engine.decode_costs` set)."""
-    costs = draft_costs_for(engine, batch, context)
+    when they change: another batch size, a measured `engine.decode_costs` set, drafts from the
+    context asked for)."""
+    costs = draft_costs_for(engine, batch, context, lookup)
     ctl = _CONTROLLERS.get(engine)
     if ctl is None:
         ctl = _CONTROLLERS[engine] = DraftController(costs, agreement=calibrated_agreement(engine))
@@ -59,32 +62,34 @@ def controller_for(engine, batch: int = 1, context: int = 1) -> DraftController:
     return ctl
 
 
-def draft_costs_for(engine, batch: int, context: int) -> DraftCosts:
+def draft_costs_for(engine, batch: int, context: int, lookup: bool = False) -> DraftCosts:
     """The controller's costs at `batch` sequences: from a measured `cost_model.DecodeCosts` set as
     `engine.decode_costs`; from the config's weight counts where decisions must not depend on
     the clock (`costs_from_parameters`); else rounds timed on first use at this batch size and
-    the running context length (`draft_costs.measure_draft_costs`), kept for the engine's life."""
+    the running context length (`draft_costs.measure_draft_costs`), kept for the engine's life.
+    `lookup`: drafts from the context priced too (key `LOOKUP`)."""
     cache = _COSTS.setdefault(engine, {})  # source -> DraftCosts (looked up every round)
     measured = getattr(engine, "decode_costs", None)
     if measured is not None:
-        held = cache.get("decode_costs")
+        held = cache.get(("decode_costs", lookup))
         if held is None or held[0] is not measured:
-            held = cache["decode_costs"] = (measured, costs_from_measured(measured, draft_depths(engine)))
+            held = (measured, costs_from_measured(measured, draft_depths(engine), lookup))
+            cache[("decode_costs", lookup)] = held
         return held[1]
-    key = "parameters" if costs_from_parameters() else batch
+    key = ("parameters" if costs_from_parameters() else batch, lookup)
     if key not in cache:
-        if key == "parameters":
-            cache[key] = weight_count_costs(engine)
+        if key[0] == "parameters":
+            cache[key] = weight_count_costs(engine, lookup)
         else:
-            cache[key] = measure_draft_costs(engine, batch, context)[0]
+            cache[key] = measure_draft_costs(engine, batch, context, lookup=lookup)[0]
     return cache[key]
 
 
-def weight_count_costs(engine) -> DraftCosts:
+def weight_count_costs(engine, lookup: bool = False) -> DraftCosts:
     """`costs_from_config` for the engine's draft exits, a draft vocabulary's projection priced
-    where the engine drafts onto one."""
+    where the engine drafts onto one (and drafts from the context with `lookup`)."""
     drafts = getattr(getattr(engine, "passes", None), "draft_vocab", None)  # a pipeline engine has none
-    return costs_from_config(engine.config, draft_depths(engine), None if drafts is None else len(drafts))
+    return costs_from_config(engine.config, draft_depths(engine), None if drafts is None else len(drafts), lookup)
 
 
 def draft_depths(engine) -> dict[int, int]:
@@ -142,10 +147,16 @@ class SelfSpeculative(Strategy):
         if not is_dynamic(s):
             return Plan(policy.force, s.num_draft_tokens, 0.0, alternatives=alternatives), None
         context = max(len(batch.results[b].prompt_tokens) for b in running)
-        ctl = controller_for(engine, batch_bucket(len(running)), context)
+        ctl = controller_for(engine, batch_bucket(len(running)), context, lookup=s.prompt_lookup_max > 0)
         exits = candidates(engine, engine.allowed_exits(s)) if s.draft_exit_layer == AUTO else [policy.force]
         lengths = list(range(1, MAX_DRAFT + 1)) if s.num_draft_tokens == AUTO else [s.num_draft_tokens]
-        return ctl.plan(exits, lengths, len(running), alternatives), ctl
+        if not s.prompt_lookup_max:
+            return ctl.plan(exits, lengths, len(running), alternatives), ctl
+        found = proposals(batch, running, max(lengths))
+        seen = [(context_lookup.confidence(n, s.prompt_lookup_max), len(toks)) for toks, n in found.values()]
+        plan = ctl.plan(exits, lengths, len(running), alternatives, lookup=seen)
+        plan.proposals = found
+        return plan, ctl
 
     def round(self, engine, state, running: list[int], batch: Batch) -> list[int]:
         """Draft (feed the last token, take the draft exit's greedy token, up to g and never a
@@ -163,17 +174,27 @@ class SelfSpeculative(Strategy):
         """`round` with its plan made (`draft_costs` times rounds of chosen plans through it)."""
         s, results = batch.settings, batch.results
         start = {b: state.fed[b] for b in running}  # position of the first token fed this round
-        drafts, confs, last, guesses, alts = self.draft(engine, state, running, batch, plan, ctl)
+        if plan.exit == LOOKUP:
+            drafts, confs, last, guesses, alts = self.lookup_drafts(running, batch, plan, ctl)
+        else:
+            drafts, confs, last, guesses, alts = self.draft(engine, state, running, batch, plan, ctl)
         drafted = any(drafts.values())
         plan.drafted = max(map(len, drafts.values()), default=0)
         if ctl is not None and plan.alternatives:  # those whose chance of a token pays for their row
             alts = {b: {j: a[j] for j in ctl.worth_verifying(plan, confs[b])} for b, a in alts.items()}
         alts = {b: a for b, a in alts.items() if a and state.fed[b] + 1 + len(a) <= state.cache.capacity}  # room
-        out = verify(engine, state, last, drafted, None if drafted else plan.observe, alts, drafts)
+        if plan.exit == LOOKUP and drafted:  # nothing fed yet: the last kept token, then the drafts
+            out = engine.verify(state, {b: [last[b], *drafts[b]] for b in running})
+        else:
+            out = verify(engine, state, last, drafted, None if drafted else plan.observe, alts, drafts)
         if ctl is not None and plan.observe is not None:
             seen = observations(out, plan.observe, guesses if drafted else None)
             if seen:
                 ctl.update(plan.observe, seen)
+        if ctl is not None and plan.proposals and plan.exit != LOOKUP:  # the context's proposals, observed free
+            seen = lookup_observations(out, plan.proposals, s.prompt_lookup_max)
+            if seen:
+                ctl.update(LOOKUP, seen)
         still, observed, tried = [], [], []
         for b in running:
             ok, row = self.keep(engine, out, b, drafts[b], confs[b], batch, plan.exit, alts.get(b))
@@ -229,6 +250,24 @@ class SelfSpeculative(Strategy):
                     budget[b] = j + 1
         return drafts, confs, last, guesses, alts
 
+    def lookup_drafts(self, running: list[int], batch: Batch, plan: Plan, ctl) -> tuple[dict, ...]:
+        """`draft`'s results for a plan drafting from the context: each sequence's proposal
+        (`plan.proposals`, made now where the plan came without them) up to plan.cap and the
+        tokens left, cut where the controller's early stop says another draft does not pay; the
+        last token is the last kept one (nothing is fed before the verify pass)."""
+        s, results = batch.settings, batch.results
+        found = plan.proposals if plan.proposals is not None else proposals(batch, running, plan.cap)
+        drafts, confs = {}, {}
+        for b in running:
+            toks, n = found.get(b, ([], 0))
+            toks = toks[: min(plan.cap, s.max_new_tokens - len(results[b].tokens) - 1)]
+            conf = [context_lookup.confidence(n, s.prompt_lookup_max)] * len(toks)
+            k = len(toks) if ctl is None else min(len(toks), 1)
+            while k < len(toks) and ctl.keep_drafting(plan, conf[:k]):
+                k += 1
+            drafts[b], confs[b] = toks[:k], conf[:k]
+        return drafts, confs, {b: results[b].tokens[-1] for b in running}, {}, {}
+
     def keep(
         self, engine, out, b: int, drafts: list[int], confs: list[float], batch: Batch, layer, alts=None
     ) -> tuple[int, int]:
@@ -274,6 +313,27 @@ def verify(engine, state, last: dict[int, int], drafted: bool, observe: int | No
     for b, token in out.tokens.items():  # the int8 head: a token, no logits
         out.all_tokens[b] = [token]
     return out
+
+
+def proposals(batch: Batch, running: list[int], limit: int) -> dict[int, tuple[list[int], int]]:
+    """Each running sequence's draft from its context (prompt and tokens so far: `lookup.propose`)."""
+    s, found = batch.settings, {}
+    for b in running:
+        r = batch.results[b]
+        context = r.prompt_tokens + r.tokens  # tokens are only ever appended: the text is extended
+        r.lookup_text += context_lookup.as_text(context[len(r.lookup_text) :])
+        found[b] = context_lookup.propose(context, s.prompt_lookup_max, limit, r.lookup_text)
+    return found
+
+
+def lookup_observations(out, found: dict, max_ngram: int) -> list[tuple[list[float], int]]:
+    """A round's free observations of the context's drafts: per sequence with a proposal, ([its
+    confidence], 1 if its first token is the final head's token after the round's first fed row)."""
+    seen = []
+    for b, (toks, n) in found.items():
+        if toks and b in out.exit_layer:
+            seen.append(([context_lookup.confidence(n, max_ngram)], int(toks[0] == final_tokens(out, b)[0])))
+    return seen
 
 
 def observations(out, n: int, guesses: dict | None = None) -> list[tuple[list[float], int]]:

@@ -46,7 +46,7 @@ from megatron.early_exit import load_checkpoint  # noqa: E402
 from megatron.early_exit.inference import EarlyExitEngine, GenerationSettings  # noqa: E402
 from megatron.early_exit.inference.calibration import teacher_forced_scores  # noqa: E402
 from megatron.early_exit.inference.strategies import self_speculative as ss  # noqa: E402
-from megatron.early_exit.inference.strategies.draft_control import MAX_DRAFT, DraftController  # noqa: E402
+from megatron.early_exit.inference.strategies.draft_control import MARGIN, MAX_DRAFT, DraftController  # noqa: E402
 from megatron.early_exit.inference.strategies.draft_costs import measure_draft_costs  # noqa: E402
 
 
@@ -62,11 +62,14 @@ def trajectories(engine, model, prompts: list[list[int]], new_tokens: int) -> li
     return out
 
 
-def replay(paths, exits: list[int], costs, choose, observe_cost: float = 0.0, passes: int = 1) -> dict:
+def replay(
+    paths, exits: list[int], costs, choose, observe_cost: float = 0.0, passes: int = 1, excess: float = 1.0
+) -> dict:
     """Run `choose(position facts) -> (exit, drafts, learn, observed)` round by round along every
     path (`passes` times over); `choose` returns the exit and how many drafts it made (0: a plain
     round, the exit it observed or None), what learns from the round, and whether a drafting
-    round read another exit's token on its first draft step (`Plan.observe`: --observe-cost)."""
+    round read another exit's token on its first draft step (`Plan.observe`: --observe-cost).
+    `excess`: a drafting round costs that many times what `costs` say (--loop-excess)."""
     tokens = time = rounds = drafted = plain = 0.0
     for agree, conf in paths * passes:
         i = 0
@@ -81,7 +84,7 @@ def replay(paths, exits: list[int], costs, choose, observe_cost: float = 0.0, pa
             ok = 0
             while ok < g and agree[i + ok][e]:
                 ok += 1
-            time += costs.round_time(n, g) + (observe_cost if observed else 0.0)
+            time += costs.round_time(n, g) * excess + (observe_cost if observed else 0.0)
             tokens, drafted, i = tokens + ok + 1, drafted + g, i + ok + 1
             if learn is not None:
                 learn(n, [conf[i - ok - 1 + j][e] for j in range(g)], ok)
@@ -89,11 +92,11 @@ def replay(paths, exits: list[int], costs, choose, observe_cost: float = 0.0, pa
             "plain": plain / rounds}  # fmt: skip
 
 
-def controller_policy(exits: list[int], costs, agreement, stop_early: bool, observe: str = "all"):
+def controller_policy(exits: list[int], costs, agreement, stop_early: bool, observe: str = "all", margin=MARGIN):
     """The engine's controller; `observe`: "all" (as it decodes), "plain" (plain rounds alone: a
     drafting round reads no shallower exit, as before it did) or "none" (as before plain rounds
-    observed)."""
-    ctl = DraftController(costs, stop_early=stop_early, agreement=agreement)
+    observed); `margin`: its `DraftController.margin` (0: plans drafted on their estimates alone)."""
+    ctl = DraftController(costs, stop_early=stop_early, agreement=agreement, margin=margin)
     lengths = list(range(1, MAX_DRAFT + 1))
 
     def look(n, agree, conf, i) -> None:  # exit n's token at position i read on the way: one observation
@@ -141,6 +144,9 @@ def main(argv=None) -> None:
         "~0.02-0.03 on the CPU reference model)",
     )
     p.add_argument("--passes", type=int, default=1, help="replay the prompts this many times with one controller")
+    p.add_argument("--loop-excess", type=float, default=1.0,
+                   help="charge drafting rounds this many times their timed cost, the policies planning at the "
+                   "timed cost (in the decode loop they ran 1.04-1.11x it)")  # fmt: skip
     p.add_argument(
         "--orders",
         type=int,
@@ -177,6 +183,7 @@ def main(argv=None) -> None:
         "controller, geometric g": lambda: controller_policy(exits, costs, agreement, False),
         "controller, plain rounds obs.": lambda: controller_policy(exits, costs, agreement, True, observe="plain"),
         "controller, observing none": lambda: controller_policy(exits, costs, agreement, True, observe="none"),
+        "controller, no margin": lambda: controller_policy(exits, costs, agreement, True, margin=0.0),
     }
     for n in exits:
         for g in (1, 2, 3, 4):
@@ -186,7 +193,9 @@ def main(argv=None) -> None:
     head = ("policy", "rate", "min", "max", "tokens/round", "drafts/round", "plain")
     print(f"{head[0]:28s} {head[1]:>6s} {head[2]:>6s} {head[3]:>6s} {head[4]:>13s} {head[5]:>13s} {head[6]:>6s}")
     for name, make in policies.items():
-        runs = [replay(order, exits, costs, make(), args.observe_cost, args.passes) for order in orders]
+        runs = [
+            replay(order, exits, costs, make(), args.observe_cost, args.passes, args.loop_excess) for order in orders
+        ]
         mean = {k: sum(r[k] for r in runs) / len(runs) for k in runs[0]}
         low, high = min(r["rate"] for r in runs), max(r["rate"] for r in runs)
         print(

@@ -246,7 +246,7 @@ def test_controller_decides_with_measured_round_costs():
     lengths = list(range(1, MAX_DRAFT + 1))
 
     def planned(costs: DraftCosts) -> tuple:
-        ctl = DraftController(costs, explore_share=1e-9)
+        ctl = DraftController(costs, explore_share=1e-9, margin=0.0)  # the choice by estimates
         ctl.stats[6].accepted, ctl.stats[6].rejected, ctl.stats[6].idle = 83.0, 17.0, 0
         ctl.stats[3].accepted, ctl.stats[3].rejected, ctl.stats[3].idle = 10.0, 90.0, 0
         plan = ctl.plan([3, 6], lengths)
@@ -618,7 +618,7 @@ def test_a_plain_round_near_paying_observes_its_exit_and_learns_from_it():
     the exit drafts again as soon as its tokens agree, not after its exploration interval. Round
     costs as timed on the CPU reference model's exit 3."""
     costs = DraftCosts(draft={2: 0.3}, row={2: 0.05}, base={2: 1.15})
-    ctl = DraftController(costs, agreement={2: 0.76})
+    ctl = DraftController(costs, agreement={2: 0.76}, margin=0.0)
     lengths = list(range(1, MAX_DRAFT + 1))
     assert ctl.plan([2], lengths).exit == 2  # the calibration record's agreement pays: chosen
     for _ in range(5):  # a hard stretch: exit 2's drafts rejected
@@ -633,10 +633,10 @@ def test_a_plain_round_near_paying_observes_its_exit_and_learns_from_it():
         observed += 1
         plan = ctl.plan([2], lengths)
     assert (plan.exit, plan.explore, observed) == (2, False, 2)
-    hopeless = DraftController(costs, agreement={2: 0.05})
+    hopeless = DraftController(costs, agreement={2: 0.05}, margin=0.0)
     plan = hopeless.plan([2], lengths)
     assert plan.exit is None and plan.observe is None  # no check paid for an exit far from paying
-    never = DraftController(costs, agreement={2: 0.49})  # near paying from the start, never chosen
+    never = DraftController(costs, agreement={2: 0.49}, margin=0.0)  # near paying from the start, never chosen
     plan = never.plan([2], lengths)
     assert plan.exit is None and plan.rate >= OBSERVE_NEAR > 0 and plan.observe is None
     for _ in range(5):
@@ -686,7 +686,7 @@ def test_a_deeper_plan_reads_a_shallower_exit_near_its_rate_and_unsticks():
     the plans back to it in a few rounds, where exploration alone takes its interval. Costs as
     timed on the CPU reference model (exits 3 and 6: here 2 and 6)."""
     costs = DraftCosts(draft={2: 0.27, 6: 0.49}, row={2: 0.01, 6: 0.01}, base={2: 1.13, 6: 1.13})
-    ctl = DraftController(costs, agreement={2: 0.76, 6: 0.88})
+    ctl = DraftController(costs, agreement={2: 0.76, 6: 0.88}, margin=0.0)
     lengths = list(range(1, MAX_DRAFT + 1))
     plan = ctl.plan([2, 6], lengths)
     assert plan.exit == 2 and plan.observe is None  # the cheap exit pays most: nothing shallower to read
@@ -703,7 +703,7 @@ def test_a_deeper_plan_reads_a_shallower_exit_near_its_rate_and_unsticks():
         rounds += 1
         plan = ctl.plan([2, 6], lengths)
     assert (plan.exit, plan.explore) == (2, False) and rounds <= 4
-    hopeless = DraftController(costs, agreement={2: 0.05, 6: 0.88})
+    hopeless = DraftController(costs, agreement={2: 0.05, 6: 0.88}, margin=0.0)
     plan = hopeless.plan([2, 6], lengths)
     assert plan.exit == 6 and plan.observe is None  # no check paid for an exit far from paying
 
@@ -772,7 +772,7 @@ def test_rounds_dearer_in_the_loop_turn_a_marginal_exit_plain_and_leave_the_earl
     plain round. A plan that still pays has its rate divided by the factor, and the early stop
     and the alternatives weigh their costs at rate x factor: they decide as without the clock."""
     costs = DraftCosts(draft={2: 0.25}, row={2: 0.01}, base={2: 1.0})
-    ctl = DraftController(costs, explore_share=1e-9)
+    ctl = DraftController(costs, explore_share=1e-9, margin=0.0)
     ctl.stats[2].accepted, ctl.stats[2].rejected, ctl.stats[2].idle = 29.0, 69.0, 0  # a = 0.3
     assert ctl.plan([2], [1]).exit == 2  # by the timed costs: drafts
     ctl.use_loop_clock()
@@ -788,7 +788,7 @@ def test_rounds_dearer_in_the_loop_turn_a_marginal_exit_plain_and_leave_the_earl
     assert ctl.factor(2) == pytest.approx(1.15, abs=1e-3)
     timed_rate = expected_tokens(0.9, plan.length) / costs.round_time(2, plan.length)
     assert plan.rate == pytest.approx(timed_rate / ctl.factor(2))
-    plain = DraftController(costs, explore_share=1e-9)
+    plain = DraftController(costs, explore_share=1e-9, margin=0.0)
     plain.stats[2] = ctl.stats[2]
     twin = plain.plan([2], list(range(1, MAX_DRAFT + 1)))
     for confs in ([0.9], [0.9, 0.5], [0.9, 0.5, 0.2], [0.3] * 5):
@@ -826,3 +826,46 @@ def test_the_engine_controller_times_its_rounds_only_where_its_costs_are_timed(m
     assert ctl.loop is not None and ctl.costs is timed
     assert len(rounds) == sum(r.stats["draft_lengths"].values()) > 0  # every round of the decode, timed
     assert all(b == 1 and t > 0 for _, b, t in rounds)
+
+
+# ----- the margin: a plan drafts only where it pays at its estimate less its uncertainty ------------
+
+
+def test_a_plan_drafts_only_where_it_pays_at_its_estimate_less_the_margin():
+    """Break-even of one draft from exit 2 at these costs: a = 0.37. At a mean of ~0.4 from the ~14
+    drafts that decayed counts hold, the estimate's standard deviation is ~0.12: the plan pays at the
+    mean, not at the bound, so the round is plain; 40% over ~1,300 drafts' worth of slowly decaying
+    counts (deviation 0.014) drafts, and so does the controller without a margin."""
+    costs = DraftCosts({2: 0.3}, {2: 0.02}, {2: 1.05})
+    pattern = [1, 0, 1, 0, 0] * 4  # 40% accepted
+    made = {}
+    for name, kw, rounds in (("margin", {}, 1), ("none", {"margin": 0.0}, 1), ("many", {"decay": 0.9995}, 100)):
+        ctl = DraftController(costs, explore_share=1e-9, **kw)
+        ctl.stats[2].idle = 0
+        for ok in pattern * rounds:
+            ctl.update(2, [([0.5], ok)])
+        made[name] = (ctl, ctl.plan([2], [1]))
+    ctl, plan = made["margin"]
+    a = ctl.acceptance(2)
+    assert 0.37 < a < 0.5 and ctl.rate(2, 1) > 1.0 > ctl.rate(2, 1, low=True)
+    count = ctl.stats[2].accepted + ctl.stats[2].rejected + 2.0  # with the Beta(1, 1) prior
+    assert ctl.rate(2, 1, low=True) == pytest.approx(
+        expected_tokens(a - (a * (1 - a) / (count + 1)) ** 0.5, 1) / costs.round_time(2, 1)
+    )
+    assert plan.exit is None
+    assert made["none"][1].exit == 2
+    ctl, plan = made["many"]
+    assert abs(ctl.acceptance(2) - 0.4) < 0.01 and plan.exit == 2
+
+
+def test_the_margin_leaves_a_paying_exit_drafting():
+    """Exit 2 at ~0.8 from decayed counts: it pays at its bound too, and plans as without a margin."""
+    ctl, bare = DraftController(COSTS, explore_share=1e-9), DraftController(COSTS, explore_share=1e-9, margin=0.0)
+    for c in (ctl, bare):
+        for st in c.stats.values():
+            st.idle = 0
+        feed(c, 2, 5, 0.8, rounds=30)
+        feed(c, 6, 5, 0.2, rounds=30)
+    lengths = list(range(1, MAX_DRAFT + 1))
+    plan, plain = ctl.plan([2, 6], lengths), bare.plan([2, 6], lengths)
+    assert (plan.exit, plan.length, plan.rate) == (plain.exit, plain.length, plain.rate) and plan.exit == 2

@@ -49,6 +49,8 @@ def cases(model, tp: bool) -> list[tuple[list[list[int]], GenerationSettings]]:
     ]
     if tp:
         settings.append(GenerationSettings(strategy="self_speculative", max_new_tokens=NEW, num_draft_tokens=3))
+        # drafts from the context too: every rank proposes from the same tokens and prices from weight counts
+        settings.append(GenerationSettings(strategy="self_speculative", max_new_tokens=NEW, prompt_lookup_max=3))
     else:  # sampling and log-probabilities: logits travel to stage 0, which samples like one process
         mid = mid_threshold(model)
         settings.append(GenerationSettings(early_exit_threshold=mid, temperature=1.0, top_k=20, seed=7, **ee))

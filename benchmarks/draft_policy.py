@@ -45,57 +45,71 @@ sys.path.insert(0, os.path.join(ROOT, "tools", "eval"))
 from megatron.early_exit import load_checkpoint  # noqa: E402
 from megatron.early_exit.inference import EarlyExitEngine, GenerationSettings  # noqa: E402
 from megatron.early_exit.inference.calibration import teacher_forced_scores  # noqa: E402
+from megatron.early_exit.inference.lookup import LOOKUP, confidences, propose  # noqa: E402
 from megatron.early_exit.inference.strategies import self_speculative as ss  # noqa: E402
 from megatron.early_exit.inference.strategies.draft_control import MARGIN, MAX_DRAFT, DraftController  # noqa: E402
 from megatron.early_exit.inference.strategies.draft_costs import measure_draft_costs  # noqa: E402
 
 
-def trajectories(engine, model, prompts: list[list[int]], new_tokens: int) -> list[tuple[list, list]]:
-    """Per prompt: (agree, conf), each [position][exit], along full decoding's greedy summary."""
+def trajectories(engine, model, prompts: list[list[int]], new_tokens: int) -> list[tuple[list, list, list, list]]:
+    """Per prompt: (agree, conf, prompt, summary): agree and conf [position][exit] along full
+    decoding's greedy summary (its tokens: what drafts from the context are checked against)."""
     out = []
     for prompt, r in zip(prompts, engine.generate(prompts, GenerationSettings("full", max_new_tokens=new_tokens))):
         if not r.tokens:
             continue
         scores = teacher_forced_scores(model, torch.tensor([prompt + r.tokens]), "max_prob", 1)
         span = slice(len(prompt) - 1, len(prompt) - 1 + len(r.tokens))  # rows predicting the summary
-        out.append((scores.agree[0, span].tolist(), scores.confidence[0, span].tolist()))
+        out.append((scores.agree[0, span].tolist(), scores.confidence[0, span].tolist(), prompt, r.tokens))
     return out
 
 
 def replay(
     paths, exits: list[int], costs, choose, observe_cost: float = 0.0, passes: int = 1, excess: float = 1.0
 ) -> dict:
-    """Run `choose(position facts) -> (exit, drafts, learn, observed)` round by round along every
-    path (`passes` times over); `choose` returns the exit and how many drafts it made (0: a plain
-    round, the exit it observed or None), what learns from the round, and whether a drafting
-    round read another exit's token on its first draft step (`Plan.observe`: --observe-cost).
-    `excess`: a drafting round costs that many times what `costs` say (--loop-excess)."""
+    """Run `choose(agree, conf, i, path) -> (exit, drafts, learn, observed)` round by round along
+    every path (`passes` times over); `choose` returns the exit and how many drafts it made (0: a
+    plain round, the exit it observed or None; from the context, `LOOKUP`: the drafted tokens
+    themselves, checked against the summary), what learns from the round (exit, confidences,
+    agreed), and whether a drafting round read another exit's token on its first draft step
+    (`Plan.observe`: --observe-cost). `excess`: a drafting round costs that many times what `costs`
+    say (--loop-excess)."""
     tokens = time = rounds = drafted = plain = 0.0
-    for agree, conf in paths * passes:
+    for path in paths * passes:
+        agree, conf, _, summary = path
         i = 0
         while i < len(agree):
-            n, g, learn, observed = choose(agree, conf, i)
+            n, g, learn, observed = choose(agree, conf, i, path)
             rounds += 1
-            if g == 0:
+            if not g:
                 time += 1.0 + (observe_cost if n is not None else 0.0)
                 tokens, plain, i = tokens + 1, plain + 1, i + 1
                 continue
-            e = exits.index(n)
             ok = 0
-            while ok < g and agree[i + ok][e]:
-                ok += 1
+            if n == LOOKUP:
+                while ok < len(g) and g[ok] == summary[i + ok]:
+                    ok += 1
+                g, confs = len(g), None
+            else:
+                e = exits.index(n)
+                while ok < g and agree[i + ok][e]:
+                    ok += 1
+                confs = [conf[i + j][e] for j in range(g)]
             time += costs.round_time(n, g) * excess + (observe_cost if observed else 0.0)
             tokens, drafted, i = tokens + ok + 1, drafted + g, i + ok + 1
             if learn is not None:
-                learn(n, [conf[i - ok - 1 + j][e] for j in range(g)], ok)
+                learn(n, confs, ok)
     return {"rate": tokens / time, "tokens/round": tokens / rounds, "drafts/round": drafted / rounds,
             "plain": plain / rounds}  # fmt: skip
 
 
-def controller_policy(exits: list[int], costs, agreement, stop_early: bool, observe: str = "all", margin=MARGIN):
+def controller_policy(
+    exits: list[int], costs, agreement, stop_early: bool, observe: str = "all", margin=MARGIN, lookup: int = 0
+):
     """The engine's controller; `observe`: "all" (as it decodes), "plain" (plain rounds alone: a
     drafting round reads no shallower exit, as before it did) or "none" (as before plain rounds
-    observed); `margin`: its `DraftController.margin` (0: plans drafted on their estimates alone)."""
+    observed); `margin`: its `DraftController.margin` (0: plans drafted on their estimates alone);
+    `lookup`: drafts from the context too, n-grams up to that long (`prompt_lookup_max`)."""
     ctl = DraftController(costs, stop_early=stop_early, agreement=agreement, margin=margin)
     lengths = list(range(1, MAX_DRAFT + 1))
 
@@ -103,8 +117,27 @@ def controller_policy(exits: list[int], costs, agreement, stop_early: bool, obse
         e = exits.index(n)
         ctl.update(n, [([conf[i][e]], int(agree[i][e]))])
 
-    def choose(agree, conf, i):
-        plan = ctl.plan(exits, lengths)
+    def choose(agree, conf, i, path):
+        if lookup:
+            return with_context(agree, conf, i, path)
+        return from_exits(agree, conf, i, ctl.plan(exits, lengths))
+
+    def with_context(agree, conf, i, path):
+        """As `SelfSpeculative.plan` / `lookup_drafts` / `run_plan` with `prompt_lookup_max`."""
+        summary = path[3]
+        toks, k = propose(path[2] + summary[:i], lookup, min(MAX_DRAFT, len(summary) - i - 1))
+        c = confidences(k, lookup, len(toks))
+        plan = ctl.plan(exits, lengths, lookup=[c])
+        if plan.exit != LOOKUP:
+            if toks:  # the proposal's first token, observed free
+                ctl.update(LOOKUP, [(c[:1], int(toks[0] == summary[i]))])
+            return from_exits(agree, conf, i, plan)
+        j = 1
+        while j < len(toks) and ctl.keep_drafting(plan, c[:j], c[j]):
+            j += 1
+        return LOOKUP, toks[:j], lambda m, _, ok: ctl.update(m, [(c[:j], ok)]), False
+
+    def from_exits(agree, conf, i, plan):
         n = plan.observe if observe == "all" or (observe == "plain" and plan.exit is None) else None
         if plan.exit is None:
             if n is not None:
@@ -123,7 +156,17 @@ def controller_policy(exits: list[int], costs, agreement, stop_early: bool, obse
 
 
 def fixed_policy(exit_layer: int, g: int):
-    return lambda agree, conf, i: (exit_layer, min(g, len(agree) - i - 1), None, False)
+    return lambda agree, conf, i, path: (exit_layer, min(g, len(agree) - i - 1), None, False)
+
+
+def context_policy(lookup: int, g: int):
+    """Drafts from the context wherever it proposes, up to g (HF's prompt lookup), else a plain round."""
+
+    def choose(agree, conf, i, path):
+        toks, _ = propose(path[2] + path[3][:i], lookup, min(g, len(agree) - i - 1))
+        return (LOOKUP, toks, None, False) if toks else (None, 0, None, False)
+
+    return choose
 
 
 def main(argv=None) -> None:
@@ -144,6 +187,9 @@ def main(argv=None) -> None:
         "~0.02-0.03 on the CPU reference model)",
     )
     p.add_argument("--passes", type=int, default=1, help="replay the prompts this many times with one controller")
+    p.add_argument("--prompt-lookup", type=int, default=0, metavar="N",
+                   help="also replay drafts from the context (n-grams up to N; not early exit): with the "
+                   "controller, and alone (HF's prompt lookup: wherever it proposes, up to g)")  # fmt: skip
     p.add_argument("--loop-excess", type=float, default=1.0,
                    help="charge drafting rounds this many times their timed cost, the policies planning at the "
                    "timed cost (in the decode loop they ran 1.04-1.11x it)")  # fmt: skip
@@ -165,17 +211,20 @@ def main(argv=None) -> None:
         raise SystemExit(f"--load: {args.load} has no exit below the last layer to draft from")
     prompts, _ = summarisation_task(tokenizer, args.data, args.num_examples, 1200)
     context = max(map(len, prompts))
+    lookup = args.prompt_lookup > 0
     if args.costs == "measured":
-        costs = measure_draft_costs(engine, 1, context)[0]
+        costs = measure_draft_costs(engine, 1, context, lookup=lookup)[0]
     else:
-        costs = ss.weight_count_costs(engine)
+        costs = ss.weight_count_costs(engine, lookup)
     parts = [
         f"exit {n}: draft {costs.draft[n]:.3f} row {costs.row[n]:.3f} base {costs.base.get(n, 1.0):.3f}" for n in exits
     ]
+    if lookup:
+        parts.append(f"context: row {costs.row[LOOKUP]:.3f} base {costs.base.get(LOOKUP, 1.0):.3f}")
     print(f"costs ({args.costs}, plain decode steps): " + ", ".join(parts))
     paths = trajectories(engine, model, prompts, args.max_new_tokens)
-    agree = torch.tensor([a for path, _ in paths for a in path], dtype=torch.float).mean(0).tolist()
-    print(f"{sum(len(a) for a, _ in paths)} positions; agreement " + ", ".join(
+    agree = torch.tensor([a for path, *_ in paths for a in path], dtype=torch.float).mean(0).tolist()
+    print(f"{sum(len(a) for a, *_ in paths)} positions; agreement " + ", ".join(
         f"exit {n} {a:.1%}" for n, a in zip(exits, agree)))  # fmt: skip
     agreement = ss.calibrated_agreement(engine)
     policies = {  # name -> a fresh policy (the controllers learn as they go)
@@ -188,6 +237,11 @@ def main(argv=None) -> None:
     for n in exits:
         for g in (1, 2, 3, 4):
             policies[f"fixed exit {n}, g {g}"] = lambda n=n, g=g: fixed_policy(n, g)
+    if lookup:  # not early exit: the context as a draft source, with the exits and alone
+        k = args.prompt_lookup
+        policies[f"controller + context {k}"] = lambda: controller_policy(exits, costs, agreement, True, lookup=k)
+        for g in (4, 8):
+            policies[f"context {k} alone, g {g}"] = lambda g=g: context_policy(k, g)
     starts = [k * len(paths) // args.orders for k in range(args.orders)]
     orders = [paths[k:] + paths[:k] for k in starts]
     head = ("policy", "rate", "min", "max", "tokens/round", "drafts/round", "plain")

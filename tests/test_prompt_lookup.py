@@ -13,14 +13,13 @@ import torch
 
 from megatron.early_exit.config import ModelConfig
 from megatron.early_exit.inference import EarlyExitEngine, GenerationSettings, generate
-from megatron.early_exit.inference.lookup import LOOKUP, as_text, confidence, propose
+from megatron.early_exit.inference.lookup import LOOKUP, as_text, confidences, propose
 from megatron.early_exit.inference.strategies.draft_control import (
     MAX_DRAFT,
     ROW_SHARE,
     DraftController,
     DraftCosts,
     costs_from_config,
-    expected_tokens,
 )
 from tests.test_dynamic_speculation import build
 from tests.test_inference import naive_greedy
@@ -45,7 +44,8 @@ def test_propose_takes_the_longest_suffix_and_its_latest_earlier_occurrence():
     assert propose([6, 6, 6, 6], 3, 4) == ([6], 3)  # an occurrence may overlap the suffix
     big = [49151, 70000, 49151]  # ids past the basic plane and past SmolLM2's vocabulary
     assert propose(big, 2, 2, as_text(big)) == ([70000, 49151], 1)
-    assert confidence(1, 3) == 0.25 and confidence(3, 3) == 0.75
+    assert confidences(1, 3, 2) == [0.25, 0.375] and confidences(3, 3, 3) == [0.75, 0.875, 0.875]
+    assert confidences(2, 3, 0) == []
 
 
 @pytest.fixture(scope="module", params=["good", "bad"])
@@ -80,31 +80,36 @@ def costs(lookup_row: float = 0.01) -> DraftCosts:
     return DraftCosts({2: 0.3, LOOKUP: 0.0}, {2: 0.02, LOOKUP: lookup_row}, {2: 1.05, LOOKUP: 1.1})
 
 
-def observe_lookup(ctl: DraftController, conf: float, accepted: int, rounds: int) -> None:
+def observe_lookup(ctl: DraftController, n: int, accepted: int, rounds: int) -> None:
+    """`rounds` context rounds of 4 drafts at match length n (max 3), `accepted` of them kept."""
     for _ in range(rounds):
-        ctl.update(LOOKUP, [([conf] * 4, accepted)])
+        ctl.update(LOOKUP, [(confidences(n, 3, 4), accepted)])
 
 
 def test_controller_drafts_from_the_context_where_its_proposals_pay():
     ctl = DraftController(costs(), agreement={2: 0.3})  # exit 2 does not pay at 30%
     lengths = list(range(1, MAX_DRAFT + 1))
     assert ctl.plan([2], lengths).exit is None  # no proposal: a plain round
-    observe_lookup(ctl, confidence(3, 3), 4, 30)  # long matches: their first four drafts accepted
-    observe_lookup(ctl, confidence(1, 3), 0, 30)  # one-token matches: rejected
-    plan = ctl.plan([2], lengths, lookup=[(confidence(3, 3), 6)])
-    assert plan.exit == LOOKUP and plan.rate > 2.0
-    a = ctl.draft_ok(LOOKUP, confidence(3, 3))
-    assert a > 0.75
-    assert plan.rate == pytest.approx(expected_tokens(a, plan.length) / costs().round_time(LOOKUP, plan.length))
-    assert ctl.plan([2], lengths, lookup=[(confidence(1, 3), 6)]).exit is None  # the short match does not pay
-    assert ctl.plan([2], lengths, lookup=[(0.0, 0)]).exit is None  # no proposal
+    observe_lookup(ctl, 3, 4, 30)  # long matches: their four drafts kept
+    observe_lookup(ctl, 3, 0, 10)  # ... but the first rejected in a quarter of the rounds
+    observe_lookup(ctl, 1, 0, 30)  # one-token matches: rejected
+    long = confidences(3, 3, 6)
+    first, after = ctl.draft_ok(LOOKUP, long[0]), ctl.draft_ok(LOOKUP, long[1])
+    assert 0.65 < first < 0.8 and after > 0.95  # a span, once begun, runs on: its own bin
+    plan = ctl.plan([2], lengths, lookup=[long])
+    assert plan.exit == LOOKUP and plan.length == 6 and plan.rate > 2.5
+    kept = 1 + sum(first * after**j for j in range(6))  # 1 + P(first kept) + P(first two kept) + ...
+    assert plan.rate == pytest.approx(kept / costs().round_time(LOOKUP, 6))
+    assert ctl.plan([2], lengths, lookup=[confidences(1, 3, 6)]).exit is None  # the short match does not pay
+    assert ctl.plan([2], lengths, lookup=[[]]).exit is None  # no proposal
     # at batch 2, a sequence without a proposal gains one token: the pair's mean prices the round
-    pair = ctl.plan([2], lengths, batch=2, lookup=[(confidence(3, 3), 6), (0.0, 0)])
-    want = max((1.0 + expected_tokens(a, min(g, 6))) / 2 / costs().round_time(LOOKUP, min(g, 6)) for g in lengths)
-    assert pair.exit == LOOKUP and pair.rate == pytest.approx(want)
-    # the early stop weighs each further draft at the proposal's own acceptance, not the exits'
-    plan = ctl.plan([2], lengths, lookup=[(confidence(3, 3), 8)])
-    assert ctl.keep_drafting(plan, [confidence(3, 3)] * 3)
+    pair = ctl.plan([2], lengths, batch=2, lookup=[long, []])
+    assert pair.exit == LOOKUP and pair.rate == pytest.approx((1.0 + kept) / 2 / costs().round_time(LOOKUP, 6))
+    # the early stop weighs each further draft at its own bin (a continuation), not the exits' rate
+    plan = ctl.plan([2], lengths, lookup=[confidences(3, 3, 8)])
+    assert ctl.keep_drafting(plan, long[:3], long[3])
+    short = confidences(1, 3, 3)
+    assert not ctl.keep_drafting(plan, short[:2], short[2])  # after a one-token match's first draft: stop
 
 
 def test_lookup_is_never_explored_and_is_priced_only_where_asked():
@@ -217,3 +222,27 @@ def test_lookup_rounds_run_in_bf16_too():
     (r,) = generate(model, None, PROMPTS[:1], strategy="self_speculative", max_new_tokens=16, ignore_eos=True,
                     prompt_lookup_max=2)  # fmt: skip
     assert len(r.tokens) == 16 and r.stats["draft_exits"].get(LOOKUP, 0) >= 1
+
+
+def test_the_replay_checks_context_drafts_against_the_summary():
+    """`benchmarks/draft_policy.py`: a context round drafts the proposal and keeps its agreeing prefix
+    of the summary plus one; with exits that never agree, the controller with the context takes it."""
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "draft_policy.py")
+    spec = importlib.util.spec_from_file_location("draft_policy", path)
+    dp = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(dp)
+    prompt, summary = [1, 2, 3, 4, 5, 6, 1, 2], [3, 4, 5, 6, 9]  # the summary copies "3 4 5 6" after "1 2"
+    paths = [([[False]] * 5, [[0.5]] * 5, prompt, summary)]
+    c = DraftCosts({1: 0.3, LOOKUP: 0.0}, {1: 0.02, LOOKUP: 0.05}, {1: 1.0, LOOKUP: 1.1})
+    got = dp.replay(paths, [1], c, dp.context_policy(2, 4))
+    # one round: "3 4 5 6" proposed (limited so the final head's token fits) and kept, then 9
+    assert got == {"rate": pytest.approx(5 / (1.1 + 4 * 0.05)), "tokens/round": 5.0, "drafts/round": 4.0, "plain": 0.0}
+    got = dp.replay(paths, [1], c, dp.context_policy(2, 2))
+    # "3 4" kept, then 5; then "4 5" first occurs at 3: "6" proposed (one left before the last) and kept, then 9
+    want = {"rate": pytest.approx(5 / (2 * 1.1 + 3 * 0.05)), "tokens/round": 2.5, "drafts/round": 1.5, "plain": 0.0}
+    assert got == want
+    ctl = dp.controller_policy([1], c, None, True, lookup=2)
+    got = dp.replay(paths * 20, [1], c, ctl)
+    assert got["rate"] > 1.5 and got["drafts/round"] > 1.0  # it learns that the context's drafts pay

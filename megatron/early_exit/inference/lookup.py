@@ -46,7 +46,12 @@ def propose(context: list[int], max_ngram: int, limit: int, text: str | None = N
     return [], 0
 
 
-def confidence(n: int, max_ngram: int) -> float:
-    """A lookup draft's "confidence" for the controller's per-bin acceptance counts: its match
-    length as a share of max_ngram + 1 (distinct bins for lengths 1..3 at BINS = 8)."""
-    return n / (max_ngram + 1)
+def confidences(n: int, max_ngram: int, k: int) -> list[float]:
+    """The "confidences" of k drafts proposed at match length n, for the controller's per-bin
+    acceptance counts: n / (max_ngram + 1) for the first, (n + 1/2) / (max_ngram + 1) for the ones
+    after it, which continue a span the first began (at max_ngram 3 and BINS = 8: bins 2 / 4 / 6
+    and 3 / 5 / 7 for lengths 1 / 2 / 3). Copied spans run on: along SmolLM2's summaries a first
+    draft at length 3 was kept ~56% of the time and each one after a kept draft more often, so one
+    rate for both would cut long proposals short (every round observes first drafts for free)."""
+    first = n / (max_ngram + 1)
+    return [first] + [first + 0.5 / (max_ngram + 1)] * (k - 1) if k > 0 else []

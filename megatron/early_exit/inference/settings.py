@@ -64,9 +64,11 @@ class TextState:
 class GenerationResult:
     """One prompt's output. Lists have one entry per generated token.
 
-    exit_layers: the exit each token left at (its layer number; num_layers = the final head).
+    exit_layers: the exit each token left at (its layer number; num_layers = the final head; 0 =
+    a self-speculative draft from the context, `prompt_lookup_max`, that the final head kept).
     confidences: the confidence of the head that produced the token (the chosen measure for
-    an exit, max probability for the final head and for self-speculative drafts).
+    an exit, max probability for the final head and for self-speculative drafts; for a draft
+    from the context the bin `lookup.confidences` gives it, from its match length).
     logprobs: log-probability of each token under the distribution it was chosen from (the
     final head's for self-speculative, whose output is the final model's); None unless asked.
     finish_reason: "stop" (EOS, a stop token or a stop string) or "length"; stopped_by

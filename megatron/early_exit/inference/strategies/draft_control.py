@@ -88,10 +88,12 @@ extra rows and layouts cost about what they bring on this CPU.
 Drafts from the context (`LOOKUP`, key 0: `lookup.py`, asked for by `prompt_lookup_max`). The
 tokens after an earlier occurrence of the context's last n tokens are a source with no draft step
 (draft[0] = 0) whose verify rows run every layer; `plan` prices it per round from each running
-sequence's proposal, at its match length's bin (its confidence is n / (max + 1)) and its length,
-a sequence without a proposal gaining the final head's token alone, and picks it where it beats
-every exit's plan and the plain step. It is never explored: every round that does not draft from
-it observes its proposal's first token against the final head's (`update`, one draft's worth).
+sequence's proposal, its first draft at its match length's bin and the ones after it at that
+length's continuation bin (`lookup.confidences`: a copied span, once begun, runs on), a sequence
+without a proposal gaining the final head's token alone, and picks it where it beats every exit's
+plan and the plain step; the early stop weighs each further draft at its own bin. It is never
+explored: every round that does not draft from it observes its proposal's first token against the
+final head's (`update`, one draft's worth).
 
 Costs (`DraftCosts`) come from rounds timed on this machine (`draft_costs.py`: a round's base
 cost besides its drafts is measured too), from a measured `cost_model.DecodeCosts`, or from the
@@ -345,7 +347,7 @@ class DraftController:
         a = lower(a, st.accepted + st.rejected + pa + pr, self.margin) if low else a
         return expected_tokens(a, g) / (self.costs.round_time(n, g) * self.factor(n))
 
-    def sure(self, plan: Plan, lookup: list[tuple[float, int]] | None) -> bool:
+    def sure(self, plan: Plan, lookup: list[list[float]] | None) -> bool:
         """Whether a drafting plan pays (rate above a plain round's 1) at its acceptance estimate
         less `margin` of the estimate's standard deviations. Decayed counts hold ~14 drafts, so an
         exit below break-even reads above it now and then: the tuned SmolLM2's exit 8, accepted
@@ -407,18 +409,26 @@ class DraftController:
         st.caught = st.caught * d + sum(caught)
         st.missed = st.missed * d + len(caught) - sum(caught)
 
-    def lookup_rate(self, lookup: list[tuple[float, int]], g: int, low: bool = False) -> float:
+    def lookup_rate(self, lookup: list[list[float]], g: int, low: bool = False) -> float:
         """Expected tokens per unit of time of a round drafting up to g tokens from the context,
-        where each running sequence's proposal has confidence and length `lookup[b]` (length 0: no
-        proposal; that sequence gains the final head's token alone); `low`: at the bins' lower bounds."""
+        where each running sequence's proposal has the per-draft confidences `lookup[b]`
+        (`lookup.confidences`; empty: no proposal, that sequence gains the final head's token
+        alone): 1 + the chance that the first is kept + that the first two are + ...; `low`: each
+        bin's acceptance at its lower bound."""
         ok = self.draft_ok_low if low else self.draft_ok
-        tokens = sum(expected_tokens(ok(LOOKUP, c), min(g, k)) if k else 1.0 for c, k in lookup)
-        g = min(g, max(k for _, k in lookup))
+        tokens = 0.0
+        for confs in lookup:
+            kept = 1.0
+            tokens += 1.0
+            for conf in confs[:g]:
+                kept *= ok(LOOKUP, conf)
+                tokens += kept
+        g = min(g, max(map(len, lookup)))
         return tokens / len(lookup) / (self.costs.round_time(LOOKUP, g) * self.factor(LOOKUP))
 
     def plan(
         self, exits: list[int], lengths: list[int], batch: int = 1, alternatives: bool = False,
-        lookup: list[tuple[float, int]] | None = None,
+        lookup: list[list[float]] | None = None,
     ) -> Plan:  # fmt: skip
         """The best (exit, length) among `exits` x `lengths` (lengths > 0), or a plain step when
         none beats it; an exit overdue for exploration drafts one token (the shortest length).
@@ -427,8 +437,9 @@ class DraftController:
         plan may verify drafts' second choices too (`Plan.alternatives`): which, each round, is
         `worth_verifying`'s choice; plans are chosen without them (what they add is small, and an
         exit must pay on its own drafts). `lookup`: per running sequence, its proposal from the
-        context (`lookup.propose`) as (confidence, length), where the request drafts from it too:
-        a candidate source beside the exits, priced at its proposals' per-bin acceptance."""
+        context (`lookup.propose`) as its drafts' confidences (`lookup.confidences`), where the
+        request drafts from it too: a candidate source beside the exits, priced at their per-bin
+        acceptance."""
         self.bucket = batch_bucket(batch)  # the loop clock's bucket: its plans priced, its round timed
         due = [n for n in exits if self.stats[n].idle >= self.interval(n, len(exits))]
         for n in exits:
@@ -448,7 +459,7 @@ class DraftController:
                     best = Plan(n, g, r)
                 if r >= near[1] and self.stats[n].chosen_ago <= OBSERVE_WINDOW:
                     near = (n, r)
-        if lookup and LOOKUP in self.stats and any(k for _, k in lookup):
+        if lookup and LOOKUP in self.stats and any(lookup):
             for g in lengths:
                 r = self.lookup_rate(lookup, g)
                 if r > best.rate + 1e-9:
@@ -506,18 +517,18 @@ class DraftController:
         acc, rej = self.stats[n].bins[self.bin(conf)]
         return lower(self.draft_ok(n, conf), acc + rej + 1, self.margin)
 
-    def keep_drafting(self, plan: Plan, confs: list[float]) -> bool:
+    def keep_drafting(self, plan: Plan, confs: list[float], next_conf: float | None = None) -> bool:
         """Whether a sequence whose drafts this round have confidences `confs` should draft
         another: P(they are all accepted) * a_n, the chance that one more adds a token, against
-        what it costs at the plan's rate."""
+        what it costs at the plan's rate. `next_conf`: the next draft's confidence where it is
+        known before drafting it (the context's proposals): its bin's acceptance instead of a_n."""
         if not self.stop_early or plan.explore or plan.exit is None:
             return True
         n = plan.exit
         before = 1.0
         for conf in confs:
             before *= self.draft_ok(n, conf)
-        # a draft from the context shares its proposal's confidence (its match length) with the next
-        a = self.draft_ok(n, confs[-1]) if n == LOOKUP and confs else self.acceptance(n)
+        a = self.acceptance(n) if next_conf is None else self.draft_ok(n, next_conf)
         gain = before * a
         if plan.alternatives:  # rejected, it may still add a token (its alternative's), where that pays its row
             gain += max(self.alternative_value(plan, before, a), 0.0)

@@ -7,7 +7,9 @@ The draft exit and length are fixed (`draft_exit_layer`: an exit, None = the dee
 default for either): from every verify round's acceptance and the cost model, the exit and
 length with the most expected tokens per unit of time, or g = 0 (a plain full step: the
 verify pass with nothing drafted) when no draft pays; a sequence also stops drafting early
-when its draft's confidence says another draft does not pay. Whatever is drafted, every kept
+when its draft's confidence says another draft does not pay. With `prompt_lookup_max` the
+context is one more source (`lookup.py`, `draft_control.LOOKUP`: no draft step; its tokens go to
+the verify pass after the last kept one, through every layer). Whatever is drafted, every kept
 token is the final head's greedy token, so the output equals full greedy decoding.
 
 One controller per engine (it learns across calls), warm-started from the checkpoint's
@@ -153,7 +155,7 @@ class SelfSpeculative(Strategy):
         if not s.prompt_lookup_max:
             return ctl.plan(exits, lengths, len(running), alternatives), ctl
         found = proposals(batch, running, max(lengths))
-        seen = [(context_lookup.confidence(n, s.prompt_lookup_max), len(toks)) for toks, n in found.values()]
+        seen = [context_lookup.confidences(n, s.prompt_lookup_max, len(toks)) for toks, n in found.values()]
         plan = ctl.plan(exits, lengths, len(running), alternatives, lookup=seen)
         plan.proposals = found
         return plan, ctl
@@ -261,9 +263,9 @@ class SelfSpeculative(Strategy):
         for b in running:
             toks, n = found.get(b, ([], 0))
             toks = toks[: min(plan.cap, s.max_new_tokens - len(results[b].tokens) - 1)]
-            conf = [context_lookup.confidence(n, s.prompt_lookup_max)] * len(toks)
+            conf = context_lookup.confidences(n, s.prompt_lookup_max, len(toks))
             k = len(toks) if ctl is None else min(len(toks), 1)
-            while k < len(toks) and ctl.keep_drafting(plan, conf[:k]):
+            while k < len(toks) and ctl.keep_drafting(plan, conf[:k], conf[k]):
                 k += 1
             drafts[b], confs[b] = toks[:k], conf[:k]
         return drafts, confs, {b: results[b].tokens[-1] for b in running}, {}, {}
@@ -332,7 +334,7 @@ def lookup_observations(out, found: dict, max_ngram: int) -> list[tuple[list[flo
     seen = []
     for b, (toks, n) in found.items():
         if toks and b in out.exit_layer:
-            seen.append(([context_lookup.confidence(n, max_ngram)], int(toks[0] == final_tokens(out, b)[0])))
+            seen.append((context_lookup.confidences(n, max_ngram, 1), int(toks[0] == final_tokens(out, b)[0])))
     return seen
 
 

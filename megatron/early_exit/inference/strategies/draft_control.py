@@ -309,7 +309,7 @@ class DraftController:
     def costs(self, costs: DraftCosts) -> None:
         """New costs (another batch size, a measured set); a source they price that the controller
         has not met yet (the context's drafts, `LOOKUP`, asked for by a later request) starts
-        fresh, observed from its first round on (`observe_lookup`), never explored."""
+        fresh, observed from its first round on (`self_speculative.lookup_observations`), never explored."""
         self._costs = costs
         for n in costs.draft:
             if n not in self.stats:

@@ -22,13 +22,18 @@ MODEL = (
 ).split()
 
 
+def exit_code(main, *argv) -> int:
+    """The exit code of a tool's `main(argv)`: 0 where it returns, else what it exits with."""
+    with pytest.raises(SystemExit) as e:
+        main(list(argv))
+        raise SystemExit(0)
+    return e.value.code
+
+
 def preprocess(*argv):
     import preprocess_data
 
-    with pytest.raises(SystemExit) as e:
-        preprocess_data.main(list(argv))
-        raise SystemExit(0)
-    return e.value.code
+    return exit_code(preprocess_data.main, *argv)
 
 
 @pytest.fixture(scope="module")

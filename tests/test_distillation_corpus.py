@@ -9,38 +9,25 @@ import os
 import numpy as np
 import pytest
 
-from megatron.early_exit.checkpointing import save_checkpoint
-from megatron.early_exit.config import ModelConfig
 from megatron.early_exit.data.checks import read_index
 from megatron.early_exit.inference import EarlyExitEngine, GenerationSettings
-from megatron.early_exit.model import EarlyExitGPT
-from megatron.early_exit.tokenizer import build_tokenizer
-from tests.test_data_sidecar import preprocess  # a tool's exit code, as the sidecar tests run it
+from tests.test_data_sidecar import exit_code, preprocess  # a tool's exit code, as the sidecar tests run it
+from tests.test_ee_sweep import tiny_gpt2_checkpoint
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    tok = build_tokenizer("GPT2BPETokenizer")
-    cfg = ModelConfig(
-        num_layers=2, hidden_size=32, num_attention_heads=4, vocab_size=50304, real_vocab_size=50257,
-        max_position_embeddings=512, exit_layer_nums=[1], use_exit_norm=True,
-    )  # fmt: skip
-    model = EarlyExitGPT(cfg)
-    model.init_weights(0)
     path = str(tmp_path_factory.mktemp("ck") / "ck")
-    save_checkpoint(path, 0, model, tok)
+    model, tok = tiny_gpt2_checkpoint(path, num_layers=2, max_position_embeddings=512)
     return path, model, tok
 
 
 def run_tool(*argv) -> int:
     import make_distillation_corpus
 
-    with pytest.raises(SystemExit) as e:
-        make_distillation_corpus.main(list(argv))
-        raise SystemExit(0)
-    return e.value.code
+    return exit_code(make_distillation_corpus.main, *argv)
 
 
 @pytest.fixture(scope="module")

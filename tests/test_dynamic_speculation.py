@@ -366,28 +366,13 @@ def test_costs_from_config_price_a_smollm2_shape():
 def test_ee_sweep_writes_a_self_speculative_row(tmp_path):
     import csv
     import json
-    import os
-    import sys
 
-    from megatron.early_exit.checkpointing import save_checkpoint
-    from megatron.early_exit.tokenizer import build_tokenizer
+    from tests.test_ee_sweep import main, sweep_inputs
 
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools", "eval"))
-    from ee_sweep import main
-
-    tok = build_tokenizer("GPT2BPETokenizer")
-    cfg = ModelConfig(
-        num_layers=3, hidden_size=32, num_attention_heads=4, vocab_size=50304, real_vocab_size=50257,
-        max_position_embeddings=256, exit_layer_nums=[1], use_exit_norm=True,
-    )  # fmt: skip
-    model = EarlyExitGPT(cfg)
-    model.init_weights(0)
-    save_checkpoint(str(tmp_path / "ck"), 0, model, tok)
-    data = tmp_path / "data.jsonl"
     row = {"abstract": "We study early exit in language models.", "challenge": "a", "approach": "b", "outcome": "c"}
-    data.write_text(json.dumps(row) + "\n")
+    ck, data = sweep_inputs(tmp_path, [row])
     out = tmp_path / "out"
-    main(["--load", str(tmp_path / "ck"), "--data", str(data), "--output", str(out), "--thresholds", "1.0",
+    main(["--load", ck, "--data", data, "--output", str(out), "--thresholds", "1.0",
           "--max-new-tokens", "6", "--batch-size", "1", "--cost-steps", "2", "--self-speculative",
           "--draft-alternatives", "both"])  # fmt: skip
     with open(out / "self_speculative.csv") as f:

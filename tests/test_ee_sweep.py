@@ -16,6 +16,29 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(
 from ee_sweep import main, rouge_l  # noqa: E402
 
 
+def tiny_gpt2_checkpoint(path, **overrides) -> tuple[EarlyExitGPT, object]:
+    """A random 3-layer model (a normed exit after layer 1) with the GPT-2 tokenizer, saved at
+    `path`; `overrides`: other `ModelConfig` fields. Returns (model, tokenizer)."""
+    tok = build_tokenizer("GPT2BPETokenizer")
+    fields = dict(
+        num_layers=3, hidden_size=32, num_attention_heads=4, vocab_size=50304, real_vocab_size=50257,
+        max_position_embeddings=256, exit_layer_nums=[1], use_exit_norm=True,
+    )  # fmt: skip
+    model = EarlyExitGPT(ModelConfig(**{**fields, **overrides}))
+    model.init_weights(0)
+    save_checkpoint(str(path), 0, model, tok)
+    return model, tok
+
+
+def sweep_inputs(tmp_path, rows: list[dict]) -> tuple[str, str]:
+    """(checkpoint, data file) of a sweep: `tiny_gpt2_checkpoint` at tmp_path/ck and `rows` (aclsum
+    test records) as jsonl."""
+    tiny_gpt2_checkpoint(tmp_path / "ck")
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(tmp_path / "ck"), str(data)
+
+
 def test_rouge_l_is_lcs_f1():
     assert rouge_l("the cat sat on the mat", "the cat sat on the mat") == 1.0
     assert rouge_l("", "x") == 0.0
@@ -26,32 +49,17 @@ def test_rouge_l_is_lcs_f1():
 
 @pytest.mark.parametrize("batch_size", [2, 1])
 def test_sweep_writes_csv_and_plots(tmp_path, batch_size):
-    tok = build_tokenizer("GPT2BPETokenizer")
-    cfg = ModelConfig(
-        num_layers=3,
-        hidden_size=32,
-        num_attention_heads=4,
-        vocab_size=50304,
-        real_vocab_size=50257,
-        max_position_embeddings=256,
-        exit_layer_nums=[1],
-        use_exit_norm=True,
-    )
-    model = EarlyExitGPT(cfg)
-    model.init_weights(0)
-    save_checkpoint(str(tmp_path / "ck"), 0, model, tok)
-    data = tmp_path / "data.jsonl"
     rows = [
         {"abstract": "We study early exit in language models.", "challenge": "a", "approach": "b", "outcome": "c"},
         {"abstract": "Exits save compute on easy tokens.", "challenge": "d", "approach": "e", "outcome": "f"},
     ]
-    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    ck, data = sweep_inputs(tmp_path, rows)
     main(
         [
             "--load",
-            str(tmp_path / "ck"),
+            ck,
             "--data",
-            str(data),
+            data,
             "--output",
             str(tmp_path / "out"),
             "--thresholds",

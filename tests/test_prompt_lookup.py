@@ -6,7 +6,6 @@ and the settings, the sweep and the OpenAI endpoint that ask for it."""
 import csv
 import json
 import os
-import sys
 
 import pytest
 import torch
@@ -160,26 +159,12 @@ def test_bad_lookup_settings_are_named():
 
 
 def test_ee_sweep_reports_lookup_in_a_row_of_its_own(tmp_path):
-    from megatron.early_exit.checkpointing import save_checkpoint
-    from megatron.early_exit.model import EarlyExitGPT
-    from megatron.early_exit.tokenizer import build_tokenizer
+    from tests.test_ee_sweep import main, sweep_inputs
 
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools", "eval"))
-    from ee_sweep import main
-
-    tok = build_tokenizer("GPT2BPETokenizer")
-    cfg = ModelConfig(
-        num_layers=3, hidden_size=32, num_attention_heads=4, vocab_size=50304, real_vocab_size=50257,
-        max_position_embeddings=256, exit_layer_nums=[1], use_exit_norm=True,
-    )  # fmt: skip
-    model = EarlyExitGPT(cfg)
-    model.init_weights(0)
-    save_checkpoint(str(tmp_path / "ck"), 0, model, tok)
-    data = tmp_path / "data.jsonl"
     row = {"abstract": "Early exit. Early exit. Early exit.", "challenge": "a", "approach": "b", "outcome": "c"}
-    data.write_text(json.dumps(row) + "\n")
+    ck, data = sweep_inputs(tmp_path, [row])
     out = tmp_path / "out"
-    main(["--load", str(tmp_path / "ck"), "--data", str(data), "--output", str(out), "--thresholds", "1.0",
+    main(["--load", ck, "--data", data, "--output", str(out), "--thresholds", "1.0",
           "--max-new-tokens", "6", "--batch-size", "1", "--cost-steps", "2", "--self-speculative",
           "--prompt-lookup", "3"])  # fmt: skip
     with open(out / "self_speculative.csv") as f:
@@ -189,7 +174,7 @@ def test_ee_sweep_reports_lookup_in_a_row_of_its_own(tmp_path):
     assert lookup["identical_to_full"] == "True"  # fp32: lossless
     assert set(json.loads(lookup["draft_exits"])) <= {"0", "1"} and "0" in json.loads(lookup["draft_costs"])
     with pytest.raises(SystemExit):
-        main(["--load", str(tmp_path / "ck"), "--prompt-lookup", "3"])  # needs --self-speculative
+        main(["--load", ck, "--prompt-lookup", "3"])  # needs --self-speculative
 
 
 def test_openai_early_exit_object_takes_prompt_lookup_max(tmp_path):

@@ -27,7 +27,7 @@ LOOKUP = 0  # the draft "exit" of drafts taken from the context: no layer runs b
 
 
 def as_text(tokens: list[int]) -> str:
-    """Token ids as a string of code points (ids up to 0x10FFFF), for `str.rfind`."""
+    """Token ids as a string of code points (ids up to 0x10FFFF), for `str.find`."""
     return "".join(map(chr, tokens))
 
 

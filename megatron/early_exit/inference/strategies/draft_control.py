@@ -189,10 +189,9 @@ def costs_from_measured(c, depth: dict[int, int], lookup: bool = False) -> Draft
     per layer above the exit, and ROW_SHARE of the head; a round's verify pass is a full step
     whose layers above the exit take the pending path (`pend` each). `lookup`: as `costs_from_config`."""
     full = c.fixed + c.num_layers * c.layer + c.head
-    depth = {**depth, LOOKUP: 0} if lookup else depth
     draft = {n: (c.fixed + d * c.layer + c.vocab.get(n, c.head)) / full for n, d in depth.items()}
-    if lookup:
-        draft[LOOKUP] = 0.0  # no draft step
+    if lookup:  # no draft step; its rows and verify pass priced as an exit's at depth 0
+        draft[LOOKUP], depth = 0.0, {**depth, LOOKUP: 0}
     row = {n: ((c.num_layers - d) * c.row + ROW_SHARE * c.head) / full for n, d in depth.items()}
     base = {n: 1.0 + (c.num_layers - d) * c.pend / full for n, d in depth.items()}
     return DraftCosts(draft, row, base)

@@ -6,6 +6,9 @@ PIP := $(PY) -m pip
 TORCH_SPEC ?= torch==2.13.0
 DATA ?= data/aclsum
 RUN ?= runs/demo
+# The demo's precision: --bf16 where this machine has bf16 matrix kernels, else nothing (fp32): on a
+# CPU with AVX2 alone bf16 products are hundreds of times slower (megatron/early_exit/precision.py).
+BF16 ?= $(shell $(PY) -m megatron.early_exit.precision)
 
 .PHONY: install demo test test-quick lint format bench gpu-check clean
 
@@ -30,7 +33,8 @@ $(DATA)/aclsum_text_document.bin: $(DATA)/train.jsonl
 
 # ~6 minutes on 2 quiet CPU cores (5 min 50 s measured; README "The demo"), in two parts.
 # Part 1 (~2 minutes), the main job: a 6-layer Llama-style model (hidden 256, 8k vocabulary) with
-# exits after layers 2 and 4, pretrained for 100 iterations of 8 x 256 tokens in bf16 (evaluated and
+# exits after layers 2 and 4, pretrained for 100 iterations of 8 x 256 tokens in bf16 (fp32 where
+# the CPU has no bf16 kernels: $(BF16)) (evaluated and
 # saved once, at the end), then generating with early exit (each token's exit layer printed; 100
 # iterations prove the pipeline, not the prose).
 # Part 2 (examples/ee_tuning/demo_smollm2.sh, ~4 minutes): SmolLM2-135M-Instruct gets exits,
@@ -48,13 +52,13 @@ demo: install $(DATA)/aclsum_text_document.bin
 		--exit-layer-nums 2 4 --exit-layer-weight 0.3 0.5 --use-exit-norm \
 		--micro-batch-size 8 --global-batch-size 8 --train-iters 100 \
 		--lr 2e-3 --min-lr 2e-4 --lr-warmup-iters 10 --lr-decay-style cosine --clip-grad 1.0 \
-		--bf16 --log-interval 10 --eval-interval 100 --eval-iters 4 \
+		$(BF16) --log-interval 10 --eval-interval 100 --eval-iters 4 \
 		--save $(RUN)/checkpoints --save-interval 100 \
 		--tensorboard-dir $(RUN)/tensorboard --log-jsonl $(RUN)/log.jsonl
 	$(PY) tools/generate.py --load $(RUN)/checkpoints --prompt "In this paper, we propose" \
 		--strategy early_exit --early-exit-thres 0.1 --max-new-tokens 16
 	@echo "checkpoint: $(RUN)/checkpoints  (load with: from megatron.early_exit import load_checkpoint)"
-	PATH="$(abspath $(VENV))/bin:$$PATH" RUN=$(RUN)_smollm2 DATA=$(DATA) bash examples/ee_tuning/demo_smollm2.sh
+	PATH="$(abspath $(VENV))/bin:$$PATH" RUN=$(RUN)_smollm2 DATA=$(DATA) BF16="$(BF16)" bash examples/ee_tuning/demo_smollm2.sh
 
 test: install
 	$(PY) -m pytest -q tests

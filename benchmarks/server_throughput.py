@@ -12,7 +12,10 @@ Prints, per setting: generated tokens/s, its ratio to one client, p50/p95 reques
 the ratio to early exit off at the same number of clients, and the average exit layer the server
 reports; early exit 'on' once per --exit-policies (exact, cost_aware), and a control row, "off again
 (control)": early exit off timed again like an 'on' setting, so its ratio to off reads the noise
-between neighbours in time. Targets: 16 clients >= 4x one client's tokens/s; early exit on >= 0.97x off.
+between neighbours in time. With --self-speculative, a row of self-speculative decoding too (its
+draft exit and length chosen online; greedy requests with equal settings share one draft-and-verify
+round a step, `scheduler.round_groups`). Targets: 16 clients >= 4x one client's tokens/s; early exit
+on >= 0.97x off.
 
 On a machine that other processes load, wall-clock tokens/s swing with their load; the 'tok/cpu s'
 column (tokens per CPU second of the server process, from /proc: what the server itself spent)
@@ -20,8 +23,9 @@ does not. `--rounds` > 1 runs every setting once per round (early exit off first
 policies, their order reversed every other round) and prints each setting's best round, then per early-exit
 setting the median, min and max over the rounds of its ratio to early exit off in the same round
 (paired: a neighbour's load that slows one round slows both sides of its ratio; use >= 10 rounds).
-Every setting is warmed up first (one short request), so one-off costs (weight packing, cost_aware's
-cost measurement where the server has not done it at start-up) are not timed. A small
+Every setting is warmed up first (short requests at each number of clients), so one-off costs (weight
+packing, cost_aware's cost measurement where the server has not done it at start-up, self-speculation's
+round costs, timed per batch size on first use) are not timed. A small
 configuration for such a machine:
 
     python benchmarks/server_throughput.py --load runs/ee_aclsum/tuned --bf16 --num-threads 1 \
@@ -237,8 +241,10 @@ def main() -> None:
     p.add_argument("--num-threads", type=int, help="the server's torch CPU threads (default: its own default)")
     p.add_argument("--rounds", type=int, default=1, help="alternating rounds of every setting: the best of "
                    "them, and (> 1) the median, min and max of the per-round ratios to off")  # fmt: skip
-    p.add_argument("--exit-policies", nargs="+", choices=("exact", "cost_aware"), default=["exact", "cost_aware"],
-                   help="early exit 'on' rows for each exit policy")  # fmt: skip
+    p.add_argument("--exit-policies", nargs="*", choices=("exact", "cost_aware"), default=["exact", "cost_aware"],
+                   help="early exit 'on' rows for each exit policy (none: the flag with no value)")  # fmt: skip
+    p.add_argument("--self-speculative", action="store_true", help="a row for self-speculative decoding (the draft "
+                   "exit and length chosen online; greedy requests share the server's rounds)")  # fmt: skip
     args = p.parse_args()
     if args.rounds < 1:
         p.error("--rounds must be >= 1")
@@ -252,11 +258,14 @@ def main() -> None:
         (f"on {pol} ({args.measure or 'default'} {args.threshold:g})", early_exit_body(args, pol))
         for pol in args.exit_policies
     ]
+    if args.self_speculative:
+        settings.append(("self_speculative (auto)", {"mode": "self_speculative"}))
     settings.append((CONTROL, None))  # early exit off again, paired with off like the others: the noise
     try:
         short = argparse.Namespace(**{**vars(args), "requests_per_client": 1, "max_tokens": 4})
-        for _, ee in settings:  # warm-up: a policy's first use (cost_aware's cost measurement) is not timed
-            run_clients(url, 1, short, ee)
+        for _, ee in settings:  # warm-up: first uses (cost_aware's cost measurement, self-speculation's
+            for c in args.clients:  # round costs, timed per batch size) are not timed
+                run_clients(url, c, short, ee)
         rounds = timed_rounds(url, settings, args, proc.pid)
         best = best_of(rounds)
         for c in args.clients:

@@ -77,11 +77,34 @@ def test_every_kernel_computes_f_linear(dtype, rows):
     x = torch.randn(1, rows, 32, generator=g).to(dtype)
     ref = F.linear(x.float(), w.float(), b.float())
     tol = 1e-5 if dtype == torch.float32 else 3e-2  # bf16: rounding of the output (8 mantissa bits)
-    for name in kernels.candidates(rows):
+    for name in kernels.candidates(rows, dtype):
         with kernels.forced_kernel(name), torch.no_grad():
             out = kernels.linear(x, w, b)
         assert out.shape == (1, rows, 48) and out.dtype == dtype, name
         torch.testing.assert_close(out.float(), ref, rtol=tol, atol=tol, msg=name)
+
+
+def test_a_dtype_onednn_cannot_pack_here_takes_the_other_kernels(monkeypatch):
+    """oneDNN's bf16 packing raises on CPUs without AVX-512 or AVX-NE-CONVERT (an AMD EPYC with AVX2
+    alone): there bf16 neither measures nor defaults to `packed`, and a forced `packed` runs `plain`."""
+    native = kernels.packs(torch.bfloat16)  # this CPU's own answer, tried on a real weight
+    w = torch.randn(48, 32).bfloat16()
+    if kernels.packing_available() and not native:
+        with pytest.raises(RuntimeError):
+            torch.ops.mkldnn._reorder_linear_weight(w)
+    monkeypatch.setattr(kernels, "packs", lambda dtype: dtype == torch.float32 and kernels.packing_available())
+    assert kernels.reference(torch.bfloat16) == "plain" and "packed" not in kernels.candidates(1, torch.bfloat16)
+    assert ("packed" in kernels.candidates(1)) is kernels.packing_available()  # fp32 still packs
+    x = torch.randn(3, 32).bfloat16()
+    with kernels.forced_kernel("packed"), torch.no_grad():
+        assert kernels.linear_func(w, 3) is kernels._FUNCS["plain"]
+        torch.testing.assert_close(kernels.linear(x, w), F.linear(x, w))
+    seen = []
+    monkeypatch.setattr(kernels, "pick", lambda funcs, weights, **kw: seen.append(list(funcs)) or next(iter(funcs)))
+    monkeypatch.setattr(kernels, "_CHOICE", {})
+    with torch.no_grad():
+        kernels.linear(x, w)
+    assert seen == [["plain", "transposed"]]
 
 
 def test_choice_is_measured_once_per_shape_dtype_rows_bucket_and_threads(monkeypatch):
@@ -108,8 +131,8 @@ def test_the_reference_kernel_is_plain_in_fp32_and_packed_in_bf16(monkeypatch):
     with torch.no_grad():
         for dtype in (torch.float32, torch.bfloat16):
             kernels.linear(torch.randn(1, 16).to(dtype), torch.randn(24, 16).to(dtype))
-    assert firsts == ["plain", "packed" if kernels.packing_available() else "plain"]
-    assert kernels.reference(torch.float16) == ("packed" if kernels.packing_available() else "plain")
+    assert firsts == ["plain", "packed" if kernels.packs(torch.bfloat16) else "plain"]
+    assert kernels.reference(torch.float16) == ("packed" if kernels.packs(torch.float16) else "plain")
 
 
 def test_against_packed_another_kernel_needs_the_wider_margin(monkeypatch):
@@ -123,7 +146,7 @@ def test_against_packed_another_kernel_needs_the_wider_margin(monkeypatch):
                 kernels.linear(torch.randn(1, 16).bfloat16(), torch.randn(24 + threads, 16).bfloat16())
     finally:
         torch.set_num_threads(before)
-    if kernels.packing_available():
+    if kernels.packs(torch.bfloat16):
         assert seen == [kernels.SIXTEEN_BIT_MARGIN, max(kernels.MANY_THREAD_MARGIN, kernels.SIXTEEN_BIT_MARGIN)]
 
 

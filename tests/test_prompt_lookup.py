@@ -1,7 +1,8 @@
 """Drafts from the context (`prompt_lookup_max`, `inference/lookup.py`): the proposal itself,
 lossless decoding with it beside the exits (fp32, batch 1 and 4, on a model whose exits always
-agree and one whose exits never do), the controller weighing it against the exits, its costs,
-and the settings, the sweep and the OpenAI endpoint that ask for it."""
+agree and one whose exits never do) and without them (a model with no exits), the controller
+weighing it against the exits, its costs, and the settings, the sweep and the OpenAI endpoint
+that ask for it."""
 
 import csv
 import json
@@ -20,6 +21,7 @@ from megatron.early_exit.inference.strategies.draft_control import (
     DraftCosts,
     costs_from_config,
 )
+from megatron.early_exit.model import EarlyExitGPT
 from tests.test_dynamic_speculation import build
 from tests.test_inference import naive_greedy
 
@@ -145,6 +147,43 @@ def test_timed_costs_include_lookup_rounds():
     assert LOOKUP not in c.draft and not any(k.startswith("round 0/") for k in t)
 
 
+def without_exits() -> EarlyExitGPT:
+    """A 4-layer model with no exits at all (what an imported checkpoint is)."""
+    cfg = ModelConfig(
+        num_layers=4, hidden_size=32, num_attention_heads=4, vocab_size=64, max_position_embeddings=128,
+        normalization="RMSNorm", swiglu=True, position_embedding_type="rope", add_bias_linear=False,
+    )  # fmt: skip
+    model = EarlyExitGPT(cfg)
+    model.init_weights(3)
+    return model.eval()
+
+
+@pytest.mark.parametrize("batch", [1, 4])
+def test_a_model_without_exits_drafts_from_the_context_alone(batch):
+    from megatron.early_exit.inference.strategies.draft_costs import measure_draft_costs
+
+    model = without_exits()
+    ref = [naive_greedy(model, p, NEW) for p in PROMPTS[:batch]]
+    res = generate(
+        model, None, PROMPTS[:batch], strategy="self_speculative", max_new_tokens=NEW, ignore_eos=True,
+        prompt_lookup_max=3,
+    )  # fmt: skip
+    assert [r.tokens for r in res] == ref  # lossless (fp32): every kept token is the final head's
+    r = res[0]
+    assert set(r.stats["draft_exits"]) == {LOOKUP} and r.stats["draft_exits"][LOOKUP] >= 2  # rounds that paid
+    assert set(r.exit_layers) == {LOOKUP, model.config.num_layers}  # drafted and kept, or the final head's own
+    assert sum(r.stats["draft_lengths"].values()) < NEW
+    engine = EarlyExitEngine(model)  # its timed costs: a context round and the plain step only
+    c, t = measure_draft_costs(engine, batch, 24, repeats=1, lookup=True)
+    assert set(c.draft) == {LOOKUP} and c.base[LOOKUP] >= 1.0 and set(t) == {"round 0/1", "round 0/4"}
+    for kw, match in (
+        ({}, "self_speculative needs a model with exits \\(or prompt_lookup_max"),
+        ({"prompt_lookup_max": 2, "draft_exit_layer": None}, "draft_exit_layer: None is not an exit of this model"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            engine.generate([[1, 2]], GenerationSettings("self_speculative", 2, **kw))
+
+
 def test_bad_lookup_settings_are_named():
     model = build(True)
     for kw, match in (
@@ -175,6 +214,25 @@ def test_ee_sweep_reports_lookup_in_a_row_of_its_own(tmp_path):
     assert set(json.loads(lookup["draft_exits"])) <= {"0", "1"} and "0" in json.loads(lookup["draft_costs"])
     with pytest.raises(SystemExit):
         main(["--load", ck, "--prompt-lookup", "3"])  # needs --self-speculative
+
+
+def test_ee_sweep_on_a_model_without_exits_reports_the_context_row_alone(tmp_path, capsys):
+    from tests.test_ee_sweep import main, sweep_inputs, tiny_gpt2_checkpoint
+
+    row = {"abstract": "Early exit. Early exit. Early exit.", "challenge": "a", "approach": "b", "outcome": "c"}
+    _, data = sweep_inputs(tmp_path, [row])
+    ck = tmp_path / "plain"
+    tiny_gpt2_checkpoint(ck, exit_layer_nums=[], use_exit_norm=False)
+    argv = ["--load", str(ck), "--data", data, "--thresholds", "1.0", "--max-new-tokens", "6", "--batch-size", "1",
+            "--cost-steps", "2", "--self-speculative"]  # fmt: skip
+    main([*argv, "--output", str(tmp_path / "out"), "--prompt-lookup", "3"])
+    with open(tmp_path / "out" / "self_speculative.csv") as f:
+        (lookup,) = list(csv.DictReader(f))
+    assert lookup["setting"] == "self_speculative auto, prompt lookup 3 (not early exit)"
+    assert lookup["identical_to_full"] == "True" and set(json.loads(lookup["draft_exits"])) <= {"0"}
+    with pytest.raises(SystemExit) as e:
+        main([*argv, "--output", str(tmp_path / "out2")])  # nothing to draft from
+    assert e.value.code == 2 and "has no exit to draft from; add --prompt-lookup N" in capsys.readouterr().err
 
 
 def test_openai_early_exit_object_takes_prompt_lookup_max(tmp_path):

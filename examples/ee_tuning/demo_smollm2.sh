@@ -21,6 +21,10 @@ RUN=${RUN:-runs/demo_smollm2}
 DATA=${DATA:-data/aclsum}
 CACHE_TOKENS=${CACHE_TOKENS:-49152}  # 192 sequences of 256
 TUNE_ITERS=${TUNE_ITERS:-96}         # 96 x 2,048 tokens (4 epochs of the cache)
+# bf16 where the CPU has bf16 matrix kernels, else fp32 (megatron/early_exit/precision.py: with AVX2
+# alone bf16 products are hundreds of times slower); BF16=--bf16 or BF16= forces either.
+BF16=${BF16-$(python -m megatron.early_exit.precision)}
+DTYPE=$([ -n "$BF16" ] && echo bf16 || echo fp32)
 stage() { echo; echo "=== [demo, ${SECONDS}s] $*"; }
 have() { compgen -G "$1" >/dev/null && echo "(skipped: $1 exists)"; }  # a step's output is there
 
@@ -38,7 +42,7 @@ have "$DATA/smollm2_text_document.bin" || python tools/preprocess_data.py --inpu
 stage "the frozen backbone over $CACHE_TOKENS tokens of aclsum, cached for the exits"
 have "$RUN/cache/manifest.json" || python tools/checkpoint/cache_exit_activations.py --load "$RUN/with_exits" \
     --data-path "$DATA/smollm2_text_document" --split 98,2,0 --seq-length 256 --max-tokens "$CACHE_TOKENS" \
-    --top-k 16 --dtype bf16 --bf16 --micro-batch-size 4 --output "$RUN/cache" \
+    --top-k 16 --dtype bf16 $BF16 --micro-batch-size 4 --output "$RUN/cache" \
     --no-progress-bar
 
 stage "EE-Tuning of the exits from the cache ($TUNE_ITERS steps; backbone frozen and not run)"
@@ -47,7 +51,7 @@ have "$RUN/tuned/latest_checkpointed_iteration.txt" || python pretrain_early_exi
     --exit-loss-type kd --exit-candidate-vocab 512 \
     --micro-batch-size 4 --global-batch-size 8 --train-iters "$TUNE_ITERS" \
     --lr 3e-3 --min-lr 2e-4 --lr-warmup-iters 10 --lr-decay-style cosine --clip-grad 1.0 \
-    --bf16 --log-interval 16 --eval-interval 0 \
+    $BF16 --log-interval 16 --eval-interval 0 \
     --save "$RUN/tuned" --save-interval "$TUNE_ITERS" --log-jsonl "$RUN/tune_log.jsonl"
 
 stage "each exit's agreement with the final head on held-out text, before and after tuning"
@@ -57,8 +61,8 @@ python examples/ee_tuning/report_exits.py --load "$RUN/with_exits" "$RUN/tuned" 
 stage "per-exit thresholds: at most 20% of tokens differ from the final head's (Learn-Then-Test)"
 have "$RUN/tuned/iter_*/early_exit_thresholds.json" || python tools/eval/calibrate_thresholds.py --load "$RUN/tuned" \
     --data-path "$DATA/smollm2_text_document" --split 98,2,0 --measure learned --delta 0.2 --epsilon 0.1 \
-    --seq-length 128 --num-chunks 64 --bf16
+    --seq-length 128 --num-chunks 64 $BF16
 
 stage "generation: full decoding, early exit and self-speculation"
-python examples/ee_tuning/demo_generate.py --load "$RUN/tuned" --data "$DATA" --repeats 2 "$@"
+python examples/ee_tuning/demo_generate.py --load "$RUN/tuned" --data "$DATA" --repeats 2 --dtype "$DTYPE" "$@"
 stage "done: the tuned checkpoint is $RUN/tuned"

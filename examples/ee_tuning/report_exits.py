@@ -19,6 +19,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 
 from megatron.early_exit import load_checkpoint  # noqa: E402
 from megatron.early_exit.data import build_data_loader, build_datasets  # noqa: E402
+from megatron.early_exit.precision import fast_bf16  # noqa: E402
 
 
 def report(load: str, data: str, samples: int, seq_length: int, label: str) -> dict:
@@ -38,7 +39,7 @@ def evaluate_exits(model, tok, data: str, samples: int, seq_length: int, label: 
     _, valid, _ = build_datasets(tokenizer=tok, seq_length=seq_length, seed=1234, data_path=[data],
                                  split="98,2,0", train_samples=1, valid_samples=samples, test_samples=0)  # fmt: skip
     sums, count = {}, 0
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=fast_bf16("cpu")):  # fp32 where bf16 has no kernels
         for batch in build_data_loader(valid, consumed_samples=0, micro_batch_size=4):
             if count >= samples:
                 break

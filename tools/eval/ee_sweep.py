@@ -246,6 +246,8 @@ def sweep(args) -> list[dict]:
     torch.manual_seed(0)
     model, tok = load_checkpoint(args.load, device=args.device, dtype=torch.bfloat16 if args.bf16 else None)
     engine = EarlyExitEngine(model, tok)
+    if args.self_speculative and not engine.draft_exits() and not args.prompt_lookup:
+        raise ValueError(f"--self-speculative: {args.load} has no exit to draft from; add --prompt-lookup N")
     prompts, references = summarisation_task(tok, args.data, args.num_examples, args.max_prompt_chars)
     thresholds = sorted(set(args.thresholds) | {1.0}, reverse=True)
     engine.generate(prompts[: args.batch_size], GenerationSettings(max_new_tokens=4))  # warm-up: first calls are slow
@@ -280,7 +282,9 @@ def sweep(args) -> list[dict]:
         write_csv(explain_rows(engine, prompts, args, timed, costs), args.output, "explain.csv")
     if args.self_speculative:  # its own file: not threshold rows
         ways = {"on": [True], "off": [False], "both": [True, False]}[args.draft_alternatives]
-        spec = [speculative_row(engine, prompts, references, args, full_settings, full_tokens, w) for w in ways]
+        spec = []
+        if engine.draft_exits():  # a model without exits drafts from the context alone (--prompt-lookup)
+            spec = [speculative_row(engine, prompts, references, args, full_settings, full_tokens, w) for w in ways]
         if args.prompt_lookup:  # the context as a draft source too: not early exit, a row of its own
             lookup = args.prompt_lookup
             for w in ways:

@@ -160,11 +160,14 @@ class EarlyExitEngine:
         results: Mapping[int, GenerationResult],
         s: GenerationSettings,
         counts: Mapping[int, list[int]],
+        slot_settings: Mapping[int, GenerationSettings] | None = None,
     ) -> list[int]:
         """One round of `s.strategy` for the `running` slots (the server's op for strategies that
-        do not share passes); `results[b]`, `counts[b]` belong to slot b."""
+        do not share passes); `results[b]`, `counts[b]` belong to slot b. `slot_settings`: where
+        the slots belong to several greedy requests, slot b's own settings (equal to `s` but for
+        `base.PER_SEQUENCE`: `Batch.slot_settings`)."""
         strategy = get_strategy(s.strategy)
-        batch = Batch(s, strategy.policy(self, s, self.allowed_exits(s)), results, counts)
+        batch = Batch(s, strategy.policy(self, s, self.allowed_exits(s)), results, counts, slot_settings=slot_settings)
         with self.packed, self.greedy_head(self.argmax_only(s)):
             return strategy.round(self, state, running, batch)
 

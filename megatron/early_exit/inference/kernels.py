@@ -18,11 +18,14 @@ Kernels (all compute `F.linear(x, W, b)`; fp32 results differ by summation-order
   mv          `torch.mv` / `torch.addmv` (one row only);
   transposed  `torch.matmul(x, Wt)` on a contiguous copy of W.T.
 `packed` and `transposed` keep one extra copy of the weight, made lazily and remade when the
-weight changes; copies of kernels that were not chosen are dropped after the choice.
+weight changes; copies of kernels that were not chosen are dropped after the choice. `packed`
+applies to a dtype only where oneDNN packs it on this CPU (`packs`): its bf16 path needs AVX-512
+(BW, VL, DQ) or AVX-NE-CONVERT and raises without them (an AMD EPYC with AVX2 alone), so there
+bf16 products measure, and default to, the other kernels.
 
 `EE_LINEAR_KERNEL=<kernel>` (or `EarlyExitEngine(linear_kernel=...)`) forces one kernel for
-every shape (a one-row-only kernel falls back to `plain` for more rows); `auto` (the default)
-measures.
+every shape (a one-row-only kernel falls back to `plain` for more rows, `packed` for a dtype this
+CPU cannot pack); `auto` (the default) measures.
 """
 
 from __future__ import annotations
@@ -72,6 +75,20 @@ def packing_available() -> bool:
         )
     except (AttributeError, RuntimeError):
         return False
+
+
+@functools.cache
+def packs(dtype: torch.dtype) -> bool:
+    """Whether oneDNN packs and multiplies weights of `dtype` on this CPU (tried once on an 8 x 8
+    weight: its bf16 path raises on CPUs without AVX-512 or AVX-NE-CONVERT)."""
+    if not packing_available():
+        return False
+    try:
+        w = torch.ops.mkldnn._reorder_linear_weight(torch.ones(8, 8, dtype=dtype))
+        torch.ops.mkldnn._linear_pointwise(torch.ones(1, 8, dtype=dtype), w, None, "none", [], "")
+    except RuntimeError:
+        return False
+    return True
 
 
 def check_kernel(name: str, what: str = "linear_kernel") -> str:
@@ -131,15 +148,16 @@ def reference(dtype: torch.dtype) -> str:
     and runs picked different mixes, while in decoding, where every product follows other work,
     all-`packed` SmolLM2 ran 38.2 tokens/s against 32.2 all-`plain` and 33.9 and 34.3 for two
     measured mixes; on the AMD EPYC packed bf16 streamed 20-32 GB/s against `F.linear`'s 8-13.
-    Not assumed outright: on an earlier Xeon host all-`packed` bf16 decoded at 0.88x all-`plain`."""
-    if dtype in (torch.bfloat16, torch.float16) and packing_available():
+    Not assumed outright: on an earlier Xeon host all-`packed` bf16 decoded at 0.88x all-`plain`.
+    Where oneDNN cannot pack `dtype` on this CPU (`packs`), `plain`."""
+    if dtype in (torch.bfloat16, torch.float16) and packs(dtype):
         return "packed"
     return "plain"
 
 
-def candidates(rows: int) -> list[str]:
-    """The kernels that apply to `rows` rows on this build."""
-    names = [k for k in KERNELS if k != "packed" or packing_available()]
+def candidates(rows: int, dtype: torch.dtype = torch.float32) -> list[str]:
+    """The kernels that apply to `rows` rows of `dtype` on this build and CPU."""
+    names = [k for k in KERNELS if k != "packed" or packs(dtype)]
     return names if rows == 1 else [k for k in names if k != "mv"]
 
 
@@ -162,7 +180,9 @@ def linear_func(weight: torch.Tensor, rows: int) -> Callable:
     """The function (x, weight, bias) of the kernel chosen for `weight` against `rows` rows
     (`lean.LeanKernels` looks it up once per decode step)."""
     name = kernel_for(weight, rows)
-    return _FUNCS["plain" if name == "mv" and rows != 1 else name]
+    if (name == "mv" and rows != 1) or (name == "packed" and not packs(weight.dtype)):
+        name = "plain"  # a forced kernel that does not apply here
+    return _FUNCS[name]
 
 
 def kernel_for(weight: torch.Tensor, rows: int) -> str:
@@ -186,7 +206,7 @@ def _measure(weight: torch.Tensor, rows: int) -> str:
     weights = group if any(w is weight for w in group) else [weight]
     x = torch.randn(rows, weight.shape[1], generator=torch.Generator().manual_seed(0)).to(weight.dtype)
     ref = reference(weight.dtype)
-    names = [ref] + [k for k in candidates(rows) if k != ref]
+    names = [ref] + [k for k in candidates(rows, weight.dtype) if k != ref]
     funcs = {k: (lambda f: lambda w: f(x, w, None))(_FUNCS[k]) for k in names}
     # One thread: CPU time, robust to a shared machine. More: wall time (CPU time would count
     # every thread's share and so favour kernels that do not parallelise), which other processes

@@ -45,6 +45,7 @@ from megatron.early_exit.parallel.grads import (
 from megatron.early_exit.parallel.pipeline import StageSpec, exit_cost, head_cost, split_stages, stages_for
 from megatron.early_exit.parallel.state_dict import full_optimizer_state, full_state_dict, load_optimizer_state
 from megatron.early_exit.parallel.tensor_parallel import apply_tensor_parallel
+from megatron.early_exit.precision import SLOW_BF16, fast_bf16
 from megatron.early_exit.training.layer_dropout import LayerDropout, fill_missing_grads
 from megatron.early_exit.training.losses import exit_weights_at, rotational_exit_weights
 from megatron.early_exit.training.optimizer import LRScheduler, build_optimizer
@@ -177,6 +178,8 @@ class Trainer:
             self._resume()
         self._build_data()
         self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16) if args.bf16 else nullcontext()
+        if args.bf16 and not fast_bf16(self.device) and self.pstate.rank == 0:
+            print(f"warning: --bf16: {SLOW_BF16}", file=sys.stderr, flush=True)
         self.seq_shards = dims.tp if args.sequence_parallel else 1  # activations between stages
         self.is_logger = self.pstate.rank == 0
         self.tb = self._tensorboard() if self.is_logger and not args.dry_run else None

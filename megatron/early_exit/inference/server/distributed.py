@@ -65,9 +65,10 @@ class EngineDriver:
         """One decode step; `argmax`: only greedy tokens are read (the engine may use its int8 head)."""
         return self._call("decode", tokens, policy, argmax)
 
-    def round(self, slots: list[int], results: dict, settings, counts: dict) -> list[int]:
-        """One round of the settings' strategy (those that do not share passes) for `slots`."""
-        return self._call("round", slots, results, settings, counts)
+    def round(self, slots: list[int], results: dict, settings, counts: dict, slot_settings=None) -> list[int]:
+        """One round of the settings' strategy (those that do not share passes) for `slots`
+        (`slot_settings`: each slot's own, where they belong to several requests)."""
+        return self._call("round", slots, results, settings, counts, slot_settings)
 
     def reset(self, slots: list[int]) -> None:
         self._call("reset", slots)

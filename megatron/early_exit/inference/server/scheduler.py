@@ -10,7 +10,8 @@ Every loop iteration:
      share one `decode_one_token` pass (each sequence still exits on its own); different
      policies take one pass each over the same cache, since a pass only touches the slots it
      is given; every other job runs its strategy's own round (self_speculative: one
-     draft-and-verify round);
+     draft-and-verify round), one round for all greedy jobs whose settings differ only in
+     where each sequence stops (`round_groups`);
   4. take tokens per job through the one acceptance path (`Acceptance.accept`, with the job's
      own generator, consumed in the order `generate` consumes it), stream what is new
      (incrementally detokenized: a step costs in proportion to its new tokens), retire
@@ -32,7 +33,7 @@ import threading
 import time
 from abc import ABC, abstractmethod
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import torch
@@ -42,6 +43,7 @@ from megatron.early_exit.inference.sampling import make_generator
 from megatron.early_exit.inference.server.distributed import EngineDriver
 from megatron.early_exit.inference.settings import GenerationResult, GenerationSettings, TextState
 from megatron.early_exit.inference.strategies import get_strategy
+from megatron.early_exit.inference.strategies.base import round_key
 
 log = logging.getLogger(__name__)
 
@@ -406,8 +408,8 @@ class Scheduler(BaseScheduler):
             for job, slots in jobs.items():
                 self._accept(job, slots, out)
                 self._after_step(job, slots)
-        for job in own_rounds.values():
-            self._round(job)
+        for jobs in round_groups(own_rounds.values()):
+            self._round(jobs)
 
     def _argmax_only(self, job: Job) -> bool:
         """Whether the job reads nothing of the final head but its greedy token (no top
@@ -434,23 +436,29 @@ class Scheduler(BaseScheduler):
             if b not in running:
                 job.done[i] = True
 
-    def _round(self, job: Job) -> None:
-        """The job's strategy's own round (on every rank) for its running sequences."""
+    def _round(self, jobs: list[Job]) -> None:
+        """One round of the jobs' strategy (on every rank) for their running sequences: one round
+        for jobs that can share it (`round_groups`), each sequence stopping by its own settings."""
+        mine = {id(job) for job in jobs}
         slots = [
-            b for b, seq in enumerate(self.slots) if seq is not None and seq.job is job and not job.done[seq.index]
+            b
+            for b, seq in enumerate(self.slots)
+            if seq is not None and id(seq.job) in mine and not seq.job.done[seq.index]
         ]
-        index = {b: self.slots[b].index for b in slots}
-        results = {b: job.results[i] for b, i in index.items()}
-        counts = {b: job.counts[i] for b, i in index.items()}
+        seqs = {b: self.slots[b] for b in slots}
+        results = {b: seq.result for b, seq in seqs.items()}
+        counts = {b: seq.job.counts[seq.index] for b, seq in seqs.items()}
+        own = {b: seq.job.settings for b, seq in seqs.items()} if len(jobs) > 1 else None
         try:
-            still = set(self.driver.round(slots, results, job.settings, counts))
+            still = set(self.driver.round(slots, results, jobs[0].settings, counts, own))
         except Exception as e:
             log.exception("decoding round failed")
-            self._fail([job], e)
+            self._fail(jobs, e)
             return
-        for b, i in index.items():
-            job.done[i] = b not in still
-        self._after_step(job, slots)
+        for b, seq in seqs.items():
+            seq.job.done[seq.index] = b not in still
+        for job in jobs:
+            self._after_step(job, [b for b, seq in seqs.items() if seq.job is job])
 
     # ----- results -------------------------------------------------------------------------
 
@@ -508,3 +516,21 @@ def _stable_end(text: str, stops: tuple[str, ...], floor: int) -> int:
                 cut = min(cut, end - n)
                 break
     return cut
+
+
+def round_groups(jobs: Iterable[Job]) -> list[list[Job]]:
+    """Jobs whose strategies run their own rounds, grouped into those that share one round: greedy
+    jobs whose settings are equal but for what one sequence reads alone (`strategies.round_key`:
+    its length, stops, seed) share it, so that 16 self-speculative clients cost one batched
+    draft-and-verify round a step instead of 16 rounds of one sequence; a sampled job keeps its own
+    round (a round consumes one generator)."""
+    groups: list[tuple[GenerationSettings | None, list[Job]]] = []
+    for job in jobs:
+        key = round_key(job.settings) if job.settings.temperature <= 0 else None
+        for shared, members in groups:
+            if key is not None and shared == key:
+                members.append(job)
+                break
+        else:
+            groups.append((key, [job]))
+    return [members for _, members in groups]

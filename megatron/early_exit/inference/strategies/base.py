@@ -20,7 +20,7 @@ CLI (`tools/generate.py --plugin MODULE`), the API schemas and the sweep read th
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import ClassVar
 
 import torch
@@ -32,13 +32,32 @@ from megatron.early_exit.inference.settings import GenerationResult, GenerationS
 @dataclass
 class Batch:
     """What a round works on: slot b's result and [drafted, accepted] counts, the settings,
-    the policy `Strategy.policy` returned, and the request's generator (None: greedy or replayed)."""
+    the policy `Strategy.policy` returned, and the request's generator (None: greedy or replayed).
+    `slot_settings`: where the slots belong to several requests decoded in one round (the
+    server), each slot's own settings; they differ from `settings` only in what one sequence
+    reads alone (`PER_SEQUENCE`: its length, stops, seed), so the round's plan is shared."""
 
     settings: GenerationSettings
     policy: ExitPolicy
     results: Mapping[int, GenerationResult]
     counts: Mapping[int, list[int]]
     generator: torch.Generator | None = None
+    slot_settings: Mapping[int, GenerationSettings] | None = None
+
+    def settings_of(self, b: int) -> GenerationSettings:
+        """Slot b's settings (its stops and length)."""
+        return self.settings if self.slot_settings is None else self.slot_settings[b]
+
+
+# Settings one sequence reads alone (where it stops, its sampling seed): requests that differ in
+# nothing else may share a strategy's round (`round_key`).
+PER_SEQUENCE = ("max_new_tokens", "seed", "stop_token_ids", "stop_strings", "ignore_eos")
+
+
+def round_key(s: GenerationSettings) -> GenerationSettings:
+    """`s` with its per-sequence settings at their defaults: requests whose keys are equal can
+    share one round of their strategy (every setting a round's plan reads is equal)."""
+    return replace(s, **{name: GenerationSettings.__dataclass_fields__[name].default for name in PER_SEQUENCE})
 
 
 class Strategy:

@@ -107,6 +107,8 @@ def costs_of(t: dict[str, float], exits: list[int]) -> DraftCosts:
     on the layers between them (~0.015 of a step per layer, CPU reference model, bf16), less than
     the fits' spread (exit 3's base read 0.1-0.2 above exit 6's, and then the controller drafted
     from exit 6: 1.25-1.28x where exit 3 gave 1.31-1.39x)."""
+    if not exits:  # a model without exits: drafts from the context alone (`measure_draft_costs`)
+        return DraftCosts({}, {})
     draft, fitted = {}, {}
     for n in exits:
         draft[n] = max(fit_line([(g, t[f"draft {n}/{g}"]) for g in LENGTHS])[0], 0.0)

@@ -9,7 +9,8 @@ length with the most expected tokens per unit of time, or g = 0 (a plain full st
 verify pass with nothing drafted) when no draft pays; a sequence also stops drafting early
 when its draft's confidence says another draft does not pay. With `prompt_lookup_max` the
 context is one more source (`lookup.py`, `draft_control.LOOKUP`: no draft step; its tokens go to
-the verify pass after the last kept one, through every layer). Whatever is drafted, every kept
+the verify pass after the last kept one, through every layer), and on a model without exits (an
+imported one) the only one: its rounds draft from the context or are plain steps. Whatever is drafted, every kept
 token is the final head's greedy token, so the output equals full greedy decoding.
 
 One controller per engine (it learns across calls), warm-started from the checkpoint's
@@ -129,11 +130,21 @@ class SelfSpeculative(Strategy):
         """force: the fixed draft exit (with "auto": the deepest candidate, `candidates`)."""
         if s.temperature > 0:
             raise ValueError("self_speculative decoding is greedy only: use temperature 0")
-        if not engine.exits:
-            raise ValueError("self_speculative needs a model with exits")
         drafts = engine.draft_exits()
+        if not drafts and s.prompt_lookup_max:  # drafts from the context alone: no draft step
+            if s.draft_exit_layer != AUTO:
+                raise ValueError(
+                    f"draft_exit_layer: {s.draft_exit_layer} is not an exit of this model (it has none below "
+                    'the last layer); "auto" drafts from the context alone'
+                )
+            return ExitPolicy()
+        if not engine.exits:
+            raise ValueError("self_speculative needs a model with exits (or prompt_lookup_max: context drafts)")
         if not drafts:
-            raise ValueError("self_speculative needs an exit below the last layer to draft from")
+            raise ValueError(
+                "self_speculative needs an exit below the last layer to draft from (or prompt_lookup_max: "
+                "drafts from the context)"
+            )
         if s.draft_exit_layer == AUTO:
             return ExitPolicy(force=max(candidates(engine, allowed)))
         if s.draft_exit_layer is not None and s.draft_exit_layer not in drafts:
@@ -150,7 +161,10 @@ class SelfSpeculative(Strategy):
             return Plan(policy.force, s.num_draft_tokens, 0.0, alternatives=alternatives), None
         context = max(len(batch.results[b].prompt_tokens) for b in running)
         ctl = controller_for(engine, batch_bucket(len(running)), context, lookup=s.prompt_lookup_max > 0)
-        exits = candidates(engine, engine.allowed_exits(s)) if s.draft_exit_layer == AUTO else [policy.force]
+        if not engine.draft_exits():  # a model without exits: the context is the only source (`policy`)
+            exits = []
+        else:
+            exits = candidates(engine, engine.allowed_exits(s)) if s.draft_exit_layer == AUTO else [policy.force]
         lengths = list(range(1, MAX_DRAFT + 1)) if s.num_draft_tokens == AUTO else [s.num_draft_tokens]
         if not s.prompt_lookup_max:
             return ctl.plan(exits, lengths, len(running), alternatives), ctl
@@ -210,7 +224,7 @@ class SelfSpeculative(Strategy):
                 state.cache.move(b, start[b] + row, start[b] + ok + 1)
             state.reset(b, start[b] + ok + 1 + kept)  # K/V of the fed rows whose tokens were kept
             r = results[b]
-            if r.finish_reason != "stop" and len(r.tokens) < s.max_new_tokens:
+            if r.finish_reason != "stop" and len(r.tokens) < batch.settings_of(b).max_new_tokens:
                 still.append(b)
         if ctl is not None and observed:
             ctl.update(plan.exit, observed)
@@ -224,8 +238,8 @@ class SelfSpeculative(Strategy):
         step's `StepOutput.guesses`: exit plan.observe's token there, where the plan reads one,
         and per sequence {draft index: the exit's second choice there} where `plan.alternatives`,
         else {})."""
-        s, results = batch.settings, batch.results
-        budget = {b: min(plan.cap, s.max_new_tokens - len(results[b].tokens) - 1) for b in running}
+        results = batch.results
+        budget = {b: min(plan.cap, batch.settings_of(b).max_new_tokens - len(results[b].tokens) - 1) for b in running}
         last = {b: results[b].tokens[-1] for b in running}
         drafts: dict[int, list[int]] = {b: [] for b in running}
         confs: dict[int, list[float]] = {b: [] for b in running}
@@ -262,7 +276,7 @@ class SelfSpeculative(Strategy):
         drafts, confs = {}, {}
         for b in running:
             toks, n = found.get(b, ([], 0))
-            toks = toks[: min(plan.cap, s.max_new_tokens - len(results[b].tokens) - 1)]
+            toks = toks[: min(plan.cap, batch.settings_of(b).max_new_tokens - len(results[b].tokens) - 1)]
             conf = context_lookup.confidences(n, s.prompt_lookup_max, len(toks))
             k = len(toks) if ctl is None else min(len(toks), 1)
             while k < len(toks) and ctl.keep_drafting(plan, conf[:k], conf[k]):
@@ -292,7 +306,7 @@ class SelfSpeculative(Strategy):
             if i >= ok and j < len(final) - 1:  # not the pass's newest row: the final head's distribution there
                 conf = float(torch.softmax(out.all_logits[b][j], -1).max())
             acc.append(r, final[j], exit_layer, conf, out.all_logits[b][j] if b in out.all_logits else None)
-            if acc.stopped(r, batch.settings):
+            if acc.stopped(r, batch.settings_of(b)):
                 return ok, alt if i == len(rows) - 1 else 0  # the alternative is kept if its token is
         return ok, alt
 

@@ -112,3 +112,20 @@ def test_round_groups_share_only_what_one_sequence_reads_alone():
     assert [[id(j) for j in grp] for grp in groups] == [[id(a), id(b), id(g)], [id(c)], [id(d)], [id(e)], [id(f)]]
     assert round_key(a.settings) == round_key(g.settings) != round_key(c.settings)
     assert set(PER_SEQUENCE) == {"max_new_tokens", "seed", "stop_token_ids", "stop_strings", "ignore_eos"}
+
+
+def test_the_server_times_round_costs_at_every_batch_bucket_before_serving(monkeypatch):
+    """Continuous batching runs self-speculative rounds at every size up to the batch: their costs are
+    timed at start-up (`EarlyExitEngine.draft_costs`), not in the first round of each size."""
+    from megatron.early_exit.inference.strategies import self_speculative
+
+    engine = EarlyExitEngine(build(True))
+    assert engine.draft_costs(5) == []  # the suite prices from parameter counts: nothing to time
+    monkeypatch.setenv("EE_EXIT_COSTS", "measured")
+    timed = []
+    real = self_speculative.measure_draft_costs
+    spy = lambda e, b, c, **kw: timed.append(b) or real(e, b, c, **kw)  # noqa: E731
+    monkeypatch.setattr(self_speculative, "measure_draft_costs", spy)
+    assert engine.draft_costs(5) == [1, 2, 4, 8] and timed == [1, 2, 4, 8]
+    assert engine.draft_costs(5) == [1, 2, 4, 8] and timed == [1, 2, 4, 8]  # kept: timed once per engine
+    assert EarlyExitEngine(random_model()).draft_costs(1, context=16) == [1]

@@ -30,6 +30,7 @@ import os
 import re
 import signal
 import sys
+import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -225,6 +226,9 @@ def run(args) -> None:
         model, tokenizer = load(args, device, 1)
         engine, group = EarlyExitEngine(model, tokenizer), None
         engine.exit_costs()  # cost_aware's cost measurement now, not in the first request that uses it
+        start = time.perf_counter()  # and self-speculation's round costs, at every batch bucket it may run at
+        if engine.draft_costs(args.max_batch_size):
+            print(f"self-speculative round costs timed in {time.perf_counter() - start:.0f} s", flush=True)
     if tokenizer is None:
         raise ValueError(f"--load {args.load}: the checkpoint has no tokenizer")
     max_seq_length(args, model)  # every rank checks, before followers start waiting for rank 0

@@ -21,7 +21,7 @@ import torch
 
 from megatron.early_exit.inference import greedy_head
 from megatron.early_exit.inference.acceptance import Acceptance
-from megatron.early_exit.inference.exit_decision import ExitCosts, decider_of
+from megatron.early_exit.inference.exit_decision import ExitCosts, costs_from_parameters, decider_of
 from megatron.early_exit.inference.lean import LeanKernels
 from megatron.early_exit.inference.packed import PackedWeights
 from megatron.early_exit.inference.passes import DecodeState, ExitPolicy, Passes, StepOutput, tick
@@ -230,6 +230,23 @@ class EarlyExitEngine:
         if not yet: a server calls this at start-up, so its first cost_aware request does not pay it."""
         with self.packed:
             return decider_of(self.passes).costs_for(self.passes)
+
+    def draft_costs(self, max_batch: int, context: int = 64) -> list[int]:
+        """Self-speculation's round costs timed now at every batch bucket up to `max_batch` (1, 2,
+        4, ...; `draft_control.batch_bucket`) where they are timed at all, so that a server's
+        rounds never stop to time them: in continuous batching the running self-speculative
+        sequences pass through every bucket, and timing one on first use stalled a round for
+        seconds (SmolLM2, fp32, 16 clients: single rounds at 0.07x full decoding). Returns the
+        buckets timed (none without draft exits, or where costs come from parameter counts)."""
+        from megatron.early_exit.inference.strategies.draft_control import batch_bucket
+        from megatron.early_exit.inference.strategies.self_speculative import draft_costs_for
+
+        if not self.draft_exits() or costs_from_parameters() or getattr(self, "decode_costs", None) is not None:
+            return []
+        buckets = sorted({batch_bucket(b) for b in range(1, max_batch + 1)})
+        for b in buckets:
+            draft_costs_for(self, b, context)
+        return buckets
 
     def check_probes(self, allowed: list[int], measure: str) -> None:
         """A measure that reads confidence probes needs them on every allowed exit."""

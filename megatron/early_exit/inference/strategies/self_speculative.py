@@ -161,7 +161,7 @@ class SelfSpeculative(Strategy):
             return Plan(policy.force, s.num_draft_tokens, 0.0, alternatives=alternatives), None
         context = max(len(batch.results[b].prompt_tokens) for b in running)
         ctl = controller_for(engine, batch_bucket(len(running)), context, lookup=s.prompt_lookup_max > 0)
-        if not engine.draft_exits():  # a model without exits: the context is the only source (`policy`)
+        if policy.force is None:  # a model without exits: the context is the only source (`policy`)
             exits = []
         else:
             exits = candidates(engine, engine.allowed_exits(s)) if s.draft_exit_layer == AUTO else [policy.force]

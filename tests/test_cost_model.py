@@ -2,10 +2,12 @@
 default-measure rule (learned where the exits carry confidence probes, else max_prob)."""
 
 import pytest
+import torch
 
 from megatron.early_exit.config import ModelConfig
 from megatron.early_exit.inference import EarlyExitEngine, GenerationSettings
 from megatron.early_exit.inference import cost_model as cm
+from megatron.early_exit.inference.passes import Rows
 from megatron.early_exit.inference.server.schemas import EarlyExitOptions
 from megatron.early_exit.inference.settings import GenerationResult
 from megatron.early_exit.model import EarlyExitGPT
@@ -140,10 +142,10 @@ def test_fit_line_recovers_slope_and_intercept():
     assert cm.fit_line([(30, 3.5), (8, 1.3), (15, 2.0)]) == pytest.approx((0.1, 0.5))
 
 
-def tiny(probes: bool) -> EarlyExitGPT:
+def tiny(probes: bool, **exits) -> EarlyExitGPT:
     cfg = ModelConfig(
         num_layers=4, hidden_size=32, num_attention_heads=4, vocab_size=64, max_position_embeddings=64,
-        exit_layer_nums=[1, 2], use_exit_norm=True, use_exit_confidence_head=probes,
+        exit_layer_nums=[1, 2], use_exit_norm=True, use_exit_confidence_head=probes, **exits,
     )  # fmt: skip
     model = EarlyExitGPT(cfg)
     model.init_weights(0)
@@ -158,6 +160,30 @@ def test_measure_costs_on_a_tiny_model():
     assert costs.batch == 2 and costs.head > 0 and costs.layer_direct > 0 and costs.row >= 0
     # The fit goes through full decoding and the exits: its prediction is finite for each.
     assert all(abs(cm.predicted_step(costs, name, False)) < float("inf") for name in measured)
+
+
+@pytest.mark.parametrize("probe_input", ["backbone", "exit"])
+def test_exits_with_a_block_of_their_own_are_timed_on_their_newest_position(probe_input):
+    """A block exit's pieces run its block over each sequence's newest position, over the K/V of
+    the ones before it (as when it fires a token after it last did), not over zero positions
+    (every call after the first would find its cache full) nor over the whole prompt again."""
+    engine = EarlyExitEngine(tiny(True, use_exit_block=True, exit_confidence_input=probe_input))
+    prompts = [[1, 2, 3, 4, 5], [6, 7, 8]]
+    costs, measured = cm.measure_costs(engine, prompts, steps=2, repeats=1)
+    assert set(measured) == {"full", "exit 1", "exit 2"} and set(costs.vocab) == set(costs.probe) == {1, 2}
+    assert set(costs.fire_hidden) == ({1, 2} if probe_input == "backbone" else set())  # else the probe pays it
+    p = engine.passes
+    state = engine.new_state(2, 8)
+    engine.prefill(state, dict(enumerate(prompts)))
+    rows = Rows([0, 1], [5, 3], [1, 1], torch.zeros(2, 1, 32))  # a block exit reads its recorded inputs alone
+    for n in (1, 2):
+        head = p.model.exits[str(n)]
+        whole = p.exit_hidden(state, n, head, rows, [0, 1])  # the block over every prompt position
+        newest = cm.newest_row(p, state, n)(lambda n=n, h=head: p.exit_hidden(state, n, h, rows, [0, 1]))
+        for _ in range(2):  # timed again and again: one position each time
+            # fp32; the newest position attends over cached K/V instead of in-pass ones: same sums, reordered
+            torch.testing.assert_close(newest(), whole, rtol=1e-5, atol=1e-5)
+            assert list(state.exit_cache.filled[p.block_slots[n], :2]) == [5, 3]
 
 
 @pytest.mark.parametrize("probes, want", [(True, "learned"), (False, "max_prob")])

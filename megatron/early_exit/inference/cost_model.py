@@ -35,7 +35,9 @@ through the engine's own code (`Passes`, prepacked weights entered as in decodin
 fed every sequence's token t-1; it reached the depth of exit_layers[t]) and prices each step;
 `ideal_speedup` compares that with the same tokens decoded in full. Batches are taken as
 memory-bound: a layer costs the same for any number of sequences up to the measured batch.
-Exits with their own transformer block are not modelled.
+An exit with a transformer block of its own is priced as one that fires a token after it last
+fired (its block over that newest position); a block that catches up several positions at once
+(an exit that fires after tokens that went deeper) costs more than that.
 """
 
 from __future__ import annotations
@@ -311,10 +313,8 @@ def piece_times(engine, prompts: list[list[int]], repeats: int, extra_rows: int 
     """The final head, each exit's checks, one layer alone and one with `extra_rows` more rows
     per sequence, for the newest position after the prompts (K/V of the prompts in the cache)."""
     p, batch = engine.passes, len(prompts)
-    if p.block_slots:
-        raise ValueError("cost model: exits with their own transformer block are not modelled")
     state = engine.new_state(batch, max(map(len, prompts)) + extra_rows + 2)
-    engine.prefill(state, dict(enumerate(prompts)))
+    engine.prefill(state, dict(enumerate(prompts)))  # records a block exit's input at every position
     gen = torch.Generator().manual_seed(0)
     lo = [state.fed[b] for b in range(batch)]
 
@@ -331,17 +331,41 @@ def piece_times(engine, prompts: list[list[int]], repeats: int, extra_rows: int 
         "layer+rows": lambda: p.advance(state, mid, replace(more), memo),
     }
     for n in p.exits:
-        head = p.model.exits[str(n)]
-        hidden = p.exit_hidden(state, n, head, one, cand)  # (B, 1, h)
-        fns[f"vocab/{n}"] = lambda n=n, h=head: max_prob(p.exit_logits(h, p.exit_hidden(state, n, h, one, cand)))
+        head, one_row = p.model.exits[str(n)], newest_row(p, state, n)
+        hidden = one_row(lambda n=n, h=head: p.exit_hidden(state, n, h, one, cand))()  # (B, 1, h)
+        fns[f"vocab/{n}"] = one_row(
+            lambda n=n, h=head: max_prob(p.exit_logits(h, p.exit_hidden(state, n, h, one, cand)))
+        )
         fns[f"project/{n}"] = lambda h=head, x=hidden: p.exit_logits(h, x)
         if head.confidence is not None:
-            fns[f"probe_exit/{n}"] = lambda n=n, h=head: learned(h, p.exit_hidden(state, n, h, one, cand))
-            fns[f"probe/{n}"] = lambda n=n, h=head: p.probe_check(state, n, h, one, cand, never, learned_measure)
+            fns[f"probe_exit/{n}"] = one_row(lambda n=n, h=head: learned(h, p.exit_hidden(state, n, h, one, cand)))
+            fns[f"probe/{n}"] = one_row(
+                lambda n=n, h=head: p.probe_check(state, n, h, one, cand, never, learned_measure)
+            )
         if head.confidence is not None and head.probe_reads_backbone:
-            fns[f"hidden/{n}"] = lambda n=n, h=head: p.exit_hidden(state, n, h, one, cand)
+            fns[f"hidden/{n}"] = one_row(lambda n=n, h=head: p.exit_hidden(state, n, h, one, cand))
     with engine.packed:
         return best_times(fns, p.device, repeats)
+
+
+def newest_row(passes, state, n: int) -> Callable[[Callable], Callable]:
+    """For exit n with a transformer block of its own, wrap a timed call so that the block runs
+    on each sequence's newest position alone, over the K/V of the ones before it, as in a decode
+    step where the exit fires one token after it last did (its cache is filled to one short of
+    the positions fed before every call; `Passes.block_catch_up`). Other exits: the call as is."""
+    slot = passes.block_slots.get(n)
+    if slot is None:
+        return lambda fn: fn
+    short = [max(f - 1, 0) for f in state.fed]
+
+    def wrap(fn: Callable) -> Callable:
+        def run():
+            state.exit_cache.filled[slot, : len(short)] = short
+            return fn()
+
+        return run
+
+    return wrap
 
 
 def fill_time(engine, prompts: list[list[int]], policy, steps: int, repeats: int) -> float:

@@ -21,7 +21,7 @@ import torch
 
 from megatron.early_exit.inference import greedy_head
 from megatron.early_exit.inference.acceptance import Acceptance
-from megatron.early_exit.inference.exit_decision import ExitCosts, costs_from_parameters, decider_of
+from megatron.early_exit.inference.exit_decision import ExitCosts, decider_of
 from megatron.early_exit.inference.lean import LeanKernels
 from megatron.early_exit.inference.packed import PackedWeights
 from megatron.early_exit.inference.passes import DecodeState, ExitPolicy, Passes, StepOutput, tick
@@ -239,9 +239,9 @@ class EarlyExitEngine:
         seconds (SmolLM2, fp32, 16 clients: single rounds at 0.07x full decoding). Returns the
         buckets timed (none without draft exits, or where costs come from parameter counts)."""
         from megatron.early_exit.inference.strategies.draft_control import batch_bucket
-        from megatron.early_exit.inference.strategies.self_speculative import draft_costs_for
+        from megatron.early_exit.inference.strategies.self_speculative import draft_costs_for, rounds_timed
 
-        if not self.draft_exits() or costs_from_parameters() or getattr(self, "decode_costs", None) is not None:
+        if not self.draft_exits() or not rounds_timed(self):
             return []
         buckets = sorted({batch_bucket(b) for b in range(1, max_batch + 1)})
         for b in buckets:

@@ -59,10 +59,16 @@ def controller_for(engine, batch: int = 1, context: int = 1, lookup: bool = Fals
     ctl = _CONTROLLERS.get(engine)
     if ctl is None:
         ctl = _CONTROLLERS[engine] = DraftController(costs, agreement=calibrated_agreement(engine))
-        if getattr(engine, "decode_costs", None) is None and not costs_from_parameters():
+        if rounds_timed(engine):
             ctl.use_loop_clock()  # timed costs: the loop's own round times correct them (`LoopClock`)
     ctl.costs = costs
     return ctl
+
+
+def rounds_timed(engine) -> bool:
+    """Whether `draft_costs_for` times rounds on this engine (neither a measured
+    `engine.decode_costs` set nor costs from parameter counts)."""
+    return getattr(engine, "decode_costs", None) is None and not costs_from_parameters()
 
 
 def draft_costs_for(engine, batch: int, context: int, lookup: bool = False) -> DraftCosts:

@@ -45,7 +45,7 @@ def groups(model) -> dict[tuple[int, int], list[torch.Tensor]]:
 def table(weights: list[torch.Tensor], rows: int, rounds: int, clock) -> dict[str, float]:
     """Seconds per weight of each kernel (best round of `clock`)."""
     x = torch.randn(rows, weights[0].shape[1]).to(weights[0].dtype)
-    funcs = {k: kernels._FUNCS[k] for k in kernels.candidates(rows)}
+    funcs = {k: kernels._FUNCS[k] for k in kernels.candidates(rows, weights[0].dtype)}
     best = dict.fromkeys(funcs, float("inf"))
     for r in range(rounds + 1):  # round 0 warms up (and makes the packed / transposed copies)
         for name, f in funcs.items():

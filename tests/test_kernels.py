@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from megatron.early_exit.inference import EarlyExitEngine, GenerationSettings, kernels
+from megatron.early_exit.inference import EarlyExitEngine, GenerationSettings, kernels, native
 from tests.test_packed import tiny
 
 
@@ -86,13 +86,15 @@ def test_every_kernel_computes_f_linear(dtype, rows):
 
 def test_a_dtype_onednn_cannot_pack_here_takes_the_other_kernels(monkeypatch):
     """oneDNN's bf16 packing raises on CPUs without AVX-512 or AVX-NE-CONVERT (an AMD EPYC with AVX2
-    alone): there bf16 neither measures nor defaults to `packed`, and a forced `packed` runs `plain`."""
-    native = kernels.packs(torch.bfloat16)  # this CPU's own answer, tried on a real weight
+    alone): there bf16 neither measures nor defaults to `packed`, and a forced `packed` runs `plain`
+    (the native kernel switched off: it would be the reference)."""
+    packs_here = kernels.packs(torch.bfloat16)  # this CPU's own answer, tried on a real weight
     w = torch.randn(48, 32).bfloat16()
-    if kernels.packing_available() and not native:
+    if kernels.packing_available() and not packs_here:
         with pytest.raises(RuntimeError):
             torch.ops.mkldnn._reorder_linear_weight(w)
     monkeypatch.setattr(kernels, "packs", lambda dtype: dtype == torch.float32 and kernels.packing_available())
+    monkeypatch.setattr(native, "library", lambda: None)
     assert kernels.reference(torch.bfloat16) == "plain" and "packed" not in kernels.candidates(1, torch.bfloat16)
     assert ("packed" in kernels.candidates(1)) is kernels.packing_available()  # fp32 still packs
     x = torch.randn(3, 32).bfloat16()
@@ -123,19 +125,29 @@ def test_choice_is_measured_once_per_shape_dtype_rows_bucket_and_threads(monkeyp
     assert len(calls) == 4
 
 
-def test_the_reference_kernel_is_plain_in_fp32_and_packed_in_bf16(monkeypatch):
-    """`pick` keeps its first kernel unless another clearly beats it: plain (no weight copy) in
-    fp32, oneDNN's packed layout in bf16 (where it decoded faster on both CPUs measured)."""
+@pytest.mark.parametrize("built", [True, False])
+def test_the_reference_kernel_is_native_else_plain_in_fp32_and_packed_in_bf16(monkeypatch, built):
+    """`pick` keeps its first kernel unless another clearly beats it: the native kernel where it
+    was built (fp32, bf16); without it plain (no weight copy) in fp32 and oneDNN's packed layout
+    in bf16 (where it decoded faster on both CPUs measured)."""
+    if built and not native.available():
+        pytest.skip("no native kernel here (no C compiler)")
+    if not built:
+        monkeypatch.setattr(native, "library", lambda: None)
     firsts = []
     monkeypatch.setattr(kernels, "pick", lambda funcs, weights, **kw: firsts.append(next(iter(funcs))) or "plain")
     with torch.no_grad():
         for dtype in (torch.float32, torch.bfloat16):
             kernels.linear(torch.randn(1, 16).to(dtype), torch.randn(24, 16).to(dtype))
-    assert firsts == ["plain", "packed" if kernels.packs(torch.bfloat16) else "plain"]
+    if built:
+        assert firsts == ["native", "native"]
+    else:
+        assert firsts == ["plain", "packed" if kernels.packs(torch.bfloat16) else "plain"]
     assert kernels.reference(torch.float16) == ("packed" if kernels.packs(torch.float16) else "plain")
 
 
 def test_against_packed_another_kernel_needs_the_wider_margin(monkeypatch):
+    monkeypatch.setattr(native, "library", lambda: None)  # packed is the bf16 reference without it
     seen = []
     monkeypatch.setattr(kernels, "pick", lambda funcs, weights, **kw: seen.append(kw.get("margin")) or "packed")
     before = torch.get_num_threads()

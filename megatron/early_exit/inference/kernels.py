@@ -10,22 +10,25 @@ own weights of that shape (each weight of the group once per round, so that the 
 stream from memory as in decoding, not from cache), alternating, best of `ROUNDS` (CPU time
 with one thread; with more, wall time over `MANY_THREAD_ROUNDS` at a wider margin), and keeps
 the fastest for the rest of the process. Another kernel must beat the dtype's reference by the
-margin: `plain` in fp32, `packed` in bf16 and fp16 by a wider one (`reference`).
+margin: `native` where it was built, else `plain` in fp32 and `packed` in bf16 and fp16 by a
+wider one (`reference`).
 
 Kernels (all compute `F.linear(x, W, b)`; fp32 results differ by summation-order round-off):
   plain       `F.linear` (MKL / the default BLAS);
   packed      oneDNN on a copy of W reordered once into its blocked layout;
   mv          `torch.mv` / `torch.addmv` (one row only);
-  transposed  `torch.matmul(x, Wt)` on a contiguous copy of W.T.
-`packed` and `transposed` keep one extra copy of the weight, made lazily and remade when the
+  transposed  `torch.matmul(x, Wt)` on a contiguous copy of W.T;
+  native      our own product (`native.py`) on a copy of W in 16-row panels: fp32 and bf16, where
+              a C compiler built it on this machine.
+`packed`, `transposed` and `native` keep one extra copy of the weight, made lazily and remade when the
 weight changes; copies of kernels that were not chosen are dropped after the choice. `packed`
 applies to a dtype only where oneDNN packs it on this CPU (`packs`): its bf16 path needs AVX-512
 (BW, VL, DQ) or AVX-NE-CONVERT and raises without them (an AMD EPYC with AVX2 alone), so there
 bf16 products measure, and default to, the other kernels.
 
 `EE_LINEAR_KERNEL=<kernel>` (or `EarlyExitEngine(linear_kernel=...)`) forces one kernel for
-every shape (a one-row-only kernel falls back to `plain` for more rows, `packed` for a dtype this
-CPU cannot pack); `auto` (the default) measures.
+every shape (a one-row-only kernel falls back to `plain` for more rows, as do `packed` and
+`native` for a dtype they cannot multiply here); `auto` (the default) measures.
 """
 
 from __future__ import annotations
@@ -40,8 +43,9 @@ import torch
 import torch.nn.functional as F
 
 from megatron.early_exit.derived import DerivedCopies
+from megatron.early_exit.inference import native
 
-KERNELS = ("plain", "packed", "mv", "transposed")
+KERNELS = ("plain", "packed", "mv", "transposed", "native")
 ENV = "EE_LINEAR_KERNEL"
 ROUNDS = 3
 MARGIN = 0.05  # another kernel must beat `plain` by 5% (timings on a shared machine vary more)
@@ -100,6 +104,17 @@ def check_kernel(name: str, what: str = "linear_kernel") -> str:
     return name
 
 
+def applies(name: str, dtype: torch.dtype, rows: int) -> bool:
+    """Whether kernel `name` multiplies `rows` rows of `dtype` on this build and CPU."""
+    if name == "mv":
+        return rows == 1
+    if name == "packed":
+        return packs(dtype)
+    if name == "native":
+        return native.available(dtype)
+    return True
+
+
 def _derived(weight: torch.Tensor, kind: str) -> torch.Tensor:
     """The cached `kind` copy of `weight` ("packed" or "transposed")."""
     return _DERIVED.get(weight, kind, _MAKE[kind])
@@ -108,6 +123,7 @@ def _derived(weight: torch.Tensor, kind: str) -> torch.Tensor:
 _MAKE: dict[str, Callable] = {
     "packed": lambda w: torch.ops.mkldnn._reorder_linear_weight(w),
     "transposed": lambda w: w.t().contiguous(),
+    "native": native.pack,
 }
 
 
@@ -130,7 +146,17 @@ def _transposed(x, weight, bias):
     return y if bias is None else y.add_(bias)
 
 
-_FUNCS: dict[str, Callable] = {"plain": _plain, "packed": _packed, "mv": _mv, "transposed": _transposed}
+def _native(x, weight, bias):
+    return native.linear(x, _derived(weight, "native"), weight.shape[0], bias)
+
+
+_FUNCS: dict[str, Callable] = {
+    "plain": _plain,
+    "packed": _packed,
+    "mv": _mv,
+    "transposed": _transposed,
+    "native": _native,
+}
 
 
 def _bucket(rows: int) -> tuple[int | None, int]:
@@ -141,15 +167,20 @@ def _bucket(rows: int) -> tuple[int | None, int]:
 
 
 def reference(dtype: torch.dtype) -> str:
-    """The kernel another must clearly beat to be chosen for `dtype`: `plain` (no weight copy),
-    except in 16-bit float dtypes where oneDNN is available: `packed`, which another must beat by
+    """The kernel another must clearly beat to be chosen for `dtype`. `native` wherever it was
+    built (fp32 and bf16): on the AMD EPYC (Zen 5) SmolLM2 decoded at 1.31x all-`packed` in fp32
+    and 1.19x in bf16 with it (`benchmarks/smollm2_decode.py --kernels packed native auto`),
+    74% / 51% of the bandwidth roofline, and other kernels still replace it on a clear gain
+    (more rows, other CPUs). Without it: `plain` (no weight copy), except in 16-bit float dtypes
+    where oneDNN packs them on this CPU (`packs`): `packed`, which another must beat by
     `SIXTEEN_BIT_MARGIN`. Timed alone, one shape at a time, bf16 `plain` and `packed` came within
     a few percent of each other on the Intel Xeon (60-66 us for 960x576 at one row, 2 threads)
     and runs picked different mixes, while in decoding, where every product follows other work,
     all-`packed` SmolLM2 ran 38.2 tokens/s against 32.2 all-`plain` and 33.9 and 34.3 for two
     measured mixes; on the AMD EPYC packed bf16 streamed 20-32 GB/s against `F.linear`'s 8-13.
-    Not assumed outright: on an earlier Xeon host all-`packed` bf16 decoded at 0.88x all-`plain`.
-    Where oneDNN cannot pack `dtype` on this CPU (`packs`), `plain`."""
+    Not assumed outright: on an earlier Xeon host all-`packed` bf16 decoded at 0.88x all-`plain`."""
+    if native.available(dtype):
+        return "native"
     if dtype in (torch.bfloat16, torch.float16) and packs(dtype):
         return "packed"
     return "plain"
@@ -157,8 +188,7 @@ def reference(dtype: torch.dtype) -> str:
 
 def candidates(rows: int, dtype: torch.dtype = torch.float32) -> list[str]:
     """The kernels that apply to `rows` rows of `dtype` on this build and CPU."""
-    names = [k for k in KERNELS if k != "packed" or packs(dtype)]
-    return names if rows == 1 else [k for k in names if k != "mv"]
+    return [k for k in KERNELS if applies(k, dtype, rows)]
 
 
 def register(weights: Iterable[torch.Tensor]) -> None:
@@ -180,7 +210,7 @@ def linear_func(weight: torch.Tensor, rows: int) -> Callable:
     """The function (x, weight, bias) of the kernel chosen for `weight` against `rows` rows
     (`lean.LeanKernels` looks it up once per decode step)."""
     name = kernel_for(weight, rows)
-    if (name == "mv" and rows != 1) or (name == "packed" and not packs(weight.dtype)):
+    if not applies(name, weight.dtype, rows):
         name = "plain"  # a forced kernel that does not apply here
     return _FUNCS[name]
 
@@ -213,7 +243,7 @@ def _measure(weight: torch.Tensor, rows: int) -> str:
     # disturb: three times the rounds and twice the margin, so that a kernel replaces `plain` only
     # on a clear gain seen over many alternations (3 rounds at 5% picked a kernel that decoded
     # SmolLM2 at 0.98x of plain's speed at 2 threads on the Intel Xeon).
-    wide = ref != "plain"  # `packed` in 16-bit dtypes: a wider margin (`SIXTEEN_BIT_MARGIN`)
+    wide = ref == "packed"  # `packed` in 16-bit dtypes: a wider margin (`SIXTEEN_BIT_MARGIN`)
     with torch.no_grad():
         if torch.get_num_threads() == 1:
             return pick(funcs, weights, clock=time.process_time, **({"margin": SIXTEEN_BIT_MARGIN} if wide else {}))

@@ -1,0 +1,152 @@
+"""The `native` decode kernel: a one-to-few-row matrix product of our own (`native_linear.c`).
+
+oneDNN's packed kernel and `torch.mv` stream a decode step's weights at 56% of this machine's read
+bandwidth (fp32) and 41% (bf16) in SmolLM2's decode steps; a product whose weight is read once
+from a copy laid out for the purpose (panels of 16 output rows, k-major: one contiguous stream per
+thread, 16 outputs per vector register) reads them faster (`benchmarks/smollm2_decode.py`
+prints both). The C source is compiled once per machine on first use with the system's C compiler
+(`CC`, else `cc`) and `-O3 -march=native`, into a cache keyed by the source, the flags and the
+CPU (a library built for one CPU never loads on another), and loaded with ctypes: no PyTorch
+headers, about a second. Its threads are the OpenMP runtime torch already loaded (the library
+links the same `libgomp.so.1` soname, which the loader does not load twice): a second runtime
+beside torch's would put four threads on two cores.
+
+Where there is no compiler, compilation fails, the loaded library would bring a second OpenMP
+runtime, or `EE_NATIVE=0`, the kernel does not exist (`available()` is False, one warning line
+says why) and decoding uses the others. fp32 and bf16 weights (`DTYPES`), CPU only.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).with_name("native_linear.c")
+FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
+DTYPES = (torch.float32, torch.bfloat16)
+PANEL = 16  # output rows per panel (native_linear.c)
+ENV = "EE_NATIVE"  # "0": never build or use the native kernel
+CACHE_ENV = "EE_NATIVE_CACHE"  # where built libraries are kept
+
+
+def cache_dir() -> Path:
+    """`EE_NATIVE_CACHE`, else `$XDG_CACHE_HOME/megatron-early-exit`, else ~/.cache/megatron-early-exit."""
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV])
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "megatron-early-exit"
+
+
+def _cpu_key() -> str:
+    """What -march=native depends on: the CPU's model and feature flags."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        wanted = [ln for ln in lines if ln.split(":")[0].strip() in ("model name", "flags", "Features")]
+        return "\n".join(sorted(set(wanted)))
+    except OSError:
+        return platform.processor() + platform.machine()
+
+
+def _build(compiler: str) -> Path:
+    key = hashlib.sha256("\n".join([SOURCE.read_text(), compiler, *FLAGS, _cpu_key()]).encode()).hexdigest()[:16]
+    out = cache_dir() / f"native_linear-{key}.so"
+    if out.exists():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # Built beside its final name and renamed: processes started together (torchrun) never load
+    # a half-written library.
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
+    os.close(fd)
+    try:
+        done = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", tmp], capture_output=True, text=True, timeout=120)
+        if done.returncode != 0:
+            raise RuntimeError(f"{compiler} failed: {(done.stderr.strip().splitlines() or ['?'])[-1]}")
+        os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return out
+
+
+def _omp_runtimes() -> set[str]:
+    try:
+        maps = Path("/proc/self/maps").read_text().splitlines()
+    except OSError:
+        return set()
+    return {ln.split()[-1] for ln in maps if "libgomp" in ln or "libiomp" in ln}
+
+
+@functools.cache
+def library() -> ctypes.CDLL | None:
+    """The loaded native library, or None (with one warning line saying why) where it cannot be had."""
+    if os.environ.get(ENV, "1") == "0":
+        return None
+    compiler = os.environ.get("CC") or "cc"
+    if shutil.which(compiler) is None:
+        warnings.warn(f"native kernel: no C compiler ({compiler!r} not found); using torch's kernels", stacklevel=2)
+        return None
+    before = _omp_runtimes()
+    try:
+        lib = ctypes.CDLL(str(_build(compiler)))
+    except (OSError, RuntimeError, subprocess.SubprocessError) as e:
+        warnings.warn(f"native kernel unavailable ({e}); using torch's kernels", stacklevel=2)
+        return None
+    if len(_omp_runtimes()) > max(1, len(before)):
+        warnings.warn("native kernel: it loaded an OpenMP runtime besides torch's; using torch's kernels", stacklevel=2)
+        return None
+    vp, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+    lib.ee_pack.argtypes = [vp, vp, i64, i64, i32, i32]
+    lib.ee_pack.restype = None
+    lib.ee_linear.argtypes = [vp, vp, vp, vp, i64, i64, i64, i32, i32]
+    lib.ee_linear.restype = i32
+    return lib
+
+
+def available(dtype: torch.dtype = torch.float32) -> bool:
+    """Whether the native kernel multiplies weights of `dtype` here."""
+    return dtype in DTYPES and library() is not None
+
+
+def pack(weight: torch.Tensor) -> torch.Tensor:
+    """`weight` (M, K) laid out in panels for `linear` (a flat tensor of its dtype)."""
+    lib = library()
+    if lib is None or weight.dtype not in DTYPES or weight.dim() != 2:
+        raise ValueError(f"native kernel: cannot pack a {tuple(weight.shape)} {weight.dtype} weight here")
+    w = weight.detach().contiguous()
+    m, k = w.shape
+    out = torch.empty((m + PANEL - 1) // PANEL * PANEL * k, dtype=w.dtype)
+    lib.ee_pack(w.data_ptr(), out.data_ptr(), m, k, int(w.dtype == torch.bfloat16), torch.get_num_threads())
+    return out
+
+
+def linear(x: torch.Tensor, packed: torch.Tensor, out_features: int, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """`F.linear(x, W, bias)` from `packed = pack(W)`; x, W and bias share one dtype (`DTYPES`).
+    fp32 results differ from torch's by summation order; bf16 sums in fp32 and rounds once."""
+    x = x.contiguous()
+    k = x.shape[-1]
+    y = torch.empty(*x.shape[:-1], out_features, dtype=x.dtype)
+    b = None if bias is None else bias.contiguous().data_ptr()
+    rc = library().ee_linear(
+        x.data_ptr(),
+        packed.data_ptr(),
+        b,
+        y.data_ptr(),
+        x.numel() // k,
+        k,
+        out_features,
+        int(x.dtype == torch.bfloat16),
+        torch.get_num_threads(),
+    )
+    if rc != 0:
+        raise MemoryError("native kernel: out of memory converting x")
+    return y

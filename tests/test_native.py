@@ -1,0 +1,124 @@
+"""The native decode kernel (`inference/native.py`, `native_linear.c`): built once per machine,
+it computes `F.linear` for fp32 and bf16 weights of any shape and any number of rows, its
+panel copy follows the weight, and where it cannot be built decoding uses torch's kernels.
+
+Tolerances: fp32 sums in another order than torch's (round-off ~1e-6 relative at these sizes;
+1e-5 leaves room). bf16 sums in fp32 and rounds the output once, as torch's bf16 products do, so
+it is compared with the fp32 product of the same bf16 inputs within one bf16 rounding (2^-8
+relative) of the output.
+"""
+
+import subprocess
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from megatron.early_exit.inference import kernels, native
+
+needs_native = pytest.mark.skipif(not native.available(), reason="no native kernel here (no C compiler)")
+
+
+@pytest.fixture
+def rebuild(monkeypatch, tmp_path):
+    """A fresh library lookup with its own cache directory; the process's library restored after."""
+    monkeypatch.setenv(native.CACHE_ENV, str(tmp_path))
+    native.library.cache_clear()
+    yield tmp_path
+    native.library.cache_clear()
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("out_features,in_features", [(1, 1), (17, 3), (33, 577), (48, 32), (200, 130)])
+@pytest.mark.parametrize("rows", [1, 2, 4, 5, 9])
+def test_it_computes_f_linear_for_every_shape_and_number_of_rows(dtype, out_features, in_features, rows):
+    g = torch.Generator().manual_seed(out_features * 131 + in_features * 7 + rows)
+    w = torch.randn(out_features, in_features, generator=g).to(dtype)
+    b = torch.randn(out_features, generator=g).to(dtype)
+    x = torch.randn(2, rows, in_features, generator=g).to(dtype)
+    packed = native.pack(w)
+    assert packed.numel() == -(-out_features // native.PANEL) * native.PANEL * in_features
+    for bias in (None, b):
+        got = native.linear(x, packed, out_features, bias)
+        want = F.linear(x.double(), w.double(), None if bias is None else bias.double())
+        assert got.shape == (2, rows, out_features) and got.dtype == dtype
+        if dtype == torch.float32:
+            torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5 * in_features**0.5)
+        else:
+            torch.testing.assert_close(got.double(), want, rtol=2**-8, atol=1e-3)
+            # and it rounds like torch's own bf16 product, to within one bf16 step at most
+            torch.testing.assert_close(got.float(), F.linear(x, w, bias).float(), rtol=2**-7, atol=1e-2)
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_rows_result_does_not_depend_on_the_rows_beside_it(dtype):
+    """Bit for bit: a verify pass's rows equal the one-row decode steps' products, whatever the
+    number of rows (the kernel sums every row in one order), and whatever the threads."""
+    g = torch.Generator().manual_seed(3)
+    w, x = torch.randn(70, 333, generator=g).to(dtype), torch.randn(11, 333, generator=g).to(dtype)
+    packed = native.pack(w)
+    alone = torch.cat([native.linear(x[i : i + 1], packed, 70) for i in range(11)])
+    for n in (2, 3, 4, 5, 8, 11):
+        assert torch.equal(native.linear(x[:n], packed, 70), alone[:n]), n
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert torch.equal(native.linear(x, packed, 70), alone)
+    finally:
+        torch.set_num_threads(before)
+
+
+@needs_native
+def test_a_non_contiguous_input_and_the_copy_made_again_when_the_weight_changes():
+    w = torch.randn(40, 24)
+    x = torch.randn(24, 3).t()  # (3, 24), not contiguous
+    with kernels.forced_kernel("native"), torch.no_grad():
+        torch.testing.assert_close(kernels.linear(x, w), F.linear(x, w), rtol=1e-5, atol=1e-5)
+        w.mul_(2.0)  # in place: the panel copy must follow
+        torch.testing.assert_close(kernels.linear(x, w), F.linear(x, w), rtol=1e-5, atol=1e-5)
+
+
+@needs_native
+def test_the_library_is_built_once_and_reused(rebuild, monkeypatch):
+    assert native.library() is not None
+    built = list(rebuild.glob("native_linear-*.so"))
+    assert len(built) == 1 and not list(rebuild.glob("*.so.*")) and len(list(rebuild.iterdir())) == 1
+    native.library.cache_clear()
+
+    def no_compiler(*a, **kw):
+        raise AssertionError("compiled again")
+
+    monkeypatch.setattr(subprocess, "run", no_compiler)
+    assert native.library() is not None  # loaded from the cache
+
+
+def test_without_a_compiler_it_is_absent_and_decoding_uses_torch(rebuild, monkeypatch):
+    monkeypatch.setenv("CC", "no-such-cc-anywhere")
+    with pytest.warns(UserWarning, match="native kernel: no C compiler \\('no-such-cc-anywhere' not found\\)"):
+        assert native.library() is None
+    assert not native.available(torch.float32) and "native" not in kernels.candidates(1)
+    assert kernels.reference(torch.float32) == "plain"
+    w, x = torch.randn(20, 8), torch.randn(1, 8)
+    with kernels.forced_kernel("native"), torch.no_grad():  # forced where absent: plain
+        assert kernels.linear_func(w, 1) is kernels._FUNCS["plain"]
+        torch.testing.assert_close(kernels.linear(x, w), F.linear(x, w))
+
+
+def test_a_compiler_that_fails_says_so_in_one_line(rebuild, monkeypatch):
+    monkeypatch.setenv("CC", "false")  # exists, exits 1
+    with pytest.warns(UserWarning, match="native kernel unavailable \\(false failed"):
+        assert native.library() is None
+    assert not list(rebuild.glob("*.so"))  # nothing half-built left behind
+
+
+def test_switched_off_by_the_environment(rebuild, monkeypatch):
+    monkeypatch.setenv(native.ENV, "0")
+    assert native.library() is None and not native.available()
+
+
+def test_it_never_packs_what_it_cannot_multiply():
+    with pytest.raises(ValueError, match="native kernel: cannot pack a \\(4, 4\\) torch.float16 weight"):
+        native.pack(torch.zeros(4, 4, dtype=torch.float16))
+    assert not native.available(torch.float16) and "native" not in kernels.candidates(1, torch.float16)

@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from megatron.early_exit.inference import kernels, native
+from megatron.early_exit.inference import EarlyExitEngine, GenerationSettings, kernels, native
 
 needs_native = pytest.mark.skipif(not native.available(), reason="no native kernel here (no C compiler)")
 
@@ -122,3 +122,49 @@ def test_it_never_packs_what_it_cannot_multiply():
     with pytest.raises(ValueError, match="native kernel: cannot pack a \\(4, 4\\) torch.float16 weight"):
         native.pack(torch.zeros(4, 4, dtype=torch.float16))
     assert not native.available(torch.float16) and "native" not in kernels.candidates(1, torch.float16)
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_layer_operations_folded_into_the_call_equal_them_one_by_one(dtype):
+    """norm / SwiGLU before the product and the residual after it (`LeanKernels.folded`): fp32
+    within round-off of torch's operations; bf16 within one rounding of the output (the norm's
+    mean and the sigmoid's exp may round a last bit differently from torch's)."""
+    from megatron.early_exit.inference.lean import rms_norm
+
+    g = torch.Generator().manual_seed(5)
+    k, m, n = 96, 40, 3
+    w = torch.randn(m, k, generator=g).to(dtype)
+    gain = (1 + 0.1 * torch.randn(k, generator=g)).to(dtype)
+    x, h = torch.randn(n, k, generator=g).to(dtype), torch.randn(n, 2 * k, generator=g).to(dtype)
+    res = torch.randn(n, m, generator=g).to(dtype)
+    packed = native.pack(w)
+    cases = [
+        (native.linear(x, packed, m, norm=(gain, 1e-5)), F.linear(rms_norm(x, gain, 1e-5), w)),
+        (native.linear(x, packed, m, residual=res), res + F.linear(x, w)),
+        (native.linear(h, packed, m, swiglu=True, residual=res), res + F.linear(F.silu(h[:, :k]) * h[:, k:], w)),
+    ]
+    for got, want in cases:
+        assert got.dtype == dtype and got.shape == want.shape
+        if dtype == torch.float32:
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        else:
+            torch.testing.assert_close(got.float(), want.float(), rtol=2**-7, atol=2**-7)
+
+
+@needs_native
+@pytest.mark.parametrize("good", [True, False])
+def test_decoding_on_the_native_kernel_equals_full_greedy_and_self_speculation_stays_lossless(good):
+    """fp32, folded lean layers: full decoding and self-speculative decoding (verify passes of
+    several rows against one-row drafts and steps) give the tokens of the modules' greedy loop."""
+    from tests.test_dynamic_speculation import NEW, PROMPTS, build
+    from tests.test_inference import naive_greedy
+
+    model = build(good)
+    want = [naive_greedy(model, p, NEW) for p in PROMPTS]
+    with kernels.forced_kernel("native"):
+        for strategy in ("full", "self_speculative"):
+            got = EarlyExitEngine(model).generate(
+                PROMPTS, GenerationSettings(strategy=strategy, max_new_tokens=NEW, ignore_eos=True)
+            )
+            assert [r.tokens for r in got] == want, strategy

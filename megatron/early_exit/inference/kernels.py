@@ -150,6 +150,15 @@ def _native(x, weight, bias):
     return native.linear(x, _derived(weight, "native"), weight.shape[0], bias)
 
 
+def native_folded(func: Callable, x: torch.Tensor, weight: torch.Tensor, **fold) -> torch.Tensor | None:
+    """Where `func` (from `linear_func`) is the native kernel: its product of x and `weight`
+    with the operations `fold` names folded into the call (`native.linear`: norm, swiglu,
+    residual); None for any other kernel (the caller runs the operations itself)."""
+    if func is not _native:
+        return None
+    return native.linear(x, _derived(weight, "native"), weight.shape[0], **fold)
+
+
 _FUNCS: dict[str, Callable] = {
     "plain": _plain,
     "packed": _packed,

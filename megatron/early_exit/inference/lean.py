@@ -22,6 +22,10 @@ call the modules make), so that it gives the same numbers and the same K/V bit f
   - the products on the kernels `packed.PackedWeights` would choose (`kernels.linear`), looked
     up once per pass and weight shape (`LeanKernels`), without its per-call checks (a pass runs
     without autograd in the weights' dtype); `F.linear` where the engine's packing is off;
+  - on the native kernel (`native.py`), the norm before a product, SwiGLU before the last and
+    the residual adds after two folded into the product's call (`LeanKernels.folded`): the
+    same roundings, the norm's mean and the sigmoid's exp within round-off of torch's, so bit
+    for bit only on the other kernels;
   - no dtype casts where the model is fp32 (the norms' and rotation's fp32 math is its own).
 Anything else (biases, QK-norm, LayerNorm, GELU, tensor-parallel modules) runs the modules, and
 so does a layer with a forward hook on it or inside it (the hook sees the calls it expects).
@@ -101,13 +105,33 @@ class LeanKernels:
     def reset(self) -> None:
         self.funcs.clear()
 
-    def __call__(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        """x (A, in) -> (A, out)."""
-        key = (weight.shape, x.shape[0])
+    def func(self, weight: torch.Tensor, rows: int):
+        key = (weight.shape, rows)
         f = self.funcs.get(key)
         if f is None:
-            f = self.funcs[key] = kernels.linear_func(weight, x.shape[0]) if self.packed else F.linear
-        return f(x, weight, None)
+            f = self.funcs[key] = kernels.linear_func(weight, rows) if self.packed else F.linear
+        return f
+
+    def __call__(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """x (A, in) -> (A, out)."""
+        return self.func(weight, x.shape[0])(x, weight, None)
+
+    def folded(self, x, weight, norm: tuple | None = None, swiglu: bool = False, residual=None) -> torch.Tensor:
+        """residual + (the rows x made ready) @ weight.T, x (A, in) -> (A, out): made ready by
+        `rms_norm(x, *norm)` or, with `swiglu`, `F.silu(gate) * up` of x = [gate | up]. On the
+        native kernel one call does it all (`native.linear`: the same roundings, the norm's mean
+        and the sigmoid's exp within round-off of torch's); on any other, these operations."""
+        f = self.func(weight, x.shape[0])
+        y = kernels.native_folded(f, x, weight, norm=norm, swiglu=swiglu, residual=residual)
+        if y is not None:
+            return y
+        if norm is not None:
+            x = rms_norm(x, *norm)
+        if swiglu:
+            half = x.shape[-1] // 2
+            x = F.silu(x[:, :half]) * x[:, half:]
+        y = f(x, weight, None)
+        return y if residual is None else residual + y
 
 
 class LeanLayer:
@@ -137,7 +161,11 @@ class LeanLayer:
         cos, sin_signed broadcast against them. `scaled`: the input norm's `scaled_rows` of x
         where an exit check made them."""
         g, per, hd = self.groups, self.per, self.head_dim
-        qkv = linear(rms_norm(x, self.w_in, self.eps_in, scaled), self.qkv).view(*lead, g, per + 2, hd)
+        if scaled is None:
+            qkv = linear.folded(x, self.qkv, norm=(self.w_in, self.eps_in))
+        else:
+            qkv = linear(rms_norm(x, self.w_in, self.eps_in, scaled), self.qkv)
+        qkv = qkv.view(*lead, g, per + 2, hd)
         qk = qkv[..., : per + 1, :]
         if self.fp32:
             return qk * cos + qk.roll(hd // 2, -1) * sin_signed, qkv
@@ -147,9 +175,9 @@ class LeanLayer:
     def finish(self, x: torch.Tensor, out: torch.Tensor, linear: LeanKernels) -> torch.Tensor:
         """x (N, h) plus the attention's output projected from out (N, heads x hd), then plus
         the SwiGLU MLP of the normed result: the layer's output (N, h)."""
-        x = x + linear(out, self.proj)
-        h = linear(rms_norm(x, self.w_mid, self.eps_mid), self.fc1)  # (N, 2 ffn)
-        return x + linear(F.silu(h[:, : self.ffn]) * h[:, self.ffn :], self.fc2)
+        x = linear.folded(out, self.proj, residual=x)
+        h = linear.folded(x, self.fc1, norm=(self.w_mid, self.eps_mid))  # (N, 2 ffn)
+        return linear.folded(h, self.fc2, swiglu=True, residual=x)
 
     def __call__(self, x, cos, sin_signed, attn_mask, view, linear: LeanKernels, scaled=None) -> torch.Tensor:
         """x (A, 1, h) -> (A, 1, h); K/V written through `view` (a `kv_cache.DecodeView`).

@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 SOURCE = Path(__file__).with_name("native_linear.c")
-FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
+FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-lm")
 DTYPES = (torch.float32, torch.bfloat16)
 PANEL = 16  # output rows per panel (native_linear.c)
 ENV = "EE_NATIVE"  # "0": never build or use the native kernel
@@ -107,7 +107,7 @@ def library() -> ctypes.CDLL | None:
     vp, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     lib.ee_pack.argtypes = [vp, vp, i64, i64, i32, i32]
     lib.ee_pack.restype = None
-    lib.ee_linear.argtypes = [vp, vp, vp, vp, i64, i64, i64, i32, i32]
+    lib.ee_linear.argtypes = [vp, vp, vp, vp, i64, i64, i64, i32, i32, i32, vp, ctypes.c_float, vp]
     lib.ee_linear.restype = i32
     return lib
 
@@ -129,24 +129,47 @@ def pack(weight: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def linear(x: torch.Tensor, packed: torch.Tensor, out_features: int, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """`F.linear(x, W, bias)` from `packed = pack(W)`; x, W and bias share one dtype (`DTYPES`).
-    fp32 results differ from torch's by summation order; bf16 sums in fp32 and rounds once."""
+def linear(
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    out_features: int,
+    bias: torch.Tensor | None = None,
+    *,
+    norm: tuple[torch.Tensor, float] | None = None,
+    swiglu: bool = False,
+    residual: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """`F.linear(x, W, bias)` from `packed = pack(W)`; x, W, bias and residual share one dtype
+    (`DTYPES`). fp32 results differ from torch's by summation order; bf16 sums in fp32 and rounds
+    once. With the layer's operations around the product folded in (one call instead of several):
+      norm=(gain, eps): `F.linear(lean.rms_norm(x, gain, eps), W)`;
+      swiglu: x is [gate | up] (2 in_features columns): `F.linear(F.silu(gate) * up, W)`;
+      residual: `residual + F.linear(...)`,
+    each with the roundings of those operations (bf16 rounds where they do); the norm's mean and
+    the sigmoid's exp differ from torch's by round-off."""
     x = x.contiguous()
-    k = x.shape[-1]
+    k = x.shape[-1] // 2 if swiglu else x.shape[-1]
     y = torch.empty(*x.shape[:-1], out_features, dtype=x.dtype)
-    b = None if bias is None else bias.contiguous().data_ptr()
+    kind, gain, eps = (2, None, 0.0) if swiglu else (0, None, 0.0)
+    if norm is not None:
+        kind, gain, eps = 1, norm[0].contiguous(), float(norm[1])
+    if residual is not None:
+        residual = residual.contiguous()
     rc = library().ee_linear(
         x.data_ptr(),
         packed.data_ptr(),
-        b,
+        None if bias is None else bias.contiguous().data_ptr(),
         y.data_ptr(),
-        x.numel() // k,
+        x.numel() // x.shape[-1],
         k,
         out_features,
         int(x.dtype == torch.bfloat16),
         torch.get_num_threads(),
+        kind,
+        None if gain is None else gain.data_ptr(),
+        eps,
+        None if residual is None else residual.data_ptr(),
     )
     if rc != 0:
-        raise MemoryError("native kernel: out of memory converting x")
+        raise MemoryError("native kernel: out of memory for its input rows")
     return y

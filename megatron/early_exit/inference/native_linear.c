@@ -11,6 +11,7 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <math.h>
 #include <omp.h>
 
 typedef float v16 __attribute__((vector_size(64)));
@@ -62,22 +63,28 @@ static inline v16 column(const void *panel, int bf16, int64_t k) {
     return f;
 }
 
-static void store(v16 s, const void *b, void *y, int bf16, int64_t row, int64_t m0, int64_t M) {
+static inline float round_bf16(float f) { return bf16_to_f32(f32_to_bf16(f)); }
+
+/* One panel's 16 sums of one row: plus the bias, rounded to the output dtype, plus the residual
+   (rounded again in bf16: torch's `r + linear(x)` rounds the product, then the sum). */
+static void store(v16 s, const void *b, const void *res, void *y, int bf16, int64_t row, int64_t m0, int64_t M) {
     float v[PANEL];
     memcpy(v, &s, sizeof v);
     int64_t count = M - m0 < PANEL ? M - m0 : PANEL;
     for (int64_t j = 0; j < count; j++) {
+        int64_t o = row * M + m0 + j;
         float r = v[j];
         if (b) r += bf16 ? bf16_to_f32(((const uint16_t *)b)[m0 + j]) : ((const float *)b)[m0 + j];
+        if (res) r = bf16 ? round_bf16(r) + bf16_to_f32(((const uint16_t *)res)[o]) : r + ((const float *)res)[o];
         if (bf16)
-            ((uint16_t *)y)[row * M + m0 + j] = f32_to_bf16(r);
+            ((uint16_t *)y)[o] = f32_to_bf16(r);
         else
-            ((float *)y)[row * M + m0 + j] = r;
+            ((float *)y)[o] = r;
     }
 }
 
-static void panels(const void *Wp, int bf16, const float *x, const void *b, void *y, int64_t p0, int64_t p1,
-                   int64_t K, int64_t M, int64_t n) {
+static void panels(const void *Wp, int bf16, const float *x, const void *b, const void *res, void *y, int64_t p0,
+                   int64_t p1, int64_t K, int64_t M, int64_t n) {
     const int64_t esize = bf16 ? 2 : 4;
     for (int64_t p = p0; p < p1; p++) {
         const void *panel = (const char *)Wp + p * K * PANEL * esize;
@@ -99,27 +106,66 @@ static void panels(const void *Wp, int bf16, const float *x, const void *b, void
                 v16 w = column(panel, bf16, k);
                 for (int i = 0; i < xs; i++) a[i][0] += w * xr[i * K + k];
             }
-            for (int i = 0; i < xs; i++) store(a[i][0] + a[i][1], b, y, bf16, i0 + i, p * PANEL, M);
+            for (int i = 0; i < xs; i++) store(a[i][0] + a[i][1], b, res, y, bf16, i0 + i, p * PANEL, M);
         }
     }
 }
 
-/* y = x @ W^T (+ b) from W's panels (ee_pack); 0 on success, 1 when memory runs out. */
+static inline float load(const void *x, int bf16, int64_t i) {
+    return bf16 ? bf16_to_f32(((const uint16_t *)x)[i]) : ((const float *)x)[i];
+}
+
+/* The product's input rows in fp32 (n x K, into xf), made from x as the layer's own operations
+   would make them, with their roundings:
+     NONE     x itself;
+     RMSNORM  gain * (x * rsqrt(mean(x^2) + eps)) (`lean.rms_norm`: in bf16 the scaled row is
+              rounded, then its product with the gain);
+     SWIGLU   silu(gate) * up, x = [gate | up] (n x 2K) (bf16: silu rounded, then the product). */
+enum { NONE = 0, RMSNORM = 1, SWIGLU = 2 };
+
+static void prologue(const void *x, int bf16, int kind, const void *gain, float eps, float *xf, int64_t n, int64_t K) {
+    for (int64_t i = 0; i < n; i++) {
+        float *row = xf + i * K;
+        if (kind == RMSNORM) {
+            double ss = 0.0;
+            for (int64_t k = 0; k < K; k++) {
+                float v = load(x, bf16, i * K + k);
+                ss += (double)v * v;
+            }
+            float scale = 1.0f / sqrtf((float)(ss / (double)K) + eps);
+            for (int64_t k = 0; k < K; k++) {
+                float s = load(x, bf16, i * K + k) * scale, g = load(gain, bf16, k);
+                row[k] = bf16 ? round_bf16(g * round_bf16(s)) : g * s;
+            }
+        } else if (kind == SWIGLU) {
+            for (int64_t k = 0; k < K; k++) {
+                float gate = load(x, bf16, i * 2 * K + k), up = load(x, bf16, i * 2 * K + K + k);
+                float silu = gate / (1.0f + expf(-gate));
+                row[k] = bf16 ? round_bf16(round_bf16(silu) * up) : silu * up;
+            }
+        } else {
+            for (int64_t k = 0; k < K; k++) row[k] = load(x, bf16, i * K + k);
+        }
+    }
+}
+
+/* y = residual + prologue(x) @ W^T (+ b) from W's panels (ee_pack); residual (n x M) and b may
+   be NULL; gain and eps are read by RMSNORM only. 0 on success, 1 when memory runs out. */
 int ee_linear(const void *x, const void *Wp, const void *b, void *y, int64_t n, int64_t K, int64_t M, int bf16,
-              int threads) {
+              int threads, int kind, const void *gain, float eps, const void *residual) {
     float *xf = (float *)x;
-    if (bf16) {
+    if (bf16 || kind != NONE) {
         xf = (float *)malloc(sizeof(float) * (size_t)(n * K));
         if (!xf) return 1;
-        for (int64_t i = 0; i < n * K; i++) xf[i] = bf16_to_f32(((const uint16_t *)x)[i]);
+        prologue(x, bf16, kind, gain, eps, xf, n, K);
     }
     int64_t np = (M + PANEL - 1) / PANEL;
 #pragma omp parallel num_threads(threads)
     {
         int64_t t = omp_get_thread_num(), T = omp_get_num_threads();
         int64_t first = np * t / T, last = np * (t + 1) / T;
-        if (first < last) panels(Wp, bf16, xf, b, y, first, last, K, M, n);
+        if (first < last) panels(Wp, bf16, xf, b, residual, y, first, last, K, M, n);
     }
-    if (bf16) free(xf);
+    if (xf != (const float *)x) free(xf);
     return 0;
 }

@@ -168,3 +168,27 @@ def test_decoding_on_the_native_kernel_equals_full_greedy_and_self_speculation_s
                 PROMPTS, GenerationSettings(strategy=strategy, max_new_tokens=NEW, ignore_eos=True)
             )
             assert [r.tokens for r in got] == want, strategy
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("a,g,per,span,hd", [(1, 3, 3, 40, 64), (2, 2, 1, 7, 8), (3, 1, 4, 130, 20)])
+def test_decode_attention_equals_sdpa_on_the_caches_views(dtype, a, g, per, span, hd):
+    """`native.attend` against `group_rows_attention` (SDPA) on strided K/V views of a longer
+    cache, with and without a padding mask: fp32 within round-off (1e-6), bf16 within one
+    rounding of the output (2^-8 relative: outputs are below 4, so 2^-6 absolute)."""
+    from megatron.early_exit.model.attention import group_rows_attention
+
+    gen = torch.Generator().manual_seed(a * 100 + span)
+    kc, vc = (torch.randn(a + 1, g, span + 9, hd, generator=gen).to(dtype) for _ in range(2))
+    keys, values = kc[:a, :, :span], vc[:a, :, :span]  # views, as `DecodeView.update` returns them
+    q = torch.randn(a, g, per + 2, hd, generator=gen).to(dtype)[:, :, :per]  # a view of the QKV product
+    mask = torch.rand(a, 1, 1, span, generator=gen) > 0.3
+    mask[..., -1] = True  # the newest position is always attended
+    for m in (None, mask):
+        assert native.attends(q, keys, values, m)
+        got, want = native.attend(q, keys, values, m), group_rows_attention(q, keys, values, m)
+        assert got.shape == want.shape and got.dtype == dtype
+        tol = dict(rtol=1e-6, atol=1e-6) if dtype == torch.float32 else dict(rtol=2**-8, atol=2**-6)
+        torch.testing.assert_close(got.float(), want.float(), **tol)
+    assert not native.attends(q, keys, values, mask.float())  # an additive mask: SDPA's path

@@ -150,6 +150,11 @@ def _native(x, weight, bias):
     return native.linear(x, _derived(weight, "native"), weight.shape[0], bias)
 
 
+def is_native(func: Callable) -> bool:
+    """Whether `func` (from `linear_func`) is the native kernel."""
+    return func is _native
+
+
 def native_folded(func: Callable, x: torch.Tensor, weight: torch.Tensor, **fold) -> torch.Tensor | None:
     """Where `func` (from `linear_func`) is the native kernel: its product of x and `weight`
     with the operations `fold` names folded into the call (`native.linear`: norm, swiglu,

@@ -25,7 +25,8 @@ call the modules make), so that it gives the same numbers and the same K/V bit f
   - on the native kernel (`native.py`), the norm before a product, SwiGLU before the last and
     the residual adds after two folded into the product's call (`LeanKernels.folded`): the
     same roundings, the norm's mean and the sigmoid's exp within round-off of torch's, so bit
-    for bit only on the other kernels;
+    for bit only on the other kernels; and a decode step's attention in one native call
+    (`native.attend`, within round-off of SDPA);
   - no dtype casts where the model is fp32 (the norms' and rotation's fp32 math is its own).
 Anything else (biases, QK-norm, LayerNorm, GELU, tensor-parallel modules) runs the modules, and
 so does a layer with a forward hook on it or inside it (the hook sees the calls it expects).
@@ -38,7 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules import module
 
-from megatron.early_exit.inference import kernels
+from megatron.early_exit.inference import kernels, native
 from megatron.early_exit.model.attention import group_rows_attention
 from megatron.early_exit.model.layer import TransformerLayer
 from megatron.early_exit.model.norm import RMSNorm
@@ -116,6 +117,11 @@ class LeanKernels:
         """x (A, in) -> (A, out)."""
         return self.func(weight, x.shape[0])(x, weight, None)
 
+    def native_on(self, weight: torch.Tensor, rows: int) -> bool:
+        """Whether `weight`'s product over `rows` rows runs on the native kernel (the layer's
+        decode steps then attend natively too: `native.attend`)."""
+        return kernels.is_native(self.func(weight, rows))
+
     def folded(self, x, weight, norm: tuple | None = None, swiglu: bool = False, residual=None) -> torch.Tensor:
         """residual + (the rows x made ready) @ weight.T, x (A, in) -> (A, out): made ready by
         `rms_norm(x, *norm)` or, with `swiglu`, `F.silu(gate) * up` of x = [gate | up]. On the
@@ -187,7 +193,11 @@ class LeanLayer:
         x = x.view(a, -1)  # (A, h): 2-D products take no reshapes around them
         qk, qkv = self.rotated_qkv(x, (a,), cos, sin_signed, linear, scaled)  # (A, g, per + 1, hd), (A, g, per + 2, hd)
         keys, values = view.update(qk[:, :, per:], qkv[:, :, per + 1 :])  # (A, g, span, hd)
-        out = group_rows_attention(qk[:, :, :per], keys, values, attn_mask)  # (A, g, per, hd)
+        q = qk[:, :, :per]
+        if linear.native_on(self.qkv, a) and native.attends(q, keys, values, attn_mask):
+            out = native.attend(q, keys, values, attn_mask)  # one call, not SDPA's ~25 us
+        else:
+            out = group_rows_attention(q, keys, values, attn_mask)  # (A, g, per, hd)
         return self.finish(x, out.reshape(a, -1), linear).view(a, 1, -1)
 
     def rows(self, x, cos, sin_signed, attn_mask, view, linear: LeanKernels) -> torch.Tensor:

@@ -109,6 +109,8 @@ def library() -> ctypes.CDLL | None:
     lib.ee_pack.restype = None
     lib.ee_linear.argtypes = [vp, vp, vp, vp, i64, i64, i64, i32, i32, i32, vp, ctypes.c_float, vp]
     lib.ee_linear.restype = i32
+    lib.ee_attend.argtypes = [vp, vp, vp, vp, vp] + [i64] * 11 + [i32, i32]
+    lib.ee_attend.restype = i32
     return lib
 
 
@@ -173,3 +175,54 @@ def linear(
     if rc != 0:
         raise MemoryError("native kernel: out of memory for its input rows")
     return y
+
+
+def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """`attention.group_rows_attention(q, keys, values, mask)` for decode steps: q (A, G, per, hd)
+    (each K/V group's query heads at one position), keys / values (A, G, span, hd) (the KV cache's
+    views: any strides but a contiguous last dim), mask a bool (A, 1, 1, span) (True: attend) or
+    None -> (A, G, per, hd). Scores and softmax in fp32; fp32 within round-off of SDPA, bf16 within
+    its output rounding."""
+    a, g, per, hd = q.shape
+    span = keys.shape[2]
+    q = q.contiguous()
+    out = torch.empty_like(q)
+    m = None if mask is None else mask.reshape(a, span).to(torch.uint8).contiguous()
+    kb, kg, kp, _ = keys.stride()
+    vb, vg, vp, _ = values.stride()
+    rc = library().ee_attend(
+        q.data_ptr(),
+        keys.data_ptr(),
+        values.data_ptr(),
+        None if m is None else m.data_ptr(),
+        out.data_ptr(),
+        a,
+        g,
+        per,
+        span,
+        hd,
+        kb,
+        kg,
+        kp,
+        vb,
+        vg,
+        vp,
+        int(q.dtype == torch.bfloat16),
+        torch.get_num_threads(),
+    )
+    if rc != 0:
+        raise MemoryError("native kernel: out of memory for attention scores")
+    return out
+
+
+def attends(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None) -> bool:
+    """Whether `attend` takes these: one dtype of `DTYPES` on the CPU, contiguous head dims, a
+    bool mask of one row per sequence (or none)."""
+    return (
+        q.dtype in DTYPES
+        and keys.dtype == q.dtype == values.dtype
+        and keys.stride(-1) == 1
+        and values.stride(-1) == 1
+        and q.device.type == "cpu"
+        and (mask is None or (mask.dtype == torch.bool and mask.numel() == q.shape[0] * keys.shape[2]))
+    )

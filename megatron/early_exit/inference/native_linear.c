@@ -169,3 +169,95 @@ int ee_linear(const void *x, const void *Wp, const void *b, void *y, int64_t n, 
     if (xf != (const float *)x) free(xf);
     return 0;
 }
+
+/* Decode attention: each sequence's query heads of one position attend to its keys and values,
+ * one K/V group at a time (grouped-query attention, no causal mask among them), as
+ * `attention.group_rows_attention` does through SDPA, which spends ~25 us a call on a single
+ * query row. q, out: (A, G, per, hd) contiguous; k, v: (A, G, span, hd) with the given element
+ * strides for A, G and position (the KV cache's views; hd contiguous); mask: (A, span) bytes,
+ * nonzero where a key may be attended, or NULL. Scores and softmax in fp32, scaled 1/sqrt(hd);
+ * bf16 inputs are widened and the output rounded once. 0 on success, 1 when memory runs out. */
+static inline v16 widen(const void *p, int bf16, int64_t i) {
+    v16 f;
+    if (bf16) {
+        h16 h;
+        memcpy(&h, (const uint16_t *)p + i, sizeof h);
+        w16 u = __builtin_convertvector(h, w16) << 16;
+        memcpy(&f, &u, sizeof f);
+    } else {
+        memcpy(&f, (const float *)p + i, sizeof f);
+    }
+    return f;
+}
+
+/* q (fp32) . key (the cache's dtype), n = hd */
+static inline float dot(const float *q, const void *key, int bf16, int64_t n) {
+    float s = 0.f;
+    int64_t i = 0;
+    if (n >= PANEL) {
+        v16 acc = {0};
+        for (; i + PANEL <= n; i += PANEL) {
+            v16 x;
+            memcpy(&x, q + i, sizeof x);
+            acc += x * widen(key, bf16, i);
+        }
+        for (int j = 0; j < PANEL; j++) s += acc[j];
+    }
+    for (; i < n; i++) s += q[i] * load(key, bf16, i);
+    return s;
+}
+
+int ee_attend(const void *q, const void *k, const void *v, const uint8_t *mask, void *out, int64_t A, int64_t G,
+              int64_t per, int64_t span, int64_t hd, int64_t kb, int64_t kg, int64_t kp, int64_t vb, int64_t vg,
+              int64_t vp, int bf16, int threads) {
+    const int64_t esize = bf16 ? 2 : 4;
+    const float scale = 1.0f / sqrtf((float)hd);
+    int failed = 0;
+#pragma omp parallel for num_threads(threads) schedule(static) reduction(| : failed)
+    for (int64_t ag = 0; ag < A * G; ag++) {
+        int64_t a = ag / G, g = ag % G;
+        float *buf = (float *)malloc(sizeof(float) * (size_t)(span + 2 * hd));
+        if (!buf) {
+            failed = 1;
+            continue;
+        }
+        float *scores = buf, *qf = buf + span, *acc = buf + span + hd;
+        const char *kbase = (const char *)k + (a * kb + g * kg) * esize;
+        const char *vbase = (const char *)v + (a * vb + g * vg) * esize;
+        for (int64_t h = 0; h < per; h++) {
+            int64_t row = (a * G + g) * per + h;
+            for (int64_t d = 0; d < hd; d++) qf[d] = load(q, bf16, row * hd + d);
+            float top = -INFINITY;
+            for (int64_t t = 0; t < span; t++) {
+                if (mask && !mask[a * span + t]) {
+                    scores[t] = -INFINITY;
+                    continue;
+                }
+                float s = dot(qf, kbase + t * kp * esize, bf16, hd);
+                scores[t] = s * scale;
+                if (scores[t] > top) top = scores[t];
+            }
+            float total = 0.f;
+            for (int64_t d = 0; d < hd; d++) acc[d] = 0.f;
+            for (int64_t t = 0; t < span; t++) {
+                if (scores[t] == -INFINITY) continue;
+                float p = expf(scores[t] - top);
+                total += p;
+                const char *vt = vbase + t * vp * esize;
+                if (bf16)
+                    for (int64_t d = 0; d < hd; d++) acc[d] += p * bf16_to_f32(((const uint16_t *)vt)[d]);
+                else
+                    for (int64_t d = 0; d < hd; d++) acc[d] += p * ((const float *)vt)[d];
+            }
+            for (int64_t d = 0; d < hd; d++) {
+                float r = acc[d] / total;
+                if (bf16)
+                    ((uint16_t *)out)[row * hd + d] = f32_to_bf16(r);
+                else
+                    ((float *)out)[row * hd + d] = r;
+            }
+        }
+        free(buf);
+    }
+    return failed;
+}

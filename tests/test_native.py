@@ -192,3 +192,28 @@ def test_decode_attention_equals_sdpa_on_the_caches_views(dtype, a, g, per, span
         tol = dict(rtol=1e-6, atol=1e-6) if dtype == torch.float32 else dict(rtol=2**-8, atol=2**-6)
         torch.testing.assert_close(got.float(), want.float(), **tol)
     assert not native.attends(q, keys, values, mask.float())  # an additive mask: SDPA's path
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("tables", ["per_row", "shared"])
+def test_rotary_positions_in_place_equal_the_lean_layers_operations(dtype, tables):
+    """`native.rope_` against `LeanLayer.rotated_qkv`'s torch operations: the query heads and
+    the key of each group rotated, the value untouched; fp32 within round-off (one fused
+    multiply-add), bf16 within one output rounding."""
+    from megatron.early_exit.inference.lean import signed_sine
+
+    gen = torch.Generator().manual_seed(7)
+    n, g, per, hd = 5, 3, 2, 16
+    qkv = torch.randn(n, g, per + 2, hd, generator=gen).to(dtype)
+    angles = torch.rand(n if tables == "per_row" else 1, 1, 1, hd // 2, generator=gen) * 6
+    cos, sin = torch.cat((angles.cos(),) * 2, -1), torch.cat((angles.sin(),) * 2, -1)
+    ss = signed_sine(sin)
+    qk = qkv[:, :, : per + 1].float()
+    want = (qk * cos + qk.roll(hd // 2, -1) * ss).to(dtype)
+    got = qkv.clone()
+    assert native.rope_(got, cos, ss, per + 1) is got
+    tol = dict(rtol=1e-6, atol=1e-6) if dtype == torch.float32 else dict(rtol=2**-8, atol=2**-8)
+    torch.testing.assert_close(got[:, :, : per + 1].float(), want.float(), **tol)
+    assert torch.equal(got[:, :, per + 1], qkv[:, :, per + 1])  # values are not rotated
+    assert native.rope_(got[:, :, :3], cos, ss, per + 1) is None  # not contiguous: left to torch

@@ -171,6 +171,11 @@ class LeanLayer:
             qkv = linear.folded(x, self.qkv, norm=(self.w_in, self.eps_in))
         else:
             qkv = linear(rms_norm(x, self.w_in, self.eps_in, scaled), self.qkv)
+        if linear.native_on(self.qkv, x.shape[0]):  # rotated in place, one call (`native.rope_`)
+            done = native.rope_(qkv.view(-1, g, per + 2, hd), cos, sin_signed, per + 1)
+            if done is not None:
+                qkv = qkv.view(*lead, g, per + 2, hd)
+                return qkv[..., : per + 1, :], qkv
         qkv = qkv.view(*lead, g, per + 2, hd)
         qk = qkv[..., : per + 1, :]
         if self.fp32:

@@ -111,6 +111,8 @@ def library() -> ctypes.CDLL | None:
     lib.ee_linear.restype = i32
     lib.ee_attend.argtypes = [vp, vp, vp, vp, vp] + [i64] * 11 + [i32, i32]
     lib.ee_attend.restype = i32
+    lib.ee_rope.argtypes = [vp] + [i64] * 5 + [vp, vp, i64, i32]
+    lib.ee_rope.restype = None
     return lib
 
 
@@ -226,3 +228,28 @@ def attends(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: tor
         and q.device.type == "cpu"
         and (mask is None or (mask.dtype == torch.bool and mask.numel() == q.shape[0] * keys.shape[2]))
     )
+
+
+def rope_(qkv: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor, heads: int) -> torch.Tensor | None:
+    """Rotate in place the first `heads` heads of each group of the QKV product viewed
+    (N, G, per + 2, hd) (contiguous): x * cos + x.roll(hd / 2) * sin_signed in fp32, as
+    `lean.LeanLayer.rotated_qkv` does; cos / sin_signed fp32 with hd per row of qkv or one row for
+    all. Returns qkv, or None (nothing done) where the tables do not have that form."""
+    n, g, per2, hd = qkv.shape
+    c, s = cos.reshape(-1, hd), sin_signed.reshape(-1, hd)
+    if (
+        not qkv.is_contiguous()
+        or qkv.dtype not in DTYPES
+        or c.dtype != torch.float32
+        or s.shape != c.shape
+        or c.shape[0] not in (1, n)
+        or hd > 1024
+        or hd % 2
+    ):
+        return None
+    c, s = c.contiguous(), s.contiguous()
+    stride = 0 if c.shape[0] == 1 else hd
+    library().ee_rope(
+        qkv.data_ptr(), n, g, per2, heads, hd, c.data_ptr(), s.data_ptr(), stride, int(qkv.dtype == torch.bfloat16)
+    )
+    return qkv

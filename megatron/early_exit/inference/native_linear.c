@@ -261,3 +261,28 @@ int ee_attend(const void *q, const void *k, const void *v, const uint8_t *mask, 
     }
     return failed;
 }
+
+/* Rotary positions in place on the QKV product's rows: y (n, G, per + 2, hd) contiguous, the
+ * first `heads` heads of each group (its query heads and its key) rotated as `lean.rotated_qkv`
+ * does: y * cos + roll(y, hd / 2) * sin_signed, in fp32 (bf16 widened, rounded once); cos and
+ * sin_signed (fp32) hold one row of hd per row of y (cos_stride hd) or one for all (0). */
+void ee_rope(void *y, int64_t n, int64_t G, int64_t per2, int64_t heads, int64_t hd, const float *cos,
+             const float *sin_signed, int64_t cos_stride, int bf16) {
+    float tmp[1024];
+    if (hd > 1024) return;
+    for (int64_t i = 0; i < n; i++) {
+        const float *c = cos + i * cos_stride, *s = sin_signed + i * cos_stride;
+        for (int64_t g = 0; g < G; g++)
+            for (int64_t h = 0; h < heads; h++) {
+                int64_t base = ((i * G + g) * per2 + h) * hd;
+                for (int64_t d = 0; d < hd; d++) tmp[d] = load(y, bf16, base + d);
+                for (int64_t d = 0; d < hd; d++) {
+                    float r = tmp[d] * c[d] + tmp[(d + hd / 2) % hd] * s[d];
+                    if (bf16)
+                        ((uint16_t *)y)[base + d] = f32_to_bf16(r);
+                    else
+                        ((float *)y)[base + d] = r;
+                }
+            }
+    }
+}

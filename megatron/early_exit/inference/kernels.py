@@ -54,7 +54,10 @@ MANY_THREAD_ROUNDS, MANY_THREAD_MARGIN = 3 * ROUNDS, 2 * MARGIN  # wall-clock ti
 # against how it decodes (SmolLM2 bf16 on the Intel Xeon: the measured mixes at 0.89x all-packed).
 SIXTEEN_BIT_MARGIN = 0.25
 # Rows of x (all leading dimensions) -> (bucket, rows the bucket is measured with).
-_BUCKETS = ((1, 1), (16, 8))
+# 2-4 rows apart from 5-16: a self-speculative verify pass is a few rows, where the native
+# kernel is fastest (bf16, CPU reference: 0.46-0.72x `F.linear` at 3 rows) while at 8 rows packed
+# often is; measured at 8 only, the verify passes took packed and cost 1.6 plain steps in bf16.
+_BUCKETS = ((1, 1), (4, 3), (16, 8))
 _MANY_ROWS = (None, 32)
 
 # The packed and transposed copies of weights (`derived.py`: remade when a weight changes,

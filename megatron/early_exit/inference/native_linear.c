@@ -18,7 +18,11 @@ typedef float v16 __attribute__((vector_size(64)));
 typedef uint16_t h16 __attribute__((vector_size(32)));
 typedef uint32_t w16 __attribute__((vector_size(64)));
 #define PANEL 16
+#if defined(__AVX512F__)
+#define XROWS 8 /* rows of x per sweep over a panel: 16 sums of 16 lanes fit AVX-512's 32 registers */
+#else
 #define XROWS 4 /* rows of x per sweep over a panel */
+#endif
 
 static inline float bf16_to_f32(uint16_t h) {
     uint32_t u = (uint32_t)h << 16;
@@ -83,30 +87,51 @@ static void store(v16 s, const void *b, const void *res, void *y, int bf16, int6
     }
 }
 
+/* One panel against XS rows of x (XS a constant where it is called, so that the sums stay in
+   registers). Two partial sums per row (even and odd k): the same order whatever n and XS are,
+   so a row's result does not depend on the rows beside it (a verify pass's rows equal the decode
+   steps' bit for bit), and two FMA chains keep up with the memory stream. */
+static inline __attribute__((always_inline)) void sweep(const void *panel, int bf16, const float *xr, const void *b,
+                                                        const void *res, void *y, int64_t row0, int64_t m0, int64_t K,
+                                                        int64_t M, const int XS) {
+    v16 a[XROWS][2];
+    for (int i = 0; i < XS; i++) a[i][0] = a[i][1] = (v16){0};
+    int64_t k = 0;
+    for (; k + 2 <= K; k += 2) {
+        v16 w0 = column(panel, bf16, k), w1 = column(panel, bf16, k + 1);
+        for (int i = 0; i < XS; i++) {
+            a[i][0] += w0 * xr[i * K + k];
+            a[i][1] += w1 * xr[i * K + k + 1];
+        }
+    }
+    if (k < K) {
+        v16 w = column(panel, bf16, k);
+        for (int i = 0; i < XS; i++) a[i][0] += w * xr[i * K + k];
+    }
+    for (int i = 0; i < XS; i++) store(a[i][0] + a[i][1], b, res, y, bf16, row0 + i, m0, M);
+}
+
 static void panels(const void *Wp, int bf16, const float *x, const void *b, const void *res, void *y, int64_t p0,
                    int64_t p1, int64_t K, int64_t M, int64_t n) {
     const int64_t esize = bf16 ? 2 : 4;
     for (int64_t p = p0; p < p1; p++) {
         const void *panel = (const char *)Wp + p * K * PANEL * esize;
         for (int64_t i0 = 0; i0 < n; i0 += XROWS) {
-            int xs = n - i0 < XROWS ? (int)(n - i0) : XROWS;
             const float *xr = x + i0 * K;
-            v16 a[XROWS][2];
-            for (int i = 0; i < XROWS; i++) a[i][0] = a[i][1] = (v16){0};
-            int64_t k = 0;
-            /* Two partial sums per row (even and odd k): the same order whatever n and XROWS are,
-               so a row's result does not depend on the rows beside it (a verify pass's rows equal
-               the decode steps' bit for bit), and two FMA chains keep up with the memory stream. */
-            for (; k + 2 <= K; k += 2)
-                for (int u = 0; u < 2; u++) {
-                    v16 w = column(panel, bf16, k + u);
-                    for (int i = 0; i < xs; i++) a[i][u] += w * xr[i * K + k + u];
-                }
-            for (; k < K; k++) {
-                v16 w = column(panel, bf16, k);
-                for (int i = 0; i < xs; i++) a[i][0] += w * xr[i * K + k];
+            switch (n - i0 < XROWS ? (int)(n - i0) : XROWS) {
+            case 1: sweep(panel, bf16, xr, b, res, y, i0, p * PANEL, K, M, 1); break;
+            case 2: sweep(panel, bf16, xr, b, res, y, i0, p * PANEL, K, M, 2); break;
+            case 3: sweep(panel, bf16, xr, b, res, y, i0, p * PANEL, K, M, 3); break;
+            case 4: sweep(panel, bf16, xr, b, res, y, i0, p * PANEL, K, M, 4); break;
+#if XROWS == 8
+            case 5: sweep(panel, bf16, xr, b, res, y, i0, p * PANEL, K, M, 5); break;
+            case 6: sweep(panel, bf16, xr, b, res, y, i0, p * PANEL, K, M, 6); break;
+            case 7: sweep(panel, bf16, xr, b, res, y, i0, p * PANEL, K, M, 7); break;
+            default: sweep(panel, bf16, xr, b, res, y, i0, p * PANEL, K, M, 8); break;
+#else
+            default: sweep(panel, bf16, xr, b, res, y, i0, p * PANEL, K, M, 4); break;
+#endif
             }
-            for (int i = 0; i < xs; i++) store(a[i][0] + a[i][1], b, res, y, bf16, i0 + i, p * PANEL, M);
         }
     }
 }

@@ -44,6 +44,10 @@ from megatron.early_exit.model.attention import group_rows_attention
 from megatron.early_exit.model.layer import TransformerLayer
 from megatron.early_exit.model.norm import RMSNorm
 
+# The folded operations run in the calling thread before the product's threads start: at 8 rows
+# (SmolLM2, fp32, batch 8) decoding ran 1.05x faster without them, at 1 row 1.046x faster with.
+FOLD_ROWS = 4
+
 
 def supports(layer: nn.Module) -> bool:
     """Whether `LeanLayer` can run `layer` with the modules' arithmetic."""
@@ -125,12 +129,13 @@ class LeanKernels:
     def folded(self, x, weight, norm: tuple | None = None, swiglu: bool = False, residual=None) -> torch.Tensor:
         """residual + (the rows x made ready) @ weight.T, x (A, in) -> (A, out): made ready by
         `rms_norm(x, *norm)` or, with `swiglu`, `F.silu(gate) * up` of x = [gate | up]. On the
-        native kernel one call does it all (`native.linear`: the same roundings, the norm's mean
+        native kernel, up to FOLD_ROWS rows, one call does it all (`native.linear`: the same roundings, the norm's mean
         and the sigmoid's exp within round-off of torch's); on any other, these operations."""
         f = self.func(weight, x.shape[0])
-        y = kernels.native_folded(f, x, weight, norm=norm, swiglu=swiglu, residual=residual)
-        if y is not None:
-            return y
+        if x.shape[0] <= FOLD_ROWS:
+            y = kernels.native_folded(f, x, weight, norm=norm, swiglu=swiglu, residual=residual)
+            if y is not None:
+                return y
         if norm is not None:
             x = rms_norm(x, *norm)
         if swiglu:

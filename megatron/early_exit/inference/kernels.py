@@ -119,7 +119,7 @@ def applies(name: str, dtype: torch.dtype, rows: int) -> bool:
 
 
 def _derived(weight: torch.Tensor, kind: str) -> torch.Tensor:
-    """The cached `kind` copy of `weight` ("packed" or "transposed")."""
+    """The cached `kind` copy of `weight` ("packed", "transposed" or "native")."""
     return _DERIVED.get(weight, kind, _MAKE[kind])
 
 
@@ -185,11 +185,12 @@ def _bucket(rows: int) -> tuple[int | None, int]:
 
 def reference(dtype: torch.dtype) -> str:
     """The kernel another must clearly beat to be chosen for `dtype`. `native` wherever it was
-    built (fp32 and bf16): on the AMD EPYC (Zen 5) SmolLM2 decoded at 1.31x all-`packed` in fp32
-    and 1.19x in bf16 with it (`benchmarks/smollm2_decode.py --kernels packed native auto`),
-    74% / 51% of the bandwidth roofline, and other kernels still replace it on a clear gain
-    (more rows, other CPUs). Without it: `plain` (no weight copy), except in 16-bit float dtypes
-    where oneDNN packs them on this CPU (`packs`): `packed`, which another must beat by
+    built (fp32 and bf16): on the AMD EPYC (Zen 5) SmolLM2 decoded at 1.13x all-`packed` in fp32
+    and 1.12x in bf16 with its products alone, 1.23x and 1.47x with the layer's operations it
+    takes over (`lean.py`; `benchmarks/smollm2_decode.py --kernels auto packed`), and other
+    kernels still replace it on a clear gain (more rows, other CPUs). Without it: `plain` (no
+    weight copy), except in 16-bit float dtypes where oneDNN packs them on this CPU (`packs`):
+    `packed`, which another must beat by
     `SIXTEEN_BIT_MARGIN`. Timed alone, one shape at a time, bf16 `plain` and `packed` came within
     a few percent of each other on the Intel Xeon (60-66 us for 960x576 at one row, 2 threads)
     and runs picked different mixes, while in decoding, where every product follows other work,

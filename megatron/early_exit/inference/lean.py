@@ -25,8 +25,9 @@ call the modules make), so that it gives the same numbers and the same K/V bit f
   - on the native kernel (`native.py`), the norm before a product, SwiGLU before the last and
     the residual adds after two folded into the product's call (`LeanKernels.folded`): the
     same roundings, the norm's mean and the sigmoid's exp within round-off of torch's, so bit
-    for bit only on the other kernels; and a decode step's attention in one native call
-    (`native.attend`, within round-off of SDPA);
+    for bit only on the other kernels; the rotary positions applied in place to the QKV product
+    (`native.rope_`); and a decode step's attention in one native call (`native.attend`, within
+    round-off of SDPA);
   - no dtype casts where the model is fp32 (the norms' and rotation's fp32 math is its own).
 Anything else (biases, QK-norm, LayerNorm, GELU, tensor-parallel modules) runs the modules, and
 so does a layer with a forward hook on it or inside it (the hook sees the calls it expects).

@@ -149,8 +149,8 @@ def _transposed(x, weight, bias):
     return y if bias is None else y.add_(bias)
 
 
-def _native(x, weight, bias):
-    return native.linear(x, _derived(weight, "native"), weight.shape[0], bias)
+def _native(x, weight, bias, **fold):
+    return native.linear(x, _derived(weight, "native"), weight.shape[0], bias, **fold)
 
 
 def is_native(func: Callable) -> bool:
@@ -162,9 +162,7 @@ def native_folded(func: Callable, x: torch.Tensor, weight: torch.Tensor, **fold)
     """Where `func` (from `linear_func`) is the native kernel: its product of x and `weight`
     with the operations `fold` names folded into the call (`native.linear`: norm, swiglu,
     residual); None for any other kernel (the caller runs the operations itself)."""
-    if func is not _native:
-        return None
-    return native.linear(x, _derived(weight, "native"), weight.shape[0], **fold)
+    return _native(x, weight, None, **fold) if func is _native else None
 
 
 _FUNCS: dict[str, Callable] = {

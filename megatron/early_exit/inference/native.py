@@ -189,7 +189,7 @@ def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torc
     span = keys.shape[2]
     q = q.contiguous()
     out = torch.empty_like(q)
-    m = None if mask is None else mask.reshape(a, span).to(torch.uint8).contiguous()
+    m = None if mask is None else mask.reshape(a, span).contiguous()  # bool: one byte, 0 or 1
     kb, kg, kp, _ = keys.stride()
     vb, vg, vp, _ = values.stride()
     rc = library().ee_attend(

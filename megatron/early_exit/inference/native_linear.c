@@ -54,18 +54,22 @@ void ee_pack(const void *W, void *out, int64_t M, int64_t K, int bf16, int threa
             }
 }
 
-static inline v16 column(const void *panel, int bf16, int64_t k) {
+/* 16 consecutive elements of p from i, as fp32 (bf16 widened by a shift). */
+static inline v16 widen(const void *p, int bf16, int64_t i) {
     v16 f;
     if (bf16) {
         h16 h;
-        memcpy(&h, (const uint16_t *)panel + k * PANEL, sizeof h);
+        memcpy(&h, (const uint16_t *)p + i, sizeof h);
         w16 u = __builtin_convertvector(h, w16) << 16;
         memcpy(&f, &u, sizeof f);
     } else {
-        memcpy(&f, (const float *)panel + k * PANEL, sizeof f);
+        memcpy(&f, (const float *)p + i, sizeof f);
     }
     return f;
 }
+
+/* Column k of a panel: its 16 weights. */
+static inline v16 column(const void *panel, int bf16, int64_t k) { return widen(panel, bf16, k * PANEL); }
 
 static inline float round_bf16(float f) { return bf16_to_f32(f32_to_bf16(f)); }
 
@@ -202,19 +206,6 @@ int ee_linear(const void *x, const void *Wp, const void *b, void *y, int64_t n, 
  * strides for A, G and position (the KV cache's views; hd contiguous); mask: (A, span) bytes,
  * nonzero where a key may be attended, or NULL. Scores and softmax in fp32, scaled 1/sqrt(hd);
  * bf16 inputs are widened and the output rounded once. 0 on success, 1 when memory runs out. */
-static inline v16 widen(const void *p, int bf16, int64_t i) {
-    v16 f;
-    if (bf16) {
-        h16 h;
-        memcpy(&h, (const uint16_t *)p + i, sizeof h);
-        w16 u = __builtin_convertvector(h, w16) << 16;
-        memcpy(&f, &u, sizeof f);
-    } else {
-        memcpy(&f, (const float *)p + i, sizeof f);
-    }
-    return f;
-}
-
 /* q (fp32) . key (the cache's dtype), n = hd */
 static inline float dot(const float *q, const void *key, int bf16, int64_t n) {
     float s = 0.f;

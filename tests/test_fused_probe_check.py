@@ -188,3 +188,24 @@ def test_a_probe_on_an_exit_mlp_keeps_the_module_path():
         assert [r.tokens for r in fused] == [r.tokens for r in plain]
         assert [r.exit_layers for r in fused] == [r.exit_layers for r in plain]
     assert [r.tokens for r in _decode(model, PROMPTS, 1.0, True)] == [naive_greedy(model, p, NEW) for p in PROMPTS]
+
+
+@pytest.mark.parametrize("k", [0, 16])
+def test_a_decode_steps_rmsnorm_check_runs_in_one_native_call(k, monkeypatch):
+    """Where the native kernel is built, a uniform decode step's RMSNorm probe check is
+    `native.Probe` (`Passes.shared_norm_scores`), and decoding through it gives the module path's
+    tokens and exit layers; where it is not, the torch check runs (the same test, no calls)."""
+    from megatron.early_exit.inference import native
+
+    calls = []
+    real = native.Probe.__call__
+    monkeypatch.setattr(native.Probe, "__call__", lambda self, x: calls.append(x.shape) or real(self, x))
+    model = _probe_model(True, k, "backbone")
+    for prompts in ([PROMPTS[0]], PROMPTS):
+        fused, plain = _decode(model, prompts, 0.5, True), _decode(model, prompts, 0.5, False)
+        assert [r.tokens for r in fused] == [r.tokens for r in plain]
+        assert [r.exit_layers for r in fused] == [r.exit_layers for r in plain]
+    if native.available():
+        assert len(calls) >= NEW and all(1 <= s[0] <= len(PROMPTS) for s in calls)
+    else:
+        assert not calls

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from megatron.early_exit.config import ModelConfig
-from megatron.early_exit.inference import EarlyExitEngine, ExitPolicy, lean
+from megatron.early_exit.inference import EarlyExitEngine, ExitPolicy, lean, native
 from megatron.early_exit.model import EarlyExitGPT
 from megatron.early_exit.model.attention import group_rows_attention
 from tests.test_fast_path import greedy_steps
@@ -78,7 +78,12 @@ def assert_same_steps(ref, got, s_ref, s_got) -> None:
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("batch", [1, 2, 4])
-def test_lean_layers_give_the_modules_numbers_bit_for_bit(dtype, batch):
+@pytest.mark.parametrize("native_probe", [False, True])
+def test_lean_layers_give_the_modules_numbers_bit_for_bit(dtype, batch, native_probe, monkeypatch):
+    if not native_probe:  # the checks' probes made without `native.Probe`: the torch check, rows shared
+        monkeypatch.setattr(native, "available", lambda dtype=torch.float32: False)
+    elif not native.available():
+        pytest.skip("no native kernel here (no C compiler)")
     model = make(dtype)
     prompts = PROMPTS[batch]
     # Exits that split the batch alternate with full-depth steps (pending rows recomputed) and
@@ -88,8 +93,9 @@ def test_lean_layers_give_the_modules_numbers_bit_for_bit(dtype, batch):
     ref, s_ref, n_ref = decode(model, prompts, policies, use_lean=False)
     got, s_got, n_got = decode(model, prompts, policies, use_lean=True)
     # Lean on uniform steps and on general passes; in steps where no row left at an exit, the
-    # next layer's input norm took the rows the exit's check had made (`lean.scaled_rows`).
-    assert n_ref == [0, 0, 0] and min(n_got) > 0
+    # next layer's input norm took the rows the exit's torch check had made (`lean.scaled_rows`;
+    # the native check makes none: the layer folds its own norm).
+    assert n_ref == [0, 0, 0] and min(n_got[:2]) > 0 and (n_got[2] == 0) == native_probe
     assert_same_steps(ref, got, s_ref, s_got)
     assert torch.equal(s_got.cache.k, s_ref.cache.k) and torch.equal(s_got.cache.v, s_ref.cache.v)
     assert len({e for _, exits, _ in ref for e in exits.values()}) > 1  # some tokens left early

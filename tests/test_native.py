@@ -217,3 +217,34 @@ def test_rotary_positions_in_place_equal_the_lean_layers_operations(dtype, table
     torch.testing.assert_close(got[:, :, : per + 1].float(), want.float(), **tol)
     assert torch.equal(got[:, :, per + 1], qkv[:, :, per + 1])  # values are not rotated
     assert native.rope_(got[:, :, :3], cos, ss, per + 1) is None  # not contiguous: left to torch
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("hidden", [0, 24])  # linear probe, MLP probe
+@pytest.mark.parametrize("h,rows", [(37, 1), (576, 3)])  # a width with a tail past the 16-lane blocks
+def test_a_probes_check_in_one_call_equals_the_torch_check(dtype, hidden, h, rows):
+    """`native.Probe` (made by `fused_check._fold` for an RMSNorm probe) against
+    `FoldedProbe.scores_of_scaled(lean.scaled_rows(x))`, the check it replaces: fp32 arithmetic
+    in both, another summation order (norm and products), so within 1e-5 relative of the logit's
+    scale; a probe that does not fold to RMSNorm gets none."""
+    from megatron.early_exit.inference.fused_check import _fold
+    from megatron.early_exit.inference.lean import scaled_rows
+
+    g = torch.Generator().manual_seed(h + hidden)
+    k = max(hidden, 1)
+    w, b, gain = 0.2 * torch.randn(k, h, generator=g), torch.randn(k, generator=g), 0.5 + torch.rand(h, generator=g)
+    out = (torch.randn(1, k, generator=g), torch.randn(1, generator=g)) if hidden else ()
+    folded = _fold(w, "rms", 1e-5, b, gain, None, *out)
+    assert isinstance(folded.native, native.Probe) and folded.native.hidden == hidden
+    x = (3 * torch.randn(rows, 1, h, generator=g)).to(dtype)
+    assert folded.native.takes(x) and not folded.native.takes(x[..., :-1]) and not folded.native.takes(x.half())
+    want = folded.scores_of_scaled(scaled_rows(x.view(rows, h), 1e-5))
+    got = folded.native(x)
+    assert isinstance(got, list) and len(got) == rows
+    scale = max(abs(v) for v in want) + 1.0
+    assert max(abs(a - c) for a, c in zip(got, want)) < 1e-5 * scale, (got, want)
+    # the full logit: the shift (the last bias) added back equals the probe's own fused logit
+    full = folded.logit(x.view(rows, h)).tolist()
+    assert max(abs(a + folded.shift - c) for a, c in zip(got, full)) < 1e-5 * scale
+    assert _fold(w, "layer", 1e-5, b, gain, torch.zeros(h), *out).native is None

@@ -26,7 +26,11 @@ in fp32, the norm before its gain: `scores_of_scaled`, one product with W' / sqr
 `Passes.folded_scores` keeps them for the next lean layer, whose input norm makes the same rows
 where its eps is the probe norm's: a check that does not fire then costs that layer one product,
 its value and the decision (the last product's bias moved into the bound;
-measured in `benchmarks/probe_cost.py`, "in a step").
+measured in `benchmarks/probe_cost.py`, "in a step"). Where the native kernel is built
+(`native.py`), that check is one call instead (`native.Probe`, made with the folded copies:
+the norm's scale, the products and the GELU over the raw rows, in fp32; ~3.5 us for SmolLM2's
+linear probe against ~15-20 us for the torch check and its list on an AMD EPYC), and the next
+layer folds its own norm into its product as it does without a check.
 
 A probe reading an exit with an MLP or a block, or any probe or norm of another type, cannot be
 folded: `folded_probe` returns None and decoding takes the module path (`confidence.learned`).
@@ -45,6 +49,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from megatron.early_exit.derived import DerivedCopies
+from megatron.early_exit.inference import native
 from megatron.early_exit.model.exits import ConfidenceMLP
 from megatron.early_exit.model.norm import RMSNorm
 
@@ -72,6 +77,9 @@ class FoldedProbe:
     norm_eps: float = 0.0  # the norm's own eps (RMSNorm: what `scores_of_scaled`'s rows were made with)
     scaled_weight_t: torch.Tensor | None = None  # RMSNorm: weight_t / sqrt(h), for `scores_of_scaled`
     shift: float = 0.0  # what `scores_of_scaled` leaves out of the logit: the last bias (linear probe's, fc_out's)
+    # RMSNorm, on the CPU where the native kernel is built: `scores_of_scaled(lean.scaled_rows(x,
+    # norm_eps))` from x in one call (`native.Probe`; `Passes.shared_norm_scores` takes it)
+    native: object | None = None
 
     def logit(self, x: torch.Tensor) -> torch.Tensor:
         """Rows x [A, h], any float dtype -> the probe's logit [A] in fp32."""
@@ -188,9 +196,12 @@ def _fold(weight, kind, eps, bias, gain, shift, out_weight=None, out_bias=None) 
     if kind == "rms":  # mean(x^2) = |x|^2 / h: the 1/h leaves the per-row reduction
         w, eps = w * math.sqrt(w.shape[1]), eps * w.shape[1]
     eps = torch.tensor(float(eps))
+    in_c = kind == "rms" and unit.device.type == "cpu" and native.available()  # the check in one native call
     if out_weight is None:
         scaled = unit[0].contiguous() if kind == "rms" else None
-        return FoldedProbe(kind, eps, w[0].contiguous(), b, center, None, None, norm_eps, scaled, float(b[0]))
+        probe = native.Probe(scaled, norm_eps, None, None) if in_c else None
+        return FoldedProbe(kind, eps, w[0].contiguous(), b, center, None, None, norm_eps, scaled, float(b[0]), probe)
     out, out_b = out_weight.detach().float()[0].contiguous(), out_bias.detach().float()  # (k,), (1,)
     scaled = unit.t().contiguous() if kind == "rms" else None
-    return FoldedProbe(kind, eps, w.t().contiguous(), b, center, out, out_b, norm_eps, scaled, float(out_b[0]))
+    probe = native.Probe(scaled, norm_eps, b, out) if in_c else None
+    return FoldedProbe(kind, eps, w.t().contiguous(), b, center, out, out_b, norm_eps, scaled, float(out_b[0]), probe)

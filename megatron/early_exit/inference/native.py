@@ -113,6 +113,8 @@ def library() -> ctypes.CDLL | None:
     lib.ee_attend.restype = i32
     lib.ee_rope.argtypes = [vp] + [i64] * 5 + [vp, vp, i64, i32]
     lib.ee_rope.restype = None
+    lib.ee_probe.argtypes = [vp, i32, i64, i64, ctypes.c_float, vp, vp, i64, vp, vp]
+    lib.ee_probe.restype = i32
     return lib
 
 
@@ -253,3 +255,39 @@ def rope_(qkv: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor, heads:
         qkv.data_ptr(), n, g, per2, heads, hd, c.data_ptr(), s.data_ptr(), stride, int(qkv.dtype == torch.bfloat16)
     )
     return qkv
+
+
+class Probe:
+    """An RMSNorm probe's check in one call: `FoldedProbe.scores_of_scaled(lean.scaled_rows(x,
+    eps))` from the backbone's rows x (A, ..., h) of a dtype of `DTYPES` on the CPU (`takes`), the
+    norm's scale and the probe's products in fp32 (its mean differs from torch's by round-off).
+    Made once per folded probe (`fused_check._fold`), its weights' addresses worked out then: a
+    call is one ctypes call and a list (a decode step pays it at every exit that does not fire)."""
+
+    def __init__(self, weight: torch.Tensor, eps: float, bias: torch.Tensor | None, out_weight: torch.Tensor | None):
+        """weight: the probe's first weight with the norm's gain folded in, [h] (linear probe) or
+        [h, k] (MLP: then bias [k] before its GELU and out_weight [k] after), fp32 on the CPU."""
+        self.tensors = [t.detach().float().contiguous() for t in (weight, bias, out_weight) if t is not None]
+        w1 = self.tensors[0]
+        self.hidden = w1.shape[1] if w1.dim() == 2 else 0
+        if self.hidden and len(self.tensors) != 3:
+            raise ValueError("native probe: an MLP probe needs its first bias and its output weight")
+        ptrs = [t.data_ptr() for t in self.tensors]
+        self.w1, self.b1, self.w2 = ptrs[0], ptrs[1] if self.hidden else None, ptrs[2] if self.hidden else None
+        self.eps, self.h = float(eps), w1.shape[0]
+        self.fn = library().ee_probe
+
+    def takes(self, x: torch.Tensor) -> bool:
+        """Whether `self(x)` runs: x's rows are h wide, of a dtype of `DTYPES`, on the CPU."""
+        return x.dtype in DTYPES and x.device.type == "cpu" and x.shape[-1] == self.h
+
+    def __call__(self, x: torch.Tensor) -> list[float]:
+        """The score of each row of x (A, ..., h) (`takes`), less the probe's last bias, as floats."""
+        x = x.contiguous()
+        a = x.numel() // self.h
+        out = (ctypes.c_float * a)()
+        if self.fn(
+            x.data_ptr(), x.dtype == torch.bfloat16, a, self.h, self.eps, self.w1, self.b1, self.hidden, self.w2, out
+        ):
+            raise MemoryError("native kernel: out of memory for a probe's rows")
+        return list(out)

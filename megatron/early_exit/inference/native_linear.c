@@ -302,3 +302,51 @@ void ee_rope(void *y, int64_t n, int64_t G, int64_t per2, int64_t heads, int64_t
             }
     }
 }
+
+/* A learned exit check's scores from the backbone's rows (`fused_check.FoldedProbe`, an RMSNorm
+ * probe): per row of x (n x K, fp32 or bf16), s = x * rsqrt(mean(x^2) + eps) (the norm before its
+ * gain, which is folded into the weights), then
+ *   H == 0 (linear probe)  score = s . w1            (w1: K)
+ *   H  > 0 (MLP probe)     score = gelu(b1 + s @ w1) . w2   (w1: K x H row-major, b1 and w2: H;
+ *                          gelu the exact (erf) form, as torch's)
+ * into out (n, fp32); the probe's last bias is left out (the caller's bound holds it). fp32 sums,
+ * in the calling thread: a probe's weights are a few hundred KB at most, and a non-firing check
+ * is worth having only where it costs a few microseconds. 0 on success, 1 when memory runs out. */
+int ee_probe(const void *x, int bf16, int64_t n, int64_t K, float eps, const float *w1, const float *b1, int64_t H,
+             const float *w2, float *out) {
+    float *s = (float *)malloc(sizeof(float) * (size_t)(K + H + PANEL));
+    if (!s) return 1;
+    float *restrict v = s + K + PANEL;
+    for (int64_t i = 0; i < n; i++) {
+        const char *xi = (const char *)x + i * K * (bf16 ? 2 : 4);
+        int64_t k = 0;
+        v16 acc = {0};
+        for (; k + PANEL <= K; k += PANEL) {
+            v16 e = widen(xi, bf16, k);
+            acc += e * e;
+            memcpy(s + k, &e, sizeof e);
+        }
+        float ss = 0.f;
+        for (int j = 0; j < PANEL; j++) ss += acc[j];
+        for (; k < K; k++) {
+            s[k] = load(xi, bf16, k);
+            ss += s[k] * s[k];
+        }
+        const float scale = 1.0f / sqrtf(ss / (float)K + eps);
+        for (k = 0; k < K; k++) s[k] *= scale;
+        float score = 0.f;
+        if (H == 0) {
+            score = dot(s, w1, 0, K);
+        } else {
+            memcpy(v, b1, sizeof(float) * (size_t)H);
+            for (k = 0; k < K; k++) {
+                const float sk = s[k], *restrict row = w1 + k * H;
+                for (int64_t j = 0; j < H; j++) v[j] += sk * row[j];
+            }
+            for (int64_t j = 0; j < H; j++) score += 0.5f * v[j] * (1.0f + erff(v[j] * 0.70710678118654752f)) * w2[j];
+        }
+        out[i] = score;
+    }
+    free(s);
+    return 0;
+}

@@ -631,14 +631,21 @@ class Passes:
         sequence (a decode step) and every row is a candidate, through `lean.scaled_rows`: the
         rows are kept (`self.scaled`) for the next lean layer, whose input norm makes the same
         ones where its eps is the probe norm's, so that a check that does not fire costs that
-        layer one product and its value (`FoldedProbe.scores_of_scaled`)."""
+        layer one product and its value (`FoldedProbe.scores_of_scaled`); where the native
+        kernel is built, one call (`native.Probe`, see `shared_norm_scores`)."""
         if folded.norm != "rms" or len(cand) != len(rows.seqs) or rows.x.shape[1] != 1:
             return folded.logit(self.newest_rows(rows, cand)[:, 0]).tolist(), 0.0  # (A, h) rows
         return self.shared_norm_scores(folded, rows.x), folded.shift
 
     def shared_norm_scores(self, folded, x: torch.Tensor) -> list[float]:
         """An RMSNorm probe's scores (`FoldedProbe.scores_of_scaled`) of one row per sequence x
-        (A, 1, h), through `lean.scaled_rows`, which are kept (`self.scaled`) for the next lean layer."""
+        (A, 1, h): in one call where the native kernel is built (`folded.native`: nothing kept,
+        the next layer folds its norm into its product), else through `lean.scaled_rows`, which
+        are kept (`self.scaled`) for the next lean layer."""
+        probe = folded.native
+        if probe is not None and probe.takes(x):  # in one native call; the next layer folds its own norm
+            self.scaled = None
+            return probe(x)
         scaled = lean.scaled_rows(x.view(x.shape[0], -1), folded.norm_eps)  # (A, h) fp32
         self.scaled = (x, scaled, folded.norm_eps)
         return folded.scores_of_scaled(scaled)

@@ -16,9 +16,10 @@ once per decode state and policy (`uniform_checks`): the exit's module and folde
 threshold's logit, the candidates of each pass size, and under `cost_aware` the decider's
 verdict for each pass size, kept while the decider has recorded nothing new
 (`ExitDecider.version`), so that a skipped check costs a counter. Its arithmetic and decisions
-are the general path's: the same `lean.scaled_rows` (kept for the next lean layer), the same
-product, the same comparison against logit(threshold), the same `ExitDecider` calls where rows
-fire or the check runs under `cost_aware`; where rows fire, their exit hidden states and
+are the general path's: the same `Passes.shared_norm_scores` (`native.Probe` where the native
+kernel is built, else `lean.scaled_rows`, kept for the next lean layer, and the product), the
+same comparison against logit(threshold), the same `ExitDecider` calls where rows fire or the
+check runs under `cost_aware`; where rows fire, their exit hidden states and
 projections are made as `Passes.probe_check` makes them. So tokens, K/V and the decider's
 counts equal the general path's (`tests/test_uniform_check.py`).
 

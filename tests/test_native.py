@@ -126,14 +126,15 @@ def test_it_never_packs_what_it_cannot_multiply():
 
 @needs_native
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_the_layer_operations_folded_into_the_call_equal_them_one_by_one(dtype):
+@pytest.mark.parametrize("n", [1, 3, 11])  # rows: one, one block of them, several blocks (`xblock`)
+def test_the_layer_operations_folded_into_the_call_equal_them_one_by_one(dtype, n):
     """norm / SwiGLU before the product and the residual after it (`LeanKernels.folded`): fp32
     within round-off of torch's operations; bf16 within one rounding of the output (the norm's
     mean and the sigmoid's exp may round a last bit differently from torch's)."""
     from megatron.early_exit.inference.lean import rms_norm
 
-    g = torch.Generator().manual_seed(5)
-    k, m, n = 96, 40, 3
+    g = torch.Generator().manual_seed(5 + n)
+    k, m = 99, 40  # K past a multiple of 16: the vectorised prologue's partial last block
     w = torch.randn(m, k, generator=g).to(dtype)
     gain = (1 + 0.1 * torch.randn(k, generator=g)).to(dtype)
     x, h = torch.randn(n, k, generator=g).to(dtype), torch.randn(n, 2 * k, generator=g).to(dtype)
@@ -153,21 +154,52 @@ def test_the_layer_operations_folded_into_the_call_equal_them_one_by_one(dtype):
 
 
 @needs_native
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_folded_silu_holds_over_every_gate(dtype):
+    """SwiGLU folded (`exp16`, the kernel's own exponential): gates from -95 to 95 (past both
+    ends of fp32's exp) against `F.silu(gate) * up`: fp32 within 2 ulps (2.5e-7 relative) or
+    1e-35 absolute (gates below -87, where the kernel's e^-gate stops at e^87: silu times up ~1e-36 against
+    torch's denormal); bf16 equal, or one rounding apart."""
+    k = 64
+    packed = native.pack(torch.eye(k).to(dtype))  # the product copies the SwiGLU's rows out
+    gate = torch.linspace(-95, 95, 40 * k).view(40, k)
+    up = 1 + torch.rand(40, k, generator=torch.Generator().manual_seed(1))
+    x = torch.cat([gate, up], 1).to(dtype)
+    got = native.linear(x, packed, k, swiglu=True).float()
+    want = (F.silu(x[:, :k]) * x[:, k:]).float()
+    if dtype == torch.float32:
+        torch.testing.assert_close(got, want, rtol=2.5e-7, atol=1e-35)
+    else:
+        torch.testing.assert_close(got, want, rtol=2**-8, atol=1e-35)
+    assert (got[gate > 30] == want[gate > 30]).all()  # silu(g) = g there: exact
+
+
+@needs_native
 @pytest.mark.parametrize("good", [True, False])
-def test_decoding_on_the_native_kernel_equals_full_greedy_and_self_speculation_stays_lossless(good):
+def test_decoding_on_the_native_kernel_equals_full_greedy_and_self_speculation_stays_lossless(good, monkeypatch):
     """fp32, folded lean layers: full decoding and self-speculative decoding (verify passes of
-    several rows against one-row drafts and steps) give the tokens of the modules' greedy loop."""
+    several rows, attending natively, against one-row drafts and steps) give the tokens of the
+    modules' greedy loop."""
     from tests.test_dynamic_speculation import NEW, PROMPTS, build
     from tests.test_inference import naive_greedy
 
+    positions = []  # query positions per sequence of each native attention call
+    real = native.attend
+    monkeypatch.setattr(
+        native, "attend", lambda q, *a: positions.append(q.shape[1] if q.dim() == 5 else 1) or real(q, *a)
+    )
     model = build(good)
     want = [naive_greedy(model, p, NEW) for p in PROMPTS]
-    with kernels.forced_kernel("native"):
-        for strategy in ("full", "self_speculative"):
-            got = EarlyExitEngine(model).generate(
-                PROMPTS, GenerationSettings(strategy=strategy, max_new_tokens=NEW, ignore_eos=True)
-            )
-            assert [r.tokens for r in got] == want, strategy
+    multi = {}
+    for strategy in ("full", "self_speculative"):
+        positions.clear()
+        got = EarlyExitEngine(model, linear_kernel="native").generate(
+            PROMPTS, GenerationSettings(strategy=strategy, max_new_tokens=NEW, ignore_eos=True)
+        )
+        assert [r.tokens for r in got] == want, strategy
+        multi[strategy] = sum(p > 1 for p in positions)  # general passes: the prompts', verify passes
+        assert 1 in positions, strategy  # decode steps
+    assert multi["self_speculative"] > multi["full"] > 0
 
 
 @needs_native
@@ -192,6 +224,33 @@ def test_decode_attention_equals_sdpa_on_the_caches_views(dtype, a, g, per, span
         tol = dict(rtol=1e-6, atol=1e-6) if dtype == torch.float32 else dict(rtol=2**-8, atol=2**-6)
         torch.testing.assert_close(got.float(), want.float(), **tol)
     assert not native.attends(q, keys, values, mask.float())  # an additive mask: SDPA's path
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("a,r,g,per,lo,hd", [(1, 5, 3, 3, 40, 64), (2, 3, 2, 1, 7, 8), (3, 2, 1, 4, 100, 20)])
+def test_a_verify_passes_attention_equals_sdpa_and_its_rows_the_decode_steps(dtype, a, r, g, per, lo, hd):
+    """`native.attend` over R positions per sequence (a verify pass: `LeanLayer.rows`), each its
+    own causal row of the mask, against SDPA with `enable_gqa` as the general pass calls it
+    (tolerances as above), and each position's result bit for bit the one-position call's over
+    the keys up to it (a verify pass's rows equal the decode steps')."""
+    gen = torch.Generator().manual_seed(a * 100 + lo)
+    span = lo + r
+    kc, vc = (torch.randn(a + 1, g, span + 9, hd, generator=gen).to(dtype) for _ in range(2))
+    keys, values = kc[:a, :, :span], vc[:a, :, :span]
+    q = torch.randn(a, r, g, per + 2, hd, generator=gen).to(dtype)[..., :per, :]  # (A, R, g, per, hd) view
+    mask = torch.ones(r, span, dtype=torch.bool).tril(lo).expand(a, 1, r, span)  # key j <= lo + i
+    assert native.attends(q, keys, values, mask)
+    got = native.attend(q, keys, values, mask)
+    sdpa_q = q.reshape(a, r, g * per, hd).transpose(1, 2)  # (A, heads, R, hd)
+    want = F.scaled_dot_product_attention(sdpa_q, keys, values, attn_mask=mask, enable_gqa=per > 1)
+    assert got.shape == q.shape and got.dtype == dtype
+    tol = dict(rtol=1e-6, atol=1e-6) if dtype == torch.float32 else dict(rtol=2**-8, atol=2**-6)
+    torch.testing.assert_close(got.reshape(a, r, g * per, hd).float(), want.transpose(1, 2).float(), **tol)
+    for i in range(r):  # position lo + i alone over keys 0..lo + i, as its decode step attends
+        n = lo + i + 1
+        alone = native.attend(q[:, i], keys[:, :, :n], values[:, :, :n], None)
+        assert torch.equal(got[:, i], alone), i
 
 
 @needs_native

@@ -109,7 +109,7 @@ def library() -> ctypes.CDLL | None:
     lib.ee_pack.restype = None
     lib.ee_linear.argtypes = [vp, vp, vp, vp, i64, i64, i64, i32, i32, i32, vp, ctypes.c_float, vp]
     lib.ee_linear.restype = i32
-    lib.ee_attend.argtypes = [vp, vp, vp, vp, vp] + [i64] * 11 + [i32, i32]
+    lib.ee_attend.argtypes = [vp, vp, vp, vp, vp] + [i64] * 12 + [i32, i32]
     lib.ee_attend.restype = i32
     lib.ee_rope.argtypes = [vp] + [i64] * 5 + [vp, vp, i64, i32]
     lib.ee_rope.restype = None
@@ -182,16 +182,19 @@ def linear(
 
 
 def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """`attention.group_rows_attention(q, keys, values, mask)` for decode steps: q (A, G, per, hd)
-    (each K/V group's query heads at one position), keys / values (A, G, span, hd) (the KV cache's
-    views: any strides but a contiguous last dim), mask a bool (A, 1, 1, span) (True: attend) or
-    None -> (A, G, per, hd). Scores and softmax in fp32; fp32 within round-off of SDPA, bf16 within
-    its output rounding."""
-    a, g, per, hd = q.shape
+    """Attention of a decode step or a verify pass over the KV cache: q (A, G, per, hd) (each K/V
+    group's query heads at one position: `attention.group_rows_attention`) or (A, R, G, per, hd)
+    (R positions per sequence: SDPA with `enable_gqa`), keys / values (A, G, span, hd) (the KV
+    cache's views: any strides but a contiguous last dim), mask a bool (A, 1, 1, span) or
+    (A, 1, R, span) (True: attend; each position its own row) or None -> q's shape. Scores and
+    softmax in fp32; fp32 within round-off of SDPA, bf16 within its output rounding; a position's
+    result does not depend on the positions beside it."""
+    r = q.shape[1] if q.dim() == 5 else 1
+    a, g, per, hd = q.shape[0], q.shape[-3], q.shape[-2], q.shape[-1]
     span = keys.shape[2]
     q = q.contiguous()
     out = torch.empty_like(q)
-    m = None if mask is None else mask.reshape(a, span).contiguous()  # bool: one byte, 0 or 1
+    m = None if mask is None else mask.reshape(a * r, span).contiguous()  # bool: one byte, 0 or 1
     kb, kg, kp, _ = keys.stride()
     vb, vg, vp, _ = values.stride()
     rc = library().ee_attend(
@@ -201,6 +204,7 @@ def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torc
         None if m is None else m.data_ptr(),
         out.data_ptr(),
         a,
+        r,
         g,
         per,
         span,
@@ -221,14 +225,15 @@ def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torc
 
 def attends(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None) -> bool:
     """Whether `attend` takes these: one dtype of `DTYPES` on the CPU, contiguous head dims, a
-    bool mask of one row per sequence (or none)."""
+    bool mask of one row per query position (or none)."""
+    rows = q.shape[0] * (q.shape[1] if q.dim() == 5 else 1)
     return (
         q.dtype in DTYPES
         and keys.dtype == q.dtype == values.dtype
         and keys.stride(-1) == 1
         and values.stride(-1) == 1
         and q.device.type == "cpu"
-        and (mask is None or (mask.dtype == torch.bool and mask.numel() == q.shape[0] * keys.shape[2]))
+        and (mask is None or (mask.dtype == torch.bool and mask.numel() == rows * keys.shape[2]))
     )
 
 

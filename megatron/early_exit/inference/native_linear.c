@@ -91,8 +91,8 @@ static void store(v16 s, const void *b, const void *res, void *y, int bf16, int6
     }
 }
 
-/* One panel against XS rows of x (XS a constant where it is called, so that the sums stay in
-   registers). Two partial sums per row (even and odd k): the same order whatever n and XS are,
+/* One panel against XS rows of x, xr their block of `xblock`'s layout (XS a constant where it is
+   called, so that the sums stay in registers). Two partial sums per row (even and odd k): the same order whatever n and XS are,
    so a row's result does not depend on the rows beside it (a verify pass's rows equal the decode
    steps' bit for bit), and two FMA chains keep up with the memory stream. */
 static inline __attribute__((always_inline)) void sweep(const void *panel, int bf16, const float *xr, const void *b,
@@ -104,13 +104,13 @@ static inline __attribute__((always_inline)) void sweep(const void *panel, int b
     for (; k + 2 <= K; k += 2) {
         v16 w0 = column(panel, bf16, k), w1 = column(panel, bf16, k + 1);
         for (int i = 0; i < XS; i++) {
-            a[i][0] += w0 * xr[i * K + k];
-            a[i][1] += w1 * xr[i * K + k + 1];
+            a[i][0] += w0 * xr[k * XS + i];
+            a[i][1] += w1 * xr[(k + 1) * XS + i];
         }
     }
     if (k < K) {
         v16 w = column(panel, bf16, k);
-        for (int i = 0; i < XS; i++) a[i][0] += w * xr[i * K + k];
+        for (int i = 0; i < XS; i++) a[i][0] += w * xr[k * XS + i];
     }
     for (int i = 0; i < XS; i++) store(a[i][0] + a[i][1], b, res, y, bf16, row0 + i, m0, M);
 }
@@ -144,36 +144,95 @@ static inline float load(const void *x, int bf16, int64_t i) {
     return bf16 ? bf16_to_f32(((const uint16_t *)x)[i]) : ((const float *)x)[i];
 }
 
-/* The product's input rows in fp32 (n x K, into xf), made from x as the layer's own operations
-   would make them, with their roundings:
+/* Where element (i, k) of the rows x (n x K) lies in the product's fp32 copy: rows in blocks of
+   XROWS (the last block the rows left), each block k-major (its rows' k-th elements side by side),
+   so that a sweep reads one contiguous stream of x too. Row-major, rows K * 4 bytes apart, a sweep
+   over 8 rows of K = 1024 read 8 lines 4 KB apart per column: one L1 set, and bf16 products of 5-8
+   rows ran slower than oneDNN's. */
+static inline int64_t xblock(int64_t i, int64_t k, int64_t n, int64_t K) {
+    int64_t i0 = i / XROWS * XROWS, rows = n - i0 < XROWS ? n - i0 : XROWS;
+    return i0 * K + k * rows + (i - i0);
+}
+
+/* The product's input rows in fp32 (n x K, into xf in `xblock`'s layout), made from x as the
+   layer's own operations would make them, with their roundings:
      NONE     x itself;
      RMSNORM  gain * (x * rsqrt(mean(x^2) + eps)) (`lean.rms_norm`: in bf16 the scaled row is
               rounded, then its product with the gain);
      SWIGLU   silu(gate) * up, x = [gate | up] (n x 2K) (bf16: silu rounded, then the product). */
 enum { NONE = 0, RMSNORM = 1, SWIGLU = 2 };
 
+/* m (<= 16) consecutive elements of p from i as fp32, zeros past them (a row's last block). */
+static inline v16 widen_part(const void *p, int bf16, int64_t i, int64_t m) {
+    if (m == PANEL) return widen(p, bf16, i);
+    v16 f = {0};
+    for (int64_t j = 0; j < m; j++) f[j] = load(p, bf16, i + j);
+    return f;
+}
+
+/* round_bf16 of 16 lanes: to nearest even; NaN stays NaN. */
+static inline v16 round16(v16 f) {
+    w16 u, nan;
+    memcpy(&u, &f, sizeof u);
+    nan = (w16)((u & 0x7fffffffu) > 0x7f800000u);
+    u = ((u + 0x7fffu + ((u >> 16) & 1u)) & ~nan) | ((u | 0x400000u) & nan);
+    u &= 0xffff0000u;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+
+/* e^x of 16 lanes, within an ulp or two of expf: x = n ln2 + r, |r| <= ln2 / 2, e^r by its
+   Taylor series to r^7 (the rest below 1e-8 relative), 2^n put into the exponent. Inputs below
+   -87 give e^-87 and above 88 e^88 (expf: 0 and inf; a SiLU of such gates is 0 or the gate to
+   within far less than a rounding of the results it feeds). */
+static inline v16 exp16(v16 x) {
+    const v16 lo = (v16){0} - 87.0f, hi = (v16){0} + 88.0f;
+    w16 below = (w16)(x < lo), above = (w16)(x > hi), ux, ulo, uhi;
+    memcpy(&ux, &x, sizeof ux);
+    memcpy(&ulo, &lo, sizeof ulo);
+    memcpy(&uhi, &hi, sizeof uhi);
+    ux = (ux & ~below & ~above) | (ulo & below) | (uhi & above);
+    memcpy(&x, &ux, sizeof x);
+    const float magic = 12582912.0f; /* 1.5 * 2^23: adding it rounds to an integer in the low bits */
+    v16 t = x * 1.44269504088896341f + magic, n = t - magic;
+    v16 r = x - n * 0.693359375f + n * 2.12194440e-4f; /* ln2 split in two: r exact enough */
+    v16 p = 1.0f + r * (1.0f + r * (0.5f + r * (1.0f / 6 + r * (1.0f / 24 + r * (1.0f / 120 + r * (1.0f / 720 + r * (1.0f / 5040)))))));
+    w16 bits, e;
+    memcpy(&bits, &t, sizeof bits);
+    e = (bits - 0x4B400000u) << 23; /* n, as the exponent's increment */
+    memcpy(&bits, &p, sizeof bits);
+    bits += e;
+    memcpy(&p, &bits, sizeof p);
+    return p;
+}
+
 static void prologue(const void *x, int bf16, int kind, const void *gain, float eps, float *xf, int64_t n, int64_t K) {
     for (int64_t i = 0; i < n; i++) {
-        float *row = xf + i * K;
+        float scale = 0.f;
         if (kind == RMSNORM) {
-            double ss = 0.0;
-            for (int64_t k = 0; k < K; k++) {
-                float v = load(x, bf16, i * K + k);
-                ss += (double)v * v;
+            v16 acc = {0};
+            for (int64_t k = 0; k < K; k += PANEL) {
+                v16 e = widen_part(x, bf16, i * K + k, K - k < PANEL ? K - k : PANEL);
+                acc += e * e;
             }
-            float scale = 1.0f / sqrtf((float)(ss / (double)K) + eps);
-            for (int64_t k = 0; k < K; k++) {
-                float s = load(x, bf16, i * K + k) * scale, g = load(gain, bf16, k);
-                row[k] = bf16 ? round_bf16(g * round_bf16(s)) : g * s;
+            float ss = 0.f;
+            for (int j = 0; j < PANEL; j++) ss += acc[j];
+            scale = 1.0f / sqrtf(ss / (float)K + eps);
+        }
+        for (int64_t k = 0; k < K; k += PANEL) {
+            int64_t m = K - k < PANEL ? K - k : PANEL;
+            v16 v;
+            if (kind == RMSNORM) {
+                v16 s = widen_part(x, bf16, i * K + k, m) * scale, g = widen_part(gain, bf16, k, m);
+                v = bf16 ? round16(g * round16(s)) : g * s;
+            } else if (kind == SWIGLU) {
+                v16 gate = widen_part(x, bf16, i * 2 * K + k, m), up = widen_part(x, bf16, i * 2 * K + K + k, m);
+                v16 silu = gate / (1.0f + exp16(-gate));
+                v = bf16 ? round16(round16(silu) * up) : silu * up;
+            } else {
+                v = widen_part(x, bf16, i * K + k, m);
             }
-        } else if (kind == SWIGLU) {
-            for (int64_t k = 0; k < K; k++) {
-                float gate = load(x, bf16, i * 2 * K + k), up = load(x, bf16, i * 2 * K + K + k);
-                float silu = gate / (1.0f + expf(-gate));
-                row[k] = bf16 ? round_bf16(round_bf16(silu) * up) : silu * up;
-            }
-        } else {
-            for (int64_t k = 0; k < K; k++) row[k] = load(x, bf16, i * K + k);
+            for (int64_t j = 0; j < m; j++) xf[xblock(i, k + j, n, K)] = v[j];
         }
     }
 }
@@ -182,8 +241,8 @@ static void prologue(const void *x, int bf16, int kind, const void *gain, float 
    be NULL; gain and eps are read by RMSNORM only. 0 on success, 1 when memory runs out. */
 int ee_linear(const void *x, const void *Wp, const void *b, void *y, int64_t n, int64_t K, int64_t M, int bf16,
               int threads, int kind, const void *gain, float eps, const void *residual) {
-    float *xf = (float *)x;
-    if (bf16 || kind != NONE) {
+    float *xf = (float *)x; /* one row: xblock's layout is the row itself */
+    if (bf16 || kind != NONE || n > 1) {
         xf = (float *)malloc(sizeof(float) * (size_t)(n * K));
         if (!xf) return 1;
         prologue(x, bf16, kind, gain, eps, xf, n, K);
@@ -199,13 +258,16 @@ int ee_linear(const void *x, const void *Wp, const void *b, void *y, int64_t n, 
     return 0;
 }
 
-/* Decode attention: each sequence's query heads of one position attend to its keys and values,
- * one K/V group at a time (grouped-query attention, no causal mask among them), as
- * `attention.group_rows_attention` does through SDPA, which spends ~25 us a call on a single
- * query row. q, out: (A, G, per, hd) contiguous; k, v: (A, G, span, hd) with the given element
- * strides for A, G and position (the KV cache's views; hd contiguous); mask: (A, span) bytes,
- * nonzero where a key may be attended, or NULL. Scores and softmax in fp32, scaled 1/sqrt(hd);
- * bf16 inputs are widened and the output rounded once. 0 on success, 1 when memory runs out. */
+/* Decode attention: each sequence's query heads at R positions attend to its keys and values,
+ * one K/V group at a time (grouped-query attention), as `attention.group_rows_attention` (R = 1)
+ * and SDPA with `enable_gqa` (R > 1: a verify pass's rows) do; SDPA spends ~25 us a call on a
+ * single query row and ~70-90 us on a verify pass's few. q, out: (A, R, G, per, hd) contiguous;
+ * k, v: (A, G, span, hd) with the given element strides for A, G and position (the KV cache's
+ * views; hd contiguous); mask: (A, R, span) bytes, nonzero where a key may be attended (each
+ * row its own: causal rows), or NULL. Scores and softmax in fp32, scaled 1/sqrt(hd); bf16 inputs
+ * are widened and the output rounded once. A row's arithmetic does not depend on R or on the rows
+ * beside it, so a verify pass's rows equal the decode steps'. 0 on success, 1 when memory runs
+ * out. */
 /* q (fp32) . key (the cache's dtype), n = hd */
 static inline float dot(const float *q, const void *key, int bf16, int64_t n) {
     float s = 0.f;
@@ -223,29 +285,42 @@ static inline float dot(const float *q, const void *key, int bf16, int64_t n) {
     return s;
 }
 
-int ee_attend(const void *q, const void *k, const void *v, const uint8_t *mask, void *out, int64_t A, int64_t G,
-              int64_t per, int64_t span, int64_t hd, int64_t kb, int64_t kg, int64_t kp, int64_t vb, int64_t vg,
-              int64_t vp, int bf16, int threads) {
+static int attend(const void *q, const void *k, const void *v, const uint8_t *mask, void *out, int64_t A, int64_t R,
+                  int64_t G, int64_t per, int64_t span, int64_t hd, int64_t kb, int64_t kg, int64_t kp, int64_t vb,
+                  int64_t vg, int64_t vp, int bf16, int threads, const int64_t *slots);
+
+int ee_attend(const void *q, const void *k, const void *v, const uint8_t *mask, void *out, int64_t A, int64_t R,
+              int64_t G, int64_t per, int64_t span, int64_t hd, int64_t kb, int64_t kg, int64_t kp, int64_t vb,
+              int64_t vg, int64_t vp, int bf16, int threads) {
+    return attend(q, k, v, mask, out, A, R, G, per, span, hd, kb, kg, kp, vb, vg, vp, bf16, threads, NULL);
+}
+
+/* ee_attend, sequence a's keys and values at slot slots[a] of k and v (NULL: slot a). */
+static int attend(const void *q, const void *k, const void *v, const uint8_t *mask, void *out, int64_t A, int64_t R,
+                  int64_t G, int64_t per, int64_t span, int64_t hd, int64_t kb, int64_t kg, int64_t kp, int64_t vb,
+                  int64_t vg, int64_t vp, int bf16, int threads, const int64_t *slots) {
     const int64_t esize = bf16 ? 2 : 4;
     const float scale = 1.0f / sqrtf((float)hd);
     int failed = 0;
 #pragma omp parallel for num_threads(threads) schedule(static) reduction(| : failed)
-    for (int64_t ag = 0; ag < A * G; ag++) {
-        int64_t a = ag / G, g = ag % G;
+    for (int64_t arg = 0; arg < A * R * G; arg++) {
+        int64_t ar = arg / G, a = ar / R, g = arg % G; /* ar: the query position's row, a * R + r */
         float *buf = (float *)malloc(sizeof(float) * (size_t)(span + 2 * hd));
         if (!buf) {
             failed = 1;
             continue;
         }
         float *scores = buf, *qf = buf + span, *acc = buf + span + hd;
-        const char *kbase = (const char *)k + (a * kb + g * kg) * esize;
-        const char *vbase = (const char *)v + (a * vb + g * vg) * esize;
+        const int64_t slot = slots ? slots[a] : a;
+        const char *kbase = (const char *)k + (slot * kb + g * kg) * esize;
+        const char *vbase = (const char *)v + (slot * vb + g * vg) * esize;
+        const uint8_t *m = mask ? mask + ar * span : NULL;
         for (int64_t h = 0; h < per; h++) {
-            int64_t row = (a * G + g) * per + h;
+            int64_t row = arg * per + h;
             for (int64_t d = 0; d < hd; d++) qf[d] = load(q, bf16, row * hd + d);
             float top = -INFINITY;
             for (int64_t t = 0; t < span; t++) {
-                if (mask && !mask[a * span + t]) {
+                if (m && !m[t]) {
                     scores[t] = -INFINITY;
                     continue;
                 }
@@ -349,4 +424,48 @@ int ee_probe(const void *x, int bf16, int64_t n, int64_t K, float eps, const flo
     }
     free(s);
     return 0;
+}
+
+/* A layer's decode step in one call (`lean.LeanLayer.__call__` where all four products run on this
+ * kernel): n rows x (n x h, one new position per sequence) -> y (n x h), the position's keys and
+ * values written into the layer's cache, each step the call the Python path makes, in its order
+ * and with its roundings (so the numbers are that path's, bit for bit):
+ *   qkv = rmsnorm(x, w_in) @ Wqkv^T          (n, G, per + 2, hd)
+ *   rotary positions on the per + 1 query and key heads of each group (cos, sin: ee_rope's)
+ *   K/V cache[slots[a], g, pos[a]] = the group's key and value heads
+ *   o = attention of the query heads over cache positions 0 .. span - 1 of the row's slot
+ *       (mask: (n, span) bytes, nonzero where attended, or NULL: all)
+ *   x1 = x + o @ Wproj^T;  y = x1 + swiglu(rmsnorm(x1, w_mid) @ Wfc1^T) @ Wfc2^T
+ * W* are ee_pack's panels; kc, vc: the layer's K/V cache (slots, G, positions, hd) with element
+ * strides sb, sg, st (hd contiguous). The step's Python operations, each a tensor operation of a
+ * few microseconds, cost a SmolLM2 layer more than its attention. 0 on success, 1 when memory runs
+ * out (nothing written to y; the cache may hold the new position's K/V, which a retry rewrites). */
+int ee_layer(const void *x, void *y, int64_t n, int bf16, int threads, int64_t h, int64_t G, int64_t per, int64_t hd,
+             int64_t ffn, const void *w_in, float eps_in, const void *qkv_p, const void *proj_p, const void *w_mid,
+             float eps_mid, const void *fc1_p, const void *fc2_p, const float *cos, const float *sin,
+             int64_t cos_stride, void *kc, void *vc, int64_t sb, int64_t sg, int64_t st, const int64_t *slots,
+             const int64_t *pos, int64_t span, const uint8_t *mask) {
+    const int64_t esize = bf16 ? 2 : 4, per2 = per + 2, wq = G * per2 * hd, wo = G * per * hd;
+    char *buf = (char *)malloc((size_t)(n * (wq + wo + wo + h + 2 * ffn) * esize));
+    if (!buf) return 1;
+    char *qkv = buf, *q = qkv + n * wq * esize, *o = q + n * wo * esize, *x1 = o + n * wo * esize;
+    char *h1 = x1 + n * h * esize;
+    int failed = ee_linear(x, qkv_p, NULL, qkv, n, h, wq, bf16, threads, RMSNORM, w_in, eps_in, NULL);
+    if (!failed) {
+        ee_rope(qkv, n, G, per2, per + 1, hd, cos, sin, cos_stride, bf16);
+        for (int64_t a = 0; a < n; a++)
+            for (int64_t g = 0; g < G; g++) {
+                const char *grp = qkv + ((a * G + g) * per2) * hd * esize;
+                int64_t at = (slots[a] * sb + g * sg + pos[a] * st) * esize;
+                memcpy((char *)kc + at, grp + per * hd * esize, (size_t)(hd * esize));
+                memcpy((char *)vc + at, grp + (per + 1) * hd * esize, (size_t)(hd * esize));
+                memcpy(q + (a * G + g) * per * hd * esize, grp, (size_t)(per * hd * esize));
+            }
+        failed = attend(q, kc, vc, mask, o, n, 1, G, per, span, hd, sb, sg, st, sb, sg, st, bf16, threads, slots);
+    }
+    if (!failed) failed = ee_linear(o, proj_p, NULL, x1, n, wo, h, bf16, threads, NONE, NULL, 0.f, x);
+    if (!failed) failed = ee_linear(x1, fc1_p, NULL, h1, n, h, 2 * ffn, bf16, threads, RMSNORM, w_mid, eps_mid, NULL);
+    if (!failed) failed = ee_linear(h1, fc2_p, NULL, y, n, ffn, h, bf16, threads, SWIGLU, NULL, 0.f, x1);
+    free(buf);
+    return failed;
 }

@@ -178,28 +178,37 @@ def test_the_folded_silu_holds_over_every_gate(dtype):
 @pytest.mark.parametrize("good", [True, False])
 def test_decoding_on_the_native_kernel_equals_full_greedy_and_self_speculation_stays_lossless(good, monkeypatch):
     """fp32, folded lean layers: full decoding and self-speculative decoding (verify passes of
-    several rows, attending natively, against one-row drafts and steps) give the tokens of the
-    modules' greedy loop."""
+    several rows, natively, against one-row drafts and steps, each layer's in one call) give the
+    tokens of the modules' greedy loop."""
+    from megatron.early_exit.inference import lean
     from tests.test_dynamic_speculation import NEW, PROMPTS, build
     from tests.test_inference import naive_greedy
 
-    positions = []  # query positions per sequence of each native attention call
-    real = native.attend
-    monkeypatch.setattr(
-        native, "attend", lambda q, *a: positions.append(q.shape[1] if q.dim() == 5 else 1) or real(q, *a)
-    )
+    calls, general = [], []  # native calls (attention, whole layers); rows per sequence of general passes run natively
+    real_attend, real_step, real_rows = native.attend, native.layer_step, lean.LeanLayer.rows
+    monkeypatch.setattr(native, "attend", lambda *a: calls.append("attend") or real_attend(*a))
+    monkeypatch.setattr(native, "layer_step", lambda *a: calls.append("layer") or real_step(*a))
+
+    def rows(self, x, *a):
+        before = len(calls)
+        out = real_rows(self, x, *a)
+        if len(calls) > before:
+            general.append(x.shape[1])
+        return out
+
+    monkeypatch.setattr(lean.LeanLayer, "rows", rows)
     model = build(good)
     want = [naive_greedy(model, p, NEW) for p in PROMPTS]
-    multi = {}
+    verified = {}
     for strategy in ("full", "self_speculative"):
-        positions.clear()
+        calls.clear(), general.clear()
         got = EarlyExitEngine(model, linear_kernel="native").generate(
             PROMPTS, GenerationSettings(strategy=strategy, max_new_tokens=NEW, ignore_eos=True)
         )
         assert [r.tokens for r in got] == want, strategy
-        multi[strategy] = sum(p > 1 for p in positions)  # general passes: the prompts', verify passes
-        assert 1 in positions, strategy  # decode steps
-    assert multi["self_speculative"] > multi["full"] > 0
+        assert calls.count("layer") > len(general), strategy  # decode steps: one call a layer
+        verified[strategy] = sum(1 < r <= lean.ATTEND_ROWS for r in general)  # the prompts', verify passes
+    assert verified["self_speculative"] > verified["full"] > 0
 
 
 @needs_native
@@ -307,3 +316,55 @@ def test_a_probes_check_in_one_call_equals_the_torch_check(dtype, hidden, h, row
     full = folded.logit(x.view(rows, h)).tolist()
     assert max(abs(a + folded.shift - c) for a, c in zip(got, full)) < 1e-5 * scale
     assert _fold(w, "layer", 1e-5, b, gain, torch.zeros(h), *out).native is None
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("groups", [4, 2])  # multi-head, grouped-query
+def test_a_layers_decode_step_in_one_call_gives_the_lean_layers_numbers_bit_for_bit(dtype, groups, monkeypatch):
+    """`native.layer_step` (`ee_layer`: the lean layer's decode step on the native kernel in one
+    call) against the same lean layers call by call (`LeanLayer.native_step` off): the same
+    operations in the same order, so logits and K/V equal bit for bit, at batch 1 and 4 (slots at
+    one position: slice views; at different positions: a mask), with exits leaving and pending
+    rows recomputed by general passes in between (their rows in one call too), and a verify pass
+    of 3 rows per sequence after them."""
+    from megatron.early_exit.config import ModelConfig
+    from megatron.early_exit.inference import ExitPolicy, lean
+    from megatron.early_exit.model import EarlyExitGPT
+    from tests.test_fast_path import filled_kv, greedy_steps
+    from tests.test_lean import assert_same_steps
+
+    cfg = ModelConfig(
+        num_layers=4, hidden_size=64, num_attention_heads=4, num_query_groups=groups, ffn_hidden_size=96,
+        vocab_size=80, max_position_embeddings=128, normalization="RMSNorm", swiglu=True,
+        position_embedding_type="rope", add_bias_linear=False, exit_layer_nums=[1, 2], use_exit_norm=True,
+    )  # fmt: skip
+    model = EarlyExitGPT(cfg)
+    model.init_weights(3)
+    model = model.to(dtype).eval()
+    calls, fused = [], [True]
+    real, real_step = native.layer_step, lean.LeanLayer.native_step
+    monkeypatch.setattr(native, "layer_step", lambda x, *a: calls.append(x.shape[0]) or real(x, *a))
+    monkeypatch.setattr(lean.LeanLayer, "native_step", lambda *a: real_step(*a) if fused[0] else None)
+    policies = [
+        ExitPolicy(threshold=0.0, allowed=(1, 2)),
+        ExitPolicy(),
+        ExitPolicy(),
+    ]  # every token leaves at exit 1, then none
+    for prompts in ([[5, 6, 7]], [[1, 2, 3, 4, 5], [7, 8], [9, 10, 11, 12, 13, 14, 15], [3]], [[4, 9]] * 4):
+        runs = {}
+        for fused[0] in (True, False):
+            calls.clear()
+            engine = EarlyExitEngine(model, linear_kernel="native")
+            with torch.no_grad():
+                trace, state = greedy_steps(engine, prompts, policies, 8, True)
+                # a verify pass: 3 rows per sequence through every layer, each with its mask row
+                out = engine.verify(state, {b: [3, 4, 5] for b in range(len(prompts))})
+            runs[fused[0]] = (trace, state, len(calls), out.all_logits)
+        (ref, s_ref, n_ref, v_ref), (got, s_got, n_got, v_got) = runs[False], runs[True]
+        assert n_ref == 0 and n_got > 0
+        assert_same_steps(ref, got, s_ref, s_got)
+        assert v_got.keys() == v_ref.keys() and all(torch.equal(v_got[b], v_ref[b]) for b in v_ref)
+        assert any(e < cfg.num_layers for _, exits, _ in ref for e in exits.values())  # some tokens left early
+        for a, b in zip(filled_kv(s_got), filled_kv(s_ref)):
+            assert torch.equal(a, b)

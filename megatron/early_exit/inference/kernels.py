@@ -57,7 +57,10 @@ SIXTEEN_BIT_MARGIN = 0.25
 # 2-4 rows apart from 5-16: a self-speculative verify pass is a few rows, where the native
 # kernel is fastest (bf16, CPU reference: 0.46-0.72x `F.linear` at 3 rows) while at 8 rows packed
 # often is; measured at 8 only, the verify passes took packed and cost 1.6 plain steps in bf16.
-_BUCKETS = ((1, 1), (4, 3), (16, 8))
+# 5-8 rows apart from 9-16 likewise: a verify pass of 4 drafts is 5 rows, where the native kernel
+# ties oneDNN's on bf16 (384, 1024) (31.7 / 31.1 us) and loses at 8 (42.7 / 32.9), and one product
+# on another kernel keeps the whole layer from running in one call (`lean.LeanLayer.native_step`).
+_BUCKETS = ((1, 1), (4, 3), (8, 5), (16, 12))
 _MANY_ROWS = (None, 32)
 
 # The packed and transposed copies of weights (`derived.py`: remade when a weight changes,
@@ -151,6 +154,11 @@ def _transposed(x, weight, bias):
 
 def _native(x, weight, bias, **fold):
     return native.linear(x, _derived(weight, "native"), weight.shape[0], bias, **fold)
+
+
+def native_copy(weight: torch.Tensor) -> torch.Tensor:
+    """`weight`'s panels for the native kernel (`native.pack`), made once and remade when it changes."""
+    return _derived(weight, "native")
 
 
 def is_native(func: Callable) -> bool:

@@ -46,7 +46,7 @@ class KVCache:
         if rows.block is not None:
             if rows.views is None or rows.views[0] is not self:
                 rows.views = (self, *block_views(self, *rows.block, rows.span))
-            return SliceView(rows.views, index)
+            return SliceView(rows.views, index, rows)
         return LayerView(self, index, rows)
 
     def move(self, b: int, src: int, dst: int) -> None:
@@ -90,6 +90,8 @@ class RowIndex:
         branch: list[tuple[int, ...]] | None = None,
     ) -> None:  # fmt: skip
         r, a = max(n), len(seqs)
+        self.seqs, self.lo, self.n, self.r = list(seqs), list(lo), list(n), r
+        self.native: tuple | None = None  # (capacity, slots, cache indices) per row (`native_kv`)
         # Contiguous slots, every one with the same rows (a verify pass, one sequence's fill):
         # K/V are written and read through views of every layer (`KVCache.layer`), as the
         # uniform step does.
@@ -136,12 +138,26 @@ class RowIndex:
         b, lo, end = self.block
         return torch.arange(lo, end).expand(b.stop - b.start, end - lo).to(self.device)
 
+    def native_kv(self, cache: KVCache, index: int) -> tuple:
+        """What `native.layer_step` takes of layer `index`'s cache in this pass, its A x R rows
+        taken as rows of their own: (k, v (slots, groups, positions, hd), each row's slot and
+        cache index (padding rows: the scratch index), span, mask (A, 1, R, span))."""
+        if self.native is None or self.native[0] != cache.capacity:
+            slots = [b for b in self.seqs for _ in range(self.r)]
+            at = [lo + j if j < n else cache.capacity for lo, n in zip(self.lo, self.n) for j in range(self.r)]
+            self.native = (cache.capacity, torch.tensor(slots, dtype=torch.int64), torch.tensor(at, dtype=torch.int64))
+        return cache.k[index], cache.v[index], self.native[1], self.native[2], self.span, self.attn_mask
+
 
 class LayerView:
     """Writes a pass's new K/V at their positions and returns keys/values 0..span-1 to attend to."""
 
     def __init__(self, cache: KVCache, index: int, rows: RowIndex) -> None:
         self.cache, self.index, self.rows = cache, index, rows
+
+    def native_kv(self) -> tuple:
+        """`RowIndex.native_kv` of this layer."""
+        return self.rows.native_kv(self.cache, self.index)
 
     def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # k, v: (A, ng, R, hd); the indexed write takes rows as (A, R, ng, hd)
@@ -200,12 +216,23 @@ class DecodeIndex:
         """(A,) long: each row's position where they differ, else None."""
         return None if self.same else self.positions.view(len(self.pos))
 
+    @functools.cached_property
+    def native_rows(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(slots, positions): each row's slot and position, int64 on the host (`native.layer_step`)."""
+        return torch.tensor(self.seqs, dtype=torch.int64), torch.tensor(self.pos, dtype=torch.int64)
+
+    def native_kv(self, cache: KVCache, index: int) -> tuple:
+        """What `native.layer_step` takes of layer `index`'s cache in this step: (k, v (slots,
+        groups, positions, hd), slots, positions, span, mask)."""
+        slots, pos = self.native_rows
+        return cache.k[index], cache.v[index], slots, pos, self.span, self.attn_mask
+
     def layer(self, cache: KVCache, index: int) -> DecodeView | SliceView:
         if self.same and self.contiguous:
             if self.views is None or self.views[0] is not cache:
                 p = self.pos[0]
                 self.views = (cache, *block_views(cache, self.batch_slice, p, p + 1, p + 1))
-            return SliceView(self.views, index)
+            return SliceView(self.views, index, self)
         return DecodeView(cache, index, self)
 
 
@@ -222,8 +249,12 @@ class SliceView:
     whose sequences are contiguous slots at one position (`DecodeIndex.layer`), or a pass whose
     rows are one block (`KVCache.layer`); two copies and two views a layer."""
 
-    def __init__(self, views: tuple, index: int) -> None:
-        self.views, self.index = views, index
+    def __init__(self, views: tuple, index: int, rows: DecodeIndex | RowIndex) -> None:
+        self.views, self.index, self.rows = views, index, rows  # rows: the pass's layout
+
+    def native_kv(self) -> tuple:
+        """The layout's `native_kv` of this layer."""
+        return self.rows.native_kv(self.views[0], self.index)
 
     def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # k, v: (A, ng, R, hd)
@@ -238,6 +269,10 @@ class DecodeView:
 
     def __init__(self, cache: KVCache, index: int, rows: DecodeIndex) -> None:
         self.cache, self.index, self.rows = cache, index, rows
+
+    def native_kv(self) -> tuple:
+        """`DecodeIndex.native_kv` of this layer."""
+        return self.rows.native_kv(self.cache, self.index)
 
     def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # k, v: (A, ng, 1, hd)

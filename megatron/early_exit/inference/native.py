@@ -11,6 +11,11 @@ headers, about a second. Its threads are the OpenMP runtime torch already loaded
 links the same `libgomp.so.1` soname, which the loader does not load twice): a second runtime
 beside torch's would put four threads on two cores.
 
+The same library holds what a decode step does around the products: the norm, SwiGLU and
+residual folded into a product's call (`linear`), attention over the KV cache (`attend`), rotary
+positions (`rope_`), a learned exit's check (`Probe`), and a whole layer's decode step in one call
+(`layer_step`), each with the roundings of the torch operations it replaces.
+
 Where there is no compiler, compilation fails, the loaded library would bring a second OpenMP
 runtime, or `EE_NATIVE=0`, the kernel does not exist (`available()` is False, one warning line
 says why) and decoding uses the others. fp32 and bf16 weights (`DTYPES`), CPU only.
@@ -113,6 +118,9 @@ def library() -> ctypes.CDLL | None:
     lib.ee_attend.restype = i32
     lib.ee_rope.argtypes = [vp] + [i64] * 5 + [vp, vp, i64, i32]
     lib.ee_rope.restype = None
+    lib.ee_layer.argtypes = [vp, vp, i64, i32, i32] + [i64] * 5 + [vp, ctypes.c_float, vp, vp, vp, ctypes.c_float]
+    lib.ee_layer.argtypes += [vp, vp, vp, vp, i64, vp, vp, i64, i64, i64, vp, vp, i64, vp]
+    lib.ee_layer.restype = i32
     lib.ee_probe.argtypes = [vp, i32, i64, i64, ctypes.c_float, vp, vp, i64, vp, vp]
     lib.ee_probe.restype = i32
     return lib
@@ -296,3 +304,55 @@ class Probe:
         ):
             raise MemoryError("native kernel: out of memory for a probe's rows")
         return list(out)
+
+
+def layer_step(
+    x: torch.Tensor,
+    weights: tuple[torch.Tensor, ...],
+    shape: tuple[int, int, int, int],
+    eps: tuple[float, float],
+    cos: torch.Tensor,
+    sin_signed: torch.Tensor,
+    kv: tuple,
+) -> torch.Tensor | None:
+    """A layer's decode step in one call (`ee_layer`: `lean.LeanLayer.__call__`'s operations on
+    this kernel, the same numbers): x (A, h) -> (A, h), each row's key and value written into the
+    layer's cache. weights: (w_in, qkv panels, proj panels, w_mid, fc1 panels, fc2 panels) (`pack`),
+    shape: (groups, query heads per group, head dim, ffn), eps: the two norms', cos / sin_signed:
+    fp32 (A or 1, ..., hd) as `rope_` takes them, kv: (k, v, slots, positions, span, mask) (the
+    layer's cache tensors (slots, groups, positions, hd), int64 slot and position per row, keys
+    0..span-1 attended, a bool (A, ..., span) mask or None). None where the tables or the cache
+    do not have that form (nothing done)."""
+    k, v, slots, pos, span, mask = kv
+    g, per, hd, ffn = shape
+    c, s = cos.reshape(-1, hd), sin_signed.reshape(-1, hd)
+    a = x.shape[0]
+    if (
+        k.dtype != x.dtype
+        or v.dtype != x.dtype
+        or k.stride() != v.stride()
+        or k.stride(-1) != 1
+        or c.dtype != torch.float32
+        or s.shape != c.shape
+        or c.shape[0] not in (1, a)
+        or hd > 1024
+        or hd % 2
+    ):
+        return None
+    x, c, s = x.contiguous(), c.contiguous(), s.contiguous()
+    m = None if mask is None else mask.reshape(a, span).contiguous()
+    y = torch.empty_like(x)
+    w_in, qkv, proj, w_mid, fc1, fc2 = weights
+    sb, sg, st, _ = k.stride()
+    rc = library().ee_layer(
+        x.data_ptr(), y.data_ptr(), a, x.dtype == torch.bfloat16, torch.get_num_threads(),
+        x.shape[1], g, per, hd, ffn,
+        w_in.data_ptr(), eps[0], qkv.data_ptr(), proj.data_ptr(),
+        w_mid.data_ptr(), eps[1], fc1.data_ptr(), fc2.data_ptr(),
+        c.data_ptr(), s.data_ptr(), 0 if c.shape[0] == 1 else hd,
+        k.data_ptr(), v.data_ptr(), sb, sg, st, slots.data_ptr(), pos.data_ptr(), span,
+        None if m is None else m.data_ptr(),
+    )  # fmt: skip
+    if rc != 0:
+        raise MemoryError("native kernel: out of memory for a layer step")
+    return y

@@ -368,3 +368,55 @@ def test_a_layers_decode_step_in_one_call_gives_the_lean_layers_numbers_bit_for_
         assert any(e < cfg.num_layers for _, exits, _ in ref for e in exits.values())  # some tokens left early
         for a, b in zip(filled_kv(s_got), filled_kv(s_ref)):
             assert torch.equal(a, b)
+
+
+@needs_native
+def test_a_draft_steps_exit_norm_goes_into_the_native_draft_projection(monkeypatch):
+    """A self-speculative draft step (`DraftCheck`, a norm-only exit, a draft vocabulary) on the
+    native kernel: the exit's RMSNorm folded into the draft projection's call, no exit hidden
+    state made; its logits and confidences against the modules' general path (fp32: the folded
+    norm's mean within round-off, 1e-5), the same exits, -inf outside the draft vocabulary."""
+    from megatron.early_exit.inference import ExitPolicy, passes
+    from tests.test_lean import PROMPTS, make
+
+    model = make(torch.float32)
+    with torch.no_grad():  # gains away from 1
+        for name, w in model.named_parameters():
+            if "norm" in name:
+                w.copy_(torch.rand(w.shape, generator=torch.Generator().manual_seed(len(name))) + 0.5)
+    vocab = torch.tensor([0, 3, 4, 9, 17, 30, 31, 50, 64, 77, 95])
+    folded = []
+    real = passes.Passes.draft_logits
+    monkeypatch.setattr(
+        passes.Passes,
+        "draft_logits",
+        lambda self, *a, **k: folded.append(k.get("norm") is not None) or real(self, *a, **k),
+    )
+
+    @torch.no_grad()
+    def run(general: bool):
+        engine = EarlyExitEngine(model, linear_kernel="native")
+        engine.passes.draft_vocab = vocab
+        if general:
+            engine.passes.lean, engine.passes.profile = False, True  # modules, `check_exit`
+        prompts = PROMPTS[4]
+        state = engine.new_state(len(prompts), max(map(len, prompts)) + 8)
+        out = engine.prefill(state, dict(enumerate(prompts)))
+        trace = []
+        for _ in range(6):
+            tokens = {b: int(out.logits[b].argmax()) for b in range(len(prompts))}
+            out = engine.decode_one_token(state, tokens, ExitPolicy(force=2))
+            trace.append((dict(out.exit_layer), dict(out.confidence), {b: v.clone() for b, v in out.logits.items()}))
+        return trace
+
+    ref = run(general=True)
+    folded.clear()
+    got = run(general=False)
+    assert folded and all(folded)
+    for (e_ref, c_ref, l_ref), (e_got, c_got, l_got) in zip(ref, got, strict=True):
+        assert e_got == e_ref and set(e_got.values()) == {2}
+        assert c_got == pytest.approx(c_ref, rel=1e-5)
+        for b in l_ref:
+            inside = torch.isfinite(l_ref[b])
+            assert torch.equal(inside, torch.isfinite(l_got[b])) and int(inside.sum()) == len(vocab)
+            torch.testing.assert_close(l_got[b][inside], l_ref[b][inside], rtol=1e-5, atol=1e-5)

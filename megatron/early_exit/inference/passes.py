@@ -671,21 +671,25 @@ class Passes:
         m = self.model
         return self.vocab_logits(head.project(hidden, m.tied_output_weight(), m.head_ops)[:, 0])
 
-    def draft_logits(self, head, hidden: torch.Tensor, parts: bool = False):
+    def draft_logits(self, head, hidden: torch.Tensor, parts: bool = False, norm: tuple | None = None):
         """A draft's logits [A, V] in fp32 from exit hidden [A, 1, h]: the projection onto the
         draft vocabulary's rows alone (`self.draft_vocab`; their copy is made once per weight),
         -inf at every other token, so that its argmax and max-probability are those over the
         draft vocabulary. The verify pass keeps a draft only where it is the final head's token,
         so drafts from part of the vocabulary lose nothing but the drafts whose token lies outside it.
-        `parts`: (logits, the draft vocabulary's own logits [A, K] fp32)."""
+        `parts`: (logits, the draft vocabulary's own logits [A, K] fp32). `norm` (gain, eps): the
+        exit's RMSNorm, and hidden the backbone's rows before it (a uniform step's draft:
+        `uniform_check.DraftCheck`), folded into the product's call where the native kernel runs
+        it (`lean.LeanKernels.folded`; on the other kernels the norm's own operations)."""
         m, ids = self.model, self.draft_vocab
         weight = head.output_weight(m.tied_output_weight())
         rows = self.draft_weights.get(weight, ("draft vocabulary", id(ids)), lambda w: w.index_select(0, ids))
         if self.lean and self.lean_kernels.packed and type(m.head_ops) is HeadOps:
             # the kernel the head's packed projection would run (`packed.packed_linear`), looked up once a pass
-            part = self.lean_kernels(hidden.reshape(hidden.shape[0], -1), rows)  # (A, K)
+            part = self.lean_kernels.folded(hidden.reshape(hidden.shape[0], -1), rows, norm=norm)  # (A, K)
             part = (part if head.temperature == 1.0 else part / head.temperature).float()
         else:
+            hidden = hidden if norm is None else lean.rms_norm(hidden, *norm)
             part = head.project_onto(hidden, rows, m.head_ops)[:, 0].float()  # (A, K)
         logits = part.new_full((part.shape[0], self.vocab), float("-inf")).index_copy_(1, ids, part)
         return (logits, part) if parts else logits

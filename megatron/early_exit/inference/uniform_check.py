@@ -32,6 +32,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 
+from megatron.early_exit.inference import lean
 from megatron.early_exit.inference.confidence import get_measure
 from megatron.early_exit.inference.exit_decision import decider_of
 from megatron.early_exit.inference.fused_check import logit_threshold, sigmoid
@@ -98,15 +99,23 @@ class DraftCheck:
     def __init__(self, passes, n: int, head) -> None:
         self.passes, self.n, self.head = passes, n, head
         self.conf = get_measure("max_prob").from_logits
+        # an exit that is its RMSNorm alone: where `Passes.norm` would run it without its module,
+        # the norm goes into the draft projection's call (`Passes.draft_logits`) and no exit
+        # hidden state is made
+        self.norm = lean.exit_norm(head)
 
     def __call__(self, state, rows, out) -> set[int]:
         """Every sequence of `rows` (A, 1, h): recorded in `out` as leaving at exit n."""
-        p, n, seqs = self.passes, self.n, rows.seqs
-        hidden = p.exit_hidden(state, n, self.head, rows, list(range(len(seqs))))  # (A, 1, h)
-        if p.draft_vocab is not None:
+        p, n, seqs, norm = self.passes, self.n, rows.seqs, self.norm
+        if p.draft_vocab is not None and norm is not None and p.lean and not lean.watched((norm,)):
+            logits, part = p.draft_logits(self.head, rows.x, parts=True, norm=(norm.weight, norm.eps))
+            conf = self.conf(part).tolist()
+        elif p.draft_vocab is not None:
+            hidden = p.exit_hidden(state, n, self.head, rows, list(range(len(seqs))))  # (A, 1, h)
             logits, part = p.draft_logits(self.head, hidden, parts=True)
             conf = self.conf(part).tolist()
         else:
+            hidden = p.exit_hidden(state, n, self.head, rows, list(range(len(seqs))))  # (A, 1, h)
             logits = p.exit_logits(self.head, hidden)
             conf = self.conf(logits).tolist()
         for a, b in enumerate(seqs):

@@ -11,10 +11,12 @@ through the engine's own code (`Passes`, prepacked weights entered as in decodin
                 steps of full decoding and of "every token leaves at exit k" for each exit;
   layer_direct  one layer timed alone (`Passes.advance`), to compare with the fitted `layer`;
   head          the final norm and head projection for the batch's newest rows;
-  probe[n]      the learned check as the exit evaluates it (`Passes.probe_check`, firing for no
-                row): fused where the probe reads a norm of the backbone row (`fused_check.py`),
-                else the probe on the exit's hidden state (its norm and MLP included): what an
-                exit that does not fire costs;
+  probe[n]      the learned check as a decode step evaluates it, firing for no row: in one call
+                where it applies (`uniform_check.UniformCheck`; priced through `Passes.probe_check`,
+                the general path's ~30 us more, until this stop), else `Passes.probe_check`:
+                fused where the probe reads a norm of the backbone row (`fused_check.py`), else
+                the probe on the exit's hidden state (its norm and MLP included): what an exit
+                that does not fire costs;
   probe_exit[n] the probe on the exit's hidden state, whichever input the probe reads (to
                 compare the two inputs on one model);
   fire_hidden[n] exit n's hidden state (its norm, MLP), where the probe reads the backbone:
@@ -312,6 +314,8 @@ def step_times(engine, prompts, settings: dict[str, GenerationSettings], steps: 
 def piece_times(engine, prompts: list[list[int]], repeats: int, extra_rows: int = 4) -> dict:
     """The final head, each exit's checks, one layer alone and one with `extra_rows` more rows
     per sequence, for the newest position after the prompts (K/V of the prompts in the cache)."""
+    from megatron.early_exit.inference.uniform_check import UniformCheck, applies
+
     p, batch = engine.passes, len(prompts)
     state = engine.new_state(batch, max(map(len, prompts)) + extra_rows + 2)
     engine.prefill(state, dict(enumerate(prompts)))  # records a block exit's input at every position
@@ -339,9 +343,16 @@ def piece_times(engine, prompts: list[list[int]], repeats: int, extra_rows: int 
         fns[f"project/{n}"] = lambda h=head, x=hidden: p.exit_logits(h, x)
         if head.confidence is not None:
             fns[f"probe_exit/{n}"] = one_row(lambda n=n, h=head: learned(h, p.exit_hidden(state, n, h, one, cand)))
-            fns[f"probe/{n}"] = one_row(
-                lambda n=n, h=head: p.probe_check(state, n, h, one, cand, never, learned_measure)
-            )
+            # as a decode step runs it: in one call where it applies (`uniform_check`, as
+            # `exit_decision.cost_probes` times it), else `probe_check`
+            folded = p.folded_probe(state, head) if p.fused_checks else None
+            if applies(folded):
+                check = UniformCheck(p, n, never, head, folded)
+                fns[f"probe/{n}"] = one_row(lambda check=check: check(state, one, StepOutput()))
+            else:
+                fns[f"probe/{n}"] = one_row(
+                    lambda n=n, h=head: p.probe_check(state, n, h, one, cand, never, learned_measure)
+                )
         if head.confidence is not None and head.probe_reads_backbone:
             fns[f"hidden/{n}"] = one_row(lambda n=n, h=head: p.exit_hidden(state, n, h, one, cand))
     with engine.packed:

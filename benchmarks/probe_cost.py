@@ -40,7 +40,7 @@ from megatron.early_exit.inference import EarlyExitEngine  # noqa: E402
 from megatron.early_exit.inference.cost_model import best_times, paired_ratios  # noqa: E402
 from megatron.early_exit.inference.exit_decision import cost_probes  # noqa: E402
 from megatron.early_exit.inference.passes import ExitPolicy, Rows, StepOutput  # noqa: E402
-from megatron.early_exit.inference.uniform_check import uniform_checks  # noqa: E402
+from megatron.early_exit.inference.uniform_check import layer_probe, uniform_checks  # noqa: E402
 
 NEVER = 1.0 - 1e-9  # a threshold (< 1, so the check runs) that no probe's sigmoid reaches in fp32
 
@@ -67,11 +67,15 @@ def in_a_step(engine, n: int, dtype: torch.dtype) -> dict:
 
     def pair(mode: str | None):
         with engine.packed:  # the products' kernels as decoding runs them
-            x = p.decode_layer(state, d - 1, x0, rotary, index)  # rewrites the same position's K/V each call
-            rows, out = Rows([0], [len(prompt)], [1], x), StepOutput()  # a step makes these with or without exits
+            checks = probe = None
             if mode is not None:  # as `Passes.run_uniform` checks (once a step, the checks' lookup)
                 policy = never[mode]
-                check = uniform_checks(p, state, policy, by_depth[mode])[n]
+                checks = uniform_checks(p, state, policy, by_depth[mode])
+                probe = layer_probe(checks, [n], 1)  # the probe in the layer's own call, where it goes there
+            x = p.decode_layer(state, d - 1, x0, rotary, index, probe)  # rewrites the same position's K/V each call
+            rows, out = Rows([0], [len(prompt)], [1], x), StepOutput()  # a step makes these with or without exits
+            if mode is not None:
+                check = checks[n]
                 fired = check(state, rows, out) if check else p.check_exit(state, n, rows, {0}, policy, out)
                 if fired:
                     raise SystemExit(f"exit {n}'s probe reached threshold {NEVER}: the check is meant not to fire")

@@ -316,6 +316,62 @@ def test_a_probes_check_in_one_call_equals_the_torch_check(dtype, hidden, h, row
     full = folded.logit(x.view(rows, h)).tolist()
     assert max(abs(a + folded.shift - c) for a, c in zip(got, full)) < 1e-5 * scale
     assert _fold(w, "layer", 1e-5, b, gain, torch.zeros(h), *out).native is None
+    # an MLP probe's hidden sums split over the threads in blocks of 16 columns: the same numbers
+    threads = torch.get_num_threads()
+    try:
+        for t in (1, 2, 3):
+            torch.set_num_threads(t)
+            assert folded.native(x) == got
+    finally:
+        torch.set_num_threads(threads)
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("k", [0, 16])  # linear probe, MLP probe
+def test_the_next_exits_check_runs_in_the_layers_own_call(dtype, k, monkeypatch):
+    """Where a uniform decode step's layer runs in one native call and the next exit's learned
+    check will be evaluated, the layer runs the probe on its output in that call (`ee_layer`,
+    `Passes.decode_layer`) and the check takes those scores: the same numbers as the probe's own
+    call on the layer's output (the same C function on the same rows), so tokens, exit layers and
+    confidences equal decoding without it exactly, at batch 1 and 4, exact and cost_aware,
+    with tokens leaving at both exits and at the final head."""
+    from megatron.early_exit.inference import passes
+    from tests.test_fused_probe_check import _probe_model
+    from tests.test_inference import PROMPTS
+
+    model = _probe_model(True, k, "backbone").to(dtype)
+    in_layer = []
+    real_step, real_probe = native.layer_step, passes.layer_probe
+    monkeypatch.setattr(native, "layer_step", lambda x, *a: in_layer.append(len(a) == 7) or real_step(x, *a))
+
+    wanted = set()  # the exits whose probes went into a layer's call
+
+    def recorded(checks, exits, a):
+        probe = real_probe(checks, exits, a)
+        if probe is not None:
+            wanted.update(exits)
+        return probe
+
+    def run(prompts, policy: str, on: bool):
+        monkeypatch.setattr(passes, "layer_probe", recorded if on else lambda *a: None)
+        engine = EarlyExitEngine(model, linear_kernel="native")
+        s = GenerationSettings("early_exit", max_new_tokens=8, early_exit_threshold=0.5, measure="learned",
+                               exit_policy=policy, ignore_eos=True)  # fmt: skip
+        with torch.no_grad():
+            return [(r.tokens, r.exit_layers, r.confidences) for r in engine.generate(prompts, s)]
+
+    exits = set()
+    for prompts in ([PROMPTS[0]], PROMPTS):
+        for policy in ("exact", "cost_aware"):
+            in_layer.clear()
+            got = run(prompts, policy, True)
+            assert any(in_layer)
+            in_layer.clear()
+            if policy == "exact":  # cost_aware's choices follow its timed costs: two engines may differ
+                assert run(prompts, policy, False) == got and not any(in_layer)
+            exits |= {e for _, layers, _ in got for e in layers}
+    assert exits >= {1, 3} and wanted == {1, 2}  # leaving early and not; both exits' checks in a layer
 
 
 @needs_native

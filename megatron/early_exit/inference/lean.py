@@ -210,16 +210,18 @@ class LeanLayer:
         h = linear.folded(x, self.fc1, norm=(self.w_mid, self.eps_mid))  # (N, 2 ffn)
         return linear.folded(h, self.fc2, swiglu=True, residual=x)
 
-    def __call__(self, x, cos, sin_signed, attn_mask, view, linear: LeanKernels, scaled=None) -> torch.Tensor:
+    def __call__(self, x, cos, sin_signed, attn_mask, view, linear: LeanKernels, scaled=None, probe=None):
         """x (A, 1, h) -> (A, 1, h); K/V written through `view` (a `kv_cache.DecodeView`).
         cos, sin_signed: (A or 1, 1, 1, hd) fp32 (`signed_sine`); attn_mask as the modules take it;
-        scaled (A, h) fp32: `scaled_rows(x, self.eps_in)` where an exit's check made them already."""
+        scaled (A, h) fp32: `scaled_rows(x, self.eps_in)` where an exit's check made them already.
+        `probe` (a `native.Probe` that takes the rows, or None): then (y, the probe's scores of y
+        where the layer ran in one native call, else None)."""
         a, per = x.shape[0], self.per
         x = x.view(a, -1)  # (A, h): 2-D products take no reshapes around them
         if scaled is None and a <= FOLD_ROWS and linear.all_native(self.products, a):
-            y = self.native_step(x, cos, sin_signed, view)
+            y = self.native_step(x, cos, sin_signed, view, probe)
             if y is not None:
-                return y.view(a, 1, -1)
+                return y.view(a, 1, -1) if probe is None else (y[0].view(a, 1, -1), y[1])
         qk, qkv = self.rotated_qkv(x, (a,), cos, sin_signed, linear, scaled)  # (A, g, per + 1, hd), (A, g, per + 2, hd)
         keys, values = view.update(qk[:, :, per:], qkv[:, :, per + 1 :])  # (A, g, span, hd)
         q = qk[:, :, :per]
@@ -227,21 +229,25 @@ class LeanLayer:
             out = native.attend(q, keys, values, attn_mask)  # one call, not SDPA's ~25 us
         else:
             out = group_rows_attention(q, keys, values, attn_mask)  # (A, g, per, hd)
-        return self.finish(x, out.reshape(a, -1), linear).view(a, 1, -1)
+        y = self.finish(x, out.reshape(a, -1), linear).view(a, 1, -1)
+        return y if probe is None else (y, None)
 
-    def native_step(self, x, cos, sin_signed, view) -> torch.Tensor | None:
+    def native_step(self, x, cos, sin_signed, view, probe=None):
         """The layer over rows x (N, h) in one native call (`native.layer_step`: `__call__`'s or
         `rows`' operations on the native kernel, the same numbers, without their ~45 tensor
         operations of a few us each), each row with its own slot, cache index and mask row (a
         decode step's, or a general pass's A x R rows), or None where the view or the tables do
-        not have its form."""
+        not have its form. `probe`: (y, its scores of y) (`native.layer_step`)."""
         kv = view.native_kv() if hasattr(view, "native_kv") else None  # a view of our caches
         if kv is None:
             return None
         copy = kernels.native_copy
         weights = (self.w_in, copy(self.qkv), copy(self.proj), self.w_mid, copy(self.fc1), copy(self.fc2))
         shape = (self.groups, self.per, self.head_dim, self.ffn)
-        return native.layer_step(x, weights, shape, (self.eps_in, self.eps_mid), cos, sin_signed, kv)
+        eps = (self.eps_in, self.eps_mid)
+        if probe is None:  # (the tests wrap `layer_step` with seven arguments)
+            return native.layer_step(x, weights, shape, eps, cos, sin_signed, kv)
+        return native.layer_step(x, weights, shape, eps, cos, sin_signed, kv, probe)
 
     def rows(self, x, cos, sin_signed, attn_mask, view, linear: LeanKernels) -> torch.Tensor:
         """The general pass (`Passes.advance`): x (A, R, h) -> (A, R, h), R rows per sequence

@@ -120,8 +120,9 @@ def library() -> ctypes.CDLL | None:
     lib.ee_rope.restype = None
     lib.ee_layer.argtypes = [vp, vp, i64, i32, i32] + [i64] * 5 + [vp, ctypes.c_float, vp, vp, vp, ctypes.c_float]
     lib.ee_layer.argtypes += [vp, vp, vp, vp, i64, vp, vp, i64, i64, i64, vp, vp, i64, vp]
+    lib.ee_layer.argtypes += [vp, vp, i64, vp, ctypes.c_float, vp]  # the next exit's probe (`Probe.args`)
     lib.ee_layer.restype = i32
-    lib.ee_probe.argtypes = [vp, i32, i64, i64, ctypes.c_float, vp, vp, i64, vp, vp]
+    lib.ee_probe.argtypes = [vp, i32, i64, i64, ctypes.c_float, vp, vp, i64, vp, vp, i32]
     lib.ee_probe.restype = i32
     return lib
 
@@ -288,6 +289,7 @@ class Probe:
         ptrs = [t.data_ptr() for t in self.tensors]
         self.w1, self.b1, self.w2 = ptrs[0], ptrs[1] if self.hidden else None, ptrs[2] if self.hidden else None
         self.eps, self.h = float(eps), w1.shape[0]
+        self.args = (self.w1, self.b1, self.hidden, self.w2, self.eps)  # as `ee_probe` and `ee_layer` take them
         self.fn = library().ee_probe
 
     def takes(self, x: torch.Tensor) -> bool:
@@ -299,9 +301,8 @@ class Probe:
         x = x.contiguous()
         a = x.numel() // self.h
         out = (ctypes.c_float * a)()
-        if self.fn(
-            x.data_ptr(), x.dtype == torch.bfloat16, a, self.h, self.eps, self.w1, self.b1, self.hidden, self.w2, out
-        ):
+        bf16, threads = x.dtype == torch.bfloat16, torch.get_num_threads()
+        if self.fn(x.data_ptr(), bf16, a, self.h, self.eps, self.w1, self.b1, self.hidden, self.w2, out, threads):
             raise MemoryError("native kernel: out of memory for a probe's rows")
         return list(out)
 
@@ -314,7 +315,8 @@ def layer_step(
     cos: torch.Tensor,
     sin_signed: torch.Tensor,
     kv: tuple,
-) -> torch.Tensor | None:
+    probe: Probe | None = None,
+) -> torch.Tensor | tuple[torch.Tensor, list[float]] | None:
     """A layer's decode step in one call (`ee_layer`: `lean.LeanLayer.__call__`'s operations on
     this kernel, the same numbers): x (A, h) -> (A, h), each row's key and value written into the
     layer's cache. weights: (w_in, qkv panels, proj panels, w_mid, fc1 panels, fc2 panels) (`pack`),
@@ -322,7 +324,9 @@ def layer_step(
     fp32 (A or 1, ..., hd) as `rope_` takes them, kv: (k, v, slots, positions, span, mask) (the
     layer's cache tensors (slots, groups, positions, hd), int64 slot and position per row, keys
     0..span-1 attended, a bool (A, ..., span) mask or None). None where the tables or the cache
-    do not have that form (nothing done)."""
+    do not have that form (nothing done). `probe` (one that `takes` the rows): the next exit's
+    learned check on y in the same call, (y, its scores): `probe(y)`'s numbers, without a call of
+    their own where the check does not fire."""
     k, v, slots, pos, span, mask = kv
     g, per, hd, ffn = shape
     c, s = cos.reshape(-1, hd), sin_signed.reshape(-1, hd)
@@ -344,6 +348,7 @@ def layer_step(
     y = torch.empty_like(x)
     w_in, qkv, proj, w_mid, fc1, fc2 = weights
     sb, sg, st, _ = k.stride()
+    scores = None if probe is None else (ctypes.c_float * a)()
     rc = library().ee_layer(
         x.data_ptr(), y.data_ptr(), a, x.dtype == torch.bfloat16, torch.get_num_threads(),
         x.shape[1], g, per, hd, ffn,
@@ -352,7 +357,8 @@ def layer_step(
         c.data_ptr(), s.data_ptr(), 0 if c.shape[0] == 1 else hd,
         k.data_ptr(), v.data_ptr(), sb, sg, st, slots.data_ptr(), pos.data_ptr(), span,
         None if m is None else m.data_ptr(),
+        *((None, None, 0, None, 0.0) if probe is None else probe.args), scores,
     )  # fmt: skip
     if rc != 0:
         raise MemoryError("native kernel: out of memory for a layer step")
-    return y
+    return y if probe is None else (y, list(scores))

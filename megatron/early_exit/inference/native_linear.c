@@ -378,20 +378,47 @@ void ee_rope(void *y, int64_t n, int64_t G, int64_t per2, int64_t heads, int64_t
     }
 }
 
+/* An MLP probe's hidden sums v[j] = b1[j] + s . w1[:, j] for j in [j0, j1) (j0 a multiple of 16):
+ * 16 columns a vector, k in order, the columns past the last whole 16 one at a time, so that each
+ * v[j]'s arithmetic is the same whatever range it falls in (the threads' split never moves it). */
+static void probe_hidden(const float *s, const float *w1, const float *b1, int64_t K, int64_t H, int64_t j0,
+                         int64_t j1, float *v) {
+    int64_t j = j0;
+    for (; j + PANEL <= j1; j += PANEL) {
+        v16 acc;
+        memcpy(&acc, b1 + j, sizeof acc);
+        for (int64_t k = 0; k < K; k++) {
+            v16 w;
+            memcpy(&w, w1 + k * H + j, sizeof w);
+            acc += s[k] * w;
+        }
+        memcpy(v + j, &acc, sizeof acc);
+    }
+    for (; j < j1; j++) {
+        float acc = b1[j];
+        for (int64_t k = 0; k < K; k++) acc += s[k] * w1[k * H + j];
+        v[j] = acc;
+    }
+}
+
 /* A learned exit check's scores from the backbone's rows (`fused_check.FoldedProbe`, an RMSNorm
  * probe): per row of x (n x K, fp32 or bf16), s = x * rsqrt(mean(x^2) + eps) (the norm before its
  * gain, which is folded into the weights), then
  *   H == 0 (linear probe)  score = s . w1            (w1: K)
  *   H  > 0 (MLP probe)     score = gelu(b1 + s @ w1) . w2   (w1: K x H row-major, b1 and w2: H;
  *                          gelu the exact (erf) form, as torch's)
- * into out (n, fp32); the probe's last bias is left out (the caller's bound holds it). fp32 sums,
- * in the calling thread: a probe's weights are a few hundred KB at most, and a non-firing check
- * is worth having only where it costs a few microseconds. 0 on success, 1 when memory runs out. */
+ * into out (n, fp32); the probe's last bias is left out (the caller's bound holds it). fp32 sums.
+ * An MLP probe's hidden sums are split over `threads` in blocks of 16 columns (its first weight,
+ * e.g. 384 x 128 fp32 = 192 KB, is read cold right after a layer streamed its own: two threads
+ * read it in about half the time); the same numbers whatever the thread count. A linear probe runs
+ * in the calling thread. 0 on success, 1 when memory runs out. */
 int ee_probe(const void *x, int bf16, int64_t n, int64_t K, float eps, const float *w1, const float *b1, int64_t H,
-             const float *w2, float *out) {
+             const float *w2, float *out, int threads) {
     float *s = (float *)malloc(sizeof(float) * (size_t)(K + H + PANEL));
     if (!s) return 1;
     float *restrict v = s + K + PANEL;
+    const int64_t blocks = (H + PANEL - 1) / PANEL;
+    if (threads > blocks) threads = (int)blocks;
     for (int64_t i = 0; i < n; i++) {
         const char *xi = (const char *)x + i * K * (bf16 ? 2 : 4);
         int64_t k = 0;
@@ -413,10 +440,15 @@ int ee_probe(const void *x, int bf16, int64_t n, int64_t K, float eps, const flo
         if (H == 0) {
             score = dot(s, w1, 0, K);
         } else {
-            memcpy(v, b1, sizeof(float) * (size_t)H);
-            for (k = 0; k < K; k++) {
-                const float sk = s[k], *restrict row = w1 + k * H;
-                for (int64_t j = 0; j < H; j++) v[j] += sk * row[j];
+            if (threads > 1) {
+#pragma omp parallel num_threads(threads)
+                {
+                    const int64_t t = omp_get_thread_num(), T = omp_get_num_threads();
+                    const int64_t lo = blocks * t / T * PANEL, hi = blocks * (t + 1) / T * PANEL;
+                    probe_hidden(s, w1, b1, K, H, lo, hi < H ? hi : H, v);
+                }
+            } else {
+                probe_hidden(s, w1, b1, K, H, 0, H, v);
             }
             for (int64_t j = 0; j < H; j++) score += 0.5f * v[j] * (1.0f + erff(v[j] * 0.70710678118654752f)) * w2[j];
         }
@@ -437,14 +469,17 @@ int ee_probe(const void *x, int bf16, int64_t n, int64_t K, float eps, const flo
  *       (mask: (n, span) bytes, nonzero where attended, or NULL: all)
  *   x1 = x + o @ Wproj^T;  y = x1 + swiglu(rmsnorm(x1, w_mid) @ Wfc1^T) @ Wfc2^T
  * W* are ee_pack's panels; kc, vc: the layer's K/V cache (slots, G, positions, hd) with element
- * strides sb, sg, st (hd contiguous). The step's Python operations, each a tensor operation of a
+ * strides sb, sg, st (hd contiguous). pw1 non-NULL: the next exit's learned check on y as well, ee_probe's
+ * (pw1, pb1, pH, pw2, peps) into scores (n), so that a check that does not fire costs no call of its own.
+ * The step's Python operations, each a tensor operation of a
  * few microseconds, cost a SmolLM2 layer more than its attention. 0 on success, 1 when memory runs
  * out (nothing written to y; the cache may hold the new position's K/V, which a retry rewrites). */
 int ee_layer(const void *x, void *y, int64_t n, int bf16, int threads, int64_t h, int64_t G, int64_t per, int64_t hd,
              int64_t ffn, const void *w_in, float eps_in, const void *qkv_p, const void *proj_p, const void *w_mid,
              float eps_mid, const void *fc1_p, const void *fc2_p, const float *cos, const float *sin,
              int64_t cos_stride, void *kc, void *vc, int64_t sb, int64_t sg, int64_t st, const int64_t *slots,
-             const int64_t *pos, int64_t span, const uint8_t *mask) {
+             const int64_t *pos, int64_t span, const uint8_t *mask, const float *pw1, const float *pb1, int64_t pH,
+             const float *pw2, float peps, float *scores) {
     const int64_t esize = bf16 ? 2 : 4, per2 = per + 2, wq = G * per2 * hd, wo = G * per * hd;
     char *buf = (char *)malloc((size_t)(n * (wq + wo + wo + h + 2 * ffn) * esize));
     if (!buf) return 1;
@@ -466,6 +501,7 @@ int ee_layer(const void *x, void *y, int64_t n, int bf16, int threads, int64_t h
     if (!failed) failed = ee_linear(o, proj_p, NULL, x1, n, wo, h, bf16, threads, NONE, NULL, 0.f, x);
     if (!failed) failed = ee_linear(x1, fc1_p, NULL, h1, n, h, 2 * ffn, bf16, threads, RMSNORM, w_mid, eps_mid, NULL);
     if (!failed) failed = ee_linear(h1, fc2_p, NULL, y, n, ffn, h, bf16, threads, SWIGLU, NULL, 0.f, x1);
+    if (!failed && pw1) failed = ee_probe(y, bf16, n, h, peps, pw1, pb1, pH, pw2, scores, threads);
     free(buf);
     return failed;
 }

@@ -39,7 +39,7 @@ from megatron.early_exit.inference.confidence import get_measure, max_prob
 from megatron.early_exit.inference.exit_decision import decide, worth_checking
 from megatron.early_exit.inference.fused_check import folded_probe, logit_threshold, sigmoid
 from megatron.early_exit.inference.kv_cache import DecodeIndex, KVCache, RowIndex, row_positions
-from megatron.early_exit.inference.uniform_check import uniform_checks
+from megatron.early_exit.inference.uniform_check import layer_probe, uniform_checks
 from megatron.early_exit.model.gpt import Embedding, HeadOps
 from megatron.early_exit.model.norm import RMSNorm
 
@@ -183,6 +183,9 @@ class Passes:
         # (rows.x, scaled, eps): the newest exit check's `lean.scaled_rows` of a uniform step's
         # rows, which the next lean layer takes for its input norm (`folded_scores`, `decode_layer`).
         self.scaled: tuple[torch.Tensor, torch.Tensor, float] | None = None
+        # (probe, rows.x, scores): the scores of the next exit's native probe that the layer before
+        # it made in its own call (`decode_layer`), which its check takes (`shared_norm_scores`).
+        self.layer_scores: tuple | None = None
         # 'full': the final head's whole logits; 'auto' / 'int8': where only the token is needed,
         # the certified argmax of greedy_head.py (the engine sets it per request).
         self.argmax_head = "full"
@@ -232,7 +235,7 @@ class Passes:
         out = StepOutput()
         self.branch = branch or None
         self.lean_kernels.reset()  # lean layers look their kernels up again each pass (one may be forced now)
-        self.scaled = None
+        self.scaled = self.layer_scores = None
         by_depth = self.exits_by_depth(policy)
         clean = self.uniform_layers(state, new_tokens) if self.fast and scores is None else 0
         if all_rows and clean >= self.num_layers:
@@ -301,7 +304,8 @@ class Passes:
         has_new, checks = set(seqs), uniform_checks(self, state, policy, by_depth)
         for d in range(layers + 1):
             if d > 0:
-                rows.x = self.decode_layer(state, d - 1, rows.x, rotary, index)
+                probe = layer_probe(checks, by_depth.get(d), len(rows.seqs)) if d in by_depth else None
+                rows.x = self.decode_layer(state, d - 1, rows.x, rotary, index, probe)
             self.record_block_inputs(state, d, rows)
             for n in by_depth.get(d, []):
                 check = checks[n]  # every row is a candidate: the learned check in one call where it applies
@@ -369,14 +373,22 @@ class Passes:
         emb = self.model.embedding
         return lean.watched((emb, emb.word_embeddings))
 
-    def decode_layer(self, state: DecodeState, i: int, x: torch.Tensor, rotary, index: DecodeIndex) -> torch.Tensor:
-        """Layer i (global number) over one row per sequence x (A, 1, h); fills their K/V there."""
+    def decode_layer(
+        self, state: DecodeState, i: int, x: torch.Tensor, rotary, index: DecodeIndex, probe=None
+    ) -> torch.Tensor:
+        """Layer i (global number) over one row per sequence x (A, 1, h); fills their K/V there.
+        `probe`: the next exit's `native.Probe` (`layer_probe`), run on the layer's output in the
+        layer's own native call where it makes one (kept in `layer_scores` for the check)."""
         view = index.layer(state.cache, i - self.start)
         fast = self.lean_for(i)
         if fast is not None and rotary[2] is not None:  # none: compilation fell back during this step
             made, self.scaled = self.scaled, None
             scaled = made[1] if made is not None and made[0] is x and made[2] == fast.eps_in else None
-            x = fast(x, rotary[0], rotary[2], index.attn_mask, view, self.lean_kernels, scaled)
+            if probe is not None and probe.takes(x):
+                x, scores = fast(x, rotary[0], rotary[2], index.attn_mask, view, self.lean_kernels, scaled, probe)
+                self.layer_scores = None if scores is None else (probe, x, scores)
+            else:
+                x = fast(x, rotary[0], rotary[2], index.attn_mask, view, self.lean_kernels, scaled)
         else:
             x = self.layer_fn(i)(x, rotary and rotary[:2], index.attn_mask, view)
         state.cache.filled[i - self.start, index.filled_b] = index.filled_end
@@ -643,6 +655,10 @@ class Passes:
         the next layer folds its norm into its product), else through `lean.scaled_rows`, which
         are kept (`self.scaled`) for the next lean layer."""
         probe = folded.native
+        made, self.layer_scores = self.layer_scores, None
+        if made is not None and made[0] is probe and made[1] is x:  # made by the layer before, in its call
+            self.scaled = None
+            return made[2]
         if probe is not None and probe.takes(x):  # in one native call; the next layer folds its own norm
             self.scaled = None
             return probe(x)

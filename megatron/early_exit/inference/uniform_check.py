@@ -70,6 +70,17 @@ class UniformCheck:
             return set()
         return self.leave(state, rows, fire, scores, out)
 
+    def wanted_probe(self, a: int):
+        """The native probe the layer before this exit may run on its output in its own call
+        (`Passes.decode_layer`), or None: where the check will evaluate a pass of `a` rows (exact,
+        or cost_aware whose latest verdict at this pass size was to evaluate; a verdict made
+        again may still skip it, and those scores go unused)."""
+        probe = self.folded.native
+        if probe is None or self.exact:
+            return probe
+        kept = self.verdicts.get(a)
+        return probe if kept is not None and kept[4] else None
+
     def worth(self, rows, a: int, cand: list[int]) -> bool:
         """`ExitDecider.worth_checking`, its verdict kept per pass size while the decider has
         recorded nothing since and its costs are the same."""
@@ -159,6 +170,16 @@ def _make(passes, state, policy, by_depth) -> dict[int, Check | None]:
         usable = applies(folded) and policy.threshold_of(n) < 1.0 and n not in policy.observe
         checks[n] = UniformCheck(passes, n, policy, head, folded) if usable else None
     return checks
+
+
+def layer_probe(checks: dict, exits: list[int] | None, a: int):
+    """The native probe of the first of `exits` (at one depth) whose check (`uniform_checks`) is
+    a `UniformCheck` that wants one (`UniformCheck.wanted_probe`) for a pass of `a` rows, or None."""
+    for n in exits or ():
+        check = checks.get(n)
+        if isinstance(check, UniformCheck):
+            return check.wanted_probe(a)
+    return None
 
 
 def applies(folded) -> bool:

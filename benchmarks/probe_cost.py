@@ -1,6 +1,7 @@
 #!/usr/bin/env python
 """Cost of a non-firing learned exit check as a share of one decoder layer, batch 1, one thread,
-CPU time: the fused check (`inference/fused_check.py`) against the probe modules' path.
+CPU time (`--threads N --clock wall`: as decoding runs, N threads, the wall clock): the fused
+check (`inference/fused_check.py`) against the probe modules' path.
 
     python benchmarks/probe_cost.py CKPT [CKPT ...] [--dtype fp32 bf16] [--rounds 30] [--inner 50]
     python benchmarks/probe_cost.py          # a random SmolLM2-shaped model, linear probes on the backbone
@@ -19,11 +20,13 @@ vocabulary check (max_prob). Alternating rounds, best of R, each call repeated N
 the one after, in a uniform decode step (`Passes.decode_layer`, lean layers): "layer pair" runs
 the two layers, "pair + check exact/cost_aware" the two with the check between (as
 `Passes.run_uniform` runs it under that exit policy, no row firing), so the difference includes
-what the next layer takes from the check (an RMSNorm probe's `lean.scaled_rows`) and what each
-call costs right after a layer has streamed its weights through the caches. Each "pair + check"
+what the next layer takes from the check (an RMSNorm probe's `lean.scaled_rows`), what each
+call costs right after a layer has streamed its weights through the caches, and where the layer
+runs in one native call, the probe run in that call (`uniform_check.layer_probe`). Each "pair + check"
 call is timed right after a pair (`cost_model.paired_ratios`, median of rounds x inner: a difference
 of ~5% of the pair drowns in best-of timings); the ratio less one, times the pair's best time, is
 printed as a share of one layer (half the pair): the issue's "a non-firing check costs <= 5% of a layer".
+"exact, own call" is exact with the probe in a call of its own after the layer, side by side.
 """
 
 import argparse
@@ -45,12 +48,15 @@ from megatron.early_exit.inference.uniform_check import layer_probe, uniform_che
 NEVER = 1.0 - 1e-9  # a threshold (< 1, so the check runs) that no probe's sigmoid reaches in fp32
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+# exact with the probe in the layer's call where it goes there, cost_aware, and exact with the
+# probe in a call of its own (`uniform_check.layer_probe` off): what running it in the layer saves
+MODES = ("exact", "cost_aware", "exact, own call")
 
 
-def timed(fns: dict, rounds: int, inner: int) -> dict:
+def timed(fns: dict, rounds: int, inner: int, clock=time.process_time) -> dict:
     """Each function's best time per call: best of `rounds` alternating rounds of `inner` calls."""
     batched = {k: (lambda f=f: [f() for _ in range(inner)]) for k, f in fns.items()}
-    return {k: t / inner for k, t in best_times(batched, torch.device("cpu"), rounds, time.process_time).items()}
+    return {k: t / inner for k, t in best_times(batched, torch.device("cpu"), rounds, clock).items()}
 
 
 def in_a_step(engine, n: int, dtype: torch.dtype) -> dict:
@@ -65,13 +71,17 @@ def in_a_step(engine, n: int, dtype: torch.dtype) -> dict:
     never = {m: ExitPolicy(allowed=(n,), threshold=NEVER, measure="learned", mode=m) for m in ("exact", "cost_aware")}
     by_depth = {m: p.exits_by_depth(policy) for m, policy in never.items()}
 
-    def pair(mode: str | None):
+    # each policy's checks, looked up here: a decode step finds its policy's by identity (the last
+    # one used), which two policies alternating in one state would miss every call (a hash, ~5 us)
+    made = {m: uniform_checks(p, state, policy, by_depth[m]) for m, policy in never.items()}
+
+    def pair(mode: str | None, own_call: bool = False):
         with engine.packed:  # the products' kernels as decoding runs them
             checks = probe = None
-            if mode is not None:  # as `Passes.run_uniform` checks (once a step, the checks' lookup)
-                policy = never[mode]
-                checks = uniform_checks(p, state, policy, by_depth[mode])
-                probe = layer_probe(checks, [n], 1)  # the probe in the layer's own call, where it goes there
+            if mode is not None:  # as `Passes.run_uniform` checks
+                policy, checks = never[mode], made[mode]
+                # the probe in the layer's own call where it goes there (`own_call`: never, as before)
+                probe = None if own_call else layer_probe(checks, [n], 1)
             x = p.decode_layer(state, d - 1, x0, rotary, index, probe)  # rewrites the same position's K/V each call
             rows, out = Rows([0], [len(prompt)], [1], x), StepOutput()  # a step makes these with or without exits
             if mode is not None:
@@ -81,7 +91,8 @@ def in_a_step(engine, n: int, dtype: torch.dtype) -> dict:
                     raise SystemExit(f"exit {n}'s probe reached threshold {NEVER}: the check is meant not to fire")
             return p.decode_layer(state, d, x, rotary, index)
 
-    checks = {f"pair + check {m}": lambda m=m: pair(m) for m in ("exact", "cost_aware")}
+    checks = {f"pair + check {m}": lambda m=m: pair(m) for m in MODES[:2]}
+    checks[f"pair + check {MODES[2]}"] = lambda: pair("exact", own_call=True)
     return {"layer pair": lambda: pair(None), **checks}
 
 
@@ -140,29 +151,34 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dtype", nargs="+", choices=list(DTYPES), default=list(DTYPES))
     p.add_argument("--rounds", type=int, default=30, help="alternating rounds (best counts)")
     p.add_argument("--inner", type=int, default=50, help="calls per round")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (decoding's own: the machine's cores)")
+    p.add_argument("--clock", choices=("cpu", "wall"), default="cpu",
+                   help="CPU seconds of the process (comparable on a loaded machine; one thread: another "
+                        "thread's spinning counts too) or the wall clock")  # fmt: skip
     return p.parse_args(argv)
 
 
 @torch.no_grad()
 def main(argv=None) -> None:
     args = parse_args(argv)
-    torch.set_num_threads(1)
+    torch.set_num_threads(args.threads)
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
     for name in args.dtype:
         builtins = [f"builtin:{b}" for b in args.builtin]
         for path in args.checkpoints + builtins or ["builtin:smollm2"]:
             with torch.no_grad():
                 pieces, step = calls(path, DTYPES[name])
-                t = timed(pieces, args.rounds, args.inner)
+                t = timed(pieces, args.rounds, args.inner, clock)
                 pair = step.pop("layer pair")
-                t["layer pair"] = timed({"layer pair": pair}, args.rounds, args.inner)["layer pair"]
+                t["layer pair"] = timed({"layer pair": pair}, args.rounds, args.inner, clock)["layer pair"]
                 # each "pair + check" over the pair run just before it, median of rounds x inner
-                ratio = paired_ratios(step, pair, torch.device("cpu"), args.rounds * args.inner, time.process_time)
-            print(f"{path} {name}: layer {t['layer'] * 1e6:.1f} us")
+                ratio = paired_ratios(step, pair, torch.device("cpu"), args.rounds * args.inner, clock)
+            print(f"{path} {name}, {args.threads} thread(s), {args.clock} clock: layer {t['layer'] * 1e6:.1f} us")
             for k, v in t.items():
                 print(f"  {k:22s} {v * 1e6:8.1f} us  {v / t['layer'] * 100:6.2f}% of a layer")
             print(f"  fused / plain check: {t['check fused'] / t['check plain']:.3f}")
             one = t["layer pair"] / 2
-            for mode in ("exact", "cost_aware"):
+            for mode in MODES:
                 e = (ratio[f"pair + check {mode}"] - 1) * t["layer pair"]
                 print(f"  in a step, {mode}: the check adds {e * 1e6:.1f} us = {e / one:.1%} of a layer "
                       f"({one * 1e6:.1f} us in the pair; median of paired ratios)")  # fmt: skip

@@ -169,7 +169,11 @@ def test_server_under_torchrun_equals_one_process(ckpt, reference, tmp_path, lay
     except BaseException:
         _kill_group(proc)
         raise
-    shut_down(proc, log_path)
+    try:
+        shut_down(proc, log_path)
+    except BaseException:  # a failed shutdown must not leave the ranks running past the test
+        _kill_group(proc)
+        raise
 
 
 def check_pipeline_only_behaviour(url: str, reference: dict) -> None:

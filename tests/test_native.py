@@ -427,11 +427,45 @@ def test_a_layers_decode_step_in_one_call_gives_the_lean_layers_numbers_bit_for_
 
 
 @needs_native
-def test_a_draft_steps_exit_norm_goes_into_the_native_draft_projection(monkeypatch):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("with_norm", [True, False])
+@pytest.mark.parametrize("rows", [1, 3])
+def test_a_drafts_head_in_one_call_equals_its_torch_operations(dtype, with_norm, rows):
+    """`native.draft_head` (`ee_draft`) against what `Passes.draft_logits` and the max-probability
+    measure make from the same product (`native.linear`, the norm folded in): the product and the
+    -inf row bit for bit, the argmax equal (ties: the first, as torch's), the max-probability
+    within round-off of log-softmax / max / exp (another summation order: 1e-6 relative)."""
+    from megatron.early_exit.inference.confidence import max_prob
+
+    g = torch.Generator().manual_seed(rows + 2 * with_norm)
+    vocab, h = 300, 40
+    weight = torch.randn(vocab, h, generator=g).to(dtype)
+    ids = torch.tensor(sorted(torch.randperm(vocab, generator=g)[:37].tolist()))
+    x = (3 * torch.randn(rows, h, generator=g)).to(dtype)
+    norm = (0.5 + torch.rand(h, generator=g)).to(dtype), 1e-5
+    norm = norm if with_norm else None
+    if rows > 1:
+        x[-1] = 0.0  # every logit ties: the first id wins
+    sub = weight.index_select(0, ids)
+    full, part, tokens, conf = native.draft_head(x, native.pack(sub), ids, vocab, norm)
+    want = native.linear(x, native.pack(sub), len(ids), norm=norm).float()  # the product's own rounding
+    assert torch.equal(part, want)
+    ref = torch.full((rows, vocab), float("-inf")).index_copy_(1, ids, want)
+    assert torch.equal(full, ref)
+    assert tokens == ref.argmax(-1).tolist()
+    assert conf == pytest.approx(max_prob(want).tolist(), rel=1e-6)
+
+
+@needs_native
+@pytest.mark.parametrize("one_call", [True, False])
+def test_a_draft_steps_exit_norm_goes_into_the_native_draft_projection(one_call, monkeypatch):
     """A self-speculative draft step (`DraftCheck`, a norm-only exit, a draft vocabulary) on the
-    native kernel: the exit's RMSNorm folded into the draft projection's call, no exit hidden
-    state made; its logits and confidences against the modules' general path (fp32: the folded
-    norm's mean within round-off, 1e-5), the same exits, -inf outside the draft vocabulary."""
+    native kernel: the exit's RMSNorm, the draft projection, the argmax and the max-probability in
+    one call (`Passes.native_draft`; `one_call` off: the norm folded into the projection's call and
+    the rest in torch), no exit hidden state made; its logits and confidences against the modules'
+    general path (fp32: the folded norm's mean within round-off, 1e-5), the same exits, -inf
+    outside the draft vocabulary, and the greedy token it hands the draft loop (`out.argmax`)
+    the logits' argmax."""
     from megatron.early_exit.inference import ExitPolicy, passes
     from tests.test_lean import PROMPTS, make
 
@@ -462,15 +496,28 @@ def test_a_draft_steps_exit_norm_goes_into_the_native_draft_projection(monkeypat
         for _ in range(6):
             tokens = {b: int(out.logits[b].argmax()) for b in range(len(prompts))}
             out = engine.decode_one_token(state, tokens, ExitPolicy(force=2))
-            trace.append((dict(out.exit_layer), dict(out.confidence), {b: v.clone() for b, v in out.logits.items()}))
+            logits = {b: v.clone() for b, v in out.logits.items()}
+            trace.append((dict(out.exit_layer), dict(out.confidence), logits, dict(out.argmax)))
         return trace
 
     ref = run(general=True)
     folded.clear()
+    real_draft, native_calls = passes.Passes.native_draft, []
+
+    def native_draft(self, *a):
+        made = real_draft(self, *a) if one_call else None
+        native_calls.append(made is not None)
+        return made
+
+    monkeypatch.setattr(passes.Passes, "native_draft", native_draft)
     got = run(general=False)
-    assert folded and all(folded)
-    for (e_ref, c_ref, l_ref), (e_got, c_got, l_got) in zip(ref, got, strict=True):
+    if one_call:
+        assert native_calls and all(native_calls) and not folded
+    else:
+        assert folded and all(folded)
+    for (e_ref, c_ref, l_ref, _), (e_got, c_got, l_got, top) in zip(ref, got, strict=True):
         assert e_got == e_ref and set(e_got.values()) == {2}
+        assert top == ({b: int(v.argmax()) for b, v in l_got.items()} if one_call else {})
         assert c_got == pytest.approx(c_ref, rel=1e-5)
         for b in l_ref:
             inside = torch.isfinite(l_ref[b])

@@ -123,6 +123,8 @@ def library() -> ctypes.CDLL | None:
     lib.ee_layer.argtypes += [vp, vp, i64, vp, ctypes.c_float, vp]  # the next exit's probe (`Probe.args`)
     lib.ee_layer.restype = i32
     lib.ee_probe.argtypes = [vp, i32, i64, i64, ctypes.c_float, vp, vp, i64, vp, vp, i32]
+    lib.ee_draft.argtypes = [vp, vp, i64, i64, i64, i32, i32, vp, ctypes.c_float, vp, i64, vp, vp, vp, vp]
+    lib.ee_draft.restype = i32
     lib.ee_probe.restype = i32
     return lib
 
@@ -188,6 +190,31 @@ def linear(
     if rc != 0:
         raise MemoryError("native kernel: out of memory for its input rows")
     return y
+
+
+def draft_head(
+    x: torch.Tensor, packed: torch.Tensor, ids: torch.Tensor, vocab: int, norm: tuple[torch.Tensor, float] | None
+) -> tuple[torch.Tensor, torch.Tensor, list[int], list[float]]:
+    """A draft's head in one call (`ee_draft`): rows x (A, h) through `norm` (the exit's RMSNorm
+    (gain, eps), or None) onto the draft vocabulary's rows (`packed`: `pack` of the output
+    weight's rows at `ids`, int64 ascending): (logits (A, vocab) fp32, -inf outside `ids`; the
+    product (A, K) fp32, rounded to x's dtype first as the product's output is; each row's greedy
+    token; its max-probability over the draft vocabulary). The numbers of `linear` and the torch
+    operations `Passes.draft_logits` and `confidence.max_prob` run on its output, the
+    probability within round-off (another summation order)."""
+    x = x.contiguous()
+    a, h, k = x.shape[0], x.shape[-1], ids.shape[0]
+    full, part = torch.empty(a, vocab), torch.empty(a, k)
+    tokens, conf = (ctypes.c_int64 * a)(), (ctypes.c_float * a)()
+    gain, eps = (None, 0.0) if norm is None else (norm[0].contiguous(), float(norm[1]))
+    rc = library().ee_draft(
+        x.data_ptr(), packed.data_ptr(), a, h, k, int(x.dtype == torch.bfloat16), torch.get_num_threads(),
+        None if gain is None else gain.data_ptr(), eps, ids.data_ptr(), vocab, full.data_ptr(), part.data_ptr(),
+        tokens, conf,
+    )  # fmt: skip
+    if rc != 0:
+        raise MemoryError("native kernel: out of memory for a draft's rows")
+    return full, part, list(tokens), list(conf)
 
 
 def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:

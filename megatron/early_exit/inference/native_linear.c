@@ -458,6 +458,50 @@ int ee_probe(const void *x, int bf16, int64_t n, int64_t K, float eps, const flo
     return 0;
 }
 
+/* A self-speculative draft's head in one call: rows x (n x h) through the exit's RMSNorm (gain:
+ * its weight in x's dtype, or NULL: none) onto the K rows of the draft vocabulary (Wp: ee_pack's
+ * panels of those rows of the output weight; ids: their token ids, ascending), then per row, as
+ * `Passes.draft_logits` and the max-probability measure make them from the product:
+ *   part (n x K, fp32)  the product, rounded to x's dtype as the product's own output is
+ *   full (n x V, fp32)  -inf, and part at the ids (NULL: not written)
+ *   tokens (n)          the greedy token: ids[the first largest of part] (the argmax of full)
+ *   conf (n)            its probability over the draft vocabulary, 1 / sum_j exp(part_j - max) (exp16)
+ * where torch takes a cast, a -inf row, a scatter, log-softmax, max and exp, ~10 calls of a few
+ * microseconds each around a ~10-microsecond product. 0 on success, 1 when memory runs out. */
+int ee_draft(const void *x, const void *Wp, int64_t n, int64_t h, int64_t K, int bf16, int threads,
+             const void *gain, float eps, const int64_t *ids, int64_t V, float *full, float *part, int64_t *tokens,
+             float *conf) {
+    void *y = malloc((size_t)(n * K * (bf16 ? 2 : 4)));
+    if (!y) return 1;
+    int failed = ee_linear(x, Wp, NULL, y, n, h, K, bf16, threads, gain ? RMSNORM : NONE, gain, eps, NULL);
+    for (int64_t i = 0; i < n && !failed; i++) {
+        float *restrict pr = part + i * K, top = -INFINITY, sum = 0.f;
+        int64_t best = 0;
+        for (int64_t j = 0; j < K; j++) {
+            pr[j] = load(y, bf16, i * K + j);
+            if (pr[j] > top) top = pr[j], best = j;
+        }
+        int64_t j = 0;
+        v16 acc = {0};
+        for (; j + PANEL <= K; j += PANEL) {
+            v16 e;
+            memcpy(&e, pr + j, sizeof e);
+            acc += exp16(e - top);
+        }
+        for (int l = 0; l < PANEL; l++) sum += acc[l];
+        for (; j < K; j++) sum += expf(pr[j] - top);
+        tokens[i] = ids[best];
+        conf[i] = 1.0f / sum;
+        if (full) {
+            float *restrict fr = full + i * V;
+            for (int64_t v = 0; v < V; v++) fr[v] = -INFINITY;
+            for (int64_t j = 0; j < K; j++) fr[ids[j]] = pr[j];
+        }
+    }
+    free(y);
+    return failed;
+}
+
 /* A layer's decode step in one call (`lean.LeanLayer.__call__` where all four products run on this
  * kernel): n rows x (n x h, one new position per sequence) -> y (n x h), the position's keys and
  * values written into the layer's cache, each step the call the Python path makes, in its order

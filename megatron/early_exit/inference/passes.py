@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from megatron.early_exit.derived import DerivedCopies
-from megatron.early_exit.inference import greedy_head, lean
+from megatron.early_exit.inference import greedy_head, kernels, lean, native
 from megatron.early_exit.inference.confidence import get_measure, max_prob
 from megatron.early_exit.inference.exit_decision import decide, worth_checking
 from megatron.early_exit.inference.fused_check import folded_probe, logit_threshold, sigmoid
@@ -82,6 +82,7 @@ class StepOutput:
     all_tokens: dict[int, list[int]] = field(default_factory=dict)
     row_exit_layer: dict[int, list[int]] = field(default_factory=dict)  # b -> layer per new row (scoring.py)
     guesses: dict[int, tuple[int, int, float]] = field(default_factory=dict)  # b -> (exit, token, max-prob): `observe`
+    argmax: dict[int, int] = field(default_factory=dict)  # b -> logits[b]'s argmax, where the pass made it (a draft)
 
     def order(self) -> list[int]:
         return list(self.exit_layer)
@@ -697,9 +698,7 @@ class Passes:
         exit's RMSNorm, and hidden the backbone's rows before it (a uniform step's draft:
         `uniform_check.DraftCheck`), folded into the product's call where the native kernel runs
         it (`lean.LeanKernels.folded`; on the other kernels the norm's own operations)."""
-        m, ids = self.model, self.draft_vocab
-        weight = head.output_weight(m.tied_output_weight())
-        rows = self.draft_weights.get(weight, ("draft vocabulary", id(ids)), lambda w: w.index_select(0, ids))
+        m, ids, rows = self.model, self.draft_vocab, self.draft_rows(head)
         if self.lean and self.lean_kernels.packed and type(m.head_ops) is HeadOps:
             # the kernel the head's packed projection would run (`packed.packed_linear`), looked up once a pass
             part = self.lean_kernels.folded(hidden.reshape(hidden.shape[0], -1), rows, norm=norm)  # (A, K)
@@ -709,6 +708,30 @@ class Passes:
             part = head.project_onto(hidden, rows, m.head_ops)[:, 0].float()  # (A, K)
         logits = part.new_full((part.shape[0], self.vocab), float("-inf")).index_copy_(1, ids, part)
         return (logits, part) if parts else logits
+
+    def draft_rows(self, head) -> torch.Tensor:
+        """The rows of `head`'s output weight at the draft vocabulary's tokens (a copy made once per weight)."""
+        ids = self.draft_vocab
+        weight = head.output_weight(self.model.tied_output_weight())
+        return self.draft_weights.get(weight, ("draft vocabulary", id(ids)), lambda w: w.index_select(0, ids))
+
+    def native_draft(self, head, x: torch.Tensor, norm: tuple | None, rows: torch.Tensor | None = None):
+        """`draft_logits(head, x, norm=norm)`, each row's argmax and max-probability over the draft
+        vocabulary in one native call (`native.draft_head`): (logits [A, V], tokens, confidences),
+        where the draft projection's kernel is the native one at this pass's rows, the head's
+        projection is plain and its temperature 1; else None. x: [A, 1, h]; `rows`: `draft_rows(head)`
+        where the caller kept them (looking the weight up costs ~5 us right after a layer)."""
+        m, a = self.model, x.shape[0]
+        if not (self.lean and self.lean_kernels.packed and type(m.head_ops) is HeadOps and head.temperature == 1.0):
+            return None
+        if a > lean.FOLD_ROWS or (norm is not None and norm[0].dtype != x.dtype):
+            return None
+        rows = self.draft_rows(head) if rows is None else rows
+        if not kernels.is_native(self.lean_kernels.func(rows, a)):
+            return None
+        panels = kernels.native_copy(rows)
+        logits, _, tokens, conf = native.draft_head(x.view(a, -1), panels, self.draft_vocab, self.vocab, norm)
+        return logits, tokens, conf
 
     def block_exit_hidden(self, state: DecodeState, n: int, head, seqs: list[int]) -> torch.Tensor:
         """Bring exit n's own block cache up to each sequence's newest token; its hidden there [A, 1, h]."""

@@ -32,6 +32,8 @@ from __future__ import annotations
 
 from collections import OrderedDict
 
+import torch
+
 from megatron.early_exit.inference import lean
 from megatron.early_exit.inference.confidence import get_measure
 from megatron.early_exit.inference.exit_decision import decider_of
@@ -114,15 +116,25 @@ class DraftCheck:
         # the norm goes into the draft projection's call (`Passes.draft_logits`) and no exit
         # hidden state is made
         self.norm = lean.exit_norm(head)
+        self.norm_args = None if self.norm is None else (self.norm.weight, self.norm.eps)
+        # (the draft vocabulary, its rows of the head's output weight), kept for the decode state's
+        # life as its checks are (weights do not change in the middle of a decode)
+        self.rows: tuple | None = None
 
     def __call__(self, state, rows, out) -> set[int]:
         """Every sequence of `rows` (A, 1, h): recorded in `out` as leaving at exit n."""
         p, n, seqs, norm = self.passes, self.n, rows.seqs, self.norm
         if p.draft_vocab is not None and norm is not None and p.lean and not lean.watched((norm,)):
-            logits, part = p.draft_logits(self.head, rows.x, parts=True, norm=(norm.weight, norm.eps))
+            made = p.native_draft(self.head, rows.x, self.norm_args, self.draft_rows())  # all of it in one call
+            if made is not None:
+                return self.record(seqs, *made, out)
+            logits, part = p.draft_logits(self.head, rows.x, parts=True, norm=self.norm_args)
             conf = self.conf(part).tolist()
         elif p.draft_vocab is not None:
             hidden = p.exit_hidden(state, n, self.head, rows, list(range(len(seqs))))  # (A, 1, h)
+            made = p.native_draft(self.head, hidden, None, self.draft_rows())
+            if made is not None:
+                return self.record(seqs, *made, out)
             logits, part = p.draft_logits(self.head, hidden, parts=True)
             conf = self.conf(part).tolist()
         else:
@@ -131,6 +143,21 @@ class DraftCheck:
             conf = self.conf(logits).tolist()
         for a, b in enumerate(seqs):
             out.logits[b], out.exit_layer[b], out.confidence[b] = logits[a], n, conf[a]
+        return set(seqs)
+
+    def draft_rows(self) -> torch.Tensor:
+        """`Passes.draft_rows` of the exit's head, looked up once per draft vocabulary."""
+        ids = self.passes.draft_vocab
+        if self.rows is None or self.rows[0] is not ids:
+            self.rows = (ids, self.passes.draft_rows(self.head))
+        return self.rows[1]
+
+    def record(self, seqs: list[int], logits, tokens: list[int], conf: list[float], out) -> set[int]:
+        """Every sequence leaves at exit n with its row of `logits`, its greedy token (`out.argmax`:
+        the draft loop need not look for it in the logits) and its confidence."""
+        n = self.n
+        for a, b in enumerate(seqs):
+            out.logits[b], out.exit_layer[b], out.confidence[b], out.argmax[b] = logits[a], n, conf[a], tokens[a]
         return set(seqs)
 
 

@@ -265,7 +265,8 @@ class SelfSpeculative(Strategy):
                 if plan.alternatives:
                     last[b], alts[b][j] = logits.topk(2).indices.tolist()
                 else:
-                    last[b] = int(logits.argmax())
+                    top = out.argmax.get(b)  # made with the logits where the draft's head ran natively
+                    last[b] = int(logits.argmax()) if top is None else top
                 drafts[b].append(last[b])
                 confs[b].append(out.confidence[b])
                 if ctl is not None and not ctl.keep_drafting(plan, confs[b]):

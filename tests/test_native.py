@@ -431,7 +431,7 @@ def test_a_layers_decode_step_in_one_call_gives_the_lean_layers_numbers_bit_for_
 @pytest.mark.parametrize("with_norm", [True, False])
 @pytest.mark.parametrize("rows", [1, 3])
 def test_a_drafts_head_in_one_call_equals_its_torch_operations(dtype, with_norm, rows):
-    """`native.draft_head` (`ee_draft`) against what `Passes.draft_logits` and the max-probability
+    """`native.head` with a draft vocabulary (`ee_head`) against what `Passes.draft_logits` and the max-probability
     measure make from the same product (`native.linear`, the norm folded in): the product and the
     -inf row bit for bit, the argmax equal (ties: the first, as torch's), the max-probability
     within round-off of log-softmax / max / exp (another summation order: 1e-6 relative)."""
@@ -447,13 +447,88 @@ def test_a_drafts_head_in_one_call_equals_its_torch_operations(dtype, with_norm,
     if rows > 1:
         x[-1] = 0.0  # every logit ties: the first id wins
     sub = weight.index_select(0, ids)
-    full, part, tokens, conf = native.draft_head(x, native.pack(sub), ids, vocab, norm)
+    full, part, tokens, conf = native.head(x, native.pack(sub), len(ids), norm, ids, vocab)
     want = native.linear(x, native.pack(sub), len(ids), norm=norm).float()  # the product's own rounding
     assert torch.equal(part, want)
     ref = torch.full((rows, vocab), float("-inf")).index_copy_(1, ids, want)
     assert torch.equal(full, ref)
     assert tokens == ref.argmax(-1).tolist()
     assert conf == pytest.approx(max_prob(want).tolist(), rel=1e-6)
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [1, 4])
+def test_a_vocabulary_head_in_one_call_reads_the_first_rows_and_equals_its_torch_operations(dtype, rows):
+    """`native.head` without a draft vocabulary: the norm and the product onto the first `vocab`
+    rows of a padded weight (the padding never read into a token), bit for bit the product's
+    first columns; the argmax equal (ties: the first); the max-probability within round-off."""
+    from megatron.early_exit.inference.confidence import max_prob
+
+    g = torch.Generator().manual_seed(rows)
+    padded, vocab, h = 208, 197, 48  # the last panel part padding
+    weight = torch.randn(padded, h, generator=g).to(dtype)
+    weight[vocab:] = 100.0  # padding rows that would win every argmax if they were read
+    x = (2 * torch.randn(rows, h, generator=g)).to(dtype)
+    norm = (0.5 + torch.rand(h, generator=g)).to(dtype), 1e-6
+    packed = native.pack(weight)
+    logits, part, tokens, conf = native.head(x, packed, vocab, norm)
+    want = native.linear(x, packed, padded, norm=norm)[:, :vocab].float()
+    assert logits is part and torch.equal(part, want)
+    assert tokens == want.argmax(-1).tolist()
+    assert conf == pytest.approx(max_prob(want).tolist(), rel=1e-6)
+
+
+@needs_native
+@pytest.mark.parametrize("batch", [1, 3])
+def test_the_final_and_exit_heads_in_one_call_decode_as_the_torch_heads(batch, monkeypatch):
+    """The final head and a firing exit's head (an exit that is its RMSNorm alone) in one native
+    call each (`Passes.native_vocab`: norm, projection, argmax and max-probability) against the
+    same engine with them off: the same tokens and exit layers, confidences within 1e-5 (the
+    folded norm's mean within round-off, fp32), the logits within 1e-5, and the greedy token
+    handed on (`StepOutput.argmax`) each row's argmax; both heads ran in one call."""
+    from megatron.early_exit.inference import passes
+    from tests.test_fused_probe_check import _probe_model
+    from tests.test_inference import PROMPTS
+
+    model = _probe_model(True, 16, "backbone")
+    real, made = passes.Passes.native_vocab, []
+
+    def run(on: bool):
+        def native_vocab(self, x, weight, norm, temperature=1.0):
+            got = real(self, x, weight, norm, temperature) if on else None
+            made.append(got is not None)
+            return got
+
+        monkeypatch.setattr(passes.Passes, "native_vocab", native_vocab)
+        engine = EarlyExitEngine(model, linear_kernel="native")
+        s = GenerationSettings("early_exit", max_new_tokens=8, early_exit_threshold=0.5, measure="learned",
+                               exit_policy="exact", ignore_eos=True)  # fmt: skip
+        with torch.no_grad():
+            return engine.generate(PROMPTS[:batch], s)
+
+    ref = run(False)
+    made.clear()
+    got = run(True)
+    assert made and all(made)
+    for r, g in zip(ref, got, strict=True):
+        assert g.tokens == r.tokens and g.exit_layers == r.exit_layers
+        assert g.confidences == pytest.approx(r.confidences, rel=1e-5)
+    assert {e for r in got for e in r.exit_layers} >= {1, 3}  # exits fired, and the final head ran
+
+    def step(on: bool):
+        monkeypatch.setattr(passes.Passes, "native_vocab", real if on else lambda *a, **k: None)
+        engine = EarlyExitEngine(model, linear_kernel="native")
+        state = engine.new_state(batch, 16)
+        with torch.no_grad(), engine.packed:
+            engine.prefill(state, {b: PROMPTS[b] for b in range(batch)})
+            return engine.decode_one_token(state, dict.fromkeys(range(batch), 5), passes.ExitPolicy())
+
+    out, plain = step(True), step(False)
+    assert out.argmax == {b: int(v.argmax()) for b, v in out.logits.items()} and len(out.argmax) == batch
+    assert not plain.argmax and out.logits.keys() == plain.logits.keys()
+    for b, v in plain.logits.items():
+        torch.testing.assert_close(out.logits[b], v, rtol=1e-5, atol=1e-5)
 
 
 @needs_native

@@ -96,6 +96,8 @@ class Acceptance:
 
     def choose(self, out: StepOutput, seqs: list[int], s: GenerationSettings, generator, logit_bias=None) -> list[int]:
         """One draw over `seqs` in order (greedy: a pipeline stage's token where it sent no logits)."""
+        if s.temperature <= 0 and not logit_bias and out.argmax and all(b in out.argmax for b in seqs):
+            return [out.argmax[b] for b in seqs]  # the heads' own argmax (native heads make it with the logits)
         if s.temperature <= 0 and any(b not in out.logits for b in seqs):
             return [out.tokens[b] if b not in out.logits else int(out.logits[b].argmax()) for b in seqs]
         stacked = torch.stack([out.logits[b] for b in seqs])  # (A, V)

@@ -123,8 +123,8 @@ def library() -> ctypes.CDLL | None:
     lib.ee_layer.argtypes += [vp, vp, i64, vp, ctypes.c_float, vp]  # the next exit's probe (`Probe.args`)
     lib.ee_layer.restype = i32
     lib.ee_probe.argtypes = [vp, i32, i64, i64, ctypes.c_float, vp, vp, i64, vp, vp, i32]
-    lib.ee_draft.argtypes = [vp, vp, i64, i64, i64, i32, i32, vp, ctypes.c_float, vp, i64, vp, vp, vp, vp]
-    lib.ee_draft.restype = i32
+    lib.ee_head.argtypes = [vp, vp, i64, i64, i64, i32, i32, vp, ctypes.c_float, vp, i64, vp, vp, vp, vp]
+    lib.ee_head.restype = i32
     lib.ee_probe.restype = i32
     return lib
 
@@ -192,29 +192,36 @@ def linear(
     return y
 
 
-def draft_head(
-    x: torch.Tensor, packed: torch.Tensor, ids: torch.Tensor, vocab: int, norm: tuple[torch.Tensor, float] | None
+def head(
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    rows: int,
+    norm: tuple[torch.Tensor, float] | None,
+    ids: torch.Tensor | None = None,
+    vocab: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor, list[int], list[float]]:
-    """A draft's head in one call (`ee_draft`): rows x (A, h) through `norm` (the exit's RMSNorm
-    (gain, eps), or None) onto the draft vocabulary's rows (`packed`: `pack` of the output
-    weight's rows at `ids`, int64 ascending): (logits (A, vocab) fp32, -inf outside `ids`; the
-    product (A, K) fp32, rounded to x's dtype first as the product's output is; each row's greedy
-    token; its max-probability over the draft vocabulary). The numbers of `linear` and the torch
-    operations `Passes.draft_logits` and `confidence.max_prob` run on its output, the
-    probability within round-off (another summation order)."""
+    """A vocabulary head in one call (`ee_head`): rows x (A, h) through `norm` (an RMSNorm's (gain,
+    eps), or None) onto the first `rows` rows of the weight `packed` holds (`pack`); returns
+    (logits, the product (A, rows) fp32 rounded to x's dtype first as the product's output is,
+    each row's greedy token, its max-probability). logits: the product itself, or with `ids` (a
+    draft vocabulary: `packed` holds the output weight's rows at `ids`, int64 ascending) the
+    (A, vocab) fp32 row, -inf outside `ids`, and the tokens are ids. The numbers of `linear` and
+    of the torch operations a head runs on its output (`Passes.draft_logits`, `vocab_logits`,
+    `confidence.max_prob`, argmax), the probability within round-off (another summation order)."""
     x = x.contiguous()
-    a, h, k = x.shape[0], x.shape[-1], ids.shape[0]
-    full, part = torch.empty(a, vocab), torch.empty(a, k)
+    a, h = x.shape[0], x.shape[-1]
+    part = torch.empty(a, rows)
+    full = None if ids is None else torch.empty(a, vocab)
     tokens, conf = (ctypes.c_int64 * a)(), (ctypes.c_float * a)()
     gain, eps = (None, 0.0) if norm is None else (norm[0].contiguous(), float(norm[1]))
-    rc = library().ee_draft(
-        x.data_ptr(), packed.data_ptr(), a, h, k, int(x.dtype == torch.bfloat16), torch.get_num_threads(),
-        None if gain is None else gain.data_ptr(), eps, ids.data_ptr(), vocab, full.data_ptr(), part.data_ptr(),
-        tokens, conf,
+    rc = library().ee_head(
+        x.data_ptr(), packed.data_ptr(), a, h, rows, int(x.dtype == torch.bfloat16), torch.get_num_threads(),
+        None if gain is None else gain.data_ptr(), eps, None if ids is None else ids.data_ptr(), vocab,
+        None if full is None else full.data_ptr(), part.data_ptr(), tokens, conf,
     )  # fmt: skip
     if rc != 0:
-        raise MemoryError("native kernel: out of memory for a draft's rows")
-    return full, part, list(tokens), list(conf)
+        raise MemoryError("native kernel: out of memory for a head's rows")
+    return part if full is None else full, part, list(tokens), list(conf)
 
 
 def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:

@@ -458,17 +458,19 @@ int ee_probe(const void *x, int bf16, int64_t n, int64_t K, float eps, const flo
     return 0;
 }
 
-/* A self-speculative draft's head in one call: rows x (n x h) through the exit's RMSNorm (gain:
- * its weight in x's dtype, or NULL: none) onto the K rows of the draft vocabulary (Wp: ee_pack's
- * panels of those rows of the output weight; ids: their token ids, ascending), then per row, as
- * `Passes.draft_logits` and the max-probability measure make them from the product:
+/* A vocabulary head in one call: rows x (n x h) through an RMSNorm (gain: its weight in x's dtype,
+ * or NULL: none) onto K rows of an output weight (Wp: ee_pack's panels of the weight; only its
+ * first K rows are read), then per row, as the torch operations of a head's projection and the
+ * max-probability measure make them from the product:
  *   part (n x K, fp32)  the product, rounded to x's dtype as the product's own output is
- *   full (n x V, fp32)  -inf, and part at the ids (NULL: not written)
- *   tokens (n)          the greedy token: ids[the first largest of part] (the argmax of full)
- *   conf (n)            its probability over the draft vocabulary, 1 / sum_j exp(part_j - max) (exp16)
- * where torch takes a cast, a -inf row, a scatter, log-softmax, max and exp, ~10 calls of a few
- * microseconds each around a ~10-microsecond product. 0 on success, 1 when memory runs out. */
-int ee_draft(const void *x, const void *Wp, int64_t n, int64_t h, int64_t K, int bf16, int threads,
+ *   tokens (n)          the greedy token: the first largest of part, as ids[it] where ids is given
+ *   conf (n)            its probability over the K, 1 / sum_j exp(part_j - max) (exp16)
+ *   full (n x V, fp32)  where ids is given (a draft vocabulary: ids ascending, Wp the panels of
+ *                       those rows): -inf, and part at the ids (NULL: not written)
+ * where torch takes the norm's, a cast, a -inf row and a scatter, log-softmax, max and exp, and
+ * an argmax over the row, ~10 calls of a few microseconds each around the product. 0 on success,
+ * 1 when memory runs out. */
+int ee_head(const void *x, const void *Wp, int64_t n, int64_t h, int64_t K, int bf16, int threads,
              const void *gain, float eps, const int64_t *ids, int64_t V, float *full, float *part, int64_t *tokens,
              float *conf) {
     void *y = malloc((size_t)(n * K * (bf16 ? 2 : 4)));
@@ -490,9 +492,9 @@ int ee_draft(const void *x, const void *Wp, int64_t n, int64_t h, int64_t K, int
         }
         for (int l = 0; l < PANEL; l++) sum += acc[l];
         for (; j < K; j++) sum += expf(pr[j] - top);
-        tokens[i] = ids[best];
+        tokens[i] = ids ? ids[best] : best;
         conf[i] = 1.0f / sum;
-        if (full) {
+        if (full && ids) {
             float *restrict fr = full + i * V;
             for (int64_t v = 0; v < V; v++) fr[v] = -INFINITY;
             for (int64_t j = 0; j < K; j++) fr[ids[j]] = pr[j];

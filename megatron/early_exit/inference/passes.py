@@ -709,6 +709,26 @@ class Passes:
         logits = part.new_full((part.shape[0], self.vocab), float("-inf")).index_copy_(1, ids, part)
         return (logits, part) if parts else logits
 
+    def native_vocab(self, x: torch.Tensor, weight: torch.Tensor, norm, temperature: float = 1.0):
+        """A head's (logits [A, vocab] fp32, greedy tokens, max-probabilities) from rows x [A, h]
+        through the RMSNorm `norm` (an `RMSNorm` module, or None) onto `weight`'s first vocab rows in
+        one native call (`native.head`), where the projection's kernel is the native one at this
+        pass's rows, the head ops are plain, the temperature 1 and no forward hook watches the norm;
+        else None. Its logits are the native product's, the norm folded in (its mean within
+        round-off of `lean.rms_norm`'s), as every lean layer's norm on that kernel."""
+        m, a = self.model, x.shape[0]
+        if not (self.lean and self.lean_kernels.packed and type(m.head_ops) is HeadOps and temperature == 1.0):
+            return None
+        if a > lean.FOLD_ROWS or x.dtype != weight.dtype or weight.dim() != 2:
+            return None
+        if norm is not None and (type(norm) is not RMSNorm or norm.weight.dtype != x.dtype or lean.watched((norm,))):
+            return None
+        if not kernels.is_native(self.lean_kernels.func(weight, a)):
+            return None
+        gain = None if norm is None else (norm.weight, norm.eps)
+        logits, _, tokens, conf = native.head(x.reshape(a, -1), kernels.native_copy(weight), self.vocab, gain)
+        return logits, tokens, conf
+
     def draft_rows(self, head) -> torch.Tensor:
         """The rows of `head`'s output weight at the draft vocabulary's tokens (a copy made once per weight)."""
         ids = self.draft_vocab
@@ -717,7 +737,7 @@ class Passes:
 
     def native_draft(self, head, x: torch.Tensor, norm: tuple | None, rows: torch.Tensor | None = None):
         """`draft_logits(head, x, norm=norm)`, each row's argmax and max-probability over the draft
-        vocabulary in one native call (`native.draft_head`): (logits [A, V], tokens, confidences),
+        vocabulary in one native call (`native.head`): (logits [A, V], tokens, confidences),
         where the draft projection's kernel is the native one at this pass's rows, the head's
         projection is plain and its temperature 1; else None. x: [A, 1, h]; `rows`: `draft_rows(head)`
         where the caller kept them (looking the weight up costs ~5 us right after a layer)."""
@@ -729,8 +749,8 @@ class Passes:
         rows = self.draft_rows(head) if rows is None else rows
         if not kernels.is_native(self.lean_kernels.func(rows, a)):
             return None
-        panels = kernels.native_copy(rows)
-        logits, _, tokens, conf = native.draft_head(x.view(a, -1), panels, self.draft_vocab, self.vocab, norm)
+        panels, ids = kernels.native_copy(rows), self.draft_vocab
+        logits, _, tokens, conf = native.head(x.view(a, -1), panels, len(ids), norm, ids, self.vocab)
         return logits, tokens, conf
 
     def block_exit_hidden(self, state: DecodeState, n: int, head, seqs: list[int]) -> torch.Tensor:
@@ -776,6 +796,10 @@ class Passes:
             last = torch.stack([logits[a, rows.n[a] - 1] for a in range(len(rows.seqs))])
         else:
             h = self.newest_rows(rows, list(range(len(rows.seqs))))[:, 0]  # (A, h): only the newest rows
+            if not self.int8_head():  # the norm, projection, argmax and max-probability in one call
+                made = self.native_vocab(h, m.output_weight(), m.decoder.final_layernorm)
+                if made is not None:
+                    return self.record_head(rows.seqs, self.num_layers, *made, out)
             h = self.norm(m.decoder.final_layernorm, h)
             if self.int8_head():
                 return self.final_tokens(rows, h, out)
@@ -783,6 +807,13 @@ class Passes:
         conf = max_prob(last).tolist()
         for a, b in enumerate(rows.seqs):
             out.logits[b], out.exit_layer[b], out.confidence[b] = last[a], self.num_layers, conf[a]
+
+    @staticmethod
+    def record_head(seqs: list[int], layer: int, logits, tokens: list[int], conf: list[float], out) -> None:
+        """Each of `seqs` gets its row of `logits`, its greedy token (`out.argmax`) and its
+        confidence from a head at `layer` (`native_vocab`)."""
+        for a, b in enumerate(seqs):
+            out.logits[b], out.exit_layer[b], out.confidence[b], out.argmax[b] = logits[a], layer, conf[a], tokens[a]
 
     def norm(self, norm, x: torch.Tensor) -> torch.Tensor:
         """`norm(x)` (the final norm, or an exit that is its norm alone); an RMSNorm that no forward

@@ -20,9 +20,12 @@ through the engine's own code (`Passes`, prepacked weights entered as in decodin
   probe_exit[n] the probe on the exit's hidden state, whichever input the probe reads (to
                 compare the two inputs on one model);
   fire_hidden[n] exit n's hidden state (its norm, MLP), where the probe reads the backbone:
-                then a firing check adds it before the projection;
+                then a firing check adds it before the projection (none where the native head
+                call makes it);
   vocab[n]      exit n's hidden state, vocabulary projection and max_prob (a max_prob check);
-  project[n]    exit n's vocabulary projection alone (what a firing `learned` check adds);
+  project[n]    exit n's vocabulary projection alone (what a firing `learned` check adds); for
+                an exit that is its RMSNorm alone whose head runs in one native call
+                (`Passes.native_vocab`), that call from the backbone row (norm included);
   pend          a layer where the pass fills pending rows (one row per sequence beyond the
                 newest): the general path's gather, layout and mask there, and the row. Timed
                 through the engine's own pending path (`fill_time`): a full-depth step after a
@@ -53,6 +56,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
+from megatron.early_exit.inference import lean
 from megatron.early_exit.inference.confidence import get_measure, learned, max_prob
 from megatron.early_exit.inference.passes import ExitPolicy, Rows, StepOutput, tick
 from megatron.early_exit.inference.settings import GenerationResult, GenerationSettings
@@ -341,6 +345,15 @@ def piece_times(engine, prompts: list[list[int]], repeats: int, extra_rows: int 
             lambda n=n, h=head: max_prob(p.exit_logits(h, p.exit_hidden(state, n, h, one, cand)))
         )
         fns[f"project/{n}"] = lambda h=head, x=hidden: p.exit_logits(h, x)
+        # a firing norm-only exit whose head runs in one native call (`UniformCheck.leave`): the
+        # norm, projection and argmax from the backbone row, so no hidden state is priced apart
+        norm, weight = lean.exit_norm(head), head.output_weight(p.model.tied_output_weight())
+        with engine.packed:
+            native_fire = norm is not None and p.native_vocab(one.x[:, 0], weight, norm, head.temperature) is not None
+        if native_fire:
+            fns[f"project/{n}"] = lambda h=head, w=weight, norm=norm: p.native_vocab(
+                one.x[:, 0], w, norm, h.temperature
+            )
         if head.confidence is not None:
             fns[f"probe_exit/{n}"] = one_row(lambda n=n, h=head: learned(h, p.exit_hidden(state, n, h, one, cand)))
             # as a decode step runs it: in one call where it applies (`uniform_check`, as
@@ -353,7 +366,7 @@ def piece_times(engine, prompts: list[list[int]], repeats: int, extra_rows: int 
                 fns[f"probe/{n}"] = one_row(
                     lambda n=n, h=head: p.probe_check(state, n, h, one, cand, never, learned_measure)
                 )
-        if head.confidence is not None and head.probe_reads_backbone:
+        if head.confidence is not None and head.probe_reads_backbone and not native_fire:
             fns[f"hidden/{n}"] = one_row(lambda n=n, h=head: p.exit_hidden(state, n, h, one, cand))
     with engine.packed:
         return best_times(fns, p.device, repeats)

@@ -197,17 +197,23 @@ def test_decoding_on_the_native_kernel_equals_full_greedy_and_self_speculation_s
         return out
 
     monkeypatch.setattr(lean.LeanLayer, "rows", rows)
+    heads = []  # rows of each final head run in one call (`native.head` without a draft vocabulary)
+    real_head = native.head
+    monkeypatch.setattr(
+        native, "head", lambda x, *a: (heads.append(x.shape[0]) if len(a) == 3 else None) or real_head(x, *a)
+    )
     model = build(good)
     want = [naive_greedy(model, p, NEW) for p in PROMPTS]
     verified = {}
     for strategy in ("full", "self_speculative"):
-        calls.clear(), general.clear()
+        calls.clear(), general.clear(), heads.clear()
         got = EarlyExitEngine(model, linear_kernel="native").generate(
             PROMPTS, GenerationSettings(strategy=strategy, max_new_tokens=NEW, ignore_eos=True)
         )
         assert [r.tokens for r in got] == want, strategy
         assert calls.count("layer") > len(general), strategy  # decode steps: one call a layer
         verified[strategy] = sum(1 < r <= lean.ATTEND_ROWS for r in general)  # the prompts', verify passes
+        assert heads and (strategy == "full" or max(heads) > len(PROMPTS)), strategy  # verify passes' heads
     assert verified["self_speculative"] > verified["full"] > 0
 
 

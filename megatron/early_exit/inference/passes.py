@@ -786,6 +786,10 @@ class Passes:
         if not rows.seqs:
             return
         m = self.model
+        if all_rows and not self.int8_head():  # every row's norm, projection, argmax and max-probability in one call
+            made = self.native_vocab(self.real_rows(rows), m.output_weight(), m.decoder.final_layernorm)
+            if made is not None:
+                return self.record_rows(rows, *made, out)
         if all_rows:
             x = self.norm(m.decoder.final_layernorm, rows.x)  # (A, R, h)
             if self.int8_head():
@@ -840,6 +844,25 @@ class Passes:
         conf = max_prob(logits).tolist()
         for a, (b, t) in enumerate(zip(rows.seqs, tokens.tolist())):
             out.tokens[b], out.exit_layer[b], out.confidence[b] = t, self.num_layers, conf[a]
+
+    @staticmethod
+    def real_rows(rows: Rows) -> torch.Tensor:
+        """The rows of `rows` (A, R, h) that hold positions, without the padding: (N, h)."""
+        if len(rows.seqs) == 1:
+            return rows.x[0, : rows.n[0]]
+        return torch.cat([rows.x[a, : rows.n[a]] for a in range(len(rows.seqs))])
+
+    def record_rows(self, rows: Rows, logits, tokens: list[int], conf: list[float], out: StepOutput) -> None:
+        """A verify pass's final head on every real row (`real_rows`, `native_vocab`): per
+        sequence every row's logits and greedy token (`all_logits`, `all_tokens`), the newest
+        row's as the step's token."""
+        end = 0
+        for a, b in enumerate(rows.seqs):
+            start, end = end, end + rows.n[a]
+            out.all_tokens[b], out.all_logits[b] = tokens[start:end], logits[start:end]
+            last = end - 1
+            out.logits[b], out.exit_layer[b], out.confidence[b] = logits[last], self.num_layers, conf[last]
+            out.argmax[b] = tokens[last]
 
     def final_row_tokens(self, rows: Rows, x: torch.Tensor, out: StepOutput) -> None:
         """`final_tokens` for every row of x [A, R, h] (a verify pass): `all_tokens` and the

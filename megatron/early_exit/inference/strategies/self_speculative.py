@@ -335,6 +335,8 @@ def verify(engine, state, last: dict[int, int], drafted: bool, observe: int | No
         out.all_logits[b] = logits[None]  # (1, V): the one fed row
     for b, token in out.tokens.items():  # the int8 head: a token, no logits
         out.all_tokens[b] = [token]
+    for b, token in out.argmax.items():  # a native head: its logits' argmax, made with them
+        out.all_tokens[b] = [token]
     return out
 
 

@@ -486,6 +486,31 @@ def test_a_vocabulary_head_in_one_call_reads_the_first_rows_and_equals_its_torch
 
 
 @needs_native
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [1, 3])
+def test_an_exits_projection_in_one_call_equals_the_torch_projection_bit_for_bit(dtype, rows, monkeypatch):
+    """`Passes.exit_logits` (an exit's hidden state onto the vocabulary: what a firing check or a
+    max-probability check projects) in one native call against the same engine's torch path: the
+    same product on the same kernel, cast the same way, so equal bit for bit."""
+    from megatron.early_exit.inference import passes
+    from tests.test_fused_probe_check import _probe_model
+
+    model = _probe_model(True, 16, "backbone").to(dtype)
+    engine = EarlyExitEngine(model, linear_kernel="native")
+    p, head = engine.passes, model.exits["1"]
+    hidden = torch.randn(rows, 1, model.config.hidden_size, generator=torch.Generator().manual_seed(rows)).to(dtype)
+    real, made = passes.Passes.native_vocab, []
+    with torch.no_grad(), engine.packed:
+        p.lean_kernels.reset()
+        monkeypatch.setattr(passes.Passes, "native_vocab", lambda *a: made.append(real(*a)) or made[-1])
+        got = p.exit_logits(head, hidden)
+        monkeypatch.setattr(passes.Passes, "native_vocab", lambda *a: None)
+        want = p.exit_logits(head, hidden)
+    assert made and made[0] is not None and got.dtype == want.dtype == torch.float32
+    assert got.shape == want.shape == (rows, p.vocab) and torch.equal(got, want)
+
+
+@needs_native
 @pytest.mark.parametrize("batch", [1, 3])
 def test_the_final_and_exit_heads_in_one_call_decode_as_the_torch_heads(batch, monkeypatch):
     """The final head and a firing exit's head (an exit that is its RMSNorm alone) in one native

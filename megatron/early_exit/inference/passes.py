@@ -684,8 +684,14 @@ class Passes:
         return rows.x[idx, torch.tensor([rows.n[a] - 1 for a in cand], device=self.device)][:, None]  # (A, 1, h)
 
     def exit_logits(self, head, hidden: torch.Tensor) -> torch.Tensor:
-        """Exit hidden [A, 1, h] -> whole-vocabulary logits [A, V] in fp32."""
+        """Exit hidden [A, 1, h] -> whole-vocabulary logits [A, V] in fp32: in one native call
+        where the projection's kernel is the native one (`native_vocab`: the same product, so the
+        same numbers, without the torch operations around it)."""
         m = self.model
+        weight = head.output_weight(m.tied_output_weight())
+        made = self.native_vocab(hidden.reshape(hidden.shape[0], -1), weight, None, head.temperature)
+        if made is not None:
+            return made[0]
         return self.vocab_logits(head.project(hidden, m.tied_output_weight(), m.head_ops)[:, 0])
 
     def draft_logits(self, head, hidden: torch.Tensor, parts: bool = False, norm: tuple | None = None):

@@ -491,7 +491,8 @@ class Scheduler(BaseScheduler):
 def _merge(outs: list[StepOutput]) -> StepOutput:
     merged = StepOutput()
     for o in outs:
-        for name in ("logits", "exit_layer", "confidence", "all_logits", "row_exit_layer", "tokens", "all_tokens"):
+        names = ("logits", "exit_layer", "confidence", "all_logits", "row_exit_layer", "tokens", "all_tokens")
+        for name in (*names, "argmax"):
             getattr(merged, name).update(getattr(o, name))
     return merged
 

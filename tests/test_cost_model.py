@@ -1,6 +1,8 @@
 """The cost model's arithmetic on synthetic costs, its measurement on a tiny model, and the
 default-measure rule (learned where the exits carry confidence probes, else max_prob)."""
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -138,6 +140,56 @@ def test_a_batch_step_costs_its_deepest_sequence():
     assert cm.predicted_step(costs, "full", True) == pytest.approx(13.0)
 
 
+def test_the_weight_cache_hits_where_the_bytes_read_since_fit():
+    cache = cm.WeightCache(10)
+    assert cache.read("a", 4)  # first read: from memory
+    assert cache.read("b", 4)
+    assert not cache.read("a", 4)  # b and a itself since a was read: 8 bytes <= 10
+    assert cache.read("c", 4)
+    assert cache.read("b", 4)  # a, c and b itself: 12 > 10
+    assert not cache.read("b", 4)  # read again at once: 4
+    off = cm.WeightCache(0)  # no regime modelled: every read hits
+    assert not any(off.read(name, 1e9) for name in "aba")
+
+
+def with_cache() -> cm.DecodeCosts:
+    """`synthetic()` with weights: a layer reads 1 byte, the head 2, exit 4's own projection 2, in
+    a cache of 8 bytes; from memory a layer costs 0.5 more, the head 1, the projection 0.2."""
+    return replace(
+        synthetic(), cache_bytes=8.0, cold={"layer": 0.5, "head": 1.0, "project/4": 0.2},
+        reads={"layer": ("layer", 1.0), "head": ("final", 2.0), "project/4": ("exit4", 2.0)},
+    )  # fmt: skip
+
+
+def test_steps_pay_for_weights_the_cache_no_longer_holds():
+    costs = with_cache()
+    # Full decoding reads 10 layers and the head every step, 12 bytes: all of it from memory.
+    assert cm.predicted_step(costs, "full", True) == pytest.approx(2 + 10 * 1.5 + 1 + 1)
+    assert costs.streamed("layer") == 1.5 and costs.streamed("project/4") == pytest.approx(0.5)
+    # Every token leaving at 4 reads 4 layers and the exit's projection, 6 bytes: all in the cache.
+    assert cm.predicted_step(costs, "exit 4", False) == pytest.approx(6.4)
+    # A run that mixes them, followed from the prefill (every layer, then the head, read):
+    run = [GenerationResult(prompt_tokens=[1], exit_layers=[10, 4, 10, 4, 4])]
+    step1 = 6.4 + 4 * 0.5 + 0.2  # layer 0 last read 12 bytes ago; the projection never read
+    step2 = 14.3 + 6 * 0.5 + 1.0  # layers 0-3 and the projection since: 6 bytes (hit); layers 4-9 and the head: cold
+    step3 = 6.4 + 4 * 0.5 + 0.2  # layers 4-9 and the head since: all of exit 4's reads cold again
+    step4 = 6.4  # right after step 3's own reads: all in the cache
+    assert cm.predict(run, costs, [4], needs_vocab=False) == pytest.approx(step1 + step2 + step3 + step4)
+    # Capacity 0: the regime is not modelled and every piece costs what it was timed at.
+    assert cm.predict(run, replace(costs, cache_bytes=0.0), [4], False) == pytest.approx(3 * 6.4 + 14.3)
+
+
+def test_the_cache_size_comes_from_linux_or_the_environment(monkeypatch):
+    monkeypatch.delenv("EE_CACHE_BYTES", raising=False)
+    assert cm.last_level_cache_bytes(torch.device("meta")) == 0  # only a CPU's cache is modelled
+    assert cm.last_level_cache_bytes(torch.device("cpu")) >= 0
+    monkeypatch.setenv("EE_CACHE_BYTES", "4e6")
+    assert cm.last_level_cache_bytes(torch.device("cpu")) == 4_000_000
+    monkeypatch.setenv("EE_CACHE_BYTES", "lots")
+    with pytest.raises(ValueError, match="EE_CACHE_BYTES='lots'"):
+        cm.last_level_cache_bytes(torch.device("cpu"))
+
+
 def test_fit_line_recovers_slope_and_intercept():
     assert cm.fit_line([(30, 3.5), (8, 1.3), (15, 2.0)]) == pytest.approx((0.1, 0.5))
 
@@ -160,6 +212,24 @@ def test_measure_costs_on_a_tiny_model():
     assert costs.batch == 2 and costs.head > 0 and costs.layer_direct > 0 and costs.row >= 0
     # The fit goes through full decoding and the exits: its prediction is finite for each.
     assert all(abs(cm.predicted_step(costs, name, False)) < float("inf") for name in measured)
+
+
+@pytest.mark.parametrize("cache_bytes", ["0", "2000"])
+def test_the_fit_prices_each_timed_setting_in_its_own_cache_regime(monkeypatch, cache_bytes):
+    """With a cache smaller than the model (2,000 bytes: a layer of the tiny model reads ~25 KB),
+    every layer and head is also timed from memory and the fit subtracts each setting's regime;
+    a least-squares line with an intercept leaves residuals that sum to zero, so the settings'
+    predictions, regime included, sum to their measured times."""
+    monkeypatch.setenv("EE_CACHE_BYTES", cache_bytes)
+    engine = EarlyExitEngine(tiny(probes=True))
+    costs, measured = cm.measure_costs(engine, [[1, 2, 3], [4, 5, 6]], steps=2, repeats=1)
+    assert costs.cache_bytes == float(cache_bytes)
+    assert set(costs.reads) == {"layer", "head", "project/1", "project/2"}
+    assert costs.reads["layer"][1] == sum(w.numel() * 4 for w in engine.model.decoder.layers["0"].parameters())
+    assert set(costs.cold) == (set(costs.reads) if cache_bytes != "0" else set())
+    assert all(t >= 0 for t in costs.cold.values())
+    predicted = sum(cm.predicted_step(costs, name, False) for name in measured)
+    assert predicted == pytest.approx(sum(measured.values()), rel=1e-9)
 
 
 @pytest.mark.parametrize("probe_input", ["backbone", "exit"])

@@ -35,10 +35,21 @@ through the engine's own code (`Passes`, prepacked weights entered as in decodin
   row           each further row per sequence through one layer (several pending positions,
                 and the drafted rows self-speculative verification pushes through the deeper
                 layers): one layer over 1 + 4 rows against 1 row, through the same path;
+  cold[piece]   what the layer, the final head and each exit's projection cost more where their
+                weights come from memory and not from the last-level cache: each timed again
+                after `Evictor` read twice the cache's bytes (`last_level_cache_bytes`). A
+                `WeightCache` follows a run's reads step by step (least recently used over each
+                piece's bytes) and says which pieces pay it: full decoding of a model larger
+                than the cache streams every layer, a run whose tokens all leave at an early exit
+                keeps its layers and head in the cache, a run that mixes the two reads an early
+                exit's layers after deeper steps evicted them. `layer` and `fixed` are fitted
+                with each timed setting's pieces in their own regime, so `layer` is a layer whose
+                weights are in the cache.
 
 `predict` turns a batch's `GenerationResult.exit_layers` back into its decode steps (step t
 fed every sequence's token t-1; it reached the depth of exit_layers[t]) and prices each step;
-`ideal_speedup` compares that with the same tokens decoded in full. Batches are taken as
+`ideal_speedup` compares that with the same tokens decoded in full (each run's cache regime
+followed from the prefill on). Batches are taken as
 memory-bound: a layer costs the same for any number of sequences up to the measured batch.
 An exit with a transformer block of its own is priced as one that fires a token after it last
 fired (its block over that newest position); a block that catches up several positions at once
@@ -48,7 +59,9 @@ fired (its block over that newest position); a block that catches up several pos
 from __future__ import annotations
 
 import functools
+import glob
 import math
+import os
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -80,6 +93,34 @@ class DecodeCosts:
     fire_hidden: dict[int, float] = field(default_factory=dict)  # exit's own layers, run only when it fires
     probe_exit: dict[int, float] = field(default_factory=dict)  # the probe on the exit's hidden state
     pend: float = 0.0  # a layer that fills pending rows: its first extra row and the general path's work there
+    # The weights' cache regime (`WeightCache`): a piece ("layer", "head", "project/<n>") that reads
+    # its weights from memory instead of the last-level cache costs `cold[piece]` more; `reads`
+    # gives each piece's weights (a name shared by tied heads, and their bytes); `cache_bytes` the
+    # cache (0: no regime, every piece at its timed cost, as before it was modelled).
+    cold: dict[str, float] = field(default_factory=dict)
+    reads: dict[str, tuple[str, float]] = field(default_factory=dict)
+    cache_bytes: float = 0.0
+
+    def streamed(self, piece: str) -> float:
+        """A piece's cost with its weights read from memory: what it costs where every step reads
+        more weights than the cache holds (full decoding of a model larger than the cache)."""
+        base = self.project[int(piece.split("/")[1])] if piece.startswith("project/") else getattr(self, piece)
+        return base + self.cold.get(piece, 0.0)
+
+    def new_cache(self) -> WeightCache:
+        """The cache as a decode step finds it after the prefill (every layer, then the final head, read)."""
+        cache = WeightCache(self.cache_bytes)
+        for i in range(self.num_layers):
+            self.touch(cache, "layer", i)
+        self.touch(cache, "head")
+        return cache
+
+    def touch(self, cache: WeightCache | None, piece: str, index: int = 0) -> float:
+        """A piece runs: the extra seconds where its weights come from memory (`cold`)."""
+        if cache is None or piece not in self.reads:
+            return 0.0
+        name, size = self.reads[piece]
+        return self.cold.get(piece, 0.0) if cache.read(f"{name}#{index}", size) else 0.0
 
     def reach(self, exit_layer: int) -> int:
         """Layers a token that left at `exit_layer` ran (the final head: all of them)."""
@@ -96,17 +137,105 @@ class DecodeCosts:
         sequence of the pass: rows are padded to the longest)."""
         return sum(self.pend + (k - 1) * self.row for k in extra if k > 0)
 
-    def step(self, exits: Sequence[int], evaluated: Sequence[int], needs_vocab: bool, extra: Sequence[int] = ()):
+    def step(
+        self,
+        exits: Sequence[int],
+        evaluated: Sequence[int],
+        needs_vocab: bool,
+        extra: Sequence[int] = (),
+        cache: WeightCache | None = None,
+    ) -> float:
         """One decode step whose sequences left at `exits`, evaluating the exits in `evaluated`
-        (sorted; those the policy checks) while rows remain, filling `extra` rows per layer."""
-        t = self.fixed + max(self.reach(e) for e in exits) * self.layer + self.fill(extra)
-        left = list(exits)
+        (sorted; those the policy checks) while rows remain, filling `extra` rows per layer.
+        `cache`: the weights' cache regime (`new_cache`), updated by the step's reads in order."""
+        deepest = max(self.reach(e) for e in exits)
+        t = self.fixed + deepest * self.layer + self.fill(extra)
+        left, ran = list(exits), 0
         for n in evaluated:
             if not any(e >= n for e in left):
                 break  # every sequence has left: no deeper exit runs
-            t += self.check(n, needs_vocab, n in left)
+            t += sum(self.touch(cache, "layer", i) for i in range(ran, self.depth[n]))
+            ran = max(ran, self.depth[n])
+            fired = n in left
+            t += self.check(n, needs_vocab, fired)
+            if needs_vocab or fired:  # the exit's vocabulary projection ran
+                t += self.touch(cache, f"project/{n}")
             left = [e for e in left if e != n]
-        return t + (self.head if any(e >= self.num_layers for e in exits) else 0.0)
+        t += sum(self.touch(cache, "layer", i) for i in range(ran, deepest))
+        if any(e >= self.num_layers for e in exits):
+            t += self.head + self.touch(cache, "head")
+        return t
+
+    def steady(self, exits: Sequence[int], evaluated: Sequence[int], needs_vocab: bool) -> float:
+        """One step of a run whose every step is this one (the cache as those steps leave it)."""
+        cache = self.new_cache()
+        for _ in range(2):
+            self.step(exits, evaluated, needs_vocab, cache=cache)
+        return self.step(exits, evaluated, needs_vocab, cache=cache)
+
+
+class WeightCache:
+    """Which weights a decode step finds in the last-level cache: least recently used over the
+    bytes each piece reads. A read hits where the bytes read since the same weights were last
+    read, theirs included, fit in the cache (the stack distance). Decoding on a CPU reads every
+    weight once a step, so full decoding of a model larger than the cache streams every layer
+    from memory, while a run whose tokens all leave at an early exit keeps its few layers and
+    head in the cache; a run that mixes the two reads an early exit's layers after the deeper
+    ones evicted them (the CPU reference model, bf16: its 3.5 MB layers 1.4-2x slower from
+    memory). Capacity 0: every read hits (no regime modelled)."""
+
+    def __init__(self, capacity: float) -> None:
+        self.capacity = capacity
+        self.order: dict[str, float] = {}  # weights -> bytes, least recently read first
+
+    def read(self, name: str, size: float) -> bool:
+        """Read `size` bytes of weights `name`; True where they come from memory."""
+        if self.capacity <= 0:
+            return False
+        if name in self.order:
+            distance, seen = size, False
+            for other, b in reversed(self.order.items()):
+                if other == name:
+                    seen = True
+                    break
+                distance += b
+            cold = not seen or distance > self.capacity
+            del self.order[name]
+        else:
+            cold = True
+        self.order[name] = size
+        return cold
+
+
+def last_level_cache_bytes(device: torch.device) -> int:
+    """The cache the weights compete for in `WeightCache`: on a CPU its last-level cache as Linux
+    reports it (cpu0's highest level), `EE_CACHE_BYTES` where set (0: no regime modelled); 0 on
+    other devices (their caches are not modelled)."""
+    env = os.environ.get("EE_CACHE_BYTES")
+    if env is not None:
+        try:
+            return int(float(env))
+        except ValueError:
+            raise ValueError(f"EE_CACHE_BYTES={env!r}: expected a number of bytes") from None
+    if device.type != "cpu":
+        return 0
+    best = (0, 0)
+    for index in glob.glob("/sys/devices/system/cpu/cpu0/cache/index*"):
+        try:
+            with open(f"{index}/level") as f:
+                level = int(f.read())
+            with open(f"{index}/type") as f:
+                kind = f.read().strip()
+            with open(f"{index}/size") as f:
+                text = f.read().strip()
+        except (OSError, ValueError):
+            continue
+        if kind == "Instruction" or not text:
+            continue
+        scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1].upper(), 1)
+        size = int(text.rstrip("KMGkmg")) * scale
+        best = max(best, (level, size))
+    return best[1]
 
 
 def fill_rows(reached: list[int], depth: int) -> list[int]:
@@ -136,14 +265,14 @@ def predicted_steps(
     """Each decode step of one batch, in order (step t fed every live sequence's token t-1): its
     kind (`step_kind`) and predicted seconds."""
     reached: list[list[int]] = [[] for _ in results]
-    steps = []
+    steps, cache = [], costs.new_cache()  # the weights as the prefill left them
     for t in range(1, max(len(r.exit_layers) for r in results)):
         live = [b for b, r in enumerate(results) if len(r.exit_layers) > t]
         exits = [results[b].exit_layers[t] for b in live]
         per_layer = [fill_rows(reached[b], costs.reach(e)) for b, e in zip(live, exits)]
         extra = [max(rows[i] if i < len(rows) else 0 for rows in per_layer) for i in range(costs.num_layers)]
         kind = step_kind(max(exits), costs.num_layers, any(extra))
-        steps.append((kind, costs.step(exits, sorted(evaluated), needs_vocab, extra)))
+        steps.append((kind, costs.step(exits, sorted(evaluated), needs_vocab, extra, cache)))
     return steps
 
 
@@ -260,20 +389,36 @@ def best_times(
     device: torch.device,
     repeats: int = 5,
     clock: Callable[[], float] | None = None,
+    before: dict[str, Callable[[], object]] | None = None,
 ) -> dict[str, float]:
     """Each function's best time of `repeats` rounds, after one warm-up call each; every round
     runs every function once, in turn, so that a neighbour's load slows all of them alike.
-    `clock`: what reads the time (default: the wall clock, `tick`)."""
+    `clock`: what reads the time (default: the wall clock, `tick`); `before[name]`: run, untimed,
+    before each timed call of that function (e.g. `Evictor`)."""
     clock = clock or functools.partial(tick, device)
+    before = before or {}
     for fn in fns.values():
         fn()
     best = dict.fromkeys(fns, math.inf)
     for _ in range(repeats):
         for name, fn in fns.items():
+            if name in before:
+                before[name]()
             start = clock()
             fn()
             best[name] = min(best[name], clock() - start)
     return best
+
+
+class Evictor:
+    """Reads `2 * capacity` bytes of a buffer of its own, so that the next call finds its weights
+    in memory and not in the cache (read, not written: no dirty lines for that call to write back)."""
+
+    def __init__(self, capacity: float) -> None:
+        self.buffer = torch.ones(max(int(2 * capacity) // 4, 1))  # fp32
+
+    def __call__(self) -> None:
+        self.buffer.sum()
 
 
 def paired_ratios(
@@ -333,6 +478,7 @@ def piece_times(engine, prompts: list[list[int]], repeats: int, extra_rows: int 
     one, more, mid, memo = rows(1), rows(1 + extra_rows), p.start + (p.end - p.start) // 2, {}
     learned_measure, never = get_measure("learned"), ExitPolicy(threshold=2.0, measure="learned")  # fires for none
     cand = list(range(batch))
+    reads: dict[str, tuple[str, float]] = {}  # piece -> the weights it reads (`DecodeCosts.reads`)
     fns = {
         "head": lambda: p.final_head(one, False, StepOutput()),
         "layer": lambda: p.advance(state, mid, replace(one), memo),
@@ -368,8 +514,30 @@ def piece_times(engine, prompts: list[list[int]], repeats: int, extra_rows: int 
                 )
         if head.confidence is not None and head.probe_reads_backbone and not native_fire:
             fns[f"hidden/{n}"] = one_row(lambda n=n, h=head: p.exit_hidden(state, n, h, one, cand))
+        reads[f"project/{n}"] = weight_read(weight, p.dtype)
+    # the same pieces with their weights in memory: timed after `Evictor` read twice the cache
+    layer = p.model.decoder.layers[str(mid)]
+    reads["layer"] = ("layer", float(sum(w.numel() * w.element_size() for w in layer.parameters())))
+    reads["head"] = weight_read(p.model.output_weight(), p.dtype, int8=p.int8_head())
+    capacity = last_level_cache_bytes(p.device)
+    evict = Evictor(capacity) if capacity > 0 else None
+    before = {}
+    if evict is not None:
+        for piece in reads:
+            fns[f"cold/{piece}"] = fns[piece]
+            before[f"cold/{piece}"] = evict
     with engine.packed:
-        return best_times(fns, p.device, repeats)
+        t = best_times(fns, p.device, repeats, before=before)
+    t["reads"], t["cache_bytes"] = reads, float(capacity)
+    t["cold"] = {piece: max(t[f"cold/{piece}"] - t[piece], 0.0) for piece in reads if f"cold/{piece}" in t}
+    return t
+
+
+def weight_read(weight: torch.Tensor, dtype: torch.dtype, int8: bool = False) -> tuple[str, float]:
+    """A head's weights as `WeightCache` counts them: named by their storage (tied heads read the
+    same weights), their bytes in the decoding dtype (one byte each for the int8 head's copy)."""
+    size = 1 if int8 else torch.empty((), dtype=dtype).element_size()
+    return f"weight@{weight.data_ptr()}", float(weight.numel() * size)
 
 
 def newest_row(passes, state, n: int) -> Callable[[Callable], Callable]:
@@ -469,11 +637,16 @@ def measure_costs(
         project={n: pieces[f"project/{n}"] for n in p.exits},
         row=max(pieces["layer+rows"] - pieces["layer"], 0.0) / extra,
         layer_direct=pieces["layer"], batch=len(prompts),
+        cold=pieces["cold"], reads=pieces["reads"], cache_bytes=pieces["cache_bytes"],
     )  # fmt: skip
-    points = [(p.num_layers, measured["full"] - costs.head)]
+    # `layer` and `fixed` through each setting's step less what the fit does not own: its heads,
+    # checks and the cache regime's extra seconds (`predicted_step` with no layer and no fixed cost)
+    costs.layer = 0.0
+    points = [(p.num_layers, measured["full"] - predicted_step(costs, "full", True))]
     for n in p.exits:
         policy = engine.check(settings[f"exit {n}"], prompts)
-        points.append((depth[n], measured[f"exit {n}"] - costs.check(n, get_measure(policy.measure).needs_vocab, True)))
+        rest = predicted_step(costs, f"exit {n}", get_measure(policy.measure).needs_vocab)
+        points.append((depth[n], measured[f"exit {n}"] - rest))
     if p.exits:  # a pending layer through the engine's own path (gather, layout, mask), not a layer alone
         n = min(p.exits)
         per_step = fill_time(engine, prompts, engine.check(settings[f"exit {n}"], prompts), steps, repeats)
@@ -481,6 +654,7 @@ def measure_costs(
     if len({x for x, _ in points}) > 1:
         costs.layer, costs.fixed = fit_line(points)
     else:  # no exits: the directly timed layer, the rest is fixed
+        costs.layer = pieces["layer"]
         costs.fixed = points[0][1] - p.num_layers * costs.layer
     return costs, measured
 
@@ -488,6 +662,6 @@ def measure_costs(
 def predicted_step(costs: DecodeCosts, name: str, needs_vocab: bool) -> float:
     """The model's seconds per decode step for one of `exit_settings`."""
     if name == "full":
-        return costs.step([costs.num_layers], (), True)
+        return costs.steady([costs.num_layers], (), True)
     n = int(name.split()[1])
-    return costs.step([n] * costs.batch, (n,), needs_vocab)
+    return costs.steady([n] * costs.batch, (n,), needs_vocab)

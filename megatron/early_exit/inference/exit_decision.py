@@ -104,7 +104,8 @@ class ExitCosts:
         vocab = sum(c.vocab.values()) / len(c.vocab) if c.vocab else c.head
         probe = sum(c.probe.values()) / len(c.probe) if c.probe else vocab
         recompute = max(per_row, c.pend / batch)
-        return cls(max(c.layer - per_row * batch, 0.0), per_row, recompute, c.head, vocab, probe)
+        layer = c.streamed("layer")  # weights read from memory, as in decoding deeper than the cache holds
+        return cls(max(layer - per_row * batch, 0.0), per_row, recompute, c.streamed("head"), vocab, probe)
 
     @classmethod
     def from_parameters(cls, passes) -> ExitCosts:

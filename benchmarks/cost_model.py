@@ -16,7 +16,10 @@ leaves at exit k" (early_exit, exit_layers=(k,), threshold 0.0) for each exit: t
 `layer` and `fixed` through these, so their ratio checks that step time is linear in the
 layers run with the timed heads and checks on top (target within 10%). Last, a run that mixes
 exits and pending-state fill (threshold --mixed-threshold, all exits), priced from its own
-exit telemetry: a check the fit did not see.
+exit telemetry: a check the fit did not see. Every piece that reads weights (a layer, the final
+head, an exit's projection) is also timed with its weights in memory, and the model follows
+which weights each step finds in the last-level cache (`cost_model.WeightCache`; EE_CACHE_BYTES=0
+turns that off, to compare).
 
 Every timing warms up, alternates the settings it compares and keeps the best of --repeats.
 """
@@ -52,10 +55,15 @@ def print_fast_vs_exact(exact: cm.DecodeCosts, fast: cm.DecodeCosts) -> None:
 def print_costs(c: cm.DecodeCosts) -> None:
     ms = 1e3
     print(
-        f"\ncosts per decode step of batch {c.batch} (ms): layer {c.layer * ms:.3f} fitted, "
+        f"\ncosts per decode step of batch {c.batch} (ms): layer {c.layer * ms:.3f} fitted (weights in the cache), "
         f"{c.layer_direct * ms:.3f} alone | fixed {c.fixed * ms:.3f} | final head {c.head * ms:.3f} | "
         f"pending layer {c.pend * ms:.4f}, each further row per layer {c.row * ms:.4f}"
     )
+    if c.cache_bytes > 0:  # the weights' cache regime (`cost_model.WeightCache`)
+        cold = ", ".join(
+            f"{piece} +{c.cold.get(piece, 0.0) * ms:.3f} ({c.reads[piece][1] / 2**20:.1f} MiB)" for piece in c.reads
+        )
+        print(f"  last-level cache {c.cache_bytes / 2**20:.0f} MiB; weights read from memory cost: {cold}")
     print(
         f"  {'exit':>5s} {'depth':>6s} {'probe':>8s} {'max_prob':>9s} {'project':>8s}  "
         "a check that does not fire, as a share of one layer (fitted / alone)"

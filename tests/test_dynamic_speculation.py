@@ -6,6 +6,7 @@ synthetic acceptance: it picks what the formula says and follows a change of acc
 """
 
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -146,6 +147,12 @@ def test_engine_controller_persists_and_takes_measured_costs():
     assert measured.costs.draft[1] == pytest.approx((2 + 1 + 3) / 11)
     assert measured.costs.row[3] == pytest.approx((3 * 0.1 + 0.1 * 3) / 11)
     assert measured.costs.base[3] == pytest.approx(1 + 3 * 0.2 / 11)  # 3 layers above exit 3 on the pending path
+    # Weights from memory (`cost_model.WeightCache`): rounds alternate shallow and full-depth steps, so
+    # layers and head are priced streamed: a layer 1.5, the head 4 (full step 2 + 9 + 4 = 15).
+    engine.decode_costs = replace(
+        engine.decode_costs, cold={"layer": 0.5, "head": 1.0}, reads={"layer": ("l", 1.0), "head": ("h", 1.0)}
+    )
+    assert controller_for(engine).costs.draft[1] == pytest.approx((2 + 1.5 + 3) / 15)
 
 
 # ----- the controller alone ------------------------------------------------------------------

@@ -283,6 +283,11 @@ def test_costs_from_the_cost_model_and_measured():
     assert ExitCosts.from_cost_model(c) == ExitCosts(0.6, 0.1, 0.1, 2.0, 0.3, 0.05)
     # A pending layer dearer than a row (the general path's work): a recomputed row costs its share.
     assert ExitCosts.from_cost_model(replace(c, pend=2.0)) == ExitCosts(0.6, 0.1, 0.5, 2.0, 0.3, 0.05)
+    # Weights from memory cost more (`cost_model.WeightCache`): the policy takes a layer and the head
+    # as they cost streamed (+0.5 and +1.0), as in a decode deeper than the cache holds.
+    reads = {"layer": ("l", 1.0), "head": ("h", 1.0)}
+    cold = replace(c, cold={"layer": 0.5, "head": 1.0}, reads=reads, cache_bytes=1.0)
+    assert ExitCosts.from_cost_model(cold) == ExitCosts(1.1, 0.1, 0.1, 3.0, 0.3, 0.05)
     measured = measure_exit_costs(EarlyExitEngine(make("llama")).passes, batch=4, repeats=1)
     assert measured.layer_fixed > 0 and measured.row >= measured.layer_row >= 0 and measured.vocab > 0
 

@@ -252,6 +252,13 @@ def sweep(args) -> list[dict]:
     thresholds = sorted(set(args.thresholds) | {1.0}, reverse=True)
     engine.generate(prompts[: args.batch_size], GenerationSettings(max_new_tokens=4))  # warm-up: first calls are slow
     costs, _ = cost_model.measure_costs(engine, prompts[: args.batch_size], args.measure, args.cost_steps, 3)
+    print(
+        f"cost model: a layer {1e3 * costs.layer:.3f} ms with its weights in the cache, "
+        f"{1e3 * costs.streamed('layer'):.3f} from memory; final head {1e3 * costs.head:.3f} / "
+        f"{1e3 * costs.streamed('head'):.3f}; fixed {1e3 * costs.fixed:.3f} ms a step "
+        f"(last-level cache {costs.cache_bytes / 2**20:.0f} MiB)",
+        flush=True,
+    )
     timed = timed_rows(engine, prompts, thresholds, args)
     base = (args.exit_policy[0], 1.0)
     full_settings, (_, full_texts, full_tokens, _, full_results), _ = timed[base]

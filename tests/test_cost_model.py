@@ -217,7 +217,8 @@ def test_measure_costs_on_a_tiny_model():
 @pytest.mark.parametrize("cache_bytes", ["0", "2000"])
 def test_the_fit_prices_each_timed_setting_in_its_own_cache_regime(monkeypatch, cache_bytes):
     """With a cache smaller than the model (2,000 bytes: a layer of the tiny model reads ~25 KB),
-    every layer and head is also timed from memory and the fit subtracts each setting's regime;
+    reading weights from memory is timed (a cost per byte, `memory_time`), each piece pays it for
+    its bytes, and the fit subtracts each setting's regime;
     a least-squares line with an intercept leaves residuals that sum to zero, so the settings'
     predictions, regime included, sum to their measured times."""
     monkeypatch.setenv("EE_CACHE_BYTES", cache_bytes)
@@ -228,6 +229,9 @@ def test_the_fit_prices_each_timed_setting_in_its_own_cache_regime(monkeypatch, 
     assert costs.reads["layer"][1] == sum(w.numel() * 4 for w in engine.model.decoder.layers["0"].parameters())
     assert set(costs.cold) == (set(costs.reads) if cache_bytes != "0" else set())
     assert all(t >= 0 for t in costs.cold.values())
+    if costs.cold:  # one cost per byte for every piece
+        per_byte = {round(costs.cold[k] / size, 15) for k, (_, size) in costs.reads.items()}
+        assert len(per_byte) == 1
     predicted = sum(cm.predicted_step(costs, name, False) for name in measured)
     assert predicted == pytest.approx(sum(measured.values()), rel=1e-9)
 

@@ -36,8 +36,11 @@ through the engine's own code (`Passes`, prepacked weights entered as in decodin
                 and the drafted rows self-speculative verification pushes through the deeper
                 layers): one layer over 1 + 4 rows against 1 row, through the same path;
   cold[piece]   what the layer, the final head and each exit's projection cost more where their
-                weights come from memory and not from the last-level cache: each timed again
-                after `Evictor` read twice the cache's bytes (`last_level_cache_bytes`). A
+                weights come from memory and not from the last-level cache, where the model's
+                weights are more than the cache holds (`last_level_cache_bytes`): their bytes
+                times a cost per byte timed through the engine's own steps (`memory_time`: a
+                step leaving at the first exit right after a full-depth step against right after
+                a step like itself, over its layers' and exit head's bytes). A
                 `WeightCache` follows a run's reads step by step (least recently used over each
                 piece's bytes) and says which pieces pay it: full decoding of a model larger
                 than the cache streams every layer, a run whose tokens all leave at an early exit
@@ -181,8 +184,8 @@ class WeightCache:
     weight once a step, so full decoding of a model larger than the cache streams every layer
     from memory, while a run whose tokens all leave at an early exit keeps its few layers and
     head in the cache; a run that mixes the two reads an early exit's layers after the deeper
-    ones evicted them (the CPU reference model, bf16: its 3.5 MB layers 1.4-2x slower from
-    memory). Capacity 0: every read hits (no regime modelled)."""
+    ones evicted them (the CPU reference model, bf16, AMD EPYC with a 32 MB L3: a 3.4 MB layer
+    ~0.02 ms dearer from memory, on ~0.12 ms). Capacity 0: every read hits (no regime modelled)."""
 
     def __init__(self, capacity: float) -> None:
         self.capacity = capacity
@@ -389,36 +392,20 @@ def best_times(
     device: torch.device,
     repeats: int = 5,
     clock: Callable[[], float] | None = None,
-    before: dict[str, Callable[[], object]] | None = None,
 ) -> dict[str, float]:
     """Each function's best time of `repeats` rounds, after one warm-up call each; every round
     runs every function once, in turn, so that a neighbour's load slows all of them alike.
-    `clock`: what reads the time (default: the wall clock, `tick`); `before[name]`: run, untimed,
-    before each timed call of that function (e.g. `Evictor`)."""
+    `clock`: what reads the time (default: the wall clock, `tick`)."""
     clock = clock or functools.partial(tick, device)
-    before = before or {}
     for fn in fns.values():
         fn()
     best = dict.fromkeys(fns, math.inf)
     for _ in range(repeats):
         for name, fn in fns.items():
-            if name in before:
-                before[name]()
             start = clock()
             fn()
             best[name] = min(best[name], clock() - start)
     return best
-
-
-class Evictor:
-    """Reads `2 * capacity` bytes of a buffer of its own, so that the next call finds its weights
-    in memory and not in the cache (read, not written: no dirty lines for that call to write back)."""
-
-    def __init__(self, capacity: float) -> None:
-        self.buffer = torch.ones(max(int(2 * capacity) // 4, 1))  # fp32
-
-    def __call__(self) -> None:
-        self.buffer.sum()
 
 
 def paired_ratios(
@@ -515,21 +502,12 @@ def piece_times(engine, prompts: list[list[int]], repeats: int, extra_rows: int 
         if head.confidence is not None and head.probe_reads_backbone and not native_fire:
             fns[f"hidden/{n}"] = one_row(lambda n=n, h=head: p.exit_hidden(state, n, h, one, cand))
         reads[f"project/{n}"] = weight_read(weight, p.dtype)
-    # the same pieces with their weights in memory: timed after `Evictor` read twice the cache
     layer = p.model.decoder.layers[str(mid)]
     reads["layer"] = ("layer", float(sum(w.numel() * w.element_size() for w in layer.parameters())))
     reads["head"] = weight_read(p.model.output_weight(), p.dtype, int8=p.int8_head())
-    capacity = last_level_cache_bytes(p.device)
-    evict = Evictor(capacity) if capacity > 0 else None
-    before = {}
-    if evict is not None:
-        for piece in reads:
-            fns[f"cold/{piece}"] = fns[piece]
-            before[f"cold/{piece}"] = evict
     with engine.packed:
-        t = best_times(fns, p.device, repeats, before=before)
-    t["reads"], t["cache_bytes"] = reads, float(capacity)
-    t["cold"] = {piece: max(t[f"cold/{piece}"] - t[piece], 0.0) for piece in reads if f"cold/{piece}" in t}
+        t = best_times(fns, p.device, repeats)
+    t["reads"] = reads
     return t
 
 
@@ -578,6 +556,28 @@ def fill_time(engine, prompts: list[list[int]], policy, steps: int, repeats: int
         mid = tick(engine.device)
         fill()
         diffs.append((tick(engine.device) - mid) - (mid - start))
+    return max(statistics.median(diffs), 0.0)
+
+
+def memory_time(engine, prompts: list[list[int]], policy, steps: int, repeats: int) -> float:
+    """Seconds a decode step whose tokens all leave under `policy` (one exit, threshold 0) spends
+    more right after a full-depth step, which read every weight and evicted its layers and exit
+    head from the cache, than right after a step like itself, which left them there: the same
+    replayed step (`replayed_step`) timed after each, back to back, median of `steps * repeats`
+    differences. What reading the step's weights from memory costs, as decode steps read them."""
+    full = type(policy)()
+    step, deep = replayed_step(engine, prompts, full, policy), replayed_step(engine, prompts, full, full)
+    step(), deep()  # warm-up
+    diffs = []
+    for _ in range(max(steps * repeats, 1)):
+        step()
+        start = tick(engine.device)
+        step()  # its weights as it left them
+        mid = tick(engine.device)
+        deep()
+        again = tick(engine.device)
+        step()  # after a full-depth step
+        diffs.append((tick(engine.device) - again) - (mid - start))
     return max(statistics.median(diffs), 0.0)
 
 
@@ -637,8 +637,15 @@ def measure_costs(
         project={n: pieces[f"project/{n}"] for n in p.exits},
         row=max(pieces["layer+rows"] - pieces["layer"], 0.0) / extra,
         layer_direct=pieces["layer"], batch=len(prompts),
-        cold=pieces["cold"], reads=pieces["reads"], cache_bytes=pieces["cache_bytes"],
+        reads=pieces["reads"], cache_bytes=float(last_level_cache_bytes(p.device)),
     )  # fmt: skip
+    model_bytes = sum(size for _, size in costs.reads.values()) + (p.num_layers - 1) * costs.reads["layer"][1]
+    if p.exits and 0 < costs.cache_bytes < model_bytes:  # weights streamed in full decoding: time the regime
+        n = min(p.exits)
+        per_byte = memory_time(engine, prompts, engine.check(settings[f"exit {n}"], prompts), steps, repeats) / (
+            depth[n] * costs.reads["layer"][1] + costs.reads[f"project/{n}"][1]
+        )
+        costs.cold = {piece: per_byte * size for piece, (_, size) in costs.reads.items()}
     # `layer` and `fixed` through each setting's step less what the fit does not own: its heads,
     # checks and the cache regime's extra seconds (`predicted_step` with no layer and no fixed cost)
     costs.layer = 0.0

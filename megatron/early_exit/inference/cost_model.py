@@ -34,7 +34,9 @@ through the engine's own code (`Passes`, prepacked weights entered as in decodin
                 step runs uniformly up to the first layer with pending rows, `Passes.run`);
   row           each further row per sequence through one layer (several pending positions,
                 and the drafted rows self-speculative verification pushes through the deeper
-                layers): one layer over 1 + 4 rows against 1 row, through the same path;
+                layers): through the same pending path, a full-depth step after 1 + 4 steps that
+                left at the first exit against one after 1 such step (a layer over 1 + 4 rows
+                against 1 row alone read a third of it: the pending path's work per row);
   cold[piece]   what the layer, the final head and each exit's projection cost more where their
                 weights come from memory and not from the last-level cache, where the model's
                 weights are more than the cache holds (`last_level_cache_bytes`): their bytes
@@ -469,7 +471,7 @@ def piece_times(engine, prompts: list[list[int]], repeats: int, extra_rows: int 
     fns = {
         "head": lambda: p.final_head(one, False, StepOutput()),
         "layer": lambda: p.advance(state, mid, replace(one), memo),
-        "layer+rows": lambda: p.advance(state, mid, replace(more), memo),
+        "layer+rows": lambda: p.advance(state, mid, replace(more), memo),  # `row` where no exit leaves rows pending
     }
     for n in p.exits:
         head, one_row = p.model.exits[str(n)], newest_row(p, state, n)
@@ -538,16 +540,16 @@ def newest_row(passes, state, n: int) -> Callable[[Callable], Callable]:
     return wrap
 
 
-def fill_time(engine, prompts: list[list[int]], policy, steps: int, repeats: int) -> float:
-    """Seconds that recomputing one pending row per sequence adds to a decode step, through the
-    engine's own pending path: a full-depth decode step right after a step whose tokens all left
-    under `policy` (one exit, threshold 0: their rows pending above it), against a full-depth step
-    after a full-depth step (nothing pending). Each is one step timed alone from a saved state
+def fill_time(engine, prompts: list[list[int]], policy, steps: int, repeats: int, rows: int = 1) -> float:
+    """Seconds that recomputing `rows` pending rows per sequence adds to a decode step, through the
+    engine's own pending path: a full-depth decode step right after `rows` steps whose tokens all
+    left under `policy` (one exit, threshold 0: their rows pending above it), against a full-depth
+    step after a full-depth step (nothing pending). Each is one step timed alone from a saved state
     (the cache's fill counts and the positions fed are restored before every call; the step
     rewrites the same K/V), the two back to back; the median of `steps * repeats` differences.
     A difference of whole runs (prefill and many steps each) once read 0 on a noisy host."""
     full = type(policy)()
-    fill, plain = replayed_step(engine, prompts, policy, full), replayed_step(engine, prompts, full, full)
+    fill, plain = replayed_step(engine, prompts, policy, full, rows), replayed_step(engine, prompts, full, full)
     fill(), plain()  # warm-up: the pending path's kernels and layouts
     diffs = []
     for _ in range(max(steps * repeats, 1)):
@@ -581,15 +583,16 @@ def memory_time(engine, prompts: list[list[int]], policy, steps: int, repeats: i
     return max(statistics.median(diffs), 0.0)
 
 
-def replayed_step(engine, prompts: list[list[int]], first, then) -> Callable[[], StepOutput]:
+def replayed_step(engine, prompts: list[list[int]], first, then, times: int = 1) -> Callable[[], StepOutput]:
     """A decode step under `then` that can be run again and again from the same state: the
-    prompts prefilled and one step decoded under `first` (token 1 for every sequence), then the
-    cache's fill counts and the positions fed saved; each call restores them and decodes token 1
-    again (it rewrites the same K/V, so every call computes the same step)."""
+    prompts prefilled and `times` steps decoded under `first` (token 1 for every sequence), then
+    the cache's fill counts and the positions fed saved; each call restores them and decodes
+    token 1 again (it rewrites the same K/V, so every call computes the same step)."""
     batch = dict.fromkeys(range(len(prompts)), 1)
-    state = engine.new_state(len(prompts), max(map(len, prompts)) + 4)
+    state = engine.new_state(len(prompts), max(map(len, prompts)) + times + 4)
     engine.prefill(state, dict(enumerate(prompts)))
-    engine.decode_one_token(state, batch, first)
+    for _ in range(times):
+        engine.decode_one_token(state, batch, first)
     filled, fed = state.cache.filled.copy(), list(state.fed)
 
     def step() -> StepOutput:
@@ -654,10 +657,13 @@ def measure_costs(
         policy = engine.check(settings[f"exit {n}"], prompts)
         rest = predicted_step(costs, f"exit {n}", get_measure(policy.measure).needs_vocab)
         points.append((depth[n], measured[f"exit {n}"] - rest))
-    if p.exits:  # a pending layer through the engine's own path (gather, layout, mask), not a layer alone
+    if p.exits:  # pending layers through the engine's own path (gather, layout, mask), not a layer alone
         n = min(p.exits)
-        per_step = fill_time(engine, prompts, engine.check(settings[f"exit {n}"], prompts), steps, repeats)
-        costs.pend = per_step / (p.num_layers - depth[n])  # one pending row per sequence in each layer above n
+        policy, above = engine.check(settings[f"exit {n}"], prompts), p.num_layers - depth[n]
+        one = fill_time(engine, prompts, policy, steps, repeats)
+        more = fill_time(engine, prompts, policy, steps, repeats, 1 + extra)
+        costs.pend = one / above  # one pending row per sequence in each layer above n
+        costs.row = max(more - one, 0.0) / (extra * above)  # each further pending row there
     if len({x for x, _ in points}) > 1:
         costs.layer, costs.fixed = fit_line(points)
     else:  # no exits: the directly timed layer, the rest is fixed

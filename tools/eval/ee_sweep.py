@@ -251,7 +251,7 @@ def sweep(args) -> list[dict]:
     prompts, references = summarisation_task(tok, args.data, args.num_examples, args.max_prompt_chars)
     thresholds = sorted(set(args.thresholds) | {1.0}, reverse=True)
     engine.generate(prompts[: args.batch_size], GenerationSettings(max_new_tokens=4))  # warm-up: first calls are slow
-    costs, _ = cost_model.measure_costs(engine, prompts[: args.batch_size], args.measure, args.cost_steps, 3)
+    costs, _ = cost_model.measure_costs(engine, prompts[: args.batch_size], args.measure, args.cost_steps, 5)
     print(
         f"cost model: a layer {1e3 * costs.layer:.3f} ms with its weights in the cache, "
         f"{1e3 * costs.streamed('layer'):.3f} from memory; final head {1e3 * costs.head:.3f} / "

@@ -121,11 +121,11 @@ class DecodeCosts:
         return cache
 
     def touch(self, cache: WeightCache | None, piece: str, index: int = 0) -> float:
-        """A piece runs: the extra seconds where its weights come from memory (`cold`)."""
+        """A piece runs: the extra seconds its weights' share from memory costs (`cold`)."""
         if cache is None or piece not in self.reads:
             return 0.0
         name, size = self.reads[piece]
-        return self.cold.get(piece, 0.0) if cache.read(f"{name}#{index}", size) else 0.0
+        return self.cold.get(piece, 0.0) * cache.read(f"{name}#{index}", size)
 
     def reach(self, exit_layer: int) -> int:
         """Layers a token that left at `exit_layer` ran (the final head: all of them)."""
@@ -181,35 +181,38 @@ class DecodeCosts:
 
 class WeightCache:
     """Which weights a decode step finds in the last-level cache: least recently used over the
-    bytes each piece reads. A read hits where the bytes read since the same weights were last
-    read, theirs included, fit in the cache (the stack distance). Decoding on a CPU reads every
-    weight once a step, so full decoding of a model larger than the cache streams every layer
-    from memory, while a run whose tokens all leave at an early exit keeps its few layers and
-    head in the cache; a run that mixes the two reads an early exit's layers after the deeper
-    ones evicted them (the CPU reference model, bf16, AMD EPYC with a 32 MB L3: a 3.4 MB layer
-    ~0.02 ms dearer from memory, on ~0.12 ms). Capacity 0: every read hits (no regime modelled)."""
+    bytes each piece reads. Decoding on a CPU reads every weight once a step, so full decoding of
+    a model larger than the cache streams every layer from memory, while a run whose tokens all
+    leave at an early exit keeps its few layers and head in the cache; a run that mixes the two
+    reads an early exit's layers after the deeper ones evicted them (the CPU reference model,
+    bf16, AMD EPYC with a 32 MB L3: a 3.4 MB layer ~0.02-0.06 ms dearer from memory, on
+    ~0.12-0.15 ms). A read's share from memory grows with its stack distance (the bytes read since
+    the same weights were last read, theirs included): none up to RAMP[0] of the cache, all from
+    RAMP[1] on, in proportion between: a real cache is neither fully associative nor LRU, and
+    other cores share it (a hard edge at the cache's size called the CPU reference's fp32 steps
+    at its first exit, 33 MB, all from memory). Capacity 0: every read hits (no regime)."""
+
+    RAMP = (0.5, 1.5)
 
     def __init__(self, capacity: float) -> None:
         self.capacity = capacity
         self.order: dict[str, float] = {}  # weights -> bytes, least recently read first
 
-    def read(self, name: str, size: float) -> bool:
-        """Read `size` bytes of weights `name`; True where they come from memory."""
+    def read(self, name: str, size: float) -> float:
+        """Read `size` bytes of weights `name`: the share of them that comes from memory."""
         if self.capacity <= 0:
-            return False
+            return 0.0
+        distance = math.inf  # never read: from memory
         if name in self.order:
-            distance, seen = size, False
+            distance = size
             for other, b in reversed(self.order.items()):
                 if other == name:
-                    seen = True
                     break
                 distance += b
-            cold = not seen or distance > self.capacity
             del self.order[name]
-        else:
-            cold = True
         self.order[name] = size
-        return cold
+        lo, hi = (r * self.capacity for r in self.RAMP)
+        return min(max((distance - lo) / (hi - lo), 0.0), 1.0)
 
 
 def last_level_cache_bytes(device: torch.device) -> int:
@@ -645,10 +648,16 @@ def measure_costs(
     model_bytes = sum(size for _, size in costs.reads.values()) + (p.num_layers - 1) * costs.reads["layer"][1]
     if p.exits and 0 < costs.cache_bytes < model_bytes:  # weights streamed in full decoding: time the regime
         n = min(p.exits)
-        per_byte = memory_time(engine, prompts, engine.check(settings[f"exit {n}"], prompts), steps, repeats) / (
-            depth[n] * costs.reads["layer"][1] + costs.reads[f"project/{n}"][1]
-        )
-        costs.cold = {piece: per_byte * size for piece, (_, size) in costs.reads.items()}
+        policy = engine.check(settings[f"exit {n}"], prompts)
+        needs_vocab = get_measure(policy.measure).needs_vocab
+        # the bytes that step reads from memory after a full-depth step and not after itself
+        unit = replace(costs, cold={piece: size for piece, (_, size) in costs.reads.items()})
+        cache, exits = unit.new_cache(), [n] * costs.batch
+        unit.step([p.num_layers] * costs.batch, (), True, cache=cache)
+        moved = unit.step(exits, (n,), needs_vocab, cache=cache) - unit.steady(exits, (n,), needs_vocab)
+        if moved > 0:  # else the step stays in the cache either way: nothing to time
+            per_byte = memory_time(engine, prompts, policy, steps, repeats) / moved
+            costs.cold = {piece: per_byte * size for piece, (_, size) in costs.reads.items()}
     # `layer` and `fixed` through each setting's step less what the fit does not own: its heads,
     # checks and the cache regime's extra seconds (`predicted_step` with no layer and no fixed cost)
     costs.layer = 0.0
@@ -666,6 +675,8 @@ def measure_costs(
         costs.row = max(more - one, 0.0) / (extra * above)  # each further pending row there
     if len({x for x, _ in points}) > 1:
         costs.layer, costs.fixed = fit_line(points)
+        if costs.fixed < 0:  # a step costs something besides its layers: the line through the origin
+            costs.layer, costs.fixed = sum(x * y for x, y in points) / sum(x * x for x, _ in points), 0.0
     else:  # no exits: the directly timed layer, the rest is fixed
         costs.layer = pieces["layer"]
         costs.fixed = points[0][1] - p.num_layers * costs.layer

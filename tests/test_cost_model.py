@@ -201,6 +201,17 @@ def test_fit_line_recovers_slope_and_intercept():
     assert cm.fit_line([(30, 3.5), (8, 1.3), (15, 2.0)]) == pytest.approx((0.1, 0.5))
 
 
+def test_fit_layer_keeps_layers_and_the_fixed_cost_positive():
+    assert cm.fit_layer([(12, 3.5), (3, 1.25), (6, 2.0)], 9.9) == pytest.approx((0.25, 0.5))
+    # a negative intercept (host noise): the line through the origin
+    layer, fixed = cm.fit_layer([(12, 2.4), (3, 0.3), (6, 0.9)], 9.9)
+    assert fixed == 0.0 and layer == pytest.approx((12 * 2.4 + 3 * 0.3 + 6 * 0.9) / (144 + 9 + 36))
+    # layers that come out free (a host slower while the shallow settings were timed): the layer
+    # timed alone, the rest of full decoding's step fixed
+    assert cm.fit_layer([(12, 1.0), (3, 2.0), (6, 3.0)], 0.05) == pytest.approx((0.05, 0.4))
+    assert cm.fit_layer([(12, 1.0)], 0.05) == pytest.approx((0.05, 0.4))  # no exits
+
+
 def tiny(probes: bool, **exits) -> EarlyExitGPT:
     cfg = ModelConfig(
         num_layers=4, hidden_size=32, num_attention_heads=4, vocab_size=64, max_position_embeddings=64,

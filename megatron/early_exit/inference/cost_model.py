@@ -606,6 +606,20 @@ def replayed_step(engine, prompts: list[list[int]], first, then, times: int = 1)
     return step
 
 
+def fit_layer(points: list[tuple[float, float]], alone: float) -> tuple[float, float]:
+    """(layer, fixed) through (layers run, step seconds less what else it ran) points, the first
+    full decoding's: the least-squares line; through the origin where its intercept comes out
+    below zero; where that still makes layers free (no exits, or the host's speed moved between
+    the timed settings: a fit that made layers free turned every check of the cost-aware policy
+    off), the layer timed `alone` and the rest of full decoding's step fixed."""
+    layer, fixed = fit_line(points) if len({x for x, _ in points}) > 1 else (0.0, 0.0)
+    if fixed < 0:  # a step costs something besides its layers
+        layer, fixed = sum(x * y for x, y in points) / sum(x * x for x, _ in points), 0.0
+    if layer <= 0:
+        layer, fixed = alone, max(points[0][1] - points[0][0] * alone, 0.0)
+    return layer, fixed
+
+
 def fit_line(points: list[tuple[float, float]]) -> tuple[float, float]:
     """Least-squares (slope, intercept) through (x, y) points with at least two distinct x."""
     mx = sum(x for x, _ in points) / len(points)
@@ -673,13 +687,7 @@ def measure_costs(
         more = fill_time(engine, prompts, policy, steps, repeats, 1 + extra)
         costs.pend = one / above  # one pending row per sequence in each layer above n
         costs.row = max(more - one, 0.0) / (extra * above)  # each further pending row there
-    if len({x for x, _ in points}) > 1:
-        costs.layer, costs.fixed = fit_line(points)
-        if costs.fixed < 0:  # a step costs something besides its layers: the line through the origin
-            costs.layer, costs.fixed = sum(x * y for x, y in points) / sum(x * x for x, _ in points), 0.0
-    else:  # no exits: the directly timed layer, the rest is fixed
-        costs.layer = pieces["layer"]
-        costs.fixed = points[0][1] - p.num_layers * costs.layer
+    costs.layer, costs.fixed = fit_layer(points, pieces["layer"])
     return costs, measured
 
 

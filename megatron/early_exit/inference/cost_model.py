@@ -470,7 +470,6 @@ def piece_times(engine, prompts: list[list[int]], repeats: int, extra_rows: int 
     one, more, mid, memo = rows(1), rows(1 + extra_rows), p.start + (p.end - p.start) // 2, {}
     learned_measure, never = get_measure("learned"), ExitPolicy(threshold=2.0, measure="learned")  # fires for none
     cand = list(range(batch))
-    reads: dict[str, tuple[str, float]] = {}  # piece -> the weights it reads (`DecodeCosts.reads`)
     fns = {
         "head": lambda: p.final_head(one, False, StepOutput()),
         "layer": lambda: p.advance(state, mid, replace(one), memo),
@@ -506,14 +505,22 @@ def piece_times(engine, prompts: list[list[int]], repeats: int, extra_rows: int 
                 )
         if head.confidence is not None and head.probe_reads_backbone and not native_fire:
             fns[f"hidden/{n}"] = one_row(lambda n=n, h=head: p.exit_hidden(state, n, h, one, cand))
-        reads[f"project/{n}"] = weight_read(weight, p.dtype)
-    layer = p.model.decoder.layers[str(mid)]
-    reads["layer"] = ("layer", float(sum(w.numel() * w.element_size() for w in layer.parameters())))
-    reads["head"] = weight_read(p.model.output_weight(), p.dtype, int8=p.int8_head())
     with engine.packed:
         t = best_times(fns, p.device, repeats)
-    t["reads"] = reads
+    t["reads"] = weight_reads(p, mid)
     return t
+
+
+def weight_reads(p, mid: int) -> dict[str, tuple[str, float]]:
+    """piece -> the weights it reads, as `DecodeCosts.reads` keeps them: layer `mid`'s (every layer
+    alike), the final head's and each exit's projection's."""
+    layer = p.model.decoder.layers[str(mid)]
+    reads = {"layer": ("layer", float(sum(w.numel() * w.element_size() for w in layer.parameters())))}
+    reads["head"] = weight_read(p.model.output_weight(), p.dtype, int8=p.int8_head())
+    for n in p.exits:
+        head = p.model.exits[str(n)]
+        reads[f"project/{n}"] = weight_read(head.output_weight(p.model.tied_output_weight()), p.dtype)
+    return reads
 
 
 def weight_read(weight: torch.Tensor, dtype: torch.dtype, int8: bool = False) -> tuple[str, float]:

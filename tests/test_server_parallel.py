@@ -187,7 +187,8 @@ def check_pipeline_only_behaviour(url: str, reference: dict) -> None:
     spec = {"prompt": "a", "max_tokens": 4, "early_exit": STRATEGIES["spec"][2]}
     r = httpx.post(url + "/v1/completions", json=spec, timeout=60)
     assert r.status_code == 400 and r.json()["error"]["param"] == "early_exit.mode", r.text
-    scored = {"prompts": ["a"], "tokens_to_generate": 2, "logprobs": True, "echo_prompts": True}
+    # greedy: Megatron's default samples, and a sampled end-of-text token ended the request at one token
+    scored = {"prompts": ["a"], "tokens_to_generate": 2, "logprobs": True, "echo_prompts": True, "temperature": 0}
     r = httpx.put(url + "/api", json=scored, timeout=60)
     assert r.status_code == 400 and r.json()["error"]["param"] == "logprobs", r.text
     r = httpx.put(url + "/api", json={**scored, "echo_prompts": False}, timeout=60)  # generated tokens only

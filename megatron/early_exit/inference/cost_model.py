@@ -453,8 +453,9 @@ def step_times(engine, prompts, settings: dict[str, GenerationSettings], steps: 
 
 @torch.no_grad()
 def piece_times(engine, prompts: list[list[int]], repeats: int, extra_rows: int = 4) -> dict:
-    """The final head, each exit's checks, one layer alone and one with `extra_rows` more rows
-    per sequence, for the newest position after the prompts (K/V of the prompts in the cache)."""
+    """The final head, each exit's checks, one layer alone and, for a model without exits, one with
+    `extra_rows` more rows per sequence, for the newest position after the prompts (K/V of the
+    prompts in the cache)."""
     from megatron.early_exit.inference.uniform_check import UniformCheck, applies
 
     p, batch = engine.passes, len(prompts)
@@ -473,8 +474,9 @@ def piece_times(engine, prompts: list[list[int]], repeats: int, extra_rows: int 
     fns = {
         "head": lambda: p.final_head(one, False, StepOutput()),
         "layer": lambda: p.advance(state, mid, replace(one), memo),
-        "layer+rows": lambda: p.advance(state, mid, replace(more), memo),  # `row` where no exit leaves rows pending
     }
+    if not p.exits:  # `row` where no exit leaves rows pending (else timed on the pending path, `fill_time`)
+        fns["layer+rows"] = lambda: p.advance(state, mid, replace(more), memo)
     for n in p.exits:
         head, one_row = p.model.exits[str(n)], newest_row(p, state, n)
         hidden = one_row(lambda n=n, h=head: p.exit_hidden(state, n, h, one, cand))()  # (B, 1, h)
@@ -506,15 +508,13 @@ def piece_times(engine, prompts: list[list[int]], repeats: int, extra_rows: int 
         if head.confidence is not None and head.probe_reads_backbone and not native_fire:
             fns[f"hidden/{n}"] = one_row(lambda n=n, h=head: p.exit_hidden(state, n, h, one, cand))
     with engine.packed:
-        t = best_times(fns, p.device, repeats)
-    t["reads"] = weight_reads(p, mid)
-    return t
+        return best_times(fns, p.device, repeats)
 
 
-def weight_reads(p, mid: int) -> dict[str, tuple[str, float]]:
-    """piece -> the weights it reads, as `DecodeCosts.reads` keeps them: layer `mid`'s (every layer
+def weight_reads(p) -> dict[str, tuple[str, float]]:
+    """piece -> the weights it reads, as `DecodeCosts.reads` keeps them: a layer's (every layer
     alike), the final head's and each exit's projection's."""
-    layer = p.model.decoder.layers[str(mid)]
+    layer = p.model.decoder.layers[str(p.start)]
     reads = {"layer": ("layer", float(sum(w.numel() * w.element_size() for w in layer.parameters())))}
     reads["head"] = weight_read(p.model.output_weight(), p.dtype, int8=p.int8_head())
     for n in p.exits:
@@ -550,25 +550,32 @@ def newest_row(passes, state, n: int) -> Callable[[Callable], Callable]:
     return wrap
 
 
-def fill_time(engine, prompts: list[list[int]], policy, steps: int, repeats: int, rows: int = 1) -> float:
-    """Seconds that recomputing `rows` pending rows per sequence adds to a decode step, through the
-    engine's own pending path: a full-depth decode step right after `rows` steps whose tokens all
-    left under `policy` (one exit, threshold 0: their rows pending above it), against a full-depth
-    step after a full-depth step (nothing pending). Each is one step timed alone from a saved state
-    (the cache's fill counts and the positions fed are restored before every call; the step
-    rewrites the same K/V), the two back to back; the median of `steps * repeats` differences.
-    A difference of whole runs (prefill and many steps each) once read 0 on a noisy host."""
+def fill_time(
+    engine, prompts: list[list[int]], policy, steps: int, repeats: int, rows: Sequence[int] = (1,)
+) -> list[float]:
+    """Seconds that recomputing k pending rows per sequence adds to a decode step, for each k in
+    `rows`, through the engine's own pending path: a full-depth decode step right after k steps
+    whose tokens all left under `policy` (one exit, threshold 0: their rows pending above it),
+    against a full-depth step after a full-depth step (nothing pending, timed once a round for
+    every k). Each is one step timed alone from a saved state (the cache's fill counts and the
+    positions fed are restored before every call; the step rewrites the same K/V), back to back;
+    the median of `steps * repeats` differences. A difference of whole runs (prefill and many
+    steps each) once read 0 on a noisy host."""
     full = type(policy)()
-    fill, plain = replayed_step(engine, prompts, policy, full, rows), replayed_step(engine, prompts, full, full)
-    fill(), plain()  # warm-up: the pending path's kernels and layouts
-    diffs = []
+    fills = [replayed_step(engine, prompts, policy, full, k) for k in rows]
+    plain = replayed_step(engine, prompts, full, full)
+    for fill in (*fills, plain):  # warm-up: the pending path's kernels and layouts
+        fill()
+    diffs: list[list[float]] = [[] for _ in rows]
     for _ in range(max(steps * repeats, 1)):
         start = tick(engine.device)
         plain()
-        mid = tick(engine.device)
-        fill()
-        diffs.append((tick(engine.device) - mid) - (mid - start))
-    return max(statistics.median(diffs), 0.0)
+        base = tick(engine.device) - start
+        for fill, out in zip(fills, diffs):
+            start = tick(engine.device)
+            fill()
+            out.append(tick(engine.device) - start - base)
+    return [max(statistics.median(d), 0.0) for d in diffs]
 
 
 def memory_time(engine, prompts: list[list[int]], policy, steps: int, repeats: int) -> float:
@@ -662,14 +669,15 @@ def measure_costs(
         fire_hidden={n: pieces[f"hidden/{n}"] for n in p.exits if f"hidden/{n}" in pieces},
         vocab={n: pieces[f"vocab/{n}"] for n in p.exits},
         project={n: pieces[f"project/{n}"] for n in p.exits},
-        row=max(pieces["layer+rows"] - pieces["layer"], 0.0) / extra,
+        row=max(pieces.get("layer+rows", 0.0) - pieces["layer"], 0.0) / extra,
         layer_direct=pieces["layer"], batch=len(prompts),
-        reads=pieces["reads"], cache_bytes=float(last_level_cache_bytes(p.device)),
+        reads=weight_reads(p), cache_bytes=float(last_level_cache_bytes(p.device)),
     )  # fmt: skip
+    policies = {n: engine.check(settings[f"exit {n}"], prompts) for n in p.exits}
     model_bytes = sum(size for _, size in costs.reads.values()) + (p.num_layers - 1) * costs.reads["layer"][1]
     if p.exits and 0 < costs.cache_bytes < model_bytes:  # weights streamed in full decoding: time the regime
         n = min(p.exits)
-        policy = engine.check(settings[f"exit {n}"], prompts)
+        policy = policies[n]
         needs_vocab = get_measure(policy.measure).needs_vocab
         # the bytes that step reads from memory after a full-depth step and not after itself
         unit = replace(costs, cold={piece: size for piece, (_, size) in costs.reads.items()})
@@ -684,14 +692,12 @@ def measure_costs(
     costs.layer = 0.0
     points = [(p.num_layers, measured["full"] - predicted_step(costs, "full", True))]
     for n in p.exits:
-        policy = engine.check(settings[f"exit {n}"], prompts)
-        rest = predicted_step(costs, f"exit {n}", get_measure(policy.measure).needs_vocab)
+        rest = predicted_step(costs, f"exit {n}", get_measure(policies[n].measure).needs_vocab)
         points.append((depth[n], measured[f"exit {n}"] - rest))
     if p.exits:  # pending layers through the engine's own path (gather, layout, mask), not a layer alone
         n = min(p.exits)
-        policy, above = engine.check(settings[f"exit {n}"], prompts), p.num_layers - depth[n]
-        one = fill_time(engine, prompts, policy, steps, repeats)
-        more = fill_time(engine, prompts, policy, steps, repeats, 1 + extra)
+        above = p.num_layers - depth[n]
+        one, more = fill_time(engine, prompts, policies[n], steps, repeats, (1, 1 + extra))
         costs.pend = one / above  # one pending row per sequence in each layer above n
         costs.row = max(more - one, 0.0) / (extra * above)  # each further pending row there
     costs.layer, costs.fixed = fit_layer(points, pieces["layer"])

@@ -295,7 +295,8 @@ def test_rotary_positions_in_place_equal_the_lean_layers_operations(dtype, table
 
 @needs_native
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("hidden", [0, 24])  # linear probe, MLP probe
+# linear probe; MLP probes: one 16-column vector and a tail; a group of 8 vectors, one more and a tail
+@pytest.mark.parametrize("hidden", [0, 24, 152])
 @pytest.mark.parametrize("h,rows", [(37, 1), (576, 3)])  # a width with a tail past the 16-lane blocks
 def test_a_probes_check_in_one_call_equals_the_torch_check(dtype, hidden, h, rows):
     """`native.Probe` (made by `fused_check._fold` for an RMSNorm probe) against

@@ -27,10 +27,18 @@ call is timed right after a pair (`cost_model.paired_ratios`, median of rounds x
 of ~5% of the pair drowns in best-of timings); the ratio less one, times the pair's best time, is
 printed as a share of one layer (half the pair): the issue's "a non-firing check costs <= 5% of a layer".
 "exact, own call" is exact with the probe in a call of its own after the layer, side by side.
+
+"in decoding": what the checks add to whole decode steps as decoding runs them (`cost_model.
+replayed_step`: one step replayed from a saved state, so every call computes the same step): a
+full-depth step evaluating every probed exit under the policy (a threshold no probe reaches)
+against a full-depth step evaluating none, back to back, the median difference over rounds x
+inner pairs, divided by the exits checked: one check, with whatever the step's own Python around
+it costs right after a layer, as a share of one layer ("layer" above, timed alone).
 """
 
 import argparse
 import os
+import statistics
 import sys
 import time
 
@@ -40,7 +48,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from megatron.early_exit import load_checkpoint  # noqa: E402
 from megatron.early_exit.inference import EarlyExitEngine  # noqa: E402
-from megatron.early_exit.inference.cost_model import best_times, paired_ratios  # noqa: E402
+from megatron.early_exit.inference.cost_model import best_times, paired_ratios, replayed_step, tick  # noqa: E402
 from megatron.early_exit.inference.exit_decision import cost_probes  # noqa: E402
 from megatron.early_exit.inference.passes import ExitPolicy, Rows, StepOutput  # noqa: E402
 from megatron.early_exit.inference.uniform_check import layer_probe, uniform_checks  # noqa: E402
@@ -96,6 +104,32 @@ def in_a_step(engine, n: int, dtype: torch.dtype) -> dict:
     return {"layer pair": lambda: pair(None), **checks}
 
 
+def in_decoding(engine, exits: tuple[int, ...], pairs: int) -> dict[str, float]:
+    """Seconds one non-firing check adds to a decode step (batch 1, 16-token prompt), under the
+    exact and the cost_aware policy: a full-depth step checking `exits` against one checking none,
+    replayed (`cost_model.replayed_step`), back to back, median of `pairs` differences, over
+    len(exits)."""
+    prompts, full = [list(range(1, 17))], ExitPolicy()
+    plain = replayed_step(engine, prompts, full, full)
+    steps = {
+        m: replayed_step(engine, prompts, full, ExitPolicy(allowed=exits, threshold=NEVER, measure="learned", mode=m))
+        for m in MODES[:2]
+    }
+    out = {}
+    for m, step in steps.items():
+        plain(), step()  # warm-up
+        diffs = []
+        for _ in range(pairs):
+            start = tick(engine.device)
+            plain()
+            mid = tick(engine.device)
+            if any(layer in exits for layer in step().exit_layer.values()):
+                raise SystemExit(f"a probe reached threshold {NEVER}: the checks are meant not to fire")
+            diffs.append((tick(engine.device) - mid) - (mid - start))
+        out[m] = statistics.median(diffs) / len(exits)
+    return out
+
+
 def builtin(name: str):
     """A random model: "smollm2" the SmolLM2 shape of the cost model's benchmark, linear probes on
     the backbone; "cpu-ref-mlp" / "cpu-ref-linear" the CPU reference model's shape
@@ -121,9 +155,10 @@ def builtin(name: str):
 BUILTINS = ("smollm2", "cpu-ref-mlp", "cpu-ref-linear")
 
 
-def calls(path: str, dtype: torch.dtype) -> tuple[dict, dict]:
+def calls(path: str, dtype: torch.dtype) -> tuple[dict, dict, EarlyExitEngine, tuple[int, ...]]:
     """The timed calls of one checkpoint (or "builtin:NAME": a random model) in one dtype: the
-    pieces, and the layer pair with and without the check (`in_a_step`: in their own alternation)."""
+    pieces, the layer pair with and without the check (`in_a_step`: in their own alternation), an
+    engine over the model and its exits with probes (`in_decoding`)."""
     model, tok = builtin(path[8:]) if path.startswith("builtin:") else load_checkpoint(path)
     model = model.to(dtype=dtype).eval()
     fused, plain = EarlyExitEngine(model, tok).passes, EarlyExitEngine(model, tok).passes
@@ -131,15 +166,21 @@ def calls(path: str, dtype: torch.dtype) -> tuple[dict, dict]:
     probes, plain_probes = cost_probes(fused, 1), cost_probes(plain, 1)
     if "probe/1" not in probes:
         raise SystemExit(f"{path}: no exit without a block has a confidence probe")
-    n = next(n for n in fused.exits if model.exits[str(n)].confidence is not None)
+    probed = tuple(n for n in fused.exits if model.exits[str(n)].confidence is not None and n not in fused.block_slots)
+    n = probed[0]
     head, x = model.exits[str(n)], torch.randn(1, 1, model.config.hidden_size, dtype=dtype)
-    return {
-        "layer": probes["layer/1"],
-        "check fused": probes["probe/1"],
-        "check plain": plain_probes["probe/1"],
-        "probe module": lambda: head.confidence_logit(x),
-        "vocab check": probes["vocab/1"],
-    }, in_a_step(EarlyExitEngine(model, tok), n, dtype)
+    return (
+        {
+            "layer": probes["layer/1"],
+            "check fused": probes["probe/1"],
+            "check plain": plain_probes["probe/1"],
+            "probe module": lambda: head.confidence_logit(x),
+            "vocab check": probes["vocab/1"],
+        },
+        in_a_step(EarlyExitEngine(model, tok), n, dtype),
+        EarlyExitEngine(model, tok),
+        probed,
+    )
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -167,12 +208,13 @@ def main(argv=None) -> None:
         builtins = [f"builtin:{b}" for b in args.builtin]
         for path in args.checkpoints + builtins or ["builtin:smollm2"]:
             with torch.no_grad():
-                pieces, step = calls(path, DTYPES[name])
+                pieces, step, engine, probed = calls(path, DTYPES[name])
                 t = timed(pieces, args.rounds, args.inner, clock)
                 pair = step.pop("layer pair")
                 t["layer pair"] = timed({"layer pair": pair}, args.rounds, args.inner, clock)["layer pair"]
                 # each "pair + check" over the pair run just before it, median of rounds x inner
                 ratio = paired_ratios(step, pair, torch.device("cpu"), args.rounds * args.inner, clock)
+                decoding = in_decoding(engine, probed, args.rounds * args.inner)
             print(f"{path} {name}, {args.threads} thread(s), {args.clock} clock: layer {t['layer'] * 1e6:.1f} us")
             for k, v in t.items():
                 print(f"  {k:22s} {v * 1e6:8.1f} us  {v / t['layer'] * 100:6.2f}% of a layer")
@@ -182,6 +224,9 @@ def main(argv=None) -> None:
                 e = (ratio[f"pair + check {mode}"] - 1) * t["layer pair"]
                 print(f"  in a step, {mode}: the check adds {e * 1e6:.1f} us = {e / one:.1%} of a layer "
                       f"({one * 1e6:.1f} us in the pair; median of paired ratios)")  # fmt: skip
+            for mode, e in decoding.items():
+                print(f"  in decoding, {mode}: a check adds {e * 1e6:.1f} us = {e / t['layer']:.1%} of a layer "
+                      f"(full-depth steps checking exits {list(probed)} against checking none, per exit)")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -51,6 +51,12 @@ through the engine's own code (`Passes`, prepacked weights entered as in decodin
                 with each timed setting's pieces in their own regime, so `layer` is a layer whose
                 weights are in the cache.
 
+The timings are taken minutes apart, and a host shared with other work ran 1.2-1.6x faster or
+slower between them, which a fit through step times less piece times cannot tell from what the
+pieces cost. So each measurement (the pieces, the memory timing, the pending rows) also times one
+full-depth step replayed from a saved state (`reference_step`) in its own rounds, as `step_times`
+does in its, and its times are divided by its speed against the steps' (`DecodeCosts.host`).
+
 `predict` turns a batch's `GenerationResult.exit_layers` back into its decode steps (step t
 fed every sequence's token t-1; it reached the depth of exit_layers[t]) and prices each step;
 `ideal_speedup` compares that with the same tokens decoded in full (each run's cache regime
@@ -105,6 +111,10 @@ class DecodeCosts:
     cold: dict[str, float] = field(default_factory=dict)
     reads: dict[str, tuple[str, float]] = field(default_factory=dict)
     cache_bytes: float = 0.0
+    # The host's speed in each measurement ("pieces", "memory", "fill") against `step_times`': the
+    # same full-depth step's best time there over its best time in `step_times` (`reference_step`;
+    # 1.0: one speed throughout); that measurement's times were divided by it.
+    host: dict[str, float] = field(default_factory=dict)
 
     def streamed(self, piece: str) -> float:
         """A piece's cost with its weights read from memory: what it costs where every step reads
@@ -439,23 +449,31 @@ def paired_ratios(
     return {name: statistics.median(r) for name, r in ratios.items()}
 
 
-def step_times(engine, prompts, settings: dict[str, GenerationSettings], steps: int, repeats: int) -> dict[str, float]:
+def step_times(
+    engine, prompts, settings: dict[str, GenerationSettings], steps: int, repeats: int, reference=None
+) -> dict[str, float]:
     """Seconds per decode step of each setting: generate `1 + steps` tokens minus generate 1
-    (prefill only), EOS ignored, best of `repeats` alternating rounds each."""
+    (prefill only), EOS ignored, best of `repeats` alternating rounds each. `reference` (a
+    callable, `reference_step`): timed in the same rounds, its best time under "reference"."""
     fns = {}
     for name, s in settings.items():
         for tag, new in (("short", 1), ("long", 1 + steps)):
             one = replace(s, max_new_tokens=new, ignore_eos=True, stop_strings=(), stop_token_ids=())
             fns[f"{name}/{tag}"] = lambda one=one: engine.generate(prompts, one)
+        if reference is not None and "reference" not in fns:
+            # right after the first setting's steps (full decoding's, `exit_settings`): its weights
+            # then come as a full-depth step after another finds them, not left by an early exit's
+            fns["reference"] = reference
     best = best_times(fns, engine.device, repeats)
-    return {name: (best[f"{name}/long"] - best[f"{name}/short"]) / steps for name in settings}
+    out = {name: (best[f"{name}/long"] - best[f"{name}/short"]) / steps for name in settings}
+    return out if reference is None else {**out, "reference": best["reference"]}
 
 
 @torch.no_grad()
-def piece_times(engine, prompts: list[list[int]], repeats: int, extra_rows: int = 4) -> dict:
+def piece_times(engine, prompts: list[list[int]], repeats: int, extra_rows: int = 4, reference=None) -> dict:
     """The final head, each exit's checks, one layer alone and, for a model without exits, one with
     `extra_rows` more rows per sequence, for the newest position after the prompts (K/V of the
-    prompts in the cache)."""
+    prompts in the cache). `reference` (`reference_step`): timed in the same rounds ("reference")."""
     from megatron.early_exit.inference.uniform_check import UniformCheck, applies
 
     p, batch = engine.passes, len(prompts)
@@ -507,6 +525,8 @@ def piece_times(engine, prompts: list[list[int]], repeats: int, extra_rows: int 
                 )
         if head.confidence is not None and head.probe_reads_backbone and not native_fire:
             fns[f"hidden/{n}"] = one_row(lambda n=n, h=head: p.exit_hidden(state, n, h, one, cand))
+    if reference is not None:
+        fns["reference"] = reference
     with engine.packed:
         return best_times(fns, p.device, repeats)
 
@@ -552,7 +572,7 @@ def newest_row(passes, state, n: int) -> Callable[[Callable], Callable]:
 
 def fill_time(
     engine, prompts: list[list[int]], policy, steps: int, repeats: int, rows: Sequence[int] = (1,)
-) -> list[float]:
+) -> tuple[list[float], float]:
     """Seconds that recomputing k pending rows per sequence adds to a decode step, for each k in
     `rows`, through the engine's own pending path: a full-depth decode step right after k steps
     whose tokens all left under `policy` (one exit, threshold 0: their rows pending above it),
@@ -560,34 +580,41 @@ def fill_time(
     every k). Each is one step timed alone from a saved state (the cache's fill counts and the
     positions fed are restored before every call; the step rewrites the same K/V), back to back;
     the median of `steps * repeats` differences. A difference of whole runs (prefill and many
-    steps each) once read 0 on a noisy host."""
+    steps each) once read 0 on a noisy host. Also returns the plain step's best time: the host's
+    speed while these were timed (`reference_step`'s step)."""
     full = type(policy)()
     fills = [replayed_step(engine, prompts, policy, full, k) for k in rows]
     plain = replayed_step(engine, prompts, full, full)
     for fill in (*fills, plain):  # warm-up: the pending path's kernels and layouts
         fill()
     diffs: list[list[float]] = [[] for _ in rows]
+    fastest = math.inf
     for _ in range(max(steps * repeats, 1)):
         start = tick(engine.device)
         plain()
         base = tick(engine.device) - start
+        fastest = min(fastest, base)
         for fill, out in zip(fills, diffs):
             start = tick(engine.device)
             fill()
             out.append(tick(engine.device) - start - base)
-    return [max(statistics.median(d), 0.0) for d in diffs]
+    return [max(statistics.median(d), 0.0) for d in diffs], fastest
 
 
-def memory_time(engine, prompts: list[list[int]], policy, steps: int, repeats: int) -> float:
+def memory_time(
+    engine, prompts: list[list[int]], policy, steps: int, repeats: int, reference: Callable[[], object]
+) -> tuple[float, float]:
     """Seconds a decode step whose tokens all leave under `policy` (one exit, threshold 0) spends
     more right after a full-depth step, which read every weight and evicted its layers and exit
     head from the cache, than right after a step like itself, which left them there: the same
     replayed step (`replayed_step`) timed after each, back to back, median of `steps * repeats`
-    differences. What reading the step's weights from memory costs, as decode steps read them."""
+    differences. What reading the step's weights from memory costs, as decode steps read them.
+    Also returns `reference`'s best time (`reference_step`, run after each round's full-depth
+    step): the host's speed while this was timed."""
     full = type(policy)()
     step, deep = replayed_step(engine, prompts, full, policy), replayed_step(engine, prompts, full, full)
     step(), deep()  # warm-up
-    diffs = []
+    diffs, fastest = [], math.inf
     for _ in range(max(steps * repeats, 1)):
         step()
         start = tick(engine.device)
@@ -597,7 +624,22 @@ def memory_time(engine, prompts: list[list[int]], policy, steps: int, repeats: i
         again = tick(engine.device)
         step()  # after a full-depth step
         diffs.append((tick(engine.device) - again) - (mid - start))
-    return max(statistics.median(diffs), 0.0)
+        deep()
+        start = tick(engine.device)
+        reference()
+        fastest = min(fastest, tick(engine.device) - start)
+    return max(statistics.median(diffs), 0.0), fastest
+
+
+def reference_step(engine, prompts: list[list[int]]) -> Callable[[], StepOutput]:
+    """The step every timing of `measure_costs` is put at one host speed by: a full-depth decode
+    step replayed from a saved state (`replayed_step`), timed in each measurement's own rounds,
+    each measurement's times then scaled by its best time over the best time `step_times` read (a
+    host shared with other work ran 1.2-1.6x faster or slower from one measurement to the next,
+    minutes apart, and a fit of layers through step times less piece times taken at two speeds
+    read 0.03-0.35 ms a layer)."""
+    full = ExitPolicy()
+    return replayed_step(engine, prompts, full, full)
 
 
 def replayed_step(engine, prompts: list[list[int]], first, then, times: int = 1) -> Callable[[], StepOutput]:
@@ -658,9 +700,13 @@ def measure_costs(
     """Measure a `DecodeCosts` at batch len(prompts) and the engine's dtype; also returns the
     measured seconds per decode step of each of `exit_settings` (the fit's data, for checking)."""
     p, extra = engine.passes, 4
-    pieces = piece_times(engine, prompts, repeats, extra)
+    reference = reference_step(engine, prompts)  # each timing below put at `step_times`' host speed
+    pieces = piece_times(engine, prompts, repeats, extra, reference)
     settings = exit_settings(engine, measure)
-    measured = step_times(engine, prompts, settings, steps, repeats)
+    measured = step_times(engine, prompts, settings, steps, repeats, reference)
+    speed = measured.pop("reference")
+    host = {"pieces": pieces.pop("reference") / speed}
+    pieces = {name: t / host["pieces"] for name, t in pieces.items()}
     depth = {n: p.depth(n) for n in p.exits}
     costs = DecodeCosts(
         p.num_layers, depth, pieces["layer"], 0.0, pieces["head"],
@@ -671,7 +717,7 @@ def measure_costs(
         project={n: pieces[f"project/{n}"] for n in p.exits},
         row=max(pieces.get("layer+rows", 0.0) - pieces["layer"], 0.0) / extra,
         layer_direct=pieces["layer"], batch=len(prompts),
-        reads=weight_reads(p), cache_bytes=float(last_level_cache_bytes(p.device)),
+        reads=weight_reads(p), cache_bytes=float(last_level_cache_bytes(p.device)), host=host,
     )  # fmt: skip
     policies = {n: engine.check(settings[f"exit {n}"], prompts) for n in p.exits}
     model_bytes = sum(size for _, size in costs.reads.values()) + (p.num_layers - 1) * costs.reads["layer"][1]
@@ -685,7 +731,9 @@ def measure_costs(
         unit.step([p.num_layers] * costs.batch, (), True, cache=cache)
         moved = unit.step(exits, (n,), needs_vocab, cache=cache) - unit.steady(exits, (n,), needs_vocab)
         if moved > 0:  # else the step stays in the cache either way: nothing to time
-            per_byte = memory_time(engine, prompts, policy, steps, repeats) / moved
+            seconds, fastest = memory_time(engine, prompts, policy, steps, repeats, reference)
+            host["memory"] = fastest / speed
+            per_byte = seconds / host["memory"] / moved
             costs.cold = {piece: per_byte * size for piece, (_, size) in costs.reads.items()}
     # `layer` and `fixed` through each setting's step less what the fit does not own: its heads,
     # checks and the cache regime's extra seconds (`predicted_step` with no layer and no fixed cost)
@@ -697,9 +745,10 @@ def measure_costs(
     if p.exits:  # pending layers through the engine's own path (gather, layout, mask), not a layer alone
         n = min(p.exits)
         above = p.num_layers - depth[n]
-        one, more = fill_time(engine, prompts, policies[n], steps, repeats, (1, 1 + extra))
-        costs.pend = one / above  # one pending row per sequence in each layer above n
-        costs.row = max(more - one, 0.0) / (extra * above)  # each further pending row there
+        (one, more), fastest = fill_time(engine, prompts, policies[n], steps, repeats, (1, 1 + extra))
+        host["fill"] = fastest / speed
+        costs.pend = one / host["fill"] / above  # one pending row per sequence in each layer above n
+        costs.row = max(more - one, 0.0) / host["fill"] / (extra * above)  # each further pending row there
     costs.layer, costs.fixed = fit_layer(points, pieces["layer"])
     return costs, measured
 

@@ -64,7 +64,7 @@ def print_costs(c: cm.DecodeCosts) -> None:
             f"{piece} +{c.cold.get(piece, 0.0) * ms:.3f} ({c.reads[piece][1] / 2**20:.1f} MiB)" for piece in c.reads
         )
         print(f"  last-level cache {c.cache_bytes / 2**20:.0f} MiB; weights read from memory cost: {cold}")
-    if c.host:  # each timing's host speed against the steps' (`cost_model.reference_step`), divided out
+    if c.host:  # each timing's host speed against the steps' (`cost_model.ReferenceStep`), divided out
         print("  host speed against the steps' timing: " + ", ".join(f"{k} {v:.3f}" for k, v in c.host.items()))
     print(
         f"  {'exit':>5s} {'depth':>6s} {'probe':>8s} {'max_prob':>9s} {'project':>8s}  "

@@ -104,3 +104,29 @@ def test_self_speculation_is_warmed_at_every_batch_bucket_it_can_meet():
     for size in range(1, 18):
         reachable = {batch_bucket(running) for running in range(1, size + 1)}
         assert {batch_bucket(s) for s in warm_sizes(size)} == reachable and warm_sizes(size)[0] == size
+
+
+def test_calibrated_adds_a_row_at_the_checkpoints_own_thresholds(tmp_path, capsys):
+    """--calibrated decodes a row at the per-exit thresholds calibrate_thresholds.py wrote into the
+    checkpoint (with their measure): thresholds {1: 0.0} send every decoded token out at exit 1,
+    as the shared threshold 0.0 does; a checkpoint without a record is named in the error."""
+    from megatron.early_exit.checkpointing import THRESHOLDS_FILE, resolve_checkpoint_dir
+
+    rows = [{"abstract": "We study early exit in language models.", "challenge": "a", "approach": "b", "outcome": "c"}]
+    ck, data = sweep_inputs(tmp_path, rows)
+    args = ["--load", ck, "--data", data, "--output", str(tmp_path / "out"), "--max-new-tokens", "4",
+            "--batch-size", "1", "--thresholds", "1.0", "0.0", "--measure", "max_prob", "--calibrated"]  # fmt: skip
+    with pytest.raises(SystemExit):
+        main(args)
+    err = capsys.readouterr().err
+    assert "--calibrated" in err and "no calibrated thresholds" in err
+    record = {"exits": [1], "thresholds": {"1": 0.0}, "measure": "max_prob"}
+    with open(os.path.join(resolve_checkpoint_dir(ck), THRESHOLDS_FILE), "w") as f:
+        json.dump(record, f)
+    main(args)
+    with open(tmp_path / "out" / "sweep.csv") as f:
+        table = {r["threshold"]: r for r in csv.DictReader(f)}
+    assert set(table) == {"1.0", "0.0", "calibrated"}
+    assert table["calibrated"]["exit_share"] == table["0.0"]["exit_share"]
+    assert json.loads(table["calibrated"]["exit_share"])["1"] > 0.5  # decode tokens leave at exit 1
+    assert table["calibrated"]["token_agreement"] == table["0.0"]["token_agreement"]

@@ -20,6 +20,8 @@ of the same batch, --repeats times: its speedup is the median of these paired ra
 (tokens_per_sec is its best run; --clock cpu times CPU seconds); every setting first decodes
 one batch untimed. The measure defaults to learned where the exits have probes.
 --exit-policy exact cost_aware gives rows for each policy (the `exit_policy` column).
+--calibrated adds a row per policy at the checkpoint's calibrated per-exit thresholds
+(tools/eval/calibrate_thresholds.py, the server's "threshold auto"; threshold "calibrated").
 --explain decodes every row once more with each decode step timed and priced by the cost
 model, and writes `explain.csv`: per step kind (how deep its deepest sequence went, and whether
 it filled pending rows) the steps, measured and predicted ms per step, and the kind's share of
@@ -35,12 +37,15 @@ import os
 import sys
 import tempfile
 import time
+from dataclasses import replace
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "tools"))
 
 from megatron.early_exit.inference import cost_model  # noqa: E402
+
+CALIBRATED = "calibrated"  # the threshold column of `--calibrated`'s row
 
 
 def rouge_l(candidate: str, reference: str) -> float:
@@ -168,7 +173,7 @@ def explain_rows(engine, prompts, args, timed: dict, costs) -> list[dict]:
     full = timed[(args.exit_policy[0], 1.0)][0]
     out = []
     for (policy, thr), (settings, _, _) in timed.items():
-        if thr >= 1.0:
+        if thr == 1.0:
             continue
         evaluated, needs_vocab = policy_terms(engine, settings, prompts[0])
         runs, full_runs = [], []
@@ -222,11 +227,19 @@ def timed_rows(engine, prompts, thresholds, args) -> dict:
     threshold-1.0 row is full decoding timed against itself: its speedup reads the noise."""
     from megatron.early_exit.inference import GenerationSettings
 
+    from megatron.early_exit.inference.settings import calibrated_settings
+
     rows = {}
     for key in [(pol, thr) for pol in args.exit_policy for thr in thresholds]:
         rows[key] = GenerationSettings(strategy="early_exit", early_exit_threshold=key[1], measure=args.measure,
                                        max_new_tokens=args.max_new_tokens, stop_strings=("\n",),
                                        exit_policy=key[0])  # fmt: skip
+    if args.calibrated:  # the checkpoint's per-exit thresholds, with the measure they were calibrated for
+        record = getattr(engine.model, "calibrated_thresholds", None)
+        for pol in args.exit_policy:
+            rows[(pol, CALIBRATED)] = replace(
+                rows[(pol, 1.0)], **calibrated_settings(record, f"--calibrated ({args.load})")
+            )
     full = rows[(args.exit_policy[0], 1.0)]  # threshold 1.0 never evaluates an exit: full decoding
     for settings in rows.values():
         engine.generate(prompts[: args.batch_size], settings)
@@ -242,12 +255,15 @@ def sweep(args) -> list[dict]:
 
     from megatron.early_exit import load_checkpoint
     from megatron.early_exit.inference import EarlyExitEngine, GenerationSettings
+    from megatron.early_exit.inference.settings import calibrated_settings
 
     torch.manual_seed(0)
     model, tok = load_checkpoint(args.load, device=args.device, dtype=torch.bfloat16 if args.bf16 else None)
     engine = EarlyExitEngine(model, tok)
     if args.self_speculative and not engine.draft_exits() and not args.prompt_lookup:
         raise ValueError(f"--self-speculative: {args.load} has no exit to draft from; add --prompt-lookup N")
+    if args.calibrated:  # before the cost model's minute of timing
+        calibrated_settings(getattr(model, "calibrated_thresholds", None), f"--calibrated ({args.load})")
     prompts, references = summarisation_task(tok, args.data, args.num_examples, args.max_prompt_chars)
     thresholds = sorted(set(args.thresholds) | {1.0}, reverse=True)
     engine.generate(prompts[: args.batch_size], GenerationSettings(max_new_tokens=4))  # warm-up: first calls are slow
@@ -389,7 +405,7 @@ def write_outputs(rows: list[dict], out: str, num_layers_hint: str) -> None:
         return
     fig, ax = plt.subplots(figsize=(5, 3.5))
     for policy in dict.fromkeys(r["exit_policy"] for r in rows):  # one line per exit policy
-        mine = [r for r in rows if r["exit_policy"] == policy]
+        mine = [r for r in rows if r["exit_policy"] == policy and r["threshold"] != CALIBRATED]
         ax.plot([r["threshold"] for r in mine], [r["speedup"] for r in mine], marker="o", label=policy)
     ax.set_xlabel("confidence threshold")
     ax.set_ylabel("speedup over full decoding")
@@ -431,6 +447,9 @@ def main(argv=None) -> None:
     p.add_argument("--data", help="test_summarization.jsonl (default: prepared from the aclsum package)")
     p.add_argument("--output", default="runs/ee_sweep")
     p.add_argument("--thresholds", type=float, nargs="+", default=[1.0, 0.9, 0.8, 0.6, 0.4, 0.2, 0.0])
+    p.add_argument("--calibrated", action="store_true",
+                   help="also a row (threshold 'calibrated') at the checkpoint's calibrated per-exit thresholds "
+                        "(tools/eval/calibrate_thresholds.py; the server's 'threshold auto')")  # fmt: skip
     p.add_argument("--plugin", action="append", default=[], help="import a module that registers measures")
     p.add_argument("--measure", choices=measure_names(),
                    help="exit measure (default: learned where the exits have probes, else max_prob)")  # fmt: skip

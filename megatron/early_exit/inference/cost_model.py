@@ -54,7 +54,7 @@ through the engine's own code (`Passes`, prepacked weights entered as in decodin
 The timings are taken minutes apart, and a host shared with other work ran 1.2-1.6x faster or
 slower between them, which a fit through step times less piece times cannot tell from what the
 pieces cost. So each measurement (the pieces, the memory timing, the pending rows) also times one
-full-depth step replayed from a saved state (`reference_step`) in its own rounds, as `step_times`
+full-depth step replayed from a saved state (`ReferenceStep`) in its own rounds, as `step_times`
 does in its, and its times are divided by its speed against the steps' (`DecodeCosts.host`).
 
 `predict` turns a batch's `GenerationResult.exit_layers` back into its decode steps (step t
@@ -112,7 +112,7 @@ class DecodeCosts:
     reads: dict[str, tuple[str, float]] = field(default_factory=dict)
     cache_bytes: float = 0.0
     # The host's speed in each measurement ("pieces", "memory", "fill") against `step_times`': the
-    # same full-depth step's best time there over its best time in `step_times` (`reference_step`;
+    # same full-depth step's median time there over its median time in `step_times` (`ReferenceStep`;
     # 1.0: one speed throughout); that measurement's times were divided by it.
     host: dict[str, float] = field(default_factory=dict)
 
@@ -453,8 +453,8 @@ def step_times(
     engine, prompts, settings: dict[str, GenerationSettings], steps: int, repeats: int, reference=None
 ) -> dict[str, float]:
     """Seconds per decode step of each setting: generate `1 + steps` tokens minus generate 1
-    (prefill only), EOS ignored, best of `repeats` alternating rounds each. `reference` (a
-    callable, `reference_step`): timed in the same rounds, its best time under "reference"."""
+    (prefill only), EOS ignored, best of `repeats` alternating rounds each. `reference`: a
+    callable run in the same rounds (`ReferenceStep.timed`), its own time not returned."""
     fns = {}
     for name, s in settings.items():
         for tag, new in (("short", 1), ("long", 1 + steps)):
@@ -465,15 +465,14 @@ def step_times(
             # then come as a full-depth step after another finds them, not left by an early exit's
             fns["reference"] = reference
     best = best_times(fns, engine.device, repeats)
-    out = {name: (best[f"{name}/long"] - best[f"{name}/short"]) / steps for name in settings}
-    return out if reference is None else {**out, "reference": best["reference"]}
+    return {name: (best[f"{name}/long"] - best[f"{name}/short"]) / steps for name in settings}
 
 
 @torch.no_grad()
 def piece_times(engine, prompts: list[list[int]], repeats: int, extra_rows: int = 4, reference=None) -> dict:
     """The final head, each exit's checks, one layer alone and, for a model without exits, one with
     `extra_rows` more rows per sequence, for the newest position after the prompts (K/V of the
-    prompts in the cache). `reference` (`reference_step`): timed in the same rounds ("reference")."""
+    prompts in the cache). `reference`: a callable run in the same rounds (`ReferenceStep.timed`)."""
     from megatron.early_exit.inference.uniform_check import UniformCheck, applies
 
     p, batch = engine.passes, len(prompts)
@@ -528,7 +527,9 @@ def piece_times(engine, prompts: list[list[int]], repeats: int, extra_rows: int 
     if reference is not None:
         fns["reference"] = reference
     with engine.packed:
-        return best_times(fns, p.device, repeats)
+        best = best_times(fns, p.device, repeats)
+    best.pop("reference", None)
+    return best
 
 
 def weight_reads(p) -> dict[str, tuple[str, float]]:
@@ -571,8 +572,8 @@ def newest_row(passes, state, n: int) -> Callable[[Callable], Callable]:
 
 
 def fill_time(
-    engine, prompts: list[list[int]], policy, steps: int, repeats: int, rows: Sequence[int] = (1,)
-) -> tuple[list[float], float]:
+    engine, prompts: list[list[int]], policy, steps: int, repeats: int, rows: Sequence[int] = (1,), reference=None
+) -> list[float]:
     """Seconds that recomputing k pending rows per sequence adds to a decode step, for each k in
     `rows`, through the engine's own pending path: a full-depth decode step right after k steps
     whose tokens all left under `policy` (one exit, threshold 0: their rows pending above it),
@@ -580,41 +581,38 @@ def fill_time(
     every k). Each is one step timed alone from a saved state (the cache's fill counts and the
     positions fed are restored before every call; the step rewrites the same K/V), back to back;
     the median of `steps * repeats` differences. A difference of whole runs (prefill and many
-    steps each) once read 0 on a noisy host. Also returns the plain step's best time: the host's
-    speed while these were timed (`reference_step`'s step)."""
+    steps each) once read 0 on a noisy host. `reference`: a callable run once a round
+    (`ReferenceStep.timed`)."""
     full = type(policy)()
     fills = [replayed_step(engine, prompts, policy, full, k) for k in rows]
     plain = replayed_step(engine, prompts, full, full)
     for fill in (*fills, plain):  # warm-up: the pending path's kernels and layouts
         fill()
     diffs: list[list[float]] = [[] for _ in rows]
-    fastest = math.inf
     for _ in range(max(steps * repeats, 1)):
         start = tick(engine.device)
         plain()
         base = tick(engine.device) - start
-        fastest = min(fastest, base)
         for fill, out in zip(fills, diffs):
             start = tick(engine.device)
             fill()
             out.append(tick(engine.device) - start - base)
-    return [max(statistics.median(d), 0.0) for d in diffs], fastest
+        if reference is not None:
+            reference()
+    return [max(statistics.median(d), 0.0) for d in diffs]
 
 
-def memory_time(
-    engine, prompts: list[list[int]], policy, steps: int, repeats: int, reference: Callable[[], object]
-) -> tuple[float, float]:
+def memory_time(engine, prompts: list[list[int]], policy, steps: int, repeats: int, reference=None) -> float:
     """Seconds a decode step whose tokens all leave under `policy` (one exit, threshold 0) spends
     more right after a full-depth step, which read every weight and evicted its layers and exit
     head from the cache, than right after a step like itself, which left them there: the same
     replayed step (`replayed_step`) timed after each, back to back, median of `steps * repeats`
     differences. What reading the step's weights from memory costs, as decode steps read them.
-    Also returns `reference`'s best time (`reference_step`, run after each round's full-depth
-    step): the host's speed while this was timed."""
+    `reference`: a callable run once a round, after a full-depth step (`ReferenceStep.timed`)."""
     full = type(policy)()
     step, deep = replayed_step(engine, prompts, full, policy), replayed_step(engine, prompts, full, full)
     step(), deep()  # warm-up
-    diffs, fastest = [], math.inf
+    diffs = []
     for _ in range(max(steps * repeats, 1)):
         step()
         start = tick(engine.device)
@@ -624,22 +622,42 @@ def memory_time(
         again = tick(engine.device)
         step()  # after a full-depth step
         diffs.append((tick(engine.device) - again) - (mid - start))
-        deep()
-        start = tick(engine.device)
-        reference()
-        fastest = min(fastest, tick(engine.device) - start)
-    return max(statistics.median(diffs), 0.0), fastest
+        if reference is not None:
+            deep()
+            reference()
+    return max(statistics.median(diffs), 0.0)
 
 
-def reference_step(engine, prompts: list[list[int]]) -> Callable[[], StepOutput]:
+class ReferenceStep:
     """The step every timing of `measure_costs` is put at one host speed by: a full-depth decode
-    step replayed from a saved state (`replayed_step`), timed in each measurement's own rounds,
-    each measurement's times then scaled by its best time over the best time `step_times` read (a
-    host shared with other work ran 1.2-1.6x faster or slower from one measurement to the next,
-    minutes apart, and a fit of layers through step times less piece times taken at two speeds
-    read 0.03-0.35 ms a layer)."""
-    full = ExitPolicy()
-    return replayed_step(engine, prompts, full, full)
+    step replayed from a saved state (`replayed_step`), run inside each measurement's own rounds
+    (`timed`), each measurement's times then divided by `speed`: the median of its times there
+    over the median of its times in `step_times`' rounds. A host shared with other work ran
+    1.2-1.6x faster or slower from one measurement to the next, minutes apart, and a fit of
+    layers through step times less piece times taken at two speeds read 0.03-0.35 ms a layer.
+    Medians: robust to a neighbour's bursts, and not biased by how many times each measurement
+    runs it (a best time of 80 calls is lower than one of 5 on a noisy host)."""
+
+    def __init__(self, engine, prompts: list[list[int]]) -> None:
+        full = ExitPolicy()
+        self.step, self.device = replayed_step(engine, prompts, full, full), engine.device
+        self.times: dict[str, list[float]] = {}
+
+    def timed(self, name: str, calls: int = 1) -> Callable[[], None]:
+        """A callable that runs the step `calls` times, each timed into `times[name]`."""
+        into = self.times.setdefault(name, [])
+
+        def run() -> None:
+            for _ in range(calls):
+                start = tick(self.device)
+                self.step()
+                into.append(tick(self.device) - start)
+
+        return run
+
+    def speed(self, name: str, base: str = "steps") -> float:
+        """How much slower the host ran in measurement `name` than in `base` (1.0: as fast)."""
+        return statistics.median(self.times[name]) / statistics.median(self.times[base])
 
 
 def replayed_step(engine, prompts: list[list[int]], first, then, times: int = 1) -> Callable[[], StepOutput]:
@@ -700,12 +718,11 @@ def measure_costs(
     """Measure a `DecodeCosts` at batch len(prompts) and the engine's dtype; also returns the
     measured seconds per decode step of each of `exit_settings` (the fit's data, for checking)."""
     p, extra = engine.passes, 4
-    reference = reference_step(engine, prompts)  # each timing below put at `step_times`' host speed
-    pieces = piece_times(engine, prompts, repeats, extra, reference)
+    ref = ReferenceStep(engine, prompts)  # each timing below put at `step_times`' host speed
+    pieces = piece_times(engine, prompts, repeats, extra, ref.timed("pieces", steps))
     settings = exit_settings(engine, measure)
-    measured = step_times(engine, prompts, settings, steps, repeats, reference)
-    speed = measured.pop("reference")
-    host = {"pieces": pieces.pop("reference") / speed}
+    measured = step_times(engine, prompts, settings, steps, repeats, ref.timed("steps", steps))
+    host = {"pieces": ref.speed("pieces")}
     pieces = {name: t / host["pieces"] for name, t in pieces.items()}
     depth = {n: p.depth(n) for n in p.exits}
     costs = DecodeCosts(
@@ -731,8 +748,8 @@ def measure_costs(
         unit.step([p.num_layers] * costs.batch, (), True, cache=cache)
         moved = unit.step(exits, (n,), needs_vocab, cache=cache) - unit.steady(exits, (n,), needs_vocab)
         if moved > 0:  # else the step stays in the cache either way: nothing to time
-            seconds, fastest = memory_time(engine, prompts, policy, steps, repeats, reference)
-            host["memory"] = fastest / speed
+            seconds = memory_time(engine, prompts, policy, steps, repeats, ref.timed("memory"))
+            host["memory"] = ref.speed("memory")
             per_byte = seconds / host["memory"] / moved
             costs.cold = {piece: per_byte * size for piece, (_, size) in costs.reads.items()}
     # `layer` and `fixed` through each setting's step less what the fit does not own: its heads,
@@ -745,8 +762,8 @@ def measure_costs(
     if p.exits:  # pending layers through the engine's own path (gather, layout, mask), not a layer alone
         n = min(p.exits)
         above = p.num_layers - depth[n]
-        (one, more), fastest = fill_time(engine, prompts, policies[n], steps, repeats, (1, 1 + extra))
-        host["fill"] = fastest / speed
+        one, more = fill_time(engine, prompts, policies[n], steps, repeats, (1, 1 + extra), ref.timed("fill"))
+        host["fill"] = ref.speed("fill")
         costs.pend = one / host["fill"] / above  # one pending row per sequence in each layer above n
         costs.row = max(more - one, 0.0) / host["fill"] / (extra * above)  # each further pending row there
     costs.layer, costs.fixed = fit_layer(points, pieces["layer"])

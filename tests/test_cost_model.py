@@ -1,9 +1,8 @@
 """The cost model's arithmetic on synthetic costs, its measurement on a tiny model, and the
 default-measure rule (learned where the exits carry confidence probes, else max_prob)."""
 
-from dataclasses import replace
-
 import statistics
+from dataclasses import replace
 
 import pytest
 import torch

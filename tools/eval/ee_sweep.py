@@ -226,7 +226,6 @@ def timed_rows(engine, prompts, thresholds, args) -> dict:
     costs are made on first use, and would otherwise be timed in whichever row came first. The
     threshold-1.0 row is full decoding timed against itself: its speedup reads the noise."""
     from megatron.early_exit.inference import GenerationSettings
-
     from megatron.early_exit.inference.settings import calibrated_settings
 
     rows = {}

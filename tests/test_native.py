@@ -186,8 +186,13 @@ def test_decoding_on_the_native_kernel_equals_full_greedy_and_self_speculation_s
 
     calls, general = [], []  # native calls (attention, whole layers); rows per sequence of general passes run natively
     real_attend, real_step, real_rows = native.attend, native.layer_step, lean.LeanLayer.rows
+    real_layers = native.layers_step
     monkeypatch.setattr(native, "attend", lambda *a: calls.append("attend") or real_attend(*a))
     monkeypatch.setattr(native, "layer_step", lambda *a: calls.append("layer") or real_step(*a))
+    # several layers in one call (`Passes.decode_layers`): one "layer" each
+    monkeypatch.setattr(
+        native, "layers_step", lambda x, layers, *a: calls.extend(["layer"] * len(layers)) or real_layers(x, layers, *a)
+    )
 
     def rows(self, x, *a):
         before = len(calls)
@@ -211,7 +216,7 @@ def test_decoding_on_the_native_kernel_equals_full_greedy_and_self_speculation_s
             PROMPTS, GenerationSettings(strategy=strategy, max_new_tokens=NEW, ignore_eos=True)
         )
         assert [r.tokens for r in got] == want, strategy
-        assert calls.count("layer") > len(general), strategy  # decode steps: one call a layer
+        assert calls.count("layer") > len(general), strategy  # decode steps: every layer in a native call
         verified[strategy] = sum(1 < r <= lean.ATTEND_ROWS for r in general)  # the prompts', verify passes
         assert heads and (strategy == "full" or max(heads) > len(PROMPTS)), strategy  # verify passes' heads
     assert verified["self_speculative"] > verified["full"] > 0
@@ -630,3 +635,83 @@ def test_a_draft_steps_exit_norm_goes_into_the_native_draft_projection(one_call,
             inside = torch.isfinite(l_ref[b])
             assert torch.equal(inside, torch.isfinite(l_got[b])) and int(inside.sum()) == len(vocab)
             torch.testing.assert_close(l_got[b][inside], l_ref[b][inside], rtol=1e-5, atol=1e-5)
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_layers_between_exits_run_in_one_call_with_the_same_numbers(dtype, monkeypatch):
+    """A uniform decode step runs the layers from one stop (an exit to check, a block exit's input
+    to record) to the next in one native call (`ee_layers`, `Passes.decode_layers`), the next
+    exit's probe on the last one's output: the same C function per layer on the same rows as one
+    call a layer, so every step's logits, K/V and fill counts are bit for bit those of one call a
+    layer, and early exit's tokens, exit layers and confidences too (batch 1 and 3, full decoding
+    and both policies, tokens leaving at both exits and at the final head)."""
+    from megatron.early_exit.config import ModelConfig
+    from megatron.early_exit.inference import lean
+    from megatron.early_exit.inference.passes import ExitPolicy
+    from megatron.early_exit.model import EarlyExitGPT
+    from tests.test_inference import PROMPTS
+
+    cfg = ModelConfig(num_layers=7, hidden_size=32, num_attention_heads=4, num_query_groups=2, vocab_size=128,
+                      max_position_embeddings=64, ffn_hidden_size=48, normalization="RMSNorm", swiglu=True,
+                      position_embedding_type="rope", add_bias_linear=False, exit_layer_nums=[3, 6],
+                      use_exit_norm=True, use_exit_confidence_head=True, exit_confidence_hidden_size=16,
+                      exit_confidence_input="backbone")  # fmt: skip
+    model = EarlyExitGPT(cfg)
+    model.init_weights(seed=7)
+    gen = torch.Generator().manual_seed(5)
+    with torch.no_grad():  # probes that fire for some tokens only
+        for name, p in model.exits.named_parameters():
+            if "confidence" in name or "norm" in name:
+                p.add_(torch.randn(p.shape, generator=gen) * 0.5)
+    model = model.to(dtype).eval()
+    spans = []  # layers per native call of several
+    real = native.layers_step
+
+    def counted(x, layers, *a):
+        spans.append(len(layers))
+        return real(x, layers, *a)
+
+    def steps(one_call_a_layer: bool, prompts, policy):
+        if one_call_a_layer:
+            monkeypatch.setattr(lean, "native_layers", lambda *a, **k: None)
+        else:
+            monkeypatch.undo()
+            monkeypatch.setattr(native, "layers_step", counted)
+        engine = EarlyExitEngine(model, linear_kernel="native")
+        state = engine.new_state(len(prompts), 40)
+        engine.prefill(state, dict(enumerate(prompts)))
+        trace = []
+        with torch.no_grad():
+            for t in range(6):
+                out = engine.decode_one_token(state, dict.fromkeys(range(len(prompts)), 7 + t), policy)
+                logits = {b: x.clone() for b, x in out.logits.items()}
+                trace.append((logits, dict(out.exit_layer), dict(out.confidence)))
+        return trace, state
+
+    for prompts in ([PROMPTS[0]], PROMPTS[:3]):
+        for policy in (ExitPolicy(), ExitPolicy(allowed=(3, 6), threshold=0.5, measure="learned", mode="exact")):
+            spans.clear()
+            got, s_got = steps(False, prompts, policy)
+            # full decoding: all 7 layers in one call; checking exits 3 and 6: layers 0-2, 3-5, then 6
+            assert spans and max(spans) == (3 if policy.allowed else 7)
+            want, s_want = steps(True, prompts, policy)
+            for (l_got, e_got, c_got), (l_want, e_want, c_want) in zip(got, want, strict=True):
+                assert e_got == e_want and c_got == c_want and l_got.keys() == l_want.keys()
+                for b in l_got:
+                    assert torch.equal(l_got[b], l_want[b])
+            assert torch.equal(s_got.cache.k, s_want.cache.k) and torch.equal(s_got.cache.v, s_want.cache.v)
+            assert (s_got.cache.filled == s_want.cache.filled).all()
+    # early exit through generate: the same tokens, exits and confidences, leaving at 3, 6 and the end
+    s = GenerationSettings("early_exit", max_new_tokens=10, early_exit_threshold=0.5, measure="learned",
+                           exit_policy="exact", ignore_eos=True)  # fmt: skip
+    results = {}
+    for one in (False, True):
+        monkeypatch.undo()
+        if one:
+            monkeypatch.setattr(lean, "native_layers", lambda *a, **k: None)
+        with torch.no_grad():
+            got = EarlyExitEngine(model, linear_kernel="native").generate(PROMPTS[:3], s)
+        results[one] = [(r.tokens, r.exit_layers, r.confidences) for r in got]
+    assert results[False] == results[True]
+    assert {e for _, layers, _ in results[False] for e in layers} >= {3, 6, 7}

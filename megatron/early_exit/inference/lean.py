@@ -241,13 +241,17 @@ class LeanLayer:
         kv = view.native_kv() if hasattr(view, "native_kv") else None  # a view of our caches
         if kv is None:
             return None
-        copy = kernels.native_copy
-        weights = (self.w_in, copy(self.qkv), copy(self.proj), self.w_mid, copy(self.fc1), copy(self.fc2))
+        weights, eps = self.native_parts()
         shape = (self.groups, self.per, self.head_dim, self.ffn)
-        eps = (self.eps_in, self.eps_mid)
         if probe is None:  # (the tests wrap `layer_step` with seven arguments)
             return native.layer_step(x, weights, shape, eps, cos, sin_signed, kv)
         return native.layer_step(x, weights, shape, eps, cos, sin_signed, kv, probe)
+
+    def native_parts(self) -> tuple:
+        """(weights as `native.layer_step` takes them, the two norms' eps)."""
+        copy = kernels.native_copy
+        weights = (self.w_in, copy(self.qkv), copy(self.proj), self.w_mid, copy(self.fc1), copy(self.fc2))
+        return weights, (self.eps_in, self.eps_mid)
 
     def rows(self, x, cos, sin_signed, attn_mask, view, linear: LeanKernels) -> torch.Tensor:
         """The general pass (`Passes.advance`): x (A, R, h) -> (A, R, h), R rows per sequence
@@ -278,6 +282,30 @@ class LeanLayer:
             out = F.scaled_dot_product_attention(q, keys, values, attn_mask=attn_mask, enable_gqa=per > 1)
             out = out.transpose(1, 2)  # (A, R, heads, hd)
         return self.finish(x, out.reshape(a * r, g * per * hd), linear).view(a, r, -1)
+
+
+def native_layers(layers: list[LeanLayer], x, cos, sin_signed, views, linear: LeanKernels, probe=None):
+    """Consecutive lean layers' decode steps over rows x (A, 1, h) in one native call
+    (`native.layers_step`), as their `__call__`s one after another would run them where each
+    runs in one call (`LeanLayer.native_step`): the same numbers. `views`: each layer's cache view
+    (one layout). None where any of them would not run in one call (nothing done); `probe`: on
+    the last layer's output, then (y, its scores)."""
+    a, first = x.shape[0], layers[0]
+    shape = (first.groups, first.per, first.head_dim, first.ffn)
+    if a > FOLD_ROWS or any(
+        (f.groups, f.per, f.head_dim, f.ffn) != shape or f.w_in.shape != first.w_in.shape
+        or not linear.all_native(f.products, a)
+        for f in layers
+    ):  # fmt: skip
+        return None
+    kvs = [view.native_kv() if hasattr(view, "native_kv") else None for view in views]
+    if any(kv is None for kv in kvs):
+        return None
+    parts = [(*f.native_parts(), kv[0], kv[1]) for f, kv in zip(layers, kvs)]
+    y = native.layers_step(x.view(a, -1), parts, shape, cos, sin_signed, kvs[0][2:], probe)
+    if y is None:
+        return None
+    return y.view(a, 1, -1) if probe is None else (y[0].view(a, 1, -1), y[1])
 
 
 def hook_dicts(modules) -> tuple[dict, ...]:

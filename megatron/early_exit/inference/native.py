@@ -122,6 +122,9 @@ def library() -> ctypes.CDLL | None:
     lib.ee_layer.argtypes += [vp, vp, vp, vp, i64, vp, vp, i64, i64, i64, vp, vp, i64, vp]
     lib.ee_layer.argtypes += [vp, vp, i64, vp, ctypes.c_float, vp]  # the next exit's probe (`Probe.args`)
     lib.ee_layer.restype = i32
+    lib.ee_layers.argtypes = [i64, vp, vp, vp, vp, i64, i32, i32] + [i64] * 5 + [vp, vp, i64, i64, i64, i64]
+    lib.ee_layers.argtypes += [vp, vp, i64, vp, vp, vp, i64, vp, ctypes.c_float, vp]
+    lib.ee_layers.restype = i32
     lib.ee_probe.argtypes = [vp, i32, i64, i64, ctypes.c_float, vp, vp, i64, vp, vp, i32]
     lib.ee_head.argtypes = [vp, vp, i64, i64, i64, i32, i32, vp, ctypes.c_float, vp, i64, vp, vp, vp, vp]
     lib.ee_head.restype = i32
@@ -395,4 +398,55 @@ def layer_step(
     )  # fmt: skip
     if rc != 0:
         raise MemoryError("native kernel: out of memory for a layer step")
+    return y if probe is None else (y, list(scores))
+
+
+def layers_step(
+    x: torch.Tensor,
+    layers: list[tuple],
+    shape: tuple[int, int, int, int],
+    cos: torch.Tensor,
+    sin_signed: torch.Tensor,
+    rows_kv: tuple,
+    probe: Probe | None = None,
+) -> torch.Tensor | tuple[torch.Tensor, list[float]] | None:
+    """Consecutive layers' decode steps in one call (`ee_layers`): `layer_step` over each of
+    `layers` in turn, each one's output the next one's input, the same numbers. layers: per layer
+    (weights as `layer_step` takes them, its two norms' eps, its K cache, its V cache), every
+    cache of one dtype and strides; rows_kv: (slots, positions, span, mask) as in `layer_step`'s
+    kv. None where `layer_step` would give None for any of them (nothing done). `probe`: on the
+    last layer's output, (y, its scores)."""
+    slots, pos, span, mask = rows_kv
+    g, per, hd, ffn = shape
+    c, s = cos.reshape(-1, hd), sin_signed.reshape(-1, hd)
+    a, k0 = x.shape[0], layers[0][2]
+    strides = k0.stride()
+    if (
+        any(k.dtype != x.dtype or v.dtype != x.dtype or k.stride() != strides or v.stride() != strides
+            for _, _, k, v in layers)
+        or strides[-1] != 1
+        or c.dtype != torch.float32
+        or s.shape != c.shape
+        or c.shape[0] not in (1, a)
+        or hd > 1024
+        or hd % 2
+    ):  # fmt: skip
+        return None
+    x, c, s = x.contiguous(), c.contiguous(), s.contiguous()
+    m = None if mask is None else mask.reshape(a, span).contiguous()
+    ptrs = (ctypes.c_int64 * (8 * len(layers)))(
+        *(t.data_ptr() for weights, _, k, v in layers for t in (*weights, k, v))
+    )
+    eps = (ctypes.c_float * (2 * len(layers)))(*(e for _, pair, _, _ in layers for e in pair))
+    y = torch.empty_like(x)
+    scores = None if probe is None else (ctypes.c_float * a)()
+    rc = library().ee_layers(
+        len(layers), ptrs, eps, x.data_ptr(), y.data_ptr(), a, x.dtype == torch.bfloat16,
+        torch.get_num_threads(), x.shape[1], g, per, hd, ffn,
+        c.data_ptr(), s.data_ptr(), 0 if c.shape[0] == 1 else hd, *strides[:3],
+        slots.data_ptr(), pos.data_ptr(), span, None if m is None else m.data_ptr(),
+        *((None, None, 0, None, 0.0) if probe is None else probe.args), scores,
+    )  # fmt: skip
+    if rc != 0:
+        raise MemoryError("native kernel: out of memory for a layers step")
     return y if probe is None else (y, list(scores))

@@ -603,3 +603,35 @@ int ee_layer(const void *x, void *y, int64_t n, int bf16, int threads, int64_t h
     free(buf);
     return failed;
 }
+
+/* Several consecutive layers' decode steps in one call: ee_layer over layers 0 .. L-1 in turn,
+ * layer l's output its successor's input, the last one's into y (the same calls, so the same
+ * numbers as L calls of ee_layer). Per layer l, ptrs[8 l .. 8 l + 7] = (w_in, qkv panels, proj
+ * panels, w_mid, fc1 panels, fc2 panels, its K cache, its V cache) and eps[2 l], eps[2 l + 1] its
+ * two norms' eps; every layer has the same shape, cache strides, rows and rotary angles. The
+ * probe (pw1 non-NULL) runs on the last layer's output only. A decode step then pays the Python
+ * between layers once for the run of layers up to the next exit, not once a layer. 0 on success,
+ * 1 when memory runs out (layers before the failing one have written their K/V). */
+int ee_layers(int64_t L, const int64_t *ptrs, const float *eps, const void *x, void *y, int64_t n, int bf16,
+              int threads, int64_t h, int64_t G, int64_t per, int64_t hd, int64_t ffn, const float *cos,
+              const float *sin, int64_t cos_stride, int64_t sb, int64_t sg, int64_t st, const int64_t *slots,
+              const int64_t *pos, int64_t span, const uint8_t *mask, const float *pw1, const float *pb1, int64_t pH,
+              const float *pw2, float peps, float *scores) {
+    const size_t rows = (size_t)(n * h * (bf16 ? 2 : 4));
+    char *tmp = L > 1 ? (char *)malloc(2 * rows) : NULL;
+    if (L > 1 && !tmp) return 1;
+    int failed = 0;
+    const void *in = x;
+    for (int64_t l = 0; l < L && !failed; l++) {
+        const int64_t *p = ptrs + 8 * l;
+        const int last = l == L - 1;
+        void *out = last ? y : tmp + (size_t)(l % 2) * rows;
+        failed = ee_layer(in, out, n, bf16, threads, h, G, per, hd, ffn, (const void *)p[0], eps[2 * l],
+                          (const void *)p[1], (const void *)p[2], (const void *)p[3], eps[2 * l + 1],
+                          (const void *)p[4], (const void *)p[5], cos, sin, cos_stride, (void *)p[6], (void *)p[7], sb,
+                          sg, st, slots, pos, span, mask, last ? pw1 : NULL, pb1, pH, pw2, peps, scores);
+        in = out;
+    }
+    free(tmp);
+    return failed;
+}

@@ -198,6 +198,7 @@ class Passes:
         # negated) [n, hd] fp32, and these viewed [n, 1, 1, hd], made once (`rotary_tables`).
         self.rope_tables: tuple | None = None
         self.depth_memo: dict[ExitPolicy, dict[int, list[int]]] = {}  # `exits_by_depth`
+        self.stops_memo: dict[tuple, list[int]] = {}  # `uniform_stops`
         self.branch: dict[int, tuple[int, ...]] | None = None  # the running verify pass's alternative drafts (`run`)
 
     def depth(self, n: int) -> int:
@@ -303,10 +304,12 @@ class Passes:
         index, rotary = self.uniform_layout(state, seqs, pos)
         rows = Rows(seqs, pos, [1] * len(seqs), self.embed_ids(ids.to(self.device), index))  # (A, 1, h)
         has_new, checks = set(seqs), uniform_checks(self, state, policy, by_depth)
-        for d in range(layers + 1):
-            if d > 0:
+        ran = 0
+        for d in self.uniform_stops(by_depth, layers):
+            if d > ran:  # the layers up to depth d in one native call where they run in one each
                 probe = layer_probe(checks, by_depth.get(d), len(rows.seqs)) if d in by_depth else None
-                rows.x = self.decode_layer(state, d - 1, rows.x, rotary, index, probe)
+                rows.x = self.decode_layers(state, ran, d, rows.x, rotary, index, probe)
+                ran = d
             self.record_block_inputs(state, d, rows)
             for n in by_depth.get(d, []):
                 check = checks[n]  # every row is a candidate: the learned check in one call where it applies
@@ -321,6 +324,39 @@ class Passes:
             return rows
         self.final_head(rows, False, out)
         return None
+
+    def uniform_stops(self, by_depth: dict, layers: int) -> list[int]:
+        """The depths a uniform step of `layers` layers stops at between its layers: 0, each with
+        an exit to check or a block exit's input to record, and `layers` (ascending)."""
+        key = (tuple(by_depth), layers)
+        stops = self.stops_memo.get(key)
+        if stops is None:
+            events = set(by_depth) | {self.depth(n) for n in self.block_slots} | {0, layers}
+            stops = self.stops_memo[key] = sorted(d for d in events if 0 <= d <= layers)
+        return stops
+
+    def decode_layers(
+        self, state: DecodeState, lo: int, hi: int, x: torch.Tensor, rotary, index: DecodeIndex, probe=None
+    ) -> torch.Tensor:
+        """Layers lo .. hi-1 (global numbers) over one row per sequence x (A, 1, h), as
+        `decode_layer` over each in turn (`probe` on the last one's output), in one native call
+        where each would run in one (`lean.native_layers`: the same numbers, without the Python
+        between layers, which a decode step pays cold: ~60 us a layer on the CPU reference model)."""
+        if hi - lo > 1 and self.scaled is None and rotary is not None and rotary[2] is not None:
+            fast = [self.lean_for(i) for i in range(lo, hi)]
+            if all(type(f) is lean.LeanLayer for f in fast):  # (not a wrapped one: it runs its own calls)
+                views = [index.layer(state.cache, i - self.start) for i in range(lo, hi)]
+                on = probe if probe is not None and probe.takes(x) else None
+                made = lean.native_layers(fast, x, rotary[0], rotary[2], views, self.lean_kernels, on)
+                if made is not None:
+                    if on is not None:
+                        made, scores = made
+                        self.layer_scores = (on, made, scores)
+                    state.cache.filled[lo - self.start : hi - self.start, index.filled_b] = index.filled_end
+                    return made
+        for i in range(lo, hi):
+            x = self.decode_layer(state, i, x, rotary, index, probe if i == hi - 1 else None)
+        return x
 
     def uniform_layout(self, state: DecodeState, seqs: list[int], pos: list[int]) -> tuple:
         """The `DecodeIndex` of one row per sequence at `pos`, and its rotary angles (cos, sin,

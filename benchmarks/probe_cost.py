@@ -29,11 +29,12 @@ printed as a share of one layer (half the pair): the issue's "a non-firing check
 "exact, own call" is exact with the probe in a call of its own after the layer, side by side.
 
 "in decoding": what the checks add to whole decode steps as decoding runs them (`cost_model.
-replayed_step`: one step replayed from a saved state, so every call computes the same step): a
-full-depth step evaluating every probed exit under the policy (a threshold no probe reaches)
-against a full-depth step evaluating none, back to back, the median difference over rounds x
-inner pairs, divided by the exits checked: one check, with whatever the step's own Python around
-it costs right after a layer, as a share of one layer ("layer" above, timed alone).
+replayed_step`: one step replayed from a saved state, so every call computes the same step):
+full-depth steps evaluating every probed exit under the policy (a threshold no probe reaches)
+against full-depth steps evaluating none, in alternating blocks of 8 (`in_decoding`), the median
+difference over rounds x inner / 8 pairs of blocks, divided by the exits checked: one check, with
+what the step's own Python around it costs right after a layer and the run of layers it breaks
+into two native calls (`Passes.decode_layers`), as a share of one layer ("layer" above, timed alone).
 """
 
 import argparse
@@ -104,28 +105,34 @@ def in_a_step(engine, n: int, dtype: torch.dtype) -> dict:
     return {"layer pair": lambda: pair(None), **checks}
 
 
-def in_decoding(engine, exits: tuple[int, ...], pairs: int) -> dict[str, float]:
+def in_decoding(engine, exits: tuple[int, ...], pairs: int, block: int = 8) -> dict[str, float]:
     """Seconds one non-firing check adds to a decode step (batch 1, 16-token prompt), under the
-    exact and the cost_aware policy: a full-depth step checking `exits` against one checking none,
-    replayed (`cost_model.replayed_step`), back to back, median of `pairs` differences, over
-    len(exits)."""
+    exact and the cost_aware policy: full-depth steps checking `exits` against steps checking
+    none, replayed (`cost_model.replayed_step`), in alternating blocks of `block` steps (a run of
+    decoding checks every step: single steps alternating with full ones would find the probes'
+    weights evicted every time), each block's median step after its first; the median of `pairs`
+    paired differences, over len(exits)."""
     prompts, full = [list(range(1, 17))], ExitPolicy()
     plain = replayed_step(engine, prompts, full, full)
     steps = {
         m: replayed_step(engine, prompts, full, ExitPolicy(allowed=exits, threshold=NEVER, measure="learned", mode=m))
         for m in MODES[:2]
     }
+
+    def timed(step) -> float:
+        times = []
+        for _ in range(block):
+            start = tick(engine.device)
+            out = step()
+            times.append(tick(engine.device) - start)
+            if any(layer in exits for layer in out.exit_layer.values()):
+                raise SystemExit(f"a probe reached threshold {NEVER}: the checks are meant not to fire")
+        return statistics.median(times[1:])
+
     out = {}
     for m, step in steps.items():
         plain(), step()  # warm-up
-        diffs = []
-        for _ in range(pairs):
-            start = tick(engine.device)
-            plain()
-            mid = tick(engine.device)
-            if any(layer in exits for layer in step().exit_layer.values()):
-                raise SystemExit(f"a probe reached threshold {NEVER}: the checks are meant not to fire")
-            diffs.append((tick(engine.device) - mid) - (mid - start))
+        diffs = [timed(step) - timed(plain) for _ in range(max(pairs // block, 3))]
         out[m] = statistics.median(diffs) / len(exits)
     return out
 

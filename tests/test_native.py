@@ -640,12 +640,13 @@ def test_a_draft_steps_exit_norm_goes_into_the_native_draft_projection(one_call,
 @needs_native
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_the_layers_between_exits_run_in_one_call_with_the_same_numbers(dtype, monkeypatch):
-    """A uniform decode step runs the layers from one stop (an exit to check, a block exit's input
-    to record) to the next in one native call (`ee_layers`, `Passes.decode_layers`), the next
-    exit's probe on the last one's output: the same C function per layer on the same rows as one
-    call a layer, so every step's logits, K/V and fill counts are bit for bit those of one call a
-    layer, and early exit's tokens, exit layers and confidences too (batch 1 and 3, full decoding
-    and both policies, tokens leaving at both exits and at the final head)."""
+    """A uniform decode step runs its layers in one native call (`ee_layers`,
+    `Passes.decode_layers`) up to the next stop: an exit whose check is due (cost_aware), a block
+    exit's input to record, the end; exact checks run in the call on the way (`on_the_way`), which
+    stops only after a layer where a row reaches its exit's threshold. The same C functions on
+    the same rows as one call a layer, so every step's logits, K/V and fill counts are bit for bit
+    those of one call a layer, and early exit's tokens, exit layers and confidences too (batch 1
+    and 3, full decoding and both policies, tokens leaving at both exits and at the final head)."""
     from megatron.early_exit.config import ModelConfig
     from megatron.early_exit.inference import lean
     from megatron.early_exit.inference.passes import ExitPolicy
@@ -689,12 +690,16 @@ def test_the_layers_between_exits_run_in_one_call_with_the_same_numbers(dtype, m
                 trace.append((logits, dict(out.exit_layer), dict(out.confidence)))
         return trace, state
 
+    learned = dict(allowed=(3, 6), threshold=0.5, measure="learned")
+    policies = (ExitPolicy(), ExitPolicy(**learned, mode="exact"), ExitPolicy(**learned, mode="cost_aware"))
     for prompts in ([PROMPTS[0]], PROMPTS[:3]):
-        for policy in (ExitPolicy(), ExitPolicy(allowed=(3, 6), threshold=0.5, measure="learned", mode="exact")):
+        for policy in policies:
             spans.clear()
             got, s_got = steps(False, prompts, policy)
-            # full decoding: all 7 layers in one call; checking exits 3 and 6: layers 0-2, 3-5, then 6
-            assert spans and max(spans) == (3 if policy.allowed else 7)
+            # all 7 layers in one call where no check stops the run; under exact, the run stops
+            # after layer 3 or 6 where a row reaches the threshold; cost_aware stops at due checks
+            assert spans and max(spans) == 7 or policy.mode == "cost_aware"
+            assert min(spans) < 7 or not policy.allowed
             want, s_want = steps(True, prompts, policy)
             for (l_got, e_got, c_got), (l_want, e_want, c_want) in zip(got, want, strict=True):
                 assert e_got == e_want and c_got == c_want and l_got.keys() == l_want.keys()

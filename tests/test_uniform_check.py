@@ -27,9 +27,9 @@ def decode(model, prompts, policies, uniform: bool, monkeypatch, steps: int):
     calls = [0]
     real = uniform_check.UniformCheck.__call__
 
-    def counted(self, state, rows, out):
+    def counted(self, state, rows, out, *due):
         calls[0] += 1
-        return real(self, state, rows, out)
+        return real(self, state, rows, out, *due)
 
     with monkeypatch.context() as m:
         m.setattr(uniform_check.UniformCheck, "__call__", counted)
@@ -151,9 +151,9 @@ def test_a_draft_check_gives_the_general_paths_numbers(dtype, draft_vocab, exit_
     calls = [0]
     real = uniform_check.DraftCheck.__call__
 
-    def counted(self, state, rows, out):
+    def counted(self, state, rows, out, *due):
         calls[0] += 1
-        return real(self, state, rows, out)
+        return real(self, state, rows, out, *due)
 
     @torch.no_grad()
     def run(general: bool):

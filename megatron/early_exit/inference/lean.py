@@ -284,12 +284,13 @@ class LeanLayer:
         return self.finish(x, out.reshape(a * r, g * per * hd), linear).view(a, r, -1)
 
 
-def native_layers(layers: list[LeanLayer], x, cos, sin_signed, views, linear: LeanKernels, probe=None):
+def native_layers(layers: list[LeanLayer], x, cos, sin_signed, views, linear: LeanKernels, probes=None):
     """Consecutive lean layers' decode steps over rows x (A, 1, h) in one native call
     (`native.layers_step`), as their `__call__`s one after another would run them where each
     runs in one call (`LeanLayer.native_step`): the same numbers. `views`: each layer's cache view
-    (one layout). None where any of them would not run in one call (nothing done); `probe`: on
-    the last layer's output, then (y, its scores)."""
+    (one layout); `probes`: as `native.layers_step` takes them. (y (A, 1, h), layers run, the
+    scores of the probe on y or None), or None where any of them would not run in one call
+    (nothing done)."""
     a, first = x.shape[0], layers[0]
     shape = (first.groups, first.per, first.head_dim, first.ffn)
     if a > FOLD_ROWS or any(
@@ -302,10 +303,10 @@ def native_layers(layers: list[LeanLayer], x, cos, sin_signed, views, linear: Le
     if any(kv is None for kv in kvs):
         return None
     parts = [(*f.native_parts(), kv[0], kv[1]) for f, kv in zip(layers, kvs)]
-    y = native.layers_step(x.view(a, -1), parts, shape, cos, sin_signed, kvs[0][2:], probe)
-    if y is None:
+    made = native.layers_step(x.view(a, -1), parts, shape, cos, sin_signed, kvs[0][2:], probes)
+    if made is None:
         return None
-    return y.view(a, 1, -1) if probe is None else (y[0].view(a, 1, -1), y[1])
+    return made[0].view(a, 1, -1), made[1], made[2]
 
 
 def hook_dicts(modules) -> tuple[dict, ...]:

@@ -123,7 +123,7 @@ def library() -> ctypes.CDLL | None:
     lib.ee_layer.argtypes += [vp, vp, i64, vp, ctypes.c_float, vp]  # the next exit's probe (`Probe.args`)
     lib.ee_layer.restype = i32
     lib.ee_layers.argtypes = [i64, vp, vp, vp, vp, i64, i32, i32] + [i64] * 5 + [vp, vp, i64, i64, i64, i64]
-    lib.ee_layers.argtypes += [vp, vp, i64, vp, vp, vp, i64, vp, ctypes.c_float, vp]
+    lib.ee_layers.argtypes += [vp, vp, i64, vp, vp, vp, vp, vp, vp]
     lib.ee_layers.restype = i32
     lib.ee_probe.argtypes = [vp, i32, i64, i64, ctypes.c_float, vp, vp, i64, vp, vp, i32]
     lib.ee_head.argtypes = [vp, vp, i64, i64, i64, i32, i32, vp, ctypes.c_float, vp, i64, vp, vp, vp, vp]
@@ -408,14 +408,16 @@ def layers_step(
     cos: torch.Tensor,
     sin_signed: torch.Tensor,
     rows_kv: tuple,
-    probe: Probe | None = None,
-) -> torch.Tensor | tuple[torch.Tensor, list[float]] | None:
+    probes: dict[int, tuple[Probe, float]] | None = None,
+) -> tuple[torch.Tensor, int, list[float] | None] | None:
     """Consecutive layers' decode steps in one call (`ee_layers`): `layer_step` over each of
     `layers` in turn, each one's output the next one's input, the same numbers. layers: per layer
     (weights as `layer_step` takes them, its two norms' eps, its K cache, its V cache), every
     cache of one dtype and strides; rows_kv: (slots, positions, span, mask) as in `layer_step`'s
-    kv. None where `layer_step` would give None for any of them (nothing done). `probe`: on the
-    last layer's output, (y, its scores)."""
+    kv. `probes`: {l: (probe, bound)}: the probe (one that `takes` the rows) on layer l's output,
+    and the run stops after layer l where a row's score reaches `bound` (compared as Python
+    compares floats). Returns (the output of the last layer run, layers run, the scores of the
+    probe on it or None); None where `layer_step` would give None for any layer (nothing done)."""
     slots, pos, span, mask = rows_kv
     g, per, hd, ffn = shape
     c, s = cos.reshape(-1, hd), sin_signed.reshape(-1, hd)
@@ -434,19 +436,24 @@ def layers_step(
         return None
     x, c, s = x.contiguous(), c.contiguous(), s.contiguous()
     m = None if mask is None else mask.reshape(a, span).contiguous()
-    ptrs = (ctypes.c_int64 * (8 * len(layers)))(
-        *(t.data_ptr() for weights, _, k, v in layers for t in (*weights, k, v))
-    )
-    eps = (ctypes.c_float * (2 * len(layers)))(*(e for _, pair, _, _ in layers for e in pair))
-    y = torch.empty_like(x)
-    scores = None if probe is None else (ctypes.c_float * a)()
+    n = len(layers)
+    ptrs = (ctypes.c_int64 * (8 * n))(*(t.data_ptr() for weights, _, k, v in layers for t in (*weights, k, v)))
+    eps = (ctypes.c_float * (2 * n))(*(e for _, pair, _, _ in layers for e in pair))
+    y, ran, scores, checked = torch.empty_like(x), ctypes.c_int64(n), (ctypes.c_float * a)(), None
+    if probes:
+        checked = (ctypes.c_int64 * (4 * n))()
+        peps, bounds = (ctypes.c_float * n)(), (ctypes.c_double * n)()
+        for i, (probe, bound) in probes.items():
+            checked[4 * i : 4 * i + 4] = [probe.w1, probe.b1 or 0, probe.w2 or 0, probe.hidden]
+            peps[i], bounds[i] = probe.eps, bound
     rc = library().ee_layers(
-        len(layers), ptrs, eps, x.data_ptr(), y.data_ptr(), a, x.dtype == torch.bfloat16,
+        n, ptrs, eps, x.data_ptr(), y.data_ptr(), a, x.dtype == torch.bfloat16,
         torch.get_num_threads(), x.shape[1], g, per, hd, ffn,
         c.data_ptr(), s.data_ptr(), 0 if c.shape[0] == 1 else hd, *strides[:3],
         slots.data_ptr(), pos.data_ptr(), span, None if m is None else m.data_ptr(),
-        *((None, None, 0, None, 0.0) if probe is None else probe.args), scores,
+        checked, peps if probes else None, bounds if probes else None, scores, ctypes.byref(ran),
     )  # fmt: skip
     if rc != 0:
         raise MemoryError("native kernel: out of memory for a layers step")
-    return y if probe is None else (y, list(scores))
+    done = ran.value
+    return y, done, list(scores) if probes and done - 1 in probes else None

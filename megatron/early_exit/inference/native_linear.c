@@ -608,29 +608,50 @@ int ee_layer(const void *x, void *y, int64_t n, int bf16, int threads, int64_t h
  * layer l's output its successor's input, the last one's into y (the same calls, so the same
  * numbers as L calls of ee_layer). Per layer l, ptrs[8 l .. 8 l + 7] = (w_in, qkv panels, proj
  * panels, w_mid, fc1 panels, fc2 panels, its K cache, its V cache) and eps[2 l], eps[2 l + 1] its
- * two norms' eps; every layer has the same shape, cache strides, rows and rotary angles. The
- * probe (pw1 non-NULL) runs on the last layer's output only. A decode step then pays the Python
- * between layers once for the run of layers up to the next exit, not once a layer. 0 on success,
- * 1 when memory runs out (layers before the failing one have written their K/V). */
+ * two norms' eps; every layer has the same shape, cache strides, rows and rotary angles. A decode
+ * step then pays the Python between layers once for the run of layers, not once a layer.
+ * Exits' learned checks on the way: where probes[4 l] is not 0, the probe (w1, b1, w2, hidden) =
+ * probes[4 l .. 4 l + 3] with eps peps[l] runs on layer l's output (ee_probe's scores, into
+ * scores); where a row's score reaches bounds[l] (fp64, as the caller compares), the run stops
+ * there: y gets that layer's output and *ran = l + 1, so the caller need stop only where a check
+ * fires. Else *ran = L, scores those of the last probe run (the last layer's, where it has one).
+ * 0 on success, 1 when memory runs out (layers before the failing one have written their K/V). */
 int ee_layers(int64_t L, const int64_t *ptrs, const float *eps, const void *x, void *y, int64_t n, int bf16,
               int threads, int64_t h, int64_t G, int64_t per, int64_t hd, int64_t ffn, const float *cos,
               const float *sin, int64_t cos_stride, int64_t sb, int64_t sg, int64_t st, const int64_t *slots,
-              const int64_t *pos, int64_t span, const uint8_t *mask, const float *pw1, const float *pb1, int64_t pH,
-              const float *pw2, float peps, float *scores) {
+              const int64_t *pos, int64_t span, const uint8_t *mask, const int64_t *probes, const float *peps,
+              const double *bounds, float *scores, int64_t *ran) {
     const size_t rows = (size_t)(n * h * (bf16 ? 2 : 4));
     char *tmp = L > 1 ? (char *)malloc(2 * rows) : NULL;
     if (L > 1 && !tmp) return 1;
     int failed = 0;
     const void *in = x;
+    *ran = L;
     for (int64_t l = 0; l < L && !failed; l++) {
         const int64_t *p = ptrs + 8 * l;
         const int last = l == L - 1;
         void *out = last ? y : tmp + (size_t)(l % 2) * rows;
+        const int64_t *q = probes ? probes + 4 * l : NULL;
+        if (q && q[0]) { /* the probe's first weight on its way from memory while the layer runs */
+            const char *w = (const char *)q[0];
+            const size_t bytes = sizeof(float) * (size_t)(h * (q[3] ? q[3] : 1));
+            for (size_t off = 0; off < bytes; off += 64) __builtin_prefetch(w + off, 0, 2);
+        }
         failed = ee_layer(in, out, n, bf16, threads, h, G, per, hd, ffn, (const void *)p[0], eps[2 * l],
                           (const void *)p[1], (const void *)p[2], (const void *)p[3], eps[2 * l + 1],
                           (const void *)p[4], (const void *)p[5], cos, sin, cos_stride, (void *)p[6], (void *)p[7], sb,
-                          sg, st, slots, pos, span, mask, last ? pw1 : NULL, pb1, pH, pw2, peps, scores);
+                          sg, st, slots, pos, span, mask, NULL, NULL, 0, NULL, 0.f, NULL);
         in = out;
+        if (failed || !q || !q[0]) continue;
+        failed = ee_probe(out, bf16, n, h, peps[l], (const float *)q[0], (const float *)q[1], q[3],
+                          (const float *)q[2], scores, threads);
+        int fired = 0;
+        for (int64_t i = 0; i < n && !last; i++) fired |= (double)scores[i] >= bounds[l];
+        if (!failed && fired) {
+            memcpy(y, out, rows);
+            *ran = l + 1;
+            break;
+        }
     }
     free(tmp);
     return failed;

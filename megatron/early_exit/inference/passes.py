@@ -25,6 +25,7 @@ Shape legend: B batch slots, A sequences in one pass, R rows per sequence in tha
 from __future__ import annotations
 
 import functools
+import math
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -39,7 +40,7 @@ from megatron.early_exit.inference.confidence import get_measure, max_prob
 from megatron.early_exit.inference.exit_decision import decide, worth_checking
 from megatron.early_exit.inference.fused_check import folded_probe, logit_threshold, sigmoid
 from megatron.early_exit.inference.kv_cache import DecodeIndex, KVCache, RowIndex, row_positions
-from megatron.early_exit.inference.uniform_check import layer_probe, uniform_checks
+from megatron.early_exit.inference.uniform_check import UniformCheck, layer_probe, uniform_checks
 from megatron.early_exit.model.gpt import Embedding, HeadOps
 from megatron.early_exit.model.norm import RMSNorm
 
@@ -171,6 +172,7 @@ class Passes:
         # Exits with a transformer block that this model holds (all of them, or a pipeline stage's own).
         own = model.exit_layer_numbers
         self.block_slots = {n: s for s, n in enumerate(n for n in own if model.exits[str(n)].block is not None)}
+        self.block_depths = {self.depth(n) for n in self.block_slots}  # where their inputs are recorded
         self.kv_groups = local_kv_groups(model)
         self.profile = False
         self.fast = True  # False: every pass takes the exact (general) path, uniform decode steps too
@@ -304,16 +306,36 @@ class Passes:
         index, rotary = self.uniform_layout(state, seqs, pos)
         rows = Rows(seqs, pos, [1] * len(seqs), self.embed_ids(ids.to(self.device), index))  # (A, 1, h)
         has_new, checks = set(seqs), uniform_checks(self, state, policy, by_depth)
-        ran = 0
-        for d in self.uniform_stops(by_depth, layers):
+        ran, stops, at = 0, self.uniform_stops(by_depth, layers), 0
+        soft: dict[int, tuple] = {}  # depth -> (native probe, bound) of exact checks on the way
+        while at < len(stops):
+            d, at = stops[at], at + 1
+            # the first exit here whose check is due (`UniformCheck.due`; skips counted); none, no
+            # block input to record and layers left: the layers run on through this depth
+            exits = by_depth.get(d, ())
+            first = next((i for i, n in enumerate(exits) if checks[n] is None or checks[n].due(rows)), len(exits))
+            if first == len(exits) and d < layers and d not in self.block_depths:
+                continue
+            on_the_way = self.on_the_way(checks, exits, d, layers) if d > ran else None
+            if on_the_way is not None:  # evaluated in the native run of layers; a stop only where it fires
+                soft[d] = on_the_way
+                continue
             if d > ran:  # the layers up to depth d in one native call where they run in one each
-                probe = layer_probe(checks, by_depth.get(d), len(rows.seqs)) if d in by_depth else None
-                rows.x = self.decode_layers(state, ran, d, rows.x, rotary, index, probe)
+                probe = layer_probe(checks, exits[first : first + 1], len(rows.seqs))
+                probes = {**soft, d: (probe, math.inf)} if probe is not None else dict(soft)
+                rows.x, reached = self.decode_layers(state, ran, d, rows.x, rotary, index, probes)
+                soft.clear()
+                if reached < d:  # stopped at an exact check on the way: a row reached its threshold there
+                    d, at, first = reached, stops.index(reached) + 1, 0
+                    exits = by_depth[d]
                 ran = d
             self.record_block_inputs(state, d, rows)
-            for n in by_depth.get(d, []):
+            for i, n in enumerate(exits[first:]):
                 check = checks[n]  # every row is a candidate: the learned check in one call where it applies
-                fired = check(state, rows, out) if check else self.check_exit(state, n, rows, has_new, policy, out)
+                if check is None:
+                    fired = self.check_exit(state, n, rows, has_new, policy, out)
+                else:
+                    fired = check(state, rows, out, i == 0)
                 if fired:
                     self.remember_pending(state, rows, fired)
                     if len(fired) == len(rows.seqs):
@@ -325,38 +347,62 @@ class Passes:
         self.final_head(rows, False, out)
         return None
 
+    def on_the_way(self, checks: dict, exits, d: int, layers: int) -> tuple | None:
+        """(native probe, bound) where depth d's one exit has an exact `UniformCheck` with a
+        native probe (`UniformCheck.bound`): a run of layers through d evaluates it in its native
+        call and stops only where a row reaches the bound (`decode_layers`); else None. Not at
+        the last layer (the step stops there anyway) nor at a block exit's depth."""
+        if len(exits) != 1 or d >= layers or d in self.block_depths:
+            return None
+        check = checks[exits[0]]
+        if not isinstance(check, UniformCheck) or not check.exact or check.folded.native is None:
+            return None
+        return check.folded.native, check.bound
+
     def uniform_stops(self, by_depth: dict, layers: int) -> list[int]:
         """The depths a uniform step of `layers` layers stops at between its layers: 0, each with
         an exit to check or a block exit's input to record, and `layers` (ascending)."""
         key = (tuple(by_depth), layers)
         stops = self.stops_memo.get(key)
         if stops is None:
-            events = set(by_depth) | {self.depth(n) for n in self.block_slots} | {0, layers}
+            events = set(by_depth) | self.block_depths | {0, layers}
             stops = self.stops_memo[key] = sorted(d for d in events if 0 <= d <= layers)
         return stops
 
     def decode_layers(
-        self, state: DecodeState, lo: int, hi: int, x: torch.Tensor, rotary, index: DecodeIndex, probe=None
-    ) -> torch.Tensor:
+        self, state: DecodeState, lo: int, hi: int, x: torch.Tensor, rotary, index: DecodeIndex, probes=None
+    ) -> tuple[torch.Tensor, int]:
         """Layers lo .. hi-1 (global numbers) over one row per sequence x (A, 1, h), as
-        `decode_layer` over each in turn (`probe` on the last one's output), in one native call
-        where each would run in one (`lean.native_layers`: the same numbers, without the Python
-        between layers, which a decode step pays cold: ~60 us a layer on the CPU reference model)."""
+        `decode_layer` over each in turn, in one native call where each would run in one
+        (`lean.native_layers`: the same numbers, without the Python between layers, which a decode
+        step pays cold: ~60 us a layer on the CPU reference model). `probes`: {depth d: (a native
+        probe, bound)} for lo < d <= hi: the probe runs on the output at depth d (kept in
+        `layer_scores`), and below hi the run stops there where a row's score reaches the bound.
+        Returns (the rows at the depth reached, that depth)."""
+        probes = probes or {}
         if hi - lo > 1 and self.scaled is None and rotary is not None and rotary[2] is not None:
             fast = [self.lean_for(i) for i in range(lo, hi)]
             if all(type(f) is lean.LeanLayer for f in fast):  # (not a wrapped one: it runs its own calls)
                 views = [index.layer(state.cache, i - self.start) for i in range(lo, hi)]
-                on = probe if probe is not None and probe.takes(x) else None
+                # (`native.Probe.takes`, its parts that depend on x alone asked once: ~8 us a call
+                # right after a run of layers)
+                rows_ok = x.dtype in native.DTYPES and self.device.type == "cpu"
+                on = {d - lo - 1: pb for d, pb in probes.items() if rows_ok and pb[0].h == x.shape[-1]}
                 made = lean.native_layers(fast, x, rotary[0], rotary[2], views, self.lean_kernels, on)
                 if made is not None:
-                    if on is not None:
-                        made, scores = made
-                        self.layer_scores = (on, made, scores)
-                    state.cache.filled[lo - self.start : hi - self.start, index.filled_b] = index.filled_end
-                    return made
+                    y, ran, scores = made
+                    if scores is not None:
+                        self.layer_scores = (on[ran - 1][0], y, scores)
+                    state.cache.filled[lo - self.start : lo + ran - self.start, index.filled_b] = index.filled_end
+                    return y, lo + ran
         for i in range(lo, hi):
-            x = self.decode_layer(state, i, x, rotary, index, probe if i == hi - 1 else None)
-        return x
+            probe, bound = probes.get(i + 1, (None, 0.0))
+            x = self.decode_layer(state, i, x, rotary, index, probe)
+            if probe is not None and i + 1 < hi:
+                made = self.layer_scores
+                if made is None or made[1] is not x or max(made[2]) >= bound:
+                    return x, i + 1  # a row reached the bound (or its scores were not made): the caller checks
+        return x, hi
 
     def uniform_layout(self, state: DecodeState, seqs: list[int], pos: list[int]) -> tuple:
         """The `DecodeIndex` of one row per sequence at `pos`, and its rotary angles (cos, sin,

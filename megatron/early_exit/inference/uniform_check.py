@@ -55,15 +55,13 @@ class UniformCheck:
         # pass size A -> (decider, its version, its costs, the chance's key, the verdict)
         self.verdicts: dict[int, tuple] = {}
 
-    def __call__(self, state, rows, out) -> set[int]:
+    def __call__(self, state, rows, out, due: bool = False) -> set[int]:
         """The sequences of `rows` (A, 1, h) of decode state `state` that leave at exit n
         (recorded in `out`, as `Passes.check_exit` records them); the check's scaled rows kept
-        in `passes.scaled`."""
+        in `passes.scaled`. `due`: `self.due(rows)` said True for these rows just before."""
         p, a = self.passes, rows.x.shape[0]
-        cand = self.cands.get(a)
-        if cand is None:
-            cand = self.cands[a] = list(range(a))
-        if not self.exact and not self.worth(rows, a, cand):
+        cand = self.candidates(a)
+        if not self.exact and not due and not self.worth(rows, a, cand):
             return set()
         scores, bound = p.shared_norm_scores(self.folded, rows.x), self.bound
         fire = [j for j, z in enumerate(scores) if z >= bound]
@@ -72,6 +70,23 @@ class UniformCheck:
         if not fire:
             return set()
         return self.leave(state, rows, fire, scores, out)
+
+    def candidates(self, a: int) -> list[int]:
+        """[0, a): every row of a pass of `a` rows is a candidate."""
+        cand = self.cands.get(a)
+        if cand is None:
+            cand = self.cands[a] = list(range(a))
+        return cand
+
+    def due(self, rows) -> bool:
+        """Whether the check evaluates `rows` (exact: always; cost_aware: `worth`, a skip counted
+        as `__call__` counts it): a uniform step need not stop at an exit none of whose checks is
+        due (`Passes.run_uniform`), and calls a due one with `due=True`. Its rows' shape decides, not
+        their values, so it can be asked before the layers below the exit have run."""
+        if self.exact:
+            return True
+        a = len(rows.seqs)
+        return self.worth(rows, a, self.candidates(a))
 
     def wanted_probe(self, a: int):
         """The native probe the layer before this exit may run on its output in its own call
@@ -130,7 +145,11 @@ class DraftCheck:
         # life as its checks are (weights do not change in the middle of a decode)
         self.rows: tuple | None = None
 
-    def __call__(self, state, rows, out) -> set[int]:
+    def due(self, rows) -> bool:
+        """A forced exit is always evaluated (`UniformCheck.due`)."""
+        return True
+
+    def __call__(self, state, rows, out, due: bool = True) -> set[int]:
         """Every sequence of `rows` (A, 1, h): recorded in `out` as leaving at exit n."""
         p, n, seqs, norm = self.passes, self.n, rows.seqs, self.norm
         if p.draft_vocab is not None and norm is not None and p.lean and not lean.watched((norm,)):

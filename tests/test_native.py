@@ -180,7 +180,7 @@ def test_decoding_on_the_native_kernel_equals_full_greedy_and_self_speculation_s
     """fp32, folded lean layers: full decoding and self-speculative decoding (verify passes of
     several rows, natively, against one-row drafts and steps, each layer's in one call) give the
     tokens of the modules' greedy loop."""
-    from megatron.early_exit.inference import lean
+    from megatron.early_exit.inference import lean, passes
     from tests.test_dynamic_speculation import NEW, PROMPTS, build
     from tests.test_inference import naive_greedy
 
@@ -202,6 +202,15 @@ def test_decoding_on_the_native_kernel_equals_full_greedy_and_self_speculation_s
         return out
 
     monkeypatch.setattr(lean.LeanLayer, "rows", rows)
+    real_advance = passes.Passes.advance_layers
+
+    def advance_layers(self, state, lo, hi, r, memo):  # a general pass's run of layers in one call
+        done = real_advance(self, state, lo, hi, r, memo)
+        if done:
+            general.extend([r.x.shape[1]] * (hi - lo))
+        return done
+
+    monkeypatch.setattr(passes.Passes, "advance_layers", advance_layers)
     heads = []  # rows of each final head run in one call (`native.head` without a draft vocabulary)
     real_head = native.head
     monkeypatch.setattr(
@@ -647,25 +656,11 @@ def test_the_layers_between_exits_run_in_one_call_with_the_same_numbers(dtype, m
     the same rows as one call a layer, so every step's logits, K/V and fill counts are bit for bit
     those of one call a layer, and early exit's tokens, exit layers and confidences too (batch 1
     and 3, full decoding and both policies, tokens leaving at both exits and at the final head)."""
-    from megatron.early_exit.config import ModelConfig
     from megatron.early_exit.inference import lean
     from megatron.early_exit.inference.passes import ExitPolicy
-    from megatron.early_exit.model import EarlyExitGPT
     from tests.test_inference import PROMPTS
 
-    cfg = ModelConfig(num_layers=7, hidden_size=32, num_attention_heads=4, num_query_groups=2, vocab_size=128,
-                      max_position_embeddings=64, ffn_hidden_size=48, normalization="RMSNorm", swiglu=True,
-                      position_embedding_type="rope", add_bias_linear=False, exit_layer_nums=[3, 6],
-                      use_exit_norm=True, use_exit_confidence_head=True, exit_confidence_hidden_size=16,
-                      exit_confidence_input="backbone")  # fmt: skip
-    model = EarlyExitGPT(cfg)
-    model.init_weights(seed=7)
-    gen = torch.Generator().manual_seed(5)
-    with torch.no_grad():  # probes that fire for some tokens only
-        for name, p in model.exits.named_parameters():
-            if "confidence" in name or "norm" in name:
-                p.add_(torch.randn(p.shape, generator=gen) * 0.5)
-    model = model.to(dtype).eval()
+    model = _seven_layers(dtype)
     spans = []  # layers per native call of several
     real = native.layers_step
 
@@ -720,3 +715,69 @@ def test_the_layers_between_exits_run_in_one_call_with_the_same_numbers(dtype, m
         results[one] = [(r.tokens, r.exit_layers, r.confidences) for r in got]
     assert results[False] == results[True]
     assert {e for _, layers, _ in results[False] for e in layers} >= {3, 6, 7}
+
+
+def _seven_layers(dtype):
+    """A 7-layer Llama-style model, exits 3 and 6 (norm-only, MLP probes on the backbone, scaled so
+    that they fire for some tokens only), in `dtype`."""
+    from megatron.early_exit.config import ModelConfig
+    from megatron.early_exit.model import EarlyExitGPT
+
+    cfg = ModelConfig(num_layers=7, hidden_size=32, num_attention_heads=4, num_query_groups=2, vocab_size=128,
+                      max_position_embeddings=64, ffn_hidden_size=48, normalization="RMSNorm", swiglu=True,
+                      position_embedding_type="rope", add_bias_linear=False, exit_layer_nums=[3, 6],
+                      use_exit_norm=True, use_exit_confidence_head=True, exit_confidence_hidden_size=16,
+                      exit_confidence_input="backbone")  # fmt: skip
+    model = EarlyExitGPT(cfg)
+    model.init_weights(seed=7)
+    gen = torch.Generator().manual_seed(5)
+    with torch.no_grad():  # probes that fire for some tokens only
+        for name, p in model.exits.named_parameters():
+            if "confidence" in name or "norm" in name:
+                p.add_(torch.randn(p.shape, generator=gen) * 0.5)
+    return model.to(dtype).eval()
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_general_pass_runs_its_layers_over_the_same_rows_in_one_call(dtype, monkeypatch):
+    """A general pass (`Passes.run`'s per-layer loop: pending rows, verify passes) runs the layers
+    over which its rows stay the same (no exit, no pending row joining: `run_end`) in one native
+    call (`advance_layers`): full-depth steps that fill the pending rows of tokens that left at
+    exit 3, and a verify pass of three rows per sequence, give the logits, K/V and fill counts
+    of one call a layer bit for bit."""
+    from megatron.early_exit.inference import passes
+    from megatron.early_exit.inference.passes import ExitPolicy
+    from tests.test_inference import PROMPTS
+
+    model, ran = _seven_layers(dtype), []
+    real = passes.Passes.advance_layers
+
+    def counted(self, state, lo, hi, rows, memo):
+        done = real(self, state, lo, hi, rows, memo)
+        ran.append((hi - lo, rows.x.shape[1]) if done else None)
+        return done
+
+    def trace(one_call_a_layer: bool):
+        monkeypatch.setattr(passes.Passes, "advance_layers", (lambda *a: False) if one_call_a_layer else counted)
+        engine = EarlyExitEngine(model, linear_kernel="native")
+        prompts = PROMPTS[:3]
+        state, leave = engine.new_state(len(prompts), 40), ExitPolicy(allowed=(3,), threshold=0.0, mode="exact")
+        engine.prefill(state, dict(enumerate(prompts)))
+        got = []
+        with torch.no_grad():
+            for t, policy in enumerate((leave, leave, ExitPolicy(), leave, ExitPolicy())):
+                out = engine.decode_one_token(state, dict.fromkeys(range(len(prompts)), 9 + t), policy)
+                got.append({b: x.clone() for b, x in out.logits.items()})
+            out = engine.verify(state, {b: [20, 21, 22] for b in range(len(prompts))})
+            got.append({b: x.clone() for b, x in out.all_logits.items()})
+        return got, state
+
+    ran.clear()
+    got, s_got = trace(False)
+    assert any(r is not None and r[0] > 1 and r[1] > 1 for r in ran)  # several rows through several layers
+    want, s_want = trace(True)
+    for g, w in zip(got, want, strict=True):
+        assert g.keys() == w.keys() and all(torch.equal(g[b], w[b]) for b in g)
+    assert torch.equal(s_got.cache.k, s_want.cache.k) and torch.equal(s_got.cache.v, s_want.cache.v)
+    assert (s_got.cache.filled == s_want.cache.filled).all()

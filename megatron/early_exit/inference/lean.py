@@ -288,15 +288,16 @@ class LeanLayer:
 
 
 def native_layers(layers: list[LeanLayer], x, cos, sin_signed, views, linear: LeanKernels, probes=None):
-    """Consecutive lean layers' decode steps over rows x (A, 1, h) in one native call
-    (`native.layers_step`), as their `__call__`s one after another would run them where each
-    runs in one call (`LeanLayer.native_step`): the same numbers. `views`: each layer's cache view
-    (one layout); `probes`: as `native.layers_step` takes them. (y (A, 1, h), layers run, the
-    scores of the probe on y or None), or None where any of them would not run in one call
-    (nothing done)."""
-    a, first = x.shape[0], layers[0]
+    """Consecutive lean layers over rows x (A, R, h) in one native call (`native.layers_step`), as
+    their decode steps (`__call__`, R = 1) or general passes (`rows`) one after another would run
+    them where each runs in one call (`LeanLayer.native_step`): the same numbers. `views`: each
+    layer's cache view (one layout); cos, sin_signed as those calls take them; `probes`: as
+    `native.layers_step` takes them. (y (A, R, h), layers run, the scores of the probe on y or
+    None), or None where any of them would not run in one call (nothing done)."""
+    lead, first = x.shape[:-1], layers[0]
+    a = x.numel() // x.shape[-1]
     shape = (first.groups, first.per, first.head_dim, first.ffn)
-    if a > FOLD_ROWS or any(
+    if a > FOLD_ROWS or lead[-1] > ATTEND_ROWS or any(
         (f.groups, f.per, f.head_dim, f.ffn) != shape or f.w_in.shape != first.w_in.shape
         or not linear.all_native(f.products, a)
         for f in layers
@@ -306,10 +307,10 @@ def native_layers(layers: list[LeanLayer], x, cos, sin_signed, views, linear: Le
     if any(kv is None for kv in kvs):
         return None
     parts = [(*f.native_parts(), kv[0], kv[1]) for f, kv in zip(layers, kvs)]
-    made = native.layers_step(x.view(a, -1), parts, shape, cos, sin_signed, kvs[0][2:], probes)
+    made = native.layers_step(x.reshape(a, -1), parts, shape, cos, sin_signed, kvs[0][2:], probes)
     if made is None:
         return None
-    return made[0].view(a, 1, -1), made[1], made[2]
+    return made[0].view(*lead, -1), made[1], made[2]
 
 
 def hook_dicts(modules) -> tuple[dict, ...]:

@@ -253,12 +253,17 @@ class Passes:
             rows, first, active = self.embed(state, new_tokens), 0, list(new_tokens)
         has_new = {b for b, t in new_tokens.items() if t}
         memo: dict[tuple, tuple] = {}  # one RowIndex (+ rotary) per distinct layout of this pass
-        for d in range(first, self.num_layers + 1):
+        d = first
+        while d <= self.num_layers:
             if d > 0:
                 rows = self.gather(state, d - 1, rows, active)
                 if rows is None:
                     return out
-                self.advance(state, d - 1, rows, memo)
+                end = self.run_end(state, rows, active, d, by_depth, scores)
+                if end > d and self.advance_layers(state, d - 1, end, rows, memo):
+                    d = end  # layers d-1 .. end-1 over the same rows in one native call
+                else:
+                    self.advance(state, d - 1, rows, memo)
             self.record_block_inputs(state, d, rows)
             if scores is not None:
                 scores.at_depth(self, state, d, rows)
@@ -268,8 +273,42 @@ class Passes:
                     self.remember_pending(state, rows, fired)
                     active = [b for b in active if b not in fired]
                     rows = rows.subset(set(rows.seqs) - fired)  # the layout has R = max(n): trim it too
+            d += 1
         self.final_head(rows, all_rows, out)
         return out
+
+    def run_end(self, state: DecodeState, rows: Rows, active: list[int], d: int, by_depth, scores) -> int:
+        """The deepest depth e >= d that a general pass can reach from depth d - 1 over the same
+        `rows` (just gathered for layer d - 1): nothing to do at depths d .. e - 1 (no exit, no
+        block exit's input, no scoring), and no pending row joining at layers d .. e - 1 (each
+        one's fill is where the rows start: `gather` would return them as they are)."""
+        if scores is not None or active != rows.seqs:
+            return d
+        filled, e = state.cache.filled, d
+        while e < self.num_layers and e not in by_depth and e not in self.block_depths:
+            if any(filled[e, b] != rows.lo[a] for a, b in enumerate(rows.seqs)):
+                break
+            e += 1
+        return e
+
+    def advance_layers(self, state: DecodeState, lo: int, hi: int, rows: Rows, memo: dict) -> bool:
+        """`advance` over layers lo .. hi-1 in one native call where each would run its general
+        pass in one (`lean.native_layers`: the same numbers); False where not (nothing done)."""
+        fast = [self.lean_for(i) for i in range(lo, hi)]
+        if not all(type(f) is lean.LeanLayer for f in fast):  # (not a wrapped one: it runs its own calls)
+            return False
+        cache = state.cache
+        if rows.layout is None:
+            rows.layout = self.layout(cache, rows.seqs, rows.lo, rows.n, memo)
+        index = rows.layout[0]
+        views = [cache.layer(i - self.start, index) for i in range(lo, hi)]
+        cos, sin_signed = index.lean_tables
+        made = lean.native_layers(fast, rows.x, cos, sin_signed, views, self.lean_kernels)
+        if made is None:
+            return False
+        rows.x = made[0]
+        cache.filled[lo - self.start : hi - self.start, index.filled_b] = index.filled_end
+        return True
 
     def uniform_layers(self, state: DecodeState, new_tokens: dict[int, list[int]]) -> int:
         """How many layers from the first a decode step can run uniformly: every sequence of the

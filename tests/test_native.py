@@ -365,6 +365,10 @@ def test_the_next_exits_check_runs_in_the_layers_own_call(dtype, k, monkeypatch)
     in_layer = []
     real_step, real_probe = native.layer_step, passes.layer_probe
     monkeypatch.setattr(native, "layer_step", lambda x, *a: in_layer.append(len(a) == 7) or real_step(x, *a))
+    real_layers = native.layers_step  # a run of layers with the checks on the way (`Passes.decode_layers`)
+    monkeypatch.setattr(
+        native, "layers_step", lambda x, *a: in_layer.append(len(a) > 5 and bool(a[5])) or real_layers(x, *a)
+    )
 
     wanted = set()  # the exits whose probes went into a layer's call
 
@@ -374,8 +378,18 @@ def test_the_next_exits_check_runs_in_the_layers_own_call(dtype, k, monkeypatch)
             wanted.update(exits)
         return probe
 
+    real_way = passes.Passes.on_the_way
+
+    def on_the_way(self, checks, exits, *a):  # a check evaluated in a native run of layers
+        made = real_way(self, checks, exits, *a)
+        if made is not None and made[1]:
+            wanted.update(exits)
+        return made
+
     def run(prompts, policy: str, on: bool):
         monkeypatch.setattr(passes, "layer_probe", recorded if on else lambda *a: None)
+        # off: no check on the way either (a run of layers stops at each check's exit)
+        monkeypatch.setattr(passes.Passes, "on_the_way", on_the_way if on else lambda *a: None)
         engine = EarlyExitEngine(model, linear_kernel="native")
         s = GenerationSettings("early_exit", max_new_tokens=8, early_exit_threshold=0.5, measure="learned",
                                exit_policy=policy, ignore_eos=True)  # fmt: skip

@@ -138,6 +138,13 @@ class Rows:
         return Rows([self.seqs[a] for a in idx], [self.lo[a] for a in idx], n, self.x[idx, : max(n, default=1)])
 
 
+def counted(checks: dict, exits, rows: Rows) -> None:
+    """What the uniform checks of `exits` count on reaching these rows (`UniformCheck.due`)."""
+    for n in exits:
+        if checks[n] is not None:
+            checks[n].due(rows)
+
+
 def tick(device: torch.device) -> float:
     """A wall-clock reading after the device has finished its queued work."""
     if device.type != "cpu" and hasattr(torch, "accelerator"):
@@ -346,28 +353,28 @@ class Passes:
         rows = Rows(seqs, pos, [1] * len(seqs), self.embed_ids(ids.to(self.device), index))  # (A, 1, h)
         has_new, checks = set(seqs), uniform_checks(self, state, policy, by_depth)
         ran, stops, at = 0, self.uniform_stops(by_depth, layers), 0
-        soft: dict[int, tuple] = {}  # depth -> (native probe, bound) of exact checks on the way
+        soft: dict[int, tuple] = {}  # depth -> (its check, whether it evaluates) for the run of layers
         while at < len(stops):
             d, at = stops[at], at + 1
-            # the first exit here whose check is due (`UniformCheck.due`; skips counted); none, no
-            # block input to record and layers left: the layers run on through this depth
             exits = by_depth.get(d, ())
-            first = next((i for i, n in enumerate(exits) if checks[n] is None or checks[n].due(rows)), len(exits))
-            if first == len(exits) and d < layers and d not in self.block_depths:
-                continue
-            on_the_way = self.on_the_way(checks, exits, d, layers) if d > ran else None
-            if on_the_way is not None:  # evaluated in the native run of layers; a stop only where it fires
+            on_the_way = self.on_the_way(checks, exits, d, layers, rows) if d > ran else None
+            if on_the_way is not None:  # skipped, or its probe in the native run: a stop only where it fires
                 soft[d] = on_the_way
+                continue
+            # the first exit here whose check is due; none, no block input to record and layers
+            # left: the layers run on through this depth
+            first = next((i for i, n in enumerate(exits) if checks[n] is None or checks[n].peek(rows)), len(exits))
+            if first == len(exits) and d < layers and d not in self.block_depths and not soft:
+                counted(checks, exits, rows)  # their skips (nothing on the way can change the rows first)
                 continue
             if d > ran:  # the layers up to depth d in one native call where they run in one each
                 probe = layer_probe(checks, exits[first : first + 1], len(rows.seqs))
-                probes = {**soft, d: (probe, math.inf)} if probe is not None else dict(soft)
-                rows.x, reached = self.decode_layers(state, ran, d, rows.x, rotary, index, probes)
-                soft.clear()
-                if reached < d:  # stopped at an exact check on the way: a row reached its threshold there
+                reached = self.run_layers(state, ran, d, rows, rotary, index, soft, probe)
+                if reached < d:  # stopped at a check on the way: a row reached its threshold there
                     d, at, first = reached, stops.index(reached) + 1, 0
                     exits = by_depth[d]
                 ran = d
+            counted(checks, exits[: first + 1], rows)  # skipped here, and the due one's refresh
             self.record_block_inputs(state, d, rows)
             for i, n in enumerate(exits[first:]):
                 check = checks[n]  # every row is a candidate: the learned check in one call where it applies
@@ -386,17 +393,36 @@ class Passes:
         self.final_head(rows, False, out)
         return None
 
-    def on_the_way(self, checks: dict, exits, d: int, layers: int) -> tuple | None:
-        """(native probe, bound) where depth d's one exit has an exact `UniformCheck` with a
-        native probe (`UniformCheck.bound`): a run of layers through d evaluates it in its native
-        call and stops only where a row reaches the bound (`decode_layers`); else None. Not at
-        the last layer (the step stops there anyway) nor at a block exit's depth."""
+    def on_the_way(self, checks: dict, exits, d: int, layers: int, rows: Rows) -> tuple | None:
+        """(check, whether it evaluates) where depth d's one exit has a `UniformCheck` that a run
+        of layers can take past d: one that will skip (`UniformCheck.peek`), or one with a native
+        probe, which the run evaluates in its call, stopping only where a row reaches the bound
+        (`decode_layers`); counted as passed after the run (`run_layers`). Else None. Not at the
+        last layer (the step stops there anyway) nor at a block exit's depth."""
         if len(exits) != 1 or d >= layers or d in self.block_depths:
             return None
         check = checks[exits[0]]
-        if not isinstance(check, UniformCheck) or not check.exact or check.folded.native is None:
+        if not isinstance(check, UniformCheck):
             return None
-        return check.folded.native, check.bound
+        evaluates = check.peek(rows)
+        if evaluates and check.folded.native is None:
+            return None
+        return check, evaluates
+
+    def run_layers(self, state, ran: int, d: int, rows: Rows, rotary, index, soft: dict, probe) -> int:
+        """`decode_layers` from depth `ran` to d over `rows` (their x replaced), the checks `soft`
+        (`on_the_way`) on the way and `probe` (or None) at d; each check passed below the depth
+        reached counted (`UniformCheck.passed`; the one it stopped at, if any, is the caller's).
+        Returns the depth reached."""
+        probes = {e: (c.folded.native, c.bound) for e, (c, evaluates) in soft.items() if evaluates}
+        if probe is not None:
+            probes[d] = (probe, math.inf)
+        rows.x, reached = self.decode_layers(state, ran, d, rows.x, rotary, index, probes)
+        for e, (c, evaluates) in soft.items():
+            if e < reached:
+                c.passed(rows, evaluates)
+        soft.clear()
+        return reached
 
     def uniform_stops(self, by_depth: dict, layers: int) -> list[int]:
         """The depths a uniform step of `layers` layers stops at between its layers: 0, each with

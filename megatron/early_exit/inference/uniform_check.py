@@ -36,7 +36,7 @@ import torch
 
 from megatron.early_exit.inference import lean
 from megatron.early_exit.inference.confidence import get_measure
-from megatron.early_exit.inference.exit_decision import decider_of
+from megatron.early_exit.inference.exit_decision import REFRESH, decider_of
 from megatron.early_exit.inference.fused_check import logit_threshold, sigmoid
 
 
@@ -102,12 +102,39 @@ class UniformCheck:
     def worth(self, rows, a: int, cand: list[int]) -> bool:
         """`ExitDecider.worth_checking`, its verdict kept per pass size while the decider has
         recorded nothing since and its costs are the same."""
+        decider, kept = self.kept(rows, a, cand)
+        return kept[4] or decider.skip(kept[3])
+
+    def kept(self, rows, a: int, cand: list[int]) -> tuple:
+        """(the decider, `verdicts[a]` made again where the decider recorded since or its costs changed)."""
         decider = decider_of(self.passes)
         kept = self.verdicts.get(a)
         if kept is None or kept[0] is not decider or kept[1] != decider.version or kept[2] is not decider.costs:
             key, worth = decider.verdict(self.passes, self.n, rows, cand, self.policy)
             kept = self.verdicts[a] = (decider, decider.version, decider.costs, key, worth)
-        return kept[4] or decider.skip(kept[3])
+        return decider, kept
+
+    def peek(self, rows) -> bool:
+        """What `due(rows)` will say when the step reaches this exit with rows of this shape,
+        without counting a skip: a verdict depends on this exit's own counts and the costs, not
+        on what the exits before it record in the meantime, so a run of layers can be planned
+        through several exits before their checks are counted (`passed`)."""
+        if self.exact:
+            return True
+        a = len(rows.seqs)
+        decider, kept = self.kept(rows, a, self.candidates(a))
+        return kept[4] or decider.skipped.get(kept[3], 0) + 1 >= REFRESH
+
+    def passed(self, rows, evaluated: bool) -> None:
+        """A native run of layers went past this exit (`Passes.decode_layers`), its probe run
+        where `evaluated` and no row's score reaching the threshold: what `__call__` counts and
+        records then (a skip, or an evaluation none of whose rows fired)."""
+        if self.exact:
+            return
+        a = len(rows.seqs)
+        self.due(rows)
+        if evaluated:
+            decider_of(self.passes).choose(self.passes, self.n, [], rows, self.candidates(a), self.policy)
 
     def leave(self, state, rows, fire: list[int], scores: list[float], out) -> set[int]:
         """The rows `fire` leave: their confidences, exit hidden states and projections, as
@@ -147,6 +174,10 @@ class DraftCheck:
 
     def due(self, rows) -> bool:
         """A forced exit is always evaluated (`UniformCheck.due`)."""
+        return True
+
+    def peek(self, rows) -> bool:
+        """`UniformCheck.peek`: always."""
         return True
 
     def __call__(self, state, rows, out, due: bool = True) -> set[int]:

@@ -344,6 +344,22 @@ class Probe:
         return list(out)
 
 
+def _layer_form(x: torch.Tensor, caches, c: torch.Tensor, s: torch.Tensor, hd: int) -> bool:
+    """Whether `ee_layer` takes rows x (A, h) with these K/V caches and angles c, s (N, hd): every
+    cache of x's dtype with the first one's strides, hd contiguous; fp32 angles, one row or one a
+    row of x; an even head dim up to 1024."""
+    strides = caches[0].stride()
+    return (
+        all(t.dtype == x.dtype and t.stride() == strides for t in caches)
+        and strides[-1] == 1
+        and c.dtype == torch.float32
+        and s.shape == c.shape
+        and c.shape[0] in (1, x.shape[0])
+        and hd <= 1024
+        and hd % 2 == 0
+    )
+
+
 def layer_step(
     x: torch.Tensor,
     weights: tuple[torch.Tensor, ...],
@@ -368,17 +384,7 @@ def layer_step(
     g, per, hd, ffn = shape
     c, s = cos.reshape(-1, hd), sin_signed.reshape(-1, hd)
     a = x.shape[0]
-    if (
-        k.dtype != x.dtype
-        or v.dtype != x.dtype
-        or k.stride() != v.stride()
-        or k.stride(-1) != 1
-        or c.dtype != torch.float32
-        or s.shape != c.shape
-        or c.shape[0] not in (1, a)
-        or hd > 1024
-        or hd % 2
-    ):
+    if not _layer_form(x, (k, v), c, s, hd):
         return None
     x, c, s = x.contiguous(), c.contiguous(), s.contiguous()
     m = None if mask is None else mask.reshape(a, span).contiguous()
@@ -421,18 +427,8 @@ def layers_step(
     slots, pos, span, mask = rows_kv
     g, per, hd, ffn = shape
     c, s = cos.reshape(-1, hd), sin_signed.reshape(-1, hd)
-    a, k0 = x.shape[0], layers[0][2]
-    strides = k0.stride()
-    if (
-        any(k.dtype != x.dtype or v.dtype != x.dtype or k.stride() != strides or v.stride() != strides
-            for _, _, k, v in layers)
-        or strides[-1] != 1
-        or c.dtype != torch.float32
-        or s.shape != c.shape
-        or c.shape[0] not in (1, a)
-        or hd > 1024
-        or hd % 2
-    ):  # fmt: skip
+    a, strides = x.shape[0], layers[0][2].stride()
+    if not _layer_form(x, [t for _, _, k, v in layers for t in (k, v)], c, s, hd):
         return None
     x, c, s = x.contiguous(), c.contiguous(), s.contiguous()
     m = None if mask is None else mask.reshape(a, span).contiguous()

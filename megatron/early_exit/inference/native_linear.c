@@ -632,7 +632,8 @@ int ee_layers(int64_t L, const int64_t *ptrs, const float *eps, const void *x, v
         const int last = l == L - 1;
         void *out = last ? y : tmp + (size_t)(l % 2) * rows;
         const int64_t *q = probes ? probes + 4 * l : NULL;
-        if (q && q[0]) { /* the probe's first weight on its way from memory while the layer runs */
+        const int probed = q && q[0];
+        if (probed) { /* the probe's first weight on its way from memory while the layer runs */
             const char *w = (const char *)q[0];
             const size_t bytes = sizeof(float) * (size_t)(h * (q[3] ? q[3] : 1));
             for (size_t off = 0; off < bytes; off += 64) __builtin_prefetch(w + off, 0, 2);
@@ -640,14 +641,14 @@ int ee_layers(int64_t L, const int64_t *ptrs, const float *eps, const void *x, v
         failed = ee_layer(in, out, n, bf16, threads, h, G, per, hd, ffn, (const void *)p[0], eps[2 * l],
                           (const void *)p[1], (const void *)p[2], (const void *)p[3], eps[2 * l + 1],
                           (const void *)p[4], (const void *)p[5], cos, sin, cos_stride, (void *)p[6], (void *)p[7], sb,
-                          sg, st, slots, pos, span, mask, NULL, NULL, 0, NULL, 0.f, NULL);
+                          sg, st, slots, pos, span, mask, probed ? (const float *)q[0] : NULL,
+                          probed ? (const float *)q[1] : NULL, probed ? q[3] : 0, probed ? (const float *)q[2] : NULL,
+                          probed ? peps[l] : 0.f, probed ? scores : NULL); /* the probe in the layer's call */
         in = out;
-        if (failed || !q || !q[0]) continue;
-        failed = ee_probe(out, bf16, n, h, peps[l], (const float *)q[0], (const float *)q[1], q[3],
-                          (const float *)q[2], scores, threads);
+        if (failed || !probed) continue;
         int fired = 0;
         for (int64_t i = 0; i < n && !last; i++) fired |= (double)scores[i] >= bounds[l];
-        if (!failed && fired) {
+        if (fired) {
             memcpy(y, out, rows);
             *ran = l + 1;
             break;

@@ -301,21 +301,32 @@ class Passes:
     def advance_layers(self, state: DecodeState, lo: int, hi: int, rows: Rows, memo: dict) -> bool:
         """`advance` over layers lo .. hi-1 in one native call where each would run its general
         pass in one (`lean.native_layers`: the same numbers); False where not (nothing done)."""
-        fast = [self.lean_for(i) for i in range(lo, hi)]
-        if not all(type(f) is lean.LeanLayer for f in fast):  # (not a wrapped one: it runs its own calls)
-            return False
         cache = state.cache
         if rows.layout is None:
             rows.layout = self.layout(cache, rows.seqs, rows.lo, rows.n, memo)
         index = rows.layout[0]
-        views = [cache.layer(i - self.start, index) for i in range(lo, hi)]
-        cos, sin_signed = index.lean_tables
-        made = lean.native_layers(fast, rows.x, cos, sin_signed, views, self.lean_kernels)
+        angles = getattr(index, "lean_tables", None)  # made by `layout` for rotary models alone (lean layers')
+        if angles is None:
+            return False
+        made = self.native_run(state, lo, hi, rows.x, angles, index, lambda i: cache.layer(i, index))
         if made is None:
             return False
         rows.x = made[0]
-        cache.filled[lo - self.start : hi - self.start, index.filled_b] = index.filled_end
         return True
+
+    def native_run(self, state, lo: int, hi: int, x, angles: tuple, index, view, probes=None) -> tuple | None:
+        """Layers lo .. hi-1 over x in one native call (`lean.native_layers`, angles (cos, signed
+        sine) as it takes them, `view(i)` layer i's cache view of `index`'s layout, `probes` on the
+        way), their fill counts set for the layers run; None where a layer is not a lean one, or
+        would not run in one call (nothing done)."""
+        fast = [self.lean_for(i) for i in range(lo, hi)]
+        if not all(type(f) is lean.LeanLayer for f in fast):  # (not a wrapped one: it runs its own calls)
+            return None
+        views = [view(i - self.start) for i in range(lo, hi)]
+        made = lean.native_layers(fast, x, *angles, views, self.lean_kernels, probes)
+        if made is not None:
+            state.cache.filled[lo - self.start : lo + made[1] - self.start, index.filled_b] = index.filled_end
+        return made
 
     def uniform_layers(self, state: DecodeState, new_tokens: dict[int, list[int]]) -> int:
         """How many layers from the first a decode step can run uniformly: every sequence of the
@@ -446,20 +457,17 @@ class Passes:
         Returns (the rows at the depth reached, that depth)."""
         probes = probes or {}
         if hi - lo > 1 and self.scaled is None and rotary is not None and rotary[2] is not None:
-            fast = [self.lean_for(i) for i in range(lo, hi)]
-            if all(type(f) is lean.LeanLayer for f in fast):  # (not a wrapped one: it runs its own calls)
-                views = [index.layer(state.cache, i - self.start) for i in range(lo, hi)]
-                # (`native.Probe.takes`, its parts that depend on x alone asked once: ~8 us a call
-                # right after a run of layers)
-                rows_ok = x.dtype in native.DTYPES and self.device.type == "cpu"
-                on = {d - lo - 1: pb for d, pb in probes.items() if rows_ok and pb[0].h == x.shape[-1]}
-                made = lean.native_layers(fast, x, rotary[0], rotary[2], views, self.lean_kernels, on)
-                if made is not None:
-                    y, ran, scores = made
-                    if scores is not None:
-                        self.layer_scores = (on[ran - 1][0], y, scores)
-                    state.cache.filled[lo - self.start : lo + ran - self.start, index.filled_b] = index.filled_end
-                    return y, lo + ran
+            # (`native.Probe.takes`, its parts that depend on x alone asked once: ~8 us a call
+            # right after a run of layers)
+            rows_ok = x.dtype in native.DTYPES and self.device.type == "cpu"
+            on = {d - lo - 1: pb for d, pb in probes.items() if rows_ok and pb[0].h == x.shape[-1]}
+            angles, view = (rotary[0], rotary[2]), functools.partial(index.layer, state.cache)
+            made = self.native_run(state, lo, hi, x, angles, index, view, on)
+            if made is not None:
+                y, ran, scores = made
+                if scores is not None:
+                    self.layer_scores = (on[ran - 1][0], y, scores)
+                return y, lo + ran
         for i in range(lo, hi):
             probe, bound = probes.get(i + 1, (None, 0.0))
             x = self.decode_layer(state, i, x, rotary, index, probe)

@@ -292,6 +292,29 @@ def test_costs_from_the_cost_model_and_measured():
     assert measured.layer_fixed > 0 and measured.row >= measured.layer_row >= 0 and measured.vocab > 0
 
 
+def test_implausible_timings_are_taken_again_then_replaced(monkeypatch):
+    """Timings that price a recomputed row above a layer over one row (a neighbour's burst) would
+    keep every batch-1 row from leaving: they are taken again, and after MEASURE_TRIES such
+    timings the parameter counts decide, with a warning."""
+    from megatron.early_exit.inference import exit_decision
+    from megatron.early_exit.inference.passes import Rows
+
+    passes = EarlyExitEngine(make("llama")).passes
+    bad, good = ExitCosts(0.1, 0.2, 0.5, 1.0, 1.0, 0.1), ExitCosts(1.0, 0.2, 0.5, 1.0, 1.0, 0.1)
+    assert not exit_decision.plausible(bad) and exit_decision.plausible(good)
+    # a batch-1 row leaving at exit 1 saves (layers left) x (layer(1) - row): -0.2 a layer under
+    # `bad`, +0.7 under `good`
+    rows = Rows([0], [0], [1], torch.zeros(1, 1, 32))
+    assert ExitDecider(bad).net_saving(passes, 1, rows, [0], "learned") < 0
+    assert ExitDecider(good).net_saving(passes, 1, rows, [0], "learned") > 0
+    timings = iter([bad, bad, good])
+    monkeypatch.setattr(exit_decision, "time_exit_costs", lambda *a: next(timings))
+    assert exit_decision.measure_exit_costs(passes) == good
+    monkeypatch.setattr(exit_decision, "time_exit_costs", lambda *a: bad)
+    with pytest.warns(RuntimeWarning, match="priced a recomputed row above a layer"):
+        assert exit_decision.measure_exit_costs(passes) == ExitCosts.from_parameters(passes)
+
+
 def test_bad_exit_policy_raises(model):
     with pytest.raises(ValueError, match="exit_policy must be one of exact, cost_aware, got 'fast'"):
         run(EarlyExitEngine(model), PROMPTS[:1], exit_policy="fast")

@@ -701,11 +701,12 @@ def fit_line(points: list[tuple[float, float]]) -> tuple[float, float]:
 
 
 def exit_settings(engine, measure: str | None) -> dict[str, GenerationSettings]:
-    """Full decoding and, for each exit, every token leaving there (threshold 0.0)."""
+    """Full decoding and, for each exit, every token leaving there (threshold 0.0, the `exact`
+    policy: every token leaves there whatever the `cost_aware` decider's costs say)."""
     out = {"full": GenerationSettings(strategy="full")}
     for n in engine.exits:
         out[f"exit {n}"] = GenerationSettings(
-            strategy="early_exit", early_exit_threshold=0.0, exit_layers=(n,), measure=measure
+            strategy="early_exit", early_exit_threshold=0.0, exit_layers=(n,), measure=measure, exit_policy="exact"
         )
     return out
 

@@ -51,6 +51,7 @@ from __future__ import annotations
 
 import functools
 import os
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -119,8 +120,40 @@ class ExitCosts:
         return cls(float(layer), layer / 32, layer / 32, head, head, max(layer / 50, float(probe)))
 
 
+MEASURE_TRIES = 3  # timings of `measure_exit_costs` until one is `plausible`
+
+
+def plausible(c: ExitCosts) -> bool:
+    """Whether timed costs can be the machine's: a layer over one row costs more than one row
+    recomputed through it later (reading a layer's weights, which decoding at batch 1 is bound
+    by, against one more row riding a pass that reads them anyway). Timings that say otherwise
+    came from a burst of a neighbour's load in the few ms they took (the CPU reference model,
+    bf16: one process in about ten timed each row dearer than a layer's weights), and under them
+    no batch-1 row ever leaves: `net_saving` is (layers left) x (layer(1) - row) there."""
+    return c.layer(1) > c.row > 0 or (c.row == 0 and c.layer(1) > 0)
+
+
 @torch.no_grad()
-def measure_exit_costs(passes, batch: int = 8, repeats: int = 5) -> ExitCosts:
+def measure_exit_costs(passes, batch: int = 8, repeats: int = 5, tries: int = MEASURE_TRIES) -> ExitCosts:
+    """`time_exit_costs` until its costs are `plausible`, at most `tries` times; then, where none
+    was, the parameter counts' (`ExitCosts.from_parameters`), with a warning: decisions on costs
+    that say no row ever pays would turn early exit off for the engine's lifetime."""
+    for _ in range(tries):
+        costs = time_exit_costs(passes, batch, repeats)
+        if plausible(costs):
+            return costs
+    warnings.warn(
+        f"cost_aware: {tries} timings of the exit costs each priced a recomputed row above a layer "
+        f"(last: layer {costs.layer(1):.3g} s, row {costs.row:.3g} s; a loaded machine?); "
+        "deciding from parameter counts instead",
+        RuntimeWarning,
+        stacklevel=2,
+    )
+    return ExitCosts.from_parameters(passes)
+
+
+@torch.no_grad()
+def time_exit_costs(passes, batch: int = 8, repeats: int = 5) -> ExitCosts:
     """Time one layer over 1 and `batch` rows and over `batch` sequences of 2 rows, the final
     head and one check of the first exit of each kind over 1 and `batch` rows, best of `repeats`
     (CPU seconds on a CPU device; some ms)."""

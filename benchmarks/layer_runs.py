@@ -5,7 +5,7 @@
 
 A decode step runs its layers up to its next stop (an exit whose check is due or fires, a block
 exit's input, the end) in one native call (`Passes.decode_layers`, `advance_layers`,
-`lean.native_layers`); "one call a layer" is the same engine with `lean.native_layers` turned off,
+`lean.native_run`); "one call a layer" is the same engine with `lean.native_run` turned off,
 so each layer runs its own call (`LeanLayer.native_step`) with the Python between layers. Per
 dtype: full decoding, early exit (learned measure, threshold 0.5, cost_aware) and dynamic
 self-speculation of 48 new tokens at batch 1 from one prompt, each setting under both ways in
@@ -40,20 +40,20 @@ def settings(new: int) -> dict[str, GenerationSettings]:
 
 
 def compare(engine, prompt: list[int], new: int, repeats: int) -> None:
-    real = lean.native_layers
+    real = lean.native_run
     ways = {"runs": real, "one call a layer": lambda *a, **k: None}
     for name, s in settings(new).items():
         tokens, times = {}, {w: [] for w in ways}
         for way, fn in ways.items():  # warm-up (kernel choices, draft costs), and the tokens
-            lean.native_layers = fn
+            lean.native_run = fn
             tokens[way] = engine.generate([prompt], s)[0].tokens
         for r in range(repeats):
             for way in ways if r % 2 == 0 else reversed(ways):
-                lean.native_layers = ways[way]
+                lean.native_run = ways[way]
                 start = time.perf_counter()
                 engine.generate([prompt], s)
                 times[way].append(time.perf_counter() - start)
-        lean.native_layers = real
+        lean.native_run = real
         same = "same tokens" if tokens["runs"] == tokens["one call a layer"] else "TOKENS DIFFER"
         ratio = statistics.median(b / a for a, b in zip(times["runs"], times["one call a layer"]))
         print(

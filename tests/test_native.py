@@ -684,7 +684,7 @@ def test_the_layers_between_exits_run_in_one_call_with_the_same_numbers(dtype, m
 
     def steps(one_call_a_layer: bool, prompts, policy):
         if one_call_a_layer:
-            monkeypatch.setattr(lean, "native_layers", lambda *a, **k: None)
+            monkeypatch.setattr(lean, "native_run", lambda *a, **k: None)
         else:
             monkeypatch.undo()
             monkeypatch.setattr(native, "layers_step", counted)
@@ -723,7 +723,7 @@ def test_the_layers_between_exits_run_in_one_call_with_the_same_numbers(dtype, m
     for one in (False, True):
         monkeypatch.undo()
         if one:
-            monkeypatch.setattr(lean, "native_layers", lambda *a, **k: None)
+            monkeypatch.setattr(lean, "native_run", lambda *a, **k: None)
         with torch.no_grad():
             got = EarlyExitEngine(model, linear_kernel="native").generate(PROMPTS[:3], s)
         results[one] = [(r.tokens, r.exit_layers, r.confidences) for r in got]

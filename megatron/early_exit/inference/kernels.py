@@ -239,6 +239,12 @@ def linear_func(weight: torch.Tensor, rows: int) -> Callable:
     return _FUNCS[name]
 
 
+def selection() -> tuple:
+    """What `kernel_for`'s answer depends on besides the weight and the rows: the kernel forced
+    (innermost), `EE_LINEAR_KERNEL` and the threads (a choice, once measured, stays)."""
+    return _forced[-1] if _forced else None, os.environ.get(ENV, "auto"), torch.get_num_threads()
+
+
 def kernel_for(weight: torch.Tensor, rows: int) -> str:
     """The kernel for `weight` against `rows` rows: forced, cached, or measured now."""
     if _forced and _forced[-1] != "auto":

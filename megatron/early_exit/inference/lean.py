@@ -32,7 +32,7 @@ call the modules make), so that it gives the same numbers and the same K/V bit f
     call (`native.layer_step`: the same operations in the same order, so the same numbers as
     these calls, without their ~45 tensor operations a layer: SmolLM2 decoded 1.06x faster in
     fp32 and 1.17x in bf16, the CPU reference model 1.28x and 1.37x), and a decode step's run of
-    such layers up to its next stop in one call (`native_layers`, `Passes.decode_layers`: the
+    such layers up to its next stop in one call (`native_run`, `Passes.decode_layers`: the
     Python between layers, ~60 us a layer paid cold, once a run; full decoding of the CPU
     reference model 1.22x faster in bf16, 1.12x in fp32);
   - no dtype casts where the model is fp32 (the norms' and rotation's fp32 math is its own).
@@ -112,16 +112,27 @@ def signed_sine(sin: torch.Tensor) -> torch.Tensor:
 
 
 class LeanKernels:
-    """The product function for each weight shape at one batch size, looked up once per step:
-    where the engine's packed kernels are on (CPU, fp32 or bf16, no autograd), the kernel
-    `PackedWeights` would run (`kernels.linear_func`: forced, cached or measured now), else `F.linear`."""
+    """The product function for each weight shape at one batch size, looked up once while what
+    chooses kernels stays the same (`sync`): where the engine's packed kernels are on (CPU, fp32 or
+    bf16, no autograd), the kernel `PackedWeights` would run (`kernels.linear_func`: forced, cached
+    or measured now), else `F.linear`."""
 
     def __init__(self, packed: bool) -> None:
         self.packed = packed
         self.funcs: dict[tuple, object] = {}
+        self.selection: tuple | None = None  # `kernels.selection()` when `funcs` were looked up
 
     def reset(self) -> None:
         self.funcs.clear()
+
+    def sync(self) -> None:
+        """Forget the kernels looked up where what chooses them changed (`kernels.selection`: a
+        kernel forced, the environment, the threads) since they were: a pass asks this once, and
+        looks each shape up once while nothing changes (5 lookups a step cost ~20-40 us)."""
+        selection = kernels.selection()
+        if selection != self.selection:
+            self.funcs.clear()
+            self.selection = selection
 
     def func(self, weight: torch.Tensor, rows: int):
         key = (weight.shape, rows)
@@ -287,27 +298,42 @@ class LeanLayer:
         return self.finish(x, out.reshape(a * r, g * per * hd), linear).view(a, r, -1)
 
 
-def native_layers(layers: list[LeanLayer], x, cos, sin_signed, views, linear: LeanKernels, probes=None):
-    """Consecutive lean layers over rows x (A, R, h) in one native call (`native.layers_step`), as
-    their decode steps (`__call__`, R = 1) or general passes (`rows`) one after another would run
-    them where each runs in one call (`LeanLayer.native_step`): the same numbers. `views`: each
-    layer's cache view (one layout); cos, sin_signed as those calls take them; `probes`: as
-    `native.layers_step` takes them. (y (A, R, h), layers run, the scores of the probe on y or
-    None), or None where any of them would not run in one call (nothing done)."""
-    lead, first = x.shape[:-1], layers[0]
+class NativeRun:
+    """Consecutive lean layers of one shape and their caches as `native_run` takes them, worked
+    out once (`of`; `Passes.native_run` keeps one per decode state and run of layers): their
+    `native.LayerRun`, the products whose kernel each call asks for (every layer's are of one
+    shape, so the first's), and the hook dicts each call looks at."""
+
+    def __init__(self, layers: list[LeanLayer], caches: list[tuple]) -> None:
+        first = layers[0]
+        self.shape = (first.groups, first.per, first.head_dim, first.ffn)
+        self.products = first.products
+        self.hooks = tuple(d for f in layers for d in f.hooks)
+        self.native = native.LayerRun([(*f.native_parts(), k, v) for f, (k, v) in zip(layers, caches)])
+
+    @classmethod
+    def of(cls, layers: list[LeanLayer], caches: list[tuple]) -> NativeRun | None:
+        """`layers`' run with their K/V caches `caches` ((k, v) each), or None where their shapes differ."""
+        first = layers[0]
+        shape = (first.groups, first.per, first.head_dim, first.ffn)
+        if any((f.groups, f.per, f.head_dim, f.ffn) != shape or f.w_in.shape != first.w_in.shape for f in layers):
+            return None
+        return cls(layers, caches)
+
+
+def native_run(run: NativeRun, x, cos, sin_signed, rows_kv: tuple, linear: LeanKernels, probes=None):
+    """`run`'s layers over rows x (A, R, h) in one native call (`native.layers_step`), as their
+    decode steps (`LeanLayer.__call__`, R = 1) or general passes (`rows`) one after another would
+    run them where each runs in one call (`LeanLayer.native_step`): the same numbers. cos,
+    sin_signed as those calls take them; rows_kv: the layout's (slots, positions, span, mask) (its
+    `native_kv(cache, layer)[2:]`); `probes`: as `native.layers_step` takes them. (y (A, R, h), layers
+    run, the scores of the probe on y or None), or None where they would not run in one call each
+    (a kernel other than the native one, too many rows, a forward hook: nothing done)."""
+    lead = x.shape[:-1]
     a = x.numel() // x.shape[-1]
-    shape = (first.groups, first.per, first.head_dim, first.ffn)
-    if a > FOLD_ROWS or lead[-1] > ATTEND_ROWS or any(
-        (f.groups, f.per, f.head_dim, f.ffn) != shape or f.w_in.shape != first.w_in.shape
-        or not linear.all_native(f.products, a)
-        for f in layers
-    ):  # fmt: skip
+    if a > FOLD_ROWS or lead[-1] > ATTEND_ROWS or not linear.all_native(run.products, a) or hooks_set(run.hooks):
         return None
-    kvs = [view.native_kv() if hasattr(view, "native_kv") else None for view in views]
-    if any(kv is None for kv in kvs):
-        return None
-    parts = [(*f.native_parts(), kv[0], kv[1]) for f, kv in zip(layers, kvs)]
-    made = native.layers_step(x.reshape(a, -1), parts, shape, cos, sin_signed, kvs[0][2:], probes)
+    made = native.layers_step(x.reshape(a, -1), run.native, run.shape, cos, sin_signed, rows_kv, probes)
     if made is None:
         return None
     return made[0].view(*lead, -1), made[1], made[2]

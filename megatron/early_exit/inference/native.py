@@ -346,18 +346,19 @@ class Probe:
 
 def _layer_form(x: torch.Tensor, caches, c: torch.Tensor, s: torch.Tensor, hd: int) -> bool:
     """Whether `ee_layer` takes rows x (A, h) with these K/V caches and angles c, s (N, hd): every
-    cache of x's dtype with the first one's strides, hd contiguous; fp32 angles, one row or one a
-    row of x; an even head dim up to 1024."""
+    cache of x's dtype with the first one's strides, hd contiguous, and `_angles_form`."""
     strides = caches[0].stride()
     return (
         all(t.dtype == x.dtype and t.stride() == strides for t in caches)
         and strides[-1] == 1
-        and c.dtype == torch.float32
-        and s.shape == c.shape
-        and c.shape[0] in (1, x.shape[0])
-        and hd <= 1024
-        and hd % 2 == 0
+        and _angles_form(x, c, s, hd)
     )
+
+
+def _angles_form(x: torch.Tensor, c: torch.Tensor, s: torch.Tensor, hd: int) -> bool:
+    """fp32 angles c, s (N, hd), one row or one a row of x (A, h); an even head dim up to 1024."""
+    rows = c.shape[0] in (1, x.shape[0])
+    return c.dtype == torch.float32 and s.shape == c.shape and rows and hd <= 1024 and hd % 2 == 0
 
 
 def layer_step(
@@ -407,9 +408,32 @@ def layer_step(
     return y if probe is None else (y, list(scores))
 
 
+class LayerRun:
+    """What `layers_step` takes of consecutive layers that stays the same from one decode step to
+    the next, worked out once: per layer (weights as `layer_step` takes them, its two norms' eps,
+    its K cache, its V cache), the pointers and eps as `ee_layers` takes them. Holds the tensors,
+    so the pointers stay valid while it lives. Working them out at every step cost a decode step
+    ~100-250 us of Python (the CPU reference model's 12 layers: 96 pointers and each layer's
+    weight copies looked up), a fifth of a step that leaves at its first exit."""
+
+    def __init__(self, layers: list[tuple]) -> None:
+        self.layers = list(layers)
+        n, caches = len(self.layers), [t for _, _, k, v in self.layers for t in (k, v)]
+        ptrs = (t.data_ptr() for weights, _, k, v in self.layers for t in (*weights, k, v))
+        self.ptrs = (ctypes.c_int64 * (8 * n))(*ptrs)
+        self.eps = (ctypes.c_float * (2 * n))(*(e for _, pair, _, _ in self.layers for e in pair))
+        self.dtype, self.strides = caches[0].dtype, caches[0].stride()
+        # every cache of one dtype with the first one's strides, hd contiguous (`_layer_form`'s caches)
+        self.caches_ok = all(t.dtype == self.dtype and t.stride() == self.strides for t in caches)
+        self.caches_ok = self.caches_ok and self.strides[-1] == 1
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+
 def layers_step(
     x: torch.Tensor,
-    layers: list[tuple],
+    layers: list[tuple] | LayerRun,
     shape: tuple[int, int, int, int],
     cos: torch.Tensor,
     sin_signed: torch.Tensor,
@@ -419,22 +443,22 @@ def layers_step(
     """Consecutive layers' decode steps in one call (`ee_layers`): `layer_step` over each of
     `layers` in turn, each one's output the next one's input, the same numbers. layers: per layer
     (weights as `layer_step` takes them, its two norms' eps, its K cache, its V cache), every
-    cache of one dtype and strides; rows_kv: (slots, positions, span, mask) as in `layer_step`'s
-    kv. `probes`: {l: (probe, bound)}: the probe (one that `takes` the rows) on layer l's output,
-    and the run stops after layer l where a row's score reaches `bound` (compared as Python
-    compares floats). Returns (the output of the last layer run, layers run, the scores of the
-    probe on it or None); None where `layer_step` would give None for any layer (nothing done)."""
+    cache of one dtype and strides, or their `LayerRun`; rows_kv: (slots, positions, span, mask)
+    as in `layer_step`'s kv. `probes`: {l: (probe, bound)}: the probe (one that `takes` the rows)
+    on layer l's output, and the run stops after layer l where a row's score reaches `bound`
+    (compared as Python compares floats). Returns (the output of the last layer run, layers run,
+    the scores of the probe on it or None); None where `layer_step` would give None for any layer
+    (nothing done)."""
+    run = layers if isinstance(layers, LayerRun) else LayerRun(layers)
     slots, pos, span, mask = rows_kv
     g, per, hd, ffn = shape
     c, s = cos.reshape(-1, hd), sin_signed.reshape(-1, hd)
-    a, strides = x.shape[0], layers[0][2].stride()
-    if not _layer_form(x, [t for _, _, k, v in layers for t in (k, v)], c, s, hd):
+    a = x.shape[0]
+    if not (run.caches_ok and run.dtype == x.dtype and _angles_form(x, c, s, hd)):
         return None
     x, c, s = x.contiguous(), c.contiguous(), s.contiguous()
     m = None if mask is None else mask.reshape(a, span).contiguous()
-    n = len(layers)
-    ptrs = (ctypes.c_int64 * (8 * n))(*(t.data_ptr() for weights, _, k, v in layers for t in (*weights, k, v)))
-    eps = (ctypes.c_float * (2 * n))(*(e for _, pair, _, _ in layers for e in pair))
+    n = len(run)
     y, ran, scores, checked = torch.empty_like(x), ctypes.c_int64(n), (ctypes.c_float * a)(), None
     if probes:
         checked = (ctypes.c_int64 * (4 * n))()
@@ -443,9 +467,9 @@ def layers_step(
             checked[4 * i : 4 * i + 4] = [probe.w1, probe.b1 or 0, probe.w2 or 0, probe.hidden]
             peps[i], bounds[i] = probe.eps, bound
     rc = library().ee_layers(
-        n, ptrs, eps, x.data_ptr(), y.data_ptr(), a, x.dtype == torch.bfloat16,
+        n, run.ptrs, run.eps, x.data_ptr(), y.data_ptr(), a, x.dtype == torch.bfloat16,
         torch.get_num_threads(), x.shape[1], g, per, hd, ffn,
-        c.data_ptr(), s.data_ptr(), 0 if c.shape[0] == 1 else hd, *strides[:3],
+        c.data_ptr(), s.data_ptr(), 0 if c.shape[0] == 1 else hd, *run.strides[:3],
         slots.data_ptr(), pos.data_ptr(), span, None if m is None else m.data_ptr(),
         checked, peps if probes else None, bounds if probes else None, scores, ctypes.byref(ran),
     )  # fmt: skip

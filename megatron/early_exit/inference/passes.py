@@ -245,7 +245,7 @@ class Passes:
         position backs[t] before the end of b's drafted chain (`kv_cache.row_positions`)."""
         out = StepOutput()
         self.branch = branch or None
-        self.lean_kernels.reset()  # lean layers look their kernels up again each pass (one may be forced now)
+        self.lean_kernels.sync()  # lean layers look their kernels up again where one may be forced now
         self.scaled = self.layer_scores = None
         by_depth = self.exits_by_depth(policy)
         clean = self.uniform_layers(state, new_tokens) if self.fast and scores is None else 0
@@ -300,7 +300,7 @@ class Passes:
 
     def advance_layers(self, state: DecodeState, lo: int, hi: int, rows: Rows, memo: dict) -> bool:
         """`advance` over layers lo .. hi-1 in one native call where each would run its general
-        pass in one (`lean.native_layers`: the same numbers); False where not (nothing done)."""
+        pass in one (`lean.native_run`: the same numbers); False where not (nothing done)."""
         cache = state.cache
         if rows.layout is None:
             rows.layout = self.layout(cache, rows.seqs, rows.lo, rows.n, memo)
@@ -308,22 +308,33 @@ class Passes:
         angles = getattr(index, "lean_tables", None)  # made by `layout` for rotary models alone (lean layers')
         if angles is None:
             return False
-        made = self.native_run(state, lo, hi, rows.x, angles, index, lambda i: cache.layer(i, index))
+        made = self.native_run(state, lo, hi, rows.x, angles, index)
         if made is None:
             return False
         rows.x = made[0]
         return True
 
-    def native_run(self, state, lo: int, hi: int, x, angles: tuple, index, view, probes=None) -> tuple | None:
-        """Layers lo .. hi-1 over x in one native call (`lean.native_layers`, angles (cos, signed
-        sine) as it takes them, `view(i)` layer i's cache view of `index`'s layout, `probes` on the
-        way), their fill counts set for the layers run; None where a layer is not a lean one, or
-        would not run in one call (nothing done)."""
-        fast = [self.lean_for(i) for i in range(lo, hi)]
-        if not all(type(f) is lean.LeanLayer for f in fast):  # (not a wrapped one: it runs its own calls)
+    def native_run(self, state, lo: int, hi: int, x, angles: tuple, index, probes=None) -> tuple | None:
+        """Layers lo .. hi-1 over x in one native call (`lean.native_run`, angles (cos, signed
+        sine) as it takes them, the rows as `index`'s layout places them, `probes` on the way),
+        their fill counts set for the layers run; None where a layer is not a lean one, or would
+        not run in one call (nothing done). The run's `lean.NativeRun` is worked out once per
+        decode state (its caches and the model's weights stay where they are), and no cache view
+        is made: a layout's `native_kv` says where each row reads and writes."""
+        if not self.lean_on():
             return None
-        views = [view(i - self.start) for i in range(lo, hi)]
-        made = lean.native_layers(fast, x, *angles, views, self.lean_kernels, probes)
+        key = ("native run", lo, hi)
+        if key not in state.memo:
+            fast = [self.lean_layer(i) for i in range(lo, hi)]
+            kv = [index.native_kv(state.cache, i - self.start)[:2] for i in range(lo, hi)]
+            # (not a wrapped lean layer: it runs its own calls)
+            state.memo[key] = lean.NativeRun.of(fast, kv) if all(type(f) is lean.LeanLayer for f in fast) else None
+        run = state.memo[key]
+        if run is None:
+            return None
+        made = lean.native_run(
+            run, x, *angles, index.native_kv(state.cache, lo - self.start)[2:], self.lean_kernels, probes
+        )
         if made is not None:
             state.cache.filled[lo - self.start : lo + made[1] - self.start, index.filled_b] = index.filled_end
         return made
@@ -450,7 +461,7 @@ class Passes:
     ) -> tuple[torch.Tensor, int]:
         """Layers lo .. hi-1 (global numbers) over one row per sequence x (A, 1, h), as
         `decode_layer` over each in turn, in one native call where each would run in one
-        (`lean.native_layers`: the same numbers, without the Python between layers, which a decode
+        (`lean.native_run`: the same numbers, without the Python between layers, which a decode
         step pays cold: ~60 us a layer on the CPU reference model). `probes`: {depth d: (a native
         probe, bound)} for lo < d <= hi: the probe runs on the output at depth d (kept in
         `layer_scores`), and below hi the run stops there where a row's score reaches the bound.
@@ -461,8 +472,7 @@ class Passes:
             # right after a run of layers)
             rows_ok = x.dtype in native.DTYPES and self.device.type == "cpu"
             on = {d - lo - 1: pb for d, pb in probes.items() if rows_ok and pb[0].h == x.shape[-1]}
-            angles, view = (rotary[0], rotary[2]), functools.partial(index.layer, state.cache)
-            made = self.native_run(state, lo, hi, x, angles, index, view, on)
+            made = self.native_run(state, lo, hi, x, (rotary[0], rotary[2]), index, on)
             if made is not None:
                 y, ran, scores = made
                 if scores is not None:

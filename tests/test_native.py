@@ -731,6 +731,41 @@ def test_the_layers_between_exits_run_in_one_call_with_the_same_numbers(dtype, m
     assert {e for _, layers, _ in results[False] for e in layers} >= {3, 6, 7}
 
 
+@needs_native
+def test_a_run_kept_for_a_decode_state_follows_hooks_and_kernels_set_in_its_middle(monkeypatch):
+    """A run of layers' native arguments are worked out once per decode state (`Passes.native_run`,
+    `lean.NativeRun`); what may change between its steps is still asked every step: a forward hook
+    set in the middle of a decode sees its module called (its layer runs the modules, the others
+    one call each, no run), and a kernel forced in the middle takes the products off the
+    native kernel. Every step's logits equal a fresh engine's over the same tokens."""
+    from megatron.early_exit.inference.passes import ExitPolicy
+    from tests.test_inference import PROMPTS
+
+    model = _seven_layers(torch.float32)
+    spans, real = [], native.layers_step
+    monkeypatch.setattr(native, "layers_step", lambda x, layers, *a: spans.append(len(layers)) or real(x, layers, *a))
+    engine, ref = EarlyExitEngine(model, linear_kernel="native"), EarlyExitEngine(model, linear_kernel="native")
+    state, ref_state = engine.new_state(1, 40), ref.new_state(1, 40)
+    engine.prefill(state, {0: PROMPTS[0]})
+    ref.prefill(ref_state, {0: PROMPTS[0]})
+    seen, runs = [], []
+    with torch.no_grad():
+        for t in range(5):
+            mlp = model.decoder.layers["3"].mlp
+            handle = mlp.register_forward_hook(lambda *a, t=t: seen.append(t)) if t == 2 else None
+            if t == 3:
+                monkeypatch.setattr(engine.packed.kernel, "name", "plain")  # forced from now on
+            spans.clear()
+            got = engine.decode_one_token(state, {0: 7 + t}, ExitPolicy()).logits[0]
+            runs.append(list(spans))
+            if handle is not None:
+                handle.remove()
+            want = ref.decode_one_token(ref_state, {0: 7 + t}, ExitPolicy()).logits[0]
+            # the plain kernel's products differ from the native one's by fp32 round-off
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert seen == [2] and runs == [[7], [7], [], [], []]
+
+
 def _seven_layers(dtype):
     """A 7-layer Llama-style model, exits 3 and 6 (norm-only, MLP probes on the backbone, scaled so
     that they fire for some tokens only), in `dtype`."""

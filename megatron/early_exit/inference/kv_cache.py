@@ -219,7 +219,8 @@ class DecodeIndex:
     @functools.cached_property
     def native_rows(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(slots, positions): each row's slot and position, int64 on the host (`native.layer_step`)."""
-        return torch.tensor(self.seqs, dtype=torch.int64), torch.tensor(self.pos, dtype=torch.int64)
+        both = torch.tensor([self.seqs, self.pos], dtype=torch.int64)  # one tensor: each row contiguous
+        return both[0], both[1]
 
     def native_kv(self, cache: KVCache, index: int) -> tuple:
         """What `native.layer_step` takes of layer `index`'s cache in this step: (k, v (slots,

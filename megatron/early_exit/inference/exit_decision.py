@@ -130,7 +130,7 @@ def plausible(c: ExitCosts) -> bool:
     came from a burst of a neighbour's load in the few ms they took (the CPU reference model,
     bf16: one process in about ten timed each row dearer than a layer's weights), and under them
     no batch-1 row ever leaves: `net_saving` is (layers left) x (layer(1) - row) there."""
-    return c.layer(1) > c.row > 0 or (c.row == 0 and c.layer(1) > 0)
+    return c.layer(1) > c.row >= 0
 
 
 @torch.no_grad()
@@ -283,9 +283,13 @@ class ExitDecider:
     def skip(self, key: tuple) -> bool:
         """A pass that `verdict` says not to evaluate exit n in: counted; True (evaluate after
         all) every REFRESH-th time, so that the chance can recover."""
-        skipped = self.skipped.get(key, 0) + 1
-        self.skipped[key] = 0 if skipped >= REFRESH else skipped
-        return skipped >= REFRESH
+        refresh = self.refreshes(key)
+        self.skipped[key] = 0 if refresh else self.skipped.get(key, 0) + 1
+        return refresh
+
+    def refreshes(self, key: tuple) -> bool:
+        """Whether the next `skip(key)` is a REFRESH-th one (evaluates after all); nothing counted."""
+        return self.skipped.get(key, 0) + 1 >= REFRESH
 
     def verdict(self, passes, n: int, rows, cand: list[int], policy) -> tuple[tuple, bool]:
         """(the chance's key, whether the chance of paying times the saving beats the check):

@@ -304,10 +304,9 @@ class NativeRun:
     `native.LayerRun`, the products whose kernel each call asks for (every layer's are of one
     shape, so the first's), and the hook dicts each call looks at."""
 
-    def __init__(self, layers: list[LeanLayer], caches: list[tuple]) -> None:
-        first = layers[0]
-        self.shape = (first.groups, first.per, first.head_dim, first.ffn)
-        self.products = first.products
+    def __init__(self, layers: list[LeanLayer], caches: list[tuple], shape: tuple[int, int, int, int]) -> None:
+        self.shape = shape  # (groups, query heads per group, head dim, ffn), every layer's
+        self.products = layers[0].products
         self.hooks = tuple(d for f in layers for d in f.hooks)
         self.native = native.LayerRun([(*f.native_parts(), k, v) for f, (k, v) in zip(layers, caches)])
 
@@ -318,7 +317,7 @@ class NativeRun:
         shape = (first.groups, first.per, first.head_dim, first.ffn)
         if any((f.groups, f.per, f.head_dim, f.ffn) != shape or f.w_in.shape != first.w_in.shape for f in layers):
             return None
-        return cls(layers, caches)
+        return cls(layers, caches, shape)
 
 
 def native_run(run: NativeRun, x, cos, sin_signed, rows_kv: tuple, linear: LeanKernels, probes=None):

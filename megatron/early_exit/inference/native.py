@@ -345,14 +345,15 @@ class Probe:
 
 
 def _layer_form(x: torch.Tensor, caches, c: torch.Tensor, s: torch.Tensor, hd: int) -> bool:
-    """Whether `ee_layer` takes rows x (A, h) with these K/V caches and angles c, s (N, hd): every
-    cache of x's dtype with the first one's strides, hd contiguous, and `_angles_form`."""
-    strides = caches[0].stride()
-    return (
-        all(t.dtype == x.dtype and t.stride() == strides for t in caches)
-        and strides[-1] == 1
-        and _angles_form(x, c, s, hd)
-    )
+    """Whether `ee_layer` takes rows x (A, h) with these K/V caches and angles c, s (N, hd): the
+    caches' form (`_caches_form`) in x's dtype, and `_angles_form`."""
+    return _caches_form(caches) and caches[0].dtype == x.dtype and _angles_form(x, c, s, hd)
+
+
+def _caches_form(caches) -> bool:
+    """Every K/V cache of the first one's dtype and strides, hd contiguous."""
+    dtype, strides = caches[0].dtype, caches[0].stride()
+    return all(t.dtype == dtype and t.stride() == strides for t in caches) and strides[-1] == 1
 
 
 def _angles_form(x: torch.Tensor, c: torch.Tensor, s: torch.Tensor, hd: int) -> bool:
@@ -422,10 +423,7 @@ class LayerRun:
         ptrs = (t.data_ptr() for weights, _, k, v in self.layers for t in (*weights, k, v))
         self.ptrs = (ctypes.c_int64 * (8 * n))(*ptrs)
         self.eps = (ctypes.c_float * (2 * n))(*(e for _, pair, _, _ in self.layers for e in pair))
-        self.dtype, self.strides = caches[0].dtype, caches[0].stride()
-        # every cache of one dtype with the first one's strides, hd contiguous (`_layer_form`'s caches)
-        self.caches_ok = all(t.dtype == self.dtype and t.stride() == self.strides for t in caches)
-        self.caches_ok = self.caches_ok and self.strides[-1] == 1
+        self.dtype, self.strides, self.caches_ok = caches[0].dtype, caches[0].stride(), _caches_form(caches)
 
     def __len__(self) -> int:
         return len(self.layers)

@@ -36,7 +36,7 @@ import torch
 
 from megatron.early_exit.inference import lean
 from megatron.early_exit.inference.confidence import get_measure
-from megatron.early_exit.inference.exit_decision import REFRESH, decider_of
+from megatron.early_exit.inference.exit_decision import decider_of
 from megatron.early_exit.inference.fused_check import logit_threshold, sigmoid
 
 
@@ -123,7 +123,7 @@ class UniformCheck:
             return True
         a = len(rows.seqs)
         decider, kept = self.kept(rows, a, self.candidates(a))
-        return kept[4] or decider.skipped.get(kept[3], 0) + 1 >= REFRESH
+        return kept[4] or decider.refreshes(kept[3])
 
     def passed(self, rows, evaluated: bool) -> None:
         """A native run of layers went past this exit (`Passes.decode_layers`), its probe run

@@ -12,13 +12,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from megatron.early_exit.inference import EarlyExitEngine, GenerationSettings, kernels, native
+from megatron.early_exit.inference import EarlyExitEngine, GenerationSettings, kernels, lean, native
 from tests.test_packed import tiny
 
 
 @pytest.fixture(autouse=True)
 def fresh_choices(monkeypatch):
     monkeypatch.delenv(kernels.ENV, raising=False)
+    monkeypatch.setattr(kernels, "_FUSED", set())  # no shape a layer's product from another test
     kernels.clear_choices()
     yield
     kernels.clear_choices()
@@ -160,6 +161,34 @@ def test_against_packed_another_kernel_needs_the_wider_margin(monkeypatch):
         torch.set_num_threads(before)
     if kernels.packs(torch.bfloat16):
         assert seen == [kernels.SIXTEEN_BIT_MARGIN, max(kernels.MANY_THREAD_MARGIN, kernels.SIXTEEN_BIT_MARGIN)]
+
+
+def test_against_native_a_layers_products_need_the_wider_margin_up_to_sixteen_rows(monkeypatch):
+    """Where all four of a layer's products are native its step runs in one native call, so
+    another kernel must beat native on their shapes by FUSED_MARGIN (up to 16 rows: beyond, the
+    layer runs its operations whatever the kernels); other shapes keep MARGIN (pick's default)."""
+    if not native.available():
+        pytest.skip("no native kernel here (no C compiler)")
+    layer = lean.LeanLayer(tiny().decoder.layers["0"])  # marks its products' shapes
+    assert {tuple(w.shape) for w in layer.products} == {(128, 64), (64, 64), (256, 64), (64, 128)}
+    seen = []
+
+    def pick(funcs, weights, **kw):
+        seen.append((next(iter(funcs)), kw.get("margin")))
+        return "native"
+
+    monkeypatch.setattr(kernels, "pick", pick)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        with torch.no_grad():
+            for w in (layer.fc1, torch.randn(40, 64)):
+                for rows in (1, 5, 40):
+                    kernels.linear(torch.randn(rows, 64), w)
+    finally:
+        torch.set_num_threads(before)
+    fused = kernels.FUSED_MARGIN
+    assert seen == [("native", fused), ("native", fused), ("native", None)] + [("native", None)] * 3
 
 
 def test_more_threads_time_more_rounds_at_a_wider_margin(monkeypatch):

@@ -9,6 +9,7 @@ relative) of the output.
 """
 
 import subprocess
+import warnings
 
 import pytest
 import torch
@@ -78,6 +79,36 @@ def test_a_non_contiguous_input_and_the_copy_made_again_when_the_weight_changes(
         torch.testing.assert_close(kernels.linear(x, w), F.linear(x, w), rtol=1e-5, atol=1e-5)
         w.mul_(2.0)  # in place: the panel copy must follow
         torch.testing.assert_close(kernels.linear(x, w), F.linear(x, w), rtol=1e-5, atol=1e-5)
+
+
+@needs_native
+def test_bf16_products_without_the_cpus_bf16_dot_product_too(rebuild, monkeypatch):
+    """Where the CPU has a bf16 pair dot product (AVX512_BF16) bf16 products use it; built
+    without it (`-mno-avx512bf16`: as on a CPU that lacks it), the kernel widens each pair of
+    columns by a shift and a mask and sums even and odd columns apart. Either way: F.linear
+    within one bf16 rounding, each row's result the same whatever rows beside it, the two builds'
+    results within bf16 round-off of each other."""
+    g = torch.Generator().manual_seed(5)
+    shapes = [(17, 3), (33, 577), (48, 32), (200, 130)]
+    ws = [torch.randn(m, k, generator=g).bfloat16() for m, k in shapes]
+    xs = [torch.randn(11, k, generator=g).bfloat16() for _, k in shapes]
+    with_dp = [native.linear(x, native.pack(w), w.shape[0]) for w, x in zip(ws, xs)]
+    native.library.cache_clear()
+    monkeypatch.setattr(native, "FLAGS", (*native.FLAGS, "-mno-avx512bf16"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a compiler without the flag warns, and the test is skipped
+        built = native.library()
+    if built is None:
+        pytest.skip("this compiler has no -mno-avx512bf16 (not an x86 compiler)")
+    assert len(list(rebuild.glob("native_linear-*.so"))) == 2  # its own build
+    for w, x, other in zip(ws, xs, with_dp):
+        packed = native.pack(w)
+        got = native.linear(x, packed, w.shape[0])
+        torch.testing.assert_close(got.double(), F.linear(x.double(), w.double()), rtol=2**-8, atol=1e-3)
+        torch.testing.assert_close(got.float(), other.float(), rtol=2**-7, atol=1e-2)
+        alone = torch.cat([native.linear(x[i : i + 1], packed, w.shape[0]) for i in range(11)])
+        for n in (2, 5, 9, 11):
+            assert torch.equal(native.linear(x[:n], packed, w.shape[0]), alone[:n]), n
 
 
 @needs_native

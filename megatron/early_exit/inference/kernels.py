@@ -53,6 +53,14 @@ MANY_THREAD_ROUNDS, MANY_THREAD_MARGIN = 3 * ROUNDS, 2 * MARGIN  # wall-clock ti
 # Against `packed` in bf16 / fp16 (`reference`): timed alone, it is understated by up to ~15%
 # against how it decodes (SmolLM2 bf16 on the Intel Xeon: the measured mixes at 0.89x all-packed).
 SIXTEEN_BIT_MARGIN = 0.25
+# Against `native` on a layer's products (`fuse`) up to 16 rows: where all four of a layer's
+# products are native, its whole decode step (or a verify pass's rows) runs in one native call
+# (`lean.LeanLayer.native_step`); one product on another kernel sends the layer through its
+# operations one by one. In bf16 on the CPU reference model at 5 rows, a verify pass of 4 drafts
+# cost 2.6 plain steps where (2048, 384) and (8064, 384) took `packed` on a few percent measured
+# alone, 1.7 with every product native (`benchmarks/self_spec_overhead.py`): the layer's own
+# operations cost more than a product's few percent save.
+FUSED_MARGIN = 0.25
 # Rows of x (all leading dimensions) -> (bucket, rows the bucket is measured with).
 # 2-4 rows apart from 5-16: a self-speculative verify pass is a few rows, where the native
 # kernel is fastest (bf16, CPU reference: 0.46-0.72x `F.linear` at 3 rows) while at 8 rows packed
@@ -68,6 +76,8 @@ _MANY_ROWS = (None, 32)
 _DERIVED = DerivedCopies()
 # (shape, dtype) -> {id(weight): weakref}: the weights a choice is measured on.
 _GROUPS: dict[tuple, dict[int, weakref.ref]] = {}
+# (shape, dtype) of a layer's products, whose layer runs in one native call where all are native.
+_FUSED: set[tuple] = set()
 # (shape, dtype, bucket, threads) -> kernel name.
 _CHOICE: dict[tuple, str] = {}
 _forced: list[str] = []  # stack of engine-level overrides (innermost last)
@@ -224,6 +234,13 @@ def register(weights: Iterable[torch.Tensor]) -> None:
             weakref.finalize(w, group.pop, id(w), None)
 
 
+def fuse(weights: Iterable[torch.Tensor]) -> None:
+    """Mark `weights` as a layer's products (`lean.LeanLayer`), which run in one native call
+    where all of them are native: up to 16 rows, another kernel must beat `native` on their
+    shapes by `FUSED_MARGIN`, not `MARGIN`."""
+    _FUSED.update((tuple(w.shape), w.dtype) for w in weights)
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """`F.linear(x, weight, bias)` with the kernel chosen for this shape, dtype, rows and threads.
     The caller checks that a fast kernel applies (CPU, no autograd, one dtype)."""
@@ -256,12 +273,12 @@ def kernel_for(weight: torch.Tensor, rows: int) -> str:
     key = (tuple(weight.shape), weight.dtype, bucket, torch.get_num_threads())
     name = _CHOICE.get(key)
     if name is None:
-        name = _CHOICE[key] = _measure(weight, measured_rows)
+        name = _CHOICE[key] = _measure(weight, measured_rows, fused=bucket is not None and key[:2] in _FUSED)
         _drop_unchosen(key[:2])
     return name
 
 
-def _measure(weight: torch.Tensor, rows: int) -> str:
+def _measure(weight: torch.Tensor, rows: int, fused: bool = False) -> str:
     group = [w for w in (r() for r in _GROUPS.get((tuple(weight.shape), weight.dtype), {}).values()) if w is not None]
     weights = group if any(w is weight for w in group) else [weight]
     x = torch.randn(rows, weight.shape[1], generator=torch.Generator().manual_seed(0)).to(weight.dtype)
@@ -273,11 +290,12 @@ def _measure(weight: torch.Tensor, rows: int) -> str:
     # disturb: three times the rounds and twice the margin, so that a kernel replaces `plain` only
     # on a clear gain seen over many alternations (3 rounds at 5% picked a kernel that decoded
     # SmolLM2 at 0.98x of plain's speed at 2 threads on the Intel Xeon).
-    wide = ref == "packed"  # `packed` in 16-bit dtypes: a wider margin (`SIXTEEN_BIT_MARGIN`)
+    # `packed` in 16-bit dtypes, and `native` on a layer's products: a wider margin
+    wide = SIXTEEN_BIT_MARGIN if ref == "packed" else FUSED_MARGIN if ref == "native" and fused else None
     with torch.no_grad():
         if torch.get_num_threads() == 1:
-            return pick(funcs, weights, clock=time.process_time, **({"margin": SIXTEEN_BIT_MARGIN} if wide else {}))
-        margin = max(MANY_THREAD_MARGIN, SIXTEEN_BIT_MARGIN) if wide else MANY_THREAD_MARGIN
+            return pick(funcs, weights, clock=time.process_time, **({"margin": wide} if wide else {}))
+        margin = max(MANY_THREAD_MARGIN, wide) if wide else MANY_THREAD_MARGIN
         return pick(funcs, weights, clock=time.perf_counter, rounds=MANY_THREAD_ROUNDS, margin=margin)
 
 

@@ -186,6 +186,7 @@ class LeanLayer:
         self.head_dim, self.ffn = attn.head_dim, mlp.linear_fc2.weight.shape[1]
         self.fp32 = self.qkv.dtype == torch.float32
         self.products = (self.qkv, self.proj, self.fc1, self.fc2)
+        kernels.fuse(self.products)  # a kernel choice for their shapes weighs the one-call layer
         # Its modules' hook dicts (registering a hook adds to them in place), checked every step.
         self.hooks = hook_dicts(layer.modules())
 

@@ -84,8 +84,8 @@ def test_a_non_contiguous_input_and_the_copy_made_again_when_the_weight_changes(
 @needs_native
 def test_bf16_products_without_the_cpus_bf16_dot_product_too(rebuild, monkeypatch):
     """Where the CPU has a bf16 pair dot product (AVX512_BF16) bf16 products use it; built
-    without it (`-mno-avx512bf16`: as on a CPU that lacks it), the kernel widens each pair of
-    columns by a shift and a mask and sums even and odd columns apart. Either way: F.linear
+    without it (`-mno-avx512bf16`: as on a CPU that lacks it), the kernel widens each column and
+    sums even and odd columns apart by FMAs. Either way: F.linear
     within one bf16 rounding, each row's result the same whatever rows beside it, the two builds'
     results within bf16 round-off of each other."""
     g = torch.Generator().manual_seed(5)

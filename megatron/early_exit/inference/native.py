@@ -3,8 +3,8 @@
 oneDNN's packed kernel and `torch.mv` stream a decode step's weights at 56% of this machine's read
 bandwidth (fp32) and 41% (bf16) in SmolLM2's decode steps; a product whose weight is read once
 from a copy laid out for the purpose (panels of 16 output rows, k-major: one contiguous stream per
-thread, 16 outputs per vector register; bf16 columns in pairs, multiplied by the CPU's bf16 pair
-dot product where it has one) reads them faster (`benchmarks/smollm2_decode.py` prints both).
+thread, 16 outputs per vector register; bf16 columns taken in pairs by the CPU's bf16 pair dot
+product where it has one) reads them faster (`benchmarks/smollm2_decode.py` prints both).
 The C source is compiled once per machine on first use with the system's C compiler
 (`CC`, else `cc`) and `-O3 -march=native`, into a cache keyed by the source, the flags and the
 CPU (a library built for one CPU never loads on another), and loaded with ctypes: no PyTorch

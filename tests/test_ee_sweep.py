@@ -13,7 +13,7 @@ from megatron.early_exit.model import EarlyExitGPT
 from megatron.early_exit.tokenizer import build_tokenizer
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools", "eval"))
-from ee_sweep import main, rouge_l  # noqa: E402
+from ee_sweep import decode_rate, main, rouge_l  # noqa: E402
 
 
 def tiny_gpt2_checkpoint(path, **overrides) -> tuple[EarlyExitGPT, object]:
@@ -83,6 +83,7 @@ def test_sweep_writes_csv_and_plots(tmp_path, batch_size):
     assert float(full["ideal_speedup"]) == 1.0
     for r in table:
         assert float(r["efficiency"]) == pytest.approx(float(r["speedup"]) / float(r["ideal_speedup"]), abs=2e-3)
+        assert float(r["decode_speedup"]) > 0  # decoding after the prefill, paired as speedup is
     # --explain: the 0.0 row's decode steps, each timed and priced, by kind (4 tokens: at most 3 steps a batch).
     with open(tmp_path / "out" / "explain.csv") as f:
         kinds = list(csv.DictReader(f))
@@ -91,6 +92,16 @@ def test_sweep_writes_csv_and_plots(tmp_path, batch_size):
     assert 1 <= sum(int(r["steps"]) for r in kinds) <= 3 * (2 // batch_size)
     pytest.importorskip("matplotlib")
     assert {"speedup.png", "quality_vs_speedup.png", "exit_histogram.png"} <= set(os.listdir(tmp_path / "out"))
+
+
+def test_decode_rate_counts_the_tokens_after_each_first_over_the_time_after_each_prefill():
+    def batch(tokens: list[int], elapsed: float, prefill: float) -> tuple:
+        after = sum(t - 1 for t in tokens)
+        stats = {"elapsed_s": elapsed, "prefill_s": prefill, "decode_tokens_per_sec": after / (elapsed - prefill)}
+        return elapsed, [type("R", (), {"tokens": [0] * t, "stats": stats})() for t in tokens]
+
+    # (9 + 4) + 20 tokens after the firsts over (1.0 - 0.5) + (2.0 - 0.5) seconds
+    assert decode_rate([batch([10, 5], 1.0, 0.5), batch([21], 2.0, 0.5)]) == pytest.approx(33 / 2.0)
 
 
 def test_self_speculation_is_warmed_at_every_batch_bucket_it_can_meet():

@@ -321,6 +321,11 @@ def test_logprobs_and_telemetry(model_and_ref):
         assert r.stats["average_exit_layer"] == pytest.approx((4 + 4 * first) / 5)
         assert r.stats["exit_share"] == {first: 0.8, 4: 0.2} and r.stats["early_exit_share"] == 0.8
         assert r.stats["tokens_per_sec"] > 0 and 0.0 < r.stats["exit_time_share"] < 1.0
+        # decoding's own throughput: the 4 tokens after each first over the time after the prefill
+        after = r.stats["elapsed_s"] - r.stats["prefill_s"]
+        assert 0.0 < r.stats["prefill_s"] < r.stats["elapsed_s"]
+        assert r.stats["decode_tokens_per_sec"] == pytest.approx(4 * len(PROMPTS) / after)
+        assert r.stats["tokens_per_sec"] == pytest.approx(5 * len(PROMPTS) / r.stats["elapsed_s"])
     assert generate(model, None, PROMPTS[:1], max_new_tokens=2)[0].logprobs is None
 
 

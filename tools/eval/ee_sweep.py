@@ -12,7 +12,11 @@ and dtype before the sweep; prefill counted in both) and the engine efficiency (
 ideal: low ideal = weak exits, low efficiency = engine overhead), ROUGE-L F1 against the
 reference summary and against the full model's output, token agreement with full decoding
 (share of positions with the same token), the average exit layer and the share of tokens per
-exit. Writes `sweep.csv` and, when matplotlib is installed, `speedup.png`,
+exit, and decode_speedup: the speedup of decoding alone, after the prefill (the tokens after
+each sequence's first over the seconds after its batch's prefill, `GenerationResult.stats`,
+wall clock, paired as speedup is; an aclsum abstract's prefill is about a third of a
+one-sentence summary's time, and the exits change decoding alone). Writes `sweep.csv` and,
+when matplotlib is installed, `speedup.png`,
 `quality_vs_speedup.png` and `exit_histogram.png`; with --self-speculative also
 `self_speculative.csv` (dynamic self-speculation: speed, acceptance, share of plain rounds).
 Every row (and self-speculation) is timed batch by batch, each batch right after full decoding
@@ -134,6 +138,14 @@ def summarise(batches: list[tuple]) -> tuple:
     return sum(map(len, tokens)) / elapsed, texts, tokens, layers, results
 
 
+def decode_rate(batches: list[tuple]) -> float:
+    """Decoding's own tokens/s over `decode_batch` outputs: the tokens after each sequence's first
+    over the seconds after each batch's prefill (`GenerationResult.stats`, wall clock)."""
+    after = sum(r.stats["decode_tokens_per_sec"] * (r.stats["elapsed_s"] - r.stats["prefill_s"]) for _, res in batches
+                for r in res[:1])  # fmt: skip
+    return after / max(sum(res[0].stats["elapsed_s"] - res[0].stats["prefill_s"] for _, res in batches), 1e-9)
+
+
 def prefill_seconds(engine, prompts: list[list[int]], batch_size: int, settings) -> float:
     """Time of the prefills alone (one token per prompt), batch by batch: the same in every row."""
     from dataclasses import replace
@@ -172,7 +184,7 @@ def explain_rows(engine, prompts, args, timed: dict, costs) -> list[dict]:
 
     full = timed[(args.exit_policy[0], 1.0)][0]
     out = []
-    for (policy, thr), (settings, _, _) in timed.items():
+    for (policy, thr), (settings, *_) in timed.items():
         if thr == 1.0:
             continue
         evaluated, needs_vocab = policy_terms(engine, settings, prompts[0])
@@ -203,25 +215,28 @@ def explain_rows(engine, prompts, args, timed: dict, costs) -> list[dict]:
 def paired_runs(engine, prompts, args, settings, full) -> tuple:
     """`settings` decoded --repeats times over the prompts, each batch right after full decoding
     (`full`) of the same batch: (its best `decode_all`-style output, the median over repeats of
-    its tokens/s over the full runs' interleaved with it). A ratio of
+    its tokens/s over the full runs' interleaved with it, the same of decoding's own tokens/s
+    after the prefill, `decode_rate`). A ratio of
     neighbours seconds apart drifts far less than either figure on a machine whose speed changes
     over seconds, and no setting is always the first of a round."""
     import statistics
 
     clock = time.process_time if args.clock == "cpu" else time.perf_counter
-    best, ratios = None, []
+    best, ratios, decode = None, [], []
     for _ in range(args.repeats):
         pairs = [(decode_batch(engine, batch, full, clock), decode_batch(engine, batch, settings, clock))
                  for batch in in_batches(prompts, args.batch_size)]  # fmt: skip
         ref, out = summarise([p[0] for p in pairs]), summarise([p[1] for p in pairs])
         ratios.append(out[0] / ref[0])
+        decode.append(decode_rate([p[1] for p in pairs]) / decode_rate([p[0] for p in pairs]))
         best = out if best is None or out[0] > best[0] else best
-    return best, statistics.median(ratios)
+    return best, statistics.median(ratios), statistics.median(decode)
 
 
 def timed_rows(engine, prompts, thresholds, args) -> dict:
     """(exit policy, threshold) -> (settings, best `decode_all` output, speedup: the median of
-    its ratios to full decoding timed batch by batch beside it, `paired_runs`). Every setting first
+    its ratios to full decoding timed batch by batch beside it, the same after the prefill:
+    `paired_runs`). Every setting first
     decodes the first batch once, untimed: kernel choices, packed weights and the exit policy's
     costs are made on first use, and would otherwise be timed in whichever row came first. The
     threshold-1.0 row is full decoding timed against itself: its speedup reads the noise."""
@@ -244,8 +259,8 @@ def timed_rows(engine, prompts, thresholds, args) -> dict:
         engine.generate(prompts[: args.batch_size], settings)
     timed = {}
     for key, settings in rows.items():
-        out, speedup = paired_runs(engine, prompts, args, settings, full)
-        timed[key] = (settings, out, speedup)
+        out, speedup, decode = paired_runs(engine, prompts, args, settings, full)
+        timed[key] = (settings, out, speedup, decode)
     return timed
 
 
@@ -278,10 +293,10 @@ def sweep(args) -> list[dict]:
     )
     timed = timed_rows(engine, prompts, thresholds, args)
     base = (args.exit_policy[0], 1.0)
-    full_settings, (_, full_texts, full_tokens, _, full_results), _ = timed[base]
+    full_settings, (_, full_texts, full_tokens, _, full_results), _, _ = timed[base]
     prefill_s = prefill_seconds(engine, prompts, args.batch_size, full_settings)
     rows = []
-    for (policy, thr), (settings, (tps, texts, tokens, layers, results), speedup) in timed.items():
+    for (policy, thr), (settings, (tps, texts, tokens, layers, results), speedup, decode) in timed.items():
         agree = [sum(a == b for a, b in zip(t, f)) / max(len(f), 1) for t, f in zip(tokens, full_tokens)]
         ideal = ideal_of(engine, costs, results, args.batch_size, settings, prefill_s, full_results)
         row = {
@@ -291,6 +306,7 @@ def sweep(args) -> list[dict]:
             "speedup": round(speedup, 3),
             "ideal_speedup": round(ideal, 3),
             "efficiency": round(speedup / ideal, 3),
+            "decode_speedup": round(decode, 3),
             # the row's tokens decoded in full as the reference: differs from ideal_speedup where a
             # batch's sequences end at different steps (batch > 1), not at batch 1
             "ideal_same_lengths": round(ideal_of(engine, costs, results, args.batch_size, settings, prefill_s), 3),
@@ -340,7 +356,7 @@ def speculative_row(
     # a batch shrinks as its sequences stop), ~1 s each: once per bucket here, not in the figure.
     for size in warm_sizes(args.batch_size):
         engine.generate(prompts[:size], s)
-    (tps, texts, tokens, _, results), speedup = paired_runs(engine, prompts, args, s, full)
+    (tps, texts, tokens, _, results), speedup, decode = paired_runs(engine, prompts, args, s, full)
     rounds = [r.stats["draft_lengths"] for r in results]
     exits: dict = {}
     for r in results:
@@ -353,6 +369,7 @@ def speculative_row(
         + (f", prompt lookup {lookup} (not early exit)" if lookup else ""),
         "tokens_per_sec": round(tps, 2),
         "speedup": round(speedup, 3),
+        "decode_speedup": round(decode, 3),
         "rougeL_reference": round(100 * sum(map(rouge_l, texts, references)) / len(texts), 2),
         "identical_to_full": tokens == full_tokens,
         "acceptance_rate": round(sum(r.stats["accepted"] for r in results) / max(drafted, 1), 4),

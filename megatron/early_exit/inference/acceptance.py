@@ -158,6 +158,15 @@ class Acceptance:
             text = text[: text.index(r.stopped_by)]
         return text
 
+    @staticmethod
+    def decode_rate(results: list[GenerationResult], elapsed: float, prefill_s: float) -> dict:
+        """prefill_s, and decode_tokens_per_sec: the tokens after each sequence's first (which the
+        prefill makes) over the seconds after the prefill's: decoding's own speed, whatever the
+        prompts' length (an aclsum abstract's prefill took a third of a one-sentence summary's
+        time, and early exit and self-speculation change decoding alone)."""
+        after = sum(max(len(r.tokens) - 1, 0) for r in results)
+        return {"prefill_s": prefill_s, "decode_tokens_per_sec": after / max(elapsed - prefill_s, 1e-9)}
+
     def finish(
         self,
         results: list[GenerationResult],
@@ -166,11 +175,13 @@ class Acceptance:
         counts=None,
         exit_time: float = 0.0,
         drafts: bool = False,
+        prefill_s: float | None = None,
     ) -> None:
         """Fill in each result's text and stats once decoding is over. `elapsed`: seconds the
         batch took (tokens_per_sec counts every result's tokens over it); counts[b]: [drafted,
         accepted(, a dict of more stats)], reported when the strategy `drafts`; exit_time: seconds spent in exits (with
-        `profile`)."""
+        `profile`); prefill_s: seconds of them the prefill took, with each sequence's first token
+        (decode_tokens_per_sec counts the tokens after each first over the rest)."""
         total = sum(len(r.tokens) for r in results)
         for b, r in enumerate(results):
             r.text = self.text(r) if self.tokenizer is not None else None
@@ -180,6 +191,7 @@ class Acceptance:
                 "strategy": s.strategy,
                 "tokens_per_sec": total / max(elapsed, 1e-9),  # the batch's tokens over the call (prefill included)
                 "elapsed_s": elapsed,
+                **({} if prefill_s is None else self.decode_rate(results, elapsed, prefill_s)),
                 "average_exit_layer": sum(layers) / len(layers) if layers else None,
                 "exit_share": {n: layers.count(n) / len(layers) for n in sorted(set(layers))},
                 "early_exit_share": sum(x < self.num_layers for x in layers) / len(layers) if layers else 0.0,

@@ -269,24 +269,26 @@ class EarlyExitEngine:
         state = self.new_state(len(prompts), max(len(p) for p in prompts) + s.max_new_tokens + 1 + extra)
         self.passes.profile = s.profile
         with self.packed, self.greedy_head(self.argmax_only(s)):
-            elapsed, counts = decode_loop(self, state, prompts, results, s, policy)
-        self.acceptance.finish(results, s, elapsed, counts, state.exit_time, get_strategy(s.strategy).drafts)
+            elapsed, counts, prefill_s = decode_loop(self, state, prompts, results, s, policy)
+        drafts = get_strategy(s.strategy).drafts
+        self.acceptance.finish(results, s, elapsed, counts, state.exit_time, drafts, prefill_s)
         return results
 
 
-def decode_loop(engine, state, prompts, results, s: GenerationSettings, policy: ExitPolicy) -> tuple[float, list]:
+def decode_loop(engine, state, prompts, results, s, policy: ExitPolicy) -> tuple[float, list, float]:
     """Prefill, accept, then the strategy's rounds until every sequence stops. `engine`: anything
     with the step functions and an `acceptance` (the engine, or the pipeline engine's stage 0).
-    Returns (seconds, [drafted, accepted] per sequence)."""
+    Returns (seconds, [drafted, accepted] per sequence, seconds of the prefill and its tokens)."""
     strategy = get_strategy(s.strategy)
     counts = [[0, 0] for _ in prompts]
     batch = Batch(s, policy, dict(enumerate(results)), dict(enumerate(counts)), make_generator(s.seed))
     start = tick(engine.device)
     out = engine.prefill(state, dict(enumerate(prompts)))
     running = engine.acceptance.accept(out, batch.results, s, batch.generator)
+    prefilled = tick(engine.device) - start
     while running:
         running = strategy.round(engine, state, running, batch)
-    return tick(engine.device) - start, counts
+    return tick(engine.device) - start, counts, prefilled
 
 
 def recorded_draft_vocabulary(model) -> list[int] | None:

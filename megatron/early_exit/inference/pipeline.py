@@ -125,10 +125,10 @@ class PipelineEngine(EarlyExitEngine):
         self.with_logits = s.temperature > 0 or s.return_logprobs
         with self.packed:
             if self.stage == 0:
-                elapsed, counts = decode_loop(self, state, prompts, results, s, policy)
+                elapsed, counts, prefill_s = decode_loop(self, state, prompts, results, s, policy)
                 self._wait_sends()
                 self._send_hop(torch.zeros(len(prompts), 2, dtype=torch.long), None)  # the end
-                self.acceptance.finish(results, s, elapsed, counts, state.exit_time)
+                self.acceptance.finish(results, s, elapsed, counts, state.exit_time, prefill_s=prefill_s)
             else:
                 self._follow(state, len(prompts), policy)
         self._wait_sends()

@@ -307,9 +307,13 @@ def test_implausible_timings_are_taken_again_then_replaced(monkeypatch):
     rows = Rows([0], [0], [1], torch.zeros(1, 1, 32))
     assert ExitDecider(bad).net_saving(passes, 1, rows, [0], "learned") < 0
     assert ExitDecider(good).net_saving(passes, 1, rows, [0], "learned") > 0
-    timings = iter([bad, bad, good])
+    timings = iter([bad, bad, bad] + [good] * 3)  # the first median implausible, the second not
     monkeypatch.setattr(exit_decision, "time_exit_costs", lambda *a: next(timings))
     assert exit_decision.measure_exit_costs(passes) == good
+    # each cost the median of TIMINGS timings: one burst among three is dropped
+    burst = ExitCosts(0.1, 0.3, 0.9, 2.0, 1.0, 0.3)
+    timings = iter([good, burst, ExitCosts(1.2, 0.1, 0.4, 1.1, 1.0, 0.2)])
+    assert exit_decision.measure_exit_costs(passes) == ExitCosts(1.0, 0.2, 0.5, 1.1, 1.0, 0.2)
     monkeypatch.setattr(exit_decision, "time_exit_costs", lambda *a: bad)
     with pytest.warns(RuntimeWarning, match="priced a recomputed row above a layer"):
         assert exit_decision.measure_exit_costs(passes) == ExitCosts.from_parameters(passes)

@@ -39,7 +39,7 @@ Costs come from `ExitCosts`: measured once per engine on first use or when a ser
 (`EarlyExitEngine.exit_costs`; a few layer, head and
 check timings at batch 1 and 8, inside the engine's packed weights, in CPU seconds on a CPU:
 wall-clock timings on a loaded machine once gave a layer no fixed cost at all, after which no
-row ever left), taken from a fitted
+row ever left; each cost the median of three such timings, `measure_exit_costs`), taken from a fitted
 `cost_model.DecodeCosts` (`ExitCosts.from_cost_model`), or, where several processes decode
 together (tensor or pipeline parallelism, whose ranks must take the same decisions), derived
 from the parameter counts alone (also wherever `EE_EXIT_COSTS=parameters`: decisions that do
@@ -49,8 +49,10 @@ to fix them.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
+import statistics
 import warnings
 from dataclasses import dataclass, field
 
@@ -120,7 +122,12 @@ class ExitCosts:
         return cls(float(layer), layer / 32, layer / 32, head, head, max(layer / 50, float(probe)))
 
 
-MEASURE_TRIES = 3  # timings of `measure_exit_costs` until one is `plausible`
+MEASURE_TRIES = 3  # medians of timings `measure_exit_costs` takes until one is `plausible`
+# Timings whose field-wise median is one measurement: at batch 4 (CPU reference model, bf16) whether
+# four rows leaving together pay turns on layer(4) / (4 row), which twelve timings in one process
+# read 1.02-1.55; at 1.02 the checks never paid and nothing left in one run where 94% had left in
+# the run before (`benchmarks/decode_speed.py`). A median of three drops one burst's timing.
+TIMINGS = 3
 
 
 def plausible(c: ExitCosts) -> bool:
@@ -135,11 +142,12 @@ def plausible(c: ExitCosts) -> bool:
 
 @torch.no_grad()
 def measure_exit_costs(passes, batch: int = 8, repeats: int = 5, tries: int = MEASURE_TRIES) -> ExitCosts:
-    """`time_exit_costs` until its costs are `plausible`, at most `tries` times; then, where none
-    was, the parameter counts' (`ExitCosts.from_parameters`), with a warning: decisions on costs
-    that say no row ever pays would turn early exit off for the engine's lifetime."""
+    """The field-wise median of TIMINGS `time_exit_costs` (`median_costs`), until it is
+    `plausible`, at most `tries` times; then, where none was, the parameter counts'
+    (`ExitCosts.from_parameters`), with a warning: decisions on costs that say no row ever pays
+    would turn early exit off for the engine's lifetime. ~0.1 s on the CPU reference model."""
     for _ in range(tries):
-        costs = time_exit_costs(passes, batch, repeats)
+        costs = median_costs([time_exit_costs(passes, batch, repeats) for _ in range(TIMINGS)])
         if plausible(costs):
             return costs
     warnings.warn(
@@ -150,6 +158,11 @@ def measure_exit_costs(passes, batch: int = 8, repeats: int = 5, tries: int = ME
         stacklevel=2,
     )
     return ExitCosts.from_parameters(passes)
+
+
+def median_costs(timings: list[ExitCosts]) -> ExitCosts:
+    """Each cost the median of its timings'."""
+    return ExitCosts(*(statistics.median(getattr(c, f.name) for c in timings) for f in dataclasses.fields(ExitCosts)))
 
 
 @torch.no_grad()

@@ -90,9 +90,38 @@ static inline __m512bh column_pair(const void *panel, int64_t k) {
 
 static inline float round_bf16(float f) { return bf16_to_f32(f32_to_bf16(f)); }
 
+/* round_bf16 of 16 lanes: to nearest even; NaN stays NaN. */
+static inline v16 round16(v16 f) {
+    w16 u, nan;
+    memcpy(&u, &f, sizeof u);
+    nan = (w16)((u & 0x7fffffffu) > 0x7f800000u);
+    u = ((u + 0x7fffu + ((u >> 16) & 1u)) & ~nan) | ((u | 0x400000u) & nan);
+    u &= 0xffff0000u;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+
 /* One panel's 16 sums of one row: plus the bias, rounded to the output dtype, plus the residual
-   (rounded again in bf16: torch's `r + linear(x)` rounds the product, then the sum). */
+   (rounded again in bf16: torch's `r + linear(x)` rounds the product, then the sum). A whole
+   panel in lanes (each lane the scalar path's operations in its order: the same numbers); a last
+   partial panel element by element. Element by element, bf16 products of several rows paid a
+   scalar rounding per output (a layer's 3,968 of the CPU reference model per row). */
 static void store(v16 s, const void *b, const void *res, void *y, int bf16, int64_t row, int64_t m0, int64_t M) {
+    if (M - m0 >= PANEL) {
+        const int64_t o = row * M + m0;
+        if (b) s += widen(b, bf16, m0);
+        if (res) s = bf16 ? round16(s) + widen(res, 1, o) : s + widen(res, 0, o);
+        if (bf16) {
+            w16 u;
+            v16 r = round16(s);
+            memcpy(&u, &r, sizeof u);
+            h16 h = __builtin_convertvector(u >> 16, h16);
+            memcpy((uint16_t *)y + o, &h, sizeof h);
+        } else {
+            memcpy((float *)y + o, &s, sizeof s);
+        }
+        return;
+    }
     float v[PANEL];
     memcpy(v, &s, sizeof v);
     int64_t count = M - m0 < PANEL ? M - m0 : PANEL;
@@ -225,17 +254,6 @@ static inline v16 widen_part(const void *p, int bf16, int64_t i, int64_t m) {
     if (m == PANEL) return widen(p, bf16, i);
     v16 f = {0};
     for (int64_t j = 0; j < m; j++) f[j] = load(p, bf16, i + j);
-    return f;
-}
-
-/* round_bf16 of 16 lanes: to nearest even; NaN stays NaN. */
-static inline v16 round16(v16 f) {
-    w16 u, nan;
-    memcpy(&u, &f, sizeof u);
-    nan = (w16)((u & 0x7fffffffu) > 0x7f800000u);
-    u = ((u + 0x7fffu + ((u >> 16) & 1u)) & ~nan) | ((u | 0x400000u) & nan);
-    u &= 0xffff0000u;
-    memcpy(&f, &u, sizeof f);
     return f;
 }
 

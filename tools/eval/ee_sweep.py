@@ -141,8 +141,7 @@ def summarise(batches: list[tuple]) -> tuple:
 def decode_rate(batches: list[tuple]) -> float:
     """Decoding's own tokens/s over `decode_batch` outputs: the tokens after each sequence's first
     over the seconds after each batch's prefill (`GenerationResult.stats`, wall clock)."""
-    after = sum(r.stats["decode_tokens_per_sec"] * (r.stats["elapsed_s"] - r.stats["prefill_s"]) for _, res in batches
-                for r in res[:1])  # fmt: skip
+    after = sum(max(len(r.tokens) - 1, 0) for _, res in batches for r in res)
     return after / max(sum(res[0].stats["elapsed_s"] - res[0].stats["prefill_s"] for _, res in batches), 1e-9)
 
 

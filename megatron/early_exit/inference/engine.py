@@ -275,7 +275,9 @@ class EarlyExitEngine:
         return results
 
 
-def decode_loop(engine, state, prompts, results, s, policy: ExitPolicy) -> tuple[float, list, float]:
+def decode_loop(
+    engine, state, prompts, results, s: GenerationSettings, policy: ExitPolicy
+) -> tuple[float, list, float]:
     """Prefill, accept, then the strategy's rounds until every sequence stops. `engine`: anything
     with the step functions and an `acceptance` (the engine, or the pipeline engine's stage 0).
     Returns (seconds, [drafted, accepted] per sequence, seconds of the prefill and its tokens)."""

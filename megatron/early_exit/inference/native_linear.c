@@ -124,8 +124,7 @@ static void store(v16 s, const void *b, const void *res, void *y, int bf16, int6
     }
     float v[PANEL];
     memcpy(v, &s, sizeof v);
-    int64_t count = M - m0 < PANEL ? M - m0 : PANEL;
-    for (int64_t j = 0; j < count; j++) {
+    for (int64_t j = 0; j < M - m0; j++) { /* fewer than PANEL: the last panel's outputs */
         int64_t o = row * M + m0 + j;
         float r = v[j];
         if (b) r += bf16 ? bf16_to_f32(((const uint16_t *)b)[m0 + j]) : ((const float *)b)[m0 + j];

@@ -272,6 +272,8 @@ def test_concurrent_requests_batch_and_match_alone(server, ckpt):
     for (_, want), r in zip(jobs, results):
         assert r.status_code == 200, r.text
         assert r.json()["choices"][0]["text"] == want
+        tele = r.json()["choices"][0]["early_exit"]  # decoding's own rate beside the request's
+        assert tele["decode_tokens_per_sec"] > 0 and tele["tokens_per_sec"] > 0
 
 
 def test_disconnect_frees_the_slot_and_metrics_move(server):

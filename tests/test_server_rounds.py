@@ -92,6 +92,12 @@ def test_self_speculative_requests_share_rounds_and_stay_lossless(kind):
     for job in jobs:  # each job's own telemetry: its drafted / accepted counts
         drafted, accepted = job.counts[0][:2]
         assert 0 <= accepted <= drafted
+        # its decoding's own rate: the tokens after the prefill's first over the seconds after it
+        st, n = job.results[0].stats, len(job.results[0].tokens)
+        assert job.started < job.prefilled < job.finished
+        assert st["prefill_s"] == pytest.approx(job.prefilled - job.started)
+        assert st["decode_tokens_per_sec"] == pytest.approx((n - 1) / (job.finished - job.prefilled))
+        assert st["tokens_per_sec"] == pytest.approx(n / (job.finished - job.started))
     if kind == "agree":  # drafts taken: fewer shared rounds than tokens of the longest sequence
         assert jobs[0].counts[0][1] > 0
         assert sum(per_slot for _, per_slot in driver.rounds) < NEW - 1

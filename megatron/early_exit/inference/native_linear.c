@@ -230,6 +230,15 @@ static void pairs(const float *xf, uint32_t *xq, int64_t n, int64_t K) {
         const int64_t rows = n - i0 < XROWS ? n - i0 : XROWS;
         const float *xr = xf + i0 * K;
         uint32_t *out = xq + i0 * (K / 2);
+        if (rows == 1) { /* a decode step's one row: contiguous, a loop the compiler vectorises */
+            for (int64_t j = 0; j < K / 2; j++) {
+                uint32_t lo, hi;
+                memcpy(&lo, xr + 2 * j, 4);
+                memcpy(&hi, xr + 2 * j + 1, 4);
+                out[j] = (lo >> 16) | (hi & 0xffff0000u);
+            }
+            continue;
+        }
         for (int64_t k = 0; k + 2 <= K; k += 2)
             for (int64_t i = 0; i < rows; i++) {
                 uint32_t lo, hi;

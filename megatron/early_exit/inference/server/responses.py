@@ -119,6 +119,9 @@ def telemetry(job: Job, i: int) -> dict:
     }
     if "acceptance_rate" in r.stats:
         out["acceptance_rate"] = r.stats["acceptance_rate"]
+    for key in ("tokens_per_sec", "decode_tokens_per_sec"):  # wall clock, batch neighbours included
+        if key in r.stats:
+            out[key] = round(r.stats[key], 3)
     return out
 
 

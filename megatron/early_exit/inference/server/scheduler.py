@@ -87,6 +87,7 @@ class Job:
     token_top: list[list[dict[int, float]]] = field(default_factory=list)
     submitted: float = 0.0
     started: float = 0.0
+    prefilled: float = 0.0  # when its prefill (and first tokens) were done: decode_tokens_per_sec after it
     finished: float = 0.0
     cancelled: bool = False
     counts: list[list[int]] = field(default_factory=list)  # self-speculative: drafted, accepted
@@ -267,7 +268,9 @@ class BaseScheduler(ABC):
         elapsed = max(job.finished - job.started, 1e-9)
         drafts = get_strategy(job.settings.strategy).drafts
         for i, r in enumerate(job.results):
-            self.engine.acceptance.finish([r], job.settings, elapsed, [job.counts[i]], 0.0, drafts)
+            # the seconds after its prefill are this job's decoding, shared with the jobs beside it
+            prefill_s = job.prefilled - job.started if job.prefilled else r.stats.get("prefill_s")
+            self.engine.acceptance.finish([r], job.settings, elapsed, [job.counts[i]], 0.0, drafts, prefill_s)
         if self.metrics is not None:
             self.metrics.job_finished(job)
         job.sink(Event("done"))
@@ -361,7 +364,9 @@ class Scheduler(BaseScheduler):
                 log.exception("prefill failed")
                 self._fail([job for job, slots in admitted if slots[0] in prompts], e)
         out = _merge(outs)
+        done = time.perf_counter()
         for job, slots in admitted:
+            job.prefilled = done
             if job.cancelled or all(job.done) or slots[0] not in out.logits:
                 continue
             if job.score_prompt:

@@ -605,7 +605,8 @@ def test_a_corrupt_draft_vocabulary_in_the_record_is_named(tmp_path):
 
 def test_a_plain_round_near_paying_observes_its_exit_and_learns_from_it():
     """A plain plan whose best exit comes within OBSERVE_NEAR of paying, and was chosen within
-    OBSERVE_WINDOW rounds, reads that exit (one far from paying, or not chosen lately: none); each
+    OBSERVE_WINDOW rounds or has fewer than OBSERVE_EVIDENCE drafts of its own observed (a cold
+    start), reads that exit (one far from paying, or not chosen lately: none); each
     observation teaches the controller as a one-draft round would, so after a run of rejections
     the exit drafts again as soon as its tokens agree, not after its exploration interval. Round
     costs as timed on the CPU reference model's exit 3."""
@@ -630,7 +631,15 @@ def test_a_plain_round_near_paying_observes_its_exit_and_learns_from_it():
     assert plan.exit is None and plan.observe is None  # no check paid for an exit far from paying
     never = DraftController(costs, agreement={2: 0.49}, margin=0.0)  # near paying from the start, never chosen
     plan = never.plan([2], lengths)
-    assert plan.exit is None and plan.rate >= OBSERVE_NEAR > 0 and plan.observe is None
+    assert plan.exit is None and plan.observe == 2  # a cold start: observed while its own drafts are few
+    seen = 0
+    while never.thin(2):  # one draft agreeing in three: near paying, never paying
+        never.update(2, [([0.5], int(seen % 3 == 0))])
+        seen += 1
+    assert seen == 8  # decayed counts (0.93 a draft) reach OBSERVE_EVIDENCE 6 after 8 observed drafts
+    plan = never.plan([2], lengths)
+    assert plan.exit is None and max(never.rate(2, g) for g in lengths) >= OBSERVE_NEAR
+    assert plan.observe is None  # now left to exploration, as an exit no plan chose lately
     for _ in range(5):
         ctl.update(2, [([0.5], 0)])  # exit 2 of the first controller, stalled again
     plans = [ctl.plan([2], lengths) for _ in range(OBSERVE_WINDOW + 6)]  # k-th plan: chosen k rounds ago

@@ -193,19 +193,36 @@ def test_a_probe_on_an_exit_mlp_keeps_the_module_path():
 @pytest.mark.parametrize("k", [0, 16])
 def test_a_decode_steps_rmsnorm_check_runs_in_one_native_call(k, monkeypatch):
     """Where the native kernel is built, a uniform decode step's RMSNorm probe check is
-    `native.Probe` (`Passes.shared_norm_scores`), and decoding through it gives the module path's
-    tokens and exit layers; where it is not, the torch check runs (the same test, no calls)."""
+    `native.Probe` (`Passes.shared_norm_scores`), and so is a general pass's (a fill's, on its
+    newest rows), and decoding through it gives the module path's tokens, exit layers and
+    confidences (the leavers' norm and projection in one native call); where it is not, the
+    torch check runs (the same test, no calls)."""
     from megatron.early_exit.inference import native
+    from megatron.early_exit.inference.passes import Passes
 
-    calls = []
+    calls, general = [], []
     real = native.Probe.__call__
     monkeypatch.setattr(native.Probe, "__call__", lambda self, x: calls.append(x.shape) or real(self, x))
-    model = _probe_model(True, k, "backbone")
-    for prompts in ([PROMPTS[0]], PROMPTS):
-        fused, plain = _decode(model, prompts, 0.5, True), _decode(model, prompts, 0.5, False)
+    real_scores = Passes.folded_scores
+
+    def spy(self, folded, rows, cand):  # a general pass's check (a fill: several rows per sequence)
+        before = len(calls)
+        made = real_scores(self, folded, rows, cand)
+        if rows.x.shape[1] > 1:
+            general.append(len(calls) - before)
+        return made
+
+    monkeypatch.setattr(Passes, "folded_scores", spy)
+    model = _probe_model(True, k, "backbone", seed={0: 1, 16: 11}[k])  # seeds whose tokens fill pending rows
+    for prompts, threshold in [(p, t) for p in ([PROMPTS[0]], PROMPTS) for t in (0.5, 0.9, 0.95)]:
+        fused, plain = _decode(model, prompts, threshold, True), _decode(model, prompts, threshold, False)
         assert [r.tokens for r in fused] == [r.tokens for r in plain]
         assert [r.exit_layers for r in fused] == [r.exit_layers for r in plain]
+        for f, p in zip(fused, plain):  # leavers' logits by the native head, the norm folded in
+            assert f.confidences == pytest.approx(p.confidences, rel=1e-5)
+    assert general  # fills checked exits on the general path
     if native.available():
         assert len(calls) >= NEW and all(1 <= s[0] <= len(PROMPTS) for s in calls)
+        assert all(c == 1 for c in general)  # there too, the newest rows' check in one native call
     else:
         assert not calls

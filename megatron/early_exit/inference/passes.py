@@ -781,7 +781,7 @@ class Passes:
             bound = logit_threshold(threshold) - shift
             fire = decide(self, n, [z >= bound for z in scores], rows, cand, policy)
             conf = [sigmoid(scores[j] + shift) for j in fire]
-            hidden = self.exit_hidden(state, n, head, rows, [cand[j] for j in fire]) if fire else None
+            return fire, conf, self.leavers_logits(state, n, head, rows, [cand[j] for j in fire]) if fire else None
         elif measure.from_backbone is not None and head.probe_reads_backbone:
             c = measure.from_backbone(head, self.newest_rows(rows, cand))  # (A,)
             fire = decide(self, n, c >= threshold, rows, cand, policy)
@@ -794,6 +794,20 @@ class Passes:
             conf = c[fire].tolist()
             hidden = hidden[torch.tensor(fire, dtype=torch.long, device=self.device)] if fire else None
         return fire, conf, self.exit_logits(head, hidden) if fire else None
+
+    def leavers_logits(self, state, n: int, head, rows: Rows, cand: list[int]) -> torch.Tensor:
+        """Exit n's logits [F, V] at the newest row of each of `cand` (the rows leaving): where the
+        exit is its RMSNorm alone, the norm and projection in one native call (`native_vocab`, as
+        `UniformCheck.leave` makes them in a uniform step); else `exit_hidden`, `exit_logits`. A
+        general pass (a fill) leaving at exit 6 of the CPU reference model (bf16) spent ~0.3 ms
+        in the exit's norm and projection as separate operations."""
+        norm = state.remembered(("exit norm", id(head)), lambda: lean.exit_norm(head))
+        if norm is not None:
+            weight = head.output_weight(self.model.tied_output_weight())
+            made = self.native_vocab(self.newest_rows(rows, cand)[:, 0], weight, norm, head.temperature)
+            if made is not None:
+                return made[0]
+        return self.exit_logits(head, self.exit_hidden(state, n, head, rows, cand))
 
     def folded_probe(self, state: DecodeState, head):
         """`fused_check.folded_probe(head)`, looked up once per decode state."""
@@ -810,9 +824,14 @@ class Passes:
         rows are kept (`self.scaled`) for the next lean layer, whose input norm makes the same
         ones where its eps is the probe norm's, so that a check that does not fire costs that
         layer one product and its value (`FoldedProbe.scores_of_scaled`); where the native
-        kernel is built, one call (`native.Probe`, see `shared_norm_scores`)."""
+        kernel is built, one call (`native.Probe`, see `shared_norm_scores`). Else (a general
+        pass's newest rows, some candidates) one native call on those rows where it is built,
+        as a uniform step's check makes them (the torch operations cost a fill ~0.3 ms in bf16)."""
         if folded.norm != "rms" or len(cand) != len(rows.seqs) or rows.x.shape[1] != 1:
-            return folded.logit(self.newest_rows(rows, cand)[:, 0]).tolist(), 0.0  # (A, h) rows
+            x = self.newest_rows(rows, cand)  # (A, 1, h): a general pass's (a fill's) newest rows
+            if folded.norm == "rms" and folded.native is not None and folded.native.takes(x):
+                return folded.native(x), folded.shift  # one native call, as a uniform step's check
+            return folded.logit(x[:, 0]).tolist(), 0.0
         return self.shared_norm_scores(folded, rows.x), folded.shift
 
     def shared_norm_scores(self, folded, x: torch.Tensor) -> list[float]:

@@ -119,6 +119,10 @@ def test_a_replayed_step_computes_the_same_step_each_time():
 def test_several_pending_rows_cost_a_pending_layer_and_a_row_each_beyond_the_first():
     costs = synthetic()
     assert costs.fill([0, 0, 1, 2, 3]) == pytest.approx(3 * 0.2 + (0 + 1 + 2) * 0.05)
+    # what a filling pass pays once (`pend_pass`), and nothing where no layer fills
+    passing = replace(costs, pend_pass=0.7)
+    assert passing.fill([0, 0, 1, 2, 3]) == pytest.approx(0.7 + 3 * 0.2 + 3 * 0.05)
+    assert passing.fill([0, 0, 0]) == passing.fill([]) == 0.0
     # Two tokens leave at 4, then one goes deep: layers 4..9 each fill 2 pending rows, 0.2 + 0.05.
     run = [GenerationResult(prompt_tokens=[1], exit_layers=[10, 4, 4, 10])]
     assert cm.predict(run, costs, [4], needs_vocab=False) == pytest.approx(2 * 6.4 + 2 + 10 + 6 * 0.25 + 0.1 + 1)
@@ -282,6 +286,7 @@ def test_every_measurement_is_put_at_one_host_speed(monkeypatch):
     def slowed(name, factor):
         def run(*args, **kwargs):
             out = seen[name] = real[name](*args, **kwargs)
+            seen.setdefault(f"{name} calls", []).append(out)
             times = refs[0].times[{"piece_times": "pieces", "memory_time": "memory", "fill_time": "fill"}[name]]
             times[:] = [factor * t for t in times]
             if name == "piece_times":
@@ -303,8 +308,17 @@ def test_every_measurement_is_put_at_one_host_speed(monkeypatch):
     pieces, speed = seen["piece_times"], costs.host["pieces"]
     assert costs.head == pytest.approx(2.0 * pieces["head"] / speed, rel=1e-12)
     assert costs.probe[1] == pytest.approx(2.0 * pieces["probe/1"] / speed, rel=1e-12)
-    above = 4 - engine.passes.depth(1)  # layers above exit 1, where its tokens' rows are pending
-    assert costs.pend == pytest.approx(4.0 * seen["fill_time"][0] / costs.host["fill"] / above, rel=1e-12)
+    # a fill behind each exit (one pending row in the layers above it), read at a quarter speed: the
+    # line through them gives a layer's and a filling pass's shares, or the first exit's per layer
+    above = [4 - engine.passes.depth(n) for n in (1, 2)]
+    ones, speed = [4.0 * out[0] for out in seen["fill_time calls"]], costs.host["fill"]
+    assert len(ones) == 2
+    slope, intercept = cm.fit_line(list(zip(above, ones)))
+    if slope <= 0 or intercept < 0 or intercept > ones[0]:
+        assert (costs.pend, costs.pend_pass) == (pytest.approx(ones[0] / speed / above[0], rel=1e-12), 0.0)
+    else:
+        assert costs.pend == pytest.approx(slope / speed, rel=1e-12)
+        assert costs.pend_pass == pytest.approx(intercept / speed, rel=1e-12)
     if costs.cold:  # the cost per byte: the memory timing over its speed
         per_byte = {costs.cold[k] / size for k, (_, size) in costs.reads.items()}
         assert max(per_byte) == pytest.approx(min(per_byte), rel=1e-12)
@@ -381,3 +395,36 @@ def test_rounds_are_priced_in_cpu_seconds_on_one_thread_and_by_the_wall_clock_on
     finally:
         torch.set_num_threads(threads)
     assert cm.cpu_clock(cpu) is time.process_time
+
+
+def test_pending_costs_split_a_fill_into_its_layers_and_its_pass(monkeypatch):
+    """A fill behind each exit of a 4-layer model (exits 1 and 2: 3 and 2 layers above) priced
+    a + b x layers gives b per layer and a once per filling pass; where the line makes a pass cost
+    less than nothing (noise), the first exit's seconds per layer, no pass term."""
+    engine = EarlyExitEngine(tiny(probes=True))
+    policies = {n: engine.check(s, [[1, 2, 3]]) for n, s in cm.exit_settings(engine, None).items() if n != "full"}
+    policies = {int(k.split()[1]): v for k, v in policies.items()}
+    depth = {n: engine.passes.depth(n) for n in (1, 2)}
+
+    class Ref:
+        def timed(self, name, calls=1):
+            return lambda: None
+
+        def speed(self, name):
+            return 2.0  # the host at half speed while filling: every figure divided by 2
+
+    def fake(per_pass, per_layer, per_row):
+        def fill_time(engine, prompts, policy, steps, repeats, rows, reference=None):
+            n = next(k for k, v in policies.items() if v is policy)
+            above = 4 - depth[n]
+            return [per_pass + per_layer * above + (k - 1) * per_row * above for k in rows]
+
+        return fill_time
+
+    monkeypatch.setattr(cm, "fill_time", fake(0.6, 0.2, 0.05))
+    pend, pend_pass, row = cm.pending_costs(engine, [[1, 2, 3]], policies, 2, 1, 4, Ref())
+    assert (pend, pend_pass, row) == (pytest.approx(0.1), pytest.approx(0.3), pytest.approx(0.025))
+    monkeypatch.setattr(cm, "fill_time", fake(-0.3, 0.4, 0.05))  # a line below zero at no layer: noise
+    pend, pend_pass, _ = cm.pending_costs(engine, [[1, 2, 3]], policies, 2, 1, 4, Ref())
+    above = 4 - depth[1]
+    assert (pend, pend_pass) == (pytest.approx((-0.3 + 0.4 * above) / above / 2), 0.0)

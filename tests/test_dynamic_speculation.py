@@ -147,6 +147,9 @@ def test_engine_controller_persists_and_takes_measured_costs():
     assert measured.costs.draft[1] == pytest.approx((2 + 1 + 3) / 11)
     assert measured.costs.row[3] == pytest.approx((3 * 0.1 + 0.1 * 3) / 11)
     assert measured.costs.base[3] == pytest.approx(1 + 3 * 0.2 / 11)  # 3 layers above exit 3 on the pending path
+    engine.decode_costs = replace(engine.decode_costs, pend_pass=0.5)  # and what a filling pass pays once
+    assert controller_for(engine).costs.base[3] == pytest.approx(1 + (3 * 0.2 + 0.5) / 11)
+    engine.decode_costs = replace(engine.decode_costs, pend_pass=0.0)
     # Weights from memory (`cost_model.WeightCache`): rounds alternate shallow and full-depth steps, so
     # layers and head are priced streamed: a layer 1.5, the head 4 (full step 2 + 9 + 4 = 15).
     engine.decode_costs = replace(

@@ -27,7 +27,9 @@ through the engine's own code (`Passes`, prepacked weights entered as in decodin
                 an exit that is its RMSNorm alone whose head runs in one native call
                 (`Passes.native_vocab`), that call from the backbone row (norm included);
   pend          a layer where the pass fills pending rows (one row per sequence beyond the
-                newest): the general path's gather, layout and mask there, and the row. Timed
+                newest): the general path's gather, layout and mask there, and the row;
+  pend_pass     what a pass that fills pays once besides (`pending_costs`: the line through
+                each exit's fill over the layers above it). Timed
                 through the engine's own pending path (`fill_time`): a full-depth step after a
                 step that left at the first exit against one after a full-depth step, each
                 replayed from a saved state, back to back, median of the differences (a decode
@@ -104,6 +106,7 @@ class DecodeCosts:
     fire_hidden: dict[int, float] = field(default_factory=dict)  # exit's own layers, run only when it fires
     probe_exit: dict[int, float] = field(default_factory=dict)  # the probe on the exit's hidden state
     pend: float = 0.0  # a layer that fills pending rows: its first extra row and the general path's work there
+    pend_pass: float = 0.0  # a pass that fills pending rows, once: the general path's work that no layer owns
     # The weights' cache regime (`WeightCache`): a piece ("layer", "head", "project/<n>") that reads
     # its weights from memory instead of the last-level cache costs `cold[piece]` more; `reads`
     # gives each piece's weights (a name shared by tied heads, and their bytes); `cache_bytes` the
@@ -150,7 +153,8 @@ class DecodeCosts:
     def fill(self, extra: Sequence[int]) -> float:
         """Pending-state fill: `extra[i]` more rows per sequence at layer i (the most of any
         sequence of the pass: rows are padded to the longest)."""
-        return sum(self.pend + (k - 1) * self.row for k in extra if k > 0)
+        layers = [k for k in extra if k > 0]
+        return (self.pend_pass if layers else 0.0) + sum(self.pend + (k - 1) * self.row for k in layers)
 
     def step(
         self,
@@ -759,14 +763,36 @@ def measure_costs(
         rest = predicted_step(costs, f"exit {n}", get_measure(policies[n].measure).needs_vocab)
         points.append((depth[n], measured[f"exit {n}"] - rest))
     if p.exits:  # pending layers through the engine's own path (gather, layout, mask), not a layer alone
-        n = min(p.exits)
-        above = p.num_layers - depth[n]
-        one, more = fill_time(engine, prompts, policies[n], steps, repeats, (1, 1 + extra), ref.timed("fill"))
+        costs.pend, costs.pend_pass, costs.row = pending_costs(engine, prompts, policies, steps, repeats, extra, ref)
         host["fill"] = ref.speed("fill")
-        costs.pend = one / host["fill"] / above  # one pending row per sequence in each layer above n
-        costs.row = max(more - one, 0.0) / host["fill"] / (extra * above)  # each further pending row there
     costs.layer, costs.fixed = fit_layer(points, pieces["layer"])
     return costs, measured
+
+
+def pending_costs(engine, prompts, policies: dict, steps: int, repeats: int, extra: int, ref) -> tuple:
+    """(pend, pend_pass, row) at the host speed of `step_times` (`ReferenceStep`). A fill behind
+    exit n (one pending row per sequence in the layers above it, `fill_time`) for each exit; with
+    two exits or more, the line through (layers above n, its fill's seconds): its slope is `pend`,
+    a layer's share, and its intercept `pend_pass`, what a filling pass pays once (the general
+    path's gather, layout and mask; the CPU reference model, bf16: ~30 us a layer behind exit 3 and
+    ~42 behind exit 6 priced as per-layer alone, so fills behind exit 6 were priced 25% low). One
+    exit, or a line that makes a layer or a pass free (noise): the first exit's seconds per layer,
+    no pass term, as before. `row`: each further pending row per layer, 1 + `extra` rows behind
+    the first exit against 1."""
+    p, timed = engine.passes, ref.timed("fill")
+    above = {n: p.num_layers - p.depth(n) for n in p.exits}
+    first = min(p.exits)
+    one, more = fill_time(engine, prompts, policies[first], steps, repeats, (1, 1 + extra), timed)
+    points = [(above[first], one)]
+    for n in sorted(p.exits)[1:]:
+        if above[n] > 0 and above[n] != above[first]:
+            points.append((above[n], fill_time(engine, prompts, policies[n], steps, repeats, (1,), timed)[0]))
+    speed = ref.speed("fill")
+    row = max(more - one, 0.0) / speed / (extra * above[first])
+    slope, intercept = fit_line(points) if len(points) > 1 else (0.0, -1.0)
+    if slope <= 0.0 or intercept < 0.0 or intercept > one:
+        return one / speed / above[first], 0.0, row
+    return slope / speed, intercept / speed, row
 
 
 def predicted_step(costs: DecodeCosts, name: str, needs_vocab: bool) -> float:

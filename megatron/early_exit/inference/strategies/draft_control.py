@@ -194,14 +194,15 @@ def costs_from_config(c, depth: dict[int, int], draft_vocab: int | None = None, 
 def costs_from_measured(c, depth: dict[int, int], lookup: bool = False) -> DraftCosts:
     """Relative costs from a measured `cost_model.DecodeCosts`: a drafted row costs its `row`
     per layer above the exit, and ROW_SHARE of the head; a round's verify pass is a full step
-    whose layers above the exit take the pending path (`pend` each). `lookup`: as `costs_from_config`."""
+    whose layers above the exit take the pending path (`pend` each, `pend_pass` once). `lookup`: as
+    `costs_from_config`."""
     layer, head = c.streamed("layer"), c.streamed("head")  # rounds alternate shallow and full depth: weights streamed
     full = c.fixed + c.num_layers * layer + head
     draft = {n: (c.fixed + d * layer + c.vocab.get(n, head)) / full for n, d in depth.items()}
     if lookup:  # no draft step; its rows and verify pass priced as an exit's at depth 0
         draft[LOOKUP], depth = 0.0, {**depth, LOOKUP: 0}
     row = {n: ((c.num_layers - d) * c.row + ROW_SHARE * head) / full for n, d in depth.items()}
-    base = {n: 1.0 + (c.num_layers - d) * c.pend / full for n, d in depth.items()}
+    base = {n: 1.0 + ((c.num_layers - d) * c.pend + c.pend_pass) / full for n, d in depth.items()}
     return DraftCosts(draft, row, base)
 
 

@@ -141,7 +141,9 @@ def summarise(batches: list[tuple]) -> tuple:
 def decode_rate(batches: list[tuple]) -> float:
     """Decoding's own tokens/s over `decode_batch` outputs: the tokens after each sequence's first
     over the seconds after each batch's prefill (`GenerationResult.stats`, wall clock)."""
-    after = sum(max(len(r.tokens) - 1, 0) for _, res in batches for r in res)
+    from megatron.early_exit.inference.acceptance import decoded
+
+    after = sum(decoded(res) for _, res in batches)
     return after / max(sum(res[0].stats["elapsed_s"] - res[0].stats["prefill_s"] for _, res in batches), 1e-9)
 
 

@@ -27,6 +27,11 @@ from megatron.early_exit.inference.settings import GenerationResult, GenerationS
 CONTEXT_TOKENS = 5  # tokens of prompt kept as left context when streaming (vLLM's choice)
 
 
+def decoded(results) -> int:
+    """The tokens after each result's first (which the prefill makes): what decoding made."""
+    return sum(max(len(r.tokens) - 1, 0) for r in results)
+
+
 def biased(logits: torch.Tensor, bias: Mapping[int, float]) -> torch.Tensor:
     """OpenAI's logit_bias: each id's value added to its logit, [A, V] -> [A, V]."""
     ids = torch.tensor(list(bias), device=logits.device)
@@ -164,8 +169,7 @@ class Acceptance:
         prefill makes) over the seconds after the prefill's: decoding's own speed, whatever the
         prompts' length (an aclsum abstract's prefill took a third of a one-sentence summary's
         time, and early exit and self-speculation change decoding alone)."""
-        after = sum(max(len(r.tokens) - 1, 0) for r in results)
-        return {"prefill_s": prefill_s, "decode_tokens_per_sec": after / max(elapsed - prefill_s, 1e-9)}
+        return {"prefill_s": prefill_s, "decode_tokens_per_sec": decoded(results) / max(elapsed - prefill_s, 1e-9)}
 
     def finish(
         self,

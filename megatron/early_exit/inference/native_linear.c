@@ -102,6 +102,15 @@ static inline v16 round16(v16 f) {
     return f;
 }
 
+/* 16 lanes rounded to bf16 (`round16`, as f32_to_bf16 each) into dst[0..15]. */
+static inline void put_bf16(uint16_t *dst, v16 s) {
+    w16 u;
+    v16 r = round16(s);
+    memcpy(&u, &r, sizeof u);
+    h16 h = __builtin_convertvector(u >> 16, h16);
+    memcpy(dst, &h, sizeof h);
+}
+
 /* One panel's 16 sums of one row: plus the bias, rounded to the output dtype, plus the residual
    (rounded again in bf16: torch's `r + linear(x)` rounds the product, then the sum). A whole
    panel in lanes (each lane the scalar path's operations in its order: the same numbers); a last
@@ -112,15 +121,10 @@ static void store(v16 s, const void *b, const void *res, void *y, int bf16, int6
         const int64_t o = row * M + m0;
         if (b) s += widen(b, bf16, m0);
         if (res) s = bf16 ? round16(s) + widen(res, 1, o) : s + widen(res, 0, o);
-        if (bf16) {
-            w16 u;
-            v16 r = round16(s);
-            memcpy(&u, &r, sizeof u);
-            h16 h = __builtin_convertvector(u >> 16, h16);
-            memcpy((uint16_t *)y + o, &h, sizeof h);
-        } else {
+        if (bf16)
+            put_bf16((uint16_t *)y + o, s);
+        else
             memcpy((float *)y + o, &s, sizeof s);
-        }
         return;
     }
     float v[PANEL];
@@ -491,7 +495,7 @@ static inline void attend_head(const float *qf, const char *kbase, const char *v
     for (int64_t c = 0; c < C; c++) {
         v16 r = acc[c] * inv;
         if (bf16)
-            for (int j = 0; j < PANEL; j++) ((uint16_t *)out)[row * C * PANEL + c * PANEL + j] = f32_to_bf16(r[j]);
+            put_bf16((uint16_t *)out + row * C * PANEL + c * PANEL, r);
         else
             memcpy((float *)out + row * C * PANEL + c * PANEL, &r, sizeof r);
     }

@@ -781,7 +781,7 @@ class Passes:
             bound = logit_threshold(threshold) - shift
             fire = decide(self, n, [z >= bound for z in scores], rows, cand, policy)
             conf = [sigmoid(scores[j] + shift) for j in fire]
-            return fire, conf, self.leavers_logits(state, n, head, rows, [cand[j] for j in fire]) if fire else None
+            return fire, conf, self.leavers_logits(state, n, head, rows, [cand[j] for j in fire])[0] if fire else None
         elif measure.from_backbone is not None and head.probe_reads_backbone:
             c = measure.from_backbone(head, self.newest_rows(rows, cand))  # (A,)
             fire = decide(self, n, c >= threshold, rows, cand, policy)
@@ -795,19 +795,20 @@ class Passes:
             hidden = hidden[torch.tensor(fire, dtype=torch.long, device=self.device)] if fire else None
         return fire, conf, self.exit_logits(head, hidden) if fire else None
 
-    def leavers_logits(self, state, n: int, head, rows: Rows, cand: list[int]) -> torch.Tensor:
-        """Exit n's logits [F, V] at the newest row of each of `cand` (the rows leaving): where the
-        exit is its RMSNorm alone, the norm and projection in one native call (`native_vocab`, as
-        `UniformCheck.leave` makes them in a uniform step); else `exit_hidden`, `exit_logits`. A
-        general pass (a fill) leaving at exit 6 of the CPU reference model (bf16) spent ~0.3 ms
-        in the exit's norm and projection as separate operations."""
+    def leavers_logits(self, state, n: int, head, rows: Rows, cand: list[int]) -> tuple:
+        """(exit n's logits [F, V] at the newest row of each of `cand` (the rows leaving), their
+        greedy tokens or None): where the exit is its RMSNorm alone, the norm, projection and argmax
+        in one native call (`native_vocab`; a uniform step's `UniformCheck.leave` and a general
+        pass's `probe_check` both take it); else `exit_hidden`, `exit_logits`. A general pass (a
+        fill) leaving at exit 6 of the CPU reference model (bf16) spent ~0.3 ms in the exit's norm
+        and projection as separate operations."""
         norm = state.remembered(("exit norm", id(head)), lambda: lean.exit_norm(head))
         if norm is not None:
             weight = head.output_weight(self.model.tied_output_weight())
             made = self.native_vocab(self.newest_rows(rows, cand)[:, 0], weight, norm, head.temperature)
             if made is not None:
-                return made[0]
-        return self.exit_logits(head, self.exit_hidden(state, n, head, rows, cand))
+                return made[0], made[1]
+        return self.exit_logits(head, self.exit_hidden(state, n, head, rows, cand)), None
 
     def folded_probe(self, state: DecodeState, head):
         """`fused_check.folded_probe(head)`, looked up once per decode state."""

@@ -76,8 +76,9 @@ class GenerationResult:
     stop token and cut before a stop string; `tokens` keep everything generated.
     stats: tokens_per_sec (the whole batch's throughput), elapsed_s, prefill_s (the prefill's
     share of it, with each sequence's first token), decode_tokens_per_sec (the batch's tokens after
-    each first over the seconds after the prefill: decoding's own throughput; from `generate`, not
-    the server's continuous batching), average_exit_layer,
+    each first over the seconds after the prefill: decoding's own throughput; in the server's
+    continuous batching, a request's seconds after its own prefill, shared with the sequences
+    decoding beside it), average_exit_layer,
     exit_share {layer: share of this sequence's tokens}, early_exit_share, and for
     self_speculative drafted, accepted, acceptance_rate, draft_exits {exit: rounds drafted
     from it}, draft_lengths {g: rounds with g drafts, 0 = a plain step} and plain_share (the

@@ -50,7 +50,6 @@ class UniformCheck:
         self.folded, self.shift = folded, folded.shift
         self.bound = logit_threshold(policy.threshold_of(n)) - folded.shift  # scores leave the shift out
         self.exact = policy.mode == "exact"
-        self.norm = lean.exit_norm(head)  # an exit that is its norm alone: its head can run in one call
         self.cands: dict[int, list[int]] = {}  # pass size A -> [0, A): every row is a candidate
         # pass size A -> (decider, its version, its costs, the chance's key, the verdict)
         self.verdicts: dict[int, tuple] = {}
@@ -141,16 +140,10 @@ class UniformCheck:
         `Passes.probe_check` makes them, recorded as `Passes.check_exit` records them."""
         p, n = self.passes, self.n
         conf = [sigmoid(scores[j] + self.shift) for j in fire]
-        if self.norm is not None:  # the norm, the projection and the argmax in one call, where it runs
-            weight = self.head.output_weight(p.model.tied_output_weight())
-            made = p.native_vocab(p.newest_rows(rows, fire)[:, 0], weight, self.norm, self.head.temperature)
-            if made is not None:
-                logits, tokens = made[0], made[1]
-                for j, a in enumerate(fire):
-                    out.argmax[rows.seqs[a]] = tokens[j]
-                return p.record_leavers(n, rows.seqs, fire, conf, logits, out)
-        hidden = p.exit_hidden(state, n, self.head, rows, fire)
-        return p.record_leavers(n, rows.seqs, fire, conf, p.exit_logits(self.head, hidden), out)
+        logits, tokens = p.leavers_logits(state, n, self.head, rows, fire)  # norm, projection, argmax in one call
+        for j, a in enumerate(fire if tokens is not None else ()):
+            out.argmax[rows.seqs[a]] = tokens[j]
+        return p.record_leavers(n, rows.seqs, fire, conf, logits, out)
 
 
 class DraftCheck:

@@ -265,6 +265,16 @@ def test_the_fit_prices_each_timed_setting_in_its_own_cache_regime(monkeypatch, 
         assert predicted == pytest.approx(sum(measured.values()), rel=1e-9)
 
 
+def test_best_times_can_time_a_function_right_after_a_call_of_its_own():
+    """`warm` functions run once more right before each timed call (the pieces: with their weights
+    in the cache, not as the function before them left it); the others once a round."""
+    calls, ticks = [], iter(range(1000))
+    fns = {"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}
+    best = cm.best_times(fns, torch.device("cpu"), repeats=2, clock=lambda: float(next(ticks)), warm=("b",))
+    assert calls == ["a", "b"] + ["a", "b", "b"] * 2  # warm-up, then per round: a timed, b untimed + timed
+    assert best == {"a": 1.0, "b": 1.0}  # each timed call spans one tick: the untimed call is outside it
+
+
 def test_every_measurement_is_put_at_one_host_speed(monkeypatch):
     """Each measurement of `measure_costs` runs the same full-depth step (`ReferenceStep`) in its
     own rounds, and its times are divided by that step's median time there over its median time in

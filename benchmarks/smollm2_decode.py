@@ -223,11 +223,12 @@ def aclsum_test_path() -> str | None:
     return path if os.path.isfile(path) else None
 
 
-def run_setting(engine, prompts, batch: int, new_tokens: int, **kw):
-    """One summarisation setting (one line per summary, exit time profiled); see ee_sweep.decode_all."""
+def run_setting(engine, prompts, batch: int, new_tokens: int, profile: bool = False, **kw):
+    """One summarisation setting (one line per summary); see ee_sweep.decode_all. `profile`: each
+    exit check timed (on the general path: `uniform_check` is off then, so not for timed runs)."""
     from ee_sweep import decode_all
 
-    settings = GenerationSettings(max_new_tokens=new_tokens, stop_strings=("\n",), profile=True, **kw)
+    settings = GenerationSettings(max_new_tokens=new_tokens, stop_strings=("\n",), profile=profile, **kw)
     return decode_all(engine, prompts, batch, settings)
 
 
@@ -267,7 +268,8 @@ def part2(args) -> None:
         agree = sum(sum(a == b for a, b in zip(t, f)) for t, f in zip(tokens, full_tokens))
         agree /= max(1, sum(map(len, full_tokens)))
         s = summarize(res, n)
-        in_exits = sum(r.stats.get("exit_time_share", 0.0) for r in res) / len(res)  # per call, averaged
+        profiled = run_setting(engine, prompts[: args.ee_batch], args.ee_batch, args.new_tokens, True, **kw)[4]
+        in_exits = sum(r.stats.get("exit_time_share", 0.0) for r in profiled) / len(profiled)  # one profiled batch
         share = ", ".join(f"{k}:{v:.0%}" for k, v in s["exit_share"].items())
         extra = ""
         if kw["strategy"] == "self_speculative":

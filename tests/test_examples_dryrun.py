@@ -262,3 +262,42 @@ def test_timed_alternating_without_warm_up_runs_only_the_timed_rounds():
     engine = Engine()
     timed_alternating(engine, [[1]], runs, repeats=1)
     assert engine.calls == [("full", 8), ("early_exit", 8), ("full", 5), ("early_exit", 5)]
+
+
+def test_decode_speed_times_every_setting_unprofiled_and_profiles_each_once(capsys):
+    """`profile` times each exit check on the general path (the uniform step's checks off), so the
+    timed rounds run without it; the exit-time column comes from one profiled run per setting."""
+    import argparse
+
+    from megatron.early_exit.config import ModelConfig
+
+    bench_batch = load_tool("benchmarks/decode_speed.py").bench_batch
+
+    class Engine:
+        num_layers, vocab = 4, 50
+        config = ModelConfig(
+            num_layers=4, hidden_size=8, num_attention_heads=2, vocab_size=50, max_position_embeddings=16,
+            exit_layer_nums=[2],
+        )  # fmt: skip
+
+        def __init__(self):
+            self.calls = []
+
+        def generate(self, prompts, settings):
+            self.calls.append((settings.strategy, settings.early_exit_threshold, settings.profile))
+            stats = {"tokens_per_sec": 10.0, "elapsed_s": 0.1, "average_exit_layer": 4.0}
+            if settings.profile:
+                stats["exit_time_share"] = 0.25
+            return [type("R", (), {"tokens": [1, 2], "exit_layers": [4, 4], "stats": stats})()]
+
+    args = argparse.Namespace(
+        prompt_len=4, same_prompt=False, new_tokens=2, draft=2, repeats=2, clock="wall",
+        thresholds=[0.9], learned_thresholds=[], exit_policies=["cost_aware"], early_exit_only=True,
+    )  # fmt: skip
+    engine = Engine()
+    bench_batch(engine, None, 1, args)
+    timed = [c for c in engine.calls if not c[2]]
+    assert len(timed) == 3 * (1 + 2)  # full, its control and max_prob 0.9: a warm-up and two rounds each
+    assert [c for c in engine.calls if c[2]] == [("full", 0.8, True), ("full", 0.8, True), ("early_exit", 0.9, True)]
+    row = next(x for x in capsys.readouterr().out.splitlines() if "max_prob @ 0.9" in x)
+    assert "25.0%" in row  # the profiled run's share, in the exit-time column

@@ -622,10 +622,18 @@ def memory_time(engine, prompts: list[list[int]], policy, steps: int, repeats: i
     head from the cache, than right after a step like itself, which left them there: the same
     replayed step (`replayed_step`) timed after each, back to back, median of `steps * repeats`
     differences. What reading the step's weights from memory costs, as decode steps read them.
-    `reference`: a callable run once a round, after a full-depth step (`ReferenceStep.timed`)."""
+    `reference`: a callable run before the rounds and after them (`ReferenceStep.timed`), not
+    between them: a full-depth reference step after every round lowered what this read, with the
+    same steps and host, to a third to a half (CPU reference model: 0.016-0.033 ms against
+    0.077-0.129 fp32, 0.027-0.045 against 0.065-0.130 bf16; before and after, 0.046-0.057 against
+    0.040-0.046 bf16, 0.061-0.082 against 0.066-0.085 fp32), and the model then fitted a full step's
+    cost of reading from memory into every layer: steps leaving at the first exit were priced
+    1.17-1.24x their time (bf16)."""
     full = type(policy)()
     step, deep = replayed_step(engine, prompts, full, policy), replayed_step(engine, prompts, full, full)
     step(), deep()  # warm-up
+    if reference is not None:
+        reference()
     diffs = []
     for _ in range(max(steps * repeats, 1)):
         step()
@@ -636,9 +644,8 @@ def memory_time(engine, prompts: list[list[int]], policy, steps: int, repeats: i
         again = tick(engine.device)
         step()  # after a full-depth step
         diffs.append((tick(engine.device) - again) - (mid - start))
-        if reference is not None:
-            deep()
-            reference()
+    if reference is not None:
+        reference()
     return max(statistics.median(diffs), 0.0)
 
 
@@ -763,7 +770,7 @@ def measure_costs(
         unit.step([p.num_layers] * costs.batch, (), True, cache=cache)
         moved = unit.step(exits, (n,), needs_vocab, cache=cache) - unit.steady(exits, (n,), needs_vocab)
         if moved > 0:  # else the step stays in the cache either way: nothing to time
-            seconds = memory_time(engine, prompts, policy, steps, repeats, ref.timed("memory"))
+            seconds = memory_time(engine, prompts, policy, steps, repeats, ref.timed("memory", steps))
             host["memory"] = ref.speed("memory")
             per_byte = seconds / host["memory"] / moved
             costs.cold = {piece: per_byte * size for piece, (_, size) in costs.reads.items()}

@@ -651,7 +651,8 @@ def memory_time(engine, prompts: list[list[int]], policy, steps: int, repeats: i
 
 class ReferenceStep:
     """The step every timing of `measure_costs` is put at one host speed by: a full-depth decode
-    step replayed from a saved state (`replayed_step`), run inside each measurement's own rounds
+    step replayed from a saved state (`replayed_step`), run inside each measurement's own rounds (the
+    memory timing's: before and after them)
     (`timed`), each measurement's times then divided by `speed`: the median of its times there
     over the median of its times in `step_times`' rounds. A host shared with other work ran
     1.2-1.6x faster or slower from one measurement to the next, minutes apart, and a fit of

@@ -25,14 +25,17 @@ DECIDER = ("chance", "seen", "skipped", "rows_fired", "rows_seen", "evaluated", 
 def decode(model, prompts, policies, uniform: bool, monkeypatch, steps: int):
     """Greedy decode steps; (trace with logits, state, decider, calls of `UniformCheck`)."""
     calls = [0]
-    real = uniform_check.UniformCheck.__call__
 
-    def counted(self, state, rows, out, *due):
-        calls[0] += 1
-        return real(self, state, rows, out, *due)
+    def counting(real):
+        def counted(self, state, rows, out, *due):
+            calls[0] += 1
+            return real(self, state, rows, out, *due)
+
+        return counted
 
     with monkeypatch.context() as m:
-        m.setattr(uniform_check.UniformCheck, "__call__", counted)
+        for kind in (uniform_check.UniformCheck, uniform_check.PlannedCheck):
+            m.setattr(kind, "__call__", counting(kind.__call__))
         if not uniform:  # every exit through `check_exit`
             m.setattr(passes, "uniform_checks", lambda p, s, policy, by_depth: dict.fromkeys(p.exits))
         engine = EarlyExitEngine(model)
@@ -65,6 +68,42 @@ def test_uniform_checks_equal_the_general_path(mode, dtype, batch, monkeypatch):
         assert any(d_ref.skipped.values()) and hardly < (2 * REFRESH + 8) * 3 / 2  # most were skipped
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("batch", [1, 4])
+def test_planned_checks_equal_the_general_path_and_let_skipped_exits_be_run_through(dtype, batch, monkeypatch):
+    """A max_prob check under cost_aware (`PlannedCheck`): where it is due, the general path's
+    check (the same logits bit for bit, exits, K/V and decider counts); where cost_aware will skip
+    it, the step's layers run on through its depth: fewer runs of layers than when every step
+    stopped at every exit to ask."""
+    model, prompts = make(dtype), PROMPTS[batch]
+    max_prob = dict(allowed=(1, 2, 3), measure="max_prob", mode="cost_aware")
+    policies = [ExitPolicy(threshold=0.0, **max_prob), ExitPolicy(threshold=0.02, **max_prob)] * 3
+    policies += [ExitPolicy(threshold=0.999, **max_prob)] * (2 * REFRESH + 8)
+    runs = {"uniform": 0, "general": 0}
+    real = passes.Passes.decode_layers
+
+    def decode_layers(self, *args, **kwargs):
+        runs[mode] += 1
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(passes.Passes, "decode_layers", decode_layers)
+    mode = "general"
+    ref, s_ref, d_ref, n_ref = decode(model, prompts, policies, False, monkeypatch, len(policies))
+    mode = "uniform"
+    got, s_got, d_got, n_got = decode(model, prompts, policies, True, monkeypatch, len(policies))
+    assert n_ref == 0 and n_got > 0
+    assert_same_steps(ref, got, s_ref, s_got)
+    for a, b in zip(filled_kv(s_got), filled_kv(s_ref)):
+        assert torch.equal(a, b)
+    assert len({e for _, exits, _ in ref for e in exits.values()}) > 1  # some tokens left early
+    for name in DECIDER:
+        assert getattr(d_got, name) == getattr(d_ref, name), name
+    assert any(d_ref.skipped.values())
+    # the long run at 0.999: three stops (depths 1, 2, 3) and the last layer a step before, one run
+    # of layers where all three checks are skipped
+    assert runs["uniform"] < runs["general"] - 2 * REFRESH
+
+
 def test_it_applies_only_where_the_general_path_takes_the_fused_check():
     """None (the general path) for a vocabulary measure, fused checks off, profiling, a probe
     reading a LayerNorm, and an exit whose threshold never fires; a forced exit has its
@@ -83,6 +122,9 @@ def test_it_applies_only_where_the_general_path_takes_the_fused_check():
     made = checks(model, learned)
     assert set(made) == {1, 2, 3} and all(isinstance(c, uniform_check.UniformCheck) for c in made.values())
     assert set(checks(model, dataclasses.replace(learned, measure="max_prob")).values()) == {None}
+    planned = checks(model, dataclasses.replace(learned, measure="max_prob", mode="cost_aware"))  # planned only
+    assert set(planned) == {1, 2, 3} and all(type(c) is uniform_check.PlannedCheck for c in planned.values())
+    assert set(checks(model, dataclasses.replace(learned, mode="cost_aware"), fused_checks=False).values()) != {None}
     assert isinstance(checks(model, dataclasses.replace(learned, force=2))[2], uniform_check.DraftCheck)
     assert checks(model, dataclasses.replace(learned, force=2), profile=True)[2] is None
     assert set(checks(model, learned, fused_checks=False).values()) == {None}

@@ -427,7 +427,7 @@ class Passes:
         if not isinstance(check, UniformCheck):
             return None
         evaluates = check.peek(rows)
-        if evaluates and check.folded.native is None:
+        if evaluates and (check.folded is None or check.folded.native is None):
             return None
         return check, evaluates
 
@@ -708,16 +708,21 @@ class Passes:
             for a, b in enumerate(rows.seqs):
                 state.exit_inputs[slot, b, rows.lo[a] : rows.lo[a] + rows.n[a]] = rows.x[a, : rows.n[a]]
 
-    def check_exit(self, state, n: int, rows: Rows, has_new: set, policy: ExitPolicy, out: StepOutput) -> set[int]:
+    def check_exit(
+        self, state, n: int, rows: Rows, has_new: set, policy: ExitPolicy, out: StepOutput, due: bool = False
+    ) -> set[int]:
         """Exit n's decision for the newest token of each sequence in `rows` that is in `has_new`;
-        records the leavers in `out` and returns them."""
+        records the leavers in `out` and returns them. `due`: the caller has asked cost_aware's
+        `worth_checking` already, which said to evaluate (`uniform_check.PlannedCheck`)."""
         forced, threshold = policy.force == n, policy.threshold_of(n)
         cand = [a for a, b in enumerate(rows.seqs) if b in has_new]
         if cand and n in policy.observe and not forced:
             self.observe_exit(state, n, rows, cand, out)
             return set()
-        if not cand or (not forced and threshold >= 1.0) or not worth_checking(self, n, rows, cand, policy):
-            return set()  # threshold 1.0 never exits, cost_aware skips a check that cannot pay: no head
+        if not cand or (not forced and threshold >= 1.0):
+            return set()  # threshold 1.0 never exits: no head
+        if not due and not worth_checking(self, n, rows, cand, policy):
+            return set()  # cost_aware skips a check that cannot pay: no head
         start = tick(self.device) if self.profile else 0.0
         head, seqs = self.exit_head(state, n), [rows.seqs[a] for a in cand]
         measure = get_measure("max_prob" if forced else policy.measure)

@@ -25,7 +25,10 @@ counts equal the general path's (`tests/test_uniform_check.py`).
 
 It applies where the general path would take the fused check with the norm shared: a learned
 measure (`probe_logit`), fused checks on, a folded probe reading an RMSNorm, no forced exit, no
-profiling; elsewhere `uniform_checks` gives None and the general path runs.
+profiling. Elsewhere under `cost_aware` (a vocabulary measure such as max_prob, a probe that does
+not fold) `PlannedCheck` keeps the verdicts alone and runs the general path's check where it is
+due, so that a step runs its layers on through an exit whose check will be skipped; under `exact`
+`uniform_checks` gives None there and the general path runs.
 """
 
 from __future__ import annotations
@@ -47,8 +50,8 @@ class UniformCheck:
         # No decode state kept: the state keeps its checks (`uniform_checks`), and a cycle would
         # hold a finished decode's caches until the garbage collector's next full pass.
         self.passes, self.n, self.policy, self.head = passes, n, policy, head
-        self.folded, self.shift = folded, folded.shift
-        self.bound = logit_threshold(policy.threshold_of(n)) - folded.shift  # scores leave the shift out
+        self.folded, self.shift = folded, 0.0 if folded is None else folded.shift
+        self.bound = logit_threshold(policy.threshold_of(n)) - self.shift  # scores leave the shift out
         self.exact = policy.mode == "exact"
         self.cands: dict[int, list[int]] = {}  # pass size A -> [0, A): every row is a candidate
         # pass size A -> (decider, its version, its costs, the chance's key, the verdict)
@@ -146,6 +149,32 @@ class UniformCheck:
         return p.record_leavers(n, rows.seqs, fire, conf, logits, out)
 
 
+class PlannedCheck(UniformCheck):
+    """Under `cost_aware`, an exit's check that `UniformCheck` does not make in one call (a
+    vocabulary measure such as max_prob, a probe that does not fold): the general path's check
+    (`Passes.check_exit`, the same numbers and decider calls) where it is due, and `UniformCheck`'s
+    verdicts per pass size, so that a uniform step plans its runs of layers through it where it
+    will be skipped (`Passes.on_the_way`). Without it every step stopped at every exit to ask
+    `worth_checking`, whatever the answer: a skipped max_prob check split the CPU reference
+    model's steps into three native calls, and early exit where nothing left ran 0.92-0.96x full
+    decoding at batch 1 and 4."""
+
+    def __init__(self, passes, n: int, policy, head) -> None:
+        super().__init__(passes, n, policy, head, None)
+
+    def __call__(self, state, rows, out, due: bool = False) -> set[int]:
+        """`Passes.check_exit` for every row of `rows`, cost_aware's question asked here (`due`:
+        just before, by `due`)."""
+        a = len(rows.seqs)
+        if not due and not self.worth(rows, a, self.candidates(a)):
+            return set()
+        return self.passes.check_exit(state, self.n, rows, set(rows.seqs), self.policy, out, due=True)
+
+    def wanted_probe(self, a: int):
+        """No probe runs in a layer's call for it."""
+        return None
+
+
 class DraftCheck:
     """A forced exit's check in a uniform decode step (a self-speculative draft): every row leaves
     at exit n with the exit's logits over the draft vocabulary (`Passes.draft_logits`; the whole
@@ -213,7 +242,7 @@ class DraftCheck:
         return set(seqs)
 
 
-Check = UniformCheck | DraftCheck
+Check = UniformCheck | PlannedCheck | DraftCheck
 KEPT_POLICIES = 16  # a server's one decode state sees every request's policy: the latest this many are kept
 
 
@@ -246,8 +275,13 @@ def _make(passes, state, policy, by_depth) -> dict[int, Check | None]:
             continue
         if measure.probe_logit and passes.fused_checks and not passes.profile:
             folded = passes.folded_probe(state, head)
-        usable = applies(folded) and policy.threshold_of(n) < 1.0 and n not in policy.observe
-        checks[n] = UniformCheck(passes, n, policy, head, folded) if usable else None
+        usable = policy.threshold_of(n) < 1.0 and n not in policy.observe
+        if usable and applies(folded):
+            checks[n] = UniformCheck(passes, n, policy, head, folded)
+        elif usable and policy.mode == "cost_aware" and not passes.profile and n not in passes.block_slots:
+            checks[n] = PlannedCheck(passes, n, policy, head)
+        else:
+            checks[n] = None
     return checks
 
 

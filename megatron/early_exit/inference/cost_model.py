@@ -417,7 +417,11 @@ def best_times(
     runs every function once, in turn, so that a neighbour's load slows all of them alike.
     `clock`: what reads the time (default: the wall clock, `tick`). The functions named in `warm`
     run once more right before each timed call: timed with what they read in the cache, not as
-    the function before them in the round left it."""
+    the function before them in the round left it (`piece_times`: `DecodeCosts.cold` adds what
+    reading from memory costs where a step finds a piece's weights there; timed right after the
+    round's full-depth reference steps had evicted them, the CPU reference model's exit
+    projection and probe read 0.08 and 0.034 ms, bf16, against 0.057 and a few us in its steps,
+    and every token leaving at exit 3 was priced 1.1-1.5x its time)."""
     clock = clock or functools.partial(tick, device)
     for fn in fns.values():
         fn()
@@ -480,9 +484,8 @@ def step_times(
 @torch.no_grad()
 def piece_times(engine, prompts: list[list[int]], repeats: int, extra_rows: int = 4, reference=None) -> dict:
     """The final head, each exit's checks, one layer alone and, for a model without exits, one with
-    `extra_rows` more rows per sequence, for the newest position after the prompts (K/V of the
-    prompts in the cache), each timed warm (right after a call of its own). `reference`: a
-    callable run in the same rounds (`ReferenceStep.timed`)."""
+    `extra_rows` more rows per sequence, for the newest position after the prompts (K/V of the prompts
+    in the cache), each warm (`best_times`). `reference`: run in the same rounds (`ReferenceStep.timed`)."""
     from megatron.early_exit.inference.uniform_check import UniformCheck, applies
 
     p, batch = engine.passes, len(prompts)
@@ -534,14 +537,9 @@ def piece_times(engine, prompts: list[list[int]], repeats: int, extra_rows: int 
                 )
         if head.confidence is not None and head.probe_reads_backbone and not native_fire:
             fns[f"hidden/{n}"] = one_row(lambda n=n, h=head: p.exit_hidden(state, n, h, one, cand))
+    warm = list(fns)  # every piece; not the reference step
     if reference is not None:
         fns["reference"] = reference
-    # Timed warm (`DecodeCosts.cold` adds what reading their weights from memory costs where a step
-    # finds them there): timed right after the round's full-depth reference steps, which evict
-    # them, an exit-3 step's pieces (CPU reference model, bf16) read 0.08 ms for the exit's
-    # projection and 0.034 for its probe, against 0.057 and a few us in the steps themselves,
-    # and every token leaving at exit 3 was priced 1.1-1.5x its time.
-    warm = [name for name in fns if name != "reference"]
     with engine.packed:
         return {name: t for name, t in best_times(fns, p.device, repeats, warm=warm).items() if name != "reference"}
 

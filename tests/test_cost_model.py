@@ -275,6 +275,32 @@ def test_best_times_can_time_a_function_right_after_a_call_of_its_own():
     assert best == {"a": 1.0, "b": 1.0}  # each timed call spans one tick: the untimed call is outside it
 
 
+def test_the_memory_timing_runs_its_reference_before_and_after_its_rounds(monkeypatch):
+    """`memory_time` pairs a step after itself with the same step after a full-depth one; the
+    host-speed reference (a full-depth step of another state) runs before the rounds and after
+    them, never between: run after every round, it made the steps it was meant to leave alone
+    read a third to a half of their difference. The result is the median difference."""
+    calls, now = [], [0.0]
+    policy = cm.ExitPolicy(threshold=0.0, allowed=(1,))
+
+    def replayed(engine, prompts, first, then, times=1):
+        name = "step" if then is policy else "deep"
+
+        def run():  # a step right after a full-depth one takes 4, after anything else 1; full depth 5
+            now[0] += 5.0 if name == "deep" else 4.0 if calls and calls[-1] == "deep" else 1.0
+            calls.append(name)
+
+        return run
+
+    monkeypatch.setattr(cm, "replayed_step", replayed)
+    monkeypatch.setattr(cm, "tick", lambda device: now[0])
+    engine = type("Engine", (), {"device": torch.device("cpu")})()
+    seconds = cm.memory_time(engine, [[1]], policy, steps=2, repeats=2, reference=lambda: calls.append("ref"))
+    assert seconds == 3.0  # 4 after a full-depth step against 1 after itself
+    assert calls[:3] == ["step", "deep", "ref"] and calls[-1] == "ref"  # warm-up, the reference, ..., the reference
+    assert calls[3:-1] == ["step", "step", "deep", "step"] * 4  # 4 rounds, no reference between them
+
+
 def test_every_measurement_is_put_at_one_host_speed(monkeypatch):
     """Each measurement of `measure_costs` runs the same full-depth step (`ReferenceStep`) in its
     own rounds, and its times are divided by that step's median time there over its median time in

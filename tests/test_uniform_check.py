@@ -43,6 +43,25 @@ def decode(model, prompts, policies, uniform: bool, monkeypatch, steps: int):
     return trace, state, getattr(engine.passes, "exit_decider", None), calls[0]
 
 
+def same_as_general_path(model, prompts, policies, monkeypatch, cost_aware: bool, mark=lambda path: None):
+    """Decode `policies` on the general path, then with the uniform checks (`mark(path)` before
+    each): the uniform checks ran, the same steps with the same logits, the same K/V, some tokens
+    left early and, under cost_aware, the same decider counts. Returns the general path's decider."""
+    mark("general")
+    ref, s_ref, d_ref, n_ref = decode(model, prompts, policies, False, monkeypatch, len(policies))
+    mark("uniform")
+    got, s_got, d_got, n_got = decode(model, prompts, policies, True, monkeypatch, len(policies))
+    assert n_ref == 0 and n_got > 0
+    assert_same_steps(ref, got, s_ref, s_got)
+    for a, b in zip(filled_kv(s_got), filled_kv(s_ref)):
+        assert torch.equal(a, b)
+    assert len({e for _, exits, _ in ref for e in exits.values()}) > 1  # some tokens left early
+    if cost_aware:
+        for name in DECIDER:
+            assert getattr(d_got, name) == getattr(d_ref, name), name
+    return d_ref
+
+
 @pytest.mark.parametrize("mode", ["exact", "cost_aware"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("batch", [1, 4])
@@ -54,16 +73,8 @@ def test_uniform_checks_equal_the_general_path(mode, dtype, batch, monkeypatch):
     # every REFRESH-th pass.
     policies = [ExitPolicy(threshold=0.5, **learned), ExitPolicy(threshold=0.3, **learned)] * 3
     policies += [ExitPolicy(threshold=0.999, **learned)] * (2 * REFRESH + 8)
-    ref, s_ref, d_ref, n_ref = decode(model, prompts, policies, False, monkeypatch, len(policies))
-    got, s_got, d_got, n_got = decode(model, prompts, policies, True, monkeypatch, len(policies))
-    assert n_ref == 0 and n_got > 0
-    assert_same_steps(ref, got, s_ref, s_got)
-    for a, b in zip(filled_kv(s_got), filled_kv(s_ref)):
-        assert torch.equal(a, b)
-    assert len({e for _, exits, _ in ref for e in exits.values()}) > 1  # some tokens left early
+    d_ref = same_as_general_path(model, prompts, policies, monkeypatch, mode == "cost_aware")
     if mode == "cost_aware":
-        for name in DECIDER:
-            assert getattr(d_got, name) == getattr(d_ref, name), name
         hardly = sum(v for k, v in d_ref.seen.items() if k[2] == 0.999)  # evaluations at 0.999
         assert any(d_ref.skipped.values()) and hardly < (2 * REFRESH + 8) * 3 / 2  # most were skipped
 
@@ -79,25 +90,15 @@ def test_planned_checks_equal_the_general_path_and_let_skipped_exits_be_run_thro
     max_prob = dict(allowed=(1, 2, 3), measure="max_prob", mode="cost_aware")
     policies = [ExitPolicy(threshold=0.0, **max_prob), ExitPolicy(threshold=0.02, **max_prob)] * 3
     policies += [ExitPolicy(threshold=0.999, **max_prob)] * (2 * REFRESH + 8)
-    runs = {"uniform": 0, "general": 0}
+    runs, path = {"uniform": 0, "general": 0}, ["general"]
     real = passes.Passes.decode_layers
 
     def decode_layers(self, *args, **kwargs):
-        runs[mode] += 1
+        runs[path[0]] += 1
         return real(self, *args, **kwargs)
 
     monkeypatch.setattr(passes.Passes, "decode_layers", decode_layers)
-    mode = "general"
-    ref, s_ref, d_ref, n_ref = decode(model, prompts, policies, False, monkeypatch, len(policies))
-    mode = "uniform"
-    got, s_got, d_got, n_got = decode(model, prompts, policies, True, monkeypatch, len(policies))
-    assert n_ref == 0 and n_got > 0
-    assert_same_steps(ref, got, s_ref, s_got)
-    for a, b in zip(filled_kv(s_got), filled_kv(s_ref)):
-        assert torch.equal(a, b)
-    assert len({e for _, exits, _ in ref for e in exits.values()}) > 1  # some tokens left early
-    for name in DECIDER:
-        assert getattr(d_got, name) == getattr(d_ref, name), name
+    d_ref = same_as_general_path(model, prompts, policies, monkeypatch, True, mark=lambda p: path.__setitem__(0, p))
     assert any(d_ref.skipped.values())
     # the long run at 0.999: three stops (depths 1, 2, 3) and the last layer a step before, one run
     # of layers where all three checks are skipped

@@ -649,10 +649,10 @@ def memory_time(engine, prompts: list[list[int]], policy, steps: int, repeats: i
 
 class ReferenceStep:
     """The step every timing of `measure_costs` is put at one host speed by: a full-depth decode
-    step replayed from a saved state (`replayed_step`), run inside each measurement's own rounds (the
-    memory timing's: before and after them)
-    (`timed`), each measurement's times then divided by `speed`: the median of its times there
-    over the median of its times in `step_times`' rounds. A host shared with other work ran
+    step replayed from a saved state (`replayed_step`), run inside each measurement's own rounds
+    (the memory timing's: before and after them; `timed`), each measurement's times then divided by
+    `speed`: the median of its times there over the median of its times in `step_times`' rounds. A
+    host shared with other work ran
     1.2-1.6x faster or slower from one measurement to the next, minutes apart, and a fit of
     layers through step times less piece times taken at two speeds read 0.03-0.35 ms a layer.
     Medians: robust to a neighbour's bursts, and not biased by how many times each measurement

@@ -163,8 +163,8 @@ class PlannedCheck(UniformCheck):
         super().__init__(passes, n, policy, head, None)
 
     def __call__(self, state, rows, out, due: bool = False) -> set[int]:
-        """`Passes.check_exit` for every row of `rows`, cost_aware's question asked here (`due`:
-        just before, by `due`)."""
+        """`Passes.check_exit` for every row of `rows`, where cost_aware's verdict says to evaluate
+        (`due`: the caller asked it just before, through `due(rows)`, which counted it)."""
         a = len(rows.seqs)
         if not due and not self.worth(rows, a, self.candidates(a)):
             return set()

@@ -301,3 +301,18 @@ def test_decode_speed_times_every_setting_unprofiled_and_profiles_each_once(caps
     assert [c for c in engine.calls if c[2]] == [("full", 0.8, True), ("full", 0.8, True), ("early_exit", 0.9, True)]
     row = next(x for x in capsys.readouterr().out.splitlines() if "max_prob @ 0.9" in x)
     assert "25.0%" in row  # the profiled run's share, in the exit-time column
+
+
+def test_native_drafts_benchmark_pairs_the_three_settings_and_counts_its_calls(data, corpus, capsys):
+    """`benchmarks/native_drafts.py` on a tiny checkpoint whose exits hold an MLP (so every draft
+    phase steps, and says so): three rows per round, the ratios, both self-speculative settings
+    identical to full decoding (fp32)."""
+    bench = load_tool("benchmarks/native_drafts.py")
+    bench.main(["--load", os.path.join(data["tune"], "with_exits"), "--data",
+                os.path.join(corpus, "test_summarization.jsonl"), "--num-examples", "1", "--new-tokens", "4",
+                "--rounds", "2", "--threads", "1"])  # fmt: skip
+    out = capsys.readouterr().out.splitlines()
+    rounds = [line for line in out if line.startswith("round ")]
+    assert len(rounds) == 2 and all(line.count("tok/s") == 3 for line in rounds)
+    assert any(line.startswith("drafts in one call / step by step:") and "0 of " in line for line in out)
+    assert sum("identical to full" in line and "NOT" not in line for line in out) == 2

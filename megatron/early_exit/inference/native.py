@@ -92,6 +92,9 @@ def _omp_runtimes() -> set[str]:
     return {ln.split()[-1] for ln in maps if "libgomp" in ln or "libiomp" in ln}
 
 
+KEEP = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_int64, ctypes.c_float)  # `drafts`' keep(j, confidence)
+
+
 @functools.cache
 def library() -> ctypes.CDLL | None:
     """The loaded native library, or None (with one warning line saying why) where it cannot be had."""
@@ -130,6 +133,9 @@ def library() -> ctypes.CDLL | None:
     lib.ee_head.argtypes = [vp, vp, i64, i64, i64, i32, i32, vp, ctypes.c_float, vp, i64, vp, vp, vp, vp]
     lib.ee_head.restype = i32
     lib.ee_probe.restype = i32
+    lib.ee_drafts.argtypes = [i64, i64, vp, i64, vp, vp, i32, i32] + [i64] * 5 + [vp, vp] + [i64] * 5 + [vp, vp, i64]
+    lib.ee_drafts.argtypes += [vp, vp, ctypes.c_float, KEEP, vp, vp, vp]
+    lib.ee_drafts.restype = i32
     return lib
 
 
@@ -226,6 +232,59 @@ def head(
     if rc != 0:
         raise MemoryError("native kernel: out of memory for a head's rows")
     return part if full is None else full, part, list(tokens), list(conf)
+
+
+def drafts(
+    token: int,
+    embedding: torch.Tensor,
+    run: LayerRun,
+    shape: tuple[int, int, int, int],
+    tables: tuple[torch.Tensor, torch.Tensor],
+    at: tuple[int, int],
+    pending: torch.Tensor,
+    head: tuple[torch.Tensor, int, torch.Tensor, tuple[torch.Tensor, float]],
+    keep=None,
+) -> tuple[list[int], list[float]] | None:
+    """A self-speculative round's drafts for one sequence in one call (`ee_drafts`): up to
+    len(pending) decode steps from `token`, each through `run`'s layers (0 .. L - 1, the layers
+    below a norm-only exit) and the exit's head onto its draft vocabulary, each draft fed to the
+    next step, as those decode steps (`layers_step`, then `head` with ids) would run them.
+    embedding: the word embedding (V, h); tables: the rotary (cos, signed sine) fp32, a row of hd
+    per position; at: (cache slot, position of the first step); pending (D, h): each step's hidden
+    state at the exit (contiguous rows of x's dtype, written); head: (its packed rows, their
+    count, the draft vocabulary's ids int64, the exit norm's (gain, eps)); keep(j, confidence) ->
+    whether to draft another (None: all D). Returns (drafts, their max-probabilities), as many as
+    were made; None where `layers_step` would not take `run` (nothing done)."""
+    g, per, hd, ffn = shape
+    cos, sin_signed = tables
+    h = embedding.shape[-1]
+    ok = run.caches_ok and run.dtype == embedding.dtype == pending.dtype and pending.is_contiguous()
+    if not (ok and cos.dtype == torch.float32 and cos.is_contiguous() and sin_signed.is_contiguous()):
+        return None
+    d, (panels, rows, ids, (gain, eps)) = pending.shape[0], head
+    gain = gain.contiguous()
+    tokens, conf, made = (ctypes.c_int64 * d)(), (ctypes.c_float * d)(), ctypes.c_int64(0)
+    stop: list[BaseException] = []
+
+    def ask(j: int, c: float) -> int:  # an exception must not cross the C frames: kept, raised after
+        try:
+            return int(bool(keep(j, c)))
+        except BaseException as e:  # noqa: BLE001 (re-raised below)
+            stop.append(e)
+            return 0
+
+    slot, pos = at
+    rc = library().ee_drafts(
+        d, token, embedding.data_ptr(), len(run), run.ptrs, run.eps, embedding.dtype == torch.bfloat16,
+        torch.get_num_threads(), h, g, per, hd, ffn, cos.data_ptr(), sin_signed.data_ptr(), *run.strides[:3],
+        slot, pos, pending.data_ptr(), panels.data_ptr(), rows, ids.data_ptr(), gain.data_ptr(),
+        float(eps), KEEP(ask) if keep is not None else KEEP(), tokens, conf, ctypes.byref(made),
+    )  # fmt: skip
+    if stop:
+        raise stop[0]
+    if rc != 0:
+        raise MemoryError("native kernel: out of memory for a round's drafts")
+    return list(tokens[: made.value]), list(conf[: made.value])
 
 
 def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:

@@ -898,3 +898,44 @@ int ee_layers(int64_t L, const int64_t *ptrs, const float *eps, const void *x, v
     free(tmp);
     return failed;
 }
+
+/* A self-speculative round's drafts from a norm-only exit in one call, for one sequence: draft j
+ * (j = 0 .. D - 1) feeds token t_j (t_0 = token, then each draft's own) as a decode step feeds it:
+ * row t_j of the word embedding emb (V x h, the model's dtype), layers 0 .. L - 1 as ee_layers runs
+ * them (ptrs, eps as it takes them; one row in cache slot `slot` at position pos + j, attending to
+ * keys 0 .. pos + j, its K/V written; cos, sin: the rotary tables, a row of hd per position), its
+ * hidden state at depth L into row j of pending (the deeper layers' input, for the verify pass),
+ * then ee_head's exit norm (gain, eps_h) and projection onto the K draft tokens ids (Wp: their rows
+ * of the exit's output weight, packed): t_{j+1} = tokens[j], the draft, and conf[j] its
+ * max-probability. After each draft, keep(j, conf[j]) (NULL: always) says whether to draft
+ * another. The same numbers as those decode steps (the same calls), without a return to Python
+ * between them. *made: the drafts made. 0 on success, 1 when memory runs out (the drafts made by
+ * then are whole: K/V, pending row, token). */
+int ee_drafts(int64_t D, int64_t token, const void *emb, int64_t L, const int64_t *ptrs, const float *eps, int bf16,
+              int threads, int64_t h, int64_t G, int64_t per, int64_t hd, int64_t ffn, const float *cos,
+              const float *sin, int64_t sb, int64_t sg, int64_t st, int64_t slot, int64_t pos, void *pending,
+              const void *Wp, int64_t K, const int64_t *ids, const void *gain, float eps_h,
+              int (*keep)(int64_t, float), int64_t *tokens, float *conf, int64_t *made) {
+    const size_t row = (size_t)h * (bf16 ? 2 : 4);
+    char *x = (char *)malloc(row);
+    float *part = (float *)malloc(sizeof(float) * (size_t)K);
+    int failed = !x || !part;
+    *made = 0;
+    for (int64_t j = 0; j < D && !failed; j++) {
+        int64_t at = pos + j, ran = L, next = 0;
+        float c = 0.f;
+        char *y = (char *)pending + (size_t)j * row;
+        memcpy(x, (const char *)emb + (size_t)token * row, row);
+        failed = ee_layers(L, ptrs, eps, x, y, 1, bf16, threads, h, G, per, hd, ffn, cos + at * hd, sin + at * hd, 0,
+                           sb, sg, st, &slot, &at, at + 1, NULL, NULL, NULL, NULL, NULL, &ran);
+        if (!failed) failed = ee_head(y, Wp, 1, h, K, bf16, threads, gain, eps_h, ids, 0, NULL, part, &next, &c);
+        if (failed) break;
+        tokens[j] = token = next;
+        conf[j] = c;
+        *made = j + 1;
+        if (keep && !keep(j, c)) break;
+    }
+    free(x);
+    free(part);
+    return failed;
+}

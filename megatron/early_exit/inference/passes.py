@@ -40,7 +40,7 @@ from megatron.early_exit.inference.confidence import get_measure, max_prob
 from megatron.early_exit.inference.exit_decision import decide, worth_checking
 from megatron.early_exit.inference.fused_check import folded_probe, logit_threshold, sigmoid
 from megatron.early_exit.inference.kv_cache import DecodeIndex, KVCache, RowIndex, row_positions
-from megatron.early_exit.inference.uniform_check import UniformCheck, layer_probe, uniform_checks
+from megatron.early_exit.inference.uniform_check import DraftCheck, UniformCheck, layer_probe, uniform_checks
 from megatron.early_exit.model.gpt import Embedding, HeadOps
 from megatron.early_exit.model.norm import RMSNorm
 
@@ -203,6 +203,7 @@ class Passes:
         # None: the whole vocabulary (`draft_logits`; the engine sets it from the calibration record).
         self.draft_vocab: torch.Tensor | None = None
         self.draft_weights = DerivedCopies()  # exit weight -> its draft vocabulary's rows
+        self.native_drafting = True  # False: a round's drafts step by step, never in one call (`native_drafts`)
         # The model's rotary angles at positions 0..n-1: (cos, sin, sin with its first half
         # negated) [n, hd] fp32, and these viewed [n, 1, 1, hd], made once (`rotary_tables`).
         self.rope_tables: tuple | None = None
@@ -321,15 +322,7 @@ class Passes:
         not run in one call (nothing done). The run's `lean.NativeRun` is worked out once per
         decode state (its caches and the model's weights stay where they are), and no cache view
         is made: a layout's `native_kv` says where each row reads and writes."""
-        if not self.lean_on():
-            return None
-        key = ("native run", lo, hi)
-        if key not in state.memo:
-            fast = [self.lean_layer(i) for i in range(lo, hi)]
-            kv = [index.native_kv(state.cache, i - self.start)[:2] for i in range(lo, hi)]
-            # (not a wrapped lean layer: it runs its own calls)
-            state.memo[key] = lean.NativeRun.of(fast, kv) if all(type(f) is lean.LeanLayer for f in fast) else None
-        run = state.memo[key]
+        run = self.layer_run(state, lo, hi)
         if run is None:
             return None
         made = lean.native_run(
@@ -338,6 +331,19 @@ class Passes:
         if made is not None:
             state.cache.filled[lo - self.start : lo + made[1] - self.start, index.filled_b] = index.filled_end
         return made
+
+    def layer_run(self, state: DecodeState, lo: int, hi: int) -> lean.NativeRun | None:
+        """Layers lo .. hi-1 (global numbers) and their caches as `lean.native_run` takes them,
+        worked out once per decode state; None where lean layers are off or one of them is not
+        a lean layer (a wrapped one runs its own calls)."""
+        if not self.lean_on():
+            return None
+        key = ("native run", lo, hi)
+        if key not in state.memo:
+            fast = [self.lean_layer(i) for i in range(lo, hi)]
+            kv = [(state.cache.k[i - self.start], state.cache.v[i - self.start]) for i in range(lo, hi)]
+            state.memo[key] = lean.NativeRun.of(fast, kv) if all(type(f) is lean.LeanLayer for f in fast) else None
+        return state.memo[key]
 
     def uniform_layers(self, state: DecodeState, new_tokens: dict[int, list[int]]) -> int:
         """How many layers from the first a decode step can run uniformly: every sequence of the
@@ -948,6 +954,39 @@ class Passes:
         panels, ids = kernels.native_copy(rows), self.draft_vocab
         logits, _, tokens, conf = native.head(x.view(a, -1), panels, len(ids), norm, ids, self.vocab)
         return logits, tokens, conf
+
+    def native_drafts(self, state: DecodeState, b: int, token: int, n: int, cap: int, keep=None) -> tuple | None:
+        """Up to `cap` self-speculative drafts of sequence b from exit n in one native call
+        (`native.drafts`): the decode steps `run` makes under `ExitPolicy(force=n)` feeding `token`,
+        then each draft, one by one (a norm-only exit, its head onto the draft vocabulary:
+        `DraftCheck`), with their K/V, pending rows, fill counts and numbers, without the Python
+        between and around them (~0.15-0.2 ms a step on the CPU reference model, a third of a
+        draft step). keep(j, confidence): whether to draft another after draft j. Returns (drafts,
+        confidences), or None where those steps would not each run in one native call (an exit
+        with a block or more than a norm, no draft vocabulary, rows pending below the exit, a
+        forward hook, profiling, another kernel, `native_drafting` off): nothing done."""
+        d, pos = self.depth(n), state.fed[b]
+        if not self.native_drafting or self.profile or self.start or n in self.block_slots or self.draft_vocab is None:
+            return None
+        room = pos + cap <= min(state.cache.capacity, state.pending.shape[1]) and self.device.type == "cpu"
+        if not (room and native.library() and self.plain_embedding() and self.uniform_layers(state, {b: [token]}) >= d):
+            return None
+        self.lean_kernels.sync()
+        check, run = state.remembered(("drafts", n), lambda: DraftCheck(self, n, self.exit_head(state, n))), None
+        if check.norm is not None and not lean.watched((check.norm,)) and check.head.temperature == 1.0:
+            run = self.layer_run(state, 0, d)
+        linear, rows = self.lean_kernels, None if run is None else check.draft_rows()
+        if run is None or type(self.model.head_ops) is not HeadOps or not linear.packed or lean.hooks_set(run.hooks):
+            return None
+        if not (linear.all_native(run.products, 1) and kernels.is_native(linear.func(rows, 1))):
+            return None
+        cos, _, neg = self.rotary_tables(pos + cap)[:3]
+        head = (kernels.native_copy(rows), len(self.draft_vocab), self.draft_vocab, check.norm_args)
+        emb, pending = self.model.embedding.word_embeddings.weight, state.pending[b, pos : pos + cap]
+        made = native.drafts(token, emb, run.native, run.shape, (cos, neg), (b, pos), pending, head, keep)
+        if made is not None:
+            state.fed[b] = state.cache.filled[:d, b] = pos + len(made[0])
+        return made
 
     def block_exit_hidden(self, state: DecodeState, n: int, head, seqs: list[int]) -> torch.Tensor:
         """Bring exit n's own block cache up to each sequence's newest token; its hidden there [A, 1, h]."""

@@ -247,6 +247,10 @@ class SelfSpeculative(Strategy):
         results = batch.results
         budget = {b: min(plan.cap, batch.settings_of(b).max_new_tokens - len(results[b].tokens) - 1) for b in running}
         last = {b: results[b].tokens[-1] for b in running}
+        if len(running) == 1 and plan.observe is None and not plan.alternatives:
+            made = native_drafts(engine, state, running[0], last, budget[running[0]], plan, ctl)
+            if made is not None:
+                return made
         drafts: dict[int, list[int]] = {b: [] for b in running}
         confs: dict[int, list[float]] = {b: [] for b in running}
         policy = batch.policy if plan.exit == batch.policy.force else ExitPolicy(force=plan.exit)
@@ -316,6 +320,28 @@ class SelfSpeculative(Strategy):
             if acc.stopped(r, batch.settings_of(b)):
                 return ok, alt if i == len(rows) - 1 else 0  # the alternative is kept if its token is
         return ok, alt
+
+
+def native_drafts(engine, state, b: int, last: dict[int, int], cap: int, plan: Plan, ctl) -> tuple | None:
+    """`SelfSpeculative.draft`'s results for one sequence drafting up to `cap` tokens from plan.exit
+    in one native call (`Passes.native_drafts`: the same drafts, K/V and pending rows as its decode
+    steps, the controller's early stop asked after each draft), or None where they would not run
+    there (a pipeline engine, an exit or kernels it does not take): draft's own loop then runs."""
+    drafts_of = getattr(getattr(engine, "passes", None), "native_drafts", None)
+    if drafts_of is None or cap <= 0:
+        return None
+    seen: list[float] = []
+
+    def keep(j: int, conf: float) -> bool:
+        seen.append(conf)
+        return ctl.keep_drafting(plan, seen)
+
+    with engine.packed:
+        made = drafts_of(state, b, last[b], plan.exit, cap, keep if ctl is not None else None)
+    if made is None:
+        return None
+    drafts, confs = made
+    return {b: drafts}, {b: confs}, {b: drafts[-1] if drafts else last[b]}, {}, {b: {}}
 
 
 def verify(engine, state, last: dict[int, int], drafted: bool, observe: int | None = None, alts=None, drafts=None):

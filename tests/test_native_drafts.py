@@ -1,0 +1,158 @@
+"""A self-speculative round's drafts in one native call (`Passes.native_drafts`, `ee_drafts`):
+the decode steps that draft from a norm-only exit onto its draft vocabulary, run without
+returning to Python between them, give the same drafts, confidences, K/V, pending rows and fill
+counts as those steps one by one (the same native calls, so bit for bit in fp32 and bf16);
+the controller's early stop is asked after each draft; and where they cannot run there, nothing
+is done and the draft loop runs the steps itself. Self-speculation with them stays equal to
+full greedy decoding (fp32).
+"""
+
+import pytest
+import torch
+
+from megatron.early_exit.inference import EarlyExitEngine, ExitPolicy, GenerationSettings, native
+from megatron.early_exit.inference.strategies import self_speculative
+
+needs_native = pytest.mark.skipif(not native.available(), reason="no native kernel here (no C compiler)")
+
+PROMPTS = [[5, 17, 33, 2, 9, 41, 7], [11, 3, 60, 25, 8]]
+DRAFT_VOCAB = list(range(0, 96, 2)) + [1, 3, 7, 11]  # some odd tokens too: ids not a plain stride
+
+
+def build(dtype, block: bool = False):
+    """4 layers (head dim 16: the kernels' vector paths), norm-only exits at 1 and 2 on untied heads
+    (or, with `block`, a transformer block in each), a draft vocabulary in its calibration record."""
+    from megatron.early_exit.config import ModelConfig
+    from megatron.early_exit.model import EarlyExitGPT
+
+    cfg = ModelConfig(
+        num_layers=4, hidden_size=64, num_attention_heads=4, num_query_groups=2, ffn_hidden_size=96,
+        vocab_size=96, max_position_embeddings=128, normalization="RMSNorm", swiglu=True,
+        position_embedding_type="rope", add_bias_linear=False, exit_layer_nums=[1, 2], use_exit_norm=True,
+        untie_exit_output_weights=True, use_exit_block=block,
+    )  # fmt: skip
+    model = EarlyExitGPT(cfg)
+    model.init_weights(11)
+    model.calibrated_thresholds = {"thresholds": {1: 1.0, 2: 1.0}, "draft_vocabulary": {"tokens": DRAFT_VOCAB}}
+    return model.to(dtype).eval()
+
+
+def prefilled(engine, capacity: int = 32):
+    state = engine.new_state(len(PROMPTS), capacity)
+    engine.prefill(state, dict(enumerate(PROMPTS)))
+    return state
+
+
+def stepped_drafts(engine, state, b: int, token: int, n: int, cap: int) -> tuple[list[int], list[float]]:
+    """The drafts as the draft loop's decode steps make them, one step at a time."""
+    tokens, confs = [], []
+    for _ in range(cap):
+        out = engine.decode_one_token(state, {b: token}, ExitPolicy(force=n))
+        token = out.argmax[b]
+        tokens.append(token)
+        confs.append(out.confidence[b])
+    return tokens, confs
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("n", [1, 2])
+@pytest.mark.parametrize("b", [0, 1])  # the batch's first or second cache slot
+def test_native_drafts_equal_the_draft_steps_bit_for_bit(dtype, n, b):
+    model = build(dtype)
+    engine = EarlyExitEngine(model, linear_kernel="native")
+    assert engine.passes.draft_vocab is not None
+    steps, native_state = prefilled(engine), prefilled(engine)
+    with engine.packed:
+        want = stepped_drafts(engine, steps, b, 4, n, 5)
+        got = engine.passes.native_drafts(native_state, b, 4, n, 5)
+    assert got is not None and got[0] == want[0] and got[1] == want[1]  # the same floats
+    assert set(got[0]) <= set(DRAFT_VOCAB) and all(0.0 < c <= 1.0 for c in got[1])
+    assert native_state.fed == steps.fed == [len(PROMPTS[0]) + 5 * (b == 0), len(PROMPTS[1]) + 5 * (b == 1)]
+    assert (native_state.cache.filled == steps.cache.filled).all()
+    assert torch.equal(native_state.cache.k, steps.cache.k) and torch.equal(native_state.cache.v, steps.cache.v)
+    assert torch.equal(native_state.pending, steps.pending)  # the exit's hidden states: the verify's input
+    # the verify pass that follows gives the same logits either way
+    outs = [engine.verify(s, {b: [got[0][-1]]}) for s in (steps, native_state)]
+    for x, y in zip(outs[0].all_logits[b], outs[1].all_logits[b]):
+        assert torch.equal(x, y)
+
+
+@needs_native
+def test_the_early_stop_is_asked_after_each_draft_and_its_errors_come_through():
+    engine = EarlyExitEngine(build(torch.float32), linear_kernel="native")
+    asked = []
+    state = prefilled(engine)
+    with engine.packed:
+        got = engine.passes.native_drafts(state, 0, 4, 1, 6, lambda j, c: asked.append((j, c)) or j < 2)
+    assert len(got[0]) == 3 and [j for j, _ in asked] == [0, 1, 2]
+    assert [c for _, c in asked] == pytest.approx(got[1], rel=1e-6)  # the C float, as Python reads it
+    assert state.fed[0] == len(PROMPTS[0]) + 3 and (state.cache.filled[:1, 0] == len(PROMPTS[0]) + 3).all()
+
+    def broken(j, c):
+        raise KeyError("controller")
+
+    with engine.packed, pytest.raises(KeyError, match="controller"):
+        engine.passes.native_drafts(prefilled(engine), 0, 4, 1, 6, broken)
+
+
+@needs_native
+def test_where_they_cannot_run_in_one_call_nothing_is_done():
+    model = build(torch.float32)
+    cases = {
+        "no draft vocabulary": EarlyExitEngine(model, linear_kernel="native", draft_vocabulary=False),
+        "another kernel": EarlyExitEngine(model, linear_kernel="plain"),
+        "a block in the exit": EarlyExitEngine(build(torch.float32, block=True), linear_kernel="native"),
+    }
+    for why, engine in cases.items():
+        state = prefilled(engine)
+        before = (list(state.fed), state.cache.filled.copy(), state.cache.k.clone())
+        with engine.packed:
+            assert engine.passes.native_drafts(state, 0, 4, 1, 4) is None, why
+        assert state.fed == before[0] and (state.cache.filled == before[1]).all()
+        assert torch.equal(state.cache.k, before[2])
+    engine = EarlyExitEngine(model, linear_kernel="native")
+    state = prefilled(engine)
+    with engine.packed:
+        engine.decode_one_token(state, {0: 4}, ExitPolicy(force=1))  # token 4's row pending above exit 1
+        assert engine.passes.native_drafts(state, 0, 6, 2, 3) is None  # exit 2 is above rows still pending
+        assert engine.passes.native_drafts(state, 0, 6, 1, 40) is None  # past the cache's capacity
+        for switch, on in (("profile", True), ("native_drafting", False)):  # profiled steps; switched off
+            setattr(engine.passes, switch, on)
+            assert engine.passes.native_drafts(state, 0, 6, 1, 3) is None, switch
+            setattr(engine.passes, switch, not on)
+        assert engine.passes.native_drafts(state, 0, 6, 1, 3) is not None  # below exit 1 nothing is pending
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_self_speculation_drafts_in_one_call_and_equals_full_greedy(dtype, monkeypatch):
+    """Batch 1: every draft phase runs in one native call (none falls back); the tokens equal
+    full greedy decoding's in fp32, and in both dtypes equal those of the draft loop's own steps."""
+    model = build(dtype)
+    engine = EarlyExitEngine(model, linear_kernel="native")
+    full = engine.generate(PROMPTS[:1], GenerationSettings(max_new_tokens=20, ignore_eos=True))[0].tokens
+    made = []
+    real = self_speculative.native_drafts
+
+    def drafting(engine, state, b, last, cap, plan, ctl):  # a round that drafts (not a plain one)
+        out = real(engine, state, b, last, cap, plan, ctl)
+        if cap > 0 and plan.exit is not None:
+            made.append(out)
+        return out
+
+    monkeypatch.setattr(self_speculative, "native_drafts", drafting)
+    outs = {}
+    for settings in (
+        GenerationSettings("self_speculative", 20, ignore_eos=True),  # the controller's plans, early stop
+        GenerationSettings("self_speculative", 20, ignore_eos=True, draft_exit_layer=1, num_draft_tokens=3),
+    ):
+        made.clear()
+        outs[settings.num_draft_tokens] = engine.generate(PROMPTS[:1], settings)[0]
+        assert made and all(m is not None for m in made)
+    monkeypatch.setattr(self_speculative, "native_drafts", lambda *a: None)  # the draft loop's own steps
+    loop = engine.generate(PROMPTS[:1], GenerationSettings("self_speculative", 20, ignore_eos=True, draft_exit_layer=1,
+                                                           num_draft_tokens=3))[0]  # fmt: skip
+    assert outs[3].tokens == loop.tokens and outs[3].stats["accepted"] == loop.stats["accepted"]
+    if dtype == torch.float32:
+        assert all(r.tokens == full for r in outs.values())

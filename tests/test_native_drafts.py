@@ -58,24 +58,36 @@ def stepped_drafts(engine, state, b: int, token: int, n: int, cap: int) -> tuple
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("n", [1, 2])
 @pytest.mark.parametrize("b", [0, 1])  # the batch's first or second cache slot
-def test_native_drafts_equal_the_draft_steps_bit_for_bit(dtype, n, b):
+@pytest.mark.parametrize("feed_last", [False, True])
+def test_native_drafts_equal_the_draft_steps_bit_for_bit(dtype, n, b, feed_last):
+    """Five drafts; with `feed_last` the last one fed below the exit in the same call, and the
+    verify pass then feeds nothing (it starts where the drafts' rows are pending) against the
+    steps' verify feeding it: the same K/V, pending rows, fill counts and verify logits."""
     model = build(dtype)
     engine = EarlyExitEngine(model, linear_kernel="native")
     assert engine.passes.draft_vocab is not None
     steps, native_state = prefilled(engine), prefilled(engine)
     with engine.packed:
         want = stepped_drafts(engine, steps, b, 4, n, 5)
-        got = engine.passes.native_drafts(native_state, b, 4, n, 5)
-    assert got is not None and got[0] == want[0] and got[1] == want[1]  # the same floats
-    assert set(got[0]) <= set(DRAFT_VOCAB) and all(0.0 < c <= 1.0 for c in got[1])
-    assert native_state.fed == steps.fed == [len(PROMPTS[0]) + 5 * (b == 0), len(PROMPTS[1]) + 5 * (b == 1)]
+        got = engine.passes.native_drafts(native_state, b, 4, n, 5, feed_last=feed_last)
+        assert got is not None and got[0] == want[0] and got[1] == want[1]  # the same floats
+        assert set(got[0]) <= set(DRAFT_VOCAB) and all(0.0 < c <= 1.0 for c in got[1])
+        fed = [len(PROMPTS[0]) + 5 * (b == 0), len(PROMPTS[1]) + 5 * (b == 1)]
+        fed[b] += feed_last
+        assert native_state.fed == fed
+        if not feed_last:
+            assert steps.fed == fed and (native_state.cache.filled == steps.cache.filled).all()
+            assert torch.equal(native_state.cache.k, steps.cache.k) and torch.equal(native_state.cache.v, steps.cache.v)
+            assert torch.equal(native_state.pending, steps.pending)  # the exit's hidden states: the verify's input
+        # the verify pass that follows gives the same logits, K/V and fill counts either way
+        want_out = engine.verify(steps, {b: [got[0][-1]]})
+        got_out = engine.verify(native_state, {b: []} if feed_last else {b: [got[0][-1]]})
+    assert len(got_out.all_logits[b]) == len(want_out.all_logits[b]) == 6
+    for x, y in zip(want_out.all_logits[b], got_out.all_logits[b]):
+        assert torch.equal(x, y)
+    assert got_out.all_tokens[b] == want_out.all_tokens[b] and native_state.fed == steps.fed
     assert (native_state.cache.filled == steps.cache.filled).all()
     assert torch.equal(native_state.cache.k, steps.cache.k) and torch.equal(native_state.cache.v, steps.cache.v)
-    assert torch.equal(native_state.pending, steps.pending)  # the exit's hidden states: the verify's input
-    # the verify pass that follows gives the same logits either way
-    outs = [engine.verify(s, {b: [got[0][-1]]}) for s in (steps, native_state)]
-    for x, y in zip(outs[0].all_logits[b], outs[1].all_logits[b]):
-        assert torch.equal(x, y)
 
 
 @needs_native

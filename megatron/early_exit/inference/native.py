@@ -134,7 +134,7 @@ def library() -> ctypes.CDLL | None:
     lib.ee_head.restype = i32
     lib.ee_probe.restype = i32
     lib.ee_drafts.argtypes = [i64, i64, vp, i64, vp, vp, i32, i32] + [i64] * 5 + [vp, vp] + [i64] * 5 + [vp, vp, i64]
-    lib.ee_drafts.argtypes += [vp, vp, ctypes.c_float, KEEP, vp, vp, vp]
+    lib.ee_drafts.argtypes += [vp, vp, ctypes.c_float, KEEP, i32, vp, vp, vp]
     lib.ee_drafts.restype = i32
     return lib
 
@@ -244,6 +244,7 @@ def drafts(
     pending: torch.Tensor,
     head: tuple[torch.Tensor, int, torch.Tensor, tuple[torch.Tensor, float]],
     keep=None,
+    feed_last: bool = False,
 ) -> tuple[list[int], list[float]] | None:
     """A self-speculative round's drafts for one sequence in one call (`ee_drafts`): up to
     len(pending) decode steps from `token`, each through `run`'s layers (0 .. L - 1, the layers
@@ -253,15 +254,17 @@ def drafts(
     per position; at: (cache slot, position of the first step); pending (D, h): each step's hidden
     state at the exit (contiguous rows of x's dtype, written); head: (its packed rows, their
     count, the draft vocabulary's ids int64, the exit norm's (gain, eps)); keep(j, confidence) ->
-    whether to draft another (None: all D). Returns (drafts, their max-probabilities), as many as
-    were made; None where `layers_step` would not take `run` (nothing done)."""
+    whether to draft another (None: all D). `feed_last`: the last draft fed through the layers too,
+    its hidden state in the row after the last draft's (pending then holds D + 1 rows). Returns
+    (drafts, their max-probabilities), as many as were made; None where `layers_step` would not
+    take `run` (nothing done)."""
     g, per, hd, ffn = shape
     cos, sin_signed = tables
     h = embedding.shape[-1]
     ok = run.caches_ok and run.dtype == embedding.dtype == pending.dtype and pending.is_contiguous()
     if not (ok and cos.dtype == torch.float32 and cos.is_contiguous() and sin_signed.is_contiguous()):
         return None
-    d, (panels, rows, ids, (gain, eps)) = pending.shape[0], head
+    d, (panels, rows, ids, (gain, eps)) = pending.shape[0] - int(feed_last), head
     gain = gain.contiguous()
     tokens, conf, made = (ctypes.c_int64 * d)(), (ctypes.c_float * d)(), ctypes.c_int64(0)
     stop: list[BaseException] = []
@@ -278,7 +281,7 @@ def drafts(
         d, token, embedding.data_ptr(), len(run), run.ptrs, run.eps, embedding.dtype == torch.bfloat16,
         torch.get_num_threads(), h, g, per, hd, ffn, cos.data_ptr(), sin_signed.data_ptr(), *run.strides[:3],
         slot, pos, pending.data_ptr(), panels.data_ptr(), rows, ids.data_ptr(), gain.data_ptr(),
-        float(eps), KEEP(ask) if keep is not None else KEEP(), tokens, conf, ctypes.byref(made),
+        float(eps), KEEP(ask) if keep is not None else KEEP(), int(feed_last), tokens, conf, ctypes.byref(made),
     )  # fmt: skip
     if stop:
         raise stop[0]

@@ -908,14 +908,16 @@ int ee_layers(int64_t L, const int64_t *ptrs, const float *eps, const void *x, v
  * then ee_head's exit norm (gain, eps_h) and projection onto the K draft tokens ids (Wp: their rows
  * of the exit's output weight, packed): t_{j+1} = tokens[j], the draft, and conf[j] its
  * max-probability. After each draft, keep(j, conf[j]) (NULL: always) says whether to draft
- * another. The same numbers as those decode steps (the same calls), without a return to Python
- * between them. *made: the drafts made. 0 on success, 1 when memory runs out (the drafts made by
- * then are whole: K/V, pending row, token). */
+ * another. With feed_last, the last draft too is fed through layers 0 .. L - 1 (its K/V written at
+ * pos + *made, its hidden state into row *made of pending), so that the verify pass starts at
+ * depth L with every drafted row pending. The same numbers as those decode steps (the same calls),
+ * without a return to Python between them. *made: the drafts made. 0 on success, 1 when memory
+ * runs out (the drafts made by then are whole: K/V, pending row, token). */
 int ee_drafts(int64_t D, int64_t token, const void *emb, int64_t L, const int64_t *ptrs, const float *eps, int bf16,
               int threads, int64_t h, int64_t G, int64_t per, int64_t hd, int64_t ffn, const float *cos,
               const float *sin, int64_t sb, int64_t sg, int64_t st, int64_t slot, int64_t pos, void *pending,
               const void *Wp, int64_t K, const int64_t *ids, const void *gain, float eps_h,
-              int (*keep)(int64_t, float), int64_t *tokens, float *conf, int64_t *made) {
+              int (*keep)(int64_t, float), int feed_last, int64_t *tokens, float *conf, int64_t *made) {
     const size_t row = (size_t)h * (bf16 ? 2 : 4);
     char *x = (char *)malloc(row);
     float *part = (float *)malloc(sizeof(float) * (size_t)K);
@@ -934,6 +936,13 @@ int ee_drafts(int64_t D, int64_t token, const void *emb, int64_t L, const int64_
         conf[j] = c;
         *made = j + 1;
         if (keep && !keep(j, c)) break;
+    }
+    if (feed_last && *made > 0 && !failed) { /* the newest draft through the same layers, its hidden state pending after */
+        int64_t at = pos + *made, ran = L;
+        memcpy(x, (const char *)emb + (size_t)token * row, row);
+        failed = ee_layers(L, ptrs, eps, x, (char *)pending + (size_t)*made * row, 1, bf16, threads, h, G, per, hd, ffn,
+                           cos + at * hd, sin + at * hd, 0, sb, sg, st, &slot, &at, at + 1, NULL, NULL, NULL, NULL, NULL,
+                           &ran);
     }
     free(x);
     free(part);

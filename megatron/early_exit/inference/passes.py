@@ -258,7 +258,7 @@ class Passes:
                 return out
             first, active = clean + 1, list(rows.seqs)  # layers [0, clean) and exits at depth <= clean done
         else:
-            rows, first, active = self.embed(state, new_tokens), 0, list(new_tokens)
+            rows, first, active = self.embed(state, new_tokens), self.first_pending(state, new_tokens), list(new_tokens)
         has_new = {b for b, t in new_tokens.items() if t}
         memo: dict[tuple, tuple] = {}  # one RowIndex (+ rotary) per distinct layout of this pass
         d = first
@@ -284,6 +284,17 @@ class Passes:
             d += 1
         self.final_head(rows, all_rows, out)
         return out
+
+    def first_pending(self, state: DecodeState, new_tokens: dict[int, list[int]]) -> int:
+        """Where a general pass starts: depth 0, or where it feeds no token at all (a verify pass
+        whose drafts were fed below their exit: `native_drafts`' feed_last), the depth of the first
+        layer that holds a pending row of its sequences (its rows gathered there); depth 0 where
+        none does (nothing to do). Single-device passes only."""
+        if any(new_tokens.values()) or self.start:
+            return 0
+        filled, layers = state.cache.filled, self.end - self.start
+        behind = [filled[:layers, b] < state.fed[b] for b in new_tokens]
+        return min((int(row.argmax()) + 1 for row in behind if row.any()), default=0)
 
     def run_end(self, state: DecodeState, rows: Rows, active: list[int], d: int, by_depth, scores) -> int:
         """The deepest depth e >= d that a general pass can reach from depth d - 1 over the same
@@ -955,20 +966,23 @@ class Passes:
         logits, _, tokens, conf = native.head(x.view(a, -1), panels, len(ids), norm, ids, self.vocab)
         return logits, tokens, conf
 
-    def native_drafts(self, state: DecodeState, b: int, token: int, n: int, cap: int, keep=None) -> tuple | None:
+    def native_drafts(
+        self, state: DecodeState, b: int, token: int, n: int, cap: int, keep=None, feed_last: bool = False
+    ) -> tuple | None:
         """Up to `cap` self-speculative drafts of sequence b from exit n in one native call
         (`native.drafts`): the decode steps `run` makes under `ExitPolicy(force=n)` feeding `token`,
         then each draft, one by one (a norm-only exit, its head onto the draft vocabulary:
         `DraftCheck`), with their K/V, pending rows, fill counts and numbers, without the Python
         between and around them (~0.15-0.2 ms a step on the CPU reference model, a third of a
-        draft step). keep(j, confidence): whether to draft another after draft j. Returns (drafts,
+        draft step). keep(j, confidence): whether to draft another after draft j; `feed_last`: the
+        last draft fed below the exit too (the verify pass then feeds nothing: `run`). Returns (drafts,
         confidences), or None where those steps would not each run in one native call (an exit
         with a block or more than a norm, no draft vocabulary, rows pending below the exit, a
         forward hook, profiling, another kernel, `native_drafting` off): nothing done."""
         d, pos = self.depth(n), state.fed[b]
         if not self.native_drafting or self.profile or self.start or n in self.block_slots or self.draft_vocab is None:
             return None
-        room = pos + cap <= min(state.cache.capacity, state.pending.shape[1]) and self.device.type == "cpu"
+        room = pos + cap + feed_last <= min(state.cache.capacity, state.pending.shape[1]) and self.device.type == "cpu"
         if not (room and native.library() and self.plain_embedding() and self.uniform_layers(state, {b: [token]}) >= d):
             return None
         self.lean_kernels.sync()
@@ -982,10 +996,10 @@ class Passes:
             return None
         cos, _, neg = self.rotary_tables(pos + cap)[:3]
         head = (kernels.native_copy(rows), len(self.draft_vocab), self.draft_vocab, check.norm_args)
-        emb, pending = self.model.embedding.word_embeddings.weight, state.pending[b, pos : pos + cap]
-        made = native.drafts(token, emb, run.native, run.shape, (cos, neg), (b, pos), pending, head, keep)
+        emb, pending = self.model.embedding.word_embeddings.weight, state.pending[b, pos : pos + cap + feed_last]
+        made = native.drafts(token, emb, run.native, run.shape, (cos, neg), (b, pos), pending, head, keep, feed_last)
         if made is not None:
-            state.fed[b] = state.cache.filled[:d, b] = pos + len(made[0])
+            state.fed[b] = state.cache.filled[:d, b] = pos + len(made[0]) + (feed_last and len(made[0]) > 0)
         return made
 
     def block_exit_hidden(self, state: DecodeState, n: int, head, seqs: list[int]) -> torch.Tensor:

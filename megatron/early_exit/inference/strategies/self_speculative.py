@@ -336,12 +336,12 @@ def native_drafts(engine, state, b: int, last: dict[int, int], cap: int, plan: P
         seen.append(conf)
         return ctl.keep_drafting(plan, seen)
 
-    with engine.packed:
-        made = drafts_of(state, b, last[b], plan.exit, cap, keep if ctl is not None else None)
+    with engine.packed:  # the last draft fed below the exit too: nothing left to feed (`verify`: last None)
+        made = drafts_of(state, b, last[b], plan.exit, cap, keep if ctl is not None else None, feed_last=True)
     if made is None:
         return None
     drafts, confs = made
-    return {b: drafts}, {b: confs}, {b: drafts[-1] if drafts else last[b]}, {}, {b: {}}
+    return {b: drafts}, {b: confs}, {b: None if drafts else last[b]}, {}, {b: {}}
 
 
 def verify(engine, state, last: dict[int, int], drafted: bool, observe: int | None = None, alts=None, drafts=None):
@@ -354,8 +354,8 @@ def verify(engine, state, last: dict[int, int], drafted: bool, observe: int | No
     if drafted and alts:  # alternative drafts after each sequence's newest draft (`kv_cache.RowIndex`)
         branch = {b: tuple(len(drafts[b]) - j for j in alts.get(b, {})) for b in last}  # draft j: k - j before the end
         return engine.verify(state, {b: [t, *alts.get(b, {}).values()] for b, t in last.items()}, branch=branch)
-    if drafted:
-        return engine.verify(state, {b: [t] for b, t in last.items()})
+    if drafted:  # last[b] None: the drafts' loop fed it already (`native_drafts`)
+        return engine.verify(state, {b: [] if t is None else [t] for b, t in last.items()})
     out = engine.decode_one_token(state, last, ExitPolicy(observe=(observe,)) if observe is not None else ExitPolicy())
     for b, logits in out.logits.items():
         out.all_logits[b] = logits[None]  # (1, V): the one fed row

@@ -27,7 +27,7 @@ def build(dtype, block: bool = False):
 
     cfg = ModelConfig(
         num_layers=4, hidden_size=64, num_attention_heads=4, num_query_groups=2, ffn_hidden_size=96,
-        vocab_size=96, max_position_embeddings=128, normalization="RMSNorm", swiglu=True,
+        vocab_size=96, max_position_embeddings=512, normalization="RMSNorm", swiglu=True,
         position_embedding_type="rope", add_bias_linear=False, exit_layer_nums=[1, 2], use_exit_norm=True,
         untie_exit_output_weights=True, use_exit_block=block,
     )  # fmt: skip
@@ -88,6 +88,29 @@ def test_native_drafts_equal_the_draft_steps_bit_for_bit(dtype, n, b, feed_last)
     assert got_out.all_tokens[b] == want_out.all_tokens[b] and native_state.fed == steps.fed
     assert (native_state.cache.filled == steps.cache.filled).all()
     assert torch.equal(native_state.cache.k, steps.cache.k) and torch.equal(native_state.cache.v, steps.cache.v)
+
+
+@needs_native
+def test_drafts_across_the_end_of_the_rotary_tables_read_the_angles_of_their_positions():
+    """The rotary tables are made for positions below a power of two (256 first) and again larger
+    where a pass reaches past them: drafts at positions 251-255 and the last one fed at 256 give the
+    steps' K/V, not angles read past a table's end."""
+    engine = EarlyExitEngine(build(torch.float32), linear_kernel="native")
+    prompt = [(5 * j + 1) % 96 for j in range(251)]
+    states = []
+    for _ in range(2):
+        state = engine.new_state(1, 270)
+        engine.prefill(state, {0: prompt})
+        states.append(state)
+    engine.passes.rope_tables = None  # made again for the prefill's positions alone (< 256)
+    engine.passes.rotary_tables(251)
+    with engine.packed:
+        got = engine.passes.native_drafts(states[0], 0, 4, 1, 5, feed_last=True)
+        want = stepped_drafts(engine, states[1], 0, 4, 1, 5)
+        engine.decode_one_token(states[1], {0: want[0][-1]}, ExitPolicy(force=1))  # the last draft fed, as feed_last
+    assert got[0] == want[0] and states[0].fed == states[1].fed == [257]
+    assert torch.equal(states[0].cache.k[:1], states[1].cache.k[:1])  # layer 0: what exit 1 reads below it
+    assert torch.equal(states[0].pending[0, 251:257], states[1].pending[0, 251:257])
 
 
 @needs_native

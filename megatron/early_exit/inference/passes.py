@@ -994,7 +994,7 @@ class Passes:
             return None
         if not (linear.all_native(run.products, 1) and kernels.is_native(linear.func(rows, 1))):
             return None
-        cos, _, neg = self.rotary_tables(pos + cap)[:3]
+        cos, _, neg = self.rotary_tables(pos + cap + 1)[:3]  # positions pos .. pos + cap (the last fed with feed_last)
         head = (kernels.native_copy(rows), len(self.draft_vocab), self.draft_vocab, check.norm_args)
         emb, pending = self.model.embedding.word_embeddings.weight, state.pending[b, pos : pos + cap + feed_last]
         made = native.drafts(token, emb, run.native, run.shape, (cos, neg), (b, pos), pending, head, keep, feed_last)

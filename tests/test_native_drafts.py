@@ -37,6 +37,14 @@ def build(dtype, block: bool = False):
     return model.to(dtype).eval()
 
 
+def mixed_norm():
+    """A bf16 model whose exit 1 norm's gain stayed fp32 (`ee_drafts` reads the gain in the rows' dtype)."""
+    model = build(torch.bfloat16)
+    norm = model.exits["1"].norm
+    norm.weight = torch.nn.Parameter(norm.weight.detach().float())
+    return model
+
+
 def prefilled(engine, capacity: int = 32):
     state = engine.new_state(len(PROMPTS), capacity)
     engine.prefill(state, dict(enumerate(PROMPTS)))
@@ -138,6 +146,7 @@ def test_where_they_cannot_run_in_one_call_nothing_is_done():
         "no draft vocabulary": EarlyExitEngine(model, linear_kernel="native", draft_vocabulary=False),
         "another kernel": EarlyExitEngine(model, linear_kernel="plain"),
         "a block in the exit": EarlyExitEngine(build(torch.float32, block=True), linear_kernel="native"),
+        "an exit norm of another dtype": EarlyExitEngine(mixed_norm(), linear_kernel="native"),
     }
     for why, engine in cases.items():
         state = prefilled(engine)

@@ -321,6 +321,15 @@ class NativeRun:
         return cls(layers, caches, shape)
 
 
+def runs_natively(run: NativeRun, rows: int, per_sequence: int, linear: LeanKernels) -> bool:
+    """Whether `run`'s layers over `rows` rows (`per_sequence` of them a sequence's) run in one
+    native call (`native_run`): every product on the native kernel at that many rows, not too many
+    rows, no forward hook watching a layer."""
+    if rows > FOLD_ROWS or per_sequence > ATTEND_ROWS:
+        return False
+    return linear.all_native(run.products, rows) and not hooks_set(run.hooks)
+
+
 def native_run(run: NativeRun, x, cos, sin_signed, rows_kv: tuple, linear: LeanKernels, probes=None):
     """`run`'s layers over rows x (A, R, h) in one native call (`native.layers_step`), as their
     decode steps (`LeanLayer.__call__`, R = 1) or general passes (`rows`) one after another would
@@ -331,7 +340,7 @@ def native_run(run: NativeRun, x, cos, sin_signed, rows_kv: tuple, linear: LeanK
     (a kernel other than the native one, too many rows, a forward hook: nothing done)."""
     lead = x.shape[:-1]
     a = x.numel() // x.shape[-1]
-    if a > FOLD_ROWS or lead[-1] > ATTEND_ROWS or not linear.all_native(run.products, a) or hooks_set(run.hooks):
+    if not runs_natively(run, a, lead[-1], linear):
         return None
     made = native.layers_step(x.reshape(a, -1), run.native, run.shape, cos, sin_signed, rows_kv, probes)
     if made is None:

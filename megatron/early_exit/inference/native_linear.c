@@ -891,30 +891,28 @@ int ee_drafts(int64_t D, int64_t token, const void *emb, int64_t L, const int64_
               const void *Wp, int64_t K, const int64_t *ids, const void *gain, float eps_h,
               int (*keep)(int64_t, float), int feed_last, int64_t *tokens, float *conf, int64_t *made) {
     const size_t row = (size_t)h * (bf16 ? 2 : 4);
+    *made = 0;
+    if (D <= 0) return 0;
     char *x = (char *)malloc(row);
     float *part = (float *)malloc(sizeof(float) * (size_t)K);
-    int failed = !x || !part;
-    *made = 0;
-    for (int64_t j = 0; j < D && !failed; j++) {
+    int failed = !x || !part, last = 0; /* last: t_j is the last draft, fed below the exit alone (feed_last) */
+    for (int64_t j = 0; !failed; j++) {
         int64_t at = pos + j, ran = L, next = 0;
         float c = 0.f;
         char *y = (char *)pending + (size_t)j * row;
         memcpy(x, (const char *)emb + (size_t)token * row, row);
         failed = ee_layers(L, ptrs, eps, x, y, 1, bf16, threads, h, G, per, hd, ffn, cos + at * hd, sin + at * hd, 0,
                            sb, sg, st, &slot, &at, at + 1, NULL, NULL, NULL, NULL, NULL, &ran);
-        if (!failed) failed = ee_head(y, Wp, 1, h, K, bf16, threads, gain, eps_h, ids, 0, NULL, part, &next, &c);
+        if (failed || last) break;
+        failed = ee_head(y, Wp, 1, h, K, bf16, threads, gain, eps_h, ids, 0, NULL, part, &next, &c);
         if (failed) break;
         tokens[j] = token = next;
         conf[j] = c;
         *made = j + 1;
-        if (keep && !keep(j, c)) break;
-    }
-    if (feed_last && *made > 0 && !failed) { /* the newest draft through the same layers, its hidden state pending after */
-        int64_t at = pos + *made, ran = L;
-        memcpy(x, (const char *)emb + (size_t)token * row, row);
-        failed = ee_layers(L, ptrs, eps, x, (char *)pending + (size_t)*made * row, 1, bf16, threads, h, G, per, hd, ffn,
-                           cos + at * hd, sin + at * hd, 0, sb, sg, st, &slot, &at, at + 1, NULL, NULL, NULL, NULL, NULL,
-                           &ran);
+        if ((keep && !keep(j, c)) || j + 1 == D) { /* keep asked after every draft, the last too */
+            if (!feed_last) break;
+            last = 1;
+        }
     }
     free(x);
     free(part);

@@ -954,17 +954,23 @@ class Passes:
         where the draft projection's kernel is the native one at this pass's rows, the head's
         projection is plain and its temperature 1; else None. x: [A, 1, h]; `rows`: `draft_rows(head)`
         where the caller kept them (looking the weight up costs ~5 us right after a layer)."""
-        m, a = self.model, x.shape[0]
-        if not (self.lean and self.lean_kernels.packed and type(m.head_ops) is HeadOps and head.temperature == 1.0):
-            return None
-        if a > lean.FOLD_ROWS or (norm is not None and norm[0].dtype != x.dtype):
-            return None
+        a = x.shape[0]
         rows = self.draft_rows(head) if rows is None else rows
-        if not kernels.is_native(self.lean_kernels.func(rows, a)):
+        if not self.draft_head_native(head, norm, rows, a, x.dtype):
             return None
         panels, ids = kernels.native_copy(rows), self.draft_vocab
         logits, _, tokens, conf = native.head(x.view(a, -1), panels, len(ids), norm, ids, self.vocab)
         return logits, tokens, conf
+
+    def draft_head_native(self, head, norm: tuple | None, rows: torch.Tensor, a: int, dtype: torch.dtype) -> bool:
+        """Whether a draft's head over `a` rows of `dtype` runs in one native call (`native.head`):
+        lean passes on packed kernels, a plain projection at temperature 1, the norm's gain (if any)
+        of that dtype, not too many rows, and the native kernel for the draft rows `rows` at `a` rows."""
+        if not (self.lean and self.lean_kernels.packed and type(self.model.head_ops) is HeadOps):
+            return False
+        if head.temperature != 1.0 or a > lean.FOLD_ROWS or (norm is not None and norm[0].dtype != dtype):
+            return False
+        return kernels.is_native(self.lean_kernels.func(rows, a))
 
     def native_drafts(
         self, state: DecodeState, b: int, token: int, n: int, cap: int, keep=None, feed_last: bool = False
@@ -986,17 +992,18 @@ class Passes:
         if not (room and native.library() and self.plain_embedding() and self.uniform_layers(state, {b: [token]}) >= d):
             return None
         self.lean_kernels.sync()
-        check, run = state.remembered(("drafts", n), lambda: DraftCheck(self, n, self.exit_head(state, n))), None
-        if check.norm is not None and not lean.watched((check.norm,)) and check.head.temperature == 1.0:
-            run = self.layer_run(state, 0, d)
-        linear, rows = self.lean_kernels, None if run is None else check.draft_rows()
-        if run is None or type(self.model.head_ops) is not HeadOps or not linear.packed or lean.hooks_set(run.hooks):
+        check = state.remembered(("drafts", n), lambda: DraftCheck(self, n, self.exit_head(state, n)))
+        if check.norm is None or lean.watched((check.norm,)):  # an exit that is more than its norm, or watched
             return None
-        if not (linear.all_native(run.products, 1) and kernels.is_native(linear.func(rows, 1))):
+        run, emb = self.layer_run(state, 0, d), self.model.embedding.word_embeddings.weight
+        if run is None or not lean.runs_natively(run, 1, 1, self.lean_kernels):
+            return None
+        rows = check.draft_rows()
+        if not self.draft_head_native(check.head, check.norm_args, rows, 1, emb.dtype):
             return None
         cos, _, neg = self.rotary_tables(pos + cap + 1)[:3]  # positions pos .. pos + cap (the last fed with feed_last)
         head = (kernels.native_copy(rows), len(self.draft_vocab), self.draft_vocab, check.norm_args)
-        emb, pending = self.model.embedding.word_embeddings.weight, state.pending[b, pos : pos + cap + feed_last]
+        pending = state.pending[b, pos : pos + cap + feed_last]
         made = native.drafts(token, emb, run.native, run.shape, (cos, neg), (b, pos), pending, head, keep, feed_last)
         if made is not None:
             state.fed[b] = state.cache.filled[:d, b] = pos + len(made[0]) + (feed_last and len(made[0]) > 0)

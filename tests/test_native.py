@@ -819,13 +819,16 @@ def _seven_layers(dtype):
 
 
 @needs_native
+@pytest.mark.parametrize("same_length", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_a_general_pass_runs_its_layers_over_the_same_rows_in_one_call(dtype, monkeypatch):
+def test_a_general_pass_runs_its_layers_over_the_same_rows_in_one_call(dtype, same_length, monkeypatch):
     """A general pass (`Passes.run`'s per-layer loop: pending rows, verify passes) runs the layers
     over which its rows stay the same (no exit, no pending row joining: `run_end`) in one native
     call (`advance_layers`): full-depth steps that fill the pending rows of tokens that left at
     exit 3, and a verify pass of three rows per sequence, give the logits, K/V and fill counts
-    of one call a layer bit for bit."""
+    of one call a layer bit for bit. Prompts of one length put every sequence's rows at the same
+    positions (one block: the layout's angles are a slice of the tables shared by the sequences);
+    their runs too are one call each (they were refused, and ran layer by layer, before)."""
     from megatron.early_exit.inference import passes
     from megatron.early_exit.inference.passes import ExitPolicy
     from tests.test_inference import PROMPTS
@@ -841,9 +844,10 @@ def test_a_general_pass_runs_its_layers_over_the_same_rows_in_one_call(dtype, mo
     def trace(one_call_a_layer: bool):
         monkeypatch.setattr(passes.Passes, "advance_layers", (lambda *a: False) if one_call_a_layer else counted)
         engine = EarlyExitEngine(model, linear_kernel="native")
-        prompts = PROMPTS[:3]
+        prompts = [p[: min(map(len, PROMPTS[:3]))] if same_length else p for p in PROMPTS[:3]]
         state, leave = engine.new_state(len(prompts), 40), ExitPolicy(allowed=(3,), threshold=0.0, mode="exact")
         engine.prefill(state, dict(enumerate(prompts)))
+        ran.clear()  # the decode steps' and the verify's runs (a prefill of padded prompts can be too many rows)
         got = []
         with torch.no_grad():
             for t, policy in enumerate((leave, leave, ExitPolicy(), leave, ExitPolicy())):
@@ -853,9 +857,9 @@ def test_a_general_pass_runs_its_layers_over_the_same_rows_in_one_call(dtype, mo
             got.append({b: x.clone() for b, x in out.all_logits.items()})
         return got, state
 
-    ran.clear()
     got, s_got = trace(False)
     assert any(r is not None and r[0] > 1 and r[1] > 1 for r in ran)  # several rows through several layers
+    assert None not in ran  # every run of layers in one call
     want, s_want = trace(True)
     for g, w in zip(got, want, strict=True):
         assert g.keys() == w.keys() and all(torch.equal(g[b], w[b]) for b in g)

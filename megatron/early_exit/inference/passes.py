@@ -691,12 +691,16 @@ class Passes:
             index, rotary = RowIndex(seqs, lo, n, cache, self.device, branch), None
             if self.model.rotary is not None:  # the lean layers' angles too (`lean.rows_tables`)
                 if index.block is not None and not index.alternatives:
-                    # one block of positions lo..end-1: slices of the tables, (1, 1, R, hd)
+                    # one block of positions lo..end-1: slices of the tables, (1, 1, R, hd); the
+                    # lean layers' native calls take a row of angles per row: (A, 1, R, hd) copies
                     _, start, end = index.block
                     cos, sin, neg = (t[start:end][None, None] for t in self.rotary_tables(end)[:3])
+                    a = len(seqs)
+                    lean_cos, lean_neg = (t.expand(a, -1, -1, -1).contiguous() if a > 1 else t for t in (cos, neg))
                 else:
                     cos, sin, neg = self.rotary_at(index.positions, max(a + b for a, b in zip(lo, n)), signed=True)
-                rotary, index.lean_tables = (cos, sin), lean.rows_tables(cos, neg)
+                    lean_cos, lean_neg = cos, neg
+                rotary, index.lean_tables = (cos, sin), lean.rows_tables(lean_cos, lean_neg)
             memo[key] = (index, rotary)
         return memo[key]
 

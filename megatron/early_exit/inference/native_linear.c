@@ -297,6 +297,11 @@ static inline v16 exp16(v16 x) {
 
 static void prologue(const void *x, int bf16, int kind, const void *gain, float eps, float *xf, int64_t n, int64_t K) {
     for (int64_t i = 0; i < n; i++) {
+        /* row i's elements in `xblock`'s layout: from `at`, `step` apart (1: a block of one row,
+           stored a vector at a time; the index worked out per element cost a fill's or a verify
+           pass's rows more than their products) */
+        float *at = xf + xblock(i, 0, n, K);
+        const int64_t step = xblock(i, 1, n, K) - xblock(i, 0, n, K);
         float scale = 0.f;
         if (kind == RMSNORM) {
             v16 acc = {0};
@@ -321,7 +326,10 @@ static void prologue(const void *x, int bf16, int kind, const void *gain, float 
             } else {
                 v = widen_part(x, bf16, i * K + k, m);
             }
-            for (int64_t j = 0; j < m; j++) xf[xblock(i, k + j, n, K)] = v[j];
+            if (step == 1 && m == PANEL)
+                memcpy(at + k, &v, sizeof v);
+            else
+                for (int64_t j = 0; j < m; j++) at[(k + j) * step] = v[j];
         }
     }
 }
@@ -574,11 +582,31 @@ void ee_rope(void *y, int64_t n, int64_t G, int64_t per2, int64_t heads, int64_t
              const float *sin_signed, int64_t cos_stride, int bf16) {
     float tmp[1024];
     if (hd > 1024) return;
+    const int64_t half = hd / 2, esize = bf16 ? 2 : 4;
     for (int64_t i = 0; i < n; i++) {
         const float *c = cos + i * cos_stride, *s = sin_signed + i * cos_stride;
         for (int64_t g = 0; g < G; g++)
             for (int64_t h = 0; h < heads; h++) {
                 int64_t base = ((i * G + g) * per2 + h) * hd;
+                if (half % PANEL == 0) { /* 16 lanes of each half at a time: the same sums, element by element */
+                    char *at = (char *)y + base * esize;
+                    for (int64_t d = 0; d < half; d += PANEL) {
+                        v16 lo = widen(at, bf16, d), hi = widen(at, bf16, d + half), clo, chi, slo, shi;
+                        memcpy(&clo, c + d, sizeof clo);
+                        memcpy(&chi, c + d + half, sizeof chi);
+                        memcpy(&slo, s + d, sizeof slo);
+                        memcpy(&shi, s + d + half, sizeof shi);
+                        v16 rlo = lo * clo + hi * slo, rhi = hi * chi + lo * shi;
+                        if (bf16) {
+                            put_bf16((uint16_t *)at + d, rlo);
+                            put_bf16((uint16_t *)at + d + half, rhi);
+                        } else {
+                            memcpy((float *)at + d, &rlo, sizeof rlo);
+                            memcpy((float *)at + d + half, &rhi, sizeof rhi);
+                        }
+                    }
+                    continue;
+                }
                 for (int64_t d = 0; d < hd; d++) tmp[d] = load(y, bf16, base + d);
                 for (int64_t d = 0; d < hd; d++) {
                     float r = tmp[d] * c[d] + tmp[(d + hd / 2) % hd] * s[d];

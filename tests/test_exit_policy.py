@@ -6,6 +6,7 @@ this machine's clock; the expected tokens come from an uncached model (`model(id
 and the rule written out again here, not from the engine.
 """
 
+import functools
 from dataclasses import replace
 
 import pytest
@@ -15,6 +16,7 @@ from megatron.early_exit.inference import EarlyExitEngine, GenerationSettings
 from megatron.early_exit.inference.confidence import MEASURES, Measure, register_measure
 from megatron.early_exit.inference.cost_model import DecodeCosts
 from megatron.early_exit.inference.exit_decision import REFRESH, ExitCosts, ExitDecider, measure_exit_costs
+from megatron.early_exit.inference.passes import Rows
 from tests.test_inference import make
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest.one_thread
@@ -201,8 +203,6 @@ CHECKED = ExitCosts(1.0, 0.01, 0.01, 1.0, vocab=0.3, probe=0.3)
 
 
 def pass_of(k: int):
-    from megatron.early_exit.inference.passes import Rows
-
     return Rows(list(range(k)), [0] * k, [1] * k, torch.zeros(k, 1, 32)), list(range(k))
 
 
@@ -277,6 +277,59 @@ def test_a_check_is_priced_at_the_pass_size(model):
     assert not decider.worth_checking(p, 2, four, [0, 1, 2, 3], policy)  # 2.0 <= 2.0: a tie is skipped
 
 
+def test_a_run_of_leaving_tokens_pays_for_the_pass_that_fills_it_once(model):
+    """`ExitCosts.fill`: the pass that fills pending rows pays its own work once. A token leaving
+    from a sequence that holds no pending row starts such a run and is charged it; one from a
+    sequence that holds some already is not (the fill comes anyway). At batch 1, exit 1 of 4
+    layers, max_prob at threshold 0 (always fires), memory-bound costs: leaving saves 3 layers
+    and the head, 3 x 1.01 + 1.0, less 3 recomputed rows, 0.03: a net 4.0."""
+    from megatron.early_exit.inference.passes import ExitPolicy
+
+    aware = ExitPolicy(allowed=(1,), threshold=0.0, mode="cost_aware")
+    exact, full = replace(aware, mode="exact"), ExitPolicy()
+    dear, cheap = replace(MEMORY_BOUND, fill=5.0), replace(MEMORY_BOUND, fill=3.0)
+    for costs, starts in ((dear, False), (cheap, True)):
+        engine = engine_with(model, costs)
+        state = engine.new_state(1, 32)
+        engine.prefill(state, {0: PROMPTS[0]})
+        depths = []
+        for t, policy in enumerate((aware, exact, aware, aware, full, aware)):
+            depths.append(engine.decode_one_token(state, {0: 3 + t}, policy).exit_layer[0])
+        # dear: a fresh start does not pay (4.0 < 5.0), leaving while rows are pending does;
+        # cheap: every leave pays (4.0 > 3.0)
+        assert depths == ([1, 1, 1, 1, 4, 1] if starts else [4, 1, 1, 1, 4, 4])
+        decider = engine.passes.exit_decider
+        rows = Rows([0], [0], [1], torch.zeros(1, 1, 32))
+        saving = functools.partial(decider.net_saving, engine.passes, 1, rows, [0], "max_prob")
+        assert saving() == pytest.approx(4.0) and saving(fresh=True) == pytest.approx(4.0 - costs.fill)
+
+
+def test_the_fill_probe_fills_one_pending_row_and_keeps_the_running_pass_state(model):
+    """`fill_probes`: the timed step with a pending row fills it above the exit's depth (every
+    layer then holds positions 0-3, the plain step's 0-2), through `Passes.run` inside a running
+    pass's check: that pass's own state is left as it was."""
+    from megatron.early_exit.inference import exit_decision
+    from megatron.early_exit.inference import passes as passes_module
+
+    passes = EarlyExitEngine(model).passes
+    fns, states = exit_decision.cost_probes(passes, 2), []
+    real = passes_module.Passes.run
+
+    def run(self, state, *a, **k):
+        states.append(state)
+        return real(self, state, *a, **k)
+
+    sentinel = object()
+    passes.branch = passes.scaled = passes.layer_scores = passes.holding = sentinel
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(passes_module.Passes, "run", run)
+        fns["plain"]()
+        plain = states[-1].cache.filled[:, 0].tolist()
+        fns["fill"]()
+    assert plain == [3] * 4 and states[-1].cache.filled[:, 0].tolist() == [4] * 4 and states[-1].fed[0] == 4
+    assert passes.branch is passes.scaled is passes.layer_scores is passes.holding is sentinel
+
+
 def test_costs_from_the_cost_model_and_measured():
     c = DecodeCosts(num_layers=4, depth={1: 1}, layer=1.0, fixed=0.5, head=2.0, vocab={1: 0.3}, project={1: 2.0},
                     probe={1: 0.05}, row=0.4, batch=4)  # fmt: skip
@@ -288,8 +341,11 @@ def test_costs_from_the_cost_model_and_measured():
     reads = {"layer": ("l", 1.0), "head": ("h", 1.0)}
     cold = replace(c, cold={"layer": 0.5, "head": 1.0}, reads=reads, cache_bytes=1.0)
     assert ExitCosts.from_cost_model(cold) == ExitCosts(1.1, 0.1, 0.1, 3.0, 0.3, 0.05)
+    # what a filling pass pays once (`pending_costs`' intercept) is the policy's `fill`
+    assert ExitCosts.from_cost_model(replace(c, pend_pass=0.7)) == ExitCosts(0.6, 0.1, 0.1, 2.0, 0.3, 0.05, fill=0.7)
     measured = measure_exit_costs(EarlyExitEngine(make("llama")).passes, batch=4, repeats=1)
     assert measured.layer_fixed > 0 and measured.row >= measured.layer_row >= 0 and measured.vocab > 0
+    assert measured.fill >= 0
 
 
 def test_implausible_timings_are_taken_again_then_replaced(monkeypatch):
@@ -297,7 +353,6 @@ def test_implausible_timings_are_taken_again_then_replaced(monkeypatch):
     keep every batch-1 row from leaving: they are taken again, and after MEASURE_TRIES such
     timings the parameter counts decide, with a warning."""
     from megatron.early_exit.inference import exit_decision
-    from megatron.early_exit.inference.passes import Rows
 
     passes = EarlyExitEngine(make("llama")).passes
     bad, good = ExitCosts(0.1, 0.2, 0.5, 1.0, 1.0, 0.1), ExitCosts(1.0, 0.2, 0.5, 1.0, 1.0, 0.1)

@@ -32,12 +32,24 @@ threshold leave; `cost_aware`:
       size: its overhead tends to check/REFRESH per pass (max_prob on the CPU reference model
       at batch 16: ~0.3% of a step per exit).
 
+A leaver's recompute is priced as what the pending path costs: `row` per layer for each row,
+and, where its sequence held no pending row when the pass began, `fill` once (`starts_pending`):
+the pass that will fill the run of tokens leaving from now on pays its own work besides their rows
+(the general path's gathering, layout and mask, a second native call after the uniform layers;
+~0.1-0.25 ms of Python on the CPU reference model at batch 1-4), however long the run: a run
+whose tokens go on leaving (learned at 0.5: 97% leave at exit 3) pays it once for many. Still
+priced low: in decoding the step that fills 4 rows left at exit 6 (bf16, batch 4) cost 0.78 ms
+over a plain one where the probes price 0.47 (weights and caches evicted by the alternation,
+ragged layouts, more rows per kernel call than the probes time), and the leaving step saved 0.72:
+learned at 0.8 lets 38% leave there, and with the checks' ~5% decodes at 0.93x.
+
 Regrouping sequences by exit depth into separate passes is not done: a second group reads the
 shared layers' weights again (d*a), against (L - d)*b*k saved for k rows: see the README.
 
 Costs come from `ExitCosts`: measured once per engine on first use or when a server starts
 (`EarlyExitEngine.exit_costs`; a few layer, head and
-check timings at batch 1 and 8, inside the engine's packed weights, in CPU seconds on a CPU:
+check timings at batch 1 and 8, and a full-depth step filling one pending row against a plain
+one (`fill_probes`), inside the engine's packed weights, in CPU seconds on a CPU:
 wall-clock timings on a loaded machine once gave a layer no fixed cost at all, after which no
 row ever left; each cost the median of three such timings, `measure_exit_costs`), taken from a fitted
 `cost_model.DecodeCosts` (`ExitCosts.from_cost_model`), or, where several processes decode
@@ -80,6 +92,10 @@ class ExitCosts:
     head_row: float = 0.0  # what each further row adds to `head`
     vocab_row: float = 0.0  # ... to `vocab`
     probe_row: float = 0.0  # ... to `probe`
+    # What a pass that fills pending rows pays once besides its rows: the general path's own work
+    # (gathering, a layout and mask, a second native call after the uniform layers). Leaving rows
+    # whose sequence held no pending row starts a run that a later pass must fill (`net_saving`).
+    fill: float = 0.0
 
     def layer(self, rows: int) -> float:
         """One layer over `rows` rows (none: not run)."""
@@ -108,13 +124,16 @@ class ExitCosts:
         probe = sum(c.probe.values()) / len(c.probe) if c.probe else vocab
         recompute = max(per_row, c.pend / batch)
         layer = c.streamed("layer")  # weights read from memory, as in decoding deeper than the cache holds
-        return cls(max(layer - per_row * batch, 0.0), per_row, recompute, c.streamed("head"), vocab, probe)
+        return cls(
+            max(layer - per_row * batch, 0.0), per_row, recompute, c.streamed("head"), vocab, probe, fill=c.pend_pass
+        )
 
     @classmethod
     def from_parameters(cls, passes) -> ExitCosts:
         """Deterministic costs from parameter counts (every rank derives the same): a layer's
         weights read, a row 1/32 of it, a projection its matrix, a probe its weights but at
-        least 1/50 of a layer (a linear probe's few weights cost a call's overhead)."""
+        least 1/50 of a layer (a linear probe's few weights cost a call's overhead); no `fill`
+        (parameters say nothing of the general path's own work)."""
         layer = sum(p.numel() for p in passes.model.decoder.layers[str(passes.start)].parameters())
         head = float(passes.vocab * passes.config.hidden_size)
         c = passes.config  # the probe's size from the config: the same on every pipeline stage
@@ -182,16 +201,25 @@ def time_exit_costs(passes, batch: int = 8, repeats: int = 5) -> ExitCosts:
     row = max((t["two"] - t[f"layer/{batch}"]) / batch, b)  # a recomputed row rides a pass as one more row, at least b
     vocab = "vocab" if "vocab/1" in t else "head"  # no plain exit: a check priced as a projection
     probe = "probe" if "probe/1" in t else vocab
+    # the fill's own work: a step that fills one row, less the plain step and that row's layers
+    plain = plain_exits(passes)
+    fill = max(t["fill"] - t["plain"] - (passes.num_layers - passes.depth(plain[0])) * row, 0.0) if plain else 0.0
     return ExitCosts(
         max(t["layer/1"] - b, 0.0), b, row, t["head/1"], t[f"{vocab}/1"], t[f"{probe}/1"],
-        head_row=slope("head"), vocab_row=slope(vocab), probe_row=slope(probe),
+        head_row=slope("head"), vocab_row=slope(vocab), probe_row=slope(probe), fill=fill,
     )  # fmt: skip
+
+
+def plain_exits(passes) -> list[int]:
+    """The exits on this stage without a transformer block of their own."""
+    return [n for n in passes.exits if str(n) in passes.model.exits and n not in passes.block_slots]
 
 
 def cost_probes(passes, batch: int) -> dict:
     """The calls `measure_exit_costs` times: "layer/r", "head/r", "vocab/r", "probe/r" over r in
     (1, batch) rows (the checks where an exit without a block has them; "probe/r": the learned
-    check as a decode step runs it, none of the rows firing), "two": 2 rows each."""
+    check as a decode step runs it, none of the rows firing), "two": 2 rows each; "plain" and
+    "fill" (`fill_probes`) where an exit without a block has them."""
     from megatron.early_exit.inference.confidence import max_prob
     from megatron.early_exit.inference.passes import ExitPolicy, Rows, StepOutput
     from megatron.early_exit.inference.uniform_check import UniformCheck, applies
@@ -207,8 +235,10 @@ def cost_probes(passes, batch: int) -> dict:
 
     i, memo = passes.start, {}
     fns = {"two": lambda: passes.advance(state, i, rows(batch, 2), memo)}
-    plain = [n for n in passes.exits if str(n) in passes.model.exits and n not in passes.block_slots]
+    plain = plain_exits(passes)
     head = passes.model.exits[str(plain[0])] if plain else None
+    if plain:
+        fns["plain"], fns["fill"] = fill_probes(passes, passes.depth(plain[0]))
     for a in (1, batch):
         fns[f"layer/{a}"] = lambda a=a: passes.advance(state, i, rows(a, 1), memo)
         fns[f"head/{a}"] = lambda a=a: passes.final_head(rows(a, 1), False, StepOutput())
@@ -228,6 +258,37 @@ def cost_probes(passes, batch: int) -> dict:
             check = functools.partial(passes.probe_check, state, plain[0], head)
             fns[f"probe/{a}"] = lambda a=a, check=check: check(rows(a, 1), list(range(a)), never, learned)
     return fns
+
+
+def fill_probes(passes, depth: int) -> tuple:
+    """Two full-depth decode steps of one sequence through `Passes.run` (no exit): the first
+    feeding nothing pending, the second with the row before its token pending at `depth` (as a
+    token that left at an exit there leaves it), which the step fills: the uniform layers up to
+    `depth`, then the general path over both rows. A pass's own state (`Passes.branch`, ...) is
+    kept around them: the costs are measured in the middle of a decode step's exit check."""
+    from megatron.early_exit.inference.passes import ExitPolicy
+
+    state, local = passes.new_state(1, 8), depth - passes.start
+    row = torch.randn(passes.config.hidden_size, generator=torch.Generator().manual_seed(1))
+    row = row.to(passes.device, passes.dtype)
+    full, kept = ExitPolicy(), ("branch", "scaled", "layer_scores", "holding")
+
+    def step(pending: bool):
+        def run():
+            state.cache.filled[:, 0], state.fed[0] = 2, 2  # positions 0, 1 through every layer
+            if pending:  # position 2 through the layers below `depth` alone
+                state.cache.filled[:local, 0], state.fed[0] = 3, 3
+                state.pending[0, 2] = row
+            saved = [getattr(passes, name) for name in kept]
+            try:
+                passes.run(state, {0: [1]}, full)
+            finally:
+                for name, value in zip(kept, saved, strict=True):
+                    setattr(passes, name, value)
+
+        return run
+
+    return step(False), step(True)
 
 
 COSTS_ENV = "EE_EXIT_COSTS"  # "measured" (default) or "parameters": deterministic decisions
@@ -278,14 +339,25 @@ class ExitDecider:
             self.costs = ExitCosts.from_parameters(passes) if costs_from_parameters() else measure_exit_costs(passes)
         return self.costs
 
-    def net_saving(self, passes, n: int, rows, leaving: list[int], measure: str) -> float:
+    def net_saving(self, passes, n: int, rows, leaving: list[int], measure: str, fresh: bool = False) -> float:
         """Time saved if the sequences at `rows` indices `leaving` leave at exit n, less their
-        later recompute (and, for a measure without the projection, the leavers' projection)."""
+        later recompute (and, for a measure without the projection, the leavers' projection);
+        `fresh` (`starts_pending`): less the pass that will fill them too."""
         c, m = self.costs_for(passes), passes.num_layers - passes.depth(n)
         total, gone = sum(rows.n), sum(rows.n[a] for a in leaving)
         saved = m * (c.layer(total) - c.layer(total - gone)) + (c.projection(len(rows.seqs)) if gone == total else 0.0)
         projection = 0.0 if get_measure(measure).needs_vocab else c.projection(len(leaving))
-        return saved - gone * m * c.row - projection
+        return saved - gone * m * c.row - projection - (c.fill if fresh and gone else 0.0)
+
+    def starts_pending(self, passes, rows, among: list[int]) -> bool:
+        """Whether rows of `among` (indices into `rows`) leaving would start pending rows that a
+        later pass must fill, paying `ExitCosts.fill` once for them: a sequence of theirs held
+        none when the pass began (`Passes.holding`). One that held some gets that pass anyway,
+        so a run of tokens leaving one after another pays it once. False where no fill is priced."""
+        holding = getattr(passes, "holding", None)
+        if holding is None or not self.costs_for(passes).fill:
+            return False
+        return any(rows.seqs[a] not in holding for a in among)
 
     def worth_checking(self, passes, n: int, rows, cand: list[int], policy) -> bool:
         """(b): evaluate exit n only where its chance of paying times the saving beats the
@@ -306,23 +378,26 @@ class ExitDecider:
 
     def verdict(self, passes, n: int, rows, cand: list[int], policy) -> tuple[tuple, bool]:
         """(the chance's key, whether the chance of paying times the saving beats the check):
-        `worth_checking` before its skip count. Depends on the pass's shape, the costs and what
-        `record` has counted (`version`) only."""
+        `worth_checking` before its skip count. Depends on the pass's shape, whether its
+        candidates would start pending rows (`starts_pending`), the costs and what `record` has
+        counted (`version`) only."""
         key = (n, policy.measure, policy.threshold_of(n), len(cand))
         costs = self.costs_for(passes)
         if self.terms_costs is not costs:
             self.terms, self.terms_costs = {}, costs
+        fresh = self.starts_pending(passes, rows, cand)
         # The cost and saving terms depend on the pass's shape only (what `net_saving` and the
         # check read: sequences, rows in all, rows of the candidates and of the first, candidates),
         # worked out once per shape: a decode step asks the same every step, and right after a
         # layer each term's Python costs microseconds (the skip path cost a third of a layer's 5%).
         gone = sum(rows.n[a] for a in cand)
-        shape = (n, policy.measure, len(rows.seqs), sum(rows.n), gone, rows.n[cand[0]], len(cand))
+        shape = (n, policy.measure, len(rows.seqs), sum(rows.n), gone, rows.n[cand[0]], len(cand), fresh)
         terms = self.terms.get(shape)
         if terms is None:
             cost = costs.check(get_measure(policy.measure).needs_vocab, len(cand))
-            saving = self.net_saving(passes, n, rows, cand, policy.measure)
-            alone = len(cand) > 1 and self.pays(passes, self.net_saving(passes, n, rows, cand[:1], policy.measure))
+            saving = self.net_saving(passes, n, rows, cand, policy.measure, fresh)
+            one = self.net_saving(passes, n, rows, cand[:1], policy.measure, fresh)  # any's `fresh`: priced no lower
+            alone = len(cand) > 1 and self.pays(passes, one)
             terms = self.terms[shape] = (cost, saving, alone)
         cost, saving, alone = terms
         return key, self.chance_of(key, alone) * saving > cost
@@ -331,7 +406,9 @@ class ExitDecider:
         """(a): `fires` (indices into `cand`) leave together where that pays, else nobody does.
         Under t(r) = a + b*r the saving is linear in the leavers but for the whole pass ending,
         so the firing set or nothing is the best choice among its subsets."""
-        net = self.net_saving(passes, n, rows, [cand[j] for j in fires], policy.measure) if fires else 0.0
+        leavers = [cand[j] for j in fires]
+        fresh = self.starts_pending(passes, rows, leavers)
+        net = self.net_saving(passes, n, rows, leavers, policy.measure, fresh) if fires else 0.0
         leave = fires if self.pays(passes, net) else []
         self.record(n, policy, len(cand), len(fires), bool(leave))
         return leave

@@ -210,6 +210,9 @@ class Passes:
         self.depth_memo: dict[ExitPolicy, dict[int, list[int]]] = {}  # `exits_by_depth`
         self.stops_memo: dict[tuple, list[int]] = {}  # `uniform_stops`
         self.branch: dict[int, tuple[int, ...]] | None = None  # the running verify pass's alternative drafts (`run`)
+        # The running cost_aware pass's sequences that held pending rows when it began (`holders`;
+        # None: not asked), for `ExitDecider.starts_pending`.
+        self.holding: set[int] | None = None
 
     def depth(self, n: int) -> int:
         """How many layers run before exit n reads the hidden state."""
@@ -246,6 +249,7 @@ class Passes:
         position backs[t] before the end of b's drafted chain (`kv_cache.row_positions`)."""
         out = StepOutput()
         self.branch = branch or None
+        self.holding = self.holders(state, new_tokens) if policy.mode == "cost_aware" else None
         self.lean_kernels.sync()  # lean layers look their kernels up again where one may be forced now
         self.scaled = self.layer_scores = None
         by_depth = self.exits_by_depth(policy)
@@ -284,6 +288,12 @@ class Passes:
             d += 1
         self.final_head(rows, all_rows, out)
         return out
+
+    def holders(self, state: DecodeState, seqs) -> set[int]:
+        """The sequences of `seqs` that hold pending rows: positions fed that the last layer
+        (this stage's) has not had yet."""
+        last = state.cache.filled[self.end - self.start - 1]
+        return {b for b in seqs if last[b] < state.fed[b]}
 
     def first_pending(self, state: DecodeState, new_tokens: dict[int, list[int]]) -> int:
         """Where a general pass starts: depth 0, or where it feeds no token at all (a verify pass

@@ -54,7 +54,8 @@ class UniformCheck:
         self.bound = logit_threshold(policy.threshold_of(n)) - self.shift  # scores leave the shift out
         self.exact = policy.mode == "exact"
         self.cands: dict[int, list[int]] = {}  # pass size A -> [0, A): every row is a candidate
-        # pass size A -> (decider, its version, its costs, the chance's key, the verdict)
+        # pass size A -> (decider, its version, its costs, the chance's key, the verdict, whether
+        # the rows would start pending rows: `ExitDecider.starts_pending`)
         self.verdicts: dict[int, tuple] = {}
 
     def __call__(self, state, rows, out, due: bool = False) -> set[int]:
@@ -108,12 +109,15 @@ class UniformCheck:
         return kept[4] or decider.skip(kept[3])
 
     def kept(self, rows, a: int, cand: list[int]) -> tuple:
-        """(the decider, `verdicts[a]` made again where the decider recorded since or its costs changed)."""
+        """(the decider, `verdicts[a]` made again where the decider recorded since, its costs
+        changed or the rows' sequences now do or do not hold pending rows)."""
         decider = decider_of(self.passes)
+        fresh = decider.starts_pending(self.passes, rows, cand)
         kept = self.verdicts.get(a)
-        if kept is None or kept[0] is not decider or kept[1] != decider.version or kept[2] is not decider.costs:
+        stale = kept is None or kept[0] is not decider or kept[1] != decider.version or kept[2] is not decider.costs
+        if stale or kept[5] != fresh:
             key, worth = decider.verdict(self.passes, self.n, rows, cand, self.policy)
-            kept = self.verdicts[a] = (decider, decider.version, decider.costs, key, worth)
+            kept = self.verdicts[a] = (decider, decider.version, decider.costs, key, worth, fresh)
         return decider, kept
 
     def peek(self, rows) -> bool:

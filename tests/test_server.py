@@ -10,6 +10,7 @@ import contextlib
 import io
 import json
 import os
+import random
 import socket
 import subprocess
 import sys
@@ -72,6 +73,24 @@ def build_checkpoint(directory) -> str:
 
 
 def free_port() -> int:
+    """A port free now, below the kernel's ephemeral range where it can: a port bound as 0 comes
+    from that range, and so do the local ports of outgoing connections (a torchrun rendezvous,
+    gloo's), one of which can take it between this check and the server's bind (seen once in CI:
+    "address already in use" for a server under torchrun)."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            low = int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 0
+    pick = random.Random(os.getpid() ^ time.time_ns())
+    for _ in range(64 if low > 10_000 else 0):
+        port = pick.randrange(10_000, low)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]

@@ -306,8 +306,8 @@ def test_a_run_of_leaving_tokens_pays_for_the_pass_that_fills_it_once(model):
 
 def test_the_fill_probe_fills_one_pending_row_and_keeps_the_running_pass_state(model):
     """`fill_probes`: the timed step with a pending row fills it above the exit's depth (every
-    layer then holds positions 0-3, the plain step's 0-2), through `Passes.run` inside a running
-    pass's check: that pass's own state is left as it was."""
+    layer then holds positions 0-3, the plain step's 0-2), through `Passes.run`; the timing runs
+    inside a running pass's check (`time_exit_costs`): that pass's own state is left as it was."""
     from megatron.early_exit.inference import exit_decision
     from megatron.early_exit.inference import passes as passes_module
 
@@ -319,14 +319,15 @@ def test_the_fill_probe_fills_one_pending_row_and_keeps_the_running_pass_state(m
         states.append(state)
         return real(self, state, *a, **k)
 
-    sentinel = object()
-    passes.branch = passes.scaled = passes.layer_scores = passes.holding = sentinel
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(passes_module.Passes, "run", run)
         fns["plain"]()
         plain = states[-1].cache.filled[:, 0].tolist()
         fns["fill"]()
     assert plain == [3] * 4 and states[-1].cache.filled[:, 0].tolist() == [4] * 4 and states[-1].fed[0] == 4
+    sentinel = object()
+    passes.branch = passes.scaled = passes.layer_scores = passes.holding = sentinel
+    exit_decision.time_exit_costs(passes, 2, 1)
     assert passes.branch is passes.scaled is passes.layer_scores is passes.holding is sentinel
 
 

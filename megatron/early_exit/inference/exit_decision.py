@@ -192,7 +192,8 @@ def time_exit_costs(passes, batch: int = 8, repeats: int = 5) -> ExitCosts:
     from megatron.early_exit.inference.cost_model import best_times, cpu_clock
 
     fns = cost_probes(passes, batch)
-    t = best_times(fns, passes.device, repeats, cpu_clock(passes.device))
+    with passes.pass_state_kept():  # measured in the middle of a decode step's exit check
+        t = best_times(fns, passes.device, repeats, cpu_clock(passes.device))
 
     def slope(name: str) -> float:  # what each row past the first adds
         return max(t[f"{name}/{batch}"] - t[f"{name}/1"], 0.0) / (batch - 1)
@@ -264,14 +265,13 @@ def fill_probes(passes, depth: int) -> tuple:
     """Two full-depth decode steps of one sequence through `Passes.run` (no exit): the first
     feeding nothing pending, the second with the row before its token pending at `depth` (as a
     token that left at an exit there leaves it), which the step fills: the uniform layers up to
-    `depth`, then the general path over both rows. A pass's own state (`Passes.branch`, ...) is
-    kept around them: the costs are measured in the middle of a decode step's exit check."""
+    `depth`, then the general path over both rows."""
     from megatron.early_exit.inference.passes import ExitPolicy
 
     state, local = passes.new_state(1, 8), depth - passes.start
     row = torch.randn(passes.config.hidden_size, generator=torch.Generator().manual_seed(1))
     row = row.to(passes.device, passes.dtype)
-    full, kept = ExitPolicy(), ("branch", "scaled", "layer_scores", "holding")
+    full = ExitPolicy()
 
     def step(pending: bool):
         def run():
@@ -279,12 +279,7 @@ def fill_probes(passes, depth: int) -> tuple:
             if pending:  # position 2 through the layers below `depth` alone
                 state.cache.filled[:local, 0], state.fed[0] = 3, 3
                 state.pending[0, 2] = row
-            saved = [getattr(passes, name) for name in kept]
-            try:
-                passes.run(state, {0: [1]}, full)
-            finally:
-                for name, value in zip(kept, saved, strict=True):
-                    setattr(passes, name, value)
+            passes.run(state, {0: [1]}, full)
 
         return run
 
@@ -406,9 +401,9 @@ class ExitDecider:
         """(a): `fires` (indices into `cand`) leave together where that pays, else nobody does.
         Under t(r) = a + b*r the saving is linear in the leavers but for the whole pass ending,
         so the firing set or nothing is the best choice among its subsets."""
-        leavers = [cand[j] for j in fires]
-        fresh = self.starts_pending(passes, rows, leavers)
-        net = self.net_saving(passes, n, rows, leavers, policy.measure, fresh) if fires else 0.0
+        leavers, net = [cand[j] for j in fires], 0.0
+        if fires:
+            net = self.net_saving(passes, n, rows, leavers, policy.measure, self.starts_pending(passes, rows, leavers))
         leave = fires if self.pays(passes, net) else []
         self.record(n, policy, len(cand), len(fires), bool(leave))
         return leave

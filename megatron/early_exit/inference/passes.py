@@ -24,6 +24,7 @@ Shape legend: B batch slots, A sequences in one pass, R rows per sequence in tha
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import time
@@ -288,6 +289,23 @@ class Passes:
             d += 1
         self.final_head(rows, all_rows, out)
         return out
+
+    # What `run` sets for the pass it runs, which the code it calls reads back
+    PASS_STATE = ("branch", "holding", "scaled", "layer_scores")
+
+    @contextlib.contextmanager
+    def pass_state_kept(self):
+        """Around work that runs passes in the middle of another (the cost_aware costs timed in a
+        decode step's exit check: `exit_decision.time_exit_costs`): the running pass's own state
+        (`PASS_STATE`) set aside (the work sees none) and restored after it."""
+        saved = [getattr(self, name) for name in self.PASS_STATE]
+        for name in self.PASS_STATE:
+            setattr(self, name, None)
+        try:
+            yield
+        finally:
+            for name, value in zip(self.PASS_STATE, saved, strict=True):
+                setattr(self, name, value)
 
     def holders(self, state: DecodeState, seqs) -> set[int]:
         """The sequences of `seqs` that hold pending rows: positions fed that the last layer
@@ -705,8 +723,8 @@ class Passes:
                     # lean layers' native calls take a row of angles per row: (A, 1, R, hd) copies
                     _, start, end = index.block
                     cos, sin, neg = (t[start:end][None, None] for t in self.rotary_tables(end)[:3])
-                    a = len(seqs)
-                    lean_cos, lean_neg = (t.expand(a, -1, -1, -1).contiguous() if a > 1 else t for t in (cos, neg))
+                    k = len(seqs)
+                    lean_cos, lean_neg = (t.expand(k, -1, -1, -1).contiguous() if k > 1 else t for t in (cos, neg))
                 else:
                     cos, sin, neg = self.rotary_at(index.positions, max(a + b for a, b in zip(lo, n)), signed=True)
                     lean_cos, lean_neg = cos, neg

@@ -43,6 +43,11 @@ over a plain one where the probes price 0.47 (weights and caches evicted by the 
 ragged layouts, more rows per kernel call than the probes time), and the leaving step saved 0.72:
 learned at 0.8 lets 38% leave there, and with the checks' ~5% decodes at 0.93x.
 
+What the decisions add up to is timed as decoding runs them (`exit_clock.py`): per policy and
+pass size, windows of decode steps with exits on or paused (`ExitDecider.pause`: no exit
+evaluated, no skip counted), the faster kept and the other explored now and then; only where
+decisions may follow the clock (`costs_from_parameters` false) and on a CPU device.
+
 Regrouping sequences by exit depth into separate passes is not done: a second group reads the
 shared layers' weights again (d*a), against (L - d)*b*k saved for k rows: see the README.
 
@@ -71,6 +76,7 @@ from dataclasses import dataclass, field
 import torch
 
 from megatron.early_exit.inference.confidence import get_measure
+from megatron.early_exit.inference.exit_clock import ExitClock, decode_step
 
 EXIT_POLICIES = ("exact", "cost_aware")
 REFRESH = 32  # a skipped exit is evaluated once in this many passes (its chance can recover)
@@ -325,9 +331,27 @@ class ExitDecider:
     evaluated: dict[tuple, int] = field(default_factory=dict)
     terms: dict[tuple, tuple] = field(default_factory=dict)  # pass shape -> `worth_checking`'s (cost, saving, alone)
     terms_costs: ExitCosts | None = None  # the costs `terms` were worked out from
-    # Counts `record` calls: `verdict` reads nothing else that changes (with the costs), so its
-    # answer for a pass shape holds while this and `costs` do (`uniform_check.UniformCheck`).
+    # Counts `record` calls and changes of `paused`: `verdict` reads nothing else that changes
+    # (with the costs), so its answer for a pass shape holds while this and `costs` do
+    # (`uniform_check.UniformCheck`).
     version: int = 0
+    # Times the decisions as decoding runs them and pauses them where they do not pay
+    # (`exit_clock.py`): None until `clock_for` asks, False where decisions must not follow the clock.
+    clock: ExitClock | bool | None = None
+    paused: bool = False  # the running pass evaluates no exit (`ExitClock`: a paused window)
+
+    def clock_for(self, passes) -> ExitClock | None:
+        """The decider's `ExitClock` (made on first use), or None: decisions that must not follow
+        the clock (`costs_from_parameters`), or a device whose passes a clock would not time."""
+        if self.clock is None:
+            self.clock = ExitClock() if passes.device.type == "cpu" and not costs_from_parameters() else False
+        return self.clock or None
+
+    def pause(self, paused: bool) -> None:
+        """Exits of the coming pass paused (no exit evaluated, no skip counted) or not."""
+        if paused != self.paused:
+            self.paused = paused
+            self.version += 1
 
     def costs_for(self, passes) -> ExitCosts:
         if self.costs is None:
@@ -363,20 +387,24 @@ class ExitDecider:
     def skip(self, key: tuple) -> bool:
         """A pass that `verdict` says not to evaluate exit n in: counted; True (evaluate after
         all) every REFRESH-th time, so that the chance can recover."""
+        if self.paused:
+            return False
         refresh = self.refreshes(key)
         self.skipped[key] = 0 if refresh else self.skipped.get(key, 0) + 1
         return refresh
 
     def refreshes(self, key: tuple) -> bool:
         """Whether the next `skip(key)` is a REFRESH-th one (evaluates after all); nothing counted."""
-        return self.skipped.get(key, 0) + 1 >= REFRESH
+        return not self.paused and self.skipped.get(key, 0) + 1 >= REFRESH
 
     def verdict(self, passes, n: int, rows, cand: list[int], policy) -> tuple[tuple, bool]:
         """(the chance's key, whether the chance of paying times the saving beats the check):
         `worth_checking` before its skip count. Depends on the pass's shape, whether its
         candidates would start pending rows (`starts_pending`), the costs and what `record` has
-        counted (`version`) only."""
+        counted (`version`) only; no exit is worth it in a paused pass (`pause`)."""
         key = (n, policy.measure, policy.threshold_of(n), len(cand))
+        if self.paused:
+            return key, False
         costs = self.costs_for(passes)
         if self.terms_costs is not costs:
             self.terms, self.terms_costs = {}, costs
@@ -461,6 +489,21 @@ def decider_of(passes) -> ExitDecider:
     if getattr(passes, "exit_decider", None) is None:
         passes.exit_decider = ExitDecider()
     return passes.exit_decider
+
+
+def pass_begins(passes, new_tokens: dict, policy, all_rows: bool = False, scores=None, branch=None):
+    """Before a pass (`Passes.run`): under cost_aware, whether its exits are paused (the decider's
+    `ExitClock`, for a decode step it times; any other pass runs with exits on). Returns the clock
+    to stop after the pass where it times it, else None."""
+    if policy.mode != "cost_aware":
+        return None
+    decider = decider_of(passes)
+    timed = (
+        decider.costs is not None and not passes.profile and decode_step(new_tokens, policy, all_rows, scores, branch)
+    )
+    clock = decider.clock_for(passes) if timed else None  # no costs yet: this pass measures them
+    decider.pause(clock is not None and not clock.start((policy, len(new_tokens))))
+    return clock
 
 
 def worth_checking(passes, n: int, rows, cand: list[int], policy) -> bool:

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from megatron.early_exit.derived import DerivedCopies
 from megatron.early_exit.inference import greedy_head, kernels, lean, native
 from megatron.early_exit.inference.confidence import get_measure, max_prob
-from megatron.early_exit.inference.exit_decision import decide, worth_checking
+from megatron.early_exit.inference.exit_decision import decide, pass_begins, worth_checking
 from megatron.early_exit.inference.fused_check import folded_probe, logit_threshold, sigmoid
 from megatron.early_exit.inference.kv_cache import DecodeIndex, KVCache, RowIndex, row_positions
 from megatron.early_exit.inference.uniform_check import DraftCheck, UniformCheck, layer_probe, uniform_checks
@@ -247,7 +247,17 @@ class Passes:
         drafted rows join it), which takes the general path throughout only where nothing is
         pending at all (its final head must see every row). `branch` (b -> backs, a verify pass):
         the last len(backs) of b's new tokens are alternative drafts, the t-th standing for the
-        position backs[t] before the end of b's drafted chain (`kv_cache.row_positions`)."""
+        position backs[t] before the end of b's drafted chain (`kv_cache.row_positions`).
+        Under cost_aware a decode step may run with its exits paused, and is timed
+        (`exit_decision.pass_begins`, `exit_clock.py`)."""
+        clock = pass_begins(self, new_tokens, policy, all_rows, scores, branch)
+        out = self.run_pass(state, new_tokens, policy, all_rows, scores, branch)
+        if clock is not None:
+            clock.stop()
+        return out
+
+    def run_pass(self, state: DecodeState, new_tokens, policy: ExitPolicy, all_rows, scores, branch) -> StepOutput:
+        """`run`'s pass."""
         out = StepOutput()
         self.branch = branch or None
         self.holding = self.holders(state, new_tokens) if policy.mode == "cost_aware" else None

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from megatron.early_exit.inference import EarlyExitEngine, GenerationSettings, exit_clock
-from megatron.early_exit.inference.exit_clock import EXPLORE_FAR, EXPLORE_NEAR, FIRST, ExitClock, decode_step
+from megatron.early_exit.inference.exit_clock import EXPLORE_FAR, EXPLORE_NEAR, TRUSTED, ExitClock, decode_step
 from megatron.early_exit.inference.exit_decision import ExitDecider
 from megatron.early_exit.inference.passes import ExitPolicy
 from tests.test_exit_policy import COMPUTE_BOUND
@@ -15,6 +15,7 @@ from tests.test_inference import make
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest.one_thread
 
+FIRST = TRUSTED + 2  # windows before the ratios choose: TRUSTED on, one paused, one on
 AWARE = ExitPolicy(allowed=(1,), threshold=0.0, mode="cost_aware")
 
 
@@ -37,11 +38,12 @@ def small_windows(monkeypatch):
     monkeypatch.setattr(exit_clock, "WINDOW", 4)
 
 
-def test_a_window_pays_its_passes_after_the_first_and_the_next_windows_first(small_windows):
+def test_a_window_pays_its_passes_after_the_first_and_the_next_windows_first(small_windows, monkeypatch):
+    monkeypatch.setattr(exit_clock, "TRUSTED", 1)  # windows on, paused, on; then the ratios choose
     times = [1, 1, 1, 1] + [5, 2, 2, 2] + [9, 1, 1, 1] + [3]  # windows: on, paused, on; then the 4th's first
     clock = ExitClock(clock=lambda: 0.0)
     modes = drive(clock, "k", lambda on, i: times[i] if i < len(times) else None)
-    assert modes == [True] * 4 + [False] * 4 + [True] * 4 + [True]  # FIRST windows alternate, then on is faster
+    assert modes == [True] * 4 + [False] * 4 + [True] * 4 + [True]  # on is faster
     track = clock.tracks["k"]
     on0 = (1 + 1 + 1 + 1 + 5) / 5  # the first window has no window before to pay for
     paused1 = (2 + 2 + 2 + 9) / 4  # its first pass (5) filled what window 0 left: window 0's
@@ -52,13 +54,13 @@ def test_a_window_pays_its_passes_after_the_first_and_the_next_windows_first(sma
 
 @pytest.mark.parametrize("dear", [True, False])
 def test_the_slower_mode_is_left_and_the_other_explored(small_windows, dear):
-    """On passes dearer (2 vs 1 a pass): paused from the first window after FIRST on, on again one
-    window in EXPLORE_FAR; cheaper: on, paused one window in EXPLORE_FAR."""
+    """On passes dearer (2 vs 1 a pass): TRUSTED windows on, one paused and one on, then paused, on
+    again one window in EXPLORE_FAR; cheaper: on, paused one window in EXPLORE_FAR."""
     windows = FIRST + 3 * EXPLORE_FAR
     cost = lambda on, i: (2.0 if on == dear else 1.0) if i < 4 * windows else None  # noqa: E731
     clock = ExitClock()
     modes = drive(clock, "k", cost)[::4]  # one per window
-    assert modes[:FIRST] == [True, False, True]
+    assert modes[:FIRST] == [True] * TRUSTED + [False, True]
     # the window after the third is chosen before the third is timed: one ratio (on / paused) so far
     later = modes[FIRST:]
     assert later.count(dear) == 3 and later.count(not dear) == len(later) - 3
@@ -121,10 +123,11 @@ def expected_by_schedule(model, prompt, exit_at) -> list[int]:
 
 def test_paused_windows_evaluate_no_exit_and_decode_as_the_full_model(monkeypatch):
     """Threshold 0 at exit 1 (every check fires; COMPUTE_BOUND: every leaver pays) with a clock on
-    which passes with exits on take 3x as long: the first FIRST windows of 2 decode steps each run
-    on, paused, on, then every step is paused (full depth, filling what the on windows left).
+    which passes with exits on take 3x as long: windows of 2 decode steps, one trusted, run on,
+    paused, on, then every step is paused (full depth, filling what the on windows left).
     The tokens equal an uncached model's taking each step's token from the exit the schedule says."""
     monkeypatch.setattr(exit_clock, "WINDOW", 2)
+    monkeypatch.setattr(exit_clock, "TRUSTED", 1)
     model = make("llama")
     engine = EarlyExitEngine(model)
     decider = engine.passes.exit_decider = ExitDecider(COMPUTE_BOUND)
@@ -147,3 +150,11 @@ def test_paused_windows_evaluate_no_exit_and_decode_as_the_full_model(monkeypatc
     assert res.tokens == expected_by_schedule(model, [1, 2, 3, 4, 5], schedule)
     (track,) = decider.clock.tracks.values()
     assert track.ratio() > 1.0 and track.paused_passes == new - 1 - 4
+
+
+def test_a_one_off_generation_within_the_trusted_windows_is_never_paused():
+    """TRUSTED windows run on whatever the clock reads: the first TRUSTED * WINDOW decode steps of a
+    policy and pass size decide as the decider's costs say (on passes 10x dearer here)."""
+    clock = ExitClock()
+    modes = drive(clock, "k", lambda on, i: (10.0 if on else 1.0) if i < TRUSTED * exit_clock.WINDOW + 1 else None)
+    assert all(modes[:-1]) and not modes[-1]

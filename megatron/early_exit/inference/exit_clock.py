@@ -19,7 +19,9 @@ over paused: neighbours, so the span's growth and the host's drift between them 
 the mode the median of the latest RATIOS says is faster is kept, and the other one tried again
 every EXPLORE_NEAR-th window where that median is within NEAR of 1, every EXPLORE_FAR-th beyond
 (where early exit pays 2x, exploring costs ~1/EXPLORE_FAR of a paused window's extra time;
-where it loses, ~1/EXPLORE_FAR of the loss). The first FIRST windows alternate: on, paused, on.
+where it loses, ~1/EXPLORE_FAR of the loss). The first TRUSTED windows run on (the decider's
+own costs trusted: a one-off generation of up to 64 tokens is never paused), then one paused
+and one on give the first ratio.
 
 Clocked only where decisions may follow the clock (`exit_decision.costs_from_parameters` false:
 one process, not the test suite's `EE_EXIT_COSTS=parameters`) and on a CPU device (a device's
@@ -37,7 +39,10 @@ from collections import deque
 from dataclasses import dataclass, field
 
 WINDOW = 16  # passes of one (policy, pass size) timed under one mode
-FIRST = 3  # windows that alternate (on, paused, on) before a mode is preferred
+# Windows run on (the decider's costs trusted) before the first paused one: a one-off generation
+# of up to TRUSTED * WINDOW tokens is never paused. Then one paused window and one on; from then
+# the ratios choose.
+TRUSTED = 4
 RATIOS = 6  # the latest on/paused ratios the preference is the median of
 NEAR = 0.1  # a median ratio within this of 1: explore more often
 EXPLORE_NEAR, EXPLORE_FAR = 8, 32  # every this many windows, one of the mode not preferred
@@ -71,8 +76,8 @@ class Track:
     def next_mode(self) -> bool:
         """The mode of the window about to begin."""
         self.begun += 1
-        if self.begun <= FIRST:
-            return not self.on
+        if self.begun <= TRUSTED + 2:  # on, ..., on, paused, on
+            return self.begun != TRUSTED + 1
         r, preferred = self.ratio(), self.preferred()
         near = r is None or abs(math.log(r)) < math.log1p(NEAR)
         self.since += 1

@@ -158,3 +158,13 @@ def test_a_one_off_generation_within_the_trusted_windows_is_never_paused():
     clock = ExitClock()
     modes = drive(clock, "k", lambda on, i: (10.0 if on else 1.0) if i < TRUSTED * exit_clock.WINDOW + 1 else None)
     assert all(modes[:-1]) and not modes[-1]
+
+
+def test_the_keys_kept_are_bounded(monkeypatch):
+    """A server's requests bring exit policies without end: the oldest (policy, size) goes first."""
+    monkeypatch.setattr(exit_clock, "TRACKS", 3)
+    clock = ExitClock(clock=lambda: 0.0)
+    for key in ["a", "b", "c", "a", "d"]:
+        clock.start(key)
+        clock.stop()
+    assert list(clock.tracks) == ["b", "c", "d"]

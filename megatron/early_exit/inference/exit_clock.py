@@ -46,6 +46,7 @@ TRUSTED = 4
 RATIOS = 6  # the latest on/paused ratios the preference is the median of
 NEAR = 0.1  # a median ratio within this of 1: explore more often
 EXPLORE_NEAR, EXPLORE_FAR = 8, 32  # every this many windows, one of the mode not preferred
+TRACKS = 256  # (policy, pass size) keys kept: a server's requests bring policies; the oldest go first
 
 
 @dataclass
@@ -125,6 +126,8 @@ class ExitClock:
         """A clocked pass of `key` begins: whether its exits are on."""
         track = self.tracks.get(key)
         if track is None:
+            if len(self.tracks) >= TRACKS:
+                del self.tracks[next(iter(self.tracks))]  # the one made first
             track = self.tracks[key] = Track()
         self.running = (track, self.clock())
         return track.on

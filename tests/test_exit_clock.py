@@ -100,12 +100,17 @@ def test_which_passes_are_clocked():
     assert not decode_step(**{**step, "new_tokens": {}})
 
 
-def test_the_clock_follows_the_costs_source(monkeypatch):
+def test_the_clock_follows_the_costs_source_and_its_switch(monkeypatch):
     passes = EarlyExitEngine(make("llama")).passes
     monkeypatch.setenv("EE_EXIT_COSTS", "parameters")
     assert ExitDecider().clock_for(passes) is None  # the suite's setting: no decision follows the clock
     monkeypatch.setenv("EE_EXIT_COSTS", "measured")
     assert isinstance(ExitDecider().clock_for(passes), ExitClock)  # one process on a CPU
+    monkeypatch.setenv("EE_EXIT_CLOCK", "off")
+    assert ExitDecider().clock_for(passes) is None
+    monkeypatch.setenv("EE_EXIT_CLOCK", "maybe")
+    with pytest.raises(ValueError, match="EE_EXIT_CLOCK='maybe'"):
+        ExitDecider().clock_for(passes)
 
 
 @torch.no_grad()

@@ -305,6 +305,18 @@ def costs_from_parameters() -> bool:
     return choice == "parameters" or distributed()
 
 
+CLOCK_ENV = "EE_EXIT_CLOCK"  # "on" (default) or "off": cost_aware's decisions not timed as they run
+
+
+def clock_wanted() -> bool:
+    """Whether cost_aware times its decisions as decoding runs them (`exit_clock.py`) where it may:
+    `EE_EXIT_CLOCK=off` leaves them to the costs alone (the same decisions for the same costs)."""
+    choice = os.environ.get(CLOCK_ENV, "on")
+    if choice not in ("on", "off"):
+        raise ValueError(f"{CLOCK_ENV}={choice!r}: expected 'on' or 'off'")
+    return choice == "on"
+
+
 def distributed() -> bool:
     """Several processes decode together: their decisions must not depend on their own clocks."""
     return (
@@ -342,9 +354,11 @@ class ExitDecider:
 
     def clock_for(self, passes) -> ExitClock | None:
         """The decider's `ExitClock` (made on first use), or None: decisions that must not follow
-        the clock (`costs_from_parameters`), or a device whose passes a clock would not time."""
+        the clock (`costs_from_parameters`), `EE_EXIT_CLOCK=off`, or a device whose passes a clock
+        would not time."""
         if self.clock is None:
-            self.clock = ExitClock() if passes.device.type == "cpu" and not costs_from_parameters() else False
+            timed = passes.device.type == "cpu" and not costs_from_parameters()
+            self.clock = ExitClock() if timed and clock_wanted() else False
         return self.clock or None
 
     def pause(self, paused: bool) -> None:

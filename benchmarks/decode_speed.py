@@ -114,14 +114,14 @@ def timed_alternating(
             warm_up(engine, prompts, settings)
     best: dict = {}
     rates: dict = {name: [] for name, _ in runs}
-    paused: dict = {name: [0, 0] for name, _ in runs}
+    modes: dict = {name: [0, 0, 0] for name, _ in runs}
     for _ in range(repeats):
         for name, settings in runs:
-            before = paused_passes(engine)
+            before = clocked_passes(engine)
             start = time.process_time()
             res = engine.generate(prompts, settings)
             cpu = time.process_time() - start
-            paused[name] = [a + c - b for a, b, c in zip(paused[name], before, paused_passes(engine))]
+            modes[name] = [a + c - b for a, b, c in zip(modes[name], before, clocked_passes(engine))]
             s = summarize(res, engine.num_layers)
             if clock == "cpu":
                 s["tokens_per_sec"] = s["tokens"] / max(cpu, 1e-9)
@@ -130,19 +130,18 @@ def timed_alternating(
                 best[name] = (res, s)
     for name, (_, s) in best.items():
         s["rounds"] = rates[name]
-        s["paused_share"] = paused[name][0] / max(paused[name][1], 1)
+        s["paused_share"], _, s["free_share"] = (n / max(sum(modes[name]), 1) for n in modes[name])
     return best
 
 
-def paused_passes(engine) -> tuple[int, int]:
-    """(decode steps run with cost_aware's exits paused, decode steps its clock timed) so far
-    (`exit_clock.py`; none where nothing is clocked)."""
+def clocked_passes(engine) -> list[int]:
+    """Decode steps cost_aware's clock ran in each of its modes so far (paused, on, free:
+    `exit_clock.py`; none where nothing is clocked)."""
     decider = getattr(getattr(engine, "passes", None), "exit_decider", None)
     clock = getattr(decider, "clock", None)
     if not clock:
-        return 0, 0
-    tracks = clock.tracks.values()
-    return sum(t.paused_passes for t in tracks), sum(t.all_passes for t in tracks)
+        return [0, 0, 0]
+    return [sum(t.by_mode[m] for t in clock.tracks.values()) for m in range(3)]
 
 
 def paired_ratios(summary: dict, base: dict) -> str:
@@ -199,7 +198,8 @@ def bench_batch(engine, tok, batch: int, args) -> None:
     rounds = f"best of {args.repeats} alternating rounds, {args.clock} clock; paired: per-round ratios"
     print(f"\n  batch {batch}: full decoding {fs['tokens_per_sec']:.1f} tokens/s ({rounds})")
     head = f"  {'setting':42s} {'tokens/s':>9s} {'vs full':>8s} {'exited':>7s} {'avg exit':>9s}"
-    print(head + f" {'= full':>7s} {'exit time':>10s} {'paused':>7s} {'accept':>7s}  {'paired vs full':19s}  exits")
+    modes = f"{'paused':>7s} {'free':>5s}"
+    print(head + f" {'= full':>7s} {'exit time':>10s} {modes} {'accept':>7s}  {'paired vs full':19s}  exits")
     for name, _ in runs[1:]:
         res, s = measured[name]
         same = sum(a == b for r, f in zip(res, full) for a, b in zip(r.tokens, f.tokens)) / max(fs["tokens"], 1)
@@ -208,7 +208,7 @@ def bench_batch(engine, tok, batch: int, args) -> None:
         print(
             f"  {name:42s} {s['tokens_per_sec']:9.1f} {s['tokens_per_sec'] / fs['tokens_per_sec']:7.2f}x "
             f"{s['early_exit_share']:7.0%} {s['average_exit_layer']:9.2f} {same:7.0%} "
-            f"{s.get('exit_time_share', 0.0):10.1%} {s['paused_share']:7.0%} {accept}  "
+            f"{s.get('exit_time_share', 0.0):10.1%} {s['paused_share']:7.0%} {s['free_share']:5.0%} {accept}  "
             f"{paired_ratios(s, fs):19s}  {share}"
         )
 

@@ -7,30 +7,49 @@ import pytest
 import torch
 
 from megatron.early_exit.inference import EarlyExitEngine, GenerationSettings, exit_clock
-from megatron.early_exit.inference.exit_clock import EXPLORE_FAR, EXPLORE_NEAR, TRUSTED, ExitClock, decode_step
+from megatron.early_exit.inference.exit_clock import (
+    EXPLORE_FAR,
+    EXPLORE_NEAR,
+    FREE,
+    ON,
+    PAUSED,
+    SCHEDULE,
+    TRUSTED,
+    ExitClock,
+    decode_step,
+    explore_every,
+)
 from megatron.early_exit.inference.exit_decision import ExitDecider
 from megatron.early_exit.inference.passes import ExitPolicy
-from tests.test_exit_policy import COMPUTE_BOUND
+from tests.test_exit_policy import (
+    COMPUTE_BOUND,
+    MEMORY_BOUND,
+    NEW,
+    PROMPTS,
+    engine_with,
+    even_token,  # noqa: F401 (a fixture)
+    run,
+)
 from tests.test_inference import make
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest.one_thread
 
-FIRST = TRUSTED + 2  # windows before the ratios choose: TRUSTED on, one paused, one on
+FIRST = TRUSTED + len(SCHEDULE)  # windows before the ratios choose
 AWARE = ExitPolicy(allowed=(1,), threshold=0.0, mode="cost_aware")
 
 
-def drive(clock: ExitClock, key, cost) -> list[bool]:
-    """Passes of `key` until `cost(on, i)` returns None: each pass's mode (pass i took `cost(on, i)`)."""
+def drive(clock: ExitClock, key, cost) -> list[int]:
+    """Passes of `key` until `cost(mode, i)` returns None: each pass's mode (pass i took `cost(mode, i)`)."""
     now, modes = [0.0], []
     clock.clock = lambda: now[0]
     while True:
-        on = clock.start(key)
-        seconds = cost(on, len(modes))
+        mode = clock.start(key)
+        seconds = cost(mode, len(modes))
         if seconds is None:
             return modes
         now[0] += seconds
         clock.stop()
-        modes.append(on)
+        modes.append(mode)
 
 
 @pytest.fixture
@@ -38,55 +57,60 @@ def small_windows(monkeypatch):
     monkeypatch.setattr(exit_clock, "WINDOW", 4)
 
 
+def by_mode(costs: dict, passes: int):
+    """A pass's time from its mode (`costs`), for `passes` passes."""
+    return lambda mode, i: costs[mode] if i < passes else None
+
+
 def test_a_window_pays_its_passes_after_the_first_and_the_next_windows_first(small_windows, monkeypatch):
-    monkeypatch.setattr(exit_clock, "TRUSTED", 1)  # windows on, paused, on; then the ratios choose
-    times = [1, 1, 1, 1] + [5, 2, 2, 2] + [9, 1, 1, 1] + [3]  # windows: on, paused, on; then the 4th's first
+    monkeypatch.setattr(exit_clock, "TRUSTED", 1)  # windows on, then the schedule: paused, on, free, on
+    times = [1, 1, 1, 1] + [5, 2, 2, 2] + [9, 1, 1, 1] + [3]  # windows on, paused, on; then the 4th's first
     clock = ExitClock(clock=lambda: 0.0)
-    modes = drive(clock, "k", lambda on, i: times[i] if i < len(times) else None)
-    assert modes == [True] * 4 + [False] * 4 + [True] * 4 + [True]  # on is faster
+    modes = drive(clock, "k", lambda mode, i: times[i] if i < len(times) else None)
+    assert modes == [ON] * 4 + [PAUSED] * 4 + [ON] * 4 + [FREE]
     track = clock.tracks["k"]
     on0 = (1 + 1 + 1 + 1 + 5) / 5  # the first window has no window before to pay for
     paused1 = (2 + 2 + 2 + 9) / 4  # its first pass (5) filled what window 0 left: window 0's
     on2 = (1 + 1 + 1 + 3) / 4
-    assert list(track.ratios) == pytest.approx([on0 / paused1, on2 / paused1])
-    assert track.paused_passes == 4 and track.all_passes == 13
+    assert list(track.ratios[(PAUSED, ON)]) == pytest.approx([on0 / paused1, on2 / paused1])
+    assert track.ratio() == pytest.approx((on0 + on2) / 2 / paused1)
+    assert track.by_mode == [4, 8, 1]
 
 
-@pytest.mark.parametrize("dear", [True, False])
-def test_the_slower_mode_is_left_and_the_other_explored(small_windows, dear):
-    """On passes dearer (2 vs 1 a pass): TRUSTED windows on, one paused and one on, then paused, on
-    again one window in EXPLORE_FAR; cheaper: on, paused one window in EXPLORE_FAR."""
+@pytest.mark.parametrize("fastest", [PAUSED, ON, FREE])
+def test_the_fastest_mode_is_kept_and_the_others_explored(small_windows, fastest):
+    """Passes of the fastest mode take 1, the others 2 and 3: after the trusted windows and the
+    schedule the fastest runs nearly always, and each other is still explored now and then."""
+    others = [m for m in (PAUSED, ON, FREE) if m != fastest]
+    costs = {fastest: 1.0, others[0]: 2.0, others[1]: 3.0}
     windows = FIRST + 3 * EXPLORE_FAR
-    cost = lambda on, i: (2.0 if on == dear else 1.0) if i < 4 * windows else None  # noqa: E731
     clock = ExitClock()
-    modes = drive(clock, "k", cost)[::4]  # one per window
-    assert modes[:FIRST] == [True] * TRUSTED + [False, True]
-    # the window after the third is chosen before the third is timed: one ratio (on / paused) so far
-    later = modes[FIRST:]
-    assert later.count(dear) == 3 and later.count(not dear) == len(later) - 3
-    assert all(m == (not dear) for m in later[: EXPLORE_FAR - 1])
-    # each window also pays the next one's first pass (here of the other mode): the ratios lie nearer 1
-    assert (clock.tracks["k"].ratio() > 1.0) == dear
+    modes = drive(clock, "k", by_mode(costs, 4 * windows))[::4]  # one per window
+    assert modes[:FIRST] == [ON] * TRUSTED + list(SCHEDULE)
+    later = modes[FIRST + 1 :]  # the first choice is made before the schedule's last window is timed
+    assert later.count(fastest) >= len(later) - 8 and all(later.count(m) >= 2 for m in others)
+    assert clock.tracks["k"].preferred() == fastest
 
 
-def test_a_close_race_is_explored_more_often(small_windows):
-    """Ratios within NEAR of 1 (on 1.05 a pass, paused 1.0): paused kept, on one window in EXPLORE_NEAR."""
-    windows = FIRST + 4 * EXPLORE_NEAR
+def test_a_close_race_is_explored_more_often_than_a_clear_loss(small_windows):
+    """ON within a few % of PAUSED is tried again every EXPLORE_NEAR windows, FREE (1.5x) rarely."""
     clock = ExitClock()
-    modes = drive(clock, "k", lambda on, i: (1.05 if on else 1.0) if i < 4 * windows else None)[::4]
-    assert modes[FIRST:].count(True) == 4
+    windows = FIRST + 8 * EXPLORE_NEAR
+    modes = drive(clock, "k", by_mode({PAUSED: 1.0, ON: 1.03, FREE: 1.5}, 4 * windows))[::4][FIRST + 1 :]
+    assert modes.count(ON) >= 6 and modes.count(FREE) <= 2 and modes.count(PAUSED) >= len(modes) - 10
+    assert explore_every(1.03) == EXPLORE_NEAR and explore_every(3.0) == EXPLORE_FAR and explore_every(None) == 8
 
 
 def test_the_preference_follows_a_change_of_costs(small_windows):
-    """On dearer for a while, then cheaper: the explored on windows bring the ratios' median below 1."""
+    """ON dearer than PAUSED for a while, then cheaper: ON's exploring windows bring it back."""
     switch = 4 * (FIRST + 2 * EXPLORE_FAR)
     end = switch + 4 * 6 * EXPLORE_FAR
-    cost = lambda on, i: None if i >= end else (2.0 if on == (i < switch) else 1.0)  # noqa: E731
+    before, after = {PAUSED: 1.0, ON: 2.0, FREE: 3.0}, {PAUSED: 2.0, ON: 1.0, FREE: 3.0}
     clock = ExitClock()
-    modes = drive(clock, "k", cost)
-    assert modes[4 * FIRST : switch : 4].count(True) == 2  # paused but for the on windows explored
-    assert modes[-4 * 2 * EXPLORE_FAR :: 4].count(False) == 2  # on again, paused but for the windows explored
-    assert clock.tracks["k"].ratio() < 1.0
+    modes = drive(clock, "k", lambda mode, i: None if i >= end else (before if i < switch else after)[mode])
+    assert modes[4 * (FIRST + 1) : switch : 4].count(PAUSED) >= 2 * EXPLORE_FAR - 4
+    assert modes[-4 * 2 * EXPLORE_FAR :: 4].count(ON) >= 2 * EXPLORE_FAR - 4  # on again
+    assert clock.tracks["k"].preferred() == ON
 
 
 def test_which_passes_are_clocked():
@@ -126,11 +150,12 @@ def expected_by_schedule(model, prompt, exit_at) -> list[int]:
     return out
 
 
-def test_paused_windows_evaluate_no_exit_and_decode_as_the_full_model(monkeypatch):
+def test_each_mode_decides_as_it_says_and_the_tokens_stay_the_models(monkeypatch):
     """Threshold 0 at exit 1 (every check fires; COMPUTE_BOUND: every leaver pays) with a clock on
-    which passes with exits on take 3x as long: windows of 2 decode steps, one trusted, run on,
-    paused, on, then every step is paused (full depth, filling what the on windows left).
-    The tokens equal an uncached model's taking each step's token from the exit the schedule says."""
+    which passes take 3x as long unless paused: windows of 2 decode steps, one trusted, run on,
+    then paused, on, free, on (batch 1: free leaves as on does), then every step is paused (full
+    depth, filling what the other windows left). The tokens equal an uncached model's taking each
+    step's token from the exit that schedule says."""
     monkeypatch.setattr(exit_clock, "WINDOW", 2)
     monkeypatch.setattr(exit_clock, "TRUSTED", 1)
     model = make("llama")
@@ -149,20 +174,20 @@ def test_paused_windows_evaluate_no_exit_and_decode_as_the_full_model(monkeypatc
         exit_policy="cost_aware",
     )  # fmt: skip
     res = engine.generate([[1, 2, 3, 4, 5]], s)[0]
-    # the prefill's token from the final head; decode steps 1-2 on, 3-4 paused, 5-6 on, then paused
-    schedule = [layers] + [1, 1, layers, layers, 1, 1] + [layers] * (new - 7)
+    # the prefill's token from the final head; decode steps 1-2 on, 3-4 paused, 5-10 on / free / on, then paused
+    schedule = [layers] + [1, 1, layers, layers] + [1] * 6 + [layers] * (new - 11)
     assert res.exit_layers == schedule
     assert res.tokens == expected_by_schedule(model, [1, 2, 3, 4, 5], schedule)
     (track,) = decider.clock.tracks.values()
-    assert track.ratio() > 1.0 and track.paused_passes == new - 1 - 4
+    assert track.ratio() > 1.0 and track.by_mode == [new - 11 + 2, 6, 2]
 
 
 def test_a_one_off_generation_within_the_trusted_windows_is_never_paused():
     """TRUSTED windows run on whatever the clock reads: the first TRUSTED * WINDOW decode steps of a
     policy and pass size decide as the decider's costs say (on passes 10x dearer here)."""
     clock = ExitClock()
-    modes = drive(clock, "k", lambda on, i: (10.0 if on else 1.0) if i < TRUSTED * exit_clock.WINDOW + 1 else None)
-    assert all(modes[:-1]) and not modes[-1]
+    modes = drive(clock, "k", lambda mode, i: (10.0 if mode else 1.0) if i < TRUSTED * exit_clock.WINDOW + 1 else None)
+    assert modes == [ON] * TRUSTED * exit_clock.WINDOW + [SCHEDULE[0]]
 
 
 def test_the_keys_kept_are_bounded(monkeypatch):
@@ -173,3 +198,46 @@ def test_the_keys_kept_are_bounded(monkeypatch):
         clock.start(key)
         clock.stop()
     assert list(clock.tracks) == ["b", "c", "d"]
+
+
+class Always:
+    """A clock that runs every pass in one mode and times nothing."""
+
+    def __init__(self, mode: int) -> None:
+        self.mode = mode
+
+    def start(self, key) -> int:
+        return self.mode
+
+    def stop(self) -> None:
+        pass
+
+
+@pytest.mark.usefixtures("even_token")  # registers the measure "not_fifth"
+def test_the_modes_decide_as_exact_cost_aware_and_full_decoding():
+    """Batch 4, memory-bound costs, a measure that fires for some rows and not others: ON passes
+    let the rows leave all together or not at all (cost_aware's rule), FREE passes let every firing
+    row leave (exact's tokens and exits), PAUSED passes evaluate nothing (full decoding)."""
+    model = make("llama")
+    kw = dict(early_exit_threshold=0.5, measure="not_fifth", exit_layers=(2, 3))
+
+    def run_in(mode: int | None, policy: str = "cost_aware"):
+        engine = engine_with(model, MEMORY_BOUND)
+        if mode is not None:
+            engine.passes.exit_decider.clock = Always(mode)
+        return run(engine, PROMPTS, exit_policy=policy, **kw)
+
+    exact, aware = run_in(None, "exact"), run_in(None)
+    assert exact != aware  # the measure does split passes: the two rules differ here
+    assert run_in(FREE) == exact
+    assert run_in(ON) == aware
+    full = run(engine_with(model, MEMORY_BOUND), PROMPTS)
+    assert run_in(PAUSED) == full and full[1] == [[model.config.num_layers] * NEW] * len(PROMPTS)
+
+
+def test_full_decodings_passes_are_kept_unless_another_mode_beats_them_by_the_margin(small_windows):
+    """ON 1% faster than PAUSED (within MARGIN): PAUSED kept; 5% faster: ON."""
+    for on, kept in ((0.99, PAUSED), (0.95, ON)):
+        clock = ExitClock()
+        drive(clock, "k", by_mode({PAUSED: 1.0, ON: on, FREE: 2.0}, 4 * (FIRST + 2 * EXPLORE_FAR)))
+        assert clock.tracks["k"].preferred() == kept

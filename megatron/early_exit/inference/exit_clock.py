@@ -10,18 +10,20 @@ and the runs of layers they split are priced nowhere. Where leaving nets about n
 errors decide the sign: learned at 0.8 decoded at 0.92-0.98x full decoding there.
 
 So what the decisions add up to is timed as they run. Per (policy, pass size) the decode
-steps (one new token per sequence) are timed in windows of WINDOW passes, each under one mode:
-exits on (the decider's verdicts), or paused (no exit evaluated: passes as in full decoding,
-filling whatever is pending). A window is charged its passes after its first and the first
-pass of the window after it: the pass that fills the rows a window left pays for that
-window's leaving. Each window next to one of the other mode gives a ratio (seconds per pass on
-over paused: neighbours, so the span's growth and the host's drift between them are small);
-the mode the median of the latest RATIOS says is faster is kept, and the other one tried again
-every EXPLORE_NEAR-th window where that median is within NEAR of 1, every EXPLORE_FAR-th beyond
-(where early exit pays 2x, exploring costs ~1/EXPLORE_FAR of a paused window's extra time;
-where it loses, ~1/EXPLORE_FAR of the loss). The first TRUSTED windows run on (the decider's
-own costs trusted: a one-off generation of up to 64 tokens is never paused), then one paused
-and one on give the first ratio.
+steps (one new token per sequence) are timed in windows of WINDOW passes, each in one mode:
+PAUSED (no exit evaluated: passes as in full decoding, filling whatever is pending), ON (the
+decider's verdicts) or FREE (every allowed exit evaluated, every row that fires leaves: `exact`'s
+decisions, which the decider's all-or-nothing rule forgoes; they pay where the rows that leave go
+on leaving, so their recompute is rare and batched: learned 0.5 at batch 16 decoded at 1.92x
+under exact and 1.59x under ON). A window is charged its passes after its first and the first
+pass of the window after it: the pass that fills the rows a window left pays for that window's
+leaving. Each window next to one of another mode gives a ratio of the two (neighbours: the
+span's growth and the host's drift between them small); the mode the medians of the latest RATIOS
+say is fastest is kept (PAUSED unless another is faster by MARGIN), and each other mode is tried
+again once in (its cost over the preferred one's, less 1) / EXPLORE_BUDGET windows, between
+EXPLORE_NEAR and EXPLORE_FAR apart. The first TRUSTED windows run ON (a one-off generation of up
+to 64 tokens decides as the costs say), then SCHEDULE (paused, on, free, on) gives the first
+ratios.
 
 Clocked only where decisions may follow the clock (`exit_decision.costs_from_parameters` false:
 one process, not the test suite's `EE_EXIT_COSTS=parameters`) and on a CPU device (a device's
@@ -32,20 +34,30 @@ not clocked runs with exits on.
 
 from __future__ import annotations
 
-import math
 import statistics
 import time
 from collections import deque
 from dataclasses import dataclass, field
 
 WINDOW = 16  # passes of one (policy, pass size) timed under one mode
-# Windows run on (the decider's costs trusted) before the first paused one: a one-off generation
-# of up to TRUSTED * WINDOW tokens is never paused. Then one paused window and one on; from then
-# the ratios choose.
+PAUSED, ON, FREE = 0, 1, 2  # no exit evaluated; the decider's verdicts; every firing row leaves (`exact`'s decisions)
+MODES = (PAUSED, ON, FREE)
+# Windows run ON (the decider's costs trusted) before any other: a one-off generation of up to
+# TRUSTED * WINDOW tokens decides as the costs say. Then SCHEDULE's windows give each other mode
+# ratios against ON; from then the ratios choose.
 TRUSTED = 4
-RATIOS = 6  # the latest on/paused ratios the preference is the median of
-NEAR = 0.1  # a median ratio within this of 1: explore more often
-EXPLORE_NEAR, EXPLORE_FAR = 8, 32  # every this many windows, one of the mode not preferred
+SCHEDULE = (PAUSED, ON, FREE, ON)
+RATIOS = 6  # the latest ratios of a pair of modes their median is taken of
+# PAUSED (full decoding's passes) is preferred unless another mode's passes are faster by more than
+# this: where early exit gains a few % at most the windows' noise (~4% for a median of RATIOS)
+# would otherwise pick the slower mode about as often (max_prob 0.9, which never fires at batch 1:
+# its refresh checks cost ~2%).
+MARGIN = 0.02
+# A mode not preferred is explored again once in (its seconds per pass over the preferred mode's,
+# less 1) / EXPLORE_BUDGET windows, at least EXPLORE_NEAR and at most EXPLORE_FAR apart: exploring
+# costs about EXPLORE_BUDGET of the time per mode (a mode twice as slow: 1/EXPLORE_FAR).
+EXPLORE_BUDGET = 0.01
+EXPLORE_NEAR, EXPLORE_FAR = 8, 64
 TRACKS = 256  # (policy, pass size) keys kept: a server's requests bring policies; the oldest go first
 
 
@@ -53,84 +65,122 @@ TRACKS = 256  # (policy, pass size) keys kept: a server's requests bring policie
 class Track:
     """One (policy, pass size)'s windows."""
 
-    on: bool = True  # exits on in the current window
+    mode: int = ON  # the current window's
     passes: int = 0  # passes of the current window run so far
     seconds: float = 0.0  # charged to the current window
     charged: int = 0  # passes charged to the current window
-    closing: tuple | None = None  # (on, seconds, passes) of the window before, awaiting its last pass
-    last: tuple | None = None  # the newest closed window: (on, seconds per pass)
-    ratios: deque = field(default_factory=lambda: deque(maxlen=RATIOS))  # seconds per pass, on / paused
+    closing: tuple | None = None  # (mode, seconds, passes) of the window before, awaiting its last pass
+    last: tuple | None = None  # the newest closed window: (mode, seconds per pass)
+    # (a, b), a < b -> seconds per pass under b over under a, of neighbouring windows
+    ratios: dict = field(default_factory=dict)
     begun: int = 1  # windows begun
-    since: int = 0  # windows since one of the mode not preferred
-    paused_passes: int = 0  # passes run paused (reports)
-    all_passes: int = 0
+    since: dict = field(default_factory=dict)  # mode -> windows since its last one
+    choice: int = ON  # the preferred mode at the last look
+    by_mode: list = field(default_factory=lambda: [0] * len(MODES))  # passes run in each mode (reports)
+
+    def relative(self, m: int, base: int) -> float | None:
+        """The median of neighbouring windows' seconds per pass under m over under `base`, from
+        their own pairs, else through the third mode's; None without such pairs."""
+        if m == base:
+            return 1.0
+        a, b = sorted((m, base))
+        pairs = self.ratios.get((a, b))
+        if pairs:
+            r = statistics.median(pairs)
+            return r if m == b else 1.0 / r
+        (x,) = set(MODES) - {m, base}
+        if self.ratios.get(tuple(sorted((m, x)))) and self.ratios.get(tuple(sorted((x, base)))):
+            return self.relative(m, x) * self.relative(x, base)
+        return None
+
+    def costs(self) -> dict[int, float]:
+        """Each mode's seconds per pass over the preferred one's, where the ratios say."""
+        known = {m: self.relative(m, self.choice) for m in MODES}
+        return {m: r for m, r in known.items() if r is not None}
+
+    def preferred(self) -> int:
+        """The mode whose windows are fastest by the ratios, PAUSED's counted MARGIN faster than
+        measured (the last choice on a tie)."""
+        costs = self.costs()
+        scale = {PAUSED: 1.0 - MARGIN}
+        self.choice = min(costs, key=lambda m: (costs[m] * scale.get(m, 1.0), m != self.choice))
+        return self.choice
 
     def ratio(self) -> float | None:
-        """The median of the latest on/paused ratios (None before any)."""
-        return statistics.median(self.ratios) if self.ratios else None
+        """ON's seconds per pass over PAUSED's (reports; None before any pair)."""
+        return self.relative(ON, PAUSED)
 
-    def preferred(self) -> bool:
-        """Exits on, unless the ratios say the paused windows are faster."""
-        r = self.ratio()
-        return r is None or r <= 1.0
-
-    def next_mode(self) -> bool:
+    def next_mode(self) -> int:
         """The mode of the window about to begin."""
         self.begun += 1
-        if self.begun <= TRUSTED + 2:  # on, ..., on, paused, on
-            return self.begun != TRUSTED + 1
-        r, preferred = self.ratio(), self.preferred()
-        near = r is None or abs(math.log(r)) < math.log1p(NEAR)
-        self.since += 1
-        if self.since >= (EXPLORE_NEAR if near else EXPLORE_FAR):
-            self.since = 0
-            return not preferred
-        return preferred
+        k = self.begun - 1 - TRUSTED  # the new window's index past the trusted ones
+        if k < 0:
+            return ON
+        if k < len(SCHEDULE):
+            return SCHEDULE[k]
+        best, costs, due = self.preferred(), self.costs(), []
+        for m in MODES:
+            if m != best:
+                self.since[m] = self.since.get(m, 0) + 1
+                overdue = self.since[m] - explore_every(costs.get(m))
+                if overdue >= 0:
+                    due.append((overdue, m))
+        if due:  # the most overdue mode (one a window)
+            m = max(due)[1]
+            self.since[m] = 0
+            return m
+        return best
 
-    def close(self, on: bool, per_pass: float) -> None:
-        """A window's time known: a ratio where the window before it ran the other mode."""
-        if self.last is not None and self.last[0] != on:
-            on_t, paused_t = (per_pass, self.last[1]) if on else (self.last[1], per_pass)
-            if paused_t > 0:
-                self.ratios.append(on_t / paused_t)
-        self.last = (on, per_pass)
+    def close(self, mode: int, per_pass: float) -> None:
+        """A window's time known: a ratio where the window before it ran another mode."""
+        if self.last is not None and self.last[0] != mode and min(self.last[1], per_pass) > 0:
+            (a, ta), (b, tb) = sorted([self.last, (mode, per_pass)])
+            self.ratios.setdefault((a, b), deque(maxlen=RATIOS)).append(tb / ta)
+        self.last = (mode, per_pass)
 
     def charge(self, seconds: float) -> None:
         """One pass of the current window took `seconds`."""
-        self.all_passes += 1
-        self.paused_passes += not self.on
+        self.by_mode[self.mode] += 1
         if self.closing is not None:  # the first pass of a window pays for the window before
-            on, total, n = self.closing
+            mode, total, n = self.closing
             self.closing = None
-            self.close(on, (total + seconds) / (n + 1))
+            self.close(mode, (total + seconds) / (n + 1))
         else:
             self.seconds += seconds
             self.charged += 1
         self.passes += 1
         if self.passes == WINDOW:
-            self.closing = (self.on, self.seconds, self.charged)
-            self.on = self.next_mode()
+            self.closing = (self.mode, self.seconds, self.charged)
+            self.mode = self.next_mode()
             self.passes, self.seconds, self.charged = 0, 0.0, 0
 
 
+def explore_every(cost: float | None) -> float:
+    """How many windows apart a mode not preferred is explored, from its seconds per pass over the
+    preferred mode's (None: not known yet: soon)."""
+    if cost is None:
+        return EXPLORE_NEAR
+    return min(EXPLORE_FAR, max(EXPLORE_NEAR, (cost - 1.0) / EXPLORE_BUDGET))
+
+
 class ExitClock:
-    """Times cost_aware's decode steps per (policy, pass size) and says whether the next one
-    runs with exits on (`start`, `stop`); `clock`: seconds (injected in tests)."""
+    """Times cost_aware's decode steps per (policy, pass size) and says which mode the next one
+    runs in (`start`, `stop`); `clock`: seconds (injected in tests)."""
 
     def __init__(self, clock=time.perf_counter) -> None:
         self.clock = clock
         self.tracks: dict[tuple, Track] = {}
         self.running: tuple[Track, float] | None = None
 
-    def start(self, key: tuple) -> bool:
-        """A clocked pass of `key` begins: whether its exits are on."""
+    def start(self, key: tuple) -> int:
+        """A clocked pass of `key` begins: its mode (PAUSED, ON or FREE)."""
         track = self.tracks.get(key)
         if track is None:
             if len(self.tracks) >= TRACKS:
                 del self.tracks[next(iter(self.tracks))]  # the one made first
             track = self.tracks[key] = Track()
         self.running = (track, self.clock())
-        return track.on
+        return track.mode
 
     def stop(self) -> None:
         """The clocked pass ended: its time charged to its window."""
@@ -140,8 +190,12 @@ class ExitClock:
             track.charge(self.clock() - began)
 
     def summary(self) -> dict[tuple, tuple]:
-        """key -> (share of its passes run paused, median on/paused ratio or None, windows begun)."""
-        return {k: (t.paused_passes / max(t.all_passes, 1), t.ratio(), t.begun) for k, t in self.tracks.items()}
+        """key -> (share of its passes run in each mode, each mode's seconds per pass over the
+        preferred one's where known, windows begun)."""
+        out = {}
+        for k, t in self.tracks.items():
+            out[k] = ([n / max(sum(t.by_mode), 1) for n in t.by_mode], t.costs(), t.begun)
+        return out
 
 
 def decode_step(new_tokens: dict, policy, all_rows: bool, scores, branch) -> bool:

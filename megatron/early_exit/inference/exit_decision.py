@@ -44,9 +44,11 @@ ragged layouts, more rows per kernel call than the probes time), and the leaving
 learned at 0.8 lets 38% leave there, and with the checks' ~5% decodes at 0.93x.
 
 What the decisions add up to is timed as decoding runs them (`exit_clock.py`): per policy and
-pass size, windows of decode steps with exits on or paused (`ExitDecider.pause`: no exit
-evaluated, no skip counted), the faster kept and the other explored now and then; only where
-decisions may follow the clock (`costs_from_parameters` false) and on a CPU device.
+pass size, windows of decode steps in one of three modes (`ExitDecider.set_mode`): paused (no
+exit evaluated, no skip counted), on (these verdicts) or free (every exit evaluated, every firing
+row leaves: `exact`'s decisions, which pay where rows that leave go on leaving and are rarely
+recomputed: learned 0.5 at batch 16), the fastest kept and the others explored now and then;
+only where decisions may follow the clock (`costs_from_parameters` false) and on a CPU device.
 
 Regrouping sequences by exit depth into separate passes is not done: a second group reads the
 shared layers' weights again (d*a), against (L - d)*b*k saved for k rows: see the README.
@@ -76,7 +78,7 @@ from dataclasses import dataclass, field
 import torch
 
 from megatron.early_exit.inference.confidence import get_measure
-from megatron.early_exit.inference.exit_clock import ExitClock, decode_step
+from megatron.early_exit.inference.exit_clock import FREE, ON, PAUSED, ExitClock, decode_step
 
 EXIT_POLICIES = ("exact", "cost_aware")
 REFRESH = 32  # a skipped exit is evaluated once in this many passes (its chance can recover)
@@ -350,7 +352,10 @@ class ExitDecider:
     # Times the decisions as decoding runs them and pauses them where they do not pay
     # (`exit_clock.py`): None until `clock_for` asks, False where decisions must not follow the clock.
     clock: ExitClock | bool | None = None
-    paused: bool = False  # the running pass evaluates no exit (`ExitClock`: a paused window)
+    # The running pass's mode (`ExitClock`): `paused`, no exit evaluated; `free`, every allowed exit
+    # evaluated and every row that fires leaves (`exact`'s decisions); neither: the verdicts above.
+    paused: bool = False
+    free: bool = False
 
     def clock_for(self, passes) -> ExitClock | None:
         """The decider's `ExitClock` (made on first use), or None: decisions that must not follow
@@ -361,10 +366,12 @@ class ExitDecider:
             self.clock = ExitClock() if timed and clock_wanted() else False
         return self.clock or None
 
-    def pause(self, paused: bool) -> None:
-        """Exits of the coming pass paused (no exit evaluated, no skip counted) or not."""
-        if paused != self.paused:
-            self.paused = paused
+    def set_mode(self, mode: int) -> None:
+        """The coming pass's mode: `exit_clock.PAUSED` (no exit evaluated, no skip counted), `ON`
+        (the decider's verdicts) or `FREE` (every exit evaluated, every firing row leaves)."""
+        paused, free = mode == PAUSED, mode == FREE
+        if (paused, free) != (self.paused, self.free):
+            self.paused, self.free = paused, free
             self.version += 1
 
     def costs_for(self, passes) -> ExitCosts:
@@ -415,10 +422,11 @@ class ExitDecider:
         """(the chance's key, whether the chance of paying times the saving beats the check):
         `worth_checking` before its skip count. Depends on the pass's shape, whether its
         candidates would start pending rows (`starts_pending`), the costs and what `record` has
-        counted (`version`) only; no exit is worth it in a paused pass (`pause`)."""
+        counted (`version`) only; no exit is worth it in a paused pass, every one in a free pass
+        (`set_mode`)."""
         key = (n, policy.measure, policy.threshold_of(n), len(cand))
-        if self.paused:
-            return key, False
+        if self.paused or self.free:
+            return key, self.free
         costs = self.costs_for(passes)
         if self.terms_costs is not costs:
             self.terms, self.terms_costs = {}, costs
@@ -444,9 +452,9 @@ class ExitDecider:
         Under t(r) = a + b*r the saving is linear in the leavers but for the whole pass ending,
         so the firing set or nothing is the best choice among its subsets."""
         leavers, net = [cand[j] for j in fires], 0.0
-        if fires:
+        if fires and not self.free:  # a free pass (`set_mode`): whoever fires leaves
             net = self.net_saving(passes, n, rows, leavers, policy.measure, self.starts_pending(passes, rows, leavers))
-        leave = fires if self.pays(passes, net) else []
+        leave = fires if self.free or self.pays(passes, net) else []
         self.record(n, policy, len(cand), len(fires), bool(leave))
         return leave
 
@@ -506,9 +514,9 @@ def decider_of(passes) -> ExitDecider:
 
 
 def pass_begins(passes, new_tokens: dict, policy, all_rows: bool = False, scores=None, branch=None):
-    """Before a pass (`Passes.run`): under cost_aware, whether its exits are paused (the decider's
-    `ExitClock`, for a decode step it times; any other pass runs with exits on). Returns the clock
-    to stop after the pass where it times it, else None."""
+    """Before a pass (`Passes.run`): under cost_aware, its mode (the decider's `ExitClock`, for a
+    decode step it times; any other pass runs ON: the decider's verdicts). Returns the clock to
+    stop after the pass where it times it, else None."""
     if policy.mode != "cost_aware":
         return None
     decider = decider_of(passes)
@@ -516,7 +524,7 @@ def pass_begins(passes, new_tokens: dict, policy, all_rows: bool = False, scores
         decider.costs is not None and not passes.profile and decode_step(new_tokens, policy, all_rows, scores, branch)
     )
     clock = decider.clock_for(passes) if timed else None  # no costs yet: this pass measures them
-    decider.pause(clock is not None and not clock.start((policy, len(new_tokens))))
+    decider.set_mode(clock.start((policy, len(new_tokens))) if clock is not None else ON)
     return clock
 
 

@@ -56,6 +56,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from megatron.early_exit.inference import EarlyExitEngine, GenerationSettings, summarize  # noqa: E402
+from megatron.early_exit.inference.exit_clock import passes_by_mode  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 TEXT = (
@@ -117,11 +118,11 @@ def timed_alternating(
     modes: dict = {name: [0, 0, 0] for name, _ in runs}
     for _ in range(repeats):
         for name, settings in runs:
-            before = clocked_passes(engine)
+            before = passes_by_mode(engine)
             start = time.process_time()
             res = engine.generate(prompts, settings)
             cpu = time.process_time() - start
-            modes[name] = [a + c - b for a, b, c in zip(modes[name], before, clocked_passes(engine))]
+            modes[name] = [a + c - b for a, b, c in zip(modes[name], before, passes_by_mode(engine))]
             s = summarize(res, engine.num_layers)
             if clock == "cpu":
                 s["tokens_per_sec"] = s["tokens"] / max(cpu, 1e-9)
@@ -132,16 +133,6 @@ def timed_alternating(
         s["rounds"] = rates[name]
         s["paused_share"], _, s["free_share"] = (n / max(sum(modes[name]), 1) for n in modes[name])
     return best
-
-
-def clocked_passes(engine) -> list[int]:
-    """Decode steps cost_aware's clock ran in each of its modes so far (paused, on, free:
-    `exit_clock.py`; none where nothing is clocked)."""
-    decider = getattr(getattr(engine, "passes", None), "exit_decider", None)
-    clock = getattr(decider, "clock", None)
-    if not clock:
-        return [0, 0, 0]
-    return [sum(t.by_mode[m] for t in clock.tracks.values()) for m in range(3)]
 
 
 def paired_ratios(summary: dict, base: dict) -> str:

@@ -180,6 +180,9 @@ def test_each_mode_decides_as_it_says_and_the_tokens_stay_the_models(monkeypatch
     assert res.tokens == expected_by_schedule(model, [1, 2, 3, 4, 5], schedule)
     (track,) = decider.clock.tracks.values()
     assert track.ratio() > 1.0 and track.by_mode == [new - 11 + 2, 6, 2]
+    # what the benchmarks read (decode_speed's and the sweep's paused and free shares)
+    assert exit_clock.passes_by_mode(engine) == [new - 11 + 2, 6, 2]
+    assert exit_clock.passes_by_mode(EarlyExitEngine(model)) == [0, 0, 0]  # parameter costs: no clock
 
 
 def test_a_one_off_generation_within_the_trusted_windows_is_never_paused():

@@ -15,7 +15,9 @@ reference summary and against the full model's output, token agreement with full
 exit, and decode_speedup: the speedup of decoding alone, after the prefill (the tokens after
 each sequence's first over the seconds after its batch's prefill, `GenerationResult.stats`,
 wall clock, paired as speedup is; an aclsum abstract's prefill is about a third of a
-one-sentence summary's time, and the exits change decoding alone). Writes `sweep.csv` and,
+one-sentence summary's time, and the exits change decoding alone), and the shares of the row's
+decode steps cost_aware's clock ran paused and free (`paused_share`, `free_share`:
+`inference/exit_clock.py`; 0 where nothing is clocked). Writes `sweep.csv` and,
 when matplotlib is installed, `speedup.png`,
 `quality_vs_speedup.png` and `exit_histogram.png`; with --self-speculative also
 `self_speculative.csv` (dynamic self-speculation: speed, acceptance, share of plain rounds).
@@ -48,6 +50,7 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "tools"))
 
 from megatron.early_exit.inference import cost_model  # noqa: E402
+from megatron.early_exit.inference.exit_clock import passes_by_mode  # noqa: E402
 
 CALIBRATED = "calibrated"  # the threshold column of `--calibrated`'s row
 
@@ -223,15 +226,20 @@ def paired_runs(engine, prompts, args, settings, full) -> tuple:
     import statistics
 
     clock = time.process_time if args.clock == "cpu" else time.perf_counter
-    best, ratios, decode = None, [], []
+    best, ratios, decode, modes = None, [], [], [0, 0, 0]
     for _ in range(args.repeats):
-        pairs = [(decode_batch(engine, batch, full, clock), decode_batch(engine, batch, settings, clock))
-                 for batch in in_batches(prompts, args.batch_size)]  # fmt: skip
+        pairs = []
+        for batch in in_batches(prompts, args.batch_size):
+            ref = decode_batch(engine, batch, full, clock)
+            before = passes_by_mode(engine)
+            pairs.append((ref, decode_batch(engine, batch, settings, clock)))
+            modes = [m + b - a for m, a, b in zip(modes, before, passes_by_mode(engine))]
         ref, out = summarise([p[0] for p in pairs]), summarise([p[1] for p in pairs])
         ratios.append(out[0] / ref[0])
         decode.append(decode_rate([p[1] for p in pairs]) / decode_rate([p[0] for p in pairs]))
         best = out if best is None or out[0] > best[0] else best
-    return best, statistics.median(ratios), statistics.median(decode)
+    shares = {k: round(n / max(sum(modes), 1), 3) for k, n in zip(("paused_share", "free_share"), modes[::2])}
+    return best, statistics.median(ratios), statistics.median(decode), shares
 
 
 def timed_rows(engine, prompts, thresholds, args) -> dict:
@@ -260,8 +268,7 @@ def timed_rows(engine, prompts, thresholds, args) -> dict:
         engine.generate(prompts[: args.batch_size], settings)
     timed = {}
     for key, settings in rows.items():
-        out, speedup, decode = paired_runs(engine, prompts, args, settings, full)
-        timed[key] = (settings, out, speedup, decode)
+        timed[key] = (settings, *paired_runs(engine, prompts, args, settings, full))
     return timed
 
 
@@ -294,10 +301,10 @@ def sweep(args) -> list[dict]:
     )
     timed = timed_rows(engine, prompts, thresholds, args)
     base = (args.exit_policy[0], 1.0)
-    full_settings, (_, full_texts, full_tokens, _, full_results), _, _ = timed[base]
+    full_settings, (_, full_texts, full_tokens, _, full_results), _, _, _ = timed[base]
     prefill_s = prefill_seconds(engine, prompts, args.batch_size, full_settings)
     rows = []
-    for (policy, thr), (settings, (tps, texts, tokens, layers, results), speedup, decode) in timed.items():
+    for (policy, thr), (settings, (tps, texts, tokens, layers, results), speedup, decode, shares) in timed.items():
         agree = [sum(a == b for a, b in zip(t, f)) / max(len(f), 1) for t, f in zip(tokens, full_tokens)]
         ideal = ideal_of(engine, costs, results, args.batch_size, settings, prefill_s, full_results)
         row = {
@@ -316,6 +323,7 @@ def sweep(args) -> list[dict]:
             "token_agreement": round(sum(agree) / len(agree), 4),
             "average_exit_layer": round(sum(layers) / len(layers), 3),
             "exit_share": json.dumps({n: round(layers.count(n) / len(layers), 4) for n in sorted(set(layers))}),
+            **shares,
         }
         rows.append(row)
         print(" | ".join(f"{k} {v}" for k, v in row.items()), flush=True)
@@ -357,7 +365,7 @@ def speculative_row(
     # a batch shrinks as its sequences stop), ~1 s each: once per bucket here, not in the figure.
     for size in warm_sizes(args.batch_size):
         engine.generate(prompts[:size], s)
-    (tps, texts, tokens, _, results), speedup, decode = paired_runs(engine, prompts, args, s, full)
+    (tps, texts, tokens, _, results), speedup, decode, _ = paired_runs(engine, prompts, args, s, full)
     rounds = [r.stats["draft_lengths"] for r in results]
     exits: dict = {}
     for r in results:

@@ -198,6 +198,16 @@ class ExitClock:
         return out
 
 
+def passes_by_mode(engine) -> list[int]:
+    """Decode steps `engine`'s clock has run in each mode so far, [paused, on, free] (zeros where
+    nothing is clocked): a benchmark's shares of each mode are differences of two readings."""
+    decider = getattr(getattr(engine, "passes", None), "exit_decider", None)
+    clock = getattr(decider, "clock", None)
+    if not clock:
+        return [0, 0, 0]
+    return [sum(t.by_mode[m] for t in clock.tracks.values()) for m in MODES]
+
+
 def decode_step(new_tokens: dict, policy, all_rows: bool, scores, branch) -> bool:
     """Whether a pass is one `ExitClock` may time: cost_aware, one new token per sequence, no
     forced exit, not a verify or scoring pass."""

@@ -183,6 +183,9 @@ def test_each_mode_decides_as_it_says_and_the_tokens_stay_the_models(monkeypatch
     # what the benchmarks read (decode_speed's and the sweep's paused and free shares)
     assert exit_clock.passes_by_mode(engine) == [new - 11 + 2, 6, 2]
     assert exit_clock.passes_by_mode(EarlyExitEngine(model)) == [0, 0, 0]  # parameter costs: no clock
+    # threshold 1.0 evaluates no exit in any mode: not timed (no new track, no pass counted)
+    engine.generate([[1, 2, 3, 4, 5]], GenerationSettings(**{**s.__dict__, "early_exit_threshold": 1.0}))
+    assert len(decider.clock.tracks) == 1 and exit_clock.passes_by_mode(engine) == [new - 11 + 2, 6, 2]
 
 
 def test_a_one_off_generation_within_the_trusted_windows_is_never_paused():

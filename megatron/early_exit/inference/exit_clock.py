@@ -28,7 +28,8 @@ ratios.
 Clocked only where decisions may follow the clock (`exit_decision.costs_from_parameters` false:
 one process, not the test suite's `EE_EXIT_COSTS=parameters`) and on a CPU device (a device's
 queue would need a synchronisation per pass); never a pass with a forced exit (drafting), a
-verify or scoring pass, or any but a decode step, nor a profiled pass or one that measures the costs. A pass
+verify or scoring pass, or any but a decode step, nor a profiled pass or one that measures the costs,
+nor a pass of a policy with no exit to evaluate (threshold 1.0: its modes are one). A pass
 not clocked runs with exits on.
 """
 

@@ -516,12 +516,16 @@ def decider_of(passes) -> ExitDecider:
 def pass_begins(passes, new_tokens: dict, policy, all_rows: bool = False, scores=None, branch=None):
     """Before a pass (`Passes.run`): under cost_aware, its mode (the decider's `ExitClock`, for a
     decode step it times; any other pass runs ON: the decider's verdicts). Returns the clock to
-    stop after the pass where it times it, else None."""
+    stop after the pass where it times it, else None. A policy with no exit to evaluate (every
+    threshold 1.0) is not timed: its modes are one."""
     if policy.mode != "cost_aware":
         return None
     decider = decider_of(passes)
     timed = (
-        decider.costs is not None and not passes.profile and decode_step(new_tokens, policy, all_rows, scores, branch)
+        decider.costs is not None
+        and not passes.profile
+        and decode_step(new_tokens, policy, all_rows, scores, branch)
+        and bool(passes.exits_by_depth(policy))
     )
     clock = decider.clock_for(passes) if timed else None  # no costs yet: this pass measures them
     decider.set_mode(clock.start((policy, len(new_tokens))) if clock is not None else ON)

@@ -23,10 +23,16 @@ does not. `--rounds` > 1 runs every setting once per round (early exit off first
 policies, their order reversed every other round) and prints each setting's best round, then per early-exit
 setting the median, min and max over the rounds of its ratio to early exit off in the same round
 (paired: a neighbour's load that slows one round slows both sides of its ratio; use >= 10 rounds).
-Every setting is warmed up first (short requests at each number of clients), so one-off costs (weight
-packing, cost_aware's cost measurement where the server has not done it at start-up, self-speculation's
-round costs, timed per batch size on first use) are not timed. A small
-configuration for such a machine:
+`--arrivals staggered` sends the requests the way a service meets them instead: each client waits
+an exponential time of mean `--mean-gap` seconds before each request (its first included) and asks
+for a length drawn uniformly from a quarter of --max-tokens to all of it, from a seeded plan that
+every setting and round meets alike (`request_plan`); requests then join and leave the server's
+batch at scattered steps, so its passes run at every size from 1 up. Tokens/s is then bounded by
+the arrivals, so the paired table adds each setting's median request latency against off's (off's
+over its: above 1 is faster). Every setting is warmed up first (short requests at each number of
+clients), so one-off costs (weight packing, cost_aware's cost measurement where the server has
+not done it at start-up, self-speculation's round costs, timed per batch size on first use) are
+not timed. A small configuration for such a machine:
 
     python benchmarks/server_throughput.py --load runs/ee_aclsum/tuned --bf16 --num-threads 1 \
         --clients 16 --requests-per-client 1 --max-tokens 32 --rounds 10 --exit-policies cost_aware
@@ -117,18 +123,41 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime (fields 14, 15)
 
 
+def request_plan(clients: int, args) -> list[list[tuple[float, int]]]:
+    """Per client, per request: (seconds it waits before sending it, its max_tokens). `together`:
+    none, --max-tokens each (every request costs the same); `staggered`: an exponential wait of mean
+    --mean-gap and a length uniform in [--max-tokens // 4, --max-tokens], drawn from a generator
+    seeded by --seed and the number of clients, so every setting and round meets the same plan."""
+    import random
+
+    rng = random.Random(f"{args.seed}/{clients}")
+    if args.arrivals == "together":
+        return [[(0.0, args.max_tokens)] * args.requests_per_client for _ in range(clients)]
+    low = max(1, args.max_tokens // 4)
+    return [
+        [
+            (rng.expovariate(1.0 / args.mean_gap), rng.randint(low, args.max_tokens))
+            for _ in range(args.requests_per_client)
+        ]
+        for _ in range(clients)
+    ]
+
+
 def run_clients(url: str, clients: int, args, early_exit: dict | None, pid: int = 0) -> dict:
-    """`clients` threads, each sending its requests back to back; returns throughput and latencies
-    (and, given the server's `pid`, tokens per CPU second of the server)."""
+    """`clients` threads, each sending its requests one after another as `request_plan` says;
+    returns throughput and latencies (and, given the server's `pid`, tokens per CPU second of the
+    server)."""
     import httpx
 
     latencies, tokens, layers, errors = [], [], [], []
     lock = threading.Lock()
+    plan = request_plan(clients, args)
 
     def client(c: int) -> None:
         with httpx.Client(base_url=url, timeout=600) as h:
-            for k in range(args.requests_per_client):
-                body = {"prompt": PROMPTS[(c + k) % len(PROMPTS)], "max_tokens": args.max_tokens, "temperature": 0}
+            for k, (wait, max_tokens) in enumerate(plan[c]):
+                time.sleep(wait)
+                body = {"prompt": PROMPTS[(c + k) % len(PROMPTS)], "max_tokens": max_tokens, "temperature": 0}
                 body["ignore_eos"] = True
                 if early_exit:
                     body["early_exit"] = early_exit
@@ -204,14 +233,15 @@ def print_paired(rounds: dict, labels: list[str], clients: list[int]) -> None:
     """Per early-exit setting: the median, min and max over rounds of its ratio to off in the same round."""
     n = len(rounds["off", clients[0]])
     print(f"\npaired: per round, early exit on / off in the same round; median [min, max] of {n} rounds")
-    print(f"{'early exit':>28} | clients | tok/cpu s vs off         | tokens/s vs off")
+    print(f"{'early exit':>28} | clients | tok/cpu s vs off         | tokens/s vs off          | p50 latency, off / on")
     for c in clients:
         for label in labels:
             cells = []
-            for key in ("tokens_per_cpu_sec", "tokens_per_sec"):
+            for key in ("tokens_per_cpu_sec", "tokens_per_sec", "p50"):
                 r = paired_ratios(rounds, label, c, key)
+                r = [1.0 / x for x in r] if key == "p50" else r  # off's latency over its: > 1 is faster
                 cells.append(f"{statistics.median(r):5.2f}x [{min(r):4.2f}, {max(r):4.2f}]")
-            print(f"{label:>28} | {c:>7} | {cells[0]:<24} | {cells[1]}", flush=True)
+            print(f"{label:>28} | {c:>7} | {cells[0]:<24} | {cells[1]:<24} | {cells[2]}", flush=True)
 
 
 def print_row(label: str, clients: int, m: dict, one: dict, off: dict) -> None:
@@ -245,12 +275,23 @@ def main() -> None:
                    help="early exit 'on' rows for each exit policy (none: the flag with no value)")  # fmt: skip
     p.add_argument("--self-speculative", action="store_true", help="a row for self-speculative decoding (the draft "
                    "exit and length chosen online; greedy requests share the server's rounds)")  # fmt: skip
+    p.add_argument("--arrivals", choices=("together", "staggered"), default="together",
+                   help="together: every client's requests back to back, --max-tokens each; staggered: each "
+                   "request after an exponential wait of mean --mean-gap, of a length uniform in [--max-tokens // 4, "
+                   "--max-tokens] (the same seeded plan for every setting)")  # fmt: skip
+    p.add_argument("--mean-gap", type=float, default=1.0, help="--arrivals staggered: mean seconds before a request")
+    p.add_argument("--seed", type=int, default=0, help="--arrivals staggered: the plan's seed")
     args = p.parse_args()
     if args.rounds < 1:
         p.error("--rounds must be >= 1")
+    if args.mean_gap <= 0 or args.max_tokens < 1:
+        p.error("--mean-gap must be > 0 and --max-tokens >= 1")
     ckpt = args.load or prepare_checkpoint(args.cache)
     proc, url = start_server(args, ckpt)
-    print(f"# {ckpt}: {args.requests_per_client} requests x {args.max_tokens} tokens per client, "
+    arrivals = (
+        "" if args.arrivals == "together" else f" (staggered: {args.mean_gap:g} s apart on average, lengths from 1/4)"
+    )
+    print(f"# {ckpt}: {args.requests_per_client} requests x {args.max_tokens} tokens per client{arrivals}, "
           f"{'bf16' if args.bf16 else 'fp32'}, {os.cpu_count()} CPUs")  # fmt: skip
     print(f"{'early exit':>28} | clients | tokens/s | vs 1 client | vs off | tok/cpu s | vs off | p50 s | p95 s | "
           f"avg exit layer")  # fmt: skip
@@ -262,7 +303,7 @@ def main() -> None:
         settings.append(("self_speculative (auto)", {"mode": "self_speculative"}))
     settings.append((CONTROL, None))  # early exit off again, paired with off like the others: the noise
     try:
-        short = argparse.Namespace(**{**vars(args), "requests_per_client": 1, "max_tokens": 4})
+        short = argparse.Namespace(**{**vars(args), "requests_per_client": 1, "max_tokens": 4, "arrivals": "together"})
         for _, ee in settings:  # warm-up: first uses (cost_aware's cost measurement, self-speculation's
             for c in args.clients:  # round costs, timed per batch size) are not timed
                 run_clients(url, c, short, ee)

@@ -464,3 +464,39 @@ def test_pending_costs_split_a_fill_into_its_layers_and_its_pass(monkeypatch):
     pend, pend_pass, _ = cm.pending_costs(engine, [[1, 2, 3]], policies, 2, 1, 4, Ref())
     above = 4 - depth[1]
     assert (pend, pend_pass) == (pytest.approx((-0.3 + 0.4 * above) / above / 2), 0.0)
+
+
+def test_retime_prices_a_row_at_the_hosts_speed_then(monkeypatch):
+    """`retime` takes the step timings again with the reference step in their rounds: a host now
+    running that step 2x as slow as when the pieces were timed scales every piece 2x, and the
+    layer and fixed cost are fitted again from the new steps (here a host that slowed the layers
+    3x and the fixed cost 1.5x: the line through the settings' steps recovers both exactly)."""
+    engine = EarlyExitEngine(tiny(probes=True))
+    prompts = [[1, 2, 3], [4, 5, 6]]
+    costs, _ = cm.measure_costs(engine, prompts, steps=2, repeats=1)
+    assert costs.reference > 0
+    slow = replace(cm.scaled(costs, 2.0), layer=3 * costs.layer_direct, fixed=1.5e-3)
+
+    class Ref:
+        def __init__(self, engine, prompts):
+            self.times = {}
+
+        def timed(self, name, calls=1):
+            return lambda: self.times.setdefault(name, []).append(2.0 * costs.reference)
+
+    def step_times(engine, prompts, settings, steps, repeats, reference):
+        reference()
+        assert set(settings) == {"full", "exit 1", "exit 2"}
+        return {name: cm.predicted_step(slow, name, False) for name in settings}  # probes: learned, no vocab
+
+    monkeypatch.setattr(cm, "ReferenceStep", Ref)
+    monkeypatch.setattr(cm, "step_times", step_times)
+    now = cm.retime(engine, prompts, costs, steps=2, repeats=1)
+    assert now.host["retimed"] == pytest.approx(2.0, rel=1e-12)
+    assert now.reference == pytest.approx(2.0 * costs.reference, rel=1e-12)
+    assert now.head == pytest.approx(2.0 * costs.head, rel=1e-12)
+    assert now.probe[2] == pytest.approx(2.0 * costs.probe[2], rel=1e-12)
+    assert now.pend == pytest.approx(2.0 * costs.pend, rel=1e-12)
+    assert now.layer == pytest.approx(3 * costs.layer_direct, rel=1e-9)
+    assert now.fixed == pytest.approx(1.5e-3, rel=1e-9)
+    assert (costs.layer, costs.head) != (now.layer, now.head)  # the costs measured at the start are left as they were

@@ -89,6 +89,9 @@ def test_sweep_writes_csv_and_plots(tmp_path, batch_size):
         assert float(r["decode_speedup"]) > 0  # decoding after the prefill, paired as speedup is
         # cost_aware's clock is off where exits are priced from parameter counts (the suite's costs)
         assert float(r["paused_share"]) == float(r["free_share"]) == 0.0
+        assert float(r["layer_ms"]) > 0 and float(r["fixed_ms"]) >= 0
+    # the cost model timed again right before the row that evaluates an exit (`cost_model.retime`)
+    assert float(full["host_speed"]) == 1.0 and float(zero["host_speed"]) > 0
     # --explain: the 0.0 row's decode steps, each timed and priced, by kind (4 tokens: at most 3 steps a batch).
     with open(tmp_path / "out" / "explain.csv") as f:
         kinds = list(csv.DictReader(f))

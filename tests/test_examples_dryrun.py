@@ -316,3 +316,23 @@ def test_native_drafts_benchmark_pairs_the_three_settings_and_counts_its_calls(d
     assert len(rounds) == 2 and all(line.count("tok/s") == 3 for line in rounds)
     assert any(line.startswith("drafts in one call / step by step:") and "0 of " in line for line in out)
     assert sum("identical to full" in line and "NOT" not in line for line in out) == 2
+
+
+def test_server_benchmark_plans_staggered_arrivals_the_same_for_every_setting():
+    """`server_throughput.request_plan`: together, no wait and --max-tokens each; staggered, waits
+    and lengths drawn per client and request from a seeded generator: the same plan on every call
+    (each setting and round meets it alike), another for another seed, lengths within
+    [--max-tokens // 4, --max-tokens] and waits averaging about --mean-gap."""
+    import argparse
+
+    plan = load_tool("benchmarks/server_throughput.py").request_plan
+    args = argparse.Namespace(arrivals="together", max_tokens=32, requests_per_client=3, mean_gap=0.5, seed=0)
+    assert plan(2, args) == [[(0.0, 32)] * 3] * 2
+    args.arrivals, args.requests_per_client = "staggered", 50
+    first = plan(16, args)
+    assert first == plan(16, args) and len(first) == 16 and all(len(c) == 50 for c in first)
+    assert first != plan(16, argparse.Namespace(**{**vars(args), "seed": 1}))
+    waits = [w for c in first for w, _ in c]
+    lengths = {n for c in first for _, n in c}
+    assert min(lengths) == 8 and max(lengths) == 32 and len(lengths) > 16
+    assert 0.45 < sum(waits) / len(waits) < 0.55  # 800 exponential draws of mean 0.5: ~1.8% standard error

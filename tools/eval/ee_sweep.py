@@ -176,7 +176,7 @@ def ideal_of(engine, costs, results: list, batch_size: int, settings, prefill_s:
     return cost_model.ideal_speedup(batches, costs, evaluated, needs_vocab, prefill_s, reference)
 
 
-def explain_rows(engine, prompts, args, timed: dict, costs) -> list[dict]:
+def explain_rows(engine, prompts, args, timed: dict) -> list[dict]:
     """`--explain`: where each row's efficiency gap sits. Every batch is decoded once more, right
     after full decoding of the same batch, each decode step timed (`cost_model.StepClock`) and
     priced from its telemetry (`cost_model.explain`). `host` is full decoding's measured time
@@ -188,7 +188,7 @@ def explain_rows(engine, prompts, args, timed: dict, costs) -> list[dict]:
 
     full = timed[(args.exit_policy[0], 1.0)][0]
     out = []
-    for (policy, thr), (settings, *_) in timed.items():
+    for (policy, thr), (settings, *_, costs) in timed.items():  # each row's own cost model (`timed_rows`)
         if thr == 1.0:
             continue
         evaluated, needs_vocab = policy_terms(engine, settings, prompts[0])
@@ -242,10 +242,11 @@ def paired_runs(engine, prompts, args, settings, full) -> tuple:
     return best, statistics.median(ratios), statistics.median(decode), shares
 
 
-def timed_rows(engine, prompts, thresholds, args) -> dict:
+def timed_rows(engine, prompts, thresholds, args, costs) -> dict:
     """(exit policy, threshold) -> (settings, best `decode_all` output, speedup: the median of
-    its ratios to full decoding timed batch by batch beside it, the same after the prefill:
-    `paired_runs`). Every setting first
+    its ratios to full decoding timed batch by batch beside it, the same after the prefill, the
+    clock's shares: `paired_runs`; the cost model the row is priced by: `costs` retimed right
+    before it, `cost_model.retime`, unless --no-retime or the row evaluates no exit). Every setting first
     decodes the first batch once, untimed: kernel choices, packed weights and the exit policy's
     costs are made on first use, and would otherwise be timed in whichever row came first. The
     threshold-1.0 row is full decoding timed against itself: its speedup reads the noise."""
@@ -268,7 +269,10 @@ def timed_rows(engine, prompts, thresholds, args) -> dict:
         engine.generate(prompts[: args.batch_size], settings)
     timed = {}
     for key, settings in rows.items():
-        timed[key] = (settings, *paired_runs(engine, prompts, args, settings, full))
+        mine = costs
+        if args.retime and policy_terms(engine, settings, prompts[0])[0]:
+            mine = cost_model.retime(engine, prompts[: args.batch_size], costs, args.measure, args.cost_steps, 5)
+        timed[key] = (settings, *paired_runs(engine, prompts, args, settings, full), mine)
     return timed
 
 
@@ -299,14 +303,15 @@ def sweep(args) -> list[dict]:
         + ", ".join(f"{k} {v:.2f}" for k, v in costs.host.items()),
         flush=True,
     )
-    timed = timed_rows(engine, prompts, thresholds, args)
+    timed = timed_rows(engine, prompts, thresholds, args, costs)
     base = (args.exit_policy[0], 1.0)
-    full_settings, (_, full_texts, full_tokens, _, full_results), _, _, _ = timed[base]
+    full_settings, (_, full_texts, full_tokens, _, full_results), *_ = timed[base]
     prefill_s = prefill_seconds(engine, prompts, args.batch_size, full_settings)
     rows = []
-    for (policy, thr), (settings, (tps, texts, tokens, layers, results), speedup, decode, shares) in timed.items():
+    for (policy, thr), (settings, out, speedup, decode, shares, priced) in timed.items():
+        tps, texts, tokens, layers, results = out
         agree = [sum(a == b for a, b in zip(t, f)) / max(len(f), 1) for t, f in zip(tokens, full_tokens)]
-        ideal = ideal_of(engine, costs, results, args.batch_size, settings, prefill_s, full_results)
+        ideal = ideal_of(engine, priced, results, args.batch_size, settings, prefill_s, full_results)
         row = {
             "exit_policy": policy,
             "threshold": thr,
@@ -317,18 +322,23 @@ def sweep(args) -> list[dict]:
             "decode_speedup": round(decode, 3),
             # the row's tokens decoded in full as the reference: differs from ideal_speedup where a
             # batch's sequences end at different steps (batch > 1), not at batch 1
-            "ideal_same_lengths": round(ideal_of(engine, costs, results, args.batch_size, settings, prefill_s), 3),
+            "ideal_same_lengths": round(ideal_of(engine, priced, results, args.batch_size, settings, prefill_s), 3),
             "rougeL_reference": round(100 * sum(map(rouge_l, texts, references)) / len(texts), 2),
             "rougeL_vs_full": round(100 * sum(map(rouge_l, texts, full_texts)) / len(texts), 2),
             "token_agreement": round(sum(agree) / len(agree), 4),
             "average_exit_layer": round(sum(layers) / len(layers), 3),
             "exit_share": json.dumps({n: round(layers.count(n) / len(layers), 4) for n in sorted(set(layers))}),
             **shares,
+            # what the row was priced by: a layer and the fixed cost of a step, and the host's speed
+            # against the sweep's first timing (`cost_model.retime`; 1.0 where it was not retimed)
+            "layer_ms": round(1e3 * priced.layer, 4),
+            "fixed_ms": round(1e3 * priced.fixed, 4),
+            "host_speed": round(priced.host.get("retimed", 1.0), 3),
         }
         rows.append(row)
         print(" | ".join(f"{k} {v}" for k, v in row.items()), flush=True)
     if args.explain:
-        write_csv(explain_rows(engine, prompts, args, timed, costs), args.output, "explain.csv")
+        write_csv(explain_rows(engine, prompts, args, timed), args.output, "explain.csv")
     if args.self_speculative:  # its own file: not threshold rows
         ways = {"on": [True], "off": [False], "both": [True, False]}[args.draft_alternatives]
         spec = []
@@ -490,6 +500,10 @@ def main(argv=None) -> None:
     p.add_argument("--repeats", type=int, default=1,
                    help="runs of each row, each paired with a full-decoding run; the median ratio counts")  # fmt: skip
     p.add_argument("--cost-steps", type=int, default=16, help="decode steps per cost-model timing")
+    p.add_argument("--no-retime", dest="retime", action="store_false",
+                   help="price every row by the cost model timed once at the start (default: its step timings "
+                   "taken again right before each row that evaluates an exit, a few seconds each, and the row "
+                   "priced at the host's speed then: cost_model.retime)")  # fmt: skip
     p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                    help="what times the rows: the wall clock, or this process's CPU seconds (all its threads), "
                    "for a machine whose speed other tenants change")  # fmt: skip

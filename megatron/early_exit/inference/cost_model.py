@@ -118,6 +118,9 @@ class DecodeCosts:
     # same full-depth step's median time there over its median time in `step_times` (`ReferenceStep`;
     # 1.0: one speed throughout); that measurement's times were divided by it.
     host: dict[str, float] = field(default_factory=dict)
+    # The full-depth step of `ReferenceStep`, its median seconds in `step_times`' rounds: the host
+    # speed every piece above is put at, and what `retime` compares a later timing's speed with.
+    reference: float = 0.0
 
     def streamed(self, piece: str) -> float:
         """A piece's cost with its weights read from memory: what it costs where every step reads
@@ -773,18 +776,59 @@ def measure_costs(
             host["memory"] = ref.speed("memory")
             per_byte = seconds / host["memory"] / moved
             costs.cold = {piece: per_byte * size for piece, (_, size) in costs.reads.items()}
-    # `layer` and `fixed` through each setting's step less what the fit does not own: its heads,
-    # checks and the cache regime's extra seconds (`predicted_step` with no layer and no fixed cost)
-    costs.layer = 0.0
-    points = [(p.num_layers, measured["full"] - predicted_step(costs, "full", True))]
-    for n in p.exits:
-        rest = predicted_step(costs, f"exit {n}", get_measure(policies[n].measure).needs_vocab)
-        points.append((depth[n], measured[f"exit {n}"] - rest))
     if p.exits:  # pending layers through the engine's own path (gather, layout, mask), not a layer alone
         costs.pend, costs.pend_pass, costs.row = pending_costs(engine, prompts, policies, steps, repeats, extra, ref)
         host["fill"] = ref.speed("fill")
-    costs.layer, costs.fixed = fit_layer(points, pieces["layer"])
+    costs.reference = statistics.median(ref.times["steps"])
+    costs.layer, costs.fixed = fit_steps(
+        costs, measured, {n: get_measure(q.measure).needs_vocab for n, q in policies.items()}
+    )
     return costs, measured
+
+
+def fit_steps(costs: DecodeCosts, measured: dict[str, float], needs_vocab: dict[int, bool]) -> tuple[float, float]:
+    """(layer, fixed) through each of `exit_settings`' measured seconds per step less what the fit
+    does not own: its heads, checks and the cache regime's extra seconds (`predicted_step` with no
+    layer and no fixed cost; `needs_vocab`: each exit's measure's). `fit_layer`, falling back on
+    the layer timed alone (`layer_direct`)."""
+    rest = replace(costs, layer=0.0, fixed=0.0)
+    points = [(costs.num_layers, measured["full"] - predicted_step(rest, "full", True))]
+    for n, vocab in needs_vocab.items():
+        points.append((costs.depth[n], measured[f"exit {n}"] - predicted_step(rest, f"exit {n}", vocab)))
+    return fit_layer(points, costs.layer_direct)
+
+
+def retime(
+    engine, prompts: list[list[int]], costs: DecodeCosts, measure: str | None = None, steps: int = 16, repeats: int = 5
+) -> DecodeCosts:
+    """`costs` as the host runs now: `step_times` taken again with `ReferenceStep` in its rounds,
+    every timed piece scaled by that step's median time now over `costs.reference` (its time when
+    `costs` were measured) and `layer` and `fixed` fitted again (`fit_steps`); `host["retimed"]`
+    the scale. For a sweep's rows minutes apart: the pieces take a minute to time, the steps a few
+    seconds, and on a host whose speed moved between two runs of the CPU reference model's sweep
+    (a layer 0.074 then 0.130 ms, the fixed cost 0.062 then 0.086) the ideal speedup of one
+    threshold read 1.84 in one and 2.39 in the other where the measured speedups were 1.88x and
+    1.93x: each row is best priced at the speed it ran at."""
+    ref, settings = ReferenceStep(engine, prompts), exit_settings(engine, measure)
+    measured = step_times(engine, prompts, settings, steps, repeats, ref.timed("steps", steps))
+    speed = statistics.median(ref.times["steps"]) / costs.reference if costs.reference > 0 else 1.0
+    out = scaled(costs, speed)
+    needs_vocab = {
+        n: get_measure(engine.check(settings[f"exit {n}"], prompts).measure).needs_vocab for n in costs.depth
+    }
+    out.layer, out.fixed = fit_steps(out, measured, needs_vocab)
+    out.host, out.reference = {**costs.host, "retimed": speed}, costs.reference * speed
+    return out
+
+
+def scaled(costs: DecodeCosts, speed: float) -> DecodeCosts:
+    """`costs` with every timed piece `speed` times as long (layer and fixed too: `retime` fits
+    them again)."""
+    times = {
+        k: getattr(costs, k) * speed for k in ("layer", "fixed", "head", "row", "layer_direct", "pend", "pend_pass")
+    }
+    tables = ("probe", "vocab", "project", "fire_hidden", "probe_exit", "cold")
+    return replace(costs, **times, **{k: {n: t * speed for n, t in getattr(costs, k).items()} for k in tables})
 
 
 def pending_costs(engine, prompts, policies: dict, steps: int, repeats: int, extra: int, ref) -> tuple:

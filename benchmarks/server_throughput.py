@@ -101,7 +101,10 @@ def start_server(args, ckpt: str) -> tuple[subprocess.Popen, str]:
     cmd += ["--num-threads", str(args.num_threads)] if args.num_threads else []
     proc = subprocess.Popen(cmd, cwd=ROOT)
     url = f"http://127.0.0.1:{port}"
-    for _ in range(600):
+    # the server times self-speculation's round costs at every batch bucket before it listens:
+    # SmolLM2 in fp32 on an AVX2-only AMD EPYC took 337 s of it (a 300 s wait here gave up)
+    deadline = time.monotonic() + args.startup_timeout
+    while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise SystemExit("error: the server exited")
         try:
@@ -110,7 +113,7 @@ def start_server(args, ckpt: str) -> tuple[subprocess.Popen, str]:
         except httpx.HTTPError:
             time.sleep(0.5)
     proc.kill()
-    raise SystemExit("error: the server did not come up")
+    raise SystemExit(f"error: the server did not come up in {args.startup_timeout:g} s (--startup-timeout)")
 
 
 def cpu_seconds(pid: int) -> float:
@@ -281,6 +284,7 @@ def main() -> None:
                    "--max-tokens] (the same seeded plan for every setting)")  # fmt: skip
     p.add_argument("--mean-gap", type=float, default=1.0, help="--arrivals staggered: mean seconds before a request")
     p.add_argument("--seed", type=int, default=0, help="--arrivals staggered: the plan's seed")
+    p.add_argument("--startup-timeout", type=float, default=1200.0, help="seconds to wait for the server to listen")
     args = p.parse_args()
     if args.rounds < 1:
         p.error("--rounds must be >= 1")

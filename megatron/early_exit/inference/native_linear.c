@@ -26,7 +26,13 @@ typedef uint32_t w16 __attribute__((vector_size(64)));
 #if defined(__AVX512F__)
 #define XROWS 8 /* rows of x per sweep over a panel: 16 sums of 16 lanes fit AVX-512's 32 registers */
 #else
-#define XROWS 4 /* rows of x per sweep over a panel */
+/* Without AVX-512 a panel's 16 lanes are two halves of 8 (`sweep`), and two rows' 8 sums of 8
+   lanes, the 4 halves of two columns and a broadcast fit AVX2's 16 registers: a third row spilled. */
+#define XROWS 2
+#define HALVES 1
+typedef float v8 __attribute__((vector_size(32)));
+typedef uint16_t h8 __attribute__((vector_size(16)));
+typedef uint32_t w8 __attribute__((vector_size(32)));
 #endif
 
 static inline float bf16_to_f32(uint16_t h) {
@@ -151,6 +157,59 @@ static void store(v16 s, const void *b, const void *res, void *y, int bf16, int6
    flushed) in place of an FMA per column: fewer instructions per weight and row, which bound
    bf16 products of several rows (the CPU reference model's layer products at 5 rows: 0.88x the
    time; at one row, streamed from memory, 0.92x). */
+#ifdef HALVES
+/* 8 elements of p from i, as fp32 (bf16 widened by a shift). */
+static inline v8 widen8(const void *p, int bf16, int64_t i) {
+    v8 f;
+    if (bf16) {
+        h8 h;
+        memcpy(&h, (const uint16_t *)p + i, sizeof h);
+        w8 u = __builtin_convertvector(h, w8) << 16;
+        memcpy(&f, &u, sizeof f);
+    } else {
+        memcpy(&f, (const float *)p + i, sizeof f);
+    }
+    return f;
+}
+
+/* `sweep` where vectors are 8 lanes: each column's 16 lanes as two halves, each lane's sums the
+   same operations in the same order (the same numbers bit for bit). Written over 16-lane vectors,
+   GCC kept the sums in memory on AVX2 (each FMA's result stored and reloaded through the stack):
+   the products of 2-4 rows ran 1.5-2.2x slower than oneDNN's, so fills and verify passes left
+   the fused layer step (`ee_layer`). */
+static inline __attribute__((always_inline)) void sweep(const void *panel, int bf16, const float *xr,
+                                                        const uint32_t *xq, const void *b, const void *res, void *y,
+                                                        int64_t row0, int64_t m0, int64_t K, int64_t M, const int XS) {
+    (void)xq;
+    v8 a[XROWS][2][2]; /* row, chain (even / odd columns), half */
+    for (int i = 0; i < XS; i++) a[i][0][0] = a[i][0][1] = a[i][1][0] = a[i][1][1] = (v8){0};
+    int64_t k = 0;
+    for (; k + 2 <= K; k += 2) {
+        v8 w0l = widen8(panel, bf16, k * PANEL), w0h = widen8(panel, bf16, k * PANEL + 8);
+        v8 w1l = widen8(panel, bf16, (k + 1) * PANEL), w1h = widen8(panel, bf16, (k + 1) * PANEL + 8);
+        for (int i = 0; i < XS; i++) {
+            const float x0 = xr[k * XS + i], x1 = xr[(k + 1) * XS + i];
+            a[i][0][0] += w0l * x0;
+            a[i][0][1] += w0h * x0;
+            a[i][1][0] += w1l * x1;
+            a[i][1][1] += w1h * x1;
+        }
+    }
+    if (k < K) {
+        v8 wl = widen8(panel, bf16, k * PANEL), wh = widen8(panel, bf16, k * PANEL + 8);
+        for (int i = 0; i < XS; i++) {
+            a[i][0][0] += wl * xr[k * XS + i];
+            a[i][0][1] += wh * xr[k * XS + i];
+        }
+    }
+    for (int i = 0; i < XS; i++) {
+        v8 half[2] = {a[i][0][0] + a[i][1][0], a[i][0][1] + a[i][1][1]};
+        v16 s;
+        memcpy(&s, half, sizeof s);
+        store(s, b, res, y, bf16, row0 + i, m0, M);
+    }
+}
+#else
 static inline __attribute__((always_inline)) void sweep(const void *panel, int bf16, const float *xr,
                                                         const uint32_t *xq, const void *b, const void *res, void *y,
                                                         int64_t row0, int64_t m0, int64_t K, int64_t M, const int XS) {
@@ -186,6 +245,7 @@ static inline __attribute__((always_inline)) void sweep(const void *panel, int b
     }
     for (int i = 0; i < XS; i++) store(a[i][0] + a[i][1], b, res, y, bf16, row0 + i, m0, M);
 }
+#endif
 
 static void panels(const void *Wp, int bf16, const float *x, const uint32_t *xq, const void *b, const void *res,
                    void *y, int64_t p0, int64_t p1, int64_t K, int64_t M, int64_t n) {
@@ -198,15 +258,15 @@ static void panels(const void *Wp, int bf16, const float *x, const uint32_t *xq,
             switch (n - i0 < XROWS ? (int)(n - i0) : XROWS) {
             case 1: sweep(panel, bf16, xr, xqr, b, res, y, i0, p * PANEL, K, M, 1); break;
             case 2: sweep(panel, bf16, xr, xqr, b, res, y, i0, p * PANEL, K, M, 2); break;
+#if XROWS == 8
             case 3: sweep(panel, bf16, xr, xqr, b, res, y, i0, p * PANEL, K, M, 3); break;
             case 4: sweep(panel, bf16, xr, xqr, b, res, y, i0, p * PANEL, K, M, 4); break;
-#if XROWS == 8
             case 5: sweep(panel, bf16, xr, xqr, b, res, y, i0, p * PANEL, K, M, 5); break;
             case 6: sweep(panel, bf16, xr, xqr, b, res, y, i0, p * PANEL, K, M, 6); break;
             case 7: sweep(panel, bf16, xr, xqr, b, res, y, i0, p * PANEL, K, M, 7); break;
             default: sweep(panel, bf16, xr, xqr, b, res, y, i0, p * PANEL, K, M, 8); break;
 #else
-            default: sweep(panel, bf16, xr, xqr, b, res, y, i0, p * PANEL, K, M, 4); break;
+            default: sweep(panel, bf16, xr, xqr, b, res, y, i0, p * PANEL, K, M, 2); break;
 #endif
             }
         }

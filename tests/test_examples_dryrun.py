@@ -185,7 +185,8 @@ def test_example_scripts_pass_the_trainers_checks(script, data, tmp_path, monkey
 def test_demo_generate_marks_each_tokens_exit_and_times_every_way(data, corpus, capsys):
     """The demo's last step on a tiny checkpoint (exits after layers 1 and 2 of 4, no probes, so
     max_prob): threshold 0 sends every early-exit token out at layer 1; full decoding's line is
-    the engine's own greedy text, unmarked; self-speculation reproduces it; three speed rows."""
+    the engine's own greedy text, unmarked; self-speculation reproduces it; three speed rows, each a
+    ratio to full decoding paired by round, and the control's."""
     from megatron.early_exit import load_checkpoint
     from megatron.early_exit.inference import EarlyExitEngine, GenerationSettings
 
@@ -208,9 +209,15 @@ def test_demo_generate_marks_each_tokens_exit_and_times_every_way(data, corpus, 
     pieces = texts["early_exit"].split("₁")
     assert len(pieces) == len(full.tokens) and pieces[-1] == "", texts["early_exit"]
     assert any("identical to full: yes" in line for line in out)
-    rows = [line.split() for line in out[speed + 1 :]]
-    assert [r[0] for r in rows] == ["full", "early_exit", "self_speculative"] and rows[0][3] == "1.00x"
+    rows = [line.split() for line in out[speed + 1 : speed + 4]]
+    assert [r[0] for r in rows] == ["full", "early_exit", "self_speculative"] and rows[0][3:5] == ["1.00x", "[1.00,"]
     assert all(float(r[1]) > 0 for r in rows)
+    assert out[speed + 4].startswith("  (control: full decoding run twice a round read ")
+    # a way is faster or slower only where every round's ratio lies beyond the control's spread
+    assert demo.verdict([1.10, 1.20], 0.05).strip() == "faster than full decoding"
+    assert demo.verdict([0.80, 0.90], 0.05).strip() == "SLOWER than full decoding"
+    assert demo.verdict([0.89, 1.02], 0.05).startswith("  no clear difference")
+    assert demo.verdict([0.93, 0.94], 0.08).startswith("  no clear difference")
     fake = type("R", (), {"tokens": full.tokens[:2], "exit_layers": [2, 4]})
     first, second = (tok.detokenize([t]).replace("\n", "⏎") for t in full.tokens[:2])
     assert demo.annotated(tok, fake, 4) == (first + "₂" + second).strip()

@@ -21,16 +21,23 @@ a token without one went through every layer.
   final head accepted.
 The first token always comes from the prompt's pass through every layer.
 
-Speed: benchmarks/decode_speed.py's harness (--repeats rounds that run every setting in turn;
-the best round of each counts), prompt by prompt at batch 1, after the generations shown, which
-warm every setting up; tokens/s over the whole call, prefill included. Whatever the ratio, it is
-printed as measured.
+Speed: --repeats rounds, each running every way on every prompt in turn at batch 1, after the
+generations shown, which warm every way up; decoding alone (the tokens after each prompt's first
+over the time after its prefill, which is the same pass in every way: an early exit that ends the
+summary sooner would otherwise read slower for sharing the prefill among fewer tokens). Each
+way's ratio to full decoding is taken within each round (neighbours in time, which a busy machine
+slows alike) and printed as the median and range over rounds; full decoding runs twice a round,
+and the second run's ratio (the control) is what noise alone reads. A way is called faster or
+slower only where every round's ratio lies beyond the control's spread (on the demo's SmolLM2,
+the best of 3 rounds with the prefill in printed early exit at 0.87x, "SLOWER"; decoding alone,
+paired by round, reads 1.13x [1.11, 1.24], the control 1.07x [1.02, 1.07]).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
 
 import torch
@@ -41,6 +48,7 @@ for sub in ("", "benchmarks", "tools", os.path.join("tools", "eval")):
 
 from megatron.early_exit.arguments import OneLineErrorParser, run_tool  # noqa: E402
 
+CONTROL = "full (again)"
 SUBSCRIPT = str.maketrans("0123456789", "₀₁₂₃₄₅₆₇₈₉")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -145,26 +153,43 @@ def show(tok, prompt_text: str, results: dict, ways, num_layers: int) -> None:
 
 
 def speed(engine, prompts, ways, a: argparse.Namespace, common: dict) -> None:
-    """Tokens/s of each way and its ratio to full decoding, with decode_speed.py's harness, prompt by prompt."""
-    from decode_speed import timed_alternating
-
+    """Decoding tokens/s of each way and its ratio to full decoding in the same round (median and
+    range over rounds); each round runs every way on every prompt in turn, full decoding twice
+    back to back (the second run's ratio, the control, is what this machine's noise alone reads)."""
     from megatron.early_exit.inference import GenerationSettings
 
-    runs = [(name, GenerationSettings(**common, **kw)) for name, kw, _ in ways]
-    tokens = {name: 0 for name, _, _ in ways}
-    seconds = dict.fromkeys(tokens, 0.0)
-    for ids in prompts:
-        # the generations shown ran every setting on every prompt: they were the warm-up
-        for name, (res, s) in timed_alternating(engine, [ids], runs, a.repeats, warm=False).items():
-            tokens[name] += s["tokens"]
-            seconds[name] += res[0].stats["elapsed_s"]
-    full = tokens["full"] / seconds["full"]
-    print(f"\n=== speed: {a.dtype}, batch 1, {len(prompts)} prompts, {torch.get_num_threads()} threads; each setting "
-          f"warmed up, best of {a.repeats} alternating rounds; prefill included")  # fmt: skip
+    timed = [(ways[0][0], ways[0][1]), (CONTROL, ways[0][1])] + [(name, kw) for name, kw, _ in ways[1:]]
+    runs = [(name, GenerationSettings(**common, **kw)) for name, kw in timed]
+    decoded = dict.fromkeys((name for name, _ in timed), 0)
+    seconds = {name: [0.0] * a.repeats for name in decoded}  # per round, over the prompts
+    for r in range(a.repeats):  # the generations shown ran every way on every prompt: the warm-up
+        for ids in prompts:
+            for name, settings in runs:
+                res = engine.generate([ids], settings)[0]
+                seconds[name][r] += res.stats["elapsed_s"] - res.stats["prefill_s"]
+                decoded[name] += (len(res.tokens) - 1) * (r == 0)  # the first token is the prefill's
+    rate = {name: [decoded[name] / max(t, 1e-9) for t in seconds[name]] for name in decoded}
+    ratio = {name: [x / f for x, f in zip(rate[name], rate["full"])] for name in decoded}
+    noise = max(abs(x - 1.0) for x in ratio[CONTROL])
+    print(f"\n=== speed: {a.dtype}, batch 1, {len(prompts)} prompts, {torch.get_num_threads()} threads; each way "
+          f"warmed up, {a.repeats} alternating rounds; decoding alone (tokens after the first over the time after "
+          f"the prefill: the ways stop at different lengths); tokens/s of the median round, ratio to full decoding "
+          f"in the same round, median [range]")  # fmt: skip
     for name, _, _ in ways:
-        tps = tokens[name] / seconds[name]
-        verdict = "" if name == "full" else "  faster than full decoding" if tps > full else "  SLOWER than full"
-        print(f"  {name:17s} {tps:6.1f} tokens/s  {tps / full:5.2f}x{verdict}")
+        r = ratio[name]
+        print(f"  {name:17s} {statistics.median(rate[name]):6.1f} tokens/s  {statistics.median(r):5.2f}x "
+              f"[{min(r):.2f}, {max(r):.2f}]{'' if name == 'full' else verdict(r, noise)}")  # fmt: skip
+    c = ratio[CONTROL]
+    print(f"  (control: full decoding run twice a round read {statistics.median(c):.2f}x [{min(c):.2f}, {max(c):.2f}])")
+
+
+def verdict(ratios: list[float], noise: float) -> str:
+    """Faster or slower where every round says so by more than the control's spread, else no clear difference."""
+    if min(ratios) > 1.0 + noise:
+        return "  faster than full decoding"
+    if max(ratios) < 1.0 - noise:
+        return "  SLOWER than full decoding"
+    return f"  no clear difference from full decoding (the control moved up to {noise:.0%})"
 
 
 def run(a: argparse.Namespace) -> None:

@@ -64,5 +64,5 @@ have "$RUN/tuned/iter_*/early_exit_thresholds.json" || python tools/eval/calibra
     --seq-length 128 --num-chunks 64 $BF16
 
 stage "generation: full decoding, early exit and self-speculation"
-python examples/ee_tuning/demo_generate.py --load "$RUN/tuned" --data "$DATA" --repeats 2 --dtype "$DTYPE" "$@"
+python examples/ee_tuning/demo_generate.py --load "$RUN/tuned" --data "$DATA" --repeats 3 --dtype "$DTYPE" "$@"
 stage "done: the tuned checkpoint is $RUN/tuned"

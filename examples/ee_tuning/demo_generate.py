@@ -156,6 +156,8 @@ def speed(engine, prompts, ways, a: argparse.Namespace, common: dict) -> None:
     """Decoding tokens/s of each way and its ratio to full decoding in the same round (median and
     range over rounds); each round runs every way on every prompt in turn, full decoding twice
     back to back (the second run's ratio, the control, is what this machine's noise alone reads)."""
+    from decode_speed import paired_ratios
+
     from megatron.early_exit.inference import GenerationSettings
 
     timed = [(ways[0][0], ways[0][1]), (CONTROL, ways[0][1])] + [(name, kw) for name, kw, _ in ways[1:]]
@@ -167,7 +169,8 @@ def speed(engine, prompts, ways, a: argparse.Namespace, common: dict) -> None:
             for name, settings in runs:
                 res = engine.generate([ids], settings)[0]
                 seconds[name][r] += res.stats["elapsed_s"] - res.stats["prefill_s"]
-                decoded[name] += (len(res.tokens) - 1) * (r == 0)  # the first token is the prefill's
+                if r == 0:  # the same tokens every round; the first is the prefill's
+                    decoded[name] += len(res.tokens) - 1
     rate = {name: [decoded[name] / max(t, 1e-9) for t in seconds[name]] for name in decoded}
     ratio = {name: [x / f for x, f in zip(rate[name], rate["full"])] for name in decoded}
     noise = max(abs(x - 1.0) for x in ratio[CONTROL])
@@ -175,12 +178,11 @@ def speed(engine, prompts, ways, a: argparse.Namespace, common: dict) -> None:
           f"warmed up, {a.repeats} alternating rounds; decoding alone (tokens after the first over the time after "
           f"the prefill: the ways stop at different lengths); tokens/s of the median round, ratio to full decoding "
           f"in the same round, median [range]")  # fmt: skip
+    paired = {name: paired_ratios({"rounds": rate[name]}, {"rounds": rate["full"]}) for name in decoded}
     for name, _, _ in ways:
-        r = ratio[name]
-        print(f"  {name:17s} {statistics.median(rate[name]):6.1f} tokens/s  {statistics.median(r):5.2f}x "
-              f"[{min(r):.2f}, {max(r):.2f}]{'' if name == 'full' else verdict(r, noise)}")  # fmt: skip
-    c = ratio[CONTROL]
-    print(f"  (control: full decoding run twice a round read {statistics.median(c):.2f}x [{min(c):.2f}, {max(c):.2f}])")
+        print(f"  {name:17s} {statistics.median(rate[name]):6.1f} tokens/s  {paired[name]}"
+              f"{'' if name == 'full' else verdict(ratio[name], noise)}")  # fmt: skip
+    print(f"  (control: full decoding run twice a round read {paired[CONTROL]})")
 
 
 def verdict(ratios: list[float], noise: float) -> str:

@@ -249,3 +249,28 @@ def test_forced_kernels_and_auto_decode_the_tokens_of_plain_f_linear(dtype, monk
                 torch.testing.assert_close(torch.tensor(p.logprobs), torch.tensor(q.logprobs), rtol=tol, atol=tol)
     monkeypatch.setenv(kernels.ENV, "plain")  # the environment forces where the engine says auto
     assert [r.tokens for r in EarlyExitEngine(model).generate(prompts, settings)] == [r.tokens for r in ref]
+
+
+def test_pick_drops_a_kernel_far_slower_than_the_reference_on_its_first_call():
+    # bf16 `plain` on a CPU without bf16 kernels: a reference loop hundreds of times slower,
+    # which would otherwise be timed over every weight and round.
+    calls = {"native": 0, "fallback": 0, "fair": 0}
+    now = [0.0]
+
+    def make(name, cost):
+        def run(_w):
+            calls[name] += 1
+            now[0] += cost
+
+        return run
+
+    funcs = {"native": make("native", 1.0), "fallback": make("fallback", 100.0), "fair": make("fair", 3.0)}
+    weights = [torch.zeros(1)] * 4
+    assert kernels.pick(funcs, weights, rounds=2, clock=lambda: now[0]) == "native"
+    # The slow one ran once; the others warmed up on every weight and ran every round.
+    assert calls == {"native": 4 * 3, "fallback": 1, "fair": 4 * 3}
+    # A reference slower than all the rest is never dropped, and a faster one replaces it.
+    calls.update(dict.fromkeys(calls, 0))
+    funcs = {"fallback": make("fallback", 100.0), "native": make("native", 1.0)}
+    assert kernels.pick(funcs, weights, rounds=2, clock=lambda: now[0]) == "native"
+    assert calls["fallback"] == 4 * 3

@@ -264,7 +264,9 @@ def test_decoding_on_the_native_kernel_equals_full_greedy_and_self_speculation_s
 
 @needs_native
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("a,g,per,span,hd", [(1, 3, 3, 40, 64), (2, 2, 1, 7, 8), (3, 1, 4, 130, 20), (1, 2, 2, 45, 128)])
+@pytest.mark.parametrize(
+    "a,g,per,span,hd", [(1, 3, 3, 40, 64), (2, 2, 1, 7, 8), (3, 1, 4, 130, 20), (1, 2, 2, 45, 128)]
+)
 def test_decode_attention_equals_sdpa_on_the_caches_views(dtype, a, g, per, span, hd):
     """`native.attend` against `group_rows_attention` (SDPA) on strided K/V views of a longer
     cache, with and without a padding mask: fp32 within round-off (1e-6), bf16 within one

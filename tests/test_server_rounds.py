@@ -132,6 +132,13 @@ def test_the_server_times_round_costs_at_every_batch_bucket_before_serving(monke
     real = self_speculative.measure_draft_costs
     spy = lambda e, b, c, **kw: timed.append(b) or real(e, b, c, **kw)  # noqa: E731
     monkeypatch.setattr(self_speculative, "measure_draft_costs", spy)
-    assert engine.draft_costs(5) == [1, 2, 4, 8] and timed == [1, 2, 4, 8]
-    assert engine.draft_costs(5) == [1, 2, 4, 8] and timed == [1, 2, 4, 8]  # kept: timed once per engine
+    assert engine.draft_costs(5) == [1, 8] and timed == [1, 8]  # the ends timed, the buckets between priced
+    assert engine.draft_costs(5) == [1, 8] and timed == [1, 8]  # kept: timed once per engine
+    costs = {b: self_speculative.draft_costs_for(engine, b, 64) for b in (1, 2, 4, 8)}
+    assert timed == [1, 8]  # 2 and 4 held: no round stops to time them
+    for n in costs[1].draft:  # on the line in log2(batch): 2 a third of the way, 4 two thirds
+        for field in ("draft", "row", "base"):
+            lo, mid, hi = (getattr(costs[b], field)[n] for b in (1, 4, 8))
+            assert mid == pytest.approx(lo + 2 / 3 * (hi - lo), rel=1e-12, abs=1e-12)
+            assert getattr(costs[2], field)[n] == pytest.approx(lo + 1 / 3 * (hi - lo), rel=1e-12, abs=1e-12)
     assert EarlyExitEngine(random_model()).draft_costs(1, context=16) == [1]

@@ -227,8 +227,10 @@ def run(args) -> None:
         engine, group = EarlyExitEngine(model, tokenizer), None
         engine.exit_costs()  # cost_aware's cost measurement now, not in the first request that uses it
         start = time.perf_counter()  # and self-speculation's round costs, at every batch bucket it may run at
-        if engine.draft_costs(args.max_batch_size):
-            print(f"self-speculative round costs timed in {time.perf_counter() - start:.0f} s", flush=True)
+        if timed := engine.draft_costs(args.max_batch_size):
+            between = " (the batch sizes between priced on the line between them)" if len(timed) > 1 else ""
+            print(f"self-speculative round costs timed at batch {' and '.join(map(str, timed))} in "
+                  f"{time.perf_counter() - start:.0f} s{between}", flush=True)  # fmt: skip
     if tokenizer is None:
         raise ValueError(f"--load {args.load}: the checkpoint has no tokenizer")
     max_seq_length(args, model)  # every rank checks, before followers start waiting for rank 0

@@ -232,21 +232,20 @@ class EarlyExitEngine:
             return decider_of(self.passes).costs_for(self.passes)
 
     def draft_costs(self, max_batch: int, context: int = 64) -> list[int]:
-        """Self-speculation's round costs timed now at every batch bucket up to `max_batch` (1, 2,
+        """Self-speculation's round costs ready now at every batch bucket up to `max_batch` (1, 2,
         4, ...; `draft_control.batch_bucket`) where they are timed at all, so that a server's
         rounds never stop to time them: in continuous batching the running self-speculative
         sequences pass through every bucket, and timing one on first use stalled a round for
-        seconds (SmolLM2, fp32, 16 clients: single rounds at 0.07x full decoding). Returns the
-        buckets timed (none without draft exits, or where costs come from parameter counts)."""
+        seconds (SmolLM2, fp32, 16 clients: single rounds at 0.07x full decoding). The smallest
+        and largest buckets are timed, those between priced on the line between them
+        (`self_speculative.draft_costs_at`). Returns the buckets timed (none without draft
+        exits, or where costs come from parameter counts)."""
         from megatron.early_exit.inference.strategies.draft_control import batch_bucket
-        from megatron.early_exit.inference.strategies.self_speculative import draft_costs_for, rounds_timed
+        from megatron.early_exit.inference.strategies.self_speculative import draft_costs_at, rounds_timed
 
         if not self.draft_exits() or not rounds_timed(self):
             return []
-        buckets = sorted({batch_bucket(b) for b in range(1, max_batch + 1)})
-        for b in buckets:
-            draft_costs_for(self, b, context)
-        return buckets
+        return draft_costs_at(self, sorted({batch_bucket(b) for b in range(1, max_batch + 1)}), context)
 
     def check_probes(self, allowed: list[int], measure: str) -> None:
         """A measure that reads confidence probes needs them on every allowed exit."""

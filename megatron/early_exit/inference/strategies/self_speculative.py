@@ -44,7 +44,7 @@ from megatron.early_exit.inference.strategies.draft_control import (
     costs_from_config,
     costs_from_measured,
 )
-from megatron.early_exit.inference.strategies.draft_costs import measure_draft_costs
+from megatron.early_exit.inference.strategies.draft_costs import between, measure_draft_costs
 
 AUTO = "auto"
 _CONTROLLERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # engine -> controller
@@ -92,6 +92,20 @@ def draft_costs_for(engine, batch: int, context: int, lookup: bool = False) -> D
         else:
             cache[key] = measure_draft_costs(engine, batch, context, lookup=lookup)[0]
     return cache[key]
+
+
+def draft_costs_at(engine, buckets: list[int], context: int) -> list[int]:
+    """Costs ready for every batch bucket in `buckets` (ascending): rounds timed at the smallest and
+    the largest (`draft_costs_for`) and the buckets between priced on the line between them
+    (`draft_costs.between`), unless timed already. Returns the buckets timed."""
+    ends = sorted({buckets[0], buckets[-1]})
+    for b in ends:
+        draft_costs_for(engine, b, context)
+    cache = _COSTS[engine]
+    lo, hi = (ends[0], cache[(ends[0], False)]), (ends[-1], cache[(ends[-1], False)])
+    for b in buckets[1:-1]:
+        cache.setdefault((b, False), between(lo, hi, b))
+    return ends
 
 
 def weight_count_costs(engine, lookup: bool = False) -> DraftCosts:

@@ -760,7 +760,7 @@ def measure_costs(
         layer_direct=pieces["layer"], batch=len(prompts),
         reads=weight_reads(p), cache_bytes=float(last_level_cache_bytes(p.device)), host=host,
     )  # fmt: skip
-    policies = {n: engine.check(settings[f"exit {n}"], prompts) for n in p.exits}
+    policies = checked_policies(engine, settings, prompts, p.exits)
     model_bytes = sum(size for _, size in costs.reads.values()) + (p.num_layers - 1) * costs.reads["layer"][1]
     if p.exits and 0 < costs.cache_bytes < model_bytes:  # weights streamed in full decoding: time the regime
         n = min(p.exits)
@@ -780,10 +780,18 @@ def measure_costs(
         costs.pend, costs.pend_pass, costs.row = pending_costs(engine, prompts, policies, steps, repeats, extra, ref)
         host["fill"] = ref.speed("fill")
     costs.reference = statistics.median(ref.times["steps"])
-    costs.layer, costs.fixed = fit_steps(
-        costs, measured, {n: get_measure(q.measure).needs_vocab for n, q in policies.items()}
-    )
+    costs.layer, costs.fixed = fit_steps(costs, measured, vocab_needs(policies))
     return costs, measured
+
+
+def checked_policies(engine, settings: dict[str, GenerationSettings], prompts: list[list[int]], exits) -> dict:
+    """Each exit's `exit_settings` row as the engine runs it (`engine.check`: its measure resolved)."""
+    return {n: engine.check(settings[f"exit {n}"], prompts) for n in exits}
+
+
+def vocab_needs(policies: dict) -> dict[int, bool]:
+    """Whether each exit's measure needs its vocabulary projection (`fit_steps`' `needs_vocab`)."""
+    return {n: get_measure(q.measure).needs_vocab for n, q in policies.items()}
 
 
 def fit_steps(costs: DecodeCosts, measured: dict[str, float], needs_vocab: dict[int, bool]) -> tuple[float, float]:
@@ -813,10 +821,8 @@ def retime(
     measured = step_times(engine, prompts, settings, steps, repeats, ref.timed("steps", steps))
     speed = statistics.median(ref.times["steps"]) / costs.reference if costs.reference > 0 else 1.0
     out = scaled(costs, speed)
-    needs_vocab = {
-        n: get_measure(engine.check(settings[f"exit {n}"], prompts).measure).needs_vocab for n in costs.depth
-    }
-    out.layer, out.fixed = fit_steps(out, measured, needs_vocab)
+    policies = checked_policies(engine, settings, prompts, costs.depth)
+    out.layer, out.fixed = fit_steps(out, measured, vocab_needs(policies))
     out.host, out.reference = {**costs.host, "retimed": speed}, costs.reference * speed
     return out
 

@@ -508,59 +508,20 @@ int ee_attend(const void *q, const void *k, const void *v, const uint8_t *mask, 
     return attend(q, k, v, mask, out, A, R, G, per, span, hd, kb, kg, kp, vb, vg, vp, bf16, threads, NULL);
 }
 
-/* Two vectors' lanes summed in pairs: u and v each hold 16 / (2 s) sources' partial sums, 2 s
-   consecutive lanes per source; the result holds u's sources then v's, s lanes each, lane r of a
-   source the sum of its lanes r and r + s. Only a source's own lanes are added together. */
 #ifdef __has_builtin
 #if __has_builtin(__builtin_shufflevector)
+#define SHUFFLEVECTOR 1
+#endif
+#endif
+#ifdef SHUFFLEVECTOR /* Clang, GCC 12 and later */
 #define SHUFFLE(u, v, ...) __builtin_shufflevector(u, v, __VA_ARGS__)
-#endif
-#endif
-#ifndef SHUFFLE
-#define SHUFFLE(u, v, ...) __builtin_shuffle(u, v, (w16){__VA_ARGS__})
-#endif
-static inline v16 halves(v16 u, v16 v, int s) {
-    switch (s) {
-    case 8:
-        return SHUFFLE(u, v, 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
-               SHUFFLE(u, v, 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
-    case 4:
-        return SHUFFLE(u, v, 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27) +
-               SHUFFLE(u, v, 4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31);
-    case 2:
-        return SHUFFLE(u, v, 0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28, 29) +
-               SHUFFLE(u, v, 2, 3, 6, 7, 10, 11, 14, 15, 18, 19, 22, 23, 26, 27, 30, 31);
-    default:
-        return SHUFFLE(u, v, 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30) +
-               SHUFFLE(u, v, 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
-    }
-}
-
-/* Lane j: the sum of x[j]'s 16 lanes (a tree: lanes j and j + 8, then + 4, + 2, + 1), for 16
-   vectors at once: 15 pairs of shuffles and adds where summing each alone is 15 dependent adds. */
-static inline v16 sums16(const v16 *x) {
-    v16 a[8], b[4], c[2];
-    for (int i = 0; i < 8; i++) a[i] = halves(x[2 * i], x[2 * i + 1], 8);
-    for (int i = 0; i < 4; i++) b[i] = halves(a[2 * i], a[2 * i + 1], 4);
-    for (int i = 0; i < 2; i++) c[i] = halves(b[2 * i], b[2 * i + 1], 2);
-    return halves(c[0], c[1], 1);
-}
-
-static inline v16 select16(w16 keep, v16 x, v16 otherwise) {
-    return (v16)(((w16)x & keep) | ((w16)otherwise & ~keep));
-}
-
-#ifdef HALVES
-#ifndef SHUFFLE8
-#if defined(__has_builtin)
-#if __has_builtin(__builtin_shufflevector)
 #define SHUFFLE8(u, v, ...) __builtin_shufflevector(u, v, __VA_ARGS__)
-#endif
-#endif
-#endif
-#ifndef SHUFFLE8
+#else
+#define SHUFFLE(u, v, ...) __builtin_shuffle(u, v, (w16){__VA_ARGS__})
 #define SHUFFLE8(u, v, ...) __builtin_shuffle(u, v, (w8){__VA_ARGS__})
 #endif
+
+#ifdef HALVES
 /* `halves` for 8 lanes. */
 static inline v8 halves8(v8 u, v8 v, int s) {
     switch (s) {
@@ -638,6 +599,40 @@ static inline void attend_head(const float *qf, const char *kbase, const char *v
     }
 }
 #else
+/* Two vectors' lanes summed in pairs: u and v each hold 16 / (2 s) sources' partial sums, 2 s
+   consecutive lanes per source; the result holds u's sources then v's, s lanes each, lane r of a
+   source the sum of its lanes r and r + s. Only a source's own lanes are added together. */
+static inline v16 halves(v16 u, v16 v, int s) {
+    switch (s) {
+    case 8:
+        return SHUFFLE(u, v, 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
+               SHUFFLE(u, v, 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
+    case 4:
+        return SHUFFLE(u, v, 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27) +
+               SHUFFLE(u, v, 4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31);
+    case 2:
+        return SHUFFLE(u, v, 0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28, 29) +
+               SHUFFLE(u, v, 2, 3, 6, 7, 10, 11, 14, 15, 18, 19, 22, 23, 26, 27, 30, 31);
+    default:
+        return SHUFFLE(u, v, 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30) +
+               SHUFFLE(u, v, 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+    }
+}
+
+/* Lane j: the sum of x[j]'s 16 lanes (a tree: lanes j and j + 8, then + 4, + 2, + 1), for 16
+   vectors at once: 15 pairs of shuffles and adds where summing each alone is 15 dependent adds. */
+static inline v16 sums16(const v16 *x) {
+    v16 a[8], b[4], c[2];
+    for (int i = 0; i < 8; i++) a[i] = halves(x[2 * i], x[2 * i + 1], 8);
+    for (int i = 0; i < 4; i++) b[i] = halves(a[2 * i], a[2 * i + 1], 4);
+    for (int i = 0; i < 2; i++) c[i] = halves(b[2 * i], b[2 * i + 1], 2);
+    return halves(c[0], c[1], 1);
+}
+
+static inline v16 select16(w16 keep, v16 x, v16 otherwise) {
+    return (v16)(((w16)x & keep) | ((w16)otherwise & ~keep));
+}
+
 /* One query head qf (fp32, already scaled by 1 / sqrt(hd)) over keys and values 0 .. span - 1
    (m: which to attend, or NULL: all), hd = 16 C; its output into out's row `row`. Keys in blocks
    of 16: each key's 16 lanes of products (C vector FMAs), the block's 16 sums at once (`sums16`),

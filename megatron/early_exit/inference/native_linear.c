@@ -737,26 +737,27 @@ static int attend(const void *q, const void *k, const void *v, const uint8_t *ma
     const float scale = 1.0f / sqrtf((float)hd);
     int failed = 0;
     /* one query head a task: a group's heads read its keys alike, and SmolLM2's 3 groups a row split
-       2 : 1 between two threads where its 9 heads split 5 : 4 */
-#pragma omp parallel for num_threads(threads) schedule(static) reduction(| : failed)
-    for (int64_t row = 0; row < A * R * G * per; row++) {
-        int64_t arg = row / per, ar = arg / G, a = ar / R, g = arg % G; /* ar: the query's row, a * R + r */
+       2 : 1 between two threads where its 9 heads split 5 : 4; each thread's scratch made once */
+#pragma omp parallel num_threads(threads) reduction(| : failed)
+    {
         float *buf = (float *)malloc(sizeof(float) * (size_t)(room + 2 * hd));
-        if (!buf) {
-            failed = 1;
-            continue;
-        }
-        float *scores = buf, *qf = buf + room, *acc = buf + room + hd;
-        const int64_t slot = slots ? slots[a] : a;
-        const char *kbase = (const char *)k + (slot * kb + g * kg) * esize;
-        const char *vbase = (const char *)v + (slot * vb + g * vg) * esize;
-        const uint8_t *m = mask ? mask + ar * span : NULL;
-        for (int64_t d = 0; d < hd; d++) qf[d] = load(q, bf16, row * hd + d) * scale;
-        switch (C) { /* the common head sizes with their chunk count a constant */
-        case 4: attend_head(qf, kbase, vbase, m, scores, span, kp, vp, bf16, 4, out, row); break;
-        case 8: attend_head(qf, kbase, vbase, m, scores, span, kp, vp, bf16, 8, out, row); break;
-        case 0: attend_head_any(qf, kbase, vbase, m, scores, acc, span, kp, vp, bf16, hd, out, row); break;
-        default: attend_head(qf, kbase, vbase, m, scores, span, kp, vp, bf16, C, out, row); break;
+        failed |= !buf;
+#pragma omp for schedule(static)
+        for (int64_t row = 0; row < A * R * G * per; row++) {
+            if (!buf) continue;
+            int64_t arg = row / per, ar = arg / G, a = ar / R, g = arg % G; /* ar: the query's row, a * R + r */
+            float *scores = buf, *qf = buf + room, *acc = buf + room + hd;
+            const int64_t slot = slots ? slots[a] : a;
+            const char *kbase = (const char *)k + (slot * kb + g * kg) * esize;
+            const char *vbase = (const char *)v + (slot * vb + g * vg) * esize;
+            const uint8_t *m = mask ? mask + ar * span : NULL;
+            for (int64_t d = 0; d < hd; d++) qf[d] = load(q, bf16, row * hd + d) * scale;
+            switch (C) { /* the common head sizes with their chunk count a constant */
+            case 4: attend_head(qf, kbase, vbase, m, scores, span, kp, vp, bf16, 4, out, row); break;
+            case 8: attend_head(qf, kbase, vbase, m, scores, span, kp, vp, bf16, 8, out, row); break;
+            case 0: attend_head_any(qf, kbase, vbase, m, scores, acc, span, kp, vp, bf16, hd, out, row); break;
+            default: attend_head(qf, kbase, vbase, m, scores, span, kp, vp, bf16, C, out, row); break;
+            }
         }
         free(buf);
     }

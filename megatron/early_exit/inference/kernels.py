@@ -316,17 +316,18 @@ def pick(
     call there takes over `SCREEN` times the reference's first call (its weight copy included) is
     dropped at once: bf16 `plain` at 32 rows on a CPU without bf16 kernels (a reference loop,
     hundreds of times slower) cost SmolLM2 81 s of warm-up, timed over every weight and round."""
-    first = next(iter(funcs))
-    call = dict.fromkeys(funcs, 0.0)  # each kernel's first call in the warm-up round
+    first, kept = next(iter(funcs)), {}
     for name, f in funcs.items():
         for i, w in enumerate(weights):
             start = clock()
             f(w)
-            if i == 0:
-                call[name] = clock() - start
-                if name != first and call[name] > SCREEN * call[first]:
-                    break
-    funcs = {k: f for k, f in funcs.items() if k == first or call[k] <= SCREEN * call[first]}
+            if i == 0 and name == first:
+                bound = SCREEN * (clock() - start)  # the reference's first call, times SCREEN
+            elif i == 0 and clock() - start > bound:
+                break
+        else:
+            kept[name] = f
+    funcs = kept
     best = dict.fromkeys(funcs, float("inf"))
     for _ in range(rounds):
         for name, f in funcs.items():

@@ -8,8 +8,6 @@ between observed confidences, or a confidence probe whose bias forces the decisi
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -18,6 +16,7 @@ from megatron.early_exit.config import ModelConfig
 from megatron.early_exit.inference import EarlyExitEngine, ExitPolicy, GenerationSettings, generate
 from megatron.early_exit.model import EarlyExitGPT
 from megatron.early_exit.model.rotary import apply_rotary
+from tests.launch import run_script
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXITS = dict(exit_layer_nums=[1, 2, 3], use_exit_norm=True, use_exit_mlp=True)
@@ -354,11 +353,11 @@ def test_bad_settings_raise():
 
 def save_tiny_checkpoint(directory):
     """The lead's tiny training command; if training cannot run here, a saved random model."""
-    cmd = [sys.executable, os.path.join(ROOT, "pretrain_early_exit_gpt.py"), "--mock-data", "--tokenizer-type"]
+    cmd = ["--mock-data", "--tokenizer-type"]
     cmd += "NullTokenizer --vocab-size 128 --num-layers 4 --hidden-size 64 --num-attention-heads 4".split()
     cmd += "--seq-length 64 --micro-batch-size 2 --global-batch-size 4 --train-iters 2 --lr 1e-3".split()
     cmd += ["--exit-layer-nums", "1", "2", "--eval-interval", "0", "--save", str(directory)]
-    if subprocess.run(cmd, capture_output=True, cwd=ROOT).returncode == 0:
+    if run_script(os.path.join(ROOT, "pretrain_early_exit_gpt.py"), cmd).returncode == 0:  # tests/launch.py
         return
     from megatron.early_exit.checkpointing import save_checkpoint
     from megatron.early_exit.tokenizer.null import NullTokenizer
@@ -370,10 +369,10 @@ def save_tiny_checkpoint(directory):
 
 def test_generate_cli_json(tmp_path):
     save_tiny_checkpoint(tmp_path / "ck")
-    cmd = [sys.executable, os.path.join(ROOT, "tools", "generate.py"), "--load", str(tmp_path / "ck")]
-    run = dict(capture_output=True, text=True, cwd=ROOT)
+    gen = os.path.join(ROOT, "tools", "generate.py")  # run as a subprocess would be (tests/launch.py)
+    cmd = ["--load", str(tmp_path / "ck")]
     args = ["--prompt", "1 2 3", "--prompt", "5 6", "--strategy", "early_exit", "--early-exit-thres", "0"]
-    proc = subprocess.run([*cmd, *args, "--max-new-tokens", "5", "--json"], **run)
+    proc = run_script(gen, [*cmd, *args, "--max-new-tokens", "5", "--json"])
     assert proc.returncode == 0, proc.stderr
     rows = [json.loads(line) for line in proc.stdout.splitlines()]
     assert len(rows) == 2
@@ -388,8 +387,8 @@ def test_generate_cli_json(tmp_path):
         (["--prompt", "1", "--strategy", "nope"], "--strategy"),
         (["--prompt", "1", "--top-p", "x"], "top-p"),
     ):
-        proc = subprocess.run([*cmd, *bad], **run)
+        proc = run_script(gen, [*cmd, *bad])
         assert proc.returncode == 2 and word in proc.stderr, (bad, proc.stderr)
         assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr
-    proc = subprocess.run([*cmd[:3], str(tmp_path / "missing"), "--prompt", "1"], **run)
+    proc = run_script(gen, ["--load", str(tmp_path / "missing"), "--prompt", "1"])
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1 and "missing" in proc.stderr

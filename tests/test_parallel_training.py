@@ -1,4 +1,8 @@
-"""3D-parallel training under torchrun (gloo, CPU) equals the single-process run.
+"""3D-parallel training (gloo, CPU) equals the single-process run.
+
+Each run is `pretrain_early_exit_gpt.py` with its flags on torchrun's environment, its ranks
+forked from a process that imported torch and the trainer once (`tests/launch.py`: the same
+script and code path without the launcher's and each rank's ~5 s of imports).
 
 Each layout trains 5 iterations from the same seed on mock data (fp32). The per-iteration
 loss of the final head and of every exit must equal the single-process run to 1e-5
@@ -14,14 +18,12 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.distributed import free_port
+from tests.launch import run_script
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -42,15 +44,8 @@ def train(tmp_path, name, nproc, extra=(), base=BASE, with_stdout=False):
     args = [*base, *extra, "--log-jsonl", str(out / "log.jsonl")]
     if "--save" not in extra:
         args += ["--save", str(out / "ckpt")]
-    if nproc == 1:
-        cmd = [sys.executable, os.path.join(ROOT, "pretrain_early_exit_gpt.py"), *args]
-    else:
-        cmd = [
-            sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
-            f"--master-port={free_port()}", os.path.join(ROOT, "pretrain_early_exit_gpt.py"), *args,
-        ]  # fmt: skip
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    proc = run_script(os.path.join(ROOT, "pretrain_early_exit_gpt.py"), args, nproc, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     if with_stdout:

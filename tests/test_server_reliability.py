@@ -24,6 +24,7 @@ hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
+from tests.launch import run_script  # noqa: E402
 from tests.test_server import ROOT, build_checkpoint, start_server, stop_server  # noqa: E402
 
 KEY = "reliability-key"
@@ -209,9 +210,9 @@ def test_server_flag_examples():
 
 
 def run_server(*argv: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, os.path.join(ROOT, "tools", "run_text_generation_server.py"), *argv]
+    script = os.path.join(ROOT, "tools", "run_text_generation_server.py")
     full_env = {**os.environ, **(env or {})}
-    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120, env=full_env)
+    return run_script(script, list(argv), env=full_env, timeout=120)  # as a subprocess (tests/launch.py)
 
 
 def test_server_start_errors_are_one_line(ckpt, tmp_path):

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -14,6 +12,7 @@ from safetensors.torch import load_file
 from megatron.early_exit import load_checkpoint
 from megatron.early_exit.arguments import parse_args
 from megatron.early_exit.training.trainer import Trainer
+from tests.launch import run_script
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "pretrain_early_exit_gpt.py")
@@ -28,13 +27,7 @@ ISSUE_CMD = (
 
 
 def run_cli(*args, check=True, threads=2):
-    proc = subprocess.run(
-        [sys.executable, SCRIPT, *args],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        env=dict(os.environ, OMP_NUM_THREADS=str(threads)),
-    )
+    proc = run_script(SCRIPT, list(args), env=dict(os.environ, OMP_NUM_THREADS=str(threads)))  # tests/launch.py
     if check:
         assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     return proc

@@ -39,7 +39,8 @@ $(DATA)/aclsum_text_document.bin: $(DATA)/train.jsonl
 # iterations prove the pipeline, not the prose).
 # Part 2 (examples/ee_tuning/demo_smollm2.sh, ~4 minutes): SmolLM2-135M-Instruct gets exits,
 # tuned from cached activations, then writes real sentences with full decoding, early exit and
-# self-speculation, each token's exit layer shown, and the speedup over full decoding as measured.
+# self-speculation, each token's exit layer shown, and the speedup over full decoding as measured
+# (decoding in bf16 wherever the native kernel is built: `precision --decode-dtype`).
 # Its steps are skipped when their outputs exist in $(RUN)_smollm2 (a re-run only generates).
 demo: install $(DATA)/aclsum_text_document.bin
 	rm -rf $(RUN)

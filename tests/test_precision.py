@@ -26,6 +26,22 @@ def test_the_check_follows_onednn_and_the_flag_follows_the_check(monkeypatch, ca
         precision.main(["--fp16"])
 
 
+def test_decoding_takes_bf16_where_kernels_or_the_native_kernel_multiply_it(monkeypatch, capsys):
+    from megatron.early_exit.inference import native
+
+    monkeypatch.setattr(precision, "fast_bf16", lambda device="cpu": True)
+    assert precision.decode_dtype() == "bf16"  # bf16 kernels: whatever the native kernel
+    monkeypatch.setattr(precision, "fast_bf16", lambda device="cpu": False)
+    monkeypatch.setattr(native, "available", lambda dtype=torch.float32: dtype == torch.bfloat16)
+    assert precision.decode_dtype() == "bf16" and precision.decode_dtype("cpu") == "bf16"
+    precision.main(["--decode-dtype"])
+    assert capsys.readouterr().out == "bf16\n"
+    monkeypatch.setattr(native, "available", lambda dtype=torch.float32: False)  # no compiler, or EE_NATIVE=0
+    assert precision.decode_dtype() == "fp32"
+    precision.main(["--decode-dtype"])
+    assert capsys.readouterr().out == "fp32\n"
+
+
 @pytest.mark.parametrize("fast", [True, False])
 def test_training_warns_when_bf16_has_no_kernels(monkeypatch, capsys, fast):
     monkeypatch.setattr(trainer_mod, "fast_bf16", lambda device: fast)

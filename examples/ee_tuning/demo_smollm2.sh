@@ -24,7 +24,9 @@ TUNE_ITERS=${TUNE_ITERS:-96}         # 96 x 2,048 tokens (4 epochs of the cache)
 # bf16 where the CPU has bf16 matrix kernels, else fp32 (megatron/early_exit/precision.py: with AVX2
 # alone bf16 products are hundreds of times slower); BF16=--bf16 or BF16= forces either.
 BF16=${BF16-$(python -m megatron.early_exit.precision)}
-DTYPE=$([ -n "$BF16" ] && echo bf16 || echo fp32)
+# Generation decodes in bf16 also where the native kernel multiplies bf16 weights without bf16
+# kernels (it widens them itself: a decode step reads half the bytes); DECODE_DTYPE=fp32 forces fp32.
+DECODE_DTYPE=${DECODE_DTYPE:-$(python -m megatron.early_exit.precision --decode-dtype)}
 stage() { echo; echo "=== [demo, ${SECONDS}s] $*"; }
 have() { compgen -G "$1" >/dev/null && echo "(skipped: $1 exists)"; }  # a step's output is there
 
@@ -64,5 +66,5 @@ have "$RUN/tuned/iter_*/early_exit_thresholds.json" || python tools/eval/calibra
     --seq-length 128 --num-chunks 64 $BF16
 
 stage "generation: full decoding, early exit and self-speculation"
-python examples/ee_tuning/demo_generate.py --load "$RUN/tuned" --data "$DATA" --repeats 3 --dtype "$DTYPE" "$@"
+python examples/ee_tuning/demo_generate.py --load "$RUN/tuned" --data "$DATA" --repeats 3 --dtype "$DECODE_DTYPE" "$@"
 stage "done: the tuned checkpoint is $RUN/tuned"

@@ -11,8 +11,11 @@ kernels. The demo picks its dtype by it (`python -m megatron.early_exit.precisio
 to pass), and training warns when `--bf16` asks for the slow path. Decoding is another matter:
 its products run on the project's native kernel where a C compiler built it (`inference/native.py`,
 which widens bf16 weights itself), so bf16 halves the bytes a step reads there too: on that AVX2
-EPYC SmolLM2 decoded 62.6 tokens/s in bf16 against 32.0 in fp32 (batch 1, decoding alone; its
-prefill, bound by compute, ran at ~20 GFLOP/s in bf16).
+EPYC SmolLM2 decoded 62.6 tokens/s in bf16 against 32.0 in fp32 (batch 1, decoding alone), and
+its prefill, bound by compute, ran at 0.83x fp32's speed (a 400-token prompt: 2.09 s against
+1.73 s, 52 and 62 GFLOP/s; 16 prompts of 32 tokens: 2.43 s against 2.45 s). `decode_dtype`
+says which dtype decoding should take (`python -m megatron.early_exit.precision
+--decode-dtype`: the demo decodes in it).
 """
 
 from __future__ import annotations
@@ -42,13 +45,31 @@ def bf16_flag(device: torch.device | str = "cpu") -> str:
     return "--bf16" if fast_bf16(device) else ""
 
 
+def decode_dtype(device: torch.device | str = "cpu") -> str:
+    """`bf16` where decoding's products run fast in bf16 on `device`: it has bf16 kernels
+    (`fast_bf16`), or it is a CPU where the native kernel was built (it widens bf16 weights
+    itself, so a decode step reads half the bytes: see the module docstring); else `fp32`."""
+    if fast_bf16(device):
+        return "bf16"
+    if torch.device(device).type == "cpu":
+        from megatron.early_exit.inference import native
+
+        return "bf16" if native.available(torch.bfloat16) else "fp32"
+    return "fp32"
+
+
 def main(argv: list[str] | None = None) -> None:
-    """`python -m megatron.early_exit.precision [--dtype]`: print `--bf16` or nothing (with
-    `--dtype`: `bf16` or `fp32`) for this machine's CPU."""
+    """`python -m megatron.early_exit.precision [--dtype | --decode-dtype]`: print `--bf16` or
+    nothing (with `--dtype`: `bf16` or `fp32`; with `--decode-dtype`: `decode_dtype`'s) for this
+    machine's CPU."""
     argv = sys.argv[1:] if argv is None else argv
-    if argv not in ([], ["--dtype"]):
-        raise SystemExit(f"usage: python -m megatron.early_exit.precision [--dtype] (got {' '.join(argv)})")
-    if argv:
+    if argv not in ([], ["--dtype"], ["--decode-dtype"]):
+        raise SystemExit(
+            f"usage: python -m megatron.early_exit.precision [--dtype | --decode-dtype] (got {' '.join(argv)})"
+        )
+    if argv == ["--decode-dtype"]:
+        print(decode_dtype())
+    elif argv:
         print("bf16" if fast_bf16() else "fp32")
     else:
         print(bf16_flag())

@@ -28,6 +28,7 @@ SCRIPTS = sorted(
 STUB = """#!/bin/bash
 {{ printf '%s\\n' "$(basename "$0")" "$@"; echo '<<end>>'; }} >> {log}
 if [ "$1" = "-c" ]; then echo /stub/model.gguf; fi
+if [ "$1 $2 $3" = "-m megatron.early_exit.precision --decode-dtype" ]; then echo bf16; fi
 if [ "$(basename "$0")" = srun ]; then while [[ "$1" == --* ]]; do shift; done; "$@"; fi
 exit 0
 """

@@ -29,6 +29,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _rank(script: str, argv: list[str], env: dict, cwd: str, out: str, err: str) -> None:
+    os.environ.clear()  # the environment the caller gave, as subprocess's `env` (not the forkserver's)
     os.environ.update(env)
     os.chdir(cwd)
     for fd, path in ((1, out), (2, err)):  # the C level too (gloo, OpenMP), as a subprocess's pipes would
@@ -64,10 +65,11 @@ def run_script(
     script: str, argv: list[str], nproc: int = 1, env: dict | None = None, timeout: float = 300, cwd: str = ROOT
 ) -> subprocess.CompletedProcess:
     """`python script *argv` on `nproc` ranks (torchrun's environment where nproc > 1): the return
-    code (the first non-zero rank's, else 0) and the ranks' stdout and stderr, rank 0 first. A rank
-    that fails stops the others after 5 s, as torchrun does; past `timeout` all are killed and
-    subprocess.TimeoutExpired raised."""
-    env = dict(env or {})
+    code (the first non-zero rank's, else 0) and the ranks' stdout and stderr, rank 0 first. `env`:
+    the whole environment, as subprocess's (None: this process's). A rank that fails stops the
+    others after 5 s, as torchrun does; past `timeout` all are killed and subprocess.TimeoutExpired
+    raised."""
+    env = dict(os.environ if env is None else env)
     if nproc > 1:
         env.setdefault("OMP_NUM_THREADS", "1")  # torchrun's default for several workers
         env.update(

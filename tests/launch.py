@@ -22,6 +22,7 @@ import sys
 import tempfile
 import time
 import traceback
+from multiprocessing.connection import wait
 
 from tests.distributed import context, free_port
 
@@ -96,8 +97,7 @@ def run_script(
                     failed_at = now
                 if failed_at is not None and now - failed_at > 5:
                     break
-                for p in procs:
-                    p.join(timeout=0.05)
+                wait([p.sentinel for p in procs if p.exitcode is None], timeout=0.1)
         finally:
             for p in procs:
                 if p.exitcode is None:

@@ -353,11 +353,11 @@ def test_bad_settings_raise():
 
 def save_tiny_checkpoint(directory):
     """The lead's tiny training command; if training cannot run here, a saved random model."""
-    cmd = ["--mock-data", "--tokenizer-type"]
-    cmd += "NullTokenizer --vocab-size 128 --num-layers 4 --hidden-size 64 --num-attention-heads 4".split()
-    cmd += "--seq-length 64 --micro-batch-size 2 --global-batch-size 4 --train-iters 2 --lr 1e-3".split()
-    cmd += ["--exit-layer-nums", "1", "2", "--eval-interval", "0", "--save", str(directory)]
-    if run_script(os.path.join(ROOT, "pretrain_early_exit_gpt.py"), cmd).returncode == 0:  # tests/launch.py
+    argv = ["--mock-data", "--tokenizer-type"]
+    argv += "NullTokenizer --vocab-size 128 --num-layers 4 --hidden-size 64 --num-attention-heads 4".split()
+    argv += "--seq-length 64 --micro-batch-size 2 --global-batch-size 4 --train-iters 2 --lr 1e-3".split()
+    argv += ["--exit-layer-nums", "1", "2", "--eval-interval", "0", "--save", str(directory)]
+    if run_script(os.path.join(ROOT, "pretrain_early_exit_gpt.py"), argv).returncode == 0:  # tests/launch.py
         return
     from megatron.early_exit.checkpointing import save_checkpoint
     from megatron.early_exit.tokenizer.null import NullTokenizer
@@ -370,9 +370,9 @@ def save_tiny_checkpoint(directory):
 def test_generate_cli_json(tmp_path):
     save_tiny_checkpoint(tmp_path / "ck")
     gen = os.path.join(ROOT, "tools", "generate.py")  # run as a subprocess would be (tests/launch.py)
-    cmd = ["--load", str(tmp_path / "ck")]
+    load = ["--load", str(tmp_path / "ck")]
     args = ["--prompt", "1 2 3", "--prompt", "5 6", "--strategy", "early_exit", "--early-exit-thres", "0"]
-    proc = run_script(gen, [*cmd, *args, "--max-new-tokens", "5", "--json"])
+    proc = run_script(gen, [*load, *args, "--max-new-tokens", "5", "--json"])
     assert proc.returncode == 0, proc.stderr
     rows = [json.loads(line) for line in proc.stdout.splitlines()]
     assert len(rows) == 2
@@ -387,7 +387,7 @@ def test_generate_cli_json(tmp_path):
         (["--prompt", "1", "--strategy", "nope"], "--strategy"),
         (["--prompt", "1", "--top-p", "x"], "top-p"),
     ):
-        proc = run_script(gen, [*cmd, *bad])
+        proc = run_script(gen, [*load, *bad])
         assert proc.returncode == 2 and word in proc.stderr, (bad, proc.stderr)
         assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr
     proc = run_script(gen, ["--load", str(tmp_path / "missing"), "--prompt", "1"])

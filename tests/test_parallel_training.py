@@ -44,7 +44,7 @@ def train(tmp_path, name, nproc, extra=(), base=BASE, with_stdout=False):
     args = [*base, *extra, "--log-jsonl", str(out / "log.jsonl")]
     if "--save" not in extra:
         args += ["--save", str(out / "ckpt")]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+    env = dict(os.environ, OMP_NUM_THREADS="1")  # the single-process reference too
     proc = run_script(os.path.join(ROOT, "pretrain_early_exit_gpt.py"), args, nproc, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]

@@ -71,9 +71,12 @@ def print_costs(c: cm.DecodeCosts) -> None:
     if c.host:  # each timing's host speed against the steps' (`cost_model.ReferenceStep`), divided out
         print("  host speed against the steps' timing: " + ", ".join(f"{k} {v:.3f}" for k, v in c.host.items()))
     print(
-        f"  {'exit':>5s} {'depth':>6s} {'probe':>8s} {'max_prob':>9s} {'project':>8s}  "
+        f"  {'exit':>5s} {'depth':>6s} {'probe':>8s} {'max_prob':>9s} {'project':>8s} {'draft':>7s}  "
         "a check that does not fire, as a share of one layer (fitted / alone)"
     )
+    if c.draft:  # `GenerationSettings.exit_vocabulary`: what the timed runs' leaving tokens were chosen from
+        print(f"  (draft: the projection onto the draft vocabulary alone; the timed runs' leavers used "
+              f"{'it' if c.leave_vocab == 'draft' else 'the whole vocabulary'})")  # fmt: skip
 
     def share(t: float) -> str:
         return f"{t / c.layer:.1%} / {t / c.layer_direct:.1%}"
@@ -84,8 +87,9 @@ def print_costs(c: cm.DecodeCosts) -> None:
         if n in c.fire_hidden:  # the probe reads the backbone: also show it reading the exit's hidden state
             learned = f"learned on backbone {share(probe)}, on exit hidden {share(c.probe_exit[n])}, "
         p_ms = f"{probe * ms:8.3f}" if probe is not None else f"{'-':>8s}"
+        d_ms = f"{c.draft[n] * ms:7.3f}" if n in c.draft else f"{'-':>7s}"
         print(
-            f"  {n:5d} {c.depth[n]:6d} {p_ms} {c.vocab[n] * ms:9.3f} {c.project[n] * ms:8.3f}  "
+            f"  {n:5d} {c.depth[n]:6d} {p_ms} {c.vocab[n] * ms:9.3f} {c.project[n] * ms:8.3f} {d_ms}  "
             f"{learned}max_prob {share(c.vocab[n])}"
         )
 

@@ -237,6 +237,7 @@ def test_tool_writes_thresholds_that_generate_auto_uses(tmp_path, capsys):
     assert f"draft vocabulary: {len(drafts['tokens'])} of 64 tokens make up" in printed[6]
     assert f"self-speculative drafts project onto {len(drafts['tokens'])} tokens" in card
     assert model.calibrated_thresholds["draft_vocabulary"]["tokens"] == drafts["tokens"]
+    assert record["exit_vocabulary"] == "full"  # max_prob decides on the whole vocabulary: agreement as it is
     assert EarlyExitEngine(model).passes.draft_vocab.tolist() == drafts["tokens"]
     capsys.readouterr()
     _tool("generate", "tools/generate.py").main(

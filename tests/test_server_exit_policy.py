@@ -114,3 +114,29 @@ def test_threshold_auto_without_calibration_is_a_400(ckpts):
         assert r.status_code == 400 and r.json()["error"]["param"] == "early_exit_thres"
     finally:
         scheduler.stop()
+
+
+def test_exit_vocabulary_accepted_and_validated(ckpts):
+    """`early_exit.exit_vocabulary` (and the Megatron body's `exit_vocabulary`): "full" and "auto"
+    decode as before on a checkpoint without a draft vocabulary; "draft" there, or a name that is
+    none of the three, is a 400 naming the field."""
+    client, model, tok, scheduler = serve(ckpts[0])
+    try:
+        want = generate(model, tok, [tok.tokenize("Early exit")], strategy="early_exit", early_exit_threshold=0.0,
+                        exit_layers=[2], max_new_tokens=NEW, exit_policy="exact")[0]  # fmt: skip
+        for vocab in ("full", "auto"):
+            r = completion(client, {"threshold": 0.0, "exit_layers": [2], "exit_policy": "exact",
+                                    "exit_vocabulary": vocab})  # fmt: skip
+            assert r.status_code == 200, r.text
+            assert r.json()["choices"][0]["text"] == want.text
+        for vocab, says in (("draft", "has no draft vocabulary"), ("small", "auto, draft, full")):
+            r = completion(client, {"threshold": 0.0, "exit_vocabulary": vocab})
+            assert r.status_code == 400, r.text
+            err = r.json()["error"]
+            assert err["param"] == "early_exit.exit_vocabulary" and says in err["message"]
+        body = {"prompts": ["a"], "tokens_to_generate": 4, "use_early_exit": True, "early_exit_thres": 0.0}
+        r = client.put("/api", json={**body, "exit_vocabulary": "draft"})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "exit_vocabulary"
+        assert client.put("/api", json={**body, "exit_vocabulary": "full"}).status_code == 200
+    finally:
+        scheduler.stop()

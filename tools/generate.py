@@ -60,6 +60,12 @@ def build_parser() -> argparse.ArgumentParser:
         "exits that rarely pay; exact evaluates every allowed exit for every token",
     )  # fmt: skip
     p.add_argument(
+        "--exit-vocabulary", choices=("auto", "draft", "full"), default="auto",
+        help="early_exit: what a leaving token is chosen from: draft (the checkpoint's draft vocabulary alone: a "
+        "projection of ~2%% of the head), full, or auto (draft where the checkpoint records one, decoding is greedy "
+        "and the measure is learned)",
+    )  # fmt: skip
+    p.add_argument(
         "--num-draft-tokens", type=_int_or_auto, default="auto",
         help="self_speculative: tokens drafted per round, or auto (chosen each round from measured acceptance)",
     )  # fmt: skip
@@ -190,6 +196,7 @@ _FLAGS = {
     "draft_exit_layer": "--draft-exit-layer", "max_new_tokens": "--max-new-tokens", "temperature": "--temperature",
     "top_k": "--top-k", "top_p": "--top-p", "stop_strings": "--stop", "stop_token_ids": "--stop-token-id",
     "prompts": "--prompt", "exit_policy": "--exit-policy", "prompt_lookup_max": "--prompt-lookup-max",
+    "exit_vocabulary": "--exit-vocabulary",
 }  # fmt: skip
 _FLAG_WORDS = re.compile(r"(?<![-\w])(" + "|".join(sorted(_FLAGS, key=len, reverse=True)) + r")\b")
 
@@ -216,7 +223,7 @@ def _generate(args, engine, ids, GenerationSettings):
         exit_layers=tuple(args.exit_layers) if args.exit_layers else None, min_exit_layer=args.min_exit_layer,
         num_draft_tokens=args.num_draft_tokens, draft_exit_layer=args.draft_exit_layer,
         return_logprobs=args.logprobs, exit_policy=args.exit_policy, draft_alternatives=args.draft_alternatives,
-        prompt_lookup_max=args.prompt_lookup_max,
+        prompt_lookup_max=args.prompt_lookup_max, exit_vocabulary=args.exit_vocabulary,
         **(auto or {"early_exit_threshold": args.early_exit_thres, "measure": args.measure}),
     )  # fmt: skip
     return engine.generate(ids, settings)

@@ -14,7 +14,10 @@ path of threshold vectors (details:
 megatron/early_exit/inference/calibration.py). The thresholds, delta, epsilon, the measure,
 each exit's top-1 agreement with the final head (self-speculative decoding's warm start), the
 draft vocabulary (the fewest tokens that make up `--draft-vocab-coverage` of the final head's
-top-1 tokens on that text: self-speculative drafts project onto them alone) and the calibration
+top-1 tokens on that text: self-speculative drafts, and with a measure that decides without the
+vocabulary (learned) the tokens leaving early in greedy decoding, are chosen from them alone, so
+each exit's agreement is counted as a disagreement wherever the final head's token lies outside
+them: `exit_vocabulary` "draft" in the record) and the calibration
 data are written into the checkpoint (`early_exit_thresholds.json` and a section of its
 README.md model card); `tools/generate.py --early-exit-thres auto` uses them.
 
@@ -39,6 +42,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 
 from megatron.early_exit.arguments import OneLineErrorParser, run_tool  # noqa: E402
 from megatron.early_exit.inference import calibration  # noqa: E402
+from megatron.early_exit.inference.confidence import get_measure  # noqa: E402
 
 CARD_START, CARD_END = "<!-- calibrated-thresholds -->", "<!-- /calibrated-thresholds -->"
 
@@ -243,6 +247,14 @@ def run(a: argparse.Namespace) -> dict:
         )
     chunks = load_chunks(a, tok).to(a.device)
     scores = calibration.teacher_forced_scores(model, chunks, a.measure, a.batch_size)
+    vocab, drafts = model.config.real_vocab_size or model.config.vocab_size, None
+    if a.draft_vocab_coverage > 0:
+        drafts = calibration.draft_vocabulary(scores, vocab, a.draft_vocab_coverage)
+    if drafts is not None and not get_measure(a.measure).needs_vocab:
+        # greedy decoding then chooses leaving tokens (and drafts) from the draft vocabulary alone
+        # (`GenerationSettings.exit_vocabulary` "auto"): a final-head token outside it counts as a
+        # disagreement at every exit, so the guarantee holds for those exits too
+        scores = calibration.within_vocabulary(scores, drafts["tokens"])
     cal = calibration.calibrate(scores, a.delta, a.epsilon, a.path, a.steps, a.fit_fraction, a.seed, a.bound)
     agreement = {str(e): share for e, share in calibration.exit_agreement(scores).items()}
     record = {
@@ -264,11 +276,10 @@ def run(a: argparse.Namespace) -> dict:
         print("\n".join(split_lines(check)))
         record["split_check"] = check.as_dict()
     if a.draft_vocab_coverage > 0:
-        vocab = model.config.real_vocab_size or model.config.vocab_size
-        drafts = calibration.draft_vocabulary(scores, vocab, a.draft_vocab_coverage)
         print(draft_vocabulary_line(drafts, vocab, a.draft_vocab_coverage))
         if drafts is not None:
             record["draft_vocabulary"] = drafts
+            record["exit_vocabulary"] = "full" if get_measure(a.measure).needs_vocab else "draft"
     if not a.dry_run:
         write_into_checkpoint(directory, record)
         print(f"wrote {directory}/early_exit_thresholds.json and its README.md model card")

@@ -257,7 +257,7 @@ def timed_rows(engine, prompts, thresholds, args, costs) -> dict:
     for key in [(pol, thr) for pol in args.exit_policy for thr in thresholds]:
         rows[key] = GenerationSettings(strategy="early_exit", early_exit_threshold=key[1], measure=args.measure,
                                        max_new_tokens=args.max_new_tokens, stop_strings=("\n",),
-                                       exit_policy=key[0])  # fmt: skip
+                                       exit_policy=key[0], exit_vocabulary=args.exit_vocabulary)  # fmt: skip
     if args.calibrated:  # the checkpoint's per-exit thresholds, with the measure they were calibrated for
         record = getattr(engine.model, "calibrated_thresholds", None)
         for pol in args.exit_policy:
@@ -491,6 +491,9 @@ def main(argv=None) -> None:
     p.add_argument("--exit-policy", nargs="+", choices=("exact", "cost_aware"), default=["cost_aware"],
                    help="rows for each exit policy (cost_aware: tokens leave only where that saves time at the batch "
                    "size; exact: every allowed exit for every token)")  # fmt: skip
+    p.add_argument("--exit-vocabulary", choices=("auto", "draft", "full"), default="auto",
+                   help="what a leaving token is chosen from (auto: the checkpoint's draft vocabulary where it "
+                   "records one and the measure is learned; GenerationSettings.exit_vocabulary)")  # fmt: skip
     p.add_argument("--num-examples", type=int, default=20)
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--max-new-tokens", type=int, default=48)

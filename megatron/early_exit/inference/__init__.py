@@ -45,6 +45,7 @@ def generate(
     exit_policy: str = "cost_aware",
     draft_alternatives: bool = False,
     prompt_lookup_max: int = 0,
+    exit_vocabulary: str = "auto",
 ) -> list[GenerationResult]:  # fmt: skip
     """Decode `prompts` (lists of token ids, any lengths) as one batch; one result per prompt.
 
@@ -62,7 +63,7 @@ def generate(
         Skipped layers' K/V are recomputed exactly when a later token goes deeper.
         `exit_policy` "cost_aware" (default) lets tokens leave only where that saves time at
         the batch size and skips exits that rarely pay; "exact" evaluates every allowed exit
-        for every token (inference/exit_decision.py).
+        for every token (inference/exit_decision.py). `exit_vocabulary`: see `GenerationSettings`.
       "self_speculative": greedy only, lossless: draft up to `num_draft_tokens` from
         `draft_exit_layer` (None: the deepest exit), verify with one pass of the deeper layers,
         keep the agreeing prefix plus the final head's token. "auto" (the default
@@ -80,7 +81,7 @@ def generate(
         strategy, max_new_tokens, temperature, top_k, top_p, seed, tuple(stop_token_ids), tuple(stop_strings),
         ignore_eos, early_exit_threshold, exits, min_exit_layer, measure, num_draft_tokens, draft_exit_layer,
         return_logprobs, profile, exit_policy=exit_policy, draft_alternatives=draft_alternatives,
-        prompt_lookup_max=prompt_lookup_max)  # fmt: skip
+        prompt_lookup_max=prompt_lookup_max, exit_vocabulary=exit_vocabulary)  # fmt: skip
     return EarlyExitEngine(model, tokenizer).generate(prompts, settings)
 
 

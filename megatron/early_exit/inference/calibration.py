@@ -102,6 +102,21 @@ def draft_vocabulary(scores: ExitScores, vocab: int, coverage: float) -> dict | 
     return {"tokens": tokens, "coverage": int(covered[k - 1]) / total, "target": coverage, "num_tokens": total}
 
 
+def within_vocabulary(scores: ExitScores, tokens: list[int]) -> ExitScores:
+    """`scores` with an exit counted as agreeing only where it agrees and the final head's token
+    lies in `tokens`: a lower bound on the agreement of an exit that chooses from `tokens` alone
+    (a leaving token or a draft over the draft vocabulary, `GenerationSettings.exit_vocabulary`).
+    Where the exit's whole-vocabulary top-1 is the final head's and in `tokens`, the restricted
+    top-1 is the same token; where the final head's lies outside, no restricted choice can agree;
+    the one case it misses (the exit's top-1 outside `tokens` and its best inside them the final
+    head's) can only add agreement. So a risk bounded on these scores bounds the restricted exits'."""
+    if scores.final is None:
+        raise ValueError("within_vocabulary needs the final head's tokens (teacher_forced_scores records them)")
+    ids = torch.tensor(sorted(set(tokens)), dtype=scores.final.dtype, device=scores.final.device)
+    inside = torch.isin(scores.final, ids)  # (C, L)
+    return ExitScores(scores.exits, scores.confidence, scores.agree & inside[..., None], scores.final)
+
+
 def exit_agreement(scores: ExitScores) -> dict[int, float]:
     """Per exit, the share of tokens whose top-1 is the final head's (each exit alone, all
     chunks): the acceptance a draft from it starts with in self-speculative decoding."""

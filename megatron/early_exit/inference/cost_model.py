@@ -26,6 +26,11 @@ through the engine's own code (`Passes`, prepacked weights entered as in decodin
   project[n]    exit n's vocabulary projection alone (what a firing `learned` check adds); for
                 an exit that is its RMSNorm alone whose head runs in one native call
                 (`Passes.native_vocab`), that call from the backbone row (norm included);
+  draft[n]      exit n's projection onto the draft vocabulary alone (`Passes.draft_logits`,
+                or the native call from the backbone row for an RMSNorm-only exit), where the
+                engine has one: what a firing `learned` check adds where leaving tokens are
+                chosen from it (`ExitPolicy.vocab` "draft", the default for greedy decoding of a
+                checkpoint that records one; `leave_vocab` says which the priced runs used);
   pend          a layer where the pass fills pending rows (one row per sequence beyond the
                 newest): the general path's gather, layout and mask there, and the row;
   pend_pass     what a pass that fills pays once besides (`pending_costs`: the line through
@@ -100,6 +105,8 @@ class DecodeCosts:
     probe: dict[int, float] = field(default_factory=dict)
     vocab: dict[int, float] = field(default_factory=dict)
     project: dict[int, float] = field(default_factory=dict)
+    draft: dict[int, float] = field(default_factory=dict)  # the projection onto the draft vocabulary alone
+    leave_vocab: str = "full"  # what the priced runs' leaving tokens are chosen from ("draft": `draft`)
     row: float = 0.0
     layer_direct: float = 0.0
     batch: int = 1
@@ -125,7 +132,11 @@ class DecodeCosts:
     def streamed(self, piece: str) -> float:
         """A piece's cost with its weights read from memory: what it costs where every step reads
         more weights than the cache holds (full decoding of a model larger than the cache)."""
-        base = self.project[int(piece.split("/")[1])] if piece.startswith("project/") else getattr(self, piece)
+        if piece.startswith(("project/", "draft/")):
+            kind, n = piece.split("/")
+            base = getattr(self, kind)[int(n)]
+        else:
+            base = getattr(self, piece)
         return base + self.cold.get(piece, 0.0)
 
     def new_cache(self) -> WeightCache:
@@ -147,11 +158,19 @@ class DecodeCosts:
         """Layers a token that left at `exit_layer` ran (the final head: all of them)."""
         return self.num_layers if exit_layer >= self.num_layers else self.depth[exit_layer]
 
+    def leaver_piece(self, n: int) -> str:
+        """The piece that projects exit n's leaving rows: "draft/n" where the priced runs choose
+        leaving tokens from the draft vocabulary and its projection was timed, else "project/n"."""
+        return f"draft/{n}" if self.leave_vocab == "draft" and n in self.draft else f"project/{n}"
+
     def check(self, n: int, needs_vocab: bool, fired: bool) -> float:
         """One evaluation of exit n for the batch."""
         if needs_vocab:
             return self.vocab[n]
-        return self.probe[n] + (self.project[n] + self.fire_hidden.get(n, 0.0) if fired else 0.0)
+        if not fired:
+            return self.probe[n]
+        projection = self.draft[n] if self.leaver_piece(n).startswith("draft/") else self.project[n]
+        return self.probe[n] + projection + self.fire_hidden.get(n, 0.0)
 
     def fill(self, extra: Sequence[int]) -> float:
         """Pending-state fill: `extra[i]` more rows per sequence at layer i (the most of any
@@ -180,8 +199,10 @@ class DecodeCosts:
             ran = max(ran, self.depth[n])
             fired = n in left
             t += self.check(n, needs_vocab, fired)
-            if needs_vocab or fired:  # the exit's vocabulary projection ran
+            if needs_vocab:  # the exit's vocabulary projection ran
                 t += self.touch(cache, f"project/{n}")
+            elif fired:  # the leavers' projection
+                t += self.touch(cache, self.leaver_piece(n))
             left = [e for e in left if e != n]
         t += sum(self.touch(cache, "layer", i) for i in range(ran, deepest))
         if any(e >= self.num_layers for e in exits):
@@ -516,16 +537,7 @@ def piece_times(engine, prompts: list[list[int]], repeats: int, extra_rows: int 
         fns[f"vocab/{n}"] = one_row(
             lambda n=n, h=head: max_prob(p.exit_logits(h, p.exit_hidden(state, n, h, one, cand)))
         )
-        fns[f"project/{n}"] = lambda h=head, x=hidden: p.exit_logits(h, x)
-        # a firing norm-only exit whose head runs in one native call (`UniformCheck.leave`): the
-        # norm, projection and argmax from the backbone row, so no hidden state is priced apart
-        norm, weight = lean.exit_norm(head), head.output_weight(p.model.tied_output_weight())
-        with engine.packed:
-            native_fire = norm is not None and p.native_vocab(one.x[:, 0], weight, norm, head.temperature) is not None
-        if native_fire:
-            fns[f"project/{n}"] = lambda h=head, w=weight, norm=norm: p.native_vocab(
-                one.x[:, 0], w, norm, h.temperature
-            )
+        native_fire = projection_times(engine, state, n, one, hidden, fns)
         if head.confidence is not None:
             fns[f"probe_exit/{n}"] = one_row(lambda n=n, h=head: learned(h, p.exit_hidden(state, n, h, one, cand)))
             # as a decode step runs it: in one call where it applies (`uniform_check`, as
@@ -547,6 +559,26 @@ def piece_times(engine, prompts: list[list[int]], repeats: int, extra_rows: int 
         return {name: t for name, t in best_times(fns, p.device, repeats, warm=warm).items() if name != "reference"}
 
 
+def projection_times(engine, state, n: int, one, hidden: torch.Tensor, fns: dict) -> bool:
+    """Into `fns` (`piece_times`): "project/n", exit n's projection of the rows `one` (exit hidden
+    states `hidden`), and "draft/n", onto the draft vocabulary alone, where the engine has one.
+    Returns whether the exit's head runs in one native call from the backbone row (a firing
+    norm-only exit, `UniformCheck.leave`: the norm, projection and argmax, so no hidden state is
+    priced apart)."""
+    p, head, cand = engine.passes, engine.model.exits[str(n)], list(range(len(one.seqs)))
+    fns[f"project/{n}"] = lambda: p.exit_logits(head, hidden)
+    norm, weight = lean.exit_norm(head), head.output_weight(p.model.tied_output_weight())
+    with engine.packed:
+        native_fire = norm is not None and p.native_vocab(one.x[:, 0], weight, norm, head.temperature) is not None
+    if native_fire:
+        fns[f"project/{n}"] = lambda: p.native_vocab(one.x[:, 0], weight, norm, head.temperature)
+    if p.draft_vocab is not None and native_fire:  # leaving tokens from the draft vocabulary (`leave_vocab`)
+        fns[f"draft/{n}"] = lambda: p.leavers_logits(state, n, head, one, cand, "draft")  # the norm too
+    elif p.draft_vocab is not None:  # the projection alone, as `project/n` (`fire_hidden` prices the rest)
+        fns[f"draft/{n}"] = lambda: p.draft_logits(head, hidden)
+    return native_fire
+
+
 def weight_reads(p) -> dict[str, tuple[str, float]]:
     """piece -> the weights it reads, as `DecodeCosts.reads` keeps them: a layer's (every layer
     alike), the final head's and each exit's projection's."""
@@ -556,6 +588,8 @@ def weight_reads(p) -> dict[str, tuple[str, float]]:
     for n in p.exits:
         head = p.model.exits[str(n)]
         reads[f"project/{n}"] = weight_read(head.output_weight(p.model.tied_output_weight()), p.dtype)
+        if p.draft_vocab is not None:
+            reads[f"draft/{n}"] = weight_read(p.draft_rows(head), p.dtype)
     return reads
 
 
@@ -756,11 +790,13 @@ def measure_costs(
         fire_hidden={n: pieces[f"hidden/{n}"] for n in p.exits if f"hidden/{n}" in pieces},
         vocab={n: pieces[f"vocab/{n}"] for n in p.exits},
         project={n: pieces[f"project/{n}"] for n in p.exits},
+        draft={n: pieces[f"draft/{n}"] for n in p.exits if f"draft/{n}" in pieces},
         row=max(pieces.get("layer+rows", 0.0) - pieces["layer"], 0.0) / extra,
         layer_direct=pieces["layer"], batch=len(prompts),
         reads=weight_reads(p), cache_bytes=float(last_level_cache_bytes(p.device)), host=host,
     )  # fmt: skip
     policies = checked_policies(engine, settings, prompts, p.exits)
+    costs.leave_vocab = leave_vocab(policies)
     model_bytes = sum(size for _, size in costs.reads.values()) + (p.num_layers - 1) * costs.reads["layer"][1]
     if p.exits and 0 < costs.cache_bytes < model_bytes:  # weights streamed in full decoding: time the regime
         n = min(p.exits)
@@ -787,6 +823,12 @@ def measure_costs(
 def checked_policies(engine, settings: dict[str, GenerationSettings], prompts: list[list[int]], exits) -> dict:
     """Each exit's `exit_settings` row as the engine runs it (`engine.check`: its measure resolved)."""
     return {n: engine.check(settings[f"exit {n}"], prompts) for n in exits}
+
+
+def leave_vocab(policies: dict) -> str:
+    """What the `exit_settings` runs choose leaving tokens from (`ExitPolicy.vocab`): "draft"
+    where every exit's run does (the engine's default for greedy decoding with a draft vocabulary)."""
+    return "draft" if policies and all(q.vocab == "draft" for q in policies.values()) else "full"
 
 
 def vocab_needs(policies: dict) -> dict[int, bool]:
@@ -833,7 +875,7 @@ def scaled(costs: DecodeCosts, speed: float) -> DecodeCosts:
     times = {
         k: getattr(costs, k) * speed for k in ("layer", "fixed", "head", "row", "layer_direct", "pend", "pend_pass")
     }
-    tables = ("probe", "vocab", "project", "fire_hidden", "probe_exit", "cold")
+    tables = ("probe", "vocab", "project", "draft", "fire_hidden", "probe_exit", "cold")
     return replace(costs, **times, **{k: {n: t * speed for n, t in getattr(costs, k).items()} for k in tables})
 
 

@@ -104,6 +104,11 @@ class ExitCosts:
     # (gathering, a layout and mask, a second native call after the uniform layers). Leaving rows
     # whose sequence held no pending row starts a run that a later pass must fill (`net_saving`).
     fill: float = 0.0
+    # A projection of one row onto the draft vocabulary alone, and what each further row adds:
+    # what a leaver costs where its policy chooses leaving tokens from it (`ExitPolicy.vocab`
+    # "draft"); None where not timed (such a leaver is priced at `head`, never below it).
+    draft: float | None = None
+    draft_row: float = 0.0
 
     def layer(self, rows: int) -> float:
         """One layer over `rows` rows (none: not run)."""
@@ -119,6 +124,13 @@ class ExitCosts:
         """A vocabulary projection of `rows` rows (none: not run)."""
         return self.head + self.head_row * (rows - 1) if rows > 0 else 0.0
 
+    def leavers(self, rows: int, vocab: str) -> float:
+        """The projection of `rows` leaving rows (`ExitPolicy.vocab`): onto the draft vocabulary
+        where they are chosen from it and its cost is known, else the whole one."""
+        if vocab == "draft" and self.draft is not None:
+            return self.draft + self.draft_row * (rows - 1) if rows > 0 else 0.0
+        return self.projection(rows)
+
     @classmethod
     def from_cost_model(cls, c) -> ExitCosts:
         """From a fitted `cost_model.DecodeCosts` (measured at batch c.batch; its `row` is one
@@ -133,8 +145,9 @@ class ExitCosts:
         recompute = max(per_row, c.pend / batch)
         layer = c.streamed("layer")  # weights read from memory, as in decoding deeper than the cache holds
         return cls(
-            max(layer - per_row * batch, 0.0), per_row, recompute, c.streamed("head"), vocab, probe, fill=c.pend_pass
-        )
+            max(layer - per_row * batch, 0.0), per_row, recompute, c.streamed("head"), vocab, probe, fill=c.pend_pass,
+            draft=sum(c.draft.values()) / len(c.draft) if c.draft else None,
+        )  # fmt: skip
 
     @classmethod
     def from_parameters(cls, passes) -> ExitCosts:
@@ -146,7 +159,9 @@ class ExitCosts:
         head = float(passes.vocab * passes.config.hidden_size)
         c = passes.config  # the probe's size from the config: the same on every pipeline stage
         probe = (c.hidden_size + 2) * c.exit_confidence_hidden_size + 1 if c.exit_confidence_hidden_size else 0
-        return cls(float(layer), layer / 32, layer / 32, head, head, max(layer / 50, float(probe)))
+        drafts = getattr(passes, "draft_vocab", None)
+        draft = None if drafts is None else float(len(drafts) * c.hidden_size)
+        return cls(float(layer), layer / 32, layer / 32, head, head, max(layer / 50, float(probe)), draft=draft)
 
 
 MEASURE_TRIES = 3  # medians of timings `measure_exit_costs` takes until one is `plausible`
@@ -189,7 +204,12 @@ def measure_exit_costs(passes, batch: int = 8, repeats: int = 5, tries: int = ME
 
 def median_costs(timings: list[ExitCosts]) -> ExitCosts:
     """Each cost the median of its timings'."""
-    return ExitCosts(*(statistics.median(getattr(c, f.name) for c in timings) for f in dataclasses.fields(ExitCosts)))
+
+    def median(name: str):  # a cost some timing lacks (None: not timed) stays untimed
+        values = [getattr(c, name) for c in timings]
+        return None if None in values else statistics.median(values)
+
+    return ExitCosts(*(median(f.name) for f in dataclasses.fields(ExitCosts)))
 
 
 @torch.no_grad()
@@ -213,9 +233,11 @@ def time_exit_costs(passes, batch: int = 8, repeats: int = 5) -> ExitCosts:
     # the fill's own work: a step that fills one row, less the plain step and that row's layers
     plain = plain_exits(passes)
     fill = max(t["fill"] - t["plain"] - (passes.num_layers - passes.depth(plain[0])) * row, 0.0) if plain else 0.0
+    draft = ("draft/1" in t and t["draft/1"]) or None
     return ExitCosts(
         max(t["layer/1"] - b, 0.0), b, row, t["head/1"], t[f"{vocab}/1"], t[f"{probe}/1"],
         head_row=slope("head"), vocab_row=slope(vocab), probe_row=slope(probe), fill=fill,
+        draft=draft, draft_row=slope("draft") if draft is not None else 0.0,
     )  # fmt: skip
 
 
@@ -255,6 +277,8 @@ def cost_probes(passes, batch: int) -> dict:
             continue
         hidden = lambda a=a: passes.exit_hidden(state, plain[0], head, rows(a, 1), list(range(a)))  # noqa: E731
         fns[f"vocab/{a}"] = lambda hidden=hidden: max_prob(passes.exit_logits(head, hidden()))
+        if passes.draft_vocab is not None:  # a leaver's projection where leaving tokens come from it
+            fns[f"draft/{a}"] = lambda hidden=hidden: passes.draft_logits(head, hidden())
         if head.confidence is None:
             continue
         # as a decode step runs it, no row firing: in one call where it applies (`uniform_check`),
@@ -379,14 +403,17 @@ class ExitDecider:
             self.costs = ExitCosts.from_parameters(passes) if costs_from_parameters() else measure_exit_costs(passes)
         return self.costs
 
-    def net_saving(self, passes, n: int, rows, leaving: list[int], measure: str, fresh: bool = False) -> float:
+    def net_saving(
+        self, passes, n: int, rows, leaving: list[int], measure: str, fresh: bool = False, vocab: str = "full"
+    ) -> float:
         """Time saved if the sequences at `rows` indices `leaving` leave at exit n, less their
-        later recompute (and, for a measure without the projection, the leavers' projection);
+        later recompute (and, for a measure without the projection, the leavers' projection:
+        onto the draft vocabulary where `vocab` (`ExitPolicy.vocab`) says so);
         `fresh` (`starts_pending`): less the pass that will fill them too."""
         c, m = self.costs_for(passes), passes.num_layers - passes.depth(n)
         total, gone = sum(rows.n), sum(rows.n[a] for a in leaving)
         saved = m * (c.layer(total) - c.layer(total - gone)) + (c.projection(len(rows.seqs)) if gone == total else 0.0)
-        projection = 0.0 if get_measure(measure).needs_vocab else c.projection(len(leaving))
+        projection = 0.0 if get_measure(measure).needs_vocab else c.leavers(len(leaving), vocab)
         return saved - gone * m * c.row - projection - (c.fill if fresh and gone else 0.0)
 
     def starts_pending(self, passes, rows, among: list[int]) -> bool:
@@ -436,12 +463,12 @@ class ExitDecider:
         # worked out once per shape: a decode step asks the same every step, and right after a
         # layer each term's Python costs microseconds (the skip path cost a third of a layer's 5%).
         gone = sum(rows.n[a] for a in cand)
-        shape = (n, policy.measure, len(rows.seqs), sum(rows.n), gone, rows.n[cand[0]], len(cand), fresh)
+        shape = (n, policy.measure, policy.vocab, len(rows.seqs), sum(rows.n), gone, rows.n[cand[0]], len(cand), fresh)
         terms = self.terms.get(shape)
         if terms is None:
             cost = costs.check(get_measure(policy.measure).needs_vocab, len(cand))
-            saving = self.net_saving(passes, n, rows, cand, policy.measure, fresh)
-            one = self.net_saving(passes, n, rows, cand[:1], policy.measure, fresh)  # any's `fresh`: priced no lower
+            saving = self.net_saving(passes, n, rows, cand, policy.measure, fresh, policy.vocab)
+            one = self.net_saving(passes, n, rows, cand[:1], policy.measure, fresh, policy.vocab)  # priced no lower
             alone = len(cand) > 1 and self.pays(passes, one)
             terms = self.terms[shape] = (cost, saving, alone)
         cost, saving, alone = terms
@@ -453,7 +480,8 @@ class ExitDecider:
         so the firing set or nothing is the best choice among its subsets."""
         leavers, net = [cand[j] for j in fires], 0.0
         if fires and not self.free:  # a free pass (`set_mode`): whoever fires leaves
-            net = self.net_saving(passes, n, rows, leavers, policy.measure, self.starts_pending(passes, rows, leavers))
+            fresh = self.starts_pending(passes, rows, leavers)
+            net = self.net_saving(passes, n, rows, leavers, policy.measure, fresh, policy.vocab)
         leave = fires if self.free or self.pays(passes, net) else []
         self.record(n, policy, len(cand), len(fires), bool(leave))
         return leave

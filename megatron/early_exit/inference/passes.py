@@ -60,6 +60,9 @@ class ExitPolicy:
     # (`StepOutput.guesses`), never firing: a plain round of dynamic self-speculation observes
     # its draft exit's agreement with the final head (`draft_control.Plan.observe`).
     observe: tuple[int, ...] = ()
+    # What a leaving token is chosen from: "full" (the exit's whole projection) or "draft" (its
+    # rows at `Passes.draft_vocab` alone: `GenerationSettings.exit_vocabulary`).
+    vocab: str = "full"
 
     def threshold_of(self, n: int) -> float:
         """Exit n's threshold: its own calibrated one where given, else the shared one."""
@@ -845,7 +848,8 @@ class Passes:
             bound = logit_threshold(threshold) - shift
             fire = decide(self, n, [z >= bound for z in scores], rows, cand, policy)
             conf = [sigmoid(scores[j] + shift) for j in fire]
-            return fire, conf, self.leavers_logits(state, n, head, rows, [cand[j] for j in fire])[0] if fire else None
+            leaving = [cand[j] for j in fire]
+            return fire, conf, self.leavers_logits(state, n, head, rows, leaving, policy.vocab)[0] if fire else None
         elif measure.from_backbone is not None and head.probe_reads_backbone:
             c = measure.from_backbone(head, self.newest_rows(rows, cand))  # (A,)
             fire = decide(self, n, c >= threshold, rows, cand, policy)
@@ -857,9 +861,14 @@ class Passes:
             fire = decide(self, n, c >= threshold, rows, cand, policy)
             conf = c[fire].tolist()
             hidden = hidden[torch.tensor(fire, dtype=torch.long, device=self.device)] if fire else None
-        return fire, conf, self.exit_logits(head, hidden) if fire else None
+        return fire, conf, self.leaver_logits(head, hidden, policy.vocab) if fire else None
 
-    def leavers_logits(self, state, n: int, head, rows: Rows, cand: list[int]) -> tuple:
+    def leaver_logits(self, head, hidden: torch.Tensor, vocab: str) -> torch.Tensor:
+        """Leaving rows' logits [F, V] from their exit hidden states [F, 1, h]: `exit_logits`, or
+        over the draft vocabulary alone (-inf elsewhere, `draft_logits`) where `vocab` is "draft"."""
+        return self.draft_logits(head, hidden) if vocab == "draft" else self.exit_logits(head, hidden)
+
+    def leavers_logits(self, state, n: int, head, rows: Rows, cand: list[int], vocab: str = "full") -> tuple:
         """(exit n's logits [F, V] at the newest row of each of `cand` (the rows leaving), their
         greedy tokens or None): where the exit is its RMSNorm alone, the norm, projection and argmax
         in one native call (`native_vocab`; a uniform step's `UniformCheck.leave` and a general
@@ -867,12 +876,16 @@ class Passes:
         fill) leaving at exit 6 of the CPU reference model (bf16) spent ~0.3 ms in the exit's norm
         and projection as separate operations."""
         norm = state.remembered(("exit norm", id(head)), lambda: lean.exit_norm(head))
-        if norm is not None:
+        if norm is not None and vocab == "draft" and not lean.watched((norm,)):
+            made = self.native_draft(head, self.newest_rows(rows, cand).contiguous(), (norm.weight, norm.eps))
+            if made is not None:
+                return made[0], made[1]
+        elif norm is not None:
             weight = head.output_weight(self.model.tied_output_weight())
             made = self.native_vocab(self.newest_rows(rows, cand)[:, 0], weight, norm, head.temperature)
             if made is not None:
                 return made[0], made[1]
-        return self.exit_logits(head, self.exit_hidden(state, n, head, rows, cand)), None
+        return self.leaver_logits(head, self.exit_hidden(state, n, head, rows, cand), vocab), None
 
     def folded_probe(self, state: DecodeState, head):
         """`fused_check.folded_probe(head)`, looked up once per decode state."""

@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 from megatron.early_exit.inference.confidence import MEASURES
 from megatron.early_exit.inference.exit_decision import EXIT_POLICIES
 
+EXIT_VOCABULARIES = ("auto", "draft", "full")  # `GenerationSettings.exit_vocabulary`
+
 
 @dataclass
 class GenerationSettings:
@@ -34,6 +36,15 @@ class GenerationSettings:
     # skips exits that rarely pay (inference/exit_decision.py); "exact" evaluates every allowed exit
     # for every row (what equality tests against full decoding use).
     exit_policy: str = "cost_aware"
+    # early_exit: what a token leaving at an exit is chosen from. "draft": the exit's projection
+    # onto the checkpoint's draft vocabulary alone (`calibration.draft_vocabulary`: the fewest
+    # tokens making up 99.5% of the final head's top-1 on the calibration text; ~2% of SmolLM2's
+    # 49,152), so a leaving token costs a few hundred rows of the head, not all of them; "full":
+    # the whole vocabulary; "auto" (default): "draft" where the checkpoint records one, decoding is
+    # greedy without log-probabilities and the measure decides without a projection (learned),
+    # else "full". A token outside the draft vocabulary cannot leave early then (the calibration
+    # counts such tokens as disagreements: `calibrate_thresholds.py`).
+    exit_vocabulary: str = "auto"
     # self_speculative: each draft's second choice is verified too (a row of its own in the verify
     # pass), and where the first rejected draft's alternative is the final head's token, that row's
     # token is kept as well ("auto" plans: the alternatives worth their row). Off by default: on the
@@ -128,6 +139,13 @@ def check_values(s: GenerationSettings, strategies) -> None:
         raise ValueError(f"measure must be one of {', '.join(MEASURES)}, got {s.measure!r}")
     if s.exit_policy not in EXIT_POLICIES:
         raise ValueError(f"exit_policy must be one of {', '.join(EXIT_POLICIES)}, got {s.exit_policy!r}")
+    if s.exit_vocabulary not in EXIT_VOCABULARIES:
+        raise ValueError(f"exit_vocabulary must be one of {', '.join(EXIT_VOCABULARIES)}, got {s.exit_vocabulary!r}")
+    if s.exit_vocabulary == "draft" and (s.temperature > 0 or s.return_logprobs):
+        raise ValueError(
+            "exit_vocabulary draft: greedy decoding without log-probabilities only (a leaving token's "
+            "distribution would be cut to the draft vocabulary)"
+        )
     if not 0.0 <= s.early_exit_threshold <= 1.0:
         raise ValueError(f"early_exit_threshold must be in [0, 1], got {s.early_exit_threshold}")
     if s.exit_thresholds and not all(0.0 <= t <= 1.0 for t in s.exit_thresholds.values()):

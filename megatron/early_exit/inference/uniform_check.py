@@ -147,7 +147,7 @@ class UniformCheck:
         `Passes.probe_check` makes them, recorded as `Passes.check_exit` records them."""
         p, n = self.passes, self.n
         conf = [sigmoid(scores[j] + self.shift) for j in fire]
-        logits, tokens = p.leavers_logits(state, n, self.head, rows, fire)  # norm, projection, argmax in one call
+        logits, tokens = p.leavers_logits(state, n, self.head, rows, fire, self.policy.vocab)  # in one call
         for j, a in enumerate(fire if tokens is not None else ()):
             out.argmax[rows.seqs[a]] = tokens[j]
         return p.record_leavers(n, rows.seqs, fire, conf, logits, out)

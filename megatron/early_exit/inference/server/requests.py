@@ -81,6 +81,7 @@ MEGATRON_NAMES = {
     "early_exit_threshold": "early_exit_thres",
     "exit_thresholds": "early_exit_thres",
     "exit_policy": "exit_policy",
+    "exit_vocabulary": "exit_vocabulary",
     "max_new_tokens": "tokens_to_generate",
     "stop_token_ids": "stop_token",
     "prompts": "prompts",
@@ -98,6 +99,7 @@ OPENAI_NAMES = {
     "early_exit_threshold": "early_exit.threshold",
     "exit_thresholds": "early_exit.threshold",
     "exit_policy": "early_exit.exit_policy",
+    "exit_vocabulary": "early_exit.exit_vocabulary",
     "num_draft_tokens": "early_exit.num_draft_tokens",
     "draft_alternatives": "early_exit.draft_alternatives",
     "prompt_lookup_max": "early_exit.prompt_lookup_max",
@@ -132,6 +134,7 @@ def megatron_job(body: MegatronRequest, ctx: Context) -> Job:
         return_logprobs=body.logprobs,
         **threshold_fields(ctx, body.early_exit_thres, None, "early_exit_thres"),
         **({"exit_policy": body.exit_policy} if body.exit_policy is not None else {}),
+        **({"exit_vocabulary": body.exit_vocabulary} if body.exit_vocabulary is not None else {}),
     )
     names = {**MEGATRON_NAMES, "self_speculative": "use_early_exit"}
     scored = body.logprobs and (body.echo_prompts or body.tokens_to_generate == 0)  # else logprobs of new tokens
@@ -277,6 +280,7 @@ def _openai_settings(body, max_new: int, logprobs: bool, ctx: Context) -> Genera
         kw = dict(
             **threshold_fields(ctx, ee.threshold, ee.measure, "early_exit.threshold"),
             **({"exit_policy": ee.exit_policy} if ee.exit_policy is not None else {}),
+            **({"exit_vocabulary": ee.exit_vocabulary} if ee.exit_vocabulary is not None else {}),
             exit_layers=tuple(ee.exit_layers) if ee.exit_layers is not None else None,
             min_exit_layer=ee.min_layer,
             num_draft_tokens=ee.num_draft_tokens,

@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from megatron.early_exit.inference.confidence import measure_names
 from megatron.early_exit.inference.exit_decision import EXIT_POLICIES
+from megatron.early_exit.inference.settings import EXIT_VOCABULARIES
 from megatron.early_exit.inference.strategies import strategy_names
 
 MAX_PROMPTS = 128  # Megatron's limit on prompts per PUT /api
@@ -65,6 +66,9 @@ class EarlyExitOptions(BaseModel):
     prompt_lookup_max: int = Field(0, ge=0, le=16)
     # None: GenerationSettings' default (cost_aware); checked against the engine's names (a 400).
     exit_policy: str | None = Field(None, json_schema_extra=lambda s: s.update(enum=list(EXIT_POLICIES)))
+    # None: GenerationSettings' default ("auto": a leaving token from the draft vocabulary where
+    # the checkpoint records one and decoding is greedy); "draft" / "full" force either (a 400 if bad).
+    exit_vocabulary: str | None = Field(None, json_schema_extra=lambda s: s.update(enum=list(EXIT_VOCABULARIES)))
 
     @field_validator("threshold")
     @classmethod
@@ -110,6 +114,7 @@ class MegatronRequest(_Body):
     exit_layers: list[int] | None = Field(None, max_length=256)
     print_max_prob: bool = False
     exit_policy: str | None = Field(None, json_schema_extra=lambda s: s.update(enum=list(EXIT_POLICIES)))
+    exit_vocabulary: str | None = Field(None, json_schema_extra=lambda s: s.update(enum=list(EXIT_VOCABULARIES)))
 
     @field_validator("early_exit_thres")
     @classmethod

@@ -30,4 +30,25 @@ class EarlyExit(Strategy):
         pairs = tuple(sorted((int(n), float(t)) for n, t in per_exit.items()))
         # The pipeline engine pays no recompute (later stages fill K/V) and frees stage 0 with each exit: exact.
         mode = "exact" if getattr(engine, "specs", None) is not None else s.exit_policy
-        return ExitPolicy(tuple(allowed), float(s.early_exit_threshold), measure, per_exit=pairs, mode=mode)
+        threshold, vocab = float(s.early_exit_threshold), exit_vocabulary(engine, s, measure)
+        return ExitPolicy(tuple(allowed), threshold, measure, per_exit=pairs, mode=mode, vocab=vocab)
+
+
+def exit_vocabulary(engine, s, measure: str) -> str:
+    """What leaving tokens are chosen from (`GenerationSettings.exit_vocabulary` resolved):
+    "draft" (the engine's draft vocabulary, `Passes.draft_vocab`) or "full"."""
+    has = getattr(getattr(engine, "passes", None), "draft_vocab", None) is not None  # a pipeline engine has none
+    decides_alone = not get_measure(measure).needs_vocab  # else the check projects onto the vocabulary anyway
+    if s.exit_vocabulary == "auto":
+        return "draft" if has and decides_alone and s.temperature <= 0 and not s.return_logprobs else "full"
+    if s.exit_vocabulary == "draft" and not has:
+        raise ValueError(
+            "exit_vocabulary draft: this engine has no draft vocabulary (the checkpoint's calibration record has "
+            "none: tools/eval/calibrate_thresholds.py --draft-vocab-coverage; or a pipeline / tensor-parallel engine)"
+        )
+    if s.exit_vocabulary == "draft" and not decides_alone:
+        raise ValueError(
+            f"exit_vocabulary draft: the measure {measure} projects onto the whole vocabulary to decide; "
+            "use learned (confidence probes)"
+        )
+    return s.exit_vocabulary

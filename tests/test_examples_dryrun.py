@@ -344,3 +344,37 @@ def test_server_benchmark_plans_staggered_arrivals_the_same_for_every_setting():
     lengths = {n for c in first for _, n in c}
     assert min(lengths) == 8 and max(lengths) == 32 and len(lengths) > 16
     assert 0.45 < sum(waits) / len(waits) < 0.55  # 800 exponential draws of mean 0.5: ~1.8% standard error
+
+
+def test_exit_vocabulary_benchmark_runs_every_setting_with_both_vocabularies(data, corpus, tmp_path, capsys):
+    """`benchmarks/exit_vocabulary.py` on a tiny checkpoint with probes and a calibration record
+    holding a draft vocabulary: a row per setting (full, its control, each threshold x policy x
+    vocabulary), exact rows leaving at the same share with either vocabulary (the probes decide);
+    a checkpoint without a draft vocabulary is a one-line error naming --load."""
+    from megatron.early_exit.checkpointing import THRESHOLDS_FILE, resolve_checkpoint_dir, save_checkpoint
+    from megatron.early_exit.config import ModelConfig
+    from megatron.early_exit.model import EarlyExitGPT
+    from megatron.early_exit.tokenizer import build_tokenizer
+
+    cfg = ModelConfig(4, 32, 4, 2048, 256, exit_layer_nums=[1, 2], use_exit_norm=True, use_exit_confidence_head=True)
+    tok = build_tokenizer("SentencePieceTokenizer", tokenizer_model=os.path.join(data["aclsum"], "tokenizer.model"))
+    model = EarlyExitGPT(cfg)
+    model.init_weights(3)
+    save_checkpoint(str(tmp_path / "ck"), 0, model, tok)
+    bench = load_tool("benchmarks/exit_vocabulary.py")
+    argv = ["--load", str(tmp_path / "ck"), "--data", str(corpus), "--num-prompts", "1", "--max-new-tokens", "5",
+            "--repeats", "2", "--threads", "1", "--dtype", "fp32", "--thresholds", "0.0", "calibrated"]  # fmt: skip
+    with pytest.raises(SystemExit):
+        bench.main(argv)
+    assert "no draft vocabulary" in capsys.readouterr().err
+    drafts = {"tokens": list(range(1024))}
+    record = {"thresholds": {"1": 0.0, "2": 1.0}, "measure": "learned", "draft_vocabulary": drafts}
+    with open(os.path.join(resolve_checkpoint_dir(str(tmp_path / "ck")), THRESHOLDS_FILE), "w") as f:
+        json.dump(record, f)
+    bench.main(argv)
+    rows = {line.split("  ")[1].strip(): line for line in capsys.readouterr().out.splitlines() if line.startswith("  ")}
+    names = ["full", "full (again)"] + [f"{t} {p} {v}" for t in ("0.0", "calibrated") for p in ("exact", "cost_aware")
+                                        for v in ("full", "draft")]  # fmt: skip
+    assert [n for n in rows if n != "setting"] == names
+    for t in ("0.0", "calibrated"):  # every token after the prefill's leaves at exit 1 (threshold 0.0)
+        assert rows[f"{t} exact full"].split()[-2] == rows[f"{t} exact draft"].split()[-2] == "80.0%"

@@ -167,3 +167,24 @@ def test_a_final_token_outside_the_vocabulary_counts_as_a_disagreement():
     assert calibration.exit_agreement(inside) == {1: pytest.approx(1 / 3), 2: pytest.approx(2 / 3)}
     with pytest.raises(ValueError, match="within_vocabulary needs the final head's tokens"):
         calibration.within_vocabulary(calibration.ExitScores([1, 2], scores.confidence, agree), [4])
+
+
+def test_the_cost_model_times_the_draft_projection_and_says_which_vocabulary_its_runs_used():
+    """`measure_costs` on an engine with a draft vocabulary times each exit's projection onto it
+    (`draft`) beside the whole one; its timed runs choose leaving tokens as asked (`leave_vocab`:
+    "draft" under auto, "full" when told), and `retime` keeps what it is told."""
+    from megatron.early_exit.inference import cost_model as cm
+    from tests.test_cost_model import tiny
+
+    engine, prompts = EarlyExitEngine(tiny(probes=True)), [[1, 2, 3], [4, 5, 6]]
+    costs, _ = cm.measure_costs(engine, prompts, steps=2, repeats=1)
+    assert costs.draft == {} and costs.leave_vocab == "full"  # no draft vocabulary: nothing to time
+    engine.use_draft_vocabulary(list(range(8)))
+    costs, _ = cm.measure_costs(engine, prompts, steps=2, repeats=1)
+    assert set(costs.draft) == set(costs.project) == {1, 2} and all(t > 0 for t in costs.draft.values())
+    assert costs.leave_vocab == "draft" and costs.leaver_piece(1) == "draft/1"
+    assert costs.reads["draft/1"][1] == 8 * engine.config.hidden_size * 4  # fp32 rows
+    whole, _ = cm.measure_costs(engine, prompts, steps=2, repeats=1, exit_vocabulary="full")
+    assert whole.leave_vocab == "full" and whole.leaver_piece(1) == "project/1"
+    assert cm.retime(engine, prompts, costs, steps=2, repeats=1, exit_vocabulary="full").leave_vocab == "full"
+    assert cm.retime(engine, prompts, whole, steps=2, repeats=1).leave_vocab == "draft"

@@ -271,7 +271,8 @@ def timed_rows(engine, prompts, thresholds, args, costs) -> dict:
     for key, settings in rows.items():
         mine = costs
         if args.retime and policy_terms(engine, settings, prompts[0])[0]:
-            mine = cost_model.retime(engine, prompts[: args.batch_size], costs, args.measure, args.cost_steps, 5)
+            mine = cost_model.retime(engine, prompts[: args.batch_size], costs, args.measure, args.cost_steps, 5,
+                                     args.exit_vocabulary)  # fmt: skip
         timed[key] = (settings, *paired_runs(engine, prompts, args, settings, full), mine)
     return timed
 
@@ -293,7 +294,8 @@ def sweep(args) -> list[dict]:
     prompts, references = summarisation_task(tok, args.data, args.num_examples, args.max_prompt_chars)
     thresholds = sorted(set(args.thresholds) | {1.0}, reverse=True)
     engine.generate(prompts[: args.batch_size], GenerationSettings(max_new_tokens=4))  # warm-up: first calls are slow
-    costs, _ = cost_model.measure_costs(engine, prompts[: args.batch_size], args.measure, args.cost_steps, 5)
+    costs, _ = cost_model.measure_costs(engine, prompts[: args.batch_size], args.measure, args.cost_steps, 5,
+                                        args.exit_vocabulary)  # fmt: skip
     print(
         f"cost model: a layer {1e3 * costs.layer:.3f} ms with its weights in the cache, "
         f"{1e3 * costs.streamed('layer'):.3f} from memory; final head {1e3 * costs.head:.3f} / "

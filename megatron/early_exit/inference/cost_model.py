@@ -759,26 +759,34 @@ def fit_line(points: list[tuple[float, float]]) -> tuple[float, float]:
     return slope, my - slope * mx
 
 
-def exit_settings(engine, measure: str | None) -> dict[str, GenerationSettings]:
+def exit_settings(engine, measure: str | None, exit_vocabulary: str = "auto") -> dict[str, GenerationSettings]:
     """Full decoding and, for each exit, every token leaving there (threshold 0.0, the `exact`
-    policy: every token leaves there whatever the `cost_aware` decider's costs say)."""
+    policy: every token leaves there whatever the `cost_aware` decider's costs say), leaving tokens
+    chosen from `exit_vocabulary` (`GenerationSettings.exit_vocabulary`: what the priced runs use)."""
     out = {"full": GenerationSettings(strategy="full")}
     for n in engine.exits:
         out[f"exit {n}"] = GenerationSettings(
-            strategy="early_exit", early_exit_threshold=0.0, exit_layers=(n,), measure=measure, exit_policy="exact"
-        )
+            strategy="early_exit", early_exit_threshold=0.0, exit_layers=(n,), measure=measure, exit_policy="exact",
+            exit_vocabulary=exit_vocabulary,
+        )  # fmt: skip
     return out
 
 
 def measure_costs(
-    engine, prompts: list[list[int]], measure: str | None = None, steps: int = 16, repeats: int = 5
+    engine,
+    prompts: list[list[int]],
+    measure: str | None = None,
+    steps: int = 16,
+    repeats: int = 5,
+    exit_vocabulary: str = "auto",
 ) -> tuple[DecodeCosts, dict[str, float]]:
     """Measure a `DecodeCosts` at batch len(prompts) and the engine's dtype; also returns the
-    measured seconds per decode step of each of `exit_settings` (the fit's data, for checking)."""
+    measured seconds per decode step of each of `exit_settings` (the fit's data, for checking),
+    whose leaving tokens are chosen from `exit_vocabulary` (priced so: `DecodeCosts.leave_vocab`)."""
     p, extra = engine.passes, 4
     ref = ReferenceStep(engine, prompts)  # each timing below put at `step_times`' host speed
     pieces = piece_times(engine, prompts, repeats, extra, ref.timed("pieces", steps))
-    settings = exit_settings(engine, measure)
+    settings = exit_settings(engine, measure, exit_vocabulary)
     measured = step_times(engine, prompts, settings, steps, repeats, ref.timed("steps", steps))
     host = {"pieces": ref.speed("pieces")}
     pieces = {name: t / host["pieces"] for name, t in pieces.items()}
@@ -849,7 +857,13 @@ def fit_steps(costs: DecodeCosts, measured: dict[str, float], needs_vocab: dict[
 
 
 def retime(
-    engine, prompts: list[list[int]], costs: DecodeCosts, measure: str | None = None, steps: int = 16, repeats: int = 5
+    engine,
+    prompts: list[list[int]],
+    costs: DecodeCosts,
+    measure: str | None = None,
+    steps: int = 16,
+    repeats: int = 5,
+    exit_vocabulary: str = "auto",
 ) -> DecodeCosts:
     """`costs` as the host runs now: `step_times` taken again with `ReferenceStep` in its rounds,
     every timed piece scaled by that step's median time now over `costs.reference` (its time when
@@ -859,11 +873,12 @@ def retime(
     (a layer 0.074 then 0.130 ms, the fixed cost 0.062 then 0.086) the ideal speedup of one
     threshold read 1.84 in one and 2.39 in the other where the measured speedups were 1.88x and
     1.93x: each row is best priced at the speed it ran at."""
-    ref, settings = ReferenceStep(engine, prompts), exit_settings(engine, measure)
+    ref, settings = ReferenceStep(engine, prompts), exit_settings(engine, measure, exit_vocabulary)
     measured = step_times(engine, prompts, settings, steps, repeats, ref.timed("steps", steps))
     speed = statistics.median(ref.times["steps"]) / costs.reference if costs.reference > 0 else 1.0
     out = scaled(costs, speed)
     policies = checked_policies(engine, settings, prompts, costs.depth)
+    out.leave_vocab = leave_vocab(policies)
     out.layer, out.fixed = fit_steps(out, measured, vocab_needs(policies))
     out.host, out.reference = {**costs.host, "retimed": speed}, costs.reference * speed
     return out

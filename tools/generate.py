@@ -37,6 +37,7 @@ from megatron.early_exit.arguments import GENERATE_RANGES, OneLineErrorParser, c
 
 def build_parser() -> argparse.ArgumentParser:
     from megatron.early_exit.inference import measure_names, strategy_names
+    from megatron.early_exit.inference.settings import EXIT_VOCABULARIES
 
     p = OneLineErrorParser(name_prog=False, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--load", required=True, help="checkpoint directory (its tokenizer comes with it)")
@@ -60,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
         "exits that rarely pay; exact evaluates every allowed exit for every token",
     )  # fmt: skip
     p.add_argument(
-        "--exit-vocabulary", choices=("auto", "draft", "full"), default="auto",
+        "--exit-vocabulary", choices=EXIT_VOCABULARIES, default="auto",
         help="early_exit: what a leaving token is chosen from: draft (the checkpoint's draft vocabulary alone: a "
         "projection of ~2%% of the head), full, or auto (draft where the checkpoint records one, decoding is greedy "
         "and the measure is learned)",

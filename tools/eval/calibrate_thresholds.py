@@ -250,7 +250,8 @@ def run(a: argparse.Namespace) -> dict:
     vocab, drafts = model.config.real_vocab_size or model.config.vocab_size, None
     if a.draft_vocab_coverage > 0:
         drafts = calibration.draft_vocabulary(scores, vocab, a.draft_vocab_coverage)
-    if drafts is not None and not get_measure(a.measure).needs_vocab:
+    restricted = drafts is not None and not get_measure(a.measure).needs_vocab
+    if restricted:
         # greedy decoding then chooses leaving tokens (and drafts) from the draft vocabulary alone
         # (`GenerationSettings.exit_vocabulary` "auto"): a final-head token outside it counts as a
         # disagreement at every exit, so the guarantee holds for those exits too
@@ -279,7 +280,7 @@ def run(a: argparse.Namespace) -> dict:
         print(draft_vocabulary_line(drafts, vocab, a.draft_vocab_coverage))
         if drafts is not None:
             record["draft_vocabulary"] = drafts
-            record["exit_vocabulary"] = "full" if get_measure(a.measure).needs_vocab else "draft"
+            record["exit_vocabulary"] = "draft" if restricted else "full"
     if not a.dry_run:
         write_into_checkpoint(directory, record)
         print(f"wrote {directory}/early_exit_thresholds.json and its README.md model card")

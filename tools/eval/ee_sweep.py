@@ -51,6 +51,7 @@ sys.path.insert(0, os.path.join(ROOT, "tools"))
 
 from megatron.early_exit.inference import cost_model  # noqa: E402
 from megatron.early_exit.inference.exit_clock import passes_by_mode  # noqa: E402
+from megatron.early_exit.inference.settings import EXIT_VOCABULARIES  # noqa: E402
 
 CALIBRATED = "calibrated"  # the threshold column of `--calibrated`'s row
 
@@ -493,7 +494,7 @@ def main(argv=None) -> None:
     p.add_argument("--exit-policy", nargs="+", choices=("exact", "cost_aware"), default=["cost_aware"],
                    help="rows for each exit policy (cost_aware: tokens leave only where that saves time at the batch "
                    "size; exact: every allowed exit for every token)")  # fmt: skip
-    p.add_argument("--exit-vocabulary", choices=("auto", "draft", "full"), default="auto",
+    p.add_argument("--exit-vocabulary", choices=EXIT_VOCABULARIES, default="auto",
                    help="what a leaving token is chosen from (auto: the checkpoint's draft vocabulary where it "
                    "records one and the measure is learned; GenerationSettings.exit_vocabulary)")  # fmt: skip
     p.add_argument("--num-examples", type=int, default=20)

@@ -158,10 +158,14 @@ class DecodeCosts:
         """Layers a token that left at `exit_layer` ran (the final head: all of them)."""
         return self.num_layers if exit_layer >= self.num_layers else self.depth[exit_layer]
 
+    def leaves_onto_draft(self, n: int) -> bool:
+        """Whether exit n's leaving rows are priced at the draft vocabulary's projection: the priced
+        runs choose leaving tokens from it, and its projection was timed."""
+        return self.leave_vocab == "draft" and n in self.draft
+
     def leaver_piece(self, n: int) -> str:
-        """The piece that projects exit n's leaving rows: "draft/n" where the priced runs choose
-        leaving tokens from the draft vocabulary and its projection was timed, else "project/n"."""
-        return f"draft/{n}" if self.leave_vocab == "draft" and n in self.draft else f"project/{n}"
+        """The piece that projects exit n's leaving rows: "draft/n" or "project/n" (`leaves_onto_draft`)."""
+        return f"draft/{n}" if self.leaves_onto_draft(n) else f"project/{n}"
 
     def check(self, n: int, needs_vocab: bool, fired: bool) -> float:
         """One evaluation of exit n for the batch."""
@@ -169,7 +173,7 @@ class DecodeCosts:
             return self.vocab[n]
         if not fired:
             return self.probe[n]
-        projection = self.draft[n] if self.leaver_piece(n).startswith("draft/") else self.project[n]
+        projection = (self.draft if self.leaves_onto_draft(n) else self.project)[n]
         return self.probe[n] + projection + self.fire_hidden.get(n, 0.0)
 
     def fill(self, extra: Sequence[int]) -> float:

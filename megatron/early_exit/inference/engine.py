@@ -27,7 +27,7 @@ from megatron.early_exit.inference.packed import PackedWeights
 from megatron.early_exit.inference.passes import DecodeState, ExitPolicy, Passes, StepOutput, tick
 from megatron.early_exit.inference.sampling import make_generator
 from megatron.early_exit.inference.scoring import score
-from megatron.early_exit.inference.settings import GenerationResult, GenerationSettings, check_values
+from megatron.early_exit.inference.settings import GenerationResult, GenerationSettings, check_values, greedy_tokens
 from megatron.early_exit.inference.strategies import STRATEGIES, Batch, get_strategy
 from megatron.early_exit.inference.strategies.draft_control import MAX_DRAFT
 from megatron.early_exit.model.gpt import HeadOps
@@ -207,8 +207,7 @@ class EarlyExitEngine:
         tokens (`Strategy.token_only`: self_speculative's verify), one device, CPU."""
         strategy = get_strategy(s.strategy)
         return (
-            s.temperature <= 0
-            and not s.return_logprobs
+            greedy_tokens(s)
             and (strategy.shares_passes or strategy.token_only)
             and type(self.model.head_ops) is HeadOps
             and self.packed_weights

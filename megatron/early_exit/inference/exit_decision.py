@@ -233,7 +233,7 @@ def time_exit_costs(passes, batch: int = 8, repeats: int = 5) -> ExitCosts:
     # the fill's own work: a step that fills one row, less the plain step and that row's layers
     plain = plain_exits(passes)
     fill = max(t["fill"] - t["plain"] - (passes.num_layers - passes.depth(plain[0])) * row, 0.0) if plain else 0.0
-    draft = ("draft/1" in t and t["draft/1"]) or None
+    draft = t.get("draft/1")  # None: the engine has no draft vocabulary
     return ExitCosts(
         max(t["layer/1"] - b, 0.0), b, row, t["head/1"], t[f"{vocab}/1"], t[f"{probe}/1"],
         head_row=slope("head"), vocab_row=slope(vocab), probe_row=slope(probe), fill=fill,

@@ -876,13 +876,13 @@ class Passes:
         fill) leaving at exit 6 of the CPU reference model (bf16) spent ~0.3 ms in the exit's norm
         and projection as separate operations."""
         norm = state.remembered(("exit norm", id(head)), lambda: lean.exit_norm(head))
-        if norm is not None and vocab == "draft" and not lean.watched((norm,)):
-            made = self.native_draft(head, self.newest_rows(rows, cand).contiguous(), (norm.weight, norm.eps))
-            if made is not None:
-                return made[0], made[1]
-        elif norm is not None:
-            weight = head.output_weight(self.model.tied_output_weight())
-            made = self.native_vocab(self.newest_rows(rows, cand)[:, 0], weight, norm, head.temperature)
+        if norm is not None:
+            x, made = self.newest_rows(rows, cand), None
+            if vocab != "draft":
+                weight = head.output_weight(self.model.tied_output_weight())
+                made = self.native_vocab(x[:, 0], weight, norm, head.temperature)
+            elif not lean.watched((norm,)):  # `native_vocab` asks this of its norm itself
+                made = self.native_draft(head, x.contiguous(), (norm.weight, norm.eps))
             if made is not None:
                 return made[0], made[1]
         return self.leaver_logits(head, self.exit_hidden(state, n, head, rows, cand), vocab), None

@@ -131,6 +131,11 @@ def calibrated_settings(record: dict | None, where: str) -> dict:
     }
 
 
+def greedy_tokens(s: GenerationSettings) -> bool:
+    """Whether a request needs each token alone: greedy (temperature 0), no log-probabilities."""
+    return s.temperature <= 0 and not s.return_logprobs
+
+
 def check_values(s: GenerationSettings, strategies) -> None:
     """Raise ValueError naming the first setting out of range; `strategies`: the registry."""
     if s.strategy not in strategies:
@@ -141,7 +146,7 @@ def check_values(s: GenerationSettings, strategies) -> None:
         raise ValueError(f"exit_policy must be one of {', '.join(EXIT_POLICIES)}, got {s.exit_policy!r}")
     if s.exit_vocabulary not in EXIT_VOCABULARIES:
         raise ValueError(f"exit_vocabulary must be one of {', '.join(EXIT_VOCABULARIES)}, got {s.exit_vocabulary!r}")
-    if s.exit_vocabulary == "draft" and (s.temperature > 0 or s.return_logprobs):
+    if s.exit_vocabulary == "draft" and not greedy_tokens(s):
         raise ValueError(
             "exit_vocabulary draft: greedy decoding without log-probabilities only (a leaving token's "
             "distribution would be cut to the draft vocabulary)"

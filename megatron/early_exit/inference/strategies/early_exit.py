@@ -7,7 +7,7 @@ exit, always exact."""
 
 from megatron.early_exit.inference.confidence import get_measure
 from megatron.early_exit.inference.passes import ExitPolicy
-from megatron.early_exit.inference.settings import default_measure
+from megatron.early_exit.inference.settings import default_measure, greedy_tokens
 from megatron.early_exit.inference.strategies.base import Strategy
 
 
@@ -40,7 +40,7 @@ def exit_vocabulary(engine, s, measure: str) -> str:
     has = getattr(getattr(engine, "passes", None), "draft_vocab", None) is not None  # a pipeline engine has none
     decides_alone = not get_measure(measure).needs_vocab  # else the check projects onto the vocabulary anyway
     if s.exit_vocabulary == "auto":
-        return "draft" if has and decides_alone and s.temperature <= 0 and not s.return_logprobs else "full"
+        return "draft" if has and decides_alone and greedy_tokens(s) else "full"
     if s.exit_vocabulary == "draft" and not has:
         raise ValueError(
             "exit_vocabulary draft: this engine has no draft vocabulary (the checkpoint's calibration record has "

@@ -8,11 +8,14 @@
 Prints the measured costs (per layer fitted and timed alone, fixed per step, final head, each
 exit's checks, a layer that fills pending rows and each further row), with the uniform decode
 fast path off (exact path) and on side by side (`--no-exact`: on only); what an exit check
-that does not fire costs as a share of one layer (learned probe vs max_prob; a probe reading
+called alone costs as a share of one layer (learned probe vs max_prob; a probe reading
 the exit's hidden state includes the exit's norm and MLP, one reading the backbone
 (`--probe-input backbone`, the default for the built-in model) only its own norm, and both are
-printed), then predicted vs measured time per token for full decoding and for "every token
-leaves at exit k" (early_exit, exit_layers=(k,), threshold 0.0) for each exit: the model fits
+printed), and what a learned check that does not fire adds to a decode step as the step runs it
+(`cost_model.check_in_step`: replayed steps with every exit's check evaluated at a threshold no
+score reaches, under exact and cost_aware, against full decoding's, with the median's standard
+error: --check-rounds); then predicted vs measured time per token for full decoding and for
+"every token leaves at exit k" (early_exit, exit_layers=(k,), threshold 0.0) for each exit: the model fits
 `layer` and `fixed` through these, so their ratio checks that step time is linear in the
 layers run with the timed heads and checks on top (target within 10%). Last, a run that mixes
 exits and pending-state fill (threshold --mixed-threshold, all exits), priced from its own
@@ -72,7 +75,7 @@ def print_costs(c: cm.DecodeCosts) -> None:
         print("  host speed against the steps' timing: " + ", ".join(f"{k} {v:.3f}" for k, v in c.host.items()))
     print(
         f"  {'exit':>5s} {'depth':>6s} {'probe':>8s} {'max_prob':>9s} {'project':>8s} {'draft':>7s}  "
-        "a check that does not fire, as a share of one layer (fitted / alone)"
+        "a check called alone, as a share of one layer (fitted / alone)"
     )
     if c.draft:  # `GenerationSettings.exit_vocabulary`: what the timed runs' leaving tokens were chosen from
         print(f"  (draft: the projection onto the draft vocabulary alone; the timed runs' leavers used "
@@ -91,6 +94,12 @@ def print_costs(c: cm.DecodeCosts) -> None:
         print(
             f"  {n:5d} {c.depth[n]:6d} {p_ms} {c.vocab[n] * ms:9.3f} {c.project[n] * ms:8.3f} {d_ms}  "
             f"{learned}max_prob {share(c.vocab[n])}"
+        )
+    for mode, t in c.check_step.items():  # `cost_model.check_in_step`: the step's own cost of a check
+        e = c.check_step_error[mode]
+        print(
+            f"  a learned check that does not fire, in a decode step ({mode}): {t * 1e6:.1f} +- {e * 1e6:.1f} us "
+            f"an exit, {share(t)} of a layer (target <= 5%)"
         )
 
 
@@ -146,9 +155,14 @@ def main() -> None:
         help="what the built-in model's probes read (backbone: both inputs' check costs are printed)",
     )  # fmt: skip
     p.add_argument("--no-exact", action="store_true", help="skip timing the exact path (fast path off) to compare")
+    p.add_argument(
+        "--check-rounds", type=int, default=2000,
+        help="rounds of replayed steps timing a check that does not fire in a step (0: not timed; ~1 ms of "
+        "spread per SmolLM2 step leaves ~10 us of error at 1,000)",
+    )  # fmt: skip
     args = p.parse_args()
-    if args.repeats < 1 or args.steps < 1 or args.batch < 1:
-        p.error("--repeats, --steps and --batch must be >= 1")
+    if args.repeats < 1 or args.steps < 1 or args.batch < 1 or args.check_rounds < 0:
+        p.error("--repeats, --steps and --batch must be >= 1, --check-rounds >= 0")
     torch.set_num_threads(args.threads)
     if args.load:
         from megatron.early_exit import load_checkpoint
@@ -171,7 +185,9 @@ def main() -> None:
         engine.passes.fast = False
         exact, _ = cm.measure_costs(engine, prompts, args.measure, args.steps, args.repeats)
         engine.passes.fast = True
-    costs, measured = cm.measure_costs(engine, prompts, args.measure, args.steps, args.repeats)
+    costs, measured = cm.measure_costs(
+        engine, prompts, args.measure, args.steps, args.repeats, check_rounds=args.check_rounds
+    )
     if not args.no_exact:
         print_fast_vs_exact(exact, costs)
     print_costs(costs)

@@ -237,6 +237,32 @@ def test_measure_costs_on_a_tiny_model():
     assert all(abs(cm.predicted_step(costs, name, False)) < float("inf") for name in measured)
 
 
+def test_a_check_in_a_step_is_timed_where_it_does_not_fire(monkeypatch):
+    """`check_in_step` replays full-depth steps with every probe's check allowed at `NEVER`, under
+    exact and cost_aware, and returns each mode's median difference per exit and its error; steps
+    replayed with a check that fires are refused (what it times would then not be a check that does
+    not fire), and a model without probes has nothing to time."""
+    engine = EarlyExitEngine(tiny(probes=True))
+    seen = []
+    real = engine.decode_one_token
+    monkeypatch.setattr(
+        engine, "decode_one_token", lambda state, batch, policy: seen.append(policy) or real(state, batch, policy)
+    )
+    out = cm.check_in_step(engine, [[1, 2, 3], [4, 5, 6]], rounds=3)
+    assert out.keys() == {"exact", "cost_aware"}
+    assert all(abs(t) < 1.0 and e >= 0.0 for t, e in out.values())
+    timed = [q for q in seen if q.allowed]
+    assert {(q.allowed, q.threshold, q.measure, q.mode) for q in timed} == {
+        ((1, 2), cm.NEVER, "learned", "exact"),
+        ((1, 2), cm.NEVER, "learned", "cost_aware"),
+    }
+    assert len(timed) == 2 * (8 + 3)  # warm-up and rounds, each mode
+    monkeypatch.setattr(cm, "NEVER", 0.0)  # every check fires
+    with pytest.raises(RuntimeError, match="a learned check fired"):
+        cm.check_in_step(engine, [[1, 2, 3]], rounds=1)
+    assert cm.check_in_step(EarlyExitEngine(tiny(probes=False)), [[1, 2, 3]], rounds=1) == {}
+
+
 @pytest.mark.parametrize("cached", [False, True])
 def test_the_fit_prices_each_timed_setting_in_its_own_cache_regime(monkeypatch, cached):
     """With a cache of 2.4 of the tiny model's layers (~60 KB: a step leaving at exit 1 reads one
@@ -305,12 +331,14 @@ def test_every_measurement_is_put_at_one_host_speed(monkeypatch):
     """Each measurement of `measure_costs` runs the same full-depth step (`ReferenceStep`) in its
     own rounds, and its times are divided by that step's median time there over its median time in
     `step_times`: a host running the pieces at half speed, the memory timing at a third and the
-    pending rows at a quarter (what they read scaled up, and the reference's times with them) gives
-    the pieces, the cost per byte and the pending costs as timed at `step_times`' speed."""
+    pending rows at a quarter and the checks in a step at a fifth (what they read scaled up, and the
+    reference's times with them) gives the pieces, the cost per byte, the pending costs and the
+    checks' cost in a step as timed at `step_times`' speed."""
     engine = EarlyExitEngine(tiny(probes=True))
     layer_bytes = sum(w.numel() * 4 for w in engine.model.decoder.layers["0"].parameters())
     monkeypatch.setenv("EE_CACHE_BYTES", str(int(2.4 * layer_bytes)))  # a regime to time
-    names = ("piece_times", "memory_time", "fill_time")
+    names = ("piece_times", "memory_time", "fill_time", "check_in_step")
+    kinds = {"piece_times": "pieces", "memory_time": "memory", "fill_time": "fill", "check_in_step": "checks"}
     real, seen, refs = {n: getattr(cm, n) for n in names}, {}, []
     real_ref = cm.ReferenceStep
 
@@ -323,27 +351,34 @@ def test_every_measurement_is_put_at_one_host_speed(monkeypatch):
         def run(*args, **kwargs):
             out = seen[name] = real[name](*args, **kwargs)
             seen.setdefault(f"{name} calls", []).append(out)
-            times = refs[0].times[{"piece_times": "pieces", "memory_time": "memory", "fill_time": "fill"}[name]]
+            times = refs[0].times[kinds[name]]
             times[:] = [factor * t for t in times]
             if name == "piece_times":
                 return {k: factor * t for k, t in out.items()}
+            if name == "check_in_step":
+                return {k: (factor * t, factor * e) for k, (t, e) in out.items()}
             return [factor * t for t in out] if name == "fill_time" else factor * out
 
         return run
 
     monkeypatch.setattr(cm, "ReferenceStep", Ref)
-    for name, factor in zip(names, (2.0, 3.0, 4.0)):
+    for name, factor in zip(names, (2.0, 3.0, 4.0, 5.0)):
         monkeypatch.setattr(cm, name, slowed(name, factor))
-    costs, measured = cm.measure_costs(engine, [[1, 2, 3], [4, 5, 6]], steps=2, repeats=1)
+    costs, measured = cm.measure_costs(engine, [[1, 2, 3], [4, 5, 6]], steps=2, repeats=1, check_rounds=2)
     times, median = refs[0].times, statistics.median
     assert set(measured) == {"full", "exit 1", "exit 2"}
     assert len(times["steps"]) == len(times["pieces"]) == 2 * (1 + 1)  # steps calls a round, a warm-up round
-    assert times.keys() == {"steps", "pieces", "memory", "fill"}
-    for name in ("pieces", "memory", "fill"):  # (each read as its factor, within these few tiny steps' noise)
+    assert times.keys() == {"steps", "pieces", "memory", "fill", "checks"}
+    for name in ("pieces", "memory", "fill", "checks"):  # (each read as its factor, within these few tiny steps' noise)
         assert costs.host[name] == pytest.approx(median(times[name]) / median(times["steps"]), rel=1e-12)
     pieces, speed = seen["piece_times"], costs.host["pieces"]
     assert costs.head == pytest.approx(2.0 * pieces["head"] / speed, rel=1e-12)
     assert costs.probe[1] == pytest.approx(2.0 * pieces["probe/1"] / speed, rel=1e-12)
+    checks = seen["check_in_step"]
+    assert costs.check_step.keys() == checks.keys() == {"exact", "cost_aware"}
+    for mode, (t, e) in checks.items():
+        assert costs.check_step[mode] == pytest.approx(5.0 * t / costs.host["checks"], rel=1e-12)
+        assert costs.check_step_error[mode] == pytest.approx(5.0 * e / costs.host["checks"], rel=1e-12)
     # a fill behind each exit (one pending row in the layers above it), read at a quarter speed: the
     # line through them gives a layer's and a filling pass's shares, or the first exit's per layer
     above = [4 - engine.passes.depth(n) for n in (1, 2)]

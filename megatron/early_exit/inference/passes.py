@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from megatron.early_exit.derived import DerivedCopies
 from megatron.early_exit.inference import greedy_head, kernels, lean, native
 from megatron.early_exit.inference.confidence import get_measure, max_prob
-from megatron.early_exit.inference.exit_decision import decide, pass_begins, worth_checking
+from megatron.early_exit.inference.exit_decision import decide, exits_paused, pass_begins, worth_checking
 from megatron.early_exit.inference.fused_check import folded_probe, logit_threshold, sigmoid
 from megatron.early_exit.inference.kv_cache import DecodeIndex, KVCache, RowIndex, row_positions
 from megatron.early_exit.inference.uniform_check import DraftCheck, UniformCheck, layer_probe, uniform_checks
@@ -266,7 +266,7 @@ class Passes:
         self.holding = self.holders(state, new_tokens) if policy.mode == "cost_aware" else None
         self.lean_kernels.sync()  # lean layers look their kernels up again where one may be forced now
         self.scaled = self.layer_scores = None
-        by_depth = self.exits_by_depth(policy)
+        by_depth = {} if exits_paused(self, policy) else self.exits_by_depth(policy)
         clean = self.uniform_layers(state, new_tokens) if self.fast and scores is None else 0
         if all_rows and clean >= self.num_layers:
             clean = 0  # nothing pending: `run_uniform` would end with the newest rows' head only
@@ -431,7 +431,7 @@ class Passes:
         ids = torch.tensor([t[0] for t in new_tokens.values()], dtype=torch.long).view(-1, 1)
         index, rotary = self.uniform_layout(state, seqs, pos)
         rows = Rows(seqs, pos, [1] * len(seqs), self.embed_ids(ids.to(self.device), index))  # (A, 1, h)
-        has_new, checks = set(seqs), uniform_checks(self, state, policy, by_depth)
+        has_new, checks = set(seqs), uniform_checks(self, state, policy, by_depth) if by_depth else {}
         ran, stops, at = 0, self.uniform_stops(by_depth, layers), 0
         soft: dict[int, tuple] = {}  # depth -> (its check, whether it evaluates) for the run of layers
         while at < len(stops):

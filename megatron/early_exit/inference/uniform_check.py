@@ -57,6 +57,9 @@ class UniformCheck:
         # pass size A -> (decider, its version, its costs, the chance's key, the verdict, whether
         # the rows would start pending rows: `ExitDecider.starts_pending`)
         self.verdicts: dict[int, tuple] = {}
+        # (rows, decider, verdict) as `peek` found them for a run of layers, which `passed` counts
+        # after the run without working the verdict out again (nothing the run records moves it)
+        self.peeked: tuple | None = None
 
     def __call__(self, state, rows, out, due: bool = False) -> set[int]:
         """The sequences of `rows` (A, 1, h) of decode state `state` that leave at exit n
@@ -129,18 +132,27 @@ class UniformCheck:
             return True
         a = len(rows.seqs)
         decider, kept = self.kept(rows, a, self.candidates(a))
+        self.peeked = (rows, decider, kept)
         return kept[4] or decider.refreshes(kept[3])
 
     def passed(self, rows, evaluated: bool) -> None:
         """A native run of layers went past this exit (`Passes.decode_layers`), its probe run
         where `evaluated` and no row's score reaching the threshold: what `__call__` counts and
-        records then (a skip, or an evaluation none of whose rows fired)."""
+        records then (a skip, or an evaluation none of whose rows fired). The verdict `peek` found
+        for these rows before the run is the one `due` would find now: what the run recorded
+        was other exits' evaluations, which move their own chances alone."""
         if self.exact:
             return
-        a = len(rows.seqs)
-        self.due(rows)
+        peeked, self.peeked = self.peeked, None
+        if peeked is not None and peeked[0] is rows:
+            decider, kept = peeked[1], peeked[2]
+            if not kept[4]:
+                decider.skip(kept[3])  # `worth`'s count
+        else:
+            decider = decider_of(self.passes)
+            self.due(rows)
         if evaluated:
-            decider_of(self.passes).choose(self.passes, self.n, [], rows, self.candidates(a), self.policy)
+            decider.choose(self.passes, self.n, [], rows, self.candidates(len(rows.seqs)), self.policy)
 
     def leave(self, state, rows, fire: list[int], scores: list[float], out) -> set[int]:
         """The rows `fire` leave: their confidences, exit hidden states and projections, as

@@ -86,11 +86,13 @@ import functools
 import glob
 import math
 import os
+import random
 import statistics
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 
+import numpy as np
 import torch
 
 from megatron.early_exit.inference import lean
@@ -733,10 +735,18 @@ class ReferenceStep:
 
 
 def replayed_step(engine, prompts: list[list[int]], first, then, times: int = 1) -> Callable[[], StepOutput]:
-    """A decode step under `then` that can be run again and again from the same state: the
-    prompts prefilled and `times` steps decoded under `first` (token 1 for every sequence), then
-    the caches' fill counts (an exit block's too) and the positions fed saved; each call restores them and decodes
-    token 1 again (it rewrites the same K/V, so every call computes the same step)."""
+    """A decode step under `then` that can be run again and again from the same state
+    (`saved_steps`)."""
+    run = saved_steps(engine, prompts, first, times)
+    return lambda: run(then)
+
+
+def saved_steps(engine, prompts: list[list[int]], first, times: int = 1) -> Callable[[object], StepOutput]:
+    """A decode step under any policy, run again and again from the same state: the prompts
+    prefilled and `times` steps decoded under `first` (token 1 for every sequence), then the
+    caches' fill counts (an exit block's too) and the positions fed saved; each call restores them
+    and decodes token 1 again under the policy it is given (it rewrites the same K/V, so every call
+    under one policy computes the same step)."""
     batch = dict.fromkeys(range(len(prompts)), 1)
     state = engine.new_state(len(prompts), max(map(len, prompts)) + times + 4)
     engine.prefill(state, dict(enumerate(prompts)))
@@ -746,12 +756,12 @@ def replayed_step(engine, prompts: list[list[int]], first, then, times: int = 1)
     exit_cache = state.exit_cache  # exits with a block of their own: their cache too
     exit_filled = None if exit_cache is None else exit_cache.filled.copy()
 
-    def step() -> StepOutput:
+    def step(policy) -> StepOutput:
         state.cache.filled[...] = filled
         state.fed[:] = fed
         if exit_filled is not None:
             exit_cache.filled[...] = exit_filled
-        return engine.decode_one_token(state, batch, then)
+        return engine.decode_one_token(state, batch, policy)
 
     return step
 
@@ -775,29 +785,19 @@ def check_in_step(engine, prompts: list[list[int]], rounds: int, reference=None)
     bf16, AMD EPYC), so the error (a bootstrap of the median) is returned with each: take
     thousands of rounds. `probe[n]` times the check called alone, its Python paid cold as where
     it fires. {} where no exit has a probe. `reference`: run once a round."""
-    import random
-
     p = engine.passes
     exits = tuple(n for n in p.exits if p.model.exits[str(n)].confidence is not None)
     if not exits:
         return {}
-    full, batch = ExitPolicy(), dict.fromkeys(range(len(prompts)), 1)
-    state = engine.new_state(len(prompts), max(map(len, prompts)) + 4)
-    engine.prefill(state, dict(enumerate(prompts)))
-    engine.decode_one_token(state, batch, full)
-    filled, fed = state.cache.filled.copy(), list(state.fed)
-    exit_filled = None if state.exit_cache is None else state.exit_cache.filled.copy()  # exits with a block
+    full = ExitPolicy()
+    run = saved_steps(engine, prompts, full)
     policies = {"full": full, **{m: ExitPolicy(exits, NEVER, "learned", mode=m) for m in ("exact", "cost_aware")}}
     diffs: dict[str, list[float]] = {"exact": [], "cost_aware": []}
     order, shuffle = list(policies), random.Random(0).shuffle
 
     def step(name: str) -> float:
-        state.cache.filled[...] = filled
-        state.fed[:] = fed
-        if exit_filled is not None:
-            state.exit_cache.filled[...] = exit_filled
         start = tick(p.device)
-        out = engine.decode_one_token(state, batch, policies[name])
+        out = run(policies[name])
         took = tick(p.device) - start
         if any(layer < p.num_layers for layer in out.exit_layer.values()):
             raise RuntimeError(f"check_in_step: a learned check fired at threshold {NEVER} ({name})")
@@ -820,8 +820,6 @@ def check_in_step(engine, prompts: list[list[int]], rounds: int, reference=None)
 def median_and_error(values: Sequence[float], resamples: int = 200) -> tuple[float, float]:
     """(the median of `values`, its standard error: the spread of the medians of `resamples`
     bootstrap resamples, seeded)."""
-    import numpy as np
-
     a, rng = np.asarray(values, dtype=np.float64), np.random.default_rng(0)
     spread = [np.median(rng.choice(a, a.size)) for _ in range(resamples)]
     return float(np.median(a)), float(np.std(spread))

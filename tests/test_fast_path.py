@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from megatron.early_exit.config import ModelConfig
-from megatron.early_exit.inference import EarlyExitEngine, ExitPolicy, GenerationSettings
+from megatron.early_exit.inference import EarlyExitEngine, ExitPolicy, GenerationSettings, lean
 from megatron.early_exit.model import EarlyExitGPT
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest.one_thread
@@ -172,7 +172,7 @@ def test_fast_path_full_decoding_equals_generate_without_it():
 
 
 @torch.no_grad()
-def test_backbone_probe_fires_on_the_rows_of_the_probe_computed_by_hand():
+def test_backbone_probe_fires_on_the_rows_of_the_probe_computed_by_hand(monkeypatch):
     model = make("llama_backbone_probe", seed=7)
     n, threshold = 2, 0.5
     head = model.exits[str(n)]
@@ -185,6 +185,9 @@ def test_backbone_probe_fires_on_the_rows_of_the_probe_computed_by_hand():
     hidden_rows = []
     real_hidden = head.hidden
     head.hidden = lambda h, *a: (hidden_rows.append(h.shape[0]), real_hidden(h, *a))[1]
+    real_lean = lean.ExitMLP.__call__  # the exit's MLP as lean passes run it (`Passes.exit_input`)
+    counted = lambda m, x, k: (hidden_rows.append(x.shape[0]), real_lean(m, x, k))[1]  # noqa: E731
+    monkeypatch.setattr(lean.ExitMLP, "__call__", counted)
     policy = ExitPolicy(allowed=(n,), threshold=threshold, measure="learned")
     fired_total = stayed_total = 0
     for _ in range(6):

@@ -79,23 +79,36 @@ def assert_same_steps(ref, got, s_ref, s_got) -> None:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("batch", [1, 2, 4])
 @pytest.mark.parametrize("native_probe", [False, True])
-def test_lean_layers_give_the_modules_numbers_bit_for_bit(dtype, batch, native_probe, monkeypatch):
+@pytest.mark.parametrize("exit_mlp", [False, True], ids=["norm_exits", "mlp_exits"])
+def test_lean_layers_give_the_modules_numbers_bit_for_bit(dtype, batch, native_probe, exit_mlp, monkeypatch):
     if not native_probe:  # the checks' probes made without `native.Probe`: the torch check, rows shared
         monkeypatch.setattr(native, "available", lambda dtype=torch.float32: False)
     elif not native.available():
         pytest.skip("no native kernel here (no C compiler)")
-    model = make(dtype)
+    # MLP exits (SmolLM2's): a leaving row's exit MLP runs as `lean.ExitMLP` where lean layers are on
+    model = make(dtype, use_exit_mlp=exit_mlp)
     prompts = PROMPTS[batch]
     # Exits that split the batch alternate with full-depth steps (pending rows recomputed) and
     # with checks that hardly fire (their rows taken by the next layer's norm).
     learned = dict(allowed=(1, 2, 3), measure="learned")
     policies = [ExitPolicy(threshold=0.5, **learned), ExitPolicy(), ExitPolicy(threshold=0.999, **learned)]
+    mlp_calls, real_mlp = [0, 0], lean.ExitMLP.__call__
+
+    def counted(mlp, x, linear):
+        mlp_calls[use_lean] += 1
+        return real_mlp(mlp, x, linear)
+
+    monkeypatch.setattr(lean.ExitMLP, "__call__", counted)
+    use_lean = False
     ref, s_ref, n_ref = decode(model, prompts, policies, use_lean=False)
+    use_lean = True
     got, s_got, n_got = decode(model, prompts, policies, use_lean=True)
+    assert mlp_calls[False] == 0 and (mlp_calls[True] > 0) == exit_mlp
     # Lean on uniform steps and on general passes; in steps where no row left at an exit, the
     # next layer's input norm took the rows the exit's torch check had made (`lean.scaled_rows`;
-    # the native check makes none: the layer folds its own norm).
-    assert n_ref == [0, 0, 0] and min(n_got[:2]) > 0 and (n_got[2] == 0) == native_probe
+    # the native check makes none: the layer folds its own norm; nor does a probe that reads an
+    # MLP exit's output).
+    assert n_ref == [0, 0, 0] and min(n_got[:2]) > 0 and (n_got[2] == 0) == (native_probe or exit_mlp)
     assert_same_steps(ref, got, s_ref, s_got)
     assert torch.equal(s_got.cache.k, s_ref.cache.k) and torch.equal(s_got.cache.v, s_ref.cache.v)
     assert len({e for _, exits, _ in ref for e in exits.values()}) > 1  # some tokens left early

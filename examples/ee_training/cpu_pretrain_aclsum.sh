@@ -2,8 +2,12 @@
 # The CPU reference model: pretrain a small early-exit model (24M parameters, 12 layers, 8k
 # SentencePiece vocabulary so that exit heads stay cheap) on the aclsum paper corpus (~1.5M
 # tokens), then calibrate its thresholds and sweep them. One command, about an hour on 2 quiet
-# cores (bf16, ~1,600 tokens/s):
+# cores with bf16 kernels (avx512_bf16 / AMX: ~1,600 tokens/s); ~3 hours on AVX2 alone (fp32,
+# ~270 tokens/s: 15 s an iteration):
 #   bash examples/ee_training/cpu_pretrain_aclsum.sh
+# Its flags go to the pretraining: stopped, it resumes from the last checkpoint (saved every 50
+# iterations), then runs the steps after it, with
+#   bash examples/ee_training/cpu_pretrain_aclsum.sh --load runs/ee_aclsum/checkpoints
 #
 # What the first round's 23M model taught (its exits and its final head were nearly the same
 # undertrained model, and layer counts alone could not buy much):
@@ -23,6 +27,11 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 DATA=${DATA:-data/aclsum}
 RUN=${RUN:-runs/ee_aclsum}
+# bf16 where the CPU has bf16 matrix kernels, else fp32 (megatron/early_exit/precision.py: on AVX2
+# alone bf16 training is no faster and caching ~5x slower); BF16=--bf16 or BF16= forces either.
+BF16=${BF16-$(python -m megatron.early_exit.precision)}
+# the sweep decodes in bf16 wherever the native kernel is built; DECODE_DTYPE=fp32 forces fp32
+DECODE_DTYPE=${DECODE_DTYPE:-$(python -m megatron.early_exit.precision --decode-dtype)}
 [ -f "$DATA/tokenizer.model" ] || python tools/prepare_aclsum_corpus.py --output "$DATA" --sentencepiece-vocab-size 8000
 [ -f "$DATA/aclsum_text_document.bin" ] || python tools/preprocess_data.py --input "$DATA/train.jsonl" \
     --output-prefix "$DATA/aclsum" --tokenizer-type SentencePieceTokenizer --tokenizer-model "$DATA/tokenizer.model" \
@@ -36,8 +45,8 @@ python pretrain_early_exit_gpt.py \
     --layer-dropout-max 0.1 --layer-dropout-curriculum linear --layer-dropout-warmup-iters 200 \
     --micro-batch-size 8 --global-batch-size 16 --train-iters 700 \
     --lr 1.5e-3 --min-lr 1.5e-4 --lr-warmup-iters 60 --lr-decay-style cosine --clip-grad 1.0 --weight-decay 0.1 \
-    --bf16 --log-interval 20 --eval-interval 200 --eval-iters 10 \
-    --save "$RUN/checkpoints" --save-interval 200 --log-jsonl "$RUN/log.jsonl" --tensorboard-dir "$RUN/tb" "$@"
+    $BF16 --log-interval 20 --eval-interval 200 --eval-iters 10 \
+    --save "$RUN/checkpoints" --save-interval 50 --log-jsonl "$RUN/log.jsonl" --tensorboard-dir "$RUN/tb" "$@"
 # Pretraining's probes learn "exit's top-1 == the label"; an exit decision needs "== the final
 # head's". New probes of PROBE_HIDDEN units replace them (every other tensor kept), each exit gets
 # an output projection of its own (--untie-exits: a copy of the tied one, so nothing changes yet),
@@ -52,12 +61,12 @@ python pretrain_early_exit_gpt.py \
 python tools/checkpoint/add_exits.py --load-dir "$RUN/checkpoints" --save-dir "$RUN/probed" --overwrite \
     --replace-probes --exit-confidence-hidden-size "${PROBE_HIDDEN:-128}" --untie-exits
 python tools/checkpoint/cache_exit_activations.py --load "$RUN/checkpoints" --data-path "$DATA/aclsum_text_document" \
-    --split 98,2,0 --seq-length 256 --max-tokens "${CACHE_TOKENS:-600000}" --num-valid-samples 64 --top-k 16 --dtype bf16 --bf16 \
+    --split 98,2,0 --seq-length 256 --max-tokens "${CACHE_TOKENS:-600000}" --num-valid-samples 64 --top-k 16 --dtype bf16 $BF16 \
     --output "$RUN/cache" --no-progress-bar
 python pretrain_early_exit_gpt.py --load "$RUN/probed" --finetune --tune-exit --exit-activation-cache "$RUN/cache" \
     --exit-loss-type kd --micro-batch-size 16 --global-batch-size 16 --train-iters 292 \
     --lr 1e-3 --min-lr 1e-4 --lr-warmup-iters 10 --lr-decay-style cosine \
-    --bf16 --log-interval 25 --eval-interval 292 --eval-iters 4 --save "$RUN/tuned" --save-interval 292 \
+    $BF16 --log-interval 25 --eval-interval 292 --eval-iters 4 --save "$RUN/tuned" --save-interval 292 \
     --log-jsonl "$RUN/tune_log.jsonl"
 # Thresholds with CALM's guarantee (disagreement with full decoding <= 5% with probability >= 90%),
 # written into the checkpoint for `--early-exit-thres auto`. The validation part is 5 documents,
@@ -65,6 +74,6 @@ python pretrain_early_exit_gpt.py --load "$RUN/probed" --finetune --tune-exit --
 # default WSR bound then proves a risk close to delta).
 python tools/eval/calibrate_thresholds.py --load "$RUN/tuned" --delta 0.05 --epsilon 0.1 \
     --data-path "$DATA/aclsum_text_document" --split 98,2,0 --seq-length 32 --num-chunks 1000 \
-    --measure learned --bf16 --check-splits 20
+    --measure learned $BF16 --check-splits 20
 python tools/eval/ee_sweep.py --load "$RUN/tuned" --data "$DATA/test_summarization.jsonl" \
-    --output "$RUN/sweep" --num-examples 40 --bf16
+    --output "$RUN/sweep" --num-examples 40 $([ "$DECODE_DTYPE" = bf16 ] && echo --bf16)

@@ -875,17 +875,36 @@ class Passes:
         pass's `probe_check` both take it); else `exit_hidden`, `exit_logits`. A general pass (a
         fill) leaving at exit 6 of the CPU reference model (bf16) spent ~0.3 ms in the exit's norm
         and projection as separate operations."""
+        lean_input = self.exit_input(state, head, rows, cand) if head.block is None else None
+        if lean_input is None:
+            return self.leaver_logits(head, self.exit_hidden(state, n, head, rows, cand), vocab), None
+        x, norm = lean_input
+        if vocab != "draft":
+            weight = head.output_weight(self.model.tied_output_weight())
+            made = self.native_vocab(x[:, 0], weight, norm, head.temperature)
+        elif norm is None or not lean.watched((norm,)):  # `native_vocab` asks this of its norm itself
+            made = self.native_draft(head, x.contiguous(), None if norm is None else (norm.weight, norm.eps))
+        else:
+            made = None
+        if made is not None:
+            return made[0], made[1]
+        return self.leaver_logits(head, x if norm is None else self.norm(norm, x), vocab), None
+
+    def exit_input(self, state, head, rows: Rows, cand: list[int]) -> tuple | None:
+        """(x [A, 1, h], norm): the newest row of each candidate as exit `head` has it right before
+        its last norm `norm` (an RMSNorm, or None), where the exit is that norm alone (x: the
+        backbone's rows) or a lean MLP sub-block and its norm (`lean.ExitMLP`, run here where lean
+        layers are on and no hook watches it); None where it is anything else (a block, another
+        MLP or norm): `head.hidden`."""
         norm = state.remembered(("exit norm", id(head)), lambda: lean.exit_norm(head))
         if norm is not None:
-            x, made = self.newest_rows(rows, cand), None
-            if vocab != "draft":
-                weight = head.output_weight(self.model.tied_output_weight())
-                made = self.native_vocab(x[:, 0], weight, norm, head.temperature)
-            elif not lean.watched((norm,)):  # `native_vocab` asks this of its norm itself
-                made = self.native_draft(head, x.contiguous(), (norm.weight, norm.eps))
-            if made is not None:
-                return made[0], made[1]
-        return self.leaver_logits(head, self.exit_hidden(state, n, head, rows, cand), vocab), None
+            return self.newest_rows(rows, cand), norm
+        mlp = state.remembered(("exit mlp", id(head)), lambda: lean.exit_mlp(head))
+        if mlp is None or not self.lean or mlp.hooked():
+            return None
+        x = self.newest_rows(rows, cand)
+        a = x.shape[0]
+        return mlp(x.reshape(a, -1), self.lean_kernels).view(a, 1, -1), head.norm
 
     def folded_probe(self, state: DecodeState, head):
         """`fused_check.folded_probe(head)`, looked up once per decode state."""
@@ -933,10 +952,11 @@ class Passes:
         """Exit n's hidden state [A, 1, h] at the newest row of each candidate `rows` index."""
         if head.block is not None:
             return self.block_exit_hidden(state, n, head, [rows.seqs[a] for a in cand])
-        norm = state.remembered(("exit norm", id(head)), lambda: lean.exit_norm(head))
-        if norm is not None:  # the exit is its RMSNorm alone
-            return self.norm(norm, self.newest_rows(rows, cand))
-        return head.hidden(self.newest_rows(rows, cand))
+        lean_input = self.exit_input(state, head, rows, cand)  # its norm alone, or a lean MLP and norm
+        if lean_input is None:
+            return head.hidden(self.newest_rows(rows, cand))
+        x, norm = lean_input
+        return x if norm is None else self.norm(norm, x)
 
     def newest_rows(self, rows: Rows, cand: list[int]) -> torch.Tensor:
         """The newest row [A, 1, h] of each candidate `rows` index (the backbone at this depth)."""

@@ -200,9 +200,7 @@ class Passes:
         # (probe, rows.x, scores): the scores of the next exit's native probe that the layer before
         # it made in its own call (`decode_layer`), which its check takes (`shared_norm_scores`).
         self.layer_scores: tuple | None = None
-        # 'full': the final head's whole logits; 'auto' / 'int8': where only the token is needed,
-        # the certified argmax of greedy_head.py (the engine sets it per request).
-        self.argmax_head = "full"
+        self.argmax_head = "full"  # the final head's whole logits, or its certified int8 argmax
         # Ascending token ids a forced exit (a self-speculative draft) projects onto alone, or
         # None: the whole vocabulary (`draft_logits`; the engine sets it from the calibration record).
         self.draft_vocab: torch.Tensor | None = None
@@ -1157,9 +1155,22 @@ class Passes:
             return lean.rms_norm(x, norm.weight, norm.eps)
         return norm(x)
 
+    @property
+    def argmax_head(self) -> str:
+        """'full': the final head's whole logits; 'auto' / 'int8': where only the token is needed,
+        the certified argmax of greedy_head.py (the engine sets it per request)."""
+        return self._argmax_head
+
+    @argmax_head.setter
+    def argmax_head(self, head: str) -> None:
+        # whether it takes the int8 head, worked out here (a request sets it) rather than in every
+        # decode step's final head, where it cost ~85 us paid cold (SmolLM2, bf16)
+        self._argmax_head = head
+        self.int8 = head != "full" and greedy_head.wants_int8(self.model.output_weight(), head)
+
     def int8_head(self) -> bool:
         """Whether this pass takes the final head's tokens from the certified int8 argmax."""
-        return self.argmax_head != "full" and greedy_head.wants_int8(self.model.output_weight(), self.argmax_head)
+        return self.int8
 
     def certified_tokens(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """h [N, h] (after the final norm) -> (greedy tokens [N], near-exact logits [N, V] fp32)."""

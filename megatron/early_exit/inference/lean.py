@@ -125,8 +125,14 @@ class ExitMLP:
 
     def __call__(self, x: torch.Tensor, linear: LeanKernels) -> torch.Tensor:
         """x (A, h) -> x + MLP(mlp_norm(x)) (A, h)."""
-        h = linear.folded(x, self.fc1, norm=(self.w, self.eps))  # (A, 2 ffn)
-        return linear.folded(h, self.fc2, swiglu=True, residual=x)
+        return mlp_block(x, self.fc1, self.fc2, (self.w, self.eps), linear)
+
+
+def mlp_block(x: torch.Tensor, fc1: torch.Tensor, fc2: torch.Tensor, norm: tuple, linear: LeanKernels) -> torch.Tensor:
+    """x (N, h) plus the SwiGLU MLP (fc1's rows [gate; up], then fc2) of its RMSNorm `norm` (gain,
+    eps): a lean layer's MLP half (`LeanLayer.finish`) and an MLP exit's (`ExitMLP`)."""
+    h = linear.folded(x, fc1, norm=norm)  # (N, 2 ffn)
+    return linear.folded(h, fc2, swiglu=True, residual=x)
 
 
 def exit_mlp(head: nn.Module) -> ExitMLP | None:
@@ -258,8 +264,7 @@ class LeanLayer:
         """x (N, h) plus the attention's output projected from out (N, heads x hd), then plus
         the SwiGLU MLP of the normed result: the layer's output (N, h)."""
         x = linear.folded(out, self.proj, residual=x)
-        h = linear.folded(x, self.fc1, norm=(self.w_mid, self.eps_mid))  # (N, 2 ffn)
-        return linear.folded(h, self.fc2, swiglu=True, residual=x)
+        return mlp_block(x, self.fc1, self.fc2, (self.w_mid, self.eps_mid), linear)
 
     def __call__(self, x, cos, sin_signed, attn_mask, view, linear: LeanKernels, scaled=None, probe=None):
         """x (A, 1, h) -> (A, 1, h); K/V written through `view` (a `kv_cache.DecodeView`).

@@ -873,7 +873,7 @@ class Passes:
         pass's `probe_check` both take it); else `exit_hidden`, `exit_logits`. A general pass (a
         fill) leaving at exit 6 of the CPU reference model (bf16) spent ~0.3 ms in the exit's norm
         and projection as separate operations."""
-        lean_input = self.exit_input(state, head, rows, cand) if head.block is None else None
+        lean_input = self.exit_input(state, head, rows, cand)  # None for a block exit too
         if lean_input is None:
             return self.leaver_logits(head, self.exit_hidden(state, n, head, rows, cand), vocab), None
         x, norm = lean_input

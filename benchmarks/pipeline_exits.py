@@ -209,9 +209,14 @@ def _ping_pong(template, ps, reps: int, load=None) -> float:
     store = dist.distributed_c10d._get_default_store()
     dist.barrier()
     if ps.pp_rank > 1:
+        if load is not None:  # one step before saying so: stages 0 and 1 start once every loader runs
+            load()
+            store.set(f"loading_{ps.pp_rank}", "1")
         while load is not None and not store.check(["ping_pong_done"]):
             load()
         return 0.0
+    if load is not None:  # else a fast ping-pong could end before the loaders were scheduled at all
+        store.wait([f"loading_{r}" for r in range(2, ps.dims.pp)])
     start = time.perf_counter()
     for _ in range(reps):  # stage 0 sends, stage 1 answers: two messages per round
         if ps.pp_rank == 0:

@@ -177,6 +177,13 @@ static void store(v16 s, const void *b, const void *res, void *y, int bf16, int6
 #define PREFETCH 4096
 #endif
 
+/* Ask for the `lines` (1 or 2) cache lines from p: a sweep's next two columns, PREFETCH ahead
+   (one line of bf16, two of fp32; vdpbf16ps's four bf16 columns two). */
+static inline void fetch_ahead(const char *p, int lines) {
+    __builtin_prefetch(p);
+    if (lines > 1) __builtin_prefetch(p + 64);
+}
+
 #ifdef HALVES
 /* 8 elements of p from i, as fp32 (bf16 widened by a shift). */
 static inline v8 widen8(const void *p, int bf16, int64_t i) {
@@ -222,8 +229,7 @@ static inline __attribute__((always_inline)) void sweep(const void *panel, int b
     const char *ahead = (const char *)panel + PREFETCH; /* 2 columns: one line of bf16, two of fp32 */
     const int64_t step = bf16 ? 2 * PANEL * 2 : 2 * PANEL * 4;
     for (; k + 2 <= K; k += 2, ahead += step) {
-        __builtin_prefetch(ahead);
-        if (!bf16) __builtin_prefetch(ahead + 64);
+        fetch_ahead(ahead, bf16 ? 1 : 2);
         v8 w0l, w0h, w1l, w1h;
         widen_halves(panel, bf16, k, &w0l, &w0h);
         widen_halves(panel, bf16, k + 1, &w1l, &w1h);
@@ -263,8 +269,7 @@ static inline __attribute__((always_inline)) void sweep(const void *panel, int b
         for (int i = 0; i < XS; i++) c[i][0] = c[i][1] = _mm512_setzero_ps();
         const char *ahead = (const char *)panel + PREFETCH; /* 4 columns: two lines of bf16 */
         for (; k + 4 <= K; k += 4, ahead += 4 * PANEL * 2) {
-            __builtin_prefetch(ahead);
-            __builtin_prefetch(ahead + 64);
+            fetch_ahead(ahead, 2);
             __m512bh w0 = column_pair(panel, k), w1 = column_pair(panel, k + 2);
             for (int i = 0; i < XS; i++) {
                 c[i][0] = _mm512_dpbf16_ps(c[i][0], w0, (__m512bh)_mm512_set1_epi32((int)xq[k / 2 * XS + i]));
@@ -278,8 +283,7 @@ static inline __attribute__((always_inline)) void sweep(const void *panel, int b
 #endif
     const char *ahead = (const char *)panel + k * PANEL * (bf16 ? 2 : 4) + PREFETCH;
     for (; k + 2 <= K; k += 2, ahead += 2 * PANEL * (bf16 ? 2 : 4)) {
-        __builtin_prefetch(ahead);
-        if (!bf16) __builtin_prefetch(ahead + 64);
+        fetch_ahead(ahead, bf16 ? 1 : 2);
         v16 w0 = column(panel, bf16, k), w1 = column(panel, bf16, k + 1);
         for (int i = 0; i < XS; i++) {
             a[i][0] += w0 * xr[k * XS + i];

@@ -38,12 +38,13 @@ FIRST = TRUSTED + len(SCHEDULE)  # windows before the ratios choose
 AWARE = ExitPolicy(allowed=(1,), threshold=0.0, mode="cost_aware")
 
 
-def drive(clock: ExitClock, key, cost) -> list[int]:
-    """Passes of `key` until `cost(mode, i)` returns None: each pass's mode (pass i took `cost(mode, i)`)."""
+def drive(clock: ExitClock, key, cost, fired=lambda i: True) -> list[int]:
+    """Passes of `key` until `cost(mode, i)` returns None: each pass's mode (pass i took `cost(mode, i)`;
+    `fired(i)`: whether a row had reached the threshold before pass i)."""
     now, modes = [0.0], []
     clock.clock = lambda: now[0]
     while True:
-        mode = clock.start(key)
+        mode = clock.start(key, fired(len(modes)))
         seconds = cost(mode, len(modes))
         if seconds is None:
             return modes
@@ -212,7 +213,7 @@ class Always:
     def __init__(self, mode: int) -> None:
         self.mode = mode
 
-    def start(self, key) -> int:
+    def start(self, key, fired: bool = True) -> int:
         return self.mode
 
     def stop(self) -> None:
@@ -275,3 +276,44 @@ def test_paused_passes_run_as_full_decoding_without_stopping_at_their_exits(monk
     decider.clock = Always(FREE)  # every exit evaluated, every firing row leaves
     tokens, exits = run(engine, PROMPTS, **kw)
     assert made and all(layers[1:] == [2] * (NEW - 1) for layers in exits)
+
+
+def test_where_nothing_has_fired_no_free_window_runs_and_the_trusted_windows_end(small_windows):
+    """Nothing fired: one trusted window, then paused and on alone (the schedule's free window and
+    the on window after it left out), and FREE never explored however cheap it would be; once a
+    row fires, FREE (unknown) is explored within EXPLORE_NEAR windows and the mode it is kept
+    where it is fastest."""
+    costs = {PAUSED: 1.0, ON: 1.01, FREE: 0.5}
+    quiet = 4 * (1 + 2 + 3 * EXPLORE_FAR)  # passes before the first row fires
+    clock = ExitClock()
+    modes = drive(clock, "k", by_mode(costs, quiet + 4 * (2 * EXPLORE_FAR)), fired=lambda i: i >= quiet)[::4]
+    assert modes[:3] == [ON, PAUSED, ON] and FREE not in modes[: quiet // 4]
+    assert modes[3 : quiet // 4].count(PAUSED) >= len(modes[3 : quiet // 4]) - 3 * EXPLORE_FAR // EXPLORE_NEAR - 1
+    assert FREE in modes[quiet // 4 : quiet // 4 + EXPLORE_NEAR + 2]
+    assert clock.tracks["k"].preferred() == FREE and modes[-EXPLORE_FAR:].count(FREE) >= EXPLORE_FAR - 8
+
+
+def test_a_row_that_fires_in_the_trusted_windows_keeps_them_and_the_schedule_whole(small_windows):
+    """A row fired from the first pass, or within the first window: TRUSTED windows on, then paused,
+    on, free, on."""
+    modes = drive(ExitClock(), "k", by_mode({PAUSED: 1.0, ON: 1.0, FREE: 1.0}, 4 * FIRST))[::4]
+    assert modes == [ON] * TRUSTED + list(SCHEDULE)
+    late = drive(ExitClock(), "k", by_mode({PAUSED: 1.0, ON: 1.0, FREE: 1.0}, 4 * FIRST), fired=lambda i: i >= 2)
+    assert late[::4][: TRUSTED + len(SCHEDULE)] == [ON] * TRUSTED + list(SCHEDULE)  # fired within the first window
+
+
+def test_the_decider_says_fired_once_a_row_of_the_policys_exits_reached_its_threshold():
+    """`ExitDecider.has_fired`: per (exit, measure, threshold) of the policy, from `record`'s counts
+    in any mode and pass size; another threshold or measure has not fired."""
+    passes = EarlyExitEngine(make("llama")).passes
+    decider = ExitDecider()
+    policy = ExitPolicy(allowed=(1, 2), threshold=0.5, mode="cost_aware")
+    assert not decider.has_fired(passes, policy)
+    decider.record(2, policy, candidates=4, fired=0, paid=False)
+    assert not decider.has_fired(passes, policy)
+    decider.record(2, ExitPolicy(allowed=(2,), threshold=0.6, mode="cost_aware"), candidates=4, fired=1, paid=False)
+    decider.record(2, ExitPolicy(allowed=(2,), threshold=0.5, measure="learned", mode="cost_aware"), 4, 1, False)
+    assert not decider.has_fired(passes, policy)
+    decider.record(2, policy, candidates=4, fired=1, paid=False)  # fired, though leaving did not pay
+    assert decider.has_fired(passes, policy)
+    assert not decider.has_fired(passes, ExitPolicy(allowed=(1,), threshold=0.5, mode="cost_aware"))

@@ -25,6 +25,14 @@ EXPLORE_NEAR and EXPLORE_FAR apart. The first TRUSTED windows run ON (a one-off 
 to 64 tokens decides as the costs say), then SCHEDULE (paused, on, free, on) gives the first
 ratios.
 
+Until a row has reached the threshold at one of the policy's exits (`ExitDecider.has_fired`: in
+any mode, any pass size), FREE is ON with more checks and nothing leaving, and ON is PAUSED with
+checks: no FREE window runs (the schedule's is left out, exploring one waits), and the trusted
+windows end with the first in which nothing has fired. On the CPU reference model, max_prob 0.9
+(nothing leaves at batch 1 / 4 / 16) decoded 4 runs of 32 tokens at 0.91-0.95x full decoding
+with all of its 128 passes exploring: 64 trusted ON and a FREE window that projects every exit
+onto the vocabulary every pass.
+
 Clocked only where decisions may follow the clock (`exit_decision.costs_from_parameters` false:
 one process, not the test suite's `EE_EXIT_COSTS=parameters`) and on a CPU device (a device's
 queue would need a synchronisation per pass); never a pass with a forced exit (drafting), a
@@ -78,8 +86,10 @@ class Track:
     # (a, b), a < b -> seconds per pass under b over under a, of neighbouring windows
     ratios: dict = field(default_factory=dict)
     begun: int = 1  # windows begun
+    step: int = 0  # the window's place in the trusted windows and SCHEDULE (past them: the ratios choose)
     since: dict = field(default_factory=dict)  # mode -> windows since its last one
     choice: int = ON  # the preferred mode at the last look
+    fired: bool = True  # a row has reached the threshold at an exit of the policy (as of the latest pass begun)
     by_mode: list = field(default_factory=lambda: [0] * len(MODES))  # passes run in each mode (reports)
 
     def relative(self, m: int, base: int) -> float | None:
@@ -117,14 +127,21 @@ class Track:
     def next_mode(self) -> int:
         """The mode of the window about to begin."""
         self.begun += 1
-        k = self.begun - 1 - TRUSTED  # the new window's index past the trusted ones
-        if k < 0:
-            return ON
-        if k < len(SCHEDULE):
-            return SCHEDULE[k]
+        self.step += 1
+        if self.step < TRUSTED:
+            if self.fired:
+                return ON
+            self.step = TRUSTED  # nothing fired: the trusted windows end
+        # The schedule's windows but a free one that nothing would leave in and a window of the
+        # mode just run (no ratio of a pair): where nothing has fired, paused and on alone.
+        while self.step - TRUSTED < len(SCHEDULE):
+            m = SCHEDULE[self.step - TRUSTED]
+            if m != self.mode and (m != FREE or self.fired):
+                return m
+            self.step += 1
         best, costs, due = self.preferred(), self.costs(), []
         for m in MODES:
-            if m != best:
+            if m != best and (m != FREE or self.fired):
                 self.since[m] = self.since.get(m, 0) + 1
                 overdue = self.since[m] - explore_every(costs.get(m))
                 if overdue >= 0:
@@ -176,13 +193,16 @@ class ExitClock:
         self.tracks: dict[tuple, Track] = {}
         self.running: tuple[Track, float] | None = None
 
-    def start(self, key: tuple) -> int:
-        """A clocked pass of `key` begins: its mode (PAUSED, ON or FREE)."""
+    def start(self, key: tuple, fired: bool = True) -> int:
+        """A clocked pass of `key` begins: its mode (PAUSED, ON or FREE). `fired`: whether a row
+        has reached the threshold at an exit of its policy yet (no FREE window runs until one has;
+        read when the window after this pass's is chosen)."""
         track = self.tracks.get(key)
         if track is None:
             if len(self.tracks) >= TRACKS:
                 del self.tracks[next(iter(self.tracks))]  # the one made first
             track = self.tracks[key] = Track()
+        track.fired = fired
         self.running = (track, self.clock())
         return track.mode
 

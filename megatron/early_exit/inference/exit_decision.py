@@ -380,6 +380,10 @@ class ExitDecider:
     # evaluated and every row that fires leaves (`exact`'s decisions); neither: the verdicts above.
     paused: bool = False
     free: bool = False
+    # (exit, measure, threshold) where an evaluated row has reached the threshold (`has_fired`);
+    # policy -> (len(fired) when last asked, the answer)
+    fired: set = field(default_factory=set)
+    fired_memo: dict = field(default_factory=dict)
 
     def clock_for(self, passes) -> ExitClock | None:
         """The decider's `ExitClock` (made on first use), or None: decisions that must not follow
@@ -389,6 +393,19 @@ class ExitDecider:
             timed = passes.device.type == "cpu" and not costs_from_parameters()
             self.clock = ExitClock() if timed and clock_wanted() else False
         return self.clock or None
+
+    def has_fired(self, passes, policy) -> bool:
+        """Whether a row has reached the threshold at one of the exits `policy` evaluates, in any
+        evaluation so far (any mode, any pass size): worked out again only where `record` has
+        counted a new (exit, measure, threshold) firing."""
+        memo = self.fired_memo.get(policy)
+        if memo is None or memo[0] != len(self.fired):
+            exits = [n for ns in passes.exits_by_depth(policy).values() for n in ns]
+            answer = any((n, policy.measure, policy.threshold_of(n)) in self.fired for n in exits)
+            if len(self.fired_memo) >= 64:
+                self.fired_memo.clear()
+            memo = self.fired_memo[policy] = (len(self.fired), answer)
+        return memo[1]
 
     def set_mode(self, mode: int) -> None:
         """The coming pass's mode: `exit_clock.PAUSED` (no exit evaluated, no skip counted), `ON`
@@ -504,6 +521,8 @@ class ExitDecider:
         self.chance[key] = (1 - weight) * self.own_chance(key) + weight * float(paid)
         past = DECAY if self.evaluated.get(shared, 0) >= MEAN_EVALUATIONS else 1.0
         self.evaluated[shared] = self.evaluated.get(shared, 0) + 1
+        if fired:
+            self.fired.add(shared)
         self.rows_fired[shared] = past * self.rows_fired.get(shared, 1.0) + fired
         self.rows_seen[shared] = past * self.rows_seen.get(shared, 1.0) + candidates
 
@@ -556,7 +575,8 @@ def pass_begins(passes, new_tokens: dict, policy, all_rows: bool = False, scores
         and bool(passes.exits_by_depth(policy))
     )
     clock = decider.clock_for(passes) if timed else None  # no costs yet: this pass measures them
-    decider.set_mode(clock.start((policy, len(new_tokens))) if clock is not None else ON)
+    fired = clock is not None and decider.has_fired(passes, policy)
+    decider.set_mode(clock.start((policy, len(new_tokens)), fired) if clock is not None else ON)
     return clock
 
 

@@ -535,3 +535,47 @@ def test_retime_prices_a_row_at_the_hosts_speed_then(monkeypatch):
     assert now.layer == pytest.approx(3 * costs.layer_direct, rel=1e-9)
     assert now.fixed == pytest.approx(1.5e-3, rel=1e-9)
     assert (costs.layer, costs.head) != (now.layer, now.head)  # the costs measured at the start are left as they were
+
+
+def two_exits() -> cm.DecodeCosts:
+    """10 layers, exits after 2 and 5; a layer reads 1 byte, the final head 8, each exit's projection 2
+    (no cache regime: every piece at its timed cost)."""
+    return cm.DecodeCosts(
+        num_layers=10, depth={2: 2, 5: 5}, layer=9.9, fixed=9.9, head=1.0, probe={2: 0.1, 5: 0.1},
+        vocab={2: 0.5, 5: 0.5}, project={2: 0.3, 5: 0.3}, layer_direct=0.7,
+        reads={"layer": ("layer", 1.0), "head": ("final", 8.0), "project/2": ("p2", 2.0), "project/5": ("p5", 2.0)},
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("excess", [0.0, 0.3, 3.3])
+def test_full_decodings_steps_above_the_exits_line_stream_their_reads_beyond_the_deepest_exits(excess):
+    """Exit steps on a line (2 + 1 a layer, then the probe and the leavers' projection); full
+    decoding's step `excess` above it. Within STREAM_EXCESS of its 15 (0.3: 2%) one line through
+    all three; beyond it (3.3: 22%) the exits' line, and the excess spread over the full step's
+    bytes beyond the exit-5 step's (18 - 7): each step pays for its own reads beyond 7 bytes."""
+    measured = {"exit 2": 2 + 2 + 0.4, "exit 5": 2 + 5 + 0.4, "full": 2 + 10 + 1 + excess}
+    costs = cm.fit_steps(two_exits(), measured, {2: False, 5: False})
+    if excess < cm.STREAM_EXCESS * measured["full"]:
+        assert costs.stream == 0.0 and costs.hot_bytes == 0.0
+        assert (costs.layer, costs.fixed) == pytest.approx(
+            cm.fit_line([(10, 12 + excess), (2, 4), (5, 7)]), rel=1e-9
+        )  # fmt: skip
+    else:
+        assert (costs.layer, costs.fixed) == pytest.approx((1.0, 2.0), rel=1e-9)
+        assert costs.hot_bytes == 7.0 and costs.stream == pytest.approx(3.3 / 11)
+        for name in measured:  # the exits' line, and full decoding's own time
+            assert cm.predicted_step(costs, name, False) == pytest.approx(measured[name], rel=1e-9)
+        # a step leaving at 5 after a check at 2 that did not fire reads what the exit-5 step does:
+        # nothing streams; a full step under max_prob reads both exits' projections too (22 bytes)
+        assert costs.step([5], (2, 5), False) == pytest.approx(7.5)
+        assert costs.step([10], (2, 5), True) == pytest.approx(2 + 10 + 1 + 0.5 + 0.5 + 3.3 / 11 * (22 - 7))
+        assert cm.scaled(costs, 2.0).stream == pytest.approx(2 * costs.stream)  # seconds a byte: the host's speed
+
+
+def test_one_exit_or_no_weights_read_fit_one_line():
+    """One exit gives no line of its own, and a model whose reads are unknown no bytes: no `stream`."""
+    one = replace(two_exits(), depth={2: 2})
+    measured = {"exit 2": 4.4, "full": 20.0}
+    assert cm.fit_steps(one, measured, {2: False}).stream == 0.0
+    unread = replace(two_exits(), reads={})
+    assert cm.fit_steps(unread, {**measured, "exit 5": 7.4}, {2: False, 5: False}).stream == 0.0

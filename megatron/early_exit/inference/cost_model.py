@@ -63,6 +63,12 @@ through the engine's own code (`Passes`, prepacked weights entered as in decodin
                 exit's layers after deeper steps evicted them. `layer` and `fixed` are fitted
                 with each timed setting's pieces in their own regime, so `layer` is a layer whose
                 weights are in the cache.
+  stream, hot_bytes  what a step pays a byte for its own reads beyond `hot_bytes` (the deepest
+                exit step's): where full decoding's steps cost more than the line through the
+                exits' steps by over STREAM_EXCESS, their reads stream from memory, and that
+                excess over the bytes it reads beyond the exit step's is `stream` (`fit_steps`;
+                on an Intel Xeon VM whose L3 kept SmolLM2's bf16 exit steps but not its full
+                steps). Full decoding's prediction is then its measured time by construction.
 
 The timings are taken minutes apart, and a host shared with other work ran 1.2-1.6x faster or
 slower between them, which a fit through step times less piece times cannot tell from what the
@@ -134,6 +140,11 @@ class DecodeCosts:
     cold: dict[str, float] = field(default_factory=dict)
     reads: dict[str, tuple[str, float]] = field(default_factory=dict)
     cache_bytes: float = 0.0
+    # A step whose own reads are more than the cache keeps from one step to the next pays `stream`
+    # seconds per byte it reads beyond `hot_bytes` (`fit_steps`: fitted from full decoding's steps
+    # where they cost more than the line through the exits' steps; 0: not seen).
+    stream: float = 0.0
+    hot_bytes: float = 0.0
     # The host's speed in each measurement ("pieces", "memory", "fill") against `step_times`': the
     # same full-depth step's median time there over its median time in `step_times` (`ReferenceStep`;
     # 1.0: one speed throughout); that measurement's times were divided by it.
@@ -208,7 +219,7 @@ class DecodeCosts:
         `cache`: the weights' cache regime (`new_cache`), updated by the step's reads in order."""
         deepest = max(self.reach(e) for e in exits)
         t = self.fixed + deepest * self.layer + self.fill(extra)
-        left, ran = list(exits), 0
+        left, ran, pieces = list(exits), 0, ["layer"] * deepest
         for n in evaluated:
             if not any(e >= n for e in left):
                 break  # every sequence has left: no deeper exit runs
@@ -218,12 +229,18 @@ class DecodeCosts:
             t += self.check(n, needs_vocab, fired)
             if needs_vocab:  # the exit's vocabulary projection ran
                 t += self.touch(cache, f"project/{n}")
+                pieces.append(f"project/{n}")
             elif fired:  # the leavers' projection
                 t += self.touch(cache, self.leaver_piece(n))
+                pieces.append(self.leaver_piece(n))
             left = [e for e in left if e != n]
         t += sum(self.touch(cache, "layer", i) for i in range(ran, deepest))
         if any(e >= self.num_layers for e in exits):
             t += self.head + self.touch(cache, "head")
+            pieces.append("head")
+        if self.stream:
+            read = sum(self.reads[piece][1] for piece in pieces if piece in self.reads)
+            t += self.stream * max(read - self.hot_bytes, 0.0)
         return t
 
     def steady(self, exits: Sequence[int], evaluated: Sequence[int], needs_vocab: bool) -> float:
@@ -916,8 +933,7 @@ def measure_costs(
     if p.exits and check_rounds:
         time_checks(engine, prompts, costs, check_rounds, ref)
     costs.reference = statistics.median(ref.times["steps"])
-    costs.layer, costs.fixed = fit_steps(costs, measured, vocab_needs(policies))
-    return costs, measured
+    return fit_steps(costs, measured, vocab_needs(policies)), measured
 
 
 def time_checks(engine, prompts, costs: DecodeCosts, rounds: int, ref: ReferenceStep) -> None:
@@ -946,16 +962,51 @@ def vocab_needs(policies: dict) -> dict[int, bool]:
     return {n: get_measure(q.measure).needs_vocab for n, q in policies.items()}
 
 
-def fit_steps(costs: DecodeCosts, measured: dict[str, float], needs_vocab: dict[int, bool]) -> tuple[float, float]:
-    """(layer, fixed) through each of `exit_settings`' measured seconds per step less what the fit
-    does not own: its heads, checks and the cache regime's extra seconds (`predicted_step` with no
-    layer and no fixed cost; `needs_vocab`: each exit's measure's). `fit_layer`, falling back on
-    the layer timed alone (`layer_direct`)."""
-    rest = replace(costs, layer=0.0, fixed=0.0)
-    points = [(costs.num_layers, measured["full"] - predicted_step(rest, "full", True))]
-    for n, vocab in needs_vocab.items():
-        points.append((costs.depth[n], measured[f"exit {n}"] - predicted_step(rest, f"exit {n}", vocab)))
-    return fit_layer(points, costs.layer_direct)
+# Full decoding's step above the line through the exits' steps by more than this share of it: its
+# reads stream from memory (`fit_steps`); less is within the timings' noise.
+STREAM_EXCESS = 0.05
+
+
+def fit_steps(costs: DecodeCosts, measured: dict[str, float], needs_vocab: dict[int, bool]) -> DecodeCosts:
+    """`costs` with `layer` and `fixed` fitted through each of `exit_settings`' measured seconds
+    per step less what the fit does not own: its heads, checks and the cache regime's extra
+    seconds (`predicted_step` with no layer and no fixed cost; `needs_vocab`: each exit's
+    measure's); `fit_layer`, falling back on the layer timed alone (`layer_direct`).
+
+    Where two exits or more give a line of their own and full decoding's step costs more than it
+    by over STREAM_EXCESS, the line is the exits' and the excess is `stream`: seconds per byte of
+    the full step's reads beyond the deepest exit step's (`hot_bytes`), which each step pays for
+    its own reads beyond those. A step that reads more weights than the cache keeps from one step
+    to the next streams them: on an Intel Xeon VM (300 MB of L3 reported, ~128-150 MiB of it
+    this VM's) SmolLM2's bf16 steps leaving at exits 8 / 15 / 22 (54-150 MB of layers) ran at
+    0.25-0.29 ms a layer and full decoding's (258 MB with the head) at ~0.40, which one line
+    through all four priced at 1.40 / 1.18 / 1.22 and 0.89 of their times; the least-recently-used
+    `WeightCache` cannot say both (its memory timing, a shallow step right after a full one, reads
+    +0.02-0.07 ms a layer: the cache's replacement keeps the layers every step reads). Full
+    decoding's own prediction is then its measured time by construction: the check against the
+    clock is the exits' steps and runs that mix them."""
+    rest = replace(costs, layer=0.0, fixed=0.0, stream=0.0, hot_bytes=0.0)
+    full = (costs.num_layers, measured["full"] - predicted_step(rest, "full", True))
+    exits = [
+        (costs.depth[n], measured[f"exit {n}"] - predicted_step(rest, f"exit {n}", vocab))
+        for n, vocab in needs_vocab.items()
+    ]
+    layer, fixed = fit_layer([full, *exits], costs.layer_direct)
+    out = replace(rest, layer=layer, fixed=fixed)
+    if len({x for x, _ in exits}) < 2 or not costs.reads:
+        return out
+    line = replace(rest, **dict(zip(("layer", "fixed"), fit_layer(exits, costs.layer_direct))))
+    excess = measured["full"] - predicted_step(line, "full", True)
+    # the bytes each setting's step reads: its predicted time at one second a byte read, and nothing else
+    count = replace(
+        line, layer=0.0, fixed=0.0, head=0.0, cold={}, stream=1.0, hot_bytes=0.0, fire_hidden={},
+        **{k: dict.fromkeys(getattr(costs, k), 0.0) for k in ("probe", "vocab", "project", "draft")},
+    )  # fmt: skip
+    hot = max(predicted_step(count, f"exit {n}", vocab) for n, vocab in needs_vocab.items())
+    beyond = predicted_step(count, "full", True) - hot
+    if excess <= STREAM_EXCESS * measured["full"] or beyond <= 0:
+        return out
+    return replace(line, stream=excess / beyond, hot_bytes=hot)
 
 
 def retime(
@@ -981,7 +1032,7 @@ def retime(
     out = scaled(costs, speed)
     policies = checked_policies(engine, settings, prompts, costs.depth)
     out.leave_vocab = leave_vocab(policies)
-    out.layer, out.fixed = fit_steps(out, measured, vocab_needs(policies))
+    out = fit_steps(out, measured, vocab_needs(policies))
     out.host, out.reference = {**costs.host, "retimed": speed}, costs.reference * speed
     return out
 
@@ -992,6 +1043,7 @@ def scaled(costs: DecodeCosts, speed: float) -> DecodeCosts:
     times = {
         k: getattr(costs, k) * speed for k in ("layer", "fixed", "head", "row", "layer_direct", "pend", "pend_pass")
     }
+    times["stream"] = costs.stream * speed  # seconds per byte
     tables = ("probe", "vocab", "project", "draft", "fire_hidden", "probe_exit", "cold")
     tables += ("check_step", "check_step_error")
     return replace(costs, **times, **{k: {n: t * speed for n, t in getattr(costs, k).items()} for k in tables})

@@ -538,9 +538,10 @@ def test_retime_prices_a_row_at_the_hosts_speed_then(monkeypatch):
 
 
 def two_exits() -> cm.DecodeCosts:
-    """10 layers, exits after 2 and 5; a layer reads 1 byte, the final head 8, each exit's projection 2
-    (no cache regime: every piece at its timed cost)."""
+    """10 layers, exits after 2 and 5; a layer reads 1 byte, the final head 8, each exit's projection 2;
+    a cache of 30 bytes, held in full up to 15 (no cold pieces: every piece at its timed cost)."""
     return cm.DecodeCosts(
+        cache_bytes=30.0,
         num_layers=10, depth={2: 2, 5: 5}, layer=9.9, fixed=9.9, head=1.0, probe={2: 0.1, 5: 0.1},
         vocab={2: 0.5, 5: 0.5}, project={2: 0.3, 5: 0.3}, layer_direct=0.7,
         reads={"layer": ("layer", 1.0), "head": ("final", 8.0), "project/2": ("p2", 2.0), "project/5": ("p5", 2.0)},
@@ -572,10 +573,15 @@ def test_full_decodings_steps_above_the_exits_line_stream_their_reads_beyond_the
         assert cm.scaled(costs, 2.0).stream == pytest.approx(2 * costs.stream)  # seconds a byte: the host's speed
 
 
-def test_one_exit_or_no_weights_read_fit_one_line():
-    """One exit gives no line of its own, and a model whose reads are unknown no bytes: no `stream`."""
+def test_one_exit_no_weights_read_or_a_cache_that_holds_the_full_step_fit_one_line():
+    """One exit gives no line of its own, a model whose reads are unknown no bytes, and a full step
+    that reads no more than the cache holds in full (18 bytes of 36) or no cache regime (0 bytes:
+    EE_CACHE_BYTES=0, a GPU) cannot stream: no `stream`."""
     one = replace(two_exits(), depth={2: 2})
     measured = {"exit 2": 4.4, "full": 20.0}
     assert cm.fit_steps(one, measured, {2: False}).stream == 0.0
-    unread = replace(two_exits(), reads={})
-    assert cm.fit_steps(unread, {**measured, "exit 5": 7.4}, {2: False, 5: False}).stream == 0.0
+    measured["exit 5"] = 7.4
+    assert cm.fit_steps(two_exits(), measured, {2: False, 5: False}).stream > 0  # 18 bytes of 30
+    assert cm.fit_steps(replace(two_exits(), reads={}), measured, {2: False, 5: False}).stream == 0.0
+    assert cm.fit_steps(replace(two_exits(), cache_bytes=36.0), measured, {2: False, 5: False}).stream == 0.0
+    assert cm.fit_steps(replace(two_exits(), cache_bytes=0.0), measured, {2: False, 5: False}).stream == 0.0

@@ -973,8 +973,10 @@ def fit_steps(costs: DecodeCosts, measured: dict[str, float], needs_vocab: dict[
     seconds (`predicted_step` with no layer and no fixed cost; `needs_vocab`: each exit's
     measure's); `fit_layer`, falling back on the layer timed alone (`layer_direct`).
 
-    Where two exits or more give a line of their own and full decoding's step costs more than it
-    by over STREAM_EXCESS, the line is the exits' and the excess is `stream`: seconds per byte of
+    Where two exits or more give a line of their own, full decoding's step reads more than the
+    cache holds in full (`WeightCache.RAMP`[0] of `cache_bytes`: where that model starts calling
+    reads cold; `cache_bytes` 0: no regime, no stream) and costs more than the exits' line by
+    over STREAM_EXCESS, the line is the exits' and the excess is `stream`: seconds per byte of
     the full step's reads beyond the deepest exit step's (`hot_bytes`), which each step pays for
     its own reads beyond those. A step that reads more weights than the cache keeps from one step
     to the next streams them: on an Intel Xeon VM (300 MB of L3 reported, ~128-150 MiB of it
@@ -984,7 +986,9 @@ def fit_steps(costs: DecodeCosts, measured: dict[str, float], needs_vocab: dict[
     `WeightCache` cannot say both (its memory timing, a shallow step right after a full one, reads
     +0.02-0.07 ms a layer: the cache's replacement keeps the layers every step reads). Full
     decoding's own prediction is then its measured time by construction: the check against the
-    clock is the exits' steps and runs that mix them."""
+    clock is the exits' steps and runs that mix them. (Without the cache's bound, noise in the
+    CPU reference model's two exit steps, fp32, in the 300 MB L3, read as a line of 0.05 ms a
+    layer and a full step 0.6 ms above it.)"""
     rest = replace(costs, layer=0.0, fixed=0.0, stream=0.0, hot_bytes=0.0)
     full = (costs.num_layers, measured["full"] - predicted_step(rest, "full", True))
     exits = [
@@ -1003,10 +1007,11 @@ def fit_steps(costs: DecodeCosts, measured: dict[str, float], needs_vocab: dict[
         **{k: dict.fromkeys(getattr(costs, k), 0.0) for k in ("probe", "vocab", "project", "draft")},
     )  # fmt: skip
     hot = max(predicted_step(count, f"exit {n}", vocab) for n, vocab in needs_vocab.items())
-    beyond = predicted_step(count, "full", True) - hot
-    if excess <= STREAM_EXCESS * measured["full"] or beyond <= 0:
+    read = predicted_step(count, "full", True)
+    held = WeightCache.RAMP[0] * costs.cache_bytes
+    if excess <= STREAM_EXCESS * measured["full"] or read <= max(hot, held) or not held:
         return out
-    return replace(line, stream=excess / beyond, hot_bytes=hot)
+    return replace(line, stream=excess / (read - hot), hot_bytes=hot)
 
 
 def retime(

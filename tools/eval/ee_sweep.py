@@ -301,9 +301,15 @@ def sweep(args) -> list[dict]:
         f"cost model: a layer {1e3 * costs.layer:.3f} ms with its weights in the cache, "
         f"{1e3 * costs.streamed('layer'):.3f} from memory; final head {1e3 * costs.head:.3f} / "
         f"{1e3 * costs.streamed('head'):.3f}; fixed {1e3 * costs.fixed:.3f} ms a step "
-        f"(last-level cache {costs.cache_bytes / 2**20:.0f} MiB); host speed in each timing against the "
-        f"steps' (a full-depth step's time there over its time in the steps, divided out): "
-        + ", ".join(f"{k} {v:.2f}" for k, v in costs.host.items()),
+        f"(last-level cache {costs.cache_bytes / 2**20:.0f} MiB"
+        + (
+            f"; a step's reads beyond {costs.hot_bytes / 2**20:.0f} MiB stream at "
+            f"{costs.stream * 2**20 * 1e3:.4f} ms a MiB, fitted from full decoding's steps"
+            if costs.stream
+            else ""
+        )
+        + "); host speed in each timing against the steps' (a full-depth step's time there over its time in "
+        "the steps, divided out): " + ", ".join(f"{k} {v:.2f}" for k, v in costs.host.items()),
         flush=True,
     )
     timed = timed_rows(engine, prompts, thresholds, args, costs)

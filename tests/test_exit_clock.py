@@ -13,6 +13,7 @@ from megatron.early_exit.inference.exit_clock import (
     FREE,
     ON,
     PAUSED,
+    RATIOS,
     SCHEDULE,
     TRUSTED,
     ExitClock,
@@ -81,7 +82,8 @@ def test_a_window_pays_its_passes_after_the_first_and_the_next_windows_first(sma
 @pytest.mark.parametrize("fastest", [PAUSED, ON, FREE])
 def test_the_fastest_mode_is_kept_and_the_others_explored(small_windows, fastest):
     """Passes of the fastest mode take 1, the others 2 and 3: after the trusted windows and the
-    schedule the fastest runs nearly always, and each other is still explored now and then."""
+    schedule the fastest runs nearly always (each other explored every EXPLORE_NEAR windows until
+    RATIOS ratios against it, then as its cost says), and each other is still explored now and then."""
     others = [m for m in (PAUSED, ON, FREE) if m != fastest]
     costs = {fastest: 1.0, others[0]: 2.0, others[1]: 3.0}
     windows = FIRST + 3 * EXPLORE_FAR
@@ -89,16 +91,19 @@ def test_the_fastest_mode_is_kept_and_the_others_explored(small_windows, fastest
     modes = drive(clock, "k", by_mode(costs, 4 * windows))[::4]  # one per window
     assert modes[:FIRST] == [ON] * TRUSTED + list(SCHEDULE)
     later = modes[FIRST + 1 :]  # the first choice is made before the schedule's last window is timed
-    assert later.count(fastest) >= len(later) - 8 and all(later.count(m) >= 2 for m in others)
+    assert later.count(fastest) >= len(later) - 2 * RATIOS - 4 and all(later.count(m) >= 2 for m in others)
     assert clock.tracks["k"].preferred() == fastest
 
 
 def test_a_close_race_is_explored_more_often_than_a_clear_loss(small_windows):
-    """ON within a few % of PAUSED is tried again every EXPLORE_NEAR windows, FREE (1.5x) rarely."""
+    """ON within a few % of PAUSED is tried again every EXPLORE_NEAR windows, FREE (1.5x) rarely
+    once RATIOS ratios say so (until then every EXPLORE_NEAR windows too)."""
     clock = ExitClock()
-    windows = FIRST + 8 * EXPLORE_NEAR
+    windows = FIRST + (RATIOS + 8) * EXPLORE_NEAR
     modes = drive(clock, "k", by_mode({PAUSED: 1.0, ON: 1.03, FREE: 1.5}, 4 * windows))[::4][FIRST + 1 :]
-    assert modes.count(ON) >= 6 and modes.count(FREE) <= 2 and modes.count(PAUSED) >= len(modes) - 10
+    assert modes.count(FREE) <= RATIOS + 1
+    late = modes[-8 * EXPLORE_NEAR :]
+    assert late.count(ON) >= 6 and late.count(FREE) <= 1 and late.count(PAUSED) >= len(late) - 9
     assert explore_every(1.03) == EXPLORE_NEAR and explore_every(3.0) == EXPLORE_FAR and explore_every(None) == 8
 
 
@@ -109,8 +114,8 @@ def test_the_preference_follows_a_change_of_costs(small_windows):
     before, after = {PAUSED: 1.0, ON: 2.0, FREE: 3.0}, {PAUSED: 2.0, ON: 1.0, FREE: 3.0}
     clock = ExitClock()
     modes = drive(clock, "k", lambda mode, i: None if i >= end else (before if i < switch else after)[mode])
-    assert modes[4 * (FIRST + 1) : switch : 4].count(PAUSED) >= 2 * EXPLORE_FAR - 4
-    assert modes[-4 * 2 * EXPLORE_FAR :: 4].count(ON) >= 2 * EXPLORE_FAR - 4  # on again
+    assert modes[4 * (FIRST + 1) : switch : 4].count(PAUSED) >= 2 * EXPLORE_FAR - 4 - 2 * RATIOS
+    assert modes[-4 * 2 * EXPLORE_FAR :: 4].count(ON) >= 2 * EXPLORE_FAR - 4 - RATIOS  # on again
     assert clock.tracks["k"].preferred() == ON
 
 
@@ -317,3 +322,17 @@ def test_the_decider_says_fired_once_a_row_of_the_policys_exits_reached_its_thre
     decider.record(2, policy, candidates=4, fired=1, paid=False)  # fired, though leaving did not pay
     assert decider.has_fired(passes, policy)
     assert not decider.has_fired(passes, ExitPolicy(allowed=(1,), threshold=0.5, mode="cost_aware"))
+
+
+def test_one_lucky_window_does_not_put_off_exploring_for_long(small_windows):
+    """ON's windows in the trusted phase and the schedule run at a quarter of PAUSED's cost (rows that
+    happened to leave), then at 1.1x: the first ratios prefer ON by far, but PAUSED, short of
+    RATIOS ratios, is explored every EXPLORE_NEAR windows (not once in EXPLORE_FAR) and wins back
+    within a few explorations."""
+    costs = lambda mode, i: None if i >= 4 * (FIRST + 8 * EXPLORE_NEAR) else {  # noqa: E731
+        PAUSED: 1.0, ON: 0.25 if i < 4 * FIRST else 1.1, FREE: 2.0
+    }[mode]  # fmt: skip
+    clock = ExitClock()
+    modes = drive(clock, "k", costs)[::4]
+    assert clock.tracks["k"].preferred() == PAUSED
+    assert modes[-2 * EXPLORE_NEAR :].count(PAUSED) >= 2 * EXPLORE_NEAR - 3

@@ -143,7 +143,11 @@ class Track:
         for m in MODES:
             if m != best and (m != FREE or self.fired):
                 self.since[m] = self.since.get(m, 0) + 1
-                overdue = self.since[m] - explore_every(costs.get(m))
+                # a cost from fewer than RATIOS pairs is no reason to wait long (one window in
+                # which most rows left read on passes at 0.58 of paused ones, and paused windows
+                # waited 128 windows where on decoded at 0.94x of them)
+                settled = len(self.ratios.get(tuple(sorted((m, best))), ())) >= RATIOS
+                overdue = self.since[m] - (explore_every(costs.get(m)) if settled else EXPLORE_NEAR)
                 if overdue >= 0:
                     due.append((overdue, m))
         if due:  # the most overdue mode (one a window)

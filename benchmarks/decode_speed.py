@@ -38,6 +38,12 @@ loaded machine; use --repeats 10 or more. A second full-decoding row, "full agai
 runs right after the first: its paired ratio is what neighbours in time differ by with nothing
 changed. Each slot gets its own prompt (a window STRIDE tokens further into the
 text; `--same-prompt` for one prompt in every slot, under which all slots fire together).
+
+`--clock-modes` runs each cost_aware row three more times, each on an engine of its own whose exit
+clock (`inference/exit_clock.py`) holds every decode step in one mode (`exit_clock.FixedMode`):
+"[paused]" (full decoding's passes), "[on]" (the decider's verdicts alone) and "[free]" (every firing
+row leaves): what the clock chooses among, measured whole, beside what its windows made of them
+(CPU reference, learned 0.8, batch 4, 128 tokens: paused 1.00-1.02x, on 0.94-0.98x, free 0.79-0.84x).
 """
 
 from __future__ import annotations
@@ -56,7 +62,8 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from megatron.early_exit.inference import EarlyExitEngine, GenerationSettings, summarize  # noqa: E402
-from megatron.early_exit.inference.exit_clock import passes_by_mode  # noqa: E402
+from megatron.early_exit.inference.exit_clock import FREE, ON, PAUSED, FixedMode, passes_by_mode  # noqa: E402
+from megatron.early_exit.inference.exit_decision import decider_of  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 TEXT = (
@@ -98,7 +105,13 @@ def warm_up(engine, prompts, settings) -> None:
 
 
 def timed_alternating(
-    engine, prompts, runs: list[tuple[str, GenerationSettings]], repeats: int, clock: str = "wall", warm: bool = True
+    engine,
+    prompts,
+    runs: list[tuple[str, GenerationSettings]],
+    repeats: int,
+    clock: str = "wall",
+    warm: bool = True,
+    engines: dict | None = None,
 ) -> dict:
     """Every setting warmed up (`warm=False`: the caller has already run each one), then
     `repeats` rounds that each run every setting once, in turn.
@@ -109,20 +122,23 @@ def timed_alternating(
     included), which waiting for a core that other processes hold does not inflate; "wall": the
     engine's own tokens/s. Returns {name: (results, summary)}: the best round's, its summary's
     "rounds" holding every round's tokens/s (for ratios paired by round: `paired_ratios`).
+    `engines`: run name -> the engine that runs it (the others: `engine`).
     """
+    engines = engines or {}
     if warm:
-        for _, settings in runs:
-            warm_up(engine, prompts, settings)
+        for name, settings in runs:
+            warm_up(engines.get(name, engine), prompts, settings)
     best: dict = {}
     rates: dict = {name: [] for name, _ in runs}
     modes: dict = {name: [0, 0, 0] for name, _ in runs}
     for _ in range(repeats):
         for name, settings in runs:
-            before = passes_by_mode(engine)
+            e = engines.get(name, engine)
+            before = passes_by_mode(e)
             start = time.process_time()
-            res = engine.generate(prompts, settings)
+            res = e.generate(prompts, settings)
             cpu = time.process_time() - start
-            modes[name] = [a + c - b for a, b, c in zip(modes[name], before, passes_by_mode(engine))]
+            modes[name] = [a + c - b for a, b, c in zip(modes[name], before, passes_by_mode(e))]
             s = summarize(res, engine.num_layers)
             if clock == "cpu":
                 s["tokens_per_sec"] = s["tokens"] / max(cpu, 1e-9)
@@ -181,14 +197,23 @@ def bench_batch(engine, tok, batch: int, args) -> None:
     # full decoding once more, right after: its paired ratio is this machine's noise between neighbours
     runs += [("full again (control)", GenerationSettings(strategy="full", **common))]
     runs += [(name, GenerationSettings(**{**common, **kw})) for name, kw in settings_to_run(args, engine.config)]
-    measured = timed_alternating(engine, prompts, runs, args.repeats, args.clock)
+    engines = {}
+    if args.clock_modes:  # each cost_aware row again with its clock held in one mode, on an engine of its own
+        for name, settings in [r for r in runs if r[1].exit_policy == "cost_aware" and r[1].strategy == "early_exit"]:
+            at = runs.index((name, settings)) + 1
+            for label, mode in (("paused", PAUSED), ("on", ON), ("free", FREE)):
+                forced = engines[f"{name} [{label}]"] = EarlyExitEngine(engine.model, tok)
+                decider_of(forced.passes).clock = FixedMode(mode)
+                runs.insert(at, (f"{name} [{label}]", settings))
+                at += 1
+    measured = timed_alternating(engine, prompts, runs, args.repeats, args.clock, engines=engines)
     for name, settings in runs:  # the share of decoding spent in exit checks: one profiled run each
-        profiled = engine.generate(prompts, replace(settings, profile=True))
+        profiled = engines.get(name, engine).generate(prompts, replace(settings, profile=True))
         measured[name][1]["exit_time_share"] = summarize(profiled, engine.num_layers).get("exit_time_share", 0.0)
     full, fs = measured["full"]
     rounds = f"best of {args.repeats} alternating rounds, {args.clock} clock; paired: per-round ratios"
     print(f"\n  batch {batch}: full decoding {fs['tokens_per_sec']:.1f} tokens/s ({rounds})")
-    head = f"  {'setting':42s} {'tokens/s':>9s} {'vs full':>8s} {'exited':>7s} {'avg exit':>9s}"
+    head = f"  {'setting':50s} {'tokens/s':>9s} {'vs full':>8s} {'exited':>7s} {'avg exit':>9s}"
     modes = f"{'paused':>7s} {'free':>5s}"
     print(head + f" {'= full':>7s} {'exit time':>10s} {modes} {'accept':>7s}  {'paired vs full':19s}  exits")
     for name, _ in runs[1:]:
@@ -197,7 +222,7 @@ def bench_batch(engine, tok, batch: int, args) -> None:
         share = ", ".join(f"{n}:{v:.0%}" for n, v in s["exit_share"].items())
         accept = f"{s['acceptance_rate']:7.0%}" if "acceptance_rate" in s else f"{'':7s}"
         print(
-            f"  {name:42s} {s['tokens_per_sec']:9.1f} {s['tokens_per_sec'] / fs['tokens_per_sec']:7.2f}x "
+            f"  {name:50s} {s['tokens_per_sec']:9.1f} {s['tokens_per_sec'] / fs['tokens_per_sec']:7.2f}x "
             f"{s['early_exit_share']:7.0%} {s['average_exit_layer']:9.2f} {same:7.0%} "
             f"{s.get('exit_time_share', 0.0):10.1%} {s['paused_share']:7.0%} {s['free_share']:5.0%} {accept}  "
             f"{paired_ratios(s, fs):19s}  {share}"
@@ -240,6 +265,11 @@ def main() -> None:
         "since CPU time counts every thread)",
     )
     p.add_argument("--same-prompt", action="store_true", help="the same prompt in every slot (default: distinct)")
+    p.add_argument(
+        "--clock-modes", action="store_true",
+        help="each cost_aware row again with the exit clock held paused, on and free (each on an engine of "
+        "its own): what each of the clock's modes decodes at alone, against which the clock's choice reads",
+    )  # fmt: skip
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=os.cpu_count())
     args = p.parse_args()

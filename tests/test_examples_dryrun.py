@@ -301,6 +301,7 @@ def test_decode_speed_times_every_setting_unprofiled_and_profiles_each_once(caps
     args = argparse.Namespace(
         prompt_len=4, same_prompt=False, new_tokens=2, draft=2, repeats=2, clock="wall",
         thresholds=[0.9], learned_thresholds=[], exit_policies=["cost_aware"], early_exit_only=True,
+        clock_modes=False,
     )  # fmt: skip
     engine = Engine()
     bench_batch(engine, None, 1, args)
@@ -309,6 +310,31 @@ def test_decode_speed_times_every_setting_unprofiled_and_profiles_each_once(caps
     assert [c for c in engine.calls if c[2]] == [("full", 0.8, True), ("full", 0.8, True), ("early_exit", 0.9, True)]
     row = next(x for x in capsys.readouterr().out.splitlines() if "max_prob @ 0.9" in x)
     assert "25.0%" in row  # the profiled run's share, in the exit-time column
+
+
+def test_decode_speed_clock_modes_run_each_cost_aware_row_held_in_each_mode(capsys):
+    """`--clock-modes`: the cost_aware row three more times, each on an engine of its own whose clock
+    holds every decode step in one mode: paused steps run full depth (nothing leaves, every step
+    paused), free ones let every firing row leave (threshold 0: every token after the prefill's)."""
+    import argparse
+
+    from megatron.early_exit.inference import EarlyExitEngine
+    from tests.test_inference import make
+
+    bench_batch = load_tool("benchmarks/decode_speed.py").bench_batch
+    args = argparse.Namespace(
+        prompt_len=4, same_prompt=False, new_tokens=5, draft=2, repeats=1, clock="wall",
+        thresholds=[0.0], learned_thresholds=[], exit_policies=["cost_aware"], early_exit_only=True,
+        clock_modes=True,
+    )  # fmt: skip
+    bench_batch(EarlyExitEngine(make("llama")), None, 2, args)
+    rows = {line.split("  ")[1].strip(): line for line in capsys.readouterr().out.splitlines() if "@ 0 " in line}
+    name = "early_exit max_prob @ 0 cost_aware"
+    assert list(rows) == [name, f"{name} [paused]", f"{name} [on]", f"{name} [free]"]
+    paused, free = rows[f"{name} [paused]"].split(), rows[f"{name} [free]"].split()
+    # columns after the name: tokens/s, vs full, exited, avg exit, = full, exit time, paused, free
+    assert paused[8:10] == ["0%", "4.00"] and paused[12:14] == ["100%", "0%"]
+    assert free[8:10] == ["80%", "1.60"] and free[12:14] == ["0%", "100%"]
 
 
 def test_native_drafts_benchmark_pairs_the_three_settings_and_counts_its_calls(data, corpus, capsys):

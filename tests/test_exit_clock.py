@@ -17,6 +17,7 @@ from megatron.early_exit.inference.exit_clock import (
     SCHEDULE,
     TRUSTED,
     ExitClock,
+    FixedMode,
     decode_step,
     explore_every,
 )
@@ -212,19 +213,6 @@ def test_the_keys_kept_are_bounded(monkeypatch):
     assert list(clock.tracks) == ["b", "c", "d"]
 
 
-class Always:
-    """A clock that runs every pass in one mode and times nothing."""
-
-    def __init__(self, mode: int) -> None:
-        self.mode = mode
-
-    def start(self, key, fired: bool = True) -> int:
-        return self.mode
-
-    def stop(self) -> None:
-        pass
-
-
 @pytest.mark.usefixtures("even_token")  # registers the measure "not_fifth"
 def test_the_modes_decide_as_exact_cost_aware_and_full_decoding():
     """Batch 4, memory-bound costs, a measure that fires for some rows and not others: ON passes
@@ -236,7 +224,7 @@ def test_the_modes_decide_as_exact_cost_aware_and_full_decoding():
     def run_in(mode: int | None, policy: str = "cost_aware"):
         engine = engine_with(model, MEMORY_BOUND)
         if mode is not None:
-            engine.passes.exit_decider.clock = Always(mode)
+            engine.passes.exit_decider.clock = FixedMode(mode)
         return run(engine, PROMPTS, exit_policy=policy, **kw)
 
     exact, aware = run_in(None, "exact"), run_in(None)
@@ -271,14 +259,14 @@ def test_paused_passes_run_as_full_decoding_without_stopping_at_their_exits(monk
     )
     engine = engine_with(model, MEMORY_BOUND)
     decider = engine.passes.exit_decider
-    decider.clock = Always(PAUSED)
+    decider.clock = FixedMode(PAUSED)
     kw = dict(early_exit_threshold=0.0, exit_layers=(2,), exit_policy="cost_aware")
     full = EarlyExitEngine(model).generate(PROMPTS, GenerationSettings(max_new_tokens=NEW, ignore_eos=True))
     paused = run(engine, PROMPTS, **kw)
     assert paused == ([r.tokens for r in full], [r.exit_layers for r in full])  # full decoding's tokens and exits
     assert all(layers == [model.config.num_layers] * NEW for layers in paused[1])
     assert made == [] and checked == [] and not decider.skipped and not decider.seen
-    decider.clock = Always(FREE)  # every exit evaluated, every firing row leaves
+    decider.clock = FixedMode(FREE)  # every exit evaluated, every firing row leaves
     tokens, exits = run(engine, PROMPTS, **kw)
     assert made and all(layers[1:] == [2] * (NEW - 1) for layers in exits)
 
@@ -336,3 +324,15 @@ def test_one_lucky_window_does_not_put_off_exploring_for_long(small_windows):
     modes = drive(clock, "k", costs)[::4]
     assert clock.tracks["k"].preferred() == PAUSED
     assert modes[-2 * EXPLORE_NEAR :].count(PAUSED) >= 2 * EXPLORE_NEAR - 3
+
+
+def test_a_fixed_mode_clock_holds_its_mode_and_counts_its_passes():
+    """`FixedMode` (decode_speed's --clock-modes): every pass in its mode, counted as `passes_by_mode`
+    reads them; a mode that is none of the three is refused."""
+    clock = FixedMode(FREE)
+    for _ in range(3):
+        assert clock.start(("policy", 4), fired=False) == FREE
+        clock.stop()
+    assert [t.by_mode for t in clock.tracks.values()] == [[0, 0, 3]]
+    with pytest.raises(ValueError, match="FixedMode: mode 3"):
+        FixedMode(3)

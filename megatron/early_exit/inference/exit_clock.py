@@ -229,6 +229,27 @@ class ExitClock:
         return out
 
 
+class FixedMode:
+    """A clock that runs every clocked pass in one mode and times nothing: what a policy decodes at
+    under that mode alone (`benchmarks/decode_speed.py --clock-modes`; set as an engine's
+    `ExitDecider.clock`). Its one track counts the passes, as `passes_by_mode` reads them."""
+
+    def __init__(self, mode: int) -> None:
+        if mode not in MODES:
+            raise ValueError(f"FixedMode: mode {mode!r}: expected one of {MODES} (paused, on, free)")
+        self.mode = mode
+        self.tracks = {"fixed": Track(mode=mode)}
+
+    def start(self, key: tuple, fired: bool = True) -> int:
+        return self.mode
+
+    def stop(self) -> None:
+        self.tracks["fixed"].by_mode[self.mode] += 1
+
+    def summary(self) -> dict:
+        return {}
+
+
 def passes_by_mode(engine) -> list[int]:
     """Decode steps `engine`'s clock has run in each mode so far, [paused, on, free] (zeros where
     nothing is clocked): a benchmark's shares of each mode are differences of two readings."""

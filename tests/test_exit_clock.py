@@ -21,7 +21,7 @@ from megatron.early_exit.inference.exit_clock import (
     decode_step,
     explore_every,
 )
-from megatron.early_exit.inference.exit_decision import ExitDecider
+from megatron.early_exit.inference.exit_decision import QUIET_EVALUATIONS, ExitDecider
 from megatron.early_exit.inference.passes import ExitPolicy
 from tests.test_exit_policy import (
     COMPUTE_BOUND,
@@ -295,21 +295,30 @@ def test_a_row_that_fires_in_the_trusted_windows_keeps_them_and_the_schedule_who
     assert late[::4][: TRUSTED + len(SCHEDULE)] == [ON] * TRUSTED + list(SCHEDULE)  # fired within the first window
 
 
-def test_the_decider_says_fired_once_a_row_of_the_policys_exits_reached_its_threshold():
-    """`ExitDecider.has_fired`: per (exit, measure, threshold) of the policy, from `record`'s counts
-    in any mode and pass size; another threshold or measure has not fired."""
+def test_the_decider_says_an_exit_may_fire_until_it_is_evaluated_without_firing_or_once_one_fired():
+    """`ExitDecider.may_fire`: per (exit, measure, threshold) of the policy, from `record`'s counts in
+    any mode and pass size: an exit evaluated fewer than QUIET_EVALUATIONS times may fire (not known:
+    a free window would evaluate it); evaluated so without a row firing, it does not; once a row of
+    it fired, it does. Another threshold's or measure's firing is not this policy's."""
     passes = EarlyExitEngine(make("llama")).passes
     decider = ExitDecider()
     policy = ExitPolicy(allowed=(1, 2), threshold=0.5, mode="cost_aware")
-    assert not decider.has_fired(passes, policy)
-    decider.record(2, policy, candidates=4, fired=0, paid=False)
-    assert not decider.has_fired(passes, policy)
+    assert decider.may_fire(passes, policy)  # nothing evaluated yet
+    for _ in range(QUIET_EVALUATIONS):
+        decider.record(2, policy, candidates=4, fired=0, paid=False)
+    assert decider.may_fire(passes, policy)  # exit 1 not evaluated enough yet
+    for _ in range(QUIET_EVALUATIONS - 1):
+        decider.record(1, policy, candidates=4, fired=0, paid=False)
+    assert decider.may_fire(passes, policy)
+    decider.record(1, policy, candidates=4, fired=0, paid=False)
+    assert not decider.may_fire(passes, policy)  # both quiet
     decider.record(2, ExitPolicy(allowed=(2,), threshold=0.6, mode="cost_aware"), candidates=4, fired=1, paid=False)
     decider.record(2, ExitPolicy(allowed=(2,), threshold=0.5, measure="learned", mode="cost_aware"), 4, 1, False)
-    assert not decider.has_fired(passes, policy)
+    assert not decider.may_fire(passes, policy)
     decider.record(2, policy, candidates=4, fired=1, paid=False)  # fired, though leaving did not pay
-    assert decider.has_fired(passes, policy)
-    assert not decider.has_fired(passes, ExitPolicy(allowed=(1,), threshold=0.5, mode="cost_aware"))
+    assert decider.may_fire(passes, policy)
+    one = ExitPolicy(allowed=(1,), threshold=0.5, mode="cost_aware")
+    assert not decider.may_fire(passes, one)  # exit 1 evaluated, never fired
 
 
 def test_one_lucky_window_does_not_put_off_exploring_for_long(small_windows):

@@ -25,13 +25,13 @@ EXPLORE_NEAR and EXPLORE_FAR apart. The first TRUSTED windows run ON (a one-off 
 to 64 tokens decides as the costs say), then SCHEDULE (paused, on, free, on) gives the first
 ratios.
 
-Until a row has reached the threshold at one of the policy's exits (`ExitDecider.has_fired`: in
-any mode, any pass size), FREE is ON with more checks and nothing leaving, and ON is PAUSED with
-checks: no FREE window runs (the schedule's is left out, exploring one waits), and the trusted
-windows end with the first in which nothing has fired. On the CPU reference model, max_prob 0.9
-(nothing leaves at batch 1 / 4 / 16) decoded 4 runs of 32 tokens at 0.91-0.95x full decoding
-with all of its 128 passes exploring: 64 trusted ON and a FREE window that projects every exit
-onto the vocabulary every pass.
+Until a row has reached the threshold at one of the policy's exits (`ExitDecider.may_fire`: in
+any mode, any pass size; an exit evaluated fewer than a few times may yet), FREE is ON with more
+checks and nothing leaving, and ON is PAUSED with checks: no FREE window runs (the schedule's is
+left out, exploring one waits), and the trusted windows end with the first in which nothing has
+fired. On the CPU reference model, max_prob 0.9 (nothing leaves at batch 1 / 4 / 16) decoded 4
+runs of 32 tokens at 0.91-0.95x full decoding with all of its 128 passes exploring: 64 trusted ON
+and a FREE window that projects every exit onto the vocabulary every pass.
 
 Clocked only where decisions may follow the clock (`exit_decision.costs_from_parameters` false:
 one process, not the test suite's `EE_EXIT_COSTS=parameters`) and on a CPU device (a device's
@@ -89,7 +89,7 @@ class Track:
     step: int = 0  # the window's place in the trusted windows and SCHEDULE (past them: the ratios choose)
     since: dict = field(default_factory=dict)  # mode -> windows since its last one
     choice: int = ON  # the preferred mode at the last look
-    fired: bool = True  # a row has reached the threshold at an exit of the policy (as of the latest pass begun)
+    fired: bool = True  # a row may reach the threshold at an exit of the policy (`ExitDecider.may_fire`, latest pass)
     by_mode: list = field(default_factory=lambda: [0] * len(MODES))  # passes run in each mode (reports)
 
     def relative(self, m: int, base: int) -> float | None:

@@ -217,6 +217,19 @@ class DecodeCosts:
         """One decode step whose sequences left at `exits`, evaluating the exits in `evaluated`
         (sorted; those the policy checks) while rows remain, filling `extra` rows per layer.
         `cache`: the weights' cache regime (`new_cache`), updated by the step's reads in order."""
+        t, read = self.walk(exits, evaluated, needs_vocab, extra, cache)
+        return t + self.stream * max(read - self.hot_bytes, 0.0) if self.stream else t
+
+    def walk(
+        self,
+        exits: Sequence[int],
+        evaluated: Sequence[int],
+        needs_vocab: bool,
+        extra: Sequence[int] = (),
+        cache: WeightCache | None = None,
+    ) -> tuple[float, float]:
+        """`step`'s seconds but what its reads beyond `hot_bytes` stream (`stream`), and the bytes
+        of weights it reads (`reads`: its layers, the projections it runs, the final head)."""
         deepest = max(self.reach(e) for e in exits)
         t = self.fixed + deepest * self.layer + self.fill(extra)
         left, ran, pieces = list(exits), 0, ["layer"] * deepest
@@ -238,10 +251,7 @@ class DecodeCosts:
         if any(e >= self.num_layers for e in exits):
             t += self.head + self.touch(cache, "head")
             pieces.append("head")
-        if self.stream:
-            read = sum(self.reads[piece][1] for piece in pieces if piece in self.reads)
-            t += self.stream * max(read - self.hot_bytes, 0.0)
-        return t
+        return t, sum(self.reads[piece][1] for piece in pieces if piece in self.reads)
 
     def steady(self, exits: Sequence[int], evaluated: Sequence[int], needs_vocab: bool) -> float:
         """One step of a run whose every step is this one (the cache as those steps leave it)."""
@@ -1001,13 +1011,8 @@ def fit_steps(costs: DecodeCosts, measured: dict[str, float], needs_vocab: dict[
         return out
     line = replace(rest, **dict(zip(("layer", "fixed"), fit_layer(exits, costs.layer_direct))))
     excess = measured["full"] - predicted_step(line, "full", True)
-    # the bytes each setting's step reads: its predicted time at one second a byte read, and nothing else
-    count = replace(
-        line, layer=0.0, fixed=0.0, head=0.0, cold={}, stream=1.0, hot_bytes=0.0, fire_hidden={},
-        **{k: dict.fromkeys(getattr(costs, k), 0.0) for k in ("probe", "vocab", "project", "draft")},
-    )  # fmt: skip
-    hot = max(predicted_step(count, f"exit {n}", vocab) for n, vocab in needs_vocab.items())
-    read = predicted_step(count, "full", True)
+    hot = max(costs.walk(*setting_step(costs, f"exit {n}"), vocab)[1] for n, vocab in needs_vocab.items())
+    read = costs.walk(*setting_step(costs, "full"), True)[1]
     held = WeightCache.RAMP[0] * costs.cache_bytes
     if excess <= STREAM_EXCESS * measured["full"] or read <= max(hot, held) or not held:
         return out
@@ -1080,9 +1085,15 @@ def pending_costs(engine, prompts, policies: dict, steps: int, repeats: int, ext
     return slope / speed, intercept / speed, row
 
 
-def predicted_step(costs: DecodeCosts, name: str, needs_vocab: bool) -> float:
-    """The model's seconds per decode step for one of `exit_settings`."""
+def setting_step(costs: DecodeCosts, name: str) -> tuple[list[int], tuple[int, ...]]:
+    """One decode step of `exit_settings`' `name`: (each sequence's exit, the exits evaluated)."""
     if name == "full":
-        return costs.steady([costs.num_layers], (), True)
+        return [costs.num_layers], ()
     n = int(name.split()[1])
-    return costs.steady([n] * costs.batch, (n,), needs_vocab)
+    return [n] * costs.batch, (n,)
+
+
+def predicted_step(costs: DecodeCosts, name: str, needs_vocab: bool) -> float:
+    """The model's seconds per decode step for one of `exit_settings` (full decoding evaluates no
+    exit: `needs_vocab` does not matter to it)."""
+    return costs.steady(*setting_step(costs, name), needs_vocab)

@@ -246,9 +246,6 @@ class FixedMode:
     def stop(self) -> None:
         self.tracks["fixed"].by_mode[self.mode] += 1
 
-    def summary(self) -> dict:
-        return {}
-
 
 def passes_by_mode(engine) -> list[int]:
     """Decode steps `engine`'s clock has run in each mode so far, [paused, on, free] (zeros where

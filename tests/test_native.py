@@ -54,14 +54,15 @@ def test_it_computes_f_linear_for_every_shape_and_number_of_rows(dtype, out_feat
 
 @needs_native
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_a_rows_result_does_not_depend_on_the_rows_beside_it(dtype):
+@pytest.mark.parametrize("in_features", [333, 320])  # 320: bf16 on Intel's tiles where this CPU has them
+def test_a_rows_result_does_not_depend_on_the_rows_beside_it(dtype, in_features):
     """Bit for bit: a verify pass's rows equal the one-row decode steps' products, whatever the
     number of rows (the kernel sums every row in one order), and whatever the threads."""
     g = torch.Generator().manual_seed(3)
-    w, x = torch.randn(70, 333, generator=g).to(dtype), torch.randn(11, 333, generator=g).to(dtype)
+    w, x = torch.randn(70, in_features, generator=g).to(dtype), torch.randn(19, in_features, generator=g).to(dtype)
     packed = native.pack(w)
-    alone = torch.cat([native.linear(x[i : i + 1], packed, 70) for i in range(11)])
-    for n in (2, 3, 4, 5, 8, 11):
+    alone = torch.cat([native.linear(x[i : i + 1], packed, 70) for i in range(19)])
+    for n in (2, 3, 4, 5, 8, 11, 16, 19):  # past 16 rows the tiles take a second block of rows
         assert torch.equal(native.linear(x[:n], packed, 70), alone[:n]), n
     before = torch.get_num_threads()
     try:
@@ -69,6 +70,30 @@ def test_a_rows_result_does_not_depend_on_the_rows_beside_it(dtype):
         assert torch.equal(native.linear(x, packed, 70), alone)
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.mark.skipif(not native.amx(), reason="no AMX tiles here (or the kernel refused them)")
+@pytest.mark.parametrize("out_features,in_features", [(70, 320), (16, 32), (200, 1024)])
+def test_bf16_products_on_the_tiles_and_on_the_sweep_agree(out_features, in_features):
+    """Where the CPU has AMX, bf16 products whose inner size is a multiple of 32 take the tiles:
+    F.linear within one bf16 rounding, and the vdpbf16ps sweep over the same panels (`amx(False)`:
+    the path of a kernel that refuses the tiles) within bf16 round-off of them; each its own rows
+    independent of the rows beside them."""
+    g = torch.Generator().manual_seed(out_features + in_features)
+    w = torch.randn(out_features, in_features, generator=g).bfloat16()
+    x, b = torch.randn(20, in_features, generator=g).bfloat16(), torch.randn(out_features, generator=g).bfloat16()
+    packed = native.pack(w)
+    try:
+        tiles = native.linear(x, packed, out_features, b)
+        assert native.amx(False) is False
+        sweep = native.linear(x, packed, out_features, b)
+        assert torch.equal(torch.cat([native.linear(x[i : i + 1], packed, out_features, b) for i in range(20)]), sweep)
+    finally:
+        assert native.amx(True) is True
+    want = F.linear(x.double(), w.double(), b.double())
+    torch.testing.assert_close(tiles.double(), want, rtol=2**-8, atol=1e-3)
+    torch.testing.assert_close(tiles.float(), sweep.float(), rtol=2**-7, atol=1e-2)
+    assert torch.equal(torch.cat([native.linear(x[i : i + 1], packed, out_features, b) for i in range(20)]), tiles)
 
 
 @needs_native

@@ -5,6 +5,9 @@ bandwidth (fp32) and 41% (bf16) in SmolLM2's decode steps; a product whose weigh
 from a copy laid out for the purpose (panels of 16 output rows, k-major: one contiguous stream per
 thread, 16 outputs per vector register; bf16 columns taken in pairs by the CPU's bf16 pair dot
 product where it has one) reads them faster (`benchmarks/smollm2_decode.py` prints both).
+On a CPU with Intel's matrix tiles (AMX), bf16 products take them (`amx`): the same one stream of
+weights at one row, and each further row nearly free where the sweep's vdpbf16ps paid one
+instruction per row and pair of columns (a self-speculative verify pass, a batch's rows).
 The C source is compiled once per machine on first use with the system's C compiler
 (`CC`, else `cc`) and `-O3 -march=native`, into a cache keyed by the source, the flags and the
 CPU (a library built for one CPU never loads on another), and loaded with ctypes: no PyTorch
@@ -136,7 +139,18 @@ def library() -> ctypes.CDLL | None:
     lib.ee_drafts.argtypes = [i64, i64, vp, i64, vp, vp, i32, i32] + [i64] * 5 + [vp, vp] + [i64] * 5 + [vp, vp, i64]
     lib.ee_drafts.argtypes += [vp, vp, ctypes.c_float, KEEP, i32, vp, vp, vp]
     lib.ee_drafts.restype = i32
+    lib.ee_amx.argtypes = [i32]
+    lib.ee_amx.restype = i32
     return lib
+
+
+def amx(want: bool | None = None) -> bool:
+    """Whether bf16 products run on Intel's matrix tiles (AMX): where the CPU has them, the library
+    was built for them and the kernel lets this process use them. `want` False turns them off for
+    this process (bf16 products then take the vdpbf16ps sweep: other sums, the same panels), True
+    back on."""
+    lib = library()
+    return lib is not None and bool(lib.ee_amx(-1 if want is None else int(want)))
 
 
 def available(dtype: torch.dtype = torch.float32) -> bool:

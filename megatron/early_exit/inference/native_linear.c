@@ -7,7 +7,9 @@
  * one vector register: no horizontal sums, no strided reads. Weights are fp32 or bf16 (bf16
  * widened to fp32 by a shift); sums are fp32; x, b and y have W's dtype. Written with GCC / Clang
  * vector extensions, compiled with -march=native by native.py, so the same source becomes
- * AVX-512, AVX2 or NEON code. Threads: the OpenMP runtime torch already loaded (same soname). */
+ * AVX-512, AVX2 or NEON code. Threads: the OpenMP runtime torch already loaded (same soname).
+ * Where the CPU has Intel's matrix tiles (AMX) bf16 panels are stored in column pairs and bf16
+ * products take the tiles (`amx_panels`). */
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -16,6 +18,16 @@
 #if defined(__AVX512BF16__)
 #include <immintrin.h>
 #define DPBF16 1 /* the CPU's bf16 pair dot product (vdpbf16ps) multiplies bf16 weights */
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+#include <sys/syscall.h>
+#include <unistd.h>
+/* Intel's matrix tiles (AMX) multiply bf16 weights where the kernel lets this process use them
+   (`amx_ready`): a tile product takes 16 rows of x against 16 outputs and 32 columns at once, so
+   a verify pass's or a batch's rows cost little more than one (`amx_panels`). bf16 panels are then
+   stored in column pairs (`PAIRED`), the tiles' layout and vdpbf16ps's operand as it is loaded. */
+#define AMX 1
+#define PAIRED 1
+#endif
 #endif
 
 typedef float v16 __attribute__((vector_size(64)));
@@ -59,6 +71,14 @@ static inline uint16_t f32_to_bf16(float f) { /* round to nearest even, as torch
 #else
 #define BF16_PLACE(j) ((j) < 8 ? 2 * (j) : 2 * ((j) - 8) + 1)
 #endif
+/* Where element (j, k) of a bf16 panel of K columns lies in it: column k's 16 in place, or with
+   `PAIRED` each pair of columns k, k + 1 (k even) as 16 pairs, row j's two weights side by side
+   (an odd K's last column in place). */
+#ifdef PAIRED
+#define BF16_AT(j, k, K) (((k) | 1) < (K) ? ((k) & ~(int64_t)1) * PANEL + 2 * (j) + ((k) & 1) : (k) * PANEL + (j))
+#else
+#define BF16_AT(j, k, K) ((k) * PANEL + BF16_PLACE(j))
+#endif
 
 /* Panels of W[M, K] into out ((M + 15) / 16 * 16 * K elements, rows past M zero). */
 void ee_pack(const void *W, void *out, int64_t M, int64_t K, int bf16, int threads) {
@@ -67,7 +87,7 @@ void ee_pack(const void *W, void *out, int64_t M, int64_t K, int bf16, int threa
     for (int64_t p = 0; p < panels; p++)
         for (int64_t k = 0; k < K; k++)
             for (int j = 0; j < PANEL; j++) {
-                int64_t m = p * PANEL + j, o = (p * K + k) * PANEL + (bf16 ? BF16_PLACE(j) : j);
+                int64_t m = p * PANEL + j, o = p * K * PANEL + (bf16 ? BF16_AT(j, k, K) : k * PANEL + j);
                 if (bf16)
                     ((uint16_t *)out)[o] = m < M ? ((const uint16_t *)W)[m * K + k] : 0;
                 else
@@ -89,19 +109,39 @@ static inline v16 widen(const void *p, int bf16, int64_t i) {
     return f;
 }
 
-/* Column k of a panel: its 16 weights. */
+/* Column k of a panel: its 16 weights (a bf16 column stored in place). */
 static inline v16 column(const void *panel, int bf16, int64_t k) { return widen(panel, bf16, k * PANEL); }
+
+/* Columns k and k + 1 (k even, k + 1 < K) of a panel as they are stored. */
+static inline void columns(const void *panel, int bf16, int64_t k, v16 *w0, v16 *w1) {
+#ifdef PAIRED
+    if (bf16) { /* pairs: the low halves are column k, the high ones k + 1 */
+        w16 u;
+        memcpy(&u, (const uint16_t *)panel + k * PANEL, sizeof u);
+        w16 lo = u << 16, hi = u & 0xffff0000u;
+        memcpy(w0, &lo, sizeof lo);
+        memcpy(w1, &hi, sizeof hi);
+        return;
+    }
+#endif
+    *w0 = column(panel, bf16, k);
+    *w1 = column(panel, bf16, k + 1);
+}
 
 #ifdef DPBF16
 /* Columns k and k + 1 of a bf16 panel as vdpbf16ps's operand: lane j's low half W[16p + j, k],
-   its high half W[16p + j, k + 1]. Made from the panel's columns as they are stored: a panel
-   stored in such pairs (one 64-byte load for two columns) streamed a decode step's weights from
-   memory 8-18% slower at one row on the AMD EPYC, against 8% faster made here. */
+   its high half W[16p + j, k + 1]. `PAIRED`: one 64-byte load. Else made from the panel's columns
+   as they are stored: a panel stored in pairs streamed a decode step's weights from memory 8-18%
+   slower at one row on the AMD EPYC, against 8% faster made here. */
 static inline __m512bh column_pair(const void *panel, int64_t k) {
     const uint16_t *c = (const uint16_t *)panel + k * PANEL;
+#ifdef PAIRED
+    return (__m512bh)_mm512_loadu_si512((const void *)c);
+#else
     __m512i lo = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)c));
     __m512i hi = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(c + PANEL)));
     return (__m512bh)_mm512_or_si512(lo, _mm512_slli_epi32(hi, 16));
+#endif
 }
 #endif
 
@@ -284,7 +324,8 @@ static inline __attribute__((always_inline)) void sweep(const void *panel, int b
     const char *ahead = (const char *)panel + k * PANEL * (bf16 ? 2 : 4) + PREFETCH;
     for (; k + 2 <= K; k += 2, ahead += 2 * PANEL * (bf16 ? 2 : 4)) {
         fetch_ahead(ahead, bf16 ? 1 : 2);
-        v16 w0 = column(panel, bf16, k), w1 = column(panel, bf16, k + 1);
+        v16 w0, w1;
+        columns(panel, bf16, k, &w0, &w1);
         for (int i = 0; i < XS; i++) {
             a[i][0] += w0 * xr[k * XS + i];
             a[i][1] += w1 * xr[(k + 1) * XS + i];
@@ -336,6 +377,126 @@ static inline float load(const void *x, int bf16, int64_t i) {
 static inline int64_t xblock(int64_t i, int64_t k, int64_t n, int64_t K) {
     int64_t i0 = i / XROWS * XROWS, rows = n - i0 < XROWS ? n - i0 : XROWS;
     return i0 * K + k * rows + (i - i0);
+}
+
+#ifdef AMX
+/* Whether bf16 products take the tiles: 1 once the kernel has let this process use them (Linux
+   asks each process to request the tiles' register state, ARCH_REQ_XCOMP_PERM), -1 where it
+   refused or `ee_amx(0)` turned them off, 0 not asked yet. */
+static int amx_state = 0;
+
+static int amx_ready(void) {
+    int st = __atomic_load_n(&amx_state, __ATOMIC_ACQUIRE);
+    if (st == 0) {
+        st = syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XTILEDATA */) == 0 ? 1 : -1;
+        __atomic_store_n(&amx_state, st, __ATOMIC_RELEASE);
+    }
+    return st > 0;
+}
+
+typedef struct {
+    uint8_t palette, start_row, reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+} tile_config;
+
+/* Tiles 0-3: the sums of `rows` rows against 4 panels (rows x 16 fp32); tile 4: the rows' next 32
+   columns (rows x 32 bf16); tiles 5 and 6: a panel's next 32 columns, 16 pairs of 16 outputs. */
+static void amx_configure(int rows) {
+    tile_config c;
+    memset(&c, 0, sizeof c);
+    c.palette = 1;
+    for (int t = 0; t < 7; t++) {
+        c.rows[t] = t < 5 ? (uint8_t)rows : PANEL;
+        c.colsb[t] = 64;
+    }
+    _tile_loadconfig(&c);
+}
+
+/* Panels p0 .. p1 - 1 against the rows xa (n x K bf16, row-major; K a multiple of 32), `store`d
+   as `panels` stores its sums: per row and output one fp32 sum over k in order, 32 columns a tile
+   product, whatever the rows beside it (the tiles' product is defined element by element), so a
+   verify pass's rows equal the decode steps' bit for bit here too. Four panels at a time, each its
+   own sum tile: four chains of tile products, and four streams of weights ahead of which the
+   sweep asks for the lines PREFETCH on. Intel Xeon (Emerald Rapids), 2 threads, 12 weights of
+   (2048, 384) streamed in turn: 29 / 30 / 32 / 34 / 41 us a product at 1 / 2 / 5 / 8 / 16 rows,
+   where the sweep took 29 / 31 / 42-52 / 63-68 / 119-135 (one row: the same stream, the same time). */
+static void amx_panels(const void *Wp, const uint16_t *xa, const void *b, const void *res, void *y, int64_t p0,
+                       int64_t p1, int64_t K, int64_t M, int64_t n) {
+    float sums[4][PANEL * PANEL] __attribute__((aligned(64)));
+    const int64_t step = K * PANEL * 2; /* bytes from a panel to the next */
+    int configured = 0;
+    for (int64_t i0 = 0; i0 < n; i0 += PANEL) {
+        const int rows = n - i0 < PANEL ? (int)(n - i0) : PANEL;
+        if (rows != configured) amx_configure(configured = rows);
+        const uint16_t *xr = xa + i0 * K;
+        for (int64_t p = p0; p < p1; p += 4) {
+            const int np = p1 - p < 4 ? (int)(p1 - p) : 4;
+            const char *w = (const char *)Wp + p * step;
+            _tile_zero(0);
+            _tile_zero(1);
+            _tile_zero(2);
+            _tile_zero(3);
+            for (int64_t k = 0; k < K; k += 32) {
+                const char *wk = w + k * PANEL * 2;
+                for (int q = 0; q < np; q++)
+                    for (int line = 0; line < 16; line++) __builtin_prefetch(wk + q * step + PREFETCH + 64 * line);
+                _tile_loadd(4, xr + k, K * 2);
+                _tile_loadd(5, wk, 64);
+                _tile_dpbf16ps(0, 4, 5);
+                if (np > 1) {
+                    _tile_loadd(6, wk + step, 64);
+                    _tile_dpbf16ps(1, 4, 6);
+                }
+                if (np > 2) {
+                    _tile_loadd(5, wk + 2 * step, 64);
+                    _tile_dpbf16ps(2, 4, 5);
+                }
+                if (np > 3) {
+                    _tile_loadd(6, wk + 3 * step, 64);
+                    _tile_dpbf16ps(3, 4, 6);
+                }
+            }
+            _tile_stored(0, sums[0], 64);
+            if (np > 1) _tile_stored(1, sums[1], 64);
+            if (np > 2) _tile_stored(2, sums[2], 64);
+            if (np > 3) _tile_stored(3, sums[3], 64);
+            for (int q = 0; q < np; q++)
+                for (int i = 0; i < rows; i++) {
+                    v16 v;
+                    memcpy(&v, sums[q] + i * PANEL, sizeof v);
+                    store(v, b, res, y, 1, i0 + i, (p + q) * PANEL, M);
+                }
+        }
+    }
+    _tile_release(); /* the tiles' state back to its initial one: others configure their own */
+}
+
+/* The rows xf (`xblock`'s layout, values bf16 holds exactly) as bf16, row-major, into xa. */
+static void rows_bf16(const float *xf, uint16_t *xa, int64_t n, int64_t K) {
+    for (int64_t i = 0; i < n; i++) {
+        const float *at = xf + xblock(i, 0, n, K);
+        const int64_t step = xblock(i, 1, n, K) - xblock(i, 0, n, K);
+        for (int64_t k = 0; k < K; k++) {
+            uint32_t u;
+            memcpy(&u, at + k * step, 4);
+            xa[i * K + k] = (uint16_t)(u >> 16);
+        }
+    }
+}
+#endif
+
+/* Whether bf16 products use Intel's matrix tiles (AMX): want 0 turns them off for this process,
+   1 on where this build and the kernel allow, -1 asks. Returns 1 if they are used, else 0. */
+int ee_amx(int want) {
+#ifdef AMX
+    if (want == 0) __atomic_store_n(&amx_state, -1, __ATOMIC_RELEASE);
+    if (want == 1 && __atomic_load_n(&amx_state, __ATOMIC_ACQUIRE) < 0) __atomic_store_n(&amx_state, 0, __ATOMIC_RELEASE);
+    return amx_ready();
+#else
+    (void)want;
+    return 0;
+#endif
 }
 
 /* The bf16 pairs of the rows xf (`xblock`'s layout, values bf16 holds exactly) into xq: per block
@@ -461,22 +622,33 @@ int ee_linear(const void *x, const void *Wp, const void *b, void *y, int64_t n, 
     float *xf = (float *)x; /* one row: xblock's layout is the row itself */
     uint32_t *xq = NULL;
 #ifdef DPBF16
-    const int64_t nq = bf16 ? n * (K / 2) : 0; /* bf16: the rows' pairs after them (`pairs`) */
+    const int64_t nq = bf16 ? n * (K / 2) : 0; /* bf16: the rows' pairs after them (`pairs`), or the rows (AMX) */
 #else
     const int64_t nq = 0;
+#endif
+#ifdef AMX
+    const int tiles = bf16 && K % 32 == 0 && amx_ready();
+#else
+    const int tiles = 0;
 #endif
     if (bf16 || kind != NONE || n > 1) {
         xf = (float *)malloc(sizeof(float) * (size_t)(n * K + nq));
         if (!xf) return 1;
         prologue(x, bf16, kind, gain, eps, xf, n, K);
-        if (nq) pairs(xf, xq = (uint32_t *)(xf + n * K), n, K);
+#ifdef AMX
+        if (tiles) rows_bf16(xf, (uint16_t *)(xf + n * K), n, K);
+#endif
+        if (nq && !tiles) pairs(xf, xq = (uint32_t *)(xf + n * K), n, K);
     }
     int64_t np = (M + PANEL - 1) / PANEL;
 #pragma omp parallel num_threads(threads)
     {
         int64_t t = omp_get_thread_num(), T = omp_get_num_threads();
         int64_t first = np * t / T, last = np * (t + 1) / T;
-        if (first < last) panels(Wp, bf16, xf, xq, b, residual, y, first, last, K, M, n);
+#ifdef AMX
+        if (tiles && first < last) amx_panels(Wp, (const uint16_t *)(xf + n * K), b, residual, y, first, last, K, M, n);
+#endif
+        if (!tiles && first < last) panels(Wp, bf16, xf, xq, b, residual, y, first, last, K, M, n);
     }
     if (xf != (const float *)x) free(xf);
     return 0;

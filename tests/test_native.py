@@ -78,22 +78,22 @@ def test_bf16_products_on_the_tiles_and_on_the_sweep_agree(out_features, in_feat
     """Where the CPU has AMX, bf16 products whose inner size is a multiple of 32 take the tiles:
     F.linear within one bf16 rounding, and the vdpbf16ps sweep over the same panels (`amx(False)`:
     the path of a kernel that refuses the tiles) within bf16 round-off of them; each its own rows
-    independent of the rows beside them."""
+    independent of the rows beside them (40 rows: two blocks of 16 against each weight, then 8)."""
     g = torch.Generator().manual_seed(out_features + in_features)
     w = torch.randn(out_features, in_features, generator=g).bfloat16()
-    x, b = torch.randn(20, in_features, generator=g).bfloat16(), torch.randn(out_features, generator=g).bfloat16()
+    x, b = torch.randn(40, in_features, generator=g).bfloat16(), torch.randn(out_features, generator=g).bfloat16()
     packed = native.pack(w)
     try:
         tiles = native.linear(x, packed, out_features, b)
         assert native.amx(False) is False
         sweep = native.linear(x, packed, out_features, b)
-        assert torch.equal(torch.cat([native.linear(x[i : i + 1], packed, out_features, b) for i in range(20)]), sweep)
+        assert torch.equal(torch.cat([native.linear(x[i : i + 1], packed, out_features, b) for i in range(40)]), sweep)
     finally:
         assert native.amx(True) is True
     want = F.linear(x.double(), w.double(), b.double())
     torch.testing.assert_close(tiles.double(), want, rtol=2**-8, atol=1e-3)
     torch.testing.assert_close(tiles.float(), sweep.float(), rtol=2**-7, atol=1e-2)
-    assert torch.equal(torch.cat([native.linear(x[i : i + 1], packed, out_features, b) for i in range(20)]), tiles)
+    assert torch.equal(torch.cat([native.linear(x[i : i + 1], packed, out_features, b) for i in range(40)]), tiles)
 
 
 @needs_native

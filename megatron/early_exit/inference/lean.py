@@ -56,8 +56,12 @@ from megatron.early_exit.model.norm import RMSNorm
 # The folded operations run in the calling thread before the product's threads start, vectorised
 # (an exact GELU-free SiLU through `exp16`): at 8 rows (SmolLM2, batch 8) decoding ran 1.015x
 # faster with them (fp32 and bf16), at 1 row 1.046x; a verify pass of 5 rows (CPU reference model,
-# bf16) cost 0.1-0.2 of a plain step less than with the torch operations.
-FOLD_ROWS = 16
+# bf16) cost 0.1-0.2 of a plain step less than with the torch operations. Up to 64 rows: on AMX
+# (bf16 products of 16 rows at ~1.4x one row's time) a self-speculative round of 4 drafts at batch 4
+# (a verify pass of 20 rows, CPU reference model) took 7.6 ms where at 16 its verify pass ran the
+# torch operations layer by layer and the round took 12.4; past the native kernel's bucket of many
+# rows (`kernels`: measured at 32) another kernel may be chosen, and the layers run as before.
+FOLD_ROWS = 64
 # A general pass attends natively up to this many rows per sequence (verify passes, pending
 # rows); a prompt's many rows take SDPA, whose blocked kernels do O(R x span) work faster.
 ATTEND_ROWS = 16

@@ -400,38 +400,60 @@ typedef struct {
     uint8_t rows[16];
 } tile_config;
 
-/* Tiles 0-3: the sums of `rows` rows against 4 panels (rows x 16 fp32); tile 4: the rows' next 32
-   columns (rows x 32 bf16); tiles 5 and 6: a panel's next 32 columns, 16 pairs of 16 outputs. */
-static void amx_configure(int rows) {
+/* Up to 16 rows (rows1 = 0): tiles 0-3 the sums of `rows0` rows against 4 panels (rows x 16
+   fp32), tile 4 the rows' next 32 columns (rows x 32 bf16), tiles 5 and 6 a panel's next 32
+   columns (16 pairs of 16 outputs). Two blocks of rows (rows0 = 16, rows1 more): tiles 0-1 the
+   first block's sums against 2 panels, 2-3 the second's, 4 and 5 the two blocks' columns, 6 and 7
+   the panels'. */
+static void amx_configure(int rows0, int rows1) {
     tile_config c;
     memset(&c, 0, sizeof c);
     c.palette = 1;
-    for (int t = 0; t < 7; t++) {
-        c.rows[t] = t < 5 ? (uint8_t)rows : PANEL;
+    for (int t = 0; t < 8; t++) {
         c.colsb[t] = 64;
+        if (rows1 == 0)
+            c.rows[t] = t < 5 ? (uint8_t)rows0 : PANEL;
+        else
+            c.rows[t] = t == 2 || t == 3 || t == 5 ? (uint8_t)rows1 : t < 6 ? (uint8_t)rows0 : PANEL;
     }
+    if (rows1 == 0) c.rows[7] = c.colsb[7] = 0; /* unused */
     _tile_loadconfig(&c);
 }
+
+/* The sums tile `t` holds (rows x 16 fp32, via `sums`) `store`d as rows row0 .. of panel p. */
+#define AMX_STORE(t, rows, row0, p)                                                                  \
+    do {                                                                                             \
+        _tile_stored(t, sums, 64);                                                                   \
+        for (int i = 0; i < (rows); i++) {                                                           \
+            v16 v;                                                                                   \
+            memcpy(&v, sums + i * PANEL, sizeof v);                                                  \
+            store(v, b, res, y, 1, (row0) + i, (p) * PANEL, M);                                      \
+        }                                                                                            \
+    } while (0)
 
 /* Panels p0 .. p1 - 1 against the rows xa (n x K bf16, row-major; K a multiple of 32), `store`d
    as `panels` stores its sums: per row and output one fp32 sum over k in order, 32 columns a tile
    product, whatever the rows beside it (the tiles' product is defined element by element), so a
-   verify pass's rows equal the decode steps' bit for bit here too. Four panels at a time, each its
-   own sum tile: four chains of tile products, and four streams of weights ahead of which the
-   sweep asks for the lines PREFETCH on. Intel Xeon (Emerald Rapids), 2 threads, 12 weights of
-   (2048, 384) streamed in turn: 29 / 30 / 32 / 34 / 41 us a product at 1 / 2 / 5 / 8 / 16 rows,
-   where the sweep took 29 / 31 / 42-52 / 63-68 / 119-135 (one row: the same stream, the same time). */
+   verify pass's rows equal the decode steps' bit for bit here too. Up to 16 rows, four panels at
+   a time, each its own sum tile: four chains of tile products, and four streams of weights ahead
+   of which the loop asks for the lines PREFETCH on; more rows, two blocks of them (32 rows) against
+   two panels at a time, so that each block of weights is read once for 32 rows. Intel Xeon
+   (Emerald Rapids), 2 threads, 12 weights of (2048, 384) streamed in turn: 29 / 30 / 32 / 34 / 41 us
+   a product at 1 / 2 / 5 / 8 / 16 rows, where the sweep took 29 / 31 / 42-52 / 63-68 / 119-135 (one
+   row: the same stream, the same time). */
 static void amx_panels(const void *Wp, const uint16_t *xa, const void *b, const void *res, void *y, int64_t p0,
                        int64_t p1, int64_t K, int64_t M, int64_t n) {
-    float sums[4][PANEL * PANEL] __attribute__((aligned(64)));
+    float sums[PANEL * PANEL] __attribute__((aligned(64)));
     const int64_t step = K * PANEL * 2; /* bytes from a panel to the next */
-    int configured = 0;
-    for (int64_t i0 = 0; i0 < n; i0 += PANEL) {
-        const int rows = n - i0 < PANEL ? (int)(n - i0) : PANEL;
-        if (rows != configured) amx_configure(configured = rows);
-        const uint16_t *xr = xa + i0 * K;
-        for (int64_t p = p0; p < p1; p += 4) {
-            const int np = p1 - p < 4 ? (int)(p1 - p) : 4;
+    int configured0 = -1, configured1 = -1;
+    for (int64_t i0 = 0; i0 < n; i0 += 2 * PANEL) {
+        const int rows0 = n - i0 < PANEL ? (int)(n - i0) : PANEL;
+        const int rows1 = n - i0 - rows0 < PANEL ? (int)(n - i0 - rows0) : PANEL;
+        if (rows0 != configured0 || rows1 != configured1) amx_configure(configured0 = rows0, configured1 = rows1);
+        const uint16_t *xr = xa + i0 * K, *xr1 = xr + PANEL * K;
+        const int per = rows1 ? 2 : 4; /* panels at a time */
+        for (int64_t p = p0; p < p1; p += per) {
+            const int np = p1 - p < per ? (int)(p1 - p) : per;
             const char *w = (const char *)Wp + p * step;
             _tile_zero(0);
             _tile_zero(1);
@@ -442,6 +464,18 @@ static void amx_panels(const void *Wp, const uint16_t *xa, const void *b, const 
                 for (int q = 0; q < np; q++)
                     for (int line = 0; line < 16; line++) __builtin_prefetch(wk + q * step + PREFETCH + 64 * line);
                 _tile_loadd(4, xr + k, K * 2);
+                if (rows1) {
+                    _tile_loadd(5, xr1 + k, K * 2);
+                    _tile_loadd(6, wk, 64);
+                    _tile_dpbf16ps(0, 4, 6);
+                    _tile_dpbf16ps(2, 5, 6);
+                    if (np > 1) {
+                        _tile_loadd(7, wk + step, 64);
+                        _tile_dpbf16ps(1, 4, 7);
+                        _tile_dpbf16ps(3, 5, 7);
+                    }
+                    continue;
+                }
                 _tile_loadd(5, wk, 64);
                 _tile_dpbf16ps(0, 4, 5);
                 if (np > 1) {
@@ -457,33 +491,24 @@ static void amx_panels(const void *Wp, const uint16_t *xa, const void *b, const 
                     _tile_dpbf16ps(3, 4, 6);
                 }
             }
-            _tile_stored(0, sums[0], 64);
-            if (np > 1) _tile_stored(1, sums[1], 64);
-            if (np > 2) _tile_stored(2, sums[2], 64);
-            if (np > 3) _tile_stored(3, sums[3], 64);
-            for (int q = 0; q < np; q++)
-                for (int i = 0; i < rows; i++) {
-                    v16 v;
-                    memcpy(&v, sums[q] + i * PANEL, sizeof v);
-                    store(v, b, res, y, 1, i0 + i, (p + q) * PANEL, M);
+            if (rows1) {
+                AMX_STORE(0, rows0, i0, p);
+                AMX_STORE(2, rows1, i0 + PANEL, p);
+                if (np > 1) {
+                    AMX_STORE(1, rows0, i0, p + 1);
+                    AMX_STORE(3, rows1, i0 + PANEL, p + 1);
                 }
+                continue;
+            }
+            AMX_STORE(0, rows0, i0, p);
+            if (np > 1) AMX_STORE(1, rows0, i0, p + 1);
+            if (np > 2) AMX_STORE(2, rows0, i0, p + 2);
+            if (np > 3) AMX_STORE(3, rows0, i0, p + 3);
         }
     }
     _tile_release(); /* the tiles' state back to its initial one: others configure their own */
 }
 
-/* The rows xf (`xblock`'s layout, values bf16 holds exactly) as bf16, row-major, into xa. */
-static void rows_bf16(const float *xf, uint16_t *xa, int64_t n, int64_t K) {
-    for (int64_t i = 0; i < n; i++) {
-        const float *at = xf + xblock(i, 0, n, K);
-        const int64_t step = xblock(i, 1, n, K) - xblock(i, 0, n, K);
-        for (int64_t k = 0; k < K; k++) {
-            uint32_t u;
-            memcpy(&u, at + k * step, 4);
-            xa[i * K + k] = (uint16_t)(u >> 16);
-        }
-    }
-}
 #endif
 
 /* Whether bf16 products use Intel's matrix tiles (AMX): want 0 turns them off for this process,
@@ -576,13 +601,15 @@ DEFINE_EXP(exp16, v16, w16)
 DEFINE_EXP(exp8, v8, w8)
 #endif
 
-static void prologue(const void *x, int bf16, int kind, const void *gain, float eps, float *xf, int64_t n, int64_t K) {
+static void prologue(const void *x, int bf16, int kind, const void *gain, float eps, float *xf, int64_t n, int64_t K,
+                     uint16_t *xa) {
     for (int64_t i = 0; i < n; i++) {
         /* row i's elements in `xblock`'s layout: from `at`, `step` apart (1: a block of one row,
            stored a vector at a time; the index worked out per element cost a fill's or a verify
-           pass's rows more than their products) */
-        float *at = xf + xblock(i, 0, n, K);
-        const int64_t step = xblock(i, 1, n, K) - xblock(i, 0, n, K);
+           pass's rows more than their products); or, with xa (bf16, K a multiple of 16), as bf16
+           row-major there (the tiles' operand: the values are bf16's, so their high halves) */
+        float *at = xa ? NULL : xf + xblock(i, 0, n, K);
+        const int64_t step = xa ? 1 : xblock(i, 1, n, K) - xblock(i, 0, n, K);
         float scale = 0.f;
         if (kind == RMSNORM) {
             v16 acc = {0};
@@ -607,7 +634,12 @@ static void prologue(const void *x, int bf16, int kind, const void *gain, float 
             } else {
                 v = widen_part(x, bf16, i * K + k, m);
             }
-            if (step == 1 && m == PANEL)
+            if (xa) {
+                w16 u;
+                memcpy(&u, &v, sizeof u);
+                h16 h = __builtin_convertvector(u >> 16, h16);
+                memcpy(xa + i * K + k, &h, sizeof h);
+            } else if (step == 1 && m == PANEL)
                 memcpy(at + k, &v, sizeof v);
             else
                 for (int64_t j = 0; j < m; j++) at[(k + j) * step] = v[j];
@@ -622,7 +654,7 @@ int ee_linear(const void *x, const void *Wp, const void *b, void *y, int64_t n, 
     float *xf = (float *)x; /* one row: xblock's layout is the row itself */
     uint32_t *xq = NULL;
 #ifdef DPBF16
-    const int64_t nq = bf16 ? n * (K / 2) : 0; /* bf16: the rows' pairs after them (`pairs`), or the rows (AMX) */
+    const int64_t nq = bf16 ? n * (K / 2) : 0; /* bf16: the rows' pairs after them (`pairs`) */
 #else
     const int64_t nq = 0;
 #endif
@@ -631,14 +663,16 @@ int ee_linear(const void *x, const void *Wp, const void *b, void *y, int64_t n, 
 #else
     const int tiles = 0;
 #endif
-    if (bf16 || kind != NONE || n > 1) {
+    uint16_t *xa = NULL; /* the tiles': the rows as bf16 alone (`prologue`'s xa) */
+    if (tiles) {
+        xf = (float *)(xa = (uint16_t *)malloc(sizeof(uint16_t) * (size_t)(n * K)));
+        if (!xa) return 1;
+        prologue(x, bf16, kind, gain, eps, NULL, n, K, xa);
+    } else if (bf16 || kind != NONE || n > 1) {
         xf = (float *)malloc(sizeof(float) * (size_t)(n * K + nq));
         if (!xf) return 1;
-        prologue(x, bf16, kind, gain, eps, xf, n, K);
-#ifdef AMX
-        if (tiles) rows_bf16(xf, (uint16_t *)(xf + n * K), n, K);
-#endif
-        if (nq && !tiles) pairs(xf, xq = (uint32_t *)(xf + n * K), n, K);
+        prologue(x, bf16, kind, gain, eps, xf, n, K, NULL);
+        if (nq) pairs(xf, xq = (uint32_t *)(xf + n * K), n, K);
     }
     int64_t np = (M + PANEL - 1) / PANEL;
 #pragma omp parallel num_threads(threads)
@@ -646,7 +680,7 @@ int ee_linear(const void *x, const void *Wp, const void *b, void *y, int64_t n, 
         int64_t t = omp_get_thread_num(), T = omp_get_num_threads();
         int64_t first = np * t / T, last = np * (t + 1) / T;
 #ifdef AMX
-        if (tiles && first < last) amx_panels(Wp, (const uint16_t *)(xf + n * K), b, residual, y, first, last, K, M, n);
+        if (tiles && first < last) amx_panels(Wp, xa, b, residual, y, first, last, K, M, n);
 #endif
         if (!tiles && first < last) panels(Wp, bf16, xf, xq, b, residual, y, first, last, K, M, n);
     }

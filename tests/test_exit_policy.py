@@ -306,14 +306,17 @@ def test_a_run_of_leaving_tokens_pays_for_the_pass_that_fills_it_once(model):
 
 def test_the_fill_probe_fills_one_pending_row_and_keeps_the_running_pass_state(model):
     """`fill_probes`: the timed step with a pending row fills it above the exit's depth (every
-    layer then holds positions 0-3, the plain step's 0-2), through `Passes.run`; the timing runs
-    inside a running pass's check (`time_exit_costs`): that pass's own state is left as it was."""
+    layer then holds positions 0 .. FILL_CONTEXT, the plain step's 0 .. FILL_CONTEXT - 1), of one
+    sequence and of each of `batch` sequences, through `Passes.run`; the timing runs inside a
+    running pass's check (`time_exit_costs`): that pass's own state is left as it was, and the
+    costs price a fill of several sequences no lower than of one."""
     from megatron.early_exit.inference import exit_decision
     from megatron.early_exit.inference import passes as passes_module
 
     passes = EarlyExitEngine(model).passes
     fns, states = exit_decision.cost_probes(passes, 2), []
     real = passes_module.Passes.run
+    n = exit_decision.FILL_CONTEXT
 
     def run(self, state, *a, **k):
         states.append(state)
@@ -321,14 +324,17 @@ def test_the_fill_probe_fills_one_pending_row_and_keeps_the_running_pass_state(m
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(passes_module.Passes, "run", run)
-        fns["plain"]()
-        plain = states[-1].cache.filled[:, 0].tolist()
-        fns["fill"]()
-    assert plain == [3] * 4 and states[-1].cache.filled[:, 0].tolist() == [4] * 4 and states[-1].fed[0] == 4
+        for name, seqs in (("", 1), ("/2", 2)):
+            fns["plain" + name]()
+            plain = states[-1].cache.filled[:, :seqs].tolist()
+            fns["fill" + name]()
+            assert plain == [[n + 1] * seqs] * 4 and states[-1].cache.filled[:, :seqs].tolist() == [[n + 2] * seqs] * 4
+            assert states[-1].fed[:seqs] == [n + 2] * seqs
     sentinel = object()
     passes.branch = passes.scaled = passes.layer_scores = passes.holding = sentinel
-    exit_decision.time_exit_costs(passes, 2, 1)
+    costs = exit_decision.time_exit_costs(passes, 2, 1)
     assert passes.branch is passes.scaled is passes.layer_scores is passes.holding is sentinel
+    assert costs.fill_of(2) >= costs.fill_of(1) == costs.fill >= 0 and costs.fill_of(0) == 0.0
 
 
 def test_costs_from_the_cost_model_and_measured():
@@ -344,6 +350,9 @@ def test_costs_from_the_cost_model_and_measured():
     assert ExitCosts.from_cost_model(cold) == ExitCosts(1.1, 0.1, 0.1, 3.0, 0.3, 0.05)
     # what a filling pass pays once (`pending_costs`' intercept) is the policy's `fill`
     assert ExitCosts.from_cost_model(replace(c, pend_pass=0.7)) == ExitCosts(0.6, 0.1, 0.1, 2.0, 0.3, 0.05, fill=0.7)
+    # a pass filling the rows of 3 sequences pays the fill and two more sequences' share of it
+    filling = ExitCosts(0.6, 0.1, 0.1, 2.0, 0.3, 0.05, fill=0.7, fill_seq=0.2)
+    assert filling.fill_of(3) == pytest.approx(1.1) and filling.fill_of(1) == 0.7 and filling.fill_of(0) == 0.0
     measured = measure_exit_costs(EarlyExitEngine(make("llama")).passes, batch=4, repeats=1)
     assert measured.layer_fixed > 0 and measured.row >= measured.layer_row >= 0 and measured.vocab > 0
     assert measured.fill >= 0

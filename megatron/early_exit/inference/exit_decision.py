@@ -33,15 +33,15 @@ threshold leave; `cost_aware`:
       at batch 16: ~0.3% of a step per exit).
 
 A leaver's recompute is priced as what the pending path costs: `row` per layer for each row,
-and, where its sequence held no pending row when the pass began, `fill` once (`starts_pending`):
-the pass that will fill the run of tokens leaving from now on pays its own work besides their rows
-(the general path's gathering, layout and mask, a second native call after the uniform layers;
-~0.1-0.25 ms of Python on the CPU reference model at batch 1-4), however long the run: a run
-whose tokens go on leaving (learned at 0.5: 97% leave at exit 3) pays it once for many. Still
-priced low: in decoding the step that fills 4 rows left at exit 6 (bf16, batch 4) cost 0.78 ms
-over a plain one where the probes price 0.47 (weights and caches evicted by the alternation,
-ragged layouts, more rows per kernel call than the probes time), and the leaving step saved 0.72:
-learned at 0.8 lets 38% leave there, and with the checks' ~5% decodes at 0.93x.
+and, for the sequences that held no pending row when the pass began (`starts_pending`), what the
+pass that will fill them pays besides their rows, once per run of leaving tokens (`fill_of`: the
+general path's gathering, layout and mask, a second native call after the uniform layers; timed
+with one sequence and with several, `fill_probes`), however long the run: a run whose tokens go
+on leaving (learned at 0.5: 97% leave at exit 3) pays it once for many. Priced once for any
+number of sequences, with a two-position context, it read 0.09-0.22 ms on the CPU reference model
+(bf16, AMX) where a pass filling one row of each of 4 sequences of 64 positions cost 0.41-0.56
+over a plain one (1 sequence 0.25), and at batch 4 learned at 0.8 let rows leave at exit 6 whose
+fill cost what leaving saved (0.92-0.95x paired).
 
 What the decisions add up to is timed as decoding runs them (`exit_clock.py`): per policy and
 pass size, windows of decode steps in one of three modes (`ExitDecider.set_mode`): paused (no
@@ -115,6 +115,14 @@ class ExitCosts:
     # "draft"); None where not timed (such a leaver is priced at `head`, never below it).
     draft: float | None = None
     draft_row: float = 0.0
+    # What each further sequence whose rows that pass fills adds to `fill`: its own gathering and
+    # a ragged layout's rows (CPU reference model, bf16, AMX: a pass filling one row of each of 4
+    # sequences cost 0.41-0.56 ms over a plain one, of 1 sequence 0.21-0.29).
+    fill_seq: float = 0.0
+
+    def fill_of(self, sequences: int) -> float:
+        """What the pass that fills the pending rows of `sequences` sequences pays besides their rows."""
+        return self.fill + self.fill_seq * (sequences - 1) if sequences > 0 else 0.0
 
     def layer(self, rows: int) -> float:
         """One layer over `rows` rows (none: not run)."""
@@ -236,14 +244,19 @@ def time_exit_costs(passes, batch: int = 8, repeats: int = 5) -> ExitCosts:
     row = max((t["two"] - t[f"layer/{batch}"]) / batch, b)  # a recomputed row rides a pass as one more row, at least b
     vocab = "vocab" if "vocab/1" in t else "head"  # no plain exit: a check priced as a projection
     probe = "probe" if "probe/1" in t else vocab
-    # the fill's own work: a step that fills one row, less the plain step and that row's layers
+    # the fill's own work: a step that fills one row (of each of `batch` sequences), less the plain
+    # step and those rows' layers
     plain = plain_exits(passes)
-    fill = max(t["fill"] - t["plain"] - (passes.num_layers - passes.depth(plain[0])) * row, 0.0) if plain else 0.0
+    fill = fill_seq = 0.0
+    if plain:
+        m = passes.num_layers - passes.depth(plain[0])
+        fill = max(t["fill"] - t["plain"] - m * row, 0.0)
+        fill_seq = max(t[f"fill/{batch}"] - t[f"plain/{batch}"] - m * row * batch - fill, 0.0) / (batch - 1)
     draft = t.get("draft/1")  # None: the engine has no draft vocabulary
     return ExitCosts(
         max(t["layer/1"] - b, 0.0), b, row, t["head/1"], t[f"{vocab}/1"], t[f"{probe}/1"],
         head_row=slope("head"), vocab_row=slope(vocab), probe_row=slope(probe), fill=fill,
-        draft=draft, draft_row=slope("draft") if draft is not None else 0.0,
+        draft=draft, draft_row=slope("draft") if draft is not None else 0.0, fill_seq=fill_seq,
     )  # fmt: skip
 
 
@@ -256,7 +269,8 @@ def cost_probes(passes, batch: int) -> dict:
     """The calls `measure_exit_costs` times: "layer/r", "head/r", "vocab/r", "probe/r" over r in
     (1, batch) rows (the checks where an exit without a block has them; "probe/r": the learned
     check as a decode step runs it, none of the rows firing), "two": 2 rows each; "plain" and
-    "fill" (`fill_probes`) where an exit without a block has them."""
+    "fill" (`fill_probes`), and "plain/batch" and "fill/batch" of `batch` sequences, where an exit
+    without a block has them."""
     from megatron.early_exit.inference.confidence import max_prob
     from megatron.early_exit.inference.passes import ExitPolicy, Rows, StepOutput
     from megatron.early_exit.inference.uniform_check import UniformCheck, applies
@@ -276,6 +290,7 @@ def cost_probes(passes, batch: int) -> dict:
     head = passes.model.exits[str(plain[0])] if plain else None
     if plain:
         fns["plain"], fns["fill"] = fill_probes(passes, passes.depth(plain[0]))
+        fns[f"plain/{batch}"], fns[f"fill/{batch}"] = fill_probes(passes, passes.depth(plain[0]), batch)
     for a in (1, batch):
         fns[f"layer/{a}"] = lambda a=a: passes.advance(state, i, rows(a, 1), memo)
         fns[f"head/{a}"] = lambda a=a: passes.final_head(rows(a, 1), False, StepOutput())
@@ -299,31 +314,37 @@ def cost_probes(passes, batch: int) -> dict:
     return fns
 
 
-def fill_probes(passes, depth: int) -> tuple:
-    """Two full-depth decode steps of one sequence through `Passes.run` (no exit): the first
-    feeding nothing pending, the second with the row before its token pending at `depth` (as a
-    token that left at an exit there leaves it), which the step fills: the uniform layers up to
-    `depth`, then the general path over both rows."""
+def fill_probes(passes, depth: int, sequences: int = 1, context: int = None) -> tuple:
+    """Two full-depth decode steps of `sequences` sequences through `Passes.run` (no exit), each
+    sequence `context` positions long: the first feeding nothing pending, the second with the row
+    before each one's token pending at `depth` (as a token that left at an exit there leaves it),
+    which the step fills: the uniform layers up to `depth`, then the general path over both rows.
+    Context FILL_CONTEXT: at 2 positions a fill read 0.17 ms over a plain step, at 32-128 0.26-0.29
+    (CPU reference model, bf16, batch 1: attention over the pending rows' keys, a wider mask)."""
     from megatron.early_exit.inference.passes import ExitPolicy
 
-    state, local = passes.new_state(1, 8), depth - passes.start
-    row = torch.randn(passes.config.hidden_size, generator=torch.Generator().manual_seed(1))
-    row = row.to(passes.device, passes.dtype)
-    full = ExitPolicy()
+    context = FILL_CONTEXT if context is None else context
+    state, local = passes.new_state(sequences, context + 4), depth - passes.start
+    rows = torch.randn(sequences, passes.config.hidden_size, generator=torch.Generator().manual_seed(1))
+    rows = rows.to(passes.device, passes.dtype)
+    full, seqs = ExitPolicy(), range(sequences)
 
     def step(pending: bool):
         def run():
-            state.cache.filled[:, 0], state.fed[0] = 2, 2  # positions 0, 1 through every layer
-            if pending:  # position 2 through the layers below `depth` alone
-                state.cache.filled[:local, 0], state.fed[0] = 3, 3
-                state.pending[0, 2] = row
-            passes.run(state, {0: [1]}, full)
+            state.cache.filled[:, :sequences] = context  # positions 0 .. context - 1 through every layer
+            for b in seqs:
+                state.fed[b] = context
+                if pending:  # position `context` through the layers below `depth` alone
+                    state.cache.filled[:local, b], state.fed[b] = context + 1, context + 1
+                    state.pending[b, context] = rows[b]
+            passes.run(state, {b: [1] for b in seqs}, full)
 
         return run
 
     return step(False), step(True)
 
 
+FILL_CONTEXT = 32  # positions of each sequence in the fill probes (`fill_probes`)
 COSTS_ENV = "EE_EXIT_COSTS"  # "measured" (default) or "parameters": deterministic decisions
 
 
@@ -433,27 +454,29 @@ class ExitDecider:
         return self.costs
 
     def net_saving(
-        self, passes, n: int, rows, leaving: list[int], measure: str, fresh: bool = False, vocab: str = "full"
+        self, passes, n: int, rows, leaving: list[int], measure: str, fresh: int = 0, vocab: str = "full"
     ) -> float:
         """Time saved if the sequences at `rows` indices `leaving` leave at exit n, less their
         later recompute (and, for a measure without the projection, the leavers' projection:
         onto the draft vocabulary where `vocab` (`ExitPolicy.vocab`) says so);
-        `fresh` (`starts_pending`): less the pass that will fill them too."""
+        `fresh` (`starts_pending`: how many of their sequences start pending rows; True: one):
+        less the pass that will fill them too (`ExitCosts.fill_of`)."""
         c, m = self.costs_for(passes), passes.num_layers - passes.depth(n)
         total, gone = sum(rows.n), sum(rows.n[a] for a in leaving)
         saved = m * (c.layer(total) - c.layer(total - gone)) + (c.projection(len(rows.seqs)) if gone == total else 0.0)
         projection = 0.0 if get_measure(measure).needs_vocab else c.leavers(len(leaving), vocab)
-        return saved - gone * m * c.row - projection - (c.fill if fresh and gone else 0.0)
+        return saved - gone * m * c.row - projection - (c.fill_of(int(fresh)) if gone else 0.0)
 
-    def starts_pending(self, passes, rows, among: list[int]) -> bool:
-        """Whether rows of `among` (indices into `rows`) leaving would start pending rows that a
-        later pass must fill, paying `ExitCosts.fill` once for them: a sequence of theirs held
-        none when the pass began (`Passes.holding`). One that held some gets that pass anyway,
-        so a run of tokens leaving one after another pays it once. False where no fill is priced."""
+    def starts_pending(self, passes, rows, among: list[int]) -> int:
+        """How many sequences of the rows `among` (indices into `rows`) would start pending rows
+        by leaving, rows that a later pass must fill, paying `ExitCosts.fill_of` them: those that
+        held none when the pass began (`Passes.holding`). One that held some gets that pass anyway,
+        so a run of tokens leaving one after another pays it once. 0 where no fill is priced."""
         holding = getattr(passes, "holding", None)
-        if holding is None or not self.costs_for(passes).fill:
-            return False
-        return any(rows.seqs[a] not in holding for a in among)
+        c = self.costs_for(passes)
+        if holding is None or not (c.fill or c.fill_seq):
+            return 0
+        return sum(rows.seqs[a] not in holding for a in among)
 
     def worth_checking(self, passes, n: int, rows, cand: list[int], policy) -> bool:
         """(b): evaluate exit n only where its chance of paying times the saving beats the
@@ -497,7 +520,8 @@ class ExitDecider:
         if terms is None:
             cost = costs.check(get_measure(policy.measure).needs_vocab, len(cand))
             saving = self.net_saving(passes, n, rows, cand, policy.measure, fresh, policy.vocab)
-            one = self.net_saving(passes, n, rows, cand[:1], policy.measure, fresh, policy.vocab)  # priced no lower
+            first = self.starts_pending(passes, rows, cand[:1])
+            one = self.net_saving(passes, n, rows, cand[:1], policy.measure, first, policy.vocab)  # priced no lower
             alone = len(cand) > 1 and self.pays(passes, one)
             terms = self.terms[shape] = (cost, saving, alone)
         cost, saving, alone = terms

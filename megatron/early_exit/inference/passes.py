@@ -677,6 +677,9 @@ class Passes:
 
     def embed(self, state: DecodeState, new_tokens: dict[int, list[int]]) -> Rows:
         seqs = [b for b, t in new_tokens.items() if t]
+        if not seqs:  # a verify pass whose drafts were all fed below their exit: no lookup to make
+            h = self.config.hidden_size
+            return Rows([], [], [], torch.empty(0, 1, h, dtype=self.dtype, device=self.device))
         lo = [state.fed[b] for b in seqs]
         n = [len(new_tokens[b]) for b in seqs]
         r = max(n, default=1)

@@ -288,6 +288,27 @@ def test_decoding_on_the_native_kernel_equals_full_greedy_and_self_speculation_s
 
 
 @needs_native
+@pytest.mark.parametrize("good", [True, False])
+def test_bf16_self_speculation_on_the_native_kernel_equals_bf16_full_decoding(good):
+    """bf16 on the native kernel (the tiles where the CPU has AMX): a verify pass's rows go through
+    the same per-row operations as the decode steps' (each layer in one call, one summation order per
+    row whatever the rows beside it: `test_bf16_products_on_the_tiles_and_on_the_sweep_agree` catches
+    a kernel that sums one row otherwise), so greedy self-speculation gives full greedy decoding's
+    bf16 tokens, at batch 4 (verify passes of several sequences' drafts) and at batch 1."""
+    from tests.test_dynamic_speculation import NEW, PROMPTS, build
+
+    engine = EarlyExitEngine(build(good).to(torch.bfloat16), linear_kernel="native")
+    for prompts in (PROMPTS, PROMPTS[:1]):
+        full, spec = (
+            engine.generate(prompts, GenerationSettings(strategy=s, max_new_tokens=NEW, ignore_eos=True))
+            for s in ("full", "self_speculative")
+        )
+        assert [r.tokens for r in spec] == [r.tokens for r in full]
+        if good:  # exit 1 is the final head here: drafts are made and kept
+            assert sum(r.stats["drafted"] for r in spec) > 0 and sum(r.stats["accepted"] for r in spec) > 0
+
+
+@needs_native
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize(
     "a,g,per,span,hd", [(1, 3, 3, 40, 64), (2, 2, 1, 7, 8), (3, 1, 4, 130, 20), (1, 2, 2, 45, 128)]

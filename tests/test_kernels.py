@@ -116,14 +116,14 @@ def test_choice_is_measured_once_per_shape_dtype_rows_bucket_and_threads(monkeyp
     w = torch.randn(24, 16)
     kernels.register([w])
     with torch.no_grad():
-        for rows in (1, 1, 3, 8, 12, 100, 200):
+        for rows in (1, 1, 3, 8, 12, 40, 64, 100, 200):
             x = torch.randn(rows, 16)
             torch.testing.assert_close(kernels.linear(x, w), F.linear(x, w), rtol=1e-5, atol=1e-5)
-    # buckets: 1 row (mv allowed), 2-4 rows, 5-8, 9-16, more: five measurements, not seven
-    assert len(calls) == 5 and "mv" in calls[0] and all("mv" not in c for c in calls[1:])
+    # buckets: 1 row (mv allowed), 2-4 rows, 5-8, 9-16, 17-64, more: six measurements, not nine
+    assert len(calls) == 6 and "mv" in calls[0] and all("mv" not in c for c in calls[1:])
     assert kernels.kernel_for(w, 1) == "transposed"
     kernels.kernel_for(w.to(torch.bfloat16), 1)  # another dtype: measured again
-    assert len(calls) == 6
+    assert len(calls) == 7
 
 
 @pytest.mark.parametrize("built", [True, False])
@@ -163,10 +163,10 @@ def test_against_packed_another_kernel_needs_the_wider_margin(monkeypatch):
         assert seen == [kernels.SIXTEEN_BIT_MARGIN, max(kernels.MANY_THREAD_MARGIN, kernels.SIXTEEN_BIT_MARGIN)]
 
 
-def test_against_native_a_layers_products_need_the_wider_margin_up_to_sixteen_rows(monkeypatch):
+def test_against_native_a_layers_products_need_the_wider_margin_up_to_sixty_four_rows(monkeypatch):
     """Where all four of a layer's products are native its step runs in one native call, so
-    another kernel must beat native on their shapes by FUSED_MARGIN (up to 16 rows: beyond, the
-    layer runs its operations whatever the kernels); other shapes keep MARGIN (pick's default)."""
+    another kernel must beat native on their shapes by FUSED_MARGIN (up to 64 rows, `lean.FOLD_ROWS`:
+    beyond, the layer runs its operations whatever the kernels); other shapes keep MARGIN (pick's default)."""
     if not native.available():
         pytest.skip("no native kernel here (no C compiler)")
     layer = lean.LeanLayer(tiny().decoder.layers["0"])  # marks its products' shapes
@@ -183,12 +183,13 @@ def test_against_native_a_layers_products_need_the_wider_margin_up_to_sixteen_ro
         torch.set_num_threads(1)
         with torch.no_grad():
             for w in (layer.fc1, torch.randn(40, 64)):
-                for rows in (1, 5, 40):
+                for rows in (1, 5, 40, 100):
                     kernels.linear(torch.randn(rows, 64), w)
     finally:
         torch.set_num_threads(before)
     fused = kernels.FUSED_MARGIN
-    assert seen == [("native", fused), ("native", fused), ("native", None)] + [("native", None)] * 3
+    assert seen == [("native", fused)] * 3 + [("native", None)] + [("native", None)] * 4
+    assert lean.FOLD_ROWS == 64  # the bucket of 17-64 rows is the fused layers' last
 
 
 def test_more_threads_time_more_rounds_at_a_wider_margin(monkeypatch):

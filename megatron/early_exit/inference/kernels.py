@@ -54,7 +54,7 @@ SCREEN = 4.0  # a kernel 4x slower than the reference on its first call is not t
 # Against `packed` in bf16 / fp16 (`reference`): timed alone, it is understated by up to ~15%
 # against how it decodes (SmolLM2 bf16 on the Intel Xeon: the measured mixes at 0.89x all-packed).
 SIXTEEN_BIT_MARGIN = 0.25
-# Against `native` on a layer's products (`fuse`) up to 16 rows: where all four of a layer's
+# Against `native` on a layer's products (`fuse`) up to 64 rows (`lean.FOLD_ROWS`): where all four of a layer's
 # products are native, its whole decode step (or a verify pass's rows) runs in one native call
 # (`lean.LeanLayer.native_step`); one product on another kernel sends the layer through its
 # operations one by one. In bf16 on the CPU reference model at 5 rows, a verify pass of 4 drafts
@@ -73,8 +73,11 @@ FUSED_MARGIN = 0.5
 # 5-8 rows apart from 9-16 likewise: a verify pass of 4 drafts is 5 rows, where the native kernel
 # ties oneDNN's on bf16 (384, 1024) (31.7 / 31.1 us) and loses at 8 (42.7 / 32.9), and one product
 # on another kernel keeps the whole layer from running in one call (`lean.LeanLayer.native_step`).
-_BUCKETS = ((1, 1), (4, 3), (8, 5), (16, 12))
-_MANY_ROWS = (None, 32)
+# 17-64 rows apart from more: on AMX (bf16 tiles) the native kernel took 0.48-0.63x `F.linear`'s time
+# at 32 rows (a verify pass of several sequences, a short prompt), and 1.13-1.86x at 512 (a long
+# prompt, where its rows are prepared on one thread): measured at 32 alone, prompts took it.
+_BUCKETS = ((1, 1), (4, 3), (8, 5), (16, 12), (64, 32))
+_MANY_ROWS = (None, 256)
 
 # The packed and transposed copies of weights (`derived.py`: remade when a weight changes,
 # dropped when it dies; packed copies are opaque oneDNN tensors, kept outside the modules).

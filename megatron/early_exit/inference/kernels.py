@@ -75,7 +75,7 @@ FUSED_MARGIN = 0.5
 # on another kernel keeps the whole layer from running in one call (`lean.LeanLayer.native_step`).
 # 17-64 rows apart from more: on AMX (bf16 tiles) the native kernel took 0.48-0.63x `F.linear`'s time
 # at 32 rows (a verify pass of several sequences, a short prompt), and 1.13-1.86x at 512 (a long
-# prompt, where its rows are prepared on one thread): measured at 32 alone, prompts took it.
+# prompt: its loop reads every panel again for each 32 rows): measured at 32 alone, prompts took it.
 _BUCKETS = ((1, 1), (4, 3), (8, 5), (16, 12), (64, 32))
 _MANY_ROWS = (None, 256)
 

@@ -314,7 +314,7 @@ def cost_probes(passes, batch: int) -> dict:
     return fns
 
 
-def fill_probes(passes, depth: int, sequences: int = 1, context: int = None) -> tuple:
+def fill_probes(passes, depth: int, sequences: int = 1, context: int | None = None) -> tuple:
     """Two full-depth decode steps of `sequences` sequences through `Passes.run` (no exit), each
     sequence `context` positions long: the first feeding nothing pending, the second with the row
     before each one's token pending at `depth` (as a token that left at an exit there leaves it),

@@ -682,7 +682,7 @@ class Passes:
             return Rows([], [], [], torch.empty(0, 1, h, dtype=self.dtype, device=self.device))
         lo = [state.fed[b] for b in seqs]
         n = [len(new_tokens[b]) for b in seqs]
-        r = max(n, default=1)
+        r = max(n)  # seqs is not empty (above)
         for a, b in enumerate(seqs):
             state.fed[b] += n[a]
         ids = torch.tensor([list(new_tokens[b]) + [0] * (r - k) for b, k in zip(seqs, n)], dtype=torch.long)

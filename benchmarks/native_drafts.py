@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Self-speculation with a round's drafts in one native call (`Passes.native_drafts`) against the
+"""Self-speculation with a round's drafts in one native call (`Passes.native_drafts_of`) against the
 same engine drafting step by step, and both against full decoding, side by side in one process.
 
 A draft step runs a few layers and the exit's head, so the Python around it (the pass's setup,
@@ -48,9 +48,9 @@ def decode_rate(engine, prompts, s: GenerationSettings, native: bool) -> tuple[f
 
 
 def count_native_drafts(engine) -> list[bool]:
-    """Per call of the engine's `native_drafts` (a draft phase that asked), whether it drafted in
+    """Per call of the engine's `native_drafts_of` (a draft phase that asked), whether it drafted in
     one call (a model without a draft vocabulary or with more than a norm in its exits never does)."""
-    calls, real = [], engine.passes.native_drafts
+    calls, real = [], engine.passes.native_drafts_of
 
     def counted(*args, **kwargs):
         made = real(*args, **kwargs)
@@ -58,7 +58,7 @@ def count_native_drafts(engine) -> list[bool]:
             calls.append(made is not None)
         return made
 
-    engine.passes.native_drafts = counted
+    engine.passes.native_drafts_of = counted
     return calls
 
 

@@ -1,7 +1,8 @@
 """A self-speculative round's drafts in one native call (`Passes.native_drafts`, `ee_drafts`):
 the decode steps that draft from a norm-only exit onto its draft vocabulary, run without
 returning to Python between them, give the same drafts, confidences, K/V, pending rows and fill
-counts as those steps one by one (the same native calls, so bit for bit in fp32 and bf16);
+counts as those steps one by one (the same native calls, so bit for bit in fp32 and bf16), for
+one sequence and for several side by side (`Passes.native_drafts_of`);
 the controller's early stop is asked after each draft; and where they cannot run there, nothing
 is done and the draft loop runs the steps itself. Self-speculation with them stays equal to
 full greedy decoding (fp32).
@@ -179,9 +180,9 @@ def test_self_speculation_drafts_in_one_call_and_equals_full_greedy(dtype, monke
     made = []
     real = self_speculative.native_drafts
 
-    def drafting(engine, state, b, last, cap, plan, ctl):  # a round that drafts (not a plain one)
-        out = real(engine, state, b, last, cap, plan, ctl)
-        if cap > 0 and plan.exit is not None:
+    def drafting(engine, state, running, last, caps, plan, ctl):  # a round that drafts (not a plain one)
+        out = real(engine, state, running, last, caps, plan, ctl)
+        if max(caps.values()) > 0 and plan.exit is not None:
             made.append(out)
         return out
 
@@ -200,3 +201,98 @@ def test_self_speculation_drafts_in_one_call_and_equals_full_greedy(dtype, monke
     assert outs[3].tokens == loop.tokens and outs[3].stats["accepted"] == loop.stats["accepted"]
     if dtype == torch.float32:
         assert all(r.tokens == full for r in outs.values())
+
+
+PROMPTS3 = [[5, 17, 33, 2, 9, 41, 7], [11, 3, 60, 25, 8], [40, 2, 2, 19, 77, 31, 6, 50, 12]]
+
+
+def stepped_batch(engine, state, tokens: dict, n: int, caps: dict, stop: dict) -> dict:
+    """The drafts of several sequences as the draft loop's decode steps make them: each step feeds
+    every sequence still drafting together; sequence b stops after draft stop[b] (its early stop)."""
+    last, budget, made = dict(tokens), dict(caps), {b: ([], []) for b in tokens}
+    for j in range(max(caps.values())):
+        feed = {b: last[b] for b in tokens if budget[b] > j}
+        if not feed:
+            break
+        out = engine.decode_one_token(state, feed, ExitPolicy(force=n))
+        for b in feed:
+            last[b] = out.argmax[b]
+            made[b][0].append(last[b])
+            made[b][1].append(out.confidence[b])
+            if j == stop.get(b):
+                budget[b] = j + 1
+    return made
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("feed_last", [False, True])
+def test_drafts_of_several_sequences_in_one_call_equal_their_draft_steps(dtype, feed_last):
+    """Three sequences at different positions (each row its own keys), caps 5 / 3 / 4 and sequence
+    2 stopped after its second draft: each step's rows go together and shrink as sequences stop,
+    with the steps' drafts, confidences, K/V, pending rows and fill counts; the verify pass that
+    follows gives the same logits either way."""
+    model = build(dtype)
+    engine = EarlyExitEngine(model, linear_kernel="native")
+    states = []
+    for _ in range(2):
+        state = engine.new_state(3, 32)
+        engine.prefill(state, dict(enumerate(PROMPTS3)))
+        states.append(state)
+    steps, native_state = states
+    tokens, caps, stop = {0: 4, 1: 9, 2: 30}, {0: 5, 1: 3, 2: 4}, {2: 1}
+    asked = []
+
+    def keep(b, j, c):
+        asked.append((b, j))
+        return j != stop.get(b)
+
+    with engine.packed:
+        want = stepped_batch(engine, steps, tokens, 1, caps, stop)
+        got = engine.passes.native_drafts_of(native_state, tokens, 1, caps, keep, feed_last=feed_last)
+        assert got is not None and set(got) == {0, 1, 2}
+        for b in tokens:
+            assert got[b][0] == want[b][0] and got[b][1] == want[b][1], b  # the same floats
+        assert [len(got[b][0]) for b in range(3)] == [5, 3, 2]
+        assert sorted(asked) == [(b, j) for b in range(3) for j in range(len(got[b][0]))]  # after every draft
+        fed = [len(p) + len(got[b][0]) + feed_last for b, p in enumerate(PROMPTS3)]
+        assert native_state.fed == fed
+        if not feed_last:
+            assert steps.fed == fed and (native_state.cache.filled == steps.cache.filled).all()
+            assert torch.equal(native_state.cache.k, steps.cache.k) and torch.equal(native_state.cache.v, steps.cache.v)
+            assert torch.equal(native_state.pending, steps.pending)
+        want_out = engine.verify(steps, {b: [got[b][0][-1]] for b in tokens})
+        got_out = engine.verify(native_state, {b: [] if feed_last else [got[b][0][-1]] for b in tokens})
+    for b in tokens:
+        assert len(got_out.all_logits[b]) == len(want_out.all_logits[b]) == len(got[b][0]) + 1
+        for x, y in zip(want_out.all_logits[b], got_out.all_logits[b]):
+            assert torch.equal(x, y)
+    assert native_state.fed == steps.fed and (native_state.cache.filled == steps.cache.filled).all()
+    assert torch.equal(native_state.cache.k, steps.cache.k) and torch.equal(native_state.cache.v, steps.cache.v)
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_self_speculation_at_batch_three_drafts_in_one_call_and_equals_full_greedy(dtype, monkeypatch):
+    """Batch 3 (prompts of 7, 5 and 9 tokens): every drafting round's drafts come from one native
+    call; the tokens equal full greedy decoding's in fp32, and in both dtypes the draft loop's own."""
+    model = build(dtype)
+    engine = EarlyExitEngine(model, linear_kernel="native")
+    settings = GenerationSettings("self_speculative", 16, ignore_eos=True, draft_exit_layer=1, num_draft_tokens=3)
+    full = [r.tokens for r in engine.generate(PROMPTS3, GenerationSettings(max_new_tokens=16, ignore_eos=True))]
+    made, real = [], self_speculative.native_drafts
+
+    def drafting(engine, state, running, last, caps, plan, ctl):
+        out = real(engine, state, running, last, caps, plan, ctl)
+        if max(caps.values()) > 0:  # a round with tokens left to draft (at the end none are)
+            made.append((len(running), out is not None))
+        return out
+
+    monkeypatch.setattr(self_speculative, "native_drafts", drafting)
+    got = [r.tokens for r in engine.generate(PROMPTS3, settings)]
+    assert made and all(ok for _, ok in made) and max(n for n, _ in made) == 3
+    monkeypatch.setattr(self_speculative, "native_drafts", lambda *a: None)  # the draft loop's own steps
+    loop = [r.tokens for r in engine.generate(PROMPTS3, settings)]
+    assert got == loop
+    if dtype == torch.float32:
+        assert got == full

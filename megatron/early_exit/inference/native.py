@@ -95,7 +95,7 @@ def _omp_runtimes() -> set[str]:
     return {ln.split()[-1] for ln in maps if "libgomp" in ln or "libiomp" in ln}
 
 
-KEEP = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_int64, ctypes.c_float)  # `drafts`' keep(j, confidence)
+KEEP = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_float)  # `drafts`' keep(s, j, conf)
 
 
 @functools.cache
@@ -136,8 +136,8 @@ def library() -> ctypes.CDLL | None:
     lib.ee_head.argtypes = [vp, vp, i64, i64, i64, i32, i32, vp, ctypes.c_float, vp, i64, vp, vp, vp, vp]
     lib.ee_head.restype = i32
     lib.ee_probe.restype = i32
-    lib.ee_drafts.argtypes = [i64, i64, vp, i64, vp, vp, i32, i32] + [i64] * 5 + [vp, vp] + [i64] * 5 + [vp, vp, i64]
-    lib.ee_drafts.argtypes += [vp, vp, ctypes.c_float, KEEP, i32, vp, vp, vp]
+    lib.ee_drafts.argtypes = [i64, i64, vp, vp, i64, vp, vp, i32, i32] + [i64] * 5 + [vp, vp] + [i64] * 3
+    lib.ee_drafts.argtypes += [vp, vp, vp, vp, vp, i64, vp, vp, ctypes.c_float, KEEP, i32, vp, vp, vp]
     lib.ee_drafts.restype = i32
     lib.ee_amx.argtypes = [i32]
     lib.ee_amx.restype = i32
@@ -249,59 +249,63 @@ def head(
 
 
 def drafts(
-    token: int,
+    tokens: list[int],
     embedding: torch.Tensor,
     run: LayerRun,
     shape: tuple[int, int, int, int],
     tables: tuple[torch.Tensor, torch.Tensor],
-    at: tuple[int, int],
-    pending: torch.Tensor,
+    at: list[tuple[int, int]],
+    pending: list[torch.Tensor],
     head: tuple[torch.Tensor, int, torch.Tensor, tuple[torch.Tensor, float]],
     keep=None,
     feed_last: bool = False,
-) -> tuple[list[int], list[float]] | None:
-    """A self-speculative round's drafts for one sequence in one call (`ee_drafts`): up to
-    len(pending) decode steps from `token`, each through `run`'s layers (0 .. L - 1, the layers
-    below a norm-only exit) and the exit's head onto its draft vocabulary, each draft fed to the
-    next step, as those decode steps (`layers_step`, then `head` with ids) would run them.
-    embedding: the word embedding (V, h); tables: the rotary (cos, signed sine) fp32, a row of hd
-    per position; at: (cache slot, position of the first step); pending (D, h): each step's hidden
-    state at the exit (contiguous rows of x's dtype, written); head: (its packed rows, their
-    count, the draft vocabulary's ids int64, the exit norm's (gain, eps)); keep(j, confidence) ->
-    whether to draft another (None: all D). `feed_last`: the last draft fed through the layers too,
-    its hidden state in the row after the last draft's (pending then holds D + 1 rows). Returns
-    (drafts, their max-probabilities), as many as were made; None where `layers_step` would not
-    take `run` (nothing done)."""
+) -> list[tuple[list[int], list[float]]] | None:
+    """A self-speculative round's drafts for S sequences in one call (`ee_drafts`): sequence s
+    makes up to len(pending[s]) (less one with `feed_last`) decode steps from tokens[s], each
+    through `run`'s layers (0 .. L - 1, the layers below a norm-only exit) and the exit's head
+    onto its draft vocabulary, each draft fed to its next step, as those decode steps
+    (`layers_step`, then `head` with ids) would run them; each step takes the rows of the
+    sequences still drafting together. embedding: the word embedding (V, h); tables: the rotary
+    (cos, signed sine) fp32, a row of hd per position; at[s]: (cache slot, position of its first
+    step); pending[s] (D_s, h): each step's hidden state at the exit (contiguous rows of x's dtype,
+    written); head: (its packed rows, their count, the draft vocabulary's ids int64, the exit
+    norm's (gain, eps)); keep(s, j, confidence) -> whether sequence s drafts another after its
+    draft j (None: all). `feed_last`: each sequence's last draft fed through the layers too, its
+    hidden state in the row after its last draft's. Returns per sequence (drafts, their
+    max-probabilities), as many as were made; None where `layers_step` would not take `run`
+    (nothing done)."""
     g, per, hd, ffn = shape
     cos, sin_signed = tables
-    h = embedding.shape[-1]
-    ok = run.caches_ok and run.dtype == embedding.dtype == pending.dtype and pending.is_contiguous()
-    if not (ok and cos.dtype == torch.float32 and cos.is_contiguous() and sin_signed.is_contiguous()):
+    h, n = embedding.shape[-1], len(tokens)
+    ok = run.caches_ok and all(run.dtype == embedding.dtype == p.dtype and p.is_contiguous() for p in pending)
+    if not (ok and n and cos.dtype == torch.float32 and cos.is_contiguous() and sin_signed.is_contiguous()):
         return None
-    d, (panels, rows, ids, (gain, eps)) = pending.shape[0] - int(feed_last), head
+    limits = [p.shape[0] - int(feed_last) for p in pending]
+    d, (panels, rows, ids, (gain, eps)) = max(max(limits), 1), head
     gain = gain.contiguous()
-    tokens, conf, made = (ctypes.c_int64 * d)(), (ctypes.c_float * d)(), ctypes.c_int64(0)
+    i64 = ctypes.c_int64 * n
+    out, conf, made = (ctypes.c_int64 * (n * d))(), (ctypes.c_float * (n * d))(), i64()
     stop: list[BaseException] = []
 
-    def ask(j: int, c: float) -> int:  # an exception must not cross the C frames: kept, raised after
+    def ask(s: int, j: int, c: float) -> int:  # an exception must not cross the C frames: kept, raised after
         try:
-            return int(bool(keep(j, c)))
+            return int(bool(keep(s, j, c)))
         except BaseException as e:  # noqa: BLE001 (re-raised below)
             stop.append(e)
             return 0
 
-    slot, pos = at
     rc = library().ee_drafts(
-        d, token, embedding.data_ptr(), len(run), run.ptrs, run.eps, embedding.dtype == torch.bfloat16,
+        d, n, i64(*tokens), embedding.data_ptr(), len(run), run.ptrs, run.eps, embedding.dtype == torch.bfloat16,
         torch.get_num_threads(), h, g, per, hd, ffn, cos.data_ptr(), sin_signed.data_ptr(), *run.strides[:3],
-        slot, pos, pending.data_ptr(), panels.data_ptr(), rows, ids.data_ptr(), gain.data_ptr(),
-        float(eps), KEEP(ask) if keep is not None else KEEP(), int(feed_last), tokens, conf, ctypes.byref(made),
+        i64(*(a for a, _ in at)), i64(*(b for _, b in at)), i64(*(p.data_ptr() for p in pending)), i64(*limits),
+        panels.data_ptr(), rows, ids.data_ptr(), gain.data_ptr(), float(eps),
+        KEEP(ask) if keep is not None else KEEP(), int(feed_last), out, conf, made,
     )  # fmt: skip
     if stop:
         raise stop[0]
     if rc != 0:
         raise MemoryError("native kernel: out of memory for a round's drafts")
-    return list(tokens[: made.value]), list(conf[: made.value])
+    return [(list(out[s * d : s * d + made[s]]), list(conf[s * d : s * d + made[s]])) for s in range(n)]
 
 
 def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:

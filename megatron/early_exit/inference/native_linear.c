@@ -1373,50 +1373,98 @@ int ee_layers(int64_t L, const int64_t *ptrs, const float *eps, const void *x, v
     return failed;
 }
 
-/* A self-speculative round's drafts from a norm-only exit in one call, for one sequence: draft j
- * (j = 0 .. D - 1) feeds token t_j (t_0 = token, then each draft's own) as a decode step feeds it:
- * row t_j of the word embedding emb (V x h, the model's dtype), layers 0 .. L - 1 as ee_layers runs
- * them (ptrs, eps as it takes them; one row in cache slot `slot` at position pos + j, attending to
- * keys 0 .. pos + j, its K/V written; cos, sin: the rotary tables, a row of hd per position), its
- * hidden state at depth L into row j of pending (the deeper layers' input, for the verify pass),
- * then ee_head's exit norm (gain, eps_h) and projection onto the K draft tokens ids (Wp: their rows
- * of the exit's output weight, packed): t_{j+1} = tokens[j], the draft, and conf[j] its
- * max-probability. After each draft, keep(j, conf[j]) (NULL: always) says whether to draft
- * another. With feed_last, the last draft too is fed through layers 0 .. L - 1 (its K/V written at
- * pos + *made, its hidden state into row *made of pending), so that the verify pass starts at
- * depth L with every drafted row pending. The same numbers as those decode steps (the same calls),
- * without a return to Python between them. *made: the drafts made. 0 on success, 1 when memory
- * runs out (the drafts made by then are whole: K/V, pending row, token). */
-int ee_drafts(int64_t D, int64_t token, const void *emb, int64_t L, const int64_t *ptrs, const float *eps, int bf16,
-              int threads, int64_t h, int64_t G, int64_t per, int64_t hd, int64_t ffn, const float *cos,
-              const float *sin, int64_t sb, int64_t sg, int64_t st, int64_t slot, int64_t pos, void *pending,
-              const void *Wp, int64_t K, const int64_t *ids, const void *gain, float eps_h,
-              int (*keep)(int64_t, float), int feed_last, int64_t *tokens, float *conf, int64_t *made) {
+/* A self-speculative round's drafts from a norm-only exit in one call, for S sequences side by
+ * side: sequence s's draft j (j = 0 .. limit[s] - 1) feeds token t_j (t_0 = token[s], then each
+ * draft's own) as a decode step feeds it: row t_j of the word embedding emb (V x h, the model's
+ * dtype), layers 0 .. L - 1 as ee_layers runs them (ptrs, eps as it takes them; one row in cache
+ * slot slots[s] at position pos[s] + j, attending to keys 0 .. pos[s] + j, its K/V written; cos,
+ * sin: the rotary tables, a row of hd per position), its hidden state at depth L into row j of
+ * pending[s] (the deeper layers' input, for the verify pass), then ee_head's exit norm (gain, eps_h)
+ * and projection onto the K draft tokens ids (Wp: their rows of the exit's output weight, packed):
+ * t_{j+1} = tokens[s D + j], the draft, and conf[s D + j] its max-probability. After each draft,
+ * keep(s, j, conf) (NULL: always) says whether sequence s drafts another. With feed_last, a
+ * sequence's last draft too is fed through layers 0 .. L - 1 (its K/V written at pos[s] + made[s],
+ * its hidden state into row made[s] of pending[s]), so that the verify pass starts at depth L with
+ * every drafted row pending. Each step runs the rows of the sequences still going together (one
+ * ee_layers call, one ee_head call; a row's numbers do not depend on the rows beside it): the same
+ * numbers as those decode steps, without a return to Python between them. made[s]: sequence s's
+ * drafts. 0 on success, 1 when memory runs out (the drafts made by then are whole: K/V, pending
+ * row, token). */
+int ee_drafts(int64_t D, int64_t S, const int64_t *token, const void *emb, int64_t L, const int64_t *ptrs,
+              const float *eps, int bf16, int threads, int64_t h, int64_t G, int64_t per, int64_t hd, int64_t ffn,
+              const float *cos, const float *sin, int64_t sb, int64_t sg, int64_t st, const int64_t *slots,
+              const int64_t *pos, const int64_t *pending, const int64_t *limit, const void *Wp, int64_t K,
+              const int64_t *ids, const void *gain, float eps_h, int (*keep)(int64_t, int64_t, float),
+              int feed_last, int64_t *tokens, float *conf, int64_t *made) {
     const size_t row = (size_t)h * (bf16 ? 2 : 4);
-    *made = 0;
-    if (D <= 0) return 0;
-    char *x = (char *)malloc(row);
-    float *part = (float *)malloc(sizeof(float) * (size_t)K);
-    int failed = !x || !part, last = 0; /* last: t_j is the last draft, fed below the exit alone (feed_last) */
+    int64_t span = 0;
+    for (int64_t s = 0; s < S; s++) {
+        made[s] = 0;
+        if (limit[s] > 0 && pos[s] + limit[s] + feed_last > span) span = pos[s] + limit[s] + feed_last;
+    }
+    /* per sequence: its token to feed, its phase (0 drafting, 1 its last draft fed below the exit, 2 done) */
+    int64_t *next = (int64_t *)malloc(sizeof(int64_t) * (size_t)(6 * S + 1));
+    int *phase = (int *)malloc(sizeof(int) * (size_t)(S + 1));
+    char *x = (char *)malloc(row * (size_t)(2 * S + 1));
+    float *tables = (float *)malloc(sizeof(float) * (size_t)(2 * S * hd + 1));
+    float *part = (float *)malloc(sizeof(float) * (size_t)(K * S + 1));
+    float *c = (float *)malloc(sizeof(float) * (size_t)(S + 1));
+    uint8_t *mask = (uint8_t *)malloc((size_t)(S * span + 1));
+    int failed = !next || !phase || !x || !tables || !part || !c || !mask;
+    int64_t *at = next + S, *rows = at + S, *slot = rows + S, *drafted = slot + S, *got = drafted + S;
+    for (int64_t s = 0; s < S && !failed; s++) {
+        next[s] = token[s];
+        phase[s] = limit[s] > 0 ? 0 : 2;
+    }
     for (int64_t j = 0; !failed; j++) {
-        int64_t at = pos + j, ran = L, next = 0;
-        float c = 0.f;
-        char *y = (char *)pending + (size_t)j * row;
-        memcpy(x, (const char *)emb + (size_t)token * row, row);
-        failed = ee_layers(L, ptrs, eps, x, y, 1, bf16, threads, h, G, per, hd, ffn, cos + at * hd, sin + at * hd, 0,
-                           sb, sg, st, &slot, &at, at + 1, NULL, NULL, NULL, NULL, NULL, &ran);
-        if (failed || last) break;
-        failed = ee_head(y, Wp, 1, h, K, bf16, threads, gain, eps_h, ids, 0, NULL, part, &next, &c);
+        int64_t m = 0, md = 0, top = 0, low = INT64_MAX;
+        for (int64_t s = 0; s < S; s++) /* the rows of this step: every sequence not done */
+            if (phase[s] < 2) {
+                rows[m] = s, slot[m] = slots[s], at[m] = pos[s] + j;
+                memcpy(x + (size_t)m * row, (const char *)emb + (size_t)next[s] * row, row);
+                memcpy(tables + m * hd, cos + at[m] * hd, sizeof(float) * (size_t)hd);
+                memcpy(tables + (S + m) * hd, sin + at[m] * hd, sizeof(float) * (size_t)hd);
+                top = at[m] > top ? at[m] : top, low = at[m] < low ? at[m] : low;
+                m++;
+            }
+        if (!m) break;
+        const int64_t keys = top + 1;
+        if (low < top) /* positions apart: each row its own keys */
+            for (int64_t i = 0; i < m; i++)
+                for (int64_t t = 0; t < keys; t++) mask[i * keys + t] = t <= at[i];
+        char *y = x + (size_t)S * row;
+        int64_t ran = L;
+        failed = ee_layers(L, ptrs, eps, x, y, m, bf16, threads, h, G, per, hd, ffn, tables, tables + S * hd, hd, sb, sg,
+                           st, slot, at, keys, low < top ? mask : NULL, NULL, NULL, NULL, NULL, &ran);
         if (failed) break;
-        tokens[j] = token = next;
-        conf[j] = c;
-        *made = j + 1;
-        if ((keep && !keep(j, c)) || j + 1 == D) { /* keep asked after every draft, the last too */
-            if (!feed_last) break;
-            last = 1;
+        for (int64_t i = 0; i < m; i++) { /* each row into its sequence's pending rows; those drafting gathered */
+            const int64_t s = rows[i];
+            memcpy((char *)pending[s] + (size_t)j * row, y + (size_t)i * row, row);
+            if (phase[s] == 0) {
+                if (md != i) memcpy(y + (size_t)md * row, y + (size_t)i * row, row);
+                drafted[md++] = s;
+            } else {
+                phase[s] = 2; /* its last draft fed below the exit */
+            }
+        }
+        if (!md) break;
+        failed = ee_head(y, Wp, md, h, K, bf16, threads, gain, eps_h, ids, 0, NULL, part, got, c);
+        if (failed) break;
+        for (int64_t i = 0; i < md; i++) {
+            const int64_t s = drafted[i];
+            tokens[s * D + j] = next[s] = got[i];
+            conf[s * D + j] = c[i];
+            made[s] = j + 1;
+            if ((keep && !keep(s, j, c[i])) || j + 1 == limit[s]) /* keep asked after every draft, the last too */
+                phase[s] = feed_last ? 1 : 2;
         }
     }
+    free(next);
+    free(phase);
     free(x);
+    free(tables);
     free(part);
+    free(c);
+    free(mask);
     return failed;
 }

@@ -1052,38 +1052,62 @@ class Passes:
         self, state: DecodeState, b: int, token: int, n: int, cap: int, keep=None, feed_last: bool = False
     ) -> tuple | None:
         """Up to `cap` self-speculative drafts of sequence b from exit n in one native call
-        (`native.drafts`): the decode steps `run` makes under `ExitPolicy(force=n)` feeding `token`,
-        then each draft, one by one (a norm-only exit, its head onto the draft vocabulary:
-        `DraftCheck`), with their K/V, pending rows, fill counts and numbers, without the Python
-        between and around them (~0.15-0.2 ms a step on the CPU reference model, a third of a
-        draft step). keep(j, confidence): whether to draft another after draft j; `feed_last`: the
-        last draft fed below the exit too (the verify pass then feeds nothing: `run`). Returns (drafts,
-        confidences), or None where those steps would not each run in one native call (an exit
-        with a block or more than a norm, no draft vocabulary, rows pending below the exit, a
-        forward hook, profiling, another kernel, `native_drafting` off): nothing done."""
-        d, pos = self.depth(n), state.fed[b]
+        (`native_drafts_of` for one sequence; keep(j, confidence)): (drafts, confidences), or None."""
+        ask = None if keep is None else (lambda _, j, c: keep(j, c))
+        made = self.native_drafts_of(state, {b: token}, n, {b: cap}, ask, feed_last)
+        return None if made is None else made[b]
+
+    def native_drafts_of(
+        self, state: DecodeState, tokens: dict[int, int], n: int, caps: dict[int, int], keep=None,
+        feed_last: bool = False,
+    ) -> dict[int, tuple[list[int], list[float]]] | None:  # fmt: skip
+        """Up to caps[b] self-speculative drafts of each sequence b in `tokens` from exit n in one
+        native call (`native.drafts`): the decode steps `run` makes under `ExitPolicy(force=n)`
+        feeding tokens[b], then each draft, one by one (a norm-only exit, its head onto the draft
+        vocabulary: `DraftCheck`), each step the rows of the sequences still drafting together,
+        with their K/V, pending rows, fill counts and numbers, without the Python between and
+        around them (~0.15-0.2 ms a step on the CPU reference model at batch 1, a third of a draft
+        step; ~0.3 at batch 4). keep(b, j, confidence): whether b drafts another after its draft j;
+        `feed_last`: each sequence's last draft fed below the exit too (the verify pass then feeds
+        it nothing: `run`). Returns {b: (drafts, confidences)}, or None where those steps would not
+        each run in one native call (an exit with a block or more than a norm, no draft
+        vocabulary, rows pending below the exit, a kernel other than the native one at any of the
+        steps' row counts, a forward hook, profiling, `native_drafting` off): nothing done."""
+        d, seqs = self.depth(n), list(tokens)
         if not self.native_drafting or self.profile or self.start or n in self.block_slots or self.draft_vocab is None:
             return None
-        room = pos + cap + feed_last <= min(state.cache.capacity, state.pending.shape[1]) and self.device.type == "cpu"
-        if not (room and native.library() and self.plain_embedding() and self.uniform_layers(state, {b: [token]}) >= d):
+        room = min(state.cache.capacity, state.pending.shape[1])
+        if self.device.type != "cpu" or any(state.fed[b] + caps[b] + feed_last > room for b in seqs):
+            return None
+        uniform = self.uniform_layers(state, {b: [0] for b in seqs})  # nothing pending below the exit
+        if not (native.library() and self.plain_embedding() and uniform >= d):
             return None
         self.lean_kernels.sync()
         check = state.remembered(("drafts", n), lambda: DraftCheck(self, n, self.exit_head(state, n)))
         if check.norm is None or lean.watched((check.norm,)):  # an exit that is more than its norm, or watched
             return None
         run, emb = self.layer_run(state, 0, d), self.model.embedding.word_embeddings.weight
-        if run is None or not lean.runs_natively(run, 1, 1, self.lean_kernels):
+        if run is None:
             return None
         rows = check.draft_rows()
-        if not self.draft_head_native(check.head, check.norm_args, rows, 1, emb.dtype):
-            return None
-        cos, _, neg = self.rotary_tables(pos + cap + 1)[:3]  # positions pos .. pos + cap (the last fed with feed_last)
+        for a in range(1, len(seqs) + 1):  # the steps' rows: every sequence, then fewer as they stop
+            if not lean.runs_natively(run, a, 1, self.lean_kernels):
+                return None
+            if not self.draft_head_native(check.head, check.norm_args, rows, a, emb.dtype):
+                return None
+        top = max(state.fed[b] + caps[b] for b in seqs)
+        cos, _, neg = self.rotary_tables(top + 1)[:3]  # positions up to the last fed (with feed_last)
         head = (kernels.native_copy(rows), len(self.draft_vocab), self.draft_vocab, check.norm_args)
-        pending = state.pending[b, pos : pos + cap + feed_last]
-        made = native.drafts(token, emb, run.native, run.shape, (cos, neg), (b, pos), pending, head, keep, feed_last)
-        if made is not None:
-            state.fed[b] = state.cache.filled[:d, b] = pos + len(made[0]) + (feed_last and len(made[0]) > 0)
-        return made
+        at = [(b, state.fed[b]) for b in seqs]
+        pending = [state.pending[b, p : p + caps[b] + feed_last] for b, p in at]
+        ask = None if keep is None else (lambda s, j, c: keep(seqs[s], j, c))
+        made = native.drafts([tokens[b] for b in seqs], emb, run.native, run.shape, (cos, neg), at, pending, head,
+                             ask, feed_last)  # fmt: skip
+        if made is None:
+            return None
+        for (b, pos), (drafts, _) in zip(at, made):
+            state.fed[b] = state.cache.filled[:d, b] = pos + len(drafts) + (feed_last and len(drafts) > 0)
+        return dict(zip(seqs, made))
 
     def block_exit_hidden(self, state: DecodeState, n: int, head, seqs: list[int]) -> torch.Tensor:
         """Bring exit n's own block cache up to each sequence's newest token; its hidden there [A, 1, h]."""

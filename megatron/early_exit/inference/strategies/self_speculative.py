@@ -261,8 +261,8 @@ class SelfSpeculative(Strategy):
         results = batch.results
         budget = {b: min(plan.cap, batch.settings_of(b).max_new_tokens - len(results[b].tokens) - 1) for b in running}
         last = {b: results[b].tokens[-1] for b in running}
-        if len(running) == 1 and plan.observe is None and not plan.alternatives:
-            made = native_drafts(engine, state, running[0], last, budget[running[0]], plan, ctl)
+        if plan.observe is None and not plan.alternatives:
+            made = native_drafts(engine, state, running, last, budget, plan, ctl)
             if made is not None:
                 return made
         drafts: dict[int, list[int]] = {b: [] for b in running}
@@ -336,26 +336,29 @@ class SelfSpeculative(Strategy):
         return ok, alt
 
 
-def native_drafts(engine, state, b: int, last: dict[int, int], cap: int, plan: Plan, ctl) -> tuple | None:
-    """`SelfSpeculative.draft`'s results for one sequence drafting up to `cap` tokens from plan.exit
-    in one native call (`Passes.native_drafts`: the same drafts, K/V and pending rows as its decode
-    steps, the controller's early stop asked after each draft), or None where they would not run
-    there (a pipeline engine, an exit or kernels it does not take): draft's own loop then runs."""
-    drafts_of = getattr(getattr(engine, "passes", None), "native_drafts", None)
-    if drafts_of is None or cap <= 0:
+def native_drafts(engine, state, running: list[int], last: dict[int, int], caps: dict[int, int], plan: Plan, ctl):
+    """`SelfSpeculative.draft`'s results for the running sequences drafting up to caps[b] tokens
+    from plan.exit in one native call (`Passes.native_drafts_of`: the same drafts, K/V and pending
+    rows as its decode steps, each step's rows together, the controller's early stop asked after
+    each draft), or None where they would not run there (a pipeline engine, an exit or kernels it
+    does not take): draft's own loop then runs."""
+    drafts_of = getattr(getattr(engine, "passes", None), "native_drafts_of", None)
+    if drafts_of is None or max(caps.values(), default=0) <= 0:
         return None
-    seen: list[float] = []
+    seen: dict[int, list[float]] = {b: [] for b in running}
 
-    def keep(j: int, conf: float) -> bool:
-        seen.append(conf)
-        return ctl.keep_drafting(plan, seen)
+    def keep(b: int, j: int, conf: float) -> bool:
+        seen[b].append(conf)
+        return ctl.keep_drafting(plan, seen[b])
 
     with engine.packed:  # the last draft fed below the exit too: nothing left to feed (`verify`: last None)
-        made = drafts_of(state, b, last[b], plan.exit, cap, keep if ctl is not None else None, feed_last=True)
+        made = drafts_of(state, {b: last[b] for b in running}, plan.exit, caps, keep if ctl is not None else None,
+                         feed_last=True)  # fmt: skip
     if made is None:
         return None
-    drafts, confs = made
-    return {b: drafts}, {b: confs}, {b: None if drafts else last[b]}, {}, {b: {}}
+    drafts = {b: made[b][0] for b in running}
+    confs = {b: made[b][1] for b in running}
+    return drafts, confs, {b: None if drafts[b] else last[b] for b in running}, {}, {b: {} for b in running}
 
 
 def verify(engine, state, last: dict[int, int], drafted: bool, observe: int | None = None, alts=None, drafts=None):

@@ -163,9 +163,9 @@ def test_against_packed_another_kernel_needs_the_wider_margin(monkeypatch):
         assert seen == [kernels.SIXTEEN_BIT_MARGIN, max(kernels.MANY_THREAD_MARGIN, kernels.SIXTEEN_BIT_MARGIN)]
 
 
-def test_against_native_a_layers_products_need_the_wider_margin_up_to_sixty_four_rows(monkeypatch):
+def test_against_native_a_layers_products_need_the_wider_margin_up_to_256_rows(monkeypatch):
     """Where all four of a layer's products are native its step runs in one native call, so
-    another kernel must beat native on their shapes by FUSED_MARGIN (up to 64 rows, `lean.FOLD_ROWS`:
+    another kernel must beat native on their shapes by FUSED_MARGIN (up to 256 rows, `lean.FOLD_ROWS`:
     beyond, the layer runs its operations whatever the kernels); other shapes keep MARGIN (pick's default)."""
     if not native.available():
         pytest.skip("no native kernel here (no C compiler)")
@@ -183,13 +183,13 @@ def test_against_native_a_layers_products_need_the_wider_margin_up_to_sixty_four
         torch.set_num_threads(1)
         with torch.no_grad():
             for w in (layer.fc1, torch.randn(40, 64)):
-                for rows in (1, 5, 40, 100):
+                for rows in (1, 5, 40, 100, 300):
                     kernels.linear(torch.randn(rows, 64), w)
     finally:
         torch.set_num_threads(before)
     fused = kernels.FUSED_MARGIN
-    assert seen == [("native", fused)] * 3 + [("native", None)] + [("native", None)] * 4
-    assert lean.FOLD_ROWS == 64  # the bucket of 17-64 rows is the fused layers' last
+    assert seen == [("native", fused)] * 4 + [("native", None)] + [("native", None)] * 5
+    assert lean.FOLD_ROWS == 256  # the bucket of 65-256 rows is the fused layers' last
 
 
 def test_more_threads_time_more_rounds_at_a_wider_margin(monkeypatch):

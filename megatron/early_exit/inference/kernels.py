@@ -54,7 +54,7 @@ SCREEN = 4.0  # a kernel 4x slower than the reference on its first call is not t
 # Against `packed` in bf16 / fp16 (`reference`): timed alone, it is understated by up to ~15%
 # against how it decodes (SmolLM2 bf16 on the Intel Xeon: the measured mixes at 0.89x all-packed).
 SIXTEEN_BIT_MARGIN = 0.25
-# Against `native` on a layer's products (`fuse`) up to 64 rows (`lean.FOLD_ROWS`): where all four of a layer's
+# Against `native` on a layer's products (`fuse`) up to 256 rows (`lean.FOLD_ROWS`): where all four of a layer's
 # products are native, its whole decode step (or a verify pass's rows) runs in one native call
 # (`lean.LeanLayer.native_step`); one product on another kernel sends the layer through its
 # operations one by one. In bf16 on the CPU reference model at 5 rows, a verify pass of 4 drafts
@@ -76,8 +76,11 @@ FUSED_MARGIN = 0.5
 # 17-64 rows apart from more: on AMX (bf16 tiles) the native kernel took 0.48-0.63x `F.linear`'s time
 # at 32 rows (a verify pass of several sequences, a short prompt), and 1.13-1.86x at 512 (a long
 # prompt: its loop reads every panel again for each 32 rows): measured at 32 alone, prompts took it.
-_BUCKETS = ((1, 1), (4, 3), (8, 5), (16, 12), (64, 32))
-_MANY_ROWS = (None, 256)
+# 65-256 rows (measured at 128) apart from more (at 512): a prompt of up to 256 tokens runs each
+# layer in one native call where its four products are native (`lean.FOLD_ROWS`), so the wider
+# margin (`fuse`) holds there too; longer prompts run the layer's operations one by one.
+_BUCKETS = ((1, 1), (4, 3), (8, 5), (16, 12), (64, 32), (256, 128))
+_MANY_ROWS = (None, 512)
 
 # The packed and transposed copies of weights (`derived.py`: remade when a weight changes,
 # dropped when it dies; packed copies are opaque oneDNN tensors, kept outside the modules).
@@ -244,8 +247,8 @@ def register(weights: Iterable[torch.Tensor]) -> None:
 
 def fuse(weights: Iterable[torch.Tensor]) -> None:
     """Mark `weights` as a layer's products (`lean.LeanLayer`), which run in one native call
-    where all of them are native: up to 16 rows, another kernel must beat `native` on their
-    shapes by `FUSED_MARGIN`, not `MARGIN`."""
+    where all of them are native: up to `lean.FOLD_ROWS` rows, another kernel must beat `native` on
+    their shapes by `FUSED_MARGIN`, not `MARGIN`."""
     _FUSED.update((tuple(w.shape), w.dtype) for w in weights)
 
 

@@ -61,10 +61,16 @@ from megatron.early_exit.model.norm import RMSNorm
 # (a verify pass of 20 rows, CPU reference model) took 7.6 ms where at 16 its verify pass ran the
 # torch operations layer by layer and the round took 12.4; past the native kernel's bucket of many
 # rows (`kernels`: measured at 32) another kernel may be chosen, and the layers run as before.
-FOLD_ROWS = 64
+# Up to 256 (stop 60): a prompt of up to 256 tokens runs each layer in one native call too (its
+# norms, rotary positions, SwiGLU and residuals folded in, where the torch operations between the
+# products had cost a 160-token prefill of the CPU reference model ~6 of its ~18 ms in bf16); the
+# kernel choice's bucket of 65-256 rows (`kernels`) weighs the one-call layer as up to 64.
+FOLD_ROWS = 256
 # A general pass attends natively up to this many rows per sequence (verify passes, pending
-# rows); a prompt's many rows take SDPA, whose blocked kernels do O(R x span) work faster.
-ATTEND_ROWS = 16
+# rows, prompts of up to 256 tokens: each row's keys end at its own position, `ee_attend`, so a
+# causal prompt computes half the scores, ~0.15 ms a layer at 160 rows against SDPA's ~0.24);
+# longer prompts take SDPA, whose blocked kernels do O(R x span) work faster.
+ATTEND_ROWS = 256
 
 
 def supports(layer: nn.Module) -> bool:

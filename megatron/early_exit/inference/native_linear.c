@@ -1028,6 +1028,9 @@ static int attend(const void *q, const void *k, const void *v, const uint8_t *ma
             const char *kbase = (const char *)k + (slot * kb + g * kg) * esize;
             const char *vbase = (const char *)v + (slot * vb + g * vg) * esize;
             const uint8_t *m = mask ? mask + ar * span : NULL;
+            int64_t keys = span; /* past the row's last attended key nothing counts: a causal row stops there */
+            if (m)
+                while (keys > 1 && !m[keys - 1]) keys--;
             for (int64_t d = 0; d < hd; d++) qf[d] = load(q, bf16, row * hd + d) * scale;
 #if defined(DPBF16) && !defined(HALVES)
             /* bf16 scores by pairs (vdpbf16ps) on the unscaled query, scaled after the sums */
@@ -1037,10 +1040,10 @@ static int attend(const void *q, const void *k, const void *v, const uint8_t *ma
 #endif
             const float post = q16 ? scale : 1.0f;
             switch (C) { /* the common head sizes with their chunk count a constant */
-            case 4: attend_head(qf, q16, post, kbase, vbase, m, scores, span, kp, vp, bf16, 4, out, row); break;
-            case 8: attend_head(qf, q16, post, kbase, vbase, m, scores, span, kp, vp, bf16, 8, out, row); break;
-            case 0: attend_head_any(qf, kbase, vbase, m, scores, acc, span, kp, vp, bf16, hd, out, row); break;
-            default: attend_head(qf, q16, post, kbase, vbase, m, scores, span, kp, vp, bf16, C, out, row); break;
+            case 4: attend_head(qf, q16, post, kbase, vbase, m, scores, keys, kp, vp, bf16, 4, out, row); break;
+            case 8: attend_head(qf, q16, post, kbase, vbase, m, scores, keys, kp, vp, bf16, 8, out, row); break;
+            case 0: attend_head_any(qf, kbase, vbase, m, scores, acc, keys, kp, vp, bf16, hd, out, row); break;
+            default: attend_head(qf, q16, post, kbase, vbase, m, scores, keys, kp, vp, bf16, C, out, row); break;
             }
         }
         free(buf);

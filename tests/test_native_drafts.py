@@ -268,7 +268,9 @@ def test_drafts_of_several_sequences_in_one_call_equal_their_draft_steps(dtype, 
         for x, y in zip(want_out.all_logits[b], got_out.all_logits[b]):
             assert torch.equal(x, y)
     assert native_state.fed == steps.fed and (native_state.cache.filled == steps.cache.filled).all()
-    assert torch.equal(native_state.cache.k, steps.cache.k) and torch.equal(native_state.cache.v, steps.cache.v)
+    real = slice(0, steps.cache.capacity)  # not the scratch position, where the steps' padded rows wrote
+    assert torch.equal(native_state.cache.k[..., real, :], steps.cache.k[..., real, :])
+    assert torch.equal(native_state.cache.v[..., real, :], steps.cache.v[..., real, :])
 
 
 @needs_native
@@ -296,3 +298,42 @@ def test_self_speculation_at_batch_three_drafts_in_one_call_and_equals_full_gree
     assert got == loop
     if dtype == torch.float32:
         assert got == full
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("batch", [1, 3])
+def test_a_verify_pass_of_pending_rows_alone_equals_the_general_pass(dtype, batch, monkeypatch):
+    """After drafts fed below their exit (`feed_last`), the verify pass feeds no token: its rows go
+    straight from the pending rows through the layers above the exit and the final head
+    (`Passes.verify_pending`), with the general pass's logits, tokens, K/V and fill counts (the
+    engine with `fast` off takes the general pass)."""
+    model = build(dtype)
+    prompts = PROMPTS3[:batch]
+    tokens, caps = dict(list({0: 4, 1: 9, 2: 30}.items())[:batch]), dict(list({0: 5, 1: 3, 2: 4}.items())[:batch])
+    took = []
+    outs, states = [], []
+    for fast in (True, False):
+        engine = EarlyExitEngine(model, linear_kernel="native")
+        real = engine.passes.verify_pending
+        monkeypatch.setattr(engine.passes, "verify_pending", lambda *a, real=real: took.append(real(*a)) or took[-1])
+        state = engine.new_state(batch, 32)
+        engine.prefill(state, dict(enumerate(prompts)))
+        with engine.packed:
+            made = engine.passes.native_drafts_of(state, tokens, 1, caps, feed_last=True)
+            assert made is not None and all(len(made[b][0]) == caps[b] for b in tokens)
+            engine.passes.fast = fast
+            outs.append(engine.verify(state, {b: [] for b in tokens}))
+        states.append(state)
+    assert took == [True, False]  # the pending rows' own pass, then (fast off) none
+    (got, want), (s_got, s_want) = outs, states
+    for b in tokens:
+        assert got.all_tokens[b] == want.all_tokens[b] and len(got.all_tokens[b]) == caps[b] + 1
+        for x, y in zip(got.all_logits[b], want.all_logits[b], strict=True):
+            assert torch.equal(x, y)
+        assert torch.equal(got.logits[b], want.logits[b]) and got.argmax[b] == want.argmax[b]
+        assert got.exit_layer[b] == want.exit_layer[b] == 4 and got.confidence[b] == want.confidence[b]
+    assert s_got.fed == s_want.fed and (s_got.cache.filled == s_want.cache.filled).all()
+    real = slice(0, s_want.cache.capacity)  # not the scratch position, where the general pass's padding wrote
+    assert torch.equal(s_got.cache.k[..., real, :], s_want.cache.k[..., real, :])
+    assert torch.equal(s_got.cache.v[..., real, :], s_want.cache.v[..., real, :])

@@ -729,12 +729,12 @@ static inline float dot(const float *q, const void *key, int bf16, int64_t n) {
 
 static int attend(const void *q, const void *k, const void *v, const uint8_t *mask, void *out, int64_t A, int64_t R,
                   int64_t G, int64_t per, int64_t span, int64_t hd, int64_t kb, int64_t kg, int64_t kp, int64_t vb,
-                  int64_t vg, int64_t vp, int bf16, int threads, const int64_t *slots);
+                  int64_t vg, int64_t vp, int bf16, int threads, const int64_t *slots, const int64_t *pos);
 
 int ee_attend(const void *q, const void *k, const void *v, const uint8_t *mask, void *out, int64_t A, int64_t R,
               int64_t G, int64_t per, int64_t span, int64_t hd, int64_t kb, int64_t kg, int64_t kp, int64_t vb,
               int64_t vg, int64_t vp, int bf16, int threads) {
-    return attend(q, k, v, mask, out, A, R, G, per, span, hd, kb, kg, kp, vb, vg, vp, bf16, threads, NULL);
+    return attend(q, k, v, mask, out, A, R, G, per, span, hd, kb, kg, kp, vb, vg, vp, bf16, threads, NULL, NULL);
 }
 
 #ifdef __has_builtin
@@ -1005,10 +1005,11 @@ static void attend_head_any(const float *qf, const char *kbase, const char *vbas
     }
 }
 
-/* ee_attend, sequence a's keys and values at slot slots[a] of k and v (NULL: slot a). */
+/* ee_attend, sequence a's keys and values at slot slots[a] of k and v (NULL: slot a); without a mask,
+   row a * R + r attends keys 0 .. pos[a * R + r] where pos is given (ee_layer's rows), else all. */
 static int attend(const void *q, const void *k, const void *v, const uint8_t *mask, void *out, int64_t A, int64_t R,
                   int64_t G, int64_t per, int64_t span, int64_t hd, int64_t kb, int64_t kg, int64_t kp, int64_t vb,
-                  int64_t vg, int64_t vp, int bf16, int threads, const int64_t *slots) {
+                  int64_t vg, int64_t vp, int bf16, int threads, const int64_t *slots, const int64_t *pos) {
     const int64_t esize = bf16 ? 2 : 4, C = hd % PANEL == 0 && hd <= MAX_CHUNKS * PANEL ? hd / PANEL : 0;
     const int64_t room = (span + PANEL - 1) / PANEL * PANEL; /* the scores' blocks of 16 */
     const float scale = 1.0f / sqrtf((float)hd);
@@ -1031,6 +1032,8 @@ static int attend(const void *q, const void *k, const void *v, const uint8_t *ma
             int64_t keys = span; /* past the row's last attended key nothing counts: a causal row stops there */
             if (m)
                 while (keys > 1 && !m[keys - 1]) keys--;
+            else if (pos && pos[ar] < span) /* no mask, the rows' positions known: each attends up to its own */
+                keys = pos[ar] + 1;
             for (int64_t d = 0; d < hd; d++) qf[d] = load(q, bf16, row * hd + d) * scale;
 #if defined(DPBF16) && !defined(HALVES)
             /* bf16 scores by pairs (vdpbf16ps) on the unscaled query, scaled after the sums */
@@ -1282,7 +1285,7 @@ int ee_head(const void *x, const void *Wp, int64_t n, int64_t h, int64_t K, int 
  *   rotary positions on the per + 1 query and key heads of each group (cos, sin: ee_rope's)
  *   K/V cache[slots[a], g, pos[a]] = the group's key and value heads
  *   o = attention of the query heads over cache positions 0 .. span - 1 of the row's slot
- *       (mask: (n, span) bytes, nonzero where attended, or NULL: all)
+ *       (mask: (n, span) bytes, nonzero where attended, or NULL: row a attends keys 0 .. pos[a])
  *   x1 = x + o @ Wproj^T;  y = x1 + swiglu(rmsnorm(x1, w_mid) @ Wfc1^T) @ Wfc2^T
  * W* are ee_pack's panels; kc, vc: the layer's K/V cache (slots, G, positions, hd) with element
  * strides sb, sg, st (hd contiguous). pw1 non-NULL: the next exit's learned check on y as well, ee_probe's
@@ -1312,7 +1315,7 @@ int ee_layer(const void *x, void *y, int64_t n, int bf16, int threads, int64_t h
                 memcpy((char *)vc + at, grp + (per + 1) * hd * esize, (size_t)(hd * esize));
                 memcpy(q + (a * G + g) * per * hd * esize, grp, (size_t)(per * hd * esize));
             }
-        failed = attend(q, kc, vc, mask, o, n, 1, G, per, span, hd, sb, sg, st, sb, sg, st, bf16, threads, slots);
+        failed = attend(q, kc, vc, mask, o, n, 1, G, per, span, hd, sb, sg, st, sb, sg, st, bf16, threads, slots, pos);
     }
     if (!failed) failed = ee_linear(o, proj_p, NULL, x1, n, wo, h, bf16, threads, NONE, NULL, 0.f, x);
     if (!failed) failed = ee_linear(x1, fc1_p, NULL, h1, n, h, 2 * ffn, bf16, threads, RMSNORM, w_mid, eps_mid, NULL);

@@ -265,6 +265,9 @@ class Passes:
         self.lean_kernels.sync()  # lean layers look their kernels up again where one may be forced now
         self.scaled = self.layer_scores = None
         by_depth = {} if exits_paused(self, policy) else self.exits_by_depth(policy)
+        verify = all_rows and not by_depth and scores is None and self.branch is None
+        if verify and self.verify_pending(state, new_tokens, out):
+            return out
         clean = self.uniform_layers(state, new_tokens) if self.fast and scores is None else 0
         if all_rows and clean >= self.num_layers:
             clean = 0  # nothing pending: `run_uniform` would end with the newest rows' head only
@@ -300,6 +303,63 @@ class Passes:
             d += 1
         self.final_head(rows, all_rows, out)
         return out
+
+    def verify_pending(self, state: DecodeState, new_tokens: dict[int, list[int]], out: StepOutput) -> bool:
+        """A verify pass that feeds no token (each sequence's drafts fed below their exit by
+        `native_drafts_of`), its rows one block per sequence pending at one depth d for all: the
+        rows straight from `state.pending` through layers d .. L - 1 in one native call, each row at
+        its own slot and position and attending up to it (`ee_layers` without a mask), then the final
+        head on every row in one call (`native_vocab`): the general pass's calls on the same rows
+        (`gather`, `advance_layers`, `final_head`), so the same numbers, without its layout, masks
+        and gathering (~0.1 ms of Python a round on the CPU reference model, a twentieth of it).
+        False where the pass is not of that form or would not run so (nothing done)."""
+        if not self.fast or self.start or not new_tokens or any(new_tokens.values()) or self.block_slots:
+            return False
+        layers, filled, seqs = self.num_layers, state.cache.filled, list(new_tokens)
+        depth, los = None, []
+        for b in seqs:
+            fed, col = state.fed[b], filled[:layers, b]
+            d = int((col < fed).argmax())
+            lo = int(col[d])
+            if lo >= fed or (depth is not None and d != depth) or (col[:d] != fed).any() or (col[d:] != lo).any():
+                return False
+            depth = d
+            los.append(lo)
+        if depth == 0 or not native.library():
+            return False
+        run = self.layer_run(state, depth, layers)
+        n = [state.fed[b] - lo for b, lo in zip(seqs, los)]
+        if run is None or not lean.runs_natively(run, sum(n), max(n), self.lean_kernels):
+            return False
+        m = self.model
+        final = (m.output_weight(), m.decoder.final_layernorm)
+        if self.int8_head() or not self.vocab_native(sum(n), state.pending.dtype, *final):
+            return False
+        top = max(state.fed[b] for b in seqs)
+        cos, _, neg = self.rotary_tables(top)[:3]
+        if len(seqs) == 1:
+            b, lo = seqs[0], los[0]
+            x, c, s = state.pending[b, lo : state.fed[b]], cos[lo : state.fed[b]], neg[lo : state.fed[b]]
+            slots, pos = torch.full((n[0],), b, dtype=torch.int64), torch.arange(lo, state.fed[b])
+        else:
+            x = torch.cat([state.pending[b, lo : state.fed[b]] for b, lo in zip(seqs, los)])
+            pos = torch.cat([torch.arange(lo, state.fed[b]) for b, lo in zip(seqs, los)])
+            slots = torch.tensor([b for b, k in zip(seqs, n) for _ in range(k)], dtype=torch.int64)
+            c, s = cos.index_select(0, pos), neg.index_select(0, pos)
+        made = lean.native_run(run, x, c, s, (slots, pos, top, None), self.lean_kernels)
+        if made is None or made[1] != layers - depth:
+            return False
+        head = self.native_vocab(made[0], m.output_weight(), m.decoder.final_layernorm)  # native: checked above
+        for b in seqs:
+            filled[depth:layers, b] = state.fed[b]
+        logits, tokens, conf = head
+        end = 0
+        for b, k in zip(seqs, n):
+            start, end = end, end + k
+            out.all_tokens[b], out.all_logits[b] = tokens[start:end], logits[start:end]
+            out.logits[b], out.exit_layer[b], out.confidence[b] = logits[end - 1], layers, conf[end - 1]
+            out.argmax[b] = tokens[end - 1]
+        return True
 
     # What `run` sets for the pass it runs, which the code it calls reads back
     PASS_STATE = ("branch", "holding", "scaled", "layer_scores")
@@ -1005,18 +1065,22 @@ class Passes:
         pass's rows, the head ops are plain, the temperature 1 and no forward hook watches the norm;
         else None. Its logits are the native product's, the norm folded in (its mean within
         round-off of `lean.rms_norm`'s), as every lean layer's norm on that kernel."""
-        m, a = self.model, x.shape[0]
-        if not (self.lean and self.lean_kernels.packed and type(m.head_ops) is HeadOps and temperature == 1.0):
-            return None
-        if a > lean.FOLD_ROWS or x.dtype != weight.dtype or weight.dim() != 2:
-            return None
-        if norm is not None and (type(norm) is not RMSNorm or norm.weight.dtype != x.dtype or lean.watched((norm,))):
-            return None
-        if not kernels.is_native(self.lean_kernels.func(weight, a)):
+        a = x.shape[0]
+        if temperature != 1.0 or not self.vocab_native(a, x.dtype, weight, norm):
             return None
         gain = None if norm is None else (norm.weight, norm.eps)
         logits, _, tokens, conf = native.head(x.reshape(a, -1), kernels.native_copy(weight), self.vocab, gain)
         return logits, tokens, conf
+
+    def vocab_native(self, a: int, dtype: torch.dtype, weight: torch.Tensor, norm) -> bool:
+        """Whether `native_vocab` (temperature 1) takes `a` rows of `dtype` onto `weight` through `norm`."""
+        if not (self.lean and self.lean_kernels.packed and type(self.model.head_ops) is HeadOps):
+            return False
+        if a > lean.FOLD_ROWS or dtype != weight.dtype or weight.dim() != 2:
+            return False
+        if norm is not None and (type(norm) is not RMSNorm or norm.weight.dtype != dtype or lean.watched((norm,))):
+            return False
+        return kernels.is_native(self.lean_kernels.func(weight, a))
 
     def draft_rows(self, head) -> torch.Tensor:
         """The rows of `head`'s output weight at the draft vocabulary's tokens (a copy made once per weight)."""

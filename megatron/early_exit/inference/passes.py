@@ -313,7 +313,9 @@ class Passes:
         (`gather`, `advance_layers`, `final_head`), so the same numbers, without its layout, masks
         and gathering (~0.1 ms of Python a round on the CPU reference model, a twentieth of it).
         False where the pass is not of that form or would not run so (nothing done)."""
-        if not self.fast or self.start or not new_tokens or any(new_tokens.values()) or self.block_slots:
+        if not self.fast or self.profile or self.start or not new_tokens or any(new_tokens.values()):
+            return False
+        if self.block_slots:  # exits that keep a block's input at every position: the general pass records them
             return False
         layers, filled, seqs = self.num_layers, state.cache.filled, list(new_tokens)
         depth, los = None, []

@@ -78,7 +78,8 @@ FUSED_MARGIN = 0.5
 # prompt: its loop reads every panel again for each 32 rows): measured at 32 alone, prompts took it.
 # 65-256 rows (measured at 128) apart from more (at 512): a prompt of up to 256 tokens runs each
 # layer in one native call where its four products are native (`lean.FOLD_ROWS`), so the wider
-# margin (`fuse`) holds there too; longer prompts run the layer's operations one by one.
+# margin (`fuse`) holds there too where bf16 products take the tiles (`fused_at`); longer prompts
+# run the layer's operations one by one.
 _BUCKETS = ((1, 1), (4, 3), (8, 5), (16, 12), (64, 32), (256, 128))
 _MANY_ROWS = (None, 512)
 
@@ -284,9 +285,20 @@ def kernel_for(weight: torch.Tensor, rows: int) -> str:
     key = (tuple(weight.shape), weight.dtype, bucket, torch.get_num_threads())
     name = _CHOICE.get(key)
     if name is None:
-        name = _CHOICE[key] = _measure(weight, measured_rows, fused=bucket is not None and key[:2] in _FUSED)
+        name = _CHOICE[key] = _measure(weight, measured_rows, fused=fused_at(weight, bucket) and key[:2] in _FUSED)
         _drop_unchosen(key[:2])
     return name
+
+
+def fused_at(weight: torch.Tensor, bucket: int | None) -> bool:
+    """Whether a layer's products of `weight`'s dtype at the row bucket `bucket` weigh the one-call
+    layer (`FUSED_MARGIN`): up to 64 rows everywhere, 65-256 (a prompt) only where bf16 products take
+    Intel's tiles (`native.amx`): elsewhere the native kernel's sweep costs a product a multiply-add
+    per row and weight, and kept within the wide margin it slowed SmolLM2's fp32 prefill of ~200-token
+    prompts 1.18x against its operations one by one on oneDNN / MKL."""
+    if bucket is None:
+        return False
+    return bucket <= 64 or (weight.dtype == torch.bfloat16 and native.amx())
 
 
 def _measure(weight: torch.Tensor, rows: int, fused: bool = False) -> str:

@@ -28,13 +28,13 @@ call the modules make), so that it gives the same numbers and the same K/V bit f
     for bit only on the other kernels; the rotary positions applied in place to the QKV product
     (`native.rope_`); attention in one native call (`native.attend`, within round-off of SDPA)
     in decode steps and in general passes of up to ATTEND_ROWS rows per sequence (verify
-    passes); and where all four products of a decode step run natively, the whole step in one
-    call (`native.layer_step`: the same operations in the same order, so the same numbers as
-    these calls, without their ~45 tensor operations a layer: SmolLM2 decoded 1.06x faster in
-    fp32 and 1.17x in bf16, the CPU reference model 1.28x and 1.37x), and a decode step's run of
-    such layers up to its next stop in one call (`native_run`, `Passes.decode_layers`: the
-    Python between layers, ~60 us a layer paid cold, once a run; full decoding of the CPU
-    reference model 1.22x faster in bf16, 1.12x in fp32);
+    passes; up to STEP_ROWS in the one call below); and where all four products of a decode
+    step run natively, the whole step in one call (`native.layer_step`: the same operations in
+    the same order, so the same numbers as these calls, without their ~45 tensor operations a
+    layer: SmolLM2 decoded 1.06x faster in fp32 and 1.17x in bf16, the CPU reference model
+    1.28x and 1.37x), and a decode step's run of such layers up to its next stop in one call
+    (`native_run`, `Passes.decode_layers`: the Python between layers, ~60 us a layer paid cold,
+    once a run; full decoding of the CPU reference model 1.22x faster in bf16, 1.12x in fp32);
   - no dtype casts where the model is fp32 (the norms' and rotation's fp32 math is its own).
 Anything else (biases, QK-norm, LayerNorm, GELU, tensor-parallel modules) runs the modules, and
 so does a layer with a forward hook on it or inside it (the hook sees the calls it expects).
@@ -66,11 +66,16 @@ from megatron.early_exit.model.norm import RMSNorm
 # products had cost a 160-token prefill of the CPU reference model ~6 of its ~18 ms in bf16); the
 # kernel choice's bucket of 65-256 rows (`kernels`) weighs the one-call layer as up to 64.
 FOLD_ROWS = 256
-# A general pass attends natively up to this many rows per sequence (verify passes, pending
-# rows, prompts of up to 256 tokens: each row's keys end at its own position, `ee_attend`, so a
-# causal prompt computes half the scores, ~0.15 ms a layer at 160 rows against SDPA's ~0.24);
-# longer prompts take SDPA, whose blocked kernels do O(R x span) work faster.
-ATTEND_ROWS = 256
+# A general pass whose layer runs its operations one by one attends natively up to this many rows
+# per sequence (verify passes, pending rows); a prompt's many rows take SDPA, whose blocked kernels
+# do O(R x span) work faster (SmolLM2's fp32 prefill of ~200-token prompts 1.08x slower attending
+# natively).
+ATTEND_ROWS = 16
+# A general pass runs each layer in one native call (`native_step`, `native_run`) up to this many
+# rows per sequence: prompts of up to 256 tokens too, their attention in that call (each row's keys
+# end at its own position, `ee_attend`, so a causal prompt computes half the scores; bf16 on the
+# CPU reference model ~0.15 ms a layer at 160 rows against SDPA's ~0.24).
+STEP_ROWS = 256
 
 
 def supports(layer: nn.Module) -> bool:
@@ -329,7 +334,7 @@ class LeanLayer:
         the modules')."""
         a, r, g, per, hd = x.shape[0], x.shape[1], self.groups, self.per, self.head_dim
         x = x.view(a * r, -1)  # (A R, h)
-        if r <= ATTEND_ROWS and a * r <= FOLD_ROWS and linear.all_native(self.products, a * r):
+        if r <= STEP_ROWS and a * r <= FOLD_ROWS and linear.all_native(self.products, a * r):
             y = self.native_step(x, cos, sin_signed, view)  # each row a row of its own, its own mask row
             if y is not None:
                 return y.view(a, r, -1)
@@ -376,7 +381,7 @@ def runs_natively(run: NativeRun, rows: int, per_sequence: int, linear: LeanKern
     """Whether `run`'s layers over `rows` rows (`per_sequence` of them a sequence's) run in one
     native call (`native_run`): every product on the native kernel at that many rows, not too many
     rows, no forward hook watching a layer."""
-    if rows > FOLD_ROWS or per_sequence > ATTEND_ROWS:
+    if rows > FOLD_ROWS or per_sequence > STEP_ROWS:
         return False
     return linear.all_native(run.products, rows) and not hooks_set(run.hooks)
 

@@ -251,7 +251,8 @@ def time_exit_costs(passes, batch: int = 8, repeats: int = 5) -> ExitCosts:
     if plain:
         m = passes.num_layers - passes.depth(plain[0])
         fill = max(t["fill"] - t["plain"] - m * row, 0.0)
-        fill_seq = max(t[f"fill/{batch}"] - t[f"plain/{batch}"] - m * row * batch - fill, 0.0) / (batch - 1)
+        if batch > 1:  # (at one sequence the probes are "plain" and "fill" themselves)
+            fill_seq = max(t[f"fill/{batch}"] - t[f"plain/{batch}"] - m * row * batch - fill, 0.0) / (batch - 1)
     draft = t.get("draft/1")  # None: the engine has no draft vocabulary
     return ExitCosts(
         max(t["layer/1"] - b, 0.0), b, row, t["head/1"], t[f"{vocab}/1"], t[f"{probe}/1"],
@@ -269,8 +270,8 @@ def cost_probes(passes, batch: int) -> dict:
     """The calls `measure_exit_costs` times: "layer/r", "head/r", "vocab/r", "probe/r" over r in
     (1, batch) rows (the checks where an exit without a block has them; "probe/r": the learned
     check as a decode step runs it, none of the rows firing), "two": 2 rows each; "plain" and
-    "fill" (`fill_probes`), and "plain/batch" and "fill/batch" of `batch` sequences, where an exit
-    without a block has them."""
+    "fill" (`fill_probes`), and "plain/batch" and "fill/batch" of `batch` sequences (batch > 1),
+    where an exit without a block has them."""
     from megatron.early_exit.inference.confidence import max_prob
     from megatron.early_exit.inference.passes import ExitPolicy, Rows, StepOutput
     from megatron.early_exit.inference.uniform_check import UniformCheck, applies
@@ -290,7 +291,8 @@ def cost_probes(passes, batch: int) -> dict:
     head = passes.model.exits[str(plain[0])] if plain else None
     if plain:
         fns["plain"], fns["fill"] = fill_probes(passes, passes.depth(plain[0]))
-        fns[f"plain/{batch}"], fns[f"fill/{batch}"] = fill_probes(passes, passes.depth(plain[0]), batch)
+        if batch > 1:
+            fns[f"plain/{batch}"], fns[f"fill/{batch}"] = fill_probes(passes, passes.depth(plain[0]), batch)
     for a in (1, batch):
         fns[f"layer/{a}"] = lambda a=a: passes.advance(state, i, rows(a, 1), memo)
         fns[f"head/{a}"] = lambda a=a: passes.final_head(rows(a, 1), False, StepOutput())

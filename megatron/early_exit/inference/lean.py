@@ -28,7 +28,7 @@ call the modules make), so that it gives the same numbers and the same K/V bit f
     for bit only on the other kernels; the rotary positions applied in place to the QKV product
     (`native.rope_`); attention in one native call (`native.attend`, within round-off of SDPA)
     in decode steps and in general passes of up to ATTEND_ROWS rows per sequence (verify
-    passes; up to STEP_ROWS in the one call below); and where all four products of a decode
+    passes; up to FOLD_ROWS in the one call below); and where all four products of a decode
     step run natively, the whole step in one call (`native.layer_step`: the same operations in
     the same order, so the same numbers as these calls, without their ~45 tensor operations a
     layer: SmolLM2 decoded 1.06x faster in fp32 and 1.17x in bf16, the CPU reference model
@@ -69,13 +69,11 @@ FOLD_ROWS = 256
 # A general pass whose layer runs its operations one by one attends natively up to this many rows
 # per sequence (verify passes, pending rows); a prompt's many rows take SDPA, whose blocked kernels
 # do O(R x span) work faster (SmolLM2's fp32 prefill of ~200-token prompts 1.08x slower attending
-# natively).
+# natively). A layer in one native call (`native_step`, `native_run`: up to FOLD_ROWS rows in all)
+# attends its rows in that call, a prompt's too (each row's keys end at its own position,
+# `ee_attend`, so a causal prompt computes half the scores; bf16 on the CPU reference model ~0.15
+# ms a layer at 160 rows against SDPA's ~0.24).
 ATTEND_ROWS = 16
-# A general pass runs each layer in one native call (`native_step`, `native_run`) up to this many
-# rows per sequence: prompts of up to 256 tokens too, their attention in that call (each row's keys
-# end at its own position, `ee_attend`, so a causal prompt computes half the scores; bf16 on the
-# CPU reference model ~0.15 ms a layer at 160 rows against SDPA's ~0.24).
-STEP_ROWS = 256
 
 
 def supports(layer: nn.Module) -> bool:
@@ -334,7 +332,7 @@ class LeanLayer:
         the modules')."""
         a, r, g, per, hd = x.shape[0], x.shape[1], self.groups, self.per, self.head_dim
         x = x.view(a * r, -1)  # (A R, h)
-        if r <= STEP_ROWS and a * r <= FOLD_ROWS and linear.all_native(self.products, a * r):
+        if a * r <= FOLD_ROWS and linear.all_native(self.products, a * r):
             y = self.native_step(x, cos, sin_signed, view)  # each row a row of its own, its own mask row
             if y is not None:
                 return y.view(a, r, -1)
@@ -377,11 +375,11 @@ class NativeRun:
         return cls(layers, caches, shape)
 
 
-def runs_natively(run: NativeRun, rows: int, per_sequence: int, linear: LeanKernels) -> bool:
-    """Whether `run`'s layers over `rows` rows (`per_sequence` of them a sequence's) run in one
-    native call (`native_run`): every product on the native kernel at that many rows, not too many
-    rows, no forward hook watching a layer."""
-    if rows > FOLD_ROWS or per_sequence > STEP_ROWS:
+def runs_natively(run: NativeRun, rows: int, linear: LeanKernels) -> bool:
+    """Whether `run`'s layers over `rows` rows run in one native call (`native_run`): every
+    product on the native kernel at that many rows, not too many rows, no forward hook watching a
+    layer."""
+    if rows > FOLD_ROWS:
         return False
     return linear.all_native(run.products, rows) and not hooks_set(run.hooks)
 
@@ -396,7 +394,7 @@ def native_run(run: NativeRun, x, cos, sin_signed, rows_kv: tuple, linear: LeanK
     (a kernel other than the native one, too many rows, a forward hook: nothing done)."""
     lead = x.shape[:-1]
     a = x.numel() // x.shape[-1]
-    if not runs_natively(run, a, lead[-1], linear):
+    if not runs_natively(run, a, linear):
         return None
     made = native.layers_step(x.reshape(a, -1), run.native, run.shape, cos, sin_signed, rows_kv, probes)
     if made is None:

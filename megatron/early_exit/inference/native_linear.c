@@ -1403,11 +1403,7 @@ int ee_drafts(int64_t D, int64_t S, const int64_t *token, const void *emb, int64
               const int64_t *ids, const void *gain, float eps_h, int (*keep)(int64_t, int64_t, float),
               int feed_last, int64_t *tokens, float *conf, int64_t *made) {
     const size_t row = (size_t)h * (bf16 ? 2 : 4);
-    int64_t span = 0;
-    for (int64_t s = 0; s < S; s++) {
-        made[s] = 0;
-        if (limit[s] > 0 && pos[s] + limit[s] + feed_last > span) span = pos[s] + limit[s] + feed_last;
-    }
+    for (int64_t s = 0; s < S; s++) made[s] = 0;
     /* per sequence: its token to feed, its phase (0 drafting, 1 its last draft fed below the exit, 2 done) */
     int64_t *next = (int64_t *)malloc(sizeof(int64_t) * (size_t)(6 * S + 1));
     int *phase = (int *)malloc(sizeof(int) * (size_t)(S + 1));
@@ -1415,33 +1411,29 @@ int ee_drafts(int64_t D, int64_t S, const int64_t *token, const void *emb, int64
     float *tables = (float *)malloc(sizeof(float) * (size_t)(2 * S * hd + 1));
     float *part = (float *)malloc(sizeof(float) * (size_t)(K * S + 1));
     float *c = (float *)malloc(sizeof(float) * (size_t)(S + 1));
-    uint8_t *mask = (uint8_t *)malloc((size_t)(S * span + 1));
-    int failed = !next || !phase || !x || !tables || !part || !c || !mask;
+    int failed = !next || !phase || !x || !tables || !part || !c;
     int64_t *at = next + S, *rows = at + S, *slot = rows + S, *drafted = slot + S, *got = drafted + S;
     for (int64_t s = 0; s < S && !failed; s++) {
         next[s] = token[s];
         phase[s] = limit[s] > 0 ? 0 : 2;
     }
     for (int64_t j = 0; !failed; j++) {
-        int64_t m = 0, md = 0, top = 0, low = INT64_MAX;
+        int64_t m = 0, md = 0, top = 0;
         for (int64_t s = 0; s < S; s++) /* the rows of this step: every sequence not done */
             if (phase[s] < 2) {
                 rows[m] = s, slot[m] = slots[s], at[m] = pos[s] + j;
                 memcpy(x + (size_t)m * row, (const char *)emb + (size_t)next[s] * row, row);
                 memcpy(tables + m * hd, cos + at[m] * hd, sizeof(float) * (size_t)hd);
                 memcpy(tables + (S + m) * hd, sin + at[m] * hd, sizeof(float) * (size_t)hd);
-                top = at[m] > top ? at[m] : top, low = at[m] < low ? at[m] : low;
+                top = at[m] > top ? at[m] : top;
                 m++;
             }
         if (!m) break;
-        const int64_t keys = top + 1;
-        if (low < top) /* positions apart: each row its own keys */
-            for (int64_t i = 0; i < m; i++)
-                for (int64_t t = 0; t < keys; t++) mask[i * keys + t] = t <= at[i];
         char *y = x + (size_t)S * row;
         int64_t ran = L;
+        /* no mask: each row attends keys 0 .. its own position (ee_layer's rows) */
         failed = ee_layers(L, ptrs, eps, x, y, m, bf16, threads, h, G, per, hd, ffn, tables, tables + S * hd, hd, sb, sg,
-                           st, slot, at, keys, low < top ? mask : NULL, NULL, NULL, NULL, NULL, &ran);
+                           st, slot, at, top + 1, NULL, NULL, NULL, NULL, NULL, &ran);
         if (failed) break;
         for (int64_t i = 0; i < m; i++) { /* each row into its sequence's pending rows; those drafting gathered */
             const int64_t s = rows[i];
@@ -1471,6 +1463,5 @@ int ee_drafts(int64_t D, int64_t S, const int64_t *token, const void *emb, int64
     free(tables);
     free(part);
     free(c);
-    free(mask);
     return failed;
 }

@@ -331,7 +331,7 @@ class Passes:
             return False
         run = self.layer_run(state, depth, layers)
         n = [state.fed[b] - lo for b, lo in zip(seqs, los)]
-        if run is None or not lean.runs_natively(run, sum(n), max(n), self.lean_kernels):
+        if run is None or not lean.runs_natively(run, sum(n), self.lean_kernels):
             return False
         m = self.model
         final = (m.output_weight(), m.decoder.final_layernorm)
@@ -351,16 +351,10 @@ class Passes:
         made = lean.native_run(run, x, c, s, (slots, pos, top, None), self.lean_kernels)
         if made is None or made[1] != layers - depth:
             return False
-        head = self.native_vocab(made[0], m.output_weight(), m.decoder.final_layernorm)  # native: checked above
+        head = self.native_vocab(made[0], *final)  # native: checked above
         for b in seqs:
             filled[depth:layers, b] = state.fed[b]
-        logits, tokens, conf = head
-        end = 0
-        for b, k in zip(seqs, n):
-            start, end = end, end + k
-            out.all_tokens[b], out.all_logits[b] = tokens[start:end], logits[start:end]
-            out.logits[b], out.exit_layer[b], out.confidence[b] = logits[end - 1], layers, conf[end - 1]
-            out.argmax[b] = tokens[end - 1]
+        self.record_rows(seqs, n, *head, out)
         return True
 
     # What `run` sets for the pass it runs, which the code it calls reads back
@@ -1157,7 +1151,7 @@ class Passes:
             return None
         rows = check.draft_rows()
         for a in range(1, len(seqs) + 1):  # the steps' rows: every sequence, then fewer as they stop
-            if not lean.runs_natively(run, a, 1, self.lean_kernels):
+            if not lean.runs_natively(run, a, self.lean_kernels):
                 return None
             if not self.draft_head_native(check.head, check.norm_args, rows, a, emb.dtype):
                 return None
@@ -1211,7 +1205,7 @@ class Passes:
         if all_rows and not self.int8_head():  # every row's norm, projection, argmax and max-probability in one call
             made = self.native_vocab(self.real_rows(rows), m.output_weight(), m.decoder.final_layernorm)
             if made is not None:
-                return self.record_rows(rows, *made, out)
+                return self.record_rows(rows.seqs, rows.n, *made, out)
         if all_rows:
             x = self.norm(m.decoder.final_layernorm, rows.x)  # (A, R, h)
             if self.int8_head():
@@ -1287,13 +1281,13 @@ class Passes:
             return rows.x[0, : rows.n[0]]
         return torch.cat([rows.x[a, : rows.n[a]] for a in range(len(rows.seqs))])
 
-    def record_rows(self, rows: Rows, logits, tokens: list[int], conf: list[float], out: StepOutput) -> None:
-        """A verify pass's final head on every real row (`real_rows`, `native_vocab`): per
-        sequence every row's logits and greedy token (`all_logits`, `all_tokens`), the newest
-        row's as the step's token."""
+    def record_rows(self, seqs: list[int], n: list[int], logits, tokens: list[int], conf: list[float], out) -> None:
+        """A verify pass's final head on every real row (`real_rows`, `native_vocab`; sequence
+        seqs[a]'s n[a] rows one after another): per sequence every row's logits and greedy token
+        (`all_logits`, `all_tokens`), the newest row's as the step's token."""
         end = 0
-        for a, b in enumerate(rows.seqs):
-            start, end = end, end + rows.n[a]
+        for b, k in zip(seqs, n, strict=True):
+            start, end = end, end + k
             out.all_tokens[b], out.all_logits[b] = tokens[start:end], logits[start:end]
             last = end - 1
             out.logits[b], out.exit_layer[b], out.confidence[b] = logits[last], self.num_layers, conf[last]

@@ -248,8 +248,9 @@ def register(weights: Iterable[torch.Tensor]) -> None:
 
 def fuse(weights: Iterable[torch.Tensor]) -> None:
     """Mark `weights` as a layer's products (`lean.LeanLayer`), which run in one native call
-    where all of them are native: up to `lean.FOLD_ROWS` rows, another kernel must beat `native` on
-    their shapes by `FUSED_MARGIN`, not `MARGIN`."""
+    where all of them are native, or a vocabulary head's weight (`lean.LeanKernels.head_func`), whose
+    head runs in one: up to `lean.FOLD_ROWS` rows, another kernel must beat `native` on their
+    shapes by `FUSED_MARGIN`, not `MARGIN`."""
     _FUSED.update((tuple(w.shape), w.dtype) for w in weights)
 
 

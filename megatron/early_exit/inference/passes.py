@@ -1076,7 +1076,7 @@ class Passes:
             return False
         if norm is not None and (type(norm) is not RMSNorm or norm.weight.dtype != dtype or lean.watched((norm,))):
             return False
-        return kernels.is_native(self.lean_kernels.func(weight, a))
+        return kernels.is_native(self.lean_kernels.head_func(weight, a))
 
     def draft_rows(self, head) -> torch.Tensor:
         """The rows of `head`'s output weight at the draft vocabulary's tokens (a copy made once per weight)."""
@@ -1106,7 +1106,7 @@ class Passes:
             return False
         if head.temperature != 1.0 or a > lean.FOLD_ROWS or (norm is not None and norm[0].dtype != dtype):
             return False
-        return kernels.is_native(self.lean_kernels.func(rows, a))
+        return kernels.is_native(self.lean_kernels.head_func(rows, a))
 
     def native_drafts(
         self, state: DecodeState, b: int, token: int, n: int, cap: int, keep=None, feed_last: bool = False

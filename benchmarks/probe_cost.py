@@ -35,9 +35,17 @@ against full-depth steps evaluating none, in alternating blocks of 8 (`in_decodi
 difference over rounds x inner / 8 pairs of blocks, divided by the exits checked: one check, with
 what the step's own Python around it costs right after a layer and the run of layers it breaks
 into two native calls (`Passes.decode_layers`), as a share of one layer ("layer" above, timed alone).
+
+"in the run": what a probe adds where decoding runs it, alone: every layer of a step in one native
+call (`Passes.decode_layers`) with the probed exits' native probes on the way (none stopping the
+run) against the same call without them, single calls alternating, the median of rounds x inner
+paired differences per probe, as a share of one layer of that run (a 200-token context). The
+in-decoding difference of a few microseconds drowns in the noise of whole steps of milliseconds
+(it read -8.7% and 13% of a layer on the same checkpoint in two runs).
 """
 
 import argparse
+import math
 import os
 import statistics
 import sys
@@ -137,6 +145,52 @@ def in_decoding(engine, exits: tuple[int, ...], pairs: int, block: int = 8) -> d
     return out
 
 
+def in_the_run(engine, exits: tuple[int, ...], pairs: int) -> tuple[float, float] | None:
+    """(seconds one non-firing probe adds to a decode step's run of layers, one layer's time in
+    that run), batch 1, a 200-token context: every layer of the step in one native call
+    (`Passes.decode_layers`, as `Passes.run_uniform` runs it where each exit's check rides on the
+    way) with the exits' native probes on the way (bound +inf: none stops the run) against the same
+    call with none; single calls alternating, the median of `pairs` paired differences over
+    len(exits). The probe's own cost where decoding runs it, without the step's other work (its
+    noise drowned the in-decoding difference of a few microseconds in a step of several
+    milliseconds). None where the probes are not native (no native kernel here) or the layers do
+    not run in one call."""
+    p = engine.passes
+    context = min(200, engine.model.config.max_position_embeddings - 2)
+    state = engine.new_state(1, context + 2)
+    with engine.packed:
+        engine.prefill(state, {0: [(7 * j) % engine.vocab for j in range(context)]})
+    index, rotary = p.uniform_layout(state, [0], [context])
+    probes = {}
+    for n in exits:
+        folded = p.folded_probe(state, p.exit_head(state, n))
+        if folded is None or folded.native is None:
+            return None
+        probes[p.depth(n)] = (folded.native, math.inf)
+    x = torch.randn(1, 1, engine.model.config.hidden_size, generator=torch.Generator().manual_seed(0)).to(p.dtype)
+
+    def run(on: dict) -> float:
+        p.scaled = None
+        start = tick(engine.device)
+        _, reached = p.decode_layers(state, 0, p.num_layers, x, rotary, index, on)  # rewrites one position's K/V
+        took = tick(engine.device) - start
+        if reached != p.num_layers:
+            raise SystemExit("the layers did not run through: the probes are meant not to stop them")
+        return took
+
+    with engine.packed:
+        if p.layer_run(state, 0, p.num_layers) is None:
+            return None
+        for _ in range(20):  # warm-up
+            run({}), run(probes)
+        plain, diffs = [], []
+        for _ in range(pairs):
+            base = run({})
+            diffs.append(run(probes) - base)
+            plain.append(base)
+    return statistics.median(diffs) / len(exits), statistics.median(plain) / p.num_layers
+
+
 def builtin(name: str):
     """A random model: "smollm2" the SmolLM2 shape of the cost model's benchmark, linear probes on
     the backbone; "cpu-ref-mlp" / "cpu-ref-linear" the CPU reference model's shape
@@ -222,6 +276,7 @@ def main(argv=None) -> None:
                 # each "pair + check" over the pair run just before it, median of rounds x inner
                 ratio = paired_ratios(step, pair, torch.device("cpu"), args.rounds * args.inner, clock)
                 decoding = in_decoding(engine, probed, args.rounds * args.inner)
+                run = in_the_run(engine, probed, args.rounds * args.inner)
             print(f"{path} {name}, {args.threads} thread(s), {args.clock} clock: layer {t['layer'] * 1e6:.1f} us")
             for k, v in t.items():
                 print(f"  {k:22s} {v * 1e6:8.1f} us  {v / t['layer'] * 100:6.2f}% of a layer")
@@ -231,6 +286,10 @@ def main(argv=None) -> None:
                 e = (ratio[f"pair + check {mode}"] - 1) * t["layer pair"]
                 print(f"  in a step, {mode}: the check adds {e * 1e6:.1f} us = {e / one:.1%} of a layer "
                       f"({one * 1e6:.1f} us in the pair; median of paired ratios)")  # fmt: skip
+            if run is not None:
+                print(f"  in the run: a probe adds {run[0] * 1e6:.1f} us = {run[0] / run[1]:.1%} of a layer there "
+                      f"({run[1] * 1e6:.1f} us; every layer of a step in one native call, the probes of exits "
+                      f"{list(probed)} on the way against none, per probe)")  # fmt: skip
             for mode, e in decoding.items():
                 print(f"  in decoding, {mode}: a check adds {e * 1e6:.1f} us = {e / t['layer']:.1%} of a layer "
                       f"(full-depth steps checking exits {list(probed)} against checking none, per exit)")  # fmt: skip

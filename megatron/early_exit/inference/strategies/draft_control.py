@@ -22,6 +22,15 @@ agree, exploring then costs explore_share / MAX_BACKOFF, so lossless decoding st
 full decoding instead of the whole budget (the demo's SmolLM2 read 0.976x at a 2% budget), and a
 recovered exit is still found within MAX_BACKOFF intervals.
 
+A try on a round that would decode plainly reads the exit's token on the way instead of drafting
+it (`Plan.observe`: the same observation, the exit's check and no verify row), where that one
+drafted token would not pay for itself at the exit's estimate (a good exit's first tries still
+draft it); a try of an exit shallower than the round's draft exit reads its token on the first
+draft step. Timed on the demo's SmolLM2 (bf16, batch 1, Intel Xeon), a round reading exit 8 / 15
+/ 22 on the way cost 1.11 plain rounds, one drafting its token 1.42 / 1.57 / 1.73 (in the decode
+loop about 2: its MLP exit's draft steps through Python, its verify takes the general pass); with
+all of its exits below paying, its tries were most of what lossless decoding lost (0.95-0.98x).
+
 Observing plain rounds. A plain round drafts nothing, so it used to teach nothing: after a
 stretch of rejections left an exit just below paying, decoding stayed plain until the exit's
 exploration was due, after the stretch had passed (CPU reference model, bf16, 12 abstracts: 105
@@ -454,10 +463,40 @@ class DraftController:
             self.stats[n].idle += 1
             self.stats[n].chosen_ago += 1
             self.stats[n].exploring = False  # a try whose round never reached `update` is forgotten
+        trying = None
         if due:
-            n = max(due, key=lambda m: self.stats[m].idle)
-            self.stats[n].idle, self.stats[n].exploring = 0, True
-            return Plan(n, min(lengths), self.rate(n, min(lengths)), explore=True)  # cap: one draft
+            trying = max(due, key=lambda m: self.stats[m].idle)
+            self.stats[trying].idle, self.stats[trying].exploring = 0, True
+        best, near, top = self.best_plan(exits, lengths, lookup)
+        if trying is not None:
+            g, shallower = min(lengths), best.exit not in (None, LOOKUP) and trying < best.exit
+            # a try drafts its one token where the round would draft from no deeper exit, and on a
+            # plain round where that token pays for itself at the estimate (a good exit's first tries)
+            if (best.exit is not None and not shallower) or (best.exit is None and self.rate(trying, g) > 1.0):
+                return Plan(trying, g, self.rate(trying, g), explore=True)  # cap: one draft
+        if best.exit is None:
+            # a try reads the exit's token on the way (its check: no draft, no verify row); else an
+            # exit near paying is read (its check's cost)
+            best.observe = trying if trying is not None else near[0]
+            return best
+        self.stats[best.exit].idle = self.stats[best.exit].chosen_ago = 0
+        best.alternatives = alternatives  # which drafts' alternatives are verified: `worth_verifying`
+        if self.stop_early and batch == 1:
+            # the early stop ends the drafts; in a batch a draft step costs about as much for
+            # one sequence as for all, so one that drafts on holds the round up: g caps there
+            best.limit = max(lengths)
+        if trying is not None:  # a shallower exit's try: its token read on the first draft step's way up
+            best.observe = trying
+            return best
+        # a shallower exit near the plan's rate: its token read on the first draft step's way up
+        shallower = [n for n in exits if n < best.exit and top[n] >= OBSERVE_NEAR * best.rate]
+        best.observe = max(shallower, key=lambda n: top[n], default=None)
+        return best
+
+    def best_plan(self, exits: list[int], lengths: list[int], lookup: list[list[float]] | None) -> tuple:
+        """(the plan with the most expected tokens per unit of time that pays at its estimate less
+        the margin, or a plain one; (the exit near paying that a plain round would read, its rate);
+        each exit's best rate), changing nothing."""
         best, near, top = Plan(None, 0, 1.0), (None, OBSERVE_NEAR), {}
         for n in exits:
             for g in lengths:
@@ -474,19 +513,7 @@ class DraftController:
                     best = Plan(LOOKUP, g, r)
         if best.exit is not None and self.margin and not self.sure(best, lookup):
             best = Plan(None, 0, 1.0)  # it pays only if its estimate is not too high: a plain round
-        if best.exit is None:
-            best.observe = near[0]  # an exit near paying: its agreement read on the way (cost: its check)
-            return best
-        self.stats[best.exit].idle = self.stats[best.exit].chosen_ago = 0
-        best.alternatives = alternatives  # which drafts' alternatives are verified: `worth_verifying`
-        if self.stop_early and batch == 1:
-            # the early stop ends the drafts; in a batch a draft step costs about as much for
-            # one sequence as for all, so one that drafts on holds the round up: g caps there
-            best.limit = max(lengths)
-        # a shallower exit near the plan's rate: its token read on the first draft step's way up
-        shallower = [n for n in exits if n < best.exit and top[n] >= OBSERVE_NEAR * best.rate]
-        best.observe = max(shallower, key=lambda n: top[n], default=None)
-        return best
+        return best, near, top
 
     def update(self, n: int, rounds: list[tuple[list[float], int]]) -> None:
         """Learn from one verify round of exit n: per sequence, its drafts' confidences and how

@@ -72,6 +72,31 @@ def test_a_rows_result_does_not_depend_on_the_rows_beside_it(dtype, in_features)
         torch.set_num_threads(before)
 
 
+@needs_native
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_folded_operations_of_many_rows_split_over_threads_give_each_rows_numbers(dtype):
+    """From 16 rows (`PROLOGUE_ROWS`: a prompt's, a fill's) the rows' norm or SwiGLU before the
+    product are made on every thread, rows apart: bit for bit the one-row calls' numbers, at one
+    thread and at several."""
+    g = torch.Generator().manual_seed(5)
+    w, gain = torch.randn(48, 64, generator=g).to(dtype), (1 + 0.1 * torch.randn(64, generator=g)).to(dtype)
+    x, gates = torch.randn(40, 64, generator=g).to(dtype), torch.randn(40, 128, generator=g).to(dtype)
+    res, packed = torch.randn(40, 48, generator=g).to(dtype), native.pack(w)
+    calls = {
+        "norm": lambda a, b: native.linear(x[a:b], packed, 48, norm=(gain, 1e-5)),
+        "swiglu": lambda a, b: native.linear(gates[a:b], packed, 48, swiglu=True, residual=res[a:b]),
+    }
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            for name, call in calls.items():
+                alone = torch.cat([call(i, i + 1) for i in range(40)])
+                assert torch.equal(call(0, 40), alone), (name, threads)
+    finally:
+        torch.set_num_threads(before)
+
+
 @pytest.mark.skipif(not native.amx(), reason="no AMX tiles here (or the kernel refused them)")
 @pytest.mark.parametrize("out_features,in_features", [(70, 320), (16, 32), (200, 1024)])
 def test_bf16_products_on_the_tiles_and_on_the_sweep_agree(out_features, in_features):

@@ -75,7 +75,7 @@ def test_a_rows_result_does_not_depend_on_the_rows_beside_it(dtype, in_features)
 @needs_native
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_folded_operations_of_many_rows_split_over_threads_give_each_rows_numbers(dtype):
-    """From 16 rows (`PROLOGUE_ROWS`: a prompt's, a fill's) the rows' norm or SwiGLU before the
+    """From 8 rows (`PROLOGUE_ROWS`: a prompt's, a fill's, a batch's) the rows' norm or SwiGLU before the
     product are made on every thread, rows apart: bit for bit the one-row calls' numbers, at one
     thread and at several."""
     g = torch.Generator().manual_seed(5)

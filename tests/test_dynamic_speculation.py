@@ -15,6 +15,7 @@ from megatron.early_exit.config import ModelConfig
 from megatron.early_exit.inference import EarlyExitEngine, GenerationSettings, generate
 from megatron.early_exit.inference.strategies.draft_control import (
     LOOP_DECAY,
+    LOOP_PLAIN_EVERY,
     LOOP_PRIOR,
     MAX_BACKOFF,
     MAX_DRAFT,
@@ -807,6 +808,8 @@ def test_rounds_dearer_in_the_loop_turn_a_marginal_exit_plain_and_leave_the_earl
     ctl.timed(Plan(None, 0, 1.0), 0.010)  # a plain round: 10 ms
     for _ in range(100):  # drafting rounds of one draft: predicted 1.26 plain rounds, take 1.15x that
         ctl.timed(Plan(2, 1, 1.0, drafted=1), 0.010 * costs.round_time(2, 1) * 1.15)
+    assert ctl.plan([2], [1]) == Plan(None, 0, 1.0)  # LOOP_PLAIN_EVERY drafting rounds since: its unit is due
+    ctl.timed(Plan(None, 0, 1.0), 0.010)
     ctl.stats[2].idle = 0
     assert ctl.factor(2) == pytest.approx(1.15, abs=1e-3)
     assert ctl.plan([2], [1]).exit is None  # 1.3 / (1.26 * 1.15) < 1
@@ -825,6 +828,34 @@ def test_rounds_dearer_in_the_loop_turn_a_marginal_exit_plain_and_leave_the_earl
     # A round that drafted nothing (the plan's drafts had no room) is timed as a plain round.
     ctl.timed(Plan(2, 1, 1.0, drafted=0), 0.020)
     assert ctl.loop.plain[1] == pytest.approx(LOOP_DECAY * 0.010 + (1 - LOOP_DECAY) * 0.020)
+
+
+def test_the_loop_clock_times_plain_rounds_that_read_no_exit_and_asks_for_one_when_due():
+    """A round reading an exit on the way costs its check besides: neither its unit nor a drafting
+    round's ratio (a batch-16 cold start's observing rounds, 1.7-1.9x a plain one, made drafting
+    rounds read 0.6 of their predicted time). A bucket without a unit, or with LOOP_PLAIN_EVERY
+    drafting rounds timed since its last plain one, gets a plain round reading no exit, its tries
+    waiting: an exit that always pays is still checked against the loop's own plain round."""
+    costs = DraftCosts(draft={2: 0.2}, row={2: 0.01}, base={2: 1.0})
+    ctl = DraftController(costs, explore_share=1e-9, margin=0.0)
+    ctl.stats[2].accepted, ctl.stats[2].rejected, ctl.stats[2].idle = 90.0, 10.0, 0  # a = 0.9: it pays
+    assert ctl.plan([2], [1, 2]).exit == 2  # no loop clock: drafts from the first round
+    ctl.use_loop_clock()
+    first = ctl.plan([2], [1, 2])
+    assert first == Plan(None, 0, 1.0)  # no unit yet at this bucket: a plain round, no exit read
+    ctl.timed(Plan(None, 0, 1.0, observe=2), 0.030)  # an observing plain round: not the unit
+    ctl.timed(Plan(2, 1, 1.0, drafted=1, observe=2), 0.050)  # nor a drafting round that observed
+    assert ctl.loop.plain == {} and ctl.loop.excess == {} and ctl.plan([2], [1, 2]).exit is None
+    ctl.timed(first, 0.010)
+    for i in range(LOOP_PLAIN_EVERY):
+        plan = ctl.plan([2], [1, 2])
+        assert plan.exit == 2, i
+        ctl.timed(replace(plan, drafted=plan.length), 0.010 * costs.round_time(2, plan.length))
+    assert ctl.plan([2], [1, 2]) == Plan(None, 0, 1.0)  # due again
+    assert ctl.factor(2) == pytest.approx(1.0) and ctl.plan(([2]), [1, 2], batch=4) == Plan(None, 0, 1.0)
+    ctl.bucket = 1
+    ctl.timed(Plan(None, 0, 1.0), 0.010)
+    assert ctl.plan([2], [1, 2]).exit == 2
 
 
 def test_the_engine_controller_times_its_rounds_only_where_its_costs_are_timed(monkeypatch):

@@ -396,6 +396,11 @@ def choices() -> dict[tuple, str]:
     return dict(_CHOICE)
 
 
+def measured_count() -> int:
+    """How many choices have been measured so far (a round that measured one took its timing's time too)."""
+    return len(_CHOICE)
+
+
 def clear_choices() -> None:
     """Forget every measured choice (tests; or after the machine's load changed a lot)."""
     _CHOICE.clear()

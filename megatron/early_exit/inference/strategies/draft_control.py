@@ -138,6 +138,7 @@ OBSERVE_EVIDENCE = 6.0  # ... or whose decayed counts hold fewer drafts than thi
 ALT_ROWS = 2.0  # an alternative draft's verify row, in drafted rows (it also runs the layers below the exit)
 LOOP_DECAY = 0.9  # per timed drafting round: the loop's clock follows the host within ~10 of them
 LOOP_PRIOR = 4.0  # drafting rounds' worth of "the timed costs hold in the loop" (factor 1) before its own
+LOOP_PLAIN_EVERY = 64  # drafting rounds timed at a batch bucket after which a plain round times its unit again
 MARGIN = 1.0  # a drafting plan must pay at its acceptance estimate less this many of its standard deviations
 
 
@@ -244,11 +245,22 @@ class LoopClock:
     drafting round's ratio to what its costs predict in that unit (a decayed mean starting from
     LOOP_PRIOR rounds of 1.0, which decay with the rest); `factor` scales the exit's predicted
     round time. Like with like: drafting rounds against plain rounds of the same loop, so the
-    host's speed cancels; no plain round timed yet (an exit that always pays), no correction."""
+    host's speed cancels. A round that reads an exit's token on the way (`Plan.observe`) costs
+    that check besides and is not timed: at batch 16 (CPU reference, bf16) the cold start's
+    plain rounds all observed, 5.8-6.8 ms against a plain round's 3.5, and that unit read the
+    drafting rounds at 0.6 of their predicted time where they took 1.15x it (self-speculation 0.97x
+    full decoding). Where a bucket has no unit, or has timed LOOP_PLAIN_EVERY drafting rounds since
+    its last plain one, the next round is plain and reads no exit (`unit_due`, `DraftController.plan`):
+    an exit that always pays would otherwise never be checked against the loop's own plain round."""
 
     def __init__(self) -> None:
         self.plain: dict[int, float] = {}  # batch bucket -> decayed mean seconds of a plain round
         self.excess: dict[tuple[int, int], tuple[float, float]] = {}  # (bucket, exit) -> (sum, weight)
+        self.since: dict[int, int] = {}  # batch bucket -> drafting rounds timed since its last plain round
+
+    def unit_due(self, bucket: int) -> bool:
+        """Whether the bucket's next round should be a plain one, timed as its unit."""
+        return bucket not in self.plain or self.since.get(bucket, 0) >= LOOP_PLAIN_EVERY
 
     def factor(self, bucket: int, n: int) -> float:
         total, weight = self.excess.get((bucket, n), (LOOP_PRIOR, LOOP_PRIOR))
@@ -260,7 +272,9 @@ class LoopClock:
         if n is None:
             last = self.plain.get(bucket)
             self.plain[bucket] = seconds if last is None else LOOP_DECAY * last + (1.0 - LOOP_DECAY) * seconds
+            self.since[bucket] = 0
             return
+        self.since[bucket] = self.since.get(bucket, 0) + 1
         unit = self.plain.get(bucket)
         if unit is None or predicted <= 0.0:
             return
@@ -387,8 +401,9 @@ class DraftController:
             self.loop = LoopClock()
 
     def timed(self, plan: Plan, seconds: float) -> None:
-        """A round of `plan` (drafted `plan.drafted`, at the bucket `plan` was made at) took `seconds`."""
-        if self.loop is not None:
+        """A round of `plan` (drafted `plan.drafted`, at the bucket `plan` was made at) took `seconds`;
+        not counted where it read an exit on the way (`LoopClock`)."""
+        if self.loop is not None and plan.observe is None:
             n = plan.exit if plan.drafted else None
             self.loop.record(self.bucket, n, self.costs.round_time(n, plan.drafted) if n is not None else 1.0, seconds)
 
@@ -463,6 +478,8 @@ class DraftController:
             self.stats[n].idle += 1
             self.stats[n].chosen_ago += 1
             self.stats[n].exploring = False  # a try whose round never reached `update` is forgotten
+        if self.loop is not None and exits and self.loop.unit_due(self.bucket):
+            return Plan(None, 0, 1.0)  # the loop clock's unit: a plain round reading no exit (tries wait)
         trying = None
         if due:
             trying = max(due, key=lambda m: self.stats[m].idle)

@@ -858,6 +858,50 @@ def test_the_loop_clock_times_plain_rounds_that_read_no_exit_and_asks_for_one_wh
     assert ctl.plan([2], [1, 2]).exit == 2
 
 
+@pytest.mark.parametrize("batch", [1, 4])
+def test_a_plain_round_keeps_what_a_verified_round_drafting_nothing_keeps(case, batch, monkeypatch):
+    """`SelfSpeculative.plain_round` (a plan drafting nothing, reading no exit) against the round
+    through drafting and verifying (`verified_round`) with the same plan: the same tokens, exit
+    layers, confidences, finish reasons and counts, lossless against full greedy decoding."""
+    from megatron.early_exit.inference.strategies.self_speculative import SelfSpeculative
+
+    kind, model, ref = case
+    s = GenerationSettings("self_speculative", NEW, ignore_eos=True, draft_exit_layer=1, num_draft_tokens=1)
+    monkeypatch.setattr(SelfSpeculative, "plan", lambda self, engine, b, running: (Plan(None, 0, 1.0), None))
+    fast = EarlyExitEngine(model).generate(PROMPTS[:batch], s)
+    monkeypatch.setattr(SelfSpeculative, "plain_round", lambda self, engine, state, running, b: self.verified_round(
+        engine, state, running, b, Plan(None, 0, 1.0), None))  # fmt: skip
+    slow = EarlyExitEngine(model).generate(PROMPTS[:batch], s)
+    assert [r.tokens for r in fast] == [r.tokens for r in slow] == ref[:batch]
+    for a, b in zip(fast, slow):
+        assert (a.exit_layers, a.confidences, a.finish_reason) == (b.exit_layers, b.confidences, b.finish_reason)
+        timing = ("elapsed_s", "prefill_s", "tokens_per_sec", "decode_tokens_per_sec")
+        kept = [{k: v for k, v in r.stats.items() if k not in timing} for r in (a, b)]
+        assert kept[0] == kept[1] and a.stats["draft_lengths"] == {0: NEW - 1}  # the first token: the prefill's
+
+
+def test_a_plain_round_reads_an_exit_near_paying_only_where_that_is_cheap():
+    """The loop clock times plain rounds that read an exit apart (`LoopClock.observe_cost`): where
+    that adds more than OBSERVE_COST of a round, a plain round near paying reads none; a try still
+    does (it is rare, and how an exit comes back)."""
+    costs = DraftCosts(draft={2: 0.25}, row={2: 0.01}, base={2: 1.0})
+    ctl = DraftController(costs, explore_share=1e-9, margin=0.0)
+    ctl.stats[2].accepted, ctl.stats[2].rejected, ctl.stats[2].idle = 25.0, 75.0, 0  # a = 0.25: rate 0.99, near
+    ctl.stats[2].chosen_ago = 0  # and chosen lately
+    assert ctl.plan([2], [1]).observe == 2  # no loop clock: the exit near paying is read
+    ctl.use_loop_clock()
+    ctl.timed(ctl.plan([2], [1]), 0.010)  # its unit
+    plan = ctl.plan([2], [1])
+    assert plan.observe == 2 and ctl.loop.observe_cost(1) is None
+    ctl.timed(plan, 0.0105)  # reading it cost 5%: read again
+    assert ctl.loop.observe_cost(1) == pytest.approx(0.05) and ctl.plan([2], [1]).observe == 2
+    for _ in range(30):
+        ctl.timed(Plan(None, 0, 1.0, observe=2), 0.013)  # 30%: not read any more
+    assert ctl.loop.observe_cost(1) > 0.2 and ctl.plan([2], [1]).observe is None
+    ctl.stats[2].idle = ctl.interval(2, 1)  # a try is due: it still reads the exit
+    assert ctl.plan([2], [1]).observe == 2
+
+
 def test_the_engine_controller_times_its_rounds_only_where_its_costs_are_timed(monkeypatch):
     """Decisions must not depend on the clock where the costs come from the parameters (the test
     suite, several processes) or from a measured cost model: no loop clock there; with timed

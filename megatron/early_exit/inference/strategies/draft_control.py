@@ -42,7 +42,9 @@ last OBSERVE_WINDOW rounds, now reads that exit's greedy token on the way (`Plan
 a round that drafted that one token. Exits no plan chose lately are left to exploration, at no
 such cost: the demo's SmolLM2, whose exit 8 settles just above OBSERVE_NEAR without ever paying,
 would otherwise pay the check on every plain round. Except at a cold start: an exit whose own
-observations hold fewer than OBSERVE_EVIDENCE drafts is observed while it is near paying. A
+observations hold fewer than OBSERVE_EVIDENCE drafts is observed while it is near paying. Where
+the loop clock times such rounds at more than OBSERVE_COST of a plain one (16 sequences: 0.2, the
+exit's check on every row), exits near paying are not read (`observing_pays`); tries still are. A
 controller starts from the calibration record's prior, whose few drafts' worth keep an exit's
 lower bound (`sure`) below paying until its own drafts add to it, and exploration adds one draft
 every ~30 rounds: the CPU reference model (bf16, exit 3 accepted 88% of the time, a verify pass
@@ -139,6 +141,7 @@ ALT_ROWS = 2.0  # an alternative draft's verify row, in drafted rows (it also ru
 LOOP_DECAY = 0.9  # per timed drafting round: the loop's clock follows the host within ~10 of them
 LOOP_PRIOR = 4.0  # drafting rounds' worth of "the timed costs hold in the loop" (factor 1) before its own
 LOOP_PLAIN_EVERY = 64  # drafting rounds timed at a batch bucket after which a plain round times its unit again
+OBSERVE_COST = 0.1  # a plain round reads an exit near paying only where that costs at most this share of the round
 MARGIN = 1.0  # a drafting plan must pay at its acceptance estimate less this many of its standard deviations
 
 
@@ -257,6 +260,13 @@ class LoopClock:
         self.plain: dict[int, float] = {}  # batch bucket -> decayed mean seconds of a plain round
         self.excess: dict[tuple[int, int], tuple[float, float]] = {}  # (bucket, exit) -> (sum, weight)
         self.since: dict[int, int] = {}  # batch bucket -> drafting rounds timed since its last plain round
+        self.observing: dict[int, float] = {}  # batch bucket -> decayed mean seconds of a plain round reading an exit
+
+    def observe_cost(self, bucket: int) -> float | None:
+        """What reading an exit on a plain round adds to it at this bucket, as a share of a plain
+        round (None: not timed yet). At 16 sequences (CPU reference, bf16) 0.2, at one ~0.1."""
+        seen, unit = self.observing.get(bucket), self.plain.get(bucket)
+        return None if seen is None or unit is None else seen / unit - 1.0
 
     def unit_due(self, bucket: int) -> bool:
         """Whether the bucket's next round should be a plain one, timed as its unit."""
@@ -394,6 +404,14 @@ class DraftController:
         the choice between drafting and a plain round, and between exits, alone."""
         return 1.0 if self.loop is None else self.loop.factor(self.bucket, n)
 
+    def observing_pays(self) -> bool:
+        """Whether a plain round may read an exit near paying: its cost at this bucket (the loop
+        clock's, where timed) at most OBSERVE_COST of the round. At 16 sequences such rounds read
+        the exit on 16 rows for 0.2 of a round and came at nearly every plain round (the exits sat
+        near paying): self-speculation read 0.88x full decoding where every plan read 0.90-0.97x."""
+        cost = None if self.loop is None else self.loop.observe_cost(self.bucket)
+        return cost is None or cost <= OBSERVE_COST
+
     def use_loop_clock(self) -> None:
         """Price plans with the loop's own round times too (`LoopClock`); off by default (a
         replay, and decisions that must not depend on the clock)."""
@@ -402,7 +420,11 @@ class DraftController:
 
     def timed(self, plan: Plan, seconds: float) -> None:
         """A round of `plan` (drafted `plan.drafted`, at the bucket `plan` was made at) took `seconds`;
-        not counted where it read an exit on the way (`LoopClock`)."""
+        where it read an exit on the way, not counted as a round (`LoopClock`), but a plain one is
+        timed as what reading an exit costs (`LoopClock.observe_cost`)."""
+        if self.loop is not None and plan.observe is not None and not plan.drafted:
+            last, loop = self.loop.observing.get(self.bucket), self.loop
+            loop.observing[self.bucket] = seconds if last is None else LOOP_DECAY * last + (1 - LOOP_DECAY) * seconds
         if self.loop is not None and plan.observe is None:
             n = plan.exit if plan.drafted else None
             self.loop.record(self.bucket, n, self.costs.round_time(n, plan.drafted) if n is not None else 1.0, seconds)
@@ -494,7 +516,7 @@ class DraftController:
         if best.exit is None:
             # a try reads the exit's token on the way (its check: no draft, no verify row); else an
             # exit near paying is read (its check's cost)
-            best.observe = trying if trying is not None else near[0]
+            best.observe = trying if trying is not None else near[0] if self.observing_pays() else None
             return best
         self.stats[best.exit].idle = self.stats[best.exit].chosen_ago = 0
         best.alternatives = alternatives  # which drafts' alternatives are verified: `worth_verifying`

@@ -19,6 +19,7 @@ from megatron.early_exit.inference.strategies.draft_control import (
     LOOP_PRIOR,
     MAX_BACKOFF,
     MAX_DRAFT,
+    OBSERVE_COST,
     OBSERVE_NEAR,
     OBSERVE_WINDOW,
     WARM_EXPLORE_SHARE,
@@ -881,9 +882,9 @@ def test_a_plain_round_keeps_what_a_verified_round_drafting_nothing_keeps(case, 
 
 
 def test_a_plain_round_reads_an_exit_near_paying_only_where_that_is_cheap():
-    """The loop clock times plain rounds that read an exit apart (`LoopClock.observe_cost`): where
-    that adds more than OBSERVE_COST of a round, a plain round near paying reads none; a try still
-    does (it is rare, and how an exit comes back)."""
+    """The loop clock times plain rounds that read an exit apart (`LoopClock.observe_cost`): in a
+    batch, where that adds more than OBSERVE_COST of a round, a plain round near paying reads none
+    (for one sequence it always does); a try still does (it is rare, and how an exit comes back)."""
     costs = DraftCosts(draft={2: 0.25}, row={2: 0.01}, base={2: 1.0})
     ctl = DraftController(costs, explore_share=1e-9, margin=0.0)
     ctl.stats[2].accepted, ctl.stats[2].rejected, ctl.stats[2].idle = 25.0, 75.0, 0  # a = 0.25: rate 0.99, near
@@ -896,8 +897,16 @@ def test_a_plain_round_reads_an_exit_near_paying_only_where_that_is_cheap():
     ctl.timed(plan, 0.0105)  # reading it cost 5%: read again
     assert ctl.loop.observe_cost(1) == pytest.approx(0.05) and ctl.plan([2], [1]).observe == 2
     for _ in range(30):
-        ctl.timed(Plan(None, 0, 1.0, observe=2), 0.013)  # 30%: not read any more
-    assert ctl.loop.observe_cost(1) > 0.2 and ctl.plan([2], [1]).observe is None
+        ctl.timed(Plan(None, 0, 1.0, observe=2), 0.013)  # 30%: still read for one sequence
+    assert ctl.loop.observe_cost(1) > 0.2 and ctl.plan([2], [1]).observe == 2
+    assert ctl.plan([2], [1], batch=4) == Plan(None, 0, 1.0)  # in a batch of 4: its unit first
+    ctl.timed(Plan(None, 0, 1.0), 0.010)
+    read = 0
+    while (plan := ctl.plan([2], [1], batch=4)).observe == 2:  # read until it is timed past OBSERVE_COST
+        ctl.timed(plan, 0.013)
+        read += 1
+        assert read < 50
+    assert plan == Plan(None, 0, 1.0) and read == 1 and ctl.loop.observe_cost(4) > OBSERVE_COST
     ctl.stats[2].idle = ctl.interval(2, 1)  # a try is due: it still reads the exit
     assert ctl.plan([2], [1]).observe == 2
 

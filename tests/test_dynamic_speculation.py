@@ -832,9 +832,10 @@ def test_rounds_dearer_in_the_loop_turn_a_marginal_exit_plain_and_leave_the_earl
 
 
 def test_the_loop_clock_times_plain_rounds_that_read_no_exit_and_asks_for_one_when_due():
-    """A round reading an exit on the way costs its check besides: neither its unit nor a drafting
-    round's ratio (a batch-16 cold start's observing rounds, 1.7-1.9x a plain one, made drafting
-    rounds read 0.6 of their predicted time). A bucket without a unit, or with LOOP_PLAIN_EVERY
+    """A plain round reading an exit on the way costs its check besides: not the unit (a batch-16
+    cold start's observing rounds, 1.7-1.9x a plain one, made drafting rounds read 0.6 of their
+    predicted time), but what reading costs. A drafting round that read a shallower exit is its
+    exit's round (that is how the plan ran). A bucket without a unit, or with LOOP_PLAIN_EVERY
     drafting rounds timed since its last plain one, gets a plain round reading no exit, its tries
     waiting: an exit that always pays is still checked against the loop's own plain round."""
     costs = DraftCosts(draft={2: 0.2}, row={2: 0.01}, base={2: 1.0})
@@ -845,10 +846,12 @@ def test_the_loop_clock_times_plain_rounds_that_read_no_exit_and_asks_for_one_wh
     first = ctl.plan([2], [1, 2])
     assert first == Plan(None, 0, 1.0)  # no unit yet at this bucket: a plain round, no exit read
     ctl.timed(Plan(None, 0, 1.0, observe=2), 0.030)  # an observing plain round: not the unit
-    ctl.timed(Plan(2, 1, 1.0, drafted=1, observe=2), 0.050)  # nor a drafting round that observed
-    assert ctl.loop.plain == {} and ctl.loop.excess == {} and ctl.plan([2], [1, 2]).exit is None
+    assert ctl.loop.plain == {} and ctl.loop.observing == {1: 0.030} and ctl.plan([2], [1, 2]).exit is None
     ctl.timed(first, 0.010)
-    for i in range(LOOP_PLAIN_EVERY):
+    ctl.timed(Plan(2, 1, 1.0, drafted=1, observe=1), 0.010 * costs.round_time(2, 1) * 1.5)  # read on the way: 1.5x
+    assert ctl.loop.excess[(1, 2)] == pytest.approx((LOOP_DECAY * LOOP_PRIOR + 1.5, LOOP_DECAY * LOOP_PRIOR + 1.0))
+    ctl.loop.excess.clear()
+    for i in range(LOOP_PLAIN_EVERY - 1):
         plan = ctl.plan([2], [1, 2])
         assert plan.exit == 2, i
         ctl.timed(replace(plan, drafted=plan.length), 0.010 * costs.round_time(2, plan.length))

@@ -248,13 +248,14 @@ class LoopClock:
     drafting round's ratio to what its costs predict in that unit (a decayed mean starting from
     LOOP_PRIOR rounds of 1.0, which decay with the rest); `factor` scales the exit's predicted
     round time. Like with like: drafting rounds against plain rounds of the same loop, so the
-    host's speed cancels. A round that reads an exit's token on the way (`Plan.observe`) costs
-    that check besides and is not timed: at batch 16 (CPU reference, bf16) the cold start's
-    plain rounds all observed, 5.8-6.8 ms against a plain round's 3.5, and that unit read the
-    drafting rounds at 0.6 of their predicted time where they took 1.15x it (self-speculation 0.97x
-    full decoding). Where a bucket has no unit, or has timed LOOP_PLAIN_EVERY drafting rounds since
-    its last plain one, the next round is plain and reads no exit (`unit_due`, `DraftController.plan`):
-    an exit that always pays would otherwise never be checked against the loop's own plain round."""
+    host's speed cancels. A plain round that reads an exit's token on the way (`Plan.observe`)
+    costs that check besides and is not the unit (it is timed apart: `observe_cost`): at batch
+    16 (CPU reference, bf16) the cold start's plain rounds all observed, 5.8-6.8 ms against a
+    plain round's 3.5, and that unit read the drafting rounds at 0.6 of their predicted time where
+    they took 1.15x it (self-speculation 0.97x full decoding). Where a bucket has no unit, or has
+    timed LOOP_PLAIN_EVERY drafting rounds since its last plain one, the next round is plain and
+    reads no exit (`unit_due`, `DraftController.plan`): an exit that always pays would otherwise
+    never be checked against the loop's own plain round."""
 
     def __init__(self) -> None:
         self.plain: dict[int, float] = {}  # batch bucket -> decayed mean seconds of a plain round
@@ -422,13 +423,18 @@ class DraftController:
             self.loop = LoopClock()
 
     def timed(self, plan: Plan, seconds: float) -> None:
-        """A round of `plan` (drafted `plan.drafted`, at the bucket `plan` was made at) took `seconds`;
-        where it read an exit on the way, not counted as a round (`LoopClock`), but a plain one is
-        timed as what reading an exit costs (`LoopClock.observe_cost`)."""
-        if self.loop is not None and plan.observe is not None and not plan.drafted:
+        """A round of `plan` (drafted `plan.drafted`, at the bucket `plan` was made at) took `seconds`.
+        A plain round that read an exit on the way is not the unit (`LoopClock`): it is timed as
+        what reading an exit costs (`LoopClock.observe_cost`). A drafting round that read a
+        shallower exit counts as its exit's round: that is how the plan ran (its drafts step
+        through Python then), and left out, the CPU reference's exit 6 at batch 4 read 0.92 of its
+        predicted time where such rounds took 1.37x it, and drafted at a loss."""
+        if self.loop is None:
+            return
+        if plan.observe is not None and not plan.drafted:
             last, loop = self.loop.observing.get(self.bucket), self.loop
             loop.observing[self.bucket] = seconds if last is None else LOOP_DECAY * last + (1 - LOOP_DECAY) * seconds
-        if self.loop is not None and plan.observe is None:
+        else:
             n = plan.exit if plan.drafted else None
             self.loop.record(self.bucket, n, self.costs.round_time(n, plan.drafted) if n is not None else 1.0, seconds)
 

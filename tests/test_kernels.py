@@ -205,6 +205,7 @@ def test_against_native_a_layers_products_need_the_wider_margin_up_to_256_rows(m
     assert [m for _, m in seen] == [fused, at_100, wide]
 
 
+@pytest.mark.usefixtures("one_thread")  # one thread: pick's margin without the many-thread widening
 def test_a_heads_weight_needs_the_wider_margin_where_its_head_runs_in_one_call(monkeypatch):
     """A vocabulary head runs in one native call on the native kernel (`native.head`; a round's drafts
     through the layers below their exit too, `native.drafts`): its weight's kernel is chosen as a
@@ -220,17 +221,12 @@ def test_a_heads_weight_needs_the_wider_margin_where_its_head_runs_in_one_call(m
         return "native"
 
     monkeypatch.setattr(kernels, "pick", pick)
-    before = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        with torch.no_grad():
-            heads = lean.LeanKernels(packed=True)
-            for w in (torch.randn(40, 64), torch.randn(24, 64)):  # a head's rows, a draft vocabulary's
-                assert kernels.is_native(heads.head_func(w, 1))
-            kernels.linear(torch.randn(1, 64), torch.randn(30, 64))  # another product
-            assert lean.LeanKernels(packed=False).head_func(torch.randn(50, 64), 1) is F.linear  # nothing measured
-    finally:
-        torch.set_num_threads(before)
+    with torch.no_grad():
+        heads = lean.LeanKernels(packed=True)
+        for w in (torch.randn(40, 64), torch.randn(24, 64)):  # a head's rows, a draft vocabulary's
+            assert kernels.is_native(heads.head_func(w, 1))
+        kernels.linear(torch.randn(1, 64), torch.randn(30, 64))  # another product
+        assert lean.LeanKernels(packed=False).head_func(torch.randn(50, 64), 1) is F.linear  # nothing measured
     assert seen == [((40, 64), kernels.FUSED_MARGIN), ((24, 64), kernels.FUSED_MARGIN), ((30, 64), None)]
 
 

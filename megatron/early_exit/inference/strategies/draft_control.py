@@ -269,6 +269,10 @@ class LoopClock:
         seen, unit = self.observing.get(bucket), self.plain.get(bucket)
         return None if seen is None or unit is None else seen / unit - 1.0
 
+    def record_observing(self, bucket: int, seconds: float) -> None:
+        """A plain round that read an exit on the way took `seconds` (`observe_cost`)."""
+        decay_into(self.observing, bucket, seconds)
+
     def unit_due(self, bucket: int) -> bool:
         """Whether the bucket's next round should be a plain one, timed as its unit."""
         return bucket not in self.plain or self.since.get(bucket, 0) >= LOOP_PLAIN_EVERY
@@ -281,8 +285,7 @@ class LoopClock:
         """One round's wall time: a plain round's (`n` None) or a drafting round's from exit n whose
         costs predicted `predicted` plain rounds."""
         if n is None:
-            last = self.plain.get(bucket)
-            self.plain[bucket] = seconds if last is None else LOOP_DECAY * last + (1.0 - LOOP_DECAY) * seconds
+            decay_into(self.plain, bucket, seconds)
             self.since[bucket] = 0
             return
         self.since[bucket] = self.since.get(bucket, 0) + 1
@@ -291,6 +294,12 @@ class LoopClock:
             return
         total, weight = self.excess.get((bucket, n), (LOOP_PRIOR, LOOP_PRIOR))  # the prior decays with the rest
         self.excess[(bucket, n)] = (LOOP_DECAY * total + seconds / (unit * predicted), LOOP_DECAY * weight + 1.0)
+
+
+def decay_into(means: dict[int, float], bucket: int, seconds: float) -> None:
+    """means[bucket] <- its decayed mean with `seconds` (LOOP_DECAY; the first time, `seconds`)."""
+    last = means.get(bucket)
+    means[bucket] = seconds if last is None else LOOP_DECAY * last + (1.0 - LOOP_DECAY) * seconds
 
 
 def batch_bucket(running: int) -> int:
@@ -432,8 +441,7 @@ class DraftController:
         if self.loop is None:
             return
         if plan.observe is not None and not plan.drafted:
-            last, loop = self.loop.observing.get(self.bucket), self.loop
-            loop.observing[self.bucket] = seconds if last is None else LOOP_DECAY * last + (1 - LOOP_DECAY) * seconds
+            self.loop.record_observing(self.bucket, seconds)
         else:
             n = plan.exit if plan.drafted else None
             self.loop.record(self.bucket, n, self.costs.round_time(n, plan.drafted) if n is not None else 1.0, seconds)

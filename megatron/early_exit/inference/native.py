@@ -39,6 +39,7 @@ import warnings
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 SOURCE = Path(__file__).with_name("native_linear.c")
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-lm")
@@ -401,12 +402,17 @@ class Probe:
         [h, k] (MLP: then bias [k] before its GELU and out_weight [k] after), fp32 on the CPU."""
         self.tensors = [t.detach().float().contiguous() for t in (weight, bias, out_weight) if t is not None]
         w1 = self.tensors[0]
-        self.hidden = w1.shape[1] if w1.dim() == 2 else 0
+        self.hidden, self.h = (w1.shape[1] if w1.dim() == 2 else 0), w1.shape[0]
         if self.hidden and len(self.tensors) != 3:
             raise ValueError("native probe: an MLP probe needs its first bias and its output weight")
+        if self.hidden:  # `ee_probe`'s layout: blocks of 16 columns, each (h, 16) contiguous, zeros past k
+            pad = -self.hidden % 16
+            w1, b1, w2 = (F.pad(t, (0, pad)) for t in self.tensors)
+            blocks = w1.shape[1] // 16
+            self.tensors = [w1.view(self.h, blocks, 16).transpose(0, 1).contiguous(), b1, w2]
         ptrs = [t.data_ptr() for t in self.tensors]
         self.w1, self.b1, self.w2 = ptrs[0], ptrs[1] if self.hidden else None, ptrs[2] if self.hidden else None
-        self.eps, self.h = float(eps), w1.shape[0]
+        self.eps = float(eps)
         self.args = (self.w1, self.b1, self.hidden, self.w2, self.eps)  # as `ee_probe` and `ee_layer` take them
         self.fn = library().ee_probe
 

@@ -1103,42 +1103,41 @@ void ee_rope(void *y, int64_t n, int64_t G, int64_t per2, int64_t heads, int64_t
     }
 }
 
-/* An MLP probe's hidden sums v[j] = b1[j] + s . w1[:, j] for j in [j0, j1) (j0 a multiple of 16):
- * up to 8 vectors of 16 columns at a time, k in order, so that each k reads one stretch of w1's row
- * and the 8 sums are independent chains (one chain of 16 columns at a time waited on each sum's
- * latency: ~4x slower); the columns past the last whole 16 one at a time. Each v[j]'s arithmetic
- * is the same whatever range or group it falls in (the threads' split never moves it). */
+/* An MLP probe's hidden sums v[j] = b1[j] + s . w1[:, j] for the 16-column blocks [b0, b1e) of
+ * w1 packed block by block (`native.Probe`: block b holds w1[k, 16 b .. 16 b + 15] for k = 0 .. K - 1,
+ * K x 16 contiguous, the last block's missing columns zeros, as are b1's and w2's past H): a
+ * thread's share of the weight is one stretch of memory (the rows' strided halves of the plain
+ * layout were each 2 threads' prefetchers' guess, the weight read cold right after a layer). Up to 8
+ * blocks at a time, k in order, so that the 8 sums are independent chains (one chain of 16 columns
+ * at a time waited on each sum's latency: ~4x slower). Each v[j]'s arithmetic is the same whatever
+ * range or group it falls in (the threads' split never moves it). */
 #define PROBE_GROUP 8
-static void probe_hidden(const float *s, const float *w1, const float *b1, int64_t K, int64_t H, int64_t j0,
-                         int64_t j1, float *v) {
-    int64_t j = j0;
-    for (; j + PANEL * PROBE_GROUP <= j1; j += PANEL * PROBE_GROUP) {
+static void probe_hidden(const float *s, const float *w1, const float *b1, int64_t K, int64_t b0, int64_t b1e,
+                         float *v) {
+    int64_t b = b0;
+    for (; b + PROBE_GROUP <= b1e; b += PROBE_GROUP) {
         v16 acc[PROBE_GROUP];
-        memcpy(acc, b1 + j, sizeof acc);
+        memcpy(acc, b1 + b * PANEL, sizeof acc);
+        const float *w = w1 + b * K * PANEL;
         for (int64_t k = 0; k < K; k++) {
-            const float *row = w1 + k * H + j;
             for (int g = 0; g < PROBE_GROUP; g++) {
-                v16 w;
-                memcpy(&w, row + g * PANEL, sizeof w);
-                acc[g] += s[k] * w;
+                v16 x;
+                memcpy(&x, w + (g * K + k) * PANEL, sizeof x);
+                acc[g] += s[k] * x;
             }
         }
-        memcpy(v + j, acc, sizeof acc);
+        memcpy(v + b * PANEL, acc, sizeof acc);
     }
-    for (; j + PANEL <= j1; j += PANEL) {
+    for (; b < b1e; b++) {
         v16 acc;
-        memcpy(&acc, b1 + j, sizeof acc);
+        memcpy(&acc, b1 + b * PANEL, sizeof acc);
+        const float *w = w1 + b * K * PANEL;
         for (int64_t k = 0; k < K; k++) {
-            v16 w;
-            memcpy(&w, w1 + k * H + j, sizeof w);
-            acc += s[k] * w;
+            v16 x;
+            memcpy(&x, w + k * PANEL, sizeof x);
+            acc += s[k] * x;
         }
-        memcpy(v + j, &acc, sizeof acc);
-    }
-    for (; j < j1; j++) {
-        float acc = b1[j];
-        for (int64_t k = 0; k < K; k++) acc += s[k] * w1[k * H + j];
-        v[j] = acc;
+        memcpy(v + b * PANEL, &acc, sizeof acc);
     }
 }
 
@@ -1162,11 +1161,11 @@ static inline v16 one_plus_erf16(v16 x) {
     return r;
 }
 
-/* The probe's output: sum_j gelu(v[j]) * w2[j], gelu the erf form, 16 columns at a time. */
-static float probe_out(const float *v, const float *w2, int64_t H) {
+/* The probe's output: sum_j gelu(v[j]) * w2[j] over `blocks` blocks of 16 columns (the padding's
+ * v and w2 are zeros: gelu(0) * 0 adds nothing), gelu the erf form. */
+static float probe_out(const float *v, const float *w2, int64_t blocks) {
     v16 acc = {0};
-    int64_t j = 0;
-    for (; j + PANEL <= H; j += PANEL) {
+    for (int64_t j = 0; j < blocks * PANEL; j += PANEL) {
         v16 a, w;
         memcpy(&a, v + j, sizeof a);
         memcpy(&w, w2 + j, sizeof w);
@@ -1174,7 +1173,6 @@ static float probe_out(const float *v, const float *w2, int64_t H) {
     }
     float score = 0.f;
     for (int i = 0; i < PANEL; i++) score += acc[i];
-    for (; j < H; j++) score += 0.5f * v[j] * (1.0f + erff(v[j] * 0.70710678118654752f)) * w2[j];
     return score;
 }
 
@@ -1182,7 +1180,8 @@ static float probe_out(const float *v, const float *w2, int64_t H) {
  * probe): per row of x (n x K, fp32 or bf16), s = x * rsqrt(mean(x^2) + eps) (the norm before its
  * gain, which is folded into the weights), then
  *   H == 0 (linear probe)  score = s . w1            (w1: K)
- *   H  > 0 (MLP probe)     score = gelu(b1 + s @ w1) . w2   (w1: K x H row-major, b1 and w2: H;
+ *   H  > 0 (MLP probe)     score = gelu(b1 + s @ w1) . w2   (w1: K x H packed in blocks of 16
+ *                          columns, see probe_hidden; b1 and w2: H padded with zeros to whole blocks;
  *                          gelu the exact (erf) form, as torch's)
  * into out (n, fp32); the probe's last bias is left out (the caller's bound holds it). fp32 sums.
  * An MLP probe's hidden sums are split over `threads` in blocks of 16 columns (its first weight,
@@ -1191,10 +1190,10 @@ static float probe_out(const float *v, const float *w2, int64_t H) {
  * in the calling thread. 0 on success, 1 when memory runs out. */
 int ee_probe(const void *x, int bf16, int64_t n, int64_t K, float eps, const float *w1, const float *b1, int64_t H,
              const float *w2, float *out, int threads) {
-    float *s = (float *)malloc(sizeof(float) * (size_t)(K + H + PANEL));
+    const int64_t blocks = (H + PANEL - 1) / PANEL;
+    float *s = (float *)malloc(sizeof(float) * (size_t)(K + PANEL + blocks * PANEL));
     if (!s) return 1;
     float *restrict v = s + K + PANEL;
-    const int64_t blocks = (H + PANEL - 1) / PANEL;
     if (threads > blocks) threads = (int)blocks;
     for (int64_t i = 0; i < n; i++) {
         const char *xi = (const char *)x + i * K * (bf16 ? 2 : 4);
@@ -1221,13 +1220,12 @@ int ee_probe(const void *x, int bf16, int64_t n, int64_t K, float eps, const flo
 #pragma omp parallel num_threads(threads)
                 {
                     const int64_t t = omp_get_thread_num(), T = omp_get_num_threads();
-                    const int64_t lo = blocks * t / T * PANEL, hi = blocks * (t + 1) / T * PANEL;
-                    probe_hidden(s, w1, b1, K, H, lo, hi < H ? hi : H, v);
+                    probe_hidden(s, w1, b1, K, blocks * t / T, blocks * (t + 1) / T, v);
                 }
             } else {
-                probe_hidden(s, w1, b1, K, H, 0, H, v);
+                probe_hidden(s, w1, b1, K, 0, blocks, v);
             }
-            score = probe_out(v, w2, H);
+            score = probe_out(v, w2, blocks);
         }
         out[i] = score;
     }
@@ -1358,11 +1356,6 @@ int ee_layers(int64_t L, const int64_t *ptrs, const float *eps, const void *x, v
         void *out = last ? y : tmp + (size_t)(l % 2) * rows;
         const int64_t *q = probes ? probes + 4 * l : NULL;
         const int probed = q && q[0];
-        if (probed) { /* the probe's first weight on its way from memory while the layer runs */
-            const char *w = (const char *)q[0];
-            const size_t bytes = sizeof(float) * (size_t)(h * (q[3] ? q[3] : 1));
-            for (size_t off = 0; off < bytes; off += 64) __builtin_prefetch(w + off, 0, 2);
-        }
         failed = ee_layer(in, out, n, bf16, threads, h, G, per, hd, ffn, (const void *)p[0], eps[2 * l],
                           (const void *)p[1], (const void *)p[2], (const void *)p[3], eps[2 * l + 1],
                           (const void *)p[4], (const void *)p[5], cos, sin, cos_stride, (void *)p[6], (void *)p[7], sb,

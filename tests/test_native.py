@@ -416,11 +416,14 @@ def test_rotary_positions_in_place_equal_the_lean_layers_operations(dtype, table
 # linear probe; MLP probes: one 16-column vector and a tail; a group of 8 vectors, one more and a tail
 @pytest.mark.parametrize("hidden", [0, 24, 152])
 @pytest.mark.parametrize("h,rows", [(37, 1), (576, 3)])  # a width with a tail past the 16-lane blocks
-def test_a_probes_check_in_one_call_equals_the_torch_check(dtype, hidden, h, rows):
+@pytest.mark.parametrize("wdtype", [torch.float32, torch.bfloat16])  # the probe's own weights (a bf16 model's)
+def test_a_probes_check_in_one_call_equals_the_torch_check(dtype, hidden, h, rows, wdtype):
     """`native.Probe` (made by `fused_check._fold` for an RMSNorm probe) against
     `FoldedProbe.scores_of_scaled(lean.scaled_rows(x))`, the check it replaces: fp32 arithmetic
-    in both, another summation order (norm and products), so within 1e-5 relative of the logit's
-    scale; a probe that does not fold to RMSNorm gets none."""
+    in both, another summation order (norm and products), and for a bf16 MLP probe (whose first
+    weight the native check keeps in bf16, the norm's gain on the row: (s g) w against s (w g)),
+    another order of the gain's product, so within 1e-5 relative of the logit's scale; a probe
+    that does not fold to RMSNorm gets none."""
     from megatron.early_exit.inference.fused_check import _fold
     from megatron.early_exit.inference.lean import scaled_rows
 
@@ -428,8 +431,13 @@ def test_a_probes_check_in_one_call_equals_the_torch_check(dtype, hidden, h, row
     k = max(hidden, 1)
     w, b, gain = 0.2 * torch.randn(k, h, generator=g), torch.randn(k, generator=g), 0.5 + torch.rand(h, generator=g)
     out = (torch.randn(1, k, generator=g), torch.randn(1, generator=g)) if hidden else ()
+    w, b, gain, out = w.to(wdtype), b.to(wdtype), gain.to(wdtype), tuple(t.to(wdtype) for t in out)
     folded = _fold(w, "rms", 1e-5, b, gain, None, *out)
     assert isinstance(folded.native, native.Probe) and folded.native.hidden == hidden
+    # the first weight read as the module holds it where that halves its bytes (bf16, MLP probe)
+    kept = wdtype == torch.bfloat16 and hidden > 0
+    assert folded.native.tensors[0].dtype == (torch.bfloat16 if kept else torch.float32)
+    assert (folded.native.ref.gain is not None) == kept
     x = (3 * torch.randn(rows, 1, h, generator=g)).to(dtype)
     assert folded.native.takes(x) and not folded.native.takes(x[..., :-1]) and not folded.native.takes(x.half())
     want = folded.scores_of_scaled(scaled_rows(x.view(rows, h), 1e-5))

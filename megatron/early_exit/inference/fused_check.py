@@ -203,5 +203,6 @@ def _fold(weight, kind, eps, bias, gain, shift, out_weight=None, out_bias=None) 
         return FoldedProbe(kind, eps, w[0].contiguous(), b, center, None, None, norm_eps, scaled, float(b[0]), probe)
     out, out_b = out_weight.detach().float()[0].contiguous(), out_bias.detach().float()  # (k,), (1,)
     scaled = unit.t().contiguous() if kind == "rms" else None
-    probe = native.Probe(scaled, norm_eps, b, out) if in_c else None
+    # the native check takes the module's weight and the gain apart (a bf16 weight stays bf16)
+    probe = native.Probe(weight.detach().t(), norm_eps, b, out, gain) if in_c else None
     return FoldedProbe(kind, eps, w.t().contiguous(), b, center, out, out_b, norm_eps, scaled, float(out_b[0]), probe)

@@ -128,12 +128,12 @@ def library() -> ctypes.CDLL | None:
     lib.ee_rope.restype = None
     lib.ee_layer.argtypes = [vp, vp, i64, i32, i32] + [i64] * 5 + [vp, ctypes.c_float, vp, vp, vp, ctypes.c_float]
     lib.ee_layer.argtypes += [vp, vp, vp, vp, i64, vp, vp, i64, i64, i64, vp, vp, i64, vp]
-    lib.ee_layer.argtypes += [vp, vp, i64, vp, ctypes.c_float, vp]  # the next exit's probe (`Probe.args`)
+    lib.ee_layer.argtypes += [vp, vp]  # the next exit's probe (`Probe.ref`) and its scores
     lib.ee_layer.restype = i32
     lib.ee_layers.argtypes = [i64, vp, vp, vp, vp, i64, i32, i32] + [i64] * 5 + [vp, vp, i64, i64, i64, i64]
-    lib.ee_layers.argtypes += [vp, vp, i64, vp, vp, vp, vp, vp, vp]
+    lib.ee_layers.argtypes += [vp, vp, i64, vp, vp, vp, vp, vp]
     lib.ee_layers.restype = i32
-    lib.ee_probe.argtypes = [vp, i32, i64, i64, ctypes.c_float, vp, vp, i64, vp, vp, i32]
+    lib.ee_probe.argtypes = [vp, i32, i64, i64, vp, vp, i32]
     lib.ee_head.argtypes = [vp, vp, i64, i64, i64, i32, i32, vp, ctypes.c_float, vp, i64, vp, vp, vp, vp]
     lib.ee_head.restype = i32
     lib.ee_probe.restype = i32
@@ -390,30 +390,69 @@ def rope_(qkv: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor, heads:
     return qkv
 
 
+class _ProbeArgs(ctypes.Structure):
+    """`ee_probe_t`: a learned check as `ee_probe`, `ee_layer` and `ee_layers` read it."""
+
+    _fields_ = [
+        ("w1", ctypes.c_void_p),
+        ("b1", ctypes.c_void_p),
+        ("w2", ctypes.c_void_p),
+        ("gain", ctypes.c_void_p),
+        ("hidden", ctypes.c_int64),
+        ("w1_bf16", ctypes.c_int32),
+        ("eps", ctypes.c_float),
+    ]
+
+
 class Probe:
     """An RMSNorm probe's check in one call: `FoldedProbe.scores_of_scaled(lean.scaled_rows(x,
     eps))` from the backbone's rows x (A, ..., h) of a dtype of `DTYPES` on the CPU (`takes`), the
     norm's scale and the probe's products in fp32 (its mean differs from torch's by round-off).
-    Made once per folded probe (`fused_check._fold`), its weights' addresses worked out then: a
-    call is one ctypes call and a list (a decode step pays it at every exit that does not fire)."""
+    Made once per folded probe (`fused_check._fold`), its weights laid out then: a call is one
+    ctypes call and a list (a decode step pays it at every exit that does not fire)."""
 
-    def __init__(self, weight: torch.Tensor, eps: float, bias: torch.Tensor | None, out_weight: torch.Tensor | None):
-        """weight: the probe's first weight with the norm's gain folded in, [h] (linear probe) or
-        [h, k] (MLP: then bias [k] before its GELU and out_weight [k] after), fp32 on the CPU."""
-        self.tensors = [t.detach().float().contiguous() for t in (weight, bias, out_weight) if t is not None]
-        w1 = self.tensors[0]
-        self.hidden, self.h = (w1.shape[1] if w1.dim() == 2 else 0), w1.shape[0]
-        if self.hidden and len(self.tensors) != 3:
+    def __init__(
+        self,
+        weight: torch.Tensor,
+        eps: float,
+        bias: torch.Tensor | None,
+        out_weight: torch.Tensor | None,
+        gain: torch.Tensor | None = None,
+    ):
+        """weight: the probe's first weight, [h] (linear probe) or [h, k] (MLP: then bias [k]
+        before its GELU and out_weight [k] after), on the CPU; gain [h]: the norm's gain (None:
+        folded into weight already). A linear probe's weight and an fp32 MLP probe's are kept as
+        fp32 copies with the gain folded in; a bf16 MLP probe's first weight stays the module's
+        bf16 (half the bytes: it is read cold after a layer, 192 KB fp32 for 384 x 128, most of
+        a non-firing check's cost) and its row takes the gain instead: (s * g) w for s (w * g),
+        fp32 products either way, the same scores within round-off."""
+        self.hidden, self.h = (weight.shape[1] if weight.dim() == 2 else 0), weight.shape[0]
+        if self.hidden and (bias is None or out_weight is None):
             raise ValueError("native probe: an MLP probe needs its first bias and its output weight")
+        keep_bf16 = self.hidden > 0 and weight.dtype == torch.bfloat16
+        w1 = weight.detach() if keep_bf16 else weight.detach().float()
+        g = None if gain is None else gain.detach().float().contiguous()
+        if g is not None and not keep_bf16:
+            w1, g = w1 * (g if w1.dim() == 1 else g[:, None]), None
+        self.tensors = [w1.contiguous()]
         if self.hidden:  # `ee_probe`'s layout: blocks of 16 columns, each (h, 16) contiguous, zeros past k
             pad = -self.hidden % 16
-            w1, b1, w2 = (F.pad(t, (0, pad)) for t in self.tensors)
-            blocks = w1.shape[1] // 16
-            self.tensors = [w1.view(self.h, blocks, 16).transpose(0, 1).contiguous(), b1, w2]
+            b1, w2 = (F.pad(t.detach().float(), (0, pad)) for t in (bias, out_weight))
+            blocks = (self.hidden + pad) // 16
+            w1 = F.pad(w1, (0, pad)).reshape(self.h, blocks, 16).transpose(0, 1).contiguous()
+            self.tensors = [w1, b1.contiguous(), w2.contiguous()]
+        if g is not None:
+            self.tensors.append(g)
         ptrs = [t.data_ptr() for t in self.tensors]
-        self.w1, self.b1, self.w2 = ptrs[0], ptrs[1] if self.hidden else None, ptrs[2] if self.hidden else None
-        self.eps = float(eps)
-        self.args = (self.w1, self.b1, self.hidden, self.w2, self.eps)  # as `ee_probe` and `ee_layer` take them
+        self.ref = _ProbeArgs(
+            ptrs[0],
+            ptrs[1] if self.hidden else None,
+            ptrs[2] if self.hidden else None,
+            None if g is None else g.data_ptr(),
+            self.hidden,
+            int(keep_bf16),
+            float(eps),
+        )  # what `ee_probe`, `ee_layer` and `ee_layers` take (by reference)
         self.fn = library().ee_probe
 
     def takes(self, x: torch.Tensor) -> bool:
@@ -426,7 +465,7 @@ class Probe:
         a = x.numel() // self.h
         out = (ctypes.c_float * a)()
         bf16, threads = x.dtype == torch.bfloat16, torch.get_num_threads()
-        if self.fn(x.data_ptr(), bf16, a, self.h, self.eps, self.w1, self.b1, self.hidden, self.w2, out, threads):
+        if self.fn(x.data_ptr(), bf16, a, self.h, ctypes.byref(self.ref), out, threads):
             raise MemoryError("native kernel: out of memory for a probe's rows")
         return list(out)
 
@@ -489,7 +528,7 @@ def layer_step(
         c.data_ptr(), s.data_ptr(), 0 if c.shape[0] == 1 else hd,
         k.data_ptr(), v.data_ptr(), sb, sg, st, slots.data_ptr(), pos.data_ptr(), span,
         None if m is None else m.data_ptr(),
-        *((None, None, 0, None, 0.0) if probe is None else probe.args), scores,
+        None if probe is None else ctypes.byref(probe.ref), scores,
     )  # fmt: skip
     if rc != 0:
         raise MemoryError("native kernel: out of memory for a layer step")
@@ -517,21 +556,20 @@ class LayerRun:
         return len(self.layers)
 
     def probe_arrays(self, probes: dict[int, tuple[Probe, float]]) -> tuple:
-        """(checked, peps, bounds) as `ee_layers` takes `probes` ({layer: (probe, bound)}), made once
-        per set of probes and bounds (a decode step asks again for the same ones: building three
-        ctypes arrays cost a step ~5 us per probe, a quarter of the check's whole cost)."""
+        """(checked, bounds) as `ee_layers` takes `probes` ({layer: (probe, bound)}), made once per
+        set of probes and bounds (a decode step asks again for the same ones: building the ctypes
+        arrays cost a step ~5 us per probe, a quarter of the check's whole cost)."""
         key = tuple((i, id(probe), bound) for i, (probe, bound) in probes.items())
         made = self.probe_args.get(key)
         if made is None:
             n = len(self.layers)
-            checked, peps, bounds = (ctypes.c_int64 * (4 * n))(), (ctypes.c_float * n)(), (ctypes.c_double * n)()
+            checked, bounds = (ctypes.c_void_p * n)(), (ctypes.c_double * n)()
             for i, (probe, bound) in probes.items():
-                checked[4 * i : 4 * i + 4] = [probe.w1, probe.b1 or 0, probe.w2 or 0, probe.hidden]
-                peps[i], bounds[i] = probe.eps, bound
+                checked[i], bounds[i] = ctypes.addressof(probe.ref), bound
             if len(self.probe_args) >= 64:  # bounds move with the policy: keep the latest few
                 self.probe_args.clear()
-            made = self.probe_args[key] = (checked, peps, bounds, [probe for probe, _ in probes.values()])
-        return made[:3]
+            made = self.probe_args[key] = (checked, bounds, [probe for probe, _ in probes.values()])
+        return made[:2]
 
 
 def layers_step(
@@ -563,13 +601,13 @@ def layers_step(
     m = None if mask is None else mask.reshape(a, span).contiguous()
     n = len(run)
     y, ran, scores = torch.empty_like(x), ctypes.c_int64(n), (ctypes.c_float * a)()
-    checked, peps, bounds = run.probe_arrays(probes) if probes else (None, None, None)
+    checked, bounds = run.probe_arrays(probes) if probes else (None, None)
     rc = library().ee_layers(
         n, run.ptrs, run.eps, x.data_ptr(), y.data_ptr(), a, x.dtype == torch.bfloat16,
         torch.get_num_threads(), x.shape[1], g, per, hd, ffn,
         c.data_ptr(), s.data_ptr(), 0 if c.shape[0] == 1 else hd, *run.strides[:3],
         slots.data_ptr(), pos.data_ptr(), span, None if m is None else m.data_ptr(),
-        checked, peps, bounds, scores, ctypes.byref(ran),
+        checked, bounds, scores, ctypes.byref(ran),
     )  # fmt: skip
     if rc != 0:
         raise MemoryError("native kernel: out of memory for a layers step")

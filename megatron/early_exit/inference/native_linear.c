@@ -1105,40 +1105,39 @@ void ee_rope(void *y, int64_t n, int64_t G, int64_t per2, int64_t heads, int64_t
 
 /* An MLP probe's hidden sums v[j] = b1[j] + s . w1[:, j] for the 16-column blocks [b0, b1e) of
  * w1 packed block by block (`native.Probe`: block b holds w1[k, 16 b .. 16 b + 15] for k = 0 .. K - 1,
- * K x 16 contiguous, the last block's missing columns zeros, as are b1's and w2's past H): a
- * thread's share of the weight is one stretch of memory (the rows' strided halves of the plain
- * layout were each 2 threads' prefetchers' guess, the weight read cold right after a layer). Up to 8
- * blocks at a time, k in order, so that the 8 sums are independent chains (one chain of 16 columns
- * at a time waited on each sum's latency: ~4x slower). Each v[j]'s arithmetic is the same whatever
- * range or group it falls in (the threads' split never moves it). */
+ * K x 16 contiguous, fp32 or bf16 (wbf16), the last block's missing columns zeros, as are b1's and
+ * w2's past H): a thread's share of the weight is one stretch of memory (the rows' strided halves
+ * of a row-major weight were each of 2 threads' prefetchers' guess, the weight read cold right
+ * after a layer). Up to 8 blocks at a time, k in order, so that the 8 sums are independent chains
+ * (one chain of 16 columns at a time waited on each sum's latency: ~4x slower). Each v[j]'s
+ * arithmetic is the same whatever range or group it falls in (the threads' split never moves it). */
 #define PROBE_GROUP 8
-static void probe_hidden(const float *s, const float *w1, const float *b1, int64_t K, int64_t b0, int64_t b1e,
-                         float *v) {
+static inline __attribute__((always_inline)) void probe_hidden(const float *s, const void *w1, int wbf16,
+                                                               const float *b1, int64_t K, int64_t b0, int64_t b1e,
+                                                               float *v) {
     int64_t b = b0;
     for (; b + PROBE_GROUP <= b1e; b += PROBE_GROUP) {
         v16 acc[PROBE_GROUP];
         memcpy(acc, b1 + b * PANEL, sizeof acc);
-        const float *w = w1 + b * K * PANEL;
-        for (int64_t k = 0; k < K; k++) {
-            for (int g = 0; g < PROBE_GROUP; g++) {
-                v16 x;
-                memcpy(&x, w + (g * K + k) * PANEL, sizeof x);
-                acc[g] += s[k] * x;
-            }
-        }
+        for (int64_t k = 0; k < K; k++)
+            for (int g = 0; g < PROBE_GROUP; g++) acc[g] += s[k] * widen(w1, wbf16, ((b + g) * K + k) * PANEL);
         memcpy(v + b * PANEL, acc, sizeof acc);
     }
     for (; b < b1e; b++) {
         v16 acc;
         memcpy(&acc, b1 + b * PANEL, sizeof acc);
-        const float *w = w1 + b * K * PANEL;
-        for (int64_t k = 0; k < K; k++) {
-            v16 x;
-            memcpy(&x, w + k * PANEL, sizeof x);
-            acc += s[k] * x;
-        }
+        for (int64_t k = 0; k < K; k++) acc += s[k] * widen(w1, wbf16, (b * K + k) * PANEL);
         memcpy(v + b * PANEL, &acc, sizeof acc);
     }
+}
+
+/* probe_hidden compiled once per weight format (the format's test out of the inner loop). */
+static void probe_hidden_of(const float *s, const void *w1, int wbf16, const float *b1, int64_t K, int64_t b0,
+                            int64_t b1e, float *v) {
+    if (wbf16)
+        probe_hidden(s, w1, 1, b1, K, b0, b1e, v);
+    else
+        probe_hidden(s, w1, 0, b1, K, b0, b1e, v);
 }
 
 /* 1 + erf(x) for 16 lanes, as erfc(-x): Abramowitz and Stegun 7.1.26 (absolute error <= 1.5e-7,
@@ -1176,21 +1175,34 @@ static float probe_out(const float *v, const float *w2, int64_t blocks) {
     return score;
 }
 
+/* A learned exit check (`native.Probe` holds one, laid out as ee_probe reads it). */
+typedef struct {
+    const void *w1;    /* the first weight (see ee_probe) */
+    const float *b1;   /* MLP probe: the first bias, H padded with zeros to whole blocks of 16 */
+    const float *w2;   /* MLP probe: the output weight, padded as b1 */
+    const float *gain; /* NULL: the norm's gain is folded into w1; else the gain (K), applied to the row */
+    int64_t hidden;    /* H: 0 for a linear probe */
+    int32_t w1_bf16;   /* MLP probe: w1 in bf16 (the module's own bf16 weight, gain apart) */
+    float eps;         /* the norm's eps */
+} ee_probe_t;
+
 /* A learned exit check's scores from the backbone's rows (`fused_check.FoldedProbe`, an RMSNorm
  * probe): per row of x (n x K, fp32 or bf16), s = x * rsqrt(mean(x^2) + eps) (the norm before its
- * gain, which is folded into the weights), then
- *   H == 0 (linear probe)  score = s . w1            (w1: K)
+ * gain), times the gain where p->gain is given (else it is folded into the weights), then
+ *   H == 0 (linear probe)  score = s . w1            (w1: K, fp32)
  *   H  > 0 (MLP probe)     score = gelu(b1 + s @ w1) . w2   (w1: K x H packed in blocks of 16
- *                          columns, see probe_hidden; b1 and w2: H padded with zeros to whole blocks;
- *                          gelu the exact (erf) form, as torch's)
+ *                          columns, fp32 or bf16, see probe_hidden; b1 and w2: H padded with zeros to
+ *                          whole blocks; gelu the exact (erf) form, as torch's)
  * into out (n, fp32); the probe's last bias is left out (the caller's bound holds it). fp32 sums.
  * An MLP probe's hidden sums are split over `threads` in blocks of 16 columns (its first weight,
- * e.g. 384 x 128 fp32 = 192 KB, is read cold right after a layer streamed its own: two threads
- * read it in about half the time); the same numbers whatever the thread count. A linear probe runs
- * in the calling thread. 0 on success, 1 when memory runs out. */
-int ee_probe(const void *x, int bf16, int64_t n, int64_t K, float eps, const float *w1, const float *b1, int64_t H,
-             const float *w2, float *out, int threads) {
-    const int64_t blocks = (H + PANEL - 1) / PANEL;
+ * e.g. 384 x 128 = 192 KB fp32, 96 KB bf16, is read cold right after a layer streamed its own: two
+ * threads read it in about half the time); the same numbers whatever the thread count. A linear
+ * probe runs in the calling thread. 0 on success, 1 when memory runs out. */
+int ee_probe(const void *x, int bf16, int64_t n, int64_t K, const ee_probe_t *p, float *out, int threads) {
+    const int64_t H = p->hidden, blocks = (H + PANEL - 1) / PANEL;
+    const float *w1 = (const float *)p->w1, *b1 = p->b1, *w2 = p->w2, *gain = p->gain;
+    const float eps = p->eps;
+    const int wbf16 = H > 0 && p->w1_bf16;
     float *s = (float *)malloc(sizeof(float) * (size_t)(K + PANEL + blocks * PANEL));
     if (!s) return 1;
     float *restrict v = s + K + PANEL;
@@ -1211,7 +1223,10 @@ int ee_probe(const void *x, int bf16, int64_t n, int64_t K, float eps, const flo
             ss += s[k] * s[k];
         }
         const float scale = 1.0f / sqrtf(ss / (float)K + eps);
-        for (k = 0; k < K; k++) s[k] *= scale;
+        if (gain)
+            for (k = 0; k < K; k++) s[k] = s[k] * scale * gain[k];
+        else
+            for (k = 0; k < K; k++) s[k] *= scale;
         float score = 0.f;
         if (H == 0) {
             score = dot(s, w1, 0, K);
@@ -1220,10 +1235,10 @@ int ee_probe(const void *x, int bf16, int64_t n, int64_t K, float eps, const flo
 #pragma omp parallel num_threads(threads)
                 {
                     const int64_t t = omp_get_thread_num(), T = omp_get_num_threads();
-                    probe_hidden(s, w1, b1, K, blocks * t / T, blocks * (t + 1) / T, v);
+                    probe_hidden_of(s, w1, wbf16, b1, K, blocks * t / T, blocks * (t + 1) / T, v);
                 }
             } else {
-                probe_hidden(s, w1, b1, K, 0, blocks, v);
+                probe_hidden_of(s, w1, wbf16, b1, K, 0, blocks, v);
             }
             score = probe_out(v, w2, blocks);
         }
@@ -1290,8 +1305,8 @@ int ee_head(const void *x, const void *Wp, int64_t n, int64_t h, int64_t K, int 
  *       (mask: (n, span) bytes, nonzero where attended, or NULL: row a attends keys 0 .. pos[a])
  *   x1 = x + o @ Wproj^T;  y = x1 + swiglu(rmsnorm(x1, w_mid) @ Wfc1^T) @ Wfc2^T
  * W* are ee_pack's panels; kc, vc: the layer's K/V cache (slots, G, positions, hd) with element
- * strides sb, sg, st (hd contiguous). pw1 non-NULL: the next exit's learned check on y as well, ee_probe's
- * (pw1, pb1, pH, pw2, peps) into scores (n), so that a check that does not fire costs no call of its own.
+ * strides sb, sg, st (hd contiguous). probe non-NULL: the next exit's learned check on y as well, ee_probe's
+ * scores into scores (n), so that a check that does not fire costs no call of its own.
  * The step's Python operations, each a tensor operation of a
  * few microseconds, cost a SmolLM2 layer more than its attention. 0 on success, 1 when memory runs
  * out (nothing written to y; the cache may hold the new position's K/V, which a retry rewrites). */
@@ -1299,8 +1314,7 @@ int ee_layer(const void *x, void *y, int64_t n, int bf16, int threads, int64_t h
              int64_t ffn, const void *w_in, float eps_in, const void *qkv_p, const void *proj_p, const void *w_mid,
              float eps_mid, const void *fc1_p, const void *fc2_p, const float *cos, const float *sin,
              int64_t cos_stride, void *kc, void *vc, int64_t sb, int64_t sg, int64_t st, const int64_t *slots,
-             const int64_t *pos, int64_t span, const uint8_t *mask, const float *pw1, const float *pb1, int64_t pH,
-             const float *pw2, float peps, float *scores) {
+             const int64_t *pos, int64_t span, const uint8_t *mask, const ee_probe_t *probe, float *scores) {
     const int64_t esize = bf16 ? 2 : 4, per2 = per + 2, wq = G * per2 * hd, wo = G * per * hd;
     char *buf = (char *)malloc((size_t)(n * (wq + wo + wo + h + 2 * ffn) * esize));
     if (!buf) return 1;
@@ -1322,7 +1336,7 @@ int ee_layer(const void *x, void *y, int64_t n, int bf16, int threads, int64_t h
     if (!failed) failed = ee_linear(o, proj_p, NULL, x1, n, wo, h, bf16, threads, NONE, NULL, 0.f, x);
     if (!failed) failed = ee_linear(x1, fc1_p, NULL, h1, n, h, 2 * ffn, bf16, threads, RMSNORM, w_mid, eps_mid, NULL);
     if (!failed) failed = ee_linear(h1, fc2_p, NULL, y, n, ffn, h, bf16, threads, SWIGLU, NULL, 0.f, x1);
-    if (!failed && pw1) failed = ee_probe(y, bf16, n, h, peps, pw1, pb1, pH, pw2, scores, threads);
+    if (!failed && probe) failed = ee_probe(y, bf16, n, h, probe, scores, threads);
     free(buf);
     return failed;
 }
@@ -1333,16 +1347,15 @@ int ee_layer(const void *x, void *y, int64_t n, int bf16, int threads, int64_t h
  * panels, w_mid, fc1 panels, fc2 panels, its K cache, its V cache) and eps[2 l], eps[2 l + 1] its
  * two norms' eps; every layer has the same shape, cache strides, rows and rotary angles. A decode
  * step then pays the Python between layers once for the run of layers, not once a layer.
- * Exits' learned checks on the way: where probes[4 l] is not 0, the probe (w1, b1, w2, hidden) =
- * probes[4 l .. 4 l + 3] with eps peps[l] runs on layer l's output (ee_probe's scores, into
- * scores); where a row's score reaches bounds[l] (fp64, as the caller compares), the run stops
+ * Exits' learned checks on the way: where probes[l] is not NULL, that probe runs on layer l's
+ * output (ee_probe's scores, into scores); where a row's score reaches bounds[l] (fp64, as the caller compares), the run stops
  * there: y gets that layer's output and *ran = l + 1, so the caller need stop only where a check
  * fires. Else *ran = L, scores those of the last probe run (the last layer's, where it has one).
  * 0 on success, 1 when memory runs out (layers before the failing one have written their K/V). */
 int ee_layers(int64_t L, const int64_t *ptrs, const float *eps, const void *x, void *y, int64_t n, int bf16,
               int threads, int64_t h, int64_t G, int64_t per, int64_t hd, int64_t ffn, const float *cos,
               const float *sin, int64_t cos_stride, int64_t sb, int64_t sg, int64_t st, const int64_t *slots,
-              const int64_t *pos, int64_t span, const uint8_t *mask, const int64_t *probes, const float *peps,
+              const int64_t *pos, int64_t span, const uint8_t *mask, const ee_probe_t *const *probes,
               const double *bounds, float *scores, int64_t *ran) {
     const size_t rows = (size_t)(n * h * (bf16 ? 2 : 4));
     char *tmp = L > 1 ? (char *)malloc(2 * rows) : NULL;
@@ -1354,16 +1367,13 @@ int ee_layers(int64_t L, const int64_t *ptrs, const float *eps, const void *x, v
         const int64_t *p = ptrs + 8 * l;
         const int last = l == L - 1;
         void *out = last ? y : tmp + (size_t)(l % 2) * rows;
-        const int64_t *q = probes ? probes + 4 * l : NULL;
-        const int probed = q && q[0];
+        const ee_probe_t *probe = probes ? probes[l] : NULL;
         failed = ee_layer(in, out, n, bf16, threads, h, G, per, hd, ffn, (const void *)p[0], eps[2 * l],
                           (const void *)p[1], (const void *)p[2], (const void *)p[3], eps[2 * l + 1],
                           (const void *)p[4], (const void *)p[5], cos, sin, cos_stride, (void *)p[6], (void *)p[7], sb,
-                          sg, st, slots, pos, span, mask, probed ? (const float *)q[0] : NULL,
-                          probed ? (const float *)q[1] : NULL, probed ? q[3] : 0, probed ? (const float *)q[2] : NULL,
-                          probed ? peps[l] : 0.f, probed ? scores : NULL); /* the probe in the layer's call */
+                          sg, st, slots, pos, span, mask, probe, scores); /* the probe in the layer's call */
         in = out;
-        if (failed || !probed) continue;
+        if (failed || !probe) continue;
         int fired = 0;
         for (int64_t i = 0; i < n && !last; i++) fired |= (double)scores[i] >= bounds[l];
         if (fired) {
@@ -1430,7 +1440,7 @@ int ee_drafts(int64_t D, int64_t S, const int64_t *token, const void *emb, int64
         int64_t ran = L;
         /* no mask: each row attends keys 0 .. its own position (ee_layer's rows) */
         failed = ee_layers(L, ptrs, eps, x, y, m, bf16, threads, h, G, per, hd, ffn, tables, tables + S * hd, hd, sb, sg,
-                           st, slot, at, top + 1, NULL, NULL, NULL, NULL, NULL, &ran);
+                           st, slot, at, top + 1, NULL, NULL, NULL, NULL, &ran);
         if (failed) break;
         for (int64_t i = 0; i < m; i++) { /* each row into its sequence's pending rows; those drafting gathered */
             const int64_t s = rows[i];

@@ -15,7 +15,14 @@ import torch
 from megatron.early_exit.inference import EarlyExitEngine, GenerationSettings
 from megatron.early_exit.inference.confidence import MEASURES, Measure, register_measure
 from megatron.early_exit.inference.cost_model import DecodeCosts
-from megatron.early_exit.inference.exit_decision import REFRESH, ExitCosts, ExitDecider, measure_exit_costs
+from megatron.early_exit.inference.exit_decision import (
+    CHEAP,
+    REFRESH,
+    ExitCosts,
+    ExitDecider,
+    measure_exit_costs,
+    refresh_every,
+)
 from megatron.early_exit.inference.passes import Rows
 from tests.test_inference import make
 
@@ -131,6 +138,20 @@ def test_a_check_dearer_than_its_saving_is_skipped(model):
     assert tokens == [full[0].tokens] and layers == [[4] * NEW]
     decider = engine.passes.exit_decider
     assert decider.skipped[(1, "max_prob", 0.0, 1)] == NEW - 1  # one skip per decode step
+
+
+def test_a_cheap_check_skipped_comes_back_sooner():
+    """A skipped exit is evaluated again every REFRESH-th pass where its check costs at least
+    CHEAP of its saving (or leaving saves nothing); a cheaper one proportionally sooner, at least
+    every 2nd pass; the decider keeps the spacing per key and counts its skips against it."""
+    assert refresh_every(1.0, 2.0) == refresh_every(CHEAP * 2.0, 2.0) == REFRESH
+    assert refresh_every(0.01, 0.0) == refresh_every(0.01, -1.0) == REFRESH
+    assert refresh_every(0.028, 1.0) == 4  # the CPU reference's exit 3 at batch 1: ceil(32 * 0.028 / 0.25)
+    assert refresh_every(1e-6, 1.0) == 2
+    decider = ExitDecider(ExitCosts(1.0, 0.01, 0.01, 0.0, vocab=0.3, probe=0.01))
+    decider.every[("k",)] = 4
+    assert [decider.skip(("k",)) for _ in range(8)] == [False, False, False, True] * 2
+    assert [decider.skip(("other",)) for _ in range(REFRESH)] == [False] * (REFRESH - 1) + [True]
 
 
 def test_the_chance_of_paying_falls_and_recovers(model):

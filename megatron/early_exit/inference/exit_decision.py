@@ -70,6 +70,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import os
 import statistics
 import warnings
@@ -82,6 +83,13 @@ from megatron.early_exit.inference.exit_clock import FREE, ON, PAUSED, ExitClock
 
 EXIT_POLICIES = ("exact", "cost_aware")
 REFRESH = 32  # a skipped exit is evaluated once in this many passes (its chance can recover)
+# ... where its check costs at least CHEAP of what leaving there saves; a cheaper check comes back
+# sooner, once in REFRESH * (check / saving) / CHEAP passes (at least 2): a skip of it saves
+# little, and a stretch that stays skipped after the exit fires again loses the saving each pass
+# (CPU reference, bf16, batch 1, learned 0.8: exit 3's check is 0.028 of its saving, and its
+# running chance fell under that in hard stretches; skipped for 32 passes at a time, on left
+# 41.7-47.3% of tokens there where free left 49.5%).
+CHEAP = 0.25
 DECAY = 0.9  # weight of the past in the running chance
 MEAN_EVALUATIONS = round(1 / (1 - DECAY))  # the firing rate: a plain mean of this many evaluations, then decays
 # Evaluations of an exit (per measure and threshold) in which no row fired before the clock takes
@@ -393,6 +401,7 @@ class ExitDecider:
     chance: dict[tuple, float] = field(default_factory=dict)
     seen: dict[tuple, int] = field(default_factory=dict)
     skipped: dict[tuple, int] = field(default_factory=dict)
+    every: dict[tuple, int] = field(default_factory=dict)  # key -> passes between its refreshes (`refresh_every`)
     rows_fired: dict[tuple, float] = field(default_factory=dict)
     rows_seen: dict[tuple, float] = field(default_factory=dict)
     evaluated: dict[tuple, int] = field(default_factory=dict)
@@ -496,8 +505,9 @@ class ExitDecider:
         return refresh
 
     def refreshes(self, key: tuple) -> bool:
-        """Whether the next `skip(key)` is a REFRESH-th one (evaluates after all); nothing counted."""
-        return not self.paused and self.skipped.get(key, 0) + 1 >= REFRESH
+        """Whether the next `skip(key)` is a refreshing one (evaluates after all: every REFRESH-th,
+        sooner for a cheap check, `refresh_every`); nothing counted."""
+        return not self.paused and self.skipped.get(key, 0) + 1 >= self.every.get(key, REFRESH)
 
     def verdict(self, passes, n: int, rows, cand: list[int], policy) -> tuple[tuple, bool]:
         """(the chance's key, whether the chance of paying times the saving beats the check):
@@ -527,7 +537,10 @@ class ExitDecider:
             alone = len(cand) > 1 and self.pays(passes, one)
             terms = self.terms[shape] = (cost, saving, alone)
         cost, saving, alone = terms
-        return key, self.chance_of(key, alone) * saving > cost
+        worth = self.chance_of(key, alone) * saving > cost
+        if not worth:
+            self.every[key] = refresh_every(cost, saving)
+        return key, worth
 
     def choose(self, passes, n: int, fires: list[int], rows, cand: list[int], policy) -> list[int]:
         """(a): `fires` (indices into `cand`) leave together where that pays, else nobody does.
@@ -589,6 +602,15 @@ class ExitDecider:
             return self.chance[key]
         smaller = [k[3] for k in self.chance if k[:3] == key[:3] and k[3] < key[3]]
         return self.chance[(*key[:3], max(smaller))] if smaller else 1.0
+
+
+def refresh_every(cost: float, saving: float) -> int:
+    """Passes between a skipped exit's refresh evaluations: REFRESH where its check costs at
+    least CHEAP of its saving (or leaving there saves nothing), else proportionally fewer, at
+    least 2."""
+    if saving <= 0 or cost >= CHEAP * saving:
+        return REFRESH
+    return max(2, min(REFRESH, math.ceil(REFRESH * cost / (CHEAP * saving))))
 
 
 def decider_of(passes) -> ExitDecider:

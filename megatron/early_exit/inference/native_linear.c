@@ -1348,9 +1348,9 @@ int ee_layer(const void *x, void *y, int64_t n, int bf16, int threads, int64_t h
  * two norms' eps; every layer has the same shape, cache strides, rows and rotary angles. A decode
  * step then pays the Python between layers once for the run of layers, not once a layer.
  * Exits' learned checks on the way: where probes[l] is not NULL, that probe runs on layer l's
- * output (ee_probe's scores, into scores); where a row's score reaches bounds[l] (fp64, as the caller compares), the run stops
- * there: y gets that layer's output and *ran = l + 1, so the caller need stop only where a check
- * fires. Else *ran = L, scores those of the last probe run (the last layer's, where it has one).
+ * output (ee_probe's scores, into scores); where a row's score reaches bounds[l] (fp64, as the
+ * caller compares), the run stops there: y gets that layer's output and *ran = l + 1, so the
+ * caller need stop only where a check fires. Else *ran = L, scores those of the last probe run (the last layer's, where it has one).
  * 0 on success, 1 when memory runs out (layers before the failing one have written their K/V). */
 int ee_layers(int64_t L, const int64_t *ptrs, const float *eps, const void *x, void *y, int64_t n, int bf16,
               int threads, int64_t h, int64_t G, int64_t per, int64_t hd, int64_t ffn, const float *cos,

@@ -8,6 +8,8 @@ it is compared with the fp32 product of the same bf16 inputs within one bf16 rou
 relative) of the output.
 """
 
+import ctypes
+import math
 import subprocess
 import warnings
 
@@ -841,6 +843,33 @@ def test_the_layers_between_exits_run_in_one_call_with_the_same_numbers(dtype, m
         results[one] = [(r.tokens, r.exit_layers, r.confidences) for r in got]
     assert results[False] == results[True]
     assert {e for _, layers, _ in results[False] for e in layers} >= {3, 6, 7}
+
+
+@needs_native
+def test_a_runs_probe_arrays_are_made_once_and_refuse_a_probe_off_the_run():
+    """`LayerRun.probe_arrays` numbers the probes from `first` (a depth, as `Passes.decode_layers`
+    keys them), hands the same ctypes arrays back while the probes, bounds and numbering stay, makes
+    new ones where a bound moves, and gives None (nothing made: the run is not taken) for a probe
+    on no layer of the run or one reading rows of another width; `layers_step` then does nothing."""
+    h, hd = 32, 8
+    k = v = torch.zeros(1, 2, 4, hd)
+    weights = tuple(torch.zeros(4) for _ in range(6))
+    run = native.LayerRun([(weights, (1e-5, 1e-5), k, v)] * 3)
+    a, b = (native.Probe(torch.randn(h), 1e-5, None, None) for _ in range(2))
+    made = run.probe_arrays({2: (a, 0.5), 4: (b, math.inf)}, first=2, width=h)
+    checked, bounds = made
+    assert [checked[i] for i in range(3)] == [ctypes.addressof(a.ref), None, ctypes.addressof(b.ref)]
+    assert list(bounds) == [0.5, 0.0, math.inf]
+    again = run.probe_arrays({2: (a, 0.5), 4: (b, math.inf)}, first=2, width=h)
+    assert again[0] is checked and again[1] is bounds
+    moved = run.probe_arrays({2: (a, 0.25), 4: (b, math.inf)}, first=2, width=h)
+    assert moved[0] is not checked and list(moved[1]) == [0.25, 0.0, math.inf]
+    assert run.probe_arrays({5: (a, 0.5)}, first=2, width=h) is None  # past the run's last layer
+    assert run.probe_arrays({1: (a, 0.5)}, first=2, width=h) is None  # before its first
+    assert run.probe_arrays({3: (a, 0.5)}, first=2, width=h + 1) is None  # rows of another width
+    x, angles = torch.randn(1, h + 1), torch.zeros(1, hd)
+    rows_kv = (torch.zeros(1, dtype=torch.long), torch.zeros(1, dtype=torch.long), 1, None)
+    assert native.layers_step(x, run, (2, 1, hd, 4), angles, angles, rows_kv, {3: (a, 0.5)}, 2) is None
 
 
 @needs_native

@@ -397,19 +397,19 @@ def runs_natively(run: NativeRun, rows: int, linear: LeanKernels) -> bool:
     return linear.all_native(run.products, rows) and not hooks_set(run.hooks)
 
 
-def native_run(run: NativeRun, x, cos, sin_signed, rows_kv: tuple, linear: LeanKernels, probes=None):
+def native_run(run: NativeRun, x, cos, sin_signed, rows_kv: tuple, linear: LeanKernels, probes=None, first: int = 0):
     """`run`'s layers over rows x (A, R, h) in one native call (`native.layers_step`), as their
     decode steps (`LeanLayer.__call__`, R = 1) or general passes (`rows`) one after another would
     run them where each runs in one call (`LeanLayer.native_step`): the same numbers. cos,
     sin_signed as those calls take them; rows_kv: the layout's (slots, positions, span, mask) (its
-    `native_kv(cache, layer)[2:]`); `probes`: as `native.layers_step` takes them. (y (A, R, h), layers
+    `native_kv(cache, layer)[2:]`); `probes`, `first`: as `native.layers_step` takes them. (y (A, R, h), layers
     run, the scores of the probe on y or None), or None where they would not run in one call each
     (a kernel other than the native one, too many rows, a forward hook: nothing done)."""
     lead = x.shape[:-1]
     a = x.numel() // x.shape[-1]
     if not runs_natively(run, a, linear):
         return None
-    made = native.layers_step(x.reshape(a, -1), run.native, run.shape, cos, sin_signed, rows_kv, probes)
+    made = native.layers_step(x.reshape(a, -1), run.native, run.shape, cos, sin_signed, rows_kv, probes, first)
     if made is None:
         return None
     return made[0].view(*lead, -1), made[1], made[2]

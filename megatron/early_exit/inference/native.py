@@ -439,7 +439,12 @@ class Probe:
             pad = -self.hidden % 16
             b1, w2 = (F.pad(t.detach().float(), (0, pad)) for t in (bias, out_weight))
             blocks = (self.hidden + pad) // 16
-            w1 = F.pad(w1, (0, pad)).reshape(self.h, blocks, 16).transpose(0, 1).contiguous()
+            w1 = F.pad(w1, (0, pad)).reshape(self.h, blocks, 16).transpose(0, 1)  # (blocks, h, 16)
+            if keep_bf16:  # rows k, k + 1 (k even) as 16 pairs side by side (`probe_hidden`); an odd last row as it is
+                kp = self.h - self.h % 2
+                pairs = w1[:, :kp].reshape(blocks, kp // 2, 2, 16).transpose(2, 3).reshape(blocks, kp * 16)
+                w1 = torch.cat([pairs, w1[:, kp:].reshape(blocks, -1)], dim=1)
+            w1 = w1.contiguous()
             self.tensors = [w1, b1.contiguous(), w2.contiguous()]
         if g is not None:
             self.tensors.append(g)
@@ -555,21 +560,26 @@ class LayerRun:
     def __len__(self) -> int:
         return len(self.layers)
 
-    def probe_arrays(self, probes: dict[int, tuple[Probe, float]]) -> tuple:
-        """(checked, bounds) as `ee_layers` takes `probes` ({layer: (probe, bound)}), made once per
-        set of probes and bounds (a decode step asks again for the same ones: building the ctypes
-        arrays cost a step ~5 us per probe, a quarter of the check's whole cost)."""
-        key = tuple((i, id(probe), bound) for i, (probe, bound) in probes.items())
+    def probe_arrays(self, probes: dict[int, tuple[Probe, float]], first: int = 0, width: int = 0) -> tuple | None:
+        """(checked, bounds) as `ee_layers` takes `probes` ({first + layer: (probe, bound)}) on rows
+        `width` wide, made once per set of probes, bounds and numbering (a decode step asks again
+        for the same ones: building the ctypes arrays cost a step ~5 us per probe, a quarter of the
+        check's whole cost; their key is made by C-level calls alone, the run right before it having
+        left the interpreter's own data cold). None where a probe is not on one of the run's layers
+        or does not read rows that wide (nothing made)."""
+        key = (first, width, tuple(probes.items()))
         made = self.probe_args.get(key)
         if made is None:
             n = len(self.layers)
             checked, bounds = (ctypes.c_void_p * n)(), (ctypes.c_double * n)()
-            for i, (probe, bound) in probes.items():
-                checked[i], bounds[i] = ctypes.addressof(probe.ref), bound
+            for d, (probe, bound) in probes.items():
+                if not 0 <= d - first < n or probe.h != width:
+                    return None
+                checked[d - first], bounds[d - first] = ctypes.addressof(probe.ref), bound
             if len(self.probe_args) >= 64:  # bounds move with the policy: keep the latest few
                 self.probe_args.clear()
-            made = self.probe_args[key] = (checked, bounds, [probe for probe, _ in probes.values()])
-        return made[:2]
+            made = self.probe_args[key] = (checked, bounds)  # the key holds the probes (their refs stay valid)
+        return made
 
 
 def layers_step(
@@ -580,16 +590,17 @@ def layers_step(
     sin_signed: torch.Tensor,
     rows_kv: tuple,
     probes: dict[int, tuple[Probe, float]] | None = None,
+    first: int = 0,
 ) -> tuple[torch.Tensor, int, list[float] | None] | None:
     """Consecutive layers' decode steps in one call (`ee_layers`): `layer_step` over each of
     `layers` in turn, each one's output the next one's input, the same numbers. layers: per layer
     (weights as `layer_step` takes them, its two norms' eps, its K cache, its V cache), every
     cache of one dtype and strides, or their `LayerRun`; rows_kv: (slots, positions, span, mask)
-    as in `layer_step`'s kv. `probes`: {l: (probe, bound)}: the probe (one that `takes` the rows)
-    on layer l's output, and the run stops after layer l where a row's score reaches `bound`
-    (compared as Python compares floats). Returns (the output of the last layer run, layers run,
-    the scores of the probe on it or None); None where `layer_step` would give None for any layer
-    (nothing done)."""
+    as in `layer_step`'s kv. `probes`: {first + l: (probe, bound)}: the probe (one that `takes`
+    the rows) on layer l's output, and the run stops after layer l where a row's score reaches
+    `bound` (compared as Python compares floats). Returns (the output of the last layer run,
+    layers run, the scores of the probe on it or None); None where `layer_step` would give None
+    for any layer, or a probe is on no layer of the run or does not take the rows (nothing done)."""
     run = layers if isinstance(layers, LayerRun) else LayerRun(layers)
     slots, pos, span, mask = rows_kv
     g, per, hd, ffn = shape
@@ -599,9 +610,14 @@ def layers_step(
         return None
     x, c, s = x.contiguous(), c.contiguous(), s.contiguous()
     m = None if mask is None else mask.reshape(a, span).contiguous()
+    checked = bounds = None
+    if probes:
+        made = run.probe_arrays(probes, first, x.shape[1])
+        if made is None:
+            return None
+        checked, bounds = made
     n = len(run)
     y, ran, scores = torch.empty_like(x), ctypes.c_int64(n), (ctypes.c_float * a)()
-    checked, bounds = run.probe_arrays(probes) if probes else (None, None)
     rc = library().ee_layers(
         n, run.ptrs, run.eps, x.data_ptr(), y.data_ptr(), a, x.dtype == torch.bfloat16,
         torch.get_num_threads(), x.shape[1], g, per, hd, ffn,
@@ -612,4 +628,4 @@ def layers_step(
     if rc != 0:
         raise MemoryError("native kernel: out of memory for a layers step")
     done = ran.value
-    return y, done, list(scores) if probes and done - 1 in probes else None
+    return y, done, list(scores) if probes and first + done - 1 in probes else None

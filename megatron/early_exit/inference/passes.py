@@ -423,16 +423,17 @@ class Passes:
 
     def native_run(self, state, lo: int, hi: int, x, angles: tuple, index, probes=None) -> tuple | None:
         """Layers lo .. hi-1 over x in one native call (`lean.native_run`, angles (cos, signed
-        sine) as it takes them, the rows as `index`'s layout places them, `probes` on the way),
-        their fill counts set for the layers run; None where a layer is not a lean one, or would
-        not run in one call (nothing done). The run's `lean.NativeRun` is worked out once per
-        decode state (its caches and the model's weights stay where they are), and no cache view
-        is made: a layout's `native_kv` says where each row reads and writes."""
+        sine) as it takes them, the rows as `index`'s layout places them, `probes` ({depth: (probe,
+        bound)}, as `decode_layers` takes them) on the way), their fill counts set for the layers
+        run; None where a layer is not a lean one, or would not run in one call (nothing done).
+        The run's `lean.NativeRun` is worked out once per decode state (its caches and the model's
+        weights stay where they are), and no cache view is made: a layout's `native_kv` says where
+        each row reads and writes."""
         run = self.layer_run(state, lo, hi)
         if run is None:
             return None
         made = lean.native_run(
-            run, x, *angles, index.native_kv(state.cache, lo - self.start)[2:], self.lean_kernels, probes
+            run, x, *angles, index.native_kv(state.cache, lo - self.start)[2:], self.lean_kernels, probes, lo + 1
         )
         if made is not None:
             state.cache.filled[lo - self.start : lo + made[1] - self.start, index.filled_b] = index.filled_end
@@ -580,15 +581,14 @@ class Passes:
         Returns (the rows at the depth reached, that depth)."""
         probes = probes or {}
         if hi - lo > 1 and self.scaled is None and rotary is not None and rotary[2] is not None:
-            # (`native.Probe.takes`, its parts that depend on x alone asked once: ~8 us a call
-            # right after a run of layers)
-            rows_ok = x.dtype in native.DTYPES and self.device.type == "cpu"
-            on = {d - lo - 1: pb for d, pb in probes.items() if rows_ok and pb[0].h == x.shape[-1]}
-            made = self.native_run(state, lo, hi, x, (rotary[0], rotary[2]), index, on)
+            # the probes as they are, numbered by depth (`first`): the run checks that they take
+            # the rows when it first sees them (re-keying them and asking `native.Probe.takes` at
+            # every call cost ~1.3 us a probe, paid cold right after the previous run of layers)
+            made = self.native_run(state, lo, hi, x, (rotary[0], rotary[2]), index, probes)
             if made is not None:
                 y, ran, scores = made
                 if scores is not None:
-                    self.layer_scores = (on[ran - 1][0], y, scores)
+                    self.layer_scores = (probes[lo + ran][0], y, scores)
                 return y, lo + ran
         for i in range(lo, hi):
             probe, bound = probes.get(i + 1, (None, 0.0))

@@ -44,6 +44,8 @@ clock (`inference/exit_clock.py`) holds every decode step in one mode (`exit_clo
 "[paused]" (full decoding's passes), "[on]" (the decider's verdicts alone) and "[free]" (every firing
 row leaves): what the clock chooses among, measured whole, beside what its windows made of them
 (CPU reference, learned 0.8, batch 4, 128 tokens: paused 1.00-1.02x, on 0.94-0.98x, free 0.79-0.84x).
+At batch 1 the cost_aware row itself takes exact's decisions where its checks are native learned
+ones (`Passes.solo_policy`); the held modes there are what the clock would choose among.
 """
 
 from __future__ import annotations
@@ -204,6 +206,7 @@ def bench_batch(engine, tok, batch: int, args) -> None:
             for label, mode in (("paused", PAUSED), ("on", ON), ("free", FREE)):
                 forced = engines[f"{name} [{label}]"] = EarlyExitEngine(engine.model, tok)
                 decider_of(forced.passes).clock = FixedMode(mode)
+                forced.passes.solo_exact = False  # batch 1 too: the held mode, not exact's decisions
                 runs.insert(at, (f"{name} [{label}]", settings))
                 at += 1
     measured = timed_alternating(engine, prompts, runs, args.repeats, args.clock, engines=engines)

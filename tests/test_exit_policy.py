@@ -12,7 +12,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from megatron.early_exit.inference import EarlyExitEngine, GenerationSettings
+from megatron.early_exit.inference import EarlyExitEngine, ExitPolicy, GenerationSettings, native
 from megatron.early_exit.inference.confidence import MEASURES, Measure, register_measure
 from megatron.early_exit.inference.cost_model import DecodeCosts
 from megatron.early_exit.inference.exit_decision import (
@@ -432,3 +432,40 @@ def test_an_engine_makes_its_exit_costs_once(monkeypatch, model):
     assert costs == ExitCosts.from_parameters(engine.passes) and engine.passes.exit_decider.costs is costs
     run(engine, PROMPTS[:2], early_exit_threshold=0.5, exit_policy="cost_aware")
     assert engine.passes.exit_decider.costs is costs and engine.exit_costs() is costs
+
+
+@pytest.mark.skipif(not native.available(), reason="no native kernel here (no C compiler)")
+def test_one_sequence_with_native_learned_checks_takes_exacts_decisions():
+    """`Passes.solo_policy`: a cost_aware pass of one sequence whose exits are all learned checks on
+    the native kernel runs exact's decisions (the same tokens, exits and confidences as exact, and
+    no decider made: no costs measured, no clock); two sequences, a max_prob check, checks through
+    the probe modules, a forced or observed exit, or `solo_exact` off keep cost_aware's decider."""
+    from tests.test_lean import make as probed
+
+    model = probed()
+    learned = dict(strategy="early_exit", max_new_tokens=12, ignore_eos=True, measure="learned")
+
+    def generate(prompts, mode, measure="learned", solo=True, fused=True):
+        engine = EarlyExitEngine(model)
+        engine.passes.solo_exact, engine.passes.fused_checks = solo, fused
+        s = GenerationSettings(**{**learned, "measure": measure}, early_exit_threshold=0.5, exit_policy=mode)
+        out = engine.generate(prompts, s)
+        return [(r.tokens, r.exit_layers, r.confidences) for r in out], engine
+
+    with torch.no_grad():
+        exact, _ = generate(PROMPTS[:1], "exact")
+        got, engine = generate(PROMPTS[:1], "cost_aware")
+        assert got == exact
+        assert len(set(exact[0][1])) > 1  # tokens left at an exit and at the final head
+        assert getattr(engine.passes, "exit_decider", None) is None
+        for kw in (dict(solo=False), dict(measure="max_prob"), dict(fused=False)):
+            _, engine = generate(PROMPTS[:1], "cost_aware", **kw)
+            assert engine.passes.exit_decider is not None, kw
+        _, engine = generate(PROMPTS[:2], "cost_aware")
+        assert engine.passes.exit_decider is not None
+    p, state = engine.passes, engine.new_state(1, 16)
+    policy = ExitPolicy(allowed=(1, 2, 3), threshold=0.5, measure="learned", mode="cost_aware")
+    assert p.solo_policy(state, {0: [1]}, policy) == replace(policy, mode="exact")
+    for kept in (replace(policy, force=1), replace(policy, observe=(2,)), replace(policy, mode="exact")):
+        assert p.solo_policy(state, {0: [1]}, kept) is kept
+    assert p.solo_policy(state, {0: [1], 1: [2]}, policy) is policy

@@ -67,6 +67,9 @@ def same_as_general_path(model, prompts, policies, monkeypatch, cost_aware: bool
 @pytest.mark.parametrize("batch", [1, 4])
 def test_uniform_checks_equal_the_general_path(mode, dtype, batch, monkeypatch):
     model, prompts = make(dtype), PROMPTS[batch]
+    # the decider's own counts at batch 1 too: a pass of one sequence with native learned checks
+    # would take exact's decisions (`Passes.solo_policy`, tested in test_exit_policy.py)
+    monkeypatch.setattr(passes.Passes, "solo_exact", False)
     learned = dict(allowed=(1, 2, 3), measure="learned", mode=mode)
     # Thresholds where rows leave at different exits (pending rows recomputed in later steps),
     # then a long run where checks hardly fire: cost_aware learns to skip them and looks again

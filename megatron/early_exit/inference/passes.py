@@ -25,6 +25,7 @@ Shape legend: B batch slots, A sequences in one pass, R rows per sequence in tha
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import math
 import time
@@ -234,6 +235,11 @@ class Passes:
 
     # ----- the single-device pass ----------------------------------------------------------
 
+    # cost_aware's passes of one sequence with native learned checks take exact's decisions
+    # (`solo_policy`); False (an engine's passes, or the class in tests of the decider at batch 1):
+    # they follow the decider and its clock (`benchmarks/decode_speed.py --clock-modes`)
+    solo_exact = True
+
     @torch.no_grad()
     def run(
         self, state: DecodeState, new_tokens: dict[int, list[int]], policy: ExitPolicy, all_rows=False, scores=None,
@@ -250,12 +256,48 @@ class Passes:
         the last len(backs) of b's new tokens are alternative drafts, the t-th standing for the
         position backs[t] before the end of b's drafted chain (`kv_cache.row_positions`).
         Under cost_aware a decode step may run with its exits paused, and is timed
-        (`exit_decision.pass_begins`, `exit_clock.py`)."""
+        (`exit_decision.pass_begins`, `exit_clock.py`); a pass of one sequence whose exits are
+        all native learned checks takes exact's decisions (`solo_policy`)."""
+        policy = self.solo_policy(state, new_tokens, policy)
         clock = pass_begins(self, new_tokens, policy, all_rows, scores, branch)
         out = self.run_pass(state, new_tokens, policy, all_rows, scores, branch)
         if clock is not None:
             clock.stop()
         return out
+
+    def solo_policy(self, state: DecodeState, new_tokens: dict, policy: ExitPolicy) -> ExitPolicy:
+        """The policy a pass runs under: `policy`, but exact in its place where it is cost_aware,
+        the pass feeds one sequence (`solo_exact` on), no exit is forced or observed, and every
+        exit it evaluates is a learned check the native kernel runs (`exact_where_cheap`).
+        What cost_aware weighs does not arise there: a row that fires ends the pass, so leaving
+        saves every layer left less its K/V, filled in the next pass beside that pass's own row
+        (two rows of a memory-bound product cost about one), and a check that does not fire costs
+        ~5% of a layer. Its clock's windows cost more than the checks they could spare: on the CPU
+        reference at batch 1, each mode held alone (learned 0.8, bf16), exact decoded at
+        1.46-1.50x full decoding, free 1.41-1.45x (the decider's bookkeeping), on 1.27-1.43x,
+        the clock 1.29-1.42x (its paused windows, 2-7% of passes); every sweep row of both models
+        read exact >= cost_aware. Worked out once per decode state and policy."""
+        if (
+            policy.mode != "cost_aware"
+            or len(new_tokens) != 1
+            or not self.solo_exact
+            or policy.force is not None
+            or policy.observe
+        ):
+            return policy
+        return state.remembered(("solo policy", policy), lambda: self.exact_where_cheap(state, policy))
+
+    def exact_where_cheap(self, state: DecodeState, policy: ExitPolicy) -> ExitPolicy:
+        """`policy` as exact where every exit it evaluates is a learned check through a native
+        probe (`fused_check.FoldedProbe.native`: no block of its own, fused checks on, the native
+        kernel built), else `policy`."""
+        if policy.measure != "learned" or not self.fused_checks:
+            return policy
+        for n in (n for exits in self.exits_by_depth(policy).values() for n in exits):
+            folded = None if n in self.block_slots else self.folded_probe(state, self.exit_head(state, n))
+            if folded is None or folded.native is None:
+                return policy
+        return dataclasses.replace(policy, mode="exact")
 
     def run_pass(self, state: DecodeState, new_tokens, policy: ExitPolicy, all_rows, scores, branch) -> StepOutput:
         """`run`'s pass."""

@@ -873,6 +873,33 @@ def test_a_runs_probe_arrays_are_made_once_and_refuse_a_probe_off_the_run():
 
 
 @needs_native
+def test_a_run_of_layers_sees_its_probes_change_even_in_the_same_dict():
+    """`layers_step` reuses the arrays of the step before where the probes equal its (compared,
+    not hashed): a bound moved in the same dict object, or in a dict of its own, is a new set, so
+    the run stops where a row reaches the new bound, and goes through where none can."""
+    model = _seven_layers(torch.float32)
+    engine = EarlyExitEngine(model, linear_kernel="native")
+    p = engine.passes
+    state = engine.new_state(1, 16)
+    with torch.no_grad(), engine.packed:  # the products on the native kernel: the layers in one call
+        engine.prefill(state, {0: [5, 9, 2, 7]})
+        index, rotary = p.uniform_layout(state, [0], [4])
+        assert p.layer_run(state, 0, 7) is not None
+        probe = p.folded_probe(state, p.exit_head(state, 3)).native
+        x = torch.randn(1, 1, model.config.hidden_size, generator=torch.Generator().manual_seed(0))
+
+        def reached(probes):
+            p.scaled = None
+            return p.decode_layers(state, 0, 7, x, rotary, index, probes)[1]
+
+        probes = {3: (probe, math.inf)}
+        assert reached(probes) == 7 and reached(probes) == 7
+        probes[3] = (probe, -math.inf)  # the same dict, moved in place: every row reaches it
+        assert reached(probes) == 3
+        assert reached({3: (probe, math.inf)}) == 7 and reached({3: (probe, -math.inf)}) == 3
+
+
+@needs_native
 def test_a_run_kept_for_a_decode_state_follows_hooks_and_kernels_set_in_its_middle(monkeypatch):
     """A run of layers' native arguments are worked out once per decode state (`Passes.native_run`,
     `lean.NativeRun`); what may change between its steps is still asked every step: a forward hook

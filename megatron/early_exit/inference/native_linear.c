@@ -651,10 +651,33 @@ static void prologue(const void *x, int bf16, int kind, const void *gain, float 
     }
 }
 
-/* y = residual + prologue(x) @ W^T (+ b) from W's panels (ee_pack); residual (n x M) and b may
-   be NULL; gain and eps are read by RMSNORM only. 0 on success, 1 when memory runs out. */
-int ee_linear(const void *x, const void *Wp, const void *b, void *y, int64_t n, int64_t K, int64_t M, int bf16,
-              int threads, int kind, const void *gain, float eps, const void *residual) {
+/* A learned exit check (`native.Probe` holds one, laid out as ee_probe reads it). */
+typedef struct {
+    const void *w1;    /* the first weight (see ee_probe) */
+    const float *b1;   /* MLP probe: the first bias, H padded with zeros to whole blocks of 16 */
+    const float *w2;   /* MLP probe: the output weight, padded as b1 */
+    const float *gain; /* NULL: the norm's gain is folded into w1; else the gain (K), applied to the row */
+    int64_t hidden;    /* H: 0 for a linear probe */
+    int32_t w1_bf16;   /* MLP probe: w1 in bf16 (the module's own bf16 weight, gain apart) */
+    float eps;         /* the norm's eps */
+} ee_probe_t;
+
+/* An MLP probe's hidden sums on rows y (n x K) for thread t of T's share of its blocks (`probe_hidden`),
+   s the thread's own K + PANEL floats for a row's scaled copy, v the rows' sums (n x blocks x 16). */
+static void probe_share(const void *y, int bf16, int64_t n, int64_t K, const ee_probe_t *p, float *s, float *v,
+                        int64_t t, int64_t T);
+static float probe_out(const float *v, const float *w2, int64_t blocks);
+
+/* ee_linear, and where probe is given (an MLP probe, `ee_probe`'s), that probe's scores on y into
+   scores (n) in the same parallel region: each thread, once every thread's panels are written
+   (a barrier), scales each row itself and sums its share of the probe's blocks; the calling thread
+   then takes each row's output. The same numbers as ee_probe on y after the call, without a
+   parallel region of its own: the CPU reference model's probe (384 x 128) in a decode step's run
+   of layers, alternating with its call after the layer's (one thread in bf16, `PROBE_SHARE`),
+   bf16 4.9-5.8 -> 3.2-3.8 us, fp32 6.1-6.8 -> 2.3-3.7 us (with the groups of 4 in probe_hidden). */
+static int linear(const void *x, const void *Wp, const void *b, void *y, int64_t n, int64_t K, int64_t M, int bf16,
+                  int threads, int kind, const void *gain, float eps, const void *residual, const ee_probe_t *probe,
+                  float *scores) {
     float *xf = (float *)x; /* one row: xblock's layout is the row itself */
     uint32_t *xq = NULL;
 #ifdef DPBF16
@@ -679,6 +702,15 @@ int ee_linear(const void *x, const void *Wp, const void *b, void *y, int64_t n, 
         if (nq) pairs(xf, xq = (uint32_t *)(xf + n * K), n, K);
     }
     int64_t np = (M + PANEL - 1) / PANEL;
+    const int64_t blocks = probe ? (probe->hidden + PANEL - 1) / PANEL : 0;
+    float *ps = NULL; /* the probe's: each thread's scaled row (M + PANEL), then the rows' hidden sums */
+    if (blocks) {
+        ps = (float *)malloc(sizeof(float) * (size_t)(threads * (M + PANEL) + n * blocks * PANEL));
+        if (!ps) {
+            if (xf != (const float *)x) free(xf);
+            return 1;
+        }
+    }
 #pragma omp parallel num_threads(threads)
     {
         int64_t t = omp_get_thread_num(), T = omp_get_num_threads();
@@ -687,9 +719,23 @@ int ee_linear(const void *x, const void *Wp, const void *b, void *y, int64_t n, 
         if (tiles && first < last) amx_panels(Wp, xa, b, residual, y, first, last, K, M, n);
 #endif
         if (!tiles && first < last) panels(Wp, bf16, xf, xq, b, residual, y, first, last, K, M, n);
+        if (blocks) {
+#pragma omp barrier
+            probe_share(y, bf16, n, M, probe, ps + t * (M + PANEL), ps + threads * (M + PANEL), t, T);
+        }
     }
+    if (blocks)
+        for (int64_t i = 0; i < n; i++) scores[i] = probe_out(ps + threads * (M + PANEL) + i * blocks * PANEL, probe->w2, blocks);
+    free(ps);
     if (xf != (const float *)x) free(xf);
     return 0;
+}
+
+/* y = residual + prologue(x) @ W^T (+ b) from W's panels (ee_pack); residual (n x M) and b may
+   be NULL; gain and eps are read by RMSNORM only. 0 on success, 1 when memory runs out. */
+int ee_linear(const void *x, const void *Wp, const void *b, void *y, int64_t n, int64_t K, int64_t M, int bf16,
+              int threads, int kind, const void *gain, float eps, const void *residual) {
+    return linear(x, Wp, b, y, n, K, M, bf16, threads, kind, gain, eps, residual, NULL, NULL);
 }
 
 /* Decode attention: each sequence's query heads at R positions attend to its keys and values,
@@ -1125,39 +1171,37 @@ static inline void probe_pair(const void *w1, int64_t i, v16 *lo, v16 *hi) {
     memcpy(hi, &h, sizeof *hi);
 }
 
+/* Blocks b .. b + G - 1 side by side (G a constant where it is inlined: the sums stay in registers). */
+static inline __attribute__((always_inline)) void probe_group(const float *s, const void *w1, int wbf16,
+                                                              const float *b1, int64_t K, int64_t b, int G,
+                                                              float *v) {
+    const int64_t kp = wbf16 ? K & ~(int64_t)1 : 0; /* k below kp: in pairs */
+    v16 acc[PROBE_GROUP];
+    memcpy(acc, b1 + b * PANEL, sizeof(v16) * (size_t)G);
+    int64_t k = 0;
+    for (; k < kp; k += 2)
+        for (int g = 0; g < G; g++) {
+            v16 lo, hi;
+            probe_pair(w1, ((b + g) * K + k) * PANEL, &lo, &hi);
+            acc[g] += s[k] * lo;
+            acc[g] += s[k + 1] * hi;
+        }
+    for (; k < K; k++)
+        for (int g = 0; g < G; g++) acc[g] += s[k] * widen(w1, wbf16, ((b + g) * K + k) * PANEL);
+    memcpy(v + b * PANEL, acc, sizeof(v16) * (size_t)G);
+}
+
+/* Groups of 8 blocks, then one of 4, 2 and 1 as they remain: each sum is a chain of K dependent
+   products, so a thread's share of 4 blocks summed one block at a time waited 4 chains' latency
+   (2 threads on 8 blocks: 2.4 against 0.6 us). */
 static inline __attribute__((always_inline)) void probe_hidden(const float *s, const void *w1, int wbf16,
                                                                const float *b1, int64_t K, int64_t b0, int64_t b1e,
                                                                float *v) {
-    const int64_t kp = wbf16 ? K & ~(int64_t)1 : 0; /* k below kp: in pairs */
     int64_t b = b0;
-    for (; b + PROBE_GROUP <= b1e; b += PROBE_GROUP) {
-        v16 acc[PROBE_GROUP];
-        memcpy(acc, b1 + b * PANEL, sizeof acc);
-        int64_t k = 0;
-        for (; k < kp; k += 2)
-            for (int g = 0; g < PROBE_GROUP; g++) {
-                v16 lo, hi;
-                probe_pair(w1, ((b + g) * K + k) * PANEL, &lo, &hi);
-                acc[g] += s[k] * lo;
-                acc[g] += s[k + 1] * hi;
-            }
-        for (; k < K; k++)
-            for (int g = 0; g < PROBE_GROUP; g++) acc[g] += s[k] * widen(w1, wbf16, ((b + g) * K + k) * PANEL);
-        memcpy(v + b * PANEL, acc, sizeof acc);
-    }
-    for (; b < b1e; b++) {
-        v16 acc;
-        memcpy(&acc, b1 + b * PANEL, sizeof acc);
-        int64_t k = 0;
-        for (; k < kp; k += 2) {
-            v16 lo, hi;
-            probe_pair(w1, (b * K + k) * PANEL, &lo, &hi);
-            acc += s[k] * lo;
-            acc += s[k + 1] * hi;
-        }
-        for (; k < K; k++) acc += s[k] * widen(w1, wbf16, (b * K + k) * PANEL);
-        memcpy(v + b * PANEL, &acc, sizeof acc);
-    }
+    for (; b + 8 <= b1e; b += 8) probe_group(s, w1, wbf16, b1, K, b, 8, v);
+    if (b + 4 <= b1e) probe_group(s, w1, wbf16, b1, K, b, 4, v), b += 4;
+    if (b + 2 <= b1e) probe_group(s, w1, wbf16, b1, K, b, 2, v), b += 2;
+    if (b < b1e) probe_group(s, w1, wbf16, b1, K, b, 1, v);
 }
 
 /* probe_hidden compiled once per weight format (the format's test out of the inner loop). */
@@ -1204,17 +1248,6 @@ static float probe_out(const float *v, const float *w2, int64_t blocks) {
     return score;
 }
 
-/* A learned exit check (`native.Probe` holds one, laid out as ee_probe reads it). */
-typedef struct {
-    const void *w1;    /* the first weight (see ee_probe) */
-    const float *b1;   /* MLP probe: the first bias, H padded with zeros to whole blocks of 16 */
-    const float *w2;   /* MLP probe: the output weight, padded as b1 */
-    const float *gain; /* NULL: the norm's gain is folded into w1; else the gain (K), applied to the row */
-    int64_t hidden;    /* H: 0 for a linear probe */
-    int32_t w1_bf16;   /* MLP probe: w1 in bf16 (the module's own bf16 weight, gain apart) */
-    float eps;         /* the norm's eps */
-} ee_probe_t;
-
 /* A learned exit check's scores from the backbone's rows (`fused_check.FoldedProbe`, an RMSNorm
  * probe): per row of x (n x K, fp32 or bf16), s = x * rsqrt(mean(x^2) + eps) (the norm before its
  * gain), times the gain where p->gain is given (else it is folded into the weights), then
@@ -1224,13 +1257,45 @@ typedef struct {
  *                          whole blocks; gelu the exact (erf) form, as torch's)
  * into out (n, fp32); the probe's last bias is left out (the caller's bound holds it). fp32 sums.
  * An MLP probe's hidden sums are split over up to `threads` in blocks of 16 columns, one thread
- * per PROBE_SHARE bytes of its first weight begun: it is read cold right after a layer streamed
- * its own, and two threads read 384 x 128 in fp32 (192 KB) in less time than one (5.1-6.6 against
- * 6.3-7.9 us in a decode step's run of layers, Intel Xeon), while at 96 KB (bf16) the parallel
- * region cost more than the second thread's share saved (4.5-4.6 against 3.9-4.0 us); the same
- * numbers whatever the thread count. A linear probe runs in the calling thread. 0 on success, 1
- * when memory runs out. */
+ * per PROBE_SHARE bytes of its first weight begun: it is read cold (a layer streamed its own
+ * before), and two threads read 384 x 128 in fp32 (192 KB) in less time than one, while at 96 KB
+ * (bf16) the parallel region costs more than the second thread's share saves (one call, the caches
+ * evicted before it, median of 400, Intel Xeon: fp32 4.9-5.0 us on two threads against 6.3-6.6 on
+ * one, bf16 3.9-4.1 against 3.6-3.7). The same numbers whatever the thread count. A linear probe
+ * runs in the calling thread. Where the probe follows a layer (`ee_layer`) it runs in the layer's
+ * last parallel region instead (`linear`), on every thread. 0 on success, 1 when memory runs out. */
 #define PROBE_SHARE (128 * 1024)
+/* A probe's row: s = xi * rsqrt(mean(xi^2) + eps), times gain where given (K wide). */
+static void probe_scaled(const char *xi, int bf16, int64_t K, const float *gain, float eps, float *s) {
+    int64_t k = 0;
+    v16 acc = {0};
+    for (; k + PANEL <= K; k += PANEL) {
+        v16 e = widen(xi, bf16, k);
+        acc += e * e;
+        memcpy(s + k, &e, sizeof e);
+    }
+    float ss = 0.f;
+    for (int j = 0; j < PANEL; j++) ss += acc[j];
+    for (; k < K; k++) {
+        s[k] = load(xi, bf16, k);
+        ss += s[k] * s[k];
+    }
+    const float scale = 1.0f / sqrtf(ss / (float)K + eps);
+    if (gain)
+        for (k = 0; k < K; k++) s[k] = s[k] * scale * gain[k];
+    else
+        for (k = 0; k < K; k++) s[k] *= scale;
+}
+
+static void probe_share(const void *y, int bf16, int64_t n, int64_t K, const ee_probe_t *p, float *s, float *v,
+                        int64_t t, int64_t T) {
+    const int64_t blocks = (p->hidden + PANEL - 1) / PANEL;
+    for (int64_t i = 0; i < n; i++) {
+        probe_scaled((const char *)y + i * K * (bf16 ? 2 : 4), bf16, K, p->gain, p->eps, s);
+        probe_hidden_of(s, p->w1, p->w1_bf16, p->b1, K, blocks * t / T, blocks * (t + 1) / T, v + i * blocks * PANEL);
+    }
+}
+
 int ee_probe(const void *x, int bf16, int64_t n, int64_t K, const ee_probe_t *p, float *out, int threads) {
     const int64_t H = p->hidden, blocks = (H + PANEL - 1) / PANEL;
     const float *w1 = (const float *)p->w1, *b1 = p->b1, *w2 = p->w2, *gain = p->gain;
@@ -1243,25 +1308,7 @@ int ee_probe(const void *x, int bf16, int64_t n, int64_t K, const ee_probe_t *p,
     float *restrict v = s + K + PANEL;
     if (threads > blocks) threads = (int)blocks;
     for (int64_t i = 0; i < n; i++) {
-        const char *xi = (const char *)x + i * K * (bf16 ? 2 : 4);
-        int64_t k = 0;
-        v16 acc = {0};
-        for (; k + PANEL <= K; k += PANEL) {
-            v16 e = widen(xi, bf16, k);
-            acc += e * e;
-            memcpy(s + k, &e, sizeof e);
-        }
-        float ss = 0.f;
-        for (int j = 0; j < PANEL; j++) ss += acc[j];
-        for (; k < K; k++) {
-            s[k] = load(xi, bf16, k);
-            ss += s[k] * s[k];
-        }
-        const float scale = 1.0f / sqrtf(ss / (float)K + eps);
-        if (gain)
-            for (k = 0; k < K; k++) s[k] = s[k] * scale * gain[k];
-        else
-            for (k = 0; k < K; k++) s[k] *= scale;
+        probe_scaled((const char *)x + i * K * (bf16 ? 2 : 4), bf16, K, gain, eps, s);
         float score = 0.f;
         if (H == 0) {
             score = dot(s, w1, 0, K);
@@ -1370,8 +1417,9 @@ int ee_layer(const void *x, void *y, int64_t n, int bf16, int threads, int64_t h
     }
     if (!failed) failed = ee_linear(o, proj_p, NULL, x1, n, wo, h, bf16, threads, NONE, NULL, 0.f, x);
     if (!failed) failed = ee_linear(x1, fc1_p, NULL, h1, n, h, 2 * ffn, bf16, threads, RMSNORM, w_mid, eps_mid, NULL);
-    if (!failed) failed = ee_linear(h1, fc2_p, NULL, y, n, ffn, h, bf16, threads, SWIGLU, NULL, 0.f, x1);
-    if (!failed && probe) failed = ee_probe(y, bf16, n, h, probe, scores, threads);
+    const ee_probe_t *mlp = probe && probe->hidden ? probe : NULL; /* in the last product's region */
+    if (!failed) failed = linear(h1, fc2_p, NULL, y, n, ffn, h, bf16, threads, SWIGLU, NULL, 0.f, x1, mlp, scores);
+    if (!failed && probe && !mlp) failed = ee_probe(y, bf16, n, h, probe, scores, threads);
     free(buf);
     return failed;
 }

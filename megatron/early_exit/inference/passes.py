@@ -591,7 +591,7 @@ class Passes:
         (`on_the_way`) on the way and `probe` (or None) at d; each check passed below the depth
         reached counted (`UniformCheck.passed`; the one it stopped at, if any, is the caller's).
         Returns the depth reached."""
-        probes = {e: (c.folded.native, c.bound) for e, (c, evaluates) in soft.items() if evaluates}
+        probes = {e: c.native for e, (c, evaluates) in soft.items() if evaluates}
         if probe is not None:
             probes[d] = (probe, math.inf)
         rows.x, reached = self.decode_layers(state, ran, d, rows.x, rotary, index, probes)

@@ -52,6 +52,10 @@ class UniformCheck:
         self.passes, self.n, self.policy, self.head = passes, n, policy, head
         self.folded, self.shift = folded, 0.0 if folded is None else folded.shift
         self.bound = logit_threshold(policy.threshold_of(n)) - self.shift  # scores leave the shift out
+        # (native probe, bound) as a run of layers takes the check on its way (`Passes.run_layers`),
+        # one object for every step (`native.layers_step` compares a step's probes with the last's)
+        native = None if folded is None else folded.native
+        self.native = None if native is None else (native, self.bound)
         self.exact = policy.mode == "exact"
         self.cands: dict[int, list[int]] = {}  # pass size A -> [0, A): every row is a candidate
         # pass size A -> (decider, its version, its costs, the chance's key, the verdict, whether

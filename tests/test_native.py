@@ -873,6 +873,35 @@ def test_a_runs_probe_arrays_are_made_once_and_refuse_a_probe_off_the_run():
 
 
 @needs_native
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("hidden", [16, 152])  # one block of 16 columns; 8 + 1 + a padded one
+def test_a_probe_in_the_layers_last_region_gives_its_own_calls_scores(dtype, hidden):
+    """An MLP probe after a layer runs inside the layer's last product's parallel region (`linear`
+    in native_linear.c: a barrier, then each thread its share of the probe's blocks): its scores
+    equal the probe's own call on the layer's output (`native.Probe`, `ee_probe`) bit for bit, on
+    1, 2 and 3 threads (each hidden sum's arithmetic is the same whichever thread makes it)."""
+    model = _seven_layers(dtype, hidden)
+    engine = EarlyExitEngine(model, linear_kernel="native")
+    p, threads = engine.passes, torch.get_num_threads()
+    state = engine.new_state(1, 16)
+    try:
+        with torch.no_grad(), engine.packed:
+            engine.prefill(state, {0: [5, 9, 2, 7]})
+            index, rotary = p.uniform_layout(state, [0], [4])
+            probe = p.folded_probe(state, p.exit_head(state, 6)).native
+            assert probe.hidden == hidden and p.layer_run(state, 0, 6) is not None
+            x = torch.randn(1, 1, model.config.hidden_size, generator=torch.Generator().manual_seed(1)).to(dtype)
+            for t in (1, 2, 3):
+                torch.set_num_threads(t)
+                p.scaled = p.layer_scores = None
+                y, reached = p.decode_layers(state, 0, 6, x, rotary, index, {6: (probe, math.inf)})
+                assert reached == 6 and p.layer_scores is not None and p.layer_scores[1] is y
+                assert p.layer_scores[2] == probe(y)
+    finally:
+        torch.set_num_threads(threads)
+
+
+@needs_native
 def test_a_run_of_layers_sees_its_probes_change_even_in_the_same_dict():
     """`layers_step` reuses the arrays of the step before where the probes equal its (compared,
     not hashed): a bound moved in the same dict object, or in a dict of its own, is a new set, so
@@ -934,7 +963,7 @@ def test_a_run_kept_for_a_decode_state_follows_hooks_and_kernels_set_in_its_midd
     assert seen == [2] and runs == [[7], [7], [], [], []]
 
 
-def _seven_layers(dtype):
+def _seven_layers(dtype, probe_hidden: int = 16):
     """A 7-layer Llama-style model, exits 3 and 6 (norm-only, MLP probes on the backbone, scaled so
     that they fire for some tokens only), in `dtype`."""
     from megatron.early_exit.config import ModelConfig
@@ -943,7 +972,7 @@ def _seven_layers(dtype):
     cfg = ModelConfig(num_layers=7, hidden_size=32, num_attention_heads=4, num_query_groups=2, vocab_size=128,
                       max_position_embeddings=64, ffn_hidden_size=48, normalization="RMSNorm", swiglu=True,
                       position_embedding_type="rope", add_bias_linear=False, exit_layer_nums=[3, 6],
-                      use_exit_norm=True, use_exit_confidence_head=True, exit_confidence_hidden_size=16,
+                      use_exit_norm=True, use_exit_confidence_head=True, exit_confidence_hidden_size=probe_hidden,
                       exit_confidence_input="backbone")  # fmt: skip
     model = EarlyExitGPT(cfg)
     model.init_weights(seed=7)

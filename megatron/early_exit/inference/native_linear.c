@@ -724,8 +724,8 @@ static int linear(const void *x, const void *Wp, const void *b, void *y, int64_t
             probe_share(y, bf16, n, M, probe, ps + t * (M + PANEL), ps + threads * (M + PANEL), t, T);
         }
     }
-    if (blocks)
-        for (int64_t i = 0; i < n; i++) scores[i] = probe_out(ps + threads * (M + PANEL) + i * blocks * PANEL, probe->w2, blocks);
+    for (int64_t i = 0; i < n && blocks; i++)
+        scores[i] = probe_out(ps + threads * (M + PANEL) + i * blocks * PANEL, probe->w2, blocks);
     free(ps);
     if (xf != (const float *)x) free(xf);
     return 0;
@@ -1388,7 +1388,8 @@ int ee_head(const void *x, const void *Wp, int64_t n, int64_t h, int64_t K, int 
  *   x1 = x + o @ Wproj^T;  y = x1 + swiglu(rmsnorm(x1, w_mid) @ Wfc1^T) @ Wfc2^T
  * W* are ee_pack's panels; kc, vc: the layer's K/V cache (slots, G, positions, hd) with element
  * strides sb, sg, st (hd contiguous). probe non-NULL: the next exit's learned check on y as well, ee_probe's
- * scores into scores (n), so that a check that does not fire costs no call of its own.
+ * scores into scores (n), so that a check that does not fire costs no call of its own (an MLP probe
+ * inside the last product's parallel region: `linear`).
  * The step's Python operations, each a tensor operation of a
  * few microseconds, cost a SmolLM2 layer more than its attention. 0 on success, 1 when memory runs
  * out (nothing written to y; the cache may hold the new position's K/V, which a retry rewrites). */

@@ -211,6 +211,7 @@ class Passes:
         # negated) [n, hd] fp32, and these viewed [n, 1, 1, hd], made once (`rotary_tables`).
         self.rope_tables: tuple | None = None
         self.depth_memo: dict[ExitPolicy, dict[int, list[int]]] = {}  # `exits_by_depth`
+        self.depth_last: tuple | None = None  # (policy, its exits by depth) of the latest `exits_by_depth`
         self.stops_memo: dict[tuple, list[int]] = {}  # `uniform_stops`
         self.branch: dict[int, tuple[int, ...]] | None = None  # the running verify pass's alternative drafts (`run`)
         # The running cost_aware pass's sequences that held pending rows when it began (`holders`;
@@ -285,7 +286,12 @@ class Passes:
             or policy.observe
         ):
             return policy
-        return state.remembered(("solo policy", policy), lambda: self.exact_where_cheap(state, policy))
+        last = state.memo.get(("solo policy", "last"))  # a decode's steps pass the same policy object:
+        if last is not None and last[0] is policy:  # found by identity, without hashing the policy
+            return last[1]
+        made = state.remembered(("solo policy", policy), lambda: self.exact_where_cheap(state, policy))
+        state.memo[("solo policy", "last")] = (policy, made)
+        return made
 
     def exact_where_cheap(self, state: DecodeState, policy: ExitPolicy) -> ExitPolicy:
         """`policy` as exact where every exit it evaluates is a learned check through a native
@@ -596,7 +602,7 @@ class Passes:
             probes[d] = (probe, math.inf)
         rows.x, reached = self.decode_layers(state, ran, d, rows.x, rotary, index, probes)
         for e, (c, evaluates) in soft.items():
-            if e < reached:
+            if e < reached and not c.exact:  # (exact counts nothing)
                 c.passed(rows, evaluates)
         soft.clear()
         return reached
@@ -757,12 +763,17 @@ class Passes:
 
     def exits_by_depth(self, policy: ExitPolicy) -> dict[int, list[int]]:
         """depth -> the exits `policy` evaluates there that this model holds (worked out once per
-        policy: a server's requests bring a few; read, never changed, by the passes)."""
+        policy: a server's requests bring a few; read, never changed, by the passes; a decode's
+        steps pass the same policy object, found by identity without hashing it)."""
+        last = self.depth_last
+        if last is not None and last[0] is policy:
+            return last[1]
         by_depth = self.depth_memo.get(policy)
         if by_depth is None:
             if len(self.depth_memo) >= 64:
                 self.depth_memo.clear()
             by_depth = self.depth_memo[policy] = self.find_exits_by_depth(policy)
+        self.depth_last = (policy, by_depth)
         return by_depth
 
     def find_exits_by_depth(self, policy: ExitPolicy) -> dict[int, list[int]]:

@@ -500,10 +500,18 @@ def test_the_next_exits_check_runs_in_the_layers_own_call(dtype, k, monkeypatch)
             wanted.update(exits)
         return made
 
+    real_riding = passes.Passes.riding_probes
+
+    def riding(self, state, policy, by_depth, *a):  # every exit's check on one run's way (exact)
+        plan = real_riding(self, state, policy, by_depth, *a)
+        wanted.update(n for d in plan or () for n in by_depth[d])
+        return plan
+
     def run(prompts, policy: str, on: bool):
         monkeypatch.setattr(passes, "layer_probe", recorded if on else lambda *a: None)
         # off: no check on the way either (a run of layers stops at each check's exit)
         monkeypatch.setattr(passes.Passes, "on_the_way", on_the_way if on else lambda *a: None)
+        monkeypatch.setattr(passes.Passes, "riding_probes", riding if on else lambda *a: None)
         engine = EarlyExitEngine(model, linear_kernel="native")
         s = GenerationSettings("early_exit", max_new_tokens=8, early_exit_threshold=0.5, measure="learned",
                                exit_policy=policy, ignore_eos=True)  # fmt: skip
@@ -926,6 +934,56 @@ def test_a_run_of_layers_sees_its_probes_change_even_in_the_same_dict():
         probes[3] = (probe, -math.inf)  # the same dict, moved in place: every row reaches it
         assert reached(probes) == 3
         assert reached({3: (probe, math.inf)}) == 7 and reached({3: (probe, -math.inf)}) == 3
+
+
+@needs_native
+@pytest.mark.parametrize("batch", [1, 3])
+def test_an_exact_step_whose_exits_all_ride_the_run_equals_walking_its_stops(batch, monkeypatch):
+    """`Passes.riding_probes`: an exact uniform step whose exits' checks all ride the run of layers
+    runs them in one `decode_layers` call from the start, without walking its stops
+    (`on_the_way`): the same logits, exits, confidences, K/V and fill counts as the walk, bit for
+    bit, with rows leaving at both exits and at the final head; a max_prob check (no native probe)
+    walks."""
+    from megatron.early_exit.inference import passes
+    from megatron.early_exit.inference.passes import ExitPolicy
+    from tests.test_inference import PROMPTS
+
+    model = _seven_layers(torch.float32)
+    rode, real = [], passes.Passes.riding_probes
+
+    def counted(self, *a):
+        plan = real(self, *a)
+        rode.append(plan is not None)
+        return plan
+
+    def steps(ride: bool, policy):
+        monkeypatch.setattr(passes.Passes, "riding_probes", counted if ride else lambda *a: None)
+        engine = EarlyExitEngine(model, linear_kernel="native")
+        prompts = PROMPTS[:batch]
+        state = engine.new_state(len(prompts), 40)
+        trace = []
+        with torch.no_grad():
+            engine.prefill(state, dict(enumerate(prompts)))
+            for t in range(8):
+                out = engine.decode_one_token(state, dict.fromkeys(range(len(prompts)), 7 + t), policy)
+                trace.append(
+                    ({b: x.clone() for b, x in out.logits.items()}, dict(out.exit_layer), dict(out.confidence))
+                )
+        return trace, state
+
+    learned = ExitPolicy(allowed=(3, 6), threshold=0.5, measure="learned", mode="exact")
+    got, s_got = steps(True, learned)
+    assert any(rode)  # (a step with pending rows runs its uniform part to the first pending layer: walked)
+    want, s_want = steps(False, learned)
+    for (l_got, e_got, c_got), (l_want, e_want, c_want) in zip(got, want, strict=True):
+        assert e_got == e_want and c_got == c_want and l_got.keys() == l_want.keys()
+        assert all(torch.equal(l_got[b], l_want[b]) for b in l_got)
+    assert torch.equal(s_got.cache.k, s_want.cache.k) and torch.equal(s_got.cache.v, s_want.cache.v)
+    assert (s_got.cache.filled == s_want.cache.filled).all()
+    assert {e for _, exits, _ in got for e in exits.values()} >= {3, 6, 7}
+    rode.clear()
+    steps(True, ExitPolicy(allowed=(3, 6), threshold=0.9, measure="max_prob", mode="exact"))
+    assert rode and not any(rode)
 
 
 @needs_native

@@ -535,8 +535,9 @@ class Passes:
         index, rotary = self.uniform_layout(state, seqs, pos)
         rows = Rows(seqs, pos, [1] * len(seqs), self.embed_ids(ids.to(self.device), index))  # (A, 1, h)
         has_new, checks = set(seqs), uniform_checks(self, state, policy, by_depth) if by_depth else {}
-        ran, stops, at = 0, self.uniform_stops(by_depth, layers), 0
+        stops = self.uniform_stops(by_depth, layers)
         soft: dict[int, tuple] = {}  # depth -> (its check, whether it evaluates) for the run of layers
+        ran, at = self.ride(state, policy, by_depth, layers, checks, rows, (rotary, index), stops)
         while at < len(stops):
             d, at = stops[at], at + 1
             exits = by_depth.get(d, ())
@@ -575,6 +576,38 @@ class Passes:
             return rows
         self.final_head(rows, False, out)
         return None
+
+    def ride(self, state, policy, by_depth: dict, layers: int, checks: dict, rows: Rows, at: tuple, stops) -> tuple:
+        """(depth reached, index of that depth in `stops`) after running `run_uniform`'s layers in
+        one `decode_layers` call (rows.x replaced; `at`: its rotary and index) where every exit
+        rides the run (`riding_probes`): stopping only where a row fires, the stop loop then goes
+        on from there as after `run_layers`. (0, 0) where not (nothing done)."""
+        riding = self.riding_probes(state, policy, by_depth, layers, checks) if by_depth else None
+        if riding is None:
+            return 0, 0
+        rows.x, ran = self.decode_layers(state, 0, layers, rows.x, *at, riding)
+        return ran, stops.index(ran)
+
+    def riding_probes(self, state: DecodeState, policy: ExitPolicy, by_depth: dict, layers: int, checks: dict):
+        """{depth: (native probe, bound)} where an exact step of `layers` layers would take every
+        exit's check on the run's way (`on_the_way`: one exit a depth, below `layers`, a
+        `UniformCheck` with a native probe; no block exit's input to record below `layers`), so
+        that `run_uniform` runs them in one `decode_layers` call without walking its stops (the
+        same calls: an exact check on the way counts nothing); else None. Worked out once per
+        decode state, policy and `layers`, found by identity: one dict object for every step."""
+        memo = state.memo.get(("riding", "last"))
+        if memo is not None and memo[0] is policy and memo[1] == layers and memo[2] is checks:
+            return memo[3]
+        plan = None
+        if policy.mode == "exact" and all(b >= layers for b in self.block_depths):
+            rides = [
+                0 < d < layers and len(exits) == 1 and isinstance(checks[exits[0]], UniformCheck)
+                for d, exits in by_depth.items()
+            ]
+            if all(rides) and all(checks[exits[0]].native is not None for exits in by_depth.values()):
+                plan = {d: checks[exits[0]].native for d, exits in by_depth.items()}
+        state.memo[("riding", "last")] = (policy, layers, checks, plan)
+        return plan
 
     def on_the_way(self, checks: dict, exits, d: int, layers: int, rows: Rows) -> tuple | None:
         """(check, whether it evaluates) where depth d's one exit has a `UniformCheck` that a run

@@ -556,10 +556,10 @@ class LayerRun:
         self.eps = (ctypes.c_float * (2 * n))(*(e for _, pair, _, _ in self.layers for e in pair))
         self.dtype, self.strides, self.caches_ok = caches[0].dtype, caches[0].stride(), _caches_form(caches)
         self.probe_args: dict[tuple, tuple] = {}  # `probe_arrays`' ctypes arrays per probes and bounds
-        # (a copy of the probes, first, their arrays) of the latest call of `layers_step`: the
-        # next one's probes equal them as a dict (their (probe, bound) values the same objects
-        # where the checks keep them: `UniformCheck.native`), which costs less than their key's
-        # hash (~1 us a probe right after a run of layers had left them cold)
+        # (a copy of the probes, first, width, their arrays) of the latest `probe_arrays`: a decode
+        # step's probes equal them as a dict (their (probe, bound) values the same objects where
+        # the checks keep them: `UniformCheck.native`), which costs less than their key's hash
+        # (~1 us a probe right after a run of layers had left them cold)
         self.last: tuple | None = None
 
     def __len__(self) -> int:
@@ -572,6 +572,9 @@ class LayerRun:
         check's whole cost; their key is made by C-level calls alone, the run right before it having
         left the interpreter's own data cold). None where a probe is not on one of the run's layers
         or does not read rows that wide (nothing made)."""
+        last = self.last  # a decode step brings the probes of the step before: compared, not hashed
+        if last is not None and last[1] == first and last[2] == width and last[0] == probes:
+            return last[3]
         key = (first, width, tuple(probes.items()))
         made = self.probe_args.get(key)
         if made is None:
@@ -584,6 +587,7 @@ class LayerRun:
             if len(self.probe_args) >= 64:  # bounds move with the policy: keep the latest few
                 self.probe_args.clear()
             made = self.probe_args[key] = (checked, bounds)  # the key holds the probes (their refs stay valid)
+        self.last = (dict(probes), first, width, made)  # a copy: a dict changed in place is a new set
         return made
 
 
@@ -617,14 +621,9 @@ def layers_step(
     m = None if mask is None else mask.reshape(a, span).contiguous()
     checked = bounds = None
     if probes:
-        last = run.last  # a decode step brings the probes of the step before: compared, not hashed
-        if last is not None and last[1] == first and last[0] == probes:
-            made = last[2]
-        else:
-            made = run.probe_arrays(probes, first, x.shape[1])
-            if made is None:
-                return None
-            run.last = (dict(probes), first, made)
+        made = run.probe_arrays(probes, first, x.shape[1])
+        if made is None:
+            return None
         checked, bounds = made
     n = len(run)
     y, ran, scores = torch.empty_like(x), ctypes.c_int64(n), (ctypes.c_float * a)()

@@ -666,7 +666,8 @@ typedef struct {
    s the thread's own K + PANEL floats for a row's scaled copy, v the rows' sums (n x blocks x 16). */
 static void probe_share(const void *y, int bf16, int64_t n, int64_t K, const ee_probe_t *p, float *s, float *v,
                         int64_t t, int64_t T);
-static float probe_out(const float *v, const float *w2, int64_t blocks);
+/* The scores from the rows' hidden sums v (n x blocks x 16): each row's output (`probe_out`). */
+static void probe_outs(const float *v, const ee_probe_t *p, int64_t n, float *out);
 
 /* ee_linear, and where probe is given (an MLP probe, `ee_probe`'s), that probe's scores on y into
    scores (n) in the same parallel region: each thread, once every thread's panels are written
@@ -724,8 +725,7 @@ static int linear(const void *x, const void *Wp, const void *b, void *y, int64_t
             probe_share(y, bf16, n, M, probe, ps + t * (M + PANEL), ps + threads * (M + PANEL), t, T);
         }
     }
-    for (int64_t i = 0; i < n && blocks; i++)
-        scores[i] = probe_out(ps + threads * (M + PANEL) + i * blocks * PANEL, probe->w2, blocks);
+    if (blocks) probe_outs(ps + threads * (M + PANEL), probe, n, scores);
     free(ps);
     if (xf != (const float *)x) free(xf);
     return 0;
@@ -1296,35 +1296,35 @@ static void probe_share(const void *y, int bf16, int64_t n, int64_t K, const ee_
     }
 }
 
+static void probe_outs(const float *v, const ee_probe_t *p, int64_t n, float *out) {
+    const int64_t blocks = (p->hidden + PANEL - 1) / PANEL;
+    for (int64_t i = 0; i < n; i++) out[i] = probe_out(v + i * blocks * PANEL, p->w2, blocks);
+}
+
 int ee_probe(const void *x, int bf16, int64_t n, int64_t K, const ee_probe_t *p, float *out, int threads) {
-    const int64_t H = p->hidden, blocks = (H + PANEL - 1) / PANEL;
-    const float *w1 = (const float *)p->w1, *b1 = p->b1, *w2 = p->w2, *gain = p->gain;
-    const float eps = p->eps;
-    const int wbf16 = H > 0 && p->w1_bf16;
-    const int64_t shares = (K * blocks * PANEL * (wbf16 ? 2 : 4) + PROBE_SHARE - 1) / PROBE_SHARE;
+    const int64_t blocks = (p->hidden + PANEL - 1) / PANEL;
+    const int64_t shares = (K * blocks * PANEL * (p->w1_bf16 ? 2 : 4) + PROBE_SHARE - 1) / PROBE_SHARE;
     if (threads > shares) threads = (int)shares;
-    float *s = (float *)malloc(sizeof(float) * (size_t)(K + PANEL + blocks * PANEL));
-    if (!s) return 1;
-    float *restrict v = s + K + PANEL;
     if (threads > blocks) threads = (int)blocks;
-    for (int64_t i = 0; i < n; i++) {
-        probe_scaled((const char *)x + i * K * (bf16 ? 2 : 4), bf16, K, gain, eps, s);
-        float score = 0.f;
-        if (H == 0) {
-            score = dot(s, w1, 0, K);
-        } else {
-            if (threads > 1) {
-#pragma omp parallel num_threads(threads)
-                {
-                    const int64_t t = omp_get_thread_num(), T = omp_get_num_threads();
-                    probe_hidden_of(s, w1, wbf16, b1, K, blocks * t / T, blocks * (t + 1) / T, v);
-                }
-            } else {
-                probe_hidden_of(s, w1, wbf16, b1, K, 0, blocks, v);
-            }
-            score = probe_out(v, w2, blocks);
+    if (threads < 1) threads = 1; /* a linear probe */
+    /* each thread's scaled row (K + PANEL), then the rows' hidden sums (`probe_share`) */
+    float *s = (float *)malloc(sizeof(float) * (size_t)(threads * (K + PANEL) + n * blocks * PANEL));
+    if (!s) return 1;
+    if (!blocks) {
+        for (int64_t i = 0; i < n; i++) {
+            probe_scaled((const char *)x + i * K * (bf16 ? 2 : 4), bf16, K, p->gain, p->eps, s);
+            out[i] = dot(s, p->w1, 0, K);
         }
-        out[i] = score;
+    } else if (threads > 1) {
+#pragma omp parallel num_threads(threads)
+        {
+            const int64_t t = omp_get_thread_num(), T = omp_get_num_threads();
+            probe_share(x, bf16, n, K, p, s + t * (K + PANEL), s + threads * (K + PANEL), t, T);
+        }
+        probe_outs(s + threads * (K + PANEL), p, n, out);
+    } else {
+        probe_share(x, bf16, n, K, p, s, s + K + PANEL, 0, 1);
+        probe_outs(s + K + PANEL, p, n, out);
     }
     free(s);
     return 0;

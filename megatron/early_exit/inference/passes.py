@@ -600,12 +600,10 @@ class Passes:
             return memo[3]
         plan = None
         if policy.mode == "exact" and all(b >= layers for b in self.block_depths):
-            rides = [
-                0 < d < layers and len(exits) == 1 and isinstance(checks[exits[0]], UniformCheck)
-                for d, exits in by_depth.items()
-            ]
-            if all(rides) and all(checks[exits[0]].native is not None for exits in by_depth.values()):
-                plan = {d: checks[exits[0]].native for d, exits in by_depth.items()}
+            # `on_the_way` for each depth, rows aside: an exact check's `peek` reads none (it evaluates)
+            ways = {d: self.on_the_way(checks, exits, d, layers, None) for d, exits in by_depth.items()}
+            if all(way is not None for way in ways.values()):
+                plan = {d: check.native for d, (check, _) in ways.items()}
         state.memo[("riding", "last")] = (policy, layers, checks, plan)
         return plan
 

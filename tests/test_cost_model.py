@@ -537,6 +537,44 @@ def test_retime_prices_a_row_at_the_hosts_speed_then(monkeypatch):
     assert (costs.layer, costs.head) != (now.layer, now.head)  # the costs measured at the start are left as they were
 
 
+def test_retime_with_a_pool_fits_through_the_medians_of_every_timing(monkeypatch):
+    """With a `StepPool`, `retime` fits the layer and fixed cost through each setting's median over
+    every timing pooled so far, each put at the base host speed and the median taken back to the
+    speed now: three timings at host speeds 1, 2 and 1.5, one of them off by a third, price the
+    row as the two that agree (the slope and intercept of the line they lie on, at 1.5x)."""
+    engine = EarlyExitEngine(tiny(probes=True))
+    prompts = [[1, 2, 3], [4, 5, 6]]
+    costs, measured = cm.measure_costs(engine, prompts, steps=2, repeats=1)
+    line = replace(costs, layer=2e-3, fixed=1e-3)
+    true = {name: cm.predicted_step(line, name, False) for name in measured}  # probes: learned, no vocab
+    pool = cm.StepPool(true)  # the first timing, at the base speed
+    speed = {"now": 2.0}
+
+    class Ref:
+        def __init__(self, engine, prompts):
+            self.times = {}
+
+        def timed(self, name, calls=1):
+            return lambda: self.times.setdefault(name, []).append(speed["now"] * costs.reference)
+
+    def step_times(engine, prompts, settings, steps, repeats, reference):
+        reference()
+        off = 4 / 3 if speed["now"] == 2.0 else 1.0  # the second timing: every step a third long
+        return {name: speed["now"] * off * t for name, t in true.items()}
+
+    monkeypatch.setattr(cm, "ReferenceStep", Ref)
+    monkeypatch.setattr(cm, "step_times", step_times)
+    alone = cm.retime(engine, prompts, costs, steps=2, repeats=1)
+    # its own timing, off by a third (the pieces it subtracts, 2x, are not the third long: 1e-4 apart)
+    assert alone.layer == pytest.approx(2.0 * 4 / 3 * 2e-3, rel=1e-3)
+    cm.retime(engine, prompts, costs, steps=2, repeats=1, pool=pool)  # median of two: halfway
+    speed["now"] = 1.5
+    now = cm.retime(engine, prompts, costs, steps=2, repeats=1, pool=pool)
+    assert len(pool.rows) == 3
+    assert now.host["retimed"] == pytest.approx(1.5, rel=1e-12)
+    assert (now.layer, now.fixed) == (pytest.approx(1.5 * 2e-3, rel=1e-9), pytest.approx(1.5e-3, rel=1e-9))
+
+
 def two_exits() -> cm.DecodeCosts:
     """10 layers, exits after 2 and 5; a layer reads 1 byte, the final head 8, each exit's projection 2;
     a cache of 30 bytes, held in full up to 15 (no cold pieces: every piece at its timed cost)."""

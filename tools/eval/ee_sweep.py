@@ -243,11 +243,13 @@ def paired_runs(engine, prompts, args, settings, full) -> tuple:
     return best, statistics.median(ratios), statistics.median(decode), shares
 
 
-def timed_rows(engine, prompts, thresholds, args, costs) -> dict:
+def timed_rows(engine, prompts, thresholds, args, costs, pool=None) -> dict:
     """(exit policy, threshold) -> (settings, best `decode_all` output, speedup: the median of
     its ratios to full decoding timed batch by batch beside it, the same after the prefill, the
     clock's shares: `paired_runs`; the cost model the row is priced by: `costs` retimed right
-    before it, `cost_model.retime`, unless --no-retime or the row evaluates no exit). Every setting first
+    before it, `cost_model.retime`, unless --no-retime or the row evaluates no exit; its layer and
+    fixed cost fitted through the medians of every step timing so far, `pool`, a
+    `cost_model.StepPool` of the first timing). Every setting first
     decodes the first batch once, untimed: kernel choices, packed weights and the exit policy's
     costs are made on first use, and would otherwise be timed in whichever row came first. The
     threshold-1.0 row is full decoding timed against itself: its speedup reads the noise."""
@@ -273,7 +275,7 @@ def timed_rows(engine, prompts, thresholds, args, costs) -> dict:
         mine = costs
         if args.retime and policy_terms(engine, settings, prompts[0])[0]:
             mine = cost_model.retime(engine, prompts[: args.batch_size], costs, args.measure, args.cost_steps, 5,
-                                     args.exit_vocabulary)  # fmt: skip
+                                     args.exit_vocabulary, pool)  # fmt: skip
         timed[key] = (settings, *paired_runs(engine, prompts, args, settings, full), mine)
     return timed
 
@@ -299,7 +301,7 @@ def sweep(args) -> list[dict]:
     # first met in full decoding's first pair read the demo SmolLM2's "full against full" at 1.36x).
     for batch in in_batches(prompts, args.batch_size):
         engine.generate(batch, GenerationSettings(max_new_tokens=2))
-    costs, _ = cost_model.measure_costs(engine, prompts[: args.batch_size], args.measure, args.cost_steps, 5,
+    costs, measured = cost_model.measure_costs(engine, prompts[: args.batch_size], args.measure, args.cost_steps, 5,
                                         args.exit_vocabulary)  # fmt: skip
     print(
         f"cost model: a layer {1e3 * costs.layer:.3f} ms with its weights in the cache, "
@@ -316,7 +318,7 @@ def sweep(args) -> list[dict]:
         "the steps, divided out): " + ", ".join(f"{k} {v:.2f}" for k, v in costs.host.items()),
         flush=True,
     )
-    timed = timed_rows(engine, prompts, thresholds, args, costs)
+    timed = timed_rows(engine, prompts, thresholds, args, costs, cost_model.StepPool(measured))
     base = (args.exit_policy[0], 1.0)
     full_settings, (_, full_texts, full_tokens, _, full_results), *_ = timed[base]
     prefill_s = prefill_seconds(engine, prompts, args.batch_size, full_settings)

@@ -1019,6 +1019,29 @@ def fit_steps(costs: DecodeCosts, measured: dict[str, float], needs_vocab: dict[
     return replace(line, stream=excess / (read - hot), hot_bytes=hot)
 
 
+class StepPool:
+    """The step times of every timing of `exit_settings` so far, each divided by its host speed
+    (`ReferenceStep`: at the speed `costs.reference` was timed at), so that `retime` can fit
+    through their medians at the speed it finds now instead of through its own timing alone. One
+    timing of the CPU reference model's steps (fp32, best of 5 rounds of 16 steps less the prefill,
+    whose own jitter is ~1 ms) read a step leaving at exit 3 anywhere in 0.67-0.84 ms on a host
+    whose reference step moved 0.98-1.03x, and priced full decoding at 2.90-3.37 of that step;
+    through the medians of the timings so far, 3.11-3.32, settling at 3.18-3.24 from the fourth
+    (the same eight timings). A sweep's 0.6 row had read efficiencies 0.873-0.971 at one measured
+    speedup (1.81x), its ideal moving 1.87-2.08 with the fixed cost each timing alone fitted. The
+    price: a host whose layers and fixed cost slow unequally is followed more slowly (the medians
+    move once most timings show it)."""
+
+    def __init__(self, measured: dict[str, float] | None = None) -> None:
+        self.rows: list[dict[str, float]] = [dict(measured)] if measured else []
+
+    def add(self, measured: dict[str, float], speed: float) -> dict[str, float]:
+        """Pool `measured` (seconds per step at host speed `speed`); returns each setting's median
+        over the pool, at that speed."""
+        self.rows.append({k: v / speed for k, v in measured.items()})
+        return {k: speed * statistics.median(r[k] for r in self.rows if k in r) for k in measured}
+
+
 def retime(
     engine,
     prompts: list[list[int]],
@@ -1027,6 +1050,7 @@ def retime(
     steps: int = 16,
     repeats: int = 5,
     exit_vocabulary: str = "auto",
+    pool: StepPool | None = None,
 ) -> DecodeCosts:
     """`costs` as the host runs now: `step_times` taken again with `ReferenceStep` in its rounds,
     every timed piece scaled by that step's median time now over `costs.reference` (its time when
@@ -1035,10 +1059,13 @@ def retime(
     seconds, and on a host whose speed moved between two runs of the CPU reference model's sweep
     (a layer 0.074 then 0.130 ms, the fixed cost 0.062 then 0.086) the ideal speedup of one
     threshold read 1.84 in one and 2.39 in the other where the measured speedups were 1.88x and
-    1.93x: each row is best priced at the speed it ran at."""
+    1.93x: each row is best priced at the speed it ran at. `pool`: the fit goes through the
+    medians of this timing and the pool's earlier ones at this speed (`StepPool`; this one joins it)."""
     ref, settings = ReferenceStep(engine, prompts), exit_settings(engine, measure, exit_vocabulary)
     measured = step_times(engine, prompts, settings, steps, repeats, ref.timed("steps", steps))
     speed = statistics.median(ref.times["steps"]) / costs.reference if costs.reference > 0 else 1.0
+    if pool is not None:
+        measured = pool.add(measured, speed)
     out = scaled(costs, speed)
     policies = checked_policies(engine, settings, prompts, costs.depth)
     out.leave_vocab = leave_vocab(policies)

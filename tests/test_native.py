@@ -267,6 +267,7 @@ def test_decoding_on_the_native_kernel_equals_full_greedy_and_self_speculation_s
     from tests.test_dynamic_speculation import NEW, PROMPTS, build
     from tests.test_inference import naive_greedy
 
+    monkeypatch.setattr(passes.Passes, "native_loop", False)  # the steps one by one (the loop: test_native_loop.py)
     calls, general = [], []  # native calls (attention, whole layers); rows per sequence of general passes run natively
     real_attend, real_step, real_rows = native.attend, native.layer_step, lean.LeanLayer.rows
     real_layers = native.layers_step
@@ -476,6 +477,7 @@ def test_the_next_exits_check_runs_in_the_layers_own_call(dtype, k, monkeypatch)
     from tests.test_inference import PROMPTS
 
     model = _probe_model(True, k, "backbone").to(dtype)
+    monkeypatch.setattr(passes.Passes, "native_loop", False)  # the steps one by one (the loop: test_native_loop.py)
     in_layer = []
     real_step, real_probe = native.layer_step, passes.layer_probe
     monkeypatch.setattr(native, "layer_step", lambda x, *a: in_layer.append(len(a) == 7) or real_step(x, *a))

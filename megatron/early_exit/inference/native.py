@@ -28,6 +28,7 @@ says why) and decoding uses the others. fp32 and bf16 weights (`DTYPES`), CPU on
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import functools
 import hashlib
 import os
@@ -97,6 +98,10 @@ def _omp_runtimes() -> set[str]:
 
 
 KEEP = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_float)  # `drafts`' keep(s, j, conf)
+# `decode`'s keep(s, step, token, exit layer, max-probability, probe score)
+DECODE_KEEP = ctypes.CFUNCTYPE(
+    ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_float, ctypes.c_float
+)
 
 
 @functools.cache
@@ -140,6 +145,9 @@ def library() -> ctypes.CDLL | None:
     lib.ee_drafts.argtypes = [i64, i64, vp, vp, i64, vp, vp, i32, i32] + [i64] * 5 + [vp, vp] + [i64] * 3
     lib.ee_drafts.argtypes += [vp, vp, vp, vp, vp, i64, vp, vp, ctypes.c_float, KEEP, i32, vp, vp, vp]
     lib.ee_drafts.restype = i32
+    lib.ee_decode.argtypes = [i64, vp, vp, vp, vp, i64, vp, vp, i64, vp, i64, vp, vp, i32, i32] + [i64] * 5
+    lib.ee_decode.argtypes += [vp, vp, i64, i64, i64, i64, vp, vp, i64, vp, ctypes.c_float, DECODE_KEEP, vp, vp]
+    lib.ee_decode.restype = i32
     lib.ee_amx.argtypes = [i32]
     lib.ee_amx.restype = i32
     return lib
@@ -638,3 +646,112 @@ def layers_step(
         raise MemoryError("native kernel: out of memory for a layers step")
     done = ran.value
     return y, done, list(scores) if probes and first + done - 1 in probes else None
+
+
+class _ExitArgs(ctypes.Structure):
+    """`ee_exit_t`: one exit of `decode` (its depth, number, learned check and bound, its head)."""
+
+    _fields_ = [
+        ("depth", ctypes.c_int64),
+        ("layer", ctypes.c_int64),
+        ("probe", ctypes.c_void_p),
+        ("bound", ctypes.c_double),
+        ("Wp", ctypes.c_void_p),
+        ("K", ctypes.c_int64),
+        ("ids", ctypes.c_void_p),
+        ("gain", ctypes.c_void_p),
+        ("eps", ctypes.c_float),
+    ]
+
+
+@dataclasses.dataclass
+class DecodeHead:
+    """A head as `decode` takes it: packed rows of an output weight (`pack`), their count, the ids
+    they are (a draft vocabulary, int64 ascending) or None, and the norm's (gain, eps)."""
+
+    panels: torch.Tensor
+    rows: int
+    ids: torch.Tensor | None
+    norm: tuple[torch.Tensor, float]
+
+
+@dataclasses.dataclass
+class DecodeExit:
+    """An exit as `decode` takes it: its depth, its number, its learned check (`Probe`) and the
+    bound a score must reach, its head."""
+
+    depth: int
+    layer: int
+    probe: Probe
+    bound: float
+    head: DecodeHead
+
+
+def _exit_args(exits: list[DecodeExit], gains: list[torch.Tensor]):
+    """`ee_exit_t`s of `exits` (gains: each one's norm gain, contiguous, kept alive by the caller)."""
+    args = (_ExitArgs * max(len(exits), 1))()
+    for i, (e, gain) in enumerate(zip(exits, gains)):
+        ids = None if e.head.ids is None else e.head.ids.data_ptr()
+        args[i] = _ExitArgs(e.depth, e.layer, ctypes.addressof(e.probe.ref), e.bound, e.head.panels.data_ptr(),
+                            e.head.rows, ids, gain.data_ptr(), float(e.head.norm[1]))  # fmt: skip
+    return args
+
+
+def decode(
+    tokens: list[int],
+    slots: list[int],
+    fed: list[int],
+    filled,
+    pending: torch.Tensor,
+    limits: list[int],
+    rows_cap: int,
+    embedding: torch.Tensor,
+    run: LayerRun,
+    shape: tuple[int, int, int, int],
+    tables: tuple[torch.Tensor, torch.Tensor],
+    exits: list[DecodeExit],
+    head: DecodeHead,
+    keep,
+) -> tuple[int, int]:
+    """Greedy decode steps of S sequences in one call (`ee_decode`): sequence s feeds tokens[s]
+    at position fed[s] in cache slot slots[s], then each step's token, through `run`'s layers (the
+    whole model's), its pending rows (`pending` (B, T, h), contiguous) joining at the layers where
+    `filled` (the cache's (L, B) int64 fill counts, written in place) says they start, the exits'
+    learned checks on its new row and a leaver's head, else the final `head`; up to limits[s]
+    steps. keep(s, step, token, exit layer, max-probability, probe score), asked of each sequence
+    after each step (`step` counts this call's steps from 0), says whether s goes on (1), stops
+    (0), or every sequence stops after this step (-1). `fed` is updated in place. The loop stops
+    before a step whose rows in one layer call would exceed `rows_cap`. Returns (the steps made,
+    the rows that step wanted, else 0)."""
+    g, per, hd, ffn = shape
+    cos, sin_signed = tables
+    n, h = len(tokens), embedding.shape[-1]
+    i64 = ctypes.c_int64 * n
+    tok, at, rows = i64(*tokens), i64(*fed), [pending[b] for b in slots]
+    gains = [e.head.norm[0].contiguous() for e in exits] + [head.norm[0].contiguous()]  # alive through the call
+    args, stop = _exit_args(exits, gains), []
+
+    def ask(s: int, step: int, token: int, layer: int, conf: float, score: float) -> int:
+        if stop:
+            return -1
+        try:  # an exception must not cross the C frames: kept, raised after
+            return int(keep(s, step, token, layer, conf, score))
+        except BaseException as e:  # noqa: BLE001 (re-raised below)
+            stop.append(e)
+            return -1
+
+    steps, wanted = ctypes.c_int64(0), ctypes.c_int64(0)
+    rc = library().ee_decode(
+        n, i64(*slots), tok, at, filled.ctypes.data, filled.shape[1], i64(*(r.data_ptr() for r in rows)),
+        i64(*limits), rows_cap, embedding.data_ptr(), len(run), run.ptrs, run.eps, embedding.dtype == torch.bfloat16,
+        torch.get_num_threads(), h, g, per, hd, ffn, cos.data_ptr(), sin_signed.data_ptr(), *run.strides[:3],
+        len(exits), args, head.panels.data_ptr(), head.rows, gains[-1].data_ptr(), float(head.norm[1]),
+        DECODE_KEEP(ask), ctypes.byref(steps), ctypes.byref(wanted),
+    )  # fmt: skip
+    for s in range(n):
+        fed[s] = at[s]
+    if stop:
+        raise stop[0]
+    if rc != 0:
+        raise MemoryError("native kernel: out of memory for a decode loop's rows")
+    return steps.value, wanted.value

@@ -1556,3 +1556,190 @@ int ee_drafts(int64_t D, int64_t S, const int64_t *token, const void *emb, int64
     free(c);
     return failed;
 }
+
+/* One exit of a decode loop (`ee_decode`): its learned check and its head. */
+typedef struct {
+    int64_t depth;           /* the layers below it: its check reads layer depth - 1's output */
+    int64_t layer;           /* its number, as a token's exit layer is recorded */
+    const ee_probe_t *probe; /* its learned check (`native.Probe`) */
+    double bound;            /* a score at or above it leaves (fp64, as the caller compares) */
+    const void *Wp;          /* its head: packed rows of its output weight (ee_head's) */
+    int64_t K;               /* their count */
+    const int64_t *ids;      /* the draft vocabulary's ids those rows are, or NULL: rows 0 .. K - 1 */
+    const void *gain;        /* its norm's gain (x's dtype) */
+    float eps;               /* its norm's eps */
+} ee_exit_t;
+
+/* Greedy decode steps for S sequences in one call, each step as `Passes.run` makes it under
+ * the exact policy with learned checks (or none: full decoding), the same calls in the same order,
+ * so the same numbers: sequence s feeds token[s] at position fed[s] (its word embedding, a row of
+ * emb), layers 0 .. L - 1 (ptrs, eps as ee_layers takes them) run over its new row and, from the
+ * layer where each starts, its pending rows (positions q with filled[l B + slots[s]] <= q <
+ * fed[s] at layer l, each joining at the first such layer from pending[s] + q rows, the rows of
+ * every sequence still going together in one ee_layer call a layer); after layer depth - 1 of
+ * exit e (exits: E, by depth), its probe on each new row (in the layer's call where the layer ran
+ * new rows alone, else ee_probe on them: the same scores) and a row at or above its bound leaves
+ * there: its token from the exit's head (ee_head: its norm and rows, the draft vocabulary's ids),
+ * every row of its sequence into pending[s] at its position (the deeper layers' input, for a
+ * later step). A new row through every layer takes the final head (Wp: K rows, gain, eps_h).
+ * filled[l B + slots[s]] is set to fed[s] + 1 at every layer a step ran s's rows; then fed[s]
+ * grows by one, token[s] is the step's token and keep(s, step j of this call, token, exit layer
+ * (L at the final head), max-probability, probe score (0 at the final head)), asked of every
+ * sequence of the step, says whether s goes on (1), stops (0), or every sequence stops after this
+ * step (-1: the caller's clock ends its window, or an error in its callback). A sequence makes at most
+ * limit[s] steps; the loop stops before a step whose rows in some layer call would exceed
+ * rows_cap (the caller's native kernels take that many), *wanted then the rows it needed (else 0).
+ * *steps: steps made. 0 on success, 1 when memory runs out (the steps made by then are whole). */
+int ee_decode(int64_t S, const int64_t *slots, int64_t *token, int64_t *fed, int64_t *filled, int64_t B,
+              const int64_t *pending, const int64_t *limit, int64_t rows_cap, const void *emb, int64_t L,
+              const int64_t *ptrs, const float *eps, int bf16, int threads, int64_t h, int64_t G, int64_t per,
+              int64_t hd, int64_t ffn, const float *cos, const float *sin, int64_t sb, int64_t sg, int64_t st,
+              int64_t E, const ee_exit_t *exits, const void *Wp, int64_t K, const void *gain, float eps_h,
+              int (*keep)(int64_t, int64_t, int64_t, int64_t, float, float), int64_t *steps, int64_t *wanted) {
+    const size_t row = (size_t)h * (bf16 ? 2 : 4);
+    int64_t Kmax = K;
+    for (int64_t e = 0; e < E; e++) Kmax = exits[e].K > Kmax ? exits[e].K : Kmax;
+    const int64_t R = rows_cap > S ? rows_cap : S;
+    /* per sequence: going, its position this step, walking this step, the step's exit layer,
+       max-probability and score, steps made; per row: its sequence, position, slot, and new or not */
+    int64_t *ints = (int64_t *)malloc(sizeof(int64_t) * (size_t)(6 * S + 4 * R + L * S + S + 1));
+    float *floats = (float *)malloc(sizeof(float) * (size_t)(2 * S + R + 2 * R * hd + S * Kmax + S + 1));
+    char *bufs = (char *)malloc(row * (size_t)(2 * R + S + 1));
+    int *exit_at = (int *)malloc(sizeof(int) * (size_t)(L + 2));
+    int failed = !ints || !floats || !bufs || !exit_at;
+    *steps = *wanted = 0;
+    if (failed) goto done;
+    int64_t *going = ints, *p = going + S, *walk = p + S, *layer_of = walk + S, *made = layer_of + S,
+            *got = made + S, *rs = got + S, *rq = rs + R, *rslot = rq + R, *rnew = rslot + R, *f0 = rnew + R;
+    float *conf = floats, *score = conf + S, *scores = score + S, *tc = scores + R, *ts = tc + R * hd,
+          *part = ts + R * hd, *c = part + S * Kmax;
+    char *X = bufs, *Y = X + (size_t)R * row, *Z = Y + (size_t)R * row; /* Z: gathered new rows */
+    for (int64_t l = 0; l <= L; l++) exit_at[l] = -1;
+    for (int64_t e = 0; e < E; e++)
+        if (exits[e].depth > 0 && exits[e].depth < L) exit_at[exits[e].depth] = (int)e;
+    for (int64_t s = 0; s < S; s++) going[s] = limit[s] > 0, made[s] = 0;
+    for (;;) {
+        int64_t live = 0, need = 0;
+        for (int64_t s = 0; s < S; s++) /* the most rows a layer call of this step can take */
+            if (going[s]) {
+                int64_t low = fed[s];
+                for (int64_t l = 0; l < L; l++) low = filled[l * B + slots[s]] < low ? filled[l * B + slots[s]] : low;
+                need += fed[s] - low + 1;
+                live++;
+            }
+        if (live && need > R) *wanted = need;
+        if (!live || need > R) break;
+        int64_t n = 0, nw = 0;
+        for (int64_t s = 0; s < S; s++) {
+            walk[s] = going[s];
+            if (!going[s]) continue;
+            p[s] = fed[s], conf[s] = 0.f, score[s] = 0.f, layer_of[s] = L;
+            for (int64_t l = 0; l < L; l++) f0[l * S + s] = filled[l * B + slots[s]];
+            memcpy(X + (size_t)n * row, (const char *)emb + (size_t)token[s] * row, row);
+            rs[n] = s, rq[n] = p[s], rnew[n] = 1, n++;
+        }
+        for (int64_t l = 0; l < L && n && !failed; l++) {
+            if (l > 0) /* pending rows whose first unfilled layer is l join here */
+                for (int64_t s = 0; s < S; s++) {
+                    if (!walk[s]) continue;
+                    for (int64_t q = f0[l * S + s]; q < f0[(l - 1) * S + s]; q++) {
+                        memcpy(X + (size_t)n * row, (const char *)pending[s] + (size_t)q * row, row);
+                        rs[n] = s, rq[n] = q, rnew[n] = 0, n++;
+                    }
+                }
+            int64_t top = 0;
+            nw = 0;
+            for (int64_t r = 0; r < n; r++) {
+                rslot[r] = slots[rs[r]];
+                memcpy(tc + r * hd, cos + rq[r] * hd, sizeof(float) * (size_t)hd);
+                memcpy(ts + r * hd, sin + rq[r] * hd, sizeof(float) * (size_t)hd);
+                top = rq[r] > top ? rq[r] : top;
+                nw += rnew[r];
+            }
+            const int e = exit_at[l + 1];
+            const ee_probe_t *in_layer = e >= 0 && nw == n ? exits[e].probe : NULL;
+            const int64_t *w = ptrs + 8 * l;
+            failed = ee_layer(X, Y, n, bf16, threads, h, G, per, hd, ffn, (const void *)w[0], eps[2 * l],
+                              (const void *)w[1], (const void *)w[2], (const void *)w[3], eps[2 * l + 1],
+                              (const void *)w[4], (const void *)w[5], tc, ts, hd, (void *)w[6], (void *)w[7], sb, sg,
+                              st, rslot, rq, top + 1, NULL, in_layer, scores);
+            if (failed) break;
+            for (int64_t s = 0; s < S; s++)
+                if (walk[s]) filled[l * B + slots[s]] = p[s] + 1;
+            if (e >= 0) {
+                if (!in_layer) { /* the new rows gathered, the probe on them alone */
+                    for (int64_t r = 0, i = 0; r < n; r++)
+                        if (rnew[r]) memcpy(Z + (size_t)i++ * row, Y + (size_t)r * row, row);
+                    failed = ee_probe(Z, bf16, nw, h, exits[e].probe, scores, threads);
+                    if (failed) break;
+                } else /* new rows alone: scores in row order already */
+                    ;
+                int64_t nf = 0;
+                for (int64_t r = 0, i = 0; r < n; r++) {
+                    if (!rnew[r]) continue;
+                    const int64_t s = rs[r];
+                    score[s] = scores[i++];
+                    if ((double)score[s] >= exits[e].bound) {
+                        memcpy(Z + (size_t)nf * row, Y + (size_t)r * row, row); /* the leavers' rows, for the head */
+                        got[nf++] = s;
+                        walk[s] = 0;
+                    }
+                }
+                if (nf) {
+                    int64_t *tok = rslot; /* the head's tokens, then copied out (rslot is remade each layer) */
+                    failed = ee_head(Z, exits[e].Wp, nf, h, exits[e].K, bf16, threads, exits[e].gain, exits[e].eps,
+                                     exits[e].ids, 0, NULL, part, tok, c);
+                    if (failed) break;
+                    for (int64_t i = 0; i < nf; i++)
+                        token[got[i]] = tok[i], conf[got[i]] = c[i], layer_of[got[i]] = exits[e].layer;
+                    int64_t kept = 0; /* every row of a leaving sequence to its pending rows; the rest go on */
+                    for (int64_t r = 0; r < n; r++) {
+                        const int64_t s = rs[r];
+                        if (!walk[s]) {
+                            memcpy((char *)pending[s] + (size_t)rq[r] * row, Y + (size_t)r * row, row);
+                            continue;
+                        }
+                        if (kept != r) {
+                            memcpy(Y + (size_t)kept * row, Y + (size_t)r * row, row);
+                            rs[kept] = rs[r], rq[kept] = rq[r], rnew[kept] = rnew[r];
+                        }
+                        kept++;
+                    }
+                    n = kept;
+                }
+            }
+            char *t = X;
+            X = Y, Y = t;
+        }
+        if (failed) break;
+        if (n) { /* the new rows through every layer: the final head */
+            int64_t nf = 0;
+            for (int64_t r = 0; r < n; r++)
+                if (rnew[r]) {
+                    memcpy(Z + (size_t)nf * row, X + (size_t)r * row, row);
+                    got[nf++] = rs[r];
+                }
+            int64_t *tok = rslot;
+            failed = ee_head(Z, Wp, nf, h, K, bf16, threads, gain, eps_h, NULL, 0, NULL, part, tok, c);
+            if (failed) break;
+            for (int64_t i = 0; i < nf; i++) token[got[i]] = tok[i], conf[got[i]] = c[i];
+        }
+        int stop = 0;
+        for (int64_t s = 0; s < S; s++) { /* every sequence's token is told, a halt or not */
+            if (!going[s]) continue;
+            fed[s] = p[s] + 1;
+            made[s]++;
+            int k = keep(s, *steps, token[s], layer_of[s], conf[s], score[s]);
+            if (k < 0) stop = 1;
+            if (k <= 0 || made[s] >= limit[s]) going[s] = 0;
+        }
+        ++*steps;
+        if (stop) break;
+    }
+done:
+    free(ints);
+    free(floats);
+    free(bufs);
+    free(exit_at);
+    return failed;
+}

@@ -240,6 +240,9 @@ class Passes:
     # (`solo_policy`); False (an engine's passes, or the class in tests of the decider at batch 1):
     # they follow the decider and its clock (`benchmarks/decode_speed.py --clock-modes`)
     solo_exact = True
+    # Greedy rounds of full decoding and exact early exit run their steps in one native call
+    # (`native_loop.native_rounds`: the same numbers); False: step by step through `run`
+    native_loop = True
 
     @torch.no_grad()
     def run(

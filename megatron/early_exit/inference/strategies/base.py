@@ -25,6 +25,7 @@ from typing import ClassVar
 
 import torch
 
+from megatron.early_exit.inference.native_loop import native_rounds
 from megatron.early_exit.inference.passes import DecodeState, ExitPolicy
 from megatron.early_exit.inference.settings import GenerationResult, GenerationSettings
 
@@ -77,7 +78,12 @@ class Strategy:
         return ExitPolicy()
 
     def round(self, engine, state: DecodeState, running: list[int], batch: Batch) -> list[int]:
-        """One round for the `running` slots; returns those still running, sorted."""
+        """One round for the `running` slots; returns those still running, sorted. Greedy rounds
+        that need tokens alone run as many steps as they can in one native call where it applies
+        (`native_loop.native_rounds`: full decoding, exact early exit with learned checks)."""
+        made = native_rounds(engine, state, running, batch)
+        if made is not None:
+            return made
         tokens = {b: batch.results[b].tokens[-1] for b in running}
         out = engine.decode_one_token(state, tokens, batch.policy)
         return engine.acceptance.accept(out, batch.results, batch.settings, batch.generator)

@@ -1,0 +1,282 @@
+"""Greedy decode steps in one native call: full decoding, and early exit under the exact policy
+with learned checks, for the rounds of `Strategy.round` (`native_rounds`).
+
+A decode step on the CPU reference model (bf16, batch 1) took ~1.2 ms, ~1.0 of it in its native
+calls (the run of layers, the head) and ~0.2 ms in the Python around them: the pass's setup
+(`Passes.run`: the policy, the uniform layers, the layout and rotary angles, the checks), the
+head's bookkeeping (`StepOutput`, `record_head`), the strategy's round and `Acceptance.accept`
+(~270 Python calls a step). A step leaving at exit 3 ran ~0.27 ms natively and paid the same
+~0.2 ms around it, so the Python was 45% of what early exit decodes at and hid a third of what
+its skipped layers save. `native.decode` runs the steps themselves in C, the same calls in the
+same order as `Passes.run` makes them (the uniform run of layers with the checks on its way,
+pending rows joining at the layers where they start, the exit's head or the final head), so the
+same tokens, exit layers, confidences and K/V (`tests/test_native_loop.py`), and comes back to
+Python once a token, for `Acceptance` to record it and say whether the sequence stops.
+
+It applies to greedy rounds that need tokens alone (no log-probabilities, no logit bias), on a
+whole model on the CPU with the native kernels at every row count a step can take (`rows_cap`),
+lean layers, a plain embedding, no forward hook, no profiling, no int8 head, no exit with a block
+of its own; exits evaluated only where the policy is exact (cost_aware at one sequence is, with
+native checks: `Passes.solo_policy`) and each one's check a native learned probe
+(`UniformCheck.native`) on an exit that is its norm alone. Elsewhere `plan` gives None and the
+round runs as before. `Passes.native_loop` (class attribute) False turns it off.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from megatron.early_exit.inference import kernels, lean, native
+from megatron.early_exit.inference.exit_clock import FREE, ON, PAUSED, ExitClock
+from megatron.early_exit.inference.exit_decision import decider_of
+from megatron.early_exit.inference.fused_check import sigmoid
+from megatron.early_exit.inference.passes import ExitPolicy
+from megatron.early_exit.inference.uniform_check import UniformCheck, uniform_checks
+from megatron.early_exit.model.norm import RMSNorm
+
+
+@dataclass
+class LoopPlan:
+    """What `native.decode` takes of a decode state and policy, worked out once: the layers' run
+    (`lean.NativeRun`), the exits (`native.DecodeExit`) and the final head, their shifts (a
+    check's confidence is sigmoid(score + shift)), the most rows a layer call may take (every row
+    count up to it checked native: `lean.runs_natively`, raised as steps want more: `more_rows`),
+    and the sequences it was made for."""
+
+    run: lean.NativeRun
+    exits: list[native.DecodeExit]
+    head: native.DecodeHead
+    shifts: dict[int, float]
+    rows_cap: int
+    batch: int
+
+    def more_rows(self, wanted: int, linear: lean.LeanKernels) -> bool:
+        """Raise `rows_cap` to `wanted` where the layers run natively at every row count up to it
+        (a count first met is measured then, as the general pass would measure it); whether it rose."""
+        if not all(lean.runs_natively(self.run, a, linear) for a in range(self.rows_cap + 1, wanted + 1)):
+            return False
+        self.rows_cap = wanted
+        return True
+
+
+def plan(passes, state, policy, batch: int) -> LoopPlan | None:
+    """The loop's plan for `batch` sequences of `state` under `policy` (as `Passes.run` resolves
+    it), or None where the loop does not apply (see the module docstring). Memoised per decode
+    state, by the policy's identity (a decode's rounds pass one object) and batch size."""
+    last = state.memo.get(("native loop", "last"))
+    if last is not None and last[0] is policy and last[1] == batch:
+        return last[2]
+    made = _plan(passes, state, policy, batch)
+    state.memo[("native loop", "last")] = (policy, batch, made)
+    return made
+
+
+def _plan(passes, state, policy, batch: int) -> LoopPlan | None:
+    m, L = passes.model, passes.num_layers
+    if not (getattr(passes, "native_loop", False) and native.library() and passes.lean_on()):
+        return None
+    if passes.profile or passes.start or passes.end != L or passes.device.type != "cpu" or m.rotary is None:
+        return None
+    if passes.block_slots or passes.int8_head() or not passes.plain_embedding() or policy.force is not None:
+        return None
+    if policy.observe or state.pending.shape[1] == 0 or type(m.head_ops).__name__ != "HeadOps":
+        return None
+    run = passes.layer_run(state, 0, L)
+    emb = m.embedding.word_embeddings.weight
+    if run is None or run.native.dtype != emb.dtype or not state.pending.is_contiguous():
+        return None
+    passes.lean_kernels.sync()
+    exits, final = loop_exits(passes, state, policy, batch), m.decoder.final_layernorm
+    if exits is None or batch > lean.FOLD_ROWS or not takes_head(m.output_weight(), final, emb.dtype):
+        return None
+    if not all(lean.runs_natively(run, a, passes.lean_kernels) for a in range(1, batch + 1)):
+        return None
+    head = native.DecodeHead(kernels.native_copy(m.output_weight()), passes.vocab, None, (final.weight, final.eps))
+    shifts = {e.layer: shift for e, shift in exits}
+    return LoopPlan(run, [e for e, _ in exits], head, shifts, batch, batch)
+
+
+def takes_head(weight, norm, dtype) -> bool:
+    """Whether the loop's native head (`ee_head`) takes `weight` through the RMSNorm `norm` on rows of
+    `dtype`. The loop's heads take the native kernel whatever a head's own kernel choice would be
+    at these few rows (`kernels`: the native kernel and F.linear within a few % there, so that which
+    one a process measured faster was chance: a draft head's 747 x 384 fp32 rows took F.linear in 3
+    processes of 3 timed alone, and early exit's steps then ran through `Passes.run` at 1.2x full
+    decoding where they run here at 1.7x); a step's numbers there differ from a head on F.linear by
+    round-off, as two processes' kernel choices do."""
+    if weight.dtype != dtype or weight.dim() != 2 or type(norm) is not RMSNorm or norm.weight.dtype != dtype:
+        return False
+    return not lean.watched((norm,))
+
+
+def loop_exits(passes, state, policy, batch: int) -> list[tuple[native.DecodeExit, float]] | None:
+    """(exit, its shift) for each exit `policy` evaluates, by depth, where each is a native learned
+    check on a norm-only exit whose head runs natively at up to `batch` rows; [] where it evaluates
+    none; None where an exit does not qualify or the policy is not exact."""
+    by_depth = passes.exits_by_depth(policy)
+    if not by_depth:
+        return []
+    if policy.mode != "exact" or any(len(ns) != 1 or d >= passes.num_layers for d, ns in by_depth.items()):
+        return None
+    checks, dtype, out = uniform_checks(passes, state, policy, by_depth), passes.dtype, []
+    for d in sorted(by_depth):
+        n = by_depth[d][0]
+        check = checks.get(n)
+        if not isinstance(check, UniformCheck) or check.native is None or not check.exact:
+            return None
+        head = check.head
+        norm = lean.exit_norm(head)
+        if norm is None or head.temperature != 1.0:
+            return None
+        norm_args = (norm.weight, norm.eps)
+        if policy.vocab == "draft":
+            rows = passes.draft_rows(head)
+            made = native.DecodeHead(kernels.native_copy(rows), len(passes.draft_vocab), passes.draft_vocab, norm_args)
+        else:
+            rows = head.output_weight(passes.model.tied_output_weight())
+            made = native.DecodeHead(kernels.native_copy(rows), passes.vocab, None, norm_args)
+        if not takes_head(rows, norm, dtype):
+            return None
+        probe, bound = check.native
+        out.append((native.DecodeExit(d, n, probe, bound, made), check.shift))
+    return out
+
+
+FULL = ExitPolicy()  # a paused window's passes: no exit evaluated (one object: `plan` finds it by identity)
+
+
+def native_rounds(engine, state, running: list[int], batch) -> list[int] | None:
+    """`Strategy.round`'s rounds for the `running` slots in one native call, each token recorded
+    by `engine.acceptance` as `accept` records it (its exit layer, its confidence: the check's
+    sigmoid(score + shift) at an exit, the final head's max-probability) until every sequence
+    stops, reaches its length, the clock's window ends (`Window`), or the loop must hand a step
+    back (more rows than the native kernels were found to take: the round then runs that step its
+    own way); the slots still running, or None where the loop does not apply or made no step
+    (nothing done)."""
+    found = loop_for(engine, state, running, batch)
+    if found is None:
+        return None
+    passes, made, window = found
+    results, acc, room = batch.results, engine.acceptance, state.cache.capacity - 1
+    left = {b: min(batch.settings_of(b).max_new_tokens - len(results[b].tokens), room - state.fed[b]) for b in running}
+    if min(left.values()) <= 0:
+        return None
+    stopped: set[int] = set()
+    going = list(running)
+
+    def keep(s: int, step: int, token: int, layer: int, conf: float, score: float) -> int:
+        if window is not None:
+            window.passed(step, layer)
+        b = going[s]
+        r = results[b]
+        acc.append(r, token, layer, sigmoid(score + made.shifts[layer]) if layer in made.shifts else conf, None)
+        left[b] -= 1
+        done = acc.stopped(r, batch.settings_of(b))
+        if done:
+            stopped.add(b)
+        if window is None:
+            return 0 if done else 1
+        window.mark = window.clock.clock()  # the next step's time starts after this bookkeeping
+        return -1 if window.halted else 0 if done else 1
+
+    cos, _, neg = passes.rotary_tables(max(state.fed[b] + left[b] for b in running) + 1)[:3]
+    emb, total = passes.model.embedding.word_embeddings.weight, 0
+    while going and (window is None or not window.halted):
+        fed = [state.fed[b] for b in going]
+        if window is not None:
+            window.begin()
+        with engine.packed:
+            steps, wanted = native.decode(
+                [results[b].tokens[-1] for b in going], going, fed, state.cache.filled, state.pending,
+                [left[b] for b in going], made.rows_cap, emb, made.run.native, made.run.shape, (cos, neg),
+                made.exits, made.head, keep,
+            )  # fmt: skip
+        for b, f in zip(going, fed):
+            state.fed[b] = f
+        if window is not None:
+            window.flush()
+        total += steps
+        going = [b for b in going if b not in stopped and left[b] > 0]
+        if not wanted or not made.more_rows(wanted, passes.lean_kernels):
+            break
+    return None if total == 0 else [b for b in running if b not in stopped]
+
+
+def loop_for(engine, state, running: list[int], batch) -> tuple | None:
+    """(passes, `LoopPlan`, `Window` or None) for a round of the `running` slots: greedy, tokens
+    alone, the policy as `Passes.run` resolves it (cost_aware: its clock's paused or free window);
+    None where the loop does not apply."""
+    passes = getattr(engine, "passes", None)
+    if passes is None or not running or getattr(batch.settings, "logit_bias", None):
+        return None
+    if any(batch.settings_of(b).temperature > 0 or batch.settings_of(b).return_logprobs for b in running):
+        return None
+    policy, window = passes.solo_policy(state, {b: [0] for b in running}, batch.policy), None
+    if policy.mode == "cost_aware":  # its paused and free windows: full decoding's passes, exact's
+        window = clock_window(passes, state, policy, len(running))
+        if window is None:
+            return None
+        policy = window.runs
+    made = plan(passes, state, policy, len(running))
+    return None if made is None else (passes, made, window)
+
+
+class Window:
+    """cost_aware's clock (`exit_clock.ExitClock`) while its current window for (policy, pass size)
+    runs PAUSED (the loop runs `FULL`'s passes) or FREE (exact's decisions: every firing row
+    leaves, `runs` the policy as exact), each native step charged to it as `Passes.run` charges a
+    pass (`Track.charge`: the seconds of the step itself, not of the callback's bookkeeping); the
+    loop halts where the window ends and the next one is another mode (`halted`). A FREE step's
+    evaluations are recorded as its checks would record them (`ExitDecider.record`: at each exit
+    the rows that reached it, those that fired, all leaving)."""
+
+    def __init__(self, clock, track, mode: int, runs, decider=None, policy=None, exits=()) -> None:
+        self.clock, self.track, self.mode, self.runs = clock, track, mode, runs
+        self.decider, self.policy, self.exits = decider, policy, sorted(exits)
+        self.halted, self.mark, self.step, self.layers = False, 0.0, -1, []
+
+    def begin(self) -> None:
+        """A native call begins: its first step's time starts."""
+        self.mark, self.step = self.clock.clock(), -1
+
+    def passed(self, step: int, layer: int) -> None:
+        """Told once per sequence after each step (`step`: its number in the call; `layer`: where
+        the sequence's token left): at the first, the step's seconds since the last bookkeeping
+        are charged and `halted` says whether the window ended with it."""
+        if step != self.step:
+            self.flush()
+            self.step = step
+            self.track.charge(self.clock.clock() - self.mark)
+            self.halted = self.track.mode != self.mode
+        self.layers.append(layer)
+
+    def flush(self) -> None:
+        """A FREE step's evaluations recorded (its sequences' exit layers told), once."""
+        if self.decider is not None and self.layers:
+            for n in self.exits:
+                reached = sum(e >= n for e in self.layers)
+                if reached:
+                    fired = sum(e == n for e in self.layers)
+                    self.decider.record(n, self.policy, reached, fired, fired > 0)
+        self.layers = []
+
+
+def clock_window(passes, state, policy, batch: int) -> Window | None:
+    """A `Window` where the decider's clock times this policy's decode steps at this pass size and
+    its current window runs PAUSED or FREE (the decider set so), else None: the round runs its own
+    way (ON passes take the decider's verdicts and the checks' skip counts)."""
+    decider = decider_of(passes)
+    if decider.costs is None or passes.profile or not passes.exits_by_depth(policy):
+        return None
+    clock = decider.clock_for(passes)
+    track = None if clock is None else clock.tracks.get((policy, batch))
+    if track is None or track.mode == ON or not isinstance(clock, ExitClock):
+        return None
+    track.fired = decider.may_fire(passes, policy)  # as `exit_decision.pass_begins` tells it each pass
+    decider.set_mode(track.mode)
+    if track.mode == PAUSED:
+        return Window(clock, track, PAUSED, FULL)
+    exact = state.remembered(("exact of", policy), lambda: dataclasses.replace(policy, mode="exact"))
+    exits = [n for ns in passes.exits_by_depth(policy).values() for n in ns]
+    return Window(clock, track, FREE, exact, decider, policy, exits)

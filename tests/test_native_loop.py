@@ -1,0 +1,193 @@
+"""Greedy rounds in one native call (`native_loop.native_rounds`, `ee_decode`): full decoding and
+exact early exit with learned checks give the same tokens, exit layers, confidences, stops, K/V,
+fill counts and pending rows as the same steps through `Passes.run` one at a time (the same native
+calls in the same order, so bit for bit in fp32 and bf16), at one sequence and several of
+different lengths, with pending rows joining at the layers where they start and more of them than
+the loop first takes (`LoopPlan.more_rows`); where it does not apply (sampling, log-probabilities,
+cost_aware at several sequences, profiling, switched off) nothing is done and the steps run as
+before.
+"""
+
+import pytest
+import torch
+
+from megatron.early_exit.inference import EarlyExitEngine, GenerationSettings, native, native_loop
+
+needs_native = pytest.mark.skipif(not native.available(), reason="no native kernel here (no C compiler)")
+
+PROMPTS = [[5, 17, 33, 2, 9, 41, 7], [11, 3, 60, 25, 8], [4, 4, 90, 13, 27, 6, 50, 21, 3]]
+DRAFT_VOCAB = list(range(0, 96, 2)) + [1, 3, 7, 11]
+
+
+def build(dtype, hidden: int = 0):
+    """4 layers (head dim 16), norm-only exits at 1 and 2 on untied heads with learned probes
+    (linear, or an MLP of `hidden`), drawn so that their scores spread around 0: at threshold 0.5
+    some tokens leave at each exit and some go through; a draft vocabulary in the record."""
+    from megatron.early_exit.config import ModelConfig
+    from megatron.early_exit.model import EarlyExitGPT
+
+    cfg = ModelConfig(
+        num_layers=4, hidden_size=64, num_attention_heads=4, num_query_groups=2, ffn_hidden_size=96,
+        vocab_size=96, max_position_embeddings=512, normalization="RMSNorm", swiglu=True,
+        position_embedding_type="rope", add_bias_linear=False, exit_layer_nums=[1, 2], use_exit_norm=True,
+        untie_exit_output_weights=True, use_exit_confidence_head=True, exit_confidence_input="exit",
+        exit_confidence_hidden_size=hidden,
+    )  # fmt: skip
+    model = EarlyExitGPT(cfg)
+    model.init_weights(11)
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for n in ("1", "2"):
+            for p in model.exits[n].confidence.parameters():
+                p.copy_(torch.randn(p.shape, generator=gen) * (0.5 if p.dim() > 1 else 0.1))
+    model.calibrated_thresholds = {"thresholds": {1: 1.0, 2: 1.0}, "draft_vocabulary": {"tokens": DRAFT_VOCAB}}
+    return model.to(dtype).eval()
+
+
+def decoded(engine, prompts, settings, on: bool):
+    """(results, the decode state) of one `generate` with the native loop on or off, and the
+    steps the loop made (each feeding every sequence still going; 0 where it did not run)."""
+    engine.passes.native_loop = on
+    states, made = [], []
+    real_state, real_decode = engine.new_state, native.decode
+
+    def capture(*a, **k):
+        states.append(real_state(*a, **k))
+        return states[-1]
+
+    def counting(*a, **k):
+        out = real_decode(*a, **k)
+        made.append(out[0])
+        return out
+
+    engine.new_state = capture
+    native_loop.native.decode = counting
+    try:
+        results = engine.generate(prompts, settings)
+    finally:
+        del engine.new_state
+        native_loop.native.decode = real_decode
+    return results, states[0], sum(made)
+
+
+def assert_same_state(a, b):
+    """The same fill counts and fed positions, and bit for bit the same K/V at every filled
+    position and pending row at every position some layer still waits for."""
+    assert a.fed == b.fed
+    assert (a.cache.filled == b.cache.filled).all()
+    layers, batch = a.cache.filled.shape
+    for i in range(layers):
+        for s in range(batch):
+            f = int(a.cache.filled[i, s])
+            assert torch.equal(a.cache.k[i, s, :, :f], b.cache.k[i, s, :, :f]), (i, s)
+            assert torch.equal(a.cache.v[i, s, :, :f], b.cache.v[i, s, :, :f]), (i, s)
+    for s in range(batch):
+        lo = int(a.cache.filled[-1, s])
+        assert torch.equal(a.pending[s, lo : a.fed[s]], b.pending[s, lo : b.fed[s]]), s
+
+
+def assert_same_results(a, b):
+    for x, y in zip(a, b, strict=True):
+        assert x.tokens == y.tokens
+        assert x.exit_layers == y.exit_layers
+        assert x.confidences == y.confidences  # floats made by the same calls: equal, not close
+        assert (x.finish_reason, x.stopped_by) == (y.finish_reason, y.stopped_by)
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("hidden", [0, 24])  # a linear probe, an MLP probe (in the layer's last region)
+@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("vocab", ["draft", "full"])
+def test_native_rounds_equal_the_steps_one_by_one(dtype, hidden, batch, vocab):
+    engine = EarlyExitEngine(build(dtype, hidden), linear_kernel="native")
+    prompts = PROMPTS[:batch]
+    for threshold in (1.0, 0.5):
+        s = GenerationSettings("early_exit", 30, early_exit_threshold=threshold, exit_policy="exact",
+                               ignore_eos=True, exit_vocabulary=vocab)  # fmt: skip
+        want, steps, none = decoded(engine, prompts, s, False)
+        got, loop, tokens = decoded(engine, prompts, s, True)
+        assert none == 0 and tokens == 29  # every step after the prefill's token in the loop
+        assert_same_results(want, got)
+        assert_same_state(steps, loop)
+        layers = [e for r in got for e in r.exit_layers]
+        if threshold < 1.0:  # tokens left at each exit and went through: pending rows joined at both depths
+            assert {1, 2, 4} <= set(layers), layers
+        else:
+            assert set(layers) == {4}
+
+
+@needs_native
+def test_full_decoding_and_stops_in_the_loop():
+    """Full decoding's rounds (no exit evaluated), each sequence stopping at its own stop token or
+    length inside the loop: the same results as step by step."""
+    engine = EarlyExitEngine(build(torch.float32), linear_kernel="native")
+    plain = engine.generate(PROMPTS, GenerationSettings(max_new_tokens=12, ignore_eos=True))
+    stop = plain[1].tokens[4]  # the second sequence stops at its fifth token, the others where it comes
+    s = GenerationSettings(max_new_tokens=12, stop_token_ids=(stop,), ignore_eos=True)
+    want, steps, _ = decoded(engine, PROMPTS, s, False)
+    got, loop, tokens = decoded(engine, PROMPTS, s, True)
+    assert tokens == max(len(r.tokens) - 1 for r in got) and len(got[1].tokens) <= 5  # all but the prefill's
+    assert got[1].finish_reason == "stop"
+    assert_same_results(want, got)
+    assert_same_state(steps, loop)
+
+
+@needs_native
+def test_pending_rows_beyond_the_first_cap_raise_it():
+    """One sequence leaving at exit 1 step after step: its pending rows pile up above exit 1, and a
+    token that goes through takes them all in one layer call, more rows than the loop's first cap
+    (the batch's 1): the loop hands back, checks the kernels at the new count, raises its cap and goes
+    on, with the step-by-step results."""
+    engine = EarlyExitEngine(build(torch.float32), linear_kernel="native")
+    s = GenerationSettings("early_exit", 40, exit_thresholds={1: 0.3, 2: 0.99}, exit_policy="exact",
+                           ignore_eos=True, early_exit_threshold=1.0)  # fmt: skip
+    caps = []
+    real = native_loop.LoopPlan.more_rows
+
+    def spy(self, wanted, linear):
+        caps.append(wanted)
+        return real(self, wanted, linear)
+
+    native_loop.LoopPlan.more_rows = spy
+    try:
+        want, steps, _ = decoded(engine, PROMPTS[:1], s, False)
+        got, loop, tokens = decoded(engine, PROMPTS[:1], s, True)
+    finally:
+        native_loop.LoopPlan.more_rows = real
+    assert tokens == 39 and caps and max(caps) > 2, caps
+    assert_same_results(want, got)
+    assert_same_state(steps, loop)
+
+
+@needs_native
+def test_where_the_loop_does_not_apply_nothing_is_done():
+    engine = EarlyExitEngine(build(torch.float32), linear_kernel="native")
+    cases = [
+        GenerationSettings(max_new_tokens=6, temperature=0.8, seed=1),  # sampling
+        GenerationSettings(max_new_tokens=6, return_logprobs=True),  # log-probabilities
+        GenerationSettings("early_exit", 6, early_exit_threshold=0.5, exit_policy="cost_aware"),  # its decider
+        GenerationSettings(max_new_tokens=6, profile=True),  # profiled steps
+    ]
+    for s in cases:
+        results, _, tokens = decoded(engine, PROMPTS, s, True)
+        assert tokens == 0 and all(len(r.tokens) == 6 for r in results), s
+    results, _, tokens = decoded(engine, PROMPTS[:1], cases[2], True)  # cost_aware at one sequence: exact's
+    assert tokens == 5
+    results, _, tokens = decoded(engine, PROMPTS, GenerationSettings(max_new_tokens=6), False)  # switched off
+    assert tokens == 0
+
+
+@needs_native
+def test_full_decoding_in_the_loop_equals_the_modules_greedy_loop():
+    """fp32: the loop's full decoding gives the tokens of the modules' own greedy loop (no cache)."""
+    from tests.test_dynamic_speculation import NEW
+    from tests.test_dynamic_speculation import PROMPTS as prompts
+    from tests.test_dynamic_speculation import build as built
+    from tests.test_inference import naive_greedy
+
+    model = built(True)
+    want = [naive_greedy(model, p, NEW) for p in prompts]
+    got, _, steps = decoded(EarlyExitEngine(model, linear_kernel="native"), prompts,
+                            GenerationSettings(max_new_tokens=NEW, ignore_eos=True), True)  # fmt: skip
+    assert steps == NEW - 1 and [r.tokens for r in got] == want

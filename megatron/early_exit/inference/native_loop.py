@@ -63,12 +63,14 @@ class LoopPlan:
 def plan(passes, state, policy, batch: int) -> LoopPlan | None:
     """The loop's plan for `batch` sequences of `state` under `policy` (as `Passes.run` resolves
     it), or None where the loop does not apply (see the module docstring). Memoised per decode
-    state, by the policy's identity (a decode's rounds pass one object) and batch size."""
-    last = state.memo.get(("native loop", "last"))
-    if last is not None and last[0] is policy and last[1] == batch:
-        return last[2]
+    state, by the policy's identity (a decode's rounds pass one object; a replayed step alternates
+    two or three: `cost_model.saved_steps`) and batch size."""
+    key = ("native loop", id(policy), batch)  # the policy kept beside its plan: its id is not reused while kept
+    kept = state.memo.get(key)
+    if kept is not None and kept[0] is policy:
+        return kept[1]
     made = _plan(passes, state, policy, batch)
-    state.memo[("native loop", "last")] = (policy, batch, made)
+    state.memo[key] = (policy, made)
     return made
 
 
@@ -280,3 +282,37 @@ def clock_window(passes, state, policy, batch: int) -> Window | None:
     exact = state.remembered(("exact of", policy), lambda: dataclasses.replace(policy, mode="exact"))
     exits = [n for ns in passes.exits_by_depth(policy).values() for n in ns]
     return Window(clock, track, FREE, exact, decider, policy, exits)
+
+
+def step_once(engine, state, tokens: dict[int, int], policy):
+    """One decode step of each sequence in `tokens` as the loop runs it (a `StepOutput` with each
+    one's token in `argmax` and its exit layer), for a replayed step to be timed as greedy
+    decoding runs it (`cost_model.saved_steps`); None where the loop would not run it (a
+    cost_aware policy with exits to evaluate, or `plan` gives none: nothing done)."""
+    from megatron.early_exit.inference.passes import StepOutput
+
+    passes, seqs = engine.passes, list(tokens)
+    policy = passes.solo_policy(state, {b: [0] for b in seqs}, policy)
+    if policy.mode == "cost_aware" and passes.exits_by_depth(policy):
+        return None
+    made = plan(passes, state, policy, len(seqs))
+    if made is None:
+        return None
+    filled = state.cache.filled
+    need = sum(state.fed[b] - int(filled[: passes.num_layers, b].min()) + 1 for b in seqs)
+    if need > made.rows_cap and not made.more_rows(need, passes.lean_kernels):
+        return None
+    out, fed = StepOutput(), [state.fed[b] for b in seqs]
+
+    def keep(s: int, step: int, token: int, layer: int, conf: float, score: float) -> int:
+        out.argmax[seqs[s]], out.exit_layer[seqs[s]] = token, layer
+        return 0
+
+    cos, _, neg = passes.rotary_tables(max(fed) + 2)[:3]
+    with engine.packed:
+        native.decode([tokens[b] for b in seqs], seqs, fed, filled, state.pending, [1] * len(seqs), made.rows_cap,
+                      passes.model.embedding.word_embeddings.weight, made.run.native, made.run.shape, (cos, neg),
+                      made.exits, made.head, keep)  # fmt: skip
+    for b, f in zip(seqs, fed):
+        state.fed[b] = f
+    return out

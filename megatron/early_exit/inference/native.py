@@ -687,14 +687,21 @@ class DecodeExit:
     head: DecodeHead
 
 
-def _exit_args(exits: list[DecodeExit], gains: list[torch.Tensor]):
-    """`ee_exit_t`s of `exits` (gains: each one's norm gain, contiguous, kept alive by the caller)."""
-    args = (_ExitArgs * max(len(exits), 1))()
-    for i, (e, gain) in enumerate(zip(exits, gains)):
-        ids = None if e.head.ids is None else e.head.ids.data_ptr()
-        args[i] = _ExitArgs(e.depth, e.layer, ctypes.addressof(e.probe.ref), e.bound, e.head.panels.data_ptr(),
-                            e.head.rows, ids, gain.data_ptr(), float(e.head.norm[1]))  # fmt: skip
-    return args
+class DecodeArgs:
+    """What `decode` passes of its exits and final head, made once (a plan's every call passes the
+    same: building the structures cost a one-step call ~5-10 us, which a replayed step's timing of
+    a check, `cost_model.check_in_step`, read as the check's own): the `ee_exit_t` array and the
+    gains it points at (kept alive here)."""
+
+    def __init__(self, exits: list[DecodeExit], head: DecodeHead) -> None:
+        self.exits, self.head = exits, head
+        self.gains = [e.head.norm[0].contiguous() for e in exits] + [head.norm[0].contiguous()]
+        self.array = (_ExitArgs * max(len(exits), 1))()
+        for i, (e, gain) in enumerate(zip(exits, self.gains)):
+            ids = None if e.head.ids is None else e.head.ids.data_ptr()
+            self.array[i] = _ExitArgs(e.depth, e.layer, ctypes.addressof(e.probe.ref), e.bound,
+                                      e.head.panels.data_ptr(), e.head.rows, ids, gain.data_ptr(),
+                                      float(e.head.norm[1]))  # fmt: skip
 
 
 def decode(
@@ -709,15 +716,14 @@ def decode(
     run: LayerRun,
     shape: tuple[int, int, int, int],
     tables: tuple[torch.Tensor, torch.Tensor],
-    exits: list[DecodeExit],
-    head: DecodeHead,
+    heads: DecodeArgs,
     keep,
 ) -> tuple[int, int]:
     """Greedy decode steps of S sequences in one call (`ee_decode`): sequence s feeds tokens[s]
     at position fed[s] in cache slot slots[s], then each step's token, through `run`'s layers (the
     whole model's), its pending rows (`pending` (B, T, h), contiguous) joining at the layers where
     `filled` (the cache's (L, B) int64 fill counts, written in place) says they start, the exits'
-    learned checks on its new row and a leaver's head, else the final `head`; up to limits[s]
+    learned checks on its new row and a leaver's head, else the final head (`heads`); up to limits[s]
     steps. keep(s, step, token, exit layer, max-probability, probe score), asked of each sequence
     after each step (`step` counts this call's steps from 0), says whether s goes on (1), stops
     (0), or every sequence stops after this step (-1). `fed` is updated in place. The loop stops
@@ -728,8 +734,7 @@ def decode(
     n, h = len(tokens), embedding.shape[-1]
     i64 = ctypes.c_int64 * n
     tok, at, rows = i64(*tokens), i64(*fed), [pending[b] for b in slots]
-    gains = [e.head.norm[0].contiguous() for e in exits] + [head.norm[0].contiguous()]  # alive through the call
-    args, stop = _exit_args(exits, gains), []
+    head, stop = heads.head, []
 
     def ask(s: int, step: int, token: int, layer: int, conf: float, score: float) -> int:
         if stop:
@@ -745,7 +750,8 @@ def decode(
         n, i64(*slots), tok, at, filled.ctypes.data, filled.shape[1], i64(*(r.data_ptr() for r in rows)),
         i64(*limits), rows_cap, embedding.data_ptr(), len(run), run.ptrs, run.eps, embedding.dtype == torch.bfloat16,
         torch.get_num_threads(), h, g, per, hd, ffn, cos.data_ptr(), sin_signed.data_ptr(), *run.strides[:3],
-        len(exits), args, head.panels.data_ptr(), head.rows, gains[-1].data_ptr(), float(head.norm[1]),
+        len(heads.exits), heads.array, head.panels.data_ptr(), head.rows, heads.gains[-1].data_ptr(),
+        float(head.norm[1]),
         DECODE_KEEP(ask), ctypes.byref(steps), ctypes.byref(wanted),
     )  # fmt: skip
     for s in range(n):

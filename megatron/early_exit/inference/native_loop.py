@@ -25,6 +25,7 @@ round runs as before. `Passes.native_loop` (class attribute) False turns it off.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass
 
 from megatron.early_exit.inference import kernels, lean, native
@@ -50,6 +51,11 @@ class LoopPlan:
     shifts: dict[int, float]
     rows_cap: int
     batch: int
+
+    @functools.cached_property
+    def heads(self) -> native.DecodeArgs:
+        """The exits and final head as `native.decode` takes them, made once."""
+        return native.DecodeArgs(self.exits, self.head)
 
     def more_rows(self, wanted: int, linear: lean.LeanKernels) -> bool:
         """Raise `rows_cap` to `wanted` where the layers run natively at every row count up to it
@@ -192,7 +198,7 @@ def native_rounds(engine, state, running: list[int], batch) -> list[int] | None:
             steps, wanted = native.decode(
                 [results[b].tokens[-1] for b in going], going, fed, state.cache.filled, state.pending,
                 [left[b] for b in going], made.rows_cap, emb, made.run.native, made.run.shape, (cos, neg),
-                made.exits, made.head, keep,
+                made.heads, keep,
             )  # fmt: skip
         for b, f in zip(going, fed):
             state.fed[b] = f
@@ -312,7 +318,7 @@ def step_once(engine, state, tokens: dict[int, int], policy):
     with engine.packed:
         native.decode([tokens[b] for b in seqs], seqs, fed, filled, state.pending, [1] * len(seqs), made.rows_cap,
                       passes.model.embedding.word_embeddings.weight, made.run.native, made.run.shape, (cos, neg),
-                      made.exits, made.head, keep)  # fmt: skip
+                      made.heads, keep)  # fmt: skip
     for b, f in zip(seqs, fed):
         state.fed[b] = f
     return out

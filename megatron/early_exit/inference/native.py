@@ -661,6 +661,11 @@ class _ExitArgs(ctypes.Structure):
         ("ids", ctypes.c_void_p),
         ("gain", ctypes.c_void_p),
         ("eps", ctypes.c_float),
+        ("fc1", ctypes.c_void_p),
+        ("fc2", ctypes.c_void_p),
+        ("mlp_gain", ctypes.c_void_p),
+        ("mlp_eps", ctypes.c_float),
+        ("ffn", ctypes.c_int64),
     ]
 
 
@@ -685,6 +690,9 @@ class DecodeExit:
     probe: Probe
     bound: float
     head: DecodeHead
+    # an MLP exit's sub-block before the head's norm (`lean.ExitMLP`): (fc1 packed, fc2 packed, its
+    # width, its norm's (gain, eps)); None: the head reads the row itself
+    mlp: tuple[torch.Tensor, torch.Tensor, int, tuple[torch.Tensor, float]] | None = None
 
 
 class DecodeArgs:
@@ -696,12 +704,16 @@ class DecodeArgs:
     def __init__(self, exits: list[DecodeExit], head: DecodeHead) -> None:
         self.exits, self.head = exits, head
         self.gains = [e.head.norm[0].contiguous() for e in exits] + [head.norm[0].contiguous()]
+        self.mlp_gains = [None if e.mlp is None else e.mlp[3][0].contiguous() for e in exits]
         self.array = (_ExitArgs * max(len(exits), 1))()
-        for i, (e, gain) in enumerate(zip(exits, self.gains)):
+        for i, (e, gain, mg) in enumerate(zip(exits, self.gains, self.mlp_gains)):
             ids = None if e.head.ids is None else e.head.ids.data_ptr()
+            fc1, fc2, ffn, eps = (None, None, 0, 0.0) if e.mlp is None else (*e.mlp[:3], e.mlp[3][1])
             self.array[i] = _ExitArgs(e.depth, e.layer, ctypes.addressof(e.probe.ref), e.bound,
                                       e.head.panels.data_ptr(), e.head.rows, ids, gain.data_ptr(),
-                                      float(e.head.norm[1]))  # fmt: skip
+                                      float(e.head.norm[1]), None if fc1 is None else fc1.data_ptr(),
+                                      None if fc2 is None else fc2.data_ptr(), None if mg is None else mg.data_ptr(),
+                                      float(eps), ffn)  # fmt: skip
 
 
 def decode(

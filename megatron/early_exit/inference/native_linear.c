@@ -1568,7 +1568,39 @@ typedef struct {
     const int64_t *ids;      /* the draft vocabulary's ids those rows are, or NULL: rows 0 .. K - 1 */
     const void *gain;        /* its norm's gain (x's dtype) */
     float eps;               /* its norm's eps */
+    const void *fc1;         /* an MLP exit's sub-block (NULL: none): x + fc2(swiglu(fc1(rmsnorm(x)))), */
+    const void *fc2;         /* packed as ee_linear takes them, before its norm (`lean.ExitMLP`) */
+    const void *mlp_gain;    /* the sub-block's norm gain */
+    float mlp_eps;
+    int64_t ffn;             /* the sub-block's width (fc1: 2 ffn rows) */
 } ee_exit_t;
+
+/* Exit e's head on n leaving rows x: its MLP sub-block where it has one (`lean.mlp_block`'s two
+   calls), then ee_head's norm and projection (tokens, max-probabilities). 0, or 1 out of memory. */
+static int exit_head(const ee_exit_t *e, const void *x, int64_t n, int64_t h, int bf16, int threads, float *part,
+                     int64_t *tok, float *c) {
+    const size_t esize = bf16 ? 2 : 4;
+    char *h1 = NULL, *y = NULL;
+    if (e->fc1) {
+        h1 = (char *)malloc(esize * (size_t)(n * 2 * e->ffn));
+        y = (char *)malloc(esize * (size_t)(n * h));
+        int failed = !h1 || !y;
+        if (!failed)
+            failed = ee_linear(x, e->fc1, NULL, h1, n, h, 2 * e->ffn, bf16, threads, RMSNORM, e->mlp_gain, e->mlp_eps,
+                               NULL);
+        if (!failed) failed = ee_linear(h1, e->fc2, NULL, y, n, e->ffn, h, bf16, threads, SWIGLU, NULL, 0.f, x);
+        if (failed) {
+            free(h1);
+            free(y);
+            return 1;
+        }
+        x = y;
+    }
+    int failed = ee_head(x, e->Wp, n, h, e->K, bf16, threads, e->gain, e->eps, e->ids, 0, NULL, part, tok, c);
+    free(h1);
+    free(y);
+    return failed;
+}
 
 /* Greedy decode steps for S sequences in one call, each step as `Passes.run` makes it under
  * the exact policy with learned checks (or none: full decoding), the same calls in the same order,
@@ -1579,7 +1611,7 @@ typedef struct {
  * every sequence still going together in one ee_layer call a layer); after layer depth - 1 of
  * exit e (exits: E, by depth), its probe on each new row (in the layer's call where the layer ran
  * new rows alone, else ee_probe on them: the same scores) and a row at or above its bound leaves
- * there: its token from the exit's head (ee_head: its norm and rows, the draft vocabulary's ids),
+ * there: its token from the exit's head (its MLP sub-block if any, then ee_head: its norm and rows, the draft vocabulary's ids),
  * every row of its sequence into pending[s] at its position (the deeper layers' input, for a
  * later step). A new row through every layer takes the final head (Wp: K rows, gain, eps_h).
  * filled[l B + slots[s]] is set to fed[s] + 1 at every layer a step ran s's rows; then fed[s]
@@ -1687,8 +1719,7 @@ int ee_decode(int64_t S, const int64_t *slots, int64_t *token, int64_t *fed, int
                 }
                 if (nf) {
                     int64_t *tok = rslot; /* the head's tokens, then copied out (rslot is remade each layer) */
-                    failed = ee_head(Z, exits[e].Wp, nf, h, exits[e].K, bf16, threads, exits[e].gain, exits[e].eps,
-                                     exits[e].ids, 0, NULL, part, tok, c);
+                    failed = exit_head(&exits[e], Z, nf, h, bf16, threads, part, tok, c);
                     if (failed) break;
                     for (int64_t i = 0; i < nf; i++)
                         token[got[i]] = tok[i], conf[got[i]] = c[i], layer_of[got[i]] = exits[e].layer;

@@ -18,8 +18,9 @@ whole model on the CPU with the native kernels at every row count a step can tak
 lean layers, a plain embedding, no forward hook, no profiling, no int8 head, no exit with a block
 of its own; exits evaluated only where the policy is exact (cost_aware at one sequence is, with
 native checks: `Passes.solo_policy`) and each one's check a native learned probe
-(`UniformCheck.native`) on an exit that is its norm alone. Elsewhere `plan` gives None and the
-round runs as before. `Passes.native_loop` (class attribute) False turns it off.
+(`UniformCheck.native`) on an exit that is its norm alone or a lean MLP sub-block and its norm
+(`exit_parts`). Elsewhere `plan` gives None and the round runs as before. `Passes.native_loop`
+(class attribute) False turns it off.
 """
 
 from __future__ import annotations
@@ -134,7 +135,7 @@ def loop_exits(passes, state, policy, batch: int) -> list[tuple[native.DecodeExi
         if not isinstance(check, UniformCheck) or check.native is None or not check.exact:
             return None
         head = check.head
-        norm = lean.exit_norm(head)
+        norm, mlp = exit_parts(passes, state, head)
         if norm is None or head.temperature != 1.0:
             return None
         norm_args = (norm.weight, norm.eps)
@@ -147,8 +148,22 @@ def loop_exits(passes, state, policy, batch: int) -> list[tuple[native.DecodeExi
         if not takes_head(rows, norm, dtype):
             return None
         probe, bound = check.native
-        out.append((native.DecodeExit(d, n, probe, bound, made), check.shift))
+        out.append((native.DecodeExit(d, n, probe, bound, made, mlp), check.shift))
     return out
+
+
+def exit_parts(passes, state, head) -> tuple:
+    """(the exit's last RMSNorm, its MLP sub-block as `native.DecodeExit.mlp` takes it or None)
+    where the loop runs its head: its norm alone, or a lean MLP sub-block (`lean.ExitMLP`, bias-free
+    SwiGLU, no hook on it) and an RMSNorm; (None, None) else."""
+    norm = lean.exit_norm(head)
+    if norm is not None:
+        return norm, None
+    mlp = state.remembered(("exit mlp", id(head)), lambda: lean.exit_mlp(head))
+    if mlp is None or mlp.hooked() or type(head.norm) is not RMSNorm or mlp.fc1.dtype != passes.dtype:
+        return None, None
+    width = mlp.fc2.shape[1]
+    return head.norm, (kernels.native_copy(mlp.fc1), kernels.native_copy(mlp.fc2), width, (mlp.w, mlp.eps))
 
 
 FULL = ExitPolicy()  # a paused window's passes: no exit evaluated (one object: `plan` finds it by identity)
@@ -292,9 +307,10 @@ def clock_window(passes, state, policy, batch: int) -> Window | None:
 
 def step_once(engine, state, tokens: dict[int, int], policy):
     """One decode step of each sequence in `tokens` as the loop runs it (a `StepOutput` with each
-    one's token in `argmax` and its exit layer), for a replayed step to be timed as greedy
-    decoding runs it (`cost_model.saved_steps`); None where the loop would not run it (a
-    cost_aware policy with exits to evaluate, or `plan` gives none: nothing done)."""
+    one's token in `argmax`, its exit layer and confidence, no logits): a replayed step timed as
+    greedy decoding runs it (`cost_model.saved_steps`), a self-speculative plain round
+    (`SelfSpeculative.plain_round`); None where the loop would not run it (a cost_aware policy
+    with exits to evaluate, or `plan` gives none: nothing done)."""
     from megatron.early_exit.inference.passes import StepOutput
 
     passes, seqs = engine.passes, list(tokens)
@@ -311,7 +327,9 @@ def step_once(engine, state, tokens: dict[int, int], policy):
     out, fed = StepOutput(), [state.fed[b] for b in seqs]
 
     def keep(s: int, step: int, token: int, layer: int, conf: float, score: float) -> int:
-        out.argmax[seqs[s]], out.exit_layer[seqs[s]] = token, layer
+        b = seqs[s]
+        out.argmax[b], out.exit_layer[b] = token, layer
+        out.confidence[b] = sigmoid(score + made.shifts[layer]) if layer in made.shifts else conf
         return 0
 
     cos, _, neg = passes.rotary_tables(max(fed) + 2)[:3]

@@ -67,7 +67,8 @@ def print_costs(c: cm.DecodeCosts) -> None:
         f"\ncosts per decode step of batch {c.batch} (ms): layer {c.layer * ms:.3f} fitted (weights in the cache), "
         f"{c.layer_direct * ms:.3f} alone | fixed {c.fixed * ms:.3f} | final head {c.head * ms:.3f} | "
         f"pending layer {c.pend * ms:.4f} (a filling pass {c.pend_pass * ms:.4f} once), "
-        f"each further row per layer {c.row * ms:.4f}"
+        f"each further row per layer {c.row * ms:.4f}; a layer filling k rows: "
+        + ", ".join(f"{k} {t * ms:.4f}" for k, t in c.fill_rows)
     )
     if c.cache_bytes > 0:  # the weights' cache regime (`cost_model.WeightCache`)
         cold = ", ".join(

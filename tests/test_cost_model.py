@@ -493,10 +493,13 @@ def test_pending_costs_split_a_fill_into_its_layers_and_its_pass(monkeypatch):
         return fill_time
 
     monkeypatch.setattr(cm, "fill_time", fake(0.6, 0.2, 0.05))
-    pend, pend_pass, row = cm.pending_costs(engine, [[1, 2, 3]], policies, 2, 1, 4, Ref())
+    pend, pend_pass, row, table = cm.pending_costs(engine, [[1, 2, 3]], policies, 2, 1, 4, Ref())
     assert (pend, pend_pass, row) == (pytest.approx(0.1), pytest.approx(0.3), pytest.approx(0.025))
+    # a layer's seconds at each timed row count, the pass's share out: on the line here
+    assert [k for k, _ in table] == [1, 5, *cm.FILL_ROWS]
+    assert [t for _, t in table] == [pytest.approx(0.1 + (k - 1) * 0.025) for k, _ in table]
     monkeypatch.setattr(cm, "fill_time", fake(-0.3, 0.4, 0.05))  # a line below zero at no layer: noise
-    pend, pend_pass, _ = cm.pending_costs(engine, [[1, 2, 3]], policies, 2, 1, 4, Ref())
+    pend, pend_pass, *_ = cm.pending_costs(engine, [[1, 2, 3]], policies, 2, 1, 4, Ref())
     above = 4 - depth[1]
     assert (pend, pend_pass) == (pytest.approx((-0.3 + 0.4 * above) / above / 2), 0.0)
 
@@ -623,3 +626,18 @@ def test_one_exit_no_weights_read_or_a_cache_that_holds_the_full_step_fit_one_li
     assert cm.fit_steps(replace(two_exits(), reads={}), measured, {2: False, 5: False}).stream == 0.0
     assert cm.fit_steps(replace(two_exits(), cache_bytes=36.0), measured, {2: False, 5: False}).stream == 0.0
     assert cm.fit_steps(replace(two_exits(), cache_bytes=0.0), measured, {2: False, 5: False}).stream == 0.0
+
+
+def test_a_fill_of_many_rows_is_priced_from_the_timed_row_counts():
+    """`DecodeCosts.fill_layer`: between timed row counts on their segment, past the last at the
+    last segment's slope; a layer whose rows cost twice as much past 9 (products leaving a kernel's
+    bucket) prices 33 rows at the table's 1.5, where the line through 1 and 5 said 0.9; no table:
+    `pend` + (k - 1) `row`."""
+    table = ((1, 0.1), (5, 0.2), (9, 0.3), (17, 0.7), (33, 1.5))
+    costs = cm.DecodeCosts(4, {1: 1}, 1e-3, 0.0, 1e-3, pend=0.1, row=0.025, fill_rows=table)
+    assert [costs.fill_layer(k) for k in (1, 3, 9, 13, 33, 41)] == [
+        pytest.approx(x) for x in (0.1, 0.15, 0.3, 0.5, 1.5, 1.9)
+    ]
+    assert costs.fill((0, 33, 33)) == pytest.approx(2 * 1.5)  # two layers filling, no pass term here
+    assert replace(costs, fill_rows=()).fill_layer(33) == pytest.approx(0.1 + 32 * 0.025)
+    assert cm.scaled(costs, 2.0).fill_layer(13) == pytest.approx(1.0)

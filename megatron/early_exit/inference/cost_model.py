@@ -134,6 +134,10 @@ class DecodeCosts:
     check_step_error: dict[str, float] = field(default_factory=dict)
     pend: float = 0.0  # a layer that fills pending rows: its first extra row and the general path's work there
     pend_pass: float = 0.0  # a pass that fills pending rows, once: the general path's work that no layer owns
+    # ((k, a layer's seconds filling k pending rows per sequence), ...) for k ascending, timed
+    # (`pending_costs`); a fill of k rows per layer is priced between them (past the last, at the
+    # last two's slope); empty: `pend` + (k - 1) `row`
+    fill_rows: tuple[tuple[int, float], ...] = ()
     # The weights' cache regime (`WeightCache`): a piece ("layer", "head", "project/<n>") that reads
     # its weights from memory instead of the last-level cache costs `cold[piece]` more; `reads`
     # gives each piece's weights (a name shared by tied heads, and their bytes); `cache_bytes` the
@@ -205,7 +209,17 @@ class DecodeCosts:
         """Pending-state fill: `extra[i]` more rows per sequence at layer i (the most of any
         sequence of the pass: rows are padded to the longest)."""
         layers = [k for k in extra if k > 0]
-        return (self.pend_pass if layers else 0.0) + sum(self.pend + (k - 1) * self.row for k in layers)
+        return (self.pend_pass if layers else 0.0) + sum(self.fill_layer(k) for k in layers)
+
+    def fill_layer(self, k: int) -> float:
+        """A layer's seconds filling k pending rows per sequence (`fill_rows`, else `pend` + (k - 1) `row`)."""
+        table = self.fill_rows
+        if len(table) < 2:
+            return self.pend + (k - 1) * self.row
+        for (k0, t0), (k1, t1) in zip(table, table[1:]):
+            if k <= k1 or (k1, t1) == table[-1]:
+                return max(t0 + (k - k0) * (t1 - t0) / (k1 - k0), 0.0)
+        return table[-1][1]
 
     def step(
         self,
@@ -972,7 +986,8 @@ def measure_costs(
             per_byte = seconds / host["memory"] / moved
             costs.cold = {piece: per_byte * size for piece, (_, size) in costs.reads.items()}
     if p.exits:  # pending layers through the engine's own path (gather, layout, mask), not a layer alone
-        costs.pend, costs.pend_pass, costs.row = pending_costs(engine, prompts, policies, steps, repeats, extra, ref)
+        made = pending_costs(engine, prompts, policies, steps, repeats, extra, ref)
+        costs.pend, costs.pend_pass, costs.row, costs.fill_rows = made
         host["fill"] = ref.speed("fill")
     if p.exits and check_rounds:
         time_checks(engine, prompts, costs, check_rounds, ref)
@@ -1115,13 +1130,18 @@ def scaled(costs: DecodeCosts, speed: float) -> DecodeCosts:
         k: getattr(costs, k) * speed for k in ("layer", "fixed", "head", "row", "layer_direct", "pend", "pend_pass")
     }
     times["stream"] = costs.stream * speed  # seconds per byte
+    times["fill_rows"] = tuple((k, t * speed) for k, t in costs.fill_rows)
     tables = ("probe", "vocab", "project", "draft", "fire_hidden", "probe_exit", "cold")
     tables += ("check_step", "check_step_error")
     return replace(costs, **times, **{k: {n: t * speed for n, t in getattr(costs, k).items()} for k in tables})
 
 
+# Pending rows per sequence a fill is timed at besides 1 and 1 + extra (`pending_costs`)
+FILL_ROWS = (9, 17, 33)
+
+
 def pending_costs(engine, prompts, policies: dict, steps: int, repeats: int, extra: int, ref) -> tuple:
-    """(pend, pend_pass, row) at the host speed of `step_times` (`ReferenceStep`). A fill behind
+    """(pend, pend_pass, row, fill_rows) at the host speed of `step_times` (`ReferenceStep`). A fill behind
     exit n (one pending row per sequence in the layers above it, `fill_time`) for each exit; with
     two exits or more, the line through (layers above n, its fill's seconds): its slope is `pend`,
     a layer's share, and its intercept `pend_pass`, what a filling pass pays once (the general
@@ -1129,11 +1149,16 @@ def pending_costs(engine, prompts, policies: dict, steps: int, repeats: int, ext
     ~42 behind exit 6 priced as per-layer alone, so fills behind exit 6 were priced 25% low). One
     exit, or a line that makes a layer or a pass free (noise): the first exit's seconds per layer,
     no pass term, as before. `row`: each further pending row per layer, 1 + `extra` rows behind
-    the first exit against 1."""
+    the first exit against 1. `fill_rows`: a layer's seconds at each of FILL_ROWS pending rows
+    behind the first exit (as many as one native layer call takes for the batch), less
+    `pend_pass`: where most tokens leave early, rows pile up (the CPU reference at 0.6, 95% of tokens
+    at exit 3: fills of ~20 rows) and an fp32 layer's products cost 0.07 / 0.11 / 0.22 / 0.31 / 0.56 ms
+    at 1 / 5 / 10 / 20 / 30 rows: the line through 1 and 5 priced a 30-row fill at 0.39."""
     p, timed = engine.passes, ref.timed("fill")
     above = {n: p.num_layers - p.depth(n) for n in p.exits}
     first = min(p.exits)
-    one, more = fill_time(engine, prompts, policies[first], steps, repeats, (1, 1 + extra), timed)
+    ks = [k for k in FILL_ROWS if (k + 1) * len(prompts) <= lean.FOLD_ROWS and k not in (1, 1 + extra)]
+    one, more, *piled = fill_time(engine, prompts, policies[first], steps, repeats, (1, 1 + extra, *ks), timed)
     points = [(above[first], one)]
     for n in sorted(p.exits)[1:]:
         if above[n] > 0 and above[n] != above[first]:
@@ -1142,8 +1167,12 @@ def pending_costs(engine, prompts, policies: dict, steps: int, repeats: int, ext
     row = max(more - one, 0.0) / speed / (extra * above[first])
     slope, intercept = fit_line(points) if len(points) > 1 else (0.0, -1.0)
     if slope <= 0.0 or intercept < 0.0 or intercept > one:
-        return one / speed / above[first], 0.0, row
-    return slope / speed, intercept / speed, row
+        pend, pend_pass = one / speed / above[first], 0.0
+    else:
+        pend, pend_pass = slope / speed, intercept / speed
+    timed_rows = sorted(zip((1, 1 + extra, *ks), (one, more, *piled)))
+    table = tuple((k, max(t / speed - pend_pass, 0.0) / above[first]) for k, t in timed_rows)
+    return pend, pend_pass, row, table
 
 
 def setting_step(costs: DecodeCosts, name: str) -> tuple[list[int], tuple[int, ...]]:

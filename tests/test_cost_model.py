@@ -131,6 +131,13 @@ def test_several_pending_rows_cost_a_pending_layer_and_a_row_each_beyond_the_fir
     assert cm.predict(batch, costs, [4], False) == pytest.approx(
         (2 + 10 + 0.4 + 1) + 6.4 + (2 + 10 + 6 * 0.25 + 0.1 + 1)
     )
+    # The native loop runs each sequence's own rows (no padding): 3 rows over the 2 sequences the
+    # fill was timed at, 1.5 a sequence a layer; one row alone, half of one row per sequence
+    loop = replace(costs, padded=False, batch=2)
+    assert cm.predict(batch, loop, [4], False) == pytest.approx(
+        (2 + 10 + 0.4 + 1) + 6.4 + (2 + 10 + 6 * (0.2 + 0.5 * 0.05) + 0.1 + 1)
+    )
+    assert loop.fill_layer(0.5) == pytest.approx(0.5 * 0.2)
 
 
 def test_a_batch_step_costs_its_deepest_sequence():

@@ -138,6 +138,11 @@ class DecodeCosts:
     # (`pending_costs`); a fill of k rows per layer is priced between them (past the last, at the
     # last two's slope); empty: `pend` + (k - 1) `row`
     fill_rows: tuple[tuple[int, float], ...] = ()
+    # Whether a pass that fills pads every sequence's pending rows to the longest's (`Passes.run`'s
+    # general pass: its layout is one block of rows per sequence) or runs each sequence's own (the
+    # native loop, `native_loop`: the rows of the pass as they are). CPU reference, bf16, batch 4,
+    # learned 0.8 under exact: priced padded, 1.025x predicted against 1.213x measured.
+    padded: bool = True
     # The weights' cache regime (`WeightCache`): a piece ("layer", "head", "project/<n>") that reads
     # its weights from memory instead of the last-level cache costs `cold[piece]` more; `reads`
     # gives each piece's weights (a name shared by tied heads, and their bytes); `cache_bytes` the
@@ -205,15 +210,18 @@ class DecodeCosts:
         projection = (self.draft if self.leaves_onto_draft(n) else self.project)[n]
         return self.probe[n] + projection + self.fire_hidden.get(n, 0.0)
 
-    def fill(self, extra: Sequence[int]) -> float:
-        """Pending-state fill: `extra[i]` more rows per sequence at layer i (the most of any
-        sequence of the pass: rows are padded to the longest)."""
+    def fill(self, extra: Sequence[float]) -> float:
+        """Pending-state fill: `extra[i]` more rows per sequence at layer i (`predicted_steps`: the
+        most of any sequence of the pass where rows are padded to the longest, else the pass's
+        rows over the `batch` sequences the fill was timed at: `padded`)."""
         layers = [k for k in extra if k > 0]
         return (self.pend_pass if layers else 0.0) + sum(self.fill_layer(k) for k in layers)
 
-    def fill_layer(self, k: int) -> float:
+    def fill_layer(self, k: float) -> float:
         """A layer's seconds filling k pending rows per sequence (`fill_rows`, else `pend` + (k - 1) `row`)."""
         table = self.fill_rows
+        if k < 1:  # fewer rows than one per sequence (unpadded fills of a batch): that share of one each
+            return k * self.fill_layer(1)
         if len(table) < 2:
             return self.pend + (k - 1) * self.row
         for (k0, t0), (k1, t1) in zip(table, table[1:]):
@@ -375,7 +383,9 @@ def predicted_steps(
         live = [b for b, r in enumerate(results) if len(r.exit_layers) > t]
         exits = [results[b].exit_layers[t] for b in live]
         per_layer = [fill_rows(reached[b], costs.reach(e)) for b, e in zip(live, exits)]
-        extra = [max(rows[i] if i < len(rows) else 0 for rows in per_layer) for i in range(costs.num_layers)]
+        at = [[rows[i] if i < len(rows) else 0 for rows in per_layer] for i in range(costs.num_layers)]
+        # per layer: the longest sequence's rows (a padded pass), or the pass's rows per sequence timed
+        extra = [max(r) if costs.padded else sum(r) / costs.batch for r in at]
         kind = step_kind(max(exits), costs.num_layers, any(extra))
         steps.append((kind, costs.step(exits, sorted(evaluated), needs_vocab, extra, cache)))
     return steps
@@ -992,6 +1002,7 @@ def measure_costs(
     if p.exits and check_rounds:
         time_checks(engine, prompts, costs, check_rounds, ref)
     costs.reference = statistics.median(ref.times["steps"])
+    costs.padded = plan(p, engine.new_state(len(prompts), 8), FULL, len(prompts)) is None  # the loop fills unpadded
     return fit_steps(costs, measured, vocab_needs(policies)), measured
 
 

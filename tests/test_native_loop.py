@@ -8,6 +8,8 @@ cost_aware at several sequences, profiling, switched off) nothing is done and th
 before.
 """
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -196,35 +198,42 @@ def test_full_decoding_in_the_loop_equals_the_modules_greedy_loop():
 
 
 @needs_native
-@pytest.mark.parametrize("mode", ["paused", "free"])
+@pytest.mark.parametrize("mode", ["paused", "free", "on"])
 def test_cost_aware_windows_in_the_loop_equal_their_steps(mode, monkeypatch):
     """cost_aware at 3 sequences with its clock's every window PAUSED (full decoding's passes,
-    filling nothing since nothing leaves) or FREE (exact's decisions): the loop runs them (steps
-    made, each charged to the window's track) with the tokens, exit layers and confidences of the
-    same windows step by step, the track's pass counts equal, and (free) the decider's records of
-    every evaluation (`ExitDecider.record`) equal to those its checks made step by step."""
+    filling nothing since nothing leaves), FREE (exact's decisions) or ON (the decider's verdicts;
+    memory-bound costs: its checks skip, every REFRESH-th pass evaluates them, and the passes
+    after a leaver's hold pending rows): the loop runs them (steps made, each charged to the
+    window's track; ON's passes that evaluate nothing, one a call) with the tokens, exit layers and
+    confidences of the same windows step by step, the track's pass counts equal, and the decider's
+    records of every evaluation (`ExitDecider.record`) and skip counts equal to those its checks
+    made step by step."""
     from megatron.early_exit.inference import exit_clock
     from megatron.early_exit.inference.exit_decision import ExitDecider
-    from tests.test_exit_policy import COMPUTE_BOUND
+    from tests.test_exit_policy import COMPUTE_BOUND, MEMORY_BOUND
 
-    want_mode = exit_clock.PAUSED if mode == "paused" else exit_clock.FREE
+    SKIPPING = replace(MEMORY_BOUND, probe=0.5)  # noqa: N806 (leaving saves nothing; a check costs)
+
+    want_mode = {"paused": exit_clock.PAUSED, "free": exit_clock.FREE, "on": exit_clock.ON}[mode]
     monkeypatch.setattr(exit_clock, "WINDOW", 4)
     monkeypatch.setattr(exit_clock.Track, "next_mode", lambda self: want_mode)
     s = GenerationSettings("early_exit", 14, early_exit_threshold=0.5, exit_policy="cost_aware", ignore_eos=True)
     seen = {}
     for on in (False, True):
         engine = EarlyExitEngine(build(torch.float32), linear_kernel="native")
-        decider = engine.passes.exit_decider = ExitDecider(COMPUTE_BOUND)
+        decider = engine.passes.exit_decider = ExitDecider(SKIPPING if mode == "on" else COMPUTE_BOUND)
         decider.clock = exit_clock.ExitClock()
         policy = engine.check(s, PROMPTS)
         decider.clock.tracks[(policy, 3)] = exit_clock.Track(mode=want_mode)
         results, _, steps = decoded(engine, PROMPTS, s, on)
         (track,) = decider.clock.tracks.values()
         records = (dict(decider.evaluated), dict(decider.rows_fired), dict(decider.rows_seen), set(decider.fired))
+        records += (dict(decider.skipped), dict(decider.chance))
         seen[on] = (results, steps, list(track.by_mode), records)
     (want, none, by_mode, records), (got, steps, by_mode_loop, records_loop) = seen[False], seen[True]
-    assert none == 0 and steps == 13 and by_mode == by_mode_loop and by_mode[want_mode] == 13
+    assert none == 0 and by_mode == by_mode_loop and by_mode[want_mode] == 13
+    assert steps == 13 if mode != "on" else 0 < steps < 13, steps  # on: its evaluating passes step by step
     assert_same_results(want, got)
     assert records == records_loop
     layers = {e for r in got for e in r.exit_layers[1:]}
-    assert layers == ({4} if mode == "paused" else {1, 2, 4}), layers
+    assert layers == {"paused": {4}, "free": {1, 2, 4}, "on": layers | {4}}[mode], layers

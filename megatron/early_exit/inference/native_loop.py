@@ -33,7 +33,7 @@ from megatron.early_exit.inference import kernels, lean, native
 from megatron.early_exit.inference.exit_clock import FREE, ON, PAUSED, ExitClock
 from megatron.early_exit.inference.exit_decision import decider_of
 from megatron.early_exit.inference.fused_check import sigmoid
-from megatron.early_exit.inference.passes import ExitPolicy
+from megatron.early_exit.inference.passes import ExitPolicy, Rows
 from megatron.early_exit.inference.uniform_check import UniformCheck, uniform_checks
 from megatron.early_exit.model.norm import RMSNorm
 
@@ -206,14 +206,16 @@ def native_rounds(engine, state, running: list[int], batch) -> list[int] | None:
     cos, _, neg = passes.rotary_tables(max(state.fed[b] + left[b] for b in running) + 1)[:3]
     emb, total = passes.model.embedding.word_embeddings.weight, 0
     while going and (window is None or not window.halted):
-        fed = [state.fed[b] for b in going]
+        fed, one = [state.fed[b] for b in going], window is not None and window.mode == ON
+        if one and not window.skips_all(going):  # an on pass that evaluates an exit: the round's own way
+            break
         if window is not None:
             window.begin()
         with engine.packed:
             steps, wanted = native.decode(
                 [results[b].tokens[-1] for b in going], going, fed, state.cache.filled, state.pending,
-                [left[b] for b in going], made.rows_cap, emb, made.run.native, made.run.shape, (cos, neg),
-                made.heads, keep,
+                [1 if one else left[b] for b in going], made.rows_cap, emb, made.run.native, made.run.shape,
+                (cos, neg), made.heads, keep,
             )  # fmt: skip
         for b, f in zip(going, fed):
             state.fed[b] = f
@@ -221,6 +223,8 @@ def native_rounds(engine, state, running: list[int], batch) -> list[int] | None:
             window.flush()
         total += steps
         going = [b for b in going if b not in stopped and left[b] > 0]
+        if one and not wanted:
+            continue  # the window's next pass: asked again before it runs
         if not wanted or not made.more_rows(wanted, passes.lean_kernels):
             break
     return None if total == 0 else [b for b in running if b not in stopped]
@@ -258,6 +262,29 @@ class Window:
         self.clock, self.track, self.mode, self.runs = clock, track, mode, runs
         self.decider, self.policy, self.exits = decider, policy, sorted(exits)
         self.halted, self.mark, self.step, self.layers = False, 0.0, -1, []
+        self.asks: tuple | None = None  # an ON window's (passes, state): `skips_all`
+
+    def skips_all(self, seqs: list[int]) -> bool:
+        """An ON window's next pass over `seqs`, where nothing is pending (every exit's check in the
+        uniform step, on one row per sequence): whether every check's verdict skips it and none is
+        due a refresh (`UniformCheck.peek`); then each counts its skip as the pass would (`due`)
+        and the loop runs the pass as full decoding's. False (nothing counted) where one is due, a
+        sequence holds pending rows (the general path's checks) or an exit has no uniform check."""
+        passes, state = self.asks
+        if passes.holders(state, seqs):
+            return False
+        by_depth = passes.exits_by_depth(self.policy)
+        checks = uniform_checks(passes, state, self.policy, by_depth)
+        order = [checks.get(n) for d in sorted(by_depth) for n in by_depth[d]]
+        rows = Rows(list(seqs), [state.fed[b] for b in seqs], [1] * len(seqs), None)
+        passes.holding = set()  # as `Passes.run_pass` sets it for a cost_aware pass: no sequence holds rows
+        self.track.fired = self.decider.may_fire(passes, self.policy)  # as `pass_begins` tells it
+        self.decider.set_mode(ON)
+        if any(c is None or c.peek(rows) for c in order):
+            return False
+        for c in order:
+            c.due(rows)
+        return True
 
     def begin(self) -> None:
         """A native call begins: its first step's time starts."""
@@ -286,20 +313,24 @@ class Window:
 
 
 def clock_window(passes, state, policy, batch: int) -> Window | None:
-    """A `Window` where the decider's clock times this policy's decode steps at this pass size and
-    its current window runs PAUSED or FREE (the decider set so), else None: the round runs its own
-    way (ON passes take the decider's verdicts and the checks' skip counts)."""
+    """A `Window` where the decider's clock times this policy's decode steps at this pass size
+    (the decider set to its current window's mode: PAUSED, FREE, or ON, whose passes run in the
+    loop one at a time where they evaluate nothing), else None: the round runs its own way."""
     decider = decider_of(passes)
     if decider.costs is None or passes.profile or not passes.exits_by_depth(policy):
         return None
     clock = decider.clock_for(passes)
     track = None if clock is None else clock.tracks.get((policy, batch))
-    if track is None or track.mode == ON or not isinstance(clock, ExitClock):
+    if track is None or not isinstance(clock, ExitClock):
         return None
     track.fired = decider.may_fire(passes, policy)  # as `exit_decision.pass_begins` tells it each pass
     decider.set_mode(track.mode)
     if track.mode == PAUSED:
         return Window(clock, track, PAUSED, FULL)
+    if track.mode == ON:  # its passes that evaluate nothing: full decoding's, one a call (`skips_all`)
+        window = Window(clock, track, ON, FULL, decider, policy)
+        window.asks = (passes, state)
+        return window
     exact = state.remembered(("exact of", policy), lambda: dataclasses.replace(policy, mode="exact"))
     exits = [n for ns in passes.exits_by_depth(policy).values() for n in ns]
     return Window(clock, track, FREE, exact, decider, policy, exits)

@@ -648,3 +648,21 @@ def test_a_fill_of_many_rows_is_priced_from_the_timed_row_counts():
     assert costs.fill((0, 33, 33)) == pytest.approx(2 * 1.5)  # two layers filling, no pass term here
     assert replace(costs, fill_rows=()).fill_layer(33) == pytest.approx(0.1 + 32 * 0.025)
     assert cm.scaled(costs, 2.0).fill_layer(13) == pytest.approx(1.0)
+
+
+def test_a_steps_deeper_layers_are_priced_over_the_sequences_still_going():
+    """`DecodeCosts.layers_over`: at batch 4, three sequences leaving at exit 2 of 10 layers and
+    one going on: 2 layers over 4 sequences' rows, 8 over one's (`layer_rows`: a layer over 1 of
+    the 4 at 0.4 of one over all); counts between the timed ones on their line; every sequence at
+    one depth, or no table, every layer at the batch's rows. `layer_shares` keeps the shares rising
+    and at most 1 (timing noise may not make fewer rows dearer)."""
+    costs = cm.DecodeCosts(10, {2: 2}, 1.0, 0.0, 0.0, batch=4, layer_rows=((1, 0.4), (2, 0.6), (4, 1.0)))
+    assert costs.layers_over([2, 2, 2, 10], 10) == pytest.approx(2 * 1.0 + 8 * 0.4)
+    assert costs.layers_over([2, 2, 10, 10], 10) == pytest.approx(2 * 1.0 + 8 * 0.6)
+    assert costs.layers_over([2, 10, 10, 10], 10) == pytest.approx(2 * 1.0 + 8 * 0.8)
+    assert costs.layers_over([10] * 4, 10) == costs.layers_over([2] * 4, 10) * 5 == pytest.approx(10.0)
+    assert replace(costs, layer_rows=()).layers_over([2, 2, 2, 10], 10) == pytest.approx(10.0)
+    assert cm.predicted_step(costs, "full", True) == pytest.approx(10.0)
+    pieces = {"layer/1": 0.5, "layer/2": 0.45, "layer/4": 1.0, "layer": 9.0}
+    assert cm.layer_shares(pieces, 4) == ((1, 0.5), (2, 0.5), (4, 1.0))
+    assert cm.layer_shares({"layer/1": 0.5}, 4) == ()

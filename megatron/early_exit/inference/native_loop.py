@@ -35,6 +35,7 @@ from megatron.early_exit.inference.exit_decision import decider_of
 from megatron.early_exit.inference.fused_check import sigmoid
 from megatron.early_exit.inference.passes import ExitPolicy, Rows
 from megatron.early_exit.inference.uniform_check import UniformCheck, uniform_checks
+from megatron.early_exit.model.gpt import HeadOps
 from megatron.early_exit.model.norm import RMSNorm
 
 
@@ -43,15 +44,13 @@ class LoopPlan:
     """What `native.decode` takes of a decode state and policy, worked out once: the layers' run
     (`lean.NativeRun`), the exits (`native.DecodeExit`) and the final head, their shifts (a
     check's confidence is sigmoid(score + shift)), the most rows a layer call may take (every row
-    count up to it checked native: `lean.runs_natively`, raised as steps want more: `more_rows`),
-    and the sequences it was made for."""
+    count up to it checked native: `lean.runs_natively`, raised as steps want more: `more_rows`)."""
 
     run: lean.NativeRun
     exits: list[native.DecodeExit]
     head: native.DecodeHead
     shifts: dict[int, float]
     rows_cap: int
-    batch: int
 
     @functools.cached_property
     def heads(self) -> native.DecodeArgs:
@@ -65,6 +64,30 @@ class LoopPlan:
             return False
         self.rows_cap = wanted
         return True
+
+    def confidence(self, layer: int, conf: float, score: float) -> float:
+        """A token's confidence as the step path records it: at an exit its check's sigmoid(score +
+        shift), at the final head the head's max-probability `conf`."""
+        return sigmoid(score + self.shifts[layer]) if layer in self.shifts else conf
+
+    def steps(self, engine, state, seqs: list[int], tokens: list[int], limits: list[int], keep) -> tuple[int, int]:
+        """`native.decode` of the sequences `seqs` from `tokens`, up to limits[i] steps each, their
+        positions fed updated; where its first step wanted more rows than `rows_cap`, the cap raised
+        (`more_rows`) and the call made again. Returns (steps made, rows a step wanted, else 0)."""
+        passes = engine.passes
+        cos, _, neg = passes.rotary_tables(max(state.fed[b] + n for b, n in zip(seqs, limits)) + 1)[:3]
+        while True:
+            fed = [state.fed[b] for b in seqs]
+            with engine.packed:
+                made, wanted = native.decode(
+                    tokens, seqs, fed, state.cache.filled, state.pending, limits, self.rows_cap,
+                    passes.model.embedding.word_embeddings.weight, self.run.native, self.run.shape, (cos, neg),
+                    self.heads, keep,
+                )  # fmt: skip
+            for b, f in zip(seqs, fed):
+                state.fed[b] = f
+            if made or not wanted or not self.more_rows(wanted, passes.lean_kernels):
+                return made, wanted
 
 
 def plan(passes, state, policy, batch: int) -> LoopPlan | None:
@@ -89,7 +112,7 @@ def _plan(passes, state, policy, batch: int) -> LoopPlan | None:
         return None
     if passes.block_slots or passes.int8_head() or not passes.plain_embedding() or policy.force is not None:
         return None
-    if policy.observe or state.pending.shape[1] == 0 or type(m.head_ops).__name__ != "HeadOps":
+    if policy.observe or state.pending.shape[1] == 0 or type(m.head_ops) is not HeadOps:
         return None
     run = passes.layer_run(state, 0, L)
     emb = m.embedding.word_embeddings.weight
@@ -103,7 +126,7 @@ def _plan(passes, state, policy, batch: int) -> LoopPlan | None:
         return None
     head = native.DecodeHead(kernels.native_copy(m.output_weight()), passes.vocab, None, (final.weight, final.eps))
     shifts = {e.layer: shift for e, shift in exits}
-    return LoopPlan(run, [e for e, _ in exits], head, shifts, batch, batch)
+    return LoopPlan(run, [e for e, _ in exits], head, shifts, batch)
 
 
 def takes_head(weight, norm, dtype) -> bool:
@@ -193,7 +216,7 @@ def native_rounds(engine, state, running: list[int], batch) -> list[int] | None:
             window.passed(step, layer)
         b = going[s]
         r = results[b]
-        acc.append(r, token, layer, sigmoid(score + made.shifts[layer]) if layer in made.shifts else conf, None)
+        acc.append(r, token, layer, made.confidence(layer, conf, score), None)
         left[b] -= 1
         done = acc.stopped(r, batch.settings_of(b))
         if done:
@@ -203,29 +226,20 @@ def native_rounds(engine, state, running: list[int], batch) -> list[int] | None:
         window.mark = window.clock.clock()  # the next step's time starts after this bookkeeping
         return -1 if window.halted else 0 if done else 1
 
-    cos, _, neg = passes.rotary_tables(max(state.fed[b] + left[b] for b in running) + 1)[:3]
-    emb, total = passes.model.embedding.word_embeddings.weight, 0
+    total = 0
     while going and (window is None or not window.halted):
-        fed, one = [state.fed[b] for b in going], window is not None and window.mode == ON
+        one = window is not None and window.mode == ON
         if one and not window.skips_all(going):  # an on pass that evaluates an exit: the round's own way
             break
         if window is not None:
             window.begin()
-        with engine.packed:
-            steps, wanted = native.decode(
-                [results[b].tokens[-1] for b in going], going, fed, state.cache.filled, state.pending,
-                [1 if one else left[b] for b in going], made.rows_cap, emb, made.run.native, made.run.shape,
-                (cos, neg), made.heads, keep,
-            )  # fmt: skip
-        for b, f in zip(going, fed):
-            state.fed[b] = f
+        tokens, limits = [results[b].tokens[-1] for b in going], [1 if one else left[b] for b in going]
+        steps, wanted = made.steps(engine, state, going, tokens, limits, keep)
         if window is not None:
             window.flush()
         total += steps
         going = [b for b in going if b not in stopped and left[b] > 0]
-        if one and not wanted:
-            continue  # the window's next pass: asked again before it runs
-        if not wanted or not made.more_rows(wanted, passes.lean_kernels):
+        if wanted or not one:  # more rows than the kernels take (the step its own way), or every step made
             break
     return None if total == 0 else [b for b in running if b not in stopped]
 
@@ -351,23 +365,12 @@ def step_once(engine, state, tokens: dict[int, int], policy):
     made = plan(passes, state, policy, len(seqs))
     if made is None:
         return None
-    filled = state.cache.filled
-    need = sum(state.fed[b] - int(filled[: passes.num_layers, b].min()) + 1 for b in seqs)
-    if need > made.rows_cap and not made.more_rows(need, passes.lean_kernels):
-        return None
-    out, fed = StepOutput(), [state.fed[b] for b in seqs]
+    out = StepOutput()
 
     def keep(s: int, step: int, token: int, layer: int, conf: float, score: float) -> int:
         b = seqs[s]
-        out.argmax[b], out.exit_layer[b] = token, layer
-        out.confidence[b] = sigmoid(score + made.shifts[layer]) if layer in made.shifts else conf
+        out.argmax[b], out.exit_layer[b], out.confidence[b] = token, layer, made.confidence(layer, conf, score)
         return 0
 
-    cos, _, neg = passes.rotary_tables(max(fed) + 2)[:3]
-    with engine.packed:
-        native.decode([tokens[b] for b in seqs], seqs, fed, filled, state.pending, [1] * len(seqs), made.rows_cap,
-                      passes.model.embedding.word_embeddings.weight, made.run.native, made.run.shape, (cos, neg),
-                      made.heads, keep)  # fmt: skip
-    for b, f in zip(seqs, fed):
-        state.fed[b] = f
-    return out
+    steps, _ = made.steps(engine, state, seqs, [tokens[b] for b in seqs], [1] * len(seqs), keep)
+    return out if steps else None

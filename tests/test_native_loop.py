@@ -198,23 +198,26 @@ def test_full_decoding_in_the_loop_equals_the_modules_greedy_loop():
 
 
 @needs_native
-@pytest.mark.parametrize("mode", ["paused", "free", "on"])
-def test_cost_aware_windows_in_the_loop_equal_their_steps(mode, monkeypatch):
+@pytest.mark.parametrize("mode", ["paused", "free", "on", "on leaving"])
+@pytest.mark.parametrize("fixed", [False, True])
+def test_cost_aware_windows_in_the_loop_equal_their_steps(mode, fixed, monkeypatch):
     """cost_aware at 3 sequences with its clock's every window PAUSED (full decoding's passes,
-    filling nothing since nothing leaves), FREE (exact's decisions) or ON (the decider's verdicts;
-    memory-bound costs: its checks skip, every REFRESH-th pass evaluates them, and the passes
-    after a leaver's hold pending rows): the loop runs them (steps made, each charged to the
-    window's track; ON's passes that evaluate nothing, one a call) with the tokens, exit layers and
-    confidences of the same windows step by step, the track's pass counts equal, and the decider's
-    records of every evaluation (`ExitDecider.record`) and skip counts equal to those its checks
-    made step by step."""
+    filling nothing since nothing leaves), FREE (every firing row leaves) or ON (the decider's
+    verdicts; memory-bound costs: its checks skip, every REFRESH-th pass evaluates them; "on
+    leaving": compute-bound costs, under which firing rows leave, so that later passes hold pending
+    rows and their checks see several rows a sequence), under the clock or a `FixedMode` (the
+    benchmark's held modes): the loop runs every step (each charged to the window's track), at each
+    exit asking the decider whether to evaluate and whether firing rows leave, with the tokens,
+    exit layers and confidences of the same windows step by step, the track's pass counts equal,
+    and the decider's records of every evaluation (`ExitDecider.record`), skip counts and chances
+    equal to those its checks made step by step."""
     from megatron.early_exit.inference import exit_clock
     from megatron.early_exit.inference.exit_decision import ExitDecider
     from tests.test_exit_policy import COMPUTE_BOUND, MEMORY_BOUND
 
     SKIPPING = replace(MEMORY_BOUND, probe=0.5)  # noqa: N806 (leaving saves nothing; a check costs)
 
-    want_mode = {"paused": exit_clock.PAUSED, "free": exit_clock.FREE, "on": exit_clock.ON}[mode]
+    want_mode = {"paused": exit_clock.PAUSED, "free": exit_clock.FREE}.get(mode, exit_clock.ON)
     monkeypatch.setattr(exit_clock, "WINDOW", 4)
     monkeypatch.setattr(exit_clock.Track, "next_mode", lambda self: want_mode)
     s = GenerationSettings("early_exit", 14, early_exit_threshold=0.5, exit_policy="cost_aware", ignore_eos=True)
@@ -222,9 +225,11 @@ def test_cost_aware_windows_in_the_loop_equal_their_steps(mode, monkeypatch):
     for on in (False, True):
         engine = EarlyExitEngine(build(torch.float32), linear_kernel="native")
         decider = engine.passes.exit_decider = ExitDecider(SKIPPING if mode == "on" else COMPUTE_BOUND)
-        decider.clock = exit_clock.ExitClock()
-        policy = engine.check(s, PROMPTS)
-        decider.clock.tracks[(policy, 3)] = exit_clock.Track(mode=want_mode)
+        if fixed:
+            decider.clock = exit_clock.FixedMode(want_mode)
+        else:
+            decider.clock = exit_clock.ExitClock()
+            decider.clock.tracks[(engine.check(s, PROMPTS), 3)] = exit_clock.Track(mode=want_mode)
         results, _, steps = decoded(engine, PROMPTS, s, on)
         (track,) = decider.clock.tracks.values()
         records = (dict(decider.evaluated), dict(decider.rows_fired), dict(decider.rows_seen), set(decider.fired))
@@ -232,8 +237,11 @@ def test_cost_aware_windows_in_the_loop_equal_their_steps(mode, monkeypatch):
         seen[on] = (results, steps, list(track.by_mode), records)
     (want, none, by_mode, records), (got, steps, by_mode_loop, records_loop) = seen[False], seen[True]
     assert none == 0 and by_mode == by_mode_loop and by_mode[want_mode] == 13
-    assert steps == 13 if mode != "on" else 0 < steps < 13, steps  # on: its evaluating passes step by step
+    assert steps == 13
     assert_same_results(want, got)
     assert records == records_loop
     layers = {e for r in got for e in r.exit_layers[1:]}
-    assert layers == {"paused": {4}, "free": {1, 2, 4}, "on": layers | {4}}[mode], layers
+    want_layers = {"paused": {4}, "free": {1, 2, 4}, "on": {4}, "on leaving": {1, 2, 4}}[mode]
+    assert layers == want_layers, layers
+    if mode == "on":  # skipped, then evaluated on a refresh
+        assert records[4] and records[0], records

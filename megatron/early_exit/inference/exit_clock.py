@@ -213,6 +213,10 @@ class ExitClock:
         self.running = (track, self.clock())
         return track.mode
 
+    def track_of(self, key: tuple) -> Track | None:
+        """`key`'s track where a pass of it has begun (`start` makes it), else None."""
+        return self.tracks.get(key)
+
     def stop(self) -> None:
         """The clocked pass ended: its time charged to its window."""
         if self.running is not None:
@@ -229,22 +233,35 @@ class ExitClock:
         return out
 
 
+class HeldTrack(Track):
+    """A track whose every pass runs in its one mode: its passes counted, no window timed."""
+
+    def charge(self, seconds: float) -> None:
+        self.by_mode[self.mode] += 1
+
+
 class FixedMode:
     """A clock that runs every clocked pass in one mode and times nothing: what a policy decodes at
     under that mode alone (`benchmarks/decode_speed.py --clock-modes`; set as an engine's
-    `ExitDecider.clock`). Its one track counts the passes, as `passes_by_mode` reads them."""
+    `ExitDecider.clock`), step by step or in the native loop (`native_loop.Window`) as the clock's
+    windows run. Its one track counts the passes, as `passes_by_mode` reads them."""
 
-    def __init__(self, mode: int) -> None:
+    def __init__(self, mode: int, clock=time.perf_counter) -> None:
         if mode not in MODES:
             raise ValueError(f"FixedMode: mode {mode!r}: expected one of {MODES} (paused, on, free)")
-        self.mode = mode
-        self.tracks = {"fixed": Track(mode=mode)}
+        self.mode, self.clock = mode, clock
+        self.tracks = {"fixed": HeldTrack(mode=mode)}
 
     def start(self, key: tuple, fired: bool = True) -> int:
+        self.tracks["fixed"].fired = fired
         return self.mode
 
+    def track_of(self, key: tuple) -> Track:
+        """The one track, whatever the key."""
+        return self.tracks["fixed"]
+
     def stop(self) -> None:
-        self.tracks["fixed"].by_mode[self.mode] += 1
+        self.tracks["fixed"].charge(0.0)
 
 
 def passes_by_mode(engine) -> list[int]:

@@ -103,6 +103,18 @@ DECODE_KEEP = ctypes.CFUNCTYPE(
     ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_float, ctypes.c_float
 )
 
+# `decode`'s decide(exit index, phase, info, firing count, firing indices): whether the exit is
+# evaluated (phase 0) or its firing rows leave (phase 1); `ee_decode` says what info holds
+DECODE_DECIDE = ctypes.CFUNCTYPE(
+    ctypes.c_int,
+    ctypes.c_int64,
+    ctypes.c_int64,
+    ctypes.POINTER(ctypes.c_int64),
+    ctypes.c_int64,
+    ctypes.POINTER(ctypes.c_int64),
+)
+NO_DECIDE = ctypes.cast(None, DECODE_DECIDE)  # NULL: the exact policy's decisions
+
 
 @functools.cache
 def library() -> ctypes.CDLL | None:
@@ -146,7 +158,8 @@ def library() -> ctypes.CDLL | None:
     lib.ee_drafts.argtypes += [vp, vp, vp, vp, vp, i64, vp, vp, ctypes.c_float, KEEP, i32, vp, vp, vp]
     lib.ee_drafts.restype = i32
     lib.ee_decode.argtypes = [i64, vp, vp, vp, vp, i64, vp, vp, i64, vp, i64, vp, vp, i32, i32] + [i64] * 5
-    lib.ee_decode.argtypes += [vp, vp, i64, i64, i64, i64, vp, vp, i64, vp, ctypes.c_float, DECODE_KEEP, vp, vp]
+    lib.ee_decode.argtypes += [vp, vp, i64, i64, i64, i64, vp, vp, i64, vp, ctypes.c_float, DECODE_KEEP]
+    lib.ee_decode.argtypes += [DECODE_DECIDE, vp, vp]
     lib.ee_decode.restype = i32
     lib.ee_amx.argtypes = [i32]
     lib.ee_amx.restype = i32
@@ -716,6 +729,32 @@ class DecodeArgs:
                                       float(eps), ffn)  # fmt: skip
 
 
+class _Told:
+    """`decode`'s callbacks as the C loop calls them: an exception must not cross its frames, so
+    the first is kept (`stop`, raised after the call) and the loop told to halt."""
+
+    def __init__(self, keep, decide, n: int) -> None:
+        self.keep_, self.decide_, self.n, self.stop = keep, decide, n, []
+
+    def keep(self, s: int, step: int, token: int, layer: int, conf: float, score: float) -> int:
+        if self.stop:
+            return -1
+        try:
+            return int(self.keep_(s, step, token, layer, conf, score))
+        except BaseException as e:  # noqa: BLE001 (re-raised by `decode`)
+            self.stop.append(e)
+            return -1
+
+    def decide(self, e: int, phase: int, info, nf: int, fires) -> int:
+        if self.stop:
+            return 0
+        try:
+            return int(bool(self.decide_(e, phase, info[: 2 * self.n], fires[:nf] if nf else [])))
+        except BaseException as err:  # noqa: BLE001 (re-raised by `decode`; keep then halts the loop)
+            self.stop.append(err)
+            return 0
+
+
 def decode(
     tokens: list[int],
     slots: list[int],
@@ -730,6 +769,7 @@ def decode(
     tables: tuple[torch.Tensor, torch.Tensor],
     heads: DecodeArgs,
     keep,
+    decide=None,
 ) -> tuple[int, int]:
     """Greedy decode steps of S sequences in one call (`ee_decode`): sequence s feeds tokens[s]
     at position fed[s] in cache slot slots[s], then each step's token, through `run`'s layers (the
@@ -738,38 +778,32 @@ def decode(
     learned checks on its new row and a leaver's head, else the final head (`heads`); up to limits[s]
     steps. keep(s, step, token, exit layer, max-probability, probe score), asked of each sequence
     after each step (`step` counts this call's steps from 0), says whether s goes on (1), stops
-    (0), or every sequence stops after this step (-1). `fed` is updated in place. The loop stops
-    before a step whose rows in one layer call would exceed `rows_cap`. Returns (the steps made,
-    the rows that step wanted, else 0)."""
+    (0), or every sequence stops after this step (-1). decide(e, phase, info, fires) (None: every
+    exit evaluated, every firing row leaving) is asked at exit e (an index into `heads.exits`) of
+    each step: phase 0, before the layer below it runs, whether it is evaluated, info a list of the
+    rows each sequence has there (0: not there) then whether each held pending rows as the step
+    began; phase 1, after an evaluation, whether its firing rows leave, `fires` their indices among
+    the sequences there. `fed` is updated in place. The loop stops before a step whose rows in one
+    layer call would exceed `rows_cap`. Returns (the steps made, the rows that step wanted, else 0)."""
     g, per, hd, ffn = shape
     cos, sin_signed = tables
     n, h = len(tokens), embedding.shape[-1]
     i64 = ctypes.c_int64 * n
     tok, at, rows = i64(*tokens), i64(*fed), [pending[b] for b in slots]
-    head, stop = heads.head, []
-
-    def ask(s: int, step: int, token: int, layer: int, conf: float, score: float) -> int:
-        if stop:
-            return -1
-        try:  # an exception must not cross the C frames: kept, raised after
-            return int(keep(s, step, token, layer, conf, score))
-        except BaseException as e:  # noqa: BLE001 (re-raised below)
-            stop.append(e)
-            return -1
-
+    head, told = heads.head, _Told(keep, decide, n)
     steps, wanted = ctypes.c_int64(0), ctypes.c_int64(0)
     rc = library().ee_decode(
         n, i64(*slots), tok, at, filled.ctypes.data, filled.shape[1], i64(*(r.data_ptr() for r in rows)),
         i64(*limits), rows_cap, embedding.data_ptr(), len(run), run.ptrs, run.eps, embedding.dtype == torch.bfloat16,
         torch.get_num_threads(), h, g, per, hd, ffn, cos.data_ptr(), sin_signed.data_ptr(), *run.strides[:3],
         len(heads.exits), heads.array, head.panels.data_ptr(), head.rows, heads.gains[-1].data_ptr(),
-        float(head.norm[1]),
-        DECODE_KEEP(ask), ctypes.byref(steps), ctypes.byref(wanted),
+        float(head.norm[1]), DECODE_KEEP(told.keep),
+        NO_DECIDE if decide is None else DECODE_DECIDE(told.decide), ctypes.byref(steps), ctypes.byref(wanted),
     )  # fmt: skip
     for s in range(n):
         fed[s] = at[s]
-    if stop:
-        raise stop[0]
+    if told.stop:
+        raise told.stop[0]
     if rc != 0:
         raise MemoryError("native kernel: out of memory for a decode loop's rows")
     return steps.value, wanted.value

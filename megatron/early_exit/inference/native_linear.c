@@ -1621,20 +1621,28 @@ static int exit_head(const ee_exit_t *e, const void *x, int64_t n, int64_t h, in
  * step (-1: the caller's clock ends its window, or an error in its callback). A sequence makes at most
  * limit[s] steps; the loop stops before a step whose rows in some layer call would exceed
  * rows_cap (the caller's native kernels take that many), *wanted then the rows it needed (else 0).
+ * decide (NULL: every exit evaluated, every row at its bound leaving, the exact policy) is asked at
+ * each exit a step reaches, before the layer below it runs: decide(e, 0, info, 0, NULL), info[s]
+ * the rows sequence s has there (0: not there), info[S + s] whether it held pending rows as the
+ * step began, says whether the exit is evaluated (0: its check skipped, as cost_aware skips it);
+ * and after an evaluation, decide(e, 1, info, nf, fires), fires the indices (among the sequences
+ * there, in order) of the nf rows at or above the bound, says whether they leave (0: all stay).
  * *steps: steps made. 0 on success, 1 when memory runs out (the steps made by then are whole). */
 int ee_decode(int64_t S, const int64_t *slots, int64_t *token, int64_t *fed, int64_t *filled, int64_t B,
               const int64_t *pending, const int64_t *limit, int64_t rows_cap, const void *emb, int64_t L,
               const int64_t *ptrs, const float *eps, int bf16, int threads, int64_t h, int64_t G, int64_t per,
               int64_t hd, int64_t ffn, const float *cos, const float *sin, int64_t sb, int64_t sg, int64_t st,
               int64_t E, const ee_exit_t *exits, const void *Wp, int64_t K, const void *gain, float eps_h,
-              int (*keep)(int64_t, int64_t, int64_t, int64_t, float, float), int64_t *steps, int64_t *wanted) {
+              int (*keep)(int64_t, int64_t, int64_t, int64_t, float, float),
+              int (*decide)(int64_t, int64_t, const int64_t *, int64_t, const int64_t *), int64_t *steps,
+              int64_t *wanted) {
     const size_t row = (size_t)h * (bf16 ? 2 : 4);
     int64_t Kmax = K;
     for (int64_t e = 0; e < E; e++) Kmax = exits[e].K > Kmax ? exits[e].K : Kmax;
     const int64_t R = rows_cap > S ? rows_cap : S;
     /* per sequence: going, its position this step, walking this step, the step's exit layer,
        max-probability and score, steps made; per row: its sequence, position, slot, and new or not */
-    int64_t *ints = (int64_t *)malloc(sizeof(int64_t) * (size_t)(6 * S + 4 * R + L * S + S + 1));
+    int64_t *ints = (int64_t *)malloc(sizeof(int64_t) * (size_t)(9 * S + 4 * R + L * S + S + 1));
     float *floats = (float *)malloc(sizeof(float) * (size_t)(2 * S + R + 2 * R * hd + S * Kmax + S + 1));
     char *bufs = (char *)malloc(row * (size_t)(2 * R + S + 1));
     int *exit_at = (int *)malloc(sizeof(int) * (size_t)(L + 2));
@@ -1642,7 +1650,8 @@ int ee_decode(int64_t S, const int64_t *slots, int64_t *token, int64_t *fed, int
     *steps = *wanted = 0;
     if (failed) goto done;
     int64_t *going = ints, *p = going + S, *walk = p + S, *layer_of = walk + S, *made = layer_of + S,
-            *got = made + S, *rs = got + S, *rq = rs + R, *rslot = rq + R, *rnew = rslot + R, *f0 = rnew + R;
+            *got = made + S, *rs = got + S, *rq = rs + R, *rslot = rq + R, *rnew = rslot + R, *f0 = rnew + R,
+            *info = f0 + L * S, *fires = info + 2 * S; /* decide's: rows at the exit, held; firing indices */
     float *conf = floats, *score = conf + S, *scores = score + S, *tc = scores + R, *ts = tc + R * hd,
           *part = ts + R * hd, *c = part + S * Kmax;
     char *X = bufs, *Y = X + (size_t)R * row, *Z = Y + (size_t)R * row; /* Z: gathered new rows */
@@ -1667,6 +1676,7 @@ int ee_decode(int64_t S, const int64_t *slots, int64_t *token, int64_t *fed, int
             if (!going[s]) continue;
             p[s] = fed[s], conf[s] = 0.f, score[s] = 0.f, layer_of[s] = L;
             for (int64_t l = 0; l < L; l++) f0[l * S + s] = filled[l * B + slots[s]];
+            info[S + s] = f0[(L - 1) * S + s] < fed[s]; /* it holds pending rows as the step begins */
             memcpy(X + (size_t)n * row, (const char *)emb + (size_t)token[s] * row, row);
             rs[n] = s, rq[n] = p[s], rnew[n] = 1, n++;
         }
@@ -1688,7 +1698,12 @@ int ee_decode(int64_t S, const int64_t *slots, int64_t *token, int64_t *fed, int
                 top = rq[r] > top ? rq[r] : top;
                 nw += rnew[r];
             }
-            const int e = exit_at[l + 1];
+            int e = exit_at[l + 1];
+            if (e >= 0 && decide) { /* whether the exit is evaluated, from the rows each sequence has there */
+                for (int64_t s = 0; s < S; s++) info[s] = 0;
+                for (int64_t r = 0; r < n; r++) info[rs[r]]++;
+                if (!decide(e, 0, info, 0, NULL)) e = -1;
+            }
             const ee_probe_t *in_layer = e >= 0 && nw == n ? exits[e].probe : NULL;
             const int64_t *w = ptrs + 8 * l;
             failed = ee_layer(X, Y, n, bf16, threads, h, G, per, hd, ffn, (const void *)w[0], eps[2 * l],
@@ -1710,12 +1725,15 @@ int ee_decode(int64_t S, const int64_t *slots, int64_t *token, int64_t *fed, int
                 for (int64_t r = 0, i = 0; r < n; r++) {
                     if (!rnew[r]) continue;
                     const int64_t s = rs[r];
-                    score[s] = scores[i++];
-                    if ((double)score[s] >= exits[e].bound) {
-                        memcpy(Z + (size_t)nf * row, Y + (size_t)r * row, row); /* the leavers' rows, for the head */
-                        got[nf++] = s;
-                        walk[s] = 0;
-                    }
+                    score[s] = scores[i];
+                    if ((double)score[s] >= exits[e].bound) fires[nf] = i, got[nf++] = r;
+                    i++;
+                }
+                if (decide && !decide(e, 1, info, nf, fires)) nf = 0; /* the firing rows stay */
+                for (int64_t i = 0; i < nf; i++) { /* the leavers' rows, for the head */
+                    memcpy(Z + (size_t)i * row, Y + (size_t)got[i] * row, row);
+                    got[i] = rs[got[i]];
+                    walk[got[i]] = 0;
                 }
                 if (nf) {
                     int64_t *tok = rslot; /* the head's tokens, then copied out (rslot is remade each layer) */

@@ -1,5 +1,5 @@
-"""Greedy decode steps in one native call: full decoding, and early exit under the exact policy
-with learned checks, for the rounds of `Strategy.round` (`native_rounds`).
+"""Greedy decode steps in one native call: full decoding, and early exit with learned checks
+under the exact policy or cost_aware's windows, for the rounds of `Strategy.round` (`native_rounds`).
 
 A decode step on the CPU reference model (bf16, batch 1) took ~1.2 ms, ~1.0 of it in its native
 calls (the run of layers, the head) and ~0.2 ms in the Python around them: the pass's setup
@@ -16,11 +16,17 @@ Python once a token, for `Acceptance` to record it and say whether the sequence 
 It applies to greedy rounds that need tokens alone (no log-probabilities, no logit bias), on a
 whole model on the CPU with the native kernels at every row count a step can take (`rows_cap`),
 lean layers, a plain embedding, no forward hook, no profiling, no int8 head, no exit with a block
-of its own; exits evaluated only where the policy is exact (cost_aware at one sequence is, with
-native checks: `Passes.solo_policy`) and each one's check a native learned probe
-(`UniformCheck.native`) on an exit that is its norm alone or a lean MLP sub-block and its norm
-(`exit_parts`). Elsewhere `plan` gives None and the round runs as before. `Passes.native_loop`
-(class attribute) False turns it off.
+of its own; each exit's check a native learned probe (`UniformCheck.native`) on an exit that is
+its norm alone or a lean MLP sub-block and its norm (`exit_parts`). Under cost_aware (at one
+sequence it is exact with native checks: `Passes.solo_policy`) the loop runs its clock's windows
+(`Window`): a paused one's steps as full decoding's, an on or free one's asking the decider at
+each exit of each step whether it evaluates and whether the rows that fire leave (`native.decode`'s
+decide: the calls `Passes.run`'s checks make, in its order, so the same decisions and the same
+records). Those passes had run step by step in Python, whose ~0.2 ms a step is what a batch-4 step
+saves by leaving: CPU reference, bf16, 32 tokens, learned 0.8 at batch 4 decoded at 0.88x full
+decoding paired under the clock (its on windows at 0.83x), 1.06x with them in the loop (on
+1.09x). Elsewhere `plan` gives None and the round runs as before. `Passes.native_loop` (class
+attribute) False turns it off.
 """
 
 from __future__ import annotations
@@ -30,7 +36,7 @@ import functools
 from dataclasses import dataclass
 
 from megatron.early_exit.inference import kernels, lean, native
-from megatron.early_exit.inference.exit_clock import FREE, ON, PAUSED, ExitClock
+from megatron.early_exit.inference.exit_clock import PAUSED
 from megatron.early_exit.inference.exit_decision import decider_of
 from megatron.early_exit.inference.fused_check import sigmoid
 from megatron.early_exit.inference.passes import ExitPolicy, Rows
@@ -51,6 +57,9 @@ class LoopPlan:
     head: native.DecodeHead
     shifts: dict[int, float]
     rows_cap: int
+    # each exit's `UniformCheck` where the policy is cost_aware (its decider says, at each exit of
+    # each step, whether it is evaluated and whether firing rows leave: `Window.decide`); [] exact
+    checks: list = dataclasses.field(default_factory=list)
 
     @functools.cached_property
     def heads(self) -> native.DecodeArgs:
@@ -70,10 +79,13 @@ class LoopPlan:
         shift), at the final head the head's max-probability `conf`."""
         return sigmoid(score + self.shifts[layer]) if layer in self.shifts else conf
 
-    def steps(self, engine, state, seqs: list[int], tokens: list[int], limits: list[int], keep) -> tuple[int, int]:
+    def steps(self, engine, state, seqs: list[int], tokens: list[int], limits: list[int], keep, decide=None) -> tuple:
         """`native.decode` of the sequences `seqs` from `tokens`, up to limits[i] steps each, their
-        positions fed updated; where its first step wanted more rows than `rows_cap`, the cap raised
-        (`more_rows`) and the call made again. Returns (steps made, rows a step wanted, else 0)."""
+        positions fed updated (`decide`: the cost_aware checks' decisions, `Window.decide`); where
+        its first step wanted more rows than `rows_cap`, the cap raised (`more_rows`) and the call
+        made again. Returns (steps made, rows a step wanted, else 0)."""
+        if self.checks and decide is None:
+            raise ValueError("a cost_aware plan's loop needs its decider's decisions (decide)")
         passes = engine.passes
         cos, _, neg = passes.rotary_tables(max(state.fed[b] + n for b, n in zip(seqs, limits)) + 1)[:3]
         while True:
@@ -82,7 +94,7 @@ class LoopPlan:
                 made, wanted = native.decode(
                     tokens, seqs, fed, state.cache.filled, state.pending, limits, self.rows_cap,
                     passes.model.embedding.word_embeddings.weight, self.run.native, self.run.shape, (cos, neg),
-                    self.heads, keep,
+                    self.heads, keep, decide,
                 )  # fmt: skip
             for b, f in zip(seqs, fed):
                 state.fed[b] = f
@@ -125,8 +137,9 @@ def _plan(passes, state, policy, batch: int) -> LoopPlan | None:
     if not all(lean.runs_natively(run, a, passes.lean_kernels) for a in range(1, batch + 1)):
         return None
     head = native.DecodeHead(kernels.native_copy(m.output_weight()), passes.vocab, None, (final.weight, final.eps))
-    shifts = {e.layer: shift for e, shift in exits}
-    return LoopPlan(run, [e for e, _ in exits], head, shifts, batch)
+    shifts = {e.layer: shift for e, shift, _ in exits}
+    checks = [c for _, _, c in exits] if policy.mode == "cost_aware" else []
+    return LoopPlan(run, [e for e, _, _ in exits], head, shifts, batch, checks)
 
 
 def takes_head(weight, norm, dtype) -> bool:
@@ -142,20 +155,21 @@ def takes_head(weight, norm, dtype) -> bool:
     return not lean.watched((norm,))
 
 
-def loop_exits(passes, state, policy, batch: int) -> list[tuple[native.DecodeExit, float]] | None:
-    """(exit, its shift) for each exit `policy` evaluates, by depth, where each is a native learned
-    check on a norm-only exit whose head runs natively at up to `batch` rows; [] where it evaluates
-    none; None where an exit does not qualify or the policy is not exact."""
+def loop_exits(passes, state, policy, batch: int) -> list[tuple[native.DecodeExit, float, UniformCheck]] | None:
+    """(exit, its shift, its check) for each exit `policy` evaluates, by depth, where each is a
+    native learned check (`UniformCheck.native`) on an exit whose head the loop runs natively at up
+    to `batch` rows (`exit_parts`); [] where it evaluates none; None where an exit does not
+    qualify."""
     by_depth = passes.exits_by_depth(policy)
     if not by_depth:
         return []
-    if policy.mode != "exact" or any(len(ns) != 1 or d >= passes.num_layers for d, ns in by_depth.items()):
+    if any(len(ns) != 1 or d >= passes.num_layers for d, ns in by_depth.items()):
         return None
     checks, dtype, out = uniform_checks(passes, state, policy, by_depth), passes.dtype, []
     for d in sorted(by_depth):
         n = by_depth[d][0]
         check = checks.get(n)
-        if not isinstance(check, UniformCheck) or check.native is None or not check.exact:
+        if not isinstance(check, UniformCheck) or check.native is None:
             return None
         head = check.head
         norm, mlp = exit_parts(passes, state, head)
@@ -171,7 +185,7 @@ def loop_exits(passes, state, policy, batch: int) -> list[tuple[native.DecodeExi
         if not takes_head(rows, norm, dtype):
             return None
         probe, bound = check.native
-        out.append((native.DecodeExit(d, n, probe, bound, made, mlp), check.shift))
+        out.append((native.DecodeExit(d, n, probe, bound, made, mlp), check.shift, check))
     return out
 
 
@@ -209,12 +223,11 @@ def native_rounds(engine, state, running: list[int], batch) -> list[int] | None:
     if min(left.values()) <= 0:
         return None
     stopped: set[int] = set()
-    going = list(running)
 
     def keep(s: int, step: int, token: int, layer: int, conf: float, score: float) -> int:
         if window is not None:
-            window.passed(step, layer)
-        b = going[s]
+            window.passed(step)
+        b = running[s]
         r = results[b]
         acc.append(r, token, layer, made.confidence(layer, conf, score), None)
         left[b] -= 1
@@ -226,27 +239,18 @@ def native_rounds(engine, state, running: list[int], batch) -> list[int] | None:
         window.mark = window.clock.clock()  # the next step's time starts after this bookkeeping
         return -1 if window.halted else 0 if done else 1
 
-    total = 0
-    while going and (window is None or not window.halted):
-        one = window is not None and window.mode == ON
-        if one and not window.skips_all(going):  # an on pass that evaluates an exit: the round's own way
-            break
-        if window is not None:
-            window.begin()
-        tokens, limits = [results[b].tokens[-1] for b in going], [1 if one else left[b] for b in going]
-        steps, wanted = made.steps(engine, state, going, tokens, limits, keep)
-        if window is not None:
-            window.flush()
-        total += steps
-        going = [b for b in going if b not in stopped and left[b] > 0]
-        if wanted or not one:  # more rows than the kernels take (the step its own way), or every step made
-            break
-    return None if total == 0 else [b for b in running if b not in stopped]
+    decide = None
+    if window is not None:
+        window.begin(running, made.checks)
+        decide = window.decide if made.checks else None
+    tokens, limits = [results[b].tokens[-1] for b in running], [left[b] for b in running]
+    steps, _ = made.steps(engine, state, running, tokens, limits, keep, decide)
+    return None if steps == 0 else [b for b in running if b not in stopped]
 
 
 def loop_for(engine, state, running: list[int], batch) -> tuple | None:
     """(passes, `LoopPlan`, `Window` or None) for a round of the `running` slots: greedy, tokens
-    alone, the policy as `Passes.run` resolves it (cost_aware: its clock's paused or free window);
+    alone, the policy as `Passes.run` resolves it (cost_aware: its clock's current window);
     None where the loop does not apply."""
     passes = getattr(engine, "passes", None)
     if passes is None or not running or getattr(batch.settings, "logit_bias", None):
@@ -254,7 +258,7 @@ def loop_for(engine, state, running: list[int], batch) -> tuple | None:
     if any(batch.settings_of(b).temperature > 0 or batch.settings_of(b).return_logprobs for b in running):
         return None
     policy, window = passes.solo_policy(state, {b: [0] for b in running}, batch.policy), None
-    if policy.mode == "cost_aware":  # its paused and free windows: full decoding's passes, exact's
+    if policy.mode == "cost_aware":  # its clock's window: full decoding's passes, or the decider's
         window = clock_window(passes, state, policy, len(running))
         if window is None:
             return None
@@ -264,90 +268,78 @@ def loop_for(engine, state, running: list[int], batch) -> tuple | None:
 
 
 class Window:
-    """cost_aware's clock (`exit_clock.ExitClock`) while its current window for (policy, pass size)
-    runs PAUSED (the loop runs `FULL`'s passes) or FREE (exact's decisions: every firing row
-    leaves, `runs` the policy as exact), each native step charged to it as `Passes.run` charges a
-    pass (`Track.charge`: the seconds of the step itself, not of the callback's bookkeeping); the
-    loop halts where the window ends and the next one is another mode (`halted`). A FREE step's
-    evaluations are recorded as its checks would record them (`ExitDecider.record`: at each exit
-    the rows that reached it, those that fired, all leaving)."""
+    """cost_aware's clock (`exit_clock.ExitClock`, or a `FixedMode`) while its current window for
+    (policy, pass size) runs: PAUSED (the loop runs `FULL`'s passes), ON or FREE (the policy's
+    own: at each exit the decider says whether it is evaluated and whether the rows that fire
+    leave, `decide`, the calls `Passes.run`'s checks make), each native step charged to it as
+    `Passes.run` charges a pass (`Track.charge`: the seconds of the step itself, not of the
+    callback's bookkeeping); the loop halts where the window ends and the next one is another
+    mode (`halted`)."""
 
-    def __init__(self, clock, track, mode: int, runs, decider=None, policy=None, exits=()) -> None:
+    def __init__(self, clock, track, mode: int, runs, decider=None, passes=None) -> None:
         self.clock, self.track, self.mode, self.runs = clock, track, mode, runs
-        self.decider, self.policy, self.exits = decider, policy, sorted(exits)
-        self.halted, self.mark, self.step, self.layers = False, 0.0, -1, []
-        self.asks: tuple | None = None  # an ON window's (passes, state): `skips_all`
+        self.decider, self.passes = decider, passes
+        self.halted, self.mark, self.step = False, 0.0, -1
+        self.seqs: list[int] = []  # the call's sequences, in its order
+        self.checks: list = []  # the plan's checks, by exit index (`LoopPlan.checks`)
+        self.begins = True  # the next `decide` is the first of a step
+        self.rows: Rows | None = None  # the sequences at the exit last asked about, and their rows
+        self.cand: list[int] = []
 
-    def skips_all(self, seqs: list[int]) -> bool:
-        """An ON window's next pass over `seqs`, where nothing is pending (every exit's check in the
-        uniform step, on one row per sequence): whether every check's verdict skips it and none is
-        due a refresh (`UniformCheck.peek`); then each counts its skip as the pass would (`due`)
-        and the loop runs the pass as full decoding's. False (nothing counted) where one is due, a
-        sequence holds pending rows (the general path's checks) or an exit has no uniform check."""
-        passes, state = self.asks
-        if passes.holders(state, seqs):
-            return False
-        by_depth = passes.exits_by_depth(self.policy)
-        checks = uniform_checks(passes, state, self.policy, by_depth)
-        order = [checks.get(n) for d in sorted(by_depth) for n in by_depth[d]]
-        rows = Rows(list(seqs), [state.fed[b] for b in seqs], [1] * len(seqs), None)
-        passes.holding = set()  # as `Passes.run_pass` sets it for a cost_aware pass: no sequence holds rows
-        self.track.fired = self.decider.may_fire(passes, self.policy)  # as `pass_begins` tells it
-        self.decider.set_mode(ON)
-        if any(c is None or c.peek(rows) for c in order):
-            return False
-        for c in order:
-            c.due(rows)
-        return True
-
-    def begin(self) -> None:
-        """A native call begins: its first step's time starts."""
+    def begin(self, seqs: list[int], checks: list) -> None:
+        """A native call over `seqs` with the plan's `checks` begins: its first step's time starts."""
+        self.seqs, self.checks, self.begins = seqs, checks, True
         self.mark, self.step = self.clock.clock(), -1
 
-    def passed(self, step: int, layer: int) -> None:
-        """Told once per sequence after each step (`step`: its number in the call; `layer`: where
-        the sequence's token left): at the first, the step's seconds since the last bookkeeping
-        are charged and `halted` says whether the window ended with it."""
+    def passed(self, step: int) -> None:
+        """Told once per sequence after each step (`step`: its number in the call): at the
+        first, the step's seconds since the last bookkeeping are charged and `halted` says whether
+        the window ended with it."""
         if step != self.step:
-            self.flush()
-            self.step = step
+            self.step, self.begins = step, True
             self.track.charge(self.clock.clock() - self.mark)
             self.halted = self.track.mode != self.mode
-        self.layers.append(layer)
 
-    def flush(self) -> None:
-        """A FREE step's evaluations recorded (its sequences' exit layers told), once."""
-        if self.decider is not None and self.layers:
-            for n in self.exits:
-                reached = sum(e >= n for e in self.layers)
-                if reached:
-                    fired = sum(e == n for e in self.layers)
-                    self.decider.record(n, self.policy, reached, fired, fired > 0)
-        self.layers = []
+    def decide(self, e: int, phase: int, info: list[int], fires: list[int]) -> bool:
+        """`native.decode`'s decide at the plan's exit e: phase 0, whether its check evaluates the
+        rows there (`info`: each sequence's rows there, then whether it held pending rows as the
+        step began), counting a skip as the step's check counts it (`UniformCheck.due` where each
+        sequence has its new row alone there, else `ExitDecider.worth_checking` as
+        `Passes.check_exit` asks it); phase 1, whether the rows `fires` (indices among the
+        sequences there) leave (`ExitDecider.choose`, which records the evaluation). As
+        `exit_decision.pass_begins` and `Passes.run_pass` do before a pass, the first call of a
+        step sets which sequences hold pending rows (`Passes.holding`) and the track's `fired`."""
+        check, passes, decider = self.checks[e], self.passes, self.decider
+        if phase == 1:
+            return bool(decider.choose(passes, check.n, fires, self.rows, self.cand, self.runs))
+        k = len(self.seqs)
+        if self.begins:
+            self.begins = False
+            passes.holding = {b for b, held in zip(self.seqs, info[k:]) if held}
+            self.track.fired = decider.may_fire(passes, self.runs)
+        at = [s for s in range(k) if info[s]]
+        self.rows = rows = Rows([self.seqs[s] for s in at], None, [info[s] for s in at], None)
+        self.cand = check.candidates(len(at))
+        if all(info[s] == 1 for s in at):
+            return check.due(rows)
+        return decider.worth_checking(passes, check.n, rows, self.cand, self.runs)
 
 
 def clock_window(passes, state, policy, batch: int) -> Window | None:
     """A `Window` where the decider's clock times this policy's decode steps at this pass size
-    (the decider set to its current window's mode: PAUSED, FREE, or ON, whose passes run in the
-    loop one at a time where they evaluate nothing), else None: the round runs its own way."""
+    (the decider set to its current window's mode), else None: the round runs its own way."""
     decider = decider_of(passes)
     if decider.costs is None or passes.profile or not passes.exits_by_depth(policy):
         return None
     clock = decider.clock_for(passes)
-    track = None if clock is None else clock.tracks.get((policy, batch))
-    if track is None or not isinstance(clock, ExitClock):
+    track = None if clock is None else clock.track_of((policy, batch))
+    if track is None:
         return None
     track.fired = decider.may_fire(passes, policy)  # as `exit_decision.pass_begins` tells it each pass
     decider.set_mode(track.mode)
     if track.mode == PAUSED:
         return Window(clock, track, PAUSED, FULL)
-    if track.mode == ON:  # its passes that evaluate nothing: full decoding's, one a call (`skips_all`)
-        window = Window(clock, track, ON, FULL, decider, policy)
-        window.asks = (passes, state)
-        return window
-    exact = state.remembered(("exact of", policy), lambda: dataclasses.replace(policy, mode="exact"))
-    exits = [n for ns in passes.exits_by_depth(policy).values() for n in ns]
-    return Window(clock, track, FREE, exact, decider, policy, exits)
+    return Window(clock, track, track.mode, policy, decider, passes)
 
 
 def step_once(engine, state, tokens: dict[int, int], policy):

@@ -161,6 +161,9 @@ def library() -> ctypes.CDLL | None:
     lib.ee_decode.argtypes += [vp, vp, i64, i64, i64, i64, vp, vp, i64, vp, ctypes.c_float, DECODE_KEEP]
     lib.ee_decode.argtypes += [DECODE_DECIDE, vp, vp]
     lib.ee_decode.restype = i32
+    lib.ee_verify.argtypes = [i64, vp, vp, vp, vp, i64, i64, vp, i64, vp, vp, i32, i32] + [i64] * 5
+    lib.ee_verify.argtypes += [vp, vp, i64, i64, i64, vp, i64, vp, ctypes.c_float, vp, vp, vp]
+    lib.ee_verify.restype = i32
     lib.ee_amx.argtypes = [i32]
     lib.ee_amx.restype = i32
     return lib
@@ -690,7 +693,7 @@ class DecodeHead:
     panels: torch.Tensor
     rows: int
     ids: torch.Tensor | None
-    norm: tuple[torch.Tensor, float]
+    norm: tuple[torch.Tensor, float] | None  # None: no norm (`verify`'s final head alone)
 
 
 @dataclasses.dataclass
@@ -727,6 +730,44 @@ class DecodeArgs:
                                       float(e.head.norm[1]), None if fc1 is None else fc1.data_ptr(),
                                       None if fc2 is None else fc2.data_ptr(), None if mg is None else mg.data_ptr(),
                                       float(eps), ffn)  # fmt: skip
+
+
+def verify(
+    slots: list[int],
+    lo: list[int],
+    hi: list[int],
+    filled,
+    depth: int,
+    pending: torch.Tensor,
+    run: LayerRun,
+    shape: tuple[int, int, int, int],
+    tables: tuple[torch.Tensor, torch.Tensor],
+    head: DecodeHead,
+) -> tuple[torch.Tensor, list[int], list[float]]:
+    """A verify pass in one call (`ee_verify`): the rows of sequence s (cache slot slots[s])
+    pending at `depth`, positions lo[s] .. hi[s] - 1 of `pending` (B, T, h) (contiguous), through
+    `run`'s layers (those from `depth` on) and the final head `head` on every row, each row attending
+    up to its own position; `filled` (the cache's (L, B) int64 fill counts) set to hi[s] at those
+    layers. Returns (the head's product (rows, head.rows) fp32, each row's greedy token, its
+    max-probability), s's rows after s - 1's: the numbers of `lean.native_run` then `head`."""
+    g, per, hd, ffn = shape
+    cos, sin_signed = tables
+    n, h = len(slots), pending.shape[-1]
+    i64 = ctypes.c_int64 * n
+    rows = sum(b - a for a, b in zip(lo, hi))
+    part = torch.empty(rows, head.rows)
+    tokens, conf = (ctypes.c_int64 * rows)(), (ctypes.c_float * rows)()
+    gain = None if head.norm is None else head.norm[0].contiguous()
+    rc = library().ee_verify(
+        n, i64(*slots), i64(*lo), i64(*hi), filled.ctypes.data, filled.shape[1], depth,
+        i64(*(pending[b].data_ptr() for b in slots)), len(run), run.ptrs, run.eps, pending.dtype == torch.bfloat16,
+        torch.get_num_threads(), h, g, per, hd, ffn, cos.data_ptr(), sin_signed.data_ptr(), *run.strides[:3],
+        head.panels.data_ptr(), head.rows, None if gain is None else gain.data_ptr(),
+        0.0 if head.norm is None else float(head.norm[1]), part.data_ptr(), tokens, conf,
+    )  # fmt: skip
+    if rc != 0:
+        raise MemoryError("native kernel: out of memory for a verify pass's rows")
+    return part, list(tokens), list(conf)
 
 
 class _Told:

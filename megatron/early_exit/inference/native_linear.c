@@ -1792,3 +1792,56 @@ done:
     free(exit_at);
     return failed;
 }
+
+/* A self-speculative round's verify pass in one call, for S sequences side by side: sequence s's
+ * rows pending at depth d, positions lo[s] .. hi[s] - 1 (rows pending[s] + q, as drafting left
+ * them: layers 0 .. d - 1 have filled them), through layers d .. d + L - 1 together (ptrs, eps as
+ * ee_layers takes them, the run of layers from d; each row in cache slot slots[s] at its position,
+ * attending to keys 0 .. its position: no mask), then the final head (Wp: K rows, its norm's gain
+ * and eps_h) on every row: part (n x K, ee_head's product), tokens[i] and conf[i] (its
+ * max-probability) for row i, s's rows after
+ * s - 1's in position order, as `Passes.verify_pending` (`lean.native_run`, then `native.head`)
+ * makes them: the same calls on the same rows, so the same numbers. filled[l B + slots[s]] is set
+ * to hi[s] for l = d .. d + L - 1. 0 on success, 1 when memory runs out (layers before the failing
+ * one have written their K/V). */
+int ee_verify(int64_t S, const int64_t *slots, const int64_t *lo, const int64_t *hi, int64_t *filled, int64_t B,
+              int64_t d, const int64_t *pending, int64_t L, const int64_t *ptrs, const float *eps, int bf16,
+              int threads, int64_t h, int64_t G, int64_t per, int64_t hd, int64_t ffn, const float *cos,
+              const float *sin, int64_t sb, int64_t sg, int64_t st, const void *Wp, int64_t K, const void *gain,
+              float eps_h, float *part, int64_t *tokens, float *conf) {
+    const size_t row = (size_t)h * (bf16 ? 2 : 4);
+    int64_t n = 0, span = 0;
+    for (int64_t s = 0; s < S; s++) {
+        n += hi[s] - lo[s];
+        span = hi[s] > span ? hi[s] : span;
+    }
+    if (n <= 0) return 0;
+    char *X = (char *)malloc(2 * row * (size_t)n);
+    int64_t *ints = (int64_t *)malloc(sizeof(int64_t) * (size_t)(2 * n));
+    float *floats = (float *)malloc(sizeof(float) * (size_t)(2 * n * hd));
+    int failed = !X || !ints || !floats;
+    if (!failed) {
+        int64_t *rslot = ints, *rq = ints + n;
+        float *tc = floats, *ts = tc + n * hd;
+        for (int64_t s = 0, r = 0; s < S; s++)
+            for (int64_t q = lo[s]; q < hi[s]; q++, r++) {
+                memcpy(X + (size_t)r * row, (const char *)pending[s] + (size_t)q * row, row);
+                rslot[r] = slots[s], rq[r] = q;
+                memcpy(tc + r * hd, cos + q * hd, sizeof(float) * (size_t)hd);
+                memcpy(ts + r * hd, sin + q * hd, sizeof(float) * (size_t)hd);
+            }
+        char *Y = X + (size_t)n * row;
+        int64_t ran = 0;
+        failed = ee_layers(L, ptrs, eps, X, Y, n, bf16, threads, h, G, per, hd, ffn, tc, ts, hd, sb, sg, st, rslot,
+                           rq, span, NULL, NULL, NULL, NULL, &ran);
+        if (!failed) {
+            for (int64_t s = 0; s < S; s++)
+                for (int64_t l = d; l < d + L; l++) filled[l * B + slots[s]] = hi[s];
+            failed = ee_head(Y, Wp, n, h, K, bf16, threads, gain, eps_h, NULL, 0, NULL, part, tokens, conf);
+        }
+    }
+    free(X);
+    free(ints);
+    free(floats);
+    return failed;
+}

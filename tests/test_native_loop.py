@@ -245,3 +245,46 @@ def test_cost_aware_windows_in_the_loop_equal_their_steps(mode, fixed, monkeypat
     assert layers == want_layers, layers
     if mode == "on":  # skipped, then evaluated on a refresh
         assert records[4] and records[0], records
+
+
+@needs_native
+@pytest.mark.parametrize("policy", ["exact", "cost_aware"])
+def test_greedy_steps_one_at_a_time_in_the_loop(policy):
+    """A server's greedy steps (`EarlyExitEngine.decode_one_token` with `argmax`: one step of
+    the sequences running, requests coming and going between steps) run in the loop
+    (`native_loop.step_once`; cost_aware: its clock's on window, here held by a `FixedMode`) with
+    the tokens, exit layers, confidences, acceptance order and K/V of the steps through
+    `Passes.run`; a sequence joins after the first steps."""
+    from megatron.early_exit.inference import exit_clock
+    from megatron.early_exit.inference.exit_decision import ExitDecider
+    from tests.test_exit_policy import COMPUTE_BOUND
+
+    s = GenerationSettings("early_exit", 14, early_exit_threshold=0.5, exit_policy=policy)
+    seen = {}
+    for on in (False, True):
+        engine = EarlyExitEngine(build(torch.float32), linear_kernel="native")
+        engine.passes.native_loop = on
+        decider = engine.passes.exit_decider = ExitDecider(COMPUTE_BOUND)
+        decider.clock = exit_clock.FixedMode(exit_clock.ON)
+        pol, state = engine.check(s, PROMPTS), engine.new_state(3, 64)
+        engine.prefill(state, {0: PROMPTS[0], 1: PROMPTS[1]})
+        last, steps, loop = {0: 7, 1: 8}, [], []
+        real = native_loop.native.decode
+        native_loop.native.decode = lambda *a, loop=loop, real=real, **k: loop.append(real(*a, **k)) or loop[-1]
+        try:
+            for i in range(12):
+                if i == 4:  # a request joins
+                    engine.prefill(state, {2: PROMPTS[2]})
+                    last[2] = 9
+                out = engine.decode_one_token(state, last, pol, argmax=True)
+                tokens = engine.acceptance.choose(out, out.order(), s, None)  # greedy: the argmax or the logits'
+                steps.append([(b, t, out.exit_layer[b], out.confidence[b]) for b, t in zip(out.order(), tokens)])
+                last = dict(zip(out.order(), tokens))
+        finally:
+            native_loop.native.decode = real
+        seen[on] = (steps, state, sum(made for made, _ in loop))  # steps the loop made
+    (want, want_state, none), (got, got_state, calls) = seen[False], seen[True]
+    assert none == 0 and calls == 12
+    assert got == want
+    assert_same_state(want_state, got_state)
+    assert {e for step in got for _, _, e, _ in step} == {1, 2, 4}

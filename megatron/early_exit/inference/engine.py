@@ -23,6 +23,7 @@ from megatron.early_exit.inference import greedy_head
 from megatron.early_exit.inference.acceptance import Acceptance
 from megatron.early_exit.inference.exit_decision import ExitCosts, decider_of
 from megatron.early_exit.inference.lean import LeanKernels
+from megatron.early_exit.inference.native_loop import step_once
 from megatron.early_exit.inference.packed import PackedWeights
 from megatron.early_exit.inference.passes import DecodeState, ExitPolicy, Passes, StepOutput, tick
 from megatron.early_exit.inference.sampling import make_generator
@@ -131,6 +132,10 @@ class EarlyExitEngine:
         greedy steps: `greedy_head`), False for its logits; None keeps the current choice."""
         head = contextlib.nullcontext() if argmax is None else self.greedy_head(argmax)
         with self.packed, head:
+            if argmax:  # greedy tokens alone: the step in the native loop where it runs there
+                out = step_once(self, state, tokens, policy)
+                if out is not None:
+                    return out
             return self.passes.run(state, {b: [t] for b, t in tokens.items()}, policy)
 
     def verify(self, state: DecodeState, tokens: dict[int, list[int]], branch: dict | None = None) -> StepOutput:

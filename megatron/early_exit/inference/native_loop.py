@@ -346,23 +346,38 @@ def step_once(engine, state, tokens: dict[int, int], policy):
     """One decode step of each sequence in `tokens` as the loop runs it (a `StepOutput` with each
     one's token in `argmax`, its exit layer and confidence, no logits): a replayed step timed as
     greedy decoding runs it (`cost_model.saved_steps`), a self-speculative plain round
-    (`SelfSpeculative.plain_round`); None where the loop would not run it (a cost_aware policy
-    with exits to evaluate, or `plan` gives none: nothing done)."""
+    (`SelfSpeculative.plain_round`), a server's greedy step (`EarlyExitEngine.decode_one_token`
+    with `argmax`); under cost_aware, its clock's window's step, charged to it (`Window`). None
+    where the loop would not run it (`plan` gives none, or cost_aware's clock times no window
+    for it: nothing done)."""
     from megatron.early_exit.inference.passes import StepOutput
 
     passes, seqs = engine.passes, list(tokens)
-    policy = passes.solo_policy(state, {b: [0] for b in seqs}, policy)
+    policy, window = passes.solo_policy(state, {b: [0] for b in seqs}, policy), None
     if policy.mode == "cost_aware" and passes.exits_by_depth(policy):
-        return None
+        window = clock_window(passes, state, policy, len(seqs))
+        if window is None:
+            return None
+        policy = window.runs
     made = plan(passes, state, policy, len(seqs))
     if made is None:
         return None
     out = StepOutput()
 
     def keep(s: int, step: int, token: int, layer: int, conf: float, score: float) -> int:
+        if window is not None:
+            window.passed(step)
         b = seqs[s]
         out.argmax[b], out.exit_layer[b], out.confidence[b] = token, layer, made.confidence(layer, conf, score)
         return 0
 
-    steps, _ = made.steps(engine, state, seqs, [tokens[b] for b in seqs], [1] * len(seqs), keep)
-    return out if steps else None
+    decide = None
+    if window is not None:
+        window.begin(seqs, made.checks)
+        decide = window.decide if made.checks else None
+    steps, _ = made.steps(engine, state, seqs, [tokens[b] for b in seqs], [1] * len(seqs), keep, decide)
+    if not steps:
+        return None
+    layer = out.exit_layer  # the order the pass gives them in: by exit layer, then as fed (`StepOutput.order`)
+    out.exit_layer = {b: layer[b] for b in sorted(layer, key=lambda b: layer[b])}
+    return out

@@ -1,6 +1,7 @@
 #!/usr/bin/env python
-"""Self-speculation with a round's drafts in one native call (`Passes.native_drafts_of`) against the
-same engine drafting step by step, and both against full decoding, side by side in one process.
+"""Self-speculation with a round's drafts in one native call (`Passes.native_drafts_of`, or
+`native_spec.spec_round` with the verify pass right after) against the same engine drafting step
+by step, and both against full decoding, side by side in one process.
 
 A draft step runs a few layers and the exit's head, so the Python around it (the pass's setup,
 checks, bookkeeping: ~0.15-0.2 ms a step on the CPU reference model) is a third of it; in one call
@@ -47,10 +48,14 @@ def decode_rate(engine, prompts, s: GenerationSettings, native: bool) -> tuple[f
     return tokens / seconds, out
 
 
-def count_native_drafts(engine) -> list[bool]:
-    """Per call of the engine's `native_drafts_of` (a draft phase that asked), whether it drafted in
-    one call (a model without a draft vocabulary or with more than a norm in its exits never does)."""
-    calls, real = [], engine.passes.native_drafts_of
+def count_native_drafts(engine) -> tuple[list[bool], object]:
+    """Per draft phase that asked for its drafts in one call (a round with its verify pass,
+    `native_spec.spec_round`, else the engine's `native_drafts_of`), whether it drafted in one call
+    (a model without a draft vocabulary or with more than a norm in its exits never does); and a
+    callable that stops the counting of rounds (the strategy module's own function back)."""
+    from megatron.early_exit.inference.strategies import self_speculative
+
+    calls, real, real_round = [], engine.passes.native_drafts_of, self_speculative.spec_round
 
     def counted(*args, **kwargs):
         made = real(*args, **kwargs)
@@ -58,8 +63,15 @@ def count_native_drafts(engine) -> list[bool]:
             calls.append(made is not None)
         return made
 
+    def counted_round(*args, **kwargs):
+        made = real_round(*args, **kwargs)
+        if made is not None:  # (None: the round's drafts asked `native_drafts_of` next)
+            calls.append(True)
+        return made
+
     engine.passes.native_drafts_of = counted
-    return calls
+    self_speculative.spec_round = counted_round
+    return calls, lambda: setattr(self_speculative, "spec_round", real_round)
 
 
 def main(argv=None) -> None:
@@ -89,7 +101,7 @@ def main(argv=None) -> None:
     }
     print(f"machine: {cpu_model_name()}, {args.threads} threads, torch {torch.__version__}")
     print(f"model: {args.load} ({'bf16' if args.bf16 else 'fp32'}), {len(prompts)} summaries, batch 1")
-    calls = count_native_drafts(engine)
+    calls, uncount = count_native_drafts(engine)
     for s, native in runs.values():  # warm-up: kernels chosen, draft costs timed, controller warm
         decode_rate(engine, prompts[:2], s, native)
     calls.clear()
@@ -101,6 +113,7 @@ def main(argv=None) -> None:
             rates[name].append(rate)
         print(f"round {r + 1}: " + ", ".join(f"{name} {rates[name][-1]:.1f} tok/s" for name in SETTINGS), flush=True)
     engine.passes.native_drafting = True
+    uncount()
 
     def ratio(a: str, b: str) -> float:
         return statistics.median(x / y for x, y in zip(rates[a], rates[b]))

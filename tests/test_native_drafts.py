@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from megatron.early_exit.inference import EarlyExitEngine, ExitPolicy, GenerationSettings, native
+from megatron.early_exit.inference.passes import Passes
 from megatron.early_exit.inference.strategies import self_speculative
 
 needs_native = pytest.mark.skipif(not native.available(), reason="no native kernel here (no C compiler)")
@@ -173,7 +174,9 @@ def test_where_they_cannot_run_in_one_call_nothing_is_done():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_self_speculation_drafts_in_one_call_and_equals_full_greedy(dtype, monkeypatch):
     """Batch 1: every draft phase runs in one native call (none falls back); the tokens equal
-    full greedy decoding's in fp32, and in both dtypes equal those of the draft loop's own steps."""
+    full greedy decoding's in fp32, and in both dtypes equal those of the draft loop's own steps.
+    (Each round's drafts through `native_drafts`: its verify pass apart, not `native_spec`'s.)"""
+    monkeypatch.setattr(Passes, "native_spec", False)
     model = build(dtype)
     engine = EarlyExitEngine(model, linear_kernel="native")
     full = engine.generate(PROMPTS[:1], GenerationSettings(max_new_tokens=20, ignore_eos=True))[0].tokens
@@ -277,7 +280,9 @@ def test_drafts_of_several_sequences_in_one_call_equal_their_draft_steps(dtype, 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_self_speculation_at_batch_three_drafts_in_one_call_and_equals_full_greedy(dtype, monkeypatch):
     """Batch 3 (prompts of 7, 5 and 9 tokens): every drafting round's drafts come from one native
-    call; the tokens equal full greedy decoding's in fp32, and in both dtypes the draft loop's own."""
+    call; the tokens equal full greedy decoding's in fp32, and in both dtypes the draft loop's own.
+    (Each round's drafts through `native_drafts`: its verify pass apart, not `native_spec`'s.)"""
+    monkeypatch.setattr(Passes, "native_spec", False)
     model = build(dtype)
     engine = EarlyExitEngine(model, linear_kernel="native")
     settings = GenerationSettings("self_speculative", 16, ignore_eos=True, draft_exit_layer=1, num_draft_tokens=3)

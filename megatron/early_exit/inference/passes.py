@@ -243,6 +243,9 @@ class Passes:
     # Greedy rounds of full decoding and exact early exit run their steps in one native call
     # (`native_loop.native_rounds`: the same numbers); False: step by step through `run`
     native_loop = True
+    # A self-speculative round's drafts and verify pass one after the other in the same Python call
+    # (`native_spec.spec_round`: the same calls); False: each through its own path
+    native_spec = True
 
     @torch.no_grad()
     def run(

@@ -35,6 +35,7 @@ from megatron.early_exit.inference import lookup as context_lookup
 from megatron.early_exit.inference.exit_decision import costs_from_parameters
 from megatron.early_exit.inference.lookup import LOOKUP
 from megatron.early_exit.inference.native_loop import step_once
+from megatron.early_exit.inference.native_spec import spec_round
 from megatron.early_exit.inference.passes import ExitPolicy
 from megatron.early_exit.inference.strategies.base import Batch, Strategy
 from megatron.early_exit.inference.strategies.draft_control import (
@@ -220,18 +221,23 @@ class SelfSpeculative(Strategy):
         makes the same tokens with less around them)."""
         s, results = batch.settings, batch.results
         start = {b: state.fed[b] for b in running}  # position of the first token fed this round
+        out = None  # the verify pass's, where the round's drafts made it too (`fused_round`)
         if plan.exit == LOOKUP:
             drafts, confs, last, guesses, alts = self.lookup_drafts(running, batch, plan, ctl)
         else:
-            drafts, confs, last, guesses, alts = self.draft(engine, state, running, batch, plan, ctl)
+            fused = self.fused_round(engine, state, running, batch, plan, ctl)
+            if fused is not None:
+                drafts, confs, last, guesses, alts, out = fused
+            else:
+                drafts, confs, last, guesses, alts = self.draft(engine, state, running, batch, plan, ctl)
         drafted = any(drafts.values())
         plan.drafted = max(map(len, drafts.values()), default=0)
         if ctl is not None and plan.alternatives:  # those whose chance of a token pays for their row
             alts = {b: {j: a[j] for j in ctl.worth_verifying(plan, confs[b])} for b, a in alts.items()}
         alts = {b: a for b, a in alts.items() if a and state.fed[b] + 1 + len(a) <= state.cache.capacity}  # room
-        if plan.exit == LOOKUP and drafted:  # nothing fed yet: the last kept token, then the drafts
+        if out is None and plan.exit == LOOKUP and drafted:  # nothing fed yet: the last kept token, then the drafts
             out = engine.verify(state, {b: [last[b], *drafts[b]] for b in running})
-        else:
+        elif out is None:
             out = verify(engine, state, last, drafted, None if drafted else plan.observe, alts, drafts)
         if ctl is not None and plan.observe is not None:
             seen = observations(out, plan.observe, guesses if drafted else None)
@@ -289,6 +295,29 @@ class SelfSpeculative(Strategy):
             if not acc.stopped(r, batch.settings_of(b)):
                 still.append(b)
         return still
+
+    def fused_round(self, engine, state, running: list[int], batch: Batch, plan: Plan, ctl) -> tuple | None:
+        """`draft`'s results and the verify pass's `StepOutput` (None where the caller must verify)
+        where the round's drafts from plan.exit and its verify pass run one after the other
+        (`native_spec.spec_round`: no exit read on the way, no alternatives, every sequence with a
+        token to draft); else None (nothing done)."""
+        if plan.observe is not None or plan.alternatives or getattr(engine, "passes", None) is None:
+            return None
+        results = batch.results
+        budget = {b: min(plan.cap, batch.settings_of(b).max_new_tokens - len(results[b].tokens) - 1) for b in running}
+        last = {b: results[b].tokens[-1] for b in running}
+        seen: dict[int, list[float]] = {b: [] for b in running}
+
+        def keep(b: int, j: int, conf: float) -> bool:
+            seen[b].append(conf)
+            return ctl.keep_drafting(plan, seen[b])
+
+        made = spec_round(engine, state, last, plan.exit, budget, keep if ctl is not None else None)
+        if made is None:
+            return None
+        made, out = made
+        drafts, confs = {b: made[b][0] for b in running}, {b: made[b][1] for b in running}
+        return drafts, confs, dict.fromkeys(running), {}, {b: {} for b in running}, out
 
     def draft(self, engine, state, running: list[int], batch: Batch, plan: Plan, ctl) -> tuple[dict, ...]:
         """Up to plan.cap draft tokens per sequence from plan.exit, fewer where the controller's

@@ -1,0 +1,101 @@
+"""A self-speculative round's drafts and verify pass one after the other (`native_spec.spec_round`):
+the same drafts, kept tokens, exit layers, confidences, acceptance counts, K/V and fill counts as
+the round through `Passes.native_drafts_of` and `EarlyExitEngine.verify` (the same native calls,
+so bit for bit in fp32 and bf16), at one sequence and several, with fixed and dynamic drafting;
+greedy self-speculation through it equals full greedy decoding (fp32); where it does not apply
+(alternative drafts, switched off) nothing is done and the round runs as before.
+"""
+
+import pytest
+import torch
+
+from megatron.early_exit.inference import EarlyExitEngine, GenerationSettings, native
+from megatron.early_exit.inference.passes import Passes
+from tests.test_native_drafts import build
+from tests.test_native_loop import assert_same_results, assert_same_state
+
+needs_native = pytest.mark.skipif(not native.available(), reason="no native kernel here (no C compiler)")
+
+PROMPTS = [[5, 17, 33, 2, 9, 41, 7], [11, 3, 60, 25, 8], [4, 4, 90, 13, 27, 6, 50, 21, 3]]
+
+
+def generated(model, prompts, settings, on: bool, monkeypatch):
+    """(results, the decode state, verify passes made by `spec_round`, by `EarlyExitEngine.verify`)
+    of one self-speculative `generate` with `Passes.native_spec` on or off."""
+    from megatron.early_exit.inference.strategies import self_speculative
+
+    engine = EarlyExitEngine(model, linear_kernel="native")
+    monkeypatch.setattr(Passes, "native_spec", on)
+    states, fused, separate = [], [], []
+    real_state, real_round, real_verify = engine.new_state, self_speculative.spec_round, engine.verify
+
+    def spec_round(*a, **k):
+        made = real_round(*a, **k)
+        fused.append(made is not None and made[1] is not None)
+        return made
+
+    monkeypatch.setattr(engine, "new_state", lambda *a, **k: states.append(real_state(*a, **k)) or states[-1])
+    monkeypatch.setattr(self_speculative, "spec_round", spec_round)
+    monkeypatch.setattr(engine, "verify", lambda *a, **k: separate.append(1) or real_verify(*a, **k))
+    results = engine.generate(prompts, settings)
+    monkeypatch.setattr(self_speculative, "spec_round", real_round)
+    return results, states[0], sum(fused), len(separate)
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_fused_rounds_equal_the_separate_calls(dtype, batch, dynamic, monkeypatch):
+    model = build(dtype)
+    kw = {} if dynamic else {"num_draft_tokens": 4, "draft_exit_layer": 1}
+    s = GenerationSettings("self_speculative", 24, ignore_eos=True, **kw)
+    want, want_state, none, separate = generated(model, PROMPTS[:batch], s, False, monkeypatch)
+    got, got_state, fused, left = generated(model, PROMPTS[:batch], s, True, monkeypatch)
+    assert none == 0 and separate > 0 and fused > 0, (none, separate, fused)
+    assert fused + left == separate or dynamic  # fixed rounds: each verified once, fused or (last ones) not
+    assert_same_results(want, got)
+    for x, y in zip(want, got, strict=True):
+        assert x.stats["drafted"] == y.stats["drafted"] and x.stats["accepted"] == y.stats["accepted"]
+    assert_same_state(want_state, got_state)
+
+
+@needs_native
+def test_fused_rounds_equal_full_greedy_decoding(monkeypatch):
+    """Lossless: fp32 self-speculation through fused rounds makes full greedy decoding's tokens."""
+    model = build(torch.float32)
+    s = GenerationSettings("self_speculative", 30, ignore_eos=True, num_draft_tokens=5, draft_exit_layer=1)
+    got, _, fused, _ = generated(model, PROMPTS, s, True, monkeypatch)
+    full = EarlyExitEngine(model, linear_kernel="native").generate(PROMPTS, GenerationSettings(max_new_tokens=30))
+    assert fused > 0
+    assert [r.tokens for r in got] == [r.tokens for r in full]
+
+
+@needs_native
+def test_where_fused_rounds_do_not_apply_nothing_is_done(monkeypatch):
+    """Alternative drafts (a verify pass of branches) and the switch off: no fused round."""
+    model = build(torch.float32)
+    fixed = {"ignore_eos": True, "num_draft_tokens": 3, "draft_exit_layer": 1}
+    s = GenerationSettings("self_speculative", 12, draft_alternatives=True, **fixed)
+    _, _, fused, separate = generated(model, PROMPTS[:2], s, True, monkeypatch)
+    assert fused == 0 and separate > 0
+    s = GenerationSettings("self_speculative", 12, **fixed)
+    _, _, fused, separate = generated(model, PROMPTS[:2], s, False, monkeypatch)
+    assert fused == 0 and separate > 0
+
+
+@needs_native
+def test_drafts_whose_verify_pass_is_not_native_are_verified_the_usual_way(monkeypatch):
+    """Where the verify pass would not run natively at the row count the drafts made
+    (`RoundPlan.verifies`), the drafts come back alone and the strategy verifies them: the same
+    tokens and state as the separate calls."""
+    from megatron.early_exit.inference import native_spec
+
+    model = build(torch.float32)
+    s = GenerationSettings("self_speculative", 16, ignore_eos=True, num_draft_tokens=4, draft_exit_layer=1)
+    want, want_state, _, _ = generated(model, PROMPTS, s, False, monkeypatch)
+    monkeypatch.setattr(native_spec.RoundPlan, "verifies", lambda self, passes, rows, dtype: False)
+    got, got_state, fused, separate = generated(model, PROMPTS, s, True, monkeypatch)
+    assert fused == 0 and separate > 0
+    assert_same_results(want, got)
+    assert_same_state(want_state, got_state)

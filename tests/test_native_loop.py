@@ -198,6 +198,18 @@ def test_full_decoding_in_the_loop_equals_the_modules_greedy_loop():
 
 
 @needs_native
+def test_cost_aware_with_no_exit_to_evaluate_runs_in_the_loop():
+    """cost_aware at threshold 1.0 (every exit off: no window, no decider) at 3 sequences: full
+    decoding's steps, all in the loop (they had run step by step through `Passes.run`), the tokens
+    of full decoding."""
+    engine = EarlyExitEngine(build(torch.float32), linear_kernel="native")
+    s = GenerationSettings("early_exit", 14, early_exit_threshold=1.0, exit_policy="cost_aware", ignore_eos=True)
+    got, _, steps = decoded(engine, PROMPTS, s, True)
+    want, _, _ = decoded(engine, PROMPTS, GenerationSettings(max_new_tokens=14, ignore_eos=True), False)
+    assert steps == 13 and [r.tokens for r in got] == [r.tokens for r in want]
+
+
+@needs_native
 @pytest.mark.parametrize("mode", ["paused", "free", "on", "on leaving"])
 @pytest.mark.parametrize("fixed", [False, True])
 def test_cost_aware_windows_in_the_loop_equal_their_steps(mode, fixed, monkeypatch):

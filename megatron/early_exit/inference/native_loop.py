@@ -258,7 +258,7 @@ def loop_for(engine, state, running: list[int], batch) -> tuple | None:
     if any(batch.settings_of(b).temperature > 0 or batch.settings_of(b).return_logprobs for b in running):
         return None
     policy, window = passes.solo_policy(state, {b: [0] for b in running}, batch.policy), None
-    if policy.mode == "cost_aware":  # its clock's window: full decoding's passes, or the decider's
+    if policy.mode == "cost_aware" and passes.exits_by_depth(policy):  # its clock's window (none to evaluate: full's)
         window = clock_window(passes, state, policy, len(running))
         if window is None:
             return None

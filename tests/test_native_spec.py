@@ -99,3 +99,31 @@ def test_drafts_whose_verify_pass_is_not_native_are_verified_the_usual_way(monke
     assert fused == 0 and separate > 0
     assert_same_results(want, got)
     assert_same_state(want_state, got_state)
+
+
+@needs_native
+def test_plain_rounds_in_a_batch_run_at_once_with_the_same_choices(monkeypatch):
+    """Dynamic self-speculation at 3 sequences on a model none of whose exits pays (the controller
+    plans plain rounds): the plain rounds before an exit is due a try run at once in the native loop
+    (`SelfSpeculative.plain_run`, runs of up to `MAX_PLAIN_RUN` steps), with the tokens of full
+    greedy decoding (fp32) and every choice the controller makes a round at a time (the same
+    rounds per draft length and exit, drafts and acceptances: nothing it weighs changes in a run)."""
+    from megatron.early_exit.inference.strategies import draft_control, self_speculative
+
+    model = build(torch.float32)
+    s = GenerationSettings("self_speculative", 40, ignore_eos=True)
+    caps, real = [], self_speculative.native_rounds
+    monkeypatch.setattr(self_speculative, "native_rounds", lambda *a: caps.append(a[5]) or real(*a))
+    seen = {}
+    for run in (1, draft_control.MAX_PLAIN_RUN):
+        monkeypatch.setattr(draft_control, "MAX_PLAIN_RUN", run)
+        caps.clear()
+        seen[run] = (EarlyExitEngine(model, linear_kernel="native").generate(PROMPTS, s), list(caps))
+    (one, none), (runs, made) = seen[1], seen[draft_control.MAX_PLAIN_RUN]
+    assert none == [] and made and max(made) > 1, made
+    greedy = GenerationSettings(max_new_tokens=40, ignore_eos=True)
+    full = EarlyExitEngine(model, linear_kernel="native").generate(PROMPTS, greedy)
+    assert [r.tokens for r in runs] == [r.tokens for r in one] == [r.tokens for r in full]
+    keys = ("drafted", "accepted", "draft_exits", "draft_lengths", "plain_share")
+    assert [{k: r.stats[k] for k in keys} for r in runs] == [{k: r.stats[k] for k in keys} for r in one]
+    assert runs[0].stats["plain_share"] > 0.5

@@ -206,20 +206,23 @@ def exit_parts(passes, state, head) -> tuple:
 FULL = ExitPolicy()  # a paused window's passes: no exit evaluated (one object: `plan` finds it by identity)
 
 
-def native_rounds(engine, state, running: list[int], batch) -> list[int] | None:
+def native_rounds(engine, state, running: list[int], batch, policy=None, cap: int | None = None) -> list[int] | None:
     """`Strategy.round`'s rounds for the `running` slots in one native call, each token recorded
     by `engine.acceptance` as `accept` records it (its exit layer, its confidence: the check's
     sigmoid(score + shift) at an exit, the final head's max-probability) until every sequence
     stops, reaches its length, the clock's window ends (`Window`), or the loop must hand a step
     back (more rows than the native kernels were found to take: the round then runs that step its
     own way); the slots still running, or None where the loop does not apply or made no step
-    (nothing done)."""
-    found = loop_for(engine, state, running, batch)
+    (nothing done). `policy`: the rounds' own (default the batch's); `cap`: at most that many
+    steps a sequence (self-speculation's plain runs: `SelfSpeculative.plain_round`)."""
+    found = loop_for(engine, state, running, batch, policy)
     if found is None:
         return None
     passes, made, window = found
     results, acc, room = batch.results, engine.acceptance, state.cache.capacity - 1
     left = {b: min(batch.settings_of(b).max_new_tokens - len(results[b].tokens), room - state.fed[b]) for b in running}
+    if cap is not None:
+        left = {b: min(n, cap) for b, n in left.items()}
     if min(left.values()) <= 0:
         return None
     stopped: set[int] = set()
@@ -248,7 +251,7 @@ def native_rounds(engine, state, running: list[int], batch) -> list[int] | None:
     return None if steps == 0 else [b for b in running if b not in stopped]
 
 
-def loop_for(engine, state, running: list[int], batch) -> tuple | None:
+def loop_for(engine, state, running: list[int], batch, policy=None) -> tuple | None:
     """(passes, `LoopPlan`, `Window` or None) for a round of the `running` slots: greedy, tokens
     alone, the policy as `Passes.run` resolves it (cost_aware: its clock's current window);
     None where the loop does not apply."""
@@ -257,7 +260,8 @@ def loop_for(engine, state, running: list[int], batch) -> tuple | None:
         return None
     if any(batch.settings_of(b).temperature > 0 or batch.settings_of(b).return_logprobs for b in running):
         return None
-    policy, window = passes.solo_policy(state, {b: [0] for b in running}, batch.policy), None
+    policy = batch.policy if policy is None else policy
+    policy, window = passes.solo_policy(state, {b: [0] for b in running}, policy), None
     if policy.mode == "cost_aware" and passes.exits_by_depth(policy):  # its clock's window (none to evaluate: full's)
         window = clock_window(passes, state, policy, len(running))
         if window is None:

@@ -140,6 +140,9 @@ OBSERVE_EVIDENCE = 6.0  # ... or whose decayed counts hold fewer drafts than thi
 ALT_ROWS = 2.0  # an alternative draft's verify row, in drafted rows (it also runs the layers below the exit)
 LOOP_DECAY = 0.9  # per timed drafting round: the loop's clock follows the host within ~10 of them
 LOOP_PRIOR = 4.0  # drafting rounds' worth of "the timed costs hold in the loop" (factor 1) before its own
+# plain rounds run at once at most (`DraftController.plain_run`): a request's stop and a server's
+# joining requests wait for the run's end at most this many steps
+MAX_PLAIN_RUN = 16
 LOOP_PLAIN_EVERY = 64  # drafting rounds timed at a batch bucket after which a plain round times its unit again
 OBSERVE_COST = 0.1  # a plain round reads an exit near paying only where that costs at most this share of the round
 MARGIN = 1.0  # a drafting plan must pay at its acceptance estimate less this many of its standard deviations
@@ -322,6 +325,10 @@ class Plan:
     # first rejected draft's alternative is the final head's token, its row's token is kept as well.
     alternatives: bool = False
     drafted: int = 0  # set by the round: the most drafts a sequence took (what the loop clock prices)
+    # A plain plan: the plain rounds it may run at once (`DraftController.plain_run`: those before any
+    # exit is due a try, in which nothing the controller weighs changes), and those it ran (set by the round)
+    run: int = 1
+    steps: int = 1
     # Per sequence, its proposal from the context (`lookup.propose`: tokens, match length), where
     # the request drafts from it: what a `LOOKUP` plan drafts, and what other rounds observe.
     proposals: dict[int, tuple[list[int], int]] | None = None
@@ -345,6 +352,7 @@ class DraftController:
         self.stats = {n: ExitStats() for n in costs.draft}
         self.loop: LoopClock | None = None  # `use_loop_clock`: rounds' own wall times correct the costs
         self.bucket = 1  # the batch bucket of the latest plan (`plan`): its loop clock prices and times it
+        self.planned: list[int] = []  # the exits the latest plan weighed
         self.priors = dict.fromkeys(costs.draft, prior)  # per exit: a warm start adds the record's drafts
         self.share = {n: explore_share for n in costs.draft}  # per exit: a warm start lowers it
         exits = [n for n in self.stats if n != LOOKUP]  # the context's drafts are observed, never explored
@@ -431,6 +439,25 @@ class DraftController:
         if self.loop is None:
             self.loop = LoopClock()
 
+    def plain_run(self, exits: list[int]) -> int:
+        """After `plan` chose a plain round reading no exit: how many plain rounds in a row, this one
+        first, would choose the same (up to MAX_PLAIN_RUN). Until an exit is due a try (`interval`)
+        nothing the choice reads changes in a plain round that reads no exit (no acceptance is
+        learned; an exit near paying drops out of reach as its rounds since chosen grow, none comes
+        in; the loop clock's unit was just timed or is this round), so those rounds can run as one:
+        full decoding's steps in one native call (`SelfSpeculative.plain_round`)."""
+        if not exits:
+            return 1
+        ahead = min(self.interval(n, len(exits)) - self.stats[n].idle for n in exits)
+        return max(1, min(MAX_PLAIN_RUN, 1 + ahead))
+
+    def ran_plain(self, exits: list[int], rounds: int) -> None:
+        """A plain run made `rounds` rounds at once: the rounds after its first counted as `plan`
+        counts each (every exit's rounds idle and since chosen)."""
+        for n in exits:
+            self.stats[n].idle += rounds - 1
+            self.stats[n].chosen_ago += rounds - 1
+
     def timed(self, plan: Plan, seconds: float) -> None:
         """A round of `plan` (drafted `plan.drafted`, at the bucket `plan` was made at) took `seconds`.
         A plain round that read an exit on the way is not the unit (`LoopClock`): it is timed as
@@ -442,6 +469,8 @@ class DraftController:
             return
         if plan.observe is not None and not plan.drafted:
             self.loop.record_observing(self.bucket, seconds)
+        elif plan.exit is None:  # a plain run's rounds: each its share (the unit a drafting round competes with)
+            self.loop.record(self.bucket, None, 1.0, seconds / max(plan.steps, 1))
         else:
             n = plan.exit if plan.drafted else None
             self.loop.record(self.bucket, n, self.costs.round_time(n, plan.drafted) if n is not None else 1.0, seconds)
@@ -512,6 +541,7 @@ class DraftController:
         request drafts from it too: a candidate source beside the exits, priced at their per-bin
         acceptance."""
         self.bucket = batch_bucket(batch)  # the loop clock's bucket: its plans priced, its round timed
+        self.planned = exits  # the exits this round's plan weighed (`ran_plain`)
         due = [n for n in exits if self.stats[n].idle >= self.interval(n, len(exits))]
         for n in exits:
             self.stats[n].idle += 1

@@ -191,7 +191,7 @@ class SelfSpeculative(Strategy):
         lengths = list(range(1, MAX_DRAFT + 1)) if s.num_draft_tokens == AUTO else [s.num_draft_tokens]
         if not s.prompt_lookup_max:
             plan = ctl.plan(exits, lengths, len(running), alternatives)
-            if plan.exit is None and plan.observe is None and len(running) > 1:  # plain rounds that may run at once
+            if plan.exit is None and plan.observe is None and len(running) >= PLAIN_RUN_BATCH:  # may run at once
                 plan.run = ctl.plain_run(exits)
             return plan, ctl
         found = proposals(batch, running, max(lengths))
@@ -278,10 +278,10 @@ class SelfSpeculative(Strategy):
         """Up to `rounds` plain rounds at once (`DraftController.plain_run`): full decoding's steps in
         one native call where the loop runs them (`native_loop.native_rounds`, each token kept as
         `plain_round` keeps it); else one `plain_round`. (The slots still running, the most steps a
-        sequence made.) In a batch only: at 16 sequences (CPU reference, bf16), where no draft pays,
-        self-speculation decoded at 0.93x full decoding with a plain round a step, 0.99x in runs; at
-        4 (aclsum, 48 tokens) 0.873x -> 0.950x. At one sequence plain runs read 1.48x against 1.52x
-        (the plain round's unit, cheaper a step in a run, priced drafting dearer), so one a step there."""
+        sequence made.) At 16 sequences (CPU reference, bf16), where no draft pays, self-speculation
+        decoded at 0.93x full decoding with a plain round a step, 0.99x in runs; at 4 (aclsum, 48
+        tokens) 0.873x -> 0.950x; at one, the demo SmolLM2 (whose exits never pay a draft) 0.946x ->
+        0.977x, the CPU reference (drafting most rounds) 1.430x -> 1.444x."""
         if rounds > 1 and all(batch.results[b].logprobs is None for b in running):
             before = {b: len(batch.results[b].tokens) for b in running}
             still = native_rounds(engine, state, running, batch, PLAIN, rounds)
@@ -428,6 +428,8 @@ class SelfSpeculative(Strategy):
         return ok, alt
 
 
+# the fewest sequences whose plain rounds run at once (`SelfSpeculative.plain_run`)
+PLAIN_RUN_BATCH = 1
 PLAIN = ExitPolicy()  # a plain round's: one object, which a decode state finds its checks for by identity
 
 

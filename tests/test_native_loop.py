@@ -300,3 +300,43 @@ def test_greedy_steps_one_at_a_time_in_the_loop(policy):
     assert got == want
     assert_same_state(want_state, got_state)
     assert {e for step in got for _, _, e, _ in step} == {1, 2, 4}
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("mode", ["free", "on"])
+def test_max_prob_windows_in_the_loop_leave_where_the_steps_do(dtype, mode):
+    """cost_aware with max_prob checks (a vocabulary check: the exit's head on every new row, its
+    max-probability the confidence, its argmax a leaver's token; `ExitDecider` asked as for a
+    learned check) at 3 sequences, the window held free or on: every step in the loop, the tokens,
+    exit layers and the decider's records of the steps through `Passes.run`; the confidences within
+    round-off (the loop's head folds the exit's norm into its product, the steps' norm the rows
+    first and take torch's softmax: another summation order, ~5e-7 here)."""
+    from megatron.early_exit.inference import exit_clock
+    from megatron.early_exit.inference.exit_decision import ExitDecider
+    from tests.test_exit_policy import COMPUTE_BOUND
+
+    def model():  # sharper exits than the random init's near-uniform ones: max-probabilities spread over 0-1
+        made = build(dtype)
+        with torch.no_grad():
+            for n, k in (("1", 30.0), ("2", 40.0)):
+                made.exits[n].output_layer.weight.mul_(k)
+        return made
+
+    s = GenerationSettings("early_exit", 14, early_exit_threshold=0.4, measure="max_prob", exit_policy="cost_aware",
+                           ignore_eos=True)  # fmt: skip
+    seen = {}
+    for on in (False, True):
+        engine = EarlyExitEngine(model(), linear_kernel="native")
+        decider = engine.passes.exit_decider = ExitDecider(COMPUTE_BOUND)
+        decider.clock = exit_clock.FixedMode(exit_clock.FREE if mode == "free" else exit_clock.ON)
+        results, _, steps = decoded(engine, PROMPTS, s, on)
+        records = (dict(decider.evaluated), dict(decider.rows_fired), dict(decider.rows_seen), dict(decider.skipped))
+        seen[on] = (results, steps, records)
+    (want, none, records), (got, steps, records_loop) = seen[False], seen[True]
+    assert none == 0 and steps == 13
+    for x, y in zip(want, got, strict=True):
+        assert x.tokens == y.tokens and x.exit_layers == y.exit_layers
+        assert x.confidences == pytest.approx(y.confidences, rel=1e-5, abs=1e-6)
+    assert records == records_loop
+    assert {e for r in got for e in r.exit_layers[1:]} == {1, 2, 4}

@@ -698,12 +698,13 @@ class DecodeHead:
 
 @dataclasses.dataclass
 class DecodeExit:
-    """An exit as `decode` takes it: its depth, its number, its learned check (`Probe`) and the
-    bound a score must reach, its head."""
+    """An exit as `decode` takes it: its depth, its number, its learned check (`Probe`; None: a
+    vocabulary check, its head on every new row and its max-probability the score) and the bound a
+    score must reach, its head."""
 
     depth: int
     layer: int
-    probe: Probe
+    probe: Probe | None
     bound: float
     head: DecodeHead
     # an MLP exit's sub-block before the head's norm (`lean.ExitMLP`): (fc1 packed, fc2 packed, its
@@ -725,7 +726,8 @@ class DecodeArgs:
         for i, (e, gain, mg) in enumerate(zip(exits, self.gains, self.mlp_gains)):
             ids = None if e.head.ids is None else e.head.ids.data_ptr()
             fc1, fc2, ffn, eps = (None, None, 0, 0.0) if e.mlp is None else (*e.mlp[:3], e.mlp[3][1])
-            self.array[i] = _ExitArgs(e.depth, e.layer, ctypes.addressof(e.probe.ref), e.bound,
+            probe = None if e.probe is None else ctypes.addressof(e.probe.ref)  # None: a vocabulary check
+            self.array[i] = _ExitArgs(e.depth, e.layer, probe, e.bound,
                                       e.head.panels.data_ptr(), e.head.rows, ids, gain.data_ptr(),
                                       float(e.head.norm[1]), None if fc1 is None else fc1.data_ptr(),
                                       None if fc2 is None else fc2.data_ptr(), None if mg is None else mg.data_ptr(),

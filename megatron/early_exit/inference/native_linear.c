@@ -1561,7 +1561,8 @@ int ee_drafts(int64_t D, int64_t S, const int64_t *token, const void *emb, int64
 typedef struct {
     int64_t depth;           /* the layers below it: its check reads layer depth - 1's output */
     int64_t layer;           /* its number, as a token's exit layer is recorded */
-    const ee_probe_t *probe; /* its learned check (`native.Probe`) */
+    const ee_probe_t *probe; /* its learned check (`native.Probe`), or NULL: a vocabulary check (the head
+                                on every new row, its max-probability the score, its token a leaver's) */
     double bound;            /* a score at or above it leaves (fp64, as the caller compares) */
     const void *Wp;          /* its head: packed rows of its output weight (ee_head's) */
     int64_t K;               /* their count */
@@ -1642,8 +1643,8 @@ int ee_decode(int64_t S, const int64_t *slots, int64_t *token, int64_t *fed, int
     const int64_t R = rows_cap > S ? rows_cap : S;
     /* per sequence: going, its position this step, walking this step, the step's exit layer,
        max-probability and score, steps made; per row: its sequence, position, slot, and new or not */
-    int64_t *ints = (int64_t *)malloc(sizeof(int64_t) * (size_t)(9 * S + 4 * R + L * S + S + 1));
-    float *floats = (float *)malloc(sizeof(float) * (size_t)(2 * S + R + 2 * R * hd + S * Kmax + S + 1));
+    int64_t *ints = (int64_t *)malloc(sizeof(int64_t) * (size_t)(10 * S + 4 * R + L * S + S + 1));
+    float *floats = (float *)malloc(sizeof(float) * (size_t)(3 * S + R + 2 * R * hd + S * Kmax + S + 1));
     char *bufs = (char *)malloc(row * (size_t)(2 * R + S + 1));
     int *exit_at = (int *)malloc(sizeof(int) * (size_t)(L + 2));
     int failed = !ints || !floats || !bufs || !exit_at;
@@ -1651,9 +1652,10 @@ int ee_decode(int64_t S, const int64_t *slots, int64_t *token, int64_t *fed, int
     if (failed) goto done;
     int64_t *going = ints, *p = going + S, *walk = p + S, *layer_of = walk + S, *made = layer_of + S,
             *got = made + S, *rs = got + S, *rq = rs + R, *rslot = rq + R, *rnew = rslot + R, *f0 = rnew + R,
-            *info = f0 + L * S, *fires = info + 2 * S; /* decide's: rows at the exit, held; firing indices */
+            *info = f0 + L * S, *fires = info + 2 * S, /* decide's: rows at the exit, held; firing indices */
+            *vtok = fires + S; /* a vocabulary check's tokens (one per new row) */
     float *conf = floats, *score = conf + S, *scores = score + S, *tc = scores + R, *ts = tc + R * hd,
-          *part = ts + R * hd, *c = part + S * Kmax;
+          *part = ts + R * hd, *c = part + S * Kmax, *vconf = c + S + 1;
     char *X = bufs, *Y = X + (size_t)R * row, *Z = Y + (size_t)R * row; /* Z: gathered new rows */
     for (int64_t l = 0; l <= L; l++) exit_at[l] = -1;
     for (int64_t e = 0; e < E; e++)
@@ -1714,10 +1716,15 @@ int ee_decode(int64_t S, const int64_t *slots, int64_t *token, int64_t *fed, int
             for (int64_t s = 0; s < S; s++)
                 if (walk[s]) filled[l * B + slots[s]] = p[s] + 1;
             if (e >= 0) {
-                if (!in_layer) { /* the new rows gathered, the probe on them alone */
+                const int vocab = !exits[e].probe; /* a vocabulary check: the head on every new row */
+                if (!in_layer) { /* the new rows gathered, the probe (or the head) on them alone */
                     for (int64_t r = 0, i = 0; r < n; r++)
                         if (rnew[r]) memcpy(Z + (size_t)i++ * row, Y + (size_t)r * row, row);
-                    failed = ee_probe(Z, bf16, nw, h, exits[e].probe, scores, threads);
+                    if (vocab) {
+                        failed = exit_head(&exits[e], Z, nw, h, bf16, threads, part, vtok, vconf);
+                        for (int64_t i = 0; i < nw; i++) scores[i] = vconf[i]; /* its max-probability */
+                    } else
+                        failed = ee_probe(Z, bf16, nw, h, exits[e].probe, scores, threads);
                     if (failed) break;
                 } else /* new rows alone: scores in row order already */
                     ;
@@ -1730,14 +1737,17 @@ int ee_decode(int64_t S, const int64_t *slots, int64_t *token, int64_t *fed, int
                     i++;
                 }
                 if (decide && !decide(e, 1, info, nf, fires)) nf = 0; /* the firing rows stay */
+                int64_t *tok = rslot; /* the head's tokens, then copied out (rslot is remade each layer) */
                 for (int64_t i = 0; i < nf; i++) { /* the leavers' rows, for the head */
-                    memcpy(Z + (size_t)i * row, Y + (size_t)got[i] * row, row);
+                    if (vocab) /* the check's own head made their tokens */
+                        tok[i] = vtok[fires[i]], c[i] = vconf[fires[i]];
+                    else
+                        memcpy(Z + (size_t)i * row, Y + (size_t)got[i] * row, row);
                     got[i] = rs[got[i]];
                     walk[got[i]] = 0;
                 }
                 if (nf) {
-                    int64_t *tok = rslot; /* the head's tokens, then copied out (rslot is remade each layer) */
-                    failed = exit_head(&exits[e], Z, nf, h, bf16, threads, part, tok, c);
+                    if (!vocab) failed = exit_head(&exits[e], Z, nf, h, bf16, threads, part, tok, c);
                     if (failed) break;
                     for (int64_t i = 0; i < nf; i++)
                         token[got[i]] = tok[i], conf[got[i]] = c[i], layer_of[got[i]] = exits[e].layer;

@@ -35,12 +35,14 @@ import dataclasses
 import functools
 from dataclasses import dataclass
 
+import numpy as np
+
 from megatron.early_exit.inference import kernels, lean, native
 from megatron.early_exit.inference.exit_clock import PAUSED
 from megatron.early_exit.inference.exit_decision import decider_of
 from megatron.early_exit.inference.fused_check import sigmoid
 from megatron.early_exit.inference.passes import ExitPolicy, Rows
-from megatron.early_exit.inference.uniform_check import UniformCheck, uniform_checks
+from megatron.early_exit.inference.uniform_check import PlannedCheck, UniformCheck, uniform_checks
 from megatron.early_exit.model.gpt import HeadOps
 from megatron.early_exit.model.norm import RMSNorm
 
@@ -137,7 +139,7 @@ def _plan(passes, state, policy, batch: int) -> LoopPlan | None:
     if not all(lean.runs_natively(run, a, passes.lean_kernels) for a in range(1, batch + 1)):
         return None
     head = native.DecodeHead(kernels.native_copy(m.output_weight()), passes.vocab, None, (final.weight, final.eps))
-    shifts = {e.layer: shift for e, shift, _ in exits}
+    shifts = {e.layer: shift for e, shift, _ in exits if shift is not None}  # a vocabulary check's: its max-probability
     checks = [c for _, _, c in exits] if policy.mode == "cost_aware" else []
     return LoopPlan(run, [e for e, _, _ in exits], head, shifts, batch, checks)
 
@@ -169,14 +171,18 @@ def loop_exits(passes, state, policy, batch: int) -> list[tuple[native.DecodeExi
     for d in sorted(by_depth):
         n = by_depth[d][0]
         check = checks.get(n)
-        if not isinstance(check, UniformCheck) or check.native is None:
+        vocab = isinstance(check, PlannedCheck) and policy.measure == "max_prob"  # the head itself checks
+        if not isinstance(check, UniformCheck) or (check.native is None and not vocab):
             return None
         head = check.head
         norm, mlp = exit_parts(passes, state, head)
         if norm is None or head.temperature != 1.0:
             return None
         norm_args = (norm.weight, norm.eps)
-        if policy.vocab == "draft":
+        if vocab:  # max_prob over the whole vocabulary (`Passes.vocab_check`), its argmax a leaver's token
+            rows = head.output_weight(passes.model.tied_output_weight())
+            made = native.DecodeHead(kernels.native_copy(rows), passes.vocab, None, norm_args)
+        elif policy.vocab == "draft":
             rows = passes.draft_rows(head)
             made = native.DecodeHead(kernels.native_copy(rows), len(passes.draft_vocab), passes.draft_vocab, norm_args)
         else:
@@ -184,8 +190,11 @@ def loop_exits(passes, state, policy, batch: int) -> list[tuple[native.DecodeExi
             made = native.DecodeHead(kernels.native_copy(rows), passes.vocab, None, norm_args)
         if not takes_head(rows, norm, dtype):
             return None
-        probe, bound = check.native
-        out.append((native.DecodeExit(d, n, probe, bound, made, mlp), check.shift, check))
+        if vocab:  # compared as torch compares an fp32 confidence with a Python float: in fp32
+            probe, bound, shift = None, float(np.float32(policy.threshold_of(n))), None
+        else:
+            (probe, bound), shift = check.native, check.shift
+        out.append((native.DecodeExit(d, n, probe, bound, made, mlp), shift, check))
     return out
 
 

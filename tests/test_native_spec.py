@@ -87,14 +87,14 @@ def test_where_fused_rounds_do_not_apply_nothing_is_done(monkeypatch):
 @needs_native
 def test_drafts_whose_verify_pass_is_not_native_are_verified_the_usual_way(monkeypatch):
     """Where the verify pass would not run natively at the row count the drafts made
-    (`RoundPlan.verifies`), the drafts come back alone and the strategy verifies them: the same
-    tokens and state as the separate calls."""
-    from megatron.early_exit.inference import native_spec
+    (`VerifyPlan.takes`), the drafts come back alone and the strategy verifies them (here through
+    the general pass: `verify_pending` asks the same): the same tokens and state as the separate calls."""
+    from megatron.early_exit.inference.passes import VerifyPlan
 
     model = build(torch.float32)
     s = GenerationSettings("self_speculative", 16, ignore_eos=True, num_draft_tokens=4, draft_exit_layer=1)
     want, want_state, _, _ = generated(model, PROMPTS, s, False, monkeypatch)
-    monkeypatch.setattr(native_spec.RoundPlan, "verifies", lambda self, passes, rows, dtype: False)
+    monkeypatch.setattr(VerifyPlan, "takes", lambda self, passes, rows, dtype: False)
     got, got_state, fused, separate = generated(model, PROMPTS, s, True, monkeypatch)
     assert fused == 0 and separate > 0
     assert_same_results(want, got)

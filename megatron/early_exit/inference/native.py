@@ -311,13 +311,7 @@ def drafts(
     i64 = ctypes.c_int64 * n
     out, conf, made = (ctypes.c_int64 * (n * d))(), (ctypes.c_float * (n * d))(), i64()
     stop: list[BaseException] = []
-
-    def ask(s: int, j: int, c: float) -> int:  # an exception must not cross the C frames: kept, raised after
-        try:
-            return int(bool(keep(s, j, c)))
-        except BaseException as e:  # noqa: BLE001 (re-raised below)
-            stop.append(e)
-            return 0
+    ask = guarded(lambda s, j, c: bool(keep(s, j, c)), stop, 0)
 
     rc = library().ee_drafts(
         d, n, i64(*tokens), embedding.data_ptr(), len(run), run.ptrs, run.eps, embedding.dtype == torch.bfloat16,
@@ -665,7 +659,7 @@ def layers_step(
 
 
 class _ExitArgs(ctypes.Structure):
-    """`ee_exit_t`: one exit of `decode` (its depth, number, learned check and bound, its head)."""
+    """`ee_exit_t`: one exit of `decode` (its depth, number, learned check or none, bound, its head)."""
 
     _fields_ = [
         ("depth", ctypes.c_int64),
@@ -772,30 +766,20 @@ def verify(
     return part, list(tokens), list(conf)
 
 
-class _Told:
-    """`decode`'s callbacks as the C loop calls them: an exception must not cross its frames, so
-    the first is kept (`stop`, raised after the call) and the loop told to halt."""
+def guarded(fn, stop: list, failed: int):
+    """`fn` as a C loop calls it back: an exception must not cross the C frames, so the first is kept
+    in `stop` (the caller raises it after the call) and `failed` returned, then for every later call."""
 
-    def __init__(self, keep, decide, n: int) -> None:
-        self.keep_, self.decide_, self.n, self.stop = keep, decide, n, []
-
-    def keep(self, s: int, step: int, token: int, layer: int, conf: float, score: float) -> int:
-        if self.stop:
-            return -1
+    def call(*args) -> int:
+        if stop:
+            return failed
         try:
-            return int(self.keep_(s, step, token, layer, conf, score))
-        except BaseException as e:  # noqa: BLE001 (re-raised by `decode`)
-            self.stop.append(e)
-            return -1
+            return int(fn(*args))
+        except BaseException as e:  # noqa: BLE001 (re-raised by the caller)
+            stop.append(e)
+            return failed
 
-    def decide(self, e: int, phase: int, info, nf: int, fires) -> int:
-        if self.stop:
-            return 0
-        try:
-            return int(bool(self.decide_(e, phase, info[: 2 * self.n], fires[:nf] if nf else [])))
-        except BaseException as err:  # noqa: BLE001 (re-raised by `decode`; keep then halts the loop)
-            self.stop.append(err)
-            return 0
+    return call
 
 
 def decode(
@@ -833,20 +817,28 @@ def decode(
     n, h = len(tokens), embedding.shape[-1]
     i64 = ctypes.c_int64 * n
     tok, at, rows = i64(*tokens), i64(*fed), [pending[b] for b in slots]
-    head, told = heads.head, _Told(keep, decide, n)
+    head, stop = heads.head, []
+    told = guarded(keep, stop, -1)  # an error halts the loop after the step (keep's -1)
+    asked = (
+        None
+        if decide is None
+        else guarded(
+            lambda e, phase, info, nf, fires: bool(decide(e, phase, info[: 2 * n], fires[:nf] if nf else [])), stop, 0
+        )
+    )
     steps, wanted = ctypes.c_int64(0), ctypes.c_int64(0)
     rc = library().ee_decode(
         n, i64(*slots), tok, at, filled.ctypes.data, filled.shape[1], i64(*(r.data_ptr() for r in rows)),
         i64(*limits), rows_cap, embedding.data_ptr(), len(run), run.ptrs, run.eps, embedding.dtype == torch.bfloat16,
         torch.get_num_threads(), h, g, per, hd, ffn, cos.data_ptr(), sin_signed.data_ptr(), *run.strides[:3],
         len(heads.exits), heads.array, head.panels.data_ptr(), head.rows, heads.gains[-1].data_ptr(),
-        float(head.norm[1]), DECODE_KEEP(told.keep),
-        NO_DECIDE if decide is None else DECODE_DECIDE(told.decide), ctypes.byref(steps), ctypes.byref(wanted),
+        float(head.norm[1]), DECODE_KEEP(told),
+        NO_DECIDE if asked is None else DECODE_DECIDE(asked), ctypes.byref(steps), ctypes.byref(wanted),
     )  # fmt: skip
     for s in range(n):
         fed[s] = at[s]
-    if told.stop:
-        raise told.stop[0]
+    if stop:
+        raise stop[0]
     if rc != 0:
         raise MemoryError("native kernel: out of memory for a decode loop's rows")
     return steps.value, wanted.value

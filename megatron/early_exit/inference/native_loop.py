@@ -251,10 +251,7 @@ def native_rounds(engine, state, running: list[int], batch, policy=None, cap: in
         window.mark = window.clock.clock()  # the next step's time starts after this bookkeeping
         return -1 if window.halted else 0 if done else 1
 
-    decide = None
-    if window is not None:
-        window.begin(running, made.checks)
-        decide = window.decide if made.checks else None
+    decide = None if window is None else window.begin(running, made.checks)
     tokens, limits = [results[b].tokens[-1] for b in running], [left[b] for b in running]
     steps, _ = made.steps(engine, state, running, tokens, limits, keep, decide)
     return None if steps == 0 else [b for b in running if b not in stopped]
@@ -269,15 +266,22 @@ def loop_for(engine, state, running: list[int], batch, policy=None) -> tuple | N
         return None
     if any(batch.settings_of(b).temperature > 0 or batch.settings_of(b).return_logprobs for b in running):
         return None
-    policy = batch.policy if policy is None else policy
-    policy, window = passes.solo_policy(state, {b: [0] for b in running}, policy), None
+    found = planned(passes, state, running, batch.policy if policy is None else policy)
+    return None if found is None else (passes, *found)
+
+
+def planned(passes, state, seqs: list[int], policy) -> tuple | None:
+    """(`LoopPlan`, `Window` or None) for a pass of `seqs` under `policy` as `Passes.run` resolves it
+    (`Passes.solo_policy`; cost_aware with exits to evaluate: its clock's current window, whose
+    policy the loop runs), or None where the loop does not apply."""
+    policy, window = passes.solo_policy(state, {b: [0] for b in seqs}, policy), None
     if policy.mode == "cost_aware" and passes.exits_by_depth(policy):  # its clock's window (none to evaluate: full's)
-        window = clock_window(passes, state, policy, len(running))
+        window = clock_window(passes, state, policy, len(seqs))
         if window is None:
             return None
         policy = window.runs
-    made = plan(passes, state, policy, len(running))
-    return None if made is None else (passes, made, window)
+    made = plan(passes, state, policy, len(seqs))
+    return None if made is None else (made, window)
 
 
 class Window:
@@ -299,10 +303,12 @@ class Window:
         self.rows: Rows | None = None  # the sequences at the exit last asked about, and their rows
         self.cand: list[int] = []
 
-    def begin(self, seqs: list[int], checks: list) -> None:
-        """A native call over `seqs` with the plan's `checks` begins: its first step's time starts."""
+    def begin(self, seqs: list[int], checks: list):
+        """A native call over `seqs` with the plan's `checks` begins: its first step's time starts.
+        Returns the call's decide callback (`decide`), or None where no exit is checked (paused)."""
         self.seqs, self.checks, self.begins = seqs, checks, True
         self.mark, self.step = self.clock.clock(), -1
+        return self.decide if checks else None
 
     def passed(self, step: int) -> None:
         """Told once per sequence after each step (`step`: its number in the call): at the
@@ -366,16 +372,10 @@ def step_once(engine, state, tokens: dict[int, int], policy):
     from megatron.early_exit.inference.passes import StepOutput
 
     passes, seqs = engine.passes, list(tokens)
-    policy, window = passes.solo_policy(state, {b: [0] for b in seqs}, policy), None
-    if policy.mode == "cost_aware" and passes.exits_by_depth(policy):
-        window = clock_window(passes, state, policy, len(seqs))
-        if window is None:
-            return None
-        policy = window.runs
-    made = plan(passes, state, policy, len(seqs))
-    if made is None:
+    found = planned(passes, state, seqs, policy)
+    if found is None:
         return None
-    out = StepOutput()
+    (made, window), out = found, StepOutput()
 
     def keep(s: int, step: int, token: int, layer: int, conf: float, score: float) -> int:
         if window is not None:
@@ -384,10 +384,7 @@ def step_once(engine, state, tokens: dict[int, int], policy):
         out.argmax[b], out.exit_layer[b], out.confidence[b] = token, layer, made.confidence(layer, conf, score)
         return 0
 
-    decide = None
-    if window is not None:
-        window.begin(seqs, made.checks)
-        decide = window.decide if made.checks else None
+    decide = None if window is None else window.begin(seqs, made.checks)
     steps, _ = made.steps(engine, state, seqs, [tokens[b] for b in seqs], [1] * len(seqs), keep, decide)
     if not steps:
         return None

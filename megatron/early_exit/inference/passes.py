@@ -95,6 +95,35 @@ class StepOutput:
 
 
 @dataclass
+class DraftPlan:
+    """A round's drafts from one exit as `Passes.native_drafts_of` runs them (`Passes.draft_plan`)."""
+
+    run: lean.NativeRun  # the layers below the exit
+    head: tuple  # the draft head as `native.drafts` takes it: packed rows, their count, the ids, the norm's args
+    hooks: tuple  # the hook dicts of the layers and the exit's norm (`lean.hooks_set`)
+
+
+@dataclass
+class VerifyPlan:
+    """A verify pass of rows pending at one depth as `Passes.verify_pending` runs it (`Passes.verify_plan`)."""
+
+    run: lean.NativeRun  # the layers from the depth on
+    head: native.DecodeHead  # the final head
+    hooks: tuple  # the layers' hook dicts (`lean.hooks_set`; the final norm's: `Passes.vocab_native`)
+    rows: dict[int, bool] = field(default_factory=dict)  # row count -> its kernels native (`takes`)
+
+    def takes(self, passes, rows: int, dtype) -> bool:
+        """Whether the pass over `rows` rows of `dtype` runs in one native call: the layers' and the
+        head's kernels at that row count (`lean.runs_natively`, `Passes.vocab_native`: the final
+        norm's hooks checked each time), their kernels looked up once."""
+        ok = self.rows.get(rows)
+        if ok is None:
+            ok = self.rows[rows] = rows <= lean.FOLD_ROWS and passes.lean_kernels.all_native(self.run.products, rows)
+        m = passes.model
+        return ok and passes.vocab_native(rows, dtype, m.output_weight(), m.decoder.final_layernorm)
+
+
+@dataclass
 class DecodeState:
     """Per-batch state: the caches and how far each sequence has been fed."""
 
@@ -384,21 +413,16 @@ class Passes:
             los.append(lo)
         if depth == 0 or not native.library() or not state.pending.is_contiguous():
             return False
-        run = self.layer_run(state, depth, layers)
+        plan = self.verify_plan(state, depth)
         n = [state.fed[b] - lo for b, lo in zip(seqs, los)]
-        if run is None or not lean.runs_natively(run, sum(n), self.lean_kernels):
+        if plan is None or self.int8_head() or lean.hooks_set(plan.hooks):
             return False
-        m = self.model
-        final = (m.output_weight(), m.decoder.final_layernorm)
-        if self.int8_head() or not self.vocab_native(sum(n), state.pending.dtype, *final):
+        if not plan.takes(self, sum(n), state.pending.dtype):
             return False
         his = [state.fed[b] for b in seqs]
         cos, _, neg = self.rotary_tables(max(his))[:3]
-        weight, norm = final
-        gain = None if norm is None else (norm.weight, norm.eps)
-        head = native.DecodeHead(kernels.native_copy(weight), self.vocab, None, gain)
-        logits, tokens, conf = native.verify(seqs, los, his, filled, depth, state.pending, run.native, run.shape,
-                                             (cos, neg), head)  # fmt: skip
+        logits, tokens, conf = native.verify(seqs, los, his, filled, depth, state.pending, plan.run.native,
+                                             plan.run.shape, (cos, neg), plan.head)  # fmt: skip
         self.record_rows(seqs, n, logits, tokens, conf, out)
         return True
 
@@ -1223,32 +1247,71 @@ class Passes:
         uniform = self.uniform_layers(state, {b: [0] for b in seqs})  # nothing pending below the exit
         if not (native.library() and self.plain_embedding() and uniform >= d):
             return None
-        self.lean_kernels.sync()
-        check = state.remembered(("drafts", n), lambda: DraftCheck(self, n, self.exit_head(state, n)))
-        if check.norm is None or lean.watched((check.norm,)):  # an exit that is more than its norm, or watched
+        plan = self.draft_plan(state, n, len(seqs))
+        if plan is None or lean.hooks_set(plan.hooks):  # a forward hook watching a layer or the exit's norm
             return None
-        run, emb = self.layer_run(state, 0, d), self.model.embedding.word_embeddings.weight
-        if run is None:
-            return None
-        rows = check.draft_rows()
-        for a in range(1, len(seqs) + 1):  # the steps' rows: every sequence, then fewer as they stop
-            if not lean.runs_natively(run, a, self.lean_kernels):
-                return None
-            if not self.draft_head_native(check.head, check.norm_args, rows, a, emb.dtype):
-                return None
+        run, emb = plan.run, self.model.embedding.word_embeddings.weight
         top = max(state.fed[b] + caps[b] for b in seqs)
         cos, _, neg = self.rotary_tables(top + 1)[:3]  # positions up to the last fed (with feed_last)
-        head = (kernels.native_copy(rows), len(self.draft_vocab), self.draft_vocab, check.norm_args)
         at = [(b, state.fed[b]) for b in seqs]
         pending = [state.pending[b, p : p + caps[b] + feed_last] for b, p in at]
         ask = None if keep is None else (lambda s, j, c: keep(seqs[s], j, c))
-        made = native.drafts([tokens[b] for b in seqs], emb, run.native, run.shape, (cos, neg), at, pending, head,
-                             ask, feed_last)  # fmt: skip
+        made = native.drafts([tokens[b] for b in seqs], emb, run.native, run.shape, (cos, neg), at, pending,
+                             plan.head, ask, feed_last)  # fmt: skip
         if made is None:
             return None
         for (b, pos), (drafts, _) in zip(at, made):
             state.fed[b] = state.cache.filled[:d, b] = pos + len(drafts) + (feed_last and len(drafts) > 0)
         return dict(zip(seqs, made))
+
+    def draft_plan(self, state: DecodeState, n: int, batch: int) -> DraftPlan | None:
+        """What `native_drafts_of` takes of `state` for `batch` sequences drafting from exit n, worked
+        out once per decode state, exit, batch size and selection of kernels (`kernels.selection`):
+        the layers below the exit, the draft head as `native.drafts` takes it, every drafting step's
+        row count on the native kernel; None where not (an exit that is more than its norm, a layer
+        not lean, a kernel other than the native one). Forward hooks are the caller's to check
+        (`DraftPlan.hooks`): they come and go without the kernels' selection changing."""
+        key, selection = ("draft plan", n, batch), kernels.selection()
+        kept = state.memo.get(key)
+        if kept is not None and kept[0] == selection:
+            return kept[1]
+        self.lean_kernels.sync()
+        made = self._draft_plan(state, n, batch)
+        state.memo[key] = (selection, made)
+        return made
+
+    def _draft_plan(self, state: DecodeState, n: int, batch: int) -> DraftPlan | None:
+        check = state.remembered(("drafts", n), lambda: DraftCheck(self, n, self.exit_head(state, n)))
+        run, emb = self.layer_run(state, 0, self.depth(n)), self.model.embedding.word_embeddings.weight
+        if check.norm is None or run is None:
+            return None
+        rows = check.draft_rows()
+        for a in range(1, batch + 1):  # the steps' rows: every sequence, then fewer as they stop
+            if a > lean.FOLD_ROWS or not self.lean_kernels.all_native(run.products, a):  # `lean.runs_natively`'s
+                return None
+            if not self.draft_head_native(check.head, check.norm_args, rows, a, emb.dtype):
+                return None
+        head = (kernels.native_copy(rows), len(self.draft_vocab), self.draft_vocab, check.norm_args)
+        return DraftPlan(run, head, run.hooks + lean.hook_dicts((check.norm,)))
+
+    def verify_plan(self, state: DecodeState, depth: int) -> VerifyPlan | None:
+        """What a verify pass of rows pending at `depth` takes of `state` (`verify_pending`): the
+        layers from `depth` on and the final head as `native.verify` takes them, worked out once per
+        decode state, depth and selection of kernels; None where a layer is not lean. Forward hooks
+        and the row count's kernels are the caller's to check (`VerifyPlan.hooks`, `takes`)."""
+        key, selection = ("verify plan", depth), kernels.selection()
+        kept = state.memo.get(key)
+        if kept is not None and kept[0] == selection:
+            return kept[1]
+        self.lean_kernels.sync()
+        run, made = self.layer_run(state, depth, self.num_layers), None
+        if run is not None:
+            norm = self.model.decoder.final_layernorm
+            gain = None if norm is None else (norm.weight, norm.eps)
+            head = native.DecodeHead(kernels.native_copy(self.model.output_weight()), self.vocab, None, gain)
+            made = VerifyPlan(run, head, run.hooks)
+        state.memo[key] = (selection, made)
+        return made
 
     def block_exit_hidden(self, state: DecodeState, n: int, head, seqs: list[int]) -> torch.Tensor:
         """Bring exit n's own block cache up to each sequence's newest token; its hidden there [A, 1, h]."""

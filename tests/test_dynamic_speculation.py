@@ -778,20 +778,28 @@ def test_a_round_reading_a_shallower_exit_stays_lossless_and_teaches_the_control
 
 
 def test_the_loop_clock_prices_drafting_rounds_against_plain_ones():
-    """`LoopClock`: a drafting round's wall time over (plain round's x its predicted units), a
-    decayed mean that starts from LOOP_PRIOR rounds of 1.0 (decaying too); nothing before a plain round is
-    timed (no unit), and each batch bucket on its own."""
+    """`LoopClock`: drafting rounds' wall time in plain rounds over the time their costs give the
+    tokens they kept (predicted units x worth), decayed sums that start from LOOP_PRIOR units at
+    1.0 (decaying too); nothing before a plain round is timed (no unit), and each batch bucket on
+    its own. Rounds that keep more tokens than expected of their drafts lower it."""
     clock = LoopClock()
     clock.record(1, 2, 1.5, 3.0)  # no plain round yet: no unit, nothing learned
     assert clock.factor(1, 2) == 1.0
     clock.record(1, None, 1.0, 2.0)  # a plain round: 2 s
     clock.record(1, 2, 1.5, 3.6)  # predicted 1.5 plain rounds (3.0 s), took 3.6 s: 1.2x
     d = LOOP_DECAY
-    assert clock.factor(1, 2) == pytest.approx((d * LOOP_PRIOR + 1.2) / (d * LOOP_PRIOR + 1.0))
+    assert clock.factor(1, 2) == pytest.approx((d * LOOP_PRIOR + 1.8) / (d * LOOP_PRIOR + 1.5))
     assert clock.factor(1, 6) == 1.0 and clock.factor(4, 2) == 1.0  # other exits, other buckets
     for _ in range(200):
         clock.record(1, 2, 1.5, 3.6)
     assert clock.factor(1, 2) == pytest.approx(1.2, abs=1e-3)  # the prior fades: the loop's own ratio
+    for _ in range(200):  # as dear, but keeping 1.5x the tokens expected of their drafts, then 0.5x
+        clock.record(1, 2, 1.5, 3.6, worth=1.5)
+    assert clock.factor(1, 2) == pytest.approx(0.8, abs=1e-3)
+    for _ in range(100):  # rounds alternating 0.5x and 1.5x: a ratio of sums, 1.2 (a mean of ratios: 1.6)
+        clock.record(1, 2, 1.5, 3.6, worth=0.5)
+        clock.record(1, 2, 1.5, 3.6, worth=1.5)
+    assert clock.factor(1, 2) == pytest.approx(1.2, rel=0.03)
     clock.record(1, None, 1.0, 4.0)  # plain rounds slow down: the unit follows them (decayed mean)
     assert clock.plain[1] == pytest.approx(LOOP_DECAY * 2.0 + (1 - LOOP_DECAY) * 4.0)
 
@@ -849,7 +857,8 @@ def test_the_loop_clock_times_plain_rounds_that_read_no_exit_and_asks_for_one_wh
     assert ctl.loop.plain == {} and ctl.loop.observing == {1: 0.030} and ctl.plan([2], [1, 2]).exit is None
     ctl.timed(first, 0.010)
     ctl.timed(Plan(2, 1, 1.0, drafted=1, observe=1), 0.010 * costs.round_time(2, 1) * 1.5)  # read on the way: 1.5x
-    assert ctl.loop.excess[(1, 2)] == pytest.approx((LOOP_DECAY * LOOP_PRIOR + 1.5, LOOP_DECAY * LOOP_PRIOR + 1.0))
+    t = costs.round_time(2, 1)
+    assert ctl.loop.excess[(1, 2)] == pytest.approx((LOOP_DECAY * LOOP_PRIOR + 1.5 * t, LOOP_DECAY * LOOP_PRIOR + t))
     ctl.loop.excess.clear()
     for i in range(LOOP_PLAIN_EVERY - 1):
         plan = ctl.plan([2], [1, 2])
@@ -917,7 +926,8 @@ def test_a_plain_round_reads_an_exit_near_paying_only_where_that_is_cheap():
 def test_the_engine_controller_times_its_rounds_only_where_its_costs_are_timed(monkeypatch):
     """Decisions must not depend on the clock where the costs come from the parameters (the test
     suite, several processes) or from a measured cost model: no loop clock there; with timed
-    costs the engine's controller has one and every round of a decode is timed into it."""
+    costs the engine's controller has one and every round of a decode is timed into it, but a decode
+    state's first round from each exit (it makes the plans the later rounds reuse)."""
     from megatron.early_exit.inference.strategies import self_speculative as ss
 
     engine = EarlyExitEngine(build(True))
@@ -939,7 +949,8 @@ def test_the_engine_controller_times_its_rounds_only_where_its_costs_are_timed(m
     (r,) = other.generate(PROMPTS[:1], s)
     ctl = ss.controller_for(other)
     assert ctl.loop is not None and ctl.costs is timed
-    assert len(rounds) == sum(r.stats["draft_lengths"].values()) > 0  # every round of the decode, timed
+    firsts = len(r.stats["draft_exits"])  # each exit drafted from: its first round not timed
+    assert firsts and len(rounds) == sum(r.stats["draft_lengths"].values()) - firsts > 0
     assert all(b == 1 and t > 0 for _, b, t in rounds)
 
 
@@ -984,3 +995,28 @@ def test_the_margin_leaves_a_paying_exit_drafting():
     lengths = list(range(1, MAX_DRAFT + 1))
     plan, plain = ctl.plan([2, 6], lengths), bare.plan([2, 6], lengths)
     assert (plan.exit, plan.length, plan.rate) == (plain.exit, plain.length, plain.rate) and plan.exit == 2
+
+
+def test_a_rounds_worth_is_its_kept_tokens_over_what_its_drafts_were_expected_to_keep():
+    """`DraftController.worth`: per sequence, the drafts agreed plus the final head's token, against
+    `expected_tokens` at the exit's acceptance for as many drafts (read before `update` learns from
+    the round); the context's drafts (priced per bin) are not weighed. A timed round's worth scales
+    the time its costs give it (`LoopClock.record`)."""
+    costs = DraftCosts(draft={2: 0.25}, row={2: 0.01}, base={2: 1.0})
+    ctl = DraftController(costs, explore_share=1e-9, margin=0.0)
+    ctl.stats[2].accepted, ctl.stats[2].rejected = 59.0, 39.0  # a = 0.6 with the Beta(1, 1) prior
+    a = ctl.acceptance(2)
+    assert a == pytest.approx(0.6)
+    kept, expected = ctl.worth(2, [([0.9, 0.8, 0.7], 3), ([0.2], 0)])
+    assert kept == pytest.approx((4 + 1) / 2)
+    assert expected == pytest.approx((expected_tokens(a, 3) + expected_tokens(a, 1)) / 2)
+    from megatron.early_exit.inference.lookup import LOOKUP
+
+    assert ctl.worth(LOOKUP, [([0.9], 1)]) == (0.0, 0.0) and ctl.worth(2, []) == (0.0, 0.0)
+    ctl.use_loop_clock()
+    ctl.timed(Plan(None, 0, 1.0), 0.010)
+    plan = Plan(2, 3, 1.0, drafted=3, kept=kept, expected=expected)
+    ctl.timed(plan, 0.010 * costs.round_time(2, 3))  # as its costs say, keeping kept / expected as much
+    t = costs.round_time(2, 3)
+    d = LOOP_DECAY
+    assert ctl.factor(2) == pytest.approx((d * LOOP_PRIOR + t) / (d * LOOP_PRIOR + t * kept / expected))

@@ -340,3 +340,62 @@ def test_max_prob_windows_in_the_loop_leave_where_the_steps_do(dtype, mode):
         assert x.confidences == pytest.approx(y.confidences, rel=1e-5, abs=1e-6)
     assert records == records_loop
     assert {e for r in got for e in r.exit_layers[1:]} == {1, 2, 4}
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("vocab", ["draft", "full"])
+def test_observed_steps_in_the_loop_read_the_exits_tokens(dtype, vocab):
+    """A plain step that reads an exit's greedy token on the way (`ExitPolicy.observe`: a
+    self-speculative plain round's, `Plan.observe`) runs in the loop (`step_once`: a vocabulary
+    check whose bound no row reaches, its token and max-probability in `native.Seen`) with the
+    final head's tokens and K/V of the step through `Passes.run`, and the same guesses: the
+    exit's token over the draft vocabulary where the passes draft onto one, else the whole; its
+    max-probability within round-off (the loop's head is the native kernel, the step's the head's
+    own: `native_loop.takes_head`), one sequence or three, joining and leaving."""
+    from megatron.early_exit.inference.strategies.self_speculative import observing
+
+    seen = {}
+    for on in (False, True):
+        model = build(dtype)
+        if vocab == "full":
+            model.calibrated_thresholds = {"thresholds": {1: 1.0, 2: 1.0}}
+        engine = EarlyExitEngine(model, linear_kernel="native")
+        engine.passes.native_loop = on
+        assert (engine.passes.draft_vocab is not None) == (vocab == "draft")
+        state = engine.new_state(3, 64)
+        engine.prefill(state, {0: PROMPTS[0], 1: PROMPTS[1]})
+        last, steps, guesses, loop = {0: 7, 1: 8}, [], [], []
+        real = native_loop.native.decode
+        native_loop.native.decode = lambda *a, loop=loop, real=real, **k: loop.append(real(*a, **k)) or loop[-1]
+        try:
+            for i in range(10):
+                if i == 3:  # a request joins
+                    engine.prefill(state, {2: PROMPTS[2]})
+                    last[2] = 9
+                if i == 7:  # and one leaves
+                    del last[0]
+                exit_n = 1 + i % 2
+                with engine.packed:  # the engine's kernels (here the native one, forced), as in `generate`
+                    out = native_loop.step_once(engine, state, last, observing(exit_n)) if on else None
+                if out is None:
+                    out = engine.decode_one_token(state, last, observing(exit_n))
+                tokens = {b: out.argmax[b] if b in out.argmax else int(out.logits[b].argmax()) for b in last}
+                steps.append(sorted((b, t, out.exit_layer[b]) for b, t in tokens.items()))
+                guesses.append({b: out.guesses[b] for b in sorted(out.guesses)})
+                last = tokens
+        finally:
+            native_loop.native.decode = real
+        seen[on] = (steps, guesses, state, sum(made for made, _ in loop))
+    (want, want_guess, want_state, none), (got, got_guess, got_state, calls) = seen[False], seen[True]
+    assert none == 0 and calls == 10
+    assert got == want
+    assert_same_state(want_state, got_state)
+    for w, g, step in zip(want_guess, got_guess, got, strict=True):
+        assert list(w) == list(g) == [b for b, _, _ in step]  # a guess for every sequence of the step
+        for b in w:
+            assert g[b][:2] == w[b][:2], (b, g[b], w[b])  # the exit and its token
+            # max-probability: the two heads' logits differ by round-off (bf16 outputs: its rounding)
+            assert g[b][2] == pytest.approx(w[b][2], abs=1e-5 if dtype == torch.float32 else 2e-2)
+    if vocab == "draft":
+        assert {t for step in got_guess for _, t, _ in step.values()} <= set(DRAFT_VOCAB)

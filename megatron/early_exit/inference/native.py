@@ -159,7 +159,7 @@ def library() -> ctypes.CDLL | None:
     lib.ee_drafts.restype = i32
     lib.ee_decode.argtypes = [i64, vp, vp, vp, vp, i64, vp, vp, i64, vp, i64, vp, vp, i32, i32] + [i64] * 5
     lib.ee_decode.argtypes += [vp, vp, i64, i64, i64, i64, vp, vp, i64, vp, ctypes.c_float, DECODE_KEEP]
-    lib.ee_decode.argtypes += [DECODE_DECIDE, vp, vp]
+    lib.ee_decode.argtypes += [DECODE_DECIDE, vp, vp, vp, vp]
     lib.ee_decode.restype = i32
     lib.ee_verify.argtypes = [i64, vp, vp, vp, vp, i64, i64, vp, i64, vp, vp, i32, i32] + [i64] * 5
     lib.ee_verify.argtypes += [vp, vp, i64, i64, i64, vp, i64, vp, ctypes.c_float, vp, vp, vp]
@@ -690,6 +690,15 @@ class DecodeHead:
     norm: tuple[torch.Tensor, float] | None  # None: no norm (`verify`'s final head alone)
 
 
+class Seen:
+    """`decode`'s record of what its vocabulary checks made (`seen`): per sequence, a token (-1:
+    none) and its max-probability."""
+
+    def __init__(self, n: int) -> None:
+        self.tokens = (ctypes.c_int64 * n)(*([-1] * n))
+        self.conf = (ctypes.c_float * n)()
+
+
 @dataclasses.dataclass
 class DecodeExit:
     """An exit as `decode` takes it: its depth, its number, its learned check (`Probe`; None: a
@@ -783,21 +792,10 @@ def guarded(fn, stop: list, failed: int):
 
 
 def decode(
-    tokens: list[int],
-    slots: list[int],
-    fed: list[int],
-    filled,
-    pending: torch.Tensor,
-    limits: list[int],
-    rows_cap: int,
-    embedding: torch.Tensor,
-    run: LayerRun,
-    shape: tuple[int, int, int, int],
-    tables: tuple[torch.Tensor, torch.Tensor],
-    heads: DecodeArgs,
-    keep,
-    decide=None,
-) -> tuple[int, int]:
+    tokens: list[int], slots: list[int], fed: list[int], filled, pending: torch.Tensor, limits: list[int],
+    rows_cap: int, embedding: torch.Tensor, run: LayerRun, shape: tuple[int, int, int, int],
+    tables: tuple[torch.Tensor, torch.Tensor], heads: DecodeArgs, keep, decide=None, seen: Seen | None = None,
+) -> tuple[int, int]:  # fmt: skip
     """Greedy decode steps of S sequences in one call (`ee_decode`): sequence s feeds tokens[s]
     at position fed[s] in cache slot slots[s], then each step's token, through `run`'s layers (the
     whole model's), its pending rows (`pending` (B, T, h), contiguous) joining at the layers where
@@ -811,7 +809,10 @@ def decode(
     rows each sequence has there (0: not there) then whether each held pending rows as the step
     began; phase 1, after an evaluation, whether its firing rows leave, `fires` their indices among
     the sequences there. `fed` is updated in place. The loop stops before a step whose rows in one
-    layer call would exceed `rows_cap`. Returns (the steps made, the rows that step wanted, else 0)."""
+    layer call would exceed `rows_cap`. `seen`: where given, per sequence the token and
+    max-probability of the step's latest vocabulary check (an exit with no probe; an observed
+    exit is one whose bound is +inf: it never fires), written before keep is asked. Returns (the
+    steps made, the rows that step wanted, else 0)."""
     g, per, hd, ffn = shape
     cos, sin_signed = tables
     n, h = len(tokens), embedding.shape[-1]
@@ -834,6 +835,7 @@ def decode(
         len(heads.exits), heads.array, head.panels.data_ptr(), head.rows, heads.gains[-1].data_ptr(),
         float(head.norm[1]), DECODE_KEEP(told),
         NO_DECIDE if asked is None else DECODE_DECIDE(asked), ctypes.byref(steps), ctypes.byref(wanted),
+        None if seen is None else seen.tokens, None if seen is None else seen.conf,
     )  # fmt: skip
     for s in range(n):
         fed[s] = at[s]

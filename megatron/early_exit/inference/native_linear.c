@@ -1628,6 +1628,10 @@ static int exit_head(const ee_exit_t *e, const void *x, int64_t n, int64_t h, in
  * step began, says whether the exit is evaluated (0: its check skipped, as cost_aware skips it);
  * and after an evaluation, decide(e, 1, info, nf, fires), fires the indices (among the sequences
  * there, in order) of the nf rows at or above the bound, says whether they leave (0: all stay).
+ * seen (NULL: not wanted), seen_conf: per sequence, the token and max-probability a vocabulary check
+ * (an exit with no probe) made for its new row at the step's latest such exit, written before keep is
+ * asked (an observed exit, `ExitPolicy.observe`, is a vocabulary check whose bound is +inf: it never
+ * fires, and its token is what a draft from it would have been).
  * *steps: steps made. 0 on success, 1 when memory runs out (the steps made by then are whole). */
 int ee_decode(int64_t S, const int64_t *slots, int64_t *token, int64_t *fed, int64_t *filled, int64_t B,
               const int64_t *pending, const int64_t *limit, int64_t rows_cap, const void *emb, int64_t L,
@@ -1636,7 +1640,7 @@ int ee_decode(int64_t S, const int64_t *slots, int64_t *token, int64_t *fed, int
               int64_t E, const ee_exit_t *exits, const void *Wp, int64_t K, const void *gain, float eps_h,
               int (*keep)(int64_t, int64_t, int64_t, int64_t, float, float),
               int (*decide)(int64_t, int64_t, const int64_t *, int64_t, const int64_t *), int64_t *steps,
-              int64_t *wanted) {
+              int64_t *wanted, int64_t *seen, float *seen_conf) {
     const size_t row = (size_t)h * (bf16 ? 2 : 4);
     int64_t Kmax = K;
     for (int64_t e = 0; e < E; e++) Kmax = exits[e].K > Kmax ? exits[e].K : Kmax;
@@ -1733,6 +1737,7 @@ int ee_decode(int64_t S, const int64_t *slots, int64_t *token, int64_t *fed, int
                     if (!rnew[r]) continue;
                     const int64_t s = rs[r];
                     score[s] = scores[i];
+                    if (vocab && seen) seen[s] = vtok[i], seen_conf[s] = vconf[i];
                     if ((double)score[s] >= exits[e].bound) fires[nf] = i, got[nf++] = r;
                     i++;
                 }

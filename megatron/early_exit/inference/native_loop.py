@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -81,9 +82,12 @@ class LoopPlan:
         shift), at the final head the head's max-probability `conf`."""
         return sigmoid(score + self.shifts[layer]) if layer in self.shifts else conf
 
-    def steps(self, engine, state, seqs: list[int], tokens: list[int], limits: list[int], keep, decide=None) -> tuple:
+    def steps(
+        self, engine, state, seqs: list[int], tokens: list[int], limits: list[int], keep, decide=None, seen=None
+    ) -> tuple:  # fmt: skip
         """`native.decode` of the sequences `seqs` from `tokens`, up to limits[i] steps each, their
-        positions fed updated (`decide`: the cost_aware checks' decisions, `Window.decide`); where
+        positions fed updated (`decide`: the cost_aware checks' decisions, `Window.decide`; `seen`:
+        `native.Seen`, an observed exit's tokens); where
         its first step wanted more rows than `rows_cap`, the cap raised (`more_rows`) and the call
         made again. Returns (steps made, rows a step wanted, else 0)."""
         if self.checks and decide is None:
@@ -96,7 +100,7 @@ class LoopPlan:
                 made, wanted = native.decode(
                     tokens, seqs, fed, state.cache.filled, state.pending, limits, self.rows_cap,
                     passes.model.embedding.word_embeddings.weight, self.run.native, self.run.shape, (cos, neg),
-                    self.heads, keep, decide,
+                    self.heads, keep, decide, seen,
                 )  # fmt: skip
             for b, f in zip(seqs, fed):
                 state.fed[b] = f
@@ -126,8 +130,12 @@ def _plan(passes, state, policy, batch: int) -> LoopPlan | None:
         return None
     if passes.block_slots or passes.int8_head() or not passes.plain_embedding() or policy.force is not None:
         return None
-    if policy.observe or state.pending.shape[1] == 0 or type(m.head_ops) is not HeadOps:
+    if state.pending.shape[1] == 0 or type(m.head_ops) is not HeadOps:
         return None
+    if policy.observe and (
+        len(policy.observe) > 1 or policy.mode != "exact" or any(policy.threshold_of(n) < 1.0 for n in policy.allowed)
+    ):
+        return None  # one observed exit alone (`step_once` reads its tokens): else the step path's
     run = passes.layer_run(state, 0, L)
     emb = m.embedding.word_embeddings.weight
     if run is None or run.native.dtype != emb.dtype or not state.pending.is_contiguous():
@@ -167,6 +175,8 @@ def loop_exits(passes, state, policy, batch: int) -> list[tuple[native.DecodeExi
         return []
     if any(len(ns) != 1 or d >= passes.num_layers for d, ns in by_depth.items()):
         return None
+    if policy.observe:  # exits whose tokens are read (`plan`: nothing else evaluated)
+        return observed_exits(passes, state, by_depth)
     checks, dtype, out = uniform_checks(passes, state, policy, by_depth), passes.dtype, []
     for d in sorted(by_depth):
         n = by_depth[d][0]
@@ -195,6 +205,27 @@ def loop_exits(passes, state, policy, batch: int) -> list[tuple[native.DecodeExi
         else:
             (probe, bound), shift = check.native, check.shift
         out.append((native.DecodeExit(d, n, probe, bound, made, mlp), shift, check))
+    return out
+
+
+def observed_exits(passes, state, by_depth: dict[int, list[int]]) -> list[tuple] | None:
+    """(exit, None, None) for each observed exit (`ExitPolicy.observe`), by depth: a vocabulary
+    check whose bound (+inf) no row reaches, its head over the draft vocabulary where the passes
+    draft onto one (`Passes.observe_exit`'s token and max-probability: `native.Seen`); None where
+    an exit's head does not run natively."""
+    out = []
+    for d in sorted(by_depth):
+        n = by_depth[d][0]
+        head = passes.exit_head(state, n)
+        norm, mlp = exit_parts(passes, state, head)
+        if norm is None or head.temperature != 1.0:
+            return None
+        ids = passes.draft_vocab
+        rows = head.output_weight(passes.model.tied_output_weight()) if ids is None else passes.draft_rows(head)
+        if not takes_head(rows, norm, passes.dtype):
+            return None
+        made = native.DecodeHead(kernels.native_copy(rows), rows.shape[0], ids, (norm.weight, norm.eps))
+        out.append((native.DecodeExit(d, n, None, math.inf, made, mlp), None, None))
     return out
 
 
@@ -263,6 +294,8 @@ def loop_for(engine, state, running: list[int], batch, policy=None) -> tuple | N
     None where the loop does not apply."""
     passes = getattr(engine, "passes", None)
     if passes is None or not running or getattr(batch.settings, "logit_bias", None):
+        return None
+    if (batch.policy if policy is None else policy).observe:  # its tokens are read by `step_once` alone
         return None
     if any(batch.settings_of(b).temperature > 0 or batch.settings_of(b).return_logprobs for b in running):
         return None
@@ -376,16 +409,19 @@ def step_once(engine, state, tokens: dict[int, int], policy):
     if found is None:
         return None
     (made, window), out = found, StepOutput()
+    seen = native.Seen(len(seqs)) if policy.observe else None
 
     def keep(s: int, step: int, token: int, layer: int, conf: float, score: float) -> int:
         if window is not None:
             window.passed(step)
         b = seqs[s]
         out.argmax[b], out.exit_layer[b], out.confidence[b] = token, layer, made.confidence(layer, conf, score)
+        if seen is not None and seen.tokens[s] >= 0:  # the observed exit's token (`Passes.observe_exit`)
+            out.guesses[b] = (policy.observe[0], seen.tokens[s], float(seen.conf[s]))
         return 0
 
     decide = None if window is None else window.begin(seqs, made.checks)
-    steps, _ = made.steps(engine, state, seqs, [tokens[b] for b in seqs], [1] * len(seqs), keep, decide)
+    steps, _ = made.steps(engine, state, seqs, [tokens[b] for b in seqs], [1] * len(seqs), keep, decide, seen)
     if not steps:
         return None
     layer = out.exit_layer  # the order the pass gives them in: by exit layer, then as fed (`StepOutput.order`)

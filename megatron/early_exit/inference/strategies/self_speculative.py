@@ -208,8 +208,11 @@ class SelfSpeculative(Strategy):
         if ctl is None or ctl.loop is None:
             return self.run_plan(engine, state, running, batch, plan, ctl)
         measured, start = kernels.measured_count(), time.perf_counter()
+        first = plan.exit is not None and (FIRST_DRAFT, plan.exit) not in state.memo
         still = self.run_plan(engine, state, running, batch, plan, ctl)
-        if kernels.measured_count() == measured:  # not a round that timed kernels (a new row count's first)
+        if first:  # a decode state's first round drafting from an exit makes what its rounds reuse
+            state.memo[(FIRST_DRAFT, plan.exit)] = True
+        elif kernels.measured_count() == measured:  # nor a round that timed kernels (a new row count's first)
             ctl.timed(plan, time.perf_counter() - start)  # the loop's own clock
         return still
 
@@ -244,7 +247,8 @@ class SelfSpeculative(Strategy):
         if out is None and plan.exit == LOOKUP and drafted:  # nothing fed yet: the last kept token, then the drafts
             out = engine.verify(state, {b: [last[b], *drafts[b]] for b in running})
         elif out is None:
-            out = verify(engine, state, last, drafted, None if drafted else plan.observe, alts, drafts)
+            greedy = all(results[b].logprobs is None for b in running)
+            out = verify(engine, state, last, drafted, None if drafted else plan.observe, alts, drafts, greedy)
         if ctl is not None and plan.observe is not None:
             seen = observations(out, plan.observe, guesses if drafted else None)
             if seen:
@@ -269,6 +273,7 @@ class SelfSpeculative(Strategy):
             if r.finish_reason != "stop" and len(r.tokens) < batch.settings_of(b).max_new_tokens:
                 still.append(b)
         if ctl is not None and observed:
+            plan.kept, plan.expected = ctl.worth(plan.exit, observed)  # what the loop clock weighs its time by
             ctl.update(plan.exit, observed)
         if ctl is not None and tried:
             ctl.update_alternatives(plan.exit, tried)
@@ -428,9 +433,24 @@ class SelfSpeculative(Strategy):
         return ok, alt
 
 
+# A decode state's memo key marking that a round drafted from an exit (its first is not timed: it
+# makes the drafts' and verify pass's plans the later rounds reuse, `Passes.draft_plan` /
+# `verify_plan`; CPU reference, bf16, batch 1: 1.75x its predicted time where later rounds took
+# 1.2x, and an exit's loop factor, learned from few rounds, kept it plain for whole runs)
+FIRST_DRAFT = "self-speculative round drafted"
 # the fewest sequences whose plain rounds run at once (`SelfSpeculative.plain_run`)
 PLAIN_RUN_BATCH = 1
 PLAIN = ExitPolicy()  # a plain round's: one object, which a decode state finds its checks for by identity
+_OBSERVING: dict[int, ExitPolicy] = {}  # exit -> a plain round's policy that reads its token (one object each)
+
+
+def observing(n: int | None) -> ExitPolicy:
+    """A plain round's policy, reading exit n's greedy token on the way where n is given."""
+    if n is None:
+        return PLAIN
+    if n not in _OBSERVING:
+        _OBSERVING[n] = ExitPolicy(observe=(n,))
+    return _OBSERVING[n]
 
 
 def native_drafts(engine, state, running: list[int], last: dict[int, int], caps: dict[int, int], plan: Plan, ctl):
@@ -458,19 +478,30 @@ def native_drafts(engine, state, running: list[int], last: dict[int, int], caps:
     return drafts, confs, {b: None if drafts[b] else last[b] for b in running}, {}, {b: {} for b in running}
 
 
-def verify(engine, state, last: dict[int, int], drafted: bool, observe: int | None = None, alts=None, drafts=None):
+def verify(
+    engine, state, last: dict[int, int], drafted: bool, observe: int | None = None, alts=None, drafts=None,
+    greedy: bool = False,
+):  # fmt: skip
     """The verify pass: every drafted row and `last` through the remaining layers, the final
     head on each row (`all_logits`; on a greedy request, `all_tokens` from the certified int8
     head where the engine uses it). A round that drafted nothing is a plain decode step: it
     takes full decoding's uniform fast path (the general pass, which gathers rows and builds a
     causal layout per layer, cost 1.4x a full step on SmolLM2 at batch 1), same tokens; with
-    `observe`, that exit's greedy token is read on the way (`ExitPolicy.observe`)."""
+    `observe`, that exit's greedy token is read on the way (`ExitPolicy.observe`). `greedy` (the
+    round's requests want tokens alone): such a step runs in the native loop where it applies
+    (`native_loop.step_once`, `all_tokens` and no logits), as a plain round's does: a plain round
+    reading exit 3 on the way had cost 1.5-2x a plain one through `Passes.run` (CPU reference,
+    bf16, batch 1), the exit's check itself ~0.01 of a step."""
     if drafted and alts:  # alternative drafts after each sequence's newest draft (`kv_cache.RowIndex`)
         branch = {b: tuple(len(drafts[b]) - j for j in alts.get(b, {})) for b in last}  # draft j: k - j before the end
         return engine.verify(state, {b: [t, *alts.get(b, {}).values()] for b, t in last.items()}, branch=branch)
     if drafted:  # last[b] None: the drafts' loop fed it already (`native_drafts`)
         return engine.verify(state, {b: [] if t is None else [t] for b, t in last.items()})
-    out = engine.decode_one_token(state, last, ExitPolicy(observe=(observe,)) if observe is not None else ExitPolicy())
+    policy, out = observing(observe), None
+    if greedy and getattr(engine, "passes", None) is not None:
+        out = step_once(engine, state, last, policy)
+    if out is None:
+        out = engine.decode_one_token(state, last, policy)
     for b, logits in out.logits.items():
         out.all_logits[b] = logits[None]  # (1, V): the one fed row
     for b, token in out.tokens.items():  # the int8 head: a token, no logits

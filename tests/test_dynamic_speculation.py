@@ -353,7 +353,9 @@ def test_early_stop_learns_from_confidence():
 
 def test_early_stop_plans_drafts_up_to_the_longest_length():
     """With the early stop on, a chosen plan at batch 1 caps its drafts at the longest length
-    allowed (the stop ends them); without it, in a batch, or exploring, at its own length."""
+    allowed (the stop ends them), and so does a try on a round that would be plain (its stop
+    weighing each further draft at a plain round's rate at least); without it, in a batch, or a
+    try beside a drafting plan, at its own length (a try capped so drafts it whole)."""
     ctl = DraftController(COSTS, agreement={2: 0.8, 6: 0.9})
     plan = ctl.plan([2, 6], list(range(1, 6)))
     assert not plan.explore and plan.exit is not None and plan.length < 5 and plan.cap == 5
@@ -361,8 +363,15 @@ def test_early_stop_plans_drafts_up_to_the_longest_length():
     assert (fixed.exit, fixed.length) == (plan.exit, plan.length) and fixed.cap == fixed.length
     batched = DraftController(COSTS, agreement={2: 0.8, 6: 0.9}).plan([2, 6], list(range(1, 6)), batch=4)
     assert (batched.exit, batched.length) == (plan.exit, plan.length) and batched.cap == batched.length
-    cold = DraftController(COSTS).plan([2], [3, 4])  # a cold try whose drafts pay at the prior's 0.5
-    assert cold.explore and cold.length == cold.cap == 3
+    cold_ctl = DraftController(COSTS)
+    cold = cold_ctl.plan([2], [3, 4])  # a cold try whose drafts pay at the prior's 0.5, on a plain round
+    assert cold.explore and cold.length == 3 and cold.cap == 4 and cold.rate >= 1.0
+    assert cold_ctl.keep_drafting(cold, [0.9]) == cold_ctl.keep_drafting(replace(cold, explore=False), [0.9])
+    assert not cold_ctl.keep_drafting(cold, [0.01] * 3)  # its stop ends unsure drafts
+    capped = replace(cold, limit=None)  # as a try beside a drafting plan: its length, whole
+    assert cold_ctl.keep_drafting(capped, [0.01] * 2)
+    in_batch = DraftController(COSTS).plan([2], [3, 4], batch=4)
+    assert in_batch.explore and in_batch.length == in_batch.cap == 3
 
 
 def test_costs_from_config_price_a_smollm2_shape():

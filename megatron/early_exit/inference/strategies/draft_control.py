@@ -14,7 +14,8 @@ Acceptance. Per exit, Beta counts of accepted / rejected drafts, every count dec
 `decay` per observed draft, so the estimate follows a change within ~1 / (1 - decay) drafts
 (a round rejected at its first draft observes one). Only the drafts up to the first rejection
 are observed; that is exactly what a geometric acceptance model needs. An exit that has not
-drafted for `interval[n]` rounds drafts one token (exploration), so a recovered exit is found
+drafted for `interval[n]` rounds drafts one token (exploration; on a round that would be plain, at
+one sequence, as a chosen plan drafts, the early stop ending it: `try_plan`), so a recovered exit is found
 again; intervals are set so that exploring costs about `explore_share` of decoding time while
 tries keep failing at first, and each exploratory try that drafts nothing accepted doubles that
 exit's interval, up to MAX_BACKOFF times (an accepted draft resets it): with exits that never
@@ -409,13 +410,13 @@ class DraftController:
         st, (pa, pr) = self.stats[n], self.priors[n]
         return (st.accepted + pa) / (st.accepted + st.rejected + pa + pr)
 
-    def rate(self, n: int, g: int, low: bool = False) -> float:
+    def rate(self, n: int, g: int, low: bool = False, clocked: bool = True) -> float:
         """Expected tokens per unit of time of g drafts from exit n; `low`: at the acceptance's
-        lower bound (`sure`)."""
+        lower bound (`sure`); `clocked` False: at the costs alone, without the loop clock's factor."""
         st, (pa, pr) = self.stats[n], self.priors[n]
         a = self.acceptance(n)
         a = lower(a, st.accepted + st.rejected + pa + pr, self.margin) if low else a
-        return expected_tokens(a, g) / (self.costs.round_time(n, g) * self.factor(n))
+        return expected_tokens(a, g) / (self.costs.round_time(n, g) * (self.factor(n) if clocked else 1.0))
 
     def sure(self, plan: Plan, lookup: list[list[float]] | None) -> bool:
         """Whether a drafting plan pays (rate above a plain round's 1) at its acceptance estimate
@@ -577,12 +578,8 @@ class DraftController:
             trying = max(due, key=lambda m: self.stats[m].idle)
             self.stats[trying].idle, self.stats[trying].exploring = 0, True
         best, near, top = self.best_plan(exits, lengths, lookup)
-        if trying is not None:
-            g, shallower = min(lengths), best.exit not in (None, LOOKUP) and trying < best.exit
-            # a try drafts its one token where the round would draft from no deeper exit, and on a
-            # plain round where that token pays for itself at the estimate (a good exit's first tries)
-            if (best.exit is not None and not shallower) or (best.exit is None and self.rate(trying, g) > 1.0):
-                return Plan(trying, g, self.rate(trying, g), explore=True)  # cap: one draft
+        if trying is not None and (tried := self.try_plan(trying, best, lengths, batch)) is not None:
+            return tried
         if best.exit is None:
             # a try reads the exit's token on the way (its check: no draft, no verify row); else an
             # exit near paying is read (its check's cost)
@@ -601,6 +598,28 @@ class DraftController:
         shallower = [n for n in exits if n < best.exit and top[n] >= OBSERVE_NEAR * best.rate]
         best.observe = max(shallower, key=lambda n: top[n], default=None)
         return best
+
+    def try_plan(self, trying: int, best: Plan, lengths: list[int], batch: int) -> Plan | None:
+        """The plan of exit `trying`'s try (it is due) beside the round's `best` plan, or None where
+        the round reads its token on the way instead (`Plan.observe`) or drafts from a deeper exit
+        (its first draft step reads it). A try drafts the shortest length where the round would
+        draft from no deeper exit; on a round that would be plain, where that token pays at the
+        costs alone, and at one sequence as a chosen plan would (the early stop ending its drafts)."""
+        g, shallower = min(lengths), best.exit not in (None, LOOKUP) and trying < best.exit
+        if best.exit is not None and not shallower:
+            return Plan(trying, g, self.rate(trying, g), explore=True)  # cap: one draft
+        if best.exit is None and self.rate(trying, g, clocked=False) > 1.0:
+            # on a plain round at one sequence it drafts as a chosen plan would, the early stop
+            # weighing each further draft against a plain round's rate at least (`keep_drafting`):
+            # a try of one draft cannot show what the stop gains (CPU reference, bf16: rounds from
+            # exit 3 kept 1.2x the tokens expected of their drafts, 1.4x at 8 drafts), and the
+            # loop clock learned from such tries alone kept a paying exit plain for whole runs.
+            # It drafts where its token pays at the costs alone: the loop clock's factor is learned
+            # from drafting rounds only, so a try it turned into a reading (no draft) left a factor
+            # read off a few rounds (1.41 on exit 3) in place for good
+            limit = max(lengths) if self.stop_early and batch == 1 else None
+            return Plan(trying, g, max(self.rate(trying, g), 1.0), explore=True, limit=limit)
+        return None
 
     def best_plan(self, exits: list[int], lengths: list[int], lookup: list[list[float]] | None) -> tuple:
         """(the plan with the most expected tokens per unit of time that pays at its estimate less
@@ -671,8 +690,8 @@ class DraftController:
         another: P(they are all accepted) * a_n, the chance that one more adds a token, against
         what it costs at the plan's rate. `next_conf`: the next draft's confidence where it is
         known before drafting it (the context's proposals): its bin's acceptance instead of a_n."""
-        if not self.stop_early or plan.explore or plan.exit is None:
-            return True
+        if not self.stop_early or plan.exit is None or (plan.explore and plan.limit is None):
+            return True  # a try capped at its length drafts it whole
         n = plan.exit
         before = 1.0
         for conf in confs:

@@ -14,6 +14,7 @@ import torch
 from megatron.early_exit.config import ModelConfig
 from megatron.early_exit.inference import EarlyExitEngine, GenerationSettings, generate
 from megatron.early_exit.inference.strategies.draft_control import (
+    EXCESS_DECAY,
     LOOP_DECAY,
     LOOP_PLAIN_EVERY,
     LOOP_PRIOR,
@@ -796,16 +797,16 @@ def test_the_loop_clock_prices_drafting_rounds_against_plain_ones():
     assert clock.factor(1, 2) == 1.0
     clock.record(1, None, 1.0, 2.0)  # a plain round: 2 s
     clock.record(1, 2, 1.5, 3.6)  # predicted 1.5 plain rounds (3.0 s), took 3.6 s: 1.2x
-    d = LOOP_DECAY
+    d = EXCESS_DECAY
     assert clock.factor(1, 2) == pytest.approx((d * LOOP_PRIOR + 1.8) / (d * LOOP_PRIOR + 1.5))
     assert clock.factor(1, 6) == 1.0 and clock.factor(4, 2) == 1.0  # other exits, other buckets
-    for _ in range(200):
+    for _ in range(400):
         clock.record(1, 2, 1.5, 3.6)
     assert clock.factor(1, 2) == pytest.approx(1.2, abs=1e-3)  # the prior fades: the loop's own ratio
-    for _ in range(200):  # as dear, but keeping 1.5x the tokens expected of their drafts, then 0.5x
+    for _ in range(400):  # as dear, but keeping 1.5x the tokens expected of their drafts, then 0.5x
         clock.record(1, 2, 1.5, 3.6, worth=1.5)
     assert clock.factor(1, 2) == pytest.approx(0.8, abs=1e-3)
-    for _ in range(100):  # rounds alternating 0.5x and 1.5x: a ratio of sums, 1.2 (a mean of ratios: 1.6)
+    for _ in range(200):  # rounds alternating 0.5x and 1.5x: a ratio of sums, 1.2 (a mean of ratios: 1.6)
         clock.record(1, 2, 1.5, 3.6, worth=0.5)
         clock.record(1, 2, 1.5, 3.6, worth=1.5)
     assert clock.factor(1, 2) == pytest.approx(1.2, rel=0.03)
@@ -824,7 +825,7 @@ def test_rounds_dearer_in_the_loop_turn_a_marginal_exit_plain_and_leave_the_earl
     assert ctl.plan([2], [1]).exit == 2  # by the timed costs: drafts
     ctl.use_loop_clock()
     ctl.timed(Plan(None, 0, 1.0), 0.010)  # a plain round: 10 ms
-    for _ in range(100):  # drafting rounds of one draft: predicted 1.26 plain rounds, take 1.15x that
+    for _ in range(300):  # drafting rounds of one draft: predicted 1.26 plain rounds, take 1.15x that
         ctl.timed(Plan(2, 1, 1.0, drafted=1), 0.010 * costs.round_time(2, 1) * 1.15)
     assert ctl.plan([2], [1]) == Plan(None, 0, 1.0)  # LOOP_PLAIN_EVERY drafting rounds since: its unit is due
     ctl.timed(Plan(None, 0, 1.0), 0.010)
@@ -867,7 +868,8 @@ def test_the_loop_clock_times_plain_rounds_that_read_no_exit_and_asks_for_one_wh
     ctl.timed(first, 0.010)
     ctl.timed(Plan(2, 1, 1.0, drafted=1, observe=1), 0.010 * costs.round_time(2, 1) * 1.5)  # read on the way: 1.5x
     t = costs.round_time(2, 1)
-    assert ctl.loop.excess[(1, 2)] == pytest.approx((LOOP_DECAY * LOOP_PRIOR + 1.5 * t, LOOP_DECAY * LOOP_PRIOR + t))
+    d = EXCESS_DECAY
+    assert ctl.loop.excess[(1, 2)] == pytest.approx((d * LOOP_PRIOR + 1.5 * t, d * LOOP_PRIOR + t))
     ctl.loop.excess.clear()
     for i in range(LOOP_PLAIN_EVERY - 1):
         plan = ctl.plan([2], [1, 2])
@@ -1027,5 +1029,5 @@ def test_a_rounds_worth_is_its_kept_tokens_over_what_its_drafts_were_expected_to
     plan = Plan(2, 3, 1.0, drafted=3, kept=kept, expected=expected)
     ctl.timed(plan, 0.010 * costs.round_time(2, 3))  # as its costs say, keeping kept / expected as much
     t = costs.round_time(2, 3)
-    d = LOOP_DECAY
+    d = EXCESS_DECAY
     assert ctl.factor(2) == pytest.approx((d * LOOP_PRIOR + t) / (d * LOOP_PRIOR + t * kept / expected))

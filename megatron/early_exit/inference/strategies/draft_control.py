@@ -139,7 +139,11 @@ OBSERVE_NEAR = 0.9  # a plain round observes the exit whose best plan reaches th
 OBSERVE_WINDOW = 64  # ... and that a plan chose within this many rounds
 OBSERVE_EVIDENCE = 6.0  # ... or whose decayed counts hold fewer drafts than this (a cold start)
 ALT_ROWS = 2.0  # an alternative draft's verify row, in drafted rows (it also runs the layers below the exit)
-LOOP_DECAY = 0.9  # per timed drafting round: the loop's clock follows the host within ~10 of them
+LOOP_DECAY = 0.9  # per timed plain round: the loop's unit follows the host within ~10 of them
+# per timed drafting round: an exit's factor holds ~50 of them. Its rounds' kept tokens swing from one
+# to nine (and the factor with them): at 0.9 it read 0.75-1.47 within one pass over 12 abstracts (CPU
+# reference, bf16), turning exit 3 plain for stretches where it paid throughout
+EXCESS_DECAY = 0.98
 LOOP_PRIOR = 4.0  # drafting rounds' worth of "the timed costs hold in the loop" (factor 1) before its own
 # plain rounds run at once at most (`DraftController.plain_run`): a request's stop and a server's
 # joining requests wait for the run's end at most this many steps
@@ -305,7 +309,7 @@ class LoopClock:
         if unit is None or predicted <= 0.0:
             return
         total, weight = self.excess.get((bucket, n), (LOOP_PRIOR, LOOP_PRIOR))  # the prior decays with the rest
-        self.excess[(bucket, n)] = (LOOP_DECAY * total + seconds / unit, LOOP_DECAY * weight + predicted * worth)
+        self.excess[(bucket, n)] = (EXCESS_DECAY * total + seconds / unit, EXCESS_DECAY * weight + predicted * worth)
 
 
 def decay_into(means: dict[int, float], bucket: int, seconds: float) -> None:

@@ -177,34 +177,21 @@ def loop_exits(passes, state, policy, batch: int) -> list[tuple[native.DecodeExi
         return None
     if policy.observe:  # exits whose tokens are read (`plan`: nothing else evaluated)
         return observed_exits(passes, state, by_depth)
-    checks, dtype, out = uniform_checks(passes, state, policy, by_depth), passes.dtype, []
+    checks, out = uniform_checks(passes, state, policy, by_depth), []
     for d in sorted(by_depth):
         n = by_depth[d][0]
         check = checks.get(n)
         vocab = isinstance(check, PlannedCheck) and policy.measure == "max_prob"  # the head itself checks
         if not isinstance(check, UniformCheck) or (check.native is None and not vocab):
             return None
-        head = check.head
-        norm, mlp = exit_parts(passes, state, head)
-        if norm is None or head.temperature != 1.0:
-            return None
-        norm_args = (norm.weight, norm.eps)
-        if vocab:  # max_prob over the whole vocabulary (`Passes.vocab_check`), its argmax a leaver's token
-            rows = head.output_weight(passes.model.tied_output_weight())
-            made = native.DecodeHead(kernels.native_copy(rows), passes.vocab, None, norm_args)
-        elif policy.vocab == "draft":
-            rows = passes.draft_rows(head)
-            made = native.DecodeHead(kernels.native_copy(rows), len(passes.draft_vocab), passes.draft_vocab, norm_args)
-        else:
-            rows = head.output_weight(passes.model.tied_output_weight())
-            made = native.DecodeHead(kernels.native_copy(rows), passes.vocab, None, norm_args)
-        if not takes_head(rows, norm, dtype):
+        made = decode_head(passes, state, check.head, draft=not vocab and policy.vocab == "draft")
+        if made is None:
             return None
         if vocab:  # compared as torch compares an fp32 confidence with a Python float: in fp32
             probe, bound, shift = None, float(np.float32(policy.threshold_of(n))), None
         else:
             (probe, bound), shift = check.native, check.shift
-        out.append((native.DecodeExit(d, n, probe, bound, made, mlp), shift, check))
+        out.append((native.DecodeExit(d, n, probe, bound, *made), shift, check))
     return out
 
 
@@ -216,17 +203,28 @@ def observed_exits(passes, state, by_depth: dict[int, list[int]]) -> list[tuple]
     out = []
     for d in sorted(by_depth):
         n = by_depth[d][0]
-        head = passes.exit_head(state, n)
-        norm, mlp = exit_parts(passes, state, head)
-        if norm is None or head.temperature != 1.0:
+        made = decode_head(passes, state, passes.exit_head(state, n), draft=passes.draft_vocab is not None)
+        if made is None:
             return None
-        ids = passes.draft_vocab
-        rows = head.output_weight(passes.model.tied_output_weight()) if ids is None else passes.draft_rows(head)
-        if not takes_head(rows, norm, passes.dtype):
-            return None
-        made = native.DecodeHead(kernels.native_copy(rows), rows.shape[0], ids, (norm.weight, norm.eps))
-        out.append((native.DecodeExit(d, n, None, math.inf, made, mlp), None, None))
+        out.append((native.DecodeExit(d, n, None, math.inf, *made), None, None))
     return out
+
+
+def decode_head(passes, state, head, draft: bool) -> tuple | None:
+    """(exit `head` as `native.DecodeHead` takes it: its output weight's rows at the draft
+    vocabulary where `draft`, else the whole (real) vocabulary's, through its norm; its MLP
+    sub-block as `native.DecodeExit.mlp` takes it, or None), where the loop runs it natively
+    (`exit_parts`, temperature 1, `takes_head`); else None."""
+    norm, mlp = exit_parts(passes, state, head)
+    if norm is None or head.temperature != 1.0:
+        return None
+    if draft:
+        rows, count, ids = passes.draft_rows(head), len(passes.draft_vocab), passes.draft_vocab
+    else:
+        rows, count, ids = head.output_weight(passes.model.tied_output_weight()), passes.vocab, None
+    if not takes_head(rows, norm, passes.dtype):
+        return None
+    return native.DecodeHead(kernels.native_copy(rows), count, ids, (norm.weight, norm.eps)), mlp
 
 
 def exit_parts(passes, state, head) -> tuple:

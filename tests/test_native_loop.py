@@ -8,6 +8,7 @@ cost_aware at several sequences, profiling, switched off) nothing is done and th
 before.
 """
 
+import contextlib
 from dataclasses import replace
 
 import pytest
@@ -47,30 +48,39 @@ def build(dtype, hidden: int = 0, mlp: bool = False):
     return model.to(dtype).eval()
 
 
+@contextlib.contextmanager
+def loop_calls():
+    """Each `native.decode` call's (steps made, rows wanted) while inside, in order."""
+    calls, real = [], native_loop.native.decode
+
+    def counting(*a, **k):
+        calls.append(real(*a, **k))
+        return calls[-1]
+
+    native_loop.native.decode = counting
+    try:
+        yield calls
+    finally:
+        native_loop.native.decode = real
+
+
 def decoded(engine, prompts, settings, on: bool):
     """(results, the decode state) of one `generate` with the native loop on or off, and the
     steps the loop made (each feeding every sequence still going; 0 where it did not run)."""
     engine.passes.native_loop = on
-    states, made = [], []
-    real_state, real_decode = engine.new_state, native.decode
+    states, real_state = [], engine.new_state
 
     def capture(*a, **k):
         states.append(real_state(*a, **k))
         return states[-1]
 
-    def counting(*a, **k):
-        out = real_decode(*a, **k)
-        made.append(out[0])
-        return out
-
     engine.new_state = capture
-    native_loop.native.decode = counting
     try:
-        results = engine.generate(prompts, settings)
+        with loop_calls() as calls:
+            results = engine.generate(prompts, settings)
     finally:
         del engine.new_state
-        native_loop.native.decode = real_decode
-    return results, states[0], sum(made)
+    return results, states[0], sum(made for made, _ in calls)
 
 
 def assert_same_state(a, b):
@@ -280,10 +290,8 @@ def test_greedy_steps_one_at_a_time_in_the_loop(policy):
         decider.clock = exit_clock.FixedMode(exit_clock.ON)
         pol, state = engine.check(s, PROMPTS), engine.new_state(3, 64)
         engine.prefill(state, {0: PROMPTS[0], 1: PROMPTS[1]})
-        last, steps, loop = {0: 7, 1: 8}, [], []
-        real = native_loop.native.decode
-        native_loop.native.decode = lambda *a, loop=loop, real=real, **k: loop.append(real(*a, **k)) or loop[-1]
-        try:
+        last, steps = {0: 7, 1: 8}, []
+        with loop_calls() as loop:
             for i in range(12):
                 if i == 4:  # a request joins
                     engine.prefill(state, {2: PROMPTS[2]})
@@ -292,8 +300,6 @@ def test_greedy_steps_one_at_a_time_in_the_loop(policy):
                 tokens = engine.acceptance.choose(out, out.order(), s, None)  # greedy: the argmax or the logits'
                 steps.append([(b, t, out.exit_layer[b], out.confidence[b]) for b, t in zip(out.order(), tokens)])
                 last = dict(zip(out.order(), tokens))
-        finally:
-            native_loop.native.decode = real
         seen[on] = (steps, state, sum(made for made, _ in loop))  # steps the loop made
     (want, want_state, none), (got, got_state, calls) = seen[False], seen[True]
     assert none == 0 and calls == 12
@@ -366,10 +372,8 @@ def test_observed_steps_in_the_loop_read_the_exits_tokens(dtype, vocab):
         assert (engine.passes.draft_vocab is not None) == (vocab == "draft")
         state = engine.new_state(3, 64)
         engine.prefill(state, {0: PROMPTS[0], 1: PROMPTS[1]})
-        last, steps, guesses, loop = {0: 7, 1: 8}, [], [], []
-        real = native_loop.native.decode
-        native_loop.native.decode = lambda *a, loop=loop, real=real, **k: loop.append(real(*a, **k)) or loop[-1]
-        try:
+        last, steps, guesses = {0: 7, 1: 8}, [], []
+        with loop_calls() as loop:
             for i in range(10):
                 if i == 3:  # a request joins
                     engine.prefill(state, {2: PROMPTS[2]})
@@ -385,8 +389,6 @@ def test_observed_steps_in_the_loop_read_the_exits_tokens(dtype, vocab):
                 steps.append(sorted((b, t, out.exit_layer[b]) for b, t in tokens.items()))
                 guesses.append({b: out.guesses[b] for b in sorted(out.guesses)})
                 last = tokens
-        finally:
-            native_loop.native.decode = real
         seen[on] = (steps, guesses, state, sum(made for made, _ in loop))
     (want, want_guess, want_state, none), (got, got_guess, got_state, calls) = seen[False], seen[True]
     assert none == 0 and calls == 10

@@ -309,11 +309,7 @@ class SelfSpeculative(Strategy):
         exits agree too little to draft from, had decoded at 0.93x full decoding through `run`."""
         results, acc, layer = batch.results, engine.acceptance, engine.num_layers
         tokens = {b: results[b].tokens[-1] for b in running}
-        out = None  # in the native loop where it runs the step (greedy tokens alone: no logits)
-        if getattr(engine, "passes", None) is not None and all(results[b].logprobs is None for b in running):
-            out = step_once(engine, state, tokens, PLAIN)
-        if out is None:
-            out = engine.decode_one_token(state, tokens, PLAIN)
+        out = plain_step(engine, state, tokens, PLAIN, all(results[b].logprobs is None for b in running))
         still = []
         for b in running:
             r, logits = results[b], out.logits.get(b)
@@ -497,11 +493,7 @@ def verify(
         return engine.verify(state, {b: [t, *alts.get(b, {}).values()] for b, t in last.items()}, branch=branch)
     if drafted:  # last[b] None: the drafts' loop fed it already (`native_drafts`)
         return engine.verify(state, {b: [] if t is None else [t] for b, t in last.items()})
-    policy, out = observing(observe), None
-    if greedy and getattr(engine, "passes", None) is not None:
-        out = step_once(engine, state, last, policy)
-    if out is None:
-        out = engine.decode_one_token(state, last, policy)
+    out = plain_step(engine, state, last, observing(observe), greedy)
     for b, logits in out.logits.items():
         out.all_logits[b] = logits[None]  # (1, V): the one fed row
     for b, token in out.tokens.items():  # the int8 head: a token, no logits
@@ -509,6 +501,14 @@ def verify(
     for b, token in out.argmax.items():  # a native head: its logits' argmax, made with them
         out.all_tokens[b] = [token]
     return out
+
+
+def plain_step(engine, state, tokens: dict[int, int], policy: ExitPolicy, greedy: bool):
+    """A decode step of `tokens` under a plain round's `policy` (`PLAIN`, or `observing(n)`): in the
+    native loop where it runs it and the requests want tokens alone (`greedy`: `step_once`, each
+    token in `argmax`, no logits), else through `decode_one_token`."""
+    out = step_once(engine, state, tokens, policy) if greedy and getattr(engine, "passes", None) is not None else None
+    return out if out is not None else engine.decode_one_token(state, tokens, policy)
 
 
 def proposals(batch: Batch, running: list[int], limit: int) -> dict[int, tuple[list[int], int]]:

@@ -156,6 +156,41 @@ def test_auto_is_off_for_small_heads_and_the_env_var_forces_it(monkeypatch):
         EarlyExitEngine(model).generate(PROMPTS[:1], GenerationSettings(max_new_tokens=4))
 
 
+@pytest.mark.parametrize("faster", ["int8", "full"])
+def test_auto_takes_the_head_timed_faster(monkeypatch, faster):
+    """Where 'auto' would take the int8 head (here: any size) and the clock may decide, full decoding
+    is timed once per engine with either head and the faster kept (the int8 head's steps leave the
+    native loop); where decisions must not depend on the clock, the size rule alone. Tokens equal
+    the full head's either way, and the timing leaves the engine as it found it."""
+    from megatron.early_exit.inference import engine as engine_mod
+
+    model = tiny()
+    monkeypatch.setattr(gh, "MIN_ELEMENTS", 0)
+    timed, real = [], engine_mod.best_times
+
+    def fake(fns, *args, **kwargs):
+        timed.append(sorted(fns))
+        real(fns, *args, **kwargs)  # both really decode
+        return {"int8": 1.0 if faster == "int8" else 2.0, "full": 1.5}
+
+    monkeypatch.setattr(engine_mod, "best_times", fake)
+    assert EarlyExitEngine(model).chosen_head() == "auto" and not timed  # EE_EXIT_COSTS=parameters: the rule
+    monkeypatch.setenv("EE_EXIT_COSTS", "measured")
+    s = GenerationSettings(max_new_tokens=12, ignore_eos=True)
+    want = EarlyExitEngine(model, head="full").generate(PROMPTS, s)
+    engine = EarlyExitEngine(model)
+    assert engine.chosen_head() == faster and timed == [["full", "int8"]]
+    calls = spy(monkeypatch)
+    got = engine.generate(PROMPTS, s)
+    engine.generate(PROMPTS[:1], s)
+    assert timed == [["full", "int8"]]  # once per engine
+    assert bool(calls) == (faster == "int8")
+    assert [r.tokens for r in got] == [r.tokens for r in want]
+    assert engine.passes.argmax_head == "full"
+    monkeypatch.setenv(gh.ENV, "full")  # the environment still forces a head
+    assert EarlyExitEngine(model).chosen_head() == "auto" and len(timed) == 1
+
+
 def drafting(good: bool):
     """tiny() with exits that draft well (good: layers 2-3 add nothing and exit 1 reads the final
     norm on the tied head, so drafts agree) or with random untied exits (drafts rarely agree)."""

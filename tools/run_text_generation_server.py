@@ -226,6 +226,7 @@ def run(args) -> None:
         model, tokenizer = load(args, device, 1)
         engine, group = EarlyExitEngine(model, tokenizer), None
         engine.exit_costs()  # cost_aware's cost measurement now, not in the first request that uses it
+        engine.chosen_head()  # and the greedy head's choice (timed where 'auto' may take the int8 head)
         start = time.perf_counter()  # and self-speculation's round costs, at every batch bucket it may run at
         if timed := engine.draft_costs(args.max_batch_size):
             between = " (the batch sizes between priced on the line between them)" if len(timed) > 1 else ""

@@ -15,13 +15,15 @@ caller's model is left as it was between calls.
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Iterator, Mapping
 
 import torch
 
 from megatron.early_exit.inference import greedy_head
 from megatron.early_exit.inference.acceptance import Acceptance
-from megatron.early_exit.inference.exit_decision import ExitCosts, decider_of
+from megatron.early_exit.inference.cost_model import best_times, work_clock
+from megatron.early_exit.inference.exit_decision import ExitCosts, costs_from_parameters, decider_of
 from megatron.early_exit.inference.lean import LeanKernels
 from megatron.early_exit.inference.native_loop import step_once
 from megatron.early_exit.inference.packed import PackedWeights
@@ -32,6 +34,11 @@ from megatron.early_exit.inference.settings import GenerationResult, GenerationS
 from megatron.early_exit.inference.strategies import STRATEGIES, Batch, get_strategy
 from megatron.early_exit.inference.strategies.draft_control import MAX_DRAFT
 from megatron.early_exit.model.gpt import HeadOps
+
+# `timed_head`: tokens decoded per timed run, and runs per head (SmolLM2 fp32: a few seconds with the
+# int8 copy's quantization)
+HEAD_STEPS = 8
+HEAD_REPEATS = 3
 
 
 class _NoPacking:
@@ -65,9 +72,10 @@ class EarlyExitEngine:
         linear_kernel: 'auto' (measure; `EE_LINEAR_KERNEL` may force one) or a kernel name to force.
         head: the final head of requests that need only its token (greedy, no log-probabilities,
         strategies whose round is one pass: full, early_exit): 'auto' (the certified int8 argmax of
-        `inference/greedy_head.py` for heads of >= 4M weights on the CPU; `EE_GREEDY_HEAD` may force
-        one), 'int8' (it for any size) or 'full' (the whole fp32 logits always). Tokens are the
-        same either way; the final head's confidence then comes from near-exact logits.
+        `inference/greedy_head.py` for fp32 heads of >= 4M weights on the CPU where, timed once on
+        first use, it makes full decoding faster: `chosen_head`; `EE_GREEDY_HEAD` may force one),
+        'int8' (it for any size) or 'full' (the whole fp32 logits always). Tokens are the same
+        either way; the final head's confidence then comes from near-exact logits.
         layer_range: the layers this model holds (a pipeline stage's), default all.
         lean: run the supported layers as `lean.LeanLayer` in every pass (the modules' arithmetic
         in fewer tensor operations: the same numbers); False: through the modules.
@@ -91,6 +99,7 @@ class EarlyExitEngine:
         self.device, self.dtype, self.exits = p.device, p.dtype, p.exits
         self.acceptance = Acceptance(tokenizer, self.num_layers)
         self.head = greedy_head.check_head(head)
+        self._auto_head: str | None = None  # 'auto' as `chosen_head` decided it (timed once)
         if draft_vocabulary:
             self.use_draft_vocabulary(recorded_draft_vocabulary(model))
 
@@ -223,11 +232,31 @@ class EarlyExitEngine:
         """Passes meanwhile take the final head's tokens from `head` (the certified int8 argmax
         where it applies: `out.tokens`, `out.all_tokens`) when `on`, else the whole logits; the
         whole logits again afterwards (the server's other step calls keep them)."""
-        self.passes.argmax_head = self.head if on else "full"
+        self.passes.argmax_head = self.chosen_head() if on else "full"
         try:
             yield
         finally:
             self.passes.argmax_head = "full"
+
+    def chosen_head(self) -> str:
+        """`head` as greedy requests take it. 'auto', where it would take the int8 head (an fp32 head
+        of >= 4M weights: `greedy_head.wants_int8`), is decided once per engine by the clock: full
+        decoding's steps timed with either head (`timed_head`), the faster kept. The int8 head saves
+        three quarters of the head's bytes, but its steps leave the native decode loop (`native_loop`)
+        for the step path: SmolLM2 in fp32 on an AMD EPYC (AVX-512, no AMX) decoded at 54.5 tok/s
+        with it against 58.2 with the full head in the loop. Where decisions must not depend on the
+        clock (`costs_from_parameters`: the test suite, several processes), or `EE_GREEDY_HEAD` forces
+        a head, 'auto' keeps the size rule."""
+        if self.head != "auto" or os.environ.get(greedy_head.ENV, "auto") != "auto":
+            return self.head
+        if self._auto_head is None:
+            weight = self.model.output_weight()
+            if not greedy_head.wants_int8(weight, "auto") or costs_from_parameters():
+                self._auto_head = "auto"
+            else:
+                self._auto_head = "full"  # meanwhile (nothing it times asks again)
+                self._auto_head = timed_head(self)
+        return self._auto_head
 
     def exit_costs(self) -> ExitCosts:
         """The `cost_aware` policy's costs, measured (some tenths of a CPU second) or derived now
@@ -294,6 +323,38 @@ def decode_loop(
     while running:
         running = strategy.round(engine, state, running, batch)
     return tick(engine.device) - start, counts, prefilled
+
+
+@torch.no_grad()
+def timed_head(engine, steps: int = HEAD_STEPS, repeats: int = HEAD_REPEATS) -> str:
+    """'int8' or 'full': the head whose full decoding of one sequence (`steps` tokens after a
+    16-token prompt, one round of the `full` strategy: the native loop where it runs) is faster,
+    each its best of `repeats` alternating runs (`cost_model.best_times`, `work_clock`), on a state
+    of its own."""
+    prompt = [(7 * j + 3) % engine.vocab for j in range(16)]
+    state = engine.new_state(1, len(prompt) + steps + 2)
+    with engine.packed:
+        engine.prefill(state, {0: prompt})
+    fed, strategy = state.fed[0], get_strategy("full")
+    s = GenerationSettings("full", max_new_tokens=steps, ignore_eos=True)
+
+    def decode(head: str):
+        def run() -> None:
+            batch = Batch(s, ExitPolicy(), {0: GenerationResult(prompt, tokens=[prompt[-1]])}, {0: [0, 0]})
+            engine.passes.argmax_head, running = head, [0]
+            with engine.packed:
+                while running:
+                    running = strategy.round(engine, state, running, batch)
+            state.reset(0, fed)
+
+        return run
+
+    try:
+        runs = {"int8": decode("int8"), "full": decode("full")}
+        best = best_times(runs, engine.device, repeats, work_clock(engine.device))
+    finally:
+        engine.passes.argmax_head = "full"
+    return "int8" if best["int8"] < best["full"] else "full"
 
 
 def recorded_draft_vocabulary(model) -> list[int] | None:

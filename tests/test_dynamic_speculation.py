@@ -934,6 +934,35 @@ def test_a_plain_round_reads_an_exit_near_paying_only_where_that_is_cheap():
     assert ctl.plan([2], [1]).observe == 2
 
 
+def test_the_margin_weighs_a_plan_against_the_plain_round_it_would_replace():
+    """A plan that pays at its estimate but not less the margin gives way to a plain round; where
+    that round would read the exit on the way and the loop clock timed such rounds dearer than plain
+    ones, the plan is weighed against that round's rate, 1 / (1 + its cost): it drafts where it pays
+    that much less the margin (a plain round that reads an exit no longer wins on a price it does
+    not have); where reading costs nothing, or nothing is read, as before."""
+    costs = DraftCosts(draft={2: 0.1}, row={2: 0.05}, base={2: 1.15})
+    ctl = DraftController(costs, explore_share=1e-9)
+    st = ctl.stats[2]
+    st.accepted, st.rejected, st.idle, st.chosen_ago = 4.0, 6.0, 0, 0  # a = 0.42 from 12 drafts' counts
+    lengths = list(range(1, MAX_DRAFT + 1))
+    assert ctl.rate(2, 2) == pytest.approx(1.097, abs=1e-3)  # its best plan, 2 drafts, pays at its estimate
+    assert ctl.rate(2, 2, low=True) == pytest.approx(0.937, abs=1e-3)  # ... and not less the margin
+    assert ctl.plan([2], lengths) == Plan(None, 0, 1.0, observe=2)  # not sure: plain, reading exit 2
+    ctl.use_loop_clock()
+    ctl.timed(ctl.plan([2], lengths), 0.010)  # the unit: a plain round reading nothing
+    plan = ctl.plan([2], lengths)
+    assert (plan.exit, plan.observe) == (None, 2) and ctl.plain_rate(True) == 1.0  # reading not timed yet
+    ctl.timed(plan, 0.0101)  # reading costs 1%: the margin holds against ~1
+    assert ctl.plan([2], lengths).exit is None
+    for _ in range(40):
+        ctl.timed(Plan(None, 0, 1.0, observe=2), 0.0125)  # such rounds take 1.25 units
+    assert ctl.plain_rate(True) == pytest.approx(1 / 1.25, rel=0.02) and ctl.plain_rate(False) == 1.0
+    plan = ctl.plan([2], lengths)
+    assert plan.exit == 2 and not plan.explore  # sure against 0.8: it drafts
+    ctl.stats[2].accepted, ctl.stats[2].rejected = 1.0, 9.0  # a = 0.17: far from paying, nothing read
+    assert max(ctl.rate(2, g) for g in lengths) < OBSERVE_NEAR and ctl.plan([2], lengths) == Plan(None, 0, 1.0)
+
+
 def test_the_engine_controller_times_its_rounds_only_where_its_costs_are_timed(monkeypatch):
     """Decisions must not depend on the clock where the costs come from the parameters (the test
     suite, several processes) or from a measured cost model: no loop clock there; with timed

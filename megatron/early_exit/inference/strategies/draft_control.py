@@ -50,7 +50,9 @@ controller starts from the calibration record's prior, whose few drafts' worth k
 lower bound (`sure`) below paying until its own drafts add to it, and exploration adds one draft
 every ~30 rounds: the CPU reference model (bf16, exit 3 accepted 88% of the time, a verify pass
 timed at 1.25 plain steps) decoded 497 of its first 526 rounds plainly (0.93x full decoding in
-that sweep) and drafted from the second pass over the same abstracts on.
+that sweep) and drafted from the second pass over the same abstracts on. The margin (`sure`) weighs a
+drafting plan against the round it would replace: where that is a plain round reading an exit, at
+that round's timed rate (`plain_rate`), not a plain round's 1.
 
 Observing under a deeper draft. A round that drafts from a deeper exit passes the shallower
 ones on its way up; the controller learned about a shallower exit only from its own rounds, so
@@ -422,14 +424,27 @@ class DraftController:
         a = lower(a, st.accepted + st.rejected + pa + pr, self.margin) if low else a
         return expected_tokens(a, g) / (self.costs.round_time(n, g) * (self.factor(n) if clocked else 1.0))
 
-    def sure(self, plan: Plan, lookup: list[list[float]] | None) -> bool:
-        """Whether a drafting plan pays (rate above a plain round's 1) at its acceptance estimate
-        less `margin` of the estimate's standard deviations. Decayed counts hold ~14 drafts, so an
-        exit below break-even reads above it now and then: the tuned SmolLM2's exit 8, accepted
-        26% of the time, drafted 65 of ~180 rounds of one sweep at a loss (0.93x full decoding)."""
+    def sure(self, plan: Plan, lookup: list[list[float]] | None, floor: float = 1.0) -> bool:
+        """Whether a drafting plan pays (rate above `floor`: the plain round it would otherwise be,
+        `plain_rate`) at its acceptance estimate less `margin` of the estimate's standard deviations.
+        Decayed counts hold ~14 drafts, so an exit below break-even reads above it now and then:
+        the tuned SmolLM2's exit 8, accepted 26% of the time, drafted 65 of ~180 rounds of one
+        sweep at a loss (0.93x full decoding)."""
         if plan.exit == LOOKUP:
-            return self.lookup_rate(lookup, plan.length, low=True) > 1.0
-        return self.rate(plan.exit, plan.length, low=True) > 1.0
+            return self.lookup_rate(lookup, plan.length, low=True) > floor
+        return self.rate(plan.exit, plan.length, low=True) > floor
+
+    def plain_rate(self, observing: bool) -> float:
+        """Tokens per unit of time of the plain round a round that drafts nothing would be: 1; where it
+        reads an exit on the way (`observing`), 1 / (1 + what reading costs at this bucket, as the
+        loop clock timed it: `LoopClock.observe_cost`). The margin weighs a drafting plan against
+        the round it replaces: on an AMD EPYC (CPU reference, bf16, batch 1, 128 tokens of
+        `decode_speed`'s prompt) a plain round reading exit 3 took 1.19 ms against full decoding's
+        0.97 ms a token (its step as a plain one, the round's Python besides), and such rounds, 40%
+        of the time, came in stretches of 20-40 while exit 3's plans read 1.03-1.17 tokens a unit
+        (0.84-0.98 less the margin): each gave up ~25% against drafting."""
+        cost = None if not observing or self.loop is None else self.loop.observe_cost(self.bucket)
+        return 1.0 / (1.0 + max(cost or 0.0, 0.0))
 
     def factor(self, n: int) -> float:
         """How much dearer exit n's rounds are in the loop than its costs say (`LoopClock`; 1
@@ -643,8 +658,10 @@ class DraftController:
                 r = self.lookup_rate(lookup, g)
                 if r > best.rate + 1e-9:
                     best = Plan(LOOKUP, g, r)
-        if best.exit is not None and self.margin and not self.sure(best, lookup):
-            best = Plan(None, 0, 1.0)  # it pays only if its estimate is not too high: a plain round
+        # it pays only if its estimate is not too high against the plain round it would be: else that round
+        floor = self.plain_rate(near[0] is not None and self.observing_pays())
+        if best.exit is not None and self.margin and not self.sure(best, lookup, floor):
+            best = Plan(None, 0, 1.0)
         return best, near, top
 
     def update(self, n: int, rounds: list[tuple[list[float], int]]) -> None:

@@ -658,10 +658,10 @@ class DraftController:
                 r = self.lookup_rate(lookup, g)
                 if r > best.rate + 1e-9:
                     best = Plan(LOOKUP, g, r)
-        # it pays only if its estimate is not too high against the plain round it would be: else that round
-        floor = self.plain_rate(near[0] is not None and self.observing_pays())
-        if best.exit is not None and self.margin and not self.sure(best, lookup, floor):
-            best = Plan(None, 0, 1.0)
+        if best.exit is not None and self.margin:  # it pays only if its estimate is not too high against
+            floor = self.plain_rate(near[0] is not None and self.observing_pays())  # the plain round it would be
+            if not self.sure(best, lookup, floor):
+                best = Plan(None, 0, 1.0)
         return best, near, top
 
     def update(self, n: int, rounds: list[tuple[list[float], int]]) -> None:

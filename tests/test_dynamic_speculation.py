@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from megatron.early_exit.config import ModelConfig
-from megatron.early_exit.inference import EarlyExitEngine, GenerationSettings, generate
+from megatron.early_exit.inference import EarlyExitEngine, GenerationSettings, generate, native
 from megatron.early_exit.inference.strategies.draft_control import (
     EXCESS_DECAY,
     LOOP_DECAY,
@@ -20,6 +20,7 @@ from megatron.early_exit.inference.strategies.draft_control import (
     LOOP_PRIOR,
     MAX_BACKOFF,
     MAX_DRAFT,
+    MAX_PLAIN_RUN,
     OBSERVE_COST,
     OBSERVE_NEAR,
     OBSERVE_WINDOW,
@@ -687,6 +688,80 @@ def test_a_plain_round_near_paying_observes_its_exit_and_learns_from_it():
     assert all(o is None for k, o in plain if k > OBSERVE_WINDOW)  # chosen too long ago: left to exploration
 
 
+def reading_rounds(ctl: DraftController, oks: list[int], runs: bool) -> list[tuple]:
+    """Rounds of one sequence under `ctl` over exit 2, the k-th draft or reading agreeing where
+    oks[k]: each round planned (`plan`), or, with `runs`, a reading plan's later rounds run as
+    `SelfSpeculative.reading_run` runs them (each step's reading learned, then `reads_on` asked
+    whether the run goes on, up to `Plan.run` steps). Each round's (exit, exit read), and how many
+    rounds were planned."""
+    lengths, kinds, k, planned = list(range(1, MAX_DRAFT + 1)), [], 0, 0
+    while k < len(oks):
+        plan, planned = ctl.plan([2], lengths), planned + 1
+        n = plan.exit if plan.exit is not None else plan.observe
+        kinds.append((plan.exit, plan.observe))
+        if n is not None:
+            ctl.update(n, [([0.5], oks[k])])
+        k, steps = k + 1, 1
+        while runs and plan.exit is None and plan.observe is not None and k < len(oks) and steps < plan.run:
+            if not ctl.reads_on(plan.observe):
+                break
+            kinds.append((None, plan.observe))
+            ctl.update(plan.observe, [([0.5], oks[k])])
+            k, steps = k + 1, steps + 1
+    return kinds, planned
+
+
+def test_a_reading_run_decides_as_its_rounds_would_one_by_one():
+    """A plain plan reading an exit near paying runs its rounds at once (`Plan.run`, one sequence),
+    `reads_on` after each step saying whether the next round's plan would read it again: the same
+    rounds, the same exits read and drafted, the same counts and idle rounds as planning each round
+    (an exploration try, a plan that pays, or the exit drifting out of reach ends the run)."""
+    costs = DraftCosts(draft={2: 0.3}, row={2: 0.05}, base={2: 1.15})
+    gen = torch.Generator().manual_seed(3)
+    oks = [int(u < 0.45) for u in torch.rand(400, generator=gen).tolist()]  # exit 2 hovering near paying
+    one, runs = DraftController(costs, agreement={2: 0.76}), DraftController(costs, agreement={2: 0.76})
+    (by_round, planned), (by_run, planned_runs) = reading_rounds(one, oks, False), reading_rounds(runs, oks, True)
+    assert by_run == by_round and planned == len(oks)
+    reading = sum(1 for e, o in by_round if e is None and o == 2)
+    drafting = sum(1 for e, _ in by_round if e == 2)
+    assert reading > 80 and drafting > 20  # both kinds of round
+    assert planned_runs < planned - reading // 2  # most readings ran in runs
+    st1, st2 = one.stats[2], runs.stats[2]
+    assert (st2.accepted, st2.rejected, st2.idle, st2.chosen_ago, st2.backoff) == (
+        st1.accepted, st1.rejected, st1.idle, st1.chosen_ago, st1.backoff
+    )  # fmt: skip
+    assert DraftController(costs, agreement={2: 0.76}).plan([2], list(range(1, 9)), batch=2).run == 1  # one sequence
+
+
+@pytest.mark.skipif(not native.available(), reason="no native kernel here (no C compiler)")
+def test_reading_runs_stay_lossless_and_read_every_step(case, monkeypatch):
+    """Every round a plain one reading exit 1 (forced), the run going on while `reads_on` says so
+    (forced on): the tokens are full greedy decoding's, several steps run in one native call, and
+    every step's reading teaches the controller one draft's worth: exit 1 of the good model is the
+    final head (every reading agrees), the bad model's random exit almost never agrees."""
+    from megatron.early_exit.inference.strategies import draft_control
+
+    kind, model, ref = case
+    forced = lambda self, exits, lengths, batch=1, alternatives=False: Plan(None, 0, 1.0, observe=1, run=MAX_PLAIN_RUN)  # noqa: E731
+    monkeypatch.setattr(draft_control.DraftController, "plan", forced)
+    monkeypatch.setattr(draft_control.DraftController, "reads_on", lambda self, n: True)
+    seen, calls = [], []
+    update, decode = draft_control.DraftController.update, native.decode
+
+    def recorded(self, n, rounds):
+        seen.extend(ok for _, ok in rounds if n == 1)
+        return update(self, n, rounds)
+
+    monkeypatch.setattr(draft_control.DraftController, "update", recorded)
+    monkeypatch.setattr(native, "decode", lambda *a, **k: calls.append(1) or decode(*a, **k))
+    engine = EarlyExitEngine(model, linear_kernel="native")
+    res = engine.generate(PROMPTS[:1], GenerationSettings("self_speculative", NEW, ignore_eos=True))
+    assert res[0].tokens == ref[0]
+    assert res[0].stats["draft_lengths"] == {0: NEW - 1}  # the first token is the prefill's
+    assert len(seen) == NEW - 1 and len(calls) == math.ceil((NEW - 1) / MAX_PLAIN_RUN)
+    assert all(seen) if kind == "good" else sum(seen) < 0.2 * len(seen)
+
+
 @pytest.mark.parametrize("batch", [1, 4])
 def test_observing_a_plain_step_reads_the_draft_and_keeps_full_decodings_token(case, batch):
     """`ExitPolicy(observe=(n,))`: the step's tokens, exits and logits are full decoding's, and
@@ -947,7 +1022,7 @@ def test_the_margin_weighs_a_plan_against_the_plain_round_it_would_replace():
     lengths = list(range(1, MAX_DRAFT + 1))
     assert ctl.rate(2, 2) == pytest.approx(1.097, abs=1e-3)  # its best plan, 2 drafts, pays at its estimate
     assert ctl.rate(2, 2, low=True) == pytest.approx(0.937, abs=1e-3)  # ... and not less the margin
-    assert ctl.plan([2], lengths) == Plan(None, 0, 1.0, observe=2)  # not sure: plain, reading exit 2
+    assert ctl.plan([2], lengths) == Plan(None, 0, 1.0, observe=2, run=MAX_PLAIN_RUN)  # not sure: plain, reading exit 2
     ctl.use_loop_clock()
     ctl.timed(ctl.plan([2], lengths), 0.010)  # the unit: a plain round reading nothing
     plan = ctl.plan([2], lengths)

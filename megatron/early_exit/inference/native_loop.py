@@ -244,7 +244,9 @@ def exit_parts(passes, state, head) -> tuple:
 FULL = ExitPolicy()  # a paused window's passes: no exit evaluated (one object: `plan` finds it by identity)
 
 
-def native_rounds(engine, state, running: list[int], batch, policy=None, cap: int | None = None) -> list[int] | None:
+def native_rounds(
+    engine, state, running: list[int], batch, policy=None, cap: int | None = None, watch=None
+) -> list[int] | None:  # fmt: skip
     """`Strategy.round`'s rounds for the `running` slots in one native call, each token recorded
     by `engine.acceptance` as `accept` records it (its exit layer, its confidence: the check's
     sigmoid(score + shift) at an exit, the final head's max-probability) until every sequence
@@ -252,8 +254,11 @@ def native_rounds(engine, state, running: list[int], batch, policy=None, cap: in
     back (more rows than the native kernels were found to take: the round then runs that step its
     own way); the slots still running, or None where the loop does not apply or made no step
     (nothing done). `policy`: the rounds' own (default the batch's); `cap`: at most that many
-    steps a sequence (self-speculation's plain runs: `SelfSpeculative.plain_round`)."""
-    found = loop_for(engine, state, running, batch, policy)
+    steps a sequence (self-speculation's plain runs: `SelfSpeculative.plain_round`). `watch`: where
+    `policy` reads an exit's token on the way (`ExitPolicy.observe`), watch(b, token, the exit's
+    token or -1, its max-probability, whether b's rounds end with this step) after each step
+    (recorded), whose False stops every sequence after it (self-speculation's reading runs)."""
+    found = loop_for(engine, state, running, batch, policy, reading=watch is not None)
     if found is None:
         return None
     passes, made, window = found
@@ -264,6 +269,7 @@ def native_rounds(engine, state, running: list[int], batch, policy=None, cap: in
     if min(left.values()) <= 0:
         return None
     stopped: set[int] = set()
+    seen = None if watch is None else native.Seen(len(running))
 
     def keep(s: int, step: int, token: int, layer: int, conf: float, score: float) -> int:
         if window is not None:
@@ -275,6 +281,8 @@ def native_rounds(engine, state, running: list[int], batch, policy=None, cap: in
         done = acc.stopped(r, batch.settings_of(b))
         if done:
             stopped.add(b)
+        if seen is not None and not watch(b, token, seen.tokens[s], float(seen.conf[s]), done or left[b] <= 0):
+            return 0 if done else -1
         if window is None:
             return 0 if done else 1
         window.mark = window.clock.clock()  # the next step's time starts after this bookkeeping
@@ -282,18 +290,19 @@ def native_rounds(engine, state, running: list[int], batch, policy=None, cap: in
 
     decide = None if window is None else window.begin(running, made.checks)
     tokens, limits = [results[b].tokens[-1] for b in running], [left[b] for b in running]
-    steps, _ = made.steps(engine, state, running, tokens, limits, keep, decide)
+    steps, _ = made.steps(engine, state, running, tokens, limits, keep, decide, seen)
     return None if steps == 0 else [b for b in running if b not in stopped]
 
 
-def loop_for(engine, state, running: list[int], batch, policy=None) -> tuple | None:
+def loop_for(engine, state, running: list[int], batch, policy=None, reading: bool = False) -> tuple | None:
     """(passes, `LoopPlan`, `Window` or None) for a round of the `running` slots: greedy, tokens
     alone, the policy as `Passes.run` resolves it (cost_aware: its clock's current window);
-    None where the loop does not apply."""
+    None where the loop does not apply. A policy reading an exit's tokens (`ExitPolicy.observe`)
+    only where the caller reads them (`reading`: `native_rounds`'s watch, `step_once`)."""
     passes = getattr(engine, "passes", None)
     if passes is None or not running or getattr(batch.settings, "logit_bias", None):
         return None
-    if (batch.policy if policy is None else policy).observe:  # its tokens are read by `step_once` alone
+    if (batch.policy if policy is None else policy).observe and not reading:
         return None
     if any(batch.settings_of(b).temperature > 0 or batch.settings_of(b).return_logprobs for b in running):
         return None

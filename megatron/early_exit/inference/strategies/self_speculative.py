@@ -218,11 +218,11 @@ class SelfSpeculative(Strategy):
 
     def run_plan(self, engine, state, running: list[int], batch: Batch, plan: Plan, ctl) -> list[int]:
         """`round` with its plan made (`draft_costs` times rounds of chosen plans through it)."""
-        if plan.exit is None and plan.observe is None and not plan.proposals:
-            still, plan.steps = self.plain_run(engine, state, running, batch, plan.run)
-            if ctl is not None and plan.steps > 1:
-                ctl.ran_plain(ctl.planned, plan.steps)
-            return still
+        if plan.exit is None and not plan.proposals:
+            ran = self.plain_run(engine, state, running, batch, plan, ctl)
+            if ran is not None:
+                still, plan.steps = ran
+                return still
         return self.verified_round(engine, state, running, batch, plan, ctl)
 
     def verified_round(self, engine, state, running: list[int], batch: Batch, plan: Plan, ctl) -> list[int]:
@@ -279,24 +279,51 @@ class SelfSpeculative(Strategy):
             ctl.update_alternatives(plan.exit, tried)
         return still
 
-    def plain_run(self, engine, state, running: list[int], batch: Batch, rounds: int) -> tuple[list[int], int]:
-        """Up to `rounds` plain rounds at once (`DraftController.plain_run`): full decoding's steps in
-        one native call where the loop runs them (`native_loop.native_rounds`, each token kept as
+    def plain_run(self, engine, state, running: list[int], batch: Batch, plan: Plan, ctl) -> tuple | None:
+        """Up to `plan.run` plain rounds at once (`DraftController.plain_run`): full decoding's steps
+        in one native call where the loop runs them (`native_loop.native_rounds`, each token kept as
         `plain_round` keeps it); else one `plain_round`. (The slots still running, the most steps a
         sequence made.) At 16 sequences (CPU reference, bf16), where no draft pays, self-speculation
         decoded at 0.93x full decoding with a plain round a step, 0.99x in runs; at 4 (aclsum, 48
         tokens) 0.873x -> 0.950x; at one, the demo SmolLM2 (whose exits never pay a draft) 0.946x ->
-        0.977x, the CPU reference (drafting most rounds) 1.430x -> 1.444x."""
-        if rounds > 1 and all(batch.results[b].logprobs is None for b in running):
+        0.977x, the CPU reference (drafting most rounds) 1.430x -> 1.444x. A plain plan reading an
+        exit (`Plan.observe`) runs as `reading_run`, or gives None (the caller's `verified_round`)."""
+        greedy = all(batch.results[b].logprobs is None for b in running)
+        if plan.observe is not None:
+            return self.reading_run(engine, state, running, batch, plan, ctl) if plan.run > 1 and greedy else None
+        if plan.run > 1 and greedy:
             before = {b: len(batch.results[b].tokens) for b in running}
-            still = native_rounds(engine, state, running, batch, PLAIN, rounds)
+            still = native_rounds(engine, state, running, batch, PLAIN, plan.run)
             if still is not None:
                 made = {b: len(batch.results[b].tokens) - before[b] for b in running}
                 for b in running:
                     for _ in range(made[b]):
                         record(batch.counts[b], None, 0)
-                return still, max(made.values())
+                steps = max(made.values())
+                if ctl is not None and steps > 1:
+                    ctl.ran_plain(ctl.planned, steps)
+                return still, steps
         return self.plain_round(engine, state, running, batch), 1
+
+    @staticmethod
+    def reading_run(engine, state, running: list[int], batch: Batch, plan: Plan, ctl) -> tuple | None:
+        """Plain rounds reading exit plan.observe's token on the way (one sequence), up to plan.run
+        of them in one native call (`native_rounds` with a watch): after each step, the controller
+        learns from the exit's token against the step's as `verified_round` teaches it from one
+        such round, and the run goes on while the next round's plan would be the same
+        (`DraftController.reads_on`). (The slots still running, the steps made), or None where the
+        loop does not run it (nothing done: the caller runs one round its own way)."""
+        n, b = plan.observe, running[0]
+        before = len(batch.results[b].tokens)
+
+        def watch(b: int, token: int, guess: int, conf: float, last: bool) -> bool:
+            record(batch.counts[b], None, 0)
+            if guess >= 0:
+                ctl.update(n, [([conf], int(guess == token))])
+            return not last and ctl.reads_on(n)
+
+        still = native_rounds(engine, state, running, batch, observing(n), plan.run, watch)
+        return None if still is None else (still, len(batch.results[b].tokens) - before)
 
     @staticmethod
     def plain_round(engine, state, running: list[int], batch: Batch) -> list[int]:

@@ -24,6 +24,7 @@ from megatron.early_exit.inference.strategies.draft_control import (
     OBSERVE_COST,
     OBSERVE_NEAR,
     OBSERVE_WINDOW,
+    UNIT_RUN,
     WARM_EXPLORE_SHARE,
     DraftController,
     DraftCosts,
@@ -902,7 +903,9 @@ def test_rounds_dearer_in_the_loop_turn_a_marginal_exit_plain_and_leave_the_earl
     ctl.timed(Plan(None, 0, 1.0), 0.010)  # a plain round: 10 ms
     for _ in range(300):  # drafting rounds of one draft: predicted 1.26 plain rounds, take 1.15x that
         ctl.timed(Plan(2, 1, 1.0, drafted=1), 0.010 * costs.round_time(2, 1) * 1.15)
-    assert ctl.plan([2], [1]) == Plan(None, 0, 1.0)  # LOOP_PLAIN_EVERY drafting rounds since: its unit is due
+    assert ctl.plan([2], [1]) == Plan(
+        None, 0, 1.0, run=UNIT_RUN
+    )  # LOOP_PLAIN_EVERY drafting rounds since: its unit is due
     ctl.timed(Plan(None, 0, 1.0), 0.010)
     ctl.stats[2].idle = 0
     assert ctl.factor(2) == pytest.approx(1.15, abs=1e-3)
@@ -937,7 +940,7 @@ def test_the_loop_clock_times_plain_rounds_that_read_no_exit_and_asks_for_one_wh
     assert ctl.plan([2], [1, 2]).exit == 2  # no loop clock: drafts from the first round
     ctl.use_loop_clock()
     first = ctl.plan([2], [1, 2])
-    assert first == Plan(None, 0, 1.0)  # no unit yet at this bucket: a plain round, no exit read
+    assert first == Plan(None, 0, 1.0, run=UNIT_RUN)  # no unit yet at this bucket: a plain round, no exit read
     ctl.timed(Plan(None, 0, 1.0, observe=2), 0.030)  # an observing plain round: not the unit
     assert ctl.loop.plain == {} and ctl.loop.observing == {1: 0.030} and ctl.plan([2], [1, 2]).exit is None
     ctl.timed(first, 0.010)
@@ -950,8 +953,8 @@ def test_the_loop_clock_times_plain_rounds_that_read_no_exit_and_asks_for_one_wh
         plan = ctl.plan([2], [1, 2])
         assert plan.exit == 2, i
         ctl.timed(replace(plan, drafted=plan.length), 0.010 * costs.round_time(2, plan.length))
-    assert ctl.plan([2], [1, 2]) == Plan(None, 0, 1.0)  # due again
-    assert ctl.factor(2) == pytest.approx(1.0) and ctl.plan(([2]), [1, 2], batch=4) == Plan(None, 0, 1.0)
+    assert ctl.plan([2], [1, 2]) == Plan(None, 0, 1.0, run=UNIT_RUN)  # due again
+    assert ctl.factor(2) == pytest.approx(1.0) and ctl.plan(([2]), [1, 2], batch=4) == Plan(None, 0, 1.0, run=UNIT_RUN)
     ctl.bucket = 1
     ctl.timed(Plan(None, 0, 1.0), 0.010)
     assert ctl.plan([2], [1, 2]).exit == 2
@@ -997,7 +1000,7 @@ def test_a_plain_round_reads_an_exit_near_paying_only_where_that_is_cheap():
     for _ in range(30):
         ctl.timed(Plan(None, 0, 1.0, observe=2), 0.013)  # 30%: still read for one sequence
     assert ctl.loop.observe_cost(1) > 0.2 and ctl.plan([2], [1]).observe == 2
-    assert ctl.plan([2], [1], batch=4) == Plan(None, 0, 1.0)  # in a batch of 4: its unit first
+    assert ctl.plan([2], [1], batch=4) == Plan(None, 0, 1.0, run=UNIT_RUN)  # in a batch of 4: its unit first
     ctl.timed(Plan(None, 0, 1.0), 0.010)
     read = 0
     while (plan := ctl.plan([2], [1], batch=4)).observe == 2:  # read until it is timed past OBSERVE_COST
@@ -1067,6 +1070,35 @@ def test_the_engine_controller_times_its_rounds_only_where_its_costs_are_timed(m
     firsts = len(r.stats["draft_exits"])  # each exit drafted from: its first round not timed
     assert firsts and len(rounds) == sum(r.stats["draft_lengths"].values()) - firsts > 0
     assert all(b == 1 and t > 0 for _, b, t in rounds)
+
+
+@pytest.mark.skipif(not native.available(), reason="no native kernel here (no C compiler)")
+def test_the_loop_clocks_unit_is_a_plain_runs_share(monkeypatch):
+    """The loop clock's unit is what decoding that drafts nothing costs a token: where it is due,
+    the plain plan runs UNIT_RUN plain rounds at once (one native call, though exits are due a
+    try) and the unit is their mean, not a lone plain round's time (its Python besides)."""
+    from megatron.early_exit.inference.strategies import self_speculative as ss
+
+    monkeypatch.setenv("EE_EXIT_COSTS", "measured")
+    timed = DraftCosts(draft={1: 0.3, 3: 0.6}, row={1: 0.02, 3: 0.02}, base={1: 1.05, 3: 1.05})
+    monkeypatch.setattr(ss, "measure_draft_costs", lambda engine, batch, context, lookup=False: (timed, {}))
+    engine = EarlyExitEngine(build(True), linear_kernel="native")
+    rounds, calls = [], []
+    real, decode = DraftController.timed, native.decode
+
+    def record_round(self, plan, seconds):
+        rounds.append((plan.exit, plan.observe, plan.steps, seconds))
+        real(self, plan, seconds)
+
+    monkeypatch.setattr(DraftController, "timed", record_round)
+    monkeypatch.setattr(native, "decode", lambda *a, **k: calls.append(1) or decode(*a, **k))
+    (r,) = engine.generate(PROMPTS[:1], GenerationSettings("self_speculative", 12, ignore_eos=True))
+    ctl = ss.controller_for(engine)
+    assert rounds[0][:3] == (None, None, UNIT_RUN) and calls  # the first round: the unit, run at once
+    assert ctl.loop.plain[1] == pytest.approx(rounds[0][3] / UNIT_RUN, rel=1e-9)
+    assert r.stats["draft_lengths"][0] >= UNIT_RUN and r.tokens[: UNIT_RUN + 1] == naive_greedy(
+        engine.model, PROMPTS[0], UNIT_RUN + 1
+    )  # fmt: skip
 
 
 # ----- the margin: a plan drafts only where it pays at its estimate less its uncertainty ------------

@@ -192,7 +192,7 @@ class SelfSpeculative(Strategy):
         if not s.prompt_lookup_max:
             plan = ctl.plan(exits, lengths, len(running), alternatives)
             if plan.exit is None and plan.observe is None and len(running) >= PLAIN_RUN_BATCH:  # may run at once
-                plan.run = ctl.plain_run(exits)
+                plan.run = max(plan.run, ctl.plain_run(exits))  # (the loop clock's unit: `UNIT_RUN` at least)
             return plan, ctl
         found = proposals(batch, running, max(lengths))
         seen = [context_lookup.confidences(n, s.prompt_lookup_max, len(toks)) for toks, n in found.values()]

@@ -24,7 +24,9 @@ from megatron.early_exit.inference.strategies.draft_control import (
     OBSERVE_COST,
     OBSERVE_NEAR,
     OBSERVE_WINDOW,
+    UNIT_EARLY,
     UNIT_RUN,
+    UNIT_SETTLE,
     WARM_EXPLORE_SHARE,
     DraftController,
     DraftCosts,
@@ -488,6 +490,23 @@ def test_warm_start_drafts_from_round_one_and_skips_bad_exits():
     assert sum(p.length for p in warm if p.exit == 2) > sum(p.length for p in cold if p.exit == 2)
 
 
+def test_a_try_is_priced_as_the_round_it_costs():
+    """Exploration's interval prices a try at its round less the plain round it replaces: the
+    draft and its row, the verify pass's fixed part over a plain step (base - 1), and what the loop
+    clock says such rounds cost over their prediction (factor), so that tries cost explore_share of
+    decoding time as the loop runs them; never less than the draft and its row."""
+    costs = DraftCosts(draft={2: 0.125}, row={2: 0.0625}, base={2: 1.25})  # binary fractions: exact sums
+    ctl = DraftController(costs, explore_share=0.0625)
+    assert ctl.interval(2, 1) == (0.125 + 0.0625 + 0.25) / 0.0625 == 7
+    ctl.use_loop_clock()
+    ctl.loop.excess[(1, 2)] = (1.5, 1.0)  # its rounds took 1.5x their prediction in the loop
+    assert ctl.factor(2) == 1.5 and ctl.interval(2, 1) == math.ceil((1.5 * 1.4375 - 1.0) / 0.0625) == 19
+    ctl.loop.excess[(1, 2)] = (0.5, 1.0)  # cheaper than predicted: the draft and its row at least
+    assert ctl.interval(2, 1) == 0.1875 / 0.0625 == 3
+    ctl.stats[2].backoff = 4
+    assert ctl.interval(2, 2) == 2 * 0.1875 * 4 / 0.0625 == 24
+
+
 def test_warm_start_with_low_agreement_decodes_plainly_within_the_budget():
     a = {2: 0.05, 6: 0.05}
     ctl = DraftController(COSTS, agreement=a)
@@ -660,7 +679,7 @@ def test_a_plain_round_near_paying_observes_its_exit_and_learns_from_it():
     plan = ctl.plan([2], lengths)
     near = max(ctl.rate(2, g) for g in lengths)
     assert plan.exit is None and OBSERVE_NEAR <= near < 1.0 and plan.observe == 2
-    assert ctl.interval(2, 1) == 18  # exploration alone: ceil(0.35 / WARM_EXPLORE_SHARE 0.02) rounds
+    assert ctl.interval(2, 1) == 25  # exploration alone: ceil((0.3 + 0.05 + 0.15) / WARM_EXPLORE_SHARE 0.02) rounds
     observed = 0
     while plan.exit is None and observed < 10:  # the text gets easy again: each observed token agrees
         ctl.update(2, [([0.9], 1)])
@@ -886,8 +905,13 @@ def test_the_loop_clock_prices_drafting_rounds_against_plain_ones():
         clock.record(1, 2, 1.5, 3.6, worth=0.5)
         clock.record(1, 2, 1.5, 3.6, worth=1.5)
     assert clock.factor(1, 2) == pytest.approx(1.2, rel=0.03)
-    clock.record(1, None, 1.0, 4.0)  # plain rounds slow down: the unit follows them (decayed mean)
-    assert clock.plain[1] == pytest.approx(LOOP_DECAY * 2.0 + (1 - LOOP_DECAY) * 4.0)
+    clock.record(1, None, 1.0, 4.0)  # plain rounds slow down: the unit follows them, the mean of its first
+    assert clock.plain[1] == pytest.approx(3.0)
+    for _ in range(8):
+        clock.record(1, None, 1.0, 4.0)
+    assert clock.plain[1] == pytest.approx((2.0 + 9 * 4.0) / 10)  # ten records: their mean
+    clock.record(1, None, 1.0, 8.0)  # from then on a decayed mean
+    assert clock.plain[1] == pytest.approx(LOOP_DECAY * 3.8 + (1 - LOOP_DECAY) * 8.0)
 
 
 def test_rounds_dearer_in_the_loop_turn_a_marginal_exit_plain_and_leave_the_early_stop_alone():
@@ -924,7 +948,7 @@ def test_rounds_dearer_in_the_loop_turn_a_marginal_exit_plain_and_leave_the_earl
     assert ctl.worth_verifying(plan, [0.9, 0.4]) == plain.worth_verifying(twin, [0.9, 0.4])
     # A round that drafted nothing (the plan's drafts had no room) is timed as a plain round.
     ctl.timed(Plan(2, 1, 1.0, drafted=0), 0.020)
-    assert ctl.loop.plain[1] == pytest.approx(LOOP_DECAY * 0.010 + (1 - LOOP_DECAY) * 0.020)
+    assert ctl.loop.plain[1] == pytest.approx((0.010 + 0.010 + 0.020) / 3)  # the mean of the bucket's first units
 
 
 def test_the_loop_clock_times_plain_rounds_that_read_no_exit_and_asks_for_one_when_due():
@@ -932,8 +956,9 @@ def test_the_loop_clock_times_plain_rounds_that_read_no_exit_and_asks_for_one_wh
     cold start's observing rounds, 1.7-1.9x a plain one, made drafting rounds read 0.6 of their
     predicted time), but what reading costs. A drafting round that read a shallower exit is its
     exit's round (that is how the plan ran). A bucket without a unit, or with LOOP_PLAIN_EVERY
-    drafting rounds timed since its last plain one, gets a plain round reading no exit, its tries
-    waiting: an exit that always pays is still checked against the loop's own plain round."""
+    drafting rounds timed since its last plain one (UNIT_EARLY while it has fewer than UNIT_SETTLE
+    units), gets plain rounds reading no exit, its tries waiting: an exit that always pays is still
+    checked against the loop's own plain rounds."""
     costs = DraftCosts(draft={2: 0.2}, row={2: 0.01}, base={2: 1.0})
     ctl = DraftController(costs, explore_share=1e-9, margin=0.0)
     ctl.stats[2].accepted, ctl.stats[2].rejected, ctl.stats[2].idle = 90.0, 10.0, 0  # a = 0.9: it pays
@@ -949,11 +974,17 @@ def test_the_loop_clock_times_plain_rounds_that_read_no_exit_and_asks_for_one_wh
     d = EXCESS_DECAY
     assert ctl.loop.excess[(1, 2)] == pytest.approx((d * LOOP_PRIOR + 1.5 * t, d * LOOP_PRIOR + t))
     ctl.loop.excess.clear()
-    for i in range(LOOP_PLAIN_EVERY - 1):
-        plan = ctl.plan([2], [1, 2])
-        assert plan.exit == 2, i
-        ctl.timed(replace(plan, drafted=plan.length), 0.010 * costs.round_time(2, plan.length))
-    assert ctl.plan([2], [1, 2]) == Plan(None, 0, 1.0, run=UNIT_RUN)  # due again
+    drafted = 1  # the round that read exit 1 on the way
+    for k in range(1, UNIT_SETTLE + 1):  # the bucket's first units every UNIT_EARLY drafting rounds, then rarer
+        for i in range((UNIT_EARLY if k < UNIT_SETTLE else LOOP_PLAIN_EVERY) - drafted):
+            plan = ctl.plan([2], [1, 2])
+            assert plan.exit == 2, (k, i)
+            ctl.timed(replace(plan, drafted=plan.length), 0.010 * costs.round_time(2, plan.length))
+        drafted = 0
+        assert ctl.plan([2], [1, 2]) == Plan(None, 0, 1.0, run=UNIT_RUN)  # due again
+        if k < UNIT_SETTLE:
+            ctl.timed(Plan(None, 0, 1.0, run=UNIT_RUN), 0.010)
+    assert ctl.loop.units == {1: UNIT_SETTLE}
     assert ctl.factor(2) == pytest.approx(1.0) and ctl.plan(([2]), [1, 2], batch=4) == Plan(None, 0, 1.0, run=UNIT_RUN)
     ctl.bucket = 1
     ctl.timed(Plan(None, 0, 1.0), 0.010)

@@ -16,7 +16,8 @@ Acceptance. Per exit, Beta counts of accepted / rejected drafts, every count dec
 are observed; that is exactly what a geometric acceptance model needs. An exit that has not
 drafted for `interval[n]` rounds drafts one token (exploration; on a round that would be plain, at
 one sequence, as a chosen plan drafts, the early stop ending it: `try_plan`), so a recovered exit is found
-again; intervals are set so that exploring costs about `explore_share` of decoding time while
+again; intervals are set so that exploring costs about `explore_share` of decoding time (a try's
+round priced as the loop clock prices it, less the plain round it replaces: `interval`) while
 tries keep failing at first, and each exploratory try that drafts nothing accepted doubles that
 exit's interval, up to MAX_BACKOFF times (an accepted draft resets it): with exits that never
 agree, exploring then costs explore_share / MAX_BACKOFF, so lossless decoding stays within ~1% of
@@ -154,6 +155,10 @@ LOOP_PLAIN_EVERY = 64  # drafting rounds timed at a batch bucket after which a p
 # the plain rounds a unit's plain plan runs at once (`SelfSpeculative.plain_run`): the unit is a plain
 # round's share of such a run, what decoding that drafts nothing costs a token (see `LoopClock`)
 UNIT_RUN = 8
+# a bucket's first UNIT_SETTLE units come every UNIT_EARLY drafting rounds (then every LOOP_PLAIN_EVERY),
+# each the mean of those so far: a cold first unit does not stand for the next 64 drafting rounds
+UNIT_SETTLE = 4
+UNIT_EARLY = 8
 OBSERVE_COST = 0.1  # a plain round reads an exit near paying only where that costs at most this share of the round
 MARGIN = 1.0  # a drafting plan must pay at its acceptance estimate less this many of its standard deviations
 
@@ -281,6 +286,7 @@ class LoopClock:
         self.excess: dict[tuple[int, int], tuple[float, float]] = {}  # (bucket, exit) -> (sum, weight)
         self.since: dict[int, int] = {}  # batch bucket -> drafting rounds timed since its last plain round
         self.observing: dict[int, float] = {}  # batch bucket -> decayed mean seconds of a plain round reading an exit
+        self.units: dict[int, int] = {}  # batch bucket -> plain rounds (runs) timed into its unit
 
     def observe_cost(self, bucket: int) -> float | None:
         """What reading an exit on a plain round adds to it at this bucket, as a share of a plain
@@ -293,8 +299,17 @@ class LoopClock:
         decay_into(self.observing, bucket, seconds)
 
     def unit_due(self, bucket: int) -> bool:
-        """Whether the bucket's next round should be a plain one, timed as its unit."""
-        return bucket not in self.plain or self.since.get(bucket, 0) >= LOOP_PLAIN_EVERY
+        """Whether the bucket's next round should be a plain one, timed as its unit: none timed yet,
+        or LOOP_PLAIN_EVERY drafting rounds timed since the last (UNIT_EARLY while the bucket has
+        fewer than UNIT_SETTLE of them). The first is often a cold one: a process's first request,
+        its first steps after a prefill (CPU reference, bf16, batch 1, AMD EPYC: 1.81 ms a step where
+        the next read 1.3-1.6), and in a process that then drafted every round it stood for 64 of
+        them, the unit 1.76 ms against full decoding's 1.31: rounds drafting from exit 3 read 1.3x
+        their real rate, and self-speculation decoded at 0.93x full decoding drafting at a loss."""
+        if bucket not in self.plain:
+            return True
+        every = LOOP_PLAIN_EVERY if self.units.get(bucket, 0) >= UNIT_SETTLE else UNIT_EARLY
+        return self.since.get(bucket, 0) >= every
 
     def factor(self, bucket: int, n: int) -> float:
         total, weight = self.excess.get((bucket, n), (LOOP_PRIOR, LOOP_PRIOR))
@@ -311,8 +326,9 @@ class LoopClock:
         as many drafts (CPU reference, bf16, batch 1: priced by time alone, exit 3 read 0.95-1.0
         at its lower bound and decoded plainly for whole runs, 0.92x full decoding, where drafting
         from it every round decoded at 1.26x)."""
-        if n is None:
-            decay_into(self.plain, bucket, seconds)
+        if n is None:  # the unit: the mean of its first records, then decayed (LOOP_DECAY)
+            k = self.units[bucket] = self.units.get(bucket, 0) + 1
+            decay_into(self.plain, bucket, seconds, max(1.0 / k, 1.0 - LOOP_DECAY))
             self.since[bucket] = 0
             return
         self.since[bucket] = self.since.get(bucket, 0) + 1
@@ -323,10 +339,10 @@ class LoopClock:
         self.excess[(bucket, n)] = (EXCESS_DECAY * total + seconds / unit, EXCESS_DECAY * weight + predicted * worth)
 
 
-def decay_into(means: dict[int, float], bucket: int, seconds: float) -> None:
-    """means[bucket] <- its decayed mean with `seconds` (LOOP_DECAY; the first time, `seconds`)."""
+def decay_into(means: dict[int, float], bucket: int, seconds: float, weight: float = 1.0 - LOOP_DECAY) -> None:
+    """means[bucket] <- its decayed mean with `seconds` at `weight` (the first time, `seconds`)."""
     last = means.get(bucket)
-    means[bucket] = seconds if last is None else LOOP_DECAY * last + (1.0 - LOOP_DECAY) * seconds
+    means[bucket] = seconds if last is None else (1.0 - weight) * last + weight * seconds
 
 
 def batch_bucket(running: int) -> int:
@@ -417,9 +433,17 @@ class DraftController:
                 self.share[n] = min(self.explore_share, WARM_EXPLORE_SHARE)
 
     def interval(self, n: int, num_exits: int) -> int:
-        """Rounds between exploratory drafts from exit n: a rejected try costs draft + row; times
-        the exit's back-off (each failed try doubles it, up to MAX_BACKOFF)."""
-        extra = self.costs.draft[n] + self.costs.row[n]
+        """Rounds between exploratory drafts from exit n: a rejected try costs its round less the
+        plain round it replaces, a one-draft round's time (its verify pass's fixed part besides
+        the draft and its row: `DraftCosts.round_time`) at the loop clock's factor, less 1; times
+        the exit's back-off (each failed try doubles it, up to MAX_BACKOFF). Priced at the draft
+        and its row alone (0.15 of a step), tries of the CPU reference model's exits 3 and 6 (bf16,
+        batch 1, AMD EPYC) came every ~15 rounds and each cost ~1 step more than a plain one (the
+        verify pass's fixed part, a decode state's first round from the exit): on 32-token decodes
+        that stayed plain otherwise, 1.2 of the 2.8 ms a request that self-speculation lost."""
+        c = self.costs  # round_time(n, 1) * factor - 1, summed so that a base of 1 and no factor add exact zeros
+        slack = c.base.get(n, 1.0) - 1.0 + (self.factor(n) - 1.0) * c.round_time(n, 1)
+        extra = c.draft[n] + c.row[n] + max(slack, 0.0)
         return max(1, math.ceil(num_exits * extra * self.stats[n].backoff / self.share[n]))
 
     def acceptance(self, n: int) -> float:

@@ -507,6 +507,19 @@ def test_a_try_is_priced_as_the_round_it_costs():
     assert ctl.interval(2, 2) == 2 * 0.1875 * 4 / 0.0625 == 24
 
 
+def test_best_plan_prices_as_rate_does():
+    """`best_plan` reads each exit's acceptance and loop factor once: its rates are `rate`'s, bit for
+    bit, so its plans are those `rate` would rank (with a loop clock's factors, at several exits)."""
+    ctl = DraftController(COSTS, margin=0.0)
+    ctl.use_loop_clock()
+    ctl.loop.excess[(1, 2)], ctl.loop.excess[(1, 6)] = (5.5, 4.0), (3.0, 4.0)
+    ctl.stats[2].accepted, ctl.stats[2].rejected, ctl.stats[6].accepted = 7.0, 3.0, 9.0
+    lengths = list(range(1, MAX_DRAFT + 1))
+    best, _, top = ctl.best_plan([2, 6], lengths, None)
+    assert top == {n: max(ctl.rate(n, g) for g in lengths) for n in (2, 6)}
+    assert best.rate == max(top.values()) and best.rate == ctl.rate(best.exit, best.length)
+
+
 def test_warm_start_with_low_agreement_decodes_plainly_within_the_budget():
     a = {2: 0.05, 6: 0.05}
     ctl = DraftController(COSTS, agreement=a)

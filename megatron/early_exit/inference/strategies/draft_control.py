@@ -369,7 +369,8 @@ class Plan:
     kept: float = 0.0
     expected: float = 0.0
     # A plain plan: the plain rounds it may run at once (`DraftController.plain_run`: those before any
-    # exit is due a try, in which nothing the controller weighs changes), and those it ran (set by the round)
+    # exit is due a try, in which nothing the controller weighs changes; a reading plan's, MAX_PLAIN_RUN,
+    # `reads_on` ending them where the next plan would differ), and those it ran (set by the round)
     run: int = 1
     steps: int = 1
     # Per sequence, its proposal from the context (`lookup.propose`: tokens, match length), where
@@ -660,7 +661,7 @@ class DraftController:
             # a try reads the exit's token on the way (its check: no draft, no verify row); else an
             # exit near paying is read (its check's cost)
             best.observe = trying if trying is not None else near[0] if self.observing_pays() else None
-            if trying is None and best.observe is not None and batch == 1:
+            if trying is None and best.observe is not None and batch == 1 and lookup is None:
                 best.run = MAX_PLAIN_RUN  # a reading run: `reads_on` ends it where the next plan would differ
             return best
         self.stats[best.exit].idle = self.stats[best.exit].chosen_ago = 0
@@ -703,14 +704,16 @@ class DraftController:
         """(the plan with the most expected tokens per unit of time that pays at its estimate less
         the margin, or a plain one; (the exit near paying that a plain round would read, its rate);
         each exit's best rate), changing nothing."""
-        best, near, top = Plan(None, 0, 1.0), (None, OBSERVE_NEAR), {}
-        for n in exits:
+        best, near, top, c = Plan(None, 0, 1.0), (None, OBSERVE_NEAR), {}, self.costs
+        for n in exits:  # `rate`'s numbers, the exit's acceptance and factor read once (a reading run asks each step)
+            a, f, d, row, base = self.acceptance(n), self.factor(n), c.draft[n], c.row[n], c.base.get(n, 1.0)
+            readable = self.stats[n].chosen_ago <= OBSERVE_WINDOW or self.thin(n)
             for g in lengths:
-                r = self.rate(n, g)
+                r = expected_tokens(a, g) / ((g * d + base + g * row if g else 1.0) * f)
                 top[n] = max(top.get(n, 0.0), r)
                 if r > best.rate + 1e-9:
                     best = Plan(n, g, r)
-                if r >= near[1] and (self.stats[n].chosen_ago <= OBSERVE_WINDOW or self.thin(n)):
+                if r >= near[1] and readable:
                     near = (n, r)
         if lookup and LOOKUP in self.stats and any(lookup):
             for g in lengths:

@@ -53,7 +53,10 @@ every ~30 rounds: the CPU reference model (bf16, exit 3 accepted 88% of the time
 timed at 1.25 plain steps) decoded 497 of its first 526 rounds plainly (0.93x full decoding in
 that sweep) and drafted from the second pass over the same abstracts on. The margin (`sure`) weighs a
 drafting plan against the round it would replace: where that is a plain round reading an exit, at
-that round's timed rate (`plain_rate`), not a plain round's 1.
+that round's timed rate (`plain_rate`), not a plain round's 1. At one sequence such rounds run
+several at once (`Plan.run`, `SelfSpeculative.reading_run`): each step's reading is learned as it
+comes, and `reads_on` ends the run where the next round's plan would differ, so the decisions are
+round-by-round planning's without a round's Python around each step.
 
 Observing under a deeper draft. A round that drafts from a deeper exit passes the shallower
 ones on its way up; the controller learned about a shallower exit only from its own rounds, so

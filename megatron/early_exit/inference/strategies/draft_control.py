@@ -709,10 +709,10 @@ class DraftController:
         each exit's best rate), changing nothing."""
         best, near, top, c = Plan(None, 0, 1.0), (None, OBSERVE_NEAR), {}, self.costs
         for n in exits:  # `rate`'s numbers, the exit's acceptance and factor read once (a reading run asks each step)
-            a, f, d, row, base = self.acceptance(n), self.factor(n), c.draft[n], c.row[n], c.base.get(n, 1.0)
+            a, f = self.acceptance(n), self.factor(n)
             readable = self.stats[n].chosen_ago <= OBSERVE_WINDOW or self.thin(n)
             for g in lengths:
-                r = expected_tokens(a, g) / ((g * d + base + g * row if g else 1.0) * f)
+                r = expected_tokens(a, g) / (c.round_time(n, g) * f)
                 top[n] = max(top.get(n, 0.0), r)
                 if r > best.rate + 1e-9:
                     best = Plan(n, g, r)

@@ -313,8 +313,8 @@ class SelfSpeculative(Strategy):
         such round, and the run goes on while the next round's plan would be the same
         (`DraftController.reads_on`). (The slots still running, the steps made), or None where the
         loop does not run it (nothing done: the caller runs one round its own way)."""
-        n, b = plan.observe, running[0]
-        before = len(batch.results[b].tokens)
+        n, result = plan.observe, batch.results[running[0]]
+        before = len(result.tokens)
 
         def watch(b: int, token: int, guess: int, conf: float, last: bool) -> bool:
             record(batch.counts[b], None, 0)
@@ -323,7 +323,7 @@ class SelfSpeculative(Strategy):
             return not last and ctl.reads_on(n)
 
         still = native_rounds(engine, state, running, batch, observing(n), plan.run, watch)
-        return None if still is None else (still, len(batch.results[b].tokens) - before)
+        return None if still is None else (still, len(result.tokens) - before)
 
     @staticmethod
     def plain_round(engine, state, running: list[int], batch: Batch) -> list[int]:

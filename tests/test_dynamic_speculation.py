@@ -356,6 +356,32 @@ def test_early_stop_learns_from_confidence():
     assert DraftController(COSTS, stop_early=False).keep_drafting(plan, [0.1])
 
 
+def test_the_early_stops_numbers_decide_as_keep_drafting():
+    """The numbers a native loop stops drafts by (`stop_numbers`, `native.EarlyStop`: no call back
+    into Python after each draft) make `keep_drafting`'s decision for every run of confidences
+    (bins learned unevenly, the loop clock's factor in the bar); none where every draft is kept."""
+    ctl = DraftController(COSTS)
+    ctl.use_loop_clock()
+    ctl.loop.excess[(1, 2)] = (1.3, 1.0)  # rounds from exit 2 dearer in the loop: the bar carries it
+    for _ in range(20):
+        ctl.update(2, [([0.95, 0.7, 0.45, 0.1], 3), ([0.05, 0.99], 0)])
+    plan = Plan(2, 4, ctl.rate(2, 4), limit=8)
+    stop = native.EarlyStop(*ctl.stop_numbers(plan))
+    assert stop.bar == pytest.approx(plan.rate * 1.3 * (COSTS.draft[2] + COSTS.row[2]))
+    gen = torch.Generator().manual_seed(0)
+    decided = []
+    for _ in range(400):
+        confs = [float(c) for c in torch.rand(int(torch.randint(1, 9, (1,), generator=gen)), generator=gen)]
+        confs = [float(torch.tensor(c, dtype=torch.float32)) for c in confs + [1.0, 0.125, 0.0][: len(confs) % 4]]
+        decided.append(ctl.keep_drafting(plan, confs))
+        assert stop.keeps(confs) == decided[-1], confs
+    assert 0 < sum(decided) < len(decided)  # both decisions made
+    assert ctl.stop_numbers(replace(plan, explore=True, limit=None)) is None  # a try capped at its length
+    assert DraftController(COSTS, stop_early=False).stop_numbers(plan) is None
+    with pytest.raises(ValueError, match="alternatives"):
+        ctl.stop_numbers(replace(plan, alternatives=True))
+
+
 def test_early_stop_plans_drafts_up_to_the_longest_length():
     """With the early stop on, a chosen plan at batch 1 caps its drafts at the longest length
     allowed (the stop ends them), and so does a try on a round that would be plain (its stop

@@ -3,7 +3,8 @@ the decode steps that draft from a norm-only exit onto its draft vocabulary, run
 returning to Python between them, give the same drafts, confidences, K/V, pending rows and fill
 counts as those steps one by one (the same native calls, so bit for bit in fp32 and bf16), for
 one sequence and for several side by side (`Passes.native_drafts_of`);
-the controller's early stop is asked after each draft; and where they cannot run there, nothing
+the controller's early stop is asked after each draft, or applied in the loop from its numbers;
+and where they cannot run there, nothing
 is done and the draft loop runs the steps itself. Self-speculation with them stays equal to
 full greedy decoding (fp32).
 """
@@ -139,6 +140,33 @@ def test_the_early_stop_is_asked_after_each_draft_and_its_errors_come_through():
 
     with engine.packed, pytest.raises(KeyError, match="controller"):
         engine.passes.native_drafts(prefilled(engine), 0, 4, 1, 6, broken)
+
+
+@needs_native
+def test_the_early_stops_numbers_in_the_loop_stop_where_asking_would():
+    """`native.EarlyStop` (the controller's rule applied inside `ee_drafts`, no call back into
+    Python) stops each sequence's drafts after the same draft as asking its `keeps` after each,
+    at bars that stop them early, late and never; the same drafts, K/V and fill counts."""
+    engine = EarlyExitEngine(build(torch.float32), linear_kernel="native")
+    ok = [0.9, 0.7, 0.5, 0.45, 0.4, 0.35, 0.3, 0.25]  # this tiny model's confidences sit in the low bins
+    made = []
+    for bar in (0.75, 0.5, 0.3, 0.05, 0.0):
+        stop = native.EarlyStop(bar, 0.8, ok)
+        seen = {0: [], 1: []}
+
+        def ask(b, j, c, stop=stop, seen=seen):
+            seen[b].append(c)
+            return stop.keeps(seen[b])
+
+        states = [prefilled(engine), prefilled(engine)]
+        with engine.packed:
+            got = engine.passes.native_drafts_of(states[0], {0: 4, 1: 9}, 1, {0: 7, 1: 6}, stop, feed_last=True)
+            want = engine.passes.native_drafts_of(states[1], {0: 4, 1: 9}, 1, {0: 7, 1: 6}, ask, feed_last=True)
+        assert got == want and states[0].fed == states[1].fed
+        assert (states[0].cache.filled == states[1].cache.filled).all()
+        assert torch.equal(states[0].cache.k, states[1].cache.k)
+        made.append([len(got[b][0]) for b in (0, 1)])
+    assert made[-1] == [7, 6] and min(made[0]) == 1 and len({tuple(m) for m in made}) >= 3  # early, late, never
 
 
 @needs_native

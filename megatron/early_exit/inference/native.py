@@ -155,7 +155,7 @@ def library() -> ctypes.CDLL | None:
     lib.ee_head.restype = i32
     lib.ee_probe.restype = i32
     lib.ee_drafts.argtypes = [i64, i64, vp, vp, i64, vp, vp, i32, i32] + [i64] * 5 + [vp, vp] + [i64] * 3
-    lib.ee_drafts.argtypes += [vp, vp, vp, vp, vp, i64, vp, vp, ctypes.c_float, KEEP, i32, vp, vp, vp]
+    lib.ee_drafts.argtypes += [vp, vp, vp, vp, vp, i64, vp, vp, ctypes.c_float, KEEP, vp, i64, i32, vp, vp, vp]
     lib.ee_drafts.restype = i32
     lib.ee_decode.argtypes = [i64, vp, vp, vp, vp, i64, vp, vp, i64, vp, i64, vp, vp, i32, i32] + [i64] * 5
     lib.ee_decode.argtypes += [vp, vp, i64, i64, i64, i64, vp, vp, i64, vp, ctypes.c_float, DECODE_KEEP]
@@ -273,6 +273,25 @@ def head(
     return part if full is None else full, part, list(tokens), list(conf)
 
 
+class EarlyStop:
+    """The draft controller's early stop for one round as `ee_drafts` applies it without asking
+    Python after each draft (`DraftController.early_stop`): a sequence drafts another while
+    P(its drafts so far all accepted) x `accept` reaches `bar`, P(a draft accepted) read from `ok`
+    by its max-probability's bin (min(int(conf x len(ok)), len(ok) - 1)); the same doubles
+    multiplied in the same order as `DraftController.keep_drafting`, so the same decisions."""
+
+    def __init__(self, bar: float, accept: float, ok: list[float]) -> None:
+        self.bar, self.accept, self.ok = bar, accept, list(ok)
+        self.numbers = (ctypes.c_double * (2 + len(ok)))(bar, accept, *ok)
+
+    def keeps(self, confs: list[float]) -> bool:
+        """Whether a sequence whose drafts have confidences `confs` drafts another (as the loop decides)."""
+        bins, chance = len(self.ok), 1.0
+        for conf in confs:
+            chance *= self.ok[min(int(conf * bins), bins - 1)]
+        return chance * self.accept >= self.bar
+
+
 def drafts(
     tokens: list[int],
     embedding: torch.Tensor,
@@ -295,7 +314,8 @@ def drafts(
     step); pending[s] (D_s, h): each step's hidden state at the exit (contiguous rows of x's dtype,
     written); head: (its packed rows, their count, the draft vocabulary's ids int64, the exit
     norm's (gain, eps)); keep(s, j, confidence) -> whether sequence s drafts another after its
-    draft j (None: all). `feed_last`: each sequence's last draft fed through the layers too, its
+    draft j (None: all), or an `EarlyStop` (the same rule without a call back into Python a
+    draft). `feed_last`: each sequence's last draft fed through the layers too, its
     hidden state in the row after its last draft's. Returns per sequence (drafts, their
     max-probabilities), as many as were made; None where `layers_step` would not take `run`
     (nothing done)."""
@@ -310,18 +330,20 @@ def drafts(
     gain = gain.contiguous()
     i64 = ctypes.c_int64 * n
     out, conf, made = (ctypes.c_int64 * (n * d))(), (ctypes.c_float * (n * d))(), i64()
-    stop: list[BaseException] = []
-    ask = guarded(lambda s, j, c: bool(keep(s, j, c)), stop, 0)
+    failed: list[BaseException] = []
+    ask = guarded(lambda s, j, c: bool(keep(s, j, c)), failed, 0)
+    stop = keep.numbers if isinstance(keep, EarlyStop) else None
 
     rc = library().ee_drafts(
         d, n, i64(*tokens), embedding.data_ptr(), len(run), run.ptrs, run.eps, embedding.dtype == torch.bfloat16,
         torch.get_num_threads(), h, g, per, hd, ffn, cos.data_ptr(), sin_signed.data_ptr(), *run.strides[:3],
         i64(*(a for a, _ in at)), i64(*(b for _, b in at)), i64(*(p.data_ptr() for p in pending)), i64(*limits),
         panels.data_ptr(), rows, ids.data_ptr(), gain.data_ptr(), float(eps),
-        KEEP(ask) if keep is not None else KEEP(), int(feed_last), out, conf, made,
+        KEEP(ask) if keep is not None and stop is None else KEEP(), stop, 0 if stop is None else len(stop) - 2,
+        int(feed_last), out, conf, made,
     )  # fmt: skip
-    if stop:
-        raise stop[0]
+    if failed:
+        raise failed[0]
     if rc != 0:
         raise MemoryError("native kernel: out of memory for a round's drafts")
     return [(list(out[s * d : s * d + made[s]]), list(conf[s * d : s * d + made[s]])) for s in range(n)]

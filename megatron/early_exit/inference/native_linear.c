@@ -1475,6 +1475,17 @@ int ee_layers(int64_t L, const int64_t *ptrs, const float *eps, const void *x, v
     return failed;
 }
 
+/* The controller's early stop in the loop (`DraftController.keep_drafting` for a plan without
+   alternatives, `native.EarlyStop`): stop = {the bar, a, P(accepted) per max-probability bin (bins
+   of them)}; *chance, P(the drafts so far all accepted), times the bin of this draft's confidence;
+   another draft pays where that times a reaches the bar. Doubles, multiplied in the order Python does. */
+static int early_stop(const double *stop, int64_t bins, double *chance, float conf) {
+    const double v = (double)conf * (double)bins; /* Python's min(int(conf * BINS), BINS - 1) */
+    const int64_t bin = v >= (double)(bins - 1) ? bins - 1 : v > 0.0 ? (int64_t)v : 0;
+    *chance *= stop[2 + bin];
+    return *chance * stop[1] >= stop[0];
+}
+
 /* A self-speculative round's drafts from a norm-only exit in one call, for S sequences side by
  * side: sequence s's draft j (j = 0 .. limit[s] - 1) feeds token t_j (t_0 = token[s], then each
  * draft's own) as a decode step feeds it: row t_j of the word embedding emb (V x h, the model's
@@ -1484,7 +1495,8 @@ int ee_layers(int64_t L, const int64_t *ptrs, const float *eps, const void *x, v
  * pending[s] (the deeper layers' input, for the verify pass), then ee_head's exit norm (gain, eps_h)
  * and projection onto the K draft tokens ids (Wp: their rows of the exit's output weight, packed):
  * t_{j+1} = tokens[s D + j], the draft, and conf[s D + j] its max-probability. After each draft,
- * keep(s, j, conf) (NULL: always) says whether sequence s drafts another. With feed_last, a
+ * keep(s, j, conf) (NULL: always), or the early stop's numbers `stop` (NULL: none; `early_stop`),
+ * says whether sequence s drafts another. With feed_last, a
  * sequence's last draft too is fed through layers 0 .. L - 1 (its K/V written at pos[s] + made[s],
  * its hidden state into row made[s] of pending[s]), so that the verify pass starts at depth L with
  * every drafted row pending. Each step runs the rows of the sequences still going together (one
@@ -1497,9 +1509,10 @@ int ee_drafts(int64_t D, int64_t S, const int64_t *token, const void *emb, int64
               const float *cos, const float *sin, int64_t sb, int64_t sg, int64_t st, const int64_t *slots,
               const int64_t *pos, const int64_t *pending, const int64_t *limit, const void *Wp, int64_t K,
               const int64_t *ids, const void *gain, float eps_h, int (*keep)(int64_t, int64_t, float),
-              int feed_last, int64_t *tokens, float *conf, int64_t *made) {
+              const double *stop, int64_t bins, int feed_last, int64_t *tokens, float *conf, int64_t *made) {
     const size_t row = (size_t)h * (bf16 ? 2 : 4);
     for (int64_t s = 0; s < S; s++) made[s] = 0;
+    double *chance = (double *)malloc(sizeof(double) * (size_t)(S + 1)); /* the early stop's (`early_stop`) */
     /* per sequence: its token to feed, its phase (0 drafting, 1 its last draft fed below the exit, 2 done) */
     int64_t *next = (int64_t *)malloc(sizeof(int64_t) * (size_t)(6 * S + 1));
     int *phase = (int *)malloc(sizeof(int) * (size_t)(S + 1));
@@ -1507,11 +1520,12 @@ int ee_drafts(int64_t D, int64_t S, const int64_t *token, const void *emb, int64
     float *tables = (float *)malloc(sizeof(float) * (size_t)(2 * S * hd + 1));
     float *part = (float *)malloc(sizeof(float) * (size_t)(K * S + 1));
     float *c = (float *)malloc(sizeof(float) * (size_t)(S + 1));
-    int failed = !next || !phase || !x || !tables || !part || !c;
+    int failed = !next || !phase || !x || !tables || !part || !c || !chance;
     int64_t *at = next + S, *rows = at + S, *slot = rows + S, *drafted = slot + S, *got = drafted + S;
     for (int64_t s = 0; s < S && !failed; s++) {
         next[s] = token[s];
         phase[s] = limit[s] > 0 ? 0 : 2;
+        chance[s] = 1.0;
     }
     for (int64_t j = 0; !failed; j++) {
         int64_t m = 0, md = 0, top = 0;
@@ -1549,8 +1563,9 @@ int ee_drafts(int64_t D, int64_t S, const int64_t *token, const void *emb, int64
             tokens[s * D + j] = next[s] = got[i];
             conf[s * D + j] = c[i];
             made[s] = j + 1;
-            if ((keep && !keep(s, j, c[i])) || j + 1 == limit[s]) /* keep asked after every draft, the last too */
-                phase[s] = feed_last ? 1 : 2;
+            int more = keep ? keep(s, j, c[i]) : 1; /* keep asked after every draft, the last too */
+            if (stop) more = early_stop(stop, bins, &chance[s], c[i]);
+            if (!more || j + 1 == limit[s]) phase[s] = feed_last ? 1 : 2;
         }
     }
     free(next);
@@ -1559,6 +1574,7 @@ int ee_drafts(int64_t D, int64_t S, const int64_t *token, const void *emb, int64
     free(tables);
     free(part);
     free(c);
+    free(chance);
     return failed;
 }
 

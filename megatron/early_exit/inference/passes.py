@@ -1218,7 +1218,7 @@ class Passes:
     ) -> tuple | None:
         """Up to `cap` self-speculative drafts of sequence b from exit n in one native call
         (`native_drafts_of` for one sequence; keep(j, confidence)): (drafts, confidences), or None."""
-        ask = None if keep is None else (lambda _, j, c: keep(j, c))
+        ask = keep if keep is None or isinstance(keep, native.EarlyStop) else (lambda _, j, c: keep(j, c))
         made = self.native_drafts_of(state, {b: token}, n, {b: cap}, ask, feed_last)
         return None if made is None else made[b]
 
@@ -1232,7 +1232,8 @@ class Passes:
         vocabulary: `DraftCheck`), each step the rows of the sequences still drafting together,
         with their K/V, pending rows, fill counts and numbers, without the Python between and
         around them (~0.15-0.2 ms a step on the CPU reference model at batch 1, a third of a draft
-        step; ~0.3 at batch 4). keep(b, j, confidence): whether b drafts another after its draft j;
+        step; ~0.3 at batch 4). keep(b, j, confidence): whether b drafts another after its draft j
+        (or a `native.EarlyStop`: the controller's rule applied in the loop);
         `feed_last`: each sequence's last draft fed below the exit too (the verify pass then feeds
         it nothing: `run`). Returns {b: (drafts, confidences)}, or None where those steps would not
         each run in one native call (an exit with a block or more than a norm, no draft
@@ -1255,7 +1256,7 @@ class Passes:
         cos, _, neg = self.rotary_tables(top + 1)[:3]  # positions up to the last fed (with feed_last)
         at = [(b, state.fed[b]) for b in seqs]
         pending = [state.pending[b, p : p + caps[b] + feed_last] for b, p in at]
-        ask = None if keep is None else (lambda s, j, c: keep(seqs[s], j, c))
+        ask = keep if keep is None or isinstance(keep, native.EarlyStop) else (lambda s, j, c: keep(seqs[s], j, c))
         made = native.drafts([tokens[b] for b in seqs], emb, run.native, run.shape, (cos, neg), at, pending,
                              plan.head, ask, feed_last)  # fmt: skip
         if made is None:

@@ -771,6 +771,19 @@ class DraftController:
         acc, rej = self.stats[n].bins[self.bin(conf)]
         return lower(self.draft_ok(n, conf), acc + rej + 1, self.margin)
 
+    def stop_numbers(self, plan: Plan) -> tuple[float, float, list[float]] | None:
+        """`keep_drafting`'s rule for this round's drafts from the plan's exit (their confidences
+        not known before; no alternatives) as numbers a native loop applies without asking back
+        (`native.EarlyStop`): (the bar, the exit's acceptance, each confidence bin's `draft_ok`),
+        the same doubles `keep_drafting` computes; None where every draft is kept."""
+        if not self.stop_early or plan.exit is None or (plan.explore and plan.limit is None):
+            return None
+        if plan.alternatives:
+            raise ValueError("a plan verifying alternatives stops its drafts through keep_drafting")
+        n, a = plan.exit, self.acceptance(plan.exit)
+        ok = [(acc + a) / (acc + rej + 1) for acc, rej in self.stats[n].bins]
+        return plan.rate * self.factor(n) * (self.costs.draft[n] + self.costs.row[n]), a, ok
+
     def keep_drafting(self, plan: Plan, confs: list[float], next_conf: float | None = None) -> bool:
         """Whether a sequence whose drafts this round have confidences `confs` should draft
         another: P(they are all accepted) * a_n, the chance that one more adds a token, against

@@ -30,7 +30,7 @@ import weakref
 
 import torch
 
-from megatron.early_exit.inference import kernels
+from megatron.early_exit.inference import kernels, native
 from megatron.early_exit.inference import lookup as context_lookup
 from megatron.early_exit.inference.exit_decision import costs_from_parameters
 from megatron.early_exit.inference.lookup import LOOKUP
@@ -359,13 +359,7 @@ class SelfSpeculative(Strategy):
         results = batch.results
         budget = {b: min(plan.cap, batch.settings_of(b).max_new_tokens - len(results[b].tokens) - 1) for b in running}
         last = {b: results[b].tokens[-1] for b in running}
-        seen: dict[int, list[float]] = {b: [] for b in running}
-
-        def keep(b: int, j: int, conf: float) -> bool:
-            seen[b].append(conf)
-            return ctl.keep_drafting(plan, seen[b])
-
-        made = spec_round(engine, state, last, plan.exit, budget, keep if ctl is not None else None)
+        made = spec_round(engine, state, last, plan.exit, budget, early_stop(ctl, plan))
         if made is None:
             return None
         made, out = made
@@ -479,26 +473,27 @@ def observing(n: int | None) -> ExitPolicy:
 def native_drafts(engine, state, running: list[int], last: dict[int, int], caps: dict[int, int], plan: Plan, ctl):
     """`SelfSpeculative.draft`'s results for the running sequences drafting up to caps[b] tokens
     from plan.exit in one native call (`Passes.native_drafts_of`: the same drafts, K/V and pending
-    rows as its decode steps, each step's rows together, the controller's early stop asked after
-    each draft), or None where they would not run there (a pipeline engine, an exit or kernels it
+    rows as its decode steps, each step's rows together, the controller's early stop applied in the
+    loop: `early_stop`), or None where they would not run there (a pipeline engine, an exit or kernels it
     does not take): draft's own loop then runs."""
     drafts_of = getattr(getattr(engine, "passes", None), "native_drafts_of", None)
     if drafts_of is None or max(caps.values(), default=0) <= 0:
         return None
-    seen: dict[int, list[float]] = {b: [] for b in running}
-
-    def keep(b: int, j: int, conf: float) -> bool:
-        seen[b].append(conf)
-        return ctl.keep_drafting(plan, seen[b])
-
     with engine.packed:  # the last draft fed below the exit too: nothing left to feed (`verify`: last None)
-        made = drafts_of(state, {b: last[b] for b in running}, plan.exit, caps, keep if ctl is not None else None,
-                         feed_last=True)  # fmt: skip
+        made = drafts_of(state, {b: last[b] for b in running}, plan.exit, caps, early_stop(ctl, plan), feed_last=True)
     if made is None:
         return None
     drafts = {b: made[b][0] for b in running}
     confs = {b: made[b][1] for b in running}
     return drafts, confs, {b: None if drafts[b] else last[b] for b in running}, {}, {b: {} for b in running}
+
+
+def early_stop(ctl, plan: Plan) -> native.EarlyStop | None:
+    """The controller's early stop for a round's native drafts (no alternatives) as the loop
+    applies it (`DraftController.stop_numbers`): asked of Python after each draft instead, it
+    cost ~0.05 ms of a ~5 ms round (CPU reference, bf16, batch 1). None: every draft kept."""
+    numbers = None if ctl is None else ctl.stop_numbers(plan)
+    return None if numbers is None else native.EarlyStop(*numbers)
 
 
 def verify(

@@ -196,6 +196,15 @@ def test_where_they_cannot_run_in_one_call_nothing_is_done():
             assert engine.passes.native_drafts(state, 0, 6, 1, 3) is None, switch
             setattr(engine.passes, switch, not on)
         assert engine.passes.native_drafts(state, 0, 6, 1, 3) is not None  # below exit 1 nothing is pending
+    for module in (model.embedding, model.embedding.word_embeddings, next(model.decoder.layers.children())):
+        hook = module.register_forward_hook(lambda *_: None)  # after the state's draft plan was made
+        before = (list(state.fed), state.cache.filled.copy())
+        with engine.packed:
+            assert engine.passes.native_drafts(state, 0, 6, 1, 3) is None, type(module).__name__
+        assert state.fed == before[0] and (state.cache.filled == before[1]).all()
+        hook.remove()
+    with engine.packed:
+        assert engine.passes.native_drafts(state, 0, 6, 1, 3) is not None
 
 
 @needs_native

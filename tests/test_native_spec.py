@@ -127,3 +127,25 @@ def test_plain_rounds_in_a_batch_run_at_once_with_the_same_choices(monkeypatch):
     keys = ("drafted", "accepted", "draft_exits", "draft_lengths", "plain_share")
     assert [{k: r.stats[k] for k in keys} for r in runs] == [{k: r.stats[k] for k in keys} for r in one]
     assert runs[0].stats["plain_share"] > 0.5
+
+
+@needs_native
+def test_a_verify_plan_looks_its_kernels_up_once_and_its_hooks_every_time(monkeypatch):
+    """`VerifyPlan.takes`: the layers' and the final head's kernels at a row count are looked up
+    once (`Passes.vocab_native` asked once per row count), the final norm's forward hooks every
+    time: one set in the middle of a decode turns the native verify pass off until it is removed."""
+    model = build(torch.float32)
+    engine = EarlyExitEngine(model, linear_kernel="native")
+    state = engine.new_state(1, 32)
+    engine.prefill(state, {0: PROMPTS[0]})
+    asked = []
+    real = Passes.vocab_native
+    monkeypatch.setattr(Passes, "vocab_native", lambda self, *a: asked.append(a[0]) or real(self, *a))
+    with engine.packed:
+        plan = engine.passes.verify_plan(state, 1)
+        assert all(plan.takes(engine.passes, rows, torch.float32) for rows in (3, 3, 5, 3))
+        assert asked == [3, 5]
+        hook = model.decoder.final_layernorm.register_forward_hook(lambda *_: None)
+        assert not plan.takes(engine.passes, 3, torch.float32)
+        hook.remove()
+        assert plan.takes(engine.passes, 3, torch.float32) and asked == [3, 5]

@@ -392,9 +392,12 @@ def runs_natively(run: NativeRun, rows: int, linear: LeanKernels) -> bool:
     """Whether `run`'s layers over `rows` rows run in one native call (`native_run`): every
     product on the native kernel at that many rows, not too many rows, no forward hook watching a
     layer."""
-    if rows > FOLD_ROWS:
-        return False
-    return linear.all_native(run.products, rows) and not hooks_set(run.hooks)
+    return rows_natively(run.products, rows, linear) and not hooks_set(run.hooks)
+
+
+def rows_natively(products: tuple, rows: int, linear: LeanKernels) -> bool:
+    """`runs_natively` but the hooks, from a layer's products (every layer of a run has the first's shapes)."""
+    return rows <= FOLD_ROWS and linear.all_native(products, rows)
 
 
 def native_run(run: NativeRun, x, cos, sin_signed, rows_kv: tuple, linear: LeanKernels, probes=None, first: int = 0):

@@ -100,7 +100,7 @@ class DraftPlan:
 
     run: lean.NativeRun  # the layers below the exit
     head: tuple  # the draft head as `native.drafts` takes it: packed rows, their count, the ids, the norm's args
-    hooks: tuple  # the hook dicts of the layers and the exit's norm (`lean.hooks_set`)
+    hooks: tuple  # the hook dicts of the embedding, the layers and the exit's norm (`lean.hooks_set`)
 
 
 @dataclass
@@ -110,17 +110,21 @@ class VerifyPlan:
     run: lean.NativeRun  # the layers from the depth on
     head: native.DecodeHead  # the final head
     hooks: tuple  # the layers' hook dicts (`lean.hooks_set`; the final norm's: `Passes.vocab_native`)
-    rows: dict[int, bool] = field(default_factory=dict)  # row count -> its kernels native (`takes`)
+    norm_hooks: tuple = ()  # the final norm's hook dicts
+    rows: dict[tuple, bool] = field(default_factory=dict)  # (row count, dtype, packed) -> `takes` but the hooks
 
     def takes(self, passes, rows: int, dtype) -> bool:
         """Whether the pass over `rows` rows of `dtype` runs in one native call: the layers' and the
-        head's kernels at that row count (`lean.runs_natively`, `Passes.vocab_native`: the final
-        norm's hooks checked each time), their kernels looked up once."""
-        ok = self.rows.get(rows)
+        head's kernels at that row count (`lean.runs_natively`, `Passes.vocab_native`), looked up
+        once (~0.05 ms a verify pass at batch 1 looked up each time), the final norm's hooks
+        checked each time."""
+        key = (rows, dtype, passes.lean_kernels.packed)
+        ok = self.rows.get(key)
         if ok is None:
-            ok = self.rows[rows] = rows <= lean.FOLD_ROWS and passes.lean_kernels.all_native(self.run.products, rows)
-        m = passes.model
-        return ok and passes.vocab_native(rows, dtype, m.output_weight(), m.decoder.final_layernorm)
+            m = passes.model
+            ok = rows <= lean.FOLD_ROWS and passes.lean_kernels.all_native(self.run.products, rows)
+            ok = self.rows[key] = ok and passes.vocab_native(rows, dtype, m.output_weight(), m.decoder.final_layernorm)
+        return ok and not lean.hooks_set(self.norm_hooks)
 
 
 @dataclass
@@ -476,7 +480,15 @@ class Passes:
 
     def advance_layers(self, state: DecodeState, lo: int, hi: int, rows: Rows, memo: dict) -> bool:
         """`advance` over layers lo .. hi-1 in one native call where each would run its general
-        pass in one (`lean.native_run`: the same numbers); False where not (nothing done)."""
+        pass in one (`lean.native_run`: the same numbers); False where not (nothing done). Rows that
+        one call would not take (a prompt's: too many, or a kernel other than the native one at
+        their count) are turned away before the run of layers is worked out (`layer_run`): a
+        prefill of an aclsum prompt had made and dropped one for each layer, ~2 ms of Python a
+        request (CPU reference, 12 layers)."""
+        a = rows.x.numel() // rows.x.shape[-1]
+        first = self.lean_layer(lo) if self.lean_on() else None
+        if type(first) is not lean.LeanLayer or not lean.rows_natively(first.products, a, self.lean_kernels):
+            return False
         cache = state.cache
         if rows.layout is None:
             rows.layout = self.layout(cache, rows.seqs, rows.lo, rows.n, memo)
@@ -1246,10 +1258,10 @@ class Passes:
         if self.device.type != "cpu" or any(state.fed[b] + caps[b] + feed_last > room for b in seqs):
             return None
         uniform = self.uniform_layers(state, {b: [0] for b in seqs})  # nothing pending below the exit
-        if not (native.library() and self.plain_embedding() and uniform >= d):
+        if not (native.library() and uniform >= d):
             return None
-        plan = self.draft_plan(state, n, len(seqs))
-        if plan is None or lean.hooks_set(plan.hooks):  # a forward hook watching a layer or the exit's norm
+        plan = self.draft_plan(state, n, len(seqs))  # None where the embedding is not a plain one
+        if plan is None or lean.hooks_set(plan.hooks):  # a hook on the embedding, a layer, the exit norm
             return None
         run, emb = plan.run, self.model.embedding.word_embeddings.weight
         top = max(state.fed[b] + caps[b] for b in seqs)
@@ -1270,7 +1282,8 @@ class Passes:
         out once per decode state, exit, batch size and selection of kernels (`kernels.selection`):
         the layers below the exit, the draft head as `native.drafts` takes it, every drafting step's
         row count on the native kernel; None where not (an exit that is more than its norm, a layer
-        not lean, a kernel other than the native one). Forward hooks are the caller's to check
+        not lean, a kernel other than the native one, an embedding that is not a plain word
+        embedding alone: `plain_embedding`, its hooks then). Forward hooks are the caller's to check
         (`DraftPlan.hooks`): they come and go without the kernels' selection changing."""
         key, selection = ("draft plan", n, batch), kernels.selection()
         kept = state.memo.get(key)
@@ -1284,7 +1297,7 @@ class Passes:
     def _draft_plan(self, state: DecodeState, n: int, batch: int) -> DraftPlan | None:
         check = state.remembered(("drafts", n), lambda: DraftCheck(self, n, self.exit_head(state, n)))
         run, emb = self.layer_run(state, 0, self.depth(n)), self.model.embedding.word_embeddings.weight
-        if check.norm is None or run is None:
+        if check.norm is None or run is None or not self.plain_embedding():
             return None
         rows = check.draft_rows()
         for a in range(1, batch + 1):  # the steps' rows: every sequence, then fewer as they stop
@@ -1293,7 +1306,8 @@ class Passes:
             if not self.draft_head_native(check.head, check.norm_args, rows, a, emb.dtype):
                 return None
         head = (kernels.native_copy(rows), len(self.draft_vocab), self.draft_vocab, check.norm_args)
-        return DraftPlan(run, head, run.hooks + lean.hook_dicts((check.norm,)))
+        embedding = self.model.embedding
+        return DraftPlan(run, head, run.hooks + lean.hook_dicts((check.norm, embedding, embedding.word_embeddings)))
 
     def verify_plan(self, state: DecodeState, depth: int) -> VerifyPlan | None:
         """What a verify pass of rows pending at `depth` takes of `state` (`verify_pending`): the
@@ -1310,7 +1324,7 @@ class Passes:
             norm = self.model.decoder.final_layernorm
             gain = None if norm is None else (norm.weight, norm.eps)
             head = native.DecodeHead(kernels.native_copy(self.model.output_weight()), self.vocab, None, gain)
-            made = VerifyPlan(run, head, run.hooks)
+            made = VerifyPlan(run, head, run.hooks, lean.hook_dicts(() if norm is None else (norm,)))
         state.memo[key] = (selection, made)
         return made
 

@@ -275,7 +275,7 @@ def head(
 
 class EarlyStop:
     """The draft controller's early stop for one round as `ee_drafts` applies it without asking
-    Python after each draft (`DraftController.early_stop`): a sequence drafts another while
+    Python after each draft (`DraftController.stop_numbers`): a sequence drafts another while
     P(its drafts so far all accepted) x `accept` reaches `bar`, P(a draft accepted) read from `ok`
     by its max-probability's bin (min(int(conf x len(ok)), len(ok) - 1)); the same doubles
     multiplied in the same order as `DraftController.keep_drafting`, so the same decisions."""

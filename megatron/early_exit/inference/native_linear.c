@@ -1563,8 +1563,8 @@ int ee_drafts(int64_t D, int64_t S, const int64_t *token, const void *emb, int64
             tokens[s * D + j] = next[s] = got[i];
             conf[s * D + j] = c[i];
             made[s] = j + 1;
-            int more = keep ? keep(s, j, c[i]) : 1; /* keep asked after every draft, the last too */
-            if (stop) more = early_stop(stop, bins, &chance[s], c[i]);
+            /* the stop's numbers, else keep, asked after every draft, the last too */
+            const int more = stop ? early_stop(stop, bins, &chance[s], c[i]) : keep ? keep(s, j, c[i]) : 1;
             if (!more || j + 1 == limit[s]) phase[s] = feed_last ? 1 : 2;
         }
     }

@@ -32,11 +32,11 @@ from megatron.early_exit.inference.passes import StepOutput
 def spec_round(engine, state, tokens: dict[int, int], n: int, caps: dict[int, int], keep=None):
     """A round's drafts from exit n (up to caps[b] for sequence b, from tokens[b]; keep(b, j,
     confidence): whether b drafts another after its draft j, or a `native.EarlyStop`), each
-    sequence's last draft fed below the exit too (`Passes.native_drafts_of`), then its verify pass (`native.verify` as
-    `Passes.verify_pending` makes it, through the same `Passes.verify_plan`): ({b: (drafts,
-    confidences)}, the verify pass's `StepOutput` as `verify_pending` records it, or None where
-    that pass would not run natively at the drafts' row count: the caller verifies), or None where
-    the round does not run here (nothing done)."""
+    sequence's last draft fed below the exit too (`Passes.native_drafts_of`), then its verify pass
+    (`native.verify` as `Passes.verify_pending` makes it, through the same `Passes.verify_plan`):
+    ({b: (drafts, confidences)}, the verify pass's `StepOutput` as `verify_pending` records it, or
+    None where that pass would not run natively at the drafts' row count: the caller verifies), or
+    None where the round does not run here (nothing done)."""
     passes, seqs = engine.passes, list(tokens)
     if not seqs or min(caps.values()) <= 0 or not getattr(passes, "native_spec", False):
         return None

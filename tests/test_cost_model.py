@@ -224,23 +224,6 @@ def test_fit_layer_keeps_layers_and_the_fixed_cost_positive():
     assert cm.fit_layer([(12, 1.0)], 0.05) == pytest.approx((0.05, 0.4))  # no exits
 
 
-def test_the_exits_line_may_start_below_zero_by_the_layers_the_cache_holds():
-    """Steps whose reads the cache mostly keeps pay for fewer than their layers: a negative
-    intercept stands where it is at most `held` layers (and the shallowest point's), else the
-    line goes through the origin as before."""
-    points = [(8, 1.4), (15, 3.0), (22, 4.5)]  # slope ~0.221, intercept ~-0.36: 1.6 layers
-    layer, fixed = cm.fit_line(points)
-    assert fixed < 0 and cm.fit_layer(points, 9.9, held=4.7) == pytest.approx((layer, fixed))
-    through = sum(x * y for x, y in points) / sum(x * x for x, _ in points)
-    assert cm.fit_layer(points, 9.9, held=1.0) == pytest.approx((through, 0.0))  # more than the cache holds
-    assert cm.fit_layer(points, 9.9) == pytest.approx((through, 0.0))  # no cache: as before
-    shallow = [(1, 0.05), (3, 0.6), (5, 1.1)]  # intercept -0.2: 0.75 layers, under one... of depth 1
-    slope, icpt = cm.fit_line(shallow)
-    assert cm.fit_layer(shallow, 9.9, held=10.0) == pytest.approx((slope, icpt))
-    deep = [(1, 0.01), (3, 0.9), (5, 1.9)]  # intercept below the shallowest step's one layer
-    assert cm.fit_layer(deep, 9.9, held=10.0)[1] == 0.0
-
-
 def tiny(probes: bool, **exits) -> EarlyExitGPT:
     cfg = ModelConfig(
         num_layers=4, hidden_size=32, num_attention_heads=4, vocab_size=64, max_position_embeddings=64,

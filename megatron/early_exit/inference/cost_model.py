@@ -977,18 +977,14 @@ def median_and_error(values: Sequence[float], resamples: int = 200) -> tuple[flo
     return float(np.median(a)), float(np.std(spread))
 
 
-def fit_layer(points: list[tuple[float, float]], alone: float, held: float = 0.0) -> tuple[float, float]:
+def fit_layer(points: list[tuple[float, float]], alone: float) -> tuple[float, float]:
     """(layer, fixed) through (layers run, step seconds less what else it ran) points, the first
     full decoding's: the least-squares line; through the origin where its intercept comes out
-    below zero, unless the cache explains it (`held`: how many layers' weights the last-level
-    cache can keep from one step to the next; the intercept no lower than that many layers, nor
-    than the shallowest point's: a step whose reads the cache can mostly keep pays for fewer than
-    its layers, so the exits' line, fitted from such steps, starts below zero); where that still
-    makes layers free (no exits, or the host's speed moved between the timed settings: a fit
-    that made layers free turned every check of the cost-aware policy off), the layer timed
-    `alone` and the rest of full decoding's step fixed."""
+    below zero; where that still makes layers free (no exits, or the host's speed moved between
+    the timed settings: a fit that made layers free turned every check of the cost-aware policy
+    off), the layer timed `alone` and the rest of full decoding's step fixed."""
     layer, fixed = fit_line(points) if len({x for x, _ in points}) > 1 else (0.0, 0.0)
-    if fixed < 0 and not (layer > 0 and -fixed <= layer * min(held, min(x for x, _ in points))):
+    if fixed < 0:  # a step costs something besides its layers
         layer, fixed = sum(x * y for x, y in points) / sum(x * x for x, _ in points), 0.0
     if layer <= 0:
         layer, fixed = alone, max(points[0][1] - points[0][0] * alone, 0.0)
@@ -1115,36 +1111,33 @@ def fit_steps(costs: DecodeCosts, measured: dict[str, float], needs_vocab: dict[
     seconds (`predicted_step` with no layer and no fixed cost; `needs_vocab`: each exit's
     measure's); `fit_layer`, falling back on the layer timed alone (`layer_direct`).
 
-    Where two exits or more give a line of their own, full decoding's step reads more than the cache
-    holds in full (`WeightCache.RAMP`[0] of `cache_bytes`: where that model starts calling reads cold;
-    `cache_bytes` 0: no regime, no stream) and costs more than the exits' line by over STREAM_EXCESS,
-    the line is the exits' and the excess is `stream`: seconds per byte of the full step's reads beyond
-    the deepest exit step's (`hot_bytes`), which each step pays for its own reads beyond those. Either
-    line may start below zero, by no more than the layers the cache holds (`fit_layer`'s `held`): on an
-    AMD EPYC (32 MiB of L3) the tuned SmolLM2's steps leaving at exits 8 / 15 / 22 cost 0.237 then 0.207
-    ms a layer more, and the line held through the origin priced exit 8's at 1.13-1.19x its time. A step
-    that reads more weights than the cache keeps from one step to the next streams them: on an Intel
-    Xeon VM (300 MB of L3 reported, ~128-150 MiB of it this VM's) SmolLM2's bf16 steps leaving at exits
-    8 / 15 / 22 (54-150 MB of layers) ran at 0.25-0.29 ms a layer and full decoding's (258 MB with the
-    head) at ~0.40, which one line through all four priced at 1.40 / 1.18 / 1.22 and 0.89 of their
-    times; the least-recently-used `WeightCache` cannot say both (its memory timing, a shallow step
-    right after a full one, reads +0.02-0.07 ms a layer: the cache's replacement keeps the layers every
-    step reads). Full decoding's own prediction is then its measured time by construction: the check
-    against the clock is the exits' steps and runs that mix them. (Without the cache's bound, noise in
-    the CPU reference model's two exit steps, fp32, in the 300 MB L3, read as a line of 0.05 ms a layer
-    and a full step 0.6 ms above it.)"""
+    Where two exits or more give a line of their own, full decoding's step reads more than the
+    cache holds in full (`WeightCache.RAMP`[0] of `cache_bytes`: where that model starts calling
+    reads cold; `cache_bytes` 0: no regime, no stream) and costs more than the exits' line by
+    over STREAM_EXCESS, the line is the exits' and the excess is `stream`: seconds per byte of
+    the full step's reads beyond the deepest exit step's (`hot_bytes`), which each step pays for
+    its own reads beyond those. A step that reads more weights than the cache keeps from one step
+    to the next streams them: on an Intel Xeon VM (300 MB of L3 reported, ~128-150 MiB of it
+    this VM's) SmolLM2's bf16 steps leaving at exits 8 / 15 / 22 (54-150 MB of layers) ran at
+    0.25-0.29 ms a layer and full decoding's (258 MB with the head) at ~0.40, which one line
+    through all four priced at 1.40 / 1.18 / 1.22 and 0.89 of their times; the least-recently-used
+    `WeightCache` cannot say both (its memory timing, a shallow step right after a full one, reads
+    +0.02-0.07 ms a layer: the cache's replacement keeps the layers every step reads). Full
+    decoding's own prediction is then its measured time by construction: the check against the
+    clock is the exits' steps and runs that mix them. (Without the cache's bound, noise in the
+    CPU reference model's two exit steps, fp32, in the 300 MB L3, read as a line of 0.05 ms a
+    layer and a full step 0.6 ms above it.)"""
     rest = replace(costs, layer=0.0, fixed=0.0, stream=0.0, hot_bytes=0.0)
     full = (costs.num_layers, measured["full"] - predicted_step(rest, "full", True))
     exits = [
         (costs.depth[n], measured[f"exit {n}"] - predicted_step(rest, f"exit {n}", vocab))
         for n, vocab in needs_vocab.items()
     ]
-    held = costs.cache_bytes / costs.reads["layer"][1] if costs.reads.get("layer", ("", 0.0))[1] > 0 else 0.0
-    layer, fixed = fit_layer([full, *exits], costs.layer_direct, held)
+    layer, fixed = fit_layer([full, *exits], costs.layer_direct)
     out = replace(rest, layer=layer, fixed=fixed)
     if len({x for x, _ in exits}) < 2 or not costs.reads:
         return out
-    line = replace(rest, **dict(zip(("layer", "fixed"), fit_layer(exits, costs.layer_direct, held))))
+    line = replace(rest, **dict(zip(("layer", "fixed"), fit_layer(exits, costs.layer_direct))))
     excess = measured["full"] - predicted_step(line, "full", True)
     hot = max(costs.walk(*setting_step(costs, f"exit {n}"), vocab)[1] for n, vocab in needs_vocab.items())
     read = costs.walk(*setting_step(costs, "full"), True)[1]

@@ -36,6 +36,7 @@ from megatron.early_exit.inference.strategies.draft_control import (
 )
 from megatron.early_exit.model import EarlyExitGPT
 from tests.test_inference import naive_greedy
+from tests.test_native_drafts import keeps
 
 PROMPTS = [[1, 2, 3, 4, 5], [7, 8], [9, 10, 11, 12, 13, 14, 15], [3]]
 NEW = 40
@@ -374,7 +375,7 @@ def test_the_early_stops_numbers_decide_as_keep_drafting():
         confs = [float(c) for c in torch.rand(int(torch.randint(1, 9, (1,), generator=gen)), generator=gen)]
         confs = [float(torch.tensor(c, dtype=torch.float32)) for c in confs + [1.0, 0.125, 0.0][: len(confs) % 4]]
         decided.append(ctl.keep_drafting(plan, confs))
-        assert stop.keeps(confs) == decided[-1], confs
+        assert keeps(stop, confs) == decided[-1], confs
     assert 0 < sum(decided) < len(decided)  # both decisions made
     assert ctl.stop_numbers(replace(plan, explore=True, limit=None)) is None  # a try capped at its length
     assert DraftController(COSTS, stop_early=False).stop_numbers(plan) is None

@@ -142,10 +142,19 @@ def test_the_early_stop_is_asked_after_each_draft_and_its_errors_come_through():
         engine.passes.native_drafts(prefilled(engine), 0, 4, 1, 6, broken)
 
 
+def keeps(stop: native.EarlyStop, confs: list[float]) -> bool:
+    """Whether a sequence whose drafts have confidences `confs` drafts another under `stop`'s
+    numbers: the rule `ee_drafts` applies, written out (the reference its loop is held to)."""
+    bins, chance = len(stop.ok), 1.0
+    for conf in confs:
+        chance *= stop.ok[min(int(conf * bins), bins - 1)]
+    return chance * stop.accept >= stop.bar
+
+
 @needs_native
 def test_the_early_stops_numbers_in_the_loop_stop_where_asking_would():
     """`native.EarlyStop` (the controller's rule applied inside `ee_drafts`, no call back into
-    Python) stops each sequence's drafts after the same draft as asking its `keeps` after each,
+    Python) stops each sequence's drafts after the same draft as asking `keeps` after each,
     at bars that stop them early, late and never; the same drafts, K/V and fill counts."""
     engine = EarlyExitEngine(build(torch.float32), linear_kernel="native")
     ok = [0.9, 0.7, 0.5, 0.45, 0.4, 0.35, 0.3, 0.25]  # this tiny model's confidences sit in the low bins
@@ -156,7 +165,7 @@ def test_the_early_stops_numbers_in_the_loop_stop_where_asking_would():
 
         def ask(b, j, c, stop=stop, seen=seen):
             seen[b].append(c)
-            return stop.keeps(seen[b])
+            return keeps(stop, seen[b])
 
         states = [prefilled(engine), prefilled(engine)]
         with engine.packed:

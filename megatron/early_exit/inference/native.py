@@ -284,13 +284,6 @@ class EarlyStop:
         self.bar, self.accept, self.ok = bar, accept, list(ok)
         self.numbers = (ctypes.c_double * (2 + len(ok)))(bar, accept, *ok)
 
-    def keeps(self, confs: list[float]) -> bool:
-        """Whether a sequence whose drafts have confidences `confs` drafts another (as the loop decides)."""
-        bins, chance = len(self.ok), 1.0
-        for conf in confs:
-            chance *= self.ok[min(int(conf * bins), bins - 1)]
-        return chance * self.accept >= self.bar
-
 
 def drafts(
     tokens: list[int],

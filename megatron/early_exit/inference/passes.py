@@ -121,8 +121,7 @@ class VerifyPlan:
         key = (rows, dtype, passes.lean_kernels.packed)
         ok = self.rows.get(key)
         if ok is None:
-            m = passes.model
-            ok = rows <= lean.FOLD_ROWS and passes.lean_kernels.all_native(self.run.products, rows)
+            m, ok = passes.model, lean.rows_natively(self.run.products, rows, passes.lean_kernels)
             ok = self.rows[key] = ok and passes.vocab_native(rows, dtype, m.output_weight(), m.decoder.final_layernorm)
         return ok and not lean.hooks_set(self.norm_hooks)
 
@@ -1301,7 +1300,7 @@ class Passes:
             return None
         rows = check.draft_rows()
         for a in range(1, batch + 1):  # the steps' rows: every sequence, then fewer as they stop
-            if a > lean.FOLD_ROWS or not self.lean_kernels.all_native(run.products, a):  # `lean.runs_natively`'s
+            if not lean.rows_natively(run.products, a, self.lean_kernels):
                 return None
             if not self.draft_head_native(check.head, check.norm_args, rows, a, emb.dtype):
                 return None

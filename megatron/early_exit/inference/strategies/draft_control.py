@@ -763,7 +763,11 @@ class DraftController:
         """P(a draft of exit n with max-probability `conf` is accepted): the bin's counts, and a
         prior of one draft at the exit's acceptance (exits' max-probabilities are not calibrated:
         the CPU reference model's exit 3 has 57% of its drafts below 0.1 accepted)."""
-        acc, rej = self.stats[n].bins[self.bin(conf)]
+        return self.bin_ok(n, self.bin(conf))
+
+    def bin_ok(self, n: int, i: int) -> float:
+        """`draft_ok` of exit n's confidence bin i."""
+        acc, rej = self.stats[n].bins[i]
         return (acc + self.acceptance(n)) / (acc + rej + 1)
 
     def draft_ok_low(self, n: int, conf: float) -> float:
@@ -776,21 +780,29 @@ class DraftController:
         not known before; no alternatives) as numbers a native loop applies without asking back
         (`native.EarlyStop`): (the bar, the exit's acceptance, each confidence bin's `draft_ok`),
         the same doubles `keep_drafting` computes; None where every draft is kept."""
-        if not self.stop_early or plan.exit is None or (plan.explore and plan.limit is None):
+        if not self.stops(plan):
             return None
         if plan.alternatives:
             raise ValueError("a plan verifying alternatives stops its drafts through keep_drafting")
-        n, a = plan.exit, self.acceptance(plan.exit)
-        ok = [(acc + a) / (acc + rej + 1) for acc, rej in self.stats[n].bins]
-        return plan.rate * self.factor(n) * (self.costs.draft[n] + self.costs.row[n]), a, ok
+        n = plan.exit
+        return self.stop_bar(plan), self.acceptance(n), [self.bin_ok(n, i) for i in range(BINS)]
+
+    def stops(self, plan: Plan) -> bool:
+        """Whether the early stop ends the plan's drafts (not a try capped at its length, which drafts it whole)."""
+        return self.stop_early and plan.exit is not None and not (plan.explore and plan.limit is None)
+
+    def stop_bar(self, plan: Plan) -> float:
+        """What another draft's chance of adding a token must reach: a draft and its row at the plan's rate."""
+        n = plan.exit
+        return plan.rate * self.factor(n) * (self.costs.draft[n] + self.costs.row[n])
 
     def keep_drafting(self, plan: Plan, confs: list[float], next_conf: float | None = None) -> bool:
         """Whether a sequence whose drafts this round have confidences `confs` should draft
         another: P(they are all accepted) * a_n, the chance that one more adds a token, against
         what it costs at the plan's rate. `next_conf`: the next draft's confidence where it is
         known before drafting it (the context's proposals): its bin's acceptance instead of a_n."""
-        if not self.stop_early or plan.exit is None or (plan.explore and plan.limit is None):
-            return True  # a try capped at its length drafts it whole
+        if not self.stops(plan):
+            return True
         n = plan.exit
         before = 1.0
         for conf in confs:
@@ -799,4 +811,4 @@ class DraftController:
         gain = before * a
         if plan.alternatives:  # rejected, it may still add a token (its alternative's), where that pays its row
             gain += max(self.alternative_value(plan, before, a), 0.0)
-        return gain >= plan.rate * self.factor(n) * (self.costs.draft[n] + self.costs.row[n])
+        return gain >= self.stop_bar(plan)

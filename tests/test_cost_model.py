@@ -640,6 +640,38 @@ def test_one_exit_no_weights_read_or_a_cache_that_holds_the_full_step_fit_one_li
     assert cm.fit_steps(replace(two_exits(), cache_bytes=0.0), measured, {2: False, 5: False}).stream == 0.0
 
 
+def test_a_line_may_start_below_zero_by_no_more_than_the_layers_the_cache_holds():
+    """Steps that each read more than the cache holds, part of which it keeps for the next step,
+    pay for fewer than their layers: a negative intercept stands where it is at most `held`
+    layers (and the shallowest point's), else the line goes through the origin as before."""
+    points = [(8, 1.4), (15, 3.0), (22, 4.5)]  # slope ~0.221, intercept ~-0.36: 1.6 layers
+    layer, fixed = cm.fit_line(points)
+    assert fixed < 0 and cm.fit_layer(points, 9.9, held=4.7) == pytest.approx((layer, fixed))
+    through = sum(x * y for x, y in points) / sum(x * x for x, _ in points)
+    assert cm.fit_layer(points, 9.9, held=1.0) == pytest.approx((through, 0.0))  # more than the cache holds
+    assert cm.fit_layer(points, 9.9) == pytest.approx((through, 0.0))  # nothing held: as before
+    deep = [(1, 0.01), (3, 0.9), (5, 1.9)]  # intercept -0.44: below the shallowest step's one layer
+    assert cm.fit_layer(deep, 9.9, held=10.0)[1] == 0.0
+
+
+def test_the_cache_holds_layers_only_between_steps_that_each_read_more_than_it():
+    """`cache_held`: the exit-2 step reads 2 layers and its projection, 4 bytes. A cache of 3
+    bytes holds 3 layers' worth between such steps, and the fit keeps the line's intercept of -1
+    (every step priced at its time); a cache of 30 holds the exits' steps' reads (the intercept is
+    noise: through the origin), none (0) no regime."""
+    measured = {"exit 2": -1 + 2 + 0.4, "exit 5": -1 + 5 + 0.4, "full": -1 + 10 + 1}
+    needs = {2: False, 5: False}
+    assert cm.cache_held(replace(two_exits(), cache_bytes=3.0), needs) == pytest.approx(3.0)
+    assert cm.cache_held(two_exits(), needs) == 0.0
+    assert cm.cache_held(replace(two_exits(), cache_bytes=0.0), needs) == 0.0
+    held = cm.fit_steps(replace(two_exits(), cache_bytes=3.0), measured, needs)
+    assert (held.layer, held.fixed, held.stream) == pytest.approx((1.0, -1.0, 0.0), rel=1e-9)
+    for name in measured:
+        assert cm.predicted_step(held, name, False) == pytest.approx(measured[name], rel=1e-9)
+    origin = cm.fit_steps(two_exits(), measured, needs)  # the exits' line (full decoding streams), at 0
+    assert origin.fixed == 0.0 and origin.layer == pytest.approx((2 * 1 + 5 * 4) / (4 + 25)) and origin.stream > 0
+
+
 def test_a_fill_of_many_rows_is_priced_from_the_timed_row_counts():
     """`DecodeCosts.fill_layer`: between timed row counts on their segment, past the last at the
     last segment's slope; a layer whose rows cost twice as much past 9 (products leaving a kernel's

@@ -977,18 +977,38 @@ def median_and_error(values: Sequence[float], resamples: int = 200) -> tuple[flo
     return float(np.median(a)), float(np.std(spread))
 
 
-def fit_layer(points: list[tuple[float, float]], alone: float) -> tuple[float, float]:
+def fit_layer(points: list[tuple[float, float]], alone: float, held: float = 0.0) -> tuple[float, float]:
     """(layer, fixed) through (layers run, step seconds less what else it ran) points, the first
     full decoding's: the least-squares line; through the origin where its intercept comes out
-    below zero; where that still makes layers free (no exits, or the host's speed moved between
-    the timed settings: a fit that made layers free turned every check of the cost-aware policy
-    off), the layer timed `alone` and the rest of full decoding's step fixed."""
+    below zero, unless the cache explains it (`held`: the layers' worth of weights the last-level
+    cache keeps from one step to the next, `cache_held`; the intercept no lower than that many
+    layers, nor than the shallowest point's); where that still makes layers free (no exits, or the
+    host's speed moved between the timed settings: a fit that made layers free turned every check
+    of the cost-aware policy off), the layer timed `alone` and the rest of full decoding's step
+    fixed."""
     layer, fixed = fit_line(points) if len({x for x, _ in points}) > 1 else (0.0, 0.0)
-    if fixed < 0:  # a step costs something besides its layers
+    if fixed < 0 and not (layer > 0 and -fixed <= layer * min(held, min(x for x, _ in points))):
         layer, fixed = sum(x * y for x, y in points) / sum(x * x for x, _ in points), 0.0
     if layer <= 0:
         layer, fixed = alone, max(points[0][1] - points[0][0] * alone, 0.0)
     return layer, fixed
+
+
+def cache_held(costs: DecodeCosts, needs_vocab: dict[int, bool]) -> float:
+    """How many layers' weights the last-level cache keeps between steps that each read more than
+    it holds (`fit_layer`'s `held`): every one of `exit_settings`' steps reads more than
+    `cache_bytes`, so none runs from the cache alone, yet a real cache (neither fully associative
+    nor least recently used) keeps part of a step's reads for the next one: a step of the tuned
+    SmolLM2 (bf16, 6.8 MB a layer) leaving at exit 8 read 56 MB through the AMD EPYC's 32 MiB L3
+    and cost ~0.4 ms less than 8 of the 0.237 ms a layer its deeper steps paid, and the line
+    through the origin priced it at 1.11-1.22x its time. At most the cache's bytes over a layer's;
+    0 where a step fits in the cache (its line's intercept is the step's fixed cost: the CPU
+    reference model's, whose steps all fit, fitted as far as -0.2 ms from noise) or none is known."""
+    size = costs.reads.get("layer", ("", 0.0))[1]
+    if not costs.cache_bytes or size <= 0 or not needs_vocab:
+        return 0.0
+    reads = [costs.walk(*setting_step(costs, f"exit {n}"), vocab)[1] for n, vocab in needs_vocab.items()]
+    return costs.cache_bytes / size if min(reads) > costs.cache_bytes else 0.0
 
 
 def fit_line(points: list[tuple[float, float]]) -> tuple[float, float]:
@@ -1109,7 +1129,8 @@ def fit_steps(costs: DecodeCosts, measured: dict[str, float], needs_vocab: dict[
     """`costs` with `layer` and `fixed` fitted through each of `exit_settings`' measured seconds
     per step less what the fit does not own: its heads, checks and the cache regime's extra
     seconds (`predicted_step` with no layer and no fixed cost; `needs_vocab`: each exit's
-    measure's); `fit_layer`, falling back on the layer timed alone (`layer_direct`).
+    measure's); `fit_layer`, falling back on the layer timed alone (`layer_direct`), its intercept
+    below zero no further than the layers the cache keeps between steps that overflow it (`cache_held`).
 
     Where two exits or more give a line of their own, full decoding's step reads more than the
     cache holds in full (`WeightCache.RAMP`[0] of `cache_bytes`: where that model starts calling
@@ -1133,11 +1154,12 @@ def fit_steps(costs: DecodeCosts, measured: dict[str, float], needs_vocab: dict[
         (costs.depth[n], measured[f"exit {n}"] - predicted_step(rest, f"exit {n}", vocab))
         for n, vocab in needs_vocab.items()
     ]
-    layer, fixed = fit_layer([full, *exits], costs.layer_direct)
+    held = cache_held(costs, needs_vocab)
+    layer, fixed = fit_layer([full, *exits], costs.layer_direct, held)
     out = replace(rest, layer=layer, fixed=fixed)
     if len({x for x, _ in exits}) < 2 or not costs.reads:
         return out
-    line = replace(rest, **dict(zip(("layer", "fixed"), fit_layer(exits, costs.layer_direct))))
+    line = replace(rest, **dict(zip(("layer", "fixed"), fit_layer(exits, costs.layer_direct, held))))
     excess = measured["full"] - predicted_step(line, "full", True)
     hot = max(costs.walk(*setting_step(costs, f"exit {n}"), vocab)[1] for n, vocab in needs_vocab.items())
     read = costs.walk(*setting_step(costs, "full"), True)[1]

@@ -601,54 +601,65 @@ DEFINE_EXP(exp16, v16, w16)
 DEFINE_EXP(exp8, v8, w8)
 #endif
 
-#define PROLOGUE_ROWS 8 /* rows from which `prologue` splits them over the threads: bf16, 2 threads, its norm or SwiGLU on 8 rows cost as much or less split (SwiGLU of 1024: 17.4 -> 16.0 us a product), on 64 0.70-0.88x */
+/* `prologue`'s row i. */
+static inline void prologue_row(const void *x, int bf16, int kind, const void *gain, float eps, float *xf, int64_t n,
+                                int64_t K, uint16_t *xa, int64_t i) {
+    /* row i's elements in `xblock`'s layout: from `at`, `step` apart (1: a block of one row,
+       stored a vector at a time; the index worked out per element cost a fill's or a verify
+       pass's rows more than their products); or, with xa (bf16, K a multiple of 16), as bf16
+       row-major there (the tiles' operand: the values are bf16's, so their high halves) */
+    float *at = xa ? NULL : xf + xblock(i, 0, n, K);
+    const int64_t step = xa ? 1 : xblock(i, 1, n, K) - xblock(i, 0, n, K);
+    float scale = 0.f;
+    if (kind == RMSNORM) {
+        v16 acc = {0};
+        for (int64_t k = 0; k < K; k += PANEL) {
+            v16 e = widen_part(x, bf16, i * K + k, K - k < PANEL ? K - k : PANEL);
+            acc += e * e;
+        }
+        float ss = 0.f;
+        for (int j = 0; j < PANEL; j++) ss += acc[j];
+        scale = 1.0f / sqrtf(ss / (float)K + eps);
+    }
+    for (int64_t k = 0; k < K; k += PANEL) {
+        int64_t m = K - k < PANEL ? K - k : PANEL;
+        v16 v;
+        if (kind == RMSNORM) {
+            v16 s = widen_part(x, bf16, i * K + k, m) * scale, g = widen_part(gain, bf16, k, m);
+            v = bf16 ? round16(g * round16(s)) : g * s;
+        } else if (kind == SWIGLU) {
+            v16 gate = widen_part(x, bf16, i * 2 * K + k, m), up = widen_part(x, bf16, i * 2 * K + K + k, m);
+            v16 silu = gate / (1.0f + exp16(-gate));
+            v = bf16 ? round16(round16(silu) * up) : silu * up;
+        } else {
+            v = widen_part(x, bf16, i * K + k, m);
+        }
+        if (xa) {
+            w16 u;
+            memcpy(&u, &v, sizeof u);
+            h16 h = __builtin_convertvector(u >> 16, h16);
+            memcpy(xa + i * K + k, &h, sizeof h);
+        } else if (step == 1 && m == PANEL)
+            memcpy(at + k, &v, sizeof v);
+        else
+            for (int64_t j = 0; j < m; j++) at[(k + j) * step] = v[j];
+    }
+}
+
+/* Rows from which `prologue` splits them over the threads, a block of XROWS rows at a time (`xblock`:
+   a block's rows interleave element by element, so threads splitting one block write the same cache
+   lines). Rows split one by one from 8 on, the two threads wrote alternate 16-byte halves of each
+   line of a verify pass's block of 8: the CPU reference model's verify of 8 rows (bf16, 2 threads,
+   AMD EPYC) cost 5.24 ms against 3.73 for 7 rows, ~20 us more for each of its 48 products. From 9 rows
+   (two blocks) whole blocks split (one thread making a 160-token prompt's rows while the other waited
+   had cost ~2 of its ~12 ms). */
+#define PROLOGUE_ROWS 9
 static void prologue(const void *x, int bf16, int kind, const void *gain, float eps, float *xf, int64_t n, int64_t K,
                      uint16_t *xa, int threads) {
-    /* rows apart on `threads` threads where there are many (a prompt's, a fill's: one thread made a
-       160-token prompt's rows while the other waited, ~2 of its ~12 ms); each row's arithmetic alone */
 #pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1 && n >= PROLOGUE_ROWS)
-    for (int64_t i = 0; i < n; i++) {
-        /* row i's elements in `xblock`'s layout: from `at`, `step` apart (1: a block of one row,
-           stored a vector at a time; the index worked out per element cost a fill's or a verify
-           pass's rows more than their products); or, with xa (bf16, K a multiple of 16), as bf16
-           row-major there (the tiles' operand: the values are bf16's, so their high halves) */
-        float *at = xa ? NULL : xf + xblock(i, 0, n, K);
-        const int64_t step = xa ? 1 : xblock(i, 1, n, K) - xblock(i, 0, n, K);
-        float scale = 0.f;
-        if (kind == RMSNORM) {
-            v16 acc = {0};
-            for (int64_t k = 0; k < K; k += PANEL) {
-                v16 e = widen_part(x, bf16, i * K + k, K - k < PANEL ? K - k : PANEL);
-                acc += e * e;
-            }
-            float ss = 0.f;
-            for (int j = 0; j < PANEL; j++) ss += acc[j];
-            scale = 1.0f / sqrtf(ss / (float)K + eps);
-        }
-        for (int64_t k = 0; k < K; k += PANEL) {
-            int64_t m = K - k < PANEL ? K - k : PANEL;
-            v16 v;
-            if (kind == RMSNORM) {
-                v16 s = widen_part(x, bf16, i * K + k, m) * scale, g = widen_part(gain, bf16, k, m);
-                v = bf16 ? round16(g * round16(s)) : g * s;
-            } else if (kind == SWIGLU) {
-                v16 gate = widen_part(x, bf16, i * 2 * K + k, m), up = widen_part(x, bf16, i * 2 * K + K + k, m);
-                v16 silu = gate / (1.0f + exp16(-gate));
-                v = bf16 ? round16(round16(silu) * up) : silu * up;
-            } else {
-                v = widen_part(x, bf16, i * K + k, m);
-            }
-            if (xa) {
-                w16 u;
-                memcpy(&u, &v, sizeof u);
-                h16 h = __builtin_convertvector(u >> 16, h16);
-                memcpy(xa + i * K + k, &h, sizeof h);
-            } else if (step == 1 && m == PANEL)
-                memcpy(at + k, &v, sizeof v);
-            else
-                for (int64_t j = 0; j < m; j++) at[(k + j) * step] = v[j];
-        }
-    }
+    for (int64_t b = 0; b < (n + XROWS - 1) / XROWS; b++)
+        for (int64_t i = b * XROWS; i < n && i < (b + 1) * XROWS; i++)
+            prologue_row(x, bf16, kind, gain, eps, xf, n, K, xa, i);
 }
 
 /* A learned exit check (`native.Probe` holds one, laid out as ee_probe reads it). */

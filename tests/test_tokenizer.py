@@ -430,3 +430,48 @@ def test_default_gpt2_files_install_hint(monkeypatch):
         default_gpt2_files()
     with pytest.raises(ValueError, match="--vocab-file"):
         build_tokenizer("GPT2BPETokenizer")
+
+
+@pytest.mark.parametrize("kind", ["sentencepiece", "gpt2"])
+def test_stop_strings_end_at_the_same_token_when_quiet_tokens_are_not_decoded(kind, sp_model, gpt2, texts):
+    """`Acceptance.quiet`: tokens whose text holds no character of a stop string are not decoded
+    (`_stop_string` waits for the next token that may end one); every stop string must still end a
+    request at the token it ends at when every token is decoded, and the tokens detokenized per
+    step fall. Texts with newlines, accents and characters split over byte tokens (SentencePiece's
+    byte fallback, GPT-2's bytes); stops of one and several characters, one with a space (which
+    SentencePiece drops at the start of a text) and one split over bytes."""
+    from megatron.early_exit.inference.acceptance import Acceptance
+    from megatron.early_exit.inference.settings import GenerationResult, GenerationSettings
+
+    tok = build_tokenizer("SentencePieceTokenizer", tokenizer_model=sp_model) if kind == "sentencepiece" else gpt2
+    extra = ["Caf\u00e9 na\u00efve \u2014 r\u00e9sum\u00e9.\n\nNext \U0001f600 line", "a\n\nb", " x. y"]
+    docs = [tok.tokenize(t) for t in texts[:40] + extra]
+    stop_sets = [("\n",), (". ",), ("\u00e9",), ("model",), (" ", "\n\n"), ("\U0001f600",), ("zzqx",)]
+    calls, stopped = {"on": 0, "off": 0}, set()
+    for stops in stop_sets:
+        s = GenerationSettings(max_new_tokens=10**6, stop_strings=stops)
+        for ids in docs:
+            ends = {}
+            for mode in ("on", "off"):
+                acc = Acceptance(tok, 4)
+                if mode == "off":
+                    acc.quiet = lambda ids, stops: False
+                real = acc.tokenizer.detokenize
+
+                def counted(x, _real=real, _mode=mode):
+                    calls[_mode] += 1
+                    return _real(x)
+
+                acc.detok.tokenizer = type("T", (), {"detokenize": staticmethod(counted)})()
+                r = GenerationResult(prompt_tokens=[])
+                for t in ids:
+                    acc.append(r, t, 4, 1.0, None)
+                    if acc.stopped(r, s):
+                        break
+                ends[mode] = (len(r.tokens), r.stopped_by)
+            assert ends["on"] == ends["off"], (stops, tok.detokenize(ids)[:80])
+            if ends["on"][1] is not None:
+                stopped.add(ends["on"][1])
+    assert calls["on"] < calls["off"] / 3  # most tokens hold no stop's character
+    # every stop but the one never written ended some request (SentencePiece folds newlines into spaces)
+    assert stopped >= {". ", "\u00e9", "model", " ", "\U0001f600"} and "zzqx" not in stopped

@@ -11,7 +11,13 @@ pipelined.
 
 Stop strings are checked on incrementally detokenized text (`IncrementalText`, the scheme of
 vLLM's detokenizer): each step decodes only the tokens since the last stable point, so a
-step costs in proportion to the new tokens, not the whole output.
+step costs in proportion to the new tokens, not the whole output. A token whose text holds no
+character of any stop string is not decoded at all (`Acceptance.quiet`: each token's text
+after a plain left context, worked out once): no stop string can end in its text, and the
+next token that may end one decodes every token since the last check. Decoding each token
+twice through SentencePiece's Python wrapper had cost ~30 us a token (CPU reference model: 1.3%
+of a full decoding step in bf16, ~6% of one leaving at exit 3, ~0.12 ms of a self-speculative
+round's ~0.24 ms of Python).
 """
 
 from __future__ import annotations
@@ -75,6 +81,8 @@ class Acceptance:
     def __init__(self, tokenizer, num_layers: int) -> None:
         self.tokenizer, self.num_layers = tokenizer, num_layers
         self.detok = IncrementalText(tokenizer) if tokenizer is not None else None
+        self.texts: dict[int, str] = {}  # token -> its text after `context` (`token_text`)
+        self.context: tuple[list[int], str] | None = None
 
     def accept(
         self,
@@ -142,6 +150,8 @@ class Acceptance:
         text new since the last check (earlier text was checked before)."""
         st = r.stop_text if r.stop_text is not None else self.detok.start([])
         r.stop_text = st
+        if not st.tail and self.quiet(r.tokens[len(st.ids) :], stops):
+            return None  # checked with the next token whose text may end one
         seen = len(st.text)
         self.detok.feed(st, r.tokens[len(st.ids) :])
         longest = max(map(len, stops))
@@ -150,6 +160,33 @@ class Acceptance:
             if stop in window:
                 return stop
         return None
+
+    def quiet(self, ids: list[int], stops: tuple[str, ...]) -> bool:
+        """Whether no stop string can end in the text `ids` add: none of their texts (`token_text`)
+        holds a character of `stops` or a part of one (a byte of a character split over tokens
+        decodes alone as U+FFFD)."""
+        chars = set().union(*stops)
+        for t in ids:
+            text = self.texts.get(t)
+            if text is None:
+                text = self.texts[t] = self.token_text(t)
+            if "\ufffd" in text or not chars.isdisjoint(text):
+                return False
+        return True
+
+    def token_text(self, t: int) -> str:
+        """The text token t adds after a plain left context ("a": so that SentencePiece keeps a
+        leading space it would strip at the start of a text, and NullTokenizer's space between
+        ids shows); U+FFFD where that context decodes otherwise beside it."""
+        if self.context is None:
+            try:
+                ids = self.tokenizer.tokenize("a")
+            except ValueError:  # a tokenizer of ids alone (NullTokenizer): a token as the context
+                ids = [0]
+            self.context = ids, self.tokenizer.detokenize(ids)
+        ids, text = self.context
+        both = self.tokenizer.detokenize([*ids, t])
+        return both[len(text) :] if both.startswith(text) else "\ufffd"
 
     def text(self, r: GenerationResult) -> str:
         """The text of `r`'s tokens so far (needs a tokenizer): without a final stop token and cut

@@ -14,7 +14,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from megatron.early_exit.inference import EarlyExitEngine, GenerationSettings, native, native_loop
+from megatron.early_exit.inference import EarlyExitEngine, GenerationSettings, kernels, native, native_loop
 
 needs_native = pytest.mark.skipif(not native.available(), reason="no native kernel here (no C compiler)")
 
@@ -152,7 +152,8 @@ def test_pending_rows_beyond_the_first_cap_raise_it():
     """One sequence leaving at exit 1 step after step: its pending rows pile up above exit 1, and a
     token that goes through takes them all in one layer call, more rows than the loop's first cap
     (the batch's 1): the loop hands back, checks the kernels at the new count, raises its cap and goes
-    on, with the step-by-step results."""
+    on, with the step-by-step results. The cap rises through the new count's kernel bucket at once
+    (`kernels.bucket_top`), so once per bucket, not once per row (one native call more a step)."""
     engine = EarlyExitEngine(build(torch.float32), linear_kernel="native")
     s = GenerationSettings("early_exit", 40, exit_thresholds={1: 0.3, 2: 0.99}, exit_policy="exact",
                            ignore_eos=True, early_exit_threshold=1.0)  # fmt: skip
@@ -170,6 +171,7 @@ def test_pending_rows_beyond_the_first_cap_raise_it():
     finally:
         native_loop.LoopPlan.more_rows = real
     assert tokens == 39 and caps and max(caps) > 2, caps
+    assert len(caps) == len({kernels.bucket_top(c) for c in caps}) <= 6, caps  # a bucket once: 1, 4, 8, 16, 64
     assert_same_results(want, got)
     assert_same_state(steps, loop)
 

@@ -211,6 +211,12 @@ def _bucket(rows: int) -> tuple[int | None, int]:
     return _MANY_ROWS
 
 
+def bucket_top(rows: int) -> int:
+    """The most rows that share `rows`' kernel choice (its bucket's top; `rows` past the last)."""
+    top = _bucket(rows)[0]
+    return rows if top is None else top
+
+
 def reference(dtype: torch.dtype) -> str:
     """The kernel another must clearly beat to be chosen for `dtype`. `native` wherever it was
     built (fp32 and bf16): on the AMD EPYC (Zen 5) SmolLM2 decoded at 1.13x all-`packed` in fp32

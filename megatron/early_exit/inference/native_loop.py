@@ -71,10 +71,19 @@ class LoopPlan:
 
     def more_rows(self, wanted: int, linear: lean.LeanKernels) -> bool:
         """Raise `rows_cap` to `wanted` where the layers run natively at every row count up to it
-        (a count first met is measured then, as the general pass would measure it); whether it rose."""
+        (a count first met is measured then, as the general pass would measure it), and on through
+        the counts of wanted's kernel bucket (`kernels.bucket_top`: its counts share wanted's kernels)
+        that run natively; whether it rose. Raised to `wanted` alone, it rose one row a step where
+        tokens left early step after step (each adds a pending row above the exit, which a step that
+        goes through would take): the CPU reference model at threshold 0.3 (bf16, batch 1) made each
+        step in two native calls, one handing back for the next row count, and one round a step."""
         if not all(lean.runs_natively(self.run, a, linear) for a in range(self.rows_cap + 1, wanted + 1)):
             return False
         self.rows_cap = wanted
+        for a in range(wanted + 1, min(kernels.bucket_top(wanted), lean.FOLD_ROWS) + 1):
+            if not lean.runs_natively(self.run, a, linear):
+                break
+            self.rows_cap = a
         return True
 
     def confidence(self, layer: int, conf: float, score: float) -> float:

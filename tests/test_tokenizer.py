@@ -473,5 +473,14 @@ def test_stop_strings_end_at_the_same_token_when_quiet_tokens_are_not_decoded(ki
             if ends["on"][1] is not None:
                 stopped.add(ends["on"][1])
     assert calls["on"] < calls["off"] / 3  # most tokens hold no stop's character
+    # each token looked at once: a long run of quiet tokens is not looked at again with every new one
+    acc, seen = Acceptance(tok, 4), []
+    real_quiet = acc.quiet
+    acc.quiet = lambda ids, stops: seen.append(len(ids)) or real_quiet(ids, stops)
+    r, s = GenerationResult(prompt_tokens=[]), GenerationSettings(max_new_tokens=10**6, stop_strings=("zzqx",))
+    for t in [i for ids in docs for i in ids][:2000]:
+        acc.append(r, t, 4, 1.0, None)
+        assert not acc.stopped(r, s)
+    assert len(seen) > 1900 and max(seen) <= 2, max(seen)  # (not asked while a split character waits)
     # every stop but the one never written ended some request (SentencePiece folds newlines into spaces)
     assert stopped >= {". ", "\u00e9", "model", " ", "\U0001f600"} and "zzqx" not in stopped

@@ -150,7 +150,8 @@ class Acceptance:
         text new since the last check (earlier text was checked before)."""
         st = r.stop_text if r.stop_text is not None else self.detok.start([])
         r.stop_text = st
-        if not st.tail and self.quiet(r.tokens[len(st.ids) :], stops):
+        if not st.tail and self.quiet(r.tokens[max(len(st.ids), st.quiet_to) :], stops):
+            st.quiet_to = len(r.tokens)  # each token looked at once
             return None  # checked with the next token whose text may end one
         seen = len(st.text)
         self.detok.feed(st, r.tokens[len(st.ids) :])

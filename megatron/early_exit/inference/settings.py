@@ -69,6 +69,7 @@ class TextState:
     tail: str = ""
     prefix: int = 0
     read: int = 0
+    quiet_to: int = 0  # the sequence's tokens up to here hold no stop string's character (`Acceptance.quiet`)
 
 
 @dataclass

@@ -98,7 +98,8 @@ class LoopPlan:
         positions fed updated (`decide`: the cost_aware checks' decisions, `Window.decide`; `seen`:
         `native.Seen`, an observed exit's tokens); where
         its first step wanted more rows than `rows_cap`, the cap raised (`more_rows`) and the call
-        made again. Returns (steps made, rows a step wanted, else 0)."""
+        made again; where a later step did, the cap raised for the next call (which would otherwise
+        make no step and hand back once more). Returns (steps made, rows a step wanted, else 0)."""
         if self.checks and decide is None:
             raise ValueError("a cost_aware plan's loop needs its decider's decisions (decide)")
         passes = engine.passes
@@ -113,6 +114,8 @@ class LoopPlan:
                 )  # fmt: skip
             for b, f in zip(seqs, fed):
                 state.fed[b] = f
+            if made and wanted:  # stopped short of a step wanting more rows: the next call starts at the raised cap
+                self.more_rows(wanted, passes.lean_kernels)
             if made or not wanted or not self.more_rows(wanted, passes.lean_kernels):
                 return made, wanted
 

@@ -661,9 +661,10 @@ def test_the_cache_holds_layers_only_between_steps_that_each_read_more_than_it()
     noise: through the origin), none (0) no regime."""
     measured = {"exit 2": -1 + 2 + 0.4, "exit 5": -1 + 5 + 0.4, "full": -1 + 10 + 1}
     needs = {2: False, 5: False}
-    assert cm.cache_held(replace(two_exits(), cache_bytes=3.0), needs) == pytest.approx(3.0)
-    assert cm.cache_held(two_exits(), needs) == 0.0
-    assert cm.cache_held(replace(two_exits(), cache_bytes=0.0), needs) == 0.0
+    small, none = replace(two_exits(), cache_bytes=3.0), replace(two_exits(), cache_bytes=0.0)
+    assert cm.cache_held(small, cm.exit_reads(small, needs)) == pytest.approx(3.0)
+    assert cm.cache_held(two_exits(), cm.exit_reads(two_exits(), needs)) == 0.0
+    assert cm.cache_held(none, cm.exit_reads(none, needs)) == 0.0
     held = cm.fit_steps(replace(two_exits(), cache_bytes=3.0), measured, needs)
     assert (held.layer, held.fixed, held.stream) == pytest.approx((1.0, -1.0, 0.0), rel=1e-9)
     for name in measured:

@@ -994,10 +994,15 @@ def fit_layer(points: list[tuple[float, float]], alone: float, held: float = 0.0
     return layer, fixed
 
 
-def cache_held(costs: DecodeCosts, needs_vocab: dict[int, bool]) -> float:
+def exit_reads(costs: DecodeCosts, needs_vocab: dict[int, bool]) -> list[float]:
+    """The bytes of weights each exit's `exit_settings` step reads (`DecodeCosts.walk`)."""
+    return [costs.walk(*setting_step(costs, f"exit {n}"), vocab)[1] for n, vocab in needs_vocab.items()]
+
+
+def cache_held(costs: DecodeCosts, reads: list[float]) -> float:
     """How many layers' weights the last-level cache keeps between steps that each read more than
-    it holds (`fit_layer`'s `held`): every one of `exit_settings`' steps reads more than
-    `cache_bytes`, so none runs from the cache alone, yet a real cache (neither fully associative
+    it holds (`fit_layer`'s `held`): every one of `exit_settings`' steps (`reads`: `exit_reads`)
+    reads more than `cache_bytes`, so none runs from the cache alone, yet a real cache (neither fully associative
     nor least recently used) keeps part of a step's reads for the next one: a step of the tuned
     SmolLM2 (bf16, 6.8 MB a layer) leaving at exit 8 read 56 MB through the AMD EPYC's 32 MiB L3
     and cost ~0.4 ms less than 8 of the 0.237 ms a layer its deeper steps paid, and the line
@@ -1005,9 +1010,8 @@ def cache_held(costs: DecodeCosts, needs_vocab: dict[int, bool]) -> float:
     0 where a step fits in the cache (its line's intercept is the step's fixed cost: the CPU
     reference model's, whose steps all fit, fitted as far as -0.2 ms from noise) or none is known."""
     size = costs.reads.get("layer", ("", 0.0))[1]
-    if not costs.cache_bytes or size <= 0 or not needs_vocab:
+    if not costs.cache_bytes or size <= 0 or not reads:
         return 0.0
-    reads = [costs.walk(*setting_step(costs, f"exit {n}"), vocab)[1] for n, vocab in needs_vocab.items()]
     return costs.cache_bytes / size if min(reads) > costs.cache_bytes else 0.0
 
 
@@ -1154,14 +1158,15 @@ def fit_steps(costs: DecodeCosts, measured: dict[str, float], needs_vocab: dict[
         (costs.depth[n], measured[f"exit {n}"] - predicted_step(rest, f"exit {n}", vocab))
         for n, vocab in needs_vocab.items()
     ]
-    held = cache_held(costs, needs_vocab)
-    layer, fixed = fit_layer([full, *exits], costs.layer_direct, held)
+    reads = exit_reads(costs, needs_vocab)
+    layers_held = cache_held(costs, reads)
+    layer, fixed = fit_layer([full, *exits], costs.layer_direct, layers_held)
     out = replace(rest, layer=layer, fixed=fixed)
     if len({x for x, _ in exits}) < 2 or not costs.reads:
         return out
-    line = replace(rest, **dict(zip(("layer", "fixed"), fit_layer(exits, costs.layer_direct, held))))
+    line = replace(rest, **dict(zip(("layer", "fixed"), fit_layer(exits, costs.layer_direct, layers_held))))
     excess = measured["full"] - predicted_step(line, "full", True)
-    hot = max(costs.walk(*setting_step(costs, f"exit {n}"), vocab)[1] for n, vocab in needs_vocab.items())
+    hot = max(reads)
     read = costs.walk(*setting_step(costs, "full"), True)[1]
     held = WeightCache.RAMP[0] * costs.cache_bytes
     if excess <= STREAM_EXCESS * measured["full"] or read <= max(hot, held) or not held:

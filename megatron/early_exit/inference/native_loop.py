@@ -114,9 +114,8 @@ class LoopPlan:
                 )  # fmt: skip
             for b, f in zip(seqs, fed):
                 state.fed[b] = f
-            if made and wanted:  # stopped short of a step wanting more rows: the next call starts at the raised cap
-                self.more_rows(wanted, passes.lean_kernels)
-            if made or not wanted or not self.more_rows(wanted, passes.lean_kernels):
+            raised = bool(wanted) and self.more_rows(wanted, passes.lean_kernels)  # after steps made: the next call's
+            if made or not raised:
                 return made, wanted
 
 

@@ -313,3 +313,49 @@ def test_pick_drops_a_kernel_far_slower_than_the_reference_on_its_first_call():
     funcs = {"fallback": make("fallback", 100.0), "native": make("native", 1.0)}
     assert kernels.pick(funcs, weights, rounds=2, clock=lambda: now[0]) == "native"
     assert calls["fallback"] == 4 * 3
+
+
+@pytest.mark.skipif(not native.available(), reason="no native kernel here (no C compiler)")
+def test_a_prompts_attention_is_measured_once_per_layout_and_rows_bucket(monkeypatch):
+    """SDPA (the reference) against `native.attend` on a causal prompt of the bucket's measured
+    rows: the answer kept per (dtype, heads, rows bucket, threads), forgotten with the choices."""
+    calls = []
+
+    def fake_pick(funcs, weights, **kw):
+        rows = {f: funcs[f](None).shape for f in funcs}  # both compute the same prompt's attention
+        calls.append((list(funcs), rows, kw))
+        return "native" if len(calls) % 2 else "sdpa"
+
+    monkeypatch.setattr(kernels, "pick", fake_pick)
+    answers = [kernels.prompt_attention(torch.float32, 2, 3, 16, r) for r in (20, 64, 30, 65, 200, 300)]
+    # 17-64 rows measured at 32 (native), 65-256 at 128 (SDPA), more at 512 (native)
+    assert answers == [True, True, True, False, False, True] and len(calls) == 3
+    assert [c[0] for c in calls] == [["sdpa", "native"]] * 3
+    assert calls[0][1] == {"sdpa": (1, 6, 32, 16), "native": (1, 32, 2, 3, 16)}
+    assert calls[2][1]["native"] == (1, 512, 2, 3, 16)
+    assert kernels.measured_count() == 3
+    kernels.prompt_attention(torch.bfloat16, 2, 3, 16, 20)  # another dtype: measured again
+    kernels.prompt_attention(torch.float32, 4, 1, 16, 20)  # another layout too
+    assert len(calls) == 5
+    kernels.clear_choices()
+    assert kernels.measured_count() == 0
+    kernels.prompt_attention(torch.float32, 2, 3, 16, 20)
+    assert len(calls) == 6
+    monkeypatch.setattr(native, "available", lambda dtype=torch.float32: False)
+    assert not kernels.prompt_attention(torch.float32, 2, 3, 16, 40) and len(calls) == 6  # nothing to measure
+
+
+@pytest.mark.skipif(not native.available(), reason="no native kernel here (no C compiler)")
+def test_the_attention_measured_for_a_prompt_is_sdpas_within_round_off(monkeypatch):
+    """The two functions the measurement times compute the same attention: timing them compares like with like."""
+    seen = {}
+
+    def record(funcs, weights, **kw):
+        seen.update({name: f(None) for name, f in funcs.items()})
+        return "sdpa"
+
+    monkeypatch.setattr(kernels, "pick", record)
+    kernels.prompt_attention(torch.float32, 2, 3, 16, 40)
+    sdpa = seen["sdpa"].transpose(1, 2).reshape(seen["native"].shape)
+    # fp32: the native kernel sums scores and values in another order (round-off, ~1e-7 here)
+    torch.testing.assert_close(seen["native"], sdpa, rtol=1e-5, atol=1e-5)

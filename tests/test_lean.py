@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from megatron.early_exit.config import ModelConfig
-from megatron.early_exit.inference import EarlyExitEngine, ExitPolicy, lean, native
+from megatron.early_exit.inference import EarlyExitEngine, ExitPolicy, kernels, lean, native
 from megatron.early_exit.model import EarlyExitGPT
 from megatron.early_exit.model.attention import group_rows_attention
 from tests.test_fast_path import greedy_steps
@@ -131,6 +131,42 @@ def test_prefills_of_every_short_length_match_the_modules(dtype, groups):
             state = engine.new_state(1, 8)
             got[use_lean] = (engine.prefill(state, {0: prompt}).logits[0], state.cache.k.clone())
         assert torch.equal(got[True][0], got[False][0]) and torch.equal(got[True][1], got[False][1]), n
+
+
+@torch.no_grad()
+@pytest.mark.skipif(not native.available(), reason="no native kernel here (no C compiler)")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("natively", [False, True], ids=["sdpa", "native"])
+def test_a_prompt_attends_and_rotates_natively_where_that_measured_faster(dtype, natively, monkeypatch):
+    """A prompt of more than ATTEND_ROWS tokens whose layers run op by op attends (and rotates)
+    natively where `kernels.prompt_attention` says so, else through the modules' SDPA (and
+    torch's rotation): the modules' numbers bit for bit then, within round-off when native."""
+    # decode steps' products native, a prompt's on `F.linear`: its layers op by op (as on oneDNN)
+    monkeypatch.setattr(kernels, "kernel_for", lambda weight, rows: "native" if rows <= 16 else "plain")
+    asked = []
+    monkeypatch.setattr(kernels, "prompt_attention", lambda *a: asked.append(a) or natively)
+    calls = []  # (what, rows) of each native attention (rows per sequence) and rotation (rows in all)
+    attend, rope = native.attend, native.rope_
+    monkeypatch.setattr(native, "attend", lambda q, *a: calls.append(("attend", q.shape[1])) or attend(q, *a))
+    monkeypatch.setattr(native, "rope_", lambda qkv, *a: calls.append(("rope", qkv.shape[0])) or rope(qkv, *a))
+    model = make(dtype)
+    prompt = [(7 * j + 3) % 96 for j in range(40)]
+    got = {}
+    for use_lean in (False, True):
+        engine = EarlyExitEngine(model, lean=use_lean)
+        state = engine.new_state(1, 48)
+        logits = engine.prefill(state, {0: prompt}).logits[0]
+        got[use_lean] = (logits.float(), state.cache.k[:, :, :, :40].float(), state.cache.v[:, :, :, :40].float())
+    layers = model.config.num_layers
+    assert asked == [(dtype, 2, 2, 16, 40)] * layers  # groups, heads per group, head dim, rows
+    assert calls == ([("rope", 40), ("attend", 40)] * layers if natively else [])
+    for lean_out, modules in zip(got[True], got[False], strict=True):
+        if not natively:
+            assert torch.equal(lean_out, modules)
+        elif dtype == torch.float32:  # the scores and values summed in another order: round-off
+            torch.testing.assert_close(lean_out, modules, rtol=1e-5, atol=1e-5)
+        else:  # a rotated key or an attention output one bf16 rounding apart (2^-8), carried through
+            torch.testing.assert_close(lean_out, modules, rtol=0.05, atol=0.05)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

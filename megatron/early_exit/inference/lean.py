@@ -28,7 +28,8 @@ call the modules make), so that it gives the same numbers and the same K/V bit f
     for bit only on the other kernels; the rotary positions applied in place to the QKV product
     (`native.rope_`); attention in one native call (`native.attend`, within round-off of SDPA)
     in decode steps and in general passes of up to ATTEND_ROWS rows per sequence (verify
-    passes; up to FOLD_ROWS in the one call below); and where all four products of a decode
+    passes; up to FOLD_ROWS in the one call below), a prompt's where it measured faster than
+    SDPA (`kernels.prompt_attention`); and where all four products of a decode
     step run natively, the whole step in one call (`native.layer_step`: the same operations in
     the same order, so the same numbers as these calls, without their ~45 tensor operations a
     layer: SmolLM2 decoded 1.06x faster in fp32 and 1.17x in bf16, the CPU reference model
@@ -67,12 +68,13 @@ from megatron.early_exit.model.norm import RMSNorm
 # kernel choice's bucket of 65-256 rows (`kernels`) weighs the one-call layer as up to 64.
 FOLD_ROWS = 256
 # A general pass whose layer runs its operations one by one attends natively up to this many rows
-# per sequence (verify passes, pending rows); a prompt's many rows take SDPA, whose blocked kernels
-# do O(R x span) work faster (SmolLM2's fp32 prefill of ~200-token prompts 1.08x slower attending
-# natively). A layer in one native call (`native_step`, `native_run`: up to FOLD_ROWS rows in all)
-# attends its rows in that call, a prompt's too (each row's keys end at its own position,
-# `ee_attend`, so a causal prompt computes half the scores; bf16 on the CPU reference model ~0.15
-# ms a layer at 160 rows against SDPA's ~0.24).
+# per sequence (verify passes, pending rows); a prompt's many rows attend natively where the
+# measured choice says so (`kernels.prompt_attention`: on the AMD EPYC 0.60-0.88x SDPA's time from
+# 64 to 1024 rows, where on the Intel Xeon SmolLM2's fp32 prefill of ~200-token prompts had been
+# 1.08x slower), else through SDPA. A layer in one native call (`native_step`, `native_run`: up to
+# FOLD_ROWS rows in all) attends its rows in that call, a prompt's too (each row's keys end at its
+# own position, `ee_attend`, so a causal prompt computes half the scores; bf16 on the CPU reference
+# model ~0.15 ms a layer at 160 rows against SDPA's ~0.24).
 ATTEND_ROWS = 16
 
 
@@ -263,18 +265,19 @@ class LeanLayer:
         modules run, so that the hook sees their calls."""
         return hooks_set(self.hooks)
 
-    def rotated_qkv(self, x, lead: tuple, cos, sin_signed, linear: LeanKernels, scaled=None) -> tuple:
+    def rotated_qkv(self, x, lead: tuple, cos, sin_signed, linear: LeanKernels, scaled=None, rope=False) -> tuple:
         """x (N, h) -> (qk, qkv): the QKV product of the normed rows viewed (*lead, g, per + 2, hd)
         (lead: (A,) or (A, R), N rows in all; per group: its query heads, key, value) and its q
         and k heads rotated (*lead, g, per + 1, hd), as `apply_rotary` does (in fp32, cast back).
         cos, sin_signed broadcast against them. `scaled`: the input norm's `scaled_rows` of x
-        where an exit check made them."""
+        where an exit check made them. `rope`: rotated natively (`native.rope_`) even where the
+        product is not native (`native_arithmetic`)."""
         g, per, hd = self.groups, self.per, self.head_dim
         if scaled is None:
             qkv = linear.folded(x, self.qkv, norm=(self.w_in, self.eps_in))
         else:
             qkv = linear(rms_norm(x, self.w_in, self.eps_in, scaled), self.qkv)
-        if linear.native_on(self.qkv, x.shape[0]):  # rotated in place, one call (`native.rope_`)
+        if rope or linear.native_on(self.qkv, x.shape[0]):  # rotated in place, one call (`native.rope_`)
             done = native.rope_(qkv.view(-1, g, per + 2, hd), cos, sin_signed, per + 1)
             if done is not None:
                 qkv = qkv.view(*lead, g, per + 2, hd)
@@ -335,6 +338,17 @@ class LeanLayer:
         weights = (self.w_in, copy(self.qkv), copy(self.proj), self.w_mid, copy(self.fc1), copy(self.fc2))
         return weights, (self.eps_in, self.eps_mid)
 
+    def native_arithmetic(self, dtype: torch.dtype, a: int, r: int, linear: LeanKernels) -> bool:
+        """Whether a general pass of r rows for each of a sequences rotates and attends natively
+        (`native.rope_`, `native.attend`, within round-off of the modules' operations): where these
+        sequences' decode steps do (their one-row QKV product native, no kernel forced to another)
+        and r is a verify pass's few rows, or a prompt's many where the measured choice is native
+        (`kernels.prompt_attention`; the CPU reference model's bf16 prefill of 166-token prompts
+        28.5 -> 27.5 ms rotating natively too)."""
+        if not linear.native_on(self.qkv, a):
+            return False
+        return r <= ATTEND_ROWS or kernels.prompt_attention(dtype, self.groups, self.per, self.head_dim, r)
+
     def rows(self, x, cos, sin_signed, attn_mask, view, linear: LeanKernels) -> torch.Tensor:
         """The general pass (`Passes.advance`): x (A, R, h) -> (A, R, h), R rows per sequence
         (pending rows, drafts to verify, prompts), K/V written through `view` (a
@@ -349,10 +363,12 @@ class LeanLayer:
             y = self.native_step(x, cos, sin_signed, view)  # each row a row of its own, its own mask row
             if y is not None:
                 return y.view(a, r, -1)
-        qk, qkv = self.rotated_qkv(x, (a, r), cos, sin_signed, linear)  # (A, R, g, per + 1, hd), (A, R, g, per + 2, hd)
+        natively = self.native_arithmetic(x.dtype, a, r, linear)
+        # (A, R, g, per + 1, hd), (A, R, g, per + 2, hd)
+        qk, qkv = self.rotated_qkv(x, (a, r), cos, sin_signed, linear, rope=natively)
         keys, values = view.update(qk[:, :, :, per].transpose(1, 2), qkv[:, :, :, per + 1].transpose(1, 2))
         q = qk[:, :, :, :per]  # (A, R, g, per, hd)
-        if r <= ATTEND_ROWS and linear.native_on(self.qkv, a) and native.attends(q, keys, values, attn_mask):
+        if natively and native.attends(q, keys, values, attn_mask):
             # one call, SDPA's ~70-90 us at a verify pass's few rows; the arithmetic of these
             # sequences' decode steps, which attend natively where their products are native
             out = native.attend(q, keys, values, attn_mask)

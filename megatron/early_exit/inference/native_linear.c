@@ -312,8 +312,8 @@ static inline __attribute__((always_inline)) void sweep(const void *panel, int b
             fetch_ahead(ahead, 2);
             __m512bh w0 = column_pair(panel, k), w1 = column_pair(panel, k + 2);
             for (int i = 0; i < XS; i++) {
-                c[i][0] = _mm512_dpbf16_ps(c[i][0], w0, (__m512bh)_mm512_set1_epi32((int)xq[k / 2 * XS + i]));
-                c[i][1] = _mm512_dpbf16_ps(c[i][1], w1, (__m512bh)_mm512_set1_epi32((int)xq[(k / 2 + 1) * XS + i]));
+                c[i][0] = _mm512_dpbf16_ps(c[i][0], w0, (__m512bh)_mm512_set1_epi32((int)xq[i * (K / 2) + k / 2]));
+                c[i][1] = _mm512_dpbf16_ps(c[i][1], w1, (__m512bh)_mm512_set1_epi32((int)xq[i * (K / 2) + k / 2 + 1]));
             }
         }
         for (int i = 0; i < XS; i++) memcpy(a[i], c[i], sizeof a[i]);
@@ -513,6 +513,16 @@ static void amx_panels(const void *Wp, const uint16_t *xa, const void *b, const 
 
 /* Whether bf16 products use Intel's matrix tiles (AMX): want 0 turns them off for this process,
    1 on where this build and the kernel allow, -1 asks. Returns 1 if they are used, else 0. */
+/* Whether bf16 products multiply pairs with vdpbf16ps (`sweep`; the tiles too where `ee_amx` says
+   so): there a prompt's many bf16 rows sweep the panels at about oneDNN's speed. */
+int ee_bf16_pairs(void) {
+#ifdef DPBF16
+    return 1;
+#else
+    return 0;
+#endif
+}
+
 int ee_amx(int want) {
 #ifdef AMX
     if (want == 0) __atomic_store_n(&amx_state, -1, __ATOMIC_RELEASE);
@@ -524,30 +534,22 @@ int ee_amx(int want) {
 #endif
 }
 
-/* The bf16 pairs of the rows xf (`xblock`'s layout, values bf16 holds exactly) into xq: per block
-   of rows, k-major over the pairs of columns (k even, k + 1 < K), 32 bits per row and pair: the
-   row's element k in the low half, k + 1 in the high (vdpbf16ps's operand, broadcast). */
+/* The bf16 pairs of the rows xf (`xblock`'s layout, values bf16 holds exactly) into xq, row by
+   row (row i's pair j at xq[i K / 2 + j]), 32 bits per row and pair of columns (k even, k + 1 < K):
+   the row's element k in the low half, k + 1 in the high (vdpbf16ps's operand, broadcast). */
 static void pairs(const float *xf, uint32_t *xq, int64_t n, int64_t K) {
     for (int64_t i0 = 0; i0 < n; i0 += XROWS) {
         const int64_t rows = n - i0 < XROWS ? n - i0 : XROWS;
         const float *xr = xf + i0 * K;
-        uint32_t *out = xq + i0 * (K / 2);
-        if (rows == 1) { /* a decode step's one row: contiguous, a loop the compiler vectorises */
-            for (int64_t j = 0; j < K / 2; j++) {
-                uint32_t lo, hi;
-                memcpy(&lo, xr + 2 * j, 4);
-                memcpy(&hi, xr + 2 * j + 1, 4);
-                out[j] = (lo >> 16) | (hi & 0xffff0000u);
-            }
-            continue;
-        }
-        for (int64_t k = 0; k + 2 <= K; k += 2)
-            for (int64_t i = 0; i < rows; i++) {
+        for (int64_t i = 0; i < rows; i++) {
+            uint32_t *out = xq + (i0 + i) * (K / 2);
+            for (int64_t k = 0; k + 2 <= K; k += 2) {
                 uint32_t lo, hi;
                 memcpy(&lo, xr + k * rows + i, 4);
                 memcpy(&hi, xr + (k + 1) * rows + i, 4);
-                out[k / 2 * rows + i] = (lo >> 16) | (hi & 0xffff0000u);
+                out[k / 2] = (lo >> 16) | (hi & 0xffff0000u);
             }
+        }
     }
 }
 
@@ -603,13 +605,15 @@ DEFINE_EXP(exp8, v8, w8)
 
 /* `prologue`'s row i. */
 static inline void prologue_row(const void *x, int bf16, int kind, const void *gain, float eps, float *xf, int64_t n,
-                                int64_t K, uint16_t *xa, int64_t i) {
+                                int64_t K, uint16_t *xa, uint32_t *xq, int64_t i) {
     /* row i's elements in `xblock`'s layout: from `at`, `step` apart (1: a block of one row,
        stored a vector at a time; the index worked out per element cost a fill's or a verify
        pass's rows more than their products); or, with xa (bf16, K a multiple of 16), as bf16
        row-major there (the tiles' operand: the values are bf16's, so their high halves) */
-    float *at = xa ? NULL : xf + xblock(i, 0, n, K);
-    const int64_t step = xa ? 1 : xblock(i, 1, n, K) - xblock(i, 0, n, K);
+    float *at = xa || xq ? NULL : xf + xblock(i, 0, n, K);
+    const int64_t step = xa || xq ? 1 : xblock(i, 1, n, K) - xblock(i, 0, n, K);
+    /* with xq (bf16, K % 4 == 0, several rows): the row's pairs straight into `pairs`' layout */
+    uint32_t *pq = xq ? xq + i * (K / 2) : NULL;
     float scale = 0.f;
     if (kind == RMSNORM) {
         v16 acc = {0};
@@ -639,6 +643,10 @@ static inline void prologue_row(const void *x, int bf16, int kind, const void *g
             memcpy(&u, &v, sizeof u);
             h16 h = __builtin_convertvector(u >> 16, h16);
             memcpy(xa + i * K + k, &h, sizeof h);
+        } else if (xq) { /* v's values are bf16's: their high halves, two to a pair */
+            w16 u;
+            memcpy(&u, &v, sizeof u);
+            for (int64_t j = 0; j < m / 2; j++) pq[k / 2 + j] = (u[2 * j] >> 16) | (u[2 * j + 1] & 0xffff0000u);
         } else if (step == 1 && m == PANEL)
             memcpy(at + k, &v, sizeof v);
         else
@@ -655,11 +663,11 @@ static inline void prologue_row(const void *x, int bf16, int kind, const void *g
    had cost ~2 of its ~12 ms). */
 #define PROLOGUE_ROWS 9
 static void prologue(const void *x, int bf16, int kind, const void *gain, float eps, float *xf, int64_t n, int64_t K,
-                     uint16_t *xa, int threads) {
+                     uint16_t *xa, uint32_t *xq, int threads) {
 #pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1 && n >= PROLOGUE_ROWS)
     for (int64_t b = 0; b < (n + XROWS - 1) / XROWS; b++)
         for (int64_t i = b * XROWS; i < n && i < (b + 1) * XROWS; i++)
-            prologue_row(x, bf16, kind, gain, eps, xf, n, K, xa, i);
+            prologue_row(x, bf16, kind, gain, eps, xf, n, K, xa, xq, i);
 }
 
 /* A learned exit check (`native.Probe` holds one, laid out as ee_probe reads it). */
@@ -706,12 +714,18 @@ static int linear(const void *x, const void *Wp, const void *b, void *y, int64_t
     if (tiles) {
         xf = (float *)(xa = (uint16_t *)malloc(sizeof(uint16_t) * (size_t)(n * K)));
         if (!xa) return 1;
-        prologue(x, bf16, kind, gain, eps, NULL, n, K, xa, threads);
+        prologue(x, bf16, kind, gain, eps, NULL, n, K, xa, NULL, threads);
     } else if (bf16 || kind != NONE || n > 1) {
-        xf = (float *)malloc(sizeof(float) * (size_t)(n * K + nq));
+        /* Several bf16 rows with K % 4 == 0: the sweep reads their pairs alone (`sweep`), which the
+           prologue writes straight away. Made from the fp32 rows, element by element and then by
+           `pairs` on one thread, they cost a 166-row product of the CPU reference model (bf16, AMD
+           EPYC, 2 threads) ~55 us at K = 384 and ~135 at 1024, as long as its (384, 384) sweep. */
+        const int direct = nq && n > 1 && K % 4 == 0;
+        xf = (float *)malloc(sizeof(float) * (size_t)((direct ? 0 : n * K) + nq));
         if (!xf) return 1;
-        prologue(x, bf16, kind, gain, eps, xf, n, K, NULL, threads);
-        if (nq) pairs(xf, xq = (uint32_t *)(xf + n * K), n, K);
+        xq = nq ? (uint32_t *)(xf + (direct ? 0 : n * K)) : NULL;
+        prologue(x, bf16, kind, gain, eps, direct ? NULL : xf, n, K, NULL, direct ? xq : NULL, threads);
+        if (nq && !direct) pairs(xf, xq, n, K);
     }
     int64_t np = (M + PANEL - 1) / PANEL;
     const int64_t blocks = probe ? (probe->hidden + PANEL - 1) / PANEL : 0;

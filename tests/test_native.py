@@ -57,7 +57,7 @@ def test_it_computes_f_linear_for_every_shape_and_number_of_rows(dtype, out_feat
 @needs_native
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 # 320: bf16 on Intel's tiles where this CPU has them; 320 and 100: bf16 rows paired by the prologue
-# itself from 2 rows (K % 4 == 0), 100 with a last part of 4 columns; 333 by `pairs` from fp32 rows
+# itself, row by row, past 16 rows (K % 4 == 0), 100 with a last part of 4 columns; 333 by `pairs`
 @pytest.mark.parametrize("in_features", [333, 320, 100])
 def test_a_rows_result_does_not_depend_on_the_rows_beside_it(dtype, in_features):
     """Bit for bit: a verify pass's rows equal the one-row decode steps' products, whatever the

@@ -261,9 +261,11 @@ static inline void widen_halves(const void *panel, int bf16, int64_t k, v8 *lo, 
    the fused layer step (`ee_layer`). */
 static inline __attribute__((always_inline)) void sweep(const void *panel, int bf16, const float *xr,
                                                         const uint32_t *xq, const void *b, const void *res, void *y,
-                                                        int64_t row0, int64_t m0, int64_t K, int64_t M, const int XS) {
+                                                        int64_t row0, int64_t m0, int64_t K, int64_t M, const int XS,
+                                                        const int RM) {
     (void)xq;
     v8 a[XROWS][2][2]; /* row, chain (even / odd columns), half */
+    (void)RM;
     for (int i = 0; i < XS; i++) a[i][0][0] = a[i][0][1] = a[i][1][0] = a[i][1][1] = (v8){0};
     int64_t k = 0;
     const char *ahead = (const char *)panel + PREFETCH; /* 2 columns: one line of bf16, two of fp32 */
@@ -299,11 +301,15 @@ static inline __attribute__((always_inline)) void sweep(const void *panel, int b
 #else
 static inline __attribute__((always_inline)) void sweep(const void *panel, int bf16, const float *xr,
                                                         const uint32_t *xq, const void *b, const void *res, void *y,
-                                                        int64_t row0, int64_t m0, int64_t K, int64_t M, const int XS) {
+                                                        int64_t row0, int64_t m0, int64_t K, int64_t M, const int XS,
+                                                        const int RM) {
     v16 a[XROWS][2];
     for (int i = 0; i < XS; i++) a[i][0] = a[i][1] = (v16){0};
     int64_t k = 0;
+    (void)RM;
 #ifdef DPBF16
+/* row i's pair of columns k, k + 1: row by row (RM) or k-major in the block (`pairs`) */
+#define PAIR_AT(i, k) (RM ? (i) * (K / 2) + (k) / 2 : (k) / 2 * XS + (i))
     if (bf16) {
         __m512 c[XROWS][2];
         for (int i = 0; i < XS; i++) c[i][0] = c[i][1] = _mm512_setzero_ps();
@@ -312,8 +318,8 @@ static inline __attribute__((always_inline)) void sweep(const void *panel, int b
             fetch_ahead(ahead, 2);
             __m512bh w0 = column_pair(panel, k), w1 = column_pair(panel, k + 2);
             for (int i = 0; i < XS; i++) {
-                c[i][0] = _mm512_dpbf16_ps(c[i][0], w0, (__m512bh)_mm512_set1_epi32((int)xq[i * (K / 2) + k / 2]));
-                c[i][1] = _mm512_dpbf16_ps(c[i][1], w1, (__m512bh)_mm512_set1_epi32((int)xq[i * (K / 2) + k / 2 + 1]));
+                c[i][0] = _mm512_dpbf16_ps(c[i][0], w0, (__m512bh)_mm512_set1_epi32((int)xq[PAIR_AT(i, k)]));
+                c[i][1] = _mm512_dpbf16_ps(c[i][1], w1, (__m512bh)_mm512_set1_epi32((int)xq[PAIR_AT(i, k + 2)]));
             }
         }
         for (int i = 0; i < XS; i++) memcpy(a[i], c[i], sizeof a[i]);
@@ -339,28 +345,41 @@ static inline __attribute__((always_inline)) void sweep(const void *panel, int b
 }
 #endif
 
+/* `sweep` for each block of XS rows, XS a constant in each call (and RM, the pairs' layout). */
+#if XROWS == 8
+#define SWEEPS(RM)                                                                                     \
+    switch (n - i0 < XROWS ? (int)(n - i0) : XROWS) {                                                  \
+    case 1: sweep(panel, bf16, xr, xqr, b, res, y, i0, p * PANEL, K, M, 1, RM); break;                 \
+    case 2: sweep(panel, bf16, xr, xqr, b, res, y, i0, p * PANEL, K, M, 2, RM); break;                 \
+    case 3: sweep(panel, bf16, xr, xqr, b, res, y, i0, p * PANEL, K, M, 3, RM); break;                 \
+    case 4: sweep(panel, bf16, xr, xqr, b, res, y, i0, p * PANEL, K, M, 4, RM); break;                 \
+    case 5: sweep(panel, bf16, xr, xqr, b, res, y, i0, p * PANEL, K, M, 5, RM); break;                 \
+    case 6: sweep(panel, bf16, xr, xqr, b, res, y, i0, p * PANEL, K, M, 6, RM); break;                 \
+    case 7: sweep(panel, bf16, xr, xqr, b, res, y, i0, p * PANEL, K, M, 7, RM); break;                 \
+    default: sweep(panel, bf16, xr, xqr, b, res, y, i0, p * PANEL, K, M, 8, RM); break;                \
+    }
+#else
+#define SWEEPS(RM)                                                                                     \
+    switch (n - i0 < XROWS ? (int)(n - i0) : XROWS) {                                                  \
+    case 1: sweep(panel, bf16, xr, xqr, b, res, y, i0, p * PANEL, K, M, 1, RM); break;                 \
+    default: sweep(panel, bf16, xr, xqr, b, res, y, i0, p * PANEL, K, M, 2, RM); break;                \
+    }
+#endif
+
+/* The panels p0 .. p1 - 1 against the n rows; bf16 pairs xq row by row where `rows_pairs`
+   (`prologue_row`'s), else k-major in each block (`pairs`). */
 static void panels(const void *Wp, int bf16, const float *x, const uint32_t *xq, const void *b, const void *res,
-                   void *y, int64_t p0, int64_t p1, int64_t K, int64_t M, int64_t n) {
+                   void *y, int64_t p0, int64_t p1, int64_t K, int64_t M, int64_t n, int rows_pairs) {
     const int64_t esize = bf16 ? 2 : 4;
     for (int64_t p = p0; p < p1; p++) {
         const void *panel = (const char *)Wp + p * K * PANEL * esize;
         for (int64_t i0 = 0; i0 < n; i0 += XROWS) {
             const float *xr = x + i0 * K;
             const uint32_t *xqr = xq ? xq + i0 * (K / 2) : NULL;
-            switch (n - i0 < XROWS ? (int)(n - i0) : XROWS) {
-            case 1: sweep(panel, bf16, xr, xqr, b, res, y, i0, p * PANEL, K, M, 1); break;
-            case 2: sweep(panel, bf16, xr, xqr, b, res, y, i0, p * PANEL, K, M, 2); break;
-#if XROWS == 8
-            case 3: sweep(panel, bf16, xr, xqr, b, res, y, i0, p * PANEL, K, M, 3); break;
-            case 4: sweep(panel, bf16, xr, xqr, b, res, y, i0, p * PANEL, K, M, 4); break;
-            case 5: sweep(panel, bf16, xr, xqr, b, res, y, i0, p * PANEL, K, M, 5); break;
-            case 6: sweep(panel, bf16, xr, xqr, b, res, y, i0, p * PANEL, K, M, 6); break;
-            case 7: sweep(panel, bf16, xr, xqr, b, res, y, i0, p * PANEL, K, M, 7); break;
-            default: sweep(panel, bf16, xr, xqr, b, res, y, i0, p * PANEL, K, M, 8); break;
-#else
-            default: sweep(panel, bf16, xr, xqr, b, res, y, i0, p * PANEL, K, M, 2); break;
-#endif
-            }
+            if (rows_pairs)
+                SWEEPS(1)
+            else
+                SWEEPS(0)
         }
     }
 }
@@ -534,22 +553,30 @@ int ee_amx(int want) {
 #endif
 }
 
-/* The bf16 pairs of the rows xf (`xblock`'s layout, values bf16 holds exactly) into xq, row by
-   row (row i's pair j at xq[i K / 2 + j]), 32 bits per row and pair of columns (k even, k + 1 < K):
-   the row's element k in the low half, k + 1 in the high (vdpbf16ps's operand, broadcast). */
+/* The bf16 pairs of the rows xf (`xblock`'s layout, values bf16 holds exactly) into xq: per block
+   of rows, k-major over the pairs of columns (k even, k + 1 < K), 32 bits per row and pair: the
+   row's element k in the low half, k + 1 in the high (vdpbf16ps's operand, broadcast). */
 static void pairs(const float *xf, uint32_t *xq, int64_t n, int64_t K) {
     for (int64_t i0 = 0; i0 < n; i0 += XROWS) {
         const int64_t rows = n - i0 < XROWS ? n - i0 : XROWS;
         const float *xr = xf + i0 * K;
-        for (int64_t i = 0; i < rows; i++) {
-            uint32_t *out = xq + (i0 + i) * (K / 2);
-            for (int64_t k = 0; k + 2 <= K; k += 2) {
+        uint32_t *out = xq + i0 * (K / 2);
+        if (rows == 1) { /* a decode step's one row: contiguous, a loop the compiler vectorises */
+            for (int64_t j = 0; j < K / 2; j++) {
+                uint32_t lo, hi;
+                memcpy(&lo, xr + 2 * j, 4);
+                memcpy(&hi, xr + 2 * j + 1, 4);
+                out[j] = (lo >> 16) | (hi & 0xffff0000u);
+            }
+            continue;
+        }
+        for (int64_t k = 0; k + 2 <= K; k += 2)
+            for (int64_t i = 0; i < rows; i++) {
                 uint32_t lo, hi;
                 memcpy(&lo, xr + k * rows + i, 4);
                 memcpy(&hi, xr + (k + 1) * rows + i, 4);
-                out[k / 2] = (lo >> 16) | (hi & 0xffff0000u);
+                out[k / 2 * rows + i] = (lo >> 16) | (hi & 0xffff0000u);
             }
-        }
     }
 }
 
@@ -612,7 +639,7 @@ static inline void prologue_row(const void *x, int bf16, int kind, const void *g
        row-major there (the tiles' operand: the values are bf16's, so their high halves) */
     float *at = xa || xq ? NULL : xf + xblock(i, 0, n, K);
     const int64_t step = xa || xq ? 1 : xblock(i, 1, n, K) - xblock(i, 0, n, K);
-    /* with xq (bf16, K % 4 == 0, several rows): the row's pairs straight into `pairs`' layout */
+    /* with xq (bf16, K % 4 == 0, a prompt's rows: `linear`): the row's pairs, row by row */
     uint32_t *pq = xq ? xq + i * (K / 2) : NULL;
     float scale = 0.f;
     if (kind == RMSNORM) {
@@ -662,6 +689,8 @@ static inline void prologue_row(const void *x, int bf16, int kind, const void *g
    (two blocks) whole blocks split (one thread making a 160-token prompt's rows while the other waited
    had cost ~2 of its ~12 ms). */
 #define PROLOGUE_ROWS 9
+/* More rows than this (a prompt's), bf16 with K % 4 == 0: the prologue writes their pairs itself (`linear`). */
+#define PAIRS_DIRECT 16
 static void prologue(const void *x, int bf16, int kind, const void *gain, float eps, float *xf, int64_t n, int64_t K,
                      uint16_t *xa, uint32_t *xq, int threads) {
 #pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1 && n >= PROLOGUE_ROWS)
@@ -711,16 +740,20 @@ static int linear(const void *x, const void *Wp, const void *b, void *y, int64_t
     const int tiles = 0;
 #endif
     uint16_t *xa = NULL; /* the tiles': the rows as bf16 alone (`prologue`'s xa) */
+    int direct = 0;      /* the pairs made by the prologue, row by row (below) */
     if (tiles) {
         xf = (float *)(xa = (uint16_t *)malloc(sizeof(uint16_t) * (size_t)(n * K)));
         if (!xa) return 1;
         prologue(x, bf16, kind, gain, eps, NULL, n, K, xa, NULL, threads);
     } else if (bf16 || kind != NONE || n > 1) {
-        /* Several bf16 rows with K % 4 == 0: the sweep reads their pairs alone (`sweep`), which the
-           prologue writes straight away. Made from the fp32 rows, element by element and then by
-           `pairs` on one thread, they cost a 166-row product of the CPU reference model (bf16, AMD
-           EPYC, 2 threads) ~55 us at K = 384 and ~135 at 1024, as long as its (384, 384) sweep. */
-        const int direct = nq && n > 1 && K % 4 == 0;
+        /* A prompt's many bf16 rows with K % 4 == 0: the sweep reads their pairs alone (`sweep`),
+           which the prologue writes straight away, row by row. Made from the fp32 rows, element by
+           element and then k-major by `pairs` on one thread, they cost a 166-row product of the CPU
+           reference model (bf16, AMD EPYC, one thread) ~40 us more at K = 384 (69 -> 28 us at 16
+           outputs), as long as a (384, 384) sweep's ~20%. A verify pass's few rows keep `pairs`:
+           row by row, 8 rows' broadcasts read 8 lines a column pair where k-major they read one
+           (its verify of 8 rows 1.06-1.07x slower, paired). */
+        direct = nq && n > PAIRS_DIRECT && K % 4 == 0;
         xf = (float *)malloc(sizeof(float) * (size_t)((direct ? 0 : n * K) + nq));
         if (!xf) return 1;
         xq = nq ? (uint32_t *)(xf + (direct ? 0 : n * K)) : NULL;
@@ -744,7 +777,7 @@ static int linear(const void *x, const void *Wp, const void *b, void *y, int64_t
 #ifdef AMX
         if (tiles && first < last) amx_panels(Wp, xa, b, residual, y, first, last, K, M, n);
 #endif
-        if (!tiles && first < last) panels(Wp, bf16, xf, xq, b, residual, y, first, last, K, M, n);
+        if (!tiles && first < last) panels(Wp, bf16, xf, xq, b, residual, y, first, last, K, M, n, direct);
         if (blocks) {
 #pragma omp barrier
             probe_share(y, bf16, n, M, probe, ps + t * (M + PANEL), ps + threads * (M + PANEL), t, T);

@@ -201,7 +201,7 @@ def test_against_native_a_layers_products_need_the_wider_margin_up_to_256_rows(m
     finally:
         torch.set_num_threads(before)
     wide = kernels.SIXTEEN_BIT_MARGIN if kernels.reference(torch.bfloat16) == "packed" else None
-    at_100 = fused if native.bf16_pairs() else wide  # 65-256 rows weigh the one call where bf16 takes vdpbf16ps
+    at_100 = fused if native.amx() else wide  # 65-256 rows weigh the one call where bf16 takes the tiles
     assert [m for _, m in seen] == [fused, at_100, wide]
 
 

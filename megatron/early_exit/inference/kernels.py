@@ -78,7 +78,7 @@ FUSED_MARGIN = 0.5
 # prompt: its loop reads every panel again for each 32 rows): measured at 32 alone, prompts took it.
 # 65-256 rows (measured at 128) apart from more (at 512): a prompt of up to 256 tokens runs each
 # layer in one native call where its four products are native (`lean.FOLD_ROWS`), so the wider
-# margin (`fuse`) holds there too where bf16 products take vdpbf16ps or the tiles (`fused_at`); longer prompts
+# margin (`fuse`) holds there too where bf16 products take the tiles (`fused_at`); longer prompts
 # run the layer's operations one by one.
 _BUCKETS = ((1, 1), (4, 3), (8, 5), (16, 12), (64, 32), (256, 128))
 _MANY_ROWS = (None, 512)
@@ -302,19 +302,19 @@ def kernel_for(weight: torch.Tensor, rows: int) -> str:
 
 def fused_at(weight: torch.Tensor, bucket: int | None) -> bool:
     """Whether a layer's products of `weight`'s dtype at the row bucket `bucket` weigh the one-call
-    layer (`FUSED_MARGIN`): up to 64 rows everywhere, 65-256 (a prompt) where bf16 products multiply
-    pairs with the CPU's bf16 dot product (`native.bf16_pairs`: vdpbf16ps, or Intel's tiles).
-    Elsewhere, and in fp32, the native kernel's sweep costs a product a multiply-add per row and
-    weight, and kept within the wide margin it slowed SmolLM2's fp32 prefill of ~200-token prompts
-    1.18x against its operations one by one on oneDNN / MKL. On the AMD EPYC (avx512_bf16, no AMX)
-    the bf16 sweep's rows had been made in fp32 and paired on one thread (~55 us of a 166-row
-    product at K = 384): the CPU reference model's prefill of 166-token prompts in one call a layer
-    took 33.5 ms against 31.6 op by op; with the pairs made straight away (`native_linear.c`
-    `prologue_row`) 27.6-27.7 against 28.8-30.4 (op by op, prompts attending natively), SmolLM2's
-    of ~200 tokens 142.7-143.6 against 148.6-181.1 ms."""
+    layer (`FUSED_MARGIN`): up to 64 rows everywhere, 65-256 (a prompt) only where bf16 products take
+    Intel's tiles (`native.amx`): elsewhere the native kernel's sweep costs a product a multiply-add
+    per row and weight, and kept within the wide margin it slowed SmolLM2's fp32 prefill of ~200-token
+    prompts 1.18x against its operations one by one on oneDNN / MKL. On the AMD EPYC (avx512_bf16, no
+    AMX) the vdpbf16ps sweep took 1.13-1.32x oneDNN's time on the reference models' products at
+    128-166 rows (their pairs made by the prologue itself, stop 71), and 1.6-2.2x in some processes
+    (the host's placement of the two vCPUs): weighed as one call there, a 166-token prefill of the
+    CPU reference model took 26.5-28.6 ms in one process and 37.1-37.9 in others where one shape's
+    choice fell to oneDNN and the layers ran op by op on native products; op by op on oneDNN it
+    takes ~28.5 (prompts attending and rotating natively)."""
     if bucket is None:
         return False
-    return bucket <= 64 or (weight.dtype == torch.bfloat16 and native.bf16_pairs())
+    return bucket <= 64 or (weight.dtype == torch.bfloat16 and native.amx())
 
 
 def _measure(weight: torch.Tensor, rows: int, fused: bool = False) -> str:

@@ -166,8 +166,6 @@ def library() -> ctypes.CDLL | None:
     lib.ee_verify.restype = i32
     lib.ee_amx.argtypes = [i32]
     lib.ee_amx.restype = i32
-    lib.ee_bf16_pairs.argtypes = []
-    lib.ee_bf16_pairs.restype = i32
     return lib
 
 
@@ -178,14 +176,6 @@ def amx(want: bool | None = None) -> bool:
     back on."""
     lib = library()
     return lib is not None and bool(lib.ee_amx(-1 if want is None else int(want)))
-
-
-def bf16_pairs() -> bool:
-    """Whether bf16 products multiply column pairs with the CPU's bf16 dot product (`vdpbf16ps`,
-    avx512_bf16; the tiles too where `amx`): there the native kernel's bf16 sweep over a prompt's
-    many rows runs at about oneDNN's speed (`kernels.fused_at`)."""
-    lib = library()
-    return lib is not None and bool(lib.ee_bf16_pairs())
 
 
 def available(dtype: torch.dtype = torch.float32) -> bool:

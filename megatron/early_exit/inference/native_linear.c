@@ -532,16 +532,6 @@ static void amx_panels(const void *Wp, const uint16_t *xa, const void *b, const 
 
 /* Whether bf16 products use Intel's matrix tiles (AMX): want 0 turns them off for this process,
    1 on where this build and the kernel allow, -1 asks. Returns 1 if they are used, else 0. */
-/* Whether bf16 products multiply pairs with vdpbf16ps (`sweep`; the tiles too where `ee_amx` says
-   so): there a prompt's many bf16 rows sweep the panels at about oneDNN's speed. */
-int ee_bf16_pairs(void) {
-#ifdef DPBF16
-    return 1;
-#else
-    return 0;
-#endif
-}
-
 int ee_amx(int want) {
 #ifdef AMX
     if (want == 0) __atomic_store_n(&amx_state, -1, __ATOMIC_RELEASE);

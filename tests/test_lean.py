@@ -138,9 +138,10 @@ def test_prefills_of_every_short_length_match_the_modules(dtype, groups):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("natively", [False, True], ids=["sdpa", "native"])
 def test_a_prompt_attends_and_rotates_natively_where_that_measured_faster(dtype, natively, monkeypatch):
-    """A prompt of more than ATTEND_ROWS tokens whose layers run op by op attends (and rotates)
-    natively where `kernels.prompt_attention` says so, else through the modules' SDPA (and
-    torch's rotation): the modules' numbers bit for bit then, within round-off when native."""
+    """A prompt of more than ATTEND_ROWS tokens whose layers run op by op attends (and rotates, and
+    makes its norms and SwiGLU) natively where `kernels.prompt_attention` says so, else through the
+    modules' SDPA (and torch's operations): the modules' numbers bit for bit then, within round-off
+    when native."""
     # decode steps' products native, a prompt's on `F.linear`: its layers op by op (as on oneDNN)
     monkeypatch.setattr(kernels, "kernel_for", lambda weight, rows: "native" if rows <= 16 else "plain")
     asked = []
@@ -149,6 +150,8 @@ def test_a_prompt_attends_and_rotates_natively_where_that_measured_faster(dtype,
     attend, rope = native.attend, native.rope_
     monkeypatch.setattr(native, "attend", lambda q, *a: calls.append(("attend", q.shape[1])) or attend(q, *a))
     monkeypatch.setattr(native, "rope_", lambda qkv, *a: calls.append(("rope", qkv.shape[0])) or rope(qkv, *a))
+    ready = native.prepared_rows
+    monkeypatch.setattr(native, "prepared_rows", lambda x, *a: calls.append(("ready", x.shape[0])) or ready(x, *a))
     model = make(dtype)
     prompt = [(7 * j + 3) % 96 for j in range(40)]
     got = {}
@@ -159,7 +162,9 @@ def test_a_prompt_attends_and_rotates_natively_where_that_measured_faster(dtype,
         got[use_lean] = (logits.float(), state.cache.k[:, :, :, :40].float(), state.cache.v[:, :, :, :40].float())
     layers = model.config.num_layers
     assert asked == [(dtype, 2, 2, 16, 40)] * layers  # groups, heads per group, head dim, rows
-    assert calls == ([("rope", 40), ("attend", 40)] * layers if natively else [])
+    # natively: the input norm's rows made ready, rotated, attended; the MLP's norm and SwiGLU made ready
+    native_layer = [("ready", 40), ("rope", 40), ("attend", 40), ("ready", 40), ("ready", 40)]
+    assert calls == (native_layer * layers if natively else [])
     for lean_out, modules in zip(got[True], got[False], strict=True):
         if not natively:
             assert torch.equal(lean_out, modules)

@@ -1093,3 +1093,38 @@ def test_a_general_pass_runs_its_layers_over_the_same_rows_in_one_call(dtype, sa
         assert g.keys() == w.keys() and all(torch.equal(g[b], w[b]) for b in g)
     assert torch.equal(s_got.cache.k, s_want.cache.k) and torch.equal(s_got.cache.v, s_want.cache.v)
     assert (s_got.cache.filled == s_want.cache.filled).all()
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("k", [64, 99])  # 99: a last part of 3 columns
+def test_rows_made_ready_for_another_kernel_are_the_native_products_own(dtype, k):
+    """`native.prepared_rows` (a prompt's norm or SwiGLU before a product on oneDNN): the rows the
+    native product makes for itself, so a product of them on the native kernel equals the folded
+    call bit for bit; against torch's operations, fp32 within round-off and bf16 within one rounding
+    (the norm's mean and the sigmoid's exp may round a last bit differently), at 1 and 2 threads
+    (rows split between them from PROLOGUE_ROWS)."""
+    from megatron.early_exit.inference.lean import rms_norm
+
+    g = torch.Generator().manual_seed(11)
+    w = torch.randn(40, k, generator=g).to(dtype)
+    gain = (1 + 0.1 * torch.randn(k, generator=g)).to(dtype)
+    x, h = torch.randn(37, k, generator=g).to(dtype), torch.randn(37, 2 * k, generator=g).to(dtype)
+    packed = native.pack(w)
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            normed, gated = native.prepared_rows(x, norm=(gain, 1e-5)), native.prepared_rows(h, swiglu=True)
+            assert normed.dtype == gated.dtype == dtype and normed.shape == gated.shape == (37, k)
+            assert torch.equal(native.linear(normed, packed, 40), native.linear(x, packed, 40, norm=(gain, 1e-5)))
+            assert torch.equal(native.linear(gated, packed, 40), native.linear(h, packed, 40, swiglu=True))
+            for got, want in ((normed, rms_norm(x, gain, 1e-5)), (gated, F.silu(h[:, :k]) * h[:, k:])):
+                if dtype == torch.float32:
+                    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+                else:
+                    torch.testing.assert_close(got.float(), want.float(), rtol=2**-7, atol=2**-7)
+    finally:
+        torch.set_num_threads(before)
+    assert native.prepared_rows(x.to(torch.float16)) is None  # a dtype it does not take
+    assert native.prepared_rows(x, norm=(gain.float() if dtype == torch.bfloat16 else gain.double(), 1e-5)) is None

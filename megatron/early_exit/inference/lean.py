@@ -143,11 +143,12 @@ class ExitMLP:
         return mlp_block(x, self.fc1, self.fc2, (self.w, self.eps), linear)
 
 
-def mlp_block(x: torch.Tensor, fc1: torch.Tensor, fc2: torch.Tensor, norm: tuple, linear: LeanKernels) -> torch.Tensor:
+def mlp_block(x, fc1, fc2, norm: tuple, linear: LeanKernels, prepared=False) -> torch.Tensor:
     """x (N, h) plus the SwiGLU MLP (fc1's rows [gate; up], then fc2) of its RMSNorm `norm` (gain,
-    eps): a lean layer's MLP half (`LeanLayer.finish`) and an MLP exit's (`ExitMLP`)."""
-    h = linear.folded(x, fc1, norm=norm)  # (N, 2 ffn)
-    return linear.folded(h, fc2, swiglu=True, residual=x)
+    eps): a lean layer's MLP half (`LeanLayer.finish`) and an MLP exit's (`ExitMLP`). `prepared`:
+    `LeanKernels.folded`'s."""
+    h = linear.folded(x, fc1, norm=norm, prepared=prepared)  # (N, 2 ffn)
+    return linear.folded(h, fc2, swiglu=True, residual=x, prepared=prepared)
 
 
 def exit_mlp(head: nn.Module) -> ExitMLP | None:
@@ -224,16 +225,22 @@ class LeanKernels:
         decode steps then attend natively too: `native.attend`)."""
         return kernels.is_native(self.func(weight, rows))
 
-    def folded(self, x, weight, norm: tuple | None = None, swiglu: bool = False, residual=None) -> torch.Tensor:
+    def folded(self, x, weight, norm=None, swiglu: bool = False, residual=None, prepared=False) -> torch.Tensor:
         """residual + (the rows x made ready) @ weight.T, x (A, in) -> (A, out): made ready by
         `rms_norm(x, *norm)` or, with `swiglu`, `F.silu(gate) * up` of x = [gate | up]. On the
         native kernel, up to FOLD_ROWS rows, one call does it all (`native.linear`: the same roundings, the norm's mean
-        and the sigmoid's exp within round-off of torch's); on any other, these operations."""
+        and the sigmoid's exp within round-off of torch's); on any other, these operations, or with
+        `prepared` (a general pass's native arithmetic, `LeanLayer.native_arithmetic`) the rows made
+        ready in one native call (`native.prepared_rows`, the same numbers as `native.linear`'s)."""
         f = self.func(weight, x.shape[0])
         if x.shape[0] <= FOLD_ROWS:
             y = kernels.native_folded(f, x, weight, norm=norm, swiglu=swiglu, residual=residual)
             if y is not None:
                 return y
+        if prepared and (norm is not None or swiglu):  # made ready in one native call
+            made = native.prepared_rows(x, norm, swiglu)
+            if made is not None:
+                x, norm, swiglu = made, None, False
         if norm is not None:
             x = rms_norm(x, *norm)
         if swiglu:
@@ -271,10 +278,10 @@ class LeanLayer:
         and k heads rotated (*lead, g, per + 1, hd), as `apply_rotary` does (in fp32, cast back).
         cos, sin_signed broadcast against them. `scaled`: the input norm's `scaled_rows` of x
         where an exit check made them. `rope`: rotated natively (`native.rope_`) even where the
-        product is not native (`native_arithmetic`)."""
+        product is not native, the normed rows made ready natively too (`native_arithmetic`)."""
         g, per, hd = self.groups, self.per, self.head_dim
         if scaled is None:
-            qkv = linear.folded(x, self.qkv, norm=(self.w_in, self.eps_in))
+            qkv = linear.folded(x, self.qkv, norm=(self.w_in, self.eps_in), prepared=rope)
         else:
             qkv = linear(rms_norm(x, self.w_in, self.eps_in, scaled), self.qkv)
         if rope or linear.native_on(self.qkv, x.shape[0]):  # rotated in place, one call (`native.rope_`)
@@ -289,11 +296,11 @@ class LeanLayer:
         q32 = qk.float()
         return (q32 * cos + q32.roll(hd // 2, -1) * sin_signed).to(x.dtype), qkv
 
-    def finish(self, x: torch.Tensor, out: torch.Tensor, linear: LeanKernels) -> torch.Tensor:
+    def finish(self, x: torch.Tensor, out: torch.Tensor, linear: LeanKernels, prepared=False) -> torch.Tensor:
         """x (N, h) plus the attention's output projected from out (N, heads x hd), then plus
-        the SwiGLU MLP of the normed result: the layer's output (N, h)."""
+        the SwiGLU MLP of the normed result: the layer's output (N, h). `prepared`: `LeanKernels.folded`'s."""
         x = linear.folded(out, self.proj, residual=x)
-        return mlp_block(x, self.fc1, self.fc2, (self.w_mid, self.eps_mid), linear)
+        return mlp_block(x, self.fc1, self.fc2, (self.w_mid, self.eps_mid), linear, prepared)
 
     def __call__(self, x, cos, sin_signed, attn_mask, view, linear: LeanKernels, scaled=None, probe=None):
         """x (A, 1, h) -> (A, 1, h); K/V written through `view` (a `kv_cache.DecodeView`).
@@ -344,7 +351,8 @@ class LeanLayer:
         sequences' decode steps do (their one-row QKV product native, no kernel forced to another)
         and r is a verify pass's few rows, or a prompt's many where the measured choice is native
         (`kernels.prompt_attention`; the CPU reference model's bf16 prefill of 166-token prompts
-        28.5 -> 27.5 ms rotating natively too)."""
+        28.5 -> 27.5 ms rotating natively too). Its norms and SwiGLU then run natively too
+        (`LeanKernels.folded`'s `prepared`)."""
         if not linear.native_on(self.qkv, a):
             return False
         return r <= ATTEND_ROWS or kernels.prompt_attention(dtype, self.groups, self.per, self.head_dim, r)
@@ -379,7 +387,7 @@ class LeanLayer:
             q = (qk[:, :, :, 0] if per == 1 else qk[:, :, :, :per].reshape(a, r, g * per, hd)).transpose(1, 2)
             out = F.scaled_dot_product_attention(q, keys, values, attn_mask=attn_mask, enable_gqa=per > 1)
             out = out.transpose(1, 2)  # (A, R, heads, hd)
-        return self.finish(x, out.reshape(a * r, g * per * hd), linear).view(a, r, -1)
+        return self.finish(x, out.reshape(a * r, g * per * hd), linear, natively).view(a, r, -1)
 
 
 class NativeRun:

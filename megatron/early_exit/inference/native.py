@@ -164,6 +164,8 @@ def library() -> ctypes.CDLL | None:
     lib.ee_verify.argtypes = [i64, vp, vp, vp, vp, i64, i64, vp, i64, vp, vp, i32, i32] + [i64] * 5
     lib.ee_verify.argtypes += [vp, vp, i64, i64, i64, vp, i64, vp, ctypes.c_float, vp, vp, vp]
     lib.ee_verify.restype = i32
+    lib.ee_rows.argtypes = [vp, i32, i32, vp, ctypes.c_float, vp, i64, i64, i32]
+    lib.ee_rows.restype = None
     lib.ee_amx.argtypes = [i32]
     lib.ee_amx.restype = i32
     return lib
@@ -176,6 +178,35 @@ def amx(want: bool | None = None) -> bool:
     back on."""
     lib = library()
     return lib is not None and bool(lib.ee_amx(-1 if want is None else int(want)))
+
+
+def prepared_rows(x: torch.Tensor, norm: tuple[torch.Tensor, float] | None = None, swiglu: bool = False):
+    """The rows x (N, in) made ready for a product as `linear` makes them for its own (norm=(gain,
+    eps): `lean.rms_norm(x, gain, eps)`; swiglu: `F.silu(gate) * up` of x = [gate | up], (N, in / 2)),
+    with those operations' roundings (the norm's mean and the sigmoid's exp within round-off of
+    torch's), in one call: for a product on another kernel (`lean.LeanKernels.folded`). None where
+    the native kernel does not take x (its dtype, device, a gain of another dtype)."""
+    if library() is None or x.dtype not in DTYPES or x.device.type != "cpu" or x.dim() != 2:
+        return None
+    if norm is not None and (norm[0].dtype != x.dtype or norm[0].numel() != x.shape[1]):
+        return None
+    x = x.contiguous()
+    k = x.shape[1] // 2 if swiglu else x.shape[1]
+    out = torch.empty(x.shape[0], k, dtype=x.dtype)
+    gain = None if norm is None else norm[0].contiguous()
+    kind = 1 if norm is not None else 2 if swiglu else 0
+    library().ee_rows(
+        x.data_ptr(),
+        int(x.dtype == torch.bfloat16),
+        kind,
+        None if gain is None else gain.data_ptr(),
+        0.0 if norm is None else float(norm[1]),
+        out.data_ptr(),
+        x.shape[0],
+        k,
+        torch.get_num_threads(),
+    )
+    return out
 
 
 def available(dtype: torch.dtype = torch.float32) -> bool:

@@ -13,7 +13,7 @@ from megatron.early_exit.model import EarlyExitGPT
 from megatron.early_exit.tokenizer import build_tokenizer
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools", "eval"))
-from ee_sweep import decode_rate, main, rouge_l  # noqa: E402
+from ee_sweep import decode_rate, main, rouge_l, shared_seconds  # noqa: E402
 
 
 def tiny_gpt2_checkpoint(path, **overrides) -> tuple[EarlyExitGPT, object]:
@@ -110,6 +110,18 @@ def test_decode_rate_counts_the_tokens_after_each_first_over_the_time_after_each
 
     # (9 + 4) + 20 tokens after the firsts over (1.0 - 0.5) + (2.0 - 0.5) seconds
     assert decode_rate([batch([10, 5], 1.0, 0.5), batch([21], 2.0, 0.5)]) == pytest.approx(33 / 2.0)
+
+
+def test_the_ideals_shared_seconds_are_each_calls_time_outside_its_decode_loop():
+    """The ideal speedup's fixed part (prefill and the Python around the decode loop, the same in
+    full decoding and early exit) from the full runs of the row's own pairs: each call's wall
+    seconds less its decode loop's time after the prefill."""
+
+    def batch(wall: float, elapsed: float, prefill: float) -> tuple:
+        return wall, [type("R", (), {"stats": {"elapsed_s": elapsed, "prefill_s": prefill}})()]
+
+    # (1.25 - (1.0 - 0.5)) + (2.5 - (2.0 - 0.25))
+    assert shared_seconds([batch(1.25, 1.0, 0.5), batch(2.5, 2.0, 0.25)]) == pytest.approx(0.75 + 0.75)
 
 
 def test_self_speculation_is_warmed_at_every_batch_bucket_it_can_meet():

@@ -151,13 +151,15 @@ def decode_rate(batches: list[tuple]) -> float:
     return after / max(sum(res[0].stats["elapsed_s"] - res[0].stats["prefill_s"] for _, res in batches), 1e-9)
 
 
-def prefill_seconds(engine, prompts: list[list[int]], batch_size: int, settings) -> float:
-    """Time of the prefills alone (one token per prompt), batch by batch: the same in every row."""
-    from dataclasses import replace
-
-    one = replace(settings, max_new_tokens=1)
-    return sum(cost_model.best_times({"p": lambda b=b: engine.generate(b, one)}, engine.device, 2)["p"]
-               for b in in_batches(prompts, batch_size))  # fmt: skip
+def shared_seconds(batches: list[tuple]) -> float:
+    """The seconds of `decode_batch` outputs spent outside decoding (each call's prefill and the
+    Python around its decode loop: what full decoding and early exit spend alike), for the ideal
+    speedup's fixed part (`cost_model.ideal_speedup`'s prefill). Taken from the full runs of the
+    row's own pairs, beside its measured speedup and right after its costs were retimed: measured
+    once after every row (best of 2 one-token calls, the previous way), a host whose speed moved
+    between the two had read the CPU reference model's efficiency at threshold 0.3 as 0.885 in one
+    sweep and 1.162 in another (the prefill is ~45% of its full decoding's calls there)."""
+    return sum(t - (res[0].stats["elapsed_s"] - res[0].stats["prefill_s"]) for t, res in batches)
 
 
 def policy_terms(engine, settings, prompt: list[int]) -> tuple[list[int], bool]:
@@ -221,13 +223,14 @@ def paired_runs(engine, prompts, args, settings, full) -> tuple:
     """`settings` decoded --repeats times over the prompts, each batch right after full decoding
     (`full`) of the same batch: (its best `decode_all`-style output, the median over repeats of
     its tokens/s over the full runs' interleaved with it, the same of decoding's own tokens/s
-    after the prefill, `decode_rate`). A ratio of
+    after the prefill, `decode_rate`, the clock's shares, and the median over repeats of the
+    seconds of the full runs spent outside decoding, `shared_seconds`). A ratio of
     neighbours seconds apart drifts far less than either figure on a machine whose speed changes
     over seconds, and no setting is always the first of a round."""
     import statistics
 
     clock = time.process_time if args.clock == "cpu" else time.perf_counter
-    best, ratios, decode, modes = None, [], [], [0, 0, 0]
+    best, ratios, decode, modes, shared = None, [], [], [0, 0, 0], []
     for _ in range(args.repeats):
         pairs = []
         for batch in in_batches(prompts, args.batch_size):
@@ -238,9 +241,10 @@ def paired_runs(engine, prompts, args, settings, full) -> tuple:
         ref, out = summarise([p[0] for p in pairs]), summarise([p[1] for p in pairs])
         ratios.append(out[0] / ref[0])
         decode.append(decode_rate([p[1] for p in pairs]) / decode_rate([p[0] for p in pairs]))
+        shared.append(shared_seconds([p[0] for p in pairs]))
         best = out if best is None or out[0] > best[0] else best
     shares = {k: round(n / max(sum(modes), 1), 3) for k, n in zip(("paused_share", "free_share"), modes[::2])}
-    return best, statistics.median(ratios), statistics.median(decode), shares
+    return best, statistics.median(ratios), statistics.median(decode), shares, statistics.median(shared)
 
 
 def timed_rows(engine, prompts, thresholds, args, costs, pool=None) -> dict:
@@ -321,9 +325,8 @@ def sweep(args) -> list[dict]:
     timed = timed_rows(engine, prompts, thresholds, args, costs, cost_model.StepPool(measured))
     base = (args.exit_policy[0], 1.0)
     full_settings, (_, full_texts, full_tokens, _, full_results), *_ = timed[base]
-    prefill_s = prefill_seconds(engine, prompts, args.batch_size, full_settings)
     rows = []
-    for (policy, thr), (settings, out, speedup, decode, shares, priced) in timed.items():
+    for (policy, thr), (settings, out, speedup, decode, shares, prefill_s, priced) in timed.items():
         tps, texts, tokens, layers, results = out
         agree = [sum(a == b for a, b in zip(t, f)) / max(len(f), 1) for t, f in zip(tokens, full_tokens)]
         ideal = ideal_of(engine, priced, results, args.batch_size, settings, prefill_s, full_results)
@@ -390,7 +393,7 @@ def speculative_row(
     # a batch shrinks as its sequences stop), ~1 s each: once per bucket here, not in the figure.
     for size in warm_sizes(args.batch_size):
         engine.generate(prompts[:size], s)
-    (tps, texts, tokens, _, results), speedup, decode, _ = paired_runs(engine, prompts, args, s, full)
+    (tps, texts, tokens, _, results), speedup, decode, *_ = paired_runs(engine, prompts, args, s, full)
     rounds = [r.stats["draft_lengths"] for r in results]
     exits: dict = {}
     for r in results:

@@ -331,6 +331,12 @@ def _measure(weight: torch.Tensor, rows: int, fused: bool = False) -> str:
     # SmolLM2 at 0.98x of plain's speed at 2 threads on the Intel Xeon).
     # `packed` in 16-bit dtypes, and `native` on a layer's products: a wider margin
     wide = SIXTEEN_BIT_MARGIN if ref == "packed" else FUSED_MARGIN if ref == "native" and fused else None
+    return _timed_pick(funcs, weights, wide)
+
+
+def _timed_pick(funcs: dict, weights: Sequence, wide: float | None = None) -> str:
+    """`pick` as this process's threads time it: one thread CPU time at the default margin (or
+    `wide`), more wall time over MANY_THREAD_ROUNDS at MANY_THREAD_MARGIN (or `wide` if wider)."""
     with torch.no_grad():
         if torch.get_num_threads() == 1:
             return pick(funcs, weights, clock=time.process_time, **({"margin": wide} if wide else {}))
@@ -455,7 +461,4 @@ def _measure_attention(dtype: torch.dtype, groups: int, per: int, hd: int, rows:
         "sdpa": lambda _: F.scaled_dot_product_attention(heads, keys, values, attn_mask=mask, enable_gqa=per > 1),
         "native": lambda _: native.attend(q, keys, values, mask),
     }
-    with torch.no_grad():
-        if torch.get_num_threads() == 1:
-            return pick(funcs, (None,), clock=time.process_time) == "native"
-        return pick(funcs, (None,), rounds=MANY_THREAD_ROUNDS, margin=MANY_THREAD_MARGIN) == "native"
+    return _timed_pick(funcs, (None,)) == "native"

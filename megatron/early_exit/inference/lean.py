@@ -272,19 +272,19 @@ class LeanLayer:
         modules run, so that the hook sees their calls."""
         return hooks_set(self.hooks)
 
-    def rotated_qkv(self, x, lead: tuple, cos, sin_signed, linear: LeanKernels, scaled=None, rope=False) -> tuple:
+    def rotated_qkv(self, x, lead: tuple, cos, sin_signed, linear: LeanKernels, scaled=None, natively=False) -> tuple:
         """x (N, h) -> (qk, qkv): the QKV product of the normed rows viewed (*lead, g, per + 2, hd)
         (lead: (A,) or (A, R), N rows in all; per group: its query heads, key, value) and its q
         and k heads rotated (*lead, g, per + 1, hd), as `apply_rotary` does (in fp32, cast back).
         cos, sin_signed broadcast against them. `scaled`: the input norm's `scaled_rows` of x
-        where an exit check made them. `rope`: rotated natively (`native.rope_`) even where the
+        where an exit check made them. `natively`: rotated natively (`native.rope_`) even where the
         product is not native, the normed rows made ready natively too (`native_arithmetic`)."""
         g, per, hd = self.groups, self.per, self.head_dim
         if scaled is None:
-            qkv = linear.folded(x, self.qkv, norm=(self.w_in, self.eps_in), prepared=rope)
+            qkv = linear.folded(x, self.qkv, norm=(self.w_in, self.eps_in), prepared=natively)
         else:
             qkv = linear(rms_norm(x, self.w_in, self.eps_in, scaled), self.qkv)
-        if rope or linear.native_on(self.qkv, x.shape[0]):  # rotated in place, one call (`native.rope_`)
+        if natively or linear.native_on(self.qkv, x.shape[0]):  # rotated in place, one call (`native.rope_`)
             done = native.rope_(qkv.view(-1, g, per + 2, hd), cos, sin_signed, per + 1)
             if done is not None:
                 qkv = qkv.view(*lead, g, per + 2, hd)
@@ -373,7 +373,7 @@ class LeanLayer:
                 return y.view(a, r, -1)
         natively = self.native_arithmetic(x.dtype, a, r, linear)
         # (A, R, g, per + 1, hd), (A, R, g, per + 2, hd)
-        qk, qkv = self.rotated_qkv(x, (a, r), cos, sin_signed, linear, rope=natively)
+        qk, qkv = self.rotated_qkv(x, (a, r), cos, sin_signed, linear, natively=natively)
         keys, values = view.update(qk[:, :, :, per].transpose(1, 2), qkv[:, :, :, per + 1].transpose(1, 2))
         q = qk[:, :, :, :per]  # (A, R, g, per, hd)
         if natively and native.attends(q, keys, values, attn_mask):

@@ -5,6 +5,7 @@ import importlib.util
 import json
 import math
 import os
+from dataclasses import replace
 
 import pytest
 import torch
@@ -296,3 +297,52 @@ def test_teacher_forced_scores_record_the_final_heads_tokens(scores):
     with torch.no_grad():
         want = tiny_model()(chunks[:3]).logits.argmax(-1)
     assert torch.equal(scores.final[:3], want) and scores.select(torch.tensor([2])).final.shape == (1, 32)
+
+
+@pytest.mark.parametrize("measure", ["max_prob", "learned"])
+def test_forced_steps_reproduce_the_engines_early_exit_tokens(measure):
+    """An early-exit decoding's own output, teacher-forced, gives back every one of its decode
+    steps' tokens (K/V-correct decoding sees the full model's hidden states given its prefix),
+    and as many leaving tokens; on full decoding's output the share that the same decisions
+    keep is below 1 and is what `step_agreement` reads."""
+    from megatron.early_exit.inference.calibration import forced_steps, step_agreement
+
+    cfg = ModelConfig(num_layers=4, hidden_size=32, num_attention_heads=4, vocab_size=64, max_position_embeddings=96,
+                      init_method_std=0.1, exit_layer_nums=[1, 2], use_exit_norm=True,
+                      use_exit_confidence_head=measure == "learned", exit_confidence_input="backbone")  # fmt: skip
+    model = EarlyExitGPT(cfg)
+    model.init_weights(3)
+    if measure == "learned":  # probes that vary with their input (zero-initialised last layers say 0.5 everywhere)
+        with torch.no_grad():
+            for head in model.exits.values():
+                torch.nn.init.normal_(head.confidence.weight, std=2.0, generator=torch.Generator().manual_seed(7))
+    model.eval()
+    tok = build_tokenizer("NullTokenizer", vocab_size=64)
+    engine = EarlyExitEngine(model, tok)
+    prompts = [[int(t) for t in torch.randint(0, 64, (9 + 3 * i,), generator=torch.Generator().manual_seed(i))]
+               for i in range(3)]  # fmt: skip
+    new = dict(max_new_tokens=24, ignore_eos=True)
+    full = [r.tokens for r in engine.generate(prompts, GenerationSettings(**new))]
+    steps = forced_steps(model, prompts, full, measure)
+    assert steps.target.shape == (3 * 23,) and steps.confidence.shape == (3 * 23, 2)
+    assert torch.equal(steps.final, steps.target)  # fp32: the final head's tokens are full decoding's
+    threshold = float(steps.confidence[:, 0].median())  # about half the steps leave at the first exit
+    s = GenerationSettings(strategy="early_exit", early_exit_threshold=threshold, measure=measure,
+                           exit_policy="exact", **new)  # fmt: skip
+    policy = engine.check(s, prompts)
+    on_full, left_full = step_agreement(steps, policy)
+    assert 0.3 < left_full < 0.9 and on_full < 1.0
+    fires = steps.confidence >= threshold  # (N, 2): exit 1 decides where it fires, else exit 2 where it does
+    chosen = torch.where(fires[:, 0], steps.tokens[:, 0], steps.tokens[:, 1])
+    wrong = fires.any(-1) & (chosen != steps.target)
+    assert on_full == pytest.approx(1.0 - wrong.double().mean().item(), abs=1e-12)
+    runs = engine.generate(prompts, s)
+    ee = [r.tokens for r in runs]
+    assert ee != full
+    own = forced_steps(model, prompts, ee, measure)
+    agreement, left = step_agreement(own, policy)
+    assert agreement == 1.0
+    leaving = [layer < cfg.num_layers for r in runs for layer in r.exit_layers[1:]]
+    assert left == pytest.approx(sum(leaving) / len(leaving), abs=1e-9)
+    never = replace(policy, threshold=1.0, per_exit=())
+    assert step_agreement(own, never) == (1.0, 0.0)  # the final head's steps are full decoding's own

@@ -77,6 +77,9 @@ def test_sweep_writes_csv_and_plots(tmp_path, batch_size):
     assert [float(r["threshold"]) for r in table] == [1.0, 0.0]
     full, zero = table
     assert float(full["rougeL_vs_full"]) == 100.0 and float(full["token_agreement"]) == 1.0
+    # per decode step given full decoding's prefix (teacher-forced): every step of the 0.0 row
+    # leaves at exit 1, and its agreement is exit 1's with the final head on those steps
+    assert float(full["step_agreement"]) == 1.0 and 0.0 <= float(zero["step_agreement"]) <= 1.0
     assert float(full["average_exit_layer"]) == 3.0
     assert json.loads(zero["exit_share"])["1"] > 0.5  # threshold 0: decode tokens leave at exit 1
     # The cost model's columns: full decoding is its own ideal; efficiency = achieved / ideal.
@@ -161,3 +164,4 @@ def test_calibrated_adds_a_row_at_the_checkpoints_own_thresholds(tmp_path, capsy
     assert table["calibrated"]["exit_share"] == table["0.0"]["exit_share"]
     assert json.loads(table["calibrated"]["exit_share"])["1"] > 0.5  # decode tokens leave at exit 1
     assert table["calibrated"]["token_agreement"] == table["0.0"]["token_agreement"]
+    assert table["calibrated"]["step_agreement"] == table["0.0"]["step_agreement"]  # the same decisions

@@ -11,7 +11,10 @@ as batches, and records: tokens/s and speedup over threshold 1.0 (= full decodin
 and dtype before the sweep; prefill counted in both) and the engine efficiency (achieved /
 ideal: low ideal = weak exits, low efficiency = engine overhead), ROUGE-L F1 against the
 reference summary and against the full model's output, token agreement with full decoding
-(share of positions with the same token), the average exit layer and the share of tokens per
+(share of positions with the same token: free running, so every token after the texts first
+part counts against it), step agreement (per decode step of full decoding, given its prefix:
+the share at which the row's exit decisions emit full decoding's token, teacher-forced,
+`calibration.step_agreement`: what calibrated thresholds bound), the average exit layer and the share of tokens per
 exit, and decode_speedup: the speedup of decoding alone, after the prefill (the tokens after
 each sequence's first over the seconds after its batch's prefill, `GenerationResult.stats`,
 wall clock, paired as speedup is; an aclsum abstract's prefill is about a third of a
@@ -325,10 +328,12 @@ def sweep(args) -> list[dict]:
     timed = timed_rows(engine, prompts, thresholds, args, costs, cost_model.StepPool(measured))
     base = (args.exit_policy[0], 1.0)
     full_settings, (_, full_texts, full_tokens, _, full_results), *_ = timed[base]
+    forced = {}  # (measure, exit vocabulary) -> full decoding's steps teacher-forced (`calibration.forced_steps`)
     rows = []
     for (policy, thr), (settings, out, speedup, decode, shares, prefill_s, priced) in timed.items():
         tps, texts, tokens, layers, results = out
         agree = [sum(a == b for a, b in zip(t, f)) / max(len(f), 1) for t, f in zip(tokens, full_tokens)]
+        step_agree = step_agreement_of(engine, prompts, full_tokens, settings, forced)
         ideal = ideal_of(engine, priced, results, args.batch_size, settings, prefill_s, full_results)
         row = {
             "exit_policy": policy,
@@ -344,6 +349,7 @@ def sweep(args) -> list[dict]:
             "rougeL_reference": round(100 * sum(map(rouge_l, texts, references)) / len(texts), 2),
             "rougeL_vs_full": round(100 * sum(map(rouge_l, texts, full_texts)) / len(texts), 2),
             "token_agreement": round(sum(agree) / len(agree), 4),
+            "step_agreement": round(step_agree, 4),
             "average_exit_layer": round(sum(layers) / len(layers), 3),
             "exit_share": json.dumps({n: round(layers.count(n) / len(layers), 4) for n in sorted(set(layers))}),
             **shares,
@@ -368,6 +374,23 @@ def sweep(args) -> list[dict]:
                 spec.append(speculative_row(engine, prompts, references, args, full_settings, full_tokens, w, lookup))
         write_speculative(spec, args.output)
     return rows
+
+
+def step_agreement_of(engine, prompts, full_tokens: list, settings, forced: dict) -> float:
+    """The row's per-step agreement with full decoding (`calibration.step_agreement`): at each of
+    full decoding's decode steps, given its prefix, whether the row's exit decisions (its
+    thresholds and measure, taken as `exact` takes them) emit its token. `forced`: the teacher-forced
+    steps per measure, made on first use (one pass of the model over each prompt and its output)."""
+    from megatron.early_exit.inference.calibration import forced_steps, step_agreement
+
+    policy = engine.check(settings, prompts[:1])
+    if not policy.allowed or all(policy.threshold_of(n) >= 1.0 for n in policy.allowed):
+        return 1.0  # no exit can fire: full decoding's own steps
+    key = (policy.measure, policy.vocab)
+    if key not in forced:
+        drafts = engine.passes.draft_vocab if policy.vocab == "draft" else None
+        forced[key] = forced_steps(engine.model, prompts, full_tokens, policy.measure, drafts)
+    return step_agreement(forced[key], policy)[0]
 
 
 def warm_sizes(batch_size: int) -> list[int]:

@@ -79,6 +79,101 @@ def teacher_forced_scores(model, chunks: torch.Tensor, measure: str, batch_size:
     return ExitScores(list(model.exit_layer_numbers), torch.cat(conf), torch.cat(agree), torch.cat(tops))
 
 
+@dataclass
+class ForcedSteps:
+    """The decode steps of given outputs teacher-forced (`forced_steps`): N steps, E exits in layer order."""
+
+    exits: list[int]
+    confidence: torch.Tensor  # [N, E] fp32: each exit's confidence at the step (the measure's)
+    tokens: torch.Tensor  # [N, E] long: each exit's greedy token over its whole projection
+    draft_tokens: torch.Tensor | None  # [N, E] long: over the draft vocabulary's rows alone (where one was given)
+    final: torch.Tensor  # [N] long: the final head's greedy token
+    target: torch.Tensor  # [N] long: the token the outputs have at the step
+
+
+@torch.no_grad()
+def forced_steps(
+    model, prompts: list[list[int]], outputs: list[list[int]], measure: str, draft_vocab: torch.Tensor | None = None
+) -> ForcedSteps:
+    """The decode steps of `outputs` (per prompt, the tokens a decoding generated after it, the
+    first made by the prompt's own pass and so no decode step) teacher-forced: the model runs once
+    over each prompt and its output but the last token, and at step i (output[i - 1] fed, i >= 1)
+    records each exit's confidence (`measure`) and greedy token, the final head's token and
+    output[i]. An early-exit decode step given the same prefix sees these hidden states (K/V-correct
+    decoding fills a skipped layer's K/V before anything reads it), so what an exit decision emits
+    at each step follows from them (`step_agreement`): CALM's per-token consistency, what
+    calibrated thresholds bound, on the decoded text itself. `draft_vocab`: token ids a leaving
+    token may be chosen from instead (`Passes.draft_vocab`)."""
+    m = conf_measures.get_measure(measure)
+    vocab = model.config.real_vocab_size or model.config.vocab_size
+    device = next(model.parameters()).device
+    conf, toks, drafts, finals, targets, exits = [], [], [], [], [], list(model.exit_layer_numbers)
+    for prompt, out in zip(prompts, outputs):
+        if len(out) < 2:  # no decode step
+            continue
+        ids = torch.tensor([list(prompt) + list(out[:-1])], dtype=torch.long, device=device)
+        lo = len(prompt)  # position lo - 1 made out[0]; positions lo .. made out[1:]
+        h, rotary = model.embed_input(ids, None, None)
+        h, exit_inputs = model.run_layers(h, rotary)  # exits evaluated here, not by the model
+        final = ModelOutput()
+        model.final_head(final, h[:, lo:])
+        finals.append(final.logits[0, :, :vocab].argmax(-1).cpu())
+        targets.append(torch.tensor(out[1:], dtype=torch.long))
+        c_s, t_s, d_s = [], [], []
+        for n, x in exit_inputs:
+            head = model.exits[str(n)]
+            hidden = head.hidden(x, rotary)[:, lo:]  # over every position: an exit block attends to them
+            logits = head.project(hidden, model.tied_output_weight(), model.head_ops)[0, :, :vocab].float()  # (S, V)
+            t_s.append(logits.argmax(-1).cpu())
+            if draft_vocab is not None:
+                rows = draft_vocab.to(logits.device)
+                d_s.append(rows[logits.index_select(-1, rows).argmax(-1)].cpu())
+            if m.needs_vocab:
+                c = m.from_logits(logits)
+            elif m.from_backbone is not None and head.probe_reads_backbone:
+                c = m.from_backbone(head, x[0, lo:, None])
+            else:
+                c = m.from_hidden(head, hidden[0, :, None])
+            c_s.append(c.float().cpu())
+        conf.append(torch.stack(c_s, -1) if c_s else torch.zeros(len(out) - 1, 0))
+        toks.append(torch.stack(t_s, -1) if t_s else torch.zeros(len(out) - 1, 0, dtype=torch.long))
+        if draft_vocab is not None:
+            drafts.append(torch.stack(d_s, -1) if d_s else torch.zeros(len(out) - 1, 0, dtype=torch.long))
+    e = len(exits)
+    return ForcedSteps(
+        exits,
+        torch.cat(conf) if conf else torch.zeros(0, e),
+        torch.cat(toks) if toks else torch.zeros(0, e, dtype=torch.long),
+        (torch.cat(drafts) if drafts else torch.zeros(0, e, dtype=torch.long)) if draft_vocab is not None else None,
+        torch.cat(finals) if finals else torch.zeros(0, dtype=torch.long),
+        torch.cat(targets) if targets else torch.zeros(0, dtype=torch.long),
+    )
+
+
+def step_agreement(steps: ForcedSteps, policy) -> tuple[float, float]:
+    """(the share of `steps` at which `policy`'s exit decision emits the outputs' token, the share
+    at which an exit fires): the first allowed exit whose confidence reaches its threshold gives its
+    greedy token (over the draft vocabulary where `policy.vocab` is "draft"), else the final head
+    does: the full model's own step, counted as agreeing (the forced pass's final head rounds
+    differently from a decoding engine's kernels: in bf16 it differed from the CPU reference
+    model's full decoding at 0.7% of its steps); a threshold >= 1.0 never fires (as in the
+    engine). `policy`: an `ExitPolicy` (its `allowed`, `threshold_of` and `vocab`), its decisions
+    taken as `exact` takes them. On full decoding's own outputs it is the per-token agreement with
+    full decoding given the same prefix; free-running agreement also counts every token after the
+    texts first part."""
+    if steps.target.numel() == 0:
+        return 1.0, 0.0
+    if policy.vocab == "draft" and steps.draft_tokens is None:
+        raise ValueError("step_agreement: the policy leaves onto the draft vocabulary; pass it to forced_steps")
+    th = torch.tensor([policy.threshold_of(n) if n in policy.allowed else 1.0 for n in steps.exits])
+    fire = (steps.confidence >= th) & (th < 1.0)  # (N, E)
+    first = fire & (fire.cumsum(-1) == 1)
+    tokens = steps.draft_tokens if policy.vocab == "draft" else steps.tokens
+    left = fire.any(-1)
+    kept = torch.where(left, (tokens * first).sum(-1) == steps.target, True)
+    return float(kept.double().mean()), float(left.double().mean())
+
+
 def draft_vocabulary(scores: ExitScores, vocab: int, coverage: float) -> dict | None:
     """The fewest tokens that make up `coverage` of the final head's top-1 tokens on the
     calibration text, most frequent first (ties by token id): {"tokens" (ascending ids),

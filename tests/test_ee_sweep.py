@@ -82,6 +82,17 @@ def test_sweep_writes_csv_and_plots(tmp_path, batch_size):
     assert float(full["step_agreement"]) == 1.0 and 0.0 <= float(zero["step_agreement"]) <= 1.0
     assert float(full["average_exit_layer"]) == 3.0
     assert json.loads(zero["exit_share"])["1"] > 0.5  # threshold 0: decode tokens leave at exit 1
+    # What the exits' tokens allow with perfect decisions (every step at its shallowest exit that
+    # agrees with full decoding): at least the 0.0 row's ideal where that row agrees wherever its
+    # exit 1 leaves, and each exit's agreement a share
+    with open(tmp_path / "out" / "oracle.json") as f:
+        oracle = json.load(f)
+    assert float(oracle["oracle_ideal_speedup"]) >= 1.0
+    assert set(json.loads(oracle["exit_agreement"])) == {"1"}
+    assert all(0.0 <= a <= 1.0 for a in json.loads(oracle["exit_agreement"]).values())
+    assert sum(json.loads(oracle["oracle_exit_share"]).values()) == pytest.approx(1.0, abs=1e-3)
+    # one exit: a step leaves at it exactly where its token is full decoding's
+    assert json.loads(oracle["oracle_exit_share"]).get("1", 0.0) == json.loads(oracle["exit_agreement"])["1"]
     # The cost model's columns: full decoding is its own ideal; efficiency = achieved / ideal.
     assert float(full["ideal_speedup"]) == 1.0
     for r in table:

@@ -361,6 +361,12 @@ def sweep(args) -> list[dict]:
         }
         rows.append(row)
         print(" | ".join(f"{k} {v}" for k, v in row.items()), flush=True)
+    oracle = oracle_of(engine, prompts, args, timed, full_tokens, forced)
+    if oracle is not None:
+        print("oracle: " + " | ".join(f"{k} {v}" for k, v in oracle.items()), flush=True)
+        os.makedirs(args.output, exist_ok=True)
+        with open(os.path.join(args.output, "oracle.json"), "w") as f:
+            json.dump(oracle, f, indent=1)
     if args.explain:
         write_csv(explain_rows(engine, prompts, args, timed), args.output, "explain.csv")
     if args.self_speculative:  # its own file: not threshold rows
@@ -391,6 +397,54 @@ def step_agreement_of(engine, prompts, full_tokens: list, settings, forced: dict
         drafts = engine.passes.draft_vocab if policy.vocab == "draft" else None
         forced[key] = forced_steps(engine.model, prompts, full_tokens, policy.measure, drafts)
     return step_agreement(forced[key], policy)[0]
+
+
+def oracle_of(engine, prompts, args, timed: dict, full_tokens: list, forced: dict) -> dict | None:
+    """What the exits' own tokens allow, beside what the rows' decisions make of them: at each of
+    full decoding's decode steps (teacher-forced, `calibration.forced_steps`) the shallowest exit
+    whose greedy token is full decoding's, else the final head, priced by the cost model as the
+    first row that evaluates exits is (its checks, full decoding's prefill): every token full
+    decoding's (agreement 1.0) at `oracle_ideal_speedup` (`oracle_ideal_decode_speedup`: decoding
+    alone, no prefill, beside the rows' `decode_speedup`). A row's ideal far below it at the same
+    agreement: its decisions (probes, thresholds) are the bound, not the exits. Also each exit's
+    agreement with full decoding's token over those steps. None where no row evaluates an exit."""
+    rows = [(key, v) for key, v in timed.items() if policy_terms(engine, v[0], prompts[0])[0]]
+    if not rows:
+        return None
+    (_, (settings, *_, priced)) = rows[0]
+    policy = engine.check(settings, prompts[:1])
+    key = (policy.measure, policy.vocab)
+    if key not in forced:
+        from megatron.early_exit.inference.calibration import forced_steps
+
+        drafts = engine.passes.draft_vocab if policy.vocab == "draft" else None
+        forced[key] = forced_steps(engine.model, prompts, full_tokens, policy.measure, drafts)
+    steps = forced[key]
+    tokens = steps.draft_tokens if policy.vocab == "draft" else steps.tokens
+    final = engine.config.num_layers
+    allowed = [i for i, n in enumerate(steps.exits) if n in policy.allowed]
+    full_results = timed[(args.exit_policy[0], 1.0)][1][4]
+    results, at = [], 0
+    for r in full_results:  # step i of a sequence: its token i (the first is the prefill's)
+        layers = [final]
+        for i in range(at, at + max(len(r.tokens) - 1, 0)):
+            layers.append(next((steps.exits[e] for e in allowed if tokens[i, e] == steps.target[i]), final))
+        at += max(len(r.tokens) - 1, 0)
+        results.append(replace(r, exit_layers=layers))
+    prefill_s = timed[(args.exit_policy[0], 1.0)][5]
+    ideal = ideal_of(engine, priced, results, args.batch_size, settings, prefill_s, full_results)
+    layers = [n for r in results for n in r.exit_layers[1:]]
+    shares = {n: round(layers.count(n) / max(len(layers), 1), 4) for n in sorted(set(layers))}
+    decoding = ideal_of(engine, priced, results, args.batch_size, settings, 0.0, full_results)
+    return {
+        "oracle_ideal_speedup": round(ideal, 3),
+        "oracle_ideal_decode_speedup": round(decoding, 3),
+        "oracle_exit_share": json.dumps(shares),
+        "exit_agreement": json.dumps({
+            steps.exits[e]: round(float((tokens[:, e] == steps.target).double().mean()), 4) for e in allowed
+        }),
+        "priced_as": f"{policy.measure} checks at exits {[steps.exits[e] for e in allowed]}",
+    }  # fmt: skip
 
 
 def warm_sizes(batch_size: int) -> list[int]:

@@ -67,6 +67,8 @@ def load_tool(path: str):
 # own parser; the activation cache is built for real (tiny), since the tuning command reads it.
 PARSED_TOOLS = (
     "tools/eval/calibrate_thresholds.py",
+    "tools/make_distillation_corpus.py",
+    "tools/preprocess_data.py",
     "examples/ee_tuning/demo_generate.py",
     "examples/ee_tuning/report_exits.py",
 )
@@ -123,8 +125,10 @@ def data(corpus, tmp_path_factory):
         for line in list(f)[:60]:
             g.write(json.dumps({"text": json.loads(line)["text"][:1000]}) + "\n")
     sp = ["--tokenizer-type", "SentencePieceTokenizer", "--tokenizer-model", str(aclsum / "tokenizer.model")]
-    for name in ("aclsum", "smollm2"):
+    for name in ("aclsum", "smollm2", "ee_distill"):
         preprocess_data.main(["--input", str(small), "--output-prefix", str(aclsum / name), *sp, "--append-eod"])
+    for ext in ("bin", "idx"):  # the self-distillation corpus as `--json-keys tokens` names it
+        shutil.copy(aclsum / f"ee_distill_text_document.{ext}", aclsum / f"ee_distill_tokens_document.{ext}")
     preprocess_data.main(["--input", str(small), "--output-prefix", str(root / "gpt2"), "--tokenizer-type",
                           "GPT2BPETokenizer", "--append-eod"])  # fmt: skip
     tune = root / "tune"
@@ -164,9 +168,11 @@ def test_example_scripts_pass_the_trainers_checks(script, data, tmp_path, monkey
     }
     if "cpu_" in script:
         env["DATA"] = data["aclsum"]
-    if "cpu_pretrain" in script:  # its EE-Tuning pass loads what pretraining saved: a stand-in for that
-        shutil.copytree(os.path.join(data["tune"], "with_exits"), tmp_path / "run" / "checkpoints")
-        env["CACHE_TOKENS"] = "1024"  # the stand-in corpus is ~15k tokens: don't cache it 40 times over
+    if "cpu_pretrain" in script:  # its EE-Tuning passes load what the passes before saved: stand-ins for those
+        for saved in ("checkpoints", "tuned"):
+            shutil.copytree(os.path.join(data["tune"], "with_exits"), tmp_path / "run" / saved)
+        # the stand-in corpus is ~15k tokens: don't cache it 40 times over
+        env.update(CACHE_TOKENS="1024", DISTILL_TOKENS="1024")
     if "ee_tuning" in script:
         run = tmp_path / "tune"  # the demo writes its activation cache there
         shutil.copytree(data["tune"], run)

@@ -14,8 +14,8 @@ reference summary and against the full model's output, token agreement with full
 (share of positions with the same token: free running, so every token after the texts first
 part counts against it), step agreement (per decode step of full decoding, given its prefix:
 the share at which the row's exit decisions emit full decoding's token, teacher-forced,
-`calibration.step_agreement`: what calibrated thresholds bound), the average exit layer and the share of tokens per
-exit, and decode_speedup: the speedup of decoding alone, after the prefill (the tokens after
+`calibration.step_agreement`: what calibrated thresholds bound), the average exit layer and the
+share of tokens per exit, and decode_speedup: the speedup of decoding alone, after the prefill (the tokens after
 each sequence's first over the seconds after its batch's prefill, `GenerationResult.stats`,
 wall clock, paired as speedup is; an aclsum abstract's prefill is about a third of a
 one-sentence summary's time, and the exits change decoding alone), and the shares of the row's
@@ -23,7 +23,9 @@ decode steps cost_aware's clock ran paused and free (`paused_share`, `free_share
 `inference/exit_clock.py`; 0 where nothing is clocked). Writes `sweep.csv` and,
 when matplotlib is installed, `speedup.png`,
 `quality_vs_speedup.png` and `exit_histogram.png`; with --self-speculative also
-`self_speculative.csv` (dynamic self-speculation: speed, acceptance, share of plain rounds).
+`self_speculative.csv` (dynamic self-speculation: speed, acceptance, share of plain rounds), and
+`oracle.json` where a row evaluates exits (`oracle_of`: what the exits' own tokens allow with
+perfect decisions, at 100% agreement).
 Every row (and self-speculation) is timed batch by batch, each batch right after full decoding
 of the same batch, --repeats times: its speedup is the median of these paired ratios
 (tokens_per_sec is its best run; --clock cpu times CPU seconds); every setting first decodes
@@ -387,16 +389,25 @@ def step_agreement_of(engine, prompts, full_tokens: list, settings, forced: dict
     full decoding's decode steps, given its prefix, whether the row's exit decisions (its
     thresholds and measure, taken as `exact` takes them) emit its token. `forced`: the teacher-forced
     steps per measure, made on first use (one pass of the model over each prompt and its output)."""
-    from megatron.early_exit.inference.calibration import forced_steps, step_agreement
+    from megatron.early_exit.inference.calibration import step_agreement
 
     policy = engine.check(settings, prompts[:1])
     if not policy.allowed or all(policy.threshold_of(n) >= 1.0 for n in policy.allowed):
         return 1.0  # no exit can fire: full decoding's own steps
+    return step_agreement(forced_for(engine, prompts, full_tokens, policy, forced), policy)[0]
+
+
+def forced_for(engine, prompts, full_tokens: list, policy, forced: dict):
+    """Full decoding's decode steps teacher-forced with `policy`'s measure, and onto the draft
+    vocabulary where its leaving tokens are chosen from it (`calibration.forced_steps`), kept in
+    `forced` by (measure, exit vocabulary): one pass of the model over each prompt and its output."""
+    from megatron.early_exit.inference.calibration import forced_steps
+
     key = (policy.measure, policy.vocab)
     if key not in forced:
         drafts = engine.passes.draft_vocab if policy.vocab == "draft" else None
         forced[key] = forced_steps(engine.model, prompts, full_tokens, policy.measure, drafts)
-    return step_agreement(forced[key], policy)[0]
+    return forced[key]
 
 
 def oracle_of(engine, prompts, args, timed: dict, full_tokens: list, forced: dict) -> dict | None:
@@ -413,13 +424,7 @@ def oracle_of(engine, prompts, args, timed: dict, full_tokens: list, forced: dic
         return None
     (_, (settings, *_, priced)) = rows[0]
     policy = engine.check(settings, prompts[:1])
-    key = (policy.measure, policy.vocab)
-    if key not in forced:
-        from megatron.early_exit.inference.calibration import forced_steps
-
-        drafts = engine.passes.draft_vocab if policy.vocab == "draft" else None
-        forced[key] = forced_steps(engine.model, prompts, full_tokens, policy.measure, drafts)
-    steps = forced[key]
+    steps = forced_for(engine, prompts, full_tokens, policy, forced)
     tokens = steps.draft_tokens if policy.vocab == "draft" else steps.tokens
     final = engine.config.num_layers
     allowed = [i for i, n in enumerate(steps.exits) if n in policy.allowed]

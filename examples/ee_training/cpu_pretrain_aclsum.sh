@@ -61,21 +61,33 @@ python pretrain_early_exit_gpt.py \
 # 3's agreement is worth ~1.5% of self-speculation's speed. ~3 minutes on quiet cores.
 python tools/checkpoint/add_exits.py --load-dir "$RUN/checkpoints" --save-dir "$RUN/probed" --overwrite \
     --replace-probes --exit-confidence-hidden-size "${PROBE_HIDDEN:-128}" --untie-exits
-python tools/checkpoint/cache_exit_activations.py --load "$RUN/checkpoints" --data-path "$DATA/aclsum_text_document" \
-    --split 98,2,0 --seq-length 256 --max-tokens "${CACHE_TOKENS:-600000}" --num-valid-samples 64 --top-k 16 --dtype bf16 $BF16 \
-    --output "$RUN/cache" --no-progress-bar
-python pretrain_early_exit_gpt.py --load "$RUN/probed" --finetune --tune-exit --exit-activation-cache "$RUN/cache" \
-    --exit-loss-type kd --micro-batch-size 16 --global-batch-size 16 --train-iters 292 \
-    --lr 1e-3 --min-lr 1e-4 --lr-warmup-iters 10 --lr-decay-style cosine \
-    $BF16 --log-interval 25 --eval-interval 292 --eval-iters 4 --save "$RUN/tuned" --save-interval 292 \
-    --log-jsonl "$RUN/tune_log.jsonl"
+# The cached EE-Tuning pass, run twice (here, and on the model's own answers below):
+#   cache_activations CHECKPOINT DATA_PREFIX MAX_TOKENS VALID_SAMPLES OUTPUT
+#   tune_exits FROM CACHE ITERS LR MIN_LR SAVE LOG (kd from the cache, backbone frozen; two passes)
+cache_activations() {
+    python tools/checkpoint/cache_exit_activations.py --load "$1" --data-path "$2" \
+        --split 98,2,0 --seq-length 256 --max-tokens "$3" --num-valid-samples "$4" --top-k 16 --dtype bf16 $BF16 \
+        --output "$5" --no-progress-bar
+}
+tune_exits() {
+    python pretrain_early_exit_gpt.py --load "$1" --finetune --tune-exit --exit-activation-cache "$2" \
+        --exit-loss-type kd --micro-batch-size 16 --global-batch-size 16 --train-iters "$3" \
+        --lr "$4" --min-lr "$5" --lr-warmup-iters 10 --lr-decay-style cosine \
+        $BF16 --log-interval 25 --eval-interval "$3" --eval-iters 4 --save "$6" --save-interval "$3" \
+        --log-jsonl "$7"
+}
+cache_activations "$RUN/checkpoints" "$DATA/aclsum_text_document" "${CACHE_TOKENS:-600000}" 64 "$RUN/cache"
+tune_exits "$RUN/probed" "$RUN/cache" 292 1e-3 1e-4 "$RUN/tuned" "$RUN/tune_log.jsonl"
 # Thresholds with CALM's guarantee (disagreement with full decoding <= 5% with probability >= 90%),
 # written into the checkpoint for `--early-exit-thres auto`. The validation part is 5 documents,
 # 21,150 tokens: all of it, as 660 chunks of 32 tokens (more i.i.d. units than 165 of 128; the
-# default WSR bound then proves a risk close to delta).
-python tools/eval/calibrate_thresholds.py --load "$RUN/tuned" --delta 0.05 --epsilon 0.1 \
-    --data-path "$DATA/aclsum_text_document" --split 98,2,0 --seq-length 32 --num-chunks 1000 \
-    --measure learned $BF16 --check-splits 20
+# default WSR bound then proves a risk close to delta). Run for the distilled checkpoint too (below).
+calibrate() {
+    python tools/eval/calibrate_thresholds.py --load "$1" --delta 0.05 --epsilon 0.1 \
+        --data-path "$DATA/aclsum_text_document" --split 98,2,0 --seq-length 32 --num-chunks 1000 \
+        --measure learned $BF16 --check-splits 20
+}
+calibrate "$RUN/tuned"
 # Self-distillation (README "Exits tuned on the model's own answers"): exits and probes tuned once
 # more from the tuned checkpoint, on the model's own one-line answers (full greedy decoding) to
 # prompts from the train/val papers, never the sweep's test abstracts. The probes learn when an
@@ -89,16 +101,8 @@ python tools/make_distillation_corpus.py --load "$RUN/tuned" --output "$DATA/ee_
     --max-prompts 3000 --one-line --batch-size 16 $DECODE_BF16
 python tools/preprocess_data.py --input "$DATA/ee_distill.jsonl" --output-prefix "$DATA/ee_distill" --json-keys tokens \
     --tokenizer-type SentencePieceTokenizer --tokenizer-model "$DATA/tokenizer.model"
-python tools/checkpoint/cache_exit_activations.py --load "$RUN/tuned" --data-path "$DATA/ee_distill_tokens_document" \
-    --split 98,2,0 --seq-length 256 --max-tokens "${DISTILL_TOKENS:-700000}" --num-valid-samples 32 --top-k 16 \
-    --dtype bf16 $BF16 --output "$RUN/distill_cache" --no-progress-bar
-python pretrain_early_exit_gpt.py --load "$RUN/tuned" --finetune --tune-exit --exit-activation-cache "$RUN/distill_cache" \
-    --exit-loss-type kd --micro-batch-size 16 --global-batch-size 16 --train-iters 342 \
-    --lr 5e-4 --min-lr 5e-5 --lr-warmup-iters 10 --lr-decay-style cosine \
-    $BF16 --log-interval 25 --eval-interval 342 --eval-iters 4 --save "$RUN/distilled" --save-interval 342 \
-    --log-jsonl "$RUN/distill_log.jsonl"
-python tools/eval/calibrate_thresholds.py --load "$RUN/distilled" --delta 0.05 --epsilon 0.1 \
-    --data-path "$DATA/aclsum_text_document" --split 98,2,0 --seq-length 32 --num-chunks 1000 \
-    --measure learned $BF16 --check-splits 20
+cache_activations "$RUN/tuned" "$DATA/ee_distill_tokens_document" "${DISTILL_TOKENS:-700000}" 32 "$RUN/distill_cache"
+tune_exits "$RUN/tuned" "$RUN/distill_cache" 342 5e-4 5e-5 "$RUN/distilled" "$RUN/distill_log.jsonl"
+calibrate "$RUN/distilled"
 python tools/eval/ee_sweep.py --load "$RUN/distilled" --data "$DATA/test_summarization.jsonl" \
     --output "$RUN/sweep" --num-examples 40 $DECODE_BF16

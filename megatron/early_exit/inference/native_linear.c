@@ -627,8 +627,9 @@ static inline void prologue_row(const void *x, int bf16, int kind, const void *g
        stored a vector at a time; the index worked out per element cost a fill's or a verify
        pass's rows more than their products); or, with xa (bf16, K a multiple of 16), as bf16
        row-major there (the tiles' operand: the values are bf16's, so their high halves) */
-    float *at = xa || xq || ro ? NULL : xf + xblock(i, 0, n, K);
-    const int64_t step = xa || xq || ro ? 1 : xblock(i, 1, n, K) - xblock(i, 0, n, K);
+    const int rowwise = xa || xq || ro; /* written row by row elsewhere, not into xf's blocks */
+    float *at = rowwise ? NULL : xf + xblock(i, 0, n, K);
+    const int64_t step = rowwise ? 1 : xblock(i, 1, n, K) - xblock(i, 0, n, K);
     /* with ro (`ee_rows`): the row itself, row-major in x's dtype (the values are bf16's in bf16) */
     /* with xq (bf16, K % 4 == 0, a prompt's rows: `linear`): the row's pairs, row by row */
     uint32_t *pq = xq ? xq + i * (K / 2) : NULL;

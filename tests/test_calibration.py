@@ -346,3 +346,84 @@ def test_forced_steps_reproduce_the_engines_early_exit_tokens(measure):
     assert left == pytest.approx(sum(leaving) / len(leaving), abs=1e-9)
     never = replace(policy, threshold=1.0, per_exit=())
     assert step_agreement(own, never) == (1.0, 0.0)  # the final head's steps are full decoding's own
+
+
+def _answers_and_steps(num: int = 24):
+    """A tiny model's full greedy answers of unequal length to `num` prompts, teacher-forced."""
+    from megatron.early_exit.inference.calibration import forced_steps
+
+    model, tok = tiny_model(), build_tokenizer("NullTokenizer", vocab_size=63)
+    gen = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(0, 63, (6 + i % 5,), generator=gen).tolist() for i in range(num)]
+    settings = GenerationSettings(max_new_tokens=16, ignore_eos=True)
+    outputs = [r.tokens for r in EarlyExitEngine(model, tok).generate(prompts, settings)]
+    outputs = [out[: 2 + i % 13] for i, out in enumerate(outputs)]  # 1 to 13 decode steps each
+    outputs[3] = outputs[3][:1]  # an answer without a decode step: no unit
+    return model, prompts, outputs, forced_steps(model, prompts, outputs, "max_prob")
+
+
+def test_generation_scores_make_one_unit_an_answer_and_agree_with_step_agreement():
+    """One chunk an answer (padding masked): pooled over the answers' steps, the chunk losses and
+    exit shares are `step_agreement`'s disagreement and leaving share at the same thresholds;
+    each chunk's loss is its own steps' share; padding never reaches a quantile or a count."""
+    from megatron.early_exit.inference.calibration import generation_scores, step_agreement
+    from megatron.early_exit.inference.passes import ExitPolicy
+
+    _, _, outputs, steps = _answers_and_steps()
+    lengths = [len(o) - 1 for o in outputs]
+    scores = generation_scores(steps, lengths)
+    assert scores.confidence.shape[:2] == (23, 13) and scores.mask.sum() == steps.target.numel() == sum(lengths)
+    th = torch.tensor([float(steps.confidence[:, i].median()) for i in range(3)])
+    risks, shares = chunk_losses(scores, th)
+    n = scores.mask.sum(-1).double()
+    policy = ExitPolicy((1, 2, 3), 1.0, "max_prob", per_exit=tuple(zip((1, 2, 3), th.tolist())))
+    agreement, left = step_agreement(steps, policy)
+    assert float((risks.double() * n).sum() / n.sum()) == pytest.approx(1.0 - agreement, abs=1e-6)
+    assert float((shares.double() * n).sum() / n.sum()) == pytest.approx(left, abs=1e-6)
+    assert sum(exit_shares(scores, th)) == pytest.approx(left, abs=1e-6)
+    first = next(i for i, k in enumerate(lengths) if k > 1)  # the first answer's own steps, by hand
+    k = lengths[first]
+    fire = steps.confidence[:k] >= th
+    chosen = (fire & (fire.cumsum(-1) == 1) & (steps.tokens[:k] != steps.target[:k, None])).any(-1)
+    assert float(risks[0]) == pytest.approx(chosen.double().mean().item(), abs=1e-6)
+    padded = replace(scores, confidence=torch.where(scores.mask[..., None], scores.confidence, torch.tensor(9.0)))
+    assert torch.equal(threshold_path(padded, 3, "quantile", 11), threshold_path(scores, 3, "quantile", 11))
+    assert draft_vocabulary(padded, 64, 1.0)["num_tokens"] == sum(lengths)
+    with pytest.raises(ValueError, match="decode steps in the lengths"):
+        generation_scores(steps, lengths[:-1])
+
+
+def test_tool_calibrates_on_the_models_own_answers(tmp_path, capsys):
+    """--prompts: the model answers each prompt (full greedy), the answers are the units, and the
+    record's risk is the tested answers' mean disagreement at the chosen thresholds."""
+    from megatron.early_exit.inference.calibration import forced_steps, generation_scores
+
+    ckpt = tmp_path / "ck"
+    model, tok = tiny_model(), build_tokenizer("NullTokenizer", vocab_size=63)
+    save_checkpoint(str(ckpt), 0, model, tok)
+    gen = torch.Generator().manual_seed(2)
+    texts = [" ".join(map(str, torch.randint(0, 63, (8,), generator=gen).tolist())) for _ in range(40)]
+    path = tmp_path / "prompts.jsonl"
+    path.write_text("".join(json.dumps({"prompt": t, "paper": "p"}) + "\n" for t in texts))
+    tool = _tool("calibrate_thresholds", "tools/eval/calibrate_thresholds.py")
+    argv = f"--load {ckpt} --delta 0.3 --epsilon {EPSILON} --prompts {path} --num-prompts 32 --max-new-tokens 12"
+    tool.main(argv.split())
+    record = json.loads((ckpt / "iter_0000000" / "early_exit_thresholds.json").read_text())
+    prompts = [tok.tokenize(t) for t in texts[:32]]  # answered as the tool does: up to 12 tokens or the end token
+    outputs = [r.tokens for r in EarlyExitEngine(model, tok).generate(prompts, GenerationSettings(max_new_tokens=12))]
+    lengths = [len(o) - 1 for o in outputs]
+    units, steps = sum(n > 0 for n in lengths), sum(lengths)
+    assert 20 <= units < 32 and steps < 32 * 11  # some answers end early (the random model's end token)
+    data = record["calibration_data"]
+    assert data["chunk_length"] == "one answer" and data["num_chunks"] == units and data["decode_steps"] == steps
+    assert record["num_fit_chunks"] + record["num_test_chunks"] == units and record["lambda_index"] > 0
+    scores = generation_scores(forced_steps(model, prompts, outputs, "max_prob"), lengths)
+    order = torch.randperm(units, generator=torch.Generator().manual_seed(1234))  # the tool's split (--seed)
+    test = scores.select(order[record["num_fit_chunks"] :])
+    risk, _ = chunk_losses(test, torch.tensor([record["thresholds"][str(e)] for e in record["exits"]]))
+    assert record["risk"] == pytest.approx(float(risk.mean()), abs=1e-6) and record["risk"] <= 0.3
+    card = (ckpt / "iter_0000000" / "README.md").read_text()
+    assert f"{units} answers, {steps} decode steps (one answer a unit)" in card and "given the same prefix" in card
+    path.write_text('{"text": "1 2"}\n')
+    with pytest.raises(ValueError, match=r'prompts.jsonl:1: needs a JSON object with a non-empty "prompt"'):
+        tool.run(tool.build_parser().parse_args(argv.split()))

@@ -48,6 +48,7 @@ def test_records_are_the_models_own_greedy_answers_to_the_sweeps_prompt(checkpoi
         head = r["text"].split("\nSummary:")[0] + "\nSummary:"
         assert head.startswith(f"{r['source'].capitalize()}: ")  # the sweep's format without a chat template
         ids = tok.tokenize(head)
+        assert r["prompt"] == head and r["text"].startswith(head)
         assert r["tokens"][: len(ids)] == ids
         (full,) = engine.generate([ids], GenerationSettings("full", max_new_tokens=3))
         assert r["tokens"][len(ids) :] == full.tokens and len(full.tokens) == 3  # the final head's greedy tokens
@@ -66,6 +67,18 @@ def test_prompts_come_from_train_and_val_papers_one_paper_at_a_time(written):
     assert [r["source"] for r in records] == ["abstract"] * 5
     assert len({r["paper"] for r in records}) == 5
     assert [r["paper"] for r in records] == sorted(r["paper"] for r in records)
+
+
+def test_prompts_only_writes_the_prompts_after_the_skipped_ones(checkpoint, written, tmp_path):
+    """--prompts-only --skip-prompts 2: the prompts that follow the first two (held out from a
+    corpus of those two), as text, without answers: calibrate_thresholds.py --prompts reads them."""
+    _, records = written
+    out = tmp_path / "p.jsonl"
+    argv = ["--load", checkpoint[0], "--output", str(out), "--max-prompts", "3", "--skip-prompts", "2"]
+    assert run_tool(*argv, "--max-prompt-chars", "300", "--prompts-only") == 0
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    assert lines == [{"prompt": r["prompt"], "paper": r["paper"], "source": r["source"]} for r in records[2:5]]
+    assert run_tool(*argv[:-2], "--skip-prompts", "-1", "--prompts-only") == 2
 
 
 def test_passages_join_paragraphs_up_to_the_limit():

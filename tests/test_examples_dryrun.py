@@ -5,6 +5,7 @@ tokenizer, model and data for their world size, as every rank would before its p
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import os
@@ -136,7 +137,12 @@ def data(corpus, tmp_path_factory):
     (tune / "base" / "iter_0000000" / "tokenizer" / "tokenizer.json").write_text("{}")
     cfg = ModelConfig(4, 32, 4, 2048, 256, exit_layer_nums=[1, 2], use_exit_norm=True, use_exit_mlp=True)
     tok = build_tokenizer("SentencePieceTokenizer", tokenizer_model=str(aclsum / "tokenizer.model"))
-    save_checkpoint(str(tune / "with_exits"), 0, EarlyExitGPT(cfg), tok)
+    model = EarlyExitGPT(cfg)
+    save_checkpoint(str(tune / "with_exits"), 0, model, tok)
+    # the same backbone with probes (a cache of the one tunes the other's probes)
+    probed = EarlyExitGPT(dataclasses.replace(cfg, use_exit_confidence_head=True, exit_confidence_hidden_size=8))
+    probed.load_state_dict(model.state_dict(), strict=False)
+    save_checkpoint(str(tune / "with_probes"), 0, probed, tok)
     return {"aclsum": str(aclsum), "gpt2": str(root / "gpt2_text_document"), "tune": str(tune)}
 
 
@@ -171,6 +177,7 @@ def test_example_scripts_pass_the_trainers_checks(script, data, tmp_path, monkey
     if "cpu_pretrain" in script:  # its EE-Tuning passes load what the passes before saved: stand-ins for those
         for saved in ("checkpoints", "tuned"):
             shutil.copytree(os.path.join(data["tune"], "with_exits"), tmp_path / "run" / saved)
+        shutil.copytree(os.path.join(data["tune"], "with_probes"), tmp_path / "run" / "distilled")
         # the stand-in corpus is ~15k tokens: don't cache it 40 times over
         env.update(CACHE_TOKENS="1024", DISTILL_TOKENS="1024")
     if "ee_tuning" in script:

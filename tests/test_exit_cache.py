@@ -366,3 +366,50 @@ def test_cached_tuner_uses_fused_adamw_with_the_foreach_update(setup):
         # A wrong lr, beta or decay moves weights by ~1e-3 (three steps of lr 1e-2, below): 2e-6 keeps that visible.
         assert torch.allclose(a, b, rtol=1e-6, atol=2e-6)
         assert (a - a0).abs().max() > 1e-3  # three steps at lr 1e-2 moved every parameter
+
+
+def test_confidence_only_tuning_trains_the_probes_alone_as_through_the_backbone(tmp_path):
+    """--tune-exit-confidence-only: the probes learn while their exits stay as loaded, so the
+    agreement they learn stays put. One cached step equals one step through the frozen backbone
+    (probe loss and every gradient, fp32 round-off as above), only probe parameters have
+    gradients, and after a run every other parameter is the checkpoint's, bit for bit."""
+    ckpt = make_checkpoint(tmp_path / "ck", "mlp", exit_confidence_hidden_size=8)
+    cache = make_cache(ckpt, tmp_path / "cache")
+    common = [*TUNE, "--load", ckpt, "--exit-loss-type", "kd", "--tune-exit-confidence-only"]
+    live = Trainer(parse_args([*common, "--mock-data"]))
+    cached = CachedTuner(parse_args([*common, "--exit-activation-cache", cache]))
+    a, b = live.train_step(), cached.train_step()
+    for n in live.config.exit_layer_nums:
+        assert a[f"exit_{n} confidence loss"] > 0.1  # a real loss
+        for key in (f"exit_{n} confidence loss", f"exit_{n} agreement"):
+            assert b[key] == pytest.approx(a[key], rel=1e-6, abs=1e-6), key
+        assert f"exit_{n} kd loss" not in b  # no exit loss is made where no exit trains
+    ga, gb = exit_grads(live.model), exit_grads(cached.model)
+    probes = {
+        f"exits.{n}.confidence.{leaf}"
+        for n in (1, 3)
+        for leaf in ("fc_in.weight", "fc_in.bias", "fc_out.weight", "fc_out.bias")
+    }
+    assert set(ga) == set(gb) == probes
+    for name in ga:
+        assert torch.allclose(gb[name], ga[name], rtol=1e-5, atol=1e-7), name
+        assert ga[name].abs().sum() > 0, name
+    loaded = {k: v.clone() for k, v in Trainer(parse_args([*common, "--mock-data"])).model.state_dict().items()}
+    argv = [*common, "--exit-activation-cache", cache, "--train-iters", "12", "--lr", "1e-2"]
+    tuner = CachedTuner(parse_args(argv))
+    first = tuner.train_step()
+    for _ in range(11):
+        last = tuner.train_step()
+    assert last["exit_1 confidence loss"] < first["exit_1 confidence loss"]
+    tuned = tuner.model.state_dict()
+    assert {k for k in tuned if not torch.equal(tuned[k], loaded[k])} == probes  # the layers it loaded, the exits
+    assert tuner.evaluate()["exit_1 loss"] > 0  # validation still reports the exits' own losses
+
+
+def test_confidence_only_tuning_errors(tmp_path):
+    ckpt = make_checkpoint(tmp_path / "ck", "block")  # exits without probes
+    with pytest.raises(ValueError, match="--tune-exit-confidence-only: the exits in --load have no confidence"):
+        Trainer(parse_args([*TUNE, "--load", ckpt, "--mock-data", "--tune-exit-confidence-only"]))
+    argv = [a for a in TUNE if a != "--tune-exit"]
+    with pytest.raises(ValueError, match="--tune-exit-confidence-only needs --tune-exit"):
+        Trainer(parse_args([*argv, "--load", ckpt, "--mock-data", "--tune-exit-confidence-only"]))

@@ -24,7 +24,8 @@ model's own answers") raised their agreement along the sweep's summaries from 30
 to 34.5 / 41.6 / 66.4% (`benchmarks/draft_policy.py`, 20 abstracts); the CPU reference model's
 (3,000 documents, --one-line) from 81.6 / 88.1% to 84.4 / 89.5%.
 
-One jsonl line per prompt: "text" (prompt and answer as text, for reading), "tokens" (the
+One jsonl line per prompt: "text" (prompt and answer as text, for reading), "prompt" (the
+prompt alone, as text), "tokens" (the
 prompt's token ids and the generated ones, exactly as decoded: `preprocess_data.py --json-keys
 tokens` takes them as they are), "paper", "source" ("abstract" or "passage"), "answer",
 "finish_reason". Progress goes to stdout; the file is written under a temporary name and
@@ -103,6 +104,15 @@ def interleave(papers: list[list[dict]], limit: int | None) -> list[dict]:
     return out if limit is None else out[:limit]
 
 
+def write_prompts(path: str, texts: list[str], items: list[dict]) -> None:
+    """--prompts-only: the prompts as text, one {"prompt", "paper", "source"} line each."""
+    with open(path + ".tmp", "w", encoding="utf-8") as out:
+        for text, item in zip(texts, items):
+            out.write(json.dumps({"prompt": text, "paper": item["paper"], "source": item["source"]}) + "\n")
+    os.replace(path + ".tmp", path)
+    print(f"wrote {len(items)} prompts from {len({i['paper'] for i in items})} papers to {path}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = OneLineErrorParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--load", required=True, help="checkpoint whose final head answers (the one whose exits are tuned)")
@@ -110,6 +120,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--splits", nargs="+", choices=SPLITS, default=["train", "val"],
                    help="aclsum splits whose papers give prompts (test has the sweep's)")  # fmt: skip
     p.add_argument("--max-prompts", type=int, help="stop after this many prompts (default: every passage)")
+    p.add_argument("--skip-prompts", type=int, default=0,
+                   help="start after this many prompts (held out for calibration: those after a corpus's)")  # fmt: skip
+    p.add_argument("--prompts-only", action="store_true",
+                   help="write the prompts alone, no answers ({\"prompt\", \"paper\", \"source\"} lines: "
+                   "calibrate_thresholds.py --prompts)")  # fmt: skip
     p.add_argument("--max-prompt-chars", type=int, default=1000, help="characters of a passage or abstract")
     p.add_argument("--min-prompt-chars", type=int, default=200, help="shorter passages are skipped (default 200)")
     p.add_argument("--max-new-tokens", type=int, default=64)
@@ -131,6 +146,8 @@ def run(args: argparse.Namespace) -> None:
 
     if args.max_prompts is not None and args.max_prompts < 1:
         raise ValueError(f"--max-prompts must be >= 1, got {args.max_prompts}")
+    if args.skip_prompts < 0:
+        raise ValueError(f"--skip-prompts must be >= 0, got {args.skip_prompts}")
     for name in ("max_prompt_chars", "max_new_tokens", "batch_size"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
@@ -139,9 +156,11 @@ def run(args: argparse.Namespace) -> None:
         raise ValueError(f"--output: no such directory: {out_dir}")
     src = aclsum_dir()
     exclude = split_ids(src, [s for s in SPLITS if s not in args.splits])
-    items = interleave(paper_prompts(src, exclude, args.max_prompt_chars, args.min_prompt_chars), args.max_prompts)
+    limit = None if args.max_prompts is None else args.skip_prompts + args.max_prompts
+    papers = paper_prompts(src, exclude, args.max_prompt_chars, args.min_prompt_chars)
+    items = interleave(papers, limit)[args.skip_prompts :]
     if not items:
-        raise ValueError(f"--splits {' '.join(args.splits)}: no papers with text to prompt from")
+        raise ValueError(f"--splits {' '.join(args.splits)}: no papers with text to prompt from after --skip-prompts")
     model, tokenizer = load_checkpoint(args.load, device=args.device, dtype=torch.bfloat16 if args.bf16 else None)
     if tokenizer is None:
         raise ValueError(f"--load: {args.load} has no tokenizer (the prompts are text)")
@@ -149,6 +168,9 @@ def run(args: argparse.Namespace) -> None:
     stops = ("\n",) if args.one_line else ()
     settings = GenerationSettings("full", max_new_tokens=args.max_new_tokens, stop_strings=stops)
     texts = [prompt_text(tokenizer, item["content"], item["source"]) for item in items]  # the sweep's request
+    if args.prompts_only:
+        write_prompts(args.output, texts, items)
+        return
     print(f"{len(items)} prompts from {len({i['paper'] for i in items})} papers ({', '.join(args.splits)})", flush=True)
     start, generated = time.time(), 0
     tmp = args.output + ".tmp"
@@ -159,7 +181,8 @@ def run(args: argparse.Namespace) -> None:
                 prompts = [tokenizer.tokenize(texts[i]) for i in batch]
                 for i, prompt, r in zip(batch, prompts, engine.generate(prompts, settings)):
                     answer = tokenizer.detokenize(r.tokens)
-                    record = {"text": texts[i] + answer, "tokens": prompt + r.tokens, "paper": items[i]["paper"],
+                    record = {"text": texts[i] + answer, "prompt": texts[i], "tokens": prompt + r.tokens,
+                              "paper": items[i]["paper"],
                               "source": items[i]["source"], "answer": r.text,
                               "finish_reason": r.finish_reason}  # fmt: skip
                     out.write(json.dumps(record) + "\n")

@@ -184,6 +184,11 @@ def _add_tuning_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--tune-exit", action="store_true", help="train only exit parameters; needs --load")
     g.add_argument("--tune-exit-pipeline-parallel-size", type=int, help="pipeline stages for tuning")
     g.add_argument(
+        "--tune-exit-confidence-only", action="store_true",
+        help="with --tune-exit: train only the exits' confidence probes, the exits frozen (what a probe learns, "
+        "whether its exit's top token is the final head's, then stays put while it learns it)",
+    )  # fmt: skip
+    g.add_argument(
         "--exit-loss-type",
         choices=["ce", "kd", "ce+kd"],
         default="ce",
@@ -552,6 +557,14 @@ def _validate_fill_args(args: argparse.Namespace, num_exits: int) -> None:
 
 
 def _validate_tune_args(args: argparse.Namespace, ckpt: ModelConfig | None) -> None:
+    if getattr(args, "tune_exit_confidence_only", False):
+        if not args.tune_exit:
+            raise ValueError("--tune-exit-confidence-only needs --tune-exit")
+        if not (args.use_exit_confidence_head or (ckpt is not None and ckpt.use_exit_confidence_head)):
+            raise ValueError(
+                "--tune-exit-confidence-only: the exits in --load have no confidence probes "
+                "(tools/checkpoint/add_exits.py --use-exit-confidence-head)"
+            )
     if not args.tune_exit:
         if args.exit_loss_type != "ce" or args.tune_exit_pipeline_parallel_size is not None:
             raise ValueError("--exit-loss-type and --tune-exit-pipeline-parallel-size need --tune-exit")

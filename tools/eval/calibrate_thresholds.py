@@ -21,6 +21,13 @@ them: `exit_vocabulary` "draft" in the record) and the calibration
 data are written into the checkpoint (`early_exit_thresholds.json` and a section of its
 README.md model card); `tools/generate.py --early-exit-thres auto` uses them.
 
+`--prompts F.jsonl` (lines with a "prompt" string; `tools/make_distillation_corpus.py
+--prompts-only` writes them) calibrates in CALM's own setting instead: the model answers each
+prompt by full greedy decoding, and the units are its answers, teacher-forced: a unit's loss is
+the share of its decode steps at which the early-exit decision would emit another token than full
+decoding given the same prefix (what the sweep's `step_agreement` counts), so the thresholds
+bound the disagreement of decoding itself rather than of text the model reads.
+
 `--check-splits N` then tests the guarantee itself: it calibrates again on N random
 calibration/test splits of the chunks and prints, per split, the thresholds, the realised
 disagreement on the test chunks and the share of tokens leaving at each exit, and in a summary
@@ -57,6 +64,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-path", nargs="+", help="Megatron .bin/.idx prefix: its --split validation part is used")
     p.add_argument("--split", default="98,2,0")
     p.add_argument("--input", help='held-out JSON lines with a "text" field (instead of --data-path)')
+    p.add_argument(
+        "--prompts",
+        help='JSON lines with a "prompt" string (instead of --data-path): calibrate on the decode steps of the '
+        "model's own full greedy answers to them, one answer a unit (CALM's setting)",
+    )
+    p.add_argument("--num-prompts", type=int, default=300, help="--prompts: the first N (default 300)")
+    p.add_argument("--max-new-tokens", type=int, default=48, help="--prompts: tokens an answer may have (default 48)")
+    p.add_argument(
+        "--stop-at-newline", action="store_true", help="--prompts: an answer ends at its first newline (one line)"
+    )
     p.add_argument("--measure", choices=["max_prob", "top2_margin", "entropy", "learned"], default="max_prob")
     p.add_argument("--seq-length", type=int, default=128, help="tokens per chunk (default 128)")
     p.add_argument("--num-chunks", type=int, default=256, help="chunks of held-out text (default 256)")
@@ -124,9 +141,60 @@ def chunks_from_corpus(a, tok) -> torch.Tensor:
     return torch.stack([torch.as_tensor(valid[i]["tokens"]) for i in range(count)]).long()
 
 
+def load_prompts(path: str, tok, count: int) -> list[list[int]]:
+    """The first `count` prompts of a --prompts file, tokenized."""
+    if not os.path.isfile(path):
+        raise ValueError(f"--prompts: no such file: {path}")
+    prompts = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                text = json.loads(line)["prompt"]
+                if not isinstance(text, str) or not text:
+                    raise TypeError
+            except (json.JSONDecodeError, KeyError, TypeError):
+                where = f"--prompts {path}:{n}"
+                raise ValueError(f'{where}: needs a JSON object with a non-empty "prompt" string') from None
+            prompts.append(tok.tokenize(text))
+            if len(prompts) >= count:
+                break
+    return prompts
+
+
+def answer_scores(a, model, tok) -> tuple[calibration.ExitScores, dict]:
+    """--prompts: the model's full greedy answers to the prompts, teacher-forced (`forced_steps`),
+    one chunk an answer (`generation_scores`), and what the record says of them."""
+    from megatron.early_exit.inference import EarlyExitEngine, GenerationSettings
+
+    if a.num_prompts < 20 or a.max_new_tokens < 2:
+        got = f"{a.num_prompts}, {a.max_new_tokens}"
+        raise ValueError(f"--num-prompts must be >= 20 and --max-new-tokens >= 2, got {got}")
+    prompts = load_prompts(a.prompts, tok, a.num_prompts)
+    engine = EarlyExitEngine(model, tok)
+    stops = ("\n",) if a.stop_at_newline else ()
+    settings = GenerationSettings("full", max_new_tokens=a.max_new_tokens, stop_strings=stops)
+    outputs = []
+    for start in range(0, len(prompts), a.batch_size):
+        outputs += [r.tokens for r in engine.generate(prompts[start : start + a.batch_size], settings)]
+        print(f" answered {len(outputs)}/{len(prompts)} prompts", flush=True)
+    steps = calibration.forced_steps(model, prompts, outputs, a.measure)
+    scores = calibration.generation_scores(steps, [len(o) - 1 for o in outputs])
+    if scores.confidence.shape[0] < 20:
+        raise ValueError(f"--prompts: only {scores.confidence.shape[0]} answers have a decode step; need >= 20")
+    data = {
+        "source": f"{a.prompts}: the model's full greedy answers (up to {a.max_new_tokens} tokens"
+        f"{', one line' if a.stop_at_newline else ''}), teacher-forced",
+        "num_chunks": int(scores.confidence.shape[0]), "chunk_length": "one answer",
+        "decode_steps": int(steps.target.numel()), "seed": a.seed,
+    }  # fmt: skip
+    return scores, data
+
+
 def load_chunks(a, tok) -> torch.Tensor:
     if bool(a.input) == bool(a.data_path):
-        raise ValueError("give exactly one of --data-path PREFIX and --input F.jsonl")
+        raise ValueError("give exactly one of --data-path PREFIX, --input F.jsonl and --prompts F.jsonl")
     if a.input and not os.path.isfile(a.input):
         raise ValueError(f"--input: no such file: {a.input}")
     chunks = chunks_from_jsonl(a.input, tok, a.seq_length, a.num_chunks) if a.input else chunks_from_corpus(a, tok)
@@ -141,9 +209,9 @@ def model_card(record: dict) -> str:
     return (
         f"{CARD_START}\n## Calibrated early-exit thresholds\n\n"
         f"- thresholds ({record['measure']}): {thresholds}\n"
-        f"- guarantee: with probability >= {1 - record['epsilon']:g}, at most {record['delta']:g} of tokens differ "
-        f"from the final head's top-1 (teacher-forced; Learn-Then-Test, {record['method']})\n"
-        f"- calibration data: {data['source']}, {data['num_chunks']} chunks x {data['chunk_length']} tokens "
+        f"- guarantee: with probability >= {1 - record['epsilon']:g}, {_guaranteed(record)} "
+        f"(teacher-forced; Learn-Then-Test, {record['method']})\n"
+        f"- calibration data: {data['source']}, {_units(data)} "
         f"({record['num_fit_chunks']} fit the path, {record['num_test_chunks']} tested)\n"
         f"- on the tested chunks: disagreement {record['risk']:.4f}, early-exit share {record['exit_share']:.4f}, "
         f"p-value {record['p_value']:.4g}\n"
@@ -152,6 +220,21 @@ def model_card(record: dict) -> str:
         f"{_card_draft_vocabulary(record.get('draft_vocabulary'))}"
         f"- use: `tools/generate.py --load CKPT --early-exit-thres auto`; made {record['created']}\n{CARD_END}\n"
     )
+
+
+def _guaranteed(record: dict) -> str:
+    if record["calibration_data"]["chunk_length"] == "one answer":
+        return (
+            f"an answer's early-exit decode steps emit another token than full decoding given the same prefix at "
+            f"most {record['delta']:g} of the time on average over answers"
+        )
+    return f"at most {record['delta']:g} of tokens differ from the final head's top-1"
+
+
+def _units(data: dict) -> str:
+    if data["chunk_length"] == "one answer":
+        return f"{data['num_chunks']} answers, {data['decode_steps']} decode steps (one answer a unit)"
+    return f"{data['num_chunks']} chunks x {data['chunk_length']} tokens"
 
 
 def draft_vocabulary_line(drafts: dict | None, vocab: int, target: float) -> str:
@@ -245,8 +328,15 @@ def run(a: argparse.Namespace) -> dict:
         raise ValueError(
             "--measure learned needs confidence probes on every exit (add_exits.py --use-exit-confidence-head)"
         )
-    chunks = load_chunks(a, tok).to(a.device)
-    scores = calibration.teacher_forced_scores(model, chunks, a.measure, a.batch_size)
+    if a.prompts:
+        if a.input or a.data_path:
+            raise ValueError("give exactly one of --data-path PREFIX, --input F.jsonl and --prompts F.jsonl")
+        scores, data = answer_scores(a, model, tok)
+    else:
+        chunks = load_chunks(a, tok).to(a.device)
+        scores = calibration.teacher_forced_scores(model, chunks, a.measure, a.batch_size)
+        data = {"source": a.input or " ".join(a.data_path) + f" (split {a.split}, validation part)",
+                "num_chunks": int(chunks.shape[0]), "chunk_length": a.seq_length, "seed": a.seed}  # fmt: skip
     vocab, drafts = model.config.real_vocab_size or model.config.vocab_size, None
     if a.draft_vocab_coverage > 0:
         drafts = calibration.draft_vocabulary(scores, vocab, a.draft_vocab_coverage)
@@ -263,8 +353,7 @@ def run(a: argparse.Namespace) -> dict:
         "bound": a.bound,
         "method": f"{calibration.BOUNDS[a.bound]} p-values on i.i.d. per-chunk disagreement, fixed-sequence testing, "
                   f"{a.path} path",
-        "calibration_data": {"source": a.input or " ".join(a.data_path) + f" (split {a.split}, validation part)",
-                             "num_chunks": int(chunks.shape[0]), "chunk_length": a.seq_length, "seed": a.seed},
+        "calibration_data": data,
         "created": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
     }  # fmt: skip
     shown = ("thresholds", "risk", "exit_share", "p_value", "lambda_index", "agreement")

@@ -40,16 +40,31 @@ from megatron.early_exit.model.gpt import ModelOutput
 
 @dataclass
 class ExitScores:
-    """Teacher-forced per-token facts of C chunks of L tokens and E exits (in layer order)."""
+    """Teacher-forced per-token facts of C chunks of L tokens and E exits (in layer order). A
+    chunk is a piece of text (`teacher_forced_scores`) or one prompt's decode steps
+    (`generation_scores`: as many as its answer has, the rest of its L padding, `mask` False)."""
 
     exits: list[int]
     confidence: torch.Tensor  # [C, L, E] fp32: each exit's confidence in its token
     agree: torch.Tensor  # [C, L, E] bool: the exit's top-1 equals the final head's
     final: torch.Tensor | None = None  # [C, L] long: the final head's top-1 (`draft_vocabulary`)
+    mask: torch.Tensor | None = None  # [C, L] bool: the chunk's tokens (None: all L of every chunk)
 
     def select(self, chunks: torch.Tensor) -> ExitScores:
         final = self.final[chunks] if self.final is not None else None
-        return ExitScores(self.exits, self.confidence[chunks], self.agree[chunks], final)
+        mask = self.mask[chunks] if self.mask is not None else None
+        return ExitScores(self.exits, self.confidence[chunks], self.agree[chunks], final, mask)
+
+    def tokens_of(self, x: torch.Tensor) -> torch.Tensor:
+        """x [C, L, ...] -> [tokens, ...]: its rows at the chunks' tokens (padding left out)."""
+        return x.flatten(0, 1) if self.mask is None else x[self.mask]
+
+    def chunk_mean(self, x: torch.Tensor) -> torch.Tensor:
+        """x [C, L] -> [C]: each chunk's mean over its own tokens."""
+        if self.mask is None:
+            return x.mean(-1)
+        m = self.mask.to(x.dtype)
+        return (x * m).sum(-1) / m.sum(-1).clamp(min=1)
 
 
 @torch.no_grad()
@@ -150,6 +165,34 @@ def forced_steps(
     )
 
 
+def generation_scores(steps: ForcedSteps, lengths: list[int]) -> ExitScores:
+    """`ExitScores` of forced decode steps (`forced_steps`), one chunk per answer: CALM's own
+    setting, the thresholds calibrated on the decode steps of the model's answers rather than on
+    text. `lengths`: each answer's decode steps in order (len(output) - 1, answers without one
+    left out, as `forced_steps` leaves them), summing to the steps'. An exit agrees where its
+    token is the answer's (what `step_agreement` counts; the final head's own steps agree), so a
+    chunk's loss is the share of its answer's steps at which the early-exit decision would emit
+    another token than full decoding given the same prefix. The answers are the i.i.d. units
+    (prompts drawn from one pool), and the risk bounded is the mean over answers of that share."""
+    lengths = [n for n in lengths if n > 0]
+    if sum(lengths) != steps.target.numel():
+        forced = steps.target.numel()
+        raise ValueError(f"generation_scores: {sum(lengths)} decode steps in the lengths, {forced} forced")
+    e, width = len(steps.exits), max(lengths, default=0)
+    conf = torch.zeros(len(lengths), width, e)
+    agree = torch.zeros(len(lengths), width, e, dtype=torch.bool)
+    final = torch.zeros(len(lengths), width, dtype=torch.long)
+    mask = torch.zeros(len(lengths), width, dtype=torch.bool)
+    at = 0
+    for i, n in enumerate(lengths):
+        conf[i, :n] = steps.confidence[at : at + n]
+        agree[i, :n] = steps.tokens[at : at + n] == steps.target[at : at + n, None]
+        final[i, :n] = steps.target[at : at + n]  # full decoding's own tokens (`draft_vocabulary`)
+        mask[i, :n] = True
+        at += n
+    return ExitScores(list(steps.exits), conf, agree, final, mask)
+
+
 def step_agreement(steps: ForcedSteps, policy) -> tuple[float, float]:
     """(the share of `steps` at which `policy`'s exit decision emits the outputs' token, the share
     at which an exit fires): the first allowed exit whose confidence reaches its threshold gives its
@@ -186,7 +229,7 @@ def draft_vocabulary(scores: ExitScores, vocab: int, coverage: float) -> dict | 
         raise ValueError(f"draft vocabulary coverage must be in (0, 1], got {coverage}")
     if scores.final is None:
         raise ValueError("draft_vocabulary needs the final head's tokens (teacher_forced_scores records them)")
-    counts = torch.bincount(scores.final.flatten(), minlength=vocab)[:vocab]
+    counts = torch.bincount(scores.tokens_of(scores.final), minlength=vocab)[:vocab]
     total = int(counts.sum())
     order = torch.sort(counts, descending=True, stable=True).indices  # ties: the lower id first
     covered = counts[order].cumsum(0)  # (V,) tokens covered by the k + 1 most frequent
@@ -209,13 +252,13 @@ def within_vocabulary(scores: ExitScores, tokens: list[int]) -> ExitScores:
         raise ValueError("within_vocabulary needs the final head's tokens (teacher_forced_scores records them)")
     ids = torch.tensor(sorted(set(tokens)), dtype=scores.final.dtype, device=scores.final.device)
     inside = torch.isin(scores.final, ids)  # (C, L)
-    return ExitScores(scores.exits, scores.confidence, scores.agree & inside[..., None], scores.final)
+    return ExitScores(scores.exits, scores.confidence, scores.agree & inside[..., None], scores.final, scores.mask)
 
 
 def exit_agreement(scores: ExitScores) -> dict[int, float]:
     """Per exit, the share of tokens whose top-1 is the final head's (each exit alone, all
     chunks): the acceptance a draft from it starts with in self-speculative decoding."""
-    share = scores.agree.float().mean(dim=(0, 1))  # (E,)
+    share = scores.tokens_of(scores.agree).float().mean(0)  # (E,)
     return {e: float(share[i]) for i, e in enumerate(scores.exits)}
 
 
@@ -225,7 +268,7 @@ def chunk_losses(scores: ExitScores, thresholds: torch.Tensor) -> tuple[torch.Te
     fire = (scores.confidence >= thresholds) & (thresholds < 1.0)  # (C, L, E)
     first = fire & (fire.cumsum(-1) == 1)  # the first exit that fires decides
     wrong = (first & ~scores.agree).any(-1).float()  # (C, L)
-    return wrong.mean(-1), fire.any(-1).float().mean(-1)
+    return scores.chunk_mean(wrong), scores.chunk_mean(fire.any(-1).float())
 
 
 def threshold_path(fit: ExitScores | None, num_exits: int, kind: str, steps: int) -> torch.Tensor:
@@ -235,7 +278,7 @@ def threshold_path(fit: ExitScores | None, num_exits: int, kind: str, steps: int
         return (1.0 - lambdas)[:, None].expand(steps, num_exits).clone()
     if kind != "quantile":
         raise ValueError(f"--path must be quantile or shared, got {kind!r}")
-    conf = fit.confidence.reshape(-1, num_exits)  # (tokens, E)
+    conf = fit.tokens_of(fit.confidence).reshape(-1, num_exits)  # (tokens, E)
     path = torch.quantile(conf, (1.0 - lambdas).clamp(0.0, 1.0), dim=0)  # (steps, E)
     path[0] = 1.0
     return path
@@ -360,8 +403,8 @@ def single_exit_ceilings(scores: ExitScores, exit_index: int, delta: float) -> t
     """Where the share of tokens leaving at one exit (the others off) is lost, without any bound:
     (oracle, ranked). Oracle: a perfect probe sends every agreeing token and delta of all tokens
     more; ranked: the most confident tokens by `scores` whose disagreement is <= delta of all."""
-    conf = scores.confidence[..., exit_index].flatten()  # (tokens,)
-    agree = scores.agree[..., exit_index].flatten()
+    conf = scores.tokens_of(scores.confidence[..., exit_index])  # (tokens,)
+    agree = scores.tokens_of(scores.agree[..., exit_index])
     agree_share = float(agree.float().mean())
     oracle = min(1.0, agree_share + delta)
     wrong = (~agree[conf.argsort(descending=True, stable=True)]).float().cumsum(0) / conf.numel()  # (tokens,)
@@ -377,7 +420,7 @@ def exit_shares(scores: ExitScores, thresholds: torch.Tensor) -> list[float]:
     final head); same rule as `chunk_losses`."""
     fire = (scores.confidence >= thresholds) & (thresholds < 1.0)  # (C, L, E)
     first = fire & (fire.cumsum(-1) == 1)
-    return first.float().mean(dim=(0, 1)).tolist()
+    return scores.tokens_of(first).float().mean(0).tolist()
 
 
 @dataclass

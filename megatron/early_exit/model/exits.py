@@ -46,6 +46,16 @@ class ConfidenceMLP(nn.Module):
         return self.fc_out(F.gelu(self.fc_in(h)))  # [..., h] -> [..., k] -> [..., 1]
 
 
+PROBE_MODULES = ("confidence", "confidence_norm")
+
+
+def is_probe_parameter(name: str) -> bool:
+    """Whether a model parameter's name ("exits.<layer>.<module>...") is a confidence probe's (the
+    probe and the norm it reads the backbone through): what `--tune-exit-confidence-only` trains."""
+    parts = name.split(".")
+    return len(parts) > 2 and parts[0] == "exits" and parts[2] in PROBE_MODULES
+
+
 def build_probe(config: ModelConfig) -> nn.Module | None:
     """The exit's confidence probe: None, a Linear(h, 1), or a ConfidenceMLP."""
     if not config.use_exit_confidence_head:

@@ -202,15 +202,43 @@ def exit_terms(model, n: int, batch: dict, rotary, loss_type: str, kd_t: float, 
     return masked_mean(per_token, mask), probe, parts
 
 
-def cached_losses(model, batch: dict, exit_weights: dict[int, float], loss_type: str, kd_t: float, cols=None):
+def probe_terms(model, n: int, batch: dict, rotary, cols: Columns):
+    """`--tune-exit-confidence-only`: one exit's probe loss (the BCE of `exit_terms`, against the
+    same agreement with the cached top-1) and its logged parts. Nothing of the exit trains, so
+    its logits are made without a graph and no loss of its own is made (its log-softmax over
+    the vocabulary was most of a cached step's arithmetic)."""
+    head = model.exits[str(n)]
+    backbone = batch["hidden"][n].float()
+    with torch.no_grad():
+        hidden = head.hidden(backbone, rotary)
+        raw = exit_logits(model, head, hidden, cols)
+        z = raw.float() if cols.bias is None else raw + cols.bias
+        agree = (z.gather(-1, cols.topk_col[..., :1]).squeeze(-1) >= cols.raw_max(z)).float()
+    mask = batch["loss_mask"]
+    conf_logit = head.confidence_logit(head.probe_input(backbone, hidden)).float()
+    probe = masked_mean(F.binary_cross_entropy_with_logits(conf_logit, agree, reduction="none"), mask)
+    parts = {f"exit_{n} agreement": masked_mean(agree, mask), f"exit_{n} confidence loss": probe.detach()}
+    return probe, parts
+
+
+def cached_losses(
+    model, batch: dict, exit_weights: dict[int, float], loss_type: str, kd_t: float, cols=None,
+    probes_only: bool = False,
+):  # fmt: skip
     """The tuning objective of every exit from one cached micro-batch: (total, parts).
-    `cols`: the micro-batch's candidate set (`candidate_set`), None for the whole vocabulary."""
+    `cols`: the micro-batch's candidate set (`candidate_set`), None for the whole vocabulary.
+    `probes_only` (`--tune-exit-confidence-only`): the probes' losses alone (`probe_terms`)."""
     cols = whole_vocabulary(batch) if cols is None else cols
     s = batch["labels"].shape[1]
     positions = torch.arange(s, device=batch["labels"].device).unsqueeze(0)
     rotary = model.rotary(positions) if model.rotary is not None else None
     total, parts = None, {}
     for n in model.exit_layer_numbers:
+        if probes_only:
+            term, p = probe_terms(model, n, batch, rotary, cols)
+            total = term if total is None else total + term
+            parts.update(p)
+            continue
         loss, probe, p = exit_terms(model, n, batch, rotary, loss_type, kd_t, cols)
         term = exit_weights[n] * loss + (probe if probe is not None else 0.0)
         total = term if total is None else total + term
@@ -284,8 +312,9 @@ class CachedTuner(Trainer):
         for micro, batch in enumerate(self._micro_batches()):
             with self.autocast:
                 total, parts = cached_losses(
-                    self.model, batch, weights, a.exit_loss_type, a.kd_temperature, self._columns(micro, batch)
-                )
+                    self.model, batch, weights, a.exit_loss_type, a.kd_temperature, self._columns(micro, batch),
+                    probes_only=a.tune_exit_confidence_only,
+                )  # fmt: skip
             (total / self.num_micro).backward()
             for k, v in parts.items():
                 sums[k] = sums.get(k, 0.0) + float(v) / self.num_micro

@@ -31,6 +31,7 @@ from megatron.early_exit.arguments import (
 )
 from megatron.early_exit.config import ExitLossConfig
 from megatron.early_exit.model import EarlyExitGPT
+from megatron.early_exit.model.exits import is_probe_parameter
 from megatron.early_exit.parallel.data_parallel import build_data_parallel
 from megatron.early_exit.parallel.dims import ParallelDims, initialize
 from megatron.early_exit.parallel.grads import (
@@ -268,8 +269,9 @@ class Trainer:
                 raise ValueError(f"--load: checkpoint {self.meta.directory} lacks {missing[:5]}")
         self.model.recompute_activations = bool(self.args.recompute_activations or self.args.recompute_granularity)
         if self.args.tune_exit:
+            probes_only = getattr(self.args, "tune_exit_confidence_only", False)
             for name, p in self.model.named_parameters():
-                p.requires_grad_(name.startswith("exits."))
+                p.requires_grad_(name.startswith("exits.") and (not probes_only or is_probe_parameter(name)))
             self._check_tunable()
         self.model.to(self.device)
         apply_tensor_parallel(self.model, ps.tp_group, self.args.sequence_parallel)

@@ -112,7 +112,7 @@ calibrate "$RUN/distilled"
 # 0.865, which a check would pay a projection for). runs/ee_aclsum/probes is the reference.
 python pretrain_early_exit_gpt.py --load "$RUN/distilled" --finetune --tune-exit --tune-exit-confidence-only \
     --exit-activation-cache "$RUN/distill_cache" --micro-batch-size 16 --global-batch-size 16 \
-    --train-iters "${PROBE_ITERS:-2050}" --lr 1e-3 --min-lr 1e-4 --lr-warmup-iters 20 --lr-decay-style cosine \
+    --train-iters "${PROBE_ITERS:-2050}" --lr 1e-2 --min-lr 1e-3 --lr-warmup-iters 100 --lr-decay-style cosine \
     $BF16 --log-interval 100 --eval-interval "${PROBE_ITERS:-2050}" --eval-iters 4 --save "$RUN/probes" \
     --save-interval "${PROBE_ITERS:-2050}" --log-jsonl "$RUN/probes_log.jsonl"
 # Its thresholds calibrated in CALM's own setting: on the decode steps of the model's own one-line

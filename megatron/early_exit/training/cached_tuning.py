@@ -175,6 +175,13 @@ def _kd(raw, cols: Columns, topk_lp, kd_temperature: float, student):
     return (teacher.exp() * (teacher - student)).sum(-1) * kd_temperature**2
 
 
+def cached_agreement(z: torch.Tensor, cols: Columns) -> torch.Tensor:
+    """[b, s] 1.0 where the exit's top token is the cached top-1 (its logit, without the
+    correction, is the largest over the columns; a tie agrees): what a probe learns. `z`: the
+    exit's corrected fp32 logits over the columns."""
+    return (z.gather(-1, cols.topk_col[..., :1]).squeeze(-1) >= cols.raw_max(z)).float()
+
+
 def exit_terms(model, n: int, batch: dict, rotary, loss_type: str, kd_t: float, cols: Columns):
     """One exit's per-token losses and logged parts from its cached input."""
     head = model.exits[str(n)]
@@ -191,8 +198,8 @@ def exit_terms(model, n: int, batch: dict, rotary, loss_type: str, kd_t: float, 
         kd = _kd(raw, cols, batch["topk_logprobs"], kd_t, lp[..., 1:])
         parts[f"exit_{n} kd loss"] = masked_mean(kd, mask).detach()
         per_token = per_token + kd
-    with torch.no_grad():  # the exit's top token is the cached top-1 (its logit, uncorrected, is the max)
-        agree = (z.gather(-1, cols.topk_col[..., :1]).squeeze(-1) >= cols.raw_max(z)).float()
+    with torch.no_grad():
+        agree = cached_agreement(z, cols)
     parts[f"exit_{n} agreement"] = masked_mean(agree, mask)
     probe = None
     if head.confidence is not None:
@@ -213,7 +220,7 @@ def probe_terms(model, n: int, batch: dict, rotary, cols: Columns):
         hidden = head.hidden(backbone, rotary)
         raw = exit_logits(model, head, hidden, cols)
         z = raw.float() if cols.bias is None else raw + cols.bias
-        agree = (z.gather(-1, cols.topk_col[..., :1]).squeeze(-1) >= cols.raw_max(z)).float()
+        agree = cached_agreement(z, cols)
     mask = batch["loss_mask"]
     conf_logit = head.confidence_logit(head.probe_input(backbone, hidden)).float()
     probe = masked_mean(F.binary_cross_entropy_with_logits(conf_logit, agree, reduction="none"), mask)
@@ -236,11 +243,9 @@ def cached_losses(
     for n in model.exit_layer_numbers:
         if probes_only:
             term, p = probe_terms(model, n, batch, rotary, cols)
-            total = term if total is None else total + term
-            parts.update(p)
-            continue
-        loss, probe, p = exit_terms(model, n, batch, rotary, loss_type, kd_t, cols)
-        term = exit_weights[n] * loss + (probe if probe is not None else 0.0)
+        else:
+            loss, probe, p = exit_terms(model, n, batch, rotary, loss_type, kd_t, cols)
+            term = exit_weights[n] * loss + (probe if probe is not None else 0.0)
         total = term if total is None else total + term
         parts.update(p)
     return total, parts

@@ -427,3 +427,5 @@ def test_tool_calibrates_on_the_models_own_answers(tmp_path, capsys):
     path.write_text('{"text": "1 2"}\n')
     with pytest.raises(ValueError, match=r'prompts.jsonl:1: needs a JSON object with a non-empty "prompt"'):
         tool.run(tool.build_parser().parse_args(argv.split()))
+    with pytest.raises(ValueError, match="give exactly one of --data-path PREFIX, --input F.jsonl and --prompts"):
+        tool.run(tool.build_parser().parse_args([*argv.split(), "--input", str(path)]))

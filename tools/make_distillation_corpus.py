@@ -142,6 +142,7 @@ def run(args: argparse.Namespace) -> None:
     from prepare_aclsum_corpus import aclsum_dir
 
     from megatron.early_exit import load_checkpoint
+    from megatron.early_exit.checkpointing import load_tokenizer_from, read_meta
     from megatron.early_exit.inference import EarlyExitEngine, GenerationSettings
 
     if args.max_prompts is not None and args.max_prompts < 1:
@@ -161,16 +162,19 @@ def run(args: argparse.Namespace) -> None:
     items = interleave(papers, limit)[args.skip_prompts :]
     if not items:
         raise ValueError(f"--splits {' '.join(args.splits)}: no papers with text to prompt from after --skip-prompts")
-    model, tokenizer = load_checkpoint(args.load, device=args.device, dtype=torch.bfloat16 if args.bf16 else None)
+    if args.prompts_only:  # the prompts need the tokenizer alone (its chat template), not the weights
+        model, tokenizer = None, load_tokenizer_from(read_meta(args.load))
+    else:
+        model, tokenizer = load_checkpoint(args.load, device=args.device, dtype=torch.bfloat16 if args.bf16 else None)
     if tokenizer is None:
         raise ValueError(f"--load: {args.load} has no tokenizer (the prompts are text)")
-    engine = EarlyExitEngine(model, tokenizer)
-    stops = ("\n",) if args.one_line else ()
-    settings = GenerationSettings("full", max_new_tokens=args.max_new_tokens, stop_strings=stops)
     texts = [prompt_text(tokenizer, item["content"], item["source"]) for item in items]  # the sweep's request
     if args.prompts_only:
         write_prompts(args.output, texts, items)
         return
+    engine = EarlyExitEngine(model, tokenizer)
+    stops = ("\n",) if args.one_line else ()
+    settings = GenerationSettings("full", max_new_tokens=args.max_new_tokens, stop_strings=stops)
     print(f"{len(items)} prompts from {len({i['paper'] for i in items})} papers ({', '.join(args.splits)})", flush=True)
     start, generated = time.time(), 0
     tmp = args.output + ".tmp"

@@ -193,8 +193,6 @@ def answer_scores(a, model, tok) -> tuple[calibration.ExitScores, dict]:
 
 
 def load_chunks(a, tok) -> torch.Tensor:
-    if bool(a.input) == bool(a.data_path):
-        raise ValueError("give exactly one of --data-path PREFIX, --input F.jsonl and --prompts F.jsonl")
     if a.input and not os.path.isfile(a.input):
         raise ValueError(f"--input: no such file: {a.input}")
     chunks = chunks_from_jsonl(a.input, tok, a.seq_length, a.num_chunks) if a.input else chunks_from_corpus(a, tok)
@@ -320,6 +318,8 @@ def run(a: argparse.Namespace) -> dict:
         raise ValueError(f"--check-splits must be >= 0, got {a.check_splits}")
     if not 0.0 <= a.draft_vocab_coverage <= 1.0:
         raise ValueError(f"--draft-vocab-coverage must be a share in [0, 1], got {a.draft_vocab_coverage}")
+    if sum(map(bool, (a.data_path, a.input, a.prompts))) != 1:  # before the model loads
+        raise ValueError("give exactly one of --data-path PREFIX, --input F.jsonl and --prompts F.jsonl")
     directory = resolve_checkpoint_dir(a.load)
     model, tok = load_checkpoint(a.load, device=a.device, dtype=torch.bfloat16 if a.bf16 else None)
     if not model.config.exit_layer_nums:
@@ -329,8 +329,6 @@ def run(a: argparse.Namespace) -> dict:
             "--measure learned needs confidence probes on every exit (add_exits.py --use-exit-confidence-head)"
         )
     if a.prompts:
-        if a.input or a.data_path:
-            raise ValueError("give exactly one of --data-path PREFIX, --input F.jsonl and --prompts F.jsonl")
         scores, data = answer_scores(a, model, tok)
     else:
         chunks = load_chunks(a, tok).to(a.device)

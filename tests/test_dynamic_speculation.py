@@ -459,6 +459,15 @@ def test_ee_sweep_writes_a_self_speculative_row(tmp_path):
     assert 0.0 <= float(spec["acceptance_rate"]) <= 1.0 and 0.0 <= float(spec["plain_share"]) <= 1.0
     assert set(json.loads(spec["draft_exits"])) <= {"1"}
     assert all(len(v) == 5 for v in json.loads(spec["draft_costs"]).values())  # draft, row, base, alt row, alt base
+    # the rounds priced (batch 1, no alternatives): the oracle's least cost is at most the run's
+    # (lossless, fp32: `test_speculative_cost`), and each whole-call figure is its decoding's with
+    # full decoding's prefill kept, so it lies between 1 and it
+    assert spec["ideal_speedup"] == "" and float(off["ideal_decode_speedup"]) > 0
+    assert float(off["oracle_ideal_decode_speedup"]) >= float(off["ideal_decode_speedup"])
+    for name in ("ideal", "oracle_ideal"):
+        whole, decode = float(off[f"{name}_speedup"]), float(off[f"{name}_decode_speedup"])
+        assert min(1.0, decode) - 1e-3 <= whole <= max(1.0, decode) + 1e-3
+    assert float(off["efficiency"]) == pytest.approx(float(off["speedup"]) / float(off["ideal_speedup"]), rel=0.01)
 
 
 def test_api_early_exit_object_takes_auto():

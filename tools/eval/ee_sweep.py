@@ -374,12 +374,12 @@ def sweep(args) -> list[dict]:
     if args.self_speculative:  # its own file: not threshold rows
         ways = {"on": [True], "off": [False], "both": [True, False]}[args.draft_alternatives]
         spec = []
+        ref = (full_settings, full_tokens, full_results, forced)
         if engine.draft_exits():  # a model without exits drafts from the context alone (--prompt-lookup)
-            spec = [speculative_row(engine, prompts, references, args, full_settings, full_tokens, w) for w in ways]
+            spec = [speculative_row(engine, prompts, references, args, *ref, w) for w in ways]
         if args.prompt_lookup:  # the context as a draft source too: not early exit, a row of its own
-            lookup = args.prompt_lookup
             for w in ways:
-                spec.append(speculative_row(engine, prompts, references, args, full_settings, full_tokens, w, lookup))
+                spec.append(speculative_row(engine, prompts, references, args, *ref, w, args.prompt_lookup))
         write_speculative(spec, args.output)
     return rows
 
@@ -459,12 +459,14 @@ def warm_sizes(batch_size: int) -> list[int]:
 
 
 def speculative_row(
-    engine, prompts, references, args, full, full_tokens: list, alternatives: bool = False, lookup: int = 0
-) -> dict:
+    engine, prompts, references, args, full, full_tokens: list, full_results: list, forced: dict,
+    alternatives: bool = False, lookup: int = 0,
+) -> dict:  # fmt: skip
     """Dynamic self-speculation (draft exit and length "auto") on the same prompts: lossless, so
     its quality is the full model's; speed (paired with full decoding, `paired_runs`),
     acceptance, how often it decoded plainly and how many alternative drafts it kept. `lookup`:
-    drafts from the context too (`prompt_lookup_max`; "draft_exits" counts its rounds as exit 0)."""
+    drafts from the context too (`prompt_lookup_max`; "draft_exits" counts its rounds as exit 0).
+    At batch 1 also what its rounds and its exits are worth (`speculative_ideal`)."""
     from megatron.early_exit.inference import GenerationSettings
 
     s = GenerationSettings(
@@ -482,6 +484,8 @@ def speculative_row(
         for n, k in r.stats["draft_exits"].items():
             exits[n] = exits.get(n, 0) + k
     drafted = sum(r.stats["drafted"] for r in results)
+    ref = (full_tokens, full_results, forced)
+    worth = {} if alternatives else speculative_ideal(engine, prompts, args, results, ref, (speedup, decode), lookup)
     return {
         "setting": "self_speculative auto"
         + (", alternatives" if alternatives else "")
@@ -496,7 +500,53 @@ def speculative_row(
         "draft_exits": json.dumps(dict(sorted(exits.items()))),
         "alternatives_kept": sum(r.stats.get("alternatives_kept", 0) for r in results),
         "draft_costs": json.dumps(draft_costs_of(engine, args.batch_size, lookup > 0)),
+        **worth,
     }
+
+
+def speculative_ideal(engine, prompts, args, results: list, ref: tuple, achieved: tuple, lookup: int = 0) -> dict:
+    """A self-speculative row's cost model, at batch 1 (each round one sequence's): its rounds
+    priced by the draft costs the controller used (`draft_costs.rounds_units`: `ideal_speedup`,
+    `ideal_decode_speedup`, and the achieved over them: `efficiency`, `decode_efficiency`, what the
+    engine adds beyond the timed costs) and the least those costs allow along full decoding's
+    tokens where each round knew its drafts' fate (`draft_costs.oracle_units`, each exit's tokens
+    teacher-forced along full decoding's, `calibration.forced_steps`: `oracle_ideal_speedup`,
+    `oracle_ideal_decode_speedup`; the rounds' ideal far below it: the controller's choices are the
+    bound, not the exits). Whole calls: full decoding's prefill share of its calls kept
+    (`draft_costs.with_prefill`). `ref`: full decoding's (tokens, results, `forced` steps kept by
+    `forced_for`); `achieved`: the row's (speedup, decode_speedup). Empty at batch > 1 (a batch's
+    rounds are shared by its sequences) and with alternative drafts (their rows are not priced)."""
+    from megatron.early_exit.inference.calibration import forced_steps
+    from megatron.early_exit.inference.strategies.draft_control import MAX_DRAFT
+    from megatron.early_exit.inference.strategies.draft_costs import forced_units, rounds_units, with_prefill
+    from megatron.early_exit.inference.strategies.self_speculative import batch_bucket, draft_costs_for
+
+    if args.batch_size != 1:
+        return {}
+    (full_tokens, full_results, forced), (speedup, decode) = ref, achieved
+    costs = draft_costs_for(engine, batch_bucket(1), 1, lookup > 0)  # as the run priced its rounds
+    decoded = lambda rs: sum(max(len(r.tokens) - 1, 0) for r in rs)  # noqa: E731  (the first: the prefill's)
+    calls = max(sum(r.stats["elapsed_s"] for r in full_results), 1e-12)
+    prefill = sum(r.stats["prefill_s"] for r in full_results) / calls
+    ideal = decoded(results) / max(rounds_units(results, costs), 1e-12)  # full decoding: a token a unit
+    out = {
+        "ideal_speedup": round(with_prefill(ideal, prefill), 3),
+        "efficiency": round(speedup / with_prefill(ideal, prefill), 3),
+        "ideal_decode_speedup": round(ideal, 3),
+        "decode_efficiency": round(decode / ideal, 3),
+    }
+    exits = [n for n in engine.draft_exits() if n in costs.draft]
+    if not exits:
+        return out
+    drafts = engine.passes.draft_vocab
+    key = ("drafts", drafts is not None)  # the exits' greedy tokens as drafts take them
+    if key not in forced:
+        forced[key] = forced_steps(engine.model, prompts, full_tokens, "max_prob", drafts)
+    units = forced_units(forced[key], [len(t) for t in full_tokens], exits, costs, MAX_DRAFT)
+    oracle = decoded(full_results) / max(units, 1e-12)
+    out["oracle_ideal_speedup"] = round(with_prefill(oracle, prefill), 3)
+    out["oracle_ideal_decode_speedup"] = round(oracle, 3)
+    return out
 
 
 def draft_costs_of(engine, batch_size: int, lookup: bool = False) -> dict:
@@ -516,8 +566,9 @@ def write_csv(rows: list[dict], out: str, name: str) -> None:
     if not rows:
         return
     os.makedirs(out, exist_ok=True)
+    fields = list(dict.fromkeys(k for row in rows for k in row))  # rows may lack some (an empty cell)
     with open(os.path.join(out, name), "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer = csv.DictWriter(f, fieldnames=fields)
         writer.writeheader()
         writer.writerows(rows)
 

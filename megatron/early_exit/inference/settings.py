@@ -93,8 +93,9 @@ class GenerationResult:
     decoding beside it), average_exit_layer,
     exit_share {layer: share of this sequence's tokens}, early_exit_share, and for
     self_speculative drafted, accepted, acceptance_rate, draft_exits {exit: rounds drafted
-    from it}, draft_lengths {g: rounds with g drafts, 0 = a plain step} and plain_share (the
-    share of rounds with none); exit_time_share with `profile`.
+    from it}, draft_lengths {g: rounds with g drafts, 0 = a plain step}, draft_rounds {exit: {g:
+    rounds with g drafts from it}} and plain_share (the share of rounds with none);
+    exit_time_share with `profile`.
     """
 
     prompt_tokens: list[int]

@@ -141,3 +141,68 @@ def between(lo: tuple[int, DraftCosts], hi: tuple[int, DraftCosts], batch: int) 
         return {k: (1.0 - w) * x[k] + w * y[k] for k in x if k in y}
 
     return DraftCosts(**{f.name: mix(getattr(c0, f.name), getattr(c1, f.name)) for f in dataclasses.fields(DraftCosts)})
+
+
+# ----- what a run's rounds are worth, and what the exits allow (`tools/eval/ee_sweep.py`) -----------
+
+
+def rounds_units(results: list[GenerationResult], costs: DraftCosts) -> float:
+    """The decode time of self-speculative `results` decoded one sequence at a time, in plain
+    rounds: each round its `DraftCosts.round_time` (telemetry `draft_rounds`; a plain round 1).
+    At one sequence a plain round is a full decode step, so a run's decode tokens over these units,
+    against full decoding's tokens over its decode steps, is the speedup its rounds would reach if
+    the engine added nothing to the timed costs (`speculative_ideal`)."""
+    units = 0.0
+    for r in results:
+        st = r.stats
+        units += st.get("draft_lengths", {}).get(0, 0)
+        for n, per in st.get("draft_rounds", {}).items():
+            units += sum(k * costs.round_time(n, g) for g, k in per.items())
+    return units
+
+
+def oracle_units(agree: dict[int, list[bool]], costs: DraftCosts, max_draft: int) -> float:
+    """The fewest plain rounds' worth in which one sequence's decode steps can be made by
+    self-speculation that knows each draft's fate: agree[n][i] whether exit n's greedy token at
+    decode step i (given full decoding's tokens before it) is full decoding's. From each point
+    (its tokens so far full decoding's) a round is plain (1 unit, one token) or drafts g <= max_draft
+    tokens from an exit n that agrees at the next g steps, `DraftCosts.round_time(n, g)`, and keeps
+    all of them and the final head's token after them (g + 1 tokens; at the end, those left). The
+    least total by dynamic programming: the decisions' bound on lossless self-speculation with
+    these exits at these costs, as `ee_sweep.oracle_of` is early exit's."""
+    steps = len(next(iter(agree.values()), []))
+    runs = {}  # runs[n][i]: how many steps from step i on exit n agrees at, in a row
+    for n, ok in agree.items():
+        run = [0] * (steps + 1)
+        for i in range(steps - 1, -1, -1):
+            run[i] = run[i + 1] + 1 if ok[i] else 0
+        runs[n] = run
+    best = [0.0] * (steps + 1)  # best[i]: the least units for steps i.. (step i is the next to make)
+    for i in range(steps - 1, -1, -1):
+        b = 1.0 + best[i + 1]
+        for n, run in runs.items():
+            for g in range(1, min(run[i], max_draft) + 1):
+                b = min(b, costs.round_time(n, g) + best[min(i + g + 1, steps)])
+        best[i] = b
+    return best[0]
+
+
+def forced_units(steps, lengths: list[int], exits: list[int], costs: DraftCosts, max_draft: int) -> float:
+    """`oracle_units` summed over sequences of `lengths` tokens each (the first the prefill's), from
+    full decoding's decode steps teacher-forced (`calibration.forced_steps`: a row per decode step,
+    sequence after sequence; exit n's greedy token there, onto the draft vocabulary where the
+    steps hold one: what a draft from n would be)."""
+    tokens = steps.tokens if steps.draft_tokens is None else steps.draft_tokens
+    units, at = 0.0, 0
+    for length in lengths:
+        k = max(length - 1, 0)
+        agree = {n: (tokens[at : at + k, steps.exits.index(n)] == steps.target[at : at + k]).tolist() for n in exits}
+        units += oracle_units(agree, costs, max_draft)
+        at += k
+    return units
+
+
+def with_prefill(decode_speedup: float, prefill_share: float) -> float:
+    """A whole call's speedup where decoding alone speeds up `decode_speedup` times and the prefill,
+    `prefill_share` of full decoding's call, is the same: 1 / (p + (1 - p) / s)."""
+    return 1.0 / (prefill_share + (1.0 - prefill_share) / max(decode_speedup, 1e-12))

@@ -575,13 +575,18 @@ def final_tokens(out, b: int) -> list[int]:
 
 def record(counts: list, exit_layer: int | None, length: int, alt: int = 0) -> None:
     """Telemetry in slot b's counts ([drafted, accepted, extra stats]): rounds per draft exit,
-    rounds per draft length (0: a plain full step), the share of plain rounds and the alternative
-    drafts kept."""
+    rounds per draft length (0: a plain full step), rounds per draft exit and length
+    (`draft_rounds` {exit: {g: rounds}}: what `draft_costs.rounds_units` prices), the share of
+    plain rounds and the alternative drafts kept."""
     if len(counts) < 3:
-        counts.append({"draft_exits": {}, "draft_lengths": {}, "plain_share": 0.0, "alternatives_kept": 0})
+        counts.append(
+            {"draft_exits": {}, "draft_lengths": {}, "draft_rounds": {}, "plain_share": 0.0, "alternatives_kept": 0}
+        )
     t = counts[2]
     t["alternatives_kept"] += alt
     t["draft_lengths"][length] = t["draft_lengths"].get(length, 0) + 1
     if length:
         t["draft_exits"][exit_layer] = t["draft_exits"].get(exit_layer, 0) + 1
+        per = t["draft_rounds"].setdefault(exit_layer, {})
+        per[length] = per.get(length, 0) + 1
     t["plain_share"] = t["draft_lengths"].get(0, 0) / sum(t["draft_lengths"].values())

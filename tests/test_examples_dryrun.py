@@ -128,8 +128,9 @@ def data(corpus, tmp_path_factory):
     sp = ["--tokenizer-type", "SentencePieceTokenizer", "--tokenizer-model", str(aclsum / "tokenizer.model")]
     for name in ("aclsum", "smollm2", "ee_distill"):
         preprocess_data.main(["--input", str(small), "--output-prefix", str(aclsum / name), *sp, "--append-eod"])
-    for ext in ("bin", "idx"):  # the self-distillation corpus as `--json-keys tokens` names it
-        shutil.copy(aclsum / f"ee_distill_text_document.{ext}", aclsum / f"ee_distill_tokens_document.{ext}")
+    for ext in ("bin", "idx"):  # the self-distillation corpora as `--json-keys tokens` names them
+        for name in ("ee_distill", "smollm2_distill"):
+            shutil.copy(aclsum / f"ee_distill_text_document.{ext}", aclsum / f"{name}_tokens_document.{ext}")
     preprocess_data.main(["--input", str(small), "--output-prefix", str(root / "gpt2"), "--tokenizer-type",
                           "GPT2BPETokenizer", "--append-eod"])  # fmt: skip
     tune = root / "tune"
@@ -184,6 +185,9 @@ def test_example_scripts_pass_the_trainers_checks(script, data, tmp_path, monkey
         run = tmp_path / "tune"  # the demo writes its activation cache there
         shutil.copytree(data["tune"], run)
         env.update(DATA=data["aclsum"], RUN=str(run), CACHE_TOKENS="1024", TUNE_ITERS="3")
+        if "tune_smollm2" in script:  # its self-distillation caches from the tuning's output: a stand-in
+            shutil.copytree(run / "with_exits", run / "tuned")
+            env["DISTILL_TOKENS"] = "1024"
     calls = record_commands(script, env, tmp_path)
     check_tool_calls(calls)
     commands = training_commands(calls)

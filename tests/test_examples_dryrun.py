@@ -68,6 +68,7 @@ def load_tool(path: str):
 # own parser; the activation cache is built for real (tiny), since the tuning command reads it.
 PARSED_TOOLS = (
     "tools/eval/calibrate_thresholds.py",
+    "tools/eval/ee_sweep.py",
     "tools/make_distillation_corpus.py",
     "tools/preprocess_data.py",
     "examples/ee_tuning/demo_generate.py",

@@ -619,15 +619,10 @@ def write_outputs(rows: list[dict], out: str, num_layers_hint: str) -> None:
     print(f"wrote {out}/sweep.csv and 3 plots")
 
 
-def main(argv=None) -> None:
+def build_parser() -> argparse.ArgumentParser:
+    """The sweep's flags (`--measure`'s choices: the measures registered so far, plugins' included)."""
     from megatron.early_exit.inference import measure_names
-    from megatron.early_exit.inference.plugins import load_plugins_from_argv
 
-    try:
-        load_plugins_from_argv(argv)  # plugins may register measures
-    except ValueError as e:
-        sys.stderr.write(f"error: {e}\n")
-        sys.exit(2)
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--load", required=True)
     p.add_argument("--data", help="test_summarization.jsonl (default: prepared from the aclsum package)")
@@ -674,6 +669,18 @@ def main(argv=None) -> None:
     p.add_argument("--prompt-lookup", type=int, default=0, metavar="N",
                    help="with --self-speculative, also a row drafting from the context too (n-grams up to N; "
                    "not early exit: reported apart)")  # fmt: skip
+    return p
+
+
+def main(argv=None) -> None:
+    from megatron.early_exit.inference.plugins import load_plugins_from_argv
+
+    try:
+        load_plugins_from_argv(argv)  # plugins may register measures
+    except ValueError as e:
+        sys.stderr.write(f"error: {e}\n")
+        sys.exit(2)
+    p = build_parser()
     args = p.parse_args(argv)
     if args.batch_size < 1 or args.repeats < 1 or args.cost_steps < 1:
         p.error("--batch-size, --repeats and --cost-steps must be >= 1")

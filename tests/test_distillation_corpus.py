@@ -52,6 +52,7 @@ def test_records_are_the_models_own_greedy_answers_to_the_sweeps_prompt(checkpoi
         assert r["tokens"][: len(ids)] == ids
         (full,) = engine.generate([ids], GenerationSettings("full", max_new_tokens=3))
         assert r["tokens"][len(ids) :] == full.tokens and len(full.tokens) == 3  # the final head's greedy tokens
+        assert r["loss_mask"] == [0] * len(ids) + [1] * 3  # the answer's tokens are the targets
         assert r["finish_reason"] == "length"
 
 

@@ -27,9 +27,11 @@ to 34.5 / 41.6 / 66.4% (`benchmarks/draft_policy.py`, 20 abstracts); the CPU ref
 One jsonl line per prompt: "text" (prompt and answer as text, for reading), "prompt" (the
 prompt alone, as text), "tokens" (the
 prompt's token ids and the generated ones, exactly as decoded: `preprocess_data.py --json-keys
-tokens` takes them as they are), "paper", "source" ("abstract" or "passage"), "answer",
-"finish_reason". Progress goes to stdout; the file is written under a temporary name and
-renamed at the end, so an interrupted run leaves nothing half-written.
+tokens` takes them as they are), "loss_mask" (0 for each prompt token, 1 for each answer token:
+`preprocess_data.py --loss-mask-key loss_mask`, then `--data-loss-mask`, tunes on the answers'
+positions alone), "paper", "source" ("abstract" or "passage"), "answer", "finish_reason".
+Progress goes to stdout; the file is written under a temporary name and renamed at the end, so
+an interrupted run leaves nothing half-written.
 """
 
 from __future__ import annotations
@@ -186,6 +188,7 @@ def run(args: argparse.Namespace) -> None:
                 for i, prompt, r in zip(batch, prompts, engine.generate(prompts, settings)):
                     answer = tokenizer.detokenize(r.tokens)
                     record = {"text": texts[i] + answer, "prompt": texts[i], "tokens": prompt + r.tokens,
+                              "loss_mask": [0] * len(prompt) + [1] * len(r.tokens),
                               "paper": items[i]["paper"],
                               "source": items[i]["source"], "answer": r.text,
                               "finish_reason": r.finish_reason}  # fmt: skip

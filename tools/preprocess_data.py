@@ -11,6 +11,13 @@ beside them `data/corpus_text_document.tokenizer.json`: the tokenizer that made 
 vocabulary size, end-of-document id, fingerprint) and the document and token counts, which
 training checks against its own tokenizer. Errors name `file:line`; a failed run leaves no
 partial output.
+
+`--loss-mask-key FIELD` (one `--json-keys` field): FIELD holds a 0/1 per token of that field
+(1: the token is a target the loss counts, as the answer of a prompt and answer; the end of
+document `--append-eod` adds gets 0), written beside the tokens as
+`<prefix>_<key>_document_loss_mask.{bin,idx}` (uint8, one document per line): training and the
+activation cache take it with `--data-loss-mask` (a position counts where its label does).
+`tools/make_distillation_corpus.py` writes such a field, `loss_mask`.
 """
 
 from __future__ import annotations
@@ -27,14 +34,17 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 _TOKENIZER = None
 _KEYS: list[str] = []
 _APPEND_EOD = False
+_MASK_KEY: str | None = None
+MASK = "\0loss_mask"  # the builders' key of the loss mask (no JSON key is one)
+MASK_SUFFIX = "_loss_mask"  # its prefix: the tokens' prefix and this (`data.datasets.loss_mask_prefix`)
 
 
-def _init_worker(tok_args: dict, keys: list[str], append_eod: bool) -> None:
-    global _TOKENIZER, _KEYS, _APPEND_EOD
+def _init_worker(tok_args: dict, keys: list[str], append_eod: bool, mask_key: str | None = None) -> None:
+    global _TOKENIZER, _KEYS, _APPEND_EOD, _MASK_KEY
     from megatron.early_exit.tokenizer import build_tokenizer
 
     _TOKENIZER = build_tokenizer(**tok_args)
-    _KEYS, _APPEND_EOD = keys, append_eod
+    _KEYS, _APPEND_EOD, _MASK_KEY = keys, append_eod, mask_key
 
 
 def _encode(item: tuple[int, str]) -> tuple[int, dict[str, list[int]] | str, int]:
@@ -59,6 +69,12 @@ def _encode(item: tuple[int, str]) -> tuple[int, dict[str, list[int]] | str, int
                 ids = _TOKENIZER.tokenize(value)
             except Exception as e:  # a tokenizer's own failure: report the line, not a traceback
                 return lineno, f"the tokenizer failed on field {key!r}: {type(e).__name__}: {e}", len(line)
+        if _MASK_KEY is not None:  # one key (checked in `preprocess`): its tokens' mask
+            mask = doc.get(_MASK_KEY)
+            if not isinstance(mask, list) or len(mask) != len(ids) or not all(m in (0, 1) for m in mask):
+                why = f"field {_MASK_KEY!r} is not a list of 0/1, one per token of {key!r} ({len(ids)})"
+                return lineno, why, len(line)
+            out[MASK] = [int(m) for m in mask] + [0] * _APPEND_EOD
         if _APPEND_EOD:
             ids.append(_TOKENIZER.eod)
         out[key] = ids
@@ -95,10 +111,14 @@ def preprocess(args: argparse.Namespace) -> list[str]:
     from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder, get_bin_path, get_idx_path
 
     dtype = np.uint16 if vocab_size < 65500 else np.int32
+    if args.loss_mask_key is not None and len(args.json_keys) != 1:
+        raise ValueError(f"--loss-mask-key {args.loss_mask_key}: one --json-keys field, got {len(args.json_keys)}")
     os.makedirs(os.path.dirname(os.path.abspath(args.output_prefix)), exist_ok=True)
     prefixes = {k: f"{args.output_prefix}_{k}_document" for k in args.json_keys}
+    if args.loss_mask_key is not None:
+        prefixes[MASK] = prefixes[args.json_keys[0]] + MASK_SUFFIX
     tmp = {k: get_bin_path(p) + ".tmp" for k, p in prefixes.items()}
-    builders = {k: IndexedDatasetBuilder(tmp[k], dtype=dtype) for k in prefixes}
+    builders = {k: IndexedDatasetBuilder(tmp[k], dtype=np.uint8 if k == MASK else dtype) for k in prefixes}
     try:
         docs, tokens, largest = _fill(args, builders, tok_args)
         if docs == 0:
@@ -110,7 +130,8 @@ def preprocess(args: argparse.Namespace) -> list[str]:
                 if os.path.exists(path):
                     os.remove(path)
         raise
-    print(f"done: {docs} documents, {sum(tokens.values())} tokens -> " + ", ".join(f"{p}.bin/.idx" for p in outputs))
+    counted = sum(n for k, n in tokens.items() if k != MASK)
+    print(f"done: {docs} documents, {counted} tokens -> " + ", ".join(f"{p}.bin/.idx" for p in outputs))
     return outputs
 
 
@@ -122,7 +143,7 @@ def _fill(args, builders, tok_args) -> tuple[int, dict[str, int], dict[str, int]
     docs = nbytes = 0
     tokens = dict.fromkeys(builders, 0)
     largest = dict.fromkeys(builders, -1)
-    init = (tok_args, args.json_keys, args.append_eod)
+    init = (tok_args, args.json_keys, args.append_eod, args.loss_mask_key)
     if args.workers > 1:
         pool = multiprocessing.Pool(args.workers, initializer=_init_worker, initargs=init)
         results = pool.imap(_encode, _lines(args.input), chunksize=args.chunk_size)
@@ -165,7 +186,8 @@ def _finish(prefixes, builders, tmp, tokenizer, docs, tokens, largest) -> list[s
         builder.finalize(get_idx_path(prefix) + ".tmp")
         os.replace(tmp[key], get_bin_path(prefix))
         os.replace(get_idx_path(prefix) + ".tmp", get_idx_path(prefix))
-        write_sidecar(prefix, description, docs, tokens[key], largest[key])
+        if key != MASK:  # the mask is no token corpus: no tokenizer sidecar
+            write_sidecar(prefix, description, docs, tokens[key], largest[key])
         outputs.append(prefix)
     return outputs
 
@@ -185,6 +207,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer-model")
     p.add_argument("--vocab-size", type=int)
     p.add_argument("--append-eod", action="store_true")
+    p.add_argument("--loss-mask-key", metavar="FIELD",
+                   help="a field of 0/1 per token of the one --json-keys field: written as <prefix>_<key>_document"
+                   "_loss_mask.{bin,idx}, which --data-loss-mask takes (1: the token is a target)")  # fmt: skip
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--chunk-size", type=int, default=8)
     p.add_argument("--log-interval", type=int, default=1000)

@@ -230,6 +230,9 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--data-path", nargs="+", help="prefix, or weight prefix weight prefix ...")
     g.add_argument("--split", default="969,30,1")
     g.add_argument("--mock-data", action="store_true")
+    g.add_argument("--data-loss-mask", action="store_true",
+                   help="each sample's loss mask also the corpus's own per token (<prefix>_loss_mask.bin/.idx, "
+                   "preprocess_data.py --loss-mask-key): a position counts where its label is a target")  # fmt: skip
     g.add_argument("--data-cache-path")
     g.add_argument("--num-workers", type=int, default=0)
     g.add_argument("--tokenizer-type", choices=TOKENIZER_TYPES)
@@ -483,12 +486,19 @@ def validate_output_paths(args: argparse.Namespace) -> None:
 
 
 def _validate_data_args(args: argparse.Namespace) -> None:
+    if getattr(args, "exit_activation_cache", None) and getattr(args, "data_loss_mask", False):
+        raise ValueError(
+            "--data-loss-mask: the activation cache holds its loss mask (cache it with "
+            "tools/checkpoint/cache_exit_activations.py --data-loss-mask)"
+        )
     if getattr(args, "exit_activation_cache", None) or getattr(args, "exit_candidate_vocab", None):
         from megatron.early_exit.training.cached_tuning import validate_cache_args
 
         return validate_cache_args(args)  # the cache replaces --data-path
     if args.mock_data and args.data_path:
         raise ValueError("--mock-data and --data-path are mutually exclusive")
+    if args.mock_data and getattr(args, "data_loss_mask", False):
+        raise ValueError("--data-loss-mask needs --data-path (a corpus with its loss mask), not --mock-data")
     if not args.mock_data and not args.data_path:
         raise ValueError("give --data-path PREFIX (see tools/preprocess_data.py) or --mock-data")
     if args.tokenizer_type == "NullTokenizer" and args.vocab_size is None:

@@ -34,6 +34,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--load", required=True, help="checkpoint with exits")
     p.add_argument("--data-path", nargs="+", help="Megatron .bin/.idx prefix (or weighted blend)")
     p.add_argument("--mock-data", action="store_true", help="megatron-core's mock corpus (tests)")
+    p.add_argument("--data-loss-mask", action="store_true",
+                   help="the cached loss mask also the corpus's own per token (preprocess_data.py "
+                   "--loss-mask-key): exits and probes tuned from it learn where labels are targets")  # fmt: skip
     p.add_argument("--output", required=True, help="cache directory (created)")
     p.add_argument("--seq-length", type=int, default=256)
     p.add_argument("--num-samples", type=int, help="train sequences to cache")
@@ -113,6 +116,7 @@ def build_cache(a: argparse.Namespace) -> dict:
     train_ds, valid_ds, _ = build_datasets(
         tokenizer=tokenizer, seq_length=a.seq_length, seed=a.seed, data_path=a.data_path, split=a.split,
         mock_data=a.mock_data, train_samples=num_train, valid_samples=a.num_valid_samples, test_samples=0,
+        loss_mask=a.data_loss_mask,
     )  # fmt: skip
     os.makedirs(a.output, exist_ok=True)
     sizes = {"train": num_train, "valid": a.num_valid_samples if valid_ds is not None else 0}
@@ -132,7 +136,13 @@ def build_cache(a: argparse.Namespace) -> dict:
         "pre_exit": config.pre_exit,
         "hidden_size": config.hidden_size,
         "vocab_size": config.vocab_size,
-        "corpus": {"data_path": a.data_path, "mock_data": a.mock_data, "split": a.split, "seed": a.seed},
+        "corpus": {
+            "data_path": a.data_path,
+            "mock_data": a.mock_data,
+            "split": a.split,
+            "seed": a.seed,
+            "loss_mask": a.data_loss_mask,
+        },  # fmt: skip
         "num_sequences": sizes,
         "seq_length": a.seq_length,
         "top_k": a.top_k,

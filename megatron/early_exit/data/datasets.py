@@ -129,6 +129,79 @@ def validate_split(split: str) -> str:
     return ",".join(parts)
 
 
+LOSS_MASK_SUFFIX = "_loss_mask"  # a corpus's per-token loss mask: its prefix and this (preprocess_data.py)
+
+
+def loss_mask_prefix(prefix: str) -> str:
+    """Where `tools/preprocess_data.py --loss-mask-key` wrote the corpus `prefix`'s loss mask."""
+    return prefix + LOSS_MASK_SUFFIX
+
+
+def open_loss_mask(prefix: str, tokens):
+    """The loss mask of the corpus `prefix` (a megatron-core IndexedDataset of uint8, one value
+    per token of each document), checked against its tokens' dataset: a clear error naming the
+    file where it is missing or its documents' lengths differ."""
+    import numpy as np
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    path = loss_mask_prefix(prefix)
+    if not (os.path.exists(path + ".bin") and os.path.exists(path + ".idx")):
+        raise ValueError(
+            f"--data-loss-mask: no {path}.bin/.idx beside {prefix} (tools/preprocess_data.py --loss-mask-key writes it)"
+        )
+    try:
+        mask = IndexedDataset(path, multimodal=False, mmap=True)
+    except Exception as e:  # a truncated or foreign file
+        raise ValueError(f"--data-loss-mask: {path}.bin/.idx unreadable: {type(e).__name__}: {e}") from None
+    if not np.array_equal(np.asarray(mask.sequence_lengths), np.asarray(tokens.sequence_lengths)):
+        raise ValueError(
+            f"--data-loss-mask: {path} holds {len(mask.sequence_lengths)} documents whose lengths differ from "
+            f"{prefix}'s {len(tokens.sequence_lengths)}: not made with these tokens"
+        )
+    return mask
+
+
+_MASKED: dict = {}
+
+
+def masked_dataset_class(gpt):
+    """megatron-core's GPTDataset whose samples' loss mask is also the corpus's own (`open_loss_mask`):
+    position t counts where its label, token t + 1 of the sample, is a target (mask 1), as in a
+    completion-only loss (the answer of a prompt and answer). Each sample's mask is read with its
+    tokens' documents and offsets (`sample_index`, `document_index`, `shuffle_index`)."""
+    if gpt in _MASKED:
+        return _MASKED[gpt]
+
+    class MaskedGPTDataset(gpt.GPTDataset):
+        def __init__(self, indexed_dataset, dataset_path, *args, **kwargs) -> None:
+            super().__init__(indexed_dataset, dataset_path, *args, **kwargs)
+            self.mask_dataset = open_loss_mask(dataset_path, indexed_dataset)
+
+        def __getitem__(self, idx):
+            item = super().__getitem__(idx)  # (loads the lazy indices too)
+            if idx is None:  # a padding sample: masked whole already
+                return item
+            import numpy as np
+
+            extra = int(self.config.add_extra_token_to_sequence)
+            i = self.shuffle_index[idx]
+            (beg, beg_off), (end, end_off) = self.sample_index[i], self.sample_index[i + 1]
+            parts = []
+            for j in range(int(beg), int(end) + 1):
+                off = int(beg_off) if j == beg else 0
+                length = int(end_off) - off + extra if j == end else None
+                parts.append(self.mask_dataset.get(self.document_index[j], offset=off, length=length))
+            m = np.zeros(self.config.sequence_length + extra, dtype=np.float32)
+            got = np.concatenate(parts) if parts else np.zeros(0)
+            m[: len(got)] = got[: len(m)]
+            target = torch.from_numpy(m[1:] if extra else np.append(m[1:], 0.0))  # the mask of each label
+            item["loss_mask"] = item["loss_mask"] * target.to(item["loss_mask"].dtype)
+            return item
+
+    _MASKED[gpt] = MaskedGPTDataset
+    return MaskedGPTDataset
+
+
 def build_datasets(
     *,
     tokenizer,
@@ -141,20 +214,25 @@ def build_datasets(
     valid_samples: int,
     test_samples: int,
     data_cache_path: str | None = None,
+    loss_mask: bool = False,
 ):
     """(train, valid, test) megatron-core GPT datasets; an unrequested or empty split is None.
+    `loss_mask`: each sample's loss mask also the corpus's own (`masked_dataset_class`), every
+    prefix's read from beside it.
 
     Under torch.distributed every rank must call this together: megatron-core builds its
     index caches on rank 0 first, then lets the other ranks read them.
     """
     builder_mod, gpt = import_core_datasets()
     split = validate_split(split)
+    if mock_data and loss_mask:
+        raise ValueError("--data-loss-mask needs --data-path (a corpus with its loss mask), not --mock-data")
     if mock_data:
         blend, cls = None, gpt.MockGPTDataset
         cache = data_cache_path or os.path.join(tempfile.gettempdir(), "megatron_early_exit_mock_cache")
     else:
         prefixes, weights = parse_data_path(data_path or [])
-        blend, cls = (prefixes, weights), gpt.GPTDataset
+        blend, cls = (prefixes, weights), masked_dataset_class(gpt) if loss_mask else gpt.GPTDataset
         cache = data_cache_path or os.path.join(os.path.dirname(os.path.abspath(prefixes[0])), "cache")
         if len(prefixes) > 1 and not torch.distributed.is_initialized():
             # megatron-core's blend cache asks torch.distributed for the rank on a cache miss;

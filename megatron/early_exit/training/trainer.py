@@ -361,6 +361,7 @@ class Trainer:
             valid_samples=eval_samples,
             test_samples=eval_samples,
             data_cache_path=args.data_cache_path,
+            loss_mask=args.data_loss_mask,
         )
         # Collective: megatron-core builds its index caches on rank 0 first, then the others.
         self.train_ds, self.valid_ds, _ = build_datasets(**kwargs)

@@ -132,6 +132,7 @@ def data(corpus, tmp_path_factory):
     for ext in ("bin", "idx"):  # the self-distillation corpora as `--json-keys tokens` names them
         for name in ("ee_distill", "smollm2_distill"):
             shutil.copy(aclsum / f"ee_distill_text_document.{ext}", aclsum / f"{name}_tokens_document.{ext}")
+    answers_mask(str(aclsum / "ee_distill_tokens_document"))  # `--loss-mask-key loss_mask` writes it
     preprocess_data.main(["--input", str(small), "--output-prefix", str(root / "gpt2"), "--tokenizer-type",
                           "GPT2BPETokenizer", "--append-eod"])  # fmt: skip
     tune = root / "tune"
@@ -146,6 +147,24 @@ def data(corpus, tmp_path_factory):
     probed.load_state_dict(model.state_dict(), strict=False)
     save_checkpoint(str(tune / "with_probes"), 0, probed, tok)
     return {"aclsum": str(aclsum), "gpt2": str(root / "gpt2_text_document"), "tune": str(tune)}
+
+
+def answers_mask(prefix: str) -> None:
+    """A loss mask beside the corpus `prefix` (every other token a target), as
+    `preprocess_data.py --loss-mask-key` writes one: what `--data-loss-mask` reads."""
+    import numpy as np
+    import torch
+    from megatron.core.datasets.indexed_dataset import IndexedDataset, IndexedDatasetBuilder
+
+    from megatron.early_exit.data.datasets import loss_mask_prefix
+
+    tokens = IndexedDataset(prefix)  # held: its lengths are a view of its memory map
+    lengths = [int(n) for n in tokens.sequence_lengths]
+    out = loss_mask_prefix(prefix)
+    builder = IndexedDatasetBuilder(out + ".bin", dtype=np.uint8)
+    for n in lengths:
+        builder.add_document(torch.arange(int(n)) % 2, [int(n)])
+    builder.finalize(out + ".idx")
 
 
 class StopBeforeProcessGroups(Exception):

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import random
 import shutil
 
@@ -82,6 +83,8 @@ def test_every_position_counts_where_its_label_is_a_target(corpus):
         assert b["loss_mask"].equal(want)
         counted += int(want.sum())
     assert 0 < counted < sum(int(plain[i]["loss_mask"].sum()) for i in range(len(plain)))
+    again = pickle.loads(pickle.dumps(masked))  # as a spawned data loader worker gets it
+    assert type(again).__name__ == "MaskedGPTDataset" and again[3]["loss_mask"].equal(masked[3]["loss_mask"])
 
 
 def test_a_missing_or_foreign_mask_is_a_clear_error(corpus, tmp_path, capsys):

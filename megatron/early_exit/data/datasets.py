@@ -198,8 +198,16 @@ def masked_dataset_class(gpt):
             item["loss_mask"] = item["loss_mask"] * target.to(item["loss_mask"].dtype)
             return item
 
+    # pickled by reference (a spawned data loader worker): this module's `__getattr__` makes it there
+    MaskedGPTDataset.__module__, MaskedGPTDataset.__qualname__ = __name__, "MaskedGPTDataset"
     _MASKED[gpt] = MaskedGPTDataset
     return MaskedGPTDataset
+
+
+def __getattr__(name: str):
+    if name == "MaskedGPTDataset":
+        return masked_dataset_class(import_core_datasets()[1])
+    raise AttributeError(name)
 
 
 def build_datasets(

@@ -36,7 +36,6 @@ _KEYS: list[str] = []
 _APPEND_EOD = False
 _MASK_KEY: str | None = None
 MASK = "\0loss_mask"  # the builders' key of the loss mask (no JSON key is one)
-MASK_SUFFIX = "_loss_mask"  # its prefix: the tokens' prefix and this (`data.datasets.loss_mask_prefix`)
 
 
 def _init_worker(tok_args: dict, keys: list[str], append_eod: bool, mask_key: str | None = None) -> None:
@@ -95,7 +94,7 @@ def _lines(path: str):
 def preprocess(args: argparse.Namespace) -> list[str]:
     import numpy as np
 
-    from megatron.early_exit.data.datasets import import_core_datasets
+    from megatron.early_exit.data.datasets import import_core_datasets, loss_mask_prefix
     from megatron.early_exit.tokenizer import build_tokenizer
 
     tok_args = dict(
@@ -116,7 +115,7 @@ def preprocess(args: argparse.Namespace) -> list[str]:
     os.makedirs(os.path.dirname(os.path.abspath(args.output_prefix)), exist_ok=True)
     prefixes = {k: f"{args.output_prefix}_{k}_document" for k in args.json_keys}
     if args.loss_mask_key is not None:
-        prefixes[MASK] = prefixes[args.json_keys[0]] + MASK_SUFFIX
+        prefixes[MASK] = loss_mask_prefix(prefixes[args.json_keys[0]])  # where --data-loss-mask reads it
     tmp = {k: get_bin_path(p) + ".tmp" for k, p in prefixes.items()}
     builders = {k: IndexedDatasetBuilder(tmp[k], dtype=np.uint8 if k == MASK else dtype) for k in prefixes}
     try:

@@ -538,11 +538,16 @@ def speculative_ideal(engine, prompts, args, results: list, ref: tuple, achieved
     exits = [n for n in engine.draft_exits() if n in costs.draft]
     if not exits:
         return out
+    # the exits' greedy tokens as drafts take them (onto the draft vocabulary where the engine drafts
+    # onto one): any measure's forced steps hold them, so a row's (`forced_for`) serves where it has
+    # the same vocabulary, and one pass is made otherwise
     drafts = engine.passes.draft_vocab
-    key = ("drafts", drafts is not None)  # the exits' greedy tokens as drafts take them
-    if key not in forced:
-        forced[key] = forced_steps(engine.model, prompts, full_tokens, "max_prob", drafts)
-    units = forced_units(forced[key], [len(t) for t in full_tokens], exits, costs, MAX_DRAFT)
+    steps = next((s for s in forced.values() if (s.draft_tokens is None) == (drafts is None)), None)
+    if steps is None:
+        steps = forced[("drafts", drafts is not None)] = forced_steps(
+            engine.model, prompts, full_tokens, "max_prob", drafts
+        )
+    units = forced_units(steps, [len(t) for t in full_tokens], exits, costs, MAX_DRAFT)
     oracle = decoded(full_results) / max(units, 1e-12)
     out["oracle_ideal_speedup"] = round(with_prefill(oracle, prefill), 3)
     out["oracle_ideal_decode_speedup"] = round(oracle, 3)

@@ -3,7 +3,9 @@ the same drafts, kept tokens, exit layers, confidences, acceptance counts, K/V a
 the round through `Passes.native_drafts_of` and `EarlyExitEngine.verify` (the same native calls,
 so bit for bit in fp32 and bf16), at one sequence and several, with fixed and dynamic drafting;
 greedy self-speculation through it equals full greedy decoding (fp32); where it does not apply
-(alternative drafts, switched off) nothing is done and the round runs as before.
+(alternative drafts, switched off) nothing is done and the round runs as before. One sequence's
+rounds in one native call (`SelfSpeculative.native_run`, `native.spec_rounds`): the same results,
+telemetry, controller decisions and state as those rounds one by one, stops mid-round included.
 """
 
 import pytest
@@ -19,13 +21,15 @@ needs_native = pytest.mark.skipif(not native.available(), reason="no native kern
 PROMPTS = [[5, 17, 33, 2, 9, 41, 7], [11, 3, 60, 25, 8], [4, 4, 90, 13, 27, 6, 50, 21, 3]]
 
 
-def generated(model, prompts, settings, on: bool, monkeypatch):
+def generated(model, prompts, settings, on: bool, monkeypatch, rounds: bool = False):
     """(results, the decode state, verify passes made by `spec_round`, by `EarlyExitEngine.verify`)
-    of one self-speculative `generate` with `Passes.native_spec` on or off."""
+    of one self-speculative `generate` with `Passes.native_spec` on or off (and one sequence's
+    rounds in one call, `Passes.native_spec_rounds`, as `rounds` says)."""
     from megatron.early_exit.inference.strategies import self_speculative
 
     engine = EarlyExitEngine(model, linear_kernel="native")
     monkeypatch.setattr(Passes, "native_spec", on)
+    monkeypatch.setattr(Passes, "native_spec_rounds", rounds)
     states, fused, separate = [], [], []
     real_state, real_round, real_verify = engine.new_state, self_speculative.spec_round, engine.verify
 
@@ -149,3 +153,85 @@ def test_a_verify_plan_looks_its_kernels_up_once_and_its_hooks_every_time(monkey
         assert not plan.takes(engine.passes, 3, torch.float32)
         hook.remove()
         assert plan.takes(engine.passes, 3, torch.float32) and asked == [3, 5]
+
+
+def looped(model, prompt, settings, rounds: bool, monkeypatch):
+    """(result, decode state, [rounds made by each `native.spec_rounds` call]) of one sequence's
+    self-speculative `generate` with `Passes.native_spec_rounds` as `rounds` says."""
+    calls, real = [], native.spec_rounds
+    monkeypatch.setattr(native, "spec_rounds", lambda *a: (lambda made: calls.append(made[0]) or made)(real(*a)))
+    results, state, _, _ = generated(model, [prompt], settings, True, monkeypatch, rounds=rounds)
+    monkeypatch.setattr(native, "spec_rounds", real)
+    return results[0], state, calls
+
+
+def varied(dtype, agree: bool = False):
+    """`build`'s model with its matrices 20 times larger, whose greedy tokens vary (`build`'s
+    repeat one token); with `agree`, exit 1 mostly agrees with the final head (its norm and head
+    the final ones, the deeper layers' outputs scaled down): the controller keeps drafting from it."""
+    model = build(torch.float32)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.mul_(20.0)
+        if agree:
+            for layer in list(model.decoder.layers.values())[1:]:
+                layer.self_attention.linear_proj.weight.mul_(0.02)
+                layer.mlp.linear_fc2.weight.mul_(0.02)
+            model.exits["1"].norm.weight.copy_(model.decoder.final_layernorm.weight)
+            model.exits["1"].output_layer.weight.copy_(model.embedding.word_embeddings.weight)
+            vocab = model.calibrated_thresholds["draft_vocabulary"]
+            vocab["tokens"] = list(range(model.config.vocab_size))  # every token a draft can be
+    return model.to(dtype)
+
+
+STATS = ("drafted", "accepted", "draft_exits", "draft_lengths", "draft_rounds", "plain_share")
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dynamic", [False, True])
+@pytest.mark.parametrize("ends", ["length", "stop"])
+def test_rounds_in_one_call_equal_the_rounds_one_by_one(dtype, dynamic, ends, monkeypatch):
+    """Every result, token's exit layer and confidence (bit for bit), count, telemetry record and
+    K/V of one sequence's rounds in one native call equal those rounds' one at a time, with fixed
+    drafting and the controller's (its decisions made once a round either way: the same rounds per
+    exit and length); a sequence ending inside a round (its length, or a stop token that a kept
+    draft is) ends there; fp32 is full greedy decoding's output."""
+    model = varied(dtype, agree=dynamic)
+    kw = {} if dynamic else {"num_draft_tokens": 4, "draft_exit_layer": 1}
+    full = EarlyExitEngine(model, linear_kernel="native")
+    for prompt in PROMPTS:
+        greedy = full.generate([prompt], GenerationSettings(max_new_tokens=30, ignore_eos=True))[0].tokens
+        first = next(i for i in range(12, 30) if greedy[i] not in greedy[:i])  # a token new there
+        stop = {"stop_token_ids": (greedy[first],)} if ends == "stop" else {}
+        s = GenerationSettings("self_speculative", 30 if ends == "stop" else 23, ignore_eos=True, **stop, **kw)
+        want, want_state, none = looped(model, prompt, s, False, monkeypatch)
+        got, got_state, calls = looped(model, prompt, s, True, monkeypatch)
+        assert none == [] and calls and max(calls) > 1, (none, calls)  # rounds on in one call
+        assert_same_results([want], [got])
+        assert {k: want.stats[k] for k in STATS} == {k: got.stats[k] for k in STATS}
+        assert_same_state(want_state, got_state)
+        end = first + 1 if ends == "stop" else 23
+        assert got.finish_reason == ("stop" if ends == "stop" else "length") and len(got.tokens) == end
+        if dtype == torch.float32:
+            assert got.tokens == greedy[:end]
+
+
+@needs_native
+def test_rounds_in_one_call_leave_where_the_loop_does_not_apply(monkeypatch):
+    """Several sequences, alternative drafts, log-probabilities: no call of `native.spec_rounds`
+    (their rounds as before)."""
+    model = build(torch.float32)
+    fixed = {"ignore_eos": True, "num_draft_tokens": 3, "draft_exit_layer": 1}
+    for prompts, kw in (
+        (PROMPTS, {}),
+        (PROMPTS[:1], {"draft_alternatives": True}),
+        (PROMPTS[:1], {"return_logprobs": True}),
+    ):
+        calls, real = [], native.spec_rounds
+        monkeypatch.setattr(native, "spec_rounds", lambda *a, calls=calls, real=real: calls.append(1) or real(*a))
+        s = GenerationSettings("self_speculative", 12, **fixed, **kw)
+        results, _, _, _ = generated(model, prompts, s, True, monkeypatch, rounds=True)
+        monkeypatch.setattr(native, "spec_rounds", real)
+        assert calls == [] and all(len(r.tokens) == 12 for r in results), kw

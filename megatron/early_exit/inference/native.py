@@ -114,6 +114,9 @@ DECODE_DECIDE = ctypes.CFUNCTYPE(
     ctypes.POINTER(ctypes.c_int64),
 )
 NO_DECIDE = ctypes.cast(None, DECODE_DECIDE)  # NULL: the exact policy's decisions
+# `spec_rounds`' keep(j, token, exit layer, max-probability) and next(round, drafted, agreed, ended)
+SPEC_KEEP = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_float)
+SPEC_NEXT = ctypes.CFUNCTYPE(ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64)
 
 
 @functools.cache
@@ -164,6 +167,11 @@ def library() -> ctypes.CDLL | None:
     lib.ee_verify.argtypes = [i64, vp, vp, vp, vp, i64, i64, vp, i64, vp, vp, i32, i32] + [i64] * 5
     lib.ee_verify.argtypes += [vp, vp, i64, i64, i64, vp, i64, vp, ctypes.c_float, vp, vp, vp]
     lib.ee_verify.restype = i32
+    f32 = ctypes.c_float
+    lib.ee_spec_rounds.argtypes = [i64, vp, vp, vp, i64, i64, vp, vp, i64, vp, vp, vp, i64, vp, vp, f32, i64]
+    lib.ee_spec_rounds.argtypes += [i64, vp, vp, vp, i64, vp, f32, i32, i32] + [i64] * 5 + [vp, vp] + [i64] * 6
+    lib.ee_spec_rounds.argtypes += [vp, i64, SPEC_KEEP, SPEC_NEXT, vp, vp, vp]
+    lib.ee_spec_rounds.restype = i32
     lib.ee_rows.argtypes = [vp, i32, i32, vp, ctypes.c_float, vp, i64, i64, i32]
     lib.ee_rows.restype = None
     lib.ee_amx.argtypes = [i32]
@@ -819,6 +827,55 @@ def verify(
     if rc != 0:
         raise MemoryError("native kernel: out of memory for a verify pass's rows")
     return part, list(tokens), list(conf)
+
+
+def spec_rounds(
+    slot: int, token: int, fed: int, filled, layers: int, pending: torch.Tensor, embedding: torch.Tensor,
+    draft_run: LayerRun, draft_head: tuple, draft_layer: int, verify_run: LayerRun, head: DecodeHead,
+    shape: tuple[int, int, int, int], tables: tuple[torch.Tensor, torch.Tensor], room: int, cap: int, max_cap: int,
+    stop: list[float], keep, after,
+) -> tuple[int, int, int]:  # fmt: skip
+    """Self-speculative rounds of one sequence in one call (`ee_spec_rounds`): each round drafts up
+    to `cap` tokens from the exit below `len(draft_run)` layers as `drafts` does (with feed_last; its
+    head `draft_head` as `drafts` takes it, the early stop's numbers `stop`: an `EarlyStop`'s, which
+    `after` may rewrite in place), verifies them as `verify` does (`verify_run`: the layers from the
+    exit on, the final head `head`), keeps the agreeing drafts and the final head's token after
+    them (keep(j, token, exit layer, max-probability) after each: False ends the sequence) and
+    forgets the positions past them (`filled`, the cache's (L, B) int64 fill counts, in place).
+    after(round, drafts, their max-probabilities, agreed, ended) after every round gives the next
+    round's cap (at most max_cap), or 0: the loop returns. slot: the sequence's cache slot; token:
+    its last kept token, not yet fed, at position fed; pending: its pending rows (T, h), contiguous;
+    tables: the rotary (cos, signed sine) below `room`, the last position the loop may fill + 1.
+    Returns (rounds, the last kept token, fed)."""
+    g, per, hd, ffn = shape
+    cos, sin_signed = tables
+    h = embedding.shape[-1]
+    panels, rows, ids, (gain, eps) = draft_head
+    tok, at, made = ctypes.c_int64(token), ctypes.c_int64(fed), ctypes.c_int64(0)
+    drafts, conf = (ctypes.c_int64 * max_cap)(), (ctypes.c_float * max_cap)()
+    numbers = (ctypes.c_double * len(stop))(*stop)
+    failed: list[BaseException] = []
+
+    def ended_next(r: int, n: int, ok: int, ended: int) -> int:
+        return after(r, list(drafts[:n]), list(conf[:n]), ok, bool(ended), numbers)
+
+    told, asked = guarded(keep, failed, 0), guarded(ended_next, failed, 0)
+    d_gain = gain.contiguous()
+    f_gain = None if head.norm is None else head.norm[0].contiguous()
+    rc = library().ee_spec_rounds(
+        slot, ctypes.byref(tok), ctypes.byref(at), filled.ctypes.data, filled.shape[1], layers, pending.data_ptr(),
+        embedding.data_ptr(), len(draft_run), draft_run.ptrs, draft_run.eps, panels.data_ptr(), rows, ids.data_ptr(),
+        d_gain.data_ptr(), float(eps), draft_layer, len(verify_run), verify_run.ptrs, verify_run.eps,
+        head.panels.data_ptr(), head.rows, None if f_gain is None else f_gain.data_ptr(),
+        0.0 if head.norm is None else float(head.norm[1]), embedding.dtype == torch.bfloat16,
+        torch.get_num_threads(), h, g, per, hd, ffn, cos.data_ptr(), sin_signed.data_ptr(), *draft_run.strides[:3],
+        room, cap, max_cap, numbers, len(stop) - 2, SPEC_KEEP(told), SPEC_NEXT(asked), drafts, conf, ctypes.byref(made),
+    )  # fmt: skip
+    if failed:
+        raise failed[0]
+    if rc != 0:
+        raise MemoryError("native kernel: out of memory for a self-speculative round")
+    return made.value, tok.value, at.value
 
 
 def guarded(fn, stop: list, failed: int):

@@ -1950,3 +1950,80 @@ int ee_verify(int64_t S, const int64_t *slots, const int64_t *lo, const int64_t 
     free(floats);
     return failed;
 }
+
+/* Self-speculative rounds of one sequence in one call, each round the two calls `native_spec.spec_round`
+ * makes and the bookkeeping `SelfSpeculative.verified_round` does after them, without returning to
+ * Python between rounds. A round from the last kept token *token (not yet fed; position *fed):
+ *   ee_drafts: up to cap drafts from the exit below layer Ld (its layers ptrs_d, eps_d; its head Wd,
+ *     Kd rows, the draft vocabulary's ids, its norm gain_d, eps_hd), the early stop's numbers `stop`
+ *     (bins of them, as ee_drafts takes them), the last draft fed below the exit too; its hidden
+ *     states into the sequence's pending rows (`pending`: row q is position q), filled at layers
+ *     0 .. Ld - 1 set to the round's last fed position + 1;
+ *   ee_verify: those rows through layers Ld .. Ld + Lv - 1 (ptrs_v, eps_v) and the final head (Wf, Kf
+ *     rows, gain_f, eps_hf): the final head's token after each fed position;
+ *   the drafts that agree with it in a row are kept (exit layer draft_layer, the draft's
+ *     max-probability), then the final head's token after them (exit layer `layers`, its
+ *     max-probability): keep(j, token, layer, confidence) is asked after each, in order, and one that
+ *     returns 0 ends the sequence (the round's later tokens are not kept);
+ *   the cache forgets the positions past the kept ones (filled at every layer at most their end,
+ *     as `DecodeState.reset`), *fed is that end and *token the final head's token;
+ *   next(round, drafted, agreed, ended) (the round's drafts and their max-probabilities in drafts[0 ..
+ *     drafted - 1] and dconf) gives the next round's cap (at most max_cap; stop's numbers may be
+ *     rewritten in place before it returns), or 0: the loop returns. It is asked after every round, the
+ *     last too (ended: keep ended the sequence; it then returns 0).
+ * The loop returns too before a round whose positions would pass room (the cache's and the pending
+ * rows' length). cos, sin: the rotary tables for every position below room. *rounds: rounds made.
+ * 0 on success, 1 when memory runs out (the rounds made by then are whole; the failing round's fill
+ * counts, *fed and *token are those of the round before it: its positions are forgotten). */
+int ee_spec_rounds(int64_t slot, int64_t *token, int64_t *fed, int64_t *filled, int64_t B, int64_t layers,
+                   const void *pending, const void *emb, int64_t Ld, const int64_t *ptrs_d, const float *eps_d,
+                   const void *Wd, int64_t Kd, const int64_t *ids, const void *gain_d, float eps_hd,
+                   int64_t draft_layer, int64_t Lv, const int64_t *ptrs_v, const float *eps_v, const void *Wf,
+                   int64_t Kf, const void *gain_f, float eps_hf, int bf16, int threads, int64_t h, int64_t G,
+                   int64_t per, int64_t hd, int64_t ffn, const float *cos, const float *sin, int64_t sb, int64_t sg,
+                   int64_t st, int64_t room, int64_t cap, int64_t max_cap, const double *stop, int64_t bins,
+                   int (*keep)(int64_t, int64_t, int64_t, float), int64_t (*next)(int64_t, int64_t, int64_t, int64_t),
+                   int64_t *drafts, float *dconf, int64_t *rounds) {
+    const size_t row = (size_t)h * (bf16 ? 2 : 4);
+    *rounds = 0;
+    if (cap > max_cap) cap = max_cap;
+    float *part = (float *)malloc(sizeof(float) * (size_t)((max_cap + 1) * Kf));
+    int64_t *vt = (int64_t *)malloc(sizeof(int64_t) * (size_t)(max_cap + 1));
+    float *vc = (float *)malloc(sizeof(float) * (size_t)(max_cap + 1));
+    int failed = !part || !vt || !vc;
+    while (!failed && cap > 0) {
+        const int64_t pos = *fed;
+        if (pos + cap + 1 > room) break;
+        int64_t made = 0, lim = cap, at = pos, hi, ok = 0, base = (int64_t)(intptr_t)pending;
+        int64_t from = (int64_t)(intptr_t)((const char *)pending + (size_t)pos * row);
+        failed = ee_drafts(cap, 1, token, emb, Ld, ptrs_d, eps_d, bf16, threads, h, G, per, hd, ffn, cos, sin, sb, sg,
+                           st, &slot, &at, &from, &lim, Wd, Kd, ids, gain_d, eps_hd, NULL, stop, bins, 1, drafts, dconf,
+                           &made);
+        hi = pos + made + 1; /* every draft made fed below the exit, the last too */
+        for (int64_t l = 0; l < Ld && !failed; l++) filled[l * B + slot] = hi;
+        if (!failed)
+            failed = ee_verify(1, &slot, &at, &hi, filled, B, Ld, &base, Lv, ptrs_v, eps_v, bf16, threads, h, G, per,
+                               hd, ffn, cos, sin, sb, sg, st, Wf, Kf, gain_f, eps_hf, part, vt, vc);
+        if (failed) { /* forget the round's positions */
+            for (int64_t l = 0; l < layers; l++)
+                if (filled[l * B + slot] > pos) filled[l * B + slot] = pos;
+            break;
+        }
+        while (ok < made && vt[ok] == drafts[ok]) ok++;
+        int ended = 0;
+        for (int64_t i = 0; i <= ok && !ended; i++)
+            ended = i < ok ? !keep(i, drafts[i], draft_layer, dconf[i]) : !keep(i, vt[ok], layers, vc[ok]);
+        const int64_t end = pos + ok + 1; /* the agreeing drafts' positions kept, the final token not yet fed */
+        for (int64_t l = 0; l < layers; l++)
+            if (filled[l * B + slot] > end) filled[l * B + slot] = end;
+        *fed = end;
+        *token = vt[ok];
+        (*rounds)++;
+        cap = next(*rounds - 1, made, ok, ended);
+        if (cap > max_cap) cap = max_cap;
+    }
+    free(part);
+    free(vt);
+    free(vc);
+    return failed;
+}

@@ -25,6 +25,10 @@ done). `Passes.native_spec` (class attribute) False turns it off.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+import torch
+
 from megatron.early_exit.inference import lean, native
 from megatron.early_exit.inference.passes import StepOutput
 
@@ -62,3 +66,48 @@ def spec_round(engine, state, tokens: dict[int, int], n: int, caps: dict[int, in
     out = StepOutput()
     passes.record_rows(seqs, [hi - p for hi, p in zip(his, pos)], logits, toks, conf, out)
     return drafted, out
+
+
+@dataclass
+class LoopParts:
+    """What `native.spec_rounds` takes of a decode state for one sequence drafting from one exit
+    (`loop_parts`), worked out before its rounds."""
+
+    draft: object  # `Passes.draft_plan`'s: the layers below the exit and the draft head
+    verify: object  # `Passes.verify_plan`'s: the layers from the exit on and the final head
+    tables: tuple  # the rotary (cos, signed sine) below `room`
+    room: int  # the last position the loop may fill + 1 (the cache's and the pending rows' length)
+
+
+def loop_parts(engine, state, b: int, n: int, max_cap: int) -> LoopParts | None:
+    """`native.spec_rounds`' parts for sequence b's rounds drafting up to max_cap tokens from exit n,
+    where every one of them runs as `spec_round` runs it (the drafts' and the verify pass's native
+    calls, the verify pass at every row count up to max_cap + 1, nothing pending, no hook, no
+    exit cache), else None."""
+    passes = engine.passes
+    if not (getattr(passes, "native_spec", False) and getattr(passes, "native_spec_rounds", False)):
+        return None
+    d, layers = passes.depth(n), passes.num_layers
+    if not passes.fast or passes.block_slots or passes.int8_head() or not 0 < d < layers:
+        return None
+    if not passes.native_drafting or passes.profile or passes.start or passes.draft_vocab is None:
+        return None
+    if passes.device.type != "cpu" or native.library() is None or state.exit_cache is not None:
+        return None
+    if state.cache.filled[layers - 1, b] != state.fed[b] or not state.pending.is_contiguous():
+        return None  # rows pending (the last layer holds what every other does)
+    if passes.uniform_layers(state, {b: [0]}) < d:
+        return None
+    draft, verify = passes.draft_plan(state, n, 1), passes.verify_plan(state, d)
+    if draft is None or verify is None or lean.hooks_set(draft.hooks) or lean.hooks_set(verify.hooks):
+        return None
+    run, emb = draft.run.native, passes.model.embedding.word_embeddings.weight
+    if not (run.caches_ok and run.dtype == emb.dtype == state.pending.dtype):
+        return None
+    if not all(verify.takes(passes, rows, state.pending.dtype) for rows in range(1, max_cap + 2)):
+        return None
+    room = min(state.cache.capacity, state.pending.shape[1])
+    cos, _, neg = passes.rotary_tables(room + 1)[:3]
+    if cos.dtype != torch.float32 or not (cos.is_contiguous() and neg.is_contiguous()):
+        return None
+    return LoopParts(draft, verify, (cos, neg), room)

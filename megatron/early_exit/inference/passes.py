@@ -89,6 +89,9 @@ class StepOutput:
     row_exit_layer: dict[int, list[int]] = field(default_factory=dict)  # b -> layer per new row (scoring.py)
     guesses: dict[int, tuple[int, int, float]] = field(default_factory=dict)  # b -> (exit, token, max-prob): `observe`
     argmax: dict[int, int] = field(default_factory=dict)  # b -> logits[b]'s argmax, where the pass made it (a draft)
+    # b -> the final head's max-probability of every row, where a native verify pass made them with
+    # its tokens (`record_rows`: its kernel's 1 / the softmax's sum; a self-speculative round keeps them)
+    all_confidences: dict[int, list[float]] = field(default_factory=dict)
 
     def order(self) -> list[int]:
         return list(self.exit_layer)
@@ -278,6 +281,10 @@ class Passes:
     # A self-speculative round's drafts and verify pass one after the other in the same Python call
     # (`native_spec.spec_round`: the same calls); False: each through its own path
     native_spec = True
+    # One sequence's self-speculative rounds one after another in one native call, Python asked once
+    # a round for the next plan (`native_spec.loop_parts`, `SelfSpeculative.native_run`); False: a
+    # round a call
+    native_spec_rounds = True
 
     @torch.no_grad()
     def run(
@@ -1447,6 +1454,7 @@ class Passes:
         for b, k in zip(seqs, n, strict=True):
             start, end = end, end + k
             out.all_tokens[b], out.all_logits[b] = tokens[start:end], logits[start:end]
+            out.all_confidences[b] = conf[start:end]
             last = end - 1
             out.logits[b], out.exit_layer[b], out.confidence[b] = logits[last], self.num_layers, conf[last]
             out.argmax[b] = tokens[last]

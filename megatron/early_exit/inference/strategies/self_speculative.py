@@ -257,6 +257,7 @@ class SelfSpeculative(Strategy):
                 most, stop_numbers(ctl, plan), keep, after,
             )  # fmt: skip
         state.fed[b] = fed
+        state.memo[(FIRST_DRAFT, plan.exit)] = True  # what the state's rounds from this exit reuse is made
         return [b] if r.finish_reason != "stop" and len(r.tokens) < s.max_new_tokens else []
 
     @staticmethod
@@ -264,16 +265,16 @@ class SelfSpeculative(Strategy):
         """`native_run`'s (first cap, the most drafts a round of it may take, `native_spec.LoopParts`),
         or None where it does not apply: more than one sequence, a plan that drafts nothing, reads an
         exit, verifies alternatives or drafts from the context, log-probabilities, no draft left to
-        make, a decode state's first round from this exit where rounds are timed (`FIRST_DRAFT`), or
-        `native_spec.loop_parts`' None."""
+        make, or `native_spec.loop_parts`' None. (A decode state's first round from an exit, which
+        `round` does not time, is timed here: `loop_parts` makes what it reuses before the loop's clock
+        starts.)"""
         if len(running) != 1 or plan.exit is None or plan.exit == LOOKUP or plan.observe is not None:
             return None
         r, s = batch.results[running[0]], batch.settings_of(running[0])
         if plan.alternatives or plan.proposals is not None or r.logprobs is not None:
             return None
-        timed = ctl is not None and ctl.loop is not None
-        if getattr(engine, "passes", None) is None or (timed and (FIRST_DRAFT, plan.exit) not in state.memo):
-            return None  # (a state's first round from an exit is not timed: `round`)
+        if getattr(engine, "passes", None) is None:
+            return None
         cap, most = min(plan.cap, s.max_new_tokens - len(r.tokens) - 1), max(MAX_DRAFT, plan.cap)
         parts = None if cap <= 0 else loop_parts(engine, state, running[0], plan.exit, most)
         return None if parts is None else (cap, most, parts)

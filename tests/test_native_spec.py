@@ -235,3 +235,32 @@ def test_rounds_in_one_call_leave_where_the_loop_does_not_apply(monkeypatch):
         results, _, _, _ = generated(model, prompts, s, True, monkeypatch, rounds=True)
         monkeypatch.setattr(native, "spec_rounds", real)
         assert calls == [] and all(len(r.tokens) == 12 for r in results), kw
+
+
+@needs_native
+def test_an_error_in_the_loops_callback_leaves_a_whole_state(monkeypatch):
+    """An exception raised while `native.spec_rounds` asks Python (here `Acceptance.append` on the
+    9th token) ends the loop after that round and reaches the caller; the decode state then holds
+    whole rounds alone: every layer filled up to the sequence's fed position."""
+    from megatron.early_exit.inference.acceptance import Acceptance
+
+    model = varied(torch.float32)
+    s = GenerationSettings("self_speculative", 24, ignore_eos=True, num_draft_tokens=4, draft_exit_layer=1)
+    real, seen = Acceptance.append, []
+
+    def append(self, r, *a):
+        if len(r.tokens) == 9:
+            raise RuntimeError("a callback failed")
+        return real(self, r, *a)
+
+    monkeypatch.setattr(Acceptance, "append", append)
+    monkeypatch.setattr(native, "spec_rounds", lambda *a, real=native.spec_rounds: seen.append(1) or real(*a))
+    engine = EarlyExitEngine(model, linear_kernel="native")
+    monkeypatch.setattr(Passes, "native_spec_rounds", True)
+    states, new_state = [], engine.new_state
+    monkeypatch.setattr(engine, "new_state", lambda *a, **k: states.append(new_state(*a, **k)) or states[-1])
+    with pytest.raises(RuntimeError, match="a callback failed"):
+        engine.generate(PROMPTS[:1], s)
+    state = states[0]
+    assert seen and state.fed[0] > len(PROMPTS[0])  # the loop had made rounds when it failed
+    assert (state.cache.filled[:, 0] == state.fed[0]).all()

@@ -208,8 +208,8 @@ class SelfSpeculative(Strategy):
         the deeper layers), keep the agreeing prefix, and tell the controller what agreed. One
         sequence's rounds run on in one native call while their plans allow (`native_run`)."""
         held = state.memo.pop(NEXT_PLAN, None)  # the plan `native_run`'s last round made for this one
-        if held is not None and held[0] is batch and held[1] == running:
-            plan, ctl = held[2], held[3]
+        if held is not None and len(running) == 1 and held[0] is batch.results[running[0]]:
+            plan, ctl = held[1], held[2]
         else:
             plan, ctl = self.plan(engine, batch, running)
         still = self.native_run(engine, state, running, batch, plan, ctl)
@@ -248,17 +248,22 @@ class SelfSpeculative(Strategy):
             acc.append(r, token, layer, conf, None)
             return not acc.stopped(r, s)
 
-        after = self.after_rounds(engine, state, running, batch, plan, ctl, most)
-        with engine.packed:
-            _, _, fed = native.spec_rounds(
-                b, r.tokens[-1], state.fed[b], state.cache.filled, p.num_layers, state.pending[b],
-                p.model.embedding.word_embeddings.weight, parts.draft.run.native, parts.draft.head, plan.exit,
-                parts.verify.run.native, parts.verify.head, parts.draft.run.shape, parts.tables, parts.room, cap,
-                most, stop_numbers(ctl, plan), keep, after,
-            )  # fmt: skip
-        state.fed[b] = fed
+        after, now = self.after_rounds(engine, state, running, batch, plan, ctl, most)
+        try:
+            with engine.packed:
+                native.spec_rounds(
+                    b, r.tokens[-1], state.fed[b], state.cache.filled, p.num_layers, state.pending[b],
+                    p.model.embedding.word_embeddings.weight, parts.draft.run.native, parts.draft.head, plan.exit,
+                    parts.verify.run.native, parts.verify.head, parts.draft.run.shape, parts.tables, parts.room,
+                    cap, most, stop_numbers(ctl, plan), keep, after,
+                )  # fmt: skip
+        finally:  # its last whole round's end (every layer's fill count: `DecodeState.reset`), an error or not
+            state.fed[b] = int(state.cache.filled[p.num_layers - 1, b])
         state.memo[(FIRST_DRAFT, plan.exit)] = True  # what the state's rounds from this exit reuse is made
-        return [b] if r.finish_reason != "stop" and len(r.tokens) < s.max_new_tokens else []
+        still = r.finish_reason != "stop" and len(r.tokens) < s.max_new_tokens
+        if still and now[0] is not plan and NEXT_PLAN not in state.memo:  # planned, then no room: the next round's
+            state.memo[NEXT_PLAN] = (r, now[0], ctl)
+        return [b] if still else []
 
     @staticmethod
     def native_start(engine, state, running: list[int], batch: Batch, plan: Plan, ctl) -> tuple | None:
@@ -284,7 +289,9 @@ class SelfSpeculative(Strategy):
         `native_run`: the round's counts and telemetry (`record`), the controller's `worth`, `update`
         and, with its loop clock, `timed` (the round from the end of the previous one's bookkeeping),
         then the next plan (`plan`): its cap, its early stop's numbers written in, where it drafts from
-        the same exit with the same controller, up to `most`; else 0, the plan left for the next `round`."""
+        the same exit with the same controller, up to `most`; else 0, the plan left for the next `round`
+        (`NEXT_PLAN`: the sequence's result, the plan, its controller). Returns (after, [the plan of
+        the round under way, when its time began])."""
         b = running[0]
         r, s = batch.results[b], batch.settings_of(b)
         now = [plan, time.perf_counter()]  # the round's plan, when its time began
@@ -306,14 +313,14 @@ class SelfSpeculative(Strategy):
             cap = min(nxt.cap, s.max_new_tokens - len(r.tokens) - 1)
             same = nxt.exit == done.exit and nxt.observe is None and not nxt.alternatives and nxt.proposals is None
             if not (same and nctl is ctl and 0 < cap and nxt.cap <= most):
-                state.memo[NEXT_PLAN] = (batch, list(running), nxt, nctl)
+                state.memo[NEXT_PLAN] = (r, nxt, nctl)
                 return 0
             for k, v in enumerate(stop_numbers(ctl, nxt)):
                 numbers[k] = v
             now[:] = nxt, time.perf_counter()
             return cap
 
-        return after
+        return after, now
 
     def run_plan(self, engine, state, running: list[int], batch: Batch, plan: Plan, ctl) -> list[int]:
         """`round` with its plan made (`draft_costs` times rounds of chosen plans through it)."""
@@ -558,7 +565,8 @@ class SelfSpeculative(Strategy):
 # 1.2x, and an exit's loop factor, learned from few rounds, kept it plain for whole runs)
 FIRST_DRAFT = "self-speculative round drafted"
 # A decode state's memo key holding the plan `native_run`'s last round made and did not run: (the
-# batch, its running slots, the plan, its controller), the next `round`'s plan
+# sequence's result, the plan, its controller), the next `round`'s plan for that sequence (the server
+# makes a `Batch` a round; the result is the sequence's own)
 NEXT_PLAN = "self-speculative next plan"
 # the fewest sequences whose plain rounds run at once (`SelfSpeculative.plain_run`)
 PLAIN_RUN_BATCH = 1

@@ -44,14 +44,10 @@ def spec_round(engine, state, tokens: dict[int, int], n: int, caps: dict[int, in
     passes, seqs = engine.passes, list(tokens)
     if not seqs or min(caps.values()) <= 0 or not getattr(passes, "native_spec", False):
         return None
-    d, layers, filled = passes.depth(n), passes.num_layers, state.cache.filled
-    if not passes.fast or passes.block_slots or passes.int8_head() or not 0 < d < layers:
-        return None
+    d, filled = passes.depth(n), state.cache.filled
     pos = [state.fed[b] for b in seqs]
-    if any(filled[layers - 1, b] != p for b, p in zip(seqs, pos)):
-        return None  # rows pending (the last layer holds what every other does): not one block at d
-    plan = passes.verify_plan(state, d)
-    if plan is None or lean.hooks_set(plan.hooks) or not state.pending.is_contiguous():
+    plan = verify_ready(passes, state, seqs, d)
+    if plan is None:
         return None
     with engine.packed:
         drafted = passes.native_drafts_of(state, tokens, n, caps, keep, feed_last=True)
@@ -66,6 +62,22 @@ def spec_round(engine, state, tokens: dict[int, int], n: int, caps: dict[int, in
     out = StepOutput()
     passes.record_rows(seqs, [hi - p for hi, p in zip(his, pos)], logits, toks, conf, out)
     return drafted, out
+
+
+def verify_ready(passes, state, seqs: list[int], d: int):
+    """`Passes.verify_plan` at depth d where a round's verify pass for `seqs` can follow its drafts
+    in one native call (`spec_round`, `loop_parts`): the fast path, no exit with a block, no int8
+    head, a depth inside the model, nothing pending (the last layer holds what every other does:
+    one block at d), no hook on the layers, contiguous pending rows; else None."""
+    layers = passes.num_layers
+    if not passes.fast or passes.block_slots or passes.int8_head() or not 0 < d < layers:
+        return None
+    if any(state.cache.filled[layers - 1, b] != state.fed[b] for b in seqs):
+        return None
+    plan = passes.verify_plan(state, d)
+    if plan is None or lean.hooks_set(plan.hooks) or not state.pending.is_contiguous():
+        return None
+    return plan
 
 
 @dataclass
@@ -87,19 +99,9 @@ def loop_parts(engine, state, b: int, n: int, max_cap: int) -> LoopParts | None:
     passes = engine.passes
     if not (getattr(passes, "native_spec", False) and getattr(passes, "native_spec_rounds", False)):
         return None
-    d, layers = passes.depth(n), passes.num_layers
-    if not passes.fast or passes.block_slots or passes.int8_head() or not 0 < d < layers:
-        return None
-    if not passes.native_drafting or passes.profile or passes.start or passes.draft_vocab is None:
-        return None
-    if passes.device.type != "cpu" or native.library() is None or state.exit_cache is not None:
-        return None
-    if state.cache.filled[layers - 1, b] != state.fed[b] or not state.pending.is_contiguous():
-        return None  # rows pending (the last layer holds what every other does)
-    if passes.uniform_layers(state, {b: [0]}) < d:
-        return None
-    draft, verify = passes.draft_plan(state, n, 1), passes.verify_plan(state, d)
-    if draft is None or verify is None or lean.hooks_set(draft.hooks) or lean.hooks_set(verify.hooks):
+    verify = None if state.exit_cache is not None else verify_ready(passes, state, [b], passes.depth(n))
+    draft = None if verify is None else passes.drafting_plan(state, [b], n)
+    if draft is None:
         return None
     run, emb = draft.run.native, passes.model.embedding.word_embeddings.weight
     if not (run.caches_ok and run.dtype == emb.dtype == state.pending.dtype):

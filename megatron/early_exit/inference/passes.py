@@ -1258,16 +1258,11 @@ class Passes:
         vocabulary, rows pending below the exit, a kernel other than the native one at any of the
         steps' row counts, a forward hook, profiling, `native_drafting` off): nothing done."""
         d, seqs = self.depth(n), list(tokens)
-        if not self.native_drafting or self.profile or self.start or n in self.block_slots or self.draft_vocab is None:
-            return None
         room = min(state.cache.capacity, state.pending.shape[1])
-        if self.device.type != "cpu" or any(state.fed[b] + caps[b] + feed_last > room for b in seqs):
+        if any(state.fed[b] + caps[b] + feed_last > room for b in seqs):
             return None
-        uniform = self.uniform_layers(state, {b: [0] for b in seqs})  # nothing pending below the exit
-        if not (native.library() and uniform >= d):
-            return None
-        plan = self.draft_plan(state, n, len(seqs))  # None where the embedding is not a plain one
-        if plan is None or lean.hooks_set(plan.hooks):  # a hook on the embedding, a layer, the exit norm
+        plan = self.drafting_plan(state, seqs, n)
+        if plan is None:
             return None
         run, emb = plan.run, self.model.embedding.word_embeddings.weight
         top = max(state.fed[b] + caps[b] for b in seqs)
@@ -1282,6 +1277,22 @@ class Passes:
         for (b, pos), (drafts, _) in zip(at, made):
             state.fed[b] = state.cache.filled[:d, b] = pos + len(drafts) + (feed_last and len(drafts) > 0)
         return dict(zip(seqs, made))
+
+    def drafting_plan(self, state: DecodeState, seqs: list[int], n: int) -> DraftPlan | None:
+        """`draft_plan` for sequences `seqs` drafting from exit n where their drafts run in one native
+        call (`native_drafts_of`; `native_spec.loop_parts`): natively drafting on the CPU with the
+        library loaded, no profiling, no pipeline stage, an exit that is its norm alone, a draft
+        vocabulary, nothing pending below the exit and no hook on the way; else None."""
+        if not self.native_drafting or self.profile or self.start or n in self.block_slots or self.draft_vocab is None:
+            return None
+        if self.device.type != "cpu" or native.library() is None:
+            return None
+        if self.uniform_layers(state, {b: [0] for b in seqs}) < self.depth(n):  # nothing pending below the exit
+            return None
+        plan = self.draft_plan(state, n, len(seqs))  # None where the embedding is not a plain one
+        if plan is None or lean.hooks_set(plan.hooks):  # a hook on the embedding, a layer, the exit norm
+            return None
+        return plan
 
     def draft_plan(self, state: DecodeState, n: int, batch: int) -> DraftPlan | None:
         """What `native_drafts_of` takes of `state` for `batch` sequences drafting from exit n, worked

@@ -10,8 +10,9 @@
    --rounds rounds: the median and mean of the per-round ratio. Above 1.0 is what drafting
    nothing costs beyond the step (planning, bookkeeping, the verify wrapper).
 2. The draft costs the controller uses (`strategies/draft_costs.py`: rounds of 1 and 4 drafts
-   from each exit, and the drafts alone, each as a ratio to a plain round) next to the
-   weight-count model's (`self_speculative.weight_count_costs`).
+   from each exit, and the drafts alone, each as a ratio to a plain round; where the native
+   loop runs them, "loop n/g" too: rounds as the loop runs them, the unit then its plain step)
+   next to the weight-count model's (`self_speculative.weight_count_costs`).
 
 CPU seconds of this process (`time.process_time`), one thread; a prompt of --context tokens.
 """

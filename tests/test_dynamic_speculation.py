@@ -321,6 +321,10 @@ def test_measured_draft_costs_come_from_timed_rounds(monkeypatch):
     t.update({"alt 3/1": 1.8 + 0.15, "alt 3/4": 3.6 + 0.3, "alt 1/1": 1.6, "alt 1/4": 3.4})
     c = costs_of(t, [1, 3])  # what g alternatives add: 0.1 + 0.05 g at exit 3; nothing (not below 0) at exit 1
     assert (c.alt[3], c.alt_base[3], c.alt[1], c.alt_base[1]) == pytest.approx((0.05, 0.1, 0.0, 0.0))
+    t.update({f"loop {n}/{g}": v for n in (1, 3) for g, v in ((1, 1.6), (4, 3.1))})  # as the native loop runs them
+    c = costs_of(t, [1, 3])  # they price the rounds (base 1.1, slope 0.5); alternatives stay on run_plan's rounds
+    assert (c.base[3], c.row[3], c.row[1], c.draft[3]) == pytest.approx((1.1, 0.1, 0.1, 0.4))
+    assert (c.alt[3], c.alt_base[3]) == pytest.approx((0.05, 0.1))
     engine = EarlyExitEngine(build(True))
     costs, ratios = measure_draft_costs(engine, 2, 9, repeats=1)
     assert set(ratios) == {f"{k} {n}/{g}" for k in ("round", "draft", "alt") for n in (1, 3) for g in (1, 4)}

@@ -264,3 +264,39 @@ def test_an_error_in_the_loops_callback_leaves_a_whole_state(monkeypatch):
     state = states[0]
     assert seen and state.fed[0] > len(PROMPTS[0])  # the loop had made rounds when it failed
     assert (state.cache.filled[:, 0] == state.fed[0]).all()
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_draft_costs_time_the_loops_rounds_and_leave_the_state_whole(dtype, monkeypatch):
+    """At one sequence `measure_draft_costs` prices rounds as the native loop runs them
+    (`draft_costs.loop_timed`: ROUNDS_A_CALL rounds of a fixed plan in one call, UNIT_RUN plain
+    steps in one call as the unit), fits the costs from them, and each timed call leaves the decode
+    state as it found it; at two sequences (no loop) the rounds are timed through `run_plan`."""
+    from megatron.early_exit.inference.strategies import draft_costs as dc
+    from megatron.early_exit.inference.strategies.draft_control import UNIT_RUN, Plan
+    from megatron.early_exit.inference.strategies.self_speculative import NEXT_PLAN
+
+    monkeypatch.setattr(Passes, "native_spec_rounds", True)
+    engine = EarlyExitEngine(varied(dtype), linear_kernel="native")
+    prompt = PROMPTS[2]
+    state = engine.new_state(1, len(prompt) + dc.ROUNDS_A_CALL * 5 + UNIT_RUN + 12)
+    with engine.packed:
+        engine.prefill(state, {0: prompt})
+    fed, filled = state.fed[0], state.cache.filled.copy()
+    k = state.cache.k[:, 0, :, :fed].clone()  # every layer's keys of the prompt
+    made = {}
+    for name, plan in (("a", Plan(1, 4, 1.0)), ("b", Plan(1, 1, 1.0)), ("plain", None)):
+        dc.loop_timed(engine, state, prompt, fed, plan, made, name)()
+        assert state.fed[0] == fed and (state.cache.filled == filled).all()
+        assert torch.equal(state.cache.k[:, 0, :, :fed], k) and NEXT_PLAN not in state.memo
+    assert made == {"a": dc.ROUNDS_A_CALL, "b": dc.ROUNDS_A_CALL, "plain": UNIT_RUN}
+    costs, t = dc.measure_draft_costs(engine, 1, 9, repeats=1)
+    exits = engine.draft_exits()
+    assert {f"loop {n}/{g}" for n in exits for g in dc.LENGTHS} <= set(t) and all(v > 0 for v in t.values())
+    assert costs == dc.costs_of(t, exits)
+    assert dc.costs_of(t, exits) != dc.costs_of({k: v for k, v in t.items() if not k.startswith("loop")}, exits)
+    monkeypatch.setattr(Passes, "native_spec_rounds", False)  # the loop off: rounds through `run_plan` alone
+    assert not any(k.startswith("loop") for k in dc.measure_draft_costs(engine, 1, 9, repeats=1)[1])
+    monkeypatch.setattr(Passes, "native_spec_rounds", True)
+    assert not any(k.startswith("loop") for k in dc.measure_draft_costs(engine, 2, 9, repeats=1)[1])

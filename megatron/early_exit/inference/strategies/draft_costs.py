@@ -5,10 +5,12 @@ decode step. Priced from weight counts (`costs_from_config`), a draft at exit 6 
 reference model (12 layers, exits 3/6, bf16, batch 1) cost 0.59 of a step where the clock
 said about 0.4, and rounds that would have paid were not drafted. Here rounds are timed
 through the strategy's own code (`SelfSpeculative.run_plan`: drafting, the verify pass,
-keeping the agreeing prefix, rolling the caches back) at the batch size, dtype and context
-length being decoded, by `cost_model.work_clock` (CPU seconds on a CPU running one thread, else
-the wall clock): each its best time of `repeats` rounds that run every kind in turn
-(`cost_model.best_times`), taken as a ratio to the plain round's best. Best times, because a
+keeping the agreeing prefix, rolling the caches back; at one sequence, where the native loop
+runs them, as it does: `loop_timed`, and the unit is then its plain step, full decoding's) at
+the batch size, dtype and context length being decoded, by `cost_model.work_clock` (CPU
+seconds on a CPU running one thread, else the wall clock): each its best time of `repeats`
+rounds that run every kind in turn (`cost_model.best_times`), taken as a ratio to the plain
+round's best. Best times, because a
 quiet machine's interruptions only add time and the fit below amplifies noise: measured four
 times in one process (CPU reference model, bf16, 2 threads), the median of 3 paired ratios gave
 a verify round's fixed cost (base) from exit 6 of 1.00-1.41 and from exit 3 1.00-1.19 (and 11 pairs
@@ -41,10 +43,14 @@ from megatron.early_exit.inference.lookup import LOOKUP
 from megatron.early_exit.inference.passes import ExitPolicy
 from megatron.early_exit.inference.settings import GenerationResult, GenerationSettings
 from megatron.early_exit.inference.strategies.base import Batch
-from megatron.early_exit.inference.strategies.draft_control import DraftCosts, Plan
+from megatron.early_exit.inference.strategies.draft_control import UNIT_RUN, DraftCosts, Plan
 
 LENGTHS = (1, 4)  # draft lengths timed per exit (rounds are linear in g: see the module docstring)
 PERIOD = 16  # the timing prompts repeat with this period (drafts from the context find proposals)
+# Drafting rounds per timed call of the native loop (`loop_timed`): as many as a call made in
+# decoding (CPU reference model, 40 aclsum abstracts, batch 1: 393 rounds in 61 calls), so that
+# what a call sets up is shared by its rounds as it is there.
+ROUNDS_A_CALL = 6
 
 
 @torch.no_grad()
@@ -52,19 +58,48 @@ def measure_draft_costs(
     engine, batch: int, context: int, repeats: int = 11, lookup: bool = False
 ) -> tuple[DraftCosts, dict[str, float]]:
     """`DraftCosts` of `batch` sequences `context` tokens long on `engine`; also the timed ratios
-    to the plain round ("round n/g", "draft n/g") for reports. `lookup`: rounds drafting from the
-    context timed too (key `LOOKUP`; the prompts repeat every PERIOD tokens, so that each finds
-    a proposal of every length timed)."""
-    from megatron.early_exit.inference.strategies import get_strategy
-
-    strategy, exits = get_strategy("self_speculative"), engine.draft_exits()
+    to the plain round ("round n/g", "draft n/g"; "loop n/g" where the native loop runs the rounds)
+    for reports. `lookup`: rounds drafting from the context timed too (key `LOOKUP`; the prompts
+    repeat every PERIOD tokens, so that each finds a proposal of every length timed). At one
+    sequence, where the native loop runs a drafting exit's rounds and full decoding's steps
+    (`loop_timed`), the rounds are priced as it runs them and the unit is its plain step."""
+    exits = engine.draft_exits()
     # each sequence its own length, as in a batch of real prompts (equal ones would take the block
     # layout's slicing, which such a batch's verify passes rarely get)
     prompts = [[(7 * (j % PERIOD) + 3 * b) % engine.vocab for j in range(max(context - b, 1))] for b in range(batch)]
-    state = engine.new_state(batch, max(context, 1) + 2 * max(LENGTHS) + 4)  # the longest prompt's room
+    room = 2 * max(LENGTHS) + 4 + (ROUNDS_A_CALL * (max(LENGTHS) + 1) + UNIT_RUN if batch == 1 else 0)
+    state = engine.new_state(batch, max(context, 1) + room)  # the longest prompt's room
     with engine.packed:
         engine.prefill(state, dict(enumerate(prompts)))
     fed = list(state.fed)
+
+    fns = plan_timed(engine, state, prompts, fed, exits, lookup)
+    made: dict[str, int] = {}  # the rounds (steps) each loop call makes
+    if batch == 1 and exits:
+        loops = {f"loop {n}/{g}": Plan(n, g, 1.0) for n in exits for g in LENGTHS} | {"loop plain": None}
+        loops = {name: loop_timed(engine, state, prompts[0], fed[0], plan, made, name) for name, plan in loops.items()}
+        for fn in loops.values():
+            fn()
+        if all(made.values()):  # the loop runs every kind: priced as it runs them
+            fns.update(loops)
+    best = best_times(fns, engine.device, repeats, work_clock(engine.device))
+    best = {name: v / made[name] if name in made else v for name, v in best.items()}
+    unit = best.pop("loop plain") if "loop plain" in best else best.pop("plain")
+    t = {name: v / unit for name, v in best.items()}
+    costs = costs_of(t, exits)
+    if lookup:  # no draft step; its verify pass runs every row through every layer: its own line
+        row, base = fit_line([(g, t[f"round {LOOKUP}/{g}"]) for g in LENGTHS])
+        costs.draft[LOOKUP], costs.row[LOOKUP], costs.base[LOOKUP] = 0.0, max(row, 0.0), max(base, 1.0)
+    return costs, t
+
+
+def plan_timed(engine, state, prompts: list[list[int]], fed: list[int], exits: list[int], lookup: bool) -> dict:
+    """`measure_draft_costs`' functions that run one round of each kind it times through
+    `SelfSpeculative.run_plan` (the drafts alone through `draft`) on `state`'s sequences (`prompts`,
+    `fed` positions fed each) and put the state back."""
+    from megatron.early_exit.inference.strategies import get_strategy
+
+    strategy, batch = get_strategy("self_speculative"), len(prompts)
 
     def timed(plan: Plan, drafts_only: bool = False):
         def run() -> None:
@@ -93,14 +128,45 @@ def measure_draft_costs(
     for g in LENGTHS if lookup else ():
         fns[f"round {LOOKUP}/{g}"] = timed(Plan(LOOKUP, g, 1.0))
     fns["plain"] = timed(Plan(None, 0, 1.0))
-    best = best_times(fns, engine.device, repeats, work_clock(engine.device))
-    unit = best.pop("plain")
-    t = {name: v / unit for name, v in best.items()}
-    costs = costs_of(t, exits)
-    if lookup:  # no draft step; its verify pass runs every row through every layer: its own line
-        row, base = fit_line([(g, t[f"round {LOOKUP}/{g}"]) for g in LENGTHS])
-        costs.draft[LOOKUP], costs.row[LOOKUP], costs.base[LOOKUP] = 0.0, max(row, 0.0), max(base, 1.0)
-    return costs, t
+    return fns
+
+
+def loop_timed(engine, state, prompt: list[int], fed: int, plan: Plan | None, made: dict[str, int], name: str):
+    """A function that runs one call of the native decode loop on `state`'s sequence 0 (`prompt`,
+    `fed` positions fed) and puts the state back: ROUNDS_A_CALL rounds of `plan` as
+    `SelfSpeculative.native_run` runs a sequence's rounds (the controller's part aside), or, plan
+    None, UNIT_RUN plain steps as `native_rounds` runs full decoding's and the loop clock's unit
+    (`draft_control.LoopClock`). It sets made[name] to the rounds (steps) the call made: 0 where the
+    loop did not run them. Timed through `run_plan` instead, a round and a plain round each bore
+    the Python around one round (CPU reference model, bf16, batch 1: ~0.75 ms of a ~5 ms drafting
+    round, ~0.2 of a ~1.4 ms step), which the loop does not."""
+    from megatron.early_exit.inference.native_loop import native_rounds
+    from megatron.early_exit.inference.strategies.self_speculative import NEXT_PLAN, PLAIN, SelfSpeculative
+
+    left = [0]
+
+    class Fixed(SelfSpeculative):  # `plan` for ROUNDS_A_CALL rounds, then a plain plan: the loop returns
+        def plan(self, engine, batch, running):
+            left[0] -= 1
+            return (plan if left[0] > 0 else Plan(None, 0, 1.0)), None
+
+    def run() -> None:
+        left[0] = ROUNDS_A_CALL
+        r = GenerationResult(prompt, tokens=[prompt[-1]])
+        job = Batch(GenerationSettings("self_speculative", max_new_tokens=1 << 20, ignore_eos=True),
+                    ExitPolicy(), {0: r}, {0: [0, 0]})  # fmt: skip
+        with engine.packed:
+            if plan is None:
+                still = native_rounds(engine, state, [0], job, PLAIN, UNIT_RUN)
+            else:
+                still = Fixed().native_run(engine, state, [0], job, plan, None)
+        counts = job.counts[0][2:]  # the telemetry `record` keeps, once a round is recorded
+        rounds = len(r.tokens) - 1 if plan is None else sum(counts[0]["draft_lengths"].values()) if counts else 0
+        made[name] = 0 if still is None else rounds
+        state.memo.pop(NEXT_PLAN, None)
+        state.reset(0, fed)
+
+    return run
 
 
 def costs_of(t: dict[str, float], exits: list[int]) -> DraftCosts:
@@ -113,13 +179,14 @@ def costs_of(t: dict[str, float], exits: list[int]) -> DraftCosts:
     if not exits:  # a model without exits: drafts from the context alone (`measure_draft_costs`)
         return DraftCosts({}, {})
     draft, fitted = {}, {}
+    key = "loop" if f"loop {exits[0]}/{LENGTHS[0]}" in t else "round"  # rounds as the native loop runs them
     for n in exits:
         draft[n] = max(fit_line([(g, t[f"draft {n}/{g}"]) for g in LENGTHS])[0], 0.0)
-        fitted[n] = max(fit_line([(g, t[f"round {n}/{g}"]) for g in LENGTHS])[1], 1.0)  # below 1: noise
+        fitted[n] = max(fit_line([(g, t[f"{key} {n}/{g}"]) for g in LENGTHS])[1], 1.0)  # below 1: noise
     base = sum(fitted.values()) / len(fitted)
     row, alt, alt_base = {}, {}, {}
     for n in exits:  # least squares through (0, base)
-        per_g = sum(g * (t[f"round {n}/{g}"] - base) for g in LENGTHS) / sum(g * g for g in LENGTHS)
+        per_g = sum(g * (t[f"{key} {n}/{g}"] - base) for g in LENGTHS) / sum(g * g for g in LENGTHS)
         row[n] = max(per_g - draft[n], 0.0)
         if f"alt {n}/{LENGTHS[0]}" in t:  # what g alternatives add to a round of g drafts
             slope, fixed = fit_line([(g, t[f"alt {n}/{g}"] - t[f"round {n}/{g}"]) for g in LENGTHS])

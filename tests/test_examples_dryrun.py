@@ -16,6 +16,7 @@ import subprocess
 import pytest
 
 from megatron.early_exit.arguments import parse_args
+from megatron.early_exit.inference import native
 from megatron.early_exit.training import trainer as trainer_mod
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -441,3 +442,27 @@ def test_exit_vocabulary_benchmark_runs_every_setting_with_both_vocabularies(dat
     assert [n for n in rows if n != "setting"] == names
     for t in ("0.0", "calibrated"):  # every token after the prefill's leaves at exit 1 (threshold 0.0)
         assert rows[f"{t} exact full"].split()[-2] == rows[f"{t} exact draft"].split()[-2] == "80.0%"
+
+
+@pytest.mark.skipif(not native.available(), reason="no native kernel here (no C compiler)")
+def test_native_ab_pairs_two_builds_of_the_kernel_prompt_by_prompt(data, corpus, tmp_path, capsys):
+    """`benchmarks/native_ab.py` builds a second library from another source (here this checkout's
+    with a comment added: another build of the same code), decodes each prompt with both back to
+    back, checks that they made the same tokens and prints each setting's median ratio over
+    prompts x repeats pairs; `native.library` is this checkout's again afterwards. A revision or a
+    file that does not hold the source is a one-line error naming the flag."""
+    bench = load_tool("benchmarks/native_ab.py")
+    other = tmp_path / "native_linear.c"
+    other.write_text(native.SOURCE.read_text() + "\n/* another build */\n")
+    ours = native.library()
+    bench.main(["--load", os.path.join(data["tune"], "with_exits"), "--data",
+                os.path.join(corpus, "test_summarization.jsonl"), "--num-examples", "2", "--max-new-tokens", "4",
+                "--max-prompt-chars", "300", "--repeats", "2", "--threads", "1", "--source", str(other)])  # fmt: skip
+    out = capsys.readouterr().out.splitlines()
+    rows = {line.split()[0]: line for line in out if line.startswith("  ")}
+    assert set(rows) == {"full", "self_speculative"}  # no calibration record: no early-exit row
+    assert all(line.split()[-1] == "4" and float(line.split()[2]) > 0 for line in rows.values())  # 2 prompts x 2
+    assert sum(line.startswith("pass ") for line in out) == 2 and native.library() is ours
+    for flag, value in (("--source", str(tmp_path / "missing.c")), ("--against", "no-such-rev")):
+        with pytest.raises(SystemExit, match=flag):
+            bench.main(["--load", os.path.join(data["tune"], "with_exits"), flag, value])

@@ -1,0 +1,167 @@
+#!/usr/bin/env python
+"""The native kernel's library against another version of its source, decoding side by side.
+
+    python benchmarks/native_ab.py --load runs/ee_aclsum/probes --bf16 --against HEAD~1
+    python benchmarks/native_ab.py --load runs/ee_aclsum/probes --bf16 --source /tmp/native_linear.c
+
+Builds a second library from another version of `megatron/early_exit/inference/native_linear.c`
+(`--against REV`: the file at a git revision; `--source FILE`: a file) with the flags and cache
+of `native.library`, loads it beside this checkout's, and decodes the aclsum test abstracts one
+at a time (48 tokens, one line, as `tools/eval/ee_sweep.py` does) with each, prompt by prompt:
+for every prompt and setting (full decoding, early exit at the checkpoint's calibrated
+thresholds where it has them, self-speculation where it has exits to draft from) the two
+libraries decode it back to back, in alternating order, and the ratio of this checkout's decode
+time (after the prefill) to the other's is kept. It prints, per setting, the median of those
+ratios (below 1: this checkout decodes faster) with their quartiles, and checks that both made
+the same tokens. Per-prompt pairs, because the host's speed moves by 10-40% within a minute on
+the machines these figures come from: best-of times of whole runs taken a few minutes apart
+read the same change as 0.86x and 1.05x, where 160 pairs' medians read it within 0.01.
+
+Objects made once from the library (a learned probe's entry point, `native.Probe`) keep the one
+that was loaded when they were made: this checkout's. Compare versions that differ elsewhere.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+
+from decode_speed import cpu_model_name  # noqa: E402
+
+from megatron.early_exit.inference import native  # noqa: E402
+
+SOURCE_IN_REPO = "megatron/early_exit/inference/native_linear.c"
+
+
+def other_source(args) -> Path:
+    """The other version's source as a file: `--source`, or the file at `--against`'s revision."""
+    if args.source:
+        path = Path(args.source)
+        if not path.is_file():
+            raise SystemExit(f"--source: {path} is not a file")
+        return path
+    done = subprocess.run(
+        ["git", "-C", ROOT, "show", f"{args.against}:{SOURCE_IN_REPO}"], capture_output=True, text=True
+    )
+    if done.returncode != 0:
+        raise SystemExit(f"--against: no {SOURCE_IN_REPO} at {args.against!r} ({done.stderr.strip()})")
+    fd, name = tempfile.mkstemp(suffix=".c")
+    with os.fdopen(fd, "w") as f:
+        f.write(done.stdout)
+    return Path(name)
+
+
+def load_both(source: Path):
+    """(this checkout's library, the other's), both built and loaded as `native.library` does."""
+    ours = native.library()
+    if ours is None:
+        raise SystemExit("the native kernel is not available here (no C compiler, or switched off)")
+    here = native.SOURCE
+    native.SOURCE = source
+    try:
+        theirs = native.library.__wrapped__()  # the uncached loader: built from `source`
+    finally:
+        native.SOURCE = here
+    if theirs is None:
+        raise SystemExit(f"the other version ({source}) did not build or load")
+    return ours, theirs
+
+
+def settings_of(engine, max_new_tokens: int) -> dict:
+    from megatron.early_exit.inference import GenerationSettings
+    from megatron.early_exit.inference.settings import calibrated_settings
+
+    full = GenerationSettings(strategy="early_exit", early_exit_threshold=1.0, max_new_tokens=max_new_tokens,
+                              stop_strings=("\n",))  # fmt: skip
+    kinds = {"full": full}
+    record = getattr(engine.model, "calibrated_thresholds", None)
+    if record and record.get("thresholds"):
+        kinds["early_exit calibrated"] = replace(full, **calibrated_settings(record, "the checkpoint"))
+    if engine.draft_exits():
+        kinds["self_speculative"] = GenerationSettings(strategy="self_speculative", max_new_tokens=max_new_tokens,
+                                                       stop_strings=("\n",))  # fmt: skip
+    return kinds
+
+
+def paired_ratios(args, libs: dict, current: dict) -> dict[str, list[float]]:
+    """Per setting, this library's decode time over the other's, prompt by prompt (see the module
+    docstring); `current["lib"]` is what `native.library` returns meanwhile."""
+    from megatron.early_exit import load_checkpoint
+    from megatron.early_exit.inference import EarlyExitEngine
+    from tools.eval.ee_sweep import summarisation_task
+
+    model, tok = load_checkpoint(args.load, dtype=torch.bfloat16 if args.bf16 else None)
+    engine = EarlyExitEngine(model, tok)
+    prompts, _ = summarisation_task(tok, args.data, args.num_examples, args.max_prompt_chars)
+    kinds = settings_of(engine, args.max_new_tokens)
+
+    def decode(name: str, prompt, s):
+        current["lib"] = libs[name]
+        r = engine.generate([prompt], s)[0]
+        return r.stats["elapsed_s"] - r.stats["prefill_s"], r.tokens
+
+    for name in libs:  # warm-up: kernel choices, packed weights, costs made on first use
+        for s in kinds.values():
+            for prompt in prompts[:2]:
+                decode(name, prompt, s)
+    ratios = {k: [] for k in kinds}
+    for rep in range(args.repeats):
+        for i, prompt in enumerate(prompts):
+            for k, s in kinds.items():
+                t, made = {}, {}
+                for name in ("this", "other") if (rep + i) % 2 == 0 else ("other", "this"):
+                    t[name], made[name] = decode(name, prompt, s)
+                if made["this"] != made["other"]:
+                    raise SystemExit(f"{k}: the two libraries made different tokens for prompt {i}")
+                ratios[k].append(t["this"] / max(t["other"], 1e-12))
+        print(f"pass {rep + 1}/{args.repeats}: " + ", ".join(
+            f"{k} {statistics.median(v):.3f}" for k, v in ratios.items()), flush=True)  # fmt: skip
+    return ratios
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--load", required=True, help="a checkpoint of ours (e.g. runs/ee_aclsum/probes)")
+    p.add_argument("--against", default="HEAD", help="git revision whose native_linear.c is the other version")
+    p.add_argument("--source", default=None, help="a file holding the other version instead of --against")
+    p.add_argument("--data", default="data/aclsum/test_summarization.jsonl")
+    p.add_argument("--num-examples", type=int, default=40)
+    p.add_argument("--max-new-tokens", type=int, default=48)
+    p.add_argument("--max-prompt-chars", type=int, default=1200, help="abstracts cut to this many characters")
+    p.add_argument("--repeats", type=int, default=4, help="passes over the prompts (pairs: prompts x repeats)")
+    p.add_argument("--bf16", action="store_true")
+    p.add_argument("--threads", type=int, default=2)
+    args = p.parse_args(argv)
+    if args.repeats < 1 or args.num_examples < 1:
+        p.error("--repeats and --num-examples must be >= 1")
+    torch.set_num_threads(args.threads)
+    libs = dict(zip(("this", "other"), load_both(other_source(args)), strict=True))
+    current, loader = {"lib": libs["this"]}, native.library
+    native.library = lambda: current["lib"]  # what every native call asks for, switched below
+    try:
+        ratios = paired_ratios(args, libs, current)
+    finally:
+        native.library = loader
+    dtype, other = "bf16" if args.bf16 else "fp32", args.source or args.against
+    print(f"{cpu_model_name()}, {args.threads} threads, {dtype}, {args.load}; this checkout's decode time over "
+          f"the other's ({other}), per prompt, same tokens:")  # fmt: skip
+    for k, v in ratios.items():
+        v = sorted(v)
+        q = len(v) // 4
+        print(f"  {k:22s} median {statistics.median(v):.3f}  quartiles {v[q]:.3f} / {v[-q - 1]:.3f}  pairs {len(v)}")
+
+
+if __name__ == "__main__":
+    main()

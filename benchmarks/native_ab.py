@@ -13,9 +13,10 @@ thresholds where it has them, self-speculation where it has exits to draft from)
 libraries decode it back to back, in alternating order, and the ratio of this checkout's decode
 time (after the prefill) to the other's is kept. It prints, per setting, the median of those
 ratios (below 1: this checkout decodes faster) with their quartiles, and checks that both made
-the same tokens. Per-prompt pairs, because the host's speed moves by 10-40% within a minute on
-the machines these figures come from: best-of times of whole runs taken a few minutes apart
-read the same change as 0.86x and 1.05x, where 160 pairs' medians read it within 0.01.
+the same tokens; "prefill": the same for the prompts' prefill in full decoding's calls.
+Per-prompt pairs, because the host's speed moves by 10-40% within a minute on the machines
+these figures come from: best-of times of whole runs taken a few minutes apart read the same
+change as 0.86-0.90x and 0.94-1.06x, where 160 pairs' medians read 0.92-0.96x.
 
 Objects made once from the library (a learned probe's entry point, `native.Probe`) keep the one
 that was loaded when they were made: this checkout's. Compare versions that differ elsewhere.
@@ -110,22 +111,24 @@ def paired_ratios(args, libs: dict, current: dict) -> dict[str, list[float]]:
     def decode(name: str, prompt, s):
         current["lib"] = libs[name]
         r = engine.generate([prompt], s)[0]
-        return r.stats["elapsed_s"] - r.stats["prefill_s"], r.tokens
+        return r.stats["elapsed_s"] - r.stats["prefill_s"], r.stats["prefill_s"], r.tokens
 
     for name in libs:  # warm-up: kernel choices, packed weights, costs made on first use
         for s in kinds.values():
             for prompt in prompts[:2]:
                 decode(name, prompt, s)
-    ratios = {k: [] for k in kinds}
+    ratios = {k: [] for k in [*kinds, "prefill"]}
     for rep in range(args.repeats):
         for i, prompt in enumerate(prompts):
             for k, s in kinds.items():
-                t, made = {}, {}
+                t, pre, made = {}, {}, {}
                 for name in ("this", "other") if (rep + i) % 2 == 0 else ("other", "this"):
-                    t[name], made[name] = decode(name, prompt, s)
+                    t[name], pre[name], made[name] = decode(name, prompt, s)
                 if made["this"] != made["other"]:
                     raise SystemExit(f"{k}: the two libraries made different tokens for prompt {i}")
                 ratios[k].append(t["this"] / max(t["other"], 1e-12))
+                if k == "full":  # the prompt's prefill, timed in the same calls
+                    ratios["prefill"].append(pre["this"] / max(pre["other"], 1e-12))
         print(f"pass {rep + 1}/{args.repeats}: " + ", ".join(
             f"{k} {statistics.median(v):.3f}" for k, v in ratios.items()), flush=True)  # fmt: skip
     return ratios
@@ -155,8 +158,8 @@ def main(argv: list[str] | None = None) -> None:
     finally:
         native.library = loader
     dtype, other = "bf16" if args.bf16 else "fp32", args.source or args.against
-    print(f"{cpu_model_name()}, {args.threads} threads, {dtype}, {args.load}; this checkout's decode time over "
-          f"the other's ({other}), per prompt, same tokens:")  # fmt: skip
+    print(f"{cpu_model_name()}, {args.threads} threads, {dtype}, {args.load}; this checkout's decode time (prefill: "
+          f"the prompt's prefill time) over the other's ({other}), per prompt, same tokens:")  # fmt: skip
     for k, v in ratios.items():
         v = sorted(v)
         q = len(v) // 4

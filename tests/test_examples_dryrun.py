@@ -460,7 +460,7 @@ def test_native_ab_pairs_two_builds_of_the_kernel_prompt_by_prompt(data, corpus,
                 "--max-prompt-chars", "300", "--repeats", "2", "--threads", "1", "--source", str(other)])  # fmt: skip
     out = capsys.readouterr().out.splitlines()
     rows = {line.split()[0]: line for line in out if line.startswith("  ")}
-    assert set(rows) == {"full", "self_speculative"}  # no calibration record: no early-exit row
+    assert set(rows) == {"full", "self_speculative", "prefill"}  # no calibration record: no early-exit row
     assert all(line.split()[-1] == "4" and float(line.split()[2]) > 0 for line in rows.values())  # 2 prompts x 2
     assert sum(line.startswith("pass ") for line in out) == 2 and native.library() is ours
     for flag, value in (("--source", str(tmp_path / "missing.c")), ("--against", "no-such-rev")):

@@ -366,12 +366,16 @@ def test_decode_attention_equals_sdpa_on_the_caches_views(dtype, a, g, per, span
 
 @needs_native
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("a,r,g,per,lo,hd", [(1, 5, 3, 3, 40, 64), (2, 3, 2, 1, 7, 8), (3, 2, 1, 4, 100, 20)])
+@pytest.mark.parametrize(
+    "a,r,g,per,lo,hd",
+    [(1, 5, 3, 3, 40, 64), (2, 3, 2, 1, 7, 8), (3, 2, 1, 4, 100, 20), (2, 37, 2, 2, 0, 64), (1, 8, 6, 1, 300, 64)],
+)
 def test_a_verify_passes_attention_equals_sdpa_and_its_rows_the_decode_steps(dtype, a, r, g, per, lo, hd):
-    """`native.attend` over R positions per sequence (a verify pass: `LeanLayer.rows`), each its
-    own causal row of the mask, against SDPA with `enable_gqa` as the general pass calls it
-    (tolerances as above), and each position's result bit for bit the one-position call's over
-    the keys up to it (a verify pass's rows equal the decode steps')."""
+    """`native.attend` over R positions per sequence (a verify pass: `LeanLayer.rows`; a prompt,
+    lo 0), each its own causal row of the mask, against SDPA with `enable_gqa` as the general pass
+    calls it (tolerances as above), and each position's result bit for bit the one-position call's
+    over the keys up to it (a verify pass's rows equal the decode steps': bf16 heads of 64 attend
+    in blocks of positions, `attend_rows`, whose rows end in every place of a block of keys)."""
     gen = torch.Generator().manual_seed(a * 100 + lo)
     span = lo + r
     kc, vc = (torch.randn(a + 1, g, span + 9, hd, generator=gen).to(dtype) for _ in range(2))

@@ -1106,6 +1106,117 @@ static inline void attend_head(const float *qf, const uint16_t *q16, float post,
 
 #endif
 
+#if defined(DPBF16)
+/* Rows of one query head at consecutive positions (a prompt's or a verify pass's), `attend_head`
+   for each of them with each value's loads and its split into even and odd elements shared by the
+   rows that read it: nr <= ROW_BLOCK rows, row i's bf16 query q16[i] (C
+   even), mask m[i] (or NULL), span[i] keys, scores w[i] and output row rows[i]. Each row's
+   operations are attend_head's, in its order (a value past a row's span is not read for it), so
+   every row's result is the one attend_head gives it alone, bit for bit. CPU reference model's
+   heads (6 of 64, bf16, 2 threads, AMD EPYC), `native.attend` against one row a task, medians of
+   300 alternating pairs: a 239-token prompt 0.83x the time, a verify pass's 6 rows over 266 keys
+   0.88x, 3 rows 0.95x; the prompts' whole prefill 0.976x (`benchmarks/native_ab.py`, 240 pairs).
+   Two rows, not more: with three, the sums (24 vectors) and the shared values left too few
+   registers, and sharing the keys too (each row's 16 scores of a block kept at once) spilled them:
+   1.02-1.14x the time. */
+#define ROW_BLOCK 2
+static inline __attribute__((always_inline)) void attend_rows(int nr, const uint16_t *const *q16, float post,
+                                                              const char *kbase, const char *vbase,
+                                                              const uint8_t *const *m, float *const *w,
+                                                              const int64_t *span, int64_t kp, int64_t vp,
+                                                              const int64_t C, void *out, const int64_t *rows) {
+    const int64_t esize = 2;
+    const v16 ninf = (v16){0} - INFINITY;
+    const w16 lane = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+    __m512bh qp[ROW_BLOCK][MAX_CHUNKS / 2];
+    v16 top[ROW_BLOCK], total[ROW_BLOCK];
+    int64_t most = 0;
+    for (int i = 0; i < nr; i++) {
+        for (int64_t c = 0; c < C / 2; c++)
+            qp[i][c] = (__m512bh)_mm512_loadu_si512((const void *)(q16[i] + c * 2 * PANEL));
+        top[i] = ninf;
+        total[i] = (v16){0};
+        most = span[i] > most ? span[i] : most;
+    }
+    for (int i = 0; i < nr; i++) { /* each row's scores as attend_head makes them (a block's 16 sums in registers) */
+        const char *key = kbase;
+        for (int64_t b = 0; b * PANEL < span[i]; b++) {
+            v16 part[PANEL];
+            const int64_t n = span[i] - b * PANEL < PANEL ? span[i] - b * PANEL : PANEL;
+            for (int64_t j = 0; j < n; j++, key += kp * esize) {
+                __m512 sc = _mm512_dpbf16_ps(_mm512_setzero_ps(), qp[i][0], (__m512bh)_mm512_loadu_si512((const void *)key));
+                for (int64_t c = 1; c < C / 2; c++)
+                    sc = _mm512_dpbf16_ps(sc, qp[i][c], (__m512bh)_mm512_loadu_si512((const void *)(key + c * 4 * PANEL)));
+                part[j] = (v16)sc;
+            }
+            for (int64_t j = n; j < PANEL; j++) part[j] = (v16){0};
+            w16 live = (w16)(lane < (uint32_t)n);
+            if (m[i] && n == PANEL) {
+                typedef uint8_t b16 __attribute__((vector_size(16)));
+                b16 bytes;
+                memcpy(&bytes, m[i] + b * PANEL, PANEL);
+                live = (w16)(__builtin_convertvector(bytes, w16) != 0);
+            } else if (m[i]) {
+                for (int64_t j = 0; j < n; j++) live[j] = m[i][b * PANEL + j] ? live[j] : 0;
+            }
+            v16 sc = select16(live, sums16(part) * post, ninf);
+            memcpy(w[i] + b * PANEL, &sc, sizeof sc);
+            top[i] = select16((w16)(sc > top[i]), sc, top[i]);
+        }
+    }
+    float inv[ROW_BLOCK];
+    for (int i = 0; i < nr; i++) {
+        float mx = top[i][0];
+        for (int j = 1; j < PANEL; j++) mx = top[i][j] > mx ? top[i][j] : mx;
+        const int64_t blocks = (span[i] + PANEL - 1) / PANEL;
+        for (int64_t b = 0; b < blocks; b++) {
+            v16 sc;
+            memcpy(&sc, w[i] + b * PANEL, sizeof sc);
+            v16 pr = select16((w16)(sc > ninf), exp16(sc - mx), (v16){0});
+            memcpy(w[i] + b * PANEL, &pr, sizeof pr);
+            total[i] += pr;
+        }
+        v16 sums[PANEL] = {total[i]};
+        inv[i] = 1.0f / sums16(sums)[0];
+    }
+    v16 acc[ROW_BLOCK][MAX_CHUNKS], odd[ROW_BLOCK][MAX_CHUNKS];
+    for (int i = 0; i < nr; i++)
+        for (int64_t c = 0; c < C; c++) acc[i][c] = odd[i][c] = (v16){0};
+    const char *vt = vbase;
+    for (int64_t t = 0; t < most; t += 2, vt += 2 * vp * esize) {
+        for (int64_t e = 0; e < 2 && t + e < most; e++) {
+            const char *row = vt + e * vp * esize;
+            v16 lo[MAX_CHUNKS / 2], hi[MAX_CHUNKS / 2];
+            for (int64_t c = 0; c < C; c += 2) {
+                w16 u;
+                memcpy(&u, (const uint16_t *)row + c * PANEL, sizeof u);
+                lo[c / 2] = (v16)(u << 16);
+                hi[c / 2] = (v16)(u & 0xffff0000u);
+            }
+            for (int i = 0; i < nr; i++) {
+                if (t + e >= span[i]) continue;
+                const float p = w[i][t + e];
+                if (p == 0.f) continue;
+                v16 *sum = e ? odd[i] : acc[i];
+                for (int64_t c = 0; c < C; c += 2) {
+                    sum[c] += p * lo[c / 2];
+                    sum[c + 1] += p * hi[c / 2];
+                }
+            }
+        }
+    }
+    for (int i = 0; i < nr; i++) {
+        for (int64_t c = 0; c < C; c++) acc[i][c] += odd[i][c];
+        for (int64_t c = 0; c < C; c += 2) {
+            v16 even = acc[i][c], odds = acc[i][c + 1];
+            acc[i][c] = SHUFFLE(even, odds, 0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+            acc[i][c + 1] = SHUFFLE(even, odds, 8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
+        }
+        for (int64_t c = 0; c < C; c++) put_bf16((uint16_t *)out + rows[i] * C * PANEL + c * PANEL, acc[i][c] * inv[i]);
+    }
+}
+#endif
+
 /* The same for any hd (one key at a time, scalar softmax): where hd is not a multiple of 16 or
    above 16 MAX_CHUNKS. */
 static void attend_head_any(const float *qf, const char *kbase, const char *vbase, const uint8_t *m, float *scores,
@@ -1137,6 +1248,17 @@ static void attend_head_any(const float *qf, const char *kbase, const char *vbas
 
 /* ee_attend, sequence a's keys and values at slot slots[a] of k and v (NULL: slot a); without a mask,
    row a * R + r attends keys 0 .. pos[a * R + r] where pos is given (ee_layer's rows), else all. */
+/* How many keys row ar attends: up to its mask's last attended key (a causal row stops there), else
+   up to its own position where the rows' positions are known, else all span. */
+static inline int64_t row_keys(const uint8_t *m, const int64_t *pos, int64_t ar, int64_t span) {
+    int64_t keys = span;
+    if (m)
+        while (keys > 1 && !m[keys - 1]) keys--;
+    else if (pos && pos[ar] < span)
+        keys = pos[ar] + 1;
+    return keys;
+}
+
 static int attend(const void *q, const void *k, const void *v, const uint8_t *mask, void *out, int64_t A, int64_t R,
                   int64_t G, int64_t per, int64_t span, int64_t hd, int64_t kb, int64_t kg, int64_t kp, int64_t vb,
                   int64_t vg, int64_t vp, int bf16, int threads, const int64_t *slots, const int64_t *pos) {
@@ -1144,31 +1266,55 @@ static int attend(const void *q, const void *k, const void *v, const uint8_t *ma
     const int64_t room = (span + PANEL - 1) / PANEL * PANEL; /* the scores' blocks of 16 */
     const float scale = 1.0f / sqrtf((float)hd);
     int failed = 0;
-    /* one query head at one position a task: a group's heads read its keys alike, and SmolLM2's 3
-       groups a row split 2 : 1 between two threads where its 9 heads split 5 : 4; a head's R
-       positions one after another (tasks in the order sequence, group, head, position), so that
-       its keys and values, read by the first, are in the core's caches for the others: a verify
-       pass's rows on the CPU reference model (6 heads of 64, bf16, 400 keys, 8 rows, 2 threads)
-       had each thread read every head's keys once a row. Each thread's scratch made once. */
+#if defined(DPBF16) && !defined(HALVES)
+    /* bf16 heads of 64 at several positions a sequence: ROW_BLOCK positions of a head a task, their
+       loads shared (`attend_rows`) */
+    const int64_t rb = bf16 && C == 4 && R > 1 ? ROW_BLOCK : 1;
+#else
+    const int64_t rb = 1;
+#endif
+    const int64_t nb = (R + rb - 1) / rb; /* blocks of positions a sequence */
+    /* one query head at one position (or one block of positions) a task: a group's heads read its
+       keys alike, and SmolLM2's 3 groups a row split 2 : 1 between two threads where its 9 heads
+       split 5 : 4; a head's R positions one after another (tasks in the order sequence, group,
+       head, position), so that its keys and values, read by the first, are in the core's caches for
+       the others: a verify pass's rows on the CPU reference model (6 heads of 64, bf16, 400 keys, 8
+       rows, 2 threads) had each thread read every head's keys once a row. Each thread's scratch
+       made once. */
 #pragma omp parallel num_threads(threads) reduction(| : failed)
     {
-        float *buf = (float *)malloc(sizeof(float) * (size_t)(room + 2 * hd));
+        float *buf = (float *)malloc(sizeof(float) * (size_t)(rb * room + 2 * hd));
         failed |= !buf;
 #pragma omp for schedule(static)
-        for (int64_t task = 0; task < A * R * G * per; task++) {
+        for (int64_t task = 0; task < A * nb * G * per; task++) {
             if (!buf) continue;
-            const int64_t r = task % R, head = task / R, p = head % per, ag = head / per, a = ag / G, g = ag % G;
-            const int64_t ar = a * R + r, row = (ar * G + g) * per + p; /* ar: the query's row; row: q's and out's */
-            float *scores = buf, *qf = buf + room, *acc = buf + room + hd;
+            const int64_t blk = task % nb, head = task / nb, p = head % per, ag = head / per, a = ag / G, g = ag % G;
             const int64_t slot = slots ? slots[a] : a;
             const char *kbase = (const char *)k + (slot * kb + g * kg) * esize;
             const char *vbase = (const char *)v + (slot * vb + g * vg) * esize;
+#if defined(DPBF16) && !defined(HALVES)
+            if (rb > 1) {
+                const int nr = (int)(R - blk * rb < rb ? R - blk * rb : rb);
+                const uint16_t *q16[ROW_BLOCK];
+                const uint8_t *m[ROW_BLOCK];
+                float *w[ROW_BLOCK];
+                int64_t keys[ROW_BLOCK], rows[ROW_BLOCK];
+                for (int i = 0; i < nr; i++) {
+                    const int64_t ar = a * R + blk * rb + i; /* the query's row */
+                    rows[i] = (ar * G + g) * per + p;      /* q's and out's */
+                    q16[i] = (const uint16_t *)q + rows[i] * hd;
+                    m[i] = mask ? mask + ar * span : NULL;
+                    keys[i] = row_keys(m[i], pos, ar, span);
+                    w[i] = buf + i * room;
+                }
+                attend_rows(nr, q16, scale, kbase, vbase, m, w, keys, kp, vp, 4, out, rows);
+                continue;
+            }
+#endif
+            const int64_t ar = a * R + blk, row = (ar * G + g) * per + p; /* ar: the query's row; row: q's and out's */
+            float *scores = buf, *qf = buf + room, *acc = buf + room + hd;
             const uint8_t *m = mask ? mask + ar * span : NULL;
-            int64_t keys = span; /* past the row's last attended key nothing counts: a causal row stops there */
-            if (m)
-                while (keys > 1 && !m[keys - 1]) keys--;
-            else if (pos && pos[ar] < span) /* no mask, the rows' positions known: each attends up to its own */
-                keys = pos[ar] + 1;
+            const int64_t keys = row_keys(m, pos, ar, span);
             for (int64_t d = 0; d < hd; d++) qf[d] = load(q, bf16, row * hd + d) * scale;
 #if defined(DPBF16) && !defined(HALVES)
             /* bf16 scores by pairs (vdpbf16ps) on the unscaled query, scaled after the sums */

@@ -1144,9 +1144,11 @@ static inline __attribute__((always_inline)) void attend_rows(int nr, const uint
             v16 part[PANEL];
             const int64_t n = span[i] - b * PANEL < PANEL ? span[i] - b * PANEL : PANEL;
             for (int64_t j = 0; j < n; j++, key += kp * esize) {
-                __m512 sc = _mm512_dpbf16_ps(_mm512_setzero_ps(), qp[i][0], (__m512bh)_mm512_loadu_si512((const void *)key));
+                __m512 sc = _mm512_dpbf16_ps(_mm512_setzero_ps(), qp[i][0],
+                                             (__m512bh)_mm512_loadu_si512((const void *)key));
                 for (int64_t c = 1; c < C / 2; c++)
-                    sc = _mm512_dpbf16_ps(sc, qp[i][c], (__m512bh)_mm512_loadu_si512((const void *)(key + c * 4 * PANEL)));
+                    sc = _mm512_dpbf16_ps(sc, qp[i][c],
+                                          (__m512bh)_mm512_loadu_si512((const void *)(key + c * 4 * PANEL)));
                 part[j] = (v16)sc;
             }
             for (int64_t j = n; j < PANEL; j++) part[j] = (v16){0};

@@ -18,6 +18,9 @@ Per-prompt pairs, because the host's speed moves by 10-40% within a minute on th
 these figures come from: best-of times of whole runs taken a few minutes apart read the same
 change as 0.86-0.90x and 0.94-1.06x, where 160 pairs' medians read 0.92-0.96x.
 
+`--attention R [R ...]` times `native.attend` alone instead, at the checkpoint's head shape: R rows
+of a prompt (R > 16) or of a verify pass (after CONTEXT keys), `--pairs` alternating pairs.
+
 Objects made once from the library (a learned probe's entry point, `native.Probe`) keep the one
 that was loaded when they were made: this checkout's. Compare versions that differ elsewhere.
 """
@@ -44,6 +47,7 @@ from decode_speed import cpu_model_name  # noqa: E402
 from megatron.early_exit.inference import native  # noqa: E402
 
 SOURCE_IN_REPO = "megatron/early_exit/inference/native_linear.c"
+CONTEXT = 260  # --attention: the keys before a verify pass's rows
 
 
 def other_source(args) -> Path:
@@ -134,6 +138,42 @@ def paired_ratios(args, libs: dict, current: dict) -> dict[str, list[float]]:
     return ratios
 
 
+def attention_ratios(args, libs: dict, current: dict) -> dict[str, list[float]]:
+    """`--attention`: `native.attend` alone on random queries, keys and values of the checkpoint's
+    head shape (its groups, query heads per group, head dim; `--bf16` or fp32), per row count R: R
+    rows from position 0 over R keys, causal (a prompt's) where R > 16, else R rows at the end of
+    CONTEXT keys (a verify pass's); the two libraries back to back in alternating order, `--pairs`
+    times, the ratio of this library's time to the other's kept; their outputs must be equal."""
+    import time
+
+    from megatron.early_exit import load_checkpoint
+
+    cfg = load_checkpoint(args.load)[0].config
+    g = cfg.num_query_groups or cfg.num_attention_heads
+    per, hd = cfg.num_attention_heads // g, cfg.kv_channels or cfg.hidden_size // cfg.num_attention_heads
+    dtype, gen = torch.bfloat16 if args.bf16 else torch.float32, torch.Generator().manual_seed(0)
+    out = {}
+    for r in args.attention:
+        span, lo = (r, 0) if r > 16 else (CONTEXT + r, CONTEXT)
+        q = torch.randn(1, r, g, per, hd, generator=gen).to(dtype)
+        keys, values = (torch.randn(1, g, span, hd, generator=gen).to(dtype) for _ in range(2))
+        mask = torch.ones(r, span, dtype=torch.bool).tril(lo).view(1, 1, r, span)
+        made, ratios = {}, []
+        for i in range(args.pairs + 1):  # the first pair warms up
+            t = {}
+            for name in ("this", "other") if i % 2 == 0 else ("other", "this"):
+                current["lib"] = libs[name]
+                start = time.perf_counter()
+                made[name] = native.attend(q, keys, values, mask)
+                t[name] = time.perf_counter() - start
+            if i:
+                ratios.append(t["this"] / max(t["other"], 1e-12))
+        if not torch.equal(made["this"], made["other"]):
+            raise SystemExit(f"--attention {r}: the two libraries' outputs differ")
+        out[f"attention, {r} rows over {span} keys"] = ratios
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--load", required=True, help="a checkpoint of ours (e.g. runs/ee_aclsum/probes)")
@@ -146,6 +186,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--repeats", type=int, default=4, help="passes over the prompts (pairs: prompts x repeats)")
     p.add_argument("--bf16", action="store_true")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument(
+        "--attention",
+        type=int,
+        nargs="+",
+        default=None,
+        metavar="R",
+        help="instead of decoding: native.attend alone at these row counts (see attention_ratios)",
+    )
+    p.add_argument("--pairs", type=int, default=300, help="--attention: timed pairs per row count")
     args = p.parse_args(argv)
     if args.repeats < 1 or args.num_examples < 1:
         p.error("--repeats and --num-examples must be >= 1")
@@ -154,16 +203,18 @@ def main(argv: list[str] | None = None) -> None:
     current, loader = {"lib": libs["this"]}, native.library
     native.library = lambda: current["lib"]  # what every native call asks for, switched below
     try:
-        ratios = paired_ratios(args, libs, current)
+        ratios = attention_ratios(args, libs, current) if args.attention else paired_ratios(args, libs, current)
     finally:
         native.library = loader
     dtype, other = "bf16" if args.bf16 else "fp32", args.source or args.against
-    print(f"{cpu_model_name()}, {args.threads} threads, {dtype}, {args.load}; this checkout's decode time (prefill: "
-          f"the prompt's prefill time) over the other's ({other}), per prompt, same tokens:")  # fmt: skip
+    what = "time" if args.attention else "decode time (prefill: the prompt's prefill time)"
+    each = "per call, same outputs" if args.attention else "per prompt, same tokens"
+    print(f"{cpu_model_name()}, {args.threads} threads, {dtype}, {args.load}; this checkout's {what} over the "
+          f"other's ({other}), {each}:")  # fmt: skip
     for k, v in ratios.items():
         v = sorted(v)
         q = len(v) // 4
-        print(f"  {k:22s} median {statistics.median(v):.3f}  quartiles {v[q]:.3f} / {v[-q - 1]:.3f}  pairs {len(v)}")
+        print(f"  {k:34s} median {statistics.median(v):.3f}  quartiles {v[q]:.3f} / {v[-q - 1]:.3f}  pairs {len(v)}")
 
 
 if __name__ == "__main__":

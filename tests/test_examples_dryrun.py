@@ -463,6 +463,11 @@ def test_native_ab_pairs_two_builds_of_the_kernel_prompt_by_prompt(data, corpus,
     assert set(rows) == {"full", "self_speculative", "prefill"}  # no calibration record: no early-exit row
     assert all(line.split()[-1] == "4" and float(line.split()[2]) > 0 for line in rows.values())  # 2 prompts x 2
     assert sum(line.startswith("pass ") for line in out) == 2 and native.library() is ours
+    bench.main(["--load", os.path.join(data["tune"], "with_exits"), "--threads", "1", "--source", str(other),
+                "--attention", "20", "2", "--pairs", "3"])  # fmt: skip
+    rows = [line.split() for line in capsys.readouterr().out.splitlines() if line.startswith("  attention")]
+    assert [r[1] for r in rows] == ["20", "2"] and all(r[-1] == "3" for r in rows)  # a prompt's rows, a verify's
+    assert native.library() is ours
     for flag, value in (("--source", str(tmp_path / "missing.c")), ("--against", "no-such-rev")):
         with pytest.raises(SystemExit, match=flag):
             bench.main(["--load", os.path.join(data["tune"], "with_exits"), flag, value])

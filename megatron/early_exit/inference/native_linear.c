@@ -1114,8 +1114,10 @@ static inline void attend_head(const float *qf, const uint16_t *q16, float post,
    operations are attend_head's, in its order (a value past a row's span is not read for it), so
    every row's result is the one attend_head gives it alone, bit for bit. CPU reference model's
    heads (6 of 64, bf16, 2 threads, AMD EPYC), `native.attend` against one row a task, medians of
-   300 alternating pairs: a 239-token prompt 0.83x the time, a verify pass's 6 rows over 266 keys
-   0.88x, 3 rows 0.95x; the prompts' whole prefill 0.976x (`benchmarks/native_ab.py`, 240 pairs).
+   300 alternating pairs (`benchmarks/native_ab.py --attention`): a 239-token prompt 0.915-0.917x
+   the time, a verify pass's 6 rows over 266 keys 0.933x, 3 rows 0.966x (a scratch timing of the
+   same pairing: 0.83 / 0.88 / 0.95x); SmolLM2's heads (3 groups of 3) 0.910x / 0.946x; the
+   prompts' whole prefill 0.976x (`benchmarks/native_ab.py`, 240 pairs).
    Two rows, not more: with three, the sums (24 vectors) and the shared values left too few
    registers, and sharing the keys too (each row's 16 scores of a block kept at once) spilled them:
    1.02-1.14x the time. */

@@ -10,12 +10,12 @@ runs them, as it does: `loop_timed`, and the unit is then its plain step, full d
 the batch size, dtype and context length being decoded, by `cost_model.work_clock` (CPU
 seconds on a CPU running one thread, else the wall clock): each its best time of `repeats`
 rounds that run every kind in turn (`cost_model.best_times`), taken as a ratio to the plain
-round's best. Best times, because a
-quiet machine's interruptions only add time and the fit below amplifies noise: measured four
-times in one process (CPU reference model, bf16, 2 threads), the median of 3 paired ratios gave
-a verify round's fixed cost (base) from exit 6 of 1.00-1.41 and from exit 3 1.00-1.19 (and 11 pairs
-1.08-1.37 and 1.00-1.27), the best of 11 rounds 1.04-1.14 and 1.14-1.17; a base read 0.3 too high
-made the controller decode 80% of rounds plainly (1.10x instead of 1.3x).
+round's best. Best times, because a quiet machine's interruptions only add time and the fit
+below amplifies noise: measured four times in one process (CPU reference model, bf16, 2
+threads), the median of 3 paired ratios gave a verify round's fixed cost (base) from exit 6 of
+1.00-1.41 and from exit 3 1.00-1.19 (and 11 pairs 1.08-1.37 and 1.00-1.27), the best of 11 rounds
+1.04-1.14 and 1.14-1.17; a base read 0.3 too high made the controller decode 80% of rounds
+plainly (1.10x instead of 1.3x).
 
   plain      a round that drafts nothing (a plain decode step and its bookkeeping): the unit;
   draft[n]   one draft step at exit n: the slope of g drafts alone over g in LENGTHS;

@@ -1250,8 +1250,6 @@ static void attend_head_any(const float *qf, const char *kbase, const char *vbas
     }
 }
 
-/* ee_attend, sequence a's keys and values at slot slots[a] of k and v (NULL: slot a); without a mask,
-   row a * R + r attends keys 0 .. pos[a * R + r] where pos is given (ee_layer's rows), else all. */
 /* How many keys row ar attends: up to its mask's last attended key (a causal row stops there), else
    up to its own position where the rows' positions are known, else all span. */
 static inline int64_t row_keys(const uint8_t *m, const int64_t *pos, int64_t ar, int64_t span) {
@@ -1262,6 +1260,9 @@ static inline int64_t row_keys(const uint8_t *m, const int64_t *pos, int64_t ar,
         keys = pos[ar] + 1;
     return keys;
 }
+
+/* ee_attend, sequence a's keys and values at slot slots[a] of k and v (NULL: slot a); without a mask,
+   row a * R + r attends keys 0 .. pos[a * R + r] where pos is given (ee_layer's rows), else all. */
 
 static int attend(const void *q, const void *k, const void *v, const uint8_t *mask, void *out, int64_t A, int64_t R,
                   int64_t G, int64_t per, int64_t span, int64_t hd, int64_t kb, int64_t kg, int64_t kp, int64_t vb,

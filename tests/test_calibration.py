@@ -113,6 +113,44 @@ def test_threshold_paths_go_from_never_to_always(scores):
     assert torch.allclose(threshold_path(None, 3, "shared", 5)[:, 1], torch.tensor([1.0, 0.75, 0.5, 0.25, 0.0]))
 
 
+def test_precision_path_by_hand():
+    """One exit, 10 tokens by confidence: A A W A A W A W A W (A agrees with the final head). The
+    disagreement among the k most confident runs 0, 0, 1/3, 1/4, 1/5, 1/3, 2/7, 3/8, 1/3, 2/5; at
+    risk r the path's threshold is the confidence of the last k whose disagreement is <= r. A
+    second exit that always agrees fires on every token once r > 0; one that never agrees never."""
+    agree = torch.tensor([1, 1, 0, 1, 1, 0, 1, 0, 1, 0], dtype=torch.bool)
+    conf = torch.linspace(1.0, 0.1, 10)
+    s = ExitScores([1, 2, 3], torch.stack([conf, conf, conf], -1).view(2, 5, 3),
+                   torch.stack([agree, torch.ones(10, dtype=torch.bool), torch.zeros(10, dtype=torch.bool)], -1)
+                   .view(2, 5, 3))  # fmt: skip
+    path = threshold_path(s, 3, "precision", 11)  # risks (j / 10)^2: 0, .01, .04, .09, .16, .25, .36, .49, ...
+    assert torch.all(path[0] == 1.0)  # row 0: nothing leaves
+    assert path[1:6, 0].tolist() == pytest.approx([0.9, 0.9, 0.9, 0.9, 0.6])  # r .01-.16: k = 2; r .25: k = 5
+    assert path[6:, 0].tolist() == pytest.approx([0.2, 0.1, 0.1, 0.1, 0.1])  # r .36: k = 9; r >= .49: all 10
+    assert path[1:, 1].tolist() == pytest.approx([0.1] * 10)  # always agrees: every token from the first step
+    assert path[:, 2].tolist() == [1.0] * 10 + [pytest.approx(0.1)]  # never agrees: only at risk 1.0
+    assert torch.all(path.diff(dim=0) <= 0)  # conservative to aggressive
+    with pytest.raises(ValueError, match="--path must be quantile, shared or precision, got 'median'"):
+        threshold_path(s, 3, "median", 11)
+
+
+def test_precision_path_keeps_the_guarantee_and_lets_more_out(scores):
+    """The same 20 random halves as below with the precision path: at most epsilon of them exceed
+    delta, and on these exits (agreement 35-62%, the first the worst) more tokens leave than on
+    the quantile path, whose common share is held back by the worst exit."""
+    exceed, shares, quantile = 0, [], []
+    for seed in range(SPLITS):
+        order = torch.randperm(400, generator=torch.Generator().manual_seed(100 + seed))
+        calib, test = scores.select(order[:200]), scores.select(order[200:])
+        for path, into in (("precision", shares), ("quantile", quantile)):
+            cal = calibrate(calib, DELTA, EPSILON, path=path, seed=seed)
+            risk, share = chunk_losses(test, torch.tensor(cal.thresholds))
+            into.append(float(share.mean()))
+            exceed += int(path == "precision" and risk.mean() > DELTA)
+    assert exceed <= EPSILON * SPLITS, exceed  # measured: 0 of 20 (mean disagreement 0.031, max 0.043)
+    assert sum(shares) > sum(quantile), (shares, quantile)  # measured: 25.2% exit (22.3-27.5%) against 16.1%
+
+
 def test_guarantee_holds_over_random_splits(scores):
     """20 random calibration/test halves: the realised test disagreement exceeds delta in at most
     epsilon of them, while thresholds let tokens exit; a naive choice (largest path entry whose

@@ -77,13 +77,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--measure", choices=["max_prob", "top2_margin", "entropy", "learned"], default="max_prob")
     p.add_argument("--seq-length", type=int, default=128, help="tokens per chunk (default 128)")
     p.add_argument("--num-chunks", type=int, default=256, help="chunks of held-out text (default 256)")
-    p.add_argument("--path", choices=["quantile", "shared"], default="quantile", help="threshold path (see the module)")
+    p.add_argument(
+        "--path",
+        choices=["quantile", "shared", "precision"],
+        default="quantile",
+        help="threshold path (see megatron/early_exit/inference/calibration.py)",
+    )
     p.add_argument(
         "--bound", choices=list(calibration.BOUNDS), default="wsr",
         help="p-values: wsr (Waudby-Smith-Ramdas betting, variance-adaptive; default) or hb (Hoeffding-Bentkus)",
     )  # fmt: skip
     p.add_argument("--steps", type=int, default=101, help="threshold vectors on the path")
-    p.add_argument("--fit-fraction", type=float, default=0.3, help="quantile path: share of chunks that fit it")
+    p.add_argument(
+        "--fit-fraction", type=float, default=0.3, help="quantile and precision paths: share of chunks that fit it"
+    )
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--bf16", action="store_true")

@@ -140,8 +140,8 @@ def test_prefills_of_every_short_length_match_the_modules(dtype, groups):
 def test_a_prompt_attends_and_rotates_natively_where_that_measured_faster(dtype, natively, monkeypatch):
     """A prompt of more than ATTEND_ROWS tokens whose layers run op by op attends (and rotates, and
     makes its norms and SwiGLU) natively where `kernels.prompt_attention` says so, else through the
-    modules' SDPA (and torch's operations): the modules' numbers bit for bit then, within round-off
-    when native."""
+    modules' SDPA (and torch's operations): the modules' K/V bit for bit then (the logits within the
+    round-off of the head's folded norm), within round-off when native."""
     # decode steps' products native, a prompt's on `F.linear`: its layers op by op (as on oneDNN)
     monkeypatch.setattr(kernels, "kernel_for", lambda weight, rows: "native" if rows <= 16 else "plain")
     asked = []
@@ -165,9 +165,14 @@ def test_a_prompt_attends_and_rotates_natively_where_that_measured_faster(dtype,
     # natively: the input norm's rows made ready, rotated, attended; the MLP's norm and SwiGLU made ready
     native_layer = [("ready", 40), ("rope", 40), ("attend", 40), ("ready", 40), ("ready", 40)]
     assert calls == (native_layer * layers if natively else [])
-    for lean_out, modules in zip(got[True], got[False], strict=True):
-        if not natively:
+    for i, (lean_out, modules) in enumerate(zip(got[True], got[False], strict=True)):
+        if not natively and i > 0:  # every layer's K/V: the modules' operations, bit for bit
             assert torch.equal(lean_out, modules)
+        elif not natively:
+            # the logits: the final norm folded into the head's native call (`Passes.native_vocab`),
+            # its mean summed in the kernel's order, within round-off of torch's (bit for bit on the
+            # AMD EPYC, 1.2e-7 apart on an Intel Xeon with AMX, stop 78)
+            torch.testing.assert_close(lean_out, modules, rtol=1e-5, atol=1e-6)
         elif dtype == torch.float32:  # the scores and values summed in another order: round-off
             torch.testing.assert_close(lean_out, modules, rtol=1e-5, atol=1e-5)
         else:  # a rotated key or an attention output one bf16 rounding apart (2^-8), carried through

@@ -75,11 +75,11 @@ def print_costs(c: cm.DecodeCosts) -> None:
             f"{piece} +{c.cold.get(piece, 0.0) * ms:.3f} ({c.reads[piece][1] / 2**20:.1f} MiB)" for piece in c.reads
         )
         print(f"  last-level cache {c.cache_bytes / 2**20:.0f} MiB; weights read from memory cost: {cold}")
-    if c.stream:  # full decoding's steps above the line through the exits' (`cost_model.fit_steps`)
+    if c.stream:  # the deeper steps above the line through the shallow exits' (`cost_model.fit_steps`)
         print(
-            f"  a step's reads beyond {c.hot_bytes / 2**20:.0f} MiB (the deepest exit step's) stream from memory: "
-            f"+{c.stream * 2**20 * ms:.4f} ms per MiB (fitted from full decoding's steps: their prediction is "
-            "their time)"
+            f"  a step's reads beyond {c.hot_bytes / 2**20:.0f} MiB (what the cache keeps between steps, fitted) "
+            f"stream from memory: +{c.stream * 2**20 * ms:.4f} ms per MiB (fitted from the steps above the line "
+            "through the shallower exits': full decoding's, and any exit's whose reads stream)"
         )
     if c.host:  # each timing's host speed against the steps' (`cost_model.ReferenceStep`), divided out
         print("  host speed against the steps' timing: " + ", ".join(f"{k} {v:.3f}" for k, v in c.host.items()))

@@ -626,6 +626,48 @@ def test_full_decodings_steps_above_the_exits_line_stream_their_reads_beyond_the
         assert cm.scaled(costs, 2.0).stream == pytest.approx(2 * costs.stream)  # seconds a byte: the host's speed
 
 
+def test_a_deeper_exits_steps_that_stream_leave_the_line_to_the_shallower_exits():
+    """Exits after 2, 4 and 7 of 10 layers (steps reading 4, 6 and 9 bytes; full decoding 18): the
+    cache keeps 7.5 bytes from step to step, so the exit-7 step streams 1.5 of its bytes and full
+    decoding 10.5, at 0.5 s a byte. The fit finds the line through exits 2 and 4, and 7.5 and 0.5
+    from the two steps above it: every step priced at its time, where one line through the three
+    exits (the only fit before) priced the exit-2 and exit-4 steps off."""
+    costs = replace(
+        two_exits(), depth={2: 2, 4: 4, 7: 7}, probe=dict.fromkeys((2, 4, 7), 0.1),
+        vocab=dict.fromkeys((2, 4, 7), 0.5), project=dict.fromkeys((2, 4, 7), 0.3),
+        reads={"layer": ("layer", 1.0), "head": ("final", 8.0), **{f"project/{n}": (f"p{n}", 2.0) for n in (2, 4, 7)}},
+    )  # fmt: skip
+    measured = {
+        "exit 2": 2 + 2 + 0.4,
+        "exit 4": 2 + 4 + 0.4,
+        "exit 7": 2 + 7 + 0.4 + 0.5 * 1.5,
+        "full": 13 + 0.5 * 10.5,
+    }
+    needs = {2: False, 4: False, 7: False}
+    fit = cm.fit_steps(costs, measured, needs)
+    assert (fit.layer, fit.fixed, fit.stream, fit.hot_bytes) == pytest.approx((1.0, 2.0, 0.5, 7.5), rel=1e-9)
+    for name in measured:
+        assert cm.predicted_step(fit, name, False) == pytest.approx(measured[name], rel=1e-9)
+    fits = cm.stream_fits(
+        costs, replace(costs, layer=0.0, fixed=0.0), measured, needs, cm.exit_reads(costs, needs), 0.0
+    )
+    assert len(fits) == 2 and fits[0][0] < 1e-20 < fits[1][0]  # the line through 2 and 4; through all three
+    one_line = fits[1][1]
+    assert (
+        one_line.hot_bytes == 9.0 and abs(cm.predicted_step(one_line, "exit 2", False) / measured["exit 2"] - 1) > 0.02
+    )
+
+
+def test_the_bytes_a_cache_keeps_stay_between_the_line_and_the_streaming_steps():
+    """`stream_line`: one streaming step, the line's deepest step's bytes; two on a line through
+    (8, 0) and (12, 2), 8 bytes; a line that would hold fewer bytes than the line's deepest step
+    reads (or more than the first streaming step), those bytes, stream through the points."""
+    assert cm.stream_line([(18.0, 2.2)], 7.0) == pytest.approx((0.2, 7.0))
+    assert cm.stream_line([(10.0, 1.0), (12.0, 2.0)], 6.0) == pytest.approx((0.5, 8.0))
+    stream, hot = cm.stream_line([(10.0, 4.0), (12.0, 5.0)], 9.0)  # the line's zero at 2: below 9
+    assert hot == 9.0 and stream == pytest.approx((1 * 4 + 3 * 5) / (1 + 9))
+
+
 def test_one_exit_no_weights_read_or_a_cache_that_holds_the_full_step_fit_one_line():
     """One exit gives no line of its own, a model whose reads are unknown no bytes, and a full step
     that reads no more than the cache holds in full (18 bytes of 36) or no cache regime (0 bytes:

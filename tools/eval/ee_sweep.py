@@ -319,7 +319,7 @@ def sweep(args) -> list[dict]:
         f"(last-level cache {costs.cache_bytes / 2**20:.0f} MiB"
         + (
             f"; a step's reads beyond {costs.hot_bytes / 2**20:.0f} MiB stream at "
-            f"{costs.stream * 2**20 * 1e3:.4f} ms a MiB, fitted from full decoding's steps"
+            f"{costs.stream * 2**20 * 1e3:.4f} ms a MiB, fitted from the steps that stream"
             if costs.stream
             else ""
         )

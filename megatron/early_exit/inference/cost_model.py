@@ -63,12 +63,14 @@ through the engine's own code (`Passes`, prepacked weights entered as in decodin
                 exit's layers after deeper steps evicted them. `layer` and `fixed` are fitted
                 with each timed setting's pieces in their own regime, so `layer` is a layer whose
                 weights are in the cache.
-  stream, hot_bytes  what a step pays a byte for its own reads beyond `hot_bytes` (the deepest
-                exit step's): where full decoding's steps cost more than the line through the
-                exits' steps by over STREAM_EXCESS, their reads stream from memory, and that
-                excess over the bytes it reads beyond the exit step's is `stream` (`fit_steps`;
-                on an Intel Xeon VM whose L3 kept SmolLM2's bf16 exit steps but not its full
-                steps). Full decoding's prediction is then its measured time by construction.
+  stream, hot_bytes  what a step pays a byte for its own reads beyond `hot_bytes` (what the
+                cache keeps from one step to the next): where full decoding's steps (and the
+                deeper exits' steps) cost more than the line through the shallower exits' steps
+                by over STREAM_EXCESS, their reads stream from memory, and their excess over the
+                bytes they read beyond `hot_bytes` is `stream` (`fit_steps`, `stream_fits`: the
+                split of the steps that prices them best; on Intel Xeon VMs whose L3 kept
+                SmolLM2's bf16 exit steps, or its shallower ones, but not its full steps). Full
+                decoding's prediction is then its measured time by construction.
 
 The timings are taken minutes apart, and a host shared with other work ran 1.2-1.6x faster or
 slower between them, which a fit through step times less piece times cannot tell from what the
@@ -156,8 +158,9 @@ class DecodeCosts:
     reads: dict[str, tuple[str, float]] = field(default_factory=dict)
     cache_bytes: float = 0.0
     # A step whose own reads are more than the cache keeps from one step to the next pays `stream`
-    # seconds per byte it reads beyond `hot_bytes` (`fit_steps`: fitted from full decoding's steps
-    # where they cost more than the line through the exits' steps; 0: not seen).
+    # seconds per byte it reads beyond `hot_bytes` (`fit_steps`: fitted from full decoding's steps,
+    # and the deeper exits', where they cost more than the line through the shallower exits' steps;
+    # 0: not seen).
     stream: float = 0.0
     hot_bytes: float = 0.0
     # The host's speed in each measurement ("pieces", "memory", "fill") against `step_times`': the
@@ -1141,7 +1144,9 @@ def fit_steps(costs: DecodeCosts, measured: dict[str, float], needs_vocab: dict[
     reads cold; `cache_bytes` 0: no regime, no stream) and costs more than the exits' line by
     over STREAM_EXCESS, the line is the exits' and the excess is `stream`: seconds per byte of
     the full step's reads beyond the deepest exit step's (`hot_bytes`), which each step pays for
-    its own reads beyond those. A step that reads more weights than the cache keeps from one step
+    its own reads beyond those; where the deeper exits' steps stream too, the line is the
+    shallower exits' and `hot_bytes` fitted below the deeper steps' reads (`stream_fits`: the split
+    that prices every step best). A step that reads more weights than the cache keeps from one step
     to the next streams them: on an Intel Xeon VM (300 MB of L3 reported, ~128-150 MiB of it
     this VM's) SmolLM2's bf16 steps leaving at exits 8 / 15 / 22 (54-150 MB of layers) ran at
     0.25-0.29 ms a layer and full decoding's (258 MB with the head) at ~0.40, which one line
@@ -1164,14 +1169,63 @@ def fit_steps(costs: DecodeCosts, measured: dict[str, float], needs_vocab: dict[
     out = replace(rest, layer=layer, fixed=fixed)
     if len({x for x, _ in exits}) < 2 or not costs.reads:
         return out
-    line = replace(rest, **dict(zip(("layer", "fixed"), fit_layer(exits, costs.layer_direct, layers_held))))
-    excess = measured["full"] - predicted_step(line, "full", True)
-    hot = max(reads)
     read = costs.walk(*setting_step(costs, "full"), True)[1]
     held = WeightCache.RAMP[0] * costs.cache_bytes
-    if excess <= STREAM_EXCESS * measured["full"] or read <= max(hot, held) or not held:
+    if read <= max(max(reads), held) or not held:
         return out
-    return replace(line, stream=excess / (read - hot), hot_bytes=hot)
+    fits = stream_fits(costs, rest, measured, needs_vocab, reads, layers_held)
+    return min(fits, key=lambda f: f[0])[1] if fits else out
+
+
+def stream_fits(
+    costs: DecodeCosts,
+    rest: DecodeCosts,
+    measured: dict[str, float],
+    needs_vocab: dict[int, bool],
+    reads: list[float],
+    layers_held: float,
+) -> list[tuple[float, DecodeCosts]]:
+    """`fit_steps`' streaming fits, each with its relative squared error over the measured steps:
+    the exit steps that read least (two at least) on a line in the cache (`fit_layer`), the deeper
+    exits' steps and full decoding's each above that line by over STREAM_EXCESS, their excess
+    seconds a cost per byte read beyond `hot_bytes` (`stream_line`: from the line's deepest step's
+    reads up to the shallowest streaming step's). With exits 8 / 15 / 22 of SmolLM2 (bf16, 7.1 MB
+    a layer) on an Intel Xeon VM reporting 480 MiB of L3, the exit-22 step (156 MB) already
+    streamed part of its reads (0.18 ms a layer from 8 to 15, 0.31 from 15 to 22): one line through
+    the three exits priced the exit-8 and exit-15 steps at 1.18x / 1.15x their times."""
+    vocab = {f"exit {n}": v for n, v in needs_vocab.items()} | {"full": True}
+    order = sorted(zip(reads, needs_vocab), key=lambda r: r[0])  # (bytes, exit), fewest first
+    fits = []
+    for j in range(2, len(order) + 1):
+        on = [
+            (costs.depth[n], measured[f"exit {n}"] - predicted_step(rest, f"exit {n}", vocab[f"exit {n}"]))
+            for _, n in order[:j]
+        ]
+        if len({x for x, _ in on}) < 2:
+            continue
+        line = replace(rest, **dict(zip(("layer", "fixed"), fit_layer(on, costs.layer_direct, layers_held))))
+        above = [(r, f"exit {n}") for r, n in order[j:]] + [(costs.walk(*setting_step(costs, "full"), True)[1], "full")]
+        excess = [(r, measured[name] - predicted_step(line, name, vocab[name])) for r, name in above]
+        if any(e <= STREAM_EXCESS * measured[name] for (_, e), (_, name) in zip(excess, above)):
+            continue
+        stream, hot = stream_line(excess, order[j - 1][0])
+        fit = replace(line, stream=stream, hot_bytes=hot)
+        error = sum((predicted_step(fit, k, vocab[k]) / measured[k] - 1) ** 2 for k in vocab if k in measured)
+        fits.append((error, fit))
+    return fits
+
+
+def stream_line(excess: list[tuple[float, float]], hot: float) -> tuple[float, float]:
+    """(seconds a byte, bytes held) with each (bytes read, excess seconds) point's excess =
+    stream x (bytes - held): one point, held = `hot` (the line's deepest step's reads); more, the
+    least-squares line through them, held kept within [`hot`, the fewest bytes among them) (else
+    at `hot`, stream through the points' bytes beyond it)."""
+    if len(excess) > 1:
+        slope, intercept = fit_line(excess)
+        if slope > 0 and hot <= -intercept / slope < min(r for r, _ in excess):
+            return slope, -intercept / slope
+    over = [(r - hot, e) for r, e in excess]
+    return sum(x * e for x, e in over) / sum(x * x for x, _ in over), hot
 
 
 class StepPool:

@@ -166,6 +166,23 @@ def test_bf16_products_without_the_cpus_bf16_dot_product_too(rebuild, monkeypatc
 
 
 @needs_native
+def test_a_build_without_software_prefetch_gives_the_same_products(rebuild, monkeypatch):
+    """`EE_NATIVE_CFLAGS=-DPREFETCH=0` builds a library of its own whose sweeps ask for nothing
+    ahead (the hardware's prefetchers alone): the same sums in the same order, so the same
+    products bit for bit, fp32 and bf16, one row and several (bf16 on the tiles where there are)."""
+    g = torch.Generator().manual_seed(6)
+    shapes = [(17, 3), (33, 577), (48, 32), (200, 130), (1536, 576)]
+    cases = [(torch.randn(m, k, generator=g).to(dt), torch.randn(n, k, generator=g).to(dt)) for m, k in shapes
+             for dt in (torch.float32, torch.bfloat16) for n in (1, 3, 20)]  # fmt: skip
+    before = [native.linear(x, native.pack(w), w.shape[0]) for w, x in cases]
+    native.library.cache_clear()
+    monkeypatch.setenv(native.CFLAGS_ENV, "-DPREFETCH=0")
+    assert native.library() is not None and len(list(rebuild.glob("native_linear-*.so"))) == 2
+    for (w, x), want in zip(cases, before, strict=True):
+        assert torch.equal(native.linear(x, native.pack(w), w.shape[0]), want), (tuple(w.shape), x.shape[0], w.dtype)
+
+
+@needs_native
 def test_the_library_is_built_once_and_reused(rebuild, monkeypatch):
     assert native.library() is not None
     built = list(rebuild.glob("native_linear-*.so"))

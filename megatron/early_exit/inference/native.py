@@ -44,6 +44,7 @@ import torch.nn.functional as F
 
 SOURCE = Path(__file__).with_name("native_linear.c")
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-lm")
+CFLAGS_ENV = "EE_NATIVE_CFLAGS"  # more compiler flags, e.g. "-DPREFETCH=0" (a library of its own)
 DTYPES = (torch.float32, torch.bfloat16)
 PANEL = 16  # output rows per panel (native_linear.c)
 ENV = "EE_NATIVE"  # "0": never build or use the native kernel
@@ -68,8 +69,14 @@ def _cpu_key() -> str:
         return platform.processor() + platform.machine()
 
 
+def flags() -> tuple[str, ...]:
+    """The compiler flags: FLAGS and `EE_NATIVE_CFLAGS`' (split at spaces; `native_linear.c`'s
+    macros, such as PREFETCH: the bytes ahead of a sweep it asks for, 0 for none)."""
+    return FLAGS + tuple(os.environ.get(CFLAGS_ENV, "").split())
+
+
 def _build(compiler: str) -> Path:
-    key = hashlib.sha256("\n".join([SOURCE.read_text(), compiler, *FLAGS, _cpu_key()]).encode()).hexdigest()[:16]
+    key = hashlib.sha256("\n".join([SOURCE.read_text(), compiler, *flags(), _cpu_key()]).encode()).hexdigest()[:16]
     out = cache_dir() / f"native_linear-{key}.so"
     if out.exists():
         return out
@@ -79,7 +86,7 @@ def _build(compiler: str) -> Path:
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
     os.close(fd)
     try:
-        done = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", tmp], capture_output=True, text=True, timeout=120)
+        done = subprocess.run([compiler, *flags(), str(SOURCE), "-o", tmp], capture_output=True, text=True, timeout=120)
         if done.returncode != 0:
             raise RuntimeError(f"{compiler} failed: {(done.stderr.strip().splitlines() or ['?'])[-1]}")
         os.replace(tmp, out)

@@ -1195,16 +1195,19 @@ def stream_fits(
     the three exits priced the exit-8 and exit-15 steps at 1.18x / 1.15x their times."""
     vocab = {f"exit {n}": v for n, v in needs_vocab.items()} | {"full": True}
     order = sorted(zip(reads, needs_vocab), key=lambda r: r[0])  # (bytes, exit), fewest first
+    # each exit's (layers, seconds less what the line does not own), as `fit_steps`' points
+    point = {
+        n: (costs.depth[n], measured[f"exit {n}"] - predicted_step(rest, f"exit {n}", v))
+        for n, v in needs_vocab.items()
+    }
+    full_read = costs.walk(*setting_step(costs, "full"), True)[1]
     fits = []
     for j in range(2, len(order) + 1):
-        on = [
-            (costs.depth[n], measured[f"exit {n}"] - predicted_step(rest, f"exit {n}", vocab[f"exit {n}"]))
-            for _, n in order[:j]
-        ]
+        on = [point[n] for _, n in order[:j]]
         if len({x for x, _ in on}) < 2:
             continue
         line = replace(rest, **dict(zip(("layer", "fixed"), fit_layer(on, costs.layer_direct, layers_held))))
-        above = [(r, f"exit {n}") for r, n in order[j:]] + [(costs.walk(*setting_step(costs, "full"), True)[1], "full")]
+        above = [(r, f"exit {n}") for r, n in order[j:]] + [(full_read, "full")]
         excess = [(r, measured[name] - predicted_step(line, name, vocab[name])) for r, name in above]
         if any(e <= STREAM_EXCESS * measured[name] for (_, e), (_, name) in zip(excess, above)):
             continue

@@ -19,6 +19,8 @@ from tests.test_packed import tiny
 @pytest.fixture(autouse=True)
 def fresh_choices(monkeypatch):
     monkeypatch.delenv(kernels.ENV, raising=False)
+    # the native kernel's prefetch set, not timed: its choice has tests of its own (`test_prefetch_*`)
+    monkeypatch.setenv(native.PREFETCH_ENV, "4096")
     monkeypatch.setattr(kernels, "_FUSED", set())  # no shape a layer's product from another test
     kernels.clear_choices()
     yield
@@ -359,3 +361,90 @@ def test_the_attention_measured_for_a_prompt_is_sdpas_within_round_off(monkeypat
     sdpa = seen["sdpa"].transpose(1, 2).reshape(seen["native"].shape)
     # fp32: the native kernel sums scores and values in another order (round-off, ~1e-7 here)
     torch.testing.assert_close(seen["native"], sdpa, rtol=1e-5, atol=1e-5)
+
+
+def restore_prefetch():
+    for dtype in native.DTYPES:
+        native.prefetch(dtype, native.built_prefetch(dtype))
+
+
+@pytest.mark.skipif(not native.available(), reason="no native kernel here (no C compiler)")
+def test_prefetch_is_timed_once_per_dtype_before_its_first_kernel_choice(monkeypatch):
+    """The native kernel's prefetch is chosen by timing one row against every registered weight of
+    the dtype with the library's prefetch and without (`pick` at PREFETCH_MARGIN), before the
+    dtype's first kernel choice, once; the other dtype keeps the library's until its own choice."""
+    monkeypatch.delenv(native.PREFETCH_ENV)
+    calls, swept = [], []
+
+    def fake_pick(funcs, weights, **kw):
+        calls.append((sorted(funcs), kw.get("margin")))
+        if "ahead" not in funcs:
+            return "plain"
+        for f in funcs.values():  # each way runs the real sweeps, at its own prefetch
+            f(weights[0])
+            swept.append(native.prefetch(torch.float32))
+        assert {tuple(w.shape) for w in weights[0]} == {(24, 16), (40, 24)}
+        return "none"
+
+    monkeypatch.setattr(kernels, "pick", fake_pick)
+    ws = [torch.randn(24, 16), torch.randn(40, 24), torch.randn(24, 16).to(torch.bfloat16)]
+    kernels.register(ws)
+    try:
+        with torch.no_grad():
+            kernels.kernel_for(ws[0], 1)
+            kernels.kernel_for(ws[1], 3)
+        assert calls[0] == (["ahead", "none"], kernels.PREFETCH_MARGIN) and len(calls) == 3
+        assert swept == [native.built_prefetch(torch.float32), 0] and native.built_prefetch(torch.float32) > 0
+        assert native.prefetch(torch.float32) == kernels.prefetch_choice(torch.float32) == 0
+        assert native.prefetch(torch.bfloat16) == native.built_prefetch(torch.bfloat16)  # not chosen yet
+        assert not kernels._DERIVED.kinds(ws[2])  # the bf16 weight was not swept
+    finally:
+        restore_prefetch()
+
+
+def fake_clock_pick(real_pick, none_cost: float):
+    """`pick` through its real body on a fake clock: each sweep costs 1.0, `none_cost` without prefetch."""
+    now = [0.0]
+
+    def charge(name, f):
+        def run(ws):
+            f(ws)
+            now[0] += none_cost if name == "none" else 1.0
+
+        return run
+
+    def timed(funcs, weights, **kw):
+        return real_pick({k: charge(k, f) for k, f in funcs.items()}, weights, **(kw | {"clock": lambda: now[0]}))
+
+    return timed
+
+
+@pytest.mark.skipif(not native.available(), reason="no native kernel here (no C compiler)")
+def test_prefetch_keeps_the_librarys_unless_none_is_clearly_faster(monkeypatch):
+    """Through the real `pick` on a fake clock: none 2% faster keeps the library's prefetch (the
+    margin is 3%), 10% faster takes none."""
+    monkeypatch.delenv(native.PREFETCH_ENV)
+    w = torch.randn(24, 16)  # kept alive: the registry holds weak references
+    kernels.register([w])
+    real_pick = kernels.pick
+    try:
+        for none_cost, want in ((0.98, native.built_prefetch(torch.float32)), (0.9, 0)):
+            monkeypatch.setattr(kernels, "pick", fake_clock_pick(real_pick, none_cost))
+            kernels.clear_choices()
+            assert kernels.prefetch_choice(torch.float32) == want == native.prefetch(torch.float32)
+    finally:
+        restore_prefetch()
+
+
+def test_a_set_prefetch_is_not_timed_and_a_bad_one_names_the_variable(monkeypatch):
+    monkeypatch.setattr(kernels, "pick", lambda *a, **kw: pytest.fail("timed"))
+    kernels.register([torch.randn(24, 16)])
+    try:
+        monkeypatch.setenv(native.PREFETCH_ENV, "0")
+        assert kernels.prefetch_choice(torch.float32) == 0 == native.prefetch(torch.float32)
+        kernels.clear_choices()
+        monkeypatch.setenv(native.PREFETCH_ENV, "soon")
+        with pytest.raises(ValueError, match="EE_NATIVE_PREFETCH='soon'"):
+            kernels.prefetch_choice(torch.float32)
+    finally:
+        restore_prefetch()

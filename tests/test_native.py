@@ -178,8 +178,54 @@ def test_a_build_without_software_prefetch_gives_the_same_products(rebuild, monk
     native.library.cache_clear()
     monkeypatch.setenv(native.CFLAGS_ENV, "-DPREFETCH=0")
     assert native.library() is not None and len(list(rebuild.glob("native_linear-*.so"))) == 2
+    assert native.built_prefetch(torch.float32) == native.prefetch(torch.bfloat16) == 0
     for (w, x), want in zip(cases, before, strict=True):
         assert torch.equal(native.linear(x, native.pack(w), w.shape[0]), want), (tuple(w.shape), x.shape[0], w.dtype)
+
+
+@needs_native
+def test_the_prefetch_set_at_run_time_gives_the_same_products():
+    """`native.prefetch` moves only where the sweeps ask for lines ahead (none, the library's, 64
+    bytes, 64 KB; per dtype): the same products bit for bit, fp32 and bf16, one row and several."""
+    g = torch.Generator().manual_seed(7)
+    cases = [(torch.randn(m, k, generator=g).to(dt), torch.randn(n, k, generator=g).to(dt))
+             for m, k in [(33, 577), (200, 130), (1536, 576)] for dt in native.DTYPES for n in (1, 3, 20)]  # fmt: skip
+    packed = [native.pack(w) for w, _ in cases]
+    built = {dt: native.built_prefetch(dt) for dt in native.DTYPES}
+    assert built[torch.float32] == built[torch.bfloat16] == 4096  # native_linear.c's PREFETCH
+    before = [native.linear(x, p, w.shape[0]) for (w, x), p in zip(cases, packed)]
+    try:
+        for ahead in (0, 64, 1 << 16):
+            assert native.prefetch(torch.float32, ahead) == ahead and native.prefetch(torch.bfloat16) == 4096
+            native.prefetch(torch.bfloat16, ahead)
+            for (w, x), p, want in zip(cases, packed, before, strict=True):
+                assert torch.equal(native.linear(x, p, w.shape[0]), want), (ahead, tuple(w.shape), x.shape[0], w.dtype)
+            native.prefetch(torch.bfloat16, 4096)
+        with pytest.raises(ValueError, match="ahead=-2"):
+            native.prefetch(torch.float32, -2)
+    finally:
+        for dt in native.DTYPES:
+            native.prefetch(dt, built[dt])
+
+
+@needs_native
+def test_a_prefetch_set_in_the_environment_is_applied_when_the_library_loads(monkeypatch):
+    """`EE_NATIVE_PREFETCH` sets both dtypes' bytes ahead as the library loads (the same file loads
+    as the same library, whose setting each load resets); a bad value names the variable."""
+    try:
+        monkeypatch.setenv(native.PREFETCH_ENV, "128")
+        native.library.cache_clear()
+        assert native.prefetch(torch.float32) == native.prefetch(torch.bfloat16) == 128
+        assert native.built_prefetch(torch.float32) == 4096
+        monkeypatch.setenv(native.PREFETCH_ENV, "-5")
+        native.library.cache_clear()
+        with pytest.raises(ValueError, match="EE_NATIVE_PREFETCH='-5'"):
+            native.library()
+        monkeypatch.delenv(native.PREFETCH_ENV)
+        native.library.cache_clear()
+        assert native.prefetch(torch.float32) == native.prefetch(torch.bfloat16) == 4096  # reset
+    finally:
+        native.library.cache_clear()
 
 
 @needs_native

@@ -228,19 +228,31 @@ static void store(v16 s, const void *b, const void *res, void *y, int bf16, int6
 #define PREFETCH 4096
 #endif
 
-/* Ask for the `lines` (1 or 2) cache lines from p: a sweep's next two columns, PREFETCH ahead
-   (one line of bf16, two of fp32; vdpbf16ps's four bf16 columns two). PREFETCH 0: none, the
-   hardware's prefetchers alone (`EE_NATIVE_CFLAGS=-DPREFETCH=0`): on an Intel Xeon reporting
-   480 MiB of L3 (stop 78) one row against 425 MB of fp32 weights streamed 27.1-27.4 GB/s on two
-   threads without it against 24.8-25.4 with it, 212 MB of bf16 31.6-31.7 against 29.6-30.1. */
-static inline void fetch_ahead(const char *p, int lines) {
-#if PREFETCH > 0
-    __builtin_prefetch(p);
-    if (lines > 1) __builtin_prefetch(p + 64);
-#else
-    (void)p;
-    (void)lines;
-#endif
+/* The bytes ahead each dtype's sweeps ask for (0 fp32, 1 bf16; the AMX tile loop is bf16's), set
+   at run time (`ee_prefetch`: `kernels.prefetch_choice` times one row against the model's weights
+   each way and keeps the faster), PREFETCH until then. 0: none, the hardware's prefetchers alone:
+   on an Intel Xeon reporting 480 MiB of L3 (stop 78) one row against 425 MB of fp32 weights
+   streamed 27.1-27.4 GB/s on two threads without it against 24.8-25.4 with it, 212 MB of bf16
+   31.6-31.7 against 29.6-30.1, where the Emerald Rapids Xeon and the AVX2 EPYC above wanted it. */
+static int64_t prefetch_by[2] = {PREFETCH, PREFETCH};
+
+/* Ask for the `lines` (1 or 2) cache lines from p, a sweep's next columns `by` bytes ahead (none
+   where `by` is 0). */
+static inline void fetch_ahead(const char *p, int lines, int64_t by) {
+    if (by > 0) {
+        __builtin_prefetch(p);
+        if (lines > 1) __builtin_prefetch(p + 64);
+    }
+}
+
+/* The bytes ahead this library was built with (PREFETCH). */
+int64_t ee_prefetch_built(void) { return PREFETCH; }
+
+/* Sets dtype `bf16`'s (0 fp32, 1 bf16) bytes ahead where `bytes` >= 0 (between products: a product
+   reads it once); returns it. */
+int64_t ee_prefetch(int bf16, int64_t bytes) {
+    if (bytes >= 0) __atomic_store_n(&prefetch_by[bf16 != 0], bytes, __ATOMIC_RELAXED);
+    return __atomic_load_n(&prefetch_by[bf16 != 0], __ATOMIC_RELAXED);
 }
 
 #ifdef HALVES
@@ -287,10 +299,11 @@ static inline __attribute__((always_inline)) void sweep(const void *panel, int b
     (void)RM;
     for (int i = 0; i < XS; i++) a[i][0][0] = a[i][0][1] = a[i][1][0] = a[i][1][1] = (v8){0};
     int64_t k = 0;
-    const char *ahead = (const char *)panel + PREFETCH; /* 2 columns: one line of bf16, two of fp32 */
+    const int64_t by = __atomic_load_n(&prefetch_by[bf16 != 0], __ATOMIC_RELAXED);
+    const char *ahead = (const char *)panel + by; /* 2 columns: one line of bf16, two of fp32 */
     const int64_t step = bf16 ? 2 * PANEL * 2 : 2 * PANEL * 4;
     for (; k + 2 <= K; k += 2, ahead += step) {
-        fetch_ahead(ahead, bf16 ? 1 : 2);
+        fetch_ahead(ahead, bf16 ? 1 : 2, by);
         v8 w0l, w0h, w1l, w1h;
         widen_halves(panel, bf16, k, &w0l, &w0h);
         widen_halves(panel, bf16, k + 1, &w1l, &w1h);
@@ -326,15 +339,16 @@ static inline __attribute__((always_inline)) void sweep(const void *panel, int b
     for (int i = 0; i < XS; i++) a[i][0] = a[i][1] = (v16){0};
     int64_t k = 0;
     (void)RM;
+    const int64_t by = __atomic_load_n(&prefetch_by[bf16 != 0], __ATOMIC_RELAXED);
 #ifdef DPBF16
 /* row i's pair of columns k, k + 1: row by row (RM) or k-major in the block (`pairs`) */
 #define PAIR_AT(i, k) (RM ? (i) * (K / 2) + (k) / 2 : (k) / 2 * XS + (i))
     if (bf16) {
         __m512 c[XROWS][2];
         for (int i = 0; i < XS; i++) c[i][0] = c[i][1] = _mm512_setzero_ps();
-        const char *ahead = (const char *)panel + PREFETCH; /* 4 columns: two lines of bf16 */
+        const char *ahead = (const char *)panel + by; /* 4 columns: two lines of bf16 */
         for (; k + 4 <= K; k += 4, ahead += 4 * PANEL * 2) {
-            fetch_ahead(ahead, 2);
+            fetch_ahead(ahead, 2, by);
             __m512bh w0 = column_pair(panel, k), w1 = column_pair(panel, k + 2);
             for (int i = 0; i < XS; i++) {
                 c[i][0] = _mm512_dpbf16_ps(c[i][0], w0, (__m512bh)_mm512_set1_epi32((int)xq[PAIR_AT(i, k)]));
@@ -346,9 +360,9 @@ static inline __attribute__((always_inline)) void sweep(const void *panel, int b
 #else
     (void)xq;
 #endif
-    const char *ahead = (const char *)panel + k * PANEL * (bf16 ? 2 : 4) + PREFETCH;
+    const char *ahead = (const char *)panel + k * PANEL * (bf16 ? 2 : 4) + by;
     for (; k + 2 <= K; k += 2, ahead += 2 * PANEL * (bf16 ? 2 : 4)) {
-        fetch_ahead(ahead, bf16 ? 1 : 2);
+        fetch_ahead(ahead, bf16 ? 1 : 2, by);
         v16 w0, w1;
         columns(panel, bf16, k, &w0, &w1);
         for (int i = 0; i < XS; i++) {
@@ -474,7 +488,7 @@ static void amx_configure(int rows0, int rows1) {
    product, whatever the rows beside it (the tiles' product is defined element by element), so a
    verify pass's rows equal the decode steps' bit for bit here too. Up to 16 rows, four panels at
    a time, each its own sum tile: four chains of tile products, and four streams of weights ahead
-   of which the loop asks for the lines PREFETCH on; more rows, two blocks of them (32 rows) against
+   of which the loop asks for the lines bf16's bytes ahead on (`prefetch_by`); more rows, two blocks of them (32 rows) against
    two panels at a time, so that each block of weights is read once for 32 rows. Intel Xeon
    (Emerald Rapids), 2 threads, 12 weights of (2048, 384) streamed in turn: 29 / 30 / 32 / 34 / 41 us
    a product at 1 / 2 / 5 / 8 / 16 rows, where the sweep took 29 / 31 / 42-52 / 63-68 / 119-135 (one
@@ -483,6 +497,7 @@ static void amx_panels(const void *Wp, const uint16_t *xa, const void *b, const 
                        int64_t p1, int64_t K, int64_t M, int64_t n) {
     float sums[PANEL * PANEL] __attribute__((aligned(64)));
     const int64_t step = K * PANEL * 2; /* bytes from a panel to the next */
+    const int64_t by = __atomic_load_n(&prefetch_by[1], __ATOMIC_RELAXED);
     int configured0 = -1, configured1 = -1;
     for (int64_t i0 = 0; i0 < n; i0 += 2 * PANEL) {
         const int rows0 = n - i0 < PANEL ? (int)(n - i0) : PANEL;
@@ -499,8 +514,8 @@ static void amx_panels(const void *Wp, const uint16_t *xa, const void *b, const 
             _tile_zero(3);
             for (int64_t k = 0; k < K; k += 32) {
                 const char *wk = w + k * PANEL * 2;
-                for (int q = 0; q < np && PREFETCH > 0; q++)
-                    for (int line = 0; line < 16; line++) __builtin_prefetch(wk + q * step + PREFETCH + 64 * line);
+                for (int q = 0; q < np && by > 0; q++)
+                    for (int line = 0; line < 16; line++) __builtin_prefetch(wk + q * step + by + 64 * line);
                 _tile_loadd(4, xr + k, K * 2);
                 if (rows1) {
                     _tile_loadd(5, xr1 + k, K * 2);

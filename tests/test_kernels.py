@@ -20,7 +20,7 @@ from tests.test_packed import tiny
 def fresh_choices(monkeypatch):
     monkeypatch.delenv(kernels.ENV, raising=False)
     # the native kernel's prefetch set, not timed: its choice has tests of its own (`test_prefetch_*`)
-    monkeypatch.setenv(native.PREFETCH_ENV, "4096")
+    monkeypatch.setenv(native.PREFETCH_ENV, "1")
     monkeypatch.setattr(kernels, "_FUSED", set())  # no shape a layer's product from another test
     kernels.clear_choices()
     yield
@@ -365,14 +365,14 @@ def test_the_attention_measured_for_a_prompt_is_sdpas_within_round_off(monkeypat
 
 def restore_prefetch():
     for dtype in native.DTYPES:
-        native.prefetch(dtype, native.built_prefetch(dtype))
+        native.prefetch(dtype, True)
 
 
 @pytest.mark.skipif(not native.available(), reason="no native kernel here (no C compiler)")
 def test_prefetch_is_timed_once_per_dtype_before_its_first_kernel_choice(monkeypatch):
     """The native kernel's prefetch is chosen by timing one row against every registered weight of
-    the dtype with the library's prefetch and without (`pick` at PREFETCH_MARGIN), before the
-    dtype's first kernel choice, once; the other dtype keeps the library's until its own choice."""
+    the dtype with it and without (`pick` at PREFETCH_MARGIN), before the dtype's first kernel
+    choice, once; the other dtype keeps it on until its own choice."""
     monkeypatch.delenv(native.PREFETCH_ENV)
     calls, swept = [], []
 
@@ -380,7 +380,7 @@ def test_prefetch_is_timed_once_per_dtype_before_its_first_kernel_choice(monkeyp
         calls.append((sorted(funcs), kw.get("margin")))
         if "ahead" not in funcs:
             return "plain"
-        for f in funcs.values():  # each way runs the real sweeps, at its own prefetch
+        for f in funcs.values():  # each way runs the real sweeps, at its own setting
             f(weights[0])
             swept.append(native.prefetch(torch.float32))
         assert {tuple(w.shape) for w in weights[0]} == {(24, 16), (40, 24)}
@@ -394,9 +394,9 @@ def test_prefetch_is_timed_once_per_dtype_before_its_first_kernel_choice(monkeyp
             kernels.kernel_for(ws[0], 1)
             kernels.kernel_for(ws[1], 3)
         assert calls[0] == (["ahead", "none"], kernels.PREFETCH_MARGIN) and len(calls) == 3
-        assert swept == [native.built_prefetch(torch.float32), 0] and native.built_prefetch(torch.float32) > 0
-        assert native.prefetch(torch.float32) == kernels.prefetch_choice(torch.float32) == 0
-        assert native.prefetch(torch.bfloat16) == native.built_prefetch(torch.bfloat16)  # not chosen yet
+        assert swept == [True, False] and native.built_prefetch() == 4096  # native_linear.c's PREFETCH
+        assert native.prefetch(torch.float32) is kernels.prefetch_choice(torch.float32) is False
+        assert native.prefetch(torch.bfloat16) is True  # not chosen yet
         assert not kernels._DERIVED.kinds(ws[2])  # the bf16 weight was not swept
     finally:
         restore_prefetch()
@@ -420,31 +420,32 @@ def fake_clock_pick(real_pick, none_cost: float):
 
 
 @pytest.mark.skipif(not native.available(), reason="no native kernel here (no C compiler)")
-def test_prefetch_keeps_the_librarys_unless_none_is_clearly_faster(monkeypatch):
-    """Through the real `pick` on a fake clock: none 2% faster keeps the library's prefetch (the
-    margin is 3%), 10% faster takes none."""
+def test_prefetch_stays_on_unless_none_is_clearly_faster(monkeypatch):
+    """Through the real `pick` on a fake clock: none 2% faster keeps the prefetch (the margin is
+    3%), 10% faster turns it off."""
     monkeypatch.delenv(native.PREFETCH_ENV)
     w = torch.randn(24, 16)  # kept alive: the registry holds weak references
     kernels.register([w])
     real_pick = kernels.pick
     try:
-        for none_cost, want in ((0.98, native.built_prefetch(torch.float32)), (0.9, 0)):
+        for none_cost, want in ((0.98, True), (0.9, False)):
             monkeypatch.setattr(kernels, "pick", fake_clock_pick(real_pick, none_cost))
             kernels.clear_choices()
-            assert kernels.prefetch_choice(torch.float32) == want == native.prefetch(torch.float32)
+            assert kernels.prefetch_choice(torch.float32) is want is native.prefetch(torch.float32)
     finally:
         restore_prefetch()
 
 
 def test_a_set_prefetch_is_not_timed_and_a_bad_one_names_the_variable(monkeypatch):
     monkeypatch.setattr(kernels, "pick", lambda *a, **kw: pytest.fail("timed"))
-    kernels.register([torch.randn(24, 16)])
+    w = torch.randn(24, 16)
+    kernels.register([w])
     try:
         monkeypatch.setenv(native.PREFETCH_ENV, "0")
-        assert kernels.prefetch_choice(torch.float32) == 0 == native.prefetch(torch.float32)
+        assert kernels.prefetch_choice(torch.float32) is False is native.prefetch(torch.float32)
         kernels.clear_choices()
-        monkeypatch.setenv(native.PREFETCH_ENV, "soon")
-        with pytest.raises(ValueError, match="EE_NATIVE_PREFETCH='soon'"):
+        monkeypatch.setenv(native.PREFETCH_ENV, "4096")
+        with pytest.raises(ValueError, match="EE_NATIVE_PREFETCH='4096'"):
             kernels.prefetch_choice(torch.float32)
     finally:
         restore_prefetch()

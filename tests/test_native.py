@@ -178,52 +178,49 @@ def test_a_build_without_software_prefetch_gives_the_same_products(rebuild, monk
     native.library.cache_clear()
     monkeypatch.setenv(native.CFLAGS_ENV, "-DPREFETCH=0")
     assert native.library() is not None and len(list(rebuild.glob("native_linear-*.so"))) == 2
-    assert native.built_prefetch(torch.float32) == native.prefetch(torch.bfloat16) == 0
+    assert native.built_prefetch() == 0  # on or off, the sweeps ask for nothing ahead
     for (w, x), want in zip(cases, before, strict=True):
         assert torch.equal(native.linear(x, native.pack(w), w.shape[0]), want), (tuple(w.shape), x.shape[0], w.dtype)
 
 
 @needs_native
 def test_the_prefetch_set_at_run_time_gives_the_same_products():
-    """`native.prefetch` moves only where the sweeps ask for lines ahead (none, the library's, 64
-    bytes, 64 KB; per dtype): the same products bit for bit, fp32 and bf16, one row and several."""
+    """`native.prefetch` turns the sweeps' prefetch off and on per dtype: the same products bit for
+    bit, fp32 and bf16, one row and several."""
     g = torch.Generator().manual_seed(7)
     cases = [(torch.randn(m, k, generator=g).to(dt), torch.randn(n, k, generator=g).to(dt))
              for m, k in [(33, 577), (200, 130), (1536, 576)] for dt in native.DTYPES for n in (1, 3, 20)]  # fmt: skip
     packed = [native.pack(w) for w, _ in cases]
-    built = {dt: native.built_prefetch(dt) for dt in native.DTYPES}
-    assert built[torch.float32] == built[torch.bfloat16] == 4096  # native_linear.c's PREFETCH
+    assert native.built_prefetch() == 4096 and native.prefetch(torch.float32) and native.prefetch(torch.bfloat16)
     before = [native.linear(x, p, w.shape[0]) for (w, x), p in zip(cases, packed)]
     try:
-        for ahead in (0, 64, 1 << 16):
-            assert native.prefetch(torch.float32, ahead) == ahead and native.prefetch(torch.bfloat16) == 4096
-            native.prefetch(torch.bfloat16, ahead)
+        assert native.prefetch(torch.float32, False) is False and native.prefetch(torch.bfloat16) is True
+        for off in ([torch.float32], [torch.float32, torch.bfloat16], [torch.bfloat16]):
+            for dt in native.DTYPES:
+                native.prefetch(dt, dt not in off)
             for (w, x), p, want in zip(cases, packed, before, strict=True):
-                assert torch.equal(native.linear(x, p, w.shape[0]), want), (ahead, tuple(w.shape), x.shape[0], w.dtype)
-            native.prefetch(torch.bfloat16, 4096)
-        with pytest.raises(ValueError, match="ahead=-2"):
-            native.prefetch(torch.float32, -2)
+                assert torch.equal(native.linear(x, p, w.shape[0]), want), (off, tuple(w.shape), x.shape[0], w.dtype)
     finally:
         for dt in native.DTYPES:
-            native.prefetch(dt, built[dt])
+            native.prefetch(dt, True)
 
 
 @needs_native
 def test_a_prefetch_set_in_the_environment_is_applied_when_the_library_loads(monkeypatch):
-    """`EE_NATIVE_PREFETCH` sets both dtypes' bytes ahead as the library loads (the same file loads
-    as the same library, whose setting each load resets); a bad value names the variable."""
+    """`EE_NATIVE_PREFETCH` sets both dtypes' prefetch as the library loads (the same file loads as
+    the same library, whose setting each load resets); a bad value names the variable."""
     try:
-        monkeypatch.setenv(native.PREFETCH_ENV, "128")
+        monkeypatch.setenv(native.PREFETCH_ENV, "0")
         native.library.cache_clear()
-        assert native.prefetch(torch.float32) == native.prefetch(torch.bfloat16) == 128
-        assert native.built_prefetch(torch.float32) == 4096
-        monkeypatch.setenv(native.PREFETCH_ENV, "-5")
+        assert native.prefetch(torch.float32) is native.prefetch(torch.bfloat16) is False
+        assert native.built_prefetch() == 4096
+        monkeypatch.setenv(native.PREFETCH_ENV, "on")
         native.library.cache_clear()
-        with pytest.raises(ValueError, match="EE_NATIVE_PREFETCH='-5'"):
+        with pytest.raises(ValueError, match="EE_NATIVE_PREFETCH='on'"):
             native.library()
         monkeypatch.delenv(native.PREFETCH_ENV)
         native.library.cache_clear()
-        assert native.prefetch(torch.float32) == native.prefetch(torch.bfloat16) == 4096  # reset
+        assert native.prefetch(torch.float32) is native.prefetch(torch.bfloat16) is True  # reset
     finally:
         native.library.cache_clear()
 

@@ -96,8 +96,8 @@ _CHOICE: dict[tuple, str] = {}
 # attention runs natively (`prompt_attention`).
 _ATTENTION: dict[tuple, bool] = {}
 _forced: list[str] = []  # stack of engine-level overrides (innermost last)
-# dtype -> the bytes ahead the native kernel's sweeps ask for (`prefetch_choice`)
-_PREFETCH: dict[torch.dtype, int] = {}
+# dtype -> whether the native kernel's sweeps prefetch (`prefetch_choice`)
+_PREFETCH: dict[torch.dtype, bool] = {}
 PREFETCH_MARGIN = 0.03  # no prefetch must beat the library's by 3% (`prefetch_choice`)
 
 
@@ -338,42 +338,42 @@ def _measure(weight: torch.Tensor, rows: int, fused: bool = False) -> str:
     return _timed_pick(funcs, weights, wide)
 
 
-def prefetch_choice(dtype: torch.dtype) -> int:
-    """The bytes ahead of a sweep the native kernel's products of `dtype` ask for, chosen once per
-    process before its first kernel choice for `dtype` (`native.prefetch`): one row against every
+def prefetch_choice(dtype: torch.dtype) -> bool:
+    """Whether the native kernel's products of `dtype` prefetch their weights (`native.prefetch`),
+    chosen once per process before its first kernel choice for `dtype`: one row against every
     registered weight of the dtype in turn (a decode step's reads, from memory where they overflow
-    the cache), with the library's prefetch and without, alternated as `pick` times kernels; none
-    only where it is faster by PREFETCH_MARGIN. What pays differs by machine and dtype: on an Intel
+    the cache), with the prefetch and without, alternated as `pick` times kernels; without only
+    where that is faster by PREFETCH_MARGIN. What pays differs by machine and dtype: on an Intel
     Xeon (Emerald Rapids) and an AVX2 AMD EPYC the prefetch made bf16 sweeps 1.2-1.5x faster, while
     on an Intel Xeon reporting 480 MiB of L3 SmolLM2 decoded 1.70x `transformers` in fp32 without it
-    against 1.61-1.63x with it. `EE_NATIVE_PREFETCH` (bytes) sets it instead (`native.prefetch_env`);
-    without the library, or built with PREFETCH 0, nothing is timed."""
+    against 1.61-1.63x with it. `EE_NATIVE_PREFETCH` (1 / 0) sets it instead (`native.prefetch_env`);
+    without the library, or where it was built without prefetch, nothing is timed."""
     if dtype in _PREFETCH:
         return _PREFETCH[dtype]
-    forced, built = native.prefetch_env(), native.built_prefetch(dtype)
-    ahead = built if forced is None else forced
-    if forced is None and built > 0 and native.available(dtype):
-        ahead = _time_prefetch(dtype, built)
+    forced = native.prefetch_env()
+    on = forced if forced is not None else native.built_prefetch() > 0
+    if forced is None and on and native.available(dtype):
+        on = _time_prefetch(dtype)
     if native.available(dtype):
-        native.prefetch(dtype, ahead)
-    _PREFETCH[dtype] = ahead
-    return ahead
+        native.prefetch(dtype, on)
+    _PREFETCH[dtype] = on
+    return on
 
 
-def _time_prefetch(dtype: torch.dtype, built: int) -> int:
-    """`prefetch_choice`'s timing: `built` bytes ahead or 0, whichever sweeps one row against every
-    registered weight of `dtype` faster (`built` unless 0 wins by PREFETCH_MARGIN). The weights'
+def _time_prefetch(dtype: torch.dtype) -> bool:
+    """`prefetch_choice`'s timing: whether one row against every registered weight of `dtype` is
+    swept faster with the prefetch (so unless without wins by PREFETCH_MARGIN). The weights'
     native copies are dropped afterwards for the shapes no choice has kept them for yet."""
     groups = [key for key in _GROUPS if key[1] == dtype]
     weights = [w for key in groups for w in (r() for r in _GROUPS[key].values()) if w is not None]
     if not weights:
-        return built
+        return True
     gen = torch.Generator().manual_seed(0)
     xs = {k: torch.randn(1, k, generator=gen).to(dtype) for k in sorted({w.shape[1] for w in weights})}
 
-    def sweep_all(by: int) -> Callable[[list], None]:
+    def sweep_all(on: bool) -> Callable[[list], None]:
         def run(ws: list) -> None:
-            native.prefetch(dtype, by)
+            native.prefetch(dtype, on)
             for w in ws:
                 _native(xs[w.shape[1]], w, None)
 
@@ -382,7 +382,7 @@ def _time_prefetch(dtype: torch.dtype, built: int) -> int:
     multi = torch.get_num_threads() > 1
     with torch.no_grad():
         chosen = pick(
-            {"ahead": sweep_all(built), "none": sweep_all(0)},
+            {"ahead": sweep_all(True), "none": sweep_all(False)},
             [weights],
             rounds=MANY_THREAD_ROUNDS if multi else ROUNDS,
             clock=time.perf_counter if multi else time.process_time,
@@ -390,7 +390,7 @@ def _time_prefetch(dtype: torch.dtype, built: int) -> int:
         )
     for key in groups:
         _drop_unchosen(key)
-    return built if chosen == "ahead" else 0
+    return chosen == "ahead"
 
 
 def _timed_pick(funcs: dict, weights: Sequence, wide: float | None = None) -> str:

@@ -44,13 +44,13 @@ import torch.nn.functional as F
 
 SOURCE = Path(__file__).with_name("native_linear.c")
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-lm")
-CFLAGS_ENV = "EE_NATIVE_CFLAGS"  # more compiler flags, e.g. "-DPREFETCH=0" (a library of its own)
+CFLAGS_ENV = "EE_NATIVE_CFLAGS"  # more compiler flags, e.g. "-DPREFETCH=2048" (a library of its own)
 DTYPES = (torch.float32, torch.bfloat16)
 PANEL = 16  # output rows per panel (native_linear.c)
 ENV = "EE_NATIVE"  # "0": never build or use the native kernel
 CACHE_ENV = "EE_NATIVE_CACHE"  # where built libraries are kept
-PREFETCH_ENV = "EE_NATIVE_PREFETCH"  # bytes ahead of the sweeps (`prefetch`); unset: chosen by timing
-_BUILT_PREFETCH: dict[torch.dtype, int] = {}  # the library's own PREFETCH, per dtype
+PREFETCH_ENV = "EE_NATIVE_PREFETCH"  # 1 / 0: the sweeps' prefetch on / off (`prefetch`); unset: timed
+_BUILT_PREFETCH: dict[str, int] = {}  # "bytes": the loaded library's PREFETCH
 
 
 def cache_dir() -> Path:
@@ -185,14 +185,16 @@ def library() -> ctypes.CDLL | None:
     lib.ee_rows.restype = None
     lib.ee_amx.argtypes = [i32]
     lib.ee_amx.restype = i32
-    lib.ee_prefetch.argtypes = [i32, i64]
-    lib.ee_prefetch.restype = i64
+    if not hasattr(lib, "ee_prefetch"):  # an older source's library (`benchmarks/native_ab.py`)
+        return lib
+    lib.ee_prefetch.argtypes = [i32, i32]
+    lib.ee_prefetch.restype = i32
     lib.ee_prefetch_built.argtypes = []
     lib.ee_prefetch_built.restype = i64
+    _BUILT_PREFETCH["bytes"] = lib.ee_prefetch_built()
     forced = prefetch_env()  # the same file loaded again is the same library: its setting reset here
     for dtype in DTYPES:
-        _BUILT_PREFETCH[dtype] = lib.ee_prefetch_built()
-        lib.ee_prefetch(int(dtype == torch.bfloat16), _BUILT_PREFETCH[dtype] if forced is None else forced)
+        lib.ee_prefetch(int(dtype == torch.bfloat16), int(forced is not False))
     return lib
 
 
@@ -205,36 +207,33 @@ def amx(want: bool | None = None) -> bool:
     return lib is not None and bool(lib.ee_amx(-1 if want is None else int(want)))
 
 
-def prefetch_env() -> int | None:
-    """`EE_NATIVE_PREFETCH` as bytes (None where unset or 'auto'); ValueError naming it if it is not
-    a count of bytes."""
+def prefetch_env() -> bool | None:
+    """`EE_NATIVE_PREFETCH`: '1' on, '0' off, None where unset or 'auto' (`kernels.prefetch_choice`
+    times it); ValueError naming it otherwise."""
     text = os.environ.get(PREFETCH_ENV, "auto").strip()
     if text in ("", "auto"):
         return None
-    try:
-        ahead = int(text)
-    except ValueError:
-        ahead = -1
-    if ahead < 0:
-        raise ValueError(f"{PREFETCH_ENV}={text!r}: expected bytes ahead (0 for none) or 'auto'")
-    return ahead
+    if text not in ("0", "1"):
+        raise ValueError(f"{PREFETCH_ENV}={text!r}: expected 1 (prefetch), 0 (none) or auto (timed)")
+    return text == "1"
 
 
-def built_prefetch(dtype: torch.dtype) -> int:
-    """The bytes ahead the library was built with for `dtype` (its PREFETCH; 0 without the library)."""
-    return _BUILT_PREFETCH.get(dtype, 0) if library() is not None else 0
-
-
-def prefetch(dtype: torch.dtype, ahead: int | None = None) -> int:
-    """The bytes ahead of a sweep that the native kernel's products of `dtype` ask the CPU to
-    fetch (0: none, the hardware's prefetchers alone; the library's PREFETCH until set; bf16's
-    covers the AMX tile loop too); `ahead` >= 0 sets it for this process. 0 without the library.
-    The products' numbers are the same either way: only their speed moves
-    (`kernels.prefetch_choice` picks it by timing)."""
-    if ahead is not None and ahead < 0:
-        raise ValueError(f"prefetch: ahead={ahead}: expected bytes >= 0")
+def built_prefetch() -> int:
+    """The bytes ahead of a sweep the library asks for where its prefetch is on (its PREFETCH; 0:
+    built without it, or no library)."""
     lib = library()
-    return 0 if lib is None else int(lib.ee_prefetch(int(dtype == torch.bfloat16), -1 if ahead is None else ahead))
+    return _BUILT_PREFETCH.get("bytes", 0) if lib is not None else 0
+
+
+def prefetch(dtype: torch.dtype, on: bool | None = None) -> bool:
+    """Whether the native kernel's sweeps of `dtype` ask the CPU for weights `built_prefetch()`
+    bytes ahead (else the hardware's prefetchers alone; on until set; bf16's covers the AMX tile
+    loop too); `on` sets it for this process. False without the library. The products' numbers
+    are the same either way: only their speed moves (`kernels.prefetch_choice` times it)."""
+    lib = library()
+    if lib is None or not hasattr(lib, "ee_prefetch"):  # none, or an older source's (`native_ab.py`)
+        return False
+    return bool(lib.ee_prefetch(int(dtype == torch.bfloat16), -1 if on is None else int(bool(on))))
 
 
 def prepared_rows(x: torch.Tensor, norm: tuple[torch.Tensor, float] | None = None, swiglu: bool = False):

@@ -228,31 +228,34 @@ static void store(v16 s, const void *b, const void *res, void *y, int bf16, int6
 #define PREFETCH 4096
 #endif
 
-/* The bytes ahead each dtype's sweeps ask for (0 fp32, 1 bf16; the AMX tile loop is bf16's), set
-   at run time (`ee_prefetch`: `kernels.prefetch_choice` times one row against the model's weights
-   each way and keeps the faster), PREFETCH until then. 0: none, the hardware's prefetchers alone:
-   on an Intel Xeon reporting 480 MiB of L3 (stop 78) one row against 425 MB of fp32 weights
+/* Whether each dtype's sweeps ask for lines PREFETCH ahead (0 fp32, 1 bf16; the AMX tile loop is
+   bf16's), set at run time (`ee_prefetch`: `kernels.prefetch_choice` times one row against the
+   model's weights each way and keeps the faster), on until then. Off: the hardware's prefetchers
+   alone: on an Intel Xeon reporting 480 MiB of L3 (stop 78) one row against 425 MB of fp32 weights
    streamed 27.1-27.4 GB/s on two threads without it against 24.8-25.4 with it, 212 MB of bf16
-   31.6-31.7 against 29.6-30.1, where the Emerald Rapids Xeon and the AVX2 EPYC above wanted it. */
-static int64_t prefetch_by[2] = {PREFETCH, PREFETCH};
+   31.6-31.7 against 29.6-30.1, where the Emerald Rapids Xeon and the AVX2 EPYC above wanted it.
+   The sweeps take the distance as a constant (`panels` picks one of two inlined copies per
+   product): read from a variable in the loop, it made SmolLM2's fp32 steps 2-3% slower (AMD EPYC,
+   stop 79). */
+static int prefetch_on[2] = {1, 1};
 
-/* Ask for the `lines` (1 or 2) cache lines from p, a sweep's next columns `by` bytes ahead (none
-   where `by` is 0). */
-static inline void fetch_ahead(const char *p, int lines, int64_t by) {
-    if (by > 0) {
+/* Ask for the `lines` (1 or 2) cache lines from p, a sweep's next columns BY bytes ahead (a
+   constant; none where 0). */
+static inline __attribute__((always_inline)) void fetch_ahead(const char *p, int lines, const int64_t BY) {
+    if (BY > 0) {
         __builtin_prefetch(p);
         if (lines > 1) __builtin_prefetch(p + 64);
     }
 }
 
-/* The bytes ahead this library was built with (PREFETCH). */
+/* The bytes ahead this library's sweeps ask for where prefetching is on (PREFETCH). */
 int64_t ee_prefetch_built(void) { return PREFETCH; }
 
-/* Sets dtype `bf16`'s (0 fp32, 1 bf16) bytes ahead where `bytes` >= 0 (between products: a product
-   reads it once); returns it. */
-int64_t ee_prefetch(int bf16, int64_t bytes) {
-    if (bytes >= 0) __atomic_store_n(&prefetch_by[bf16 != 0], bytes, __ATOMIC_RELAXED);
-    return __atomic_load_n(&prefetch_by[bf16 != 0], __ATOMIC_RELAXED);
+/* Turns dtype `bf16`'s (0 fp32, 1 bf16) prefetch on (1) or off (0), between products; -1 asks.
+   Returns whether it is on. */
+int ee_prefetch(int bf16, int on) {
+    if (on >= 0) __atomic_store_n(&prefetch_on[bf16 != 0], on != 0, __ATOMIC_RELAXED);
+    return __atomic_load_n(&prefetch_on[bf16 != 0], __ATOMIC_RELAXED);
 }
 
 #ifdef HALVES
@@ -293,17 +296,16 @@ static inline void widen_halves(const void *panel, int bf16, int64_t k, v8 *lo, 
 static inline __attribute__((always_inline)) void sweep(const void *panel, int bf16, const float *xr,
                                                         const uint32_t *xq, const void *b, const void *res, void *y,
                                                         int64_t row0, int64_t m0, int64_t K, int64_t M, const int XS,
-                                                        const int RM) {
+                                                        const int RM, const int64_t BY) {
     (void)xq;
     v8 a[XROWS][2][2]; /* row, chain (even / odd columns), half */
     (void)RM;
     for (int i = 0; i < XS; i++) a[i][0][0] = a[i][0][1] = a[i][1][0] = a[i][1][1] = (v8){0};
     int64_t k = 0;
-    const int64_t by = __atomic_load_n(&prefetch_by[bf16 != 0], __ATOMIC_RELAXED);
-    const char *ahead = (const char *)panel + by; /* 2 columns: one line of bf16, two of fp32 */
+    const char *ahead = (const char *)panel + BY; /* 2 columns: one line of bf16, two of fp32 */
     const int64_t step = bf16 ? 2 * PANEL * 2 : 2 * PANEL * 4;
     for (; k + 2 <= K; k += 2, ahead += step) {
-        fetch_ahead(ahead, bf16 ? 1 : 2, by);
+        fetch_ahead(ahead, bf16 ? 1 : 2, BY);
         v8 w0l, w0h, w1l, w1h;
         widen_halves(panel, bf16, k, &w0l, &w0h);
         widen_halves(panel, bf16, k + 1, &w1l, &w1h);
@@ -334,21 +336,20 @@ static inline __attribute__((always_inline)) void sweep(const void *panel, int b
 static inline __attribute__((always_inline)) void sweep(const void *panel, int bf16, const float *xr,
                                                         const uint32_t *xq, const void *b, const void *res, void *y,
                                                         int64_t row0, int64_t m0, int64_t K, int64_t M, const int XS,
-                                                        const int RM) {
+                                                        const int RM, const int64_t BY) {
     v16 a[XROWS][2];
     for (int i = 0; i < XS; i++) a[i][0] = a[i][1] = (v16){0};
     int64_t k = 0;
     (void)RM;
-    const int64_t by = __atomic_load_n(&prefetch_by[bf16 != 0], __ATOMIC_RELAXED);
 #ifdef DPBF16
 /* row i's pair of columns k, k + 1: row by row (RM) or k-major in the block (`pairs`) */
 #define PAIR_AT(i, k) (RM ? (i) * (K / 2) + (k) / 2 : (k) / 2 * XS + (i))
     if (bf16) {
         __m512 c[XROWS][2];
         for (int i = 0; i < XS; i++) c[i][0] = c[i][1] = _mm512_setzero_ps();
-        const char *ahead = (const char *)panel + by; /* 4 columns: two lines of bf16 */
+        const char *ahead = (const char *)panel + BY; /* 4 columns: two lines of bf16 */
         for (; k + 4 <= K; k += 4, ahead += 4 * PANEL * 2) {
-            fetch_ahead(ahead, 2, by);
+            fetch_ahead(ahead, 2, BY);
             __m512bh w0 = column_pair(panel, k), w1 = column_pair(panel, k + 2);
             for (int i = 0; i < XS; i++) {
                 c[i][0] = _mm512_dpbf16_ps(c[i][0], w0, (__m512bh)_mm512_set1_epi32((int)xq[PAIR_AT(i, k)]));
@@ -360,9 +361,9 @@ static inline __attribute__((always_inline)) void sweep(const void *panel, int b
 #else
     (void)xq;
 #endif
-    const char *ahead = (const char *)panel + k * PANEL * (bf16 ? 2 : 4) + by;
+    const char *ahead = (const char *)panel + k * PANEL * (bf16 ? 2 : 4) + BY;
     for (; k + 2 <= K; k += 2, ahead += 2 * PANEL * (bf16 ? 2 : 4)) {
-        fetch_ahead(ahead, bf16 ? 1 : 2, by);
+        fetch_ahead(ahead, bf16 ? 1 : 2, BY);
         v16 w0, w1;
         columns(panel, bf16, k, &w0, &w1);
         for (int i = 0; i < XS; i++) {
@@ -378,24 +379,25 @@ static inline __attribute__((always_inline)) void sweep(const void *panel, int b
 }
 #endif
 
-/* `sweep` for each block of XS rows, XS a constant in each call (and RM, the pairs' layout). */
+/* `sweep` for each block of XS rows, XS a constant in each call (and RM, the pairs' layout, and BY,
+   the bytes ahead it prefetches). */
 #if XROWS == 8
-#define SWEEPS(RM)                                                                                     \
+#define SWEEPS(RM, BY)                                                                                 \
     switch (n - i0 < XROWS ? (int)(n - i0) : XROWS) {                                                  \
-    case 1: sweep(panel, bf16, xr, xqr, b, res, y, i0, p * PANEL, K, M, 1, RM); break;                 \
-    case 2: sweep(panel, bf16, xr, xqr, b, res, y, i0, p * PANEL, K, M, 2, RM); break;                 \
-    case 3: sweep(panel, bf16, xr, xqr, b, res, y, i0, p * PANEL, K, M, 3, RM); break;                 \
-    case 4: sweep(panel, bf16, xr, xqr, b, res, y, i0, p * PANEL, K, M, 4, RM); break;                 \
-    case 5: sweep(panel, bf16, xr, xqr, b, res, y, i0, p * PANEL, K, M, 5, RM); break;                 \
-    case 6: sweep(panel, bf16, xr, xqr, b, res, y, i0, p * PANEL, K, M, 6, RM); break;                 \
-    case 7: sweep(panel, bf16, xr, xqr, b, res, y, i0, p * PANEL, K, M, 7, RM); break;                 \
-    default: sweep(panel, bf16, xr, xqr, b, res, y, i0, p * PANEL, K, M, 8, RM); break;                \
+    case 1: sweep(panel, bf16, xr, xqr, b, res, y, i0, p * PANEL, K, M, 1, RM, BY); break;             \
+    case 2: sweep(panel, bf16, xr, xqr, b, res, y, i0, p * PANEL, K, M, 2, RM, BY); break;             \
+    case 3: sweep(panel, bf16, xr, xqr, b, res, y, i0, p * PANEL, K, M, 3, RM, BY); break;             \
+    case 4: sweep(panel, bf16, xr, xqr, b, res, y, i0, p * PANEL, K, M, 4, RM, BY); break;             \
+    case 5: sweep(panel, bf16, xr, xqr, b, res, y, i0, p * PANEL, K, M, 5, RM, BY); break;             \
+    case 6: sweep(panel, bf16, xr, xqr, b, res, y, i0, p * PANEL, K, M, 6, RM, BY); break;             \
+    case 7: sweep(panel, bf16, xr, xqr, b, res, y, i0, p * PANEL, K, M, 7, RM, BY); break;             \
+    default: sweep(panel, bf16, xr, xqr, b, res, y, i0, p * PANEL, K, M, 8, RM, BY); break;            \
     }
 #else
-#define SWEEPS(RM)                                                                                     \
+#define SWEEPS(RM, BY)                                                                                 \
     switch (n - i0 < XROWS ? (int)(n - i0) : XROWS) {                                                  \
-    case 1: sweep(panel, bf16, xr, xqr, b, res, y, i0, p * PANEL, K, M, 1, RM); break;                 \
-    default: sweep(panel, bf16, xr, xqr, b, res, y, i0, p * PANEL, K, M, 2, RM); break;                \
+    case 1: sweep(panel, bf16, xr, xqr, b, res, y, i0, p * PANEL, K, M, 1, RM, BY); break;             \
+    default: sweep(panel, bf16, xr, xqr, b, res, y, i0, p * PANEL, K, M, 2, RM, BY); break;            \
     }
 #endif
 
@@ -404,15 +406,20 @@ static inline __attribute__((always_inline)) void sweep(const void *panel, int b
 static void panels(const void *Wp, int bf16, const float *x, const uint32_t *xq, const void *b, const void *res,
                    void *y, int64_t p0, int64_t p1, int64_t K, int64_t M, int64_t n, int rows_pairs) {
     const int64_t esize = bf16 ? 2 : 4;
+    const int ahead = __atomic_load_n(&prefetch_on[bf16 != 0], __ATOMIC_RELAXED);
     for (int64_t p = p0; p < p1; p++) {
         const void *panel = (const char *)Wp + p * K * PANEL * esize;
         for (int64_t i0 = 0; i0 < n; i0 += XROWS) {
             const float *xr = x + i0 * K;
             const uint32_t *xqr = xq ? xq + i0 * (K / 2) : NULL;
-            if (rows_pairs)
-                SWEEPS(1)
+            if (rows_pairs && ahead)
+                SWEEPS(1, PREFETCH)
+            else if (rows_pairs)
+                SWEEPS(1, 0)
+            else if (ahead)
+                SWEEPS(0, PREFETCH)
             else
-                SWEEPS(0)
+                SWEEPS(0, 0)
         }
     }
 }
@@ -488,7 +495,7 @@ static void amx_configure(int rows0, int rows1) {
    product, whatever the rows beside it (the tiles' product is defined element by element), so a
    verify pass's rows equal the decode steps' bit for bit here too. Up to 16 rows, four panels at
    a time, each its own sum tile: four chains of tile products, and four streams of weights ahead
-   of which the loop asks for the lines bf16's bytes ahead on (`prefetch_by`); more rows, two blocks of them (32 rows) against
+   of which the loop asks for the lines PREFETCH on where bf16's prefetch is (`prefetch_on`); more rows, two blocks of them (32 rows) against
    two panels at a time, so that each block of weights is read once for 32 rows. Intel Xeon
    (Emerald Rapids), 2 threads, 12 weights of (2048, 384) streamed in turn: 29 / 30 / 32 / 34 / 41 us
    a product at 1 / 2 / 5 / 8 / 16 rows, where the sweep took 29 / 31 / 42-52 / 63-68 / 119-135 (one
@@ -497,7 +504,7 @@ static void amx_panels(const void *Wp, const uint16_t *xa, const void *b, const 
                        int64_t p1, int64_t K, int64_t M, int64_t n) {
     float sums[PANEL * PANEL] __attribute__((aligned(64)));
     const int64_t step = K * PANEL * 2; /* bytes from a panel to the next */
-    const int64_t by = __atomic_load_n(&prefetch_by[1], __ATOMIC_RELAXED);
+    const int64_t by = __atomic_load_n(&prefetch_on[1], __ATOMIC_RELAXED) ? PREFETCH : 0;
     int configured0 = -1, configured1 = -1;
     for (int64_t i0 = 0; i0 < n; i0 += 2 * PANEL) {
         const int rows0 = n - i0 < PANEL ? (int)(n - i0) : PANEL;

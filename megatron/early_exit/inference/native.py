@@ -185,17 +185,23 @@ def library() -> ctypes.CDLL | None:
     lib.ee_rows.restype = None
     lib.ee_amx.argtypes = [i32]
     lib.ee_amx.restype = i32
+    _prefetch_setup(lib)
+    return lib
+
+
+def _prefetch_setup(lib: ctypes.CDLL) -> None:
+    """`library`'s prefetch entry points declared, and its setting reset (the same file loaded
+    again is the same library) to `EE_NATIVE_PREFETCH`'s, else on."""
     if not hasattr(lib, "ee_prefetch"):  # an older source's library (`benchmarks/native_ab.py`)
-        return lib
-    lib.ee_prefetch.argtypes = [i32, i32]
-    lib.ee_prefetch.restype = i32
+        return
+    lib.ee_prefetch.argtypes = [ctypes.c_int, ctypes.c_int]
+    lib.ee_prefetch.restype = ctypes.c_int
     lib.ee_prefetch_built.argtypes = []
-    lib.ee_prefetch_built.restype = i64
+    lib.ee_prefetch_built.restype = ctypes.c_int64
     _BUILT_PREFETCH["bytes"] = lib.ee_prefetch_built()
-    forced = prefetch_env()  # the same file loaded again is the same library: its setting reset here
+    forced = prefetch_env()
     for dtype in DTYPES:
         lib.ee_prefetch(int(dtype == torch.bfloat16), int(forced is not False))
-    return lib
 
 
 def amx(want: bool | None = None) -> bool:

@@ -648,9 +648,10 @@ def test_a_deeper_exits_steps_that_stream_leave_the_line_to_the_shallower_exits(
     assert (fit.layer, fit.fixed, fit.stream, fit.hot_bytes) == pytest.approx((1.0, 2.0, 0.5, 7.5), rel=1e-9)
     for name in measured:
         assert cm.predicted_step(fit, name, False) == pytest.approx(measured[name], rel=1e-9)
-    fits = cm.stream_fits(
-        costs, replace(costs, layer=0.0, fixed=0.0), measured, needs, cm.exit_reads(costs, needs), 0.0
-    )
+    rest = replace(costs, layer=0.0, fixed=0.0)
+    point = {n: (costs.depth[n], measured[f"exit {n}"] - cm.predicted_step(rest, f"exit {n}", False)) for n in needs}
+    full_read = costs.walk(*cm.setting_step(costs, "full"), True)[1]
+    fits = cm.stream_fits(costs, rest, measured, needs, point, cm.exit_reads(costs, needs), full_read, 0.0)
     assert len(fits) == 2 and fits[0][0] < 1e-20 < fits[1][0]  # the line through 2 and 4; through all three
     one_line = fits[1][1]
     assert (

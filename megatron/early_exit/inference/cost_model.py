@@ -1159,10 +1159,11 @@ def fit_steps(costs: DecodeCosts, measured: dict[str, float], needs_vocab: dict[
     layer and a full step 0.6 ms above it.)"""
     rest = replace(costs, layer=0.0, fixed=0.0, stream=0.0, hot_bytes=0.0)
     full = (costs.num_layers, measured["full"] - predicted_step(rest, "full", True))
-    exits = [
-        (costs.depth[n], measured[f"exit {n}"] - predicted_step(rest, f"exit {n}", vocab))
+    point = {  # each exit's (layers, seconds less what the line does not own)
+        n: (costs.depth[n], measured[f"exit {n}"] - predicted_step(rest, f"exit {n}", vocab))
         for n, vocab in needs_vocab.items()
-    ]
+    }
+    exits = list(point.values())
     reads = exit_reads(costs, needs_vocab)
     layers_held = cache_held(costs, reads)
     layer, fixed = fit_layer([full, *exits], costs.layer_direct, layers_held)
@@ -1173,7 +1174,7 @@ def fit_steps(costs: DecodeCosts, measured: dict[str, float], needs_vocab: dict[
     held = WeightCache.RAMP[0] * costs.cache_bytes
     if read <= max(max(reads), held) or not held:
         return out
-    fits = stream_fits(costs, rest, measured, needs_vocab, reads, layers_held)
+    fits = stream_fits(costs, rest, measured, needs_vocab, point, reads, read, layers_held)
     return min(fits, key=lambda f: f[0])[1] if fits else out
 
 
@@ -1182,25 +1183,23 @@ def stream_fits(
     rest: DecodeCosts,
     measured: dict[str, float],
     needs_vocab: dict[int, bool],
+    point: dict[int, tuple[float, float]],
     reads: list[float],
+    full_read: float,
     layers_held: float,
 ) -> list[tuple[float, DecodeCosts]]:
     """`fit_steps`' streaming fits, each with its relative squared error over the measured steps:
     the exit steps that read least (two at least) on a line in the cache (`fit_layer`), the deeper
     exits' steps and full decoding's each above that line by over STREAM_EXCESS, their excess
     seconds a cost per byte read beyond `hot_bytes` (`stream_line`: from the line's deepest step's
-    reads up to the shallowest streaming step's). With exits 8 / 15 / 22 of SmolLM2 (bf16, 7.1 MB
+    reads up to the shallowest streaming step's). `point`: each exit's (layers, seconds less what
+    the line does not own), `reads` (`exit_reads`) and `full_read` the exits' and full decoding's
+    bytes, as `fit_steps` worked them out. With exits 8 / 15 / 22 of SmolLM2 (bf16, 7.1 MB
     a layer) on an Intel Xeon VM reporting 480 MiB of L3, the exit-22 step (156 MB) already
     streamed part of its reads (0.18 ms a layer from 8 to 15, 0.31 from 15 to 22): one line through
     the three exits priced the exit-8 and exit-15 steps at 1.18x / 1.15x their times."""
     vocab = {f"exit {n}": v for n, v in needs_vocab.items()} | {"full": True}
     order = sorted(zip(reads, needs_vocab), key=lambda r: r[0])  # (bytes, exit), fewest first
-    # each exit's (layers, seconds less what the line does not own), as `fit_steps`' points
-    point = {
-        n: (costs.depth[n], measured[f"exit {n}"] - predicted_step(rest, f"exit {n}", v))
-        for n, v in needs_vocab.items()
-    }
-    full_read = costs.walk(*setting_step(costs, "full"), True)[1]
     fits = []
     for j in range(2, len(order) + 1):
         on = [point[n] for _, n in order[:j]]

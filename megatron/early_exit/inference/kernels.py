@@ -352,9 +352,9 @@ def prefetch_choice(dtype: torch.dtype) -> bool:
         return _PREFETCH[dtype]
     forced = native.prefetch_env()
     on = forced if forced is not None else native.built_prefetch() > 0
-    if forced is None and on and native.available(dtype):
-        on = _time_prefetch(dtype)
     if native.available(dtype):
+        if forced is None and on:
+            on = _time_prefetch(dtype)
         native.prefetch(dtype, on)
     _PREFETCH[dtype] = on
     return on

@@ -50,7 +50,6 @@ PANEL = 16  # output rows per panel (native_linear.c)
 ENV = "EE_NATIVE"  # "0": never build or use the native kernel
 CACHE_ENV = "EE_NATIVE_CACHE"  # where built libraries are kept
 PREFETCH_ENV = "EE_NATIVE_PREFETCH"  # 1 / 0: the sweeps' prefetch on / off (`prefetch`); unset: timed
-_BUILT_PREFETCH: dict[str, int] = {}  # "bytes": the loaded library's PREFETCH
 
 
 def cache_dir() -> Path:
@@ -198,7 +197,6 @@ def _prefetch_setup(lib: ctypes.CDLL) -> None:
     lib.ee_prefetch.restype = ctypes.c_int
     lib.ee_prefetch_built.argtypes = []
     lib.ee_prefetch_built.restype = ctypes.c_int64
-    _BUILT_PREFETCH["bytes"] = lib.ee_prefetch_built()
     forced = prefetch_env()
     for dtype in DTYPES:
         lib.ee_prefetch(int(dtype == torch.bfloat16), int(forced is not False))
@@ -226,9 +224,9 @@ def prefetch_env() -> bool | None:
 
 def built_prefetch() -> int:
     """The bytes ahead of a sweep the library asks for where its prefetch is on (its PREFETCH; 0:
-    built without it, or no library)."""
+    built without it, no library, or an older source's)."""
     lib = library()
-    return _BUILT_PREFETCH.get("bytes", 0) if lib is not None else 0
+    return 0 if lib is None or not hasattr(lib, "ee_prefetch") else int(lib.ee_prefetch_built())
 
 
 def prefetch(dtype: torch.dtype, on: bool | None = None) -> bool:

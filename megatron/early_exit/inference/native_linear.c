@@ -495,11 +495,11 @@ static void amx_configure(int rows0, int rows1) {
    product, whatever the rows beside it (the tiles' product is defined element by element), so a
    verify pass's rows equal the decode steps' bit for bit here too. Up to 16 rows, four panels at
    a time, each its own sum tile: four chains of tile products, and four streams of weights ahead
-   of which the loop asks for the lines PREFETCH on where bf16's prefetch is (`prefetch_on`); more rows, two blocks of them (32 rows) against
-   two panels at a time, so that each block of weights is read once for 32 rows. Intel Xeon
-   (Emerald Rapids), 2 threads, 12 weights of (2048, 384) streamed in turn: 29 / 30 / 32 / 34 / 41 us
-   a product at 1 / 2 / 5 / 8 / 16 rows, where the sweep took 29 / 31 / 42-52 / 63-68 / 119-135 (one
-   row: the same stream, the same time). */
+   of which the loop asks for the lines PREFETCH on where bf16's prefetch is (`prefetch_on`); more
+   rows, two blocks of them (32 rows) against two panels at a time, so that each block of weights
+   is read once for 32 rows. Intel Xeon (Emerald Rapids), 2 threads, 12 weights of (2048, 384)
+   streamed in turn: 29 / 30 / 32 / 34 / 41 us a product at 1 / 2 / 5 / 8 / 16 rows, where the
+   sweep took 29 / 31 / 42-52 / 63-68 / 119-135 (one row: the same stream, the same time). */
 static void amx_panels(const void *Wp, const uint16_t *xa, const void *b, const void *res, void *y, int64_t p0,
                        int64_t p1, int64_t K, int64_t M, int64_t n) {
     float sums[PANEL * PANEL] __attribute__((aligned(64)));

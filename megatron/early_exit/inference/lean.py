@@ -357,17 +357,19 @@ class LeanLayer:
             return False
         return r <= ATTEND_ROWS or kernels.prompt_attention(dtype, self.groups, self.per, self.head_dim, r)
 
-    def rows(self, x, cos, sin_signed, attn_mask, view, linear: LeanKernels) -> torch.Tensor:
+    def rows(self, x, cos, sin_signed, attn_mask, view, linear: LeanKernels, newest=None) -> torch.Tensor:
         """The general pass (`Passes.advance`): x (A, R, h) -> (A, R, h), R rows per sequence
         (pending rows, drafts to verify, prompts), K/V written through `view` (a
         `KVCache.layer`'s view). cos, sin_signed: (A, R, 1, 1, hd) fp32 (`rows_tables`); attn_mask
         (A, 1, R, span). Attention is the call `SelfAttention.forward` makes: at R = 1 a group's
         query heads attend as its rows (`one_query_attention`, `group_rows_attention`), else every
         head with `enable_gqa` (SDPA can round the two layouts differently, so the layout follows
-        the modules')."""
+        the modules'). `newest` (each sequence's row index): where the rotation and attention are
+        native (`native_arithmetic`), every row's K/V written, then only those rows attend and go
+        through the rest of the layer -> (A, 1, h) (`newest_only`)."""
         a, r, g, per, hd = x.shape[0], x.shape[1], self.groups, self.per, self.head_dim
         x = x.view(a * r, -1)  # (A R, h)
-        if a * r <= FOLD_ROWS and linear.all_native(self.products, a * r):
+        if newest is None and a * r <= FOLD_ROWS and linear.all_native(self.products, a * r):
             y = self.native_step(x, cos, sin_signed, view)  # each row a row of its own, its own mask row
             if y is not None:
                 return y.view(a, r, -1)
@@ -376,18 +378,32 @@ class LeanLayer:
         qk, qkv = self.rotated_qkv(x, (a, r), cos, sin_signed, linear, natively=natively)
         keys, values = view.update(qk[:, :, :, per].transpose(1, 2), qkv[:, :, :, per + 1].transpose(1, 2))
         q = qk[:, :, :, :per]  # (A, R, g, per, hd)
+        if newest is not None and natively:
+            q, attn_mask, x, r = newest_only(q, attn_mask, x.view(a, r, -1), newest)
         if natively and native.attends(q, keys, values, attn_mask):
             # one call, SDPA's ~70-90 us at a verify pass's few rows; the arithmetic of these
             # sequences' decode steps, which attend natively where their products are native
             out = native.attend(q, keys, values, attn_mask)
         elif r == 1:  # (A, g, per, hd)
-            out = group_rows_attention(qk[:, 0, :, :per], keys, values, attn_mask)
+            out = group_rows_attention(q[:, 0], keys, values, attn_mask)
         else:
             # (A, heads, R, hd); one head per group: a view (SDPA reads the strides), else one copy
             q = (qk[:, :, :, 0] if per == 1 else qk[:, :, :, :per].reshape(a, r, g * per, hd)).transpose(1, 2)
             out = F.scaled_dot_product_attention(q, keys, values, attn_mask=attn_mask, enable_gqa=per > 1)
             out = out.transpose(1, 2)  # (A, R, heads, hd)
         return self.finish(x, out.reshape(a * r, g * per * hd), linear, natively).view(a, r, -1)
+
+
+def newest_only(q: torch.Tensor, attn_mask: torch.Tensor, x: torch.Tensor, newest: list[int]) -> tuple:
+    """(q, attn_mask, x, 1) of row newest[a] of each sequence a alone: q (A, R, g, per, hd) -> (A, 1,
+    g, per, hd), attn_mask (A, 1, R, span) -> (A, 1, 1, span), x (A, R, h) -> (A, h). The last layer
+    of a pass whose outputs are the newest rows' (a prompt's, a fill's): the other rows' K/V are
+    written and nothing reads their outputs, so their attention, projection and MLP are skipped
+    (the CPU reference model's bf16 prefill of ~160-token prompts, one layer's work of its 12
+    less that layer's QKV product). Native attention gives a row the same numbers with or without
+    the rows beside it; the products after it take the kernel chosen for A rows, as a decode step."""
+    at, pick = torch.arange(q.shape[0]), torch.tensor(newest)
+    return q[at, pick][:, None], attn_mask[at, :, pick][:, :, None], x[at, pick], 1
 
 
 class NativeRun:

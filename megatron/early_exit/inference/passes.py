@@ -382,8 +382,9 @@ class Passes:
                 end = self.run_end(state, rows, active, d, by_depth, scores)
                 if end > d and self.advance_layers(state, d - 1, end, rows, memo):
                     d = end  # layers d-1 .. end-1 over the same rows in one native call
-                else:
-                    self.advance(state, d - 1, rows, memo)
+                else:  # the last layer of a pass that keeps its newest rows' outputs alone: those rows go on
+                    newest = d == self.num_layers and not all_rows and scores is None
+                    self.advance(state, d - 1, rows, memo, newest=newest)
             self.record_block_inputs(state, d, rows)
             if scores is not None:
                 scores.at_depth(self, state, d, rows)
@@ -925,8 +926,11 @@ class Passes:
             memo[key] = (index, rotary)
         return memo[key]
 
-    def advance(self, state: DecodeState, i: int, rows: Rows, memo: dict) -> None:
-        """Layer i (global number) over `rows`, in place; their K/V are then filled at layer i."""
+    def advance(self, state: DecodeState, i: int, rows: Rows, memo: dict, newest: bool = False) -> None:
+        """Layer i (global number) over `rows`, in place; their K/V are then filled at layer i.
+        `newest` (the last layer of a pass whose outputs are its newest rows'): where a sequence has
+        several rows and the layer's attention is native, only each sequence's newest row goes on
+        past its K/V (`lean.newest_only`); `rows` then holds those rows alone."""
         cache = state.cache
         if rows.layout is None:  # the same rows go on through every layer until an exit or a gather changes them
             rows.layout = self.layout(cache, rows.seqs, rows.lo, rows.n, memo)
@@ -935,7 +939,11 @@ class Passes:
         fast = self.lean_for(i)
         if fast is not None:
             cos, sin_signed = index.lean_tables
-            rows.x = fast.rows(rows.x, cos, sin_signed, index.attn_mask, view, self.lean_kernels)
+            r, last = rows.x.shape[1], [n - 1 for n in rows.n]
+            last = last if newest and r > 1 and not self.block_slots else None
+            rows.x = fast.rows(rows.x, cos, sin_signed, index.attn_mask, view, self.lean_kernels, newest=last)
+            if rows.x.shape[1] < r:  # the newest rows alone went on
+                rows.lo, rows.n, rows.layout = [lo + k for lo, k in zip(rows.lo, last)], [1] * len(last), None
         else:
             rows.x = self.model.decoder.layers[str(i)](rows.x, rotary, index.attn_mask, view)
         cache.filled[i - self.start, index.filled_b] = index.filled_end

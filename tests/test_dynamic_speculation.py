@@ -560,6 +560,27 @@ def test_best_plan_prices_as_rate_does():
     assert best.rate == max(top.values()) and best.rate == ctl.rate(best.exit, best.length)
 
 
+def test_a_batchs_rounds_find_their_controller_once_per_batch_bucket(monkeypatch, case):
+    """A batch's rounds work out the controller, its exits and draft lengths once per batch bucket
+    (`SelfSpeculative.planning`, `Batch.memo`), not each round (a batch shrinks through smaller
+    buckets as its sequences stop); the tokens stay full greedy decoding's (fp32)."""
+    from megatron.early_exit.inference.strategies import self_speculative as ss
+
+    _, model, expected = case
+    asked, find = [], ss.controller_for
+    monkeypatch.setattr(
+        ss, "controller_for", lambda engine, batch=1, *a, **k: asked.append(batch) or find(engine, batch, *a, **k)
+    )
+    engine = EarlyExitEngine(model)
+    s = GenerationSettings("self_speculative", NEW, ignore_eos=True)
+    for prompts, want in ((PROMPTS[:1], expected[:1]), (PROMPTS, expected)):
+        asked.clear()
+        results = engine.generate(prompts, s)
+        assert [r.tokens for r in results] == want
+        rounds = max(sum(r.stats["draft_lengths"].values()) for r in results)
+        assert len(asked) == len(set(asked)) < rounds and asked[0] == ss.batch_bucket(len(prompts))
+
+
 def test_warm_start_with_low_agreement_decodes_plainly_within_the_budget():
     a = {2: 0.05, 6: 0.05}
     ctl = DraftController(COSTS, agreement=a)

@@ -20,7 +20,7 @@ CLI (`tools/generate.py --plugin MODULE`), the API schemas and the sweep read th
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import ClassVar
 
 import torch
@@ -44,6 +44,9 @@ class Batch:
     counts: Mapping[int, list[int]]
     generator: torch.Generator | None = None
     slot_settings: Mapping[int, GenerationSettings] | None = None
+    # what a strategy works out once for the batch's rounds and reuses (self_speculative: its
+    # controller, exits and draft lengths per batch bucket)
+    memo: dict = field(default_factory=dict, compare=False, repr=False)
 
     def settings_of(self, b: int) -> GenerationSettings:
         """Slot b's settings (its stops and length)."""

@@ -211,8 +211,11 @@ class SelfSpeculative(Strategy):
             else:
                 exits = candidates(engine, engine.allowed_exits(s)) if s.draft_exit_layer == AUTO else [policy.force]
             lengths = list(range(1, MAX_DRAFT + 1)) if s.num_draft_tokens == AUTO else [s.num_draft_tokens]
-            held = batch.memo[("self_speculative", bucket)] = (ctl, exits, lengths)
-        return held
+            held = batch.memo[("self_speculative", bucket)] = (ctl, exits, lengths, ctl.costs)
+        ctl, exits, lengths, costs = held
+        if ctl.costs is not costs:  # the engine's controller priced another batch's bucket since
+            ctl.costs = costs
+        return ctl, exits, lengths
 
     def round(self, engine, state, running: list[int], batch: Batch) -> list[int]:
         """Draft (feed the last token, take the draft exit's greedy token, up to g and never a

@@ -988,6 +988,36 @@ def test_the_loop_clock_prices_drafting_rounds_against_plain_ones():
     assert clock.plain[1] == pytest.approx(LOOP_DECAY * 3.8 + (1 - LOOP_DECAY) * 8.0)
 
 
+def test_an_exit_no_round_drafts_from_forgets_its_loop_factor():
+    """`LoopClock.forget`: a round that does not draft from an exit decays that exit's factor toward its
+    prior (1.0) at EXCESS_DECAY a round; the exit a round drafts from is not touched by it
+    (`DraftController.timed` forgets the planned exits other than the one that drafted, a plain run
+    once per step). One unlucky first round had put exit 2's factor at 1.25 and kept it there for good."""
+    clock = LoopClock()
+    clock.record(1, None, 1.0, 1.0)
+    clock.record(1, 2, 2.0, 3.0, worth=0.25)  # kept a quarter of what was expected: its factor jumps
+    stuck = clock.factor(1, 2)
+    assert stuck > 1.2
+    clock.forget(1, [2])
+    d = EXCESS_DECAY
+    total, weight = d * LOOP_PRIOR + 3.0, d * LOOP_PRIOR + 0.5
+    assert clock.factor(1, 2) == pytest.approx((d * total + (1 - d) * LOOP_PRIOR) / (d * weight + (1 - d) * LOOP_PRIOR))
+    clock.forget(1, [2], 200)  # many rounds without it: back near 1
+    assert 1.0 < clock.factor(1, 2) < 1.0 + 0.05 * (stuck - 1.0)
+    clock.forget(1, [6])  # an exit never timed has nothing to forget
+    assert (1, 6) not in clock.excess
+    # through the controller: rounds drafting from exit 6 (costs as timed) forget exit 2, not exit 6
+    ctl = DraftController(COSTS, margin=0.0)
+    ctl.use_loop_clock()
+    ctl.loop.record(1, None, 1.0, 1.0)
+    ctl.loop.record(1, 2, 2.0, 3.0, worth=0.25)
+    for _ in range(200):
+        plan = ctl.plan([2, 6], [4], 1)
+        plan.exit, plan.drafted, plan.kept, plan.expected = 6, 4, 2.0, 2.0
+        ctl.timed(plan, COSTS.round_time(6, 4))  # as its costs say
+    assert ctl.factor(2) < 1.0 + 0.05 * (stuck - 1.0) and ctl.factor(6) == pytest.approx(1.0, abs=1e-6)
+
+
 def test_rounds_dearer_in_the_loop_turn_a_marginal_exit_plain_and_leave_the_early_stop_alone():
     """An exit that pays by its timed costs (a = 0.3 at draft 0.25, base 1.0: 1.3 / 1.26 = 1.03)
     but whose rounds take 1.15x what those costs say in the loop does not (0.90): the plan is a

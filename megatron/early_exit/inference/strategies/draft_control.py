@@ -318,6 +318,23 @@ class LoopClock:
         total, weight = self.excess.get((bucket, n), (LOOP_PRIOR, LOOP_PRIOR))
         return total / weight
 
+    def forget(self, bucket: int, exits: list[int], rounds: int = 1) -> None:
+        """`rounds` rounds that did not draft from `exits`: each one's factor decays toward its prior (1,
+        LOOP_PRIOR rounds' worth) at EXCESS_DECAY a round, so that what an exit's last rounds read does not
+        stand for good once no plan chooses it. Kept as it was, one unlucky first round (a draft rejected at
+        once, `worth` 0.25) put exit 3's factor at 1.25 with its acceptance estimate at 0.62, below exit 6's
+        plans and below the margin where its token is read under them, and neither moved again: replayed
+        with the CPU reference's exits (acceptance 0.84 / 0.90, rounds at their true costs, 20 seeds of 600
+        rounds, scratch), 4 of 20 runs drafted mostly from exit 6 and the worst made 1.44 tokens a unit of
+        time; forgetting, none did and the worst made 1.56 (mean 1.62 -> 1.65). From the noisy timed costs
+        one sweep of stop 80 read (a verify row at 0, a base at 1.39 plain steps), 10 -> 4 of 20 runs mostly
+        from exit 6, the worst 1.15 -> 1.41 (mean 1.43 -> 1.48)."""
+        d = EXCESS_DECAY**rounds
+        for n in exits:
+            held = self.excess.get((bucket, n))
+            if held is not None:
+                self.excess[(bucket, n)] = (d * held[0] + (1.0 - d) * LOOP_PRIOR, d * held[1] + (1.0 - d) * LOOP_PRIOR)
+
     def record(self, bucket: int, n: int | None, predicted: float, seconds: float, worth: float = 1.0) -> None:
         """One round's wall time: a plain round's (`n` None) or a drafting round's from exit n whose
         costs predicted `predicted` plain rounds and whose kept tokens were `worth` times what the
@@ -559,6 +576,8 @@ class DraftController:
         predicted time where such rounds took 1.37x it, and drafted at a loss."""
         if self.loop is None:
             return
+        drafted = plan.exit if plan.exit is not None and plan.drafted else None
+        self.loop.forget(self.bucket, [m for m in self.planned if m != drafted], max(plan.steps, 1))
         if plan.observe is not None and not plan.drafted:  # a reading run's rounds: each its share
             self.loop.record_observing(self.bucket, seconds / max(plan.steps, 1))
         elif plan.exit is None:  # a plain run's rounds: each its share (the unit a drafting round competes with)

@@ -338,6 +338,25 @@ def test_measured_draft_costs_come_from_timed_rounds(monkeypatch):
     assert [r.tokens for r in res] == [naive_greedy(engine.model, p, 8) for p in PROMPTS[:3]]
 
 
+def test_a_timed_verify_row_is_never_below_the_weight_count_models(monkeypatch):
+    """Timed draft costs whose fit put a verify row below what the weight-count model gives it (a
+    row at ROW_SHARE of reading the layers above the exit and the head; at 0.00 on a noisy host) take
+    that model's row (`self_speculative.rows_at_least`); a row timed above it is kept, as are the
+    drafts and the base; costs from weight counts alone are not touched."""
+    from megatron.early_exit.inference.strategies import self_speculative as ss
+
+    engine = EarlyExitEngine(build(True))
+    floor = ss.weight_count_costs(engine)
+    timed = DraftCosts({1: 0.2, 3: 0.4}, {1: 0.0, 3: floor.row[3] + 0.3}, {1: 1.3, 3: 1.3})
+    monkeypatch.setattr(ss, "measure_draft_costs", lambda e, b, n, lookup=False: (timed, {}))
+    monkeypatch.setenv("EE_EXIT_COSTS", "measured")
+    got = ss.draft_costs_for(engine, 1, 8)
+    assert 0.0 < floor.row[1] and got.row == {1: floor.row[1], 3: floor.row[3] + 0.3}
+    assert got.draft == {1: 0.2, 3: 0.4} and got.base == {1: 1.3, 3: 1.3}
+    monkeypatch.setenv("EE_EXIT_COSTS", "parameters")
+    assert ss.draft_costs_for(engine, 1, 8).row == floor.row
+
+
 def test_early_stop_learns_from_confidence():
     """Per max-probability bin the controller learns how often a draft is accepted (prior: the
     exit's acceptance); a sequence drafts on while P(its drafts so far are accepted) * a_n, the

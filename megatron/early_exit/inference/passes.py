@@ -939,8 +939,8 @@ class Passes:
         fast = self.lean_for(i)
         if fast is not None:
             cos, sin_signed = index.lean_tables
-            r, last = rows.x.shape[1], [n - 1 for n in rows.n]
-            last = last if newest and r > 1 and not self.block_slots else None
+            r = rows.x.shape[1]
+            last = [k - 1 for k in rows.n] if newest and r > 1 and not self.block_slots else None
             rows.x = fast.rows(rows.x, cos, sin_signed, index.attn_mask, view, self.lean_kernels, newest=last)
             if rows.x.shape[1] < r:  # the newest rows alone went on
                 rows.lo, rows.n, rows.layout = [lo + k for lo, k in zip(rows.lo, last)], [1] * len(last), None

@@ -726,22 +726,17 @@ class DraftController:
         """(the plan with the most expected tokens per unit of time that pays at its estimate less
         the margin, or a plain one; (the exit near paying that a plain round would read, its rate);
         each exit's best rate), changing nothing."""
-        (n_best, g_best, r_best), near, top, c = (None, 0, 1.0), (None, OBSERVE_NEAR), {}, self.costs
-        for n in exits:  # `rate`'s numbers: acceptance, factor and costs read once (a reading run asks each step)
+        best, near, top, c = Plan(None, 0, 1.0), (None, OBSERVE_NEAR), {}, self.costs
+        for n in exits:  # `rate`'s numbers, the exit's acceptance and factor read once (a reading run asks each step)
             a, f = self.acceptance(n), self.factor(n)
-            draft, base, row = c.draft[n], c.base.get(n, 1.0), c.row[n]
             readable = self.stats[n].chosen_ago <= OBSERVE_WINDOW or self.thin(n)
-            most = 0.0
-            for g in lengths:  # `expected_tokens` / `DraftCosts.round_time`, the same operations
-                tokens = float(g + 1) if a >= 1.0 else (1.0 - a ** (g + 1)) / (1.0 - a)
-                r = tokens / ((1.0 if g == 0 else g * draft + base + g * row) * f)
-                most = max(most, r)
-                if r > r_best + 1e-9:
-                    n_best, g_best, r_best = n, g, r
+            for g in lengths:
+                r = expected_tokens(a, g) / (c.round_time(n, g) * f)
+                top[n] = max(top.get(n, 0.0), r)
+                if r > best.rate + 1e-9:
+                    best = Plan(n, g, r)
                 if r >= near[1] and readable:
                     near = (n, r)
-            top[n] = most
-        best = Plan(n_best, g_best, r_best)
         if lookup and LOOKUP in self.stats and any(lookup):
             for g in lengths:
                 r = self.lookup_rate(lookup, g)

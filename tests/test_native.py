@@ -653,6 +653,53 @@ def test_a_layers_decode_step_in_one_call_gives_the_lean_layers_numbers_bit_for_
 
 @needs_native
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("groups", [2, 1])
+@pytest.mark.parametrize("slots", [[1] * 5, [1] * 4 + [2], [1, 2] * 2 + [1]])
+def test_a_layers_rows_in_one_call_are_each_rows_own_step_bit_for_bit(dtype, groups, slots):
+    """`native.layer_step` over several rows (a verify pass's or a fill's: rows of one sequence at
+    consecutive positions attend as that sequence's positions, its heads' keys read once for two
+    rows, `attend_rows`; rows of several sequences each its own) gives each row, and each row's
+    K/V, what the row's own one-row call gives after the rows before it, bit for bit: heads of 64
+    (the bf16 kernel's blocked case), grouped or not."""
+    from megatron.early_exit.config import ModelConfig
+    from megatron.early_exit.model import EarlyExitGPT
+
+    cfg = ModelConfig(
+        num_layers=2, hidden_size=256, num_attention_heads=4, num_query_groups=groups, ffn_hidden_size=160,
+        vocab_size=64, max_position_embeddings=128, normalization="RMSNorm", swiglu=True,
+        position_embedding_type="rope", add_bias_linear=False,
+    )  # fmt: skip
+    model = EarlyExitGPT(cfg)
+    model.init_weights(5)
+    engine = EarlyExitEngine(model.to(dtype).eval(), linear_kernel="native")
+    fast = engine.passes.lean_for(1)
+    weights, eps = fast.native_parts()
+    shape = (fast.groups, fast.per, fast.head_dim, fast.ffn)
+    assert fast.head_dim == 64
+    cos, _, neg = engine.passes.rotary_tables(64)[:3]
+    gen = torch.Generator().manual_seed(len(slots) + groups)
+    cache = [torch.randn(3, groups, 64, 64, generator=gen).to(dtype) for _ in range(2)]
+    x = torch.randn(len(slots), cfg.hidden_size, generator=gen).to(dtype)
+    start = {1: 30, 2: 11}  # each sequence's rows at its next positions
+    pos = [start[b] + slots[:i].count(b) for i, b in enumerate(slots)]
+
+    def step(rows: list[int], k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        at = torch.tensor([pos[i] for i in rows], dtype=torch.int64)
+        kv = (k, v, torch.tensor([slots[i] for i in rows], dtype=torch.int64), at, max(at.tolist()) + 1, None)
+        with torch.no_grad():
+            return native.layer_step(x[rows], weights, shape, eps, cos[at], neg[at], kv)
+
+    k1, v1 = (c.clone() for c in cache)
+    together = step(list(range(len(slots))), k1, v1)
+    k2, v2 = (c.clone() for c in cache)
+    alone = torch.cat([step([i], k2, v2) for i in range(len(slots))])
+    assert torch.equal(together, alone)
+    assert torch.equal(k1, k2) and torch.equal(v1, v2)
+    assert not torch.equal(k1, cache[0])  # the rows' keys written
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("with_norm", [True, False])
 @pytest.mark.parametrize("rows", [1, 3])
 def test_a_drafts_head_in_one_call_equals_its_torch_operations(dtype, with_norm, rows):

@@ -1680,7 +1680,15 @@ int ee_layer(const void *x, void *y, int64_t n, int bf16, int threads, int64_t h
                 memcpy((char *)vc + at, grp + (per + 1) * hd * esize, (size_t)(hd * esize));
                 memcpy(q + (a * G + g) * per * hd * esize, grp, (size_t)(per * hd * esize));
             }
-        failed = attend(q, kc, vc, mask, o, n, 1, G, per, span, hd, sb, sg, st, sb, sg, st, bf16, threads, slots, pos);
+        /* rows of one sequence (a verify pass's, a fill's) attend as one sequence's positions: a head's
+           keys and values then read once for ROW_BLOCK rows (`attend_rows`; the same numbers) */
+        int64_t A = n, R = 1;
+        if (n > 1) {
+            int64_t a = 1;
+            while (a < n && slots[a] == slots[0]) a++;
+            if (a == n) A = 1, R = n;
+        }
+        failed = attend(q, kc, vc, mask, o, A, R, G, per, span, hd, sb, sg, st, sb, sg, st, bf16, threads, slots, pos);
     }
     if (!failed) failed = ee_linear(o, proj_p, NULL, x1, n, wo, h, bf16, threads, NONE, NULL, 0.f, x);
     if (!failed) failed = ee_linear(x1, fc1_p, NULL, h1, n, h, 2 * ffn, bf16, threads, RMSNORM, w_mid, eps_mid, NULL);

@@ -84,17 +84,16 @@ def measure_draft_costs(
     made: dict[str, int] = {}  # the rounds (steps) each loop call makes
     if batch == 1 and exits:
         loops = {f"loop {n}/{g}": (Plan(n, g, 1.0), 0) for n in exits for g in LENGTHS}
-        loops["loop plain"] = (None, UNIT_RUN)
+        loops |= {"loop plain": (None, UNIT_RUN), "loop plain long": (None, LONG_RUN)}
         loops = {name: loop_timed(engine, state, prompts[0], fed[0], *how, made, name) for name, how in loops.items()}
         for fn in loops.values():
             fn()
         if all(made.values()):  # the loop runs every kind: priced as it runs them
             fns.update(loops)
     best = best_times(fns, engine.device, repeats, work_clock(engine.device))
-    excess = None  # the unit's plain step over the steady one (in `t` for reports; `costs_of` takes it)
-    if "loop plain" in best:
-        unit = (best["loop plain"], made["loop plain"])
-        excess = steady_excess(engine, state, prompts[0], fed[0], exits, unit, repeats)
+    long, excess = best.pop("loop plain long", None), None
+    if long is not None:  # the unit's plain step over the steady one (in `t` for reports; `costs_of` takes it)
+        excess = unit_excess(best["loop plain"], made["loop plain"], long, made["loop plain long"])
     best = {name: v / made[name] if name in made else v for name, v in best.items()}
     unit = best.pop("loop plain") if "loop plain" in best else best.pop("plain")
     t = {name: v / unit for name, v in best.items()}
@@ -143,19 +142,6 @@ def plan_timed(engine, state, prompts: list[list[int]], fed: list[int], exits: l
         fns[f"round {LOOKUP}/{g}"] = timed(Plan(LOOKUP, g, 1.0))
     fns["plain"] = timed(Plan(None, 0, 1.0))
     return fns
-
-
-def steady_excess(engine, state, prompt: list[int], fed: int, exits: list[int], unit: tuple, repeats: int) -> float:
-    """`unit_excess` of the unit's call (`unit`: its best seconds, its steps), timed after the last
-    drafting call in `measure_draft_costs`' turn, against a LONG_RUN call timed after the same
-    drafting call, in a turn of their own (timed in the first turn, the longer call moved the costs
-    the server's controller drafted by: 1.03x full decoding at one client against 1.09-1.11x)."""
-    made: dict[str, int] = {}
-    last = Plan(exits[-1], max(LENGTHS), 1.0)
-    fns = {name: loop_timed(engine, state, prompt, fed, *how, made, name)
-           for name, how in (("before", (last, 0)), ("long", (None, LONG_RUN)))}  # fmt: skip
-    best = best_times(fns, engine.device, repeats, work_clock(engine.device))
-    return unit_excess(unit[0], unit[1], best["long"], made["long"]) if made.get("long") else 1.0
 
 
 def unit_excess(plain: float, steps: int, long: float, long_steps: int) -> float:

@@ -338,42 +338,6 @@ def test_measured_draft_costs_come_from_timed_rounds(monkeypatch):
     assert [r.tokens for r in res] == [naive_greedy(engine.model, p, 8) for p in PROMPTS[:3]]
 
 
-def test_the_units_excess_over_a_steady_step_prices_the_sweeps_ideal(monkeypatch):
-    """`draft_costs.unit_excess`: the unit's plain step (a call of UNIT_RUN steps timed between
-    drafting calls) over the steady step a longer call adds past it, kept within EXCESS_RANGE;
-    `costs_of` takes it from the timed ratios, `between` mixes it as the other terms; the sweep's
-    self-speculative ideal prices its rounds in steady steps (its units times the excess)."""
-    from types import SimpleNamespace
-
-    from megatron.early_exit.inference.settings import GenerationResult
-    from megatron.early_exit.inference.strategies import self_speculative as ss
-    from megatron.early_exit.inference.strategies.draft_costs import EXCESS_RANGE, between, costs_of, unit_excess
-    from tools.eval.ee_sweep import speculative_ideal
-
-    # 8 steps in 12 ms (the first 2 ms dearer), 24 in 32 ms: a steady step of 1.25 ms, the unit's 1.5
-    assert unit_excess(12.0, 8, 32.0, 24) == pytest.approx(1.2)
-    assert unit_excess(10.0, 8, 30.0, 24) == pytest.approx(1.0)
-    assert unit_excess(10.0, 8, 34.0, 24) == EXCESS_RANGE[0]  # a steady step dearer than the unit's: noise
-    assert unit_excess(20.0, 8, 28.0, 24) == EXCESS_RANGE[1]  # 0.5 ms a step past a 2.5 ms unit: noise
-    assert unit_excess(20.0, 8, 19.0, 24) == EXCESS_RANGE[1] and unit_excess(5.0, 8, 9.0, 8) == 1.0
-    t = {f"{k} 3/{g}": v for k, g, v in (("draft", 1, 0.2), ("draft", 4, 0.8), ("round", 1, 1.3), ("round", 4, 2.2))}
-    assert costs_of(t, [3]).unit_excess == 1.0 and costs_of({**t, "unit excess": 1.2}, [3]).unit_excess == 1.2
-    lo, hi = costs_of({**t, "unit excess": 1.2}, [3]), costs_of(t, [3])
-    assert between((1, lo), (4, hi), 2).unit_excess == pytest.approx(1.1)  # halfway in log2(batch)
-    # one sequence: 5 tokens (4 decoded), a plain round and a round of 2 drafts from exit 3 (1.6 units)
-    run = GenerationResult([1, 2], tokens=[5, 6, 7, 8, 9])
-    run.stats = {"draft_lengths": {0: 1, 2: 1}, "draft_rounds": {3: {2: 1}}}
-    full = GenerationResult([1, 2], tokens=[5, 6, 7, 8, 9])
-    full.stats = {"elapsed_s": 1.0, "prefill_s": 0.0}
-    engine, args = SimpleNamespace(draft_exits=lambda: []), SimpleNamespace(batch_size=1)
-    for excess in (1.0, 1.25):
-        costs = DraftCosts({3: 0.2}, {3: 0.1}, {3: 1.0}, unit_excess=excess)
-        monkeypatch.setattr(ss, "draft_costs_for", lambda *a, c=costs, **k: c)
-        got = speculative_ideal(engine, [[1, 2]], args, [run], (None, [full], {}), (1.0, 1.0))
-        assert got["ideal_decode_speedup"] == pytest.approx(4 / (2.6 * excess), abs=1e-3)
-        assert got["unit_excess"] == excess and got["ideal_speedup"] == got["ideal_decode_speedup"]  # no prefill
-
-
 def test_a_timed_verify_row_is_never_below_the_weight_count_models(monkeypatch):
     """Timed draft costs whose fit put a verify row below what the weight-count model gives it (a
     row at ROW_SHARE of reading the layers above the exit and the head; at 0.00 on a noisy host) take
@@ -522,7 +486,6 @@ def test_ee_sweep_writes_a_self_speculative_row(tmp_path):
     # (lossless, fp32: `test_speculative_cost`), and each whole-call figure is its decoding's with
     # full decoding's prefill kept, so it lies between 1 and it
     assert spec["ideal_speedup"] == "" and float(off["ideal_decode_speedup"]) > 0
-    assert float(off["unit_excess"]) == 1.0  # the weight-count costs (EE_EXIT_COSTS=parameters): nothing timed
     assert float(off["oracle_ideal_decode_speedup"]) >= float(off["ideal_decode_speedup"])
     for name in ("ideal", "oracle_ideal"):
         whole, decode = float(off[f"{name}_speedup"]), float(off[f"{name}_decode_speedup"])

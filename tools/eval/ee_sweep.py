@@ -512,12 +512,10 @@ def speculative_ideal(engine, prompts, args, results: list, ref: tuple, achieved
     tokens where each round knew its drafts' fate (`draft_costs.oracle_units`, each exit's tokens
     teacher-forced along full decoding's, `calibration.forced_steps`: `oracle_ideal_speedup`,
     `oracle_ideal_decode_speedup`; the rounds' ideal far below it: the controller's choices are the
-    bound, not the exits). Both in full decoding's steady steps: the costs' unit, a plain call timed
-    between drafting calls, is `unit_excess` of one (`draft_costs.unit_excess`; printed). Whole
-    calls: full decoding's prefill share of its calls kept (`draft_costs.with_prefill`). `ref`:
-    full decoding's (tokens, results, `forced` steps kept by `forced_for`); `achieved`: the row's
-    (speedup, decode_speedup). Empty at batch > 1 (a batch's rounds are shared by its sequences)
-    and with alternative drafts (their rows are not priced)."""
+    bound, not the exits). Whole calls: full decoding's prefill share of its calls kept
+    (`draft_costs.with_prefill`). `ref`: full decoding's (tokens, results, `forced` steps kept by
+    `forced_for`); `achieved`: the row's (speedup, decode_speedup). Empty at batch > 1 (a batch's
+    rounds are shared by its sequences) and with alternative drafts (their rows are not priced)."""
     from megatron.early_exit.inference.calibration import forced_steps
     from megatron.early_exit.inference.strategies.draft_control import MAX_DRAFT
     from megatron.early_exit.inference.strategies.draft_costs import forced_units, rounds_units, with_prefill
@@ -530,14 +528,12 @@ def speculative_ideal(engine, prompts, args, results: list, ref: tuple, achieved
     decoded = lambda rs: sum(max(len(r.tokens) - 1, 0) for r in rs)  # noqa: E731  (the first: the prefill's)
     calls = max(sum(r.stats["elapsed_s"] for r in full_results), 1e-12)
     prefill = sum(r.stats["prefill_s"] for r in full_results) / calls
-    # full decoding: a token a steady step, the costs' unit `unit_excess` of one
-    ideal = decoded(results) / max(rounds_units(results, costs) * costs.unit_excess, 1e-12)
+    ideal = decoded(results) / max(rounds_units(results, costs), 1e-12)  # full decoding: a token a unit
     out = {
         "ideal_speedup": round(with_prefill(ideal, prefill), 3),
         "efficiency": round(speedup / with_prefill(ideal, prefill), 3),
         "ideal_decode_speedup": round(ideal, 3),
         "decode_efficiency": round(decode / ideal, 3),
-        "unit_excess": round(costs.unit_excess, 3),
     }
     exits = [n for n in engine.draft_exits() if n in costs.draft]
     if not exits:
@@ -552,7 +548,7 @@ def speculative_ideal(engine, prompts, args, results: list, ref: tuple, achieved
             engine.model, prompts, full_tokens, "max_prob", drafts
         )
     units = forced_units(steps, [len(t) for t in full_tokens], exits, costs, MAX_DRAFT)
-    oracle = decoded(full_results) / max(units * costs.unit_excess, 1e-12)
+    oracle = decoded(full_results) / max(units, 1e-12)
     out["oracle_ideal_speedup"] = round(with_prefill(oracle, prefill), 3)
     out["oracle_ideal_decode_speedup"] = round(oracle, 3)
     return out

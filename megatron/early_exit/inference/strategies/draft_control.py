@@ -181,10 +181,6 @@ class DraftCosts:
     # alternative costs besides (its layouts, the layers below the exit on the general path)
     alt: dict[int, float] = field(default_factory=dict)
     alt_base: dict[int, float] = field(default_factory=dict)
-    # The unit's plain step over a steady one (`draft_costs.unit_excess`): the loop's plain call of
-    # UNIT_RUN steps, timed between drafting calls, pays for the cache's turn from drafting's layers
-    # back to full decoding's in its first steps, which full decoding's own steps do not. 1: not timed.
-    unit_excess: float = 1.0
 
     def alt_row(self, n: int) -> float:
         return self.alt.get(n, ALT_ROWS * self.row[n])

@@ -24,10 +24,7 @@ plainly (1.10x instead of 1.3x).
              step does, and more (a fit below 1 is noise: 0.69 once, with row 0.22); one for
              every exit, their fits' mean (`costs_of`);
   row[n]     what one more drafted row adds to the verify pass: the slope of whole rounds
-             over g in LENGTHS through (0, base), less draft[n];
-  unit_excess  the unit over full decoding's steady step (`unit_excess`: the UNIT_RUN call's step
-             against what a LONG_RUN call adds past it), for pricing in full decoding's own steps
-             (the sweep's ideal); the controller weighs rounds in the unit, as the loop clock does.
+             over g in LENGTHS through (0, base), less draft[n].
 
 Measured once per engine and batch size on first use (some tenths of a second to seconds),
 except where decisions must not depend on the clock (`exit_decision.costs_from_parameters`:
@@ -54,10 +51,6 @@ PERIOD = 16  # the timing prompts repeat with this period (drafts from the conte
 # decoding (CPU reference model, 40 aclsum abstracts, batch 1: 393 rounds in 61 calls), so that
 # what a call sets up is shared by its rounds as it is there.
 ROUNDS_A_CALL = 6
-# Plain steps of the longer call that times the unit's steady step (`unit_excess`): the difference of
-# its time and the UNIT_RUN call's is UNIT_RUN * 2 steps past the cache's turn.
-LONG_RUN = 3 * UNIT_RUN
-EXCESS_RANGE = (1.0, 1.5)  # `unit_excess` kept within: below 1 or far above it, the difference is noise
 
 
 @torch.no_grad()
@@ -74,7 +67,7 @@ def measure_draft_costs(
     # each sequence its own length, as in a batch of real prompts (equal ones would take the block
     # layout's slicing, which such a batch's verify passes rarely get)
     prompts = [[(7 * (j % PERIOD) + 3 * b) % engine.vocab for j in range(max(context - b, 1))] for b in range(batch)]
-    room = 2 * max(LENGTHS) + 4 + (ROUNDS_A_CALL * (max(LENGTHS) + 1) + LONG_RUN if batch == 1 else 0)
+    room = 2 * max(LENGTHS) + 4 + (ROUNDS_A_CALL * (max(LENGTHS) + 1) + UNIT_RUN if batch == 1 else 0)
     state = engine.new_state(batch, max(context, 1) + room)  # the longest prompt's room
     with engine.packed:
         engine.prefill(state, dict(enumerate(prompts)))
@@ -83,22 +76,16 @@ def measure_draft_costs(
     fns = plan_timed(engine, state, prompts, fed, exits, lookup)
     made: dict[str, int] = {}  # the rounds (steps) each loop call makes
     if batch == 1 and exits:
-        loops = {f"loop {n}/{g}": (Plan(n, g, 1.0), 0) for n in exits for g in LENGTHS}
-        loops |= {"loop plain": (None, UNIT_RUN), "loop plain long": (None, LONG_RUN)}
-        loops = {name: loop_timed(engine, state, prompts[0], fed[0], *how, made, name) for name, how in loops.items()}
+        loops = {f"loop {n}/{g}": Plan(n, g, 1.0) for n in exits for g in LENGTHS} | {"loop plain": None}
+        loops = {name: loop_timed(engine, state, prompts[0], fed[0], plan, made, name) for name, plan in loops.items()}
         for fn in loops.values():
             fn()
         if all(made.values()):  # the loop runs every kind: priced as it runs them
             fns.update(loops)
     best = best_times(fns, engine.device, repeats, work_clock(engine.device))
-    long, excess = best.pop("loop plain long", None), None
-    if long is not None:  # the unit's plain step over the steady one (in `t` for reports; `costs_of` takes it)
-        excess = unit_excess(best["loop plain"], made["loop plain"], long, made["loop plain long"])
     best = {name: v / made[name] if name in made else v for name, v in best.items()}
     unit = best.pop("loop plain") if "loop plain" in best else best.pop("plain")
     t = {name: v / unit for name, v in best.items()}
-    if excess is not None:
-        t["unit excess"] = excess
     costs = costs_of(t, exits)
     if lookup:  # no draft step; its verify pass runs every row through every layer: its own line
         row, base = fit_line([(g, t[f"round {LOOKUP}/{g}"]) for g in LENGTHS])
@@ -144,33 +131,15 @@ def plan_timed(engine, state, prompts: list[list[int]], fed: list[int], exits: l
     return fns
 
 
-def unit_excess(plain: float, steps: int, long: float, long_steps: int) -> float:
-    """The unit's plain step (a call of `steps` plain steps taking `plain` seconds) over the steady
-    step the longer call (`long_steps` in `long` seconds) adds past it, within EXCESS_RANGE. Timed
-    between drafting calls, a plain call's first steps run while the cache turns from drafting's
-    layers (the first three, read at every draft) back to full decoding's: on the CPU reference model
-    (bf16, batch 1, AMD EPYC) the first step of a plain run inside self-speculation took 2.27 ms, the
-    next four 1.50-1.58 ms, full decoding's own 1.20 ms. A round priced in such units reads that much
-    cheaper against full decoding than it is: `tools/eval/ee_sweep.py` prices its ideal in steady steps."""
-    if long_steps <= steps or steps <= 0:
-        return 1.0
-    steady = (long - plain) / (long_steps - steps)
-    lo, hi = EXCESS_RANGE
-    return min(max(plain / steps / steady, lo), hi) if steady > 0.0 else hi
-
-
-def loop_timed(
-    engine, state, prompt: list[int], fed: int, plan: Plan | None, steps: int, made: dict[str, int], name: str
-):  # fmt: skip
+def loop_timed(engine, state, prompt: list[int], fed: int, plan: Plan | None, made: dict[str, int], name: str):
     """A function that runs one call of the native decode loop on `state`'s sequence 0 (`prompt`,
     `fed` positions fed) and puts the state back: ROUNDS_A_CALL rounds of `plan` as
     `SelfSpeculative.native_run` runs a sequence's rounds (the controller's part aside), or, plan
-    None, `steps` plain steps as `native_rounds` runs full decoding's (UNIT_RUN: the loop clock's
-    unit, `draft_control.LoopClock`; LONG_RUN: its steady step, `unit_excess`). It sets made[name]
-    to the rounds (steps) the call made: 0 where the loop did not run them. Timed through
-    `run_plan` instead, a round and a plain round each bore the Python around one round (CPU
-    reference model, bf16, batch 1: ~0.75 ms of a ~5 ms drafting round, ~0.2 of a ~1.4 ms step),
-    which the loop does not."""
+    None, UNIT_RUN plain steps as `native_rounds` runs full decoding's and the loop clock's unit
+    (`draft_control.LoopClock`). It sets made[name] to the rounds (steps) the call made: 0 where the
+    loop did not run them. Timed through `run_plan` instead, a round and a plain round each bore
+    the Python around one round (CPU reference model, bf16, batch 1: ~0.75 ms of a ~5 ms drafting
+    round, ~0.2 of a ~1.4 ms step), which the loop does not."""
     from megatron.early_exit.inference.native_loop import native_rounds
     from megatron.early_exit.inference.strategies.self_speculative import NEXT_PLAN, PLAIN, SelfSpeculative
 
@@ -188,7 +157,7 @@ def loop_timed(
                     ExitPolicy(), {0: r}, {0: [0, 0]})  # fmt: skip
         with engine.packed:
             if plan is None:
-                still = native_rounds(engine, state, [0], job, PLAIN, steps)
+                still = native_rounds(engine, state, [0], job, PLAIN, UNIT_RUN)
             else:
                 still = Fixed().native_run(engine, state, [0], job, plan, None)
         counts = job.counts[0][2:]  # the telemetry `record` keeps, once a round is recorded
@@ -222,7 +191,7 @@ def costs_of(t: dict[str, float], exits: list[int]) -> DraftCosts:
         if f"alt {n}/{LENGTHS[0]}" in t:  # what g alternatives add to a round of g drafts
             slope, fixed = fit_line([(g, t[f"alt {n}/{g}"] - t[f"round {n}/{g}"]) for g in LENGTHS])
             alt[n], alt_base[n] = max(slope, 0.0), max(fixed, 0.0)
-    return DraftCosts(draft, row, dict.fromkeys(exits, base), alt, alt_base, t.get("unit excess", 1.0))
+    return DraftCosts(draft, row, dict.fromkeys(exits, base), alt, alt_base)
 
 
 def between(lo: tuple[int, DraftCosts], hi: tuple[int, DraftCosts], batch: int) -> DraftCosts:
@@ -235,9 +204,7 @@ def between(lo: tuple[int, DraftCosts], hi: tuple[int, DraftCosts], batch: int) 
     (b0, c0), (b1, c1) = lo, hi
     w = math.log2(batch / b0) / math.log2(b1 / b0) if b1 != b0 else 0.0
 
-    def mix(x, y):
-        if not isinstance(x, dict):
-            return (1.0 - w) * x + w * y
+    def mix(x: dict, y: dict) -> dict:
         return {k: (1.0 - w) * x[k] + w * y[k] for k in x if k in y}
 
     return DraftCosts(**{f.name: mix(getattr(c0, f.name), getattr(c1, f.name)) for f in dataclasses.fields(DraftCosts)})

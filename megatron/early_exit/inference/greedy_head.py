@@ -54,6 +54,7 @@ import torch
 import torch.nn.functional as F
 
 from megatron.early_exit.derived import DerivedCopies
+from megatron.early_exit.inference import huge_pages
 
 HEADS = ("auto", "int8", "full")
 ENV = "EE_GREEDY_HEAD"
@@ -105,8 +106,10 @@ def quantize(weight: torch.Tensor) -> Int8Head:
     q = torch.round(w / s).clamp(-128, 127)
     deq = q * s  # (V, K): what the kernel multiplies by, exactly
     norms = w.norm(dim=1)
+    streamed = huge_pages.empty(tuple(q.shape), torch.int8)  # read whole every step: `huge_pages`
+    streamed.copy_(q)
     return Int8Head(
-        q=q.to(torch.int8).contiguous(),
+        q=streamed,
         scales=scales,
         slack=(SAFETY * ((w - deq).norm(dim=1) + gamma(w.shape[1]) * norms)).float(),
         qnorms=(SAFETY * deq.norm(dim=1)).float(),

@@ -42,6 +42,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from megatron.early_exit.inference import huge_pages
+
 SOURCE = Path(__file__).with_name("native_linear.c")
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-lm")
 CFLAGS_ENV = "EE_NATIVE_CFLAGS"  # more compiler flags, e.g. "-DPREFETCH=2048" (a library of its own)
@@ -281,7 +283,7 @@ def pack(weight: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"native kernel: cannot pack a {tuple(weight.shape)} {weight.dtype} weight here")
     w = weight.detach().contiguous()
     m, k = w.shape
-    out = torch.empty((m + PANEL - 1) // PANEL * PANEL * k, dtype=w.dtype)
+    out = huge_pages.empty((m + PANEL - 1) // PANEL * PANEL * k, w.dtype)  # streamed every step: `huge_pages`
     lib.ee_pack(w.data_ptr(), out.data_ptr(), m, k, int(w.dtype == torch.bfloat16), torch.get_num_threads())
     return out
 

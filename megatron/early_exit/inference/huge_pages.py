@@ -1,12 +1,19 @@
 """The decode kernels' weight copies on transparent huge pages (Linux; `EE_HUGE_PAGES=0` turns it off).
 
 A decode step streams every weight it multiplies from memory. On 4 KiB pages a step of the CPU
-reference model (46 MiB of bf16 panels) walks ~12,000 pages, each a TLB miss and a restart of the
-hardware prefetcher's stream at its boundary; on 2 MiB pages, 23. Measured on the AMD EPYC (Zen 4,
-32 MiB of L3, 2 threads; a scratch loop reading 46 MiB with two threads): 1.20-1.47 ms a pass on
-4 KiB pages, 0.85-0.90 ms on 2 MiB pages (33-40 against 53-57 GB/s). Decoding, the same engine
-with its panels here or not, alternating prompt by prompt (`benchmarks/huge_pages.py`): SmolLM2
-115 -> 131 tokens/s in bf16, 57 -> 65 in fp32; the CPU reference's full decoding 0.90x the time.
+reference model (46 MiB of bf16 panels) walks ~12,000 pages, more than a core's TLB holds (Zen 4:
+3,072 entries, 12 MiB), each a walk and a restart of the hardware prefetcher's stream at its
+boundary; on 2 MiB pages, 23. Measured on the AMD EPYC (Zen 4, 32 MiB of L3, 2 threads): a scratch
+loop reading 46 MiB with two threads 1.20-1.47 ms a pass on 4 KiB pages, 0.85-0.90 ms on 2 MiB
+pages (33-40 against 53-57 GB/s); `benchmarks/huge_pages.py` (the same engine twice, one copy per
+page kind, prompt by prompt, the same tokens): a one-row product over 48 MiB 0.90-0.91x the time
+(bf16), 0.67-0.89x (fp32); decode time, CPU reference bf16, full decoding 0.91-0.93x, early exit at
+its calibrated thresholds 0.93-0.95x, self-speculation 0.96-0.98x (fp32: 0.925 / 0.932 / 0.942x);
+SmolLM2 bf16 0.85x (115 -> 131 tokens/s decoding), fp32 0.87-0.98x. What stays in the cache gains
+little (the drafts' and early exits' layers below the exit sit in L3, and two threads' halves of
+them within their TLBs' reach), so full decoding gains most and the early-exit paths' speedups over
+it shrink (the CPU reference's sweep, alternating processes: calibrated early exit 1.68 / 1.77x ->
+1.47 / 1.49x; their decode time itself 0.95x).
 
 The kernel gives a process huge pages where it asked for them (`madvise(MADV_HUGEPAGE)`, the
 `madvise` mode most distributions ship) in 2 MiB-aligned stretches of an anonymous private mapping.

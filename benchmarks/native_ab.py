@@ -18,6 +18,12 @@ Per-prompt pairs, because the host's speed moves by 10-40% within a minute on th
 these figures come from: best-of times of whole runs taken a few minutes apart read the same
 change as 0.86-0.90x and 0.94-1.06x, where 160 pairs' medians read 0.92-0.96x.
 
+`--different-tokens` times a version that sums in another order too (bf16 greedy tokens then part
+at near-ties: the two decode different texts of about the same length), counting the prompts that
+differed; early exit's and self-speculation's work then differs a little between the two as well.
+Four chains a row for bf16 products (stop 82, not taken) read full decoding 0.999x, early exit
+1.027x and self-speculation 1.114x this way (120 pairs; 9-15 of 40 prompts differed).
+
 `--attention R [R ...]` times `native.attend` alone instead, at the checkpoint's head shape: R rows
 of a prompt (R > 16) or of a verify pass (after CONTEXT keys), `--pairs` alternating pairs.
 
@@ -122,7 +128,7 @@ def paired_ratios(args, libs: dict, current: dict) -> dict[str, list[float]]:
         for s in kinds.values():
             for prompt in prompts[:2]:
                 decode(name, prompt, s)
-    ratios = {k: [] for k in [*kinds, "prefill"]}
+    ratios, differed = {k: [] for k in [*kinds, "prefill"]}, {}
     for rep in range(args.repeats):
         for i, prompt in enumerate(prompts):
             for k, s in kinds.items():
@@ -130,12 +136,16 @@ def paired_ratios(args, libs: dict, current: dict) -> dict[str, list[float]]:
                 for name in ("this", "other") if (rep + i) % 2 == 0 else ("other", "this"):
                     t[name], pre[name], made[name] = decode(name, prompt, s)
                 if made["this"] != made["other"]:
-                    raise SystemExit(f"{k}: the two libraries made different tokens for prompt {i}")
+                    if not args.different_tokens:
+                        raise SystemExit(f"{k}: the two libraries made different tokens for prompt {i}")
+                    differed[k] = differed.get(k, 0) + 1
                 ratios[k].append(t["this"] / max(t["other"], 1e-12))
                 if k == "full":  # the prompt's prefill, timed in the same calls
                     ratios["prefill"].append(pre["this"] / max(pre["other"], 1e-12))
         print(f"pass {rep + 1}/{args.repeats}: " + ", ".join(
             f"{k} {statistics.median(v):.3f}" for k, v in ratios.items()), flush=True)  # fmt: skip
+    if differed:
+        print("prompts whose tokens differed: " + ", ".join(f"{k} {n}" for k, n in differed.items()))
     return ratios
 
 
@@ -208,6 +218,12 @@ def main(argv: list[str] | None = None) -> None:
         help="instead of decoding: native.attend alone at these row counts (see attention_ratios)",
     )
     p.add_argument("--pairs", type=int, default=300, help="--attention: timed pairs per row count")
+    p.add_argument(
+        "--different-tokens",
+        action="store_true",
+        help="time prompts whose tokens differ too (a version that sums in another order rounds differently: "
+        "bf16 greedy tokens then part at near-ties), counting them",
+    )
     args = p.parse_args(argv)
     if args.repeats < 1 or args.num_examples < 1:
         p.error("--repeats and --num-examples must be >= 1")
@@ -222,6 +238,8 @@ def main(argv: list[str] | None = None) -> None:
     dtype, other = "bf16" if args.bf16 else "fp32", args.source or args.against
     what = "time" if args.attention else "decode time (prefill: the prompt's prefill time)"
     each = "per call, same outputs" if args.attention else "per prompt, same tokens"
+    if args.different_tokens and not args.attention:
+        each = "per prompt, tokens allowed to differ (counted above)"
     print(f"{cpu_model_name()}, {args.threads} threads, {dtype}, {args.load}; this checkout's {what} over the "
           f"other's ({other}), {each}:")  # fmt: skip
     for k, v in ratios.items():

@@ -445,6 +445,30 @@ def test_exit_vocabulary_benchmark_runs_every_setting_with_both_vocabularies(dat
 
 
 @pytest.mark.skipif(not native.available(), reason="no native kernel here (no C compiler)")
+def test_huge_pages_bench_pairs_the_two_page_kinds_prompt_by_prompt(data, corpus, capsys):
+    """`benchmarks/huge_pages.py` makes one engine's weight copies on huge pages and the other's on
+    ordinary ones (their products equal in its stream probe), decodes each prompt with both back to
+    back, checks that they made the same tokens and prints each setting's median ratio over prompts x
+    repeats pairs; new copies go on huge pages again afterwards."""
+    from megatron.early_exit.inference import huge_pages
+
+    if not huge_pages.supported():
+        pytest.skip("no transparent huge pages here")
+    bench = load_tool("benchmarks/huge_pages.py")
+    bench.main(["--load", os.path.join(data["tune"], "with_exits"), "--data",
+                os.path.join(corpus, "test_summarization.jsonl"), "--num-examples", "2", "--max-new-tokens", "4",
+                "--max-prompt-chars", "300", "--repeats", "2", "--threads", "1", "--stream-mib", "1",
+                "--pairs", "3"])  # fmt: skip
+    out = capsys.readouterr().out.splitlines()
+    probe = [line for line in out if line.startswith("stream probe")]
+    assert len(probe) == 1 and probe[0].split()[-1] == "3"
+    rows = {line.split()[0]: line for line in out if line.startswith("  ") and "pairs" in line}
+    assert set(rows) == {"full", "self_speculative"}  # no calibration record: no early-exit row
+    assert all(line.split()[-1] == "4" and float(line.split()[2]) > 0 for line in rows.values())  # 2 prompts x 2
+    assert sum(line.startswith("pass ") for line in out) == 2 and huge_pages.enabled()
+
+
+@pytest.mark.skipif(not native.available(), reason="no native kernel here (no C compiler)")
 def test_native_ab_pairs_two_builds_of_the_kernel_prompt_by_prompt(data, corpus, tmp_path, capsys):
     """`benchmarks/native_ab.py` builds a second library from another source (here this checkout's
     with a comment added: another build of the same code), decodes each prompt with both back to

@@ -37,7 +37,7 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 
 from decode_speed import cpu_model_name  # noqa: E402
-from native_ab import settings_of  # noqa: E402
+from native_ab import paired_arguments, settings_of  # noqa: E402
 
 from megatron.early_exit.inference import huge_pages, native  # noqa: E402
 
@@ -124,13 +124,7 @@ def decode_ratios(args) -> None:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--load", default=None, help="a checkpoint of ours (runs/ee_aclsum/probes); none: the probe alone")
-    p.add_argument("--data", default="data/aclsum/test_summarization.jsonl")
-    p.add_argument("--num-examples", type=int, default=40)
-    p.add_argument("--max-new-tokens", type=int, default=48)
-    p.add_argument("--max-prompt-chars", type=int, default=1200, help="abstracts cut to this many characters")
-    p.add_argument("--repeats", type=int, default=3, help="passes over the prompts (pairs: prompts x repeats)")
-    p.add_argument("--bf16", action="store_true")
-    p.add_argument("--threads", type=int, default=2)
+    paired_arguments(p, repeats=3)
     p.add_argument(
         "--own-costs",
         dest="shared_costs",

@@ -197,18 +197,24 @@ def attention_ratios(args, libs: dict, current: dict) -> dict[str, list[float]]:
     return out
 
 
+def paired_arguments(p: argparse.ArgumentParser, repeats: int) -> None:
+    """The flags of decoding the aclsum abstracts prompt by prompt in pairs (this script's and
+    `huge_pages.py`'s): the prompts, their length and the answers', the passes, dtype and threads."""
+    p.add_argument("--data", default="data/aclsum/test_summarization.jsonl")
+    p.add_argument("--num-examples", type=int, default=40)
+    p.add_argument("--max-new-tokens", type=int, default=48)
+    p.add_argument("--max-prompt-chars", type=int, default=1200, help="abstracts cut to this many characters")
+    p.add_argument("--repeats", type=int, default=repeats, help="passes over the prompts (pairs: prompts x repeats)")
+    p.add_argument("--bf16", action="store_true")
+    p.add_argument("--threads", type=int, default=2)
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--load", required=True, help="a checkpoint of ours (e.g. runs/ee_aclsum/probes)")
     p.add_argument("--against", default="HEAD", help="git revision whose native_linear.c is the other version")
     p.add_argument("--source", default=None, help="a file holding the other version instead of --against")
-    p.add_argument("--data", default="data/aclsum/test_summarization.jsonl")
-    p.add_argument("--num-examples", type=int, default=40)
-    p.add_argument("--max-new-tokens", type=int, default=48)
-    p.add_argument("--max-prompt-chars", type=int, default=1200, help="abstracts cut to this many characters")
-    p.add_argument("--repeats", type=int, default=4, help="passes over the prompts (pairs: prompts x repeats)")
-    p.add_argument("--bf16", action="store_true")
-    p.add_argument("--threads", type=int, default=2)
+    paired_arguments(p, repeats=4)
     p.add_argument(
         "--attention",
         type=int,

@@ -28,6 +28,7 @@ plain `torch.empty` ones: the numbers never depend on it, only the speed.
 from __future__ import annotations
 
 import functools
+import math
 import mmap
 import os
 import sys
@@ -86,6 +87,8 @@ class _Chunk:
         self.returned: list[tuple[int, int]] = []
 
     def give_back(self) -> None:
+        if not self.returned:
+            return
         while self.returned:
             start, size = self.returned.pop()
             self.live -= 1
@@ -100,7 +103,7 @@ class _Chunk:
         self.free = merged
 
     def take(self, nbytes: int) -> memoryview | None:
-        size = -(-nbytes // ALIGN) * ALIGN
+        size = _round_up(nbytes, ALIGN)
         for i, (start, room) in enumerate(self.free):
             if room >= size:
                 self.free[i : i + 1] = [(start + size, room - size)] if room > size else []
@@ -118,8 +121,8 @@ class _Arena:
         self.chunks: list[_Chunk] = []
 
     def take(self, nbytes: int) -> memoryview | None:
-        if -(-nbytes // ALIGN) * ALIGN > CHUNK // 2:
-            own = _mapping(-(-nbytes // HUGE) * HUGE)
+        if _round_up(nbytes, ALIGN) > CHUNK // 2:
+            own = _mapping(_round_up(nbytes, HUGE))
             return None if own is None else own[:nbytes]
         for chunk in self.chunks:
             chunk.give_back()
@@ -133,6 +136,10 @@ class _Arena:
             return None
         self.chunks.append(_Chunk(view))
         return self.chunks[-1].take(nbytes)
+
+
+def _round_up(n: int, to: int) -> int:
+    return -(-n // to) * to
 
 
 def _mapping(size: int) -> memoryview | None:
@@ -157,10 +164,7 @@ def empty(shape: tuple[int, ...] | int, dtype: torch.dtype) -> torch.Tensor:
     """An uninitialised contiguous CPU tensor of `shape` and `dtype` on huge pages where `enabled()`
     (ALIGN-aligned, beside other copies in one mapping), else `torch.empty`'s."""
     shape = (shape,) if isinstance(shape, int) else tuple(shape)
-    numel = 1
-    for n in shape:
-        numel *= n
-    nbytes = numel * torch.empty((), dtype=dtype).element_size()
+    nbytes = math.prod(shape) * dtype.itemsize
     if nbytes and enabled():
         with _LOCK:
             part = _ARENA.take(nbytes)

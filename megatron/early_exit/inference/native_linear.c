@@ -775,7 +775,15 @@ static void probe_outs(const float *v, const ee_probe_t *p, int64_t n, float *ou
    then takes each row's output. The same numbers as ee_probe on y after the call, without a
    parallel region of its own: the CPU reference model's probe (384 x 128) in a decode step's run
    of layers, alternating with its call after the layer's (one thread in bf16, `PROBE_SHARE`),
-   bf16 4.9-5.8 -> 3.2-3.8 us, fp32 6.1-6.8 -> 2.3-3.7 us (with the groups of 4 in probe_hidden). */
+   bf16 4.9-5.8 -> 3.2-3.8 us, fp32 6.1-6.8 -> 2.3-3.7 us (with the groups of 4 in probe_hidden).
+   Slower, each against this in a decode step (`cost_model.check_in_step`, 16 x 3,000 rounds in
+   alternating blocks, bf16, AMD EPYC; two copies of one source read 5.25 / 5.08 us): no barrier,
+   each thread summing the probe over its own panels' columns and the calling thread adding the
+   panels' sums (6.67 against 5.04 us: the other thread's sums cross cores, and each thread reads
+   8 short stretches of the weight, not one long one); that, summed after each panel as it is
+   written (slower still); the thread's share of the weight prefetched during its panels (6.19
+   against 4.93) or all at once after the barrier (6.18 against 4.66): the hardware's prefetchers
+   do better alone. */
 static int linear(const void *x, const void *Wp, const void *b, void *y, int64_t n, int64_t K, int64_t M, int bf16,
                   int threads, int kind, const void *gain, float eps, const void *residual, const ee_probe_t *probe,
                   float *scores) {
@@ -1424,11 +1432,18 @@ void ee_rope(void *y, int64_t n, int64_t G, int64_t per2, int64_t heads, int64_t
  * half and w1[k + 1, j] in the high one (`probe_pair`), so one 64-byte load widens into both by a
  * shift and a mask (widening 16 stored in place took an extension and a shift each: the sums ran
  * 2.8x slower than fp32's, 3.1 against 1.1 us for 384 x 128 on one thread, with the weight in the
- * cache); an odd K's last k in place. Up to 8 blocks at a time, k in order, so that the 8 sums are
- * independent chains (one chain of 16 columns at a time waited on each sum's latency: ~4x slower).
- * Each v[j]'s arithmetic is the same whatever range or group it falls in (the threads' split never
- * moves it), and the same in either format: s[k] * w1[k, j] added for k = 0, 1, ... in turn. */
-#define PROBE_GROUP 8
+ * cache); an odd K's last k in place. Each block's sum runs as four chains side by side, one per
+ * quarter of k (pairs: q = 2 floor(K / 8) k's a quarter, the pairs past 4 q in the first; fp32: q =
+ * floor(K / 4), the k past 4 q in the first), added as (first + second) + (third + fourth) at the
+ * end, and up to 4 blocks at a time: 16 independent chains, and each thread reading its share of the
+ * weight as 16 streams at once. The weight is cold here in a decode step (the layer's own sweep
+ * evicted it), and more streams keep more of its lines in flight: a check that does not fire in the
+ * CPU reference model's decode step (`cost_model.check_in_step`, 16 x 3,000 rounds in alternating
+ * blocks, AMD EPYC) cost bf16 4.76 us with one chain a block (k in order), 4.28 with two halves
+ * and 4.13 with four quarters; fp32 7.79 -> 6.77 us. One chain of 16 columns at a time waited on each
+ * sum's latency (~4x slower). Each v[j]'s arithmetic is the same whatever range or group it falls in
+ * (the threads' split never moves it). */
+#define PROBE_GROUP 4
 static inline void probe_pair(const void *w1, int64_t i, v16 *lo, v16 *hi) {
     w16 u;
     memcpy(&u, (const uint16_t *)w1 + i, sizeof u);
@@ -1442,30 +1457,48 @@ static inline __attribute__((always_inline)) void probe_group(const float *s, co
                                                               const float *b1, int64_t K, int64_t b, int G,
                                                               float *v) {
     const int64_t kp = wbf16 ? K & ~(int64_t)1 : 0; /* k below kp: in pairs */
-    v16 acc[PROBE_GROUP];
-    memcpy(acc, b1 + b * PANEL, sizeof(v16) * (size_t)G);
+    v16 acc[PROBE_GROUP][4];
+    for (int g = 0; g < G; g++) {
+        memcpy(&acc[g][0], b1 + (b + g) * PANEL, sizeof(v16));
+        acc[g][1] = acc[g][2] = acc[g][3] = (v16){0};
+    }
+    const int64_t q = kp / 8 * 2; /* pairs: k in [j q, (j + 1) q) into acc[.][j], the four side by side */
     int64_t k = 0;
-    for (; k < kp; k += 2)
+    for (; k < q; k += 2)
+        for (int g = 0; g < G; g++)
+            for (int j = 0; j < 4; j++) {
+                v16 lo, hi;
+                probe_pair(w1, ((b + g) * K + k + j * q) * PANEL, &lo, &hi);
+                acc[g][j] += s[k + j * q] * lo;
+                acc[g][j] += s[k + j * q + 1] * hi;
+            }
+    for (k = 4 * q; k < kp; k += 2)
         for (int g = 0; g < G; g++) {
             v16 lo, hi;
             probe_pair(w1, ((b + g) * K + k) * PANEL, &lo, &hi);
-            acc[g] += s[k] * lo;
-            acc[g] += s[k + 1] * hi;
+            acc[g][0] += s[k] * lo;
+            acc[g][0] += s[k + 1] * hi;
         }
-    for (; k < K; k++)
-        for (int g = 0; g < G; g++) acc[g] += s[k] * widen(w1, wbf16, ((b + g) * K + k) * PANEL);
-    memcpy(v + b * PANEL, acc, sizeof(v16) * (size_t)G);
+    const int64_t q1 = wbf16 ? 0 : K / 4; /* fp32: k in [j q1, (j + 1) q1) into acc[.][j], side by side */
+    for (int64_t i = 0; i < q1; i++)
+        for (int g = 0; g < G; g++)
+            for (int j = 0; j < 4; j++) acc[g][j] += s[i + j * q1] * widen(w1, 0, ((b + g) * K + i + j * q1) * PANEL);
+    for (k = k > 4 * q1 ? k : 4 * q1; k < K; k++)
+        for (int g = 0; g < G; g++) acc[g][0] += s[k] * widen(w1, wbf16, ((b + g) * K + k) * PANEL);
+    for (int g = 0; g < G; g++) {
+        v16 sum = (acc[g][0] + acc[g][1]) + (acc[g][2] + acc[g][3]);
+        memcpy(v + (b + g) * PANEL, &sum, sizeof sum);
+    }
 }
 
-/* Groups of 8 blocks, then one of 4, 2 and 1 as they remain: each sum is a chain of K dependent
-   products, so a thread's share of 4 blocks summed one block at a time waited 4 chains' latency
-   (2 threads on 8 blocks: 2.4 against 0.6 us). */
+/* Groups of 4 blocks, then one of 2 and 1 as they remain (their chains in registers: 8 blocks' 32
+   spilled); a thread's share of 4 blocks summed one block at a time would wait on 4 blocks' chains
+   in turn (2 threads on 8 blocks, k in order: 2.4 against 0.6 us). */
 static inline __attribute__((always_inline)) void probe_hidden(const float *s, const void *w1, int wbf16,
                                                                const float *b1, int64_t K, int64_t b0, int64_t b1e,
                                                                float *v) {
     int64_t b = b0;
-    for (; b + 8 <= b1e; b += 8) probe_group(s, w1, wbf16, b1, K, b, 8, v);
-    if (b + 4 <= b1e) probe_group(s, w1, wbf16, b1, K, b, 4, v), b += 4;
+    for (; b + 4 <= b1e; b += 4) probe_group(s, w1, wbf16, b1, K, b, 4, v);
     if (b + 2 <= b1e) probe_group(s, w1, wbf16, b1, K, b, 2, v), b += 2;
     if (b < b1e) probe_group(s, w1, wbf16, b1, K, b, 1, v);
 }

@@ -482,9 +482,10 @@ def test_rotary_positions_in_place_equal_the_lean_layers_operations(dtype, table
 
 @needs_native
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-# linear probe; MLP probes: one 16-column vector and a tail; a group of 8 vectors, one more and a tail
+# linear probe; MLP probes: one 16-column vector and a tail; two groups of 4 vectors, a group of 2 (its last padded)
 @pytest.mark.parametrize("hidden", [0, 24, 152])
-@pytest.mark.parametrize("h,rows", [(37, 1), (576, 3)])  # a width with a tail past the 16-lane blocks
+# a width with a tail past the 16-lane blocks and the four quarters of k (pairs past them, an odd last k); one without
+@pytest.mark.parametrize("h,rows", [(37, 1), (576, 3)])
 @pytest.mark.parametrize("wdtype", [torch.float32, torch.bfloat16])  # the probe's own weights (a bf16 model's)
 def test_a_probes_check_in_one_call_equals_the_torch_check(dtype, hidden, h, rows, wdtype):
     """`native.Probe` (made by `fused_check._fold` for an RMSNorm probe) against
@@ -997,7 +998,7 @@ def test_a_runs_probe_arrays_are_made_once_and_refuse_a_probe_off_the_run():
 
 @needs_native
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("hidden", [16, 152])  # one block of 16 columns; 8 + 1 + a padded one
+@pytest.mark.parametrize("hidden", [16, 152])  # one block of 16 columns; 4 + 4 + 1 + a padded one
 def test_a_probe_in_the_layers_last_region_gives_its_own_calls_scores(dtype, hidden):
     """An MLP probe after a layer runs inside the layer's last product's parallel region (`linear`
     in native_linear.c: a barrier, then each thread its share of the probe's blocks): its scores

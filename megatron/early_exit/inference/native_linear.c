@@ -1479,11 +1479,15 @@ static inline __attribute__((always_inline)) void probe_group(const float *s, co
             acc[g][0] += s[k] * lo;
             acc[g][0] += s[k + 1] * hi;
         }
-    const int64_t q1 = wbf16 ? 0 : K / 4; /* fp32: k in [j q1, (j + 1) q1) into acc[.][j], side by side */
-    for (int64_t i = 0; i < q1; i++)
-        for (int g = 0; g < G; g++)
-            for (int j = 0; j < 4; j++) acc[g][j] += s[i + j * q1] * widen(w1, 0, ((b + g) * K + i + j * q1) * PANEL);
-    for (k = k > 4 * q1 ? k : 4 * q1; k < K; k++)
+    if (!wbf16) { /* fp32: k in [j q1, (j + 1) q1) into acc[.][j], side by side; then the k past 4 q1 */
+        const int64_t q1 = K / 4;
+        for (int64_t i = 0; i < q1; i++)
+            for (int g = 0; g < G; g++)
+                for (int j = 0; j < 4; j++)
+                    acc[g][j] += s[i + j * q1] * widen(w1, 0, ((b + g) * K + i + j * q1) * PANEL);
+        k = 4 * q1;
+    }
+    for (; k < K; k++) /* an odd K's last k (bf16), the fp32 k past the quarters */
         for (int g = 0; g < G; g++) acc[g][0] += s[k] * widen(w1, wbf16, ((b + g) * K + k) * PANEL);
     for (int g = 0; g < G; g++) {
         v16 sum = (acc[g][0] + acc[g][1]) + (acc[g][2] + acc[g][3]);
@@ -1491,8 +1495,8 @@ static inline __attribute__((always_inline)) void probe_group(const float *s, co
     }
 }
 
-/* Groups of 4 blocks, then one of 2 and 1 as they remain (their chains in registers: 8 blocks' 32
-   spilled); a thread's share of 4 blocks summed one block at a time would wait on 4 blocks' chains
+/* Groups of 4 blocks, then one of 2 and 1 as they remain (a group's 16 chains held in registers
+   beside its loads: 8 blocks' 32 would not fit in AVX-512's 32); a thread's share of 4 blocks summed one block at a time would wait on 4 blocks' chains
    in turn (2 threads on 8 blocks, k in order: 2.4 against 0.6 us). */
 static inline __attribute__((always_inline)) void probe_hidden(const float *s, const void *w1, int wbf16,
                                                                const float *b1, int64_t K, int64_t b0, int64_t b1e,

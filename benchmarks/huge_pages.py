@@ -51,7 +51,7 @@ def quartiles(v: list[float]) -> str:
 def stream_ratios(mib: float, dtype: torch.dtype, pairs: int) -> list[float]:
     """Huge over ordinary pages: a one-row product's time over a (M, 1024) weight of `mib` MiB."""
     k = 1024
-    m = max(int(mib * (1 << 20)) // (k * torch.empty((), dtype=dtype).element_size()), native.PANEL)
+    m = max(int(mib * (1 << 20)) // (k * dtype.itemsize), native.PANEL)
     w = torch.randn(m, k, generator=torch.Generator().manual_seed(0)).to(dtype)
     packed = {}
     for name, on in (("huge", True), ("4k", False)):

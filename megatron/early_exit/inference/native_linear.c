@@ -1452,42 +1452,38 @@ static inline void probe_pair(const void *w1, int64_t i, v16 *lo, v16 *hi) {
     memcpy(hi, &h, sizeof *hi);
 }
 
+/* What one step of k adds to a block's chain acc: bf16, the pair k, k + 1 (`probe_pair`); fp32, k
+   alone; the block's rows at element i of w1. */
+static inline __attribute__((always_inline)) void probe_step(v16 *acc, const float *s, const void *w1, int wbf16,
+                                                             int64_t k, int64_t i) {
+    if (wbf16) {
+        v16 lo, hi;
+        probe_pair(w1, i, &lo, &hi);
+        *acc += s[k] * lo;
+        *acc += s[k + 1] * hi;
+    } else {
+        *acc += s[k] * widen(w1, 0, i);
+    }
+}
+
 /* Blocks b .. b + G - 1 side by side (G a constant where it is inlined: the sums stay in registers). */
 static inline __attribute__((always_inline)) void probe_group(const float *s, const void *w1, int wbf16,
                                                               const float *b1, int64_t K, int64_t b, int G,
                                                               float *v) {
-    const int64_t kp = wbf16 ? K & ~(int64_t)1 : 0; /* k below kp: in pairs */
+    const int64_t step = wbf16 ? 2 : 1, ks = wbf16 ? K & ~(int64_t)1 : K; /* k below ks: `step` at a time */
+    const int64_t q = ks / (4 * step) * step; /* k in [j q, (j + 1) q) into acc[.][j], the four side by side */
     v16 acc[PROBE_GROUP][4];
     for (int g = 0; g < G; g++) {
         memcpy(&acc[g][0], b1 + (b + g) * PANEL, sizeof(v16));
         acc[g][1] = acc[g][2] = acc[g][3] = (v16){0};
     }
-    const int64_t q = kp / 8 * 2; /* pairs: k in [j q, (j + 1) q) into acc[.][j], the four side by side */
-    int64_t k = 0;
-    for (; k < q; k += 2)
+    for (int64_t k = 0; k < q; k += step)
         for (int g = 0; g < G; g++)
-            for (int j = 0; j < 4; j++) {
-                v16 lo, hi;
-                probe_pair(w1, ((b + g) * K + k + j * q) * PANEL, &lo, &hi);
-                acc[g][j] += s[k + j * q] * lo;
-                acc[g][j] += s[k + j * q + 1] * hi;
-            }
-    for (k = 4 * q; k < kp; k += 2)
-        for (int g = 0; g < G; g++) {
-            v16 lo, hi;
-            probe_pair(w1, ((b + g) * K + k) * PANEL, &lo, &hi);
-            acc[g][0] += s[k] * lo;
-            acc[g][0] += s[k + 1] * hi;
-        }
-    if (!wbf16) { /* fp32: k in [j q1, (j + 1) q1) into acc[.][j], side by side; then the k past 4 q1 */
-        const int64_t q1 = K / 4;
-        for (int64_t i = 0; i < q1; i++)
-            for (int g = 0; g < G; g++)
-                for (int j = 0; j < 4; j++)
-                    acc[g][j] += s[i + j * q1] * widen(w1, 0, ((b + g) * K + i + j * q1) * PANEL);
-        k = 4 * q1;
-    }
-    for (; k < K; k++) /* an odd K's last k (bf16), the fp32 k past the quarters */
+            for (int j = 0; j < 4; j++)
+                probe_step(&acc[g][j], s, w1, wbf16, k + j * q, ((b + g) * K + k + j * q) * PANEL);
+    for (int64_t k = 4 * q; k < ks; k += step) /* the steps past the quarters, then an odd K's last k (bf16) */
+        for (int g = 0; g < G; g++) probe_step(&acc[g][0], s, w1, wbf16, k, ((b + g) * K + k) * PANEL);
+    for (int64_t k = ks; k < K; k++)
         for (int g = 0; g < G; g++) acc[g][0] += s[k] * widen(w1, wbf16, ((b + g) * K + k) * PANEL);
     for (int g = 0; g < G; g++) {
         v16 sum = (acc[g][0] + acc[g][1]) + (acc[g][2] + acc[g][3]);
@@ -1496,8 +1492,9 @@ static inline __attribute__((always_inline)) void probe_group(const float *s, co
 }
 
 /* Groups of 4 blocks, then one of 2 and 1 as they remain (a group's 16 chains held in registers
-   beside its loads: 8 blocks' 32 would not fit in AVX-512's 32); a thread's share of 4 blocks summed one block at a time would wait on 4 blocks' chains
-   in turn (2 threads on 8 blocks, k in order: 2.4 against 0.6 us). */
+   beside its loads: 8 blocks' 32 would not fit in AVX-512's 32); a thread's share of 4 blocks
+   summed one block at a time would wait on 4 blocks' chains in turn (2 threads on 8 blocks, k in
+   order: 2.4 against 0.6 us). */
 static inline __attribute__((always_inline)) void probe_hidden(const float *s, const void *w1, int wbf16,
                                                                const float *b1, int64_t K, int64_t b0, int64_t b1e,
                                                                float *v) {

@@ -1240,3 +1240,42 @@ def test_rows_made_ready_for_another_kernel_are_the_native_products_own(dtype, k
         torch.set_num_threads(before)
     assert native.prepared_rows(x.to(torch.float16)) is None  # a dtype it does not take
     assert native.prepared_rows(x, norm=(gain.float() if dtype == torch.bfloat16 else gain.double(), 1e-5)) is None
+
+
+@needs_native
+@pytest.mark.parametrize("k", [64, 99])
+def test_bf16_rows_with_subnormal_values_round_as_torch_does(k):
+    """bf16 rows are rounded by the CPU's conversion where it has one (vcvtneps2bf16), which reads
+    an fp32 subnormal as zero; a row where one appeared is made again with the integer rounding, so
+    the norm and SwiGLU keep torch's subnormal results. Inputs of powers of two (times 1.5 or 1.25)
+    make every step exact but the last rounding: torch's results bit for bit, in the subnormal
+    lanes too, beside rows with none (made once), at 1 and 2 threads."""
+    from megatron.early_exit.inference.lean import rms_norm
+
+    rows = 12
+    x = torch.full((rows, k), 1.5 * 2.0**-122)  # scaled by 2^-7 below: 1.5 * 2^-129, an fp32 subnormal
+    x[:, 1::2] = -1.25 * 2.0**-122
+    x[:, 0] = 2.0**10  # the row's mean square 2^20 / k (k = 64: 2^14, its rsqrt 2^-7)
+    x[::3] = torch.randn(4, k, generator=torch.Generator().manual_seed(5))  # rows with no subnormal
+    x = x.to(torch.bfloat16)
+    gain = torch.ones(k, dtype=torch.bfloat16)
+    gate = torch.full((rows, k), 1.5 * 2.0**-60)  # silu: the gate / 2, exactly
+    up = torch.full((rows, k), 1.25 * 2.0**-70)  # silu * up = 1.875 * 2^-131: 7.5 steps of bf16's 2^-133
+    h = torch.cat([gate, up], 1).to(torch.bfloat16)
+    h[1::4] = torch.randn(3, 2 * k, generator=torch.Generator().manual_seed(6)).to(torch.bfloat16)
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            normed, gated = native.prepared_rows(x, norm=(gain, 1e-6)), native.prepared_rows(h, swiglu=True)
+            want_gated = F.silu(h[:, :k]) * h[:, k:]
+            assert want_gated[0, 0].item() == 2.0**-130  # 7.5 steps rounded to even: 8
+            assert torch.equal(gated, want_gated)
+            if k == 64:  # the mean square a power of two: every step exact but the last
+                want = rms_norm(x, gain, 1e-6)
+                assert want[1, 1].item() == -1.25 * 2.0**-129 and want[1, 2].item() == 1.5 * 2.0**-129
+                assert torch.equal(normed, want)
+            else:  # the subnormal lanes as the integer rounding makes them, not zero
+                assert (normed[1, 1:] != 0).all()
+    finally:
+        torch.set_num_threads(before)

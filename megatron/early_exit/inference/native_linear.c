@@ -15,8 +15,10 @@
 #include <string.h>
 #include <math.h>
 #include <omp.h>
-#if defined(__AVX512BF16__)
+#if defined(__AVX512F__)
 #include <immintrin.h>
+#endif
+#if defined(__AVX512BF16__)
 #define DPBF16 1 /* the CPU's bf16 pair dot product (vdpbf16ps) multiplies bf16 weights */
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__)
 #include <sys/syscall.h>
@@ -95,9 +97,19 @@ void ee_pack(const void *W, void *out, int64_t M, int64_t K, int bf16, int threa
             }
 }
 
-/* 16 consecutive elements of p from i, as fp32 (bf16 widened by a shift). */
+/* 16 consecutive elements of p from i, as fp32 (bf16 widened by a shift). With AVX-512 one
+   zero-extension of all 16 (GCC's vector conversion, tuned for the AMD EPYC's 256-bit preference,
+   made it of two halves, an extract and an insert: a bf16 prompt's RMSNorm rows ~40% slower). */
 static inline v16 widen(const void *p, int bf16, int64_t i) {
     v16 f;
+#if defined(__AVX512F__)
+    if (bf16) {
+        __m512i u = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)((const uint16_t *)p + i)));
+        u = _mm512_slli_epi32(u, 16);
+        memcpy(&f, &u, sizeof f);
+        return f;
+    }
+#endif
     if (bf16) {
         h16 h;
         memcpy(&h, (const uint16_t *)p + i, sizeof h);
@@ -158,8 +170,8 @@ static inline __m512bh column_pair(const void *panel, int64_t k) {
 
 static inline float round_bf16(float f) { return bf16_to_f32(f32_to_bf16(f)); }
 
-/* round_bf16 of 16 lanes: to nearest even; NaN stays NaN. */
-static inline v16 round16(v16 f) {
+/* round_bf16 of 16 lanes: to nearest even; NaN stays NaN (integer operations: `round16`). */
+static inline v16 round16_bits(v16 f) {
     w16 u, nan;
     memcpy(&u, &f, sizeof u);
     nan = (w16)((u & 0x7fffffffu) > 0x7f800000u);
@@ -169,10 +181,48 @@ static inline v16 round16(v16 f) {
     return f;
 }
 
+#ifdef DPBF16
+/* Whether any lane is an fp32 subnormal: the one input on which the CPU's conversion to bf16
+   (vcvtneps2bf16) differs from f32_to_bf16 (it reads them as zero; every other one of the 2^32
+   inputs, NaNs and infinities included, converts to the same bits: checked exhaustively on the
+   AMD EPYC). */
+static inline int any_subnormal(v16 f) {
+    __m512i u;
+    memcpy(&u, &f, sizeof u);
+    __m512i a = _mm512_sub_epi32(_mm512_and_si512(u, _mm512_set1_epi32(0x7fffffff)), _mm512_set1_epi32(1));
+    return _mm512_cmplt_epu32_mask(a, _mm512_set1_epi32(0x7fffff)) != 0;
+}
+#endif
+
+/* round_bf16 of 16 lanes: to nearest even; NaN stays NaN. With DPBF16 the CPU's conversion
+   (`any_subnormal`) where no lane is subnormal: the same bits in 4 operations where the integer
+   rounding took 9; a bf16 prompt's rows (`ee_rows`: RMSNorm, SwiGLU) and every bf16 product's
+   stores round through here. */
+static inline v16 round16(v16 f) {
+#ifdef DPBF16
+    if (!any_subnormal(f)) {
+        __m256bh h = _mm512_cvtneps_pbh((__m512)f);
+        __m256i hi;
+        memcpy(&hi, &h, sizeof hi);
+        __m512i u = _mm512_slli_epi32(_mm512_cvtepu16_epi32(hi), 16);
+        memcpy(&f, &u, sizeof f);
+        return f;
+    }
+#endif
+    return round16_bits(f);
+}
+
 /* 16 lanes rounded to bf16 (`round16`, as f32_to_bf16 each) into dst[0..15]. */
 static inline void put_bf16(uint16_t *dst, v16 s) {
+#ifdef DPBF16
+    if (!any_subnormal(s)) {
+        __m256bh h = _mm512_cvtneps_pbh((__m512)s);
+        memcpy(dst, &h, sizeof h);
+        return;
+    }
+#endif
     w16 u;
-    v16 r = round16(s);
+    v16 r = round16_bits(s);
     memcpy(&u, &r, sizeof u);
     h16 h = __builtin_convertvector(u >> 16, h16);
     memcpy(dst, &h, sizeof h);
@@ -661,6 +711,112 @@ DEFINE_EXP(exp16, v16, w16)
 DEFINE_EXP(exp8, v8, w8)
 #endif
 
+#ifdef DPBF16
+/* round16 without its subnormal check: the CPU's conversion; each lane's |bits| - 1 folded into
+   *low by an unsigned minimum, below 0x7fffff after a row exactly where some lane was subnormal
+   (where the conversion may differ from round16) for the caller to redo it (`row_panels`). A
+   branch on each vector's check took a bf16 prompt's RMSNorm rows from 131 to 201 ns a row (384
+   wide, one thread, AMD EPYC), a mask or-ed per vector to 186. */
+static inline v16 round16_marked(v16 f, __m512i *low) {
+    __m512i u;
+    memcpy(&u, &f, sizeof u);
+    __m512i a = _mm512_sub_epi32(_mm512_and_si512(u, _mm512_set1_epi32(0x7fffffff)), _mm512_set1_epi32(1));
+    *low = _mm512_min_epu32(*low, a);
+    __m256bh h = _mm512_cvtneps_pbh((__m512)f);
+    __m256i hi;
+    memcpy(&hi, &h, sizeof hi);
+    u = _mm512_slli_epi32(_mm512_cvtepu16_epi32(hi), 16);
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+typedef __m512i sub_t;
+#define SUB_NONE _mm512_set1_epi32(-1)
+#define SUB_ANY(low) (_mm512_cmplt_epu32_mask(low, _mm512_set1_epi32(0x7fffff)) != 0)
+#else
+typedef int sub_t;
+#define SUB_NONE 0
+#define SUB_ANY(low) 0
+#endif
+
+/* Panel k of row i's values (m of them: PANEL, or the row's last m), in bf16 rounded by
+   `round16_marked` (exact: 0) or round16_bits. */
+static inline v16 row_values(const void *x, int bf16, int kind, const void *gain, float scale, int64_t K, int64_t i,
+                             int64_t k, int64_t m, const int exact, sub_t *sub) {
+    (void)sub;
+#ifdef DPBF16
+#define ROUND(f) (exact ? round16_bits(f) : round16_marked(f, sub))
+#else
+#define ROUND(f) round16_bits(f)
+#endif
+#define LOAD(p, o) (m == PANEL ? widen(p, bf16, o) : widen_part(p, bf16, o, m))
+    if (kind == RMSNORM) {
+        v16 s = LOAD(x, i * K + k) * scale, g = LOAD(gain, k);
+        return bf16 ? ROUND(g * ROUND(s)) : g * s;
+    }
+    if (kind == SWIGLU) {
+        v16 gate = LOAD(x, i * 2 * K + k), up = LOAD(x, i * 2 * K + K + k);
+        v16 silu = gate / (1.0f + exp16(-gate));
+        return bf16 ? ROUND(ROUND(silu) * up) : silu * up;
+    }
+    return LOAD(x, i * K + k);
+#undef LOAD
+#undef ROUND
+}
+
+/* The high halves of 16 lanes (values that are bf16's: their bits, no rounding) into dst. */
+static inline void put_high(uint16_t *dst, v16 v) {
+#if defined(__AVX512F__)
+    __m512i u;
+    memcpy(&u, &v, sizeof u);
+    _mm256_storeu_si256((__m256i *)dst, _mm512_cvtepi32_epi16(_mm512_srli_epi32(u, 16)));
+#else
+    w16 u;
+    memcpy(&u, &v, sizeof u);
+    h16 h = __builtin_convertvector(u >> 16, h16);
+    memcpy(dst, &h, sizeof h);
+#endif
+}
+
+/* Row i's whole panels (K / PANEL of them) into their destination (`prologue_row`), one loop per
+   destination (a loop that also took the last partial panel and chose its destination per panel
+   kept its vectors on the stack). Whether a lane was subnormal (`round16_marked`; exact: 0). */
+static inline int row_panels(const void *x, int bf16, int kind, const void *gain, float scale, int64_t K, int64_t i,
+                                  float *at, int64_t step, uint16_t *xa, uint32_t *pq, void *ro, const int exact) {
+    const int64_t whole = K / PANEL * PANEL;
+    sub_t sub = SUB_NONE;
+#define EACH for (int64_t k = 0; k < whole; k += PANEL)
+#define VALUES row_values(x, bf16, kind, gain, scale, K, i, k, PANEL, exact, &sub)
+    if ((ro && bf16) || xa) { /* bf16 values: their bits */
+        uint16_t *dst = xa ? xa : (uint16_t *)ro;
+        EACH put_high(dst + i * K + k, VALUES);
+    } else if (ro) {
+        EACH {
+            v16 v = VALUES;
+            memcpy((float *)ro + i * K + k, &v, sizeof v);
+        }
+    } else if (pq) { /* v's values are bf16's: their high halves, two to a pair */
+        EACH {
+            v16 v = VALUES;
+            w16 u;
+            memcpy(&u, &v, sizeof u);
+            for (int64_t j = 0; j < PANEL / 2; j++) pq[k / 2 + j] = (u[2 * j] >> 16) | (u[2 * j + 1] & 0xffff0000u);
+        }
+    } else if (step == 1) {
+        EACH {
+            v16 v = VALUES;
+            memcpy(at + k, &v, sizeof v);
+        }
+    } else {
+        EACH {
+            v16 v = VALUES;
+            for (int64_t j = 0; j < PANEL; j++) at[(k + j) * step] = v[j];
+        }
+    }
+#undef EACH
+#undef VALUES
+    return SUB_ANY(sub);
+}
+
 /* `prologue`'s row i. */
 static inline void prologue_row(const void *x, int bf16, int kind, const void *gain, float eps, float *xf, int64_t n,
                                 int64_t K, uint16_t *xa, uint32_t *xq, void *ro, int64_t i) {
@@ -674,49 +830,39 @@ static inline void prologue_row(const void *x, int bf16, int kind, const void *g
     /* with ro (`ee_rows`): the row itself, row-major in x's dtype (the values are bf16's in bf16) */
     /* with xq (bf16, K % 4 == 0, a prompt's rows: `linear`): the row's pairs, row by row */
     uint32_t *pq = xq ? xq + i * (K / 2) : NULL;
+    const int64_t whole = K / PANEL * PANEL; /* the row's whole panels, apart from its last m < PANEL */
     float scale = 0.f;
     if (kind == RMSNORM) {
         v16 acc = {0};
         for (int64_t k = 0; k < K; k += PANEL) {
-            v16 e = widen_part(x, bf16, i * K + k, K - k < PANEL ? K - k : PANEL);
+            v16 e = k < whole ? widen(x, bf16, i * K + k) : widen_part(x, bf16, i * K + k, K - k);
             acc += e * e;
         }
         float ss = 0.f;
         for (int j = 0; j < PANEL; j++) ss += acc[j];
         scale = 1.0f / sqrtf(ss / (float)K + eps);
     }
-    for (int64_t k = 0; k < K; k += PANEL) {
-        int64_t m = K - k < PANEL ? K - k : PANEL;
-        v16 v;
-        if (kind == RMSNORM) {
-            v16 s = widen_part(x, bf16, i * K + k, m) * scale, g = widen_part(gain, bf16, k, m);
-            v = bf16 ? round16(g * round16(s)) : g * s;
-        } else if (kind == SWIGLU) {
-            v16 gate = widen_part(x, bf16, i * 2 * K + k, m), up = widen_part(x, bf16, i * 2 * K + K + k, m);
-            v16 silu = gate / (1.0f + exp16(-gate));
-            v = bf16 ? round16(round16(silu) * up) : silu * up;
-        } else {
-            v = widen_part(x, bf16, i * K + k, m);
-        }
-        if (xa) {
-            w16 u;
-            memcpy(&u, &v, sizeof u);
-            h16 h = __builtin_convertvector(u >> 16, h16);
-            memcpy(xa + i * K + k, &h, sizeof h);
-        } else if (ro && bf16 && m == PANEL) {
-            put_bf16((uint16_t *)ro + i * K + k, v);
-        } else if (ro && bf16) {
-            for (int64_t j = 0; j < m; j++) ((uint16_t *)ro)[i * K + k + j] = f32_to_bf16(v[j]);
-        } else if (ro) {
-            memcpy((float *)ro + i * K + k, &v, sizeof(float) * (size_t)m);
-        } else if (xq) { /* v's values are bf16's: their high halves, two to a pair */
-            w16 u;
-            memcpy(&u, &v, sizeof u);
-            for (int64_t j = 0; j < m / 2; j++) pq[k / 2 + j] = (u[2 * j] >> 16) | (u[2 * j + 1] & 0xffff0000u);
-        } else if (step == 1 && m == PANEL)
-            memcpy(at + k, &v, sizeof v);
-        else
-            for (int64_t j = 0; j < m; j++) at[(k + j) * step] = v[j];
+    /* the CPU's bf16 conversion, the row again with the integer rounding where a lane was subnormal */
+    if (row_panels(x, bf16, kind, gain, scale, K, i, at, step, xa, pq, ro, 0))
+        row_panels(x, bf16, kind, gain, scale, K, i, at, step, xa, pq, ro, 1);
+    if (whole == K) return;
+    const int64_t k = whole, m = K - whole; /* the last partial panel */
+    v16 v = row_values(x, bf16, kind, gain, scale, K, i, k, m, 1, NULL);
+    if (xa) {
+        w16 u;
+        memcpy(&u, &v, sizeof u);
+        h16 h = __builtin_convertvector(u >> 16, h16);
+        memcpy(xa + i * K + k, &h, sizeof h);
+    } else if (ro && bf16) {
+        for (int64_t j = 0; j < m; j++) ((uint16_t *)ro)[i * K + k + j] = f32_to_bf16(v[j]);
+    } else if (ro) {
+        memcpy((float *)ro + i * K + k, &v, sizeof(float) * (size_t)m);
+    } else if (xq) {
+        w16 u;
+        memcpy(&u, &v, sizeof u);
+        for (int64_t j = 0; j < m / 2; j++) pq[k / 2 + j] = (u[2 * j] >> 16) | (u[2 * j + 1] & 0xffff0000u);
+    } else {
+        for (int64_t j = 0; j < m; j++) at[(k + j) * step] = v[j];
     }
 }
 
@@ -744,7 +890,11 @@ static void prologue(const void *x, int bf16, int kind, const void *gain, float 
    rows from PROLOGUE_ROWS. In place of the torch operations (bf16 RMSNorm: square, mean, add,
    rsqrt, two products and their casts; SwiGLU: silu and a product): the CPU reference model's
    bf16 prefill of 166-token prompts (AMD EPYC, 2 threads) 0.96x the time paired (34.3 -> 32.9 ms
-   best on a slow spell of the host), SmolLM2's 0.96x, fp32 0.99x. */
+   best on a slow spell of the host), SmolLM2's 0.96x, fp32 0.99x. Whole panels in loops of their own
+   with the CPU's bf16 conversion (`row_panels`), one thread, AMD EPYC, ns a row: bf16 RMSNorm of 384
+   303 -> 151, SwiGLU of 1024 515 -> 306; fp32 261 -> 67, 410 -> 156; the CPU reference's bf16
+   prefill 0.98x the time (`benchmarks/native_ab.py`, 80 prompt pairs), the same numbers bit for bit
+   (`ee_linear` and `ee_rows` on 1,008 shapes, kinds and thread counts against the previous build). */
 void ee_rows(const void *x, int bf16, int kind, const void *gain, float eps, void *out, int64_t n, int64_t K,
              int threads) {
 #pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1 && n >= PROLOGUE_ROWS)

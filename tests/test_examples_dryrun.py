@@ -444,6 +444,35 @@ def test_exit_vocabulary_benchmark_runs_every_setting_with_both_vocabularies(dat
         assert rows[f"{t} exact full"].split()[-2] == rows[f"{t} exact draft"].split()[-2] == "80.0%"
 
 
+def test_prefill_bound_splits_a_prefill_and_prices_its_ceiling(data, corpus, capsys):
+    """`benchmarks/prefill_bound.py` times prompts' prefills plain and with each kind of call
+    counted: the parts and "rest" make up the counted prefill (shares summing to 100%), the products
+    counted with their FLOPs against one large product's rate, and full decoding's calls give the
+    prefill's share p, from which each ceiling 1 / (p + (1 - p) / s) is printed. A count below one
+    is a one-line error naming the flags."""
+    bench = load_tool("benchmarks/prefill_bound.py")
+    argv = ["--load", os.path.join(data["tune"], "with_exits"), "--data",
+            os.path.join(corpus, "test_summarization.jsonl"), "--num-examples", "2", "--max-new-tokens", "4",
+            "--max-prompt-chars", "300", "--repeats", "1", "--threads", "1"]  # fmt: skip
+    bench.main(argv)
+    out = capsys.readouterr().out.splitlines()
+    parts = {line.split("  ")[1].strip(): line for line in out if line.startswith("  ") and line.endswith("%")}
+    assert "products" in parts and "rest" in parts
+    assert float(parts["products"].split()[1]) > 0  # products counted per prefill
+    shares = [float(line.split()[-1].rstrip("%")) for line in parts.values()]
+    assert abs(sum(shares) - 100) < 0.1 * len(shares)  # each share printed to 0.1%
+    assert any(line.startswith("products: ") and "GFLOP/s" in line for line in out)
+    share_line = next(line for line in out if line.startswith("full decoding's generate calls"))
+    p = float(share_line.split("the prefill ")[1].split("%")[0]) / 100
+    ceilings = next(line for line in out if "decoding alone sped up by s" in line)
+    for s in (1.5, 2, 3, 4):  # p printed to 0.1%: the ceilings within 0.01 of those it gives
+        printed = float(ceilings.split(f" {s:g}x -> ")[1].split("x")[0])
+        assert abs(printed - 1 / (p + (1 - p) / s)) < 0.01
+    with pytest.raises(SystemExit):
+        bench.main(argv[:-4] + ["--repeats", "0"])
+    assert "--repeats must be at least 1" in capsys.readouterr().err
+
+
 @pytest.mark.skipif(not native.available(), reason="no native kernel here (no C compiler)")
 def test_huge_pages_bench_pairs_the_two_page_kinds_prompt_by_prompt(data, corpus, capsys):
     """`benchmarks/huge_pages.py` makes one engine's weight copies on huge pages and the other's on

@@ -1243,6 +1243,37 @@ def test_rows_made_ready_for_another_kernel_are_the_native_products_own(dtype, k
 
 
 @needs_native
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(3, 37), (160, 384)])  # 111: a last part of 15; 61,440: split over threads
+def test_a_residual_added_natively_is_torchs_sum_bit_for_bit(dtype, shape):
+    """`native.add_(y, a)` (a prompt's residual added to a product made on oneDNN) makes y = a + y
+    in place with torch's bits: bf16 widened, summed in fp32, rounded once, subnormal sums (bf16
+    values of 2^-130 and below), infinities and NaN included, at 1 and 2 threads; tensors it does
+    not take are left alone (None)."""
+    g = torch.Generator().manual_seed(shape[0])
+    a, y = torch.randn(shape, generator=g).to(dtype), torch.randn(shape, generator=g).to(dtype)
+    a.view(-1)[:4] = torch.tensor([1.5 * 2.0**-130, float("inf"), float("nan"), -3.0 * 2.0**-131]).to(dtype)
+    y.view(-1)[:4] = torch.tensor([2.0**-131, 1.0, 2.0, 2.0**-133]).to(dtype)
+    want = a + y
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            got = y.clone()
+            assert native.add_(got, a) is got
+            assert torch.equal(got.view(-1)[4:], want.view(-1)[4:]) and torch.isnan(got.view(-1)[2])
+            assert torch.equal(got.view(-1)[[0, 1, 3]], want.view(-1)[[0, 1, 3]])
+            if dtype == torch.bfloat16:
+                assert got.view(-1)[0].item() == want.view(-1)[0].item() != 0  # a subnormal sum, kept
+    finally:
+        torch.set_num_threads(before)
+    other = torch.float32 if dtype == torch.bfloat16 else torch.bfloat16
+    assert native.add_(y.clone(), a.to(other)) is None and native.add_(y.clone(), a[:1]) is None
+    assert native.add_(y.t(), a.t()) is None  # not contiguous
+    assert native.add_(y.clone().requires_grad_(), a) is None  # autograd would not see it
+
+
+@needs_native
 @pytest.mark.parametrize("k", [64, 99])
 def test_bf16_rows_with_subnormal_values_round_as_torch_does(k):
     """bf16 rows are rounded by the CPU's conversion where it has one (vcvtneps2bf16), which reads

@@ -231,7 +231,8 @@ class LeanKernels:
         native kernel, up to FOLD_ROWS rows, one call does it all (`native.linear`: the same roundings, the norm's mean
         and the sigmoid's exp within round-off of torch's); on any other, these operations, or with
         `prepared` (a general pass's native arithmetic, `LeanLayer.native_arithmetic`) the rows made
-        ready in one native call (`native.prepared_rows`, the same numbers as `native.linear`'s)."""
+        ready in one native call (`native.prepared_rows`, the same numbers as `native.linear`'s). The
+        residual is added by `native.add_` where it takes the rows (torch's `residual + y`, bit for bit)."""
         f = self.func(weight, x.shape[0])
         if x.shape[0] <= FOLD_ROWS:
             y = kernels.native_folded(f, x, weight, norm=norm, swiglu=swiglu, residual=residual)
@@ -247,7 +248,10 @@ class LeanKernels:
             half = x.shape[-1] // 2
             x = F.silu(x[:, :half]) * x[:, half:]
         y = f(x, weight, None)
-        return y if residual is None else residual + y
+        if residual is None:
+            return y
+        added = native.add_(y, residual)  # y is the product's own: in place, in one native call
+        return residual + y if added is None else added
 
 
 class LeanLayer:

@@ -184,6 +184,8 @@ def library() -> ctypes.CDLL | None:
     lib.ee_spec_rounds.restype = i32
     lib.ee_rows.argtypes = [vp, i32, i32, vp, ctypes.c_float, vp, i64, i64, i32]
     lib.ee_rows.restype = None
+    lib.ee_add.argtypes = [vp, vp, i64, i32, i32]
+    lib.ee_add.restype = None
     lib.ee_amx.argtypes = [i32]
     lib.ee_amx.restype = i32
     _prefetch_setup(lib)
@@ -269,6 +271,21 @@ def prepared_rows(x: torch.Tensor, norm: tuple[torch.Tensor, float] | None = Non
         torch.get_num_threads(),
     )
     return out
+
+
+def add_(y: torch.Tensor, a: torch.Tensor) -> torch.Tensor | None:
+    """y = a + y in place (torch's `a + y`, the same bits: bf16 summed in fp32 and rounded once), in
+    one call over both threads: a residual added to a prompt's products made on another kernel
+    (`lean.LeanKernels.folded`). y; None where the native kernel does not take them (their dtypes,
+    device, shapes or layout), y untouched."""
+    if library() is None or y.dtype not in DTYPES or a.dtype != y.dtype or a.shape != y.shape:
+        return None
+    if y.device.type != "cpu" or a.device.type != "cpu" or not (y.is_contiguous() and a.is_contiguous()):
+        return None
+    if y.requires_grad or a.requires_grad:  # autograd would not see it
+        return None
+    library().ee_add(a.data_ptr(), y.data_ptr(), y.numel(), int(y.dtype == torch.bfloat16), torch.get_num_threads())
+    return y
 
 
 def available(dtype: torch.dtype = torch.float32) -> bool:

@@ -10,11 +10,14 @@ The sweep's prompts (`tools/eval/ee_sweep.py`: the first aclsum test abstracts, 
 and length cap), batch 1. Each prompt's prefill is timed with nothing counted (the total, median
 over prompts and repeats) and, alternately, with the time inside each kind of call summed: the
 products (oneDNN's `_linear_pointwise`, `F.linear`, `torch.matmul`, the native kernel's
-`native.linear`: their FLOPs 2 x rows x in x out from the operands' shapes), native attention
-(`native.attend`), the rows made ready for a product (`native.prepared_rows`: RMSNorm, SwiGLU),
-rotation (`native.rope_`), the final head (`native.head`); "rest" is the counted prefill's time
-outside them (the interpreter, the cache's writes, tensor glue). The products' GFLOP/s is set
-against the fastest of the same kernels on one large product (1024 x 1024 x 4096, best of 5): this
+`native.linear`: their FLOPs 2 x rows x in x out from the operands' shapes), layers in one native
+call (`native.layer_step`, `layers_step`: where the kernel choice puts a prompt's products on the
+native kernel, everything of the layer inside; their products' FLOPs counted alone), native
+attention (`native.attend`), the rows made ready for a product (`native.prepared_rows`: RMSNorm,
+SwiGLU), rotation (`native.rope_`), the final head (`native.head`); "rest" is the counted
+prefill's time outside them (the interpreter, the cache's writes, tensor glue). Which calls a
+process makes follows its kernel choices, timed at first use. The GFLOP/s are set against the
+fastest of the products' kernels on one large product (1024 x 1024 x 4096, best of 5): this
 machine's reachable peak in the dtype, so a share near 1 means the products are at the
 arithmetic's limit.
 
@@ -42,30 +45,50 @@ from megatron.early_exit import load_checkpoint  # noqa: E402
 from megatron.early_exit.inference import EarlyExitEngine, GenerationSettings, native  # noqa: E402
 
 PRODUCTS = "products"
-# (owner, attribute, kind): the calls a prefill makes, timed where they are looked up
+LAYERS = "layers in one native call"
+
+
+def product_flops(args, out) -> float:
+    """2 x rows x in x out of a product's call: x = args[0]."""
+    return 2.0 * args[0].numel() * out.shape[-1] if isinstance(out, torch.Tensor) and out.dim() else 0.0
+
+
+def layer_flops(args, out) -> float:
+    """The products' FLOPs of a `native.layer_step` / `layers_step` call: 2 x rows x the packed
+    weights' elements (their QKV, projection and MLP products; each layer's weights as `layer_step`
+    takes them: gain, qkv, proj, gain, fc1, fc2)."""
+    x, layers = args[0], args[1]
+    per_layer = [layers] if isinstance(layers[0], torch.Tensor) else [w for w, *_ in getattr(layers, "layers", layers)]
+    rows = x.numel() // x.shape[-1]
+    return 2.0 * rows * sum(w[i].numel() for w in per_layer for i in (1, 2, 4, 5))
+
+
+# (owner, attribute, kind, FLOPs of a call or None): the calls a prefill makes, timed where they
+# are looked up
 COUNTED = (
-    (torch.ops.mkldnn, "_linear_pointwise", PRODUCTS),
-    (F, "linear", PRODUCTS),
-    (torch, "matmul", PRODUCTS),
-    (native, "linear", PRODUCTS),
-    (native, "attend", "attention"),
-    (native, "prepared_rows", "norms and SwiGLU"),
-    (native, "rope_", "rotation"),
-    (native, "head", "final head"),
+    (torch.ops.mkldnn, "_linear_pointwise", PRODUCTS, product_flops),
+    (F, "linear", PRODUCTS, product_flops),
+    (torch, "matmul", PRODUCTS, product_flops),
+    (native, "linear", PRODUCTS, product_flops),
+    (native, "layer_step", LAYERS, layer_flops),
+    (native, "layers_step", LAYERS, layer_flops),
+    (native, "attend", "attention", None),
+    (native, "prepared_rows", "norms and SwiGLU", None),
+    (native, "rope_", "rotation", None),
+    (native, "head", "final head", None),
 )
 
 
 class Counted:
-    """The calls of `COUNTED` wrapped while on (`counting`): seconds and calls per kind, and the
-    products' FLOPs."""
+    """The calls of `COUNTED` wrapped while on (a context): seconds, calls and FLOPs per kind."""
 
     def __init__(self) -> None:
         self.seconds: collections.Counter = collections.Counter()
         self.calls: collections.Counter = collections.Counter()
-        self.flops = 0.0
+        self.flops: collections.Counter = collections.Counter()
         self.saved = []
 
-    def wrap(self, owner, name: str, kind: str):
+    def wrap(self, owner, name: str, kind: str, flops):
         func = getattr(owner, name)
 
         def timed(*args, **kwargs):
@@ -73,16 +96,16 @@ class Counted:
             out = func(*args, **kwargs)
             self.seconds[kind] += time.perf_counter() - start
             self.calls[kind] += 1
-            if kind == PRODUCTS and isinstance(out, torch.Tensor) and out.dim() >= 1:
-                self.flops += 2.0 * args[0].numel() * out.shape[-1]  # rows x in, times out
+            if flops is not None and out is not None:
+                self.flops[kind] += flops(args, out if isinstance(out, torch.Tensor) else out[0])
             return out
 
         return func, timed
 
     def __enter__(self):
-        for owner, name, kind in COUNTED:
+        for owner, name, kind, flops in COUNTED:
             if hasattr(owner, name):
-                func, timed = self.wrap(owner, name, kind)
+                func, timed = self.wrap(owner, name, kind, flops)
                 self.saved.append((owner, name, func))
                 setattr(owner, name, timed)
         return self
@@ -181,17 +204,19 @@ def main(argv=None) -> None:
           f"(counted: {statistics.median(with_counts) * 1e3:.2f} ms; mean counted {total_ms:.2f} ms)")  # fmt: skip
     print("  part                     calls    ms   share")
     inside = 0.0
-    for kind in dict.fromkeys(k for _, _, k in COUNTED):
+    for kind in dict.fromkeys(k for _, _, k, _ in COUNTED):
         if counted.calls[kind]:
             ms = counted.seconds[kind] / n * 1e3
             inside += ms
             print(f"  {kind:<22} {counted.calls[kind] / n:6.1f} {ms:6.2f}  {ms / total_ms:6.1%}")
     print(f"  {'rest':<22} {'':>6} {total_ms - inside:6.2f}  {(total_ms - inside) / total_ms:6.1%}")
-    if counted.seconds[PRODUCTS]:
-        rate = counted.flops / counted.seconds[PRODUCTS] / 1e9
-        peak, kernel = peak_gflops(dtype)
-        print(f"products: {rate:.0f} GFLOP/s; one large product on {kernel}: {peak:.0f} GFLOP/s "
-              f"(the products at {rate / peak:.0%} of it)")  # fmt: skip
+    peak = None
+    for kind, what in ((PRODUCTS, "products"), (LAYERS, "layers in one call, their products' FLOPs alone")):
+        if counted.flops[kind]:
+            peak = peak or peak_gflops(dtype)
+            rate = counted.flops[kind] / counted.seconds[kind] / 1e9
+            print(f"{what}: {rate:.0f} GFLOP/s; one large product on {peak[1]}: {peak[0]:.0f} GFLOP/s "
+                  f"({rate / peak[0]:.0%} of it)")  # fmt: skip
     share, tokens = prefill_share(engine, prompts, args.max_new_tokens)
     print(f"full decoding's generate calls: the prefill {share:.1%} of their time ({tokens:.1f} tokens a call)")
     ceilings = ", ".join(f"{s:g}x -> {1 / (share + (1 - share) / s):.2f}x" for s in (1.5, 2, 3, 4))

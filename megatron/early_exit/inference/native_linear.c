@@ -1471,12 +1471,197 @@ static void attend_head_any(const float *qf, const char *kbase, const char *vbas
    up to its own position where the rows' positions are known, else all span. */
 static inline int64_t row_keys(const uint8_t *m, const int64_t *pos, int64_t ar, int64_t span) {
     int64_t keys = span;
-    if (m)
+    if (m) { /* back over masked keys, 8 at a time where all 8 are (a causal prompt's rows: half the span) */
+        uint64_t eight;
+        while (keys > 8 && (memcpy(&eight, m + keys - 8, 8), eight == 0)) keys -= 8;
         while (keys > 1 && !m[keys - 1]) keys--;
-    else if (pos && pos[ar] < span)
+    } else if (pos && pos[ar] < span)
         keys = pos[ar] + 1;
     return keys;
 }
+
+#if defined(DPBF16)
+/* A prompt's rows of bf16 heads of 64 (from PROMPT_ROWS rows a sequence: a verify pass's rows,
+   fewer, attend as the decode steps do, bit for bit, `attend_rows`): both products by vdpbf16ps
+   on operands laid out for them once per group (`prompt_keys`, `prompt_values`), PROMPT_BLOCK rows
+   of one head a task. A block of 16 keys' scores is 32 pair products of the query's pairs against
+   the keys' pairs, 16 keys a vector, with no sum across lanes; the softmax's weights are rounded to
+   bf16 (as SDPA's flash kernel rounds them for its second product) and a pair of keys' weighted
+   values is one vdpbf16ps a 16-dim chunk. The numbers are the decode steps' within round-off (a
+   weight's rounding, 2^-9 of it; the sums in another order), SDPA's nearly bit for bit. The CPU
+   reference model's heads (6 of 64, bf16, AMD EPYC; `benchmarks/native_ab.py --attention
+   --different-tokens`, 200 alternating pairs): 64 / 161 / 300 causal rows 0.67 / 0.60 / 0.55x the
+   time of the rows two at a time (`attend_rows`; with `row_keys` skipping 8 masked keys at a time,
+   which alone took ~10% of a prompt's call); its bf16 prefill 0.959x (80 prompt pairs), 14 of 40
+   prompts' greedy tokens parting from the previous build's at near-ties. */
+#define PROMPT_ROWS 64
+#define PROMPT_BLOCK 4
+
+/* Keys 0 .. span - 1 of one group (hd 64) as vdpbf16ps's operand: block b of 16 keys, pair c
+   (dims 2c, 2c + 1): lane j key 16b + j's pair c; keys past span zero. kt: blocks x 32 x 16. */
+static void prompt_keys(const char *kbase, int64_t kp, int64_t span, uint32_t *kt) {
+    const int64_t blocks = (span + PANEL - 1) / PANEL;
+    const __m512i at = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+                                          _mm512_set1_epi32((int)(kp / 2))); /* key j's first pair, in pairs */
+    for (int64_t b = 0; b < blocks; b++) { /* a pair of 16 keys a gather (keys past span zero) */
+        const int64_t n = span - b * PANEL < PANEL ? span - b * PANEL : PANEL;
+        const __mmask16 live = (__mmask16)((1u << n) - 1u);
+        const char *first = kbase + b * PANEL * kp * 2;
+        for (int64_t c = 0; c < 32; c++)
+            _mm512_storeu_si512((void *)(kt + (b * 32 + c) * PANEL),
+                                _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), live, at, first + 4 * c, 4));
+    }
+}
+
+/* Values 0 .. span - 1 of one group (hd 64) in pairs of keys: pair t, chunk c (dims 16c .. 16c +
+   15), lane l = (V[2t][16c + l], V[2t + 1][16c + l]); a key past span zero. vt: pairs x 4. */
+static void prompt_values(const char *vbase, int64_t vp, int64_t span, __m512i *vt) {
+    const __m512i order = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8, 39, 7, 38, 6,
+                                           37, 5, 36, 4, 35, 3, 34, 2, 33, 1, 32, 0); /* V[2t][l], V[2t + 1][l] */
+    for (int64_t t = 0; t < (span + 1) / 2; t++)
+        for (int64_t c = 0; c < 4; c++) {
+            __m256i lo = _mm256_loadu_si256((const __m256i *)(vbase + ((2 * t) * vp + 16 * c) * 2));
+            __m256i hi = 2 * t + 1 < span ? _mm256_loadu_si256((const __m256i *)(vbase + ((2 * t + 1) * vp + 16 * c) * 2))
+                                          : _mm256_setzero_si256();
+            vt[t * 4 + c] = _mm512_permutex2var_epi16(_mm512_castsi256_si512(lo), order, _mm512_castsi256_si512(hi));
+        }
+}
+
+/* nr <= PROMPT_BLOCK rows of one query head (hd 64): row i's bf16 query q16[i], mask m[i] (or
+   NULL), keys[i] keys, its scores' scratch w[i] and weights' pb[i], its output row rows[i]. */
+static inline __attribute__((always_inline)) void prompt_rows(const int nr, const uint16_t *const *q16, float scale, const uint32_t *kt, const __m512i *vt,
+                        const uint8_t *const *m, float *const *w, uint32_t *const *pb, const int64_t *keys,
+                        void *out, const int64_t *rows) {
+    const v16 ninf = (v16){0} - INFINITY;
+    const w16 lane = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+    int64_t most = 0;
+    v16 top[PROMPT_BLOCK];
+    for (int i = 0; i < nr; i++) {
+        most = keys[i] > most ? keys[i] : most;
+        top[i] = ninf;
+    }
+    const int64_t blocks = (most + PANEL - 1) / PANEL;
+    for (int64_t b = 0; b < blocks; b += 2) { /* two blocks of keys a pass: 2 nr independent sums */
+        const int two = b + 1 < blocks;
+        __m512 acc[PROMPT_BLOCK][2];
+        for (int i = 0; i < nr; i++) acc[i][0] = acc[i][1] = _mm512_setzero_ps();
+        for (int64_t c = 0; c < 32; c++) {
+            const __m512bh k0 = (__m512bh)_mm512_loadu_si512((const void *)(kt + (b * 32 + c) * PANEL));
+            const __m512bh k1 = two ? (__m512bh)_mm512_loadu_si512((const void *)(kt + ((b + 1) * 32 + c) * PANEL)) : k0;
+            for (int i = 0; i < nr; i++) {
+                uint32_t qc;
+                memcpy(&qc, q16[i] + 2 * c, sizeof qc);
+                const __m512bh qb = (__m512bh)_mm512_set1_epi32((int)qc);
+                acc[i][0] = _mm512_dpbf16_ps(acc[i][0], qb, k0);
+                acc[i][1] = _mm512_dpbf16_ps(acc[i][1], qb, k1);
+            }
+        }
+        for (int i = 0; i < nr; i++)
+            for (int h = 0; h <= two; h++) {
+                const int64_t at = (b + h) * PANEL;
+                w16 live = (w16)(lane < (uint32_t)(keys[i] > at ? (keys[i] - at < PANEL ? keys[i] - at : PANEL) : 0));
+                if (m[i])
+                    for (int64_t j = 0; j < PANEL && at + j < keys[i]; j++) live[j] = m[i][at + j] ? live[j] : 0;
+                v16 sc = select16(live, (v16)acc[i][h] * scale, ninf);
+                memcpy(w[i] + at, &sc, sizeof sc);
+                top[i] = select16((w16)(sc > top[i]), sc, top[i]);
+            }
+    }
+    float inv[PROMPT_BLOCK];
+    for (int i = 0; i < nr; i++) { /* the weights: exp, summed in fp32, rounded to bf16 pairs */
+        float mx = top[i][0];
+        for (int j = 1; j < PANEL; j++) mx = top[i][j] > mx ? top[i][j] : mx;
+        v16 total = {0};
+        for (int64_t b = 0; b < blocks; b += 2) {
+            v16 pr[2];
+            for (int h = 0; h < 2; h++) {
+                v16 sc;
+                if (b + h < blocks) memcpy(&sc, w[i] + (b + h) * PANEL, sizeof sc);
+                pr[h] = b + h < blocks ? select16((w16)(sc > ninf), exp16(sc - mx), (v16){0}) : (v16){0};
+                total += pr[h];
+            }
+            __m512bh both = _mm512_cvtne2ps_pbh((__m512)pr[1], (__m512)pr[0]); /* keys 32b/2 .. in order */
+            memcpy(pb[i] + b / 2 * PANEL, &both, sizeof both);
+        }
+        v16 sums[PANEL] = {total};
+        inv[i] = 1.0f / sums16(sums)[0];
+    }
+    const int64_t pairs = (most + 1) / 2;
+    __m512 acc[PROMPT_BLOCK][4];
+    for (int i = 0; i < nr; i++)
+        for (int c = 0; c < 4; c++) acc[i][c] = _mm512_setzero_ps();
+    for (int64_t t = 0; t < pairs; t++) {
+        const __m512bh v0 = (__m512bh)vt[t * 4], v1 = (__m512bh)vt[t * 4 + 1], v2 = (__m512bh)vt[t * 4 + 2],
+                       v3 = (__m512bh)vt[t * 4 + 3];
+        for (int i = 0; i < nr; i++) {
+            const __m512bh pw = (__m512bh)_mm512_set1_epi32((int)pb[i][t]);
+            acc[i][0] = _mm512_dpbf16_ps(acc[i][0], pw, v0);
+            acc[i][1] = _mm512_dpbf16_ps(acc[i][1], pw, v1);
+            acc[i][2] = _mm512_dpbf16_ps(acc[i][2], pw, v2);
+            acc[i][3] = _mm512_dpbf16_ps(acc[i][3], pw, v3);
+        }
+    }
+    for (int i = 0; i < nr; i++)
+        for (int c = 0; c < 4; c++) put_bf16((uint16_t *)out + rows[i] * 64 + c * PANEL, (v16)acc[i][c] * inv[i]);
+}
+
+/* `attend` for R >= PROMPT_ROWS rows a sequence of bf16 heads of 64 (`prompt_rows`), PROMPT_BLOCK
+   rows of one query head a task; each thread lays out a group's keys and values (`prompt_keys`,
+   `prompt_values`) in its own scratch when its tasks reach that group (tasks in the order
+   sequence, group, head, rows: once a group a thread, twice where the threads' shares split one). */
+static int attend_prompt(const void *q, const void *k, const void *v, const uint8_t *mask, void *out, int64_t A,
+                         int64_t R, int64_t G, int64_t per, int64_t span, int64_t kb, int64_t kg, int64_t kp,
+                         int64_t vb, int64_t vg, int64_t vp, int threads, const int64_t *slots, const int64_t *pos) {
+    const int64_t blocks = (span + PANEL - 1) / PANEL, room = (blocks + 1) / 2 * 2 * PANEL, tp = (span + 1) / 2;
+    const int64_t kt_size = blocks * 32 * PANEL, vt_size = tp * 4; /* uint32s, vectors */
+    const int64_t nb = (R + PROMPT_BLOCK - 1) / PROMPT_BLOCK;
+    int failed = 0;
+#pragma omp parallel num_threads(threads) reduction(| : failed)
+    {
+        /* the scores and weights of PROMPT_BLOCK rows, a group's keys and values laid out */
+        const size_t bytes = sizeof(float) * (size_t)(PROMPT_BLOCK * (room + room / 2) + kt_size) + 64 * (size_t)vt_size;
+        char *buf = (char *)aligned_alloc(64, (bytes + 63) / 64 * 64);
+        failed |= !buf;
+        float *scores = (float *)buf;
+        uint32_t *weights = (uint32_t *)(scores + PROMPT_BLOCK * room), *kt = weights + PROMPT_BLOCK * (room / 2);
+        __m512i *vt = (__m512i *)(buf + (bytes - 64 * (size_t)vt_size) / 64 * 64);
+        int64_t laid = -1; /* the group laid out in kt and vt */
+#pragma omp for schedule(static)
+        for (int64_t task = 0; task < A * G * per * nb; task++) {
+            if (!buf) continue;
+            const int64_t blk = task % nb, head = task / nb, p = head % per, ag = head / per, a = ag / G, g = ag % G;
+            if (ag != laid) {
+                const int64_t slot = slots ? slots[a] : a;
+                prompt_keys((const char *)k + (slot * kb + g * kg) * 2, kp, span, kt);
+                prompt_values((const char *)v + (slot * vb + g * vg) * 2, vp, span, vt);
+                laid = ag;
+            }
+            const int nr = (int)(R - blk * PROMPT_BLOCK < PROMPT_BLOCK ? R - blk * PROMPT_BLOCK : PROMPT_BLOCK);
+            const uint16_t *q16[PROMPT_BLOCK];
+            const uint8_t *m[PROMPT_BLOCK];
+            float *w[PROMPT_BLOCK];
+            uint32_t *pb[PROMPT_BLOCK];
+            int64_t keys[PROMPT_BLOCK], rows[PROMPT_BLOCK];
+            for (int i = 0; i < nr; i++) {
+                const int64_t ar = a * R + blk * PROMPT_BLOCK + i; /* the query's row */
+                rows[i] = (ar * G + g) * per + p;                  /* q's and out's */
+                q16[i] = (const uint16_t *)q + rows[i] * 64;
+                m[i] = mask ? mask + ar * span : NULL;
+                keys[i] = row_keys(m[i], pos, ar, span);
+                w[i] = scores + i * room;
+                pb[i] = weights + i * (room / 2);
+            }
+            const float scale = 1.0f / sqrtf(64.0f);
+            if (nr == PROMPT_BLOCK) /* the row count a constant: the sums kept in registers */
+                prompt_rows(PROMPT_BLOCK, q16, scale, kt, vt, m, w, pb, keys, out, rows);
+            else
+                prompt_rows(nr, q16, scale, kt, vt, m, w, pb, keys, out, rows);
+        }
+        free(buf);
+    }
+    return failed;
+}
+#endif
 
 /* ee_attend, sequence a's keys and values at slot slots[a] of k and v (NULL: slot a); without a mask,
    row a * R + r attends keys 0 .. pos[a * R + r] where pos is given (ee_layer's rows), else all. */
@@ -1489,6 +1674,8 @@ static int attend(const void *q, const void *k, const void *v, const uint8_t *ma
     const float scale = 1.0f / sqrtf((float)hd);
     int failed = 0;
 #if defined(DPBF16) && !defined(HALVES)
+    if (bf16 && C == 4 && R >= PROMPT_ROWS) /* a prompt's rows (`attend_prompt`) */
+        return attend_prompt(q, k, v, mask, out, A, R, G, per, span, kb, kg, kp, vb, vg, vp, threads, slots, pos);
     /* bf16 heads of 64 at several positions a sequence: ROW_BLOCK positions of a head a task, their
        loads shared (`attend_rows`) */
     const int64_t rb = bf16 && C == 4 && R > 1 ? ROW_BLOCK : 1;

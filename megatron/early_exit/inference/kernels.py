@@ -81,6 +81,15 @@ FUSED_MARGIN = 0.5
 # margin (`fuse`) holds there too where bf16 products take the tiles (`fused_at`); longer prompts
 # run the layer's operations one by one.
 _BUCKETS = ((1, 1), (4, 3), (8, 5), (16, 12), (64, 32), (256, 128))
+# Rows (measured) past which a product whose layer does not run in one native call there
+# (`fused_at`) takes oneDNN's packed kernel as the reference (`_measure`): a prompt's layers then
+# run op by op, and a mix of kernels across a layer's four products, as noise in the timing made
+# it (the native reference kept for one shape by its 10% margin, another's going to packed), was
+# the slowest of the settings: the CPU reference model's prefill of 40 abstracts (AMD EPYC, 2
+# threads) with every 65-256-row product packed 0.976 / 0.977x the time of the process's own mix
+# in bf16 (two processes), 0.987x in fp32 where every one had stayed native; all native 0.971 /
+# 1.016x / 1.002x, the mix's own noise (scratch `choice_ab.py`, 80 alternating prompt runs each).
+PROMPT_REFERENCE_ROWS = 64
 _MANY_ROWS = (None, 512)
 
 # The packed and transposed copies of weights (`derived.py`: remade when a weight changes,
@@ -326,6 +335,8 @@ def _measure(weight: torch.Tensor, rows: int, fused: bool = False) -> str:
     weights = group if any(w is weight for w in group) else [weight]
     x = torch.randn(rows, weight.shape[1], generator=torch.Generator().manual_seed(0)).to(weight.dtype)
     ref = reference(weight.dtype)
+    if rows > PROMPT_REFERENCE_ROWS and not fused and applies("packed", weight.dtype, rows):
+        ref = "packed"  # a prompt's rows, op by op: oneDNN's GEMM unless another clearly beats it
     names = [ref] + [k for k in candidates(rows, weight.dtype) if k != ref]
     funcs = {k: (lambda f: lambda w: f(x, w, None))(_FUNCS[k]) for k in names}
     # One thread: CPU time, robust to a shared machine. More: wall time (CPU time would count
@@ -334,7 +345,8 @@ def _measure(weight: torch.Tensor, rows: int, fused: bool = False) -> str:
     # on a clear gain seen over many alternations (3 rounds at 5% picked a kernel that decoded
     # SmolLM2 at 0.98x of plain's speed at 2 threads on the Intel Xeon).
     # `packed` in 16-bit dtypes, and `native` on a layer's products: a wider margin
-    wide = SIXTEEN_BIT_MARGIN if ref == "packed" else FUSED_MARGIN if ref == "native" and fused else None
+    sixteen = ref == "packed" and weight.dtype in (torch.bfloat16, torch.float16)
+    wide = SIXTEEN_BIT_MARGIN if sixteen else FUSED_MARGIN if ref == "native" and fused else None
     return _timed_pick(funcs, weights, wide)
 
 

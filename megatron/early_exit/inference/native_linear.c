@@ -1502,14 +1502,14 @@ static inline int64_t row_keys(const uint8_t *m, const int64_t *pos, int64_t ar,
 static void prompt_keys(const char *kbase, int64_t kp, int64_t span, uint32_t *kt) {
     const int64_t blocks = (span + PANEL - 1) / PANEL;
     const __m512i at = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
-                                          _mm512_set1_epi32((int)(kp / 2))); /* key j's first pair, in pairs */
+                                          _mm512_set1_epi32((int)kp)); /* key j's first pair, in elements */
     for (int64_t b = 0; b < blocks; b++) { /* a pair of 16 keys a gather (keys past span zero) */
         const int64_t n = span - b * PANEL < PANEL ? span - b * PANEL : PANEL;
         const __mmask16 live = (__mmask16)((1u << n) - 1u);
         const char *first = kbase + b * PANEL * kp * 2;
         for (int64_t c = 0; c < 32; c++)
             _mm512_storeu_si512((void *)(kt + (b * 32 + c) * PANEL),
-                                _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), live, at, first + 4 * c, 4));
+                                _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), live, at, first + 4 * c, 2));
     }
 }
 
@@ -1619,12 +1619,12 @@ static int attend_prompt(const void *q, const void *k, const void *v, const uint
 #pragma omp parallel num_threads(threads) reduction(| : failed)
     {
         /* the scores and weights of PROMPT_BLOCK rows, a group's keys and values laid out */
-        const size_t bytes = sizeof(float) * (size_t)(PROMPT_BLOCK * (room + room / 2) + kt_size) + 64 * (size_t)vt_size;
-        char *buf = (char *)aligned_alloc(64, (bytes + 63) / 64 * 64);
+        const size_t head = (sizeof(float) * (size_t)(PROMPT_BLOCK * (room + room / 2) + kt_size) + 63) / 64 * 64;
+        char *buf = (char *)aligned_alloc(64, head + 64 * (size_t)vt_size);
         failed |= !buf;
         float *scores = (float *)buf;
         uint32_t *weights = (uint32_t *)(scores + PROMPT_BLOCK * room), *kt = weights + PROMPT_BLOCK * (room / 2);
-        __m512i *vt = (__m512i *)(buf + (bytes - 64 * (size_t)vt_size) / 64 * 64);
+        __m512i *vt = (__m512i *)(buf + head); /* after the scores, weights and keys, 64-byte aligned */
         int64_t laid = -1; /* the group laid out in kt and vt */
 #pragma omp for schedule(static)
         for (int64_t task = 0; task < A * G * per * nb; task++) {

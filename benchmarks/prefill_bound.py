@@ -40,6 +40,9 @@ import torch.nn.functional as F
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "tools", "eval"))
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+
+from native_ab import paired_arguments  # noqa: E402
 
 from megatron.early_exit import load_checkpoint  # noqa: E402
 from megatron.early_exit.inference import EarlyExitEngine, GenerationSettings, native  # noqa: E402
@@ -177,13 +180,9 @@ def main(argv=None) -> None:
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--load", required=True, help="a checkpoint of ours (e.g. runs/ee_aclsum/probes)")
-    p.add_argument("--bf16", action="store_true")
-    p.add_argument("--data", help="test_summarization.jsonl (default: prepared from the aclsum package)")
-    p.add_argument("--num-examples", type=int, default=40)
-    p.add_argument("--max-prompt-chars", type=int, default=1200)
-    p.add_argument("--max-new-tokens", type=int, default=48)
-    p.add_argument("--repeats", type=int, default=2, help="passes over the prompts (each prompt plain and counted)")
-    p.add_argument("--threads", type=int, default=None)
+    paired_arguments(p, repeats=2)  # each prompt's pair: plain and counted
+    # the sweep's own prompts (prepared from the aclsum package) and torch's threads unless given
+    p.set_defaults(data=None, threads=None)
     args = p.parse_args(argv)
     if args.num_examples < 1 or args.repeats < 1:
         p.error("--num-examples and --repeats must be at least 1")

@@ -182,50 +182,65 @@ static inline v16 round16_bits(v16 f) {
 }
 
 #ifdef DPBF16
-/* Whether any lane is an fp32 subnormal: the one input on which the CPU's conversion to bf16
-   (vcvtneps2bf16) differs from f32_to_bf16 (it reads them as zero; every other one of the 2^32
-   inputs, NaNs and infinities included, converts to the same bits: checked exhaustively on the
-   AMD EPYC). */
-static inline int any_subnormal(v16 f) {
+/* Each lane's |bits| - 1, unsigned: below 0x7fffff exactly where the lane is an fp32 subnormal, the
+   one input on which the CPU's conversion to bf16 (vcvtneps2bf16) differs from f32_to_bf16 (it
+   reads them as zero; every other one of the 2^32 inputs, NaNs and infinities included, converts
+   to the same bits: checked exhaustively on the AMD EPYC). */
+static inline __m512i subnormal_key(v16 f) {
     __m512i u;
     memcpy(&u, &f, sizeof u);
-    __m512i a = _mm512_sub_epi32(_mm512_and_si512(u, _mm512_set1_epi32(0x7fffffff)), _mm512_set1_epi32(1));
-    return _mm512_cmplt_epu32_mask(a, _mm512_set1_epi32(0x7fffff)) != 0;
+    return _mm512_sub_epi32(_mm512_and_si512(u, _mm512_set1_epi32(0x7fffffff)), _mm512_set1_epi32(1));
+}
+
+/* Whether a `subnormal_key` (or the lane-wise minimum of several) marks a subnormal. */
+static inline int any_subnormal(__m512i key) { return _mm512_cmplt_epu32_mask(key, _mm512_set1_epi32(0x7fffff)) != 0; }
+
+/* f rounded to bf16 by the CPU's conversion, as fp32 (round16's bits where no lane is subnormal). */
+static inline v16 round16_cpu(v16 f) {
+    __m256bh h = _mm512_cvtneps_pbh((__m512)f);
+    __m256i hi;
+    memcpy(&hi, &h, sizeof hi);
+    __m512i u = _mm512_slli_epi32(_mm512_cvtepu16_epi32(hi), 16);
+    memcpy(&f, &u, sizeof f);
+    return f;
 }
 #endif
 
 /* round_bf16 of 16 lanes: to nearest even; NaN stays NaN. With DPBF16 the CPU's conversion
-   (`any_subnormal`) where no lane is subnormal: the same bits in 4 operations where the integer
+   (`round16_cpu`) where no lane is subnormal: the same bits in 4 operations where the integer
    rounding took 9; a bf16 prompt's rows (`ee_rows`: RMSNorm, SwiGLU) and every bf16 product's
    stores round through here. */
 static inline v16 round16(v16 f) {
 #ifdef DPBF16
-    if (!any_subnormal(f)) {
-        __m256bh h = _mm512_cvtneps_pbh((__m512)f);
-        __m256i hi;
-        memcpy(&hi, &h, sizeof hi);
-        __m512i u = _mm512_slli_epi32(_mm512_cvtepu16_epi32(hi), 16);
-        memcpy(&f, &u, sizeof f);
-        return f;
-    }
+    if (!any_subnormal(subnormal_key(f))) return round16_cpu(f);
 #endif
     return round16_bits(f);
+}
+
+/* The high halves of 16 lanes (values that are bf16's: their bits, no rounding) into dst. */
+static inline void put_high(uint16_t *dst, v16 v) {
+#if defined(__AVX512F__)
+    __m512i u;
+    memcpy(&u, &v, sizeof u);
+    _mm256_storeu_si256((__m256i *)dst, _mm512_cvtepi32_epi16(_mm512_srli_epi32(u, 16)));
+#else
+    w16 u;
+    memcpy(&u, &v, sizeof u);
+    h16 h = __builtin_convertvector(u >> 16, h16);
+    memcpy(dst, &h, sizeof h);
+#endif
 }
 
 /* 16 lanes rounded to bf16 (`round16`, as f32_to_bf16 each) into dst[0..15]. */
 static inline void put_bf16(uint16_t *dst, v16 s) {
 #ifdef DPBF16
-    if (!any_subnormal(s)) {
+    if (!any_subnormal(subnormal_key(s))) {
         __m256bh h = _mm512_cvtneps_pbh((__m512)s);
         memcpy(dst, &h, sizeof h);
         return;
     }
 #endif
-    w16 u;
-    v16 r = round16_bits(s);
-    memcpy(&u, &r, sizeof u);
-    h16 h = __builtin_convertvector(u >> 16, h16);
-    memcpy(dst, &h, sizeof h);
+    put_high(dst, round16_bits(s));
 }
 
 /* One panel's 16 sums of one row: plus the bias, rounded to the output dtype, plus the residual
@@ -712,26 +727,18 @@ DEFINE_EXP(exp8, v8, w8)
 #endif
 
 #ifdef DPBF16
-/* round16 without its subnormal check: the CPU's conversion; each lane's |bits| - 1 folded into
-   *low by an unsigned minimum, below 0x7fffff after a row exactly where some lane was subnormal
-   (where the conversion may differ from round16) for the caller to redo it (`row_panels`). A
+/* round16 without its subnormal check: the CPU's conversion (`round16_cpu`); each lane's
+   `subnormal_key` folded into *low by an unsigned minimum, which after a row marks (`any_subnormal`)
+   exactly where some lane was subnormal, for the caller to redo it (`row_panels`). A
    branch on each vector's check took a bf16 prompt's RMSNorm rows from 131 to 201 ns a row (384
    wide, one thread, AMD EPYC), a mask or-ed per vector to 186. */
 static inline v16 round16_marked(v16 f, __m512i *low) {
-    __m512i u;
-    memcpy(&u, &f, sizeof u);
-    __m512i a = _mm512_sub_epi32(_mm512_and_si512(u, _mm512_set1_epi32(0x7fffffff)), _mm512_set1_epi32(1));
-    *low = _mm512_min_epu32(*low, a);
-    __m256bh h = _mm512_cvtneps_pbh((__m512)f);
-    __m256i hi;
-    memcpy(&hi, &h, sizeof hi);
-    u = _mm512_slli_epi32(_mm512_cvtepu16_epi32(hi), 16);
-    memcpy(&f, &u, sizeof f);
-    return f;
+    *low = _mm512_min_epu32(*low, subnormal_key(f));
+    return round16_cpu(f);
 }
 typedef __m512i sub_t;
 #define SUB_NONE _mm512_set1_epi32(-1)
-#define SUB_ANY(low) (_mm512_cmplt_epu32_mask(low, _mm512_set1_epi32(0x7fffff)) != 0)
+#define SUB_ANY(low) any_subnormal(low)
 #else
 typedef int sub_t;
 #define SUB_NONE 0
@@ -761,20 +768,6 @@ static inline v16 row_values(const void *x, int bf16, int kind, const void *gain
     return LOAD(x, i * K + k);
 #undef LOAD
 #undef ROUND
-}
-
-/* The high halves of 16 lanes (values that are bf16's: their bits, no rounding) into dst. */
-static inline void put_high(uint16_t *dst, v16 v) {
-#if defined(__AVX512F__)
-    __m512i u;
-    memcpy(&u, &v, sizeof u);
-    _mm256_storeu_si256((__m256i *)dst, _mm512_cvtepi32_epi16(_mm512_srli_epi32(u, 16)));
-#else
-    w16 u;
-    memcpy(&u, &v, sizeof u);
-    h16 h = __builtin_convertvector(u >> 16, h16);
-    memcpy(dst, &h, sizeof h);
-#endif
 }
 
 /* Row i's whole panels (K / PANEL of them) into their destination (`prologue_row`), one loop per
@@ -1211,6 +1204,22 @@ static inline v16 select16(w16 keep, v16 x, v16 otherwise) {
     return (v16)(((w16)x & keep) | ((w16)otherwise & ~keep));
 }
 
+/* Which of a block's 16 keys are attended: the first n (<= 16), less those whose byte of m (the
+   block's mask bytes, or NULL: none masked) is zero. */
+static inline w16 live16(const uint8_t *m, int64_t n) {
+    const w16 lane = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+    w16 live = (w16)(lane < (uint32_t)n);
+    if (m && n == PANEL) {
+        typedef uint8_t b16 __attribute__((vector_size(16)));
+        b16 bytes;
+        memcpy(&bytes, m, PANEL);
+        live = (w16)(__builtin_convertvector(bytes, w16) != 0);
+    } else if (m) {
+        for (int64_t j = 0; j < n; j++) live[j] = m[j] ? live[j] : 0;
+    }
+    return live;
+}
+
 /* One query head qf (fp32, already scaled by 1 / sqrt(hd)) over keys and values 0 .. span - 1
    (m: which to attend, or NULL: all), hd = 16 C; its output into out's row `row`. Keys in blocks
    of 16: each key's 16 lanes of products (C vector FMAs), the block's 16 sums at once (`sums16`),
@@ -1223,7 +1232,6 @@ static inline void attend_head(const float *qf, const uint16_t *q16, float post,
                                int bf16, int64_t C, void *out, int64_t row) {
     const int64_t esize = bf16 ? 2 : 4, blocks = (span + PANEL - 1) / PANEL;
     const v16 ninf = (v16){0} - INFINITY;
-    const w16 lane = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
     v16 qv[MAX_CHUNKS], acc[MAX_CHUNKS], odd[MAX_CHUNKS], top = ninf, total = {0};
 #ifdef DPBF16
     __m512bh qp[MAX_CHUNKS / 2];
@@ -1252,16 +1260,7 @@ static inline void attend_head(const float *qf, const uint16_t *q16, float post,
                 part[j] = s;
             }
         for (int64_t j = n; j < PANEL; j++) part[j] = (v16){0};
-        w16 live = (w16)(lane < (uint32_t)n);
-        if (m && n == PANEL) {
-            typedef uint8_t b16 __attribute__((vector_size(16)));
-            b16 bytes;
-            memcpy(&bytes, m + b * PANEL, PANEL);
-            live = (w16)(__builtin_convertvector(bytes, w16) != 0);
-        } else if (m) {
-            for (int64_t j = 0; j < n; j++) live[j] = m[b * PANEL + j] ? live[j] : 0;
-        }
-        v16 s = select16(live, sums16(part) * post, ninf);
+        v16 s = select16(live16(m ? m + b * PANEL : NULL, n), sums16(part) * post, ninf);
         memcpy(w + b * PANEL, &s, sizeof s);
         top = select16((w16)(s > top), s, top);
     }
@@ -1346,7 +1345,6 @@ static inline __attribute__((always_inline)) void attend_rows(int nr, const uint
                                                               const int64_t C, void *out, const int64_t *rows) {
     const int64_t esize = 2;
     const v16 ninf = (v16){0} - INFINITY;
-    const w16 lane = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
     __m512bh qp[ROW_BLOCK][MAX_CHUNKS / 2];
     v16 top[ROW_BLOCK], total[ROW_BLOCK];
     int64_t most = 0;
@@ -1371,16 +1369,7 @@ static inline __attribute__((always_inline)) void attend_rows(int nr, const uint
                 part[j] = (v16)sc;
             }
             for (int64_t j = n; j < PANEL; j++) part[j] = (v16){0};
-            w16 live = (w16)(lane < (uint32_t)n);
-            if (m[i] && n == PANEL) {
-                typedef uint8_t b16 __attribute__((vector_size(16)));
-                b16 bytes;
-                memcpy(&bytes, m[i] + b * PANEL, PANEL);
-                live = (w16)(__builtin_convertvector(bytes, w16) != 0);
-            } else if (m[i]) {
-                for (int64_t j = 0; j < n; j++) live[j] = m[i][b * PANEL + j] ? live[j] : 0;
-            }
-            v16 sc = select16(live, sums16(part) * post, ninf);
+            v16 sc = select16(live16(m[i] ? m[i] + b * PANEL : NULL, n), sums16(part) * post, ninf);
             memcpy(w[i] + b * PANEL, &sc, sizeof sc);
             top[i] = select16((w16)(sc > top[i]), sc, top[i]);
         }
@@ -1533,7 +1522,6 @@ static inline __attribute__((always_inline)) void prompt_rows(const int nr, cons
                         const uint8_t *const *m, float *const *w, uint32_t *const *pb, const int64_t *keys,
                         void *out, const int64_t *rows) {
     const v16 ninf = (v16){0} - INFINITY;
-    const w16 lane = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
     int64_t most = 0;
     v16 top[PROMPT_BLOCK];
     for (int i = 0; i < nr; i++) {
@@ -1559,10 +1547,8 @@ static inline __attribute__((always_inline)) void prompt_rows(const int nr, cons
         for (int i = 0; i < nr; i++)
             for (int h = 0; h <= two; h++) {
                 const int64_t at = (b + h) * PANEL;
-                w16 live = (w16)(lane < (uint32_t)(keys[i] > at ? (keys[i] - at < PANEL ? keys[i] - at : PANEL) : 0));
-                if (m[i])
-                    for (int64_t j = 0; j < PANEL && at + j < keys[i]; j++) live[j] = m[i][at + j] ? live[j] : 0;
-                v16 sc = select16(live, (v16)acc[i][h] * scale, ninf);
+                const int64_t n = keys[i] > at ? (keys[i] - at < PANEL ? keys[i] - at : PANEL) : 0;
+                v16 sc = select16(live16(m[i] ? m[i] + at : NULL, n), (v16)acc[i][h] * scale, ninf);
                 memcpy(w[i] + at, &sc, sizeof sc);
                 top[i] = select16((w16)(sc > top[i]), sc, top[i]);
             }

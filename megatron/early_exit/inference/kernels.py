@@ -82,7 +82,7 @@ FUSED_MARGIN = 0.5
 # run the layer's operations one by one.
 _BUCKETS = ((1, 1), (4, 3), (8, 5), (16, 12), (64, 32), (256, 128))
 # Rows (measured) past which a product whose layer does not run in one native call there
-# (`fused_at`) takes oneDNN's packed kernel as the reference (`_measure`): a prompt's layers then
+# (`fused_at`) takes oneDNN's packed kernel as the reference (`reference`): a prompt's layers then
 # run op by op, and a mix of kernels across a layer's four products, as noise in the timing made
 # it (the native reference kept for one shape by its 10% margin, another's going to packed), was
 # the slowest of the settings: the CPU reference model's prefill of 40 abstracts (AMD EPYC, 2
@@ -232,8 +232,11 @@ def bucket_top(rows: int) -> int:
     return rows if top is None else top
 
 
-def reference(dtype: torch.dtype) -> str:
-    """The kernel another must clearly beat to be chosen for `dtype`. `native` wherever it was
+def reference(dtype: torch.dtype, rows: int = 1, fused: bool = False) -> str:
+    """The kernel another must clearly beat to be chosen for `dtype` at `rows` rows (measured),
+    `fused`: where a layer's products weigh its one native call (`fused_at`). Past
+    PROMPT_REFERENCE_ROWS rows where not fused (a prompt's layers op by op): `packed` where
+    oneDNN packs `dtype`, its GEMM unless another clearly beats it. Else `native` wherever it was
     built (fp32 and bf16): on the AMD EPYC (Zen 5) SmolLM2 decoded at 1.13x all-`packed` in fp32
     and 1.12x in bf16 with its products alone, 1.23x and 1.47x with the layer's operations it
     takes over (`lean.py`; `benchmarks/smollm2_decode.py --kernels auto packed`), and other
@@ -246,6 +249,8 @@ def reference(dtype: torch.dtype) -> str:
     all-`packed` SmolLM2 ran 38.2 tokens/s against 32.2 all-`plain` and 33.9 and 34.3 for two
     measured mixes; on the AMD EPYC packed bf16 streamed 20-32 GB/s against `F.linear`'s 8-13.
     Not assumed outright: on an earlier Xeon host all-`packed` bf16 decoded at 0.88x all-`plain`."""
+    if rows > PROMPT_REFERENCE_ROWS and not fused and applies("packed", dtype, rows):
+        return "packed"
     if native.available(dtype):
         return "native"
     if dtype in (torch.bfloat16, torch.float16) and packs(dtype):
@@ -334,9 +339,7 @@ def _measure(weight: torch.Tensor, rows: int, fused: bool = False) -> str:
     group = [w for w in (r() for r in _GROUPS.get((tuple(weight.shape), weight.dtype), {}).values()) if w is not None]
     weights = group if any(w is weight for w in group) else [weight]
     x = torch.randn(rows, weight.shape[1], generator=torch.Generator().manual_seed(0)).to(weight.dtype)
-    ref = reference(weight.dtype)
-    if rows > PROMPT_REFERENCE_ROWS and not fused and applies("packed", weight.dtype, rows):
-        ref = "packed"  # a prompt's rows, op by op: oneDNN's GEMM unless another clearly beats it
+    ref = reference(weight.dtype, rows, fused)
     names = [ref] + [k for k in candidates(rows, weight.dtype) if k != ref]
     funcs = {k: (lambda f: lambda w: f(x, w, None))(_FUNCS[k]) for k in names}
     # One thread: CPU time, robust to a shared machine. More: wall time (CPU time would count

@@ -65,10 +65,14 @@ def test_a_rows_result_does_not_depend_on_the_rows_beside_it(dtype, in_features)
     number of rows (the kernel sums every row in one order), and whatever the threads."""
     g = torch.Generator().manual_seed(3)
     w, x = torch.randn(70, in_features, generator=g).to(dtype), torch.randn(19, in_features, generator=g).to(dtype)
-    packed = native.pack(w)
+    packed, b = native.pack(w), torch.randn(70, generator=g).to(dtype)
     alone = torch.cat([native.linear(x[i : i + 1], packed, 70) for i in range(19)])
-    for n in (2, 3, 4, 5, 8, 11, 16, 19):  # past 16 rows the tiles take a second block of rows
+    # past 16 rows (bf16, K % 4 == 0) tiles of 4 rows and 3 panels: 17-19 leave 1-3 rows, and 70
+    # outputs' 5 panels leave 2 on one thread (1 and 2 on two), or 1 on each
+    for n in (2, 3, 4, 5, 8, 11, 16, 17, 18, 19):
         assert torch.equal(native.linear(x[:n], packed, 70), alone[:n]), n
+    with_bias = torch.cat([native.linear(x[i : i + 1], packed, 70, b) for i in range(19)])
+    assert torch.equal(native.linear(x, packed, 70, b), with_bias)
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(1)

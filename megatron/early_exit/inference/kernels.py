@@ -78,8 +78,8 @@ FUSED_MARGIN = 0.5
 # prompt: its loop reads every panel again for each 32 rows): measured at 32 alone, prompts took it.
 # 65-256 rows (measured at 128) apart from more (at 512): a prompt of up to 256 tokens runs each
 # layer in one native call where its four products are native (`lean.FOLD_ROWS`), so the wider
-# margin (`fuse`) holds there too where bf16 products take the tiles (`fused_at`); longer prompts
-# run the layer's operations one by one.
+# margin (`fuse`) holds there too where bf16 products take the tiles or vdpbf16ps in groups of rows
+# and panels (`fused_at`); longer prompts run the layer's operations one by one.
 _BUCKETS = ((1, 1), (4, 3), (8, 5), (16, 12), (64, 32), (256, 128))
 # Rows (measured) past which a product whose layer does not run in one native call there
 # (`fused_at`) takes oneDNN's packed kernel as the reference (`reference`): a prompt's layers then
@@ -321,18 +321,20 @@ def kernel_for(weight: torch.Tensor, rows: int) -> str:
 def fused_at(weight: torch.Tensor, bucket: int | None) -> bool:
     """Whether a layer's products of `weight`'s dtype at the row bucket `bucket` weigh the one-call
     layer (`FUSED_MARGIN`): up to 64 rows everywhere, 65-256 (a prompt) only where bf16 products take
-    Intel's tiles (`native.amx`): elsewhere the native kernel's sweep costs a product a multiply-add
-    per row and weight, and kept within the wide margin it slowed SmolLM2's fp32 prefill of ~200-token
-    prompts 1.18x against its operations one by one on oneDNN / MKL. On the AMD EPYC (avx512_bf16, no
-    AMX) the vdpbf16ps sweep took 1.13-1.32x oneDNN's time on the reference models' products at
-    128-166 rows (their pairs made by the prologue itself, stop 71), and 1.6-2.2x in some processes
-    (the host's placement of the two vCPUs): weighed as one call there, a 166-token prefill of the
-    CPU reference model took 26.5-28.6 ms in one process and 37.1-37.9 in others where one shape's
-    choice fell to oneDNN and the layers ran op by op on native products; op by op on oneDNN it
-    takes ~28.5 (prompts attending and rotating natively)."""
+    Intel's tiles (`native.amx`) or vdpbf16ps in groups of rows and panels (`native.grouped`: a CPU
+    with AVX512-BF16). Elsewhere the native kernel's sweep costs a product a multiply-add per row and
+    weight, and kept within the wide margin it slowed SmolLM2's fp32 prefill of ~200-token prompts
+    1.18x against its operations one by one on oneDNN / MKL. On the AMD EPYC (avx512_bf16, no AMX)
+    the vdpbf16ps sweep of one panel against 8 rows took 1.13-1.32x oneDNN's time on the reference
+    models' products at 128-166 rows (stop 71), and weighed as one call there, a 166-token prefill of
+    the CPU reference model took 26.5-28.6 ms in one process and 37.1-37.9 in others where one
+    shape's choice fell to oneDNN and the layers ran op by op on native products. Grouped (4 rows x
+    3 panels, stop 85), a prompt's layers in one call each took 0.896x the time of their operations
+    one by one on oneDNN's packed kernel (the CPU reference model's bf16 prefill of 40 abstracts,
+    80 alternating prompt runs each, scratch `choice_ab.py`), SmolLM2's 0.891x (16 abstracts)."""
     if bucket is None:
         return False
-    return bucket <= 64 or (weight.dtype == torch.bfloat16 and native.amx())
+    return bucket <= 64 or (weight.dtype == torch.bfloat16 and (native.amx() or native.grouped()))
 
 
 def _measure(weight: torch.Tensor, rows: int, fused: bool = False) -> str:

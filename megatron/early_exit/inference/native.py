@@ -215,6 +215,13 @@ def amx(want: bool | None = None) -> bool:
     return lib is not None and bool(lib.ee_amx(-1 if want is None else int(want)))
 
 
+def grouped() -> bool:
+    """Whether this library's bf16 products of a prompt's rows run in groups of rows and panels on
+    vdpbf16ps (`native_linear.c`'s `group`: a CPU with AVX512-BF16)."""
+    lib = library()  # ee_grouped() -> int, ctypes' default; absent from an older source's (`native_ab.py`)
+    return lib is not None and hasattr(lib, "ee_grouped") and bool(lib.ee_grouped())
+
+
 def prefetch_env() -> bool | None:
     """`EE_NATIVE_PREFETCH`: '1' on, '0' off, None where unset or 'auto' (`kernels.prefetch_choice`
     times it); ValueError naming it otherwise."""

@@ -466,12 +466,82 @@ static inline __attribute__((always_inline)) void sweep(const void *panel, int b
     }
 #endif
 
+#ifdef DPBF16
+/* TR rows (from i0) against TP panels (from p) at once, bf16, K % 4 == 0, the rows' pairs row by
+   row (xq: `prologue_row`'s, or the bf16 rows themselves): a prompt's products. `sweep` takes one
+   panel against 8 rows, so each step of 4 columns loads 2 weight pairs and 16 broadcasts for 16
+   vdpbf16ps; here TP weight pairs and TR broadcasts (an operand of the instruction) for TR x TP
+   of them, twice a step (4 x 3: 24 sums, two chains each of 12 outputs, and the 3 weight pairs
+   in 27 of the 32 registers). Each output's sums are `sweep`'s, in its order (column pairs from
+   k = 0, 4, ... into one chain, from k = 2, 6, ... into the other, added at the end): the same
+   numbers, whatever rows and panels lie beside it. The CPU reference model's four bf16 shapes at
+   169 rows (2 threads, AMD EPYC, alternating, medians of 100): 0.84-0.91x the sweep's time on a
+   slow spell of the host, 0.95-0.98x on a fast one, 1.04-1.09x oneDNN's packed kernel's (6 rows x
+   2 panels: 1.01-1.12x; bf16 panels stored in pairs, one load each where a permute now makes the
+   pair: 1.13-1.38x, as a decode step's one row read them slower too). Its layers then run a
+   prompt in one native call each (`kernels.fused_at`). */
+#define GROUP_ROWS 4
+#define GROUP_PANELS 3
+static inline __attribute__((always_inline)) void group(const void *Wp, const uint32_t *xq, const void *b,
+                                                        const void *res, void *y, int64_t p, int64_t i0, int64_t K,
+                                                        int64_t M, const int TR, const int TP) {
+    __m512 c[GROUP_ROWS][GROUP_PANELS][2];
+    for (int i = 0; i < TR; i++)
+        for (int j = 0; j < TP; j++) c[i][j][0] = c[i][j][1] = _mm512_setzero_ps();
+    const char *w = (const char *)Wp + p * K * PANEL * 2;
+    const uint32_t *xr = xq + i0 * (K / 2);
+    for (int64_t k = 0; k < K; k += 4)
+        for (int h = 0; h < 2; h++) {
+            __m512bh wj[GROUP_PANELS];
+            for (int j = 0; j < TP; j++) wj[j] = column_pair(w + j * K * PANEL * 2, k + 2 * h);
+            for (int i = 0; i < TR; i++) {
+                const __m512bh xi = (__m512bh)_mm512_set1_epi32((int)xr[i * (K / 2) + (k + 2 * h) / 2]);
+                for (int j = 0; j < TP; j++) c[i][j][h] = _mm512_dpbf16_ps(c[i][j][h], wj[j], xi);
+            }
+        }
+    for (int i = 0; i < TR; i++)
+        for (int j = 0; j < TP; j++) {
+            v16 a0, a1;
+            memcpy(&a0, &c[i][j][0], sizeof a0);
+            memcpy(&a1, &c[i][j][1], sizeof a1);
+            store(a0 + a1, b, res, y, 1, i0 + i, (p + j) * PANEL, M);
+        }
+}
+
+/* `group` with TR and TP constants: TP panels against every row of n, GROUP_ROWS at a time. */
+#define GROUP_RUN(TP)                                                                                         \
+    do {                                                                                                      \
+        int64_t i0 = 0;                                                                                       \
+        for (; i0 + GROUP_ROWS <= n; i0 += GROUP_ROWS) group(Wp, xq, b, res, y, p, i0, K, M, GROUP_ROWS, TP); \
+        switch (n - i0) {                                                                                     \
+        case 3: group(Wp, xq, b, res, y, p, i0, K, M, 3, TP); break;                                          \
+        case 2: group(Wp, xq, b, res, y, p, i0, K, M, 2, TP); break;                                          \
+        case 1: group(Wp, xq, b, res, y, p, i0, K, M, 1, TP); break;                                          \
+        }                                                                                                     \
+    } while (0)
+
+/* The panels p0 .. p1 - 1 against n rows by `group`: GROUP_PANELS at a time, then those left. */
+static void grouped(const void *Wp, const uint32_t *xq, const void *b, const void *res, void *y, int64_t p0,
+                    int64_t p1, int64_t K, int64_t M, int64_t n) {
+    int64_t p = p0;
+    for (; p + GROUP_PANELS <= p1; p += GROUP_PANELS) GROUP_RUN(GROUP_PANELS);
+    if (p1 - p == 2) GROUP_RUN(2);
+    if (p1 - p == 1) GROUP_RUN(1);
+}
+#endif
+
 /* The panels p0 .. p1 - 1 against the n rows; bf16 pairs xq row by row where `rows_pairs`
    (`prologue_row`'s), else k-major in each block (`pairs`). */
 static void panels(const void *Wp, int bf16, const float *x, const uint32_t *xq, const void *b, const void *res,
                    void *y, int64_t p0, int64_t p1, int64_t K, int64_t M, int64_t n, int rows_pairs) {
     const int64_t esize = bf16 ? 2 : 4;
     const int ahead = __atomic_load_n(&prefetch_on[bf16 != 0], __ATOMIC_RELAXED);
+#ifdef DPBF16
+    if (bf16 && rows_pairs && K % 4 == 0) {
+        grouped(Wp, xq, b, res, y, p0, p1, K, M, n);
+        return;
+    }
+#endif
     for (int64_t p = p0; p < p1; p++) {
         const void *panel = (const char *)Wp + p * K * PANEL * esize;
         for (int64_t i0 = 0; i0 < n; i0 += XROWS) {
@@ -636,6 +706,16 @@ static void amx_panels(const void *Wp, const uint16_t *xa, const void *b, const 
 
 #endif
 
+/* Whether bf16 products of many rows run in groups of rows and panels on vdpbf16ps (`group`): 1
+   where this build has it (AVX512-BF16), else 0. */
+int ee_grouped(void) {
+#ifdef DPBF16
+    return 1;
+#else
+    return 0;
+#endif
+}
+
 /* Whether bf16 products use Intel's matrix tiles (AMX): want 0 turns them off for this process,
    1 on where this build and the kernel allow, -1 asks. Returns 1 if they are used, else 0. */
 int ee_amx(int want) {
@@ -779,20 +859,13 @@ static inline int row_panels(const void *x, int bf16, int kind, const void *gain
     sub_t sub = SUB_NONE;
 #define EACH for (int64_t k = 0; k < whole; k += PANEL)
 #define VALUES row_values(x, bf16, kind, gain, scale, K, i, k, PANEL, exact, &sub)
-    if ((ro && bf16) || xa) { /* bf16 values: their bits */
-        uint16_t *dst = xa ? xa : (uint16_t *)ro;
-        EACH put_high(dst + i * K + k, VALUES);
+    if ((ro && bf16) || xa || pq) { /* bf16 values: their bits (a row's pairs are its bf16 row) */
+        uint16_t *dst = pq ? (uint16_t *)pq : (xa ? xa : (uint16_t *)ro) + i * K;
+        EACH put_high(dst + k, VALUES);
     } else if (ro) {
         EACH {
             v16 v = VALUES;
             memcpy((float *)ro + i * K + k, &v, sizeof v);
-        }
-    } else if (pq) { /* v's values are bf16's: their high halves, two to a pair */
-        EACH {
-            v16 v = VALUES;
-            w16 u;
-            memcpy(&u, &v, sizeof u);
-            for (int64_t j = 0; j < PANEL / 2; j++) pq[k / 2 + j] = (u[2 * j] >> 16) | (u[2 * j + 1] & 0xffff0000u);
         }
     } else if (step == 1) {
         EACH {
@@ -986,11 +1059,15 @@ static int linear(const void *x, const void *Wp, const void *b, void *y, int64_t
            row by row, 8 rows' broadcasts read 8 lines a column pair where k-major they read one
            (its verify of 8 rows 1.06-1.07x slower, paired). */
         direct = nq && n > PAIRS_DIRECT && K % 4 == 0;
-        xf = (float *)malloc(sizeof(float) * (size_t)((direct ? 0 : n * K) + nq));
-        if (!xf) return 1;
-        xq = nq ? (uint32_t *)(xf + (direct ? 0 : n * K)) : NULL;
-        prologue(x, bf16, kind, gain, eps, direct ? NULL : xf, n, K, NULL, direct ? xq : NULL, threads);
-        if (nq && !direct) pairs(xf, xq, n, K);
+        if (direct && kind == NONE) {
+            xq = (uint32_t *)x; /* bf16 rows as they are: a row's pairs are the row itself */
+        } else {
+            xf = (float *)malloc(sizeof(float) * (size_t)((direct ? 0 : n * K) + nq));
+            if (!xf) return 1;
+            xq = nq ? (uint32_t *)(xf + (direct ? 0 : n * K)) : NULL;
+            prologue(x, bf16, kind, gain, eps, direct ? NULL : xf, n, K, NULL, direct ? xq : NULL, threads);
+            if (nq && !direct) pairs(xf, xq, n, K);
+        }
     }
     int64_t np = (M + PANEL - 1) / PANEL;
     const int64_t blocks = probe ? (probe->hidden + PANEL - 1) / PANEL : 0;

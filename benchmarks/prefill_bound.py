@@ -60,8 +60,8 @@ def layer_flops(args, out) -> float:
     """The products' FLOPs of a `native.layer_step` / `layers_step` call: 2 x rows x the packed
     weights' elements (their QKV, projection and MLP products; each layer's weights as `layer_step`
     takes them: gain, qkv, proj, gain, fc1, fc2)."""
-    x, layers = args[0], args[1]
-    per_layer = [layers] if isinstance(layers[0], torch.Tensor) else [w for w, *_ in getattr(layers, "layers", layers)]
+    x, layers = args[0], getattr(args[1], "layers", args[1])  # a `native.LayerRun`'s, or as given
+    per_layer = [layers] if isinstance(layers[0], torch.Tensor) else [w for w, *_ in layers]
     rows = x.numel() // x.shape[-1]
     return 2.0 * rows * sum(w[i].numel() for w in per_layer for i in (1, 2, 4, 5))
 

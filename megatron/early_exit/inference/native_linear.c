@@ -1811,45 +1811,49 @@ static int attend(const void *q, const void *k, const void *v, const uint8_t *ma
  * first `heads` heads of each group (its query heads and its key) rotated as `lean.rotated_qkv`
  * does: y * cos + roll(y, hd / 2) * sin_signed, in fp32 (bf16 widened, rounded once); cos and
  * sin_signed (fp32) hold one row of hd per row of y (cos_stride hd) or one for all (0). */
+/* `ee_rope`'s row i (tmp: hd floats of scratch). */
+static void rope_row(void *y, int64_t i, int64_t G, int64_t per2, int64_t heads, int64_t hd, const float *cos,
+                     const float *sin_signed, int64_t cos_stride, int bf16, float *tmp) {
+    const int64_t half = hd / 2, esize = bf16 ? 2 : 4;
+    const float *c = cos + i * cos_stride, *s = sin_signed + i * cos_stride;
+    for (int64_t g = 0; g < G; g++)
+        for (int64_t h = 0; h < heads; h++) {
+            int64_t base = ((i * G + g) * per2 + h) * hd;
+            if (half % PANEL == 0) { /* 16 lanes of each half at a time: the same sums, element by element */
+                char *at = (char *)y + base * esize;
+                for (int64_t d = 0; d < half; d += PANEL) {
+                    v16 lo = widen(at, bf16, d), hi = widen(at, bf16, d + half), clo, chi, slo, shi;
+                    memcpy(&clo, c + d, sizeof clo);
+                    memcpy(&chi, c + d + half, sizeof chi);
+                    memcpy(&slo, s + d, sizeof slo);
+                    memcpy(&shi, s + d + half, sizeof shi);
+                    v16 rlo = lo * clo + hi * slo, rhi = hi * chi + lo * shi;
+                    if (bf16) {
+                        put_bf16((uint16_t *)at + d, rlo);
+                        put_bf16((uint16_t *)at + d + half, rhi);
+                    } else {
+                        memcpy((float *)at + d, &rlo, sizeof rlo);
+                        memcpy((float *)at + d + half, &rhi, sizeof rhi);
+                    }
+                }
+                continue;
+            }
+            for (int64_t d = 0; d < hd; d++) tmp[d] = load(y, bf16, base + d);
+            for (int64_t d = 0; d < hd; d++) {
+                float r = tmp[d] * c[d] + tmp[(d + hd / 2) % hd] * s[d];
+                if (bf16)
+                    ((uint16_t *)y)[base + d] = f32_to_bf16(r);
+                else
+                    ((float *)y)[base + d] = r;
+            }
+        }
+}
+
 void ee_rope(void *y, int64_t n, int64_t G, int64_t per2, int64_t heads, int64_t hd, const float *cos,
              const float *sin_signed, int64_t cos_stride, int bf16) {
     float tmp[1024];
     if (hd > 1024) return;
-    const int64_t half = hd / 2, esize = bf16 ? 2 : 4;
-    for (int64_t i = 0; i < n; i++) {
-        const float *c = cos + i * cos_stride, *s = sin_signed + i * cos_stride;
-        for (int64_t g = 0; g < G; g++)
-            for (int64_t h = 0; h < heads; h++) {
-                int64_t base = ((i * G + g) * per2 + h) * hd;
-                if (half % PANEL == 0) { /* 16 lanes of each half at a time: the same sums, element by element */
-                    char *at = (char *)y + base * esize;
-                    for (int64_t d = 0; d < half; d += PANEL) {
-                        v16 lo = widen(at, bf16, d), hi = widen(at, bf16, d + half), clo, chi, slo, shi;
-                        memcpy(&clo, c + d, sizeof clo);
-                        memcpy(&chi, c + d + half, sizeof chi);
-                        memcpy(&slo, s + d, sizeof slo);
-                        memcpy(&shi, s + d + half, sizeof shi);
-                        v16 rlo = lo * clo + hi * slo, rhi = hi * chi + lo * shi;
-                        if (bf16) {
-                            put_bf16((uint16_t *)at + d, rlo);
-                            put_bf16((uint16_t *)at + d + half, rhi);
-                        } else {
-                            memcpy((float *)at + d, &rlo, sizeof rlo);
-                            memcpy((float *)at + d + half, &rhi, sizeof rhi);
-                        }
-                    }
-                    continue;
-                }
-                for (int64_t d = 0; d < hd; d++) tmp[d] = load(y, bf16, base + d);
-                for (int64_t d = 0; d < hd; d++) {
-                    float r = tmp[d] * c[d] + tmp[(d + hd / 2) % hd] * s[d];
-                    if (bf16)
-                        ((uint16_t *)y)[base + d] = f32_to_bf16(r);
-                    else
-                        ((float *)y)[base + d] = r;
-                }
-            }
-    }
+    for (int64_t i = 0; i < n; i++) rope_row(y, i, G, per2, heads, hd, cos, sin_signed, cos_stride, bf16, tmp);
 }
 
 /* An MLP probe's hidden sums v[j] = b1[j] + s . w1[:, j] for the 16-column blocks [b0, b1e) of
@@ -2122,6 +2126,27 @@ int ee_head(const void *x, const void *Wp, int64_t n, int64_t h, int64_t K, int 
  * The step's Python operations, each a tensor operation of a
  * few microseconds, cost a SmolLM2 layer more than its attention. 0 on success, 1 when memory runs
  * out (nothing written to y; the cache may hold the new position's K/V, which a retry rewrites). */
+/* Rows of a layer's call from which its rotation and cache writes split over the threads. */
+#define ROPE_SPLIT 32
+
+/* Row a of a layer's QKV product (`ee_layer`'s qkv: G groups of per queries, a key and a value)
+   rotated in place (`rope_row`), then its keys and values into the caches at its slot and
+   position and its queries into q (G x per x hd a row). */
+static inline void place_row(char *qkv, char *q, void *kc, void *vc, int64_t a, int64_t G, int64_t per, int64_t hd,
+                             const float *cos, const float *sin, int64_t cos_stride, int64_t sb, int64_t sg,
+                             int64_t st, const int64_t *slots, const int64_t *pos, int bf16) {
+    const int64_t esize = bf16 ? 2 : 4, per2 = per + 2;
+    float tmp[1024];
+    if (hd <= 1024) rope_row(qkv, a, G, per2, per + 1, hd, cos, sin, cos_stride, bf16, tmp);
+    for (int64_t g = 0; g < G; g++) {
+        const char *grp = qkv + ((a * G + g) * per2) * hd * esize;
+        int64_t at = (slots[a] * sb + g * sg + pos[a] * st) * esize;
+        memcpy((char *)kc + at, grp + per * hd * esize, (size_t)(hd * esize));
+        memcpy((char *)vc + at, grp + (per + 1) * hd * esize, (size_t)(hd * esize));
+        memcpy(q + (a * G + g) * per * hd * esize, grp, (size_t)(per * hd * esize));
+    }
+}
+
 int ee_layer(const void *x, void *y, int64_t n, int bf16, int threads, int64_t h, int64_t G, int64_t per, int64_t hd,
              int64_t ffn, const void *w_in, float eps_in, const void *qkv_p, const void *proj_p, const void *w_mid,
              float eps_mid, const void *fc1_p, const void *fc2_p, const float *cos, const float *sin,
@@ -2134,15 +2159,16 @@ int ee_layer(const void *x, void *y, int64_t n, int bf16, int threads, int64_t h
     char *h1 = x1 + n * h * esize;
     int failed = ee_linear(x, qkv_p, NULL, qkv, n, h, wq, bf16, threads, RMSNORM, w_in, eps_in, NULL);
     if (!failed) {
-        ee_rope(qkv, n, G, per2, per + 1, hd, cos, sin, cos_stride, bf16);
-        for (int64_t a = 0; a < n; a++)
-            for (int64_t g = 0; g < G; g++) {
-                const char *grp = qkv + ((a * G + g) * per2) * hd * esize;
-                int64_t at = (slots[a] * sb + g * sg + pos[a] * st) * esize;
-                memcpy((char *)kc + at, grp + per * hd * esize, (size_t)(hd * esize));
-                memcpy((char *)vc + at, grp + (per + 1) * hd * esize, (size_t)(hd * esize));
-                memcpy(q + (a * G + g) * per * hd * esize, grp, (size_t)(per * hd * esize));
-            }
+        /* a prompt's rows split over the threads: one after the other, a 169-token prompt's rows
+           took ~50 us a layer of the CPU reference model (bf16) while the other thread waited */
+#define PLACE(a) place_row(qkv, q, kc, vc, a, G, per, hd, cos, sin, cos_stride, sb, sg, st, slots, pos, bf16)
+        if (threads > 1 && n >= ROPE_SPLIT) {
+#pragma omp parallel for num_threads(threads) schedule(static)
+            for (int64_t a = 0; a < n; a++) PLACE(a);
+        } else {
+            for (int64_t a = 0; a < n; a++) PLACE(a);
+        }
+#undef PLACE
         /* rows of one sequence (a verify pass's, a fill's) attend as one sequence's positions: a head's
            keys and values then read once for ROW_BLOCK rows (`attend_rows`; the same numbers) */
         int64_t A = n, R = 1;

@@ -474,12 +474,14 @@ static inline __attribute__((always_inline)) void sweep(const void *panel, int b
    of them, twice a step (4 x 3: 24 sums, two chains each of 12 outputs, and the 3 weight pairs
    in 27 of the 32 registers). Each output's sums are `sweep`'s, in its order (column pairs from
    k = 0, 4, ... into one chain, from k = 2, 6, ... into the other, added at the end): the same
-   numbers, whatever rows and panels lie beside it. The CPU reference model's four bf16 shapes at
-   169 rows (2 threads, AMD EPYC, alternating, medians of 100): 0.84-0.91x the sweep's time on a
-   slow spell of the host, 0.95-0.98x on a fast one, 1.04-1.09x oneDNN's packed kernel's (6 rows x
-   2 panels: 1.01-1.12x; bf16 panels stored in pairs, one load each where a permute now makes the
-   pair: 1.13-1.38x, as a decode step's one row read them slower too). Its layers then run a
-   prompt in one native call each (`kernels.fused_at`). */
+   numbers, whatever rows and panels lie beside it. The CPU reference model's 48 bf16 layer
+   products in turn (2 threads, AMD EPYC; one process, the previous build's library beside this
+   one, alternating, medians of 40-300 passes): 0.942 / 0.983 / 0.946x the sweep's time at 17 / 64 /
+   169 rows; one shape at a time, 1.04-1.09x oneDNN's packed kernel's at 169 rows, where the sweep
+   read 1.13-1.5x. 6 rows x 2 panels read 1.01-1.12x packed's. bf16 panels stored in column pairs
+   (one load, no permute) read the same, 1.013 / 0.997 / 1.010x at 1 / 5 / 169 rows, once each pair
+   was held in a register (left as an operand of each use, its loads were repeated: 1.13-1.38x).
+   A prompt's layers then run in one native call each (`kernels.fused_at`). */
 #define GROUP_ROWS 4
 #define GROUP_PANELS 3
 static inline __attribute__((always_inline)) void group(const void *Wp, const uint32_t *xq, const void *b,

@@ -67,8 +67,8 @@ def test_a_rows_result_does_not_depend_on_the_rows_beside_it(dtype, in_features)
     w, x = torch.randn(70, in_features, generator=g).to(dtype), torch.randn(19, in_features, generator=g).to(dtype)
     packed, b = native.pack(w), torch.randn(70, generator=g).to(dtype)
     alone = torch.cat([native.linear(x[i : i + 1], packed, 70) for i in range(19)])
-    # past 16 rows (bf16, K % 4 == 0) tiles of 4 rows and 3 panels: 17-19 leave 1-3 rows, and 70
-    # outputs' 5 panels leave 2 on one thread (1 and 2 on two), or 1 on each
+    # past 16 rows (bf16, K % 4 == 0) groups of 4 rows x 3 panels (`group`): 17-19 leave 1-3 rows; 70
+    # outputs' 5 panels are a group and 2 left on one thread, 2 and a group on two (1 left: the test below)
     for n in (2, 3, 4, 5, 8, 11, 16, 17, 18, 19):
         assert torch.equal(native.linear(x[:n], packed, 70), alone[:n]), n
     with_bias = torch.cat([native.linear(x[i : i + 1], packed, 70, b) for i in range(19)])
@@ -86,7 +86,8 @@ def test_a_rows_result_does_not_depend_on_the_rows_beside_it(dtype, in_features)
 def test_folded_operations_of_many_rows_split_over_threads_give_each_rows_numbers(dtype):
     """From 8 rows (`PROLOGUE_ROWS`: a prompt's, a fill's, a batch's) the rows' norm or SwiGLU before the
     product are made on every thread, rows apart: bit for bit the one-row calls' numbers, at one
-    thread and at several."""
+    thread and at several (bf16 past 16 rows: written as the rows' pairs for groups of rows and panels,
+    48 outputs' 3 panels one group on one thread, 1 and 2 left on two)."""
     g = torch.Generator().manual_seed(5)
     w, gain = torch.randn(48, 64, generator=g).to(dtype), (1 + 0.1 * torch.randn(64, generator=g)).to(dtype)
     x, gates = torch.randn(40, 64, generator=g).to(dtype), torch.randn(40, 128, generator=g).to(dtype)

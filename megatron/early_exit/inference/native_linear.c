@@ -1809,10 +1809,6 @@ static int attend(const void *q, const void *k, const void *v, const uint8_t *ma
     return failed;
 }
 
-/* Rotary positions in place on the QKV product's rows: y (n, G, per + 2, hd) contiguous, the
- * first `heads` heads of each group (its query heads and its key) rotated as `lean.rotated_qkv`
- * does: y * cos + roll(y, hd / 2) * sin_signed, in fp32 (bf16 widened, rounded once); cos and
- * sin_signed (fp32) hold one row of hd per row of y (cos_stride hd) or one for all (0). */
 /* `ee_rope`'s row i (tmp: hd floats of scratch). */
 static void rope_row(void *y, int64_t i, int64_t G, int64_t per2, int64_t heads, int64_t hd, const float *cos,
                      const float *sin_signed, int64_t cos_stride, int bf16, float *tmp) {
@@ -1851,6 +1847,10 @@ static void rope_row(void *y, int64_t i, int64_t G, int64_t per2, int64_t heads,
         }
 }
 
+/* Rotary positions in place on the QKV product's rows: y (n, G, per + 2, hd) contiguous, the
+ * first `heads` heads of each group (its query heads and its key) rotated as `lean.rotated_qkv`
+ * does: y * cos + roll(y, hd / 2) * sin_signed, in fp32 (bf16 widened, rounded once); cos and
+ * sin_signed (fp32) hold one row of hd per row of y (cos_stride hd) or one for all (0). */
 void ee_rope(void *y, int64_t n, int64_t G, int64_t per2, int64_t heads, int64_t hd, const float *cos,
              const float *sin_signed, int64_t cos_stride, int bf16) {
     float tmp[1024];
@@ -2111,23 +2111,6 @@ int ee_head(const void *x, const void *Wp, int64_t n, int64_t h, int64_t K, int 
     return failed;
 }
 
-/* A layer's decode step in one call (`lean.LeanLayer.__call__` where all four products run on this
- * kernel): n rows x (n x h, one new position per sequence) -> y (n x h), the position's keys and
- * values written into the layer's cache, each step the call the Python path makes, in its order
- * and with its roundings (so the numbers are that path's, bit for bit):
- *   qkv = rmsnorm(x, w_in) @ Wqkv^T          (n, G, per + 2, hd)
- *   rotary positions on the per + 1 query and key heads of each group (cos, sin: ee_rope's)
- *   K/V cache[slots[a], g, pos[a]] = the group's key and value heads
- *   o = attention of the query heads over cache positions 0 .. span - 1 of the row's slot
- *       (mask: (n, span) bytes, nonzero where attended, or NULL: row a attends keys 0 .. pos[a])
- *   x1 = x + o @ Wproj^T;  y = x1 + swiglu(rmsnorm(x1, w_mid) @ Wfc1^T) @ Wfc2^T
- * W* are ee_pack's panels; kc, vc: the layer's K/V cache (slots, G, positions, hd) with element
- * strides sb, sg, st (hd contiguous). probe non-NULL: the next exit's learned check on y as well, ee_probe's
- * scores into scores (n), so that a check that does not fire costs no call of its own (an MLP probe
- * inside the last product's parallel region: `linear`).
- * The step's Python operations, each a tensor operation of a
- * few microseconds, cost a SmolLM2 layer more than its attention. 0 on success, 1 when memory runs
- * out (nothing written to y; the cache may hold the new position's K/V, which a retry rewrites). */
 /* Rows of a layer's call from which its rotation and cache writes split over the threads. */
 #define ROPE_SPLIT 32
 
@@ -2149,6 +2132,23 @@ static inline void place_row(char *qkv, char *q, void *kc, void *vc, int64_t a, 
     }
 }
 
+/* A layer's decode step in one call (`lean.LeanLayer.__call__` where all four products run on this
+ * kernel): n rows x (n x h, one new position per sequence) -> y (n x h), the position's keys and
+ * values written into the layer's cache, each step the call the Python path makes, in its order
+ * and with its roundings (so the numbers are that path's, bit for bit):
+ *   qkv = rmsnorm(x, w_in) @ Wqkv^T          (n, G, per + 2, hd)
+ *   rotary positions on the per + 1 query and key heads of each group (cos, sin: ee_rope's)
+ *   K/V cache[slots[a], g, pos[a]] = the group's key and value heads
+ *   o = attention of the query heads over cache positions 0 .. span - 1 of the row's slot
+ *       (mask: (n, span) bytes, nonzero where attended, or NULL: row a attends keys 0 .. pos[a])
+ *   x1 = x + o @ Wproj^T;  y = x1 + swiglu(rmsnorm(x1, w_mid) @ Wfc1^T) @ Wfc2^T
+ * W* are ee_pack's panels; kc, vc: the layer's K/V cache (slots, G, positions, hd) with element
+ * strides sb, sg, st (hd contiguous). probe non-NULL: the next exit's learned check on y as well, ee_probe's
+ * scores into scores (n), so that a check that does not fire costs no call of its own (an MLP probe
+ * inside the last product's parallel region: `linear`).
+ * The step's Python operations, each a tensor operation of a
+ * few microseconds, cost a SmolLM2 layer more than its attention. 0 on success, 1 when memory runs
+ * out (nothing written to y; the cache may hold the new position's K/V, which a retry rewrites). */
 int ee_layer(const void *x, void *y, int64_t n, int bf16, int threads, int64_t h, int64_t G, int64_t per, int64_t hd,
              int64_t ffn, const void *w_in, float eps_in, const void *qkv_p, const void *proj_p, const void *w_mid,
              float eps_mid, const void *fc1_p, const void *fc2_p, const float *cos, const float *sin,
@@ -2161,8 +2161,9 @@ int ee_layer(const void *x, void *y, int64_t n, int bf16, int threads, int64_t h
     char *h1 = x1 + n * h * esize;
     int failed = ee_linear(x, qkv_p, NULL, qkv, n, h, wq, bf16, threads, RMSNORM, w_in, eps_in, NULL);
     if (!failed) {
-        /* a prompt's rows split over the threads: one after the other, a 169-token prompt's rows
-           took ~50 us a layer of the CPU reference model (bf16) while the other thread waited */
+        /* a prompt's rows split over the threads (one after the other, on one thread while the other
+           waited: the CPU reference model's bf16 prefill 0.972 / 0.987x the time split, two runs of
+           80 prompt pairs, `benchmarks/native_ab.py`) */
 #define PLACE(a) place_row(qkv, q, kc, vc, a, G, per, hd, cos, sin, cos_stride, sb, sg, st, slots, pos, bf16)
         if (threads > 1 && n >= ROPE_SPLIT) {
 #pragma omp parallel for num_threads(threads) schedule(static)

@@ -916,19 +916,15 @@ static inline void prologue_row(const void *x, int bf16, int kind, const void *g
     if (whole == K) return;
     const int64_t k = whole, m = K - whole; /* the last partial panel */
     v16 v = row_values(x, bf16, kind, gain, scale, K, i, k, m, 1, NULL);
-    if (xa) {
+    if (xa || xq) { /* bf16 values: their high halves (a row's pairs are its bf16 row), as `row_panels` */
+        uint16_t *dst = xq ? (uint16_t *)pq : xa + i * K;
         w16 u;
         memcpy(&u, &v, sizeof u);
-        h16 h = __builtin_convertvector(u >> 16, h16);
-        memcpy(xa + i * K + k, &h, sizeof h);
+        for (int64_t j = 0; j < m; j++) dst[k + j] = (uint16_t)(u[j] >> 16);
     } else if (ro && bf16) {
         for (int64_t j = 0; j < m; j++) ((uint16_t *)ro)[i * K + k + j] = f32_to_bf16(v[j]);
     } else if (ro) {
         memcpy((float *)ro + i * K + k, &v, sizeof(float) * (size_t)m);
-    } else if (xq) {
-        w16 u;
-        memcpy(&u, &v, sizeof u);
-        for (int64_t j = 0; j < m / 2; j++) pq[k / 2 + j] = (u[2 * j] >> 16) | (u[2 * j + 1] & 0xffff0000u);
     } else {
         for (int64_t j = 0; j < m; j++) at[(k + j) * step] = v[j];
     }
@@ -1809,9 +1805,11 @@ static int attend(const void *q, const void *k, const void *v, const uint8_t *ma
     return failed;
 }
 
-/* `ee_rope`'s row i (tmp: hd floats of scratch). */
+/* `ee_rope`'s row i (nothing where hd > 1024). */
 static void rope_row(void *y, int64_t i, int64_t G, int64_t per2, int64_t heads, int64_t hd, const float *cos,
-                     const float *sin_signed, int64_t cos_stride, int bf16, float *tmp) {
+                     const float *sin_signed, int64_t cos_stride, int bf16) {
+    float tmp[1024]; /* a head's elements where its halves are not whole vectors */
+    if (hd > 1024) return;
     const int64_t half = hd / 2, esize = bf16 ? 2 : 4;
     const float *c = cos + i * cos_stride, *s = sin_signed + i * cos_stride;
     for (int64_t g = 0; g < G; g++)
@@ -1853,9 +1851,7 @@ static void rope_row(void *y, int64_t i, int64_t G, int64_t per2, int64_t heads,
  * sin_signed (fp32) hold one row of hd per row of y (cos_stride hd) or one for all (0). */
 void ee_rope(void *y, int64_t n, int64_t G, int64_t per2, int64_t heads, int64_t hd, const float *cos,
              const float *sin_signed, int64_t cos_stride, int bf16) {
-    float tmp[1024];
-    if (hd > 1024) return;
-    for (int64_t i = 0; i < n; i++) rope_row(y, i, G, per2, heads, hd, cos, sin_signed, cos_stride, bf16, tmp);
+    for (int64_t i = 0; i < n; i++) rope_row(y, i, G, per2, heads, hd, cos, sin_signed, cos_stride, bf16);
 }
 
 /* An MLP probe's hidden sums v[j] = b1[j] + s . w1[:, j] for the 16-column blocks [b0, b1e) of
@@ -2121,8 +2117,7 @@ static inline void place_row(char *qkv, char *q, void *kc, void *vc, int64_t a, 
                              const float *cos, const float *sin, int64_t cos_stride, int64_t sb, int64_t sg,
                              int64_t st, const int64_t *slots, const int64_t *pos, int bf16) {
     const int64_t esize = bf16 ? 2 : 4, per2 = per + 2;
-    float tmp[1024];
-    if (hd <= 1024) rope_row(qkv, a, G, per2, per + 1, hd, cos, sin, cos_stride, bf16, tmp);
+    rope_row(qkv, a, G, per2, per + 1, hd, cos, sin, cos_stride, bf16);
     for (int64_t g = 0; g < G; g++) {
         const char *grp = qkv + ((a * G + g) * per2) * hd * esize;
         int64_t at = (slots[a] * sb + g * sg + pos[a] * st) * esize;

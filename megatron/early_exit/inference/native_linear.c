@@ -39,10 +39,12 @@ typedef uint32_t w16 __attribute__((vector_size(64)));
 #define MAX_CHUNKS 16 /* attention's head dims in vector registers: up to 16 x 16 */
 #if defined(__AVX512F__)
 #define XROWS 8 /* rows of x per sweep over a panel: 16 sums of 16 lanes fit AVX-512's 32 registers */
+#define XLAST 9 /* rows the last sweep may take (`last_block`): 18 sums, 2 columns and a broadcast */
 #else
 /* Without AVX-512 a panel's 16 lanes are two halves of 8 (`sweep`), and two rows' 8 sums of 8
    lanes, the 4 halves of two columns and a broadcast fit AVX2's 16 registers: a third row spilled. */
 #define XROWS 2
+#define XLAST 2
 #define HALVES 1
 typedef float v8 __attribute__((vector_size(32)));
 typedef uint16_t h8 __attribute__((vector_size(16)));
@@ -363,7 +365,7 @@ static inline __attribute__((always_inline)) void sweep(const void *panel, int b
                                                         int64_t row0, int64_t m0, int64_t K, int64_t M, const int XS,
                                                         const int RM, const int64_t BY) {
     (void)xq;
-    v8 a[XROWS][2][2]; /* row, chain (even / odd columns), half */
+    v8 a[XLAST][2][2]; /* row, chain (even / odd columns), half */
     (void)RM;
     for (int i = 0; i < XS; i++) a[i][0][0] = a[i][0][1] = a[i][1][0] = a[i][1][1] = (v8){0};
     int64_t k = 0;
@@ -402,7 +404,7 @@ static inline __attribute__((always_inline)) void sweep(const void *panel, int b
                                                         const uint32_t *xq, const void *b, const void *res, void *y,
                                                         int64_t row0, int64_t m0, int64_t K, int64_t M, const int XS,
                                                         const int RM, const int64_t BY) {
-    v16 a[XROWS][2];
+    v16 a[XLAST][2];
     for (int i = 0; i < XS; i++) a[i][0] = a[i][1] = (v16){0};
     int64_t k = 0;
     (void)RM;
@@ -410,7 +412,7 @@ static inline __attribute__((always_inline)) void sweep(const void *panel, int b
 /* row i's pair of columns k, k + 1: row by row (RM) or k-major in the block (`pairs`) */
 #define PAIR_AT(i, k) (RM ? (i) * (K / 2) + (k) / 2 : (k) / 2 * XS + (i))
     if (bf16) {
-        __m512 c[XROWS][2];
+        __m512 c[XLAST][2];
         for (int i = 0; i < XS; i++) c[i][0] = c[i][1] = _mm512_setzero_ps();
         const char *ahead = (const char *)panel + BY; /* 4 columns: two lines of bf16 */
         for (; k + 4 <= K; k += 4, ahead += 4 * PANEL * 2) {
@@ -444,11 +446,28 @@ static inline __attribute__((always_inline)) void sweep(const void *panel, int b
 }
 #endif
 
+#if XLAST == 9
+/* `sweep` of a last block of 9 rows (`last_block`), in a function of its own: inlined beside the
+   others, it made GCC lay out the 8-row sweep so that it ran 2-3% slower. */
+static __attribute__((noinline)) void sweep9(const void *panel, int bf16, const float *xr, const uint32_t *xq,
+                                             const void *b, const void *res, void *y, int64_t row0, int64_t m0,
+                                             int64_t K, int64_t M, int rm, int ahead) {
+    if (rm && ahead)
+        sweep(panel, bf16, xr, xq, b, res, y, row0, m0, K, M, 9, 1, PREFETCH);
+    else if (rm)
+        sweep(panel, bf16, xr, xq, b, res, y, row0, m0, K, M, 9, 1, 0);
+    else if (ahead)
+        sweep(panel, bf16, xr, xq, b, res, y, row0, m0, K, M, 9, 0, PREFETCH);
+    else
+        sweep(panel, bf16, xr, xq, b, res, y, row0, m0, K, M, 9, 0, 0);
+}
+#endif
+
 /* `sweep` for each block of XS rows, XS a constant in each call (and RM, the pairs' layout, and BY,
    the bytes ahead it prefetches). */
-#if XROWS == 8
+#if XLAST == 9
 #define SWEEPS(RM, BY)                                                                                 \
-    switch (n - i0 < XROWS ? (int)(n - i0) : XROWS) {                                                  \
+    switch (rows) {                                                                                    \
     case 1: sweep(panel, bf16, xr, xqr, b, res, y, i0, p * PANEL, K, M, 1, RM, BY); break;             \
     case 2: sweep(panel, bf16, xr, xqr, b, res, y, i0, p * PANEL, K, M, 2, RM, BY); break;             \
     case 3: sweep(panel, bf16, xr, xqr, b, res, y, i0, p * PANEL, K, M, 3, RM, BY); break;             \
@@ -456,11 +475,12 @@ static inline __attribute__((always_inline)) void sweep(const void *panel, int b
     case 5: sweep(panel, bf16, xr, xqr, b, res, y, i0, p * PANEL, K, M, 5, RM, BY); break;             \
     case 6: sweep(panel, bf16, xr, xqr, b, res, y, i0, p * PANEL, K, M, 6, RM, BY); break;             \
     case 7: sweep(panel, bf16, xr, xqr, b, res, y, i0, p * PANEL, K, M, 7, RM, BY); break;             \
-    default: sweep(panel, bf16, xr, xqr, b, res, y, i0, p * PANEL, K, M, 8, RM, BY); break;            \
+    case 8: sweep(panel, bf16, xr, xqr, b, res, y, i0, p * PANEL, K, M, 8, RM, BY); break;             \
+    default: sweep9(panel, bf16, xr, xqr, b, res, y, i0, p * PANEL, K, M, RM, BY != 0); break;         \
     }
 #else
 #define SWEEPS(RM, BY)                                                                                 \
-    switch (n - i0 < XROWS ? (int)(n - i0) : XROWS) {                                                  \
+    switch (rows) {                                                                                    \
     case 1: sweep(panel, bf16, xr, xqr, b, res, y, i0, p * PANEL, K, M, 1, RM, BY); break;             \
     default: sweep(panel, bf16, xr, xqr, b, res, y, i0, p * PANEL, K, M, 2, RM, BY); break;            \
     }
@@ -534,6 +554,24 @@ static void grouped(const void *Wp, const uint32_t *xq, const void *b, const voi
 
 /* The panels p0 .. p1 - 1 against the n rows; bf16 pairs xq row by row where `rows_pairs`
    (`prologue_row`'s), else k-major in each block (`pairs`). */
+/* Where the last of a product's blocks of rows starts: blocks of XROWS, and the rows left after
+   them a block of their own, except that up to XLAST - XROWS of them join the block before: 9 rows
+   (a verify pass of 8 drafts and the row before them) in one sweep, not 8 and then 1, whose two
+   chains of sums wait on each other's latency (the CPU reference model's 48 bf16 layer products,
+   streamed, 2 threads, AMD EPYC: 9 rows 0.906-0.912x the time, 8 + 1 costing about what 12 rows did;
+   its self-speculative decoding 0.946 / 0.973x, 80 and 160 prompt pairs, `benchmarks/native_ab.py`).
+   Up to 11 rows in one sweep read 0.97-1.02x at 10-12 rows and slowed the 8-row sweep 5-8% (GCC's
+   layout of the inlined sweeps): not taken. */
+static inline int64_t last_block(int64_t n) {
+    const int64_t left = n % XROWS;
+    if (n <= XLAST) return 0;
+    if (left == 0) return n - XROWS;
+    return left <= XLAST - XROWS ? n - left - XROWS : n - left;
+}
+
+/* The rows of the block that starts at i0 (`last_block`: `last`). */
+static inline int64_t block_rows(int64_t n, int64_t i0, int64_t last) { return i0 == last ? n - i0 : XROWS; }
+
 static void panels(const void *Wp, int bf16, const float *x, const uint32_t *xq, const void *b, const void *res,
                    void *y, int64_t p0, int64_t p1, int64_t K, int64_t M, int64_t n, int rows_pairs) {
     const int64_t esize = bf16 ? 2 : 4;
@@ -544,9 +582,11 @@ static void panels(const void *Wp, int bf16, const float *x, const uint32_t *xq,
         return;
     }
 #endif
+    const int64_t last = last_block(n);
     for (int64_t p = p0; p < p1; p++) {
         const void *panel = (const char *)Wp + p * K * PANEL * esize;
-        for (int64_t i0 = 0; i0 < n; i0 += XROWS) {
+        for (int64_t i0 = 0, rows; i0 < n; i0 += rows) {
+            rows = block_rows(n, i0, last);
             const float *xr = x + i0 * K;
             const uint32_t *xqr = xq ? xq + i0 * (K / 2) : NULL;
             if (rows_pairs && ahead)
@@ -566,12 +606,15 @@ static inline float load(const void *x, int bf16, int64_t i) {
 }
 
 /* Where element (i, k) of the rows x (n x K) lies in the product's fp32 copy: rows in blocks of
-   XROWS (the last block the rows left), each block k-major (its rows' k-th elements side by side),
+   XROWS (the last one `last_block`'s), each block k-major (its rows' k-th elements side by side),
    so that a sweep reads one contiguous stream of x too. Row-major, rows K * 4 bytes apart, a sweep
    over 8 rows of K = 1024 read 8 lines 4 KB apart per column: one L1 set, and bf16 products of 5-8
    rows ran slower than oneDNN's. */
 static inline int64_t xblock(int64_t i, int64_t k, int64_t n, int64_t K) {
-    int64_t i0 = i / XROWS * XROWS, rows = n - i0 < XROWS ? n - i0 : XROWS;
+    const int64_t last = last_block(n);
+    int64_t i0 = i / XROWS * XROWS;
+    if (i0 > last) i0 = last;
+    const int64_t rows = block_rows(n, i0, last);
     return i0 * K + k * rows + (i - i0);
 }
 
@@ -735,8 +778,9 @@ int ee_amx(int want) {
    of rows, k-major over the pairs of columns (k even, k + 1 < K), 32 bits per row and pair: the
    row's element k in the low half, k + 1 in the high (vdpbf16ps's operand, broadcast). */
 static void pairs(const float *xf, uint32_t *xq, int64_t n, int64_t K) {
-    for (int64_t i0 = 0; i0 < n; i0 += XROWS) {
-        const int64_t rows = n - i0 < XROWS ? n - i0 : XROWS;
+    const int64_t last = last_block(n);
+    for (int64_t i0 = 0, rows; i0 < n; i0 += rows) {
+        rows = block_rows(n, i0, last);
         const float *xr = xf + i0 * K;
         uint32_t *out = xq + i0 * (K / 2);
         if (rows == 1) { /* a decode step's one row: contiguous, a loop the compiler vectorises */
@@ -934,17 +978,17 @@ static inline void prologue_row(const void *x, int bf16, int kind, const void *g
    a block's rows interleave element by element, so threads splitting one block write the same cache
    lines). Rows split one by one from 8 on, the two threads wrote alternate 16-byte halves of each
    line of a verify pass's block of 8: the CPU reference model's verify of 8 rows (bf16, 2 threads,
-   AMD EPYC) cost 5.24 ms against 3.73 for 7 rows, ~20 us more for each of its 48 products. From 9 rows
-   (two blocks) whole blocks split (one thread making a 160-token prompt's rows while the other waited
-   had cost ~2 of its ~12 ms). */
+   AMD EPYC) cost 5.24 ms against 3.73 for 7 rows, ~20 us more for each of its 48 products. From two
+   blocks (`last_block`) whole blocks split (one thread making a 160-token prompt's rows while the
+   other waited had cost ~2 of its ~12 ms). */
 #define PROLOGUE_ROWS 9
 /* More rows than this (a prompt's), bf16 with K % 4 == 0: the prologue writes their pairs itself (`linear`). */
 #define PAIRS_DIRECT 16
 static void prologue(const void *x, int bf16, int kind, const void *gain, float eps, float *xf, int64_t n, int64_t K,
                      uint16_t *xa, uint32_t *xq, int threads) {
-#pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1 && n >= PROLOGUE_ROWS)
-    for (int64_t b = 0; b < (n + XROWS - 1) / XROWS; b++)
-        for (int64_t i = b * XROWS; i < n && i < (b + 1) * XROWS; i++)
+#pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1 && n >= PROLOGUE_ROWS && last_block(n))
+    for (int64_t b = 0; b <= last_block(n) / XROWS; b++)
+        for (int64_t i = b * XROWS; i < b * XROWS + block_rows(n, b * XROWS, last_block(n)); i++)
             prologue_row(x, bf16, kind, gain, eps, xf, n, K, xa, xq, NULL, i);
 }
 

@@ -87,8 +87,6 @@ def test_a_run_never_costs_less_than_the_oracle(good):
         rounds, left = divmod(NEW - 1, MAX_DRAFT + 1)
         per_seq = rounds * (MAX_DRAFT * (0.2 + 0.1) + 1.1) + ((left - 1) * 0.3 + 1.1 if left else 0.0)
         assert oracle == pytest.approx(len(PROMPTS) * per_seq)
-        # the controller's long drafts come close: 65.6 against 56.4 (MAX_DRAFT 12; at 8, 68.8 against
-        # 62.8: the oracle's rounds gain more from longer drafts, knowing each one's fate)
-        assert run < 1.2 * oracle
+        assert run < 1.15 * oracle  # the controller's long drafts come close (68.8 against 62.8)
     else:  # the random exits agree at ~1 step in 64: nearly every step plain
         assert 0.95 * len(PROMPTS) * (NEW - 1) < oracle <= len(PROMPTS) * (NEW - 1)

@@ -137,10 +137,13 @@ from megatron.early_exit.inference.lookup import LOOKUP
 FIXED_LAYERS = 1.0  # what a step does once (embedding, bookkeeping, Python), in layers' worth of time
 ROW_SHARE = 0.1  # one more row through a weight matrix, as a share of reading it (memory-bound decode)
 # The longest draft "auto" considers; the early stop ends most rounds before it. At 8, 30% of the CPU
-# reference model's rounds (exit 3, bf16, batch 1, aclsum) drafted all 8; at 12 its self-speculative
-# decoding took 0.961 / 0.974x the time in bf16 (80 / 120 prompt pairs, the same tokens), 0.976x in
-# fp32, 6-7% of rounds drafting 12; at 16 0.986x (AMD EPYC, 2 threads).
-MAX_DRAFT = 12
+# reference model's rounds (exit 3, bf16, batch 1, aclsum) drafted all 8. At 12 its self-speculative decoding
+# took 0.961 / 0.974x the time per prompt (bf16, 80 / 120 pairs; fp32 0.976x), but in the sweep, alternating
+# with 8 (three runs each), its speedup did not differ (1.16-1.33x against 1.18-1.36x) and its efficiency fell
+# from 0.96-1.01 to 0.81-0.88: rounds are priced on the line through 1 and 4 drafts (`draft_costs.LENGTHS`),
+# and from ~5 verify rows each row costs its compute (1 / 4 / 8 / 12 drafts 1.45 / 2.48 / 4.29 / 6.04 ms, AMD
+# EPYC): 12 drafts priced 14% low, so the controller drafted them too often. Kept at 8.
+MAX_DRAFT = 8
 BINS = 8  # max-probability bins for the early stop (equal widths)
 WARM_DRAFTS = 4.0  # what a calibration record's agreement is worth, in observed drafts
 WARM_EXPLORE_SHARE = 0.02  # exploration budget of an exit whose acceptance the calibration record gave

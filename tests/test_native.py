@@ -69,7 +69,7 @@ def test_a_rows_result_does_not_depend_on_the_rows_beside_it(dtype, in_features)
     alone = torch.cat([native.linear(x[i : i + 1], packed, 70) for i in range(19)])
     # past 16 rows (bf16, K % 4 == 0) groups of 4 rows x 3 panels (`group`): 17-19 leave 1-3 rows; 70
     # outputs' 5 panels are a group and 2 left on one thread, 2 and a group on two (1 left: the test below);
-    # else blocks of 8 rows, 1-3 left joining the last (`last_block`: 9-11 one sweep, 12 two, 17-19 8 + 9-11)
+    # else blocks of 8 rows, a last 1 joining the block before (`last_block`: 9 one sweep, 10-12 8 + 2-4, 17 8 + 9)
     for n in (2, 3, 4, 5, 8, 9, 10, 11, 12, 16, 17, 18, 19):
         assert torch.equal(native.linear(x[:n], packed, 70), alone[:n]), n
     with_bias = torch.cat([native.linear(x[i : i + 1], packed, 70, b) for i in range(19)])

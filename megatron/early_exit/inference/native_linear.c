@@ -552,8 +552,6 @@ static void grouped(const void *Wp, const uint32_t *xq, const void *b, const voi
 }
 #endif
 
-/* The panels p0 .. p1 - 1 against the n rows; bf16 pairs xq row by row where `rows_pairs`
-   (`prologue_row`'s), else k-major in each block (`pairs`). */
 /* Where the last of a product's blocks of rows starts: blocks of XROWS, and the rows left after
    them a block of their own, except that up to XLAST - XROWS of them join the block before: 9 rows
    (a verify pass of 8 drafts and the row before them) in one sweep, not 8 and then 1, whose two
@@ -572,6 +570,8 @@ static inline int64_t last_block(int64_t n) {
 /* The rows of the block that starts at i0 (`last_block`: `last`). */
 static inline int64_t block_rows(int64_t n, int64_t i0, int64_t last) { return i0 == last ? n - i0 : XROWS; }
 
+/* The panels p0 .. p1 - 1 against the n rows; bf16 pairs xq row by row where `rows_pairs`
+   (`prologue_row`'s), else k-major in each block (`pairs`). */
 static void panels(const void *Wp, int bf16, const float *x, const uint32_t *xq, const void *b, const void *res,
                    void *y, int64_t p0, int64_t p1, int64_t K, int64_t M, int64_t n, int rows_pairs) {
     const int64_t esize = bf16 ? 2 : 4;

@@ -86,10 +86,10 @@ def test_a_rows_result_does_not_depend_on_the_rows_beside_it(dtype, in_features)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("k", [64, 100])  # 100: each row's last 4 columns past its whole panels
 def test_folded_operations_of_many_rows_split_over_threads_give_each_rows_numbers(dtype, k):
-    """From 8 rows (`PROLOGUE_ROWS`: a prompt's, a fill's, a batch's) the rows' norm or SwiGLU before the
-    product are made on every thread, rows apart: bit for bit the one-row calls' numbers, at one
-    thread and at several (bf16 past 16 rows: written as the rows' pairs for groups of rows and panels,
-    48 outputs' 3 panels one group on one thread, 1 and 2 left on two)."""
+    """From two blocks of rows (`PROLOGUE_ROWS`, `last_block`: a prompt's, a fill's, a batch's) the rows'
+    norm or SwiGLU before the product are made on every thread, a block apart: bit for bit the one-row
+    calls' numbers, at one thread and at several (bf16 past 16 rows: written as the rows' pairs for groups
+    of rows and panels, 48 outputs' 3 panels one group on one thread, 1 and 2 left on two)."""
     g = torch.Generator().manual_seed(5)
     w, gain = torch.randn(48, k, generator=g).to(dtype), (1 + 0.1 * torch.randn(k, generator=g)).to(dtype)
     x, gates = torch.randn(40, k, generator=g).to(dtype), torch.randn(40, 2 * k, generator=g).to(dtype)

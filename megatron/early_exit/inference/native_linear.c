@@ -986,10 +986,12 @@ static inline void prologue_row(const void *x, int bf16, int kind, const void *g
 #define PAIRS_DIRECT 16
 static void prologue(const void *x, int bf16, int kind, const void *gain, float eps, float *xf, int64_t n, int64_t K,
                      uint16_t *xa, uint32_t *xq, int threads) {
-#pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1 && n >= PROLOGUE_ROWS && last_block(n))
-    for (int64_t b = 0; b <= last_block(n) / XROWS; b++)
-        for (int64_t i = b * XROWS; i < b * XROWS + block_rows(n, b * XROWS, last_block(n)); i++)
-            prologue_row(x, bf16, kind, gain, eps, xf, n, K, xa, xq, NULL, i);
+    const int64_t last = last_block(n);
+#pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1 && n >= PROLOGUE_ROWS && last)
+    for (int64_t b = 0; b <= last / XROWS; b++) {
+        const int64_t i0 = b * XROWS, rows = block_rows(n, i0, last);
+        for (int64_t i = i0; i < i0 + rows; i++) prologue_row(x, bf16, kind, gain, eps, xf, n, K, xa, xq, NULL, i);
+    }
 }
 
 /* The rows x made ready for a product on another kernel (`lean.LeanKernels.folded`: a prompt's
